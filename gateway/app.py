@@ -1,0 +1,81 @@
+"""The application factory: one ``create_app(settings)``, one cleanup context per resource."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway import appkeys
+from gateway.auth import TokenService
+from gateway.db import create_pool
+from gateway.kafka import OrderProducer
+from gateway.metrics import Metrics, get_metrics
+from gateway.middlewares import make_middleware
+from gateway.routes import health, users
+from gateway.routing import Route, add_routes
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+async def db_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[appkeys.SETTINGS]
+    pool = await create_pool(s.database, min_size=s.db_pool_min, max_size=s.db_pool_max)
+    app[appkeys.DB] = pool
+    yield
+    await pool.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[appkeys.SETTINGS]
+    client: Redis = Redis.from_url(
+        s.redis, decode_responses=False, max_connections=256, health_check_interval=30,
+        socket_connect_timeout=5,
+    )
+    await client.ping()
+    app[appkeys.REDIS] = client
+    yield
+    await client.aclose()
+
+
+async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
+    producer = OrderProducer(app[appkeys.SETTINGS])
+    await producer.start()
+    app[appkeys.PRODUCER] = producer
+    yield
+    await producer.stop()
+
+
+def all_routes() -> list[Route]:
+    """Every route of the service (the OpenAPI spec is built from the same table)."""
+    from gateway.routes import extra_routes
+
+    return [*health.ROUTES, *users.ROUTES, *extra_routes()]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    extra_contexts: Sequence[CleanupCtx] = (),
+) -> web.Application:
+    """Build the gateway application; nothing connects until it starts."""
+    settings.require("redis_url", "database_url", "kafka_bootstrap", "secret_key")
+    m = metrics or get_metrics()
+    app = web.Application(
+        middlewares=[make_middleware(m)], client_max_size=settings.max_body_bytes
+    )
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.METRICS] = m
+    app[appkeys.TOKENS] = TokenService(settings.secret, settings.token_ttl_s)
+    app.cleanup_ctx.extend([db_ctx, redis_ctx, kafka_ctx, *extra_contexts])
+    from gateway.routes import extra_contexts as area_contexts
+
+    app.cleanup_ctx.extend(area_contexts())
+    add_routes(app, all_routes())
+    return app

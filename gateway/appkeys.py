@@ -1,0 +1,23 @@
+"""Typed application state keys: the one place that says what lives on the app."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.auth import TokenService
+    from gateway.kafka import OrderProducer
+    from gateway.metrics import Metrics
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", asyncpg.Pool)
+REDIS = web.AppKey("redis", Redis)
+TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
+PRODUCER: web.AppKey[OrderProducer] = web.AppKey("producer")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

@@ -1,0 +1,135 @@
+"""The ``flashsale`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+
+from gateway.settings import Settings, SettingsError
+
+log = logging.getLogger("flashsale")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashsale", description="Flash-sale and inventory gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start everything (embedded servers when no URLs are set)")
+    up.add_argument("--no-demo", action="store_true", help="skip the demo catalog and accounts")
+    sub.add_parser("serve", help="run the gateway workers against external services")
+    sub.add_parser("worker", help="one gateway worker process (used by serve and up)")
+    sub.add_parser("consume", help="run the order consumers and sweepers")
+    sub.add_parser("migrate", help="apply pending database migrations")
+    user = sub.add_parser("user", help="manage accounts")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    create = user_sub.add_parser("create", help="create an account")
+    create.add_argument("--email")
+    create.add_argument("--phone")
+    create.add_argument("--nickname", required=True)
+    create.add_argument("--role", choices=["user", "merchant", "admin"], default="user")
+    create.add_argument("--password", help="read from the terminal when omitted")
+    rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for active sales")
+    rec.add_argument("--repair", action="store_true", help="fix Redis from PostgreSQL")
+    sub.add_parser("rebuild-cache", help="rebuild Redis sale state from PostgreSQL")
+    bench = sub.add_parser("bench", help="run the side-by-side benchmark")
+    bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
+    bench.add_argument("--out", default="bench-results.json")
+    return p
+
+
+async def _migrate(settings: Settings) -> int:
+    from gateway.db import create_pool, migrate
+
+    pool = await create_pool(settings.database, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+    finally:
+        await pool.close()
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.db import create_pool
+    from gateway.services.users import create_user
+
+    password = args.password or getpass.getpass("password: ")
+    if len(password) < 8:
+        raise SettingsError("password must be at least 8 characters")
+    pool = await create_pool(settings.database, min_size=1, max_size=1)
+    try:
+        user = await create_user(pool, email=args.email, phone=args.phone, password=password,
+                                 nickname=args.nickname, role=args.role)
+    finally:
+        await pool.close()
+    print(f"created user {user.id} ({user.role})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        from gateway.server import configure_logging
+
+        configure_logging(settings)
+        return _dispatch(settings, args)
+    except SettingsError as exc:
+        print(f"flashsale: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.errors import AppError
+
+    cmd = args.command
+    if cmd == "up":
+        from gateway.supervisor import up
+
+        return up(settings, demo=not args.no_demo)
+    if cmd == "serve":
+        from gateway.server import serve_multi
+
+        settings.require("redis_url", "database_url", "kafka_bootstrap", "secret_key")
+        return serve_multi(settings)
+    if cmd == "worker":
+        from gateway.server import run_loop, serve_worker
+
+        run_loop(lambda: serve_worker(settings))
+        return 0
+    if cmd == "consume":
+        from consumers.runner import run_consumers
+        from gateway.server import run_loop
+
+        settings.require("redis_url", "database_url", "kafka_bootstrap")
+        run_loop(lambda: run_consumers(settings))
+        return 0
+    if cmd == "migrate":
+        settings.require("database_url")
+        return asyncio.run(_migrate(settings))
+    if cmd == "user":
+        settings.require("database_url")
+        try:
+            return asyncio.run(_user_create(settings, args))
+        except AppError as exc:
+            print(f"flashsale: {exc.error_code}: {exc.message}", file=sys.stderr)
+            return 1
+    if cmd in ("reconcile", "rebuild-cache"):
+        from consumers.reconcile import main as reconcile_main
+
+        settings.require("redis_url", "database_url")
+        return reconcile_main(settings, command=cmd, repair=getattr(args, "repair", False))
+    if cmd == "bench":
+        from loadtests.bench import main as bench_main
+
+        return bench_main(quick=args.quick, out=args.out)
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

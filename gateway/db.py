@@ -1,0 +1,109 @@
+"""PostgreSQL: the connection pool and the migration runner.
+
+Migrations are the numbered ``gateway/migrations/NNNN_name.sql`` files, applied in
+order, each in its own transaction, and recorded with a checksum in
+``schema_migrations``. Running twice is a no-op; a file changed after it was
+applied is refused rather than silently diverging from the databases that ran it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+# A fixed key for pg_advisory_xact_lock so that two `migrate` runs never interleave.
+MIGRATION_LOCK_KEY = 7_350_001
+
+SQL_CREATE_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    TEXT PRIMARY KEY,
+    checksum   TEXT        NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)
+"""
+SQL_LOCK = "SELECT pg_advisory_xact_lock($1)"
+SQL_APPLIED = "SELECT version, checksum FROM schema_migrations"
+SQL_RECORD = "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)"
+
+
+class MigrationError(Exception):
+    """A migration file no longer matches what was applied, or failed to apply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    """Every migration file shipped with the package, in version order."""
+    folder = resources.files("gateway") / "migrations"
+    out = [
+        Migration(version=entry.name.removesuffix(".sql"), sql=entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    return sorted(out, key=lambda m: m.version)
+
+
+async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply pending migrations; return the versions applied now."""
+    todo = load_migrations() if migrations is None else migrations
+    applied_now: list[str] = []
+    async with conn.transaction():
+        await conn.execute(SQL_LOCK, MIGRATION_LOCK_KEY)
+        await conn.execute(SQL_CREATE_MIGRATIONS)
+        applied = {r["version"]: r["checksum"] for r in await conn.fetch(SQL_APPLIED)}
+        for m in todo:
+            if m.version in applied:
+                if applied[m.version] != m.checksum:
+                    raise MigrationError(
+                        f"migration {m.version} was changed after it was applied; "
+                        "add a new migration instead of editing an applied one"
+                    )
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(m.sql)
+                    await conn.execute(SQL_RECORD, m.version, m.checksum)
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"migration {m.version} failed: {exc}") from exc
+            log.info("applied migration %s", m.version)
+            applied_now.append(m.version)
+    return applied_now
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections encode and decode json/jsonb with orjson."""
+    pool: asyncpg.Pool | None = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+    )
+    assert pool is not None
+    return pool
+
+
+def record_to_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
+    return None if record is None else dict(record)

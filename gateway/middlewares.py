@@ -1,0 +1,109 @@
+"""The one middleware that maps errors to the envelope, tags requests and records metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Final
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from gateway.errors import AppError
+from gateway.http import JSON_CONTENT_TYPE, dumps, error_body
+from gateway.metrics import Metrics
+from gateway.routing import Handler
+
+log = logging.getLogger("gateway.errors")
+access_log = logging.getLogger("gateway.access")
+
+REQUEST_ID: Final = "X-Request-ID"
+_REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
+
+# aiohttp's own HTTP errors (routing, body size) mapped to stable codes.
+_HTTP_CODES: Final = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+def request_id(request: web.Request) -> str:
+    return request.get(_REQUEST_ID_KEY, "")
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info
+    route = info.route if info is not None else None
+    if route is None or route.resource is None or getattr(info, "http_exception", None):
+        return "unmatched"
+    return route.resource.canonical
+
+
+def _error_response(
+    status: int, code: str, message: str, rid: str, *, fields: dict[str, str] | None = None,
+    data: object = None, headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = error_body(status, code, message, request_id=rid, fields=fields, data=data)
+    return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
+
+
+def make_middleware(metrics: Metrics) -> web.middleware:  # type: ignore[valid-type]
+    requests_total = metrics.requests
+    latency = metrics.latency
+
+    @web.middleware
+    async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get(REQUEST_ID)
+        if not rid or len(rid) > 128:
+            rid = uuid.uuid4().hex
+        request[_REQUEST_ID_KEY] = rid
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except AppError as exc:
+            response = _error_response(
+                exc.http_status, exc.error_code, exc.message, rid, fields=exc.fields,
+                data=exc.data, headers=exc.headers,
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            response = _error_response(exc.status, code, exc.reason, rid, headers=headers)
+        except Exception:  # noqa: BLE001 - the one place that turns the unexpected into a 500
+            log.exception("unhandled error in %s %s request_id=%s", request.method, request.path, rid)
+            response = _error_response(
+                500, "INTERNAL", "internal error; quote the request_id when reporting it", rid
+            )
+        response.headers[REQUEST_ID] = rid
+        route = _route_name(request)
+        requests_total.labels(request.method, route, str(response.status)).inc()
+        latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    return envelope
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON line per request: method, path, status, duration, request id, peer."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            dumps({
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "ms": round(time * 1000, 3),
+                "request_id": response.headers.get(REQUEST_ID, ""),
+                "peer": request.remote,
+            }).decode()
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

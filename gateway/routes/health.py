@@ -1,0 +1,76 @@
+"""Liveness, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway import __version__, appkeys
+from gateway.http import dumps, ok
+from gateway.routing import ROUTE_TABLE, Route, openapi_spec
+
+READY_TIMEOUT_S = 2.0
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return ok({"status": "alive"})
+
+
+async def _check_redis(app: web.Application) -> bool:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            return bool(await app[appkeys.REDIS].ping())
+    except (TimeoutError, RedisError, OSError):
+        return False
+
+
+async def _check_db(app: web.Application) -> bool:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            return await app[appkeys.DB].fetchval("SELECT 1") == 1
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        return False
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    redis_ok, db_ok, kafka_ok = await asyncio.gather(
+        _check_redis(app), _check_db(app), app[appkeys.PRODUCER].ping(READY_TIMEOUT_S)
+    )
+    checks = {"redis": _word(redis_ok), "postgres": _word(db_ok), "kafka": _word(kafka_ok)}
+    down = [name for name, state in checks.items() if state == "down"]
+    if down:
+        body = {
+            "code": 503, "message": "not ready: " + ", ".join(down) + " down",
+            "error": "NOT_READY", "data": {"checks": checks, "down": down},
+        }
+        return web.Response(body=dumps(body), status=503, content_type="application/json")
+    return ok({"checks": checks, "down": []}, message="ready")
+
+
+def _word(up: bool) -> str:
+    return "up" if up else "down"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[appkeys.METRICS].render()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = content_type
+    return resp
+
+
+async def openapi(request: web.Request) -> web.Response:
+    spec = openapi_spec(request.app[ROUTE_TABLE], version=__version__)
+    return web.Response(body=dumps(spec), content_type="application/json")
+
+
+ROUTES = [
+    Route("GET", "/healthz", healthz, "Process is alive", tag="ops"),
+    Route("GET", "/readyz", readyz, "Redis, PostgreSQL and the broker are reachable",
+          responses={503: "NOT_READY naming what is down"}, tag="ops"),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", tag="ops"),
+    Route("GET", "/api/v1/openapi.json", openapi, "This document", tag="ops"),
+]

@@ -1,0 +1,120 @@
+"""Demo data for ``flashsale up``: accounts, a small catalog and one upcoming flash sale.
+
+Loading is idempotent: a second ``up`` on the same data folder finds the admin
+account and leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import asyncpg
+
+from gateway.services.users import create_user
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ACCOUNTS: Final = [
+    ("admin", "admin@demo.local", "admin-pass-1", "Demo admin"),
+    ("merchant", "merchant@demo.local", "merchant-pass-1", "Demo merchant"),
+    *[("user", f"shopper{i}@demo.local", f"shopper-pass-{i}", f"Shopper {i}") for i in range(1, 6)],
+]
+
+CATEGORIES: Final = {
+    "Electronics": {"Phones": {"Apple phones": {}, "Android phones": {}},
+                    "Computers": {"Laptops": {}, "Desktops": {}},
+                    "Accessories": {"Headphones": {}, "Chargers": {}}},
+    "Clothing": {"Shoes": {}, "Jackets": {}},
+}
+
+# (category, name, description, attributes, [(sku attributes, price cents, on_hand)])
+PRODUCTS: Final = [
+    ("Apple phones", "iPhone 15", "Latest Apple phone, 6.1-inch display",
+     {"brand": "Apple", "screen": "6.1in"},
+     [({"color": "black", "storage": "128GB"}, 599900, 500),
+      ({"color": "blue", "storage": "256GB"}, 699900, 300)]),
+    ("Android phones", "Pixel 9", "Google phone with a great camera", {"brand": "Google"},
+     [({"color": "obsidian", "storage": "128GB"}, 499900, 400)]),
+    ("Laptops", "ThinkPad X1", "Light business laptop, 14-inch", {"brand": "Lenovo"},
+     [({"ram": "16GB"}, 899900, 100), ({"ram": "32GB"}, 1099900, 50)]),
+    ("Headphones", "Noise-cancelling headphones", "Over-ear, 30h battery", {"brand": "Sony"},
+     [({"color": "black"}, 199900, 1000)]),
+    ("Chargers", "65W USB-C charger", "GaN charger with two ports", {"brand": "Anker"},
+     [({}, 19900, 5000)]),
+    ("Shoes", "Running shoes", "Lightweight trainers", {"brand": "Asics"},
+     [({"size": "42"}, 59900, 200), ({"size": "43"}, 59900, 200)]),
+    ("Jackets", "Down jacket", "Warm winter jacket", {"brand": "Uniqlo"},
+     [({"size": "M"}, 49900, 150), ({"size": "L"}, 49900, 150)]),
+]
+
+SQL_ADMIN_EXISTS = "SELECT id FROM users WHERE email = $1"
+SQL_INSERT_CATEGORY = "INSERT INTO categories (name, parent_id, sort_order) VALUES ($1, $2, $3) RETURNING id"
+SQL_INSERT_PRODUCT = """
+INSERT INTO products (merchant_id, category_id, name, description, images, attributes)
+VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
+"""
+SQL_INSERT_SKU = """
+INSERT INTO skus (product_id, code, attributes, price_cents, on_hand)
+VALUES ($1, $2, $3, $4, $5) RETURNING id
+"""
+
+
+def _credentials() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for role, email, password, _ in ACCOUNTS:
+        key = role if role != "user" else "shoppers"
+        if key == "shoppers":
+            out.setdefault(key, "shopper1..5@demo.local / shopper-pass-1..5")
+        else:
+            out[key] = f"{email} / {password}"
+    return out
+
+
+async def _categories(conn: asyncpg.Connection) -> dict[str, int]:
+    ids: dict[str, int] = {}
+
+    async def add(tree: dict[str, Any], parent: int | None) -> None:
+        for order, (name, children) in enumerate(tree.items()):
+            cid = await conn.fetchval(SQL_INSERT_CATEGORY, name, parent, order)
+            ids[name] = cid
+            await add(children, cid)
+
+    await add(CATEGORIES, None)
+    return ids
+
+
+async def load_demo(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
+    """Create the demo data unless it is there; return what the banner prints."""
+    info: dict[str, Any] = {"accounts": _credentials()}
+    if await pool.fetchval(SQL_ADMIN_EXISTS, ACCOUNTS[0][1]) is not None:
+        info.update(await _after_catalog(settings, pool, created=False))
+        return info
+    users: dict[str, int] = {}
+    for role, email, password, nickname in ACCOUNTS:
+        user = await create_user(pool, email=email, phone=None, password=password,
+                                 nickname=nickname, role=role)
+        users[email] = user.id
+    merchant = users["merchant@demo.local"]
+    async with pool.acquire() as conn, conn.transaction():
+        cats = await _categories(conn)
+        for cat, name, desc, attrs, skus in PRODUCTS:
+            slug = name.lower().replace(" ", "-")
+            pid = await conn.fetchval(
+                SQL_INSERT_PRODUCT, merchant, cats[cat], name, desc,
+                [f"https://img.demo.local/{slug}/1.jpg", f"https://img.demo.local/{slug}/2.jpg"],
+                attrs,
+            )
+            for i, (sku_attrs, price, on_hand) in enumerate(skus):
+                await conn.fetchval(SQL_INSERT_SKU, pid, f"{slug}-{i + 1}", sku_attrs, price, on_hand)
+    info.update(await _after_catalog(settings, pool, created=True))
+    log.info("demo data loaded")
+    return info
+
+
+async def _after_catalog(settings: Settings, pool: asyncpg.Pool, *, created: bool) -> dict[str, Any]:
+    """Hook for areas that add demo data on top of the catalog (the flash sale)."""
+    from gateway.services import demo_hooks
+
+    return await demo_hooks.after_catalog(settings, pool, created=created)

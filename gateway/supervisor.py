@@ -1,0 +1,161 @@
+"""``flashsale up``: the whole stack in one command.
+
+Starts the embedded servers for whichever of the three URLs is unset, applies the
+migrations, loads the demo data, starts the gateway workers and the consumers,
+prints how to use it, and on Ctrl-C or SIGTERM stops everything it started, in
+order: gateway first (no new orders), consumers next (they drain), servers last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from gateway.embedded import EmbeddedStack, start_stack
+from gateway.server import (
+    StopFlag,
+    child_env,
+    ensure_multiproc_dir,
+    run_loop,
+    spawn,
+    stop_children,
+)
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _secret(root: Path) -> str:
+    path = root / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    root.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
+    """Migrations, topics and (optionally) the demo data."""
+    from gateway.db import create_pool, migrate
+    from gateway.kafka import ensure_topics
+    from gateway.services.demo import load_demo
+
+    pool = await create_pool(settings.database, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+        if applied:
+            log.info("migrations applied: %s", ", ".join(applied))
+        await ensure_topics(settings)
+        return await load_demo(settings, pool) if demo else {}
+    finally:
+        await pool.close()
+
+
+def _wait_ready(url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def up(settings: Settings, *, demo: bool = True) -> int:
+    root = Path(settings.data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    stack: EmbeddedStack | None = None
+    children = []
+    flag = StopFlag()
+    try:
+        need = {
+            "redis": settings.redis_url is None,
+            "postgres": settings.database_url is None,
+            "kafka": settings.kafka_bootstrap is None,
+        }
+        if any(need.values()):
+            stack = start_stack(root, **need)
+            settings = settings.with_(
+                redis_url=settings.redis_url or stack.url("redis"),
+                database_url=settings.database_url or stack.url("postgres"),
+                kafka_bootstrap=settings.kafka_bootstrap or stack.url("kafka"),
+            )
+        servers_s = time.monotonic() - started
+        if settings.secret_key is None:
+            settings = settings.with_(secret_key=_secret(root))
+        demo_info: dict[str, object] = {}
+
+        async def _prepare() -> None:
+            demo_info.update(await prepare(settings, demo=demo))
+
+        run_loop(_prepare)
+        ensure_multiproc_dir(str(root / "metrics"))
+        env = child_env(settings)
+        for _ in range(settings.workers):
+            children.append(spawn([sys.executable, "-m", "gateway", "worker"], env))
+        consumer = spawn([sys.executable, "-m", "gateway", "consume"], env)
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        if not _wait_ready(base + "/readyz", 60):
+            log.error("gateway did not become ready at %s/readyz", base)
+            return 1
+        _banner(settings, base, demo_info, servers_s, time.monotonic() - started, stack)
+        while not flag:
+            dead = [c for c in [*children, consumer] if c.poll() is not None]
+            if dead:
+                log.error("process %d exited with %s; stopping the stack",
+                          dead[0].pid, dead[0].returncode)
+                return 1
+            time.sleep(0.2)
+        print("\nstopping…", flush=True)
+        return 0
+    finally:
+        stop_children(children)  # gateway first: no new orders
+        if "consumer" in locals():
+            stop_children([consumer], timeout_s=30)
+        if stack is not None:
+            stack.stop()
+
+
+def _banner(settings: Settings, base: str, demo: dict[str, object], servers_s: float,
+            total_s: float, stack: EmbeddedStack | None) -> None:
+    lines = [
+        "",
+        "flashsale is up",
+        f"  gateway        {base}   ({settings.workers} workers)",
+        f"  ready check    curl {base}/readyz",
+        f"  API spec       {base}/api/v1/openapi.json",
+        f"  metrics        {base}/metrics",
+        f"  redis          {settings.redis_url}",
+        f"  postgres       {settings.database_url}",
+        f"  kafka          {settings.kafka_bootstrap}",
+        f"  data folder    {os.path.abspath(settings.data_dir)}"
+        + ("  (embedded servers)" if stack else ""),
+        f"  started in     {total_s:.1f}s (servers {servers_s:.2f}s)",
+    ]
+    for role, cred in (demo.get("accounts") or {}).items():  # type: ignore[attr-defined]
+        lines.append(f"  demo {role:<9} {cred}")
+    if demo.get("flash_sale"):
+        lines.append(f"  flash sale     {demo['flash_sale']}")
+    lines += [
+        "",
+        "  log in:   curl -s -XPOST " + base + "/api/v1/auth/login -H 'Content-Type: application/json'"
+        " -d '{\"login\":\"shopper1@demo.local\",\"password\":\"shopper-pass-1\"}'",
+        "  load:     .venv/bin/locust -f loadtests/locustfile_stampede.py --headless -u 200 -r 50"
+        f" -t 30s --host {base}",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    print("\n".join(lines), flush=True)

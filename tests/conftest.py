@@ -1,0 +1,149 @@
+"""Shared fixtures: real servers, settings, an app client.
+
+The suite starts its own isolated Redis, PostgreSQL and tansu broker on free ports
+in a temporary folder, unless FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL and
+FLASHSALE_KAFKA_BOOTSTRAP all point at running servers (then it creates and drops a
+database of its own there, uses its own topics, and may FLUSHDB the Redis it is given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from gateway.app import create_app
+from gateway.auth import TokenService
+from gateway.db import create_pool, migrate
+from gateway.embedded import EmbeddedStack, start_stack
+from gateway.settings import Settings
+
+TEST_SECRET = "test-secret-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[EmbeddedStack | None]:
+    env = os.environ
+    if all(env.get(k) for k in ("FLASHSALE_REDIS_URL", "FLASHSALE_DATABASE_URL",
+                                 "FLASHSALE_KAFKA_BOOTSTRAP")):
+        yield None
+        return
+    root = Path(tempfile.mkdtemp(prefix="flashsale-test-"))
+    started = start_stack(root, durable=False)
+    try:
+        yield started
+    finally:
+        started.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _with_db(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+async def base_settings(stack: EmbeddedStack | None) -> AsyncIterator[Settings]:
+    if stack is None:
+        redis_url = os.environ["FLASHSALE_REDIS_URL"]
+        admin_url = os.environ["FLASHSALE_DATABASE_URL"]
+        kafka = os.environ["FLASHSALE_KAFKA_BOOTSTRAP"]
+    else:
+        redis_url, admin_url, kafka = (stack.url("redis"), stack.url("postgres"),
+                                       stack.url("kafka"))
+    assert redis_url and admin_url and kafka
+    dbname = "flashsale_test_" + secrets.token_hex(4)
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
+    suffix = secrets.token_hex(3)
+    settings = Settings.from_env({}).with_(
+        redis_url=redis_url,
+        database_url=_with_db(admin_url, dbname),
+        kafka_bootstrap=kafka,
+        secret_key=TEST_SECRET,
+        kafka_orders_topic=f"test.orders.{suffix}",
+        kafka_dlq_topic=f"test.orders.dlq.{suffix}",
+        kafka_consumer_group=f"test-group-{suffix}",
+        kafka_partitions=4,
+        access_log=False,
+        db_pool_max=20,
+        stranded_after_s=2,
+        sweep_interval_ms=200,
+    )
+    pool = await create_pool(settings.database, min_size=1, max_size=1)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    await pool.close()
+    yield settings
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def db(base_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(base_settings.database, min_size=1, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def redis(base_settings: Settings) -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(base_settings.redis)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def tokens(base_settings: Settings) -> TokenService:
+    return TokenService(base_settings.secret, base_settings.token_ttl_s)
+
+
+@pytest.fixture(scope="session")
+async def app(base_settings: Settings) -> AsyncIterator[web.Application]:
+    application = create_app(base_settings)
+    yield application
+
+
+@pytest.fixture(scope="session")
+async def client(app: web.Application) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+async def _fail_on_loop_errors() -> AsyncIterator[None]:
+    """Any exception the event loop swallowed during a test fails that test."""
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    yield
+    loop.set_exception_handler(previous)
+    assert not errors, f"unhandled loop exceptions: {errors}"
+
+
+async def make_user(db: asyncpg.Pool, role: str = "user") -> int:
+    """A user row without argon2 cost (tests that do not exercise login)."""
+    email = f"{role}-{secrets.token_hex(6)}@test.local"
+    uid: int = await db.fetchval(
+        "INSERT INTO users (email, password_hash, nickname, role) VALUES ($1, 'x', 'n', $2) "
+        "RETURNING id", email, role)
+    return uid
+
+
+def auth(tokens: TokenService, user_id: int, role: str = "user") -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens.issue(user_id, role)}"}

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.auth import Principal, TokenService, require_role
+from gateway.errors import Forbidden
+from gateway.settings import Settings
+from tests.conftest import TEST_SECRET
+
+pytestmark = pytest.mark.integration
+
+
+def _email() -> str:
+    return f"u{secrets.token_hex(5)}@example.com"
+
+
+async def _register(client: TestClient[Any, Any], **extra: Any) -> dict[str, Any]:
+    payload = {"email": _email(), "password": "correct-horse", "nickname": "Nick", **extra}
+    resp = await client.post("/api/v1/auth/register", json=payload)
+    assert resp.status == 201, await resp.text()
+    return payload
+
+
+async def test_register_login_me(client: TestClient[Any, Any]) -> None:
+    payload = await _register(client)
+    resp = await client.post("/api/v1/auth/login",
+                             json={"login": payload["email"], "password": "correct-horse"})
+    assert resp.status == 200
+    data = (await resp.json())["data"]
+    assert data["expires_in"] > 0 and data["token"]
+    me = await client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {data['token']}"})
+    assert me.status == 200
+    user = (await me.json())["data"]
+    assert user["email"] == payload["email"] and user["role"] == "user"
+    assert "password_hash" not in user
+
+
+async def test_register_by_phone(client: TestClient[Any, Any]) -> None:
+    phone = "+86" + str(secrets.randbelow(10**10)).zfill(10)
+    resp = await client.post("/api/v1/auth/register",
+                             json={"phone": phone, "password": "longenough", "nickname": "P"})
+    assert resp.status == 201
+    login = await client.post("/api/v1/auth/login", json={"login": phone, "password": "longenough"})
+    assert login.status == 200
+
+
+async def test_duplicate_registration(client: TestClient[Any, Any]) -> None:
+    payload = await _register(client)
+    resp = await client.post("/api/v1/auth/register", json=payload)
+    assert resp.status == 409
+    assert (await resp.json())["error"] == "ACCOUNT_EXISTS"
+
+
+async def test_register_validation(client: TestClient[Any, Any]) -> None:
+    resp = await client.post("/api/v1/auth/register",
+                             json={"email": "not-an-email", "password": "short", "nickname": ""})
+    assert resp.status == 422
+    assert set((await resp.json())["fields"]) == {"email", "password", "nickname"}
+    resp = await client.post("/api/v1/auth/register", json={"password": "longenough", "nickname": "x"})
+    assert resp.status == 422
+
+
+async def test_wrong_password_and_unknown_user(client: TestClient[Any, Any]) -> None:
+    payload = await _register(client)
+    resp = await client.post("/api/v1/auth/login", json={"login": payload["email"], "password": "nope"})
+    assert resp.status == 401 and (await resp.json())["error"] == "WRONG_PASSWORD"
+    resp = await client.post("/api/v1/auth/login", json={"login": _email(), "password": "whatever"})
+    assert resp.status == 401 and (await resp.json())["error"] == "UNKNOWN_USER"
+
+
+@pytest.mark.parametrize(("header", "code"), [
+    (None, "AUTH_REQUIRED"),
+    ("Bearer not.a.jwt", "TOKEN_MALFORMED"),
+    ("Basic abc", "TOKEN_MALFORMED"),
+    ("forged", "TOKEN_INVALID"),
+    ("expired", "TOKEN_EXPIRED"),
+])
+async def test_bad_tokens(client: TestClient[Any, Any], header: str | None, code: str) -> None:
+    if header == "forged":
+        header = "Bearer " + TokenService("another-secret-0123456789-abcdefghijkl", 60).issue(1, "admin")
+    elif header == "expired":
+        now = int(time.time())
+        header = "Bearer " + jwt.encode({"sub": "1", "role": "user", "exp": now - 5, "iat": now - 60},
+                                        TEST_SECRET, algorithm="HS256")
+    headers = {"Authorization": header} if header else {}
+    resp = await client.get("/api/v1/users/me", headers=headers)
+    assert resp.status == 401
+    assert (await resp.json())["error"] == code
+
+
+def test_roles() -> None:
+    admin = Principal(1, "admin", time.time() + 60)
+    assert require_role(admin, "admin") is admin
+    with pytest.raises(Forbidden):
+        require_role(Principal(2, "user", time.time() + 60), "admin", "merchant")
+
+
+def test_cli_user_create(base_settings: Settings) -> None:
+    email = _email()
+    env = {**os.environ, **base_settings.to_env()}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "user", "create", "--role", "admin", "--email", email,
+         "--nickname", "Root", "--password", "admin-password"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(admin)" in result.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "gateway", "user", "create", "--role", "admin", "--email", email,
+         "--nickname", "Root", "--password", "admin-password"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert again.returncode == 1 and "ACCOUNT_EXISTS" in again.stderr
+
+
+async def test_cli_admin_can_log_in(client: TestClient[Any, Any], base_settings: Settings) -> None:
+    email = _email()
+    env = {**os.environ, **base_settings.to_env()}
+    subprocess.run(
+        [sys.executable, "-m", "gateway", "user", "create", "--role", "merchant", "--email", email,
+         "--nickname", "M", "--password", "merchant-password"],
+        env=env, capture_output=True, timeout=60, check=True,
+    )
+    resp = await client.post("/api/v1/auth/login", json={"login": email, "password": "merchant-password"})
+    token = (await resp.json())["data"]["token"]
+    me = await client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+    assert (await me.json())["data"]["role"] == "merchant"

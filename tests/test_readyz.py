@@ -1,0 +1,49 @@
+"""/readyz names the dependency that is down; uses servers of its own so it can stop them."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.embedded import start_stack
+from gateway.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("victim", ["redis", "postgres", "kafka"])
+async def test_readyz_reports_stopped_dependency(base_settings: Settings, victim: str) -> None:
+    root = Path(tempfile.mkdtemp(prefix="flashsale-readyz-"))
+    own = start_stack(root, redis=victim == "redis", postgres=victim == "postgres",
+                      kafka=victim == "kafka", durable=False)
+    try:
+        url = own.url(victim)
+        settings = base_settings.with_(**{
+            "redis": {"redis_url": url}, "postgres": {"database_url": url},
+            "kafka": {"kafka_bootstrap": url},
+        }[victim], kafka_produce_timeout_ms=1000, db_pool_min=0)
+        app = create_app(settings)
+        client: TestClient[Any, Any]
+        async with TestClient(TestServer(app)) as client:
+            resp = await client.get("/readyz")
+            assert resp.status == 200
+            body = await resp.json()
+            assert body["data"]["checks"] == {"redis": "up", "postgres": "up", "kafka": "up"}
+            own.get(victim).stop()
+            resp = await client.get("/readyz")
+            assert resp.status == 503
+            body = await resp.json()
+            assert body["error"] == "NOT_READY"
+            assert body["data"]["down"] == [victim]
+            assert victim in body["message"]
+            healthz = await client.get("/healthz")
+            assert healthz.status == 200
+    finally:
+        own.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""`flashsale up` as a user runs it: reaches ready, and SIGTERM leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway.embedded import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "flashsale up exited early"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                body: dict[str, object] = json.loads(resp.read())
+                return body
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("not ready in time")
+
+
+def _run_up(data_dir: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    env.update({"FLASHSALE_DATA_DIR": data_dir, "FLASHSALE_HTTP_PORT": str(port),
+                "FLASHSALE_WORKERS": "2", "FLASHSALE_ACCESS_LOG": "false"})
+    return subprocess.Popen([sys.executable, "-m", "gateway", "up", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_up_ready_then_sigterm_leaves_nothing() -> None:
+    with tempfile.TemporaryDirectory(prefix="flashsale-up-") as data_dir:
+        port = free_port()
+        proc = _run_up(data_dir, port)
+        try:
+            body = _ready(port, proc, 90)
+            assert body["data"] == {"checks": {"redis": "up", "postgres": "up", "kafka": "up"},
+                                    "down": []}
+            tree = _descendants(proc.pid)
+            assert len(tree) >= 5  # servers, workers, consumer
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+            assert b"flashsale is up" in out
+            deadline = time.monotonic() + 5
+            while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not [p for p in tree if _alive(p)], "processes left behind"
+            # a second `up` reuses the data folder (demo data is not loaded twice)
+            proc = _run_up(data_dir, port)
+            _ready(port, proc, 90)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
