@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from gateway import appkeys
 from gateway.auth import TokenService
 from gateway.db import create_pool
+from gateway.ids import MachineLease, OrderIdGenerator, OrderIds
 from gateway.kafka import OrderProducer
 from gateway.metrics import Metrics, get_metrics
 from gateway.middlewares import make_middleware
@@ -51,6 +52,19 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     await producer.stop()
 
 
+async def ids_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[appkeys.SETTINGS]
+    if s.machine_id is not None:
+        app[appkeys.ORDER_IDS] = OrderIds(None, OrderIdGenerator(s.machine_id))
+        yield
+        return
+    lease = MachineLease(app[appkeys.REDIS])
+    await lease.acquire()
+    app[appkeys.ORDER_IDS] = OrderIds(lease)
+    yield
+    await lease.release()
+
+
 def all_routes() -> list[Route]:
     """Every route of the service (the OpenAPI spec is built from the same table)."""
     from gateway.routes import extra_routes
@@ -73,7 +87,7 @@ def create_app(
     app[appkeys.SETTINGS] = settings
     app[appkeys.METRICS] = m
     app[appkeys.TOKENS] = TokenService(settings.secret, settings.token_ttl_s)
-    app.cleanup_ctx.extend([db_ctx, redis_ctx, kafka_ctx, *extra_contexts])
+    app.cleanup_ctx.extend([db_ctx, redis_ctx, ids_ctx, kafka_ctx, *extra_contexts])
     from gateway.routes import extra_contexts as area_contexts
 
     app.cleanup_ctx.extend(area_contexts())

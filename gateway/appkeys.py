@@ -12,6 +12,7 @@ from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.auth import TokenService
+    from gateway.ids import OrderIds
     from gateway.kafka import OrderProducer
     from gateway.metrics import Metrics
 
@@ -21,3 +22,4 @@ REDIS = web.AppKey("redis", Redis)
 TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
 PRODUCER: web.AppKey[OrderProducer] = web.AppKey("producer")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+ORDER_IDS: web.AppKey[OrderIds] = web.AppKey("order_ids")

@@ -1,0 +1,151 @@
+"""Order ids without a central counter, and the machine id that keeps them unique.
+
+An id is 25 decimal digits: UTC time to the millisecond (yyMMddHHmmssSSS), the
+machine id (3 digits), the user id mod 1000 (3 digits) and a per-millisecond
+sequence (4 digits), as in seed 002. Ids from one generator increase strictly,
+even if the wall clock steps back. The machine id comes from settings or from a
+lease in Redis that the process renews; two live processes never hold the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import time
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.scripts import register
+
+log = logging.getLogger(__name__)
+
+MACHINE_IDS = 1000
+LEASE_TTL_MS = 30_000
+RENEW_EVERY_S = 10.0
+_SEQ_MAX = 9999
+
+
+def machine_key(n: int) -> str:
+    return f"fs:machine:{n}"
+
+
+class OrderIdGenerator:
+    """Strictly increasing order ids for one machine id."""
+
+    def __init__(self, machine_id: int) -> None:
+        if not 0 <= machine_id < MACHINE_IDS:
+            raise ValueError("machine id must be in [0, 999]")
+        self.machine_id = machine_id
+        self._last_ms = 0
+        self._seq = 0
+        self._prefix_second = -1
+        self._prefix = ""
+
+    def next(self, user_id: int) -> str:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms <= self._last_ms:
+            now_ms = self._last_ms  # same millisecond, or the clock stepped back
+            self._seq += 1
+            if self._seq > _SEQ_MAX:
+                now_ms += 1
+                self._seq = 0
+        else:
+            self._seq = 0
+        self._last_ms = now_ms
+        second = now_ms // 1000
+        if second != self._prefix_second:
+            self._prefix_second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%y%m%d%H%M%S")
+        return (f"{self._prefix}{now_ms % 1000:03d}{self.machine_id:03d}"
+                f"{user_id % 1000:03d}{self._seq:04d}")
+
+
+class MachineLease:
+    """Holds ``fs:machine:<n>`` in Redis for as long as the process lives."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._script = register(redis, "machine_lease")
+        self._token = f"{os.getpid()}:{secrets.token_hex(8)}"
+        self.machine_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.generator: OrderIdGenerator | None = None
+
+    async def acquire(self) -> int:
+        start = random.randrange(MACHINE_IDS)
+        for i in range(MACHINE_IDS):
+            n = (start + i) % MACHINE_IDS
+            if await self._script(keys=[machine_key(n)], args=[self._token, LEASE_TTL_MS]) == 1:
+                self.machine_id = n
+                self.generator = OrderIdGenerator(n)
+                self._task = asyncio.create_task(self._renew_forever(), name="machine-lease")
+                return n
+        raise RuntimeError("no free machine id: 1000 live processes hold one each")
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            assert self.machine_id is not None
+            try:
+                held = await self._script(keys=[machine_key(self.machine_id)],
+                                          args=[self._token, LEASE_TTL_MS])
+            except RedisError:
+                log.warning("could not renew machine-id lease %d; will retry", self.machine_id)
+                continue
+            if held != 1:  # expired and taken over while we could not reach Redis
+                log.error("machine id %d was taken by another process; acquiring a new one",
+                          self.machine_id)
+                if self.generator is not None:
+                    old = self.generator
+                    await self._reacquire()
+                    assert self.generator is not None
+                    self.generator._last_ms = old._last_ms
+
+    async def _reacquire(self) -> None:
+        start = random.randrange(MACHINE_IDS)
+        for i in range(MACHINE_IDS):
+            n = (start + i) % MACHINE_IDS
+            if await self._script(keys=[machine_key(n)], args=[self._token, LEASE_TTL_MS]) == 1:
+                self.machine_id = n
+                self.generator = OrderIdGenerator(n)
+                return
+
+    async def release(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.machine_id is not None:
+            with contextlib.suppress(RedisError):
+                current = await self._redis.get(machine_key(self.machine_id))
+                if current is not None and current.decode() == self._token:
+                    await self._redis.delete(machine_key(self.machine_id))
+
+
+class OrderIds:
+    """What handlers use: ``app[ORDER_IDS].next(user_id)``."""
+
+    def __init__(self, lease: MachineLease | None, fixed: OrderIdGenerator | None = None) -> None:
+        self._lease = lease
+        self._fixed = fixed
+
+    @property
+    def machine_id(self) -> int:
+        gen = self._generator()
+        return gen.machine_id
+
+    def _generator(self) -> OrderIdGenerator:
+        if self._fixed is not None:
+            return self._fixed
+        assert self._lease is not None and self._lease.generator is not None
+        return self._lease.generator
+
+    def next(self, user_id: int) -> str:
+        return self._generator().next(user_id)

@@ -1,0 +1,14 @@
+-- Acquire or renew a machine-id lease.
+-- KEYS[1] = fs:machine:<n>
+-- ARGV[1] = owner token, ARGV[2] = ttl in ms
+-- Returns 1 if the caller holds the lease now, 0 if another owner does.
+local current = redis.call('GET', KEYS[1])
+if current == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
