@@ -14,8 +14,12 @@ from gateway.routing import Route
 
 
 def extra_routes() -> list[Route]:
-    return []
+    from gateway.routes import flashsales
+
+    return [*flashsales.ROUTES]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
-    return []
+    from gateway.services.flashsale import flash_ctx
+
+    return [flash_ctx]

@@ -1,0 +1,271 @@
+"""The order consumer: Kafka batch → one PostgreSQL transaction → offsets.
+
+For each batch: parse (bad messages go to the dead-letter topic with the reason),
+claim the reservations in Redis (a claimed reservation can no longer be released by
+a late compensation; a voided one is never persisted), write orders, items, ledger
+rows and the sale counters in one transaction with ``ON CONFLICT DO NOTHING`` on the
+order id, then drop the claims and commit the offsets. A crash anywhere replays the
+batch, and the replay changes nothing that was already written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from redis.asyncio import Redis
+
+from gateway import rediskeys
+from gateway.flash_events import BadEvent, OrderEvent, decode
+from gateway.kafka import OrderProducer
+from gateway.metrics import Metrics
+from gateway.scripts import register
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+SQL_SALES = "SELECT id, sku_id, product_id FROM flash_sales WHERE id = ANY($1::bigint[])"
+SQL_USERS = "SELECT id FROM users WHERE id = ANY($1::bigint[])"
+SQL_INSERT_ORDERS = """
+INSERT INTO orders (id, user_id, kind, status, total_cents, pay_cents, payment_deadline,
+                    created_at, updated_at, flash_sale_id)
+SELECT o.id, o.user_id, 'flash', 'pending_payment', o.total, o.total,
+       to_timestamp(o.deadline_ms / 1000.0), to_timestamp(o.reserved_ms / 1000.0), now(), o.sale_id
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+     AS o(id, user_id, total, deadline_ms, reserved_ms, sale_id)
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+SQL_INSERT_ITEMS = """
+INSERT INTO order_items (order_id, product_id, sku_id, quantity, price_cents)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[])
+"""
+SQL_INSERT_LEDGER = """
+INSERT INTO inventory_ledger (sku_id, order_id, delta, reason, flash_sale_id)
+SELECT l.sku_id, l.order_id, -l.quantity, 'flash_sold', l.sale_id
+FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS l(sku_id, order_id, quantity, sale_id)
+ON CONFLICT DO NOTHING
+"""
+SQL_SALE_SOLD = """
+UPDATE flash_sales SET sold_quantity = sold_quantity + $2, updated_at = now() WHERE id = $1
+"""
+
+
+@dataclass
+class BatchOutcome:
+    persisted: int = 0
+    duplicates: int = 0
+    voided: int = 0
+    dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
+
+
+async def persist(conn: asyncpg.Connection, events: list[OrderEvent]) -> list[str]:
+    """Write events in one transaction; returns the ids that were new."""
+    if not events:
+        return []
+    async with conn.transaction():
+        new_ids = {r["id"] for r in await conn.fetch(
+            SQL_INSERT_ORDERS,
+            [e.order_id for e in events], [e.user_id for e in events],
+            [e.price_cents * e.quantity for e in events],
+            [e.payment_deadline_ms for e in events], [e.reserved_at_ms for e in events],
+            [e.sale_id for e in events],
+        )}
+        fresh = [e for e in events if e.order_id in new_ids]
+        if fresh:
+            await conn.execute(
+                SQL_INSERT_ITEMS, [e.order_id for e in fresh], [e.product_id for e in fresh],
+                [e.sku_id for e in fresh], [e.quantity for e in fresh],
+                [e.price_cents for e in fresh],
+            )
+            await conn.execute(
+                SQL_INSERT_LEDGER, [e.sku_id for e in fresh], [e.order_id for e in fresh],
+                [e.quantity for e in fresh], [e.sale_id for e in fresh],
+            )
+            per_sale: dict[int, int] = defaultdict(int)
+            for e in fresh:
+                per_sale[e.sale_id] += e.quantity
+            for sale_id in sorted(per_sale):  # lock sale rows in key order
+                await conn.execute(SQL_SALE_SOLD, sale_id, per_sale[sale_id])
+    return [e.order_id for e in fresh]
+
+
+class OrderBatchProcessor:
+    """Everything between "a batch arrived" and "its offsets may be committed"."""
+
+    def __init__(self, settings: Settings, db: asyncpg.Pool, redis: Redis,
+                 dlq: OrderProducer, metrics: Metrics) -> None:
+        self.settings = settings
+        self.db = db
+        self.redis = redis
+        self.dlq = dlq
+        self.metrics = metrics
+        self._claim = register(redis, "claim")
+
+    async def _check_rules(self, events: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]],
+                           out: BatchOutcome) -> list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]]:
+        sale_ids = sorted({e.sale_id for _, e in events})
+        user_ids = sorted({e.user_id for _, e in events})
+        async with self.db.acquire() as conn:
+            sales = {r["id"]: r for r in await conn.fetch(SQL_SALES, sale_ids)}
+            users = {r["id"] for r in await conn.fetch(SQL_USERS, user_ids)}
+        ok: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]] = []
+        for rec, e in events:
+            sale = sales.get(e.sale_id)
+            if sale is None:
+                out.dead.append((rec, f"unknown sale {e.sale_id}"))
+            elif sale["sku_id"] != e.sku_id or sale["product_id"] != e.product_id:
+                out.dead.append((rec, f"sku/product do not match sale {e.sale_id}"))
+            elif e.user_id not in users:
+                out.dead.append((rec, f"unknown user {e.user_id}"))
+            else:
+                ok.append((rec, e))
+        return ok
+
+    async def _claim_all(self, events: list[OrderEvent]) -> tuple[list[OrderEvent], int]:
+        by_sale: dict[int, list[OrderEvent]] = defaultdict(list)
+        for e in events:
+            by_sale[e.sale_id].append(e)
+        keep: list[OrderEvent] = []
+        voided = 0
+        for sale_id, group in by_sale.items():
+            codes = await self._claim(
+                keys=[rediskeys.log(sale_id), rediskeys.log_times(sale_id),
+                      rediskeys.claimed(sale_id), rediskeys.voided(sale_id)],
+                args=[e.order_id for e in group],
+            )
+            for e, code in zip(group, codes, strict=True):
+                if int(code) == 3:
+                    voided += 1
+                else:
+                    keep.append(e)
+        return keep, voided
+
+    async def process(self, records: list[ConsumerRecord[bytes, bytes]]) -> BatchOutcome:
+        out = BatchOutcome()
+        parsed: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]] = []
+        seen: set[str] = set()
+        for rec in records:
+            try:
+                event = decode(rec.value)
+            except BadEvent as exc:
+                out.dead.append((rec, str(exc)))
+                continue
+            if event.order_id in seen:
+                out.duplicates += 1
+                continue
+            seen.add(event.order_id)
+            parsed.append((rec, event))
+        if parsed:
+            valid = await self._check_rules(parsed, out)
+            events, out.voided = await self._claim_all([e for _, e in valid])
+            try:
+                async with self.db.acquire() as conn:
+                    new = await persist(conn, events)
+            except asyncpg.IntegrityConstraintViolationError:
+                new = await self._persist_one_by_one(events, valid, out)
+            out.persisted = len(new)
+            out.duplicates += len(events) - len(new)
+            await self._drop_claims(events)
+        if out.dead:
+            await self._dead_letter(out.dead)
+        self.metrics.consumed.inc(out.persisted)
+        return out
+
+    async def _persist_one_by_one(self, events: list[OrderEvent],
+                                  valid: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]],
+                                  out: BatchOutcome) -> list[str]:
+        """A rule the database enforces broke the batch: find the culprit(s), keep the rest."""
+        record_of = {e.order_id: rec for rec, e in valid}
+        new: list[str] = []
+        async with self.db.acquire() as conn:
+            for e in events:
+                try:
+                    new += await persist(conn, [e])
+                except asyncpg.IntegrityConstraintViolationError as exc:
+                    out.dead.append((record_of[e.order_id], f"rejected by the database: {exc}"))
+        return new
+
+    async def _drop_claims(self, events: list[OrderEvent]) -> None:
+        by_sale: dict[int, list[str]] = defaultdict(list)
+        for e in events:
+            by_sale[e.sale_id].append(e.order_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for sale_id, ids in by_sale.items():
+            pipe.hdel(rediskeys.claimed(sale_id), *ids)
+        await pipe.execute()
+
+    async def _dead_letter(self, dead: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+        for rec, reason in dead:
+            log.warning("dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason)
+            self.metrics.dead_letters.labels(reason.split(" ", 1)[0]).inc()
+            await self.dlq.publish(
+                rec.key or b"", rec.value or b"", topic=self.settings.kafka_dlq_topic,
+                headers=[("reason", reason.encode()), ("source_topic", rec.topic.encode()),
+                         ("source_partition", str(rec.partition).encode()),
+                         ("source_offset", str(rec.offset).encode())],
+            )
+
+
+def make_consumer(settings: Settings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        settings.kafka_orders_topic,
+        bootstrap_servers=settings.kafka,
+        group_id=settings.kafka_consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        max_poll_interval_ms=max(60_000, settings.kafka_session_timeout_ms * 2),
+        rebalance_timeout_ms=settings.kafka_session_timeout_ms * 2,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        client_id="flashsale-consumer",
+    )
+
+
+async def consume_forever(settings: Settings, processor: OrderBatchProcessor,
+                          stop: asyncio.Event, *, on_batch: Any = None) -> None:
+    """Poll, process, commit; retry a batch with backoff while a store is down."""
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200, max_records=settings.consumer_batch_max)
+            records = [rec for recs in batches.values() for rec in recs]
+            if records:
+                attempt = 0
+                while True:
+                    try:
+                        outcome = await processor.process(records)
+                        break
+                    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                            OSError, asyncpg.exceptions.CannotConnectNowError,
+                            asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
+                        delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                        log.warning("batch of %d failed (%s); retrying in %.1fs",
+                                    len(records), exc, delay)
+                        attempt += 1
+                        await asyncio.sleep(delay)
+                await consumer.commit()
+                if on_batch is not None:
+                    on_batch(outcome)
+            await _record_lag(consumer, processor.metrics)
+    finally:
+        await consumer.stop()
+
+
+async def _record_lag(consumer: AIOKafkaConsumer, metrics: Metrics) -> None:
+    for tp in consumer.assignment():
+        assert isinstance(tp, TopicPartition)
+        high = consumer.highwater(tp)  # end_offsets() is wrong on tansu after batched produce
+        if high is None:
+            continue
+        position = await consumer.position(tp)
+        metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))

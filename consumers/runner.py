@@ -1,0 +1,69 @@
+"""``flashsale consume``: the order consumer and the sweepers in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from consumers.orders import BatchOutcome, OrderBatchProcessor, consume_forever
+from consumers.sweepers import run_sweepers
+from gateway.db import create_pool
+from gateway.kafka import OrderProducer
+from gateway.metrics import get_metrics
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    except (RuntimeError, ValueError):  # not the main thread (tests)
+        pass
+    metrics = get_metrics()
+    heartbeat = Path(settings.data_dir) / "consumer.heartbeat"
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+
+    def beat(_: BatchOutcome | None = None) -> None:
+        heartbeat.touch()
+
+    db = await create_pool(settings.database, min_size=2, max_size=8)
+    redis: Redis = Redis.from_url(settings.redis)
+    producer = OrderProducer(settings)
+    await producer.start()
+    try:
+        processor = OrderBatchProcessor(settings, db, redis, producer, metrics)
+        log.info("consumer %d started (group %s)", os.getpid(), settings.kafka_consumer_group)
+
+        async def heartbeat_loop() -> None:
+            while not stop.is_set():
+                beat()
+                await asyncio.sleep(5)
+
+        tasks = [
+            asyncio.create_task(consume_forever(settings, processor, stop), name="consumer"),
+            asyncio.create_task(run_sweepers(settings, db, redis, producer, metrics, stop),
+                                name="sweepers"),
+            asyncio.create_task(heartbeat_loop(), name="heartbeat"),
+        ]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+    finally:
+        started = time.monotonic()
+        await producer.stop()
+        await redis.aclose()
+        await db.close()
+        log.info("consumer %d stopped in %.1fs", os.getpid(), time.monotonic() - started)

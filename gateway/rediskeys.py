@@ -1,0 +1,72 @@
+"""Every Redis key name, built in one place.
+
+All keys of one sale share the hash tag ``{sale:<id>}`` so that every key a script
+touches lives in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+SALES_INDEX = "fs:sales"  # set of sale ids the gateway workers keep in memory
+
+
+def _tag(sale_id: int) -> str:
+    return f"fs:{{sale:{sale_id}}}"
+
+
+def sale(sale_id: int) -> str:
+    """Hash: remaining, allotment, moved_out, limit, start_ms, end_ms, price, closed, …"""
+    return _tag(sale_id)
+
+
+def users(sale_id: int) -> str:
+    """Hash: user id → units held by that user in this sale."""
+    return _tag(sale_id) + ":users"
+
+
+def first_order(sale_id: int) -> str:
+    """Hash: user id → the user's first order id in this sale."""
+    return _tag(sale_id) + ":first"
+
+
+def log(sale_id: int) -> str:
+    """Hash: order id → packed reservation, for reservations not yet claimed by a consumer."""
+    return _tag(sale_id) + ":log"
+
+
+def log_times(sale_id: int) -> str:
+    """Sorted set: order id scored by the time it was reserved or last republished (ms)."""
+    return _tag(sale_id) + ":logt"
+
+
+def claimed(sale_id: int) -> str:
+    """Hash: order id → packed reservation, claimed by a consumer and being persisted."""
+    return _tag(sale_id) + ":claimed"
+
+
+def voided(sale_id: int) -> str:
+    """Set: order ids released before any consumer claimed them (never to be persisted)."""
+    return _tag(sale_id) + ":void"
+
+
+def returned(sale_id: int) -> str:
+    """Set: cancelled order ids whose units are already back (makes the return idempotent)."""
+    return _tag(sale_id) + ":returned"
+
+
+def idempotency(sale_id: int) -> str:
+    """Hash: "<user>:<Idempotency-Key>" → "<order id>|<body fingerprint>"."""
+    return _tag(sale_id) + ":idem"
+
+
+def rate_user(sale_id: int, user_id: int) -> str:
+    return f"{_tag(sale_id)}:rl:u:{user_id}"
+
+
+def rate_ip(sale_id: int, ip: str) -> str:
+    return f"{_tag(sale_id)}:rl:ip:{ip}"
+
+
+def all_sale_keys(sale_id: int) -> list[str]:
+    return [sale(sale_id), users(sale_id), first_order(sale_id), log(sale_id),
+            log_times(sale_id), claimed(sale_id), voided(sale_id), returned(sale_id),
+            idempotency(sale_id)]

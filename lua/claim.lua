@@ -1,0 +1,22 @@
+-- A consumer claims reservations before persisting them, so that a late compensation can
+-- no longer release units whose order is being written.
+-- KEYS[1] log  KEYS[2] log times  KEYS[3] claimed  KEYS[4] void
+-- ARGV = order ids. Returns one code per id:
+--   1 claimed now   2 already claimed   3 voided (never persist)   0 not in Redis
+local out = {}
+for i, order_id in ipairs(ARGV) do
+  local entry = redis.call('HGET', KEYS[1], order_id)
+  if entry then
+    redis.call('HSET', KEYS[3], order_id, entry)
+    redis.call('HDEL', KEYS[1], order_id)
+    redis.call('ZREM', KEYS[2], order_id)
+    out[i] = 1
+  elseif redis.call('HEXISTS', KEYS[3], order_id) == 1 then
+    out[i] = 2
+  elseif redis.call('SISMEMBER', KEYS[4], order_id) == 1 then
+    out[i] = 3
+  else
+    out[i] = 0
+  end
+end
+return out

@@ -1,0 +1,22 @@
+-- Load or update a sale's state. Counters are never reset: a new allotment adds only the
+-- difference, so loading twice (or a retried top-up) never adds units twice.
+-- KEYS[1] sale (the caller adds the id to the sales index separately: another slot)
+-- ARGV[1] sale id  ARGV[2] allotment  then field/value pairs of static settings
+-- Returns {remaining, allotment} or {-1} if the sale is closed and the allotment grew.
+local allotment = tonumber(ARGV[2])
+local current = redis.call('HGET', KEYS[1], 'allotment')
+if current == false then
+  redis.call('HSET', KEYS[1], 'allotment', allotment, 'remaining', allotment,
+             'moved_out', 0, 'closed', 0)
+else
+  local delta = allotment - tonumber(current)
+  if delta > 0 then
+    if redis.call('HGET', KEYS[1], 'closed') == '1' then return {-1} end
+    redis.call('HINCRBY', KEYS[1], 'remaining', delta)
+    redis.call('HSET', KEYS[1], 'allotment', allotment)
+  end
+end
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return {tonumber(redis.call('HGET', KEYS[1], 'remaining')), allotment}
