@@ -50,7 +50,8 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigi
 SQL_INSERT_LEDGER = """
 INSERT INTO inventory_ledger (sku_id, order_id, delta, reason, flash_sale_id)
 SELECT l.sku_id, l.order_id, -l.quantity, 'flash_sold', l.sale_id
-FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS l(sku_id, order_id, quantity, sale_id)
+FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[])
+     AS l(sku_id, order_id, quantity, sale_id)
 ON CONFLICT DO NOTHING
 """
 SQL_SALE_SOLD = """
@@ -71,23 +72,34 @@ async def persist(conn: asyncpg.Connection, events: list[OrderEvent]) -> list[st
     if not events:
         return []
     async with conn.transaction():
-        new_ids = {r["id"] for r in await conn.fetch(
-            SQL_INSERT_ORDERS,
-            [e.order_id for e in events], [e.user_id for e in events],
-            [e.price_cents * e.quantity for e in events],
-            [e.payment_deadline_ms for e in events], [e.reserved_at_ms for e in events],
-            [e.sale_id for e in events],
-        )}
+        new_ids = {
+            r["id"]
+            for r in await conn.fetch(
+                SQL_INSERT_ORDERS,
+                [e.order_id for e in events],
+                [e.user_id for e in events],
+                [e.price_cents * e.quantity for e in events],
+                [e.payment_deadline_ms for e in events],
+                [e.reserved_at_ms for e in events],
+                [e.sale_id for e in events],
+            )
+        }
         fresh = [e for e in events if e.order_id in new_ids]
         if fresh:
             await conn.execute(
-                SQL_INSERT_ITEMS, [e.order_id for e in fresh], [e.product_id for e in fresh],
-                [e.sku_id for e in fresh], [e.quantity for e in fresh],
+                SQL_INSERT_ITEMS,
+                [e.order_id for e in fresh],
+                [e.product_id for e in fresh],
+                [e.sku_id for e in fresh],
+                [e.quantity for e in fresh],
                 [e.price_cents for e in fresh],
             )
             await conn.execute(
-                SQL_INSERT_LEDGER, [e.sku_id for e in fresh], [e.order_id for e in fresh],
-                [e.quantity for e in fresh], [e.sale_id for e in fresh],
+                SQL_INSERT_LEDGER,
+                [e.sku_id for e in fresh],
+                [e.order_id for e in fresh],
+                [e.quantity for e in fresh],
+                [e.sale_id for e in fresh],
             )
             per_sale: dict[int, int] = defaultdict(int)
             for e in fresh:
@@ -100,8 +112,14 @@ async def persist(conn: asyncpg.Connection, events: list[OrderEvent]) -> list[st
 class OrderBatchProcessor:
     """Everything between "a batch arrived" and "its offsets may be committed"."""
 
-    def __init__(self, settings: Settings, db: asyncpg.Pool, redis: Redis,
-                 dlq: OrderProducer, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: asyncpg.Pool,
+        redis: Redis,
+        dlq: OrderProducer,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.redis = redis
@@ -109,8 +127,9 @@ class OrderBatchProcessor:
         self.metrics = metrics
         self._claim = register(redis, "claim")
 
-    async def _check_rules(self, events: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]],
-                           out: BatchOutcome) -> list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]]:
+    async def _check_rules(
+        self, events: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]], out: BatchOutcome
+    ) -> list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]]:
         sale_ids = sorted({e.sale_id for _, e in events})
         user_ids = sorted({e.user_id for _, e in events})
         async with self.db.acquire() as conn:
@@ -137,8 +156,12 @@ class OrderBatchProcessor:
         voided = 0
         for sale_id, group in by_sale.items():
             codes = await self._claim(
-                keys=[rediskeys.log(sale_id), rediskeys.log_times(sale_id),
-                      rediskeys.claimed(sale_id), rediskeys.voided(sale_id)],
+                keys=[
+                    rediskeys.log(sale_id),
+                    rediskeys.log_times(sale_id),
+                    rediskeys.claimed(sale_id),
+                    rediskeys.voided(sale_id),
+                ],
                 args=[e.order_id for e in group],
             )
             for e, code in zip(group, codes, strict=True):
@@ -179,9 +202,12 @@ class OrderBatchProcessor:
         self.metrics.consumed.inc(out.persisted)
         return out
 
-    async def _persist_one_by_one(self, events: list[OrderEvent],
-                                  valid: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]],
-                                  out: BatchOutcome) -> list[str]:
+    async def _persist_one_by_one(
+        self,
+        events: list[OrderEvent],
+        valid: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]],
+        out: BatchOutcome,
+    ) -> list[str]:
         """A rule the database enforces broke the batch: find the culprit(s), keep the rest."""
         record_of = {e.order_id: rec for rec, e in valid}
         new: list[str] = []
@@ -204,13 +230,20 @@ class OrderBatchProcessor:
 
     async def _dead_letter(self, dead: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
         for rec, reason in dead:
-            log.warning("dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason)
+            log.warning(
+                "dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason
+            )
             self.metrics.dead_letters.labels(reason.split(" ", 1)[0]).inc()
             await self.dlq.publish(
-                rec.key or b"", rec.value or b"", topic=self.settings.kafka_dlq_topic,
-                headers=[("reason", reason.encode()), ("source_topic", rec.topic.encode()),
-                         ("source_partition", str(rec.partition).encode()),
-                         ("source_offset", str(rec.offset).encode())],
+                rec.key or b"",
+                rec.value or b"",
+                topic=self.settings.kafka_dlq_topic,
+                headers=[
+                    ("reason", reason.encode()),
+                    ("source_topic", rec.topic.encode()),
+                    ("source_partition", str(rec.partition).encode()),
+                    ("source_offset", str(rec.offset).encode()),
+                ],
             )
 
 
@@ -230,14 +263,17 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
-async def consume_forever(settings: Settings, processor: OrderBatchProcessor,
-                          stop: asyncio.Event, *, on_batch: Any = None) -> None:
+async def consume_forever(
+    settings: Settings, processor: OrderBatchProcessor, stop: asyncio.Event, *, on_batch: Any = None
+) -> None:
     """Poll, process, commit; retry a batch with backoff while a store is down."""
     consumer = make_consumer(settings)
     await consumer.start()
     try:
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=200, max_records=settings.consumer_batch_max)
+            batches = await consumer.getmany(
+                timeout_ms=200, max_records=settings.consumer_batch_max
+            )
             records = [rec for recs in batches.values() for rec in recs]
             if records:
                 attempt = 0
@@ -245,12 +281,18 @@ async def consume_forever(settings: Settings, processor: OrderBatchProcessor,
                     try:
                         outcome = await processor.process(records)
                         break
-                    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                            OSError, asyncpg.exceptions.CannotConnectNowError,
-                            asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
+                    except (
+                        asyncpg.PostgresConnectionError,
+                        asyncpg.InterfaceError,
+                        OSError,
+                        asyncpg.exceptions.CannotConnectNowError,
+                        asyncpg.SerializationError,
+                        asyncpg.DeadlockDetectedError,
+                    ) as exc:
                         delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                        log.warning("batch of %d failed (%s); retrying in %.1fs",
-                                    len(records), exc, delay)
+                        log.warning(
+                            "batch of %d failed (%s); retrying in %.1fs", len(records), exc, delay
+                        )
                         attempt += 1
                         await asyncio.sleep(delay)
                 await consumer.commit()

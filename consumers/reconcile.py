@@ -67,19 +67,32 @@ class SaleReport:
 
     @property
     def drift(self) -> int:
-        counted = ((self.remaining or 0) + self.in_log + self.claimed + self.live
-                   + self.pending_return + self.moved_out)
+        counted = (
+            (self.remaining or 0)
+            + self.in_log
+            + self.claimed
+            + self.live
+            + self.pending_return
+            + self.moved_out
+        )
         return self.quantity - counted
 
     def line(self) -> str:
-        state = "OK" if self.drift == 0 and not self.user_drift and self.remaining is not None \
+        state = (
+            "OK"
+            if self.drift == 0 and not self.user_drift and self.remaining is not None
             else "DRIFT"
+        )
         users = f", users off: {len(self.user_drift)}" if self.user_drift else ""
-        redis_state = "missing in Redis" if self.remaining is None else f"remaining={self.remaining}"
-        return (f"sale {self.sale_id}: {state} quantity={self.quantity} {redis_state} "
-                f"log={self.in_log} claimed={self.claimed} live={self.live} "
-                f"pending_return={self.pending_return} moved_out={self.moved_out} "
-                f"drift={self.drift}{users}")
+        redis_state = (
+            "missing in Redis" if self.remaining is None else f"remaining={self.remaining}"
+        )
+        return (
+            f"sale {self.sale_id}: {state} quantity={self.quantity} {redis_state} "
+            f"log={self.in_log} claimed={self.claimed} live={self.live} "
+            f"pending_return={self.pending_return} moved_out={self.moved_out} "
+            f"drift={self.drift}{users}"
+        )
 
 
 def _entry_units(entries: dict[bytes, bytes]) -> tuple[int, dict[int, int]]:
@@ -98,8 +111,9 @@ async def check_sale(db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record) -> Sa
     log_entries = await redis.hgetall(rediskeys.log(sid))
     claimed_entries = await redis.hgetall(rediskeys.claimed(sid))
     if claimed_entries:  # written to PostgreSQL but the claim not dropped yet: count once
-        written = {r["id"] for r in await db.fetch(
-            SQL_EXISTING, [k.decode() for k in claimed_entries])}
+        written = {
+            r["id"] for r in await db.fetch(SQL_EXISTING, [k.decode() for k in claimed_entries])
+        }
         claimed_entries = {k: v for k, v in claimed_entries.items() if k.decode() not in written}
     in_log, log_users = _entry_units(log_entries)
     claimed, claimed_users = _entry_units(claimed_entries)
@@ -122,9 +136,13 @@ async def check_sale(db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record) -> Sa
         if redis_users.get(uid, 0) != expected_users.get(uid, 0)
     }
     report = SaleReport(
-        sale_id=sid, quantity=sale["quantity"],
+        sale_id=sid,
+        quantity=sale["quantity"],
         remaining=int(h[b"remaining"]) if h else None,
-        in_log=in_log, claimed=claimed, live=live, pending_return=pending,
+        in_log=in_log,
+        claimed=claimed,
+        live=live,
+        pending_return=pending,
         moved_out=int(h.get(b"moved_out", b"0")) if h else 0,
         user_drift=user_drift if h else {},
     )
@@ -132,8 +150,9 @@ async def check_sale(db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record) -> Sa
     return report
 
 
-async def rebuild_sale(db: asyncpg.Pool, redis: Redis, scripts: flashsale.FlashScripts,
-                       sale: asyncpg.Record) -> dict[str, Any]:
+async def rebuild_sale(
+    db: asyncpg.Pool, redis: Redis, scripts: flashsale.FlashScripts, sale: asyncpg.Record
+) -> dict[str, Any]:
     """Rewrite one sale's Redis state from PostgreSQL, the record."""
     sid = sale["id"]
     live_by_user: dict[int, int] = defaultdict(int)
@@ -153,9 +172,15 @@ async def rebuild_sale(db: asyncpg.Pool, redis: Redis, scripts: flashsale.FlashS
         remaining, moved_out = not_live - sale["returned_quantity"], sale["returned_quantity"]
     pipe = redis.pipeline(transaction=True)
     pipe.delete(*rediskeys.all_sale_keys(sid))
-    pipe.hset(rediskeys.sale(sid), mapping={
-        "allotment": sale["quantity"], "remaining": remaining, "moved_out": moved_out,
-        "closed": 1 if closed else 0})
+    pipe.hset(
+        rediskeys.sale(sid),
+        mapping={
+            "allotment": sale["quantity"],
+            "remaining": remaining,
+            "moved_out": moved_out,
+            "closed": 1 if closed else 0,
+        },
+    )
     if live_by_user:
         pipe.hset(rediskeys.users(sid), mapping={str(k): v for k, v in live_by_user.items()})
         pipe.hset(rediskeys.first_order(sid), mapping={str(k): v for k, v in first.items()})
@@ -187,8 +212,10 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
                 bad += 1
                 if repair:
                     if report.in_log or report.claimed:
-                        print(f"    not repaired: {report.in_log + report.claimed} unit(s) in "
-                              "flight; stop the gateway and let the consumers drain first")
+                        print(
+                            f"    not repaired: {report.in_log + report.claimed} unit(s) in "
+                            "flight; stop the gateway and let the consumers drain first"
+                        )
                     else:
                         print("    repaired:", await rebuild_sale(db, redis, scripts, sale))
         print(f"{len(sales)} sale(s) checked, {bad} with drift")

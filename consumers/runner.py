@@ -51,11 +51,12 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
 
         tasks = [
             asyncio.create_task(consume_forever(settings, processor, stop), name="consumer"),
-            asyncio.create_task(run_sweepers(settings, db, redis, producer, metrics, stop),
-                                name="sweepers"),
+            asyncio.create_task(
+                run_sweepers(settings, db, redis, producer, metrics, stop), name="sweepers"
+            ),
             asyncio.create_task(heartbeat_loop(), name="heartbeat"),
         ]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         stop.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:

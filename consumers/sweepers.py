@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Final
@@ -48,20 +49,25 @@ GROUP BY o.id LIMIT $1
 SQL_MARK_RETURNED = "UPDATE orders SET flash_units_returned = true WHERE id = ANY($1::text[])"
 
 
-async def publish_stranded(settings: Settings, redis: Redis, producer: OrderProducer,
-                           metrics: Metrics) -> int:
+async def publish_stranded(
+    settings: Settings, redis: Redis, producer: OrderProducer, metrics: Metrics
+) -> int:
     """Publish reservation-log entries older than ``stranded_after_s``."""
     cutoff = int(time.time() * 1000) - settings.stranded_after_s * 1000
     published = 0
     for raw in await redis.smembers(rediskeys.SALES_INDEX):
         sale_id = int(raw)
-        ids = await redis.zrangebyscore(rediskeys.log_times(sale_id), "-inf", cutoff,
-                                        start=0, num=STRANDED_BATCH)
+        ids = await redis.zrangebyscore(
+            rediskeys.log_times(sale_id), "-inf", cutoff, start=0, num=STRANDED_BATCH
+        )
         if not ids:
             continue
         entries = await redis.hmget(rediskeys.log(sale_id), ids)
-        events = [flashsale.parse_log_entry(sale_id, oid.decode(), entry)
-                  for oid, entry in zip(ids, entries, strict=True) if entry]
+        events = [
+            flashsale.parse_log_entry(sale_id, oid.decode(), entry)
+            for oid, entry in zip(ids, entries, strict=True)
+            if entry
+        ]
         if not events:
             await redis.zrem(rediskeys.log_times(sale_id), *ids)
             continue
@@ -88,8 +94,9 @@ async def cancel_expired(db: asyncpg.Pool, metrics: Metrics) -> int:
     return cancelled
 
 
-async def return_cancelled_units(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts,
-                                 metrics: Metrics) -> int:
+async def return_cancelled_units(
+    db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, metrics: Metrics
+) -> int:
     """Give the units of cancelled flash orders back in Redis, once per order."""
     rows = await db.fetch(SQL_UNRETURNED, DEADLINE_BATCH)
     done: list[str] = []
@@ -118,8 +125,14 @@ async def settle_ended(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts) ->
     return total
 
 
-async def run_sweepers(settings: Settings, db: asyncpg.Pool, redis: Redis,
-                       producer: OrderProducer, metrics: Metrics, stop: asyncio.Event) -> None:
+async def run_sweepers(
+    settings: Settings,
+    db: asyncpg.Pool,
+    redis: Redis,
+    producer: OrderProducer,
+    metrics: Metrics,
+    stop: asyncio.Event,
+) -> None:
     scripts = FlashScripts.register(redis)
     interval = settings.sweep_interval_ms / 1000
     while not stop.is_set():
@@ -131,10 +144,13 @@ async def run_sweepers(settings: Settings, db: asyncpg.Pool, redis: Redis,
         ):
             try:
                 await step()
-            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    PublishFailed) as exc:
+            except (
+                RedisError,
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                PublishFailed,
+            ) as exc:
                 log.warning("sweeper %s failed: %s", name, exc)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass

@@ -35,7 +35,10 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[appkeys.SETTINGS]
     client: Redis = Redis.from_url(
-        s.redis, decode_responses=False, max_connections=256, health_check_interval=30,
+        s.redis,
+        decode_responses=False,
+        max_connections=256,
+        health_check_interval=30,
         socket_connect_timeout=5,
     )
     await client.ping()
@@ -81,9 +84,7 @@ def create_app(
     """Build the gateway application; nothing connects until it starts."""
     settings.require("redis_url", "database_url", "kafka_bootstrap", "secret_key")
     m = metrics or get_metrics()
-    app = web.Application(
-        middlewares=[make_middleware(m)], client_max_size=settings.max_body_bytes
-    )
+    app = web.Application(middlewares=[make_middleware(m)], client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
     app[appkeys.METRICS] = m
     app[appkeys.TOKENS] = TokenService(settings.secret, settings.token_ttl_s)

@@ -61,8 +61,14 @@ async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("password must be at least 8 characters")
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     try:
-        user = await create_user(pool, email=args.email, phone=args.phone, password=password,
-                                 nickname=args.nickname, role=args.role)
+        user = await create_user(
+            pool,
+            email=args.email,
+            phone=args.phone,
+            password=password,
+            nickname=args.nickname,
+            role=args.role,
+        )
     finally:
         await pool.close()
     print(f"created user {user.id} ({user.role})")

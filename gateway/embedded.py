@@ -88,8 +88,9 @@ def _as_user_then_die_with_parent(user: pwd.struct_passwd, sig: int) -> Callable
     return pre
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, log_path: Path,
-               timeout_s: float = 30.0) -> None:
+def _wait_port(
+    port: int, proc: subprocess.Popen[bytes], name: str, log_path: Path, timeout_s: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -131,14 +132,28 @@ def start_redis(data_dir: Path, *, port: int | None = None, persist: bool = True
     port = port or free_port()
     log_path = data_dir / "valkey.log"
     args = [
-        str(valkey_binary()), "--port", str(port), "--bind", "127.0.0.1",
-        "--dir", str(data_dir.resolve()), "--save", "", "--daemonize", "no",
-        "--appendonly", "yes" if persist else "no", "--protected-mode", "yes",
-        "--maxclients", "10000",
+        str(valkey_binary()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir.resolve()),
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--appendonly",
+        "yes" if persist else "no",
+        "--protected-mode",
+        "yes",
+        "--maxclients",
+        "10000",
     ]
     with log_path.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent(signal.SIGTERM))  # noqa: PLW1509
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(signal.SIGTERM)
+        )
     _wait_port(port, proc, "valkey", log_path)
     return Server("redis", f"redis://127.0.0.1:{port}/0", port, proc, log_path=log_path)
 
@@ -148,11 +163,20 @@ def start_kafka(data_dir: Path, *, port: int | None = None) -> Server:
     port = port or free_port()
     log_path = data_dir / "tansu.log"
     url = f"tcp://127.0.0.1:{port}"
-    args = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/"]
+    args = [
+        str(tansu_binary()),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
     with log_path.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent(signal.SIGTERM))  # noqa: PLW1509
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(signal.SIGTERM)
+        )
     _wait_port(port, proc, "tansu", log_path)
     return Server("kafka", f"127.0.0.1:{port}", port, proc, log_path=log_path)
 
@@ -163,10 +187,17 @@ def _pg_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
-        subprocess.run(  # noqa: S603
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",  # noqa: S607
-             PG_SYSTEM_USER],
-            check=True, capture_output=True,
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                PG_SYSTEM_USER,
+            ],
+            check=True,
+            capture_output=True,
         )
         return pwd.getpwnam(PG_SYSTEM_USER)
 
@@ -191,27 +222,61 @@ def start_postgres(data_dir: Path, *, port: int | None = None, durable: bool = T
     if not (pgdata / "PG_VERSION").exists():
         if pgdata.exists():
             shutil.rmtree(pgdata)
-        result = subprocess.run(  # noqa: S603
-            [str(bindir / "initdb"), "-D", str(pgdata.resolve()), "--auth=trust", "-U", "postgres",
-             "-E", "UTF8", "--locale=C", "--no-instructions"],
-            capture_output=True, preexec_fn=preexec, check=False,  # noqa: PLW1509
+        result = subprocess.run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(pgdata.resolve()),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            preexec_fn=preexec,
+            check=False,
         )
         if result.returncode != 0:
             raise EmbeddedError("initdb failed: " + result.stderr.decode(errors="replace")[-2000:])
     port = port or free_port()
-    args = [str(bindir / "postgres"), "-D", str(pgdata.resolve()), "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-            "-c", "max_connections=300", "-c", "shared_buffers=256MB"]
+    args = [
+        str(bindir / "postgres"),
+        "-D",
+        str(pgdata.resolve()),
+        "-p",
+        str(port),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "unix_socket_directories=",
+        "-c",
+        "max_connections=300",
+        "-c",
+        "shared_buffers=256MB",
+    ]
     if not durable:
         args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     with log_path.open("ab") as out:
         if user is not None:
             os.chown(log_path, user.pw_uid, user.pw_gid)
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603
-                                preexec_fn=preexec)  # noqa: PLW1509
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
+        )
     _wait_port(port, proc, "postgres", log_path)
-    server = Server("postgres", f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}", port, proc,
-                    stop_signal=signal.SIGINT, log_path=log_path)
+    server = Server(
+        "postgres",
+        f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}",
+        port,
+        proc,
+        stop_signal=signal.SIGINT,
+        log_path=log_path,
+    )
     _ensure_database(bindir, port, PG_DATABASE)
     return server
 
@@ -220,9 +285,10 @@ def _ensure_database(bindir: Path, port: int, name: str) -> None:
     psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-tA"]
     deadline = time.monotonic() + 30
     while True:
-        found = subprocess.run(  # noqa: S603
+        found = subprocess.run(
             [*psql, "-d", "postgres", "-c", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
-            capture_output=True, check=False,
+            capture_output=True,
+            check=False,
         )
         if found.returncode == 0:
             break
@@ -230,8 +296,11 @@ def _ensure_database(bindir: Path, port: int, name: str) -> None:
             raise EmbeddedError("postgres did not accept connections: " + found.stderr.decode())
         time.sleep(0.05)
     if found.stdout.strip() != b"1":
-        subprocess.run([*psql, "-d", "postgres", "-c", f'CREATE DATABASE "{name}"'],  # noqa: S603
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*psql, "-d", "postgres", "-c", f'CREATE DATABASE "{name}"'],
+            check=True,
+            capture_output=True,
+        )
 
 
 @dataclass
@@ -253,8 +322,14 @@ class EmbeddedStack:
         self.servers.clear()
 
 
-def start_stack(root: Path, *, redis: bool = True, postgres: bool = True, kafka: bool = True,
-                durable: bool = True) -> EmbeddedStack:
+def start_stack(
+    root: Path,
+    *,
+    redis: bool = True,
+    postgres: bool = True,
+    kafka: bool = True,
+    durable: bool = True,
+) -> EmbeddedStack:
     """Start the requested servers under ``root``; on any failure stop what started."""
     stack = EmbeddedStack(root)
     try:

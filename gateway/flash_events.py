@@ -40,8 +40,16 @@ class OrderEvent:
         return orjson.dumps(asdict(self))
 
 
-_INT_FIELDS: Final = ("sale_id", "user_id", "sku_id", "product_id", "quantity", "price_cents",
-                      "payment_deadline_ms", "reserved_at_ms")
+_INT_FIELDS: Final = (
+    "sale_id",
+    "user_id",
+    "sku_id",
+    "product_id",
+    "quantity",
+    "price_cents",
+    "payment_deadline_ms",
+    "reserved_at_ms",
+)
 
 
 def decode(raw: bytes | None) -> OrderEvent:

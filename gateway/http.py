@@ -33,8 +33,13 @@ def ok(
 
 
 def error_body(
-    status: int, code: str, message: str, *, request_id: str | None = None,
-    fields: dict[str, str] | None = None, data: Any = None,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    request_id: str | None = None,
+    fields: dict[str, str] | None = None,
+    data: Any = None,
 ) -> bytes:
     payload: dict[str, Any] = {"code": status, "message": message, "error": code, "data": data}
     if fields:

@@ -62,8 +62,10 @@ class OrderIdGenerator:
         if second != self._prefix_second:
             self._prefix_second = second
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%y%m%d%H%M%S")
-        return (f"{self._prefix}{now_ms % 1000:03d}{self.machine_id:03d}"
-                f"{user_id % 1000:03d}{self._seq:04d}")
+        return (
+            f"{self._prefix}{now_ms % 1000:03d}{self.machine_id:03d}"
+            f"{user_id % 1000:03d}{self._seq:04d}"
+        )
 
 
 class MachineLease:
@@ -93,14 +95,17 @@ class MachineLease:
             await asyncio.sleep(RENEW_EVERY_S)
             assert self.machine_id is not None
             try:
-                held = await self._script(keys=[machine_key(self.machine_id)],
-                                          args=[self._token, LEASE_TTL_MS])
+                held = await self._script(
+                    keys=[machine_key(self.machine_id)], args=[self._token, LEASE_TTL_MS]
+                )
             except RedisError:
                 log.warning("could not renew machine-id lease %d; will retry", self.machine_id)
                 continue
             if held != 1:  # expired and taken over while we could not reach Redis
-                log.error("machine id %d was taken by another process; acquiring a new one",
-                          self.machine_id)
+                log.error(
+                    "machine id %d was taken by another process; acquiring a new one",
+                    self.machine_id,
+                )
                 if self.generator is not None:
                     old = self.generator
                     await self._reacquire()

@@ -10,6 +10,7 @@ not implement ``InitProducerId``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from types import TracebackType
 from typing import Any
@@ -39,10 +40,8 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
             log.info("created topics %s", [t.name for t in missing])
     finally:
         await admin.close()
@@ -92,20 +91,24 @@ class OrderProducer:
         return self._producer
 
     async def publish(
-        self, key: bytes, value: bytes, *, topic: str | None = None,
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        topic: str | None = None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Send and await the broker's ack; raise PublishFailed after the bound."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                fut = await self.producer.send(
-                    topic or self.topic, value, key=key, headers=headers
-                )
+                fut = await self.producer.send(topic or self.topic, value, key=key, headers=headers)
                 await fut
         except (TimeoutError, KafkaError) as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 
-    async def publish_many(self, items: list[tuple[bytes, bytes]], *, topic: str | None = None) -> None:
+    async def publish_many(
+        self, items: list[tuple[bytes, bytes]], *, topic: str | None = None
+    ) -> None:
         """Send a batch and await every ack (used by the sweeper)."""
         try:
             async with asyncio.timeout(self._timeout_s * 2):

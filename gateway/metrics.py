@@ -20,7 +20,19 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS_S = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 
 
@@ -53,19 +65,25 @@ class Metrics:
             "flashsale_consumer_orders_persisted_total", "Orders persisted by consumers", **kw
         )
         self.dead_letters = Counter(
-            "flashsale_consumer_dead_letters_total", "Messages sent to the dead-letter topic",
-            ["reason"], **kw,
+            "flashsale_consumer_dead_letters_total",
+            "Messages sent to the dead-letter topic",
+            ["reason"],
+            **kw,
         )
         self.consumer_lag = Gauge(
-            "flashsale_consumer_lag", "Messages behind the high-water mark", ["partition"],
-            multiprocess_mode="max", **kw,
+            "flashsale_consumer_lag",
+            "Messages behind the high-water mark",
+            ["partition"],
+            multiprocess_mode="max",
+            **kw,
         )
-        self.swept = Counter(
-            "flashsale_sweeper_actions_total", "Sweeper actions", ["action"], **kw
-        )
+        self.swept = Counter("flashsale_sweeper_actions_total", "Sweeper actions", ["action"], **kw)
         self.drift = Gauge(
-            "flashsale_reconcile_drift_units", "Units of drift found by the last reconcile",
-            ["sale_id"], multiprocess_mode="max", **kw,
+            "flashsale_reconcile_drift_units",
+            "Units of drift found by the last reconcile",
+            ["sale_id"],
+            multiprocess_mode="max",
+            **kw,
         )
 
     def render(self) -> tuple[bytes, str]:

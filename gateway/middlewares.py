@@ -44,8 +44,14 @@ def _route_name(request: web.Request) -> str:
 
 
 def _error_response(
-    status: int, code: str, message: str, rid: str, *, fields: dict[str, str] | None = None,
-    data: object = None, headers: dict[str, str] | None = None,
+    status: int,
+    code: str,
+    message: str,
+    rid: str,
+    *,
+    fields: dict[str, str] | None = None,
+    data: object = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
     body = error_body(status, code, message, request_id=rid, fields=fields, data=data)
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
@@ -66,8 +72,13 @@ def make_middleware(metrics: Metrics) -> web.middleware:  # type: ignore[valid-t
             response = await handler(request)
         except AppError as exc:
             response = _error_response(
-                exc.http_status, exc.error_code, exc.message, rid, fields=exc.fields,
-                data=exc.data, headers=exc.headers,
+                exc.http_status,
+                exc.error_code,
+                exc.message,
+                rid,
+                fields=exc.fields,
+                data=exc.data,
+                headers=exc.headers,
             )
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -75,8 +86,10 @@ def make_middleware(metrics: Metrics) -> web.middleware:  # type: ignore[valid-t
             code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             response = _error_response(exc.status, code, exc.reason, rid, headers=headers)
-        except Exception:  # noqa: BLE001 - the one place that turns the unexpected into a 500
-            log.exception("unhandled error in %s %s request_id=%s", request.method, request.path, rid)
+        except Exception:
+            log.exception(
+                "unhandled error in %s %s request_id=%s", request.method, request.path, rid
+            )
             response = _error_response(
                 500, "INTERNAL", "internal error; quote the request_id when reporting it", rid
             )
@@ -94,14 +107,16 @@ class JsonAccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            dumps({
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "ms": round(time * 1000, 3),
-                "request_id": response.headers.get(REQUEST_ID, ""),
-                "peer": request.remote,
-            }).decode()
+            dumps(
+                {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "ms": round(time * 1000, 3),
+                    "request_id": response.headers.get(REQUEST_ID, ""),
+                    "peer": request.remote,
+                }
+            ).decode()
         )
 
     @property

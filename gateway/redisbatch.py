@@ -33,7 +33,9 @@ class ScriptBatcher:
         self.round_trips = 0  # pipelines sent (each one round trip)
         self.calls = 0  # script calls carried
 
-    def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+    def call(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, keys, args, fut))

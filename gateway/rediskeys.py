@@ -67,6 +67,14 @@ def rate_ip(sale_id: int, ip: str) -> str:
 
 
 def all_sale_keys(sale_id: int) -> list[str]:
-    return [sale(sale_id), users(sale_id), first_order(sale_id), log(sale_id),
-            log_times(sale_id), claimed(sale_id), voided(sale_id), returned(sale_id),
-            idempotency(sale_id)]
+    return [
+        sale(sale_id),
+        users(sale_id),
+        first_order(sale_id),
+        log(sale_id),
+        log_times(sale_id),
+        claimed(sale_id),
+        voided(sale_id),
+        returned(sale_id),
+        idempotency(sale_id),
+    ]

@@ -44,8 +44,12 @@ def add_routes(app: web.Application, routes: Sequence[Route]) -> None:
 
 def _schema_for(spec: F) -> dict[str, Any]:
     mapping: dict[type, dict[str, Any]] = {
-        int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-        bool: {"type": "boolean"}, list: {"type": "array"}, dict: {"type": "object"},
+        int: {"type": "integer"},
+        float: {"type": "number"},
+        str: {"type": "string"},
+        bool: {"type": "boolean"},
+        list: {"type": "array"},
+        dict: {"type": "object"},
         datetime: {"type": "string", "format": "date-time"},
     }
     out = dict(mapping.get(spec.kind, {}))
@@ -81,11 +85,17 @@ def openapi_spec(routes: Sequence[Route], *, version: str) -> dict[str, Any]:
         }
         params = [
             {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
-            for seg in r.path.split("/") if seg.startswith("{")
+            for seg in r.path.split("/")
+            if seg.startswith("{")
         ]
         params += [
-            {"name": name, "in": "query", "required": False, "description": desc,
-             "schema": {"type": "string"}}
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": desc,
+                "schema": {"type": "string"},
+            }
             for name, desc in r.query.items()
         ]
         if params:
@@ -96,12 +106,18 @@ def openapi_spec(routes: Sequence[Route], *, version: str) -> dict[str, Any]:
         if r.body is not None:
             op["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {name: _schema_for(f) for name, f in r.body.items()},
-                    "required": [n for n, f in r.body.items() if f.required and not f.has_default],
-                }}},
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {name: _schema_for(f) for name, f in r.body.items()},
+                            "required": [
+                                n for n, f in r.body.items() if f.required and not f.has_default
+                            ],
+                        }
+                    }
+                },
             }
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {

@@ -51,8 +51,9 @@ async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None)
         access_log=logging.getLogger("gateway.access") if settings.access_log else None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=True,
-                       backlog=4096)
+    site = web.TCPSite(
+        runner, settings.http_host, settings.http_port, reuse_port=True, backlog=4096
+    )
     await site.start()
     log.info("worker %d listening on %s:%d", os.getpid(), settings.http_host, settings.http_port)
     stop = stop or asyncio.Event()
@@ -68,8 +69,10 @@ async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None)
 
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A child that dies with us (PR_SET_PDEATHSIG) and ignores the terminal's Ctrl-C."""
-    return subprocess.Popen(  # noqa: S603
-        args, env=env, preexec_fn=_die_with_parent(signal.SIGTERM)  # noqa: PLW1509
+    return subprocess.Popen(
+        args,
+        env=env,
+        preexec_fn=_die_with_parent(signal.SIGTERM),
     )
 
 
@@ -118,8 +121,9 @@ def serve_multi(settings: Settings) -> int:
     env = child_env(settings)
     env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     flag = StopFlag()
-    children = [spawn([sys.executable, "-m", "gateway", "worker"], env)
-                for _ in range(settings.workers)]
+    children = [
+        spawn([sys.executable, "-m", "gateway", "worker"], env) for _ in range(settings.workers)
+    ]
     try:
         while not flag:
             for child in children:

@@ -152,11 +152,13 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate every ``FLASHSALE_*`` variable; raise SettingsError on the first bad one."""
+        """Read and validate every ``FLASHSALE_*`` variable; SettingsError on the first bad one."""
         e = os.environ if env is None else env
         level = (_get(e, "LOG_LEVEL") or "INFO").upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise SettingsError(f"{PREFIX}LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
+            raise SettingsError(
+                f"{PREFIX}LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR"
+            )
         machine_raw = _get(e, "MACHINE_ID")
         secret = _get(e, "SECRET_KEY")
         if secret is not None and len(secret) < 32:

@@ -8,7 +8,6 @@ order: gateway first (no new orders), consumers next (they drain), servers last.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -64,7 +63,7 @@ def _wait_ready(url: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
                 if resp.status == 200:
                     return True
         except OSError:
@@ -115,8 +114,9 @@ def up(settings: Settings, *, demo: bool = True) -> int:
         while not flag:
             dead = [c for c in [*children, consumer] if c.poll() is not None]
             if dead:
-                log.error("process %d exited with %s; stopping the stack",
-                          dead[0].pid, dead[0].returncode)
+                log.error(
+                    "process %d exited with %s; stopping the stack", dead[0].pid, dead[0].returncode
+                )
                 return 1
             time.sleep(0.2)
         print("\nstopping…", flush=True)
@@ -129,8 +129,14 @@ def up(settings: Settings, *, demo: bool = True) -> int:
             stack.stop()
 
 
-def _banner(settings: Settings, base: str, demo: dict[str, object], servers_s: float,
-            total_s: float, stack: EmbeddedStack | None) -> None:
+def _banner(
+    settings: Settings,
+    base: str,
+    demo: dict[str, object],
+    servers_s: float,
+    total_s: float,
+    stack: EmbeddedStack | None,
+) -> None:
     lines = [
         "",
         "flashsale is up",
@@ -151,8 +157,10 @@ def _banner(settings: Settings, base: str, demo: dict[str, object], servers_s: f
         lines.append(f"  flash sale     {demo['flash_sale']}")
     lines += [
         "",
-        "  log in:   curl -s -XPOST " + base + "/api/v1/auth/login -H 'Content-Type: application/json'"
-        " -d '{\"login\":\"shopper1@demo.local\",\"password\":\"shopper-pass-1\"}'",
+        "  log in:   curl -s -XPOST "
+        + base
+        + "/api/v1/auth/login -H 'Content-Type: application/json'"
+        ' -d \'{"login":"shopper1@demo.local","password":"shopper-pass-1"}\'',
         "  load:     .venv/bin/locust -f loadtests/locustfile_stampede.py --headless -u 200 -r 50"
         f" -t 30s --host {base}",
         "",

@@ -46,8 +46,15 @@ class F:
 
 
 def _type_name(kind: type) -> str:
-    return {int: "integer", str: "string", bool: "boolean", list: "array", dict: "object",
-            float: "number", datetime: "ISO 8601 datetime with offset"}.get(kind, kind.__name__)
+    return {
+        int: "integer",
+        str: "string",
+        bool: "boolean",
+        list: "array",
+        dict: "object",
+        float: "number",
+        datetime: "ISO 8601 datetime with offset",
+    }.get(kind, kind.__name__)
 
 
 def _is_kind(value: Any, kind: type) -> bool:
@@ -113,7 +120,9 @@ def _check(name: str, value: Any, spec: F, errors: dict[str, str]) -> Any:
 def validate(body: Any, schema: Mapping[str, F], *, allow_extra: bool = False) -> dict[str, Any]:
     """Check ``body`` against ``schema``; return the cleaned values or raise ValidationFailed."""
     if not isinstance(body, dict):
-        raise ValidationFailed("request body must be a JSON object", fields={"body": "must be an object"})
+        raise ValidationFailed(
+            "request body must be a JSON object", fields={"body": "must be an object"}
+        )
     errors: dict[str, str] = {}
     out: dict[str, Any] = {}
     if not allow_extra:

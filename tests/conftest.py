@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from consumers.runner import run_consumers
 from gateway.app import create_app
 from gateway.auth import TokenService
 from gateway.db import create_pool, migrate
@@ -36,8 +37,10 @@ TEST_SECRET = "test-secret-key-0123456789abcdef"
 @pytest.fixture(scope="session")
 def stack() -> Iterator[EmbeddedStack | None]:
     env = os.environ
-    if all(env.get(k) for k in ("FLASHSALE_REDIS_URL", "FLASHSALE_DATABASE_URL",
-                                 "FLASHSALE_KAFKA_BOOTSTRAP")):
+    if all(
+        env.get(k)
+        for k in ("FLASHSALE_REDIS_URL", "FLASHSALE_DATABASE_URL", "FLASHSALE_KAFKA_BOOTSTRAP")
+    ):
         yield None
         return
     root = Path(tempfile.mkdtemp(prefix="flashsale-test-"))
@@ -61,8 +64,11 @@ async def base_settings(stack: EmbeddedStack | None) -> AsyncIterator[Settings]:
         admin_url = os.environ["FLASHSALE_DATABASE_URL"]
         kafka = os.environ["FLASHSALE_KAFKA_BOOTSTRAP"]
     else:
-        redis_url, admin_url, kafka = (stack.url("redis"), stack.url("postgres"),
-                                       stack.url("kafka"))
+        redis_url, admin_url, kafka = (
+            stack.url("redis"),
+            stack.url("postgres"),
+            stack.url("kafka"),
+        )
     assert redis_url and admin_url and kafka
     dbname = "flashsale_test_" + secrets.token_hex(4)
     admin = await asyncpg.connect(admin_url)
@@ -124,6 +130,16 @@ async def client(app: web.Application) -> AsyncIterator[TestClient[Any, Any]]:
         yield c
 
 
+@pytest.fixture(scope="session")
+async def consumer(base_settings: Settings) -> AsyncIterator[None]:
+    """The real consumer + sweepers, in this process, for the session's topic."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_consumers(base_settings, stop))
+    yield
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
 @pytest.fixture(autouse=True)
 async def _fail_on_loop_errors() -> AsyncIterator[None]:
     """Any exception the event loop swallowed during a test fails that test."""
@@ -141,7 +157,10 @@ async def make_user(db: asyncpg.Pool, role: str = "user") -> int:
     email = f"{role}-{secrets.token_hex(6)}@test.local"
     uid: int = await db.fetchval(
         "INSERT INTO users (email, password_hash, nickname, role) VALUES ($1, 'x', 'n', $2) "
-        "RETURNING id", email, role)
+        "RETURNING id",
+        email,
+        role,
+    )
     return uid
 
 

@@ -17,14 +17,22 @@ from gateway.auth import TokenService
 
 async def make_sku(db: asyncpg.Pool, on_hand: int = 10_000, price: int = 10_000) -> int:
     merchant = await db.fetchval(
-        "INSERT INTO users (email, password_hash, nickname, role) VALUES ($1, 'x', 'm', 'merchant') "
-        "RETURNING id", f"m-{secrets.token_hex(6)}@test.local")
+        "INSERT INTO users (email, password_hash, nickname, role) "
+        "VALUES ($1, 'x', 'm', 'merchant') "
+        "RETURNING id",
+        f"m-{secrets.token_hex(6)}@test.local",
+    )
     product = await db.fetchval(
         "INSERT INTO products (merchant_id, name) VALUES ($1, $2) RETURNING id",
-        merchant, f"product {secrets.token_hex(3)}")
+        merchant,
+        f"product {secrets.token_hex(3)}",
+    )
     sku: int = await db.fetchval(
         "INSERT INTO skus (product_id, price_cents, on_hand) VALUES ($1, $2, $3) RETURNING id",
-        product, price, on_hand)
+        product,
+        price,
+        on_hand,
+    )
     return sku
 
 
@@ -33,14 +41,19 @@ async def make_users(db: asyncpg.Pool, n: int) -> list[int]:
     rows = await db.fetch(
         "INSERT INTO users (email, password_hash, nickname) "
         "SELECT 'u' || g || '-' || $2::text || '@t.local', 'x', 'u' FROM generate_series(1, $1) g "
-        "RETURNING id", n, tag)
+        "RETURNING id",
+        n,
+        tag,
+    )
     return [r["id"] for r in rows]
 
 
 async def admin_headers(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
     uid = await db.fetchval(
         "INSERT INTO users (email, password_hash, nickname, role) VALUES ($1, 'x', 'a', 'admin') "
-        "RETURNING id", f"a-{secrets.token_hex(6)}@test.local")
+        "RETURNING id",
+        f"a-{secrets.token_hex(6)}@test.local",
+    )
     return {"Authorization": f"Bearer {tokens.issue(uid, 'admin')}"}
 
 
@@ -48,22 +61,40 @@ def iso(dt: datetime) -> str:
     return dt.isoformat()
 
 
-async def create_sale(client: TestClient[Any, Any], admin: dict[str, str], sku_id: int, *,
-                      quantity: int = 100, limit: int = 1, start_in_s: float = -1,
-                      duration_s: float = 3600, window_s: int = 900, price: int = 500) -> int:
+async def create_sale(
+    client: TestClient[Any, Any],
+    admin: dict[str, str],
+    sku_id: int,
+    *,
+    quantity: int = 100,
+    limit: int = 1,
+    start_in_s: float = -1,
+    duration_s: float = 3600,
+    window_s: int = 900,
+    price: int = 500,
+) -> int:
     start = datetime.now(UTC) + timedelta(seconds=start_in_s)
-    resp = await client.post("/api/v1/admin/flash-sales", headers=admin, json={
-        "sku_id": sku_id, "flash_price": price, "quantity": quantity, "per_user_limit": limit,
-        "start_at": iso(start), "end_at": iso(start + timedelta(seconds=duration_s)),
-        "payment_window_s": window_s,
-    })
+    resp = await client.post(
+        "/api/v1/admin/flash-sales",
+        headers=admin,
+        json={
+            "sku_id": sku_id,
+            "flash_price": price,
+            "quantity": quantity,
+            "per_user_limit": limit,
+            "start_at": iso(start),
+            "end_at": iso(start + timedelta(seconds=duration_s)),
+            "payment_window_s": window_s,
+        },
+    )
     assert resp.status == 201, await resp.text()
     sale_id: int = (await resp.json())["data"]["flash_sale_id"]
     return sale_id
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0,
-                     every_s: float = 0.1) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, every_s: float = 0.1
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if await check():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -32,8 +33,9 @@ async def _register(client: TestClient[Any, Any], **extra: Any) -> dict[str, Any
 
 async def test_register_login_me(client: TestClient[Any, Any]) -> None:
     payload = await _register(client)
-    resp = await client.post("/api/v1/auth/login",
-                             json={"login": payload["email"], "password": "correct-horse"})
+    resp = await client.post(
+        "/api/v1/auth/login", json={"login": payload["email"], "password": "correct-horse"}
+    )
     assert resp.status == 200
     data = (await resp.json())["data"]
     assert data["expires_in"] > 0 and data["token"]
@@ -46,8 +48,9 @@ async def test_register_login_me(client: TestClient[Any, Any]) -> None:
 
 async def test_register_by_phone(client: TestClient[Any, Any]) -> None:
     phone = "+86" + str(secrets.randbelow(10**10)).zfill(10)
-    resp = await client.post("/api/v1/auth/register",
-                             json={"phone": phone, "password": "longenough", "nickname": "P"})
+    resp = await client.post(
+        "/api/v1/auth/register", json={"phone": phone, "password": "longenough", "nickname": "P"}
+    )
     assert resp.status == 201
     login = await client.post("/api/v1/auth/login", json={"login": phone, "password": "longenough"})
     assert login.status == 200
@@ -61,36 +64,49 @@ async def test_duplicate_registration(client: TestClient[Any, Any]) -> None:
 
 
 async def test_register_validation(client: TestClient[Any, Any]) -> None:
-    resp = await client.post("/api/v1/auth/register",
-                             json={"email": "not-an-email", "password": "short", "nickname": ""})
+    resp = await client.post(
+        "/api/v1/auth/register", json={"email": "not-an-email", "password": "short", "nickname": ""}
+    )
     assert resp.status == 422
     assert set((await resp.json())["fields"]) == {"email", "password", "nickname"}
-    resp = await client.post("/api/v1/auth/register", json={"password": "longenough", "nickname": "x"})
+    resp = await client.post(
+        "/api/v1/auth/register", json={"password": "longenough", "nickname": "x"}
+    )
     assert resp.status == 422
 
 
 async def test_wrong_password_and_unknown_user(client: TestClient[Any, Any]) -> None:
     payload = await _register(client)
-    resp = await client.post("/api/v1/auth/login", json={"login": payload["email"], "password": "nope"})
+    resp = await client.post(
+        "/api/v1/auth/login", json={"login": payload["email"], "password": "nope"}
+    )
     assert resp.status == 401 and (await resp.json())["error"] == "WRONG_PASSWORD"
     resp = await client.post("/api/v1/auth/login", json={"login": _email(), "password": "whatever"})
     assert resp.status == 401 and (await resp.json())["error"] == "UNKNOWN_USER"
 
 
-@pytest.mark.parametrize(("header", "code"), [
-    (None, "AUTH_REQUIRED"),
-    ("Bearer not.a.jwt", "TOKEN_MALFORMED"),
-    ("Basic abc", "TOKEN_MALFORMED"),
-    ("forged", "TOKEN_INVALID"),
-    ("expired", "TOKEN_EXPIRED"),
-])
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (None, "AUTH_REQUIRED"),
+        ("Bearer not.a.jwt", "TOKEN_MALFORMED"),
+        ("Basic abc", "TOKEN_MALFORMED"),
+        ("forged", "TOKEN_INVALID"),
+        ("expired", "TOKEN_EXPIRED"),
+    ],
+)
 async def test_bad_tokens(client: TestClient[Any, Any], header: str | None, code: str) -> None:
     if header == "forged":
-        header = "Bearer " + TokenService("another-secret-0123456789-abcdefghijkl", 60).issue(1, "admin")
+        header = "Bearer " + TokenService("another-secret-0123456789-abcdefghijkl", 60).issue(
+            1, "admin"
+        )
     elif header == "expired":
         now = int(time.time())
-        header = "Bearer " + jwt.encode({"sub": "1", "role": "user", "exp": now - 5, "iat": now - 60},
-                                        TEST_SECRET, algorithm="HS256")
+        header = "Bearer " + jwt.encode(
+            {"sub": "1", "role": "user", "exp": now - 5, "iat": now - 60},
+            TEST_SECRET,
+            algorithm="HS256",
+        )
     headers = {"Authorization": header} if header else {}
     resp = await client.get("/api/v1/users/me", headers=headers)
     assert resp.status == 401
@@ -108,16 +124,50 @@ def test_cli_user_create(base_settings: Settings) -> None:
     email = _email()
     env = {**os.environ, **base_settings.to_env()}
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "user", "create", "--role", "admin", "--email", email,
-         "--nickname", "Root", "--password", "admin-password"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "user",
+            "create",
+            "--role",
+            "admin",
+            "--email",
+            email,
+            "--nickname",
+            "Root",
+            "--password",
+            "admin-password",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "(admin)" in result.stdout
     again = subprocess.run(
-        [sys.executable, "-m", "gateway", "user", "create", "--role", "admin", "--email", email,
-         "--nickname", "Root", "--password", "admin-password"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "user",
+            "create",
+            "--role",
+            "admin",
+            "--email",
+            email,
+            "--nickname",
+            "Root",
+            "--password",
+            "admin-password",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert again.returncode == 1 and "ACCOUNT_EXISTS" in again.stderr
 
@@ -125,12 +175,31 @@ def test_cli_user_create(base_settings: Settings) -> None:
 async def test_cli_admin_can_log_in(client: TestClient[Any, Any], base_settings: Settings) -> None:
     email = _email()
     env = {**os.environ, **base_settings.to_env()}
-    subprocess.run(
-        [sys.executable, "-m", "gateway", "user", "create", "--role", "merchant", "--email", email,
-         "--nickname", "M", "--password", "merchant-password"],
-        env=env, capture_output=True, timeout=60, check=True,
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "user",
+            "create",
+            "--role",
+            "merchant",
+            "--email",
+            email,
+            "--nickname",
+            "M",
+            "--password",
+            "merchant-password",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
     )
-    resp = await client.post("/api/v1/auth/login", json={"login": email, "password": "merchant-password"})
+    resp = await client.post(
+        "/api/v1/auth/login", json={"login": email, "password": "merchant-password"}
+    )
     token = (await resp.json())["data"]["token"]
     me = await client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
     assert (await me.json())["data"]["role"] == "merchant"

@@ -50,8 +50,14 @@ def test_same_settings_everywhere(compose: dict[str, Any]) -> None:
     services = compose["services"]
     env = services["gateway"]["environment"]
     assert env == services["consumers"]["environment"] == services["migrate"]["environment"]
-    for key in ("FLASHSALE_REDIS_URL", "FLASHSALE_DATABASE_URL", "FLASHSALE_KAFKA_BOOTSTRAP",
-                "FLASHSALE_SECRET_KEY", "FLASHSALE_WORKERS", "FLASHSALE_HTTP_PORT"):
+    for key in (
+        "FLASHSALE_REDIS_URL",
+        "FLASHSALE_DATABASE_URL",
+        "FLASHSALE_KAFKA_BOOTSTRAP",
+        "FLASHSALE_SECRET_KEY",
+        "FLASHSALE_WORKERS",
+        "FLASHSALE_HTTP_PORT",
+    ):
         assert key in env, key
     assert int(env["FLASHSALE_WORKERS"]) > 1
     assert env["FLASHSALE_KAFKA_ENABLE_IDEMPOTENCE"] == "true"

@@ -64,8 +64,9 @@ async def test_wrong_method(eclient: TestClient[Any, Any]) -> None:
 
 
 async def test_malformed_json(eclient: TestClient[Any, Any]) -> None:
-    resp = await eclient.post("/test/echo", data=b"{not json",
-                              headers={"Content-Type": "application/json"})
+    resp = await eclient.post(
+        "/test/echo", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 400
     assert (await resp.json())["error"] == "INVALID_JSON"
 
@@ -76,15 +77,18 @@ async def test_empty_body(eclient: TestClient[Any, Any]) -> None:
     assert (await resp.json())["error"] == "INVALID_JSON"
 
 
-@pytest.mark.parametrize(("payload", "fields"), [
-    ({"quantity": "2"}, {"quantity"}),
-    ({"quantity": True}, {"quantity"}),
-    ({"quantity": 1.5}, {"quantity"}),
-    ({}, {"quantity"}),
-    ({"quantity": 1, "extra": 1}, {"extra"}),
-    ({"quantity": 0, "name": "toolong"}, {"quantity", "name"}),
-    ([1, 2], {"body"}),
-])
+@pytest.mark.parametrize(
+    ("payload", "fields"),
+    [
+        ({"quantity": "2"}, {"quantity"}),
+        ({"quantity": True}, {"quantity"}),
+        ({"quantity": 1.5}, {"quantity"}),
+        ({}, {"quantity"}),
+        ({"quantity": 1, "extra": 1}, {"extra"}),
+        ({"quantity": 0, "name": "toolong"}, {"quantity", "name"}),
+        ([1, 2], {"body"}),
+    ],
+)
 async def test_validation(eclient: TestClient[Any, Any], payload: Any, fields: set[str]) -> None:
     resp = await eclient.post("/test/echo", json=payload)
     assert resp.status == 422
@@ -94,14 +98,18 @@ async def test_validation(eclient: TestClient[Any, Any], payload: Any, fields: s
 
 
 async def test_body_too_large(eclient: TestClient[Any, Any]) -> None:
-    resp = await eclient.post("/test/echo", data=b'{"quantity": 1, "pad": "' + b"x" * 5000 + b'"}',
-                              headers={"Content-Type": "application/json"})
+    resp = await eclient.post(
+        "/test/echo",
+        data=b'{"quantity": 1, "pad": "' + b"x" * 5000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert resp.status == 413
     assert (await resp.json())["error"] == "PAYLOAD_TOO_LARGE"
 
 
-async def test_internal_error_hides_details(eclient: TestClient[Any, Any],
-                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_internal_error_hides_details(
+    eclient: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     resp = await eclient.get("/test/boom")
     assert resp.status == 500
     body = await resp.json()

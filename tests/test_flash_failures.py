@@ -34,16 +34,26 @@ from gateway.metrics import get_metrics
 from gateway.services import flashsale
 from gateway.services.flashsale import FLASH
 from gateway.settings import Settings
-from tests.flashkit import admin_headers, count_orders, create_sale, eventually, make_sku, make_users
-from tests.test_flash_sales import _drift_free, _equals, bearer, consumer  # noqa: F401
+from tests.flashkit import (
+    admin_headers,
+    count_orders,
+    create_sale,
+    eventually,
+    make_sku,
+    make_users,
+)
+from tests.test_flash_sales import _drift_free, _equals, bearer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _own(settings: Settings, tag: str, **changes: Any) -> Settings:
-    return settings.with_(kafka_orders_topic=f"{settings.kafka_orders_topic}.{tag}",
-                          kafka_dlq_topic=f"{settings.kafka_dlq_topic}.{tag}",
-                          kafka_consumer_group=f"{settings.kafka_consumer_group}-{tag}", **changes)
+    return settings.with_(
+        kafka_orders_topic=f"{settings.kafka_orders_topic}.{tag}",
+        kafka_dlq_topic=f"{settings.kafka_dlq_topic}.{tag}",
+        kafka_consumer_group=f"{settings.kafka_consumer_group}-{tag}",
+        **changes,
+    )
 
 
 @pytest.fixture
@@ -53,16 +63,18 @@ async def tmpdir_path() -> AsyncIterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def test_rate_limit_triggers_and_recovers(base_settings: Settings, db: asyncpg.Pool,
-                                                tokens: TokenService) -> None:
+async def test_rate_limit_triggers_and_recovers(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService
+) -> None:
     settings = base_settings.with_(rate_user_per_s=2.0, rate_user_burst=2)
     async with TestClient(TestServer(create_app(settings))) as client:
         admin = await admin_headers(db, tokens)
         sale_id = await create_sale(client, admin, await make_sku(db), quantity=50, limit=50)
         user = bearer(tokens, (await make_users(db, 1))[0])
         url = f"/api/v1/flash-sales/{sale_id}/join"
-        statuses = [(await client.post(url, headers=user, json={"quantity": 1})).status
-                    for _ in range(2)]
+        statuses = [
+            (await client.post(url, headers=user, json={"quantity": 1})).status for _ in range(2)
+        ]
         assert statuses == [202, 202]
         limited = await client.post(url, headers=user, json={"quantity": 1})
         assert limited.status == 429
@@ -74,11 +86,13 @@ async def test_rate_limit_triggers_and_recovers(base_settings: Settings, db: asy
         assert (await client.post(url, headers=other, json={"quantity": 1})).status == 202
 
 
-async def test_broker_down_gives_503_and_stock_back(base_settings: Settings, db: asyncpg.Pool,
-                                                    tokens: TokenService, tmpdir_path: Path) -> None:
+async def test_broker_down_gives_503_and_stock_back(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, tmpdir_path: Path
+) -> None:
     broker = start_kafka(tmpdir_path / "k")
-    settings = _own(base_settings, "down", kafka_bootstrap=broker.url,
-                    kafka_produce_timeout_ms=1500)
+    settings = _own(
+        base_settings, "down", kafka_bootstrap=broker.url, kafka_produce_timeout_ms=1500
+    )
     try:
         async with TestClient(TestServer(create_app(settings))) as client:
             admin = await admin_headers(db, tokens)
@@ -101,7 +115,9 @@ async def test_broker_down_gives_503_and_stock_back(base_settings: Settings, db:
                 statuses: list[int] = []
 
                 async def accepted() -> bool:
-                    r = await client.post(url, headers=bearer(tokens, users[1]), json={"quantity": 1})
+                    r = await client.post(
+                        url, headers=bearer(tokens, users[1]), json={"quantity": 1}
+                    )
                     statuses.append(r.status)
                     return r.status == 202
 
@@ -116,8 +132,12 @@ async def test_broker_down_gives_503_and_stock_back(base_settings: Settings, db:
 def _consumer_process(settings: Settings) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     env.update(settings.to_env())
-    return subprocess.Popen([sys.executable, "-m", "gateway", "consume"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "consume"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def _sale_for_events(db: asyncpg.Pool, redis: Redis, quantity: int) -> asyncpg.Record:
@@ -125,9 +145,18 @@ async def _sale_for_events(db: asyncpg.Pool, redis: Redis, quantity: int) -> asy
     scripts = flashsale.FlashScripts.register(redis)
     now = datetime.now(UTC)
     sale = await flashsale.create_sale(
-        db, redis, scripts, sku_id=sku, flash_price=100, quantity=quantity, per_user_limit=100,
-        start_at=now - timedelta(seconds=1), end_at=now + timedelta(hours=1),
-        payment_window_s=900, created_by=None)
+        db,
+        redis,
+        scripts,
+        sku_id=sku,
+        flash_price=100,
+        quantity=quantity,
+        per_user_limit=100,
+        start_at=now - timedelta(seconds=1),
+        end_at=now + timedelta(hours=1),
+        payment_window_s=900,
+        created_by=None,
+    )
     row = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale["flash_sale_id"])
     assert row is not None
     return row
@@ -135,10 +164,20 @@ async def _sale_for_events(db: asyncpg.Pool, redis: Redis, quantity: int) -> asy
 
 def _events(sale: asyncpg.Record, users: list[int], n: int, prefix: str) -> list[OrderEvent]:
     now = int(datetime.now(UTC).timestamp() * 1000)
-    return [OrderEvent(order_id=f"{prefix}{i:08d}", sale_id=sale["id"], user_id=users[i % len(users)],
-                       sku_id=sale["sku_id"], product_id=sale["product_id"], quantity=1,
-                       price_cents=100, payment_deadline_ms=now + 900_000, reserved_at_ms=now)
-            for i in range(n)]
+    return [
+        OrderEvent(
+            order_id=f"{prefix}{i:08d}",
+            sale_id=sale["id"],
+            user_id=users[i % len(users)],
+            sku_id=sale["sku_id"],
+            product_id=sale["product_id"],
+            quantity=1,
+            price_cents=100,
+            payment_deadline_ms=now + 900_000,
+            reserved_at_ms=now,
+        )
+        for i in range(n)
+    ]
 
 
 async def _produce(settings: Settings, events: list[OrderEvent]) -> None:
@@ -146,15 +185,19 @@ async def _produce(settings: Settings, events: list[OrderEvent]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka, acks="all", linger_ms=5)
     await producer.start()
     try:
-        futures = [await producer.send(settings.kafka_orders_topic, e.encode(), key=e.key)
-                   for e in events]
+        futures = [
+            await producer.send(settings.kafka_orders_topic, e.encode(), key=e.key) for e in events
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
 
 
 async def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(
-    base_settings: Settings, db: asyncpg.Pool, redis: Redis, tmpdir_path: Path,
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    redis: Redis,
+    tmpdir_path: Path,
 ) -> None:
     n = 30_000
     settings = _own(base_settings, "kill", consumer_batch_max=500, data_dir=str(tmpdir_path))
@@ -164,8 +207,9 @@ async def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(
     await _produce(settings, events)
     proc = _consumer_process(settings)
     try:
-        await eventually(lambda: _more_than(count_orders(db, sale["id"]), 500), timeout_s=60,
-                         every_s=0.02)
+        await eventually(
+            lambda: _more_than(count_orders(db, sale["id"]), 500), timeout_s=60, every_s=0.02
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         partial = await count_orders(db, sale["id"])
@@ -175,14 +219,26 @@ async def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(
         await _produce(settings, events[:1000])  # the same messages delivered twice
         await asyncio.sleep(3)
         assert await count_orders(db, sale["id"]) == n
-        assert await db.fetchval("SELECT sold_quantity FROM flash_sales WHERE id = $1",
-                                 sale["id"]) == n
-        assert await db.fetchval(
-            "SELECT count(*) FROM order_items i JOIN orders o ON o.id = i.order_id "
-            "WHERE o.flash_sale_id = $1", sale["id"]) == n
-        assert await db.fetchval(
-            "SELECT count(*) FROM inventory_ledger WHERE flash_sale_id = $1 AND reason = 'flash_sold'",
-            sale["id"]) == n
+        assert (
+            await db.fetchval("SELECT sold_quantity FROM flash_sales WHERE id = $1", sale["id"])
+            == n
+        )
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM order_items i JOIN orders o ON o.id = i.order_id "
+                "WHERE o.flash_sale_id = $1",
+                sale["id"],
+            )
+            == n
+        )
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM inventory_ledger "
+                "WHERE flash_sale_id = $1 AND reason = 'flash_sold'",
+                sale["id"],
+            )
+            == n
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -196,7 +252,10 @@ async def _more_than(value: Any, n: int) -> bool:
 
 
 async def test_stranded_reservation_is_published(
-    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, tokens: TokenService,
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    redis: Redis,
+    tokens: TokenService,
     consumer: None,
 ) -> None:
     """A gateway that died after the script and before the ack left only a log entry."""
@@ -205,9 +264,16 @@ async def test_stranded_reservation_is_published(
     user = (await make_users(db, 1))[0]
     rt = client.app[FLASH]
     order_id = client.app[appkeys.ORDER_IDS].next(user)
-    keys = [rediskeys.sale(sale_id), rediskeys.users(sale_id), rediskeys.first_order(sale_id),
-            rediskeys.log(sale_id), rediskeys.log_times(sale_id), rediskeys.idempotency(sale_id),
-            rediskeys.rate_user(sale_id, user), rediskeys.rate_ip(sale_id, "127.0.0.1")]
+    keys = [
+        rediskeys.sale(sale_id),
+        rediskeys.users(sale_id),
+        rediskeys.first_order(sale_id),
+        rediskeys.log(sale_id),
+        rediskeys.log_times(sale_id),
+        rediskeys.idempotency(sale_id),
+        rediskeys.rate_user(sale_id, user),
+        rediskeys.rate_ip(sale_id, "127.0.0.1"),
+    ]
     res = await rt.scripts.reserve(keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100])
     assert int(res[0]) == 0
     await eventually(lambda: _equals(count_orders(db, sale_id), 1), timeout_s=30)
@@ -217,19 +283,25 @@ async def test_stranded_reservation_is_published(
 
 
 async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
-    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, tokens: TokenService,
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    redis: Redis,
+    tokens: TokenService,
     consumer: None,
 ) -> None:
     admin = await admin_headers(db, tokens)
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=2)
     users = await make_users(db, 3)
     for u in users:
-        resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u),
-                                 json={"quantity": 1})
+        resp = await client.post(
+            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
+        )
         assert resp.status == 202
     await eventually(lambda: _equals(count_orders(db, sale_id), 3))
-    await db.execute("UPDATE orders SET payment_deadline = now() - interval '1 second' "
-                     "WHERE flash_sale_id = $1", sale_id)
+    await db.execute(
+        "UPDATE orders SET payment_deadline = now() - interval '1 second' WHERE flash_sale_id = $1",
+        sale_id,
+    )
     scripts = flashsale.FlashScripts.register(redis)
     metrics = get_metrics()
     await asyncio.gather(cancel_expired(db, metrics), cancel_expired(db, metrics))
@@ -240,21 +312,31 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
         return remaining == 5 and await redis.hlen(rediskeys.users(sale_id)) == 0
 
     await eventually(settled, timeout_s=10)
-    rows = await db.fetch("SELECT status, flash_units_returned FROM orders WHERE flash_sale_id = $1",
-                          sale_id)
+    rows = await db.fetch(
+        "SELECT status, flash_units_returned FROM orders WHERE flash_sale_id = $1", sale_id
+    )
     assert {(r["status"], r["flash_units_returned"]) for r in rows} == {("cancelled", True)}
     assert await db.fetchval("SELECT sold_quantity FROM flash_sales WHERE id = $1", sale_id) == 0
-    assert await db.fetchval(
-        "SELECT count(*) FROM inventory_ledger WHERE flash_sale_id = $1 AND reason = 'flash_cancel'",
-        sale_id) == 3
-    resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, users[0]),
-                             json={"quantity": 2})
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM inventory_ledger "
+            "WHERE flash_sale_id = $1 AND reason = 'flash_cancel'",
+            sale_id,
+        )
+        == 3
+    )
+    resp = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join",
+        headers=bearer(tokens, users[0]),
+        json={"quantity": 2},
+    )
     assert resp.status == 202  # the user's count was released too
     await eventually(lambda: _drift_free(db, redis, sale_id))
 
 
-async def test_rebuild_cache_after_flushall(base_settings: Settings, db: asyncpg.Pool,
-                                            tokens: TokenService, tmpdir_path: Path) -> None:
+async def test_rebuild_cache_after_flushall(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, tmpdir_path: Path
+) -> None:
     own_redis = start_redis(tmpdir_path / "r", persist=False)
     settings = _own(base_settings, "rebuild", redis_url=own_redis.url, data_dir=str(tmpdir_path))
     stop = asyncio.Event()
@@ -266,8 +348,12 @@ async def test_rebuild_cache_after_flushall(base_settings: Settings, db: asyncpg
             sale_id = await create_sale(client, admin, await make_sku(db), quantity=50, limit=1)
             users = await make_users(db, 130)
             url = f"/api/v1/flash-sales/{sale_id}/join"
-            first = await asyncio.gather(*(client.post(url, headers=bearer(tokens, u),
-                                                       json={"quantity": 1}) for u in users[:30]))
+            first = await asyncio.gather(
+                *(
+                    client.post(url, headers=bearer(tokens, u), json={"quantity": 1})
+                    for u in users[:30]
+                )
+            )
             assert [r.status for r in first] == [202] * 30
             await eventually(lambda: _equals(count_orders(db, sale_id), 30))
             await eventually(lambda: _drift_free(db, redis, sale_id))
@@ -278,8 +364,12 @@ async def test_rebuild_cache_after_flushall(base_settings: Settings, db: asyncpg
             await client.app[FLASH].cache.refresh()
             again = await client.post(url, headers=bearer(tokens, users[0]), json={"quantity": 1})
             assert again.status == 409  # per-user counts were rebuilt as well
-            rest = await asyncio.gather(*(client.post(url, headers=bearer(tokens, u),
-                                                      json={"quantity": 1}) for u in users[30:]))
+            rest = await asyncio.gather(
+                *(
+                    client.post(url, headers=bearer(tokens, u), json={"quantity": 1})
+                    for u in users[30:]
+                )
+            )
             assert sum(r.status == 202 for r in rest) == 20
             await eventually(lambda: _equals(count_orders(db, sale_id), 50))
             await eventually(lambda: _drift_free(db, redis, sale_id))
@@ -292,15 +382,19 @@ async def test_rebuild_cache_after_flushall(base_settings: Settings, db: asyncpg
 
 
 async def test_poison_message_goes_to_dead_letter(
-    client: TestClient[Any, Any], base_settings: Settings, db: asyncpg.Pool, tokens: TokenService,
+    client: TestClient[Any, Any],
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
     consumer: None,
 ) -> None:
     await _raw_produce(base_settings, [b"not json", b'{"v": 1, "order_id": "x"}'])
     admin = await admin_headers(db, tokens)
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=1)
     user = (await make_users(db, 1))[0]
-    resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, user),
-                             json={"quantity": 1})
+    resp = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, user), json={"quantity": 1}
+    )
     assert resp.status == 202
     await eventually(lambda: _equals(count_orders(db, sale_id), 1))  # partition not blocked
     reasons = await _dead_letter_reasons(base_settings)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -14,7 +13,6 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from consumers import reconcile
-from consumers.runner import run_consumers
 from gateway import rediskeys
 from gateway.auth import TokenService
 from gateway.services.flashsale import FLASH
@@ -31,16 +29,6 @@ from tests.flashkit import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="session")
-async def consumer(base_settings: Settings) -> AsyncIterator[None]:
-    """The real consumer + sweepers, in this process, for the session's topic."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_consumers(base_settings, stop))
-    yield
-    stop.set()
-    await asyncio.wait_for(task, 30)
-
-
 @pytest.fixture
 async def admin(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
     return await admin_headers(db, tokens)
@@ -50,8 +38,9 @@ def bearer(tokens: TokenService, uid: int) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
 
 
-async def test_create_sale_carves_stock(client: TestClient[Any, Any], db: asyncpg.Pool,
-                                        admin: dict[str, str]) -> None:
+async def test_create_sale_carves_stock(
+    client: TestClient[Any, Any], db: asyncpg.Pool, admin: dict[str, str]
+) -> None:
     sku = await make_sku(db, on_hand=500)
     sale_id = await create_sale(client, admin, sku, quantity=120)
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 380
@@ -63,12 +52,19 @@ async def test_create_sale_carves_stock(client: TestClient[Any, Any], db: asyncp
     assert sale_id in [s["flash_sale_id"] for s in active]
 
 
-async def test_create_sale_rules(client: TestClient[Any, Any], db: asyncpg.Pool,
-                                 admin: dict[str, str], tokens: TokenService) -> None:
+async def test_create_sale_rules(
+    client: TestClient[Any, Any], db: asyncpg.Pool, admin: dict[str, str], tokens: TokenService
+) -> None:
     sku = await make_sku(db, on_hand=10)
-    base = {"sku_id": sku, "flash_price": 100, "quantity": 5, "per_user_limit": 1,
-            "start_at": "2030-01-01T10:00:00Z", "end_at": "2030-01-01T09:00:00Z",
-            "payment_window_s": 900}
+    base = {
+        "sku_id": sku,
+        "flash_price": 100,
+        "quantity": 5,
+        "per_user_limit": 1,
+        "start_at": "2030-01-01T10:00:00Z",
+        "end_at": "2030-01-01T09:00:00Z",
+        "payment_window_s": 900,
+    }
     resp = await client.post("/api/v1/admin/flash-sales", headers=admin, json=base)
     assert resp.status == 422 and "end_at" in (await resp.json())["fields"]
     bad = {**base, "end_at": "2030-01-01T11:00:00Z", "quantity": 0, "flash_price": 1.5}
@@ -79,14 +75,22 @@ async def test_create_sale_rules(client: TestClient[Any, Any], db: asyncpg.Pool,
     assert resp.status == 409 and (await resp.json())["error"] == "INSUFFICIENT_STOCK"
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 10
     user = (await make_users(db, 1))[0]
-    resp = await client.post("/api/v1/admin/flash-sales", headers=bearer(tokens, user),
-                             json={**base, "end_at": "2030-01-01T11:00:00Z"})
+    resp = await client.post(
+        "/api/v1/admin/flash-sales",
+        headers=bearer(tokens, user),
+        json={**base, "end_at": "2030-01-01T11:00:00Z"},
+    )
     assert resp.status == 403
 
 
 async def test_stampede_exactly_stock_accepted(
-    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, admin: dict[str, str],
-    tokens: TokenService, consumer: None, base_settings: Settings,
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    redis: Redis,
+    admin: dict[str, str],
+    tokens: TokenService,
+    consumer: None,
+    base_settings: Settings,
 ) -> None:
     sku = await make_sku(db)
     sale_id = await create_sale(client, admin, sku, quantity=100, limit=1)
@@ -94,8 +98,9 @@ async def test_stampede_exactly_stock_accepted(
     headers = [bearer(tokens, u) for u in users]
 
     async def attempt(i: int) -> tuple[int, str | None, str | None]:
-        resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join",
-                                 headers=headers[i % 1000], json={"quantity": 1})
+        resp = await client.post(
+            f"/api/v1/flash-sales/{sale_id}/join", headers=headers[i % 1000], json={"quantity": 1}
+        )
         body = await resp.json()
         return resp.status, body.get("error"), (body.get("data") or {}).get("order_id")
 
@@ -108,10 +113,13 @@ async def test_stampede_exactly_stock_accepted(
     await eventually(lambda: _equals(count_orders(db, sale_id), 100))
     per_user = await db.fetch(
         "SELECT user_id, count(*) AS n FROM orders WHERE flash_sale_id = $1 GROUP BY user_id "
-        "HAVING count(*) > 1", sale_id)
+        "HAVING count(*) > 1",
+        sale_id,
+    )
     assert per_user == []
-    in_pg = {r["id"] for r in await db.fetch(
-        "SELECT id FROM orders WHERE flash_sale_id = $1", sale_id)}
+    in_pg = {
+        r["id"] for r in await db.fetch("SELECT id FROM orders WHERE flash_sale_id = $1", sale_id)
+    }
     assert in_pg == set(accepted)
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
     assert sale["sold_quantity"] == 100
@@ -125,35 +133,52 @@ async def _equals(value: Any, expected: Any) -> bool:
 async def _drift_free(db: asyncpg.Pool, redis: Redis, sale_id: int) -> bool:
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
     report = await reconcile.check_sale(db, redis, sale)
-    return report.drift == 0 and not report.user_drift and report.in_log == 0 \
-        and report.claimed == 0
+    return (
+        report.drift == 0 and not report.user_drift and report.in_log == 0 and report.claimed == 0
+    )
 
 
 async def test_idempotent_retry_and_mismatch(
-    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, admin: dict[str, str],
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    redis: Redis,
+    admin: dict[str, str],
     tokens: TokenService,
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=5)
     user = bearer(tokens, (await make_users(db, 1))[0])
     h = {**user, "Idempotency-Key": "k-1"}
-    first = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 2})
-    again = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 2})
+    first = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 2}
+    )
+    again = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 2}
+    )
     assert first.status == again.status == 202
     a, b = (await first.json())["data"], (await again.json())["data"]
     assert a["order_id"] == b["order_id"] and b["replayed"] is True
     assert int(await redis.hget(rediskeys.sale(sale_id), "remaining")) == 8
-    other = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 3})
+    other = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 3}
+    )
     assert other.status == 422 and (await other.json())["error"] == "IDEMPOTENCY_MISMATCH"
     assert int(await redis.hget(rediskeys.sale(sale_id), "remaining")) == 8
 
 
 async def test_limit_returns_first_order(
-    client: TestClient[Any, Any], db: asyncpg.Pool, admin: dict[str, str], tokens: TokenService,
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    admin: dict[str, str],
+    tokens: TokenService,
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=1)
     user = bearer(tokens, (await make_users(db, 1))[0])
-    first = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=user, json={"quantity": 1})
-    again = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=user, json={"quantity": 1})
+    first = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=user, json={"quantity": 1}
+    )
+    again = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=user, json={"quantity": 1}
+    )
     assert again.status == 409
     body = await again.json()
     assert body["error"] == "LIMIT_EXCEEDED"
@@ -161,14 +186,21 @@ async def test_limit_returns_first_order(
 
 
 async def test_window_and_unknown_sale(
-    client: TestClient[Any, Any], db: asyncpg.Pool, admin: dict[str, str], tokens: TokenService,
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    admin: dict[str, str],
+    tokens: TokenService,
 ) -> None:
     user = bearer(tokens, (await make_users(db, 1))[0])
     upcoming = await create_sale(client, admin, await make_sku(db), start_in_s=3600)
-    resp = await client.post(f"/api/v1/flash-sales/{upcoming}/join", headers=user, json={"quantity": 1})
+    resp = await client.post(
+        f"/api/v1/flash-sales/{upcoming}/join", headers=user, json={"quantity": 1}
+    )
     assert resp.status == 409 and (await resp.json())["error"] == "NOT_STARTED"
     ended = await create_sale(client, admin, await make_sku(db), start_in_s=-10, duration_s=5)
-    resp = await client.post(f"/api/v1/flash-sales/{ended}/join", headers=user, json={"quantity": 1})
+    resp = await client.post(
+        f"/api/v1/flash-sales/{ended}/join", headers=user, json={"quantity": 1}
+    )
     assert resp.status == 409 and (await resp.json())["error"] == "SALE_ENDED"
     resp = await client.post("/api/v1/flash-sales/999999/join", headers=user, json={"quantity": 1})
     assert resp.status == 404
@@ -177,11 +209,20 @@ async def test_window_and_unknown_sale(
 
 
 async def test_join_validation(
-    client: TestClient[Any, Any], db: asyncpg.Pool, admin: dict[str, str], tokens: TokenService,
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    admin: dict[str, str],
+    tokens: TokenService,
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=5)
     user = bearer(tokens, (await make_users(db, 1))[0])
-    for body in ({"quantity": 0}, {"quantity": "1"}, {}, {"quantity": 1, "x": 1}, {"quantity": 101}):
+    for body in (
+        {"quantity": 0},
+        {"quantity": "1"},
+        {},
+        {"quantity": 1, "x": 1},
+        {"quantity": 101},
+    ):
         resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=user, json=body)
         assert resp.status == 422, body
     resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=user, data=b"{")
@@ -189,53 +230,74 @@ async def test_join_validation(
 
 
 async def test_sold_out_flag_makes_no_redis_call(
-    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool,
-    admin: dict[str, str], tokens: TokenService,
+    client: TestClient[Any, Any],
+    app: web.Application,
+    db: asyncpg.Pool,
+    admin: dict[str, str],
+    tokens: TokenService,
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=2, limit=1)
     users = await make_users(db, 4)
     for u in users[:2]:
-        resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u),
-                                 json={"quantity": 1})
+        resp = await client.post(
+            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
+        )
         assert resp.status == 202
     batcher = app[FLASH].batcher
     before = batcher.calls
     for u in users[2:]:
-        resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u),
-                                 json={"quantity": 1})
+        resp = await client.post(
+            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
+        )
         assert resp.status == 409 and (await resp.json())["error"] == "SOLD_OUT"
     assert batcher.calls == before
 
 
 async def test_top_up_and_close(
-    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, admin: dict[str, str],
-    tokens: TokenService, consumer: None,
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    redis: Redis,
+    admin: dict[str, str],
+    tokens: TokenService,
+    consumer: None,
 ) -> None:
     sku = await make_sku(db, on_hand=100)
     sale_id = await create_sale(client, admin, sku, quantity=2, limit=1)
     users = await make_users(db, 5)
     for u in users[:2]:
-        await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u),
-                          json={"quantity": 1})
-    resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, users[2]),
-                             json={"quantity": 1})
+        await client.post(
+            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
+        )
+    resp = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join",
+        headers=bearer(tokens, users[2]),
+        json={"quantity": 1},
+    )
     assert (await resp.json())["error"] == "SOLD_OUT"
-    resp = await client.patch(f"/api/v1/admin/flash-sales/{sale_id}", headers=admin,
-                              json={"add_quantity": 3})
+    resp = await client.patch(
+        f"/api/v1/admin/flash-sales/{sale_id}", headers=admin, json={"add_quantity": 3}
+    )
     assert resp.status == 200 and (await resp.json())["data"]["remaining_quantity"] == 3
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 95
-    resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, users[2]),
-                             json={"quantity": 1})
+    resp = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join",
+        headers=bearer(tokens, users[2]),
+        json={"quantity": 1},
+    )
     assert resp.status == 202  # the sold-out flag was cleared by the top-up
     for _ in range(2):  # closing twice returns the unsold units once
         resp = await client.post(f"/api/v1/admin/flash-sales/{sale_id}/close", headers=admin)
         assert resp.status == 200
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 97
-    resp = await client.post(f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, users[3]),
-                             json={"quantity": 1})
+    resp = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join",
+        headers=bearer(tokens, users[3]),
+        json={"quantity": 1},
+    )
     assert (await resp.json())["error"] == "SALE_ENDED"
-    resp = await client.patch(f"/api/v1/admin/flash-sales/{sale_id}", headers=admin,
-                              json={"add_quantity": 1})
+    resp = await client.patch(
+        f"/api/v1/admin/flash-sales/{sale_id}", headers=admin, json={"add_quantity": 1}
+    )
     assert resp.status == 409
     await eventually(lambda: _equals(count_orders(db, sale_id), 3))
     await eventually(lambda: _drift_free(db, redis, sale_id))

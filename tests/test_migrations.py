@@ -29,5 +29,7 @@ async def test_failed_migration_rolls_back(db: asyncpg.Pool) -> None:
         with pytest.raises(MigrationError, match="9999_bad"):
             await migrate(conn, [*load_migrations(), bad])
         assert await conn.fetchval("SELECT to_regclass('tmp_half')") is None
-        assert await conn.fetchval(
-            "SELECT count(*) FROM schema_migrations WHERE version = '9999_bad'") == 0
+        assert (
+            await conn.fetchval("SELECT count(*) FROM schema_migrations WHERE version = '9999_bad'")
+            == 0
+        )

@@ -20,14 +20,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.mark.parametrize("victim", ["redis", "postgres", "kafka"])
 async def test_readyz_reports_stopped_dependency(base_settings: Settings, victim: str) -> None:
     root = Path(tempfile.mkdtemp(prefix="flashsale-readyz-"))
-    own = start_stack(root, redis=victim == "redis", postgres=victim == "postgres",
-                      kafka=victim == "kafka", durable=False)
+    own = start_stack(
+        root,
+        redis=victim == "redis",
+        postgres=victim == "postgres",
+        kafka=victim == "kafka",
+        durable=False,
+    )
     try:
         url = own.url(victim)
-        settings = base_settings.with_(**{
-            "redis": {"redis_url": url}, "postgres": {"database_url": url},
-            "kafka": {"kafka_bootstrap": url},
-        }[victim], kafka_produce_timeout_ms=1000, db_pool_min=0)
+        settings = base_settings.with_(
+            **{
+                "redis": {"redis_url": url},
+                "postgres": {"database_url": url},
+                "kafka": {"kafka_bootstrap": url},
+            }[victim],
+            kafka_produce_timeout_ms=1000,
+            db_pool_min=0,
+        )
         app = create_app(settings)
         client: TestClient[Any, Any]
         async with TestClient(TestServer(app)) as client:

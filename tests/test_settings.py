@@ -19,30 +19,35 @@ def test_defaults() -> None:
 
 
 def test_values_parsed() -> None:
-    s = Settings.from_env({
-        "FLASHSALE_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "FLASHSALE_DATABASE_URL": "postgresql://u@h/db",
-        "FLASHSALE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
-        "FLASHSALE_WORKERS": "4",
-        "FLASHSALE_ACCESS_LOG": "off",
-        "FLASHSALE_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
-    })
+    s = Settings.from_env(
+        {
+            "FLASHSALE_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "FLASHSALE_DATABASE_URL": "postgresql://u@h/db",
+            "FLASHSALE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
+            "FLASHSALE_WORKERS": "4",
+            "FLASHSALE_ACCESS_LOG": "off",
+            "FLASHSALE_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+        }
+    )
     assert s.workers == 4
     assert s.access_log is False
     assert len(s.trusted_proxies) == 2
     assert Settings.from_env(s.to_env()) == s
 
 
-@pytest.mark.parametrize(("env", "fragment"), [
-    ({"FLASHSALE_HTTP_PORT": "abc"}, "FLASHSALE_HTTP_PORT"),
-    ({"FLASHSALE_HTTP_PORT": "70000"}, "out of range"),
-    ({"FLASHSALE_WORKERS": "0"}, "FLASHSALE_WORKERS"),
-    ({"FLASHSALE_REDIS_URL": "http://x"}, "FLASHSALE_REDIS_URL"),
-    ({"FLASHSALE_KAFKA_BOOTSTRAP": "nohostport"}, "FLASHSALE_KAFKA_BOOTSTRAP"),
-    ({"FLASHSALE_ACCESS_LOG": "maybe"}, "boolean"),
-    ({"FLASHSALE_SECRET_KEY": "short"}, "FLASHSALE_SECRET_KEY"),
-    ({"FLASHSALE_TRUSTED_PROXIES": "not-an-ip"}, "FLASHSALE_TRUSTED_PROXIES"),
-])
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"FLASHSALE_HTTP_PORT": "abc"}, "FLASHSALE_HTTP_PORT"),
+        ({"FLASHSALE_HTTP_PORT": "70000"}, "out of range"),
+        ({"FLASHSALE_WORKERS": "0"}, "FLASHSALE_WORKERS"),
+        ({"FLASHSALE_REDIS_URL": "http://x"}, "FLASHSALE_REDIS_URL"),
+        ({"FLASHSALE_KAFKA_BOOTSTRAP": "nohostport"}, "FLASHSALE_KAFKA_BOOTSTRAP"),
+        ({"FLASHSALE_ACCESS_LOG": "maybe"}, "boolean"),
+        ({"FLASHSALE_SECRET_KEY": "short"}, "FLASHSALE_SECRET_KEY"),
+        ({"FLASHSALE_TRUSTED_PROXIES": "not-an-ip"}, "FLASHSALE_TRUSTED_PROXIES"),
+    ],
+)
 def test_malformed(env: dict[str, str], fragment: str) -> None:
     with pytest.raises(SettingsError, match=fragment):
         Settings.from_env(env)
@@ -53,14 +58,21 @@ def test_missing_required_is_named() -> None:
         Settings.from_env({}).require("redis_url")
 
 
-@pytest.mark.parametrize(("env", "fragment"), [
-    ({}, "FLASHSALE_REDIS_URL is required"),
-    ({"FLASHSALE_HTTP_PORT": "x"}, "FLASHSALE_HTTP_PORT"),
-])
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({}, "FLASHSALE_REDIS_URL is required"),
+        ({"FLASHSALE_HTTP_PORT": "x"}, "FLASHSALE_HTTP_PORT"),
+    ],
+)
 def test_cli_prints_one_line(env: dict[str, str], fragment: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve"], env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True, text=True, timeout=30, check=False,
+        [sys.executable, "-m", "gateway", "serve"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -62,10 +62,20 @@ def _ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[s
 
 def _run_up(data_dir: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
-    env.update({"FLASHSALE_DATA_DIR": data_dir, "FLASHSALE_HTTP_PORT": str(port),
-                "FLASHSALE_WORKERS": "2", "FLASHSALE_ACCESS_LOG": "false"})
-    return subprocess.Popen([sys.executable, "-m", "gateway", "up", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env.update(
+        {
+            "FLASHSALE_DATA_DIR": data_dir,
+            "FLASHSALE_HTTP_PORT": str(port),
+            "FLASHSALE_WORKERS": "2",
+            "FLASHSALE_ACCESS_LOG": "false",
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "up", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_up_ready_then_sigterm_leaves_nothing() -> None:
@@ -74,8 +84,10 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
         proc = _run_up(data_dir, port)
         try:
             body = _ready(port, proc, 90)
-            assert body["data"] == {"checks": {"redis": "up", "postgres": "up", "kafka": "up"},
-                                    "down": []}
+            assert body["data"] == {
+                "checks": {"redis": "up", "postgres": "up", "kafka": "up"},
+                "down": [],
+            }
             tree = _descendants(proc.pid)
             assert len(tree) >= 5  # servers, workers, consumer
             proc.send_signal(signal.SIGTERM)

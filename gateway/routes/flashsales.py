@@ -46,10 +46,17 @@ async def create(request: web.Request) -> web.Response:
         raise ValidationFailed(fields={"end_at": "must be after start_at"})
     rt = request.app[FLASH]
     sale = await flashsale.create_sale(
-        request.app[appkeys.DB], rt.redis, rt.scripts, sku_id=body["sku_id"],
-        flash_price=body["flash_price"], quantity=body["quantity"],
-        per_user_limit=body["per_user_limit"], start_at=body["start_at"], end_at=body["end_at"],
-        payment_window_s=body["payment_window_s"], created_by=admin_id,
+        request.app[appkeys.DB],
+        rt.redis,
+        rt.scripts,
+        sku_id=body["sku_id"],
+        flash_price=body["flash_price"],
+        quantity=body["quantity"],
+        per_user_limit=body["per_user_limit"],
+        start_at=body["start_at"],
+        end_at=body["end_at"],
+        payment_window_s=body["payment_window_s"],
+        created_by=admin_id,
     )
     await rt.cache.refresh()
     return ok(sale, status=201, message="flash sale created")
@@ -62,8 +69,14 @@ async def patch(request: web.Request) -> web.Response:
     if not body.get("add_quantity") and body.get("end_at") is None:
         raise ValidationFailed(fields={"add_quantity": "give add_quantity and/or end_at"})
     rt = request.app[FLASH]
-    sale = await flashsale.top_up(request.app[appkeys.DB], rt.redis, rt.scripts, sale_id,
-                                  body.get("add_quantity") or 0, body.get("end_at"))
+    sale = await flashsale.top_up(
+        request.app[appkeys.DB],
+        rt.redis,
+        rt.scripts,
+        sale_id,
+        body.get("add_quantity") or 0,
+        body.get("end_at"),
+    )
     await rt.cache.refresh()
     return ok(sale, message="flash sale updated")
 
@@ -80,8 +93,11 @@ async def close(request: web.Request) -> web.Response:
 async def active(request: web.Request) -> web.Response:
     now = now_ms()
     sales = request.app[FLASH].cache.sales.values()
-    data = [s.public(now) for s in sorted(sales, key=lambda s: (s.start_ms, s.id))
-            if not s.closed and s.end_ms > now]
+    data = [
+        s.public(now)
+        for s in sorted(sales, key=lambda s: (s.start_ms, s.id))
+        if not s.closed and s.end_ms > now
+    ]
     return ok(data)
 
 
@@ -142,33 +158,76 @@ async def join(request: web.Request) -> web.Response:
     if key is not None and not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY:
         raise ValidationFailed(fields={"Idempotency-Key": "must be 1 to 64 characters"})
     result = await flashsale.join(
-        rt, sale=sale, user_id=principal.user_id, quantity=quantity, client_ip=client_ip(request),
-        idempotency_key=key, order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
+        rt,
+        sale=sale,
+        user_id=principal.user_id,
+        quantity=quantity,
+        client_ip=client_ip(request),
+        idempotency_key=key,
+        order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
     )
-    return ok({"order_id": result.order_id, "status": "queued",
-               "payment_deadline": flashsale._iso(result.payment_deadline_ms),
-               "replayed": result.replayed},
-              status=202, message="accepted, order queued")
+    return ok(
+        {
+            "order_id": result.order_id,
+            "status": "queued",
+            "payment_deadline": flashsale._iso(result.payment_deadline_ms),
+            "replayed": result.replayed,
+        },
+        status=202,
+        message="accepted, order queued",
+    )
 
 
 ROUTES = [
-    Route("POST", "/api/v1/admin/flash-sales", create, "Create a flash sale (carves stock)",
-          auth="admin", body=CREATE, tag="flash-sales",
-          responses={201: "created", 409: "INSUFFICIENT_STOCK", 422: "VALIDATION_FAILED"}),
-    Route("PATCH", "/api/v1/admin/flash-sales/{sale_id}", patch,
-          "Top up a running sale and/or move its end", auth="admin", body=PATCH, tag="flash-sales",
-          responses={409: "SALE_ENDED or INSUFFICIENT_STOCK"}),
-    Route("POST", "/api/v1/admin/flash-sales/{sale_id}/close", close,
-          "Close a sale early; unsold units return to the SKU", auth="admin", tag="flash-sales"),
-    Route("GET", "/api/v1/flash-sales/active", active, "Running and upcoming sales",
-          tag="flash-sales"),
-    Route("GET", "/api/v1/flash-sales/{sale_id}", detail, "One sale's live state",
-          tag="flash-sales"),
-    Route("POST", "/api/v1/flash-sales/{sale_id}/join", join,
-          "Join a sale: reserve and queue an order (optional Idempotency-Key header)",
-          auth="user", body=JOIN, tag="flash-sales",
-          responses={202: "queued", 404: "unknown sale",
-                     409: "NOT_STARTED, SALE_ENDED, SOLD_OUT, LIMIT_EXCEEDED, INSUFFICIENT_STOCK",
-                     422: "VALIDATION_FAILED or IDEMPOTENCY_MISMATCH",
-                     429: "RATE_LIMITED (Retry-After)", 503: "RETRY_LATER"}),
+    Route(
+        "POST",
+        "/api/v1/admin/flash-sales",
+        create,
+        "Create a flash sale (carves stock)",
+        auth="admin",
+        body=CREATE,
+        tag="flash-sales",
+        responses={201: "created", 409: "INSUFFICIENT_STOCK", 422: "VALIDATION_FAILED"},
+    ),
+    Route(
+        "PATCH",
+        "/api/v1/admin/flash-sales/{sale_id}",
+        patch,
+        "Top up a running sale and/or move its end",
+        auth="admin",
+        body=PATCH,
+        tag="flash-sales",
+        responses={409: "SALE_ENDED or INSUFFICIENT_STOCK"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/admin/flash-sales/{sale_id}/close",
+        close,
+        "Close a sale early; unsold units return to the SKU",
+        auth="admin",
+        tag="flash-sales",
+    ),
+    Route(
+        "GET", "/api/v1/flash-sales/active", active, "Running and upcoming sales", tag="flash-sales"
+    ),
+    Route(
+        "GET", "/api/v1/flash-sales/{sale_id}", detail, "One sale's live state", tag="flash-sales"
+    ),
+    Route(
+        "POST",
+        "/api/v1/flash-sales/{sale_id}/join",
+        join,
+        "Join a sale: reserve and queue an order (optional Idempotency-Key header)",
+        auth="user",
+        body=JOIN,
+        tag="flash-sales",
+        responses={
+            202: "queued",
+            404: "unknown sale",
+            409: "NOT_STARTED, SALE_ENDED, SOLD_OUT, LIMIT_EXCEEDED, INSUFFICIENT_STOCK",
+            422: "VALIDATION_FAILED or IDEMPOTENCY_MISMATCH",
+            429: "RATE_LIMITED (Retry-After)",
+            503: "RETRY_LATER",
+        },
+    ),
 ]

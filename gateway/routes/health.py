@@ -44,8 +44,10 @@ async def readyz(request: web.Request) -> web.Response:
     down = [name for name, state in checks.items() if state == "down"]
     if down:
         body = {
-            "code": 503, "message": "not ready: " + ", ".join(down) + " down",
-            "error": "NOT_READY", "data": {"checks": checks, "down": down},
+            "code": 503,
+            "message": "not ready: " + ", ".join(down) + " down",
+            "error": "NOT_READY",
+            "data": {"checks": checks, "down": down},
         }
         return web.Response(body=dumps(body), status=503, content_type="application/json")
     return ok({"checks": checks, "down": []}, message="ready")
@@ -69,8 +71,14 @@ async def openapi(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("GET", "/healthz", healthz, "Process is alive", tag="ops"),
-    Route("GET", "/readyz", readyz, "Redis, PostgreSQL and the broker are reachable",
-          responses={503: "NOT_READY naming what is down"}, tag="ops"),
+    Route(
+        "GET",
+        "/readyz",
+        readyz,
+        "Redis, PostgreSQL and the broker are reachable",
+        responses={503: "NOT_READY naming what is down"},
+        tag="ops",
+    ),
     Route("GET", "/metrics", metrics, "Prometheus metrics", tag="ops"),
     Route("GET", "/api/v1/openapi.json", openapi, "This document", tag="ops"),
 ]

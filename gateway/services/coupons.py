@@ -55,10 +55,14 @@ async def quote(
 
 
 async def redeem(
-    conn: asyncpg.Connection, *, user_id: int, code: str | None, lines: list[PricedLine],
+    conn: asyncpg.Connection,
+    *,
+    user_id: int,
+    code: str | None,
+    lines: list[PricedLine],
     order_id: str,
 ) -> CouponApplication:
-    """Record the use of a coupon for an order (raises ValidationFailed/Conflict if it cannot apply)."""
+    """Record a coupon use for an order (ValidationFailed/Conflict if it cannot apply)."""
     if code:
         raise ValidationFailed(fields={"coupon_code": "unknown coupon"})
     return CouponApplication(None, None, 0, False)

@@ -23,34 +23,74 @@ ACCOUNTS: Final = [
 ]
 
 CATEGORIES: Final = {
-    "Electronics": {"Phones": {"Apple phones": {}, "Android phones": {}},
-                    "Computers": {"Laptops": {}, "Desktops": {}},
-                    "Accessories": {"Headphones": {}, "Chargers": {}}},
+    "Electronics": {
+        "Phones": {"Apple phones": {}, "Android phones": {}},
+        "Computers": {"Laptops": {}, "Desktops": {}},
+        "Accessories": {"Headphones": {}, "Chargers": {}},
+    },
     "Clothing": {"Shoes": {}, "Jackets": {}},
 }
 
 # (category, name, description, attributes, [(sku attributes, price cents, on_hand)])
 PRODUCTS: Final = [
-    ("Apple phones", "iPhone 15", "Latest Apple phone, 6.1-inch display",
-     {"brand": "Apple", "screen": "6.1in"},
-     [({"color": "black", "storage": "128GB"}, 599900, 500),
-      ({"color": "blue", "storage": "256GB"}, 699900, 300)]),
-    ("Android phones", "Pixel 9", "Google phone with a great camera", {"brand": "Google"},
-     [({"color": "obsidian", "storage": "128GB"}, 499900, 400)]),
-    ("Laptops", "ThinkPad X1", "Light business laptop, 14-inch", {"brand": "Lenovo"},
-     [({"ram": "16GB"}, 899900, 100), ({"ram": "32GB"}, 1099900, 50)]),
-    ("Headphones", "Noise-cancelling headphones", "Over-ear, 30h battery", {"brand": "Sony"},
-     [({"color": "black"}, 199900, 1000)]),
-    ("Chargers", "65W USB-C charger", "GaN charger with two ports", {"brand": "Anker"},
-     [({}, 19900, 5000)]),
-    ("Shoes", "Running shoes", "Lightweight trainers", {"brand": "Asics"},
-     [({"size": "42"}, 59900, 200), ({"size": "43"}, 59900, 200)]),
-    ("Jackets", "Down jacket", "Warm winter jacket", {"brand": "Uniqlo"},
-     [({"size": "M"}, 49900, 150), ({"size": "L"}, 49900, 150)]),
+    (
+        "Apple phones",
+        "iPhone 15",
+        "Latest Apple phone, 6.1-inch display",
+        {"brand": "Apple", "screen": "6.1in"},
+        [
+            ({"color": "black", "storage": "128GB"}, 599900, 500),
+            ({"color": "blue", "storage": "256GB"}, 699900, 300),
+        ],
+    ),
+    (
+        "Android phones",
+        "Pixel 9",
+        "Google phone with a great camera",
+        {"brand": "Google"},
+        [({"color": "obsidian", "storage": "128GB"}, 499900, 400)],
+    ),
+    (
+        "Laptops",
+        "ThinkPad X1",
+        "Light business laptop, 14-inch",
+        {"brand": "Lenovo"},
+        [({"ram": "16GB"}, 899900, 100), ({"ram": "32GB"}, 1099900, 50)],
+    ),
+    (
+        "Headphones",
+        "Noise-cancelling headphones",
+        "Over-ear, 30h battery",
+        {"brand": "Sony"},
+        [({"color": "black"}, 199900, 1000)],
+    ),
+    (
+        "Chargers",
+        "65W USB-C charger",
+        "GaN charger with two ports",
+        {"brand": "Anker"},
+        [({}, 19900, 5000)],
+    ),
+    (
+        "Shoes",
+        "Running shoes",
+        "Lightweight trainers",
+        {"brand": "Asics"},
+        [({"size": "42"}, 59900, 200), ({"size": "43"}, 59900, 200)],
+    ),
+    (
+        "Jackets",
+        "Down jacket",
+        "Warm winter jacket",
+        {"brand": "Uniqlo"},
+        [({"size": "M"}, 49900, 150), ({"size": "L"}, 49900, 150)],
+    ),
 ]
 
 SQL_ADMIN_EXISTS = "SELECT id FROM users WHERE email = $1"
-SQL_INSERT_CATEGORY = "INSERT INTO categories (name, parent_id, sort_order) VALUES ($1, $2, $3) RETURNING id"
+SQL_INSERT_CATEGORY = (
+    "INSERT INTO categories (name, parent_id, sort_order) VALUES ($1, $2, $3) RETURNING id"
+)
 SQL_INSERT_PRODUCT = """
 INSERT INTO products (merchant_id, category_id, name, description, images, attributes)
 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
@@ -93,8 +133,9 @@ async def load_demo(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
         return info
     users: dict[str, int] = {}
     for role, email, password, nickname in ACCOUNTS:
-        user = await create_user(pool, email=email, phone=None, password=password,
-                                 nickname=nickname, role=role)
+        user = await create_user(
+            pool, email=email, phone=None, password=password, nickname=nickname, role=role
+        )
         users[email] = user.id
     merchant = users["merchant@demo.local"]
     async with pool.acquire() as conn, conn.transaction():
@@ -102,18 +143,26 @@ async def load_demo(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
         for cat, name, desc, attrs, skus in PRODUCTS:
             slug = name.lower().replace(" ", "-")
             pid = await conn.fetchval(
-                SQL_INSERT_PRODUCT, merchant, cats[cat], name, desc,
+                SQL_INSERT_PRODUCT,
+                merchant,
+                cats[cat],
+                name,
+                desc,
                 [f"https://img.demo.local/{slug}/1.jpg", f"https://img.demo.local/{slug}/2.jpg"],
                 attrs,
             )
             for i, (sku_attrs, price, on_hand) in enumerate(skus):
-                await conn.fetchval(SQL_INSERT_SKU, pid, f"{slug}-{i + 1}", sku_attrs, price, on_hand)
+                await conn.fetchval(
+                    SQL_INSERT_SKU, pid, f"{slug}-{i + 1}", sku_attrs, price, on_hand
+                )
     info.update(await _after_catalog(settings, pool, created=True))
     log.info("demo data loaded")
     return info
 
 
-async def _after_catalog(settings: Settings, pool: asyncpg.Pool, *, created: bool) -> dict[str, Any]:
+async def _after_catalog(
+    settings: Settings, pool: asyncpg.Pool, *, created: bool
+) -> dict[str, Any]:
     """Hook for areas that add demo data on top of the catalog (the flash sale)."""
     from gateway.services import demo_hooks
 

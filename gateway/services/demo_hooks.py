@@ -14,7 +14,9 @@ from gateway.settings import Settings
 DEMO_SALE_SKU_CODE = "noise-cancelling-headphones-1"
 SQL_SKU = "SELECT id FROM skus WHERE code = $1"
 SQL_ADMIN = "SELECT id FROM users WHERE email = 'admin@demo.local'"
-SQL_OPEN_SALE = "SELECT id FROM flash_sales WHERE sku_id = $1 AND end_at > now() AND closed_at IS NULL"
+SQL_OPEN_SALE = (
+    "SELECT id FROM flash_sales WHERE sku_id = $1 AND end_at > now() AND closed_at IS NULL"
+)
 
 
 async def after_catalog(settings: Settings, pool: asyncpg.Pool, *, created: bool) -> dict[str, Any]:
@@ -33,11 +35,21 @@ async def after_catalog(settings: Settings, pool: asyncpg.Pool, *, created: bool
         else:
             start = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=2)
             sale = await flashsale.create_sale(
-                pool, redis, scripts, sku_id=sku_id, flash_price=99900, quantity=100,
-                per_user_limit=1, start_at=start, end_at=start + timedelta(hours=2),
-                payment_window_s=900, created_by=await pool.fetchval(SQL_ADMIN),
+                pool,
+                redis,
+                scripts,
+                sku_id=sku_id,
+                flash_price=99900,
+                quantity=100,
+                per_user_limit=1,
+                start_at=start,
+                end_at=start + timedelta(hours=2),
+                payment_window_s=900,
+                created_by=await pool.fetchval(SQL_ADMIN),
             )
     finally:
         await redis.aclose()
-    return {"flash_sale": f"id {sale['flash_sale_id']}, {sale['total_quantity']} units at "
-                          f"{sale['product']['flash_price']} cents, starts {sale['start_time']}"}
+    return {
+        "flash_sale": f"id {sale['flash_sale_id']}, {sale['total_quantity']} units at "
+        f"{sale['product']['flash_price']} cents, starts {sale['start_time']}"
+    }

@@ -24,7 +24,14 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway import appkeys, rediskeys
-from gateway.errors import AppError, Conflict, NotFound, RateLimited, ServiceUnavailable, ValidationFailed
+from gateway.errors import (
+    AppError,
+    Conflict,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from gateway.flash_events import OrderEvent
 from gateway.kafka import OrderProducer, PublishFailed
 from gateway.redisbatch import ScriptBatcher
@@ -87,7 +94,9 @@ UPDATE orders SET status = 'cancelled', cancelled_at = now(), cancel_reason = $2
 WHERE id = $1 AND kind = 'flash' AND status = 'pending_payment'
 RETURNING flash_sale_id, user_id
 """
-SQL_ORDER_UNITS = "SELECT sku_id, sum(quantity)::int AS units FROM order_items WHERE order_id = $1 GROUP BY sku_id"
+SQL_ORDER_UNITS = """
+SELECT sku_id, sum(quantity)::int AS units FROM order_items WHERE order_id = $1 GROUP BY sku_id
+"""
 SQL_SALE_SOLD_DOWN = """
 UPDATE flash_sales SET sold_quantity = sold_quantity - $2, updated_at = now() WHERE id = $1
 """
@@ -116,8 +125,14 @@ class FlashScripts:
 
     async def preload(self, client: Redis) -> None:
         """SCRIPT LOAD every script so the first pipelined EVALSHA finds it."""
-        for script in (self.reserve, self.release, self.claim, self.return_units, self.load,
-                       self.close):
+        for script in (
+            self.reserve,
+            self.release,
+            self.claim,
+            self.return_units,
+            self.load,
+            self.close,
+        ):
             await client.script_load(script.script)
 
 
@@ -154,9 +169,13 @@ class SaleState:
         sold = max(0, self.allotment - self.remaining - self.moved_out)
         return {
             "flash_sale_id": self.id,
-            "product": {"id": self.product_id, "name": self.name, "sku_id": self.sku_id,
-                        "original_price": self.original_price_cents,
-                        "flash_price": self.price_cents},
+            "product": {
+                "id": self.product_id,
+                "name": self.name,
+                "sku_id": self.sku_id,
+                "original_price": self.original_price_cents,
+                "flash_price": self.price_cents,
+            },
             "total_quantity": self.allotment,
             "sold_quantity": sold,
             "remaining_quantity": self.remaining,
@@ -173,11 +192,20 @@ class SaleState:
             return int(h[name.encode()])
 
         return cls(
-            id=sale_id, sku_id=i("sku"), product_id=i("product"), price_cents=i("price"),
-            original_price_cents=i("original_price"), name=h[b"name"].decode(),
-            per_user_limit=i("limit"), start_ms=i("start_ms"), end_ms=i("end_ms"),
-            window_ms=i("window_ms"), allotment=i("allotment"), remaining=i("remaining"),
-            moved_out=i("moved_out"), closed=h.get(b"closed") == b"1",
+            id=sale_id,
+            sku_id=i("sku"),
+            product_id=i("product"),
+            price_cents=i("price"),
+            original_price_cents=i("original_price"),
+            name=h[b"name"].decode(),
+            per_user_limit=i("limit"),
+            start_ms=i("start_ms"),
+            end_ms=i("end_ms"),
+            window_ms=i("window_ms"),
+            allotment=i("allotment"),
+            remaining=i("remaining"),
+            moved_out=i("moved_out"),
+            closed=h.get(b"closed") == b"1",
         )
 
 
@@ -260,8 +288,9 @@ async def flash_ctx(app: web.Application) -> Any:
     await scripts.preload(redis)
     cache = SaleCache(redis)
     await cache.refresh()
-    runtime = FlashRuntime(app[appkeys.SETTINGS], redis, scripts, ScriptBatcher(redis), cache,
-                           app[appkeys.PRODUCER])
+    runtime = FlashRuntime(
+        app[appkeys.SETTINGS], redis, scripts, ScriptBatcher(redis), cache, app[appkeys.PRODUCER]
+    )
     app[FLASH] = runtime
 
     async def refresher() -> None:
@@ -280,17 +309,33 @@ async def flash_ctx(app: web.Application) -> Any:
 
 
 # --- Sale lifecycle --------------------------------------------------------------------------
-async def load_sale(redis: Redis, scripts: FlashScripts, row: asyncpg.Record | dict[str, Any]) -> int:
+async def load_sale(
+    redis: Redis, scripts: FlashScripts, row: asyncpg.Record | dict[str, Any]
+) -> int:
     """Write a sale's state into Redis (idempotent); returns remaining."""
     static: list[Any] = [
-        "sku", row["sku_id"], "product", row["product_id"], "price", row["flash_price_cents"],
-        "original_price", row["original_price_cents"], "name", row["product_name"],
-        "limit", row["per_user_limit"], "start_ms", int(row["start_at"].timestamp() * 1000),
-        "end_ms", int(row["end_at"].timestamp() * 1000),
-        "window_ms", row["payment_window_s"] * 1000,
+        "sku",
+        row["sku_id"],
+        "product",
+        row["product_id"],
+        "price",
+        row["flash_price_cents"],
+        "original_price",
+        row["original_price_cents"],
+        "name",
+        row["product_name"],
+        "limit",
+        row["per_user_limit"],
+        "start_ms",
+        int(row["start_at"].timestamp() * 1000),
+        "end_ms",
+        int(row["end_at"].timestamp() * 1000),
+        "window_ms",
+        row["payment_window_s"] * 1000,
     ]
-    result = await scripts.load(keys=[rediskeys.sale(row["id"])],
-                                args=[row["id"], row["quantity"], *static])
+    result = await scripts.load(
+        keys=[rediskeys.sale(row["id"])], args=[row["id"], row["quantity"], *static]
+    )
     await redis.sadd(rediskeys.SALES_INDEX, row["id"])
     if row["closed_at"] is not None:
         await scripts.close(keys=[rediskeys.sale(row["id"])])
@@ -300,20 +345,39 @@ async def load_sale(redis: Redis, scripts: FlashScripts, row: asyncpg.Record | d
 
 
 async def create_sale(
-    db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, *, sku_id: int, flash_price: int,
-    quantity: int, per_user_limit: int, start_at: datetime, end_at: datetime,
-    payment_window_s: int, created_by: int | None,
+    db: asyncpg.Pool,
+    redis: Redis,
+    scripts: FlashScripts,
+    *,
+    sku_id: int,
+    flash_price: int,
+    quantity: int,
+    per_user_limit: int,
+    start_at: datetime,
+    end_at: datetime,
+    payment_window_s: int,
+    created_by: int | None,
 ) -> dict[str, Any]:
     async with db.acquire() as conn, conn.transaction():
         sku = await conn.fetchrow(SQL_SKU_FOR_SALE, sku_id)
         if sku is None:
             raise NotFound("sku not found", code="SKU_NOT_FOUND")
         if await conn.fetchval(SQL_CARVE, sku_id, quantity) is None:
-            raise Conflict("not enough stock on the SKU for this allotment",
-                           code="INSUFFICIENT_STOCK")
-        sale = await conn.fetchrow(SQL_INSERT_SALE, sku_id, sku["product_id"], flash_price,
-                                   quantity, per_user_limit, start_at, end_at, payment_window_s,
-                                   created_by)
+            raise Conflict(
+                "not enough stock on the SKU for this allotment", code="INSUFFICIENT_STOCK"
+            )
+        sale = await conn.fetchrow(
+            SQL_INSERT_SALE,
+            sku_id,
+            sku["product_id"],
+            flash_price,
+            quantity,
+            per_user_limit,
+            start_at,
+            end_at,
+            payment_window_s,
+            created_by,
+        )
         assert sale is not None
         await conn.execute(SQL_LEDGER, sku_id, None, -quantity, "flash_allot", sale["id"])
     row = await db.fetchrow(SQL_SALE, sale["id"])
@@ -329,8 +393,14 @@ async def sale_view(db: asyncpg.Pool, redis: Redis, sale_id: int) -> dict[str, A
     return SaleState.from_hash(sale_id, h).public(now_ms())
 
 
-async def top_up(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sale_id: int,
-                 add_quantity: int, end_at: datetime | None) -> dict[str, Any]:
+async def top_up(
+    db: asyncpg.Pool,
+    redis: Redis,
+    scripts: FlashScripts,
+    sale_id: int,
+    add_quantity: int,
+    end_at: datetime | None,
+) -> dict[str, Any]:
     """Move units from the SKU into a running sale; PostgreSQL first, then Redis adds the
     difference to its allotment (so a retry never adds twice)."""
     async with db.acquire() as conn, conn.transaction():
@@ -347,15 +417,18 @@ async def top_up(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sale_id:
             if await conn.fetchval(SQL_CARVE, sale["sku_id"], add_quantity) is None:
                 raise Conflict("not enough stock on the SKU", code="INSUFFICIENT_STOCK")
             await conn.fetchval(SQL_TOP_UP, sale_id, add_quantity)
-            await conn.execute(SQL_LEDGER, sale["sku_id"], None, -add_quantity, "flash_topup",
-                               sale_id)
+            await conn.execute(
+                SQL_LEDGER, sale["sku_id"], None, -add_quantity, "flash_topup", sale_id
+            )
     row = await db.fetchrow(SQL_SALE, sale_id)
     assert row is not None
     await load_sale(redis, scripts, row)
     return await sale_view(db, redis, sale_id)
 
 
-async def close_sale(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sale_id: int) -> dict[str, Any]:
+async def close_sale(
+    db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sale_id: int
+) -> dict[str, Any]:
     async with db.acquire() as conn:
         if await conn.fetchval("SELECT id FROM flash_sales WHERE id = $1", sale_id) is None:
             raise NotFound("flash sale not found")
@@ -424,21 +497,48 @@ def _fingerprint(quantity: int) -> str:
 
 def _rate_limited(retry_ms: int, scope: str) -> RateLimited:
     seconds = max(1, -(-retry_ms // 1000))
-    return RateLimited(f"too many attempts ({scope}); retry in {seconds}s",
-                       headers={"Retry-After": str(seconds)}, data={"retry_after_ms": retry_ms})
+    return RateLimited(
+        f"too many attempts ({scope}); retry in {seconds}s",
+        headers={"Retry-After": str(seconds)},
+        data={"retry_after_ms": retry_ms},
+    )
 
 
-async def join(rt: FlashRuntime, *, sale: SaleState, user_id: int, quantity: int, client_ip: str,
-               idempotency_key: str | None, order_id: str) -> JoinResult:
+async def join(
+    rt: FlashRuntime,
+    *,
+    sale: SaleState,
+    user_id: int,
+    quantity: int,
+    client_ip: str,
+    idempotency_key: str | None,
+    order_id: str,
+) -> JoinResult:
     """Reserve with one script call, publish the event, and only then report success."""
     sid = sale.id
     idem_field = f"{user_id}:{idempotency_key}" if idempotency_key else ""
     s = rt.settings
-    keys = [rediskeys.sale(sid), rediskeys.users(sid), rediskeys.first_order(sid),
-            rediskeys.log(sid), rediskeys.log_times(sid), rediskeys.idempotency(sid),
-            rediskeys.rate_user(sid, user_id), rediskeys.rate_ip(sid, client_ip)]
-    args = [user_id, quantity, order_id, idem_field, _fingerprint(quantity),
-            s.rate_user_per_s, s.rate_user_burst, s.rate_ip_per_s, s.rate_ip_burst]
+    keys = [
+        rediskeys.sale(sid),
+        rediskeys.users(sid),
+        rediskeys.first_order(sid),
+        rediskeys.log(sid),
+        rediskeys.log_times(sid),
+        rediskeys.idempotency(sid),
+        rediskeys.rate_user(sid, user_id),
+        rediskeys.rate_ip(sid, client_ip),
+    ]
+    args = [
+        user_id,
+        quantity,
+        order_id,
+        idem_field,
+        _fingerprint(quantity),
+        s.rate_user_per_s,
+        s.rate_user_burst,
+        s.rate_ip_per_s,
+        s.rate_ip_burst,
+    ]
     try:
         res = await rt.batcher.call(rt.scripts.reserve, keys, args)
     except (RedisError, OSError) as exc:
@@ -448,10 +548,17 @@ async def join(rt: FlashRuntime, *, sale: SaleState, user_id: int, quantity: int
     if status == 0:
         deadline = int(res[2])
         sale.remaining = int(res[3])  # the sold-out flag for this worker is set at once
-        event = OrderEvent(order_id=order_id, sale_id=sid, user_id=user_id, sku_id=sale.sku_id,
-                           product_id=sale.product_id, quantity=quantity,
-                           price_cents=sale.price_cents, payment_deadline_ms=deadline,
-                           reserved_at_ms=now_ms())
+        event = OrderEvent(
+            order_id=order_id,
+            sale_id=sid,
+            user_id=user_id,
+            sku_id=sale.sku_id,
+            product_id=sale.product_id,
+            quantity=quantity,
+            price_cents=sale.price_cents,
+            payment_deadline_ms=deadline,
+            reserved_at_ms=now_ms(),
+        )
         try:
             await rt.producer.publish(event.key, event.encode())
         except PublishFailed as exc:
@@ -466,14 +573,23 @@ async def join(rt: FlashRuntime, *, sale: SaleState, user_id: int, quantity: int
     raise _rejection(rt, sid, status, res)
 
 
-async def _compensate(rt: FlashRuntime, sid: int, order_id: str, user_id: int, quantity: int,
-                      idem_field: str) -> bool:
+async def _compensate(
+    rt: FlashRuntime, sid: int, order_id: str, user_id: int, quantity: int, idem_field: str
+) -> bool:
     """Release the reservation; False if a consumer had already claimed it (order stands)."""
-    keys = [rediskeys.sale(sid), rediskeys.users(sid), rediskeys.first_order(sid),
-            rediskeys.log(sid), rediskeys.log_times(sid), rediskeys.voided(sid),
-            rediskeys.idempotency(sid)]
+    keys = [
+        rediskeys.sale(sid),
+        rediskeys.users(sid),
+        rediskeys.first_order(sid),
+        rediskeys.log(sid),
+        rediskeys.log_times(sid),
+        rediskeys.voided(sid),
+        rediskeys.idempotency(sid),
+    ]
     try:
-        released = await rt.scripts.release(keys=keys, args=[order_id, user_id, quantity, idem_field])
+        released = await rt.scripts.release(
+            keys=keys, args=[order_id, user_id, quantity, idem_field]
+        )
     except (RedisError, OSError):
         # The reservation stays in the log; the stranded-reservation sweeper publishes it.
         log.exception("could not release %s; the sweeper will publish it", order_id)
@@ -499,8 +615,11 @@ def _rejection(rt: FlashRuntime, sid: int, status: int, res: list[Any]) -> AppEr
         rt.cache.mark_sold_out(sid)
         return SoldOut()
     if status == 9:
-        return Conflict(f"only {int(res[1])} left", code="INSUFFICIENT_STOCK",
-                        data={"remaining_quantity": int(res[1])})
+        return Conflict(
+            f"only {int(res[1])} left",
+            code="INSUFFICIENT_STOCK",
+            data={"remaining_quantity": int(res[1])},
+        )
     if status == 10:
         return NotFound("flash sale not found")
     return AppError(f"unexpected reservation status {status}")
@@ -509,9 +628,17 @@ def _rejection(rt: FlashRuntime, sid: int, status: int, res: list[Any]) -> AppEr
 # --- Flash orders seen by the order routes ---------------------------------------------------
 def parse_log_entry(sale_id: int, order_id: str, entry: bytes) -> OrderEvent:
     user, sku, product, qty, price, deadline, reserved = entry.decode().split("|")
-    return OrderEvent(order_id=order_id, sale_id=sale_id, user_id=int(user), sku_id=int(sku),
-                      product_id=int(product), quantity=int(qty), price_cents=int(price),
-                      payment_deadline_ms=int(deadline), reserved_at_ms=int(reserved))
+    return OrderEvent(
+        order_id=order_id,
+        sale_id=sale_id,
+        user_id=int(user),
+        sku_id=int(sku),
+        product_id=int(product),
+        quantity=int(qty),
+        price_cents=int(price),
+        payment_deadline_ms=int(deadline),
+        reserved_at_ms=int(reserved),
+    )
 
 
 async def queued_order(app: web.Application, order_id: str, user_id: int) -> dict[str, Any] | None:
@@ -531,10 +658,19 @@ async def queued_order(app: web.Application, order_id: str, user_id: int) -> dic
             if ev.user_id != user_id:
                 return None
             return {
-                "order_id": order_id, "status": "queued", "kind": "flash", "flash_sale_id": sid,
-                "items": [{"product_id": ev.product_id, "sku_id": ev.sku_id,
-                           "quantity": ev.quantity, "price": ev.price_cents,
-                           "subtotal": ev.price_cents * ev.quantity}],
+                "order_id": order_id,
+                "status": "queued",
+                "kind": "flash",
+                "flash_sale_id": sid,
+                "items": [
+                    {
+                        "product_id": ev.product_id,
+                        "sku_id": ev.sku_id,
+                        "quantity": ev.quantity,
+                        "price": ev.price_cents,
+                        "subtotal": ev.price_cents * ev.quantity,
+                    }
+                ],
                 "total_amount": ev.price_cents * ev.quantity,
                 "payment_deadline": _iso(ev.payment_deadline_ms),
                 "created_at": _iso(ev.reserved_at_ms),
@@ -542,8 +678,9 @@ async def queued_order(app: web.Application, order_id: str, user_id: int) -> dic
     return None
 
 
-async def cancel_order(app: web.Application | None, conn: asyncpg.Connection, order_id: str, *,
-                       reason: str) -> bool:
+async def cancel_order(
+    app: web.Application | None, conn: asyncpg.Connection, order_id: str, *, reason: str
+) -> bool:
     """PostgreSQL side of cancelling an unpaid flash order, inside the caller's transaction.
 
     The units go back to Redis after the transaction commits, through
@@ -555,6 +692,12 @@ async def cancel_order(app: web.Application | None, conn: asyncpg.Connection, or
         return False
     for item in await conn.fetch(SQL_ORDER_UNITS, order_id):
         await conn.execute(SQL_SALE_SOLD_DOWN, row["flash_sale_id"], item["units"])
-        await conn.execute(SQL_LEDGER, item["sku_id"], order_id, item["units"],
-                           "flash_cancel", row["flash_sale_id"])
+        await conn.execute(
+            SQL_LEDGER,
+            item["sku_id"],
+            order_id,
+            item["units"],
+            "flash_cancel",
+            row["flash_sale_id"],
+        )
     return True

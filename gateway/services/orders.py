@@ -19,8 +19,13 @@ class OrderLineRequest:
 
 
 async def create_order(
-    app: web.Application, *, user_id: int, lines: list[OrderLineRequest],
-    shipping_address: dict[str, Any], coupon_code: str | None, idempotency_key: str | None,
+    app: web.Application,
+    *,
+    user_id: int,
+    lines: list[OrderLineRequest],
+    shipping_address: dict[str, Any],
+    coupon_code: str | None,
+    idempotency_key: str | None,
 ) -> dict[str, Any]:
     """Create a regular order; returns the ``POST /orders`` response data:
     ``{"order_id", "status", "total_amount", "discount_amount", "shipping_fee",

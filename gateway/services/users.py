@@ -35,8 +35,13 @@ class User:
     role: str
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "email": self.email, "phone": self.phone,
-                "nickname": self.nickname, "role": self.role}
+        return {
+            "id": self.id,
+            "email": self.email,
+            "phone": self.phone,
+            "nickname": self.nickname,
+            "role": self.role,
+        }
 
 
 def _user(row: asyncpg.Record) -> User:
@@ -54,8 +59,13 @@ def normalise_login(login: str) -> tuple[str | None, str | None]:
 
 
 async def create_user(
-    db: asyncpg.Pool | asyncpg.Connection, *, email: str | None, phone: str | None,
-    password: str, nickname: str, role: str = "user",
+    db: asyncpg.Pool | asyncpg.Connection,
+    *,
+    email: str | None,
+    phone: str | None,
+    password: str,
+    nickname: str,
+    role: str = "user",
 ) -> User:
     if email is None and phone is None:
         raise ValidationFailed(fields={"email": "email or phone is required"})
@@ -65,8 +75,9 @@ async def create_user(
             SQL_INSERT_USER, email.lower() if email else None, phone, password_hash, nickname, role
         )
     except asyncpg.UniqueViolationError:
-        raise Conflict("an account with this email or phone already exists",
-                       code="ACCOUNT_EXISTS") from None
+        raise Conflict(
+            "an account with this email or phone already exists", code="ACCOUNT_EXISTS"
+        ) from None
     assert row is not None
     return _user(row)
 
