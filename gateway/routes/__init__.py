@@ -14,7 +14,9 @@ from gateway.routing import Route
 
 
 def extra_routes() -> list[Route]:
-    return []
+    from gateway.routes import catalog
+
+    return [*catalog.ROUTES]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
