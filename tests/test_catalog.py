@@ -8,6 +8,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway.auth import TokenService
 from gateway.errors import NotFound
@@ -245,7 +247,8 @@ async def test_detail_degrades_when_redis_is_down(client: Client, db: asyncpg.Po
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dead = Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=None)
+    dead = Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5,
+                 retry=Retry(NoBackoff(), 0))
     try:
         detail = await catalog.product_detail(db, dead, p["id"])
         assert detail["id"] == p["id"] and detail["price"] == 1000
