@@ -14,9 +14,9 @@ from gateway.routing import Route
 
 
 def extra_routes() -> list[Route]:
-    from gateway.routes import catalog
+    from gateway.routes import catalog, presale
 
-    return [*catalog.ROUTES]
+    return [*catalog.ROUTES, *presale.ROUTES]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
