@@ -27,7 +27,8 @@ def _tag() -> str:
 
 async def _category(db: asyncpg.Pool, name: str, parent: int | None = None) -> int:
     cid: int = await db.fetchval(
-        "INSERT INTO categories (name, parent_id) VALUES ($1, $2) RETURNING id", name, parent)
+        "INSERT INTO categories (name, parent_id) VALUES ($1, $2) RETURNING id", name, parent
+    )
     return cid
 
 
@@ -49,21 +50,35 @@ async def test_create_and_detail(client: Client, db: asyncpg.Pool, tokens: Token
     phones = await _category(db, f"Phones {tag}", root)
     _, h = await _merchant(db, tokens)
     created = await _create(
-        client, h, name=f"iPhone {tag}", description="A phone", category_id=phones,
-        images=["a.jpg", "b.jpg"], attributes={"brand": "Apple"},
-        skus=[{"attributes": {"color": "black"}, "price": 599900, "stock": 50},
-              {"attributes": {"color": "blue"}, "price": 699900, "stock": 30}])
+        client,
+        h,
+        name=f"iPhone {tag}",
+        description="A phone",
+        category_id=phones,
+        images=["a.jpg", "b.jpg"],
+        attributes={"brand": "Apple"},
+        skus=[
+            {"attributes": {"color": "black"}, "price": 599900, "stock": 50},
+            {"attributes": {"color": "blue"}, "price": 699900, "stock": 30},
+        ],
+    )
     assert created["price"] == 599900 and created["stock"] == 80
     resp = await client.get(f"/api/v1/products/{created['id']}")
     assert resp.status == 200
     d = (await resp.json())["data"]
     assert d["images"] == ["a.jpg", "b.jpg"]
-    assert d["category"] == {"id": phones, "name": f"Phones {tag}",
-                             "parent": f"Electronics {tag}", "parent_id": root}
+    assert d["category"] == {
+        "id": phones,
+        "name": f"Phones {tag}",
+        "parent": f"Electronics {tag}",
+        "parent_id": root,
+    }
     assert [c["id"] for c in d["category_path"]] == [root, phones]
     assert d["attributes"] == {"brand": "Apple"}
     assert [(s["price"], s["stock"], s["attributes"]) for s in d["skus"]] == [
-        (599900, 50, {"color": "black"}), (699900, 30, {"color": "blue"})]
+        (599900, 50, {"color": "black"}),
+        (699900, 30, {"color": "blue"}),
+    ]
 
 
 async def test_create_flat_form(client: Client, db: asyncpg.Pool, tokens: TokenService) -> None:
@@ -75,49 +90,77 @@ async def test_create_flat_form(client: Client, db: asyncpg.Pool, tokens: TokenS
 
 async def test_create_validation(client: Client, db: asyncpg.Pool, tokens: TokenService) -> None:
     _, h = await _merchant(db, tokens)
-    resp = await client.post("/api/v1/products", headers=h, json={
-        "name": "", "skus": [{"price": -1}, {"stock": 1}], "colour": "x"})
+    resp = await client.post(
+        "/api/v1/products",
+        headers=h,
+        json={"name": "", "skus": [{"price": -1}, {"stock": 1}], "colour": "x"},
+    )
     assert resp.status == 422
     fields = (await resp.json())["fields"]
     assert set(fields) == {"name", "colour"}
-    resp = await client.post("/api/v1/products", headers=h, json={
-        "name": "x", "skus": [{"price": -1}, {"stock": 1}]})
+    resp = await client.post(
+        "/api/v1/products", headers=h, json={"name": "x", "skus": [{"price": -1}, {"stock": 1}]}
+    )
     fields = (await resp.json())["fields"]
     assert set(fields) == {"skus[0].price", "skus[1].price"}
     resp = await client.post("/api/v1/products", headers=h, json={"name": "x"})
     assert resp.status == 422 and "skus" in (await resp.json())["fields"]
-    resp = await client.post("/api/v1/products", headers=h, json={
-        "name": "x", "price": 1, "category_id": 10**12})
+    resp = await client.post(
+        "/api/v1/products", headers=h, json={"name": "x", "price": 1, "category_id": 10**12}
+    )
     assert resp.status == 422 and "category_id" in (await resp.json())["fields"]
 
 
-async def test_create_requires_merchant(client: Client, db: asyncpg.Pool,
-                                        tokens: TokenService) -> None:
+async def test_create_requires_merchant(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
     uid = await make_user(db, "user")
-    resp = await client.post("/api/v1/products", headers=auth(tokens, uid, "user"),
-                             json={"name": "x", "price": 1})
+    resp = await client.post(
+        "/api/v1/products", headers=auth(tokens, uid, "user"), json={"name": "x", "price": 1}
+    )
     assert resp.status == 403
     resp = await client.post("/api/v1/products", json={"name": "x", "price": 1})
     assert resp.status == 401
 
 
-async def test_list_filter_search_sort_page(client: Client, db: asyncpg.Pool,
-                                            tokens: TokenService) -> None:
+async def test_list_filter_search_sort_page(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
     tag = _tag()
     root = await _category(db, f"Root {tag}")
     child = await _category(db, f"Child {tag}", root)
     grandchild = await _category(db, f"Grand {tag}", child)
     other = await _category(db, f"Other {tag}")
     _, h = await _merchant(db, tokens)
-    a = await _create(client, h, name=f"Alpha {tag} phone", description="cheap",
-                      category_id=root, price=1000, stock=5)
-    b = await _create(client, h, name=f"Beta {tag}", description="a phone 100%",
-                      category_id=child, price=3000, stock=7)
-    c = await _create(client, h, name=f"Gamma {tag}", description="tablet",
-                      category_id=grandchild, skus=[{"price": 2000, "stock": 1},
-                                                    {"price": 500, "stock": 2}])
-    d = await _create(client, h, name=f"Delta {tag}", description="phone", category_id=other,
-                      price=9000, stock=1)
+    a = await _create(
+        client,
+        h,
+        name=f"Alpha {tag} phone",
+        description="cheap",
+        category_id=root,
+        price=1000,
+        stock=5,
+    )
+    b = await _create(
+        client,
+        h,
+        name=f"Beta {tag}",
+        description="a phone 100%",
+        category_id=child,
+        price=3000,
+        stock=7,
+    )
+    c = await _create(
+        client,
+        h,
+        name=f"Gamma {tag}",
+        description="tablet",
+        category_id=grandchild,
+        skus=[{"price": 2000, "stock": 1}, {"price": 500, "stock": 2}],
+    )
+    d = await _create(
+        client, h, name=f"Delta {tag}", description="phone", category_id=other, price=9000, stock=1
+    )
     await db.execute("UPDATE products SET sales = 10 WHERE id = $1", b["id"])
     await db.execute("UPDATE products SET sales = 5 WHERE id = $1", c["id"])
 
@@ -130,8 +173,15 @@ async def test_list_filter_search_sort_page(client: Client, db: asyncpg.Pool,
     got, data = await ids(category=root, sort="price,asc")
     assert got == [c["id"], a["id"], b["id"]] and data["total"] == 3
     item = data["products"][0]
-    assert item == {"id": c["id"], "name": f"Gamma {tag}", "price": 500, "image": None,
-                    "stock": 3, "category": f"Grand {tag}", "sales": 5}
+    assert item == {
+        "id": c["id"],
+        "name": f"Gamma {tag}",
+        "price": 500,
+        "image": None,
+        "stock": 3,
+        "category": f"Grand {tag}",
+        "sales": 5,
+    }
     got, _ = await ids(category=f"child {tag}".upper(), sort="price,desc")
     assert got == [b["id"], c["id"]]
     got, _ = await ids(q=tag, price_min=1000, price_max=3000, sort="price,asc")
@@ -151,8 +201,13 @@ async def test_list_filter_search_sort_page(client: Client, db: asyncpg.Pool,
 
 
 async def test_list_validation(client: Client) -> None:
-    for params in ({"sort": "name,asc"}, {"limit": "101"}, {"page": "0"},
-                   {"price_min": "x"}, {"price_min": "5", "price_max": "4"}):
+    for params in (
+        {"sort": "name,asc"},
+        {"limit": "101"},
+        {"page": "0"},
+        {"price_min": "x"},
+        {"price_min": "5", "price_max": "4"},
+    ):
         resp = await client.get("/api/v1/products", params=params)
         assert resp.status == 422, params
         assert (await resp.json())["fields"]
@@ -167,13 +222,24 @@ async def test_categories_tree(client: Client, db: asyncpg.Pool) -> None:
     assert resp.status == 200
     tree = (await resp.json())["data"]
     node = next(n for n in tree if n["id"] == root)
-    assert node == {"id": root, "name": f"R {tag}", "parent_id": None, "children": [
-        {"id": child, "name": f"C {tag}", "parent_id": root, "children": [
-            {"id": leaf, "name": f"L {tag}", "parent_id": child, "children": []}]}]}
+    assert node == {
+        "id": root,
+        "name": f"R {tag}",
+        "parent_id": None,
+        "children": [
+            {
+                "id": child,
+                "name": f"C {tag}",
+                "parent_id": root,
+                "children": [{"id": leaf, "name": f"L {tag}", "parent_id": child, "children": []}],
+            }
+        ],
+    }
 
 
-async def test_update_permissions_and_version(client: Client, db: asyncpg.Pool,
-                                              tokens: TokenService) -> None:
+async def test_update_permissions_and_version(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
     _, h = await _merchant(db, tokens)
     _, other = await _merchant(db, tokens)
     admin = await make_user(db, "admin")
@@ -189,8 +255,9 @@ async def test_update_permissions_and_version(client: Client, db: asyncpg.Pool,
     assert data["price"] == 900 and data["stock"] == 20 and data["version"] == 2
     resp = await client.put(url, headers=h, json={"name": "again", "version": 1})
     assert resp.status == 409 and (await resp.json())["error"] == "VERSION_CONFLICT"
-    resp = await client.put(url, headers=auth(tokens, admin, "admin"),
-                            json={"name": "by admin", "version": 2})
+    resp = await client.put(
+        url, headers=auth(tokens, admin, "admin"), json={"name": "by admin", "version": 2}
+    )
     assert resp.status == 200 and (await resp.json())["data"]["name"] == "by admin"
     resp = await client.put(url, headers=h, json={"price": -5, "skus": [{"id": "x"}]})
     assert resp.status == 422
@@ -199,11 +266,16 @@ async def test_update_permissions_and_version(client: Client, db: asyncpg.Pool,
     assert resp.status == 404
 
 
-async def test_update_skus_and_reserved_floor(client: Client, db: asyncpg.Pool,
-                                              tokens: TokenService) -> None:
+async def test_update_skus_and_reserved_floor(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
     _, h = await _merchant(db, tokens)
-    p = await _create(client, h, name="Skus " + _tag(),
-                      skus=[{"price": 100, "stock": 10}, {"price": 200, "stock": 10}])
+    p = await _create(
+        client,
+        h,
+        name="Skus " + _tag(),
+        skus=[{"price": 100, "stock": 10}, {"price": 200, "stock": 10}],
+    )
     s1, s2 = (s["id"] for s in p["skus"])
     url = f"/api/v1/products/{p['id']}"
     await db.execute("UPDATE skus SET reserved = 4 WHERE id = $1", s1)
@@ -211,19 +283,26 @@ async def test_update_skus_and_reserved_floor(client: Client, db: asyncpg.Pool,
     assert resp.status == 409 and (await resp.json())["error"] == "STOCK_BELOW_RESERVED"
     resp = await client.put(url, headers=h, json={"price": 5})
     assert resp.status == 422
-    resp = await client.put(url, headers=h, json={"skus": [
-        {"id": s1, "stock": 4}, {"id": s2, "price": 150}, {"price": 300, "stock": 1}]})
+    resp = await client.put(
+        url,
+        headers=h,
+        json={
+            "skus": [{"id": s1, "stock": 4}, {"id": s2, "price": 150}, {"price": 300, "stock": 1}]
+        },
+    )
     assert resp.status == 200, await resp.text()
     skus = (await resp.json())["data"]["skus"]
     assert [(s["price"], s["stock"]) for s in skus] == [(100, 0), (150, 10), (300, 1)]
     other = await _create(client, h, name="Other " + _tag(), price=1, stock=1)
-    resp = await client.put(url, headers=h, json={"skus": [{"id": other["skus"][0]["id"],
-                                                            "price": 1}]})
+    resp = await client.put(
+        url, headers=h, json={"skus": [{"id": other["skus"][0]["id"], "price": 1}]}
+    )
     assert resp.status == 422 and "skus[0].id" in (await resp.json())["fields"]
 
 
-async def test_cache_invalidated_by_update(client: Client, db: asyncpg.Pool, redis: Redis,
-                                           tokens: TokenService) -> None:
+async def test_cache_invalidated_by_update(
+    client: Client, db: asyncpg.Pool, redis: Redis, tokens: TokenService
+) -> None:
     _, h = await _merchant(db, tokens)
     p = await _create(client, h, name="Cached " + _tag(), price=1000, stock=10)
     url = f"/api/v1/products/{p['id']}"
@@ -240,15 +319,17 @@ async def test_cache_invalidated_by_update(client: Client, db: asyncpg.Pool, red
     assert data["price"] == 777 and data["description"] == "sneaky"
 
 
-async def test_detail_degrades_when_redis_is_down(client: Client, db: asyncpg.Pool,
-                                                  tokens: TokenService) -> None:
+async def test_detail_degrades_when_redis_is_down(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
     _, h = await _merchant(db, tokens)
     p = await _create(client, h, name="NoRedis " + _tag(), price=1000, stock=10)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dead = Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5,
-                 retry=Retry(NoBackoff(), 0))
+    dead = Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
     try:
         detail = await catalog.product_detail(db, dead, p["id"])
         assert detail["id"] == p["id"] and detail["price"] == 1000
@@ -259,19 +340,28 @@ async def test_detail_degrades_when_redis_is_down(client: Client, db: asyncpg.Po
         await dead.aclose()
 
 
-async def test_delete_refused_while_in_orders(client: Client, db: asyncpg.Pool, redis: Redis,
-                                              tokens: TokenService) -> None:
+async def test_delete_refused_while_in_orders(
+    client: Client, db: asyncpg.Pool, redis: Redis, tokens: TokenService
+) -> None:
     _, h = await _merchant(db, tokens)
     buyer = await make_user(db)
     p = await _create(client, h, name="Del " + _tag(), price=1000, stock=10)
     url = f"/api/v1/products/{p['id']}"
     assert (await client.get(url)).status == 200
     order_id = "t" + secrets.token_hex(8)
-    await db.execute("INSERT INTO orders (id, user_id, kind, status, total_cents, pay_cents) "
-                     "VALUES ($1, $2, 'regular', 'paid', 1000, 1000)", order_id, buyer)
-    await db.execute("INSERT INTO order_items (order_id, product_id, sku_id, quantity, "
-                     "price_cents) VALUES ($1, $2, $3, 1, 1000)", order_id, p["id"],
-                     p["skus"][0]["id"])
+    await db.execute(
+        "INSERT INTO orders (id, user_id, kind, status, total_cents, pay_cents) "
+        "VALUES ($1, $2, 'regular', 'paid', 1000, 1000)",
+        order_id,
+        buyer,
+    )
+    await db.execute(
+        "INSERT INTO order_items (order_id, product_id, sku_id, quantity, "
+        "price_cents) VALUES ($1, $2, $3, 1, 1000)",
+        order_id,
+        p["id"],
+        p["skus"][0]["id"],
+    )
     resp = await client.delete(url, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "PRODUCT_IN_USE"
     resp = await client.put(url, headers=h, json={"status": "off_sale"})

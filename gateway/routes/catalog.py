@@ -55,10 +55,12 @@ PRODUCT_UPDATE = {
 }
 LIST_QUERY = {
     "category": "category id or name (includes its sub-categories)",
-    "price_min": "lowest price in cents", "price_max": "highest price in cents",
+    "price_min": "lowest price in cents",
+    "price_max": "highest price in cents",
     "q": "search words (all must appear in name or description)",
     "sort": "price,asc | price,desc | sales,desc | created,desc (default)",
-    "page": "page number from 1", "limit": f"page size, at most {catalog.MAX_LIMIT}",
+    "page": "page number from 1",
+    "limit": f"page size, at most {catalog.MAX_LIMIT}",
 }
 
 
@@ -71,8 +73,15 @@ def _skus(items: list[dict[str, Any]], schema: dict[str, F]) -> list[SkuInput]:
         except ValidationFailed as exc:
             errors.update({f"skus[{i}].{k}": m for k, m in (exc.fields or {}).items()})
             continue
-        out.append(SkuInput(price=v.get("price"), stock=v.get("stock"),
-                            attributes=v.get("attributes"), code=v.get("code"), id=v.get("id")))
+        out.append(
+            SkuInput(
+                price=v.get("price"),
+                stock=v.get("stock"),
+                attributes=v.get("attributes"),
+                code=v.get("code"),
+                id=v.get("id"),
+            )
+        )
     if errors:
         raise ValidationFailed(fields=errors)
     return out
@@ -92,7 +101,10 @@ async def list_products(request: web.Request) -> web.Response:
         raise ValidationFailed(fields={"q": "length must be <= 200"})
     query = ProductQuery(
         category=(q.get("category") or "").strip() or None,
-        price_min=price_min, price_max=price_max, q=search or None, sort=sort,
+        price_min=price_min,
+        price_max=price_max,
+        q=search or None,
+        sort=sort,
         page=query_int(q, "page", 1, lo=1, hi=100_000) or 1,
         limit=query_int(q, "limit", 20, lo=1, hi=catalog.MAX_LIMIT) or 20,
     )
@@ -101,8 +113,9 @@ async def list_products(request: web.Request) -> web.Response:
 
 async def get_product(request: web.Request) -> web.Response:
     product_id = path_int(request.match_info["id"], "product")
-    detail = await catalog.product_detail(request.app[appkeys.DB], request.app[appkeys.REDIS],
-                                          product_id)
+    detail = await catalog.product_detail(
+        request.app[appkeys.DB], request.app[appkeys.REDIS], product_id
+    )
     return ok(detail)
 
 
@@ -123,9 +136,15 @@ async def create_product(request: web.Request) -> web.Response:
         raise ValidationFailed(fields={"skus": "skus (or price and stock) are required"})
     pool = request.app[appkeys.DB]
     pid = await catalog.create_product(
-        pool, principal, name=body["name"], description=body["description"],
-        category_id=body.get("category_id"), images=body["images"],
-        attributes=body["attributes"], skus=skus)
+        pool,
+        principal,
+        name=body["name"],
+        description=body["description"],
+        category_id=body.get("category_id"),
+        images=body["images"],
+        attributes=body["attributes"],
+        skus=skus,
+    )
     detail = await catalog.load_detail(pool, pid)
     return ok(detail, status=201, message="created")
 
@@ -135,44 +154,83 @@ async def update_product(request: web.Request) -> web.Response:
     product_id = path_int(request.match_info["id"], "product")
     body = validate(await read_json(request), PRODUCT_UPDATE)
     skus = _skus(body.get("skus", []), SKU_UPDATE)
-    flat = (SkuInput(price=body.get("price"), stock=body.get("stock"))
-            if "price" in body or "stock" in body else None)
+    flat = (
+        SkuInput(price=body.get("price"), stock=body.get("stock"))
+        if "price" in body or "stock" in body
+        else None
+    )
     names = ("name", "description", "category_id", "images", "attributes", "status")
     fields: dict[str, Any] = {k: body[k] for k in names if k in body}
     pool, redis = request.app[appkeys.DB], request.app[appkeys.REDIS]
-    version = await catalog.update_product(pool, redis, principal, product_id, fields, skus,
-                                           version=body.get("version"), flat=flat)
+    version = await catalog.update_product(
+        pool, redis, principal, product_id, fields, skus, version=body.get("version"), flat=flat
+    )
     detail = await catalog.load_detail(pool, product_id)
-    return ok(detail or {"id": product_id, "version": version, "status": "off_sale"},
-              message="updated")
+    return ok(
+        detail or {"id": product_id, "version": version, "status": "off_sale"}, message="updated"
+    )
 
 
 async def delete_product(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     product_id = path_int(request.match_info["id"], "product")
-    await catalog.delete_product(request.app[appkeys.DB], request.app[appkeys.REDIS], principal,
-                                 product_id)
+    await catalog.delete_product(
+        request.app[appkeys.DB], request.app[appkeys.REDIS], principal, product_id
+    )
     return ok({"id": product_id, "status": "off_sale"}, message="taken off sale")
 
 
 ROUTES = [
-    Route("GET", "/api/v1/products", list_products, "List and search on-sale products",
-          query=LIST_QUERY, responses={422: "VALIDATION_FAILED"}, tag="catalog"),
-    Route("GET", "/api/v1/products/{id}", get_product,
-          "Product detail with SKUs and category path (cached)",
-          responses={404: "NOT_FOUND"}, tag="catalog"),
+    Route(
+        "GET",
+        "/api/v1/products",
+        list_products,
+        "List and search on-sale products",
+        query=LIST_QUERY,
+        responses={422: "VALIDATION_FAILED"},
+        tag="catalog",
+    ),
+    Route(
+        "GET",
+        "/api/v1/products/{id}",
+        get_product,
+        "Product detail with SKUs and category path (cached)",
+        responses={404: "NOT_FOUND"},
+        tag="catalog",
+    ),
     Route("GET", "/api/v1/categories", categories, "The category tree", tag="catalog"),
-    Route("POST", "/api/v1/products", create_product,
-          "Create a product with its SKUs (or flat price/stock = one SKU)", auth="merchant",
-          body=PRODUCT_CREATE, responses={201: "created", 403: "FORBIDDEN",
-                                          422: "VALIDATION_FAILED"}, tag="catalog"),
-    Route("PUT", "/api/v1/products/{id}", update_product,
-          "Update a product and its SKUs (own products; admin any)", auth="merchant",
-          body=PRODUCT_UPDATE,
-          responses={403: "FORBIDDEN", 404: "NOT_FOUND",
-                     409: "VERSION_CONFLICT, STOCK_BELOW_RESERVED, PRODUCT_IN_USE",
-                     422: "VALIDATION_FAILED"}, tag="catalog"),
-    Route("DELETE", "/api/v1/products/{id}", delete_product,
-          "Take a product off sale (own products; admin any)", auth="merchant",
-          responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "PRODUCT_IN_USE"}, tag="catalog"),
+    Route(
+        "POST",
+        "/api/v1/products",
+        create_product,
+        "Create a product with its SKUs (or flat price/stock = one SKU)",
+        auth="merchant",
+        body=PRODUCT_CREATE,
+        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        tag="catalog",
+    ),
+    Route(
+        "PUT",
+        "/api/v1/products/{id}",
+        update_product,
+        "Update a product and its SKUs (own products; admin any)",
+        auth="merchant",
+        body=PRODUCT_UPDATE,
+        responses={
+            403: "FORBIDDEN",
+            404: "NOT_FOUND",
+            409: "VERSION_CONFLICT, STOCK_BELOW_RESERVED, PRODUCT_IN_USE",
+            422: "VALIDATION_FAILED",
+        },
+        tag="catalog",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/products/{id}",
+        delete_product,
+        "Take a product off sale (own products; admin any)",
+        auth="merchant",
+        responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "PRODUCT_IN_USE"},
+        tag="catalog",
+    ),
 ]

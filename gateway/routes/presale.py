@@ -35,7 +35,8 @@ LIST_QUERY = {
     "user_id": "whose orders (admins only for other users; default: the caller)",
     "from": "created at or after (ISO 8601 datetime with offset, or a UTC date)",
     "to": "created before (datetime), or on or before (date)",
-    "page": "page number from 1", "limit": "page size, at most 100",
+    "page": "page number from 1",
+    "limit": "page size, at most 100",
 }
 
 
@@ -56,7 +57,8 @@ def _bound(raw: str | None, name: str, *, end: bool) -> datetime | None:
         day = date.fromisoformat(raw)
     except ValueError:
         raise ValidationFailed(
-            fields={name: "must be an ISO 8601 datetime with offset or a date"}) from None
+            fields={name: "must be an ISO 8601 datetime with offset or a date"}
+        ) from None
     return datetime.combine(day + timedelta(days=1 if end else 0), time(), tzinfo=UTC)
 
 
@@ -64,8 +66,14 @@ async def create_campaign(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), CAMPAIGN_CREATE)
     out = await presale.create_campaign(
-        request.app[appkeys.DB], principal, sku_id=body["sku_id"], total=body["total"],
-        price_cents=body.get("price"), starts_at=body.get("starts_at"), ends_at=body["ends_at"])
+        request.app[appkeys.DB],
+        principal,
+        sku_id=body["sku_id"],
+        total=body["total"],
+        price_cents=body.get("price"),
+        starts_at=body.get("starts_at"),
+        ends_at=body["ends_at"],
+    )
     return ok(out, status=201, message="presale created")
 
 
@@ -80,9 +88,13 @@ async def create_preorder(request: web.Request) -> web.Response:
     if body.get("user_id") not in (None, principal.user_id):
         raise Forbidden("a presale order is placed for the caller only")
     out = await presale.create_order(
-        request.app[appkeys.DB], order_id=request.app[appkeys.ORDER_IDS].next(principal.user_id),
-        user_id=principal.user_id, product_id=body["product_id"], sku_id=body.get("sku_id"),
-        quantity=body["quantity"])
+        request.app[appkeys.DB],
+        order_id=request.app[appkeys.ORDER_IDS].next(principal.user_id),
+        user_id=principal.user_id,
+        product_id=body["product_id"],
+        sku_id=body.get("sku_id"),
+        quantity=body["quantity"],
+    )
     return ok(out, status=201, message="presale order created")
 
 
@@ -90,8 +102,9 @@ async def update_preorder(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     order_id = _order_id(request)
     body = validate(await read_json(request), PREORDER_UPDATE)
-    out = await presale.change_status(request.app[appkeys.DB], principal, order_id,
-                                      body["status"], version=body.get("version"))
+    out = await presale.change_status(
+        request.app[appkeys.DB], principal, order_id, body["status"], version=body.get("version")
+    )
     return ok(out, message="status updated")
 
 
@@ -109,42 +122,92 @@ async def list_preorders(request: web.Request) -> web.Response:
             raise Forbidden("you may only list your own presale orders")
         user_id = principal.user_id
     f = presale.OrderFilter(
-        user_id=user_id, since=_bound(q.get("from"), "from", end=False),
+        user_id=user_id,
+        since=_bound(q.get("from"), "from", end=False),
         until=_bound(q.get("to"), "to", end=True),
         page=query_int(q, "page", 1, lo=1, hi=100_000) or 1,
-        limit=query_int(q, "limit", 20, lo=1, hi=100) or 20)
+        limit=query_int(q, "limit", 20, lo=1, hi=100) or 20,
+    )
     return ok(await presale.list_orders(request.app[appkeys.DB], f))
 
 
 async def cancel_preorder(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
-    out, changed = await presale.cancel_order(request.app[appkeys.DB], principal,
-                                              _order_id(request))
+    out, changed = await presale.cancel_order(
+        request.app[appkeys.DB], principal, _order_id(request)
+    )
     return ok(out, message="cancelled" if changed else "already cancelled")
 
 
 ROUTES = [
-    Route("POST", "/api/v1/presales", create_campaign,
-          "Open a presale of a SKU (the product's merchant or an admin)", auth="merchant",
-          body=CAMPAIGN_CREATE, responses={201: "created", 403: "FORBIDDEN",
-                                           422: "VALIDATION_FAILED"}, tag="presale"),
-    Route("GET", "/api/v1/presales/{id}", get_campaign, "A presale with its available stock",
-          responses={404: "PRESALE_NOT_FOUND"}, tag="presale"),
-    Route("POST", "/api/v1/preorder", create_preorder,
-          "Place a presale order (pre-occupies presale stock)", auth="user",
-          body=PREORDER_CREATE,
-          responses={201: "created", 404: "PRESALE_NOT_FOUND",
-                     409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE"}, tag="presale"),
-    Route("GET", "/api/v1/preorder", list_preorders, "List presale orders", auth="user",
-          query=LIST_QUERY, responses={403: "FORBIDDEN"}, tag="presale"),
-    Route("GET", "/api/v1/preorder/{order_id}", get_preorder, "One presale order", auth="user",
-          responses={404: "NOT_FOUND"}, tag="presale"),
-    Route("PUT", "/api/v1/preorder/{order_id}", update_preorder,
-          "Change a presale order's status (pending→paid→shipped→completed, or cancelled)",
-          auth="user", body=PREORDER_UPDATE,
-          responses={403: "FORBIDDEN", 404: "NOT_FOUND",
-                     409: "INVALID_TRANSITION, VERSION_CONFLICT"}, tag="presale"),
-    Route("DELETE", "/api/v1/preorder/{order_id}", cancel_preorder,
-          "Cancel a presale order and return its stock", auth="user",
-          responses={404: "NOT_FOUND", 409: "INVALID_TRANSITION"}, tag="presale"),
+    Route(
+        "POST",
+        "/api/v1/presales",
+        create_campaign,
+        "Open a presale of a SKU (the product's merchant or an admin)",
+        auth="merchant",
+        body=CAMPAIGN_CREATE,
+        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        tag="presale",
+    ),
+    Route(
+        "GET",
+        "/api/v1/presales/{id}",
+        get_campaign,
+        "A presale with its available stock",
+        responses={404: "PRESALE_NOT_FOUND"},
+        tag="presale",
+    ),
+    Route(
+        "POST",
+        "/api/v1/preorder",
+        create_preorder,
+        "Place a presale order (pre-occupies presale stock)",
+        auth="user",
+        body=PREORDER_CREATE,
+        responses={
+            201: "created",
+            404: "PRESALE_NOT_FOUND",
+            409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE",
+        },
+        tag="presale",
+    ),
+    Route(
+        "GET",
+        "/api/v1/preorder",
+        list_preorders,
+        "List presale orders",
+        auth="user",
+        query=LIST_QUERY,
+        responses={403: "FORBIDDEN"},
+        tag="presale",
+    ),
+    Route(
+        "GET",
+        "/api/v1/preorder/{order_id}",
+        get_preorder,
+        "One presale order",
+        auth="user",
+        responses={404: "NOT_FOUND"},
+        tag="presale",
+    ),
+    Route(
+        "PUT",
+        "/api/v1/preorder/{order_id}",
+        update_preorder,
+        "Change a presale order's status (pending→paid→shipped→completed, or cancelled)",
+        auth="user",
+        body=PREORDER_UPDATE,
+        responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "INVALID_TRANSITION, VERSION_CONFLICT"},
+        tag="presale",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/preorder/{order_id}",
+        cancel_preorder,
+        "Cancel a presale order and return its stock",
+        auth="user",
+        responses={404: "NOT_FOUND", 409: "INVALID_TRANSITION"},
+        tag="presale",
+    ),
 ]

@@ -98,9 +98,15 @@ def _like_pattern(term: str) -> str:
 
 def _list_item(r: asyncpg.Record) -> dict[str, Any]:
     images = r["images"] or []
-    return {"id": r["id"], "name": r["name"], "price": r["price"],
-            "image": images[0] if images else None, "stock": r["stock"],
-            "category": r["category"], "sales": r["sales"]}
+    return {
+        "id": r["id"],
+        "name": r["name"],
+        "price": r["price"],
+        "image": images[0] if images else None,
+        "stock": r["stock"],
+        "category": r["category"],
+        "sales": r["sales"],
+    }
 
 
 async def list_products(pool: asyncpg.Pool, query: ProductQuery) -> dict[str, Any]:
@@ -114,14 +120,24 @@ async def list_products(pool: asyncpg.Pool, query: ProductQuery) -> dict[str, An
             cat_name = query.category
     terms = query.q.split() if query.q else []
     patterns = [_like_pattern(t) for t in terms] or None
-    args = (cat_id, cat_name, query.category is not None, query.price_min, query.price_max,
-            patterns)
+    args = (
+        cat_id,
+        cat_name,
+        query.category is not None,
+        query.price_min,
+        query.price_max,
+        patterns,
+    )
     offset = (query.page - 1) * query.limit
     async with pool.acquire() as conn:
         rows = await conn.fetch(SQL_LIST_PRODUCTS[query.sort], *args, query.limit, offset)
         total = await conn.fetchval(SQL_COUNT_PRODUCTS, *args)
-    return {"products": [_list_item(r) for r in rows], "total": total,
-            "page": query.page, "limit": query.limit}
+    return {
+        "products": [_list_item(r) for r in rows],
+        "total": total,
+        "page": query.page,
+        "limit": query.limit,
+    }
 
 
 # --- categories --------------------------------------------------------------------------
@@ -132,8 +148,10 @@ SQL_ALL_CATEGORIES: Final = "SELECT id, name, parent_id FROM categories ORDER BY
 async def category_tree(pool: asyncpg.Pool) -> list[dict[str, Any]]:
     """Every category as a nested tree (seed 000 §2.3)."""
     rows = await pool.fetch(SQL_ALL_CATEGORIES)
-    nodes = {r["id"]: {"id": r["id"], "name": r["name"], "parent_id": r["parent_id"],
-                       "children": []} for r in rows}
+    nodes = {
+        r["id"]: {"id": r["id"], "name": r["name"], "parent_id": r["parent_id"], "children": []}
+        for r in rows
+    }
     roots: list[dict[str, Any]] = []
     for r in rows:
         parent = nodes.get(r["parent_id"]) if r["parent_id"] is not None else None
@@ -163,8 +181,7 @@ SELECT id, name, parent_id FROM up ORDER BY depth DESC
 """
 
 
-async def load_detail(conn: Conn | asyncpg.Pool, product_id: int
-                      ) -> dict[str, Any] | None:
+async def load_detail(conn: Conn | asyncpg.Pool, product_id: int) -> dict[str, Any] | None:
     """The detail of an on-sale product from the database, or None."""
     p = await conn.fetchrow(SQL_PRODUCT, product_id)
     if p is None or p["status"] != "on_sale":
@@ -176,22 +193,41 @@ async def load_detail(conn: Conn | asyncpg.Pool, product_id: int
         rows = await conn.fetch(SQL_CATEGORY_PATH, p["category_id"])
         path = [{"id": r["id"], "name": r["name"]} for r in rows]
         leaf = rows[-1]
-        category = {"id": leaf["id"], "name": leaf["name"],
-                    "parent": rows[-2]["name"] if len(rows) > 1 else None,
-                    "parent_id": leaf["parent_id"]}
+        category = {
+            "id": leaf["id"],
+            "name": leaf["name"],
+            "parent": rows[-2]["name"] if len(rows) > 1 else None,
+            "parent_id": leaf["parent_id"],
+        }
     images = p["images"] or []
-    sku_out = [{"id": s["id"], "code": s["code"], "attributes": s["attributes"],
-                "price": s["price_cents"], "stock": s["on_hand"] - s["reserved"]} for s in skus]
+    sku_out = [
+        {
+            "id": s["id"],
+            "code": s["code"],
+            "attributes": s["attributes"],
+            "price": s["price_cents"],
+            "stock": s["on_hand"] - s["reserved"],
+        }
+        for s in skus
+    ]
     return {
-        "id": p["id"], "name": p["name"], "description": p["description"],
+        "id": p["id"],
+        "name": p["name"],
+        "description": p["description"],
         "price": min((s["price"] for s in sku_out), default=None),
-        "images": images, "image": images[0] if images else None,
+        "images": images,
+        "image": images[0] if images else None,
         "stock": sum(s["stock"] for s in sku_out),
-        "category": category, "category_path": path,
-        "attributes": p["attributes"], "skus": sku_out,
-        "merchant_id": p["merchant_id"], "status": p["status"], "sales": p["sales"],
+        "category": category,
+        "category_path": path,
+        "attributes": p["attributes"],
+        "skus": sku_out,
+        "merchant_id": p["merchant_id"],
+        "status": p["status"],
+        "sales": p["sales"],
         "version": p["version"],
-        "created_at": p["created_at"].isoformat(), "updated_at": p["updated_at"].isoformat(),
+        "created_at": p["created_at"].isoformat(),
+        "updated_at": p["updated_at"].isoformat(),
     }
 
 
@@ -306,23 +342,37 @@ async def _check_category(conn: Conn, category_id: int | None) -> None:
 
 
 async def create_product(
-    pool: asyncpg.Pool, principal: Principal, *, name: str, description: str,
-    category_id: int | None, images: list[str], attributes: dict[str, Any], skus: list[SkuInput],
+    pool: asyncpg.Pool,
+    principal: Principal,
+    *,
+    name: str,
+    description: str,
+    category_id: int | None,
+    images: list[str],
+    attributes: dict[str, Any],
+    skus: list[SkuInput],
 ) -> int:
     """Insert a product and its SKUs for the calling merchant; return its id."""
     _require_seller(principal)
     async with pool.acquire() as conn, conn.transaction():
         await _check_category(conn, category_id)
-        pid: int = await conn.fetchval(SQL_INSERT_PRODUCT, principal.user_id, category_id, name,
-                                       description, images, attributes)
+        pid: int = await conn.fetchval(
+            SQL_INSERT_PRODUCT,
+            principal.user_id,
+            category_id,
+            name,
+            description,
+            images,
+            attributes,
+        )
         for sku in skus:
-            await conn.fetchval(SQL_INSERT_SKU, pid, sku.code, sku.attributes or {}, sku.price,
-                                sku.stock or 0)
+            await conn.fetchval(
+                SQL_INSERT_SKU, pid, sku.code, sku.attributes or {}, sku.price, sku.stock or 0
+            )
     return pid
 
 
-async def _lock_owned(conn: Conn, principal: Principal, product_id: int
-                      ) -> asyncpg.Record:
+async def _lock_owned(conn: Conn, principal: Principal, product_id: int) -> asyncpg.Record:
     _require_seller(principal)
     row = await conn.fetchrow(SQL_LOCK_PRODUCT, product_id)
     if row is None:
@@ -333,8 +383,14 @@ async def _lock_owned(conn: Conn, principal: Principal, product_id: int
 
 
 async def update_product(
-    pool: asyncpg.Pool, redis: Redis, principal: Principal, product_id: int,
-    fields: dict[str, Any], skus: list[SkuInput], *, version: int | None,
+    pool: asyncpg.Pool,
+    redis: Redis,
+    principal: Principal,
+    product_id: int,
+    fields: dict[str, Any],
+    skus: list[SkuInput],
+    *,
+    version: int | None,
     flat: SkuInput | None = None,
 ) -> int:
     """Update a product's fields and SKUs (owner or admin); return the new version.
@@ -346,13 +402,20 @@ async def update_product(
     async with pool.acquire() as conn, conn.transaction():
         row = await _lock_owned(conn, principal, product_id)
         if version is not None and version != row["version"]:
-            raise Conflict("the product was changed by someone else; reload and retry",
-                           code="VERSION_CONFLICT", data={"version": row["version"]})
+            raise Conflict(
+                "the product was changed by someone else; reload and retry",
+                code="VERSION_CONFLICT",
+                data={"version": row["version"]},
+            )
         if flat is not None:
             ids = [r["id"] for r in await conn.fetch(SQL_PRODUCT_SKU_IDS, product_id)]
             if len(ids) != 1:
-                raise ValidationFailed(fields={"price": "the product has several SKUs; use skus",
-                                               "stock": "the product has several SKUs; use skus"})
+                raise ValidationFailed(
+                    fields={
+                        "price": "the product has several SKUs; use skus",
+                        "stock": "the product has several SKUs; use skus",
+                    }
+                )
             skus = [SkuInput(price=flat.price, stock=flat.stock, id=ids[0]), *skus]
         if fields.get("status") == "off_sale" and row["status"] == "on_sale":
             await _refuse_if_in_use(conn, product_id)
@@ -362,22 +425,39 @@ async def update_product(
             if sku.id is None:
                 if sku.price is None:
                     raise ValidationFailed(fields={f"skus[{i}].price": "is required for a new SKU"})
-                await conn.fetchval(SQL_INSERT_SKU, product_id, sku.code, sku.attributes or {},
-                                    sku.price, sku.stock or 0)
+                await conn.fetchval(
+                    SQL_INSERT_SKU,
+                    product_id,
+                    sku.code,
+                    sku.attributes or {},
+                    sku.price,
+                    sku.stock or 0,
+                )
                 continue
-            done = await conn.fetchval(SQL_UPDATE_SKU, sku.id, product_id, sku.price, sku.stock,
-                                       sku.attributes)
+            done = await conn.fetchval(
+                SQL_UPDATE_SKU, sku.id, product_id, sku.price, sku.stock, sku.attributes
+            )
             if done is None:
                 reserved = await conn.fetchval(SQL_SKU_OF_PRODUCT, sku.id, product_id)
                 if reserved is None:
                     raise ValidationFailed(fields={f"skus[{i}].id": "no such SKU on this product"})
-                raise Conflict(f"stock of SKU {sku.id} cannot go below the {reserved} units "
-                               "held by unpaid orders", code="STOCK_BELOW_RESERVED",
-                               data={"sku_id": sku.id, "reserved": reserved})
+                raise Conflict(
+                    f"stock of SKU {sku.id} cannot go below the {reserved} units "
+                    "held by unpaid orders",
+                    code="STOCK_BELOW_RESERVED",
+                    data={"sku_id": sku.id, "reserved": reserved},
+                )
         new_version: int = await conn.fetchval(
-            SQL_UPDATE_PRODUCT, product_id, fields.get("name"), fields.get("description"),
-            "category_id" in fields, fields.get("category_id"), fields.get("images"),
-            fields.get("attributes"), fields.get("status"))
+            SQL_UPDATE_PRODUCT,
+            product_id,
+            fields.get("name"),
+            fields.get("description"),
+            "category_id" in fields,
+            fields.get("category_id"),
+            fields.get("images"),
+            fields.get("attributes"),
+            fields.get("status"),
+        )
     await invalidate(redis, product_id)
     return new_version
 
@@ -388,8 +468,9 @@ async def _refuse_if_in_use(conn: Conn, product_id: int) -> None:
         raise Conflict("unfinished orders reference this product", code="PRODUCT_IN_USE")
 
 
-async def delete_product(pool: asyncpg.Pool, redis: Redis, principal: Principal,
-                         product_id: int) -> None:
+async def delete_product(
+    pool: asyncpg.Pool, redis: Redis, principal: Principal, product_id: int
+) -> None:
     """Take a product off sale (soft delete); 409 PRODUCT_IN_USE while unfinished orders
     reference it.
 

@@ -73,15 +73,28 @@ SQL_CAMPAIGN: Final = "SELECT * FROM presale_campaigns WHERE id = $1"
 
 
 def campaign_out(r: asyncpg.Record) -> dict[str, Any]:
-    return {"id": r["id"], "product_id": r["product_id"], "sku_id": r["sku_id"],
-            "price": r["price_cents"], "total": r["total"], "preoccupied": r["preoccupied"],
-            "available": r["total"] - r["preoccupied"],
-            "starts_at": r["starts_at"].isoformat(), "ends_at": r["ends_at"].isoformat()}
+    return {
+        "id": r["id"],
+        "product_id": r["product_id"],
+        "sku_id": r["sku_id"],
+        "price": r["price_cents"],
+        "total": r["total"],
+        "preoccupied": r["preoccupied"],
+        "available": r["total"] - r["preoccupied"],
+        "starts_at": r["starts_at"].isoformat(),
+        "ends_at": r["ends_at"].isoformat(),
+    }
 
 
 async def create_campaign(
-    pool: asyncpg.Pool, principal: Principal, *, sku_id: int, total: int,
-    price_cents: int | None, starts_at: datetime | None, ends_at: datetime,
+    pool: asyncpg.Pool,
+    principal: Principal,
+    *,
+    sku_id: int,
+    total: int,
+    price_cents: int | None,
+    starts_at: datetime | None,
+    ends_at: datetime,
 ) -> dict[str, Any]:
     """Open a presale of ``total`` units of a SKU (the product's merchant or an admin)."""
     if principal.role not in ("merchant", "admin"):
@@ -94,8 +107,9 @@ async def create_campaign(
     if principal.role != "admin" and owner["merchant_id"] != principal.user_id:
         raise Forbidden("this product belongs to another merchant")
     try:
-        row = await pool.fetchrow(SQL_INSERT_CAMPAIGN, sku_id, price_cents, total, starts_at,
-                                  ends_at, principal.user_id)
+        row = await pool.fetchrow(
+            SQL_INSERT_CAMPAIGN, sku_id, price_cents, total, starts_at, ends_at, principal.user_id
+        )
     except asyncpg.CheckViolationError:
         raise ValidationFailed(fields={"ends_at": "must be after starts_at"}) from None
     assert row is not None
@@ -180,16 +194,31 @@ def order_out(r: asyncpg.Record) -> dict[str, Any]:
     def iso(v: datetime | None) -> str | None:
         return None if v is None else v.isoformat()
 
-    return {"order_id": r["id"], "presale_id": r["campaign_id"], "user_id": r["user_id"],
-            "product_id": r["product_id"], "sku_id": r["sku_id"], "quantity": r["quantity"],
-            "price": r["price_cents"], "total_amount": r["total_cents"], "status": r["status"],
-            "version": r["version"], "created_at": iso(r["created_at"]),
-            "updated_at": iso(r["updated_at"]), "paid_at": iso(r["paid_at"]),
-            "cancelled_at": iso(r["cancelled_at"])}
+    return {
+        "order_id": r["id"],
+        "presale_id": r["campaign_id"],
+        "user_id": r["user_id"],
+        "product_id": r["product_id"],
+        "sku_id": r["sku_id"],
+        "quantity": r["quantity"],
+        "price": r["price_cents"],
+        "total_amount": r["total_cents"],
+        "status": r["status"],
+        "version": r["version"],
+        "created_at": iso(r["created_at"]),
+        "updated_at": iso(r["updated_at"]),
+        "paid_at": iso(r["paid_at"]),
+        "cancelled_at": iso(r["cancelled_at"]),
+    }
 
 
 async def create_order(
-    pool: asyncpg.Pool, *, order_id: str, user_id: int, product_id: int, sku_id: int | None,
+    pool: asyncpg.Pool,
+    *,
+    order_id: str,
+    user_id: int,
+    product_id: int,
+    sku_id: int | None,
     quantity: int,
 ) -> dict[str, Any]:
     """Pre-occupy ``quantity`` units of the product's open presale and record the order."""
@@ -203,15 +232,26 @@ async def create_order(
                 raise Conflict("the presale is not open", code="PRESALE_NOT_ACTIVE")
             raise InsufficientStock(data={"available": state["available"]})
         row = await conn.fetchrow(
-            SQL_INSERT_ORDER, order_id, taken["id"], user_id, product_id, taken["sku_id"],
-            quantity, taken["price_cents"], taken["price_cents"] * quantity)
+            SQL_INSERT_ORDER,
+            order_id,
+            taken["id"],
+            user_id,
+            product_id,
+            taken["sku_id"],
+            quantity,
+            taken["price_cents"],
+            taken["price_cents"] * quantity,
+        )
     assert row is not None
     return order_out(row)
 
 
 def _can_see(principal: Principal, order: asyncpg.Record) -> bool:
-    return (principal.role == "admin" or order["user_id"] == principal.user_id
-            or (principal.role == "merchant" and order["merchant_id"] == principal.user_id))
+    return (
+        principal.role == "admin"
+        or order["user_id"] == principal.user_id
+        or (principal.role == "merchant" and order["merchant_id"] == principal.user_id)
+    )
 
 
 async def get_order(pool: asyncpg.Pool, principal: Principal, order_id: str) -> dict[str, Any]:
@@ -238,21 +278,27 @@ def _check_allowed(principal: Principal, order: asyncpg.Record, target: str) -> 
         raise Forbidden(f"you may not move this order to {target}")
 
 
-async def _explain_refusal(pool: asyncpg.Pool, order_id: str, target: str,
-                           version: int | None) -> asyncpg.Record:
+async def _explain_refusal(
+    pool: asyncpg.Pool, order_id: str, target: str, version: int | None
+) -> asyncpg.Record:
     row = await pool.fetchrow(SQL_ORDER, order_id)
     assert row is not None  # orders are never deleted
-    if target in TRANSITIONS.get(row["status"], ()) and version is not None \
-            and version != row["version"]:
+    if (
+        target in TRANSITIONS.get(row["status"], ())
+        and version is not None
+        and version != row["version"]
+    ):
         raise VersionConflict(data={"version": row["version"]})
     if target == "cancelled" and row["status"] == "cancelled":
         return row
-    raise InvalidTransition(f"cannot go from {row['status']} to {target}",
-                            data={"status": row["status"]})
+    raise InvalidTransition(
+        f"cannot go from {row['status']} to {target}", data={"status": row["status"]}
+    )
 
 
-async def cancel_order(pool: asyncpg.Pool, principal: Principal, order_id: str, *,
-                       version: int | None = None) -> tuple[dict[str, Any], bool]:
+async def cancel_order(
+    pool: asyncpg.Pool, principal: Principal, order_id: str, *, version: int | None = None
+) -> tuple[dict[str, Any], bool]:
     """Cancel and return the units to the campaign; ``(order, changed)``.
 
     Cancelling an order that is already cancelled changes nothing and is not an error.
@@ -266,8 +312,14 @@ async def cancel_order(pool: asyncpg.Pool, principal: Principal, order_id: str, 
     return await get_order(pool, principal, order_id), True
 
 
-async def change_status(pool: asyncpg.Pool, principal: Principal, order_id: str, target: str,
-                        *, version: int | None = None) -> dict[str, Any]:
+async def change_status(
+    pool: asyncpg.Pool,
+    principal: Principal,
+    order_id: str,
+    target: str,
+    *,
+    version: int | None = None,
+) -> dict[str, Any]:
     """Move an order along its lifecycle; 409 INVALID_TRANSITION or VERSION_CONFLICT."""
     if target == "cancelled":
         out, _ = await cancel_order(pool, principal, order_id, version=version)
@@ -295,5 +347,9 @@ async def list_orders(pool: asyncpg.Pool, f: OrderFilter) -> dict[str, Any]:
     async with pool.acquire() as conn:
         rows = await conn.fetch(SQL_LIST, *args, f.limit, (f.page - 1) * f.limit)
         total = await conn.fetchval(SQL_COUNT, *args)
-    return {"orders": [order_out(r) for r in rows], "total": total, "page": f.page,
-            "limit": f.limit}
+    return {
+        "orders": [order_out(r) for r in rows],
+        "total": total,
+        "page": f.page,
+        "limit": f.limit,
+    }
