@@ -3,9 +3,10 @@
 
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 
--- ILIKE '%term%' on name and description is served by trigram GIN indexes.
-CREATE INDEX products_name_trgm_idx ON products USING gin (name gin_trgm_ops);
-CREATE INDEX products_description_trgm_idx ON products USING gin (description gin_trgm_ops);
+-- Search: ILIKE '%term%' on name and description together, served by a trigram GIN index
+-- on the same expression the catalog query uses.
+CREATE INDEX products_search_trgm_idx ON products
+    USING gin ((name || ' ' || description) gin_trgm_ops);
 CREATE INDEX products_on_sale_created_idx ON products (created_at DESC, id DESC)
     WHERE status = 'on_sale';
 CREATE INDEX products_on_sale_sales_idx ON products (sales DESC, id DESC) WHERE status = 'on_sale';

@@ -48,7 +48,8 @@ def detail_key(product_id: int) -> str:
 # --- listing -----------------------------------------------------------------------------
 
 # $1 category id, $2 category name, $3 filter by category?, $4 price_min, $5 price_max,
-# $6 search patterns (every one must match name or description).
+# $6 the longest search pattern (what the trigram index can serve), $7 every pattern (all
+# must match name or description).
 _LIST_FROM = """
 WITH RECURSIVE cat AS (
     SELECT id FROM categories
@@ -68,14 +69,13 @@ WITH RECURSIVE cat AS (
       AND (NOT $3::boolean OR p.category_id IN (SELECT id FROM cat))
       AND ($4::bigint IS NULL OR s.price >= $4::bigint)
       AND ($5::bigint IS NULL OR s.price <= $5::bigint)
-      AND ($6::text[] IS NULL OR NOT EXISTS (
-            SELECT 1 FROM unnest($6::text[]) AS t(pattern)
-            WHERE NOT (p.name ILIKE t.pattern OR p.description ILIKE t.pattern)))
+      AND ($6::text IS NULL OR (p.name || ' ' || p.description) ILIKE $6::text)
+      AND ($7::text[] IS NULL OR (p.name || ' ' || p.description) ILIKE ALL ($7::text[]))
 )
 """
 SQL_COUNT_PRODUCTS: Final = _LIST_FROM + "SELECT count(*) FROM base"  # noqa: S608
 SQL_LIST_PRODUCTS: Final = {
-    sort: _LIST_FROM + f"SELECT * FROM base ORDER BY {order} LIMIT $7 OFFSET $8"  # noqa: S608
+    sort: _LIST_FROM + f"SELECT * FROM base ORDER BY {order} LIMIT $8 OFFSET $9"  # noqa: S608
     for sort, order in SORTS.items()
 }
 
@@ -120,12 +120,14 @@ async def list_products(pool: asyncpg.Pool, query: ProductQuery) -> dict[str, An
             cat_name = query.category
     terms = query.q.split() if query.q else []
     patterns = [_like_pattern(t) for t in terms] or None
+    longest = _like_pattern(max(terms, key=len)) if terms else None
     args = (
         cat_id,
         cat_name,
         query.category is not None,
         query.price_min,
         query.price_max,
+        longest,
         patterns,
     )
     offset = (query.page - 1) * query.limit
