@@ -373,3 +373,21 @@ async def test_delete_refused_while_in_orders(
     assert (await client.get(url)).status == 404
     resp = await client.get("/api/v1/products", params={"q": p["name"]})
     assert (await resp.json())["data"]["total"] == 0
+
+
+async def test_admin_may_delete_any_user_may_not(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    _, h = await _merchant(db, tokens)
+    p = await _create(client, h, name="Adm " + _tag(), price=100, stock=1)
+    url = f"/api/v1/products/{p['id']}"
+    shopper = await make_user(db)
+    resp = await client.put(url, headers=auth(tokens, shopper), json={"name": "x"})
+    assert resp.status == 403
+    admin = await make_user(db, "admin")
+    resp = await client.delete(url, headers=auth(tokens, admin, "admin"))
+    assert resp.status == 200
+    assert (await client.get(url)).status == 404
+    resp = await client.put(url, headers=h, json={"status": "on_sale"})
+    assert resp.status == 200 and (await resp.json())["data"]["status"] == "on_sale"
+    assert (await client.get(url)).status == 200
