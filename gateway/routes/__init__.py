@@ -14,12 +14,31 @@ from gateway.routing import Route
 
 
 def extra_routes() -> list[Route]:
-    from gateway.routes import flashsales
+    from gateway.routes import (
+        cart,
+        catalog,
+        flashsales,
+        inventory,
+        marketing,
+        orders,
+        payments,
+        presale,
+    )
 
-    return [*flashsales.ROUTES]
+    return [
+        *flashsales.ROUTES,
+        *catalog.ROUTES,
+        *presale.ROUTES,
+        *inventory.ROUTES,
+        *orders.ROUTES,
+        *payments.ROUTES,
+        *cart.ROUTES,
+        *marketing.ROUTES,
+    ]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
     from gateway.services.flashsale import flash_ctx
+    from gateway.services.sweepers_store import store_sweeper_ctx
 
-    return [flash_ctx]
+    return [flash_ctx, store_sweeper_ctx]

@@ -1,0 +1,236 @@
+"""Catalog (seed 000 §2): products, product detail, categories, merchant writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.auth import authenticate
+from gateway.errors import ValidationFailed
+from gateway.http import ok, read_json
+from gateway.routing import Route
+from gateway.services import catalog
+from gateway.services.catalog import ProductQuery, SkuInput
+from gateway.validation import F, path_int, query_int, validate
+
+MAX_CENTS = 10**12
+MAX_STOCK = 2_000_000_000
+
+SKU_CREATE = {
+    "attributes": F(dict, required=False, default={}),
+    "price": F(int, min=0, max=MAX_CENTS),
+    "stock": F(int, required=False, default=0, min=0, max=MAX_STOCK),
+    "code": F(str, required=False, nullable=True, max_len=64),
+}
+SKU_UPDATE = {
+    "id": F(int, required=False, nullable=True, min=1),
+    "attributes": F(dict, required=False, nullable=True),
+    "price": F(int, required=False, nullable=True, min=0, max=MAX_CENTS),
+    "stock": F(int, required=False, nullable=True, min=0, max=MAX_STOCK),
+    "code": F(str, required=False, nullable=True, max_len=64),
+}
+PRODUCT_CREATE = {
+    "name": F(str, min_len=1, max_len=200),
+    "description": F(str, required=False, default="", max_len=20_000),
+    "category_id": F(int, required=False, nullable=True, min=1),
+    "images": F(list, required=False, default=[], max_len=20, items=str),
+    "attributes": F(dict, required=False, default={}),
+    "skus": F(list, required=False, min_len=1, max_len=100, items=dict),
+    "price": F(int, required=False, min=0, max=MAX_CENTS),
+    "stock": F(int, required=False, min=0, max=MAX_STOCK),
+}
+PRODUCT_UPDATE = {
+    "name": F(str, required=False, min_len=1, max_len=200),
+    "description": F(str, required=False, max_len=20_000),
+    "category_id": F(int, required=False, nullable=True, min=1),
+    "images": F(list, required=False, max_len=20, items=str),
+    "attributes": F(dict, required=False),
+    "status": F(str, required=False, choices=("on_sale", "off_sale")),
+    "skus": F(list, required=False, max_len=100, items=dict),
+    "price": F(int, required=False, min=0, max=MAX_CENTS),
+    "stock": F(int, required=False, min=0, max=MAX_STOCK),
+    "version": F(int, required=False, min=1),
+}
+LIST_QUERY = {
+    "category": "category id or name (includes its sub-categories)",
+    "price_min": "lowest price in cents",
+    "price_max": "highest price in cents",
+    "q": "search words (all must appear in name or description)",
+    "sort": "price,asc | price,desc | sales,desc | created,desc (default)",
+    "page": "page number from 1",
+    "limit": f"page size, at most {catalog.MAX_LIMIT}",
+}
+
+
+def _skus(items: list[dict[str, Any]], schema: dict[str, F]) -> list[SkuInput]:
+    out: list[SkuInput] = []
+    errors: dict[str, str] = {}
+    for i, item in enumerate(items):
+        try:
+            v = validate(item, schema)
+        except ValidationFailed as exc:
+            errors.update({f"skus[{i}].{k}": m for k, m in (exc.fields or {}).items()})
+            continue
+        out.append(
+            SkuInput(
+                price=v.get("price"),
+                stock=v.get("stock"),
+                attributes=v.get("attributes"),
+                code=v.get("code"),
+                id=v.get("id"),
+            )
+        )
+    if errors:
+        raise ValidationFailed(fields=errors)
+    return out
+
+
+async def list_products(request: web.Request) -> web.Response:
+    q = request.query
+    sort = q.get("sort") or "created,desc"
+    if sort not in catalog.SORTS:
+        raise ValidationFailed(fields={"sort": "must be one of: " + ", ".join(catalog.SORTS)})
+    price_min = query_int(q, "price_min", None, lo=0, hi=MAX_CENTS)
+    price_max = query_int(q, "price_max", None, lo=0, hi=MAX_CENTS)
+    if price_min is not None and price_max is not None and price_min > price_max:
+        raise ValidationFailed(fields={"price_max": "must be >= price_min"})
+    search = (q.get("q") or "").strip()
+    if len(search) > 200:
+        raise ValidationFailed(fields={"q": "length must be <= 200"})
+    query = ProductQuery(
+        category=(q.get("category") or "").strip() or None,
+        price_min=price_min,
+        price_max=price_max,
+        q=search or None,
+        sort=sort,
+        page=query_int(q, "page", 1, lo=1, hi=100_000) or 1,
+        limit=query_int(q, "limit", 20, lo=1, hi=catalog.MAX_LIMIT) or 20,
+    )
+    return ok(await catalog.list_products(request.app[appkeys.DB], query))
+
+
+async def get_product(request: web.Request) -> web.Response:
+    product_id = path_int(request.match_info["id"], "product")
+    detail = await catalog.product_detail(
+        request.app[appkeys.DB], request.app[appkeys.REDIS], product_id
+    )
+    return ok(detail)
+
+
+async def categories(request: web.Request) -> web.Response:
+    return ok(await catalog.category_tree(request.app[appkeys.DB]))
+
+
+async def create_product(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), PRODUCT_CREATE)
+    if "skus" in body:
+        if "price" in body or "stock" in body:
+            raise ValidationFailed(fields={"skus": "send either skus or price/stock, not both"})
+        skus = _skus(body["skus"], SKU_CREATE)
+    elif "price" in body:
+        skus = [SkuInput(price=body["price"], stock=body.get("stock", 0))]
+    else:
+        raise ValidationFailed(fields={"skus": "skus (or price and stock) are required"})
+    pool = request.app[appkeys.DB]
+    pid = await catalog.create_product(
+        pool,
+        principal,
+        name=body["name"],
+        description=body["description"],
+        category_id=body.get("category_id"),
+        images=body["images"],
+        attributes=body["attributes"],
+        skus=skus,
+    )
+    detail = await catalog.load_detail(pool, pid)
+    return ok(detail, status=201, message="created")
+
+
+async def update_product(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    product_id = path_int(request.match_info["id"], "product")
+    body = validate(await read_json(request), PRODUCT_UPDATE)
+    skus = _skus(body.get("skus", []), SKU_UPDATE)
+    flat = (
+        SkuInput(price=body.get("price"), stock=body.get("stock"))
+        if "price" in body or "stock" in body
+        else None
+    )
+    names = ("name", "description", "category_id", "images", "attributes", "status")
+    fields: dict[str, Any] = {k: body[k] for k in names if k in body}
+    pool, redis = request.app[appkeys.DB], request.app[appkeys.REDIS]
+    version = await catalog.update_product(
+        pool, redis, principal, product_id, fields, skus, version=body.get("version"), flat=flat
+    )
+    detail = await catalog.load_detail(pool, product_id)
+    return ok(
+        detail or {"id": product_id, "version": version, "status": "off_sale"}, message="updated"
+    )
+
+
+async def delete_product(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    product_id = path_int(request.match_info["id"], "product")
+    await catalog.delete_product(
+        request.app[appkeys.DB], request.app[appkeys.REDIS], principal, product_id
+    )
+    return ok({"id": product_id, "status": "off_sale"}, message="taken off sale")
+
+
+ROUTES = [
+    Route(
+        "GET",
+        "/api/v1/products",
+        list_products,
+        "List and search on-sale products",
+        query=LIST_QUERY,
+        responses={422: "VALIDATION_FAILED"},
+        tag="catalog",
+    ),
+    Route(
+        "GET",
+        "/api/v1/products/{id}",
+        get_product,
+        "Product detail with SKUs and category path (cached)",
+        responses={404: "NOT_FOUND"},
+        tag="catalog",
+    ),
+    Route("GET", "/api/v1/categories", categories, "The category tree", tag="catalog"),
+    Route(
+        "POST",
+        "/api/v1/products",
+        create_product,
+        "Create a product with its SKUs (or flat price/stock = one SKU)",
+        auth="merchant",
+        body=PRODUCT_CREATE,
+        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        tag="catalog",
+    ),
+    Route(
+        "PUT",
+        "/api/v1/products/{id}",
+        update_product,
+        "Update a product and its SKUs (own products; admin any)",
+        auth="merchant",
+        body=PRODUCT_UPDATE,
+        responses={
+            403: "FORBIDDEN",
+            404: "NOT_FOUND",
+            409: "VERSION_CONFLICT, STOCK_BELOW_RESERVED, PRODUCT_IN_USE",
+            422: "VALIDATION_FAILED",
+        },
+        tag="catalog",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/products/{id}",
+        delete_product,
+        "Take a product off sale (own products; admin any)",
+        auth="merchant",
+        responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "PRODUCT_IN_USE"},
+        tag="catalog",
+    ),
+]

@@ -1,0 +1,213 @@
+"""Presale (seed 001): campaigns, and presale orders with stock pre-occupation."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.auth import authenticate
+from gateway.errors import Forbidden, NotFound, ValidationFailed
+from gateway.http import ok, read_json
+from gateway.routing import Route
+from gateway.services import presale
+from gateway.validation import F, parse_datetime, path_int, query_int, validate
+
+CAMPAIGN_CREATE = {
+    "sku_id": F(int, min=1),
+    "total": F(int, min=1, max=10_000_000),
+    "price": F(int, required=False, nullable=True, min=0, max=10**12),
+    "starts_at": F(datetime, required=False, nullable=True),
+    "ends_at": F(datetime),
+}
+PREORDER_CREATE = {
+    "product_id": F(int, min=1),
+    "sku_id": F(int, required=False, nullable=True, min=1),
+    "quantity": F(int, min=1, max=100),
+    "user_id": F(int, required=False, nullable=True, min=1),
+}
+PREORDER_UPDATE = {
+    "status": F(str, choices=tuple(s for s in presale.STATUSES if s != "pending")),
+    "version": F(int, required=False, nullable=True, min=1),
+}
+LIST_QUERY = {
+    "user_id": "whose orders (admins only for other users; default: the caller)",
+    "from": "created at or after (ISO 8601 datetime with offset, or a UTC date)",
+    "to": "created before (datetime), or on or before (date)",
+    "page": "page number from 1",
+    "limit": "page size, at most 100",
+}
+
+
+def _order_id(request: web.Request) -> str:
+    value = request.match_info["order_id"]
+    if not value.isdigit() or len(value) > 40:
+        raise NotFound("presale order not found")
+    return value
+
+
+def _bound(raw: str | None, name: str, *, end: bool) -> datetime | None:
+    if not raw:
+        return None
+    parsed = parse_datetime(raw)
+    if parsed is not None:
+        return parsed
+    try:
+        day = date.fromisoformat(raw)
+    except ValueError:
+        raise ValidationFailed(
+            fields={name: "must be an ISO 8601 datetime with offset or a date"}
+        ) from None
+    return datetime.combine(day + timedelta(days=1 if end else 0), time(), tzinfo=UTC)
+
+
+async def create_campaign(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), CAMPAIGN_CREATE)
+    out = await presale.create_campaign(
+        request.app[appkeys.DB],
+        principal,
+        sku_id=body["sku_id"],
+        total=body["total"],
+        price_cents=body.get("price"),
+        starts_at=body.get("starts_at"),
+        ends_at=body["ends_at"],
+    )
+    return ok(out, status=201, message="presale created")
+
+
+async def get_campaign(request: web.Request) -> web.Response:
+    campaign_id = path_int(request.match_info["id"], "presale")
+    return ok(await presale.get_campaign(request.app[appkeys.DB], campaign_id))
+
+
+async def create_preorder(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), PREORDER_CREATE)
+    if body.get("user_id") not in (None, principal.user_id):
+        raise Forbidden("a presale order is placed for the caller only")
+    out = await presale.create_order(
+        request.app[appkeys.DB],
+        order_id=request.app[appkeys.ORDER_IDS].next(principal.user_id),
+        user_id=principal.user_id,
+        product_id=body["product_id"],
+        sku_id=body.get("sku_id"),
+        quantity=body["quantity"],
+    )
+    return ok(out, status=201, message="presale order created")
+
+
+async def update_preorder(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    order_id = _order_id(request)
+    body = validate(await read_json(request), PREORDER_UPDATE)
+    out = await presale.change_status(
+        request.app[appkeys.DB], principal, order_id, body["status"], version=body.get("version")
+    )
+    return ok(out, message="status updated")
+
+
+async def get_preorder(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    return ok(await presale.get_order(request.app[appkeys.DB], principal, _order_id(request)))
+
+
+async def list_preorders(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    q = request.query
+    user_id = query_int(q, "user_id", None, lo=1, hi=2**62)
+    if principal.role != "admin":
+        if user_id not in (None, principal.user_id):
+            raise Forbidden("you may only list your own presale orders")
+        user_id = principal.user_id
+    f = presale.OrderFilter(
+        user_id=user_id,
+        since=_bound(q.get("from"), "from", end=False),
+        until=_bound(q.get("to"), "to", end=True),
+        page=query_int(q, "page", 1, lo=1, hi=100_000) or 1,
+        limit=query_int(q, "limit", 20, lo=1, hi=100) or 20,
+    )
+    return ok(await presale.list_orders(request.app[appkeys.DB], f))
+
+
+async def cancel_preorder(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    out, changed = await presale.cancel_order(
+        request.app[appkeys.DB], principal, _order_id(request)
+    )
+    return ok(out, message="cancelled" if changed else "already cancelled")
+
+
+ROUTES = [
+    Route(
+        "POST",
+        "/api/v1/presales",
+        create_campaign,
+        "Open a presale of a SKU (the product's merchant or an admin)",
+        auth="merchant",
+        body=CAMPAIGN_CREATE,
+        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        tag="presale",
+    ),
+    Route(
+        "GET",
+        "/api/v1/presales/{id}",
+        get_campaign,
+        "A presale with its available stock",
+        responses={404: "PRESALE_NOT_FOUND"},
+        tag="presale",
+    ),
+    Route(
+        "POST",
+        "/api/v1/preorder",
+        create_preorder,
+        "Place a presale order (pre-occupies presale stock)",
+        auth="user",
+        body=PREORDER_CREATE,
+        responses={
+            201: "created",
+            404: "PRESALE_NOT_FOUND",
+            409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE",
+        },
+        tag="presale",
+    ),
+    Route(
+        "GET",
+        "/api/v1/preorder",
+        list_preorders,
+        "List presale orders",
+        auth="user",
+        query=LIST_QUERY,
+        responses={403: "FORBIDDEN"},
+        tag="presale",
+    ),
+    Route(
+        "GET",
+        "/api/v1/preorder/{order_id}",
+        get_preorder,
+        "One presale order",
+        auth="user",
+        responses={404: "NOT_FOUND"},
+        tag="presale",
+    ),
+    Route(
+        "PUT",
+        "/api/v1/preorder/{order_id}",
+        update_preorder,
+        "Change a presale order's status (pending→paid→shipped→completed, or cancelled)",
+        auth="user",
+        body=PREORDER_UPDATE,
+        responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "INVALID_TRANSITION, VERSION_CONFLICT"},
+        tag="presale",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/preorder/{order_id}",
+        cancel_preorder,
+        "Cancel a presale order and return its stock",
+        auth="user",
+        responses={404: "NOT_FOUND", 409: "INVALID_TRANSITION"},
+        tag="presale",
+    ),
+]

@@ -1,0 +1,355 @@
+"""Presale (seed 001): campaigns that sell a SKU before release, and presale orders.
+
+A campaign has its own stock: ``available = total - preoccupied``, where ``preoccupied``
+is the sum of the quantities of its non-cancelled orders. Pre-occupying is one
+conditional UPDATE (``total - preoccupied >= qty``) in the transaction that inserts the
+order; a cancel is one statement that flips the order to ``cancelled`` only if it is
+still cancellable and gives its units back, so two cancels return the stock once.
+
+Lifecycle: pending -> paid -> shipped -> completed, and pending/paid -> cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from gateway.auth import Principal
+from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
+
+STATUSES: Final = ("pending", "paid", "shipped", "completed", "cancelled")
+TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
+    "pending": ("paid", "cancelled"),
+    "paid": ("shipped", "cancelled"),
+    "shipped": ("completed",),
+}
+# Which statuses each party may move an order to (an admin may do all).
+BUYER_MAY: Final = frozenset({"paid", "cancelled", "completed"})
+SELLER_MAY: Final = frozenset({"shipped", "cancelled"})
+
+
+def sources_of(target: str) -> list[str]:
+    """The statuses from which ``target`` can be reached."""
+    return [src for src, targets in TRANSITIONS.items() if target in targets]
+
+
+class PresaleNotFound(NotFound):
+    code = "PRESALE_NOT_FOUND"
+    default_message = "no presale for this product"
+
+
+class InsufficientStock(Conflict):
+    code = "INSUFFICIENT_STOCK"
+    default_message = "not enough presale stock"
+
+
+class InvalidTransition(Conflict):
+    code = "INVALID_TRANSITION"
+    default_message = "illegal status transition"
+
+
+class VersionConflict(Conflict):
+    code = "VERSION_CONFLICT"
+    default_message = "the order was changed by someone else; reload and retry"
+
+
+# --- campaigns ---------------------------------------------------------------------------
+
+SQL_SKU_OWNER: Final = """
+SELECT p.merchant_id, p.id AS product_id FROM skus s JOIN products p ON p.id = s.product_id
+WHERE s.id = $1
+"""
+SQL_INSERT_CAMPAIGN: Final = """
+INSERT INTO presale_campaigns (product_id, sku_id, price_cents, total, starts_at, ends_at,
+                               created_by)
+SELECT s.product_id, s.id, coalesce($2, s.price_cents), $3, coalesce($4, now()), $5, $6
+FROM skus s WHERE s.id = $1
+RETURNING *
+"""
+SQL_CAMPAIGN: Final = "SELECT * FROM presale_campaigns WHERE id = $1"
+
+
+def campaign_out(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": r["id"],
+        "product_id": r["product_id"],
+        "sku_id": r["sku_id"],
+        "price": r["price_cents"],
+        "total": r["total"],
+        "preoccupied": r["preoccupied"],
+        "available": r["total"] - r["preoccupied"],
+        "starts_at": r["starts_at"].isoformat(),
+        "ends_at": r["ends_at"].isoformat(),
+    }
+
+
+async def create_campaign(
+    pool: asyncpg.Pool,
+    principal: Principal,
+    *,
+    sku_id: int,
+    total: int,
+    price_cents: int | None,
+    starts_at: datetime | None,
+    ends_at: datetime,
+) -> dict[str, Any]:
+    """Open a presale of ``total`` units of a SKU (the product's merchant or an admin)."""
+    if principal.role not in ("merchant", "admin"):
+        raise Forbidden("requires role: merchant or admin")
+    if starts_at is not None and starts_at >= ends_at:
+        raise ValidationFailed(fields={"ends_at": "must be after starts_at"})
+    owner = await pool.fetchrow(SQL_SKU_OWNER, sku_id)
+    if owner is None:
+        raise ValidationFailed(fields={"sku_id": "unknown SKU"})
+    if principal.role != "admin" and owner["merchant_id"] != principal.user_id:
+        raise Forbidden("this product belongs to another merchant")
+    try:
+        row = await pool.fetchrow(
+            SQL_INSERT_CAMPAIGN, sku_id, price_cents, total, starts_at, ends_at, principal.user_id
+        )
+    except asyncpg.CheckViolationError:
+        raise ValidationFailed(fields={"ends_at": "must be after starts_at"}) from None
+    assert row is not None
+    return campaign_out(row)
+
+
+async def get_campaign(pool: asyncpg.Pool, campaign_id: int) -> dict[str, Any]:
+    row = await pool.fetchrow(SQL_CAMPAIGN, campaign_id)
+    if row is None:
+        raise PresaleNotFound("presale not found")
+    return campaign_out(row)
+
+
+# --- orders ------------------------------------------------------------------------------
+
+# The open campaign for the product (and SKU, if given) gives up `qty` units, or nothing.
+SQL_PREOCCUPY: Final = """
+UPDATE presale_campaigns SET preoccupied = preoccupied + $3, updated_at = now()
+WHERE id = (
+    SELECT id FROM presale_campaigns
+    WHERE product_id = $1 AND ($2::bigint IS NULL OR sku_id = $2::bigint)
+      AND starts_at <= now() AND ends_at > now()
+    ORDER BY id LIMIT 1
+) AND total - preoccupied >= $3
+RETURNING id, sku_id, price_cents
+"""
+# Only to explain a refused pre-occupation.
+SQL_CAMPAIGN_STATE: Final = """
+SELECT total - preoccupied AS available, (starts_at <= now() AND ends_at > now()) AS open
+FROM presale_campaigns
+WHERE product_id = $1 AND ($2::bigint IS NULL OR sku_id = $2::bigint)
+ORDER BY (starts_at <= now() AND ends_at > now()) DESC, id
+LIMIT 1
+"""
+SQL_INSERT_ORDER: Final = """
+INSERT INTO presale_orders (id, campaign_id, user_id, product_id, sku_id, quantity,
+                            price_cents, total_cents)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+RETURNING *
+"""
+SQL_ORDER: Final = """
+SELECT o.*, p.merchant_id FROM presale_orders o JOIN products p ON p.id = o.product_id
+WHERE o.id = $1
+"""
+SQL_TRANSITION: Final = """
+UPDATE presale_orders SET
+    status = $2, version = version + 1, updated_at = now(),
+    paid_at = CASE WHEN $2 = 'paid' THEN now() ELSE paid_at END
+WHERE id = $1 AND status = ANY($3::text[]) AND ($4::integer IS NULL OR version = $4::integer)
+RETURNING *
+"""
+# Cancel and give the units back in one statement: the order row lock makes a second,
+# concurrent cancel see 'cancelled' and match nothing.
+SQL_CANCEL: Final = """
+WITH o AS (
+    UPDATE presale_orders SET
+        status = 'cancelled', version = version + 1, updated_at = now(), cancelled_at = now()
+    WHERE id = $1 AND status = ANY($2::text[]) AND ($3::integer IS NULL OR version = $3::integer)
+    RETURNING campaign_id, quantity
+)
+UPDATE presale_campaigns c SET preoccupied = c.preoccupied - o.quantity, updated_at = now()
+FROM o WHERE c.id = o.campaign_id
+RETURNING c.id
+"""
+SQL_LIST: Final = """
+SELECT * FROM presale_orders
+WHERE ($1::bigint IS NULL OR user_id = $1::bigint)
+  AND ($2::timestamptz IS NULL OR created_at >= $2::timestamptz)
+  AND ($3::timestamptz IS NULL OR created_at < $3::timestamptz)
+ORDER BY created_at DESC, id DESC
+LIMIT $4 OFFSET $5
+"""
+SQL_COUNT: Final = """
+SELECT count(*) FROM presale_orders
+WHERE ($1::bigint IS NULL OR user_id = $1::bigint)
+  AND ($2::timestamptz IS NULL OR created_at >= $2::timestamptz)
+  AND ($3::timestamptz IS NULL OR created_at < $3::timestamptz)
+"""
+
+
+def order_out(r: asyncpg.Record) -> dict[str, Any]:
+    def iso(v: datetime | None) -> str | None:
+        return None if v is None else v.isoformat()
+
+    return {
+        "order_id": r["id"],
+        "presale_id": r["campaign_id"],
+        "user_id": r["user_id"],
+        "product_id": r["product_id"],
+        "sku_id": r["sku_id"],
+        "quantity": r["quantity"],
+        "price": r["price_cents"],
+        "total_amount": r["total_cents"],
+        "status": r["status"],
+        "version": r["version"],
+        "created_at": iso(r["created_at"]),
+        "updated_at": iso(r["updated_at"]),
+        "paid_at": iso(r["paid_at"]),
+        "cancelled_at": iso(r["cancelled_at"]),
+    }
+
+
+async def create_order(
+    pool: asyncpg.Pool,
+    *,
+    order_id: str,
+    user_id: int,
+    product_id: int,
+    sku_id: int | None,
+    quantity: int,
+) -> dict[str, Any]:
+    """Pre-occupy ``quantity`` units of the product's open presale and record the order."""
+    async with pool.acquire() as conn, conn.transaction():
+        taken = await conn.fetchrow(SQL_PREOCCUPY, product_id, sku_id, quantity)
+        if taken is None:
+            state = await conn.fetchrow(SQL_CAMPAIGN_STATE, product_id, sku_id)
+            if state is None:
+                raise PresaleNotFound
+            if not state["open"]:
+                raise Conflict("the presale is not open", code="PRESALE_NOT_ACTIVE")
+            raise InsufficientStock(data={"available": state["available"]})
+        row = await conn.fetchrow(
+            SQL_INSERT_ORDER,
+            order_id,
+            taken["id"],
+            user_id,
+            product_id,
+            taken["sku_id"],
+            quantity,
+            taken["price_cents"],
+            taken["price_cents"] * quantity,
+        )
+    assert row is not None
+    return order_out(row)
+
+
+def _can_see(principal: Principal, order: asyncpg.Record) -> bool:
+    return (
+        principal.role == "admin"
+        or order["user_id"] == principal.user_id
+        or (principal.role == "merchant" and order["merchant_id"] == principal.user_id)
+    )
+
+
+async def get_order(pool: asyncpg.Pool, principal: Principal, order_id: str) -> dict[str, Any]:
+    """The order if the caller may see it (buyer, the product's merchant, admin); else 404."""
+    return order_out(await _visible(pool, principal, order_id))
+
+
+async def _visible(pool: asyncpg.Pool, principal: Principal, order_id: str) -> asyncpg.Record:
+    row = await pool.fetchrow(SQL_ORDER, order_id)
+    if row is None or not _can_see(principal, row):
+        raise NotFound("presale order not found")
+    return row
+
+
+def _check_allowed(principal: Principal, order: asyncpg.Record, target: str) -> None:
+    if principal.role == "admin":
+        return
+    allowed: set[str] = set()
+    if order["user_id"] == principal.user_id:
+        allowed |= BUYER_MAY
+    if principal.role == "merchant" and order["merchant_id"] == principal.user_id:
+        allowed |= SELLER_MAY
+    if target not in allowed:
+        raise Forbidden(f"you may not move this order to {target}")
+
+
+async def _explain_refusal(
+    pool: asyncpg.Pool, order_id: str, target: str, version: int | None
+) -> asyncpg.Record:
+    row = await pool.fetchrow(SQL_ORDER, order_id)
+    assert row is not None  # orders are never deleted
+    if (
+        target in TRANSITIONS.get(row["status"], ())
+        and version is not None
+        and version != row["version"]
+    ):
+        raise VersionConflict(data={"version": row["version"]})
+    if target == "cancelled" and row["status"] == "cancelled":
+        return row
+    raise InvalidTransition(
+        f"cannot go from {row['status']} to {target}", data={"status": row["status"]}
+    )
+
+
+async def cancel_order(
+    pool: asyncpg.Pool, principal: Principal, order_id: str, *, version: int | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Cancel and return the units to the campaign; ``(order, changed)``.
+
+    Cancelling an order that is already cancelled changes nothing and is not an error.
+    """
+    order = await _visible(pool, principal, order_id)
+    _check_allowed(principal, order, "cancelled")
+    async with pool.acquire() as conn, conn.transaction():
+        done = await conn.fetchval(SQL_CANCEL, order_id, sources_of("cancelled"), version)
+    if done is None:
+        return order_out(await _explain_refusal(pool, order_id, "cancelled", version)), False
+    return await get_order(pool, principal, order_id), True
+
+
+async def change_status(
+    pool: asyncpg.Pool,
+    principal: Principal,
+    order_id: str,
+    target: str,
+    *,
+    version: int | None = None,
+) -> dict[str, Any]:
+    """Move an order along its lifecycle; 409 INVALID_TRANSITION or VERSION_CONFLICT."""
+    if target == "cancelled":
+        out, _ = await cancel_order(pool, principal, order_id, version=version)
+        return out
+    order = await _visible(pool, principal, order_id)
+    _check_allowed(principal, order, target)
+    row = await pool.fetchrow(SQL_TRANSITION, order_id, target, sources_of(target), version)
+    if row is None:
+        await _explain_refusal(pool, order_id, target, version)
+        raise InvalidTransition  # unreachable: _explain_refusal raises for non-cancel targets
+    return order_out(row)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderFilter:
+    user_id: int | None
+    since: datetime | None
+    until: datetime | None
+    page: int
+    limit: int
+
+
+async def list_orders(pool: asyncpg.Pool, f: OrderFilter) -> dict[str, Any]:
+    args = (f.user_id, f.since, f.until)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(SQL_LIST, *args, f.limit, (f.page - 1) * f.limit)
+        total = await conn.fetchval(SQL_COUNT, *args)
+    return {
+        "orders": [order_out(r) for r in rows],
+        "total": total,
+        "page": f.page,
+        "limit": f.limit,
+    }
