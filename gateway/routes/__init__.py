@@ -14,8 +14,12 @@ from gateway.routing import Route
 
 
 def extra_routes() -> list[Route]:
-    return []
+    from gateway.routes import inventory, orders, payments
+
+    return [*inventory.ROUTES, *orders.ROUTES, *payments.ROUTES]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
-    return []
+    from gateway.services.sweepers_store import store_sweeper_ctx
+
+    return [store_sweeper_ctx]
