@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.auth import TokenService
+from gateway.errors import Conflict
 from gateway.services import inventory
 from tests.conftest import auth, make_user
 from tests.store_helpers import make_product, sku_row
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 async def test_stock_view(client: TestClient[Any, Any], db: asyncpg.Pool) -> None:
     merchant = await make_user(db, "merchant")
-    pid, (a, b, c) = await make_product(db, merchant, [(100, 50), (100, 3), (100, 0)])
+    pid, (_a, _b, _c) = await make_product(db, merchant, [(100, 50), (100, 3), (100, 0)])
     resp = await client.get(f"/api/v1/products/{pid}/stock")
     assert resp.status == 200
     data = (await resp.json())["data"]
@@ -37,8 +38,9 @@ async def test_reserve_consume_release_api(
     pid, (sku,) = await make_product(db, merchant, [(100, 10)])
     h = auth(tokens, merchant, "merchant")
     url = f"/api/v1/products/{pid}"
-    resp = await client.post(url + "/reserve", json={"quantity": 4, "order_id": "EXT-1",
-                                                     "expires_in": 60}, headers=h)
+    resp = await client.post(
+        url + "/reserve", json={"quantity": 4, "order_id": "EXT-1", "expires_in": 60}, headers=h
+    )
     assert resp.status == 201, await resp.text()
     held = (await resp.json())["data"]
     assert held["reserved_quantity"] == 4 and held["reservation_id"].startswith("RSV")
@@ -49,13 +51,17 @@ async def test_reserve_consume_release_api(
     resp = await client.post(url + "/reserve", json={"sku_id": sku, "quantity": 7}, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "INSUFFICIENT_STOCK"
 
-    resp = await client.post(url + "/consume", json={"reservation_id": held["reservation_id"],
-                                                     "actual_quantity": 3}, headers=h)
+    resp = await client.post(
+        url + "/consume",
+        json={"reservation_id": held["reservation_id"], "actual_quantity": 3},
+        headers=h,
+    )
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["data"]["released_quantity"] == 1
     assert await sku_row(db, sku) == {"on_hand": 7, "reserved": 0, "sold": 3}
-    resp = await client.post(url + "/consume", json={"reservation_id": held["reservation_id"]},
-                             headers=h)
+    resp = await client.post(
+        url + "/consume", json={"reservation_id": held["reservation_id"]}, headers=h
+    )
     assert resp.status == 409 and (await resp.json())["error"] == "RESERVATION_NOT_ACTIVE"
 
     resp = await client.post(url + "/reserve", json={"quantity": 2}, headers=h)
@@ -65,8 +71,9 @@ async def test_reserve_consume_release_api(
     resp = await client.post(url + "/release", json={"reservation_id": rid}, headers=h)
     assert resp.status == 409
     assert await sku_row(db, sku) == {"on_hand": 7, "reserved": 0, "sold": 3}
-    ledger = await db.fetch("SELECT delta, reason FROM inventory_ledger WHERE sku_id = $1 "
-                            "ORDER BY id", sku)
+    ledger = await db.fetch(
+        "SELECT delta, reason FROM inventory_ledger WHERE sku_id = $1 ORDER BY id", sku
+    )
     assert [r["delta"] for r in ledger] == [-4, -3, -2, 2]
 
 
@@ -100,7 +107,7 @@ async def test_concurrent_reservations_never_oversell(
         async with db.acquire() as conn, conn.transaction():
             try:
                 await inventory.reserve(conn, sku_id=sku, quantity=1, order_id=None, ttl_s=60)
-            except inventory.Conflict:
+            except Conflict:
                 return False
             return True
 
@@ -116,8 +123,10 @@ async def test_expired_reservation_released_once_by_two_sweepers(
     _, (sku,) = await make_product(db, merchant, [(100, 5)])
     async with db.acquire() as conn, conn.transaction():
         held = await inventory.reserve(conn, sku_id=sku, quantity=3, order_id=None, ttl_s=60)
-    await db.execute("UPDATE stock_reservations SET reserved_until = now() - interval '1 s' "
-                     "WHERE id = $1", held.reservation_id)
+    await db.execute(
+        "UPDATE stock_reservations SET reserved_until = now() - interval '1 s' WHERE id = $1",
+        held.reservation_id,
+    )
     # Two sweepers race (and the app's own background sweeper may join them).
     results = await asyncio.gather(inventory.release_expired(db), inventory.release_expired(db))
     assert sum(results) <= 1
@@ -126,11 +135,13 @@ async def test_expired_reservation_released_once_by_two_sweepers(
             break
         await asyncio.sleep(0.05)
     assert await sku_row(db, sku) == {"on_hand": 5, "reserved": 0, "sold": 0}
-    status = await db.fetchval("SELECT status FROM stock_reservations WHERE id = $1",
-                               held.reservation_id)
+    status = await db.fetchval(
+        "SELECT status FROM stock_reservations WHERE id = $1", held.reservation_id
+    )
     assert status == "released"
-    releases = await db.fetchval("SELECT count(*) FROM inventory_ledger WHERE reason = $1",
-                                 f"release:{held.reservation_id}")
+    releases = await db.fetchval(
+        "SELECT count(*) FROM inventory_ledger WHERE reason = $1", f"release:{held.reservation_id}"
+    )
     assert releases == 1
     async with db.acquire() as conn, conn.transaction():
         assert await inventory.release(conn, held.reservation_id, reason="again") is False

@@ -22,12 +22,16 @@ async def test_create_order_and_read_it(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     merchant, user = await make_user(db, "merchant"), await make_user(db)
-    pid, (sku_a, sku_b) = await make_product(db, merchant, [(2999, 10), (199, 10)])
+    _pid, (sku_a, sku_b) = await make_product(db, merchant, [(2999, 10), (199, 10)])
     pid_single, (sku_c,) = await make_product(db, merchant, [(500, 5)])
-    body = {"items": [{"sku_id": sku_a, "quantity": 2, "price": 2999},
-                      {"sku_id": sku_b, "quantity": 1},
-                      {"product_id": pid_single, "quantity": 1, "price": 500}],
-            "shipping_address": ADDRESS}
+    body = {
+        "items": [
+            {"sku_id": sku_a, "quantity": 2, "price": 2999},
+            {"sku_id": sku_b, "quantity": 1},
+            {"product_id": pid_single, "quantity": 1, "price": 500},
+        ],
+        "shipping_address": ADDRESS,
+    }
     resp = await client.post("/api/v1/orders", json=body, headers=auth(tokens, user))
     assert resp.status == 201, await resp.text()
     data = (await resp.json())["data"]
@@ -41,8 +45,9 @@ async def test_create_order_and_read_it(
     resp = await client.get(f"/api/v1/orders/{data['order_id']}", headers=auth(tokens, user))
     assert resp.status == 200
     detail = (await resp.json())["data"]
-    assert [(i["sku_id"], i["quantity"], i["price"], i["subtotal"]) for i in detail["items"]] == \
-        sorted([(sku_a, 2, 2999, 5998), (sku_b, 1, 199, 199), (sku_c, 1, 500, 500)])
+    assert [
+        (i["sku_id"], i["quantity"], i["price"], i["subtotal"]) for i in detail["items"]
+    ] == sorted([(sku_a, 2, 2999, 5998), (sku_b, 1, 199, 199), (sku_c, 1, 500, 500)])
     assert all(i["product_name"] and i["snapshot_id"] for i in detail["items"])
     assert detail["shipping_info"]["name"] == ADDRESS["name"]
     assert detail["payment_info"]["status"] == "pending"
@@ -54,10 +59,10 @@ async def test_create_order_and_read_it(
     assert (await resp.json())["data"]["total"] == 0
     resp = await client.get("/api/v1/orders?status=bogus", headers=auth(tokens, user))
     assert resp.status == 422
-    resp = await client.get(f"/api/v1/orders/{data['order_id']}/logs",
-                            headers=auth(tokens, user))
-    assert [(r["from_status"], r["to_status"]) for r in (await resp.json())["data"]] == \
-        [(None, "pending_payment")]
+    resp = await client.get(f"/api/v1/orders/{data['order_id']}/logs", headers=auth(tokens, user))
+    assert [(r["from_status"], r["to_status"]) for r in (await resp.json())["data"]] == [
+        (None, "pending_payment")
+    ]
 
 
 async def test_identical_items_share_one_snapshot(
@@ -87,8 +92,7 @@ async def test_create_order_validation_and_conflicts(
         {"items": [{"sku_id": sku, "quantity": 0}], "shipping_address": ADDRESS},
         {"items": [{"sku_id": sku, "quantity": 1}], "shipping_address": {"name": "x"}},
         {"items": [{"product_id": pid, "quantity": 1}], "shipping_address": ADDRESS},
-        {"items": [{"sku_id": sku, "product_id": pid, "quantity": 1}],
-         "shipping_address": ADDRESS},
+        {"items": [{"sku_id": sku, "product_id": pid, "quantity": 1}], "shipping_address": ADDRESS},
         {"items": [{"sku_id": sku, "quantity": 1}]},
     ]
     for body in bad_bodies:
@@ -131,8 +135,11 @@ async def test_concurrent_orders_on_one_sku(
 async def test_idempotency_key_returns_the_same_order(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
 ) -> None:
-    merchant, user, other = (await make_user(db, "merchant"), await make_user(db),
-                             await make_user(db))
+    merchant, user, other = (
+        await make_user(db, "merchant"),
+        await make_user(db),
+        await make_user(db),
+    )
     _, (sku,) = await make_product(db, merchant, [(100, 10)])
     body = {"items": [{"sku_id": sku, "quantity": 1}], "shipping_address": ADDRESS}
     headers = {**auth(tokens, user), "Idempotency-Key": "k-1"}
@@ -141,8 +148,9 @@ async def test_idempotency_key_returns_the_same_order(
     assert first.status == 201 and again.status == 200
     a, b = (await first.json())["data"], (await again.json())["data"]
     assert a["order_id"] == b["order_id"] and a["payment_id"] == b["payment_id"]
-    resp = await client.post("/api/v1/orders", json=body,
-                             headers={**auth(tokens, other), "Idempotency-Key": "k-1"})
+    resp = await client.post(
+        "/api/v1/orders", json=body, headers={**auth(tokens, other), "Idempotency-Key": "k-1"}
+    )
     assert resp.status == 201 and (await resp.json())["data"]["order_id"] != a["order_id"]
     assert (await sku_row(db, sku))["reserved"] == 2
 
@@ -150,8 +158,11 @@ async def test_idempotency_key_returns_the_same_order(
 async def test_other_users_order_is_not_found(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
 ) -> None:
-    merchant, user, other = (await make_user(db, "merchant"), await make_user(db),
-                             await make_user(db))
+    merchant, user, other = (
+        await make_user(db, "merchant"),
+        await make_user(db),
+        await make_user(db),
+    )
     _, (sku,) = await make_product(db, merchant, [(100, 10)])
     _, data = await place_order(client, tokens, user, sku)
     oid = data["data"]["order_id"]
@@ -159,8 +170,9 @@ async def test_other_users_order_is_not_found(
     assert (await client.get(f"/api/v1/orders/{oid}", headers=h)).status == 404
     assert (await client.get(f"/api/v1/orders/{oid}/logs", headers=h)).status == 404
     assert (await client.post(f"/api/v1/orders/{oid}/cancel", headers=h)).status == 404
-    resp = await client.post(f"/api/v1/orders/{oid}/pay", json={"payment_method": "alipay"},
-                             headers=h)
+    resp = await client.post(
+        f"/api/v1/orders/{oid}/pay", json={"payment_method": "alipay"}, headers=h
+    )
     assert resp.status == 404
     resp = await client.get("/api/v1/orders", headers=h)
     assert (await resp.json())["data"]["total"] == 0
@@ -176,20 +188,27 @@ async def test_cancel_releases_stock_and_logs(
     h = auth(tokens, user)
     resp = await client.post(f"/api/v1/orders/{oid}/cancel", json={"version": 7}, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "VERSION_CONFLICT"
-    resp = await client.post(f"/api/v1/orders/{oid}/cancel",
-                             json={"version": 1, "reason": "changed my mind"}, headers=h)
+    resp = await client.post(
+        f"/api/v1/orders/{oid}/cancel", json={"version": 1, "reason": "changed my mind"}, headers=h
+    )
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["data"] == {"order_id": oid, "status": "cancelled", "version": 2}
     assert await sku_row(db, sku) == {"on_hand": 10, "reserved": 0, "sold": 0}
     resp = await client.post(f"/api/v1/orders/{oid}/cancel", headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
-    resp = await client.post(f"/api/v1/orders/{oid}/pay", json={"payment_method": "alipay"},
-                             headers=h)
+    resp = await client.post(
+        f"/api/v1/orders/{oid}/pay", json={"payment_method": "alipay"}, headers=h
+    )
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
-    logs = await db.fetch("SELECT actor_id, from_status, to_status, note FROM order_logs "
-                          "WHERE order_id = $1 ORDER BY id", oid)
-    assert [(r["from_status"], r["to_status"]) for r in logs] == \
-        [(None, "pending_payment"), ("pending_payment", "cancelled")]
+    logs = await db.fetch(
+        "SELECT actor_id, from_status, to_status, note FROM order_logs "
+        "WHERE order_id = $1 ORDER BY id",
+        oid,
+    )
+    assert [(r["from_status"], r["to_status"]) for r in logs] == [
+        (None, "pending_payment"),
+        ("pending_payment", "cancelled"),
+    ]
     assert logs[1]["actor_id"] == user and logs[1]["note"] == "changed my mind"
     pay = await db.fetchval("SELECT status FROM pay_orders WHERE order_id = $1", oid)
     assert pay == "closed"
@@ -198,14 +217,20 @@ async def test_cancel_releases_stock_and_logs(
 async def test_ship_deliver_confirm_permissions_and_transitions(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
 ) -> None:
-    merchant, other_merchant, user = (await make_user(db, "merchant"),
-                                      await make_user(db, "merchant"), await make_user(db))
+    merchant, other_merchant, user = (
+        await make_user(db, "merchant"),
+        await make_user(db, "merchant"),
+        await make_user(db),
+    )
     _, (sku,) = await make_product(db, merchant, [(100, 10)])
     _, data = await place_order(client, tokens, user, sku, 2)
     oid, pay_id = data["data"]["order_id"], data["data"]["payment_id"]
     url = f"/api/v1/orders/{oid}"
-    ship = {"shipping_company": "SF Express", "tracking_number": "SF123",
-            "estimated_delivery": "2026-12-01"}
+    ship = {
+        "shipping_company": "SF Express",
+        "tracking_number": "SF123",
+        "estimated_delivery": "2026-12-01",
+    }
     mh = auth(tokens, merchant, "merchant")
     resp = await client.post(url + "/ship", json=ship, headers=mh)
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
@@ -214,10 +239,10 @@ async def test_ship_deliver_confirm_permissions_and_transitions(
 
     await pay_via_sandbox(client, tokens, user, pay_id)
     assert await sku_row(db, sku) == {"on_hand": 8, "reserved": 0, "sold": 2}
-    assert (await client.post(url + "/ship", json=ship, headers=auth(tokens, user))).status \
-        == 403
-    resp = await client.post(url + "/ship", json=ship,
-                             headers=auth(tokens, other_merchant, "merchant"))
+    assert (await client.post(url + "/ship", json=ship, headers=auth(tokens, user))).status == 403
+    resp = await client.post(
+        url + "/ship", json=ship, headers=auth(tokens, other_merchant, "merchant")
+    )
     assert resp.status == 403
     resp = await client.post(url + "/ship", json={"shipping_company": "SF"}, headers=mh)
     assert resp.status == 422
@@ -239,8 +264,13 @@ async def test_ship_deliver_confirm_permissions_and_transitions(
     assert detail["payment_info"]["status"] == "success"
     assert detail["payment_info"]["transaction_id"]
     logs = await db.fetch("SELECT to_status FROM order_logs WHERE order_id = $1 ORDER BY id", oid)
-    assert [r["to_status"] for r in logs] == \
-        ["pending_payment", "paid", "shipped", "delivered", "completed"]
+    assert [r["to_status"] for r in logs] == [
+        "pending_payment",
+        "paid",
+        "shipped",
+        "delivered",
+        "completed",
+    ]
 
 
 async def test_unpaid_orders_closed_once_by_two_sweepers(
@@ -252,10 +282,13 @@ async def test_unpaid_orders_closed_once_by_two_sweepers(
     for _ in range(3):
         _, data = await place_order(client, tokens, user, sku, 2)
         oids.append(data["data"]["order_id"])
-    await db.execute("UPDATE orders SET payment_deadline = now() - interval '1 s' "
-                     "WHERE id = ANY($1::text[])", oids)
-    results = await asyncio.gather(orders.close_expired_orders(app),
-                                   orders.close_expired_orders(app))
+    await db.execute(
+        "UPDATE orders SET payment_deadline = now() - interval '1 s' WHERE id = ANY($1::text[])",
+        oids,
+    )
+    results = await asyncio.gather(
+        orders.close_expired_orders(app), orders.close_expired_orders(app)
+    )
     assert sum(results) <= 3  # the app's own sweeper may have taken some
     for _ in range(50):
         if (await sku_row(db, sku))["reserved"] == 0:
@@ -264,10 +297,15 @@ async def test_unpaid_orders_closed_once_by_two_sweepers(
     assert await sku_row(db, sku) == {"on_hand": 10, "reserved": 0, "sold": 0}
     rows = await db.fetch("SELECT status, version FROM orders WHERE id = ANY($1::text[])", oids)
     assert {(r["status"], r["version"]) for r in rows} == {("cancelled", 2)}
-    logs = await db.fetchval("SELECT count(*) FROM order_logs WHERE order_id = ANY($1::text[]) "
-                             "AND to_status = 'cancelled'", oids)
+    logs = await db.fetchval(
+        "SELECT count(*) FROM order_logs WHERE order_id = ANY($1::text[]) "
+        "AND to_status = 'cancelled'",
+        oids,
+    )
     assert logs == 3
-    releases = await db.fetchval("SELECT count(*) FROM inventory_ledger "
-                                 "WHERE order_id = ANY($1::text[]) AND reason LIKE 'release:%'",
-                                 oids)
+    releases = await db.fetchval(
+        "SELECT count(*) FROM inventory_ledger "
+        "WHERE order_id = ANY($1::text[]) AND reason LIKE 'release:%'",
+        oids,
+    )
     assert releases == 3

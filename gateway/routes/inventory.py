@@ -30,8 +30,9 @@ SQL_PRODUCT_SKUS = "SELECT id FROM skus WHERE product_id = $1 ORDER BY id"
 
 async def _manage(request: web.Request) -> tuple[int, Principal]:
     """The product id, checked to be managed by the caller (its merchant, or an admin)."""
-    principal = require_role(authenticate(request, request.app[appkeys.TOKENS]),
-                             "merchant", "admin")
+    principal = require_role(
+        authenticate(request, request.app[appkeys.TOKENS]), "merchant", "admin"
+    )
     product_id = path_int(request.match_info["id"])
     merchant_id = await request.app[appkeys.DB].fetchval(SQL_PRODUCT, product_id)
     if merchant_id is None:
@@ -60,13 +61,19 @@ async def reserve(request: web.Request) -> web.Response:
     elif sku_id not in skus:
         raise NotFound("sku not found for this product")
     async with pool.acquire() as conn, conn.transaction():
-        held = await inventory.reserve(conn, sku_id=sku_id, quantity=body["quantity"],
-                                       order_id=body.get("order_id"), ttl_s=body["expires_in"])
+        held = await inventory.reserve(
+            conn,
+            sku_id=sku_id,
+            quantity=body["quantity"],
+            order_id=body.get("order_id"),
+            ttl_s=body["expires_in"],
+        )
     return ok(held.public(), status=201, message="reserved")
 
 
-async def _own_reservation(request: web.Request, product_id: int,
-                           reservation_id: str) -> dict[str, object]:
+async def _own_reservation(
+    request: web.Request, product_id: int, reservation_id: str
+) -> dict[str, object]:
     async with request.app[appkeys.DB].acquire() as conn:
         held = await inventory.get_reservation(conn, reservation_id)
     if held is None or held["product_id"] != product_id:
@@ -88,8 +95,14 @@ async def consume(request: web.Request) -> web.Response:
         done = await inventory.consume(conn, body["reservation_id"], actual)
     if not done:
         raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
-    return ok({"reservation_id": body["reservation_id"], "consumed_quantity": actual,
-               "released_quantity": quantity - actual, "status": "consumed"})
+    return ok(
+        {
+            "reservation_id": body["reservation_id"],
+            "consumed_quantity": actual,
+            "released_quantity": quantity - actual,
+            "status": "consumed",
+        }
+    )
 
 
 async def release(request: web.Request) -> web.Response:
@@ -100,24 +113,53 @@ async def release(request: web.Request) -> web.Response:
         done = await inventory.release(conn, body["reservation_id"], reason="api")
     if not done:
         raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
-    return ok({"reservation_id": body["reservation_id"], "released_quantity": held["quantity"],
-               "status": "released"})
+    return ok(
+        {
+            "reservation_id": body["reservation_id"],
+            "released_quantity": held["quantity"],
+            "status": "released",
+        }
+    )
 
 
 _MANAGE = {403: "FORBIDDEN", 404: "NOT_FOUND", 422: "VALIDATION_FAILED"}
 ROUTES = [
-    Route("GET", "/api/v1/products/{id}/stock", stock,
-          "Stock of a product: available, reserved and total per SKU", tag="inventory",
-          responses={404: "NOT_FOUND"}),
-    Route("POST", "/api/v1/products/{id}/reserve", reserve,
-          "Reserve stock of a SKU until expires_in seconds from now", auth="merchant",
-          body=RESERVE, tag="inventory",
-          responses={201: "reserved", 409: "INSUFFICIENT_STOCK", **_MANAGE}),
-    Route("POST", "/api/v1/products/{id}/consume", consume,
-          "Consume a reservation (units become sold; the rest is released)", auth="merchant",
-          body=CONSUME, tag="inventory",
-          responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE}),
-    Route("POST", "/api/v1/products/{id}/release", release,
-          "Release a reservation before it expires", auth="merchant", body=RELEASE,
-          tag="inventory", responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE}),
+    Route(
+        "GET",
+        "/api/v1/products/{id}/stock",
+        stock,
+        "Stock of a product: available, reserved and total per SKU",
+        tag="inventory",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/products/{id}/reserve",
+        reserve,
+        "Reserve stock of a SKU until expires_in seconds from now",
+        auth="merchant",
+        body=RESERVE,
+        tag="inventory",
+        responses={201: "reserved", 409: "INSUFFICIENT_STOCK", **_MANAGE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/products/{id}/consume",
+        consume,
+        "Consume a reservation (units become sold; the rest is released)",
+        auth="merchant",
+        body=CONSUME,
+        tag="inventory",
+        responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/products/{id}/release",
+        release,
+        "Release a reservation before it expires",
+        auth="merchant",
+        body=RELEASE,
+        tag="inventory",
+        responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE},
+    ),
 ]

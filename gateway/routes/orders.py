@@ -115,18 +115,24 @@ async def create(request: web.Request) -> web.Response:
     try:
         address = validate(body["shipping_address"], ADDRESS)
     except ValidationFailed as exc:
-        raise ValidationFailed(fields={f"shipping_address.{k}": v
-                                       for k, v in (exc.fields or {}).items()}) from None
+        raise ValidationFailed(
+            fields={f"shipping_address.{k}": v for k, v in (exc.fields or {}).items()}
+        ) from None
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 128:
         raise ValidationFailed(fields={"Idempotency-Key": "length must be 1..128"})
     result = await orders.create_order(
-        request.app, user_id=principal.user_id, lines=await _lines(request, body["items"]),
-        shipping_address=address, coupon_code=body.get("coupon_code") or None,
-        idempotency_key=key)
+        request.app,
+        user_id=principal.user_id,
+        lines=await _lines(request, body["items"]),
+        shipping_address=address,
+        coupon_code=body.get("coupon_code") or None,
+        idempotency_key=key,
+    )
     replay = result.pop("idempotent_replay", False)
-    return ok(result, status=200 if replay else 201,
-              message="order exists" if replay else "order created")
+    return ok(
+        result, status=200 if replay else 201, message="order exists" if replay else "order created"
+    )
 
 
 async def list_(request: web.Request) -> web.Response:
@@ -138,8 +144,11 @@ async def list_(request: web.Request) -> web.Response:
         status = "pending_payment"
     page = query_int(request.query, "page", 1, lo=1, hi=10_000) or 1
     limit = query_int(request.query, "limit", 10, lo=1, hi=100) or 10
-    return ok(await orders.list_orders(request.app[appkeys.DB], principal.user_id,
-                                       status=status, page=page, limit=limit))
+    return ok(
+        await orders.list_orders(
+            request.app[appkeys.DB], principal.user_id, status=status, page=page, limit=limit
+        )
+    )
 
 
 async def detail(request: web.Request) -> web.Response:
@@ -149,82 +158,174 @@ async def detail(request: web.Request) -> web.Response:
 
 async def logs(request: web.Request) -> web.Response:
     principal = _principal(request)
-    return ok(await orders.order_logs(request.app[appkeys.DB], _order_id(request),
-                                      _actor(principal)))
+    return ok(
+        await orders.order_logs(request.app[appkeys.DB], _order_id(request), _actor(principal))
+    )
 
 
 async def cancel(request: web.Request) -> web.Response:
     principal = _principal(request)
     body = await _optional_body(request, CANCEL)
-    return ok(await orders.cancel_order(request.app, _order_id(request), _actor(principal),
-                                        expected_version=body.get("version"),
-                                        reason=body["reason"]))
+    return ok(
+        await orders.cancel_order(
+            request.app,
+            _order_id(request),
+            _actor(principal),
+            expected_version=body.get("version"),
+            reason=body["reason"],
+        )
+    )
 
 
 async def pay(request: web.Request) -> web.Response:
     principal = _principal(request)
     body = validate(await read_json(request), PAY)
-    return ok(await payments.create_payment(
-        request.app, order_id=_order_id(request), user_id=principal.user_id,
-        method=body["payment_method"], return_url=body.get("return_url"), amount=None))
+    return ok(
+        await payments.create_payment(
+            request.app,
+            order_id=_order_id(request),
+            user_id=principal.user_id,
+            method=body["payment_method"],
+            return_url=body.get("return_url"),
+            amount=None,
+        )
+    )
 
 
 async def ship(request: web.Request) -> web.Response:
     principal = require_role(_principal(request), "merchant", "admin")
     body = validate(await read_json(request), SHIP)
-    return ok(await orders.ship_order(
-        request.app, _order_id(request), _actor(principal),
-        expected_version=body.get("version"), shipping_company=body["shipping_company"],
-        tracking_number=body["tracking_number"],
-        estimated_delivery=body.get("estimated_delivery")))
+    return ok(
+        await orders.ship_order(
+            request.app,
+            _order_id(request),
+            _actor(principal),
+            expected_version=body.get("version"),
+            shipping_company=body["shipping_company"],
+            tracking_number=body["tracking_number"],
+            estimated_delivery=body.get("estimated_delivery"),
+        )
+    )
 
 
 async def deliver(request: web.Request) -> web.Response:
     principal = require_role(_principal(request), "merchant", "admin")
     body = await _optional_body(request, VERSION_ONLY)
-    return ok(await orders.deliver_order(request.app, _order_id(request), _actor(principal),
-                                         expected_version=body.get("version")))
+    return ok(
+        await orders.deliver_order(
+            request.app, _order_id(request), _actor(principal), expected_version=body.get("version")
+        )
+    )
 
 
 async def confirm(request: web.Request) -> web.Response:
     principal = _principal(request)
     body = await _optional_body(request, VERSION_ONLY)
-    return ok(await orders.confirm_order(request.app, _order_id(request), _actor(principal),
-                                         expected_version=body.get("version")))
+    return ok(
+        await orders.confirm_order(
+            request.app, _order_id(request), _actor(principal), expected_version=body.get("version")
+        )
+    )
 
 
-_STATE = {404: "NOT_FOUND", 409: "INVALID_TRANSITION or VERSION_CONFLICT",
-          422: "VALIDATION_FAILED"}
+_STATE = {404: "NOT_FOUND", 409: "INVALID_TRANSITION or VERSION_CONFLICT", 422: "VALIDATION_FAILED"}
 ROUTES = [
-    Route("POST", "/api/v1/orders", create,
-          "Create an order (reserves stock; send Idempotency-Key to make retries safe)",
-          auth="user", body=CREATE, tag="orders",
-          responses={201: "order created", 409: "INSUFFICIENT_STOCK, PRICE_CHANGED, NOT_ON_SALE",
-                     404: "SKU_NOT_FOUND", 422: "VALIDATION_FAILED"}),
-    Route("GET", "/api/v1/orders", list_, "The caller's orders", auth="user", tag="orders",
-          query={"status": "pending (pending_payment), paid, shipped, delivered, completed, "
-                           "cancelled, refunded",
-                 "page": "page number, from 1", "limit": "page size, 1-100"},
-          responses={422: "VALIDATION_FAILED"}),
-    Route("GET", "/api/v1/orders/{id}", detail,
-          "One of the caller's orders: items, shipping_info, payment_info", auth="user",
-          tag="orders", responses={404: "NOT_FOUND"}),
-    Route("GET", "/api/v1/orders/{id}/logs", logs, "The operation log of an order",
-          auth="user", tag="orders", responses={404: "NOT_FOUND"}),
-    Route("POST", "/api/v1/orders/{id}/cancel", cancel,
-          "Cancel an unpaid order (body optional: reason, version)", auth="user", body=CANCEL,
-          tag="orders", responses=_STATE),
-    Route("POST", "/api/v1/orders/{id}/pay", pay,
-          "Pay an order: returns payment_id, payment_url and expires_in", auth="user", body=PAY,
-          tag="orders", responses=_STATE),
-    Route("POST", "/api/v1/orders/{id}/ship", ship,
-          "Ship a paid order (merchant of its products, or admin)", auth="merchant", body=SHIP,
-          tag="orders", responses={403: "FORBIDDEN", **_STATE}),
-    Route("POST", "/api/v1/orders/{id}/deliver", deliver,
-          "Mark a shipped order delivered (merchant of its products, or admin)",
-          auth="merchant", body=VERSION_ONLY, tag="orders",
-          responses={403: "FORBIDDEN", **_STATE}),
-    Route("POST", "/api/v1/orders/{id}/confirm", confirm,
-          "Confirm receipt: shipped or delivered → completed (buyer)", auth="user",
-          body=VERSION_ONLY, tag="orders", responses=_STATE),
+    Route(
+        "POST",
+        "/api/v1/orders",
+        create,
+        "Create an order (reserves stock; send Idempotency-Key to make retries safe)",
+        auth="user",
+        body=CREATE,
+        tag="orders",
+        responses={
+            201: "order created",
+            409: "INSUFFICIENT_STOCK, PRICE_CHANGED, NOT_ON_SALE",
+            404: "SKU_NOT_FOUND",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+    Route(
+        "GET",
+        "/api/v1/orders",
+        list_,
+        "The caller's orders",
+        auth="user",
+        tag="orders",
+        query={
+            "status": "pending (pending_payment), paid, shipped, delivered, completed, "
+            "cancelled, refunded",
+            "page": "page number, from 1",
+            "limit": "page size, 1-100",
+        },
+        responses={422: "VALIDATION_FAILED"},
+    ),
+    Route(
+        "GET",
+        "/api/v1/orders/{id}",
+        detail,
+        "One of the caller's orders: items, shipping_info, payment_info",
+        auth="user",
+        tag="orders",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "GET",
+        "/api/v1/orders/{id}/logs",
+        logs,
+        "The operation log of an order",
+        auth="user",
+        tag="orders",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/cancel",
+        cancel,
+        "Cancel an unpaid order (body optional: reason, version)",
+        auth="user",
+        body=CANCEL,
+        tag="orders",
+        responses=_STATE,
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/pay",
+        pay,
+        "Pay an order: returns payment_id, payment_url and expires_in",
+        auth="user",
+        body=PAY,
+        tag="orders",
+        responses=_STATE,
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/ship",
+        ship,
+        "Ship a paid order (merchant of its products, or admin)",
+        auth="merchant",
+        body=SHIP,
+        tag="orders",
+        responses={403: "FORBIDDEN", **_STATE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/deliver",
+        deliver,
+        "Mark a shipped order delivered (merchant of its products, or admin)",
+        auth="merchant",
+        body=VERSION_ONLY,
+        tag="orders",
+        responses={403: "FORBIDDEN", **_STATE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/confirm",
+        confirm,
+        "Confirm receipt: shipped or delivered → completed (buyer)",
+        auth="user",
+        body=VERSION_ONLY,
+        tag="orders",
+        responses=_STATE,
+    ),
 ]

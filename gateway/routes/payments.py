@@ -45,17 +45,22 @@ def _payment_id(request: web.Request) -> str:
 
 
 async def methods(request: web.Request) -> web.Response:
-    return ok([{**m, "available": True, "provider": payments.PROVIDER}
-               for m in payments.METHODS])
+    return ok([{**m, "available": True, "provider": payments.PROVIDER} for m in payments.METHODS])
 
 
 async def create(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), CREATE)
-    return ok(await payments.create_payment(
-        request.app, order_id=body["order_id"], user_id=principal.user_id,
-        method=body["payment_method"], return_url=body.get("return_url"),
-        amount=body.get("amount")))
+    return ok(
+        await payments.create_payment(
+            request.app,
+            order_id=body["order_id"],
+            user_id=principal.user_id,
+            method=body["payment_method"],
+            return_url=body.get("return_url"),
+            amount=body.get("amount"),
+        )
+    )
 
 
 async def notify(request: web.Request) -> web.Response:
@@ -66,55 +71,114 @@ async def notify(request: web.Request) -> web.Response:
 
 async def sandbox_show(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
-    return ok(await payments.get_payment(request.app, _payment_id(request), principal.user_id,
-                                         principal.role))
+    return ok(
+        await payments.get_payment(
+            request.app, _payment_id(request), principal.user_id, principal.role
+        )
+    )
 
 
 async def sandbox_approve(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
-    return ok(await payments.sandbox_complete(request.app, _payment_id(request),
-                                              principal.user_id, principal.role, approve=True))
+    return ok(
+        await payments.sandbox_complete(
+            request.app, _payment_id(request), principal.user_id, principal.role, approve=True
+        )
+    )
 
 
 async def sandbox_fail(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
-    return ok(await payments.sandbox_complete(request.app, _payment_id(request),
-                                              principal.user_id, principal.role, approve=False))
+    return ok(
+        await payments.sandbox_complete(
+            request.app, _payment_id(request), principal.user_id, principal.role, approve=False
+        )
+    )
 
 
 async def refund(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), REFUND)
-    return ok(await payments.refund(request.app, order_id=body["order_id"],
-                                    actor=Actor(principal.user_id, principal.role),
-                                    amount=body["refund_amount"], reason=body["reason"]))
+    return ok(
+        await payments.refund(
+            request.app,
+            order_id=body["order_id"],
+            actor=Actor(principal.user_id, principal.role),
+            amount=body["refund_amount"],
+            reason=body["reason"],
+        )
+    )
 
 
 ROUTES = [
     Route("GET", "/api/v1/payment/methods", methods, "Payment methods", tag="payments"),
-    Route("POST", "/api/v1/payment/create", create,
-          "Create (or switch the method of) the payment of an unpaid order", auth="user",
-          body=CREATE, tag="payments",
-          responses={404: "NOT_FOUND", 409: "INVALID_TRANSITION or AMOUNT_MISMATCH",
-                     422: "VALIDATION_FAILED"}),
-    Route("POST", "/api/v1/payment/notify", notify,
-          "Provider notification, HMAC-SHA256 signed over sorted key=value&... without sign",
-          body=NOTIFY, tag="payments",
-          responses={400: "BAD_SIGNATURE", 404: "UNKNOWN_PAYMENT",
-                     409: "AMOUNT_MISMATCH, ORDER_MISMATCH or ORDER_NOT_PAYABLE",
-                     422: "VALIDATION_FAILED"}),
-    Route("GET", "/api/v1/payment/sandbox/{payment_id}", sandbox_show,
-          "Sandbox provider: the payment page", auth="user", tag="payments",
-          responses={404: "NOT_FOUND"}),
-    Route("POST", "/api/v1/payment/sandbox/{payment_id}/approve", sandbox_approve,
-          "Sandbox provider: approve the payment (sends the signed notification)",
-          auth="user", tag="payments", responses={404: "NOT_FOUND", 409: "ORDER_NOT_PAYABLE"}),
-    Route("POST", "/api/v1/payment/sandbox/{payment_id}/fail", sandbox_fail,
-          "Sandbox provider: fail the payment (sends the signed notification)", auth="user",
-          tag="payments", responses={404: "NOT_FOUND"}),
-    Route("POST", "/api/v1/payment/refund", refund,
-          "Refund part or all of a paid order (never more than was paid)", auth="user",
-          body=REFUND, tag="payments",
-          responses={404: "NOT_FOUND", 409: "REFUND_EXCEEDS_PAID or INVALID_TRANSITION",
-                     422: "VALIDATION_FAILED"}),
+    Route(
+        "POST",
+        "/api/v1/payment/create",
+        create,
+        "Create (or switch the method of) the payment of an unpaid order",
+        auth="user",
+        body=CREATE,
+        tag="payments",
+        responses={
+            404: "NOT_FOUND",
+            409: "INVALID_TRANSITION or AMOUNT_MISMATCH",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/notify",
+        notify,
+        "Provider notification, HMAC-SHA256 signed over sorted key=value&... without sign",
+        body=NOTIFY,
+        tag="payments",
+        responses={
+            400: "BAD_SIGNATURE",
+            404: "UNKNOWN_PAYMENT",
+            409: "AMOUNT_MISMATCH, ORDER_MISMATCH or ORDER_NOT_PAYABLE",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+    Route(
+        "GET",
+        "/api/v1/payment/sandbox/{payment_id}",
+        sandbox_show,
+        "Sandbox provider: the payment page",
+        auth="user",
+        tag="payments",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/sandbox/{payment_id}/approve",
+        sandbox_approve,
+        "Sandbox provider: approve the payment (sends the signed notification)",
+        auth="user",
+        tag="payments",
+        responses={404: "NOT_FOUND", 409: "ORDER_NOT_PAYABLE"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/sandbox/{payment_id}/fail",
+        sandbox_fail,
+        "Sandbox provider: fail the payment (sends the signed notification)",
+        auth="user",
+        tag="payments",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/refund",
+        refund,
+        "Refund part or all of a paid order (never more than was paid)",
+        auth="user",
+        body=REFUND,
+        tag="payments",
+        responses={
+            404: "NOT_FOUND",
+            409: "REFUND_EXCEEDS_PAID or INVALID_TRANSITION",
+            422: "VALIDATION_FAILED",
+        },
+    ),
 ]

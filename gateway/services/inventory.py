@@ -94,9 +94,13 @@ class Reservation:
     expires_at: datetime
 
     def public(self) -> dict[str, Any]:
-        return {"reservation_id": self.reservation_id, "sku_id": self.sku_id,
-                "order_id": self.order_id, "reserved_quantity": self.quantity,
-                "expires_at": self.expires_at}
+        return {
+            "reservation_id": self.reservation_id,
+            "sku_id": self.sku_id,
+            "order_id": self.order_id,
+            "reserved_quantity": self.quantity,
+            "expires_at": self.expires_at,
+        }
 
 
 def new_reservation_id() -> str:
@@ -104,8 +108,11 @@ def new_reservation_id() -> str:
 
 
 def insufficient(sku_id: int, available: int | None) -> Conflict:
-    return Conflict(f"not enough stock for sku {sku_id}", code="INSUFFICIENT_STOCK",
-                    data={"sku_id": sku_id, "available_stock": available})
+    return Conflict(
+        f"not enough stock for sku {sku_id}",
+        code="INSUFFICIENT_STOCK",
+        data={"sku_id": sku_id, "available_stock": available},
+    )
 
 
 async def reserve(
@@ -122,8 +129,9 @@ async def reserve(
             raise NotFound(f"sku {sku_id} not found")
         raise insufficient(sku_id, available)
     rid = new_reservation_id()
-    until: datetime = await conn.fetchval(SQL_INSERT_RESERVATION, rid, sku_id, order_id,
-                                          quantity, float(ttl_s))
+    until: datetime = await conn.fetchval(
+        SQL_INSERT_RESERVATION, rid, sku_id, order_id, quantity, float(ttl_s)
+    )
     await conn.execute(SQL_LEDGER, sku_id, order_id, -quantity, f"reserve:{rid}")
     return Reservation(rid, sku_id, order_id, quantity, until)
 
@@ -134,8 +142,9 @@ async def release(conn: Conn, reservation_id: str, *, reason: str) -> bool:
     if row is None:
         return False
     await conn.execute(SQL_UNRESERVE_SKU, row["sku_id"], row["quantity"])
-    await conn.execute(SQL_LEDGER, row["sku_id"], row["order_id"], row["quantity"],
-                       f"release:{reservation_id}")
+    await conn.execute(
+        SQL_LEDGER, row["sku_id"], row["order_id"], row["quantity"], f"release:{reservation_id}"
+    )
     return True
 
 
@@ -156,12 +165,14 @@ async def consume(conn: Conn, reservation_id: str, actual_quantity: int) -> bool
     row = await conn.fetchrow(SQL_MARK_CONSUMED, reservation_id, actual_quantity)
     if row is None:
         return False
-    product_id = await conn.fetchval(SQL_CONSUME_SKU, row["sku_id"], actual_quantity,
-                                     row["quantity"])
+    product_id = await conn.fetchval(
+        SQL_CONSUME_SKU, row["sku_id"], actual_quantity, row["quantity"]
+    )
     if actual_quantity:
         await conn.execute(SQL_PRODUCT_SALES, product_id, actual_quantity)
-    await conn.execute(SQL_LEDGER, row["sku_id"], row["order_id"], -actual_quantity,
-                       f"consume:{reservation_id}")
+    await conn.execute(
+        SQL_LEDGER, row["sku_id"], row["order_id"], -actual_quantity, f"consume:{reservation_id}"
+    )
     return True
 
 
@@ -199,15 +210,27 @@ async def product_stock(conn: Conn, product_id: int) -> dict[str, Any]:
     skus = []
     for r in await conn.fetch(SQL_PRODUCT_STOCK, product_id):
         available = r["on_hand"] - r["reserved"]
-        skus.append({"sku_id": r["sku_id"], "code": r["code"], "attributes": r["attributes"],
-                     "available_stock": available, "reserved_stock": r["reserved"],
-                     "total_stock": r["on_hand"], "sold": r["sold"],
-                     "status": stock_status(available)})
+        skus.append(
+            {
+                "sku_id": r["sku_id"],
+                "code": r["code"],
+                "attributes": r["attributes"],
+                "available_stock": available,
+                "reserved_stock": r["reserved"],
+                "total_stock": r["on_hand"],
+                "sold": r["sold"],
+                "status": stock_status(available),
+            }
+        )
     available = sum(s["available_stock"] for s in skus)
-    return {"product_id": product_id, "available_stock": available,
-            "reserved_stock": sum(s["reserved_stock"] for s in skus),
-            "total_stock": sum(s["total_stock"] for s in skus),
-            "status": stock_status(available), "skus": skus}
+    return {
+        "product_id": product_id,
+        "available_stock": available,
+        "reserved_stock": sum(s["reserved_stock"] for s in skus),
+        "total_stock": sum(s["total_stock"] for s in skus),
+        "status": stock_status(available),
+        "skus": skus,
+    }
 
 
 async def get_reservation(conn: Conn, reservation_id: str) -> dict[str, Any] | None:

@@ -38,8 +38,15 @@ RESERVATION_GRACE_S: Final = 300
 MAX_LINE_QUANTITY: Final = 999
 SANDBOX_PAYMENT_METHOD: Final = "alipay"
 
-STATUSES: Final = ("pending_payment", "paid", "shipped", "delivered", "completed",
-                   "cancelled", "refunded")
+STATUSES: Final = (
+    "pending_payment",
+    "paid",
+    "shipped",
+    "delivered",
+    "completed",
+    "cancelled",
+    "refunded",
+)
 REFUNDABLE: Final = ("paid", "shipped", "delivered", "completed")
 
 
@@ -196,13 +203,18 @@ FROM order_logs WHERE order_id = $1 ORDER BY id
 
 
 def invalid_transition(status: str, action: str) -> Conflict:
-    return Conflict(f"cannot {action} an order that is {status}", code="INVALID_TRANSITION",
-                    data={"status": status, "action": action})
+    return Conflict(
+        f"cannot {action} an order that is {status}",
+        code="INVALID_TRANSITION",
+        data={"status": status, "action": action},
+    )
 
 
 def version_conflict(order_id: str) -> Conflict:
-    return Conflict(f"order {order_id} was changed by someone else; reload it and retry",
-                    code="VERSION_CONFLICT")
+    return Conflict(
+        f"order {order_id} was changed by someone else; reload it and retry",
+        code="VERSION_CONFLICT",
+    )
 
 
 def new_payment_id() -> str:
@@ -214,13 +226,18 @@ def payment_url(payment_id: str) -> str:
 
 
 async def write_log(
-    conn: Conn, order_id: str, actor: Actor, from_status: str | None,
-    to_status: str, note: str | None = None,
+    conn: Conn,
+    order_id: str,
+    actor: Actor,
+    from_status: str | None,
+    to_status: str,
+    note: str | None = None,
 ) -> None:
     await conn.execute(SQL_LOG, order_id, actor.user_id, actor.role, from_status, to_status, note)
 
 
 # --- creation ---------------------------------------------------------------------------
+
 
 def _merge(lines: list[OrderLineRequest]) -> dict[int, OrderLineRequest]:
     merged: dict[int, OrderLineRequest] = {}
@@ -233,10 +250,14 @@ def _merge(lines: list[OrderLineRequest]) -> dict[int, OrderLineRequest]:
         if prev is None:
             merged[line.sku_id] = line
         else:
-            expected = prev.expected_price_cents if line.expected_price_cents is None \
+            expected = (
+                prev.expected_price_cents
+                if line.expected_price_cents is None
                 else line.expected_price_cents
-            merged[line.sku_id] = OrderLineRequest(line.sku_id, prev.quantity + line.quantity,
-                                                   expected)
+            )
+            merged[line.sku_id] = OrderLineRequest(
+                line.sku_id, prev.quantity + line.quantity, expected
+            )
     if not lines:
         errors["items"] = "at least one item is required"
     if errors:
@@ -246,10 +267,16 @@ def _merge(lines: list[OrderLineRequest]) -> dict[int, OrderLineRequest]:
 
 def _snapshot(row: asyncpg.Record) -> tuple[str, dict[str, Any]]:
     images = row["images"] or []
-    data = {"product_id": row["product_id"], "sku_id": row["sku_id"], "product_name": row["name"],
-            "sku_code": row["code"], "sku_attributes": row["sku_attributes"],
-            "product_attributes": row["product_attributes"],
-            "image": images[0] if images else None, "price_cents": row["price_cents"]}
+    data = {
+        "product_id": row["product_id"],
+        "sku_id": row["sku_id"],
+        "product_name": row["name"],
+        "sku_code": row["code"],
+        "sku_attributes": row["sku_attributes"],
+        "product_attributes": row["product_attributes"],
+        "image": images[0] if images else None,
+        "price_cents": row["price_cents"],
+    }
     digest = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return digest, data
 
@@ -257,8 +284,9 @@ def _snapshot(row: asyncpg.Record) -> tuple[str, dict[str, Any]]:
 async def snapshot_id(conn: Conn, row: asyncpg.Record) -> int:
     """The id of this item's snapshot, stored once per distinct content (seed 002 scheme 3)."""
     digest, data = _snapshot(row)
-    sid: int | None = await conn.fetchval(SQL_SNAPSHOT_INSERT, digest, row["product_id"],
-                                          row["sku_id"], data)
+    sid: int | None = await conn.fetchval(
+        SQL_SNAPSHOT_INSERT, digest, row["product_id"], row["sku_id"], data
+    )
     if sid is None:
         sid = await conn.fetchval(SQL_SNAPSHOT_BY_HASH, digest)
     assert sid is not None
@@ -274,20 +302,32 @@ async def _validate_lines(
     found = {r["sku_id"]: r for r in rows}
     missing = [sid for sid in merged if sid not in found]
     if missing:
-        raise NotFound(f"sku {missing[0]} not found", code="SKU_NOT_FOUND",
-                       data={"sku_ids": missing})
+        raise NotFound(
+            f"sku {missing[0]} not found", code="SKU_NOT_FOUND", data={"sku_ids": missing}
+        )
     changed = []
     for r in rows:
         if r["sku_status"] != "on_sale" or r["product_status"] != "on_sale":
-            raise Conflict(f"sku {r['sku_id']} is not on sale", code="NOT_ON_SALE",
-                           data={"sku_id": r["sku_id"]})
+            raise Conflict(
+                f"sku {r['sku_id']} is not on sale",
+                code="NOT_ON_SALE",
+                data={"sku_id": r["sku_id"]},
+            )
         expected = merged[r["sku_id"]].expected_price_cents
         if expected is not None and expected != r["price_cents"]:
-            changed.append({"sku_id": r["sku_id"], "expected_price": expected,
-                            "current_price": r["price_cents"]})
+            changed.append(
+                {
+                    "sku_id": r["sku_id"],
+                    "expected_price": expected,
+                    "current_price": r["price_cents"],
+                }
+            )
     if changed:
-        raise Conflict("the price of an item changed; review the order", code="PRICE_CHANGED",
-                       data={"items": changed})
+        raise Conflict(
+            "the price of an item changed; review the order",
+            code="PRICE_CHANGED",
+            data={"items": changed},
+        )
     return rows
 
 
@@ -302,8 +342,13 @@ async def _run_undos(conn: Conn, undos: list[Callable[[], Awaitable[Any]]]) -> N
 
 
 async def create_order(
-    app: web.Application, *, user_id: int, lines: list[OrderLineRequest],
-    shipping_address: dict[str, Any], coupon_code: str | None, idempotency_key: str | None,
+    app: web.Application,
+    *,
+    user_id: int,
+    lines: list[OrderLineRequest],
+    shipping_address: dict[str, Any],
+    coupon_code: str | None,
+    idempotency_key: str | None,
 ) -> dict[str, Any]:
     """Create a regular order; returns the ``POST /orders`` response data:
     ``{"order_id", "status", "total_amount", "discount_amount", "shipping_fee",
@@ -323,71 +368,133 @@ async def create_order(
             undos.append(lambda: conn.execute(SQL_DROP_KEY, user_id, idempotency_key))
         try:
             rows = await _validate_lines(conn, user_id, merged)
-            priced = [coupons.PricedLine(r["product_id"], r["sku_id"], r["category_id"],
-                                         merged[r["sku_id"]].quantity, r["price_cents"])
-                      for r in rows]
+            priced = [
+                coupons.PricedLine(
+                    r["product_id"],
+                    r["sku_id"],
+                    r["category_id"],
+                    merged[r["sku_id"]].quantity,
+                    r["price_cents"],
+                )
+                for r in rows
+            ]
             async with conn.transaction():
                 for line in priced:  # rows are in sku id order: locks in primary-key order
                     await inventory.reserve(
-                        conn, sku_id=line.sku_id, quantity=line.quantity, order_id=order_id,
-                        ttl_s=settings.payment_window_s + RESERVATION_GRACE_S)
-            undos.append(lambda: inventory.release_for_order(conn, order_id,
-                                                             reason="create_failed"))
+                        conn,
+                        sku_id=line.sku_id,
+                        quantity=line.quantity,
+                        order_id=order_id,
+                        ttl_s=settings.payment_window_s + RESERVATION_GRACE_S,
+                    )
+            undos.append(
+                lambda: inventory.release_for_order(conn, order_id, reason="create_failed")
+            )
             async with conn.transaction():
-                quote = await coupons.quote(conn, user_id=user_id, lines=priced,
-                                            coupon_code=coupon_code)
-                applied = await coupons.redeem(conn, user_id=user_id, code=coupon_code,
-                                               lines=priced, order_id=order_id)
+                quote = await coupons.quote(
+                    conn, user_id=user_id, lines=priced, coupon_code=coupon_code
+                )
+                applied = await coupons.redeem(
+                    conn, user_id=user_id, code=coupon_code, lines=priced, order_id=order_id
+                )
             use_id = applied.coupon_use_id
             if use_id is not None:
                 undos.append(lambda: coupons.unredeem(conn, use_id))
             async with conn.transaction():
                 deadline = await conn.fetchval(
-                    SQL_INSERT_ORDER, order_id, user_id, quote.subtotal_cents,
-                    quote.discount_cents, quote.shipping_cents, quote.total_cents,
-                    float(settings.payment_window_s), shipping_address, applied.code, use_id)
+                    SQL_INSERT_ORDER,
+                    order_id,
+                    user_id,
+                    quote.subtotal_cents,
+                    quote.discount_cents,
+                    quote.shipping_cents,
+                    quote.total_cents,
+                    float(settings.payment_window_s),
+                    shipping_address,
+                    applied.code,
+                    use_id,
+                )
                 for r, line in zip(rows, priced, strict=True):
                     sid = await snapshot_id(conn, r)
-                    await conn.execute(SQL_INSERT_ITEM, order_id, line.product_id, line.sku_id,
-                                       line.quantity, line.unit_price_cents, sid)
+                    await conn.execute(
+                        SQL_INSERT_ITEM,
+                        order_id,
+                        line.product_id,
+                        line.sku_id,
+                        line.quantity,
+                        line.unit_price_cents,
+                        sid,
+                    )
                 pid = new_payment_id()
-                await conn.execute(SQL_INSERT_PAY_ORDER, pid, order_id, user_id,
-                                   quote.total_cents, SANDBOX_PAYMENT_METHOD, deadline)
-                await write_log(conn, order_id, Actor(user_id, "user"), None, "pending_payment",
-                                "created")
+                await conn.execute(
+                    SQL_INSERT_PAY_ORDER,
+                    pid,
+                    order_id,
+                    user_id,
+                    quote.total_cents,
+                    SANDBOX_PAYMENT_METHOD,
+                    deadline,
+                )
+                await write_log(
+                    conn, order_id, Actor(user_id, "user"), None, "pending_payment", "created"
+                )
         except BaseException:
             await _run_undos(conn, undos)
             raise
-    return {"order_id": order_id, "status": "pending_payment",
-            "total_amount": quote.subtotal_cents, "discount_amount": quote.discount_cents,
-            "shipping_fee": quote.shipping_cents, "final_amount": quote.total_cents,
-            "payment_id": pid, "payment_url": payment_url(pid), "expires_at": deadline,
-            "version": 1, "idempotent_replay": False}
+    return {
+        "order_id": order_id,
+        "status": "pending_payment",
+        "total_amount": quote.subtotal_cents,
+        "discount_amount": quote.discount_cents,
+        "shipping_fee": quote.shipping_cents,
+        "final_amount": quote.total_cents,
+        "payment_id": pid,
+        "payment_url": payment_url(pid),
+        "expires_at": deadline,
+        "version": 1,
+        "idempotent_replay": False,
+    }
 
 
 async def _replay(conn: Conn, order_id: str | None, user_id: int) -> dict[str, Any]:
     order = None if order_id is None else await conn.fetchrow(SQL_ORDER, order_id)
     if order is None or order["user_id"] != user_id:
-        raise Conflict("an order with this Idempotency-Key is still being created; retry",
-                       code="IDEMPOTENCY_IN_PROGRESS")
+        raise Conflict(
+            "an order with this Idempotency-Key is still being created; retry",
+            code="IDEMPOTENCY_IN_PROGRESS",
+        )
     pay = await conn.fetchrow(SQL_PENDING_PAYMENT, order["id"])
-    return {"order_id": order["id"], "status": order["status"],
-            "total_amount": order["total_cents"], "discount_amount": order["discount_cents"],
-            "shipping_fee": order["shipping_cents"], "final_amount": order["pay_cents"],
-            "payment_id": None if pay is None else pay["id"],
-            "payment_url": None if pay is None else payment_url(pay["id"]),
-            "expires_at": order["payment_deadline"], "version": order["version"],
-            "idempotent_replay": True}
+    return {
+        "order_id": order["id"],
+        "status": order["status"],
+        "total_amount": order["total_cents"],
+        "discount_amount": order["discount_cents"],
+        "shipping_fee": order["shipping_cents"],
+        "final_amount": order["pay_cents"],
+        "payment_id": None if pay is None else pay["id"],
+        "payment_url": None if pay is None else payment_url(pay["id"]),
+        "expires_at": order["payment_deadline"],
+        "version": order["version"],
+        "idempotent_replay": True,
+    }
 
 
 # --- views ------------------------------------------------------------------------------
 
+
 def _item_view(r: asyncpg.Record) -> dict[str, Any]:
     snap = r["snapshot"] or {}
-    return {"product_id": r["product_id"], "sku_id": r["sku_id"],
-            "product_name": snap.get("product_name"), "sku_attributes": snap.get("sku_attributes"),
-            "image": snap.get("image"), "quantity": r["quantity"], "price": r["price_cents"],
-            "subtotal": r["price_cents"] * r["quantity"], "snapshot_id": r["snapshot_id"]}
+    return {
+        "product_id": r["product_id"],
+        "sku_id": r["sku_id"],
+        "product_name": snap.get("product_name"),
+        "sku_attributes": snap.get("sku_attributes"),
+        "image": snap.get("image"),
+        "quantity": r["quantity"],
+        "price": r["price_cents"],
+        "subtotal": r["price_cents"] * r["quantity"],
+        "snapshot_id": r["snapshot_id"],
+    }
 
 
 async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
@@ -395,25 +502,44 @@ async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
     pay = await conn.fetchrow(SQL_LATEST_PAYMENT, order["id"])
     address = order["shipping_address"] or {}
     return {
-        "order_id": order["id"], "kind": order["kind"], "status": order["status"],
-        "version": order["version"], "created_at": order["created_at"],
-        "updated_at": order["updated_at"], "total_amount": order["total_cents"],
-        "discount_amount": order["discount_cents"], "shipping_fee": order["shipping_cents"],
-        "final_amount": order["pay_cents"], "refunded_amount": order["refunded_cents"],
-        "coupon_code": order["coupon_code"], "payment_deadline": order["payment_deadline"],
-        "cancelled_at": order["cancelled_at"], "cancel_reason": order["cancel_reason"],
+        "order_id": order["id"],
+        "kind": order["kind"],
+        "status": order["status"],
+        "version": order["version"],
+        "created_at": order["created_at"],
+        "updated_at": order["updated_at"],
+        "total_amount": order["total_cents"],
+        "discount_amount": order["discount_cents"],
+        "shipping_fee": order["shipping_cents"],
+        "final_amount": order["pay_cents"],
+        "refunded_amount": order["refunded_cents"],
+        "coupon_code": order["coupon_code"],
+        "payment_deadline": order["payment_deadline"],
+        "cancelled_at": order["cancelled_at"],
+        "cancel_reason": order["cancel_reason"],
         "completed_at": order["completed_at"],
         "items": items,
         "shipping_info": {
-            "name": address.get("name"), "phone": address.get("phone"),
-            "address": address.get("address"), "shipping_company": order["shipping_company"],
+            "name": address.get("name"),
+            "phone": address.get("phone"),
+            "address": address.get("address"),
+            "shipping_company": order["shipping_company"],
             "tracking_number": order["tracking_number"],
             "estimated_delivery": order["estimated_delivery"],
-            "shipped_at": order["shipped_at"], "delivered_at": order["delivered_at"]},
-        "payment_info": None if pay is None else {
-            "payment_id": pay["id"], "method": pay["method"], "status": pay["status"],
-            "amount": pay["amount_cents"], "transaction_id": pay["transaction_id"],
-            "paid_at": pay["paid_at"], "expires_at": pay["expires_at"]},
+            "shipped_at": order["shipped_at"],
+            "delivered_at": order["delivered_at"],
+        },
+        "payment_info": None
+        if pay is None
+        else {
+            "payment_id": pay["id"],
+            "method": pay["method"],
+            "status": pay["status"],
+            "amount": pay["amount_cents"],
+            "transaction_id": pay["transaction_id"],
+            "paid_at": pay["paid_at"],
+            "expires_at": pay["expires_at"],
+        },
     }
 
 
@@ -436,12 +562,26 @@ async def list_orders(
 ) -> dict[str, Any]:
     rows = await pool.fetch(SQL_LIST, user_id, status, limit, (page - 1) * limit)
     total = rows[0]["total"] if rows else await pool.fetchval(SQL_COUNT, user_id, status)
-    return {"orders": [{"order_id": r["id"], "kind": r["kind"], "status": r["status"],
-                        "total_amount": r["total_cents"], "discount_amount": r["discount_cents"],
-                        "shipping_fee": r["shipping_cents"], "final_amount": r["pay_cents"],
-                        "version": r["version"], "created_at": r["created_at"],
-                        "payment_deadline": r["payment_deadline"]} for r in rows],
-            "total": total, "page": page, "limit": limit}
+    return {
+        "orders": [
+            {
+                "order_id": r["id"],
+                "kind": r["kind"],
+                "status": r["status"],
+                "total_amount": r["total_cents"],
+                "discount_amount": r["discount_cents"],
+                "shipping_fee": r["shipping_cents"],
+                "final_amount": r["pay_cents"],
+                "version": r["version"],
+                "created_at": r["created_at"],
+                "payment_deadline": r["payment_deadline"],
+            }
+            for r in rows
+        ],
+        "total": total,
+        "page": page,
+        "limit": limit,
+    }
 
 
 async def order_logs(pool: asyncpg.Pool, order_id: str, actor: Actor) -> list[dict[str, Any]]:
@@ -453,8 +593,10 @@ async def order_logs(pool: asyncpg.Pool, order_id: str, actor: Actor) -> list[di
 
 # --- state machine ----------------------------------------------------------------------
 
-def _check(order: asyncpg.Record, allowed: tuple[str, ...], action: str,
-           expected_version: int | None) -> int:
+
+def _check(
+    order: asyncpg.Record, allowed: tuple[str, ...], action: str, expected_version: int | None
+) -> int:
     if expected_version is not None and expected_version != order["version"]:
         raise version_conflict(order["id"])
     if order["status"] not in allowed:
@@ -463,16 +605,25 @@ def _check(order: asyncpg.Record, allowed: tuple[str, ...], action: str,
     return version
 
 
-async def _load_own(conn: Conn, order_id: str, actor: Actor, *,
-                    lock: bool = False) -> asyncpg.Record:
+async def _load_own(
+    conn: Conn, order_id: str, actor: Actor, *, lock: bool = False
+) -> asyncpg.Record:
     order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE if lock else SQL_ORDER, order_id)
     if order is None or (actor.role != "admin" and order["user_id"] != actor.user_id):
         raise NotFound("order not found")
     return order
 
 
-async def _apply(conn: Conn, sql: str, order: asyncpg.Record, version: int,
-                 to_status: str, actor: Actor, note: str | None, *args: Any) -> int:
+async def _apply(
+    conn: Conn,
+    sql: str,
+    order: asyncpg.Record,
+    version: int,
+    to_status: str,
+    actor: Actor,
+    note: str | None,
+    *args: Any,
+) -> int:
     new_version: int | None = await conn.fetchval(sql, order["id"], version, *args)
     if new_version is None:
         raise version_conflict(order["id"])
@@ -480,8 +631,9 @@ async def _apply(conn: Conn, sql: str, order: asyncpg.Record, version: int,
     return new_version
 
 
-async def cancel_order(app: web.Application, order_id: str, actor: Actor, *,
-                       expected_version: int | None, reason: str) -> dict[str, Any]:
+async def cancel_order(
+    app: web.Application, order_id: str, actor: Actor, *, expected_version: int | None, reason: str
+) -> dict[str, Any]:
     """pending_payment → cancelled; regular stock goes back, flash units go back to the sale."""
     async with app[appkeys.DB].acquire() as proxy, proxy.transaction():
         conn = cast(asyncpg.Connection, proxy)  # the flash hook is typed for a Connection
@@ -493,15 +645,15 @@ async def cancel_order(app: web.Application, order_id: str, actor: Actor, *,
             new_version = await conn.fetchval(SQL_FLASH_CANCELLED, order_id, reason)
             await write_log(conn, order_id, actor, order["status"], "cancelled", reason)
         else:
-            new_version = await _apply(conn, SQL_TO_CANCELLED, order, version, "cancelled",
-                                       actor, reason, reason)
+            new_version = await _apply(
+                conn, SQL_TO_CANCELLED, order, version, "cancelled", actor, reason, reason
+            )
             await inventory.release_for_order(conn, order_id, reason="cancelled")
         await conn.execute(SQL_CLOSE_PENDING_PAYMENTS, order_id)
     return {"order_id": order_id, "status": "cancelled", "version": new_version}
 
 
-async def mark_paid(conn: Conn, order: asyncpg.Record, actor: Actor,
-                    note: str | None) -> int:
+async def mark_paid(conn: Conn, order: asyncpg.Record, actor: Actor, note: str | None) -> int:
     """pending_payment → paid inside the caller's transaction (the order row is locked)."""
     version = _check(order, ("pending_payment",), "pay", None)
     new_version = await _apply(conn, SQL_TO_PAID, order, version, "paid", actor, note)
@@ -510,9 +662,16 @@ async def mark_paid(conn: Conn, order: asyncpg.Record, actor: Actor,
     return new_version
 
 
-async def ship_order(app: web.Application, order_id: str, actor: Actor, *,
-                     expected_version: int | None, shipping_company: str,
-                     tracking_number: str, estimated_delivery: str | None) -> dict[str, Any]:
+async def ship_order(
+    app: web.Application,
+    order_id: str,
+    actor: Actor,
+    *,
+    expected_version: int | None,
+    shipping_company: str,
+    tracking_number: str,
+    estimated_delivery: str | None,
+) -> dict[str, Any]:
     """paid → shipped, by the merchant owning every product of the order, or an admin."""
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER, order_id)
@@ -520,16 +679,31 @@ async def ship_order(app: web.Application, order_id: str, actor: Actor, *,
             raise NotFound("order not found")
         await _require_merchant(conn, order_id, actor)
         version = _check(order, ("paid",), "ship", expected_version)
-        new_version = await _apply(conn, SQL_TO_SHIPPED, order, version, "shipped", actor,
-                                   f"{shipping_company} {tracking_number}", shipping_company,
-                                   tracking_number, estimated_delivery)
-    return {"order_id": order_id, "status": "shipped", "version": new_version,
-            "shipping_company": shipping_company, "tracking_number": tracking_number,
-            "estimated_delivery": estimated_delivery}
+        new_version = await _apply(
+            conn,
+            SQL_TO_SHIPPED,
+            order,
+            version,
+            "shipped",
+            actor,
+            f"{shipping_company} {tracking_number}",
+            shipping_company,
+            tracking_number,
+            estimated_delivery,
+        )
+    return {
+        "order_id": order_id,
+        "status": "shipped",
+        "version": new_version,
+        "shipping_company": shipping_company,
+        "tracking_number": tracking_number,
+        "estimated_delivery": estimated_delivery,
+    }
 
 
-async def deliver_order(app: web.Application, order_id: str, actor: Actor, *,
-                        expected_version: int | None) -> dict[str, Any]:
+async def deliver_order(
+    app: web.Application, order_id: str, actor: Actor, *, expected_version: int | None
+) -> dict[str, Any]:
     """shipped → delivered (the carrier's event), by the merchant or an admin."""
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER, order_id)
@@ -537,29 +711,29 @@ async def deliver_order(app: web.Application, order_id: str, actor: Actor, *,
             raise NotFound("order not found")
         await _require_merchant(conn, order_id, actor)
         version = _check(order, ("shipped",), "deliver", expected_version)
-        new_version = await _apply(conn, SQL_TO_DELIVERED, order, version, "delivered", actor,
-                                   None)
+        new_version = await _apply(conn, SQL_TO_DELIVERED, order, version, "delivered", actor, None)
     return {"order_id": order_id, "status": "delivered", "version": new_version}
 
 
-async def confirm_order(app: web.Application, order_id: str, actor: Actor, *,
-                        expected_version: int | None) -> dict[str, Any]:
+async def confirm_order(
+    app: web.Application, order_id: str, actor: Actor, *, expected_version: int | None
+) -> dict[str, Any]:
     """shipped/delivered → completed, by the buyer."""
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is None or order["user_id"] != actor.user_id:
             raise NotFound("order not found")
         version = _check(order, ("shipped", "delivered"), "confirm", expected_version)
-        new_version = await _apply(conn, SQL_TO_COMPLETED, order, version, "completed", actor,
-                                   None)
+        new_version = await _apply(conn, SQL_TO_COMPLETED, order, version, "completed", actor, None)
     return {"order_id": order_id, "status": "completed", "version": new_version}
 
 
 async def _require_merchant(conn: Conn, order_id: str, actor: Actor) -> None:
     if actor.role == "admin":
         return
-    if actor.role != "merchant" or not await conn.fetchval(SQL_MERCHANT_OWNS_ALL, order_id,
-                                                           actor.user_id):
+    if actor.role != "merchant" or not await conn.fetchval(
+        SQL_MERCHANT_OWNS_ALL, order_id, actor.user_id
+    ):
         raise Forbidden("only the merchant of this order's products or an admin may do this")
 
 
@@ -570,14 +744,15 @@ async def close_expired_orders(app: web.Application, *, batch: int = 100) -> int
     closed = 0
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         for rec in await conn.fetch(SQL_EXPIRED_UNPAID, batch):
-            version = await conn.fetchval(SQL_TO_CANCELLED, rec["id"], rec["version"],
-                                          "payment timeout")
+            version = await conn.fetchval(
+                SQL_TO_CANCELLED, rec["id"], rec["version"], "payment timeout"
+            )
             if version is None:
                 continue
-            await write_log(conn, rec["id"], SYSTEM, "pending_payment", "cancelled",
-                            "payment timeout")
+            await write_log(
+                conn, rec["id"], SYSTEM, "pending_payment", "cancelled", "payment timeout"
+            )
             await inventory.release_for_order(conn, rec["id"], reason="timeout")
             await conn.execute(SQL_CLOSE_PENDING_PAYMENTS, rec["id"])
             closed += 1
     return closed
-

@@ -101,8 +101,9 @@ RETURNING version
 
 def canonical(fields: Mapping[str, Any]) -> str:
     """The signed form: ``key=value`` pairs sorted by key, joined by ``&``, without sign."""
-    return "&".join(f"{k}={fields[k]}" for k in sorted(fields)
-                    if k != "sign" and fields[k] is not None)
+    return "&".join(
+        f"{k}={fields[k]}" for k in sorted(fields) if k != "sign" and fields[k] is not None
+    )
 
 
 def sign(key: bytes, fields: Mapping[str, Any]) -> str:
@@ -118,8 +119,13 @@ def _expires_in(expires_at: datetime) -> int:
 
 
 async def create_payment(
-    app: web.Application, *, order_id: str, user_id: int, method: str,
-    return_url: str | None, amount: int | None,
+    app: web.Application,
+    *,
+    order_id: str,
+    user_id: int,
+    method: str,
+    return_url: str | None,
+    amount: int | None,
 ) -> dict[str, Any]:
     """The pending pay order of an unpaid order (created or switched to ``method``)."""
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
@@ -129,39 +135,76 @@ async def create_payment(
         if order["status"] != "pending_payment":
             raise orders.invalid_transition(order["status"], "pay")
         if amount is not None and amount != order["pay_cents"]:
-            raise Conflict("amount does not match the order", code="AMOUNT_MISMATCH",
-                           data={"expected": order["pay_cents"], "got": amount})
+            raise Conflict(
+                "amount does not match the order",
+                code="AMOUNT_MISMATCH",
+                data={"expected": order["pay_cents"], "got": amount},
+            )
         pay = await conn.fetchrow(SQL_PENDING_PAY, order_id)
         if pay is not None:
             await conn.execute(SQL_UPDATE_PAY_METHOD, pay["id"], method, return_url)
             pid, expires_at = pay["id"], pay["expires_at"]
         else:
             pid, expires_at = orders.new_payment_id(), order["payment_deadline"]
-            await conn.execute(SQL_INSERT_PAY, pid, order_id, user_id, order["pay_cents"],
-                               method, return_url, expires_at)
-    return {"payment_id": pid, "order_id": order_id, "amount": order["pay_cents"],
-            "payment_method": method, "payment_url": orders.payment_url(pid),
-            "qr_code": None, "expires_in": _expires_in(expires_at), "expires_at": expires_at}
+            await conn.execute(
+                SQL_INSERT_PAY,
+                pid,
+                order_id,
+                user_id,
+                order["pay_cents"],
+                method,
+                return_url,
+                expires_at,
+            )
+    return {
+        "payment_id": pid,
+        "order_id": order_id,
+        "amount": order["pay_cents"],
+        "payment_method": method,
+        "payment_url": orders.payment_url(pid),
+        "qr_code": None,
+        "expires_in": _expires_in(expires_at),
+        "expires_at": expires_at,
+    }
 
 
-async def get_payment(app: web.Application, payment_id: str, user_id: int,
-                      role: str) -> dict[str, Any]:
+async def get_payment(
+    app: web.Application, payment_id: str, user_id: int, role: str
+) -> dict[str, Any]:
     row = await app[appkeys.DB].fetchrow(SQL_PAY, payment_id)
     if row is None or (role != "admin" and row["user_id"] != user_id):
         raise NotFound("payment not found")
-    return {"payment_id": row["id"], "order_id": row["order_id"], "amount": row["amount_cents"],
-            "payment_method": row["method"], "status": row["status"], "provider": PROVIDER,
-            "transaction_id": row["transaction_id"], "paid_at": row["paid_at"],
-            "expires_at": row["expires_at"], "created_at": row["created_at"],
-            "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve",
-            "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail"}
+    return {
+        "payment_id": row["id"],
+        "order_id": row["order_id"],
+        "amount": row["amount_cents"],
+        "payment_method": row["method"],
+        "status": row["status"],
+        "provider": PROVIDER,
+        "transaction_id": row["transaction_id"],
+        "paid_at": row["paid_at"],
+        "expires_at": row["expires_at"],
+        "created_at": row["created_at"],
+        "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve",
+        "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail",
+    }
 
 
 async def _reject(pool: asyncpg.Pool, body: Mapping[str, Any], exc: AppError) -> None:
-    log.warning("payment notification rejected: %s (%s) payment=%s order=%s",
-                exc.error_code, exc.message, body.get("payment_id"), body.get("order_id"))
-    await pool.execute(SQL_RECORD_REJECTION, str(body.get("payment_id") or ""),
-                       str(body.get("order_id") or ""), exc.error_code, dict(body))
+    log.warning(
+        "payment notification rejected: %s (%s) payment=%s order=%s",
+        exc.error_code,
+        exc.message,
+        body.get("payment_id"),
+        body.get("order_id"),
+    )
+    await pool.execute(
+        SQL_RECORD_REJECTION,
+        str(body.get("payment_id") or ""),
+        str(body.get("order_id") or ""),
+        exc.error_code,
+        dict(body),
+    )
 
 
 async def process_notification(app: web.Application, body: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +217,9 @@ async def process_notification(app: web.Application, body: dict[str, Any]) -> di
         raise
 
 
-async def _process(app: web.Application, pool: asyncpg.Pool,
-                   body: dict[str, Any]) -> dict[str, Any]:
+async def _process(
+    app: web.Application, pool: asyncpg.Pool, body: dict[str, Any]
+) -> dict[str, Any]:
     given = body.get("sign")
     expected = sign(app[appkeys.SETTINGS].payment_hmac_key, body)
     if not isinstance(given, str) or not hmac.compare_digest(given, expected):
@@ -188,38 +232,61 @@ async def _process(app: web.Application, pool: asyncpg.Pool,
         if pay["order_id"] != body["order_id"]:
             raise Conflict("notification names another order", code="ORDER_MISMATCH")
         if pay["amount_cents"] != body["amount"]:
-            raise Conflict("notification amount does not match the payment",
-                           code="AMOUNT_MISMATCH",
-                           data={"expected": pay["amount_cents"], "got": body["amount"]})
-        recorded = await conn.fetchval(SQL_RECORD_NOTIFICATION, payment_id, pay["order_id"],
-                                       f"{payment_id}:{status}", "applied", body)
+            raise Conflict(
+                "notification amount does not match the payment",
+                code="AMOUNT_MISMATCH",
+                data={"expected": pay["amount_cents"], "got": body["amount"]},
+            )
+        recorded = await conn.fetchval(
+            SQL_RECORD_NOTIFICATION,
+            payment_id,
+            pay["order_id"],
+            f"{payment_id}:{status}",
+            "applied",
+            body,
+        )
         if recorded is None:
             return {"result": "success", "duplicate": True, "payment_id": payment_id}
         if status == "failed":
             await conn.execute(SQL_PAY_FAILED, payment_id, body.get("transaction_id"))
-            return {"result": "success", "duplicate": False, "payment_id": payment_id,
-                    "payment_status": "failed"}
+            return {
+                "result": "success",
+                "duplicate": False,
+                "payment_id": payment_id,
+                "payment_status": "failed",
+            }
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, pay["order_id"])
         assert order is not None  # pay_orders.order_id references orders
         if order["status"] != "pending_payment":
             # Paid twice, or paid after the timeout close: the money has to go back; a
             # real deployment refunds it automatically, the sandbox reports it.
-            raise Conflict(f"order is {order['status']}; payment cannot be applied",
-                           code="ORDER_NOT_PAYABLE")
+            raise Conflict(
+                f"order is {order['status']}; payment cannot be applied", code="ORDER_NOT_PAYABLE"
+            )
         await conn.execute(SQL_PAY_SUCCESS, payment_id, body.get("transaction_id"))
-        version = await orders.mark_paid(conn, order, Actor(None, "provider"),
-                                         f"{pay['method']} {body.get('transaction_id')}")
-    return {"result": "success", "duplicate": False, "payment_id": payment_id,
-            "payment_status": "success", "order_status": "paid", "version": version}
+        version = await orders.mark_paid(
+            conn, order, Actor(None, "provider"), f"{pay['method']} {body.get('transaction_id')}"
+        )
+    return {
+        "result": "success",
+        "duplicate": False,
+        "payment_id": payment_id,
+        "payment_status": "success",
+        "order_status": "paid",
+        "version": version,
+    }
 
 
-async def sandbox_complete(app: web.Application, payment_id: str, user_id: int, role: str,
-                           *, approve: bool) -> dict[str, Any]:
+async def sandbox_complete(
+    app: web.Application, payment_id: str, user_id: int, role: str, *, approve: bool
+) -> dict[str, Any]:
     """What the sandbox provider does when the payer approves or fails: sign and notify."""
     pay = await get_payment(app, payment_id, user_id, role)
     fields: dict[str, Any] = {
-        "payment_id": pay["payment_id"], "order_id": pay["order_id"],
-        "status": "success" if approve else "failed", "amount": pay["amount"],
+        "payment_id": pay["payment_id"],
+        "order_id": pay["order_id"],
+        "status": "success" if approve else "failed",
+        "amount": pay["amount"],
         "transaction_id": "SBX" + secrets.token_hex(10).upper(),
         "paid_at": datetime.now(UTC).isoformat(),
     }
@@ -228,8 +295,9 @@ async def sandbox_complete(app: web.Application, payment_id: str, user_id: int, 
     return {"notification": fields, "result": result}
 
 
-async def refund(app: web.Application, *, order_id: str, actor: Actor, amount: int,
-                 reason: str) -> dict[str, Any]:
+async def refund(
+    app: web.Application, *, order_id: str, actor: Actor, amount: int, reason: str
+) -> dict[str, Any]:
     """A (partial) refund of a paid order; the refunds of an order never exceed what it paid."""
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
@@ -242,12 +310,17 @@ async def refund(app: web.Application, *, order_id: str, actor: Actor, amount: i
             raise orders.invalid_transition(order["status"], "refund")
         left = order["pay_cents"] - order["refunded_cents"]
         if amount > left:
-            raise Conflict("refund exceeds what was paid", code="REFUND_EXCEEDS_PAID",
-                           data={"paid": order["pay_cents"], "refunded": order["refunded_cents"],
-                                 "refundable": left})
+            raise Conflict(
+                "refund exceeds what was paid",
+                code="REFUND_EXCEEDS_PAID",
+                data={
+                    "paid": order["pay_cents"],
+                    "refunded": order["refunded_cents"],
+                    "refundable": left,
+                },
+            )
         rid = new_refund_id()
-        await conn.execute(SQL_INSERT_REFUND, rid, order_id, pay_id, amount, reason,
-                           actor.user_id)
+        await conn.execute(SQL_INSERT_REFUND, rid, order_id, pay_id, amount, reason, actor.user_id)
         row = await conn.fetchrow(SQL_ADD_REFUNDED, order_id, order["version"], amount)
         assert row is not None  # the order row is locked: its version cannot have moved
         version, status = row["version"], order["status"]
@@ -255,6 +328,13 @@ async def refund(app: web.Application, *, order_id: str, actor: Actor, amount: i
             version = await conn.fetchval(SQL_TO_REFUNDED, order_id, version)
             await orders.write_log(conn, order_id, actor, order["status"], "refunded", reason)
             status = "refunded"
-    return {"refund_id": rid, "order_id": order_id, "refund_amount": amount,
-            "status": "completed", "estimated_arrival": REFUND_ARRIVAL,
-            "refunded_total": row["refunded_cents"], "order_status": status, "version": version}
+    return {
+        "refund_id": rid,
+        "order_id": order_id,
+        "refund_amount": amount,
+        "status": "completed",
+        "estimated_arrival": REFUND_ARRIVAL,
+        "refunded_total": row["refunded_cents"],
+        "order_status": status,
+        "version": version,
+    }

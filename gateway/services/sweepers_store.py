@@ -26,8 +26,7 @@ async def sweep_once(app: web.Application) -> tuple[int, int]:
     closed = await orders.close_expired_orders(app)
     released = await inventory.release_expired(app[appkeys.DB])
     if closed or released:
-        log.info("store sweep: closed %d unpaid orders, released %d reservations",
-                 closed, released)
+        log.info("store sweep: closed %d unpaid orders, released %d reservations", closed, released)
     return closed, released
 
 
