@@ -309,3 +309,20 @@ async def test_unpaid_orders_closed_once_by_two_sweepers(
         oids,
     )
     assert releases == 3
+
+
+async def test_concurrent_retries_with_one_idempotency_key_reserve_once(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    _, (sku,) = await make_product(db, merchant, [(100, 10)])
+    body = {"items": [{"sku_id": sku, "quantity": 1}], "shipping_address": ADDRESS}
+    headers = {**auth(tokens, user), "Idempotency-Key": "same"}
+    responses = await asyncio.gather(
+        *(client.post("/api/v1/orders", json=body, headers=headers) for _ in range(4))
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(201) == 1
+    assert set(statuses) <= {200, 201, 409}
+    assert (await sku_row(db, sku))["reserved"] == 1
+    assert await db.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", user) == 1
