@@ -1,0 +1,165 @@
+"""Inventory API (seed 000 §6.3): stock view, reserve, consume, release."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.auth import Principal, authenticate, require_role
+from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from gateway.http import ok, read_json
+from gateway.routing import Route
+from gateway.services import inventory
+from gateway.validation import F, path_int, validate
+
+RESERVE = {
+    "sku_id": F(int, required=False, min=1),
+    "quantity": F(int, min=1, max=10_000),
+    "order_id": F(str, required=False, nullable=True, min_len=1, max_len=64),
+    "expires_in": F(int, required=False, default=900, min=1, max=7 * 24 * 3600),
+}
+CONSUME = {
+    "reservation_id": F(str, min_len=1, max_len=64),
+    "actual_quantity": F(int, required=False, min=0, max=10_000),
+}
+RELEASE = {"reservation_id": F(str, min_len=1, max_len=64)}
+
+SQL_PRODUCT = "SELECT merchant_id FROM products WHERE id = $1"
+SQL_PRODUCT_SKUS = "SELECT id FROM skus WHERE product_id = $1 ORDER BY id"
+
+
+async def _manage(request: web.Request) -> tuple[int, Principal]:
+    """The product id, checked to be managed by the caller (its merchant, or an admin)."""
+    principal = require_role(
+        authenticate(request, request.app[appkeys.TOKENS]), "merchant", "admin"
+    )
+    product_id = path_int(request.match_info["id"])
+    merchant_id = await request.app[appkeys.DB].fetchval(SQL_PRODUCT, product_id)
+    if merchant_id is None:
+        raise NotFound("product not found")
+    if principal.role != "admin" and merchant_id != principal.user_id:
+        raise Forbidden("not your product")
+    return product_id, principal
+
+
+async def stock(request: web.Request) -> web.Response:
+    product_id = path_int(request.match_info["id"])
+    async with request.app[appkeys.DB].acquire() as conn:
+        return ok(await inventory.product_stock(conn, product_id))
+
+
+async def reserve(request: web.Request) -> web.Response:
+    product_id, _ = await _manage(request)
+    body = validate(await read_json(request), RESERVE)
+    pool = request.app[appkeys.DB]
+    skus = [r["id"] for r in await pool.fetch(SQL_PRODUCT_SKUS, product_id)]
+    sku_id = body.get("sku_id")
+    if sku_id is None:
+        if len(skus) != 1:
+            raise ValidationFailed(fields={"sku_id": "required: the product has several SKUs"})
+        sku_id = skus[0]
+    elif sku_id not in skus:
+        raise NotFound("sku not found for this product")
+    async with pool.acquire() as conn, conn.transaction():
+        held = await inventory.reserve(
+            conn,
+            sku_id=sku_id,
+            quantity=body["quantity"],
+            order_id=body.get("order_id"),
+            ttl_s=body["expires_in"],
+        )
+    return ok(held.public(), status=201, message="reserved")
+
+
+async def _own_reservation(
+    request: web.Request, product_id: int, reservation_id: str
+) -> dict[str, object]:
+    async with request.app[appkeys.DB].acquire() as conn:
+        held = await inventory.get_reservation(conn, reservation_id)
+    if held is None or held["product_id"] != product_id:
+        raise NotFound("reservation not found")
+    return held
+
+
+async def consume(request: web.Request) -> web.Response:
+    product_id, _ = await _manage(request)
+    body = validate(await read_json(request), CONSUME)
+    held = await _own_reservation(request, product_id, body["reservation_id"])
+    quantity = held["quantity"]
+    assert isinstance(quantity, int)
+    actual = body.get("actual_quantity")
+    actual = quantity if actual is None else actual
+    if actual > quantity:
+        raise ValidationFailed(fields={"actual_quantity": f"must be <= {quantity}"})
+    async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
+        done = await inventory.consume(conn, body["reservation_id"], actual)
+    if not done:
+        raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
+    return ok(
+        {
+            "reservation_id": body["reservation_id"],
+            "consumed_quantity": actual,
+            "released_quantity": quantity - actual,
+            "status": "consumed",
+        }
+    )
+
+
+async def release(request: web.Request) -> web.Response:
+    product_id, _ = await _manage(request)
+    body = validate(await read_json(request), RELEASE)
+    held = await _own_reservation(request, product_id, body["reservation_id"])
+    async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
+        done = await inventory.release(conn, body["reservation_id"], reason="api")
+    if not done:
+        raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
+    return ok(
+        {
+            "reservation_id": body["reservation_id"],
+            "released_quantity": held["quantity"],
+            "status": "released",
+        }
+    )
+
+
+_MANAGE = {403: "FORBIDDEN", 404: "NOT_FOUND", 422: "VALIDATION_FAILED"}
+ROUTES = [
+    Route(
+        "GET",
+        "/api/v1/products/{id}/stock",
+        stock,
+        "Stock of a product: available, reserved and total per SKU",
+        tag="inventory",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/products/{id}/reserve",
+        reserve,
+        "Reserve stock of a SKU until expires_in seconds from now",
+        auth="merchant",
+        body=RESERVE,
+        tag="inventory",
+        responses={201: "reserved", 409: "INSUFFICIENT_STOCK", **_MANAGE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/products/{id}/consume",
+        consume,
+        "Consume a reservation (units become sold; the rest is released)",
+        auth="merchant",
+        body=CONSUME,
+        tag="inventory",
+        responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/products/{id}/release",
+        release,
+        "Release a reservation before it expires",
+        auth="merchant",
+        body=RELEASE,
+        tag="inventory",
+        responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE},
+    ),
+]

@@ -1,0 +1,331 @@
+"""Orders (seed 000 §3): create, list, detail and the state machine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.auth import Principal, authenticate, require_role
+from gateway.errors import NotFound, ValidationFailed
+from gateway.http import ok, read_json
+from gateway.routing import Route
+from gateway.services import orders, payments
+from gateway.services.orders import Actor, OrderLineRequest
+from gateway.validation import F, query_int, validate
+
+ITEM = {
+    "sku_id": F(int, required=False, min=1),
+    "product_id": F(int, required=False, min=1),
+    "quantity": F(int, min=1, max=orders.MAX_LINE_QUANTITY),
+    "price": F(int, required=False, nullable=True, min=0),
+}
+ADDRESS = {
+    "name": F(str, min_len=1, max_len=64),
+    "phone": F(str, min_len=3, max_len=32),
+    "address": F(str, min_len=1, max_len=500),
+}
+CREATE = {
+    "items": F(list, min_len=1, max_len=100, items=dict),
+    "shipping_address": F(dict),
+    "coupon_code": F(str, required=False, nullable=True, max_len=64),
+}
+CANCEL = {
+    "reason": F(str, required=False, default="cancelled by user", max_len=200),
+    "version": F(int, required=False, nullable=True, min=1),
+}
+VERSION_ONLY = {"version": F(int, required=False, nullable=True, min=1)}
+PAY = {
+    "payment_method": F(str, choices=payments.METHOD_NAMES),
+    "return_url": F(str, required=False, nullable=True, max_len=2000),
+}
+SHIP = {
+    "shipping_company": F(str, min_len=1, max_len=64),
+    "tracking_number": F(str, min_len=1, max_len=64),
+    "estimated_delivery": F(str, required=False, nullable=True, max_len=64),
+    "version": F(int, required=False, nullable=True, min=1),
+}
+STATUS_FILTER = (*orders.STATUSES, "pending")
+SQL_SINGLE_SKU = """
+SELECT product_id, min(id) AS sku_id, count(*) AS skus FROM skus
+WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
+"""
+
+
+def _principal(request: web.Request) -> Principal:
+    return authenticate(request, request.app[appkeys.TOKENS])
+
+
+def _actor(p: Principal) -> Actor:
+    return Actor(p.user_id, p.role)
+
+
+def _order_id(request: web.Request) -> str:
+    order_id = request.match_info["id"]
+    if not 1 <= len(order_id) <= 64:
+        raise NotFound("order not found")
+    return order_id
+
+
+async def _optional_body(request: web.Request, schema: dict[str, F]) -> dict[str, Any]:
+    if not request.body_exists:
+        return validate({}, schema)
+    return validate(await read_json(request), schema)
+
+
+async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[OrderLineRequest]:
+    """Order lines from the body; a ``product_id`` stands for its only SKU."""
+    errors: dict[str, str] = {}
+    cleaned: list[dict[str, Any]] = []
+    for i, raw in enumerate(items):
+        try:
+            item = validate(raw, ITEM)
+        except ValidationFailed as exc:
+            errors.update({f"items[{i}].{k}": v for k, v in (exc.fields or {}).items()})
+            continue
+        if (item.get("sku_id") is None) == (item.get("product_id") is None):
+            errors[f"items[{i}]"] = "give exactly one of sku_id or product_id"
+        cleaned.append(item)
+    if errors:
+        raise ValidationFailed(fields=errors)
+    by_product = [it["product_id"] for it in cleaned if it.get("sku_id") is None]
+    single: dict[int, int] = {}
+    if by_product:
+        for r in await request.app[appkeys.DB].fetch(SQL_SINGLE_SKU, by_product):
+            if r["skus"] == 1:
+                single[r["product_id"]] = r["sku_id"]
+    lines = []
+    for i, it in enumerate(cleaned):
+        sku_id = it.get("sku_id")
+        if sku_id is None:
+            sku_id = single.get(it["product_id"])
+            if sku_id is None:
+                errors[f"items[{i}].sku_id"] = "required: the product has several SKUs or none"
+                continue
+        lines.append(OrderLineRequest(sku_id, it["quantity"], it.get("price")))
+    if errors:
+        raise ValidationFailed(fields=errors)
+    return lines
+
+
+async def create(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    body = validate(await read_json(request), CREATE)
+    try:
+        address = validate(body["shipping_address"], ADDRESS)
+    except ValidationFailed as exc:
+        raise ValidationFailed(
+            fields={f"shipping_address.{k}": v for k, v in (exc.fields or {}).items()}
+        ) from None
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= 128:
+        raise ValidationFailed(fields={"Idempotency-Key": "length must be 1..128"})
+    result = await orders.create_order(
+        request.app,
+        user_id=principal.user_id,
+        lines=await _lines(request, body["items"]),
+        shipping_address=address,
+        coupon_code=body.get("coupon_code") or None,
+        idempotency_key=key,
+    )
+    replay = result.pop("idempotent_replay", False)
+    return ok(
+        result, status=200 if replay else 201, message="order exists" if replay else "order created"
+    )
+
+
+async def list_(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    status = request.query.get("status") or None
+    if status is not None and status not in STATUS_FILTER:
+        raise ValidationFailed(fields={"status": "must be one of: " + ", ".join(STATUS_FILTER)})
+    if status == "pending":
+        status = "pending_payment"
+    page = query_int(request.query, "page", 1, lo=1, hi=10_000) or 1
+    limit = query_int(request.query, "limit", 10, lo=1, hi=100) or 10
+    return ok(
+        await orders.list_orders(
+            request.app[appkeys.DB], principal.user_id, status=status, page=page, limit=limit
+        )
+    )
+
+
+async def detail(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    return ok(await orders.get_order(request.app, _order_id(request), principal.user_id))
+
+
+async def logs(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    return ok(
+        await orders.order_logs(request.app[appkeys.DB], _order_id(request), _actor(principal))
+    )
+
+
+async def cancel(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    body = await _optional_body(request, CANCEL)
+    return ok(
+        await orders.cancel_order(
+            request.app,
+            _order_id(request),
+            _actor(principal),
+            expected_version=body.get("version"),
+            reason=body["reason"],
+        )
+    )
+
+
+async def pay(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    body = validate(await read_json(request), PAY)
+    return ok(
+        await payments.create_payment(
+            request.app,
+            order_id=_order_id(request),
+            user_id=principal.user_id,
+            method=body["payment_method"],
+            return_url=body.get("return_url"),
+            amount=None,
+        )
+    )
+
+
+async def ship(request: web.Request) -> web.Response:
+    principal = require_role(_principal(request), "merchant", "admin")
+    body = validate(await read_json(request), SHIP)
+    return ok(
+        await orders.ship_order(
+            request.app,
+            _order_id(request),
+            _actor(principal),
+            expected_version=body.get("version"),
+            shipping_company=body["shipping_company"],
+            tracking_number=body["tracking_number"],
+            estimated_delivery=body.get("estimated_delivery"),
+        )
+    )
+
+
+async def deliver(request: web.Request) -> web.Response:
+    principal = require_role(_principal(request), "merchant", "admin")
+    body = await _optional_body(request, VERSION_ONLY)
+    return ok(
+        await orders.deliver_order(
+            request.app, _order_id(request), _actor(principal), expected_version=body.get("version")
+        )
+    )
+
+
+async def confirm(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    body = await _optional_body(request, VERSION_ONLY)
+    return ok(
+        await orders.confirm_order(
+            request.app, _order_id(request), _actor(principal), expected_version=body.get("version")
+        )
+    )
+
+
+_STATE = {404: "NOT_FOUND", 409: "INVALID_TRANSITION or VERSION_CONFLICT", 422: "VALIDATION_FAILED"}
+ROUTES = [
+    Route(
+        "POST",
+        "/api/v1/orders",
+        create,
+        "Create an order (reserves stock; send Idempotency-Key to make retries safe)",
+        auth="user",
+        body=CREATE,
+        tag="orders",
+        responses={
+            201: "order created",
+            409: "INSUFFICIENT_STOCK, PRICE_CHANGED, NOT_ON_SALE",
+            404: "SKU_NOT_FOUND",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+    Route(
+        "GET",
+        "/api/v1/orders",
+        list_,
+        "The caller's orders",
+        auth="user",
+        tag="orders",
+        query={
+            "status": "pending (pending_payment), paid, shipped, delivered, completed, "
+            "cancelled, refunded",
+            "page": "page number, from 1",
+            "limit": "page size, 1-100",
+        },
+        responses={422: "VALIDATION_FAILED"},
+    ),
+    Route(
+        "GET",
+        "/api/v1/orders/{id}",
+        detail,
+        "One of the caller's orders: items, shipping_info, payment_info",
+        auth="user",
+        tag="orders",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "GET",
+        "/api/v1/orders/{id}/logs",
+        logs,
+        "The operation log of an order",
+        auth="user",
+        tag="orders",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/cancel",
+        cancel,
+        "Cancel an unpaid order (body optional: reason, version)",
+        auth="user",
+        body=CANCEL,
+        tag="orders",
+        responses=_STATE,
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/pay",
+        pay,
+        "Pay an order: returns payment_id, payment_url and expires_in",
+        auth="user",
+        body=PAY,
+        tag="orders",
+        responses=_STATE,
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/ship",
+        ship,
+        "Ship a paid order (merchant of its products, or admin)",
+        auth="merchant",
+        body=SHIP,
+        tag="orders",
+        responses={403: "FORBIDDEN", **_STATE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/deliver",
+        deliver,
+        "Mark a shipped order delivered (merchant of its products, or admin)",
+        auth="merchant",
+        body=VERSION_ONLY,
+        tag="orders",
+        responses={403: "FORBIDDEN", **_STATE},
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/confirm",
+        confirm,
+        "Confirm receipt: shipped or delivered → completed (buyer)",
+        auth="user",
+        body=VERSION_ONLY,
+        tag="orders",
+        responses=_STATE,
+    ),
+]

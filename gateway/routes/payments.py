@@ -1,0 +1,184 @@
+"""Payments (seed 000 §5) and the built-in sandbox provider."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.auth import authenticate
+from gateway.errors import NotFound
+from gateway.http import ok, read_json
+from gateway.routing import Route
+from gateway.services import payments
+from gateway.services.orders import Actor
+from gateway.validation import F, validate
+
+CREATE = {
+    "order_id": F(str, min_len=1, max_len=64),
+    "amount": F(int, required=False, nullable=True, min=0),
+    "payment_method": F(str, choices=payments.METHOD_NAMES),
+    "return_url": F(str, required=False, nullable=True, max_len=2000),
+    "notify_url": F(str, required=False, nullable=True, max_len=2000),
+}
+NOTIFY = {
+    "payment_id": F(str, min_len=1, max_len=64),
+    "order_id": F(str, min_len=1, max_len=64),
+    "status": F(str, choices=("success", "failed")),
+    "amount": F(int, min=0),
+    "transaction_id": F(str, required=False, nullable=True, max_len=128),
+    "paid_at": F(str, required=False, nullable=True, max_len=64),
+    "sign": F(str, min_len=1, max_len=256),
+}
+REFUND = {
+    "order_id": F(str, min_len=1, max_len=64),
+    "refund_amount": F(int, min=1),
+    "reason": F(str, min_len=1, max_len=200),
+    "refund_account": F(str, required=False, nullable=True, choices=("original",)),
+}
+
+
+def _payment_id(request: web.Request) -> str:
+    payment_id = request.match_info["payment_id"]
+    if not 1 <= len(payment_id) <= 64:
+        raise NotFound("payment not found")
+    return payment_id
+
+
+async def methods(request: web.Request) -> web.Response:
+    return ok([{**m, "available": True, "provider": payments.PROVIDER} for m in payments.METHODS])
+
+
+async def create(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), CREATE)
+    return ok(
+        await payments.create_payment(
+            request.app,
+            order_id=body["order_id"],
+            user_id=principal.user_id,
+            method=body["payment_method"],
+            return_url=body.get("return_url"),
+            amount=body.get("amount"),
+        )
+    )
+
+
+async def notify(request: web.Request) -> web.Response:
+    # Extra fields are allowed (providers add them) and covered by the signature.
+    body = validate(await read_json(request), NOTIFY, allow_extra=True)
+    return ok(await payments.process_notification(request.app, body))
+
+
+async def sandbox_show(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    return ok(
+        await payments.get_payment(
+            request.app, _payment_id(request), principal.user_id, principal.role
+        )
+    )
+
+
+async def sandbox_approve(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    return ok(
+        await payments.sandbox_complete(
+            request.app, _payment_id(request), principal.user_id, principal.role, approve=True
+        )
+    )
+
+
+async def sandbox_fail(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    return ok(
+        await payments.sandbox_complete(
+            request.app, _payment_id(request), principal.user_id, principal.role, approve=False
+        )
+    )
+
+
+async def refund(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), REFUND)
+    return ok(
+        await payments.refund(
+            request.app,
+            order_id=body["order_id"],
+            actor=Actor(principal.user_id, principal.role),
+            amount=body["refund_amount"],
+            reason=body["reason"],
+        )
+    )
+
+
+ROUTES = [
+    Route("GET", "/api/v1/payment/methods", methods, "Payment methods", tag="payments"),
+    Route(
+        "POST",
+        "/api/v1/payment/create",
+        create,
+        "Create (or switch the method of) the payment of an unpaid order",
+        auth="user",
+        body=CREATE,
+        tag="payments",
+        responses={
+            404: "NOT_FOUND",
+            409: "INVALID_TRANSITION or AMOUNT_MISMATCH",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/notify",
+        notify,
+        "Provider notification, HMAC-SHA256 signed over sorted key=value&... without sign",
+        body=NOTIFY,
+        tag="payments",
+        responses={
+            400: "BAD_SIGNATURE",
+            404: "UNKNOWN_PAYMENT",
+            409: "AMOUNT_MISMATCH, ORDER_MISMATCH or ORDER_NOT_PAYABLE",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+    Route(
+        "GET",
+        "/api/v1/payment/sandbox/{payment_id}",
+        sandbox_show,
+        "Sandbox provider: the payment page",
+        auth="user",
+        tag="payments",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/sandbox/{payment_id}/approve",
+        sandbox_approve,
+        "Sandbox provider: approve the payment (sends the signed notification)",
+        auth="user",
+        tag="payments",
+        responses={404: "NOT_FOUND", 409: "ORDER_NOT_PAYABLE"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/sandbox/{payment_id}/fail",
+        sandbox_fail,
+        "Sandbox provider: fail the payment (sends the signed notification)",
+        auth="user",
+        tag="payments",
+        responses={404: "NOT_FOUND"},
+    ),
+    Route(
+        "POST",
+        "/api/v1/payment/refund",
+        refund,
+        "Refund part or all of a paid order (never more than was paid)",
+        auth="user",
+        body=REFUND,
+        tag="payments",
+        responses={
+            404: "NOT_FOUND",
+            409: "REFUND_EXCEEDS_PAID or INVALID_TRANSITION",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+]

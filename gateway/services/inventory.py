@@ -1,0 +1,238 @@
+"""Regular stock in PostgreSQL: reservations, their release and their consumption.
+
+``skus.on_hand`` is what regular checkout can still sell, ``reserved`` the part of it
+held by unpaid orders; available = on_hand - reserved. A reservation is one
+conditional UPDATE (never read-then-write), and every movement writes one
+``inventory_ledger`` row whose reason carries the reservation id, so the ledger's
+``UNIQUE (order_id, reason)`` also refuses a second movement of the same units.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from gateway.errors import Conflict, NotFound
+
+# A connection, or the pool's proxy of one: what ``pool.acquire()`` gives.
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+
+LOW_STOCK_THRESHOLD: Final = 10
+
+SQL_RESERVE_SKU = """
+UPDATE skus SET reserved = reserved + $2, updated_at = now()
+WHERE id = $1 AND on_hand - reserved >= $2
+RETURNING id
+"""
+SQL_SKU_EXISTS = "SELECT on_hand - reserved AS available FROM skus WHERE id = $1"
+SQL_INSERT_RESERVATION = """
+INSERT INTO stock_reservations (id, sku_id, order_id, quantity, reserved_until)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+RETURNING reserved_until
+"""
+SQL_LEDGER = """
+INSERT INTO inventory_ledger (sku_id, order_id, delta, reason) VALUES ($1, $2, $3, $4)
+"""
+SQL_MARK_RELEASED = """
+UPDATE stock_reservations
+SET status = 'released', release_reason = $2, updated_at = now()
+WHERE id = $1 AND status = 'active'
+RETURNING sku_id, order_id, quantity
+"""
+SQL_UNRESERVE_SKU = """
+UPDATE skus SET reserved = reserved - $2, updated_at = now() WHERE id = $1
+"""
+SQL_ACTIVE_FOR_ORDER = """
+SELECT id, quantity FROM stock_reservations
+WHERE order_id = $1 AND status = 'active'
+ORDER BY sku_id, id
+"""
+SQL_MARK_CONSUMED = """
+UPDATE stock_reservations
+SET status = 'consumed', consumed = $2, updated_at = now()
+WHERE id = $1 AND status = 'active' AND quantity >= $2
+RETURNING sku_id, order_id, quantity
+"""
+SQL_CONSUME_SKU = """
+UPDATE skus
+SET on_hand = on_hand - $2, reserved = reserved - $3, sold = sold + $2, updated_at = now()
+WHERE id = $1
+RETURNING product_id
+"""
+SQL_PRODUCT_SALES = "UPDATE products SET sales = sales + $2 WHERE id = $1"
+SQL_GET_RESERVATION = """
+SELECT r.id, r.sku_id, r.order_id, r.quantity, r.consumed, r.status, r.reserved_until,
+       s.product_id
+FROM stock_reservations r JOIN skus s ON s.id = r.sku_id
+WHERE r.id = $1
+"""
+SQL_PRODUCT_STOCK = """
+SELECT id AS sku_id, code, attributes, on_hand, reserved, sold, status
+FROM skus WHERE product_id = $1 ORDER BY id
+"""
+SQL_PRODUCT = "SELECT id, merchant_id, status FROM products WHERE id = $1"
+SQL_EXPIRED = """
+SELECT id FROM stock_reservations
+WHERE status = 'active' AND reserved_until < now()
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: str
+    sku_id: int
+    order_id: str | None
+    quantity: int
+    expires_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "reservation_id": self.reservation_id,
+            "sku_id": self.sku_id,
+            "order_id": self.order_id,
+            "reserved_quantity": self.quantity,
+            "expires_at": self.expires_at,
+        }
+
+
+def new_reservation_id() -> str:
+    return "RSV" + secrets.token_hex(10).upper()
+
+
+def insufficient(sku_id: int, available: int | None) -> Conflict:
+    return Conflict(
+        f"not enough stock for sku {sku_id}",
+        code="INSUFFICIENT_STOCK",
+        data={"sku_id": sku_id, "available_stock": available},
+    )
+
+
+async def reserve(
+    conn: Conn, *, sku_id: int, quantity: int, order_id: str | None, ttl_s: int
+) -> Reservation:
+    """Hold ``quantity`` units of a SKU until ``ttl_s`` from now; 409 INSUFFICIENT_STOCK.
+
+    Call inside a transaction: the SKU update, the reservation and its ledger row
+    commit together.
+    """
+    if await conn.fetchval(SQL_RESERVE_SKU, sku_id, quantity) is None:
+        available = await conn.fetchval(SQL_SKU_EXISTS, sku_id)
+        if available is None:
+            raise NotFound(f"sku {sku_id} not found")
+        raise insufficient(sku_id, available)
+    rid = new_reservation_id()
+    until: datetime = await conn.fetchval(
+        SQL_INSERT_RESERVATION, rid, sku_id, order_id, quantity, float(ttl_s)
+    )
+    await conn.execute(SQL_LEDGER, sku_id, order_id, -quantity, f"reserve:{rid}")
+    return Reservation(rid, sku_id, order_id, quantity, until)
+
+
+async def release(conn: Conn, reservation_id: str, *, reason: str) -> bool:
+    """Give an active reservation's units back, exactly once; False if it was not active."""
+    row = await conn.fetchrow(SQL_MARK_RELEASED, reservation_id, reason)
+    if row is None:
+        return False
+    await conn.execute(SQL_UNRESERVE_SKU, row["sku_id"], row["quantity"])
+    await conn.execute(
+        SQL_LEDGER, row["sku_id"], row["order_id"], row["quantity"], f"release:{reservation_id}"
+    )
+    return True
+
+
+async def release_for_order(conn: Conn, order_id: str, *, reason: str) -> int:
+    """Release every active reservation of an order (in SKU order); the number released."""
+    released = 0
+    for rec in await conn.fetch(SQL_ACTIVE_FOR_ORDER, order_id):
+        if await release(conn, rec["id"], reason=reason):
+            released += 1
+    return released
+
+
+async def consume(conn: Conn, reservation_id: str, actual_quantity: int) -> bool:
+    """Turn ``actual_quantity`` reserved units into sold ones and drop the rest of the hold.
+
+    False if the reservation is not active or holds fewer units than asked.
+    """
+    row = await conn.fetchrow(SQL_MARK_CONSUMED, reservation_id, actual_quantity)
+    if row is None:
+        return False
+    product_id = await conn.fetchval(
+        SQL_CONSUME_SKU, row["sku_id"], actual_quantity, row["quantity"]
+    )
+    if actual_quantity:
+        await conn.execute(SQL_PRODUCT_SALES, product_id, actual_quantity)
+    await conn.execute(
+        SQL_LEDGER, row["sku_id"], row["order_id"], -actual_quantity, f"consume:{reservation_id}"
+    )
+    return True
+
+
+async def consume_for_order(conn: Conn, order_id: str) -> int:
+    """Consume every active reservation of a paid order in full; the number consumed."""
+    consumed = 0
+    for rec in await conn.fetch(SQL_ACTIVE_FOR_ORDER, order_id):
+        if await consume(conn, rec["id"], rec["quantity"]):
+            consumed += 1
+    return consumed
+
+
+async def release_expired(pool: asyncpg.Pool, *, batch: int = 200) -> int:
+    """One sweep: release reservations past ``reserved_until``. Safe with many sweepers:
+    rows another sweeper holds are skipped, and release() is guarded by the status."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(SQL_EXPIRED, batch)
+        released = 0
+        for rec in rows:
+            if await release(conn, rec["id"], reason="expired"):
+                released += 1
+        return released
+
+
+def stock_status(available: int) -> str:
+    if available <= 0:
+        return "out_of_stock"
+    return "low" if available < LOW_STOCK_THRESHOLD else "sufficient"
+
+
+async def product_stock(conn: Conn, product_id: int) -> dict[str, Any]:
+    """Seed §6.3 stock view: product totals plus one entry per SKU."""
+    if await conn.fetchrow(SQL_PRODUCT, product_id) is None:
+        raise NotFound("product not found")
+    skus = []
+    for r in await conn.fetch(SQL_PRODUCT_STOCK, product_id):
+        available = r["on_hand"] - r["reserved"]
+        skus.append(
+            {
+                "sku_id": r["sku_id"],
+                "code": r["code"],
+                "attributes": r["attributes"],
+                "available_stock": available,
+                "reserved_stock": r["reserved"],
+                "total_stock": r["on_hand"],
+                "sold": r["sold"],
+                "status": stock_status(available),
+            }
+        )
+    available = sum(s["available_stock"] for s in skus)
+    return {
+        "product_id": product_id,
+        "available_stock": available,
+        "reserved_stock": sum(s["reserved_stock"] for s in skus),
+        "total_stock": sum(s["total_stock"] for s in skus),
+        "status": stock_status(available),
+        "skus": skus,
+    }
+
+
+async def get_reservation(conn: Conn, reservation_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(SQL_GET_RESERVATION, reservation_id)
+    return None if row is None else dict(row)

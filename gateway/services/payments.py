@@ -1,0 +1,340 @@
+"""Payments (seed 000 §5): pay orders, the signed provider notification, refunds.
+
+The only provider built in is a sandbox that stands in for Alipay/WeChat: approving or
+failing a payment builds the same HMAC-SHA256-signed notification a real provider
+would send and runs it through :func:`process_notification`, the function behind
+``POST /payment/notify``. A notification is accepted once per (payment, status); a
+replay returns success and changes nothing; a bad signature, amount or order is
+rejected and recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import asyncpg
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.errors import AppError, BadRequest, Conflict, NotFound
+from gateway.services import orders
+from gateway.services.orders import Actor
+
+log = logging.getLogger(__name__)
+
+PROVIDER: Final = "sandbox"
+METHODS: Final = (
+    {"method": "alipay", "name": "Alipay", "icon": "/static/pay/alipay.png"},
+    {"method": "wechat", "name": "WeChat Pay", "icon": "/static/pay/wechat.png"},
+    {"method": "unionpay", "name": "UnionPay", "icon": "/static/pay/unionpay.png"},
+    {"method": "applepay", "name": "Apple Pay", "icon": "/static/pay/applepay.png"},
+)
+METHOD_NAMES: Final = tuple(m["method"] for m in METHODS)
+REFUND_ARRIVAL: Final = "1-3 business days"
+
+SQL_ORDER_FOR_UPDATE = orders.SQL_ORDER_FOR_UPDATE
+SQL_PENDING_PAY = """
+SELECT id, amount_cents, method, expires_at FROM pay_orders
+WHERE order_id = $1 AND status = 'pending'
+"""
+SQL_UPDATE_PAY_METHOD = """
+UPDATE pay_orders SET method = $2, return_url = coalesce($3, return_url), updated_at = now()
+WHERE id = $1
+"""
+SQL_INSERT_PAY = """
+INSERT INTO pay_orders (id, order_id, user_id, amount_cents, method, return_url, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+"""
+SQL_PAY_FOR_UPDATE = """
+SELECT id, order_id, user_id, amount_cents, method, status, transaction_id, paid_at,
+       expires_at, created_at
+FROM pay_orders WHERE id = $1 FOR UPDATE
+"""
+SQL_PAY = """
+SELECT id, order_id, user_id, amount_cents, method, status, transaction_id, paid_at,
+       expires_at, created_at
+FROM pay_orders WHERE id = $1
+"""
+SQL_RECORD_NOTIFICATION = """
+INSERT INTO payment_notifications (payment_id, order_id, dedupe_key, accepted, outcome, body)
+VALUES ($1, $2, $3, true, $4, $5)
+ON CONFLICT (dedupe_key) DO NOTHING
+RETURNING id
+"""
+SQL_RECORD_REJECTION = """
+INSERT INTO payment_notifications (payment_id, order_id, dedupe_key, accepted, outcome, body)
+VALUES ($1, $2, NULL, false, $3, $4)
+"""
+SQL_PAY_SUCCESS = """
+UPDATE pay_orders SET status = 'success', transaction_id = $2, paid_at = now(),
+    updated_at = now()
+WHERE id = $1 AND status <> 'success'
+"""
+SQL_PAY_FAILED = """
+UPDATE pay_orders SET status = 'failed', transaction_id = $2, updated_at = now()
+WHERE id = $1 AND status = 'pending'
+"""
+SQL_SUCCESS_PAY = "SELECT id FROM pay_orders WHERE order_id = $1 AND status = 'success'"
+SQL_INSERT_REFUND = """
+INSERT INTO refunds (id, order_id, pay_order_id, amount_cents, reason, status, requested_by,
+                     completed_at)
+VALUES ($1, $2, $3, $4, $5, 'completed', $6, now())
+RETURNING created_at
+"""
+SQL_ADD_REFUNDED = """
+UPDATE orders SET refunded_cents = refunded_cents + $3, updated_at = now(), version = version + 1
+WHERE id = $1 AND version = $2
+RETURNING refunded_cents, version
+"""
+SQL_TO_REFUNDED = """
+UPDATE orders SET status = 'refunded', updated_at = now(), version = version + 1
+WHERE id = $1 AND version = $2
+RETURNING version
+"""
+
+
+def canonical(fields: Mapping[str, Any]) -> str:
+    """The signed form: ``key=value`` pairs sorted by key, joined by ``&``, without sign."""
+    return "&".join(
+        f"{k}={fields[k]}" for k in sorted(fields) if k != "sign" and fields[k] is not None
+    )
+
+
+def sign(key: bytes, fields: Mapping[str, Any]) -> str:
+    return hmac.new(key, canonical(fields).encode(), hashlib.sha256).hexdigest()
+
+
+def new_refund_id() -> str:
+    return "REF" + secrets.token_hex(10).upper()
+
+
+def _expires_in(expires_at: datetime) -> int:
+    return max(0, int((expires_at - datetime.now(UTC)).total_seconds()))
+
+
+async def create_payment(
+    app: web.Application,
+    *,
+    order_id: str,
+    user_id: int,
+    method: str,
+    return_url: str | None,
+    amount: int | None,
+) -> dict[str, Any]:
+    """The pending pay order of an unpaid order (created or switched to ``method``)."""
+    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
+        if order is None or order["user_id"] != user_id:
+            raise NotFound("order not found")
+        if order["status"] != "pending_payment":
+            raise orders.invalid_transition(order["status"], "pay")
+        if amount is not None and amount != order["pay_cents"]:
+            raise Conflict(
+                "amount does not match the order",
+                code="AMOUNT_MISMATCH",
+                data={"expected": order["pay_cents"], "got": amount},
+            )
+        pay = await conn.fetchrow(SQL_PENDING_PAY, order_id)
+        if pay is not None:
+            await conn.execute(SQL_UPDATE_PAY_METHOD, pay["id"], method, return_url)
+            pid, expires_at = pay["id"], pay["expires_at"]
+        else:
+            pid, expires_at = orders.new_payment_id(), order["payment_deadline"]
+            await conn.execute(
+                SQL_INSERT_PAY,
+                pid,
+                order_id,
+                user_id,
+                order["pay_cents"],
+                method,
+                return_url,
+                expires_at,
+            )
+    return {
+        "payment_id": pid,
+        "order_id": order_id,
+        "amount": order["pay_cents"],
+        "payment_method": method,
+        "payment_url": orders.payment_url(pid),
+        "qr_code": None,
+        "expires_in": _expires_in(expires_at),
+        "expires_at": expires_at,
+    }
+
+
+async def get_payment(
+    app: web.Application, payment_id: str, user_id: int, role: str
+) -> dict[str, Any]:
+    row = await app[appkeys.DB].fetchrow(SQL_PAY, payment_id)
+    if row is None or (role != "admin" and row["user_id"] != user_id):
+        raise NotFound("payment not found")
+    return {
+        "payment_id": row["id"],
+        "order_id": row["order_id"],
+        "amount": row["amount_cents"],
+        "payment_method": row["method"],
+        "status": row["status"],
+        "provider": PROVIDER,
+        "transaction_id": row["transaction_id"],
+        "paid_at": row["paid_at"],
+        "expires_at": row["expires_at"],
+        "created_at": row["created_at"],
+        "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve",
+        "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail",
+    }
+
+
+async def _reject(pool: asyncpg.Pool, body: Mapping[str, Any], exc: AppError) -> None:
+    log.warning(
+        "payment notification rejected: %s (%s) payment=%s order=%s",
+        exc.error_code,
+        exc.message,
+        body.get("payment_id"),
+        body.get("order_id"),
+    )
+    await pool.execute(
+        SQL_RECORD_REJECTION,
+        str(body.get("payment_id") or ""),
+        str(body.get("order_id") or ""),
+        exc.error_code,
+        dict(body),
+    )
+
+
+async def process_notification(app: web.Application, body: dict[str, Any]) -> dict[str, Any]:
+    """Verify and apply one provider notification (seed §5.2); idempotent."""
+    pool = app[appkeys.DB]
+    try:
+        return await _process(app, pool, body)
+    except AppError as exc:
+        await _reject(pool, body, exc)
+        raise
+
+
+async def _process(
+    app: web.Application, pool: asyncpg.Pool, body: dict[str, Any]
+) -> dict[str, Any]:
+    given = body.get("sign")
+    expected = sign(app[appkeys.SETTINGS].payment_hmac_key, body)
+    if not isinstance(given, str) or not hmac.compare_digest(given, expected):
+        raise BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
+    payment_id, status = body["payment_id"], body["status"]
+    async with pool.acquire() as conn, conn.transaction():
+        pay = await conn.fetchrow(SQL_PAY_FOR_UPDATE, payment_id)
+        if pay is None:
+            raise NotFound("unknown payment", code="UNKNOWN_PAYMENT")
+        if pay["order_id"] != body["order_id"]:
+            raise Conflict("notification names another order", code="ORDER_MISMATCH")
+        if pay["amount_cents"] != body["amount"]:
+            raise Conflict(
+                "notification amount does not match the payment",
+                code="AMOUNT_MISMATCH",
+                data={"expected": pay["amount_cents"], "got": body["amount"]},
+            )
+        recorded = await conn.fetchval(
+            SQL_RECORD_NOTIFICATION,
+            payment_id,
+            pay["order_id"],
+            f"{payment_id}:{status}",
+            "applied",
+            body,
+        )
+        if recorded is None:
+            return {"result": "success", "duplicate": True, "payment_id": payment_id}
+        if status == "failed":
+            await conn.execute(SQL_PAY_FAILED, payment_id, body.get("transaction_id"))
+            return {
+                "result": "success",
+                "duplicate": False,
+                "payment_id": payment_id,
+                "payment_status": "failed",
+            }
+        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, pay["order_id"])
+        assert order is not None  # pay_orders.order_id references orders
+        if order["status"] != "pending_payment":
+            # Paid twice, or paid after the timeout close: the money has to go back; a
+            # real deployment refunds it automatically, the sandbox reports it.
+            raise Conflict(
+                f"order is {order['status']}; payment cannot be applied", code="ORDER_NOT_PAYABLE"
+            )
+        await conn.execute(SQL_PAY_SUCCESS, payment_id, body.get("transaction_id"))
+        version = await orders.mark_paid(
+            conn, order, Actor(None, "provider"), f"{pay['method']} {body.get('transaction_id')}"
+        )
+    return {
+        "result": "success",
+        "duplicate": False,
+        "payment_id": payment_id,
+        "payment_status": "success",
+        "order_status": "paid",
+        "version": version,
+    }
+
+
+async def sandbox_complete(
+    app: web.Application, payment_id: str, user_id: int, role: str, *, approve: bool
+) -> dict[str, Any]:
+    """What the sandbox provider does when the payer approves or fails: sign and notify."""
+    pay = await get_payment(app, payment_id, user_id, role)
+    fields: dict[str, Any] = {
+        "payment_id": pay["payment_id"],
+        "order_id": pay["order_id"],
+        "status": "success" if approve else "failed",
+        "amount": pay["amount"],
+        "transaction_id": "SBX" + secrets.token_hex(10).upper(),
+        "paid_at": datetime.now(UTC).isoformat(),
+    }
+    fields["sign"] = sign(app[appkeys.SETTINGS].payment_hmac_key, fields)
+    result = await process_notification(app, fields)
+    return {"notification": fields, "result": result}
+
+
+async def refund(
+    app: web.Application, *, order_id: str, actor: Actor, amount: int, reason: str
+) -> dict[str, Any]:
+    """A (partial) refund of a paid order; the refunds of an order never exceed what it paid."""
+    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
+        if order is None or (actor.role != "admin" and order["user_id"] != actor.user_id):
+            raise NotFound("order not found")
+        if order["status"] not in orders.REFUNDABLE:
+            raise orders.invalid_transition(order["status"], "refund")
+        pay_id = await conn.fetchval(SQL_SUCCESS_PAY, order_id)
+        if pay_id is None:
+            raise orders.invalid_transition(order["status"], "refund")
+        left = order["pay_cents"] - order["refunded_cents"]
+        if amount > left:
+            raise Conflict(
+                "refund exceeds what was paid",
+                code="REFUND_EXCEEDS_PAID",
+                data={
+                    "paid": order["pay_cents"],
+                    "refunded": order["refunded_cents"],
+                    "refundable": left,
+                },
+            )
+        rid = new_refund_id()
+        await conn.execute(SQL_INSERT_REFUND, rid, order_id, pay_id, amount, reason, actor.user_id)
+        row = await conn.fetchrow(SQL_ADD_REFUNDED, order_id, order["version"], amount)
+        assert row is not None  # the order row is locked: its version cannot have moved
+        version, status = row["version"], order["status"]
+        if row["refunded_cents"] == order["pay_cents"]:
+            version = await conn.fetchval(SQL_TO_REFUNDED, order_id, version)
+            await orders.write_log(conn, order_id, actor, order["status"], "refunded", reason)
+            status = "refunded"
+    return {
+        "refund_id": rid,
+        "order_id": order_id,
+        "refund_amount": amount,
+        "status": "completed",
+        "estimated_arrival": REFUND_ARRIVAL,
+        "refunded_total": row["refunded_cents"],
+        "order_status": status,
+        "version": version,
+    }
