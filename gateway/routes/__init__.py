@@ -14,7 +14,9 @@ from gateway.routing import Route
 
 
 def extra_routes() -> list[Route]:
-    return []
+    from gateway.routes import cart, marketing
+
+    return [*cart.ROUTES, *marketing.ROUTES]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:

@@ -10,6 +10,7 @@ from gateway.errors import NotFound, ValidationFailed
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import users
+from gateway.services.cart import CART_TOKEN_HEADER, merge_guest_cart
 from gateway.validation import F, validate
 
 REGISTER = {
@@ -41,6 +42,7 @@ async def login(request: web.Request) -> web.Response:
     user = await users.login(request.app[appkeys.DB], body["login"], body["password"])
     tokens = request.app[appkeys.TOKENS]
     token = tokens.issue(user.id, user.role)
+    await merge_guest_cart(request.app[appkeys.DB], user.id, request.headers.get(CART_TOKEN_HEADER))
     return ok({"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer",
                "user": user.public()}, message="logged in")
 

@@ -18,13 +18,14 @@ import orjson
 
 from gateway.errors import Conflict, NotFound, ValidationFailed
 from gateway.services.coupons import PricedLine
+from gateway.services.promotions import Conn
 
-CART_TOKEN_HEADER: Final = "X-Cart-Token"
+CART_TOKEN_HEADER: Final = "X-Cart-Token"  # noqa: S105 - a header name
 GUEST_CART_TTL_S: Final = 7 * 24 * 3600
 MAX_ITEM_QUANTITY: Final = 999
 MAX_CART_ITEMS: Final = 200
 GUEST_PURGE_BATCH: Final = 100
-TOKEN_PATTERN: Final = r"[A-Za-z0-9_-]{20,64}"
+TOKEN_PATTERN: Final = r"[A-Za-z0-9_-]{20,64}"  # noqa: S105 - a format
 
 SQL_USER_CART = """
 INSERT INTO carts (user_id) VALUES ($1)
@@ -147,7 +148,7 @@ def _guest_expiry() -> datetime:
     return datetime.now(UTC) + timedelta(seconds=GUEST_CART_TTL_S)
 
 
-async def find_cart(conn: asyncpg.Connection, owner: CartOwner) -> int | None:
+async def find_cart(conn: Conn, owner: CartOwner) -> int | None:
     """The cart id, without creating one (reads)."""
     if owner.user_id is not None:
         cart_id: int | None = await conn.fetchval(SQL_FIND_USER_CART, owner.user_id)
@@ -156,7 +157,7 @@ async def find_cart(conn: asyncpg.Connection, owner: CartOwner) -> int | None:
     return cart_id
 
 
-async def ensure_cart(conn: asyncpg.Connection, owner: CartOwner) -> tuple[int, CartOwner]:
+async def ensure_cart(conn: Conn, owner: CartOwner) -> tuple[int, CartOwner]:
     """The cart id for a write, creating it (and a fresh token for an unknown guest)."""
     if owner.user_id is not None:
         cart_id: int = await conn.fetchval(SQL_USER_CART, owner.user_id)
@@ -172,7 +173,7 @@ async def ensure_cart(conn: asyncpg.Connection, owner: CartOwner) -> tuple[int, 
 
 
 async def _resolve_sku(
-    conn: asyncpg.Connection, *, product_id: int | None, sku_id: int | None,
+    conn: Conn, *, product_id: int | None, sku_id: int | None,
     specification: dict[str, Any],
 ) -> asyncpg.Record:
     if sku_id is not None:
@@ -330,7 +331,7 @@ class Selection:
 
 
 async def select_items(
-    conn: asyncpg.Connection, user_id: int, selected_items: list[int] | None
+    conn: Conn, user_id: int, selected_items: list[int] | None
 ) -> Selection:
     """The given cart items (default: the selected ones); 404 for an id not in the cart,
     422 when nothing is selected."""

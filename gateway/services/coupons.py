@@ -25,6 +25,7 @@ import asyncpg
 
 from gateway.errors import Conflict, NotFound, ValidationFailed
 from gateway.services import promotions
+from gateway.services.promotions import Conn
 
 # Shipping: one place for the rule. Free when the subtotal reaches the threshold
 # (before discounts) or with a free_shipping coupon; otherwise a flat fee.
@@ -35,16 +36,19 @@ AVAILABLE_LIMIT: Final = 200
 COUPON_TYPES: Final = ("amount_off", "percent_off", "free_shipping")
 COUPON_SCOPES: Final = ("all", "categories", "products")
 
-_COLUMNS = """c.id, c.code, c.name, c.type, c.amount_off_cents, c.percent_off,
+SQL_COUPON_BY_CODE = """
+SELECT c.id, c.code, c.name, c.type, c.amount_off_cents, c.percent_off,
     c.max_discount_cents, c.min_amount_cents, c.scope, c.category_ids, c.product_ids,
-    c.starts_at, c.ends_at, c.max_uses_per_user, c.total_quantity, c.used_count"""
-SQL_COUPON_BY_CODE = f"""
-SELECT {_COLUMNS}, COALESCE(u.used, 0) AS user_used
+    c.starts_at, c.ends_at, c.max_uses_per_user, c.total_quantity, c.used_count,
+    COALESCE(u.used, 0) AS user_used
 FROM coupons c LEFT JOIN coupon_user_counts u ON u.coupon_id = c.id AND u.user_id = $2
 WHERE c.code = $1
 """
-SQL_AVAILABLE = f"""
-SELECT {_COLUMNS}, COALESCE(u.used, 0) AS user_used
+SQL_AVAILABLE = """
+SELECT c.id, c.code, c.name, c.type, c.amount_off_cents, c.percent_off,
+    c.max_discount_cents, c.min_amount_cents, c.scope, c.category_ids, c.product_ids,
+    c.starts_at, c.ends_at, c.max_uses_per_user, c.total_quantity, c.used_count,
+    COALESCE(u.used, 0) AS user_used
 FROM coupons c LEFT JOIN coupon_user_counts u ON u.coupon_id = c.id AND u.user_id = $2
 WHERE c.starts_at <= $1 AND c.ends_at > $1
   AND (c.total_quantity IS NULL OR c.used_count < c.total_quantity)
@@ -52,12 +56,14 @@ WHERE c.starts_at <= $1 AND c.ends_at > $1
 ORDER BY c.id
 LIMIT $3
 """
-SQL_INSERT_COUPON = f"""
+SQL_INSERT_COUPON = """
 INSERT INTO coupons AS c (code, name, type, amount_off_cents, percent_off, max_discount_cents,
     min_amount_cents, scope, category_ids, product_ids, starts_at, ends_at, max_uses_per_user,
     total_quantity)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-RETURNING {_COLUMNS}, 0 AS user_used
+RETURNING c.id, c.code, c.name, c.type, c.amount_off_cents, c.percent_off,
+    c.max_discount_cents, c.min_amount_cents, c.scope, c.category_ids, c.product_ids,
+    c.starts_at, c.ends_at, c.max_uses_per_user, c.total_quantity, c.used_count, 0 AS user_used
 """
 # The per-user limit: one statement that counts a use only while under the limit.
 SQL_COUNT_USER_USE = """
@@ -82,7 +88,9 @@ RETURNING coupon_id, user_id
 SQL_UNCOUNT_USER_USE = """
 UPDATE coupon_user_counts SET used = used - 1 WHERE coupon_id = $1 AND user_id = $2 AND used > 0
 """
-SQL_UNCOUNT_TOTAL_USE = "UPDATE coupons SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0"
+SQL_UNCOUNT_TOTAL_USE = """
+UPDATE coupons SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0
+"""
 
 
 class CouponNotApplicable(ValidationFailed):
@@ -184,7 +192,7 @@ def assess(coupon: asyncpg.Record | dict[str, Any], *, eligible_cents: int, now:
 
 
 async def _eligible_cents(
-    conn: asyncpg.Connection, coupon: asyncpg.Record, lines: Sequence[PricedLine]
+    conn: Conn, coupon: asyncpg.Record, lines: Sequence[PricedLine]
 ) -> int:
     scope = coupon["scope"]
     if scope == "all":
@@ -196,7 +204,7 @@ async def _eligible_cents(
     return sum(line.subtotal_cents for line in lines if line.category_id in closure)
 
 
-async def _load(conn: asyncpg.Connection, code: str, user_id: int) -> asyncpg.Record:
+async def _load(conn: Conn, code: str, user_id: int) -> asyncpg.Record:
     row = await conn.fetchrow(SQL_COUPON_BY_CODE, normalize_code(code), user_id)
     if row is None:
         raise CouponNotApplicable("unknown coupon", fields={"coupon_code": "unknown coupon"})
@@ -210,7 +218,7 @@ def shipping_fee(subtotal_cents: int, *, has_lines: bool, free_shipping: bool) -
 
 
 async def best_promotions(
-    conn: asyncpg.Connection, lines: Sequence[PricedLine], now: datetime
+    conn: Conn, lines: Sequence[PricedLine], now: datetime
 ) -> list[promotions.AppliedPromotion]:
     items = [promotions.CalcItem(i, line.category_id, line.subtotal_cents)
              for i, line in enumerate(lines)]
@@ -248,7 +256,8 @@ async def redeem(
     conn: asyncpg.Connection, *, user_id: int, code: str | None, lines: list[PricedLine],
     order_id: str,
 ) -> CouponApplication:
-    """Record the use of a coupon for an order (raises ValidationFailed/Conflict if it cannot apply).
+    """Record the use of a coupon for an order (raises ValidationFailed/Conflict if it cannot
+    apply).
 
     The per-user and total limits are each one conditional statement, so concurrent
     redemptions never exceed them; the three writes run in one (nested) transaction.
@@ -308,7 +317,7 @@ def public(coupon: asyncpg.Record | dict[str, Any], names: dict[int, str]) -> di
 
 
 async def available(
-    conn: asyncpg.Connection, *, user_id: int, amount_cents: int | None = None
+    conn: Conn, *, user_id: int, amount_cents: int | None = None
 ) -> list[dict[str, Any]]:
     """Coupons the user can still use now; with ``amount_cents``, whether each applies to it
     (scoped coupons are judged as if the whole amount were in scope)."""
@@ -328,7 +337,7 @@ async def available(
 
 
 async def available_for_lines(
-    conn: asyncpg.Connection, *, user_id: int, lines: Sequence[PricedLine]
+    conn: Conn, *, user_id: int, lines: Sequence[PricedLine]
 ) -> list[dict[str, Any]]:
     """``available_coupons`` of the checkout preview: {code, name, applicable, discount_amount}."""
     now = datetime.now(UTC)
@@ -342,7 +351,7 @@ async def available_for_lines(
 
 
 async def check_use(
-    conn: asyncpg.Connection, *, user_id: int, code: str, order_amount_cents: int,
+    conn: Conn, *, user_id: int, code: str, order_amount_cents: int,
     categories: Sequence[int | str], product_ids: Sequence[int],
 ) -> dict[str, Any]:
     """``POST /coupons/use``: evaluate a coupon for an amount without consuming a use.
@@ -374,7 +383,7 @@ async def check_use(
     }
 
 
-async def create(conn: asyncpg.Connection, body: dict[str, Any]) -> dict[str, Any]:
+async def create(conn: Conn, body: dict[str, Any]) -> dict[str, Any]:
     """Insert a coupon template (validated by the route); 409 COUPON_EXISTS on a taken code."""
     try:
         row = await conn.fetchrow(

@@ -14,11 +14,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import combinations
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 MAX_EXACT_PROMOTIONS: Final = 12
+
+# A connection, or the pool's proxy of one (the stubs do not relate the two).
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 SQL_CATEGORY_CLOSURE = """
 WITH RECURSIVE tree AS (
@@ -141,20 +145,20 @@ def best_combination(
     return list(best)
 
 
-async def category_closure(conn: asyncpg.Connection, ids: Sequence[int]) -> frozenset[int]:
+async def category_closure(conn: Conn, ids: Sequence[int]) -> frozenset[int]:
     """``ids`` and all their descendant categories."""
     if not ids:
         return frozenset()
     return frozenset(r["id"] for r in await conn.fetch(SQL_CATEGORY_CLOSURE, list(ids)))
 
 
-async def category_names(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, str]:
+async def category_names(conn: Conn, ids: Sequence[int]) -> dict[int, str]:
     if not ids:
         return {}
     return {r["id"]: r["name"] for r in await conn.fetch(SQL_CATEGORY_NAMES, list(ids))}
 
 
-async def category_ids_by_name(conn: asyncpg.Connection, names: Sequence[str]) -> dict[str, int]:
+async def category_ids_by_name(conn: Conn, names: Sequence[str]) -> dict[str, int]:
     """Category name → id (when names repeat, the lowest id)."""
     out: dict[str, int] = {}
     for r in sorted(await conn.fetch(SQL_CATEGORY_IDS_BY_NAME, list(names)),
@@ -167,7 +171,7 @@ def _tiers(rules: Any) -> tuple[Tier, ...]:
     return tuple(Tier(int(r["min_amount"]), int(r["discount_amount"])) for r in rules)
 
 
-async def active_promotions(conn: asyncpg.Connection, now: datetime) -> list[Promotion]:
+async def active_promotions(conn: Conn, now: datetime) -> list[Promotion]:
     rows = await conn.fetch(SQL_ACTIVE_PROMOTIONS, now)
     out = []
     for r in rows:
@@ -176,7 +180,7 @@ async def active_promotions(conn: asyncpg.Connection, now: datetime) -> list[Pro
     return out
 
 
-async def list_active(conn: asyncpg.Connection, now: datetime) -> list[dict[str, Any]]:
+async def list_active(conn: Conn, now: datetime) -> list[dict[str, Any]]:
     """``GET /promotions/amount-off``: the promotions running now."""
     rows = await conn.fetch(SQL_ACTIVE_PROMOTIONS, now)
     names = await category_names(conn, sorted({c for r in rows for c in r["category_ids"]}))
@@ -196,7 +200,7 @@ def _public(r: asyncpg.Record | dict[str, Any], names: dict[int, str]) -> dict[s
 
 
 async def create(
-    conn: asyncpg.Connection, *, name: str, rules: list[dict[str, int]],
+    conn: Conn, *, name: str, rules: list[dict[str, int]],
     category_ids: list[int], starts_at: datetime, ends_at: datetime,
 ) -> dict[str, Any]:
     row = await conn.fetchrow(SQL_INSERT_PROMOTION, name, rules, category_ids, starts_at, ends_at)
@@ -205,7 +209,7 @@ async def create(
 
 
 async def discount_for(
-    conn: asyncpg.Connection, items: Sequence[CalcItem], now: datetime
+    conn: Conn, items: Sequence[CalcItem], now: datetime
 ) -> list[AppliedPromotion]:
     """The best promotions for ``items`` at ``now``."""
     if not items:
@@ -213,6 +217,8 @@ async def discount_for(
     return best_combination(await active_promotions(conn, now), items)
 
 
-async def product_categories(conn: asyncpg.Connection, product_ids: Sequence[int]) -> dict[int, int]:
+async def product_categories(
+    conn: Conn, product_ids: Sequence[int]
+) -> dict[int, int]:
     rows = await conn.fetch(SQL_PRODUCT_CATEGORIES, list(product_ids))
     return {r["id"]: r["category_id"] for r in rows if r["category_id"] is not None}
