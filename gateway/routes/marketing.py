@@ -77,9 +77,13 @@ async def use_coupon(request: web.Request) -> web.Response:
         raise ValidationFailed(fields={"product_categories": "items must be names or ids"})
     async with request.app[appkeys.DB].acquire() as conn:
         data = await coupons.check_use(
-            conn, user_id=principal.user_id, code=body["coupon_code"],
-            order_amount_cents=body["order_amount"], categories=categories,
-            product_ids=body.get("product_ids") or [])
+            conn,
+            user_id=principal.user_id,
+            code=body["coupon_code"],
+            order_amount_cents=body["order_amount"],
+            categories=categories,
+            product_ids=body.get("product_ids") or [],
+        )
     return ok(data)
 
 
@@ -107,14 +111,21 @@ def _rules(raw: list[dict[str, Any]]) -> list[dict[str, int]]:
     rules: list[dict[str, int]] = []
     for i, rule in enumerate(raw):
         try:
-            checked = validate(rule, {"min_amount": F(int, min=1, max=MAX_CENTS),
-                                      "discount_amount": F(int, min=1, max=MAX_CENTS)})
+            checked = validate(
+                rule,
+                {
+                    "min_amount": F(int, min=1, max=MAX_CENTS),
+                    "discount_amount": F(int, min=1, max=MAX_CENTS),
+                },
+            )
         except ValidationFailed as exc:
-            raise ValidationFailed(fields={f"rules[{i}].{k}": v
-                                           for k, v in (exc.fields or {}).items()}) from None
+            raise ValidationFailed(
+                fields={f"rules[{i}].{k}": v for k, v in (exc.fields or {}).items()}
+            ) from None
         if checked["discount_amount"] > checked["min_amount"]:
-            raise ValidationFailed(fields={f"rules[{i}].discount_amount":
-                                           "must not exceed min_amount"})
+            raise ValidationFailed(
+                fields={f"rules[{i}].discount_amount": "must not exceed min_amount"}
+            )
         rules.append(checked)
     if len({r["min_amount"] for r in rules}) != len(rules):
         raise ValidationFailed(fields={"rules": "two tiers have the same min_amount"})
@@ -128,8 +139,13 @@ async def create_promotion(request: web.Request) -> web.Response:
     rules = _rules(body["rules"])
     async with request.app[appkeys.DB].acquire() as conn:
         data = await promotions.create(
-            conn, name=body["name"], rules=rules, category_ids=body["category_ids"],
-            starts_at=body["valid_from"], ends_at=body["valid_until"])
+            conn,
+            name=body["name"],
+            rules=rules,
+            category_ids=body["category_ids"],
+            starts_at=body["valid_from"],
+            ends_at=body["valid_until"],
+        )
     return ok(data, status=201, message="promotion created")
 
 
@@ -146,46 +162,95 @@ async def calculate(request: web.Request) -> web.Response:
         try:
             items.append(validate(raw, CALC_ITEM))
         except ValidationFailed as exc:
-            raise ValidationFailed(fields={f"items[{i}].{k}": v
-                                           for k, v in (exc.fields or {}).items()}) from None
+            raise ValidationFailed(
+                fields={f"items[{i}].{k}": v for k, v in (exc.fields or {}).items()}
+            ) from None
     async with request.app[appkeys.DB].acquire() as conn:
         by_name = await promotions.category_ids_by_name(
-            conn, [it["category"] for it in items if it.get("category")])
+            conn, [it["category"] for it in items if it.get("category")]
+        )
         of_product = await promotions.product_categories(conn, [it["product_id"] for it in items])
         calc = []
         for i, it in enumerate(items):
             # the catalog's category wins; the client's hint only prices unknown products
-            category = (of_product.get(it["product_id"]) or it.get("category_id")
-                        or by_name.get(it.get("category") or ""))
+            category = (
+                of_product.get(it["product_id"])
+                or it.get("category_id")
+                or by_name.get(it.get("category") or "")
+            )
             calc.append(promotions.CalcItem(i, category, it["price"] * it["quantity"]))
         applied = await promotions.discount_for(conn, calc, datetime.now(UTC))
     original = sum(c.amount_cents for c in calc)
     discount = min(sum(a.discount_cents for a in applied), original)
-    return ok({"original_amount": original,
-               "promotions_applied": [a.public() for a in applied],
-               "discount_amount": discount,
-               "final_amount": original - discount})
+    return ok(
+        {
+            "original_amount": original,
+            "promotions_applied": [a.public() for a in applied],
+            "discount_amount": discount,
+            "final_amount": original - discount,
+        }
+    )
 
 
 ROUTES = [
-    Route("GET", "/api/v1/coupons/available", available_coupons,
-          "Coupons the current user can use now", auth="user",
-          query={"amount": "order amount in cents: adds applicable and discount_amount"},
-          tag="marketing"),
-    Route("POST", "/api/v1/coupons/use", use_coupon,
-          "Evaluate a coupon for an amount (a use is consumed only by an order)", auth="user",
-          body=COUPON_USE, responses={404: "COUPON_NOT_FOUND", 422: "VALIDATION_FAILED"},
-          tag="marketing"),
-    Route("POST", "/api/v1/admin/coupons", create_coupon, "Create a coupon", auth="admin",
-          body=NEW_COUPON, responses={201: "created", 403: "FORBIDDEN", 409: "COUPON_EXISTS",
-                                      422: "VALIDATION_FAILED"}, tag="marketing"),
-    Route("GET", "/api/v1/promotions/amount-off", list_promotions,
-          "Running tiered amount-off promotions", tag="marketing"),
-    Route("POST", "/api/v1/promotions/calculate", calculate,
-          "Best combination of amount-off promotions for some items", body=CALCULATE,
-          responses={422: "VALIDATION_FAILED"}, tag="marketing"),
-    Route("POST", "/api/v1/admin/promotions", create_promotion, "Create a tiered promotion",
-          auth="admin", body=NEW_PROMOTION,
-          responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
-          tag="marketing"),
+    Route(
+        "GET",
+        "/api/v1/coupons/available",
+        available_coupons,
+        "Coupons the current user can use now",
+        auth="user",
+        query={"amount": "order amount in cents: adds applicable and discount_amount"},
+        tag="marketing",
+    ),
+    Route(
+        "POST",
+        "/api/v1/coupons/use",
+        use_coupon,
+        "Evaluate a coupon for an amount (a use is consumed only by an order)",
+        auth="user",
+        body=COUPON_USE,
+        responses={404: "COUPON_NOT_FOUND", 422: "VALIDATION_FAILED"},
+        tag="marketing",
+    ),
+    Route(
+        "POST",
+        "/api/v1/admin/coupons",
+        create_coupon,
+        "Create a coupon",
+        auth="admin",
+        body=NEW_COUPON,
+        responses={
+            201: "created",
+            403: "FORBIDDEN",
+            409: "COUPON_EXISTS",
+            422: "VALIDATION_FAILED",
+        },
+        tag="marketing",
+    ),
+    Route(
+        "GET",
+        "/api/v1/promotions/amount-off",
+        list_promotions,
+        "Running tiered amount-off promotions",
+        tag="marketing",
+    ),
+    Route(
+        "POST",
+        "/api/v1/promotions/calculate",
+        calculate,
+        "Best combination of amount-off promotions for some items",
+        body=CALCULATE,
+        responses={422: "VALIDATION_FAILED"},
+        tag="marketing",
+    ),
+    Route(
+        "POST",
+        "/api/v1/admin/promotions",
+        create_promotion,
+        "Create a tiered promotion",
+        auth="admin",
+        body=NEW_PROMOTION,
+        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        tag="marketing",
+    ),
 ]

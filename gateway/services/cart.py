@@ -173,7 +173,10 @@ async def ensure_cart(conn: Conn, owner: CartOwner) -> tuple[int, CartOwner]:
 
 
 async def _resolve_sku(
-    conn: Conn, *, product_id: int | None, sku_id: int | None,
+    conn: Conn,
+    *,
+    product_id: int | None,
+    sku_id: int | None,
     specification: dict[str, Any],
 ) -> asyncpg.Record:
     if sku_id is not None:
@@ -186,24 +189,37 @@ async def _resolve_sku(
         raise NotFound("product not found")
     if len(rows) == 1:
         return rows[0]
-    matching = [r for r in rows if specification and all(
-        r["attributes"].get(k) == v for k, v in specification.items())]
+    matching = [
+        r
+        for r in rows
+        if specification and all(r["attributes"].get(k) == v for k, v in specification.items())
+    ]
     if len(matching) == 1:
         return matching[0]
-    raise ValidationFailed(fields={"sku_id": "the product has several SKUs: give sku_id or a "
-                                             "specification that matches one"})
+    raise ValidationFailed(
+        fields={
+            "sku_id": "the product has several SKUs: give sku_id or a "
+            "specification that matches one"
+        }
+    )
 
 
 async def add_item(
-    pool: asyncpg.Pool, owner: CartOwner, *, product_id: int | None, sku_id: int | None,
-    quantity: int, specification: dict[str, Any],
+    pool: asyncpg.Pool,
+    owner: CartOwner,
+    *,
+    product_id: int | None,
+    sku_id: int | None,
+    quantity: int,
+    specification: dict[str, Any],
 ) -> tuple[dict[str, Any], CartOwner]:
     """Add ``quantity`` of a SKU (same SKU + specification merges); returns the seed's
     ``{cart_item_id, total_items, total_quantity}`` and the owner (a new guest token)."""
     key = spec_key(specification)
     async with pool.acquire() as conn, conn.transaction():
-        sku = await _resolve_sku(conn, product_id=product_id, sku_id=sku_id,
-                                 specification=specification)
+        sku = await _resolve_sku(
+            conn, product_id=product_id, sku_id=sku_id, specification=specification
+        )
         if sku["sku_status"] != "on_sale" or sku["product_status"] != "on_sale":
             raise NotOnSale
         cart_id, owner = await ensure_cart(conn, owner)
@@ -213,15 +229,27 @@ async def add_item(
         # a soft check: stock is only held at checkout, `available` shows it in the cart
         if sku["available"] < already + quantity:
             raise InsufficientStock(data={"available_stock": max(sku["available"], 0)})
-        row = await conn.fetchrow(SQL_ADD_ITEM, cart_id, sku["product_id"], sku["sku_id"],
-                                  quantity, specification, key, MAX_ITEM_QUANTITY)
+        row = await conn.fetchrow(
+            SQL_ADD_ITEM,
+            cart_id,
+            sku["product_id"],
+            sku["sku_id"],
+            quantity,
+            specification,
+            key,
+            MAX_ITEM_QUANTITY,
+        )
         if row is None:
             raise ValidationFailed(fields={"quantity": f"at most {MAX_ITEM_QUANTITY} per item"})
         totals = await conn.fetchrow(SQL_TOTALS, cart_id)
     assert totals is not None
-    return {"cart_item_id": row["id"], "sku_id": sku["sku_id"], "quantity": row["quantity"],
-            "total_items": totals["total_items"],
-            "total_quantity": totals["total_quantity"]}, owner
+    return {
+        "cart_item_id": row["id"],
+        "sku_id": sku["sku_id"],
+        "quantity": row["quantity"],
+        "total_items": totals["total_items"],
+        "total_quantity": totals["total_quantity"],
+    }, owner
 
 
 def _image(images: Any) -> str | None:
@@ -237,8 +265,12 @@ def _image(images: Any) -> str | None:
 def _item(r: asyncpg.Record) -> dict[str, Any]:
     return {
         "cart_item_id": r["id"],
-        "product": {"id": r["product_id"], "name": r["name"], "price": r["price_cents"],
-                    "image": _image(r["images"])},
+        "product": {
+            "id": r["product_id"],
+            "name": r["name"],
+            "price": r["price_cents"],
+            "image": _image(r["images"]),
+        },
         "sku_id": r["sku_id"],
         "sku_attributes": r["sku_attributes"],
         "quantity": r["quantity"],
@@ -268,7 +300,11 @@ async def get_cart(pool: asyncpg.Pool, owner: CartOwner) -> dict[str, Any]:
 
 
 async def update_item(
-    pool: asyncpg.Pool, owner: CartOwner, item_id: int, *, quantity: int | None,
+    pool: asyncpg.Pool,
+    owner: CartOwner,
+    item_id: int,
+    *,
+    quantity: int | None,
     selected: bool | None,
 ) -> dict[str, Any]:
     """Change quantity (0 removes) and/or selection; 404 unless the item is in this cart."""
@@ -283,8 +319,12 @@ async def update_item(
         row = await conn.fetchrow(SQL_UPDATE_ITEM, item_id, cart_id, quantity, selected)
     if row is None:
         raise NotFound("cart item not found")
-    return {"cart_item_id": row["id"], "quantity": row["quantity"], "selected": row["selected"],
-            "removed": False}
+    return {
+        "cart_item_id": row["id"],
+        "quantity": row["quantity"],
+        "selected": row["selected"],
+        "removed": False,
+    }
 
 
 async def remove_item(pool: asyncpg.Pool, owner: CartOwner, item_id: int) -> None:
@@ -330,9 +370,7 @@ class Selection:
         return [i["cart_item_id"] for i in self.items]
 
 
-async def select_items(
-    conn: Conn, user_id: int, selected_items: list[int] | None
-) -> Selection:
+async def select_items(conn: Conn, user_id: int, selected_items: list[int] | None) -> Selection:
     """The given cart items (default: the selected ones); 404 for an id not in the cart,
     422 when nothing is selected."""
     cart_id = await find_cart(conn, CartOwner(user_id=user_id))
@@ -348,8 +386,10 @@ async def select_items(
     if not chosen:
         raise ValidationFailed(fields={"selected_items": "no cart items selected"})
     assert cart_id is not None
-    lines = [PricedLine(r["product_id"], r["sku_id"], r["category_id"], r["quantity"],
-                        r["price_cents"]) for r in chosen]
+    lines = [
+        PricedLine(r["product_id"], r["sku_id"], r["category_id"], r["quantity"], r["price_cents"])
+        for r in chosen
+    ]
     return Selection(cart_id, [_item(r) for r in chosen], lines)
 
 

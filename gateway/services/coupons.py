@@ -161,8 +161,9 @@ def normalize_code(code: str) -> str:
     return code.strip().upper()
 
 
-def assess(coupon: asyncpg.Record | dict[str, Any], *, eligible_cents: int, now: datetime,
-           user_used: int) -> Assessment:
+def assess(
+    coupon: asyncpg.Record | dict[str, Any], *, eligible_cents: int, now: datetime, user_used: int
+) -> Assessment:
     """Whether ``coupon`` applies to ``eligible_cents`` of in-scope goods at ``now``."""
     reason: str | None = None
     if now < coupon["starts_at"]:
@@ -191,9 +192,7 @@ def assess(coupon: asyncpg.Record | dict[str, Any], *, eligible_cents: int, now:
     return Assessment(True, None, discount, kind == "free_shipping")
 
 
-async def _eligible_cents(
-    conn: Conn, coupon: asyncpg.Record, lines: Sequence[PricedLine]
-) -> int:
+async def _eligible_cents(conn: Conn, coupon: asyncpg.Record, lines: Sequence[PricedLine]) -> int:
     scope = coupon["scope"]
     if scope == "all":
         return sum(line.subtotal_cents for line in lines)
@@ -220,8 +219,10 @@ def shipping_fee(subtotal_cents: int, *, has_lines: bool, free_shipping: bool) -
 async def best_promotions(
     conn: Conn, lines: Sequence[PricedLine], now: datetime
 ) -> list[promotions.AppliedPromotion]:
-    items = [promotions.CalcItem(i, line.category_id, line.subtotal_cents)
-             for i, line in enumerate(lines)]
+    items = [
+        promotions.CalcItem(i, line.category_id, line.subtotal_cents)
+        for i, line in enumerate(lines)
+    ]
     return await promotions.discount_for(conn, items, now)
 
 
@@ -240,20 +241,37 @@ async def quote(
     coupon_discount, free_shipping, code = 0, False, None
     if coupon_code:
         coupon = await _load(conn, coupon_code, user_id)
-        verdict = assess(coupon, eligible_cents=await _eligible_cents(conn, coupon, lines),
-                         now=now, user_used=coupon["user_used"])
+        verdict = assess(
+            coupon,
+            eligible_cents=await _eligible_cents(conn, coupon, lines),
+            now=now,
+            user_used=coupon["user_used"],
+        )
         if not verdict.applicable:
             raise CouponNotApplicable(verdict.reason, fields={"coupon_code": str(verdict.reason)})
-        coupon_discount, free_shipping, code = (verdict.discount_cents, verdict.free_shipping,
-                                                coupon["code"])
+        coupon_discount, free_shipping, code = (
+            verdict.discount_cents,
+            verdict.free_shipping,
+            coupon["code"],
+        )
     discount = min(promo_discount + coupon_discount, subtotal)
     shipping = shipping_fee(subtotal, has_lines=bool(lines), free_shipping=free_shipping)
-    return Quote(subtotal, shipping, discount, subtotal - discount + shipping, code,
-                 tuple(a.public() for a in applied))
+    return Quote(
+        subtotal,
+        shipping,
+        discount,
+        subtotal - discount + shipping,
+        code,
+        tuple(a.public() for a in applied),
+    )
 
 
 async def redeem(
-    conn: asyncpg.Connection, *, user_id: int, code: str | None, lines: list[PricedLine],
+    conn: asyncpg.Connection,
+    *,
+    user_id: int,
+    code: str | None,
+    lines: list[PricedLine],
     order_id: str,
 ) -> CouponApplication:
     """Record the use of a coupon for an order (raises ValidationFailed/Conflict if it cannot
@@ -265,18 +283,27 @@ async def redeem(
     if not code:
         return CouponApplication(None, None, 0, False)
     coupon = await _load(conn, code, user_id)
-    verdict = assess(coupon, eligible_cents=await _eligible_cents(conn, coupon, lines),
-                     now=datetime.now(UTC), user_used=0)
+    verdict = assess(
+        coupon,
+        eligible_cents=await _eligible_cents(conn, coupon, lines),
+        now=datetime.now(UTC),
+        user_used=0,
+    )
     if not verdict.applicable:
         raise CouponNotApplicable(verdict.reason, fields={"coupon_code": str(verdict.reason)})
     async with conn.transaction():
-        if await conn.fetchval(SQL_COUNT_USER_USE, coupon["id"], user_id,
-                               coupon["max_uses_per_user"]) is None:
+        if (
+            await conn.fetchval(
+                SQL_COUNT_USER_USE, coupon["id"], user_id, coupon["max_uses_per_user"]
+            )
+            is None
+        ):
             raise CouponLimitReached
         if await conn.fetchval(SQL_COUNT_TOTAL_USE, coupon["id"]) is None:
             raise CouponSoldOut
-        use_id: int = await conn.fetchval(SQL_INSERT_USE, coupon["id"], user_id, order_id,
-                                          verdict.discount_cents)
+        use_id: int = await conn.fetchval(
+            SQL_INSERT_USE, coupon["id"], user_id, order_id, verdict.discount_cents
+        )
     return CouponApplication(use_id, coupon["code"], verdict.discount_cents, verdict.free_shipping)
 
 
@@ -324,14 +351,18 @@ async def available(
     now = datetime.now(UTC)
     rows = await conn.fetch(SQL_AVAILABLE, now, user_id, AVAILABLE_LIMIT)
     names = await promotions.category_names(
-        conn, sorted({c for r in rows for c in r["category_ids"]}))
+        conn, sorted({c for r in rows for c in r["category_ids"]})
+    )
     out = []
     for r in rows:
         item = public(r, names)
         if amount_cents is not None:
             verdict = assess(r, eligible_cents=amount_cents, now=now, user_used=r["user_used"])
-            item |= {"applicable": verdict.applicable, "discount_amount": verdict.discount_cents,
-                     "reason": verdict.reason}
+            item |= {
+                "applicable": verdict.applicable,
+                "discount_amount": verdict.discount_cents,
+                "reason": verdict.reason,
+            }
         out.append(item)
     return out
 
@@ -343,16 +374,32 @@ async def available_for_lines(
     now = datetime.now(UTC)
     out = []
     for r in await conn.fetch(SQL_AVAILABLE, now, user_id, AVAILABLE_LIMIT):
-        verdict = assess(r, eligible_cents=await _eligible_cents(conn, r, lines), now=now,
-                         user_used=r["user_used"])
-        out.append({"code": r["code"], "name": r["name"], "applicable": verdict.applicable,
-                    "discount_amount": verdict.discount_cents, "reason": verdict.reason})
+        verdict = assess(
+            r,
+            eligible_cents=await _eligible_cents(conn, r, lines),
+            now=now,
+            user_used=r["user_used"],
+        )
+        out.append(
+            {
+                "code": r["code"],
+                "name": r["name"],
+                "applicable": verdict.applicable,
+                "discount_amount": verdict.discount_cents,
+                "reason": verdict.reason,
+            }
+        )
     return out
 
 
 async def check_use(
-    conn: Conn, *, user_id: int, code: str, order_amount_cents: int,
-    categories: Sequence[int | str], product_ids: Sequence[int],
+    conn: Conn,
+    *,
+    user_id: int,
+    code: str,
+    order_amount_cents: int,
+    categories: Sequence[int | str],
+    product_ids: Sequence[int],
 ) -> dict[str, Any]:
     """``POST /coupons/use``: evaluate a coupon for an amount without consuming a use.
 
@@ -367,12 +414,14 @@ async def check_use(
         eligible = order_amount_cents if set(product_ids) & set(row["product_ids"]) else 0
     elif row["scope"] == "categories":
         by_name = await promotions.category_ids_by_name(
-            conn, [c for c in categories if isinstance(c, str)])
+            conn, [c for c in categories if isinstance(c, str)]
+        )
         given = {c for c in categories if isinstance(c, int)} | set(by_name.values())
         closure = await promotions.category_closure(conn, row["category_ids"])
         eligible = order_amount_cents if given & closure else 0
-    verdict = assess(row, eligible_cents=eligible, now=datetime.now(UTC),
-                     user_used=row["user_used"])
+    verdict = assess(
+        row, eligible_cents=eligible, now=datetime.now(UTC), user_used=row["user_used"]
+    )
     return {
         "applicable": verdict.applicable,
         "discount_amount": verdict.discount_cents,
@@ -387,11 +436,22 @@ async def create(conn: Conn, body: dict[str, Any]) -> dict[str, Any]:
     """Insert a coupon template (validated by the route); 409 COUPON_EXISTS on a taken code."""
     try:
         row = await conn.fetchrow(
-            SQL_INSERT_COUPON, normalize_code(body["code"]), body["name"], body["type"],
-            body.get("amount_off"), body.get("percent_off"), body.get("max_discount"),
-            body["min_amount"], body["scope"], body["category_ids"], body["product_ids"],
-            body["valid_from"], body["valid_until"], body["max_uses_per_user"],
-            body.get("total_quantity"))
+            SQL_INSERT_COUPON,
+            normalize_code(body["code"]),
+            body["name"],
+            body["type"],
+            body.get("amount_off"),
+            body.get("percent_off"),
+            body.get("max_discount"),
+            body["min_amount"],
+            body["scope"],
+            body["category_ids"],
+            body["product_ids"],
+            body["valid_from"],
+            body["valid_until"],
+            body["max_uses_per_user"],
+            body.get("total_quantity"),
+        )
     except asyncpg.UniqueViolationError:
         raise CouponExists from None
     assert row is not None

@@ -87,8 +87,10 @@ class AppliedPromotion:
             "promotion_id": self.promotion_id,
             "discount_amount": self.discount_cents,
             "rule_matched": self.tier.label,
-            "rule": {"min_amount": self.tier.min_amount_cents,
-                     "discount_amount": self.tier.discount_cents},
+            "rule": {
+                "min_amount": self.tier.min_amount_cents,
+                "discount_amount": self.tier.discount_cents,
+            },
         }
 
 
@@ -104,14 +106,19 @@ def best_tier(tiers: Iterable[Tier], amount_cents: int) -> Tier | None:
 
 
 def _candidate(promo: Promotion, items: Sequence[CalcItem]) -> AppliedPromotion | None:
-    matched = [i for i in items if promo.category_closure is None
-               or (i.category_id is not None and i.category_id in promo.category_closure)]
+    matched = [
+        i
+        for i in items
+        if promo.category_closure is None
+        or (i.category_id is not None and i.category_id in promo.category_closure)
+    ]
     amount = sum(i.amount_cents for i in matched)
     tier = best_tier(promo.tiers, amount)
     if tier is None:
         return None
-    return AppliedPromotion(promo.id, min(tier.discount_cents, amount), tier,
-                            frozenset(i.key for i in matched))
+    return AppliedPromotion(
+        promo.id, min(tier.discount_cents, amount), tier, frozenset(i.key for i in matched)
+    )
 
 
 def best_combination(
@@ -161,8 +168,7 @@ async def category_names(conn: Conn, ids: Sequence[int]) -> dict[int, str]:
 async def category_ids_by_name(conn: Conn, names: Sequence[str]) -> dict[str, int]:
     """Category name → id (when names repeat, the lowest id)."""
     out: dict[str, int] = {}
-    for r in sorted(await conn.fetch(SQL_CATEGORY_IDS_BY_NAME, list(names)),
-                    key=lambda r: r["id"]):
+    for r in sorted(await conn.fetch(SQL_CATEGORY_IDS_BY_NAME, list(names)), key=lambda r: r["id"]):
         out.setdefault(r["name"], r["id"])
     return out
 
@@ -200,8 +206,13 @@ def _public(r: asyncpg.Record | dict[str, Any], names: dict[int, str]) -> dict[s
 
 
 async def create(
-    conn: Conn, *, name: str, rules: list[dict[str, int]],
-    category_ids: list[int], starts_at: datetime, ends_at: datetime,
+    conn: Conn,
+    *,
+    name: str,
+    rules: list[dict[str, int]],
+    category_ids: list[int],
+    starts_at: datetime,
+    ends_at: datetime,
 ) -> dict[str, Any]:
     row = await conn.fetchrow(SQL_INSERT_PROMOTION, name, rules, category_ids, starts_at, ends_at)
     assert row is not None
@@ -217,8 +228,6 @@ async def discount_for(
     return best_combination(await active_promotions(conn, now), items)
 
 
-async def product_categories(
-    conn: Conn, product_ids: Sequence[int]
-) -> dict[int, int]:
+async def product_categories(conn: Conn, product_ids: Sequence[int]) -> dict[int, int]:
     rows = await conn.fetch(SQL_PRODUCT_CATEGORIES, list(product_ids))
     return {r["id"]: r["category_id"] for r in rows if r["category_id"] is not None}
