@@ -327,6 +327,31 @@ async def test_failed_checkout_keeps_the_cart(
     assert (await get_cart(client, h))["items"][0]["quantity"] == 2
 
 
+async def test_checkout_replay_returns_stored_result(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    uid = await make_user(db)
+    key = secrets.token_hex(8)
+    stored = {"order_id": "o-" + key, "payment_id": "p-1", "final_amount": 1}
+    await db.execute(
+        "INSERT INTO cart_checkouts (user_id, idempotency_key, result) VALUES ($1, $2, $3)",
+        uid,
+        key,
+        stored,
+    )
+    headers = {"Idempotency-Key": key, **auth(tokens, uid)}
+    # the cart is empty (the items left with the first checkout): the retry still answers
+    resp = await client.post(
+        f"{CART}/checkout", headers=headers, json={"shipping_address": {"city": "HZ"}}
+    )
+    assert resp.status == 201 and (await resp.json())["data"] == stored
+    other = {"Idempotency-Key": key, **auth(tokens, await make_user(db))}
+    resp = await client.post(
+        f"{CART}/checkout", headers=other, json={"shipping_address": {"city": "HZ"}}
+    )
+    assert resp.status == 422  # another user's key is not shared: their cart is empty
+
+
 # The two tests below need the orders area's create_order (a stub in this branch).
 
 

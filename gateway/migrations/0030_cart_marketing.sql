@@ -93,3 +93,13 @@ CREATE TABLE promotions (
     CHECK (starts_at < ends_at)
 );
 CREATE INDEX promotions_window_idx ON promotions (ends_at, starts_at);
+
+-- The response of a cart checkout under a client's Idempotency-Key: a retry after the
+-- ordered items left the cart returns the same order instead of "nothing selected".
+CREATE TABLE cart_checkouts (
+    user_id         BIGINT      NOT NULL REFERENCES users (id),
+    idempotency_key TEXT        NOT NULL,
+    result          JSONB       NOT NULL,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, idempotency_key)
+);

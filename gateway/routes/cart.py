@@ -47,6 +47,7 @@ CHECKOUT = {
     "coupon_code": F(str, required=False, nullable=True, max_len=64),
 }
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_LEN = 128
 _TOKEN_RE = re.compile(cart.TOKEN_PATTERN)
 
 
@@ -179,6 +180,12 @@ async def checkout(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), CHECKOUT)
     pool = request.app[appkeys.DB]
+    key = request.headers.get(IDEMPOTENCY_HEADER) or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LEN:
+        raise ValidationFailed(fields={IDEMPOTENCY_HEADER: "too long"})
+    previous = await cart.previous_checkout(pool, principal.user_id, key)
+    if previous is not None:
+        return ok(previous, status=201, message="order created")
     async with pool.acquire() as conn:
         selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
     unavailable = [i["cart_item_id"] for i in selection.items if not i["available"]]
@@ -190,10 +197,12 @@ async def checkout(request: web.Request) -> web.Response:
         lines=_order_lines(selection),
         shipping_address=body["shipping_address"],
         coupon_code=body.get("coupon_code"),
-        idempotency_key=request.headers.get(IDEMPOTENCY_HEADER),
+        idempotency_key=key,
     )
     # only after the order exists: a failed checkout leaves the cart as it was
-    await cart.remove_items(pool, selection.cart_id, selection.item_ids)
+    await cart.finish_checkout(
+        pool, selection, user_id=principal.user_id, idempotency_key=key, result=result
+    )
     return ok(result, status=201, message="order created")
 
 

@@ -106,6 +106,13 @@ ON CONFLICT (cart_id, sku_id, spec_key) DO UPDATE
     SET quantity = LEAST(ci.quantity + EXCLUDED.quantity, $3), updated_at = now()
 """
 SQL_DELETE_CART = "DELETE FROM carts WHERE id = $1"
+SQL_CHECKOUT_RESULT = """
+SELECT result FROM cart_checkouts WHERE user_id = $1 AND idempotency_key = $2
+"""
+SQL_SAVE_CHECKOUT = """
+INSERT INTO cart_checkouts (user_id, idempotency_key, result) VALUES ($1, $2, $3)
+ON CONFLICT (user_id, idempotency_key) DO NOTHING
+"""
 
 
 class NotOnSale(Conflict):
@@ -393,6 +400,28 @@ async def select_items(conn: Conn, user_id: int, selected_items: list[int] | Non
     return Selection(cart_id, [_item(r) for r in chosen], lines)
 
 
-async def remove_items(pool: asyncpg.Pool, cart_id: int, item_ids: list[int]) -> None:
-    async with pool.acquire() as conn:
-        await conn.execute(SQL_DELETE_ITEMS, cart_id, item_ids)
+async def previous_checkout(
+    pool: asyncpg.Pool, user_id: int, idempotency_key: str | None
+) -> dict[str, Any] | None:
+    """The result of an earlier checkout under the same Idempotency-Key, if any."""
+    if not idempotency_key:
+        return None
+    result: dict[str, Any] | None = await pool.fetchval(
+        SQL_CHECKOUT_RESULT, user_id, idempotency_key
+    )
+    return result
+
+
+async def finish_checkout(
+    pool: asyncpg.Pool,
+    selection: Selection,
+    *,
+    user_id: int,
+    idempotency_key: str | None,
+    result: dict[str, Any],
+) -> None:
+    """After the order exists: remove the ordered items and remember the result for retries."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(SQL_DELETE_ITEMS, selection.cart_id, selection.item_ids)
+        if idempotency_key:
+            await conn.execute(SQL_SAVE_CHECKOUT, user_id, idempotency_key, result)
