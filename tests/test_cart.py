@@ -128,6 +128,10 @@ async def test_add_errors(client: Client, db: asyncpg.Pool, tokens: TokenService
     assert set((await resp.json())["fields"]) == {"quantity", "colour"}
     resp = await client.post(f"{CART}/items", json={"quantity": 1}, headers=h)
     assert resp.status == 422 and "product_id" in (await resp.json())["fields"]
+    resp = await client.post(
+        f"{CART}/items", json={"sku_id": few, "quantity": 1, "specification": {"a": [1]}}, headers=h
+    )
+    assert resp.status == 422 and "specification" in (await resp.json())["fields"]
     multi, _ = await make_product(db, skus=2)
     resp = await client.post(f"{CART}/items", json={"product_id": multi, "quantity": 1}, headers=h)
     assert resp.status == 422 and "sku_id" in (await resp.json())["fields"]

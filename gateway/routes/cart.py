@@ -48,6 +48,7 @@ CHECKOUT = {
 }
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LEN = 128
+MAX_SPEC_TEXT = 64
 _TOKEN_RE = re.compile(cart.TOKEN_PATTERN)
 
 
@@ -73,13 +74,21 @@ async def add_item(request: web.Request) -> web.Response:
                 "sku_id": "product_id or sku_id is required",
             }
         )
+    spec = body.get("specification") or {}
+    if any(
+        len(k) > MAX_SPEC_TEXT or not isinstance(v, str | int) or len(str(v)) > MAX_SPEC_TEXT
+        for k, v in spec.items()
+    ):
+        raise ValidationFailed(
+            fields={"specification": f"must map names to strings or numbers of <= {MAX_SPEC_TEXT}"}
+        )
     data, owner = await cart.add_item(
         request.app[appkeys.DB],
         owner,
         product_id=body.get("product_id"),
         sku_id=body.get("sku_id"),
         quantity=body["quantity"],
-        specification=body.get("specification") or {},
+        specification=spec,
     )
     return ok(data, message="added to cart", headers=_headers(owner))
 
