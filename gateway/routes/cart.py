@@ -1,0 +1,305 @@
+"""Cart (seed 000 §4): items, guest carts under ``X-Cart-Token``, checkout preview and checkout.
+
+A request with a bearer token works on the user's cart; without one, on the guest
+cart named by the ``X-Cart-Token`` header. Guest responses always carry the
+(possibly new) token back in that header. Checkout needs a logged-in user.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+
+import asyncpg
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.auth import authenticate, optional_principal
+from gateway.errors import ValidationFailed
+from gateway.http import ok, read_json
+from gateway.routing import Route
+from gateway.services import cart, coupons, orders
+from gateway.validation import F, path_int, validate
+
+ADD_ITEM = {
+    "product_id": F(int, required=False, min=1),
+    "sku_id": F(int, required=False, min=1),
+    "quantity": F(int, min=1, max=cart.MAX_ITEM_QUANTITY),
+    "specification": F(dict, required=False, nullable=True, max_len=20),
+}
+UPDATE_ITEM = {
+    "quantity": F(int, required=False, min=0, max=cart.MAX_ITEM_QUANTITY),
+    "selected": F(bool, required=False),
+}
+PREVIEW = {
+    "selected_items": F(
+        list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
+    ),
+    "shipping_address": F(dict, required=False, nullable=True),
+    "shipping_address_id": F(int, required=False, nullable=True, min=1),
+    "coupon_code": F(str, required=False, nullable=True, max_len=64),
+}
+CHECKOUT = {
+    "selected_items": F(
+        list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
+    ),
+    "shipping_address": F(dict, min_len=1),
+    "coupon_code": F(str, required=False, nullable=True, max_len=64),
+}
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_LEN = 128
+MAX_SPEC_TEXT = 64
+_TOKEN_RE = re.compile(cart.TOKEN_PATTERN)
+
+
+def _owner(request: web.Request) -> cart.CartOwner:
+    principal = optional_principal(request, request.app[appkeys.TOKENS])
+    if principal is not None:
+        return cart.CartOwner(user_id=principal.user_id)
+    token = request.headers.get(cart.CART_TOKEN_HEADER, "")
+    return cart.CartOwner(guest_token=token if _TOKEN_RE.fullmatch(token) else None)
+
+
+def _headers(owner: cart.CartOwner) -> dict[str, str] | None:
+    return None if owner.guest_token is None else {cart.CART_TOKEN_HEADER: owner.guest_token}
+
+
+async def add_item(request: web.Request) -> web.Response:
+    owner = _owner(request)
+    body = validate(await read_json(request), ADD_ITEM)
+    if body.get("product_id") is None and body.get("sku_id") is None:
+        raise ValidationFailed(
+            fields={
+                "product_id": "product_id or sku_id is required",
+                "sku_id": "product_id or sku_id is required",
+            }
+        )
+    spec = body.get("specification") or {}
+    if any(
+        len(k) > MAX_SPEC_TEXT or not isinstance(v, str | int) or len(str(v)) > MAX_SPEC_TEXT
+        for k, v in spec.items()
+    ):
+        raise ValidationFailed(
+            fields={"specification": f"must map names to strings or numbers of <= {MAX_SPEC_TEXT}"}
+        )
+    data, owner = await cart.add_item(
+        request.app[appkeys.DB],
+        owner,
+        product_id=body.get("product_id"),
+        sku_id=body.get("sku_id"),
+        quantity=body["quantity"],
+        specification=spec,
+    )
+    return ok(data, message="added to cart", headers=_headers(owner))
+
+
+async def get_cart(request: web.Request) -> web.Response:
+    owner = _owner(request)
+    data = await cart.get_cart(request.app[appkeys.DB], owner)
+    return ok(data, headers=_headers(owner))
+
+
+async def update_item(request: web.Request) -> web.Response:
+    owner = _owner(request)
+    item_id = path_int(request.match_info["item_id"], "cart item")
+    body = validate(await read_json(request), UPDATE_ITEM)
+    if "quantity" not in body and "selected" not in body:
+        raise ValidationFailed(
+            fields={
+                "quantity": "quantity or selected is required",
+                "selected": "quantity or selected is required",
+            }
+        )
+    data = await cart.update_item(
+        request.app[appkeys.DB],
+        owner,
+        item_id,
+        quantity=body.get("quantity"),
+        selected=body.get("selected"),
+    )
+    return ok(
+        data,
+        message="cart item removed" if data["removed"] else "cart item updated",
+        headers=_headers(owner),
+    )
+
+
+async def delete_item(request: web.Request) -> web.Response:
+    owner = _owner(request)
+    item_id = path_int(request.match_info["item_id"], "cart item")
+    await cart.remove_item(request.app[appkeys.DB], owner, item_id)
+    return ok(None, message="cart item removed", headers=_headers(owner))
+
+
+async def clear_cart(request: web.Request) -> web.Response:
+    owner = _owner(request)
+    await cart.clear(request.app[appkeys.DB], owner)
+    return ok(None, message="cart cleared", headers=_headers(owner))
+
+
+async def merge(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    merged = await cart.merge_guest_cart(
+        request.app[appkeys.DB], principal.user_id, request.headers.get(cart.CART_TOKEN_HEADER)
+    )
+    return ok({"merged_items": merged})
+
+
+async def preview(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), PREVIEW)
+    async with request.app[appkeys.DB].acquire() as conn:
+        selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
+        priced = await coupons.quote(
+            cast(asyncpg.Connection, conn),
+            user_id=principal.user_id,
+            lines=selection.lines,
+            coupon_code=body.get("coupon_code"),
+        )
+        offers = await coupons.available_for_lines(
+            conn, user_id=principal.user_id, lines=selection.lines
+        )
+    return ok(
+        {
+            "items": selection.items,
+            "subtotal": priced.subtotal_cents,
+            "shipping_fee": priced.shipping_cents,
+            "discount": priced.discount_cents,
+            "total": priced.total_cents,
+            "coupon_code": priced.coupon_code,
+            "promotions_applied": list(priced.promotions),
+            "available_coupons": offers,
+        }
+    )
+
+
+def _order_lines(selection: cart.Selection) -> list[orders.OrderLineRequest]:
+    """One order line per SKU (cart items of one SKU with different specifications add up)."""
+    by_sku: dict[int, list[int]] = {}
+    for line in selection.lines:
+        qty_price = by_sku.setdefault(line.sku_id, [0, line.unit_price_cents])
+        qty_price[0] += line.quantity
+    return [
+        orders.OrderLineRequest(sku_id, qty, expected_price_cents=price)
+        for sku_id, (qty, price) in by_sku.items()
+    ]
+
+
+async def checkout(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), CHECKOUT)
+    pool = request.app[appkeys.DB]
+    key = request.headers.get(IDEMPOTENCY_HEADER) or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LEN:
+        raise ValidationFailed(fields={IDEMPOTENCY_HEADER: "too long"})
+    previous = await cart.previous_checkout(pool, principal.user_id, key)
+    if previous is not None:
+        return ok(previous, status=201, message="order created")
+    async with pool.acquire() as conn:
+        selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
+    unavailable = [i["cart_item_id"] for i in selection.items if not i["available"]]
+    if unavailable:
+        raise cart.ItemUnavailable(data={"cart_item_ids": unavailable})
+    result: dict[str, Any] = await orders.create_order(
+        request.app,
+        user_id=principal.user_id,
+        lines=_order_lines(selection),
+        shipping_address=body["shipping_address"],
+        coupon_code=body.get("coupon_code"),
+        idempotency_key=key,
+    )
+    # only after the order exists: a failed checkout leaves the cart as it was
+    await cart.finish_checkout(
+        pool, selection, user_id=principal.user_id, idempotency_key=key, result=result
+    )
+    return ok(result, status=201, message="order created")
+
+
+_CART_RESPONSES = {
+    401: "token sent but invalid",
+    404: "NOT_FOUND (not in this cart)",
+    422: "VALIDATION_FAILED",
+}
+
+ROUTES = [
+    Route(
+        "POST",
+        "/api/v1/cart/items",
+        add_item,
+        "Add a SKU to the cart (same SKU and specification add up)",
+        auth="optional",
+        body=ADD_ITEM,
+        responses={**_CART_RESPONSES, 409: "NOT_ON_SALE, INSUFFICIENT_STOCK, CART_FULL"},
+        tag="cart",
+    ),
+    Route(
+        "GET",
+        "/api/v1/cart",
+        get_cart,
+        "The cart with its summary",
+        auth="optional",
+        responses=_CART_RESPONSES,
+        tag="cart",
+    ),
+    Route(
+        "PUT",
+        "/api/v1/cart/items/{item_id}",
+        update_item,
+        "Change quantity (0 removes) or selection",
+        auth="optional",
+        body=UPDATE_ITEM,
+        responses=_CART_RESPONSES,
+        tag="cart",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/cart/items/{item_id}",
+        delete_item,
+        "Remove a cart item",
+        auth="optional",
+        responses=_CART_RESPONSES,
+        tag="cart",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/cart",
+        clear_cart,
+        "Empty the cart",
+        auth="optional",
+        responses=_CART_RESPONSES,
+        tag="cart",
+    ),
+    Route(
+        "POST",
+        "/api/v1/cart/merge",
+        merge,
+        "Merge the guest cart of X-Cart-Token into the user's cart (login does this too)",
+        auth="user",
+        tag="cart",
+    ),
+    Route(
+        "POST",
+        "/api/v1/cart/checkout/preview",
+        preview,
+        "Price the selected items: subtotal, shipping, discount, total, coupons",
+        auth="user",
+        body=PREVIEW,
+        responses={**_CART_RESPONSES, 422: "VALIDATION_FAILED, COUPON_NOT_APPLICABLE"},
+        tag="cart",
+    ),
+    Route(
+        "POST",
+        "/api/v1/cart/checkout",
+        checkout,
+        "Create an order from the selected items and remove them from the cart",
+        auth="user",
+        body=CHECKOUT,
+        responses={
+            201: "order created; payment information",
+            **_CART_RESPONSES,
+            409: "ITEM_UNAVAILABLE, PRICE_CHANGED, out of stock, coupon limits",
+            422: "VALIDATION_FAILED, COUPON_NOT_APPLICABLE",
+        },
+        tag="cart",
+    ),
+]
