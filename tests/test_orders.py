@@ -36,7 +36,8 @@ async def test_create_order_and_read_it(
     assert resp.status == 201, await resp.text()
     data = (await resp.json())["data"]
     assert data["total_amount"] == 2 * 2999 + 199 + 500
-    assert data["discount_amount"] == 0 and data["final_amount"] == data["total_amount"]
+    assert data["discount_amount"] == 0
+    assert data["final_amount"] == data["total_amount"] + data["shipping_fee"]
     assert data["status"] == "pending_payment" and data["version"] == 1
     assert data["payment_url"].endswith(data["payment_id"]) and data["expires_at"]
     assert await sku_row(db, sku_a) == {"on_hand": 10, "reserved": 2, "sold": 0}

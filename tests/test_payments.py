@@ -26,7 +26,7 @@ async def _order(
     client: TestClient[Any, Any],
     db: asyncpg.Pool,
     tokens: TokenService,
-    price: int = 1000,
+    price: int = 10000,
     quantity: int = 1,
 ) -> tuple[int, int, dict[str, Any]]:
     merchant, user = await make_user(db, "merchant"), await make_user(db)
@@ -48,7 +48,7 @@ async def test_methods_and_create_payment(
     h = auth(tokens, user)
     body = {
         "order_id": order["order_id"],
-        "amount": 1000,
+        "amount": 10000,
         "payment_method": "wechat",
         "return_url": "https://shop.example/ok",
     }
@@ -85,7 +85,7 @@ async def test_notify_replayed_five_times_changes_state_once(
             "payment_id": order["payment_id"],
             "order_id": order["order_id"],
             "status": "success",
-            "amount": 2000,
+            "amount": 20000,
             "transaction_id": "T-1",
             "paid_at": "2026-11-22T00:00:00Z",
         },
@@ -119,7 +119,7 @@ async def test_bad_signature_amount_and_order_rejected(
         "payment_id": order["payment_id"],
         "order_id": order["order_id"],
         "status": "success",
-        "amount": 1000,
+        "amount": 10000,
         "transaction_id": "T-2",
     }
     forged = {**signed(app, fields), "amount": 1}
@@ -179,9 +179,9 @@ async def test_sandbox_fail_then_pay_again(
 async def test_refunds_partial_full_and_limits(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
 ) -> None:
-    user, _, order = await _order(client, db, tokens, price=1000, quantity=3)
+    user, _, order = await _order(client, db, tokens, price=10000, quantity=3)
     h = auth(tokens, user)
-    body = {"order_id": order["order_id"], "refund_amount": 1000, "reason": "damaged"}
+    body = {"order_id": order["order_id"], "refund_amount": 10000, "reason": "damaged"}
     resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
     await pay_via_sandbox(client, tokens, user, order["payment_id"])
@@ -191,7 +191,7 @@ async def test_refunds_partial_full_and_limits(
     assert first["refund_id"].startswith("REF") and first["status"] == "completed"
     assert first["estimated_arrival"] and first["order_status"] == "paid"
     resp = await client.post(
-        "/api/v1/payment/refund", json={**body, "refund_amount": 2001}, headers=h
+        "/api/v1/payment/refund", json={**body, "refund_amount": 20001}, headers=h
     )
     assert resp.status == 409 and (await resp.json())["error"] == "REFUND_EXCEEDS_PAID"
     resp = await client.post("/api/v1/payment/refund", json={**body, "refund_amount": 0}, headers=h)
@@ -201,7 +201,7 @@ async def test_refunds_partial_full_and_limits(
     )
     assert resp.status == 404
     resp = await client.post(
-        "/api/v1/payment/refund", json={**body, "refund_amount": 2000}, headers=h
+        "/api/v1/payment/refund", json={**body, "refund_amount": 20000}, headers=h
     )
     assert resp.status == 200 and (await resp.json())["data"]["order_status"] == "refunded"
     resp = await client.post("/api/v1/payment/refund", json={**body, "refund_amount": 1}, headers=h)
@@ -209,13 +209,13 @@ async def test_refunds_partial_full_and_limits(
     total = await db.fetchval(
         "SELECT sum(amount_cents) FROM refunds WHERE order_id = $1", order["order_id"]
     )
-    assert total == 3000
+    assert total == 30000
 
 
 async def test_full_flow_create_pay_ship_confirm_refund(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
 ) -> None:
-    user, sku, order = await _order(client, db, tokens, price=2500, quantity=2)
+    user, sku, order = await _order(client, db, tokens, price=25000, quantity=2)
     merchant = await db.fetchval(
         "SELECT p.merchant_id FROM skus s JOIN products p ON p.id = s.product_id WHERE s.id = $1",
         sku,
@@ -226,7 +226,7 @@ async def test_full_flow_create_pay_ship_confirm_refund(
     )
     pay = (await resp.json())["data"]
     page = await client.get(pay["payment_url"], headers=h)
-    assert (await page.json())["data"]["amount"] == 5000
+    assert (await page.json())["data"]["amount"] == 50000
     await pay_via_sandbox(client, tokens, user, pay["payment_id"])
     resp = await client.post(
         f"/api/v1/orders/{oid}/ship",
@@ -239,11 +239,11 @@ async def test_full_flow_create_pay_ship_confirm_refund(
     resp = await client.post(
         "/api/v1/payment/refund",
         headers=h,
-        json={"order_id": oid, "refund_amount": 5000, "reason": "return"},
+        json={"order_id": oid, "refund_amount": 50000, "reason": "return"},
     )
     assert resp.status == 200
     detail = (await (await client.get(f"/api/v1/orders/{oid}", headers=h)).json())["data"]
-    assert detail["status"] == "refunded" and detail["refunded_amount"] == 5000
+    assert detail["status"] == "refunded" and detail["refunded_amount"] == 50000
     logs = await db.fetch("SELECT to_status FROM order_logs WHERE order_id = $1 ORDER BY id", oid)
     assert [r["to_status"] for r in logs] == [
         "pending_payment",

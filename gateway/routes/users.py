@@ -28,11 +28,15 @@ LOGIN = {
 async def register(request: web.Request) -> web.Response:
     body = validate(await read_json(request), REGISTER)
     if not body.get("email") and not body.get("phone"):
-        raise ValidationFailed(fields={"email": "email or phone is required",
-                                       "phone": "email or phone is required"})
+        raise ValidationFailed(
+            fields={"email": "email or phone is required", "phone": "email or phone is required"}
+        )
     user = await users.create_user(
-        request.app[appkeys.DB], email=body.get("email"), phone=body.get("phone"),
-        password=body["password"], nickname=body["nickname"],
+        request.app[appkeys.DB],
+        email=body.get("email"),
+        phone=body.get("phone"),
+        password=body["password"],
+        nickname=body["nickname"],
     )
     return ok(user.public(), status=201, message="registered")
 
@@ -43,8 +47,10 @@ async def login(request: web.Request) -> web.Response:
     tokens = request.app[appkeys.TOKENS]
     token = tokens.issue(user.id, user.role)
     await merge_guest_cart(request.app[appkeys.DB], user.id, request.headers.get(CART_TOKEN_HEADER))
-    return ok({"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer",
-               "user": user.public()}, message="logged in")
+    return ok(
+        {"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer", "user": user.public()},
+        message="logged in",
+    )
 
 
 async def me(request: web.Request) -> web.Response:
@@ -56,12 +62,31 @@ async def me(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("POST", "/api/v1/auth/register", register, "Register with email or phone", body=REGISTER,
-          responses={201: "registered", 409: "ACCOUNT_EXISTS", 422: "VALIDATION_FAILED"},
-          tag="auth"),
-    Route("POST", "/api/v1/auth/login", login, "Log in; returns a bearer token", body=LOGIN,
-          responses={401: "UNKNOWN_USER or WRONG_PASSWORD"}, tag="auth"),
-    Route("GET", "/api/v1/users/me", me, "The current user", auth="user",
-          responses={401: "AUTH_REQUIRED, TOKEN_EXPIRED, TOKEN_MALFORMED, TOKEN_INVALID"},
-          tag="auth"),
+    Route(
+        "POST",
+        "/api/v1/auth/register",
+        register,
+        "Register with email or phone",
+        body=REGISTER,
+        responses={201: "registered", 409: "ACCOUNT_EXISTS", 422: "VALIDATION_FAILED"},
+        tag="auth",
+    ),
+    Route(
+        "POST",
+        "/api/v1/auth/login",
+        login,
+        "Log in; returns a bearer token",
+        body=LOGIN,
+        responses={401: "UNKNOWN_USER or WRONG_PASSWORD"},
+        tag="auth",
+    ),
+    Route(
+        "GET",
+        "/api/v1/users/me",
+        me,
+        "The current user",
+        auth="user",
+        responses={401: "AUTH_REQUIRED, TOKEN_EXPIRED, TOKEN_MALFORMED, TOKEN_INVALID"},
+        tag="auth",
+    ),
 ]
