@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
 from gateway import rediskeys
+from gateway.db import Conn
 from gateway.flash_events import BadEvent, OrderEvent, decode
 from gateway.kafka import OrderProducer
 from gateway.metrics import Metrics
@@ -67,7 +68,7 @@ class BatchOutcome:
     dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
 
 
-async def persist(conn: asyncpg.Connection, events: list[OrderEvent]) -> list[str]:
+async def persist(conn: Conn, events: list[OrderEvent]) -> list[str]:
     """Write events in one transaction; returns the ids that were new."""
     if not events:
         return []

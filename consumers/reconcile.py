@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import asyncpg
 from redis.asyncio import Redis
@@ -107,9 +107,9 @@ def _entry_units(entries: dict[bytes, bytes]) -> tuple[int, dict[int, int]]:
 
 async def check_sale(db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record) -> SaleReport:
     sid = sale["id"]
-    h = await redis.hgetall(rediskeys.sale(sid))
-    log_entries = await redis.hgetall(rediskeys.log(sid))
-    claimed_entries = await redis.hgetall(rediskeys.claimed(sid))
+    h = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.sale(sid)))
+    log_entries = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.log(sid)))
+    claimed_entries = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.claimed(sid)))
     if claimed_entries:  # written to PostgreSQL but the claim not dropped yet: count once
         written = {
             r["id"] for r in await db.fetch(SQL_EXISTING, [k.decode() for k in claimed_entries])

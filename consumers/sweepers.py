@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, cast
 
 import asyncpg
 from redis.asyncio import Redis
@@ -57,12 +58,15 @@ async def publish_stranded(
     published = 0
     for raw in await redis.smembers(rediskeys.SALES_INDEX):
         sale_id = int(raw)
-        ids = await redis.zrangebyscore(
-            rediskeys.log_times(sale_id), "-inf", cutoff, start=0, num=STRANDED_BATCH
+        ids = cast(
+            list[bytes],
+            await redis.zrangebyscore(
+                rediskeys.log_times(sale_id), "-inf", cutoff, start=0, num=STRANDED_BATCH
+            ),
         )
         if not ids:
             continue
-        entries = await redis.hmget(rediskeys.log(sale_id), ids)
+        entries = cast(list[bytes | None], await redis.hmget(rediskeys.log(sale_id), ids))
         events = [
             flashsale.parse_log_entry(sale_id, oid.decode(), entry)
             for oid, entry in zip(ids, entries, strict=True)
@@ -136,12 +140,13 @@ async def run_sweepers(
     scripts = FlashScripts.register(redis)
     interval = settings.sweep_interval_ms / 1000
     while not stop.is_set():
-        for name, step in (
+        steps: list[tuple[str, Callable[[], Awaitable[int]]]] = [
             ("stranded", lambda: publish_stranded(settings, redis, producer, metrics)),
             ("deadlines", lambda: cancel_expired(db, metrics)),
             ("returns", lambda: return_cancelled_units(db, redis, scripts, metrics)),
             ("settle", lambda: settle_ended(db, redis, scripts)),
-        ):
+        ]
+        for name, step in steps:
             try:
                 await step()
             except (

@@ -16,6 +16,10 @@ from typing import Any
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+# A connection from a pool or a plain one: what the data functions accept.
+Conn = asyncpg.Connection | PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def load_migrations() -> list[Migration]:
     return sorted(out, key=lambda m: m.version)
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+async def migrate(conn: Conn, migrations: list[Migration] | None = None) -> list[str]:
     """Apply pending migrations; return the versions applied now."""
     todo = load_migrations() if migrations is None else migrations
     applied_now: list[str] = []

@@ -31,6 +31,10 @@ RENEW_EVERY_S = 10.0
 _SEQ_MAX = 9999
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def machine_key(n: int) -> str:
     return f"fs:machine:{n}"
 
@@ -130,7 +134,7 @@ class MachineLease:
         if self.machine_id is not None:
             with contextlib.suppress(RedisError):
                 current = await self._redis.get(machine_key(self.machine_id))
-                if current is not None and current.decode() == self._token:
+                if current is not None and _text(current) == self._token:
                     await self._redis.delete(machine_key(self.machine_id))
 
 

@@ -11,6 +11,7 @@ import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -41,56 +42,56 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry
-        kw = {} if registry is None else {"registry": registry}
+        reg = REGISTRY if registry is None else registry
         self.requests = Counter(
-            "flashsale_http_requests_total", "HTTP requests", ["method", "route", "status"], **kw
+            "flashsale_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=reg
         )
         self.latency = Histogram(
             "flashsale_http_request_duration_seconds",
             "HTTP request latency",
             ["method", "route"],
             buckets=LATENCY_BUCKETS_S,
-            **kw,
+            registry=reg,
         )
         self.join_outcomes = Counter(
-            "flashsale_join_outcomes_total", "Flash-sale join outcomes", ["outcome"], **kw
+            "flashsale_join_outcomes_total", "Flash-sale join outcomes", ["outcome"], registry=reg
         )
         self.redis_calls = Counter(
-            "flashsale_redis_round_trips_total", "Redis round trips by purpose", ["purpose"], **kw
+            "flashsale_redis_round_trips_total", "Redis round trips by purpose", ["purpose"], registry=reg
         )
         self.produce_failures = Counter(
-            "flashsale_kafka_produce_failures_total", "Order events the broker did not ack", **kw
+            "flashsale_kafka_produce_failures_total", "Order events the broker did not ack", registry=reg
         )
         self.consumed = Counter(
-            "flashsale_consumer_orders_persisted_total", "Orders persisted by consumers", **kw
+            "flashsale_consumer_orders_persisted_total", "Orders persisted by consumers", registry=reg
         )
         self.dead_letters = Counter(
             "flashsale_consumer_dead_letters_total",
             "Messages sent to the dead-letter topic",
             ["reason"],
-            **kw,
+            registry=reg,
         )
         self.consumer_lag = Gauge(
             "flashsale_consumer_lag",
             "Messages behind the high-water mark",
             ["partition"],
             multiprocess_mode="max",
-            **kw,
+            registry=reg,
         )
-        self.swept = Counter("flashsale_sweeper_actions_total", "Sweeper actions", ["action"], **kw)
+        self.swept = Counter("flashsale_sweeper_actions_total", "Sweeper actions", ["action"], registry=reg)
         self.drift = Gauge(
             "flashsale_reconcile_drift_units",
             "Units of drift found by the last reconcile",
             ["sale_id"],
             multiprocess_mode="max",
-            **kw,
+            registry=reg,
         )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every process (multiprocess) or of this one."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry), CONTENT_TYPE_LATEST
         if self.registry is not None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST

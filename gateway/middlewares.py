@@ -32,7 +32,8 @@ _HTTP_CODES: Final = {
 
 
 def request_id(request: web.Request) -> str:
-    return request.get(_REQUEST_ID_KEY, "")
+    rid: str = request.get(_REQUEST_ID_KEY, "")
+    return rid
 
 
 def _route_name(request: web.Request) -> str:

@@ -32,7 +32,7 @@ class Route:
     tag: str = "misc"
 
 
-ROUTE_TABLE: web.AppKey[list[Route]] = web.AppKey("route_table")
+ROUTE_TABLE: web.AppKey[list[Route]] = web.AppKey("route_table", list)
 
 
 def add_routes(app: web.Application, routes: Sequence[Route]) -> None:

@@ -59,6 +59,9 @@ def _with_db(url: str, name: str) -> str:
 
 @pytest.fixture(scope="session")
 async def base_settings(stack: EmbeddedStack | None) -> AsyncIterator[Settings]:
+    redis_url: str | None
+    admin_url: str | None
+    kafka: str | None
     if stack is None:
         redis_url = os.environ["FLASHSALE_REDIS_URL"]
         admin_url = os.environ["FLASHSALE_DATABASE_URL"]

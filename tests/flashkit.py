@@ -11,7 +11,9 @@ from typing import Any
 
 import asyncpg
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
+from gateway import rediskeys
 from gateway.auth import TokenService
 
 
@@ -106,3 +108,9 @@ async def eventually(
 async def count_orders(db: asyncpg.Pool, sale_id: int) -> int:
     n: int = await db.fetchval("SELECT count(*) FROM orders WHERE flash_sale_id = $1", sale_id)
     return n
+
+
+async def remaining_of(redis: Redis, sale_id: int) -> int:
+    raw = await redis.hget(rediskeys.sale(sale_id), "remaining")
+    assert raw is not None
+    return int(raw)

@@ -41,6 +41,7 @@ from tests.flashkit import (
     eventually,
     make_sku,
     make_users,
+    remaining_of,
 )
 from tests.test_flash_sales import _drift_free, _equals, bearer
 
@@ -106,7 +107,7 @@ async def test_broker_down_gives_503_and_stock_back(
             resp = await client.post(url, headers=bearer(tokens, users[1]), json={"quantity": 1})
             assert resp.status == 503
             assert (await resp.json())["error"] == "RETRY_LATER"
-            assert int(await rt.redis.hget(rediskeys.sale(sale_id), "remaining")) == 9
+            assert await remaining_of(rt.redis, sale_id) == 9
             assert await rt.redis.hget(rediskeys.users(sale_id), str(users[1])) is None
             assert await rt.redis.hlen(rediskeys.log(sale_id)) == 1  # only the acked one
             restarted = start_kafka(tmpdir_path / "k2", port=broker.port)
@@ -308,7 +309,7 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
     await asyncio.gather(*(return_cancelled_units(db, redis, scripts, metrics) for _ in range(3)))
 
     async def settled() -> bool:
-        remaining = int(await redis.hget(rediskeys.sale(sale_id), "remaining"))
+        remaining = await remaining_of(redis, sale_id)
         return remaining == 5 and await redis.hlen(rediskeys.users(sale_id)) == 0
 
     await eventually(settled, timeout_s=10)
@@ -360,7 +361,7 @@ async def test_rebuild_cache_after_flushall(
             await redis.flushall()
             assert await reconcile.run(settings, "reconcile", repair=False) == 1
             assert await reconcile.run(settings, "rebuild-cache", repair=False) == 0
-            assert int(await redis.hget(rediskeys.sale(sale_id), "remaining")) == 20
+            assert await remaining_of(redis, sale_id) == 20
             await client.app[FLASH].cache.refresh()
             again = await client.post(url, headers=bearer(tokens, users[0]), json={"quantity": 1})
             assert again.status == 409  # per-user counts were rebuilt as well

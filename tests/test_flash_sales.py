@@ -13,7 +13,6 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from consumers import reconcile
-from gateway import rediskeys
 from gateway.auth import TokenService
 from gateway.services.flashsale import FLASH
 from gateway.settings import Settings
@@ -24,6 +23,7 @@ from tests.flashkit import (
     eventually,
     make_sku,
     make_users,
+    remaining_of,
 )
 
 pytestmark = pytest.mark.integration
@@ -122,7 +122,7 @@ async def test_stampede_exactly_stock_accepted(
     }
     assert in_pg == set(accepted)
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
-    assert sale["sold_quantity"] == 100
+    assert sale is not None and sale["sold_quantity"] == 100
     await eventually(lambda: _drift_free(db, redis, sale_id))
 
 
@@ -132,6 +132,7 @@ async def _equals(value: Any, expected: Any) -> bool:
 
 async def _drift_free(db: asyncpg.Pool, redis: Redis, sale_id: int) -> bool:
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
+    assert sale is not None
     report = await reconcile.check_sale(db, redis, sale)
     return (
         report.drift == 0 and not report.user_drift and report.in_log == 0 and report.claimed == 0
@@ -157,12 +158,12 @@ async def test_idempotent_retry_and_mismatch(
     assert first.status == again.status == 202
     a, b = (await first.json())["data"], (await again.json())["data"]
     assert a["order_id"] == b["order_id"] and b["replayed"] is True
-    assert int(await redis.hget(rediskeys.sale(sale_id), "remaining")) == 8
+    assert await remaining_of(redis, sale_id) == 8
     other = await client.post(
         f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 3}
     )
     assert other.status == 422 and (await other.json())["error"] == "IDEMPOTENCY_MISMATCH"
-    assert int(await redis.hget(rediskeys.sale(sale_id), "remaining")) == 8
+    assert await remaining_of(redis, sale_id) == 8
 
 
 async def test_limit_returns_first_order(

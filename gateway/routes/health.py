@@ -22,7 +22,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def _check_redis(app: web.Application) -> bool:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            return bool(await app[appkeys.REDIS].ping())
+            pong: object = await app[appkeys.REDIS].ping()
+            return bool(pong)
     except (TimeoutError, RedisError, OSError):
         return False
 
@@ -30,7 +31,8 @@ async def _check_redis(app: web.Application) -> bool:
 async def _check_db(app: web.Application) -> bool:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            return await app[appkeys.DB].fetchval("SELECT 1") == 1
+            one: object = await app[appkeys.DB].fetchval("SELECT 1")
+            return one == 1
     except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
         return False
 
@@ -65,7 +67,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    spec = openapi_spec(request.app[ROUTE_TABLE], version=__version__)
+    table: list[Route] = request.app[ROUTE_TABLE]
+    spec = openapi_spec(table, version=__version__)
     return web.Response(body=dumps(spec), content_type="application/json")
 
 

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from gateway.db import Conn
 from gateway.services.users import create_user
 from gateway.settings import Settings
 
@@ -32,7 +33,8 @@ CATEGORIES: Final = {
 }
 
 # (category, name, description, attributes, [(sku attributes, price cents, on_hand)])
-PRODUCTS: Final = [
+ProductSpec = tuple[str, str, str, dict[str, str], list[tuple[dict[str, str], int, int]]]
+PRODUCTS: Final[list[ProductSpec]] = [
     (
         "Apple phones",
         "iPhone 15",
@@ -112,7 +114,7 @@ def _credentials() -> dict[str, str]:
     return out
 
 
-async def _categories(conn: asyncpg.Connection) -> dict[str, int]:
+async def _categories(conn: Conn) -> dict[str, int]:
     ids: dict[str, int] = {}
 
     async def add(tree: dict[str, Any], parent: int | None) -> None:

@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway import appkeys, rediskeys
+from gateway.db import Conn
 from gateway.errors import (
     AppError,
     Conflict,
@@ -187,7 +188,7 @@ class SaleState:
         }
 
     @classmethod
-    def from_hash(cls, sale_id: int, h: dict[bytes, bytes]) -> SaleState:
+    def from_hash(cls, sale_id: int, h: dict[Any, Any]) -> SaleState:
         def i(name: str) -> int:
             return int(h[name.encode()])
 
@@ -450,7 +451,7 @@ async def settle_sale(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sal
         row = await conn.fetchrow(SQL_SETTLE, sale_id, moved)
         if row is None:
             return 0
-        delta = moved - row["returned_quantity"]
+        delta = moved - int(row["returned_quantity"])
         await conn.execute(SQL_RETURN_TO_SKU, row["sku_id"], delta)
         await conn.execute(SQL_LEDGER, row["sku_id"], None, delta, "flash_return", sale_id)
     log.info("sale %d: returned %d unit(s) to sku %d", sale_id, delta, row["sku_id"])
@@ -679,7 +680,7 @@ async def queued_order(app: web.Application, order_id: str, user_id: int) -> dic
 
 
 async def cancel_order(
-    app: web.Application | None, conn: asyncpg.Connection, order_id: str, *, reason: str
+    app: web.Application | None, conn: Conn, order_id: str, *, reason: str
 ) -> bool:
     """PostgreSQL side of cancelling an unpaid flash order, inside the caller's transaction.
 
