@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 HOST = "127.0.0.1"
 WRK_SCRIPT = Path(__file__).with_name("wrk_tokens.lua")
 _BUCKET_US = 10  # latency histogram resolution
@@ -55,6 +57,7 @@ class RunResult:
     errors: int
     statuses: dict[str, int] = field(default_factory=dict)
     generator: str = ""
+    last_accept_s: float = 0.0  # Python client with record: when the last 2xx arrived
 
     @property
     def rps(self) -> float:
@@ -113,7 +116,8 @@ def run_wrk(path: str, port: int, *, tokens_file: Path | None, method: str = "GE
     if binary is None:
         raise LoadgenError("wrk is not installed")
     per_thread = max(1, max_requests // threads)
-    args = [binary, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration_s))}s",
+    args = [binary, "-t", str(threads), "-c", str(connections),
+            "-d", f"{max(1, round(duration_s))}s",
             "--timeout", f"{max(1, round(timeout_s))}s", "-s", str(WRK_SCRIPT),
             f"http://{HOST}:{port}{path}", "--", str(tokens_file or ""), method,
             body.decode(), str(per_thread), str(threads)]
@@ -158,6 +162,7 @@ class Spec:
     duration_s: float = 5.0
     max_requests: int = 1_000_000
     rate: float = 0.0  # requests per second for this process; 0 = as fast as possible
+    record: str = ""  # write one outcome line per response here (see loadtests.invariants)
 
 
 class _Client(asyncio.Protocol):
@@ -215,6 +220,8 @@ class _Client(asyncio.Protocol):
             if len(self.buf) < end:
                 return
             status = head[9:12].decode()
+            if self.run.outcomes is not None:
+                self.run.note(status, bytes(self.buf[head_end + 4:end]))
             del self.buf[:end]
             self.waiting = False
             self.run.record(status, time.perf_counter() - self.sent_at)
@@ -255,6 +262,22 @@ class _ProcessRun:
         self.interval = spec.connections / spec.rate if spec.rate > 0 else 0.0
         self.hist: Counter[int] = Counter()
         self.statuses: Counter[str] = Counter()
+        self.outcomes: list[str] | None = [] if spec.record else None
+        self.last_accept = 0.0
+
+    def note(self, status: str, body: bytes) -> None:
+        """One outcome line: ``accepted <order_id>`` or ``rejected <ERROR_CODE or status>``."""
+        assert self.outcomes is not None
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None
+        if status.startswith("2") and isinstance(data, dict) and isinstance(data.get("data"), dict):
+            self.outcomes.append(f"accepted\t{data['data'].get('order_id')}")
+            self.last_accept = time.perf_counter() - self.started
+        else:
+            reason = data.get("error") if isinstance(data, dict) else None
+            self.outcomes.append(f"rejected\t{reason or 'HTTP_' + status}")
 
     def phase(self, slot: int) -> float:
         return self.interval * slot / self.spec.connections if self.interval else 0.0
@@ -291,14 +314,15 @@ async def _run_process(spec: Spec) -> dict[str, Any]:
         await asyncio.wait([c.closed for c in clients], timeout=spec.duration_s + 10)
     for c in clients:
         c._close()
-    return {"statuses": dict(run.statuses), "hist": {str(k): v for k, v in run.hist.items()},
-            "elapsed": run.last_done - run.started}
+    return {"outcomes": run.outcomes or [], "statuses": dict(run.statuses),
+            "hist": {str(k): v for k, v in run.hist.items()},
+            "elapsed": run.last_done - run.started, "last_accept_s": run.last_accept}
 
 
 def run_python(path: str, port: int, *, tokens_file: Path | None, method: str = "GET",
                body: bytes = b"", expected: tuple[int, ...] = (200,), processes: int = 2,
                connections: int = 64, duration_s: float = 5.0, max_requests: int = 2_000_000,
-               rate: float = 0.0) -> RunResult:
+               rate: float = 0.0, record: Path | None = None) -> RunResult:
     """Run ``processes`` client processes (``connections`` in total); merge what they saw."""
     per_conn = max(1, connections // processes)
     procs = []
@@ -307,13 +331,14 @@ def run_python(path: str, port: int, *, tokens_file: Path | None, method: str = 
                     tokens_file=str(tokens_file or ""), token_offset=i, token_stride=processes,
                     connections=per_conn, duration_s=duration_s,
                     max_requests=max(1, max_requests // processes),
-                    rate=rate / processes if rate else 0.0)
+                    rate=rate / processes if rate else 0.0,
+                    record=f"{record}.{i}" if record else "")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "loadtests.loadgen", "--spec", json.dumps(asdict(spec))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     hist: Counter[int] = Counter()
     statuses: Counter[str] = Counter()
-    elapsed = 0.0
+    elapsed = last_accept = 0.0
     try:
         for p in procs:
             out, err = p.communicate(timeout=duration_s + 60)
@@ -323,6 +348,7 @@ def run_python(path: str, port: int, *, tokens_file: Path | None, method: str = 
             statuses.update(data["statuses"])
             hist.update({int(k): v for k, v in data["hist"].items()})
             elapsed = max(elapsed, float(data["elapsed"]))
+            last_accept = max(last_accept, float(data["last_accept_s"]))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -334,6 +360,7 @@ def run_python(path: str, port: int, *, tokens_file: Path | None, method: str = 
         p50_ms=_percentile(hist, 0.50), p99_ms=_percentile(hist, 0.99),
         errors=_count_errors(dict(statuses), expected), statuses=dict(statuses),
         generator=f"python uvloop x{processes} procs, {per_conn * processes} conns, {mode}",
+        last_accept_s=last_accept,
     )
 
 
@@ -364,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.spec:
         import uvloop
 
-        result = uvloop.run(_run_process(Spec(**json.loads(args.spec))))
+        spec = Spec(**json.loads(args.spec))
+        result = uvloop.run(_run_process(spec))
+        outcomes = result.pop("outcomes")
+        if spec.record:
+            Path(spec.record).write_text("".join(line + "\n" for line in outcomes))
         print(json.dumps(result))
         return 0
     if args.port is None:

@@ -27,7 +27,7 @@ import asyncpg
 from gateway.auth import TokenService
 from gateway.settings import Settings
 
-BENCH_PASSWORD = "bench-password-1"  # noqa: S105 - load-test accounts only
+BENCH_PASSWORD = "bench-password-1"
 BATCH = 50_000
 SQL_INSERT_USERS = """
 INSERT INTO users (email, password_hash, nickname, role)

@@ -97,8 +97,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _error(exc: AppError) -> web.Response:
-    return _json({"error": {"code": exc.error_code, "message": exc.message}},
-                 status=exc.http_status)
+    return _json({"code": exc.http_status, "message": exc.message, "error": exc.error_code,
+                  "data": None}, status=exc.http_status)
 
 
 def _principal_id(request: web.Request) -> int:
@@ -127,7 +127,8 @@ async def join(request: web.Request) -> web.Response:
             order_id = await conn.fetchval(SQL_INSERT_ORDER, sale_id, user_id, quantity)
     except AppError as exc:
         return _error(exc)
-    return _json({"data": {"order_id": str(order_id), "status": "created"}}, status=202)
+    return _json({"code": 202, "message": "ok",
+                  "data": {"order_id": str(order_id), "status": "created"}}, status=202)
 
 
 async def get_sale(request: web.Request) -> web.Response:
