@@ -31,6 +31,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +306,7 @@ async def _run_process(spec: Spec) -> dict[str, Any]:
     clients: list[_Client] = []
     for slot in range(spec.connections):
         try:
-            _, proto = await loop.create_connection(lambda s=slot: _Client(run, s), HOST, spec.port)
+            _, proto = await loop.create_connection(partial(_Client, run, slot), HOST, spec.port)
         except OSError:
             run.statuses["connect"] += 1
             continue
