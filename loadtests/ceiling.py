@@ -56,8 +56,13 @@ def serve(port: int, workers: int) -> int:
     from gateway.server import StopFlag
 
     flag = StopFlag()
-    children = [spawn([sys.executable, "-m", "loadtests.ceiling", "--port", str(port),
-                       "--worker"], dict(os.environ)) for _ in range(workers)]
+    children = [
+        spawn(
+            [sys.executable, "-m", "loadtests.ceiling", "--port", str(port), "--worker"],
+            dict(os.environ),
+        )
+        for _ in range(workers)
+    ]
     try:
         while not flag:
             if any(c.poll() is not None for c in children):

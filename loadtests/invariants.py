@@ -106,8 +106,12 @@ def read_outcomes(paths: Iterable[Path]) -> Outcomes:
     return out
 
 
-def summarize(outcomes: Outcomes, persisted: list[PersistedOrder], total_quantity: int | None,
-              per_user_limit: int | None = None) -> Report:
+def summarize(
+    outcomes: Outcomes,
+    persisted: list[PersistedOrder],
+    total_quantity: int | None,
+    per_user_limit: int | None = None,
+) -> Report:
     """The report from what the load saw and what PostgreSQL holds (pure, for tests)."""
     in_pg = {o.order_id for o in persisted}
     live = [o for o in persisted if o.status not in DEAD_STATUSES]
@@ -119,14 +123,22 @@ def summarize(outcomes: Outcomes, persisted: list[PersistedOrder], total_quantit
     if per_user_limit is not None:
         per_user = Counter(o.user_id for o in live)
         duplicates += sum(max(0, n - per_user_limit) for n in per_user.values())
-    return Report(offered=outcomes.offered, accepted=len(outcomes.accepted),
-                  rejected=dict(outcomes.rejected), total_quantity=total_quantity,
-                  orders_in_pg=len(persisted), units_live=units_live, oversold=oversold,
-                  lost=lost, duplicates=duplicates)
+    return Report(
+        offered=outcomes.offered,
+        accepted=len(outcomes.accepted),
+        rejected=dict(outcomes.rejected),
+        total_quantity=total_quantity,
+        orders_in_pg=len(persisted),
+        units_live=units_live,
+        oversold=oversold,
+        lost=lost,
+        duplicates=duplicates,
+    )
 
 
-async def fetch_sale(conn: asyncpg.Connection, sale_id: int
-                     ) -> tuple[int | None, int | None, list[PersistedOrder]]:
+async def fetch_sale(
+    conn: asyncpg.Connection, sale_id: int
+) -> tuple[int | None, int | None, list[PersistedOrder]]:
     """The sale's quantity, per-user limit and its flash orders in PostgreSQL."""
     sale = await conn.fetchrow(SQL_SALE, sale_id)
     quantity = per_user = None
@@ -134,8 +146,10 @@ async def fetch_sale(conn: asyncpg.Connection, sale_id: int
         quantity = int(sale["quantity"])
         per_user = int(sale["per_user_limit"]) if "per_user_limit" in sale.keys() else None  # noqa: SIM118
     rows = await conn.fetch(SQL_SALE_ORDERS, sale_id)
-    orders = [PersistedOrder(str(r["id"]), int(r["user_id"]), str(r["status"]),
-                             int(r["quantity"])) for r in rows]
+    orders = [
+        PersistedOrder(str(r["id"]), int(r["user_id"]), str(r["status"]), int(r["quantity"]))
+        for r in rows
+    ]
     return quantity, per_user, orders
 
 
@@ -165,10 +179,18 @@ def expand(patterns: list[str]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="invariant report after a stampede")
     p.add_argument("--sale-id", type=int, required=True)
-    p.add_argument("--accepted-file", action="append", required=True,
-                   help="outcome file(s); repeatable; globs allowed")
-    p.add_argument("--wait-s", type=float, default=30.0,
-                   help="wait this long for accepted orders to reach PostgreSQL")
+    p.add_argument(
+        "--accepted-file",
+        action="append",
+        required=True,
+        help="outcome file(s); repeatable; globs allowed",
+    )
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=30.0,
+        help="wait this long for accepted orders to reach PostgreSQL",
+    )
     args = p.parse_args(argv)
     settings = Settings.from_env().require("database_url")
     outcomes = read_outcomes(expand(args.accepted_file))

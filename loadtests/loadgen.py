@@ -99,39 +99,72 @@ def wrk_binary(install: bool = True) -> str | None:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
         print("wrk is missing: trying apt-get install -y wrk", file=sys.stderr)
-        subprocess.run(["apt-get", "install", "-y", "wrk"], capture_output=True,
-                       timeout=180, check=False)
+        subprocess.run(
+            ["apt-get", "install", "-y", "wrk"], capture_output=True, timeout=180, check=False
+        )
         found = shutil.which("wrk")
     if not found:
-        print("wrk is NOT available (not installed and could not install it); "
-              "falling back to the Python uvloop client", file=sys.stderr)
+        print(
+            "wrk is NOT available (not installed and could not install it); "
+            "falling back to the Python uvloop client",
+            file=sys.stderr,
+        )
     return found
 
 
-def run_wrk(path: str, port: int, *, tokens_file: Path | None, method: str = "GET",
-            body: bytes = b"", expected: tuple[int, ...] = (200,), threads: int = 2,
-            connections: int = 64, duration_s: float = 5.0, max_requests: int = 2_000_000,
-            timeout_s: float = 5.0) -> RunResult:
+def run_wrk(
+    path: str,
+    port: int,
+    *,
+    tokens_file: Path | None,
+    method: str = "GET",
+    body: bytes = b"",
+    expected: tuple[int, ...] = (200,),
+    threads: int = 2,
+    connections: int = 64,
+    duration_s: float = 5.0,
+    max_requests: int = 2_000_000,
+    timeout_s: float = 5.0,
+) -> RunResult:
     """One wrk run; bounded by ``duration_s`` and ``max_requests``."""
     binary = wrk_binary()
     if binary is None:
         raise LoadgenError("wrk is not installed")
     per_thread = max(1, max_requests // threads)
-    args = [binary, "-t", str(threads), "-c", str(connections),
-            "-d", f"{max(1, round(duration_s))}s",
-            "--timeout", f"{max(1, round(timeout_s))}s", "-s", str(WRK_SCRIPT),
-            f"http://{HOST}:{port}{path}", "--", str(tokens_file or ""), method,
-            body.decode(), str(per_thread), str(threads)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=duration_s + 60,
-                          check=False)
+    args = [
+        binary,
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(duration_s))}s",
+        "--timeout",
+        f"{max(1, round(timeout_s))}s",
+        "-s",
+        str(WRK_SCRIPT),
+        f"http://{HOST}:{port}{path}",
+        "--",
+        str(tokens_file or ""),
+        method,
+        body.decode(),
+        str(per_thread),
+        str(threads),
+    ]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=duration_s + 60, check=False
+    )
     match = _WRK_LINE.search(proc.stdout)
     if proc.returncode != 0 or match is None:
-        raise LoadgenError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()[-500:]} "
-                           f"{proc.stdout.strip()[-500:]}")
+        raise LoadgenError(
+            f"wrk failed ({proc.returncode}): {proc.stderr.strip()[-500:]} "
+            f"{proc.stdout.strip()[-500:]}"
+        )
     data = json.loads(match.group(1))
     statuses = {str(k): int(v) for k, v in data["statuses"].items() if int(v) > 0}
-    socket_errors = int(data["connect"]) + int(data["read"]) + int(data["write"]) + int(
-        data["timeout"])
+    socket_errors = (
+        int(data["connect"]) + int(data["read"]) + int(data["write"]) + int(data["timeout"])
+    )
     if socket_errors:
         statuses["socket"] = socket_errors
     return RunResult(
@@ -222,7 +255,7 @@ class _Client(asyncio.Protocol):
                 return
             status = head[9:12].decode()
             if self.run.outcomes is not None:
-                self.run.note(status, bytes(self.buf[head_end + 4:end]))
+                self.run.note(status, bytes(self.buf[head_end + 4 : end]))
             del self.buf[:end]
             self.waiting = False
             self.run.record(status, time.perf_counter() - self.sent_at)
@@ -248,11 +281,12 @@ class _ProcessRun:
         tokens: list[bytes] = []
         if spec.tokens_file:
             lines = Path(spec.tokens_file).read_bytes().split()
-            tokens = lines[spec.token_offset::spec.token_stride] or lines
+            tokens = lines[spec.token_offset :: spec.token_stride] or lines
         body = spec.body.encode()
-        self.prefix = (f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {HOST}:{spec.port}\r\n"
-                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                       ).encode()
+        self.prefix = (
+            f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {HOST}:{spec.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        ).encode()
         self.suffix = b"\r\n" + body
         self.tokens = tokens
         self.next_token = 0
@@ -315,28 +349,56 @@ async def _run_process(spec: Spec) -> dict[str, Any]:
         await asyncio.wait([c.closed for c in clients], timeout=spec.duration_s + 10)
     for c in clients:
         c._close()
-    return {"outcomes": run.outcomes or [], "statuses": dict(run.statuses),
-            "hist": {str(k): v for k, v in run.hist.items()},
-            "elapsed": run.last_done - run.started, "last_accept_s": run.last_accept}
+    return {
+        "outcomes": run.outcomes or [],
+        "statuses": dict(run.statuses),
+        "hist": {str(k): v for k, v in run.hist.items()},
+        "elapsed": run.last_done - run.started,
+        "last_accept_s": run.last_accept,
+    }
 
 
-def run_python(path: str, port: int, *, tokens_file: Path | None, method: str = "GET",
-               body: bytes = b"", expected: tuple[int, ...] = (200,), processes: int = 2,
-               connections: int = 64, duration_s: float = 5.0, max_requests: int = 2_000_000,
-               rate: float = 0.0, record: Path | None = None) -> RunResult:
+def run_python(
+    path: str,
+    port: int,
+    *,
+    tokens_file: Path | None,
+    method: str = "GET",
+    body: bytes = b"",
+    expected: tuple[int, ...] = (200,),
+    processes: int = 2,
+    connections: int = 64,
+    duration_s: float = 5.0,
+    max_requests: int = 2_000_000,
+    rate: float = 0.0,
+    record: Path | None = None,
+) -> RunResult:
     """Run ``processes`` client processes (``connections`` in total); merge what they saw."""
     per_conn = max(1, connections // processes)
     procs = []
     for i in range(processes):
-        spec = Spec(port=port, path=path, method=method, body=body.decode(),
-                    tokens_file=str(tokens_file or ""), token_offset=i, token_stride=processes,
-                    connections=per_conn, duration_s=duration_s,
-                    max_requests=max(1, max_requests // processes),
-                    rate=rate / processes if rate else 0.0,
-                    record=f"{record}.{i}" if record else "")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "loadtests.loadgen", "--spec", json.dumps(asdict(spec))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        spec = Spec(
+            port=port,
+            path=path,
+            method=method,
+            body=body.decode(),
+            tokens_file=str(tokens_file or ""),
+            token_offset=i,
+            token_stride=processes,
+            connections=per_conn,
+            duration_s=duration_s,
+            max_requests=max(1, max_requests // processes),
+            rate=rate / processes if rate else 0.0,
+            record=f"{record}.{i}" if record else "",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "loadtests.loadgen", "--spec", json.dumps(asdict(spec))],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     hist: Counter[int] = Counter()
     statuses: Counter[str] = Counter()
     elapsed = last_accept = 0.0
@@ -357,9 +419,12 @@ def run_python(path: str, port: int, *, tokens_file: Path | None, method: str = 
                 p.wait()
     mode = f"rate {rate:.0f}/s open-loop" if rate else "closed-loop"
     return RunResult(
-        requests=sum(hist.values()), duration_s=elapsed,
-        p50_ms=_percentile(hist, 0.50), p99_ms=_percentile(hist, 0.99),
-        errors=_count_errors(dict(statuses), expected), statuses=dict(statuses),
+        requests=sum(hist.values()),
+        duration_s=elapsed,
+        p50_ms=_percentile(hist, 0.50),
+        p99_ms=_percentile(hist, 0.99),
+        errors=_count_errors(dict(statuses), expected),
+        statuses=dict(statuses),
         generator=f"python uvloop x{processes} procs, {per_conn * processes} conns, {mode}",
         last_accept_s=last_accept,
     )
@@ -401,11 +466,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.port is None:
         p.error("--port is required")
-    res = run(args.path, args.port, prefer_wrk=not args.python, tokens_file=args.tokens_file,
-              method=args.method, body=args.body.encode(),
-              expected=tuple(int(s) for s in args.expect.split(",")),
-              connections=args.connections, duration_s=args.duration,
-              max_requests=args.max_requests, rate=args.rate)
+    res = run(
+        args.path,
+        args.port,
+        prefer_wrk=not args.python,
+        tokens_file=args.tokens_file,
+        method=args.method,
+        body=args.body.encode(),
+        expected=tuple(int(s) for s in args.expect.split(",")),
+        connections=args.connections,
+        duration_s=args.duration,
+        max_requests=args.max_requests,
+        rate=args.rate,
+    )
     print(json.dumps(res.to_dict()))
     return 0
 

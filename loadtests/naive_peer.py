@@ -58,8 +58,9 @@ SQL_LOCK_TABLES = "SELECT pg_advisory_xact_lock(7350002)"
 SQL_CREATE_SALE = "INSERT INTO naive_sales (total, stock) VALUES ($1, $1) RETURNING id"
 SQL_LOCK_STOCK = "SELECT stock FROM naive_sales WHERE id = $1 FOR UPDATE"
 SQL_TAKE_STOCK = "UPDATE naive_sales SET stock = stock - $2 WHERE id = $1"
-SQL_INSERT_ORDER = ("INSERT INTO naive_orders (sale_id, user_id, quantity) VALUES ($1, $2, $3) "
-                    "RETURNING id")
+SQL_INSERT_ORDER = (
+    "INSERT INTO naive_orders (sale_id, user_id, quantity) VALUES ($1, $2, $3) RETURNING id"
+)
 SQL_GET_SALE = "SELECT id, total, stock FROM naive_sales WHERE id = $1"
 SQL_GET_ORDER = "SELECT id, sale_id, user_id, quantity FROM naive_orders WHERE id = $1"
 SQL_COUNT_ORDERS = "SELECT count(*) FROM naive_orders WHERE sale_id = $1"
@@ -97,8 +98,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _error(exc: AppError) -> web.Response:
-    return _json({"code": exc.http_status, "message": exc.message, "error": exc.error_code,
-                  "data": None}, status=exc.http_status)
+    return _json(
+        {"code": exc.http_status, "message": exc.message, "error": exc.error_code, "data": None},
+        status=exc.http_status,
+    )
 
 
 def _principal_id(request: web.Request) -> int:
@@ -127,8 +130,10 @@ async def join(request: web.Request) -> web.Response:
             order_id = await conn.fetchval(SQL_INSERT_ORDER, sale_id, user_id, quantity)
     except AppError as exc:
         return _error(exc)
-    return _json({"code": 202, "message": "ok",
-                  "data": {"order_id": str(order_id), "status": "created"}}, status=202)
+    return _json(
+        {"code": 202, "message": "ok", "data": {"order_id": str(order_id), "status": "created"}},
+        status=202,
+    )
 
 
 async def get_sale(request: web.Request) -> web.Response:
@@ -136,9 +141,17 @@ async def get_sale(request: web.Request) -> web.Response:
     if row is None:
         return _error(NotFoundError("no such sale"))
     total, stock = row["total"], row["stock"]
-    return _json({"data": {"flash_sale_id": row["id"], "total_quantity": total,
-                           "sold_quantity": total - stock, "remaining_quantity": stock,
-                           "status": "active" if stock > 0 else "sold_out"}})
+    return _json(
+        {
+            "data": {
+                "flash_sale_id": row["id"],
+                "total_quantity": total,
+                "sold_quantity": total - stock,
+                "remaining_quantity": stock,
+                "status": "active" if stock > 0 else "sold_out",
+            }
+        }
+    )
 
 
 async def get_order(request: web.Request) -> web.Response:
@@ -147,12 +160,23 @@ async def get_order(request: web.Request) -> web.Response:
     except AppError as exc:
         return _error(exc)
     order_id = request.match_info["order_id"]
-    row = await request.app[POOL].fetchrow(SQL_GET_ORDER, int(order_id)) \
-        if order_id.isdigit() else None
+    row = (
+        await request.app[POOL].fetchrow(SQL_GET_ORDER, int(order_id))
+        if order_id.isdigit()
+        else None
+    )
     if row is None or row["user_id"] != user_id:
         return _error(NotFoundError("no such order"))
-    return _json({"data": {"order_id": str(row["id"]), "status": "created",
-                           "flash_sale_id": row["sale_id"], "quantity": row["quantity"]}})
+    return _json(
+        {
+            "data": {
+                "order_id": str(row["id"]),
+                "status": "created",
+                "flash_sale_id": row["sale_id"],
+                "quantity": row["quantity"],
+            }
+        }
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -165,8 +189,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TOKENS] = TokenService(settings.secret, settings.token_ttl_s)
 
     async def pool_ctx(app: web.Application) -> Any:
-        app[POOL] = await create_pool(settings.database, min_size=1,
-                                      max_size=settings.db_pool_max)
+        app[POOL] = await create_pool(settings.database, min_size=1, max_size=settings.db_pool_max)
         yield
         await app[POOL].close()
 
@@ -206,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="BASELINE naive flash sale (one PG tx per join)")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--create-sale", type=int, metavar="STOCK",
-                   help="create a sale with this stock and print its id first")
+    p.add_argument(
+        "--create-sale",
+        type=int,
+        metavar="STOCK",
+        help="create a sale with this stock and print its id first",
+    )
     p.add_argument("--worker", action="store_true", help="run one worker in this process")
     args = p.parse_args(argv)
     settings = Settings.from_env().require("database_url", "secret_key")
@@ -222,8 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.server import StopFlag, spawn, stop_children
 
     flag = StopFlag()
-    children = [spawn([sys.executable, "-m", "loadtests.naive_peer", "--port", str(args.port),
-                       "--worker"], dict(os.environ)) for _ in range(args.workers)]
+    children = [
+        spawn(
+            [sys.executable, "-m", "loadtests.naive_peer", "--port", str(args.port), "--worker"],
+            dict(os.environ),
+        )
+        for _ in range(args.workers)
+    ]
     try:
         while not flag:
             if any(c.poll() is not None for c in children):

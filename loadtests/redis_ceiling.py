@@ -62,17 +62,44 @@ def script_load(redis_url: str, script: Path) -> str:
         client.close()
 
 
-def run_script_benchmark(port: int, sha: str, keys: list[str], args: list[str], *,
-                         requests: int = 100_000, clients: int = 50, pipeline: int = 1,
-                         keyspace: int = 1_000_000, label: str = "",
-                         timeout_s: float = 120.0) -> RedisBenchResult:
+def run_script_benchmark(
+    port: int,
+    sha: str,
+    keys: list[str],
+    args: list[str],
+    *,
+    requests: int = 100_000,
+    clients: int = 50,
+    pipeline: int = 1,
+    keyspace: int = 1_000_000,
+    label: str = "",
+    timeout_s: float = 120.0,
+) -> RedisBenchResult:
     """One redis-benchmark run of ``EVALSHA sha len(keys) *keys *args`` on 127.0.0.1."""
     binary = shutil.which("redis-benchmark")
     if binary is None:
         raise RedisBenchError("redis-benchmark is not installed (Debian package redis-tools)")
-    cmd = [binary, "-h", "127.0.0.1", "-p", str(port), "-n", str(requests), "-c", str(clients),
-           "-P", str(pipeline), "-r", str(keyspace), "--csv",
-           "EVALSHA", sha, str(len(keys)), *keys, *args]
+    cmd = [
+        binary,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-n",
+        str(requests),
+        "-c",
+        str(clients),
+        "-P",
+        str(pipeline),
+        "-r",
+        str(keyspace),
+        "--csv",
+        "EVALSHA",
+        sha,
+        str(len(keys)),
+        *keys,
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     if proc.returncode != 0:
         raise RedisBenchError(f"redis-benchmark failed: {proc.stderr.strip()[-500:]}")
@@ -80,17 +107,39 @@ def run_script_benchmark(port: int, sha: str, keys: list[str], args: list[str], 
     if not rows:
         raise RedisBenchError(f"redis-benchmark printed no result: {proc.stdout[-500:]}")
     row = rows[-1]
-    return RedisBenchResult(label=label or f"EVALSHA -P {pipeline}", rps=float(row["rps"]),
-                            p50_ms=float(row["p50_latency_ms"]),
-                            p99_ms=float(row["p99_latency_ms"]),
-                            requests=requests, pipeline=pipeline)
+    return RedisBenchResult(
+        label=label or f"EVALSHA -P {pipeline}",
+        rps=float(row["rps"]),
+        p50_ms=float(row["p50_latency_ms"]),
+        p99_ms=float(row["p99_latency_ms"]),
+        requests=requests,
+        pipeline=pipeline,
+    )
 
 
-def run_script(redis_url: str, port: int, script: Path, keys: list[str], args: list[str], *,
-               requests: int = 100_000, clients: int = 50,
-               pipelines: tuple[int, ...] = (1, 16)) -> list[RedisBenchResult]:
+def run_script(
+    redis_url: str,
+    port: int,
+    script: Path,
+    keys: list[str],
+    args: list[str],
+    *,
+    requests: int = 100_000,
+    clients: int = 50,
+    pipelines: tuple[int, ...] = (1, 16),
+) -> list[RedisBenchResult]:
     """SCRIPT LOAD ``script`` and benchmark it once per pipeline depth."""
     sha = script_load(redis_url, script)
-    return [run_script_benchmark(port, sha, keys, args, requests=requests, clients=clients,
-                                 pipeline=p, label=f"{script.name} EVALSHA -P {p}")
-            for p in pipelines]
+    return [
+        run_script_benchmark(
+            port,
+            sha,
+            keys,
+            args,
+            requests=requests,
+            clients=clients,
+            pipeline=p,
+            label=f"{script.name} EVALSHA -P {p}",
+        )
+        for p in pipelines
+    ]
