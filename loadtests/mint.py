@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from gateway.auth import TokenService
 from gateway.settings import Settings
@@ -44,7 +45,9 @@ def shared_hash() -> str:
     return PasswordHasher().hash(BENCH_PASSWORD)
 
 
-async def insert_users(conn: asyncpg.Connection, count: int, role: str = "user") -> list[int]:
+async def insert_users(
+    conn: asyncpg.Connection | PoolConnectionProxy, count: int, role: str = "user"
+) -> list[int]:
     """Insert ``count`` users sharing one password hash; return their ids in order."""
     ids: list[int] = []
     tag = secrets.token_hex(5)

@@ -32,6 +32,7 @@ from typing import Any
 import asyncpg
 import orjson
 from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
 
 from gateway.auth import TokenService
 from gateway.db import create_pool
@@ -81,14 +82,14 @@ class NotFoundError(AppError):
     default_message = "not found"
 
 
-async def setup_schema(conn: asyncpg.Connection) -> None:
+async def setup_schema(conn: asyncpg.Connection | PoolConnectionProxy) -> None:
     """Create the baseline's own tables (idempotent, safe against concurrent callers)."""
     async with conn.transaction():
         await conn.execute(SQL_LOCK_TABLES)
         await conn.execute(SQL_CREATE_TABLES)
 
 
-async def create_sale(conn: asyncpg.Connection, stock: int) -> int:
+async def create_sale(conn: asyncpg.Connection | PoolConnectionProxy, stock: int) -> int:
     sale_id: int = await conn.fetchval(SQL_CREATE_SALE, stock)
     return sale_id
 
