@@ -113,9 +113,10 @@ def _locust(
     requests = failures = 0
     stats = Path(str(prefix) + "_stats.csv")
     if stats.exists():
-        for row in csv.DictReader(stats.open()):
-            if row["Name"] == "Aggregated":
-                requests, failures = int(row["Request Count"]), int(row["Failure Count"])
+        with stats.open() as fh:
+            for row in csv.DictReader(fh):
+                if row["Name"] == "Aggregated":
+                    requests, failures = int(row["Request Count"]), int(row["Failure Count"])
     return proc, requests, failures
 
 
