@@ -634,7 +634,9 @@ def machine_info() -> dict[str, Any]:
         "redis": _run_version([str(valkey_binary()), "--version"]),
         "postgresql": _run_version([str(postgres_bin_dir() / "postgres"), "--version"]),
         "broker": tansu,
-        "wrk": _run_version(["wrk", "--version"]) if shutil.which("wrk") else "not installed",
+        "wrk": _run_version(["wrk", "--version"]).split(" Copyright")[0]
+        if shutil.which("wrk")
+        else "not installed",
         "load_at_start": os.getloadavg(),
     }
 
