@@ -44,7 +44,10 @@ class Metrics:
         self.registry = registry
         reg = REGISTRY if registry is None else registry
         self.requests = Counter(
-            "flashsale_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=reg
+            "flashsale_http_requests_total",
+            "HTTP requests",
+            ["method", "route", "status"],
+            registry=reg,
         )
         self.latency = Histogram(
             "flashsale_http_request_duration_seconds",
@@ -57,13 +60,20 @@ class Metrics:
             "flashsale_join_outcomes_total", "Flash-sale join outcomes", ["outcome"], registry=reg
         )
         self.redis_calls = Counter(
-            "flashsale_redis_round_trips_total", "Redis round trips by purpose", ["purpose"], registry=reg
+            "flashsale_redis_round_trips_total",
+            "Redis round trips by purpose",
+            ["purpose"],
+            registry=reg,
         )
         self.produce_failures = Counter(
-            "flashsale_kafka_produce_failures_total", "Order events the broker did not ack", registry=reg
+            "flashsale_kafka_produce_failures_total",
+            "Order events the broker did not ack",
+            registry=reg,
         )
         self.consumed = Counter(
-            "flashsale_consumer_orders_persisted_total", "Orders persisted by consumers", registry=reg
+            "flashsale_consumer_orders_persisted_total",
+            "Orders persisted by consumers",
+            registry=reg,
         )
         self.dead_letters = Counter(
             "flashsale_consumer_dead_letters_total",
@@ -78,7 +88,9 @@ class Metrics:
             multiprocess_mode="max",
             registry=reg,
         )
-        self.swept = Counter("flashsale_sweeper_actions_total", "Sweeper actions", ["action"], registry=reg)
+        self.swept = Counter(
+            "flashsale_sweeper_actions_total", "Sweeper actions", ["action"], registry=reg
+        )
         self.drift = Gauge(
             "flashsale_reconcile_drift_units",
             "Units of drift found by the last reconcile",

@@ -21,6 +21,8 @@ from typing import Any
 
 from redis import Redis
 
+from gateway import rediskeys
+
 RESERVE_SCRIPT = Path(__file__).resolve().parent.parent / "lua" / "reserve.lua"
 
 
@@ -46,12 +48,23 @@ def reserve_script_call(sale_id: int, user_id: int | str) -> tuple[list[str], li
     """KEYS and ARGV of one ``lua/reserve.lua`` call for ``user_id`` joining ``sale_id``.
 
     ``user_id`` may be the string ``"__rand_int__"`` so that redis-benchmark gives each
-    call a different user. Fill in from the script's header once it exists.
+    call a different user (and order id). The layout mirrors
+    ``gateway.services.flashsale.join``; the per-IP bucket is made wide so that one
+    loopback client measures the script, not the limiter.
     """
-    raise NotImplementedError(
-        "reserve_script_call: lua/reserve.lua's KEYS/ARGV layout is not wired in yet; "
-        "fill in loadtests/redis_ceiling.py:reserve_script_call once the script lands"
-    )
+    uid = str(user_id)
+    keys = [
+        rediskeys.sale(sale_id),
+        rediskeys.users(sale_id),
+        rediskeys.first_order(sale_id),
+        rediskeys.log(sale_id),
+        rediskeys.log_times(sale_id),
+        rediskeys.idempotency(sale_id),
+        rediskeys.rate_user(sale_id, 0).rsplit(":", 1)[0] + ":" + uid,
+        rediskeys.rate_ip(sale_id, "127.0.0.1"),
+    ]
+    args = [uid, "1", "9" + uid, "", "bench", "5", "10", "1000000000", "1000000000"]
+    return keys, args
 
 
 def script_load(redis_url: str, script: Path) -> str:
