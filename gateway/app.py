@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -13,7 +14,7 @@ from gateway.auth import TokenService
 from gateway.db import create_pool
 from gateway.ids import MachineLease, OrderIdGenerator, OrderIds
 from gateway.kafka import OrderProducer
-from gateway.metrics import Metrics, get_metrics
+from gateway.metrics import Metrics, RequestStats, get_metrics
 from gateway.middlewares import make_middleware
 from gateway.routes import health, users
 from gateway.routing import Route, add_routes
@@ -68,6 +69,21 @@ async def ids_ctx(app: web.Application) -> AsyncIterator[None]:
     await lease.release()
 
 
+async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
+    stats = app[appkeys.REQUEST_STATS]
+
+    async def flush_every_second() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            stats.flush()
+
+    task = asyncio.create_task(flush_every_second(), name="request-stats")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    stats.flush()
+
+
 def all_routes() -> list[Route]:
     """Every route of the service (the OpenAPI spec is built from the same table)."""
     from gateway.routes import extra_routes
@@ -84,11 +100,15 @@ def create_app(
     """Build the gateway application; nothing connects until it starts."""
     settings.require("redis_url", "database_url", "kafka_bootstrap", "secret_key")
     m = metrics or get_metrics()
-    app = web.Application(middlewares=[make_middleware(m)], client_max_size=settings.max_body_bytes)
+    stats = RequestStats(m)
+    app = web.Application(
+        middlewares=[make_middleware(stats)], client_max_size=settings.max_body_bytes
+    )
+    app[appkeys.REQUEST_STATS] = stats
     app[appkeys.SETTINGS] = settings
     app[appkeys.METRICS] = m
     app[appkeys.TOKENS] = TokenService(settings.secret, settings.token_ttl_s)
-    app.cleanup_ctx.extend([db_ctx, redis_ctx, ids_ctx, kafka_ctx, *extra_contexts])
+    app.cleanup_ctx.extend([stats_ctx, db_ctx, redis_ctx, ids_ctx, kafka_ctx, *extra_contexts])
     from gateway.routes import extra_contexts as area_contexts
 
     app.cleanup_ctx.extend(area_contexts())

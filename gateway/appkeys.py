@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from gateway.auth import TokenService
     from gateway.ids import OrderIds
     from gateway.kafka import OrderProducer
-    from gateway.metrics import Metrics
+    from gateway.metrics import Metrics, RequestStats
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
@@ -23,3 +23,4 @@ TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
 PRODUCER: web.AppKey[OrderProducer] = web.AppKey("producer")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ORDER_IDS: web.AppKey[OrderIds] = web.AppKey("order_ids")
+REQUEST_STATS: web.AppKey[RequestStats] = web.AppKey("request_stats")

@@ -7,7 +7,7 @@ anything they cannot parse or that breaks a rule, with the reason.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -37,7 +37,7 @@ class OrderEvent:
         return str(self.sale_id).encode()
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson serialises (slotted) dataclasses natively
 
 
 _INT_FIELDS: Final = (

@@ -99,10 +99,31 @@ class OrderProducer:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Send and await the broker's ack; raise PublishFailed after the bound."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):  # send() may wait for metadata or buffer
                 fut = await self.producer.send(topic or self.topic, value, key=key, headers=headers)
-                await fut
+            if not fut.done():
+                # Wait for the ack without cancelling it on timeout (the event may still land;
+                # the consumer's claim then decides) and without a Timeout object per request.
+                waiter: asyncio.Future[None] = loop.create_future()
+
+                def _acked(_: object) -> None:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+                def _expired() -> None:
+                    if not waiter.done():
+                        waiter.set_exception(TimeoutError())
+
+                fut.add_done_callback(_acked)
+                timer = loop.call_at(deadline, _expired)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+            fut.result()
         except (TimeoutError, KafkaError) as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 

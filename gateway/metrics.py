@@ -7,7 +7,9 @@ its samples there and ``/metrics`` aggregates them all.
 
 from __future__ import annotations
 
+import bisect
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -119,3 +121,41 @@ def get_metrics() -> Metrics:
     if _METRICS is None:
         _METRICS = Metrics()
     return _METRICS
+
+
+class RequestStats:
+    """Per-request figures gathered in plain dicts and handed to Prometheus once a second.
+
+    Calling prometheus_client on every request costs a lock, a label lookup and, with
+    several workers, writes into memory-mapped files; on the hot path that is a tenth
+    of a request's CPU. Here a request costs two dict updates; ``flush`` (every second,
+    and before each scrape) adds the totals to the same metrics.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._bounds = [*LATENCY_BUCKETS_S, float("inf")]
+        self._counts: dict[tuple[str, str, int], int] = {}
+        self._latency: dict[tuple[str, str], list[float]] = {}
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        lat = self._latency.get((method, route))
+        if lat is None:
+            lat = self._latency[(method, route)] = [0.0] * (len(self._bounds) + 1)
+        lat[bisect.bisect_left(self._bounds, seconds)] += 1
+        lat[-1] += seconds
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        latency, self._latency = self._latency, {}
+        for (method, route, status), n in counts.items():
+            self._metrics.requests.labels(method, route, str(status)).inc(n)
+        for (method, route), lat in latency.items():
+            child: Any = self._metrics.latency.labels(method, route)
+            # prometheus_client keeps one value per bucket (made cumulative on collect)
+            for i, bucket_count in enumerate(lat[:-1]):
+                if bucket_count:
+                    child._buckets[i].inc(int(bucket_count))
+            child._sum.inc(lat[-1])

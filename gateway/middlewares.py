@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 from typing import Final
 
 from aiohttp import web
@@ -12,7 +13,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway.errors import AppError
 from gateway.http import JSON_CONTENT_TYPE, dumps, error_body
-from gateway.metrics import Metrics
+from gateway.metrics import RequestStats
 from gateway.routing import Handler
 
 log = logging.getLogger("gateway.errors")
@@ -58,15 +59,15 @@ def _error_response(
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
-def make_middleware(metrics: Metrics) -> web.middleware:  # type: ignore[valid-type]
-    requests_total = metrics.requests
-    latency = metrics.latency
+def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[valid-type]
+    prefix = os.urandom(4).hex() + "-"
+    sequence = itertools.count(1)
 
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = request.headers.get(REQUEST_ID)
         if not rid or len(rid) > 128:
-            rid = uuid.uuid4().hex
+            rid = f"{prefix}{next(sequence):x}"
         request[_REQUEST_ID_KEY] = rid
         started = time.perf_counter()
         try:
@@ -95,9 +96,9 @@ def make_middleware(metrics: Metrics) -> web.middleware:  # type: ignore[valid-t
                 500, "INTERNAL", "internal error; quote the request_id when reporting it", rid
             )
         response.headers[REQUEST_ID] = rid
-        route = _route_name(request)
-        requests_total.labels(request.method, route, str(response.status)).inc()
-        latency.labels(request.method, route).observe(time.perf_counter() - started)
+        stats.record(
+            request.method, _route_name(request), response.status, time.perf_counter() - started
+        )
         return response
 
     return envelope

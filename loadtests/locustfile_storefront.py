@@ -156,7 +156,7 @@ class Browser(FastHttpUser):
         self.client.post(
             f"/api/v1/orders/{self.unpaid.pop()}/pay",
             headers=self.auth,
-            json={"payment_method": "sandbox"},
+            json={"payment_method": "alipay"},
             name="/api/v1/orders/[id]/pay",
         )
         return None

@@ -78,6 +78,7 @@ def _run_up(data_dir: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
     )
 
 
+@pytest.mark.timeout(300)
 def test_up_ready_then_sigterm_leaves_nothing() -> None:
     with tempfile.TemporaryDirectory(prefix="flashsale-up-") as data_dir:
         port = free_port()

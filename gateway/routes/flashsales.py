@@ -20,14 +20,14 @@ from gateway.validation import F, path_int, validate
 CREATE = {
     "sku_id": F(int, min=1),
     "flash_price": F(int, min=0, max=10**12),
-    "quantity": F(int, min=1, max=10_000_000),
-    "per_user_limit": F(int, min=1, max=flashsale.MAX_JOIN_QUANTITY),
+    "quantity": F(int, min=1, max=1_000_000_000),
+    "per_user_limit": F(int, min=1, max=1_000_000),
     "start_at": F(datetime),
     "end_at": F(datetime),
     "payment_window_s": F(int, min=10, max=7 * 24 * 3600, default=900),
 }
 PATCH = {
-    "add_quantity": F(int, required=False, min=1, max=10_000_000),
+    "add_quantity": F(int, required=False, min=1, max=1_000_000_000),
     "end_at": F(datetime, required=False),
 }
 JOIN = {"quantity": F(int, min=1, max=flashsale.MAX_JOIN_QUANTITY)}

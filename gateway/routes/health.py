@@ -60,6 +60,7 @@ def _word(up: bool) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    request.app[appkeys.REQUEST_STATS].flush()
     body, content_type = request.app[appkeys.METRICS].render()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
