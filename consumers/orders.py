@@ -18,12 +18,14 @@ from typing import Any, Final
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway import rediskeys
 from gateway.db import Conn
 from gateway.flash_events import BadEvent, OrderEvent, decode
-from gateway.kafka import OrderProducer
+from gateway.kafka import OrderProducer, PublishFailed
 from gateway.metrics import Metrics
 from gateway.scripts import register
 from gateway.settings import Settings
@@ -66,6 +68,7 @@ class BatchOutcome:
     duplicates: int = 0
     voided: int = 0
     dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
+    broken: list[OrderEvent] = field(default_factory=list)  # parsed, but breaks a rule
 
 
 async def persist(conn: Conn, events: list[OrderEvent]) -> list[str]:
@@ -127,6 +130,7 @@ class OrderBatchProcessor:
         self.dlq = dlq
         self.metrics = metrics
         self._claim = register(redis, "claim")
+        self._release = register(redis, "release")
 
     async def _check_rules(
         self, events: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]], out: BatchOutcome
@@ -147,6 +151,8 @@ class OrderBatchProcessor:
                 out.dead.append((rec, f"unknown user {e.user_id}"))
             else:
                 ok.append((rec, e))
+                continue
+            out.broken.append(e)
         return ok
 
     async def _claim_all(self, events: list[OrderEvent]) -> tuple[list[OrderEvent], int]:
@@ -198,6 +204,8 @@ class OrderBatchProcessor:
             out.persisted = len(new)
             out.duplicates += len(events) - len(new)
             await self._drop_claims(events)
+        if out.broken:
+            await self._void(out.broken)
         if out.dead:
             await self._dead_letter(out.dead)
         self.metrics.consumed.inc(out.persisted)
@@ -229,23 +237,41 @@ class OrderBatchProcessor:
             pipe.hdel(rediskeys.claimed(sale_id), *ids)
         await pipe.execute()
 
+    async def _void(self, events: list[OrderEvent]) -> None:
+        """An order that can never be written must not keep its units: release the
+        reservation (if it is still in the log) exactly as a failed publish would."""
+        for e in events:
+            sid = e.sale_id
+            released = await self._release(
+                keys=[
+                    rediskeys.sale(sid),
+                    rediskeys.users(sid),
+                    rediskeys.first_order(sid),
+                    rediskeys.log(sid),
+                    rediskeys.log_times(sid),
+                    rediskeys.voided(sid),
+                    rediskeys.idempotency(sid),
+                ],
+                args=[e.order_id, e.user_id, e.quantity, ""],
+            )
+            if int(released) == 1:
+                log.error("order %s breaks a rule; its reservation was released", e.order_id)
+
     async def _dead_letter(self, dead: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+        items = []
         for rec, reason in dead:
             log.warning(
                 "dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason
             )
             self.metrics.dead_letters.labels(reason.split(" ", 1)[0]).inc()
-            await self.dlq.publish(
-                rec.key or b"",
-                rec.value or b"",
-                topic=self.settings.kafka_dlq_topic,
-                headers=[
-                    ("reason", reason.encode()),
-                    ("source_topic", rec.topic.encode()),
-                    ("source_partition", str(rec.partition).encode()),
-                    ("source_offset", str(rec.offset).encode()),
-                ],
-            )
+            headers = [
+                ("reason", reason.encode()),
+                ("source_topic", rec.topic.encode()),
+                ("source_partition", str(rec.partition).encode()),
+                ("source_offset", str(rec.offset).encode()),
+            ]
+            items.append((rec.key or b"", rec.value or b"", headers))
+        await self.dlq.publish_many(items, topic=self.settings.kafka_dlq_topic)
 
 
 def make_consumer(settings: Settings) -> AIOKafkaConsumer:
@@ -272,9 +298,14 @@ async def consume_forever(
     await consumer.start()
     try:
         while not stop.is_set():
-            batches = await consumer.getmany(
-                timeout_ms=200, max_records=settings.consumer_batch_max
-            )
+            try:
+                batches = await consumer.getmany(
+                    timeout_ms=200, max_records=settings.consumer_batch_max
+                )
+            except KafkaError as exc:  # a broker restart or a rebalance: poll again
+                log.warning("poll failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
             records = [rec for recs in batches.values() for rec in recs]
             if records:
                 attempt = 0
@@ -289,6 +320,8 @@ async def consume_forever(
                         asyncpg.exceptions.CannotConnectNowError,
                         asyncpg.SerializationError,
                         asyncpg.DeadlockDetectedError,
+                        RedisError,
+                        PublishFailed,
                     ) as exc:
                         delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                         log.warning(
@@ -296,7 +329,12 @@ async def consume_forever(
                         )
                         attempt += 1
                         await asyncio.sleep(delay)
-                await consumer.commit()
+                try:
+                    await consumer.commit()
+                except KafkaError as exc:
+                    # e.g. the group rebalanced: the partition's new owner gets the batch
+                    # again, and writing it again changes nothing
+                    log.warning("offset commit failed (%s); the batch will be replayed", exc)
                 if on_batch is not None:
                     on_batch(outcome)
             await _record_lag(consumer, processor.metrics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -128,15 +129,22 @@ class OrderProducer:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 
     async def publish_many(
-        self, items: list[tuple[bytes, bytes]], *, topic: str | None = None
+        self,
+        items: Sequence[tuple[bytes, bytes] | tuple[bytes, bytes, list[tuple[str, bytes]]]],
+        *,
+        topic: str | None = None,
     ) -> None:
-        """Send a batch and await every ack (used by the sweeper)."""
+        """Send a batch and await every ack (the sweeper and the dead-letter path)."""
         try:
             async with asyncio.timeout(self._timeout_s * 2):
-                futures = [
-                    await self.producer.send(topic or self.topic, value, key=key)
-                    for key, value in items
-                ]
+                futures = []
+                for item in items:
+                    headers = item[2] if len(item) == 3 else None
+                    futures.append(
+                        await self.producer.send(
+                            topic or self.topic, item[1], key=item[0], headers=headers
+                        )
+                    )
                 await asyncio.gather(*futures)
         except (TimeoutError, KafkaError) as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc

@@ -58,8 +58,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=reg,
         )
-        self.join_outcomes = Counter(
-            "flashsale_join_outcomes_total", "Flash-sale join outcomes", ["outcome"], registry=reg
+        self.errors = Counter(
+            "flashsale_errors_total", "Client-visible errors by code", ["code"], registry=reg
         )
         self.redis_calls = Counter(
             "flashsale_redis_round_trips_total",
@@ -137,6 +137,10 @@ class RequestStats:
         self._bounds = [*LATENCY_BUCKETS_S, float("inf")]
         self._counts: dict[tuple[str, str, int], int] = {}
         self._latency: dict[tuple[str, str], list[float]] = {}
+        self._errors: dict[str, int] = {}
+
+    def error(self, code: str) -> None:
+        self._errors[code] = self._errors.get(code, 0) + 1
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)
@@ -150,6 +154,9 @@ class RequestStats:
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
         latency, self._latency = self._latency, {}
+        errors, self._errors = self._errors, {}
+        for code, n in errors.items():
+            self._metrics.errors.labels(code).inc(n)
         for (method, route, status), n in counts.items():
             self._metrics.requests.labels(method, route, str(status)).inc(n)
         for (method, route), lat in latency.items():

@@ -73,6 +73,7 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
         try:
             response = await handler(request)
         except AppError as exc:
+            stats.error(exc.error_code)
             response = _error_response(
                 exc.http_status,
                 exc.error_code,

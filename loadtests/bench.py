@@ -378,9 +378,14 @@ def redis_rows(env: Env, plan: Plan) -> list[Row]:
     keys, args = redis_ceiling.reserve_script_call(sale_id, "__rand_int__")
     redis_url = env.settings.redis
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    results = redis_ceiling.run_script(
-        redis_url, port, redis_ceiling.RESERVE_SCRIPT, keys, args, requests=plan.redis_requests
-    )
+    try:
+        results = redis_ceiling.run_script(
+            redis_url, port, redis_ceiling.RESERVE_SCRIPT, keys, args, requests=plan.redis_requests
+        )
+    finally:
+        # The script wrote reservations for users that do not exist and whose events were
+        # never produced; drop them so the stranded-reservation sweeper does not publish them.
+        redis_ceiling.drop_sale(redis_url, sale_id)
     return [
         Row(
             f"2 Redis ceiling -P {r.pipeline}",

@@ -67,6 +67,16 @@ def reserve_script_call(sale_id: int, user_id: int | str) -> tuple[list[str], li
     return keys, args
 
 
+def drop_sale(redis_url: str, sale_id: int) -> None:
+    """Remove every key of a benchmark-only sale (and it from the sales index)."""
+    client = Redis.from_url(redis_url)
+    try:
+        client.delete(*rediskeys.all_sale_keys(sale_id))
+        client.srem(rediskeys.SALES_INDEX, sale_id)
+    finally:
+        client.close()
+
+
 def script_load(redis_url: str, script: Path) -> str:
     client = Redis.from_url(redis_url)
     try:

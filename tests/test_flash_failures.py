@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -413,7 +413,9 @@ async def _raw_produce(settings: Settings, values: list[bytes]) -> None:
         await producer.stop()
 
 
-async def _dead_letter_reasons(settings: Settings) -> list[str]:
+async def _dead_letter_reasons(
+    settings: Settings, done: Callable[[list[str]], bool] = lambda r: len(r) >= 2
+) -> list[str]:
     reasons: list[str] = []
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka, enable_auto_commit=False)
     await consumer.start()
@@ -425,8 +427,50 @@ async def _dead_letter_reasons(settings: Settings) -> list[str]:
             batch = await consumer.getmany(tp, timeout_ms=300)
             for rec in batch.get(tp, []):
                 reasons += [v.decode() for k, v in rec.headers if k == "reason"]
-            if len(reasons) >= 2:
+            if done(reasons):
                 break
     finally:
         await consumer.stop()
     return reasons
+
+
+async def test_reservation_that_breaks_a_rule_is_released_not_republished(
+    client: TestClient[Any, Any],
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    redis: Redis,
+    tokens: TokenService,
+    consumer: None,
+) -> None:
+    """A stranded reservation whose order can never be written (here: its user is gone)
+    goes to the dead-letter topic once and gives its units back."""
+    admin = await admin_headers(db, tokens)
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=1)
+    ghost = 2_000_000_000
+    rt = client.app[FLASH]
+    keys = [
+        rediskeys.sale(sale_id),
+        rediskeys.users(sale_id),
+        rediskeys.first_order(sale_id),
+        rediskeys.log(sale_id),
+        rediskeys.log_times(sale_id),
+        rediskeys.idempotency(sale_id),
+        rediskeys.rate_user(sale_id, ghost),
+        rediskeys.rate_ip(sale_id, "127.0.0.1"),
+    ]
+    order_id = client.app[appkeys.ORDER_IDS].next(ghost)
+    await rt.scripts.reserve(keys=keys, args=[ghost, 1, order_id, "", "fp", 5, 10, 100, 100])
+    assert await remaining_of(redis, sale_id) == 4
+
+    async def released() -> bool:
+        return (
+            await remaining_of(redis, sale_id) == 5
+            and await redis.hlen(rediskeys.log(sale_id)) == 0
+        )
+
+    await eventually(released, timeout_s=30)
+    assert await redis.sismember(rediskeys.voided(sale_id), order_id)
+    wanted = f"unknown user {ghost}"
+    reasons = await _dead_letter_reasons(base_settings, lambda r: wanted in r)
+    assert wanted in reasons
+    assert await count_orders(db, sale_id) == 0

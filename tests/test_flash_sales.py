@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from consumers import reconcile
+from gateway import appkeys, rediskeys
 from gateway.auth import TokenService
 from gateway.services.flashsale import FLASH
 from gateway.settings import Settings
@@ -301,4 +302,78 @@ async def test_top_up_and_close(
     )
     assert resp.status == 409
     await eventually(lambda: _equals(count_orders(db, sale_id), 3))
+    await eventually(lambda: _drift_free(db, redis, sale_id))
+
+
+async def test_flash_order_through_the_order_routes(
+    client: TestClient[Any, Any],
+    app: web.Application,
+    db: asyncpg.Pool,
+    redis: Redis,
+    admin: dict[str, str],
+    tokens: TokenService,
+    consumer: None,
+) -> None:
+    """Queued while in flight, pending_payment once persisted; cancel returns the units to the
+    sale; paying through the sandbox provider marks it paid."""
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=1)
+    user, other = await make_users(db, 2)
+    rt = app[FLASH]
+    order_id = app[appkeys.ORDER_IDS].next(user)
+    keys = [
+        rediskeys.sale(sale_id),
+        rediskeys.users(sale_id),
+        rediskeys.first_order(sale_id),
+        rediskeys.log(sale_id),
+        rediskeys.log_times(sale_id),
+        rediskeys.idempotency(sale_id),
+        rediskeys.rate_user(sale_id, user),
+        rediskeys.rate_ip(sale_id, "127.0.0.1"),
+    ]
+    # reserved but not yet published: what a shopper sees right after the 202
+    await rt.scripts.reserve(keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100])
+    resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))
+    assert resp.status == 200
+    assert (await resp.json())["data"]["status"] == "queued"
+    resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, other))
+    assert resp.status == 404
+
+    async def persisted() -> bool:
+        r = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))
+        return bool(r.status == 200 and (await r.json())["data"]["status"] == "pending_payment")
+
+    await eventually(persisted, timeout_s=30)  # the sweeper published the stranded reservation
+    assert await remaining_of(redis, sale_id) == 4
+    resp = await client.post(f"/api/v1/orders/{order_id}/cancel", headers=bearer(tokens, user))
+    assert resp.status == 200, await resp.text()
+
+    async def returned() -> bool:
+        return await remaining_of(redis, sale_id) == 5
+
+    await eventually(returned, timeout_s=10)
+    await rt.cache.refresh()
+    resp = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, user), json={"quantity": 1}
+    )
+    assert resp.status == 202  # the user's count came back with the units
+    second = (await resp.json())["data"]["order_id"]
+
+    async def pending() -> bool:
+        r = await client.get(f"/api/v1/orders/{second}", headers=bearer(tokens, user))
+        return bool(r.status == 200 and (await r.json())["data"]["status"] == "pending_payment")
+
+    await eventually(pending, timeout_s=30)
+    resp = await client.post(
+        f"/api/v1/orders/{second}/pay",
+        headers=bearer(tokens, user),
+        json={"payment_method": "alipay"},
+    )
+    assert resp.status == 200, await resp.text()
+    payment_id = (await resp.json())["data"]["payment_id"]
+    resp = await client.post(
+        f"/api/v1/payment/sandbox/{payment_id}/approve", headers=bearer(tokens, user)
+    )
+    assert resp.status == 200, await resp.text()
+    resp = await client.get(f"/api/v1/orders/{second}", headers=bearer(tokens, user))
+    assert (await resp.json())["data"]["status"] == "paid"
     await eventually(lambda: _drift_free(db, redis, sale_id))

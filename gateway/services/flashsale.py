@@ -295,8 +295,15 @@ async def flash_ctx(app: web.Application) -> Any:
     app[FLASH] = runtime
 
     async def refresher() -> None:
+        batcher, metrics = runtime.batcher, app[appkeys.METRICS]
+        pipelines = metrics.redis_calls.labels("reserve_pipeline")
+        calls = metrics.redis_calls.labels("reserve_call")
+        seen_pipelines = seen_calls = 0
         while True:
             await asyncio.sleep(REFRESH_EVERY_S)
+            pipelines.inc(batcher.round_trips - seen_pipelines)
+            calls.inc(batcher.calls - seen_calls)
+            seen_pipelines, seen_calls = batcher.round_trips, batcher.calls
             try:
                 await cache.refresh()
             except (RedisError, OSError) as exc:
