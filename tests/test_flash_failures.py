@@ -109,7 +109,8 @@ async def test_broker_down_gives_503_and_stock_back(
             assert (await resp.json())["error"] == "RETRY_LATER"
             assert await remaining_of(rt.redis, sale_id) == 9
             assert await rt.redis.hget(rediskeys.users(sale_id), str(users[1])) is None
-            assert await rt.redis.hlen(rediskeys.log(sale_id)) == 1  # only the acked one
+            # the refused order is voided (never to be written); the acked one stands
+            assert await rt.redis.scard(rediskeys.voided(sale_id)) == 1
             restarted = start_kafka(tmpdir_path / "k2", port=broker.port)
             try:
                 await ensure_topics(settings)

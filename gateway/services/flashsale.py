@@ -290,7 +290,12 @@ async def flash_ctx(app: web.Application) -> Any:
     cache = SaleCache(redis)
     await cache.refresh()
     runtime = FlashRuntime(
-        app[appkeys.SETTINGS], redis, scripts, ScriptBatcher(redis), cache, app[appkeys.PRODUCER]
+        app[appkeys.SETTINGS],
+        redis,
+        scripts,
+        ScriptBatcher(app[appkeys.SETTINGS].redis),
+        cache,
+        app[appkeys.PRODUCER],
     )
     app[FLASH] = runtime
 
@@ -313,7 +318,7 @@ async def flash_ctx(app: web.Application) -> Any:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await runtime.batcher.drain()
+    await runtime.batcher.close()
 
 
 # --- Sale lifecycle --------------------------------------------------------------------------
