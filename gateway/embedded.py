@@ -155,7 +155,24 @@ def start_redis(data_dir: Path, *, port: int | None = None, persist: bool = True
             args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(signal.SIGTERM)
         )
     _wait_port(port, proc, "valkey", log_path)
+    _wait_redis_loaded(port, proc, log_path)
     return Server("redis", f"redis://127.0.0.1:{port}/0", port, proc, log_path=log_path)
+
+
+def _wait_redis_loaded(
+    port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 120.0
+) -> None:
+    """Until PING answers PONG: with AOF, Redis answers LOADING while it replays the file."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedError(f"valkey exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as c:
+            c.sendall(b"PING\r\n")
+            if c.recv(64).startswith(b"+PONG"):
+                return
+        time.sleep(0.05)
+    raise EmbeddedError(f"valkey still loading its data after {timeout_s}s (see {log_path})")
 
 
 def start_kafka(data_dir: Path, *, port: int | None = None) -> Server:
