@@ -163,12 +163,7 @@ class OrderBatchProcessor:
         voided = 0
         for sale_id, group in by_sale.items():
             codes = await self._claim(
-                keys=[
-                    rediskeys.log(sale_id),
-                    rediskeys.log_times(sale_id),
-                    rediskeys.claimed(sale_id),
-                    rediskeys.voided(sale_id),
-                ],
+                keys=rediskeys.claim_keys(sale_id),
                 args=[e.order_id for e in group],
             )
             for e, code in zip(group, codes, strict=True):
@@ -243,15 +238,7 @@ class OrderBatchProcessor:
         for e in events:
             sid = e.sale_id
             released = await self._release(
-                keys=[
-                    rediskeys.sale(sid),
-                    rediskeys.users(sid),
-                    rediskeys.first_order(sid),
-                    rediskeys.log(sid),
-                    rediskeys.log_times(sid),
-                    rediskeys.voided(sid),
-                    rediskeys.idempotency(sid),
-                ],
+                keys=rediskeys.release_keys(sid),
                 args=[e.order_id, e.user_id, e.quantity, ""],
             )
             if int(released) == 1:

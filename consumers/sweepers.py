@@ -108,7 +108,7 @@ async def return_cancelled_units(
     for r in rows:
         sid = r["flash_sale_id"]
         result = await scripts.return_units(
-            keys=[rediskeys.sale(sid), rediskeys.users(sid), rediskeys.returned(sid)],
+            keys=rediskeys.return_units_keys(sid),
             args=[r["id"], r["user_id"], r["units"]],
         )
         if int(result) == 1:

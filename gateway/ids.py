@@ -42,14 +42,18 @@ def machine_key(n: int) -> str:
 class OrderIdGenerator:
     """Strictly increasing order ids for one machine id."""
 
-    def __init__(self, machine_id: int) -> None:
+    def __init__(self, machine_id: int, *, last_ms: int = 0) -> None:
         if not 0 <= machine_id < MACHINE_IDS:
             raise ValueError("machine id must be in [0, 999]")
         self.machine_id = machine_id
-        self._last_ms = 0
+        self._last_ms = last_ms
         self._seq = 0
         self._prefix_second = -1
         self._prefix = ""
+
+    @property
+    def last_ms(self) -> int:
+        return self._last_ms
 
     def next(self, user_id: int) -> str:
         now_ms = time.time_ns() // 1_000_000
@@ -83,47 +87,41 @@ class MachineLease:
         self._task: asyncio.Task[None] | None = None
         self.generator: OrderIdGenerator | None = None
 
-    async def acquire(self) -> int:
+    async def _claim_free_id(self) -> int:
         start = random.randrange(MACHINE_IDS)
         for i in range(MACHINE_IDS):
             n = (start + i) % MACHINE_IDS
             if await self._script(keys=[machine_key(n)], args=[self._token, LEASE_TTL_MS]) == 1:
-                self.machine_id = n
-                self.generator = OrderIdGenerator(n)
-                self._task = asyncio.create_task(self._renew_forever(), name="machine-lease")
                 return n
         raise RuntimeError("no free machine id: 1000 live processes hold one each")
+
+    async def acquire(self) -> int:
+        n = await self._claim_free_id()
+        self.machine_id = n
+        self.generator = OrderIdGenerator(n)
+        self._task = asyncio.create_task(self._renew_forever(), name="machine-lease")
+        return n
 
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(RENEW_EVERY_S)
-            assert self.machine_id is not None
+            assert self.machine_id is not None and self.generator is not None
             try:
                 held = await self._script(
                     keys=[machine_key(self.machine_id)], args=[self._token, LEASE_TTL_MS]
                 )
+                if held == 1:
+                    continue
+                # expired and taken over while we could not reach Redis: take another id,
+                # and keep ids increasing across the switch
+                log.error("machine id %d was taken by another process", self.machine_id)
+                n = await self._claim_free_id()
             except RedisError:
                 log.warning("could not renew machine-id lease %d; will retry", self.machine_id)
                 continue
-            if held != 1:  # expired and taken over while we could not reach Redis
-                log.error(
-                    "machine id %d was taken by another process; acquiring a new one",
-                    self.machine_id,
-                )
-                if self.generator is not None:
-                    old = self.generator
-                    await self._reacquire()
-                    assert self.generator is not None
-                    self.generator._last_ms = old._last_ms
-
-    async def _reacquire(self) -> None:
-        start = random.randrange(MACHINE_IDS)
-        for i in range(MACHINE_IDS):
-            n = (start + i) % MACHINE_IDS
-            if await self._script(keys=[machine_key(n)], args=[self._token, LEASE_TTL_MS]) == 1:
-                self.machine_id = n
-                self.generator = OrderIdGenerator(n)
-                return
+            last_ms = self.generator.last_ms
+            self.machine_id = n
+            self.generator = OrderIdGenerator(n, last_ms=last_ms)
 
     async def release(self) -> None:
         if self._task is not None:

@@ -58,7 +58,7 @@ def idempotency(sale_id: int) -> str:
     return _tag(sale_id) + ":idem"
 
 
-def rate_user(sale_id: int, user_id: int) -> str:
+def rate_user(sale_id: int, user_id: int | str) -> str:
     return f"{_tag(sale_id)}:rl:u:{user_id}"
 
 
@@ -78,3 +78,41 @@ def all_sale_keys(sale_id: int) -> list[str]:
         returned(sale_id),
         idempotency(sale_id),
     ]
+
+
+# KEYS of each script, in the order the script's header lists them.
+def reserve_keys(sale_id: int, user_id: int | str, client_ip: str) -> list[str]:
+    """lua/reserve.lua"""
+    return [
+        sale(sale_id),
+        users(sale_id),
+        first_order(sale_id),
+        log(sale_id),
+        log_times(sale_id),
+        idempotency(sale_id),
+        rate_user(sale_id, user_id),
+        rate_ip(sale_id, client_ip),
+    ]
+
+
+def release_keys(sale_id: int) -> list[str]:
+    """lua/release.lua"""
+    return [
+        sale(sale_id),
+        users(sale_id),
+        first_order(sale_id),
+        log(sale_id),
+        log_times(sale_id),
+        voided(sale_id),
+        idempotency(sale_id),
+    ]
+
+
+def claim_keys(sale_id: int) -> list[str]:
+    """lua/claim.lua"""
+    return [log(sale_id), log_times(sale_id), claimed(sale_id), voided(sale_id)]
+
+
+def return_units_keys(sale_id: int) -> list[str]:
+    """lua/return_units.lua"""
+    return [sale(sale_id), users(sale_id), returned(sale_id)]

@@ -53,16 +53,7 @@ def reserve_script_call(sale_id: int, user_id: int | str) -> tuple[list[str], li
     loopback client measures the script, not the limiter.
     """
     uid = str(user_id)
-    keys = [
-        rediskeys.sale(sale_id),
-        rediskeys.users(sale_id),
-        rediskeys.first_order(sale_id),
-        rediskeys.log(sale_id),
-        rediskeys.log_times(sale_id),
-        rediskeys.idempotency(sale_id),
-        rediskeys.rate_user(sale_id, 0).rsplit(":", 1)[0] + ":" + uid,
-        rediskeys.rate_ip(sale_id, "127.0.0.1"),
-    ]
+    keys = rediskeys.reserve_keys(sale_id, uid, "127.0.0.1")
     args = [uid, "1", "9" + uid, "", "bench", "5", "10", "1000000000", "1000000000"]
     return keys, args
 

@@ -266,16 +266,7 @@ async def test_stranded_reservation_is_published(
     user = (await make_users(db, 1))[0]
     rt = client.app[FLASH]
     order_id = client.app[appkeys.ORDER_IDS].next(user)
-    keys = [
-        rediskeys.sale(sale_id),
-        rediskeys.users(sale_id),
-        rediskeys.first_order(sale_id),
-        rediskeys.log(sale_id),
-        rediskeys.log_times(sale_id),
-        rediskeys.idempotency(sale_id),
-        rediskeys.rate_user(sale_id, user),
-        rediskeys.rate_ip(sale_id, "127.0.0.1"),
-    ]
+    keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
     res = await rt.scripts.reserve(keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100])
     assert int(res[0]) == 0
     await eventually(lambda: _equals(count_orders(db, sale_id), 1), timeout_s=30)
@@ -449,16 +440,7 @@ async def test_reservation_that_breaks_a_rule_is_released_not_republished(
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=1)
     ghost = 2_000_000_000
     rt = client.app[FLASH]
-    keys = [
-        rediskeys.sale(sale_id),
-        rediskeys.users(sale_id),
-        rediskeys.first_order(sale_id),
-        rediskeys.log(sale_id),
-        rediskeys.log_times(sale_id),
-        rediskeys.idempotency(sale_id),
-        rediskeys.rate_user(sale_id, ghost),
-        rediskeys.rate_ip(sale_id, "127.0.0.1"),
-    ]
+    keys = rediskeys.reserve_keys(sale_id, ghost, "127.0.0.1")
     order_id = client.app[appkeys.ORDER_IDS].next(ghost)
     await rt.scripts.reserve(keys=keys, args=[ghost, 1, order_id, "", "fp", 5, 10, 100, 100])
     assert await remaining_of(redis, sale_id) == 4

@@ -320,16 +320,7 @@ async def test_flash_order_through_the_order_routes(
     user, other = await make_users(db, 2)
     rt = app[FLASH]
     order_id = app[appkeys.ORDER_IDS].next(user)
-    keys = [
-        rediskeys.sale(sale_id),
-        rediskeys.users(sale_id),
-        rediskeys.first_order(sale_id),
-        rediskeys.log(sale_id),
-        rediskeys.log_times(sale_id),
-        rediskeys.idempotency(sale_id),
-        rediskeys.rate_user(sale_id, user),
-        rediskeys.rate_ip(sale_id, "127.0.0.1"),
-    ]
+    keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
     # reserved but not yet published: what a shopper sees right after the 202
     await rt.scripts.reserve(keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100])
     resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))

@@ -531,16 +531,7 @@ async def join(
     sid = sale.id
     idem_field = f"{user_id}:{idempotency_key}" if idempotency_key else ""
     s = rt.settings
-    keys = [
-        rediskeys.sale(sid),
-        rediskeys.users(sid),
-        rediskeys.first_order(sid),
-        rediskeys.log(sid),
-        rediskeys.log_times(sid),
-        rediskeys.idempotency(sid),
-        rediskeys.rate_user(sid, user_id),
-        rediskeys.rate_ip(sid, client_ip),
-    ]
+    keys = rediskeys.reserve_keys(sid, user_id, client_ip)
     args = [
         user_id,
         quantity,
@@ -590,15 +581,7 @@ async def _compensate(
     rt: FlashRuntime, sid: int, order_id: str, user_id: int, quantity: int, idem_field: str
 ) -> bool:
     """Release the reservation; False if a consumer had already claimed it (order stands)."""
-    keys = [
-        rediskeys.sale(sid),
-        rediskeys.users(sid),
-        rediskeys.first_order(sid),
-        rediskeys.log(sid),
-        rediskeys.log_times(sid),
-        rediskeys.voided(sid),
-        rediskeys.idempotency(sid),
-    ]
+    keys = rediskeys.release_keys(sid)
     try:
         released = await rt.scripts.release(
             keys=keys, args=[order_id, user_id, quantity, idem_field]
