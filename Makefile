@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast format lint typecheck check bench bench-quick clean
+.PHONY: install run test test-fast format lint typecheck check bench bench-quick bench-tools clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,14 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: $(STAMP)
+bench-tools:  ## wrk and redis-benchmark, from Debian's packages (needs root)
+	@command -v wrk >/dev/null && command -v redis-benchmark >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq wrk redis-tools)
+
+bench: $(STAMP) bench-tools
 	$(BIN)/flashsale bench
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) bench-tools
 	$(BIN)/flashsale bench --quick
 
 clean:

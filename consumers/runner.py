@@ -9,13 +9,14 @@ import signal
 import time
 from pathlib import Path
 
+from aiohttp import web
 from redis.asyncio import Redis
 
 from consumers.orders import BatchOutcome, OrderBatchProcessor, consume_forever
 from consumers.sweepers import run_sweepers
 from gateway.db import create_pool
 from gateway.kafka import OrderProducer
-from gateway.metrics import get_metrics
+from gateway.metrics import Metrics, get_metrics
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
     def beat(_: BatchOutcome | None = None) -> None:
         heartbeat.touch()
 
+    metrics_runner = await _serve_metrics(settings, metrics) if settings.metrics_port else None
     db = await create_pool(settings.database, min_size=2, max_size=8)
     redis: Redis = Redis.from_url(settings.redis)
     producer = OrderProducer(settings)
@@ -67,4 +69,28 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
         await producer.stop()
         await redis.aclose()
         await db.close()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         log.info("consumer %d stopped in %.1fs", os.getpid(), time.monotonic() - started)
+
+
+async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
+    """``/metrics`` (lag, dead letters, sweeper actions) and ``/healthz`` of this consumer."""
+
+    async def render(_: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"code": 200, "message": "ok", "data": {"status": "alive"}})
+
+    app = web.Application()
+    app.router.add_get("/metrics", render)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.http_host, settings.metrics_port).start()
+    log.info("consumer metrics on %s:%d/metrics", settings.http_host, settings.metrics_port)
+    return runner

@@ -149,6 +149,7 @@ class Settings:
     stranded_after_s: int = 5
     sweep_interval_ms: int = 1000
     payment_secret: str | None = None
+    metrics_port: int = 9101
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -202,6 +203,7 @@ class Settings:
             stranded_after_s=_int(e, "STRANDED_AFTER_S", 5, 1, 3600),
             sweep_interval_ms=_int(e, "SWEEP_INTERVAL_MS", 1000, 10, 600_000),
             payment_secret=_get(e, "PAYMENT_SECRET"),
+            metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
         )
 
     def require(self, *names: str) -> Settings:

@@ -105,7 +105,10 @@ def up(settings: Settings, *, demo: bool = True) -> int:
         env = child_env(settings)
         for _ in range(settings.workers):
             children.append(spawn([sys.executable, "-m", "gateway", "worker"], env))
-        consumer = spawn([sys.executable, "-m", "gateway", "consume"], env)
+        # the gateway's /metrics already aggregates the consumer's samples (multiprocess dir)
+        consumer = spawn(
+            [sys.executable, "-m", "gateway", "consume"], {**env, "FLASHSALE_METRICS_PORT": "0"}
+        )
         base = f"http://{settings.http_host}:{settings.http_port}"
         if not _wait_ready(base + "/readyz", 60):
             log.error("gateway did not become ready at %s/readyz", base)

@@ -99,10 +99,15 @@ def wrk_binary(install: bool = True) -> str | None:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
         print("wrk is missing: trying apt-get install -y wrk", file=sys.stderr)
-        subprocess.run(
-            ["apt-get", "install", "-y", "wrk"], capture_output=True, timeout=180, check=False
-        )
-        found = shutil.which("wrk")
+        for step in (
+            ["apt-get", "install", "-y", "wrk"],
+            ["apt-get", "update"],
+            ["apt-get", "install", "-y", "wrk"],
+        ):
+            subprocess.run(step, capture_output=True, timeout=300, check=False)
+            found = shutil.which("wrk")
+            if found:
+                break
     if not found:
         print(
             "wrk is NOT available (not installed and could not install it); "

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -27,7 +28,7 @@ from consumers.sweepers import cancel_expired, return_cancelled_units
 from gateway import appkeys, rediskeys
 from gateway.app import create_app
 from gateway.auth import TokenService
-from gateway.embedded import start_kafka, start_redis
+from gateway.embedded import free_port, start_kafka, start_redis
 from gateway.flash_events import OrderEvent
 from gateway.kafka import ensure_topics
 from gateway.metrics import get_metrics
@@ -331,7 +332,13 @@ async def test_rebuild_cache_after_flushall(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, tmpdir_path: Path
 ) -> None:
     own_redis = start_redis(tmpdir_path / "r", persist=False)
-    settings = _own(base_settings, "rebuild", redis_url=own_redis.url, data_dir=str(tmpdir_path))
+    settings = _own(
+        base_settings,
+        "rebuild",
+        redis_url=own_redis.url,
+        data_dir=str(tmpdir_path),
+        metrics_port=free_port(),
+    )
     stop = asyncio.Event()
     consumer_task = asyncio.create_task(run_consumers(settings, stop))
     redis: Redis = Redis.from_url(own_redis.url)
@@ -367,6 +374,12 @@ async def test_rebuild_cache_after_flushall(
             await eventually(lambda: _equals(count_orders(db, sale_id), 50))
             await eventually(lambda: _drift_free(db, redis, sale_id))
             assert await reconcile.run(settings, "reconcile", repair=False) == 0
+            async with aiohttp.ClientSession() as http:  # the consumer's own metrics endpoint
+                url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+                async with http.get(url) as resp:
+                    text = await resp.text()
+            assert "flashsale_consumer_orders_persisted_total" in text
+            assert "flashsale_consumer_lag" in text
     finally:
         stop.set()
         await asyncio.wait_for(consumer_task, 30)
