@@ -13,8 +13,7 @@ import base64
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import jwt
 import orjson
@@ -56,9 +55,12 @@ class UnknownUser(Unauthorized):
     default_message = "no such user"
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: verified from the token alone."""
+class Principal(NamedTuple):
+    """Who is calling: verified from the token alone.
+
+    A tuple of atoms, so the garbage collector stops tracking it: a cache of a hundred
+    thousand shoppers then adds nothing to a full collection's pause.
+    """
 
     user_id: int
     role: str
