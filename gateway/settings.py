@@ -134,7 +134,7 @@ class Settings:
     kafka_orders_topic: str = "flashsale.orders"
     kafka_dlq_topic: str = "flashsale.orders.dlq"
     kafka_partitions: int = 8
-    kafka_linger_ms: int = 2
+    kafka_linger_ms: int = 0
     kafka_produce_timeout_ms: int = 5000
     kafka_session_timeout_ms: int = 6000
     kafka_heartbeat_interval_ms: int = 500
@@ -189,7 +189,7 @@ class Settings:
             kafka_orders_topic=_get(e, "KAFKA_ORDERS_TOPIC") or "flashsale.orders",
             kafka_dlq_topic=_get(e, "KAFKA_DLQ_TOPIC") or "flashsale.orders.dlq",
             kafka_partitions=_int(e, "KAFKA_PARTITIONS", 8, 1, 1024),
-            kafka_linger_ms=_int(e, "KAFKA_LINGER_MS", 2, 0, 1000),
+            kafka_linger_ms=_int(e, "KAFKA_LINGER_MS", 0, 0, 1000),
             kafka_produce_timeout_ms=_int(e, "KAFKA_PRODUCE_TIMEOUT_MS", 5000, 50, 120_000),
             kafka_session_timeout_ms=_int(e, "KAFKA_SESSION_TIMEOUT_MS", 6000, 1000, 300_000),
             kafka_heartbeat_interval_ms=_int(e, "KAFKA_HEARTBEAT_INTERVAL_MS", 500, 100, 60_000),

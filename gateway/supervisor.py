@@ -8,6 +8,7 @@ order: gateway first (no new orders), consumers next (they drain), servers last.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from gateway.embedded import EmbeddedStack, start_stack
 from gateway.server import (
@@ -72,9 +74,55 @@ def _wait_ready(url: str, timeout_s: float) -> bool:
     return False
 
 
+class DataDirBusy(Exception):
+    """Another `flashsale up` holds the data folder."""
+
+
+def _lock_data_dir(root: Path, wait_s: float = 30.0) -> IO[str]:
+    """Hold ``root/up.lock`` for as long as this process lives.
+
+    Two supervisors on one data folder would start two PostgreSQL servers on one data
+    directory. A previous ``up`` that is still shutting down (PostgreSQL checkpoints on
+    the way out) is waited for, up to ``wait_s``.
+    """
+    handle = (root / "up.lock").open("a+")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.seek(0)
+                owner = handle.read().strip() or "?"
+                handle.close()
+                raise DataDirBusy(
+                    f"another `flashsale up` (pid {owner}) is using {root.resolve()}; stop it "
+                    "first or set FLASHSALE_DATA_DIR to another folder"
+                ) from None
+            time.sleep(0.2)
+            continue
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+
 def up(settings: Settings, *, demo: bool = True) -> int:
     root = Path(settings.data_dir)
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = _lock_data_dir(root)
+    except DataDirBusy as exc:
+        print(f"flashsale: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _up(settings, root, demo=demo)
+    finally:
+        lock.close()
+
+
+def _up(settings: Settings, root: Path, *, demo: bool) -> int:
     started = time.monotonic()
     stack: EmbeddedStack | None = None
     children = []

@@ -109,3 +109,16 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_second_up_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
+    """Two supervisors would start two PostgreSQL servers on one data directory."""
+    from gateway.supervisor import DataDirBusy, _lock_data_dir
+
+    held = _lock_data_dir(tmp_path)
+    try:
+        with pytest.raises(DataDirBusy, match="another `flashsale up`"):
+            _lock_data_dir(tmp_path, wait_s=0.3)
+    finally:
+        held.close()
+    _lock_data_dir(tmp_path, wait_s=0.3).close()  # free again once the first one is gone
