@@ -47,6 +47,10 @@ FROM orders o JOIN order_items i ON i.order_id = o.id
 WHERE o.kind = 'flash' AND o.status = 'cancelled' AND NOT o.flash_units_returned
 GROUP BY o.id LIMIT $1
 """
+SQL_RETIRED_SALES = """
+SELECT id FROM flash_sales
+WHERE id = ANY($1::bigint[]) AND end_at < now() - interval '1 day'
+"""
 SQL_MARK_RETURNED = "UPDATE orders SET flash_units_returned = true WHERE id = ANY($1::text[])"
 
 
@@ -126,7 +130,24 @@ async def settle_ended(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts) ->
     total = 0
     for r in await db.fetch(flashsale.SQL_ENDED_SALES, SETTLE_LOOKBACK_DAYS):
         total += await flashsale.settle_sale(db, redis, scripts, r["id"])
+    await retire_old_sales(db, redis)
     return total
+
+
+async def retire_old_sales(db: asyncpg.Pool, redis: Redis) -> int:
+    """Drop sales over a day past their end from the index every worker polls twice a
+    second (their Redis state stays, for reads and reconcile), once nothing is in flight."""
+    retired = 0
+    indexed = [int(x) for x in await redis.smembers(rediskeys.SALES_INDEX)]
+    if not indexed:
+        return 0
+    for r in await db.fetch(SQL_RETIRED_SALES, indexed):
+        sid = r["id"]
+        if await redis.hlen(rediskeys.log(sid)) or await redis.hlen(rediskeys.claimed(sid)):
+            continue
+        await redis.srem(rediskeys.SALES_INDEX, sid)
+        retired += 1
+    return retired
 
 
 async def run_sweepers(

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from consumers import reconcile
 from consumers.runner import run_consumers
-from consumers.sweepers import cancel_expired, return_cancelled_units
+from consumers.sweepers import cancel_expired, retire_old_sales, return_cancelled_units
 from gateway import appkeys, rediskeys
 from gateway.app import create_app
 from gateway.auth import TokenService
@@ -470,3 +470,19 @@ async def test_reservation_that_breaks_a_rule_is_released_not_republished(
     reasons = await _dead_letter_reasons(base_settings, lambda r: wanted in r)
     assert wanted in reasons
     assert await count_orders(db, sale_id) == 0
+
+
+async def test_old_sales_leave_the_polled_index(
+    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, tokens: TokenService
+) -> None:
+    admin = await admin_headers(db, tokens)
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=2, limit=1)
+    await db.execute(
+        "UPDATE flash_sales SET start_at = now() - interval '3 days', "
+        "end_at = now() - interval '2 days' WHERE id = $1",
+        sale_id,
+    )
+    assert await redis.sismember(rediskeys.SALES_INDEX, str(sale_id))
+    await retire_old_sales(db, redis)
+    assert not await redis.sismember(rediskeys.SALES_INDEX, str(sale_id))
+    assert await redis.exists(rediskeys.sale(sale_id))  # its state stays readable
