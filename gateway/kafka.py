@@ -19,6 +19,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner
 
 from gateway.settings import Settings
 
@@ -48,6 +49,20 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
         await admin.close()
 
 
+_PARTITIONER = DefaultPartitioner()  # the Java client's murmur2, as aiokafka's send() uses
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("the broker did not acknowledge in time"))
+
+
+def _fail_all(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(exc)
+
+
 class OrderProducer:
     """Produces order events keyed by sale so that one sale's events stay ordered."""
 
@@ -56,6 +71,9 @@ class OrderProducer:
         self.topic = topic or settings.kafka_orders_topic
         self._timeout_s = settings.kafka_produce_timeout_ms / 1000
         self._producer: AIOKafkaProducer | None = None
+        self._queued: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._shipper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await ensure_topics(self._settings)
@@ -70,8 +88,16 @@ class OrderProducer:
         )
         await producer.start()
         self._producer = producer
+        self._shipper = asyncio.create_task(self._ship_forever(), name="order-event-shipper")
 
     async def stop(self) -> None:
+        shipper, self._shipper = self._shipper, None
+        if shipper is not None:
+            if self._queued:  # what is queued goes out (or fails) before the producer closes
+                queued, self._queued = self._queued, []
+                await self._send_queued(queued)
+            shipper.cancel()
+            await asyncio.gather(shipper, return_exceptions=True)
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
@@ -91,42 +117,83 @@ class OrderProducer:
             raise RuntimeError("producer is not started")
         return self._producer
 
-    async def publish(
-        self,
-        key: bytes,
-        value: bytes,
-        *,
-        topic: str | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
-        """Send and await the broker's ack; raise PublishFailed after the bound."""
+    async def publish(self, key: bytes, value: bytes) -> None:
+        """Queue an order event, await the broker's ack; PublishFailed after the bound.
+
+        One shipper task sends whatever was queued while the previous record batch was
+        being handed over, as one batch per partition (``create_batch``/``send_batch``):
+        one future and one metadata check per batch instead of per event. On a timeout the
+        batch is not cancelled (it may still land; the consumer's claim in Redis then
+        decides whether it is written).
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout_s
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._queued.append((key, value, waiter))
+        self._wakeup.set()
+        timer = loop.call_later(self._timeout_s, _expire, waiter)
         try:
-            async with asyncio.timeout_at(deadline):  # send() may wait for metadata or buffer
-                fut = await self.producer.send(topic or self.topic, value, key=key, headers=headers)
-            if not fut.done():
-                # Wait for the ack without cancelling it on timeout (the event may still land;
-                # the consumer's claim then decides) and without a Timeout object per request.
-                waiter: asyncio.Future[None] = loop.create_future()
-
-                def _acked(_: object) -> None:
-                    if not waiter.done():
-                        waiter.set_result(None)
-
-                def _expired() -> None:
-                    if not waiter.done():
-                        waiter.set_exception(TimeoutError())
-
-                fut.add_done_callback(_acked)
-                timer = loop.call_at(deadline, _expired)
-                try:
-                    await waiter
-                finally:
-                    timer.cancel()
-            fut.result()
-        except (TimeoutError, KafkaError) as exc:
+            await waiter
+        except (TimeoutError, KafkaError, OSError) as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            timer.cancel()
+
+    async def _ship_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queued:
+                queued, self._queued = self._queued, []
+                try:
+                    await self._send_queued(queued)
+                except Exception as exc:
+                    log.exception("shipping %d order event(s) failed", len(queued))
+                    _fail_all([w for *_, w in queued], exc)
+
+    async def _send_queued(self, queued: list[tuple[bytes, bytes, asyncio.Future[None]]]) -> None:
+        producer = self.producer
+        try:
+            partitions = producer.client.cluster.partitions_for_topic(self.topic)
+            if partitions is None:  # metadata not loaded yet (or the topic is being created)
+                partitions = await producer.partitions_for(self.topic)
+        except (KafkaError, OSError) as exc:
+            _fail_all([w for *_, w in queued], exc)
+            return
+        ordered = sorted(partitions)
+        by_partition: dict[int, list[tuple[bytes, bytes, asyncio.Future[None]]]] = {}
+        for item in queued:
+            by_partition.setdefault(_PARTITIONER(item[0], ordered, ordered), []).append(item)
+        for partition, items in by_partition.items():
+            batch = producer.create_batch()
+            waiters: list[asyncio.Future[None]] = []
+            for key, value, waiter in items:
+                if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
+                    await self._ship(batch, partition, waiters)
+                    batch, waiters = producer.create_batch(), []
+                    batch.append(key=key, value=value, timestamp=None)
+                waiters.append(waiter)
+            await self._ship(batch, partition, waiters)
+
+    async def _ship(self, batch: Any, partition: int, waiters: list[asyncio.Future[None]]) -> None:
+        try:
+            ack = await self.producer.send_batch(batch, self.topic, partition=partition)
+        except (KafkaError, OSError) as exc:
+            _fail_all(waiters, exc)
+            return
+
+        def _done(fut: asyncio.Future[Any]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            for waiter in waiters:
+                if waiter.done():
+                    continue
+                if exc is not None:
+                    waiter.set_exception(exc)
+                elif fut.cancelled():
+                    waiter.set_exception(KafkaError("batch cancelled"))
+                else:
+                    waiter.set_result(None)
+
+        ack.add_done_callback(_done)
 
     async def publish_many(
         self,
