@@ -42,27 +42,32 @@ def run_loop(main: Callable[[], object]) -> None:
     uvloop.run(main())  # type: ignore[arg-type]
 
 
-async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """One gateway worker: bind with SO_REUSEPORT so that siblings share the port."""
-    app = create_app(settings)
+async def run_until_signalled(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    access_log: logging.Logger | None = None,
+    stop: asyncio.Event | None = None,
+    freeze_gc: bool = False,
+) -> None:
+    """Serve ``app`` on ``host:port`` with SO_REUSEPORT (siblings share the port) until
+    SIGTERM/SIGINT or ``stop``; the gateway, the HTTP ceiling and the naive peer all run
+    through here, so the benchmark compares like with like."""
     runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log_class=JsonAccessLogger,
-        access_log=logging.getLogger("gateway.access") if settings.access_log else None,
+        app, handle_signals=False, access_log_class=JsonAccessLogger, access_log=access_log
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, settings.http_host, settings.http_port, reuse_port=True, backlog=4096
-    )
+    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
     await site.start()
-    log.info("worker %d listening on %s:%d", os.getpid(), settings.http_host, settings.http_port)
-    # Everything built at start-up lives as long as the worker: move it out of the
-    # collector's sight, and collect the young generation less often, so that a
-    # stampede's allocations do not buy long full-collection pauses (tail latency).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
+    log.info("worker %d listening on %s:%d", os.getpid(), host, port)
+    if freeze_gc:
+        # Everything built at start-up lives as long as the worker: move it out of the
+        # collector's sight, and collect the young generation less often, so that a
+        # stampede's allocations do not buy long full-collection pauses (tail latency).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -72,6 +77,18 @@ async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None)
     finally:
         log.info("worker %d stopping", os.getpid())
         await runner.cleanup()
+
+
+async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """One gateway worker."""
+    await run_until_signalled(
+        create_app(settings),
+        settings.http_host,
+        settings.http_port,
+        access_log=logging.getLogger("gateway.access") if settings.access_log else None,
+        stop=stop,
+        freeze_gc=True,
+    )
 
 
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -127,10 +144,14 @@ def serve_multi(settings: Settings) -> int:
     ensure_multiproc_dir(os.path.join(settings.data_dir, "metrics"))
     env = child_env(settings)
     env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    return supervise([sys.executable, "-m", "gateway", "worker"], env, settings.workers)
+
+
+def supervise(args: list[str], env: dict[str, str], count: int) -> int:
+    """Run ``count`` copies of ``args``; stop them all on SIGTERM/SIGINT (0) or as soon as
+    one of them exits (1)."""
     flag = StopFlag()
-    children = [
-        spawn([sys.executable, "-m", "gateway", "worker"], env) for _ in range(settings.workers)
-    ]
+    children = [spawn(args, env) for _ in range(count)]
     try:
         while not flag:
             for child in children:

@@ -11,14 +11,13 @@ Every path answers ``200 {"data": {"status": "ok"}}``, whatever the method.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
+import os
 import sys
 
 import orjson
 from aiohttp import web
 
-from gateway.server import spawn, stop_children
+from gateway.server import run_until_signalled, supervise
 
 BODY = orjson.dumps({"data": {"status": "ok"}, "message": "ok"})
 
@@ -33,44 +32,13 @@ def create_app() -> web.Application:
     return app
 
 
-async def serve_worker(port: int) -> None:
-    runner = web.AppRunner(create_app(), handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=4096)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
 def serve(port: int, workers: int) -> int:
     """Start ``workers`` worker processes on ``port``; return when signalled or one dies."""
-    import os
-    import time
-
-    from gateway.server import StopFlag
-
-    flag = StopFlag()
-    children = [
-        spawn(
-            [sys.executable, "-m", "loadtests.ceiling", "--port", str(port), "--worker"],
-            dict(os.environ),
-        )
-        for _ in range(workers)
-    ]
-    try:
-        while not flag:
-            if any(c.poll() is not None for c in children):
-                return 1
-            time.sleep(0.2)
-    finally:
-        stop_children(children)
-    return 0
+    return supervise(
+        [sys.executable, "-m", "loadtests.ceiling", "--port", str(port), "--worker"],
+        dict(os.environ),
+        workers,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         import uvloop
 
-        uvloop.run(serve_worker(args.port))
+        uvloop.run(run_until_signalled(create_app(), "127.0.0.1", args.port))
         return 0
     return serve(args.port, args.workers)
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
-import time
 from typing import Any
 
 import asyncpg
@@ -37,6 +35,7 @@ from asyncpg.pool import PoolConnectionProxy
 from gateway.auth import TokenService
 from gateway.db import create_pool
 from gateway.errors import AppError
+from gateway.server import run_until_signalled, supervise
 from gateway.settings import Settings
 
 SQL_CREATE_TABLES = """
@@ -202,21 +201,6 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def serve_worker(settings: Settings, port: int) -> None:
-    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=4096)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
 async def _prepare(settings: Settings, stock: int | None) -> int | None:
     conn = await asyncpg.connect(settings.database)
     try:
@@ -242,29 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     if args.worker:
-        uvloop.run(serve_worker(settings, args.port))
+        uvloop.run(run_until_signalled(create_app(settings), "127.0.0.1", args.port))
         return 0
     sale_id = asyncio.run(_prepare(settings, args.create_sale))
     if sale_id is not None:
         print(f"sale_id={sale_id}", flush=True)
-    from gateway.server import StopFlag, spawn, stop_children
-
-    flag = StopFlag()
-    children = [
-        spawn(
-            [sys.executable, "-m", "loadtests.naive_peer", "--port", str(args.port), "--worker"],
-            dict(os.environ),
-        )
-        for _ in range(args.workers)
-    ]
-    try:
-        while not flag:
-            if any(c.poll() is not None for c in children):
-                return 1
-            time.sleep(0.2)
-    finally:
-        stop_children(children)
-    return 0
+    return supervise(
+        [sys.executable, "-m", "loadtests.naive_peer", "--port", str(args.port), "--worker"],
+        dict(os.environ),
+        args.workers,
+    )
 
 
 if __name__ == "__main__":

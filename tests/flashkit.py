@@ -114,3 +114,12 @@ async def remaining_of(redis: Redis, sale_id: int) -> int:
     raw = await redis.hget(rediskeys.sale(sale_id), "remaining")
     assert raw is not None
     return int(raw)
+
+
+async def join(
+    client: TestClient[Any, Any], sale_id: int, headers: dict[str, str], quantity: int = 1
+) -> Any:
+    """POST a join for ``quantity`` units; returns the response."""
+    return await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=headers, json={"quantity": quantity}
+    )

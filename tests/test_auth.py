@@ -120,83 +120,48 @@ def test_roles() -> None:
         require_role(Principal(2, "user", time.time() + 60), "admin", "merchant")
 
 
+def _cli_user_create(
+    settings: Settings, email: str, role: str, password: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "user",
+            "create",
+            "--role",
+            role,
+            "--email",
+            email,
+            "--nickname",
+            role.title(),
+            "--password",
+            password,
+        ],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_cli_user_create(base_settings: Settings) -> None:
     email = _email()
-    env = {**os.environ, **base_settings.to_env()}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "user",
-            "create",
-            "--role",
-            "admin",
-            "--email",
-            email,
-            "--nickname",
-            "Root",
-            "--password",
-            "admin-password",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _cli_user_create(base_settings, email, "admin", "admin-password")
     assert result.returncode == 0, result.stderr
     assert "(admin)" in result.stdout
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "user",
-            "create",
-            "--role",
-            "admin",
-            "--email",
-            email,
-            "--nickname",
-            "Root",
-            "--password",
-            "admin-password",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    again = _cli_user_create(base_settings, email, "admin", "admin-password")
     assert again.returncode == 1 and "ACCOUNT_EXISTS" in again.stderr
 
 
 async def test_cli_admin_can_log_in(client: TestClient[Any, Any], base_settings: Settings) -> None:
     email = _email()
-    env = {**os.environ, **base_settings.to_env()}
-    await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "user",
-            "create",
-            "--role",
-            "merchant",
-            "--email",
-            email,
-            "--nickname",
-            "M",
-            "--password",
-            "merchant-password",
-        ],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=True,
+    created = await asyncio.to_thread(
+        _cli_user_create, base_settings, email, "merchant", "merchant-password"
     )
+    assert created.returncode == 0, created.stderr
     resp = await client.post(
         "/api/v1/auth/login", json={"login": email, "password": "merchant-password"}
     )

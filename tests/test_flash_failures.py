@@ -40,6 +40,7 @@ from tests.flashkit import (
     count_orders,
     create_sale,
     eventually,
+    join,
     make_sku,
     make_users,
     remaining_of,
@@ -287,9 +288,7 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=2)
     users = await make_users(db, 3)
     for u in users:
-        resp = await client.post(
-            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
-        )
+        resp = await join(client, sale_id, bearer(tokens, u))
         assert resp.status == 202
     await eventually(lambda: _equals(count_orders(db, sale_id), 3))
     await db.execute(
@@ -319,11 +318,7 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
         )
         == 3
     )
-    resp = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join",
-        headers=bearer(tokens, users[0]),
-        json={"quantity": 2},
-    )
+    resp = await join(client, sale_id, bearer(tokens, users[0]), 2)
     assert resp.status == 202  # the user's count was released too
     await eventually(lambda: _drift_free(db, redis, sale_id))
 
@@ -398,9 +393,7 @@ async def test_poison_message_goes_to_dead_letter(
     admin = await admin_headers(db, tokens)
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=1)
     user = (await make_users(db, 1))[0]
-    resp = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, user), json={"quantity": 1}
-    )
+    resp = await join(client, sale_id, bearer(tokens, user))
     assert resp.status == 202
     await eventually(lambda: _equals(count_orders(db, sale_id), 1))  # partition not blocked
     reasons = await _dead_letter_reasons(base_settings)

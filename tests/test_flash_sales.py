@@ -22,6 +22,7 @@ from tests.flashkit import (
     count_orders,
     create_sale,
     eventually,
+    join,
     make_sku,
     make_users,
     remaining_of,
@@ -99,9 +100,7 @@ async def test_stampede_exactly_stock_accepted(
     headers = [bearer(tokens, u) for u in users]
 
     async def attempt(i: int) -> tuple[int, str | None, str | None]:
-        resp = await client.post(
-            f"/api/v1/flash-sales/{sale_id}/join", headers=headers[i % 1000], json={"quantity": 1}
-        )
+        resp = await join(client, sale_id, headers[i % 1000])
         body = await resp.json()
         return resp.status, body.get("error"), (body.get("data") or {}).get("order_id")
 
@@ -150,19 +149,13 @@ async def test_idempotent_retry_and_mismatch(
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=5)
     user = bearer(tokens, (await make_users(db, 1))[0])
     h = {**user, "Idempotency-Key": "k-1"}
-    first = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 2}
-    )
-    again = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 2}
-    )
+    first = await join(client, sale_id, h, 2)
+    again = await join(client, sale_id, h, 2)
     assert first.status == again.status == 202
     a, b = (await first.json())["data"], (await again.json())["data"]
     assert a["order_id"] == b["order_id"] and b["replayed"] is True
     assert await remaining_of(redis, sale_id) == 8
-    other = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join", headers=h, json={"quantity": 3}
-    )
+    other = await join(client, sale_id, h, 3)
     assert other.status == 422 and (await other.json())["error"] == "IDEMPOTENCY_MISMATCH"
     assert await remaining_of(redis, sale_id) == 8
 
@@ -175,12 +168,8 @@ async def test_limit_returns_first_order(
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=1)
     user = bearer(tokens, (await make_users(db, 1))[0])
-    first = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join", headers=user, json={"quantity": 1}
-    )
-    again = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join", headers=user, json={"quantity": 1}
-    )
+    first = await join(client, sale_id, user)
+    again = await join(client, sale_id, user)
     assert again.status == 409
     body = await again.json()
     assert body["error"] == "LIMIT_EXCEEDED"
@@ -241,16 +230,12 @@ async def test_sold_out_flag_makes_no_redis_call(
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=2, limit=1)
     users = await make_users(db, 4)
     for u in users[:2]:
-        resp = await client.post(
-            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
-        )
+        resp = await join(client, sale_id, bearer(tokens, u))
         assert resp.status == 202
     batcher = app[FLASH].batcher
     before = batcher.calls
     for u in users[2:]:
-        resp = await client.post(
-            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
-        )
+        resp = await join(client, sale_id, bearer(tokens, u))
         assert resp.status == 409 and (await resp.json())["error"] == "SOLD_OUT"
     assert batcher.calls == before
 
@@ -267,35 +252,21 @@ async def test_top_up_and_close(
     sale_id = await create_sale(client, admin, sku, quantity=2, limit=1)
     users = await make_users(db, 5)
     for u in users[:2]:
-        await client.post(
-            f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, u), json={"quantity": 1}
-        )
-    resp = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join",
-        headers=bearer(tokens, users[2]),
-        json={"quantity": 1},
-    )
+        await join(client, sale_id, bearer(tokens, u))
+    resp = await join(client, sale_id, bearer(tokens, users[2]))
     assert (await resp.json())["error"] == "SOLD_OUT"
     resp = await client.patch(
         f"/api/v1/admin/flash-sales/{sale_id}", headers=admin, json={"add_quantity": 3}
     )
     assert resp.status == 200 and (await resp.json())["data"]["remaining_quantity"] == 3
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 95
-    resp = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join",
-        headers=bearer(tokens, users[2]),
-        json={"quantity": 1},
-    )
+    resp = await join(client, sale_id, bearer(tokens, users[2]))
     assert resp.status == 202  # the sold-out flag was cleared by the top-up
     for _ in range(2):  # closing twice returns the unsold units once
         resp = await client.post(f"/api/v1/admin/flash-sales/{sale_id}/close", headers=admin)
         assert resp.status == 200
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 97
-    resp = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join",
-        headers=bearer(tokens, users[3]),
-        json={"quantity": 1},
-    )
+    resp = await join(client, sale_id, bearer(tokens, users[3]))
     assert (await resp.json())["error"] == "SALE_ENDED"
     resp = await client.patch(
         f"/api/v1/admin/flash-sales/{sale_id}", headers=admin, json={"add_quantity": 1}
@@ -343,9 +314,7 @@ async def test_flash_order_through_the_order_routes(
 
     await eventually(returned, timeout_s=10)
     await rt.cache.refresh()
-    resp = await client.post(
-        f"/api/v1/flash-sales/{sale_id}/join", headers=bearer(tokens, user), json={"quantity": 1}
-    )
+    resp = await join(client, sale_id, bearer(tokens, user))
     assert resp.status == 202  # the user's count came back with the units
     second = (await resp.json())["data"]["order_id"]
 

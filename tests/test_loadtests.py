@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis import Redis as SyncRedis
 
 from gateway.auth import TokenService
 from gateway.embedded import free_port
@@ -221,17 +223,26 @@ def test_redis_benchmark_runs_a_script_by_evalsha(base_settings: Settings, tmp_p
     script = tmp_path / "incr.lua"
     script.write_text("return redis.call('INCRBY', KEYS[1], ARGV[1])")
     port = int(base_settings.redis.rsplit(":", 1)[1].split("/")[0])
+    tag = "lt:{bench-" + secrets.token_hex(4) + "}:"
     results = redis_ceiling.run_script(
         base_settings.redis,
         port,
         script,
-        ["lt:{bench}:__rand_int__"],
+        [tag + "__rand_int__"],
         ["1"],
         requests=2000,
         clients=4,
     )
     assert [r.pipeline for r in results] == [1, 16]
-    assert all(r.rps > 0 for r in results)
+    assert all(r.errors == 0 for r in results)
+    client = SyncRedis.from_url(base_settings.redis)
+    try:  # every one of the 2 x 2000 calls ran the script once
+        keys = list(client.scan_iter(match=tag + "*", count=1000))
+        values = [int(v) for v in client.mget(keys) if v is not None]
+        assert sum(values) == 4000
+        client.delete(*keys)
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- the naive baseline
