@@ -6,6 +6,12 @@ a late compensation; a voided one is never persisted), write orders, items, ledg
 rows and the sale counters in one transaction with ``ON CONFLICT DO NOTHING`` on the
 order id, then drop the claims and commit the offsets. A crash anywhere replays the
 batch, and the replay changes nothing that was already written.
+
+An accepted order is never dropped. Under the sale rows' locks, each new order takes
+units from what the sale has left in the record; one that finds none (Redis promised a
+unit twice, e.g. after losing writes before the fence existed) is written with status
+``oversold``: visible to its shopper, never payable, counted in a metric and by
+reconcile.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from gateway.db import Conn
 from gateway.flash_events import BadEvent, OrderEvent, decode
 from gateway.kafka import OrderProducer, PublishFailed
 from gateway.metrics import Metrics
-from gateway.scripts import register
+from gateway.scripts import Claim, register
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,16 +42,24 @@ RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 SQL_SALES = "SELECT id, sku_id, product_id FROM flash_sales WHERE id = ANY($1::bigint[])"
 SQL_USERS = "SELECT id FROM users WHERE id = ANY($1::bigint[])"
+SQL_LOCK_SALES = """
+SELECT id, quantity - sold_quantity - returned_quantity AS unsold
+FROM flash_sales WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+"""
+SQL_EXISTING = "SELECT id FROM orders WHERE id = ANY($1::text[])"
 SQL_INSERT_ORDERS = """
 INSERT INTO orders (id, user_id, kind, status, total_cents, pay_cents, payment_deadline,
                     created_at, updated_at, flash_sale_id)
-SELECT o.id, o.user_id, 'flash', 'pending_payment', o.total, o.total,
+SELECT o.id, o.user_id, 'flash', o.status, o.total, o.total,
        to_timestamp(o.deadline_ms / 1000.0), to_timestamp(o.reserved_ms / 1000.0), now(), o.sale_id
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
-     AS o(id, user_id, total, deadline_ms, reserved_ms, sale_id)
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
+            $7::text[])
+     AS o(id, user_id, total, deadline_ms, reserved_ms, sale_id, status)
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
+OVERSOLD: Final = "oversold"
+PENDING: Final = "pending_payment"
 SQL_INSERT_ITEMS = """
 INSERT INTO order_items (order_id, product_id, sku_id, quantity, price_cents)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[])
@@ -69,26 +83,56 @@ class BatchOutcome:
     voided: int = 0
     dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
     broken: list[OrderEvent] = field(default_factory=list)  # parsed, but breaks a rule
+    oversold: list[OrderEvent] = field(default_factory=list)  # written, beyond the allotment
 
 
-async def persist(conn: Conn, events: list[OrderEvent]) -> list[str]:
-    """Write events in one transaction; returns the ids that were new."""
+@dataclass
+class Persisted:
+    new: list[str] = field(default_factory=list)
+    oversold: list[OrderEvent] = field(default_factory=list)
+
+
+async def persist(conn: Conn, events: list[OrderEvent]) -> Persisted:
+    """Write events in one transaction; returns the ids that were new, and the new
+    orders that found no unit left in the record (written as ``oversold``)."""
+    out = Persisted()
     if not events:
-        return []
+        return out
     async with conn.transaction():
+        # Every flash order is written under its sale's row lock (taken in id order), so
+        # the check below and the insert are one step for each sale.
+        unsold = {
+            r["id"]: r["unsold"]
+            for r in await conn.fetch(SQL_LOCK_SALES, sorted({e.sale_id for e in events}))
+        }
+        existing = {r["id"] for r in await conn.fetch(SQL_EXISTING, [e.order_id for e in events])}
+        statuses: dict[str, str] = {}
+        for e in events:
+            if e.order_id in existing or e.order_id in statuses:
+                continue
+            if unsold.get(e.sale_id, 0) >= e.quantity:
+                unsold[e.sale_id] -= e.quantity
+                statuses[e.order_id] = PENDING
+            else:
+                statuses[e.order_id] = OVERSOLD
+        fresh = [e for e in events if e.order_id in statuses]
+        if not fresh:
+            return out
         new_ids = {
             r["id"]
             for r in await conn.fetch(
                 SQL_INSERT_ORDERS,
-                [e.order_id for e in events],
-                [e.user_id for e in events],
-                [e.price_cents * e.quantity for e in events],
-                [e.payment_deadline_ms for e in events],
-                [e.reserved_at_ms for e in events],
-                [e.sale_id for e in events],
+                [e.order_id for e in fresh],
+                [e.user_id for e in fresh],
+                [e.price_cents * e.quantity for e in fresh],
+                [e.payment_deadline_ms for e in fresh],
+                [e.reserved_at_ms for e in fresh],
+                [e.sale_id for e in fresh],
+                [statuses[e.order_id] for e in fresh],
             )
         }
-        fresh = [e for e in events if e.order_id in new_ids]
+        fresh = [e for e in fresh if e.order_id in new_ids]
+        sold = [e for e in fresh if statuses[e.order_id] == PENDING]
         if fresh:
             await conn.execute(
                 SQL_INSERT_ITEMS,
@@ -98,19 +142,22 @@ async def persist(conn: Conn, events: list[OrderEvent]) -> list[str]:
                 [e.quantity for e in fresh],
                 [e.price_cents for e in fresh],
             )
+        if sold:
             await conn.execute(
                 SQL_INSERT_LEDGER,
-                [e.sku_id for e in fresh],
-                [e.order_id for e in fresh],
-                [e.quantity for e in fresh],
-                [e.sale_id for e in fresh],
+                [e.sku_id for e in sold],
+                [e.order_id for e in sold],
+                [e.quantity for e in sold],
+                [e.sale_id for e in sold],
             )
             per_sale: dict[int, int] = defaultdict(int)
-            for e in fresh:
+            for e in sold:
                 per_sale[e.sale_id] += e.quantity
-            for sale_id in sorted(per_sale):  # lock sale rows in key order
+            for sale_id in sorted(per_sale):
                 await conn.execute(SQL_SALE_SOLD, sale_id, per_sale[sale_id])
-    return [e.order_id for e in fresh]
+    out.new = [e.order_id for e in fresh]
+    out.oversold = [e for e in fresh if statuses[e.order_id] == OVERSOLD]
+    return out
 
 
 class OrderBatchProcessor:
@@ -167,7 +214,8 @@ class OrderBatchProcessor:
                 args=[e.order_id for e in group],
             )
             for e, code in zip(group, codes, strict=True):
-                if int(code) == 3:
+                # NOT_IN_REDIS is kept too: Redis lost it, but a shopper was told yes
+                if Claim(int(code)) is Claim.VOIDED:
                     voided += 1
                 else:
                     keep.append(e)
@@ -193,11 +241,22 @@ class OrderBatchProcessor:
             events, out.voided = await self._claim_all([e for _, e in valid])
             try:
                 async with self.db.acquire() as conn:
-                    new = await persist(conn, events)
+                    written = await persist(conn, events)
             except asyncpg.IntegrityConstraintViolationError:
-                new = await self._persist_one_by_one(events, valid, out)
-            out.persisted = len(new)
-            out.duplicates += len(events) - len(new)
+                written = await self._persist_one_by_one(events, valid, out)
+            out.persisted = len(written.new)
+            out.duplicates += len(events) - len(written.new)
+            out.oversold = written.oversold
+            for e in written.oversold:
+                log.error(
+                    "order %s (sale %d, user %d, %d unit(s)) was accepted beyond the "
+                    "sale's allotment: written as oversold, never payable",
+                    e.order_id,
+                    e.sale_id,
+                    e.user_id,
+                    e.quantity,
+                )
+            self.metrics.oversold.inc(len(written.oversold))
             await self._drop_claims(events)
         if out.broken:
             await self._void(out.broken)
@@ -211,17 +270,20 @@ class OrderBatchProcessor:
         events: list[OrderEvent],
         valid: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]],
         out: BatchOutcome,
-    ) -> list[str]:
+    ) -> Persisted:
         """A rule the database enforces broke the batch: find the culprit(s), keep the rest."""
         record_of = {e.order_id: rec for rec, e in valid}
-        new: list[str] = []
+        written = Persisted()
         async with self.db.acquire() as conn:
             for e in events:
                 try:
-                    new += await persist(conn, [e])
+                    one = await persist(conn, [e])
                 except asyncpg.IntegrityConstraintViolationError as exc:
                     out.dead.append((record_of[e.order_id], f"rejected by the database: {exc}"))
-        return new
+                    continue
+                written.new += one.new
+                written.oversold += one.oversold
+        return written
 
     async def _drop_claims(self, events: list[OrderEvent]) -> None:
         by_sale: dict[int, list[str]] = defaultdict(list)
@@ -230,6 +292,8 @@ class OrderBatchProcessor:
         pipe = self.redis.pipeline(transaction=False)
         for sale_id, ids in by_sale.items():
             pipe.hdel(rediskeys.claimed(sale_id), *ids)
+            pipe.zrem(rediskeys.claim_times(sale_id), *ids)
+            pipe.hdel(rediskeys.republished(sale_id), *ids)
         await pipe.execute()
 
     async def _void(self, events: list[OrderEvent]) -> None:

@@ -6,51 +6,50 @@ For every recent sale, the units must add up across the two stores:
                     + live persisted units (PG) + cancelled-not-yet-returned (PG)
                     + moved_out (Redis: on the way back to the SKU)
 
-and every user's count in Redis must equal that user's live and in-flight units.
-``rebuild-cache`` rewrites a sale's Redis state from PostgreSQL (after Redis was lost
-or flushed). Run it with the gateway stopped and the consumers drained: an event
-still in Kafka is not in PostgreSQL yet and would not be counted.
+and every user's count in Redis must equal that user's live and in-flight units. A line
+also names what needs a person: a claim older than ``FLASHSALE_CLAIM_STALE_S`` whose order
+is not written (its consumer died; the sweeper republishes it), orders written as
+``oversold`` (a unit promised twice), and a sale not armed under the current Redis run
+(joins answer SALE_RECOVERING until the recovery sweeper recounts it).
+
+``--repair`` republishes stale claims and recounts drifting sales the way the recovery
+sweeper does (fence, wait for in-flight publishes, recount from PostgreSQL, the broker's
+unconsumed events and Redis, re-arm): safe while the gateway and consumers run.
+``rebuild-cache`` does the same for every recent sale (after Redis was lost or flushed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Final, cast
 
 import asyncpg
 from redis.asyncio import Redis
 
+from consumers.recovery import LOOKBACK_DAYS, SQL_RECENT_SALES, Recovery, server_run_id
+from consumers.sweepers import republish_stale_claims
 from gateway import rediskeys
 from gateway.db import create_pool
+from gateway.flash_events import parse_entry
+from gateway.kafka import OrderProducer
 from gateway.metrics import get_metrics
-from gateway.services import flashsale
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LOOKBACK_DAYS: Final = 7
-
-SQL_RECENT_SALES = """
-SELECT f.*, p.name AS product_name, s.price_cents AS original_price_cents
-FROM flash_sales f JOIN skus s ON s.id = f.sku_id JOIN products p ON p.id = f.product_id
-WHERE f.end_at > now() - make_interval(days => $1) ORDER BY f.id
-"""
 SQL_UNITS_BY_USER = """
-SELECT o.user_id, o.status, o.flash_units_returned, min(o.id) AS first_order,
+SELECT o.user_id, o.status, o.flash_units_returned, count(DISTINCT o.id)::int AS orders,
        sum(i.quantity)::int AS units
 FROM orders o JOIN order_items i ON i.order_id = o.id
 WHERE o.flash_sale_id = $1
 GROUP BY o.user_id, o.status, o.flash_units_returned
 """
 SQL_EXISTING = "SELECT id FROM orders WHERE id = ANY($1::text[])"
-SQL_CANCELLED_IDS = "SELECT id FROM orders WHERE flash_sale_id = $1 AND status = 'cancelled'"
-SQL_MARK_ALL_RETURNED = """
-UPDATE orders SET flash_units_returned = true
-WHERE flash_sale_id = $1 AND status = 'cancelled' AND NOT flash_units_returned
-"""
+HOLDING_NOTHING: Final = ("cancelled", "oversold")
 
 
 @dataclass
@@ -64,6 +63,9 @@ class SaleReport:
     pending_return: int
     moved_out: int
     user_drift: dict[int, tuple[int, int]] = field(default_factory=dict)
+    stale_claims: int = 0
+    oversold: int = 0
+    armed: bool = True
 
     @property
     def drift(self) -> int:
@@ -77,13 +79,26 @@ class SaleReport:
         )
         return self.quantity - counted
 
-    def line(self) -> str:
-        state = (
-            "OK"
-            if self.drift == 0 and not self.user_drift and self.remaining is not None
-            else "DRIFT"
+    @property
+    def ok(self) -> bool:
+        return (
+            self.drift == 0
+            and not self.user_drift
+            and self.remaining is not None
+            and not self.stale_claims
+            and not self.oversold
+            and self.armed
         )
+
+    def line(self) -> str:
+        state = "OK" if self.ok else "DRIFT"
         users = f", users off: {len(self.user_drift)}" if self.user_drift else ""
+        if self.stale_claims:
+            users += f", stale claims: {self.stale_claims}"
+        if self.oversold:
+            users += f", OVERSOLD orders: {self.oversold}"
+        if not self.armed and self.remaining is not None:
+            users += ", recovering (not armed under this Redis run)"
         redis_state = (
             "missing in Redis" if self.remaining is None else f"remaining={self.remaining}"
         )
@@ -99,28 +114,45 @@ def _entry_units(entries: dict[bytes, bytes]) -> tuple[int, dict[int, int]]:
     total = 0
     per_user: dict[int, int] = defaultdict(int)
     for oid, raw in entries.items():
-        ev = flashsale.parse_log_entry(0, oid.decode(), raw)
+        ev = parse_entry(0, oid.decode(), raw)
         total += ev.quantity
         per_user[ev.user_id] += ev.quantity
     return total, per_user
 
 
-async def check_sale(db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record) -> SaleReport:
+async def check_sale(
+    db: asyncpg.Pool,
+    redis: Redis,
+    sale: asyncpg.Record,
+    *,
+    claim_stale_s: int = 30,
+    run_id: str | None = None,
+) -> SaleReport:
     sid = sale["id"]
     h = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.sale(sid)))
     log_entries = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.log(sid)))
     claimed_entries = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.claimed(sid)))
+    claim_times = dict(
+        cast(
+            list[tuple[bytes, float]],
+            await redis.zrange(rediskeys.claim_times(sid), 0, -1, withscores=True),
+        )
+    )
     if claimed_entries:  # written to PostgreSQL but the claim not dropped yet: count once
         written = {
             r["id"] for r in await db.fetch(SQL_EXISTING, [k.decode() for k in claimed_entries])
         }
         claimed_entries = {k: v for k, v in claimed_entries.items() if k.decode() not in written}
+    cutoff = time.time() * 1000 - claim_stale_s * 1000
+    stale = sum(1 for k in claimed_entries if claim_times.get(k, 0) <= cutoff)
     in_log, log_users = _entry_units(log_entries)
     claimed, claimed_users = _entry_units(claimed_entries)
-    live = pending = 0
+    live = pending = oversold = 0
     expected_users: dict[int, int] = defaultdict(int)
     for r in await db.fetch(SQL_UNITS_BY_USER, sid):
-        if r["status"] != "cancelled":
+        if r["status"] == "oversold":
+            oversold += r["orders"]
+        elif r["status"] != "cancelled":
             live += r["units"]
             expected_users[r["user_id"]] += r["units"]
         elif not r["flash_units_returned"]:
@@ -145,84 +177,68 @@ async def check_sale(db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record) -> Sa
         pending_return=pending,
         moved_out=int(h.get(b"moved_out", b"0")) if h else 0,
         user_drift=user_drift if h else {},
+        stale_claims=stale,
+        oversold=oversold,
+        armed=run_id is None or h.get(b"armed") == run_id.encode(),
     )
     get_metrics().drift.labels(str(sid)).set(abs(report.drift))
     return report
-
-
-async def rebuild_sale(
-    db: asyncpg.Pool, redis: Redis, scripts: flashsale.FlashScripts, sale: asyncpg.Record
-) -> dict[str, Any]:
-    """Rewrite one sale's Redis state from PostgreSQL, the record."""
-    sid = sale["id"]
-    live_by_user: dict[int, int] = defaultdict(int)
-    first: dict[int, str] = {}
-    live = 0
-    for r in await db.fetch(SQL_UNITS_BY_USER, sid):
-        if r["status"] != "cancelled":
-            live += r["units"]
-            live_by_user[r["user_id"]] += r["units"]
-            first[r["user_id"]] = min(first.get(r["user_id"], r["first_order"]), r["first_order"])
-    cancelled = [r["id"] for r in await db.fetch(SQL_CANCELLED_IDS, sid)]
-    closed = sale["closed_at"] is not None
-    not_live = sale["quantity"] - live
-    if closed:
-        remaining, moved_out = 0, not_live
-    else:
-        remaining, moved_out = not_live - sale["returned_quantity"], sale["returned_quantity"]
-    pipe = redis.pipeline(transaction=True)
-    pipe.delete(*rediskeys.all_sale_keys(sid))
-    pipe.hset(
-        rediskeys.sale(sid),
-        mapping={
-            "allotment": sale["quantity"],
-            "remaining": remaining,
-            "moved_out": moved_out,
-            "closed": 1 if closed else 0,
-        },
-    )
-    if live_by_user:
-        pipe.hset(rediskeys.users(sid), mapping={str(k): v for k, v in live_by_user.items()})
-        pipe.hset(rediskeys.first_order(sid), mapping={str(k): v for k, v in first.items()})
-    if cancelled:
-        pipe.sadd(rediskeys.returned(sid), *cancelled)
-    await pipe.execute()
-    await db.execute(SQL_MARK_ALL_RETURNED, sid)
-    await flashsale.load_sale(redis, scripts, sale)  # static fields and the sales index
-    return {"sale_id": sid, "remaining": remaining, "moved_out": moved_out, "live": live}
 
 
 async def run(settings: Settings, command: str, repair: bool) -> int:
     db = await create_pool(settings.database, min_size=1, max_size=4)
     redis: Redis = Redis.from_url(settings.redis)
     try:
-        scripts = flashsale.FlashScripts.register(redis)
-        sales = await db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
+        recovery = Recovery(settings, db, redis, get_metrics())
         if command == "rebuild-cache":
-            for sale in sales:
-                print("rebuilt", await rebuild_sale(db, redis, scripts, sale))
+            fenced = await recovery.fence_all()
+            print(f"{fenced} sale(s) fenced; recounting after {recovery.grace_s:.0f}s")
+            await asyncio.sleep(recovery.grace_s)
+            print(f"{await recovery.run_once(force=True)} sale(s) re-armed")
             return 0
-        bad = 0
+        sales = await db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
+        run_id = await server_run_id(redis)
+        bad: list[SaleReport] = []
         for sale in sales:
-            report = await check_sale(db, redis, sale)
+            report = await check_sale(
+                db, redis, sale, claim_stale_s=settings.claim_stale_s, run_id=run_id
+            )
             print(report.line())
             for uid, (have, want) in sorted(report.user_drift.items())[:20]:
                 print(f"    user {uid}: redis={have} expected={want}")
-            if report.drift or report.user_drift or report.remaining is None:
-                bad += 1
-                if repair:
-                    if report.in_log or report.claimed:
-                        print(
-                            f"    not repaired: {report.in_log + report.claimed} unit(s) in "
-                            "flight; stop the gateway and let the consumers drain first"
-                        )
-                    else:
-                        print("    repaired:", await rebuild_sale(db, redis, scripts, sale))
-        print(f"{len(sales)} sale(s) checked, {bad} with drift")
+            if not report.ok:
+                bad.append(report)
+        print(f"{len(sales)} sale(s) checked, {len(bad)} with drift")
+        if bad and repair:
+            await _repair(settings, db, redis, recovery, bad)
         return 1 if bad and not repair else 0
     finally:
         await redis.aclose()
         await db.close()
+
+
+async def _repair(
+    settings: Settings, db: asyncpg.Pool, redis: Redis, recovery: Recovery, bad: list[SaleReport]
+) -> None:
+    if any(r.stale_claims for r in bad):
+        async with OrderProducer(settings) as producer:
+            n = await republish_stale_claims(settings, db, redis, producer, get_metrics())
+        print(f"    repaired: {n} stale claim(s) republished")
+    recount = [r for r in bad if r.drift or r.user_drift or r.remaining is None or not r.armed]
+    if recount:
+        pipe = redis.pipeline(transaction=False)
+        for r in recount:
+            pipe.hdel(rediskeys.sale(r.sale_id), "armed")
+        await pipe.execute()
+        print(f"    {len(recount)} sale(s) fenced; recounting after {recovery.grace_s:.0f}s")
+        await asyncio.sleep(recovery.grace_s)
+        print(f"    repaired: {await recovery.run_once(force=True)} sale(s) re-armed")
+    for r in bad:
+        if r.oversold:
+            print(
+                f"    sale {r.sale_id}: {r.oversold} oversold order(s) need a person: "
+                "they were never payable; tell their shoppers"
+            )
 
 
 def main(settings: Settings, *, command: str, repair: bool) -> int:

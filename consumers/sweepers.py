@@ -3,6 +3,14 @@
 - stranded: reservations whose event never reached Kafka (the gateway died between the
   script and the ack) are published from the reservation log; the consumer's claim and
   ``ON CONFLICT DO NOTHING`` make a double publish harmless.
+- stale claims: a reservation a consumer claimed but never wrote (it died, and the broker
+  lost the event: a memory-only broker restarted) is republished from the claims, or the
+  claim is dropped if its order is in PostgreSQL after all. So every reservation has an
+  owner until its order is in PostgreSQL.
+  Both republish with a per-reservation doubling backoff (capped), and not at all while
+  PostgreSQL is unreachable: the events wait in the topic, republishing adds nothing.
+- recovery: sales not armed under the current Redis run are recounted and re-armed
+  (``consumers/recovery.py``).
 - deadlines: unpaid flash orders past their payment deadline are cancelled
   (``FOR UPDATE SKIP LOCKED`` + a status guard), then their units go back to Redis
   through an idempotent script (a set of returned order ids), exactly once.
@@ -19,10 +27,13 @@ from collections.abc import Awaitable, Callable
 from typing import Final, cast
 
 import asyncpg
+from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from consumers.recovery import Recovery
 from gateway import rediskeys
+from gateway.flash_events import parse_entry
 from gateway.kafka import OrderProducer, PublishFailed
 from gateway.metrics import Metrics
 from gateway.services import flashsale
@@ -52,41 +63,108 @@ SELECT id FROM flash_sales
 WHERE id = ANY($1::bigint[]) AND end_at < now() - interval '1 day'
 """
 SQL_MARK_RETURNED = "UPDATE orders SET flash_units_returned = true WHERE id = ANY($1::text[])"
+SQL_WRITTEN = "SELECT id FROM orders WHERE id = ANY($1::text[])"
 
 
 async def publish_stranded(
     settings: Settings, redis: Redis, producer: OrderProducer, metrics: Metrics
 ) -> int:
     """Publish reservation-log entries older than ``stranded_after_s``."""
-    cutoff = int(time.time() * 1000) - settings.stranded_after_s * 1000
     published = 0
     for raw in await redis.smembers(rediskeys.SALES_INDEX):
         sale_id = int(raw)
-        ids = cast(
-            list[bytes],
-            await redis.zrangebyscore(
-                rediskeys.log_times(sale_id), "-inf", cutoff, start=0, num=STRANDED_BATCH
-            ),
+        published += await _republish(
+            settings,
+            redis,
+            producer,
+            sale_id,
+            times=rediskeys.log_times(sale_id),
+            entries=rediskeys.log(sale_id),
+            after_s=settings.stranded_after_s,
         )
-        if not ids:
-            continue
-        entries = cast(list[bytes | None], await redis.hmget(rediskeys.log(sale_id), ids))
-        events = [
-            flashsale.parse_log_entry(sale_id, oid.decode(), entry)
-            for oid, entry in zip(ids, entries, strict=True)
-            if entry
-        ]
-        if not events:
-            await redis.zrem(rediskeys.log_times(sale_id), *ids)
-            continue
-        await producer.publish_many([(e.key, e.encode()) for e in events])
-        now = int(time.time() * 1000)
-        await redis.zadd(rediskeys.log_times(sale_id), {e.order_id: now for e in events}, xx=True)
-        published += len(events)
-        log.info("sale %d: published %d stranded reservation(s)", sale_id, len(events))
     if published:
         metrics.swept.labels("stranded_published").inc(published)
     return published
+
+
+async def republish_stale_claims(
+    settings: Settings, db: asyncpg.Pool, redis: Redis, producer: OrderProducer, metrics: Metrics
+) -> int:
+    """Republish claims older than ``claim_stale_s`` whose order is not in PostgreSQL."""
+    published = 0
+    for raw in await redis.smembers(rediskeys.SALES_INDEX):
+        sale_id = int(raw)
+        published += await _republish(
+            settings,
+            redis,
+            producer,
+            sale_id,
+            times=rediskeys.claim_times(sale_id),
+            entries=rediskeys.claimed(sale_id),
+            after_s=settings.claim_stale_s,
+            db=db,
+        )
+    if published:
+        metrics.swept.labels("claims_republished").inc(published)
+    return published
+
+
+async def _republish(
+    settings: Settings,
+    redis: Redis,
+    producer: OrderProducer,
+    sale_id: int,
+    *,
+    times: str,
+    entries: str,
+    after_s: int,
+    db: asyncpg.Pool | None = None,
+) -> int:
+    """Publish the entries of ``entries`` due in ``times``, then push each one's next look
+    back by a doubling wait. With ``db``, entries whose order is already written are
+    dropped instead (their consumer died between its commit and dropping the claim)."""
+    now = int(time.time() * 1000)
+    ids = cast(
+        list[bytes],
+        await redis.zrangebyscore(times, "-inf", now - after_s * 1000, start=0, num=STRANDED_BATCH),
+    )
+    if not ids:
+        return 0
+    raw_entries = cast(list[bytes | None], await redis.hmget(entries, ids))
+    events = [
+        parse_entry(sale_id, oid.decode(), entry)
+        for oid, entry in zip(ids, raw_entries, strict=True)
+        if entry
+    ]
+    gone = [oid for oid, entry in zip(ids, raw_entries, strict=True) if not entry]
+    if db is not None and events:
+        written = {r["id"] for r in await db.fetch(SQL_WRITTEN, [e.order_id for e in events])}
+        if written:
+            await redis.hdel(entries, *written)
+            gone += [w.encode() for w in written]
+            events = [e for e in events if e.order_id not in written]
+    if gone:
+        await redis.zrem(times, *gone)
+        await redis.hdel(rediskeys.republished(sale_id), *gone)
+    if not events:
+        return 0
+    await producer.publish_many([(e.key, e.encode()) for e in events])
+    tries_key = rediskeys.republished(sale_id)
+    tries = cast(list[bytes | None], await redis.hmget(tries_key, [e.order_id for e in events]))
+    now = int(time.time() * 1000)
+    due: dict[str, int] = {}
+    counts: dict[str | bytes, int] = {}
+    for e, raw in zip(events, tries, strict=True):
+        n = int(raw or 0) + 1
+        wait_s = min(after_s * 2**n, settings.republish_max_backoff_s)
+        due[e.order_id] = now + (wait_s - after_s) * 1000
+        counts[e.order_id] = n
+    pipe = redis.pipeline(transaction=False)
+    pipe.zadd(times, due, xx=True)
+    pipe.hset(tries_key, mapping=counts)  # type: ignore[arg-type]
+    await pipe.execute()
+    log.info("sale %d: republished %d reservation(s) from %s", sale_id, len(events), entries)
+    return len(events)
 
 
 async def cancel_expired(db: asyncpg.Pool, metrics: Metrics) -> int:
@@ -159,15 +237,22 @@ async def run_sweepers(
     stop: asyncio.Event,
 ) -> None:
     scripts = FlashScripts.register(redis)
+    recovery = Recovery(settings, db, redis, metrics)
     interval = settings.sweep_interval_ms / 1000
+    steps: list[tuple[str, Callable[[], Awaitable[int]]]] = [
+        ("recovery", recovery.run_once),
+        ("stranded", lambda: publish_stranded(settings, redis, producer, metrics)),
+        ("claims", lambda: republish_stale_claims(settings, db, redis, producer, metrics)),
+        ("deadlines", lambda: cancel_expired(db, metrics)),
+        ("returns", lambda: return_cancelled_units(db, redis, scripts, metrics)),
+        ("settle", lambda: settle_ended(db, redis, scripts)),
+    ]
+    republishing = {"stranded", "claims"}
     while not stop.is_set():
-        steps: list[tuple[str, Callable[[], Awaitable[int]]]] = [
-            ("stranded", lambda: publish_stranded(settings, redis, producer, metrics)),
-            ("deadlines", lambda: cancel_expired(db, metrics)),
-            ("returns", lambda: return_cancelled_units(db, redis, scripts, metrics)),
-            ("settle", lambda: settle_ended(db, redis, scripts)),
-        ]
+        db_up = await _reachable(db)
         for name, step in steps:
+            if name in republishing and not db_up:
+                continue  # the events wait in the topic; republishing would only add copies
             try:
                 await step()
             except (
@@ -176,7 +261,18 @@ async def run_sweepers(
                 asyncpg.PostgresError,
                 asyncpg.InterfaceError,
                 PublishFailed,
+                KafkaError,
+                TimeoutError,
             ) as exc:
                 log.warning("sweeper %s failed: %s", name, exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
+
+
+async def _reachable(db: asyncpg.Pool) -> bool:
+    try:
+        async with asyncio.timeout(2):
+            await db.fetchval("SELECT 1")
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    return True

@@ -145,6 +145,11 @@ def start_redis(data_dir: Path, *, port: int | None = None, persist: bool = True
         "no",
         "--appendonly",
         "yes" if persist else "no",
+        # A reply is sent only after its writes are fsynced: a crash of this process or of
+        # the host loses no acknowledged reservation. valkey fsyncs once per event-loop
+        # turn, so the join path's pipelined batches cost one fsync each (BENCHMARKS.md).
+        "--appendfsync",
+        "always",
         "--protected-mode",
         "yes",
         "--maxclients",
@@ -337,6 +342,20 @@ class EmbeddedStack:
         for server in reversed(self.servers):
             server.stop()
         self.servers.clear()
+
+
+def restart_server(stack: EmbeddedStack, name: str, *, durable: bool = True) -> Server:
+    """Start ``name`` again on its port and data folder (it died); returns the new one."""
+    old = stack.get(name)
+    old.stop()
+    starters: dict[str, Callable[[], Server]] = {
+        "redis": lambda: start_redis(stack.root / "redis", port=old.port, persist=durable),
+        "postgres": lambda: start_postgres(stack.root / "postgres", port=old.port, durable=durable),
+        "kafka": lambda: start_kafka(stack.root / "kafka", port=old.port),
+    }
+    new = starters[name]()
+    stack.servers[stack.servers.index(old)] = new
+    return new
 
 
 def start_stack(

@@ -74,3 +74,27 @@ def decode(raw: bytes | None) -> OrderEvent:
     if data["quantity"] < 1:
         raise BadEvent("quantity must be positive")
     return OrderEvent(order_id=order_id, **{n: data[n] for n in _INT_FIELDS})
+
+
+def pack_entry(e: OrderEvent) -> str:
+    """The reservation-log form of an event (what lua/reserve.lua writes)."""
+    return (
+        f"{e.user_id}|{e.sku_id}|{e.product_id}|{e.quantity}|{e.price_cents}"
+        f"|{e.payment_deadline_ms}|{e.reserved_at_ms}"
+    )
+
+
+def parse_entry(sale_id: int, order_id: str, entry: bytes) -> OrderEvent:
+    """An event from its reservation-log form (see :func:`pack_entry`)."""
+    user, sku, product, qty, price, deadline, reserved = entry.decode().split("|")
+    return OrderEvent(
+        order_id=order_id,
+        sale_id=sale_id,
+        user_id=int(user),
+        sku_id=int(sku),
+        product_id=int(product),
+        quantity=int(qty),
+        price_cents=int(price),
+        payment_deadline_ms=int(deadline),
+        reserved_at_ms=int(reserved),
+    )

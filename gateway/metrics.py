@@ -77,6 +77,12 @@ class Metrics:
             "Orders persisted by consumers",
             registry=reg,
         )
+        self.oversold = Counter(
+            "flashsale_consumer_orders_oversold_total",
+            "Accepted flash orders beyond the sale's allotment, kept as status 'oversold' "
+            "(never payable); each one is a broken promise to look at",
+            registry=reg,
+        )
         self.dead_letters = Counter(
             "flashsale_consumer_dead_letters_total",
             "Messages sent to the dead-letter topic",

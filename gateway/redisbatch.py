@@ -10,7 +10,16 @@ neighbours, so the one-round-trip-per-attempt promise holds.
 
 A reply of NOSCRIPT (Redis restarted or flushed its scripts) is retried with EVAL and
 the script's source; a lost connection fails the calls in flight, and the next call
-connects again; a batch that gets no reply within ``timeout_s`` fails with TimeoutError.
+connects again; a batch that gets no reply within ``timeout_s`` fails.
+
+Two kinds of failure are told apart, because the join path answers them differently:
+a call that never left this process fails with :class:`NotSent` (nothing ran: a plain
+"retry later"), a call written to the socket whose reply never came fails with
+:class:`OutcomeUnknown` (the script may have run: the caller must not say "no").
+
+On every (re)connection the server's ``run_id`` is read (``INFO server``) and kept in
+:attr:`ScriptBatcher.run_id`: a restart or a failover changes it, and the reservation
+script refuses a sale armed under another run id (see ``lua/reserve.lua``).
 """
 
 from __future__ import annotations
@@ -24,10 +33,30 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 MAX_BATCH: Final = 512
 DEFAULT_TIMEOUT_S: Final = 5.0
+SUPPORTED_SCHEMES: Final = ("redis",)
+
+
+class NotSent(RedisConnectionError):
+    """The call was never written to Redis: it did not run."""
+
+
+class OutcomeUnknown(RedisError):
+    """The call was written but its reply never came: it may or may not have run."""
+
+
+def run_id_of(info: bytes | str | dict[str, Any]) -> str:
+    """The ``run_id`` of an ``INFO server`` reply (raw, or as redis-py parses it)."""
+    if isinstance(info, dict):
+        return str(info["run_id"])
+    text = info.decode() if isinstance(info, bytes) else info
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line[7:].strip()
+    raise ValueError("INFO server has no run_id")
 
 
 def pack(args: Sequence[Any]) -> bytes:
@@ -47,7 +76,9 @@ def pack(args: Sequence[Any]) -> bytes:
 class _Call:
     __slots__ = ("args", "fut", "script")
 
-    def __init__(self, script: AsyncScript, args: list[Any], fut: asyncio.Future[Any]) -> None:
+    def __init__(
+        self, script: AsyncScript | None, args: list[Any], fut: asyncio.Future[Any]
+    ) -> None:
         self.script = script
         self.args = args
         self.fut = fut
@@ -73,7 +104,7 @@ class _Protocol(asyncio.Protocol):
             owner._reply(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._owner._lost(exc)
+        self._owner._lost(self, exc)
 
 
 class ScriptBatcher:
@@ -83,7 +114,7 @@ class ScriptBatcher:
         self, url: str, *, max_batch: int = MAX_BATCH, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "redis":
+        if parts.scheme not in SUPPORTED_SCHEMES:
             raise ValueError("the join path supports redis:// URLs")
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
@@ -100,6 +131,7 @@ class ScriptBatcher:
         self._scheduled = False
         self.round_trips = 0  # writes carrying at least one script call
         self.calls = 0  # script calls carried
+        self.run_id = ""  # of the server this connection reached (INFO server)
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
@@ -114,24 +146,57 @@ class ScriptBatcher:
                     self._timeout_s,
                 )
             except (OSError, TimeoutError) as exc:
-                raise RedisConnectionError(f"cannot reach Redis: {exc}") from exc
-            self._protocol = protocol
+                raise NotSent(f"cannot reach Redis: {exc}") from exc
+            # The handshake's replies come back in order before any call's: AUTH and
+            # SELECT are skipped, INFO gives the run id. Callers wait on the lock until
+            # the run id is known, so no call carries a stale one.
+            handshake: list[bytes] = []
             if self._password is not None:
                 auth = [self._username, self._password] if self._username else [self._password]
-                self._buffer.append(pack(["AUTH", *auth]))
-                self._queued.append(None)
+                handshake.append(pack(["AUTH", *auth]))
             if self._db:
-                self._buffer.append(pack(["SELECT", self._db]))
-                self._queued.append(None)
+                handshake.append(pack(["SELECT", self._db]))
+            info: asyncio.Future[Any] = loop.create_future()
+            handshake.append(pack(["INFO", "server"]))
+            self._inflight.extend([None] * (len(handshake) - 1))
+            self._inflight.append(_Call(None, [], info))
+            assert protocol.transport is not None
+            protocol.transport.write(b"".join(handshake))
+            try:
+                self.run_id = run_id_of(await asyncio.wait_for(info, self._timeout_s))
+            except (RedisError, ValueError, TimeoutError) as exc:
+                self._inflight.clear()
+                if protocol.transport is not None:
+                    protocol.transport.close()
+                raise NotSent(f"cannot read the Redis run id: {exc}") from exc
+            self._protocol = protocol
             return protocol
 
-    async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA ``script`` (connecting first if needed) and return its reply."""
+    async def connect(self) -> None:
+        """Connect now (the first call otherwise does): learns :attr:`run_id`."""
+        if self._protocol is None:
+            await self._connect()
+
+    async def call(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        with_run_id: bool = False,
+    ) -> Any:
+        """EVALSHA ``script`` (connecting first if needed) and return its reply.
+
+        ``with_run_id`` appends the run id of the server the call is sent to as the last
+        argument, read at send time, so a script can refuse state armed by another run.
+        """
         if self._protocol is None:
             await self._connect()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         command = ["EVALSHA", script.sha, len(keys), *keys, *args]
+        if with_run_id:
+            command.append(self.run_id)
         self._buffer.append(pack(command))
         self._queued.append(_Call(script, command, fut))
         self.calls += 1
@@ -150,7 +215,7 @@ class ScriptBatcher:
         batch, self._queued = self._queued, []
         data, self._buffer = b"".join(self._buffer), []
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
-            self._fail(batch, RedisConnectionError("connection to Redis lost"))
+            self._fail(batch, NotSent("connection to Redis lost before the call was sent"))
             return
         self.round_trips += 1
         self._inflight.extend(batch)
@@ -161,7 +226,7 @@ class ScriptBatcher:
     def _expire(self, batch: list[_Call | None]) -> None:
         late = [c for c in batch if c is not None and not c.fut.done()]
         if late:
-            self._fail(late, TimeoutError("Redis did not answer in time"))
+            self._fail(late, OutcomeUnknown("Redis did not answer in time"))
             # replies may still come for them: they are matched and dropped (fut done)
 
     def _reply(self, reply: Any) -> None:
@@ -180,18 +245,20 @@ class ScriptBatcher:
     def _retry_with_source(self, call: _Call) -> None:
         """EVAL with the source once; Redis caches the script for the EVALSHAs after it."""
         protocol = self._protocol
-        if protocol is None or protocol.transport is None:
+        if protocol is None or protocol.transport is None or call.script is None:
             call.fut.set_exception(NoScriptError("script not loaded and connection lost"))
             return
         command = ["EVAL", call.script.script, *call.args[2:]]
         self._inflight.append(call)
         protocol.transport.write(pack(command))
 
-    def _lost(self, exc: Exception | None) -> None:
+    def _lost(self, protocol: _Protocol, exc: Exception | None) -> None:
+        if self._protocol is not None and self._protocol is not protocol:
+            return  # an earlier connection, closed after a failed handshake
         self._protocol = None
         pending = [c for c in self._inflight if c is not None]
         self._inflight.clear()
-        self._fail(pending, RedisConnectionError(f"connection to Redis lost: {exc}"))
+        self._fail(pending, OutcomeUnknown(f"connection to Redis lost: {exc}"))
 
     @staticmethod
     def _fail(calls: Sequence[_Call | None], exc: Exception) -> None:
@@ -204,5 +271,5 @@ class ScriptBatcher:
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
-        self._fail(list(self._inflight), RedisConnectionError("closed"))
+        self._fail(list(self._inflight), OutcomeUnknown("closed"))
         self._inflight.clear()

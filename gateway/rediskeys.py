@@ -43,6 +43,17 @@ def claimed(sale_id: int) -> str:
     return _tag(sale_id) + ":claimed"
 
 
+def claim_times(sale_id: int) -> str:
+    """Sorted set: claimed order id scored by when it was claimed, or when the sweeper
+    next looks at it after republishing it (ms)."""
+    return _tag(sale_id) + ":claimt"
+
+
+def republished(sale_id: int) -> str:
+    """Hash: order id → how many times the sweeper republished it (its backoff step)."""
+    return _tag(sale_id) + ":tries"
+
+
 def voided(sale_id: int) -> str:
     """Set: order ids released before any consumer claimed them (never to be persisted)."""
     return _tag(sale_id) + ":void"
@@ -74,6 +85,8 @@ def all_sale_keys(sale_id: int) -> list[str]:
         log(sale_id),
         log_times(sale_id),
         claimed(sale_id),
+        claim_times(sale_id),
+        republished(sale_id),
         voided(sale_id),
         returned(sale_id),
         idempotency(sale_id),
@@ -105,12 +118,32 @@ def release_keys(sale_id: int) -> list[str]:
         log_times(sale_id),
         voided(sale_id),
         idempotency(sale_id),
+        claimed(sale_id),
     ]
 
 
 def claim_keys(sale_id: int) -> list[str]:
     """lua/claim.lua"""
-    return [log(sale_id), log_times(sale_id), claimed(sale_id), voided(sale_id)]
+    return [
+        log(sale_id),
+        log_times(sale_id),
+        claimed(sale_id),
+        voided(sale_id),
+        claim_times(sale_id),
+    ]
+
+
+def rearm_keys(sale_id: int) -> list[str]:
+    """lua/sale_rearm.lua"""
+    return [
+        sale(sale_id),
+        users(sale_id),
+        first_order(sale_id),
+        log(sale_id),
+        log_times(sale_id),
+        claimed(sale_id),
+        returned(sale_id),
+    ]
 
 
 def return_units_keys(sale_id: int) -> list[str]:

@@ -1,11 +1,13 @@
 """Lua scripts: loaded once from ``lua/*.lua`` and registered on a client.
 
 Calls go through redis-py's script objects: EVALSHA, with a reload on NOSCRIPT
-(after a Redis restart or SCRIPT FLUSH).
+(after a Redis restart or SCRIPT FLUSH). Each script's result codes are named by one
+``IntEnum`` here; ``tests/test_scripts.py`` holds each enum against its script's header.
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
 from functools import cache
 from importlib import resources
 
@@ -21,3 +23,45 @@ def source(name: str) -> str:
 
 def register(client: Redis, name: str) -> AsyncScript:
     return client.register_script(source(name))
+
+
+class Reserve(IntEnum):
+    """lua/reserve.lua's status codes."""
+
+    RESERVED = 0
+    REPLAY = 1
+    IDEMPOTENCY_MISMATCH = 2
+    USER_RATE_LIMITED = 3
+    IP_RATE_LIMITED = 4
+    NOT_STARTED = 5
+    ENDED = 6
+    LIMIT_EXCEEDED = 7
+    SOLD_OUT = 8
+    INSUFFICIENT = 9
+    UNKNOWN_SALE = 10
+    RECOVERING = 11
+
+
+class Claim(IntEnum):
+    """lua/claim.lua's per-order codes."""
+
+    NOT_IN_REDIS = 0
+    CLAIMED = 1
+    ALREADY_CLAIMED = 2
+    VOIDED = 3
+
+
+class Rearm(IntEnum):
+    """lua/sale_rearm.lua's result."""
+
+    RUN_CHANGED = -1
+    ALREADY_ARMED = 0
+    ARMED = 1
+
+
+class Release(IntEnum):
+    """lua/release.lua's result."""
+
+    CLAIMED = 0
+    RELEASED = 1
+    NOT_FOUND = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import logging
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
 
 from aiohttp import web
 
@@ -147,20 +150,90 @@ def serve_multi(settings: Settings) -> int:
     return supervise([sys.executable, "-m", "gateway", "worker"], env, settings.workers)
 
 
+CRASH_LOOP_DEATHS: Final = 5  # this many deaths of one child …
+CRASH_LOOP_WINDOW_S: Final = 60.0  # … within this long is a crash loop: stop, say why
+RESTART_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class CrashLoop(Exception):
+    """A supervised process keeps dying: restarting it again would only hide why."""
+
+
+@dataclass
+class Supervised:
+    """A child the supervisor keeps running: crash-only, restarted with a backoff."""
+
+    name: str
+    start: Callable[[], subprocess.Popen[bytes]]
+    proc: subprocess.Popen[bytes] | None = None
+    deaths: collections.deque[float] = field(default_factory=collections.deque)
+    restart_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.proc is None:
+            self.proc = self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check(self, now: float) -> None:
+        """Notice a death (schedule the restart) or restart when its backoff is over."""
+        assert self.proc is not None
+        if self.restart_at is None:
+            code = self.proc.poll()
+            if code is None:
+                return
+            while self.deaths and now - self.deaths[0] > CRASH_LOOP_WINDOW_S:
+                self.deaths.popleft()
+            self.deaths.append(now)
+            if len(self.deaths) >= CRASH_LOOP_DEATHS:
+                raise CrashLoop(
+                    f"{self.name} exited {len(self.deaths)} times in "
+                    f"{CRASH_LOOP_WINDOW_S:.0f}s (last exit code {code}); stopping"
+                )
+            delay = RESTART_BACKOFF_S[min(len(self.deaths), len(RESTART_BACKOFF_S)) - 1]
+            log.error(
+                "%s (pid %d) exited with %s; restarting it in %.1fs",
+                self.name,
+                self.proc.pid,
+                code,
+                delay,
+            )
+            self.restart_at = now + delay
+        elif now >= self.restart_at:
+            self.restart_at = None
+            self.proc = self.start()
+            log.warning("%s restarted as pid %d", self.name, self.proc.pid)
+
+
+def keep_alive(children: list[Supervised]) -> None:
+    """One supervision pass over ``children``; raises CrashLoop."""
+    now = time.monotonic()
+    for child in children:
+        child.check(now)
+
+
+def processes(children: list[Supervised]) -> list[subprocess.Popen[bytes]]:
+    return [c.proc for c in children if c.proc is not None]
+
+
 def supervise(args: list[str], env: dict[str, str], count: int) -> int:
-    """Run ``count`` copies of ``args``; stop them all on SIGTERM/SIGINT (0) or as soon as
-    one of them exits (1)."""
+    """Run ``count`` copies of ``args``; a copy that dies is restarted (crash-only), so one
+    crash never takes its siblings down. Stops them all on SIGTERM/SIGINT (0), or when one
+    crash-loops (1, with one line saying which)."""
     flag = StopFlag()
-    children = [spawn(args, env) for _ in range(count)]
+    children = [Supervised(f"worker {i + 1}", lambda: spawn(args, env)) for i in range(count)]
     try:
         while not flag:
-            for child in children:
-                if child.poll() is not None:
-                    log.error("worker %d exited with %s; stopping", child.pid, child.returncode)
-                    return 1
+            keep_alive(children)
             time.sleep(0.2)
+    except CrashLoop as exc:
+        print(f"flashsale: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
-        stop_children(children)
+        stop_children(processes(children))
     return 0
 
 

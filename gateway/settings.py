@@ -147,6 +147,8 @@ class Settings:
     rate_ip_per_s: float = 200.0
     rate_ip_burst: int = 400
     stranded_after_s: int = 5
+    claim_stale_s: int = 30
+    republish_max_backoff_s: int = 60
     sweep_interval_ms: int = 1000
     payment_secret: str | None = None
     metrics_port: int = 9101
@@ -201,6 +203,8 @@ class Settings:
             rate_ip_per_s=_float(e, "RATE_IP_PER_S", 200.0, 0.001, 1e7),
             rate_ip_burst=_int(e, "RATE_IP_BURST", 400, 1, 10_000_000),
             stranded_after_s=_int(e, "STRANDED_AFTER_S", 5, 1, 3600),
+            claim_stale_s=_int(e, "CLAIM_STALE_S", 30, 1, 86_400),
+            republish_max_backoff_s=_int(e, "REPUBLISH_MAX_BACKOFF_S", 60, 1, 86_400),
             sweep_interval_ms=_int(e, "SWEEP_INTERVAL_MS", 1000, 10, 600_000),
             payment_secret=_get(e, "PAYMENT_SECRET"),
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),

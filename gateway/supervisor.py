@@ -4,6 +4,10 @@ Starts the embedded servers for whichever of the three URLs is unset, applies th
 migrations, loads the demo data, starts the gateway workers and the consumers,
 prints how to use it, and on Ctrl-C or SIGTERM stops everything it started, in
 order: gateway first (no new orders), consumers next (they drain), servers last.
+
+Crash-only: a worker, the consumer or an embedded server that dies is restarted (with a
+backoff and a log line) and the rest keep running; ``up`` stops by itself only when one
+of them crash-loops, and says so in one line.
 """
 
 from __future__ import annotations
@@ -12,17 +16,23 @@ import fcntl
 import logging
 import os
 import secrets
+import signal
+import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import IO
 
-from gateway.embedded import EmbeddedStack, start_stack
+from gateway.embedded import EmbeddedStack, restart_server, start_stack
 from gateway.server import (
+    CrashLoop,
     StopFlag,
+    Supervised,
     child_env,
     ensure_multiproc_dir,
+    keep_alive,
+    processes,
     run_loop,
     spawn,
     stop_children,
@@ -61,9 +71,10 @@ async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
         await pool.close()
 
 
-def _wait_ready(url: str, timeout_s: float) -> bool:
+def _wait_ready(url: str, timeout_s: float, children: list[Supervised]) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        keep_alive(children)
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
                 if resp.status == 200:
@@ -72,6 +83,40 @@ def _wait_ready(url: str, timeout_s: float) -> bool:
             pass
         time.sleep(0.1)
     return False
+
+
+def _server_keeper(
+    stack: EmbeddedStack, name: str, settings: Settings, clients: list[Supervised]
+) -> Supervised:
+    """An embedded server kept running on its port and folder.
+
+    A restarted broker is memory-only: it comes back empty, and the sweepers republish
+    what Redis still holds. While it starts, the clients are paused (SIGSTOP), so that
+    none of them auto-creates the orders topic with the broker's default partition count
+    before ``ensure_topics`` creates it with ``FLASHSALE_KAFKA_PARTITIONS``.
+    """
+
+    def start() -> subprocess.Popen[bytes]:
+        if name != "kafka":
+            return restart_server(stack, name).proc
+        paused = [p for p in processes(clients) if p.poll() is None]
+        for p in paused:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            server = restart_server(stack, name)
+
+            async def topics() -> None:
+                from gateway.kafka import ensure_topics
+
+                await ensure_topics(settings)
+
+            run_loop(topics)
+        finally:
+            for p in paused:
+                p.send_signal(signal.SIGCONT)
+        return server.proc
+
+    return Supervised(f"embedded {name}", start, proc=stack.get(name).proc)
 
 
 class DataDirBusy(Exception):
@@ -125,7 +170,8 @@ def up(settings: Settings, *, demo: bool = True) -> int:
 def _up(settings: Settings, root: Path, *, demo: bool) -> int:
     started = time.monotonic()
     stack: EmbeddedStack | None = None
-    children = []
+    children: list[Supervised] = []
+    consumers: list[Supervised] = []
     flag = StopFlag()
     try:
         need = {
@@ -151,31 +197,44 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         run_loop(_prepare)
         ensure_multiproc_dir(str(root / "metrics"))
         env = child_env(settings)
-        for _ in range(settings.workers):
-            children.append(spawn([sys.executable, "-m", "gateway", "worker"], env))
+        for i in range(settings.workers):
+            children.append(
+                Supervised(
+                    f"gateway worker {i + 1}",
+                    lambda: spawn([sys.executable, "-m", "gateway", "worker"], env),
+                )
+            )
         # the gateway's /metrics already aggregates the consumer's samples (multiprocess dir)
-        consumer = spawn(
-            [sys.executable, "-m", "gateway", "consume"], {**env, "FLASHSALE_METRICS_PORT": "0"}
+        consumer_env = {**env, "FLASHSALE_METRICS_PORT": "0"}
+        consumers.append(
+            Supervised(
+                "consumer",
+                lambda: spawn([sys.executable, "-m", "gateway", "consume"], consumer_env),
+            )
         )
+        servers = (
+            [_server_keeper(stack, s.name, settings, children + consumers) for s in stack.servers]
+            if stack is not None
+            else []
+        )
+        everything = servers + children + consumers
         base = f"http://{settings.http_host}:{settings.http_port}"
-        if not _wait_ready(base + "/readyz", 60):
+        if not _wait_ready(base + "/readyz", 60, everything):
             log.error("gateway did not become ready at %s/readyz", base)
             return 1
         _banner(settings, base, demo_info, servers_s, time.monotonic() - started, stack)
         while not flag:
-            dead = [c for c in [*children, consumer] if c.poll() is not None]
-            if dead:
-                log.error(
-                    "process %d exited with %s; stopping the stack", dead[0].pid, dead[0].returncode
-                )
-                return 1
+            keep_alive(everything)
             time.sleep(0.2)
+    except CrashLoop as exc:
+        print(f"flashsale: {exc}", file=sys.stderr, flush=True)
+        return 1
+    else:
         print("\nstopping…", flush=True)
         return 0
     finally:
-        stop_children(children)  # gateway first: no new orders
-        if "consumer" in locals():
-            stop_children([consumer], timeout_s=30)
+        stop_children(processes(children))  # gateway first: no new orders
+        stop_children(processes(consumers), timeout_s=30)
         if stack is not None:
             stack.stop()
 

@@ -375,8 +375,10 @@ def redis_rows(env: Env, plan: Plan) -> list[Row]:
         raise Skip(str(exc)) from None
     sale_id, start = create_sale(env, 100_000_000, 1, starts_in_s=0.5)
     _wait_until(start)
-    keys, args = redis_ceiling.reserve_script_call(sale_id, "__rand_int__")
     redis_url = env.settings.redis
+    keys, args = redis_ceiling.reserve_script_call(
+        sale_id, "__rand_int__", redis_ceiling.server_run_id(redis_url)
+    )
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     try:
         results = redis_ceiling.run_script(

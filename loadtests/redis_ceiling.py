@@ -22,6 +22,7 @@ from typing import Any
 from redis import Redis
 
 from gateway import rediskeys
+from gateway.redisbatch import run_id_of
 
 RESERVE_SCRIPT = Path(__file__).resolve().parent.parent / "lua" / "reserve.lua"
 
@@ -44,18 +45,29 @@ class RedisBenchResult:
         return asdict(self)
 
 
-def reserve_script_call(sale_id: int, user_id: int | str) -> tuple[list[str], list[str]]:
+def reserve_script_call(
+    sale_id: int, user_id: int | str, run_id: str = ""
+) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of one ``lua/reserve.lua`` call for ``user_id`` joining ``sale_id``.
 
     ``user_id`` may be the string ``"__rand_int__"`` so that redis-benchmark gives each
     call a different user (and order id). The layout mirrors
     ``gateway.services.flashsale.join``; the per-IP bucket is made wide so that one
-    loopback client measures the script, not the limiter.
+    loopback client measures the script, not the limiter. ``run_id`` is the server's
+    (``INFO server``), as the gateway's connection passes it: the script's fence.
     """
     uid = str(user_id)
     keys = rediskeys.reserve_keys(sale_id, uid, "127.0.0.1")
-    args = [uid, "1", "9" + uid, "", "bench", "5", "10", "1000000000", "1000000000"]
+    args = [uid, "1", "9" + uid, "", "bench", "5", "10", "1000000000", "1000000000", run_id]
     return keys, args
+
+
+def server_run_id(redis_url: str) -> str:
+    client = Redis.from_url(redis_url)
+    try:
+        return run_id_of(client.info("server"))
+    finally:
+        client.close()
 
 
 def drop_sale(redis_url: str, sale_id: int) -> None:

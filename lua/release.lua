@@ -2,10 +2,13 @@
 -- KEYS[1] sale  KEYS[2] users  KEYS[3] first order  KEYS[4] log  KEYS[5] log times
 -- KEYS[6] void  KEYS[7] idempotency
 -- ARGV[1] order id  ARGV[2] user id  ARGV[3] quantity  ARGV[4] idempotency field ("" = none)
--- Returns 1 if released; 0 if a consumer already claimed it (the order stands).
+-- KEYS[8] claimed
+-- Returns (gateway/scripts.py Release) 1 if released; 0 if a consumer already claimed it
+-- (the order stands); 2 if it is nowhere (Redis lost it: whether it stands is unknown).
 local order_id, user, qty = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HDEL', KEYS[4], order_id) == 0 then
-  return 0
+  if redis.call('HEXISTS', KEYS[8], order_id) == 1 then return 0 end
+  return 2
 end
 redis.call('ZREM', KEYS[5], order_id)
 redis.call('SADD', KEYS[6], order_id)

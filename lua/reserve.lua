@@ -3,12 +3,13 @@
 -- KEYS[6] idempotency KEYS[7] user rate bucket            KEYS[8] ip rate bucket
 -- ARGV[1] user id  ARGV[2] quantity  ARGV[3] order id  ARGV[4] idempotency field ("" = none)
 -- ARGV[5] body fingerprint  ARGV[6] user rate/s  ARGV[7] user burst  ARGV[8] ip rate/s
--- ARGV[9] ip burst
--- Returns {status, a, b, c}; gateway/services/flashsale.py maps status to an outcome:
+-- ARGV[9] ip burst  ARGV[10] run id of this server, as the caller's connection read it
+-- Returns {status, a, b, c}; gateway/scripts.py Reserve names each status:
 --  0 reserved {order_id, deadline_ms, remaining}   1 replay {order_id, deadline_ms}
 --  2 idempotency mismatch   3 user rate limited {retry_ms}   4 ip rate limited {retry_ms}
 --  5 not started   6 ended   7 limit exceeded {first order id}   8 sold out
---  9 insufficient {remaining}   10 unknown sale
+--  9 insufficient {remaining}   10 unknown sale   11 recovering (the sale was armed by
+--  another run of Redis: it may have lost writes since; counters wait for a re-arm)
 local user, qty, order_id, idem = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
 if idem ~= '' then
@@ -21,6 +22,12 @@ if idem ~= '' then
     end
     return {1, string.sub(seen, 1, sep1 - 1), string.sub(seen, sep2 + 1)}
   end
+end
+
+local armed = redis.call('HGET', KEYS[1], 'armed')
+if armed ~= ARGV[10] then
+  if armed == false and redis.call('EXISTS', KEYS[1]) == 0 then return {10} end
+  return {11}
 end
 
 local t = redis.call('TIME')

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
 from consumers import reconcile
+from consumers.recovery import server_run_id
 from consumers.runner import run_consumers
 from consumers.sweepers import cancel_expired, retire_old_sales, return_cancelled_units
 from gateway import appkeys, rediskeys
@@ -269,7 +270,9 @@ async def test_stranded_reservation_is_published(
     rt = client.app[FLASH]
     order_id = client.app[appkeys.ORDER_IDS].next(user)
     keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
-    res = await rt.scripts.reserve(keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100])
+    res = await rt.scripts.reserve(
+        keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis)]
+    )
     assert int(res[0]) == 0
     await eventually(lambda: _equals(count_orders(db, sale_id), 1), timeout_s=30)
     assert await db.fetchval("SELECT id FROM orders WHERE flash_sale_id = $1", sale_id) == order_id
@@ -448,7 +451,10 @@ async def test_reservation_that_breaks_a_rule_is_released_not_republished(
     rt = client.app[FLASH]
     keys = rediskeys.reserve_keys(sale_id, ghost, "127.0.0.1")
     order_id = client.app[appkeys.ORDER_IDS].next(ghost)
-    await rt.scripts.reserve(keys=keys, args=[ghost, 1, order_id, "", "fp", 5, 10, 100, 100])
+    await rt.scripts.reserve(
+        keys=keys,
+        args=[ghost, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(rt.redis)],
+    )
     assert await remaining_of(redis, sale_id) == 4
 
     async def released() -> bool:

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from consumers import reconcile
+from consumers.recovery import server_run_id
 from gateway import appkeys, rediskeys
 from gateway.auth import TokenService
 from gateway.services.flashsale import FLASH
@@ -293,7 +294,9 @@ async def test_flash_order_through_the_order_routes(
     order_id = app[appkeys.ORDER_IDS].next(user)
     keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
     # reserved but not yet published: what a shopper sees right after the 202
-    await rt.scripts.reserve(keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100])
+    await rt.scripts.reserve(
+        keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis)]
+    )
     resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))
     assert resp.status == 200
     assert (await resp.json())["data"]["status"] == "queued"

@@ -145,7 +145,7 @@ async def join(request: web.Request) -> web.Response:
         raise NotStarted(data={"start_time": sale.public(now)["start_time"]})
     if now >= sale.end_ms or sale.closed:
         raise SaleEnded
-    if sale.remaining <= 0:
+    if sale.remaining <= 0 and not sale.recovering:
         raise SoldOut
     body: Any = await read_json(request)
     if type(body) is dict and len(body) == 1 and type(body.get("quantity")) is int:

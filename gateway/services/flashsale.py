@@ -33,10 +33,10 @@ from gateway.errors import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from gateway.flash_events import OrderEvent
+from gateway.flash_events import OrderEvent, parse_entry
 from gateway.kafka import OrderProducer, PublishFailed
-from gateway.redisbatch import ScriptBatcher
-from gateway.scripts import register
+from gateway.redisbatch import OutcomeUnknown, ScriptBatcher, run_id_of
+from gateway.scripts import Release, Reserve, register
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class SaleState:
     remaining: int
     moved_out: int
     closed: bool
+    recovering: bool = False  # not armed under the current Redis run (see reserve.lua)
 
     @property
     def sold_out(self) -> bool:
@@ -188,7 +189,7 @@ class SaleState:
         }
 
     @classmethod
-    def from_hash(cls, sale_id: int, h: dict[Any, Any]) -> SaleState:
+    def from_hash(cls, sale_id: int, h: dict[Any, Any], run_id: bytes = b"") -> SaleState:
         def i(name: str) -> int:
             return int(h[name.encode()])
 
@@ -207,6 +208,7 @@ class SaleState:
             remaining=i("remaining"),
             moved_out=i("moved_out"),
             closed=h.get(b"closed") == b"1",
+            recovering=bool(run_id) and h.get(b"armed") != run_id,
         )
 
 
@@ -230,6 +232,7 @@ class SaleCache:
         self._redis = redis
         self.sales: dict[int, SaleState] = {}
         self._misses: dict[int, float] = {}
+        self.run_id = b""
 
     async def refresh(self) -> None:
         ids = sorted(int(x) for x in await self._redis.smembers(rediskeys.SALES_INDEX))
@@ -237,12 +240,15 @@ class SaleCache:
             self.sales = {}
             return
         pipe = self._redis.pipeline(transaction=False)
+        pipe.execute_command("INFO", "server")
         for sale_id in ids:
             pipe.hgetall(rediskeys.sale(sale_id))
+        info, *hashes = await pipe.execute()
+        self.run_id = run_id_of(info).encode()
         fresh: dict[int, SaleState] = {}
-        for sale_id, h in zip(ids, await pipe.execute(), strict=True):
+        for sale_id, h in zip(ids, hashes, strict=True):
             if h and b"sku" in h:
-                fresh[sale_id] = SaleState.from_hash(sale_id, h)
+                fresh[sale_id] = SaleState.from_hash(sale_id, h, self.run_id)
         self.sales = fresh
 
     async def get(self, sale_id: int) -> SaleState | None:
@@ -258,7 +264,7 @@ class SaleCache:
                 self._misses.clear()
             self._misses[sale_id] = time.monotonic()
             return None
-        state = SaleState.from_hash(sale_id, h)
+        state = SaleState.from_hash(sale_id, h, self.run_id)
         self.sales[sale_id] = state
         return state
 
@@ -323,9 +329,18 @@ async def flash_ctx(app: web.Application) -> Any:
 
 # --- Sale lifecycle --------------------------------------------------------------------------
 async def load_sale(
-    redis: Redis, scripts: FlashScripts, row: asyncpg.Record | dict[str, Any]
+    redis: Redis,
+    scripts: FlashScripts,
+    row: asyncpg.Record | dict[str, Any],
+    *,
+    new: bool = False,
 ) -> int:
-    """Write a sale's state into Redis (idempotent); returns remaining."""
+    """Write a sale's state into Redis (idempotent); returns remaining.
+
+    ``new``: the sale was just created, so its counters are the allotment and it is armed
+    under the current Redis run. Otherwise a sale missing from Redis is written unarmed
+    (see ``lua/sale_load.lua`` and ``consumers/recovery.py``).
+    """
     static: list[Any] = [
         "sku",
         row["sku_id"],
@@ -347,7 +362,8 @@ async def load_sale(
         row["payment_window_s"] * 1000,
     ]
     result = await scripts.load(
-        keys=[rediskeys.sale(row["id"])], args=[row["id"], row["quantity"], *static]
+        keys=[rediskeys.sale(row["id"])],
+        args=[row["id"], row["quantity"], 1 if new else 0, *static],
     )
     await redis.sadd(rediskeys.SALES_INDEX, row["id"])
     if row["closed_at"] is not None:
@@ -395,7 +411,7 @@ async def create_sale(
         await conn.execute(SQL_LEDGER, sku_id, None, -quantity, "flash_allot", sale["id"])
     row = await db.fetchrow(SQL_SALE, sale["id"])
     assert row is not None
-    await load_sale(redis, scripts, row)
+    await load_sale(redis, scripts, row, new=True)
     return await sale_view(db, redis, sale["id"])
 
 
@@ -491,6 +507,28 @@ class LimitExceeded(Conflict):
     default_message = "per-user limit reached for this sale"
 
 
+class SaleRecovering(ServiceUnavailable):
+    code = "SALE_RECOVERING"
+    retriable = True
+    default_message = (
+        "the sale's stock is being recounted after a store restart; retry in a few seconds"
+    )
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "2"})
+
+
+class OutcomeUnknownError(ServiceUnavailable):
+    """The reservation may or may not have been made: never a "no"."""
+
+    code = "OUTCOME_UNKNOWN"
+    retriable = True
+    default_message = (
+        "we could not confirm this join: retry with the same Idempotency-Key, "
+        "or look at your orders before joining again"
+    )
+
+
 class IdempotencyMismatch(AppError):
     code = "IDEMPOTENCY_MISMATCH"
     http_status = 422
@@ -544,12 +582,15 @@ async def join(
         s.rate_ip_burst,
     ]
     try:
-        res = await rt.batcher.call(rt.scripts.reserve, keys, args)
+        res = await rt.batcher.call(rt.scripts.reserve, keys, args, with_run_id=True)
+    except OutcomeUnknown as exc:
+        log.warning("reserve for order %s: outcome unknown (%s)", order_id, exc)
+        raise OutcomeUnknownError(data={"order_id": order_id}) from None
     except (RedisError, OSError) as exc:
         log.warning("reserve failed: %s", exc)
         raise ServiceUnavailable("reservation store unavailable; retry later") from None
-    status = int(res[0])
-    if status == 0:
+    status = Reserve(int(res[0]))
+    if status is Reserve.RESERVED:
         deadline = int(res[2])
         sale.remaining = int(res[3])  # the sold-out flag for this worker is set at once
         event = OrderEvent(
@@ -567,76 +608,69 @@ async def join(
             await rt.producer.publish(event.key, event.encode())
         except PublishFailed as exc:
             log.warning("order %s not acknowledged by the broker (%s); releasing", order_id, exc)
-            if await _compensate(rt, sid, order_id, user_id, quantity, idem_field):
+            released = await _compensate(rt, sid, order_id, user_id, quantity, idem_field)
+            if released is Release.RELEASED:
                 raise ServiceUnavailable(
                     "the order queue did not acknowledge in time; nothing was reserved, retry"
                 ) from None
+            if released is not Release.CLAIMED:
+                raise OutcomeUnknownError(data={"order_id": order_id}) from None
+            # a consumer already claimed it: the event did reach the broker, the order stands
         return JoinResult(order_id, deadline, replayed=False)
-    if status == 1:
+    if status is Reserve.REPLAY:
         return JoinResult(res[1].decode(), int(res[2]), replayed=True)
     raise _rejection(rt, sid, status, res)
 
 
 async def _compensate(
     rt: FlashRuntime, sid: int, order_id: str, user_id: int, quantity: int, idem_field: str
-) -> bool:
-    """Release the reservation; False if a consumer had already claimed it (order stands)."""
+) -> Release | None:
+    """Release the reservation; None when Redis did not answer (outcome unknown)."""
     keys = rediskeys.release_keys(sid)
     try:
-        released = await rt.scripts.release(
-            keys=keys, args=[order_id, user_id, quantity, idem_field]
+        return Release(
+            int(await rt.scripts.release(keys=keys, args=[order_id, user_id, quantity, idem_field]))
         )
     except (RedisError, OSError):
-        # The reservation stays in the log; the stranded-reservation sweeper publishes it.
-        log.exception("could not release %s; the sweeper will publish it", order_id)
-        return False
-    return int(released) == 1
+        # If the reservation is still in the log, the stranded sweeper publishes it.
+        log.exception("could not release %s", order_id)
+        return None
 
 
-def _rejection(rt: FlashRuntime, sid: int, status: int, res: list[Any]) -> AppError:
-    if status == 2:
-        return IdempotencyMismatch()
-    if status == 3:
-        return _rate_limited(int(res[1]), "user")
-    if status == 4:
-        return _rate_limited(int(res[1]), "client address")
-    if status == 5:
-        return NotStarted()
-    if status == 6:
-        return SaleEnded()
-    if status == 7:
-        first = res[1].decode() if len(res) > 1 and res[1] else None
-        return LimitExceeded(data={"order_id": first} if first else None)
-    if status == 8:
-        rt.cache.mark_sold_out(sid)
-        return SoldOut()
-    if status == 9:
-        return Conflict(
-            f"only {int(res[1])} left",
-            code="INSUFFICIENT_STOCK",
-            data={"remaining_quantity": int(res[1])},
-        )
-    if status == 10:
-        return NotFound("flash sale not found")
+def _rejection(rt: FlashRuntime, sid: int, status: Reserve, res: list[Any]) -> AppError:
+    match status:
+        case Reserve.IDEMPOTENCY_MISMATCH:
+            return IdempotencyMismatch()
+        case Reserve.USER_RATE_LIMITED:
+            return _rate_limited(int(res[1]), "user")
+        case Reserve.IP_RATE_LIMITED:
+            return _rate_limited(int(res[1]), "client address")
+        case Reserve.NOT_STARTED:
+            return NotStarted()
+        case Reserve.ENDED:
+            return SaleEnded()
+        case Reserve.LIMIT_EXCEEDED:
+            first = res[1].decode() if len(res) > 1 and res[1] else None
+            return LimitExceeded(data={"order_id": first} if first else None)
+        case Reserve.SOLD_OUT:
+            rt.cache.mark_sold_out(sid)
+            return SoldOut()
+        case Reserve.INSUFFICIENT:
+            return Conflict(
+                f"only {int(res[1])} left",
+                code="INSUFFICIENT_STOCK",
+                data={"remaining_quantity": int(res[1])},
+            )
+        case Reserve.UNKNOWN_SALE:
+            if sid in rt.cache.sales:  # known a moment ago: Redis lost it
+                return SaleRecovering()
+            return NotFound("flash sale not found")
+        case Reserve.RECOVERING:
+            return SaleRecovering()
     return AppError(f"unexpected reservation status {status}")
 
 
 # --- Flash orders seen by the order routes ---------------------------------------------------
-def parse_log_entry(sale_id: int, order_id: str, entry: bytes) -> OrderEvent:
-    user, sku, product, qty, price, deadline, reserved = entry.decode().split("|")
-    return OrderEvent(
-        order_id=order_id,
-        sale_id=sale_id,
-        user_id=int(user),
-        sku_id=int(sku),
-        product_id=int(product),
-        quantity=int(qty),
-        price_cents=int(price),
-        payment_deadline_ms=int(deadline),
-        reserved_at_ms=int(reserved),
-    )
-
-
 async def queued_order(app: web.Application, order_id: str, user_id: int) -> dict[str, Any] | None:
     rt = app[FLASH]
     sale_ids = list(rt.cache.sales)
@@ -650,7 +684,7 @@ async def queued_order(app: web.Application, order_id: str, user_id: int) -> dic
     for i, sid in enumerate(sale_ids):
         entry = found[2 * i] or found[2 * i + 1]
         if entry:
-            ev = parse_log_entry(sid, order_id, entry)
+            ev = parse_entry(sid, order_id, entry)
             if ev.user_id != user_id:
                 return None
             return {

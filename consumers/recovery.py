@@ -1,0 +1,327 @@
+"""Re-arming sales after Redis may have lost writes.
+
+Redis is a gate, never the record. A sale's live counters are trusted only under the
+Redis run that armed them: ``lua/reserve.lua`` refuses (``SALE_RECOVERING``, 503) a
+sale whose ``armed`` field is not the run id of the server it runs on. A restart (even
+with an intact AOF: the last second may be gone), a failover to a replica, or a key
+that vanished all change or drop that stamp, so no join is taken on counters that may
+have forgotten units already promised.
+
+This sweeper finds such sales and recomputes their counters from the truth:
+
+- the record, PostgreSQL: persisted live orders, cancelled ones, what went back to the
+  SKU;
+- the orders still in flight: the broker's events past the consumer group's committed
+  offsets, and the reservation log and claims that survived in Redis (an order seen in
+  several places is counted once, and sources are read in the reverse of the order an
+  event moves through them, so one that moves during the snapshot is never missed);
+
+then writes them and the new run id in one script (``lua/sale_rearm.lua``), which
+refuses if Redis restarted again meanwhile. It waits ``grace_s`` after first seeing a
+fenced sale, so that an event a gateway was still publishing when Redis went down is in
+the broker (or was given up) before the snapshot is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final, cast
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
+
+from gateway import rediskeys
+from gateway.flash_events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
+from gateway.metrics import Metrics
+from gateway.redisbatch import run_id_of
+from gateway.scripts import Rearm, register
+from gateway.services import flashsale
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOOKBACK_DAYS: Final = 7
+READ_TIMEOUT_S: Final = 20.0
+NOT_HOLDING: Final = ("cancelled", "oversold")  # order statuses that hold no sale units
+
+SQL_RECENT_SALES = """
+SELECT f.*, p.name AS product_name, s.price_cents AS original_price_cents
+FROM flash_sales f JOIN skus s ON s.id = f.sku_id JOIN products p ON p.id = f.product_id
+WHERE f.end_at > now() - make_interval(days => $1) ORDER BY f.id
+"""
+SQL_ORDER_UNITS = """
+SELECT o.id, o.user_id, o.status, sum(i.quantity)::int AS units
+FROM orders o JOIN order_items i ON i.order_id = o.id
+WHERE o.flash_sale_id = $1 GROUP BY o.id
+"""
+SQL_MARK_ALL_RETURNED = """
+UPDATE orders SET flash_units_returned = true
+WHERE flash_sale_id = $1 AND status = 'cancelled' AND NOT flash_units_returned
+"""
+
+
+async def server_run_id(redis: Redis) -> str:
+    """The run id of the Redis server ``redis`` talks to."""
+    info = await redis.execute_command("INFO", "server")  # type: ignore[no-untyped-call]
+    return run_id_of(info)
+
+
+async def unconsumed_events(
+    settings: Settings, *, timeout_s: float = READ_TIMEOUT_S
+) -> list[OrderEvent]:
+    """Every order event in the topic past the consumer group's committed offsets.
+
+    Reads with the group's id (to see its offsets) on a manual assignment, so it never
+    joins the group nor commits. Raises TimeoutError if the end is not reached in time.
+    """
+    topic = settings.kafka_orders_topic
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka, request_timeout_ms=5000)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        if topic not in set(await admin.list_topics()):
+            return []
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = sorted(p["partition"] for d in described for p in d.get("partitions", []))
+    if not partitions:
+        return []
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka,
+        group_id=settings.kafka_consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="flashsale-recovery",
+    )
+    await consumer.start()
+    events: list[OrderEvent] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        deadline = time.monotonic() + timeout_s
+        pending = set(tps)
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end in {timeout_s}s")
+            batches = await consumer.getmany(*pending, timeout_ms=300, max_records=5000)
+            for recs in batches.values():
+                for rec in recs:
+                    try:
+                        events.append(decode(rec.value))
+                    except BadEvent:
+                        continue  # the consumer dead-letters it; it holds no units
+            for tp in list(pending):
+                high = consumer.highwater(tp)  # end_offsets() is wrong on tansu
+                if high is not None and await consumer.position(tp) >= high:
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
+    return events
+
+
+@dataclass
+class Snapshot:
+    """One sale's recomputed state, ready for ``lua/sale_rearm.lua``."""
+
+    sale_id: int
+    allotment: int
+    remaining: int
+    moved_out: int
+    closed: bool
+    live: int
+    inflight: dict[str, OrderEvent]
+    users: dict[int, int]
+    first: dict[int, str]
+    returned: list[str]
+    deficit: int = 0  # units promised beyond the allotment (each such order ends "oversold")
+
+    def payload(self) -> bytes:
+        return orjson.dumps(
+            {
+                "allotment": self.allotment,
+                "remaining": self.remaining,
+                "moved_out": self.moved_out,
+                "closed": 1 if self.closed else 0,
+                "users": {str(u): n for u, n in self.users.items()},
+                "first": {str(u): o for u, o in self.first.items()},
+                "inflight": {oid: pack_entry(e) for oid, e in self.inflight.items()},
+                "returned": self.returned,
+            }
+        )
+
+
+async def snapshot(
+    db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record, broker_events: Iterable[OrderEvent]
+) -> Snapshot:
+    """Recompute one sale from the broker's events (read first), Redis, then PostgreSQL."""
+    sid = sale["id"]
+    inflight: dict[str, OrderEvent] = {e.order_id: e for e in broker_events if e.sale_id == sid}
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(rediskeys.log(sid))
+    pipe.hgetall(rediskeys.claimed(sid))
+    pipe.smembers(rediskeys.voided(sid))
+    log_entries, claimed_entries, void = await pipe.execute()
+    voided = {v.decode() for v in void}
+    for oid in voided:  # released before any consumer claimed it: never to be written
+        inflight.pop(oid, None)
+    for entries in (
+        cast(dict[bytes, bytes], log_entries),
+        cast(dict[bytes, bytes], claimed_entries),
+    ):
+        for raw_id, entry in entries.items():
+            oid = raw_id.decode()
+            inflight[oid] = parse_entry(sid, oid, entry)
+    users: dict[int, int] = defaultdict(int)
+    first: dict[int, str] = {}
+    live = 0
+    returned: list[str] = []
+    for r in await db.fetch(SQL_ORDER_UNITS, sid):
+        inflight.pop(r["id"], None)  # in the record: counted from there, once
+        if r["status"] == "cancelled":
+            returned.append(r["id"])
+        if r["status"] in NOT_HOLDING:
+            continue
+        live += r["units"]
+        users[r["user_id"]] += r["units"]
+        first[r["user_id"]] = min(first.get(r["user_id"], r["id"]), r["id"])
+    flying = 0
+    for oid, e in inflight.items():
+        flying += e.quantity
+        users[e.user_id] += e.quantity
+        first[e.user_id] = min(first.get(e.user_id, oid), oid)
+    quantity = int(sale["quantity"])
+    closed = sale["closed_at"] is not None or sale["end_at"].timestamp() <= time.time()
+    unsold = quantity - live - flying
+    deficit = max(0, -unsold)
+    if closed:
+        remaining, moved_out = 0, max(unsold, int(sale["returned_quantity"]))
+    else:
+        remaining, moved_out = max(0, unsold - sale["returned_quantity"]), sale["returned_quantity"]
+    return Snapshot(
+        sale_id=sid,
+        allotment=quantity,
+        remaining=remaining,
+        moved_out=moved_out,
+        closed=closed,
+        live=live,
+        inflight=inflight,
+        users=dict(users),
+        first=first,
+        returned=returned,
+        deficit=deficit,
+    )
+
+
+@dataclass
+class Recovery:
+    """Finds fenced sales and re-arms them; one per consumer process (any number run)."""
+
+    settings: Settings
+    db: asyncpg.Pool
+    redis: Redis
+    metrics: Metrics
+    grace_s: float = 0.0
+    noticed: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.grace_s:
+            self.grace_s = self.settings.kafka_produce_timeout_ms / 1000 + 1.0
+        self._rearm = register(self.redis, "sale_rearm")
+        self._scripts = flashsale.FlashScripts.register(self.redis)
+
+    async def fenced(self) -> tuple[str, list[asyncpg.Record]]:
+        """The server's run id and the recent sales not armed under it."""
+        run_id = await server_run_id(self.redis)
+        sales = await self.db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
+        if not sales:
+            return run_id, []
+        pipe = self.redis.pipeline(transaction=False)
+        for s in sales:
+            pipe.hget(rediskeys.sale(s["id"]), "armed")
+        armed = await pipe.execute()
+        return run_id, [s for s, a in zip(sales, armed, strict=True) if a != run_id.encode()]
+
+    async def run_once(self, *, force: bool = False) -> int:
+        """Re-arm every fenced sale whose grace has passed; returns how many were armed."""
+        run_id, fenced = await self.fenced()
+        now = time.monotonic()
+        fenced_ids = {s["id"] for s in fenced}
+        for sid in list(self.noticed):
+            if sid not in fenced_ids:
+                del self.noticed[sid]
+        due: list[asyncpg.Record] = []
+        for sale in fenced:
+            sid = sale["id"]
+            if sid not in self.noticed:
+                self.noticed[sid] = now
+                log.warning(
+                    "sale %d is not armed under Redis run %s: joins answer SALE_RECOVERING "
+                    "until its counters are recomputed",
+                    sid,
+                    run_id[:8],
+                )
+                if not await self.redis.exists(rediskeys.sale(sid)):
+                    # lost outright: put its static fields back (unarmed, nothing to sell)
+                    # so that the gateway answers "recovering", not "unknown sale"
+                    await flashsale.load_sale(self.redis, self._scripts, sale, new=False)
+            if force or now - self.noticed[sid] >= self.grace_s:
+                due.append(sale)
+        if not due:
+            return 0
+        events = await unconsumed_events(self.settings)
+        armed = 0
+        for sale in due:
+            snap = await snapshot(self.db, self.redis, sale, events)
+            result = Rearm(
+                int(
+                    await self._rearm(
+                        keys=rediskeys.rearm_keys(snap.sale_id), args=[run_id, snap.payload()]
+                    )
+                )
+            )
+            if result is Rearm.RUN_CHANGED:
+                log.warning("Redis restarted while sale %d was recomputed; again", snap.sale_id)
+                return armed
+            if result is Rearm.ARMED:
+                armed += 1
+                await self.db.execute(SQL_MARK_ALL_RETURNED, snap.sale_id)
+                await self.redis.sadd(rediskeys.SALES_INDEX, snap.sale_id)
+                self.metrics.swept.labels("sales_rearmed").inc()
+                log.warning(
+                    "sale %d re-armed: remaining=%d live=%d in_flight=%d (%d order(s)) "
+                    "moved_out=%d%s",
+                    snap.sale_id,
+                    snap.remaining,
+                    snap.live,
+                    sum(e.quantity for e in snap.inflight.values()),
+                    len(snap.inflight),
+                    snap.moved_out,
+                    f"; {snap.deficit} unit(s) promised beyond the allotment"
+                    if snap.deficit
+                    else "",
+                )
+            self.noticed.pop(snap.sale_id, None)
+        return armed
+
+    async def fence_all(self) -> int:
+        """Un-arm every recent sale (``flashsale rebuild-cache``): the next pass re-arms them."""
+        sales = await self.db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
+        pipe = self.redis.pipeline(transaction=False)
+        for s in sales:
+            pipe.hdel(rediskeys.sale(s["id"]), "armed")
+        await pipe.execute()
+        return len(sales)
