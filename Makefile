@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast format lint typecheck check bench bench-quick bench-tools clean
+.PHONY: install run test chaos test-fast format lint typecheck check bench bench-quick bench-tools clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,14 @@ install: $(STAMP)
 run: $(STAMP)  ## the whole stack: embedded servers, gateway workers, consumers
 	$(BIN)/flashsale up
 
-test: $(STAMP)  ## the full suite against real servers it starts itself
-	$(BIN)/pytest
+test: $(STAMP)  ## the full suite against real servers it starts itself (long fault runs: make chaos)
+	$(BIN)/pytest -m "not chaos"
+
+chaos: $(STAMP)  ## the long fault-injection runs: stores and processes killed mid-sale
+	$(BIN)/pytest -m chaos -s
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow and not chaos"
 
 format: $(STAMP)
 	$(BIN)/ruff format gateway consumers loadtests tests

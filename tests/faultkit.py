@@ -1,0 +1,395 @@
+"""Fault injection on real processes: a valkey, a broker, gateway workers and a consumer
+started apart, killed, stopped and restarted; shoppers that record every answer.
+
+The stack's PostgreSQL is the suite's (a fault case that stops PostgreSQL starts its own).
+Each shopper joins once with an Idempotency-Key and retries while the answer is not
+final (503, 429, a reset connection), as the README tells clients to; what it was told
+last is what the checks hold the stores to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from redis.asyncio import Redis
+
+from consumers import reconcile
+from consumers.recovery import server_run_id
+from gateway import rediskeys
+from gateway.auth import TokenService
+from gateway.embedded import Server, free_port, start_kafka, start_redis
+from gateway.settings import Settings
+
+FINAL_REFUSALS = {"SOLD_OUT", "INSUFFICIENT_STOCK", "SALE_ENDED"}
+
+
+@dataclass
+class Proc:
+    """A project process (``python -m gateway <command>``) we can kill and start again."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", *self.args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return sorted(out)
+
+
+def aof_tail(data_dir: Path) -> tuple[Path, int]:
+    """The newest incremental AOF file of a valkey data folder and its size now."""
+    files = sorted(
+        (data_dir / "appendonlydir").glob("*.incr.aof"),
+        key=lambda p: int(p.name.split(".")[-3]),
+    )
+    assert files, f"no AOF in {data_dir}"
+    return files[-1], files[-1].stat().st_size
+
+
+@dataclass
+class FaultStack:
+    """valkey + broker of its own, the suite's PostgreSQL, gateway and consumer processes."""
+
+    root: Path
+    settings: Settings
+    redis_server: Server
+    kafka_server: Server
+    gateway: Proc
+    consumer: Proc
+    logs: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, base: Settings, root: Path, tag: str, **changes: Any) -> FaultStack:
+        redis_server = start_redis(root / "redis")
+        kafka_server = start_kafka(root / "kafka")
+        settings = base.with_(
+            redis_url=redis_server.url,
+            kafka_bootstrap=kafka_server.url,
+            kafka_orders_topic=f"{base.kafka_orders_topic}.{tag}",
+            kafka_dlq_topic=f"{base.kafka_dlq_topic}.{tag}",
+            kafka_consumer_group=f"{base.kafka_consumer_group}-{tag}",
+            kafka_produce_timeout_ms=2000,
+            kafka_session_timeout_ms=6000,
+            kafka_heartbeat_interval_ms=1000,
+            data_dir=str(root),
+            http_port=free_port(),
+            workers=2,
+            metrics_port=0,
+            stranded_after_s=2,
+            claim_stale_s=3,
+            sweep_interval_ms=200,
+            rate_user_per_s=1000.0,
+            rate_user_burst=1000,
+            rate_ip_per_s=1e6,
+            rate_ip_burst=1_000_000,
+            access_log=False,
+            **changes,
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+        env.update(settings.to_env())
+        gateway = Proc("gateway", ["serve"], env, root / "gateway.log").start()
+        consumer = Proc("consumer", ["consume"], env, root / "consumer.log").start()
+        return cls(root, settings, redis_server, kafka_server, gateway, consumer)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http_port}"
+
+    async def ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                try:
+                    async with http.get(self.base_url + "/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise AssertionError("the gateway did not become ready:\n" + self.log_tail())
+
+    def kill_redis(self) -> None:
+        self.redis_server.proc.send_signal(signal.SIGKILL)
+        self.redis_server.proc.wait(10)
+
+    def start_redis_again(self) -> None:
+        self.redis_server = start_redis(self.root / "redis", port=self.redis_server.port)
+
+    def restart_kafka(self) -> None:
+        """A memory-only broker restarted: everything not yet consumed is gone."""
+        self.kafka_server.stop()
+        self.kafka_server = start_kafka(self.root / "kafka", port=self.kafka_server.port)
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.consumer.stop(30)
+        self.kafka_server.stop()
+        self.redis_server.stop()
+
+    def log_tail(self, n: int = 3000) -> str:
+        out = []
+        for p in (self.gateway.log_path, self.consumer.log_path):
+            if p.exists():
+                out.append(f"--- {p.name}\n" + p.read_text(errors="replace")[-n:])
+        return "\n".join(out)
+
+
+@dataclass
+class Answers:
+    """What each shopper was told last."""
+
+    accepted: dict[int, str] = field(default_factory=dict)  # user → order id it was given
+    refused: dict[int, str] = field(default_factory=dict)  # user → final error code
+    unknown: set[int] = field(default_factory=set)  # no final answer before the deadline
+    retries: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def saw(self, what: str) -> None:
+        self.statuses[what] = self.statuses.get(what, 0) + 1
+
+
+async def stampede(
+    base_url: str,
+    sale_id: int,
+    shoppers: list[tuple[int, str]],
+    answers: Answers,
+    *,
+    per_second: float = 400.0,
+    deadline_s: float = 60.0,
+    concurrency: int = 100,
+) -> None:
+    """Every shopper joins once for one unit, retrying until a final answer."""
+    url = f"{base_url}/api/v1/flash-sales/{sale_id}/join"
+    limit = asyncio.Semaphore(concurrency)
+    stop_at = time.monotonic() + deadline_s
+
+    async def one(http: aiohttp.ClientSession, uid: int, token: str) -> None:
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": f"fault-{uid}"}
+        while time.monotonic() < stop_at:
+            try:
+                async with limit, http.post(url, json={"quantity": 1}, headers=headers) as resp:
+                    status = resp.status
+                    body = await resp.json(content_type=None)
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                answers.saw("connection error")
+                answers.retries += 1
+                await asyncio.sleep(0.2 + random.random() * 0.2)
+                continue
+            code = body.get("error") or str(status)
+            answers.saw(f"{status} {code}")
+            if status == 202:
+                answers.accepted[uid] = body["data"]["order_id"]
+                return
+            if (
+                status == 409
+                and code == "LIMIT_EXCEEDED"
+                and (body.get("data") or {}).get("order_id")
+            ):
+                # an earlier attempt's outcome was unknown; this says it was a yes
+                answers.accepted[uid] = body["data"]["order_id"]
+                return
+            if status == 409 and code in FINAL_REFUSALS:
+                answers.refused[uid] = code
+                return
+            if status in (429, 503):
+                answers.retries += 1
+                await asyncio.sleep(0.2 + random.random() * 0.3)
+                continue
+            raise AssertionError(f"unexpected answer {status} {body}")
+        answers.unknown.add(uid)
+
+    timeout = aiohttp.ClientTimeout(total=15)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        tasks = []
+        for uid, token in shoppers:
+            tasks.append(asyncio.create_task(one(http, uid, token)))
+            await asyncio.sleep(1 / per_second)
+        await asyncio.gather(*tasks)
+
+
+async def when(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Verdict:
+    """The promises, measured after a fault."""
+
+    fault: str
+    accepted: int
+    persisted: int
+    lost: list[str]
+    oversold: int
+    duplicates: int
+    sold: int
+    quantity: int
+    extra: int
+    converge_s: float
+
+    def row(self) -> str:
+        return (
+            f"| {self.fault} | {self.accepted} | {self.persisted} | {len(self.lost)} | "
+            f"{self.oversold} | {self.duplicates} | {self.converge_s:.1f}s |"
+        )
+
+
+async def settle_and_judge(
+    fault: str,
+    db: asyncpg.Pool,
+    redis: Redis,
+    sale_id: int,
+    answers: Answers,
+    started: float,
+    *,
+    timeout_s: float = 90.0,
+) -> Verdict:
+    """Wait until every accepted order is in PostgreSQL, nothing is in flight and reconcile
+    is clean (or the timeout), then measure."""
+    promised = set(answers.accepted.values())
+    deadline = time.monotonic() + timeout_s
+    run_id = ""
+    while True:
+        rows = await db.fetch("SELECT id, status FROM orders WHERE flash_sale_id = $1", sale_id)
+        ids = {r["id"] for r in rows}
+        in_flight = await redis.hlen(rediskeys.log(sale_id)) + await redis.hlen(
+            rediskeys.claimed(sale_id)
+        )
+        sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
+        assert sale is not None
+        try:
+            run_id = await server_run_id(redis)
+            report = await reconcile.check_sale(db, redis, sale, run_id=run_id)
+            clean = report.ok
+        except (OSError, ConnectionError):
+            clean = False
+        if promised <= ids and not in_flight and clean:
+            break
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.25)
+    converge = time.monotonic() - started
+    lost = sorted(promised - ids)
+    oversold = sum(1 for r in rows if r["status"] == "oversold")
+    dup = len(answers.accepted) - len(promised)  # two shoppers told the same order id
+    return Verdict(
+        fault=fault,
+        accepted=len(promised),
+        persisted=len(promised & ids),
+        lost=lost,
+        oversold=oversold,
+        duplicates=dup,
+        sold=int(sale["sold_quantity"]),
+        quantity=int(sale["quantity"]),
+        extra=len(ids - promised),
+        converge_s=converge,
+    )
+
+
+def assert_promises_kept(v: Verdict, answers: Answers, stack: FaultStack | None = None) -> None:
+    tail = stack.log_tail() if stack is not None else ""
+    print(v.row(), answers.statuses, flush=True)
+    assert not v.lost, f"accepted orders not in PostgreSQL: {v.lost[:10]}\n{tail}"
+    assert v.oversold == 0, f"{v.oversold} order(s) oversold\n{tail}"
+    assert v.duplicates == 0
+    assert v.accepted <= v.quantity
+    assert v.sold <= v.quantity
+    # an order nobody was told about may exist only for a shopper left without an answer
+    assert v.extra <= len(answers.unknown), (v.extra, answers.unknown)
+
+
+async def sale_and_shoppers(
+    client_base: str,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    *,
+    quantity: int,
+    shoppers: int,
+    admin_headers: Callable[[], Awaitable[dict[str, str]]],
+    make_sku: Callable[[], Awaitable[int]],
+    make_users: Callable[[int], Awaitable[list[int]]],
+) -> tuple[int, list[tuple[int, str]]]:
+    from datetime import UTC, datetime, timedelta
+
+    admin = await admin_headers()
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            client_base + "/api/v1/admin/flash-sales",
+            headers=admin,
+            json={
+                "sku_id": await make_sku(),
+                "flash_price": 500,
+                "quantity": quantity,
+                "per_user_limit": 1,
+                "start_at": start.isoformat(),
+                "end_at": (start + timedelta(hours=1)).isoformat(),
+                "payment_window_s": 900,
+            },
+        ) as resp,
+    ):
+        body = await resp.json()
+        assert resp.status == 201, body
+    users = await make_users(shoppers)
+    return body["data"]["flash_sale_id"], [(u, tokens.issue(u, "user")) for u in users]

@@ -1,0 +1,295 @@
+"""Fault injection: real valkey, broker, gateway and consumer processes killed, stopped and
+restarted mid-sale, with every answer a shopper got recorded. After each fault:
+
+- every order a shopper was told was accepted is in PostgreSQL exactly once,
+- sold ≤ quantity and no order is written "oversold",
+- nothing is left in flight (no order stuck "queued"), reconcile is clean,
+- and the stack answers again by itself.
+
+One case of each fault class runs in ``make test``; the long ones are marked ``chaos``
+(``make chaos``). Each prints a row of the table in the README's "What survives what".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from gateway import rediskeys
+from gateway.auth import TokenService
+from gateway.embedded import start_postgres
+from gateway.settings import Settings
+from tests.faultkit import (
+    Answers,
+    FaultStack,
+    aof_tail,
+    assert_promises_kept,
+    child_pids,
+    sale_and_shoppers,
+    settle_and_judge,
+    stampede,
+    when,
+)
+from tests.flashkit import admin_headers, make_sku, make_users
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+async def root() -> AsyncIterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="flashsale-fault-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def _stack(base: Settings, root: Path, tag: str, **changes: object) -> FaultStack:
+    stack = FaultStack.start(base, root, tag, **changes)
+    try:
+        await stack.ready()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+async def _sale(
+    stack: FaultStack, db: asyncpg.Pool, tokens: TokenService, quantity: int, shoppers: int
+) -> tuple[int, list[tuple[int, str]]]:
+    return await sale_and_shoppers(
+        stack.base_url,
+        db,
+        tokens,
+        quantity=quantity,
+        shoppers=shoppers,
+        admin_headers=lambda: admin_headers(db, tokens),
+        make_sku=lambda: make_sku(db, on_hand=quantity),
+        make_users=lambda n: make_users(db, n),
+    )
+
+
+async def test_redis_loses_its_last_second(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """SIGKILL valkey mid-sale, drop what it wrote in the last second (a host crash, a
+    failover to a lagging replica), restart it on its folder and port."""
+    stack = await _stack(base_settings, root, "redisloss")
+    redis: Redis = Redis.from_url(stack.settings.redis)
+    try:
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
+        answers = Answers()
+        crowd = asyncio.create_task(
+            stampede(stack.base_url, sale_id, shoppers, answers, per_second=300)
+        )
+        await when(lambda: len(answers.accepted) >= 80)
+        aof, mark = aof_tail(root / "redis")
+        await when(lambda: len(answers.accepted) >= 160)
+        await redis.aclose()
+        stack.kill_redis()
+        fault_at = time.monotonic()
+        size = aof.stat().st_size
+        with aof.open("r+b") as f:  # lose every write since the mark
+            f.truncate(mark)
+        stack.start_redis_again()
+        redis = Redis.from_url(stack.settings.redis)
+        assert int(await redis.hget(rediskeys.sale(sale_id), "remaining") or 0) > 0
+        await crowd
+        verdict = await settle_and_judge(
+            f"Redis lost {size - mark} bytes of AOF", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        # every unit sold, none twice: the crowd was three times the stock
+        assert verdict.accepted == 300, answers.statuses
+        assert answers.statuses.get("503 SALE_RECOVERING", 0) > 0
+    finally:
+        await redis.aclose()
+        stack.stop()
+
+
+async def test_consumer_killed_between_claim_and_commit_and_broker_wiped(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """The consumer claims a batch in Redis, then dies before its PostgreSQL commit; the
+    memory-only broker restarts and forgets the events. The claims age out and are
+    republished; every accepted order is written once."""
+    stack = await _stack(base_settings, root, "claim")
+    redis: Redis = Redis.from_url(stack.settings.redis)
+    try:
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=60, shoppers=60)
+        # hold the sale row so that the consumer blocks inside its transaction, after the claim
+        blocker = await db.acquire()
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM flash_sales WHERE id = $1 FOR UPDATE", sale_id)
+        answers = Answers()
+        await stampede(stack.base_url, sale_id, shoppers, answers, per_second=200)
+        assert len(answers.accepted) == 60
+        deadline = time.monotonic() + 30
+        while await redis.hlen(rediskeys.claimed(sale_id)) < 60:
+            assert time.monotonic() < deadline, "the consumer never claimed the batch"
+            await asyncio.sleep(0.05)
+        stack.consumer.kill()
+        fault_at = time.monotonic()
+        await tx.rollback()
+        await db.release(blocker)
+        stack.restart_kafka()
+        assert (
+            await db.fetchval("SELECT count(*) FROM orders WHERE flash_sale_id = $1", sale_id) == 0
+        )
+        stack.consumer.start()
+        verdict = await settle_and_judge(
+            "consumer SIGKILL after claim + broker wiped", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert verdict.persisted == 60
+    finally:
+        await redis.aclose()
+        stack.stop()
+
+
+async def test_gateway_worker_killed_mid_sale_is_restarted(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """SIGKILL one of two gateway workers under load: `serve` restarts it, its sibling keeps
+    answering, and shoppers whose request died with it retry to a final answer."""
+    stack = await _stack(base_settings, root, "worker")
+    redis: Redis = Redis.from_url(stack.settings.redis)
+    try:
+        workers = child_pids(stack.gateway.pid)
+        assert len(workers) == 2
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=200, shoppers=400)
+        answers = Answers()
+        crowd = asyncio.create_task(
+            stampede(stack.base_url, sale_id, shoppers, answers, per_second=250)
+        )
+        await when(lambda: len(answers.accepted) >= 60)
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        fault_at = time.monotonic()
+        deadline = time.monotonic() + 20
+        while True:
+            now = child_pids(stack.gateway.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            assert stack.gateway.proc is not None and stack.gateway.proc.poll() is None, (
+                "serve stopped after one worker died\n" + stack.log_tail()
+            )
+            assert time.monotonic() < deadline, "the dead worker was not restarted"
+            await asyncio.sleep(0.1)
+        await crowd
+        verdict = await settle_and_judge(
+            "gateway worker SIGKILL", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert verdict.accepted == 200
+        assert "restarting it" in stack.gateway.log_path.read_text()
+    finally:
+        await redis.aclose()
+        stack.stop()
+
+
+@pytest.mark.chaos
+async def test_redis_restart_with_intact_aof(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    stack = await _stack(base_settings, root, "redisrestart")
+    redis: Redis = Redis.from_url(stack.settings.redis)
+    try:
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
+        answers = Answers()
+        crowd = asyncio.create_task(
+            stampede(stack.base_url, sale_id, shoppers, answers, per_second=300)
+        )
+        await when(lambda: len(answers.accepted) >= 120)
+        await redis.aclose()
+        stack.kill_redis()
+        fault_at = time.monotonic()
+        stack.start_redis_again()
+        redis = Redis.from_url(stack.settings.redis)
+        await crowd
+        verdict = await settle_and_judge(
+            "Redis SIGKILL, AOF intact", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert verdict.accepted == 300
+    finally:
+        await redis.aclose()
+        stack.stop()
+
+
+@pytest.mark.chaos
+async def test_broker_restart_mid_sale(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """The memory-only broker restarts mid-sale: unconsumed events are gone; the stranded
+    and claim sweepers republish what Redis still holds."""
+    stack = await _stack(base_settings, root, "brokerrestart")
+    redis: Redis = Redis.from_url(stack.settings.redis)
+    try:
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
+        answers = Answers()
+        crowd = asyncio.create_task(
+            stampede(stack.base_url, sale_id, shoppers, answers, per_second=300)
+        )
+        await when(lambda: len(answers.accepted) >= 120)
+        stack.restart_kafka()
+        fault_at = time.monotonic()
+        await crowd
+        verdict = await settle_and_judge(
+            "broker restart (events wiped)", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert verdict.accepted == 300
+    finally:
+        await redis.aclose()
+        stack.stop()
+
+
+@pytest.mark.chaos
+async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, root: Path) -> None:
+    """PostgreSQL stopped for 30 s mid-sale: joins keep being accepted into the topic, the
+    sweepers do not flood it, and everything lands once PostgreSQL is back."""
+    from gateway.db import create_pool, migrate
+
+    pg = start_postgres(root / "pg", durable=False)
+    own = base_settings.with_(database_url=pg.url)
+    pool = await create_pool(own.database, min_size=1, max_size=4)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    stack = await _stack(own, root, "pgdown")
+    redis: Redis = Redis.from_url(stack.settings.redis)
+    try:
+        sale_id, shoppers = await _sale(stack, pool, tokens, quantity=300, shoppers=600)
+        answers = Answers()
+        crowd = asyncio.create_task(
+            stampede(stack.base_url, sale_id, shoppers, answers, per_second=100)
+        )
+        await when(lambda: len(answers.accepted) >= 50)
+        await pool.close()
+        pg.stop()
+        fault_at = time.monotonic()
+        await asyncio.sleep(30)
+        pg = start_postgres(root / "pg", port=pg.port, durable=False)
+        pool = await create_pool(own.database, min_size=1, max_size=4)
+        await crowd
+        verdict = await settle_and_judge(
+            "PostgreSQL down 30 s", pool, redis, sale_id, answers, fault_at, timeout_s=120
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert verdict.accepted == 300
+        republished = stack.consumer.log_path.read_text().count("republished")
+        print("republish log lines during the outage:", republished)
+    finally:
+        await redis.aclose()
+        stack.stop()
+        await pool.close()
+        pg.stop()
