@@ -14,6 +14,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 PREFIX = "FLASHSALE_"
+# "none": no provider takes payments (notifications are still verified and applied);
+# "sandbox": the built-in stand-in that pays orders with no money (demo and tests only).
+PAYMENT_PROVIDERS = ("none", "sandbox")
 
 
 class SettingsError(Exception):
@@ -149,6 +152,7 @@ class Settings:
     stranded_after_s: int = 5
     sweep_interval_ms: int = 1000
     payment_secret: str | None = None
+    payment_provider: str = "none"
     metrics_port: int = 9101
 
     @classmethod
@@ -164,6 +168,12 @@ class Settings:
         secret = _get(e, "SECRET_KEY")
         if secret is not None and len(secret) < 32:
             raise SettingsError(f"{PREFIX}SECRET_KEY must be at least 16 characters")
+        provider = (_get(e, "PAYMENT_PROVIDER") or "none").lower()
+        if provider not in PAYMENT_PROVIDERS:
+            raise SettingsError(
+                f"{PREFIX}PAYMENT_PROVIDER={provider!r} must be one of: "
+                + ", ".join(PAYMENT_PROVIDERS)
+            )
         pool_min = _int(e, "DB_POOL_MIN", 2, 0, 1000)
         pool_max = _int(e, "DB_POOL_MAX", 10, 1, 1000)
         if pool_max < pool_min:
@@ -203,6 +213,7 @@ class Settings:
             stranded_after_s=_int(e, "STRANDED_AFTER_S", 5, 1, 3600),
             sweep_interval_ms=_int(e, "SWEEP_INTERVAL_MS", 1000, 10, 600_000),
             payment_secret=_get(e, "PAYMENT_SECRET"),
+            payment_provider=provider,
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
         )
 

@@ -1,11 +1,13 @@
 """Payments (seed 000 §5): pay orders, the signed provider notification, refunds.
 
-The only provider built in is a sandbox that stands in for Alipay/WeChat: approving or
-failing a payment builds the same HMAC-SHA256-signed notification a real provider
-would send and runs it through :func:`process_notification`, the function behind
-``POST /payment/notify``. A notification is accepted once per (payment, status); a
-replay returns success and changes nothing; a bad signature, amount or order is
-rejected and recorded.
+Which provider takes payments is a setting (``FLASHSALE_PAYMENT_PROVIDER``). With
+``none`` (the default) no payment can be started (503 PAYMENT_PROVIDER_UNAVAILABLE),
+but a signed notification is still verified and applied. ``sandbox`` stands in for
+Alipay/WeChat in the demo and the tests: approving or failing a payment builds the
+same HMAC-SHA256-signed notification a real provider would send and runs it through
+:func:`process_notification`, the function behind ``POST /payment/notify``. A
+notification is accepted once per (payment, status); a replay returns success and
+changes nothing; a bad signature, amount or order is rejected.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from gateway import appkeys
 from gateway.errors import AppError, BadRequest, Conflict, NotFound
 from gateway.services import orders
 from gateway.services.orders import Actor
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PROVIDER: Final = "sandbox"
+SANDBOX: Final = "sandbox"
 METHODS: Final = (
     {"method": "alipay", "name": "Alipay", "icon": "/static/pay/alipay.png"},
     {"method": "wechat", "name": "WeChat Pay", "icon": "/static/pay/wechat.png"},
@@ -99,6 +102,19 @@ RETURNING version
 """
 
 
+class PaymentProviderUnavailable(AppError):
+    """No payment provider is configured (``FLASHSALE_PAYMENT_PROVIDER=none``)."""
+
+    code = "PAYMENT_PROVIDER_UNAVAILABLE"
+    http_status = 503
+    default_message = "no payment provider is configured; payments cannot be taken"
+
+
+def provider_available(settings: Settings) -> bool:
+    """Whether a provider can take a payment (the sandbox is the only one built in)."""
+    return settings.payment_provider == SANDBOX
+
+
 def canonical(fields: Mapping[str, Any]) -> str:
     """The signed form: ``key=value`` pairs sorted by key, joined by ``&``, without sign."""
     return "&".join(
@@ -128,6 +144,8 @@ async def create_payment(
     amount: int | None,
 ) -> dict[str, Any]:
     """The pending pay order of an unpaid order (created or switched to ``method``)."""
+    if not provider_available(app[appkeys.SETTINGS]):
+        raise PaymentProviderUnavailable
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or order["user_id"] != user_id:
@@ -174,19 +192,21 @@ async def get_payment(
     row = await app[appkeys.DB].fetchrow(SQL_PAY, payment_id)
     if row is None or (role != "admin" and row["user_id"] != user_id):
         raise NotFound("payment not found")
+    provider = app[appkeys.SETTINGS].payment_provider
+    sandbox = provider == SANDBOX
     return {
         "payment_id": row["id"],
         "order_id": row["order_id"],
         "amount": row["amount_cents"],
         "payment_method": row["method"],
         "status": row["status"],
-        "provider": PROVIDER,
+        "provider": provider,
         "transaction_id": row["transaction_id"],
         "paid_at": row["paid_at"],
         "expires_at": row["expires_at"],
         "created_at": row["created_at"],
-        "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve",
-        "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail",
+        "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve" if sandbox else None,
+        "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail" if sandbox else None,
     }
 
 
@@ -281,6 +301,8 @@ async def sandbox_complete(
     app: web.Application, payment_id: str, user_id: int, role: str, *, approve: bool
 ) -> dict[str, Any]:
     """What the sandbox provider does when the payer approves or fails: sign and notify."""
+    if app[appkeys.SETTINGS].payment_provider != SANDBOX:
+        raise NotFound("payment not found")
     pay = await get_payment(app, payment_id, user_id, role)
     fields: dict[str, Any] = {
         "payment_id": pay["payment_id"],

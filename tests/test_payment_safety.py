@@ -1,0 +1,120 @@
+"""Money safety of payments: the provider setting, who may refund, lock order, the notify key,
+what an unsigned notification can do, and what the signature covers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway import appkeys
+from gateway.app import create_app
+from gateway.auth import TokenService
+from gateway.services import payments
+from gateway.settings import Settings, SettingsError
+from tests.conftest import auth, make_user
+from tests.store_helpers import make_product, place_order
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def signed(app: web.Application, fields: dict[str, Any]) -> dict[str, Any]:
+    return {**fields, "sign": payments.sign(app[appkeys.SETTINGS].payment_hmac_key, fields)}
+
+
+async def _order(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, price: int = 10000
+) -> tuple[int, int, dict[str, Any]]:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    _, (sku,) = await make_product(db, merchant, [(price, 10)])
+    status, data = await place_order(client, tokens, user, sku)
+    assert status == 201, data
+    return user, merchant, data["data"]
+
+
+# --- finding 2: the sandbox provider is a setting, off unless asked ----------------------
+
+
+@pytest.mark.unit
+def test_payment_provider_setting() -> None:
+    assert Settings.from_env({}).payment_provider == "none"
+    on = Settings.from_env({"FLASHSALE_PAYMENT_PROVIDER": "sandbox"})
+    assert on.payment_provider == "sandbox"
+    assert Settings.from_env(on.to_env()) == on
+    with pytest.raises(SettingsError, match="FLASHSALE_PAYMENT_PROVIDER"):
+        Settings.from_env({"FLASHSALE_PAYMENT_PROVIDER": "paypal"})
+
+
+@pytest.mark.unit
+def test_compose_production_shape_has_no_sandbox() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("gateway", "consumers", "migrate"):
+        env = compose["services"][name]["environment"]
+        concrete = {k: v for k, v in env.items() if "${" not in str(v)}
+        assert Settings.from_env(concrete).payment_provider == "none", name
+
+
+@pytest.mark.unit
+def test_banner_names_the_payment_provider(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.supervisor import _banner
+
+    settings = Settings.from_env({}).with_(payment_provider="sandbox")
+    _banner(settings, "http://127.0.0.1:1", {}, 0.0, 0.0, None)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "payments" in x)
+    assert "sandbox" in line
+
+
+@pytest.fixture
+async def none_client(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    app = create_app(base_settings.with_(payment_provider="none"))
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+@pytest.mark.integration
+async def test_without_sandbox_its_routes_do_not_exist(
+    none_client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    client = none_client
+    user, _, order = await _order(client, db, tokens)
+    h = auth(tokens, user)
+    pid = order["payment_id"]
+    for method, path in (
+        ("POST", f"/api/v1/payment/sandbox/{pid}/approve"),
+        ("POST", f"/api/v1/payment/sandbox/{pid}/fail"),
+        ("GET", f"/api/v1/payment/sandbox/{pid}"),
+    ):
+        resp = await client.request(method, path, headers=h)
+        assert resp.status == 404, (path, await resp.text())
+    spec = await (await client.get("/api/v1/openapi.json")).json()
+    assert not [p for p in spec["paths"] if "/sandbox/" in p]
+    status = await db.fetchval("SELECT status FROM orders WHERE id = $1", order["order_id"])
+    assert status == "pending_payment"
+
+    body = {"order_id": order["order_id"], "payment_method": "wechat"}
+    resp = await client.post("/api/v1/payment/create", json=body, headers=h)
+    assert resp.status == 503 and (await resp.json())["error"] == "PAYMENT_PROVIDER_UNAVAILABLE"
+    resp = await client.post(
+        f"/api/v1/orders/{order['order_id']}/pay", json={"payment_method": "wechat"}, headers=h
+    )
+    assert resp.status == 503 and (await resp.json())["error"] == "PAYMENT_PROVIDER_UNAVAILABLE"
+    methods = (await (await client.get("/api/v1/payment/methods")).json())["data"]
+    assert methods and not any(m["available"] for m in methods)
+    assert {m["provider"] for m in methods} == {"none"}
+
+    ready = await (await client.get("/readyz")).json()
+    assert ready["data"]["payment_provider"] == "none"
+
+
+@pytest.mark.integration
+async def test_sandbox_on_says_so(client: TestClient[Any, Any]) -> None:
+    ready = await (await client.get("/readyz")).json()
+    assert ready["data"]["payment_provider"] == "sandbox"
+    spec = await (await client.get("/api/v1/openapi.json")).json()
+    assert "/api/v1/payment/sandbox/{payment_id}/approve" in spec["paths"]
