@@ -19,7 +19,7 @@ from gateway.auth import TokenService
 from gateway.services import payments
 from gateway.settings import Settings, SettingsError
 from tests.conftest import auth, make_user
-from tests.store_helpers import make_product, place_order
+from tests.store_helpers import make_product, pay_via_sandbox, place_order
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +118,46 @@ async def test_sandbox_on_says_so(client: TestClient[Any, Any]) -> None:
     assert ready["data"]["payment_provider"] == "sandbox"
     spec = await (await client.get("/api/v1/openapi.json")).json()
     assert "/api/v1/payment/sandbox/{payment_id}/approve" in spec["paths"]
+
+
+# --- finding 3: after shipping, money back goes through a return ---------------------
+
+
+@pytest.mark.integration
+async def test_shopper_cannot_refund_what_shipped(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    user, merchant, order = await _order(client, db, tokens, price=30000)
+    oid, h = order["order_id"], auth(tokens, user)
+    mh = auth(tokens, merchant, "merchant")
+    await pay_via_sandbox(client, tokens, user, order["payment_id"])
+    body = {"order_id": oid, "refund_amount": 10000, "reason": "changed my mind"}
+    resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
+    assert resp.status == 200, await resp.text()  # not shipped yet: the shopper may
+    resp = await client.post(
+        f"/api/v1/orders/{oid}/ship",
+        headers=mh,
+        json={"shipping_company": "SF", "tracking_number": "SF1"},
+    )
+    assert resp.status == 200, await resp.text()
+    for step in ("shipped", "completed"):
+        if step == "completed":
+            resp = await client.post(f"/api/v1/orders/{oid}/confirm", headers=h)
+            assert resp.status == 200
+        resp = await client.post(
+            "/api/v1/payment/refund", json={**body, "refund_amount": 20000}, headers=h
+        )
+        assert resp.status == 409, (step, await resp.text())
+        assert (await resp.json())["error"] == "RETURN_REQUIRED"
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "completed", "refunded_cents": 10000}
+    # The merchant alone cannot refund either; an admin (approving a return) can.
+    resp = await client.post("/api/v1/payment/refund", json=body, headers=mh)
+    assert resp.status in (403, 404)
+    admin = await make_user(db, "admin")
+    resp = await client.post(
+        "/api/v1/payment/refund",
+        json={**body, "refund_amount": 20000},
+        headers=auth(tokens, admin, "admin"),
+    )
+    assert resp.status == 200 and (await resp.json())["data"]["order_status"] == "refunded"

@@ -236,11 +236,11 @@ async def test_full_flow_create_pay_ship_confirm_refund(
     assert resp.status == 200
     resp = await client.post(f"/api/v1/orders/{oid}/confirm", headers=h)
     assert resp.status == 200 and (await resp.json())["data"]["status"] == "completed"
-    resp = await client.post(
-        "/api/v1/payment/refund",
-        headers=h,
-        json={"order_id": oid, "refund_amount": 50000, "reason": "return"},
-    )
+    refund = {"order_id": oid, "refund_amount": 50000, "reason": "return"}
+    resp = await client.post("/api/v1/payment/refund", headers=h, json=refund)
+    assert resp.status == 409 and (await resp.json())["error"] == "RETURN_REQUIRED"
+    admin = auth(tokens, await make_user(db, "admin"), "admin")  # approving the return
+    resp = await client.post("/api/v1/payment/refund", headers=admin, json=refund)
     assert resp.status == 200
     detail = (await (await client.get(f"/api/v1/orders/{oid}", headers=h)).json())["data"]
     assert detail["status"] == "refunded" and detail["refunded_amount"] == 50000

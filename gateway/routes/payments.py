@@ -153,13 +153,14 @@ ROUTES = [
         "POST",
         "/api/v1/payment/refund",
         refund,
-        "Refund part or all of a paid order (never more than was paid)",
+        "Refund part or all of a paid order (never more than was paid); the shopper only "
+        "until it ships, an admin afterwards",
         auth="user",
         body=REFUND,
         tag="payments",
         responses={
             404: "NOT_FOUND",
-            409: "REFUND_EXCEEDS_PAID or INVALID_TRANSITION",
+            409: "REFUND_EXCEEDS_PAID, INVALID_TRANSITION or RETURN_REQUIRED",
             422: "VALIDATION_FAILED",
         },
     ),

@@ -110,6 +110,19 @@ class PaymentProviderUnavailable(AppError):
     default_message = "no payment provider is configured; payments cannot be taken"
 
 
+class ReturnRequired(Conflict):
+    """After shipping, money goes back through a return the merchant or an admin approves."""
+
+    code = "RETURN_REQUIRED"
+    default_message = (
+        "the order has shipped: request a return, a refund follows once it is approved"
+    )
+
+
+# A shopper alone may refund only what has not left the warehouse.
+SHOPPER_REFUNDABLE: Final = ("paid",)
+
+
 def provider_available(settings: Settings) -> bool:
     """Whether a provider can take a payment (the sandbox is the only one built in)."""
     return settings.payment_provider == SANDBOX
@@ -320,13 +333,18 @@ async def sandbox_complete(
 async def refund(
     app: web.Application, *, order_id: str, actor: Actor, amount: int, reason: str
 ) -> dict[str, Any]:
-    """A (partial) refund of a paid order; the refunds of an order never exceed what it paid."""
+    """A (partial) refund of a paid order; the refunds of an order never exceed what it paid.
+
+    The shopper may refund an order only until it ships; after that only an admin may
+    (approving a return)."""
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or (actor.role != "admin" and order["user_id"] != actor.user_id):
             raise NotFound("order not found")
         if order["status"] not in orders.REFUNDABLE:
             raise orders.invalid_transition(order["status"], "refund")
+        if actor.role != "admin" and order["status"] not in SHOPPER_REFUNDABLE:
+            raise ReturnRequired(data={"status": order["status"]})
         pay_id = await conn.fetchval(SQL_SUCCESS_PAY, order_id)
         if pay_id is None:
             raise orders.invalid_transition(order["status"], "refund")
