@@ -3,6 +3,7 @@ what an unsigned notification can do, and what the signature covers."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from gateway.auth import TokenService
 from gateway.services import payments
 from gateway.settings import Settings, SettingsError
 from tests.conftest import auth, make_user
-from tests.store_helpers import make_product, pay_via_sandbox, place_order
+from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,3 +162,64 @@ async def test_shopper_cannot_refund_what_shipped(
         headers=auth(tokens, admin, "admin"),
     )
     assert resp.status == 200 and (await resp.json())["data"]["order_status"] == "refunded"
+
+
+# --- finding 5: one lock order for cancel and payment ---------------------------------
+
+
+@pytest.mark.integration
+async def test_concurrent_cancel_and_payment_never_500(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    pairs = 16
+    merchant = await make_user(db, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(1000, pairs)])
+    placed = []
+    for _ in range(pairs):
+        user = await make_user(db)
+        status, data = await place_order(client, tokens, user, sku)
+        assert status == 201, data
+        placed.append((user, data["data"]))
+
+    async def pay(i: int, user: int, order: dict[str, Any]) -> int:
+        if i % 2:
+            resp = await client.post(
+                f"/api/v1/payment/sandbox/{order['payment_id']}/approve",
+                headers=auth(tokens, user),
+            )
+        else:
+            note = {
+                "payment_id": order["payment_id"],
+                "order_id": order["order_id"],
+                "status": "success",
+                "amount": 1000,
+                "transaction_id": f"T-race-{i}",
+            }
+            resp = await client.post("/api/v1/payment/notify", json=signed(app, note))
+        return resp.status
+
+    async def cancel(user: int, order: dict[str, Any]) -> int:
+        resp = await client.post(
+            f"/api/v1/orders/{order['order_id']}/cancel", json={}, headers=auth(tokens, user)
+        )
+        return resp.status
+
+    results = await asyncio.gather(
+        *(
+            asyncio.gather(cancel(user, order), pay(i, user, order))
+            for i, (user, order) in enumerate(placed)
+        )
+    )
+    paid = 0
+    for (cancel_status, pay_status), (_, order) in zip(results, placed, strict=True):
+        assert sorted((cancel_status, pay_status)) == [200, 409], (cancel_status, pay_status)
+        status = await db.fetchval("SELECT status FROM orders WHERE id = $1", order["order_id"])
+        pays = await db.fetch(
+            "SELECT status FROM pay_orders WHERE order_id = $1", order["order_id"]
+        )
+        if pay_status == 200:
+            paid += 1
+            assert status == "paid" and [p["status"] for p in pays] == ["success"]
+        else:
+            assert status == "cancelled" and [p["status"] for p in pays] == ["closed"]
+    assert await sku_row(db, sku) == {"on_hand": pairs - paid, "reserved": 0, "sold": paid}

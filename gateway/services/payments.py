@@ -259,11 +259,16 @@ async def _process(
         raise BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
     payment_id, status = body["payment_id"], body["status"]
     async with pool.acquire() as conn, conn.transaction():
-        pay = await conn.fetchrow(SQL_PAY_FOR_UPDATE, payment_id)
-        if pay is None:
+        # One lock order everywhere (cancel, timeout close, refund, payment creation): the
+        # order row first, then its pay orders. The unlocked read only finds the order.
+        found = await conn.fetchrow(SQL_PAY, payment_id)
+        if found is None:
             raise NotFound("unknown payment", code="UNKNOWN_PAYMENT")
-        if pay["order_id"] != body["order_id"]:
+        if found["order_id"] != body["order_id"]:
             raise Conflict("notification names another order", code="ORDER_MISMATCH")
+        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, found["order_id"])
+        pay = await conn.fetchrow(SQL_PAY_FOR_UPDATE, payment_id)
+        assert order is not None and pay is not None  # pay orders are never deleted
         if pay["amount_cents"] != body["amount"]:
             raise Conflict(
                 "notification amount does not match the payment",
@@ -288,8 +293,6 @@ async def _process(
                 "payment_id": payment_id,
                 "payment_status": "failed",
             }
-        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, pay["order_id"])
-        assert order is not None  # pay_orders.order_id references orders
         if order["status"] != "pending_payment":
             # Paid twice, or paid after the timeout close: the money has to go back; a
             # real deployment refunds it automatically, the sandbox reports it.
