@@ -7,6 +7,8 @@ message is one line naming the variable; the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -17,6 +19,15 @@ PREFIX = "FLASHSALE_"
 # "none": no provider takes payments (notifications are still verified and applied);
 # "sandbox": the built-in stand-in that pays orders with no money (demo and tests only).
 PAYMENT_PROVIDERS = ("none", "sandbox")
+# HKDF "info" of the notify key derived from the secret key when no PAYMENT_SECRET is set:
+# a provider given that key learns nothing about the token signing key.
+PAYMENT_NOTIFY_KEY_LABEL = b"flashsale/payment-notify-hmac/v1"
+
+
+def hkdf_sha256(ikm: bytes, info: bytes, salt: bytes = b"") -> bytes:
+    """A 32-byte key from HKDF-SHA256 (RFC 5869): extract, then one expand block."""
+    prk = hmac.new(salt or bytes(hashlib.sha256().digest_size), ikm, hashlib.sha256).digest()
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
 
 
 class SettingsError(Exception):
@@ -270,5 +281,9 @@ class Settings:
 
     @property
     def payment_hmac_key(self) -> bytes:
-        """The sandbox provider's notification secret (derived from the secret key if unset)."""
-        return (self.payment_secret or ("sandbox:" + self.secret)).encode()
+        """The key of the notification HMAC: ``payment_secret`` if set, else a key derived
+        from the secret key with a labelled KDF (one-way, so handing it to a provider does
+        not hand over the token key)."""
+        if self.payment_secret is not None:
+            return self.payment_secret.encode()
+        return hkdf_sha256(self.secret.encode(), PAYMENT_NOTIFY_KEY_LABEL)

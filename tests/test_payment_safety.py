@@ -19,7 +19,7 @@ from gateway.app import create_app
 from gateway.auth import TokenService
 from gateway.services import payments
 from gateway.settings import Settings, SettingsError
-from tests.conftest import auth, make_user
+from tests.conftest import TEST_SECRET, auth, make_user
 from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,3 +223,19 @@ async def test_concurrent_cancel_and_payment_never_500(
         else:
             assert status == "cancelled" and [p["status"] for p in pays] == ["closed"]
     assert await sku_row(db, sku) == {"on_hand": pairs - paid, "reserved": 0, "sold": paid}
+
+
+# --- finding 12: the notify key is not a function anyone can undo ----------------------
+
+
+@pytest.mark.unit
+def test_notify_key_is_derived_with_a_label() -> None:
+    s = Settings.from_env({}).with_(secret_key=TEST_SECRET)
+    key = s.payment_hmac_key
+    assert TEST_SECRET.encode() not in key
+    assert key != ("sandbox:" + TEST_SECRET).encode()
+    assert len(key) == 32 and key == s.payment_hmac_key
+    other = s.with_(secret_key=TEST_SECRET[::-1]).payment_hmac_key
+    assert other != key
+    own = s.with_(payment_secret="provider-shared-secret-0123456789")
+    assert own.payment_hmac_key == b"provider-shared-secret-0123456789"
