@@ -4,6 +4,7 @@ what an unsigned notification can do, and what the signature covers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,33 @@ def test_notify_key_is_derived_with_a_label() -> None:
     assert other != key
     own = s.with_(payment_secret="provider-shared-secret-0123456789")
     assert own.payment_hmac_key == b"provider-shared-secret-0123456789"
+
+
+# --- finding 16: an unsigned notification writes nothing and forges no log line ---------
+
+
+@pytest.mark.integration
+async def test_unsigned_notify_writes_nothing_and_logs_escaped(
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, _, order = await _order(client, db, tokens)
+    before = await db.fetchval("SELECT count(*) FROM payment_notifications")
+    forged = "PAYX\n2026-01-01 00:00:00 INFO gateway: admin logged in"
+    with caplog.at_level(logging.INFO):
+        for payment_id in (forged, order["payment_id"]):
+            note = {
+                "payment_id": payment_id,
+                "order_id": order["order_id"],
+                "status": "success",
+                "amount": 10000,
+                "sign": "0" * 64,
+            }
+            resp = await client.post("/api/v1/payment/notify", json=note)
+            assert resp.status == 400 and (await resp.json())["error"] == "BAD_SIGNATURE"
+    assert await db.fetchval("SELECT count(*) FROM payment_notifications") == before
+    rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert rejected
+    assert all("\n" not in r.getMessage() for r in rejected)

@@ -223,40 +223,47 @@ async def get_payment(
     }
 
 
-async def _reject(pool: asyncpg.Pool, body: Mapping[str, Any], exc: AppError) -> None:
+def _log_rejection(body: Mapping[str, Any], exc: AppError) -> None:
+    # repr(): the values come from an unauthenticated caller; a newline must not forge a line.
     log.warning(
-        "payment notification rejected: %s (%s) payment=%s order=%s",
+        "payment notification rejected: %s payment_id=%r order_id=%r",
         exc.error_code,
-        exc.message,
         body.get("payment_id"),
         body.get("order_id"),
     )
-    await pool.execute(
-        SQL_RECORD_REJECTION,
-        str(body.get("payment_id") or ""),
-        str(body.get("order_id") or ""),
-        exc.error_code,
-        dict(body),
-    )
+
+
+def signature_ok(key: bytes, body: Mapping[str, Any]) -> bool:
+    """Whether ``body["sign"]`` is the HMAC of the canonical form of all its other fields."""
+    given = body.get("sign")
+    return isinstance(given, str) and hmac.compare_digest(given, sign(key, body))
 
 
 async def process_notification(app: web.Application, body: dict[str, Any]) -> dict[str, Any]:
-    """Verify and apply one provider notification (seed §5.2); idempotent."""
+    """Verify and apply one provider notification (seed §5.2); idempotent.
+
+    Nothing is written before the signature checks out: anyone can call the endpoint.
+    A signed notification that cannot be applied is recorded as rejected."""
     pool = app[appkeys.DB]
+    if not signature_ok(app[appkeys.SETTINGS].payment_hmac_key, body):
+        exc = BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
+        _log_rejection(body, exc)
+        raise exc
     try:
-        return await _process(app, pool, body)
+        return await _apply(pool, body)
     except AppError as exc:
-        await _reject(pool, body, exc)
+        _log_rejection(body, exc)
+        await pool.execute(
+            SQL_RECORD_REJECTION,
+            str(body.get("payment_id") or ""),
+            str(body.get("order_id") or ""),
+            exc.error_code,
+            dict(body),
+        )
         raise
 
 
-async def _process(
-    app: web.Application, pool: asyncpg.Pool, body: dict[str, Any]
-) -> dict[str, Any]:
-    given = body.get("sign")
-    expected = sign(app[appkeys.SETTINGS].payment_hmac_key, body)
-    if not isinstance(given, str) or not hmac.compare_digest(given, expected):
-        raise BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
+async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
     payment_id, status = body["payment_id"], body["status"]
     async with pool.acquire() as conn, conn.transaction():
         # One lock order everywhere (cancel, timeout close, refund, payment creation): the
