@@ -270,3 +270,52 @@ async def test_unsigned_notify_writes_nothing_and_logs_escaped(
     rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert rejected
     assert all("\n" not in r.getMessage() for r in rejected)
+
+
+# --- finding 17: the signature covers every field sent -------------------------------
+
+
+@pytest.mark.integration
+async def test_signature_covers_provider_extra_fields(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    _, _, order = await _order(client, db, tokens)
+    note = signed(
+        app,
+        {
+            "payment_id": order["payment_id"],
+            "order_id": order["order_id"],
+            "status": "success",
+            "amount": 10000,
+            "transaction_id": "T-extra",
+            "currency": "CNY",
+            "buyer": {"id": "2088", "masked": "z***@x.cn"},
+            "coupon": None,
+        },
+    )
+    for tampered in ({"currency": "USD"}, {"coupon": "FREE"}, {"added": 1}):
+        resp = await client.post("/api/v1/payment/notify", json={**note, **tampered})
+        assert resp.status == 400, tampered
+    resp = await client.post("/api/v1/payment/notify", json=note)
+    assert resp.status == 200, await resp.text()
+    body = await db.fetchval(
+        "SELECT body FROM payment_notifications WHERE payment_id = $1 AND accepted",
+        order["payment_id"],
+    )
+    assert body["currency"] == "CNY"
+
+
+@pytest.mark.unit
+def test_canonical_form_is_sorted_compact_json_without_sign() -> None:
+    import json
+
+    fields = {"b": 1, "a": "é&x=1", "sign": "zz", "n": None, "o": {"y": 2, "x": [1, "2"]}}
+    expected = json.dumps(
+        {k: v for k, v in fields.items() if k != "sign"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    assert payments.canonical(fields) == expected
+    # An "&" inside a value cannot pass for a field boundary.
+    assert payments.canonical({"a": "1&b=2"}) != payments.canonical({"a": "1", "b": "2"})

@@ -72,8 +72,10 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def notify(request: web.Request) -> web.Response:
-    # Extra fields are allowed (providers add them) and covered by the signature.
-    body = validate(await read_json(request), NOTIFY, allow_extra=True)
+    # Extra fields are allowed (providers add them) and covered by the signature, which is
+    # checked over the body exactly as sent: validation only checks its shape.
+    body = await read_json(request)
+    validate(body, NOTIFY, allow_extra=True)
     return ok(await payments.process_notification(request.app, body))
 
 
@@ -139,7 +141,8 @@ ROUTES = [
         "POST",
         "/api/v1/payment/notify",
         notify,
-        "Provider notification, HMAC-SHA256 signed over sorted key=value&... without sign",
+        "Provider notification: sign = hex HMAC-SHA256 of every other field sent as compact "
+        "sorted-key JSON",
         body=NOTIFY,
         tag="payments",
         responses={

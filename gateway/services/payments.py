@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
+import orjson
 from aiohttp import web
 
 from gateway import appkeys
@@ -40,6 +41,7 @@ METHODS: Final = (
 )
 METHOD_NAMES: Final = tuple(m["method"] for m in METHODS)
 REFUND_ARRIVAL: Final = "1-3 business days"
+SORT_KEYS: Final = orjson.OPT_SORT_KEYS
 
 SQL_ORDER_FOR_UPDATE = orders.SQL_ORDER_FOR_UPDATE
 SQL_PENDING_PAY = """
@@ -128,15 +130,17 @@ def provider_available(settings: Settings) -> bool:
     return settings.payment_provider == SANDBOX
 
 
-def canonical(fields: Mapping[str, Any]) -> str:
-    """The signed form: ``key=value`` pairs sorted by key, joined by ``&``, without sign."""
-    return "&".join(
-        f"{k}={fields[k]}" for k in sorted(fields) if k != "sign" and fields[k] is not None
-    )
+def canonical(fields: Mapping[str, Any]) -> bytes:
+    """The signed form of a notification: every field sent except ``sign`` (unknown and
+    null ones too) as compact JSON with sorted keys, UTF-8 — what Python's
+    ``json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``
+    gives. JSON quoting keeps a value from passing for a field boundary."""
+    return orjson.dumps({k: v for k, v in fields.items() if k != "sign"}, option=SORT_KEYS)
 
 
 def sign(key: bytes, fields: Mapping[str, Any]) -> str:
-    return hmac.new(key, canonical(fields).encode(), hashlib.sha256).hexdigest()
+    """Hex HMAC-SHA256 of :func:`canonical` ``(fields)``."""
+    return hmac.new(key, canonical(fields), hashlib.sha256).hexdigest()
 
 
 def new_refund_id() -> str:
