@@ -113,6 +113,21 @@ async def test_without_sandbox_its_routes_do_not_exist(
     ready = await (await client.get("/readyz")).json()
     assert ready["data"]["payment_provider"] == "none"
 
+    # Without a provider, a signed notification is still verified and applied.
+    app = client.app
+    assert app is not None
+    note = {
+        "payment_id": pid,
+        "order_id": order["order_id"],
+        "status": "success",
+        "amount": 10000,
+        "transaction_id": "T-none",
+    }
+    resp = await client.post("/api/v1/payment/notify", json={**note, "sign": "0" * 64})
+    assert resp.status == 400
+    resp = await client.post("/api/v1/payment/notify", json=signed(app, note))
+    assert resp.status == 200, await resp.text()
+
 
 @pytest.mark.integration
 async def test_sandbox_on_says_so(client: TestClient[Any, Any]) -> None:
@@ -163,6 +178,26 @@ async def test_shopper_cannot_refund_what_shipped(
         headers=auth(tokens, admin, "admin"),
     )
     assert resp.status == 200 and (await resp.json())["data"]["order_status"] == "refunded"
+
+
+@pytest.mark.integration
+async def test_concurrent_refunds_never_exceed_what_was_paid(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    user, _, order = await _order(client, db, tokens, price=30000)
+    oid, h = order["order_id"], auth(tokens, user)
+    await pay_via_sandbox(client, tokens, user, order["payment_id"])
+    body = {"order_id": oid, "refund_amount": 10000, "reason": "split"}
+    responses = await asyncio.gather(
+        *(client.post("/api/v1/payment/refund", json=body, headers=h) for _ in range(8))
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [200] * 3 + [409] * 5
+    # the losers find the order fully refunded: either code says so
+    losers = {(await r.json())["error"] for r in responses if r.status == 409}
+    assert losers <= {"REFUND_EXCEEDS_PAID", "INVALID_TRANSITION"}
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "refunded", "refunded_cents": 30000}
 
 
 # --- finding 5: one lock order for cancel and payment ---------------------------------
