@@ -84,11 +84,11 @@ async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
     stats.flush()
 
 
-def all_routes() -> list[Route]:
+def all_routes(settings: Settings | None = None) -> list[Route]:
     """Every route of the service (the OpenAPI spec is built from the same table)."""
     from gateway.routes import extra_routes
 
-    return [*health.ROUTES, *users.ROUTES, *extra_routes()]
+    return [*health.ROUTES, *users.ROUTES, *extra_routes(settings)]
 
 
 def create_app(
@@ -112,5 +112,5 @@ def create_app(
     from gateway.routes import extra_contexts as area_contexts
 
     app.cleanup_ctx.extend(area_contexts())
-    add_routes(app, all_routes())
+    add_routes(app, all_routes(settings))
     return app

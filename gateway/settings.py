@@ -7,6 +7,8 @@ message is one line naming the variable; the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -14,6 +16,18 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 PREFIX = "FLASHSALE_"
+# "none": no provider takes payments (notifications are still verified and applied);
+# "sandbox": the built-in stand-in that pays orders with no money (demo and tests only).
+PAYMENT_PROVIDERS = ("none", "sandbox")
+# HKDF "info" of the notify key derived from the secret key when no PAYMENT_SECRET is set:
+# a provider given that key learns nothing about the token signing key.
+PAYMENT_NOTIFY_KEY_LABEL = b"flashsale/payment-notify-hmac/v1"
+
+
+def hkdf_sha256(ikm: bytes, info: bytes, salt: bytes = b"") -> bytes:
+    """A 32-byte key from HKDF-SHA256 (RFC 5869): extract, then one expand block."""
+    prk = hmac.new(salt or bytes(hashlib.sha256().digest_size), ikm, hashlib.sha256).digest()
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
 
 
 class SettingsError(Exception):
@@ -151,6 +165,7 @@ class Settings:
     republish_max_backoff_s: int = 60
     sweep_interval_ms: int = 1000
     payment_secret: str | None = None
+    payment_provider: str = "none"
     metrics_port: int = 9101
 
     @classmethod
@@ -166,6 +181,12 @@ class Settings:
         secret = _get(e, "SECRET_KEY")
         if secret is not None and len(secret) < 32:
             raise SettingsError(f"{PREFIX}SECRET_KEY must be at least 16 characters")
+        provider = (_get(e, "PAYMENT_PROVIDER") or "none").lower()
+        if provider not in PAYMENT_PROVIDERS:
+            raise SettingsError(
+                f"{PREFIX}PAYMENT_PROVIDER={provider!r} must be one of: "
+                + ", ".join(PAYMENT_PROVIDERS)
+            )
         pool_min = _int(e, "DB_POOL_MIN", 2, 0, 1000)
         pool_max = _int(e, "DB_POOL_MAX", 10, 1, 1000)
         if pool_max < pool_min:
@@ -207,6 +228,7 @@ class Settings:
             republish_max_backoff_s=_int(e, "REPUBLISH_MAX_BACKOFF_S", 60, 1, 86_400),
             sweep_interval_ms=_int(e, "SWEEP_INTERVAL_MS", 1000, 10, 600_000),
             payment_secret=_get(e, "PAYMENT_SECRET"),
+            payment_provider=provider,
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
         )
 
@@ -263,5 +285,9 @@ class Settings:
 
     @property
     def payment_hmac_key(self) -> bytes:
-        """The sandbox provider's notification secret (derived from the secret key if unset)."""
-        return (self.payment_secret or ("sandbox:" + self.secret)).encode()
+        """The key of the notification HMAC: ``payment_secret`` if set, else a key derived
+        from the secret key with a labelled KDF (one-way, so handing it to a provider does
+        not hand over the token key)."""
+        if self.payment_secret is not None:
+            return self.payment_secret.encode()
+        return hkdf_sha256(self.secret.encode(), PAYMENT_NOTIFY_KEY_LABEL)

@@ -189,6 +189,8 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         servers_s = time.monotonic() - started
         if settings.secret_key is None:
             settings = settings.with_(secret_key=_secret(root))
+        if demo:  # the demo pays through the sandbox; production never mounts it
+            settings = settings.with_(payment_provider="sandbox")
         demo_info: dict[str, object] = {}
 
         async def _prepare() -> None:
@@ -257,6 +259,7 @@ def _banner(
         f"  redis          {settings.redis_url}",
         f"  postgres       {settings.database_url}",
         f"  kafka          {settings.kafka_bootstrap}",
+        f"  payments       {settings.payment_provider} provider",
         f"  data folder    {os.path.abspath(settings.data_dir)}"
         + ("  (embedded servers)" if stack else ""),
         f"  started in     {total_s:.1f}s (servers {servers_s:.2f}s)",

@@ -98,6 +98,7 @@ async def base_settings(stack: EmbeddedStack | None) -> AsyncIterator[Settings]:
         stranded_after_s=2,
         sweep_interval_ms=200,
         metrics_port=0,
+        payment_provider="sandbox",
     )
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     async with pool.acquire() as conn:

@@ -88,6 +88,7 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             assert body["data"] == {
                 "checks": {"redis": "up", "postgres": "up", "kafka": "up"},
                 "down": [],
+                "payment_provider": "sandbox",  # the demo turns the sandbox on
             }
             tree = _descendants(proc.pid)
             assert len(tree) >= 5  # servers, workers, consumer

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from gateway.routing import Route
+from gateway.settings import Settings
 
 
-def extra_routes() -> list[Route]:
+def extra_routes(settings: Settings | None = None) -> list[Route]:
     from gateway.routes import (
         cart,
         catalog,
@@ -32,6 +33,7 @@ def extra_routes() -> list[Route]:
         *inventory.ROUTES,
         *orders.ROUTES,
         *payments.ROUTES,
+        *payments.provider_routes(settings),
         *cart.ROUTES,
         *marketing.ROUTES,
     ]

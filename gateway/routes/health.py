@@ -44,15 +44,16 @@ async def readyz(request: web.Request) -> web.Response:
     )
     checks = {"redis": _word(redis_ok), "postgres": _word(db_ok), "kafka": _word(kafka_ok)}
     down = [name for name, state in checks.items() if state == "down"]
+    provider = app[appkeys.SETTINGS].payment_provider  # "sandbox" pays with no money
     if down:
         body = {
             "code": 503,
             "message": "not ready: " + ", ".join(down) + " down",
             "error": "NOT_READY",
-            "data": {"checks": checks, "down": down},
+            "data": {"checks": checks, "down": down, "payment_provider": provider},
         }
         return web.Response(body=dumps(body), status=503, content_type="application/json")
-    return ok({"checks": checks, "down": []}, message="ready")
+    return ok({"checks": checks, "down": [], "payment_provider": provider}, message="ready")
 
 
 def _word(up: bool) -> str:

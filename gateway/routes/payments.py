@@ -1,4 +1,4 @@
-"""Payments (seed 000 §5) and the built-in sandbox provider."""
+"""Payments (seed 000 §5); the sandbox provider's routes exist only when it is the provider."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import payments
 from gateway.services.orders import Actor
+from gateway.settings import Settings
 from gateway.validation import F, validate
 
 CREATE = {
@@ -45,7 +46,14 @@ def _payment_id(request: web.Request) -> str:
 
 
 async def methods(request: web.Request) -> web.Response:
-    return ok([{**m, "available": True, "provider": payments.PROVIDER} for m in payments.METHODS])
+    settings = request.app[appkeys.SETTINGS]
+    available = payments.provider_available(settings)
+    return ok(
+        [
+            {**m, "available": available, "provider": settings.payment_provider}
+            for m in payments.METHODS
+        ]
+    )
 
 
 async def create(request: web.Request) -> web.Response:
@@ -64,8 +72,10 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def notify(request: web.Request) -> web.Response:
-    # Extra fields are allowed (providers add them) and covered by the signature.
-    body = validate(await read_json(request), NOTIFY, allow_extra=True)
+    # Extra fields are allowed (providers add them) and covered by the signature, which is
+    # checked over the body exactly as sent: validation only checks its shape.
+    body = await read_json(request)
+    validate(body, NOTIFY, allow_extra=True)
     return ok(await payments.process_notification(request.app, body))
 
 
@@ -124,13 +134,15 @@ ROUTES = [
             404: "NOT_FOUND",
             409: "INVALID_TRANSITION or AMOUNT_MISMATCH",
             422: "VALIDATION_FAILED",
+            503: "PAYMENT_PROVIDER_UNAVAILABLE",
         },
     ),
     Route(
         "POST",
         "/api/v1/payment/notify",
         notify,
-        "Provider notification, HMAC-SHA256 signed over sorted key=value&... without sign",
+        "Provider notification: sign = hex HMAC-SHA256 of every other field sent as compact "
+        "sorted-key JSON",
         body=NOTIFY,
         tag="payments",
         responses={
@@ -140,6 +152,26 @@ ROUTES = [
             422: "VALIDATION_FAILED",
         },
     ),
+    Route(
+        "POST",
+        "/api/v1/payment/refund",
+        refund,
+        "Refund part or all of a paid order (never more than was paid); the shopper only "
+        "until it ships, an admin afterwards",
+        auth="user",
+        body=REFUND,
+        tag="payments",
+        responses={
+            404: "NOT_FOUND",
+            409: "REFUND_EXCEEDS_PAID, INVALID_TRANSITION or RETURN_REQUIRED",
+            422: "VALIDATION_FAILED",
+        },
+    ),
+]
+
+# The sandbox pays orders with no money: its routes are mounted only when it is the
+# configured provider (FLASHSALE_PAYMENT_PROVIDER=sandbox), and are a 404 otherwise.
+SANDBOX_ROUTES = [
     Route(
         "GET",
         "/api/v1/payment/sandbox/{payment_id}",
@@ -167,18 +199,11 @@ ROUTES = [
         tag="payments",
         responses={404: "NOT_FOUND"},
     ),
-    Route(
-        "POST",
-        "/api/v1/payment/refund",
-        refund,
-        "Refund part or all of a paid order (never more than was paid)",
-        auth="user",
-        body=REFUND,
-        tag="payments",
-        responses={
-            404: "NOT_FOUND",
-            409: "REFUND_EXCEEDS_PAID or INVALID_TRANSITION",
-            422: "VALIDATION_FAILED",
-        },
-    ),
 ]
+
+
+def provider_routes(settings: Settings | None) -> list[Route]:
+    """The routes of the configured payment provider (none unless it is the sandbox)."""
+    if settings is not None and settings.payment_provider == payments.SANDBOX:
+        return SANDBOX_ROUTES
+    return []

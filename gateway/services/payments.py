@@ -1,11 +1,13 @@
 """Payments (seed 000 §5): pay orders, the signed provider notification, refunds.
 
-The only provider built in is a sandbox that stands in for Alipay/WeChat: approving or
-failing a payment builds the same HMAC-SHA256-signed notification a real provider
-would send and runs it through :func:`process_notification`, the function behind
-``POST /payment/notify``. A notification is accepted once per (payment, status); a
-replay returns success and changes nothing; a bad signature, amount or order is
-rejected and recorded.
+Which provider takes payments is a setting (``FLASHSALE_PAYMENT_PROVIDER``). With
+``none`` (the default) no payment can be started (503 PAYMENT_PROVIDER_UNAVAILABLE),
+but a signed notification is still verified and applied. ``sandbox`` stands in for
+Alipay/WeChat in the demo and the tests: approving or failing a payment builds the
+same HMAC-SHA256-signed notification a real provider would send and runs it through
+:func:`process_notification`, the function behind ``POST /payment/notify``. A
+notification is accepted once per (payment, status); a replay returns success and
+changes nothing; a bad signature, amount or order is rejected.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
+import orjson
 from aiohttp import web
 
 from gateway import appkeys
 from gateway.errors import AppError, BadRequest, Conflict, NotFound
 from gateway.services import orders
 from gateway.services.orders import Actor
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PROVIDER: Final = "sandbox"
+SANDBOX: Final = "sandbox"
 METHODS: Final = (
     {"method": "alipay", "name": "Alipay", "icon": "/static/pay/alipay.png"},
     {"method": "wechat", "name": "WeChat Pay", "icon": "/static/pay/wechat.png"},
@@ -37,6 +41,7 @@ METHODS: Final = (
 )
 METHOD_NAMES: Final = tuple(m["method"] for m in METHODS)
 REFUND_ARRIVAL: Final = "1-3 business days"
+SORT_KEYS: Final = orjson.OPT_SORT_KEYS
 
 SQL_ORDER_FOR_UPDATE = orders.SQL_ORDER_FOR_UPDATE
 SQL_PENDING_PAY = """
@@ -99,15 +104,43 @@ RETURNING version
 """
 
 
-def canonical(fields: Mapping[str, Any]) -> str:
-    """The signed form: ``key=value`` pairs sorted by key, joined by ``&``, without sign."""
-    return "&".join(
-        f"{k}={fields[k]}" for k in sorted(fields) if k != "sign" and fields[k] is not None
+class PaymentProviderUnavailable(AppError):
+    """No payment provider is configured (``FLASHSALE_PAYMENT_PROVIDER=none``)."""
+
+    code = "PAYMENT_PROVIDER_UNAVAILABLE"
+    http_status = 503
+    default_message = "no payment provider is configured; payments cannot be taken"
+
+
+class ReturnRequired(Conflict):
+    """After shipping, money goes back through a return the merchant or an admin approves."""
+
+    code = "RETURN_REQUIRED"
+    default_message = (
+        "the order has shipped: request a return, a refund follows once it is approved"
     )
 
 
+# A shopper alone may refund only what has not left the warehouse.
+SHOPPER_REFUNDABLE: Final = ("paid",)
+
+
+def provider_available(settings: Settings) -> bool:
+    """Whether a provider can take a payment (the sandbox is the only one built in)."""
+    return settings.payment_provider == SANDBOX
+
+
+def canonical(fields: Mapping[str, Any]) -> bytes:
+    """The signed form of a notification: every field sent except ``sign`` (unknown and
+    null ones too) as compact JSON with sorted keys, UTF-8 — what Python's
+    ``json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``
+    gives. JSON quoting keeps a value from passing for a field boundary."""
+    return orjson.dumps({k: v for k, v in fields.items() if k != "sign"}, option=SORT_KEYS)
+
+
 def sign(key: bytes, fields: Mapping[str, Any]) -> str:
-    return hmac.new(key, canonical(fields).encode(), hashlib.sha256).hexdigest()
+    """Hex HMAC-SHA256 of :func:`canonical` ``(fields)``."""
+    return hmac.new(key, canonical(fields), hashlib.sha256).hexdigest()
 
 
 def new_refund_id() -> str:
@@ -128,6 +161,8 @@ async def create_payment(
     amount: int | None,
 ) -> dict[str, Any]:
     """The pending pay order of an unpaid order (created or switched to ``method``)."""
+    if not provider_available(app[appkeys.SETTINGS]):
+        raise PaymentProviderUnavailable
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or order["user_id"] != user_id:
@@ -174,63 +209,77 @@ async def get_payment(
     row = await app[appkeys.DB].fetchrow(SQL_PAY, payment_id)
     if row is None or (role != "admin" and row["user_id"] != user_id):
         raise NotFound("payment not found")
+    provider = app[appkeys.SETTINGS].payment_provider
+    sandbox = provider == SANDBOX
     return {
         "payment_id": row["id"],
         "order_id": row["order_id"],
         "amount": row["amount_cents"],
         "payment_method": row["method"],
         "status": row["status"],
-        "provider": PROVIDER,
+        "provider": provider,
         "transaction_id": row["transaction_id"],
         "paid_at": row["paid_at"],
         "expires_at": row["expires_at"],
         "created_at": row["created_at"],
-        "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve",
-        "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail",
+        "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve" if sandbox else None,
+        "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail" if sandbox else None,
     }
 
 
-async def _reject(pool: asyncpg.Pool, body: Mapping[str, Any], exc: AppError) -> None:
+def _log_rejection(body: Mapping[str, Any], exc: AppError) -> None:
+    # repr(): the values come from an unauthenticated caller; a newline must not forge a line.
     log.warning(
-        "payment notification rejected: %s (%s) payment=%s order=%s",
+        "payment notification rejected: %s payment_id=%r order_id=%r",
         exc.error_code,
-        exc.message,
         body.get("payment_id"),
         body.get("order_id"),
     )
-    await pool.execute(
-        SQL_RECORD_REJECTION,
-        str(body.get("payment_id") or ""),
-        str(body.get("order_id") or ""),
-        exc.error_code,
-        dict(body),
-    )
+
+
+def signature_ok(key: bytes, body: Mapping[str, Any]) -> bool:
+    """Whether ``body["sign"]`` is the HMAC of the canonical form of all its other fields."""
+    given = body.get("sign")
+    return isinstance(given, str) and hmac.compare_digest(given, sign(key, body))
 
 
 async def process_notification(app: web.Application, body: dict[str, Any]) -> dict[str, Any]:
-    """Verify and apply one provider notification (seed §5.2); idempotent."""
+    """Verify and apply one provider notification (seed §5.2); idempotent.
+
+    Nothing is written before the signature checks out: anyone can call the endpoint.
+    A signed notification that cannot be applied is recorded as rejected."""
     pool = app[appkeys.DB]
+    if not signature_ok(app[appkeys.SETTINGS].payment_hmac_key, body):
+        exc = BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
+        _log_rejection(body, exc)
+        raise exc
     try:
-        return await _process(app, pool, body)
+        return await _apply(pool, body)
     except AppError as exc:
-        await _reject(pool, body, exc)
+        _log_rejection(body, exc)
+        await pool.execute(
+            SQL_RECORD_REJECTION,
+            str(body.get("payment_id") or ""),
+            str(body.get("order_id") or ""),
+            exc.error_code,
+            dict(body),
+        )
         raise
 
 
-async def _process(
-    app: web.Application, pool: asyncpg.Pool, body: dict[str, Any]
-) -> dict[str, Any]:
-    given = body.get("sign")
-    expected = sign(app[appkeys.SETTINGS].payment_hmac_key, body)
-    if not isinstance(given, str) or not hmac.compare_digest(given, expected):
-        raise BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
+async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
     payment_id, status = body["payment_id"], body["status"]
     async with pool.acquire() as conn, conn.transaction():
-        pay = await conn.fetchrow(SQL_PAY_FOR_UPDATE, payment_id)
-        if pay is None:
+        # One lock order everywhere (cancel, timeout close, refund, payment creation): the
+        # order row first, then its pay orders. The unlocked read only finds the order.
+        found = await conn.fetchrow(SQL_PAY, payment_id)
+        if found is None:
             raise NotFound("unknown payment", code="UNKNOWN_PAYMENT")
-        if pay["order_id"] != body["order_id"]:
+        if found["order_id"] != body["order_id"]:
             raise Conflict("notification names another order", code="ORDER_MISMATCH")
+        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, found["order_id"])
+        pay = await conn.fetchrow(SQL_PAY_FOR_UPDATE, payment_id)
+        assert order is not None and pay is not None  # pay orders are never deleted
         if pay["amount_cents"] != body["amount"]:
             raise Conflict(
                 "notification amount does not match the payment",
@@ -255,8 +304,6 @@ async def _process(
                 "payment_id": payment_id,
                 "payment_status": "failed",
             }
-        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, pay["order_id"])
-        assert order is not None  # pay_orders.order_id references orders
         if order["status"] != "pending_payment":
             # Paid twice, or paid after the timeout close: the money has to go back; a
             # real deployment refunds it automatically, the sandbox reports it.
@@ -281,6 +328,8 @@ async def sandbox_complete(
     app: web.Application, payment_id: str, user_id: int, role: str, *, approve: bool
 ) -> dict[str, Any]:
     """What the sandbox provider does when the payer approves or fails: sign and notify."""
+    if app[appkeys.SETTINGS].payment_provider != SANDBOX:
+        raise NotFound("payment not found")
     pay = await get_payment(app, payment_id, user_id, role)
     fields: dict[str, Any] = {
         "payment_id": pay["payment_id"],
@@ -298,13 +347,18 @@ async def sandbox_complete(
 async def refund(
     app: web.Application, *, order_id: str, actor: Actor, amount: int, reason: str
 ) -> dict[str, Any]:
-    """A (partial) refund of a paid order; the refunds of an order never exceed what it paid."""
+    """A (partial) refund of a paid order; the refunds of an order never exceed what it paid.
+
+    The shopper may refund an order only until it ships; after that only an admin may
+    (approving a return)."""
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or (actor.role != "admin" and order["user_id"] != actor.user_id):
             raise NotFound("order not found")
         if order["status"] not in orders.REFUNDABLE:
             raise orders.invalid_transition(order["status"], "refund")
+        if actor.role != "admin" and order["status"] not in SHOPPER_REFUNDABLE:
+            raise ReturnRequired(data={"status": order["status"]})
         pay_id = await conn.fetchval(SQL_SUCCESS_PAY, order_id)
         if pay_id is None:
             raise orders.invalid_transition(order["status"], "refund")

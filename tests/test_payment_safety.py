@@ -1,0 +1,356 @@
+"""Money safety of payments: the provider setting, who may refund, lock order, the notify key,
+what an unsigned notification can do, and what the signature covers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway import appkeys
+from gateway.app import create_app
+from gateway.auth import TokenService
+from gateway.services import payments
+from gateway.settings import Settings, SettingsError
+from tests.conftest import TEST_SECRET, auth, make_user
+from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def signed(app: web.Application, fields: dict[str, Any]) -> dict[str, Any]:
+    return {**fields, "sign": payments.sign(app[appkeys.SETTINGS].payment_hmac_key, fields)}
+
+
+async def _order(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, price: int = 10000
+) -> tuple[int, int, dict[str, Any]]:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    _, (sku,) = await make_product(db, merchant, [(price, 10)])
+    status, data = await place_order(client, tokens, user, sku)
+    assert status == 201, data
+    return user, merchant, data["data"]
+
+
+# --- finding 2: the sandbox provider is a setting, off unless asked ----------------------
+
+
+@pytest.mark.unit
+def test_payment_provider_setting() -> None:
+    assert Settings.from_env({}).payment_provider == "none"
+    on = Settings.from_env({"FLASHSALE_PAYMENT_PROVIDER": "sandbox"})
+    assert on.payment_provider == "sandbox"
+    assert Settings.from_env(on.to_env()) == on
+    with pytest.raises(SettingsError, match="FLASHSALE_PAYMENT_PROVIDER"):
+        Settings.from_env({"FLASHSALE_PAYMENT_PROVIDER": "paypal"})
+
+
+@pytest.mark.unit
+def test_compose_production_shape_has_no_sandbox() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("gateway", "consumers", "migrate"):
+        env = compose["services"][name]["environment"]
+        concrete = {k: v for k, v in env.items() if "${" not in str(v)}
+        assert Settings.from_env(concrete).payment_provider == "none", name
+
+
+@pytest.mark.unit
+def test_banner_names_the_payment_provider(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.supervisor import _banner
+
+    settings = Settings.from_env({}).with_(payment_provider="sandbox")
+    _banner(settings, "http://127.0.0.1:1", {}, 0.0, 0.0, None)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "payments" in x)
+    assert "sandbox" in line
+
+
+@pytest.fixture
+async def none_client(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    app = create_app(base_settings.with_(payment_provider="none"))
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+@pytest.mark.integration
+async def test_without_sandbox_its_routes_do_not_exist(
+    none_client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    client = none_client
+    user, _, order = await _order(client, db, tokens)
+    h = auth(tokens, user)
+    pid = order["payment_id"]
+    for method, path in (
+        ("POST", f"/api/v1/payment/sandbox/{pid}/approve"),
+        ("POST", f"/api/v1/payment/sandbox/{pid}/fail"),
+        ("GET", f"/api/v1/payment/sandbox/{pid}"),
+    ):
+        resp = await client.request(method, path, headers=h)
+        assert resp.status == 404, (path, await resp.text())
+    spec = await (await client.get("/api/v1/openapi.json")).json()
+    assert not [p for p in spec["paths"] if "/sandbox/" in p]
+    status = await db.fetchval("SELECT status FROM orders WHERE id = $1", order["order_id"])
+    assert status == "pending_payment"
+
+    body = {"order_id": order["order_id"], "payment_method": "wechat"}
+    resp = await client.post("/api/v1/payment/create", json=body, headers=h)
+    assert resp.status == 503 and (await resp.json())["error"] == "PAYMENT_PROVIDER_UNAVAILABLE"
+    resp = await client.post(
+        f"/api/v1/orders/{order['order_id']}/pay", json={"payment_method": "wechat"}, headers=h
+    )
+    assert resp.status == 503 and (await resp.json())["error"] == "PAYMENT_PROVIDER_UNAVAILABLE"
+    methods = (await (await client.get("/api/v1/payment/methods")).json())["data"]
+    assert methods and not any(m["available"] for m in methods)
+    assert {m["provider"] for m in methods} == {"none"}
+
+    ready = await (await client.get("/readyz")).json()
+    assert ready["data"]["payment_provider"] == "none"
+
+    # Without a provider, a signed notification is still verified and applied.
+    app = client.app
+    assert app is not None
+    note = {
+        "payment_id": pid,
+        "order_id": order["order_id"],
+        "status": "success",
+        "amount": 10000,
+        "transaction_id": "T-none",
+    }
+    resp = await client.post("/api/v1/payment/notify", json={**note, "sign": "0" * 64})
+    assert resp.status == 400
+    resp = await client.post("/api/v1/payment/notify", json=signed(app, note))
+    assert resp.status == 200, await resp.text()
+
+
+@pytest.mark.integration
+async def test_sandbox_on_says_so(client: TestClient[Any, Any]) -> None:
+    ready = await (await client.get("/readyz")).json()
+    assert ready["data"]["payment_provider"] == "sandbox"
+    spec = await (await client.get("/api/v1/openapi.json")).json()
+    assert "/api/v1/payment/sandbox/{payment_id}/approve" in spec["paths"]
+
+
+# --- finding 3: after shipping, money back goes through a return ---------------------
+
+
+@pytest.mark.integration
+async def test_shopper_cannot_refund_what_shipped(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    user, merchant, order = await _order(client, db, tokens, price=30000)
+    oid, h = order["order_id"], auth(tokens, user)
+    mh = auth(tokens, merchant, "merchant")
+    await pay_via_sandbox(client, tokens, user, order["payment_id"])
+    body = {"order_id": oid, "refund_amount": 10000, "reason": "changed my mind"}
+    resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
+    assert resp.status == 200, await resp.text()  # not shipped yet: the shopper may
+    resp = await client.post(
+        f"/api/v1/orders/{oid}/ship",
+        headers=mh,
+        json={"shipping_company": "SF", "tracking_number": "SF1"},
+    )
+    assert resp.status == 200, await resp.text()
+    for step in ("shipped", "completed"):
+        if step == "completed":
+            resp = await client.post(f"/api/v1/orders/{oid}/confirm", headers=h)
+            assert resp.status == 200
+        resp = await client.post(
+            "/api/v1/payment/refund", json={**body, "refund_amount": 20000}, headers=h
+        )
+        assert resp.status == 409, (step, await resp.text())
+        assert (await resp.json())["error"] == "RETURN_REQUIRED"
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "completed", "refunded_cents": 10000}
+    # The merchant alone cannot refund either; an admin (approving a return) can.
+    resp = await client.post("/api/v1/payment/refund", json=body, headers=mh)
+    assert resp.status in (403, 404)
+    admin = await make_user(db, "admin")
+    resp = await client.post(
+        "/api/v1/payment/refund",
+        json={**body, "refund_amount": 20000},
+        headers=auth(tokens, admin, "admin"),
+    )
+    assert resp.status == 200 and (await resp.json())["data"]["order_status"] == "refunded"
+
+
+@pytest.mark.integration
+async def test_concurrent_refunds_never_exceed_what_was_paid(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    user, _, order = await _order(client, db, tokens, price=30000)
+    oid, h = order["order_id"], auth(tokens, user)
+    await pay_via_sandbox(client, tokens, user, order["payment_id"])
+    body = {"order_id": oid, "refund_amount": 10000, "reason": "split"}
+    responses = await asyncio.gather(
+        *(client.post("/api/v1/payment/refund", json=body, headers=h) for _ in range(8))
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [200] * 3 + [409] * 5
+    # the losers find the order fully refunded: either code says so
+    losers = {(await r.json())["error"] for r in responses if r.status == 409}
+    assert losers <= {"REFUND_EXCEEDS_PAID", "INVALID_TRANSITION"}
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "refunded", "refunded_cents": 30000}
+
+
+# --- finding 5: one lock order for cancel and payment ---------------------------------
+
+
+@pytest.mark.integration
+async def test_concurrent_cancel_and_payment_never_500(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    pairs = 16
+    merchant = await make_user(db, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(1000, pairs)])
+    placed = []
+    for _ in range(pairs):
+        user = await make_user(db)
+        status, data = await place_order(client, tokens, user, sku)
+        assert status == 201, data
+        placed.append((user, data["data"]))
+
+    async def pay(i: int, user: int, order: dict[str, Any]) -> int:
+        if i % 2:
+            resp = await client.post(
+                f"/api/v1/payment/sandbox/{order['payment_id']}/approve",
+                headers=auth(tokens, user),
+            )
+        else:
+            note = {
+                "payment_id": order["payment_id"],
+                "order_id": order["order_id"],
+                "status": "success",
+                "amount": 1000,
+                "transaction_id": f"T-race-{i}",
+            }
+            resp = await client.post("/api/v1/payment/notify", json=signed(app, note))
+        return resp.status
+
+    async def cancel(user: int, order: dict[str, Any]) -> int:
+        resp = await client.post(
+            f"/api/v1/orders/{order['order_id']}/cancel", json={}, headers=auth(tokens, user)
+        )
+        return resp.status
+
+    results = await asyncio.gather(
+        *(
+            asyncio.gather(cancel(user, order), pay(i, user, order))
+            for i, (user, order) in enumerate(placed)
+        )
+    )
+    paid = 0
+    for (cancel_status, pay_status), (_, order) in zip(results, placed, strict=True):
+        assert sorted((cancel_status, pay_status)) == [200, 409], (cancel_status, pay_status)
+        status = await db.fetchval("SELECT status FROM orders WHERE id = $1", order["order_id"])
+        pays = await db.fetch(
+            "SELECT status FROM pay_orders WHERE order_id = $1", order["order_id"]
+        )
+        if pay_status == 200:
+            paid += 1
+            assert status == "paid" and [p["status"] for p in pays] == ["success"]
+        else:
+            assert status == "cancelled" and [p["status"] for p in pays] == ["closed"]
+    assert await sku_row(db, sku) == {"on_hand": pairs - paid, "reserved": 0, "sold": paid}
+
+
+# --- finding 12: the notify key is not a function anyone can undo ----------------------
+
+
+@pytest.mark.unit
+def test_notify_key_is_derived_with_a_label() -> None:
+    s = Settings.from_env({}).with_(secret_key=TEST_SECRET)
+    key = s.payment_hmac_key
+    assert TEST_SECRET.encode() not in key
+    assert key != ("sandbox:" + TEST_SECRET).encode()
+    assert len(key) == 32 and key == s.payment_hmac_key
+    other = s.with_(secret_key=TEST_SECRET[::-1]).payment_hmac_key
+    assert other != key
+    own = s.with_(payment_secret="provider-shared-secret-0123456789")
+    assert own.payment_hmac_key == b"provider-shared-secret-0123456789"
+
+
+# --- finding 16: an unsigned notification writes nothing and forges no log line ---------
+
+
+@pytest.mark.integration
+async def test_unsigned_notify_writes_nothing_and_logs_escaped(
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, _, order = await _order(client, db, tokens)
+    before = await db.fetchval("SELECT count(*) FROM payment_notifications")
+    forged = "PAYX\n2026-01-01 00:00:00 INFO gateway: admin logged in"
+    with caplog.at_level(logging.INFO):
+        for payment_id in (forged, order["payment_id"]):
+            note = {
+                "payment_id": payment_id,
+                "order_id": order["order_id"],
+                "status": "success",
+                "amount": 10000,
+                "sign": "0" * 64,
+            }
+            resp = await client.post("/api/v1/payment/notify", json=note)
+            assert resp.status == 400 and (await resp.json())["error"] == "BAD_SIGNATURE"
+    assert await db.fetchval("SELECT count(*) FROM payment_notifications") == before
+    rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert rejected
+    assert all("\n" not in r.getMessage() for r in rejected)
+
+
+# --- finding 17: the signature covers every field sent -------------------------------
+
+
+@pytest.mark.integration
+async def test_signature_covers_provider_extra_fields(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    _, _, order = await _order(client, db, tokens)
+    note = signed(
+        app,
+        {
+            "payment_id": order["payment_id"],
+            "order_id": order["order_id"],
+            "status": "success",
+            "amount": 10000,
+            "transaction_id": "T-extra",
+            "currency": "CNY",
+            "buyer": {"id": "2088", "masked": "z***@x.cn"},
+            "coupon": None,
+        },
+    )
+    for tampered in ({"currency": "USD"}, {"coupon": "FREE"}, {"added": 1}):
+        resp = await client.post("/api/v1/payment/notify", json={**note, **tampered})
+        assert resp.status == 400, tampered
+    resp = await client.post("/api/v1/payment/notify", json=note)
+    assert resp.status == 200, await resp.text()
+    body = await db.fetchval(
+        "SELECT body FROM payment_notifications WHERE payment_id = $1 AND accepted",
+        order["payment_id"],
+    )
+    assert body["currency"] == "CNY"
+
+
+@pytest.mark.unit
+def test_canonical_form_is_sorted_compact_json_without_sign() -> None:
+    import json
+
+    fields = {"b": 1, "a": "é&x=1", "sign": "zz", "n": None, "o": {"y": 2, "x": [1, "2"]}}
+    expected = json.dumps(
+        {k: v for k, v in fields.items() if k != "sign"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    assert payments.canonical(fields) == expected
+    # An "&" inside a value cannot pass for a field boundary.
+    assert payments.canonical({"a": "1&b=2"}) != payments.canonical({"a": "1", "b": "2"})
