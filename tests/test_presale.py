@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.auth import TokenService
+from gateway.services import presale
 from tests.conftest import auth, make_user
 
 pytestmark = pytest.mark.integration
@@ -84,8 +85,8 @@ async def test_preorder_lifecycle(client: Client, db: asyncpg.Pool, tokens: Toke
     assert resp.status == 403
     resp = await client.put(url, headers=merchant_h, json={"status": "shipped"})
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
-    resp = await client.put(url, headers=h, json={"status": "paid", "version": 1})
-    assert resp.status == 200 and (await resp.json())["data"]["status"] == "paid"
+    async with db.acquire() as conn:  # what a verified payment does
+        assert await presale.mark_paid(conn, order["order_id"]) is True
     resp = await client.put(url, headers=h, json={"status": "completed"})
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
     resp = await client.put(url, headers=merchant_h, json={"status": "shipped", "version": 1})
@@ -259,10 +260,34 @@ async def test_cancel_returns_stock_once(
     deletes = [b["message"] for b in bodies[:2]]
     assert deletes.count("cancelled") <= 1
     assert await _available(client, campaign["id"]) == 5
-    resp = await client.put(url, headers=h, json={"status": "paid"})
-    assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
+    async with db.acquire() as conn:
+        assert await presale.mark_paid(conn, url.rsplit("/", 1)[-1]) is False
     # The returned units can be pre-occupied again.
     resp = await client.post(
         "/api/v1/preorder", headers=h, json={"product_id": product["id"], "quantity": 5}
     )
     assert resp.status == 201
+
+
+async def test_buyer_cannot_mark_own_preorder_paid(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    product, _, merchant_h = await _presale(client, db, tokens, total=5)
+    _, h = await _buyer(db, tokens)
+    admin_h = auth(tokens, await make_user(db, "admin"), "admin")
+    resp = await client.post(
+        "/api/v1/preorder", headers=h, json={"product_id": product["id"], "quantity": 1}
+    )
+    order_id = (await resp.json())["data"]["order_id"]
+    url = f"/api/v1/preorder/{order_id}"
+    for headers in (h, merchant_h, admin_h):
+        resp = await client.put(url, headers=headers, json={"status": "paid"})
+        assert resp.status == 403, await resp.text()
+        assert (await resp.json())["error"] == "PAYMENT_REQUIRED"
+    row = await db.fetchrow("SELECT status, paid_at FROM presale_orders WHERE id = $1", order_id)
+    assert row is not None and row["status"] == "pending" and row["paid_at"] is None
+    async with db.acquire() as conn:
+        assert await presale.mark_paid(conn, order_id) is True
+        assert await presale.mark_paid(conn, order_id) is False
+    data = (await (await client.get(url, headers=h)).json())["data"]
+    assert data["status"] == "paid" and data["paid_at"] and data["version"] == 2

@@ -195,10 +195,15 @@ ROUTES = [
         "PUT",
         "/api/v1/preorder/{order_id}",
         update_preorder,
-        "Change a presale order's status (pending→paid→shipped→completed, or cancelled)",
+        "Change a presale order's status (paid→shipped→completed, or cancelled; paid comes "
+        "from a verified payment only)",
         auth="user",
         body=PREORDER_UPDATE,
-        responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "INVALID_TRANSITION, VERSION_CONFLICT"},
+        responses={
+            403: "FORBIDDEN, PAYMENT_REQUIRED (paid is set by a verified payment only)",
+            404: "NOT_FOUND",
+            409: "INVALID_TRANSITION, VERSION_CONFLICT",
+        },
         tag="presale",
     ),
     Route(

@@ -19,6 +19,7 @@ import asyncpg
 
 from gateway.auth import Principal
 from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from gateway.services.inventory import Conn
 
 STATUSES: Final = ("pending", "paid", "shipped", "completed", "cancelled")
 TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
@@ -26,9 +27,11 @@ TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
     "paid": ("shipped", "cancelled"),
     "shipped": ("completed",),
 }
-# Which statuses each party may move an order to (an admin may do all).
-BUYER_MAY: Final = frozenset({"paid", "cancelled", "completed"})
+# Which statuses each party may move an order to (an admin may do all but ``paid``).
+BUYER_MAY: Final = frozenset({"cancelled", "completed"})
 SELLER_MAY: Final = frozenset({"shipped", "cancelled"})
+# Only a verified payment moves an order to paid (:func:`mark_paid`), never a request.
+PAID_BY_PAYMENT_ONLY: Final = frozenset({"paid"})
 
 
 def sources_of(target: str) -> list[str]:
@@ -49,6 +52,11 @@ class InsufficientStock(Conflict):
 class InvalidTransition(Conflict):
     code = "INVALID_TRANSITION"
     default_message = "illegal status transition"
+
+
+class PaymentRequired(Forbidden):
+    code = "PAYMENT_REQUIRED"
+    default_message = "an order becomes paid only through a verified payment"
 
 
 class VersionConflict(Conflict):
@@ -267,6 +275,8 @@ async def _visible(pool: asyncpg.Pool, principal: Principal, order_id: str) -> a
 
 
 def _check_allowed(principal: Principal, order: asyncpg.Record, target: str) -> None:
+    if target in PAID_BY_PAYMENT_ONLY:
+        raise PaymentRequired
     if principal.role == "admin":
         return
     allowed: set[str] = set()
@@ -331,6 +341,13 @@ async def change_status(
         await _explain_refusal(pool, order_id, target, version)
         raise InvalidTransition  # unreachable: _explain_refusal raises for non-cancel targets
     return order_out(row)
+
+
+async def mark_paid(conn: Conn, order_id: str) -> bool:
+    """pending -> paid, for the payment path only (after the provider's verified
+    notification); False if the order is not pending (cancelled, expired, already paid)."""
+    row = await conn.fetchrow(SQL_TRANSITION, order_id, "paid", sources_of("paid"), None)
+    return row is not None
 
 
 @dataclass(frozen=True, slots=True)
