@@ -244,7 +244,7 @@ async def test_ship_deliver_confirm_permissions_and_transitions(
     resp = await client.post(
         url + "/ship", json=ship, headers=auth(tokens, other_merchant, "merchant")
     )
-    assert resp.status == 403
+    assert resp.status == 404  # another shop's order: as if it did not exist
     resp = await client.post(url + "/ship", json={"shipping_company": "SF"}, headers=mh)
     assert resp.status == 422
     resp = await client.post(url + "/ship", json={**ship, "version": 1}, headers=mh)
@@ -327,3 +327,28 @@ async def test_concurrent_retries_with_one_idempotency_key_reserve_once(
     assert set(statuses) <= {200, 201, 409}
     assert (await sku_row(db, sku))["reserved"] == 1
     assert await db.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", user) == 1
+
+
+async def test_other_merchants_order_is_not_found(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, other_merchant, user = (
+        await make_user(db, "merchant"),
+        await make_user(db, "merchant"),
+        await make_user(db),
+    )
+    _, (sku,) = await make_product(db, merchant, [(100, 10)])
+    _, data = await place_order(client, tokens, user, sku)
+    oid = data["data"]["order_id"]
+    await pay_via_sandbox(client, tokens, user, data["data"]["payment_id"])
+    ship = {"shipping_company": "SF", "tracking_number": "SF1"}
+    oh = auth(tokens, other_merchant, "merchant")
+    for url, body in ((f"/api/v1/orders/{oid}/ship", ship), (f"/api/v1/orders/{oid}/deliver", {})):
+        resp = await client.post(url, json=body, headers=oh)
+        missing = await client.post(url.replace(oid, "1" + oid), json=body, headers=oh)
+        assert resp.status == missing.status == 404, await resp.text()
+        assert (await resp.json())["error"] == (await missing.json())["error"] == "NOT_FOUND"
+    resp = await client.post(
+        f"/api/v1/orders/{oid}/ship", json=ship, headers=auth(tokens, merchant, "merchant")
+    )
+    assert resp.status == 200

@@ -306,7 +306,11 @@ ROUTES = [
         auth="merchant",
         body=SHIP,
         tag="orders",
-        responses={403: "FORBIDDEN", **_STATE},
+        responses={
+            **_STATE,
+            403: "FORBIDDEN (not a merchant)",
+            404: "NOT_FOUND (or another shop's)",
+        },
     ),
     Route(
         "POST",
@@ -316,7 +320,11 @@ ROUTES = [
         auth="merchant",
         body=VERSION_ONLY,
         tag="orders",
-        responses={403: "FORBIDDEN", **_STATE},
+        responses={
+            **_STATE,
+            403: "FORBIDDEN (not a merchant)",
+            404: "NOT_FOUND (or another shop's)",
+        },
     ),
     Route(
         "POST",

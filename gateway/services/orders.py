@@ -729,12 +729,14 @@ async def confirm_order(
 
 
 async def _require_merchant(conn: Conn, order_id: str, actor: Actor) -> None:
+    """The merchant of every product of the order, or an admin. Anyone else gets the
+    same 404 as for a missing order, so order ids of other shops do not leak."""
     if actor.role == "admin":
         return
-    if actor.role != "merchant" or not await conn.fetchval(
-        SQL_MERCHANT_OWNS_ALL, order_id, actor.user_id
-    ):
+    if actor.role != "merchant":
         raise Forbidden("only the merchant of this order's products or an admin may do this")
+    if not await conn.fetchval(SQL_MERCHANT_OWNS_ALL, order_id, actor.user_id):
+        raise NotFound("order not found")
 
 
 async def close_expired_orders(app: web.Application, *, batch: int = 100) -> int:
