@@ -649,6 +649,7 @@ async def cancel_order(
                 conn, SQL_TO_CANCELLED, order, version, "cancelled", actor, reason, reason
             )
             await inventory.release_for_order(conn, order_id, reason="cancelled")
+            await coupons.release_for_order(conn, order_id)
         await conn.execute(SQL_CLOSE_PENDING_PAYMENTS, order_id)
     return {"order_id": order_id, "status": "cancelled", "version": new_version}
 
@@ -755,6 +756,7 @@ async def close_expired_orders(app: web.Application, *, batch: int = 100) -> int
                 conn, rec["id"], SYSTEM, "pending_payment", "cancelled", "payment timeout"
             )
             await inventory.release_for_order(conn, rec["id"], reason="timeout")
+            await coupons.release_for_order(conn, rec["id"])
             await conn.execute(SQL_CLOSE_PENDING_PAYMENTS, rec["id"])
             closed += 1
     return closed
