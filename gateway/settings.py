@@ -150,6 +150,8 @@ class Settings:
     sweep_interval_ms: int = 1000
     payment_secret: str | None = None
     metrics_port: int = 9101
+    max_per_user_default: int = 20
+    presale_hold_s: int = 1800
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -204,6 +206,8 @@ class Settings:
             sweep_interval_ms=_int(e, "SWEEP_INTERVAL_MS", 1000, 10, 600_000),
             payment_secret=_get(e, "PAYMENT_SECRET"),
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
+            max_per_user_default=_int(e, "MAX_PER_USER_DEFAULT", 20, 1, 1_000_000),
+            presale_hold_s=_int(e, "PRESALE_HOLD_S", 1800, 1, 30 * 24 * 3600),
         )
 
     def require(self, *names: str) -> Settings:

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import appkeys
 from gateway.auth import TokenService
 from gateway.services import orders
 from tests.conftest import auth, make_user
@@ -352,3 +353,42 @@ async def test_other_merchants_order_is_not_found(
         f"/api/v1/orders/{oid}/ship", json=ship, headers=auth(tokens, merchant, "merchant")
     )
     assert resp.status == 200
+
+
+async def test_per_user_per_sku_cap_on_held_units(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user, other = (
+        await make_user(db, "merchant"),
+        await make_user(db),
+        await make_user(db),
+    )
+    default = app[appkeys.SETTINGS].max_per_user_default
+    pid, (sku,) = await make_product(db, merchant, [(100, 5000)])
+    # One order of 999 units, or two lines of one SKU adding up past the line cap: refused.
+    status, data = await place_order(client, tokens, user, sku, orders.MAX_LINE_QUANTITY)
+    assert status == 409 and data["error"] == "PURCHASE_LIMIT_EXCEEDED", data
+    assert data["data"] == {"sku_id": sku, "limit": default, "held": 0}
+    body = {
+        "items": [{"sku_id": sku, "quantity": 600}, {"sku_id": sku, "quantity": 600}],
+        "shipping_address": ADDRESS,
+    }
+    resp = await client.post("/api/v1/orders", json=body, headers=auth(tokens, user))
+    assert resp.status == 422 and "items" in (await resp.json())["fields"]
+    assert (await sku_row(db, sku))["reserved"] == 0
+
+    # A per-product cap; concurrent orders of one user together stay within it.
+    await db.execute("UPDATE products SET max_per_user = 5 WHERE id = $1", pid)
+    results = await asyncio.gather(*(place_order(client, tokens, user, sku, 3) for _ in range(4)))
+    assert sorted(s for s, _ in results) == [201, 409, 409, 409]
+    assert all(d["error"] == "PURCHASE_LIMIT_EXCEEDED" for s, d in results if s == 409)
+    status, data = await place_order(client, tokens, user, sku, 2)
+    assert status == 201  # 3 + 2 = the cap
+    status, data = await place_order(client, tokens, user, sku, 1)
+    assert status == 409 and data["data"] == {"sku_id": sku, "limit": 5, "held": 5}
+    assert (await place_order(client, tokens, other, sku, 5))[0] == 201  # per user
+    # Cancelling gives the allowance back.
+    oid = next(d["data"]["order_id"] for s, d in results if s == 201)
+    resp = await client.post(f"/api/v1/orders/{oid}/cancel", headers=auth(tokens, user))
+    assert resp.status == 200
+    assert (await place_order(client, tokens, user, sku, 3))[0] == 201

@@ -31,8 +31,8 @@ RETURNING id
 """
 SQL_SKU_EXISTS = "SELECT on_hand - reserved AS available FROM skus WHERE id = $1"
 SQL_INSERT_RESERVATION = """
-INSERT INTO stock_reservations (id, sku_id, order_id, quantity, reserved_until)
-VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+INSERT INTO stock_reservations (id, sku_id, order_id, quantity, reserved_until, user_id)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), $6)
 RETURNING reserved_until
 """
 SQL_LEDGER = """
@@ -152,9 +152,16 @@ def insufficient(sku_id: int, available: int | None) -> Conflict:
 
 
 async def reserve(
-    conn: Conn, *, sku_id: int, quantity: int, order_id: str | None, ttl_s: int
+    conn: Conn,
+    *,
+    sku_id: int,
+    quantity: int,
+    order_id: str | None,
+    ttl_s: int,
+    user_id: int | None = None,
 ) -> Reservation:
     """Hold ``quantity`` units of a SKU until ``ttl_s`` from now; 409 INSUFFICIENT_STOCK.
+    ``user_id`` is the buyer whose order holds them (counted by the per-user cap).
 
     Call inside a transaction: the SKU update, the reservation and its ledger row
     commit together.
@@ -166,7 +173,7 @@ async def reserve(
         raise insufficient(sku_id, available)
     rid = new_reservation_id()
     until: datetime = await conn.fetchval(
-        SQL_INSERT_RESERVATION, rid, sku_id, order_id, quantity, float(ttl_s)
+        SQL_INSERT_RESERVATION, rid, sku_id, order_id, quantity, float(ttl_s), user_id
     )
     await conn.execute(SQL_LEDGER, sku_id, order_id, -quantity, f"reserve:{rid}")
     return Reservation(rid, sku_id, order_id, quantity, until)
