@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
@@ -429,3 +430,30 @@ async def test_checkout_validates_the_address_like_post_orders(
         "SELECT shipping_address FROM orders WHERE id = $1", (await resp.json())["data"]["order_id"]
     )
     assert stored == ADDRESS
+
+
+async def test_concurrent_checkouts_of_one_cart_make_one_order(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    uid = await make_user(db)
+    h = auth(tokens, uid)
+    _, (sku,) = await make_product(db, price=2_000, on_hand=50)
+    await add(client, h, sku_id=sku, quantity=2)
+    responses = await asyncio.gather(
+        *(
+            client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
+            for _ in range(4)
+        )
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(201) == 1 and set(statuses) <= {200, 201, 409}, statuses
+    bodies = [await r.json() for r in responses]
+    order_ids = {b["data"]["order_id"] for r, b in zip(responses, bodies, strict=True) if r.ok}
+    assert len(order_ids) == 1
+    assert all(b["error"] == "IDEMPOTENCY_IN_PROGRESS" for b in bodies if "error" in b)
+    assert await db.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", uid) == 1
+    assert await db.fetchval("SELECT reserved FROM skus WHERE id = $1", sku) == 2
+    # A later checkout of a refilled cart is a new order.
+    await add(client, h, sku_id=sku, quantity=1)
+    resp = await client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
+    assert resp.status == 201 and (await resp.json())["data"]["order_id"] not in order_ids

@@ -204,14 +204,18 @@ async def checkout(request: web.Request) -> web.Response:
     unavailable = [i["cart_item_id"] for i in selection.items if not i["available"]]
     if unavailable:
         raise cart.ItemUnavailable(data={"cart_item_ids": unavailable})
+    # The cart generation is the order's idempotency key (the client's key only names the
+    # stored result): concurrent checkouts of one cart make one order.
     result: dict[str, Any] = await orders.create_order(
         request.app,
         user_id=principal.user_id,
         lines=_order_lines(selection),
         shipping_address=address,
         coupon_code=body.get("coupon_code"),
-        idempotency_key=key,
+        idempotency_key=selection.order_key,
     )
+    if result.pop("idempotent_replay", False):
+        return ok(result, message="order exists")
     # only after the order exists: a failed checkout leaves the cart as it was
     await cart.finish_checkout(
         pool, selection, user_id=principal.user_id, idempotency_key=key, result=result
@@ -299,9 +303,11 @@ ROUTES = [
         auth="user",
         body=CHECKOUT,
         responses={
+            200: "order exists (a concurrent checkout of this cart made it)",
             201: "order created; payment information",
             **_CART_RESPONSES,
-            409: "ITEM_UNAVAILABLE, PRICE_CHANGED, out of stock, coupon limits",
+            409: "ITEM_UNAVAILABLE, PRICE_CHANGED, IDEMPOTENCY_IN_PROGRESS, out of stock, "
+            "coupon limits, PURCHASE_LIMIT_EXCEEDED",
             422: "VALIDATION_FAILED, COUPON_NOT_APPLICABLE",
         },
         tag="cart",
