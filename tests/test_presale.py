@@ -7,8 +7,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import appkeys
 from gateway.auth import TokenService
 from gateway.services import presale
 from tests.conftest import auth, make_user
@@ -291,3 +293,68 @@ async def test_buyer_cannot_mark_own_preorder_paid(
         assert await presale.mark_paid(conn, order_id) is False
     data = (await (await client.get(url, headers=h)).json())["data"]
     assert data["status"] == "paid" and data["paid_at"] and data["version"] == 2
+
+
+async def test_unpaid_preorders_expire_and_return_units_once(
+    client: Client, app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    product, campaign, _ = await _presale(client, db, tokens, total=10)
+    _, h = await _buyer(db, tokens)
+    ids = []
+    for qty in (2, 3, 1):
+        resp = await client.post(
+            "/api/v1/preorder", headers=h, json={"product_id": product["id"], "quantity": qty}
+        )
+        data = (await resp.json())["data"]
+        hold_s = app[appkeys.SETTINGS].presale_hold_s
+        expires = datetime.fromisoformat(data["expires_at"])
+        assert timedelta(0) < expires - datetime.now(UTC) <= timedelta(seconds=hold_s)
+        ids.append(data["order_id"])
+    assert await _available(client, campaign["id"]) == 4
+    await db.execute(
+        "UPDATE presale_orders SET expires_at = now() - interval '1 s' WHERE id = ANY($1)",
+        ids[:2],
+    )
+    async with db.acquire() as conn:  # expired but not swept yet: no longer payable
+        assert await presale.mark_paid(conn, ids[0]) is False
+    results = await asyncio.gather(
+        presale.cancel_expired(db), presale.cancel_expired(db), presale.cancel_expired(db)
+    )
+    assert sum(results) <= 2  # the app's own sweeper may have taken some
+    for _ in range(50):
+        if await _available(client, campaign["id"]) == 9:
+            break
+        await asyncio.sleep(0.05)
+    assert await _available(client, campaign["id"]) == 9
+    rows = await db.fetch("SELECT id, status FROM presale_orders WHERE id = ANY($1)", ids)
+    assert {r["id"]: r["status"] for r in rows} == {
+        ids[0]: "cancelled",
+        ids[1]: "cancelled",
+        ids[2]: "pending",
+    }
+    assert await presale.cancel_expired(db) == 0
+    assert await _available(client, campaign["id"]) == 9
+
+
+async def test_per_user_cap_on_unpaid_preorders(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    product, _, _ = await _presale(client, db, tokens, total=50)
+    await db.execute("UPDATE products SET max_per_user = 3 WHERE id = $1", product["id"])
+    _, h = await _buyer(db, tokens)
+    _, other = await _buyer(db, tokens)
+
+    async def buy(headers: dict[str, str], qty: int) -> tuple[int, dict[str, Any]]:
+        resp = await client.post(
+            "/api/v1/preorder", headers=headers, json={"product_id": product["id"], "quantity": qty}
+        )
+        return resp.status, await resp.json()
+
+    results = await asyncio.gather(*(buy(h, 2) for _ in range(4)))
+    assert sorted(s for s, _ in results) == [201, 409, 409, 409]
+    assert {b["error"] for s, b in results if s == 409} == {"PURCHASE_LIMIT_EXCEEDED"}
+    assert (await buy(h, 1))[0] == 201
+    assert (await buy(other, 3))[0] == 201
+    first = next(b["data"]["order_id"] for s, b in results if s == 201)
+    assert (await client.delete(f"/api/v1/preorder/{first}", headers=h)).status == 200
+    assert (await buy(h, 2))[0] == 201

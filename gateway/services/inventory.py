@@ -101,6 +101,11 @@ FOR UPDATE SKIP LOCKED
 """
 
 
+class PurchaseLimitExceeded(Conflict):
+    code = "PURCHASE_LIMIT_EXCEEDED"
+    default_message = "this would hold more units of a SKU than one buyer may hold unpaid"
+
+
 class OrderNotPaid(Conflict):
     code = "ORDER_NOT_PAID"
     default_message = "stock is consumed only through a paid order"

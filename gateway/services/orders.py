@@ -210,11 +210,6 @@ FROM order_logs WHERE order_id = $1 ORDER BY id
 """
 
 
-class PurchaseLimitExceeded(Conflict):
-    code = "PURCHASE_LIMIT_EXCEEDED"
-    default_message = "this would hold more units of a SKU than one buyer may hold unpaid"
-
-
 def invalid_transition(status: str, action: str) -> Conflict:
     return Conflict(
         f"cannot {action} an order that is {status}",
@@ -360,7 +355,7 @@ async def _check_buyer_caps(
         limit = r["max_per_user"] or cap
         already = held.get(line.sku_id, 0)
         if already + line.quantity > limit:
-            raise PurchaseLimitExceeded(
+            raise inventory.PurchaseLimitExceeded(
                 data={"sku_id": line.sku_id, "limit": limit, "held": already}
             )
 
