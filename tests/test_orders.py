@@ -392,3 +392,33 @@ async def test_per_user_per_sku_cap_on_held_units(
     resp = await client.post(f"/api/v1/orders/{oid}/cancel", headers=auth(tokens, user))
     assert resp.status == 200
     assert (await place_order(client, tokens, user, sku, 3))[0] == 201
+
+
+async def test_merchant_sets_max_per_user_on_the_product(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    mh = auth(tokens, merchant, "merchant")
+    resp = await client.post(
+        "/api/v1/products",
+        headers=mh,
+        json={"name": "Capped", "price": 100, "stock": 100, "max_per_user": 2},
+    )
+    assert resp.status == 201, await resp.text()
+    product = (await resp.json())["data"]
+    assert product["max_per_user"] == 2
+    sku = product["skus"][0]["id"]
+    status, data = await place_order(client, tokens, user, sku, 3)
+    assert status == 409 and data["data"]["limit"] == 2
+    resp = await client.put(
+        f"/api/v1/products/{product['id']}", headers=mh, json={"max_per_user": 3}
+    )
+    assert resp.status == 200 and (await resp.json())["data"]["max_per_user"] == 3
+    assert (await place_order(client, tokens, user, sku, 3))[0] == 201
+    resp = await client.put(
+        f"/api/v1/products/{product['id']}", headers=mh, json={"max_per_user": None}
+    )
+    assert resp.status == 200 and (await resp.json())["data"]["max_per_user"] is None
+    status, data = await place_order(client, tokens, user, sku, 1)
+    default = app[appkeys.SETTINGS].max_per_user_default
+    assert (status == 201) == (default >= 4)
