@@ -167,6 +167,8 @@ class Settings:
     payment_secret: str | None = None
     payment_provider: str = "none"
     metrics_port: int = 9101
+    max_per_user_default: int = 20
+    presale_hold_s: int = 1800
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -230,6 +232,8 @@ class Settings:
             payment_secret=_get(e, "PAYMENT_SECRET"),
             payment_provider=provider,
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
+            max_per_user_default=_int(e, "MAX_PER_USER_DEFAULT", 20, 1, 1_000_000),
+            presale_hold_s=_int(e, "PRESALE_HOLD_S", 1800, 1, 30 * 24 * 3600),
         )
 
     def require(self, *names: str) -> Settings:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
@@ -10,6 +11,7 @@ from aiohttp.test_utils import TestClient
 from gateway.auth import TokenService
 from gateway.services import coupons
 from tests.conftest import auth, make_user
+from tests.store_helpers import ADDRESS
 
 pytestmark = pytest.mark.integration
 
@@ -307,9 +309,7 @@ async def test_checkout_refuses_unavailable_items(
     pid, (sku,) = await make_product(db)
     item = (await add(client, h, sku_id=sku, quantity=1))["cart_item_id"]
     await db.execute("UPDATE products SET status = 'off_sale' WHERE id = $1", pid)
-    resp = await client.post(
-        f"{CART}/checkout", headers=h, json={"shipping_address": {"city": "Hangzhou"}}
-    )
+    resp = await client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
     assert resp.status == 409 and (await resp.json())["error"] == "ITEM_UNAVAILABLE"
     assert (await resp.json())["data"]["cart_item_ids"] == [item]
     resp = await client.post(f"{CART}/checkout", headers=h, json={})
@@ -325,7 +325,7 @@ async def test_failed_checkout_keeps_the_cart(
     resp = await client.post(
         f"{CART}/checkout",
         headers=h,
-        json={"shipping_address": {"city": "Hangzhou"}, "coupon_code": "NO-SUCH-COUPON"},
+        json={"shipping_address": ADDRESS, "coupon_code": "NO-SUCH-COUPON"},
     )
     assert resp.status >= 400
     assert (await get_cart(client, h))["items"][0]["quantity"] == 2
@@ -346,13 +346,11 @@ async def test_checkout_replay_returns_stored_result(
     headers = {"Idempotency-Key": key, **auth(tokens, uid)}
     # the cart is empty (the items left with the first checkout): the retry still answers
     resp = await client.post(
-        f"{CART}/checkout", headers=headers, json={"shipping_address": {"city": "HZ"}}
+        f"{CART}/checkout", headers=headers, json={"shipping_address": ADDRESS}
     )
     assert resp.status == 201 and (await resp.json())["data"] == stored
     other = {"Idempotency-Key": key, **auth(tokens, await make_user(db))}
-    resp = await client.post(
-        f"{CART}/checkout", headers=other, json={"shipping_address": {"city": "HZ"}}
-    )
+    resp = await client.post(f"{CART}/checkout", headers=other, json={"shipping_address": ADDRESS})
     assert resp.status == 422  # another user's key is not shared: their cart is empty
 
 
@@ -370,7 +368,7 @@ async def test_checkout_creates_order_and_empties_selection(
     resp = await client.post(
         f"{CART}/checkout",
         headers=h,
-        json={"selected_items": [ia], "shipping_address": {"city": "HZ"}},
+        json={"selected_items": [ia], "shipping_address": ADDRESS},
     )
     data = (await resp.json())["data"]
     assert resp.status == 201, data
@@ -387,9 +385,75 @@ async def test_checkout_idempotency_key(
     _, (sku,) = await make_product(db, price=2_000, on_hand=5)
     await add(client, h, sku_id=sku, quantity=1)
     key = {"Idempotency-Key": secrets.token_hex(8), **h}
-    body = {"shipping_address": {"city": "HZ"}}
+    body = {"shipping_address": ADDRESS}
     first = await client.post(f"{CART}/checkout", headers=key, json=body)
     assert first.status == 201, await first.text()
     await add(client, h, sku_id=sku, quantity=1)
     second = await client.post(f"{CART}/checkout", headers=key, json=body)
     assert (await second.json())["data"]["order_id"] == (await first.json())["data"]["order_id"]
+
+
+async def test_checkout_validates_the_address_like_post_orders(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    uid = await make_user(db)
+    h = auth(tokens, uid)
+    _, (sku,) = await make_product(db, price=2_000, on_hand=5)
+    await add(client, h, sku_id=sku, quantity=1)
+    nested: dict[str, Any] = {"x": 1}
+    for _ in range(50):
+        nested = {"x": nested}
+    bad: list[tuple[Any, set[str]]] = [
+        ({"city": "HZ"}, {"name", "phone", "address", "city"}),
+        ({**ADDRESS, "extra": nested}, {"extra"}),
+        ({**ADDRESS, "address": "x" * 100_000}, {"address"}),
+        ({**ADDRESS, "phone": ""}, {"phone"}),
+        ("1 Test Road", set()),
+    ]
+    order_body = {"items": [{"sku_id": sku, "quantity": 1}]}
+    for address, fields in bad:
+        via_cart = await client.post(
+            f"{CART}/checkout", headers=h, json={"shipping_address": address}
+        )
+        via_orders = await client.post(
+            "/api/v1/orders", headers=h, json={**order_body, "shipping_address": address}
+        )
+        assert via_cart.status == via_orders.status == 422, address
+        cart_fields = (await via_cart.json())["fields"]
+        assert cart_fields == (await via_orders.json())["fields"]
+        if fields:
+            assert set(cart_fields) == {f"shipping_address.{f}" for f in fields}
+    assert await db.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", uid) == 0
+    resp = await client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
+    assert resp.status == 201, await resp.text()
+    stored = await db.fetchval(
+        "SELECT shipping_address FROM orders WHERE id = $1", (await resp.json())["data"]["order_id"]
+    )
+    assert stored == ADDRESS
+
+
+async def test_concurrent_checkouts_of_one_cart_make_one_order(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    uid = await make_user(db)
+    h = auth(tokens, uid)
+    _, (sku,) = await make_product(db, price=2_000, on_hand=50)
+    await add(client, h, sku_id=sku, quantity=2)
+    responses = await asyncio.gather(
+        *(
+            client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
+            for _ in range(4)
+        )
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(201) == 1 and set(statuses) <= {200, 201, 409}, statuses
+    bodies = [await r.json() for r in responses]
+    order_ids = {b["data"]["order_id"] for r, b in zip(responses, bodies, strict=True) if r.ok}
+    assert len(order_ids) == 1
+    assert all(b["error"] == "IDEMPOTENCY_IN_PROGRESS" for b in bodies if "error" in b)
+    assert await db.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", uid) == 1
+    assert await db.fetchval("SELECT reserved FROM skus WHERE id = $1", sku) == 2
+    # A later checkout of a refilled cart is a new order.
+    await add(client, h, sku_id=sku, quantity=1)
+    resp = await client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
+    assert resp.status == 201 and (await resp.json())["data"]["order_id"] not in order_ids

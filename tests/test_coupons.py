@@ -9,10 +9,11 @@ from typing import Any, cast
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.auth import TokenService
-from gateway.services import coupons
+from gateway.services import coupons, orders
 from gateway.services.coupons import (
     CouponLimitReached,
     CouponNotApplicable,
@@ -20,6 +21,8 @@ from gateway.services.coupons import (
     PricedLine,
 )
 from tests.conftest import auth, make_user
+from tests.store_helpers import make_product as store_product
+from tests.store_helpers import place_order
 from tests.test_cart import make_category, make_product
 
 pytestmark = pytest.mark.integration
@@ -353,3 +356,55 @@ async def test_available_with_amount(
     assert resp.status == 422
     resp = await client.get("/api/v1/coupons/available")
     assert resp.status == 401
+
+
+async def _coupon_state(db: asyncpg.Pool, code: str) -> tuple[int, int, list[str]]:
+    row = await db.fetchrow(
+        "SELECT c.used_count, coalesce(sum(u.used), 0) AS user_used FROM coupons c "
+        "LEFT JOIN coupon_user_counts u ON u.coupon_id = c.id WHERE c.code = $1 "
+        "GROUP BY c.used_count",
+        code,
+    )
+    assert row is not None
+    uses = await db.fetch(
+        "SELECT cu.status FROM coupon_uses cu JOIN coupons c ON c.id = cu.coupon_id "
+        "WHERE c.code = $1 ORDER BY cu.id",
+        code,
+    )
+    return row["used_count"], row["user_used"], [u["status"] for u in uses]
+
+
+async def test_cancel_and_timeout_give_the_coupon_back_once(
+    client: Client, app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    _, (sku,) = await store_product(db, merchant, [(2000, 10)])
+    code = await make_coupon(db, total_quantity=1, max_uses_per_user=1)
+    h = auth(tokens, user)
+
+    status, data = await place_order(client, tokens, user, sku, coupon_code=code)
+    assert status == 201 and data["data"]["discount_amount"] == 500
+    assert await _coupon_state(db, code) == (1, 1, ["used"])
+    oid = data["data"]["order_id"]
+    cancels = await asyncio.gather(
+        *(client.post(f"/api/v1/orders/{oid}/cancel", headers=h) for _ in range(3))
+    )
+    assert sorted(r.status for r in cancels) == [200, 409, 409]
+    assert await _coupon_state(db, code) == (0, 0, ["released"])
+
+    # The same (single-use, single-copy) coupon works again; this time the order times out.
+    status, data = await place_order(client, tokens, user, sku, coupon_code=code)
+    assert status == 201, data
+    oid = data["data"]["order_id"]
+    await db.execute(
+        "UPDATE orders SET payment_deadline = now() - interval '1 s' WHERE id = $1", oid
+    )
+    await asyncio.gather(orders.close_expired_orders(app), orders.close_expired_orders(app))
+    for _ in range(50):  # the app's own sweeper may have taken it
+        if await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "cancelled":
+            break
+        await asyncio.sleep(0.05)
+    assert await _coupon_state(db, code) == (0, 0, ["released", "released"])
+    status, _ = await place_order(client, tokens, user, sku, coupon_code=code)
+    assert status == 201
+    assert await _coupon_state(db, code) == (1, 1, ["released", "released", "used"])

@@ -14,7 +14,7 @@ from gateway.auth import TokenService
 from gateway.errors import Conflict
 from gateway.services import inventory
 from tests.conftest import auth, make_user
-from tests.store_helpers import make_product, sku_row
+from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +38,7 @@ async def test_reserve_consume_release_api(
     pid, (sku,) = await make_product(db, merchant, [(100, 10)])
     h = auth(tokens, merchant, "merchant")
     url = f"/api/v1/products/{pid}"
-    resp = await client.post(
-        url + "/reserve", json={"quantity": 4, "order_id": "EXT-1", "expires_in": 60}, headers=h
-    )
+    resp = await client.post(url + "/reserve", json={"quantity": 4, "expires_in": 60}, headers=h)
     assert resp.status == 201, await resp.text()
     held = (await resp.json())["data"]
     assert held["reserved_quantity"] == 4 and held["reservation_id"].startswith("RSV")
@@ -51,30 +49,86 @@ async def test_reserve_consume_release_api(
     resp = await client.post(url + "/reserve", json={"sku_id": sku, "quantity": 7}, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "INSUFFICIENT_STOCK"
 
+    # A hold of no order is never sold: only a paid order consumes stock.
     resp = await client.post(
         url + "/consume",
         json={"reservation_id": held["reservation_id"], "actual_quantity": 3},
         headers=h,
     )
-    assert resp.status == 200, await resp.text()
-    assert (await resp.json())["data"]["released_quantity"] == 1
-    assert await sku_row(db, sku) == {"on_hand": 7, "reserved": 0, "sold": 3}
+    assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAID"
+    assert await sku_row(db, sku) == {"on_hand": 10, "reserved": 4, "sold": 0}
+
     resp = await client.post(
-        url + "/consume", json={"reservation_id": held["reservation_id"]}, headers=h
+        url + "/release", json={"reservation_id": held["reservation_id"]}, headers=h
+    )
+    assert resp.status == 200
+    resp = await client.post(
+        url + "/release", json={"reservation_id": held["reservation_id"]}, headers=h
     )
     assert resp.status == 409 and (await resp.json())["error"] == "RESERVATION_NOT_ACTIVE"
-
-    resp = await client.post(url + "/reserve", json={"quantity": 2}, headers=h)
-    rid = (await resp.json())["data"]["reservation_id"]
-    resp = await client.post(url + "/release", json={"reservation_id": rid}, headers=h)
-    assert resp.status == 200
-    resp = await client.post(url + "/release", json={"reservation_id": rid}, headers=h)
-    assert resp.status == 409
-    assert await sku_row(db, sku) == {"on_hand": 7, "reserved": 0, "sold": 3}
+    assert await sku_row(db, sku) == {"on_hand": 10, "reserved": 0, "sold": 0}
     ledger = await db.fetch(
         "SELECT delta, reason FROM inventory_ledger WHERE sku_id = $1 ORDER BY id", sku
     )
-    assert [r["delta"] for r in ledger] == [-4, -3, -2, 2]
+    assert [r["delta"] for r in ledger] == [-4, 4]
+
+
+async def test_merchant_cannot_fake_sales_or_hold_other_orders(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, rival, shopper = (
+        await make_user(db, "merchant"),
+        await make_user(db, "merchant"),
+        await make_user(db),
+    )
+    pid, (sku,) = await make_product(db, merchant, [(100, 20_000)])
+    _, (rival_sku,) = await make_product(db, rival, [(100, 10)])
+    h = auth(tokens, merchant, "merchant")
+    url = f"/api/v1/products/{pid}"
+
+    # 10,000 units reserved and "consumed" by the merchant itself: no sale.
+    resp = await client.post(url + "/reserve", json={"quantity": 10_000}, headers=h)
+    assert resp.status == 201
+    rid = (await resp.json())["data"]["reservation_id"]
+    resp = await client.post(url + "/consume", json={"reservation_id": rid}, headers=h)
+    assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAID"
+    assert await db.fetchval("SELECT sales FROM products WHERE id = $1", pid) == 0
+    await client.post(url + "/release", json={"reservation_id": rid}, headers=h)
+
+    # A hold on an order that does not hold this product (or no order at all): 404.
+    _, other = await place_order(client, tokens, shopper, rival_sku)
+    for order_id in (other["data"]["order_id"], "ORD-NO-SUCH"):
+        resp = await client.post(
+            url + "/reserve", json={"quantity": 1, "order_id": order_id}, headers=h
+        )
+        assert resp.status == 404, await resp.text()
+
+    # On an order with the product, the hold cannot exceed what the order still needs:
+    # checkout already holds the whole line, so a 10,000-unit hold that the payment
+    # would consume (and count as sales) is refused.
+    _, mine = await place_order(client, tokens, shopper, sku, 2)
+    order_id = mine["data"]["order_id"]
+    resp = await client.post(
+        url + "/reserve", json={"quantity": 10_000, "order_id": order_id}, headers=h
+    )
+    assert resp.status == 409 and (await resp.json())["error"] == "HOLD_EXCEEDS_ORDER"
+    # The order's own hold is not the merchant's to consume or release.
+    own = await db.fetchval("SELECT id FROM stock_reservations WHERE order_id = $1", order_id)
+    resp = await client.post(url + "/consume", json={"reservation_id": own}, headers=h)
+    assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAID"
+    resp = await client.post(url + "/release", json={"reservation_id": own}, headers=h)
+    assert resp.status == 409 and (await resp.json())["error"] == "HELD_BY_ORDER"
+
+    await pay_via_sandbox(client, tokens, shopper, mine["data"]["payment_id"])
+    assert await db.fetchval("SELECT sales FROM products WHERE id = $1", pid) == 2
+    assert await sku_row(db, sku) == {"on_hand": 19_998, "reserved": 0, "sold": 2}
+    resp = await client.post(url + "/consume", json={"reservation_id": own}, headers=h)
+    assert resp.status == 409 and (await resp.json())["error"] == "RESERVATION_NOT_ACTIVE"
+    resp = await client.post(
+        url + "/reserve", json={"quantity": 1, "order_id": order_id}, headers=h
+    )
+    assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PENDING"
+    assert await db.fetchval("SELECT sales FROM products WHERE id = $1", pid) == 2
 
 
 async def test_reserve_permissions_and_validation(

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import appkeys
 from gateway.auth import TokenService
 from gateway.services import orders
 from tests.conftest import auth, make_user
@@ -244,7 +245,7 @@ async def test_ship_deliver_confirm_permissions_and_transitions(
     resp = await client.post(
         url + "/ship", json=ship, headers=auth(tokens, other_merchant, "merchant")
     )
-    assert resp.status == 403
+    assert resp.status == 404  # another shop's order: as if it did not exist
     resp = await client.post(url + "/ship", json={"shipping_company": "SF"}, headers=mh)
     assert resp.status == 422
     resp = await client.post(url + "/ship", json={**ship, "version": 1}, headers=mh)
@@ -327,3 +328,97 @@ async def test_concurrent_retries_with_one_idempotency_key_reserve_once(
     assert set(statuses) <= {200, 201, 409}
     assert (await sku_row(db, sku))["reserved"] == 1
     assert await db.fetchval("SELECT count(*) FROM orders WHERE user_id = $1", user) == 1
+
+
+async def test_other_merchants_order_is_not_found(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, other_merchant, user = (
+        await make_user(db, "merchant"),
+        await make_user(db, "merchant"),
+        await make_user(db),
+    )
+    _, (sku,) = await make_product(db, merchant, [(100, 10)])
+    _, data = await place_order(client, tokens, user, sku)
+    oid = data["data"]["order_id"]
+    await pay_via_sandbox(client, tokens, user, data["data"]["payment_id"])
+    ship = {"shipping_company": "SF", "tracking_number": "SF1"}
+    oh = auth(tokens, other_merchant, "merchant")
+    for url, body in ((f"/api/v1/orders/{oid}/ship", ship), (f"/api/v1/orders/{oid}/deliver", {})):
+        resp = await client.post(url, json=body, headers=oh)
+        missing = await client.post(url.replace(oid, "1" + oid), json=body, headers=oh)
+        assert resp.status == missing.status == 404, await resp.text()
+        assert (await resp.json())["error"] == (await missing.json())["error"] == "NOT_FOUND"
+    resp = await client.post(
+        f"/api/v1/orders/{oid}/ship", json=ship, headers=auth(tokens, merchant, "merchant")
+    )
+    assert resp.status == 200
+
+
+async def test_per_user_per_sku_cap_on_held_units(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user, other = (
+        await make_user(db, "merchant"),
+        await make_user(db),
+        await make_user(db),
+    )
+    default = app[appkeys.SETTINGS].max_per_user_default
+    pid, (sku,) = await make_product(db, merchant, [(100, 5000)])
+    # One order of 999 units, or two lines of one SKU adding up past the line cap: refused.
+    status, data = await place_order(client, tokens, user, sku, orders.MAX_LINE_QUANTITY)
+    assert status == 409 and data["error"] == "PURCHASE_LIMIT_EXCEEDED", data
+    assert data["data"] == {"sku_id": sku, "limit": default, "held": 0}
+    body = {
+        "items": [{"sku_id": sku, "quantity": 600}, {"sku_id": sku, "quantity": 600}],
+        "shipping_address": ADDRESS,
+    }
+    resp = await client.post("/api/v1/orders", json=body, headers=auth(tokens, user))
+    assert resp.status == 422 and "items" in (await resp.json())["fields"]
+    assert (await sku_row(db, sku))["reserved"] == 0
+
+    # A per-product cap; concurrent orders of one user together stay within it.
+    await db.execute("UPDATE products SET max_per_user = 5 WHERE id = $1", pid)
+    results = await asyncio.gather(*(place_order(client, tokens, user, sku, 3) for _ in range(4)))
+    assert sorted(s for s, _ in results) == [201, 409, 409, 409]
+    assert all(d["error"] == "PURCHASE_LIMIT_EXCEEDED" for s, d in results if s == 409)
+    status, data = await place_order(client, tokens, user, sku, 2)
+    assert status == 201  # 3 + 2 = the cap
+    status, data = await place_order(client, tokens, user, sku, 1)
+    assert status == 409 and data["data"] == {"sku_id": sku, "limit": 5, "held": 5}
+    assert (await place_order(client, tokens, other, sku, 5))[0] == 201  # per user
+    # Cancelling gives the allowance back.
+    oid = next(d["data"]["order_id"] for s, d in results if s == 201)
+    resp = await client.post(f"/api/v1/orders/{oid}/cancel", headers=auth(tokens, user))
+    assert resp.status == 200
+    assert (await place_order(client, tokens, user, sku, 3))[0] == 201
+
+
+async def test_merchant_sets_max_per_user_on_the_product(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    mh = auth(tokens, merchant, "merchant")
+    resp = await client.post(
+        "/api/v1/products",
+        headers=mh,
+        json={"name": "Capped", "price": 100, "stock": 100, "max_per_user": 2},
+    )
+    assert resp.status == 201, await resp.text()
+    product = (await resp.json())["data"]
+    assert product["max_per_user"] == 2
+    sku = product["skus"][0]["id"]
+    status, data = await place_order(client, tokens, user, sku, 3)
+    assert status == 409 and data["data"]["limit"] == 2
+    resp = await client.put(
+        f"/api/v1/products/{product['id']}", headers=mh, json={"max_per_user": 3}
+    )
+    assert resp.status == 200 and (await resp.json())["data"]["max_per_user"] == 3
+    assert (await place_order(client, tokens, user, sku, 3))[0] == 201
+    resp = await client.put(
+        f"/api/v1/products/{product['id']}", headers=mh, json={"max_per_user": None}
+    )
+    assert resp.status == 200 and (await resp.json())["data"]["max_per_user"] is None
+    status, data = await place_order(client, tokens, user, sku, 1)
+    default = app[appkeys.SETTINGS].max_per_user_default
+    assert (status == 201) == (default >= 4)

@@ -7,9 +7,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import appkeys
 from gateway.auth import TokenService
+from gateway.services import presale
 from tests.conftest import auth, make_user
 
 pytestmark = pytest.mark.integration
@@ -84,8 +87,8 @@ async def test_preorder_lifecycle(client: Client, db: asyncpg.Pool, tokens: Toke
     assert resp.status == 403
     resp = await client.put(url, headers=merchant_h, json={"status": "shipped"})
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
-    resp = await client.put(url, headers=h, json={"status": "paid", "version": 1})
-    assert resp.status == 200 and (await resp.json())["data"]["status"] == "paid"
+    async with db.acquire() as conn:  # what a verified payment does
+        assert await presale.mark_paid(conn, order["order_id"]) is True
     resp = await client.put(url, headers=h, json={"status": "completed"})
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
     resp = await client.put(url, headers=merchant_h, json={"status": "shipped", "version": 1})
@@ -259,10 +262,99 @@ async def test_cancel_returns_stock_once(
     deletes = [b["message"] for b in bodies[:2]]
     assert deletes.count("cancelled") <= 1
     assert await _available(client, campaign["id"]) == 5
-    resp = await client.put(url, headers=h, json={"status": "paid"})
-    assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
+    async with db.acquire() as conn:
+        assert await presale.mark_paid(conn, url.rsplit("/", 1)[-1]) is False
     # The returned units can be pre-occupied again.
     resp = await client.post(
         "/api/v1/preorder", headers=h, json={"product_id": product["id"], "quantity": 5}
     )
     assert resp.status == 201
+
+
+async def test_buyer_cannot_mark_own_preorder_paid(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    product, _, merchant_h = await _presale(client, db, tokens, total=5)
+    _, h = await _buyer(db, tokens)
+    admin_h = auth(tokens, await make_user(db, "admin"), "admin")
+    resp = await client.post(
+        "/api/v1/preorder", headers=h, json={"product_id": product["id"], "quantity": 1}
+    )
+    order_id = (await resp.json())["data"]["order_id"]
+    url = f"/api/v1/preorder/{order_id}"
+    for headers in (h, merchant_h, admin_h):
+        resp = await client.put(url, headers=headers, json={"status": "paid"})
+        assert resp.status == 403, await resp.text()
+        assert (await resp.json())["error"] == "PAYMENT_REQUIRED"
+    row = await db.fetchrow("SELECT status, paid_at FROM presale_orders WHERE id = $1", order_id)
+    assert row is not None and row["status"] == "pending" and row["paid_at"] is None
+    async with db.acquire() as conn:
+        assert await presale.mark_paid(conn, order_id) is True
+        assert await presale.mark_paid(conn, order_id) is False
+    data = (await (await client.get(url, headers=h)).json())["data"]
+    assert data["status"] == "paid" and data["paid_at"] and data["version"] == 2
+
+
+async def test_unpaid_preorders_expire_and_return_units_once(
+    client: Client, app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    product, campaign, _ = await _presale(client, db, tokens, total=10)
+    _, h = await _buyer(db, tokens)
+    ids = []
+    for qty in (2, 3, 1):
+        resp = await client.post(
+            "/api/v1/preorder", headers=h, json={"product_id": product["id"], "quantity": qty}
+        )
+        data = (await resp.json())["data"]
+        hold_s = app[appkeys.SETTINGS].presale_hold_s
+        expires = datetime.fromisoformat(data["expires_at"])
+        assert timedelta(0) < expires - datetime.now(UTC) <= timedelta(seconds=hold_s)
+        ids.append(data["order_id"])
+    assert await _available(client, campaign["id"]) == 4
+    await db.execute(
+        "UPDATE presale_orders SET expires_at = now() - interval '1 s' WHERE id = ANY($1)",
+        ids[:2],
+    )
+    async with db.acquire() as conn:  # expired but not swept yet: no longer payable
+        assert await presale.mark_paid(conn, ids[0]) is False
+    results = await asyncio.gather(
+        presale.cancel_expired(db), presale.cancel_expired(db), presale.cancel_expired(db)
+    )
+    assert sum(results) <= 2  # the app's own sweeper may have taken some
+    for _ in range(50):
+        if await _available(client, campaign["id"]) == 9:
+            break
+        await asyncio.sleep(0.05)
+    assert await _available(client, campaign["id"]) == 9
+    rows = await db.fetch("SELECT id, status FROM presale_orders WHERE id = ANY($1)", ids)
+    assert {r["id"]: r["status"] for r in rows} == {
+        ids[0]: "cancelled",
+        ids[1]: "cancelled",
+        ids[2]: "pending",
+    }
+    assert await presale.cancel_expired(db) == 0
+    assert await _available(client, campaign["id"]) == 9
+
+
+async def test_per_user_cap_on_unpaid_preorders(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    product, _, _ = await _presale(client, db, tokens, total=50)
+    await db.execute("UPDATE products SET max_per_user = 3 WHERE id = $1", product["id"])
+    _, h = await _buyer(db, tokens)
+    _, other = await _buyer(db, tokens)
+
+    async def buy(headers: dict[str, str], qty: int) -> tuple[int, dict[str, Any]]:
+        resp = await client.post(
+            "/api/v1/preorder", headers=headers, json={"product_id": product["id"], "quantity": qty}
+        )
+        return resp.status, await resp.json()
+
+    results = await asyncio.gather(*(buy(h, 2) for _ in range(4)))
+    assert sorted(s for s, _ in results) == [201, 409, 409, 409]
+    assert {b["error"] for s, b in results if s == 409} == {"PURCHASE_LIMIT_EXCEEDED"}
+    assert (await buy(h, 1))[0] == 201
+    assert (await buy(other, 3))[0] == 201
+    first = next(b["data"]["order_id"] for s, b in results if s == 201)
+    assert (await client.delete(f"/api/v1/preorder/{first}", headers=h)).status == 200
+    assert (await buy(h, 2))[0] == 201

@@ -17,6 +17,7 @@ from gateway import appkeys
 from gateway.auth import authenticate, optional_principal
 from gateway.errors import ValidationFailed
 from gateway.http import ok, read_json
+from gateway.routes.orders import shipping_address
 from gateway.routing import Route
 from gateway.services import cart, coupons, orders
 from gateway.validation import F, path_int, validate
@@ -43,7 +44,7 @@ CHECKOUT = {
     "selected_items": F(
         list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
     ),
-    "shipping_address": F(dict, min_len=1),
+    "shipping_address": F(dict),  # checked against orders.ADDRESS, like POST /orders
     "coupon_code": F(str, required=False, nullable=True, max_len=64),
 }
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -148,6 +149,8 @@ async def merge(request: web.Request) -> web.Response:
 async def preview(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), PREVIEW)
+    if body.get("shipping_address") is not None:
+        shipping_address(body["shipping_address"])
     async with request.app[appkeys.DB].acquire() as conn:
         selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
         priced = await coupons.quote(
@@ -188,6 +191,7 @@ def _order_lines(selection: cart.Selection) -> list[orders.OrderLineRequest]:
 async def checkout(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), CHECKOUT)
+    address = shipping_address(body["shipping_address"])
     pool = request.app[appkeys.DB]
     key = request.headers.get(IDEMPOTENCY_HEADER) or None
     if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LEN:
@@ -200,14 +204,18 @@ async def checkout(request: web.Request) -> web.Response:
     unavailable = [i["cart_item_id"] for i in selection.items if not i["available"]]
     if unavailable:
         raise cart.ItemUnavailable(data={"cart_item_ids": unavailable})
+    # The cart generation is the order's idempotency key (the client's key only names the
+    # stored result): concurrent checkouts of one cart make one order.
     result: dict[str, Any] = await orders.create_order(
         request.app,
         user_id=principal.user_id,
         lines=_order_lines(selection),
-        shipping_address=body["shipping_address"],
+        shipping_address=address,
         coupon_code=body.get("coupon_code"),
-        idempotency_key=key,
+        idempotency_key=selection.order_key,
     )
+    if result.pop("idempotent_replay", False):
+        return ok(result, message="order exists")
     # only after the order exists: a failed checkout leaves the cart as it was
     await cart.finish_checkout(
         pool, selection, user_id=principal.user_id, idempotency_key=key, result=result
@@ -295,9 +303,11 @@ ROUTES = [
         auth="user",
         body=CHECKOUT,
         responses={
+            200: "order exists (a concurrent checkout of this cart made it)",
             201: "order created; payment information",
             **_CART_RESPONSES,
-            409: "ITEM_UNAVAILABLE, PRICE_CHANGED, out of stock, coupon limits",
+            409: "ITEM_UNAVAILABLE, PRICE_CHANGED, IDEMPOTENCY_IN_PROGRESS, out of stock, "
+            "coupon limits, PURCHASE_LIMIT_EXCEEDED",
             422: "VALIDATION_FAILED, COUPON_NOT_APPLICABLE",
         },
         tag="cart",

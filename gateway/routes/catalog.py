@@ -40,6 +40,7 @@ PRODUCT_CREATE = {
     "skus": F(list, required=False, min_len=1, max_len=100, items=dict),
     "price": F(int, required=False, min=0, max=MAX_CENTS),
     "stock": F(int, required=False, min=0, max=MAX_STOCK),
+    "max_per_user": F(int, required=False, nullable=True, min=1, max=1_000_000),
 }
 PRODUCT_UPDATE = {
     "name": F(str, required=False, min_len=1, max_len=200),
@@ -51,6 +52,7 @@ PRODUCT_UPDATE = {
     "skus": F(list, required=False, max_len=100, items=dict),
     "price": F(int, required=False, min=0, max=MAX_CENTS),
     "stock": F(int, required=False, min=0, max=MAX_STOCK),
+    "max_per_user": F(int, required=False, nullable=True, min=1, max=1_000_000),
     "version": F(int, required=False, min=1),
 }
 LIST_QUERY = {
@@ -144,6 +146,7 @@ async def create_product(request: web.Request) -> web.Response:
         images=body["images"],
         attributes=body["attributes"],
         skus=skus,
+        max_per_user=body.get("max_per_user"),
     )
     detail = await catalog.load_detail(pool, pid)
     return ok(detail, status=201, message="created")
@@ -159,7 +162,7 @@ async def update_product(request: web.Request) -> web.Response:
         if "price" in body or "stock" in body
         else None
     )
-    names = ("name", "description", "category_id", "images", "attributes", "status")
+    names = ("name", "description", "category_id", "images", "attributes", "status", "max_per_user")
     fields: dict[str, Any] = {k: body[k] for k in names if k in body}
     pool, redis = request.app[appkeys.DB], request.app[appkeys.REDIS]
     version = await catalog.update_product(

@@ -60,14 +60,24 @@ async def reserve(request: web.Request) -> web.Response:
         sku_id = skus[0]
     elif sku_id not in skus:
         raise NotFound("sku not found for this product")
+    order_id = body.get("order_id")
     async with pool.acquire() as conn, conn.transaction():
-        held = await inventory.reserve(
-            conn,
-            sku_id=sku_id,
-            quantity=body["quantity"],
-            order_id=body.get("order_id"),
-            ttl_s=body["expires_in"],
-        )
+        if order_id is None:
+            held = await inventory.reserve(
+                conn,
+                sku_id=sku_id,
+                quantity=body["quantity"],
+                order_id=None,
+                ttl_s=body["expires_in"],
+            )
+        else:
+            held = await inventory.reserve_for_order_line(
+                conn,
+                sku_id=sku_id,
+                quantity=body["quantity"],
+                order_id=order_id,
+                ttl_s=body["expires_in"],
+            )
     return ok(held.public(), status=201, message="reserved")
 
 
@@ -92,7 +102,7 @@ async def consume(request: web.Request) -> web.Response:
     if actual > quantity:
         raise ValidationFailed(fields={"actual_quantity": f"must be <= {quantity}"})
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
-        done = await inventory.consume(conn, body["reservation_id"], actual)
+        done = await inventory.consume_paid(conn, held, actual)
     if not done:
         raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
     return ok(
@@ -110,7 +120,7 @@ async def release(request: web.Request) -> web.Response:
     body = validate(await read_json(request), RELEASE)
     held = await _own_reservation(request, product_id, body["reservation_id"])
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
-        done = await inventory.release(conn, body["reservation_id"], reason="api")
+        done = await inventory.release_unowned(conn, held, reason="api")
     if not done:
         raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
     return ok(
@@ -136,30 +146,35 @@ ROUTES = [
         "POST",
         "/api/v1/products/{id}/reserve",
         reserve,
-        "Reserve stock of a SKU until expires_in seconds from now",
+        "Reserve stock of a SKU until expires_in seconds from now (with order_id: only an "
+        "unpaid order holding this SKU, up to what its line still needs)",
         auth="merchant",
         body=RESERVE,
         tag="inventory",
-        responses={201: "reserved", 409: "INSUFFICIENT_STOCK", **_MANAGE},
+        responses={
+            201: "reserved",
+            409: "INSUFFICIENT_STOCK, ORDER_NOT_PENDING, HOLD_EXCEEDS_ORDER",
+            **_MANAGE,
+        },
     ),
     Route(
         "POST",
         "/api/v1/products/{id}/consume",
         consume,
-        "Consume a reservation (units become sold; the rest is released)",
+        "Consume a reservation of a paid order (units become sold; the rest is released)",
         auth="merchant",
         body=CONSUME,
         tag="inventory",
-        responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE},
+        responses={409: "RESERVATION_NOT_ACTIVE, ORDER_NOT_PAID", **_MANAGE},
     ),
     Route(
         "POST",
         "/api/v1/products/{id}/release",
         release,
-        "Release a reservation before it expires",
+        "Release a reservation before it expires (not one of an unpaid order)",
         auth="merchant",
         body=RELEASE,
         tag="inventory",
-        responses={409: "RESERVATION_NOT_ACTIVE", **_MANAGE},
+        responses={409: "RESERVATION_NOT_ACTIVE, HELD_BY_ORDER", **_MANAGE},
     ),
 ]

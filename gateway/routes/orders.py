@@ -21,6 +21,7 @@ ITEM = {
     "quantity": F(int, min=1, max=orders.MAX_LINE_QUANTITY),
     "price": F(int, required=False, nullable=True, min=0),
 }
+# The one shipping-address schema: POST /orders and POST /cart/checkout both use it.
 ADDRESS = {
     "name": F(str, min_len=1, max_len=64),
     "phone": F(str, min_len=3, max_len=32),
@@ -51,6 +52,16 @@ SQL_SINGLE_SKU = """
 SELECT product_id, min(id) AS sku_id, count(*) AS skus FROM skus
 WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
 """
+
+
+def shipping_address(raw: dict[str, Any]) -> dict[str, Any]:
+    """The validated address (only ``ADDRESS`` fields); 422 names ``shipping_address.<f>``."""
+    try:
+        return validate(raw, ADDRESS)
+    except ValidationFailed as exc:
+        raise ValidationFailed(
+            fields={f"shipping_address.{k}": v for k, v in (exc.fields or {}).items()}
+        ) from None
 
 
 def _principal(request: web.Request) -> Principal:
@@ -112,12 +123,7 @@ async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[Orde
 async def create(request: web.Request) -> web.Response:
     principal = _principal(request)
     body = validate(await read_json(request), CREATE)
-    try:
-        address = validate(body["shipping_address"], ADDRESS)
-    except ValidationFailed as exc:
-        raise ValidationFailed(
-            fields={f"shipping_address.{k}": v for k, v in (exc.fields or {}).items()}
-        ) from None
+    address = shipping_address(body["shipping_address"])
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 128:
         raise ValidationFailed(fields={"Idempotency-Key": "length must be 1..128"})
@@ -306,7 +312,11 @@ ROUTES = [
         auth="merchant",
         body=SHIP,
         tag="orders",
-        responses={403: "FORBIDDEN", **_STATE},
+        responses={
+            **_STATE,
+            403: "FORBIDDEN (not a merchant)",
+            404: "NOT_FOUND (or another shop's)",
+        },
     ),
     Route(
         "POST",
@@ -316,7 +326,11 @@ ROUTES = [
         auth="merchant",
         body=VERSION_ONLY,
         tag="orders",
-        responses={403: "FORBIDDEN", **_STATE},
+        responses={
+            **_STATE,
+            403: "FORBIDDEN (not a merchant)",
+            404: "NOT_FOUND (or another shop's)",
+        },
     ),
     Route(
         "POST",

@@ -94,6 +94,8 @@ async def create_preorder(request: web.Request) -> web.Response:
         product_id=body["product_id"],
         sku_id=body.get("sku_id"),
         quantity=body["quantity"],
+        hold_s=request.app[appkeys.SETTINGS].presale_hold_s,
+        max_per_user_default=request.app[appkeys.SETTINGS].max_per_user_default,
     )
     return ok(out, status=201, message="presale order created")
 
@@ -162,13 +164,13 @@ ROUTES = [
         "POST",
         "/api/v1/preorder",
         create_preorder,
-        "Place a presale order (pre-occupies presale stock)",
+        "Place a presale order (pre-occupies presale stock until expires_at unless paid)",
         auth="user",
         body=PREORDER_CREATE,
         responses={
             201: "created",
             404: "PRESALE_NOT_FOUND",
-            409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE",
+            409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE, PURCHASE_LIMIT_EXCEEDED",
         },
         tag="presale",
     ),
@@ -195,10 +197,15 @@ ROUTES = [
         "PUT",
         "/api/v1/preorder/{order_id}",
         update_preorder,
-        "Change a presale order's status (pending→paid→shipped→completed, or cancelled)",
+        "Change a presale order's status (paid→shipped→completed, or cancelled; paid comes "
+        "from a verified payment only)",
         auth="user",
         body=PREORDER_UPDATE,
-        responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "INVALID_TRANSITION, VERSION_CONFLICT"},
+        responses={
+            403: "FORBIDDEN, PAYMENT_REQUIRED (paid is set by a verified payment only)",
+            404: "NOT_FOUND",
+            409: "INVALID_TRANSITION, VERSION_CONFLICT",
+        },
         tag="presale",
     ),
     Route(

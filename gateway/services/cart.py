@@ -33,6 +33,12 @@ ON CONFLICT (user_id) DO UPDATE SET updated_at = now()
 RETURNING id
 """
 SQL_FIND_USER_CART = "SELECT id FROM carts WHERE user_id = $1"
+SQL_USER_CART_SEQ = "SELECT id, checkout_seq FROM carts WHERE user_id = $1"
+# The checkout of this cart generation is done: the next checkout is a new order.
+SQL_NEXT_CHECKOUT = """
+UPDATE carts SET checkout_seq = checkout_seq + 1, updated_at = now()
+WHERE id = $1 AND checkout_seq = $2
+"""
 SQL_FIND_GUEST_CART = "SELECT id FROM carts WHERE guest_token = $1 AND expires_at > now()"
 SQL_TOUCH_GUEST_CART = """
 UPDATE carts SET expires_at = $2, updated_at = now()
@@ -371,16 +377,24 @@ class Selection:
     cart_id: int
     items: list[dict[str, Any]]
     lines: list[PricedLine]
+    checkout_seq: int = 0
 
     @property
     def item_ids(self) -> list[int]:
         return [i["cart_item_id"] for i in self.items]
 
+    @property
+    def order_key(self) -> str:
+        """The idempotency key of the order this checkout makes: concurrent checkouts of
+        one cart generation make one order (the others replay it or get 409)."""
+        return f"cart:{self.cart_id}:{self.checkout_seq}"
+
 
 async def select_items(conn: Conn, user_id: int, selected_items: list[int] | None) -> Selection:
     """The given cart items (default: the selected ones); 404 for an id not in the cart,
     422 when nothing is selected."""
-    cart_id = await find_cart(conn, CartOwner(user_id=user_id))
+    cart = await conn.fetchrow(SQL_USER_CART_SEQ, user_id)
+    cart_id = None if cart is None else cart["id"]
     rows = [] if cart_id is None else await conn.fetch(SQL_CART_ITEMS, cart_id)
     if selected_items is None:
         chosen = [r for r in rows if r["selected"]]
@@ -392,12 +406,12 @@ async def select_items(conn: Conn, user_id: int, selected_items: list[int] | Non
         chosen = [by_id[i] for i in dict.fromkeys(selected_items)]
     if not chosen:
         raise ValidationFailed(fields={"selected_items": "no cart items selected"})
-    assert cart_id is not None
+    assert cart is not None
     lines = [
         PricedLine(r["product_id"], r["sku_id"], r["category_id"], r["quantity"], r["price_cents"])
         for r in chosen
     ]
-    return Selection(cart_id, [_item(r) for r in chosen], lines)
+    return Selection(cart["id"], [_item(r) for r in chosen], lines, cart["checkout_seq"])
 
 
 async def previous_checkout(
@@ -420,8 +434,10 @@ async def finish_checkout(
     idempotency_key: str | None,
     result: dict[str, Any],
 ) -> None:
-    """After the order exists: remove the ordered items and remember the result for retries."""
+    """After the order exists: remove the ordered items, move the cart to its next
+    checkout generation and remember the result for retries."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(SQL_DELETE_ITEMS, selection.cart_id, selection.item_ids)
+        await conn.execute(SQL_NEXT_CHECKOUT, selection.cart_id, selection.checkout_seq)
         if idempotency_key:
             await conn.execute(SQL_SAVE_CHECKOUT, user_id, idempotency_key, result)

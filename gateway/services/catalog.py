@@ -165,7 +165,7 @@ async def category_tree(pool: asyncpg.Pool) -> list[dict[str, Any]]:
 
 SQL_PRODUCT: Final = """
 SELECT id, merchant_id, category_id, name, description, images, attributes, status, sales,
-       version, created_at, updated_at
+       version, created_at, updated_at, max_per_user
 FROM products WHERE id = $1
 """
 SQL_PRODUCT_SKUS: Final = """
@@ -227,6 +227,7 @@ async def load_detail(conn: Conn | asyncpg.Pool, product_id: int) -> dict[str, A
         "merchant_id": p["merchant_id"],
         "status": p["status"],
         "sales": p["sales"],
+        "max_per_user": p["max_per_user"],
         "version": p["version"],
         "created_at": p["created_at"].isoformat(),
         "updated_at": p["updated_at"].isoformat(),
@@ -285,8 +286,9 @@ class SkuInput:
 
 
 SQL_INSERT_PRODUCT: Final = """
-INSERT INTO products (merchant_id, category_id, name, description, images, attributes)
-VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
+INSERT INTO products (merchant_id, category_id, name, description, images, attributes,
+                      max_per_user)
+VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id
 """
 SQL_INSERT_SKU: Final = """
 INSERT INTO skus (product_id, code, attributes, price_cents, on_hand)
@@ -304,6 +306,7 @@ UPDATE products SET
     images = coalesce($6, images),
     attributes = coalesce($7, attributes),
     status = coalesce($8, status),
+    max_per_user = CASE WHEN $9::boolean THEN $10::integer ELSE max_per_user END,
     version = version + 1,
     updated_at = now()
 WHERE id = $1
@@ -353,8 +356,10 @@ async def create_product(
     images: list[str],
     attributes: dict[str, Any],
     skus: list[SkuInput],
+    max_per_user: int | None = None,
 ) -> int:
-    """Insert a product and its SKUs for the calling merchant; return its id."""
+    """Insert a product and its SKUs for the calling merchant; return its id.
+    ``max_per_user`` caps the units one buyer may hold unpaid (None: the setting)."""
     _require_seller(principal)
     async with pool.acquire() as conn, conn.transaction():
         await _check_category(conn, category_id)
@@ -366,6 +371,7 @@ async def create_product(
             description,
             images,
             attributes,
+            max_per_user,
         )
         for sku in skus:
             await conn.fetchval(
@@ -459,6 +465,8 @@ async def update_product(
             fields.get("images"),
             fields.get("attributes"),
             fields.get("status"),
+            "max_per_user" in fields,
+            fields.get("max_per_user"),
         )
     await invalidate(redis, product_id)
     return new_version

@@ -85,6 +85,11 @@ UPDATE coupon_uses SET status = 'released', released_at = now()
 WHERE id = $1 AND status = 'used'
 RETURNING coupon_id, user_id
 """
+SQL_RELEASE_ORDER_USE = """
+UPDATE coupon_uses SET status = 'released', released_at = now()
+WHERE order_id = $1 AND status = 'used'
+RETURNING coupon_id, user_id
+"""
 SQL_UNCOUNT_USER_USE = """
 UPDATE coupon_user_counts SET used = used - 1 WHERE coupon_id = $1 AND user_id = $2 AND used > 0
 """
@@ -311,10 +316,25 @@ async def unredeem(conn: asyncpg.Connection, coupon_use_id: int) -> None:
     """Undo :func:`redeem` (the order failed after the coupon step); a second call is a no-op."""
     async with conn.transaction():
         row = await conn.fetchrow(SQL_RELEASE_USE, coupon_use_id)
-        if row is None:
-            return
-        await conn.execute(SQL_UNCOUNT_USER_USE, row["coupon_id"], row["user_id"])
-        await conn.execute(SQL_UNCOUNT_TOTAL_USE, row["coupon_id"])
+        if row is not None:
+            await _uncount(conn, row)
+
+
+async def release_for_order(conn: Conn, order_id: str) -> bool:
+    """Give back the coupon use of an order that will never be paid (cancelled, timed
+    out). Exactly once: the use flips from ``used`` to ``released`` in one guarded
+    statement, so a second call (or a concurrent one) changes nothing. Call inside the
+    transaction that cancels the order."""
+    row = await conn.fetchrow(SQL_RELEASE_ORDER_USE, order_id)
+    if row is None:
+        return False
+    await _uncount(conn, row)
+    return True
+
+
+async def _uncount(conn: Conn, use: asyncpg.Record) -> None:
+    await conn.execute(SQL_UNCOUNT_USER_USE, use["coupon_id"], use["user_id"])
+    await conn.execute(SQL_UNCOUNT_TOTAL_USE, use["coupon_id"])
 
 
 def public(coupon: asyncpg.Record | dict[str, Any], names: dict[int, str]) -> dict[str, Any]:

@@ -31,8 +31,8 @@ RETURNING id
 """
 SQL_SKU_EXISTS = "SELECT on_hand - reserved AS available FROM skus WHERE id = $1"
 SQL_INSERT_RESERVATION = """
-INSERT INTO stock_reservations (id, sku_id, order_id, quantity, reserved_until)
-VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+INSERT INTO stock_reservations (id, sku_id, order_id, quantity, reserved_until, user_id)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), $6)
 RETURNING reserved_until
 """
 SQL_LEDGER = """
@@ -76,6 +76,22 @@ SELECT id AS sku_id, code, attributes, on_hand, reserved, sold, status
 FROM skus WHERE product_id = $1 ORDER BY id
 """
 SQL_PRODUCT = "SELECT id, merchant_id, status FROM products WHERE id = $1"
+# The order line a merchant's hold is attached to (regular orders only), order row locked:
+# payment (mark_paid) locks the same row first, so a hold and a payment never interleave.
+SQL_ORDER_LINE_FOR_UPDATE = """
+SELECT o.status, oi.quantity
+FROM orders o JOIN order_items oi ON oi.order_id = o.id
+WHERE o.id = $1 AND o.kind = 'regular' AND oi.sku_id = $2
+FOR UPDATE OF o
+"""
+# Units of one order line already held (active) or sold (consumed) by its reservations.
+SQL_HELD_FOR_LINE = """
+SELECT coalesce(sum(CASE WHEN status = 'active' THEN quantity ELSE consumed END), 0)
+FROM stock_reservations
+WHERE order_id = $1 AND sku_id = $2 AND status IN ('active', 'consumed')
+"""
+SQL_ORDER_STATUS_FOR_SHARE = "SELECT status FROM orders WHERE id = $1 FOR SHARE"
+PAID_STATUSES: Final = ("paid", "shipped", "delivered", "completed")
 SQL_EXPIRED = """
 SELECT id FROM stock_reservations
 WHERE status = 'active' AND reserved_until < now()
@@ -83,6 +99,31 @@ ORDER BY id
 LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
+
+
+class PurchaseLimitExceeded(Conflict):
+    code = "PURCHASE_LIMIT_EXCEEDED"
+    default_message = "this would hold more units of a SKU than one buyer may hold unpaid"
+
+
+class OrderNotPaid(Conflict):
+    code = "ORDER_NOT_PAID"
+    default_message = "stock is consumed only through a paid order"
+
+
+class OrderNotPending(Conflict):
+    code = "ORDER_NOT_PENDING"
+    default_message = "a hold can only be attached to an order awaiting payment"
+
+
+class HoldExceedsOrder(Conflict):
+    code = "HOLD_EXCEEDS_ORDER"
+    default_message = "the hold is larger than what the order still needs of this SKU"
+
+
+class HeldByOrder(Conflict):
+    code = "HELD_BY_ORDER"
+    default_message = "this reservation belongs to an unpaid order; cancel the order instead"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +157,16 @@ def insufficient(sku_id: int, available: int | None) -> Conflict:
 
 
 async def reserve(
-    conn: Conn, *, sku_id: int, quantity: int, order_id: str | None, ttl_s: int
+    conn: Conn,
+    *,
+    sku_id: int,
+    quantity: int,
+    order_id: str | None,
+    ttl_s: int,
+    user_id: int | None = None,
 ) -> Reservation:
     """Hold ``quantity`` units of a SKU until ``ttl_s`` from now; 409 INSUFFICIENT_STOCK.
+    ``user_id`` is the buyer whose order holds them (counted by the per-user cap).
 
     Call inside a transaction: the SKU update, the reservation and its ledger row
     commit together.
@@ -130,10 +178,49 @@ async def reserve(
         raise insufficient(sku_id, available)
     rid = new_reservation_id()
     until: datetime = await conn.fetchval(
-        SQL_INSERT_RESERVATION, rid, sku_id, order_id, quantity, float(ttl_s)
+        SQL_INSERT_RESERVATION, rid, sku_id, order_id, quantity, float(ttl_s), user_id
     )
     await conn.execute(SQL_LEDGER, sku_id, order_id, -quantity, f"reserve:{rid}")
     return Reservation(rid, sku_id, order_id, quantity, until)
+
+
+async def reserve_for_order_line(
+    conn: Conn, *, sku_id: int, quantity: int, order_id: str, ttl_s: int
+) -> Reservation:
+    """A merchant's hold attached to an order (the inventory API). The order must be a
+    regular one containing ``sku_id`` (else 404, as for a missing order), still awaiting
+    payment, and the hold may not exceed what the line still needs: everything a
+    payment consumes then stays within what the buyer ordered. Call in a transaction."""
+    line = await conn.fetchrow(SQL_ORDER_LINE_FOR_UPDATE, order_id, sku_id)
+    if line is None:
+        raise NotFound("order not found")
+    if line["status"] != "pending_payment":
+        raise OrderNotPending(data={"status": line["status"]})
+    remaining = line["quantity"] - await conn.fetchval(SQL_HELD_FOR_LINE, order_id, sku_id)
+    if quantity > remaining:
+        raise HoldExceedsOrder(data={"sku_id": sku_id, "remaining": max(remaining, 0)})
+    return await reserve(conn, sku_id=sku_id, quantity=quantity, order_id=order_id, ttl_s=ttl_s)
+
+
+async def consume_paid(conn: Conn, held: dict[str, Any], actual_quantity: int) -> bool:
+    """The inventory API's consume: only a reservation of a paid order is sold, so no
+    one makes sales (and ``sort=sales`` rank) out of holds nobody paid for."""
+    order_id = held["order_id"]
+    status = None if order_id is None else await conn.fetchval(SQL_ORDER_STATUS_FOR_SHARE, order_id)
+    if status not in PAID_STATUSES:
+        raise OrderNotPaid(data={"order_id": order_id, "status": status})
+    return await consume(conn, held["id"], actual_quantity)
+
+
+async def release_unowned(conn: Conn, held: dict[str, Any], *, reason: str) -> bool:
+    """The inventory API's release: not the hold of an order awaiting payment (its
+    cancel or timeout releases it; releasing it early would let the order oversell)."""
+    order_id = held["order_id"]
+    if order_id is not None:
+        status = await conn.fetchval(SQL_ORDER_STATUS_FOR_SHARE, order_id)
+        if status == "pending_payment":
+            raise HeldByOrder(data={"order_id": order_id})
+    return await release(conn, held["id"], reason=reason)
 
 
 async def release(conn: Conn, reservation_id: str, *, reason: str) -> bool:

@@ -71,10 +71,18 @@ SQL_USER_EXISTS = "SELECT 1 FROM users WHERE id = $1"
 SQL_SKUS_FOR_ORDER = """
 SELECT s.id AS sku_id, s.product_id, s.code, s.attributes AS sku_attributes, s.price_cents,
        s.status AS sku_status, p.status AS product_status, p.name, p.category_id,
-       p.merchant_id, p.attributes AS product_attributes, p.images
+       p.merchant_id, p.attributes AS product_attributes, p.images, p.max_per_user
 FROM skus s JOIN products p ON p.id = s.product_id
 WHERE s.id = ANY($1::bigint[])
 ORDER BY s.id
+"""
+# Serializes one buyer's order creations (not other writes to the row: NO KEY UPDATE
+# leaves the foreign-key locks of inserts alone), so the per-user cap is check-and-act.
+SQL_LOCK_BUYER = "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE"
+SQL_HELD_BY_BUYER = """
+SELECT sku_id, sum(quantity)::bigint AS held FROM stock_reservations
+WHERE user_id = $1 AND status = 'active' AND sku_id = ANY($2::bigint[])
+GROUP BY sku_id
 """
 SQL_CLAIM_KEY = """
 INSERT INTO order_idempotency (user_id, key, order_id) VALUES ($1, $2, $3)
@@ -258,6 +266,9 @@ def _merge(lines: list[OrderLineRequest]) -> dict[int, OrderLineRequest]:
             merged[line.sku_id] = OrderLineRequest(
                 line.sku_id, prev.quantity + line.quantity, expected
             )
+    for sku_id, line in merged.items():
+        if line.quantity > MAX_LINE_QUANTITY:
+            errors["items"] = f"sku {sku_id}: lines add up to more than {MAX_LINE_QUANTITY}"
     if not lines:
         errors["items"] = "at least one item is required"
     if errors:
@@ -331,6 +342,24 @@ async def _validate_lines(
     return rows
 
 
+async def _check_buyer_caps(
+    conn: Conn, user_id: int, rows: list[asyncpg.Record], lines: list[coupons.PricedLine], cap: int
+) -> None:
+    """Refuse to hold more than a product's ``max_per_user`` (else ``cap``) units of a SKU
+    in one buyer's unpaid orders. Call in the reservation transaction: the buyer lock
+    makes the count and the reservations one step for that buyer."""
+    await conn.execute(SQL_LOCK_BUYER, user_id)
+    held_rows = await conn.fetch(SQL_HELD_BY_BUYER, user_id, [line.sku_id for line in lines])
+    held = {r["sku_id"]: r["held"] for r in held_rows}
+    for r, line in zip(rows, lines, strict=True):
+        limit = r["max_per_user"] or cap
+        already = held.get(line.sku_id, 0)
+        if already + line.quantity > limit:
+            raise inventory.PurchaseLimitExceeded(
+                data={"sku_id": line.sku_id, "limit": limit, "held": already}
+            )
+
+
 async def _run_undos(conn: Conn, undos: list[Callable[[], Awaitable[Any]]]) -> None:
     for undo in reversed(undos):
         try:
@@ -379,6 +408,7 @@ async def create_order(
                 for r in rows
             ]
             async with conn.transaction():
+                await _check_buyer_caps(conn, user_id, rows, priced, settings.max_per_user_default)
                 for line in priced:  # rows are in sku id order: locks in primary-key order
                     await inventory.reserve(
                         conn,
@@ -386,6 +416,7 @@ async def create_order(
                         quantity=line.quantity,
                         order_id=order_id,
                         ttl_s=settings.payment_window_s + RESERVATION_GRACE_S,
+                        user_id=user_id,
                     )
             undos.append(
                 lambda: inventory.release_for_order(conn, order_id, reason="create_failed")
@@ -649,6 +680,7 @@ async def cancel_order(
                 conn, SQL_TO_CANCELLED, order, version, "cancelled", actor, reason, reason
             )
             await inventory.release_for_order(conn, order_id, reason="cancelled")
+            await coupons.release_for_order(conn, order_id)
         await conn.execute(SQL_CLOSE_PENDING_PAYMENTS, order_id)
     return {"order_id": order_id, "status": "cancelled", "version": new_version}
 
@@ -729,12 +761,14 @@ async def confirm_order(
 
 
 async def _require_merchant(conn: Conn, order_id: str, actor: Actor) -> None:
+    """The merchant of every product of the order, or an admin. Anyone else gets the
+    same 404 as for a missing order, so order ids of other shops do not leak."""
     if actor.role == "admin":
         return
-    if actor.role != "merchant" or not await conn.fetchval(
-        SQL_MERCHANT_OWNS_ALL, order_id, actor.user_id
-    ):
+    if actor.role != "merchant":
         raise Forbidden("only the merchant of this order's products or an admin may do this")
+    if not await conn.fetchval(SQL_MERCHANT_OWNS_ALL, order_id, actor.user_id):
+        raise NotFound("order not found")
 
 
 async def close_expired_orders(app: web.Application, *, batch: int = 100) -> int:
@@ -753,6 +787,7 @@ async def close_expired_orders(app: web.Application, *, batch: int = 100) -> int
                 conn, rec["id"], SYSTEM, "pending_payment", "cancelled", "payment timeout"
             )
             await inventory.release_for_order(conn, rec["id"], reason="timeout")
+            await coupons.release_for_order(conn, rec["id"])
             await conn.execute(SQL_CLOSE_PENDING_PAYMENTS, rec["id"])
             closed += 1
     return closed

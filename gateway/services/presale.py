@@ -19,6 +19,7 @@ import asyncpg
 
 from gateway.auth import Principal
 from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from gateway.services.inventory import Conn, PurchaseLimitExceeded
 
 STATUSES: Final = ("pending", "paid", "shipped", "completed", "cancelled")
 TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
@@ -26,9 +27,11 @@ TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
     "paid": ("shipped", "cancelled"),
     "shipped": ("completed",),
 }
-# Which statuses each party may move an order to (an admin may do all).
-BUYER_MAY: Final = frozenset({"paid", "cancelled", "completed"})
+# Which statuses each party may move an order to (an admin may do all but ``paid``).
+BUYER_MAY: Final = frozenset({"cancelled", "completed"})
 SELLER_MAY: Final = frozenset({"shipped", "cancelled"})
+# Only a verified payment moves an order to paid (:func:`mark_paid`), never a request.
+PAID_BY_PAYMENT_ONLY: Final = frozenset({"paid"})
 
 
 def sources_of(target: str) -> list[str]:
@@ -49,6 +52,11 @@ class InsufficientStock(Conflict):
 class InvalidTransition(Conflict):
     code = "INVALID_TRANSITION"
     default_message = "illegal status transition"
+
+
+class PaymentRequired(Forbidden):
+    code = "PAYMENT_REQUIRED"
+    default_message = "an order becomes paid only through a verified payment"
 
 
 class VersionConflict(Conflict):
@@ -146,9 +154,30 @@ LIMIT 1
 """
 SQL_INSERT_ORDER: Final = """
 INSERT INTO presale_orders (id, campaign_id, user_id, product_id, sku_id, quantity,
-                            price_cents, total_cents)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                            price_cents, total_cents, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
 RETURNING *
+"""
+# The per-user cap (products.max_per_user, else the setting) counts units held unpaid.
+SQL_LOCK_BUYER: Final = "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE"
+SQL_BUYER_HOLDS: Final = """
+SELECT p.max_per_user,
+       (SELECT coalesce(sum(o.quantity), 0) FROM presale_orders o
+        WHERE o.user_id = $2 AND o.product_id = p.id AND o.status = 'pending') AS held
+FROM products p WHERE p.id = $1
+"""
+SQL_MARK_PAID: Final = """
+UPDATE presale_orders SET status = 'paid', version = version + 1, updated_at = now(),
+    paid_at = now()
+WHERE id = $1 AND status = 'pending' AND expires_at > now()
+RETURNING id
+"""
+SQL_EXPIRED: Final = """
+SELECT id FROM presale_orders
+WHERE status = 'pending' AND expires_at < now()
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
 """
 SQL_ORDER: Final = """
 SELECT o.*, p.merchant_id FROM presale_orders o JOIN products p ON p.id = o.product_id
@@ -209,6 +238,7 @@ def order_out(r: asyncpg.Record) -> dict[str, Any]:
         "updated_at": iso(r["updated_at"]),
         "paid_at": iso(r["paid_at"]),
         "cancelled_at": iso(r["cancelled_at"]),
+        "expires_at": iso(r["expires_at"]) if r["status"] == "pending" else None,
     }
 
 
@@ -220,9 +250,23 @@ async def create_order(
     product_id: int,
     sku_id: int | None,
     quantity: int,
+    hold_s: int,
+    max_per_user_default: int,
 ) -> dict[str, Any]:
-    """Pre-occupy ``quantity`` units of the product's open presale and record the order."""
+    """Pre-occupy ``quantity`` units of the product's open presale and record the order.
+    The units are held ``hold_s`` seconds: unpaid by then, the sweeper cancels the order
+    (:func:`cancel_expired`). One buyer holds at most the product's ``max_per_user``
+    (else ``max_per_user_default``) units unpaid."""
     async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(SQL_LOCK_BUYER, user_id)
+        holds = await conn.fetchrow(SQL_BUYER_HOLDS, product_id, user_id)
+        if holds is None:
+            raise PresaleNotFound
+        limit = holds["max_per_user"] or max_per_user_default
+        if holds["held"] + quantity > limit:
+            raise PurchaseLimitExceeded(
+                data={"product_id": product_id, "limit": limit, "held": holds["held"]}
+            )
         taken = await conn.fetchrow(SQL_PREOCCUPY, product_id, sku_id, quantity)
         if taken is None:
             state = await conn.fetchrow(SQL_CAMPAIGN_STATE, product_id, sku_id)
@@ -241,6 +285,7 @@ async def create_order(
             quantity,
             taken["price_cents"],
             taken["price_cents"] * quantity,
+            float(hold_s),
         )
     assert row is not None
     return order_out(row)
@@ -267,6 +312,8 @@ async def _visible(pool: asyncpg.Pool, principal: Principal, order_id: str) -> a
 
 
 def _check_allowed(principal: Principal, order: asyncpg.Record, target: str) -> None:
+    if target in PAID_BY_PAYMENT_ONLY:
+        raise PaymentRequired
     if principal.role == "admin":
         return
     allowed: set[str] = set()
@@ -331,6 +378,24 @@ async def change_status(
         await _explain_refusal(pool, order_id, target, version)
         raise InvalidTransition  # unreachable: _explain_refusal raises for non-cancel targets
     return order_out(row)
+
+
+async def mark_paid(conn: Conn, order_id: str) -> bool:
+    """pending -> paid, for the payment path only (after the provider's verified
+    notification); False if the order is not pending (cancelled, expired, already paid)."""
+    return await conn.fetchval(SQL_MARK_PAID, order_id) is not None
+
+
+async def cancel_expired(pool: asyncpg.Pool, *, batch: int = 100) -> int:
+    """One sweep: cancel pending presale orders past ``expires_at`` and give their units
+    back to the campaign. Safe with many sweepers: locked rows are skipped and the
+    cancel is status-guarded, so units go back exactly once."""
+    cancelled = 0
+    async with pool.acquire() as conn, conn.transaction():
+        for rec in await conn.fetch(SQL_EXPIRED, batch):
+            if await conn.fetchval(SQL_CANCEL, rec["id"], ["pending"], None) is not None:
+                cancelled += 1
+    return cancelled
 
 
 @dataclass(frozen=True, slots=True)

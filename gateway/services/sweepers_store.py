@@ -1,5 +1,5 @@
-"""Background sweepers of the storefront: unpaid regular orders past their deadline and
-stock reservations past ``reserved_until``.
+"""Background sweepers of the storefront: unpaid regular orders past their deadline,
+stock reservations past ``reserved_until`` and unpaid presale orders past ``expires_at``.
 
 Both sweeps are safe to run on every gateway process at once (``FOR UPDATE SKIP
 LOCKED`` plus status-guarded updates), so there is no leader to elect.
@@ -16,18 +16,26 @@ import asyncpg
 from aiohttp import web
 
 from gateway import appkeys
-from gateway.services import inventory, orders
+from gateway.services import inventory, orders, presale
 
 log = logging.getLogger(__name__)
 
 
-async def sweep_once(app: web.Application) -> tuple[int, int]:
-    """Close expired orders first (their reservations go with them), then stray holds."""
+async def sweep_once(app: web.Application) -> tuple[int, int, int]:
+    """Close expired orders first (their reservations go with them), then stray holds,
+    then unpaid presale orders past their hold."""
     closed = await orders.close_expired_orders(app)
     released = await inventory.release_expired(app[appkeys.DB])
-    if closed or released:
-        log.info("store sweep: closed %d unpaid orders, released %d reservations", closed, released)
-    return closed, released
+    presales = await presale.cancel_expired(app[appkeys.DB])
+    if closed or released or presales:
+        log.info(
+            "store sweep: closed %d unpaid orders, released %d reservations, "
+            "cancelled %d unpaid presale orders",
+            closed,
+            released,
+            presales,
+        )
+    return closed, released, presales
 
 
 async def _run(app: web.Application, stop: asyncio.Event) -> None:
