@@ -32,10 +32,12 @@ INT64_MAX: Final = 2**63 - 1  # PostgreSQL BIGINT: every integer a client sends 
 MAX_KEY_LEN: Final = 64  # keys of free-form maps (attributes, specification, address)
 MAX_FREE_TEXT: Final = 2000  # string values inside free-form maps
 
-# No NUL anywhere: PostgreSQL text cannot hold one. ``\s`` is Python's (str.isspace),
-# the set str.strip() removes, so "not blank" here is "not blank after strip()".
+# No NUL anywhere: PostgreSQL text cannot hold one. Blank means ASCII whitespace only,
+# spelled out because regex engines disagree on what ``\s`` covers.
+WHITESPACE: Final = " \t\n\r\x0b\x0c"
 _NO_NUL: Final = r"^[^\x00]*$"
-_NOT_BLANK: Final = r"^[^\x00]*[^\x00\s][^\x00]*$"
+_NOT_BLANK: Final = r"^[^\x00]*[^\x00 \t\n\r\x0b\x0c][^\x00]*$"
+INT32_MAX: Final = 2**31 - 1  # row versions are PostgreSQL INTEGER
 _YEAR = r"(19[7-9][0-9]|2[0-9]{3})"  # 1970-2999: far from datetime's limits either way
 _DATE = _YEAR + r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 _HMS = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
@@ -55,7 +57,7 @@ class F:
     ``kind`` is one of ``int``, ``str``, ``bool``, ``list``, ``dict``, ``float``,
     ``datetime`` (an RFC 3339 string with a UTC offset, years 1970-2999, parsed to
     an aware datetime) or :class:`DateOrDatetime`. ``int`` never accepts
-    ``true``/``false`` nor ``1.0`` and is always within BIGINT. Strings never hold
+    ``true``/``false`` nor ``1.5`` (``3.0`` is 3) and stays within BIGINT. Strings never hold
     NUL; one with ``min_len >= 1`` must not be blank; values come back stripped.
     ``pattern`` is a regular expression the whole string must match.
     A ``list`` has ``items`` (a type, a spec, or alternative specs); a ``dict`` has
@@ -139,7 +141,9 @@ def _type_name(kind: type) -> str:
 
 
 def _is_kind(value: Any, kind: type) -> bool:
-    if kind is int:
+    if kind is int:  # JSON Schema's integer: 3.0 is one (and comes back as 3)
+        if isinstance(value, float):
+            return value.is_integer()
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
@@ -170,7 +174,7 @@ def parse_datetime(value: Any) -> datetime | None:
     """An aware datetime from an RFC 3339 string (years 1970-2999), or None if it is not one."""
     if not isinstance(value, str) or not _matches(DATETIME_PATTERN, value):
         return None
-    text = value.strip().replace("t", "T").replace("z", "Z")
+    text = value.strip(WHITESPACE).replace("t", "T").replace("z", "Z")
     try:
         return datetime.fromisoformat(text)
     except ValueError:  # 31 February and the like
@@ -182,7 +186,7 @@ def parse_date(value: Any) -> date | None:
     if not isinstance(value, str) or not _matches(DATE_PATTERN, value):
         return None
     try:
-        return date.fromisoformat(value.strip())
+        return date.fromisoformat(value.strip(WHITESPACE))
     except ValueError:
         return None
 
@@ -245,6 +249,7 @@ def _check(name: str, value: Any, spec: F, errors: dict[str, str]) -> Any:
             errors[name] = "must be an RFC 3339 datetime with offset or a date, years 1970-2999"
         return either
     if spec.kind is int:
+        value = int(value)
         lo, hi = _int_bounds(spec)
         if value < lo:
             errors[name] = f"must be >= {lo:g}" if spec.min is not None else f"must be >= {lo}"
@@ -266,7 +271,7 @@ def _check(name: str, value: Any, spec: F, errors: dict[str, str]) -> Any:
                 "must not contain NUL" if "\x00" in value else "has an invalid format or is blank"
             )
         elif spec.choices is None:
-            value = value.strip()
+            value = value.strip(WHITESPACE)
     if spec.choices is not None and value not in spec.choices:
         errors[name] = "must be one of: " + ", ".join(str(c) for c in spec.choices)
     if spec.kind is list and spec.items is not None:

@@ -13,7 +13,7 @@ from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import catalog
 from gateway.services.catalog import ProductQuery, SkuInput
-from gateway.validation import Alt, F, Obj, path_int, validate, validate_query
+from gateway.validation import INT32_MAX, Alt, F, Obj, path_int, validate, validate_query
 
 MAX_CENTS = 10**12
 MAX_STOCK = 2_000_000_000
@@ -54,7 +54,7 @@ PRODUCT_UPDATE = {
     "skus": F(list, required=False, max_len=100, items=F(dict, fields=SKU_UPDATE)),
     "price": F(int, required=False, min=0, max=MAX_CENTS),
     "stock": F(int, required=False, min=0, max=MAX_STOCK),
-    "version": F(int, required=False, min=1),
+    "version": F(int, required=False, min=1, max=INT32_MAX),
 }
 LIST_QUERY = {
     "category": F(

@@ -13,7 +13,16 @@ from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import orders, payments
 from gateway.services.orders import Actor, OrderLineRequest
-from gateway.validation import PATH_TEXT, Alt, F, Obj, path_text, validate, validate_query
+from gateway.validation import (
+    INT32_MAX,
+    PATH_TEXT,
+    Alt,
+    F,
+    Obj,
+    path_text,
+    validate,
+    validate_query,
+)
 
 ITEM = Obj(
     {
@@ -36,9 +45,9 @@ CREATE = {
 }
 CANCEL = {
     "reason": F(str, required=False, default="cancelled by user", max_len=200),
-    "version": F(int, required=False, nullable=True, min=1),
+    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
 }
-VERSION_ONLY = {"version": F(int, required=False, nullable=True, min=1)}
+VERSION_ONLY = {"version": F(int, required=False, nullable=True, min=1, max=INT32_MAX)}
 PAY = {
     "payment_method": F(str, choices=payments.METHOD_NAMES),
     "return_url": F(str, required=False, nullable=True, max_len=2000),
@@ -47,7 +56,7 @@ SHIP = {
     "shipping_company": F(str, min_len=1, max_len=64),
     "tracking_number": F(str, min_len=1, max_len=64),
     "estimated_delivery": F(str, required=False, nullable=True, max_len=64),
-    "version": F(int, required=False, nullable=True, min=1),
+    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
 }
 STATUS_FILTER = (*orders.STATUSES, "pending")
 LIST_QUERY = {

@@ -13,6 +13,7 @@ from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import presale
 from gateway.validation import (
+    INT32_MAX,
     DateOrDatetime,
     F,
     path_int,
@@ -36,7 +37,7 @@ PREORDER_CREATE = {
 }
 PREORDER_UPDATE = {
     "status": F(str, choices=tuple(s for s in presale.STATUSES if s != "pending")),
-    "version": F(int, required=False, nullable=True, min=1),
+    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
 }
 LIST_QUERY = {
     "user_id": F(
@@ -178,6 +179,7 @@ ROUTES = [
         body=PREORDER_CREATE,
         responses={
             201: "created",
+            403: "FORBIDDEN (user_id of another user)",
             404: "PRESALE_NOT_FOUND",
             409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE",
         },

@@ -23,7 +23,9 @@ REGISTER = Obj(
     alts=(Alt(("email",)), Alt(("phone",))),
 )
 LOGIN = {
-    "login": F(str, min_len=1, max_len=254),
+    "login": F(
+        str, max_len=254, pattern=f"(?:{users.EMAIL_RE})|(?:{users.PHONE_RE})"
+    ),  # an email address or a phone number
     "password": F(str, min_len=1, max_len=128),
 }
 
