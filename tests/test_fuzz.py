@@ -57,7 +57,7 @@ RULE_FIELDS: dict[tuple[str, str], set[str]] = {
     ("PUT", "/api/v1/products/{id}"): {"category_id"},
     ("POST", "/api/v1/admin/flash-sales"): {"end_at"},
     ("PATCH", "/api/v1/admin/flash-sales/{sale_id}"): {"end_at"},
-    ("POST", "/api/v1/presales"): {"ends_at"},
+    ("POST", "/api/v1/presales"): {"ends_at", "sku_id"},  # a SKU that does not exist
     ("POST", "/api/v1/orders"): {"items[].sku_id"},  # a product with several SKUs
     ("POST", "/api/v1/cart/checkout/preview"): {"selected_items"},  # none in the cart
     ("POST", "/api/v1/cart/checkout"): {"selected_items"},

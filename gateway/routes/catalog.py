@@ -24,13 +24,16 @@ SKU_CREATE = {
     "stock": F(int, required=False, default=0, min=0, max=MAX_STOCK),
     "code": F(str, required=False, nullable=True, max_len=64),
 }
-SKU_UPDATE = {
-    "id": F(int, required=False, nullable=True, min=1),
-    "attributes": F(dict, required=False, nullable=True),
-    "price": F(int, required=False, nullable=True, min=0, max=MAX_CENTS),
-    "stock": F(int, required=False, nullable=True, min=0, max=MAX_STOCK),
-    "code": F(str, required=False, nullable=True, max_len=64),
-}
+SKU_UPDATE = Obj(
+    {
+        "id": F(int, required=False, nullable=True, min=1),
+        "attributes": F(dict, required=False, nullable=True),
+        "price": F(int, required=False, nullable=True, min=0, max=MAX_CENTS),
+        "stock": F(int, required=False, nullable=True, min=0, max=MAX_STOCK),
+        "code": F(str, required=False, nullable=True, max_len=64),
+    },
+    alts=(Alt(("id",)), Alt(("price",))),  # a new SKU (no id) needs its price
+)
 PRODUCT_CREATE = Obj(
     {
         "name": F(str, min_len=1, max_len=200),

@@ -191,7 +191,12 @@ ROUTES = [
         body=CREATE,
         rules="end_at after start_at",
         tag="flash-sales",
-        responses={201: "created", 409: "INSUFFICIENT_STOCK", 422: "VALIDATION_FAILED"},
+        responses={
+            201: "created",
+            404: "SKU_NOT_FOUND",
+            409: "INSUFFICIENT_STOCK",
+            422: "VALIDATION_FAILED",
+        },
     ),
     Route(
         "PATCH",

@@ -27,7 +27,9 @@ NOTIFY = Obj(
         "amount": F(int, min=0),
         "transaction_id": F(str, required=False, nullable=True, max_len=128),
         "paid_at": F(str, required=False, nullable=True, max_len=64),
-        "sign": F(str, min_len=1, max_len=256),
+        "sign": F(
+            str, pattern="[\\x21-\\x7e]{1,256}"
+        ),  # printable ASCII: compared in constant time
     },
     allow_extra=True,  # providers add fields; the signature covers them
 )
