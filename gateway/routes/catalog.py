@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -80,7 +81,7 @@ LIST_QUERY = {
 }
 
 
-def _skus(items: list[dict[str, Any]], schema: dict[str, F]) -> list[SkuInput]:
+def _skus(items: list[dict[str, Any]], schema: Mapping[str, F]) -> list[SkuInput]:
     out: list[SkuInput] = []
     errors: dict[str, str] = {}
     for i, item in enumerate(items):
