@@ -97,7 +97,7 @@ async def test_create_validation(client: Client, db: asyncpg.Pool, tokens: Token
     )
     assert resp.status == 422
     fields = (await resp.json())["fields"]
-    assert set(fields) == {"name", "colour"}
+    assert set(fields) == {"name", "colour", "skus[0].price", "skus[1].price"}
     resp = await client.post(
         "/api/v1/products", headers=h, json={"name": "x", "skus": [{"price": -1}, {"stock": 1}]}
     )
@@ -261,7 +261,7 @@ async def test_update_permissions_and_version(
     assert resp.status == 200 and (await resp.json())["data"]["name"] == "by admin"
     resp = await client.put(url, headers=h, json={"price": -5, "skus": [{"id": "x"}]})
     assert resp.status == 422
-    assert set((await resp.json())["fields"]) == {"price"}
+    assert set((await resp.json())["fields"]) == {"price", "skus[0].id"}
     resp = await client.put("/api/v1/products/999999999", headers=h, json={"name": "x"})
     assert resp.status == 404
 

@@ -31,3 +31,50 @@ async def test_spec_matches_router(client: TestClient[Any, Any], app: web.Applic
     assert in_spec - in_router == set(), "spec lists routes that do not exist"
     for path in spec["paths"]:
         assert path.startswith("/api/v1/") or path in {"/healthz", "/readyz", "/metrics"}
+
+
+def _op(spec: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    op: dict[str, Any] = spec["paths"][path][method]
+    return op
+
+
+async def test_spec_states_what_validation_enforces(client: TestClient[Any, Any]) -> None:
+    spec = await (await client.get("/api/v1/openapi.json")).json()
+    assert spec["openapi"] == "3.1.0"
+    login = _op(spec, "post", "/api/v1/auth/login")["requestBody"]["content"]
+    body = login["application/json"]["schema"]
+    assert body["required"] == ["login", "password"] and body["additionalProperties"] is False
+    assert "pattern" in body["properties"]["login"]
+    register = _op(spec, "post", "/api/v1/auth/register")["requestBody"]["content"]
+    assert len(register["application/json"]["schema"]["anyOf"]) == 2  # email or phone
+    (param,) = _op(spec, "get", "/api/v1/products/{id}")["parameters"]
+    assert param["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+    query = {p["name"]: p["schema"] for p in _op(spec, "get", "/api/v1/products")["parameters"]}
+    assert query["limit"]["type"] == "integer" and query["sort"]["enum"]
+    order = _op(spec, "post", "/api/v1/orders")["requestBody"]["content"]["application/json"]
+    items = order["schema"]["properties"]["items"]["items"]
+    assert items["additionalProperties"] is False and "anyOf" in items
+    assert order["schema"]["properties"]["shipping_address"]["required"] == [
+        "name",
+        "phone",
+        "address",
+    ]
+
+
+@pytest.mark.unit
+def test_validate_and_schema_agree_on_strings() -> None:
+    import re
+
+    from gateway.errors import ValidationFailed
+    from gateway.validation import F, json_schema, validate
+
+    spec = F(str, min_len=1, max_len=5)
+    pattern = json_schema(spec)["pattern"]
+    for value, ok in (("a", True), (" a ", True), ("   ", False), ("a\x00", False)):
+        assert (re.search(pattern, value) is not None) is ok
+        try:
+            validate({"v": value}, {"v": spec})
+            accepted = True
+        except ValidationFailed:
+            accepted = False
+        assert accepted is ok, value

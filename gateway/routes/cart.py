@@ -20,18 +20,31 @@ from gateway.http import ok, read_json
 from gateway.routes.orders import shipping_address
 from gateway.routing import Route
 from gateway.services import cart, coupons, orders
-from gateway.validation import F, path_int, validate
+from gateway.validation import Alt, F, Obj, path_int, validate
 
-ADD_ITEM = {
-    "product_id": F(int, required=False, min=1),
-    "sku_id": F(int, required=False, min=1),
-    "quantity": F(int, min=1, max=cart.MAX_ITEM_QUANTITY),
-    "specification": F(dict, required=False, nullable=True, max_len=20),
-}
-UPDATE_ITEM = {
-    "quantity": F(int, required=False, min=0, max=cart.MAX_ITEM_QUANTITY),
-    "selected": F(bool, required=False),
-}
+MAX_SPEC_TEXT = 64
+ADD_ITEM = Obj(
+    {
+        "product_id": F(int, required=False, min=1),
+        "sku_id": F(int, required=False, min=1),
+        "quantity": F(int, min=1, max=cart.MAX_ITEM_QUANTITY),
+        "specification": F(
+            dict,
+            required=False,
+            nullable=True,
+            max_len=20,
+            values=(F(str, max_len=MAX_SPEC_TEXT), F(int), F(bool)),
+        ),
+    },
+    alts=(Alt(("product_id",)), Alt(("sku_id",))),
+)
+UPDATE_ITEM = Obj(
+    {
+        "quantity": F(int, required=False, min=0, max=cart.MAX_ITEM_QUANTITY),
+        "selected": F(bool, required=False),
+    },
+    alts=(Alt(("quantity",)), Alt(("selected",))),
+)
 PREVIEW = {
     "selected_items": F(
         list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
@@ -49,7 +62,6 @@ CHECKOUT = {
 }
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LEN = 128
-MAX_SPEC_TEXT = 64
 _TOKEN_RE = re.compile(cart.TOKEN_PATTERN)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -13,7 +14,7 @@ from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import catalog
 from gateway.services.catalog import ProductQuery, SkuInput
-from gateway.validation import F, path_int, query_int, validate
+from gateway.validation import INT32_MAX, Alt, F, Obj, path_int, validate, validate_query
 
 MAX_CENTS = 10**12
 MAX_STOCK = 2_000_000_000
@@ -24,49 +25,65 @@ SKU_CREATE = {
     "stock": F(int, required=False, default=0, min=0, max=MAX_STOCK),
     "code": F(str, required=False, nullable=True, max_len=64),
 }
-SKU_UPDATE = {
-    "id": F(int, required=False, nullable=True, min=1),
-    "attributes": F(dict, required=False, nullable=True),
-    "price": F(int, required=False, nullable=True, min=0, max=MAX_CENTS),
-    "stock": F(int, required=False, nullable=True, min=0, max=MAX_STOCK),
-    "code": F(str, required=False, nullable=True, max_len=64),
-}
-PRODUCT_CREATE = {
-    "name": F(str, min_len=1, max_len=200),
-    "description": F(str, required=False, default="", max_len=20_000),
-    "category_id": F(int, required=False, nullable=True, min=1),
-    "images": F(list, required=False, default=[], max_len=20, items=str),
-    "attributes": F(dict, required=False, default={}),
-    "skus": F(list, required=False, min_len=1, max_len=100, items=dict),
-    "price": F(int, required=False, min=0, max=MAX_CENTS),
-    "stock": F(int, required=False, min=0, max=MAX_STOCK),
-    "max_per_user": F(int, required=False, nullable=True, min=1, max=1_000_000),
-}
+SKU_UPDATE = Obj(
+    {
+        "id": F(int, required=False, nullable=True, min=1),
+        "attributes": F(dict, required=False, nullable=True),
+        "price": F(int, required=False, nullable=True, min=0, max=MAX_CENTS),
+        "stock": F(int, required=False, nullable=True, min=0, max=MAX_STOCK),
+        "code": F(str, required=False, nullable=True, max_len=64),
+    },
+    alts=(Alt(("id",)), Alt(("price",))),  # a new SKU (no id) needs its price
+)
+PRODUCT_CREATE = Obj(
+    {
+        "name": F(str, min_len=1, max_len=200),
+        "description": F(str, required=False, default="", max_len=20_000),
+        "category_id": F(int, required=False, nullable=True, min=1),
+        "images": F(list, required=False, default=[], max_len=20, items=F(str, max_len=2000)),
+        "attributes": F(dict, required=False, default={}),
+        "skus": F(list, required=False, min_len=1, max_len=100, items=F(dict, fields=SKU_CREATE)),
+        "price": F(int, required=False, min=0, max=MAX_CENTS),
+        "stock": F(int, required=False, min=0, max=MAX_STOCK),
+        "max_per_user": F(int, required=False, nullable=True, min=1, max=1_000_000),
+    },
+    alts=(Alt(present=("skus",), absent=("price", "stock")), Alt(("price",), absent=("skus",))),
+)
 PRODUCT_UPDATE = {
     "name": F(str, required=False, min_len=1, max_len=200),
     "description": F(str, required=False, max_len=20_000),
     "category_id": F(int, required=False, nullable=True, min=1),
-    "images": F(list, required=False, max_len=20, items=str),
+    "images": F(list, required=False, max_len=20, items=F(str, max_len=2000)),
     "attributes": F(dict, required=False),
     "status": F(str, required=False, choices=("on_sale", "off_sale")),
-    "skus": F(list, required=False, max_len=100, items=dict),
+    "skus": F(list, required=False, max_len=100, items=F(dict, fields=SKU_UPDATE)),
     "price": F(int, required=False, min=0, max=MAX_CENTS),
     "stock": F(int, required=False, min=0, max=MAX_STOCK),
     "max_per_user": F(int, required=False, nullable=True, min=1, max=1_000_000),
-    "version": F(int, required=False, min=1),
+    "version": F(int, required=False, min=1, max=INT32_MAX),
 }
 LIST_QUERY = {
-    "category": "category id or name (includes its sub-categories)",
-    "price_min": "lowest price in cents",
-    "price_max": "highest price in cents",
-    "q": "search words (all must appear in name or description)",
-    "sort": "price,asc | price,desc | sales,desc | created,desc (default)",
-    "page": "page number from 1",
-    "limit": f"page size, at most {catalog.MAX_LIMIT}",
+    "category": F(
+        str,
+        required=False,
+        max_len=100,
+        doc="category id or name (includes its sub-categories)",
+    ),
+    "price_min": F(int, required=False, min=0, max=MAX_CENTS, doc="lowest price in cents"),
+    "price_max": F(int, required=False, min=0, max=MAX_CENTS, doc="highest price in cents"),
+    "q": F(
+        str,
+        required=False,
+        max_len=200,
+        doc="search words (all must appear in name or description)",
+    ),
+    "sort": F(str, default="created,desc", choices=tuple(catalog.SORTS)),
+    "page": F(int, default=1, min=1, max=100_000, doc="page number from 1"),
+    "limit": F(int, default=20, min=1, max=catalog.MAX_LIMIT, doc="page size"),
 }
 
 
-def _skus(items: list[dict[str, Any]], schema: dict[str, F]) -> list[SkuInput]:
+def _skus(items: list[dict[str, Any]], schema: Mapping[str, F]) -> list[SkuInput]:
     out: list[SkuInput] = []
     errors: dict[str, str] = {}
     for i, item in enumerate(items):
@@ -90,25 +107,18 @@ def _skus(items: list[dict[str, Any]], schema: dict[str, F]) -> list[SkuInput]:
 
 
 async def list_products(request: web.Request) -> web.Response:
-    q = request.query
-    sort = q.get("sort") or "created,desc"
-    if sort not in catalog.SORTS:
-        raise ValidationFailed(fields={"sort": "must be one of: " + ", ".join(catalog.SORTS)})
-    price_min = query_int(q, "price_min", None, lo=0, hi=MAX_CENTS)
-    price_max = query_int(q, "price_max", None, lo=0, hi=MAX_CENTS)
+    q = validate_query(request.query, LIST_QUERY)
+    price_min, price_max = q.get("price_min"), q.get("price_max")
     if price_min is not None and price_max is not None and price_min > price_max:
         raise ValidationFailed(fields={"price_max": "must be >= price_min"})
-    search = (q.get("q") or "").strip()
-    if len(search) > 200:
-        raise ValidationFailed(fields={"q": "length must be <= 200"})
     query = ProductQuery(
-        category=(q.get("category") or "").strip() or None,
+        category=q.get("category") or None,
         price_min=price_min,
         price_max=price_max,
-        q=search or None,
-        sort=sort,
-        page=query_int(q, "page", 1, lo=1, hi=100_000) or 1,
-        limit=query_int(q, "limit", 20, lo=1, hi=catalog.MAX_LIMIT) or 20,
+        q=q.get("q") or None,
+        sort=q["sort"],
+        page=q["page"],
+        limit=q["limit"],
     )
     return ok(await catalog.list_products(request.app[appkeys.DB], query))
 
@@ -191,6 +201,7 @@ ROUTES = [
         "List and search on-sale products",
         query=LIST_QUERY,
         responses={422: "VALIDATION_FAILED"},
+        rules="price_max >= price_min",
         tag="catalog",
     ),
     Route(

@@ -15,7 +15,7 @@ from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import flashsale
 from gateway.services.flashsale import FLASH, NotStarted, SaleEnded, SoldOut, now_ms
-from gateway.validation import F, path_int, validate
+from gateway.validation import Alt, F, Obj, path_int, validate
 
 CREATE = {
     "sku_id": F(int, min=1),
@@ -26,10 +26,13 @@ CREATE = {
     "end_at": F(datetime),
     "payment_window_s": F(int, min=10, max=7 * 24 * 3600, default=900),
 }
-PATCH = {
-    "add_quantity": F(int, required=False, min=1, max=1_000_000_000),
-    "end_at": F(datetime, required=False),
-}
+PATCH = Obj(
+    {
+        "add_quantity": F(int, required=False, min=1, max=1_000_000_000),
+        "end_at": F(datetime, required=False),
+    },
+    alts=(Alt(("add_quantity",)), Alt(("end_at",))),
+)
 JOIN = {"quantity": F(int, min=1, max=flashsale.MAX_JOIN_QUANTITY)}
 _MAX_IDEMPOTENCY_KEY = 64
 
@@ -186,8 +189,14 @@ ROUTES = [
         "Create a flash sale (carves stock)",
         auth="admin",
         body=CREATE,
+        rules="end_at after start_at",
         tag="flash-sales",
-        responses={201: "created", 409: "INSUFFICIENT_STOCK", 422: "VALIDATION_FAILED"},
+        responses={
+            201: "created",
+            404: "SKU_NOT_FOUND",
+            409: "INSUFFICIENT_STOCK",
+            422: "VALIDATION_FAILED",
+        },
     ),
     Route(
         "PATCH",

@@ -84,6 +84,6 @@ ROUTES = [
         responses={503: "NOT_READY naming what is down"},
         tag="ops",
     ),
-    Route("GET", "/metrics", metrics, "Prometheus metrics", tag="ops"),
-    Route("GET", "/api/v1/openapi.json", openapi, "This document", tag="ops"),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", tag="ops", envelope=False),
+    Route("GET", "/api/v1/openapi.json", openapi, "This document", tag="ops", envelope=False),
 ]

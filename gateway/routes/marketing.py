@@ -13,14 +13,16 @@ from gateway.errors import ValidationFailed
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import coupons, promotions
-from gateway.validation import F, query_int, validate
+from gateway.validation import F, validate, validate_query
 
 MAX_CENTS = 10**12
 
 COUPON_USE = {
     "coupon_code": F(str, min_len=1, max_len=64),
     "order_amount": F(int, min=0, max=MAX_CENTS),
-    "product_categories": F(list, required=False, nullable=True, max_len=100),
+    "product_categories": F(
+        list, required=False, nullable=True, max_len=100, items=(F(int), F(str, max_len=100))
+    ),
     "product_ids": F(list, required=False, nullable=True, items=int, max_len=100),
 }
 NEW_COUPON = {
@@ -39,9 +41,13 @@ NEW_COUPON = {
     "max_uses_per_user": F(int, default=1, min=1, max=1000),
     "total_quantity": F(int, required=False, nullable=True, min=0, max=10**9),
 }
+RULE = {
+    "min_amount": F(int, min=1, max=MAX_CENTS),
+    "discount_amount": F(int, min=1, max=MAX_CENTS),
+}
 NEW_PROMOTION = {
     "name": F(str, min_len=1, max_len=100),
-    "rules": F(list, min_len=1, max_len=20, items=dict),
+    "rules": F(list, min_len=1, max_len=20, items=F(dict, fields=RULE)),
     "category_ids": F(list, default=[], items=int, max_len=100),
     "valid_from": F(datetime),
     "valid_until": F(datetime),
@@ -53,7 +59,16 @@ CALC_ITEM = {
     "price": F(int, min=0, max=MAX_CENTS),
     "quantity": F(int, min=1, max=10_000),
 }
-CALCULATE = {"items": F(list, min_len=1, max_len=200, items=dict)}
+CALCULATE = {"items": F(list, min_len=1, max_len=200, items=F(dict, fields=CALC_ITEM))}
+AVAILABLE_QUERY = {
+    "amount": F(
+        int,
+        required=False,
+        min=0,
+        max=MAX_CENTS,
+        doc="order amount in cents: adds applicable and discount_amount",
+    )
+}
 
 
 def _check_window(body: dict[str, Any]) -> None:
@@ -63,7 +78,7 @@ def _check_window(body: dict[str, Any]) -> None:
 
 async def available_coupons(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
-    amount = query_int(request.query, "amount", None, lo=0, hi=MAX_CENTS)
+    amount = validate_query(request.query, AVAILABLE_QUERY).get("amount")
     async with request.app[appkeys.DB].acquire() as conn:
         data = await coupons.available(conn, user_id=principal.user_id, amount_cents=amount)
     return ok(data)
@@ -111,13 +126,7 @@ def _rules(raw: list[dict[str, Any]]) -> list[dict[str, int]]:
     rules: list[dict[str, int]] = []
     for i, rule in enumerate(raw):
         try:
-            checked = validate(
-                rule,
-                {
-                    "min_amount": F(int, min=1, max=MAX_CENTS),
-                    "discount_amount": F(int, min=1, max=MAX_CENTS),
-                },
-            )
+            checked = validate(rule, RULE)
         except ValidationFailed as exc:
             raise ValidationFailed(
                 fields={f"rules[{i}].{k}": v for k, v in (exc.fields or {}).items()}
@@ -199,7 +208,7 @@ ROUTES = [
         available_coupons,
         "Coupons the current user can use now",
         auth="user",
-        query={"amount": "order amount in cents: adds applicable and discount_amount"},
+        query=AVAILABLE_QUERY,
         tag="marketing",
     ),
     Route(
@@ -219,6 +228,8 @@ ROUTES = [
         "Create a coupon",
         auth="admin",
         body=NEW_COUPON,
+        rules="valid_until after valid_from; amount_off or percent_off as the type needs; "
+        "category_ids or product_ids as the scope needs",
         responses={
             201: "created",
             403: "FORBIDDEN",
@@ -250,6 +261,8 @@ ROUTES = [
         "Create a tiered promotion",
         auth="admin",
         body=NEW_PROMOTION,
+        rules="valid_until after valid_from; each discount_amount <= its min_amount; "
+        "distinct min_amount",
         responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
         tag="marketing",
     ),

@@ -8,19 +8,31 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.auth import Principal, authenticate, require_role
-from gateway.errors import NotFound, ValidationFailed
+from gateway.errors import ValidationFailed
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import orders, payments
 from gateway.services.orders import Actor, OrderLineRequest
-from gateway.validation import F, query_int, validate
+from gateway.validation import (
+    INT32_MAX,
+    PATH_TEXT,
+    Alt,
+    F,
+    Obj,
+    path_text,
+    validate,
+    validate_query,
+)
 
-ITEM = {
-    "sku_id": F(int, required=False, min=1),
-    "product_id": F(int, required=False, min=1),
-    "quantity": F(int, min=1, max=orders.MAX_LINE_QUANTITY),
-    "price": F(int, required=False, nullable=True, min=0),
-}
+ITEM = Obj(
+    {
+        "sku_id": F(int, required=False, min=1),
+        "product_id": F(int, required=False, min=1),
+        "quantity": F(int, min=1, max=orders.MAX_LINE_QUANTITY),
+        "price": F(int, required=False, nullable=True, min=0),
+    },
+    alts=(Alt(("sku_id",), absent=("product_id",)), Alt(("product_id",), absent=("sku_id",))),
+)
 # The one shipping-address schema: POST /orders and POST /cart/checkout both use it.
 ADDRESS = {
     "name": F(str, min_len=1, max_len=64),
@@ -28,15 +40,15 @@ ADDRESS = {
     "address": F(str, min_len=1, max_len=500),
 }
 CREATE = {
-    "items": F(list, min_len=1, max_len=100, items=dict),
-    "shipping_address": F(dict),
+    "items": F(list, min_len=1, max_len=100, items=F(dict, fields=ITEM)),
+    "shipping_address": F(dict, fields=ADDRESS),
     "coupon_code": F(str, required=False, nullable=True, max_len=64),
 }
 CANCEL = {
     "reason": F(str, required=False, default="cancelled by user", max_len=200),
-    "version": F(int, required=False, nullable=True, min=1),
+    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
 }
-VERSION_ONLY = {"version": F(int, required=False, nullable=True, min=1)}
+VERSION_ONLY = {"version": F(int, required=False, nullable=True, min=1, max=INT32_MAX)}
 PAY = {
     "payment_method": F(str, choices=payments.METHOD_NAMES),
     "return_url": F(str, required=False, nullable=True, max_len=2000),
@@ -45,9 +57,20 @@ SHIP = {
     "shipping_company": F(str, min_len=1, max_len=64),
     "tracking_number": F(str, min_len=1, max_len=64),
     "estimated_delivery": F(str, required=False, nullable=True, max_len=64),
-    "version": F(int, required=False, nullable=True, min=1),
+    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
 }
 STATUS_FILTER = (*orders.STATUSES, "pending")
+LIST_QUERY = {
+    "status": F(
+        str,
+        required=False,
+        choices=STATUS_FILTER,
+        doc="pending (pending_payment), paid, shipped, delivered, completed, cancelled, refunded",
+    ),
+    "page": F(int, default=1, min=1, max=10_000, doc="page number, from 1"),
+    "limit": F(int, default=10, min=1, max=100, doc="page size, 1-100"),
+}
+ORDER_ID = {"id": PATH_TEXT}
 SQL_SINGLE_SKU = """
 SELECT product_id, min(id) AS sku_id, count(*) AS skus FROM skus
 WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
@@ -73,10 +96,7 @@ def _actor(p: Principal) -> Actor:
 
 
 def _order_id(request: web.Request) -> str:
-    order_id = request.match_info["id"]
-    if not 1 <= len(order_id) <= 64:
-        raise NotFound("order not found")
-    return order_id
+    return path_text(request.match_info["id"], "order")
 
 
 async def _optional_body(request: web.Request, schema: dict[str, F]) -> dict[str, Any]:
@@ -143,13 +163,11 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_(request: web.Request) -> web.Response:
     principal = _principal(request)
-    status = request.query.get("status") or None
-    if status is not None and status not in STATUS_FILTER:
-        raise ValidationFailed(fields={"status": "must be one of: " + ", ".join(STATUS_FILTER)})
+    q = validate_query(request.query, LIST_QUERY)
+    status = q.get("status")
     if status == "pending":
         status = "pending_payment"
-    page = query_int(request.query, "page", 1, lo=1, hi=10_000) or 1
-    limit = query_int(request.query, "limit", 10, lo=1, hi=100) or 10
+    page, limit = q["page"], q["limit"]
     return ok(
         await orders.list_orders(
             request.app[appkeys.DB], principal.user_id, status=status, page=page, limit=limit
@@ -258,12 +276,7 @@ ROUTES = [
         "The caller's orders",
         auth="user",
         tag="orders",
-        query={
-            "status": "pending (pending_payment), paid, shipped, delivered, completed, "
-            "cancelled, refunded",
-            "page": "page number, from 1",
-            "limit": "page size, 1-100",
-        },
+        query=LIST_QUERY,
         responses={422: "VALIDATION_FAILED"},
     ),
     Route(
@@ -273,6 +286,7 @@ ROUTES = [
         "One of the caller's orders: items, shipping_info, payment_info",
         auth="user",
         tag="orders",
+        params=ORDER_ID,
         responses={404: "NOT_FOUND"},
     ),
     Route(
@@ -282,6 +296,7 @@ ROUTES = [
         "The operation log of an order",
         auth="user",
         tag="orders",
+        params=ORDER_ID,
         responses={404: "NOT_FOUND"},
     ),
     Route(
@@ -292,6 +307,8 @@ ROUTES = [
         auth="user",
         body=CANCEL,
         tag="orders",
+        body_required=False,
+        params=ORDER_ID,
         responses=_STATE,
     ),
     Route(
@@ -302,6 +319,7 @@ ROUTES = [
         auth="user",
         body=PAY,
         tag="orders",
+        params=ORDER_ID,
         responses=_STATE,
     ),
     Route(
@@ -312,6 +330,7 @@ ROUTES = [
         auth="merchant",
         body=SHIP,
         tag="orders",
+        params=ORDER_ID,
         responses={
             **_STATE,
             403: "FORBIDDEN (not a merchant)",
@@ -326,6 +345,8 @@ ROUTES = [
         auth="merchant",
         body=VERSION_ONLY,
         tag="orders",
+        body_required=False,
+        params=ORDER_ID,
         responses={
             **_STATE,
             403: "FORBIDDEN (not a merchant)",
@@ -340,6 +361,8 @@ ROUTES = [
         auth="user",
         body=VERSION_ONLY,
         tag="orders",
+        body_required=False,
+        params=ORDER_ID,
         responses=_STATE,
     ),
 ]

@@ -6,13 +6,12 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.auth import authenticate
-from gateway.errors import NotFound
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import payments
 from gateway.services.orders import Actor
 from gateway.settings import Settings
-from gateway.validation import F, validate
+from gateway.validation import PATH_TEXT, F, Obj, path_text, validate
 
 CREATE = {
     "order_id": F(str, min_len=1, max_len=64),
@@ -21,15 +20,21 @@ CREATE = {
     "return_url": F(str, required=False, nullable=True, max_len=2000),
     "notify_url": F(str, required=False, nullable=True, max_len=2000),
 }
-NOTIFY = {
-    "payment_id": F(str, min_len=1, max_len=64),
-    "order_id": F(str, min_len=1, max_len=64),
-    "status": F(str, choices=("success", "failed")),
-    "amount": F(int, min=0),
-    "transaction_id": F(str, required=False, nullable=True, max_len=128),
-    "paid_at": F(str, required=False, nullable=True, max_len=64),
-    "sign": F(str, min_len=1, max_len=256),
-}
+NOTIFY = Obj(
+    {
+        "payment_id": F(str, min_len=1, max_len=64),
+        "order_id": F(str, min_len=1, max_len=64),
+        "status": F(str, choices=("success", "failed")),
+        "amount": F(int, min=0),
+        "transaction_id": F(str, required=False, nullable=True, max_len=128),
+        "paid_at": F(str, required=False, nullable=True, max_len=64),
+        "sign": F(
+            str, pattern="[\\x21-\\x7e]{1,256}"
+        ),  # printable ASCII: compared in constant time
+    },
+    allow_extra=True,  # providers add fields; the signature covers them
+)
+PAYMENT_ID = {"payment_id": PATH_TEXT}
 REFUND = {
     "order_id": F(str, min_len=1, max_len=64),
     "refund_amount": F(int, min=1),
@@ -39,10 +44,7 @@ REFUND = {
 
 
 def _payment_id(request: web.Request) -> str:
-    payment_id = request.match_info["payment_id"]
-    if not 1 <= len(payment_id) <= 64:
-        raise NotFound("payment not found")
-    return payment_id
+    return path_text(request.match_info["payment_id"], "payment")
 
 
 async def methods(request: web.Request) -> web.Response:
@@ -179,6 +181,7 @@ SANDBOX_ROUTES = [
         "Sandbox provider: the payment page",
         auth="user",
         tag="payments",
+        params=PAYMENT_ID,
         responses={404: "NOT_FOUND"},
     ),
     Route(
@@ -188,6 +191,7 @@ SANDBOX_ROUTES = [
         "Sandbox provider: approve the payment (sends the signed notification)",
         auth="user",
         tag="payments",
+        params=PAYMENT_ID,
         responses={404: "NOT_FOUND", 409: "ORDER_NOT_PAYABLE"},
     ),
     Route(
@@ -197,6 +201,7 @@ SANDBOX_ROUTES = [
         "Sandbox provider: fail the payment (sends the signed notification)",
         auth="user",
         tag="payments",
+        params=PAYMENT_ID,
         responses={404: "NOT_FOUND"},
     ),
 ]

@@ -8,11 +8,19 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.auth import authenticate
-from gateway.errors import Forbidden, NotFound, ValidationFailed
+from gateway.errors import Forbidden
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import presale
-from gateway.validation import F, parse_datetime, path_int, query_int, validate
+from gateway.validation import (
+    INT32_MAX,
+    DateOrDatetime,
+    F,
+    path_int,
+    path_text,
+    validate,
+    validate_query,
+)
 
 CAMPAIGN_CREATE = {
     "sku_id": F(int, min=1),
@@ -29,37 +37,41 @@ PREORDER_CREATE = {
 }
 PREORDER_UPDATE = {
     "status": F(str, choices=tuple(s for s in presale.STATUSES if s != "pending")),
-    "version": F(int, required=False, nullable=True, min=1),
+    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
 }
 LIST_QUERY = {
-    "user_id": "whose orders (admins only for other users; default: the caller)",
-    "from": "created at or after (ISO 8601 datetime with offset, or a UTC date)",
-    "to": "created before (datetime), or on or before (date)",
-    "page": "page number from 1",
-    "limit": "page size, at most 100",
+    "user_id": F(
+        int,
+        required=False,
+        min=1,
+        max=2**62,
+        doc="whose orders (admins only for other users; default: the caller)",
+    ),
+    "from": F(
+        DateOrDatetime,
+        required=False,
+        doc="created at or after (RFC 3339 datetime with offset, or a UTC date)",
+    ),
+    "to": F(
+        DateOrDatetime,
+        required=False,
+        doc="created before (datetime), or on or before (date)",
+    ),
+    "page": F(int, default=1, min=1, max=100_000, doc="page number from 1"),
+    "limit": F(int, default=20, min=1, max=100, doc="page size, at most 100"),
 }
+ORDER_ID = {"order_id": F(str, pattern="[0-9]{1,40}")}
 
 
 def _order_id(request: web.Request) -> str:
-    value = request.match_info["order_id"]
-    if not value.isdigit() or len(value) > 40:
-        raise NotFound("presale order not found")
-    return value
+    return path_text(request.match_info["order_id"], "presale order", spec=ORDER_ID["order_id"])
 
 
-def _bound(raw: str | None, name: str, *, end: bool) -> datetime | None:
-    if not raw:
-        return None
-    parsed = parse_datetime(raw)
-    if parsed is not None:
-        return parsed
-    try:
-        day = date.fromisoformat(raw)
-    except ValueError:
-        raise ValidationFailed(
-            fields={name: "must be an ISO 8601 datetime with offset or a date"}
-        ) from None
-    return datetime.combine(day + timedelta(days=1 if end else 0), time(), tzinfo=UTC)
+def _bound(value: datetime | date | None, *, end: bool) -> datetime | None:
+    """A datetime as given; a date (years <= 2999, so +1 day never overflows) as UTC midnight."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.combine(value + timedelta(days=1 if end else 0), time(), tzinfo=UTC)
 
 
 async def create_campaign(request: web.Request) -> web.Response:
@@ -117,18 +129,18 @@ async def get_preorder(request: web.Request) -> web.Response:
 
 async def list_preorders(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
-    q = request.query
-    user_id = query_int(q, "user_id", None, lo=1, hi=2**62)
+    q = validate_query(request.query, LIST_QUERY)
+    user_id = q.get("user_id")
     if principal.role != "admin":
         if user_id not in (None, principal.user_id):
             raise Forbidden("you may only list your own presale orders")
         user_id = principal.user_id
     f = presale.OrderFilter(
         user_id=user_id,
-        since=_bound(q.get("from"), "from", end=False),
-        until=_bound(q.get("to"), "to", end=True),
-        page=query_int(q, "page", 1, lo=1, hi=100_000) or 1,
-        limit=query_int(q, "limit", 20, lo=1, hi=100) or 20,
+        since=_bound(q.get("from"), end=False),
+        until=_bound(q.get("to"), end=True),
+        page=q["page"],
+        limit=q["limit"],
     )
     return ok(await presale.list_orders(request.app[appkeys.DB], f))
 
@@ -169,6 +181,7 @@ ROUTES = [
         body=PREORDER_CREATE,
         responses={
             201: "created",
+            403: "FORBIDDEN (user_id of another user)",
             404: "PRESALE_NOT_FOUND",
             409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE, PURCHASE_LIMIT_EXCEEDED",
         },
@@ -192,6 +205,7 @@ ROUTES = [
         auth="user",
         responses={404: "NOT_FOUND"},
         tag="presale",
+        params=ORDER_ID,
     ),
     Route(
         "PUT",
@@ -207,6 +221,7 @@ ROUTES = [
             409: "INVALID_TRANSITION, VERSION_CONFLICT",
         },
         tag="presale",
+        params=ORDER_ID,
     ),
     Route(
         "DELETE",
@@ -216,5 +231,6 @@ ROUTES = [
         auth="user",
         responses={404: "NOT_FOUND", 409: "INVALID_TRANSITION"},
         tag="presale",
+        params=ORDER_ID,
     ),
 ]

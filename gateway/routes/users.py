@@ -11,16 +11,21 @@ from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.services import users
 from gateway.services.cart import CART_TOKEN_HEADER, merge_guest_cart
-from gateway.validation import F, validate
+from gateway.validation import Alt, F, Obj, validate
 
-REGISTER = {
-    "email": F(str, required=False, nullable=True, max_len=254, pattern=users.EMAIL_RE),
-    "phone": F(str, required=False, nullable=True, pattern=users.PHONE_RE),
-    "password": F(str, min_len=8, max_len=128),
-    "nickname": F(str, min_len=1, max_len=64),
-}
+REGISTER = Obj(
+    {
+        "email": F(str, required=False, nullable=True, max_len=254, pattern=users.EMAIL_RE),
+        "phone": F(str, required=False, nullable=True, pattern=users.PHONE_RE),
+        "password": F(str, min_len=8, max_len=128),
+        "nickname": F(str, min_len=1, max_len=64),
+    },
+    alts=(Alt(("email",)), Alt(("phone",))),
+)
 LOGIN = {
-    "login": F(str, min_len=1, max_len=254),
+    "login": F(
+        str, max_len=254, pattern=f"(?:{users.EMAIL_RE})|(?:{users.PHONE_RE})"
+    ),  # an email address or a phone number
     "password": F(str, min_len=1, max_len=128),
 }
 

@@ -114,7 +114,7 @@ async def list_products(pool: asyncpg.Pool, query: ProductQuery) -> dict[str, An
     cat_id: int | None = None
     cat_name: str | None = None
     if query.category:
-        if query.category.isdigit():
+        if query.category.isascii() and query.category.isdigit() and len(query.category) < 19:
             cat_id = int(query.category)
         else:
             cat_name = query.category

@@ -11,7 +11,7 @@ import asyncpg
 from gateway.auth import UnknownUser, WrongPassword, check_password, hash_password
 from gateway.errors import Conflict, ValidationFailed
 
-EMAIL_RE: Final = r"[^@\s]+@[^@\s]+\.[^@\s]+"
+EMAIL_RE: Final = r"[^@ \t\n\r\x0b\x0c\x00]+@[^@ \t\n\r\x0b\x0c\x00]+\.[^@ \t\n\r\x0b\x0c\x00]+"
 PHONE_RE: Final = r"\+?[0-9]{6,20}"
 
 SQL_INSERT_USER = """

@@ -1,0 +1,328 @@
+"""Schemathesis against the live gateway: no 5xx, and every answer as the document says.
+
+The app under test runs on a real port in a thread of its own, with its own
+database, Redis database and topics on the session's servers, so nothing the
+fuzzer creates (admin promotions, coupons, sales) can reach another test's data.
+Each operation gets a bounded number of cases, about half of them with real ids
+(a product, SKU, flash sale, order, payment, cart item, presale, preorder) so
+they get past the 404, sent with the token of the role the operation needs.
+
+Checks: not_a_server_error, status_code_conformance, content_type_conformance
+and response_schema_conformance for every case; and for schema-valid cases, no
+400 and no VALIDATION_FAILED beyond the cross-field rules an operation declares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import requests
+import schemathesis
+import uvloop
+from aiohttp import web
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from gateway.app import create_app
+from gateway.auth import TokenService
+from gateway.db import create_pool, migrate
+from gateway.routes import extra_routes, health, users
+from gateway.routing import Route, path_params
+from gateway.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MAX_EXAMPLES = 24
+ALL_ROUTES: list[Route] = [*health.ROUTES, *users.ROUTES, *extra_routes()]
+# Rules across fields the document cannot state: a schema-valid request may fail only these.
+RULE_FIELDS: dict[tuple[str, str], set[str]] = {
+    ("GET", "/api/v1/products"): {"price_max"},
+    ("POST", "/api/v1/products"): {"category_id"},  # a category that does not exist
+    ("PUT", "/api/v1/products/{id}"): {"category_id"},
+    ("POST", "/api/v1/admin/flash-sales"): {"end_at"},
+    ("PATCH", "/api/v1/admin/flash-sales/{sale_id}"): {"end_at"},
+    ("POST", "/api/v1/presales"): {"ends_at", "sku_id"},  # a SKU that does not exist
+    ("POST", "/api/v1/orders"): {"items[].sku_id"},  # a product with several SKUs
+    ("POST", "/api/v1/cart/checkout/preview"): {"selected_items"},  # none in the cart
+    ("POST", "/api/v1/cart/checkout"): {"selected_items"},
+    ("POST", "/api/v1/admin/coupons"): {
+        "valid_until",
+        "amount_off",
+        "percent_off",
+        "category_ids",
+        "product_ids",
+    },
+    ("POST", "/api/v1/admin/promotions"): {"valid_until", "rules", "rules[].discount_amount"},
+}
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+@dataclass(frozen=True)
+class Live:
+    base_url: str
+    headers: dict[str, dict[str, str]]  # role -> Authorization header
+    ids: dict[str, dict[str, Any]]  # path template -> real path parameters
+    schema: Any
+
+
+class _Server:
+    """The app on 127.0.0.1:<free port>, served by a loop in a thread of its own."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.port = 0
+        self.app: web.Application | None = None
+        self.runner: web.AppRunner | None = None
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    async def _start(self) -> None:
+        self.app = create_app(self.settings)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+    def start(self) -> None:
+        self.thread.start()
+        self.run(self._start())
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.run(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+def _with_db(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+@pytest.fixture(scope="module")
+async def own_settings(base_settings: Settings) -> AsyncIterator[Settings]:
+    dbname = "flashsale_fuzz_" + secrets.token_hex(4)
+    admin_url = base_settings.database
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
+    suffix = secrets.token_hex(3)
+    settings = base_settings.with_(
+        database_url=_with_db(admin_url, dbname),
+        redis_url=_with_db(base_settings.redis, "7"),
+        kafka_orders_topic=f"fuzz.orders.{suffix}",
+        kafka_dlq_topic=f"fuzz.orders.dlq.{suffix}",
+        kafka_consumer_group=f"fuzz-group-{suffix}",
+    )
+    pool = await create_pool(settings.database, min_size=1, max_size=1)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    await pool.close()
+    yield settings
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    await admin.close()
+
+
+def _post(base: str, path: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+    resp = requests.post(base + path, json=body, headers=headers, timeout=30)
+    assert resp.status_code in (200, 201, 202), (path, resp.text)
+    return resp.json()["data"]
+
+
+async def _users(settings: Settings) -> dict[str, int]:
+    conn = await asyncpg.connect(settings.database)
+    try:
+        out = {}
+        for role in ("user", "merchant", "admin"):
+            out[role] = await conn.fetchval(
+                "INSERT INTO users (email, password_hash, nickname, role) "
+                "VALUES ($1, 'x', 'fuzz', $2) RETURNING id",
+                f"fuzz-{role}-{secrets.token_hex(4)}@test.local",
+                role,
+            )
+        return out
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def live(own_settings: Settings) -> Iterator[Live]:
+    server = _Server(own_settings)
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        tokens = TokenService(own_settings.secret, own_settings.token_ttl_s)
+        uids = server.run(_users(own_settings))
+        headers = {
+            role: {"Authorization": f"Bearer {tokens.issue(uid, role)}"}
+            for role, uid in uids.items()
+        }
+        shopper, merchant, admin = headers["user"], headers["merchant"], headers["admin"]
+        now = datetime.now(UTC)
+        product = _post(
+            base,
+            "/api/v1/products",
+            merchant,
+            {"name": "fuzz phone", "skus": [{"price": 1000, "stock": 100_000}]},
+        )
+        pid, sku = product["id"], product["skus"][0]["id"]
+        sale = _post(
+            base,
+            "/api/v1/admin/flash-sales",
+            admin,
+            {
+                "sku_id": sku,
+                "flash_price": 500,
+                "quantity": 1000,
+                "per_user_limit": 5,
+                "start_at": (now - timedelta(minutes=1)).isoformat(),
+                "end_at": (now + timedelta(days=1)).isoformat(),
+            },
+        )
+        address = {"name": "Fuzz", "phone": "13800138000", "address": "1 Fuzz Road"}
+        order = _post(
+            base,
+            "/api/v1/orders",
+            shopper,
+            {"items": [{"sku_id": sku, "quantity": 1}], "shipping_address": address},
+        )
+        payment = _post(
+            base, f"/api/v1/orders/{order['order_id']}/pay", shopper, {"payment_method": "alipay"}
+        )
+        _post(
+            base,
+            "/api/v1/admin/coupons",
+            admin,
+            {
+                "code": "FUZZ10",
+                "name": "fuzz",
+                "type": "amount_off",
+                "amount_off": 100,
+                "valid_from": now.isoformat(),
+                "valid_until": (now + timedelta(days=1)).isoformat(),
+            },
+        )
+        item = _post(base, "/api/v1/cart/items", shopper, {"sku_id": sku, "quantity": 1})
+        presale = _post(
+            base,
+            "/api/v1/presales",
+            merchant,
+            {"sku_id": sku, "total": 1000, "ends_at": (now + timedelta(days=1)).isoformat()},
+        )
+        preorder = _post(base, "/api/v1/preorder", shopper, {"product_id": pid, "quantity": 1})
+        oid = order["order_id"]
+        ids = {
+            "/api/v1/products/{id}": {"id": pid},
+            "/api/v1/products/{id}/stock": {"id": pid},
+            "/api/v1/products/{id}/reserve": {"id": pid},
+            "/api/v1/products/{id}/consume": {"id": pid},
+            "/api/v1/products/{id}/release": {"id": pid},
+            "/api/v1/admin/flash-sales/{sale_id}": {"sale_id": sale["flash_sale_id"]},
+            "/api/v1/admin/flash-sales/{sale_id}/close": {"sale_id": sale["flash_sale_id"]},
+            "/api/v1/flash-sales/{sale_id}": {"sale_id": sale["flash_sale_id"]},
+            "/api/v1/flash-sales/{sale_id}/join": {"sale_id": sale["flash_sale_id"]},
+            "/api/v1/cart/items/{item_id}": {"item_id": item["cart_item_id"]},
+            "/api/v1/presales/{id}": {"id": presale["id"]},
+            "/api/v1/preorder/{order_id}": {"order_id": preorder["order_id"]},
+            "/api/v1/payment/sandbox/{payment_id}": {"payment_id": payment["payment_id"]},
+            "/api/v1/payment/sandbox/{payment_id}/approve": {"payment_id": payment["payment_id"]},
+            "/api/v1/payment/sandbox/{payment_id}/fail": {"payment_id": payment["payment_id"]},
+        }
+        for tail in ("", "/logs", "/cancel", "/pay", "/ship", "/deliver", "/confirm"):
+            ids["/api/v1/orders/{id}" + tail] = {"id": oid}
+        schema = schemathesis.openapi.from_url(base + "/api/v1/openapi.json")
+        yield Live(base, headers, ids, schema)
+    finally:
+        server.stop()
+
+
+def _role(route: Route) -> str:
+    return {"merchant": "merchant", "admin": "admin"}.get(route.auth or "", "user")
+
+
+_FUZZED = [r for r in ALL_ROUTES if r.path != "/metrics"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("route", _FUZZED, ids=[f"{r.method} {r.path}" for r in _FUZZED])
+def test_operation_holds_its_schema(live: Live, route: Route) -> None:
+    operation = live.schema[route.path][route.method]
+    real_ids = live.ids.get(route.path)
+    strategy = operation.as_strategy()
+    if path_params(route):
+        assert real_ids is not None, "give the fuzzer real ids for " + route.path
+        strategy = st.one_of(operation.as_strategy(path_parameters=real_ids), strategy)
+    negative = operation.as_strategy(schemathesis.GenerationMode.NEGATIVE)
+    headers = live.headers[_role(route)]
+    allowed = RULE_FIELDS.get((route.method, route.path), set())
+    session = requests.Session()
+
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=strategy)
+    def positive(case: schemathesis.Case[Any]) -> None:
+        response = case.call_and_validate(
+            base_url=live.base_url, session=session, headers=headers, checks=CHECKS
+        )
+        if response.status_code in (400, 422):
+            body = response.json()
+            assert body["error"] != "INVALID_JSON", response.text
+            if body["error"] == "VALIDATION_FAILED":
+                fields = {re.sub(r"\[[0-9]+\]", "[]", f) for f in body.get("fields") or {}}
+                assert fields <= allowed, response.text
+
+    @settings(
+        max_examples=MAX_EXAMPLES // 3,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=negative)
+    def negative_data(case: schemathesis.Case[Any]) -> None:
+        case.call_and_validate(
+            base_url=live.base_url,
+            session=session,
+            headers=headers,
+            checks=[not_a_server_error, response_schema_conformance],
+        )
+
+    try:
+        positive()
+        if route.body is not None or route.query or path_params(route):
+            negative_data()
+    finally:
+        session.close()
