@@ -17,7 +17,7 @@ from gateway import appkeys
 from gateway.auth import authenticate, optional_principal
 from gateway.errors import ValidationFailed
 from gateway.http import ok, read_json
-from gateway.routes.orders import shipping_address
+from gateway.routes.orders import ADDRESS, shipping_address
 from gateway.routing import Route
 from gateway.services import cart, coupons, orders
 from gateway.validation import Alt, F, Obj, path_int, validate
@@ -49,7 +49,7 @@ PREVIEW = {
     "selected_items": F(
         list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
     ),
-    "shipping_address": F(dict, required=False, nullable=True),
+    "shipping_address": F(dict, required=False, nullable=True, fields=ADDRESS),
     "shipping_address_id": F(int, required=False, nullable=True, min=1),
     "coupon_code": F(str, required=False, nullable=True, max_len=64),
 }
@@ -57,7 +57,7 @@ CHECKOUT = {
     "selected_items": F(
         list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
     ),
-    "shipping_address": F(dict),  # checked against orders.ADDRESS, like POST /orders
+    "shipping_address": F(dict, fields=ADDRESS),  # the one address schema, as POST /orders
     "coupon_code": F(str, required=False, nullable=True, max_len=64),
 }
 IDEMPOTENCY_HEADER = "Idempotency-Key"
