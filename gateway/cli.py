@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")
     bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
     bench.add_argument("--out", default="bench-results.json")
+    bench.add_argument(
+        "--redis-fsync",
+        choices=("always", "everysec", "off"),
+        default="always",
+        help="Redis AOF fsync policy for the run (always: the production setting)",
+    )
     return p
 
 
@@ -133,7 +139,7 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if cmd == "bench":
         from loadtests.bench import main as bench_main
 
-        return bench_main(quick=args.quick, out=args.out)
+        return bench_main(quick=args.quick, out=args.out, redis_fsync=args.redis_fsync)
     raise AssertionError(cmd)
 
 

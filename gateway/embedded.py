@@ -127,7 +127,9 @@ class Server:
             self.proc.wait()
 
 
-def start_redis(data_dir: Path, *, port: int | None = None, persist: bool = True) -> Server:
+def start_redis(
+    data_dir: Path, *, port: int | None = None, persist: bool = True, appendfsync: str = "always"
+) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = data_dir / "valkey.log"
@@ -149,7 +151,7 @@ def start_redis(data_dir: Path, *, port: int | None = None, persist: bool = True
         # the host loses no acknowledged reservation. valkey fsyncs once per event-loop
         # turn, so the join path's pipelined batches cost one fsync each (BENCHMARKS.md).
         "--appendfsync",
-        "always",
+        appendfsync,
         "--protected-mode",
         "yes",
         "--maxclients",
@@ -365,12 +367,24 @@ def start_stack(
     postgres: bool = True,
     kafka: bool = True,
     durable: bool = True,
+    redis_appendfsync: str | None = None,
 ) -> EmbeddedStack:
-    """Start the requested servers under ``root``; on any failure stop what started."""
+    """Start the requested servers under ``root``; on any failure stop what started.
+
+    ``durable=False`` (tests) trades durability for speed everywhere; ``redis_appendfsync``
+    makes Redis keep an AOF with that fsync policy whatever ``durable`` says (the bench
+    measures the production policy with it).
+    """
     stack = EmbeddedStack(root)
     try:
         if redis:
-            stack.servers.append(start_redis(root / "redis", persist=durable))
+            stack.servers.append(
+                start_redis(
+                    root / "redis",
+                    persist=durable or redis_appendfsync is not None,
+                    appendfsync=redis_appendfsync or "always",
+                )
+            )
         if postgres:
             stack.servers.append(start_postgres(root / "postgres", durable=durable))
         if kafka:

@@ -180,7 +180,9 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
             "kafka": settings.kafka_bootstrap is None,
         }
         if any(need.values()):
-            stack = start_stack(root, **need)
+            stack = start_stack(
+                root, redis=need["redis"], postgres=need["postgres"], kafka=need["kafka"]
+            )
             settings = settings.with_(
                 redis_url=settings.redis_url or stack.url("redis"),
                 database_url=settings.database_url or stack.url("postgres"),

@@ -684,6 +684,8 @@ def render(result: dict[str, Any]) -> str:
         f"Python {m['python']}; {m['redis']}; {m['postgresql']}; broker {m['broker']}; {m['wrk']}",
         f"Load generator: {result['generator']}; {WORKERS} worker processes for the "
         f"gateway, the ceiling and the naive peer.",
+        f"Redis persistence: {result.get('redis_fsync', 'off')} "
+        "(appendonly yes + appendfsync <policy>, or no AOF for off); PostgreSQL with fsync off.",
     ]
     if result["skipped"]:
         lines += ["", "Skipped or failed:"] + [f"- {k}: {v}" for k, v in result["skipped"].items()]
@@ -706,7 +708,7 @@ def write_markdown(text: str, mode: str, path: Path = BENCHMARKS_MD) -> None:
 # ---------------------------------------------------------------- main
 
 
-def main(quick: bool, out: str) -> int:
+def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
     """Run the whole benchmark; 0 when every runnable scenario ran and the invariants hold."""
     plan = QUICK if quick else FULL
     mode = "quick" if quick else "full"
@@ -725,7 +727,11 @@ def main(quick: bool, out: str) -> int:
     )
     try:
         print(f"bench ({mode}): starting valkey, PostgreSQL and tansu in {root}", flush=True)
-        stack = start_stack(root / "stack", durable=False)
+        stack = start_stack(
+            root / "stack",
+            durable=False,
+            redis_appendfsync=None if redis_fsync == "off" else redis_fsync,
+        )
         settings = Settings.from_env({}).with_(
             redis_url=stack.url("redis"),
             database_url=stack.url("postgres"),
@@ -820,6 +826,7 @@ def main(quick: bool, out: str) -> int:
         "plan": plan.__dict__,
         "machine": machine,
         "generator": generator,
+        "redis_fsync": redis_fsync,
         "rows": [{**r.__dict__} for r in rows.values()],
         "ratios": ratios,
         "skipped": skipped,
