@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import re
 import time
 from typing import Final, NamedTuple
 
@@ -28,6 +29,9 @@ ALGORITHM: Final = "HS256"
 _CACHE_MAX = 100_000
 # base64url of {"alg":"HS256","typ":"JWT"}, the header PyJWT writes for our tokens
 _HEADER_B64: Final = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+# three unpadded base64url segments: anything else (padding, "@@@@", spaces) is refused
+# before decoding, because Python's base64 silently skips characters outside the alphabet
+_TOKEN_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 class TokenExpired(Unauthorized):
@@ -84,6 +88,10 @@ class TokenService:
     def verify(self, token: str) -> Principal:
         cached = self._cache.get(token)
         if cached is None:
+            # only the one canonical spelling of a token verifies, so the cache holds at
+            # most one entry per issued token
+            if not _TOKEN_SHAPE.fullmatch(token):
+                raise TokenMalformed
             cached = self._fast_verify(token) or self._slow_verify(token)
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
@@ -102,14 +110,14 @@ class TokenService:
         payload, _, signature = rest.partition(".")
         if header != _HEADER_B64 or not payload or not signature:
             return None
-        expected = hmac.new(self._key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        digest = hmac.new(self._key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        # compare encoded forms: the spare bits of the last base64 character must be zero
+        if not hmac.compare_digest(_b64url(digest), signature.encode()):
+            raise TokenInvalid
         try:
-            given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
             claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         except (ValueError, orjson.JSONDecodeError):
             return None
-        if not hmac.compare_digest(expected, given):
-            raise TokenInvalid
         return _principal(claims)
 
     def _slow_verify(self, token: str) -> Principal:
@@ -124,7 +132,19 @@ class TokenService:
             raise TokenInvalid from None
         except jwt.PyJWTError:
             raise TokenMalformed from None
+        signature = token.rpartition(".")[2]
+        decoded = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+        if _b64url(decoded) != signature.encode():
+            raise TokenInvalid
         return _principal(claims)
+
+    def cached(self) -> int:
+        """How many verified tokens the cache holds."""
+        return len(self._cache)
+
+
+def _b64url(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
 def _principal(claims: object) -> Principal:
