@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import re
 import time
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import jwt
 import orjson
@@ -22,7 +22,10 @@ from aiohttp import web
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from gateway.errors import AppError, Forbidden, Unauthorized
+from gateway.errors import AppError, Forbidden, ServiceUnavailable, Unauthorized
+
+if TYPE_CHECKING:
+    from gateway.sessions import Revocations
 
 ROLES: Final = ("user", "merchant", "admin")
 ALGORITHM: Final = "HS256"
@@ -49,6 +52,16 @@ class TokenInvalid(Unauthorized):
     default_message = "token signature is invalid"
 
 
+class TokenRevoked(Unauthorized):
+    code = "TOKEN_REVOKED"
+    default_message = "token was revoked (logout, password or role change); log in again"
+
+
+class RevocationUnavailable(ServiceUnavailable):
+    code = "AUTH_UNAVAILABLE"
+    default_message = "cannot check tokens right now (revocation list unreachable); retry later"
+
+
 class WrongPassword(Unauthorized):
     code = "WRONG_PASSWORD"
     default_message = "wrong password"
@@ -69,20 +82,35 @@ class Principal(NamedTuple):
     user_id: int
     role: str
     expires_at: float
+    gen: int = 0
 
 
 class TokenService:
-    """Issues and verifies tokens with one secret."""
+    """Issues and verifies tokens with one secret.
 
-    def __init__(self, secret: str, ttl_s: int) -> None:
+    With ``revocations`` (the app's), a token whose generation is older than the user's
+    current one is refused: an in-process dict lookup, no I/O.
+    """
+
+    def __init__(self, secret: str, ttl_s: int, *, revocations: Revocations | None = None) -> None:
         self._secret = secret
         self._key = secret.encode()
         self.ttl_s = ttl_s
+        self.revocations = revocations
         self._cache: dict[str, Principal] = {}
 
-    def issue(self, user_id: int, role: str, *, ttl_s: int | None = None) -> str:
+    def issue(self, user_id: int, role: str, *, gen: int = 0, ttl_s: int | None = None) -> str:
+        if self.revocations is not None:
+            # a bump this worker heard of may not be committed yet; never issue below it
+            gen = max(gen, self.revocations.current(user_id))
         now = int(time.time())
-        claims = {"sub": str(user_id), "role": role, "iat": now, "exp": now + (ttl_s or self.ttl_s)}
+        claims = {
+            "sub": str(user_id),
+            "role": role,
+            "gen": gen,
+            "iat": now,
+            "exp": now + (ttl_s or self.ttl_s),
+        }
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Principal:
@@ -96,8 +124,15 @@ class TokenService:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[token] = cached
-        if cached.expires_at <= time.time():
+        now = time.time()
+        if cached.expires_at <= now:
             raise TokenExpired
+        revocations = self.revocations
+        if revocations is not None:
+            if now - revocations.synced_at > revocations.max_stale_s:
+                raise RevocationUnavailable
+            if cached.gen < revocations.generations.get(cached.user_id, 0):
+                raise TokenRevoked
         return cached
 
     def _fast_verify(self, token: str) -> Principal | None:
@@ -151,11 +186,14 @@ def _principal(claims: object) -> Principal:
     if not isinstance(claims, dict):
         raise TokenMalformed
     sub, role, exp = claims.get("sub"), claims.get("role"), claims.get("exp")
+    gen = claims.get("gen", 0)
     if not isinstance(sub, str) or not sub.isdigit() or role not in ROLES:
         raise TokenMalformed
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         raise TokenMalformed
-    return Principal(int(sub), str(role), float(exp))
+    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 0:
+        raise TokenMalformed
+    return Principal(int(sub), str(role), float(exp), gen)
 
 
 def bearer(request: web.Request) -> str | None:
@@ -209,9 +247,11 @@ async def check_password(stored_hash: str, password: str) -> bool:
 __all__ = [
     "AppError",
     "Principal",
+    "RevocationUnavailable",
     "TokenExpired",
     "TokenInvalid",
     "TokenMalformed",
+    "TokenRevoked",
     "TokenService",
     "UnknownUser",
     "WrongPassword",

@@ -150,6 +150,15 @@ class Settings:
     sweep_interval_ms: int = 1000
     payment_secret: str | None = None
     metrics_port: int = 9101
+    metrics_token: str | None = None
+
+    revocation_reload_ms: int = 2000
+    revocation_max_stale_s: int = 15
+    login_window_s: int = 300
+    login_account_attempts: int = 10
+    login_ip_attempts: int = 100
+    login_hash_concurrency: int = 2
+    login_hash_queue: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -204,6 +213,14 @@ class Settings:
             sweep_interval_ms=_int(e, "SWEEP_INTERVAL_MS", 1000, 10, 600_000),
             payment_secret=_get(e, "PAYMENT_SECRET"),
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
+            metrics_token=_get(e, "METRICS_TOKEN"),
+            revocation_reload_ms=_int(e, "REVOCATION_RELOAD_MS", 2000, 50, 60_000),
+            revocation_max_stale_s=_int(e, "REVOCATION_MAX_STALE_S", 15, 1, 3600),
+            login_window_s=_int(e, "LOGIN_WINDOW_S", 300, 1, 24 * 3600),
+            login_account_attempts=_int(e, "LOGIN_ACCOUNT_ATTEMPTS", 10, 1, 1_000_000),
+            login_ip_attempts=_int(e, "LOGIN_IP_ATTEMPTS", 100, 1, 10_000_000),
+            login_hash_concurrency=_int(e, "LOGIN_HASH_CONCURRENCY", 2, 1, 256),
+            login_hash_queue=_int(e, "LOGIN_HASH_QUEUE", 32, 0, 100_000),
         )
 
     def require(self, *names: str) -> Settings:
