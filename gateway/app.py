@@ -10,7 +10,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway import appkeys
-from gateway.auth import TokenService
+from gateway.auth import PasswordHashing, TokenService
 from gateway.db import create_pool
 from gateway.ids import MachineLease, OrderIdGenerator, OrderIds
 from gateway.kafka import OrderProducer
@@ -111,6 +111,9 @@ def create_app(
     revocations = Revocations(max_stale_s=settings.revocation_max_stale_s)
     app[appkeys.TOKENS] = TokenService(
         settings.secret, settings.token_ttl_s, revocations=revocations
+    )
+    app[appkeys.PASSWORD_HASHER] = PasswordHashing(
+        settings.login_hash_concurrency, settings.login_hash_queue
     )
     app.cleanup_ctx.extend([stats_ctx, db_ctx, redis_ctx, revocations_ctx])
     app.cleanup_ctx.extend([ids_ctx, kafka_ctx, *extra_contexts])

@@ -13,8 +13,10 @@ import base64
 import hashlib
 import hmac
 import re
+import secrets
 import time
-from typing import TYPE_CHECKING, Final, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
 
 import jwt
 import orjson
@@ -26,6 +28,8 @@ from gateway.errors import AppError, Forbidden, ServiceUnavailable, Unauthorized
 
 if TYPE_CHECKING:
     from gateway.sessions import Revocations
+
+_T = TypeVar("_T")
 
 ROLES: Final = ("user", "merchant", "admin")
 ALGORITHM: Final = "HS256"
@@ -62,14 +66,11 @@ class RevocationUnavailable(ServiceUnavailable):
     default_message = "cannot check tokens right now (revocation list unreachable); retry later"
 
 
-class WrongPassword(Unauthorized):
-    code = "WRONG_PASSWORD"
-    default_message = "wrong password"
+class InvalidCredentials(Unauthorized):
+    """One answer for an unknown account and a wrong password, so logins enumerate nothing."""
 
-
-class UnknownUser(Unauthorized):
-    code = "UNKNOWN_USER"
-    default_message = "no such user"
+    code = "INVALID_CREDENTIALS"
+    default_message = "wrong login or password"
 
 
 class Principal(NamedTuple):
@@ -229,23 +230,83 @@ def require_role(principal: Principal, *roles: str) -> Principal:
 _HASHER = PasswordHasher()
 
 
-async def hash_password(password: str) -> str:
-    """argon2id hash, computed off the event loop."""
-    return await asyncio.to_thread(_HASHER.hash, password)
+class HashBusy(ServiceUnavailable):
+    default_message = "too many logins in progress, retry shortly"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
 
 
-async def check_password(stored_hash: str, password: str) -> bool:
-    def _verify() -> bool:
+class PasswordHashing:
+    """argon2id off the event loop, at most ``concurrency`` at a time per worker.
+
+    Each hash takes about 64 MiB and a few hundred milliseconds of a core: without a
+    bound, a burst of logins is a cheap way to exhaust memory and CPU. Up to ``queue``
+    callers wait for a slot; the next one gets 503 RETRY_LATER at once.
+    """
+
+    def __init__(self, concurrency: int = 2, queue: int = 32) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._capacity = concurrency + queue
+        self._inside = 0
+        self._dummy: str | None = None
+        self.completed = 0  # hashes computed (tests check unknown accounts cost one too)
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        if self._inside >= self._capacity:
+            raise HashBusy
+        self._inside += 1
         try:
-            return _HASHER.verify(stored_hash, password)
-        except (VerificationError, InvalidHashError):
-            return False
+            async with self._slots:
+                result = await asyncio.to_thread(fn)
+                self.completed += 1
+                return result
+        finally:
+            self._inside -= 1
 
-    return await asyncio.to_thread(_verify)
+    async def hash(self, password: str) -> str:
+        return await self._run(lambda: _HASHER.hash(password))
+
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        """Check ``password``; with no stored hash (unknown account), check a dummy one.
+
+        The dummy costs the same as a real check, so the answer time does not tell
+        whether the account exists.
+        """
+        if stored_hash is None:
+            if self._dummy is None:
+                self._dummy = await self.hash(secrets.token_urlsafe(16))
+            await self._run(lambda: _verify(self._dummy or "", password))
+            return False
+        return await self._run(lambda: _verify(stored_hash, password))
+
+
+def _verify(stored_hash: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(stored_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+# for callers without an app (CLI, demo seeding)
+DEFAULT_HASHING: Final = PasswordHashing()
+
+
+async def hash_password(password: str, hashing: PasswordHashing | None = None) -> str:
+    """argon2id hash, computed off the event loop."""
+    return await (hashing or DEFAULT_HASHING).hash(password)
+
+
+async def check_password(
+    stored_hash: str | None, password: str, hashing: PasswordHashing | None = None
+) -> bool:
+    return await (hashing or DEFAULT_HASHING).verify(stored_hash, password)
 
 
 __all__ = [
     "AppError",
+    "InvalidCredentials",
+    "PasswordHashing",
     "Principal",
     "RevocationUnavailable",
     "TokenExpired",
@@ -253,8 +314,6 @@ __all__ = [
     "TokenMalformed",
     "TokenRevoked",
     "TokenService",
-    "UnknownUser",
-    "WrongPassword",
     "authenticate",
     "check_password",
     "hash_password",

@@ -80,9 +80,12 @@ async def test_wrong_password_and_unknown_user(client: TestClient[Any, Any]) -> 
     resp = await client.post(
         "/api/v1/auth/login", json={"login": payload["email"], "password": "nope"}
     )
-    assert resp.status == 401 and (await resp.json())["error"] == "WRONG_PASSWORD"
+    wrong = await resp.json()
+    assert resp.status == 401 and wrong["error"] == "INVALID_CREDENTIALS"
     resp = await client.post("/api/v1/auth/login", json={"login": _email(), "password": "whatever"})
-    assert resp.status == 401 and (await resp.json())["error"] == "UNKNOWN_USER"
+    unknown = await resp.json()
+    assert resp.status == 401 and unknown["error"] == "INVALID_CREDENTIALS"
+    assert unknown["message"] == wrong["message"]  # nothing tells which accounts exist
 
 
 @pytest.mark.parametrize(

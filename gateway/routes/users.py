@@ -8,6 +8,7 @@ from gateway import appkeys
 from gateway.auth import ROLES, authenticate, require_role
 from gateway.errors import NotFound, ValidationFailed
 from gateway.http import ok, read_json
+from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
 from gateway.services import users
 from gateway.services.cart import CART_TOKEN_HEADER, merge_guest_cart
@@ -46,13 +47,24 @@ async def register(request: web.Request) -> web.Response:
         phone=body.get("phone"),
         password=body["password"],
         nickname=body["nickname"],
+        hashing=request.app[appkeys.PASSWORD_HASHER],
     )
     return ok(user.public(), status=201, message="registered")
 
 
 async def login(request: web.Request) -> web.Response:
+    app = request.app
     body = validate(await read_json(request), LOGIN)
-    user = await users.login(request.app[appkeys.DB], body["login"], body["password"])
+    s = app[appkeys.SETTINGS]
+    user = await users.login(
+        app[appkeys.DB],
+        app[appkeys.REDIS],
+        body["login"],
+        body["password"],
+        client_ip=client_ip(request),
+        limits=users.LoginLimits(s.login_window_s, s.login_account_attempts, s.login_ip_attempts),
+        hashing=app[appkeys.PASSWORD_HASHER],
+    )
     tokens = request.app[appkeys.TOKENS]
     token = tokens.issue(user.id, user.role, gen=user.token_gen)
     await merge_guest_cart(request.app[appkeys.DB], user.id, request.headers.get(CART_TOKEN_HEADER))
@@ -86,6 +98,7 @@ async def change_password(request: web.Request) -> web.Response:
         principal.user_id,
         body["old_password"],
         body["new_password"],
+        request.app[appkeys.PASSWORD_HASHER],
     )
     tokens = request.app[appkeys.TOKENS]
     token = tokens.issue(user.id, user.role, gen=user.token_gen)
@@ -137,7 +150,12 @@ ROUTES = [
         login,
         "Log in; returns a bearer token",
         body=LOGIN,
-        responses={401: "UNKNOWN_USER or WRONG_PASSWORD"},
+        responses={
+            401: "INVALID_CREDENTIALS (unknown account or wrong password alike)",
+            403: "ACCOUNT_DISABLED",
+            429: "RATE_LIMITED (per account and per client IP; Retry-After)",
+            503: "RETRY_LATER (too many password hashes in progress)",
+        },
         tag="auth",
     ),
     Route(

@@ -8,6 +8,7 @@ reach Redis in order, and if Redis cannot be told, the change is rolled back.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -16,8 +17,14 @@ import asyncpg
 from redis.asyncio import Redis
 
 from gateway import sessions
-from gateway.auth import ROLES, UnknownUser, WrongPassword, check_password, hash_password
-from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from gateway.auth import (
+    ROLES,
+    InvalidCredentials,
+    PasswordHashing,
+    check_password,
+    hash_password,
+)
+from gateway.errors import Conflict, Forbidden, NotFound, RateLimited, ValidationFailed
 
 EMAIL_RE: Final = r"[^@\s]+@[^@\s]+\.[^@\s]+"
 PHONE_RE: Final = r"\+?[0-9]{6,20}"
@@ -54,6 +61,48 @@ SQL_BUMP = """
 UPDATE users SET token_gen = token_gen + 1 WHERE id = $1
 RETURNING id, email, phone, nickname, role, token_gen, disabled_at
 """
+
+
+@dataclass(frozen=True, slots=True)
+class LoginLimits:
+    """Attempts allowed per account and per client IP in one fixed window."""
+
+    window_s: int = 300
+    per_account: int = 10
+    per_ip: int = 100
+
+
+def _account_key(login: str) -> str:
+    # hashed: the key names no address; unknown accounts are counted the same way
+    return "fs:login:acct:" + hashlib.sha256(login.encode()).hexdigest()[:32]
+
+
+def _ip_key(client_ip: str) -> str:
+    return "fs:login:ip:" + client_ip
+
+
+async def _count_attempt(redis: Redis, login: str, client_ip: str, limits: LoginLimits) -> None:
+    """Count this attempt against the account and the IP; 429 past either limit.
+
+    Counted before any hashing, in one transaction (INCR, then EXPIRE NX starts the window).
+    """
+    keys = (_account_key(login), _ip_key(client_ip))
+    async with redis.pipeline(transaction=True) as pipe:
+        for key in keys:
+            pipe.incr(key)
+            pipe.expire(key, limits.window_s, nx=True)
+            pipe.ttl(key)
+        acct, _, acct_ttl, ip, _, ip_ttl = await pipe.execute()
+    waits = [
+        ttl
+        for count, limit, ttl in ((acct, limits.per_account, acct_ttl), (ip, limits.per_ip, ip_ttl))
+        if count > limit
+    ]
+    if waits:
+        retry = max(1, max(waits))
+        raise RateLimited(
+            "too many login attempts; retry later", headers={"Retry-After": str(retry)}
+        )
 
 
 class AccountDisabled(Forbidden):
@@ -112,10 +161,11 @@ async def create_user(
     password: str,
     nickname: str,
     role: str = "user",
+    hashing: PasswordHashing | None = None,
 ) -> User:
     if email is None and phone is None:
         raise ValidationFailed(fields={"email": "email or phone is required"})
-    password_hash = await hash_password(password)
+    password_hash = await hash_password(password, hashing)
     try:
         row = await db.fetchrow(
             SQL_INSERT_USER, email.lower() if email else None, phone, password_hash, nickname, role
@@ -128,13 +178,28 @@ async def create_user(
     return _user(row)
 
 
-async def login(db: asyncpg.Pool, login_name: str, password: str) -> User:
+async def login(
+    db: asyncpg.Pool,
+    redis: Redis,
+    login_name: str,
+    password: str,
+    *,
+    client_ip: str,
+    limits: LoginLimits,
+    hashing: PasswordHashing | None = None,
+) -> User:
+    """The account for these credentials, or INVALID_CREDENTIALS (the same for both cases).
+
+    Throttled per account and per client IP; an unknown account still costs one hash.
+    """
     email, phone = normalise_login(login_name)
-    row = await db.fetchrow(SQL_USER_BY_LOGIN, email or phone)
-    if row is None:
-        raise UnknownUser
-    if not await check_password(row["password_hash"], password):
-        raise WrongPassword
+    login_key = email or phone or ""
+    await _count_attempt(redis, login_key, client_ip, limits)
+    row = await db.fetchrow(SQL_USER_BY_LOGIN, login_key)
+    stored = None if row is None else row["password_hash"]
+    if not await check_password(stored, password, hashing) or row is None:
+        raise InvalidCredentials
+    await redis.delete(_account_key(login_key))
     user = _user(row)
     if user.disabled:
         raise AccountDisabled
@@ -167,20 +232,31 @@ async def set_disabled(db: asyncpg.Pool, redis: Redis, user_id: int, disabled: b
     return await _bump(db, redis, SQL_SET_DISABLED, user_id, disabled)
 
 
-async def set_password(db: asyncpg.Pool, redis: Redis, user_id: int, password: str) -> User:
-    password_hash = await hash_password(password)
+async def set_password(
+    db: asyncpg.Pool,
+    redis: Redis,
+    user_id: int,
+    password: str,
+    hashing: PasswordHashing | None = None,
+) -> User:
+    password_hash = await hash_password(password, hashing)
     return await _bump(db, redis, SQL_SET_HASH, user_id, password_hash)
 
 
 async def change_password(
-    db: asyncpg.Pool, redis: Redis, user_id: int, old_password: str, new_password: str
+    db: asyncpg.Pool,
+    redis: Redis,
+    user_id: int,
+    old_password: str,
+    new_password: str,
+    hashing: PasswordHashing | None = None,
 ) -> User:
     stored = await db.fetchval(SQL_HASH_BY_ID, user_id)
     if stored is None:
         raise NotFound("user not found")
-    if not await check_password(stored, old_password):
-        raise WrongPassword
-    return await set_password(db, redis, user_id, new_password)
+    if not await check_password(stored, old_password, hashing):
+        raise InvalidCredentials
+    return await set_password(db, redis, user_id, new_password, hashing)
 
 
 async def logout(db: asyncpg.Pool, redis: Redis, user_id: int) -> User:
