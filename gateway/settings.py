@@ -177,6 +177,12 @@ class Settings:
         pool_max = _int(e, "DB_POOL_MAX", 10, 1, 1000)
         if pool_max < pool_min:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX={pool_max} is below {PREFIX}DB_POOL_MIN")
+        reload_ms = _int(e, "REVOCATION_RELOAD_MS", 2000, 50, 60_000)
+        max_stale_s = _int(e, "REVOCATION_MAX_STALE_S", 15, 1, 3600)
+        if max_stale_s * 1000 < 2 * reload_ms:
+            raise SettingsError(
+                f"{PREFIX}REVOCATION_MAX_STALE_S must cover two {PREFIX}REVOCATION_RELOAD_MS"
+            )
         return cls(
             redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix")),
             database_url=_url(e, "DATABASE_URL", ("postgres", "postgresql")),
@@ -214,8 +220,8 @@ class Settings:
             payment_secret=_get(e, "PAYMENT_SECRET"),
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
             metrics_token=_get(e, "METRICS_TOKEN"),
-            revocation_reload_ms=_int(e, "REVOCATION_RELOAD_MS", 2000, 50, 60_000),
-            revocation_max_stale_s=_int(e, "REVOCATION_MAX_STALE_S", 15, 1, 3600),
+            revocation_reload_ms=reload_ms,
+            revocation_max_stale_s=max_stale_s,
             login_window_s=_int(e, "LOGIN_WINDOW_S", 300, 1, 24 * 3600),
             login_account_attempts=_int(e, "LOGIN_ACCOUNT_ATTEMPTS", 10, 1, 1_000_000),
             login_ip_attempts=_int(e, "LOGIN_IP_ATTEMPTS", 100, 1, 10_000_000),

@@ -21,7 +21,7 @@ from gateway import sessions
 from gateway.app import create_app
 from gateway.auth import RevocationUnavailable, TokenService
 from gateway.errors import AppError
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from tests.conftest import TEST_SECRET, make_user
 from tests.flashkit import admin_headers, create_sale, join, make_sku
 
@@ -30,8 +30,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 async def other(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
-    """A second worker: its own app, its own in-process revocation map, the same Redis."""
-    async with TestClient(TestServer(create_app(base_settings))) as c:
+    """A second worker: its own app, its own in-process revocation map, the same Redis.
+
+    Its periodic reload is slower than the tests' deadline, so only pub/sub can tell it.
+    """
+    settings = base_settings.with_(revocation_reload_ms=60_000, revocation_max_stale_s=600)
+    async with TestClient(TestServer(create_app(settings))) as c:
         yield c
 
 
@@ -248,3 +252,10 @@ def test_stale_map_fails_closed() -> None:
     revocations.apply(11, 1)
     with pytest.raises(AppError):
         service.verify(token)
+
+
+def test_stale_limit_must_cover_reloads() -> None:
+    with pytest.raises(SettingsError, match="REVOCATION_MAX_STALE_S"):
+        Settings.from_env(
+            {"FLASHSALE_REVOCATION_RELOAD_MS": "5000", "FLASHSALE_REVOCATION_MAX_STALE_S": "5"}
+        )
