@@ -252,14 +252,14 @@ class PasswordHashing:
         self._dummy: str | None = None
         self.completed = 0  # hashes computed (tests check unknown accounts cost one too)
 
-    async def _run(self, fn: Callable[[], _T]) -> _T:
+    async def _run(self, fn: Callable[[], _T], *, count: bool = True) -> _T:
         if self._inside >= self._capacity:
             raise HashBusy
         self._inside += 1
         try:
             async with self._slots:
                 result = await asyncio.to_thread(fn)
-                self.completed += 1
+                self.completed += count
                 return result
         finally:
             self._inside -= 1
@@ -275,7 +275,8 @@ class PasswordHashing:
         """
         if stored_hash is None:
             if self._dummy is None:
-                self._dummy = await self.hash(secrets.token_urlsafe(16))
+                dummy = secrets.token_urlsafe(16)
+                self._dummy = await self._run(lambda: _HASHER.hash(dummy), count=False)
             await self._run(lambda: _verify(self._dummy or "", password))
             return False
         return await self._run(lambda: _verify(stored_hash, password))

@@ -129,7 +129,7 @@ async def _subscribe(revocations: Revocations, redis: Redis, wake: asyncio.Event
                         revocations.apply_message(message["data"])
         except (RedisError, OSError) as exc:
             log.warning("revocation subscriber lost Redis (%s); reconnecting", exc)
-            await asyncio.sleep(_RECONNECT_S)
+        await asyncio.sleep(_RECONNECT_S)
 
 
 async def _poll(
