@@ -10,7 +10,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway import appkeys
-from gateway.auth import TokenService
+from gateway.auth import PasswordHashing, TokenService
 from gateway.db import create_pool
 from gateway.ids import MachineLease, OrderIdGenerator, OrderIds
 from gateway.kafka import OrderProducer
@@ -18,6 +18,7 @@ from gateway.metrics import Metrics, RequestStats, get_metrics
 from gateway.middlewares import make_middleware
 from gateway.routes import health, users
 from gateway.routing import Route, add_routes
+from gateway.sessions import Revocations, revocations_ctx
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,15 @@ def create_app(
     app[appkeys.REQUEST_STATS] = stats
     app[appkeys.SETTINGS] = settings
     app[appkeys.METRICS] = m
-    app[appkeys.TOKENS] = TokenService(settings.secret, settings.token_ttl_s)
-    app.cleanup_ctx.extend([stats_ctx, db_ctx, redis_ctx, ids_ctx, kafka_ctx, *extra_contexts])
+    revocations = Revocations(max_stale_s=settings.revocation_max_stale_s)
+    app[appkeys.TOKENS] = TokenService(
+        settings.secret, settings.token_ttl_s, revocations=revocations
+    )
+    app[appkeys.PASSWORD_HASHER] = PasswordHashing(
+        settings.login_hash_concurrency, settings.login_hash_queue
+    )
+    app.cleanup_ctx.extend([stats_ctx, db_ctx, redis_ctx, revocations_ctx])
+    app.cleanup_ctx.extend([ids_ctx, kafka_ctx, *extra_contexts])
     from gateway.routes import extra_contexts as area_contexts
 
     app.cleanup_ctx.extend(area_contexts())

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.auth import TokenService
+    from gateway.auth import PasswordHashing, TokenService
     from gateway.ids import OrderIds
     from gateway.kafka import OrderProducer
     from gateway.metrics import Metrics, RequestStats
@@ -24,3 +24,4 @@ PRODUCER: web.AppKey[OrderProducer] = web.AppKey("producer")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ORDER_IDS: web.AppKey[OrderIds] = web.AppKey("order_ids")
 REQUEST_STATS: web.AppKey[RequestStats] = web.AppKey("request_stats")
+PASSWORD_HASHER: web.AppKey[PasswordHashing] = web.AppKey("password_hasher")

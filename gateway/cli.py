@@ -30,6 +30,19 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--nickname", required=True)
     create.add_argument("--role", choices=["user", "merchant", "admin"], default="user")
     create.add_argument("--password", help="read from the terminal when omitted")
+    # these revoke every token of the account (they need the Redis the gateway uses)
+    set_role = user_sub.add_parser("set-role", help="change an account's role (revokes tokens)")
+    set_role.add_argument("--id", type=int, required=True)
+    set_role.add_argument("--role", choices=["user", "merchant", "admin"], required=True)
+    set_pw = user_sub.add_parser("set-password", help="set a password (revokes tokens)")
+    set_pw.add_argument("--id", type=int, required=True)
+    set_pw.add_argument("--password", help="read from the terminal when omitted")
+    for name, text in (
+        ("disable", "disable (delete) an account and revoke its tokens"),
+        ("enable", "enable a disabled account"),
+        ("logout", "revoke every token of an account"),
+    ):
+        user_sub.add_parser(name, help=text).add_argument("--id", type=int, required=True)
     rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for active sales")
     rec.add_argument("--repair", action="store_true", help="fix Redis from PostgreSQL")
     sub.add_parser("rebuild-cache", help="rebuild Redis sale state from PostgreSQL")
@@ -81,6 +94,37 @@ async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from gateway.db import create_pool
+    from gateway.services import users
+
+    password = ""
+    if args.user_command == "set-password":
+        password = args.password or getpass.getpass("password: ")
+        if len(password) < 8:
+            raise SettingsError("password must be at least 8 characters")
+    pool = await create_pool(settings.database, min_size=1, max_size=1)
+    redis: Redis = Redis.from_url(settings.redis)
+    try:
+        cmd = args.user_command
+        if cmd == "set-role":
+            user = await users.set_role(pool, redis, args.id, args.role)
+        elif cmd == "set-password":
+            user = await users.set_password(pool, redis, args.id, password)
+        elif cmd in ("disable", "enable"):
+            user = await users.set_disabled(pool, redis, args.id, cmd == "disable")
+        else:
+            user = await users.logout(pool, redis, args.id)
+    finally:
+        await redis.aclose()
+        await pool.close()
+    state = "disabled" if user.disabled else "enabled"
+    print(f"user {user.id} ({user.role}, {state}): tokens revoked")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -127,7 +171,10 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if cmd == "user":
         settings.require("database_url")
         try:
-            return asyncio.run(_user_create(settings, args))
+            if args.user_command == "create":
+                return asyncio.run(_user_create(settings, args))
+            settings.require("redis_url")
+            return asyncio.run(_user_change(settings, args))
         except AppError as exc:
             print(f"flashsale: {exc.error_code}: {exc.message}", file=sys.stderr)
             return 1

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -88,6 +89,21 @@ def _as_user_then_die_with_parent(user: pwd.struct_passwd, sig: int) -> Callable
     return pre
 
 
+def _credential(data_dir: Path, name: str = "password") -> str:
+    """A generated password kept in ``data_dir/name`` (0600), the same on every start.
+
+    Hex only, so it goes into a URL as is.
+    """
+    path = data_dir / name
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_hex(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value)
+    return value
+
+
 def _wait_port(
     port: int, proc: subprocess.Popen[bytes], name: str, log_path: Path, timeout_s: float = 30.0
 ) -> None:
@@ -133,8 +149,11 @@ def start_redis(
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = data_dir / "valkey.log"
+    password = _credential(data_dir)
     args = [
         str(valkey_binary()),
+        "--requirepass",
+        password,
         "--port",
         str(port),
         "--bind",
@@ -162,12 +181,17 @@ def start_redis(
             args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(signal.SIGTERM)
         )
     _wait_port(port, proc, "valkey", log_path)
-    _wait_redis_loaded(port, proc, log_path)
-    return Server("redis", f"redis://127.0.0.1:{port}/0", port, proc, log_path=log_path)
+    _wait_redis_loaded(port, proc, log_path, password)
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    return Server("redis", url, port, proc, log_path=log_path)
 
 
 def _wait_redis_loaded(
-    port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 120.0
+    port: int,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    password: str,
+    timeout_s: float = 120.0,
 ) -> None:
     """Until PING answers PONG: with AOF, Redis answers LOADING while it replays the file."""
     deadline = time.monotonic() + timeout_s
@@ -175,8 +199,14 @@ def _wait_redis_loaded(
         if proc.poll() is not None:
             raise EmbeddedError(f"valkey exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as c:
-            c.sendall(b"PING\r\n")
-            if c.recv(64).startswith(b"+PONG"):
+            c.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            replies = b""
+            while replies.count(b"\r\n") < 2:
+                chunk = c.recv(256)
+                if not chunk:
+                    break
+                replies += chunk
+            if replies.endswith(b"+PONG\r\n"):
                 return
         time.sleep(0.05)
     raise EmbeddedError(f"valkey still loading its data after {timeout_s}s (see {log_path})")
@@ -243,26 +273,37 @@ def start_postgres(data_dir: Path, *, port: int | None = None, durable: bool = T
     else:
         preexec = _die_with_parent(signal.SIGINT)
     log_path = data_dir / "postgres.log"
+    password = _credential(data_dir)
     if not (pgdata / "PG_VERSION").exists():
         if pgdata.exists():
             shutil.rmtree(pgdata)
-        result = subprocess.run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(pgdata.resolve()),
-                "--auth=trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-instructions",
-            ],
-            capture_output=True,
-            preexec_fn=preexec,
-            check=False,
-        )
+        # initdb (maybe as the server user) reads the password from a file of its own
+        pwfile = data_dir / "initdb.pw"
+        pwfile.write_text(password)
+        pwfile.chmod(0o600)
+        if user is not None:
+            os.chown(pwfile, user.pw_uid, user.pw_gid)
+        try:
+            result = subprocess.run(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata.resolve()),
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile.resolve()}",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                preexec_fn=preexec,
+                check=False,
+            )
+        finally:
+            pwfile.unlink()
         if result.returncode != 0:
             raise EmbeddedError("initdb failed: " + result.stderr.decode(errors="replace")[-2000:])
     port = port or free_port()
@@ -295,24 +336,26 @@ def start_postgres(data_dir: Path, *, port: int | None = None, durable: bool = T
     _wait_port(port, proc, "postgres", log_path)
     server = Server(
         "postgres",
-        f"postgresql://postgres@127.0.0.1:{port}/{PG_DATABASE}",
+        f"postgresql://postgres:{password}@127.0.0.1:{port}/{PG_DATABASE}",
         port,
         proc,
         stop_signal=signal.SIGINT,
         log_path=log_path,
     )
-    _ensure_database(bindir, port, PG_DATABASE)
+    _ensure_database(bindir, port, PG_DATABASE, password)
     return server
 
 
-def _ensure_database(bindir: Path, port: int, name: str) -> None:
+def _ensure_database(bindir: Path, port: int, name: str, password: str) -> None:
     psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-tA"]
+    env = {**os.environ, "PGPASSWORD": password}
     deadline = time.monotonic() + 30
     while True:
         found = subprocess.run(
             [*psql, "-d", "postgres", "-c", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
             capture_output=True,
             check=False,
+            env=env,
         )
         if found.returncode == 0:
             break
@@ -324,6 +367,7 @@ def _ensure_database(bindir: Path, port: int, name: str) -> None:
             [*psql, "-d", "postgres", "-c", f'CREATE DATABASE "{name}"'],
             check=True,
             capture_output=True,
+            env=env,
         )
 
 

@@ -169,6 +169,15 @@ class Settings:
     metrics_port: int = 9101
     max_per_user_default: int = 20
     presale_hold_s: int = 1800
+    metrics_token: str | None = None
+
+    revocation_reload_ms: int = 2000
+    revocation_max_stale_s: int = 15
+    login_window_s: int = 300
+    login_account_attempts: int = 10
+    login_ip_attempts: int = 100
+    login_hash_concurrency: int = 2
+    login_hash_queue: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -193,6 +202,12 @@ class Settings:
         pool_max = _int(e, "DB_POOL_MAX", 10, 1, 1000)
         if pool_max < pool_min:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX={pool_max} is below {PREFIX}DB_POOL_MIN")
+        reload_ms = _int(e, "REVOCATION_RELOAD_MS", 2000, 50, 60_000)
+        max_stale_s = _int(e, "REVOCATION_MAX_STALE_S", 15, 1, 3600)
+        if max_stale_s * 1000 < 2 * reload_ms:
+            raise SettingsError(
+                f"{PREFIX}REVOCATION_MAX_STALE_S must cover two {PREFIX}REVOCATION_RELOAD_MS"
+            )
         return cls(
             redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix")),
             database_url=_url(e, "DATABASE_URL", ("postgres", "postgresql")),
@@ -234,6 +249,14 @@ class Settings:
             metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
             max_per_user_default=_int(e, "MAX_PER_USER_DEFAULT", 20, 1, 1_000_000),
             presale_hold_s=_int(e, "PRESALE_HOLD_S", 1800, 1, 30 * 24 * 3600),
+            metrics_token=_get(e, "METRICS_TOKEN"),
+            revocation_reload_ms=reload_ms,
+            revocation_max_stale_s=max_stale_s,
+            login_window_s=_int(e, "LOGIN_WINDOW_S", 300, 1, 24 * 3600),
+            login_account_attempts=_int(e, "LOGIN_ACCOUNT_ATTEMPTS", 10, 1, 1_000_000),
+            login_ip_attempts=_int(e, "LOGIN_IP_ATTEMPTS", 100, 1, 10_000_000),
+            login_hash_concurrency=_int(e, "LOGIN_HASH_CONCURRENCY", 2, 1, 256),
+            login_hash_queue=_int(e, "LOGIN_HASH_QUEUE", 32, 0, 100_000),
         )
 
     def require(self, *names: str) -> Settings:

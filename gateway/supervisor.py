@@ -42,8 +42,8 @@ from gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _secret(root: Path) -> str:
-    path = root / "secret_key"
+def _secret(root: Path, name: str = "secret_key") -> str:
+    path = root / name
     if path.exists():
         return path.read_text().strip()
     root.mkdir(parents=True, exist_ok=True)
@@ -193,6 +193,8 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
             settings = settings.with_(secret_key=_secret(root))
         if demo:  # the demo pays through the sandbox; production never mounts it
             settings = settings.with_(payment_provider="sandbox")
+        if settings.metrics_token is None:
+            settings = settings.with_(metrics_token=_secret(root, "metrics_token"))
         demo_info: dict[str, object] = {}
 
         async def _prepare() -> None:
@@ -243,6 +245,12 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
             stack.stop()
 
 
+def _metrics_token_hint(settings: Settings) -> str:
+    path = Path(settings.data_dir).resolve() / "metrics_token"
+    generated = path.exists() and path.read_text().strip() == settings.metrics_token
+    return f"$(cat {path})" if generated else "$FLASHSALE_METRICS_TOKEN"
+
+
 def _banner(
     settings: Settings,
     base: str,
@@ -257,7 +265,8 @@ def _banner(
         f"  gateway        {base}   ({settings.workers} workers)",
         f"  ready check    curl {base}/readyz",
         f"  API spec       {base}/api/v1/openapi.json",
-        f"  metrics        {base}/metrics",
+        f'  metrics        curl -H "Authorization: Bearer {_metrics_token_hint(settings)}"'
+        f" {base}/metrics",
         f"  redis          {settings.redis_url}",
         f"  postgres       {settings.database_url}",
         f"  kafka          {settings.kafka_bootstrap}",

@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from redis import Redis
 
@@ -100,6 +101,7 @@ def run_script_benchmark(
     keyspace: int = 1_000_000,
     label: str = "",
     timeout_s: float = 120.0,
+    password: str | None = None,
 ) -> RedisBenchResult:
     """One redis-benchmark run of ``EVALSHA sha len(keys) *keys *args`` on 127.0.0.1."""
     binary = shutil.which("redis-benchmark")
@@ -119,6 +121,7 @@ def run_script_benchmark(
         str(pipeline),
         "-r",
         str(keyspace),
+        *(["-a", password] if password else []),
         "--csv",
         "EVALSHA",
         sha,
@@ -156,6 +159,7 @@ def run_script(
 ) -> list[RedisBenchResult]:
     """SCRIPT LOAD ``script`` and benchmark it once per pipeline depth."""
     sha = script_load(redis_url, script)
+    password = urlsplit(redis_url).password  # the embedded valkey runs with --requirepass
     return [
         run_script_benchmark(
             port,
@@ -166,6 +170,7 @@ def run_script(
             clients=clients,
             pipeline=p,
             label=f"{script.name} EVALSHA -P {p}",
+            password=unquote(password) if password else None,
         )
         for p in pipelines
     ]

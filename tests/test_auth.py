@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.auth import Principal, TokenService, require_role
-from gateway.errors import Forbidden
+from gateway.errors import AppError, Forbidden
 from gateway.settings import Settings
 from tests.conftest import TEST_SECRET
 
@@ -80,9 +80,12 @@ async def test_wrong_password_and_unknown_user(client: TestClient[Any, Any]) -> 
     resp = await client.post(
         "/api/v1/auth/login", json={"login": payload["email"], "password": "nope"}
     )
-    assert resp.status == 401 and (await resp.json())["error"] == "WRONG_PASSWORD"
+    wrong = await resp.json()
+    assert resp.status == 401 and wrong["error"] == "INVALID_CREDENTIALS"
     resp = await client.post("/api/v1/auth/login", json={"login": _email(), "password": "whatever"})
-    assert resp.status == 401 and (await resp.json())["error"] == "UNKNOWN_USER"
+    unknown = await resp.json()
+    assert resp.status == 401 and unknown["error"] == "INVALID_CREDENTIALS"
+    assert unknown["message"] == wrong["message"]  # nothing tells which accounts exist
 
 
 @pytest.mark.parametrize(
@@ -168,3 +171,38 @@ async def test_cli_admin_can_log_in(client: TestClient[Any, Any], base_settings:
     token = (await resp.json())["data"]["token"]
     me = await client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
     assert (await me.json())["data"]["role"] == "merchant"
+
+
+@pytest.mark.parametrize("junk", ["@@@@", "!!!!", "=", "==", "A"])
+async def test_token_signature_has_one_spelling(
+    client: TestClient[Any, Any], tokens: TokenService, junk: str
+) -> None:
+    user_id = 424_242
+    token = tokens.issue(user_id, "user")
+    assert tokens.verify(token).user_id == user_id
+    with pytest.raises(AppError) as caught:
+        tokens.verify(token + junk)
+    assert caught.value.http_status == 401
+    resp = await client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}{junk}"})
+    assert resp.status == 401
+
+
+def test_token_signature_last_char_variant_is_refused(tokens: TokenService) -> None:
+    """A 43-char signature leaves 2 spare bits: other final letters decode to the same bytes."""
+    token = tokens.issue(7, "user")
+    head, _, sig = token.rpartition(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    index = alphabet.index(sig[-1])
+    twin = alphabet[index ^ 1]  # flips an unused low bit
+    with pytest.raises(AppError):
+        tokens.verify(f"{head}.{sig[:-1]}{twin}")
+
+
+def test_token_cache_is_bounded_by_canonical_tokens(tokens: TokenService) -> None:
+    service = TokenService(TEST_SECRET, 60)
+    token = service.issue(8, "user")
+    for junk in ("@", "@@", "!!", "!!!!"):
+        with pytest.raises(AppError):
+            service.verify(token + junk)
+    service.verify(token)
+    assert service.cached() == 1

@@ -73,3 +73,17 @@ def test_commands(compose: dict[str, Any]) -> None:
     deps = services["gateway"]["depends_on"]
     assert deps["migrate"]["condition"] == "service_completed_successfully"
     assert deps["kafka"]["condition"] == "service_healthy"
+
+
+def test_no_hard_coded_credentials(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    pg_env = services["postgres"]["environment"]
+    assert pg_env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    env = services["gateway"]["environment"]
+    assert "${POSTGRES_PASSWORD:?" in env["FLASHSALE_DATABASE_URL"]
+    assert "${REDIS_PASSWORD:?" in env["FLASHSALE_REDIS_URL"]
+    command = services["redis"]["command"]
+    assert "--requirepass" in command
+    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert "REDIS_PASSWORD" in str(services["redis"]["healthcheck"]["test"])
+    assert "flashsale:flashsale@" not in str(compose)

@@ -128,7 +128,10 @@ def client_ip(request: web.Request) -> str:
 
     if not trusted(peer):
         return peer
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    # several header lines are one comma-separated list (RFC 9110 5.3): a client's own
+    # line comes first, so reading only that one would let it name any address
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
     for hop in reversed(hops):  # the right-most address no trusted proxy vouches for
         if not trusted(hop):
             return hop

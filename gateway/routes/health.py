@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 
 import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import __version__, appkeys
+from gateway.errors import Unauthorized
 from gateway.http import dumps, ok
 from gateway.routing import ROUTE_TABLE, Route, openapi_spec
 
@@ -60,7 +62,20 @@ def _word(up: bool) -> str:
     return "up" if up else "down"
 
 
+def require_metrics_token(request: web.Request, token: str | None) -> None:
+    """With FLASHSALE_METRICS_TOKEN set, /metrics needs ``Authorization: Bearer <token>``."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized(
+            "metrics need 'Authorization: Bearer <FLASHSALE_METRICS_TOKEN>'",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
+
+
 async def metrics(request: web.Request) -> web.Response:
+    require_metrics_token(request, request.app[appkeys.SETTINGS].metrics_token)
     request.app[appkeys.REQUEST_STATS].flush()
     body, content_type = request.app[appkeys.METRICS].render()
     resp = web.Response(body=body)
@@ -84,6 +99,14 @@ ROUTES = [
         responses={503: "NOT_READY naming what is down"},
         tag="ops",
     ),
-    Route("GET", "/metrics", metrics, "Prometheus metrics", tag="ops", envelope=False),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics (Bearer FLASHSALE_METRICS_TOKEN when it is set)",
+        responses={401: "AUTH_REQUIRED"},
+        tag="ops",
+        envelope=False,
+    ),
     Route("GET", "/api/v1/openapi.json", openapi, "This document", tag="ops", envelope=False),
 ]

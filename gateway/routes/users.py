@@ -1,17 +1,18 @@
-"""Registration, login and the current user."""
+"""Registration, login, logout, the current user and account administration."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from gateway import appkeys
-from gateway.auth import authenticate
+from gateway.auth import ROLES, authenticate, require_role
 from gateway.errors import NotFound, ValidationFailed
 from gateway.http import ok, read_json
+from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
 from gateway.services import users
 from gateway.services.cart import CART_TOKEN_HEADER, merge_guest_cart
-from gateway.validation import Alt, F, Obj, validate
+from gateway.validation import Alt, F, Obj, path_int, validate
 
 REGISTER = Obj(
     {
@@ -28,6 +29,15 @@ LOGIN = {
     ),  # an email address or a phone number
     "password": F(str, min_len=1, max_len=128),
 }
+CHANGE_PASSWORD = {
+    "old_password": F(str, min_len=1, max_len=128),
+    "new_password": F(str, min_len=8, max_len=128),
+}
+ADMIN_PATCH = {
+    "role": F(str, required=False, choices=ROLES),
+    "disabled": F(bool, required=False),
+}
+_REVOKED_401 = "AUTH_REQUIRED, TOKEN_EXPIRED, TOKEN_MALFORMED, TOKEN_INVALID, TOKEN_REVOKED"
 
 
 async def register(request: web.Request) -> web.Response:
@@ -42,15 +52,26 @@ async def register(request: web.Request) -> web.Response:
         phone=body.get("phone"),
         password=body["password"],
         nickname=body["nickname"],
+        hashing=request.app[appkeys.PASSWORD_HASHER],
     )
     return ok(user.public(), status=201, message="registered")
 
 
 async def login(request: web.Request) -> web.Response:
+    app = request.app
     body = validate(await read_json(request), LOGIN)
-    user = await users.login(request.app[appkeys.DB], body["login"], body["password"])
+    s = app[appkeys.SETTINGS]
+    user = await users.login(
+        app[appkeys.DB],
+        app[appkeys.REDIS],
+        body["login"],
+        body["password"],
+        client_ip=client_ip(request),
+        limits=users.LoginLimits(s.login_window_s, s.login_account_attempts, s.login_ip_attempts),
+        hashing=app[appkeys.PASSWORD_HASHER],
+    )
     tokens = request.app[appkeys.TOKENS]
-    token = tokens.issue(user.id, user.role)
+    token = tokens.issue(user.id, user.role, gen=user.token_gen)
     await merge_guest_cart(request.app[appkeys.DB], user.id, request.headers.get(CART_TOKEN_HEADER))
     return ok(
         {"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer", "user": user.public()},
@@ -64,6 +85,58 @@ async def me(request: web.Request) -> web.Response:
     if user is None:
         raise NotFound("user not found")
     return ok(user.public())
+
+
+async def logout(request: web.Request) -> web.Response:
+    """Revoke every token of the caller (all devices)."""
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    await users.logout(request.app[appkeys.DB], request.app[appkeys.REDIS], principal.user_id)
+    return ok({"revoked": True}, message="logged out")
+
+
+async def change_password(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    body = validate(await read_json(request), CHANGE_PASSWORD)
+    user = await users.change_password(
+        request.app[appkeys.DB],
+        request.app[appkeys.REDIS],
+        principal.user_id,
+        body["old_password"],
+        body["new_password"],
+        request.app[appkeys.PASSWORD_HASHER],
+    )
+    tokens = request.app[appkeys.TOKENS]
+    token = tokens.issue(user.id, user.role, gen=user.token_gen)
+    return ok(
+        {"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer", "user": user.public()},
+        message="password changed; other sessions are logged out",
+    )
+
+
+async def admin_patch(request: web.Request) -> web.Response:
+    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+    user_id = path_int(request.match_info["user_id"], "user")
+    body = validate(await read_json(request), ADMIN_PATCH)
+    if body.get("role") is None and body.get("disabled") is None:
+        raise ValidationFailed(fields={"role": "give role and/or disabled"})
+    db, redis = request.app[appkeys.DB], request.app[appkeys.REDIS]
+    user = None
+    if body.get("role") is not None:
+        user = await users.set_role(db, redis, user_id, body["role"])
+    if body.get("disabled") is not None:
+        user = await users.set_disabled(db, redis, user_id, body["disabled"])
+    assert user is not None
+    return ok(user.public(), message="account updated; its tokens are revoked")
+
+
+async def admin_delete(request: web.Request) -> web.Response:
+    """Delete an account: disabled for good (its orders keep their owner), tokens revoked."""
+    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+    user_id = path_int(request.match_info["user_id"], "user")
+    user = await users.set_disabled(
+        request.app[appkeys.DB], request.app[appkeys.REDIS], user_id, True
+    )
+    return ok(user.public(), message="account disabled; its tokens are revoked")
 
 
 ROUTES = [
@@ -82,7 +155,12 @@ ROUTES = [
         login,
         "Log in; returns a bearer token",
         body=LOGIN,
-        responses={401: "UNKNOWN_USER or WRONG_PASSWORD"},
+        responses={
+            401: "INVALID_CREDENTIALS (unknown account or wrong password alike)",
+            403: "ACCOUNT_DISABLED",
+            429: "RATE_LIMITED (per account and per client IP; Retry-After)",
+            503: "RETRY_LATER (too many password hashes in progress)",
+        },
         tag="auth",
     ),
     Route(
@@ -91,7 +169,45 @@ ROUTES = [
         me,
         "The current user",
         auth="user",
-        responses={401: "AUTH_REQUIRED, TOKEN_EXPIRED, TOKEN_MALFORMED, TOKEN_INVALID"},
+        responses={401: _REVOKED_401},
+        tag="auth",
+    ),
+    Route(
+        "POST",
+        "/api/v1/auth/logout",
+        logout,
+        "Log out everywhere: every token of the account is revoked",
+        auth="user",
+        responses={401: _REVOKED_401, 503: "RETRY_LATER"},
+        tag="auth",
+    ),
+    Route(
+        "PUT",
+        "/api/v1/users/me/password",
+        change_password,
+        "Change the password; other tokens are revoked, a new one is returned",
+        auth="user",
+        body=CHANGE_PASSWORD,
+        responses={401: _REVOKED_401 + ", INVALID_CREDENTIALS", 422: "VALIDATION_FAILED"},
+        tag="auth",
+    ),
+    Route(
+        "PATCH",
+        "/api/v1/admin/users/{user_id}",
+        admin_patch,
+        "Change an account's role or disable it; its tokens are revoked",
+        auth="admin",
+        body=ADMIN_PATCH,
+        responses={404: "NOT_FOUND", 422: "VALIDATION_FAILED", 503: "RETRY_LATER"},
+        tag="auth",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/admin/users/{user_id}",
+        admin_delete,
+        "Delete (disable) an account; its tokens are revoked",
+        auth="admin",
+        responses={404: "NOT_FOUND", 503: "RETRY_LATER"},
         tag="auth",
     ),
 ]

@@ -1,15 +1,30 @@
-"""Accounts: registration, login and lookup."""
+"""Accounts: registration, login, lookup, and the changes that revoke tokens.
+
+Every change that must end the sessions of an account (role, password, disabling it,
+logout) bumps ``users.token_gen`` and publishes the new generation to Redis while the
+row is still locked (:func:`gateway.sessions.publish`): concurrent bumps of one account
+reach Redis in order, and if Redis cannot be told, the change is rolled back.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
+from redis.asyncio import Redis
 
-from gateway.auth import UnknownUser, WrongPassword, check_password, hash_password
-from gateway.errors import Conflict, ValidationFailed
+from gateway import sessions
+from gateway.auth import (
+    ROLES,
+    InvalidCredentials,
+    PasswordHashing,
+    check_password,
+    hash_password,
+)
+from gateway.errors import Conflict, Forbidden, NotFound, RateLimited, ValidationFailed
 
 EMAIL_RE: Final = r"[^@ \t\n\r\x0b\x0c\x00]+@[^@ \t\n\r\x0b\x0c\x00]+\.[^@ \t\n\r\x0b\x0c\x00]+"
 PHONE_RE: Final = r"\+?[0-9]{6,20}"
@@ -17,13 +32,82 @@ PHONE_RE: Final = r"\+?[0-9]{6,20}"
 SQL_INSERT_USER = """
 INSERT INTO users (email, phone, password_hash, nickname, role)
 VALUES ($1, $2, $3, $4, $5)
-RETURNING id, email, phone, nickname, role, created_at
+RETURNING id, email, phone, nickname, role, token_gen, disabled_at
 """
 SQL_USER_BY_LOGIN = """
-SELECT id, email, phone, nickname, role, password_hash, created_at
+SELECT id, email, phone, nickname, role, token_gen, disabled_at, password_hash
 FROM users WHERE email = $1 OR phone = $1
 """
-SQL_USER_BY_ID = "SELECT id, email, phone, nickname, role, created_at FROM users WHERE id = $1"
+SQL_USER_BY_ID = (
+    "SELECT id, email, phone, nickname, role, token_gen, disabled_at FROM users WHERE id = $1"
+)
+SQL_HASH_BY_ID = "SELECT password_hash FROM users WHERE id = $1"
+SQL_SET_ROLE = """
+UPDATE users SET role = $2, token_gen = token_gen + 1 WHERE id = $1
+RETURNING id, email, phone, nickname, role, token_gen, disabled_at
+"""
+SQL_SET_DISABLED = """
+UPDATE users
+SET disabled_at = CASE WHEN $2 THEN coalesce(disabled_at, now()) END,
+    token_gen = token_gen + 1
+WHERE id = $1
+RETURNING id, email, phone, nickname, role, token_gen, disabled_at
+"""
+SQL_SET_HASH = """
+UPDATE users SET password_hash = $2, token_gen = token_gen + 1 WHERE id = $1
+RETURNING id, email, phone, nickname, role, token_gen, disabled_at
+"""
+SQL_BUMP = """
+UPDATE users SET token_gen = token_gen + 1 WHERE id = $1
+RETURNING id, email, phone, nickname, role, token_gen, disabled_at
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LoginLimits:
+    """Attempts allowed per account and per client IP in one fixed window."""
+
+    window_s: int = 300
+    per_account: int = 10
+    per_ip: int = 100
+
+
+def _account_key(login: str) -> str:
+    # hashed: the key names no address; unknown accounts are counted the same way
+    return "fs:login:acct:" + hashlib.sha256(login.encode()).hexdigest()[:32]
+
+
+def _ip_key(client_ip: str) -> str:
+    return "fs:login:ip:" + client_ip
+
+
+async def _count_attempt(redis: Redis, login: str, client_ip: str, limits: LoginLimits) -> None:
+    """Count this attempt against the account and the IP; 429 past either limit.
+
+    Counted before any hashing, in one transaction (INCR, then EXPIRE NX starts the window).
+    """
+    keys = (_account_key(login), _ip_key(client_ip))
+    async with redis.pipeline(transaction=True) as pipe:
+        for key in keys:
+            pipe.incr(key)
+            pipe.expire(key, limits.window_s, nx=True)
+            pipe.ttl(key)
+        acct, _, acct_ttl, ip, _, ip_ttl = await pipe.execute()
+    waits = [
+        ttl
+        for count, limit, ttl in ((acct, limits.per_account, acct_ttl), (ip, limits.per_ip, ip_ttl))
+        if count > limit
+    ]
+    if waits:
+        retry = max(1, max(waits))
+        raise RateLimited(
+            "too many login attempts; retry later", headers={"Retry-After": str(retry)}
+        )
+
+
+class AccountDisabled(Forbidden):
+    code = "ACCOUNT_DISABLED"
+    default_message = "this account is disabled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +117,8 @@ class User:
     phone: str | None
     nickname: str
     role: str
+    token_gen: int = 0
+    disabled: bool = False
 
     def public(self) -> dict[str, Any]:
         return {
@@ -41,11 +127,20 @@ class User:
             "phone": self.phone,
             "nickname": self.nickname,
             "role": self.role,
+            "disabled": self.disabled,
         }
 
 
 def _user(row: asyncpg.Record) -> User:
-    return User(row["id"], row["email"], row["phone"], row["nickname"], row["role"])
+    return User(
+        row["id"],
+        row["email"],
+        row["phone"],
+        row["nickname"],
+        row["role"],
+        row["token_gen"],
+        row["disabled_at"] is not None,
+    )
 
 
 def normalise_login(login: str) -> tuple[str | None, str | None]:
@@ -66,10 +161,11 @@ async def create_user(
     password: str,
     nickname: str,
     role: str = "user",
+    hashing: PasswordHashing | None = None,
 ) -> User:
     if email is None and phone is None:
         raise ValidationFailed(fields={"email": "email or phone is required"})
-    password_hash = await hash_password(password)
+    password_hash = await hash_password(password, hashing)
     try:
         row = await db.fetchrow(
             SQL_INSERT_USER, email.lower() if email else None, phone, password_hash, nickname, role
@@ -82,16 +178,87 @@ async def create_user(
     return _user(row)
 
 
-async def login(db: asyncpg.Pool, login_name: str, password: str) -> User:
+async def login(
+    db: asyncpg.Pool,
+    redis: Redis,
+    login_name: str,
+    password: str,
+    *,
+    client_ip: str,
+    limits: LoginLimits,
+    hashing: PasswordHashing | None = None,
+) -> User:
+    """The account for these credentials, or INVALID_CREDENTIALS (the same for both cases).
+
+    Throttled per account and per client IP; an unknown account still costs one hash.
+    """
     email, phone = normalise_login(login_name)
-    row = await db.fetchrow(SQL_USER_BY_LOGIN, email or phone)
-    if row is None:
-        raise UnknownUser
-    if not await check_password(row["password_hash"], password):
-        raise WrongPassword
-    return _user(row)
+    login_key = email or phone or ""
+    await _count_attempt(redis, login_key, client_ip, limits)
+    row = await db.fetchrow(SQL_USER_BY_LOGIN, login_key)
+    stored = None if row is None else row["password_hash"]
+    if not await check_password(stored, password, hashing) or row is None:
+        raise InvalidCredentials
+    await redis.delete(_account_key(login_key))
+    user = _user(row)
+    if user.disabled:
+        raise AccountDisabled
+    return user
 
 
 async def get_user(db: asyncpg.Pool, user_id: int) -> User | None:
     row = await db.fetchrow(SQL_USER_BY_ID, user_id)
     return None if row is None else _user(row)
+
+
+async def _bump(db: asyncpg.Pool, redis: Redis, sql: str, user_id: int, *args: Any) -> User:
+    """Run one UPDATE that bumps token_gen, publish the new generation, then commit."""
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(sql, user_id, *args)
+        if row is None:
+            raise NotFound("user not found")
+        user = _user(row)
+        await sessions.publish(redis, user.id, user.token_gen)
+    return user
+
+
+async def set_role(db: asyncpg.Pool, redis: Redis, user_id: int, role: str) -> User:
+    if role not in ROLES:
+        raise ValidationFailed(fields={"role": "must be one of " + ", ".join(ROLES)})
+    return await _bump(db, redis, SQL_SET_ROLE, user_id, role)
+
+
+async def set_disabled(db: asyncpg.Pool, redis: Redis, user_id: int, disabled: bool) -> User:
+    return await _bump(db, redis, SQL_SET_DISABLED, user_id, disabled)
+
+
+async def set_password(
+    db: asyncpg.Pool,
+    redis: Redis,
+    user_id: int,
+    password: str,
+    hashing: PasswordHashing | None = None,
+) -> User:
+    password_hash = await hash_password(password, hashing)
+    return await _bump(db, redis, SQL_SET_HASH, user_id, password_hash)
+
+
+async def change_password(
+    db: asyncpg.Pool,
+    redis: Redis,
+    user_id: int,
+    old_password: str,
+    new_password: str,
+    hashing: PasswordHashing | None = None,
+) -> User:
+    stored = await db.fetchval(SQL_HASH_BY_ID, user_id)
+    if stored is None:
+        raise NotFound("user not found")
+    if not await check_password(stored, old_password, hashing):
+        raise InvalidCredentials
+    return await set_password(db, redis, user_id, new_password, hashing)
+
+
+async def logout(db: asyncpg.Pool, redis: Redis, user_id: int) -> User:
+    """End every session of the account (every token issued so far)."""
+    return await _bump(db, redis, SQL_BUMP, user_id)

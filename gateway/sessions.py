@@ -1,0 +1,164 @@
+"""Token revocation: one generation number per user, refused on every worker within a second.
+
+A token carries the user's generation (claim ``gen``) at the time it was issued. A role
+or password change, disabling the account or ``POST /api/v1/auth/logout`` bumps the
+generation in PostgreSQL (``users.token_gen``) and, in the same step, in Redis:
+
+* ``fs:auth:gen``, a hash user id → generation (only users ever revoked have an entry);
+* ``fs:auth:gen:version``, a counter bumped with every write to that hash;
+* ``fs:auth:revoked``, a pub/sub channel that carries ``"<user id>:<generation>"``.
+
+Each worker keeps the hash as a plain dict (:class:`Revocations`). A subscriber task
+applies every message as it arrives, so a revoked token is refused everywhere within
+milliseconds; a poller re-reads the version every ``revocation_reload_ms`` and reloads
+the whole hash when it moved (a message lost with a dropped connection), and re-seeds the
+hash from PostgreSQL if Redis lost it (``fs:auth:gen:seeded`` gone). The check on each
+request is a dict lookup with no I/O.
+
+Fail-closed: every successful poll confirms the map. If a worker cannot reach Redis for
+``revocation_max_stale_s`` seconds, it can no longer vouch that a token was not revoked,
+and authenticated requests get 503 ``AUTH_UNAVAILABLE`` (anonymous ones still pass) until
+Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway import appkeys
+from gateway.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+GENERATIONS: Final = "fs:auth:gen"
+VERSION: Final = "fs:auth:gen:version"
+SEEDED: Final = "fs:auth:gen:seeded"
+CHANNEL: Final = "fs:auth:revoked"
+
+SQL_REVOKED_USERS = "SELECT id, token_gen FROM users WHERE token_gen > 0"
+_RECONNECT_S: Final = 0.5
+
+
+class Revocations:
+    """This worker's copy of the user → generation hash."""
+
+    def __init__(self, *, max_stale_s: float) -> None:
+        self.generations: dict[int, int] = {}
+        self.max_stale_s = max_stale_s
+        self.synced_at = 0.0  # time.time() when Redis last confirmed the map
+        self._version: bytes | None = None
+
+    def current(self, user_id: int) -> int:
+        return self.generations.get(user_id, 0)
+
+    def apply(self, user_id: int, gen: int) -> None:
+        """Generations only grow, so every update is a max (order of arrival does not matter)."""
+        if gen > self.generations.get(user_id, 0):
+            self.generations[user_id] = gen
+
+    def apply_message(self, data: bytes) -> None:
+        user, _, gen = data.partition(b":")
+        if user.isdigit() and gen.isdigit():
+            self.apply(int(user), int(gen))
+
+    async def refresh(self, redis: Redis, db: asyncpg.Pool) -> None:
+        """Confirm the map with Redis; reload the hash if it changed, seed it if it was lost."""
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.get(VERSION)
+            pipe.exists(SEEDED)
+            version, seeded = await pipe.execute()
+        if not seeded:
+            await seed(redis, db)
+            version = None
+        if version is None or version != self._version:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.get(VERSION)
+                pipe.hgetall(GENERATIONS)
+                version, entries = await pipe.execute()
+            for user, gen in entries.items():
+                self.apply(int(user), int(gen))
+            self._version = version
+        self.synced_at = time.time()
+
+
+async def seed(redis: Redis, db: asyncpg.Pool) -> None:
+    """Copy the generations PostgreSQL knows into Redis (after Redis lost its data).
+
+    HSETNX, so a bump written meanwhile (always the newer value) is never overwritten.
+    """
+    rows = await db.fetch(SQL_REVOKED_USERS)
+    async with redis.pipeline(transaction=True) as pipe:
+        for row in rows:
+            pipe.hsetnx(GENERATIONS, str(row["id"]), row["token_gen"])
+        pipe.incr(VERSION)
+        pipe.set(SEEDED, b"1")
+        await pipe.execute()
+    log.info("seeded %d token generation(s) from PostgreSQL", len(rows))
+
+
+async def publish(redis: Redis, user_id: int, gen: int) -> None:
+    """Record a bumped generation and tell every worker. Called while the row is locked."""
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hset(GENERATIONS, str(user_id), gen)
+            pipe.incr(VERSION)
+            pipe.publish(CHANNEL, f"{user_id}:{gen}")
+            await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise ServiceUnavailable("cannot record the revocation; nothing was changed") from exc
+
+
+async def _subscribe(revocations: Revocations, redis: Redis, wake: asyncio.Event) -> None:
+    while True:
+        try:
+            async with redis.pubsub() as pubsub:
+                await pubsub.subscribe(CHANNEL)
+                wake.set()  # messages may have been missed while unsubscribed: poll now
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        revocations.apply_message(message["data"])
+        except (RedisError, OSError) as exc:
+            log.warning("revocation subscriber lost Redis (%s); reconnecting", exc)
+        await asyncio.sleep(_RECONNECT_S)
+
+
+async def _poll(
+    revocations: Revocations, redis: Redis, db: asyncpg.Pool, every_s: float, wake: asyncio.Event
+) -> None:
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every_s):
+                await wake.wait()
+        wake.clear()
+        try:
+            await revocations.refresh(redis, db)
+        except (RedisError, OSError, asyncpg.PostgresError) as exc:
+            log.warning("revocation list not refreshed (%s)", exc)
+
+
+async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load the map before serving, then keep it fresh with a subscriber and a poller."""
+    revocations = app[appkeys.TOKENS].revocations
+    assert revocations is not None
+    redis, db = app[appkeys.REDIS], app[appkeys.DB]
+    await revocations.refresh(redis, db)
+    wake = asyncio.Event()
+    every_s = app[appkeys.SETTINGS].revocation_reload_ms / 1000
+    tasks = [
+        asyncio.create_task(_subscribe(revocations, redis, wake), name="revocation-subscriber"),
+        asyncio.create_task(_poll(revocations, redis, db, every_s, wake), name="revocation-poller"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

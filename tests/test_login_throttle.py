@@ -1,0 +1,113 @@
+"""Login cannot be used to guess passwords, enumerate accounts or burn the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway import appkeys
+from gateway.app import create_app
+from gateway.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "throttle-pass-1"
+
+
+@pytest.fixture(scope="module")
+async def strict(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    """A worker with small limits that believes X-Forwarded-For (one client IP per test)."""
+    settings = base_settings.with_(
+        login_account_attempts=3,
+        login_ip_attempts=6,
+        login_window_s=60,
+        trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
+    )
+    async with TestClient(TestServer(create_app(settings))) as c:
+        yield c
+
+
+def _ip() -> dict[str, str]:
+    return {"X-Forwarded-For": f"198.51.{secrets.randbelow(256)}.{secrets.randbelow(256)}"}
+
+
+async def _account(client: TestClient[Any, Any]) -> str:
+    email = f"t-{secrets.token_hex(5)}@example.com"
+    resp = await client.post(
+        "/api/v1/auth/register", json={"email": email, "password": PASSWORD, "nickname": "T"}
+    )
+    assert resp.status == 201
+    return email
+
+
+async def _login(
+    client: TestClient[Any, Any], login: str, password: str, headers: dict[str, str]
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    resp = await client.post(
+        "/api/v1/auth/login", json={"login": login, "password": password}, headers=headers
+    )
+    return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def test_account_is_throttled_across_ips(strict: TestClient[Any, Any]) -> None:
+    email = await _account(strict)
+    for _ in range(3):
+        status, body, _ = await _login(strict, email, "wrong-guess", _ip())
+        assert status == 401 and body["error"] == "INVALID_CREDENTIALS"
+    status, body, headers = await _login(strict, email, PASSWORD, _ip())
+    assert status == 429 and body["error"] == "RATE_LIMITED"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+
+
+async def test_success_clears_the_account_count(strict: TestClient[Any, Any]) -> None:
+    email = await _account(strict)
+    ip = _ip()
+    for _ in range(2):
+        assert (await _login(strict, email, "wrong-guess", ip))[0] == 401
+    assert (await _login(strict, email, PASSWORD, ip))[0] == 200
+    for _ in range(2):
+        assert (await _login(strict, email, "wrong-guess", ip))[0] == 401
+    assert (await _login(strict, email, PASSWORD, ip))[0] == 200
+
+
+async def test_client_ip_is_throttled_across_accounts(strict: TestClient[Any, Any]) -> None:
+    ip = _ip()
+    for _ in range(6):
+        status, body, _ = await _login(strict, f"nobody-{secrets.token_hex(4)}@x.io", "pw", ip)
+        assert status == 401 and body["error"] == "INVALID_CREDENTIALS"
+    status, _, headers = await _login(strict, f"nobody-{secrets.token_hex(4)}@x.io", "pw", ip)
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    # another client is not affected
+    assert (await _login(strict, f"nobody-{secrets.token_hex(4)}@x.io", "pw", _ip()))[0] == 401
+
+
+async def test_unknown_account_costs_a_hash(strict: TestClient[Any, Any]) -> None:
+    gate = strict.app[appkeys.PASSWORD_HASHER]
+    before = gate.completed
+    status, _, _ = await _login(strict, f"ghost-{secrets.token_hex(4)}@x.io", "pw", _ip())
+    assert status == 401
+    assert gate.completed == before + 1
+
+
+async def test_concurrent_hashes_are_bounded(base_settings: Settings) -> None:
+    settings = base_settings.with_(login_hash_concurrency=1, login_hash_queue=1)
+    async with TestClient(TestServer(create_app(settings))) as c:
+        logins = [
+            c.post(
+                "/api/v1/auth/login",
+                json={"login": f"ghost-{secrets.token_hex(4)}@x.io", "password": "pw"},
+            )
+            for _ in range(8)
+        ]
+        responses = await asyncio.gather(*logins)
+        statuses = sorted(r.status for r in responses)
+        busy = [r for r in responses if r.status == 503]
+        assert statuses.count(401) >= 2 and busy, statuses
+        assert (await busy[0].json())["error"] == "RETRY_LATER"
+        assert "Retry-After" in busy[0].headers

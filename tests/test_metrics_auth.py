@@ -1,0 +1,43 @@
+"""/metrics is only public when no FLASHSALE_METRICS_TOKEN is set."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "metrics-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+async def guarded(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(create_app(base_settings.with_(metrics_token=TOKEN)))) as c:
+        yield c
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x"])
+async def test_metrics_refused_without_the_token(
+    guarded: TestClient[Any, Any], header: str | None
+) -> None:
+    resp = await guarded.get("/metrics", headers={"Authorization": header} if header else {})
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "AUTH_REQUIRED"
+    assert "flashsale_http_requests_total" not in await resp.text()
+
+
+async def test_metrics_served_with_the_token(guarded: TestClient[Any, Any]) -> None:
+    resp = await guarded.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status == 200
+    assert "flashsale_http_requests_total" in await resp.text()
+
+
+def test_setting_read_from_env() -> None:
+    assert Settings.from_env({"FLASHSALE_METRICS_TOKEN": TOKEN}).metrics_token == TOKEN
+    assert Settings.from_env({}).metrics_token is None
