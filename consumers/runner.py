@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import signal
@@ -77,7 +78,22 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
 async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
     """``/metrics`` (lag, dead letters, sweeper actions) and ``/healthz`` of this consumer."""
 
-    async def render(_: web.Request) -> web.Response:
+    async def render(request: web.Request) -> web.Response:
+        token = settings.metrics_token
+        if token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.encode(), token.encode()
+            ):
+                return web.json_response(
+                    {
+                        "code": 401,
+                        "message": "metrics need a bearer token",
+                        "error": "AUTH_REQUIRED",
+                    },
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
         body, content_type = metrics.render()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
