@@ -159,11 +159,18 @@ async def _users(settings: Settings) -> dict[str, int]:
     conn = await asyncpg.connect(settings.database)
     try:
         out = {}
-        for role in ("user", "merchant", "admin"):
-            out[role] = await conn.fetchval(
+        # "victim": the account the admin routes change and disable (never one whose
+        # token the fuzzer uses, or every later case would be TOKEN_REVOKED)
+        for name, role in (
+            ("user", "user"),
+            ("merchant", "merchant"),
+            ("admin", "admin"),
+            ("victim", "user"),
+        ):
+            out[name] = await conn.fetchval(
                 "INSERT INTO users (email, password_hash, nickname, role) "
                 "VALUES ($1, 'x', 'fuzz', $2) RETURNING id",
-                f"fuzz-{role}-{secrets.token_hex(4)}@test.local",
+                f"fuzz-{name}-{secrets.token_hex(4)}@test.local",
                 role,
             )
         return out
@@ -179,6 +186,7 @@ def live(own_settings: Settings) -> Iterator[Live]:
         base = f"http://127.0.0.1:{server.port}"
         tokens = TokenService(own_settings.secret, own_settings.token_ttl_s)
         uids = server.run(_users(own_settings))
+        victim = uids.pop("victim")
         headers = {
             role: {"Authorization": f"Bearer {tokens.issue(uid, role)}"}
             for role, uid in uids.items()
@@ -253,6 +261,7 @@ def live(own_settings: Settings) -> Iterator[Live]:
             "/api/v1/payment/sandbox/{payment_id}": {"payment_id": payment["payment_id"]},
             "/api/v1/payment/sandbox/{payment_id}/approve": {"payment_id": payment["payment_id"]},
             "/api/v1/payment/sandbox/{payment_id}/fail": {"payment_id": payment["payment_id"]},
+            "/api/v1/admin/users/{user_id}": {"user_id": victim},
         }
         for tail in ("", "/logs", "/cancel", "/pay", "/ship", "/deliver", "/confirm"):
             ids["/api/v1/orders/{id}" + tail] = {"id": oid}

@@ -33,10 +33,13 @@ CHANGE_PASSWORD = {
     "old_password": F(str, min_len=1, max_len=128),
     "new_password": F(str, min_len=8, max_len=128),
 }
-ADMIN_PATCH = {
-    "role": F(str, required=False, choices=ROLES),
-    "disabled": F(bool, required=False),
-}
+ADMIN_PATCH = Obj(
+    {
+        "role": F(str, required=False, choices=ROLES),
+        "disabled": F(bool, required=False),
+    },
+    alts=(Alt(("role",)), Alt(("disabled",))),  # at least one of them
+)
 _REVOKED_401 = "AUTH_REQUIRED, TOKEN_EXPIRED, TOKEN_MALFORMED, TOKEN_INVALID, TOKEN_REVOKED"
 
 
