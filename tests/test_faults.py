@@ -293,3 +293,61 @@ async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, 
         stack.stop()
         await pool.close()
         pg.stop()
+
+
+async def test_lost_reply_is_outcome_unknown_and_a_retry_finds_the_order(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """Redis stops answering after it ran the script: the shopper is told the outcome is
+    unknown (never "no"), and a retry with the same Idempotency-Key answers with the order."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.app import create_app
+    from gateway.embedded import start_kafka, start_redis
+
+    redis_server = start_redis(root / "r", persist=False)
+    kafka = start_kafka(root / "k")
+    settings = base_settings.with_(
+        redis_url=redis_server.url,
+        kafka_bootstrap=kafka.url,
+        kafka_orders_topic=f"{base_settings.kafka_orders_topic}.lost",
+        data_dir=str(root),
+    )
+    try:
+        async with TestClient(TestServer(create_app(settings))) as client:
+            admin = await admin_headers(db, tokens)
+            sku = await make_sku(db, on_hand=5)
+            from tests.flashkit import create_sale
+
+            sale_id = await create_sale(client, admin, sku, quantity=5, limit=1)
+            user, warm = await make_users(db, 2)
+            warm_up = await client.post(
+                f"/api/v1/flash-sales/{sale_id}/join",
+                headers={"Authorization": f"Bearer {tokens.issue(warm, 'user')}"},
+                json={"quantity": 1},
+            )
+            assert warm_up.status == 202  # the join path's connection is open
+            headers = {
+                "Authorization": f"Bearer {tokens.issue(user, 'user')}",
+                "Idempotency-Key": "lost-reply",
+            }
+            url = f"/api/v1/flash-sales/{sale_id}/join"
+            redis_server.proc.send_signal(signal.SIGSTOP)
+            try:
+                resp = await client.post(url, headers=headers, json={"quantity": 1})
+                body = await resp.json()
+                assert resp.status == 503 and body["error"] == "OUTCOME_UNKNOWN", body
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            again = await client.post(url, headers=headers, json={"quantity": 1})
+            assert again.status == 202
+            assert (await again.json())["data"]["order_id"] == body["data"]["order_id"]
+            other = await client.post(
+                url, headers={**headers, "Idempotency-Key": "another"}, json={"quantity": 1}
+            )
+            assert other.status == 409  # never a second unit beyond the per-user limit
+            assert (await other.json())["error"] == "LIMIT_EXCEEDED"
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+        redis_server.stop()
+        kafka.stop()
