@@ -59,6 +59,11 @@ class PaymentRequired(Forbidden):
     default_message = "an order becomes paid only through a verified payment"
 
 
+class PresaleOrderExpired(Conflict):
+    code = "PRESALE_ORDER_EXPIRED"
+    default_message = "the presale order's hold has expired; it can no longer be paid"
+
+
 class VersionConflict(Conflict):
     code = "VERSION_CONFLICT"
     default_message = "the order was changed by someone else; reload and retry"
@@ -171,6 +176,16 @@ UPDATE presale_orders SET status = 'paid', version = version + 1, updated_at = n
     paid_at = now()
 WHERE id = $1 AND status = 'pending' AND expires_at > now()
 RETURNING id
+"""
+# The payment path locks the presale order first, then its pay orders (as for orders).
+SQL_LOCK_FOR_PAYMENT: Final = """
+SELECT id, user_id, status, total_cents, version, expires_at,
+       coalesce(expires_at <= now(), false) AS expired
+FROM presale_orders WHERE id = $1 FOR UPDATE
+"""
+SQL_CLOSE_PENDING_PAYS: Final = """
+UPDATE pay_orders SET status = 'closed', updated_at = now()
+WHERE presale_order_id = $1 AND status = 'pending'
 """
 SQL_EXPIRED: Final = """
 SELECT id FROM presale_orders
@@ -354,6 +369,8 @@ async def cancel_order(
     _check_allowed(principal, order, "cancelled")
     async with pool.acquire() as conn, conn.transaction():
         done = await conn.fetchval(SQL_CANCEL, order_id, sources_of("cancelled"), version)
+        if done is not None:
+            await conn.execute(SQL_CLOSE_PENDING_PAYS, order_id)
     if done is None:
         return order_out(await _explain_refusal(pool, order_id, "cancelled", version)), False
     return await get_order(pool, principal, order_id), True
@@ -380,6 +397,23 @@ async def change_status(
     return order_out(row)
 
 
+async def lock_for_payment(conn: Conn, order_id: str) -> asyncpg.Record | None:
+    """The presale order, locked for the payment path (``None`` if there is none)."""
+    row: asyncpg.Record | None = await conn.fetchrow(SQL_LOCK_FOR_PAYMENT, order_id)
+    return row
+
+
+def check_payable(order: asyncpg.Record) -> None:
+    """409 unless a payment may be started for ``order`` (pending, hold not expired)."""
+    if order["status"] != "pending":
+        raise InvalidTransition(
+            f"cannot pay an order that is {order['status']}",
+            data={"status": order["status"], "action": "pay"},
+        )
+    if order["expired"]:
+        raise PresaleOrderExpired(data={"expires_at": order["expires_at"].isoformat()})
+
+
 async def mark_paid(conn: Conn, order_id: str) -> bool:
     """pending -> paid, for the payment path only (after the provider's verified
     notification); False if the order is not pending (cancelled, expired, already paid)."""
@@ -394,6 +428,7 @@ async def cancel_expired(pool: asyncpg.Pool, *, batch: int = 100) -> int:
     async with pool.acquire() as conn, conn.transaction():
         for rec in await conn.fetch(SQL_EXPIRED, batch):
             if await conn.fetchval(SQL_CANCEL, rec["id"], ["pending"], None) is not None:
+                await conn.execute(SQL_CLOSE_PENDING_PAYS, rec["id"])
                 cancelled += 1
     return cancelled
 
