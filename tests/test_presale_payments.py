@@ -1,7 +1,9 @@
-"""Presale orders are paid through the payment path only (verified notification)."""
+"""Presale orders are paid through the payment path only (verified notification), and a paid
+presale order is refunded when it is cancelled."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -217,3 +219,47 @@ async def test_pay_orders_name_exactly_one_order(db: asyncpg.Pool) -> None:
                 presale_order_id,
                 user,
             )
+
+
+# --- finding 3: cancelling a paid presale order refunds it in the same transaction -------
+
+
+async def test_cancel_paid_presale_order_refunds_in_full_once(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    campaign_id, order, _ = await _preorder(client, db, tokens, price=3000, qty=3)
+    oid, h = order["order_id"], auth(tokens, order["user_id"])
+    pay = (await (await _create_pay(client, tokens, order)).json())["data"]
+    await pay_via_sandbox(client, tokens, order["user_id"], pay["payment_id"])
+    assert await _available(client, campaign_id) == 7
+    url = f"/api/v1/preorder/{oid}"
+    results = await asyncio.gather(
+        client.delete(url, headers=h),
+        client.delete(url, headers=h),
+        client.put(url, headers=h, json={"status": "cancelled"}),
+    )
+    assert [r.status for r in results] == [200, 200, 200]
+    bodies = [await r.json() for r in results]
+    assert all(b["data"]["status"] == "cancelled" for b in bodies)
+    assert all(b["data"]["refunded_amount"] == 9000 for b in bodies)
+    refunds = await db.fetch(
+        "SELECT amount_cents, pay_order_id, status FROM refunds WHERE presale_order_id = $1", oid
+    )
+    assert [tuple(r) for r in refunds] == [(9000, pay["payment_id"], "completed")]
+    assert await _available(client, campaign_id) == 10
+
+
+async def test_merchant_cancelling_paid_presale_order_refunds_the_buyer(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    campaign_id, order, mh = await _preorder(client, db, tokens, price=2000, qty=1)
+    oid = order["order_id"]
+    pay = (await (await _create_pay(client, tokens, order)).json())["data"]
+    await pay_via_sandbox(client, tokens, order["user_id"], pay["payment_id"])
+    resp = await client.delete(f"/api/v1/preorder/{oid}", headers=mh)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["message"] == "cancelled and refunded"
+    total = await db.fetchval(
+        "SELECT sum(amount_cents) FROM refunds WHERE presale_order_id = $1", oid
+    )
+    assert total == 2000 and await _available(client, campaign_id) == 10
