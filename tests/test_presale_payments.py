@@ -1,23 +1,27 @@
-"""Presale orders are paid through the payment path only (verified notification), and a paid
-presale order is refunded when it is cancelled."""
+"""Presale orders are paid through the payment path only (verified notification), a paid
+presale order is refunded when it is cancelled, and without a provider no order hands out a
+sandbox payment URL."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import appkeys
+from gateway.app import create_app
 from gateway.auth import TokenService
 from gateway.services import payments
+from gateway.settings import Settings
 from tests.conftest import auth, make_user
-from tests.store_helpers import pay_via_sandbox
+from tests.store_helpers import make_product, pay_via_sandbox, place_order
 
 pytestmark = pytest.mark.integration
 
@@ -263,3 +267,42 @@ async def test_merchant_cancelling_paid_presale_order_refunds_the_buyer(
         "SELECT sum(amount_cents) FROM refunds WHERE presale_order_id = $1", oid
     )
     assert total == 2000 and await _available(client, campaign_id) == 10
+
+
+# --- finding 2: without a provider, no sandbox payment URL is handed out -----------------
+
+
+@pytest.fixture
+async def none_client(base_settings: Settings) -> AsyncIterator[Client]:
+    app = create_app(base_settings.with_(payment_provider="none"))
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+async def test_without_provider_orders_carry_no_sandbox_url(
+    none_client: Client, client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    _, (sku,) = await make_product(db, merchant, [(1000, 10)])
+    key = {"Idempotency-Key": "k-" + secrets.token_hex(4)}
+    for _ in range(2):  # the first answer, then its idempotent replay
+        resp = await none_client.post(
+            "/api/v1/orders",
+            json={
+                "items": [{"sku_id": sku, "quantity": 1}],
+                "shipping_address": {"name": "Z", "phone": "13800138000", "address": "1 Rd"},
+            },
+            headers={**auth(tokens, user), **key},
+        )
+        assert resp.status in (200, 201), await resp.text()
+        data = (await resp.json())["data"]
+        assert data["payment_id"] and data["payment_url"] is None
+    # With the sandbox on, the URL is there and answers.
+    status, body = await place_order(client, tokens, user, sku)
+    assert status == 201
+    url = body["data"]["payment_url"]
+    assert url and (await client.get(url, headers=auth(tokens, user))).status == 200
+    # A presale order cannot be paid without a provider either.
+    _, order, _ = await _preorder(none_client, db, tokens)
+    resp = await _create_pay(none_client, tokens, order)
+    assert resp.status == 503 and (await resp.json())["error"] == "PAYMENT_PROVIDER_UNAVAILABLE"

@@ -34,7 +34,7 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SANDBOX: Final = "sandbox"
+SANDBOX: Final = orders.SANDBOX_PROVIDER
 METHODS: Final = (
     {"method": "alipay", "name": "Alipay", "icon": "/static/pay/alipay.png"},
     {"method": "wechat", "name": "WeChat Pay", "icon": "/static/pay/wechat.png"},
@@ -239,7 +239,7 @@ async def create_payment(
         "order_id": order_id,
         "amount": due.amount_cents,
         "payment_method": method,
-        "payment_url": orders.payment_url(pid),
+        "payment_url": orders.payment_url(pid, settings),
         "qr_code": None,
         "expires_in": _expires_in(expires_at),
         "expires_at": expires_at,
