@@ -269,6 +269,30 @@ async def test_merchant_cancelling_paid_presale_order_refunds_the_buyer(
     assert total == 2000 and await _available(client, campaign_id) == 10
 
 
+async def test_payment_racing_a_cancel_never_keeps_money_without_units(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    for _ in range(3):
+        campaign_id, order, _ = await _preorder(client, db, tokens, price=1500, qty=2)
+        oid, h = order["order_id"], auth(tokens, order["user_id"])
+        pay = (await (await _create_pay(client, tokens, order)).json())["data"]
+        approve, cancel = await asyncio.gather(
+            client.post(f"/api/v1/payment/sandbox/{pay['payment_id']}/approve", headers=h),
+            client.delete(f"/api/v1/preorder/{oid}", headers=h),
+        )
+        assert cancel.status == 200 and approve.status in (200, 409)
+        row = await db.fetchrow(
+            "SELECT status, refunded_cents FROM presale_orders WHERE id = $1", oid
+        )
+        assert row is not None and row["status"] == "cancelled"
+        refunded = await db.fetchval(
+            "SELECT coalesce(sum(amount_cents), 0) FROM refunds WHERE presale_order_id = $1", oid
+        )
+        # Paid first: the cancel refunded it; cancelled first: the payment was refused.
+        assert refunded == row["refunded_cents"] == (3000 if approve.status == 200 else 0)
+        assert await _available(client, campaign_id) == 10
+
+
 # --- finding 2: without a provider, no sandbox payment URL is handed out -----------------
 
 
