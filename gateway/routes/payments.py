@@ -128,13 +128,14 @@ ROUTES = [
         "POST",
         "/api/v1/payment/create",
         create,
-        "Create (or switch the method of) the payment of an unpaid order",
+        "Create (or switch the method of) the payment of an unpaid order: a regular, flash "
+        "or presale order (a presale order is paid only this way)",
         auth="user",
         body=CREATE,
         tag="payments",
         responses={
             404: "NOT_FOUND",
-            409: "INVALID_TRANSITION or AMOUNT_MISMATCH",
+            409: "INVALID_TRANSITION, AMOUNT_MISMATCH or PRESALE_ORDER_EXPIRED",
             422: "VALIDATION_FAILED",
             503: "PAYMENT_PROVIDER_UNAVAILABLE",
         },

@@ -150,7 +150,9 @@ async def cancel_preorder(request: web.Request) -> web.Response:
     out, changed = await presale.cancel_order(
         request.app[appkeys.DB], principal, _order_id(request)
     )
-    return ok(out, message="cancelled" if changed else "already cancelled")
+    if not changed:
+        return ok(out, message="already cancelled")
+    return ok(out, message="cancelled and refunded" if out["refunded_amount"] else "cancelled")
 
 
 ROUTES = [
@@ -211,8 +213,8 @@ ROUTES = [
         "PUT",
         "/api/v1/preorder/{order_id}",
         update_preorder,
-        "Change a presale order's status (paid→shipped→completed, or cancelled; paid comes "
-        "from a verified payment only)",
+        "Change a presale order's status (paid→shipped→completed, or cancelled — a paid "
+        "order is refunded in full; paid comes from a verified payment only)",
         auth="user",
         body=PREORDER_UPDATE,
         responses={
@@ -227,7 +229,8 @@ ROUTES = [
         "DELETE",
         "/api/v1/preorder/{order_id}",
         cancel_preorder,
-        "Cancel a presale order and return its stock",
+        "Cancel a presale order and return its stock; a paid order is refunded in full in "
+        "the same transaction",
         auth="user",
         responses={404: "NOT_FOUND", 409: "INVALID_TRANSITION"},
         tag="presale",

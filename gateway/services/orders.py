@@ -28,6 +28,7 @@ from gateway import appkeys
 from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from gateway.services import coupons, flash_orders, inventory
 from gateway.services.inventory import Conn
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 RESERVATION_GRACE_S: Final = 300
 MAX_LINE_QUANTITY: Final = 999
 SANDBOX_PAYMENT_METHOD: Final = "alipay"
+SANDBOX_PROVIDER: Final = "sandbox"
 
 STATUSES: Final = (
     "pending_payment",
@@ -229,7 +231,12 @@ def new_payment_id() -> str:
     return "PAY" + secrets.token_hex(10).upper()
 
 
-def payment_url(payment_id: str) -> str:
+def payment_url(payment_id: str, settings: Settings) -> str | None:
+    """Where the payer pays: the sandbox's page when it is the provider; else ``None`` —
+    with no provider there is no page (its routes are not mounted), and the payment is
+    started with ``POST /payment/create``."""
+    if settings.payment_provider != SANDBOX_PROVIDER:
+        return None
     return f"/api/v1/payment/sandbox/{payment_id}"
 
 
@@ -393,7 +400,7 @@ async def create_order(
             claimed = await conn.fetchval(SQL_CLAIM_KEY, user_id, idempotency_key, order_id)
             if claimed is None:
                 existing = await conn.fetchval(SQL_KEY_ORDER, user_id, idempotency_key)
-                return await _replay(conn, existing, user_id)
+                return await _replay(conn, existing, user_id, settings)
             undos.append(lambda: conn.execute(SQL_DROP_KEY, user_id, idempotency_key))
         try:
             rows = await _validate_lines(conn, user_id, merged)
@@ -480,14 +487,16 @@ async def create_order(
         "shipping_fee": quote.shipping_cents,
         "final_amount": quote.total_cents,
         "payment_id": pid,
-        "payment_url": payment_url(pid),
+        "payment_url": payment_url(pid, settings),
         "expires_at": deadline,
         "version": 1,
         "idempotent_replay": False,
     }
 
 
-async def _replay(conn: Conn, order_id: str | None, user_id: int) -> dict[str, Any]:
+async def _replay(
+    conn: Conn, order_id: str | None, user_id: int, settings: Settings
+) -> dict[str, Any]:
     order = None if order_id is None else await conn.fetchrow(SQL_ORDER, order_id)
     if order is None or order["user_id"] != user_id:
         raise Conflict(
@@ -503,7 +512,7 @@ async def _replay(conn: Conn, order_id: str | None, user_id: int) -> dict[str, A
         "shipping_fee": order["shipping_cents"],
         "final_amount": order["pay_cents"],
         "payment_id": None if pay is None else pay["id"],
-        "payment_url": None if pay is None else payment_url(pay["id"]),
+        "payment_url": None if pay is None else payment_url(pay["id"], settings),
         "expires_at": order["payment_deadline"],
         "version": order["version"],
         "idempotent_replay": True,

@@ -17,6 +17,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -26,13 +27,14 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.errors import AppError, BadRequest, Conflict, NotFound
-from gateway.services import orders
+from gateway.services import orders, presale
+from gateway.services.inventory import Conn
 from gateway.services.orders import Actor
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SANDBOX: Final = "sandbox"
+SANDBOX: Final = orders.SANDBOX_PROVIDER
 METHODS: Final = (
     {"method": "alipay", "name": "Alipay", "icon": "/static/pay/alipay.png"},
     {"method": "wechat", "name": "WeChat Pay", "icon": "/static/pay/wechat.png"},
@@ -56,14 +58,25 @@ SQL_INSERT_PAY = """
 INSERT INTO pay_orders (id, order_id, user_id, amount_cents, method, return_url, expires_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
+SQL_PENDING_PRESALE_PAY = """
+SELECT id, amount_cents, method, expires_at FROM pay_orders
+WHERE presale_order_id = $1 AND status = 'pending'
+"""
+SQL_INSERT_PRESALE_PAY = """
+INSERT INTO pay_orders (id, presale_order_id, user_id, amount_cents, method, return_url,
+                        expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+"""
 SQL_PAY_FOR_UPDATE = """
-SELECT id, order_id, user_id, amount_cents, method, status, transaction_id, paid_at,
-       expires_at, created_at
+SELECT id, coalesce(order_id, presale_order_id) AS order_id,
+       presale_order_id IS NOT NULL AS presale, user_id, amount_cents, method, status,
+       transaction_id, paid_at, expires_at, created_at
 FROM pay_orders WHERE id = $1 FOR UPDATE
 """
 SQL_PAY = """
-SELECT id, order_id, user_id, amount_cents, method, status, transaction_id, paid_at,
-       expires_at, created_at
+SELECT id, coalesce(order_id, presale_order_id) AS order_id,
+       presale_order_id IS NOT NULL AS presale, user_id, amount_cents, method, status,
+       transaction_id, paid_at, expires_at, created_at
 FROM pay_orders WHERE id = $1
 """
 SQL_RECORD_NOTIFICATION = """
@@ -151,6 +164,38 @@ def _expires_in(expires_at: datetime) -> int:
     return max(0, int((expires_at - datetime.now(UTC)).total_seconds()))
 
 
+@dataclass(frozen=True, slots=True)
+class _Payable:
+    """What a payment is taken for: a regular/flash order or a presale order."""
+
+    amount_cents: int
+    expires_at: datetime
+    pending_sql: str
+    insert_sql: str
+
+
+async def _lock_payable(conn: Conn, order_id: str, user_id: int) -> _Payable:
+    """Lock the caller's unpaid order (``orders`` first, else ``presale_orders``: both take
+    their ids from the one order-id generator) or refuse: 404 if it is not theirs, 409 if it
+    cannot be paid."""
+    order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
+    if order is not None:
+        if order["user_id"] != user_id:
+            raise NotFound("order not found")
+        if order["status"] != "pending_payment":
+            raise orders.invalid_transition(order["status"], "pay")
+        return _Payable(
+            order["pay_cents"], order["payment_deadline"], SQL_PENDING_PAY, SQL_INSERT_PAY
+        )
+    pre = await presale.lock_for_payment(conn, order_id)
+    if pre is None or pre["user_id"] != user_id:
+        raise NotFound("order not found")
+    presale.check_payable(pre)
+    return _Payable(
+        pre["total_cents"], pre["expires_at"], SQL_PENDING_PRESALE_PAY, SQL_INSERT_PRESALE_PAY
+    )
+
+
 async def create_payment(
     app: web.Application,
     *,
@@ -160,33 +205,31 @@ async def create_payment(
     return_url: str | None,
     amount: int | None,
 ) -> dict[str, Any]:
-    """The pending pay order of an unpaid order (created or switched to ``method``)."""
-    if not provider_available(app[appkeys.SETTINGS]):
+    """The pending pay order of an unpaid order — regular, flash or presale — (created or
+    switched to ``method``)."""
+    settings = app[appkeys.SETTINGS]
+    if not provider_available(settings):
         raise PaymentProviderUnavailable
     async with app[appkeys.DB].acquire() as conn, conn.transaction():
-        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
-        if order is None or order["user_id"] != user_id:
-            raise NotFound("order not found")
-        if order["status"] != "pending_payment":
-            raise orders.invalid_transition(order["status"], "pay")
-        if amount is not None and amount != order["pay_cents"]:
+        due = await _lock_payable(conn, order_id, user_id)
+        if amount is not None and amount != due.amount_cents:
             raise Conflict(
                 "amount does not match the order",
                 code="AMOUNT_MISMATCH",
-                data={"expected": order["pay_cents"], "got": amount},
+                data={"expected": due.amount_cents, "got": amount},
             )
-        pay = await conn.fetchrow(SQL_PENDING_PAY, order_id)
+        pay = await conn.fetchrow(due.pending_sql, order_id)
         if pay is not None:
             await conn.execute(SQL_UPDATE_PAY_METHOD, pay["id"], method, return_url)
             pid, expires_at = pay["id"], pay["expires_at"]
         else:
-            pid, expires_at = orders.new_payment_id(), order["payment_deadline"]
+            pid, expires_at = orders.new_payment_id(), due.expires_at
             await conn.execute(
-                SQL_INSERT_PAY,
+                due.insert_sql,
                 pid,
                 order_id,
                 user_id,
-                order["pay_cents"],
+                due.amount_cents,
                 method,
                 return_url,
                 expires_at,
@@ -194,9 +237,9 @@ async def create_payment(
     return {
         "payment_id": pid,
         "order_id": order_id,
-        "amount": order["pay_cents"],
+        "amount": due.amount_cents,
         "payment_method": method,
-        "payment_url": orders.payment_url(pid),
+        "payment_url": orders.payment_url(pid, settings),
         "qr_code": None,
         "expires_in": _expires_in(expires_at),
         "expires_at": expires_at,
@@ -277,9 +320,12 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
             raise NotFound("unknown payment", code="UNKNOWN_PAYMENT")
         if found["order_id"] != body["order_id"]:
             raise Conflict("notification names another order", code="ORDER_MISMATCH")
-        order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, found["order_id"])
+        if found["presale"]:
+            order = await presale.lock_for_payment(conn, found["order_id"])
+        else:
+            order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, found["order_id"])
         pay = await conn.fetchrow(SQL_PAY_FOR_UPDATE, payment_id)
-        assert order is not None and pay is not None  # pay orders are never deleted
+        assert order is not None and pay is not None  # orders and pay orders are never deleted
         if pay["amount_cents"] != body["amount"]:
             raise Conflict(
                 "notification amount does not match the payment",
@@ -304,16 +350,23 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
                 "payment_id": payment_id,
                 "payment_status": "failed",
             }
-        if order["status"] != "pending_payment":
-            # Paid twice, or paid after the timeout close: the money has to go back; a
-            # real deployment refunds it automatically, the sandbox reports it.
-            raise Conflict(
-                f"order is {order['status']}; payment cannot be applied", code="ORDER_NOT_PAYABLE"
+        if found["presale"]:
+            # Status- and expiry-guarded: a cancelled, expired or already paid presale
+            # order is not paid (again).
+            if not await presale.mark_paid(conn, order["id"]):
+                state = "expired" if order["status"] == "pending" else order["status"]
+                raise _not_payable(state)
+            version = order["version"] + 1  # the row is locked: nobody else moved it
+        elif order["status"] != "pending_payment":
+            raise _not_payable(order["status"])
+        else:
+            version = await orders.mark_paid(
+                conn,
+                order,
+                Actor(None, "provider"),
+                f"{pay['method']} {body.get('transaction_id')}",
             )
         await conn.execute(SQL_PAY_SUCCESS, payment_id, body.get("transaction_id"))
-        version = await orders.mark_paid(
-            conn, order, Actor(None, "provider"), f"{pay['method']} {body.get('transaction_id')}"
-        )
     return {
         "result": "success",
         "duplicate": False,
@@ -322,6 +375,12 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
         "order_status": "paid",
         "version": version,
     }
+
+
+def _not_payable(state: str) -> Conflict:
+    # Paid twice, or paid after the timeout close or a cancel: the money has to go back; a
+    # real deployment refunds it automatically, the sandbox reports it.
+    return Conflict(f"order is {state}; payment cannot be applied", code="ORDER_NOT_PAYABLE")
 
 
 async def sandbox_complete(

@@ -6,11 +6,16 @@ conditional UPDATE (``total - preoccupied >= qty``) in the transaction that inse
 order; a cancel is one statement that flips the order to ``cancelled`` only if it is
 still cancellable and gives its units back, so two cancels return the stock once.
 
-Lifecycle: pending -> paid -> shipped -> completed, and pending/paid -> cancelled.
+Lifecycle: pending -> paid -> shipped -> completed, and pending/paid -> cancelled. A paid
+order is paid through the payment path only (:func:`mark_paid`); cancelling it refunds what
+was paid in the same transaction that gives its units back, so units never return without
+the money and the money never returns twice.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -20,6 +25,8 @@ import asyncpg
 from gateway.auth import Principal
 from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from gateway.services.inventory import Conn, PurchaseLimitExceeded
+
+log = logging.getLogger(__name__)
 
 STATUSES: Final = ("pending", "paid", "shipped", "completed", "cancelled")
 TRANSITIONS: Final[dict[str, tuple[str, ...]]] = {
@@ -57,6 +64,11 @@ class InvalidTransition(Conflict):
 class PaymentRequired(Forbidden):
     code = "PAYMENT_REQUIRED"
     default_message = "an order becomes paid only through a verified payment"
+
+
+class PresaleOrderExpired(Conflict):
+    code = "PRESALE_ORDER_EXPIRED"
+    default_message = "the presale order's hold has expired; it can no longer be paid"
 
 
 class VersionConflict(Conflict):
@@ -172,6 +184,16 @@ UPDATE presale_orders SET status = 'paid', version = version + 1, updated_at = n
 WHERE id = $1 AND status = 'pending' AND expires_at > now()
 RETURNING id
 """
+# The payment path locks the presale order first, then its pay orders (as for orders).
+SQL_LOCK_FOR_PAYMENT: Final = """
+SELECT id, user_id, status, total_cents, version, expires_at,
+       coalesce(expires_at <= now(), false) AS expired
+FROM presale_orders WHERE id = $1 FOR UPDATE
+"""
+SQL_CLOSE_PENDING_PAYS: Final = """
+UPDATE pay_orders SET status = 'closed', updated_at = now()
+WHERE presale_order_id = $1 AND status = 'pending'
+"""
 SQL_EXPIRED: Final = """
 SELECT id FROM presale_orders
 WHERE status = 'pending' AND expires_at < now()
@@ -203,6 +225,18 @@ UPDATE presale_campaigns c SET preoccupied = c.preoccupied - o.quantity, updated
 FROM o WHERE c.id = o.campaign_id
 RETURNING c.id
 """
+SQL_LOCK_ORDER: Final = "SELECT status FROM presale_orders WHERE id = $1 FOR UPDATE"
+SQL_SUCCESS_PAY: Final = """
+SELECT id, amount_cents FROM pay_orders
+WHERE presale_order_id = $1 AND status = 'success'
+FOR UPDATE
+"""
+SQL_INSERT_REFUND: Final = """
+INSERT INTO refunds (id, presale_order_id, pay_order_id, amount_cents, reason, status,
+                     requested_by, completed_at)
+VALUES ($1, $2, $3, $4, $5, 'completed', $6, now())
+"""
+SQL_SET_REFUNDED: Final = "UPDATE presale_orders SET refunded_cents = $2 WHERE id = $1"
 SQL_LIST: Final = """
 SELECT * FROM presale_orders
 WHERE ($1::bigint IS NULL OR user_id = $1::bigint)
@@ -233,6 +267,7 @@ def order_out(r: asyncpg.Record) -> dict[str, Any]:
         "price": r["price_cents"],
         "total_amount": r["total_cents"],
         "status": r["status"],
+        "refunded_amount": r["refunded_cents"],
         "version": r["version"],
         "created_at": iso(r["created_at"]),
         "updated_at": iso(r["updated_at"]),
@@ -346,17 +381,44 @@ async def _explain_refusal(
 async def cancel_order(
     pool: asyncpg.Pool, principal: Principal, order_id: str, *, version: int | None = None
 ) -> tuple[dict[str, Any], bool]:
-    """Cancel and return the units to the campaign; ``(order, changed)``.
+    """Cancel and return the units to the campaign; ``(order, changed)``. A paid order is
+    refunded in full in the same transaction.
 
     Cancelling an order that is already cancelled changes nothing and is not an error.
     """
     order = await _visible(pool, principal, order_id)
     _check_allowed(principal, order, "cancelled")
     async with pool.acquire() as conn, conn.transaction():
+        # The order row first, then its pay orders (the payment path's lock order).
+        before = await conn.fetchval(SQL_LOCK_ORDER, order_id)
         done = await conn.fetchval(SQL_CANCEL, order_id, sources_of("cancelled"), version)
+        if done is not None:
+            if before == "paid":
+                await _refund_in_full(conn, order_id, principal)
+            await conn.execute(SQL_CLOSE_PENDING_PAYS, order_id)
     if done is None:
         return order_out(await _explain_refusal(pool, order_id, "cancelled", version)), False
     return await get_order(pool, principal, order_id), True
+
+
+async def _refund_in_full(conn: Conn, order_id: str, principal: Principal) -> None:
+    """Give back what the verified payment of a paid order took (inside the cancel)."""
+    pay = await conn.fetchrow(SQL_SUCCESS_PAY, order_id)
+    if pay is None:
+        # Marked paid without a verified payment (only before payments were required): no
+        # money was taken, so there is nothing to give back.
+        log.warning("presale order %s was paid without a payment; cancelled, no refund", order_id)
+        return
+    await conn.execute(
+        SQL_INSERT_REFUND,
+        "REF" + secrets.token_hex(10).upper(),  # the form of payments.new_refund_id
+        order_id,
+        pay["id"],
+        pay["amount_cents"],
+        f"presale order cancelled by {principal.role}",
+        principal.user_id,
+    )
+    await conn.execute(SQL_SET_REFUNDED, order_id, pay["amount_cents"])
 
 
 async def change_status(
@@ -380,6 +442,23 @@ async def change_status(
     return order_out(row)
 
 
+async def lock_for_payment(conn: Conn, order_id: str) -> asyncpg.Record | None:
+    """The presale order, locked for the payment path (``None`` if there is none)."""
+    row: asyncpg.Record | None = await conn.fetchrow(SQL_LOCK_FOR_PAYMENT, order_id)
+    return row
+
+
+def check_payable(order: asyncpg.Record) -> None:
+    """409 unless a payment may be started for ``order`` (pending, hold not expired)."""
+    if order["status"] != "pending":
+        raise InvalidTransition(
+            f"cannot pay an order that is {order['status']}",
+            data={"status": order["status"], "action": "pay"},
+        )
+    if order["expired"]:
+        raise PresaleOrderExpired(data={"expires_at": order["expires_at"].isoformat()})
+
+
 async def mark_paid(conn: Conn, order_id: str) -> bool:
     """pending -> paid, for the payment path only (after the provider's verified
     notification); False if the order is not pending (cancelled, expired, already paid)."""
@@ -394,6 +473,7 @@ async def cancel_expired(pool: asyncpg.Pool, *, batch: int = 100) -> int:
     async with pool.acquire() as conn, conn.transaction():
         for rec in await conn.fetch(SQL_EXPIRED, batch):
             if await conn.fetchval(SQL_CANCEL, rec["id"], ["pending"], None) is not None:
+                await conn.execute(SQL_CLOSE_PENDING_PAYS, rec["id"])
                 cancelled += 1
     return cancelled
 
