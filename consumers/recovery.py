@@ -38,13 +38,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from gateway import rediskeys
-from gateway.flash_events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
-from gateway.metrics import Metrics
-from gateway.redisbatch import run_id_of
-from gateway.scripts import Rearm, register
-from gateway.services import flashsale
-from gateway.settings import Settings
+from flashsale import rediskeys
+from flashsale.flash import sale as flashsale
+from flashsale.flash.events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
+from flashsale.metrics import Metrics
+from flashsale.redisbatch import run_id_of
+from flashsale.scripts import Rearm, register
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 

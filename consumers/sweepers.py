@@ -32,13 +32,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers.recovery import Recovery
-from gateway import rediskeys
-from gateway.flash_events import parse_entry
-from gateway.kafka import OrderProducer, PublishFailed
-from gateway.metrics import Metrics
-from gateway.services import flashsale
-from gateway.services.flashsale import FlashScripts
-from gateway.settings import Settings
+from flashsale import rediskeys
+from flashsale.flash import sale as flashsale
+from flashsale.flash.events import parse_entry
+from flashsale.flash.sale import FlashScripts
+from flashsale.kafka import OrderProducer, PublishFailed
+from flashsale.metrics import Metrics
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 

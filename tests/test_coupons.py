@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import TokenService
-from gateway.services import coupons, orders
-from gateway.services.coupons import (
+from flashsale import coupons, orders
+from flashsale.auth import TokenService
+from flashsale.coupons import (
     CouponLimitReached,
     CouponNotApplicable,
     CouponSoldOut,

@@ -26,16 +26,17 @@ from consumers import reconcile
 from consumers.recovery import server_run_id
 from consumers.runner import run_consumers
 from consumers.sweepers import cancel_expired, retire_old_sales, return_cancelled_units
-from gateway import appkeys, rediskeys
+from flashsale import rediskeys
+from flashsale.auth import TokenService
+from flashsale.flash import sale as flashsale
+from flashsale.flash.events import OrderEvent
+from flashsale.flash.sale import FLASH
+from flashsale.kafka import ensure_topics
+from flashsale.metrics import get_metrics
+from flashsale.settings import Settings
+from gateway import appkeys
 from gateway.app import create_app
-from gateway.auth import TokenService
 from gateway.embedded import free_port, start_kafka, start_redis
-from gateway.flash_events import OrderEvent
-from gateway.kafka import ensure_topics
-from gateway.metrics import get_metrics
-from gateway.services import flashsale
-from gateway.services.flashsale import FLASH
-from gateway.settings import Settings
 from tests.flashkit import (
     admin_headers,
     count_orders,

@@ -13,13 +13,13 @@ from typing import Any, cast
 import asyncpg
 from aiohttp import web
 
+from flashsale import cart, coupons, orders
+from flashsale.errors import ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate, optional_principal
-from gateway.errors import ValidationFailed
 from gateway.http import ok, read_json
 from gateway.routes.orders import ADDRESS, shipping_address
 from gateway.routing import Route
-from gateway.services import cart, coupons, orders
 from gateway.validation import Alt, F, Obj, path_int, validate
 
 MAX_SPEC_TEXT = 64

@@ -8,13 +8,14 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale.auth import require_role
+from flashsale.errors import NotFound, ValidationFailed
+from flashsale.flash import sale as flashsale
+from flashsale.flash.sale import FLASH, NotStarted, SaleEnded, SoldOut, now_ms
 from gateway import appkeys
-from gateway.auth import authenticate, require_role
-from gateway.errors import NotFound, ValidationFailed
+from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import flashsale
-from gateway.services.flashsale import FLASH, NotStarted, SaleEnded, SoldOut, now_ms
 from gateway.validation import Alt, F, Obj, path_int, validate
 
 CREATE = {

@@ -6,13 +6,14 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale import orders, payments
+from flashsale.auth import Principal, require_role
+from flashsale.errors import ValidationFailed
+from flashsale.orders import Actor, OrderLineRequest
 from gateway import appkeys
-from gateway.auth import Principal, authenticate, require_role
-from gateway.errors import ValidationFailed
+from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import orders, payments
-from gateway.services.orders import Actor, OrderLineRequest
 from gateway.validation import (
     INT32_MAX,
     PATH_TEXT,

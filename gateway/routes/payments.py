@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from flashsale import payments
+from flashsale.orders import Actor
+from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import payments
-from gateway.services.orders import Actor
-from gateway.settings import Settings
 from gateway.validation import PATH_TEXT, F, Obj, path_text, validate
 
 CREATE = {

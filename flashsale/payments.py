@@ -25,12 +25,12 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from flashsale import orders, presale
+from flashsale.errors import AppError, BadRequest, Conflict, NotFound
+from flashsale.inventory import Conn
+from flashsale.orders import Actor
+from flashsale.settings import Settings
 from gateway import appkeys
-from gateway.errors import AppError, BadRequest, Conflict, NotFound
-from gateway.services import orders, presale
-from gateway.services.inventory import Conn
-from gateway.services.orders import Actor
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 from aiohttp import web
 
+from flashsale import inventory, orders, presale
 from gateway import appkeys
-from gateway.services import inventory, orders, presale
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from gateway import appkeys, rediskeys
-from gateway.db import Conn
-from gateway.errors import (
+from flashsale import rediskeys
+from flashsale.db import Conn
+from flashsale.errors import (
     AppError,
     Conflict,
     NotFound,
@@ -33,11 +33,12 @@ from gateway.errors import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from gateway.flash_events import OrderEvent, parse_entry
-from gateway.kafka import OrderProducer, PublishFailed
-from gateway.redisbatch import OutcomeUnknown, ScriptBatcher, run_id_of
-from gateway.scripts import Release, Reserve, register
-from gateway.settings import Settings
+from flashsale.flash.events import OrderEvent, parse_entry
+from flashsale.kafka import OrderProducer, PublishFailed
+from flashsale.redisbatch import OutcomeUnknown, ScriptBatcher, run_id_of
+from flashsale.scripts import Release, Reserve, register
+from flashsale.settings import Settings
+from gateway import appkeys
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from gateway.services import flashsale
-from gateway.settings import Settings
+from flashsale.flash import sale as flashsale
+from flashsale.settings import Settings
 
 DEMO_SALE_SKU_CODE = "noise-cancelling-headphones-1"
 SQL_SKU = "SELECT id FROM skus WHERE code = $1"

@@ -24,11 +24,12 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from flashsale import coupons, inventory
+from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from flashsale.flash import sale as flash
+from flashsale.inventory import Conn
+from flashsale.settings import Settings
 from gateway import appkeys
-from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from gateway.services import coupons, flash_orders, inventory
-from gateway.services.inventory import Conn
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -591,7 +592,7 @@ async def get_order(app: web.Application, order_id: str, user_id: int) -> dict[s
             if order["user_id"] != user_id:
                 raise NotFound("order not found")
             return await order_detail(conn, order)
-    queued = await flash_orders.queued_order(app, order_id, user_id)
+    queued = await flash.queued_order(app, order_id, user_id)
     if queued is None:
         raise NotFound("order not found")
     return queued
@@ -680,7 +681,7 @@ async def cancel_order(
         order = await _load_own(conn, order_id, actor, lock=True)
         version = _check(order, ("pending_payment",), "cancel", expected_version)
         if order["kind"] == "flash":
-            if not await flash_orders.cancel_flash_order(app, conn, order_id, reason=reason):
+            if not await flash.cancel_order(app, conn, order_id, reason=reason):
                 raise invalid_transition(order["status"], "cancel")
             new_version = await conn.fetchval(SQL_FLASH_CANCELLED, order_id, reason)
             await write_log(conn, order_id, actor, order["status"], "cancelled", reason)
