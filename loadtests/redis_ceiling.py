@@ -53,7 +53,7 @@ def reserve_script_call(
 
     ``user_id`` may be the string ``"__rand_int__"`` so that redis-benchmark gives each
     call a different user (and order id). The layout mirrors
-    ``flashsale.flash.sale.join``; the per-IP bucket is made wide so that one
+    ``flashsale.flash.join.join``; the per-IP bucket is made wide so that one
     loopback client measures the script, not the limiter. ``run_id`` is the server's
     (``INFO server``), as the gateway's connection passes it: the script's fence.
     """

@@ -16,9 +16,9 @@ from consumers import reconcile
 from consumers.recovery import server_run_id
 from flashsale import rediskeys
 from flashsale.auth import TokenService
-from flashsale.flash.sale import FLASH
 from flashsale.settings import Settings
 from gateway import appkeys
+from gateway.flash_runtime import FLASH
 from tests.flashkit import (
     admin_headers,
     count_orders,

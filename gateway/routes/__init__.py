@@ -40,7 +40,7 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
-    from consumers.store_sweeper import store_sweeper_ctx
-    from flashsale.flash.sale import flash_ctx
+    from gateway.app import store_sweeper_ctx
+    from gateway.flash_runtime import flash_ctx
 
     return [flash_ctx, store_sweeper_ctx]

@@ -219,7 +219,9 @@ async def checkout(request: web.Request) -> web.Response:
     # The cart generation is the order's idempotency key (the client's key only names the
     # stored result): concurrent checkouts of one cart make one order.
     result: dict[str, Any] = await orders.create_order(
-        request.app,
+        request.app[appkeys.DB],
+        request.app[appkeys.SETTINGS],
+        request.app[appkeys.ORDER_IDS],
         user_id=principal.user_id,
         lines=_order_lines(selection),
         shipping_address=address,
