@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
+COPY flashsale ./flashsale
 COPY gateway ./gateway
 COPY consumers ./consumers
 COPY lua ./lua

@@ -28,13 +28,13 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway import rediskeys
-from gateway.db import Conn
-from gateway.flash_events import BadEvent, OrderEvent, decode
-from gateway.kafka import OrderProducer, PublishFailed
-from gateway.metrics import Metrics
-from gateway.scripts import Claim, register
-from gateway.settings import Settings
+from flashsale import rediskeys
+from flashsale.db import Conn
+from flashsale.flash.events import BadEvent, OrderEvent, decode
+from flashsale.kafka import OrderProducer, PublishFailed
+from flashsale.metrics import Metrics
+from flashsale.scripts import Claim, register
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 

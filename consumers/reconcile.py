@@ -32,12 +32,12 @@ from redis.asyncio import Redis
 
 from consumers.recovery import LOOKBACK_DAYS, SQL_RECENT_SALES, Recovery, server_run_id
 from consumers.sweepers import republish_stale_claims
-from gateway import rediskeys
-from gateway.db import create_pool
-from gateway.flash_events import parse_entry
-from gateway.kafka import OrderProducer
-from gateway.metrics import get_metrics
-from gateway.settings import Settings
+from flashsale import rediskeys
+from flashsale.db import create_pool
+from flashsale.flash.events import parse_entry
+from flashsale.kafka import OrderProducer
+from flashsale.metrics import get_metrics
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from gateway import rediskeys
-from gateway.flash_events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
-from gateway.metrics import Metrics
-from gateway.redisbatch import run_id_of
-from gateway.scripts import Rearm, register
-from gateway.services import flashsale
-from gateway.settings import Settings
+from flashsale import rediskeys
+from flashsale.flash import lifecycle
+from flashsale.flash.events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
+from flashsale.metrics import Metrics
+from flashsale.redisbatch import run_id_of
+from flashsale.scripts import FlashScripts, Rearm, register
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class Recovery:
         if not self.grace_s:
             self.grace_s = self.settings.kafka_produce_timeout_ms / 1000 + 1.0
         self._rearm = register(self.redis, "sale_rearm")
-        self._scripts = flashsale.FlashScripts.register(self.redis)
+        self._scripts = FlashScripts.register(self.redis)
 
     async def fenced(self) -> tuple[str, list[asyncpg.Record]]:
         """The server's run id and the recent sales not armed under it."""
@@ -277,7 +277,7 @@ class Recovery:
                 if not await self.redis.exists(rediskeys.sale(sid)):
                     # lost outright: put its static fields back (unarmed, nothing to sell)
                     # so that the gateway answers "recovering", not "unknown sale"
-                    await flashsale.load_sale(self.redis, self._scripts, sale, new=False)
+                    await lifecycle.load_sale(self.redis, self._scripts, sale, new=False)
             if force or now - self.noticed[sid] >= self.grace_s:
                 due.append(sale)
         if not due:

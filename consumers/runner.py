@@ -15,10 +15,10 @@ from redis.asyncio import Redis
 
 from consumers.orders import BatchOutcome, OrderBatchProcessor, consume_forever
 from consumers.sweepers import run_sweepers
-from gateway.db import create_pool
-from gateway.kafka import OrderProducer
-from gateway.metrics import Metrics, get_metrics
-from gateway.settings import Settings
+from flashsale.db import create_pool
+from flashsale.kafka import OrderProducer
+from flashsale.metrics import Metrics, get_metrics
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers.recovery import Recovery
-from gateway import rediskeys
-from gateway.flash_events import parse_entry
-from gateway.kafka import OrderProducer, PublishFailed
-from gateway.metrics import Metrics
-from gateway.services import flashsale
-from gateway.services.flashsale import FlashScripts
-from gateway.settings import Settings
+from flashsale import rediskeys
+from flashsale.flash import lifecycle
+from flashsale.flash.events import parse_entry
+from flashsale.kafka import OrderProducer, PublishFailed
+from flashsale.metrics import Metrics
+from flashsale.scripts import FlashScripts
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ async def cancel_expired(db: asyncpg.Pool, metrics: Metrics) -> int:
         ids = [r["id"] for r in await conn.fetch(SQL_EXPIRED, DEADLINE_BATCH)]
         cancelled = 0
         for order_id in ids:
-            if await flashsale.cancel_order(None, conn, order_id, reason="payment_timeout"):
+            if await lifecycle.cancel_order(conn, order_id, reason="payment_timeout"):
                 cancelled += 1
     if cancelled:
         metrics.swept.labels("deadline_cancelled").inc(cancelled)
@@ -206,8 +206,8 @@ async def return_cancelled_units(
 
 async def settle_ended(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts) -> int:
     total = 0
-    for r in await db.fetch(flashsale.SQL_ENDED_SALES, SETTLE_LOOKBACK_DAYS):
-        total += await flashsale.settle_sale(db, redis, scripts, r["id"])
+    for r in await db.fetch(lifecycle.SQL_ENDED_SALES, SETTLE_LOOKBACK_DAYS):
+        total += await lifecycle.settle_sale(db, redis, scripts, r["id"])
     await retire_old_sales(db, redis)
     return total
 

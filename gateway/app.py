@@ -9,17 +9,18 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 from redis.asyncio import Redis
 
+from consumers.store_sweeper import run_store_sweeper
+from flashsale import sessions
+from flashsale.auth import PasswordHashing, TokenService
+from flashsale.db import create_pool
+from flashsale.ids import MachineLease, OrderIdGenerator, OrderIds
+from flashsale.kafka import OrderProducer
+from flashsale.metrics import Metrics, RequestStats, get_metrics
+from flashsale.settings import Settings
 from gateway import appkeys
-from gateway.auth import PasswordHashing, TokenService
-from gateway.db import create_pool
-from gateway.ids import MachineLease, OrderIdGenerator, OrderIds
-from gateway.kafka import OrderProducer
-from gateway.metrics import Metrics, RequestStats, get_metrics
 from gateway.middlewares import make_middleware
 from gateway.routes import health, users
 from gateway.routing import Route, add_routes
-from gateway.sessions import Revocations, revocations_ctx
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,28 @@ async def ids_ctx(app: web.Application) -> AsyncIterator[None]:
     await lease.release()
 
 
+async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
+    revocations = app[appkeys.TOKENS].revocations
+    assert revocations is not None
+    every_s = app[appkeys.SETTINGS].revocation_reload_ms / 1000
+    async with sessions.kept_fresh(
+        revocations, app[appkeys.REDIS], app[appkeys.DB], every_s=every_s
+    ):
+        yield
+
+
+async def store_sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The storefront sweeper, still in each worker: moving it to ``flashsale consume`` alone
+    makes tests/test_flash_failures.py::test_broker_down_gives_503_and_stock_back hang (under
+    investigation), so it stays here for now; the loop itself lives in consumers/."""
+    stop = asyncio.Event()
+    interval_s = app[appkeys.SETTINGS].sweep_interval_ms / 1000
+    task = asyncio.create_task(run_store_sweeper(app[appkeys.DB], interval_s, stop))
+    yield
+    stop.set()
+    await task
+
+
 async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
     stats = app[appkeys.REQUEST_STATS]
 
@@ -108,7 +131,7 @@ def create_app(
     app[appkeys.REQUEST_STATS] = stats
     app[appkeys.SETTINGS] = settings
     app[appkeys.METRICS] = m
-    revocations = Revocations(max_stale_s=settings.revocation_max_stale_s)
+    revocations = sessions.Revocations(max_stale_s=settings.revocation_max_stale_s)
     app[appkeys.TOKENS] = TokenService(
         settings.secret, settings.token_ttl_s, revocations=revocations
     )

@@ -8,13 +8,13 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.settings import Settings
+from flashsale.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.auth import PasswordHashing, TokenService
-    from gateway.ids import OrderIds
-    from gateway.kafka import OrderProducer
-    from gateway.metrics import Metrics, RequestStats
+    from flashsale.auth import PasswordHashing, TokenService
+    from flashsale.ids import OrderIds
+    from flashsale.kafka import OrderProducer
+    from flashsale.metrics import Metrics, RequestStats
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)

@@ -8,7 +8,7 @@ import getpass
 import logging
 import sys
 
-from gateway.settings import Settings, SettingsError
+from flashsale.settings import Settings, SettingsError
 
 log = logging.getLogger("flashsale")
 
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _migrate(settings: Settings) -> int:
-    from gateway.db import create_pool, migrate
+    from flashsale.db import create_pool, migrate
 
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     try:
@@ -72,8 +72,8 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.db import create_pool
-    from gateway.services.users import create_user
+    from flashsale.db import create_pool
+    from flashsale.users import create_user
 
     password = args.password or getpass.getpass("password: ")
     if len(password) < 8:
@@ -97,8 +97,8 @@ async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
 async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
     from redis.asyncio import Redis
 
-    from gateway.db import create_pool
-    from gateway.services import users
+    from flashsale import users
+    from flashsale.db import create_pool
 
     password = ""
     if args.user_command == "set-password":
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.errors import AppError
+    from flashsale.errors import AppError
 
     cmd = args.command
     if cmd == "up":

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import InvalidJSON, PayloadTooLarge
+from flashsale.errors import InvalidJSON, PayloadTooLarge
 
 JSON_CONTENT_TYPE = "application/json"
 

@@ -11,12 +11,12 @@ from typing import Final
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway.errors import AppError
+from flashsale.errors import AppError
+from flashsale.metrics import RequestStats
 from gateway.http import JSON_CONTENT_TYPE, dumps, error_body
-from gateway.metrics import RequestStats
 from gateway.routing import Handler
 
-log = logging.getLogger("gateway.errors")
+log = logging.getLogger("flashsale.errors")
 access_log = logging.getLogger("gateway.access")
 
 REQUEST_ID: Final = "X-Request-ID"

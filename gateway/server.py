@@ -18,10 +18,10 @@ from typing import Final
 
 from aiohttp import web
 
+from flashsale.settings import Settings
 from gateway.app import create_app
 from gateway.embedded import _die_with_parent
 from gateway.middlewares import JsonAccessLogger
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

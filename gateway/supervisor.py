@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
+from flashsale.settings import Settings
 from gateway.embedded import EmbeddedStack, restart_server, start_stack
 from gateway.server import (
     CrashLoop,
@@ -37,7 +38,6 @@ from gateway.server import (
     spawn,
     stop_children,
 )
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ def _secret(root: Path, name: str = "secret_key") -> str:
 
 async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
     """Migrations, topics and (optionally) the demo data."""
-    from gateway.db import create_pool, migrate
-    from gateway.kafka import ensure_topics
-    from gateway.services.demo import load_demo
+    from flashsale.db import create_pool, migrate
+    from flashsale.demo import load_demo
+    from flashsale.kafka import ensure_topics
 
     pool = await create_pool(settings.database, min_size=1, max_size=2)
     try:
@@ -106,7 +106,7 @@ def _server_keeper(
             server = restart_server(stack, name)
 
             async def topics() -> None:
-                from gateway.kafka import ensure_topics
+                from flashsale.kafka import ensure_topics
 
                 await ensure_topics(settings)
 

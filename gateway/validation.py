@@ -2,7 +2,7 @@
 
 A schema is a mapping of field name to :class:`F` (or an :class:`Obj`, which adds
 rules across fields). :func:`validate` checks every field and raises one
-:class:`~gateway.errors.ValidationFailed` listing all the fields at fault, so a
+:class:`~flashsale.errors.ValidationFailed` listing all the fields at fault, so a
 client fixes its request in one go. Unknown fields are an error unless the schema
 allows them: a typo must not be silently ignored.
 
@@ -23,7 +23,7 @@ from datetime import date, datetime
 from functools import cache
 from typing import Any, Final
 
-from gateway.errors import NotFound, ValidationFailed
+from flashsale.errors import NotFound, ValidationFailed
 
 _MISSING: Final = object()
 

@@ -57,8 +57,11 @@ import aiohttp
 import asyncpg
 import orjson
 
-from gateway.auth import TokenService
-from gateway.db import migrate
+from flashsale.auth import TokenService
+from flashsale.db import migrate
+from flashsale.flash.events import OrderEvent
+from flashsale.kafka import OrderProducer, PublishFailed
+from flashsale.settings import Settings
 from gateway.embedded import (
     EmbeddedError,
     _die_with_parent,
@@ -68,10 +71,7 @@ from gateway.embedded import (
     tansu_binary,
     valkey_binary,
 )
-from gateway.flash_events import OrderEvent
-from gateway.kafka import OrderProducer, PublishFailed
 from gateway.server import child_env, stop_children
-from gateway.settings import Settings
 from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
 from loadtests.loadgen import LoadgenError, RunResult
 

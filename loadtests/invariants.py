@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.settings import Settings
+from flashsale.settings import Settings
 
 SQL_SALE = "SELECT * FROM flash_sales WHERE id = $1"
 SQL_SALE_ORDERS = """

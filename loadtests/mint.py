@@ -2,7 +2,7 @@
 
 One argon2 hash is computed once (of :data:`BENCH_PASSWORD`) and shared by every
 user, the rows go in with one ``INSERT ... SELECT generate_series`` per batch, and
-tokens are signed locally with :class:`gateway.auth.TokenService` — no password
+tokens are signed locally with :class:`flashsale.auth.TokenService` — no password
 hashing and no login request per virtual user.
 
     FLASHSALE_DATABASE_URL=... FLASHSALE_SECRET_KEY=... \\
@@ -25,8 +25,8 @@ from pathlib import Path
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from gateway.auth import TokenService
-from gateway.settings import Settings
+from flashsale.auth import TokenService
+from flashsale.settings import Settings
 
 BENCH_PASSWORD = "bench-password-1"
 BATCH = 50_000

@@ -1,6 +1,6 @@
 """BASELINE, not the product: the flash sale "the way most teams start".
 
-Same framework (aiohttp + uvloop), same token check (:class:`gateway.auth.TokenService`)
+Same framework (aiohttp + uvloop), same token check (:class:`flashsale.auth.TokenService`)
 and the same worker count as the gateway, but every join is ONE PostgreSQL
 transaction: ``SELECT stock FOR UPDATE`` on the sale's row, check, ``UPDATE``,
 ``INSERT`` the order, ``COMMIT``. Every buyer of a hot SKU queues on that one row
@@ -32,11 +32,11 @@ import orjson
 from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
-from gateway.auth import TokenService
-from gateway.db import create_pool
-from gateway.errors import AppError
+from flashsale.auth import TokenService
+from flashsale.db import create_pool
+from flashsale.errors import AppError
+from flashsale.settings import Settings
 from gateway.server import run_until_signalled, supervise
-from gateway.settings import Settings
 
 SQL_CREATE_TABLES = """
 CREATE TABLE IF NOT EXISTS naive_sales (
@@ -108,7 +108,7 @@ def _principal_id(request: web.Request) -> int:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        from gateway.errors import Unauthorized
+        from flashsale.errors import Unauthorized
 
         raise Unauthorized
     return request.app[TOKENS].verify(token.strip()).user_id

@@ -22,8 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 from redis import Redis
 
-from gateway import rediskeys
-from gateway.redisbatch import run_id_of
+from flashsale import rediskeys
+from flashsale.redisbatch import run_id_of
 
 RESERVE_SCRIPT = Path(__file__).resolve().parent.parent / "lua" / "reserve.lua"
 
@@ -53,7 +53,7 @@ def reserve_script_call(
 
     ``user_id`` may be the string ``"__rand_int__"`` so that redis-benchmark gives each
     call a different user (and order id). The layout mirrors
-    ``gateway.services.flashsale.join``; the per-IP bucket is made wide so that one
+    ``flashsale.flash.join.join``; the per-IP bucket is made wide so that one
     loopback client measures the script, not the limiter. ``run_id`` is the server's
     (``INFO server``), as the gateway's connection passes it: the script's fence.
     """

@@ -26,11 +26,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from consumers.runner import run_consumers
+from flashsale.auth import TokenService
+from flashsale.db import create_pool, migrate
+from flashsale.settings import Settings
 from gateway.app import create_app
-from gateway.auth import TokenService
-from gateway.db import create_pool, migrate
 from gateway.embedded import EmbeddedStack, start_stack
-from gateway.settings import Settings
 
 TEST_SECRET = "test-secret-key-0123456789abcdef"
 

@@ -27,10 +27,10 @@ from redis.asyncio import Redis
 
 from consumers import reconcile
 from consumers.recovery import server_run_id
-from gateway import rediskeys
-from gateway.auth import TokenService
+from flashsale import rediskeys
+from flashsale.auth import TokenService
+from flashsale.settings import Settings
 from gateway.embedded import Server, free_port, start_kafka, start_redis
-from gateway.settings import Settings
 
 FINAL_REFUSALS = {"SOLD_OUT", "INSUFFICIENT_STOCK", "SALE_ENDED"}
 

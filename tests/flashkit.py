@@ -13,8 +13,8 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from gateway import rediskeys
-from gateway.auth import TokenService
+from flashsale import rediskeys
+from flashsale.auth import TokenService
 
 
 async def make_sku(db: asyncpg.Pool, on_hand: int = 10_000, price: int = 10_000) -> int:

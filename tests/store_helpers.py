@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import TokenService
+from flashsale.auth import TokenService
 from tests.conftest import auth
 
 ADDRESS = {"name": "Zhang San", "phone": "13800138000", "address": "1 Test Road"}

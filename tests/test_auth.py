@@ -12,9 +12,9 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import Principal, TokenService, require_role
-from gateway.errors import AppError, Forbidden
-from gateway.settings import Settings
+from flashsale.auth import Principal, TokenService, require_role
+from flashsale.errors import AppError, Forbidden
+from flashsale.settings import Settings
 from tests.conftest import TEST_SECRET
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import TokenService
-from gateway.services import coupons
+from flashsale import coupons
+from flashsale.auth import TokenService
 from tests.conftest import auth, make_user
 from tests.store_helpers import ADDRESS
 

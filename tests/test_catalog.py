@@ -11,9 +11,9 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.auth import TokenService
-from gateway.errors import NotFound
-from gateway.services import catalog
+from flashsale import catalog
+from flashsale.auth import TokenService
+from flashsale.errors import NotFound
 from tests.conftest import auth, make_user
 
 pytestmark = pytest.mark.integration

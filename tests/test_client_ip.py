@@ -9,9 +9,9 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
+from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.routes.flashsales import client_ip
-from gateway.settings import Settings
 
 pytestmark = pytest.mark.unit
 

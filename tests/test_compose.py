@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.settings import Settings
+from flashsale.settings import Settings
 
 pytestmark = pytest.mark.unit
 

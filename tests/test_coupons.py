@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import TokenService
-from gateway.services import coupons, orders
-from gateway.services.coupons import (
+from flashsale import coupons, orders
+from flashsale.auth import TokenService
+from flashsale.coupons import (
     CouponLimitReached,
     CouponNotApplicable,
     CouponSoldOut,
@@ -399,7 +399,7 @@ async def test_cancel_and_timeout_give_the_coupon_back_once(
     await db.execute(
         "UPDATE orders SET payment_deadline = now() - interval '1 s' WHERE id = $1", oid
     )
-    await asyncio.gather(orders.close_expired_orders(app), orders.close_expired_orders(app))
+    await asyncio.gather(orders.close_expired_orders(db), orders.close_expired_orders(db))
     for _ in range(50):  # the app's own sweeper may have taken it
         if await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "cancelled":
             break

@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale.settings import Settings
 from gateway.app import create_app
 from gateway.http import ok, read_json
-from gateway.settings import Settings
 from gateway.validation import F, validate
 
 pytestmark = pytest.mark.integration

@@ -25,10 +25,10 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from gateway import rediskeys
-from gateway.auth import TokenService
+from flashsale import rediskeys
+from flashsale.auth import TokenService
+from flashsale.settings import Settings
 from gateway.embedded import start_postgres
-from gateway.settings import Settings
 from tests.faultkit import (
     Answers,
     FaultStack,
@@ -258,7 +258,7 @@ async def test_broker_restart_mid_sale(
 async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, root: Path) -> None:
     """PostgreSQL stopped for 30 s mid-sale: joins keep being accepted into the topic, the
     sweepers do not flood it, and everything lands once PostgreSQL is back."""
-    from gateway.db import create_pool, migrate
+    from flashsale.db import create_pool, migrate
 
     pg = start_postgres(root / "pg", durable=False)
     own = base_settings.with_(database_url=pg.url)

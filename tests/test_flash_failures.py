@@ -26,16 +26,18 @@ from consumers import reconcile
 from consumers.recovery import server_run_id
 from consumers.runner import run_consumers
 from consumers.sweepers import cancel_expired, retire_old_sales, return_cancelled_units
-from gateway import appkeys, rediskeys
+from flashsale import rediskeys
+from flashsale.auth import TokenService
+from flashsale.flash import lifecycle
+from flashsale.flash.events import OrderEvent
+from flashsale.kafka import ensure_topics
+from flashsale.metrics import get_metrics
+from flashsale.scripts import FlashScripts
+from flashsale.settings import Settings
+from gateway import appkeys
 from gateway.app import create_app
-from gateway.auth import TokenService
 from gateway.embedded import free_port, start_kafka, start_redis
-from gateway.flash_events import OrderEvent
-from gateway.kafka import ensure_topics
-from gateway.metrics import get_metrics
-from gateway.services import flashsale
-from gateway.services.flashsale import FLASH
-from gateway.settings import Settings
+from gateway.flash_runtime import FLASH
 from tests.flashkit import (
     admin_headers,
     count_orders,
@@ -147,9 +149,9 @@ def _consumer_process(settings: Settings) -> subprocess.Popen[bytes]:
 
 async def _sale_for_events(db: asyncpg.Pool, redis: Redis, quantity: int) -> asyncpg.Record:
     sku = await make_sku(db, on_hand=quantity)
-    scripts = flashsale.FlashScripts.register(redis)
+    scripts = FlashScripts.register(redis)
     now = datetime.now(UTC)
-    sale = await flashsale.create_sale(
+    sale = await lifecycle.create_sale(
         db,
         redis,
         scripts,
@@ -298,7 +300,7 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
         "UPDATE orders SET payment_deadline = now() - interval '1 second' WHERE flash_sale_id = $1",
         sale_id,
     )
-    scripts = flashsale.FlashScripts.register(redis)
+    scripts = FlashScripts.register(redis)
     metrics = get_metrics()
     await asyncio.gather(cancel_expired(db, metrics), cancel_expired(db, metrics))
     await asyncio.gather(*(return_cancelled_units(db, redis, scripts, metrics) for _ in range(3)))

@@ -14,10 +14,11 @@ from redis.asyncio import Redis
 
 from consumers import reconcile
 from consumers.recovery import server_run_id
-from gateway import appkeys, rediskeys
-from gateway.auth import TokenService
-from gateway.services.flashsale import FLASH
-from gateway.settings import Settings
+from flashsale import rediskeys
+from flashsale.auth import TokenService
+from flashsale.settings import Settings
+from gateway import appkeys
+from gateway.flash_runtime import FLASH
 from tests.flashkit import (
     admin_headers,
     count_orders,

@@ -39,12 +39,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from flashsale.auth import TokenService
+from flashsale.db import create_pool, migrate
+from flashsale.settings import Settings
 from gateway.app import create_app
-from gateway.auth import TokenService
-from gateway.db import create_pool, migrate
 from gateway.routes import extra_routes, health, users
 from gateway.routing import Route, path_params
-from gateway.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,11 +17,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from gateway import sessions
+from flashsale import sessions
+from flashsale.auth import RevocationUnavailable, TokenService
+from flashsale.errors import AppError
+from flashsale.settings import Settings, SettingsError
 from gateway.app import create_app
-from gateway.auth import RevocationUnavailable, TokenService
-from gateway.errors import AppError
-from gateway.settings import Settings, SettingsError
 from tests.conftest import TEST_SECRET, make_user
 from tests.flashkit import admin_headers, create_sale, join, make_sku
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from gateway.ids import MachineLease, OrderIdGenerator
+from flashsale.ids import MachineLease, OrderIdGenerator
 
 
 @pytest.mark.unit
@@ -22,7 +22,7 @@ def test_ids_unique_and_increasing() -> None:
 def test_clock_step_back_stays_monotonic(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = OrderIdGenerator(1)
     now = [1_800_000_000_000_000_000]
-    monkeypatch.setattr("gateway.ids.time.time_ns", lambda: now[0])
+    monkeypatch.setattr("flashsale.ids.time.time_ns", lambda: now[0])
     a = gen.next(1)
     now[0] -= 5_000_000_000  # five seconds back
     b = gen.next(1)

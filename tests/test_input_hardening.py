@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import TokenService
+from flashsale.auth import TokenService
 from tests.conftest import auth, make_user
 from tests.store_helpers import ADDRESS, make_product
 

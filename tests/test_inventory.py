@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import TokenService
-from gateway.errors import Conflict
-from gateway.services import inventory
+from flashsale import inventory
+from flashsale.auth import TokenService
+from flashsale.errors import Conflict
 from tests.conftest import auth, make_user
 from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
 

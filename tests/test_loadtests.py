@@ -26,10 +26,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis import Redis as SyncRedis
 
-from gateway.auth import TokenService
+from flashsale.auth import TokenService
+from flashsale.settings import Settings
 from gateway.embedded import free_port
 from gateway.server import child_env, stop_children
-from gateway.settings import Settings
 from loadtests import bench, invariants, loadgen, mint, naive_peer, redis_ceiling
 from loadtests.invariants import Outcomes, PersistedOrder
 

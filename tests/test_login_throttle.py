@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.app import create_app
-from gateway.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale.settings import Settings
 from gateway.app import create_app
-from gateway.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -65,7 +65,7 @@ async def test_spec_states_what_validation_enforces(client: TestClient[Any, Any]
 def test_validate_and_schema_agree_on_strings() -> None:
     import re
 
-    from gateway.errors import ValidationFailed
+    from flashsale.errors import ValidationFailed
     from gateway.validation import F, json_schema, validate
 
     spec = F(str, min_len=1, max_len=5)

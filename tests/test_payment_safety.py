@@ -15,11 +15,11 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale import payments
+from flashsale.auth import TokenService
+from flashsale.settings import Settings, SettingsError
 from gateway import appkeys
 from gateway.app import create_app
-from gateway.auth import TokenService
-from gateway.services import payments
-from gateway.settings import Settings, SettingsError
 from tests.conftest import TEST_SECRET, auth, make_user
 from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
 

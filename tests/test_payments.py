@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from flashsale import payments
+from flashsale.auth import TokenService
 from gateway import appkeys
-from gateway.auth import TokenService
-from gateway.services import payments
 from tests.conftest import auth, make_user
 from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
 

@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from flashsale import presale
+from flashsale.auth import TokenService
 from gateway import appkeys
-from gateway.auth import TokenService
-from gateway.services import presale
 from tests.conftest import auth, make_user
 
 pytestmark = pytest.mark.integration

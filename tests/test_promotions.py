@@ -8,10 +8,10 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import TokenService
-from gateway.services import coupons
-from gateway.services.coupons import PricedLine
-from gateway.services.promotions import (
+from flashsale import coupons
+from flashsale.auth import TokenService
+from flashsale.coupons import PricedLine
+from flashsale.promotions import (
     AppliedPromotion,
     CalcItem,
     Promotion,

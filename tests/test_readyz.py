@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale.settings import Settings
 from gateway.app import create_app
 from gateway.embedded import start_stack
-from gateway.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

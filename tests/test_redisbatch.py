@@ -15,8 +15,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from flashsale.redisbatch import NotSent, OutcomeUnknown, ScriptBatcher
 from gateway.embedded import Server, start_redis
-from gateway.redisbatch import NotSent, OutcomeUnknown, ScriptBatcher
 
 pytestmark = [pytest.mark.integration]
 

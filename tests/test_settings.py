@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gateway.settings import Settings, SettingsError
+from flashsale.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.unit
 

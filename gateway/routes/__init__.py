@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from flashsale.settings import Settings
 from gateway.routing import Route
-from gateway.settings import Settings
 
 
 def extra_routes(settings: Settings | None = None) -> list[Route]:
@@ -40,7 +40,7 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
-    from gateway.services.flashsale import flash_ctx
-    from gateway.services.sweepers_store import store_sweeper_ctx
+    from gateway.app import store_sweeper_ctx
+    from gateway.flash_runtime import flash_ctx
 
     return [flash_ctx, store_sweeper_ctx]

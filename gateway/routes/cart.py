@@ -13,13 +13,13 @@ from typing import Any, cast
 import asyncpg
 from aiohttp import web
 
+from flashsale import cart, coupons, orders
+from flashsale.errors import ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate, optional_principal
-from gateway.errors import ValidationFailed
 from gateway.http import ok, read_json
 from gateway.routes.orders import ADDRESS, shipping_address
 from gateway.routing import Route
-from gateway.services import cart, coupons, orders
 from gateway.validation import Alt, F, Obj, path_int, validate
 
 MAX_SPEC_TEXT = 64
@@ -219,7 +219,9 @@ async def checkout(request: web.Request) -> web.Response:
     # The cart generation is the order's idempotency key (the client's key only names the
     # stored result): concurrent checkouts of one cart make one order.
     result: dict[str, Any] = await orders.create_order(
-        request.app,
+        request.app[appkeys.DB],
+        request.app[appkeys.SETTINGS],
+        request.app[appkeys.ORDER_IDS],
         user_id=principal.user_id,
         lines=_order_lines(selection),
         shipping_address=address,

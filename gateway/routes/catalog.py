@@ -7,13 +7,13 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale import catalog
+from flashsale.catalog import ProductQuery, SkuInput
+from flashsale.errors import ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate
-from gateway.errors import ValidationFailed
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import catalog
-from gateway.services.catalog import ProductQuery, SkuInput
 from gateway.validation import INT32_MAX, Alt, F, Obj, path_int, validate, validate_query
 
 MAX_CENTS = 10**12

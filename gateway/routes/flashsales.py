@@ -8,13 +8,17 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale.auth import require_role
+from flashsale.errors import NotFound, ValidationFailed
+from flashsale.flash import join as joining
+from flashsale.flash import lifecycle
+from flashsale.flash.cache import iso_ms, now_ms
+from flashsale.flash.join import NotStarted, SaleEnded, SoldOut
 from gateway import appkeys
-from gateway.auth import authenticate, require_role
-from gateway.errors import NotFound, ValidationFailed
+from gateway.auth import authenticate
+from gateway.flash_runtime import FLASH
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import flashsale
-from gateway.services.flashsale import FLASH, NotStarted, SaleEnded, SoldOut, now_ms
 from gateway.validation import Alt, F, Obj, path_int, validate
 
 CREATE = {
@@ -33,7 +37,7 @@ PATCH = Obj(
     },
     alts=(Alt(("add_quantity",)), Alt(("end_at",))),
 )
-JOIN = {"quantity": F(int, min=1, max=flashsale.MAX_JOIN_QUANTITY)}
+JOIN = {"quantity": F(int, min=1, max=joining.MAX_JOIN_QUANTITY)}
 _MAX_IDEMPOTENCY_KEY = 64
 
 
@@ -48,7 +52,7 @@ async def create(request: web.Request) -> web.Response:
     if body["end_at"] <= body["start_at"]:
         raise ValidationFailed(fields={"end_at": "must be after start_at"})
     rt = request.app[FLASH]
-    sale = await flashsale.create_sale(
+    sale = await lifecycle.create_sale(
         request.app[appkeys.DB],
         rt.redis,
         rt.scripts,
@@ -72,7 +76,7 @@ async def patch(request: web.Request) -> web.Response:
     if not body.get("add_quantity") and body.get("end_at") is None:
         raise ValidationFailed(fields={"add_quantity": "give add_quantity and/or end_at"})
     rt = request.app[FLASH]
-    sale = await flashsale.top_up(
+    sale = await lifecycle.top_up(
         request.app[appkeys.DB],
         rt.redis,
         rt.scripts,
@@ -88,7 +92,7 @@ async def close(request: web.Request) -> web.Response:
     _admin(request)
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
     rt = request.app[FLASH]
-    sale = await flashsale.close_sale(request.app[appkeys.DB], rt.redis, rt.scripts, sale_id)
+    sale = await lifecycle.close_sale(request.app[appkeys.DB], rt.redis, rt.scripts, sale_id)
     await rt.cache.refresh()
     return ok(sale, message="flash sale closed")
 
@@ -156,14 +160,14 @@ async def join(request: web.Request) -> web.Response:
     body: Any = await read_json(request)
     if type(body) is dict and len(body) == 1 and type(body.get("quantity")) is int:
         quantity = body["quantity"]  # the common shape, checked without the generic validator
-        if not 1 <= quantity <= flashsale.MAX_JOIN_QUANTITY:
+        if not 1 <= quantity <= joining.MAX_JOIN_QUANTITY:
             validate(body, JOIN)
     else:
         quantity = validate(body, JOIN)["quantity"]
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY:
         raise ValidationFailed(fields={"Idempotency-Key": "must be 1 to 64 characters"})
-    result = await flashsale.join(
+    result = await joining.join(
         rt,
         sale=sale,
         user_id=principal.user_id,
@@ -176,7 +180,7 @@ async def join(request: web.Request) -> web.Response:
         {
             "order_id": result.order_id,
             "status": "queued",
-            "payment_deadline": flashsale._iso(result.payment_deadline_ms),
+            "payment_deadline": iso_ms(result.payment_deadline_ms),
             "replayed": result.replayed,
         },
         status=202,

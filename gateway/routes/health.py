@@ -9,8 +9,8 @@ import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from flashsale.errors import Unauthorized
 from gateway import __version__, appkeys
-from gateway.errors import Unauthorized
 from gateway.http import dumps, ok
 from gateway.routing import ROUTE_TABLE, Route, openapi_spec
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from flashsale import inventory
+from flashsale.auth import Principal, require_role
+from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from gateway import appkeys
-from gateway.auth import Principal, authenticate, require_role
-from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import inventory
 from gateway.validation import F, path_int, validate
 
 RESERVE = {

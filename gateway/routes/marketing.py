@@ -7,12 +7,13 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale import coupons, promotions
+from flashsale.auth import require_role
+from flashsale.errors import ValidationFailed
 from gateway import appkeys
-from gateway.auth import authenticate, require_role
-from gateway.errors import ValidationFailed
+from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import coupons, promotions
 from gateway.validation import F, validate, validate_query
 
 MAX_CENTS = 10**12

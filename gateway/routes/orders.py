@@ -6,13 +6,15 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale import orders, payments
+from flashsale.auth import Principal, require_role
+from flashsale.errors import ValidationFailed
+from flashsale.orders import Actor, OrderLineRequest
 from gateway import appkeys
-from gateway.auth import Principal, authenticate, require_role
-from gateway.errors import ValidationFailed
+from gateway.auth import authenticate
+from gateway.flash_runtime import FLASH
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import orders, payments
-from gateway.services.orders import Actor, OrderLineRequest
 from gateway.validation import (
     INT32_MAX,
     PATH_TEXT,
@@ -148,7 +150,9 @@ async def create(request: web.Request) -> web.Response:
     if key is not None and not 1 <= len(key) <= 128:
         raise ValidationFailed(fields={"Idempotency-Key": "length must be 1..128"})
     result = await orders.create_order(
-        request.app,
+        request.app[appkeys.DB],
+        request.app[appkeys.SETTINGS],
+        request.app[appkeys.ORDER_IDS],
         user_id=principal.user_id,
         lines=await _lines(request, body["items"]),
         shipping_address=address,
@@ -177,7 +181,13 @@ async def list_(request: web.Request) -> web.Response:
 
 async def detail(request: web.Request) -> web.Response:
     principal = _principal(request)
-    return ok(await orders.get_order(request.app, _order_id(request), principal.user_id))
+    app = request.app
+    rt = app[FLASH]
+    return ok(
+        await orders.get_order(
+            app[appkeys.DB], rt.redis, rt.cache.sales, _order_id(request), principal.user_id
+        )
+    )
 
 
 async def logs(request: web.Request) -> web.Response:
@@ -192,7 +202,7 @@ async def cancel(request: web.Request) -> web.Response:
     body = await _optional_body(request, CANCEL)
     return ok(
         await orders.cancel_order(
-            request.app,
+            request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
             expected_version=body.get("version"),
@@ -206,7 +216,8 @@ async def pay(request: web.Request) -> web.Response:
     body = validate(await read_json(request), PAY)
     return ok(
         await payments.create_payment(
-            request.app,
+            request.app[appkeys.DB],
+            request.app[appkeys.SETTINGS],
             order_id=_order_id(request),
             user_id=principal.user_id,
             method=body["payment_method"],
@@ -221,7 +232,7 @@ async def ship(request: web.Request) -> web.Response:
     body = validate(await read_json(request), SHIP)
     return ok(
         await orders.ship_order(
-            request.app,
+            request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
             expected_version=body.get("version"),
@@ -237,7 +248,10 @@ async def deliver(request: web.Request) -> web.Response:
     body = await _optional_body(request, VERSION_ONLY)
     return ok(
         await orders.deliver_order(
-            request.app, _order_id(request), _actor(principal), expected_version=body.get("version")
+            request.app[appkeys.DB],
+            _order_id(request),
+            _actor(principal),
+            expected_version=body.get("version"),
         )
     )
 
@@ -247,7 +261,10 @@ async def confirm(request: web.Request) -> web.Response:
     body = await _optional_body(request, VERSION_ONLY)
     return ok(
         await orders.confirm_order(
-            request.app, _order_id(request), _actor(principal), expected_version=body.get("version")
+            request.app[appkeys.DB],
+            _order_id(request),
+            _actor(principal),
+            expected_version=body.get("version"),
         )
     )
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from flashsale import payments
+from flashsale.orders import Actor
+from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import payments
-from gateway.services.orders import Actor
-from gateway.settings import Settings
 from gateway.validation import PATH_TEXT, F, Obj, path_text, validate
 
 CREATE = {
@@ -63,7 +63,8 @@ async def create(request: web.Request) -> web.Response:
     body = validate(await read_json(request), CREATE)
     return ok(
         await payments.create_payment(
-            request.app,
+            request.app[appkeys.DB],
+            request.app[appkeys.SETTINGS],
             order_id=body["order_id"],
             user_id=principal.user_id,
             method=body["payment_method"],
@@ -78,14 +79,22 @@ async def notify(request: web.Request) -> web.Response:
     # checked over the body exactly as sent: validation only checks its shape.
     body = await read_json(request)
     validate(body, NOTIFY, allow_extra=True)
-    return ok(await payments.process_notification(request.app, body))
+    return ok(
+        await payments.process_notification(
+            request.app[appkeys.DB], request.app[appkeys.SETTINGS], body
+        )
+    )
 
 
 async def sandbox_show(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     return ok(
         await payments.get_payment(
-            request.app, _payment_id(request), principal.user_id, principal.role
+            request.app[appkeys.DB],
+            request.app[appkeys.SETTINGS],
+            _payment_id(request),
+            principal.user_id,
+            principal.role,
         )
     )
 
@@ -94,7 +103,12 @@ async def sandbox_approve(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     return ok(
         await payments.sandbox_complete(
-            request.app, _payment_id(request), principal.user_id, principal.role, approve=True
+            request.app[appkeys.DB],
+            request.app[appkeys.SETTINGS],
+            _payment_id(request),
+            principal.user_id,
+            principal.role,
+            approve=True,
         )
     )
 
@@ -103,7 +117,12 @@ async def sandbox_fail(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     return ok(
         await payments.sandbox_complete(
-            request.app, _payment_id(request), principal.user_id, principal.role, approve=False
+            request.app[appkeys.DB],
+            request.app[appkeys.SETTINGS],
+            _payment_id(request),
+            principal.user_id,
+            principal.role,
+            approve=False,
         )
     )
 
@@ -113,7 +132,7 @@ async def refund(request: web.Request) -> web.Response:
     body = validate(await read_json(request), REFUND)
     return ok(
         await payments.refund(
-            request.app,
+            request.app[appkeys.DB],
             order_id=body["order_id"],
             actor=Actor(principal.user_id, principal.role),
             amount=body["refund_amount"],

@@ -6,12 +6,12 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from aiohttp import web
 
+from flashsale import presale
+from flashsale.errors import Forbidden
 from gateway import appkeys
 from gateway.auth import authenticate
-from gateway.errors import Forbidden
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.services import presale
 from gateway.validation import (
     INT32_MAX,
     DateOrDatetime,

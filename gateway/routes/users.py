@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from flashsale import users
+from flashsale.auth import ROLES, require_role
+from flashsale.cart import CART_TOKEN_HEADER, merge_guest_cart
+from flashsale.errors import NotFound, ValidationFailed
 from gateway import appkeys
-from gateway.auth import ROLES, authenticate, require_role
-from gateway.errors import NotFound, ValidationFailed
+from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
-from gateway.services import users
-from gateway.services.cart import CART_TOKEN_HEADER, merge_guest_cart
 from gateway.validation import Alt, F, Obj, path_int, validate
 
 REGISTER = Obj(

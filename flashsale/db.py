@@ -1,6 +1,6 @@
 """PostgreSQL: the connection pool and the migration runner.
 
-Migrations are the numbered ``gateway/migrations/NNNN_name.sql`` files, applied in
+Migrations are the numbered ``flashsale/migrations/NNNN_name.sql`` files, applied in
 order, each in its own transaction, and recorded with a checksum in
 ``schema_migrations``. Running twice is a no-op; a file changed after it was
 applied is refused rather than silently diverging from the databases that ran it.
@@ -54,7 +54,7 @@ class Migration:
 
 def load_migrations() -> list[Migration]:
     """Every migration file shipped with the package, in version order."""
-    folder = resources.files("gateway") / "migrations"
+    folder = resources.files("flashsale") / "migrations"
     out = [
         Migration(version=entry.name.removesuffix(".sql"), sql=entry.read_text(encoding="utf-8"))
         for entry in folder.iterdir()

@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
-from gateway.settings import Settings
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 

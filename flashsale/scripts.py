@@ -7,6 +7,7 @@ Calls go through redis-py's script objects: EVALSHA, with a reload on NOSCRIPT
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
 from importlib import resources
@@ -23,6 +24,39 @@ def source(name: str) -> str:
 
 def register(client: Redis, name: str) -> AsyncScript:
     return client.register_script(source(name))
+
+
+@dataclass(frozen=True, slots=True)
+class FlashScripts:
+    reserve: AsyncScript
+    release: AsyncScript
+    claim: AsyncScript
+    return_units: AsyncScript
+    load: AsyncScript
+    close: AsyncScript
+
+    @classmethod
+    def register(cls, client: Redis) -> FlashScripts:
+        return cls(
+            reserve=register(client, "reserve"),
+            release=register(client, "release"),
+            claim=register(client, "claim"),
+            return_units=register(client, "return_units"),
+            load=register(client, "sale_load"),
+            close=register(client, "sale_close"),
+        )
+
+    async def preload(self, client: Redis) -> None:
+        """SCRIPT LOAD every script so the first pipelined EVALSHA finds it."""
+        for script in (
+            self.reserve,
+            self.release,
+            self.claim,
+            self.return_units,
+            self.load,
+            self.close,
+        ):
+            await client.script_load(script.script)
 
 
 class Reserve(IntEnum):

@@ -17,7 +17,7 @@ from typing import Any, Final, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from gateway.errors import Conflict, NotFound
+from flashsale.errors import Conflict, NotFound
 
 # A connection, or the pool's proxy of one: what ``pool.acquire()`` gives.
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy

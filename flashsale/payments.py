@@ -23,14 +23,12 @@ from typing import Any, Final
 
 import asyncpg
 import orjson
-from aiohttp import web
 
-from gateway import appkeys
-from gateway.errors import AppError, BadRequest, Conflict, NotFound
-from gateway.services import orders, presale
-from gateway.services.inventory import Conn
-from gateway.services.orders import Actor
-from gateway.settings import Settings
+from flashsale import orders, presale
+from flashsale.errors import AppError, BadRequest, Conflict, NotFound
+from flashsale.inventory import Conn
+from flashsale.orders import Actor
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +195,8 @@ async def _lock_payable(conn: Conn, order_id: str, user_id: int) -> _Payable:
 
 
 async def create_payment(
-    app: web.Application,
+    pool: asyncpg.Pool,
+    settings: Settings,
     *,
     order_id: str,
     user_id: int,
@@ -207,10 +206,9 @@ async def create_payment(
 ) -> dict[str, Any]:
     """The pending pay order of an unpaid order — regular, flash or presale — (created or
     switched to ``method``)."""
-    settings = app[appkeys.SETTINGS]
     if not provider_available(settings):
         raise PaymentProviderUnavailable
-    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, conn.transaction():
         due = await _lock_payable(conn, order_id, user_id)
         if amount is not None and amount != due.amount_cents:
             raise Conflict(
@@ -247,12 +245,12 @@ async def create_payment(
 
 
 async def get_payment(
-    app: web.Application, payment_id: str, user_id: int, role: str
+    pool: asyncpg.Pool, settings: Settings, payment_id: str, user_id: int, role: str
 ) -> dict[str, Any]:
-    row = await app[appkeys.DB].fetchrow(SQL_PAY, payment_id)
+    row = await pool.fetchrow(SQL_PAY, payment_id)
     if row is None or (role != "admin" and row["user_id"] != user_id):
         raise NotFound("payment not found")
-    provider = app[appkeys.SETTINGS].payment_provider
+    provider = settings.payment_provider
     sandbox = provider == SANDBOX
     return {
         "payment_id": row["id"],
@@ -286,13 +284,14 @@ def signature_ok(key: bytes, body: Mapping[str, Any]) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given, sign(key, body))
 
 
-async def process_notification(app: web.Application, body: dict[str, Any]) -> dict[str, Any]:
+async def process_notification(
+    pool: asyncpg.Pool, settings: Settings, body: dict[str, Any]
+) -> dict[str, Any]:
     """Verify and apply one provider notification (seed §5.2); idempotent.
 
     Nothing is written before the signature checks out: anyone can call the endpoint.
     A signed notification that cannot be applied is recorded as rejected."""
-    pool = app[appkeys.DB]
-    if not signature_ok(app[appkeys.SETTINGS].payment_hmac_key, body):
+    if not signature_ok(settings.payment_hmac_key, body):
         exc = BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
         _log_rejection(body, exc)
         raise exc
@@ -384,12 +383,18 @@ def _not_payable(state: str) -> Conflict:
 
 
 async def sandbox_complete(
-    app: web.Application, payment_id: str, user_id: int, role: str, *, approve: bool
+    pool: asyncpg.Pool,
+    settings: Settings,
+    payment_id: str,
+    user_id: int,
+    role: str,
+    *,
+    approve: bool,
 ) -> dict[str, Any]:
     """What the sandbox provider does when the payer approves or fails: sign and notify."""
-    if app[appkeys.SETTINGS].payment_provider != SANDBOX:
+    if settings.payment_provider != SANDBOX:
         raise NotFound("payment not found")
-    pay = await get_payment(app, payment_id, user_id, role)
+    pay = await get_payment(pool, settings, payment_id, user_id, role)
     fields: dict[str, Any] = {
         "payment_id": pay["payment_id"],
         "order_id": pay["order_id"],
@@ -398,19 +403,19 @@ async def sandbox_complete(
         "transaction_id": "SBX" + secrets.token_hex(10).upper(),
         "paid_at": datetime.now(UTC).isoformat(),
     }
-    fields["sign"] = sign(app[appkeys.SETTINGS].payment_hmac_key, fields)
-    result = await process_notification(app, fields)
+    fields["sign"] = sign(settings.payment_hmac_key, fields)
+    result = await process_notification(pool, settings, fields)
     return {"notification": fields, "result": result}
 
 
 async def refund(
-    app: web.Application, *, order_id: str, actor: Actor, amount: int, reason: str
+    pool: asyncpg.Pool, *, order_id: str, actor: Actor, amount: int, reason: str
 ) -> dict[str, Any]:
     """A (partial) refund of a paid order; the refunds of an order never exceed what it paid.
 
     The shopper may refund an order only until it ships; after that only an admin may
     (approving a return)."""
-    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or (actor.role != "admin" and order["user_id"] != actor.user_id):
             raise NotFound("order not found")

@@ -2,7 +2,7 @@
 
 Every change that must end the sessions of an account (role, password, disabling it,
 logout) bumps ``users.token_gen`` and publishes the new generation to Redis while the
-row is still locked (:func:`gateway.sessions.publish`): concurrent bumps of one account
+row is still locked (:func:`flashsale.sessions.publish`): concurrent bumps of one account
 reach Redis in order, and if Redis cannot be told, the change is rolled back.
 """
 
@@ -16,15 +16,15 @@ from typing import Any, Final
 import asyncpg
 from redis.asyncio import Redis
 
-from gateway import sessions
-from gateway.auth import (
+from flashsale import sessions
+from flashsale.auth import (
     ROLES,
     InvalidCredentials,
     PasswordHashing,
     check_password,
     hash_password,
 )
-from gateway.errors import Conflict, Forbidden, NotFound, RateLimited, ValidationFailed
+from flashsale.errors import Conflict, Forbidden, NotFound, RateLimited, ValidationFailed
 
 EMAIL_RE: Final = r"[^@ \t\n\r\x0b\x0c\x00]+@[^@ \t\n\r\x0b\x0c\x00]+\.[^@ \t\n\r\x0b\x0c\x00]+"
 PHONE_RE: Final = r"\+?[0-9]{6,20}"

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.scripts import register
+from flashsale.scripts import register
 
 log = logging.getLogger(__name__)
 

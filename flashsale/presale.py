@@ -22,9 +22,9 @@ from typing import Any, Final
 
 import asyncpg
 
-from gateway.auth import Principal
-from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from gateway.services.inventory import Conn, PurchaseLimitExceeded
+from flashsale.auth import Principal
+from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from flashsale.inventory import Conn, PurchaseLimitExceeded
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from gateway.services import flashsale
-from gateway.settings import Settings
+from flashsale.flash import lifecycle
+from flashsale.scripts import FlashScripts
+from flashsale.settings import Settings
 
 DEMO_SALE_SKU_CODE = "noise-cancelling-headphones-1"
 SQL_SKU = "SELECT id FROM skus WHERE code = $1"
@@ -25,16 +26,16 @@ async def after_catalog(settings: Settings, pool: asyncpg.Pool, *, created: bool
         return {}
     redis: Redis = Redis.from_url(settings.redis)
     try:
-        scripts = flashsale.FlashScripts.register(redis)
+        scripts = FlashScripts.register(redis)
         existing = await pool.fetchval(SQL_OPEN_SALE, sku_id)
         if existing is not None:
-            row = await pool.fetchrow(flashsale.SQL_SALE, existing)
+            row = await pool.fetchrow(lifecycle.SQL_SALE, existing)
             assert row is not None
-            await flashsale.load_sale(redis, scripts, row)  # Redis may be new (e.g. flushed)
-            sale = await flashsale.sale_view(pool, redis, existing)
+            await lifecycle.load_sale(redis, scripts, row)  # Redis may be new (e.g. flushed)
+            sale = await lifecycle.sale_view(redis, existing)
         else:
             start = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=2)
-            sale = await flashsale.create_sale(
+            sale = await lifecycle.create_sale(
                 pool,
                 redis,
                 scripts,

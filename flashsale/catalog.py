@@ -22,8 +22,8 @@ from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.auth import Principal
-from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
 
 log = logging.getLogger(__name__)
 

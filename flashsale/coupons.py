@@ -1,6 +1,6 @@
 """Coupons and the price of an order.
 
-``gateway.services.orders.create_order`` calls :func:`quote` to price the lines
+``flashsale.orders.create_order`` calls :func:`quote` to price the lines
 and :func:`redeem`/:func:`unredeem` as its coupon step and that step's undo.
 
 A coupon is a template with a public code: within its window [starts_at, ends_at)
@@ -23,9 +23,9 @@ from typing import Any, Final
 
 import asyncpg
 
-from gateway.errors import Conflict, NotFound, ValidationFailed
-from gateway.services import promotions
-from gateway.services.promotions import Conn
+from flashsale import promotions
+from flashsale.errors import Conflict, NotFound, ValidationFailed
+from flashsale.promotions import Conn
 
 # Shipping: one place for the rule. Free when the subtotal reaches the threshold
 # (before discounts) or with a free_shipping coupon; otherwise a flat fee.

@@ -16,9 +16,9 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from gateway.errors import Conflict, NotFound, ValidationFailed
-from gateway.services.coupons import PricedLine
-from gateway.services.promotions import Conn
+from flashsale.coupons import PricedLine
+from flashsale.errors import Conflict, NotFound, ValidationFailed
+from flashsale.promotions import Conn
 
 CART_TOKEN_HEADER: Final = "X-Cart-Token"  # noqa: S105 - a header name
 GUEST_CART_TTL_S: Final = 7 * 24 * 3600

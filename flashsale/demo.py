@@ -11,9 +11,9 @@ from typing import Any, Final
 
 import asyncpg
 
-from gateway.db import Conn
-from gateway.services.users import create_user
-from gateway.settings import Settings
+from flashsale.db import Conn
+from flashsale.settings import Settings
+from flashsale.users import create_user
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,6 @@ async def _after_catalog(
     settings: Settings, pool: asyncpg.Pool, *, created: bool
 ) -> dict[str, Any]:
     """Hook for areas that add demo data on top of the catalog (the flash sale)."""
-    from gateway.services import demo_hooks
+    from flashsale import demo_hooks
 
     return await demo_hooks.after_catalog(settings, pool, created=created)

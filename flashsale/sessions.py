@@ -31,12 +31,10 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 import asyncpg
-from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway import appkeys
-from gateway.errors import ServiceUnavailable
+from flashsale.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +144,20 @@ async def _poll(
             log.warning("revocation list not refreshed (%s)", exc)
 
 
-async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
+@contextlib.asynccontextmanager
+async def kept_fresh(
+    revocations: Revocations, redis: Redis, db: asyncpg.Pool, *, every_s: float
+) -> AsyncIterator[None]:
     """Load the map before serving, then keep it fresh with a subscriber and a poller."""
-    revocations = app[appkeys.TOKENS].revocations
-    assert revocations is not None
-    redis, db = app[appkeys.REDIS], app[appkeys.DB]
     await revocations.refresh(redis, db)
     wake = asyncio.Event()
-    every_s = app[appkeys.SETTINGS].revocation_reload_ms / 1000
     tasks = [
         asyncio.create_task(_subscribe(revocations, redis, wake), name="revocation-subscriber"),
         asyncio.create_task(_poll(revocations, redis, db, every_s, wake), name="revocation-poller"),
     ]
-    yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -16,19 +16,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import asyncpg
 import orjson
-from aiohttp import web
+from redis.asyncio import Redis
 
-from gateway import appkeys
-from gateway.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from gateway.services import coupons, flash_orders, inventory
-from gateway.services.inventory import Conn
-from gateway.settings import Settings
+from flashsale import coupons, inventory
+from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from flashsale.flash import lifecycle as flash_lifecycle
+from flashsale.flash import views as flash_views
+from flashsale.ids import OrderIds
+from flashsale.inventory import Conn
+from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +380,9 @@ async def _run_undos(conn: Conn, undos: list[Callable[[], Awaitable[Any]]]) -> N
 
 
 async def create_order(
-    app: web.Application,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    order_ids: OrderIds,
     *,
     user_id: int,
     lines: list[OrderLineRequest],
@@ -390,10 +394,9 @@ async def create_order(
     ``{"order_id", "status", "total_amount", "discount_amount", "shipping_fee",
     "final_amount", "payment_id", "payment_url", "expires_at", "version"}``."""
     merged = _merge(lines)
-    settings = app[appkeys.SETTINGS]
-    order_id = app[appkeys.ORDER_IDS].next(user_id)
+    order_id = order_ids.next(user_id)
     undos: list[Callable[[], Awaitable[Any]]] = []
-    async with app[appkeys.DB].acquire() as proxy:
+    async with pool.acquire() as proxy:
         # The coupon interface is typed for a plain Connection; the pool proxy is one.
         conn = cast(asyncpg.Connection, proxy)
         if idempotency_key is not None:
@@ -583,15 +586,18 @@ async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def get_order(app: web.Application, order_id: str, user_id: int) -> dict[str, Any]:
-    """The caller's order (404 for anyone else's); a flash order still in flight too."""
-    async with app[appkeys.DB].acquire() as conn:
+async def get_order(
+    pool: asyncpg.Pool, redis: Redis, sale_ids: Iterable[int], order_id: str, user_id: int
+) -> dict[str, Any]:
+    """The caller's order (404 for anyone else's); a flash order still in flight too
+    (looked up in the reservation logs of ``sale_ids``)."""
+    async with pool.acquire() as conn:
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is not None:
             if order["user_id"] != user_id:
                 raise NotFound("order not found")
             return await order_detail(conn, order)
-    queued = await flash_orders.queued_order(app, order_id, user_id)
+    queued = await flash_views.queued_order(redis, sale_ids, order_id, user_id)
     if queued is None:
         raise NotFound("order not found")
     return queued
@@ -672,15 +678,15 @@ async def _apply(
 
 
 async def cancel_order(
-    app: web.Application, order_id: str, actor: Actor, *, expected_version: int | None, reason: str
+    pool: asyncpg.Pool, order_id: str, actor: Actor, *, expected_version: int | None, reason: str
 ) -> dict[str, Any]:
     """pending_payment → cancelled; regular stock goes back, flash units go back to the sale."""
-    async with app[appkeys.DB].acquire() as proxy, proxy.transaction():
+    async with pool.acquire() as proxy, proxy.transaction():
         conn = cast(asyncpg.Connection, proxy)  # the flash hook is typed for a Connection
         order = await _load_own(conn, order_id, actor, lock=True)
         version = _check(order, ("pending_payment",), "cancel", expected_version)
         if order["kind"] == "flash":
-            if not await flash_orders.cancel_flash_order(app, conn, order_id, reason=reason):
+            if not await flash_lifecycle.cancel_order(conn, order_id, reason=reason):
                 raise invalid_transition(order["status"], "cancel")
             new_version = await conn.fetchval(SQL_FLASH_CANCELLED, order_id, reason)
             await write_log(conn, order_id, actor, order["status"], "cancelled", reason)
@@ -704,7 +710,7 @@ async def mark_paid(conn: Conn, order: asyncpg.Record, actor: Actor, note: str |
 
 
 async def ship_order(
-    app: web.Application,
+    pool: asyncpg.Pool,
     order_id: str,
     actor: Actor,
     *,
@@ -714,7 +720,7 @@ async def ship_order(
     estimated_delivery: str | None,
 ) -> dict[str, Any]:
     """paid → shipped, by the merchant owning every product of the order, or an admin."""
-    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is None:
             raise NotFound("order not found")
@@ -743,10 +749,10 @@ async def ship_order(
 
 
 async def deliver_order(
-    app: web.Application, order_id: str, actor: Actor, *, expected_version: int | None
+    pool: asyncpg.Pool, order_id: str, actor: Actor, *, expected_version: int | None
 ) -> dict[str, Any]:
     """shipped → delivered (the carrier's event), by the merchant or an admin."""
-    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is None:
             raise NotFound("order not found")
@@ -757,10 +763,10 @@ async def deliver_order(
 
 
 async def confirm_order(
-    app: web.Application, order_id: str, actor: Actor, *, expected_version: int | None
+    pool: asyncpg.Pool, order_id: str, actor: Actor, *, expected_version: int | None
 ) -> dict[str, Any]:
     """shipped/delivered → completed, by the buyer."""
-    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is None or order["user_id"] != actor.user_id:
             raise NotFound("order not found")
@@ -780,12 +786,12 @@ async def _require_merchant(conn: Conn, order_id: str, actor: Actor) -> None:
         raise NotFound("order not found")
 
 
-async def close_expired_orders(app: web.Application, *, batch: int = 100) -> int:
+async def close_expired_orders(pool: asyncpg.Pool, *, batch: int = 100) -> int:
     """One sweep (seed 004 timeout close): cancel unpaid regular orders past their deadline
     and release their stock. Safe with many sweepers: locked rows are skipped and the
     cancel is a guarded update."""
     closed = 0
-    async with app[appkeys.DB].acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, conn.transaction():
         for rec in await conn.fetch(SQL_EXPIRED_UNPAID, batch):
             version = await conn.fetchval(
                 SQL_TO_CANCELLED, rec["id"], rec["version"], "payment timeout"

@@ -1,8 +1,8 @@
-"""Background sweepers of the storefront: unpaid regular orders past their deadline,
-stock reservations past ``reserved_until`` and unpaid presale orders past ``expires_at``.
+"""The storefront's sweeper: unpaid regular orders past their deadline, stock reservations
+past ``reserved_until`` and unpaid presale orders past ``expires_at``.
 
-Both sweeps are safe to run on every gateway process at once (``FOR UPDATE SKIP
-LOCKED`` plus status-guarded updates), so there is no leader to elect.
+Safe to run in every consumer process at once (``FOR UPDATE SKIP LOCKED`` plus
+status-guarded updates), so there is no leader to elect.
 """
 
 from __future__ import annotations
@@ -10,25 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 import asyncpg
-from aiohttp import web
 
-from gateway import appkeys
-from gateway.services import inventory, orders, presale
+from flashsale import inventory, orders, presale
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
 
 
-async def sweep_once(app: web.Application) -> tuple[int, int, int]:
+async def sweep_once(db: asyncpg.Pool) -> tuple[int, int, int]:
     """Close expired orders first (their reservations go with them), then stray holds,
     then unpaid presale orders past their hold."""
-    closed = await orders.close_expired_orders(app)
-    released = await inventory.release_expired(app[appkeys.DB])
-    presales = await presale.cancel_expired(app[appkeys.DB])
+    closed = await orders.close_expired_orders(db)
+    released = await inventory.release_expired(db)
+    presales = await presale.cancel_expired(db)
     if closed or released or presales:
         log.info(
             "store sweep: closed %d unpaid orders, released %d reservations, "
@@ -40,23 +37,20 @@ async def sweep_once(app: web.Application) -> tuple[int, int, int]:
     return closed, released, presales
 
 
-async def _run(app: web.Application, stop: asyncio.Event) -> None:
-    interval_s = app[appkeys.SETTINGS].sweep_interval_ms / 1000
+async def _loop(db: asyncpg.Pool, interval_s: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await sweep_once(app)
+            await sweep_once(db)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             log.exception("store sweep failed; retrying next interval")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
 
 
-async def store_sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: the sweeper loop lives exactly as long as the app."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(_run(app, stop), name="store-sweeper")
-    yield
-    stop.set()
+async def run_store_sweeper(db: asyncpg.Pool, interval_s: float, stop: asyncio.Event) -> None:
+    """Sweep every ``interval_s`` until ``stop`` is set."""
+    task = asyncio.create_task(_loop(db, interval_s, stop), name="store-sweep-loop")
+    await stop.wait()
     try:
         # a sweep waiting on a row lock must not hold up the shutdown; what it did not
         # finish rolls back, and the next sweep (here or in a sibling) does it

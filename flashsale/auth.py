@@ -1,0 +1,296 @@
+"""Passwords, signed tokens and role checks (extracting a token from a request: gateway/auth.py).
+
+Tokens are HS256 JWTs carrying the user id (``sub``), ``role`` and expiry. The
+gateway verifies them in-process with no database or Redis call; a small cache of
+already-verified tokens keeps a stampede of the same shoppers from paying the HMAC
+and JSON cost on every attempt (the expiry is still checked on each use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
+
+import jwt
+import orjson
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from flashsale.errors import AppError, Forbidden, ServiceUnavailable, Unauthorized
+
+if TYPE_CHECKING:
+    from flashsale.sessions import Revocations
+
+_T = TypeVar("_T")
+
+ROLES: Final = ("user", "merchant", "admin")
+ALGORITHM: Final = "HS256"
+_CACHE_MAX = 100_000
+# base64url of {"alg":"HS256","typ":"JWT"}, the header PyJWT writes for our tokens
+_HEADER_B64: Final = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+# three unpadded base64url segments: anything else (padding, "@@@@", spaces) is refused
+# before decoding, because Python's base64 silently skips characters outside the alphabet
+_TOKEN_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+class TokenExpired(Unauthorized):
+    code = "TOKEN_EXPIRED"
+    default_message = "token has expired"
+
+
+class TokenMalformed(Unauthorized):
+    code = "TOKEN_MALFORMED"
+    default_message = "token is malformed"
+
+
+class TokenInvalid(Unauthorized):
+    code = "TOKEN_INVALID"
+    default_message = "token signature is invalid"
+
+
+class TokenRevoked(Unauthorized):
+    code = "TOKEN_REVOKED"
+    default_message = "token was revoked (logout, password or role change); log in again"
+
+
+class RevocationUnavailable(ServiceUnavailable):
+    code = "AUTH_UNAVAILABLE"
+    default_message = "cannot check tokens right now (revocation list unreachable); retry later"
+
+
+class InvalidCredentials(Unauthorized):
+    """One answer for an unknown account and a wrong password, so logins enumerate nothing."""
+
+    code = "INVALID_CREDENTIALS"
+    default_message = "wrong login or password"
+
+
+class Principal(NamedTuple):
+    """Who is calling: verified from the token alone.
+
+    A tuple of atoms, so the garbage collector stops tracking it: a cache of a hundred
+    thousand shoppers then adds nothing to a full collection's pause.
+    """
+
+    user_id: int
+    role: str
+    expires_at: float
+    gen: int = 0
+
+
+class TokenService:
+    """Issues and verifies tokens with one secret.
+
+    With ``revocations`` (the app's), a token whose generation is older than the user's
+    current one is refused: an in-process dict lookup, no I/O.
+    """
+
+    def __init__(self, secret: str, ttl_s: int, *, revocations: Revocations | None = None) -> None:
+        self._secret = secret
+        self._key = secret.encode()
+        self.ttl_s = ttl_s
+        self.revocations = revocations
+        self._cache: dict[str, Principal] = {}
+
+    def issue(self, user_id: int, role: str, *, gen: int = 0, ttl_s: int | None = None) -> str:
+        if self.revocations is not None:
+            # a bump this worker heard of may not be committed yet; never issue below it
+            gen = max(gen, self.revocations.current(user_id))
+        now = int(time.time())
+        claims = {
+            "sub": str(user_id),
+            "role": role,
+            "gen": gen,
+            "iat": now,
+            "exp": now + (ttl_s or self.ttl_s),
+        }
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def verify(self, token: str) -> Principal:
+        cached = self._cache.get(token)
+        if cached is None:
+            # only the one canonical spelling of a token verifies, so the cache holds at
+            # most one entry per issued token
+            if not _TOKEN_SHAPE.fullmatch(token):
+                raise TokenMalformed
+            cached = self._fast_verify(token) or self._slow_verify(token)
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[token] = cached
+        now = time.time()
+        if cached.expires_at <= now:
+            raise TokenExpired
+        revocations = self.revocations
+        if revocations is not None:
+            if now - revocations.synced_at > revocations.max_stale_s:
+                raise RevocationUnavailable
+            if cached.gen < revocations.generations.get(cached.user_id, 0):
+                raise TokenRevoked
+        return cached
+
+    def _fast_verify(self, token: str) -> Principal | None:
+        """HS256 tokens in the exact shape we issue, checked without PyJWT's generality.
+
+        A stampede brings tens of thousands of fresh tokens; this costs a few microseconds
+        each. Anything unusual returns None and goes through PyJWT, which classifies it.
+        """
+        header, _, rest = token.partition(".")
+        payload, _, signature = rest.partition(".")
+        if header != _HEADER_B64 or not payload or not signature:
+            return None
+        digest = hmac.new(self._key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        # compare encoded forms: the spare bits of the last base64 character must be zero
+        if not hmac.compare_digest(_b64url(digest), signature.encode()):
+            raise TokenInvalid
+        try:
+            claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (ValueError, orjson.JSONDecodeError):
+            return None
+        return _principal(claims)
+
+    def _slow_verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[ALGORITHM],
+                options={"require": ["exp", "sub"], "verify_exp": False},
+            )
+        except jwt.InvalidSignatureError:
+            raise TokenInvalid from None
+        except jwt.PyJWTError:
+            raise TokenMalformed from None
+        signature = token.rpartition(".")[2]
+        decoded = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+        if _b64url(decoded) != signature.encode():
+            raise TokenInvalid
+        return _principal(claims)
+
+    def cached(self) -> int:
+        """How many verified tokens the cache holds."""
+        return len(self._cache)
+
+
+def _b64url(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def _principal(claims: object) -> Principal:
+    if not isinstance(claims, dict):
+        raise TokenMalformed
+    sub, role, exp = claims.get("sub"), claims.get("role"), claims.get("exp")
+    gen = claims.get("gen", 0)
+    if not isinstance(sub, str) or not sub.isdigit() or role not in ROLES:
+        raise TokenMalformed
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        raise TokenMalformed
+    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 0:
+        raise TokenMalformed
+    return Principal(int(sub), str(role), float(exp), gen)
+
+
+def require_role(principal: Principal, *roles: str) -> Principal:
+    if principal.role not in roles:
+        raise Forbidden(f"requires role: {' or '.join(roles)}")
+    return principal
+
+
+_HASHER = PasswordHasher()
+
+
+class HashBusy(ServiceUnavailable):
+    default_message = "too many logins in progress, retry shortly"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+
+
+class PasswordHashing:
+    """argon2id off the event loop, at most ``concurrency`` at a time per worker.
+
+    Each hash takes about 64 MiB and a few hundred milliseconds of a core: without a
+    bound, a burst of logins is a cheap way to exhaust memory and CPU. Up to ``queue``
+    callers wait for a slot; the next one gets 503 RETRY_LATER at once.
+    """
+
+    def __init__(self, concurrency: int = 2, queue: int = 32) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._capacity = concurrency + queue
+        self._inside = 0
+        self._dummy: str | None = None
+        self.completed = 0  # hashes computed (tests check unknown accounts cost one too)
+
+    async def _run(self, fn: Callable[[], _T], *, count: bool = True) -> _T:
+        if self._inside >= self._capacity:
+            raise HashBusy
+        self._inside += 1
+        try:
+            async with self._slots:
+                result = await asyncio.to_thread(fn)
+                self.completed += count
+                return result
+        finally:
+            self._inside -= 1
+
+    async def hash(self, password: str) -> str:
+        return await self._run(lambda: _HASHER.hash(password))
+
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        """Check ``password``; with no stored hash (unknown account), check a dummy one.
+
+        The dummy costs the same as a real check, so the answer time does not tell
+        whether the account exists.
+        """
+        if stored_hash is None:
+            if self._dummy is None:
+                dummy = secrets.token_urlsafe(16)
+                self._dummy = await self._run(lambda: _HASHER.hash(dummy), count=False)
+            await self._run(lambda: _verify(self._dummy or "", password))
+            return False
+        return await self._run(lambda: _verify(stored_hash, password))
+
+
+def _verify(stored_hash: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(stored_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+# for callers without an app (CLI, demo seeding)
+DEFAULT_HASHING: Final = PasswordHashing()
+
+
+async def hash_password(password: str, hashing: PasswordHashing | None = None) -> str:
+    """argon2id hash, computed off the event loop."""
+    return await (hashing or DEFAULT_HASHING).hash(password)
+
+
+async def check_password(
+    stored_hash: str | None, password: str, hashing: PasswordHashing | None = None
+) -> bool:
+    return await (hashing or DEFAULT_HASHING).verify(stored_hash, password)
+
+
+__all__ = [
+    "AppError",
+    "InvalidCredentials",
+    "PasswordHashing",
+    "Principal",
+    "RevocationUnavailable",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenMalformed",
+    "TokenRevoked",
+    "TokenService",
+    "check_password",
+    "hash_password",
+    "require_role",
+]

@@ -1,0 +1,153 @@
+"""A flash sale's live state as each worker sees it: ``SaleState`` and the ``SaleCache``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from redis.asyncio import Redis
+
+from flashsale import rediskeys
+from flashsale.redisbatch import run_id_of
+
+REFRESH_EVERY_S: Final = 0.5
+MISS_TTL_S: Final = 1.0
+
+
+@dataclass(slots=True)
+class SaleState:
+    id: int
+    sku_id: int
+    product_id: int
+    price_cents: int
+    original_price_cents: int
+    name: str
+    per_user_limit: int
+    start_ms: int
+    end_ms: int
+    window_ms: int
+    allotment: int
+    remaining: int
+    moved_out: int
+    closed: bool
+    recovering: bool = False  # not armed under the current Redis run (see reserve.lua)
+
+    @property
+    def sold_out(self) -> bool:
+        return self.remaining <= 0
+
+    def status(self, now_ms: int) -> str:
+        if self.closed or now_ms >= self.end_ms:
+            return "ended"
+        if now_ms < self.start_ms:
+            return "upcoming"
+        return "sold_out" if self.remaining <= 0 else "active"
+
+    def public(self, now_ms: int) -> dict[str, Any]:
+        sold = max(0, self.allotment - self.remaining - self.moved_out)
+        return {
+            "flash_sale_id": self.id,
+            "product": {
+                "id": self.product_id,
+                "name": self.name,
+                "sku_id": self.sku_id,
+                "original_price": self.original_price_cents,
+                "flash_price": self.price_cents,
+            },
+            "total_quantity": self.allotment,
+            "sold_quantity": sold,
+            "remaining_quantity": self.remaining,
+            "per_user_limit": self.per_user_limit,
+            "start_time": iso_ms(self.start_ms),
+            "end_time": iso_ms(self.end_ms),
+            "payment_window_s": self.window_ms // 1000,
+            "status": self.status(now_ms),
+        }
+
+    @classmethod
+    def from_hash(cls, sale_id: int, h: dict[Any, Any], run_id: bytes = b"") -> SaleState:
+        def i(name: str) -> int:
+            return int(h[name.encode()])
+
+        return cls(
+            id=sale_id,
+            sku_id=i("sku"),
+            product_id=i("product"),
+            price_cents=i("price"),
+            original_price_cents=i("original_price"),
+            name=h[b"name"].decode(),
+            per_user_limit=i("limit"),
+            start_ms=i("start_ms"),
+            end_ms=i("end_ms"),
+            window_ms=i("window_ms"),
+            allotment=i("allotment"),
+            remaining=i("remaining"),
+            moved_out=i("moved_out"),
+            closed=h.get(b"closed") == b"1",
+            recovering=bool(run_id) and h.get(b"armed") != run_id,
+        )
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as an ISO 8601 UTC timestamp ending in ``Z``."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SaleCache:
+    """Every known sale's state, refreshed from Redis twice a second in each worker.
+
+    Joins check the window and the sold-out flag here without any I/O; a script that
+    reports sold out sets the flag at once in this worker, and the refresh spreads
+    it (and its clearing after a top-up or a release) to every worker within a second.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self.sales: dict[int, SaleState] = {}
+        self._misses: dict[int, float] = {}
+        self.run_id = b""
+
+    async def refresh(self) -> None:
+        ids = sorted(int(x) for x in await self._redis.smembers(rediskeys.SALES_INDEX))
+        if not ids:
+            self.sales = {}
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.execute_command("INFO", "server")
+        for sale_id in ids:
+            pipe.hgetall(rediskeys.sale(sale_id))
+        info, *hashes = await pipe.execute()
+        self.run_id = run_id_of(info).encode()
+        fresh: dict[int, SaleState] = {}
+        for sale_id, h in zip(ids, hashes, strict=True):
+            if h and b"sku" in h:
+                fresh[sale_id] = SaleState.from_hash(sale_id, h, self.run_id)
+        self.sales = fresh
+
+    async def get(self, sale_id: int) -> SaleState | None:
+        state = self.sales.get(sale_id)
+        if state is not None:
+            return state
+        missed = self._misses.get(sale_id)
+        if missed is not None and time.monotonic() - missed < MISS_TTL_S:
+            return None
+        h = await self._redis.hgetall(rediskeys.sale(sale_id))
+        if not h or b"sku" not in h:
+            if len(self._misses) > 10_000:
+                self._misses.clear()
+            self._misses[sale_id] = time.monotonic()
+            return None
+        state = SaleState.from_hash(sale_id, h, self.run_id)
+        self.sales[sale_id] = state
+        return state
+
+    def mark_sold_out(self, sale_id: int) -> None:
+        state = self.sales.get(sale_id)
+        if state is not None:
+            state.remaining = 0

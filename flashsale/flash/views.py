@@ -1,0 +1,54 @@
+"""Flash orders as the order routes see them before they reach PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from flashsale import rediskeys
+from flashsale.flash.cache import iso_ms
+from flashsale.flash.events import parse_entry
+
+
+async def queued_order(
+    redis: Redis, sale_ids: Iterable[int], order_id: str, user_id: int
+) -> dict[str, Any] | None:
+    """A flash order of ``user_id`` still in flight (reserved, not yet in PostgreSQL), or None.
+
+    ``sale_ids``: the sales to look in (a worker's cached ones).
+    """
+    sale_ids = list(sale_ids)
+    if not sale_ids or not order_id.isdigit():
+        return None
+    pipe = redis.pipeline(transaction=False)
+    for sid in sale_ids:
+        pipe.hget(rediskeys.log(sid), order_id)
+        pipe.hget(rediskeys.claimed(sid), order_id)
+    found = await pipe.execute()
+    for i, sid in enumerate(sale_ids):
+        entry = found[2 * i] or found[2 * i + 1]
+        if entry:
+            ev = parse_entry(sid, order_id, entry)
+            if ev.user_id != user_id:
+                return None
+            return {
+                "order_id": order_id,
+                "status": "queued",
+                "kind": "flash",
+                "flash_sale_id": sid,
+                "items": [
+                    {
+                        "product_id": ev.product_id,
+                        "sku_id": ev.sku_id,
+                        "quantity": ev.quantity,
+                        "price": ev.price_cents,
+                        "subtotal": ev.price_cents * ev.quantity,
+                    }
+                ],
+                "total_amount": ev.price_cents * ev.quantity,
+                "payment_deadline": iso_ms(ev.payment_deadline_ms),
+                "created_at": iso_ms(ev.reserved_at_ms),
+            }
+    return None

@@ -1,0 +1,46 @@
+"""The flash-sale runtime on the app: built once per worker, its cache kept fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from flashsale.flash.cache import REFRESH_EVERY_S
+from flashsale.flash.runtime import FlashRuntime, open_runtime
+from gateway import appkeys
+
+log = logging.getLogger(__name__)
+
+FLASH: Final = web.AppKey("flash", FlashRuntime)
+
+
+async def flash_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = await open_runtime(app[appkeys.SETTINGS], app[appkeys.REDIS], app[appkeys.PRODUCER])
+    app[FLASH] = runtime
+    cache = runtime.cache
+
+    async def refresher() -> None:
+        batcher, metrics = runtime.batcher, app[appkeys.METRICS]
+        pipelines = metrics.redis_calls.labels("reserve_pipeline")
+        calls = metrics.redis_calls.labels("reserve_call")
+        seen_pipelines = seen_calls = 0
+        while True:
+            await asyncio.sleep(REFRESH_EVERY_S)
+            pipelines.inc(batcher.round_trips - seen_pipelines)
+            calls.inc(batcher.calls - seen_calls)
+            seen_pipelines, seen_calls = batcher.round_trips, batcher.calls
+            try:
+                await cache.refresh()
+            except (RedisError, OSError) as exc:
+                log.warning("sale cache refresh failed: %s", exc)
+
+    task = asyncio.create_task(refresher(), name="sale-cache-refresh")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await runtime.batcher.close()

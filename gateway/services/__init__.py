@@ -1,1 +1,0 @@
-"""Domain services: plain async functions over the stores, called by handlers and the CLI."""
