@@ -26,6 +26,7 @@ from typing import IO
 
 from flashsale.settings import Settings
 from gateway.embedded import EmbeddedStack, restart_server, start_stack
+from gateway.preflight import PreflightFailed, check_reachable, claim_port
 from gateway.server import (
     CrashLoop,
     StopFlag,
@@ -71,9 +72,17 @@ async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
         await pool.close()
 
 
-def _wait_ready(url: str, timeout_s: float, children: list[Supervised]) -> bool:
+def _wait_ready(
+    url: str, timeout_s: float, children: list[Supervised], starting: list[Supervised]
+) -> bool:
+    """Until ``url`` answers 200; a process of ``starting`` that dies meanwhile is a start-up
+    failure, reported at once (its own output, above, says why)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        for child in starting:
+            code = child.proc.poll() if child.proc is not None else None
+            if code is not None:
+                raise CrashLoop(f"{child.name} exited with {code} while starting (see above)")
         keep_alive(children)
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
@@ -132,10 +141,20 @@ def _lock_data_dir(root: Path, wait_s: float = 30.0) -> IO[str]:
     """
     handle = (root / "up.lock").open("a+")
     deadline = time.monotonic() + wait_s
+    said = False
     while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not said:
+                handle.seek(0)
+                print(
+                    f"flashsale: waiting up to {wait_s:.0f}s for the `flashsale up` (pid "
+                    f"{handle.read().strip() or '?'}) that holds {root.resolve()} to stop…",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
             if time.monotonic() > deadline:
                 handle.seek(0)
                 owner = handle.read().strip() or "?"
@@ -162,8 +181,16 @@ def up(settings: Settings, *, demo: bool = True) -> int:
         print(f"flashsale: {exc}", file=sys.stderr)
         return 2
     try:
+        port = claim_port(settings.http_host, settings.http_port)
+        check_reachable(settings)
+    except PreflightFailed as exc:
+        lock.close()
+        print(f"flashsale: {exc}", file=sys.stderr)
+        return 2
+    try:
         return _up(settings, root, demo=demo)
     finally:
+        port.close()
         lock.close()
 
 
@@ -225,7 +252,7 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         )
         everything = servers + children + consumers
         base = f"http://{settings.http_host}:{settings.http_port}"
-        if not _wait_ready(base + "/readyz", 60, everything):
+        if not _wait_ready(base + "/readyz", 60, everything, children + consumers):
             log.error("gateway did not become ready at %s/readyz", base)
             return 1
         _banner(settings, base, demo_info, servers_s, time.monotonic() - started, stack)

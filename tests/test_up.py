@@ -50,7 +50,9 @@ def _alive(pid: int) -> bool:
 def _ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "flashsale up exited early"
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError("flashsale up exited early:\n" + out[-3000:])
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
                 body: dict[str, object] = json.loads(resp.read())
