@@ -490,27 +490,34 @@ def start_stack(
     kafka: bool = True,
     durable: bool = True,
     redis_appendfsync: str | None = None,
+    ports: dict[str, int] | None = None,
 ) -> EmbeddedStack:
     """Start the requested servers under ``root``; on any failure stop what started.
+
+    ``ports`` asks for a port per server name (``up`` keeps its ports across restarts).
 
     ``durable=False`` (tests) trades durability for speed everywhere; ``redis_appendfsync``
     makes Redis keep an AOF with that fsync policy whatever ``durable`` says (the bench
     measures the production policy with it).
     """
     stack = EmbeddedStack(root)
+    want = ports or {}
     try:
         if redis:
             stack.servers.append(
                 start_redis(
                     root / "redis",
+                    port=want.get("redis"),
                     persist=durable or redis_appendfsync is not None,
                     appendfsync=redis_appendfsync or "always",
                 )
             )
         if postgres:
-            stack.servers.append(start_postgres(root / "postgres", durable=durable))
+            stack.servers.append(
+                start_postgres(root / "postgres", port=want.get("postgres"), durable=durable)
+            )
         if kafka:
-            stack.servers.append(start_kafka(root / "kafka"))
+            stack.servers.append(start_kafka(root / "kafka", port=want.get("kafka")))
     except BaseException:
         stack.stop()
         raise

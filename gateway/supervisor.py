@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from flashsale.settings import Settings
+from gateway import stackfile
 from gateway.embedded import EmbeddedStack, restart_server, start_stack
 from gateway.preflight import PreflightFailed, check_reachable, claim_port
 from gateway.server import (
@@ -208,7 +209,11 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         }
         if any(need.values()):
             stack = start_stack(
-                root, redis=need["redis"], postgres=need["postgres"], kafka=need["kafka"]
+                root,
+                redis=need["redis"],
+                postgres=need["postgres"],
+                kafka=need["kafka"],
+                ports=stackfile.remembered_ports(settings),
             )
             settings = settings.with_(
                 redis_url=settings.redis_url or stack.url("redis"),
@@ -255,6 +260,7 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         if not _wait_ready(base + "/readyz", 60, everything, children + consumers):
             log.error("gateway did not become ready at %s/readyz", base)
             return 1
+        stackfile.write(settings, {s.name: s.port for s in stack.servers} if stack else {})
         _banner(settings, base, demo_info, servers_s, time.monotonic() - started, stack)
         while not flag:
             keep_alive(everything)

@@ -94,6 +94,20 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             }
             tree = _descendants(proc.pid)
             assert len(tree) >= 5  # servers, workers, consumer
+            # a side command finds the running stack with no variable set
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+            side = subprocess.run(
+                [sys.executable, "-m", "gateway", "reconcile"],
+                env={**env, "FLASHSALE_DATA_DIR": data_dir},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert side.returncode == 0, side.stdout + side.stderr
+            assert "using the running stack's servers" in side.stderr
+            assert "sale(s) checked, 0 with drift" in side.stdout
+            first = json.loads((Path(data_dir) / "stack.json").read_text())
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
@@ -105,6 +119,8 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             # a second `up` reuses the data folder (demo data is not loaded twice)
             proc = _run_up(data_dir, port)
             _ready(port, proc, 90)
+            again = json.loads((Path(data_dir) / "stack.json").read_text())
+            assert again["ports"] == first["ports"]  # URLs from the last banner stay good
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
