@@ -13,6 +13,7 @@ of them crash-loops, and says so in one line.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -22,7 +23,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from flashsale.settings import Settings
 from gateway import stackfile
@@ -284,6 +285,16 @@ def _metrics_token_hint(settings: Settings) -> str:
     return f"$(cat {path})" if generated else "$FLASHSALE_METRICS_TOKEN"
 
 
+def _sales(base: str) -> list[dict[str, Any]]:
+    """The running and upcoming sales, as the gateway shows them (their status is now's)."""
+    try:
+        with urllib.request.urlopen(base + "/api/v1/flash-sales/active", timeout=5) as resp:  # noqa: S310
+            data = json.loads(resp.read())["data"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return data if isinstance(data, list) else []
+
+
 def _banner(
     settings: Settings,
     base: str,
@@ -310,8 +321,12 @@ def _banner(
     ]
     for role, cred in (demo.get("accounts") or {}).items():  # type: ignore[attr-defined]
         lines.append(f"  demo {role:<9} {cred}")
-    if demo.get("flash_sale"):
-        lines.append(f"  flash sale     {demo['flash_sale']}")
+    for sale in _sales(base):
+        lines.append(
+            f"  flash sale     id {sale['flash_sale_id']}: {sale['status']}, "
+            f"{sale['remaining_quantity']}/{sale['total_quantity']} left, "
+            f"{sale['start_time']} → {sale['end_time']}"
+        )
     lines += [
         "",
         "  log in:   curl -s -XPOST "
