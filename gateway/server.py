@@ -27,11 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from gateway import logs
+
+    logs.configure(settings.log_level)
     logging.getLogger("gateway.access").setLevel(
         logging.INFO if settings.access_log else logging.WARNING
     )

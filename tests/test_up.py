@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,11 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
             assert b"flashsale is up" in out
+            logged = [line for line in out.splitlines() if line.startswith(b"{")]
+            assert logged, "no log line"
+            for line in logged:  # every process logs JSON lines
+                assert {"ts", "level", "pid", "logger", "msg"} <= set(json.loads(line))
+            assert not re.search(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", out, re.M)
             deadline = time.monotonic() + 5
             while any(_alive(p) for p in tree) and time.monotonic() < deadline:
                 time.sleep(0.1)
