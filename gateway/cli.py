@@ -180,7 +180,9 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
             return 1
     if cmd in ("reconcile", "rebuild-cache"):
         from consumers.reconcile import main as reconcile_main
+        from gateway import stackfile
 
+        settings = stackfile.fill(settings)
         settings.require("redis_url", "database_url")
         return reconcile_main(settings, command=cmd, repair=getattr(args, "repair", False))
     if cmd == "bench":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import grp
+import hashlib
 import importlib.util
 import logging
 import os
@@ -21,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +32,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "flashsale-pg"
+SHARED_PG_CACHE = Path("/var/cache/flashsale")
+SHARED_PG_DATA = Path("/var/lib/flashsale")
 PG_DATABASE = "flashsale"
 _PR_SET_PDEATHSIG = 1
 
@@ -256,29 +261,102 @@ def _pg_user() -> pwd.struct_passwd | None:
         return pwd.getpwnam(PG_SYSTEM_USER)
 
 
-def start_postgres(data_dir: Path, *, port: int | None = None, durable: bool = True) -> Server:
-    """initdb on first use, then run postgres on 127.0.0.1 only (no unix socket)."""
-    bindir = postgres_bin_dir()
+def reachable_by(user: pwd.struct_passwd, path: Path) -> bool:
+    """Whether ``user`` may traverse every folder down to ``path`` (and ``path`` itself)."""
+    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    for folder in [*reversed(path.resolve().parents), path.resolve()]:
+        st = folder.stat()
+        if st.st_uid == user.pw_uid:
+            bit = 0o100
+        elif st.st_gid in groups:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _shared_bin_dir(bindir: Path) -> Path:
+    """A copy of PostgreSQL's installation the server user can read (the package's own may
+    sit in a private folder, e.g. a virtualenv in root's home); made once, atomically."""
+    # The binaries find their shared libraries by RPATH $ORIGIN/../../../<pkg>.libs: the
+    # copy keeps that layout (<target>/<pkg>/pginstall/bin and <target>/<pkg>.libs).
+    install = bindir.parent
+    package = install.parent
+    libs = package.parent / f"{package.name}.libs"
+    tag = hashlib.sha256(str(bindir.resolve()).encode()).hexdigest()[:12]
+    target = SHARED_PG_CACHE / f"pginstall-{tag}"
+    copied_bin = target / package.name / install.name / bindir.name
+    if not (copied_bin / "postgres").exists():
+        SHARED_PG_CACHE.mkdir(parents=True, exist_ok=True)
+        SHARED_PG_CACHE.chmod(0o755)
+        staging = Path(tempfile.mkdtemp(dir=SHARED_PG_CACHE, prefix=".copy-"))
+        shutil.copytree(install, staging / package.name / install.name, symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for folder in [staging, *staging.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(0o755)
+        try:
+            staging.rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("postgres binaries copied to %s (the server user cannot reach %s)", target, bindir)
+    return copied_bin
+
+
+def _server_home(user: pwd.struct_passwd, data_dir: Path) -> Path:
+    """Where the server user keeps its data: ``data_dir`` when it can reach it, else a folder
+    of its own under /var/lib/flashsale named after ``data_dir`` (so it is found again). No
+    permission of the user's own folders is ever changed."""
+    if reachable_by(user, data_dir):
+        return data_dir
+    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    SHARED_PG_DATA.mkdir(parents=True, exist_ok=True)
+    SHARED_PG_DATA.chmod(0o755)
+    home = SHARED_PG_DATA / f"postgres-{tag}"
+    home.mkdir(exist_ok=True)
+    (data_dir / "data.location").write_text(
+        f"{home}\n(the PostgreSQL server user {user.pw_name} cannot reach {data_dir})\n"
+    )
+    log.info("postgres data lives in %s: %s cannot reach %s", home, user.pw_name, data_dir)
+    return home
+
+
+def start_postgres(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    durable: bool = True,
+    bindir: Path | None = None,
+) -> Server:
+    """initdb on first use, then run postgres on 127.0.0.1 only (no unix socket).
+
+    As root, the server runs as an unprivileged user; when that user cannot reach the
+    binaries or ``data_dir`` (a clone in a private folder), they are put where it can.
+    """
+    bindir = bindir or postgres_bin_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
-    pgdata = data_dir / "data"
+    home = data_dir
     user = _pg_user()
     preexec: Callable[[], None]
     if user is not None:
-        os.chown(data_dir, user.pw_uid, user.pw_gid)
-        for parent in data_dir.resolve().parents:  # the server user must reach its folder
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                os.chmod(parent, mode | 0o001)
+        if not reachable_by(user, bindir):
+            bindir = _shared_bin_dir(bindir)
+        home = _server_home(user, data_dir)
+        os.chown(home, user.pw_uid, user.pw_gid)
         preexec = _as_user_then_die_with_parent(user, signal.SIGINT)
     else:
         preexec = _die_with_parent(signal.SIGINT)
+    pgdata = home / "data"
     log_path = data_dir / "postgres.log"
     password = _credential(data_dir)
     if not (pgdata / "PG_VERSION").exists():
         if pgdata.exists():
             shutil.rmtree(pgdata)
         # initdb (maybe as the server user) reads the password from a file of its own
-        pwfile = data_dir / "initdb.pw"
+        pwfile = home / "initdb.pw"
         pwfile.write_text(password)
         pwfile.chmod(0o600)
         if user is not None:
@@ -412,27 +490,34 @@ def start_stack(
     kafka: bool = True,
     durable: bool = True,
     redis_appendfsync: str | None = None,
+    ports: dict[str, int] | None = None,
 ) -> EmbeddedStack:
     """Start the requested servers under ``root``; on any failure stop what started.
+
+    ``ports`` asks for a port per server name (``up`` keeps its ports across restarts).
 
     ``durable=False`` (tests) trades durability for speed everywhere; ``redis_appendfsync``
     makes Redis keep an AOF with that fsync policy whatever ``durable`` says (the bench
     measures the production policy with it).
     """
     stack = EmbeddedStack(root)
+    want = ports or {}
     try:
         if redis:
             stack.servers.append(
                 start_redis(
                     root / "redis",
+                    port=want.get("redis"),
                     persist=durable or redis_appendfsync is not None,
                     appendfsync=redis_appendfsync or "always",
                 )
             )
         if postgres:
-            stack.servers.append(start_postgres(root / "postgres", durable=durable))
+            stack.servers.append(
+                start_postgres(root / "postgres", port=want.get("postgres"), durable=durable)
+            )
         if kafka:
-            stack.servers.append(start_kafka(root / "kafka"))
+            stack.servers.append(start_kafka(root / "kafka", port=want.get("kafka")))
     except BaseException:
         stack.stop()
         raise

@@ -13,7 +13,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from flashsale.errors import AppError
 from flashsale.metrics import RequestStats
-from gateway.http import JSON_CONTENT_TYPE, dumps, error_body
+from gateway.http import JSON_CONTENT_TYPE, error_body
 from gateway.routing import Handler
 
 log = logging.getLogger("flashsale.errors")
@@ -110,16 +110,18 @@ class JsonAccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            dumps(
-                {
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "ms": round(time * 1000, 3),
-                    "request_id": response.headers.get(REQUEST_ID, ""),
-                    "peer": request.remote,
-                }
-            ).decode()
+            "%s %s %d",
+            request.method,
+            request.path,
+            response.status,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "ms": round(time * 1000, 3),
+                "request_id": response.headers.get(REQUEST_ID, ""),
+                "peer": request.remote,
+            },
         )
 
     @property

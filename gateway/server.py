@@ -27,11 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from gateway import logs
+
+    logs.configure(settings.log_level)
     logging.getLogger("gateway.access").setLevel(
         logging.INFO if settings.access_log else logging.WARNING
     )
@@ -141,13 +139,24 @@ class StopFlag:
 
 def serve_multi(settings: Settings) -> int:
     """``flashsale serve``: one worker in-process, or N worker processes sharing the port."""
-    if settings.workers == 1:
-        run_loop(lambda: serve_worker(settings))
-        return 0
-    ensure_multiproc_dir(os.path.join(settings.data_dir, "metrics"))
-    env = child_env(settings)
-    env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    return supervise([sys.executable, "-m", "gateway", "worker"], env, settings.workers)
+    from gateway.preflight import PreflightFailed, check_reachable, claim_port
+
+    try:
+        port = claim_port(settings.http_host, settings.http_port)
+        check_reachable(settings)
+    except PreflightFailed as exc:
+        print(f"flashsale: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        if settings.workers == 1:
+            run_loop(lambda: serve_worker(settings))
+            return 0
+        ensure_multiproc_dir(os.path.join(settings.data_dir, "metrics"))
+        env = child_env(settings)
+        env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        return supervise([sys.executable, "-m", "gateway", "worker"], env, settings.workers)
+    finally:
+        port.close()
 
 
 CRASH_LOOP_DEATHS: Final = 5  # this many deaths of one child …

@@ -13,6 +13,7 @@ of them crash-loops, and says so in one line.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -22,10 +23,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from flashsale.settings import Settings
+from gateway import stackfile
 from gateway.embedded import EmbeddedStack, restart_server, start_stack
+from gateway.preflight import PreflightFailed, check_reachable, claim_port
 from gateway.server import (
     CrashLoop,
     StopFlag,
@@ -71,9 +74,17 @@ async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
         await pool.close()
 
 
-def _wait_ready(url: str, timeout_s: float, children: list[Supervised]) -> bool:
+def _wait_ready(
+    url: str, timeout_s: float, children: list[Supervised], starting: list[Supervised]
+) -> bool:
+    """Until ``url`` answers 200; a process of ``starting`` that dies meanwhile is a start-up
+    failure, reported at once (its own output, above, says why)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        for child in starting:
+            code = child.proc.poll() if child.proc is not None else None
+            if code is not None:
+                raise CrashLoop(f"{child.name} exited with {code} while starting (see above)")
         keep_alive(children)
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
@@ -132,10 +143,20 @@ def _lock_data_dir(root: Path, wait_s: float = 30.0) -> IO[str]:
     """
     handle = (root / "up.lock").open("a+")
     deadline = time.monotonic() + wait_s
+    said = False
     while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not said:
+                handle.seek(0)
+                print(
+                    f"flashsale: waiting up to {wait_s:.0f}s for the `flashsale up` (pid "
+                    f"{handle.read().strip() or '?'}) that holds {root.resolve()} to stop…",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
             if time.monotonic() > deadline:
                 handle.seek(0)
                 owner = handle.read().strip() or "?"
@@ -162,8 +183,16 @@ def up(settings: Settings, *, demo: bool = True) -> int:
         print(f"flashsale: {exc}", file=sys.stderr)
         return 2
     try:
+        port = claim_port(settings.http_host, settings.http_port)
+        check_reachable(settings)
+    except PreflightFailed as exc:
+        lock.close()
+        print(f"flashsale: {exc}", file=sys.stderr)
+        return 2
+    try:
         return _up(settings, root, demo=demo)
     finally:
+        port.close()
         lock.close()
 
 
@@ -181,7 +210,11 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         }
         if any(need.values()):
             stack = start_stack(
-                root, redis=need["redis"], postgres=need["postgres"], kafka=need["kafka"]
+                root,
+                redis=need["redis"],
+                postgres=need["postgres"],
+                kafka=need["kafka"],
+                ports=stackfile.remembered_ports(settings),
             )
             settings = settings.with_(
                 redis_url=settings.redis_url or stack.url("redis"),
@@ -225,9 +258,10 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         )
         everything = servers + children + consumers
         base = f"http://{settings.http_host}:{settings.http_port}"
-        if not _wait_ready(base + "/readyz", 60, everything):
+        if not _wait_ready(base + "/readyz", 60, everything, children + consumers):
             log.error("gateway did not become ready at %s/readyz", base)
             return 1
+        stackfile.write(settings, {s.name: s.port for s in stack.servers} if stack else {})
         _banner(settings, base, demo_info, servers_s, time.monotonic() - started, stack)
         while not flag:
             keep_alive(everything)
@@ -249,6 +283,16 @@ def _metrics_token_hint(settings: Settings) -> str:
     path = Path(settings.data_dir).resolve() / "metrics_token"
     generated = path.exists() and path.read_text().strip() == settings.metrics_token
     return f"$(cat {path})" if generated else "$FLASHSALE_METRICS_TOKEN"
+
+
+def _sales(base: str) -> list[dict[str, Any]]:
+    """The running and upcoming sales, as the gateway shows them (their status is now's)."""
+    try:
+        with urllib.request.urlopen(base + "/api/v1/flash-sales/active", timeout=5) as resp:  # noqa: S310
+            data = json.loads(resp.read())["data"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return data if isinstance(data, list) else []
 
 
 def _banner(
@@ -277,8 +321,12 @@ def _banner(
     ]
     for role, cred in (demo.get("accounts") or {}).items():  # type: ignore[attr-defined]
         lines.append(f"  demo {role:<9} {cred}")
-    if demo.get("flash_sale"):
-        lines.append(f"  flash sale     {demo['flash_sale']}")
+    for sale in _sales(base):
+        lines.append(
+            f"  flash sale     id {sale['flash_sale_id']}: {sale['status']}, "
+            f"{sale['remaining_quantity']}/{sale['total_quantity']} left, "
+            f"{sale['start_time']} → {sale['end_time']}"
+        )
     lines += [
         "",
         "  log in:   curl -s -XPOST "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,9 @@ def _alive(pid: int) -> bool:
 def _ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "flashsale up exited early"
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError("flashsale up exited early:\n" + out[-3000:])
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
                 body: dict[str, object] = json.loads(resp.read())
@@ -92,10 +95,29 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             }
             tree = _descendants(proc.pid)
             assert len(tree) >= 5  # servers, workers, consumer
+            # a side command finds the running stack with no variable set
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+            side = subprocess.run(
+                [sys.executable, "-m", "gateway", "reconcile"],
+                env={**env, "FLASHSALE_DATA_DIR": data_dir},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert side.returncode == 0, side.stdout + side.stderr
+            assert "using the running stack's servers" in side.stderr
+            assert "sale(s) checked, 0 with drift" in side.stdout
+            first = json.loads((Path(data_dir) / "stack.json").read_text())
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
             assert b"flashsale is up" in out
+            logged = [line for line in out.splitlines() if line.startswith(b"{")]
+            assert logged, "no log line"
+            for line in logged:  # every process logs JSON lines
+                assert {"ts", "level", "pid", "logger", "msg"} <= set(json.loads(line))
+            assert not re.search(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", out, re.M)
             deadline = time.monotonic() + 5
             while any(_alive(p) for p in tree) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -103,6 +125,8 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             # a second `up` reuses the data folder (demo data is not loaded twice)
             proc = _run_up(data_dir, port)
             _ready(port, proc, 90)
+            again = json.loads((Path(data_dir) / "stack.json").read_text())
+            assert again["ports"] == first["ports"]  # URLs from the last banner stay good
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]

@@ -1,0 +1,111 @@
+"""`up` and `serve` stop at once, in one line, when their port is taken (by another stack
+sharing it through SO_REUSEPORT, or by anything else) or a given server is unreachable."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flashsale.settings import Settings
+from gateway.embedded import free_port
+from gateway.preflight import PreflightFailed, check_reachable, claim_port
+
+pytestmark = [pytest.mark.integration]
+
+
+def _run(command: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    clean.update({"FLASHSALE_DATA_DIR": str(tmp_path / "data"), **env})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", command],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _errors(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_a_claimed_port_refuses_a_second_stack() -> None:
+    port = free_port()
+    held = claim_port("127.0.0.1", port)
+    try:
+        # a worker of this stack still joins it
+        worker = socket.socket()
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        worker.bind(("127.0.0.1", port))
+        worker.listen()
+        with pytest.raises(PreflightFailed, match=re.escape(f"127.0.0.1:{port} is already in use")):
+            claim_port("127.0.0.1", port)
+        worker.close()
+    finally:
+        held.close()
+    claim_port("127.0.0.1", port).close()  # free again
+
+
+def test_serve_on_a_port_in_use_fails_in_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    # what a first stack's worker looks like: listening with SO_REUSEPORT
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", port))
+    other.listen()
+    try:
+        started = time.monotonic()
+        result = _run(
+            "serve",
+            tmp_path,
+            FLASHSALE_HTTP_PORT=str(port),
+            FLASHSALE_REDIS_URL="redis://127.0.0.1:1/0",
+            FLASHSALE_DATABASE_URL="postgresql://x@127.0.0.1:1/x",
+            FLASHSALE_KAFKA_BOOTSTRAP="127.0.0.1:1",
+            FLASHSALE_SECRET_KEY="k" * 40,
+        )
+        assert result.returncode == 2
+        assert _errors(result) == [
+            f"flashsale: 127.0.0.1:{port} is already in use (Address already in use): another "
+            "flashsale or another program listens there; stop it or set FLASHSALE_HTTP_PORT"
+        ]
+        assert time.monotonic() - started < 30  # no waiting for anything
+    finally:
+        other.close()
+
+
+def test_up_with_an_unreachable_redis_fails_before_starting_anything(tmp_path: Path) -> None:
+    result = _run(
+        "up",
+        tmp_path,
+        FLASHSALE_HTTP_PORT=str(free_port()),
+        FLASHSALE_REDIS_URL="redis://:secret@127.0.0.1:1/0",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = _errors(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "flashsale: FLASHSALE_REDIS_URL=redis://127.0.0.1:1/0 is unreachable"
+    )
+    assert "secret" not in result.stderr
+    assert not (tmp_path / "data" / "postgres").exists()  # nothing was started
+
+
+def test_check_reachable_names_the_first_unreachable_server() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        ok = f"127.0.0.1:{listening.getsockname()[1]}"
+        check_reachable(Settings(redis_url=f"redis://{ok}/0", kafka_bootstrap=ok))
+        with pytest.raises(
+            PreflightFailed, match=re.escape("FLASHSALE_KAFKA_BOOTSTRAP=127.0.0.1:1 ")
+        ):
+            check_reachable(Settings(redis_url=f"redis://{ok}/0", kafka_bootstrap="127.0.0.1:1"))
