@@ -148,8 +148,16 @@ async def _poll(
 async def kept_fresh(
     revocations: Revocations, redis: Redis, db: asyncpg.Pool, *, every_s: float
 ) -> AsyncIterator[None]:
-    """Load the map before serving, then keep it fresh with a subscriber and a poller."""
-    await revocations.refresh(redis, db)
+    """Load the map before serving, then keep it fresh with a subscriber and a poller.
+
+    A store that is down at start does not stop the worker (crash-only processes serve
+    what they can): the map stays unconfirmed, so requests that carry a token are refused
+    (fail closed) until the poller gets through.
+    """
+    try:
+        await revocations.refresh(redis, db)
+    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("revocation list not loaded at start (%s); tokens wait for it", exc)
     wake = asyncio.Event()
     tasks = [
         asyncio.create_task(_subscribe(revocations, redis, wake), name="revocation-subscriber"),

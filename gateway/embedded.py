@@ -22,6 +22,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -306,10 +307,28 @@ def _shared_bin_dir(bindir: Path) -> Path:
     return copied_bin
 
 
+def _open_temp_folders(user: pwd.struct_passwd, data_dir: Path) -> None:
+    """Let the server user through the private (0700) folders that ``tempfile.mkdtemp`` made
+    for us inside the temp directory — a test's or a benchmark's stack root, ours to set and
+    gone with it — so that their data is not put under /var/lib/flashsale and left behind.
+    Folders outside the temp directory are never touched."""
+    temp = Path(tempfile.gettempdir()).resolve()
+    target = data_dir.resolve()
+    if temp not in target.parents:
+        return
+    folder = target
+    while folder != temp:
+        st = folder.stat()
+        if st.st_uid == os.geteuid() and st.st_uid != user.pw_uid and not st.st_mode & 0o001:
+            folder.chmod(stat.S_IMODE(st.st_mode) | 0o001)
+        folder = folder.parent
+
+
 def _server_home(user: pwd.struct_passwd, data_dir: Path) -> Path:
     """Where the server user keeps its data: ``data_dir`` when it can reach it, else a folder
     of its own under /var/lib/flashsale named after ``data_dir`` (so it is found again). No
-    permission of the user's own folders is ever changed."""
+    permission of the user's own folders is ever changed (only our own temp folders')."""
+    _open_temp_folders(user, data_dir)
     if reachable_by(user, data_dir):
         return data_dir
     tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]

