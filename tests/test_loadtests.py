@@ -328,6 +328,8 @@ def test_invariants_on_a_hand_made_data_set(tmp_path: Path) -> None:
     assert report.accepted == 5
     assert report.rejected == {"SOLD_OUT": 2, "LIMIT_EXCEEDED": 1}
     assert report.orders_in_pg == 5
+    assert report.orders_other == 2  # 105 and 106: joins the outcome files do not hold
+    assert any("3 from the outcome files, 2 other joins" in line for line in report.lines())
     assert report.units_live == 4
     assert report.oversold == 1
     assert report.lost == 1  # 104
