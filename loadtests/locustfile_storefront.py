@@ -163,10 +163,16 @@ class Browser(FastHttpUser):
     def pay(self):
         if not self.unpaid:
             return self.checkout()
-        self.client.post(
+        with self.client.post(
             f"/api/v1/orders/{self.unpaid.pop()}/pay",
             headers=self.auth,
             json={"payment_method": "alipay"},
             name="/api/v1/orders/[id]/pay",
-        )
+            catch_response=True,
+        ) as resp:
+            if resp.status_code == 503 and "PAYMENT_PROVIDER_UNAVAILABLE" in (resp.text or ""):
+                resp.failure(
+                    "503 PAYMENT_PROVIDER_UNAVAILABLE: run the gateway with "
+                    "FLASHSALE_PAYMENT_PROVIDER=sandbox"
+                )
         return None
