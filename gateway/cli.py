@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         ("logout", "revoke every token of an account"),
     ):
         user_sub.add_parser(name, help=text).add_argument("--id", type=int, required=True)
-    rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for active sales")
+    rec = sub.add_parser(
+        "reconcile",
+        help="compare Redis with PostgreSQL for recent sales (running, or ended in the last "
+        "7 days)",
+    )
     rec.add_argument("--repair", action="store_true", help="fix Redis from PostgreSQL")
     sub.add_parser("rebuild-cache", help="rebuild Redis sale state from PostgreSQL")
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")

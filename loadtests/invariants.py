@@ -9,6 +9,10 @@ process, the benchmark's client one per client process) and PostgreSQL.
 prints offered, accepted, rejected by reason, orders in PostgreSQL, oversold, lost
 and duplicates, and exits 1 when oversold, lost or duplicates is not 0.
 
+Offered, accepted and rejected count the joins in the outcome files: this load's. The
+checks count every flash order of the sale in PostgreSQL, this load's and any other
+(a join by hand, an earlier run): the report says how many of each.
+
 - **oversold**: live units (orders not cancelled/refunded) beyond the sale's quantity;
 - **lost**: accepted order ids that are not in PostgreSQL (after waiting up to
   ``--wait-s`` for the consumers to drain);
@@ -65,6 +69,7 @@ class Report:
     rejected: dict[str, int]
     total_quantity: int | None
     orders_in_pg: int
+    orders_other: int
     units_live: int
     oversold: int
     lost: int
@@ -80,11 +85,13 @@ class Report:
     def lines(self) -> list[str]:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
         return [
-            f"offered        {self.offered}",
+            f"offered        {self.offered}   (joins in the outcome files)",
             f"accepted       {self.accepted}",
             f"rejected       {sum(self.rejected.values())} ({rej})",
             f"sale quantity  {self.total_quantity if self.total_quantity is not None else '?'}",
-            f"orders in PG   {self.orders_in_pg} ({self.units_live} live units)",
+            f"orders in PG   {self.orders_in_pg} ({self.units_live} live units; "
+            f"{self.orders_in_pg - self.orders_other} from the outcome files, "
+            f"{self.orders_other} other joins of the sale: by hand, earlier runs)",
             f"oversold       {self.oversold}   (must be 0)",
             f"lost           {self.lost}   (must be 0)",
             f"duplicates     {self.duplicates}   (must be 0)",
@@ -129,6 +136,7 @@ def summarize(
         rejected=dict(outcomes.rejected),
         total_quantity=total_quantity,
         orders_in_pg=len(persisted),
+        orders_other=len(in_pg - distinct_accepted),
         units_live=units_live,
         oversold=oversold,
         lost=lost,

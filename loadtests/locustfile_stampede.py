@@ -1,7 +1,9 @@
 """Stampede: shoppers wait for the sale to open, hammer join, poll their order; some pay.
 
-Headless, from the repo root, with the gateway up and a sale created (its id in
-LOCUST_SALE_ID); tokens minted up front, no password hashing at load time:
+Headless, from the repo root, with the gateway up (payments by the sandbox provider,
+``FLASHSALE_PAYMENT_PROVIDER=sandbox``, as ``flashsale up`` with demo data runs it) and a
+sale created (its id in LOCUST_SALE_ID); tokens minted up front, no password hashing at
+load time:
 
     python -m loadtests.mint --count 20000 --out tokens.txt
     LOCUST_TOKENS_FILE=tokens.txt LOCUST_SALE_ID=1 LOCUST_OUTCOMES=out/outcomes \\
@@ -9,52 +11,53 @@ LOCUST_SALE_ID); tokens minted up front, no password hashing at load time:
         --processes -1 -H http://127.0.0.1:8080 --csv out/stampede --html out/stampede.html
     python -m loadtests.invariants --sale-id 1 --accepted-file 'out/outcomes.*'
 
-``--processes -1`` forks one Locust process per core (one process tops out near 5k req/s).
+``--processes -1`` forks one Locust process per core (one process tops out near 5k req/s);
+each process writes its own outcome file ``out/outcomes.<pid>`` and takes its own share of
+the tokens.
 
 Environment:
 - LOCUST_TOKENS_FILE  tokens, one per line (``python -m loadtests.mint``); required
 - LOCUST_SALE_ID      the sale to join; required
-- LOCUST_SALE_START   epoch seconds the sale opens; default: ``start_at`` from GET the sale
+- LOCUST_SALE_START   epoch seconds the sale opens; default: ``start_time`` from GET the sale
 - LOCUST_OUTCOMES     prefix of the per-process outcome files for loadtests.invariants
-- LOCUST_PAY_SHARE    share of winners who pay (default 0.3)
-- LOCUST_JOIN_TRIES   joins per shopper while answered 429/503 (default 5)
+- LOCUST_PAY_SHARE    share of winners who pay (default 0.3; 0 against a gateway without
+                      a payment provider)
+- LOCUST_JOIN_TRIES   joins per shopper while answered 429/503/NOT_STARTED (default 5)
 - LOCUST_POLLS        order polls per winner (default 10)
+- LOCUST_NEXT_SHOPPER_S  mean pause before a virtual user comes back as the next shopper
+                      (default 1)
 
-Each shopper is one token: waits for the start, joins (one Idempotency-Key for all of
-its retries), records the outcome, polls ``GET /orders/{id}`` until the order leaves
-``queued``, pays with probability LOCUST_PAY_SHARE, then stops. 409 and 429 are
-expected answers, not failures.
+Tasks, by their names in Locust's statistics:
+- sale:  GET  /api/v1/flash-sales/[id]       the sale's start time (once per virtual user)
+- join:  POST /api/v1/flash-sales/[id]/join  one Idempotency-Key for all of a shopper's tries
+- poll:  GET  /api/v1/orders/[id]            a winner's order, until it leaves ``queued``
+- pay:   POST /api/v1/orders/[id]/pay        with probability LOCUST_PAY_SHARE, once the
+                                             order is ``pending_payment``
+
+Each run of the task is one shopper with the next token: wait for the start, join, record
+the outcome, poll, maybe pay. Then the virtual user pauses and comes back as the next
+shopper, for the whole run; once every token was used, tokens come round again and those
+shoppers are answered LIMIT_EXCEEDED (or SOLD_OUT). Every 409 (SOLD_OUT, LIMIT_EXCEEDED,
+SALE_ENDED, ...) and 429 is an expected answer, not a failure.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 import uuid
 from datetime import datetime
 
-from locust import FastHttpUser, events, task
-from locust.exception import StopUser
+from locust import FastHttpUser, between, events, task
 
-from loadtests.scenario_support import OutcomeLog, TokenPool, env_float, env_int, env_str
+from loadtests.scenario_support import OutcomeLog, env_float, env_int, env_str, token_pool
 
 SALE_ID = env_int("LOCUST_SALE_ID", 0)
 PAY_SHARE = env_float("LOCUST_PAY_SHARE", 0.3)
 JOIN_TRIES = env_int("LOCUST_JOIN_TRIES", 5)
 POLLS = env_int("LOCUST_POLLS", 10)
+NEXT_SHOPPER_S = env_float("LOCUST_NEXT_SHOPPER_S", 1.0)
 OUTCOMES = OutcomeLog(env_str("LOCUST_OUTCOMES"))
-_pool: TokenPool | None = None
-
-
-@events.init.add_listener
-def _tokens(environment, **_kwargs):
-    global _pool
-    runner = environment.runner
-    index = getattr(runner, "worker_index", 0) or 0
-    processes = getattr(environment.parsed_options, "processes", None) or 1
-    stride = os.cpu_count() or 1 if processes == -1 else max(1, processes)
-    _pool = TokenPool(env_str("LOCUST_TOKENS_FILE"), index % stride, stride)
 
 
 @events.quitting.add_listener
@@ -63,34 +66,33 @@ def _close(environment, **_kwargs):
 
 
 class Shopper(FastHttpUser):
-    """One shopper: wait for the start, join, poll, maybe pay."""
+    """A stream of shoppers: wait for the start, join, poll, maybe pay; then the next."""
 
     weight = 10
+    wait_time = between(0.0, 2 * NEXT_SHOPPER_S)
 
     def on_start(self):
         if not SALE_ID:
             raise RuntimeError("set LOCUST_SALE_ID")
-        assert _pool is not None
-        self.auth = {"Authorization": f"Bearer {_pool.take()}"}
+        self.tokens = token_pool(self.environment)
         self.sale_path = f"/api/v1/flash-sales/{SALE_ID}"
+        self.start = env_float("LOCUST_SALE_START", 0.0)
 
-    def _wait_for_start(self):
-        start = env_float("LOCUST_SALE_START", 0.0)
-        if not start:
+    def _sale_start(self):
+        """Epoch seconds the sale opens (asked once per virtual user)."""
+        if not self.start:
             with self.client.get(
                 self.sale_path, name="/api/v1/flash-sales/[id]", catch_response=True
             ) as resp:
-                data = (resp.json() or {}).get("data") or {} if resp.status_code == 200 else {}
+                data = (_json(resp).get("data") or {}) if resp.status_code == 200 else {}
                 start_at = data.get("start_time") or data.get("start_at")
                 if start_at:
-                    start = datetime.fromisoformat(start_at).timestamp()
-        delay = start - time.time()
-        if delay > 0:
-            time.sleep(min(delay, 300))
+                    self.start = datetime.fromisoformat(start_at).timestamp()
+        return self.start
 
-    def _join(self):
+    def _join(self, auth):
         """Return the order id, or None after recording why not."""
-        headers = {**self.auth, "Idempotency-Key": uuid.uuid4().hex}
+        headers = {**auth, "Idempotency-Key": uuid.uuid4().hex}
         reason = "NO_ANSWER"
         for _ in range(JOIN_TRIES):
             with self.client.post(
@@ -124,34 +126,59 @@ class Shopper(FastHttpUser):
         OUTCOMES.rejected(reason)
         return None
 
+    def _poll(self, order_id, auth):
+        """The order's status once it left ``queued`` (or ``queued`` after LOCUST_POLLS)."""
+        status = "queued"
+        for _ in range(POLLS):
+            with self.client.get(
+                f"/api/v1/orders/{order_id}",
+                headers=auth,
+                name="/api/v1/orders/[id]",
+                catch_response=True,
+            ) as resp:
+                if resp.status_code == 200:
+                    status = (_json(resp).get("data") or {}).get("status", status)
+                    if status != "queued":
+                        return status
+                elif resp.status_code == 404:
+                    resp.success()  # not persisted yet
+            time.sleep(0.2)
+        return status
+
+    def _pay(self, order_id, auth):
+        with self.client.post(
+            f"/api/v1/orders/{order_id}/pay",
+            json={"payment_method": "alipay"},
+            headers=auth,
+            name="/api/v1/orders/[id]/pay",
+            catch_response=True,
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(_pay_failure(resp))
+
     @task
     def stampede(self):
-        self._wait_for_start()
-        order_id = self._join()
-        if order_id is not None:
-            status = "queued"
-            for _ in range(POLLS):
-                with self.client.get(
-                    f"/api/v1/orders/{order_id}",
-                    headers=self.auth,
-                    name="/api/v1/orders/[id]",
-                    catch_response=True,
-                ) as resp:
-                    if resp.status_code == 200:
-                        status = (_json(resp).get("data") or {}).get("status", status)
-                        if status != "queued":
-                            break
-                    elif resp.status_code == 404:
-                        resp.success()  # not persisted yet
-                    time.sleep(0.2)
-            if status == "pending_payment" and random.random() < PAY_SHARE:
-                self.client.post(
-                    f"/api/v1/orders/{order_id}/pay",
-                    json={"payment_method": "alipay"},
-                    headers=self.auth,
-                    name="/api/v1/orders/[id]/pay",
-                )
-        raise StopUser
+        """One shopper."""
+        auth = {"Authorization": f"Bearer {self.tokens.take()}"}
+        delay = self._sale_start() - time.time()
+        if delay > 0:
+            time.sleep(min(delay, 300))
+        order_id = self._join(auth)
+        if order_id is None:
+            return
+        status = self._poll(order_id, auth)
+        if status == "pending_payment" and random.random() < PAY_SHARE:
+            self._pay(order_id, auth)
+
+
+def _pay_failure(resp):
+    reason = str(_json(resp).get("error") or f"HTTP_{resp.status_code}")
+    if reason == "PAYMENT_PROVIDER_UNAVAILABLE":
+        return (
+            f"{resp.status_code} {reason}: run the gateway with "
+            "FLASHSALE_PAYMENT_PROVIDER=sandbox, or set LOCUST_PAY_SHARE=0"
+        )
+    return f"{resp.status_code} {reason}"
 
 
 def _json(resp):

@@ -1,49 +1,47 @@
 """Storefront mix: browse, search, product detail, cart add/update, checkout, pay.
 
-Headless, from the repo root, with the gateway up and a catalog loaded:
+Headless, from the repo root, with the gateway up (payments by the sandbox provider,
+``FLASHSALE_PAYMENT_PROVIDER=sandbox``, as ``flashsale up`` with demo data runs it) and a
+catalog loaded:
 
     python -m loadtests.mint --count 5000 --out tokens.txt
     LOCUST_TOKENS_FILE=tokens.txt \\
       locust -f loadtests/locustfile_storefront.py --headless -u 500 -r 100 -t 60s \\
         --processes -1 -H http://127.0.0.1:8080 --csv out/storefront --html out/storefront.html
 
-Task weights (of 100):  browse 40 (GET /products?page=), search 20 (GET /products?q=),
-product detail 20 (GET /products/{id}), cart add 8 (POST /cart/items), cart update 4
-(PUT /cart/items/{id}), checkout 5 (POST /cart/checkout), pay 3 (POST /orders/{id}/pay).
-Think time 0.5-2 s. A shopper pays only orders it created. The request shapes follow
-issue 4 (storefront); 409s on checkout (stock, price changed) are expected answers.
+Tasks, by weight (of 100) and their names in Locust's statistics:
+- browse 40:       GET  /api/v1/products           (``?page=&limit=20``)
+- search 20:       GET  /api/v1/products?q=
+- detail 20:       GET  /api/v1/products/[id]      (a product a listing showed)
+- cart add 8:      POST /api/v1/cart/items         (an in-stock SKU a detail showed)
+- cart update 4:   PUT  /api/v1/cart/items/[id]
+- checkout 5:      POST /api/v1/cart/checkout      (``shipping_address``: name, phone, address)
+- pay 3:           POST /api/v1/orders/[id]/pay    (an order this shopper created)
 
-Environment: LOCUST_TOKENS_FILE (required), LOCUST_SEARCH_TERMS (comma-separated).
+A task that lacks what it needs does the step before it instead (pay with no unpaid order
+checks out, checkout with an empty cart adds to it, ...). Think time LOCUST_THINK_S
+(default ``0.5,2``: between 0.5 and 2 s). 409s on cart add, cart update and checkout (out
+of stock, price changed, purchase limit, item unavailable) are expected answers, not
+failures, and so are 404s on cart update and checkout (another virtual user on the same
+account checked the cart out: more users than tokens); anything else at or above 400 is a
+failure.
+
+Environment: LOCUST_TOKENS_FILE (required), LOCUST_SEARCH_TERMS (comma-separated),
+LOCUST_THINK_S (``min,max`` seconds).
 """
 
 from __future__ import annotations
 
-import os
 import random
 
-from locust import FastHttpUser, between, events, task
+from locust import FastHttpUser, between, task
 
-from loadtests.scenario_support import TokenPool, env_str
+from loadtests.scenario_support import env_str, token_pool
 
 SEARCH_TERMS = env_str("LOCUST_SEARCH_TERMS", "phone,shoe,coffee,laptop,bag").split(",")
-ADDRESS = {
-    "name": "Load Test",
-    "phone": "13800000000",
-    "province": "X",
-    "city": "Y",
-    "district": "Z",
-    "detail": "1 Bench Road",
-}
-_pool = None
-
-
-@events.init.add_listener
-def _tokens(environment, **_kwargs):
-    global _pool
-    index = getattr(environment.runner, "worker_index", 0) or 0
-    processes = getattr(environment.parsed_options, "processes", None) or 1
-    stride = os.cpu_count() or 1 if processes == -1 else max(1, processes)
-    _pool = TokenPool(env_str("LOCUST_TOKENS_FILE"), index % stride, stride)
+THINK_S = [float(x) for x in env_str("LOCUST_THINK_S", "0.5,2").split(",")]
+# the one shipping-address schema of POST /orders and POST /cart/checkout
+ADDRESS = {"name": "Load Test", "phone": "13800000000", "address": "1 Bench Road, Y City"}
 
 
 def _data(resp):
@@ -58,18 +56,19 @@ class Browser(FastHttpUser):
     """A storefront shopper."""
 
     weight = 10
-    wait_time = between(0.5, 2.0)
+    wait_time = between(THINK_S[0], THINK_S[-1])
 
     def on_start(self):
-        self.auth = {"Authorization": f"Bearer {_pool.take()}"}
+        self.auth = {"Authorization": f"Bearer {token_pool(self.environment).take()}"}
         self.product_ids = []
         self.sku_ids = []
         self.cart_item_ids = []
         self.unpaid = []
 
     def _remember(self, data):
-        items = data.get("items", []) if isinstance(data, dict) else data or []
-        for item in items if isinstance(items, list) else []:
+        """Product ids from a listing (``data.products``)."""
+        products = data.get("products") if isinstance(data, dict) else None
+        for item in products if isinstance(products, list) else []:
             if isinstance(item, dict) and "id" in item:
                 self.product_ids.append(item["id"])
         self.product_ids = self.product_ids[-50:]
@@ -98,7 +97,7 @@ class Browser(FastHttpUser):
         data = _data(resp)
         if isinstance(data, dict):
             for sku in data.get("skus") or []:
-                if isinstance(sku, dict) and "id" in sku:
+                if isinstance(sku, dict) and "id" in sku and (sku.get("stock") or 0) > 0:
                     self.sku_ids.append(sku["id"])
             self.sku_ids = self.sku_ids[-20:]
         return None
@@ -107,27 +106,37 @@ class Browser(FastHttpUser):
     def cart_add(self):
         if not self.sku_ids:
             return self.detail()
-        resp = self.client.post(
+        with self.client.post(
             "/api/v1/cart/items",
             headers=self.auth,
             json={"sku_id": random.choice(self.sku_ids), "quantity": 1},
             name="/api/v1/cart/items",
-        )
-        data = _data(resp)
-        if isinstance(data, dict) and "id" in data:
-            self.cart_item_ids.append(data["id"])
+            catch_response=True,
+        ) as resp:
+            if resp.status_code == 409:
+                resp.success()
+            data = _data(resp)
+            if isinstance(data, dict) and data.get("cart_item_id"):
+                self.cart_item_ids.append(data["cart_item_id"])
+                self.cart_item_ids = sorted(set(self.cart_item_ids))[-20:]
         return None
 
     @task(4)
     def cart_update(self):
         if not self.cart_item_ids:
             return self.cart_add()
-        self.client.put(
+        with self.client.put(
             f"/api/v1/cart/items/{random.choice(self.cart_item_ids)}",
             headers=self.auth,
             json={"quantity": random.randint(1, 3)},
             name="/api/v1/cart/items/[id]",
-        )
+            catch_response=True,
+        ) as resp:
+            if resp.status_code == 404:  # checked out by another user on this account
+                resp.success()
+                self.cart_item_ids.clear()
+            elif resp.status_code == 409:
+                resp.success()
         return None
 
     @task(5)
@@ -137,12 +146,13 @@ class Browser(FastHttpUser):
         with self.client.post(
             "/api/v1/cart/checkout",
             headers=self.auth,
-            json={"shipping_address": ADDRESS},
+            json={"selected_items": self.cart_item_ids, "shipping_address": ADDRESS},
             name="/api/v1/cart/checkout",
             catch_response=True,
         ) as resp:
-            if resp.status_code == 409:
+            if resp.status_code in (404, 409):
                 resp.success()
+                self.cart_item_ids.clear()  # start a new cart rather than retry a stale one
             data = _data(resp)
             if isinstance(data, dict) and data.get("order_id"):
                 self.unpaid.append(data["order_id"])
@@ -153,10 +163,16 @@ class Browser(FastHttpUser):
     def pay(self):
         if not self.unpaid:
             return self.checkout()
-        self.client.post(
+        with self.client.post(
             f"/api/v1/orders/{self.unpaid.pop()}/pay",
             headers=self.auth,
             json={"payment_method": "alipay"},
             name="/api/v1/orders/[id]/pay",
-        )
+            catch_response=True,
+        ) as resp:
+            if resp.status_code == 503 and "PAYMENT_PROVIDER_UNAVAILABLE" in (resp.text or ""):
+                resp.failure(
+                    "503 PAYMENT_PROVIDER_UNAVAILABLE: run the gateway with "
+                    "FLASHSALE_PAYMENT_PROVIDER=sandbox"
+                )
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def env_str(name: str, default: str = "") -> str:
@@ -30,7 +30,8 @@ class TokenPool:
     """Bearer tokens from ``$LOCUST_TOKENS_FILE`` (one per line), handed out in turn.
 
     With ``--processes`` every process takes its own share (``index::stride``) so that
-    shoppers stay distinct across processes.
+    shoppers stay distinct across processes; a process hands its share out again from
+    the start once every token was taken.
     """
 
     def __init__(self, path: str, index: int = 0, stride: int = 1) -> None:
@@ -50,22 +51,64 @@ class TokenPool:
             return token
 
 
+def process_share(environment: Any) -> tuple[int, int]:
+    """``(index, stride)`` of this Locust process among the ``--processes`` workers.
+
+    Asked when the first user starts, not at ``init``: a worker learns its index from
+    the master only after it connected, and ``init`` fires before that (the index is
+    still -1 then, the same in every worker).
+    """
+    options = getattr(environment, "parsed_options", None)
+    processes = getattr(options, "processes", None) or 1
+    stride = max(1, processes)  # Locust has replaced -1 by the core count before forking
+    index = getattr(getattr(environment, "runner", None), "worker_index", 0) or 0
+    return max(0, index) % stride, stride
+
+
+_shared: dict[str, TokenPool] = {}
+
+
+def token_pool(environment: Any) -> TokenPool:
+    """This process's one pool over ``$LOCUST_TOKENS_FILE``, shared by every user class:
+    in the mixed scenario shoppers and browsers take turns on one sequence, so no two
+    users share an account while the file has tokens to spare."""
+    path = env_str("LOCUST_TOKENS_FILE")
+    pool = _shared.get(path)
+    if pool is None:
+        pool = _shared[path] = TokenPool(path, *process_share(environment))
+    return pool
+
+
 class OutcomeLog:
     """One line per attempt, ``accepted <order_id>`` or ``rejected <REASON>``, in
-    ``<prefix>.<pid>`` (one file per process), for ``python -m loadtests.invariants``."""
+    ``<prefix>.<pid>`` (one file per process), for ``python -m loadtests.invariants``.
+
+    The file is named by the process that writes, when it first writes: Locust imports
+    the locustfile once and then forks its ``--processes`` workers, so a name taken at
+    import would be the parent's, shared by every worker.
+    """
 
     def __init__(self, prefix: str) -> None:
-        self.path = Path(f"{prefix}.{os.getpid()}") if prefix else None
+        self.prefix = prefix
         self._file: TextIO | None = None
+        self._pid = 0
         self._lock = threading.Lock()
 
+    @property
+    def path(self) -> Path | None:
+        """The file this process writes (None without a prefix)."""
+        return Path(f"{self.prefix}.{os.getpid()}") if self.prefix else None
+
     def _write(self, line: str) -> None:
-        if self.path is None:
+        path = self.path
+        if path is None:
             return
         with self._lock:
-            if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.path.open("a", encoding="utf-8", buffering=1)
+            if self._file is None or self._pid != os.getpid():
+                # a file object inherited across a fork is the parent's: never write to it
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = path.open("a", encoding="utf-8", buffering=1)
+                self._pid = os.getpid()
             self._file.write(line + "\n")
 
     def accepted(self, order_id: str) -> None:
@@ -76,6 +119,6 @@ class OutcomeLog:
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
+            if self._file is not None and self._pid == os.getpid():
                 self._file.close()
                 self._file = None

@@ -1,4 +1,4 @@
-"""The load-test tooling: generator, baseline, minting, invariants, Locust smoke runs.
+"""The load-test tooling: generator, baseline, minting, invariants, Locust scenario runs.
 
 Locust runs only as a subprocess (gevent must never be imported into pytest), each
 for a few seconds. Nothing here asserts a speed; the benchmark prints those.
@@ -6,9 +6,11 @@ for a few seconds. Nothing here asserts a speed; the benchmark prints those.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import csv
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -16,8 +18,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -30,7 +34,15 @@ from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from gateway.embedded import free_port
 from gateway.server import child_env, stop_children
-from loadtests import bench, invariants, loadgen, mint, naive_peer, redis_ceiling
+from loadtests import (
+    bench,
+    invariants,
+    loadgen,
+    mint,
+    naive_peer,
+    redis_ceiling,
+    scenario_support,
+)
 from loadtests.invariants import Outcomes, PersistedOrder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,51 +87,6 @@ def _request(method: str, url: str, token: str, body: Any = None) -> tuple[int, 
             return resp.status, orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-def _locust(
-    locustfile: str, port: int, tmp_path: Path, extra_env: dict[str, str], users: int = 5
-) -> tuple[subprocess.CompletedProcess[str], int, int]:
-    """A bounded headless run; returns (process, requests, failures) from its CSV."""
-    prefix = tmp_path / Path(locustfile).stem
-    env = {**os.environ, **extra_env}
-    proc = subprocess.run(
-        [
-            LOCUST,
-            "-f",
-            str(REPO / "loadtests" / locustfile),
-            "--headless",
-            "-t",
-            "5s",
-            "-u",
-            str(users),
-            "-r",
-            str(users),
-            "-H",
-            f"http://127.0.0.1:{port}",
-            "--csv",
-            str(prefix),
-            "--html",
-            str(prefix) + ".html",
-            "--only-summary",
-            "--stop-timeout",
-            "2",
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    requests = failures = 0
-    stats = Path(str(prefix) + "_stats.csv")
-    if stats.exists():
-        with stats.open() as fh:
-            for row in csv.DictReader(fh):
-                if row["Name"] == "Aggregated":
-                    requests, failures = int(row["Request Count"]), int(row["Failure Count"])
-    return proc, requests, failures
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +295,8 @@ def test_invariants_on_a_hand_made_data_set(tmp_path: Path) -> None:
     assert report.accepted == 5
     assert report.rejected == {"SOLD_OUT": 2, "LIMIT_EXCEEDED": 1}
     assert report.orders_in_pg == 5
+    assert report.orders_other == 2  # 105 and 106: joins the outcome files do not hold
+    assert any("3 from the outcome files, 2 other joins" in line for line in report.lines())
     assert report.units_live == 4
     assert report.oversold == 1
     assert report.lost == 1  # 104
@@ -356,7 +325,135 @@ def test_benchmarks_md_section_is_replaced(tmp_path: Path) -> None:
     assert text.count("<!-- bench:full:begin -->") == 1
 
 
-# ---------------------------------------------------------------- Locust smoke runs
+# ---------------------------------------------------------------- Locust scenario runs
+
+# Every request each scenario's docstring names (method, name in Locust's statistics).
+STAMPEDE_REQUESTS = {
+    ("GET", "/api/v1/flash-sales/[id]"),
+    ("POST", "/api/v1/flash-sales/[id]/join"),
+    ("GET", "/api/v1/orders/[id]"),
+    ("POST", "/api/v1/orders/[id]/pay"),
+}
+STOREFRONT_REQUESTS = {
+    ("GET", "/api/v1/products"),
+    ("GET", "/api/v1/products?q="),
+    ("GET", "/api/v1/products/[id]"),
+    ("POST", "/api/v1/cart/items"),
+    ("PUT", "/api/v1/cart/items/[id]"),
+    ("POST", "/api/v1/cart/checkout"),
+    ("POST", "/api/v1/orders/[id]/pay"),
+}
+_DOC_REQUEST = re.compile(r"\b(GET|POST|PUT|PATCH|DELETE) +(/api/v1/[^\s`]+)")
+
+
+@dataclass
+class LocustRun:
+    """One bounded headless run and what Locust's own CSV statistics say about it."""
+
+    proc: subprocess.CompletedProcess[str]
+    requests: dict[tuple[str, str], int]
+    failures: list[dict[str, str]]
+    history: list[dict[str, str]]
+
+    @property
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+    def explain(self) -> str:
+        return f"failures: {self.failures}\nstderr: {self.proc.stderr[-3000:]}"
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _locust(
+    locustfile: str,
+    port: int,
+    tmp_path: Path,
+    extra_env: dict[str, str],
+    users: int = 5,
+    run_time_s: int = 5,
+    processes: int = 0,
+) -> LocustRun:
+    """A bounded headless run with CSV statistics (and their per-second history)."""
+    prefix = tmp_path / Path(locustfile).stem
+    env = {**os.environ, **extra_env}
+    args = [
+        LOCUST,
+        "-f",
+        str(REPO / "loadtests" / locustfile),
+        "--headless",
+        "-t",
+        f"{run_time_s}s",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-H",
+        f"http://127.0.0.1:{port}",
+        "--csv",
+        str(prefix),
+        "--csv-full-history",
+        "--html",
+        str(prefix) + ".html",
+        "--only-summary",
+        "--stop-timeout",
+        "2",
+    ]
+    if processes:
+        args += ["--processes", str(processes)]
+    proc = subprocess.run(
+        args, env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    requests = {
+        (row["Type"], row["Name"]): int(row["Request Count"])
+        for row in _csv_rows(Path(f"{prefix}_stats.csv"))
+        if row["Name"] != "Aggregated"
+    }
+    return LocustRun(
+        proc,
+        requests,
+        _csv_rows(Path(f"{prefix}_failures.csv")),
+        _csv_rows(Path(f"{prefix}_stats_history.csv")),
+    )
+
+
+def _docstring_requests(locustfile: str) -> set[tuple[str, str]]:
+    """The (method, name) pairs the locustfile's docstring names."""
+    source = (REPO / "loadtests" / locustfile).read_text(encoding="utf-8")
+    doc = " ".join((ast.get_docstring(ast.parse(source)) or "").split())
+    return {(m, name.rstrip(".,;)")) for m, name in _DOC_REQUEST.findall(doc)}
+
+
+def _assert_every_task_ran(run: LocustRun, locustfile: str, expected: set[tuple[str, str]]) -> None:
+    assert run.proc.returncode == 0, run.explain()
+    missing = {k for k in expected if run.requests.get(k, 0) == 0}
+    assert not missing, f"tasks that never ran: {sorted(missing)}; ran: {run.requests}"
+    assert not run.failures, run.explain()
+    assert _docstring_requests(locustfile) == expected, "the docstring names other tasks"
+
+
+def _kept_working(run: LocustRun, users: int, name: str) -> None:
+    """Every user was still running until the run stopped them, and ``name`` was still
+    being requested in the second half of the run (users that stop after one pass fail
+    both). The history has one row a second; the last one is taken after the stop."""
+    rows = [r for r in run.history if r["Name"] == name]
+    trace = [(r["Timestamp"], r["User Count"], r["Total Request Count"]) for r in rows]
+    counts = [int(r["User Count"]) for r in rows[:-1]]
+    assert users in counts, trace
+    assert all(n == users for n in counts[counts.index(users) :]), trace  # none stopped
+    first, last = int(rows[0]["Timestamp"]), int(rows[-1]["Timestamp"])
+    half = last - (last - first) // 2
+    before = max(int(r["Total Request Count"]) for r in rows if int(r["Timestamp"]) <= half)
+    assert int(rows[-1]["Total Request Count"]) > before, trace
+
+
+def _outcome_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("outcomes.*"))
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +489,7 @@ async def test_locust_stampede_smoke_against_the_naive_peer(
         sale_id = await naive_peer.create_sale(conn, 3)
     tokens_path = tmp_path / "tokens.txt"
     mint.write_tokens(tokens_path, [tokens.issue(5000 + i, "user") for i in range(5)])
-    proc, requests, failures = await asyncio.to_thread(
+    run = await asyncio.to_thread(
         _locust,
         "locustfile_stampede.py",
         naive_server,
@@ -402,25 +499,17 @@ async def test_locust_stampede_smoke_against_the_naive_peer(
             "LOCUST_SALE_ID": str(sale_id),
             "LOCUST_SALE_START": str(time.time()),
             "LOCUST_PAY_SHARE": "0",
+            "LOCUST_NEXT_SHOPPER_S": "0.2",
             "LOCUST_OUTCOMES": str(tmp_path / "outcomes"),
         },
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert requests > 0 and failures == 0
-    outcomes = await asyncio.to_thread(_outcomes, tmp_path)
-    assert outcomes.offered == 5
+    assert run.proc.returncode == 0, run.explain()
+    assert run.total > 0 and not run.failures, run.explain()
+    outcomes = invariants.read_outcomes(_outcome_files(tmp_path))
+    assert outcomes.offered > 5  # the five users came back as further shoppers
     assert len(outcomes.accepted) == 3
-    assert outcomes.rejected == {"SOLD_OUT": 2}
+    assert set(outcomes.rejected) == {"SOLD_OUT"}
     assert await db.fetchval(naive_peer.SQL_COUNT_ORDERS, sale_id) == 3
-
-
-def _outcomes(folder: Path) -> Outcomes:
-    return invariants.read_outcomes(sorted(folder.glob("outcomes.*")))
-
-
-def _has_route(port: int, path: str) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/openapi.json") as resp:
-        return path in orjson.loads(resp.read()).get("paths", {})
 
 
 async def _admin_sale(port: int, db: asyncpg.Pool, tokens: TokenService, quantity: int) -> int:
@@ -452,70 +541,145 @@ async def _admin_sale(port: int, db: asyncpg.Pool, tokens: TokenService, quantit
     return int(data["data"]["flash_sale_id"])
 
 
+async def _catalog(port: int, db: asyncpg.Pool, tokens: TokenService) -> None:
+    """A few in-stock products through the merchant API, named after the search terms."""
+    async with db.acquire() as conn:
+        merchant_id = (await mint.insert_users(conn, 1, "merchant"))[0]
+    token = tokens.issue(merchant_id, "merchant")
+    for name in ("load phone", "load shoe", "load coffee"):
+        status, data = await asyncio.to_thread(
+            _request,
+            "POST",
+            f"http://127.0.0.1:{port}/api/v1/products",
+            token,
+            {"name": name, "price": 1999, "stock": 100_000},
+        )
+        assert status == 201, data
+
+
+async def _minted(settings: Settings, tmp_path: Path, count: int) -> Path:
+    """Users and tokens the way an operator makes them (``python -m loadtests.mint``)."""
+    path = tmp_path / "tokens.txt"
+    await mint.mint(settings, count, path)
+    return path
+
+
 @pytest.mark.slow
-async def test_locust_stampede_smoke_against_the_gateway(
+@pytest.mark.integration
+@pytest.mark.usefixtures("consumer")
+async def test_locust_stampede_runs_every_task_for_the_whole_run(
     gateway_port: int,
     base_settings: Settings,
     db: asyncpg.Pool,
     tokens: TokenService,
     tmp_path: Path,
 ) -> None:
+    """Two Locust processes, four users for eight seconds against a sale of three units:
+    every task of the docstring ran, nothing failed (409 SOLD_OUT / LIMIT_EXCEEDED are
+    answers), the users kept coming back as new shoppers to the end, each process wrote
+    its own outcome file, and the invariants hold."""
     sale_id = await _admin_sale(gateway_port, db, tokens, quantity=3)
-    tokens_path = tmp_path / "tokens.txt"
-    async with db.acquire() as conn:
-        ids = await mint.insert_users(conn, 5)
-    mint.write_tokens(tokens_path, mint.issue_tokens(tokens, ids))
-    proc, requests, failures = await asyncio.to_thread(
+    users = 4
+    run = await asyncio.to_thread(
         _locust,
         "locustfile_stampede.py",
         gateway_port,
         tmp_path,
         {
-            "LOCUST_TOKENS_FILE": str(tokens_path),
+            "LOCUST_TOKENS_FILE": str(await _minted(base_settings, tmp_path, 12)),
             "LOCUST_SALE_ID": str(sale_id),
-            "LOCUST_PAY_SHARE": "0",
+            "LOCUST_PAY_SHARE": "1",
+            "LOCUST_POLLS": "40",
+            "LOCUST_NEXT_SHOPPER_S": "0.25",
             "LOCUST_OUTCOMES": str(tmp_path / "outcomes"),
         },
+        users,
+        8,
+        2,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert requests > 0 and failures == 0
-    outcomes = await asyncio.to_thread(_outcomes, tmp_path)
-    assert outcomes.offered == 5 and len(outcomes.accepted) == 3
+    _assert_every_task_ran(run, "locustfile_stampede.py", STAMPEDE_REQUESTS)
+    _kept_working(run, users, "/api/v1/flash-sales/[id]/join")
+    files = _outcome_files(tmp_path)
+    assert len(files) == 2, files  # one per Locust process
+    outcomes = invariants.read_outcomes(files)
+    assert outcomes.offered > users and len(outcomes.accepted) == 3
+    assert set(outcomes.rejected) <= {"SOLD_OUT", "LIMIT_EXCEEDED"}, outcomes.rejected
+    report = await invariants.report(base_settings.database, sale_id, outcomes, wait_s=10)
+    assert report.ok and report.orders_other == 0, report.lines()
 
 
 @pytest.mark.slow
-async def test_locust_storefront_smoke(
-    gateway_port: int, tokens_file: Path, tmp_path: Path
+@pytest.mark.integration
+async def test_locust_storefront_runs_every_task(
+    gateway_port: int,
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    tmp_path: Path,
 ) -> None:
-    proc, requests, failures = await asyncio.to_thread(
+    """Browse, search, detail, cart add and update, checkout and pay each ran, and every
+    answer was a success or an expected 409."""
+    await _catalog(gateway_port, db, tokens)
+    run = await asyncio.to_thread(
         _locust,
         "locustfile_storefront.py",
         gateway_port,
         tmp_path,
-        {"LOCUST_TOKENS_FILE": str(tokens_file)},
+        {
+            "LOCUST_TOKENS_FILE": str(await _minted(base_settings, tmp_path, 8)),
+            "LOCUST_THINK_S": "0.02,0.1",
+        },
+        4,
+        8,
     )
-    assert requests > 0, proc.stderr[-2000:]
-    assert proc.returncode == 0 and failures == 0, proc.stderr[-2000:]
+    _assert_every_task_ran(run, "locustfile_storefront.py", STOREFRONT_REQUESTS)
 
 
 @pytest.mark.slow
-async def test_locust_mixed_smoke(
-    gateway_port: int, db: asyncpg.Pool, tokens: TokenService, tokens_file: Path, tmp_path: Path
+@pytest.mark.integration
+@pytest.mark.usefixtures("consumer")
+async def test_locust_mixed_runs_every_task_of_both_scenarios(
+    gateway_port: int,
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    tmp_path: Path,
 ) -> None:
+    await _catalog(gateway_port, db, tokens)
     sale_id = await _admin_sale(gateway_port, db, tokens, quantity=3)
-    proc, requests, failures = await asyncio.to_thread(
+    run = await asyncio.to_thread(
         _locust,
         "locustfile_mixed.py",
         gateway_port,
         tmp_path,
         {
-            "LOCUST_TOKENS_FILE": str(tokens_file),
+            "LOCUST_TOKENS_FILE": str(await _minted(base_settings, tmp_path, 20)),
             "LOCUST_SALE_ID": str(sale_id),
-            "LOCUST_PAY_SHARE": "0",
+            "LOCUST_PAY_SHARE": "1",
+            "LOCUST_POLLS": "40",
+            "LOCUST_NEXT_SHOPPER_S": "0.25",
+            "LOCUST_THINK_S": "0.02,0.1",
+            "LOCUST_OUTCOMES": str(tmp_path / "outcomes"),
         },
         6,
+        8,
     )
-    assert proc.returncode == 0 and requests > 0 and failures == 0, proc.stderr[-2000:]
+    _assert_every_task_ran(run, "locustfile_mixed.py", STAMPEDE_REQUESTS | STOREFRONT_REQUESTS)
+    outcomes = invariants.read_outcomes(_outcome_files(tmp_path))
+    report = await invariants.report(base_settings.database, sale_id, outcomes, wait_s=10)
+    assert report.ok and len(outcomes.accepted) == 3, report.lines()
+
+
+def test_process_share_is_read_once_the_worker_knows_its_index() -> None:
+    def env(index: int, processes: int | None) -> SimpleNamespace:
+        return SimpleNamespace(
+            runner=SimpleNamespace(worker_index=index),
+            parsed_options=SimpleNamespace(processes=processes),
+        )
+
+    assert scenario_support.process_share(env(0, None)) == (0, 1)
+    assert scenario_support.process_share(env(1, 2)) == (1, 2)
+    assert scenario_support.process_share(env(3, 4)) == (3, 4)
 
 
 def test_gevent_is_never_imported_into_pytest() -> None:
