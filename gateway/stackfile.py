@@ -78,13 +78,17 @@ def running(data: dict[str, Any]) -> bool:
 
 
 def fill(settings: Settings, *, quiet: bool = False) -> Settings:
-    """``settings`` with its unset server URLs taken from a running ``up``'s stack file."""
-    missing = [f for f in FIELDS if getattr(settings, f) is None]
+    """``settings`` with its unset server URLs (and secret key, from the data folder's
+    ``secret_key``) taken from a running ``up``'s stack file."""
+    missing = [f for f in (*FIELDS, "secret_key") if getattr(settings, f) is None]
     if not missing:
         return settings
     data = read(settings)
     if data is None or not running(data):
         return settings
+    secret = Path(settings.data_dir) / "secret_key"
+    if "secret_key" in missing and secret.exists():
+        data = {**data, "secret_key": secret.read_text().strip()}
     found = {f: data[f] for f in missing if data.get(f)}
     if not found:
         return settings

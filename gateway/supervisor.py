@@ -333,10 +333,8 @@ def _banner(
         + base
         + "/api/v1/auth/login -H 'Content-Type: application/json'"
         ' -d \'{"login":"shopper1@demo.local","password":"shopper-pass-1"}\'',
-        "  load:     FLASHSALE_DATABASE_URL="
-        + str(settings.database_url)
-        + f" FLASHSALE_SECRET_KEY=$(cat {os.path.abspath(settings.data_dir)}/secret_key)"
-        + " .venv/bin/python -m loadtests.mint --count 2000 --out tokens.txt",
+        "  load:     .venv/bin/python -m loadtests.mint --count 2000 --out tokens.txt"
+        "   (finds this stack in " + os.path.join(settings.data_dir, "stack.json") + ")",
         "            LOCUST_TOKENS_FILE=tokens.txt LOCUST_SALE_ID=<sale id>"
         " .venv/bin/locust -f loadtests/locustfile_stampede.py --headless -u 500 -r 100 -t 60s"
         f" -H {base} --csv out/stampede",

@@ -36,6 +36,7 @@ from typing import Any
 import asyncpg
 
 from flashsale.settings import Settings
+from gateway import stackfile
 
 SQL_SALE = "SELECT * FROM flash_sales WHERE id = $1"
 SQL_SALE_ORDERS = """
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         help="wait this long for accepted orders to reach PostgreSQL",
     )
     args = p.parse_args(argv)
-    settings = Settings.from_env().require("database_url")
+    settings = stackfile.fill(Settings.from_env()).require("database_url")
     outcomes = read_outcomes(expand(args.accepted_file))
     result = asyncio.run(report(settings.database, args.sale_id, outcomes, wait_s=args.wait_s))
     print("\n".join(result.lines()))

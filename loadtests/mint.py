@@ -27,6 +27,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from gateway import stackfile
 
 BENCH_PASSWORD = "bench-password-1"
 BATCH = 50_000
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--role", default="user", choices=["user", "merchant", "admin"])
     args = p.parse_args(argv)
-    settings = Settings.from_env().require("database_url", "secret_key")
+    settings = stackfile.fill(Settings.from_env()).require("database_url", "secret_key")
     ids = asyncio.run(mint(settings, args.count, args.out, args.role))
     print(f"minted {len(ids)} {args.role} tokens into {args.out}")
     return 0
