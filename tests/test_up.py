@@ -108,6 +108,17 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             assert side.returncode == 0, side.stdout + side.stderr
             assert "using the running stack's servers" in side.stderr
             assert "sale(s) checked, 0 with drift" in side.stdout
+            tokens = Path(data_dir) / "tokens.txt"
+            minted = subprocess.run(
+                [sys.executable, "-m", "loadtests.mint", "--count", "3", "--out", str(tokens)],
+                env={**env, "FLASHSALE_DATA_DIR": data_dir},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert minted.returncode == 0, minted.stdout + minted.stderr
+            assert len(tokens.read_text().split()) == 3
             first = json.loads((Path(data_dir) / "stack.json").read_text())
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)
