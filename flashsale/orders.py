@@ -25,7 +25,18 @@ import orjson
 from redis.asyncio import Redis
 
 from flashsale import coupons, inventory
-from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from flashsale.errors import (
+    Forbidden,
+    IdempotencyInProgress,
+    InvalidTransition,
+    NotFound,
+    NotOnSale,
+    PriceChanged,
+    PurchaseLimitExceeded,
+    SkuNotFound,
+    ValidationFailed,
+    VersionConflict,
+)
 from flashsale.flash import lifecycle as flash_lifecycle
 from flashsale.flash import views as flash_views
 from flashsale.ids import OrderIds
@@ -214,19 +225,15 @@ FROM order_logs WHERE order_id = $1 ORDER BY id
 """
 
 
-def invalid_transition(status: str, action: str) -> Conflict:
-    return Conflict(
+def invalid_transition(status: str, action: str) -> InvalidTransition:
+    return InvalidTransition(
         f"cannot {action} an order that is {status}",
-        code="INVALID_TRANSITION",
         data={"status": status, "action": action},
     )
 
 
-def version_conflict(order_id: str) -> Conflict:
-    return Conflict(
-        f"order {order_id} was changed by someone else; reload it and retry",
-        code="VERSION_CONFLICT",
-    )
+def version_conflict(order_id: str) -> VersionConflict:
+    return VersionConflict(f"order {order_id} was changed by someone else; reload it and retry")
 
 
 def new_payment_id() -> str:
@@ -322,15 +329,12 @@ async def _validate_lines(
     found = {r["sku_id"]: r for r in rows}
     missing = [sid for sid in merged if sid not in found]
     if missing:
-        raise NotFound(
-            f"sku {missing[0]} not found", code="SKU_NOT_FOUND", data={"sku_ids": missing}
-        )
+        raise SkuNotFound(f"sku {missing[0]} not found", data={"sku_ids": missing})
     changed = []
     for r in rows:
         if r["sku_status"] != "on_sale" or r["product_status"] != "on_sale":
-            raise Conflict(
+            raise NotOnSale(
                 f"sku {r['sku_id']} is not on sale",
-                code="NOT_ON_SALE",
                 data={"sku_id": r["sku_id"]},
             )
         expected = merged[r["sku_id"]].expected_price_cents
@@ -343,9 +347,8 @@ async def _validate_lines(
                 }
             )
     if changed:
-        raise Conflict(
+        raise PriceChanged(
             "the price of an item changed; review the order",
-            code="PRICE_CHANGED",
             data={"items": changed},
         )
     return rows
@@ -364,7 +367,7 @@ async def _check_buyer_caps(
         limit = r["max_per_user"] or cap
         already = held.get(line.sku_id, 0)
         if already + line.quantity > limit:
-            raise inventory.PurchaseLimitExceeded(
+            raise PurchaseLimitExceeded(
                 data={"sku_id": line.sku_id, "limit": limit, "held": already}
             )
 
@@ -502,9 +505,8 @@ async def _replay(
 ) -> dict[str, Any]:
     order = None if order_id is None else await conn.fetchrow(SQL_ORDER, order_id)
     if order is None or order["user_id"] != user_id:
-        raise Conflict(
-            "an order with this Idempotency-Key is still being created; retry",
-            code="IDEMPOTENCY_IN_PROGRESS",
+        raise IdempotencyInProgress(
+            "an order with this Idempotency-Key is still being created; retry"
         )
     pay = await conn.fetchrow(SQL_PENDING_PAYMENT, order["id"])
     return {

@@ -14,11 +14,11 @@ from aiohttp.test_utils import TestClient
 
 from flashsale import coupons, orders
 from flashsale.auth import TokenService
-from flashsale.coupons import (
+from flashsale.coupons import PricedLine
+from flashsale.errors import (
     CouponLimitReached,
     CouponNotApplicable,
     CouponSoldOut,
-    PricedLine,
 )
 from tests.conftest import auth, make_user
 from tests.store_helpers import make_product as store_product
