@@ -26,7 +26,7 @@ from flashsale.errors import (
     ValidationFailed,
 )
 from flashsale.flash.cache import SaleState, now_ms
-from flashsale.scripts import FlashScripts
+from flashsale.scripts import FlashScripts, SaleClose, SaleLoad
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ async def load_sale(
     await redis.sadd(rediskeys.SALES_INDEX, row["id"])
     if row["closed_at"] is not None:
         await scripts.close(keys=[rediskeys.sale(row["id"])])
-    if int(result[0]) < 0:
+    if int(result[0]) == SaleLoad.CLOSED:
         raise SaleEnded("the sale is closed")
     return int(result[0])
 
@@ -230,7 +230,7 @@ async def settle_sale(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sal
     under a row lock, so running this any number of times, concurrently, moves each unit once.
     """
     moved = int(await scripts.close(keys=[rediskeys.sale(sale_id)]))
-    if moved < 0:
+    if moved == SaleClose.UNKNOWN_SALE:
         return 0
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(SQL_SETTLE, sale_id, moved)
