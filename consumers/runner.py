@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from consumers.orders import BatchOutcome, OrderBatchProcessor, consume_forever
+from consumers.order_events import BatchOutcome, OrderBatchProcessor, consume_forever
 from consumers.sweepers import run_sweepers
 from flashsale.db import create_pool
 from flashsale.kafka import OrderProducer
