@@ -400,7 +400,7 @@ async def test_cancel_and_timeout_give_the_coupon_back_once(
         "UPDATE orders SET payment_deadline = now() - interval '1 s' WHERE id = $1", oid
     )
     await asyncio.gather(orders.close_expired_orders(db), orders.close_expired_orders(db))
-    for _ in range(50):  # the app's own sweeper may have taken it
+    for _ in range(50):  # a consumer's store sweeper may have taken it
         if await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "cancelled":
             break
         await asyncio.sleep(0.05)
