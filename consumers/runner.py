@@ -13,7 +13,8 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from consumers.orders import BatchOutcome, OrderBatchProcessor, consume_forever
+from consumers.order_events import BatchOutcome, OrderBatchProcessor, consume_forever
+from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import run_sweepers
 from flashsale.db import create_pool
 from flashsale.kafka import OrderProducer
@@ -56,6 +57,9 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
             asyncio.create_task(consume_forever(settings, processor, stop), name="consumer"),
             asyncio.create_task(
                 run_sweepers(settings, db, redis, producer, metrics, stop), name="sweepers"
+            ),
+            asyncio.create_task(
+                run_store_sweeper(db, settings.sweep_interval_ms / 1000, stop), name="store-sweeper"
             ),
             asyncio.create_task(heartbeat_loop(), name="heartbeat"),
         ]

@@ -37,7 +37,7 @@ from flashsale.flash import lifecycle
 from flashsale.flash.events import parse_entry
 from flashsale.kafka import OrderProducer, PublishFailed
 from flashsale.metrics import Metrics
-from flashsale.scripts import FlashScripts
+from flashsale.scripts import FlashScripts, ReturnUnits
 from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -189,13 +189,18 @@ async def return_cancelled_units(
     returned = 0
     for r in rows:
         sid = r["flash_sale_id"]
-        result = await scripts.return_units(
-            keys=rediskeys.return_units_keys(sid),
-            args=[r["id"], r["user_id"], r["units"]],
+        result = ReturnUnits(
+            int(
+                await scripts.return_units(
+                    keys=rediskeys.return_units_keys(sid),
+                    args=[r["id"], r["user_id"], r["units"]],
+                )
+            )
         )
-        if int(result) == 1:
+        if result is ReturnUnits.RETURNED:
             returned += r["units"]
-        if int(result) >= 0:  # -1: the sale is not in Redis (rebuild-cache will count it)
+        # UNKNOWN_SALE: the sale is not in Redis (rebuild-cache will count it)
+        if result is not ReturnUnits.UNKNOWN_SALE:
             done.append(r["id"])
     if done:
         await db.execute(SQL_MARK_RETURNED, done)

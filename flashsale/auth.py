@@ -23,7 +23,15 @@ import orjson
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from flashsale.errors import AppError, Forbidden, ServiceUnavailable, Unauthorized
+from flashsale.errors import (
+    Forbidden,
+    RevocationUnavailable,
+    ServiceUnavailable,
+    TokenExpired,
+    TokenInvalid,
+    TokenMalformed,
+    TokenRevoked,
+)
 
 if TYPE_CHECKING:
     from flashsale.sessions import Revocations
@@ -38,38 +46,6 @@ _HEADER_B64: Final = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
 # three unpadded base64url segments: anything else (padding, "@@@@", spaces) is refused
 # before decoding, because Python's base64 silently skips characters outside the alphabet
 _TOKEN_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-
-
-class TokenExpired(Unauthorized):
-    code = "TOKEN_EXPIRED"
-    default_message = "token has expired"
-
-
-class TokenMalformed(Unauthorized):
-    code = "TOKEN_MALFORMED"
-    default_message = "token is malformed"
-
-
-class TokenInvalid(Unauthorized):
-    code = "TOKEN_INVALID"
-    default_message = "token signature is invalid"
-
-
-class TokenRevoked(Unauthorized):
-    code = "TOKEN_REVOKED"
-    default_message = "token was revoked (logout, password or role change); log in again"
-
-
-class RevocationUnavailable(ServiceUnavailable):
-    code = "AUTH_UNAVAILABLE"
-    default_message = "cannot check tokens right now (revocation list unreachable); retry later"
-
-
-class InvalidCredentials(Unauthorized):
-    """One answer for an unknown account and a wrong password, so logins enumerate nothing."""
-
-    code = "INVALID_CREDENTIALS"
-    default_message = "wrong login or password"
 
 
 class Principal(NamedTuple):
@@ -205,13 +181,6 @@ def require_role(principal: Principal, *roles: str) -> Principal:
 _HASHER = PasswordHasher()
 
 
-class HashBusy(ServiceUnavailable):
-    default_message = "too many logins in progress, retry shortly"
-
-    def __init__(self) -> None:
-        super().__init__(headers={"Retry-After": "1"})
-
-
 class PasswordHashing:
     """argon2id off the event loop, at most ``concurrency`` at a time per worker.
 
@@ -229,7 +198,9 @@ class PasswordHashing:
 
     async def _run(self, fn: Callable[[], _T], *, count: bool = True) -> _T:
         if self._inside >= self._capacity:
-            raise HashBusy
+            raise ServiceUnavailable(
+                "too many logins in progress, retry shortly", headers={"Retry-After": "1"}
+            )
         self._inside += 1
         try:
             async with self._slots:
@@ -280,15 +251,8 @@ async def check_password(
 
 
 __all__ = [
-    "AppError",
-    "InvalidCredentials",
     "PasswordHashing",
     "Principal",
-    "RevocationUnavailable",
-    "TokenExpired",
-    "TokenInvalid",
-    "TokenMalformed",
-    "TokenRevoked",
     "TokenService",
     "check_password",
     "hash_password",

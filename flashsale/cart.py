@@ -17,7 +17,13 @@ import asyncpg
 import orjson
 
 from flashsale.coupons import PricedLine
-from flashsale.errors import Conflict, NotFound, ValidationFailed
+from flashsale.errors import (
+    CartFull,
+    InsufficientStock,
+    NotFound,
+    NotOnSale,
+    ValidationFailed,
+)
 from flashsale.promotions import Conn
 
 CART_TOKEN_HEADER: Final = "X-Cart-Token"  # noqa: S105 - a header name
@@ -119,26 +125,6 @@ SQL_SAVE_CHECKOUT = """
 INSERT INTO cart_checkouts (user_id, idempotency_key, result) VALUES ($1, $2, $3)
 ON CONFLICT (user_id, idempotency_key) DO NOTHING
 """
-
-
-class NotOnSale(Conflict):
-    code = "NOT_ON_SALE"
-    default_message = "this product is not on sale"
-
-
-class InsufficientStock(Conflict):
-    code = "INSUFFICIENT_STOCK"
-    default_message = "not enough stock for this quantity"
-
-
-class CartFull(Conflict):
-    code = "CART_FULL"
-    default_message = "the cart holds the maximum number of items"
-
-
-class ItemUnavailable(Conflict):
-    code = "ITEM_UNAVAILABLE"
-    default_message = "some selected items are no longer available"
 
 
 @dataclass(frozen=True, slots=True)

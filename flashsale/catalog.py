@@ -23,7 +23,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flashsale.auth import Principal
-from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from flashsale.errors import (
+    Forbidden,
+    NotFound,
+    ProductInUse,
+    StockBelowReserved,
+    ValidationFailed,
+    VersionConflict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -410,9 +417,8 @@ async def update_product(
     async with pool.acquire() as conn, conn.transaction():
         row = await _lock_owned(conn, principal, product_id)
         if version is not None and version != row["version"]:
-            raise Conflict(
+            raise VersionConflict(
                 "the product was changed by someone else; reload and retry",
-                code="VERSION_CONFLICT",
                 data={"version": row["version"]},
             )
         if flat is not None:
@@ -449,10 +455,9 @@ async def update_product(
                 reserved = await conn.fetchval(SQL_SKU_OF_PRODUCT, sku.id, product_id)
                 if reserved is None:
                     raise ValidationFailed(fields={f"skus[{i}].id": "no such SKU on this product"})
-                raise Conflict(
+                raise StockBelowReserved(
                     f"stock of SKU {sku.id} cannot go below the {reserved} units "
                     "held by unpaid orders",
-                    code="STOCK_BELOW_RESERVED",
                     data={"sku_id": sku.id, "reserved": reserved},
                 )
         new_version: int = await conn.fetchval(
@@ -475,7 +480,7 @@ async def update_product(
 async def _refuse_if_in_use(conn: Conn, product_id: int) -> None:
     await conn.fetch(SQL_PRODUCT_SKU_IDS, product_id)
     if await conn.fetchval(SQL_IN_UNFINISHED_ORDERS, product_id, list(UNFINISHED_ORDER_STATUSES)):
-        raise Conflict("unfinished orders reference this product", code="PRODUCT_IN_USE")
+        raise ProductInUse
 
 
 async def delete_product(

@@ -24,7 +24,13 @@ from typing import Any, Final
 import asyncpg
 
 from flashsale import promotions
-from flashsale.errors import Conflict, NotFound, ValidationFailed
+from flashsale.errors import (
+    CouponExists,
+    CouponLimitReached,
+    CouponNotApplicable,
+    CouponNotFound,
+    CouponSoldOut,
+)
 from flashsale.promotions import Conn
 
 # Shipping: one place for the rule. Free when the subtotal reaches the threshold
@@ -96,31 +102,6 @@ UPDATE coupon_user_counts SET used = used - 1 WHERE coupon_id = $1 AND user_id =
 SQL_UNCOUNT_TOTAL_USE = """
 UPDATE coupons SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0
 """
-
-
-class CouponNotApplicable(ValidationFailed):
-    code = "COUPON_NOT_APPLICABLE"
-    default_message = "the coupon does not apply to this order"
-
-
-class CouponNotFound(NotFound):
-    code = "COUPON_NOT_FOUND"
-    default_message = "no such coupon"
-
-
-class CouponLimitReached(Conflict):
-    code = "COUPON_LIMIT_REACHED"
-    default_message = "this coupon has been used the maximum number of times for this user"
-
-
-class CouponSoldOut(Conflict):
-    code = "COUPON_SOLD_OUT"
-    default_message = "this coupon has run out"
-
-
-class CouponExists(Conflict):
-    code = "COUPON_EXISTS"
-    default_message = "a coupon with this code already exists"
 
 
 @dataclass(frozen=True, slots=True)

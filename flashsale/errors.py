@@ -3,6 +3,10 @@
 Every failure a client can see is an :class:`AppError` with a stable UPPER_SNAKE
 ``code``, an HTTP status and a ``retriable`` flag. Subclasses only fix defaults;
 handlers raise them and never build error responses themselves.
+
+This module is the whole catalogue: each code comes from exactly one class here (a raise
+site may pass its own message, ``data`` or headers, never another code).
+tests/test_errors_catalogue.py holds that.
 """
 
 from __future__ import annotations
@@ -22,14 +26,12 @@ class AppError(Exception):
         self,
         message: str | None = None,
         *,
-        code: str | None = None,
         fields: dict[str, str] | None = None,
         data: Any = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message or self.default_message)
         self.message = message or self.default_message
-        self.error_code = code or self.code
         self.fields = fields
         self.data = data
         self.headers = headers or {}
@@ -101,3 +103,288 @@ class ServiceUnavailable(AppError):
     http_status = 503
     retriable = True
     default_message = "service temporarily unavailable, retry later"
+
+
+# --- accounts and tokens -----------------------------------------------------------------
+
+
+class TokenExpired(Unauthorized):
+    code = "TOKEN_EXPIRED"
+    default_message = "token has expired"
+
+
+class TokenMalformed(Unauthorized):
+    code = "TOKEN_MALFORMED"
+    default_message = "token is malformed"
+
+
+class TokenInvalid(Unauthorized):
+    code = "TOKEN_INVALID"
+    default_message = "token signature is invalid"
+
+
+class TokenRevoked(Unauthorized):
+    code = "TOKEN_REVOKED"
+    default_message = "token was revoked (logout, password or role change); log in again"
+
+
+class RevocationUnavailable(ServiceUnavailable):
+    code = "AUTH_UNAVAILABLE"
+    default_message = "cannot check tokens right now (revocation list unreachable); retry later"
+
+
+class InvalidCredentials(Unauthorized):
+    """One answer for an unknown account and a wrong password, so logins enumerate nothing."""
+
+    code = "INVALID_CREDENTIALS"
+    default_message = "wrong login or password"
+
+
+class AccountDisabled(Forbidden):
+    code = "ACCOUNT_DISABLED"
+    default_message = "this account is disabled"
+
+
+class AccountExists(Conflict):
+    code = "ACCOUNT_EXISTS"
+    default_message = "an account with this email or phone already exists"
+
+
+# --- catalog and stock -------------------------------------------------------------------
+
+
+class SkuNotFound(NotFound):
+    code = "SKU_NOT_FOUND"
+    default_message = "sku not found"
+
+
+class NotOnSale(Conflict):
+    code = "NOT_ON_SALE"
+    default_message = "this product is not on sale"
+
+
+class InsufficientStock(Conflict):
+    code = "INSUFFICIENT_STOCK"
+    default_message = "not enough stock for this quantity"
+
+
+class StockBelowReserved(Conflict):
+    code = "STOCK_BELOW_RESERVED"
+    default_message = "stock cannot go below the units held by unpaid orders"
+
+
+class ProductInUse(Conflict):
+    code = "PRODUCT_IN_USE"
+    default_message = "unfinished orders reference this product"
+
+
+class PurchaseLimitExceeded(Conflict):
+    code = "PURCHASE_LIMIT_EXCEEDED"
+    default_message = "this would hold more units of a SKU than one buyer may hold unpaid"
+
+
+class OrderNotPaid(Conflict):
+    code = "ORDER_NOT_PAID"
+    default_message = "stock is consumed only through a paid order"
+
+
+class OrderNotPending(Conflict):
+    code = "ORDER_NOT_PENDING"
+    default_message = "a hold can only be attached to an order awaiting payment"
+
+
+class HoldExceedsOrder(Conflict):
+    code = "HOLD_EXCEEDS_ORDER"
+    default_message = "the hold is larger than what the order still needs of this SKU"
+
+
+class HeldByOrder(Conflict):
+    code = "HELD_BY_ORDER"
+    default_message = "this reservation belongs to an unpaid order; cancel the order instead"
+
+
+class ReservationNotActive(Conflict):
+    code = "RESERVATION_NOT_ACTIVE"
+    default_message = "the reservation is no longer active"
+
+
+# --- cart, orders and presale ------------------------------------------------------------
+
+
+class CartFull(Conflict):
+    code = "CART_FULL"
+    default_message = "the cart holds the maximum number of items"
+
+
+class ItemUnavailable(Conflict):
+    code = "ITEM_UNAVAILABLE"
+    default_message = "some selected items are no longer available"
+
+
+class PriceChanged(Conflict):
+    code = "PRICE_CHANGED"
+    default_message = "the price of an item changed; review the order"
+
+
+class IdempotencyInProgress(Conflict):
+    code = "IDEMPOTENCY_IN_PROGRESS"
+    default_message = "a request with this Idempotency-Key is still in progress; retry"
+
+
+class IdempotencyMismatch(AppError):
+    code = "IDEMPOTENCY_MISMATCH"
+    http_status = 422
+    default_message = "Idempotency-Key was used with a different request body"
+
+
+class InvalidTransition(Conflict):
+    code = "INVALID_TRANSITION"
+    default_message = "illegal status transition"
+
+
+class VersionConflict(Conflict):
+    code = "VERSION_CONFLICT"
+    default_message = "the order was changed by someone else; reload and retry"
+
+
+class PresaleNotFound(NotFound):
+    code = "PRESALE_NOT_FOUND"
+    default_message = "no presale for this product"
+
+
+class PresaleNotActive(Conflict):
+    code = "PRESALE_NOT_ACTIVE"
+    default_message = "the presale is not open"
+
+
+class PaymentRequired(Forbidden):
+    code = "PAYMENT_REQUIRED"
+    default_message = "an order becomes paid only through a verified payment"
+
+
+class PresaleOrderExpired(Conflict):
+    code = "PRESALE_ORDER_EXPIRED"
+    default_message = "the presale order's hold has expired; it can no longer be paid"
+
+
+# --- coupons -----------------------------------------------------------------------------
+
+
+class CouponNotApplicable(ValidationFailed):
+    code = "COUPON_NOT_APPLICABLE"
+    default_message = "the coupon does not apply to this order"
+
+
+class CouponNotFound(NotFound):
+    code = "COUPON_NOT_FOUND"
+    default_message = "no such coupon"
+
+
+class CouponLimitReached(Conflict):
+    code = "COUPON_LIMIT_REACHED"
+    default_message = "this coupon has been used the maximum number of times for this user"
+
+
+class CouponSoldOut(Conflict):
+    code = "COUPON_SOLD_OUT"
+    default_message = "this coupon has run out"
+
+
+class CouponExists(Conflict):
+    code = "COUPON_EXISTS"
+    default_message = "a coupon with this code already exists"
+
+
+# --- payments ----------------------------------------------------------------------------
+
+
+class PaymentProviderUnavailable(AppError):
+    """No payment provider is configured (``FLASHSALE_PAYMENT_PROVIDER=none``)."""
+
+    code = "PAYMENT_PROVIDER_UNAVAILABLE"
+    http_status = 503
+    default_message = "no payment provider is configured; payments cannot be taken"
+
+
+class BadSignature(BadRequest):
+    code = "BAD_SIGNATURE"
+    default_message = "notification signature is invalid"
+
+
+class UnknownPayment(NotFound):
+    code = "UNKNOWN_PAYMENT"
+    default_message = "unknown payment"
+
+
+class OrderMismatch(Conflict):
+    code = "ORDER_MISMATCH"
+    default_message = "notification names another order"
+
+
+class AmountMismatch(Conflict):
+    code = "AMOUNT_MISMATCH"
+    default_message = "the amount does not match what is due"
+
+
+class OrderNotPayable(Conflict):
+    code = "ORDER_NOT_PAYABLE"
+    default_message = "payment cannot be applied to this order"
+
+
+class RefundExceedsPaid(Conflict):
+    code = "REFUND_EXCEEDS_PAID"
+    default_message = "refund exceeds what was paid"
+
+
+class ReturnRequired(Conflict):
+    """After shipping, money goes back through a return the merchant or an admin approves."""
+
+    code = "RETURN_REQUIRED"
+    default_message = (
+        "the order has shipped: request a return, a refund follows once it is approved"
+    )
+
+
+# --- flash sales -------------------------------------------------------------------------
+
+
+class NotStarted(Conflict):
+    code = "NOT_STARTED"
+    default_message = "the sale has not started"
+
+
+class SaleEnded(Conflict):
+    code = "SALE_ENDED"
+    default_message = "the sale has ended"
+
+
+class SoldOut(Conflict):
+    code = "SOLD_OUT"
+    default_message = "sold out"
+
+
+class LimitExceeded(Conflict):
+    code = "LIMIT_EXCEEDED"
+    default_message = "per-user limit reached for this sale"
+
+
+class SaleRecovering(ServiceUnavailable):
+    code = "SALE_RECOVERING"
+    retriable = True
+    default_message = (
+        "the sale's stock is being recounted after a store restart; retry in a few seconds"
+    )
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "2"})
+
+
+class OutcomeUnknownError(ServiceUnavailable):
+    """The reservation may or may not have been made: never a "no"."""
+
+    code = "OUTCOME_UNKNOWN"
+    retriable = True
+    default_message = (
+        "we could not confirm this join: retry with the same Idempotency-Key, "
+        "or look at your orders before joining again"
+    )

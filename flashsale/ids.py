@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale.scripts import register
+from flashsale.scripts import Lease, register
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class MachineLease:
         start = random.randrange(MACHINE_IDS)
         for i in range(MACHINE_IDS):
             n = (start + i) % MACHINE_IDS
-            if await self._script(keys=[machine_key(n)], args=[self._token, LEASE_TTL_MS]) == 1:
+            held = await self._script(keys=[machine_key(n)], args=[self._token, LEASE_TTL_MS])
+            if Lease(int(held)) is Lease.HELD:
                 return n
         raise RuntimeError("no free machine id: 1000 live processes hold one each")
 
@@ -110,7 +111,7 @@ class MachineLease:
                 held = await self._script(
                     keys=[machine_key(self.machine_id)], args=[self._token, LEASE_TTL_MS]
                 )
-                if held == 1:
+                if Lease(int(held)) is Lease.HELD:
                     continue
                 # expired and taken over while we could not reach Redis: take another id,
                 # and keep ids increasing across the switch

@@ -17,7 +17,14 @@ from typing import Any, Final, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from flashsale.errors import Conflict, NotFound
+from flashsale.errors import (
+    HeldByOrder,
+    HoldExceedsOrder,
+    InsufficientStock,
+    NotFound,
+    OrderNotPaid,
+    OrderNotPending,
+)
 
 # A connection, or the pool's proxy of one: what ``pool.acquire()`` gives.
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
@@ -101,31 +108,6 @@ FOR UPDATE SKIP LOCKED
 """
 
 
-class PurchaseLimitExceeded(Conflict):
-    code = "PURCHASE_LIMIT_EXCEEDED"
-    default_message = "this would hold more units of a SKU than one buyer may hold unpaid"
-
-
-class OrderNotPaid(Conflict):
-    code = "ORDER_NOT_PAID"
-    default_message = "stock is consumed only through a paid order"
-
-
-class OrderNotPending(Conflict):
-    code = "ORDER_NOT_PENDING"
-    default_message = "a hold can only be attached to an order awaiting payment"
-
-
-class HoldExceedsOrder(Conflict):
-    code = "HOLD_EXCEEDS_ORDER"
-    default_message = "the hold is larger than what the order still needs of this SKU"
-
-
-class HeldByOrder(Conflict):
-    code = "HELD_BY_ORDER"
-    default_message = "this reservation belongs to an unpaid order; cancel the order instead"
-
-
 @dataclass(frozen=True, slots=True)
 class Reservation:
     reservation_id: str
@@ -148,10 +130,9 @@ def new_reservation_id() -> str:
     return "RSV" + secrets.token_hex(10).upper()
 
 
-def insufficient(sku_id: int, available: int | None) -> Conflict:
-    return Conflict(
+def insufficient(sku_id: int, available: int | None) -> InsufficientStock:
+    return InsufficientStock(
         f"not enough stock for sku {sku_id}",
-        code="INSUFFICIENT_STOCK",
         data={"sku_id": sku_id, "available_stock": available},
     )
 

@@ -25,7 +25,18 @@ import asyncpg
 import orjson
 
 from flashsale import orders, presale
-from flashsale.errors import AppError, BadRequest, Conflict, NotFound
+from flashsale.errors import (
+    AmountMismatch,
+    AppError,
+    BadSignature,
+    NotFound,
+    OrderMismatch,
+    OrderNotPayable,
+    PaymentProviderUnavailable,
+    RefundExceedsPaid,
+    ReturnRequired,
+    UnknownPayment,
+)
 from flashsale.inventory import Conn
 from flashsale.orders import Actor
 from flashsale.settings import Settings
@@ -115,23 +126,6 @@ RETURNING version
 """
 
 
-class PaymentProviderUnavailable(AppError):
-    """No payment provider is configured (``FLASHSALE_PAYMENT_PROVIDER=none``)."""
-
-    code = "PAYMENT_PROVIDER_UNAVAILABLE"
-    http_status = 503
-    default_message = "no payment provider is configured; payments cannot be taken"
-
-
-class ReturnRequired(Conflict):
-    """After shipping, money goes back through a return the merchant or an admin approves."""
-
-    code = "RETURN_REQUIRED"
-    default_message = (
-        "the order has shipped: request a return, a refund follows once it is approved"
-    )
-
-
 # A shopper alone may refund only what has not left the warehouse.
 SHOPPER_REFUNDABLE: Final = ("paid",)
 
@@ -211,9 +205,8 @@ async def create_payment(
     async with pool.acquire() as conn, conn.transaction():
         due = await _lock_payable(conn, order_id, user_id)
         if amount is not None and amount != due.amount_cents:
-            raise Conflict(
+            raise AmountMismatch(
                 "amount does not match the order",
-                code="AMOUNT_MISMATCH",
                 data={"expected": due.amount_cents, "got": amount},
             )
         pay = await conn.fetchrow(due.pending_sql, order_id)
@@ -272,7 +265,7 @@ def _log_rejection(body: Mapping[str, Any], exc: AppError) -> None:
     # repr(): the values come from an unauthenticated caller; a newline must not forge a line.
     log.warning(
         "payment notification rejected: %s payment_id=%r order_id=%r",
-        exc.error_code,
+        exc.code,
         body.get("payment_id"),
         body.get("order_id"),
     )
@@ -292,7 +285,7 @@ async def process_notification(
     Nothing is written before the signature checks out: anyone can call the endpoint.
     A signed notification that cannot be applied is recorded as rejected."""
     if not signature_ok(settings.payment_hmac_key, body):
-        exc = BadRequest("notification signature is invalid", code="BAD_SIGNATURE")
+        exc = BadSignature()
         _log_rejection(body, exc)
         raise exc
     try:
@@ -303,7 +296,7 @@ async def process_notification(
             SQL_RECORD_REJECTION,
             str(body.get("payment_id") or ""),
             str(body.get("order_id") or ""),
-            exc.error_code,
+            exc.code,
             dict(body),
         )
         raise
@@ -316,9 +309,9 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
         # order row first, then its pay orders. The unlocked read only finds the order.
         found = await conn.fetchrow(SQL_PAY, payment_id)
         if found is None:
-            raise NotFound("unknown payment", code="UNKNOWN_PAYMENT")
+            raise UnknownPayment
         if found["order_id"] != body["order_id"]:
-            raise Conflict("notification names another order", code="ORDER_MISMATCH")
+            raise OrderMismatch
         if found["presale"]:
             order = await presale.lock_for_payment(conn, found["order_id"])
         else:
@@ -326,9 +319,8 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
         pay = await conn.fetchrow(SQL_PAY_FOR_UPDATE, payment_id)
         assert order is not None and pay is not None  # orders and pay orders are never deleted
         if pay["amount_cents"] != body["amount"]:
-            raise Conflict(
+            raise AmountMismatch(
                 "notification amount does not match the payment",
-                code="AMOUNT_MISMATCH",
                 data={"expected": pay["amount_cents"], "got": body["amount"]},
             )
         recorded = await conn.fetchval(
@@ -376,10 +368,10 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _not_payable(state: str) -> Conflict:
+def _not_payable(state: str) -> OrderNotPayable:
     # Paid twice, or paid after the timeout close or a cancel: the money has to go back; a
     # real deployment refunds it automatically, the sandbox reports it.
-    return Conflict(f"order is {state}; payment cannot be applied", code="ORDER_NOT_PAYABLE")
+    return OrderNotPayable(f"order is {state}; payment cannot be applied")
 
 
 async def sandbox_complete(
@@ -428,9 +420,8 @@ async def refund(
             raise orders.invalid_transition(order["status"], "refund")
         left = order["pay_cents"] - order["refunded_cents"]
         if amount > left:
-            raise Conflict(
+            raise RefundExceedsPaid(
                 "refund exceeds what was paid",
-                code="REFUND_EXCEEDS_PAID",
                 data={
                     "paid": order["pay_cents"],
                     "refunded": order["refunded_cents"],

@@ -23,8 +23,20 @@ from typing import Any, Final
 import asyncpg
 
 from flashsale.auth import Principal
-from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from flashsale.inventory import Conn, PurchaseLimitExceeded
+from flashsale.errors import (
+    Forbidden,
+    InsufficientStock,
+    InvalidTransition,
+    NotFound,
+    PaymentRequired,
+    PresaleNotActive,
+    PresaleNotFound,
+    PresaleOrderExpired,
+    PurchaseLimitExceeded,
+    ValidationFailed,
+    VersionConflict,
+)
+from flashsale.inventory import Conn
 
 log = logging.getLogger(__name__)
 
@@ -44,36 +56,6 @@ PAID_BY_PAYMENT_ONLY: Final = frozenset({"paid"})
 def sources_of(target: str) -> list[str]:
     """The statuses from which ``target`` can be reached."""
     return [src for src, targets in TRANSITIONS.items() if target in targets]
-
-
-class PresaleNotFound(NotFound):
-    code = "PRESALE_NOT_FOUND"
-    default_message = "no presale for this product"
-
-
-class InsufficientStock(Conflict):
-    code = "INSUFFICIENT_STOCK"
-    default_message = "not enough presale stock"
-
-
-class InvalidTransition(Conflict):
-    code = "INVALID_TRANSITION"
-    default_message = "illegal status transition"
-
-
-class PaymentRequired(Forbidden):
-    code = "PAYMENT_REQUIRED"
-    default_message = "an order becomes paid only through a verified payment"
-
-
-class PresaleOrderExpired(Conflict):
-    code = "PRESALE_ORDER_EXPIRED"
-    default_message = "the presale order's hold has expired; it can no longer be paid"
-
-
-class VersionConflict(Conflict):
-    code = "VERSION_CONFLICT"
-    default_message = "the order was changed by someone else; reload and retry"
 
 
 # --- campaigns ---------------------------------------------------------------------------
@@ -308,8 +290,10 @@ async def create_order(
             if state is None:
                 raise PresaleNotFound
             if not state["open"]:
-                raise Conflict("the presale is not open", code="PRESALE_NOT_ACTIVE")
-            raise InsufficientStock(data={"available": state["available"]})
+                raise PresaleNotActive
+            raise InsufficientStock(
+                "not enough presale stock", data={"available": state["available"]}
+            )
         row = await conn.fetchrow(
             SQL_INSERT_ORDER,
             order_id,

@@ -2,7 +2,12 @@
 
 Calls go through redis-py's script objects: EVALSHA, with a reload on NOSCRIPT
 (after a Redis restart or SCRIPT FLUSH). Each script's result codes are named by one
-``IntEnum`` here; ``tests/test_scripts.py`` holds each enum against its script's header.
+``IntEnum`` here, and every ``lua/*.lua`` header lists its codes in one form::
+
+    -- Returns (flashsale/scripts.py <Enum>) <shape of the result>:
+    --   <code> <MEMBER> <what it means>
+
+``tests/test_scripts.py`` holds each enum against its script's header.
 """
 
 from __future__ import annotations
@@ -99,3 +104,43 @@ class Release(IntEnum):
     CLAIMED = 0
     RELEASED = 1
     NOT_FOUND = 2
+
+
+class ReturnUnits(IntEnum):
+    """lua/return_units.lua's result."""
+
+    UNKNOWN_SALE = -1
+    ALREADY_RETURNED = 0
+    RETURNED = 1
+
+
+class SaleLoad(IntEnum):
+    """lua/sale_load.lua's status, in place of ``{remaining, allotment}``."""
+
+    CLOSED = -1
+
+
+class SaleClose(IntEnum):
+    """lua/sale_close.lua's status, in place of ``moved_out`` (never negative)."""
+
+    UNKNOWN_SALE = -1
+
+
+class Lease(IntEnum):
+    """lua/machine_lease.lua's result."""
+
+    TAKEN = 0
+    HELD = 1
+
+
+# Which enum names each script's results (every lua/*.lua has one).
+RESULTS: dict[str, type[IntEnum]] = {
+    "claim": Claim,
+    "machine_lease": Lease,
+    "release": Release,
+    "reserve": Reserve,
+    "return_units": ReturnUnits,
+    "sale_close": SaleClose,
+    "sale_load": SaleLoad,
+    "sale_rearm": Rearm,
+}

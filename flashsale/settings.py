@@ -22,6 +22,8 @@ PAYMENT_PROVIDERS = ("none", "sandbox")
 # HKDF "info" of the notify key derived from the secret key when no PAYMENT_SECRET is set:
 # a provider given that key learns nothing about the token signing key.
 PAYMENT_NOTIFY_KEY_LABEL = b"flashsale/payment-notify-hmac/v1"
+# HS256 wants a key at least as long as its 32-byte output (RFC 7518 §3.2).
+MIN_SECRET_CHARS = 32
 
 
 def hkdf_sha256(ikm: bytes, info: bytes, salt: bytes = b"") -> bytes:
@@ -41,10 +43,7 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return raw.strip()
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = _get(env, name)
-    if raw is None:
-        return default
+def _to_int(name: str, raw: str, lo: int, hi: int) -> int:
     try:
         value = int(raw)
     except ValueError:
@@ -54,10 +53,7 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = _get(env, name)
-    if raw is None:
-        return default
+def _to_float(name: str, raw: str, lo: float, hi: float) -> float:
     try:
         value = float(raw)
     except ValueError:
@@ -71,16 +67,43 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = _get(env, name)
-    if raw is None:
-        return default
+def _to_bool(name: str, raw: str) -> bool:
     low = raw.lower()
     if low in _TRUE:
         return True
     if low in _FALSE:
         return False
     raise SettingsError(f"{PREFIX}{name}={raw!r} is not a boolean (use true/false)")
+
+
+class _Env:
+    """Reads the variable of a Settings field; an unset one gives the field's default, so
+    each default is written once, in the dataclass."""
+
+    def __init__(self, env: Mapping[str, str], defaults: Mapping[str, Any]) -> None:
+        self.env = env
+        self.defaults = defaults
+
+    def raw(self, field: str) -> str | None:
+        return _get(self.env, field.upper())
+
+    def text(self, field: str) -> str:
+        raw = self.raw(field)
+        return str(self.defaults[field]) if raw is None else raw
+
+    def integer(self, field: str, lo: int, hi: int) -> int:
+        raw = self.raw(field)
+        return int(self.defaults[field]) if raw is None else _to_int(field.upper(), raw, lo, hi)
+
+    def number(self, field: str, lo: float, hi: float) -> float:
+        raw = self.raw(field)
+        if raw is None:
+            return float(self.defaults[field])
+        return _to_float(field.upper(), raw, lo, hi)
+
+    def flag(self, field: str) -> bool:
+        raw = self.raw(field)
+        return bool(self.defaults[field]) if raw is None else _to_bool(field.upper(), raw)
 
 
 def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
@@ -92,6 +115,14 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
             f"{PREFIX}{name}={raw!r} must start with one of: "
             + ", ".join(s + "://" for s in schemes)
         )
+    return raw
+
+
+def _redis_url(raw: str | None) -> str | None:
+    # The join path's lean connection (flashsale/redisbatch.py) speaks plain TCP only: a TLS
+    # or unix-socket URL would pass here and then fail at start, so it is refused here.
+    if raw is not None and not raw.startswith("redis://"):
+        raise SettingsError(f"{PREFIX}REDIS_URL: the join path supports redis:// only")
     return raw
 
 
@@ -183,80 +214,82 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every ``FLASHSALE_*`` variable; SettingsError on the first bad one."""
         e = os.environ if env is None else env
-        level = (_get(e, "LOG_LEVEL") or "INFO").upper()
+        r = _Env(e, {f.name: f.default for f in fields(cls)})
+        level = r.text("log_level").upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(
                 f"{PREFIX}LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR"
             )
-        machine_raw = _get(e, "MACHINE_ID")
-        secret = _get(e, "SECRET_KEY")
-        if secret is not None and len(secret) < 32:
-            raise SettingsError(f"{PREFIX}SECRET_KEY must be at least 16 characters")
-        provider = (_get(e, "PAYMENT_PROVIDER") or "none").lower()
+        secret = r.raw("secret_key")
+        if secret is not None and len(secret) < MIN_SECRET_CHARS:
+            raise SettingsError(
+                f"{PREFIX}SECRET_KEY must be at least {MIN_SECRET_CHARS} characters"
+            )
+        provider = r.text("payment_provider").lower()
         if provider not in PAYMENT_PROVIDERS:
             raise SettingsError(
                 f"{PREFIX}PAYMENT_PROVIDER={provider!r} must be one of: "
                 + ", ".join(PAYMENT_PROVIDERS)
             )
-        pool_min = _int(e, "DB_POOL_MIN", 2, 0, 1000)
-        pool_max = _int(e, "DB_POOL_MAX", 10, 1, 1000)
+        pool_min = r.integer("db_pool_min", 0, 1000)
+        pool_max = r.integer("db_pool_max", 1, 1000)
         if pool_max < pool_min:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX={pool_max} is below {PREFIX}DB_POOL_MIN")
-        reload_ms = _int(e, "REVOCATION_RELOAD_MS", 2000, 50, 60_000)
-        max_stale_s = _int(e, "REVOCATION_MAX_STALE_S", 15, 1, 3600)
+        reload_ms = r.integer("revocation_reload_ms", 50, 60_000)
+        max_stale_s = r.integer("revocation_max_stale_s", 1, 3600)
         if max_stale_s * 1000 < 2 * reload_ms:
             raise SettingsError(
                 f"{PREFIX}REVOCATION_MAX_STALE_S must cover two {PREFIX}REVOCATION_RELOAD_MS"
             )
         return cls(
-            redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix")),
+            redis_url=_redis_url(r.raw("redis_url")),
             database_url=_url(e, "DATABASE_URL", ("postgres", "postgresql")),
             kafka_bootstrap=_bootstrap(e, "KAFKA_BOOTSTRAP"),
             secret_key=secret,
-            http_host=_get(e, "HTTP_HOST") or "127.0.0.1",
-            http_port=_int(e, "HTTP_PORT", 8080, 0, 65535),
-            workers=_int(e, "WORKERS", 2, 1, 256),
-            max_body_bytes=_int(e, "MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
-            access_log=_bool(e, "ACCESS_LOG", True),
+            http_host=r.text("http_host"),
+            http_port=r.integer("http_port", 0, 65535),
+            workers=r.integer("workers", 1, 256),
+            max_body_bytes=r.integer("max_body_bytes", 1024, 1 << 30),
+            access_log=r.flag("access_log"),
             log_level=level,
             trusted_proxies=_networks(e, "TRUSTED_PROXIES"),
-            data_dir=_get(e, "DATA_DIR") or ".flashsale",
-            machine_id=None if machine_raw is None else _int(e, "MACHINE_ID", 0, 0, 999),
-            token_ttl_s=_int(e, "TOKEN_TTL_S", 24 * 3600, 1, 365 * 24 * 3600),
+            data_dir=r.text("data_dir"),
+            machine_id=None if r.raw("machine_id") is None else r.integer("machine_id", 0, 999),
+            token_ttl_s=r.integer("token_ttl_s", 1, 365 * 24 * 3600),
             db_pool_min=pool_min,
             db_pool_max=pool_max,
-            kafka_enable_idempotence=_bool(e, "KAFKA_ENABLE_IDEMPOTENCE", False),
-            kafka_orders_topic=_get(e, "KAFKA_ORDERS_TOPIC") or "flashsale.orders",
-            kafka_dlq_topic=_get(e, "KAFKA_DLQ_TOPIC") or "flashsale.orders.dlq",
-            kafka_partitions=_int(e, "KAFKA_PARTITIONS", 8, 1, 1024),
-            kafka_linger_ms=_int(e, "KAFKA_LINGER_MS", 0, 0, 1000),
-            kafka_produce_timeout_ms=_int(e, "KAFKA_PRODUCE_TIMEOUT_MS", 5000, 50, 120_000),
-            kafka_session_timeout_ms=_int(e, "KAFKA_SESSION_TIMEOUT_MS", 6000, 1000, 300_000),
-            kafka_heartbeat_interval_ms=_int(e, "KAFKA_HEARTBEAT_INTERVAL_MS", 500, 100, 60_000),
-            kafka_consumer_group=_get(e, "KAFKA_CONSUMER_GROUP") or "flashsale-orders",
-            consumer_batch_max=_int(e, "CONSUMER_BATCH_MAX", 2000, 1, 100_000),
-            payment_window_s=_int(e, "PAYMENT_WINDOW_S", 900, 1, 7 * 24 * 3600),
-            rate_user_per_s=_float(e, "RATE_USER_PER_S", 5.0, 0.001, 1e6),
-            rate_user_burst=_int(e, "RATE_USER_BURST", 10, 1, 1_000_000),
-            rate_ip_per_s=_float(e, "RATE_IP_PER_S", 200.0, 0.001, 1e7),
-            rate_ip_burst=_int(e, "RATE_IP_BURST", 400, 1, 10_000_000),
-            stranded_after_s=_int(e, "STRANDED_AFTER_S", 5, 1, 3600),
-            claim_stale_s=_int(e, "CLAIM_STALE_S", 30, 1, 86_400),
-            republish_max_backoff_s=_int(e, "REPUBLISH_MAX_BACKOFF_S", 60, 1, 86_400),
-            sweep_interval_ms=_int(e, "SWEEP_INTERVAL_MS", 1000, 10, 600_000),
-            payment_secret=_get(e, "PAYMENT_SECRET"),
+            kafka_enable_idempotence=r.flag("kafka_enable_idempotence"),
+            kafka_orders_topic=r.text("kafka_orders_topic"),
+            kafka_dlq_topic=r.text("kafka_dlq_topic"),
+            kafka_partitions=r.integer("kafka_partitions", 1, 1024),
+            kafka_linger_ms=r.integer("kafka_linger_ms", 0, 1000),
+            kafka_produce_timeout_ms=r.integer("kafka_produce_timeout_ms", 50, 120_000),
+            kafka_session_timeout_ms=r.integer("kafka_session_timeout_ms", 1000, 300_000),
+            kafka_heartbeat_interval_ms=r.integer("kafka_heartbeat_interval_ms", 100, 60_000),
+            kafka_consumer_group=r.text("kafka_consumer_group"),
+            consumer_batch_max=r.integer("consumer_batch_max", 1, 100_000),
+            payment_window_s=r.integer("payment_window_s", 1, 7 * 24 * 3600),
+            rate_user_per_s=r.number("rate_user_per_s", 0.001, 1e6),
+            rate_user_burst=r.integer("rate_user_burst", 1, 1_000_000),
+            rate_ip_per_s=r.number("rate_ip_per_s", 0.001, 1e7),
+            rate_ip_burst=r.integer("rate_ip_burst", 1, 10_000_000),
+            stranded_after_s=r.integer("stranded_after_s", 1, 3600),
+            claim_stale_s=r.integer("claim_stale_s", 1, 86_400),
+            republish_max_backoff_s=r.integer("republish_max_backoff_s", 1, 86_400),
+            sweep_interval_ms=r.integer("sweep_interval_ms", 10, 600_000),
+            payment_secret=r.raw("payment_secret"),
             payment_provider=provider,
-            metrics_port=_int(e, "METRICS_PORT", 9101, 0, 65535),
-            max_per_user_default=_int(e, "MAX_PER_USER_DEFAULT", 20, 1, 1_000_000),
-            presale_hold_s=_int(e, "PRESALE_HOLD_S", 1800, 1, 30 * 24 * 3600),
-            metrics_token=_get(e, "METRICS_TOKEN"),
+            metrics_port=r.integer("metrics_port", 0, 65535),
+            max_per_user_default=r.integer("max_per_user_default", 1, 1_000_000),
+            presale_hold_s=r.integer("presale_hold_s", 1, 30 * 24 * 3600),
+            metrics_token=r.raw("metrics_token"),
             revocation_reload_ms=reload_ms,
             revocation_max_stale_s=max_stale_s,
-            login_window_s=_int(e, "LOGIN_WINDOW_S", 300, 1, 24 * 3600),
-            login_account_attempts=_int(e, "LOGIN_ACCOUNT_ATTEMPTS", 10, 1, 1_000_000),
-            login_ip_attempts=_int(e, "LOGIN_IP_ATTEMPTS", 100, 1, 10_000_000),
-            login_hash_concurrency=_int(e, "LOGIN_HASH_CONCURRENCY", 2, 1, 256),
-            login_hash_queue=_int(e, "LOGIN_HASH_QUEUE", 32, 0, 100_000),
+            login_window_s=r.integer("login_window_s", 1, 24 * 3600),
+            login_account_attempts=r.integer("login_account_attempts", 1, 1_000_000),
+            login_ip_attempts=r.integer("login_ip_attempts", 1, 10_000_000),
+            login_hash_concurrency=r.integer("login_hash_concurrency", 1, 256),
+            login_hash_queue=r.integer("login_hash_queue", 0, 100_000),
         )
 
     def require(self, *names: str) -> Settings:

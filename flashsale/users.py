@@ -19,12 +19,18 @@ from redis.asyncio import Redis
 from flashsale import sessions
 from flashsale.auth import (
     ROLES,
-    InvalidCredentials,
     PasswordHashing,
     check_password,
     hash_password,
 )
-from flashsale.errors import Conflict, Forbidden, NotFound, RateLimited, ValidationFailed
+from flashsale.errors import (
+    AccountDisabled,
+    AccountExists,
+    InvalidCredentials,
+    NotFound,
+    RateLimited,
+    ValidationFailed,
+)
 
 EMAIL_RE: Final = r"[^@ \t\n\r\x0b\x0c\x00]+@[^@ \t\n\r\x0b\x0c\x00]+\.[^@ \t\n\r\x0b\x0c\x00]+"
 PHONE_RE: Final = r"\+?[0-9]{6,20}"
@@ -105,11 +111,6 @@ async def _count_attempt(redis: Redis, login: str, client_ip: str, limits: Login
         )
 
 
-class AccountDisabled(Forbidden):
-    code = "ACCOUNT_DISABLED"
-    default_message = "this account is disabled"
-
-
 @dataclass(frozen=True, slots=True)
 class User:
     id: int
@@ -171,9 +172,7 @@ async def create_user(
             SQL_INSERT_USER, email.lower() if email else None, phone, password_hash, nickname, role
         )
     except asyncpg.UniqueViolationError:
-        raise Conflict(
-            "an account with this email or phone already exists", code="ACCOUNT_EXISTS"
-        ) from None
+        raise AccountExists from None
     assert row is not None
     return _user(row)
 

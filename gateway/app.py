@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 from redis.asyncio import Redis
 
-from consumers.store_sweeper import run_store_sweeper
 from flashsale import sessions
 from flashsale.auth import PasswordHashing, TokenService
 from flashsale.db import create_pool
@@ -79,18 +78,6 @@ async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
         revocations, app[appkeys.REDIS], app[appkeys.DB], every_s=every_s
     ):
         yield
-
-
-async def store_sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The storefront sweeper, still in each worker: moving it to ``flashsale consume`` alone
-    makes tests/test_flash_failures.py::test_broker_down_gives_503_and_stock_back hang (under
-    investigation), so it stays here for now; the loop itself lives in consumers/."""
-    stop = asyncio.Event()
-    interval_s = app[appkeys.SETTINGS].sweep_interval_ms / 1000
-    task = asyncio.create_task(run_store_sweeper(app[appkeys.DB], interval_s, stop))
-    yield
-    stop.set()
-    await task
 
 
 async def stats_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from flashsale.auth import Principal, TokenMalformed, TokenService
-from flashsale.errors import Unauthorized
+from flashsale.auth import Principal, TokenService
+from flashsale.errors import TokenMalformed, Unauthorized
 
 
 def bearer(request: web.Request) -> str | None:

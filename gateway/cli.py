@@ -180,7 +180,7 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
             settings.require("redis_url")
             return asyncio.run(_user_change(settings, args))
         except AppError as exc:
-            print(f"flashsale: {exc.error_code}: {exc.message}", file=sys.stderr)
+            print(f"flashsale: {exc.code}: {exc.message}", file=sys.stderr)
             return 1
     if cmd in ("reconcile", "rebuild-cache"):
         from consumers.reconcile import main as reconcile_main

@@ -23,13 +23,17 @@ async def flash_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = await open_runtime(app[appkeys.SETTINGS], app[appkeys.REDIS], app[appkeys.PRODUCER])
     app[FLASH] = runtime
     cache = runtime.cache
+    # The loop also stops on this flag, not on the cancel alone: redis-py can swallow a
+    # cancel that lands mid-pipeline (the task stays "cancelling" and loops on), and the
+    # shutdown then waited on it for ever.
+    stop = asyncio.Event()
 
     async def refresher() -> None:
         batcher, metrics = runtime.batcher, app[appkeys.METRICS]
         pipelines = metrics.redis_calls.labels("reserve_pipeline")
         calls = metrics.redis_calls.labels("reserve_call")
         seen_pipelines = seen_calls = 0
-        while True:
+        while not stop.is_set():
             await asyncio.sleep(REFRESH_EVERY_S)
             pipelines.inc(batcher.round_trips - seen_pipelines)
             calls.inc(batcher.calls - seen_calls)
@@ -41,6 +45,7 @@ async def flash_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(refresher(), name="sale-cache-refresh")
     yield
+    stop.set()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await runtime.batcher.close()

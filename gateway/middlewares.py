@@ -73,10 +73,10 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
         try:
             response = await handler(request)
         except AppError as exc:
-            stats.error(exc.error_code)
+            stats.error(exc.code)
             response = _error_response(
                 exc.http_status,
-                exc.error_code,
+                exc.code,
                 exc.message,
                 rid,
                 fields=exc.fields,

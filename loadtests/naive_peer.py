@@ -34,7 +34,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from flashsale.auth import TokenService
 from flashsale.db import create_pool
-from flashsale.errors import AppError
+from flashsale.errors import AppError, NotFound, SoldOut
 from flashsale.settings import Settings
 from gateway.server import run_until_signalled, supervise
 
@@ -69,18 +69,6 @@ POOL: web.AppKey[asyncpg.Pool] = web.AppKey("naive_pool", asyncpg.Pool)
 TOKENS: web.AppKey[TokenService] = web.AppKey("naive_tokens", TokenService)
 
 
-class SoldOut(AppError):
-    http_status = 409
-    code = "SOLD_OUT"
-    default_message = "sold out"
-
-
-class NotFoundError(AppError):
-    http_status = 404
-    code = "NOT_FOUND"
-    default_message = "not found"
-
-
 async def setup_schema(conn: asyncpg.Connection | PoolConnectionProxy) -> None:
     """Create the baseline's own tables (idempotent, safe against concurrent callers)."""
     async with conn.transaction():
@@ -99,7 +87,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _error(exc: AppError) -> web.Response:
     return _json(
-        {"code": exc.http_status, "message": exc.message, "error": exc.error_code, "data": None},
+        {"code": exc.http_status, "message": exc.message, "error": exc.code, "data": None},
         status=exc.http_status,
     )
 
@@ -123,7 +111,7 @@ async def join(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire() as conn, conn.transaction():
             stock = await conn.fetchval(SQL_LOCK_STOCK, sale_id)
             if stock is None:
-                raise NotFoundError("no such sale")
+                raise NotFound("no such sale")
             if stock < quantity:
                 raise SoldOut
             await conn.execute(SQL_TAKE_STOCK, sale_id, quantity)
@@ -139,7 +127,7 @@ async def join(request: web.Request) -> web.Response:
 async def get_sale(request: web.Request) -> web.Response:
     row = await request.app[POOL].fetchrow(SQL_GET_SALE, int(request.match_info["sale_id"]))
     if row is None:
-        return _error(NotFoundError("no such sale"))
+        return _error(NotFound("no such sale"))
     total, stock = row["total"], row["stock"]
     return _json(
         {
@@ -166,7 +154,7 @@ async def get_order(request: web.Request) -> web.Response:
         else None
     )
     if row is None or row["user_id"] != user_id:
-        return _error(NotFoundError("no such order"))
+        return _error(NotFound("no such order"))
     return _json(
         {
             "data": {

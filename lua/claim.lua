@@ -3,8 +3,12 @@
 -- still here long after (its consumer died and the broker lost the event) is republished
 -- by the sweeper, so every reservation has an owner until its order is in PostgreSQL.
 -- KEYS[1] log  KEYS[2] log times  KEYS[3] claimed  KEYS[4] void  KEYS[5] claim times
--- ARGV = order ids. Returns one code per id (gateway/scripts.py Claim):
---   1 claimed now   2 already claimed   3 voided (never persist)   0 not in Redis
+-- ARGV = order ids
+-- Returns (flashsale/scripts.py Claim) one code per id:
+--   0 NOT_IN_REDIS
+--   1 CLAIMED now
+--   2 ALREADY_CLAIMED
+--   3 VOIDED: compensated, never persist it
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}

@@ -1,7 +1,9 @@
 -- Acquire or renew a machine-id lease.
 -- KEYS[1] = fs:machine:<n>
 -- ARGV[1] = owner token, ARGV[2] = ttl in ms
--- Returns 1 if the caller holds the lease now, 0 if another owner does.
+-- Returns (flashsale/scripts.py Lease):
+--   0 TAKEN by another owner
+--   1 HELD by the caller now
 local current = redis.call('GET', KEYS[1])
 if current == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

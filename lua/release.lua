@@ -3,8 +3,10 @@
 -- KEYS[6] void  KEYS[7] idempotency
 -- ARGV[1] order id  ARGV[2] user id  ARGV[3] quantity  ARGV[4] idempotency field ("" = none)
 -- KEYS[8] claimed
--- Returns (gateway/scripts.py Release) 1 if released; 0 if a consumer already claimed it
--- (the order stands); 2 if it is nowhere (Redis lost it: whether it stands is unknown).
+-- Returns (flashsale/scripts.py Release):
+--   0 CLAIMED by a consumer already: the order stands
+--   1 RELEASED
+--   2 NOT_FOUND anywhere: Redis lost it, whether the order stands is unknown
 local order_id, user, qty = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('HDEL', KEYS[4], order_id) == 0 then
   if redis.call('HEXISTS', KEYS[8], order_id) == 1 then return 0 end

@@ -4,12 +4,20 @@
 -- ARGV[1] user id  ARGV[2] quantity  ARGV[3] order id  ARGV[4] idempotency field ("" = none)
 -- ARGV[5] body fingerprint  ARGV[6] user rate/s  ARGV[7] user burst  ARGV[8] ip rate/s
 -- ARGV[9] ip burst  ARGV[10] run id of this server, as the caller's connection read it
--- Returns {status, a, b, c}; gateway/scripts.py Reserve names each status:
---  0 reserved {order_id, deadline_ms, remaining}   1 replay {order_id, deadline_ms}
---  2 idempotency mismatch   3 user rate limited {retry_ms}   4 ip rate limited {retry_ms}
---  5 not started   6 ended   7 limit exceeded {first order id}   8 sold out
---  9 insufficient {remaining}   10 unknown sale   11 recovering (the sale was armed by
---  another run of Redis: it may have lost writes since; counters wait for a re-arm)
+-- Returns (flashsale/scripts.py Reserve) {status, ...}, the status one of:
+--   0 RESERVED {order_id, deadline_ms, remaining}
+--   1 REPLAY {order_id, deadline_ms}
+--   2 IDEMPOTENCY_MISMATCH
+--   3 USER_RATE_LIMITED {retry_ms}
+--   4 IP_RATE_LIMITED {retry_ms}
+--   5 NOT_STARTED {start_ms}
+--   6 ENDED
+--   7 LIMIT_EXCEEDED {first order id}
+--   8 SOLD_OUT
+--   9 INSUFFICIENT {remaining}
+--  10 UNKNOWN_SALE
+--  11 RECOVERING: the sale was armed by another run of Redis, which may have lost writes
+--     since; its counters wait for a re-arm
 local user, qty, order_id, idem = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
 if idem ~= '' then

@@ -2,7 +2,10 @@
 -- SKU (via moved_out, settled into PostgreSQL) once it is closed.
 -- KEYS[1] sale  KEYS[2] users  KEYS[3] returned set
 -- ARGV[1] order id  ARGV[2] user id  ARGV[3] quantity
--- Returns 1 if returned now, 0 if it had been returned before, -1 if the sale is unknown.
+-- Returns (flashsale/scripts.py ReturnUnits):
+--  -1 UNKNOWN_SALE
+--   0 ALREADY_RETURNED
+--   1 RETURNED now
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return 0 end
 local qty = tonumber(ARGV[3])

@@ -3,10 +3,11 @@
 -- KEYS[1] sale (the caller adds the id to the sales index separately: another slot)
 -- ARGV[1] sale id  ARGV[2] allotment  ARGV[3] "1" when the sale was just created (nothing
 -- can have been sold yet)  then field/value pairs of static settings
--- Returns {remaining, allotment} or {-1} if the sale is closed and the allotment grew.
 -- A new sale is armed under this server's run id. A sale whose state is missing but that
 -- is not new (Redis lost it) is written unarmed: joins answer "recovering" until the
 -- recovery sweeper recomputes its counters from PostgreSQL and the broker and arms it.
+-- Returns (flashsale/scripts.py SaleLoad) {remaining (>= 0), allotment}, or {status}:
+--  -1 CLOSED: the sale is closed and the allotment grew
 local allotment = tonumber(ARGV[2])
 local current = redis.call('HGET', KEYS[1], 'allotment')
 if current == false then

@@ -8,8 +8,11 @@
 -- ARGV[2] JSON {allotment, remaining, moved_out, closed, users: {user: units},
 --               first: {user: order id}, inflight: {order id: packed entry},
 --               returned: [order id]}
--- Returns 1 armed, 0 already armed under this run id (nothing written), -1 the server's
--- run id is not ARGV[1] (Redis restarted during the snapshot: take a new one).
+-- Returns (flashsale/scripts.py Rearm):
+--  -1 RUN_CHANGED: the server's run id is not ARGV[1] (Redis restarted during the
+--     snapshot: take a new one)
+--   0 ALREADY_ARMED under this run id: nothing written
+--   1 ARMED
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 if run_id ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[1], 'armed') == run_id then return 0 end

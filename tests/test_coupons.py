@@ -14,11 +14,11 @@ from aiohttp.test_utils import TestClient
 
 from flashsale import coupons, orders
 from flashsale.auth import TokenService
-from flashsale.coupons import (
+from flashsale.coupons import PricedLine
+from flashsale.errors import (
     CouponLimitReached,
     CouponNotApplicable,
     CouponSoldOut,
-    PricedLine,
 )
 from tests.conftest import auth, make_user
 from tests.store_helpers import make_product as store_product
@@ -400,7 +400,7 @@ async def test_cancel_and_timeout_give_the_coupon_back_once(
         "UPDATE orders SET payment_deadline = now() - interval '1 s' WHERE id = $1", oid
     )
     await asyncio.gather(orders.close_expired_orders(db), orders.close_expired_orders(db))
-    for _ in range(50):  # the app's own sweeper may have taken it
+    for _ in range(50):  # a consumer's store sweeper may have taken it
         if await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "cancelled":
             break
         await asyncio.sleep(0.05)

@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from flashsale import sessions
-from flashsale.auth import RevocationUnavailable, TokenService
-from flashsale.errors import AppError
+from flashsale.auth import TokenService
+from flashsale.errors import AppError, RevocationUnavailable
 from flashsale.settings import Settings, SettingsError
 from gateway.app import create_app
 from tests.conftest import TEST_SECRET, make_user

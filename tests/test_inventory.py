@@ -181,7 +181,7 @@ async def test_expired_reservation_released_once_by_two_sweepers(
         "UPDATE stock_reservations SET reserved_until = now() - interval '1 s' WHERE id = $1",
         held.reservation_id,
     )
-    # Two sweepers race (and the app's own background sweeper may join them).
+    # Two sweepers race (and a consumer's store sweeper may join them).
     results = await asyncio.gather(inventory.release_expired(db), inventory.release_expired(db))
     assert sum(results) <= 1
     for _ in range(50):

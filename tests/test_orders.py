@@ -14,6 +14,7 @@ from flashsale import orders
 from flashsale.auth import TokenService
 from gateway import appkeys
 from tests.conftest import auth, make_user
+from tests.flashkit import eventually
 from tests.store_helpers import ADDRESS, make_product, pay_via_sandbox, place_order, sku_row
 
 pytestmark = pytest.mark.integration
@@ -289,7 +290,7 @@ async def test_unpaid_orders_closed_once_by_two_sweepers(
         oids,
     )
     results = await asyncio.gather(orders.close_expired_orders(db), orders.close_expired_orders(db))
-    assert sum(results) <= 3  # the app's own sweeper may have taken some
+    assert sum(results) <= 3  # a consumer's store sweeper may have taken some
     for _ in range(50):
         if (await sku_row(db, sku))["reserved"] == 0:
             break
@@ -420,3 +421,28 @@ async def test_merchant_sets_max_per_user_on_the_product(
     status, data = await place_order(client, tokens, user, sku, 1)
     default = app[appkeys.SETTINGS].max_per_user_default
     assert (status == 201) == (default >= 4)
+
+
+async def test_the_gateway_runs_no_sweeper(app: web.Application) -> None:
+    """Sweepers run in ``flashsale consume`` only, never in the gateway workers."""
+    names = [ctx.__name__ for ctx in app.cleanup_ctx]
+    assert names and not [n for n in names if "sweep" in n], names
+
+
+async def test_flashsale_consume_closes_unpaid_orders_past_their_deadline(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, consumer: None
+) -> None:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    _, (sku,) = await make_product(db, merchant, [(100, 10)])
+    _, data = await place_order(client, tokens, user, sku, 2)
+    oid = data["data"]["order_id"]
+    await db.execute(
+        "UPDATE orders SET payment_deadline = now() - interval '1 s' WHERE id = $1", oid
+    )
+
+    async def closed() -> bool:
+        status: str = await db.fetchval("SELECT status FROM orders WHERE id = $1", oid)
+        return status == "cancelled"
+
+    await eventually(closed)
+    assert await sku_row(db, sku) == {"on_hand": 10, "reserved": 0, "sold": 0}

@@ -320,7 +320,7 @@ async def test_unpaid_preorders_expire_and_return_units_once(
     results = await asyncio.gather(
         presale.cancel_expired(db), presale.cancel_expired(db), presale.cancel_expired(db)
     )
-    assert sum(results) <= 2  # the app's own sweeper may have taken some
+    assert sum(results) <= 2  # a consumer's store sweeper may have taken some
     for _ in range(50):
         if await _available(client, campaign["id"]) == 9:
             break

@@ -53,6 +53,27 @@ def test_malformed(env: dict[str, str], fragment: str) -> None:
         Settings.from_env(env)
 
 
+def test_short_secret_names_the_length_it_checks() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"FLASHSALE_SECRET_KEY": "k" * 31})
+    assert str(caught.value) == "FLASHSALE_SECRET_KEY must be at least 32 characters"
+    assert Settings.from_env({"FLASHSALE_SECRET_KEY": "k" * 32}).secret_key == "k" * 32
+
+
+@pytest.mark.parametrize(
+    "url", ["rediss://cache.example:6380/0", "unix:///run/valkey.sock", "http://x", "redis:/x"]
+)
+def test_redis_url_other_than_redis_scheme_is_refused_in_one_line(url: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"FLASHSALE_REDIS_URL": url})
+    assert str(caught.value) == "FLASHSALE_REDIS_URL: the join path supports redis:// only"
+
+
+def test_each_default_is_the_dataclass_default() -> None:
+    """from_env with nothing set gives exactly the dataclass defaults (written once)."""
+    assert Settings.from_env({}) == Settings()
+
+
 def test_missing_required_is_named() -> None:
     with pytest.raises(SettingsError, match="FLASHSALE_REDIS_URL is required"):
         Settings.from_env({}).require("redis_url")

@@ -12,10 +12,17 @@ from redis.exceptions import RedisError
 from flashsale import rediskeys
 from flashsale.errors import (
     AppError,
-    Conflict,
+    IdempotencyMismatch,
+    InsufficientStock,
+    LimitExceeded,
     NotFound,
+    NotStarted,
+    OutcomeUnknownError,
     RateLimited,
+    SaleEnded,
+    SaleRecovering,
     ServiceUnavailable,
+    SoldOut,
 )
 from flashsale.flash.cache import SaleState, now_ms
 from flashsale.flash.events import OrderEvent
@@ -27,54 +34,6 @@ from flashsale.scripts import Release, Reserve
 log = logging.getLogger(__name__)
 
 MAX_JOIN_QUANTITY: Final = 100
-
-
-class NotStarted(Conflict):
-    code = "NOT_STARTED"
-    default_message = "the sale has not started"
-
-
-class SaleEnded(Conflict):
-    code = "SALE_ENDED"
-    default_message = "the sale has ended"
-
-
-class SoldOut(Conflict):
-    code = "SOLD_OUT"
-    default_message = "sold out"
-
-
-class LimitExceeded(Conflict):
-    code = "LIMIT_EXCEEDED"
-    default_message = "per-user limit reached for this sale"
-
-
-class SaleRecovering(ServiceUnavailable):
-    code = "SALE_RECOVERING"
-    retriable = True
-    default_message = (
-        "the sale's stock is being recounted after a store restart; retry in a few seconds"
-    )
-
-    def __init__(self) -> None:
-        super().__init__(headers={"Retry-After": "2"})
-
-
-class OutcomeUnknownError(ServiceUnavailable):
-    """The reservation may or may not have been made: never a "no"."""
-
-    code = "OUTCOME_UNKNOWN"
-    retriable = True
-    default_message = (
-        "we could not confirm this join: retry with the same Idempotency-Key, "
-        "or look at your orders before joining again"
-    )
-
-
-class IdempotencyMismatch(AppError):
-    code = "IDEMPOTENCY_MISMATCH"
-    http_status = 422
-    default_message = "Idempotency-Key was used with a different request body"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +157,8 @@ def _rejection(rt: FlashRuntime, sid: int, status: Reserve, res: list[Any]) -> A
             rt.cache.mark_sold_out(sid)
             return SoldOut()
         case Reserve.INSUFFICIENT:
-            return Conflict(
+            return InsufficientStock(
                 f"only {int(res[1])} left",
-                code="INSUFFICIENT_STOCK",
                 data={"remaining_quantity": int(res[1])},
             )
         case Reserve.UNKNOWN_SALE:

@@ -18,9 +18,15 @@ from redis.asyncio import Redis
 
 from flashsale import rediskeys
 from flashsale.db import Conn
-from flashsale.errors import Conflict, NotFound, ValidationFailed
+from flashsale.errors import (
+    InsufficientStock,
+    NotFound,
+    SaleEnded,
+    SkuNotFound,
+    ValidationFailed,
+)
 from flashsale.flash.cache import SaleState, now_ms
-from flashsale.scripts import FlashScripts
+from flashsale.scripts import FlashScripts, SaleClose, SaleLoad
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +127,8 @@ async def load_sale(
     await redis.sadd(rediskeys.SALES_INDEX, row["id"])
     if row["closed_at"] is not None:
         await scripts.close(keys=[rediskeys.sale(row["id"])])
-    if int(result[0]) < 0:
-        raise Conflict("the sale is closed", code="SALE_ENDED")
+    if int(result[0]) == SaleLoad.CLOSED:
+        raise SaleEnded("the sale is closed")
     return int(result[0])
 
 
@@ -143,11 +149,9 @@ async def create_sale(
     async with db.acquire() as conn, conn.transaction():
         sku = await conn.fetchrow(SQL_SKU_FOR_SALE, sku_id)
         if sku is None:
-            raise NotFound("sku not found", code="SKU_NOT_FOUND")
+            raise SkuNotFound
         if await conn.fetchval(SQL_CARVE, sku_id, quantity) is None:
-            raise Conflict(
-                "not enough stock on the SKU for this allotment", code="INSUFFICIENT_STOCK"
-            )
+            raise InsufficientStock("not enough stock on the SKU for this allotment")
         sale = await conn.fetchrow(
             SQL_INSERT_SALE,
             sku_id,
@@ -190,14 +194,14 @@ async def top_up(
         if sale is None:
             raise NotFound("flash sale not found")
         if sale["closed_at"] is not None or sale["end_at"] <= datetime.now(UTC):
-            raise Conflict("the sale has ended", code="SALE_ENDED")
+            raise SaleEnded
         if end_at is not None:
             if end_at <= sale["start_at"]:
                 raise ValidationFailed(fields={"end_at": "must be after start_at"})
             await conn.execute(SQL_SET_END, sale_id, end_at)
         if add_quantity:
             if await conn.fetchval(SQL_CARVE, sale["sku_id"], add_quantity) is None:
-                raise Conflict("not enough stock on the SKU", code="INSUFFICIENT_STOCK")
+                raise InsufficientStock("not enough stock on the SKU")
             await conn.fetchval(SQL_TOP_UP, sale_id, add_quantity)
             await conn.execute(
                 SQL_LEDGER, sale["sku_id"], None, -add_quantity, "flash_topup", sale_id
@@ -226,7 +230,7 @@ async def settle_sale(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sal
     under a row lock, so running this any number of times, concurrently, moves each unit once.
     """
     moved = int(await scripts.close(keys=[rediskeys.sale(sale_id)]))
-    if moved < 0:
+    if moved == SaleClose.UNKNOWN_SALE:
         return 0
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(SQL_SETTLE, sale_id, moved)

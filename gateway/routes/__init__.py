@@ -40,7 +40,6 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
-    from gateway.app import store_sweeper_ctx
     from gateway.flash_runtime import flash_ctx
 
-    return [flash_ctx, store_sweeper_ctx]
+    return [flash_ctx]

@@ -14,7 +14,7 @@ import asyncpg
 from aiohttp import web
 
 from flashsale import cart, coupons, orders
-from flashsale.errors import ValidationFailed
+from flashsale.errors import ItemUnavailable, ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate, optional_principal
 from gateway.http import ok, read_json
@@ -215,7 +215,7 @@ async def checkout(request: web.Request) -> web.Response:
         selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
     unavailable = [i["cart_item_id"] for i in selection.items if not i["available"]]
     if unavailable:
-        raise cart.ItemUnavailable(data={"cart_item_ids": unavailable})
+        raise ItemUnavailable(data={"cart_item_ids": unavailable})
     # The cart generation is the order's idempotency key (the client's key only names the
     # stored result): concurrent checkouts of one cart make one order.
     result: dict[str, Any] = await orders.create_order(

@@ -9,11 +9,10 @@ from typing import Any
 from aiohttp import web
 
 from flashsale.auth import require_role
-from flashsale.errors import NotFound, ValidationFailed
+from flashsale.errors import NotFound, NotStarted, SaleEnded, SoldOut, ValidationFailed
 from flashsale.flash import join as joining
 from flashsale.flash import lifecycle
 from flashsale.flash.cache import iso_ms, now_ms
-from flashsale.flash.join import NotStarted, SaleEnded, SoldOut
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from flashsale import inventory
 from flashsale.auth import Principal, require_role
-from flashsale.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from flashsale.errors import Forbidden, NotFound, ReservationNotActive, ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.http import ok, read_json
@@ -105,7 +105,7 @@ async def consume(request: web.Request) -> web.Response:
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
         done = await inventory.consume_paid(conn, held, actual)
     if not done:
-        raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
+        raise ReservationNotActive(f"reservation is {held['status']}")
     return ok(
         {
             "reservation_id": body["reservation_id"],
@@ -123,7 +123,7 @@ async def release(request: web.Request) -> web.Response:
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
         done = await inventory.release_unowned(conn, held, reason="api")
     if not done:
-        raise Conflict(f"reservation is {held['status']}", code="RESERVATION_NOT_ACTIVE")
+        raise ReservationNotActive(f"reservation is {held['status']}")
     return ok(
         {
             "reservation_id": body["reservation_id"],

@@ -1,4 +1,4 @@
-"""The order consumer: Kafka batch → one PostgreSQL transaction → offsets.
+"""The flash order-event consumer: Kafka batch → one PostgreSQL transaction → offsets.
 
 For each batch: parse (bad messages go to the dead-letter topic with the reason),
 claim the reservations in Redis (a claimed reservation can no longer be released by

@@ -1,0 +1,57 @@
+"""Regular orders (and the state changes every order shares), one job per module:
+``create`` (creation in undoable steps), ``states`` (the state machine and the timeout
+close), ``views`` (what a shopper reads) and ``model`` (statuses, actors, the order row and
+its log). The names other packages use are importable from here."""
+
+from __future__ import annotations
+
+from flashsale.orders.create import MAX_LINE_QUANTITY, OrderLineRequest, create_order
+from flashsale.orders.model import (
+    REFUNDABLE,
+    SANDBOX_PROVIDER,
+    SQL_ORDER_FOR_UPDATE,
+    STATUSES,
+    SYSTEM,
+    Actor,
+    invalid_transition,
+    new_payment_id,
+    payment_url,
+    version_conflict,
+    write_log,
+)
+from flashsale.orders.states import (
+    cancel_order,
+    close_expired_orders,
+    confirm_order,
+    deliver_order,
+    mark_paid,
+    ship_order,
+)
+from flashsale.orders.views import get_order, list_orders, order_detail, order_logs
+
+__all__ = [
+    "MAX_LINE_QUANTITY",
+    "REFUNDABLE",
+    "SANDBOX_PROVIDER",
+    "SQL_ORDER_FOR_UPDATE",
+    "STATUSES",
+    "SYSTEM",
+    "Actor",
+    "OrderLineRequest",
+    "cancel_order",
+    "close_expired_orders",
+    "confirm_order",
+    "create_order",
+    "deliver_order",
+    "get_order",
+    "invalid_transition",
+    "list_orders",
+    "mark_paid",
+    "new_payment_id",
+    "order_detail",
+    "order_logs",
+    "payment_url",
+    "ship_order",
+    "version_conflict",
+    "write_log",
+]
