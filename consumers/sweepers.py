@@ -82,9 +82,7 @@ async def publish_stranded(
             entries=rediskeys.log(sale_id),
             after_s=settings.stranded_after_s,
         )
-    if published:
-        metrics.swept.labels("stranded_published").inc(published)
-    return published
+    return _count(metrics, "stranded_published", published)
 
 
 async def republish_stale_claims(
@@ -104,9 +102,13 @@ async def republish_stale_claims(
             after_s=settings.claim_stale_s,
             db=db,
         )
-    if published:
-        metrics.swept.labels("claims_republished").inc(published)
-    return published
+    return _count(metrics, "claims_republished", published)
+
+
+def _count(metrics: Metrics, action: str, n: int) -> int:
+    if n:
+        metrics.swept.labels(action).inc(n)
+    return n
 
 
 async def _republish(

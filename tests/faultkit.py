@@ -264,6 +264,24 @@ async def stampede(
         await asyncio.gather(*tasks)
 
 
+async def crowd_until(
+    stack: FaultStack,
+    sale_id: int,
+    shoppers: list[tuple[int, str]],
+    *,
+    per_second: float,
+    accepted: int,
+) -> tuple[Answers, asyncio.Task[None]]:
+    """Start the crowd on ``stack``'s gateway; return once ``accepted`` shoppers have a 202
+    (the moment to inject a fault), with the crowd still running."""
+    answers = Answers()
+    crowd = asyncio.create_task(
+        stampede(stack.base_url, sale_id, shoppers, answers, per_second=per_second)
+    )
+    await when(lambda: len(answers.accepted) >= accepted)
+    return answers, crowd
+
+
 async def when(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():

@@ -35,6 +35,7 @@ from tests.faultkit import (
     aof_tail,
     assert_promises_kept,
     child_pids,
+    crowd_until,
     sale_and_shoppers,
     settle_and_judge,
     stampede,
@@ -86,11 +87,7 @@ async def test_redis_loses_its_last_second(
     redis: Redis = Redis.from_url(stack.settings.redis)
     try:
         sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
-        answers = Answers()
-        crowd = asyncio.create_task(
-            stampede(stack.base_url, sale_id, shoppers, answers, per_second=300)
-        )
-        await when(lambda: len(answers.accepted) >= 80)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=300, accepted=80)
         aof, mark = aof_tail(root / "redis")
         await when(lambda: len(answers.accepted) >= 160)
         await redis.aclose()
@@ -167,11 +164,7 @@ async def test_gateway_worker_killed_mid_sale_is_restarted(
         workers = child_pids(stack.gateway.pid)
         assert len(workers) == 2
         sale_id, shoppers = await _sale(stack, db, tokens, quantity=200, shoppers=400)
-        answers = Answers()
-        crowd = asyncio.create_task(
-            stampede(stack.base_url, sale_id, shoppers, answers, per_second=250)
-        )
-        await when(lambda: len(answers.accepted) >= 60)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=250, accepted=60)
         victim = workers[0]
         os.kill(victim, signal.SIGKILL)
         fault_at = time.monotonic()
@@ -205,11 +198,7 @@ async def test_redis_restart_with_intact_aof(
     redis: Redis = Redis.from_url(stack.settings.redis)
     try:
         sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
-        answers = Answers()
-        crowd = asyncio.create_task(
-            stampede(stack.base_url, sale_id, shoppers, answers, per_second=300)
-        )
-        await when(lambda: len(answers.accepted) >= 120)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=300, accepted=120)
         await redis.aclose()
         stack.kill_redis()
         fault_at = time.monotonic()
@@ -236,11 +225,7 @@ async def test_broker_restart_mid_sale(
     redis: Redis = Redis.from_url(stack.settings.redis)
     try:
         sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
-        answers = Answers()
-        crowd = asyncio.create_task(
-            stampede(stack.base_url, sale_id, shoppers, answers, per_second=300)
-        )
-        await when(lambda: len(answers.accepted) >= 120)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=300, accepted=120)
         stack.restart_kafka()
         fault_at = time.monotonic()
         await crowd
@@ -269,11 +254,7 @@ async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, 
     redis: Redis = Redis.from_url(stack.settings.redis)
     try:
         sale_id, shoppers = await _sale(stack, pool, tokens, quantity=300, shoppers=600)
-        answers = Answers()
-        crowd = asyncio.create_task(
-            stampede(stack.base_url, sale_id, shoppers, answers, per_second=100)
-        )
-        await when(lambda: len(answers.accepted) >= 50)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=100, accepted=50)
         await pool.close()
         pg.stop()
         fault_at = time.monotonic()
