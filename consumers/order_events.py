@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from flashsale import rediskeys
 from flashsale.db import Conn
 from flashsale.flash.events import BadEvent, OrderEvent, decode
+from flashsale.flash.shipping import prepare_new_orders
 from flashsale.kafka import OrderProducer, PublishFailed
 from flashsale.metrics import Metrics
 from flashsale.scripts import Claim, register
@@ -142,6 +143,7 @@ async def persist(conn: Conn, events: list[OrderEvent]) -> Persisted:
                 [e.quantity for e in fresh],
                 [e.price_cents for e in fresh],
             )
+            await prepare_new_orders(conn, fresh)  # item snapshots and shipping addresses
         if sold:
             await conn.execute(
                 SQL_INSERT_LEDGER,

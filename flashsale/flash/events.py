@@ -31,6 +31,10 @@ class OrderEvent:
     payment_deadline_ms: int
     reserved_at_ms: int
     v: int = SCHEMA_VERSION
+    # The address book entry the shopper named at join (None: their default, resolved by
+    # the consumer, or at payment). Optional and absent from the reservation log, so an
+    # event without it (older producers, republished entries) is still version 1.
+    address_id: int | None = None
 
     @property
     def key(self) -> bytes:
@@ -73,7 +77,12 @@ def decode(raw: bytes | None) -> OrderEvent:
             raise BadEvent(f"{name} missing or not a non-negative integer")
     if data["quantity"] < 1:
         raise BadEvent("quantity must be positive")
-    return OrderEvent(order_id=order_id, **{n: data[n] for n in _INT_FIELDS})
+    address_id = data.get("address_id")
+    if address_id is not None and (
+        not isinstance(address_id, int) or isinstance(address_id, bool) or address_id < 1
+    ):
+        raise BadEvent("address_id must be a positive integer or null")
+    return OrderEvent(order_id=order_id, address_id=address_id, **{n: data[n] for n in _INT_FIELDS})
 
 
 def pack_entry(e: OrderEvent) -> str:

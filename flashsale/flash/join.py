@@ -65,6 +65,7 @@ async def join(
     client_ip: str,
     idempotency_key: str | None,
     order_id: str,
+    address_id: int | None = None,
 ) -> JoinResult:
     """Reserve with one script call, publish the event, and only then report success."""
     sid = sale.id
@@ -104,6 +105,7 @@ async def join(
             price_cents=sale.price_cents,
             payment_deadline_ms=deadline,
             reserved_at_ms=now_ms(),
+            address_id=address_id,
         )
         try:
             await rt.producer.publish(event.key, event.encode())

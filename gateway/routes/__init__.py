@@ -16,6 +16,8 @@ from gateway.routing import Route
 
 def extra_routes(settings: Settings | None = None) -> list[Route]:
     from gateway.routes import (
+        addresses,
+        backoffice,
         cart,
         catalog,
         flashsales,
@@ -36,6 +38,8 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         *payments.provider_routes(settings),
         *cart.ROUTES,
         *marketing.ROUTES,
+        *addresses.ROUTES,
+        *backoffice.ROUTES,
     ]
 
 
