@@ -463,3 +463,114 @@ async def test_merchant_list_answers_from_an_index_at_100k_orders(db: asyncpg.Po
                 assert "Seq Scan" not in plan and "Sort" not in plan.split("->")[0]
         finally:
             await tr.rollback()
+
+
+async def _shipped_order(
+    client: Client, db: asyncpg.Pool, tokens: TokenService, *, price: int, quantity: int
+) -> tuple[str, int, dict[str, str], dict[str, str]]:
+    """A paid and shipped regular order: (order id, sku, shopper headers, merchant headers)."""
+    merchant, shopper = await make_user(db, "merchant"), await make_user(db)
+    mh = auth(tokens, merchant, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(price, 20)])
+    status, body = await place_order(client, tokens, shopper, sku, quantity)
+    assert status == 201, body
+    oid = body["data"]["order_id"]
+    await pay_via_sandbox(client, tokens, shopper, body["data"]["payment_id"])
+    ship = {"shipping_company": "YTO", "tracking_number": "YT1"}
+    await _data(await client.post(f"/api/v1/orders/{oid}/ship", headers=mh, json=ship))
+    return oid, sku, auth(tokens, shopper), mh
+
+
+async def test_partial_refund_reject_and_a_second_request(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    oid, sku, sh, mh = await _shipped_order(client, db, tokens, price=1_000, quantity=3)
+    url = f"/api/v1/orders/{oid}/returns"
+    paid = await db.fetchval("SELECT pay_cents FROM orders WHERE id = $1", oid)
+    too_much = await client.post(
+        url, headers=sh, json={"kind": "refund", "reason": "late", "amount": paid + 1}
+    )
+    assert too_much.status == 409 and (await too_much.json())["error"] == "REFUND_EXCEEDS_PAID"
+    not_a_line = await client.post(
+        url,
+        headers=sh,
+        json={"kind": "return", "reason": "x", "items": [{"sku_id": sku + 10_000, "quantity": 1}]},
+    )
+    assert not_a_line.status == 422
+    # a partial money-only refund: rejected with a note, then asked again and approved
+    first = await _data(
+        await client.post(
+            url, headers=sh, json={"kind": "refund", "reason": "late", "amount": 500}
+        ),
+        201,
+    )
+    rejected = await _data(
+        await client.post(
+            f"/api/v1/returns/{first['return_id']}/reject", headers=mh, json={"note": "on time"}
+        )
+    )
+    assert rejected["status"] == "return_rejected" and rejected["decision_note"] == "on time"
+    again = await client.post(f"/api/v1/returns/{first['return_id']}/approve", headers=mh)
+    assert again.status == 409
+    second = await _data(
+        await client.post(
+            url, headers=sh, json={"kind": "refund", "reason": "late", "amount": 500}
+        ),
+        201,
+    )
+    before = await sku_row(db, sku)
+    done = await _data(
+        await client.post(f"/api/v1/returns/{second['return_id']}/approve", headers=mh)
+    )
+    assert done["status"] == "refunded" and done["refund"]["refund_amount"] == 500
+    assert await sku_row(db, sku) == before  # money only: no stock moves
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "shipped", "refunded_cents": 500}
+    # then one unit comes back with all the money that is left
+    third = await _data(
+        await client.post(
+            url,
+            headers=sh,
+            json={
+                "kind": "return",
+                "reason": "wrong size",
+                "items": [{"sku_id": sku, "quantity": 1}],
+            },
+        ),
+        201,
+    )
+    assert third["amount"] == paid - 500
+    queue = await _data(
+        await client.get(
+            "/api/v1/merchant/returns", headers=mh, params={"status": "return_requested"}
+        )
+    )
+    assert [r["return_id"] for r in queue["returns"]] == [third["return_id"]]
+    await _data(await client.post(f"/api/v1/returns/{third['return_id']}/approve", headers=mh))
+    after = await sku_row(db, sku)
+    assert (after["on_hand"], after["sold"]) == (before["on_hand"] + 1, before["sold"] - 1)
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "refunded", "refunded_cents": paid}
+    nothing_left = await client.post(url, headers=sh, json={"kind": "refund", "reason": "x"})
+    assert nothing_left.status == 409
+    # not shipped yet: the shopper refunds directly (POST /payment/refund), no return
+    status, body = await place_order(client, tokens, (await make_user(db)), sku)
+    assert status == 201
+    early = await client.post(
+        f"/api/v1/orders/{body['data']['order_id']}/returns",
+        headers=sh,
+        json={"kind": "refund", "reason": "x"},
+    )
+    assert early.status == 404  # not the caller's order
+
+
+@pytest.mark.unit
+def test_order_event_carries_an_optional_address_id() -> None:
+    from flashsale.flash.events import BadEvent, OrderEvent, decode
+
+    event = OrderEvent("123", 1, 2, 3, 4, 1, 500, 10, 9, address_id=7)
+    assert decode(event.encode()) == event
+    older = event.encode().replace(b',"address_id":7', b"")
+    assert b"address_id" not in older and decode(older).address_id is None
+    with pytest.raises(BadEvent, match="address_id"):
+        decode(event.encode().replace(b'"address_id":7', b'"address_id":"7"'))
