@@ -56,11 +56,6 @@ SQL_FOR_FLASH = f"""
 SELECT {_COLUMNS} FROM addresses
 WHERE user_id = ANY($1::bigint[]) AND (is_default OR id = ANY($2::bigint[]))
 """  # noqa: S608
-SQL_SET_ORDER_ADDRESSES = """
-UPDATE orders o SET shipping_address = a.address
-FROM unnest($1::text[], $2::jsonb[]) AS a(id, address)
-WHERE o.id = a.id AND o.shipping_address IS NULL
-"""
 
 
 class FlashOrderRef(Protocol):
@@ -183,14 +178,15 @@ async def resolve(conn: Conn, user_id: int, address_id: int | None) -> dict[str,
     return snapshot(dict(row), row["id"])
 
 
-async def address_flash_orders(conn: Conn, orders: Iterable[FlashOrderRef]) -> int:
-    """Give new flash orders their address in one statement: the entry the join named
-    (when it is still the shopper's), else the shopper's default. An order left without
-    one gets it at payment, or the payment is refused (ADDRESS_REQUIRED). Returns how many
-    orders got an address."""
+async def flash_order_addresses(
+    conn: Conn, orders: Iterable[FlashOrderRef]
+) -> dict[str, dict[str, Any]]:
+    """The address of each new flash order, in one query: the entry the join named (when
+    it is still the shopper's), else the shopper's default. An order with neither gets its
+    address at payment, or the payment is refused (ADDRESS_REQUIRED)."""
     todo = list(orders)
     if not todo:
-        return 0
+        return {}
     rows = await conn.fetch(
         SQL_FOR_FLASH,
         sorted({o.user_id for o in todo}),
@@ -198,15 +194,14 @@ async def address_flash_orders(conn: Conn, orders: Iterable[FlashOrderRef]) -> i
     )
     by_id = {r["id"]: r for r in rows}
     defaults = {r["user_id"]: r for r in rows if r["is_default"]}
-    ids: list[str] = []
-    snaps: list[dict[str, Any]] = []
+    snaps: dict[int, dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for o in todo:
         named = by_id.get(o.address_id) if o.address_id is not None else None
         row = named if named is not None and named["user_id"] == o.user_id else None
         row = row or defaults.get(o.user_id)
         if row is not None:
-            ids.append(o.order_id)
-            snaps.append(snapshot(dict(row), row["id"]))
-    if ids:
-        await conn.execute(SQL_SET_ORDER_ADDRESSES, ids, snaps)
-    return len(ids)
+            if row["id"] not in snaps:
+                snaps[row["id"]] = snapshot(dict(row), row["id"])
+            out[o.order_id] = snaps[row["id"]]
+    return out

@@ -1,24 +1,20 @@
 """What a new flash order needs to be shipped: its item snapshot and its address.
 
-The join path carries neither (one Redis round trip, no database query); the consumer
-calls :func:`prepare_new_orders` in the transaction that writes the orders, with one query
-for the snapshots and one for the addresses per batch.
+The join path carries neither (one Redis round trip, no database query). The consumer
+asks :func:`prepare` before it writes a batch — one query for the SKUs and one for the
+addresses per batch — and writes both with the order and item rows themselves (an UPDATE
+of the rows just written would cost about as much as writing them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from flashsale import addresses
 from flashsale.db import Conn
 from flashsale.orders.create import SQL_SKUS_FOR_ORDER, snapshot_id
-
-SQL_SET_ITEM_SNAPSHOTS = """
-UPDATE order_items oi SET snapshot_id = s.snapshot_id
-FROM unnest($1::text[], $2::bigint[]) AS s(order_id, snapshot_id)
-WHERE oi.order_id = s.order_id AND oi.snapshot_id IS NULL
-"""
 
 
 class NewFlashOrder(addresses.FlashOrderRef, Protocol):
@@ -26,15 +22,27 @@ class NewFlashOrder(addresses.FlashOrderRef, Protocol):
     def sku_id(self) -> int: ...
 
 
-async def prepare_new_orders(conn: Conn, orders: Sequence[NewFlashOrder]) -> None:
-    """Snapshot the items of just-written flash orders (product name, image, SKU) and give
-    each order its address (see :func:`flashsale.addresses.address_flash_orders`)."""
+@dataclass(frozen=True, slots=True)
+class Shipping:
+    """Per order id, its address snapshot; per SKU, the id of its item snapshot."""
+
+    address: dict[str, dict[str, Any]] = field(default_factory=dict)
+    snapshot: dict[int, int] = field(default_factory=dict)
+
+    def addresses_of(self, orders: Sequence[NewFlashOrder]) -> list[dict[str, Any] | None]:
+        return [self.address.get(o.order_id) for o in orders]
+
+    def snapshots_of(self, orders: Sequence[NewFlashOrder]) -> list[int | None]:
+        return [self.snapshot.get(o.sku_id) for o in orders]
+
+
+async def prepare(conn: Conn, orders: Sequence[NewFlashOrder]) -> Shipping:
+    """The item snapshots (product name, image, SKU; stored once per content) and the
+    addresses (see :func:`flashsale.addresses.flash_order_addresses`) of these orders."""
     if not orders:
-        return
+        return Shipping()
     skus = await conn.fetch(SQL_SKUS_FOR_ORDER, sorted({o.sku_id for o in orders}))
-    snaps = {r["sku_id"]: await snapshot_id(conn, r) for r in skus}
-    known = [o for o in orders if o.sku_id in snaps]
-    await conn.execute(
-        SQL_SET_ITEM_SNAPSHOTS, [o.order_id for o in known], [snaps[o.sku_id] for o in known]
+    return Shipping(
+        address=await addresses.flash_order_addresses(conn, orders),
+        snapshot={r["sku_id"]: await snapshot_id(conn, r) for r in skus},
     )
-    await addresses.address_flash_orders(conn, orders)
