@@ -364,6 +364,9 @@ async def test_merchant_list_filters_pages_sorts_and_exports(
     assert none["total"] == 0
     detail = await _data(await client.get(f"/api/v1/merchant/orders/{ids[1]}", headers=mh))
     assert [i["sku_id"] for i in detail["items"]] == [sku2] and detail["amount"] == 6_000
+    admin = auth(tokens, await make_user(db, "admin"), "admin")
+    full = await _data(await client.get(f"/api/v1/merchant/orders/{ids[1]}", headers=admin))
+    assert [i["sku_id"] for i in full["items"]] == [sku2, rival_sku]  # an admin sees every line
     resp = await client.get("/api/v1/merchant/orders/export", headers=mh)
     assert resp.status == 200 and resp.content_type == "text/csv"
     rows = list(csv.DictReader(io.StringIO(await resp.text())))
