@@ -153,12 +153,18 @@ def merchant_list_sql(q: OrderQuery, *, limit: int, offset: int) -> tuple[str, l
     return sql, [*args, limit, offset]
 
 
+def merchant_count_sql(q: OrderQuery) -> tuple[str, list[Any]]:
+    """The merchant list's count and its arguments after ``$1`` (the merchant id)."""
+    where, args = _where(q, _MERCHANT_FILTERS, 2)
+    return _MERCHANT_COUNT.format(where=where), args
+
+
 async def merchant_orders(pool: asyncpg.Pool, merchant_id: int, q: OrderQuery) -> dict[str, Any]:
     sql, args = merchant_list_sql(q, limit=q.limit, offset=(q.page - 1) * q.limit)
-    where, count_args = _where(q, _MERCHANT_FILTERS, 2)
+    count_sql, count_args = merchant_count_sql(q)
     async with pool.acquire() as conn:
         rows = await conn.fetch(sql, merchant_id, *args)
-        total = await conn.fetchval(_MERCHANT_COUNT.format(where=where), merchant_id, *count_args)
+        total = await conn.fetchval(count_sql, merchant_id, *count_args)
     return {
         "orders": [
             {
