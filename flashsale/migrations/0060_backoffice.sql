@@ -37,6 +37,7 @@ CREATE TABLE merchant_orders (
 CREATE INDEX merchant_orders_created_idx ON merchant_orders (merchant_id, created_at, order_id);
 CREATE INDEX merchant_orders_status_idx
     ON merchant_orders (merchant_id, status, created_at, order_id);
+CREATE INDEX merchant_orders_amount_idx ON merchant_orders (merchant_id, amount_cents, order_id);
 CREATE INDEX merchant_orders_order_idx ON merchant_orders (order_id);
 
 -- Statement-level: the flash consumer inserts thousands of items in one statement, and one

@@ -44,13 +44,6 @@ _FILTERS: Final = {
         DateOrDatetime, required=False, doc="created before (datetime), or on or before (date)"
     ),
     "order_id": F(str, required=False, min_len=1, max_len=64, doc="exactly this order"),
-    "sort": F(
-        str,
-        required=False,
-        default="created_at,desc",
-        choices=backoffice.SORTS,
-        doc="created_at or amount, asc or desc",
-    ),
 }
 _PAGE: Final = {
     "page": F(int, default=1, min=1, max=10_000, doc="page number, from 1"),
@@ -59,10 +52,24 @@ _PAGE: Final = {
 MERCHANT_FILTERS: Final = {
     **_FILTERS,
     "product_id": F(int, required=False, min=1, doc="orders holding this product"),
+    "sort": F(
+        str,
+        required=False,
+        default="created_at,desc",
+        choices=backoffice.SORTS,
+        doc="created_at or amount (the merchant's lines), asc or desc",
+    ),
 }
 MERCHANT_LIST: Final = {**MERCHANT_FILTERS, **_PAGE}
 ADMIN_LIST: Final = {
     **_FILTERS,
+    "sort": F(
+        str,
+        required=False,
+        default="created_at,desc",
+        choices=backoffice.ADMIN_SORTS,
+        doc="newest or oldest first",
+    ),
     "user_id": F(int, required=False, min=1, doc="the buyer's id"),
     "user": F(str, required=False, min_len=1, max_len=254, doc="the buyer's email or phone"),
     **_PAGE,
