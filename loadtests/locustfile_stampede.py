@@ -50,7 +50,15 @@ from datetime import datetime
 
 from locust import FastHttpUser, between, events, task
 
-from loadtests.scenario_support import OutcomeLog, env_float, env_int, env_str, token_pool
+from loadtests.scenario_support import (
+    OutcomeLog,
+    announce_host,
+    env_float,
+    env_int,
+    env_str,
+    running_gateway,
+    token_pool,
+)
 
 SALE_ID = env_int("LOCUST_SALE_ID", 0)
 PAY_SHARE = env_float("LOCUST_PAY_SHARE", 0.3)
@@ -65,9 +73,15 @@ def _close(environment, **_kwargs):
     OUTCOMES.close()
 
 
+@events.init.add_listener
+def _default_host(environment, **_kwargs):
+    announce_host(environment)
+
+
 class Shopper(FastHttpUser):
     """A stream of shoppers: wait for the start, join, poll, maybe pay; then the next."""
 
+    host = running_gateway()  # -H wins; without it, the gateway `flashsale up` runs
     weight = 10
     wait_time = between(0.0, 2 * NEXT_SHOPPER_S)
 

@@ -6,7 +6,9 @@ monkey-patching must never run inside pytest).
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +26,36 @@ def env_float(name: str, default: float) -> float:
 def env_int(name: str, default: int) -> int:
     raw = env_str(name)
     return int(raw) if raw else default
+
+
+@functools.cache
+def running_gateway() -> str | None:
+    """The base URL of the gateway a running ``flashsale up`` serves (from its stack file
+    in ``FLASHSALE_DATA_DIR``), the users' default host so that ``-H`` may be left out;
+    None when no ``up`` runs."""
+    from flashsale.settings import Settings
+    from gateway import stackfile
+
+    settings = Settings.from_env()
+    data = stackfile.read(settings)
+    if data is None or not stackfile.running(data):
+        return None
+    host = str(data.get("http_host") or "127.0.0.1")
+    if host in ("0.0.0.0", "::"):  # a wildcard bind is reached on loopback
+        host = "127.0.0.1"
+    return f"http://{host}:{int(data['http_port'])}"
+
+
+_announced: list[str] = []
+
+
+def announce_host(environment: Any) -> None:
+    """At Locust's ``init``: say in one line when the running stack's gateway stands in
+    for a missing ``-H``."""
+    url = running_gateway()
+    if environment.host is None and url is not None and not _announced:
+        _announced.append(url)
+        print(f"locust: no -H given; using the running stack's gateway {url}", file=sys.stderr)
 
 
 class TokenPool:

@@ -32,6 +32,7 @@ from redis import Redis as SyncRedis
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from gateway import stackfile
 from gateway.embedded import free_port
 from gateway.server import child_env, stop_children
 from loadtests import (
@@ -378,10 +379,19 @@ def _locust(
     users: int = 5,
     run_time_s: int = 5,
     processes: int = 0,
+    host_from_stack: bool = False,
 ) -> LocustRun:
-    """A bounded headless run with CSV statistics (and their per-second history)."""
+    """A bounded headless run with CSV statistics (and their per-second history).
+
+    ``host_from_stack``: no ``-H``; the gateway is found as a user finds it while
+    ``flashsale up`` runs, from the stack file in the data folder."""
     prefix = tmp_path / Path(locustfile).stem
     env = {**os.environ, **extra_env}
+    if host_from_stack:
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        stackfile.write(Settings.from_env().with_(data_dir=str(data_dir), http_port=port), {})
+        env["FLASHSALE_DATA_DIR"] = str(data_dir)  # the file names this (live) process
     args = [
         LOCUST,
         "-f",
@@ -393,8 +403,7 @@ def _locust(
         str(users),
         "-r",
         str(users),
-        "-H",
-        f"http://127.0.0.1:{port}",
+        *([] if host_from_stack else ["-H", f"http://127.0.0.1:{port}"]),
         "--csv",
         str(prefix),
         "--csv-full-history",
@@ -631,8 +640,10 @@ async def test_locust_storefront_runs_every_task(
         },
         4,
         8,
+        host_from_stack=True,
     )
     _assert_every_task_ran(run, "locustfile_storefront.py", STOREFRONT_REQUESTS)
+    assert f"using the running stack's gateway http://127.0.0.1:{gateway_port}" in run.proc.stderr
 
 
 @pytest.mark.slow
