@@ -26,8 +26,8 @@ failures, and so are 404s on cart update and checkout (another virtual user on t
 account checked the cart out: more users than tokens); anything else at or above 400 is a
 failure.
 
-Environment: LOCUST_TOKENS_FILE (required), LOCUST_SEARCH_TERMS (comma-separated),
-LOCUST_THINK_S (``min,max`` seconds).
+Environment: LOCUST_TOKENS_FILE (default tokens.txt when it exists), LOCUST_SEARCH_TERMS
+(comma-separated), LOCUST_THINK_S (``min,max`` seconds).
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ from __future__ import annotations
 import ast
 import asyncio
 import csv
+import http.server
 import os
 import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -696,3 +698,34 @@ def test_process_share_is_read_once_the_worker_knows_its_index() -> None:
 def test_gevent_is_never_imported_into_pytest() -> None:
     assert "gevent" not in sys.modules
     assert "locust" not in sys.modules
+
+
+def test_default_sale_is_the_one_the_gateway_lists() -> None:
+    """Without LOCUST_SALE_ID the stampede joins the one running or upcoming sale; with
+    several listed it stops and names them."""
+    listed: list[list[dict[str, int]]] = [
+        [{"flash_sale_id": 7}],
+        [{"flash_sale_id": 7}, {"flash_sale_id": 8}],
+    ]
+
+    class Listing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = orjson.dumps({"code": 0, "data": listed.pop(0)})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Listing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_port}"
+        assert scenario_support.default_sale_id(host) == 7
+        with pytest.raises(RuntimeError, match=r"lists 2 running or upcoming sales \[7, 8\]"):
+            scenario_support.default_sale_id(host + "/")
+    finally:
+        server.shutdown()
+        server.server_close()
