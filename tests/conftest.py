@@ -32,6 +32,8 @@ from flashsale.settings import Settings
 from gateway.app import create_app
 from gateway.embedded import EmbeddedStack, start_stack
 
+pytest_plugins = ["tests.hangwatch"]
+
 TEST_SECRET = "test-secret-key-0123456789abcdef"
 
 
