@@ -344,10 +344,11 @@ async def test_merchant_list_filters_pages_sorts_and_exports(
         await client.get("/api/v1/merchant/orders", headers=mh, params={"limit": 2, "page": 2})
     )
     assert [o["order_id"] for o in page2["orders"]] == [ids[0]]
-    by_amount = await _data(
-        await client.get("/api/v1/merchant/orders", headers=mh, params={"sort": "amount,desc"})
+    oldest = await _data(
+        await client.get("/api/v1/merchant/orders", headers=mh, params={"sort": "created_at,asc"})
     )
-    assert [o["amount"] for o in by_amount["orders"]] == [6_000, 2_000, 2_000]  # its lines only
+    assert [o["order_id"] for o in oldest["orders"]] == ids
+    assert [o["amount"] for o in oldest["orders"]] == [2_000, 6_000, 2_000]  # its lines only
     only_p1 = await _data(
         await client.get("/api/v1/merchant/orders", headers=mh, params={"product_id": p1})
     )

@@ -57,7 +57,7 @@ MERCHANT_FILTERS: Final = {
         required=False,
         default="created_at,desc",
         choices=backoffice.SORTS,
-        doc="created_at or amount (the merchant's lines), asc or desc",
+        doc="newest or oldest first",
     ),
 }
 MERCHANT_LIST: Final = {**MERCHANT_FILTERS, **_PAGE}
@@ -67,7 +67,7 @@ ADMIN_LIST: Final = {
         str,
         required=False,
         default="created_at,desc",
-        choices=backoffice.ADMIN_SORTS,
+        choices=backoffice.SORTS,
         doc="newest or oldest first",
     ),
     "user_id": F(int, required=False, min=1, doc="the buyer's id"),
