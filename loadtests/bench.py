@@ -612,7 +612,11 @@ def sold_out(env: Env, plan: Plan) -> Row:
 def queue_poll(env: Env, plan: Plan) -> Row:
     """A shopper's poll of a queued sale's waiting room (answered in-process, no I/O)."""
     sale_id, _ = create_sale(
-        env, 1000, 1, starts_in_s=3600, extra={"mode": "queued", "queue": {"admit_per_s": 1}}
+        env,
+        1000,
+        1,
+        starts_in_s=3600,
+        extra={"mode": "queued", "queue": {"admit_per_s": 1, "opens_before_s": 7200}},
     )
     token = env.tokens_file.read_text().split()[0]
     status, data = asyncio.run(
