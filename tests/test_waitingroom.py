@@ -21,6 +21,7 @@ from flashsale.errors import AppError
 from flashsale.flash.cache import SaleState, now_ms
 from flashsale.waitingroom.room import Entry, WaitingRoom
 from flashsale.waitingroom.signing import solve
+from gateway import appkeys
 from gateway.flash_runtime import FLASH
 from gateway.waitingroom_runtime import WAITING_ROOM
 from tests.conftest import auth
@@ -150,6 +151,10 @@ async def test_join_on_a_queued_sale_needs_an_admission(
     assert resp.status == 409 and (await resp.json())["error"] == "ADMISSION_EXPIRED"
     resp = await client.post(view["join_path"], headers=auth(tokens, a), json=join)
     assert resp.status == 202, await resp.text()
+    text = app[appkeys.METRICS].render()[0].decode()
+    for name in ("entered", "admitted", "joined"):
+        assert f"flashsale_queue_{name}_total" in text
+    assert f'flashsale_queue_length{{sale_id="{sale_id}"}}' in text
 
     # the hidden join path: with it on, only the URL segment admits, never the header
     resp = await client.patch(

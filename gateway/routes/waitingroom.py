@@ -126,6 +126,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                     await resp.write(b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n")
             if state.closed or now >= state.end_ms:
                 break
+            if request.transport is None or request.transport.is_closing():
+                break  # the page went away
             try:
                 await asyncio.wait_for(changed.wait(), STREAM_KEEPALIVE_S)
             except TimeoutError:
