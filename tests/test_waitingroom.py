@@ -534,3 +534,36 @@ async def test_a_stampede_of_5000_on_500_units_sells_exactly_500(
     last_step_ms = max(int(_text(s).split("|")[1]) for s in steps)
     assert last_step_ms <= sold_out_ms, "a shopper was admitted after the last unit sold"
     print(f"stampede: 5000 entrants, {through} admitted, 500 joined, {len(abandons)} walked away")
+
+
+async def test_the_event_stream_of_a_sale_page_follows_its_stock(
+    client: TestClient[Any, Any], db: asyncpg.Pool, admin: dict[str, str], tokens: TokenService
+) -> None:
+    import orjson
+
+    from tests.flashkit import create_sale
+
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=2)
+    resp = await client.get(f"/api/v1/flash-sales/{sale_id}/events")
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    seen: list[int] = []
+
+    async def read() -> None:
+        async for raw in resp.content:
+            line = raw.decode()
+            if line.startswith("data: "):
+                seen.append(orjson.loads(line[6:])["remaining_quantity"])
+                if seen[-1] == 1:
+                    return
+
+    reader = asyncio.create_task(read())
+    (user,) = await make_users(db, 1)
+    joined = await client.post(
+        f"/api/v1/flash-sales/{sale_id}/join", headers=auth(tokens, user), json={"quantity": 1}
+    )
+    assert joined.status == 202
+    await asyncio.wait_for(reader, 10)
+    assert seen[0] in (1, 2) and seen[-1] == 1
+    resp.close()
+    bad = await client.get(f"/api/v1/flash-sales/{sale_id}/events", params={"ticket": "x.y"})
+    assert bad.status == 403 and (await bad.json())["error"] == "TICKET_INVALID"

@@ -83,7 +83,6 @@ class QueueCopy:
     log_at: list[int] = field(default_factory=list)  # … and when (ms)
     lottery_rank: dict[int, int] | None = None  # user → position, once the lottery is drawn
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=RATE_SAMPLES))
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def admitted_at(self, position: int) -> int | None:
         i = bisect.bisect_left(self.log_through, position)
@@ -129,7 +128,8 @@ class WaitingRoom:
         self._lease = register(redis, "machine_lease")
         self._owner = secrets.token_hex(8)
         self._admitters: dict[int, _Admitter] = {}
-        self.changed = asyncio.Event()  # set (and replaced) when any queue moved
+        self.changed = asyncio.Event()  # set (and replaced) when any sale or queue moved
+        self._sales_seen: dict[int, tuple[int, bool, int, str]] = {}
 
     # --- configuration ---
 
@@ -148,6 +148,10 @@ class WaitingRoom:
 
     async def refresh(self) -> None:
         """Read every queued sale's counters and new admission steps in one round trip."""
+        sig = {s.id: (s.remaining, s.closed, s.end_ms, s.mode) for s in self.cache.sales.values()}
+        if sig != self._sales_seen:  # an open sale's page on the stream follows it too
+            self._sales_seen = sig
+            self._wake()
         sales = self.queued_sales()
         if not sales:
             self.queues = {}
@@ -183,14 +187,15 @@ class WaitingRoom:
                 copy.log_at.append(int(at))
             copy.samples.append((mono, admitted))
             if before != (copy.drawn, copy.admitted, copy.remaining):
-                copy.changed.set()
-                copy.changed = asyncio.Event()
                 moved = True
             fresh[sale.id] = copy
         self.queues = fresh
         if moved:
-            self.changed.set()
-            self.changed = asyncio.Event()
+            self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     # --- entering ---
 

@@ -128,9 +128,11 @@ async def events(request: web.Request) -> web.StreamResponse:
                 break
             if request.transport is None or request.transport.is_closing():
                 break  # the page went away
+            boundary = state.start_ms if now < state.start_ms else state.end_ms
+            wait_s = min(STREAM_KEEPALIVE_S, max(0.05, (boundary - now) / 1000))
             try:
-                await asyncio.wait_for(changed.wait(), STREAM_KEEPALIVE_S)
-            except TimeoutError:
+                await asyncio.wait_for(changed.wait(), wait_s)
+            except TimeoutError:  # nothing moved: a comment keeps proxies from timing out
                 await resp.write(b": keepalive\n\n")
     return resp
 
