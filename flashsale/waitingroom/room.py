@@ -385,13 +385,9 @@ class WaitingRoom:
     def _rate(self, sale: SaleState, cfg: QueueConfig, state: _Admitter, mono: float) -> float:
         if cfg.admit_per_s > 0:
             return cfg.admit_per_s
-        sold = sale.allotment - sale.remaining - sale.moved_out
-        state.sold.append((mono, sold))
-        while len(state.sold) > 2 and mono - state.sold[0][0] > ACCEPT_RATE_WINDOW_S:
-            state.sold.popleft()
-        (t0, s0), (t1, s1) = state.sold[0], state.sold[-1]
-        accepted = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
-        return max(ADAPTIVE_FLOOR_PER_S, ADAPTIVE_GAIN * accepted)
+        return follow_accept_rate(
+            state.sold, mono, sale.allotment - sale.remaining - sale.moved_out
+        )
 
     async def _admit_one(self, sale: SaleState, mono: float) -> None:
         cfg = self.config(sale)
@@ -422,6 +418,18 @@ class WaitingRoom:
             self.metrics.queue_admitted.inc(len(waits))
             for w in waits:
                 self.metrics.queue_wait.observe(int(w) / 1000)
+
+
+def follow_accept_rate(sold: deque[tuple[float, int]], mono: float, sold_now: int) -> float:
+    """The admission rate of a sale that follows its accept rate: ``ADAPTIVE_GAIN`` times the
+    units sold per second over the last ``ACCEPT_RATE_WINDOW_S`` (``sold`` keeps the samples),
+    never below ``ADAPTIVE_FLOOR_PER_S``, so the queue speeds up while joins keep up."""
+    sold.append((mono, sold_now))
+    while len(sold) > 2 and mono - sold[0][0] > ACCEPT_RATE_WINDOW_S:
+        sold.popleft()
+    (t0, s0), (t1, s1) = sold[0], sold[-1]
+    accepted = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+    return max(ADAPTIVE_FLOOR_PER_S, ADAPTIVE_GAIN * accepted)
 
 
 async def set_mode(

@@ -1,4 +1,5 @@
-"""The waiting room's signed strings: each verifies only what it was signed for."""
+"""The waiting room without servers: its signed strings each verify only what they were
+signed for, and the admission rate that follows the accept rate."""
 
 from __future__ import annotations
 
@@ -46,3 +47,17 @@ def test_a_proof_of_work_is_checked_against_user_sale_age_and_difficulty() -> No
     assert not s.proof_valid(challenge, answer, **{**ok, "now_ms": now + 301_000})
     assert not s.proof_valid(challenge, answer, **{**ok, "difficulty": 9})  # the sale raised it
     assert leading_zero_bits(b"\x00\x0f") == 12 and leading_zero_bits(b"\x80") == 0
+
+
+def test_the_admission_rate_follows_the_accept_rate() -> None:
+    from collections import deque
+
+    from flashsale.waitingroom.room import ADAPTIVE_FLOOR_PER_S, follow_accept_rate
+
+    samples: deque[tuple[float, int]] = deque(maxlen=64)
+    assert follow_accept_rate(samples, 0.0, 0) == ADAPTIVE_FLOOR_PER_S  # nothing measured yet
+    assert follow_accept_rate(samples, 1.0, 5) == ADAPTIVE_FLOOR_PER_S  # slow joins: the floor
+    assert follow_accept_rate(samples, 2.0, 105) == 2 * 105 / 2  # 52.5 sold/s, admitted x2
+    for t in range(3, 10):
+        rate = follow_accept_rate(samples, float(t), 105)  # joins stopped
+    assert rate == ADAPTIVE_FLOOR_PER_S  # the window moved past the burst
