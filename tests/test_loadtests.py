@@ -785,4 +785,4 @@ async def test_locust_queue_enters_polls_and_joins_through_the_admission(
     assert report.ok and report.orders_other == 0, report.lines()
     figures = await queue_report.for_sale(base_settings.database, base_settings.redis, sale_id)
     assert figures is not None and figures.ok and figures.joined == 3, figures
-    assert figures.order_rank_correlation is not None and figures.order_rank_correlation > 0.9
+    assert figures.entered >= figures.admitted >= 3, figures
