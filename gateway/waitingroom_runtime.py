@@ -8,6 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
+from flashsale import tasks
 from flashsale.waitingroom.room import WaitingRoom, run_forever
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
@@ -23,5 +24,5 @@ async def waiting_room_ctx(app: web.Application) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(run_forever(room, stop), name="waiting-room")
     yield
-    stop.set()
-    await asyncio.gather(task, return_exceptions=True)
+    stop.set()  # the loop ends after its step; the cancel ends a step stuck on the store
+    await tasks.stop(task)

@@ -15,8 +15,10 @@ admission (must be 0) and the fairness figures (lottery: arrival vs drawn positi
 position vs order time near +1).
 
 Environment:
-- LOCUST_TOKENS_FILE  tokens, one per line (``python -m loadtests.mint``); required
-- LOCUST_SALE_ID      the queued sale; required
+- LOCUST_TOKENS_FILE  tokens, one per line (``python -m loadtests.mint``); default
+                      ``tokens.txt`` when it exists
+- LOCUST_SALE_ID      the queued sale; default: the one sale the gateway lists as running
+                      or upcoming
 - LOCUST_OUTCOMES     prefix of the per-process outcome files for loadtests.invariants
 - LOCUST_ABANDON_SHARE  share of admitted shoppers who never join (default 0.05)
 - LOCUST_POLL_MAX_S   longest pause between two polls (default 5; the backoff doubles from
@@ -48,6 +50,7 @@ from flashsale.waitingroom.signing import solve
 from loadtests.scenario_support import (
     OutcomeLog,
     announce_host,
+    default_sale_id,
     env_float,
     env_int,
     env_str,
@@ -80,10 +83,9 @@ class QueuedShopper(FastHttpUser):
     wait_time = between(0.0, 2 * NEXT_SHOPPER_S)
 
     def on_start(self):
-        if not SALE_ID:
-            raise RuntimeError("set LOCUST_SALE_ID")
+        sale_id = SALE_ID or default_sale_id(self.host)
         self.tokens = token_pool(self.environment)
-        self.sale_path = f"/api/v1/flash-sales/{SALE_ID}"
+        self.sale_path = f"/api/v1/flash-sales/{sale_id}"
 
     def _enter(self, auth):
         """The ticket, or None after recording why not."""

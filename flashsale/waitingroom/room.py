@@ -29,7 +29,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import rediskeys
+from flashsale import rediskeys, tasks
 from flashsale.errors import (
     AccountTooNew,
     AdmissionExpired,
@@ -460,6 +460,8 @@ async def run_forever(room: WaitingRoom, stop: asyncio.Event) -> None:
             await room.refresh()
             await room.admit_all()
         except (RedisError, OSError) as exc:
+            if tasks.cancel_requested():
+                raise asyncio.CancelledError from None
             log.warning("waiting room step failed: %s", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
