@@ -160,9 +160,11 @@ async def test_join_on_a_queued_sale_needs_an_admission(
     resp = await client.patch(
         f"/api/v1/admin/flash-sales/{sale_id}",
         headers=admin,
-        json={"queue": {"admit_per_s": 1000, "overbook": 1.0, "hidden_join_path": True}},
+        json={"queue": {"hidden_join_path": True}},  # the sale's other keys stay
     )
     assert resp.status == 200, await resp.text()
+    stored = await db.fetchval("SELECT queue_settings FROM flash_sales WHERE id = $1", sale_id)
+    assert stored == {"admit_per_s": 1000, "overbook": 1.0, "hidden_join_path": True}
     await app[FLASH].cache.refresh()
     tc = (await (await enter(client, sale_id, auth(tokens, c))).json())["data"]["ticket"]
     view = await admitted(client, sale_id, tc)

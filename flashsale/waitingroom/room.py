@@ -63,7 +63,7 @@ RATE_SAMPLES: Final = 40
 SQL_ACCOUNT_CREATED = "SELECT created_at FROM users WHERE id = $1"
 SQL_SET_MODE = """
 UPDATE flash_sales SET mode = COALESCE($2, mode),
-       queue_settings = COALESCE($3::jsonb, queue_settings), updated_at = now()
+       queue_settings = COALESCE(queue_settings || $3::jsonb, queue_settings), updated_at = now()
 WHERE id = $1 AND closed_at IS NULL AND end_at > now() RETURNING id
 """
 SQL_SALE_EXISTS = "SELECT 1 FROM flash_sales WHERE id = $1"
@@ -440,7 +440,8 @@ async def set_mode(
     mode: str | None,
     queue_settings: dict[str, Any] | None,
 ) -> None:
-    """Change a live sale's mode and/or queue settings: PostgreSQL, then the sale hash."""
+    """Change a live sale's mode and/or queue settings (the keys given replace those keys
+    only): PostgreSQL, then the sale hash."""
     async with db.acquire() as conn:
         done = await conn.fetchval(SQL_SET_MODE, sale_id, mode, queue_settings)
         if done is None:
