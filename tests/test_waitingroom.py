@@ -284,6 +284,7 @@ async def test_sold_out_reaches_the_queue_and_returned_units_go_to_the_next_in_l
     )
     assert stream.status == 200 and stream.headers["Content-Type"] == "text/event-stream"
     states: list[str] = []
+    pages: list[dict[str, Any]] = []
 
     async def read_stream() -> None:
         import orjson
@@ -293,6 +294,8 @@ async def test_sold_out_reaches_the_queue_and_returned_units_go_to_the_next_in_l
             line = raw.decode().rstrip("\n")
             if line.startswith("event: "):
                 event = line[7:]
+            elif line.startswith("data: ") and event == "sale":
+                pages.append(orjson.loads(line[6:]))
             elif line.startswith("data: ") and event == "queue":
                 states.append(orjson.loads(line[6:])["state"])
                 if states[-1] == "sold_out":
@@ -310,6 +313,7 @@ async def test_sold_out_reaches_the_queue_and_returned_units_go_to_the_next_in_l
     print(f"sold_out on the event stream {time.monotonic() - sold_at:.3f}s after the last unit")
     assert (await poll(client, sale_id, waiting.ticket))["state"] == "sold_out"
     assert states[0] == "waiting" and states[-1] == "sold_out"
+    assert pages[-1]["mode"] == "queued" and pages[-1]["queue"]["entrants"] == 8
     stream.close()
     resp = await enter(client, sale_id, auth(tokens, (await make_users(db, 1))[0]))
     assert resp.status == 409 and (await resp.json())["error"] == "SOLD_OUT"  # the queue closed

@@ -186,6 +186,7 @@ class WaitingRoom:
                 copy.log_through.append(int(through))
                 copy.log_at.append(int(at))
             copy.samples.append((mono, admitted))
+            self.metrics.queue_length.labels(str(sale.id)).set(max(0, entered - admitted))
             if before != (copy.drawn, copy.admitted, copy.remaining):
                 moved = True
             fresh[sale.id] = copy
@@ -299,6 +300,15 @@ class WaitingRoom:
 
     # --- polls, in-process ---
 
+    def summary(self, sale_id: int) -> dict[str, int]:
+        """The queue at a glance, for a sale page (no one's place in it)."""
+        copy = self.queues.get(sale_id) or QueueCopy()
+        return {
+            "entrants": copy.entered,
+            "admitted_through": copy.admitted,
+            "waiting": max(0, copy.entered - copy.admitted),
+        }
+
     def position(self, copy: QueueCopy, entry: Ticket) -> int | None:
         if entry.kind == "F":
             return entry.position
@@ -408,10 +418,9 @@ class WaitingRoom:
         status = QueueAdmit(int(res[0]))
         if len(res) < 6:
             return
-        _, _joined, abandoned, through, _outstanding, entered = (int(x) for x in res[:6])
+        abandoned = int(res[2])
         if abandoned:
             self.metrics.queue_abandoned.inc(abandoned)
-        self.metrics.queue_length.labels(str(sale.id)).set(max(0, entered - through))
         if status is QueueAdmit.ADMITTED:
             waits = res[6:]
             state.tokens -= len(waits)

@@ -93,8 +93,9 @@ async def challenge(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: ``sale`` (the public state) for everyone, and ``queue`` (what a
-    poll answers) for a ticket holder, each sent when it changes."""
+    """Server-sent events: ``sale`` (the public state; a queued sale's adds ``queue``:
+    entrants, admitted_through, waiting) for everyone, and ``queue`` (what a poll answers)
+    for a ticket holder, each sent when it changes."""
     app = request.app
     sale = await _sale(request)
     signed = request.query.get("ticket")
@@ -116,7 +117,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             changed = room.changed
             state = app[FLASH].cache.sales.get(sale.id, sale)
             now = now_ms()
-            frames: list[tuple[str, Any]] = [("sale", state.public(now))]
+            public = state.public(now)
+            if state.mode == "queued":
+                public["queue"] = room.summary(sale.id)
+            frames: list[tuple[str, Any]] = [("sale", public)]
             if entry is not None:
                 frames.append(("queue", room.status(state, entry, now)))
             for name, data in frames:
