@@ -200,6 +200,12 @@ class Settings:
     metrics_port: int = 9101
     max_per_user_default: int = 20
     presale_hold_s: int = 1800
+    # Waiting room of queued sales (a sale's own queue settings override these).
+    queue_admit_per_s: float = 50.0  # 0: follow the measured accept rate
+    queue_overbook: float = 1.2
+    queue_join_window_s: int = 60
+    queue_opens_before_s: int = 900
+    queue_tick_ms: int = 250
     metrics_token: str | None = None
 
     revocation_reload_ms: int = 2000
@@ -282,6 +288,11 @@ class Settings:
             metrics_port=r.integer("metrics_port", 0, 65535),
             max_per_user_default=r.integer("max_per_user_default", 1, 1_000_000),
             presale_hold_s=r.integer("presale_hold_s", 1, 30 * 24 * 3600),
+            queue_admit_per_s=r.number("queue_admit_per_s", 0, 1e6),
+            queue_overbook=r.number("queue_overbook", 1.0, 10.0),
+            queue_join_window_s=r.integer("queue_join_window_s", 5, 3600),
+            queue_opens_before_s=r.integer("queue_opens_before_s", 0, 7 * 24 * 3600),
+            queue_tick_ms=r.integer("queue_tick_ms", 20, 5000),
             metrics_token=r.raw("metrics_token"),
             revocation_reload_ms=reload_ms,
             revocation_max_stale_s=max_stale_s,

@@ -25,7 +25,8 @@ What it does, in order, every part bounded in time and count, every request to 1
        then again open-loop at half its peak rate (uvloop client, latency from the
        intended send time) for the p99-at-half-peak figure;
    (4) the sold-out path (join on a sold-out sale);
-3. prints one table and the ratios 3/1, 4/1, 3/5, 6/3 with the hardware and versions,
+   (4q) a queued sale's waiting-room poll (``GET .../queue?ticket=``), next to (4);
+3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3 with the hardware and versions,
    writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.
 
 A scenario that cannot run (for example the flash-sale routes or ``lua/reserve.lua``
@@ -285,7 +286,12 @@ async def _api(method: str, url: str, token: str, body: Any = None) -> tuple[int
 
 
 def create_sale(
-    env: Env, quantity: int, per_user_limit: int, *, starts_in_s: float = 2.0
+    env: Env,
+    quantity: int,
+    per_user_limit: int,
+    *,
+    starts_in_s: float = 2.0,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[int, float]:
     """Create a sale through the admin API; return (sale id, start time as epoch seconds)."""
     now = datetime.now(UTC)
@@ -298,6 +304,7 @@ def create_sale(
         "start_at": start.isoformat(),
         "end_at": (now + timedelta(hours=3)).isoformat(),
         "payment_window_s": 900,
+        **(extra or {}),
     }
     status, data = asyncio.run(
         _api("POST", env.gateway_url + "/api/v1/admin/flash-sales", env.admin_token, body)
@@ -602,6 +609,35 @@ def sold_out(env: Env, plan: Plan) -> Row:
     return Row.from_run("4 sold-out path (join, 409)", run)
 
 
+def queue_poll(env: Env, plan: Plan) -> Row:
+    """A shopper's poll of a queued sale's waiting room (answered in-process, no I/O)."""
+    sale_id, _ = create_sale(
+        env,
+        1000,
+        1,
+        starts_in_s=3600,
+        extra={"mode": "queued", "queue": {"admit_per_s": 1, "opens_before_s": 7200}},
+    )
+    token = env.tokens_file.read_text().split()[0]
+    status, data = asyncio.run(
+        _api("POST", f"{env.gateway_url}/api/v1/flash-sales/{sale_id}/enter", token)
+    )
+    if status == 404:
+        raise Skip("the waiting room is not in this build (enter answered 404)")
+    if status not in (200, 201):
+        raise ValueError(f"entering the queued sale answered {status}: {data}")
+    ticket = data["data"]["ticket"]
+    run = _load(
+        env,
+        plan,
+        env.settings.http_port,
+        f"/api/v1/flash-sales/{sale_id}/queue?ticket={ticket}",
+        expected=(200,),
+        tokens=False,
+    )
+    return Row.from_run("4q queue poll (GET, 200)", run)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -782,6 +818,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         _stop(env, "consume")  # the HTTP paths below get the cores to themselves
         step("3 accept path", lambda: accept(e, plan))
         step("4 sold-out path", lambda: sold_out(e, plan))
+        step("4q queue poll", lambda: queue_poll(e, plan))
         sell = rows.get("7 sell-out")
         if sell is not None and not sell.detail.get("ok", False):
             failed = True
@@ -807,6 +844,10 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         ),
         "4/1 sold-out / HTTP ceiling": (
             _ratio(rows, "4 sold-out path (join, 409)", "1 HTTP ceiling"),
+            ">= 0.9",
+        ),
+        "4q/4 queue poll / sold-out path": (
+            _ratio(rows, "4q queue poll (GET, 200)", "4 sold-out path (join, 409)"),
             ">= 0.9",
         ),
         "3/5 accept / naive peer": (

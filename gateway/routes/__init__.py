@@ -24,10 +24,12 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         orders,
         payments,
         presale,
+        waitingroom,
     )
 
     return [
         *flashsales.ROUTES,
+        *waitingroom.ROUTES,
         *catalog.ROUTES,
         *presale.ROUTES,
         *inventory.ROUTES,
@@ -41,5 +43,6 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
     from gateway.flash_runtime import flash_ctx
+    from gateway.waitingroom_runtime import waiting_room_ctx
 
-    return [flash_ctx]
+    return [flash_ctx, waiting_room_ctx]
