@@ -54,6 +54,7 @@ REFUSAL_CODES: Final = (
     "RETRY_LATER",
     "SALE_RECOVERING",
 )
+LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten snapshots
 HISTORY_POINTS: Final = 300  # five minutes of one-second snapshots
 SNAPSHOT_TTL_S: Final = 30
 TICK_KEY_TTL_S: Final = 10
@@ -169,7 +170,8 @@ class Totals:
         return {
             "join_by_status": self.join_by_status,
             "refusals": self.refusals,
-            "join_buckets": [[le, n] for le, n in sorted(self.join_buckets.items())],
+            # le as text: JSON has no infinity ("+Inf" reads back with float())
+            "join_buckets": [[repr(le), n] for le, n in sorted(self.join_buckets.items())],
             "persisted": self.persisted,
             "dead_letters": self.dead_letters,
         }
@@ -283,7 +285,10 @@ async def build_snapshot(
     prev_units = prev_totals.get("accepted_units")
     prev_join = prev_totals.get("join_by_status") or {}
     prev_ref = prev_totals.get("refusals") or {}
-    prev_buckets = {float(le): n for le, n in prev_totals.get("join_buckets") or []}
+    # latency over the last LATENCY_WINDOW_S seconds: a single second is often empty
+    ring: list[list[list[Any]]] = list(prev_totals.get("join_buckets_ring") or [])
+    oldest = ring[0] if ring else prev_totals.get("join_buckets") or []
+    prev_buckets = {float(le): n for le, n in oldest}
     accepted_requests = t.join_by_status.get("202", 0.0)
     latency_before = prev_buckets if previous else {}
     p50 = quantile(0.5, latency_before, t.join_buckets)
@@ -338,7 +343,11 @@ async def build_snapshot(
         # an admission rate; until the sale's data carries them this stays None and the
         # page hides the panel. Fill it here from the waiting room's keys when they land.
         "waiting_room": None,
-        "totals": {**t.as_json(), "accepted_units": accepted_units},
+        "totals": {
+            **t.as_json(),
+            "accepted_units": accepted_units,
+            "join_buckets_ring": [*ring, t.as_json()["join_buckets"]][-LATENCY_WINDOW_S:],
+        },
     }
 
 
@@ -394,8 +403,10 @@ class DashboardHub:
                     async with cond:
                         await asyncio.wait_for(
                             cond.wait_for(
-                                lambda: self._closing
-                                or self._latest.get(sale_id, {}).get("t", 0) > seen
+                                lambda: (
+                                    self._closing
+                                    or self._latest.get(sale_id, {}).get("t", 0) > seen
+                                )
                             ),
                             idle_s,
                         )
