@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -402,12 +403,7 @@ class DashboardHub:
                 try:
                     async with cond:
                         await asyncio.wait_for(
-                            cond.wait_for(
-                                lambda: (
-                                    self._closing
-                                    or self._latest.get(sale_id, {}).get("t", 0) > seen
-                                )
-                            ),
+                            cond.wait_for(functools.partial(self._news, sale_id, seen)),
                             idle_s,
                         )
                 except TimeoutError:
@@ -425,6 +421,9 @@ class DashboardHub:
                 task = self._tasks.pop(sale_id, None)
                 if task is not None:
                     task.cancel()
+
+    def _news(self, sale_id: int, seen: int) -> bool:
+        return self._closing or self._latest.get(sale_id, {}).get("t", 0) > seen
 
     async def close(self) -> None:
         """Stop every loop and end every watcher's stream (the gateway is shutting down)."""

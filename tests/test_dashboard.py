@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from flashsale import dashboard
+from flashsale import dashboard, rediskeys
 from flashsale.auth import TokenService
 from gateway import appkeys
 from tests.conftest import auth, make_user
@@ -104,7 +104,7 @@ async def test_one_process_computes_each_second(
     assert sum(w.computed for w in workers) == 1
     assert all(s is not None and s["second"] == second for s in snaps)
     assert len({orjson.dumps(s) for s in snaps}) == 1
-    stored = await redis.get(dashboard.rediskeys.dash_snapshot(sale_id))
+    stored = await redis.get(rediskeys.dash_snapshot(sale_id))
     assert stored is not None and orjson.loads(stored)["second"] == second
 
 
