@@ -9,6 +9,7 @@ sale sells.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Final
@@ -19,8 +20,10 @@ from aiohttp import web
 from flashsale import dashboard
 from flashsale.auth import Principal, require_role
 from flashsale.errors import Forbidden, NotFound
+from flashsale.flash.cache import now_ms
 from gateway import appkeys
 from gateway.auth import authenticate
+from gateway.flash_runtime import FLASH
 from gateway.http import ok
 from gateway.routing import Route
 from gateway.validation import F, path_int, path_text
@@ -36,6 +39,7 @@ _TYPES: Final = {
 }
 ASSET_NAME: Final = F(str, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_len=64)
 KEEPALIVE_S: Final = 15.0
+GAUGE_GRACE_MS: Final = 10 * 60 * 1000  # a sale's gauges stay ten minutes past its end
 
 
 def _assets() -> dict[str, bytes]:
@@ -145,11 +149,30 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _export_sales(app: web.Application) -> None:
+    """Once a second: each running sale's remaining/allotment as gauges, from this worker's
+    sale cache (no I/O), for Prometheus and Grafana."""
+    metrics = app[appkeys.METRICS]
+    cache = app[FLASH].cache
+    while True:
+        await asyncio.sleep(1.0)
+        now = now_ms()
+        for sale in list(cache.sales.values()):
+            if sale.closed or now >= sale.end_ms + GAUGE_GRACE_MS:
+                continue
+            label = str(sale.id)
+            metrics.sale_remaining.labels(label).set(sale.remaining)
+            metrics.sale_allotment.labels(label).set(sale.allotment)
+
+
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[appkeys.METRICS].registry
+    exporter = asyncio.create_task(_export_sales(app), name="sale-gauges")
     async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS], registry) as hub:
         app[HUB] = hub
         yield
+    exporter.cancel()
+    await asyncio.gather(exporter, return_exceptions=True)
 
 
 async def end_streams(app: web.Application) -> None:
