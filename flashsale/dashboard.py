@@ -418,6 +418,7 @@ class DashboardHub:
             self._watchers[sale_id] -= 1
             if not self._watchers[sale_id]:
                 del self._watchers[sale_id]
+                self._latest.pop(sale_id, None)  # a later watcher must not start from it
                 task = self._tasks.pop(sale_id, None)
                 if task is not None:
                     task.cancel()
