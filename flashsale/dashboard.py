@@ -36,7 +36,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import rediskeys
+from flashsale import rediskeys, tasks
 from flashsale.flash.cache import iso_ms, now_ms
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ REFUSAL_CODES: Final = (
     "SALE_RECOVERING",
 )
 LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten snapshots
+# The waiting room's series (its branch exports them): a queued sale's length, admissions.
+QUEUE_LENGTH: Final = "flashsale_queue_length"
+QUEUE_ADMITTED: Final = "flashsale_queue_admitted_total"
 HISTORY_POINTS: Final = 300  # five minutes of one-second snapshots
 SNAPSHOT_TTL_S: Final = 30
 TICK_KEY_TTL_S: Final = 10
@@ -166,6 +169,9 @@ class Totals:
     dead_letters: float = 0.0
     lag: float = 0.0
     drift: dict[str, float] = field(default_factory=dict)  # sale id → units
+    # the waiting room's (built separately): present once its metrics are exported
+    queue_length: dict[str, float] = field(default_factory=dict)  # sale id → shoppers
+    queue_admitted: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -175,6 +181,7 @@ class Totals:
             "join_buckets": [[repr(le), n] for le, n in sorted(self.join_buckets.items())],
             "persisted": self.persisted,
             "dead_letters": self.dead_letters,
+            "queue_admitted": self.queue_admitted,
         }
 
 
@@ -202,6 +209,11 @@ def read_metrics(families: Iterable[Metric]) -> Totals:
                 t.dead_letters += s.value
             elif s.name == "flashsale_consumer_lag":
                 t.lag += s.value
+            elif s.name == QUEUE_LENGTH:
+                sid = labels.get("sale_id", "")
+                t.queue_length[sid] = t.queue_length.get(sid, 0.0) + s.value
+            elif s.name == QUEUE_ADMITTED:
+                t.queue_admitted = (t.queue_admitted or 0.0) + s.value
             elif s.name == "flashsale_reconcile_drift_units":
                 sid = labels.get("sale_id", "")
                 t.drift[sid] = max(t.drift.get(sid, 0.0), s.value)
@@ -245,6 +257,19 @@ def _rate(now: float, before: float | None, seconds: float) -> float:
     if before is None or seconds <= 0:
         return 0.0
     return max(0.0, now - before) / seconds
+
+
+def waiting_room_figures(
+    t: Totals, sale_id: int, prev_totals: dict[str, Any], seconds: float
+) -> dict[str, Any] | None:
+    length = t.queue_length.get(str(sale_id))
+    if length is None:
+        return None
+    admitted = t.queue_admitted or 0.0
+    return {
+        "queue_length": int(length),
+        "admitted_per_s": _rate(admitted, prev_totals.get("queue_admitted"), seconds),
+    }
 
 
 async def _orders(pool: asyncpg.Pool, sale_id: int) -> tuple[dict[str, int], int]:
@@ -340,10 +365,9 @@ async def build_snapshot(
         "orders": orders,
         "expiry_returns": expired,
         "reconcile_drift": None if drift is None else int(drift),
-        # The waiting room (a separate piece of work) gives queued sales a queue length and
-        # an admission rate; until the sale's data carries them this stays None and the
-        # page hides the panel. Fill it here from the waiting room's keys when they land.
-        "waiting_room": None,
+        # A queued sale's waiting room: None (the page hides the tile) until the waiting
+        # room's metrics carry this sale. Admissions are counted for all sales together.
+        "waiting_room": waiting_room_figures(t, sale_id, prev_totals, seconds),
         "totals": {
             **t.as_json(),
             "accepted_units": accepted_units,
@@ -432,11 +456,9 @@ class DashboardHub:
         for cond in self._changed.values():
             async with cond:
                 cond.notify_all()
-        tasks = list(self._tasks.values())
+        loops = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await tasks.stop(*loops)
 
     async def _run(self, sale_id: int) -> None:
         while True:
@@ -444,6 +466,8 @@ class DashboardHub:
             try:
                 snap = await self.tick(sale_id, int(time.time()))
             except (RedisError, OSError, asyncpg.PostgresError) as exc:
+                if tasks.cancel_requested():
+                    raise asyncio.CancelledError from None
                 log.warning("dashboard snapshot of sale %s failed: %s", sale_id, exc)
                 continue
             if snap is None:

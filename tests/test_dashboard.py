@@ -9,7 +9,7 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 
 from flashsale import dashboard, rediskeys
@@ -149,3 +149,19 @@ async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None
     assert (await client.get("/static/nope.js")).status == 404
     assert (await client.get("/static/..%2fapp.py")).status == 404
     assert (await client.get("/sale/abc")).status == 404
+
+
+def test_waiting_room_figures_appear_with_its_metrics() -> None:
+    registry = CollectorRegistry()
+    before = dashboard.read_metrics(registry.collect())
+    assert dashboard.waiting_room_figures(before, 7, {}, 1.0) is None  # no waiting room yet
+    length = Gauge("flashsale_queue_length", "queued", ["sale_id"], registry=registry)
+    admitted = Counter("flashsale_queue_admitted", "admitted", registry=registry)
+    length.labels("7").set(40)
+    admitted.inc(10)
+    first = dashboard.read_metrics(registry.collect())
+    assert dashboard.waiting_room_figures(first, 8, {}, 1.0) is None  # another sale's queue
+    admitted.inc(6)
+    now = dashboard.read_metrics(registry.collect())
+    figures = dashboard.waiting_room_figures(now, 7, first.as_json(), 2.0)
+    assert figures == {"queue_length": 40, "admitted_per_s": 3.0}

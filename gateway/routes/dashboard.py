@@ -17,7 +17,7 @@ from typing import Final
 import orjson
 from aiohttp import web
 
-from flashsale import dashboard
+from flashsale import dashboard, tasks
 from flashsale.auth import Principal, require_role
 from flashsale.errors import Forbidden, NotFound
 from flashsale.flash.cache import now_ms
@@ -171,8 +171,7 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS], registry) as hub:
         app[HUB] = hub
         yield
-    exporter.cancel()
-    await asyncio.gather(exporter, return_exceptions=True)
+    await tasks.stop(exporter)
 
 
 async def end_streams(app: web.Application) -> None:
