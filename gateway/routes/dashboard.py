@@ -71,7 +71,9 @@ def _asset(name: str) -> web.Response:
     if body is None:
         raise NotFound("no such file")
     resp = web.Response(body=body, content_type=_content_type(name), charset="utf-8")
-    resp.headers["Cache-Control"] = "public, max-age=300"
+    # the pages are revalidated on each load (a deploy shows at once); assets live 5 minutes
+    html = name.endswith(".html")
+    resp.headers["Cache-Control"] = "no-cache" if html else "public, max-age=300"
     resp.headers["X-Content-Type-Options"] = "nosniff"
     return resp
 

@@ -181,15 +181,24 @@ async function watch(saleId) {
   if (!state.charts) state.charts = makeCharts();
   resetSeries();
   drawCharts();
+  let figures = false;
+  setTimeout(() => {
+    if (!figures && !abort.signal.aborted) {
+      FS.text("live-sub", "no live figures yet: a sale that is no longer loaded in Redis "
+        + "(settled long ago) has none");
+    }
+  }, 4000);
   while (!abort.signal.aborted) {
     try {
       await FS.readEvents(`/api/v1/dashboard/sales/${saleId}/events`, state.token, (name, data) => {
         live(true);
         if (name === "history") {
+          figures = figures || data.length > 0;
           resetSeries();
           for (const s of data) addPoint(s);
           if (data.length) render(data[data.length - 1]);
         } else if (name === "snapshot") {
+          figures = true;
           addPoint(data);
           render(data);
         }
