@@ -142,6 +142,22 @@ class Metrics:
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
             registry=reg,
         )
+        # Set once a second per worker from its in-memory sale cache (gateway/routes/
+        # dashboard.py), never on the join path; Prometheus and Grafana chart them.
+        self.sale_remaining = Gauge(
+            "flashsale_sale_remaining_units",
+            "Units left in a flash sale (the gateway's copy of the Redis counter)",
+            ["sale_id"],
+            multiprocess_mode="livemostrecent",
+            registry=reg,
+        )
+        self.sale_allotment = Gauge(
+            "flashsale_sale_allotment_units",
+            "Units ever moved into a flash sale",
+            ["sale_id"],
+            multiprocess_mode="livemostrecent",
+            registry=reg,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every process (multiprocess) or of this one."""

@@ -77,6 +77,21 @@ def rate_ip(sale_id: int, ip: str) -> str:
     return f"{_tag(sale_id)}:rl:ip:{ip}"
 
 
+def dash_snapshot(sale_id: int) -> str:
+    """String: the dashboard's latest one-second snapshot of the sale (JSON)."""
+    return _tag(sale_id) + ":dash"
+
+
+def dash_history(sale_id: int) -> str:
+    """List: the dashboard's last minutes of snapshots (JSON), oldest first."""
+    return _tag(sale_id) + ":dash:hist"
+
+
+def dash_tick(sale_id: int, second: int) -> str:
+    """String set NX by the one process that computes this second's snapshot."""
+    return f"{_tag(sale_id)}:dash:tick:{second}"
+
+
 def all_sale_keys(sale_id: int) -> list[str]:
     return [
         sale(sale_id),

@@ -26,7 +26,10 @@ What it does, in order, every part bounded in time and count, every request to 1
        intended send time) for the p99-at-half-peak figure;
    (4) the sold-out path (join on a sold-out sale);
    (4q) a queued sale's waiting-room poll (``GET .../queue?ticket=``), next to (4);
-3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3 with the hardware and versions,
+   (8) the accept path again with no dashboard open, then with three dashboards streaming
+       the sale (:mod:`loadtests.watch`, a second process);
+3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3, 8b/8a with the hardware and
+   versions,
    writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.
 
 A scenario that cannot run (for example the flash-sale routes or ``lua/reserve.lua``
@@ -638,6 +641,58 @@ def queue_poll(env: Env, plan: Plan) -> Row:
     return Row.from_run("4q queue poll (GET, 200)", run)
 
 
+DASHBOARDS = 3
+
+
+def dashboards(env: Env, plan: Plan) -> list[Row]:
+    """The join path with no dashboard open, then with three streaming the same sale (from
+    a second process): watching costs the workers one GET a second each, and one process
+    one aggregate a second, so the two figures should match within the noise."""
+    sale_id, start = create_sale(env, 100_000_000, 1_000_000)
+    _wait_until(start)
+    port, path = env.settings.http_port, _join_path(sale_id)
+    alone = _load(env, plan, port, path, method="POST", body=JOIN_BODY, expected=(202,))
+    seconds = plan.warmup_s + plan.duration_s + 3
+    watchers = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.watch",
+            "--base",
+            env.gateway_url,
+            "--sale",
+            str(sale_id),
+            "--token",
+            env.admin_token,
+            "--count",
+            str(DASHBOARDS),
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        time.sleep(2)  # the streams are open and a snapshot a second flows
+        watched = _load(env, plan, port, path, method="POST", body=JOIN_BODY, expected=(202,))
+        out, _ = watchers.communicate(timeout=seconds + 30)
+    finally:
+        if watchers.poll() is None:
+            watchers.kill()
+            watchers.communicate()
+    snapshots = orjson.loads(out.strip().splitlines()[-1])["snapshots"]
+    if min(snapshots) < plan.duration_s / 2:
+        raise ValueError(f"the dashboards received too few snapshots: {snapshots}")
+    return [
+        Row.from_run("8a join, no dashboard open", alone),
+        Row.from_run(
+            f"8b join, {DASHBOARDS} dashboards open",
+            watched,
+            note=f"snapshots per dashboard {snapshots}",
+        ),
+    ]
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -819,6 +874,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         step("3 accept path", lambda: accept(e, plan))
         step("4 sold-out path", lambda: sold_out(e, plan))
         step("4q queue poll", lambda: queue_poll(e, plan))
+        step("8 dashboards", lambda: dashboards(e, plan))
         sell = rows.get("7 sell-out")
         if sell is not None and not sell.detail.get("ok", False):
             failed = True
@@ -857,6 +913,10 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         "6/3 drain / accept": (
             _ratio(rows, "6 consumer drain (orders/s)", "3 accept path (join, 202)"),
             ">= 2",
+        ),
+        "8b/8a join with / without 3 dashboards open": (
+            _ratio(rows, f"8b join, {DASHBOARDS} dashboards open", "8a join, no dashboard open"),
+            ">= 0.95",
         ),
         "p99 of join at half peak (ms)": (half.p99_ms if half and accept_row else None, "<= 20"),
     }

@@ -18,6 +18,7 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
     from gateway.routes import (
         cart,
         catalog,
+        dashboard,
         flashsales,
         inventory,
         marketing,
@@ -38,11 +39,13 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         *payments.provider_routes(settings),
         *cart.ROUTES,
         *marketing.ROUTES,
+        *dashboard.ROUTES,
     ]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
     from gateway.flash_runtime import flash_ctx
+    from gateway.routes.dashboard import hub_ctx
     from gateway.waitingroom_runtime import waiting_room_ctx
 
-    return [flash_ctx, waiting_room_ctx]
+    return [flash_ctx, waiting_room_ctx, hub_ctx]
