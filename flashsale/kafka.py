@@ -2,9 +2,22 @@
 
 The producer awaits the broker's ack (``acks=all``) for every accepted order, but
 many requests share one batch: each request ``send``s and awaits its own future
-while aiokafka's sender packs concurrent sends together (``linger_ms``). Works the
-same against Apache Kafka and tansu; idempotence is a setting because tansu does
-not implement ``InitProducerId``.
+while aiokafka's sender packs concurrent sends together (``linger_ms``).
+
+One code path for the embedded broker (tansu) and Apache Kafka; three settings say what
+the deployment's brokers can do, and nothing else differs:
+
+- ``FLASHSALE_KAFKA_ENABLE_IDEMPOTENCE``: tansu answers ``InitProducerId`` with an
+  error, so it is off by default and on in compose (a retried batch is then never
+  written twice; the consumer is idempotent by order id either way).
+- ``FLASHSALE_KAFKA_REPLICATION_FACTOR`` and ``FLASHSALE_KAFKA_MIN_INSYNC_REPLICAS``:
+  the topics are created with them (3 and 2 in compose; with ``acks=all`` an accepted
+  order is then on two brokers before its 202). tansu accepts and ignores them: its
+  storage engine, not broker replicas, holds the data.
+- ``FLASHSALE_KAFKA_ASSIGNOR``: aiokafka implements only the eager rebalance protocol
+  (no cooperative-sticky, aio-libs/aiokafka#1126); ``sticky`` keeps each consumer's
+  partitions across a rebalance, which is what cooperative-sticky adds to, and offsets
+  committed only after the database commit make the stop-the-world revocation safe.
 """
 
 from __future__ import annotations
@@ -18,6 +31,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -36,9 +53,16 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())
+        replicas = settings.kafka_replication_factor
+        configs = {"min.insync.replicas": str(settings.kafka_min_insync_replicas)}
         wanted = [
-            NewTopic(settings.kafka_orders_topic, settings.kafka_partitions, 1),
-            NewTopic(settings.kafka_dlq_topic, 1, 1),
+            NewTopic(
+                settings.kafka_orders_topic,
+                settings.kafka_partitions,
+                replicas,
+                topic_configs=configs,
+            ),
+            NewTopic(settings.kafka_dlq_topic, 1, replicas, topic_configs=configs),
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
@@ -47,6 +71,35 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
             log.info("created topics %s", [t.name for t in missing])
     finally:
         await admin.close()
+
+
+async def group_state(settings: Settings, *, timeout_s: float = 10.0) -> tuple[str, int]:
+    """The consumer group's state (``Stable``, ``PreparingRebalance``, …) and member count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka, request_timeout_ms=5000)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        responses = await asyncio.wait_for(
+            admin.describe_consumer_groups([settings.kafka_consumer_group]), timeout_s
+        )
+    finally:
+        await admin.close()
+    for response in responses:
+        for group in response.to_object()["groups"]:
+            if group["group"] == settings.kafka_consumer_group:
+                return str(group["state"]), len(group["members"])
+    return "Dead", 0
+
+
+ASSIGNORS: dict[str, type[AbstractPartitionAssignor]] = {
+    "sticky": StickyPartitionAssignor,
+    "roundrobin": RoundRobinPartitionAssignor,
+    "range": RangePartitionAssignor,
+}
+
+
+def assignor(settings: Settings) -> tuple[type[AbstractPartitionAssignor], ...]:
+    """The consumers' partition assignment strategy (``FLASHSALE_KAFKA_ASSIGNOR``)."""
+    return (ASSIGNORS[settings.kafka_assignor],)
 
 
 _PARTITIONER = DefaultPartitioner()  # the Java client's murmur2, as aiokafka's send() uses
@@ -64,7 +117,7 @@ def _fail_all(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
 
 
 class OrderProducer:
-    """Produces order events keyed by sale so that one sale's events stay ordered."""
+    """Produces order events, keyed by order id (spread over every partition)."""
 
     def __init__(self, settings: Settings, *, topic: str | None = None) -> None:
         self._settings = settings
