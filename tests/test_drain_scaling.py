@@ -14,6 +14,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from redis.asyncio import Redis
 
 from consumers.order_events import (
@@ -26,7 +28,7 @@ from consumers.order_events import (
 from consumers.recovery import unconsumed_events
 from flashsale.auth import TokenService
 from flashsale.flash.events import OrderEvent
-from flashsale.kafka import OrderProducer, group_state
+from flashsale.kafka import OrderProducer, ensure_topics, group_state
 from flashsale.metrics import get_metrics
 from flashsale.settings import Settings
 from tests.flashkit import (
@@ -275,3 +277,25 @@ async def _stable_with(settings: Settings, members: int) -> bool:
 
 async def _equals(value: Any, expected: int) -> bool:
     return bool(await value == expected)
+
+
+async def test_topics_are_created_with_the_replication_settings(base_settings: Settings) -> None:
+    settings = isolated(base_settings).with_(
+        kafka_replication_factor=3, kafka_min_insync_replicas=2
+    )
+    await ensure_topics(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([settings.kafka_orders_topic])
+        configs = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, settings.kafka_orders_topic)]
+        )
+    finally:
+        await admin.close()
+    partitions = described[0]["partitions"]
+    assert len(partitions) == settings.kafka_partitions
+    # tansu lists the one broker three times: it stores, and does not replicate, the data
+    assert all(len(p["replicas"]) == 3 for p in partitions)
+    entries = {c[0]: c[1] for r in configs for res in r.resources for c in res[4]}
+    assert entries.get("min.insync.replicas") == "2", entries
