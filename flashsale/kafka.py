@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -36,7 +37,6 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.partitioner import DefaultPartitioner
 
 from flashsale.settings import Settings
 
@@ -102,9 +102,6 @@ def assignor(settings: Settings) -> tuple[type[AbstractPartitionAssignor], ...]:
     return (ASSIGNORS[settings.kafka_assignor],)
 
 
-_PARTITIONER = DefaultPartitioner()  # the Java client's murmur2, as aiokafka's send() uses
-
-
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError("the broker did not acknowledge in time"))
@@ -127,6 +124,7 @@ class OrderProducer:
         self._queued: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._shipper: asyncio.Task[None] | None = None
+        self._turn = random.randrange(1 << 16)  # workers start on different partitions
 
     async def start(self) -> None:
         await ensure_topics(self._settings)
@@ -174,10 +172,10 @@ class OrderProducer:
         """Queue an order event, await the broker's ack; PublishFailed after the bound.
 
         One shipper task sends whatever was queued while the previous record batch was
-        being handed over, as one batch per partition (``create_batch``/``send_batch``):
-        one future and one metadata check per batch instead of per event. On a timeout the
-        batch is not cancelled (it may still land; the consumer's claim in Redis then
-        decides whether it is written).
+        being handed over, as one batch (``create_batch``/``send_batch``) to the next
+        partition in turn: one future and one metadata check per batch instead of per
+        event. On a timeout the batch is not cancelled (it may still land; the consumer's
+        claim in Redis then decides whether it is written).
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
@@ -212,20 +210,23 @@ class OrderProducer:
         except (KafkaError, OSError) as exc:
             _fail_all([w for *_, w in queued], exc)
             return
+        # Each shipment goes whole to the next partition in turn (Kafka's sticky
+        # partitioner does the same for unkeyed records): one batch per shipment, and one
+        # hot sale's events spread evenly over every partition.
         ordered = sorted(partitions)
-        by_partition: dict[int, list[tuple[bytes, bytes, asyncio.Future[None]]]] = {}
-        for item in queued:
-            by_partition.setdefault(_PARTITIONER(item[0], ordered, ordered), []).append(item)
-        for partition, items in by_partition.items():
-            batch = producer.create_batch()
-            waiters: list[asyncio.Future[None]] = []
-            for key, value, waiter in items:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
-                    await self._ship(batch, partition, waiters)
-                    batch, waiters = producer.create_batch(), []
-                    batch.append(key=key, value=value, timestamp=None)
-                waiters.append(waiter)
-            await self._ship(batch, partition, waiters)
+        batch = producer.create_batch()
+        waiters: list[asyncio.Future[None]] = []
+        for key, value, waiter in queued:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
+                await self._ship(batch, self._next_partition(ordered), waiters)
+                batch, waiters = producer.create_batch(), []
+                batch.append(key=key, value=value, timestamp=None)
+            waiters.append(waiter)
+        await self._ship(batch, self._next_partition(ordered), waiters)
+
+    def _next_partition(self, ordered: list[int]) -> int:
+        self._turn += 1
+        return ordered[self._turn % len(ordered)]
 
     async def _ship(self, batch: Any, partition: int, waiters: list[asyncio.Future[None]]) -> None:
         try:
