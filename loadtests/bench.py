@@ -577,6 +577,53 @@ async def _group_settled(settings: Settings, members: int, timeout_s: float) -> 
     raise TimeoutError(f"the consumer group did not settle with {members} member(s)")
 
 
+SQL_BACKENDS = """
+SELECT count(*) FILTER (WHERE wait_event_type = 'Lock') AS waiting, count(*) AS busy
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend'
+  AND state <> 'idle' AND pid <> pg_backend_pid()
+"""
+
+
+async def _wal_lsn(dsn: str) -> int:
+    """PostgreSQL's WAL position in bytes (the difference of two is the WAL written)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+    finally:
+        await conn.close()
+
+
+async def _watch_drain(
+    dsn: str, sale_id: int, target: int, timeout_s: float, alive: Callable[[], bool]
+) -> tuple[float | None, float | None, int, float]:
+    """``_count_orders`` plus how often the busy database sessions were waiting for a
+    lock (the sale row is the one they could queue on): the share of serialised time."""
+    stop = asyncio.Event()
+    waiting = busy = 0
+
+    async def sample() -> None:
+        nonlocal waiting, busy
+        conn = await asyncpg.connect(dsn)
+        try:
+            while not stop.is_set():
+                row = await conn.fetchrow(SQL_BACKENDS)
+                if row is not None:
+                    waiting += row["waiting"]
+                    busy += row["busy"]
+                await asyncio.sleep(0.01)
+        finally:
+            await conn.close()
+
+    sampler = asyncio.create_task(sample())
+    try:
+        first, done, count = await _count_orders(dsn, sale_id, target, timeout_s, alive)
+    finally:
+        stop.set()
+        await sampler
+    return first, done, count, (waiting / busy if busy else 0.0)
+
+
 def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) -> Row:
     """One hot sale's backlog drained by ``consumers`` processes in one group.
 
@@ -606,12 +653,13 @@ def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) ->
         for child in children:
             child.send_signal(signal.SIGSTOP)
         asyncio.run(_prefill(replace(env, settings=settings), sale_id, n))
+        wal_before = asyncio.run(_wal_lsn(env.settings.database))
         cpu_before = sum(_cpu_s(c.pid) for c in children)
         pg_before = _cpu_s(pg_pid) if pg_pid else 0.0
         for child in children:
             child.send_signal(signal.SIGCONT)
-        first, done, count = asyncio.run(
-            _count_orders(
+        first, done, count, waits = asyncio.run(
+            _watch_drain(
                 env.settings.database,
                 sale_id,
                 n,
@@ -621,6 +669,7 @@ def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) ->
         )
         consumer_cpu = sum(_cpu_s(c.pid) for c in children) - cpu_before
         pg_cpu = (_cpu_s(pg_pid) - pg_before) if pg_pid else 0.0
+        wal_bytes = asyncio.run(_wal_lsn(env.settings.database)) - wal_before
     finally:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
@@ -638,7 +687,8 @@ def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) ->
         None,
         0,
         f"{n} events over every partition; CPU per 1k orders: consumers "
-        f"{consumer_cpu * per_k:.3f}s, PostgreSQL {pg_cpu * per_k:.3f}s",
+        f"{consumer_cpu * per_k:.3f}s, PostgreSQL {pg_cpu * per_k:.3f}s; "
+        f"{waits:.0%} of busy backends waiting for a lock; WAL {wal_bytes / n:.0f} B per order",
         {
             "events": n,
             "consumers": consumers,
@@ -646,6 +696,8 @@ def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) ->
             "all_orders_s": done,
             "consumer_cpu_s": consumer_cpu,
             "postgres_cpu_s": pg_cpu,
+            "lock_wait_share": waits,
+            "wal_bytes_per_order": wal_bytes / n,
         },
     )
 
