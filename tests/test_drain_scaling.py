@@ -8,6 +8,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -36,6 +37,7 @@ from tests.flashkit import (
     count_orders,
     create_sale,
     eventually,
+    forget_sale,
     make_sku,
     make_users,
 )
@@ -72,16 +74,30 @@ def isolated(settings: Settings) -> Settings:
     )
 
 
+HotSale = Callable[[int], Awaitable[tuple[int, int, int]]]
+
+
+@pytest.fixture
 async def hot_sale(
-    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, quantity: int
-) -> tuple[int, int, int]:
-    """A live sale; returns (sale id, sku id, product id)."""
-    sku = await make_sku(db)
-    sale_id = await create_sale(
-        client, await admin_headers(db, tokens), sku, quantity=quantity, limit=5
-    )
-    product = await db.fetchval("SELECT product_id FROM skus WHERE id = $1", sku)
-    return sale_id, sku, int(product)
+    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, tokens: TokenService
+) -> AsyncIterator[HotSale]:
+    """Makes live sales, returning (sale id, sku id, product id); removes them afterwards
+    from both stores, so that the orders these tests write beyond an allotment on purpose
+    never meet another test's reconcile."""
+    made: list[int] = []
+
+    async def make(quantity: int) -> tuple[int, int, int]:
+        sku = await make_sku(db)
+        sale_id = await create_sale(
+            client, await admin_headers(db, tokens), sku, quantity=quantity, limit=5
+        )
+        made.append(sale_id)
+        product = await db.fetchval("SELECT product_id FROM skus WHERE id = $1", sku)
+        return sale_id, sku, int(product)
+
+    yield make
+    for sale_id in made:
+        await forget_sale(db, redis, sale_id)
 
 
 def events_for(
@@ -131,13 +147,10 @@ def test_one_sales_events_are_keyed_by_order() -> None:
 
 
 async def test_one_sale_spreads_over_every_partition_and_recovery_reads_them_all(
-    base_settings: Settings,
-    client: TestClient[Any, Any],
-    db: asyncpg.Pool,
-    tokens: TokenService,
+    base_settings: Settings, db: asyncpg.Pool, hot_sale: HotSale
 ) -> None:
     settings = isolated(base_settings)
-    sale_id, sku, product = await hot_sale(client, db, tokens, 1000)
+    sale_id, sku, product = await hot_sale(1000)
     users = await make_users(db, 10)
     events = events_for(sale_id, sku, product, users, 200, base=int(time.time()) * 10_000)
     async with OrderProducer(settings) as producer:
@@ -167,10 +180,10 @@ async def test_one_sale_spreads_over_every_partition_and_recovery_reads_them_all
 
 
 async def test_concurrent_batches_of_one_sale_count_each_order_once(
-    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+    db: asyncpg.Pool, hot_sale: HotSale
 ) -> None:
     quantity = 90
-    sale_id, sku, product = await hot_sale(client, db, tokens, quantity)
+    sale_id, sku, product = await hot_sale(quantity)
     users = await make_users(db, 20)
     events = events_for(sale_id, sku, product, users, 100, base=int(time.time()) * 10_000)
     units = sum(e.quantity for e in events)  # 150 units offered for 90
@@ -203,9 +216,9 @@ async def test_concurrent_batches_of_one_sale_count_each_order_once(
 
 
 async def test_a_consumer_waits_for_the_sale_row_only_after_its_writes(
-    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+    db: asyncpg.Pool, hot_sale: HotSale
 ) -> None:
-    sale_id, sku, product = await hot_sale(client, db, tokens, 100)
+    sale_id, sku, product = await hot_sale(100)
     users = await make_users(db, 5)
     events = events_for(sale_id, sku, product, users, 20, base=int(time.time()) * 10_000 + 5000)
     async with db.acquire() as holder, db.acquire() as conn:
@@ -236,15 +249,11 @@ async def test_a_consumer_waits_for_the_sale_row_only_after_its_writes(
 
 
 async def test_two_consumers_in_one_group_drain_one_sale_together(
-    base_settings: Settings,
-    client: TestClient[Any, Any],
-    db: asyncpg.Pool,
-    redis: Redis,
-    tokens: TokenService,
+    base_settings: Settings, db: asyncpg.Pool, redis: Redis, hot_sale: HotSale
 ) -> None:
     settings = isolated(base_settings)
     quantity = 240
-    sale_id, sku, product = await hot_sale(client, db, tokens, quantity)
+    sale_id, sku, product = await hot_sale(quantity)
     users = await make_users(db, 20)
     events = events_for(sale_id, sku, product, users, 200, base=int(time.time()) * 10_000 + 7000)
     units = sum(e.quantity for e in events)  # 300 units offered for 240

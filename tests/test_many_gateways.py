@@ -22,7 +22,7 @@ from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from gateway.embedded import Server, free_port, start_redis
 from tests.faultkit import Proc
-from tests.flashkit import admin_headers, make_sku, make_users
+from tests.flashkit import admin_headers, forget_sale, make_sku, make_users
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +143,7 @@ async def test_sold_out_on_one_host_is_refused_by_every_worker_of_another(
             calls = await _evalsha_calls(redis) - before
         finally:
             await redis.aclose()
+    await forget_sale(db, None, sale_id)  # its Redis goes with the fixture
     assert set(answers) == {(409, "SOLD_OUT")}
     # at most the machine-id lease renewals of the four workers fall in this window
     assert calls <= 2 * WORKERS < len(answers)
