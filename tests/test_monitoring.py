@@ -37,8 +37,11 @@ def test_prometheus_scrapes_the_gateway_and_the_consumers() -> None:
     compose = _yaml("docker-compose.yml")
     env = compose["x-flashsale-env"]
     config = _yaml("deploy/prometheus/prometheus.yml")
-    targets = {
-        job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
+    targets = {  # every replica of each service, found through Docker's DNS
+        job["job_name"]: [
+            f"{name}:{sd['port']}" for sd in job["dns_sd_configs"] for name in sd["names"]
+        ]
+        for job in config["scrape_configs"]
     }
     assert targets["flashsale-gateway"] == [f"gateway:{env['FLASHSALE_HTTP_PORT']}"]
     assert targets["flashsale-consumers"] == [f"consumers:{env['FLASHSALE_METRICS_PORT']}"]
