@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test chaos test-fast format lint typecheck check bench bench-quick bench-tools clean
+.PHONY: install run test chaos test-fast format lint typecheck check bench bench-quick bench-tools browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ install: $(STAMP)
 run: $(STAMP)  ## the whole stack: embedded servers, gateway workers, consumers
 	$(BIN)/flashsale up
 
-test: $(STAMP)  ## the full suite against real servers it starts itself (long fault runs: make chaos)
+test: $(STAMP) browser  ## the full suite against real servers it starts itself (long fault runs: make chaos)
 	$(BIN)/pytest -m "not chaos"
 
 chaos: $(STAMP)  ## the long fault-injection runs: stores and processes killed mid-sale
@@ -42,6 +42,11 @@ check: lint typecheck test
 bench-tools:  ## wrk and redis-benchmark, from Debian's packages (needs root)
 	@command -v wrk >/dev/null && command -v redis-benchmark >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq wrk redis-tools)
+
+browser:  ## Debian's chromium + chromedriver for the browser tests (installs them when root)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "browser tests will skip: chromium/chromium-driver not installed (needs root)"
 
 bench: $(STAMP) bench-tools
 	$(BIN)/flashsale bench

@@ -12,6 +12,14 @@ units from what the sale has left in the record; one that finds none (Redis prom
 unit twice, e.g. after losing writes before the fence existed) is written with status
 ``oversold``: visible to its shopper, never payable, counted in a metric and by
 reconcile.
+
+Many consumers drain one hot sale side by side: its events are keyed by order id, so
+they spread over every partition, and each transaction takes the sale row's lock only
+at its end, after its orders, items and ledger rows are written (concurrently with the
+other consumers). Under the lock it reads what the record has left, marks the few new
+orders that find nothing as ``oversold``, and adds the batch's units to the counter in
+one UPDATE per sale; the lock is held until the commit, and that short step is the only
+one the consumers take in turn.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from flashsale import rediskeys
 from flashsale.db import Conn
 from flashsale.flash import shipping
 from flashsale.flash.events import BadEvent, OrderEvent, decode
-from flashsale.kafka import OrderProducer, PublishFailed
+from flashsale.kafka import OrderProducer, PublishFailed, assignor
 from flashsale.metrics import Metrics
 from flashsale.scripts import Claim, register
 from flashsale.settings import Settings
@@ -43,9 +51,11 @@ RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 SQL_SALES = "SELECT id, sku_id, product_id FROM flash_sales WHERE id = ANY($1::bigint[])"
 SQL_USERS = "SELECT id FROM users WHERE id = ANY($1::bigint[])"
+# NO KEY UPDATE: does not wait for the KEY SHARE locks the other consumers' order rows
+# take on the sale through their foreign key, so their inserts never queue behind it.
 SQL_LOCK_SALES = """
 SELECT id, quantity - sold_quantity - returned_quantity AS unsold
-FROM flash_sales WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+FROM flash_sales WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE
 """
 SQL_EXISTING = "SELECT id FROM orders WHERE id = ANY($1::text[])"
 SQL_INSERT_ORDERS = """
@@ -77,6 +87,10 @@ ON CONFLICT DO NOTHING
 SQL_SALE_SOLD = """
 UPDATE flash_sales SET sold_quantity = sold_quantity + $2, updated_at = now() WHERE id = $1
 """
+SQL_MARK_OVERSOLD = "UPDATE orders SET status = $2 WHERE id = ANY($1::text[])"
+SQL_UNLEDGER = """
+DELETE FROM inventory_ledger WHERE order_id = ANY($1::text[]) AND reason = 'flash_sold'
+"""
 
 
 @dataclass
@@ -102,68 +116,87 @@ async def persist(conn: Conn, events: list[OrderEvent]) -> Persisted:
     if not events:
         return out
     async with conn.transaction():
-        # Every flash order is written under its sale's row lock (taken in id order), so
-        # the check below and the insert are one step for each sale.
-        unsold = {
-            r["id"]: r["unsold"]
-            for r in await conn.fetch(SQL_LOCK_SALES, sorted({e.sale_id for e in events}))
-        }
         existing = {r["id"] for r in await conn.fetch(SQL_EXISTING, [e.order_id for e in events])}
-        statuses: dict[str, str] = {}
+        unique: dict[str, OrderEvent] = {}
         for e in events:
-            if e.order_id in existing or e.order_id in statuses:
-                continue
-            if unsold.get(e.sale_id, 0) >= e.quantity:
-                unsold[e.sale_id] -= e.quantity
-                statuses[e.order_id] = PENDING
-            else:
-                statuses[e.order_id] = OVERSOLD
-        fresh = [e for e in events if e.order_id in statuses]
+            if e.order_id not in existing:
+                unique.setdefault(e.order_id, e)
+        # in order-id order: two consumers replaying overlapping batches (a rebalance)
+        # wait for each other's rows in the same order, never in a cycle
+        fresh = [unique[oid] for oid in sorted(unique)]
         if not fresh:
             return out
         ship = await shipping.prepare(conn, fresh)  # item snapshots and shipping addresses
-        new_ids = {
-            r["id"]
-            for r in await conn.fetch(
-                SQL_INSERT_ORDERS,
-                [e.order_id for e in fresh],
-                [e.user_id for e in fresh],
-                [e.price_cents * e.quantity for e in fresh],
-                [e.payment_deadline_ms for e in fresh],
-                [e.reserved_at_ms for e in fresh],
-                [e.sale_id for e in fresh],
-                [statuses[e.order_id] for e in fresh],
-                ship.addresses_of(fresh),
-            )
-        }
+        new_ids = {r["id"] for r in await _insert(conn, fresh, ship)}
         fresh = [e for e in fresh if e.order_id in new_ids]
-        sold = [e for e in fresh if statuses[e.order_id] == PENDING]
-        if fresh:
-            await conn.execute(
-                SQL_INSERT_ITEMS,
-                [e.order_id for e in fresh],
-                [e.product_id for e in fresh],
-                [e.sku_id for e in fresh],
-                [e.quantity for e in fresh],
-                [e.price_cents for e in fresh],
-                ship.snapshots_of(fresh),
-            )
-        if sold:
-            await conn.execute(
-                SQL_INSERT_LEDGER,
-                [e.sku_id for e in sold],
-                [e.order_id for e in sold],
-                [e.quantity for e in sold],
-                [e.sale_id for e in sold],
-            )
-            per_sale: dict[int, int] = defaultdict(int)
-            for e in sold:
-                per_sale[e.sale_id] += e.quantity
-            for sale_id in sorted(per_sale):
-                await conn.execute(SQL_SALE_SOLD, sale_id, per_sale[sale_id])
+        if not fresh:
+            return out
+        oversold = await _count_units(conn, fresh)
     out.new = [e.order_id for e in fresh]
-    out.oversold = [e for e in fresh if statuses[e.order_id] == OVERSOLD]
+    out.oversold = oversold
     return out
+
+
+async def _insert(
+    conn: Conn, fresh: list[OrderEvent], ship: shipping.Shipping
+) -> list[asyncpg.Record]:
+    """Orders (as payable), items and ledger rows; returns the order ids that were new."""
+    new = await conn.fetch(
+        SQL_INSERT_ORDERS,
+        [e.order_id for e in fresh],
+        [e.user_id for e in fresh],
+        [e.price_cents * e.quantity for e in fresh],
+        [e.payment_deadline_ms for e in fresh],
+        [e.reserved_at_ms for e in fresh],
+        [e.sale_id for e in fresh],
+        [PENDING] * len(fresh),
+        ship.addresses_of(fresh),
+    )
+    new_ids = {r["id"] for r in new}
+    fresh = [e for e in fresh if e.order_id in new_ids]
+    if fresh:
+        await conn.execute(
+            SQL_INSERT_ITEMS,
+            [e.order_id for e in fresh],
+            [e.product_id for e in fresh],
+            [e.sku_id for e in fresh],
+            [e.quantity for e in fresh],
+            [e.price_cents for e in fresh],
+            ship.snapshots_of(fresh),
+        )
+        await conn.execute(
+            SQL_INSERT_LEDGER,
+            [e.sku_id for e in fresh],
+            [e.order_id for e in fresh],
+            [e.quantity for e in fresh],
+            [e.sale_id for e in fresh],
+        )
+    return new
+
+
+async def _count_units(conn: Conn, fresh: list[OrderEvent]) -> list[OrderEvent]:
+    """The serialised step, last in the transaction: under the sale rows' locks (in id
+    order) each new order takes units from what the record has left, or is turned into
+    ``oversold`` (no ledger row); one counter UPDATE per sale. Returns the oversold."""
+    unsold = {
+        r["id"]: r["unsold"]
+        for r in await conn.fetch(SQL_LOCK_SALES, sorted({e.sale_id for e in fresh}))
+    }
+    per_sale: dict[int, int] = defaultdict(int)
+    oversold: list[OrderEvent] = []
+    for e in fresh:
+        if unsold.get(e.sale_id, 0) >= e.quantity:
+            unsold[e.sale_id] -= e.quantity
+            per_sale[e.sale_id] += e.quantity
+        else:
+            oversold.append(e)
+    if oversold:
+        ids = [e.order_id for e in oversold]
+        await conn.execute(SQL_MARK_OVERSOLD, ids, OVERSOLD)
+        await conn.execute(SQL_UNLEDGER, ids)
+    for sale_id in sorted(per_sale):
+        await conn.execute(SQL_SALE_SOLD, sale_id, per_sale[sale_id])
+    return oversold
 
 
 class OrderBatchProcessor:
@@ -352,6 +385,7 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         max_poll_interval_ms=max(60_000, settings.kafka_session_timeout_ms * 2),
         rebalance_timeout_ms=settings.kafka_session_timeout_ms * 2,
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        partition_assignment_strategy=assignor(settings),
         client_id="flashsale-consumer",
     )
 

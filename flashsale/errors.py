@@ -415,3 +415,58 @@ class OutcomeUnknownError(ServiceUnavailable):
         "we could not confirm this join: retry with the same Idempotency-Key, "
         "or look at your orders before joining again"
     )
+
+
+# --- the waiting room of queued sales (flashsale/waitingroom/) ---
+
+
+class NotAdmitted(Forbidden):
+    """A join on a queued sale without a valid admission of this shopper to this sale."""
+
+    code = "NOT_ADMITTED"
+    default_message = "this sale has a waiting room: enter the queue and join when admitted"
+
+
+class AdmissionExpired(Conflict):
+    code = "ADMISSION_EXPIRED"
+    default_message = "your admission window has passed"
+
+
+class SaleNotQueued(Conflict):
+    code = "SALE_NOT_QUEUED"
+    default_message = "this sale has no waiting room: join it directly"
+
+
+class QueueNotOpen(Conflict):
+    code = "QUEUE_NOT_OPEN"
+    default_message = "the waiting room is not open yet"
+
+
+class TicketInvalid(Forbidden):
+    code = "TICKET_INVALID"
+    default_message = "queue ticket missing, malformed or not for this sale"
+
+
+class EntryLimited(AppError):
+    """A bot-defence limit of the sale refused the entry; ``data.reason`` names it."""
+
+    code = "ENTRY_LIMITED"
+    http_status = 429
+    default_message = "too many entries"
+
+
+class AccountTooNew(Forbidden):
+    code = "ACCOUNT_TOO_NEW"
+    default_message = "this account is too new to enter this sale"
+
+
+class DeviceIdRequired(BadRequest):
+    code = "DEVICE_ID_REQUIRED"
+    default_message = "this sale needs the X-Device-Id header to enter"
+
+
+class ProofRequired(Forbidden):
+    """The sale asks for a proof of work; ``data`` carries a fresh challenge."""
+
+    code = "PROOF_REQUIRED"
+    default_message = "solve the challenge and enter again with its solution"

@@ -2,9 +2,22 @@
 
 The producer awaits the broker's ack (``acks=all``) for every accepted order, but
 many requests share one batch: each request ``send``s and awaits its own future
-while aiokafka's sender packs concurrent sends together (``linger_ms``). Works the
-same against Apache Kafka and tansu; idempotence is a setting because tansu does
-not implement ``InitProducerId``.
+while aiokafka's sender packs concurrent sends together (``linger_ms``).
+
+One code path for the embedded broker (tansu) and Apache Kafka; three settings say what
+the deployment's brokers can do, and nothing else differs:
+
+- ``FLASHSALE_KAFKA_ENABLE_IDEMPOTENCE``: tansu answers ``InitProducerId`` with an
+  error, so it is off by default and on in compose (a retried batch is then never
+  written twice; the consumer is idempotent by order id either way).
+- ``FLASHSALE_KAFKA_REPLICATION_FACTOR`` and ``FLASHSALE_KAFKA_MIN_INSYNC_REPLICAS``:
+  the topics are created with them (3 and 2 in compose; with ``acks=all`` an accepted
+  order is then on two brokers before its 202). tansu accepts and ignores them: its
+  storage engine, not broker replicas, holds the data.
+- ``FLASHSALE_KAFKA_ASSIGNOR``: aiokafka implements only the eager rebalance protocol
+  (no cooperative-sticky, aio-libs/aiokafka#1126); ``sticky`` keeps each consumer's
+  partitions across a rebalance, which is what cooperative-sticky adds to, and offsets
+  committed only after the database commit make the stop-the-world revocation safe.
 """
 
 from __future__ import annotations
@@ -12,14 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.partitioner import DefaultPartitioner
 
 from flashsale import tasks
 from flashsale.settings import Settings
@@ -37,9 +54,16 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())
+        replicas = settings.kafka_replication_factor
+        configs = {"min.insync.replicas": str(settings.kafka_min_insync_replicas)}
         wanted = [
-            NewTopic(settings.kafka_orders_topic, settings.kafka_partitions, 1),
-            NewTopic(settings.kafka_dlq_topic, 1, 1),
+            NewTopic(
+                settings.kafka_orders_topic,
+                settings.kafka_partitions,
+                replicas,
+                topic_configs=configs,
+            ),
+            NewTopic(settings.kafka_dlq_topic, 1, replicas, topic_configs=configs),
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
@@ -50,7 +74,33 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
         await admin.close()
 
 
-_PARTITIONER = DefaultPartitioner()  # the Java client's murmur2, as aiokafka's send() uses
+async def group_state(settings: Settings, *, timeout_s: float = 10.0) -> tuple[str, int]:
+    """The consumer group's state (``Stable``, ``PreparingRebalance``, …) and member count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka, request_timeout_ms=5000)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        responses = await asyncio.wait_for(
+            admin.describe_consumer_groups([settings.kafka_consumer_group]), timeout_s
+        )
+    finally:
+        await admin.close()
+    for response in responses:
+        for group in response.to_object()["groups"]:
+            if group["group"] == settings.kafka_consumer_group:
+                return str(group["state"]), len(group["members"])
+    return "Dead", 0
+
+
+ASSIGNORS: dict[str, type[AbstractPartitionAssignor]] = {
+    "sticky": StickyPartitionAssignor,
+    "roundrobin": RoundRobinPartitionAssignor,
+    "range": RangePartitionAssignor,
+}
+
+
+def assignor(settings: Settings) -> tuple[type[AbstractPartitionAssignor], ...]:
+    """The consumers' partition assignment strategy (``FLASHSALE_KAFKA_ASSIGNOR``)."""
+    return (ASSIGNORS[settings.kafka_assignor],)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -65,7 +115,7 @@ def _fail_all(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
 
 
 class OrderProducer:
-    """Produces order events keyed by sale so that one sale's events stay ordered."""
+    """Produces order events, keyed by order id (spread over every partition)."""
 
     def __init__(self, settings: Settings, *, topic: str | None = None) -> None:
         self._settings = settings
@@ -75,6 +125,7 @@ class OrderProducer:
         self._queued: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._shipper: asyncio.Task[None] | None = None
+        self._turn = random.randrange(1 << 16)  # workers start on different partitions
 
     async def start(self) -> None:
         await ensure_topics(self._settings)
@@ -121,10 +172,10 @@ class OrderProducer:
         """Queue an order event, await the broker's ack; PublishFailed after the bound.
 
         One shipper task sends whatever was queued while the previous record batch was
-        being handed over, as one batch per partition (``create_batch``/``send_batch``):
-        one future and one metadata check per batch instead of per event. On a timeout the
-        batch is not cancelled (it may still land; the consumer's claim in Redis then
-        decides whether it is written).
+        being handed over, as one batch (``create_batch``/``send_batch``) to the next
+        partition in turn: one future and one metadata check per batch instead of per
+        event. On a timeout the batch is not cancelled (it may still land; the consumer's
+        claim in Redis then decides whether it is written).
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
@@ -159,20 +210,23 @@ class OrderProducer:
         except (KafkaError, OSError) as exc:
             _fail_all([w for *_, w in queued], exc)
             return
+        # Each shipment goes whole to the next partition in turn (Kafka's sticky
+        # partitioner does the same for unkeyed records): one batch per shipment, and one
+        # hot sale's events spread evenly over every partition.
         ordered = sorted(partitions)
-        by_partition: dict[int, list[tuple[bytes, bytes, asyncio.Future[None]]]] = {}
-        for item in queued:
-            by_partition.setdefault(_PARTITIONER(item[0], ordered, ordered), []).append(item)
-        for partition, items in by_partition.items():
-            batch = producer.create_batch()
-            waiters: list[asyncio.Future[None]] = []
-            for key, value, waiter in items:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
-                    await self._ship(batch, partition, waiters)
-                    batch, waiters = producer.create_batch(), []
-                    batch.append(key=key, value=value, timestamp=None)
-                waiters.append(waiter)
-            await self._ship(batch, partition, waiters)
+        batch = producer.create_batch()
+        waiters: list[asyncio.Future[None]] = []
+        for key, value, waiter in queued:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
+                await self._ship(batch, self._next_partition(ordered), waiters)
+                batch, waiters = producer.create_batch(), []
+                batch.append(key=key, value=value, timestamp=None)
+            waiters.append(waiter)
+        await self._ship(batch, self._next_partition(ordered), waiters)
+
+    def _next_partition(self, ordered: list[int]) -> int:
+        self._turn += 1
+        return ordered[self._turn % len(ordered)]
 
     async def _ship(self, batch: Any, partition: int, waiters: list[asyncio.Future[None]]) -> None:
         try:

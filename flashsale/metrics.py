@@ -107,6 +107,58 @@ class Metrics:
             registry=reg,
         )
 
+        self.queue_length = Gauge(
+            "flashsale_queue_length",
+            "Shoppers waiting in a queued sale's waiting room (entered, not yet admitted)",
+            ["sale_id"],
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.queue_entered = Counter(
+            "flashsale_queue_entered_total", "Shoppers who entered a waiting room", registry=reg
+        )
+        self.queue_admitted = Counter(
+            "flashsale_queue_admitted_total", "Shoppers admitted to join", registry=reg
+        )
+        self.queue_joined = Counter(
+            "flashsale_queue_joined_total",
+            "Admitted shoppers whose join was accepted",
+            registry=reg,
+        )
+        self.queue_abandoned = Counter(
+            "flashsale_queue_abandoned_total",
+            "Admissions whose join window passed without a join",
+            registry=reg,
+        )
+        self.queue_rejected = Counter(
+            "flashsale_queue_rejected_total",
+            "Entries refused, by reason",
+            ["reason"],
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "flashsale_queue_wait_seconds",
+            "Time from entering the waiting room to admission",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+            registry=reg,
+        )
+        # Set once a second per worker from its in-memory sale cache (gateway/routes/
+        # dashboard.py), never on the join path; Prometheus and Grafana chart them.
+        self.sale_remaining = Gauge(
+            "flashsale_sale_remaining_units",
+            "Units left in a flash sale (the gateway's copy of the Redis counter)",
+            ["sale_id"],
+            multiprocess_mode="livemostrecent",
+            registry=reg,
+        )
+        self.sale_allotment = Gauge(
+            "flashsale_sale_allotment_units",
+            "Units ever moved into a flash sale",
+            ["sale_id"],
+            multiprocess_mode="livemostrecent",
+            registry=reg,
+        )
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every process (multiprocess) or of this one."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

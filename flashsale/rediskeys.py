@@ -77,6 +77,21 @@ def rate_ip(sale_id: int, ip: str) -> str:
     return f"{_tag(sale_id)}:rl:ip:{ip}"
 
 
+def dash_snapshot(sale_id: int) -> str:
+    """String: the dashboard's latest one-second snapshot of the sale (JSON)."""
+    return _tag(sale_id) + ":dash"
+
+
+def dash_history(sale_id: int) -> str:
+    """List: the dashboard's last minutes of snapshots (JSON), oldest first."""
+    return _tag(sale_id) + ":dash:hist"
+
+
+def dash_tick(sale_id: int, second: int) -> str:
+    """String set NX by the one process that computes this second's snapshot."""
+    return f"{_tag(sale_id)}:dash:tick:{second}"
+
+
 def all_sale_keys(sale_id: int) -> list[str]:
     return [
         sale(sale_id),
@@ -90,6 +105,71 @@ def all_sale_keys(sale_id: int) -> list[str]:
         voided(sale_id),
         returned(sale_id),
         idempotency(sale_id),
+    ]
+
+
+def queue(sale_id: int) -> str:
+    """Hash of a queued sale's waiting room: drawn, lottery (its size once drawn), arrived
+    (entrants after the draw), entered, admitted (the last position admitted), joined,
+    abandoned."""
+    return _tag(sale_id) + ":q"
+
+
+def queue_lottery(sale_id: int) -> str:
+    """Sorted set: user id scored by its random draw (entrants before the start)."""
+    return _tag(sale_id) + ":q:lot"
+
+
+def queue_arrivals(sale_id: int) -> str:
+    """List: user ids that entered after the draw, in arrival order."""
+    return _tag(sale_id) + ":q:arr"
+
+
+def queue_entrants(sale_id: int) -> str:
+    """Hash: user id → "<L|F>|<position, 0 for the lottery>|<entered at ms>"."""
+    return _tag(sale_id) + ":q:who"
+
+
+def queue_outstanding(sale_id: int) -> str:
+    """Sorted set: admitted user ids that have not joined yet, scored by window end (ms)."""
+    return _tag(sale_id) + ":q:out"
+
+
+def queue_admissions(sale_id: int) -> str:
+    """List of "<last position admitted>|<at ms>", one per admission step."""
+    return _tag(sale_id) + ":q:adm"
+
+
+def queue_lease(sale_id: int) -> str:
+    """The admitter lease of a queued sale (lua/machine_lease.lua)."""
+    return _tag(sale_id) + ":q:lease"
+
+
+def queue_enter_keys(sale_id: int) -> list[str]:
+    """lua/queue_enter.lua"""
+    return [
+        sale(sale_id),
+        queue(sale_id),
+        queue_lottery(sale_id),
+        queue_arrivals(sale_id),
+        queue_entrants(sale_id),
+        _tag(sale_id) + ":q:att",
+        _tag(sale_id) + ":q:ip",
+        _tag(sale_id) + ":q:dev",
+    ]
+
+
+def queue_admit_keys(sale_id: int) -> list[str]:
+    """lua/queue_admit.lua"""
+    return [
+        sale(sale_id),
+        queue(sale_id),
+        queue_lottery(sale_id),
+        queue_arrivals(sale_id),
+        queue_entrants(sale_id),
+        queue_outstanding(sale_id),
+        queue_admissions(sale_id),
+        users(sale_id),
     ]
 
 

@@ -126,6 +126,33 @@ class SaleClose(IntEnum):
     UNKNOWN_SALE = -1
 
 
+class QueueEnter(IntEnum):
+    """lua/queue_enter.lua's status codes."""
+
+    ENTERED = 0
+    ALREADY_IN = 1
+    ACCOUNT_LIMIT = 2
+    IP_LIMIT = 3
+    DEVICE_LIMIT = 4
+    NOT_OPEN = 5
+    ENDED = 6
+    SOLD_OUT = 7
+    UNKNOWN_SALE = 8
+    NOT_QUEUED = 9
+
+
+class QueueAdmit(IntEnum):
+    """lua/queue_admit.lua's status codes."""
+
+    ADMITTED = 0
+    IDLE = 1
+    SOLD_OUT = 2
+    NOT_STARTED = 3
+    ENDED = 4
+    UNKNOWN_SALE = 5
+    RECOVERING = 6
+
+
 class Lease(IntEnum):
     """lua/machine_lease.lua's result."""
 
@@ -137,6 +164,8 @@ class Lease(IntEnum):
 RESULTS: dict[str, type[IntEnum]] = {
     "claim": Claim,
     "machine_lease": Lease,
+    "queue_admit": QueueAdmit,
+    "queue_enter": QueueEnter,
     "release": Release,
     "reserve": Reserve,
     "return_units": ReturnUnits,

@@ -19,6 +19,8 @@ PREFIX = "FLASHSALE_"
 # "none": no provider takes payments (notifications are still verified and applied);
 # "sandbox": the built-in stand-in that pays orders with no money (demo and tests only).
 PAYMENT_PROVIDERS = ("none", "sandbox")
+# aiokafka's partition assignors (it has no cooperative-sticky, see flashsale/kafka.py)
+KAFKA_ASSIGNORS = ("sticky", "roundrobin", "range")
 # HKDF "info" of the notify key derived from the secret key when no PAYMENT_SECRET is set:
 # a provider given that key learns nothing about the token signing key.
 PAYMENT_NOTIFY_KEY_LABEL = b"flashsale/payment-notify-hmac/v1"
@@ -184,6 +186,9 @@ class Settings:
     kafka_session_timeout_ms: int = 6000
     kafka_heartbeat_interval_ms: int = 500
     kafka_consumer_group: str = "flashsale-orders"
+    kafka_replication_factor: int = 1
+    kafka_min_insync_replicas: int = 1
+    kafka_assignor: str = "sticky"
     consumer_batch_max: int = 2000
 
     payment_window_s: int = 900
@@ -200,6 +205,12 @@ class Settings:
     metrics_port: int = 9101
     max_per_user_default: int = 20
     presale_hold_s: int = 1800
+    # Waiting room of queued sales (a sale's own queue settings override these).
+    queue_admit_per_s: float = 50.0  # 0: follow the measured accept rate
+    queue_overbook: float = 1.2
+    queue_join_window_s: int = 60
+    queue_opens_before_s: int = 900
+    queue_tick_ms: int = 250
     metrics_token: str | None = None
 
     revocation_reload_ms: int = 2000
@@ -235,6 +246,18 @@ class Settings:
         pool_max = r.integer("db_pool_max", 1, 1000)
         if pool_max < pool_min:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX={pool_max} is below {PREFIX}DB_POOL_MIN")
+        replication = r.integer("kafka_replication_factor", 1, 16)
+        min_isr = r.integer("kafka_min_insync_replicas", 1, 16)
+        if min_isr > replication:
+            raise SettingsError(
+                f"{PREFIX}KAFKA_MIN_INSYNC_REPLICAS={min_isr} is above "
+                f"{PREFIX}KAFKA_REPLICATION_FACTOR={replication}"
+            )
+        assignor = r.text("kafka_assignor").lower()
+        if assignor not in KAFKA_ASSIGNORS:
+            raise SettingsError(
+                f"{PREFIX}KAFKA_ASSIGNOR={assignor!r} must be one of: " + ", ".join(KAFKA_ASSIGNORS)
+            )
         reload_ms = r.integer("revocation_reload_ms", 50, 60_000)
         max_stale_s = r.integer("revocation_max_stale_s", 1, 3600)
         if max_stale_s * 1000 < 2 * reload_ms:
@@ -267,6 +290,9 @@ class Settings:
             kafka_session_timeout_ms=r.integer("kafka_session_timeout_ms", 1000, 300_000),
             kafka_heartbeat_interval_ms=r.integer("kafka_heartbeat_interval_ms", 100, 60_000),
             kafka_consumer_group=r.text("kafka_consumer_group"),
+            kafka_replication_factor=replication,
+            kafka_min_insync_replicas=min_isr,
+            kafka_assignor=assignor,
             consumer_batch_max=r.integer("consumer_batch_max", 1, 100_000),
             payment_window_s=r.integer("payment_window_s", 1, 7 * 24 * 3600),
             rate_user_per_s=r.number("rate_user_per_s", 0.001, 1e6),
@@ -282,6 +308,11 @@ class Settings:
             metrics_port=r.integer("metrics_port", 0, 65535),
             max_per_user_default=r.integer("max_per_user_default", 1, 1_000_000),
             presale_hold_s=r.integer("presale_hold_s", 1, 30 * 24 * 3600),
+            queue_admit_per_s=r.number("queue_admit_per_s", 0, 1e6),
+            queue_overbook=r.number("queue_overbook", 1.0, 10.0),
+            queue_join_window_s=r.integer("queue_join_window_s", 5, 3600),
+            queue_opens_before_s=r.integer("queue_opens_before_s", 0, 7 * 24 * 3600),
+            queue_tick_ms=r.integer("queue_tick_ms", 20, 5000),
             metrics_token=r.raw("metrics_token"),
             revocation_reload_ms=reload_ms,
             revocation_max_stale_s=max_stale_s,

@@ -129,5 +129,8 @@ def create_app(
     from gateway.routes import extra_contexts as area_contexts
 
     app.cleanup_ctx.extend(area_contexts())
+    from gateway.routes.dashboard import end_streams
+
+    app.on_shutdown.append(end_streams)  # before aiohttp waits for the open requests
     add_routes(app, all_routes(settings))
     return app

@@ -309,6 +309,7 @@ def _banner(
         f"  gateway        {base}   ({settings.workers} workers)",
         f"  ready check    curl {base}/readyz",
         f"  API spec       {base}/api/v1/openapi.json",
+        f"  dashboard      {base}/dashboard   (log in as the demo admin or merchant)",
         f'  metrics        curl -H "Authorization: Bearer {_metrics_token_hint(settings)}"'
         f" {base}/metrics",
         f"  redis          {settings.redis_url}",
@@ -327,6 +328,7 @@ def _banner(
             f"{sale['remaining_quantity']}/{sale['total_quantity']} left, "
             f"{sale['start_time']} → {sale['end_time']}"
         )
+        lines.append(f"  sale page      {base}/sale/{sale['flash_sale_id']}")
     lines += [
         "",
         "  log in:   curl -s -XPOST "

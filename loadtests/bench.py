@@ -25,7 +25,15 @@ What it does, in order, every part bounded in time and count, every request to 1
        then again open-loop at half its peak rate (uvloop client, latency from the
        intended send time) for the p99-at-half-peak figure;
    (4) the sold-out path (join on a sold-out sale);
-3. prints one table and the ratios 3/1, 4/1, 3/5, 6/3 with the hardware and versions,
+   (4q) a queued sale's waiting-room poll (``GET .../queue?ticket=``), next to (4);
+   (8) the accept path again with no dashboard open, then with three dashboards streaming
+       the sale (:mod:`loadtests.watch`, a second process);
+   (6b, 6c) last: one hot sale's backlog (2N events, spread over every partition)
+       drained by 1, then 4 ``flashsale consume`` processes in one group, started
+       together on the whole backlog; with the CPU seconds per 1,000 orders of the
+       consumers and of PostgreSQL, lock waits and WAL per order (inputs of CAPACITY.md);
+3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3, 8b/8a, 6c/6b with the hardware
+   and versions,
    writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.
 
 A scenario that cannot run (for example the flash-sale routes or ``lua/reserve.lua``
@@ -48,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,11 +64,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+from redis import Redis as SyncRedis
 
 from flashsale.auth import TokenService
 from flashsale.db import migrate
 from flashsale.flash.events import OrderEvent
-from flashsale.kafka import OrderProducer, PublishFailed
+from flashsale.kafka import OrderProducer, PublishFailed, group_state
 from flashsale.settings import Settings
 from gateway.embedded import (
     EmbeddedError,
@@ -285,7 +294,12 @@ async def _api(method: str, url: str, token: str, body: Any = None) -> tuple[int
 
 
 def create_sale(
-    env: Env, quantity: int, per_user_limit: int, *, starts_in_s: float = 2.0
+    env: Env,
+    quantity: int,
+    per_user_limit: int,
+    *,
+    starts_in_s: float = 2.0,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[int, float]:
     """Create a sale through the admin API; return (sale id, start time as epoch seconds)."""
     now = datetime.now(UTC)
@@ -298,6 +312,7 @@ def create_sale(
         "start_at": start.isoformat(),
         "end_at": (now + timedelta(hours=3)).isoformat(),
         "payment_window_s": 900,
+        **(extra or {}),
     }
     status, data = asyncio.run(
         _api("POST", env.gateway_url + "/api/v1/admin/flash-sales", env.admin_token, body)
@@ -366,6 +381,18 @@ def http_ceiling(env: Env, plan: Plan) -> Row:
         _stop(env, "ceiling")
 
 
+def _reset_command_stats(redis_url: str) -> None:
+    with SyncRedis.from_url(redis_url) as client:
+        client.config_resetstat()
+
+
+def _evalsha_usec_per_call(redis_url: str) -> float:
+    """The reservation script's own cost: microseconds of Redis's one thread per call."""
+    with SyncRedis.from_url(redis_url) as client:
+        stats: dict[str, Any] = client.info("commandstats")
+    return float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0.0))
+
+
 def redis_rows(env: Env, plan: Plan) -> list[Row]:
     if not redis_ceiling.RESERVE_SCRIPT.exists():
         raise Skip(f"{redis_ceiling.RESERVE_SCRIPT.relative_to(REPO)} is not in this build")
@@ -381,9 +408,11 @@ def redis_rows(env: Env, plan: Plan) -> list[Row]:
     )
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     try:
+        _reset_command_stats(redis_url)
         results = redis_ceiling.run_script(
             redis_url, port, redis_ceiling.RESERVE_SCRIPT, keys, args, requests=plan.redis_requests
         )
+        script_us = _evalsha_usec_per_call(redis_url)
     finally:
         # The script wrote reservations for users that do not exist and whose events were
         # never produced; drop them so the stranded-reservation sweeper does not publish them.
@@ -395,8 +424,9 @@ def redis_rows(env: Env, plan: Plan) -> list[Row]:
             r.p50_ms,
             r.p99_ms,
             r.errors,
-            "redis-benchmark -c 50 EVALSHA reserve.lua",
-            r.to_dict(),
+            "redis-benchmark -c 50 EVALSHA reserve.lua; inside Redis "
+            f"{script_us:.1f} µs of its one thread per call (both runs)",
+            {**r.to_dict(), "script_usec_per_call": script_us},
         )
         for r in results
     ]
@@ -519,6 +549,193 @@ def drain(env: Env, plan: Plan) -> Row:
     )
 
 
+# ------------------------------------------- drain of one hot sale, 1 vs 4 consumers
+
+SCALE_CONSUMERS = (1, 4)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every descendant still alive."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = int(fields[11]) + int(fields[12])
+    family, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in family:
+                family.add(child)
+                frontier.append(child)
+    return sum(used.get(p, 0) for p in family) / ticks
+
+
+async def _group_settled(settings: Settings, members: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await group_state(settings) == ("Stable", members):
+            return
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"the consumer group did not settle with {members} member(s)")
+
+
+SQL_BACKENDS = """
+SELECT count(*) FILTER (WHERE wait_event_type = 'Lock') AS waiting, count(*) AS busy
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend'
+  AND state <> 'idle' AND pid <> pg_backend_pid()
+"""
+
+
+async def _wal_lsn(dsn: str) -> int:
+    """PostgreSQL's WAL position in bytes (the difference of two is the WAL written)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+    finally:
+        await conn.close()
+
+
+async def _watch_drain(
+    dsn: str, sale_id: int, target: int, timeout_s: float, alive: Callable[[], bool]
+) -> tuple[float | None, float | None, int, float]:
+    """``_count_orders`` plus how often the busy database sessions were waiting for a
+    lock (the sale row is the one they could queue on): the share of serialised time."""
+    stop = asyncio.Event()
+    waiting = busy = 0
+
+    async def sample() -> None:
+        nonlocal waiting, busy
+        conn = await asyncpg.connect(dsn)
+        try:
+            while not stop.is_set():
+                row = await conn.fetchrow(SQL_BACKENDS)
+                if row is not None:
+                    waiting += row["waiting"]
+                    busy += row["busy"]
+                await asyncio.sleep(0.01)
+        finally:
+            await conn.close()
+
+    sampler = asyncio.create_task(sample())
+    try:
+        first, done, count = await _count_orders(dsn, sale_id, target, timeout_s, alive)
+    finally:
+        stop.set()
+        await sampler
+    return first, done, count, (waiting / busy if busy else 0.0)
+
+
+def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) -> Row:
+    """One hot sale's backlog drained by ``consumers`` processes in one group.
+
+    The consumers join first and are paused (SIGSTOP, with a session long enough to
+    outlast the pause) while the sale's events are produced, so that all of them start
+    on the whole backlog at once: no rebalance and no producer inside the timed part.
+    """
+    n = plan.drain_events * 2
+    sale_id, _ = create_sale(env, n, 1, starts_in_s=0.5)
+    # a topic and a group of this run's own: no earlier member or backlog in the way
+    tag = f"{consumers}-{secrets.token_hex(3)}"
+    settings = env.settings.with_(
+        kafka_orders_topic=f"bench.hot.{tag}", kafka_consumer_group=f"bench-hot-{tag}"
+    )
+    names = [f"consume-{consumers}-{i}" for i in range(consumers)]
+    extra = {
+        "FLASHSALE_KAFKA_ORDERS_TOPIC": settings.kafka_orders_topic,
+        "FLASHSALE_KAFKA_CONSUMER_GROUP": settings.kafka_consumer_group,
+        "FLASHSALE_METRICS_PORT": "0",
+        "FLASHSALE_KAFKA_SESSION_TIMEOUT_MS": "60000",
+    }
+    children = [
+        _spawn(env, name, [sys.executable, "-m", "gateway", "consume"], extra) for name in names
+    ]
+    try:
+        asyncio.run(_group_settled(settings, consumers, 60))
+        for child in children:
+            child.send_signal(signal.SIGSTOP)
+        asyncio.run(_prefill(replace(env, settings=settings), sale_id, n))
+        wal_before = asyncio.run(_wal_lsn(env.settings.database))
+        cpu_before = sum(_cpu_s(c.pid) for c in children)
+        pg_before = _cpu_s(pg_pid) if pg_pid else 0.0
+        for child in children:
+            child.send_signal(signal.SIGCONT)
+        first, done, count, waits = asyncio.run(
+            _watch_drain(
+                env.settings.database,
+                sale_id,
+                n,
+                plan.drain_timeout_s,
+                lambda: all(c.poll() is None for c in children),
+            )
+        )
+        consumer_cpu = sum(_cpu_s(c.pid) for c in children) - cpu_before
+        pg_cpu = (_cpu_s(pg_pid) - pg_before) if pg_pid else 0.0
+        wal_bytes = asyncio.run(_wal_lsn(env.settings.database)) - wal_before
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGCONT)
+        for name in names:
+            _stop(env, name)
+    if done is None:
+        raise TimeoutError(f"only {count}/{n} orders persisted within {plan.drain_timeout_s}s")
+    rate = n / done
+    per_k = 1000 / n
+    return Row(
+        f"6{'b' if consumers == 1 else 'c'} one hot sale, {consumers} consumer(s) (orders/s)",
+        round(rate, 1),
+        None,
+        None,
+        0,
+        f"{n} events over every partition; CPU per 1k orders: consumers "
+        f"{consumer_cpu * per_k:.3f}s, PostgreSQL {pg_cpu * per_k:.3f}s; "
+        f"{waits:.0%} of busy backends waiting for a lock; WAL {wal_bytes / n:.0f} B per order",
+        {
+            "events": n,
+            "consumers": consumers,
+            "first_order_s": first,
+            "all_orders_s": done,
+            "consumer_cpu_s": consumer_cpu,
+            "postgres_cpu_s": pg_cpu,
+            "lock_wait_share": waits,
+            "wal_bytes_per_order": wal_bytes / n,
+        },
+    )
+
+
+def cpu_per_join(rows: dict[str, Row], spent: dict[str, float]) -> None:
+    """Note on the accept row the CPU each accepted join cost each process (both accept
+    runs, warm-up included, over their 202s): the inputs of CAPACITY.md."""
+    runs = [rows.get("3 accept path (join, 202)"), rows.get("3b accept path at half peak")]
+    accepted = sum(
+        int(v)
+        for r in runs
+        if r
+        for k, v in r.detail.get("statuses", {}).items()
+        if str(k) == "202"
+    )
+    row = runs[0]
+    if row is None or not accepted:
+        return
+    per_join_us = {name: round(cpu * 1e6 / accepted, 1) for name, cpu in spent.items()}
+    row.detail["cpu_us_per_join"] = per_join_us
+    row.note += "; CPU µs per join: " + ", ".join(f"{k} {v}" for k, v in per_join_us.items())
+
+
+def drain_scaling(env: Env, plan: Plan, pg_pid: int | None) -> list[Row]:
+    _stop(env, "consume")  # not in the way of the runs' own groups and cores
+    return [drain_consumers(env, plan, k, pg_pid) for k in SCALE_CONSUMERS]
+
+
 def sellout(env: Env, plan: Plan) -> Row:
     units, attempts = plan.sellout_units, plan.sellout_attempts
     sale_id, start = create_sale(env, units, 1)
@@ -600,6 +817,87 @@ def sold_out(env: Env, plan: Plan) -> Row:
         expected=(409,),
     )
     return Row.from_run("4 sold-out path (join, 409)", run)
+
+
+def queue_poll(env: Env, plan: Plan) -> Row:
+    """A shopper's poll of a queued sale's waiting room (answered in-process, no I/O)."""
+    sale_id, _ = create_sale(
+        env,
+        1000,
+        1,
+        starts_in_s=3600,
+        extra={"mode": "queued", "queue": {"admit_per_s": 1, "opens_before_s": 7200}},
+    )
+    token = env.tokens_file.read_text().split()[0]
+    status, data = asyncio.run(
+        _api("POST", f"{env.gateway_url}/api/v1/flash-sales/{sale_id}/enter", token)
+    )
+    if status == 404:
+        raise Skip("the waiting room is not in this build (enter answered 404)")
+    if status not in (200, 201):
+        raise ValueError(f"entering the queued sale answered {status}: {data}")
+    ticket = data["data"]["ticket"]
+    run = _load(
+        env,
+        plan,
+        env.settings.http_port,
+        f"/api/v1/flash-sales/{sale_id}/queue?ticket={ticket}",
+        expected=(200,),
+        tokens=False,
+    )
+    return Row.from_run("4q queue poll (GET, 200)", run)
+
+
+DASHBOARDS = 3
+
+
+def dashboards(env: Env, plan: Plan) -> list[Row]:
+    """The join path with no dashboard open, then with three streaming the same sale (from
+    a second process): watching costs the workers one GET a second each, and one process
+    one aggregate a second, so the two figures should match within the noise."""
+    sale_id, start = create_sale(env, 100_000_000, 1_000_000)
+    _wait_until(start)
+    port, path = env.settings.http_port, _join_path(sale_id)
+    alone = _load(env, plan, port, path, method="POST", body=JOIN_BODY, expected=(202,))
+    seconds = plan.warmup_s + plan.duration_s + 3
+    watchers = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.watch",
+            "--base",
+            env.gateway_url,
+            "--sale",
+            str(sale_id),
+            "--token",
+            env.admin_token,
+            "--count",
+            str(DASHBOARDS),
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        time.sleep(2)  # the streams are open and a snapshot a second flows
+        watched = _load(env, plan, port, path, method="POST", body=JOIN_BODY, expected=(202,))
+        out, _ = watchers.communicate(timeout=seconds + 30)
+    finally:
+        if watchers.poll() is None:
+            watchers.kill()
+            watchers.communicate()
+    snapshots = orjson.loads(out.strip().splitlines()[-1])["snapshots"]
+    if min(snapshots) < plan.duration_s / 2:
+        raise ValueError(f"the dashboards received too few snapshots: {snapshots}")
+    return [
+        Row.from_run("8a join, no dashboard open", alone),
+        Row.from_run(
+            f"8b join, {DASHBOARDS} dashboards open",
+            watched,
+            note=f"snapshots per dashboard {snapshots}",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------- report
@@ -780,8 +1078,17 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         step("6 consumer drain", lambda: drain(e, plan))
         step("7 sell-out", lambda: sellout(e, plan))
         _stop(env, "consume")  # the HTTP paths below get the cores to themselves
+        costs = {"gateway": env.procs["gateway"].pid}
+        costs |= {name: stack.get(name).proc.pid for name in ("redis", "kafka")}
+        spent = {name: _cpu_s(pid) for name, pid in costs.items()}
         step("3 accept path", lambda: accept(e, plan))
+        cpu_per_join(rows, {name: _cpu_s(pid) - spent[name] for name, pid in costs.items()})
         step("4 sold-out path", lambda: sold_out(e, plan))
+        step("4q queue poll", lambda: queue_poll(e, plan))
+        step("8 dashboards", lambda: dashboards(e, plan))
+        # last, so that the single-node rows above run exactly as before it existed
+        pg = stack.get("postgres").proc.pid
+        step("6b/6c drain of one hot sale", lambda: drain_scaling(e, plan, pg))
         sell = rows.get("7 sell-out")
         if sell is not None and not sell.detail.get("ok", False):
             failed = True
@@ -809,6 +1116,10 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
             _ratio(rows, "4 sold-out path (join, 409)", "1 HTTP ceiling"),
             ">= 0.9",
         ),
+        "4q/4 queue poll / sold-out path": (
+            _ratio(rows, "4q queue poll (GET, 200)", "4 sold-out path (join, 409)"),
+            ">= 0.9",
+        ),
         "3/5 accept / naive peer": (
             _ratio(rows, "3 accept path (join, 202)", "5 naive peer (BASELINE, 1 hot SKU)"),
             ">= 30",
@@ -817,7 +1128,19 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
             _ratio(rows, "6 consumer drain (orders/s)", "3 accept path (join, 202)"),
             ">= 2",
         ),
+        "8b/8a join with / without 3 dashboards open": (
+            _ratio(rows, f"8b join, {DASHBOARDS} dashboards open", "8a join, no dashboard open"),
+            ">= 0.95",
+        ),
         "p99 of join at half peak (ms)": (half.p99_ms if half and accept_row else None, "<= 20"),
+        "6c/6b one hot sale, 4 / 1 consumers": (
+            _ratio(
+                rows,
+                f"6c one hot sale, {SCALE_CONSUMERS[1]} consumer(s) (orders/s)",
+                "6b one hot sale, 1 consumer(s) (orders/s)",
+            ),
+            "~4 where 4 free cores exist",
+        ),
     }
     result: dict[str, Any] = {
         "mode": mode,

@@ -7,7 +7,9 @@ process, the benchmark's client one per client process) and PostgreSQL.
     python -m loadtests.invariants --sale-id 7 --accepted-file 'outcomes.*' [--wait-s 30]
 
 prints offered, accepted, rejected by reason, orders in PostgreSQL, oversold, lost
-and duplicates, and exits 1 when oversold, lost or duplicates is not 0.
+and duplicates, and exits 1 when oversold, lost or duplicates is not 0. For a queued sale
+it adds the waiting room's figures (:mod:`loadtests.queue_report`): admitted vs joined vs
+accepted, joins without admission (must be 0) and the fairness figures.
 
 Offered, accepted and rejected count the joins in the outcome files: this load's. The
 checks count every flash order of the sale in PostgreSQL, this load's and any other
@@ -37,6 +39,7 @@ import asyncpg
 
 from flashsale.settings import Settings
 from gateway import stackfile
+from loadtests import queue_report
 
 SQL_SALE = "SELECT * FROM flash_sales WHERE id = $1"
 SQL_SALE_ORDERS = """
@@ -205,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = read_outcomes(expand(args.accepted_file))
     result = asyncio.run(report(settings.database, args.sale_id, outcomes, wait_s=args.wait_s))
     print("\n".join(result.lines()))
-    return 0 if result.ok else 1
+    queue = asyncio.run(queue_report.for_sale(settings.database, settings.redis_url, args.sale_id))
+    if queue is not None:  # a queued sale: admitted vs joined vs accepted, and fairness
+        print("\n".join(queue.lines(result.accepted)))
+    return 0 if result.ok and (queue is None or queue.ok) else 1
 
 
 if __name__ == "__main__":

@@ -131,3 +131,22 @@ async def join(
     return await client.post(
         f"/api/v1/flash-sales/{sale_id}/join", headers=headers, json={"quantity": quantity}
     )
+
+
+SQL_FORGET_SALE = (
+    "DELETE FROM order_items WHERE order_id IN (SELECT id FROM orders WHERE flash_sale_id = $1)",
+    "DELETE FROM inventory_ledger WHERE flash_sale_id = $1",
+    "DELETE FROM orders WHERE flash_sale_id = $1",
+    "DELETE FROM flash_sales WHERE id = $1",
+)
+
+
+async def forget_sale(db: asyncpg.Pool, redis: Redis | None, sale_id: int) -> None:
+    """Remove a sale and its orders from PostgreSQL (and its keys from ``redis``): for
+    tests that leave a sale another test's reconcile must not see."""
+    async with db.acquire() as conn, conn.transaction():
+        for sql in SQL_FORGET_SALE:
+            await conn.execute(sql, sale_id)
+    if redis is not None:
+        await redis.srem(rediskeys.SALES_INDEX, sale_id)
+        await redis.delete(*rediskeys.all_sale_keys(sale_id))

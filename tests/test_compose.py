@@ -13,6 +13,7 @@ from flashsale.settings import Settings
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
+BROKERS = ("kafka-1", "kafka-2", "kafka-3")
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +24,75 @@ def compose() -> dict[str, Any]:
 
 def test_services_and_images(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"kafka", "redis", "postgres", "gateway", "consumers", "migrate"} <= set(services)
-    assert services["kafka"]["image"].startswith("apache/kafka")
+    assert {"redis", "postgres", "gateway", "consumers", "migrate", "lb"} <= set(services)
+    for name in BROKERS:
+        assert services[name]["image"].startswith("apache/kafka"), name
     assert services["redis"]["image"].startswith("redis:")
     assert services["postgres"]["image"].startswith("postgres:")
 
 
-def test_kafka_is_kraft(compose: dict[str, Any]) -> None:
-    env = compose["services"]["kafka"]["environment"]
-    assert "controller" in env["KAFKA_PROCESS_ROLES"]
+def test_kafka_is_three_kraft_brokers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert not [n for n in services if n.startswith("kafka") and n not in BROKERS]
+    envs = [services[name]["environment"] for name in BROKERS]
+    voters = {
+        f"{env['KAFKA_NODE_ID']}@{name}:9093" for name, env in zip(BROKERS, envs, strict=True)
+    }
+    assert len(voters) == 3
+    for name, env in zip(BROKERS, envs, strict=True):
+        assert "controller" in env["KAFKA_PROCESS_ROLES"] and "broker" in env["KAFKA_PROCESS_ROLES"]
+        assert set(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == voters
+        assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{name}:9092"
+        assert env["CLUSTER_ID"] == envs[0]["CLUSTER_ID"]
+        # the internal topics survive a broker too, and nothing is elected unclean
+        assert int(env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]) == 3
+        assert int(env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"]) == 3
+        assert int(env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"]) == 2
+        assert int(env["KAFKA_MIN_INSYNC_REPLICAS"]) == 2
+        assert env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
+        assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+        assert services[name]["volumes"][0].startswith(f"{name}-data:")
     assert "zookeeper" not in str(compose).lower()
+
+
+def test_topics_are_replicated_and_the_producer_idempotent(compose: dict[str, Any]) -> None:
+    env = compose["services"]["gateway"]["environment"]
+    settings = Settings.from_env({k: v for k, v in env.items() if "${" not in str(v)})
+    assert settings.kafka_bootstrap == ",".join(f"{b}:9092" for b in BROKERS)
+    assert settings.kafka_replication_factor == 3
+    assert settings.kafka_min_insync_replicas == 2
+    assert settings.kafka_enable_idempotence
+    assert settings.kafka_assignor == "sticky"  # aiokafka has no cooperative-sticky
+    # the consumers the compose file runs can each own a partition of one hot sale
+    consumers = compose["services"]["consumers"]["deploy"]["replicas"]
+    assert 1 < _default(consumers) <= settings.kafka_partitions
+
+
+def _default(value: Any) -> int:
+    """``${NAME:-3}`` → 3 (compose's default); a number stays itself."""
+    text = str(value)
+    return int(text.split(":-", 1)[1].rstrip("}") if ":-" in text else text)
+
+
+def test_gateways_scale_behind_the_load_balancer(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gateway, lb = services["gateway"], services["lb"]
+    assert _default(gateway["deploy"]["replicas"]) >= 2
+    assert "ports" not in gateway and "container_name" not in gateway  # replicas can scale
+    assert lb["ports"] == ["8080:8080"]
+    assert lb["depends_on"]["gateway"]["condition"] == "service_healthy"
+    config_mount = next(v for v in lb["volumes"] if "haproxy.cfg" in v)
+    config = (ROOT / config_mount.split(":")[0]).read_text()
+    assert "server-template" in config and "gateway:8080" in config
+    assert "resolvers docker" in config and "option httpchk GET /readyz" in config
+    assert "option forwardfor" in config
+    # the gateways believe X-Forwarded-For from the lb's address, and only from it
+    lb_ip = lb["networks"]["default"]["ipv4_address"]
+    env = gateway["environment"]
+    assert env["FLASHSALE_TRUSTED_PROXIES"] == f"{lb_ip}/32"
+    # no replica shares its data folder with another (metrics files, heartbeat)
+    for name in ("gateway", "consumers"):
+        assert "volumes" not in services[name], name
 
 
 def test_redis_has_aof(compose: dict[str, Any]) -> None:
@@ -41,7 +101,7 @@ def test_redis_has_aof(compose: dict[str, Any]) -> None:
 
 
 def test_health_checks(compose: dict[str, Any]) -> None:
-    for name in ("kafka", "redis", "postgres", "gateway", "consumers"):
+    for name in (*BROKERS, "redis", "postgres", "gateway", "consumers", "lb"):
         assert "test" in compose["services"][name]["healthcheck"], name
     assert "/readyz" in str(compose["services"]["gateway"]["healthcheck"]["test"])
 
@@ -72,7 +132,8 @@ def test_commands(compose: dict[str, Any]) -> None:
     assert services["migrate"]["command"] == ["flashsale", "migrate"]
     deps = services["gateway"]["depends_on"]
     assert deps["migrate"]["condition"] == "service_completed_successfully"
-    assert deps["kafka"]["condition"] == "service_healthy"
+    for broker in BROKERS:
+        assert deps[broker]["condition"] == "service_healthy"
 
 
 def test_no_hard_coded_credentials(compose: dict[str, Any]) -> None:

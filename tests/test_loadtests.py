@@ -43,6 +43,7 @@ from loadtests import (
     loadgen,
     mint,
     naive_peer,
+    queue_report,
     redis_ceiling,
     scenario_support,
 )
@@ -729,3 +730,59 @@ def test_default_sale_is_the_one_the_gateway_lists() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+QUEUE_REQUESTS = {
+    ("POST", "/api/v1/flash-sales/[id]/enter"),
+    ("GET", "/api/v1/flash-sales/[id]/queue"),
+    ("POST", "/api/v1/flash-sales/[id]/join/[admission]"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.usefixtures("consumer")
+async def test_locust_queue_enters_polls_and_joins_through_the_admission(
+    gateway_port: int,
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    tmp_path: Path,
+) -> None:
+    """Six users for eight seconds on a queued sale of three units: every task ran, nothing
+    failed, the joins came only through admissions, and the invariants hold."""
+    sale_id = await _admin_sale(gateway_port, db, tokens, quantity=3)
+    async with db.acquire() as conn:
+        admin_id = (await mint.insert_users(conn, 1, "admin"))[0]
+    status, data = await asyncio.to_thread(
+        _request,
+        "PATCH",
+        f"http://127.0.0.1:{gateway_port}/api/v1/admin/flash-sales/{sale_id}",
+        tokens.issue(admin_id, "admin"),
+        {"mode": "queued", "queue": {"admit_per_s": 2, "overbook": 1.0, "join_window_s": 5}},
+    )
+    assert status == 200, data
+    run = await asyncio.to_thread(
+        _locust,
+        "locustfile_queue.py",
+        gateway_port,
+        tmp_path,
+        {
+            "LOCUST_TOKENS_FILE": str(await _minted(base_settings, tmp_path, 30)),
+            "LOCUST_SALE_ID": str(sale_id),
+            "LOCUST_ABANDON_SHARE": "0",
+            "LOCUST_POLL_MAX_S": "0.5",
+            "LOCUST_NEXT_SHOPPER_S": "0.25",
+            "LOCUST_OUTCOMES": str(tmp_path / "outcomes"),
+        },
+        6,
+        8,
+    )
+    _assert_every_task_ran(run, "locustfile_queue.py", QUEUE_REQUESTS)
+    outcomes = invariants.read_outcomes(_outcome_files(tmp_path))
+    assert len(outcomes.accepted) == 3, outcomes
+    report = await invariants.report(base_settings.database, sale_id, outcomes, wait_s=10)
+    assert report.ok and report.orders_other == 0, report.lines()
+    figures = await queue_report.for_sale(base_settings.database, base_settings.redis, sale_id)
+    assert figures is not None and figures.ok and figures.joined == 3, figures
+    assert figures.entered >= figures.admitted >= 3, figures

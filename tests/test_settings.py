@@ -16,6 +16,8 @@ def test_defaults() -> None:
     assert s.workers == 2
     assert s.redis_url is None
     assert s.kafka_enable_idempotence is False
+    assert (s.kafka_replication_factor, s.kafka_min_insync_replicas) == (1, 1)
+    assert s.kafka_assignor == "sticky"
 
 
 def test_values_parsed() -> None:
@@ -46,6 +48,11 @@ def test_values_parsed() -> None:
         ({"FLASHSALE_ACCESS_LOG": "maybe"}, "boolean"),
         ({"FLASHSALE_SECRET_KEY": "short"}, "FLASHSALE_SECRET_KEY"),
         ({"FLASHSALE_TRUSTED_PROXIES": "not-an-ip"}, "FLASHSALE_TRUSTED_PROXIES"),
+        (
+            {"FLASHSALE_KAFKA_REPLICATION_FACTOR": "1", "FLASHSALE_KAFKA_MIN_INSYNC_REPLICAS": "2"},
+            "FLASHSALE_KAFKA_MIN_INSYNC_REPLICAS=2 is above",
+        ),
+        ({"FLASHSALE_KAFKA_ASSIGNOR": "cooperative-sticky"}, "FLASHSALE_KAFKA_ASSIGNOR"),
     ],
 )
 def test_malformed(env: dict[str, str], fragment: str) -> None:

@@ -124,6 +124,8 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
             assert b"flashsale is up" in out
+            assert f"http://127.0.0.1:{port}/dashboard".encode() in out  # the banner's pages
+            assert re.search(rb"sale page +http://\S+/sale/\d+", out)
             logged = [line for line in out.splitlines() if line.startswith(b"{")]
             assert logged, "no log line"
             for line in logged:  # every process logs JSON lines

@@ -33,6 +33,8 @@ class SaleState:
     moved_out: int
     closed: bool
     recovering: bool = False  # not armed under the current Redis run (see reserve.lua)
+    mode: str = "open"  # "queued": joins need an admission (flashsale/waitingroom/)
+    queue_cfg: bytes = b""  # the sale's own queue settings (JSON), see waitingroom.config
 
     @property
     def sold_out(self) -> bool:
@@ -64,6 +66,7 @@ class SaleState:
             "end_time": iso_ms(self.end_ms),
             "payment_window_s": self.window_ms // 1000,
             "status": self.status(now_ms),
+            "mode": self.mode,
         }
 
     @classmethod
@@ -87,6 +90,8 @@ class SaleState:
             moved_out=i("moved_out"),
             closed=h.get(b"closed") == b"1",
             recovering=bool(run_id) and h.get(b"armed") != run_id,
+            mode=h.get(b"mode", b"open").decode(),
+            queue_cfg=h.get(b"qcfg", b""),
         )
 
 

@@ -1,6 +1,10 @@
 """The order event a gateway produces for every accepted flash-sale reservation.
 
-Key: the sale id (ASCII) so that one sale's events stay ordered on one partition.
+Key: the order id (ASCII). Nothing needs one sale's events on one partition or in order:
+each order is written once by its id and the sale's counter is updated under its row
+lock (``consumers/order_events.py``). The gateway's producer ships each batch to the next
+partition in turn and the sweepers' republishing hashes the order id, so one hot sale's
+events spread over every partition and as many consumers as partitions drain it.
 Value: compact JSON (orjson). ``v`` is the schema version; consumers dead-letter
 anything they cannot parse or that breaks a rule, with the reason.
 """
@@ -42,7 +46,7 @@ class OrderEvent:
 
     @property
     def key(self) -> bytes:
-        return str(self.sale_id).encode()
+        return self.order_id.encode()
 
     def encode(self) -> bytes:
         return orjson.dumps(self)  # orjson serialises (slotted) dataclasses natively

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 from redis.asyncio import Redis
 
 from flashsale import rediskeys
@@ -40,8 +41,8 @@ WHERE id = $1 AND on_hand - reserved >= $2 RETURNING on_hand
 """
 SQL_INSERT_SALE = """
 INSERT INTO flash_sales (sku_id, product_id, flash_price_cents, quantity, per_user_limit,
-                         start_at, end_at, payment_window_s, created_by)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *
+                         start_at, end_at, payment_window_s, created_by, mode, queue_settings)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *
 """
 SQL_LEDGER = """
 INSERT INTO inventory_ledger (sku_id, order_id, delta, reason, flash_sale_id)
@@ -119,6 +120,10 @@ async def load_sale(
         int(row["end_at"].timestamp() * 1000),
         "window_ms",
         row["payment_window_s"] * 1000,
+        "mode",
+        row["mode"],
+        "qcfg",
+        orjson.dumps(row["queue_settings"]),
     ]
     result = await scripts.load(
         keys=[rediskeys.sale(row["id"])],
@@ -145,6 +150,8 @@ async def create_sale(
     end_at: datetime,
     payment_window_s: int,
     created_by: int | None,
+    mode: str = "open",
+    queue_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     async with db.acquire() as conn, conn.transaction():
         sku = await conn.fetchrow(SQL_SKU_FOR_SALE, sku_id)
@@ -163,6 +170,8 @@ async def create_sale(
             end_at,
             payment_window_s,
             created_by,
+            mode,
+            queue_settings or {},
         )
         assert sale is not None
         await conn.execute(SQL_LEDGER, sku_id, None, -quantity, "flash_allot", sale["id"])

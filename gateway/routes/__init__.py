@@ -20,16 +20,19 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         backoffice,
         cart,
         catalog,
+        dashboard,
         flashsales,
         inventory,
         marketing,
         orders,
         payments,
         presale,
+        waitingroom,
     )
 
     return [
         *flashsales.ROUTES,
+        *waitingroom.ROUTES,
         *catalog.ROUTES,
         *presale.ROUTES,
         *inventory.ROUTES,
@@ -38,6 +41,7 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         *payments.provider_routes(settings),
         *cart.ROUTES,
         *marketing.ROUTES,
+        *dashboard.ROUTES,
         *addresses.ROUTES,
         *backoffice.ROUTES,
     ]
@@ -45,5 +49,7 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
     from gateway.flash_runtime import flash_ctx
+    from gateway.routes.dashboard import hub_ctx
+    from gateway.waitingroom_runtime import waiting_room_ctx
 
-    return [flash_ctx]
+    return [flash_ctx, waiting_room_ctx, hub_ctx]

@@ -13,6 +13,8 @@ from flashsale.errors import NotFound, NotStarted, SaleEnded, SoldOut, Validatio
 from flashsale.flash import join as joining
 from flashsale.flash import lifecycle
 from flashsale.flash.cache import iso_ms, now_ms
+from flashsale.waitingroom.config import MODES
+from flashsale.waitingroom.room import set_mode
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
@@ -20,6 +22,26 @@ from gateway.http import ok, read_json
 from gateway.middlewares import request_id
 from gateway.routing import Route
 from gateway.validation import Alt, F, Obj, path_int, validate
+from gateway.waitingroom_runtime import WAITING_ROOM
+
+# A queued sale's own settings (flashsale/waitingroom/config.py); 0 switches a limit off.
+QUEUE_SETTINGS = F(
+    dict,
+    required=False,
+    fields={
+        "admit_per_s": F(float, required=False, min=0, max=1e6),
+        "overbook": F(float, required=False, min=1, max=10),
+        "join_window_s": F(int, required=False, min=5, max=3600),
+        "opens_before_s": F(int, required=False, min=0, max=7 * 24 * 3600),
+        "max_attempts_per_account": F(int, required=False, min=0, max=1_000_000),
+        "max_entrants_per_ip": F(int, required=False, min=0, max=1_000_000),
+        "max_entrants_per_device": F(int, required=False, min=0, max=1_000_000),
+        "min_account_age_min": F(int, required=False, min=0, max=5_256_000),
+        "pow_difficulty": F(int, required=False, min=0, max=28),
+        "hidden_join_path": F(bool, required=False),
+    },
+)
+JOIN_TOKEN_HEADER = "X-Join-Token"  # noqa: S105 (a header name)
 
 CREATE = {
     "sku_id": F(int, min=1),
@@ -29,13 +51,17 @@ CREATE = {
     "start_at": F(datetime),
     "end_at": F(datetime),
     "payment_window_s": F(int, min=10, max=7 * 24 * 3600, default=900),
+    "mode": F(str, choices=MODES, default="open"),
+    "queue": QUEUE_SETTINGS,
 }
 PATCH = Obj(
     {
         "add_quantity": F(int, required=False, min=1, max=1_000_000_000),
         "end_at": F(datetime, required=False),
+        "mode": F(str, required=False, choices=MODES),
+        "queue": QUEUE_SETTINGS,
     },
-    alts=(Alt(("add_quantity",)), Alt(("end_at",))),
+    alts=(Alt(("add_quantity",)), Alt(("end_at",)), Alt(("mode",)), Alt(("queue",))),
 )
 JOIN = {
     "quantity": F(int, min=1, max=joining.MAX_JOIN_QUANTITY),
@@ -49,6 +75,11 @@ JOIN = {
     ),
 }
 _MAX_IDEMPOTENCY_KEY = 64
+
+
+def _queue_settings(body: dict[str, Any]) -> dict[str, Any] | None:
+    queue = body.get("queue")
+    return None if queue is None else {k: v for k, v in queue.items() if v is not None}
 
 
 def _admin(request: web.Request) -> int:
@@ -74,6 +105,8 @@ async def create(request: web.Request) -> web.Response:
         end_at=body["end_at"],
         payment_window_s=body["payment_window_s"],
         created_by=admin_id,
+        mode=body["mode"],
+        queue_settings=_queue_settings(body),
     )
     await rt.cache.refresh()
     return ok(sale, status=201, message="flash sale created")
@@ -83,9 +116,13 @@ async def patch(request: web.Request) -> web.Response:
     _admin(request)
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
     body = validate(await read_json(request), PATCH)
-    if not body.get("add_quantity") and body.get("end_at") is None:
-        raise ValidationFailed(fields={"add_quantity": "give add_quantity and/or end_at"})
+    queue = _queue_settings(body)
+    mode = body.get("mode")
+    if not body.get("add_quantity") and body.get("end_at") is None and not mode and queue is None:
+        raise ValidationFailed(fields={"add_quantity": "give add_quantity, end_at, mode or queue"})
     rt = request.app[FLASH]
+    if mode or queue is not None:
+        await set_mode(request.app[appkeys.DB], rt.redis, rt.scripts, sale_id, mode, queue)
     sale = await lifecycle.top_up(
         request.app[appkeys.DB],
         rt.redis,
@@ -167,6 +204,15 @@ async def join(request: web.Request) -> web.Response:
         raise SaleEnded
     if sale.remaining <= 0 and not sale.recovering:
         raise SoldOut
+    if sale.mode == "queued":  # the waiting room's gate: an admission, checked in-process
+        token = request.match_info.get("admission")
+        app[WAITING_ROOM].check_admission(
+            sale,
+            principal.user_id,
+            token if token is not None else request.headers.get(JOIN_TOKEN_HEADER),
+            in_path=token is not None,
+            now=now,
+        )
     body: Any = await read_json(request)
     address_id = None
     if type(body) is dict and len(body) == 1 and type(body.get("quantity")) is int:
@@ -191,6 +237,8 @@ async def join(request: web.Request) -> web.Response:
         address_id=address_id,
     )
     request[appkeys.ORDER_ID] = result.order_id  # the access log line names the order
+    if sale.mode == "queued" and not result.replayed:
+        app[appkeys.METRICS].queue_joined.inc()
     return ok(
         {
             "order_id": result.order_id,
@@ -256,6 +304,26 @@ ROUTES = [
             202: "queued",
             404: "unknown sale",
             409: "NOT_STARTED, SALE_ENDED, SOLD_OUT, LIMIT_EXCEEDED, INSUFFICIENT_STOCK",
+            422: "VALIDATION_FAILED or IDEMPOTENCY_MISMATCH",
+            429: "RATE_LIMITED (Retry-After)",
+            503: "RETRY_LATER",
+            403: "NOT_ADMITTED (a queued sale: no valid X-Join-Token)",
+        },
+    ),
+    Route(
+        "POST",
+        "/api/v1/flash-sales/{sale_id}/join/{admission}",
+        join,
+        "Join a queued sale through the join path its admission handed out",
+        auth="user",
+        body=JOIN,
+        tag="flash-sales",
+        params={"admission": F(str, min_len=1, max_len=64)},
+        responses={
+            202: "queued",
+            403: "NOT_ADMITTED",
+            404: "unknown sale",
+            409: "ADMISSION_EXPIRED, SALE_ENDED, SOLD_OUT, LIMIT_EXCEEDED, INSUFFICIENT_STOCK",
             422: "VALIDATION_FAILED or IDEMPOTENCY_MISMATCH",
             429: "RATE_LIMITED (Retry-After)",
             503: "RETRY_LATER",

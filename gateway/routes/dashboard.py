@@ -1,0 +1,244 @@
+"""The two pages people look at: the sale dashboard and the shopper's sale page.
+
+The pages are static HTML + a little plain JavaScript (no framework) served from
+``gateway/static``; uPlot is vendored there with its licence. The figures come from
+:mod:`flashsale.dashboard` — one aggregate per second for all workers — streamed as
+server-sent events to dashboards of an admin, or of the merchant whose product the
+sale sells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Final
+
+import orjson
+from aiohttp import web
+
+from flashsale import dashboard, tasks
+from flashsale.auth import Principal, require_role
+from flashsale.errors import Forbidden, NotFound
+from flashsale.flash.cache import now_ms
+from gateway import appkeys
+from gateway.auth import authenticate
+from gateway.flash_runtime import FLASH
+from gateway.http import ok
+from gateway.routing import Route
+from gateway.validation import F, path_int, path_text
+
+HUB: Final = web.AppKey("dashboard_hub", dashboard.DashboardHub)
+
+_TYPES: Final = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".md": "text/plain",
+    ".LICENSE": "text/plain",
+}
+ASSET_NAME: Final = F(str, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_len=64)
+KEEPALIVE_S: Final = 15.0
+GAUGE_GRACE_MS: Final = 10 * 60 * 1000  # a sale's gauges stay ten minutes past its end
+
+
+def _assets() -> dict[str, bytes]:
+    """Every file under gateway/static, read once: name (``vendor/x`` for vendored) → bytes."""
+    root = resources.files("gateway") / "static"
+    out: dict[str, bytes] = {}
+    for entry in root.iterdir():
+        if entry.is_file():
+            out[entry.name] = entry.read_bytes()
+        elif entry.is_dir():
+            for inner in entry.iterdir():
+                if inner.is_file():
+                    out[f"{entry.name}/{inner.name}"] = inner.read_bytes()
+    return out
+
+
+ASSETS: Final = _assets()
+
+
+def _content_type(name: str) -> str:
+    for suffix, kind in _TYPES.items():
+        if name.endswith(suffix):
+            return kind
+    return "application/octet-stream"
+
+
+def _asset(name: str) -> web.Response:
+    body = ASSETS.get(name)
+    if body is None:
+        raise NotFound("no such file")
+    resp = web.Response(body=body, content_type=_content_type(name), charset="utf-8")
+    # the pages are revalidated on each load (a deploy shows at once); assets live 5 minutes
+    html = name.endswith(".html")
+    resp.headers["Cache-Control"] = "no-cache" if html else "public, max-age=300"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
+
+
+async def dashboard_page(request: web.Request) -> web.Response:
+    return _asset("dashboard.html")
+
+
+async def sale_page(request: web.Request) -> web.Response:
+    path_int(request.match_info["sale_id"], "flash sale")
+    return _asset("sale.html")
+
+
+async def static_file(request: web.Request) -> web.Response:
+    return _asset(path_text(request.match_info["name"], "file", spec=ASSET_NAME))
+
+
+async def vendor_file(request: web.Request) -> web.Response:
+    name = path_text(request.match_info["name"], "file", spec=ASSET_NAME)
+    return _asset("vendor/" + name)
+
+
+def _watcher(request: web.Request) -> Principal:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    return require_role(principal, "admin", "merchant")
+
+
+async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -> None:
+    merchant = await dashboard.sale_merchant(request.app[appkeys.DB], sale_id)
+    if merchant is None:
+        raise NotFound("flash sale not found")
+    if principal.role != "admin" and merchant != principal.user_id:
+        raise Forbidden("this sale sells another merchant's product")
+
+
+async def sales(request: web.Request) -> web.Response:
+    principal = _watcher(request)
+    merchant = None if principal.role == "admin" else principal.user_id
+    rows = await dashboard.list_sales(
+        request.app[appkeys.DB], request.app[appkeys.REDIS], merchant_id=merchant
+    )
+    return ok(rows)
+
+
+def _event(name: str, data: object) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``history`` (the last minutes) once, then ``snapshot`` each second."""
+    principal = _watcher(request)
+    sale_id = path_int(request.match_info["sale_id"], "flash sale")
+    await _may_watch(request, principal, sale_id)
+    hub = request.app[HUB]
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await resp.prepare(request)
+    feed = hub.watch(sale_id, KEEPALIVE_S)
+    try:
+        await resp.write(_event("history", await hub.history(sale_id)))
+        async for snap in feed:
+            if snap is None:
+                await resp.write(b": keep-alive\n\n")
+            else:
+                await resp.write(_event("snapshot", snap))
+    except (ConnectionResetError, ConnectionError):
+        pass  # the watcher went away
+    finally:
+        await feed.aclose()
+    return resp
+
+
+async def _export_sales(app: web.Application) -> None:
+    """Once a second: each running sale's remaining/allotment as gauges, from this worker's
+    sale cache (no I/O), for Prometheus and Grafana."""
+    metrics = app[appkeys.METRICS]
+    cache = app[FLASH].cache
+    while True:
+        await asyncio.sleep(1.0)
+        now = now_ms()
+        for sale in list(cache.sales.values()):
+            if sale.closed or now >= sale.end_ms + GAUGE_GRACE_MS:
+                continue
+            label = str(sale.id)
+            metrics.sale_remaining.labels(label).set(sale.remaining)
+            metrics.sale_allotment.labels(label).set(sale.allotment)
+
+
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    registry = app[appkeys.METRICS].registry
+    exporter = asyncio.create_task(_export_sales(app), name="sale-gauges")
+    async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS], registry) as hub:
+        app[HUB] = hub
+        yield
+    await tasks.stop(exporter)
+
+
+async def end_streams(app: web.Application) -> None:
+    """on_shutdown: end the open event streams, or the worker would wait for them to end."""
+    hub = app.get(HUB)
+    if hub is not None:
+        await hub.close()
+
+
+_PAGE = {200: "an HTML page", 404: "NOT_FOUND"}
+ROUTES = [
+    Route(
+        "GET",
+        "/dashboard",
+        dashboard_page,
+        "The sale dashboard (HTML; logs in as an admin or a merchant)",
+        tag="pages",
+        envelope=False,
+        responses={200: "an HTML page"},
+    ),
+    Route(
+        "GET",
+        "/sale/{sale_id}",
+        sale_page,
+        "A flash sale's shopper page (HTML)",
+        tag="pages",
+        envelope=False,
+        responses=_PAGE,
+    ),
+    Route(
+        "GET",
+        "/static/{name}",
+        static_file,
+        "The pages' scripts and styles",
+        tag="pages",
+        envelope=False,
+        params={"name": ASSET_NAME},
+        responses=_PAGE,
+    ),
+    Route(
+        "GET",
+        "/static/vendor/{name}",
+        vendor_file,
+        "Vendored libraries (uPlot, MIT) with their licences",
+        tag="pages",
+        envelope=False,
+        params={"name": ASSET_NAME},
+        responses=_PAGE,
+    ),
+    Route(
+        "GET",
+        "/api/v1/dashboard/sales",
+        sales,
+        "The sales a dashboard lists (a merchant sees its own)",
+        auth="merchant",
+        tag="dashboard",
+    ),
+    Route(
+        "GET",
+        "/api/v1/dashboard/sales/{sale_id}/events",
+        events,
+        "One sale's figures as server-sent events: history, then a snapshot each second",
+        auth="merchant",
+        tag="dashboard",
+        envelope=False,
+        responses={200: "text/event-stream", 403: "FORBIDDEN (another merchant's sale)"},
+    ),
+]

@@ -1,0 +1,195 @@
+"""The waiting room of queued sales: enter, poll, the event stream, the proof-of-work challenge.
+
+Polls and the stream answer from the worker's copy of the queue (no database, no Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from flashsale.errors import NotFound, SaleNotQueued, TicketInvalid
+from flashsale.flash.cache import SaleState, now_ms
+from flashsale.waitingroom.signing import MAX_SIGNED_LEN, MAX_SOLUTION_LEN, Ticket
+from gateway import appkeys
+from gateway.auth import authenticate
+from gateway.flash_runtime import FLASH
+from gateway.http import ok, read_json
+from gateway.middlewares import REQUEST_ID, request_id
+from gateway.routes.flashsales import client_ip
+from gateway.routing import Route
+from gateway.validation import F, path_int, validate
+from gateway.waitingroom_runtime import WAITING_ROOM
+
+DEVICE_HEADER: Final = "X-Device-Id"
+MAX_DEVICE_ID: Final = 128
+STREAM_KEEPALIVE_S: Final = 15.0
+STREAM_MAX_S: Final = 1800.0  # a page reconnects after this (EventSource does it by itself)
+
+ENTER = {
+    "challenge": F(str, required=False, min_len=1, max_len=MAX_SIGNED_LEN),
+    "solution": F(str, required=False, min_len=1, max_len=MAX_SOLUTION_LEN),
+}
+TICKET_QUERY = {"ticket": F(str, min_len=1, max_len=MAX_SIGNED_LEN)}
+STREAM_QUERY = {"ticket": F(str, required=False, min_len=1, max_len=MAX_SIGNED_LEN)}
+
+
+async def _sale(request: web.Request) -> SaleState:
+    sale_id = path_int(request.match_info["sale_id"], "flash sale")
+    sale = await request.app[FLASH].cache.get(sale_id)
+    if sale is None:
+        raise NotFound("flash sale not found")
+    return sale
+
+
+def _ticket(request: web.Request, sale: SaleState, signed: str | None) -> Ticket:
+    if signed is None:
+        raise TicketInvalid
+    entry = request.app[WAITING_ROOM].signer.read_ticket(signed)
+    if entry is None or entry.sale_id != sale.id:
+        raise TicketInvalid
+    return entry
+
+
+async def enter(request: web.Request) -> web.Response:
+    app = request.app
+    principal = authenticate(request, app[appkeys.TOKENS])
+    sale = await _sale(request)
+    body = validate(await read_json(request), ENTER) if request.body_exists else {}
+    device = request.headers.get(DEVICE_HEADER, "").strip()[:MAX_DEVICE_ID]
+    room = app[WAITING_ROOM]
+    entry = await room.enter(
+        sale,
+        principal.user_id,
+        client_ip=client_ip(request),
+        device_id=device,
+        challenge=body.get("challenge"),
+        solution=body.get("solution"),
+        db=app[appkeys.DB],
+    )
+    data = {"ticket": entry.ticket, "replayed": entry.replayed}
+    data |= room.status(sale, entry.entry, now_ms())
+    return ok(data, status=200 if entry.replayed else 201, message="in the queue")
+
+
+async def queue(request: web.Request) -> web.Response:
+    sale = await _sale(request)
+    entry = _ticket(request, sale, request.query.get("ticket"))
+    return ok(request.app[WAITING_ROOM].status(sale, entry, now_ms()))
+
+
+async def challenge(request: web.Request) -> web.Response:
+    principal = authenticate(request, request.app[appkeys.TOKENS])
+    sale = await _sale(request)
+    if sale.mode != "queued":
+        raise SaleNotQueued
+    room = request.app[WAITING_ROOM]
+    return ok(room.challenge(sale, principal.user_id, room.config(sale), now_ms()))
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``sale`` (the public state; a queued sale's adds ``queue``:
+    entrants, admitted_through, waiting) for everyone, and ``queue`` (what a poll answers)
+    for a ticket holder, each sent when it changes."""
+    app = request.app
+    sale = await _sale(request)
+    signed = request.query.get("ticket")
+    entry = _ticket(request, sale, signed) if signed is not None else None
+    room = app[WAITING_ROOM]
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            REQUEST_ID: request_id(request),
+        }
+    )
+    await resp.prepare(request)
+    started = time.monotonic()
+    last: dict[str, bytes] = {}
+    with contextlib.suppress(ConnectionResetError):
+        while time.monotonic() - started < STREAM_MAX_S:
+            changed = room.changed
+            state = app[FLASH].cache.sales.get(sale.id, sale)
+            now = now_ms()
+            public = state.public(now)
+            if state.mode == "queued":
+                public["queue"] = room.summary(sale.id)
+            frames: list[tuple[str, Any]] = [("sale", public)]
+            if entry is not None:
+                frames.append(("queue", room.status(state, entry, now)))
+            for name, data in frames:
+                payload = orjson.dumps(data)
+                if last.get(name) != payload:
+                    last[name] = payload
+                    await resp.write(b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n")
+            if state.closed or now >= state.end_ms:
+                break
+            if request.transport is None or request.transport.is_closing():
+                break  # the page went away
+            boundary = state.start_ms if now < state.start_ms else state.end_ms
+            wait_s = min(STREAM_KEEPALIVE_S, max(0.05, (boundary - now) / 1000))
+            try:
+                await asyncio.wait_for(changed.wait(), wait_s)
+            except TimeoutError:  # nothing moved: a comment keeps proxies from timing out
+                await resp.write(b": keepalive\n\n")
+    return resp
+
+
+ROUTES = [
+    Route(
+        "POST",
+        "/api/v1/flash-sales/{sale_id}/enter",
+        enter,
+        "Enter a queued sale's waiting room: a signed ticket (the same one when entered again). "
+        "Optional X-Device-Id header; challenge and solution when the sale asks for a proof "
+        "of work",
+        auth="user",
+        body=ENTER,
+        body_required=False,
+        tag="waiting-room",
+        responses={
+            201: "entered",
+            400: "DEVICE_ID_REQUIRED",
+            403: "PROOF_REQUIRED (data: a fresh challenge) or ACCOUNT_TOO_NEW",
+            404: "unknown sale",
+            409: "SALE_NOT_QUEUED, QUEUE_NOT_OPEN, SALE_ENDED, SOLD_OUT",
+            429: "ENTRY_LIMITED (data.reason: account, ip or device)",
+        },
+    ),
+    Route(
+        "GET",
+        "/api/v1/flash-sales/{sale_id}/queue",
+        queue,
+        "A ticket's place: state (lottery, waiting, admitted, expired, sold_out, ended), "
+        "position, people ahead, estimated wait; the join token and path once admitted",
+        query=TICKET_QUERY,
+        tag="waiting-room",
+        responses={403: "TICKET_INVALID", 404: "unknown sale"},
+    ),
+    Route(
+        "GET",
+        "/api/v1/flash-sales/{sale_id}/events",
+        events,
+        "Server-sent events of a sale: 'sale' (its public state) and, with a ticket, 'queue' "
+        "(what a poll answers), each when it changes",
+        query=STREAM_QUERY,
+        tag="waiting-room",
+        envelope=False,
+        responses={403: "TICKET_INVALID", 404: "unknown sale"},
+    ),
+    Route(
+        "GET",
+        "/api/v1/flash-sales/{sale_id}/challenge",
+        challenge,
+        "A proof-of-work challenge for entering this sale",
+        auth="user",
+        tag="waiting-room",
+        responses={404: "unknown sale", 409: "SALE_NOT_QUEUED"},
+    ),
+]

@@ -1,0 +1,305 @@
+"""The dashboard and the sale page in a real browser (Debian's chromium via Selenium).
+
+Needs chromium + chromium-driver (``make browser``, which ``make test`` runs, installs them
+when root); without them these tests skip. The test starts ``flashsale up``, opens the
+dashboard as the demo admin and the sale page as a demo shopper, runs a bounded stampede
+from a second process, and checks what a person sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.embedded import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium + chromium-driver: run `make browser` (as root)",
+)
+STOCK = 20
+STAMPEDE = 120  # shoppers in the stampede, one join each
+SHOTS = Path(os.environ.get("FLASHSALE_SCREENSHOTS", tempfile.gettempdir())) / "flashsale-shots"
+
+
+def _env(data_dir: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    return {**env, "FLASHSALE_DATA_DIR": data_dir}
+
+
+def _http(method: str, url: str, body: Any = None, token: str | None = None) -> Any:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())["data"]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[tuple[str, str]]:
+    """`flashsale up` on a free port: (base URL, data folder)."""
+    with tempfile.TemporaryDirectory(prefix="flashsale-browser-") as data_dir:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "up"],
+            env={
+                **_env(data_dir),
+                "FLASHSALE_HTTP_PORT": str(port),
+                "FLASHSALE_WORKERS": "2",
+                "FLASHSALE_ACCESS_LOG": "false",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "flashsale up: not ready in time"
+                try:
+                    with urllib.request.urlopen(base + "/readyz", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.3)
+            yield base, data_dir
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def _sku_with_stock(data_dir: str) -> int:
+    database = json.loads((Path(data_dir) / "stack.json").read_text())["database_url"]
+
+    async def find() -> int:
+        conn = await asyncpg.connect(database)
+        try:
+            sku: int = await conn.fetchval(
+                "SELECT id FROM skus WHERE on_hand >= $1 ORDER BY on_hand DESC, id LIMIT 1", STOCK
+            )
+            return sku
+        finally:
+            await conn.close()
+
+    return asyncio.run(find())
+
+
+def _browser() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM or ""
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(arg)
+    opts.add_argument("--window-size=1280,1800")
+    return webdriver.Chrome(service=Service(CHROMEDRIVER or ""), options=opts)
+
+
+def _wait(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not seen in {timeout_s}s: {what}")
+
+
+def _text(driver: Any, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+@needs_browser
+@pytest.mark.timeout(400)
+def test_people_see_the_sale(stack: tuple[str, str]) -> None:
+    from selenium.webdriver.common.by import By
+
+    base, data_dir = stack
+    admin = _http(
+        "POST",
+        base + "/api/v1/auth/login",
+        {"login": "admin@demo.local", "password": "admin-pass-1"},
+    )["token"]
+    now = datetime.now(UTC)
+    sale = _http(
+        "POST",
+        base + "/api/v1/admin/flash-sales",
+        {
+            "sku_id": _sku_with_stock(data_dir),
+            "flash_price": 9900,
+            "quantity": STOCK,
+            "per_user_limit": 1,
+            "start_at": (now - timedelta(seconds=1)).isoformat(),
+            "end_at": (now + timedelta(hours=1)).isoformat(),
+        },
+        admin,
+    )
+    sale_id = sale["flash_sale_id"]
+    tokens = Path(data_dir) / "tokens.txt"
+    minted = subprocess.run(
+        [sys.executable, "-m", "loadtests.mint", "--count", str(STAMPEDE), "--out", str(tokens)],
+        env=_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert minted.returncode == 0, minted.stdout + minted.stderr
+
+    board, shop = _browser(), _browser()
+    try:
+        # the dashboard, as the admin, on the sale
+        board.get(base + "/dashboard")
+        board.find_element(By.ID, "login-email").send_keys("admin@demo.local")
+        board.find_element(By.ID, "login-password").send_keys("admin-pass-1")
+        board.find_element(By.ID, "login-submit").click()
+        row = _wait(
+            "the sale in the list",
+            lambda: board.find_elements(By.CSS_SELECTOR, f'tr[data-sale-id="{sale_id}"]'),
+        )
+        row[0].click()
+        _wait("live figures", lambda: _text(board, "v-remaining") == str(STOCK))
+        assert "active" in _text(board, "sales")
+
+        # the sale page, as a shopper who joins before the stampede
+        shop.set_window_size(420, 900)  # a phone
+        shop.get(f"{base}/sale/{sale_id}")
+        _wait("the product", lambda: _text(shop, "remaining") == str(STOCK))
+        assert _text(shop, "price").startswith("¥99.00")
+        shop.find_element(By.ID, "shop-email").send_keys("shopper1@demo.local")
+        shop.find_element(By.ID, "shop-password").send_keys("shopper-pass-1")
+        shop.find_element(By.ID, "shop-login-submit").click()
+        join = _wait(
+            "an enabled join button",
+            lambda: [b for b in shop.find_elements(By.ID, "join") if b.is_enabled()],
+        )
+        join[0].click()
+        _wait("the order", lambda: _text(shop, "order-id"))
+
+        # the stampede, from a second process
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadtests.burst",
+                "--base",
+                base,
+                "--sale",
+                str(sale_id),
+                "--tokens",
+                str(tokens),
+                "--count",
+                str(STAMPEDE),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        burst = json.loads(result.stdout.strip().splitlines()[-1])
+        assert burst["outcomes"].get("202") == STOCK - 1, burst
+        last_unit = burst["last_accepted_at"]
+
+        # the shopper's page says sold out within 2 s of the last unit
+        _wait(
+            "sold out on the sale page",
+            lambda: (
+                shop.find_element(By.TAG_NAME, "body").get_attribute("data-status") == "sold_out"
+            ),
+            timeout_s=10,
+        )
+        seen_sold_out = time.time()
+        print(f"the sale page said sold out {seen_sold_out - last_unit:.2f}s after the last unit")
+        assert seen_sold_out - last_unit <= 2.0, f"{seen_sold_out - last_unit:.2f}s"
+        assert _text(shop, "banner") == "Sold out"
+        assert _text(shop, "remaining") == "0"
+
+        # the shopper's order goes to pending payment, with a way to pay
+        _wait(
+            "pending payment",
+            lambda: (
+                shop.find_element(By.ID, "order-state").get_attribute("data-status")
+                == "pending_payment"
+            ),
+            timeout_s=60,
+        )
+        assert shop.find_element(By.ID, "pay").is_displayed()
+
+        # the dashboard: remaining 0, accepted = stock, refusal reasons
+        _wait("remaining 0 on the dashboard", lambda: _text(board, "v-remaining") == "0")
+        _wait("accepted = stock", lambda: _text(board, "v-accepted") == str(STOCK))
+        refusals = _wait(
+            "a refusal reason",
+            lambda: board.find_elements(By.CSS_SELECTOR, '#refusals li[data-reason="SOLD_OUT"]'),
+        )
+        assert "sold out" in refusals[0].text
+        _wait(
+            "every order out of the queue",
+            lambda: (
+                _text(board, "o-queued") == "0" and _text(board, "o-pending_payment") == str(STOCK)
+            ),
+            timeout_s=60,
+        )
+        _wait("sold out in the list", lambda: "sold out" in _text(board, "sales"), 10)
+        time.sleep(2)  # a couple more points on the charts
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        board.save_screenshot(str(SHOTS / "dashboard.png"))
+        shop.save_screenshot(str(SHOTS / "sale-page.png"))
+        assert (SHOTS / "dashboard.png").stat().st_size > 10_000
+
+        # the admin's actions, each behind a confirmation: cancel changes nothing, confirm acts
+        qty = board.find_element(By.ID, "topup-qty")
+        qty.clear()
+        qty.send_keys("5")
+        board.find_element(By.ID, "topup-btn").click()
+        _wait("the confirmation", lambda: board.find_element(By.ID, "confirm").is_displayed())
+        assert "Add 5 units" in _text(board, "confirm-text")
+        board.find_element(By.ID, "confirm-cancel").click()
+        time.sleep(1.5)
+        assert _text(board, "v-remaining") == "0"
+        board.find_element(By.ID, "topup-btn").click()
+        _wait("the confirmation", lambda: board.find_element(By.ID, "confirm").is_displayed())
+        board.find_element(By.ID, "confirm-ok").click()
+        _wait("the top-up on the dashboard", lambda: _text(board, "v-remaining") == "5")
+        _wait(
+            "the sale page open again",
+            lambda: shop.find_element(By.TAG_NAME, "body").get_attribute("data-status") == "active",
+            timeout_s=10,
+        )
+        board.find_element(By.ID, "close-btn").click()
+        _wait("the confirmation", lambda: board.find_element(By.ID, "confirm").is_displayed())
+        board.find_element(By.ID, "confirm-ok").click()
+        _wait("closed in the list", lambda: "closed" in _text(board, "sales"), 15)
+        _wait("ended on the sale page", lambda: _text(shop, "banner") == "This sale has ended")
+    finally:
+        board.quit()
+        shop.quit()

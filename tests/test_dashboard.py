@@ -1,0 +1,167 @@
+"""The dashboard's figures, its event stream and who may watch, on the real stores."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio import Redis
+
+from flashsale import dashboard, rediskeys
+from flashsale.auth import TokenService
+from gateway import appkeys
+from tests.conftest import auth, make_user
+from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users
+
+pytestmark = pytest.mark.integration
+
+
+async def _merchant_of_sku(db: asyncpg.Pool, sku_id: int) -> int:
+    merchant: int = await db.fetchval(
+        "SELECT p.merchant_id FROM skus s JOIN products p ON p.id = s.product_id WHERE s.id = $1",
+        sku_id,
+    )
+    return merchant
+
+
+async def _read_events(
+    client: TestClient[Any, Any], path: str, headers: dict[str, str], want: int
+) -> list[tuple[str, Any]]:
+    """The first ``want`` events of a stream, then hang up."""
+    out: list[tuple[str, Any]] = []
+    async with client.get(path, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        buf = b""
+        while len(out) < want:
+            chunk = await asyncio.wait_for(resp.content.readany(), 20)
+            assert chunk, "stream ended"
+            buf += chunk
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+                if b"event" in lines:
+                    out.append((lines[b"event"].decode(), orjson.loads(lines[b"data"])))
+    return out
+
+
+def test_quantile_interpolates_within_the_bucket() -> None:
+    before = {0.001: 0.0, 0.01: 0.0, 0.1: 0.0, float("inf"): 0.0}
+    after = {0.001: 0.0, 0.01: 50.0, 0.1: 100.0, float("inf"): 100.0}
+    assert dashboard.quantile(0.5, before, after) == pytest.approx(0.01)
+    assert dashboard.quantile(0.99, before, after) == pytest.approx(0.01 + 0.09 * 49 / 50)
+    assert dashboard.quantile(0.5, after, after) is None  # nothing observed in between
+
+
+async def test_stream_shows_what_the_sale_did(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, redis: Redis
+) -> None:
+    admin = await admin_headers(db, tokens)
+    sku = await make_sku(db)
+    sale_id = await create_sale(client, admin, sku, quantity=3, limit=1)
+    shoppers = await make_users(db, 5)
+    statuses = [(await join(client, sale_id, auth(tokens, uid))).status for uid in shoppers]
+    assert statuses.count(202) == 3
+    again = await join(client, sale_id, auth(tokens, shoppers[0]))
+    assert again.status == 409
+    client.app[appkeys.REQUEST_STATS].flush()
+
+    events = await _read_events(client, f"/api/v1/dashboard/sales/{sale_id}/events", admin, want=3)
+    assert events[0][0] == "history"
+    snaps = [data for name, data in events if name == "snapshot"]
+    assert len(snaps) == 2 and snaps[0]["t"] < snaps[1]["t"]
+    last = snaps[-1]
+    assert last["sale"]["remaining_quantity"] == 0
+    assert last["sale"]["total_quantity"] == 3
+    assert last["sale"]["status"] == "sold_out"
+    assert last["accepted_units"] == 3
+    assert last["refusals_total"].get("SOLD_OUT", 0) >= 1
+    assert sum(last["orders"].values()) >= 3  # queued in Redis or already in PostgreSQL
+    assert last["waiting_room"] is None
+    assert "totals" in last
+    # a second watcher gets the minutes already recorded
+    events = await _read_events(client, f"/api/v1/dashboard/sales/{sale_id}/events", admin, want=1)
+    assert len(events[0][1]) >= 2 and "totals" not in events[0][1][0]
+
+
+async def test_one_process_computes_each_second(
+    db: asyncpg.Pool, redis: Redis, client: TestClient[Any, Any], tokens: TokenService
+) -> None:
+    admin = await admin_headers(db, tokens)
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=5)
+    registry = CollectorRegistry()
+    workers = [
+        dashboard.DashboardHub(db, redis, lambda: dashboard.collect_families(registry))
+        for _ in range(3)
+    ]
+    second = 4_000_000_000 + sale_id  # a second no loop of the app will tick
+    snaps = await asyncio.gather(*(w.tick(sale_id, second) for w in workers))
+    assert sum(w.computed for w in workers) == 1
+    assert all(s is not None and s["second"] == second for s in snaps)
+    assert len({orjson.dumps(s) for s in snaps}) == 1
+    stored = await redis.get(rediskeys.dash_snapshot(sale_id))
+    assert stored is not None and orjson.loads(stored)["second"] == second
+
+
+async def test_merchants_see_their_own_sales(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    admin = await admin_headers(db, tokens)
+    mine_sku, other_sku = await make_sku(db), await make_sku(db)
+    mine = await create_sale(client, admin, mine_sku, quantity=2)
+    other = await create_sale(client, admin, other_sku, quantity=2)
+    merchant = auth(tokens, await _merchant_of_sku(db, mine_sku), "merchant")
+
+    resp = await client.get("/api/v1/dashboard/sales", headers=merchant)
+    ids = [s["flash_sale_id"] for s in (await resp.json())["data"]]
+    assert ids == [mine]
+    resp = await client.get("/api/v1/dashboard/sales", headers=admin)
+    listed = {s["flash_sale_id"]: s for s in (await resp.json())["data"]}
+    assert {mine, other} <= set(listed)
+    assert listed[mine]["status"] == "active"
+    assert listed[mine]["remaining_quantity"] == 2
+
+    resp = await client.get(f"/api/v1/dashboard/sales/{other}/events", headers=merchant)
+    assert resp.status == 403
+    shopper = auth(tokens, await make_user(db))
+    resp = await client.get("/api/v1/dashboard/sales", headers=shopper)
+    assert resp.status == 403
+    resp = await client.get("/api/v1/dashboard/sales/999999999/events", headers=admin)
+    assert resp.status == 404
+
+
+async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None:
+    for path, kind in (
+        ("/dashboard", "text/html"),
+        ("/sale/1", "text/html"),
+        ("/static/dashboard.js", "text/javascript"),
+        ("/static/vendor/uPlot.iife.min.js", "text/javascript"),
+        ("/static/vendor/uPlot.LICENSE", "text/plain"),
+    ):
+        resp = await client.get(path)
+        assert resp.status == 200, path
+        assert resp.headers["Content-Type"].startswith(kind), path
+    assert (await client.get("/static/nope.js")).status == 404
+    assert (await client.get("/static/..%2fapp.py")).status == 404
+    assert (await client.get("/sale/abc")).status == 404
+
+
+def test_waiting_room_figures_appear_with_its_metrics() -> None:
+    registry = CollectorRegistry()
+    before = dashboard.read_metrics(registry.collect())
+    assert dashboard.waiting_room_figures(before, 7, {}, 1.0) is None  # no waiting room yet
+    length = Gauge("flashsale_queue_length", "queued", ["sale_id"], registry=registry)
+    admitted = Counter("flashsale_queue_admitted", "admitted", registry=registry)
+    length.labels("7").set(40)
+    admitted.inc(10)
+    first = dashboard.read_metrics(registry.collect())
+    assert dashboard.waiting_room_figures(first, 8, {}, 1.0) is None  # another sale's queue
+    admitted.inc(6)
+    now = dashboard.read_metrics(registry.collect())
+    figures = dashboard.waiting_room_figures(now, 7, first.as_json(), 2.0)
+    assert figures == {"queue_length": 40, "admitted_per_s": 3.0}

@@ -1,0 +1,316 @@
+"""One hot sale drained by many consumers: events spread over every partition, the sale
+row is locked only for the transaction's last step, and still no accepted order is
+dropped, none is counted twice, and the orders beyond the allotment end ``oversold``."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from redis.asyncio import Redis
+
+from consumers.order_events import (
+    SQL_LOCK_SALES,
+    BatchOutcome,
+    OrderBatchProcessor,
+    consume_forever,
+    persist,
+)
+from consumers.recovery import unconsumed_events
+from flashsale.auth import TokenService
+from flashsale.flash.events import OrderEvent
+from flashsale.kafka import OrderProducer, ensure_topics, group_state
+from flashsale.metrics import get_metrics
+from flashsale.settings import Settings
+from tests.flashkit import (
+    admin_headers,
+    count_orders,
+    create_sale,
+    eventually,
+    forget_sale,
+    make_sku,
+    make_users,
+)
+
+pytestmark = pytest.mark.integration
+
+SQL_STATUSES = """
+SELECT o.status, count(*) AS orders, sum(i.quantity)::int AS units
+FROM orders o JOIN order_items i ON i.order_id = o.id
+WHERE o.flash_sale_id = $1 GROUP BY o.status
+"""
+SQL_SALE = "SELECT sold_quantity FROM flash_sales WHERE id = $1"
+SQL_LEDGER = """
+SELECT count(*) AS rows, coalesce(-sum(delta), 0)::int AS units FROM inventory_ledger
+WHERE flash_sale_id = $1 AND reason = 'flash_sold'
+"""
+SQL_WRITE_LOCKS = """
+SELECT relation::regclass::text AS relation FROM pg_locks
+WHERE pid = $1 AND granted AND mode = 'RowExclusiveLock' AND locktype = 'relation'
+"""
+SQL_LEDGER_OF_OVERSOLD = """
+SELECT count(*) FROM inventory_ledger l JOIN orders o ON o.id = l.order_id
+WHERE o.flash_sale_id = $1 AND o.status = 'oversold'
+"""
+
+
+def isolated(settings: Settings) -> Settings:
+    """The session's settings with a topic and a consumer group of this test's own."""
+    tag = secrets.token_hex(4)
+    return settings.with_(
+        kafka_orders_topic=f"test.drain.{tag}",
+        kafka_dlq_topic=f"test.drain.dlq.{tag}",
+        kafka_consumer_group=f"test-drain-{tag}",
+    )
+
+
+HotSale = Callable[[int], Awaitable[tuple[int, int, int]]]
+
+
+@pytest.fixture
+async def hot_sale(
+    client: TestClient[Any, Any], db: asyncpg.Pool, redis: Redis, tokens: TokenService
+) -> AsyncIterator[HotSale]:
+    """Makes live sales, returning (sale id, sku id, product id); removes them afterwards
+    from both stores, so that the orders these tests write beyond an allotment on purpose
+    never meet another test's reconcile."""
+    made: list[int] = []
+
+    async def make(quantity: int) -> tuple[int, int, int]:
+        sku = await make_sku(db)
+        sale_id = await create_sale(
+            client, await admin_headers(db, tokens), sku, quantity=quantity, limit=5
+        )
+        made.append(sale_id)
+        product = await db.fetchval("SELECT product_id FROM skus WHERE id = $1", sku)
+        return sale_id, sku, int(product)
+
+    yield make
+    for sale_id in made:
+        await forget_sale(db, redis, sale_id)
+
+
+def events_for(
+    sale_id: int, sku: int, product: int, users: list[int], n: int, *, base: int
+) -> list[OrderEvent]:
+    now_ms = int(time.time() * 1000)
+    return [
+        OrderEvent(
+            order_id=str(base + i),
+            sale_id=sale_id,
+            user_id=users[i % len(users)],
+            sku_id=sku,
+            product_id=product,
+            quantity=1 + i % 2,
+            price_cents=500,
+            payment_deadline_ms=now_ms + 900_000,
+            reserved_at_ms=now_ms,
+        )
+        for i in range(n)
+    ]
+
+
+async def record_of(db: asyncpg.Pool, sale_id: int) -> dict[str, Any]:
+    statuses = {
+        r["status"]: (r["orders"], r["units"]) for r in await db.fetch(SQL_STATUSES, sale_id)
+    }
+    ledger = await db.fetchrow(SQL_LEDGER, sale_id)
+    assert ledger is not None
+    return {
+        "statuses": statuses,
+        "sold": await db.fetchval(SQL_SALE, sale_id),
+        "ledger_rows": ledger["rows"],
+        "ledger_units": ledger["units"],
+        "ledger_of_oversold": await db.fetchval(SQL_LEDGER_OF_OVERSOLD, sale_id),
+    }
+
+
+async def publish_in_waves(producer: OrderProducer, events: list[OrderEvent]) -> None:
+    """As a gateway under load does: concurrent joins, shipped in many batches."""
+    for i in range(0, len(events), 10):
+        await asyncio.gather(*(producer.publish(e.key, e.encode()) for e in events[i : i + 10]))
+
+
+def test_one_sales_events_are_keyed_by_order() -> None:
+    a, b = (OrderEvent(str(n), 7, 1, 1, 1, 1, 100, 0, 0) for n in (1_000_001, 1_000_002))
+    assert a.key == b"1000001" and b.key == b"1000002"
+
+
+async def test_one_sale_spreads_over_every_partition_and_recovery_reads_them_all(
+    base_settings: Settings, db: asyncpg.Pool, hot_sale: HotSale
+) -> None:
+    settings = isolated(base_settings)
+    sale_id, sku, product = await hot_sale(1000)
+    users = await make_users(db, 10)
+    events = events_for(sale_id, sku, product, users, 200, base=int(time.time()) * 10_000)
+    async with OrderProducer(settings) as producer:
+        await publish_in_waves(producer, events)
+
+    consumer = AIOKafkaConsumer(
+        settings.kafka_orders_topic,
+        bootstrap_servers=settings.kafka,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    per_partition: Counter[int] = Counter()
+    try:
+        deadline = time.monotonic() + 30
+        while sum(per_partition.values()) < len(events) and time.monotonic() < deadline:
+            for tp, recs in (await consumer.getmany(timeout_ms=300)).items():
+                per_partition[tp.partition] += len(recs)
+    finally:
+        await consumer.stop()
+    assert sum(per_partition.values()) == len(events)
+    assert set(per_partition) == set(range(settings.kafka_partitions)), per_partition
+
+    # the fence's recount reads past the group's offsets on every partition
+    seen = await unconsumed_events(settings)
+    assert sorted(e.order_id for e in seen) == sorted(e.order_id for e in events)
+
+
+async def test_concurrent_batches_of_one_sale_count_each_order_once(
+    db: asyncpg.Pool, hot_sale: HotSale
+) -> None:
+    quantity = 90
+    sale_id, sku, product = await hot_sale(quantity)
+    users = await make_users(db, 20)
+    events = events_for(sale_id, sku, product, users, 100, base=int(time.time()) * 10_000)
+    units = sum(e.quantity for e in events)  # 150 units offered for 90
+    # four consumers at once, each batch overlapping the next one (a rebalance replay)
+    batches = [events[i : i + 30] for i in range(0, 100, 25)]
+
+    async def one(batch: list[OrderEvent]) -> Any:
+        async with db.acquire() as conn:
+            return await persist(conn, batch)
+
+    results = await asyncio.gather(*(one(b) for b in batches))
+    new = [oid for r in results for oid in r.new]
+    assert sorted(new) == sorted(e.order_id for e in events)  # every order, once
+    oversold = {e.order_id for r in results for e in r.oversold}
+
+    got = await record_of(db, sale_id)
+    pending_orders, pending_units = got["statuses"]["pending_payment"]
+    oversold_orders, oversold_units = got["statuses"]["oversold"]
+    assert pending_orders + oversold_orders == len(events)
+    assert pending_units + oversold_units == units
+    assert oversold_orders == len(oversold)
+    # the record is filled exactly; only an order that no longer fits is oversold
+    assert got["sold"] == pending_units == got["ledger_units"]
+    assert quantity - 1 <= pending_units <= quantity
+    assert got["ledger_rows"] == pending_orders and got["ledger_of_oversold"] == 0
+
+    replayed = await asyncio.gather(*(one(b) for b in reversed(batches)))
+    assert all(not r.new and not r.oversold for r in replayed)
+    assert await record_of(db, sale_id) == got
+
+
+async def test_a_consumer_waits_for_the_sale_row_only_after_its_writes(
+    db: asyncpg.Pool, hot_sale: HotSale
+) -> None:
+    sale_id, sku, product = await hot_sale(100)
+    users = await make_users(db, 5)
+    events = events_for(sale_id, sku, product, users, 20, base=int(time.time()) * 10_000 + 5000)
+    async with db.acquire() as holder, db.acquire() as conn:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.fetch(SQL_LOCK_SALES, [sale_id])  # another consumer's last step
+        pid = conn.get_server_pid()
+        task = asyncio.create_task(persist(conn, events))
+        try:
+
+            async def waits_on_lock() -> bool:
+                row = await holder.fetchrow(
+                    "SELECT wait_event_type, query FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                return row is not None and row["wait_event_type"] == "Lock"
+
+            await eventually(waits_on_lock, timeout_s=20)
+            # its orders, items and ledger rows are written: it holds their tables' write
+            # locks while it waits for the one serialised step
+            tables = {r["relation"] for r in await holder.fetch(SQL_WRITE_LOCKS, pid)}
+            assert {"orders", "order_items", "inventory_ledger"} <= tables, tables
+            assert not task.done()
+        finally:
+            await tx.commit()
+        written = await task
+    assert len(written.new) == 20 and not written.oversold
+    assert await db.fetchval(SQL_SALE, sale_id) == sum(e.quantity for e in events)
+
+
+async def test_two_consumers_in_one_group_drain_one_sale_together(
+    base_settings: Settings, db: asyncpg.Pool, redis: Redis, hot_sale: HotSale
+) -> None:
+    settings = isolated(base_settings)
+    quantity = 240
+    sale_id, sku, product = await hot_sale(quantity)
+    users = await make_users(db, 20)
+    events = events_for(sale_id, sku, product, users, 200, base=int(time.time()) * 10_000 + 7000)
+    units = sum(e.quantity for e in events)  # 300 units offered for 240
+    stop = asyncio.Event()
+    batches: dict[str, list[BatchOutcome]] = {"a": [], "b": []}
+    async with OrderProducer(settings) as producer:
+        processor = OrderBatchProcessor(settings, db, redis, producer, get_metrics())
+        tasks = [
+            asyncio.create_task(
+                consume_forever(settings, processor, stop, on_batch=batches[name].append)
+            )
+            for name in batches
+        ]
+        try:
+            # the group settles with both members before the events arrive
+            await eventually(lambda: _stable_with(settings, 2), timeout_s=60, every_s=0.3)
+            await publish_in_waves(producer, events)
+            await eventually(lambda: _equals(count_orders(db, sale_id), len(events)), timeout_s=60)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    got = await record_of(db, sale_id)
+    pending_orders, pending_units = got["statuses"]["pending_payment"]
+    oversold_orders, oversold_units = got["statuses"]["oversold"]
+    assert pending_orders + oversold_orders == len(events)
+    assert pending_units + oversold_units == units
+    assert got["sold"] == pending_units == got["ledger_units"]
+    assert quantity - 1 <= pending_units <= quantity
+    assert sum(o.persisted for b in batches.values() for o in b) == len(events)
+    assert all(batches.values()), "both consumers took a share of the one sale"
+
+
+async def _stable_with(settings: Settings, members: int) -> bool:
+    return await group_state(settings) == ("Stable", members)
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
+
+
+async def test_topics_are_created_with_the_replication_settings(base_settings: Settings) -> None:
+    settings = isolated(base_settings).with_(
+        kafka_replication_factor=3, kafka_min_insync_replicas=2
+    )
+    await ensure_topics(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([settings.kafka_orders_topic])
+        configs = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, settings.kafka_orders_topic)]
+        )
+    finally:
+        await admin.close()
+    partitions = described[0]["partitions"]
+    assert len(partitions) == settings.kafka_partitions
+    # tansu lists the one broker three times: it stores, and does not replicate, the data
+    assert all(len(p["replicas"]) == 3 for p in partitions)
+    entries = {c[0]: c[1] for r in configs for res in r.resources for c in res[4]}
+    assert entries.get("min.insync.replicas") == "2", entries
