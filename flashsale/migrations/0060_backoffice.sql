@@ -26,7 +26,8 @@ CREATE UNIQUE INDEX addresses_one_default_uq ON addresses (user_id) WHERE is_def
 -- the state machine, sweepers), so no writer has to remember it.
 CREATE TABLE merchant_orders (
     merchant_id  BIGINT      NOT NULL REFERENCES users (id),
-    order_id     TEXT        NOT NULL REFERENCES orders (id),
+    -- (orders are never deleted by the service; the cascade keeps a cleanup one statement)
+    order_id     TEXT        NOT NULL REFERENCES orders (id) ON DELETE CASCADE,
     created_at   TIMESTAMPTZ NOT NULL,
     status       TEXT        NOT NULL,
     user_id      BIGINT      NOT NULL,
