@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from flashsale import rediskeys
 from flashsale.db import Conn
+from flashsale.flash import shipping
 from flashsale.flash.events import BadEvent, OrderEvent, decode
 from flashsale.kafka import OrderProducer, PublishFailed, assignor
 from flashsale.metrics import Metrics
@@ -59,20 +60,22 @@ FROM flash_sales WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE
 SQL_EXISTING = "SELECT id FROM orders WHERE id = ANY($1::text[])"
 SQL_INSERT_ORDERS = """
 INSERT INTO orders (id, user_id, kind, status, total_cents, pay_cents, payment_deadline,
-                    created_at, updated_at, flash_sale_id)
+                    created_at, updated_at, flash_sale_id, shipping_address)
 SELECT o.id, o.user_id, 'flash', o.status, o.total, o.total,
-       to_timestamp(o.deadline_ms / 1000.0), to_timestamp(o.reserved_ms / 1000.0), now(), o.sale_id
+       to_timestamp(o.deadline_ms / 1000.0), to_timestamp(o.reserved_ms / 1000.0), now(), o.sale_id,
+       o.address
 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
-            $7::text[])
-     AS o(id, user_id, total, deadline_ms, reserved_ms, sale_id, status)
+            $7::text[], $8::jsonb[])
+     AS o(id, user_id, total, deadline_ms, reserved_ms, sale_id, status, address)
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
 OVERSOLD: Final = "oversold"
 PENDING: Final = "pending_payment"
 SQL_INSERT_ITEMS = """
-INSERT INTO order_items (order_id, product_id, sku_id, quantity, price_cents)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[])
+INSERT INTO order_items (order_id, product_id, sku_id, quantity, price_cents, snapshot_id)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[],
+                     $6::bigint[])
 """
 SQL_INSERT_LEDGER = """
 INSERT INTO inventory_ledger (sku_id, order_id, delta, reason, flash_sale_id)
@@ -123,7 +126,8 @@ async def persist(conn: Conn, events: list[OrderEvent]) -> Persisted:
         fresh = [unique[oid] for oid in sorted(unique)]
         if not fresh:
             return out
-        new_ids = {r["id"] for r in await _insert(conn, fresh)}
+        ship = await shipping.prepare(conn, fresh)  # item snapshots and shipping addresses
+        new_ids = {r["id"] for r in await _insert(conn, fresh, ship)}
         fresh = [e for e in fresh if e.order_id in new_ids]
         if not fresh:
             return out
@@ -133,7 +137,9 @@ async def persist(conn: Conn, events: list[OrderEvent]) -> Persisted:
     return out
 
 
-async def _insert(conn: Conn, fresh: list[OrderEvent]) -> list[asyncpg.Record]:
+async def _insert(
+    conn: Conn, fresh: list[OrderEvent], ship: shipping.Shipping
+) -> list[asyncpg.Record]:
     """Orders (as payable), items and ledger rows; returns the order ids that were new."""
     new = await conn.fetch(
         SQL_INSERT_ORDERS,
@@ -144,6 +150,7 @@ async def _insert(conn: Conn, fresh: list[OrderEvent]) -> list[asyncpg.Record]:
         [e.reserved_at_ms for e in fresh],
         [e.sale_id for e in fresh],
         [PENDING] * len(fresh),
+        ship.addresses_of(fresh),
     )
     new_ids = {r["id"] for r in new}
     fresh = [e for e in fresh if e.order_id in new_ids]
@@ -155,6 +162,7 @@ async def _insert(conn: Conn, fresh: list[OrderEvent]) -> list[asyncpg.Record]:
             [e.sku_id for e in fresh],
             [e.quantity for e in fresh],
             [e.price_cents for e in fresh],
+            ship.snapshots_of(fresh),
         )
         await conn.execute(
             SQL_INSERT_LEDGER,

@@ -101,6 +101,16 @@ SQL_INSERT_SKU = """
 INSERT INTO skus (product_id, code, attributes, price_cents, on_hand)
 VALUES ($1, $2, $3, $4, $5) RETURNING id
 """
+# Every demo shopper has a default address, so a flash order it joins can be paid and shipped
+# (a later `up` on an older data folder adds it).
+SQL_DEMO_ADDRESSES = """
+INSERT INTO addresses (user_id, name, phone, region, city, detail, postcode, is_default)
+SELECT u.id, u.nickname, '13800138000', 'Beijing', 'Beijing', 'No. 1 Demo Road, Chaoyang',
+       '100020', true
+FROM users u
+WHERE u.email LIKE 'shopper%@demo.local'
+  AND NOT EXISTS (SELECT 1 FROM addresses a WHERE a.user_id = u.id)
+"""
 
 
 def _credentials() -> dict[str, str]:
@@ -131,6 +141,7 @@ async def load_demo(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
     """Create the demo data unless it is there; return what the banner prints."""
     info: dict[str, Any] = {"accounts": _credentials()}
     if await pool.fetchval(SQL_ADMIN_EXISTS, ACCOUNTS[0][1]) is not None:
+        await pool.execute(SQL_DEMO_ADDRESSES)
         info.update(await _after_catalog(settings, pool, created=False))
         return info
     users: dict[str, int] = {}
@@ -139,6 +150,7 @@ async def load_demo(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
             pool, email=email, phone=None, password=password, nickname=nickname, role=role
         )
         users[email] = user.id
+    await pool.execute(SQL_DEMO_ADDRESSES)
     merchant = users["merchant@demo.local"]
     async with pool.acquire() as conn, conn.transaction():
         cats = await _categories(conn)

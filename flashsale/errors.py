@@ -345,6 +345,33 @@ class ReturnRequired(Conflict):
     )
 
 
+# --- back office: addresses, returns ---------------------------------------------------
+
+
+class AddressNotFound(NotFound):
+    code = "ADDRESS_NOT_FOUND"
+    default_message = "address not found"
+
+
+class AddressRequired(Conflict):
+    """An order ships somewhere: it cannot be paid or shipped without an address."""
+
+    code = "ADDRESS_REQUIRED"
+    default_message = (
+        "this order has no shipping address: add one to your address book (or pass address_id)"
+    )
+
+
+class AddressBookFull(Conflict):
+    code = "ADDRESS_BOOK_FULL"
+    default_message = "the address book is full; delete an address first"
+
+
+class ReturnInProgress(Conflict):
+    code = "RETURN_IN_PROGRESS"
+    default_message = "this order already has a return request waiting for a decision"
+
+
 # --- flash sales -------------------------------------------------------------------------
 
 

@@ -261,3 +261,57 @@ async def change_password(
 async def logout(db: asyncpg.Pool, redis: Redis, user_id: int) -> User:
     """End every session of the account (every token issued so far)."""
     return await _bump(db, redis, SQL_BUMP, user_id)
+
+
+SQL_SEARCH_USERS = """
+SELECT id, email, phone, nickname, role, disabled_at, created_at, count(*) OVER () AS total
+FROM users
+WHERE ($1::text IS NULL
+       OR lower(email) LIKE $1 ESCAPE '\\' OR phone LIKE $1 ESCAPE '\\'
+       OR lower(nickname) LIKE $1 ESCAPE '\\' OR id = $2)
+  AND ($3::text IS NULL OR role = $3)
+  AND ($4::boolean IS NULL OR (disabled_at IS NOT NULL) = $4)
+ORDER BY id DESC
+LIMIT $5 OFFSET $6
+"""
+
+
+def _like_prefix(text: str) -> str:
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+async def search_users(
+    db: asyncpg.Pool,
+    *,
+    q: str | None,
+    role: str | None,
+    disabled: bool | None,
+    page: int,
+    limit: int,
+) -> dict[str, Any]:
+    """Accounts for the admin: ``q`` is a prefix of the email, phone or nickname (any
+    case), or the exact id; filtered by role and disabled state; newest first."""
+    pattern = None if q is None else _like_prefix(q)
+    exact_id = int(q) if q is not None and q.isdigit() and len(q) <= 18 else None
+    rows = await db.fetch(
+        SQL_SEARCH_USERS, pattern, exact_id, role, disabled, limit, (page - 1) * limit
+    )
+    return {
+        "users": [
+            {
+                "id": r["id"],
+                "email": r["email"],
+                "phone": r["phone"],
+                "nickname": r["nickname"],
+                "role": r["role"],
+                "disabled": r["disabled_at"] is not None,
+                "disabled_at": r["disabled_at"],
+                "created_at": r["created_at"],
+            }
+            for r in rows
+        ],
+        "total": rows[0]["total"] if rows else 0,
+        "page": page,
+        "limit": limit,
+    }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from functools import cache
 from typing import Any, Final
 
@@ -377,6 +377,14 @@ def validate_query(query: Mapping[str, str], schema: Mapping[str, F]) -> dict[st
     if errors:
         raise ValidationFailed(fields=errors)
     return out
+
+
+def date_bound(value: datetime | date | None, *, end: bool) -> datetime | None:
+    """A query bound: a datetime as given; a date (years <= 2999, so +1 day never overflows)
+    as UTC midnight — of the next day for an ``end`` bound, so that the date is included."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.combine(value + timedelta(days=1 if end else 0), time(), tzinfo=UTC)
 
 
 def query_int(

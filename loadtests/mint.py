@@ -38,6 +38,13 @@ FROM generate_series(1, $4::int) AS g
 RETURNING id
 """
 
+# A default address each, as a real shopper has: a flash order is paid only with one.
+SQL_INSERT_ADDRESSES = """
+INSERT INTO addresses (user_id, name, phone, region, city, detail, is_default)
+SELECT u, 'Load Test', '13800000000', 'Region', 'Y City', '1 Bench Road', true
+FROM unnest($1::bigint[]) AS u
+"""
+
 
 @cache
 def shared_hash() -> str:
@@ -55,7 +62,10 @@ async def insert_users(
     while len(ids) < count:
         n = min(BATCH, count - len(ids))
         rows = await conn.fetch(SQL_INSERT_USERS, f"{tag}-{len(ids)}", shared_hash(), role, n)
-        ids.extend(int(r["id"]) for r in rows)
+        batch = [int(r["id"]) for r in rows]
+        if role == "user":
+            await conn.execute(SQL_INSERT_ADDRESSES, batch)
+        ids.extend(batch)
     return ids
 
 

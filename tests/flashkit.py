@@ -39,6 +39,7 @@ async def make_sku(db: asyncpg.Pool, on_hand: int = 10_000, price: int = 10_000)
 
 
 async def make_users(db: asyncpg.Pool, n: int) -> list[int]:
+    """Shoppers, each with a default address (a flash order is paid only with one)."""
     tag = secrets.token_hex(5)
     rows = await db.fetch(
         "INSERT INTO users (email, password_hash, nickname) "
@@ -47,7 +48,14 @@ async def make_users(db: asyncpg.Pool, n: int) -> list[int]:
         n,
         tag,
     )
-    return [r["id"] for r in rows]
+    ids = [r["id"] for r in rows]
+    await db.execute(
+        "INSERT INTO addresses (user_id, name, phone, region, city, detail, is_default) "
+        "SELECT u, 'Test', '13800138000', 'R', 'C', '1 Test Road', true "
+        "FROM unnest($1::bigint[]) AS u",
+        ids,
+    )
+    return ids
 
 
 async def admin_headers(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:

@@ -69,6 +69,8 @@ RULE_FIELDS: dict[tuple[str, str], set[str]] = {
         "product_ids",
     },
     ("POST", "/api/v1/admin/promotions"): {"valid_until", "rules", "rules[].discount_amount"},
+    # lines the order does not hold, more than is left to return, items on a money-only refund
+    ("POST", "/api/v1/orders/{id}/returns"): {"items", "items[].sku_id", "items[].quantity"},
 }
 CHECKS = [
     not_a_server_error,
@@ -153,6 +155,33 @@ def _post(base: str, path: str, headers: dict[str, str], body: dict[str, Any]) -
     resp = requests.post(base + path, json=body, headers=headers, timeout=30)
     assert resp.status_code in (200, 201, 202), (path, resp.text)
     return resp.json()["data"]
+
+
+def _returned_order(
+    base: str, shopper: dict[str, str], merchant: dict[str, str], sku: int, address: Any
+) -> dict[str, Any]:
+    """A shipped order with a return request waiting for a decision."""
+    order = _post(
+        base,
+        "/api/v1/orders",
+        shopper,
+        {"items": [{"sku_id": sku, "quantity": 2}], "shipping_address": address},
+    )
+    oid = order["order_id"]
+    _post(base, f"/api/v1/payment/sandbox/{order['payment_id']}/approve", shopper, {})
+    _post(
+        base,
+        f"/api/v1/orders/{oid}/ship",
+        merchant,
+        {"shipping_company": "SF", "tracking_number": "SF1"},
+    )
+    ret = _post(
+        base,
+        f"/api/v1/orders/{oid}/returns",
+        shopper,
+        {"kind": "return", "reason": "fuzz", "items": [{"sku_id": sku, "quantity": 1}]},
+    )
+    return {"order_id": oid, "return_id": ret["return_id"]}
 
 
 async def _users(settings: Settings) -> dict[str, int]:
@@ -259,6 +288,13 @@ def live(own_settings: Settings) -> Iterator[Live]:
         )
         preorder = _post(base, "/api/v1/preorder", shopper, {"product_id": pid, "quantity": 1})
         oid = order["order_id"]
+        returned = _returned_order(base, shopper, merchant, sku, address)
+        book = _post(
+            base,
+            "/api/v1/addresses",
+            shopper,
+            {"name": "Fuzz", "phone": "13800138000", "region": "R", "city": "C", "detail": "D"},
+        )
         ids = {
             "/api/v1/products/{id}": {"id": pid},
             "/api/v1/products/{id}/stock": {"id": pid},
@@ -283,6 +319,13 @@ def live(own_settings: Settings) -> Iterator[Live]:
             "/api/v1/payment/sandbox/{payment_id}/approve": {"payment_id": payment["payment_id"]},
             "/api/v1/payment/sandbox/{payment_id}/fail": {"payment_id": payment["payment_id"]},
             "/api/v1/admin/users/{user_id}": {"user_id": victim},
+            "/api/v1/addresses/{address_id}": {"address_id": book["address_id"]},
+            "/api/v1/merchant/orders/{id}": {"id": oid},
+            "/api/v1/admin/orders/{id}": {"id": oid},
+            "/api/v1/admin/orders/{id}/logs": {"id": oid},
+            "/api/v1/orders/{id}/returns": {"id": returned["order_id"]},
+            "/api/v1/returns/{return_id}/approve": {"return_id": returned["return_id"]},
+            "/api/v1/returns/{return_id}/reject": {"return_id": returned["return_id"]},
             "/sale/{sale_id}": {"sale_id": sale["flash_sale_id"]},
             "/static/{name}": {"name": "app.css"},
             "/static/vendor/{name}": {"name": "uPlot.min.css"},

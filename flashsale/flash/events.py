@@ -39,6 +39,10 @@ class OrderEvent:
     # The join's request id, so one grep follows an order from its HTTP request to the
     # consumer's log line; empty for events rebuilt from the reservation log.
     request_id: str = ""
+    # The address book entry the shopper named at join (None: their default, resolved by
+    # the consumer, or at payment). Optional and absent from the reservation log, so an
+    # event without it (older producers, republished entries) is still version 1.
+    address_id: int | None = None
 
     @property
     def key(self) -> bytes:
@@ -84,7 +88,17 @@ def decode(raw: bytes | None) -> OrderEvent:
     rid = data.get("request_id")
     # A log field never costs an order: a malformed one is dropped, not dead-lettered.
     request_id = rid if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID else ""
-    return OrderEvent(order_id=order_id, request_id=request_id, **{n: data[n] for n in _INT_FIELDS})
+    address_id = data.get("address_id")
+    if address_id is not None and (
+        not isinstance(address_id, int) or isinstance(address_id, bool) or address_id < 1
+    ):
+        raise BadEvent("address_id must be a positive integer or null")
+    return OrderEvent(
+        order_id=order_id,
+        request_id=request_id,
+        address_id=address_id,
+        **{n: data[n] for n in _INT_FIELDS},
+    )
 
 
 def pack_entry(e: OrderEvent) -> str:

@@ -66,6 +66,7 @@ async def join(
     idempotency_key: str | None,
     order_id: str,
     request_id: str = "",
+    address_id: int | None = None,
 ) -> JoinResult:
     """Reserve with one script call, publish the event, and only then report success."""
     sid = sale.id
@@ -107,6 +108,7 @@ async def join(
             payment_deadline_ms=deadline,
             reserved_at_ms=now_ms(),
             request_id=request_id,
+            address_id=address_id,
         )
         try:
             await rt.producer.publish(event.key, event.encode())

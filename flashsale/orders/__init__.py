@@ -1,7 +1,9 @@
 """Regular orders (and the state changes every order shares), one job per module:
 ``create`` (creation in undoable steps), ``states`` (the state machine and the timeout
-close), ``views`` (what a shopper reads) and ``model`` (statuses, actors, the order row and
-its log). The names other packages use are importable from here."""
+close), ``views`` (what a shopper reads), ``model`` (statuses, actors, the order row and
+its log), ``backoffice`` (merchant and admin lists) and ``returns`` (returns and refunds
+after shipping; import it as ``flashsale.orders.returns``: it sits above payments). The
+names other packages use are importable from here."""
 
 from __future__ import annotations
 

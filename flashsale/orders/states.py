@@ -12,6 +12,7 @@ import asyncpg
 
 from flashsale import coupons, inventory
 from flashsale.errors import (
+    AddressRequired,
     Forbidden,
     NotFound,
 )
@@ -158,8 +159,13 @@ async def ship_order(
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is None:
             raise NotFound("order not found")
-        await _require_merchant(conn, order_id, actor)
+        await require_merchant(conn, order_id, actor)
         version = _check(order, ("paid",), "ship", expected_version)
+        if order["shipping_address"] is None:  # paid before addresses were required
+            raise AddressRequired(
+                "this order has no shipping address; it cannot ship",
+                data={"order_id": order_id},
+            )
         new_version = await _apply(
             conn,
             SQL_TO_SHIPPED,
@@ -190,7 +196,7 @@ async def deliver_order(
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is None:
             raise NotFound("order not found")
-        await _require_merchant(conn, order_id, actor)
+        await require_merchant(conn, order_id, actor)
         version = _check(order, ("shipped",), "deliver", expected_version)
         new_version = await _apply(conn, SQL_TO_DELIVERED, order, version, "delivered", actor, None)
     return {"order_id": order_id, "status": "delivered", "version": new_version}
@@ -209,7 +215,7 @@ async def confirm_order(
     return {"order_id": order_id, "status": "completed", "version": new_version}
 
 
-async def _require_merchant(conn: Conn, order_id: str, actor: Actor) -> None:
+async def require_merchant(conn: Conn, order_id: str, actor: Actor) -> None:
     """The merchant of every product of the order, or an admin. Anyone else gets the
     same 404 as for a missing order, so order ids of other shops do not leak."""
     if actor.role == "admin":

@@ -36,13 +36,65 @@ ORDER BY created_at DESC, id DESC
 LIMIT $3 OFFSET $4
 """
 SQL_COUNT = "SELECT count(*) FROM orders WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)"
+RETURN_COLUMNS = """
+id, order_id, user_id, kind, status, reason, amount_cents, items, decided_by, decision_note,
+refund_id, restocked, created_at, decided_at, refunded_at
+"""
+SQL_RETURNS_OF_ORDER = (
+    f"SELECT {RETURN_COLUMNS} FROM order_returns WHERE order_id = $1 ORDER BY created_at, id"  # noqa: S608
+)
 SQL_LOGS = """
 SELECT actor_id, actor_role, from_status, to_status, note, created_at
 FROM order_logs WHERE order_id = $1 ORDER BY id
 """
 
 
-def _item_view(r: asyncpg.Record) -> dict[str, Any]:
+def return_view(r: asyncpg.Record) -> dict[str, Any]:
+    """A return request (see :mod:`flashsale.orders.returns`)."""
+    return {
+        "return_id": r["id"],
+        "order_id": r["order_id"],
+        "user_id": r["user_id"],
+        "kind": r["kind"],
+        "status": r["status"],
+        "reason": r["reason"],
+        "amount": r["amount_cents"],
+        "items": r["items"],
+        "decided_by": r["decided_by"],
+        "decision_note": r["decision_note"],
+        "refund_id": r["refund_id"],
+        "restocked": r["restocked"],
+        "created_at": r["created_at"],
+        "decided_at": r["decided_at"],
+        "refunded_at": r["refunded_at"],
+    }
+
+
+async def returns_of_order(conn: Conn, order_id: str) -> list[dict[str, Any]]:
+    return [return_view(r) for r in await conn.fetch(SQL_RETURNS_OF_ORDER, order_id)]
+
+
+def shipping_info(order: asyncpg.Record) -> dict[str, Any]:
+    """Where the order goes (its address snapshot) and how it travels."""
+    address = order["shipping_address"] or {}
+    return {
+        "name": address.get("name"),
+        "phone": address.get("phone"),
+        "address": address.get("address"),
+        "region": address.get("region"),
+        "city": address.get("city"),
+        "detail": address.get("detail"),
+        "postcode": address.get("postcode"),
+        "address_id": address.get("address_id"),
+        "shipping_company": order["shipping_company"],
+        "tracking_number": order["tracking_number"],
+        "estimated_delivery": order["estimated_delivery"],
+        "shipped_at": order["shipped_at"],
+        "delivered_at": order["delivered_at"],
+    }
+
+
+def item_view(r: asyncpg.Record) -> dict[str, Any]:
     snap = r["snapshot"] or {}
     return {
         "product_id": r["product_id"],
@@ -58,9 +110,8 @@ def _item_view(r: asyncpg.Record) -> dict[str, Any]:
 
 
 async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
-    items = [_item_view(r) for r in await conn.fetch(SQL_ITEMS, order["id"])]
+    items = [item_view(r) for r in await conn.fetch(SQL_ITEMS, order["id"])]
     pay = await conn.fetchrow(SQL_LATEST_PAYMENT, order["id"])
-    address = order["shipping_address"] or {}
     return {
         "order_id": order["id"],
         "kind": order["kind"],
@@ -79,16 +130,8 @@ async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
         "cancel_reason": order["cancel_reason"],
         "completed_at": order["completed_at"],
         "items": items,
-        "shipping_info": {
-            "name": address.get("name"),
-            "phone": address.get("phone"),
-            "address": address.get("address"),
-            "shipping_company": order["shipping_company"],
-            "tracking_number": order["tracking_number"],
-            "estimated_delivery": order["estimated_delivery"],
-            "shipped_at": order["shipped_at"],
-            "delivered_at": order["delivered_at"],
-        },
+        "shipping_info": shipping_info(order),
+        "returns": await returns_of_order(conn, order["id"]),
         "payment_info": None
         if pay is None
         else {

@@ -16,6 +16,8 @@ from gateway.routing import Route
 
 def extra_routes(settings: Settings | None = None) -> list[Route]:
     from gateway.routes import (
+        addresses,
+        backoffice,
         cart,
         catalog,
         dashboard,
@@ -40,6 +42,8 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         *cart.ROUTES,
         *marketing.ROUTES,
         *dashboard.ROUTES,
+        *addresses.ROUTES,
+        *backoffice.ROUTES,
     ]
 
 

@@ -18,7 +18,7 @@ from flashsale.errors import ItemUnavailable, ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate, optional_principal
 from gateway.http import ok, read_json
-from gateway.routes.orders import ADDRESS, shipping_address
+from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routing import Route
 from gateway.validation import Alt, F, Obj, path_int, validate
 
@@ -53,13 +53,18 @@ PREVIEW = {
     "shipping_address_id": F(int, required=False, nullable=True, min=1),
     "coupon_code": F(str, required=False, nullable=True, max_len=64),
 }
-CHECKOUT = {
-    "selected_items": F(
-        list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
-    ),
-    "shipping_address": F(dict, fields=ADDRESS),  # the one address schema, as POST /orders
-    "coupon_code": F(str, required=False, nullable=True, max_len=64),
-}
+CHECKOUT = Obj(
+    {
+        "selected_items": F(
+            list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
+        ),
+        # the one address schema, as POST /orders: inline, or an address book entry
+        "shipping_address": F(dict, required=False, fields=ADDRESS),
+        "address_id": ADDRESS_ID,
+        "coupon_code": F(str, required=False, nullable=True, max_len=64),
+    },
+    alts=ADDRESS_ALTS,
+)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LEN = 128
 _TOKEN_RE = re.compile(cart.TOKEN_PATTERN)
@@ -161,8 +166,6 @@ async def merge(request: web.Request) -> web.Response:
 async def preview(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), PREVIEW)
-    if body.get("shipping_address") is not None:
-        shipping_address(body["shipping_address"])
     async with request.app[appkeys.DB].acquire() as conn:
         selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
         priced = await coupons.quote(
@@ -203,7 +206,7 @@ def _order_lines(selection: cart.Selection) -> list[orders.OrderLineRequest]:
 async def checkout(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
     body = validate(await read_json(request), CHECKOUT)
-    address = shipping_address(body["shipping_address"])
+    address = await order_address(request, principal.user_id, body)
     pool = request.app[appkeys.DB]
     key = request.headers.get(IDEMPOTENCY_HEADER) or None
     if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LEN:

@@ -63,7 +63,17 @@ PATCH = Obj(
     },
     alts=(Alt(("add_quantity",)), Alt(("end_at",)), Alt(("mode",)), Alt(("queue",))),
 )
-JOIN = {"quantity": F(int, min=1, max=joining.MAX_JOIN_QUANTITY)}
+JOIN = {
+    "quantity": F(int, min=1, max=joining.MAX_JOIN_QUANTITY),
+    "address_id": F(
+        int,
+        required=False,
+        nullable=True,
+        min=1,
+        doc="an entry of the caller's address book; default: their default address "
+        "(resolved after the join, checked at payment)",
+    ),
+}
 _MAX_IDEMPOTENCY_KEY = 64
 
 
@@ -204,12 +214,14 @@ async def join(request: web.Request) -> web.Response:
             now=now,
         )
     body: Any = await read_json(request)
+    address_id = None
     if type(body) is dict and len(body) == 1 and type(body.get("quantity")) is int:
         quantity = body["quantity"]  # the common shape, checked without the generic validator
         if not 1 <= quantity <= joining.MAX_JOIN_QUANTITY:
             validate(body, JOIN)
     else:
-        quantity = validate(body, JOIN)["quantity"]
+        checked = validate(body, JOIN)
+        quantity, address_id = checked["quantity"], checked.get("address_id")
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY:
         raise ValidationFailed(fields={"Idempotency-Key": "must be 1 to 64 characters"})
@@ -222,6 +234,7 @@ async def join(request: web.Request) -> web.Response:
         idempotency_key=key,
         order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
         request_id=request_id(request),
+        address_id=address_id,
     )
     request[appkeys.ORDER_ID] = result.order_id  # the access log line names the order
     if sale.mode == "queued" and not result.replayed:

@@ -9,14 +9,16 @@ from aiohttp import web
 from flashsale import orders, payments
 from flashsale.auth import Principal, require_role
 from flashsale.errors import ValidationFailed
-from flashsale.orders import Actor, OrderLineRequest
+from flashsale.orders import Actor, OrderLineRequest, returns
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
 from gateway.http import ok, read_json
+from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routing import Route
 from gateway.validation import (
     INT32_MAX,
+    INT64_MAX,
     PATH_TEXT,
     Alt,
     F,
@@ -35,17 +37,15 @@ ITEM = Obj(
     },
     alts=(Alt(("sku_id",), absent=("product_id",)), Alt(("product_id",), absent=("sku_id",))),
 )
-# The one shipping-address schema: POST /orders and POST /cart/checkout both use it.
-ADDRESS = {
-    "name": F(str, min_len=1, max_len=64),
-    "phone": F(str, min_len=3, max_len=32),
-    "address": F(str, min_len=1, max_len=500),
-}
-CREATE = {
-    "items": F(list, min_len=1, max_len=100, items=F(dict, fields=ITEM)),
-    "shipping_address": F(dict, fields=ADDRESS),
-    "coupon_code": F(str, required=False, nullable=True, max_len=64),
-}
+CREATE = Obj(
+    {
+        "items": F(list, min_len=1, max_len=100, items=F(dict, fields=ITEM)),
+        "shipping_address": F(dict, required=False, fields=ADDRESS),
+        "address_id": ADDRESS_ID,
+        "coupon_code": F(str, required=False, nullable=True, max_len=64),
+    },
+    alts=ADDRESS_ALTS,
+)
 CANCEL = {
     "reason": F(str, required=False, default="cancelled by user", max_len=200),
     "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
@@ -54,6 +54,43 @@ VERSION_ONLY = {"version": F(int, required=False, nullable=True, min=1, max=INT3
 PAY = {
     "payment_method": F(str, choices=payments.METHOD_NAMES),
     "return_url": F(str, required=False, nullable=True, max_len=2000),
+    "address_id": F(
+        int,
+        required=False,
+        nullable=True,
+        min=1,
+        doc="ship to this entry of the caller's address book (an order without an address "
+        "takes the default one; with no default the payment is refused: 409 ADDRESS_REQUIRED)",
+    ),
+}
+RETURN_ITEM = {
+    "sku_id": F(int, min=1),
+    "quantity": F(int, min=1, max=orders.MAX_LINE_QUANTITY),
+}
+RETURN = {
+    "kind": F(
+        str,
+        choices=returns.KINDS,
+        doc="return: the goods come back (restocked on approval); refund: money only",
+    ),
+    "reason": F(str, min_len=1, max_len=500),
+    "amount": F(
+        int,
+        required=False,
+        nullable=True,
+        min=1,
+        max=INT64_MAX,
+        doc="cents to refund (partial); default: all not yet refunded",
+    ),
+    "items": F(
+        list,
+        required=False,
+        nullable=True,
+        min_len=1,
+        max_len=100,
+        items=F(dict, fields=RETURN_ITEM),
+        doc="kind return only: the lines coming back (default: all)",
+    ),
 }
 SHIP = {
     "shipping_company": F(str, min_len=1, max_len=64),
@@ -77,16 +114,6 @@ SQL_SINGLE_SKU = """
 SELECT product_id, min(id) AS sku_id, count(*) AS skus FROM skus
 WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
 """
-
-
-def shipping_address(raw: dict[str, Any]) -> dict[str, Any]:
-    """The validated address (only ``ADDRESS`` fields); 422 names ``shipping_address.<f>``."""
-    try:
-        return validate(raw, ADDRESS)
-    except ValidationFailed as exc:
-        raise ValidationFailed(
-            fields={f"shipping_address.{k}": v for k, v in (exc.fields or {}).items()}
-        ) from None
 
 
 def _principal(request: web.Request) -> Principal:
@@ -145,7 +172,7 @@ async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[Orde
 async def create(request: web.Request) -> web.Response:
     principal = _principal(request)
     body = validate(await read_json(request), CREATE)
-    address = shipping_address(body["shipping_address"])
+    address = await order_address(request, principal.user_id, body)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 128:
         raise ValidationFailed(fields={"Idempotency-Key": "length must be 1..128"})
@@ -223,6 +250,7 @@ async def pay(request: web.Request) -> web.Response:
             method=body["payment_method"],
             return_url=body.get("return_url"),
             amount=None,
+            address_id=body.get("address_id"),
         )
     )
 
@@ -267,6 +295,21 @@ async def confirm(request: web.Request) -> web.Response:
             expected_version=body.get("version"),
         )
     )
+
+
+async def request_return(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    body = validate(await read_json(request), RETURN)
+    out = await returns.request_return(
+        request.app[appkeys.DB],
+        _order_id(request),
+        _actor(principal),
+        kind=body["kind"],
+        reason=body["reason"],
+        amount=body.get("amount"),
+        items=body.get("items"),
+    )
+    return ok(out, status=201, message="return requested")
 
 
 _STATE = {404: "NOT_FOUND", 409: "INVALID_TRANSITION or VERSION_CONFLICT", 422: "VALIDATION_FAILED"}
@@ -337,7 +380,11 @@ ROUTES = [
         body=PAY,
         tag="orders",
         params=ORDER_ID,
-        responses=_STATE,
+        responses={
+            **_STATE,
+            404: "NOT_FOUND, ADDRESS_NOT_FOUND",
+            409: "INVALID_TRANSITION, ADDRESS_REQUIRED (no address and no default one)",
+        },
     ),
     Route(
         "POST",
@@ -350,6 +397,7 @@ ROUTES = [
         params=ORDER_ID,
         responses={
             **_STATE,
+            409: "INVALID_TRANSITION, VERSION_CONFLICT, ADDRESS_REQUIRED",
             403: "FORBIDDEN (not a merchant)",
             404: "NOT_FOUND (or another shop's)",
         },
@@ -381,5 +429,25 @@ ROUTES = [
         body_required=False,
         params=ORDER_ID,
         responses=_STATE,
+    ),
+    Route(
+        "POST",
+        "/api/v1/orders/{id}/returns",
+        request_return,
+        "Ask for a return (goods back) or a refund on a shipped, delivered or completed "
+        "order. The return then moves return_requested → return_approved → refunded "
+        "(merchant or admin approves; the refund runs at once) or return_requested → "
+        "return_rejected; it is listed in the order's `returns`",
+        auth="user",
+        body=RETURN,
+        tag="returns",
+        params=ORDER_ID,
+        rules="items only with kind return; each line of the order, at most what is left to return",
+        responses={
+            201: "return requested",
+            404: "NOT_FOUND",
+            409: "INVALID_TRANSITION (not shipped yet: use POST /payment/refund), "
+            "RETURN_IN_PROGRESS, REFUND_EXCEEDS_PAID",
+        },
     ),
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import datetime
 
 from aiohttp import web
 
@@ -16,6 +16,7 @@ from gateway.validation import (
     INT32_MAX,
     DateOrDatetime,
     F,
+    date_bound,
     path_int,
     path_text,
     validate,
@@ -65,13 +66,6 @@ ORDER_ID = {"order_id": F(str, pattern="[0-9]{1,40}")}
 
 def _order_id(request: web.Request) -> str:
     return path_text(request.match_info["order_id"], "presale order", spec=ORDER_ID["order_id"])
-
-
-def _bound(value: datetime | date | None, *, end: bool) -> datetime | None:
-    """A datetime as given; a date (years <= 2999, so +1 day never overflows) as UTC midnight."""
-    if value is None or isinstance(value, datetime):
-        return value
-    return datetime.combine(value + timedelta(days=1 if end else 0), time(), tzinfo=UTC)
 
 
 async def create_campaign(request: web.Request) -> web.Response:
@@ -137,8 +131,8 @@ async def list_preorders(request: web.Request) -> web.Response:
         user_id = principal.user_id
     f = presale.OrderFilter(
         user_id=user_id,
-        since=_bound(q.get("from"), end=False),
-        until=_bound(q.get("to"), end=True),
+        since=date_bound(q.get("from"), end=False),
+        until=date_bound(q.get("to"), end=True),
         page=q["page"],
         limit=q["limit"],
     )

@@ -1,0 +1,343 @@
+"""The back office: a merchant's orders (list, detail, CSV rows, bulk shipping) and the
+admin's order search.
+
+A merchant sees the orders that hold at least one of its products, and of those only its
+own lines (``merchant_orders`` keeps one row per merchant and order, with the merchant's
+units and amount, maintained by triggers: see migration 0060). Another merchant's order
+is a 404, never a 403, so order ids of other shops do not leak.
+
+Lists page through an index: the WHERE clause is assembled from fixed fragments (never
+from client text; every value is a bind parameter) so that each combination of filters
+gets a plan that uses ``(merchant_id, status, created_at)`` or ``(merchant_id,
+created_at)``, and the total is counted from the same index alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from flashsale.db import Conn
+from flashsale.errors import AppError, NotFound
+from flashsale.orders.model import SQL_ORDER, Actor
+from flashsale.orders.states import ship_order
+from flashsale.orders.views import (
+    SQL_ITEMS,
+    SQL_LOGS,
+    item_view,
+    order_detail,
+    returns_of_order,
+    shipping_info,
+)
+
+MAX_EXPORT_ROWS: Final = 10_000
+MAX_BULK_SHIP: Final = 100
+# Both read an index forwards or backwards (an amount sort would need one more index on
+# merchant_orders, paid by every flash order the consumer writes).
+SORTS: Final = ("created_at,desc", "created_at,asc")
+_ORDER_BY: Final = {
+    "created_at,desc": "mo.created_at DESC, mo.order_id DESC",
+    "created_at,asc": "mo.created_at, mo.order_id",
+}
+_ADMIN_ORDER_BY: Final = {
+    "created_at,desc": "created_at DESC, id DESC",
+    "created_at,asc": "created_at, id",
+}
+# filter name → SQL fragment with ``{}`` for its parameter number
+_MERCHANT_FILTERS: Final = {
+    "status": "mo.status = ${}",
+    "from": "mo.created_at >= ${}",
+    "to": "mo.created_at < ${}",
+    "order_id": "mo.order_id = ${}",
+    "product_id": (
+        "EXISTS (SELECT 1 FROM order_items oi WHERE oi.order_id = mo.order_id "
+        "AND oi.product_id = ${})"
+    ),
+}
+_ADMIN_FILTERS: Final = {
+    "status": "status = ${}",
+    "from": "created_at >= ${}",
+    "to": "created_at < ${}",
+    "order_id": "id = ${}",
+    "user_id": "user_id = ${}",
+}
+_MERCHANT_ROW = """
+SELECT mo.order_id, mo.created_at, mo.status, mo.user_id, mo.units, mo.amount_cents,
+       o.kind, o.version, o.shipping_address, o.shipping_company, o.tracking_number,
+       o.estimated_delivery, o.shipped_at, o.delivered_at
+FROM merchant_orders mo JOIN orders o ON o.id = mo.order_id
+WHERE mo.merchant_id = $1{where}
+ORDER BY {order_by}
+LIMIT ${limit} OFFSET ${offset}
+"""
+_MERCHANT_COUNT = "SELECT count(*) FROM merchant_orders mo WHERE mo.merchant_id = $1{where}"
+_ADMIN_ROW = """
+SELECT id, user_id, kind, status, total_cents, discount_cents, shipping_cents, pay_cents,
+       refunded_cents, version, created_at, paid_at, shipped_at, flash_sale_id,
+       tracking_number
+FROM orders WHERE true{where}
+ORDER BY {order_by}
+LIMIT ${limit} OFFSET ${offset}
+"""
+_ADMIN_COUNT = "SELECT count(*) FROM orders WHERE true{where}"
+SQL_MERCHANT_HAS = "SELECT 1 FROM merchant_orders WHERE merchant_id = $1 AND order_id = $2"
+SQL_MERCHANT_ITEMS = """
+SELECT oi.product_id, oi.sku_id, oi.quantity, oi.price_cents, oi.snapshot_id,
+       sn.data AS snapshot
+FROM order_items oi
+JOIN products p ON p.id = oi.product_id
+LEFT JOIN item_snapshots sn ON sn.id = oi.snapshot_id
+WHERE oi.order_id = $1 AND p.merchant_id = $2
+ORDER BY oi.id
+"""
+SQL_EXPORT_ITEMS = """
+SELECT oi.order_id, oi.sku_id, oi.quantity
+FROM order_items oi JOIN products p ON p.id = oi.product_id
+WHERE oi.order_id = ANY($1::text[]) AND p.merchant_id = $2
+ORDER BY oi.order_id, oi.id
+"""
+SQL_PAYMENT_STATUS = """
+SELECT status FROM pay_orders WHERE order_id = $1
+ORDER BY (status = 'success') DESC, created_at DESC LIMIT 1
+"""
+SQL_USER_BY_LOGIN = "SELECT id FROM users WHERE email = $1 OR phone = $1"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderQuery:
+    """Filters, sort and page of a back-office order list (all optional but the page)."""
+
+    status: str | None = None
+    date_from: datetime | None = None
+    date_to: datetime | None = None
+    order_id: str | None = None
+    product_id: int | None = None
+    user_id: int | None = None
+    sort: str = "created_at,desc"
+    page: int = 1
+    limit: int = 20
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "from": self.date_from,
+            "to": self.date_to,
+            "order_id": self.order_id,
+            "product_id": self.product_id,
+            "user_id": self.user_id,
+        }
+
+
+def _where(q: OrderQuery, fragments: Mapping[str, str], first: int) -> tuple[str, list[Any]]:
+    parts: list[str] = []
+    args: list[Any] = []
+    for name, value in q.values().items():
+        if value is None or name not in fragments:
+            continue
+        args.append(value)
+        parts.append(" AND " + fragments[name].format(first + len(args) - 1))
+    return "".join(parts), args
+
+
+def merchant_list_sql(q: OrderQuery, *, limit: int, offset: int) -> tuple[str, list[Any]]:
+    """The merchant list's statement and arguments after ``$1`` (the merchant id)."""
+    where, args = _where(q, _MERCHANT_FILTERS, 2)
+    n = len(args) + 2
+    sql = _MERCHANT_ROW.format(where=where, order_by=_ORDER_BY[q.sort], limit=n, offset=n + 1)
+    return sql, [*args, limit, offset]
+
+
+def merchant_count_sql(q: OrderQuery) -> tuple[str, list[Any]]:
+    """The merchant list's count and its arguments after ``$1`` (the merchant id)."""
+    where, args = _where(q, _MERCHANT_FILTERS, 2)
+    return _MERCHANT_COUNT.format(where=where), args
+
+
+async def merchant_orders(pool: asyncpg.Pool, merchant_id: int, q: OrderQuery) -> dict[str, Any]:
+    sql, args = merchant_list_sql(q, limit=q.limit, offset=(q.page - 1) * q.limit)
+    count_sql, count_args = merchant_count_sql(q)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(sql, merchant_id, *args)
+        total = await conn.fetchval(count_sql, merchant_id, *count_args)
+    return {
+        "orders": [
+            {
+                "order_id": r["order_id"],
+                "kind": r["kind"],
+                "status": r["status"],
+                "version": r["version"],
+                "created_at": r["created_at"],
+                "buyer_id": r["user_id"],
+                "units": r["units"],
+                "amount": r["amount_cents"],
+                "has_address": r["shipping_address"] is not None,
+                "shipping_info": shipping_info(r),
+            }
+            for r in rows
+        ],
+        "total": total,
+        "page": q.page,
+        "limit": q.limit,
+        "sort": q.sort,
+    }
+
+
+async def merchant_export(
+    pool: asyncpg.Pool, merchant_id: int, q: OrderQuery
+) -> tuple[list[dict[str, Any]], bool]:
+    """Rows of the CSV export (at most ``MAX_EXPORT_ROWS``; the flag says if more matched)."""
+    sql, args = merchant_list_sql(q, limit=MAX_EXPORT_ROWS + 1, offset=0)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(sql, merchant_id, *args)
+        truncated = len(rows) > MAX_EXPORT_ROWS
+        rows = rows[:MAX_EXPORT_ROWS]
+        lines: dict[str, list[str]] = {}
+        for it in await conn.fetch(SQL_EXPORT_ITEMS, [r["order_id"] for r in rows], merchant_id):
+            lines.setdefault(it["order_id"], []).append(f"{it['sku_id']}x{it['quantity']}")
+    out = []
+    for r in rows:
+        address = r["shipping_address"] or {}
+        out.append(
+            {
+                "order_id": r["order_id"],
+                "created_at": r["created_at"].isoformat(),
+                "status": r["status"],
+                "buyer_id": r["user_id"],
+                "items": " ".join(lines.get(r["order_id"], [])),
+                "units": r["units"],
+                "amount_cents": r["amount_cents"],
+                "name": address.get("name"),
+                "phone": address.get("phone"),
+                "address": address.get("address"),
+                "postcode": address.get("postcode"),
+                "shipping_company": r["shipping_company"],
+                "tracking_number": r["tracking_number"],
+                "shipped_at": r["shipped_at"].isoformat() if r["shipped_at"] else None,
+            }
+        )
+    return out, truncated
+
+
+async def _visible(conn: Conn, order_id: str, actor: Actor) -> asyncpg.Record:
+    order = await conn.fetchrow(SQL_ORDER, order_id)
+    if order is None or (
+        actor.role != "admin"
+        and await conn.fetchval(SQL_MERCHANT_HAS, actor.user_id, order_id) is None
+    ):
+        raise NotFound("order not found")
+    return order
+
+
+async def merchant_order(pool: asyncpg.Pool, order_id: str, actor: Actor) -> dict[str, Any]:
+    """One order as its merchant sees it: its own lines, the address, tracking, payment
+    status, returns and the operation log."""
+    async with pool.acquire() as conn:
+        order = await _visible(conn, order_id, actor)
+        rows = (
+            await conn.fetch(SQL_ITEMS, order_id)
+            if actor.role == "admin"  # an admin sees every line
+            else await conn.fetch(SQL_MERCHANT_ITEMS, order_id, actor.user_id)
+        )
+        items = [item_view(r) for r in rows]
+        return {
+            "order_id": order["id"],
+            "kind": order["kind"],
+            "status": order["status"],
+            "version": order["version"],
+            "created_at": order["created_at"],
+            "paid_at": order["paid_at"],
+            "buyer_id": order["user_id"],
+            "items": items,
+            "amount": sum(i["subtotal"] for i in items),
+            "refunded_amount": order["refunded_cents"],
+            "payment_status": await conn.fetchval(SQL_PAYMENT_STATUS, order_id),
+            "shipping_info": shipping_info(order),
+            "returns": await returns_of_order(conn, order_id),
+            "logs": [dict(r) for r in await conn.fetch(SQL_LOGS, order_id)],
+        }
+
+
+async def ship_many(
+    pool: asyncpg.Pool, actor: Actor, shipments: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Ship each order on its own (one failure does not stop the others); one result per
+    shipment, in order, with the error code of each refusal."""
+    results: list[dict[str, Any]] = []
+    for s in shipments:
+        try:
+            done = await ship_order(
+                pool,
+                s["order_id"],
+                actor,
+                expected_version=s.get("version"),
+                shipping_company=s["shipping_company"],
+                tracking_number=s["tracking_number"],
+                estimated_delivery=s.get("estimated_delivery"),
+            )
+            results.append({"order_id": s["order_id"], "ok": True, **done})
+        except AppError as exc:
+            results.append(
+                {"order_id": s["order_id"], "ok": False, "error": exc.code, "message": exc.message}
+            )
+    shipped = sum(1 for r in results if r["ok"])
+    return {"shipped": shipped, "failed": len(results) - shipped, "results": results}
+
+
+async def admin_orders(pool: asyncpg.Pool, q: OrderQuery, *, login: str | None) -> dict[str, Any]:
+    """Every order, searched by id, buyer (id, or email/phone in ``login``), status and date."""
+    async with pool.acquire() as conn:
+        if login is not None:
+            uid = await conn.fetchval(SQL_USER_BY_LOGIN, login)
+            if uid is None or (q.user_id is not None and q.user_id != uid):
+                return {"orders": [], "total": 0, "page": q.page, "limit": q.limit, "sort": q.sort}
+            q = replace(q, user_id=uid)
+        where, args = _where(q, _ADMIN_FILTERS, 1)
+        n = len(args) + 1
+        sql = _ADMIN_ROW.format(
+            where=where, order_by=_ADMIN_ORDER_BY[q.sort], limit=n, offset=n + 1
+        )
+        rows = await conn.fetch(sql, *args, q.limit, (q.page - 1) * q.limit)
+        total = await conn.fetchval(_ADMIN_COUNT.format(where=where), *args)
+    return {
+        "orders": [
+            {
+                "order_id": r["id"],
+                "user_id": r["user_id"],
+                "kind": r["kind"],
+                "status": r["status"],
+                "total_amount": r["total_cents"],
+                "discount_amount": r["discount_cents"],
+                "shipping_fee": r["shipping_cents"],
+                "final_amount": r["pay_cents"],
+                "refunded_amount": r["refunded_cents"],
+                "version": r["version"],
+                "created_at": r["created_at"],
+                "paid_at": r["paid_at"],
+                "shipped_at": r["shipped_at"],
+                "tracking_number": r["tracking_number"],
+                "flash_sale_id": r["flash_sale_id"],
+            }
+            for r in rows
+        ],
+        "total": total,
+        "page": q.page,
+        "limit": q.limit,
+        "sort": q.sort,
+    }
+
+
+async def admin_order(pool: asyncpg.Pool, order_id: str) -> dict[str, Any]:
+    """Any order in full, with its returns and operation log."""
+    async with pool.acquire() as conn:
+        order = await conn.fetchrow(SQL_ORDER, order_id)
+        if order is None:
+            raise NotFound("order not found")
+        return {
+            **await order_detail(conn, order),
+            "user_id": order["user_id"],
+            "logs": [dict(r) for r in await conn.fetch(SQL_LOGS, order_id)],
+        }

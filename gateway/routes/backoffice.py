@@ -1,0 +1,386 @@
+"""The back office: merchant orders (list, CSV export, detail, bulk shipping), returns
+decisions, and the admin's order and account search."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Final
+
+from aiohttp import web
+
+from flashsale import orders, users
+from flashsale.auth import ROLES, Principal, require_role
+from flashsale.orders import Actor, backoffice, returns
+from flashsale.orders.backoffice import OrderQuery
+from gateway import appkeys
+from gateway.auth import authenticate
+from gateway.http import ok, read_json
+from gateway.routes.orders import SHIP, STATUS_FILTER
+from gateway.routing import Route
+from gateway.validation import (
+    PATH_TEXT,
+    DateOrDatetime,
+    F,
+    date_bound,
+    path_text,
+    validate,
+    validate_query,
+)
+
+_FILTERS: Final = {
+    "status": F(
+        str,
+        required=False,
+        choices=STATUS_FILTER,
+        doc="pending (pending_payment), paid, shipped, delivered, completed, cancelled, refunded",
+    ),
+    "from": F(
+        DateOrDatetime,
+        required=False,
+        doc="created at or after (RFC 3339 datetime with offset, or a UTC date)",
+    ),
+    "to": F(
+        DateOrDatetime, required=False, doc="created before (datetime), or on or before (date)"
+    ),
+    "order_id": F(str, required=False, min_len=1, max_len=64, doc="exactly this order"),
+}
+_PAGE: Final = {
+    "page": F(int, default=1, min=1, max=10_000, doc="page number, from 1"),
+    "limit": F(int, default=20, min=1, max=100, doc="page size, 1-100"),
+}
+MERCHANT_FILTERS: Final = {
+    **_FILTERS,
+    "product_id": F(int, required=False, min=1, doc="orders holding this product"),
+    "sort": F(
+        str,
+        required=False,
+        default="created_at,desc",
+        choices=backoffice.SORTS,
+        doc="newest or oldest first",
+    ),
+}
+MERCHANT_LIST: Final = {**MERCHANT_FILTERS, **_PAGE}
+ADMIN_LIST: Final = {
+    **_FILTERS,
+    "sort": F(
+        str,
+        required=False,
+        default="created_at,desc",
+        choices=backoffice.SORTS,
+        doc="newest or oldest first",
+    ),
+    "user_id": F(int, required=False, min=1, doc="the buyer's id"),
+    "user": F(str, required=False, min_len=1, max_len=254, doc="the buyer's email or phone"),
+    **_PAGE,
+}
+USER_LIST: Final = {
+    "q": F(
+        str,
+        required=False,
+        min_len=1,
+        max_len=254,
+        doc="prefix of the email, phone or nickname (any case), or the exact id",
+    ),
+    "role": F(str, required=False, choices=ROLES),
+    "disabled": F(bool, required=False, doc="true: only disabled accounts; false: only active"),
+    **_PAGE,
+}
+SHIPMENT: Final = {"order_id": PATH_TEXT, **SHIP}
+BULK_SHIP: Final = {
+    "shipments": F(
+        list,
+        min_len=1,
+        max_len=backoffice.MAX_BULK_SHIP,
+        items=F(dict, fields=SHIPMENT),
+        doc="each shipped on its own; one result per shipment, in order",
+    )
+}
+RETURNS_LIST: Final = {
+    "status": F(str, required=False, choices=returns.STATUSES),
+    **_PAGE,
+}
+APPROVE: Final = {"note": F(str, required=False, nullable=True, max_len=500)}
+REJECT: Final = {"note": F(str, min_len=1, max_len=500, doc="why (the shopper sees it)")}
+ORDER_ID: Final = {"id": PATH_TEXT}
+RETURN_ID: Final = {"return_id": F(str, min_len=1, max_len=64)}
+CSV_COLUMNS: Final = (
+    "order_id",
+    "created_at",
+    "status",
+    "buyer_id",
+    "items",
+    "units",
+    "amount_cents",
+    "name",
+    "phone",
+    "address",
+    "postcode",
+    "shipping_company",
+    "tracking_number",
+    "shipped_at",
+)
+# A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _principal(request: web.Request, *roles: str) -> Principal:
+    return require_role(authenticate(request, request.app[appkeys.TOKENS]), *roles)
+
+
+def _actor(p: Principal) -> Actor:
+    return Actor(p.user_id, p.role)
+
+
+def _query(q: dict[str, Any]) -> OrderQuery:
+    status = q.get("status")
+    return OrderQuery(
+        status="pending_payment" if status == "pending" else status,
+        date_from=date_bound(q.get("from"), end=False),
+        date_to=date_bound(q.get("to"), end=True),
+        order_id=q.get("order_id"),
+        product_id=q.get("product_id"),
+        user_id=q.get("user_id"),
+        sort=q.get("sort") or "created_at,desc",
+        page=q.get("page", 1),
+        limit=q.get("limit", 20),
+    )
+
+
+async def merchant_list(request: web.Request) -> web.Response:
+    p = _principal(request, "merchant")
+    q = _query(validate_query(request.query, MERCHANT_LIST))
+    return ok(await backoffice.merchant_orders(request.app[appkeys.DB], p.user_id, q))
+
+
+def csv_cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+async def merchant_export(request: web.Request) -> web.Response:
+    p = _principal(request, "merchant")
+    q = _query(validate_query(request.query, MERCHANT_FILTERS))
+    rows, truncated = await backoffice.merchant_export(request.app[appkeys.DB], p.user_id, q)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([csv_cell(r[c]) for c in CSV_COLUMNS])
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={
+            "Content-Disposition": 'attachment; filename="orders.csv"',
+            "X-Export-Truncated": "true" if truncated else "false",
+        },
+    )
+
+
+def _order_id(request: web.Request) -> str:
+    return path_text(request.match_info["id"], "order")
+
+
+async def merchant_detail(request: web.Request) -> web.Response:
+    p = _principal(request, "merchant", "admin")
+    return ok(
+        await backoffice.merchant_order(request.app[appkeys.DB], _order_id(request), _actor(p))
+    )
+
+
+async def ship_bulk(request: web.Request) -> web.Response:
+    p = _principal(request, "merchant", "admin")
+    body = validate(await read_json(request), BULK_SHIP)
+    return ok(await backoffice.ship_many(request.app[appkeys.DB], _actor(p), body["shipments"]))
+
+
+async def returns_list(request: web.Request) -> web.Response:
+    p = _principal(request, "merchant", "admin")
+    q = validate_query(request.query, RETURNS_LIST)
+    return ok(
+        await returns.list_returns(
+            request.app[appkeys.DB],
+            _actor(p),
+            status=q.get("status"),
+            page=q["page"],
+            limit=q["limit"],
+        )
+    )
+
+
+def _return_id(request: web.Request) -> str:
+    return path_text(request.match_info["return_id"], "return", spec=RETURN_ID["return_id"])
+
+
+async def _optional(request: web.Request, schema: dict[str, F]) -> dict[str, Any]:
+    return validate(await read_json(request) if request.body_exists else {}, schema)
+
+
+async def approve(request: web.Request) -> web.Response:
+    p = _principal(request, "merchant", "admin")
+    body = await _optional(request, APPROVE)
+    out = await returns.approve_return(
+        request.app[appkeys.DB], _return_id(request), _actor(p), note=body.get("note")
+    )
+    return ok(out, message="refunded" if out["changed"] else "already approved")
+
+
+async def reject(request: web.Request) -> web.Response:
+    p = _principal(request, "merchant", "admin")
+    body = validate(await read_json(request), REJECT)
+    out = await returns.reject_return(
+        request.app[appkeys.DB], _return_id(request), _actor(p), note=body["note"]
+    )
+    return ok(out, message="rejected" if out["changed"] else "already rejected")
+
+
+async def admin_list(request: web.Request) -> web.Response:
+    _principal(request, "admin")
+    q = validate_query(request.query, ADMIN_LIST)
+    return ok(
+        await backoffice.admin_orders(request.app[appkeys.DB], _query(q), login=q.get("user"))
+    )
+
+
+async def admin_detail(request: web.Request) -> web.Response:
+    _principal(request, "admin")
+    return ok(await backoffice.admin_order(request.app[appkeys.DB], _order_id(request)))
+
+
+async def admin_logs(request: web.Request) -> web.Response:
+    p = _principal(request, "admin")
+    return ok(await orders.order_logs(request.app[appkeys.DB], _order_id(request), _actor(p)))
+
+
+async def admin_users(request: web.Request) -> web.Response:
+    _principal(request, "admin")
+    q = validate_query(request.query, USER_LIST)
+    return ok(
+        await users.search_users(
+            request.app[appkeys.DB],
+            q=q.get("q"),
+            role=q.get("role"),
+            disabled=q.get("disabled"),
+            page=q["page"],
+            limit=q["limit"],
+        )
+    )
+
+
+_OTHER_SHOP = "NOT_FOUND (also another shop's order)"
+ROUTES = [
+    Route(
+        "GET",
+        "/api/v1/merchant/orders",
+        merchant_list,
+        "The orders holding the caller's products (its lines only), filtered, sorted, paged",
+        auth="merchant",
+        query=MERCHANT_LIST,
+        tag="back-office",
+    ),
+    Route(
+        "GET",
+        "/api/v1/merchant/orders/export",
+        merchant_export,
+        f"The same list as CSV (at most {backoffice.MAX_EXPORT_ROWS} rows; "
+        "X-Export-Truncated says whether more matched)",
+        auth="merchant",
+        query=MERCHANT_FILTERS,
+        tag="back-office",
+        envelope=False,
+    ),
+    Route(
+        "POST",
+        "/api/v1/merchant/orders/ship",
+        ship_bulk,
+        "Ship several paid orders, each with its carrier and tracking number",
+        auth="merchant",
+        body=BULK_SHIP,
+        tag="back-office",
+    ),
+    Route(
+        "GET",
+        "/api/v1/merchant/orders/{id}",
+        merchant_detail,
+        "One order as its merchant sees it: its lines, address, tracking, returns, log",
+        auth="merchant",
+        params=ORDER_ID,
+        tag="back-office",
+        responses={404: _OTHER_SHOP},
+    ),
+    Route(
+        "GET",
+        "/api/v1/merchant/returns",
+        returns_list,
+        "Returns of the caller's orders (every return for an admin), newest first",
+        auth="merchant",
+        query=RETURNS_LIST,
+        tag="returns",
+    ),
+    Route(
+        "POST",
+        "/api/v1/returns/{return_id}/approve",
+        approve,
+        "Approve a return: return_requested → return_approved → refunded (the provider "
+        "refund runs at once; the goods of kind return are restocked). Repeating it "
+        "changes nothing (changed: false)",
+        auth="merchant",
+        body=APPROVE,
+        body_required=False,
+        params=RETURN_ID,
+        tag="returns",
+        responses={
+            404: _OTHER_SHOP,
+            409: "INVALID_TRANSITION (already rejected), REFUND_EXCEEDS_PAID",
+        },
+    ),
+    Route(
+        "POST",
+        "/api/v1/returns/{return_id}/reject",
+        reject,
+        "Reject a return with a note: return_requested → return_rejected",
+        auth="merchant",
+        body=REJECT,
+        params=RETURN_ID,
+        tag="returns",
+        responses={404: _OTHER_SHOP, 409: "INVALID_TRANSITION (already approved)"},
+    ),
+    Route(
+        "GET",
+        "/api/v1/admin/orders",
+        admin_list,
+        "Every order: search by order id, buyer (user_id, or email/phone in user), status, date",
+        auth="admin",
+        query=ADMIN_LIST,
+        tag="back-office",
+    ),
+    Route(
+        "GET",
+        "/api/v1/admin/orders/{id}",
+        admin_detail,
+        "Any order in full, with its returns and operation log",
+        auth="admin",
+        params=ORDER_ID,
+        tag="back-office",
+    ),
+    Route(
+        "GET",
+        "/api/v1/admin/orders/{id}/logs",
+        admin_logs,
+        "The operation log of any order",
+        auth="admin",
+        params=ORDER_ID,
+        tag="back-office",
+    ),
+    Route(
+        "GET",
+        "/api/v1/admin/users",
+        admin_users,
+        "Accounts, searched by email/phone/nickname prefix or id, role, disabled; "
+        "change one with PATCH /api/v1/admin/users/{user_id} (its tokens end)",
+        auth="admin",
+        query=USER_LIST,
+        tag="back-office",
+    ),
+]
