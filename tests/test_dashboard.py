@@ -17,7 +17,7 @@ from flashsale import dashboard, rediskeys
 from flashsale.auth import TokenService
 from gateway import appkeys
 from tests.conftest import auth, make_user
-from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users
+from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users, sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +42,8 @@ async def _read_events(
         while len(out) < want:
             chunk = await asyncio.wait_for(resp.content.readany(), 20)
             assert chunk, "stream ended"
-            buf += chunk
-            while b"\n\n" in buf:
-                block, buf = buf.split(b"\n\n", 1)
-                lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
-                if b"event" in lines:
-                    out.append((lines[b"event"].decode(), orjson.loads(lines[b"data"])))
+            events, buf = sse_events(buf + chunk)
+            out.extend(events)
     return out
 
 

@@ -9,13 +9,11 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
-import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -23,7 +21,14 @@ from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from gateway.embedded import Server, free_port, start_redis
 from tests.faultkit import Proc
-from tests.flashkit import admin_headers, forget_sale, make_sku, make_users
+from tests.flashkit import (
+    admin_headers,
+    create_sale_over_http,
+    forget_sale,
+    make_sku,
+    make_users,
+    sse_events,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -90,24 +95,10 @@ async def test_sold_out_on_one_host_is_refused_by_every_worker_of_another(
     quantity = 5
     sku = await make_sku(db)
     users = await make_users(db, quantity + 1 + PROBES)
-    start = datetime.now(UTC) - timedelta(seconds=1)
     fresh = aiohttp.TCPConnector(force_close=True)  # a new connection per request
     async with aiohttp.ClientSession(connector=fresh) as http:
-        async with http.post(
-            host_a + "/api/v1/admin/flash-sales",
-            headers=await admin_headers(db, tokens),
-            json={
-                "sku_id": sku,
-                "flash_price": 500,
-                "quantity": quantity,
-                "per_user_limit": 1,
-                "start_at": start.isoformat(),
-                "end_at": (start + timedelta(hours=1)).isoformat(),
-                "payment_window_s": 900,
-            },
-        ) as resp:
-            assert resp.status == 201, await resp.text()
-            sale_id = (await resp.json())["data"]["flash_sale_id"]
+        admin = await admin_headers(db, tokens)
+        sale_id = await create_sale_over_http(http, host_a, admin, sku, quantity)
         path = f"/api/v1/flash-sales/{sale_id}"
 
         async def statuses(url: str) -> set[str]:
@@ -166,12 +157,10 @@ async def _snapshots_until(
         while time.monotonic() < deadline:
             chunk = await asyncio.wait_for(resp.content.readany(), 20)
             assert chunk, "stream ended"
-            buf += chunk
-            while b"\n\n" in buf:
-                block, buf = buf.split(b"\n\n", 1)
-                lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
-                if lines.get(b"event") == b"snapshot":
-                    last = orjson.loads(lines[b"data"])
+            events, buf = sse_events(buf + chunk)
+            for name, data in events:
+                if name == "snapshot":
+                    last = data
                     if done(last):
                         return last
     raise AssertionError(f"no snapshot showed every host's figures; the last: {last}")
@@ -196,23 +185,8 @@ async def test_dashboard_of_one_host_shows_every_host_and_the_consumer(
     try:
         admin = await admin_headers(db, tokens)
         users = await make_users(db, quantity + 2)
-        start = datetime.now(UTC) - timedelta(seconds=1)
         async with aiohttp.ClientSession() as http:
-            async with http.post(
-                host_a + "/api/v1/admin/flash-sales",
-                headers=admin,
-                json={
-                    "sku_id": await make_sku(db),
-                    "flash_price": 500,
-                    "quantity": quantity,
-                    "per_user_limit": 1,
-                    "start_at": start.isoformat(),
-                    "end_at": (start + timedelta(hours=1)).isoformat(),
-                    "payment_window_s": 900,
-                },
-            ) as resp:
-                assert resp.status == 201, await resp.text()
-                sale_id = (await resp.json())["data"]["flash_sale_id"]
+            sale_id = await create_sale_over_http(http, host_a, admin, await make_sku(db), quantity)
             path = f"/api/v1/flash-sales/{sale_id}/join"
 
             async def join(uid: int) -> tuple[int, str]:
