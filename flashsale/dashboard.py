@@ -4,6 +4,7 @@ A snapshot of one sale joins three sources:
 
 - Redis: the sale's live counters (remaining, allotment) and the reservations in flight;
 - PostgreSQL: its orders by status and the units returned by payment expiry;
+- the last reconcile's drift in the sale, which that command stores beside the sale;
 - what every gateway worker and every consumer, on whichever host, published to Redis:
   join outcomes and latency, refusals by code, consumer lag and drain, dead letters, the
   waiting room's length and admissions. Each process reads its OWN Prometheus samples once
@@ -178,7 +179,6 @@ class Totals:
     persisted: float = 0.0
     dead_letters: float = 0.0
     lag: float = 0.0
-    drift: dict[str, float] = field(default_factory=dict)  # sale id → units
     # the waiting room's (built separately): present once its metrics are exported
     queue_length: dict[str, float] = field(default_factory=dict)  # sale id → shoppers
     queue_admitted: float | None = None
@@ -224,9 +224,6 @@ def read_metrics(families: Iterable[Metric]) -> Totals:
                 t.queue_length[sid] = t.queue_length.get(sid, 0.0) + s.value
             elif s.name == QUEUE_ADMITTED:
                 t.queue_admitted = (t.queue_admitted or 0.0) + s.value
-            elif s.name == "flashsale_reconcile_drift_units":
-                sid = labels.get("sale_id", "")
-                t.drift[sid] = max(t.drift.get(sid, 0.0), s.value)
     return t
 
 
@@ -242,7 +239,7 @@ def own_families(registry: CollectorRegistry | None) -> list[Metric]:
 _REQ, _REF, _LAT = "req:", "ref:", "lat:"
 _PERSISTED, _DEAD, _ADMITTED = "persisted", "dead_letters", "queue_admitted"
 # Gauge fields, ``<name>|<process>`` (a sale's: ``<name>:<sale id>|<process>``).
-_LAG, _QLEN, _DRIFT = "lag", "queue_length:", "drift:"
+_LAG, _QLEN = "lag", "queue_length:"
 
 
 def counter_fields(t: Totals) -> dict[str, float]:
@@ -258,7 +255,6 @@ def counter_fields(t: Totals) -> dict[str, float]:
 def gauge_fields(t: Totals, process: str) -> dict[str, float]:
     out = {f"{_LAG}|{process}": t.lag}
     out.update({f"{_QLEN}{sid}|{process}": n for sid, n in t.queue_length.items()})
-    out.update({f"{_DRIFT}{sid}|{process}": n for sid, n in t.drift.items()})
     return out
 
 
@@ -283,7 +279,7 @@ def _add_counters(t: Totals, fields: dict[str, float]) -> None:
 
 def _add_gauges(t: Totals, latest: dict[str, float]) -> None:
     """Each process's latest gauge values: lag summed (each consumer's own partitions),
-    a sale's queue length and drift the largest any process reports."""
+    a sale's queue length the largest any process reports."""
     for name, n in latest.items():
         base = name.partition("|")[0]
         if base == _LAG:
@@ -291,9 +287,6 @@ def _add_gauges(t: Totals, latest: dict[str, float]) -> None:
         elif base.startswith(_QLEN):
             sid = base[len(_QLEN) :]
             t.queue_length[sid] = max(t.queue_length.get(sid, 0.0), n)
-        elif base.startswith(_DRIFT):
-            sid = base[len(_DRIFT) :]
-            t.drift[sid] = max(t.drift.get(sid, 0.0), n)
 
 
 def _fields(raw: dict[bytes, bytes]) -> dict[str, float]:
@@ -487,7 +480,8 @@ async def build_snapshot(
     pipe.hgetall(rediskeys.sale(sale_id))
     pipe.hlen(rediskeys.log(sale_id))
     pipe.hlen(rediskeys.claimed(sale_id))
-    h, in_log, in_claim = await pipe.execute()
+    pipe.get(rediskeys.dash_drift(sale_id))
+    h, in_log, in_claim, drift = await pipe.execute()
     if not h or b"sku" not in h:
         return None
     by_status, expired = await _orders(pool, sale_id)
@@ -505,7 +499,6 @@ async def build_snapshot(
     # latency over the last LATENCY_WINDOW_S seconds: a single second is often empty
     p50 = quantile(0.5, {}, agg.latency)
     p99 = quantile(0.99, {}, agg.latency)
-    drift = t.drift.get(str(sale_id))
     start, end = i("start_ms"), i("end_ms")
     closed = h.get(b"closed") == b"1"
     orders = {s: by_status.get(s, 0) for s in ORDER_STATUSES}

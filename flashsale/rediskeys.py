@@ -102,6 +102,11 @@ def dash_second(second: int) -> str:
     return f"fs:{{dash}}:s:{second}"
 
 
+def dash_drift(sale_id: int) -> str:
+    """String: units of drift the last reconcile found in the sale (for the dashboard)."""
+    return _tag(sale_id) + ":dash:drift"
+
+
 def all_sale_keys(sale_id: int) -> list[str]:
     return [
         sale(sale_id),

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
 
+from consumers import reconcile
 from flashsale import dashboard, rediskeys
 from flashsale.auth import TokenService
 from gateway import appkeys
@@ -68,6 +69,9 @@ async def test_stream_shows_what_the_sale_did(
     assert again.status == 409
     client.app[appkeys.REQUEST_STATS].flush()
     await dashboard.publisher_for(client.app[appkeys.METRICS].registry).publish(redis)
+    sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
+    assert sale is not None
+    drift = abs((await reconcile.check_sale(db, redis, sale)).drift)  # a command of its own
 
     events = await _read_events(client, f"/api/v1/dashboard/sales/{sale_id}/events", admin, want=3)
     assert events[0][0] == "history"
@@ -81,6 +85,8 @@ async def test_stream_shows_what_the_sale_did(
     assert last["refusals_total"].get("SOLD_OUT", 0) >= 1
     assert sum(last["orders"].values()) >= 3  # queued in Redis or already in PostgreSQL
     assert last["waiting_room"] is None
+    assert last["reconcile_drift"] == drift
+    assert last["processes"] >= 1
     assert "totals" in last
     # a second watcher gets the minutes already recorded
     events = await _read_events(client, f"/api/v1/dashboard/sales/{sale_id}/events", admin, want=1)
