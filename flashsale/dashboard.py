@@ -309,7 +309,8 @@ class Publisher:
         self._collect = collect
         self._process = process
         self._sent: dict[str, float] = {}
-        self.published = 0  # successful publishes (a figure for the bench)
+        self.published = 0  # successful publishes
+        self.last_commands = 0  # Redis commands the last one sent (the bench reports it)
 
     async def publish(self, redis: Redis, second: int | None = None) -> None:
         t = read_metrics(self._collect())
@@ -332,6 +333,7 @@ class Publisher:
         pipe.hset(key, mapping=gauge_fields(t, self._process))  # type: ignore[arg-type]
         pipe.expire(key, BUCKET_TTL_S)
         try:
+            self.last_commands = len(pipe)
             await pipe.execute()
         except BaseException:
             for name, n in deltas.items():
