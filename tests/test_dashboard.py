@@ -12,11 +12,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from consumers import reconcile
 from flashsale import dashboard, rediskeys
 from flashsale.auth import TokenService
 from gateway import appkeys
+from gateway.embedded import free_port
 from tests.conftest import auth, make_user
 from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users, sse_events
 
@@ -207,3 +209,24 @@ async def test_figures_of_every_process_add_up(redis: Redis) -> None:
         "SOLD_OUT": 6.0,
         "LIMIT_EXCEEDED": 1.0,
     }
+
+
+async def test_a_failed_publish_keeps_its_figures_for_the_next(redis: Redis) -> None:
+    """Redis unreachable for a second: nothing is lost, the next publish carries it."""
+    second = 4_150_000_000 + secrets.randbelow(1_000_000)
+    registry = CollectorRegistry()
+    refused = Counter("flashsale_errors", "e", ["code"], registry=registry)
+    pub = dashboard.Publisher(registry.collect, "proc-down")
+    down = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
+    refused.labels("SOLD_OUT").inc(3)
+    try:
+        with pytest.raises(RedisError):
+            await pub.publish(down, second)
+    finally:
+        await down.aclose()
+    refused.labels("SOLD_OUT").inc(2)
+    await pub.publish(redis, second + 1)
+    await pub.publish(redis, second + 2)  # nothing new: adds nothing
+    agg = await dashboard.read_aggregate(redis, second + 3)
+    assert agg.recent.refusals == {"SOLD_OUT": 5.0}
+    assert pub.published == 2
