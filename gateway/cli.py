@@ -8,6 +8,7 @@ import getpass
 import logging
 import sys
 
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings, SettingsError
 
 log = logging.getLogger("flashsale")
@@ -110,7 +111,7 @@ async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
         if len(password) < 8:
             raise SettingsError("password must be at least 8 characters")
     pool = await create_pool(settings.database, min_size=1, max_size=1)
-    redis: Redis = Redis.from_url(settings.redis)
+    redis: Redis = open_redis(settings)
     try:
         cmd = args.user_command
         if cmd == "set-role":

@@ -336,7 +336,7 @@ async def settle_and_judge(
         sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
         assert sale is not None
         try:
-            run_id = await server_run_id(redis)
+            run_id = await server_run_id(redis, sale_id)
             report = await reconcile.check_sale(db, redis, sale, run_id=run_id)
             clean = report.ok
         except (OSError, ConnectionError):

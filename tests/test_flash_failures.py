@@ -273,7 +273,8 @@ async def test_stranded_reservation_is_published(
     order_id = client.app[appkeys.ORDER_IDS].next(user)
     keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
     res = await rt.scripts.reserve(
-        keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis)]
+        keys=keys,
+        args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis, sale_id)],
     )
     assert int(res[0]) == 0
     await eventually(lambda: _equals(count_orders(db, sale_id), 1), timeout_s=30)
@@ -455,7 +456,18 @@ async def test_reservation_that_breaks_a_rule_is_released_not_republished(
     order_id = client.app[appkeys.ORDER_IDS].next(ghost)
     await rt.scripts.reserve(
         keys=keys,
-        args=[ghost, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(rt.redis)],
+        args=[
+            ghost,
+            1,
+            order_id,
+            "",
+            "fp",
+            5,
+            10,
+            100,
+            100,
+            await server_run_id(rt.redis, sale_id),
+        ],
     )
     assert await remaining_of(redis, sale_id) == 4
 

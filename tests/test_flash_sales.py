@@ -296,7 +296,8 @@ async def test_flash_order_through_the_order_routes(
     keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
     # reserved but not yet published: what a shopper sees right after the 202
     await rt.scripts.reserve(
-        keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis)]
+        keys=keys,
+        args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis, sale_id)],
     )
     resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))
     assert resp.status == 200
