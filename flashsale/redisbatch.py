@@ -74,7 +74,7 @@ def pack(args: Sequence[Any]) -> bytes:
 
 
 class _Call:
-    __slots__ = ("args", "fut", "script")
+    __slots__ = ("args", "fut", "held", "reply", "script")
 
     def __init__(
         self, script: AsyncScript | None, args: list[Any], fut: asyncio.Future[Any]
@@ -82,6 +82,25 @@ class _Call:
         self.script = script
         self.args = args
         self.fut = fut
+        self.held = False  # its reply waits for the batch's WAIT
+        self.reply: Any = None
+
+    def settle(self) -> None:
+        if self.fut.done():
+            return
+        if isinstance(self.reply, Exception):
+            self.fut.set_exception(self.reply)
+        else:
+            self.fut.set_result(self.reply)
+
+
+class _Wait:
+    """A batch's ``WAIT``: its calls' replies are held until it confirms replication."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: list[_Call]) -> None:
+        self.calls = calls
 
 
 class _Protocol(asyncio.Protocol):
@@ -111,7 +130,13 @@ class ScriptBatcher:
     """Queue script calls; flush each tick's calls as one write on one connection."""
 
     def __init__(
-        self, url: str, *, max_batch: int = MAX_BATCH, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        url: str,
+        *,
+        max_batch: int = MAX_BATCH,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 500,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in SUPPORTED_SCHEMES:
@@ -123,11 +148,13 @@ class ScriptBatcher:
         self._password = unquote(parts.password) if parts.password else None
         self._max_batch = max_batch
         self._timeout_s = timeout_s
+        self._wait = pack(["WAIT", wait_replicas, wait_timeout_ms]) if wait_replicas else b""
+        self._wait_replicas = wait_replicas
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._buffer: list[bytes] = []
-        self._queued: list[_Call | None] = []  # None: a reply we skip (AUTH, SELECT)
-        self._inflight: collections.deque[_Call | None] = collections.deque()
+        self._queued: list[_Call | None] = []  # None: a reply we skip (AUTH, SELECT, ASKING)
+        self._inflight: collections.deque[_Call | _Wait | None] = collections.deque()
         self._scheduled = False
         self.round_trips = 0  # writes carrying at least one script call
         self.calls = 0  # script calls carried
@@ -184,11 +211,13 @@ class ScriptBatcher:
         args: Sequence[Any],
         *,
         with_run_id: bool = False,
+        asking: bool = False,
     ) -> Any:
         """EVALSHA ``script`` (connecting first if needed) and return its reply.
 
         ``with_run_id`` appends the run id of the server the call is sent to as the last
         argument, read at send time, so a script can refuse state armed by another run.
+        ``asking`` sends ``ASKING`` first (a cluster redirected the slot with ASK).
         """
         if self._protocol is None:
             await self._connect()
@@ -197,6 +226,9 @@ class ScriptBatcher:
         command = ["EVALSHA", script.sha, len(keys), *keys, *args]
         if with_run_id:
             command.append(self.run_id)
+        if asking:
+            self._buffer.append(pack(["ASKING"]))
+            self._queued.append(None)
         self._buffer.append(pack(command))
         self._queued.append(_Call(script, command, fut))
         self.calls += 1
@@ -219,6 +251,14 @@ class ScriptBatcher:
             return
         self.round_trips += 1
         self._inflight.extend(batch)
+        if self._wait:
+            # one WAIT per batch: no reply of the batch is given before the replicas have
+            # its writes, so a failover to one of them loses no answered reservation
+            calls = [c for c in batch if c is not None]
+            for c in calls:
+                c.held = True
+            self._inflight.append(_Wait(calls))
+            data += self._wait
         protocol.transport.write(data)
         loop = asyncio.get_running_loop()
         loop.call_later(self._timeout_s, self._expire, batch)
@@ -231,6 +271,9 @@ class ScriptBatcher:
 
     def _reply(self, reply: Any) -> None:
         call = self._inflight.popleft()
+        if isinstance(call, _Wait):
+            self._confirmed(call, reply)
+            return
         if call is None or call.fut.done():
             return
         if isinstance(reply, hiredis.ReplyError):
@@ -238,9 +281,25 @@ class ScriptBatcher:
             if message.startswith("NOSCRIPT"):
                 self._retry_with_source(call)
                 return
-            call.fut.set_exception(ResponseError(message))
-            return
-        call.fut.set_result(reply)
+            call.reply = ResponseError(message)
+        else:
+            call.reply = reply
+        if not call.held:
+            call.settle()
+
+    def _confirmed(self, wait: _Wait, reply: Any) -> None:
+        """The batch's WAIT answered: give its replies, or fail them if not replicated."""
+        replicated = isinstance(reply, int) and reply >= self._wait_replicas
+        for call in wait.calls:
+            if not call.held:
+                continue  # retried after NOSCRIPT: its own WAIT follows
+            call.held = False
+            if replicated:
+                call.settle()
+            elif not call.fut.done():
+                call.fut.set_exception(
+                    OutcomeUnknown(f"the batch reached {reply!r} replica(s) in time")
+                )
 
     def _retry_with_source(self, call: _Call) -> None:
         """EVAL with the source once; Redis caches the script for the EVALSHAs after it."""
@@ -250,15 +309,30 @@ class ScriptBatcher:
             return
         command = ["EVAL", call.script.script, *call.args[2:]]
         self._inflight.append(call)
-        protocol.transport.write(pack(command))
+        data = pack(command)
+        if self._wait:
+            call.held = True
+            self._inflight.append(_Wait([call]))
+            data += self._wait
+        protocol.transport.write(data)
 
     def _lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if self._protocol is not None and self._protocol is not protocol:
             return  # an earlier connection, closed after a failed handshake
         self._protocol = None
-        pending = [c for c in self._inflight if c is not None]
+        pending = self._pending()
         self._inflight.clear()
         self._fail(pending, OutcomeUnknown(f"connection to Redis lost: {exc}"))
+
+    def _pending(self) -> list[_Call]:
+        """Calls sent and not answered, with those whose replies wait for a WAIT."""
+        out: list[_Call] = []
+        for item in self._inflight:
+            if isinstance(item, _Wait):
+                out.extend(item.calls)
+            elif item is not None:
+                out.append(item)
+        return out
 
     @staticmethod
     def _fail(calls: Sequence[_Call | None], exc: Exception) -> None:
@@ -271,5 +345,5 @@ class ScriptBatcher:
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
-        self._fail(list(self._inflight), OutcomeUnknown("closed"))
+        self._fail(self._pending(), OutcomeUnknown("closed"))
         self._inflight.clear()
