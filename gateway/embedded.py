@@ -253,7 +253,8 @@ class ValkeyCluster:
         raise EmbeddedError(f"no running node knows who serves {key!r}")
 
     def healthy(self) -> bool:
-        """Every running node sees the cluster ``ok`` with every slot served."""
+        """Every running node sees the cluster ``ok`` with every slot served, and every
+        replica is linked to its primary."""
         for server in self.nodes:
             if not server.running():
                 continue
@@ -263,6 +264,9 @@ class ValkeyCluster:
                 return False
             if b"cluster_state:ok" not in info or b"cluster_slots_ok:16384" not in info:
                 return False
+            replication = redis_command(server.port, self.password, "INFO", "replication")
+            if b"role:slave" in replication and b"master_link_status:up" not in replication:
+                return False  # a replica still syncing would fail every WAIT
         return True
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
