@@ -32,9 +32,9 @@ from redis.asyncio import Redis
 from consumers.runner import run_consumers
 from flashsale.auth import TokenService
 from flashsale.db import create_pool, migrate
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
 from gateway.app import create_app
-from flashsale.redisclient import open_redis
 from gateway.embedded import EmbeddedStack, ValkeyCluster, start_redis_cluster, start_stack
 
 TEST_SECRET = "test-secret-key-0123456789abcdef"
