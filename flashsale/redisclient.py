@@ -56,6 +56,7 @@ async def run_ids(redis: Redis, keys: Sequence[str]) -> list[str]:
         info = await redis.execute_command("INFO", "server")  # type: ignore[no-untyped-call]
         return [run_id_of(info)] * len(keys)
     cluster: RedisCluster = redis
+    await cluster.initialize()  # the slot map (a no-op once read)
     by_node: dict[str, str] = {}
     out: list[str] = []
     for key in keys:
