@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
@@ -36,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 MAX_BATCH: Final = 512
+REPLICAS_EVERY_S: Final = 1.0
 DEFAULT_TIMEOUT_S: Final = 5.0
 SUPPORTED_SCHEMES: Final = ("redis",)
 
@@ -97,10 +99,20 @@ class _Call:
 class _Wait:
     """A batch's ``WAIT``: its calls' replies are held until it confirms replication."""
 
-    __slots__ = ("calls",)
+    __slots__ = ("calls", "need")
 
-    def __init__(self, calls: list[_Call]) -> None:
+    def __init__(self, calls: list[_Call], need: int) -> None:
         self.calls = calls
+        self.need = need
+
+
+class _Control:
+    """A command of the batcher's own (not a caller's) whose reply goes to ``on_reply``."""
+
+    __slots__ = ("on_reply",)
+
+    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+        self.on_reply = on_reply
 
 
 class _Protocol(asyncio.Protocol):
@@ -148,13 +160,17 @@ class ScriptBatcher:
         self._password = unquote(parts.password) if parts.password else None
         self._max_batch = max_batch
         self._timeout_s = timeout_s
-        self._wait = pack(["WAIT", wait_replicas, wait_timeout_ms]) if wait_replicas else b""
         self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
+        self._wait = b""  # the WAIT each batch ends with (none while no replica is linked)
+        self._need = 0  # replicas that WAIT must reach
+        self._replicas_read_at = 0.0
+        self.replicas = 0  # replicas linked to this server, as last read
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._buffer: list[bytes] = []
         self._queued: list[_Call | None] = []  # None: a reply we skip (AUTH, SELECT, ASKING)
-        self._inflight: collections.deque[_Call | _Wait | None] = collections.deque()
+        self._inflight: collections.deque[_Call | _Wait | _Control | None] = collections.deque()
         self._scheduled = False
         self.round_trips = 0  # writes carrying at least one script call
         self.calls = 0  # script calls carried
@@ -184,13 +200,15 @@ class ScriptBatcher:
             if self._db:
                 handshake.append(pack(["SELECT", self._db]))
             info: asyncio.Future[Any] = loop.create_future()
-            handshake.append(pack(["INFO", "server"]))
+            handshake.append(pack(["INFO", "server", "replication"]))
             self._inflight.extend([None] * (len(handshake) - 1))
             self._inflight.append(_Call(None, [], info))
             assert protocol.transport is not None
             protocol.transport.write(b"".join(handshake))
             try:
-                self.run_id = run_id_of(await asyncio.wait_for(info, self._timeout_s))
+                text = await asyncio.wait_for(info, self._timeout_s)
+                self.run_id = run_id_of(text)
+                self._replicas_seen(text)
             except (RedisError, ValueError, TimeoutError) as exc:
                 self._inflight.clear()
                 if protocol.transport is not None:
@@ -198,6 +216,19 @@ class ScriptBatcher:
                 raise NotSent(f"cannot read the Redis run id: {exc}") from exc
             self._protocol = protocol
             return protocol
+
+    def _replicas_seen(self, info: Any) -> None:
+        """Read ``connected_slaves`` from an ``INFO replication`` reply: a batch waits for
+        ``min(wait_replicas, linked replicas)``. A primary left without replica (its replica
+        was promoted after a failover) answers without WAIT rather than never: what it may
+        then lose is caught by the sale fence (``lua/reserve.lua``) and recomputed."""
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        for line in text.splitlines():
+            if line.startswith("connected_slaves:"):
+                self.replicas = int(line.split(":", 1)[1])
+        self._replicas_read_at = time.monotonic()
+        self._need = min(self._wait_replicas, self.replicas)
+        self._wait = pack(["WAIT", self._need, self._wait_timeout_ms]) if self._need else b""
 
     async def connect(self) -> None:
         """Connect now (the first call otherwise does): learns :attr:`run_id`."""
@@ -251,13 +282,18 @@ class ScriptBatcher:
             return
         self.round_trips += 1
         self._inflight.extend(batch)
+        if self._wait_replicas and time.monotonic() - self._replicas_read_at > REPLICAS_EVERY_S:
+            # a replica may have come (back) or gone: look again, in the same write
+            self._replicas_read_at = time.monotonic()
+            self._inflight.append(_Control(self._replicas_seen))
+            data += pack(["INFO", "replication"])
         if self._wait:
             # one WAIT per batch: no reply of the batch is given before the replicas have
             # its writes, so a failover to one of them loses no answered reservation
             calls = [c for c in batch if c is not None]
             for c in calls:
                 c.held = True
-            self._inflight.append(_Wait(calls))
+            self._inflight.append(_Wait(calls, self._need))
             data += self._wait
         protocol.transport.write(data)
         loop = asyncio.get_running_loop()
@@ -274,6 +310,10 @@ class ScriptBatcher:
         if isinstance(call, _Wait):
             self._confirmed(call, reply)
             return
+        if isinstance(call, _Control):
+            if not isinstance(reply, hiredis.ReplyError):
+                call.on_reply(reply)
+            return
         if call is None or call.fut.done():
             return
         if isinstance(reply, hiredis.ReplyError):
@@ -289,7 +329,7 @@ class ScriptBatcher:
 
     def _confirmed(self, wait: _Wait, reply: Any) -> None:
         """The batch's WAIT answered: give its replies, or fail them if not replicated."""
-        replicated = isinstance(reply, int) and reply >= self._wait_replicas
+        replicated = isinstance(reply, int) and reply >= wait.need
         for call in wait.calls:
             if not call.held:
                 continue  # retried after NOSCRIPT: its own WAIT follows
@@ -312,7 +352,7 @@ class ScriptBatcher:
         data = pack(command)
         if self._wait:
             call.held = True
-            self._inflight.append(_Wait([call]))
+            self._inflight.append(_Wait([call], self._need))
             data += self._wait
         protocol.transport.write(data)
 
@@ -330,7 +370,7 @@ class ScriptBatcher:
         for item in self._inflight:
             if isinstance(item, _Wait):
                 out.extend(item.calls)
-            elif item is not None:
+            elif isinstance(item, _Call):
                 out.append(item)
         return out
 
