@@ -648,6 +648,13 @@ class EmbeddedStack:
             return self.redis_cluster.url
         return next((s.url for s in self.servers if s.name == name), None)
 
+    def ports(self) -> dict[str, int]:
+        """Every server's port by name (a cluster's nodes as ``redis-node<i>``)."""
+        out = {s.name: s.port for s in self.servers}
+        if self.redis_cluster is not None:
+            out.update({f"redis-node{i}": n.port for i, n in enumerate(self.redis_cluster.nodes)})
+        return out
+
     def get(self, name: str) -> Server:
         return next(s for s in self.servers if s.name == name)
 
@@ -704,6 +711,10 @@ def start_stack(
                 shards=redis_shards,
                 persist=durable or redis_appendfsync is not None,
                 appendfsync=redis_appendfsync or "always",
+                # a node's peers know it by its port (nodes.conf): keep them across restarts
+                ports=[want[f"redis-node{i}"] for i in range(2 * redis_shards)]
+                if all(f"redis-node{i}" in want for i in range(2 * redis_shards))
+                else (),
             )
         elif redis:
             stack.servers.append(
