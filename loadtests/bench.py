@@ -25,6 +25,9 @@ What it does, in order, every part bounded in time and count, every request to 1
        then again open-loop at half its peak rate (uvloop client, latency from the
        intended send time) for the p99-at-half-peak figure;
    (4) the sold-out path (join on a sold-out sale);
+   (8) the accept path again through a gateway on a local 3-shard valkey cluster, and the
+       reserve script's ceiling on the primary holding the sale (:mod:`.bench_cluster`);
+   (9) one bucketed hot sale (skipped: not in this build);
 3. prints one table and the ratios 3/1, 4/1, 3/5, 6/3 with the hardware and versions,
    writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.
 
@@ -782,6 +785,13 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         _stop(env, "consume")  # the HTTP paths below get the cores to themselves
         step("3 accept path", lambda: accept(e, plan))
         step("4 sold-out path", lambda: sold_out(e, plan))
+        from loadtests import bench_cluster  # it builds on this module's helpers
+
+        step(
+            "8 accept path on 1 vs 3 shards",
+            lambda: bench_cluster.accept_on_shards(e, plan, redis_fsync),
+        )
+        step("9 one bucketed hot sale", lambda: bench_cluster.bucketed_hot_sale(e, plan))
         sell = rows.get("7 sell-out")
         if sell is not None and not sell.detail.get("ok", False):
             failed = True
@@ -818,6 +828,10 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
             ">= 2",
         ),
         "p99 of join at half peak (ms)": (half.p99_ms if half and accept_row else None, "<= 20"),
+        "8/3 accept on 3 shards / on 1": (
+            _ratio(rows, "8 accept path on 3 shards (join, 202)", "3 accept path (join, 202)"),
+            "(2 shared cores: prices the cluster path, not its scaling)",
+        ),
     }
     result: dict[str, Any] = {
         "mode": mode,
