@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import grp
 import hashlib
 import importlib.util
@@ -231,6 +232,7 @@ class ValkeyCluster:
     root: Path
     password: str
     nodes: list[Server] = field(default_factory=list)
+    starters: dict[int, Callable[[], Server]] = field(default_factory=dict)  # by port
 
     @property
     def url(self) -> str:
@@ -239,6 +241,14 @@ class ValkeyCluster:
 
     def node(self, port: int) -> Server:
         return next(n for n in self.nodes if n.port == port)
+
+    def restart(self, server: Server) -> Server:
+        """Start a (killed) node again on its port and folder: it rejoins the cluster, as
+        a replica of whichever node took its slots."""
+        server.stop()
+        new = self.starters[server.port]()
+        self.nodes[self.nodes.index(server)] = new
+        return new
 
     def primary_for(self, key: str) -> Server:
         """The node that serves ``key``'s slot now (asked of a node that is running)."""
@@ -311,31 +321,33 @@ def start_redis_cluster(
             if not bus_file.exists():
                 bus_file.write_text(str(free_port()))
             bus_port = bus_file.read_text().strip()
-            cluster.nodes.append(
-                start_redis(
-                    data_dir,
-                    port=ports[i] if i < len(ports) else None,
-                    persist=persist,
-                    appendfsync=appendfsync,
-                    password=cluster.password,
-                    extra_args=[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-port",
-                        bus_port,
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        str(node_timeout_ms),
-                        # a replica may always take over: the sale fence, not the replica's
-                        # age, protects against what it missed
-                        "--cluster-replica-validity-factor",
-                        "0",
-                        "--masterauth",
-                        cluster.password,
-                    ],
-                )
+            starter = functools.partial(
+                start_redis,
+                data_dir,
+                port=ports[i] if i < len(ports) else free_port(),
+                persist=persist,
+                appendfsync=appendfsync,
+                password=cluster.password,
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    bus_port,
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                    # a replica may always take over: the sale fence, not the replica's
+                    # age, protects against what it missed
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    "--masterauth",
+                    cluster.password,
+                ],
             )
+            server = starter()
+            cluster.nodes.append(server)
+            cluster.starters[server.port] = starter
         if fresh:
             subprocess.run(
                 [

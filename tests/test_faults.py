@@ -370,3 +370,38 @@ async def test_cluster_primary_killed_mid_stampede(
     WAIT kept up with every answered batch) is promoted, the sale is fenced and re-armed,
     joins resume; every 202 is in PostgreSQL once and sold ≤ quantity."""
     await _failover(base_settings, db, tokens, root, "failover")
+
+
+@pytest.mark.chaos
+async def test_cluster_two_failovers_in_a_row(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """Kill the sale's primary; bring the dead node back (it rejoins as the new primary's
+    replica, and batches WAIT for it again); then kill the promoted primary too."""
+    stack = await _stack(base_settings, root, "failover2", redis_shards=3)
+    redis: Redis = open_redis(stack.settings)
+    try:
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=600, shoppers=1800)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=200, accepted=60)
+        assert isinstance(stack.redis_server, ValkeyCluster)
+        cluster = stack.redis_server
+        key = rediskeys.sale(sale_id)
+        first = stack.kill_primary_of(key)
+        fault_at = time.monotonic()
+        await when(lambda: cluster.primary_for(key).port != first.port)
+        cluster.restart(first)
+        await asyncio.to_thread(cluster.wait_healthy)  # the old primary is a replica now
+        before = len(answers.accepted)
+        await when(lambda: len(answers.accepted) >= before + 60)
+        second = stack.kill_primary_of(key)
+        assert second.port != first.port
+        await when(lambda: cluster.primary_for(key).port == first.port)
+        await crowd
+        verdict = await settle_and_judge(
+            "two failovers of the sale's shard", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert verdict.accepted == 600, answers.statuses
+    finally:
+        await redis.aclose()
+        stack.stop()
