@@ -36,6 +36,7 @@ from loadtests.bench import (
     _wait_until,
     create_sale,
 )
+from loadtests.loadgen import RunResult
 
 SHARDS = 3
 
@@ -49,6 +50,30 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
         persist=redis_fsync != "off",
         appendfsync=redis_fsync if redis_fsync != "off" else "always",
     )
+    try:
+        rows: list[Row] = []
+        sale_id = 0
+        for wait in (1, 0):
+            run, sale_id = _accept_through_cluster_gateway(env, plan, cluster, wait)
+            rows.append(
+                Row.from_run(
+                    f"8 accept path on {SHARDS} shards (join, 202)" + ("" if wait else ", no WAIT"),
+                    run,
+                    note=f"{SHARDS} primaries + {SHARDS} replicas, "
+                    + ("WAIT 1 per batch" if wait else "FLASHSALE_REDIS_WAIT_REPLICAS=0")
+                    + "; compare row 3",
+                )
+            )
+        rows.extend(_script_cost_on_one_shard(plan, cluster, sale_id))
+        return rows
+    finally:
+        cluster.stop()
+
+
+def _accept_through_cluster_gateway(
+    env: Env, plan: Plan, cluster: ValkeyCluster, wait_replicas: int
+) -> tuple[RunResult, int]:
+    """A gateway on the cluster, a fresh sale through it, the accept-path load on it."""
     port = free_port()
     on_cluster = dataclasses.replace(env, gateway_url=f"http://127.0.0.1:{port}")
     try:
@@ -59,7 +84,7 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
             extra_env={
                 "FLASHSALE_REDIS_URL": cluster.url,
                 "FLASHSALE_REDIS_CLUSTER": "true",
-                "FLASHSALE_REDIS_WAIT_REPLICAS": "1",
+                "FLASHSALE_REDIS_WAIT_REPLICAS": str(wait_replicas),
                 "FLASHSALE_HTTP_PORT": str(port),
             },
         )
@@ -69,19 +94,9 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
         run = _load(
             env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
         )
-        rows = [
-            Row.from_run(
-                f"8 accept path on {SHARDS} shards (join, 202)",
-                run,
-                note=f"{SHARDS} primaries + {SHARDS} replicas, WAIT 1 per batch; compare row 3",
-            )
-        ]
-        _stop(env, "gateway-cluster")
-        rows.extend(_script_cost_on_one_shard(plan, cluster, sale_id))
-        return rows
+        return run, sale_id
     finally:
         _stop(env, "gateway-cluster")
-        cluster.stop()
 
 
 def _script_cost_on_one_shard(plan: Plan, cluster: ValkeyCluster, sale_id: int) -> list[Row]:
