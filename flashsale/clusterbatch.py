@@ -40,6 +40,7 @@ from flashsale.redisbatch import (
 SLOTS: Final = 16384
 ATTEMPTS: Final = 4
 REFRESH_MIN_INTERVAL_S: Final = 0.05
+PIPELINES_WITH_WAIT: Final = 4
 REDIRECTS: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 
 
@@ -75,7 +76,10 @@ class ClusterScriptBatcher:
         }
         self._timeout_s = timeout_s
         self._slots: list[str] = []
-        self._nodes: dict[str, ScriptBatcher] = {}
+        # WAIT blocks its connection until the replica acknowledges: with it, a primary gets
+        # a few connections, and each tick's calls go to one that is not waiting
+        self._per_node = PIPELINES_WITH_WAIT if wait_replicas else 1
+        self._nodes: dict[str, list[ScriptBatcher]] = {}
         self._refreshing: asyncio.Lock | None = None
         self._refreshed_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
@@ -83,11 +87,11 @@ class ClusterScriptBatcher:
 
     @property
     def round_trips(self) -> int:
-        return sum(b.round_trips for b in self._nodes.values())
+        return sum(b.round_trips for pool in self._nodes.values() for b in pool)
 
     @property
     def calls(self) -> int:
-        return sum(b.calls for b in self._nodes.values())
+        return sum(b.calls for pool in self._nodes.values() for b in pool)
 
     def _url(self, addr: str) -> str:
         cred = ""
@@ -97,10 +101,17 @@ class ClusterScriptBatcher:
         return f"redis://{cred}{addr}/0"
 
     def node(self, addr: str) -> ScriptBatcher:
-        batcher = self._nodes.get(addr)
-        if batcher is None:
-            batcher = self._nodes[addr] = ScriptBatcher(self._url(addr), **self._options)
-        return batcher
+        """The connection to ``addr`` the next call goes on: the first one idle (or the
+        least busy), so that the calls of one tick share one write."""
+        pool = self._nodes.get(addr)
+        if pool is None:
+            url = self._url(addr)
+            pool = self._nodes[addr] = [
+                ScriptBatcher(url, **self._options) for _ in range(self._per_node)
+            ]
+        if len(pool) == 1:
+            return pool[0]
+        return min(pool, key=lambda b: b.in_flight)
 
     def node_for(self, key: str) -> str:
         """The address of the primary serving ``key``'s slot, as last known."""
@@ -171,7 +182,9 @@ class ClusterScriptBatcher:
         if not self._slots:
             await self.refresh()
         for addr in set(self._slots):
-            await self.node(addr).connect()
+            self.node(addr)
+            for batcher in self._nodes[addr]:
+                await batcher.connect()
 
     async def call(
         self,
@@ -231,5 +244,5 @@ class ClusterScriptBatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for batcher in self._nodes.values():
+        for batcher in [b for pool in self._nodes.values() for b in pool]:
             await batcher.close()

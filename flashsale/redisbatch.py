@@ -230,6 +230,11 @@ class ScriptBatcher:
         self._need = min(self._wait_replicas, self.replicas)
         self._wait = pack(["WAIT", self._need, self._wait_timeout_ms]) if self._need else b""
 
+    @property
+    def in_flight(self) -> int:
+        """Replies awaited on the connection (0: idle, the next write goes out at once)."""
+        return len(self._inflight)
+
     async def connect(self) -> None:
         """Connect now (the first call otherwise does): learns :attr:`run_id`."""
         if self._protocol is None:
