@@ -39,6 +39,7 @@ from loadtests.bench import (
 from loadtests.loadgen import RunResult
 
 SHARDS = 3
+NODE_TIMEOUT_MS = 10_000
 
 
 def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[Row]:
@@ -49,6 +50,8 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
         shards=SHARDS,
         persist=redis_fsync != "off",
         appendfsync=redis_fsync if redis_fsync != "off" else "always",
+        # the load shares the cores with six nodes: no failover for a slow heartbeat
+        node_timeout_ms=NODE_TIMEOUT_MS,
     )
     try:
         rows: list[Row] = []
@@ -64,7 +67,10 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
                     + "; compare row 3",
                 )
             )
-        rows.extend(_script_cost_on_one_shard(plan, cluster, sale_id))
+        try:
+            rows.extend(_script_cost_on_one_shard(plan, cluster, sale_id))
+        except (redis_ceiling.RedisBenchError, Skip) as exc:
+            print(f"  8b skipped: {exc}", flush=True)  # rows 8 stand without it
         return rows
     finally:
         cluster.stop()
@@ -110,8 +116,6 @@ def _script_cost_on_one_shard(plan: Plan, cluster: ValkeyCluster, sale_id: int) 
         results = redis_ceiling.run_script(
             url, port, redis_ceiling.RESERVE_SCRIPT, keys, args, requests=plan.redis_requests
         )
-    except redis_ceiling.RedisBenchError as exc:
-        raise Skip(str(exc)) from None
     finally:
         _drop_sale(cluster, sale_id)
     return [

@@ -66,9 +66,11 @@ def redis_topology(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def valkey_cluster() -> Iterator[ValkeyCluster]:
-    """A local valkey cluster: 3 primaries + 3 replicas; a silent primary fails over in 1s."""
+    """A local valkey cluster: 3 primaries + 3 replicas. Nothing here kills a node (the
+    failover tests start their own), so a slow heartbeat on a busy machine must not
+    promote a replica: the node timeout is generous."""
     root = Path(tempfile.mkdtemp(prefix="flashsale-cluster-"))
-    cluster = start_redis_cluster(root, persist=False, node_timeout_ms=1000)
+    cluster = start_redis_cluster(root, persist=False, node_timeout_ms=10_000)
     try:
         yield cluster
     finally:
