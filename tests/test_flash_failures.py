@@ -347,7 +347,9 @@ async def test_rebuild_cache_after_flushall(
 ) -> None:
     own_redis: Server | ValkeyCluster
     if shards:
-        own_redis = start_redis_cluster(tmpdir_path / "c", shards=shards, persist=False)
+        own_redis = start_redis_cluster(
+            tmpdir_path / "c", shards=shards, persist=False, node_timeout_ms=10_000
+        )
     else:
         own_redis = start_redis(tmpdir_path / "r", persist=False)
     settings = _own(
