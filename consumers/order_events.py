@@ -245,6 +245,15 @@ class OrderBatchProcessor:
             except asyncpg.IntegrityConstraintViolationError:
                 written = await self._persist_one_by_one(events, valid, out)
             out.persisted = len(written.new)
+            if written.new:
+                # One line per batch, order id -> the join's request id: `grep <order id>`
+                # finds it next to the gateway's access line for the same request.
+                rid = {e.order_id: e.request_id for e in events}
+                log.info(
+                    "persisted %d order(s)",
+                    len(written.new),
+                    extra={"orders": {oid: rid.get(oid, "") for oid in written.new}},
+                )
             out.duplicates += len(events) - len(written.new)
             out.oversold = written.oversold
             for e in written.oversold:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flashsale import tasks
 from flashsale.scripts import Lease, register
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class MachineLease:
                 log.error("machine id %d was taken by another process", self.machine_id)
                 n = await self._claim_free_id()
             except RedisError:
+                if tasks.cancel_requested():
+                    raise asyncio.CancelledError from None
                 log.warning("could not renew machine-id lease %d; will retry", self.machine_id)
                 continue
             last_ms = self.generator.last_ms
@@ -126,9 +129,7 @@ class MachineLease:
 
     async def release(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop(self._task)
             self._task = None
         if self.machine_id is not None:
             with contextlib.suppress(RedisError):

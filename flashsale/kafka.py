@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
+from flashsale import tasks
 from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ class OrderProducer:
             if self._queued:  # what is queued goes out (or fails) before the producer closes
                 queued, self._queued = self._queued, []
                 await self._send_queued(queued)
-            shipper.cancel()
-            await asyncio.gather(shipper, return_exceptions=True)
+            await tasks.stop(shipper)
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()

@@ -34,6 +34,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flashsale import tasks
 from flashsale.errors import ServiceUnavailable
 from flashsale.redisclient import pubsub_client
 
@@ -129,6 +130,8 @@ async def _subscribe(revocations: Revocations, redis: Redis, wake: asyncio.Event
                     if message["type"] == "message":
                         revocations.apply_message(message["data"])
         except (RedisError, OSError) as exc:
+            if tasks.cancel_requested():
+                raise asyncio.CancelledError from None
             log.warning("revocation subscriber lost Redis (%s); reconnecting", exc)
         finally:
             if owned:
@@ -143,10 +146,14 @@ async def _poll(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(every_s):
                 await wake.wait()
+        if tasks.cancel_requested():  # 3.11's timeout can turn a cancel into TimeoutError
+            raise asyncio.CancelledError
         wake.clear()
         try:
             await revocations.refresh(redis, db)
         except (RedisError, OSError, asyncpg.PostgresError) as exc:
+            if tasks.cancel_requested():
+                raise asyncio.CancelledError from None
             log.warning("revocation list not refreshed (%s)", exc)
 
 
@@ -165,13 +172,11 @@ async def kept_fresh(
     except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning("revocation list not loaded at start (%s); tokens wait for it", exc)
     wake = asyncio.Event()
-    tasks = [
+    loops = [
         asyncio.create_task(_subscribe(revocations, redis, wake), name="revocation-subscriber"),
         asyncio.create_task(_poll(revocations, redis, db, every_s, wake), name="revocation-poller"),
     ]
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await tasks.stop(*loops)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 from redis.asyncio import Redis
 
-from flashsale import sessions
+from flashsale import sessions, tasks
 from flashsale.auth import PasswordHashing, TokenService
 from flashsale.db import create_pool
 from flashsale.ids import MachineLease, OrderIdGenerator, OrderIds
@@ -91,8 +91,7 @@ async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(flush_every_second(), name="request-stats")
     yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await tasks.stop(task)
     stats.flush()
 
 

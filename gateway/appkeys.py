@@ -25,3 +25,6 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ORDER_IDS: web.AppKey[OrderIds] = web.AppKey("order_ids")
 REQUEST_STATS: web.AppKey[RequestStats] = web.AppKey("request_stats")
 PASSWORD_HASHER: web.AppKey[PasswordHashing] = web.AppKey("password_hasher")
+
+# Per-request state the access log reads: the order a join accepted (or replayed).
+ORDER_ID = web.RequestKey("order_id", str)

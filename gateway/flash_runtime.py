@@ -10,6 +10,7 @@ from typing import Final
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from flashsale import tasks
 from flashsale.flash.cache import REFRESH_EVERY_S
 from flashsale.flash.runtime import FlashRuntime, open_runtime
 from gateway import appkeys
@@ -41,11 +42,12 @@ async def flash_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
                 await cache.refresh()
             except (RedisError, OSError) as exc:
+                if tasks.cancel_requested():
+                    raise asyncio.CancelledError from None
                 log.warning("sale cache refresh failed: %s", exc)
 
     task = asyncio.create_task(refresher(), name="sale-cache-refresh")
     yield
     stop.set()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await tasks.stop(task)
     await runtime.batcher.close()

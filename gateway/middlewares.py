@@ -13,6 +13,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from flashsale.errors import AppError
 from flashsale.metrics import RequestStats
+from gateway.appkeys import ORDER_ID
 from gateway.http import JSON_CONTENT_TYPE, error_body
 from gateway.routing import Handler
 
@@ -109,20 +110,18 @@ class JsonAccessLogger(AbstractAccessLogger):
     """One JSON line per request: method, path, status, duration, request id, peer."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %d",
-            request.method,
-            request.path,
-            response.status,
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "ms": round(time * 1000, 3),
-                "request_id": response.headers.get(REQUEST_ID, ""),
-                "peer": request.remote,
-            },
-        )
+        extra = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "ms": round(time * 1000, 3),
+            "request_id": response.headers.get(REQUEST_ID, ""),
+            "peer": request.remote,
+        }
+        order_id = request.get(ORDER_ID)
+        if order_id is not None:
+            extra["order_id"] = order_id
+        self.logger.info("%s %s %d", request.method, request.path, response.status, extra=extra)
 
     @property
     def enabled(self) -> bool:

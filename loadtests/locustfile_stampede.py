@@ -16,8 +16,10 @@ each process writes its own outcome file ``out/outcomes.<pid>`` and takes its ow
 the tokens.
 
 Environment:
-- LOCUST_TOKENS_FILE  tokens, one per line (``python -m loadtests.mint``); required
-- LOCUST_SALE_ID      the sale to join; required
+- LOCUST_TOKENS_FILE  tokens, one per line (``python -m loadtests.mint``); default
+                      ``tokens.txt`` when it exists
+- LOCUST_SALE_ID      the sale to join; default: the one sale the gateway lists as
+                      running or upcoming (the demo sale after ``make run``)
 - LOCUST_SALE_START   epoch seconds the sale opens; default: ``start_time`` from GET the sale
 - LOCUST_OUTCOMES     prefix of the per-process outcome files for loadtests.invariants
 - LOCUST_PAY_SHARE    share of winners who pay (default 0.3; 0 against a gateway without
@@ -50,7 +52,16 @@ from datetime import datetime
 
 from locust import FastHttpUser, between, events, task
 
-from loadtests.scenario_support import OutcomeLog, env_float, env_int, env_str, token_pool
+from loadtests.scenario_support import (
+    OutcomeLog,
+    announce_host,
+    default_sale_id,
+    env_float,
+    env_int,
+    env_str,
+    running_gateway,
+    token_pool,
+)
 
 SALE_ID = env_int("LOCUST_SALE_ID", 0)
 PAY_SHARE = env_float("LOCUST_PAY_SHARE", 0.3)
@@ -65,17 +76,22 @@ def _close(environment, **_kwargs):
     OUTCOMES.close()
 
 
+@events.init.add_listener
+def _default_host(environment, **_kwargs):
+    announce_host(environment)
+
+
 class Shopper(FastHttpUser):
     """A stream of shoppers: wait for the start, join, poll, maybe pay; then the next."""
 
+    host = running_gateway()  # -H wins; without it, the gateway `flashsale up` runs
     weight = 10
     wait_time = between(0.0, 2 * NEXT_SHOPPER_S)
 
     def on_start(self):
-        if not SALE_ID:
-            raise RuntimeError("set LOCUST_SALE_ID")
+        sale_id = SALE_ID or default_sale_id(self.host)
         self.tokens = token_pool(self.environment)
-        self.sale_path = f"/api/v1/flash-sales/{SALE_ID}"
+        self.sale_path = f"/api/v1/flash-sales/{sale_id}"
         self.start = env_float("LOCUST_SALE_START", 0.0)
 
     def _sale_start(self):

@@ -26,17 +26,17 @@ failures, and so are 404s on cart update and checkout (another virtual user on t
 account checked the cart out: more users than tokens); anything else at or above 400 is a
 failure.
 
-Environment: LOCUST_TOKENS_FILE (required), LOCUST_SEARCH_TERMS (comma-separated),
-LOCUST_THINK_S (``min,max`` seconds).
+Environment: LOCUST_TOKENS_FILE (default tokens.txt when it exists), LOCUST_SEARCH_TERMS
+(comma-separated), LOCUST_THINK_S (``min,max`` seconds).
 """
 
 from __future__ import annotations
 
 import random
 
-from locust import FastHttpUser, between, task
+from locust import FastHttpUser, between, events, task
 
-from loadtests.scenario_support import env_str, token_pool
+from loadtests.scenario_support import announce_host, env_str, running_gateway, token_pool
 
 SEARCH_TERMS = env_str("LOCUST_SEARCH_TERMS", "phone,shoe,coffee,laptop,bag").split(",")
 THINK_S = [float(x) for x in env_str("LOCUST_THINK_S", "0.5,2").split(",")]
@@ -52,9 +52,15 @@ def _data(resp):
     return body.get("data") if isinstance(body, dict) else None
 
 
+@events.init.add_listener
+def _default_host(environment, **_kwargs):
+    announce_host(environment)
+
+
 class Browser(FastHttpUser):
     """A storefront shopper."""
 
+    host = running_gateway()  # -H wins; without it, the gateway `flashsale up` runs
     weight = 10
     wait_time = between(THINK_S[0], THINK_S[-1])
 

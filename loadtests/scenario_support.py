@@ -6,10 +6,15 @@ monkey-patching must never run inside pytest).
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
+
+import orjson
 
 
 def env_str(name: str, default: str = "") -> str:
@@ -24,6 +29,42 @@ def env_float(name: str, default: float) -> float:
 def env_int(name: str, default: int) -> int:
     raw = env_str(name)
     return int(raw) if raw else default
+
+
+_said: set[str] = set()
+DEFAULT_TOKENS_FILE = "tokens.txt"
+
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr)
+
+
+@functools.cache
+def running_gateway() -> str | None:
+    """The base URL of the gateway a running ``flashsale up`` serves (from its stack file
+    in ``FLASHSALE_DATA_DIR``), the users' default host so that ``-H`` may be left out;
+    None when no ``up`` runs."""
+    from flashsale.settings import Settings
+    from gateway import stackfile
+
+    settings = Settings.from_env()
+    data = stackfile.read(settings)
+    if data is None or not stackfile.running(data):
+        return None
+    host = str(data.get("http_host") or "127.0.0.1")
+    if host in ("0.0.0.0", "::"):  # a wildcard bind is reached on loopback
+        host = "127.0.0.1"
+    return f"http://{host}:{int(data['http_port'])}"
+
+
+def announce_host(environment: Any) -> None:
+    """At Locust's ``init``: say in one line when the running stack's gateway stands in
+    for a missing ``-H``."""
+    url = running_gateway()
+    if environment.host is None and url is not None:
+        _say_once(f"locust: no -H given; using the running stack's gateway {url}")
 
 
 class TokenPool:
@@ -68,11 +109,30 @@ def process_share(environment: Any) -> tuple[int, int]:
 _shared: dict[str, TokenPool] = {}
 
 
+@functools.cache
+def default_sale_id(host: str) -> int:
+    """With LOCUST_SALE_ID unset: the one sale the gateway lists as running or upcoming
+    (the demo sale after ``make run``); more or none is an error that lists them."""
+    url = host.rstrip("/") + "/api/v1/flash-sales/active"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        sales = orjson.loads(resp.read())["data"]
+    ids = [int(s["flash_sale_id"]) for s in sales]
+    if len(ids) != 1:
+        raise RuntimeError(
+            f"set LOCUST_SALE_ID: {host} lists {len(ids)} running or upcoming sales {ids}"
+        )
+    _say_once(f"locust: LOCUST_SALE_ID unset; using sale {ids[0]}, the one {host} lists")
+    return ids[0]
+
+
 def token_pool(environment: Any) -> TokenPool:
     """This process's one pool over ``$LOCUST_TOKENS_FILE``, shared by every user class:
     in the mixed scenario shoppers and browsers take turns on one sequence, so no two
     users share an account while the file has tokens to spare."""
     path = env_str("LOCUST_TOKENS_FILE")
+    if not path and Path(DEFAULT_TOKENS_FILE).is_file():
+        path = DEFAULT_TOKENS_FILE  # what the README's mint line writes
+        _say_once(f"locust: LOCUST_TOKENS_FILE unset; using {path}")
     pool = _shared.get(path)
     if pool is None:
         pool = _shared[path] = TokenPool(path, *process_share(environment))

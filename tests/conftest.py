@@ -37,6 +37,8 @@ from flashsale.settings import Settings
 from gateway.app import create_app
 from gateway.embedded import EmbeddedStack, ValkeyCluster, start_redis_cluster, start_stack
 
+pytest_plugins = ["tests.hangwatch"]
+
 TEST_SECRET = "test-secret-key-0123456789abcdef"
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import ast
 import asyncio
 import csv
+import http.server
 import os
 import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +34,7 @@ from redis import Redis as SyncRedis
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from gateway import stackfile
 from gateway.embedded import free_port
 from gateway.server import child_env, stop_children
 from loadtests import (
@@ -378,10 +381,19 @@ def _locust(
     users: int = 5,
     run_time_s: int = 5,
     processes: int = 0,
+    host_from_stack: bool = False,
 ) -> LocustRun:
-    """A bounded headless run with CSV statistics (and their per-second history)."""
+    """A bounded headless run with CSV statistics (and their per-second history).
+
+    ``host_from_stack``: no ``-H``; the gateway is found as a user finds it while
+    ``flashsale up`` runs, from the stack file in the data folder."""
     prefix = tmp_path / Path(locustfile).stem
     env = {**os.environ, **extra_env}
+    if host_from_stack:
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        stackfile.write(Settings.from_env().with_(data_dir=str(data_dir), http_port=port), {})
+        env["FLASHSALE_DATA_DIR"] = str(data_dir)  # the file names this (live) process
     args = [
         LOCUST,
         "-f",
@@ -393,8 +405,7 @@ def _locust(
         str(users),
         "-r",
         str(users),
-        "-H",
-        f"http://127.0.0.1:{port}",
+        *([] if host_from_stack else ["-H", f"http://127.0.0.1:{port}"]),
         "--csv",
         str(prefix),
         "--csv-full-history",
@@ -631,8 +642,10 @@ async def test_locust_storefront_runs_every_task(
         },
         4,
         8,
+        host_from_stack=True,
     )
     _assert_every_task_ran(run, "locustfile_storefront.py", STOREFRONT_REQUESTS)
+    assert f"using the running stack's gateway http://127.0.0.1:{gateway_port}" in run.proc.stderr
 
 
 @pytest.mark.slow
@@ -685,3 +698,34 @@ def test_process_share_is_read_once_the_worker_knows_its_index() -> None:
 def test_gevent_is_never_imported_into_pytest() -> None:
     assert "gevent" not in sys.modules
     assert "locust" not in sys.modules
+
+
+def test_default_sale_is_the_one_the_gateway_lists() -> None:
+    """Without LOCUST_SALE_ID the stampede joins the one running or upcoming sale; with
+    several listed it stops and names them."""
+    listed: list[list[dict[str, int]]] = [
+        [{"flash_sale_id": 7}],
+        [{"flash_sale_id": 7}, {"flash_sale_id": 8}],
+    ]
+
+    class Listing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = orjson.dumps({"code": 0, "data": listed.pop(0)})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Listing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_port}"
+        assert scenario_support.default_sale_id(host) == 7
+        with pytest.raises(RuntimeError, match=r"lists 2 running or upcoming sales \[7, 8\]"):
+            scenario_support.default_sale_id(host + "/")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,6 +16,8 @@ import pytest
 from flashsale.settings import Settings
 from gateway.embedded import free_port
 from gateway.preflight import PreflightFailed, check_reachable, claim_port
+from gateway.server import CrashLoop, Supervised
+from gateway.supervisor import _wait_ready
 
 pytestmark = [pytest.mark.integration]
 
@@ -109,3 +111,15 @@ def test_check_reachable_names_the_first_unreachable_server() -> None:
             PreflightFailed, match=re.escape("FLASHSALE_KAFKA_BOOTSTRAP=127.0.0.1:1 ")
         ):
             check_reachable(Settings(redis_url=f"redis://{ok}/0", kafka_bootstrap="127.0.0.1:1"))
+
+
+def test_a_worker_that_dies_while_starting_is_reported_at_once() -> None:
+    """`up` does not sit out its 60 s ready wait when a child dies first: it names it."""
+    nothing_listens = f"http://127.0.0.1:{free_port()}/readyz"
+    dying = Supervised(
+        "gateway worker 1",
+        lambda: subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]),
+    )
+    # without the early report this would return False after 60 s, and fail the test
+    with pytest.raises(CrashLoop, match="gateway worker 1 exited with 3 while starting"):
+        _wait_ready(nothing_listens, 60, [dying], [dying])

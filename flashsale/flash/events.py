@@ -13,6 +13,7 @@ from typing import Any, Final
 import orjson
 
 SCHEMA_VERSION: Final = 1
+MAX_REQUEST_ID: Final = 128  # the gateway keeps a client's X-Request-ID up to this length
 
 
 class BadEvent(ValueError):
@@ -31,6 +32,9 @@ class OrderEvent:
     payment_deadline_ms: int
     reserved_at_ms: int
     v: int = SCHEMA_VERSION
+    # The join's request id, so one grep follows an order from its HTTP request to the
+    # consumer's log line; empty for events rebuilt from the reservation log.
+    request_id: str = ""
 
     @property
     def key(self) -> bytes:
@@ -73,7 +77,10 @@ def decode(raw: bytes | None) -> OrderEvent:
             raise BadEvent(f"{name} missing or not a non-negative integer")
     if data["quantity"] < 1:
         raise BadEvent("quantity must be positive")
-    return OrderEvent(order_id=order_id, **{n: data[n] for n in _INT_FIELDS})
+    rid = data.get("request_id")
+    # A log field never costs an order: a malformed one is dropped, not dead-lettered.
+    request_id = rid if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID else ""
+    return OrderEvent(order_id=order_id, request_id=request_id, **{n: data[n] for n in _INT_FIELDS})
 
 
 def pack_entry(e: OrderEvent) -> str:

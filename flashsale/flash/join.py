@@ -65,11 +65,13 @@ async def join(
     client_ip: str,
     idempotency_key: str | None,
     order_id: str,
+    request_id: str = "",
 ) -> JoinResult:
     """Reserve with one script call, publish the event, and only then report success."""
     sid = sale.id
     idem_field = f"{user_id}:{idempotency_key}" if idempotency_key else ""
     s = rt.settings
+    ids = {"order_id": order_id, "sale_id": sid, "request_id": request_id}
     keys = rediskeys.reserve_keys(sid, user_id, client_ip)
     args = [
         user_id,
@@ -85,10 +87,10 @@ async def join(
     try:
         res = await rt.batcher.call(rt.scripts.reserve, keys, args, with_run_id=True)
     except OutcomeUnknown as exc:
-        log.warning("reserve for order %s: outcome unknown (%s)", order_id, exc)
+        log.warning("reserve for order %s: outcome unknown (%s)", order_id, exc, extra=ids)
         raise OutcomeUnknownError(data={"order_id": order_id}) from None
     except (RedisError, OSError) as exc:
-        log.warning("reserve failed: %s", exc)
+        log.warning("reserve failed: %s", exc, extra=ids)
         raise ServiceUnavailable("reservation store unavailable; retry later") from None
     status = Reserve(int(res[0]))
     if status is Reserve.RESERVED:
@@ -104,11 +106,14 @@ async def join(
             price_cents=sale.price_cents,
             payment_deadline_ms=deadline,
             reserved_at_ms=now_ms(),
+            request_id=request_id,
         )
         try:
             await rt.producer.publish(event.key, event.encode())
         except PublishFailed as exc:
-            log.warning("order %s not acknowledged by the broker (%s); releasing", order_id, exc)
+            log.warning(
+                "order %s not acknowledged by the broker (%s); releasing", order_id, exc, extra=ids
+            )
             released = await _compensate(rt, sid, order_id, user_id, quantity, idem_field)
             if released is Release.RELEASED:
                 raise ServiceUnavailable(

@@ -17,6 +17,7 @@ from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
 from gateway.http import ok, read_json
+from gateway.middlewares import request_id
 from gateway.routing import Route
 from gateway.validation import Alt, F, Obj, path_int, validate
 
@@ -174,7 +175,9 @@ async def join(request: web.Request) -> web.Response:
         client_ip=client_ip(request),
         idempotency_key=key,
         order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
+        request_id=request_id(request),
     )
+    request[appkeys.ORDER_ID] = result.order_id  # the access log line names the order
     return ok(
         {
             "order_id": result.order_id,
