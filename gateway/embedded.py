@@ -77,6 +77,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held together while chosen, so none is picked twice)."""
+    with contextlib.ExitStack() as held:
+        socks = [
+            held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)
+        ]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def _die_with_parent(sig: int) -> Callable[[], None]:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
@@ -310,6 +321,8 @@ def start_redis_cluster(
     root.mkdir(parents=True, exist_ok=True)
     cluster = ValkeyCluster(root, _credential(root))
     count = shards * (1 + replicas)
+    # every node's client and bus ports at once: two nodes never draw the same one
+    spare = free_ports(2 * count)
     try:
         for i in range(count):
             data_dir = root / f"node{i}"
@@ -319,33 +332,43 @@ def start_redis_cluster(
             # kept in the node's folder, since nodes.conf records it for its peers
             bus_file = data_dir / "cluster-port"
             if not bus_file.exists():
-                bus_file.write_text(str(free_port()))
-            bus_port = bus_file.read_text().strip()
-            starter = functools.partial(
-                start_redis,
-                data_dir,
-                port=ports[i] if i < len(ports) else free_port(),
-                persist=persist,
-                appendfsync=appendfsync,
-                password=cluster.password,
-                extra_args=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    bus_port,
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    str(node_timeout_ms),
-                    # a replica may always take over: the sale fence, not the replica's
-                    # age, protects against what it missed
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--masterauth",
-                    cluster.password,
-                ],
-            )
-            server = starter()
+                bus_file.write_text(str(spare[count + i]))
+            port = ports[i] if i < len(ports) else spare[i]
+            for attempt in range(3):
+                starter = functools.partial(
+                    start_redis,
+                    data_dir,
+                    port=port,
+                    persist=persist,
+                    appendfsync=appendfsync,
+                    password=cluster.password,
+                    extra_args=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        bus_file.read_text().strip(),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(node_timeout_ms),
+                        # a replica may always take over: the sale fence, not the
+                        # replica's age, protects against what it missed
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--masterauth",
+                        cluster.password,
+                    ],
+                )
+                try:
+                    server = starter()
+                    break
+                except EmbeddedError:
+                    # a new node whose port another process took meanwhile: other ports
+                    if not fresh or attempt == 2 or i < len(ports):
+                        raise
+                    port, bus = free_ports(2)
+                    bus_file.write_text(str(bus))
+                    (data_dir / "nodes.conf").unlink(missing_ok=True)
             cluster.nodes.append(server)
             cluster.starters[server.port] = starter
         if fresh:
