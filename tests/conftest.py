@@ -60,13 +60,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The cluster runs last: the one-node servers are set up and torn down once, and the
-    cluster's once (pytest would otherwise switch the session's topology back and forth)."""
-    items.sort(key=lambda item: "[cluster" in item.nodeid or "-cluster]" in item.nodeid)
-
-
 @pytest.fixture(scope="session")
 def redis_topology(request: pytest.FixtureRequest) -> str:
     topology: str = getattr(request, "param", "single")
