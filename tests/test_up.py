@@ -229,7 +229,12 @@ def test_up_with_redis_shards_runs_a_stampede() -> None:
         try:
             body = _ready(port, proc, 120)
             assert body["data"]["down"] == []  # type: ignore[index]
-            stack = json.loads((Path(data_dir) / "stack.json").read_text())
+            stack_file = Path(data_dir) / "stack.json"
+            deadline = time.monotonic() + 30
+            while not stack_file.exists():  # written once up itself has seen the gateway ready
+                assert time.monotonic() < deadline, "no stack.json"
+                time.sleep(0.1)
+            stack = json.loads(stack_file.read_text())
             assert stack["redis_cluster"] is True
             assert len(stack["redis_url"].split(",")) == 6
             accepted, refused = asyncio.run(_stampede_on(data_dir, f"http://127.0.0.1:{port}"))
