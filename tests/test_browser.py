@@ -22,7 +22,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,7 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
         )
         join[0].click()
         _wait("the order", lambda: _text(shop, "order-id"))
+        assert shop.find_element(By.TAG_NAME, "body").get_attribute("data-feed") == "stream"
 
         # the stampede, from a second process
         result = subprocess.run(
@@ -382,14 +385,26 @@ def _body(driver: Any, name: str) -> str:
     return str(driver.find_element(By.TAG_NAME, "body").get_attribute(f"data-{name}") or "")
 
 
+def _body_is(driver: Any, name: str, value: str) -> bool:
+    return _body(driver, name) == value
+
+
+def _enabled(driver: Any, element_id: str) -> bool:
+    from selenium.webdriver.common.by import By
+
+    return bool(driver.find_element(By.ID, element_id).is_enabled())
+
+
+def _entered_or_failed(entered: threading.Event, job: Future[str]) -> bool:
+    return entered.is_set() or job.done()
+
+
 @needs_browser
 @pytest.mark.timeout(300)
 def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
     """A queued sale with a proof of work: a shopper enters from the page, sees its place,
     is admitted, joins and sees its order go to pending payment; a shopper still waiting sees
     "sold out" within 2 s of the last unit; the dashboard shows the waiting room."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from selenium.webdriver.common.by import By
 
     base, data_dir = stack
@@ -462,24 +477,22 @@ def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
         for page in pages:
             assert _body(page, "mode") == "queued"
             assert not page.find_element(By.ID, "join").is_displayed()
-            _wait("the enter button", lambda p=page: p.find_element(By.ID, "enter").is_enabled())
+            _wait("the enter button", partial(_enabled, page, "enter"))
 
         with ThreadPoolExecutor(QUEUED_AHEAD) as pool:
             # the shoppers ahead enter one after the other (first come, first served) …
             joins = []
             for token in ahead:
                 entered = threading.Event()
-                joins.append(pool.submit(_enter_and_join, base, sale_id, token, entered))
-                _wait("an API shopper in", lambda: entered.is_set() or joins[-1].done())
-                if joins[-1].done():
-                    joins[-1].result()  # its failure
+                job = pool.submit(_enter_and_join, base, sale_id, token, entered)
+                joins.append(job)
+                _wait("an API shopper in", partial(_entered_or_failed, entered, job))
+                if job.done():
+                    job.result()  # its failure
             # … then the two page shoppers, each solving the proof of work in the page
             for page in pages:
                 page.find_element(By.ID, "enter").click()
-                _wait(
-                    "a place in the queue",
-                    lambda p=page: _attr(p, "queue-state", "data-state") == "waiting",
-                )
+                _wait("a place in the queue", partial(_body_is, page, "queue", "waiting"))
             position = int(_text(first, "queue-position"))
             assert position > 1
             assert 0 <= int(_text(first, "queue-ahead")) < position
@@ -523,13 +536,17 @@ def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
             timeout_s=60,
         )
 
-        # the ticket survives a reload of the page
-        second.refresh()
-        _wait(
-            "the queue state after a reload",
-            lambda: _attr(second, "queue-state", "data-state") == "sold_out",
+        assert _body(second, "feed") == "stream"
+
+        # the ticket survives a reload; without EventSource the page polls instead
+        second.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument", {"source": "delete window.EventSource;"}
         )
+        second.refresh()
+        _wait("the queue state after a reload", lambda: _body(second, "queue") == "sold_out")
+        assert _body(second, "feed") == "poll"
         assert not second.find_element(By.ID, "enter").is_displayed()
+        assert _text(second, "banner") == "Sold out"
 
         # the dashboard: the refusal of the join without an admission
         _wait(

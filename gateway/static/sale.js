@@ -181,6 +181,7 @@ function renderQueue(s, upcoming, soldOut, ended) {
   join.disabled = !admitted || !!page.order || upcoming;
   join.textContent = page.order ? "Joined" : "Join";
   show("join-window", admitted && !page.order);
+  show("join-hint", entered && !admitted && !page.order && (state === "waiting" || state === "lottery"));
   if (admitted) FS.text("join-left", countdown(left));
 }
 
