@@ -493,6 +493,7 @@ def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
             for page in pages:
                 page.find_element(By.ID, "enter").click()
                 _wait("a place in the queue", partial(_body_is, page, "queue", "waiting"))
+                print(f"the page solved the proof of work in {_body(page, 'pow-ms')} ms")
             position = int(_text(first, "queue-position"))
             assert position > 1
             assert 0 <= int(_text(first, "queue-ahead")) < position
@@ -548,6 +549,20 @@ def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
         assert not second.find_element(By.ID, "enter").is_displayed()
         assert _text(second, "banner") == "Sold out"
 
+        # units come back: the next in line is admitted, and told when its window has passed
+        _http(
+            "PATCH",
+            f"{base}/api/v1/admin/flash-sales/{sale_id}",
+            {"add_quantity": 1, "queue": {"join_window_s": 5}},
+            admin,
+        )
+        _wait("the second shopper admitted", partial(_body_is, second, "queue", "admitted"), 15)
+        assert second.find_element(By.ID, "join").is_enabled()
+        assert second.find_element(By.ID, "join-window").is_displayed()
+        _wait("the admission expired", partial(_body_is, second, "queue", "expired"), 15)
+        assert "expired" in _text(second, "queue-state")
+        assert not second.find_element(By.ID, "join").is_enabled()
+
         # the dashboard: the refusal of the join without an admission
         _wait(
             "NOT_ADMITTED among the refusals",
@@ -555,7 +570,7 @@ def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
                 By.CSS_SELECTOR, '#refusals li[data-reason="NOT_ADMITTED"]'
             ),
         )
-        _wait("remaining 0 on the dashboard", lambda: _text(board, "v-remaining") == "0")
+        _wait("the unit back on the dashboard", lambda: _text(board, "v-remaining") == "1")
     finally:
         board.quit()
         for page in pages:

@@ -257,7 +257,9 @@ async function enter() {
     let r = await FS.api("POST", url, page.token, {}, headers);
     if (r.status === 403 && r.env && r.env.error === "PROOF_REQUIRED") {
       const c = r.data;
+      const began = performance.now();
       const solution = await solve(c.challenge, c.difficulty);
+      document.body.dataset.powMs = String(Math.round(performance.now() - began));
       r = await FS.api("POST", url, page.token, { challenge: c.challenge, solution }, headers);
     }
     if (r.status === 200 || r.status === 201) {
