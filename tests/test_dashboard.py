@@ -165,3 +165,23 @@ def test_waiting_room_figures_appear_with_its_metrics() -> None:
     now = dashboard.read_metrics(registry.collect())
     figures = dashboard.waiting_room_figures(now, 7, first.as_json(), 2.0)
     assert figures == {"queue_length": 40, "admitted_per_s": 3.0}
+
+
+def test_joins_through_an_admission_and_its_refusals_count() -> None:
+    """A queued sale's page joins through its admission's URL: those joins count with the
+    others, and the waiting room's refusals are named; other routes do not count."""
+    registry = CollectorRegistry()
+    requests = Counter(
+        "flashsale_http_requests", "requests", ["method", "route", "status"], registry=registry
+    )
+    errors = Counter("flashsale_errors", "errors", ["code"], registry=registry)
+    requests.labels("POST", dashboard.JOIN_ROUTE, "202").inc(2)
+    requests.labels("POST", dashboard.JOIN_ROUTE + "/{admission}", "202").inc(3)
+    requests.labels("POST", dashboard.JOIN_ROUTE + "/{admission}", "409").inc(1)
+    requests.labels("POST", "/api/v1/flash-sales/{sale_id}/enter", "201").inc(7)
+    errors.labels("ADMISSION_EXPIRED").inc(1)
+    errors.labels("NOT_ADMITTED").inc(4)
+    errors.labels("TICKET_INVALID").inc(5)  # a poll's, not a join's
+    t = dashboard.read_metrics(registry.collect())
+    assert t.join_by_status == {"202": 5.0, "409": 1.0}
+    assert t.refusals == {"ADMISSION_EXPIRED": 1.0, "NOT_ADMITTED": 4.0}
