@@ -37,6 +37,7 @@ from flashsale.db import create_pool
 from flashsale.flash.events import parse_entry
 from flashsale.kafka import OrderProducer
 from flashsale.metrics import get_metrics
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ async def check_sale(
 
 async def run(settings: Settings, command: str, repair: bool) -> int:
     db = await create_pool(settings.database, min_size=1, max_size=4)
-    redis: Redis = Redis.from_url(settings.redis)
+    redis: Redis = open_redis(settings)
     try:
         recovery = Recovery(settings, db, redis, get_metrics())
         if command == "rebuild-cache":
@@ -202,9 +203,9 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
             print(f"{await recovery.run_once(force=True)} sale(s) re-armed")
             return 0
         sales = await db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
-        run_id = await server_run_id(redis)
         bad: list[SaleReport] = []
         for sale in sales:
+            run_id = await server_run_id(redis, sale["id"])
             report = await check_sale(
                 db, redis, sale, claim_stale_s=settings.claim_stale_s, run_id=run_id
             )

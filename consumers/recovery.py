@@ -42,7 +42,7 @@ from flashsale import rediskeys
 from flashsale.flash import lifecycle
 from flashsale.flash.events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
 from flashsale.metrics import Metrics
-from flashsale.redisbatch import run_id_of
+from flashsale.redisclient import run_id, run_ids
 from flashsale.scripts import FlashScripts, Rearm, register
 from flashsale.settings import Settings
 
@@ -68,10 +68,9 @@ WHERE flash_sale_id = $1 AND status = 'cancelled' AND NOT flash_units_returned
 """
 
 
-async def server_run_id(redis: Redis) -> str:
-    """The run id of the Redis server ``redis`` talks to."""
-    info = await redis.execute_command("INFO", "server")  # type: ignore[no-untyped-call]
-    return run_id_of(info)
+async def server_run_id(redis: Redis, sale_id: int) -> str:
+    """The run id of the Redis server holding ``sale_id`` (a cluster's primary of its slot)."""
+    return await run_id(redis, rediskeys.sale(sale_id))
 
 
 async def unconsumed_events(
@@ -243,21 +242,26 @@ class Recovery:
         self._rearm = register(self.redis, "sale_rearm")
         self._scripts = FlashScripts.register(self.redis)
 
-    async def fenced(self) -> tuple[str, list[asyncpg.Record]]:
-        """The server's run id and the recent sales not armed under it."""
-        run_id = await server_run_id(self.redis)
+    async def fenced(self) -> tuple[dict[int, str], list[asyncpg.Record]]:
+        """The run id of the server holding each recent sale, and the sales not armed under it.
+
+        On a Redis Cluster each sale is held by the primary of its slot: a failover changes
+        the run id of that shard's sales only.
+        """
         sales = await self.db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
         if not sales:
-            return run_id, []
+            return {}, []
+        keys = [rediskeys.sale(s["id"]) for s in sales]
+        runs = dict(zip((s["id"] for s in sales), await run_ids(self.redis, keys), strict=True))
         pipe = self.redis.pipeline(transaction=False)
-        for s in sales:
-            pipe.hget(rediskeys.sale(s["id"]), "armed")
+        for key in keys:
+            pipe.hget(key, "armed")
         armed = await pipe.execute()
-        return run_id, [s for s, a in zip(sales, armed, strict=True) if a != run_id.encode()]
+        return runs, [s for s, a in zip(sales, armed, strict=True) if a != runs[s["id"]].encode()]
 
     async def run_once(self, *, force: bool = False) -> int:
         """Re-arm every fenced sale whose grace has passed; returns how many were armed."""
-        run_id, fenced = await self.fenced()
+        runs, fenced = await self.fenced()
         now = time.monotonic()
         fenced_ids = {s["id"] for s in fenced}
         for sid in list(self.noticed):
@@ -272,7 +276,7 @@ class Recovery:
                     "sale %d is not armed under Redis run %s: joins answer SALE_RECOVERING "
                     "until its counters are recomputed",
                     sid,
-                    run_id[:8],
+                    runs[sid][:8],
                 )
                 if not await self.redis.exists(rediskeys.sale(sid)):
                     # lost outright: put its static fields back (unarmed, nothing to sell)
@@ -289,7 +293,8 @@ class Recovery:
             result = Rearm(
                 int(
                     await self._rearm(
-                        keys=rediskeys.rearm_keys(snap.sale_id), args=[run_id, snap.payload()]
+                        keys=rediskeys.rearm_keys(snap.sale_id),
+                        args=[runs[snap.sale_id], snap.payload()],
                     )
                 )
             )

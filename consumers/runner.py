@@ -20,6 +20,7 @@ from flashsale.dashboard import publish_every_second
 from flashsale.db import create_pool
 from flashsale.kafka import OrderProducer
 from flashsale.metrics import Metrics, get_metrics
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
 
     metrics_runner = await _serve_metrics(settings, metrics) if settings.metrics_port else None
     db = await create_pool(settings.database, min_size=2, max_size=8)
-    redis: Redis = Redis.from_url(settings.redis)
+    redis: Redis = open_redis(settings)
     producer = OrderProducer(settings)
     await producer.start()
     try:

@@ -147,6 +147,10 @@ def normalize_code(code: str) -> str:
     return code.strip().upper()
 
 
+def run_out(coupon: asyncpg.Record | dict[str, Any]) -> bool:
+    return coupon["total_quantity"] is not None and coupon["used_count"] >= coupon["total_quantity"]
+
+
 def assess(
     coupon: asyncpg.Record | dict[str, Any], *, eligible_cents: int, now: datetime, user_used: int
 ) -> Assessment:
@@ -156,7 +160,7 @@ def assess(
         reason = "the coupon is not valid yet"
     elif now >= coupon["ends_at"]:
         reason = "the coupon has expired"
-    elif coupon["total_quantity"] is not None and coupon["used_count"] >= coupon["total_quantity"]:
+    elif run_out(coupon):
         reason = "the coupon has run out"
     elif user_used >= coupon["max_uses_per_user"]:
         reason = "usage limit reached"
@@ -276,6 +280,8 @@ async def redeem(
         user_used=0,
     )
     if not verdict.applicable:
+        if run_out(coupon):  # one answer whether the read or the conditional update saw it
+            raise CouponSoldOut
         raise CouponNotApplicable(verdict.reason, fields={"coupon_code": str(verdict.reason)})
     async with conn.transaction():
         if (

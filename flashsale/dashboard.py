@@ -50,14 +50,17 @@ from flashsale.rediskeys import DASH_TOTALS, dash_second
 log = logging.getLogger(__name__)
 
 JOIN_ROUTE: Final = "/api/v1/flash-sales/{sale_id}/join"
-# The join refusals the dashboard names, by error code (flashsale.errors). NOT_ADMITTED is
-# the waiting room's (built separately); it shows up here as soon as the gateway counts it.
+# A queued sale's shoppers may join through their admission's own URL (the sale page does).
+JOIN_ROUTES: Final = frozenset((JOIN_ROUTE, JOIN_ROUTE + "/{admission}"))
+# The join refusals the dashboard names, by error code (flashsale.errors); NOT_ADMITTED and
+# ADMISSION_EXPIRED are a queued sale's (no admission, or one whose window passed).
 REFUSAL_CODES: Final = (
     "SOLD_OUT",
     "LIMIT_EXCEEDED",
     "INSUFFICIENT_STOCK",
     "RATE_LIMITED",
     "NOT_ADMITTED",
+    "ADMISSION_EXPIRED",
     "NOT_STARTED",
     "SALE_ENDED",
     "RETRY_LATER",
@@ -202,11 +205,11 @@ def read_metrics(families: Iterable[Metric]) -> Totals:
         for s in fam.samples:
             labels = s.labels
             if s.name == "flashsale_http_requests_total":
-                if labels.get("route") == JOIN_ROUTE and labels.get("method") == "POST":
+                if labels.get("route") in JOIN_ROUTES and labels.get("method") == "POST":
                     st = labels.get("status", "")
                     t.join_by_status[st] = t.join_by_status.get(st, 0.0) + s.value
             elif s.name == "flashsale_http_request_duration_seconds_bucket":
-                if labels.get("route") == JOIN_ROUTE and labels.get("method") == "POST":
+                if labels.get("route") in JOIN_ROUTES and labels.get("method") == "POST":
                     le = float(labels["le"])
                     t.join_buckets[le] = t.join_buckets.get(le, 0.0) + s.value
             elif s.name == "flashsale_errors_total":

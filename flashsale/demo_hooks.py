@@ -9,6 +9,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from flashsale.flash import lifecycle
+from flashsale.redisclient import open_redis
 from flashsale.scripts import FlashScripts
 from flashsale.settings import Settings
 
@@ -24,7 +25,7 @@ async def after_catalog(settings: Settings, pool: asyncpg.Pool, *, created: bool
     sku_id = await pool.fetchval(SQL_SKU, DEMO_SALE_SKU_CODE)
     if sku_id is None:
         return {}
-    redis: Redis = Redis.from_url(settings.redis)
+    redis: Redis = open_redis(settings)
     try:
         scripts = FlashScripts.register(redis)
         existing = await pool.fetchval(SQL_OPEN_SALE, sku_id)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
@@ -36,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 MAX_BATCH: Final = 512
+REPLICAS_EVERY_S: Final = 1.0
 DEFAULT_TIMEOUT_S: Final = 5.0
 SUPPORTED_SCHEMES: Final = ("redis",)
 
@@ -74,7 +76,7 @@ def pack(args: Sequence[Any]) -> bytes:
 
 
 class _Call:
-    __slots__ = ("args", "fut", "script")
+    __slots__ = ("args", "fut", "held", "reply", "script")
 
     def __init__(
         self, script: AsyncScript | None, args: list[Any], fut: asyncio.Future[Any]
@@ -82,6 +84,35 @@ class _Call:
         self.script = script
         self.args = args
         self.fut = fut
+        self.held = False  # its reply waits for the batch's WAIT
+        self.reply: Any = None
+
+    def settle(self) -> None:
+        if self.fut.done():
+            return
+        if isinstance(self.reply, Exception):
+            self.fut.set_exception(self.reply)
+        else:
+            self.fut.set_result(self.reply)
+
+
+class _Wait:
+    """A batch's ``WAIT``: its calls' replies are held until it confirms replication."""
+
+    __slots__ = ("calls", "need")
+
+    def __init__(self, calls: list[_Call], need: int) -> None:
+        self.calls = calls
+        self.need = need
+
+
+class _Control:
+    """A command of the batcher's own (not a caller's) whose reply goes to ``on_reply``."""
+
+    __slots__ = ("on_reply",)
+
+    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+        self.on_reply = on_reply
 
 
 class _Protocol(asyncio.Protocol):
@@ -111,7 +142,13 @@ class ScriptBatcher:
     """Queue script calls; flush each tick's calls as one write on one connection."""
 
     def __init__(
-        self, url: str, *, max_batch: int = MAX_BATCH, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        url: str,
+        *,
+        max_batch: int = MAX_BATCH,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 500,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in SUPPORTED_SCHEMES:
@@ -123,11 +160,17 @@ class ScriptBatcher:
         self._password = unquote(parts.password) if parts.password else None
         self._max_batch = max_batch
         self._timeout_s = timeout_s
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
+        self._wait = b""  # the WAIT each batch ends with (none while no replica is linked)
+        self._need = 0  # replicas that WAIT must reach
+        self._replicas_read_at = 0.0
+        self.replicas = 0  # replicas linked to this server, as last read
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._buffer: list[bytes] = []
-        self._queued: list[_Call | None] = []  # None: a reply we skip (AUTH, SELECT)
-        self._inflight: collections.deque[_Call | None] = collections.deque()
+        self._queued: list[_Call | None] = []  # None: a reply we skip (AUTH, SELECT, ASKING)
+        self._inflight: collections.deque[_Call | _Wait | _Control | None] = collections.deque()
         self._scheduled = False
         self.round_trips = 0  # writes carrying at least one script call
         self.calls = 0  # script calls carried
@@ -157,13 +200,15 @@ class ScriptBatcher:
             if self._db:
                 handshake.append(pack(["SELECT", self._db]))
             info: asyncio.Future[Any] = loop.create_future()
-            handshake.append(pack(["INFO", "server"]))
+            handshake.append(pack(["INFO", "server", "replication"]))
             self._inflight.extend([None] * (len(handshake) - 1))
             self._inflight.append(_Call(None, [], info))
             assert protocol.transport is not None
             protocol.transport.write(b"".join(handshake))
             try:
-                self.run_id = run_id_of(await asyncio.wait_for(info, self._timeout_s))
+                text = await asyncio.wait_for(info, self._timeout_s)
+                self.run_id = run_id_of(text)
+                self._replicas_seen(text)
             except (RedisError, ValueError, TimeoutError) as exc:
                 self._inflight.clear()
                 if protocol.transport is not None:
@@ -171,6 +216,24 @@ class ScriptBatcher:
                 raise NotSent(f"cannot read the Redis run id: {exc}") from exc
             self._protocol = protocol
             return protocol
+
+    def _replicas_seen(self, info: Any) -> None:
+        """Read ``connected_slaves`` from an ``INFO replication`` reply: a batch waits for
+        ``min(wait_replicas, linked replicas)``. A primary left without replica (its replica
+        was promoted after a failover) answers without WAIT rather than never: what it may
+        then lose is caught by the sale fence (``lua/reserve.lua``) and recomputed."""
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        for line in text.splitlines():
+            if line.startswith("connected_slaves:"):
+                self.replicas = int(line.split(":", 1)[1])
+        self._replicas_read_at = time.monotonic()
+        self._need = min(self._wait_replicas, self.replicas)
+        self._wait = pack(["WAIT", self._need, self._wait_timeout_ms]) if self._need else b""
+
+    @property
+    def in_flight(self) -> int:
+        """Replies awaited on the connection (0: idle, the next write goes out at once)."""
+        return len(self._inflight)
 
     async def connect(self) -> None:
         """Connect now (the first call otherwise does): learns :attr:`run_id`."""
@@ -184,11 +247,13 @@ class ScriptBatcher:
         args: Sequence[Any],
         *,
         with_run_id: bool = False,
+        asking: bool = False,
     ) -> Any:
         """EVALSHA ``script`` (connecting first if needed) and return its reply.
 
         ``with_run_id`` appends the run id of the server the call is sent to as the last
         argument, read at send time, so a script can refuse state armed by another run.
+        ``asking`` sends ``ASKING`` first (a cluster redirected the slot with ASK).
         """
         if self._protocol is None:
             await self._connect()
@@ -197,6 +262,9 @@ class ScriptBatcher:
         command = ["EVALSHA", script.sha, len(keys), *keys, *args]
         if with_run_id:
             command.append(self.run_id)
+        if asking:
+            self._buffer.append(pack(["ASKING"]))
+            self._queued.append(None)
         self._buffer.append(pack(command))
         self._queued.append(_Call(script, command, fut))
         self.calls += 1
@@ -219,6 +287,19 @@ class ScriptBatcher:
             return
         self.round_trips += 1
         self._inflight.extend(batch)
+        if self._wait_replicas and time.monotonic() - self._replicas_read_at > REPLICAS_EVERY_S:
+            # a replica may have come (back) or gone: look again, in the same write
+            self._replicas_read_at = time.monotonic()
+            self._inflight.append(_Control(self._replicas_seen))
+            data += pack(["INFO", "replication"])
+        if self._wait:
+            # one WAIT per batch: no reply of the batch is given before the replicas have
+            # its writes, so a failover to one of them loses no answered reservation
+            calls = [c for c in batch if c is not None]
+            for c in calls:
+                c.held = True
+            self._inflight.append(_Wait(calls, self._need))
+            data += self._wait
         protocol.transport.write(data)
         loop = asyncio.get_running_loop()
         loop.call_later(self._timeout_s, self._expire, batch)
@@ -231,6 +312,13 @@ class ScriptBatcher:
 
     def _reply(self, reply: Any) -> None:
         call = self._inflight.popleft()
+        if isinstance(call, _Wait):
+            self._confirmed(call, reply)
+            return
+        if isinstance(call, _Control):
+            if not isinstance(reply, hiredis.ReplyError):
+                call.on_reply(reply)
+            return
         if call is None or call.fut.done():
             return
         if isinstance(reply, hiredis.ReplyError):
@@ -238,9 +326,25 @@ class ScriptBatcher:
             if message.startswith("NOSCRIPT"):
                 self._retry_with_source(call)
                 return
-            call.fut.set_exception(ResponseError(message))
-            return
-        call.fut.set_result(reply)
+            call.reply = ResponseError(message)
+        else:
+            call.reply = reply
+        if not call.held:
+            call.settle()
+
+    def _confirmed(self, wait: _Wait, reply: Any) -> None:
+        """The batch's WAIT answered: give its replies, or fail them if not replicated."""
+        replicated = isinstance(reply, int) and reply >= wait.need
+        for call in wait.calls:
+            if not call.held:
+                continue  # retried after NOSCRIPT: its own WAIT follows
+            call.held = False
+            if replicated:
+                call.settle()
+            elif not call.fut.done():
+                call.fut.set_exception(
+                    OutcomeUnknown(f"the batch reached {reply!r} replica(s) in time")
+                )
 
     def _retry_with_source(self, call: _Call) -> None:
         """EVAL with the source once; Redis caches the script for the EVALSHAs after it."""
@@ -250,15 +354,30 @@ class ScriptBatcher:
             return
         command = ["EVAL", call.script.script, *call.args[2:]]
         self._inflight.append(call)
-        protocol.transport.write(pack(command))
+        data = pack(command)
+        if self._wait:
+            call.held = True
+            self._inflight.append(_Wait([call], self._need))
+            data += self._wait
+        protocol.transport.write(data)
 
     def _lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if self._protocol is not None and self._protocol is not protocol:
             return  # an earlier connection, closed after a failed handshake
         self._protocol = None
-        pending = [c for c in self._inflight if c is not None]
+        pending = self._pending()
         self._inflight.clear()
         self._fail(pending, OutcomeUnknown(f"connection to Redis lost: {exc}"))
+
+    def _pending(self) -> list[_Call]:
+        """Calls sent and not answered, with those whose replies wait for a WAIT."""
+        out: list[_Call] = []
+        for item in self._inflight:
+            if isinstance(item, _Wait):
+                out.extend(item.calls)
+            elif isinstance(item, _Call):
+                out.append(item)
+        return out
 
     @staticmethod
     def _fail(calls: Sequence[_Call | None], exc: Exception) -> None:
@@ -271,5 +390,5 @@ class ScriptBatcher:
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
-        self._fail(list(self._inflight), OutcomeUnknown("closed"))
+        self._fail(self._pending(), OutcomeUnknown("closed"))
         self._inflight.clear()

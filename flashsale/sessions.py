@@ -4,15 +4,15 @@ A token carries the user's generation (claim ``gen``) at the time it was issued.
 or password change, disabling the account or ``POST /api/v1/auth/logout`` bumps the
 generation in PostgreSQL (``users.token_gen``) and, in the same step, in Redis:
 
-* ``fs:auth:gen``, a hash user id → generation (only users ever revoked have an entry);
-* ``fs:auth:gen:version``, a counter bumped with every write to that hash;
+* ``fs:{auth}:gen``, a hash user id → generation (only users ever revoked have an entry);
+* ``fs:{auth}:gen:version``, a counter bumped with every write to that hash;
 * ``fs:auth:revoked``, a pub/sub channel that carries ``"<user id>:<generation>"``.
 
 Each worker keeps the hash as a plain dict (:class:`Revocations`). A subscriber task
 applies every message as it arrives, so a revoked token is refused everywhere within
 milliseconds; a poller re-reads the version every ``revocation_reload_ms`` and reloads
 the whole hash when it moved (a message lost with a dropped connection), and re-seeds the
-hash from PostgreSQL if Redis lost it (``fs:auth:gen:seeded`` gone). The check on each
+hash from PostgreSQL if Redis lost it (``fs:{auth}:gen:seeded`` gone). The check on each
 request is a dict lookup with no I/O.
 
 Fail-closed: every successful poll confirms the map. If a worker cannot reach Redis for
@@ -36,12 +36,14 @@ from redis.exceptions import RedisError
 
 from flashsale import tasks
 from flashsale.errors import ServiceUnavailable
+from flashsale.redisclient import pubsub_client
 
 log = logging.getLogger(__name__)
 
-GENERATIONS: Final = "fs:auth:gen"
-VERSION: Final = "fs:auth:gen:version"
-SEEDED: Final = "fs:auth:gen:seeded"
+# one hash tag: the transactions below touch the three keys together (one cluster slot)
+GENERATIONS: Final = "fs:{auth}:gen"
+VERSION: Final = "fs:{auth}:gen:version"
+SEEDED: Final = "fs:{auth}:gen:seeded"
 CHANNEL: Final = "fs:auth:revoked"
 
 SQL_REVOKED_USERS = "SELECT id, token_gen FROM users WHERE token_gen > 0"
@@ -119,8 +121,9 @@ async def publish(redis: Redis, user_id: int, gen: int) -> None:
 
 async def _subscribe(revocations: Revocations, redis: Redis, wake: asyncio.Event) -> None:
     while True:
+        client, owned = pubsub_client(redis)
         try:
-            async with redis.pubsub() as pubsub:
+            async with client.pubsub() as pubsub:
                 await pubsub.subscribe(CHANNEL)
                 wake.set()  # messages may have been missed while unsubscribed: poll now
                 async for message in pubsub.listen():
@@ -130,6 +133,9 @@ async def _subscribe(revocations: Revocations, redis: Redis, wake: asyncio.Event
             if tasks.cancel_requested():
                 raise asyncio.CancelledError from None
             log.warning("revocation subscriber lost Redis (%s); reconnecting", exc)
+        finally:
+            if owned:
+                await client.aclose()
         await asyncio.sleep(_RECONNECT_S)
 
 

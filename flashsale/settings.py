@@ -120,10 +120,17 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
-def _redis_url(raw: str | None) -> str | None:
+def _redis_url(raw: str | None, cluster: bool) -> str | None:
     # The join path's lean connection (flashsale/redisbatch.py) speaks plain TCP only: a TLS
     # or unix-socket URL would pass here and then fail at start, so it is refused here.
-    if raw is not None and not raw.startswith("redis://"):
+    if raw is None:
+        return None
+    urls = [u.strip() for u in raw.split(",")]
+    if len(urls) > 1 and not cluster:
+        raise SettingsError(
+            f"{PREFIX}REDIS_URL: several seed nodes need {PREFIX}REDIS_CLUSTER=true"
+        )
+    if not all(u.startswith("redis://") for u in urls):
         raise SettingsError(f"{PREFIX}REDIS_URL: the join path supports redis:// only")
     return raw
 
@@ -159,6 +166,9 @@ class Settings:
     """Every tunable of the gateway, the consumers and the supervisor."""
 
     redis_url: str | None = None
+    redis_cluster: bool = False
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 500
     database_url: str | None = None
     kafka_bootstrap: str | None = None
     secret_key: str | None = None
@@ -265,7 +275,10 @@ class Settings:
                 f"{PREFIX}REVOCATION_MAX_STALE_S must cover two {PREFIX}REVOCATION_RELOAD_MS"
             )
         return cls(
-            redis_url=_redis_url(r.raw("redis_url")),
+            redis_url=_redis_url(r.raw("redis_url"), r.flag("redis_cluster")),
+            redis_cluster=r.flag("redis_cluster"),
+            redis_wait_replicas=r.integer("redis_wait_replicas", 0, 16),
+            redis_wait_timeout_ms=r.integer("redis_wait_timeout_ms", 1, 60_000),
             database_url=_url(e, "DATABASE_URL", ("postgres", "postgresql")),
             kafka_bootstrap=_bootstrap(e, "KAFKA_BOOTSTRAP"),
             secret_key=secret,
@@ -352,9 +365,17 @@ class Settings:
 
     @property
     def redis(self) -> str:
+        """The Redis URL; on a cluster, the first seed node's (see :attr:`redis_seeds`)."""
         self.require("redis_url")
         assert self.redis_url is not None
-        return self.redis_url
+        return self.redis_url.split(",")[0].strip()
+
+    @property
+    def redis_seeds(self) -> list[str]:
+        """Every URL of ``FLASHSALE_REDIS_URL`` (a cluster's seed nodes)."""
+        self.require("redis_url")
+        assert self.redis_url is not None
+        return [u.strip() for u in self.redis_url.split(",")]
 
     @property
     def database(self) -> str:

@@ -90,15 +90,17 @@ def _ip_key(client_ip: str) -> str:
 async def _count_attempt(redis: Redis, login: str, client_ip: str, limits: LoginLimits) -> None:
     """Count this attempt against the account and the IP; 429 past either limit.
 
-    Counted before any hashing, in one transaction (INCR, then EXPIRE NX starts the window).
+    Counted before any hashing, one transaction per key (INCR, then EXPIRE NX starts the window).
     """
-    keys = (_account_key(login), _ip_key(client_ip))
-    async with redis.pipeline(transaction=True) as pipe:
-        for key in keys:
+    # one transaction per key: the two keys live in different slots on a Redis Cluster
+    counted = []
+    for key in (_account_key(login), _ip_key(client_ip)):
+        async with redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, limits.window_s, nx=True)
             pipe.ttl(key)
-        acct, _, acct_ttl, ip, _, ip_ttl = await pipe.execute()
+            counted.append(await pipe.execute())
+    (acct, _, acct_ttl), (ip, _, ip_ttl) = counted
     waits = [
         ttl
         for count, limit, ttl in ((acct, limits.per_account, acct_ttl), (ip, limits.per_ip, ip_ttl))

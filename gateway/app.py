@@ -15,6 +15,7 @@ from flashsale.db import create_pool
 from flashsale.ids import MachineLease, OrderIdGenerator, OrderIds
 from flashsale.kafka import OrderProducer
 from flashsale.metrics import Metrics, RequestStats, get_metrics
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.middlewares import make_middleware
@@ -36,8 +37,8 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[appkeys.SETTINGS]
-    client: Redis = Redis.from_url(
-        s.redis,
+    client: Redis = open_redis(
+        s,
         decode_responses=False,
         max_connections=256,
         health_check_interval=30,

@@ -8,6 +8,7 @@ import getpass
 import logging
 import sys
 
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings, SettingsError
 
 log = logging.getLogger("flashsale")
@@ -18,6 +19,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start everything (embedded servers when no URLs are set)")
     up.add_argument("--no-demo", action="store_true", help="skip the demo catalog and accounts")
+    up.add_argument(
+        "--redis-shards",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start a local valkey cluster of N primaries (one replica each) instead of one "
+        "valkey (when FLASHSALE_REDIS_URL is unset)",
+    )
     sub.add_parser("serve", help="run the gateway workers against external services")
     sub.add_parser("worker", help="one gateway worker process (used by serve and up)")
     sub.add_parser("consume", help="run the order consumers and sweepers")
@@ -110,7 +119,7 @@ async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
         if len(password) < 8:
             raise SettingsError("password must be at least 8 characters")
     pool = await create_pool(settings.database, min_size=1, max_size=1)
-    redis: Redis = Redis.from_url(settings.redis)
+    redis: Redis = open_redis(settings)
     try:
         cmd = args.user_command
         if cmd == "set-role":
@@ -151,7 +160,7 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if cmd == "up":
         from gateway.supervisor import up
 
-        return up(settings, demo=not args.no_demo)
+        return up(settings, demo=not args.no_demo, redis_shards=args.redis_shards)
     if cmd == "serve":
         from gateway.server import serve_multi
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import grp
 import hashlib
 import importlib.util
@@ -26,9 +27,14 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import hiredis
+
+from flashsale.redisbatch import pack
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held together while chosen, so none is picked twice)."""
+    with contextlib.ExitStack() as held:
+        socks = [
+            held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)
+        ]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _die_with_parent(sig: int) -> Callable[[], None]:
@@ -150,12 +167,18 @@ class Server:
 
 
 def start_redis(
-    data_dir: Path, *, port: int | None = None, persist: bool = True, appendfsync: str = "always"
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    persist: bool = True,
+    appendfsync: str = "always",
+    password: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = data_dir / "valkey.log"
-    password = _credential(data_dir)
+    password = password or _credential(data_dir)
     args = [
         str(valkey_binary()),
         "--requirepass",
@@ -181,6 +204,7 @@ def start_redis(
         "yes",
         "--maxclients",
         "10000",
+        *extra_args,
     ]
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
@@ -190,6 +214,184 @@ def start_redis(
     _wait_redis_loaded(port, proc, log_path, password)
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     return Server("redis", url, port, proc, log_path=log_path)
+
+
+def redis_command(port: int, password: str, *args: str | int, timeout_s: float = 5.0) -> Any:
+    """One command to the valkey on ``port`` (after AUTH), its reply parsed by hiredis."""
+    commands: list[list[Any]] = [["AUTH", password], list(args)]
+    data = b"".join(pack(c) for c in commands)
+    reader = hiredis.Reader()
+    replies: list[Any] = []
+    with socket.create_connection(("127.0.0.1", port), timeout_s) as conn:
+        conn.sendall(data)
+        while len(replies) < len(commands):
+            chunk = conn.recv(65536)
+            if not chunk:
+                raise EmbeddedError(f"valkey on port {port} closed the connection")
+            reader.feed(chunk)
+            while (reply := reader.gets()) is not False:
+                replies.append(reply)
+    if isinstance(replies[-1], hiredis.ReplyError):
+        raise EmbeddedError(f"valkey on port {port}: {replies[-1]}")
+    return replies[-1]
+
+
+@dataclass
+class ValkeyCluster:
+    """A local valkey cluster: ``shards`` primaries, each with its replicas."""
+
+    root: Path
+    password: str
+    nodes: list[Server] = field(default_factory=list)
+    starters: dict[int, Callable[[], Server]] = field(default_factory=dict)  # by port
+
+    @property
+    def url(self) -> str:
+        """Every node as a seed, comma-separated (``FLASHSALE_REDIS_URL`` on a cluster)."""
+        return ",".join(n.url for n in self.nodes)
+
+    def node(self, port: int) -> Server:
+        return next(n for n in self.nodes if n.port == port)
+
+    def restart(self, server: Server) -> Server:
+        """Start a (killed) node again on its port and folder: it rejoins the cluster, as
+        a replica of whichever node took its slots."""
+        server.stop()
+        new = self.starters[server.port]()
+        self.nodes[self.nodes.index(server)] = new
+        return new
+
+    def primary_for(self, key: str) -> Server:
+        """The node that serves ``key``'s slot now (asked of a node that is running)."""
+        for server in self.nodes:
+            if not server.running():
+                continue
+            with contextlib.suppress(OSError, EmbeddedError):
+                slot = int(redis_command(server.port, self.password, "CLUSTER", "KEYSLOT", key))
+                for entry in redis_command(server.port, self.password, "CLUSTER", "SLOTS"):
+                    if int(entry[0]) <= slot <= int(entry[1]):
+                        return self.node(int(entry[2][1]))
+        raise EmbeddedError(f"no running node knows who serves {key!r}")
+
+    def healthy(self) -> bool:
+        """Every running node sees the cluster ``ok`` with every slot served, and every
+        replica is linked to its primary."""
+        for server in self.nodes:
+            if not server.running():
+                continue
+            try:
+                info = redis_command(server.port, self.password, "CLUSTER", "INFO")
+            except (OSError, EmbeddedError):
+                return False
+            if b"cluster_state:ok" not in info or b"cluster_slots_ok:16384" not in info:
+                return False
+            replication = redis_command(server.port, self.password, "INFO", "replication")
+            if b"role:slave" in replication and b"master_link_status:up" not in replication:
+                return False  # a replica still syncing would fail every WAIT
+        return True
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"the valkey cluster is not ok after {timeout_s}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for server in reversed(self.nodes):
+            server.stop()
+
+
+def start_redis_cluster(
+    root: Path,
+    *,
+    shards: int = 3,
+    replicas: int = 1,
+    persist: bool = True,
+    appendfsync: str = "always",
+    node_timeout_ms: int = 2000,
+    ports: Sequence[int] = (),
+) -> ValkeyCluster:
+    """Start ``shards * (1 + replicas)`` valkey nodes and join them into one cluster.
+
+    ``valkey-cli --cluster create`` assigns the slots and the replicas; the call returns
+    when every node sees every slot served. ``node_timeout_ms`` is how long a primary may
+    be silent before its replica is promoted.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    cluster = ValkeyCluster(root, _credential(root))
+    count = shards * (1 + replicas)
+    # every node's client and bus ports at once: two nodes never draw the same one
+    spare = free_ports(2 * count)
+    try:
+        for i in range(count):
+            data_dir = root / f"node{i}"
+            fresh = not (data_dir / "nodes.conf").exists()
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # the bus port is port + 10000 by default, past 65535 for high free ports; it is
+            # kept in the node's folder, since nodes.conf records it for its peers
+            bus_file = data_dir / "cluster-port"
+            if not bus_file.exists():
+                bus_file.write_text(str(spare[count + i]))
+            port = ports[i] if i < len(ports) else spare[i]
+            for attempt in range(3):
+                starter = functools.partial(
+                    start_redis,
+                    data_dir,
+                    port=port,
+                    persist=persist,
+                    appendfsync=appendfsync,
+                    password=cluster.password,
+                    extra_args=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        bus_file.read_text().strip(),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(node_timeout_ms),
+                        # a replica may always take over: the sale fence, not the
+                        # replica's age, protects against what it missed
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--masterauth",
+                        cluster.password,
+                    ],
+                )
+                try:
+                    server = starter()
+                    break
+                except EmbeddedError:
+                    # a new node whose port another process took meanwhile: other ports
+                    if not fresh or attempt == 2 or i < len(ports):
+                        raise
+                    port, bus = free_ports(2)
+                    bus_file.write_text(str(bus))
+                    (data_dir / "nodes.conf").unlink(missing_ok=True)
+            cluster.nodes.append(server)
+            cluster.starters[server.port] = starter
+        if fresh:
+            subprocess.run(
+                [
+                    str(valkey_binary().parent / "valkey-cli"),
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{n.port}" for n in cluster.nodes),
+                    "--cluster-replicas",
+                    str(replicas),
+                    "--cluster-yes",
+                ],
+                env={**os.environ, "REDISCLI_AUTH": cluster.password},
+                capture_output=True,
+                check=True,
+                timeout=120,
+            )
+        cluster.wait_healthy()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 def _wait_redis_loaded(
@@ -474,9 +676,19 @@ class EmbeddedStack:
 
     root: Path
     servers: list[Server] = field(default_factory=list)
+    redis_cluster: ValkeyCluster | None = None
 
     def url(self, name: str) -> str | None:
+        if name == "redis" and self.redis_cluster is not None:
+            return self.redis_cluster.url
         return next((s.url for s in self.servers if s.name == name), None)
+
+    def ports(self) -> dict[str, int]:
+        """Every server's port by name (a cluster's nodes as ``redis-node<i>``)."""
+        out = {s.name: s.port for s in self.servers}
+        if self.redis_cluster is not None:
+            out.update({f"redis-node{i}": n.port for i, n in enumerate(self.redis_cluster.nodes)})
+        return out
 
     def get(self, name: str) -> Server:
         return next(s for s in self.servers if s.name == name)
@@ -485,6 +697,8 @@ class EmbeddedStack:
         for server in reversed(self.servers):
             server.stop()
         self.servers.clear()
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()
 
 
 def restart_server(stack: EmbeddedStack, name: str, *, durable: bool = True) -> Server:
@@ -510,6 +724,7 @@ def start_stack(
     durable: bool = True,
     redis_appendfsync: str | None = None,
     ports: dict[str, int] | None = None,
+    redis_shards: int = 0,
 ) -> EmbeddedStack:
     """Start the requested servers under ``root``; on any failure stop what started.
 
@@ -518,11 +733,25 @@ def start_stack(
     ``durable=False`` (tests) trades durability for speed everywhere; ``redis_appendfsync``
     makes Redis keep an AOF with that fsync policy whatever ``durable`` says (the bench
     measures the production policy with it).
+
+    ``redis_shards`` > 0 starts a valkey cluster of that many primaries, one replica each,
+    in place of the single Redis.
     """
     stack = EmbeddedStack(root)
     want = ports or {}
     try:
-        if redis:
+        if redis and redis_shards:
+            stack.redis_cluster = start_redis_cluster(
+                root / "redis-cluster",
+                shards=redis_shards,
+                persist=durable or redis_appendfsync is not None,
+                appendfsync=redis_appendfsync or "always",
+                # a node's peers know it by its port (nodes.conf): keep them across restarts
+                ports=[want[f"redis-node{i}"] for i in range(2 * redis_shards)]
+                if all(f"redis-node{i}" in want for i in range(2 * redis_shards))
+                else (),
+            )
+        elif redis:
             stack.servers.append(
                 start_redis(
                     root / "redis",

@@ -52,6 +52,11 @@ def _endpoints(name: str, url: str) -> list[tuple[str, int]] | Path:
             host, _, port = part.strip().rpartition(":")
             out.append((host or "127.0.0.1", int(port or 9092)))
         return out
+    if name == "redis_url" and "," in url:  # a cluster's seed nodes: one must answer
+        return [
+            (urlsplit(u.strip()).hostname or "127.0.0.1", urlsplit(u.strip()).port or 6379)
+            for u in url.split(",")
+        ]
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return Path(parts.path)

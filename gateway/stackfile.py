@@ -21,6 +21,7 @@ from flashsale.settings import Settings
 
 NAME = "stack.json"
 FIELDS = ("redis_url", "database_url", "kafka_bootstrap")
+FLAGS = ("redis_cluster",)  # how to read a URL taken from the file
 
 
 def path(settings: Settings) -> Path:
@@ -30,7 +31,7 @@ def path(settings: Settings) -> Path:
 def write(settings: Settings, ports: dict[str, int]) -> None:
     """Record the running stack (0600)."""
     target = path(settings)
-    data: dict[str, Any] = {f: getattr(settings, f) for f in FIELDS}
+    data: dict[str, Any] = {f: getattr(settings, f) for f in (*FIELDS, *FLAGS)}
     data.update(
         pid=os.getpid(),
         gateway=f"http://{settings.http_host}:{settings.http_port}",
@@ -98,4 +99,6 @@ def fill(settings: Settings, *, quiet: bool = False) -> Settings:
             f"(pid {data['pid']}): {', '.join(sorted(found))}",
             file=sys.stderr,
         )
+    if "redis_url" in found and data.get("redis_cluster"):
+        found["redis_cluster"] = True
     return settings.with_(**found)

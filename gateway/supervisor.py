@@ -174,7 +174,7 @@ def _lock_data_dir(root: Path, wait_s: float = 30.0) -> IO[str]:
         return handle
 
 
-def up(settings: Settings, *, demo: bool = True) -> int:
+def up(settings: Settings, *, demo: bool = True, redis_shards: int = 0) -> int:
     root = Path(settings.data_dir)
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -190,13 +190,13 @@ def up(settings: Settings, *, demo: bool = True) -> int:
         print(f"flashsale: {exc}", file=sys.stderr)
         return 2
     try:
-        return _up(settings, root, demo=demo)
+        return _up(settings, root, demo=demo, redis_shards=redis_shards)
     finally:
         port.close()
         lock.close()
 
 
-def _up(settings: Settings, root: Path, *, demo: bool) -> int:
+def _up(settings: Settings, root: Path, *, demo: bool, redis_shards: int = 0) -> int:
     started = time.monotonic()
     stack: EmbeddedStack | None = None
     children: list[Supervised] = []
@@ -215,7 +215,10 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
                 postgres=need["postgres"],
                 kafka=need["kafka"],
                 ports=stackfile.remembered_ports(settings),
+                redis_shards=redis_shards if need["redis"] else 0,
             )
+            if need["redis"] and redis_shards:
+                settings = settings.with_(redis_cluster=True, redis_wait_replicas=1)
             settings = settings.with_(
                 redis_url=settings.redis_url or stack.url("redis"),
                 database_url=settings.database_url or stack.url("postgres"),
@@ -261,7 +264,7 @@ def _up(settings: Settings, root: Path, *, demo: bool) -> int:
         if not _wait_ready(base + "/readyz", 60, everything, children + consumers):
             log.error("gateway did not become ready at %s/readyz", base)
             return 1
-        stackfile.write(settings, {s.name: s.port for s in stack.servers} if stack else {})
+        stackfile.write(settings, stack.ports() if stack else {})
         _banner(settings, base, demo_info, servers_s, time.monotonic() - started, stack)
         while not flag:
             keep_alive(everything)
@@ -312,7 +315,8 @@ def _banner(
         f"  dashboard      {base}/dashboard   (log in as the demo admin or merchant)",
         f'  metrics        curl -H "Authorization: Bearer {_metrics_token_hint(settings)}"'
         f" {base}/metrics",
-        f"  redis          {settings.redis_url}",
+        f"  redis          {settings.redis_url}"
+        + (f"  (cluster of {len(settings.redis_seeds)} nodes)" if settings.redis_cluster else ""),
         f"  postgres       {settings.database_url}",
         f"  kafka          {settings.kafka_bootstrap}",
         f"  payments       {settings.payment_provider} provider",

@@ -32,8 +32,10 @@ What it does, in order, every part bounded in time and count, every request to 1
        drained by 1, then 4 ``flashsale consume`` processes in one group, started
        together on the whole backlog; with the CPU seconds per 1,000 orders of the
        consumers and of PostgreSQL, lock waits and WAL per order (inputs of CAPACITY.md);
-3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3, 8b/8a, 6c/6b with the hardware
-   and versions,
+   (9) the accept path again through a gateway on a local 3-shard valkey cluster, and the
+       reserve script's ceiling on the primary holding the sale (:mod:`.bench_cluster`);
+3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3, 8b/8a, 6c/6b, 9/3 with the
+   hardware and versions,
    writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.
 
 A scenario that cannot run (for example the flash-sale routes or ``lua/reserve.lua``
@@ -1145,6 +1147,12 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         step("4q queue poll", lambda: queue_poll(e, plan))
         step("8 dashboards", lambda: dashboards(e, plan))
         step("8c dashboard publish", lambda: dashboard_publish(e, plan))
+        from loadtests import bench_cluster  # it builds on this module's helpers
+
+        step(
+            "9 accept path on 1 vs 3 shards",
+            lambda: bench_cluster.accept_on_shards(e, plan, redis_fsync),
+        )
         # last, so that the single-node rows above run exactly as before it existed
         pg = stack.get("postgres").proc.pid
         step("6b/6c drain of one hot sale", lambda: drain_scaling(e, plan, pg))
@@ -1199,6 +1207,10 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
                 "6b one hot sale, 1 consumer(s) (orders/s)",
             ),
             "~4 where 4 free cores exist",
+        ),
+        "9/3 accept on 3 shards / on 1": (
+            _ratio(rows, "9 accept path on 3 shards (join, 202)", "3 accept path (join, 202)"),
+            "(2 shared cores: prices the cluster path, not its scaling)",
         ),
     }
     result: dict[str, Any] = {

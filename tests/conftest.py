@@ -1,5 +1,9 @@
 """Shared fixtures: real servers, settings, an app client.
 
+Tests marked ``both_topologies`` run twice: on one Redis node and on a local valkey
+cluster (three primaries, one replica each, started once per session when first needed),
+with ``FLASHSALE_REDIS_CLUSTER`` on and one ``WAIT`` per batch of reservations.
+
 The suite starts its own isolated Redis, PostgreSQL and tansu broker on free ports
 in a temporary folder, unless FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL and
 FLASHSALE_KAFKA_BOOTSTRAP all point at running servers (then it creates and drops a
@@ -28,9 +32,10 @@ from redis.asyncio import Redis
 from consumers.runner import run_consumers
 from flashsale.auth import TokenService
 from flashsale.db import create_pool, migrate
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
 from gateway.app import create_app
-from gateway.embedded import EmbeddedStack, start_stack
+from gateway.embedded import EmbeddedStack, ValkeyCluster, start_redis_cluster, start_stack
 
 pytest_plugins = ["tests.hangwatch"]
 
@@ -40,6 +45,39 @@ TEST_SECRET = "test-secret-key-0123456789abcdef"
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Run every async test on uvloop, the loop the service runs on in production."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on one Redis node; those marked ``both_topologies`` on a cluster too."""
+    if "redis_topology" not in metafunc.fixturenames:
+        return
+    both = metafunc.definition.get_closest_marker("both_topologies") is not None
+    metafunc.parametrize(
+        "redis_topology",
+        ["single", "cluster"] if both else ["single"],
+        indirect=True,
+        scope="session",
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_topology(request: pytest.FixtureRequest) -> str:
+    topology: str = getattr(request, "param", "single")
+    return topology
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster() -> Iterator[ValkeyCluster]:
+    """A local valkey cluster: 3 primaries + 3 replicas. Nothing here kills a node (the
+    failover tests start their own), so a slow heartbeat on a busy machine must not
+    promote a replica: the node timeout is generous."""
+    root = Path(tempfile.mkdtemp(prefix="flashsale-cluster-"))
+    cluster = start_redis_cluster(root, persist=False, node_timeout_ms=10_000)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +104,9 @@ def _with_db(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-async def base_settings(stack: EmbeddedStack | None) -> AsyncIterator[Settings]:
+async def base_settings(
+    stack: EmbeddedStack | None, redis_topology: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Settings]:
     redis_url: str | None
     admin_url: str | None
     kafka: str | None
@@ -80,6 +120,9 @@ async def base_settings(stack: EmbeddedStack | None) -> AsyncIterator[Settings]:
             stack.url("postgres"),
             stack.url("kafka"),
         )
+    cluster = redis_topology == "cluster"
+    if cluster:
+        redis_url = request.getfixturevalue("valkey_cluster").url
     assert redis_url and admin_url and kafka
     dbname = "flashsale_test_" + secrets.token_hex(4)
     admin = await asyncpg.connect(admin_url)
@@ -88,6 +131,8 @@ async def base_settings(stack: EmbeddedStack | None) -> AsyncIterator[Settings]:
     suffix = secrets.token_hex(3)
     settings = Settings.from_env({}).with_(
         redis_url=redis_url,
+        redis_cluster=cluster,
+        redis_wait_replicas=1 if cluster else 0,
         database_url=_with_db(admin_url, dbname),
         kafka_bootstrap=kafka,
         secret_key=TEST_SECRET,
@@ -121,7 +166,7 @@ async def db(base_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 async def redis(base_settings: Settings) -> AsyncIterator[Redis]:
-    client: Redis = Redis.from_url(base_settings.redis)
+    client: Redis = open_redis(base_settings)
     yield client
     await client.aclose()
 

@@ -30,7 +30,14 @@ from consumers.recovery import server_run_id
 from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
-from gateway.embedded import Server, free_port, start_kafka, start_redis
+from gateway.embedded import (
+    Server,
+    ValkeyCluster,
+    free_port,
+    start_kafka,
+    start_redis,
+    start_redis_cluster,
+)
 
 FINAL_REFUSALS = {"SOLD_OUT", "INSUFFICIENT_STOCK", "SALE_ENDED"}
 
@@ -108,15 +115,26 @@ class FaultStack:
 
     root: Path
     settings: Settings
-    redis_server: Server
+    redis_server: Server | ValkeyCluster
     kafka_server: Server
     gateway: Proc
     consumer: Proc
     logs: list[Path] = field(default_factory=list)
 
     @classmethod
-    def start(cls, base: Settings, root: Path, tag: str, **changes: Any) -> FaultStack:
-        redis_server = start_redis(root / "redis")
+    def start(
+        cls, base: Settings, root: Path, tag: str, *, redis_shards: int = 0, **changes: Any
+    ) -> FaultStack:
+        """``redis_shards`` > 0: a valkey cluster of that many primaries (one replica each,
+        a silent primary replaced after 1s) and one WAIT per batch of reservations."""
+        redis_server: Server | ValkeyCluster
+        if redis_shards:
+            redis_server = start_redis_cluster(
+                root / "redis", shards=redis_shards, persist=False, node_timeout_ms=1000
+            )
+            changes = {"redis_cluster": True, "redis_wait_replicas": 1, **changes}
+        else:
+            redis_server = start_redis(root / "redis")
         kafka_server = start_kafka(root / "kafka")
         settings = base.with_(
             redis_url=redis_server.url,
@@ -165,11 +183,21 @@ class FaultStack:
         raise AssertionError("the gateway did not become ready:\n" + self.log_tail())
 
     def kill_redis(self) -> None:
+        assert isinstance(self.redis_server, Server)
         self.redis_server.proc.send_signal(signal.SIGKILL)
         self.redis_server.proc.wait(10)
 
     def start_redis_again(self) -> None:
+        assert isinstance(self.redis_server, Server)
         self.redis_server = start_redis(self.root / "redis", port=self.redis_server.port)
+
+    def kill_primary_of(self, key: str) -> Server:
+        """SIGKILL the cluster node serving ``key``; returns it."""
+        assert isinstance(self.redis_server, ValkeyCluster)
+        primary = self.redis_server.primary_for(key)
+        primary.proc.send_signal(signal.SIGKILL)
+        primary.proc.wait(10)
+        return primary
 
     def restart_kafka(self) -> None:
         """A memory-only broker restarted: everything not yet consumed is gone."""
@@ -336,7 +364,7 @@ async def settle_and_judge(
         sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
         assert sale is not None
         try:
-            run_id = await server_run_id(redis)
+            run_id = await server_run_id(redis, sale_id)
             report = await reconcile.check_sale(db, redis, sale, run_id=run_id)
             clean = report.ok
         except (OSError, ConnectionError):

@@ -16,10 +16,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +208,7 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
         )
         join[0].click()
         _wait("the order", lambda: _text(shop, "order-id"))
+        assert shop.find_element(By.TAG_NAME, "body").get_attribute("data-feed") == "stream"
 
         # the stampede, from a second process
         result = subprocess.run(
@@ -303,3 +309,269 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
     finally:
         board.quit()
         shop.quit()
+
+
+QUEUED_AHEAD = 5  # shoppers who enter (through the API) before the two on the page
+QUEUED_STOCK = QUEUED_AHEAD + 1  # the first page shopper gets the last unit; the second waits
+SHOTS_DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _call(
+    method: str, url: str, body: Any = None, token: str | None = None, **headers: str
+) -> tuple[int, Any]:
+    """(status, envelope) of a request, whatever the status."""
+    headers = {"Content-Type": "application/json", **headers}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _enter_and_join(base: str, sale_id: int, token: str, entered: threading.Event) -> str:
+    """A shopper who is not on a page: enters (solving the proof of work), polls its place
+    and joins through its admission's URL; the order id."""
+    from flashsale.waitingroom.signing import solve
+
+    url = f"{base}/api/v1/flash-sales/{sale_id}"
+    status, env = _call("POST", url + "/enter", {}, token)
+    assert (status, env["error"]) == (403, "PROOF_REQUIRED"), env
+    c = env["data"]
+    solution = solve(c["challenge"], c["difficulty"])
+    status, env = _call(
+        "POST", url + "/enter", {"challenge": c["challenge"], "solution": solution}, token
+    )
+    assert status == 201, env
+    entered.set()
+    ticket = urllib.parse.quote(env["data"]["ticket"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status, env = _call("GET", f"{url}/queue?ticket={ticket}")
+        assert status == 200, env
+        if env["data"]["state"] == "admitted":
+            status, env = _call("POST", base + env["data"]["join_path"], {"quantity": 1}, token)
+            assert status == 202, env
+            return str(env["data"]["order_id"])
+        time.sleep(0.1)
+    raise AssertionError("not admitted in 60 s")
+
+
+def _shopper_page(base: str, sale_id: int, email: str, password: str) -> Any:
+    from selenium.webdriver.common.by import By
+
+    page = _browser()
+    page.set_window_size(420, 900)  # a phone
+    page.get(f"{base}/sale/{sale_id}")
+    _wait("the product", lambda: _text(page, "remaining") == str(QUEUED_STOCK))
+    page.find_element(By.ID, "shop-email").send_keys(email)
+    page.find_element(By.ID, "shop-password").send_keys(password)
+    page.find_element(By.ID, "shop-login-submit").click()
+    return page
+
+
+def _attr(driver: Any, element_id: str, name: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, element_id).get_attribute(name) or "")
+
+
+def _body(driver: Any, name: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.TAG_NAME, "body").get_attribute(f"data-{name}") or "")
+
+
+def _body_is(driver: Any, name: str, value: str) -> bool:
+    return _body(driver, name) == value
+
+
+def _enabled(driver: Any, element_id: str) -> bool:
+    from selenium.webdriver.common.by import By
+
+    return bool(driver.find_element(By.ID, element_id).is_enabled())
+
+
+def _entered_or_failed(entered: threading.Event, job: Future[str]) -> bool:
+    return entered.is_set() or job.done()
+
+
+@needs_browser
+@pytest.mark.timeout(300)
+def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
+    """A queued sale with a proof of work: a shopper enters from the page, sees its place,
+    is admitted, joins and sees its order go to pending payment; a shopper still waiting sees
+    "sold out" within 2 s of the last unit; the dashboard shows the waiting room."""
+    from selenium.webdriver.common.by import By
+
+    base, data_dir = stack
+    admin = _http(
+        "POST",
+        base + "/api/v1/auth/login",
+        {"login": "admin@demo.local", "password": "admin-pass-1"},
+    )["token"]
+    now = datetime.now(UTC)
+    sale_id = _http(
+        "POST",
+        base + "/api/v1/admin/flash-sales",
+        {
+            "sku_id": _sku_with_stock(data_dir),
+            "flash_price": 4900,
+            "quantity": QUEUED_STOCK,
+            "per_user_limit": 1,
+            "start_at": (now - timedelta(seconds=1)).isoformat(),
+            "end_at": (now + timedelta(hours=1)).isoformat(),
+            "mode": "queued",
+            # one admission a second keeps the page shopper waiting a few seconds
+            "queue": {"admit_per_s": 1, "overbook": 1, "join_window_s": 60, "pow_difficulty": 16},
+        },
+        admin,
+    )["flash_sale_id"]
+    tokens = Path(data_dir) / "tokens-queued.txt"
+    minted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.mint",
+            "--count",
+            str(QUEUED_AHEAD),
+            "--out",
+            str(tokens),
+        ],
+        env=_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert minted.returncode == 0, minted.stdout + minted.stderr
+    ahead = tokens.read_text().split()
+
+    # a join without an admission is refused (and counted among the refusals)
+    status, env = _call(
+        "POST", f"{base}/api/v1/flash-sales/{sale_id}/join", {"quantity": 1}, ahead[0]
+    )
+    assert (status, env["error"]) == (403, "NOT_ADMITTED"), env
+
+    board = _browser()
+    pages: list[Any] = []
+    try:
+        board.get(base + "/dashboard")
+        board.find_element(By.ID, "login-email").send_keys("admin@demo.local")
+        board.find_element(By.ID, "login-password").send_keys("admin-pass-1")
+        board.find_element(By.ID, "login-submit").click()
+        row = _wait(
+            "the sale in the list",
+            lambda: board.find_elements(By.CSS_SELECTOR, f'tr[data-sale-id="{sale_id}"]'),
+        )
+        row[0].click()
+        _wait("live figures", lambda: _text(board, "v-remaining") == str(QUEUED_STOCK))
+
+        first = _shopper_page(base, sale_id, "shopper2@demo.local", "shopper-pass-2")
+        pages.append(first)
+        second = _shopper_page(base, sale_id, "shopper3@demo.local", "shopper-pass-3")
+        pages.append(second)
+        for page in pages:
+            assert _body(page, "mode") == "queued"
+            assert not page.find_element(By.ID, "join").is_displayed()
+            _wait("the enter button", partial(_enabled, page, "enter"))
+
+        with ThreadPoolExecutor(QUEUED_AHEAD) as pool:
+            # the shoppers ahead enter one after the other (first come, first served) …
+            joins = []
+            for token in ahead:
+                entered = threading.Event()
+                job = pool.submit(_enter_and_join, base, sale_id, token, entered)
+                joins.append(job)
+                _wait("an API shopper in", partial(_entered_or_failed, entered, job))
+                if job.done():
+                    job.result()  # its failure
+            # … then the two page shoppers, each solving the proof of work in the page
+            for page in pages:
+                page.find_element(By.ID, "enter").click()
+                _wait("a place in the queue", partial(_body_is, page, "queue", "waiting"))
+                print(f"the page solved the proof of work in {_body(page, 'pow-ms')} ms")
+            position = int(_text(first, "queue-position"))
+            assert position > 1
+            assert 0 <= int(_text(first, "queue-ahead")) < position
+            assert first.find_element(By.ID, "queue-place").is_displayed()
+            assert not first.find_element(By.ID, "join").is_displayed()
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            first.save_screenshot(str(SHOTS / "sale-page-queued.png"))
+
+            # the dashboard shows the waiting room: its length and the admission rate
+            rates: list[float] = []
+
+            def admitted() -> bool:
+                rates.append(float(_text(board, "v-admit") or 0))
+                return _attr(first, "queue-state", "data-state") == "admitted"
+
+            _wait("the first page shopper admitted", admitted, 60)
+            assert first.find_element(By.ID, "join").is_enabled()
+            assert first.find_element(By.ID, "join-window").is_displayed()
+            assert _attr(second, "queue-state", "data-state") == "waiting"
+            orders = [j.result(timeout=60) for j in joins]
+        assert len(set(orders)) == QUEUED_AHEAD
+        assert max(rates) > 0, rates
+        assert board.find_element(By.ID, "waiting-room").is_displayed()
+
+        # the last unit: the first page shopper joins; the second, still waiting, is told
+        clicked = time.time()
+        first.find_element(By.ID, "join").click()
+        _wait("the order", lambda: _text(first, "order-id"))
+        _wait("sold out on the waiting page", lambda: _body(second, "status") == "sold_out", 10)
+        seen = time.time()
+        print(
+            f"the waiting shopper's page said sold out {seen - clicked:.2f}s after the join click"
+        )
+        assert seen - clicked <= 2.0, f"{seen - clicked:.2f}s"
+        assert _text(second, "banner") == "Sold out"
+        assert _attr(second, "queue-state", "data-state") == "sold_out"
+        assert not second.find_element(By.ID, "join").is_displayed()
+        _wait(
+            "pending payment",
+            lambda: _attr(first, "order-state", "data-status") == "pending_payment",
+            timeout_s=60,
+        )
+
+        assert _body(second, "feed") == "stream"
+
+        # the ticket survives a reload; without EventSource the page polls instead
+        second.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument", {"source": "delete window.EventSource;"}
+        )
+        second.refresh()
+        _wait("the queue state after a reload", lambda: _body(second, "queue") == "sold_out")
+        assert _body(second, "feed") == "poll"
+        assert not second.find_element(By.ID, "enter").is_displayed()
+        assert _text(second, "banner") == "Sold out"
+
+        # units come back: the next in line is admitted, and told when its window has passed
+        _http(
+            "PATCH",
+            f"{base}/api/v1/admin/flash-sales/{sale_id}",
+            {"add_quantity": 1, "queue": {"join_window_s": 5}},
+            admin,
+        )
+        _wait("the second shopper admitted", partial(_body_is, second, "queue", "admitted"), 15)
+        assert second.find_element(By.ID, "join").is_enabled()
+        assert second.find_element(By.ID, "join-window").is_displayed()
+        _wait("the admission expired", partial(_body_is, second, "queue", "expired"), 15)
+        assert "expired" in _text(second, "queue-state")
+        assert not second.find_element(By.ID, "join").is_enabled()
+
+        # the dashboard: the refusal of the join without an admission
+        _wait(
+            "NOT_ADMITTED among the refusals",
+            lambda: board.find_elements(
+                By.CSS_SELECTOR, '#refusals li[data-reason="NOT_ADMITTED"]'
+            ),
+        )
+        _wait("the unit back on the dashboard", lambda: _text(board, "v-remaining") == "1")
+    finally:
+        board.quit()
+        for page in pages:
+            page.quit()

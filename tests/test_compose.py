@@ -148,3 +148,38 @@ def test_no_hard_coded_credentials(compose: dict[str, Any]) -> None:
     assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
     assert "REDIS_PASSWORD" in str(services["redis"]["healthcheck"]["test"])
     assert "flashsale:flashsale@" not in str(compose)
+
+
+def _overlay(base: Any, over: Any) -> Any:
+    """Compose's merge of an override file: maps merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = _overlay(base.get(key), value) if key in base else value
+        return out
+    return over
+
+
+def test_redis_cluster_overlay(compose: dict[str, Any]) -> None:
+    """`-f deploy/compose.redis-cluster.yml`: six nodes in cluster mode with the same
+    durability, created by one job, and every flashsale service on the cluster with one
+    replica confirmed per batch."""
+    over = yaml.safe_load((ROOT / "deploy" / "compose.redis-cluster.yml").read_text())
+    services = _overlay(compose, over)["services"]
+    nodes = ["redis", *(f"redis-{n}" for n in range(2, 7))]
+    for name in nodes:
+        command = services[name]["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes", name
+        assert command[command.index("--appendfsync") + 1] == "always", name
+        assert "--masterauth" in command and "test" in services[name]["healthcheck"], name
+    create = " ".join(services["redis-cluster-init"]["command"])
+    assert "--cluster-replicas 1" in create
+    assert all(f"{n}:6379" in create for n in nodes)
+    assert set(services["redis-cluster-init"]["depends_on"]) == set(nodes)
+    for name in ("migrate", "gateway", "consumers"):
+        env = Settings.from_env(services[name]["environment"])
+        assert env.redis_cluster and env.redis_wait_replicas == 1, name
+        seeds = {s.split("@")[-1].split("//")[-1].split("/")[0] for s in env.redis_seeds}
+        assert seeds <= {f"{n}:6379" for n in nodes} and len(seeds) >= 3, seeds
+        needs = services[name]["depends_on"]["redis-cluster-init"]
+        assert needs["condition"] == "service_completed_successfully", name

@@ -58,6 +58,7 @@ def test_quantile_interpolates_within_the_bucket() -> None:
     assert dashboard.quantile(0.5, after, after) is None  # nothing observed in between
 
 
+@pytest.mark.both_topologies
 async def test_stream_shows_what_the_sale_did(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, redis: Redis
 ) -> None:
@@ -153,6 +154,7 @@ async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None
     assert (await client.get("/sale/abc")).status == 404
 
 
+@pytest.mark.both_topologies
 async def test_figures_of_every_process_add_up(redis: Redis) -> None:
     """Two processes publish what changed each second; the reader sums their counters,
     their latency buckets and their gauges (lag summed, a queue's length the largest)."""
@@ -230,3 +232,23 @@ async def test_a_failed_publish_keeps_its_figures_for_the_next(redis: Redis) -> 
     agg = await dashboard.read_aggregate(redis, second + 3)
     assert agg.recent.refusals == {"SOLD_OUT": 5.0}
     assert pub.published == 2
+
+
+def test_joins_through_an_admission_and_its_refusals_count() -> None:
+    """A queued sale's page joins through its admission's URL: those joins count with the
+    others, and the waiting room's refusals are named; other routes do not count."""
+    registry = CollectorRegistry()
+    requests = Counter(
+        "flashsale_http_requests", "requests", ["method", "route", "status"], registry=registry
+    )
+    errors = Counter("flashsale_errors", "errors", ["code"], registry=registry)
+    requests.labels("POST", dashboard.JOIN_ROUTE, "202").inc(2)
+    requests.labels("POST", dashboard.JOIN_ROUTE + "/{admission}", "202").inc(3)
+    requests.labels("POST", dashboard.JOIN_ROUTE + "/{admission}", "409").inc(1)
+    requests.labels("POST", "/api/v1/flash-sales/{sale_id}/enter", "201").inc(7)
+    errors.labels("ADMISSION_EXPIRED").inc(1)
+    errors.labels("NOT_ADMITTED").inc(4)
+    errors.labels("TICKET_INVALID").inc(5)  # a poll's, not a join's
+    t = dashboard.read_metrics(registry.collect())
+    assert t.join_by_status == {"202": 5.0, "409": 1.0}
+    assert t.refusals == {"ADMISSION_EXPIRED": 1.0, "NOT_ADMITTED": 4.0}

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -27,8 +28,9 @@ from redis.asyncio import Redis
 
 from flashsale import rediskeys
 from flashsale.auth import TokenService
+from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
-from gateway.embedded import start_postgres
+from gateway.embedded import ValkeyCluster, start_postgres
 from tests.faultkit import (
     Answers,
     FaultStack,
@@ -53,7 +55,7 @@ async def root() -> AsyncIterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def _stack(base: Settings, root: Path, tag: str, **changes: object) -> FaultStack:
+async def _stack(base: Settings, root: Path, tag: str, **changes: Any) -> FaultStack:
     stack = FaultStack.start(base, root, tag, **changes)
     try:
         await stack.ready()
@@ -332,3 +334,74 @@ async def test_lost_reply_is_outcome_unknown_and_a_retry_finds_the_order(
         redis_server.proc.send_signal(signal.SIGCONT)
         redis_server.stop()
         kafka.stop()
+
+
+async def _failover(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path, tag: str
+) -> None:
+    stack = await _stack(base_settings, root, tag, redis_shards=3)
+    redis: Redis = open_redis(stack.settings)
+    try:
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=300, accepted=80)
+        killed = stack.kill_primary_of(rediskeys.sale(sale_id))
+        fault_at = time.monotonic()
+        accepted_at_kill = len(answers.accepted)
+        assert isinstance(stack.redis_server, ValkeyCluster)
+        cluster = stack.redis_server
+        await when(lambda: cluster.primary_for(rediskeys.sale(sale_id)) is not killed)
+        await crowd
+        verdict = await settle_and_judge(
+            "SIGKILL of the primary holding the sale", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert len(answers.accepted) > accepted_at_kill, answers.statuses  # joins resumed
+        # the crowd was three times the stock: the promoted replica sold the rest
+        assert verdict.accepted == 300, answers.statuses
+    finally:
+        await redis.aclose()
+        stack.stop()
+
+
+async def test_cluster_primary_killed_mid_stampede(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """SIGKILL the valkey primary that holds a hot sale mid-stampede: its replica (which
+    WAIT kept up with every answered batch) is promoted, the sale is fenced and re-armed,
+    joins resume; every 202 is in PostgreSQL once and sold ≤ quantity."""
+    await _failover(base_settings, db, tokens, root, "failover")
+
+
+@pytest.mark.chaos
+async def test_cluster_two_failovers_in_a_row(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """Kill the sale's primary; bring the dead node back (it rejoins as the new primary's
+    replica, and batches WAIT for it again); then kill the promoted primary too."""
+    stack = await _stack(base_settings, root, "failover2", redis_shards=3)
+    redis: Redis = open_redis(stack.settings)
+    try:
+        sale_id, shoppers = await _sale(stack, db, tokens, quantity=600, shoppers=1800)
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=200, accepted=60)
+        assert isinstance(stack.redis_server, ValkeyCluster)
+        cluster = stack.redis_server
+        key = rediskeys.sale(sale_id)
+        first = stack.kill_primary_of(key)
+        fault_at = time.monotonic()
+        await when(lambda: cluster.primary_for(key).port != first.port)
+        cluster.restart(first)
+        await asyncio.to_thread(cluster.wait_healthy)  # the old primary is a replica now
+        before = len(answers.accepted)
+        await when(lambda: len(answers.accepted) >= before + 60)
+        second = stack.kill_primary_of(key)
+        assert second.port != first.port
+        await when(lambda: cluster.primary_for(key).port == first.port)
+        await crowd
+        verdict = await settle_and_judge(
+            "two failovers of the sale's shard", db, redis, sale_id, answers, fault_at
+        )
+        assert_promises_kept(verdict, answers, stack)
+        assert verdict.accepted == 600, answers.statuses
+    finally:
+        await redis.aclose()
+        stack.stop()

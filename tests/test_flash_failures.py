@@ -32,11 +32,19 @@ from flashsale.flash import lifecycle
 from flashsale.flash.events import OrderEvent
 from flashsale.kafka import ensure_topics
 from flashsale.metrics import get_metrics
+from flashsale.redisclient import open_redis
 from flashsale.scripts import FlashScripts
 from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.app import create_app
-from gateway.embedded import free_port, start_kafka, start_redis
+from gateway.embedded import (
+    Server,
+    ValkeyCluster,
+    free_port,
+    start_kafka,
+    start_redis,
+    start_redis_cluster,
+)
 from gateway.flash_runtime import FLASH
 from tests.flashkit import (
     admin_headers,
@@ -273,7 +281,8 @@ async def test_stranded_reservation_is_published(
     order_id = client.app[appkeys.ORDER_IDS].next(user)
     keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
     res = await rt.scripts.reserve(
-        keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis)]
+        keys=keys,
+        args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis, sale_id)],
     )
     assert int(res[0]) == 0
     await eventually(lambda: _equals(count_orders(db, sale_id), 1), timeout_s=30)
@@ -328,20 +337,33 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
     await eventually(lambda: _drift_free(db, redis, sale_id))
 
 
+@pytest.mark.parametrize("shards", [0, 3], ids=["single", "cluster"])
 async def test_rebuild_cache_after_flushall(
-    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, tmpdir_path: Path
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    tmpdir_path: Path,
+    shards: int,
 ) -> None:
-    own_redis = start_redis(tmpdir_path / "r", persist=False)
+    own_redis: Server | ValkeyCluster
+    if shards:
+        own_redis = start_redis_cluster(
+            tmpdir_path / "c", shards=shards, persist=False, node_timeout_ms=10_000
+        )
+    else:
+        own_redis = start_redis(tmpdir_path / "r", persist=False)
     settings = _own(
         base_settings,
-        "rebuild",
+        f"rebuild{shards}",
         redis_url=own_redis.url,
+        redis_cluster=bool(shards),
+        redis_wait_replicas=1 if shards else 0,
         data_dir=str(tmpdir_path),
         metrics_port=free_port(),
     )
     stop = asyncio.Event()
     consumer_task = asyncio.create_task(run_consumers(settings, stop))
-    redis: Redis = Redis.from_url(own_redis.url)
+    redis: Redis = open_redis(settings)
     try:
         async with TestClient(TestServer(create_app(settings))) as client:
             admin = await admin_headers(db, tokens)
@@ -455,7 +477,18 @@ async def test_reservation_that_breaks_a_rule_is_released_not_republished(
     order_id = client.app[appkeys.ORDER_IDS].next(ghost)
     await rt.scripts.reserve(
         keys=keys,
-        args=[ghost, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(rt.redis)],
+        args=[
+            ghost,
+            1,
+            order_id,
+            "",
+            "fp",
+            5,
+            10,
+            100,
+            100,
+            await server_run_id(rt.redis, sale_id),
+        ],
     )
     assert await remaining_of(redis, sale_id) == 4
 

@@ -87,6 +87,7 @@ async def test_create_sale_rules(
     assert resp.status == 403
 
 
+@pytest.mark.both_topologies
 async def test_stampede_exactly_stock_accepted(
     client: TestClient[Any, Any],
     db: asyncpg.Pool,
@@ -141,6 +142,7 @@ async def _drift_free(db: asyncpg.Pool, redis: Redis, sale_id: int) -> bool:
     )
 
 
+@pytest.mark.both_topologies
 async def test_idempotent_retry_and_mismatch(
     client: TestClient[Any, Any],
     db: asyncpg.Pool,
@@ -162,6 +164,7 @@ async def test_idempotent_retry_and_mismatch(
     assert await remaining_of(redis, sale_id) == 8
 
 
+@pytest.mark.both_topologies
 async def test_limit_returns_first_order(
     client: TestClient[Any, Any],
     db: asyncpg.Pool,
@@ -222,6 +225,7 @@ async def test_join_validation(
     assert resp.status == 400
 
 
+@pytest.mark.both_topologies
 async def test_sold_out_flag_makes_no_redis_call(
     client: TestClient[Any, Any],
     app: web.Application,
@@ -242,6 +246,7 @@ async def test_sold_out_flag_makes_no_redis_call(
     assert batcher.calls == before
 
 
+@pytest.mark.both_topologies
 async def test_top_up_and_close(
     client: TestClient[Any, Any],
     db: asyncpg.Pool,
@@ -296,7 +301,8 @@ async def test_flash_order_through_the_order_routes(
     keys = rediskeys.reserve_keys(sale_id, user, "127.0.0.1")
     # reserved but not yet published: what a shopper sees right after the 202
     await rt.scripts.reserve(
-        keys=keys, args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis)]
+        keys=keys,
+        args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis, sale_id)],
     )
     resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))
     assert resp.status == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -160,3 +161,107 @@ def test_second_up_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
     finally:
         held.close()
     _lock_data_dir(tmp_path, wait_s=0.3).close()  # free again once the first one is gone
+
+
+async def _stampede_on(data_dir: str, base: str) -> tuple[int, int]:
+    """Create a 50-unit sale through the admin API and send 200 shoppers at it."""
+    from datetime import UTC, datetime, timedelta
+
+    import aiohttp
+    import asyncpg
+
+    from flashsale.auth import TokenService
+    from loadtests import mint
+
+    stack = json.loads((Path(data_dir) / "stack.json").read_text())
+    tokens = TokenService((Path(data_dir) / "secret_key").read_text().strip(), 3600)
+    conn = await asyncpg.connect(stack["database_url"])
+    try:
+        shoppers = await mint.insert_users(conn, 200)
+        (admin,) = await mint.insert_users(conn, 1, "admin")
+        (merchant,) = await mint.insert_users(conn, 1, "merchant")
+        product = await conn.fetchval(
+            "INSERT INTO products (merchant_id, name) VALUES ($1, 'up test') RETURNING id",
+            merchant,
+        )
+        sku = await conn.fetchval(
+            "INSERT INTO skus (product_id, price_cents, on_hand) VALUES ($1, 1000, 50) "
+            "RETURNING id",
+            product,
+        )
+    finally:
+        await conn.close()
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            base + "/api/v1/admin/flash-sales",
+            headers={"Authorization": f"Bearer {tokens.issue(admin, 'admin')}"},
+            json={
+                "sku_id": sku,
+                "flash_price": 500,
+                "quantity": 50,
+                "per_user_limit": 1,
+                "start_at": start.isoformat(),
+                "end_at": (start + timedelta(hours=1)).isoformat(),
+                "payment_window_s": 900,
+            },
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            sale_id = (await resp.json())["data"]["flash_sale_id"]
+
+        async def one(uid: int) -> int:
+            async with http.post(
+                f"{base}/api/v1/flash-sales/{sale_id}/join",
+                headers={"Authorization": f"Bearer {tokens.issue(uid, 'user')}"},
+                json={"quantity": 1},
+            ) as resp:
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(u) for u in shoppers))
+    return statuses.count(202), statuses.count(409)
+
+
+@pytest.mark.timeout(300)
+def test_up_with_redis_shards_runs_a_stampede() -> None:
+    """``up --redis-shards 3`` starts a valkey cluster (3 primaries, 3 replicas) and the
+    stack sells a sale on it exactly; reconcile, a side command, finds no drift."""
+    with tempfile.TemporaryDirectory(prefix="flashsale-up-") as data_dir:
+        port = free_port()
+        proc = _run_up(data_dir, port, "--no-demo", "--redis-shards", "3")
+        try:
+            body = _ready(port, proc, 120)
+            assert body["data"]["down"] == []  # type: ignore[index]
+            stack_file = Path(data_dir) / "stack.json"
+            deadline = time.monotonic() + 30
+            while not stack_file.exists():  # written once up itself has seen the gateway ready
+                assert time.monotonic() < deadline, "no stack.json"
+                time.sleep(0.1)
+            stack = json.loads(stack_file.read_text())
+            assert stack["redis_cluster"] is True
+            assert len(stack["redis_url"].split(",")) == 6
+            accepted, refused = asyncio.run(_stampede_on(data_dir, f"http://127.0.0.1:{port}"))
+            assert (accepted, refused) == (50, 150)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+            deadline = time.monotonic() + 60
+            while True:  # once the consumer has persisted the 50 orders
+                side = subprocess.run(
+                    [sys.executable, "-m", "gateway", "reconcile"],
+                    env={**env, "FLASHSALE_DATA_DIR": data_dir},
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+                if side.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert side.returncode == 0, side.stdout + side.stderr
+            assert "0 with drift" in side.stdout
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+            assert b"(cluster of 6 nodes)" in out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -10,7 +10,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from flashsale import rediskeys
-from flashsale.redisbatch import run_id_of
+from flashsale.redisclient import run_id, run_ids
 
 REFRESH_EVERY_S: Final = 0.5
 MISS_TTL_S: Final = 1.0
@@ -116,23 +116,25 @@ class SaleCache:
         self._redis = redis
         self.sales: dict[int, SaleState] = {}
         self._misses: dict[int, float] = {}
-        self.run_id = b""
+        # the run id of the server holding each sale (one server, or a cluster's primaries)
+        self.run_ids: dict[int, bytes] = {}
 
     async def refresh(self) -> None:
         ids = sorted(int(x) for x in await self._redis.smembers(rediskeys.SALES_INDEX))
         if not ids:
             self.sales = {}
             return
+        keys = [rediskeys.sale(sale_id) for sale_id in ids]
+        runs = await run_ids(self._redis, keys)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.execute_command("INFO", "server")
-        for sale_id in ids:
-            pipe.hgetall(rediskeys.sale(sale_id))
-        info, *hashes = await pipe.execute()
-        self.run_id = run_id_of(info).encode()
+        for key in keys:
+            pipe.hgetall(key)
+        hashes = await pipe.execute()
         fresh: dict[int, SaleState] = {}
-        for sale_id, h in zip(ids, hashes, strict=True):
+        for sale_id, h, run in zip(ids, hashes, runs, strict=True):
+            self.run_ids[sale_id] = run.encode()
             if h and b"sku" in h:
-                fresh[sale_id] = SaleState.from_hash(sale_id, h, self.run_id)
+                fresh[sale_id] = SaleState.from_hash(sale_id, h, self.run_ids[sale_id])
         self.sales = fresh
 
     async def get(self, sale_id: int) -> SaleState | None:
@@ -148,7 +150,12 @@ class SaleCache:
                 self._misses.clear()
             self._misses[sale_id] = time.monotonic()
             return None
-        state = SaleState.from_hash(sale_id, h, self.run_id)
+        run = self.run_ids.get(sale_id)
+        if run is None:
+            run = self.run_ids[sale_id] = (
+                await run_id(self._redis, rediskeys.sale(sale_id))
+            ).encode()
+        state = SaleState.from_hash(sale_id, h, run)
         self.sales[sale_id] = state
         return state
 

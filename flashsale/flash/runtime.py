@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from flashsale.clusterbatch import ClusterScriptBatcher
 from flashsale.flash.cache import SaleCache
 from flashsale.kafka import OrderProducer
 from flashsale.redisbatch import ScriptBatcher
@@ -20,7 +21,7 @@ class FlashRuntime:
     settings: Settings
     redis: Redis
     scripts: FlashScripts
-    batcher: ScriptBatcher
+    batcher: ScriptBatcher | ClusterScriptBatcher
     cache: SaleCache
     producer: OrderProducer
 
@@ -31,4 +32,15 @@ async def open_runtime(settings: Settings, redis: Redis, producer: OrderProducer
     await scripts.preload(redis)
     cache = SaleCache(redis)
     await cache.refresh()
-    return FlashRuntime(settings, redis, scripts, ScriptBatcher(settings.redis), cache, producer)
+    return FlashRuntime(settings, redis, scripts, open_batcher(settings), cache, producer)
+
+
+def open_batcher(settings: Settings) -> ScriptBatcher | ClusterScriptBatcher:
+    """The join path's pipelined connection: to the one Redis, or one per cluster primary."""
+    options = {
+        "wait_replicas": settings.redis_wait_replicas,
+        "wait_timeout_ms": settings.redis_wait_timeout_ms,
+    }
+    if settings.redis_cluster:
+        return ClusterScriptBatcher(settings.redis_seeds, **options)
+    return ScriptBatcher(settings.redis, **options)

@@ -412,7 +412,7 @@ class WaitingRoom:
                 repr(cfg.overbook),
                 cfg.join_window_s * 1000,
                 OUTSTANDING_LOOKED_AT,
-                self.cache.run_id,
+                self.cache.run_ids.get(sale.id, b""),  # the primary holding this sale
             ],
         )
         status = QueueAdmit(int(res[0]))

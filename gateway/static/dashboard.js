@@ -8,6 +8,7 @@ const POINTS = 300; // five minutes of one-second snapshots
 const REASONS = {
   SOLD_OUT: "sold out", LIMIT_EXCEEDED: "per-user limit", INSUFFICIENT_STOCK: "not enough left",
   RATE_LIMITED: "rate limited", NOT_ADMITTED: "not admitted (waiting room)",
+  ADMISSION_EXPIRED: "admission expired (waiting room)",
   NOT_STARTED: "not started", SALE_ENDED: "ended", RETRY_LATER: "retry later (stores busy)",
   SALE_RECOVERING: "recovering",
 };

@@ -1,0 +1,94 @@
+"""Opening Redis: one node or a Redis Cluster (``FLASHSALE_REDIS_CLUSTER``), one code path.
+
+On a cluster every client is redis-py's ``RedisCluster``: it routes each command by the
+slot of its key, follows MOVED/ASK and refreshes its slot map after a failover. Every key
+one command, transaction or script touches shares one hash tag (``flashsale/rediskeys.py``),
+so the callers need not know which they talk to; ``RedisCluster`` is typed as ``Redis``
+here because the code only uses the single-slot commands both implement. The two things a
+cluster does differently are here: a server's run id belongs to the node that holds a key
+(:func:`run_ids`), and publish/subscribe goes through one node's plain connection
+(:func:`pubsub_client`; a cluster forwards every PUBLISH to all its nodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+
+from flashsale.redisbatch import run_id_of
+from flashsale.settings import Settings
+
+
+def _node(url: str) -> ClusterNode:
+    parts = urlsplit(url)
+    return ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+def open_redis(settings: Settings, **options: Any) -> Redis:
+    """A client of ``FLASHSALE_REDIS_URL``: ``Redis``, or ``RedisCluster`` on a cluster."""
+    if not settings.redis_cluster:
+        client: Redis = Redis.from_url(settings.redis, **options)
+        return client
+    seeds = settings.redis_seeds
+    first = urlsplit(seeds[0])
+    options.pop("max_connections", None)  # per node in RedisCluster: keep its default
+    options.pop("health_check_interval", None)
+    cluster = RedisCluster(
+        startup_nodes=[_node(u) for u in seeds],
+        username=unquote(first.username) if first.username else None,
+        password=unquote(first.password) if first.password else None,
+        **options,
+    )
+    return cast(Redis, cluster)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+async def run_ids(redis: Redis, keys: Sequence[str]) -> list[str]:
+    """The run id of the server that holds each of ``keys`` (one ``INFO`` per server)."""
+    if not isinstance(redis, RedisCluster):
+        info = await redis.execute_command("INFO", "server")  # type: ignore[no-untyped-call]
+        return [run_id_of(info)] * len(keys)
+    cluster: RedisCluster = redis
+    await cluster.initialize()  # the slot map (a no-op once read)
+    by_node: dict[str, str] = {}
+    out: list[str] = []
+    for key in keys:
+        node = cluster.get_node_from_key(key)
+        assert node is not None
+        if node.name not in by_node:
+            info = await cluster.execute_command("INFO", "server", target_nodes=node)
+            by_node[node.name] = run_id_of(info)
+        out.append(by_node[node.name])
+    return out
+
+
+async def run_id(redis: Redis, key: str) -> str:
+    """The run id of the server that holds ``key``."""
+    return (await run_ids(redis, [key]))[0]
+
+
+def pubsub_client(redis: Redis) -> tuple[Redis, bool]:
+    """A client to subscribe with, and whether the caller must close it.
+
+    A cluster node forwards every PUBLISH to the whole cluster, so subscribing on any
+    one node hears every message; redis-py's async cluster client has no pub/sub.
+    """
+    if not isinstance(redis, RedisCluster):
+        return redis, False
+    node = redis.get_random_node()
+    kwargs = redis.get_connection_kwargs()
+    client = Redis(
+        host=node.host,
+        port=node.port,
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        socket_connect_timeout=5,
+    )
+    return client, True

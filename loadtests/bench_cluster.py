@@ -1,0 +1,144 @@
+"""``flashsale bench`` on a Redis Cluster: the accept path on 1 vs 3 shards, the script cost
+on one shard, and one bucketed hot sale.
+
+A local valkey cluster (3 primaries, one replica each, the persistence the single-node rows
+use) is started next to the bench's stack, and a second gateway (``flashsale serve`` with
+``FLASHSALE_REDIS_CLUSTER=true`` and one ``WAIT 1`` per batch) on it; the same load
+generator then joins one sale through it. On this machine the six nodes, the gateway and
+the load generator share the same cores, so the row prices the cluster path (routing by
+slot, the per-primary pipelines, the ``WAIT`` each batch ends with) against row 3; it
+cannot show the scaling that more machines give (that is the capacity table's paper
+projection from the per-shard script cost measured here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from urllib.parse import urlsplit
+
+from redis.cluster import RedisCluster
+
+from flashsale import rediskeys
+from gateway.embedded import ValkeyCluster, free_port, start_redis_cluster
+from loadtests import redis_ceiling
+from loadtests.bench import (
+    JOIN_BODY,
+    Env,
+    Plan,
+    Row,
+    Skip,
+    _join_path,
+    _load,
+    _spawn,
+    _stop,
+    _wait_http,
+    _wait_until,
+    create_sale,
+)
+from loadtests.loadgen import RunResult
+
+SHARDS = 3
+NODE_TIMEOUT_MS = 10_000
+
+
+def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[Row]:
+    """Rows 8: the accept path through a gateway on a 3-shard cluster, and the reserve
+    script's ceiling on the one primary that holds the sale (the cost per shard)."""
+    cluster = start_redis_cluster(
+        env.root / "cluster",
+        shards=SHARDS,
+        persist=redis_fsync != "off",
+        appendfsync=redis_fsync if redis_fsync != "off" else "always",
+        # the load shares the cores with six nodes: no failover for a slow heartbeat
+        node_timeout_ms=NODE_TIMEOUT_MS,
+    )
+    try:
+        rows: list[Row] = []
+        sale_id = 0
+        for wait in (1, 0):
+            run, sale_id = _accept_through_cluster_gateway(env, plan, cluster, wait)
+            rows.append(
+                Row.from_run(
+                    f"9 accept path on {SHARDS} shards (join, 202)" + ("" if wait else ", no WAIT"),
+                    run,
+                    note=f"{SHARDS} primaries + {SHARDS} replicas, "
+                    + ("WAIT 1 per batch" if wait else "FLASHSALE_REDIS_WAIT_REPLICAS=0")
+                    + "; compare row 3",
+                )
+            )
+        try:
+            rows.extend(_script_cost_on_one_shard(plan, cluster, sale_id))
+        except (redis_ceiling.RedisBenchError, Skip) as exc:
+            print(f"  9b skipped: {exc}", flush=True)  # rows 9 stand without it
+        return rows
+    finally:
+        cluster.stop()
+
+
+def _accept_through_cluster_gateway(
+    env: Env, plan: Plan, cluster: ValkeyCluster, wait_replicas: int
+) -> tuple[RunResult, int]:
+    """A gateway on the cluster, a fresh sale through it, the accept-path load on it."""
+    port = free_port()
+    on_cluster = dataclasses.replace(env, gateway_url=f"http://127.0.0.1:{port}")
+    try:
+        child = _spawn(
+            env,
+            "gateway-cluster",
+            [sys.executable, "-m", "gateway", "serve"],
+            extra_env={
+                "FLASHSALE_REDIS_URL": cluster.url,
+                "FLASHSALE_REDIS_CLUSTER": "true",
+                "FLASHSALE_REDIS_WAIT_REPLICAS": str(wait_replicas),
+                "FLASHSALE_HTTP_PORT": str(port),
+            },
+        )
+        _wait_http(on_cluster.gateway_url + "/healthz", child)
+        sale_id, start = create_sale(on_cluster, 100_000_000, 1_000_000)
+        _wait_until(start)
+        run = _load(
+            env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
+        )
+        return run, sale_id
+    finally:
+        _stop(env, "gateway-cluster")
+
+
+def _script_cost_on_one_shard(plan: Plan, cluster: ValkeyCluster, sale_id: int) -> list[Row]:
+    """redis-benchmark EVALSHA reserve.lua on the primary holding ``sale_id``."""
+    url = cluster.primary_for(rediskeys.sale(sale_id)).url
+    port = int(urlsplit(url).port or 6379)
+    keys, args = redis_ceiling.reserve_script_call(
+        sale_id, "__rand_int__", redis_ceiling.server_run_id(url)
+    )
+    try:
+        results = redis_ceiling.run_script(
+            url, port, redis_ceiling.RESERVE_SCRIPT, keys, args, requests=plan.redis_requests
+        )
+    finally:
+        _drop_sale(cluster, sale_id)
+    return [
+        Row(
+            f"9b reserve.lua on one cluster primary -P {r.pipeline}",
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            r.errors,
+            "redis-benchmark -c 50 EVALSHA reserve.lua, the script cost per shard",
+            r.to_dict(),
+        )
+        for r in results
+    ]
+
+
+def _drop_sale(cluster: ValkeyCluster, sale_id: int) -> None:
+    """Remove the benchmark-only sale (its keys share a slot; the sales index is another)."""
+    node = cluster.nodes[0]
+    client = RedisCluster(host="127.0.0.1", port=node.port, password=cluster.password)
+    try:
+        for key in rediskeys.all_sale_keys(sale_id):
+            client.delete(key)
+        client.srem(rediskeys.SALES_INDEX, sale_id)
+    finally:
+        client.close()

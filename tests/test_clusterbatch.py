@@ -1,0 +1,140 @@
+"""The join path's pipelined connection on a real valkey cluster: routed by slot with each
+primary's run id, a moved slot followed (MOVED), one WAIT per batch and not one per call."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from flashsale import rediskeys
+from flashsale.clusterbatch import ClusterScriptBatcher
+from flashsale.redisbatch import run_id_of
+from flashsale.redisclient import open_redis
+from flashsale.settings import Settings
+from gateway.embedded import ValkeyCluster, redis_command, start_redis_cluster
+
+pytestmark = [pytest.mark.integration]
+
+ECHO = "redis.call('INCR', KEYS[1]) return {KEYS[1], ARGV[1], ARGV[#ARGV]}"
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[ValkeyCluster]:
+    root = Path(tempfile.mkdtemp(prefix="flashsale-cbatch-"))
+    started = start_redis_cluster(root, persist=False)
+    yield started
+    started.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_id(cluster: ValkeyCluster, port: int) -> str:
+    return run_id_of(redis_command(port, cluster.password, "INFO", "server"))
+
+
+def _stat(cluster: ValkeyCluster, port: int, command: str) -> int:
+    info = redis_command(port, cluster.password, "INFO", "commandstats").decode()
+    for line in info.splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def _client(cluster: ValkeyCluster) -> Redis:
+    return open_redis(Settings(redis_url=cluster.url, redis_cluster=True))
+
+
+async def test_calls_are_routed_by_slot_with_each_primarys_run_id(
+    cluster: ValkeyCluster,
+) -> None:
+    client = await _client(cluster)
+    script = client.register_script(ECHO)
+    await client.script_load(script.script)
+    batcher = ClusterScriptBatcher(cluster.url.split(","))
+    try:
+        await batcher.connect()
+        keys = [rediskeys.sale(i) for i in range(30)]
+        replies = await asyncio.gather(
+            *(batcher.call(script, [k], [i], with_run_id=True) for i, k in enumerate(keys))
+        )
+        owners = {cluster.primary_for(k).port for k in keys}
+        assert len(owners) == 3  # thirty sales land on every primary
+        for i, (key, reply) in enumerate(zip(keys, replies, strict=True)):
+            assert reply[0].decode() == key and int(reply[1]) == i
+            assert reply[2].decode() == _run_id(cluster, cluster.primary_for(key).port)
+        assert batcher.round_trips == 3  # one write per primary for the whole tick
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
+async def test_a_moved_slot_is_followed(cluster: ValkeyCluster) -> None:
+    client = await _client(cluster)
+    script = client.register_script(ECHO)
+    await client.script_load(script.script)
+    batcher = ClusterScriptBatcher(cluster.url.split(","))
+    key = rediskeys.sale(7)
+    try:
+        await batcher.connect()
+        old = cluster.primary_for(key)
+        new = next(
+            n
+            for n in cluster.nodes
+            if n.port != old.port and b"role:master" in _replication(cluster, n.port)
+        )
+        new_id = redis_command(new.port, cluster.password, "CLUSTER", "MYID").decode()
+        slot = int(redis_command(old.port, cluster.password, "CLUSTER", "KEYSLOT", key))
+        old_id = redis_command(old.port, cluster.password, "CLUSTER", "MYID").decode()
+        # the slot is empty: migrate it to another primary as a resharding does (the
+        # importing node takes it with a new config epoch, then everyone is told)
+        pw = cluster.password
+        redis_command(new.port, pw, "CLUSTER", "SETSLOT", slot, "IMPORTING", old_id)
+        redis_command(old.port, pw, "CLUSTER", "SETSLOT", slot, "MIGRATING", new_id)
+        redis_command(new.port, pw, "CLUSTER", "SETSLOT", slot, "NODE", new_id)
+        redis_command(old.port, pw, "CLUSTER", "SETSLOT", slot, "NODE", new_id)
+        for node in cluster.nodes:
+            if node.port not in (old.port, new.port) and b"role:master" in _replication(
+                cluster, node.port
+            ):
+                redis_command(node.port, pw, "CLUSTER", "SETSLOT", slot, "NODE", new_id)
+        refreshes = batcher.refreshes
+        reply: Any = await batcher.call(script, [key], ["x"], with_run_id=True)
+        assert reply[2].decode() == _run_id(cluster, new.port)
+        assert batcher.node_for(key).endswith(f":{new.port}")
+        assert batcher.refreshes >= refreshes
+        assert await client.get(key) == b"1"  # ran once, on the new owner
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
+def _replication(cluster: ValkeyCluster, port: int) -> bytes:
+    reply: bytes = redis_command(port, cluster.password, "INFO", "replication")
+    return reply
+
+
+async def test_one_wait_per_batch_not_per_call(cluster: ValkeyCluster) -> None:
+    client = await _client(cluster)
+    script = client.register_script(ECHO)
+    await client.script_load(script.script)
+    batcher = ClusterScriptBatcher(cluster.url.split(","), wait_replicas=1)
+    key = rediskeys.sale(11)
+    port = cluster.primary_for(key).port
+    try:
+        await batcher.connect()
+        waits = _stat(cluster, port, "wait")
+        for _ in range(3):  # three ticks, 200 calls each, all on one primary
+            await asyncio.gather(*(batcher.call(script, [key], [i]) for i in range(200)))
+        batches = batcher.round_trips
+        assert batches <= 6  # MAX_BATCH 512: one write per tick
+        assert _stat(cluster, port, "wait") - waits == batches
+        assert await client.get(key) == b"600"
+    finally:
+        await batcher.close()
+        await client.aclose()
