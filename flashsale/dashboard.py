@@ -69,6 +69,7 @@ REFUSAL_CODES: Final = (
 LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten seconds
 RATE_WINDOW_S: Final = 3  # rates: the mean of the last three complete seconds
 GAUGE_FRESH_S: Final = 5  # a process silent this long no longer counts in a gauge
+LAST_PUBLISH_S: Final = 2.0  # the publish on the way out waits this long at most
 BUCKET_TTL_S: Final = LATENCY_WINDOW_S + 50  # a second's bucket outlives every reader
 # The waiting room's series (its branch exports them): a queued sale's length, admissions.
 QUEUE_LENGTH: Final = "flashsale_queue_length"
@@ -384,8 +385,9 @@ async def publish_every_second(
     finally:
         if before is not None:
             before()
-        with contextlib.suppress(RedisError, OSError, RuntimeError):
-            await asyncio.shield(pub.publish(redis))
+        # the last second's figures, unless Redis is already gone (shutdown must not hang)
+        with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
+            await asyncio.wait_for(pub.publish(redis), LAST_PUBLISH_S)
 
 
 @dataclass(slots=True)
