@@ -121,6 +121,9 @@ def _entry_units(entries: dict[bytes, bytes]) -> tuple[int, dict[int, int]]:
     return total, per_user
 
 
+DRIFT_KEPT_S: Final = 7 * 86_400  # the dashboard shows the last reconcile's drift this long
+
+
 async def check_sale(
     db: asyncpg.Pool,
     redis: Redis,
@@ -183,6 +186,8 @@ async def check_sale(
         armed=run_id is None or h.get(b"armed") == run_id.encode(),
     )
     get_metrics().drift.labels(str(sid)).set(abs(report.drift))
+    # reconcile is a command of its own: the dashboard of any host reads the last result here
+    await redis.set(rediskeys.dash_drift(sid), abs(report.drift), ex=DRIFT_KEPT_S)
     return report
 
 

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from consumers.order_events import BatchOutcome, OrderBatchProcessor, consume_forever
 from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import run_sweepers
+from flashsale.dashboard import publish_every_second
 from flashsale.db import create_pool
 from flashsale.kafka import OrderProducer
 from flashsale.metrics import Metrics, get_metrics
@@ -63,6 +64,9 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
                 run_store_sweeper(db, settings.sweep_interval_ms / 1000, stop), name="store-sweeper"
             ),
             asyncio.create_task(heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(
+                publish_every_second(redis, metrics.registry, stop=stop), name="dashboard-feed"
+            ),
         ]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         stop.set()

@@ -1,18 +1,24 @@
-"""The sale dashboard's figures: one aggregate per second for all gateway workers.
+"""The sale dashboard's figures: one aggregate per second for every process of every host.
 
 A snapshot of one sale joins three sources:
 
 - Redis: the sale's live counters (remaining, allotment) and the reservations in flight;
 - PostgreSQL: its orders by status and the units returned by payment expiry;
-- Prometheus samples of every process (the multiprocess directory, or this process's
-  registry without one): join outcomes and latency, refusals by code, consumer lag and
-  drain, dead letters, reconcile drift.
+- the last reconcile's drift in the sale, which that command stores beside the sale;
+- what every gateway worker and every consumer, on whichever host, published to Redis:
+  join outcomes and latency, refusals by code, consumer lag and drain, dead letters, the
+  waiting room's length and admissions. Each process reads its OWN Prometheus samples once
+  a second (``Publisher``, off the request path) and adds what changed since its last
+  publish to that second's bucket (``fs:{dash}:s:<epoch second>``, one pipelined write)
+  and to the running totals (``fs:{dash}:totals``); gauges (lag, queue length) go in the
+  bucket under ``name|process``. The hub sums the last seconds' buckets: rates over
+  ``RATE_WINDOW_S``, join p50/p99 over ``LATENCY_WINDOW_S`` from summed histogram buckets,
+  a gauge as each process's latest value. Prometheus ``/metrics`` stays per replica.
 
-Rates need the previous totals, so each snapshot carries its raw ``totals`` and the next
-one is computed against it. Only one process computes a given second's snapshot — the one
-that wins ``SET … NX`` on that second's tick key — and every worker's watchers read the
-result from Redis: watching costs a worker one GET a second per watched sale, whatever the
-number of workers or open dashboards, and nothing on the join path.
+Only one process computes a given second's snapshot — the one that wins ``SET … NX`` on
+that second's tick key — and every worker's watchers read the result from Redis: watching
+costs a worker one GET a second per watched sale, whatever the number of workers or open
+dashboards, and nothing on the join path.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import functools
 import logging
 import math
 import os
+import socket
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -32,12 +40,12 @@ import asyncpg
 import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flashsale import rediskeys, tasks
 from flashsale.flash.cache import iso_ms, now_ms
+from flashsale.rediskeys import DASH_TOTALS, dash_second
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,11 @@ REFUSAL_CODES: Final = (
     "RETRY_LATER",
     "SALE_RECOVERING",
 )
-LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten snapshots
+LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten seconds
+RATE_WINDOW_S: Final = 3  # rates: the mean of the last three complete seconds
+GAUGE_FRESH_S: Final = 5  # a process silent this long no longer counts in a gauge
+LAST_PUBLISH_S: Final = 2.0  # the publish on the way out waits this long at most
+BUCKET_TTL_S: Final = LATENCY_WINDOW_S + 50  # a second's bucket outlives every reader
 # The waiting room's series (its branch exports them): a queued sale's length, admissions.
 QUEUE_LENGTH: Final = "flashsale_queue_length"
 QUEUE_ADMITTED: Final = "flashsale_queue_admitted_total"
@@ -158,7 +170,7 @@ async def sale_merchant(pool: asyncpg.Pool, sale_id: int) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------
-# reading every process's Prometheus samples
+# this process's Prometheus samples, published; every process's, read back
 
 
 @dataclass(slots=True)
@@ -171,7 +183,6 @@ class Totals:
     persisted: float = 0.0
     dead_letters: float = 0.0
     lag: float = 0.0
-    drift: dict[str, float] = field(default_factory=dict)  # sale id → units
     # the waiting room's (built separately): present once its metrics are exported
     queue_length: dict[str, float] = field(default_factory=dict)  # sale id → shoppers
     queue_admitted: float | None = None
@@ -217,20 +228,201 @@ def read_metrics(families: Iterable[Metric]) -> Totals:
                 t.queue_length[sid] = t.queue_length.get(sid, 0.0) + s.value
             elif s.name == QUEUE_ADMITTED:
                 t.queue_admitted = (t.queue_admitted or 0.0) + s.value
-            elif s.name == "flashsale_reconcile_drift_units":
-                sid = labels.get("sale_id", "")
-                t.drift[sid] = max(t.drift.get(sid, 0.0), s.value)
     return t
 
 
-def collect_families(registry: CollectorRegistry | None) -> list[Metric]:
-    """Every process's samples (multiprocess directory) or this process's registry's."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        merged = CollectorRegistry()
-        return list(MultiProcessCollector(merged).collect())  # type: ignore[no-untyped-call]
+def own_families(registry: CollectorRegistry | None) -> list[Metric]:
+    """THIS process's samples (with a multiprocess directory too: each metric's values are
+    this process's own file), never the whole folder's."""
     from prometheus_client import REGISTRY
 
     return list((registry or REGISTRY).collect())
+
+
+# Counter fields of a bucket and of the totals: a fixed, small set whatever the traffic.
+_REQ, _REF, _LAT = "req:", "ref:", "lat:"
+_PERSISTED, _DEAD, _ADMITTED = "persisted", "dead_letters", "queue_admitted"
+# Gauge fields, ``<name>|<process>`` (a sale's: ``<name>:<sale id>|<process>``).
+_LAG, _QLEN = "lag", "queue_length:"
+
+
+def counter_fields(t: Totals) -> dict[str, float]:
+    out: dict[str, float] = {_PERSISTED: t.persisted, _DEAD: t.dead_letters}
+    out.update({_REQ + st: n for st, n in t.join_by_status.items()})
+    out.update({_REF + code: n for code, n in t.refusals.items()})
+    out.update({_LAT + repr(le): n for le, n in t.join_buckets.items()})
+    if t.queue_admitted is not None:
+        out[_ADMITTED] = t.queue_admitted
+    return out
+
+
+def gauge_fields(t: Totals, process: str) -> dict[str, float]:
+    out = {f"{_LAG}|{process}": t.lag}
+    out.update({f"{_QLEN}{sid}|{process}": n for sid, n in t.queue_length.items()})
+    return out
+
+
+def _add_counters(t: Totals, fields: dict[str, float]) -> None:
+    for name, n in fields.items():
+        if name.startswith(_REQ):
+            st = name[len(_REQ) :]
+            t.join_by_status[st] = t.join_by_status.get(st, 0.0) + n
+        elif name.startswith(_REF):
+            code = name[len(_REF) :]
+            t.refusals[code] = t.refusals.get(code, 0.0) + n
+        elif name.startswith(_LAT):
+            le = float(name[len(_LAT) :])
+            t.join_buckets[le] = t.join_buckets.get(le, 0.0) + n
+        elif name == _PERSISTED:
+            t.persisted += n
+        elif name == _DEAD:
+            t.dead_letters += n
+        elif name == _ADMITTED:
+            t.queue_admitted = (t.queue_admitted or 0.0) + n
+
+
+def _add_gauges(t: Totals, latest: dict[str, float]) -> None:
+    """Each process's latest gauge values: lag summed (each consumer's own partitions),
+    a sale's queue length the largest any process reports."""
+    for name, n in latest.items():
+        base = name.partition("|")[0]
+        if base == _LAG:
+            t.lag += n
+        elif base.startswith(_QLEN):
+            sid = base[len(_QLEN) :]
+            t.queue_length[sid] = max(t.queue_length.get(sid, 0.0), n)
+
+
+def _fields(raw: dict[bytes, bytes]) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def process_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Publisher:
+    """One process's figures into Redis, once a second: what changed since the last publish.
+
+    Costs one pipelined round trip per call with a bounded number of fields (statuses,
+    refusal codes, latency buckets, gauges), however many requests the second carried;
+    nothing on the request path. A failed write keeps its deltas for the next call.
+    """
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]], process: str) -> None:
+        self._collect = collect
+        self._process = process
+        self._sent: dict[str, float] = {}
+        self.published = 0  # successful publishes
+        self.last_commands = 0  # Redis commands the last one sent (the bench reports it)
+
+    async def publish(self, redis: Redis, second: int | None = None) -> None:
+        t = read_metrics(self._collect())
+        changed = {
+            name: round(total - self._sent.get(name, 0.0))
+            for name, total in counter_fields(t).items()
+        }
+        # every latency bound once any moved: quantiles interpolate from the bound below
+        timed = any(n for name, n in changed.items() if name.startswith(_LAT))
+        deltas = {n: d for n, d in changed.items() if d or (timed and n.startswith(_LAT))}
+        for name, n in deltas.items():
+            # taken before the await: a second caller in this process (the consumer and
+            # the gateway in one test process) sees no delta twice
+            self._sent[name] = self._sent.get(name, 0.0) + n
+        key = dash_second(int(time.time()) if second is None else second)
+        pipe = redis.pipeline(transaction=False)
+        for name, n in deltas.items():
+            pipe.hincrby(key, name, n)
+            pipe.hincrby(DASH_TOTALS, name, n)
+        pipe.hset(key, mapping=gauge_fields(t, self._process))  # type: ignore[arg-type]
+        pipe.expire(key, BUCKET_TTL_S)
+        try:
+            self.last_commands = len(pipe)
+            await pipe.execute()
+        except BaseException:
+            for name, n in deltas.items():
+                self._sent[name] -= n
+            raise
+        self.published += 1
+
+
+_PUBLISHERS: weakref.WeakKeyDictionary[CollectorRegistry, Publisher] = weakref.WeakKeyDictionary()
+
+
+def publisher_for(registry: CollectorRegistry | None) -> Publisher:
+    """The one publisher of a registry in this process (the gateway app and an in-process
+    consumer sharing a registry must not publish its counts twice)."""
+    from prometheus_client import REGISTRY
+
+    reg = registry or REGISTRY
+    pub = _PUBLISHERS.get(reg)
+    if pub is None:
+        pub = _PUBLISHERS[reg] = Publisher(functools.partial(own_families, reg), process_name())
+    return pub
+
+
+async def publish_every_second(
+    redis: Redis,
+    registry: CollectorRegistry | None,
+    before: Callable[[], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """The once-a-second publish loop of a gateway worker or a consumer; ``before`` runs
+    first (the gateway's request-stats flush). Ends when ``stop`` is set or on cancel,
+    after one last publish."""
+    pub = publisher_for(registry)
+    stop = stop or asyncio.Event()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if before is not None:
+                before()
+            try:
+                await pub.publish(redis)
+            except (RedisError, OSError) as exc:
+                log.warning("dashboard figures not published: %s", exc)
+    finally:
+        if before is not None:
+            before()
+        # the last second's figures, unless Redis is already gone (shutdown must not hang)
+        with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
+            await asyncio.wait_for(pub.publish(redis), LAST_PUBLISH_S)
+
+
+@dataclass(slots=True)
+class Aggregate:
+    """What every process published: running totals, the last seconds' sums."""
+
+    totals: Totals  # counters since the totals began; gauges as last published
+    recent: Totals  # counters summed over the last RATE_WINDOW_S complete seconds
+    latency: dict[float, float]  # join latency buckets summed over LATENCY_WINDOW_S
+    processes: int  # processes that published in the last GAUGE_FRESH_S seconds
+
+
+async def read_aggregate(redis: Redis, second: int) -> Aggregate:
+    """Every process's figures as of ``second`` (its buckets before it are complete)."""
+    seconds = list(range(second - LATENCY_WINDOW_S, second + 1))
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(DASH_TOTALS)
+    for s in seconds:
+        pipe.hgetall(dash_second(s))
+    totals_raw, *buckets_raw = await pipe.execute()
+    totals = Totals()
+    _add_counters(totals, _fields(totals_raw))
+    recent, window = Totals(), Totals()
+    latest: dict[str, float] = {}
+    for s, raw in zip(seconds, buckets_raw, strict=True):
+        fields = _fields(raw)
+        if s < second:  # the current second is still being written
+            _add_counters(window, {k: v for k, v in fields.items() if k.startswith(_LAT)})
+            if s >= second - RATE_WINDOW_S:
+                _add_counters(recent, fields)
+        if s >= second - GAUGE_FRESH_S:
+            latest.update({k: v for k, v in fields.items() if "|" in k})  # newer wins
+    _add_gauges(totals, latest)
+    processes = len({k.partition("|")[2] for k in latest})
+    return Aggregate(totals, recent, window.join_buckets, processes)
 
 
 def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
@@ -262,16 +454,13 @@ def _rate(now: float, before: float | None, seconds: float) -> float:
     return max(0.0, now - before) / seconds
 
 
-def waiting_room_figures(
-    t: Totals, sale_id: int, prev_totals: dict[str, Any], seconds: float
-) -> dict[str, Any] | None:
-    length = t.queue_length.get(str(sale_id))
+def waiting_room_figures(agg: Aggregate, sale_id: int) -> dict[str, Any] | None:
+    length = agg.totals.queue_length.get(str(sale_id))
     if length is None:
         return None
-    admitted = t.queue_admitted or 0.0
     return {
         "queue_length": int(length),
-        "admitted_per_s": _rate(admitted, prev_totals.get("queue_admitted"), seconds),
+        "admitted_per_s": (agg.recent.queue_admitted or 0.0) / RATE_WINDOW_S,
     }
 
 
@@ -286,10 +475,11 @@ async def build_snapshot(
     pool: asyncpg.Pool,
     redis: Redis,
     sale_id: int,
-    families: list[Metric],
+    agg: Aggregate,
     previous: dict[str, Any] | None,
 ) -> dict[str, Any] | None:
-    """The dashboard's figures for one sale now, with rates against ``previous``.
+    """The dashboard's figures for one sale now: every process's (``agg``), the sale's
+    units accepted per second against ``previous``.
 
     None when the sale is not loaded in Redis.
     """
@@ -297,11 +487,12 @@ async def build_snapshot(
     pipe.hgetall(rediskeys.sale(sale_id))
     pipe.hlen(rediskeys.log(sale_id))
     pipe.hlen(rediskeys.claimed(sale_id))
-    h, in_log, in_claim = await pipe.execute()
+    pipe.get(rediskeys.dash_drift(sale_id))
+    h, in_log, in_claim, drift = await pipe.execute()
     if not h or b"sku" not in h:
         return None
     by_status, expired = await _orders(pool, sale_id)
-    t = read_metrics(families)
+    t = agg.totals
     now = now_ms()
 
     def i(name: str) -> int:
@@ -312,17 +503,9 @@ async def build_snapshot(
     prev_totals = (previous or {}).get("totals") or {}
     seconds = (now - previous["t"]) / 1000 if previous else 0.0
     prev_units = prev_totals.get("accepted_units")
-    prev_join = prev_totals.get("join_by_status") or {}
-    prev_ref = prev_totals.get("refusals") or {}
     # latency over the last LATENCY_WINDOW_S seconds: a single second is often empty
-    ring: list[list[list[Any]]] = list(prev_totals.get("join_buckets_ring") or [])
-    oldest = ring[0] if ring else prev_totals.get("join_buckets") or []
-    prev_buckets = {float(le): n for le, n in oldest}
-    accepted_requests = t.join_by_status.get("202", 0.0)
-    latency_before = prev_buckets if previous else {}
-    p50 = quantile(0.5, latency_before, t.join_buckets)
-    p99 = quantile(0.99, latency_before, t.join_buckets)
-    drift = t.drift.get(str(sale_id))
+    p50 = quantile(0.5, {}, agg.latency)
+    p99 = quantile(0.99, {}, agg.latency)
     start, end = i("start_ms"), i("end_ms")
     closed = h.get(b"closed") == b"1"
     orders = {s: by_status.get(s, 0) for s in ORDER_STATUSES}
@@ -347,12 +530,10 @@ async def build_snapshot(
         },
         "accepted_units": accepted_units,
         "accepted_per_s": _rate(accepted_units, prev_units, seconds),
-        "accepted_requests_per_s": _rate(
-            accepted_requests, prev_join.get("202") if previous else None, seconds
-        ),
+        "accepted_requests_per_s": agg.recent.join_by_status.get("202", 0.0) / RATE_WINDOW_S,
         "refusals_total": {code: int(n) for code, n in sorted(t.refusals.items()) if n},
         "refusals_per_s": {
-            code: _rate(n, prev_ref.get(code, 0.0) if previous else None, seconds)
+            code: agg.recent.refusals.get(code, 0.0) / RATE_WINDOW_S
             for code, n in sorted(t.refusals.items())
             if n
         },
@@ -362,20 +543,18 @@ async def build_snapshot(
         },
         "consumer": {
             "lag": int(t.lag),
-            "drain_per_s": _rate(t.persisted, prev_totals.get("persisted"), seconds),
+            "drain_per_s": agg.recent.persisted / RATE_WINDOW_S,
+            "persisted_total": int(t.persisted),
         },
+        "processes": agg.processes,  # gateway workers and consumers heard from
         "dead_letters": int(t.dead_letters),
         "orders": orders,
         "expiry_returns": expired,
         "reconcile_drift": None if drift is None else int(drift),
         # A queued sale's waiting room: None (the page hides the tile) until the waiting
         # room's metrics carry this sale. Admissions are counted for all sales together.
-        "waiting_room": waiting_room_figures(t, sale_id, prev_totals, seconds),
-        "totals": {
-            **t.as_json(),
-            "accepted_units": accepted_units,
-            "join_buckets_ring": [*ring, t.as_json()["join_buckets"]][-LATENCY_WINDOW_S:],
-        },
+        "waiting_room": waiting_room_figures(agg, sale_id),
+        "totals": {**t.as_json(), "accepted_units": accepted_units},
     }
 
 
@@ -393,15 +572,9 @@ def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
 class DashboardHub:
     """Per worker: one loop per sale somebody watches, shared by all its watchers."""
 
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        redis: Redis,
-        families: Callable[[], list[Metric]],
-    ) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: Redis) -> None:
         self._pool = pool
         self._redis = redis
-        self._families = families
         self._latest: dict[int, dict[str, Any]] = {}
         self._watchers: dict[int, int] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -497,8 +670,8 @@ class DashboardHub:
                 if current is not None and current.get("second", 0) >= second:
                     return current
             return current
-        families = await asyncio.to_thread(self._families)
-        snap = await build_snapshot(self._pool, self._redis, sale_id, families, current)
+        agg = await read_aggregate(self._redis, second)
+        snap = await build_snapshot(self._pool, self._redis, sale_id, agg, current)
         if snap is None:
             return None
         snap["second"] = second
@@ -515,10 +688,8 @@ class DashboardHub:
 
 
 @contextlib.asynccontextmanager
-async def open_hub(
-    pool: asyncpg.Pool, redis: Redis, registry: CollectorRegistry | None
-) -> AsyncIterator[DashboardHub]:
-    hub = DashboardHub(pool, redis, lambda: collect_families(registry))
+async def open_hub(pool: asyncpg.Pool, redis: Redis) -> AsyncIterator[DashboardHub]:
+    hub = DashboardHub(pool, redis)
     try:
         yield hub
     finally:

@@ -92,6 +92,21 @@ def dash_tick(sale_id: int, second: int) -> str:
     return f"{_tag(sale_id)}:dash:tick:{second}"
 
 
+# The dashboard's figures from every process of every host, in one Cluster slot ({dash}).
+DASH_TOTALS = "fs:{dash}:totals"  # hash: counter name → total over every process, ever
+
+
+def dash_second(second: int) -> str:
+    """Hash: what every process published during one epoch second (counter deltas by
+    HINCRBY; gauges by HSET under ``name|process``); expires after a minute or so."""
+    return f"fs:{{dash}}:s:{second}"
+
+
+def dash_drift(sale_id: int) -> str:
+    """String: units of drift the last reconcile found in the sale (for the dashboard)."""
+    return _tag(sale_id) + ":dash:drift"
+
+
 def all_sale_keys(sale_id: int) -> list[str]:
     return [
         sale(sale_id),

@@ -95,6 +95,26 @@ async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
     stats.flush()
 
 
+async def dashboard_feed_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Once a second: this worker's request figures to Prometheus (the flush) and what
+    changed to Redis, where the dashboard sums every worker of every host."""
+    from flashsale.dashboard import publish_every_second
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        publish_every_second(
+            app[appkeys.REDIS],
+            app[appkeys.METRICS].registry,
+            before=app[appkeys.REQUEST_STATS].flush,
+            stop=stop,
+        ),
+        name="dashboard-feed",
+    )
+    yield
+    stop.set()
+    await task
+
+
 def all_routes(settings: Settings | None = None) -> list[Route]:
     """Every route of the service (the OpenAPI spec is built from the same table)."""
     from gateway.routes import extra_routes
@@ -125,7 +145,7 @@ def create_app(
     app[appkeys.PASSWORD_HASHER] = PasswordHashing(
         settings.login_hash_concurrency, settings.login_hash_queue
     )
-    app.cleanup_ctx.extend([stats_ctx, db_ctx, redis_ctx, revocations_ctx])
+    app.cleanup_ctx.extend([stats_ctx, db_ctx, redis_ctx, dashboard_feed_ctx, revocations_ctx])
     app.cleanup_ctx.extend([ids_ctx, kafka_ctx, *extra_contexts])
     from gateway.routes import extra_contexts as area_contexts
 

@@ -53,6 +53,7 @@ import platform
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -902,6 +903,63 @@ def dashboards(env: Env, plan: Plan) -> list[Row]:
     ]
 
 
+PUBLISH_SAMPLES = 30
+PUBLISH_LOADS = (100, 100_000)  # join requests one worker handled in the published second
+
+
+async def _publish_costs(redis_url: str, requests: int) -> tuple[list[float], int]:
+    """One worker's once-a-second dashboard publish after ``requests`` joins in the second:
+    the time of each publish (ms) and the Redis commands one publish sends."""
+    from prometheus_client import CollectorRegistry
+    from redis.asyncio import Redis
+
+    from flashsale.dashboard import JOIN_ROUTE, Publisher
+    from flashsale.metrics import Metrics, RequestStats
+
+    registry = CollectorRegistry()
+    stats = RequestStats(Metrics(registry))
+    pub = Publisher(registry.collect, f"bench:{os.getpid()}")
+    redis = Redis.from_url(redis_url)
+    second = 4_200_000_000 + secrets.randbelow(1_000_000)  # buckets no dashboard reads
+    times: list[float] = []
+    try:
+        for i in range(PUBLISH_SAMPLES):
+            for n in range(requests):  # what the join path records: two dict updates
+                status = 202 if n % 4 else 409
+                stats.record("POST", JOIN_ROUTE, status, 0.0005 * (1 + n % 40))
+                if status == 409:
+                    stats.error("SOLD_OUT")
+            stats.flush()
+            started = time.perf_counter()
+            await pub.publish(redis, second + i)
+            times.append((time.perf_counter() - started) * 1000)
+        return times, pub.last_commands
+    finally:
+        await redis.delete(*(f"fs:{{dash}}:s:{second + i}" for i in range(PUBLISH_SAMPLES)))
+        await redis.aclose()
+
+
+def dashboard_publish(env: Env, plan: Plan) -> list[Row]:
+    """The cost of the per-second publish that feeds the dashboard from every process: one
+    pipelined write whose size does not grow with the requests the second carried."""
+    rows = []
+    for requests in PUBLISH_LOADS:
+        times, commands = asyncio.run(_publish_costs(env.settings.redis, requests))
+        ordered = sorted(times)
+        rows.append(
+            Row(
+                f"8c dashboard publish, {requests:,} joins in the second",
+                round(1000 / statistics.mean(times), 1),
+                round(ordered[len(ordered) // 2], 3),
+                round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
+                0,
+                f"{commands} Redis commands in one round trip per process per second",
+                {"samples_ms": [round(t, 3) for t in times], "commands": commands},
+            )
+        )
+    return rows
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -1088,6 +1146,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         step("4 sold-out path", lambda: sold_out(e, plan))
         step("4q queue poll", lambda: queue_poll(e, plan))
         step("8 dashboards", lambda: dashboards(e, plan))
+        step("8c dashboard publish", lambda: dashboard_publish(e, plan))
         from loadtests import bench_cluster  # it builds on this module's helpers
 
         step(

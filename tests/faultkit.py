@@ -415,27 +415,11 @@ async def sale_and_shoppers(
     make_sku: Callable[[], Awaitable[int]],
     make_users: Callable[[int], Awaitable[list[int]]],
 ) -> tuple[int, list[tuple[int, str]]]:
-    from datetime import UTC, datetime, timedelta
+    from tests.flashkit import create_sale_over_http
 
-    admin = await admin_headers()
-    start = datetime.now(UTC) - timedelta(seconds=1)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            client_base + "/api/v1/admin/flash-sales",
-            headers=admin,
-            json={
-                "sku_id": await make_sku(),
-                "flash_price": 500,
-                "quantity": quantity,
-                "per_user_limit": 1,
-                "start_at": start.isoformat(),
-                "end_at": (start + timedelta(hours=1)).isoformat(),
-                "payment_window_s": 900,
-            },
-        ) as resp,
-    ):
-        body = await resp.json()
-        assert resp.status == 201, body
+    async with aiohttp.ClientSession() as http:
+        sale_id = await create_sale_over_http(
+            http, client_base, await admin_headers(), await make_sku(), quantity
+        )
     users = await make_users(shoppers)
-    return body["data"]["flash_sale_id"], [(u, tokens.issue(u, "user")) for u in users]
+    return sale_id, [(u, tokens.issue(u, "user")) for u in users]

@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
+import orjson
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -150,3 +152,39 @@ async def forget_sale(db: asyncpg.Pool, redis: Redis | None, sale_id: int) -> No
     if redis is not None:
         await redis.srem(rediskeys.SALES_INDEX, sale_id)
         await redis.delete(*rediskeys.all_sale_keys(sale_id))
+
+
+async def create_sale_over_http(
+    http: aiohttp.ClientSession, base: str, admin: dict[str, str], sku: int, quantity: int
+) -> int:
+    """A sale started a second ago for an hour (one unit a shopper), through a gateway
+    running in another process at ``base``."""
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    async with http.post(
+        base + "/api/v1/admin/flash-sales",
+        headers=admin,
+        json={
+            "sku_id": sku,
+            "flash_price": 500,
+            "quantity": quantity,
+            "per_user_limit": 1,
+            "start_at": start.isoformat(),
+            "end_at": (start + timedelta(hours=1)).isoformat(),
+            "payment_window_s": 900,
+        },
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 201, body
+        sale_id: int = body["data"]["flash_sale_id"]
+        return sale_id
+
+
+def sse_events(buf: bytes) -> tuple[list[tuple[str, Any]], bytes]:
+    """The complete server-sent events in ``buf`` (name, JSON data) and what is left."""
+    out: list[tuple[str, Any]] = []
+    while b"\n\n" in buf:
+        block, buf = buf.split(b"\n\n", 1)
+        lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+        if b"event" in lines:
+            out.append((lines[b"event"].decode(), orjson.loads(lines[b"data"])))
+    return out, buf

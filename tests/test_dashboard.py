@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from consumers import reconcile
 from flashsale import dashboard, rediskeys
 from flashsale.auth import TokenService
 from gateway import appkeys
+from gateway.embedded import free_port
 from tests.conftest import auth, make_user
-from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users
+from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users, sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +45,8 @@ async def _read_events(
         while len(out) < want:
             chunk = await asyncio.wait_for(resp.content.readany(), 20)
             assert chunk, "stream ended"
-            buf += chunk
-            while b"\n\n" in buf:
-                block, buf = buf.split(b"\n\n", 1)
-                lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
-                if b"event" in lines:
-                    out.append((lines[b"event"].decode(), orjson.loads(lines[b"data"])))
+            events, buf = sse_events(buf + chunk)
+            out.extend(events)
     return out
 
 
@@ -58,6 +58,7 @@ def test_quantile_interpolates_within_the_bucket() -> None:
     assert dashboard.quantile(0.5, after, after) is None  # nothing observed in between
 
 
+@pytest.mark.both_topologies
 async def test_stream_shows_what_the_sale_did(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, redis: Redis
 ) -> None:
@@ -70,6 +71,10 @@ async def test_stream_shows_what_the_sale_did(
     again = await join(client, sale_id, auth(tokens, shoppers[0]))
     assert again.status == 409
     client.app[appkeys.REQUEST_STATS].flush()
+    await dashboard.publisher_for(client.app[appkeys.METRICS].registry).publish(redis)
+    sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
+    assert sale is not None
+    drift = abs((await reconcile.check_sale(db, redis, sale)).drift)  # a command of its own
 
     events = await _read_events(client, f"/api/v1/dashboard/sales/{sale_id}/events", admin, want=3)
     assert events[0][0] == "history"
@@ -83,6 +88,8 @@ async def test_stream_shows_what_the_sale_did(
     assert last["refusals_total"].get("SOLD_OUT", 0) >= 1
     assert sum(last["orders"].values()) >= 3  # queued in Redis or already in PostgreSQL
     assert last["waiting_room"] is None
+    assert last["reconcile_drift"] == drift
+    assert last["processes"] >= 1
     assert "totals" in last
     # a second watcher gets the minutes already recorded
     events = await _read_events(client, f"/api/v1/dashboard/sales/{sale_id}/events", admin, want=1)
@@ -94,11 +101,7 @@ async def test_one_process_computes_each_second(
 ) -> None:
     admin = await admin_headers(db, tokens)
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5)
-    registry = CollectorRegistry()
-    workers = [
-        dashboard.DashboardHub(db, redis, lambda: dashboard.collect_families(registry))
-        for _ in range(3)
-    ]
+    workers = [dashboard.DashboardHub(db, redis) for _ in range(3)]
     second = 4_000_000_000 + sale_id  # a second no loop of the app will tick
     snaps = await asyncio.gather(*(w.tick(sale_id, second) for w in workers))
     assert sum(w.computed for w in workers) == 1
@@ -151,20 +154,84 @@ async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None
     assert (await client.get("/sale/abc")).status == 404
 
 
-def test_waiting_room_figures_appear_with_its_metrics() -> None:
-    registry = CollectorRegistry()
-    before = dashboard.read_metrics(registry.collect())
-    assert dashboard.waiting_room_figures(before, 7, {}, 1.0) is None  # no waiting room yet
-    length = Gauge("flashsale_queue_length", "queued", ["sale_id"], registry=registry)
-    admitted = Counter("flashsale_queue_admitted", "admitted", registry=registry)
+@pytest.mark.both_topologies
+async def test_figures_of_every_process_add_up(redis: Redis) -> None:
+    """Two processes publish what changed each second; the reader sums their counters,
+    their latency buckets and their gauges (lag summed, a queue's length the largest)."""
+    second = 4_100_000_000 + secrets.randbelow(1_000_000)  # buckets of this test alone
+    await redis.delete(*(rediskeys.dash_second(second + i) for i in range(-1, 3)))
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    refused = [Counter("flashsale_errors", "e", ["code"], registry=r) for r in regs]
+    admitted = [Counter("flashsale_queue_admitted", "a", registry=r) for r in regs]
+    lag = [Gauge("flashsale_consumer_lag", "l", ["partition"], registry=r) for r in regs]
+    length = Gauge("flashsale_queue_length", "q", ["sale_id"], registry=regs[1])
+    latency = Histogram(
+        "flashsale_http_request_duration_seconds",
+        "h",
+        ["method", "route"],
+        buckets=(0.001, 0.01, 0.1),
+        registry=regs[0],
+    ).labels("POST", dashboard.JOIN_ROUTE)
+    pubs = [dashboard.Publisher(r.collect, f"proc-{i}") for i, r in enumerate(regs)]
+
+    empty = await dashboard.read_aggregate(redis, second + 1)
+    assert dashboard.waiting_room_figures(empty, 7) is None  # no waiting room yet
+    assert empty.latency == {} and empty.processes == 0
+
+    refused[0].labels("SOLD_OUT").inc(4)
+    refused[1].labels("SOLD_OUT").inc(2)
+    refused[1].labels("LIMIT_EXCEEDED").inc(1)
+    admitted[0].inc(3)
+    admitted[1].inc(6)
+    lag[0].labels("0").set(5)
+    lag[1].labels("1").set(7)
     length.labels("7").set(40)
-    admitted.inc(10)
-    first = dashboard.read_metrics(registry.collect())
-    assert dashboard.waiting_room_figures(first, 8, {}, 1.0) is None  # another sale's queue
-    admitted.inc(6)
-    now = dashboard.read_metrics(registry.collect())
-    figures = dashboard.waiting_room_figures(now, 7, first.as_json(), 2.0)
-    assert figures == {"queue_length": 40, "admitted_per_s": 3.0}
+    for _ in range(9):
+        latency.observe(0.005)
+    latency.observe(0.05)
+    for pub in pubs:
+        await pub.publish(redis, second)
+    # a publish with nothing new adds nothing: only what changed since the last one counts
+    refused[0].labels("SOLD_OUT").inc(1)
+    for pub in pubs:
+        await pub.publish(redis, second + 1)
+
+    agg = await dashboard.read_aggregate(redis, second + 2)
+    assert agg.recent.refusals == {"SOLD_OUT": 7.0, "LIMIT_EXCEEDED": 1.0}
+    assert agg.recent.queue_admitted == 9.0
+    assert agg.totals.lag == 12.0
+    assert agg.processes == 2
+    assert sum(n for le, n in agg.latency.items() if le == float("inf")) == 10
+    assert dashboard.quantile(0.5, {}, agg.latency) == pytest.approx(0.001 + 0.009 * 5 / 9)
+    figures = dashboard.waiting_room_figures(agg, 7)
+    assert figures == {"queue_length": 40, "admitted_per_s": 9.0 / dashboard.RATE_WINDOW_S}
+    assert dashboard.waiting_room_figures(agg, 8) is None  # another sale's queue
+    # only the complete seconds count: the second being read is still being written
+    assert (await dashboard.read_aggregate(redis, second + 1)).recent.refusals == {
+        "SOLD_OUT": 6.0,
+        "LIMIT_EXCEEDED": 1.0,
+    }
+
+
+async def test_a_failed_publish_keeps_its_figures_for_the_next(redis: Redis) -> None:
+    """Redis unreachable for a second: nothing is lost, the next publish carries it."""
+    second = 4_150_000_000 + secrets.randbelow(1_000_000)
+    registry = CollectorRegistry()
+    refused = Counter("flashsale_errors", "e", ["code"], registry=registry)
+    pub = dashboard.Publisher(registry.collect, "proc-down")
+    down = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
+    refused.labels("SOLD_OUT").inc(3)
+    try:
+        with pytest.raises(RedisError):
+            await pub.publish(down, second)
+    finally:
+        await down.aclose()
+    refused.labels("SOLD_OUT").inc(2)
+    await pub.publish(redis, second + 1)
+    await pub.publish(redis, second + 2)  # nothing new: adds nothing
+    agg = await dashboard.read_aggregate(redis, second + 3)
+    assert agg.recent.refusals == {"SOLD_OUT": 5.0}
+    assert pub.published == 2
 
 
 def test_joins_through_an_admission_and_its_refusals_count() -> None:

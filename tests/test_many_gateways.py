@@ -8,8 +8,7 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,14 @@ from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from gateway.embedded import Server, free_port, start_redis
 from tests.faultkit import Proc
-from tests.flashkit import admin_headers, forget_sale, make_sku, make_users
+from tests.flashkit import (
+    admin_headers,
+    create_sale_over_http,
+    forget_sale,
+    make_sku,
+    make_users,
+    sse_events,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -89,24 +95,10 @@ async def test_sold_out_on_one_host_is_refused_by_every_worker_of_another(
     quantity = 5
     sku = await make_sku(db)
     users = await make_users(db, quantity + 1 + PROBES)
-    start = datetime.now(UTC) - timedelta(seconds=1)
     fresh = aiohttp.TCPConnector(force_close=True)  # a new connection per request
     async with aiohttp.ClientSession(connector=fresh) as http:
-        async with http.post(
-            host_a + "/api/v1/admin/flash-sales",
-            headers=await admin_headers(db, tokens),
-            json={
-                "sku_id": sku,
-                "flash_price": 500,
-                "quantity": quantity,
-                "per_user_limit": 1,
-                "start_at": start.isoformat(),
-                "end_at": (start + timedelta(hours=1)).isoformat(),
-                "payment_window_s": 900,
-            },
-        ) as resp:
-            assert resp.status == 201, await resp.text()
-            sale_id = (await resp.json())["data"]["flash_sale_id"]
+        admin = await admin_headers(db, tokens)
+        sale_id = await create_sale_over_http(http, host_a, admin, sku, quantity)
         path = f"/api/v1/flash-sales/{sale_id}"
 
         async def statuses(url: str) -> set[str]:
@@ -147,3 +139,86 @@ async def test_sold_out_on_one_host_is_refused_by_every_worker_of_another(
     assert set(answers) == {(409, "SOLD_OUT")}
     # at most the machine-id lease renewals of the four workers fall in this window
     assert calls <= 2 * WORKERS < len(answers)
+
+
+async def _snapshots_until(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    done: Callable[[dict[str, Any]], bool],
+    timeout_s: float = 40.0,
+) -> dict[str, Any]:
+    """Read a dashboard event stream until a snapshot satisfies ``done``; return it."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, Any] = {}
+    async with http.get(url, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        buf = b""
+        while time.monotonic() < deadline:
+            chunk = await asyncio.wait_for(resp.content.readany(), 20)
+            assert chunk, "stream ended"
+            events, buf = sse_events(buf + chunk)
+            for name, data in events:
+                if name == "snapshot":
+                    last = data
+                    if done(last):
+                        return last
+    raise AssertionError(f"no snapshot showed every host's figures; the last: {last}")
+
+
+async def test_dashboard_of_one_host_shows_every_host_and_the_consumer(
+    hosts: tuple[Settings, list[str]], db: asyncpg.Pool, tokens: TokenService, tmp_path: Path
+) -> None:
+    """Joins and refusals made on host B, and the orders a consumer running apart
+    persisted, appear in the dashboard read from host A: every process publishes its
+    figures to Redis, and the dashboard sums them, not host A's metrics folder."""
+    settings, (host_a, host_b) = hosts
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    env.update(
+        settings.with_(
+            data_dir=str(tmp_path / "consumer-host"),
+            kafka_consumer_group=f"dash-hosts-{secrets.token_hex(3)}",
+        ).to_env()
+    )
+    consumer = Proc("consumer", ["consume"], env, tmp_path / "consumer.log").start()
+    quantity = 3
+    try:
+        admin = await admin_headers(db, tokens)
+        users = await make_users(db, quantity + 2)
+        async with aiohttp.ClientSession() as http:
+            sale_id = await create_sale_over_http(http, host_a, admin, await make_sku(db), quantity)
+            path = f"/api/v1/flash-sales/{sale_id}/join"
+
+            async def join(uid: int) -> tuple[int, str]:
+                headers = {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
+                async with http.post(host_b + path, headers=headers, json={"quantity": 1}) as r:
+                    return r.status, str((await r.json()).get("error", ""))
+
+            assert [await join(u) for u in users[: quantity - 1]] == [(202, "")] * (quantity - 1)
+            assert await join(users[0]) == (409, "LIMIT_EXCEEDED")
+            assert await join(users[quantity - 1]) == (202, "")
+            assert await join(users[quantity]) == (409, "SOLD_OUT")
+            assert await join(users[quantity + 1]) == (409, "SOLD_OUT")
+
+            def every_host(snap: dict[str, Any]) -> bool:
+                return bool(
+                    snap["refusals_total"].get("SOLD_OUT", 0) >= 2
+                    and snap["refusals_total"].get("LIMIT_EXCEEDED", 0) >= 1
+                    and snap["consumer"]["persisted_total"] >= quantity
+                    and snap["join_latency_ms"]["p50"] is not None
+                    # two hosts' workers and the consumer
+                    and snap["processes"] >= 2 * WORKERS + 1
+                )
+
+            snap = await _snapshots_until(
+                http, f"{host_a}/api/v1/dashboard/sales/{sale_id}/events", admin, every_host
+            )
+    finally:
+        consumer.stop()
+    await forget_sale(db, None, sale_id)
+    assert snap["accepted_units"] == quantity
+    assert snap["sale"]["status"] == "sold_out"
+    # this test's Redis is its own: exactly what host B refused, and nothing twice
+    assert snap["refusals_total"] == {"SOLD_OUT": 2, "LIMIT_EXCEEDED": 1}
+    assert snap["consumer"]["lag"] == 0
+    assert snap["dead_letters"] == 0

@@ -168,9 +168,8 @@ async def _export_sales(app: web.Application) -> None:
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    registry = app[appkeys.METRICS].registry
     exporter = asyncio.create_task(_export_sales(app), name="sale-gauges")
-    async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS], registry) as hub:
+    async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS]) as hub:
         app[HUB] = hub
         yield
     await tasks.stop(exporter)
