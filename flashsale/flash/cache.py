@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from flashsale import rediskeys
+from flashsale.errors import ServiceUnavailable
 from flashsale.redisclient import run_id, run_ids
 
 REFRESH_EVERY_S: Final = 0.5
@@ -144,7 +146,11 @@ class SaleCache:
         missed = self._misses.get(sale_id)
         if missed is not None and time.monotonic() - missed < MISS_TTL_S:
             return None
-        h = await self._redis.hgetall(rediskeys.sale(sale_id))
+        try:
+            h = await self._redis.hgetall(rediskeys.sale(sale_id))
+        except (RedisError, OSError) as exc:
+            # e.g. a cluster client still aiming at a primary that just died: a retriable 503
+            raise ServiceUnavailable("the sale store is unavailable; retry later") from exc
         if not h or b"sku" not in h:
             if len(self._misses) > 10_000:
                 self._misses.clear()
@@ -152,9 +158,11 @@ class SaleCache:
             return None
         run = self.run_ids.get(sale_id)
         if run is None:
-            run = self.run_ids[sale_id] = (
-                await run_id(self._redis, rediskeys.sale(sale_id))
-            ).encode()
+            try:
+                found = await run_id(self._redis, rediskeys.sale(sale_id))
+            except (RedisError, OSError) as exc:
+                raise ServiceUnavailable("the sale store is unavailable; retry later") from exc
+            run = self.run_ids[sale_id] = found.encode()
         state = SaleState.from_hash(sale_id, h, run)
         self.sales[sale_id] = state
         return state
