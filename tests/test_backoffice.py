@@ -156,6 +156,10 @@ async def test_flash_order_ships_returns_and_refunds_end_to_end(
     assert again.status == 409 and (await again.json())["error"] == "RETURN_IN_PROGRESS"
     before = await sku_row(db, sku)
     url = f"/api/v1/returns/{ret['return_id']}/approve"
+    # the buyer can never approve its own return (no refund without the merchant)
+    own = await client.post(url, headers=sh, json={"note": "mine"})
+    assert own.status == 403
+    assert (await sku_row(db, sku)) == before
     first, second = await asyncio.gather(
         client.post(url, headers=mh, json={"note": "ok"}), client.post(url, headers=mh)
     )
