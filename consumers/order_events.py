@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from flashsale import rediskeys
 from flashsale.db import Conn
-from flashsale.flash import shipping
+from flashsale.flash import buckets, shipping
 from flashsale.flash.events import BadEvent, OrderEvent, decode
 from flashsale.kafka import OrderProducer, PublishFailed, assignor
 from flashsale.metrics import Metrics
@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
-SQL_SALES = "SELECT id, sku_id, product_id FROM flash_sales WHERE id = ANY($1::bigint[])"
+SQL_SALES = """
+SELECT id, sku_id, product_id, buckets FROM flash_sales WHERE id = ANY($1::bigint[])
+"""
 SQL_USERS = "SELECT id FROM users WHERE id = ANY($1::bigint[])"
 # NO KEY UPDATE: does not wait for the KEY SHARE locks the other consumers' order rows
 # take on the sale through their foreign key, so their inserts never queue behind it.
@@ -217,6 +219,11 @@ class OrderBatchProcessor:
         self.metrics = metrics
         self._claim = register(redis, "claim")
         self._release = register(redis, "release")
+        self._buckets: dict[int, int] = {}  # sale id -> its bucket count (fixed at create)
+
+    def _home(self, e: OrderEvent) -> int:
+        """The bucket holding ``e``'s reservation: its shopper's home bucket."""
+        return buckets.home(e.user_id, self._buckets.get(e.sale_id, 1))
 
     async def _check_rules(
         self, events: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]], out: BatchOutcome
@@ -226,6 +233,7 @@ class OrderBatchProcessor:
         async with self.db.acquire() as conn:
             sales = {r["id"]: r for r in await conn.fetch(SQL_SALES, sale_ids)}
             users = {r["id"] for r in await conn.fetch(SQL_USERS, user_ids)}
+        self._buckets.update((sid, r["buckets"]) for sid, r in sales.items())
         ok: list[tuple[ConsumerRecord[bytes, bytes], OrderEvent]] = []
         for rec, e in events:
             sale = sales.get(e.sale_id)
@@ -242,14 +250,14 @@ class OrderBatchProcessor:
         return ok
 
     async def _claim_all(self, events: list[OrderEvent]) -> tuple[list[OrderEvent], int]:
-        by_sale: dict[int, list[OrderEvent]] = defaultdict(list)
+        by_bucket: dict[tuple[int, int], list[OrderEvent]] = defaultdict(list)
         for e in events:
-            by_sale[e.sale_id].append(e)
+            by_bucket[e.sale_id, self._home(e)].append(e)
         keep: list[OrderEvent] = []
         voided = 0
-        for sale_id, group in by_sale.items():
+        for (sale_id, bucket), group in by_bucket.items():
             codes = await self._claim(
-                keys=rediskeys.claim_keys(sale_id),
+                keys=rediskeys.claim_keys(sale_id, bucket),
                 args=[e.order_id for e in group],
             )
             for e, code in zip(group, codes, strict=True):
@@ -334,14 +342,14 @@ class OrderBatchProcessor:
         return written
 
     async def _drop_claims(self, events: list[OrderEvent]) -> None:
-        by_sale: dict[int, list[str]] = defaultdict(list)
+        by_bucket: dict[tuple[int, int], list[str]] = defaultdict(list)
         for e in events:
-            by_sale[e.sale_id].append(e.order_id)
+            by_bucket[e.sale_id, self._home(e)].append(e.order_id)
         pipe = self.redis.pipeline(transaction=False)
-        for sale_id, ids in by_sale.items():
-            pipe.hdel(rediskeys.claimed(sale_id), *ids)
-            pipe.zrem(rediskeys.claim_times(sale_id), *ids)
-            pipe.hdel(rediskeys.republished(sale_id), *ids)
+        for (sale_id, bucket), ids in by_bucket.items():
+            pipe.hdel(rediskeys.claimed(sale_id, bucket), *ids)
+            pipe.zrem(rediskeys.claim_times(sale_id, bucket), *ids)
+            pipe.hdel(rediskeys.republished(sale_id, bucket), *ids)
         await pipe.execute()
 
     async def _void(self, events: list[OrderEvent]) -> None:
@@ -350,7 +358,7 @@ class OrderBatchProcessor:
         for e in events:
             sid = e.sale_id
             released = await self._release(
-                keys=rediskeys.release_keys(sid),
+                keys=rediskeys.release_keys(sid, self._home(e)),
                 args=[e.order_id, e.user_id, e.quantity, ""],
             )
             if int(released) == 1:

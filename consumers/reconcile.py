@@ -34,10 +34,11 @@ from consumers.recovery import LOOKBACK_DAYS, SQL_RECENT_SALES, Recovery, server
 from consumers.sweepers import republish_stale_claims
 from flashsale import rediskeys
 from flashsale.db import create_pool
+from flashsale.flash import buckets
 from flashsale.flash.events import parse_entry
 from flashsale.kafka import OrderProducer
 from flashsale.metrics import get_metrics
-from flashsale.redisclient import open_redis
+from flashsale.redisclient import open_redis, run_ids
 from flashsale.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,14 @@ class SaleReport:
     stale_claims: int = 0
     oversold: int = 0
     armed: bool = True
+    in_transfer: int = 0  # given by one bucket of a split sale, not yet credited to another
+    buckets: int = 1
 
     @property
     def drift(self) -> int:
         counted = (
             (self.remaining or 0)
+            + self.in_transfer
             + self.in_log
             + self.claimed
             + self.live
@@ -103,6 +107,8 @@ class SaleReport:
         redis_state = (
             "missing in Redis" if self.remaining is None else f"remaining={self.remaining}"
         )
+        if self.buckets > 1:
+            redis_state += f" buckets={self.buckets} in_transfer={self.in_transfer}"
         return (
             f"sale {self.sale_id}: {state} quantity={self.quantity} {redis_state} "
             f"log={self.in_log} claimed={self.claimed} live={self.live} "
@@ -132,16 +138,42 @@ async def check_sale(
     claim_stale_s: int = 30,
     run_id: str | None = None,
 ) -> SaleReport:
+    """One sale's units across the two stores; every bucket of a split sale added up,
+    with the units in transfer between them. ``run_id``: the run id of the server holding
+    bucket 0, to report a sale that is not armed (each other bucket's is looked up)."""
     sid = sale["id"]
-    h = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.sale(sid)))
-    log_entries = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.log(sid)))
-    claimed_entries = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.claimed(sid)))
-    claim_times = dict(
-        cast(
-            list[tuple[bytes, float]],
-            await redis.zrange(rediskeys.claim_times(sid), 0, -1, withscores=True),
+    n = int(sale["buckets"])
+    h: dict[bytes, bytes] = {}
+    log_entries: dict[bytes, bytes] = {}
+    claimed_entries: dict[bytes, bytes] = {}
+    claim_times: dict[bytes, float] = {}
+    redis_users: dict[int, int] = defaultdict(int)
+    remaining: int | None = 0
+    moved_out = 0
+    armed = True
+    runs = [run_id, *await run_ids(redis, [rediskeys.sale(sid, k) for k in range(1, n)])]
+    for k in range(n):
+        hk = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.sale(sid, k)))
+        if k == 0:
+            h = hk
+        if not hk or remaining is None:
+            remaining = None
+        else:
+            remaining += int(hk[b"remaining"])
+            moved_out += int(hk.get(b"moved_out", b"0"))
+        if run_id is not None and hk.get(b"armed") != (runs[k] or "").encode():
+            armed = False
+        log_entries |= cast(dict[bytes, bytes], await redis.hgetall(rediskeys.log(sid, k)))
+        claimed_entries |= cast(dict[bytes, bytes], await redis.hgetall(rediskeys.claimed(sid, k)))
+        claim_times |= dict(
+            cast(
+                list[tuple[bytes, float]],
+                await redis.zrange(rediskeys.claim_times(sid, k), 0, -1, withscores=True),
+            )
         )
-    )
+        for raw_user, raw_units in (await redis.hgetall(rediskeys.users(sid, k))).items():
+            redis_users[int(raw_user)] += int(raw_units)
+    in_transfer = await buckets.pending_transfers(redis, sid, n) if n > 1 else 0
     if claimed_entries:  # written to PostgreSQL but the claim not dropped yet: count once
         written = {
             r["id"] for r in await db.fetch(SQL_EXISTING, [k.decode() for k in claimed_entries])
@@ -165,7 +197,6 @@ async def check_sale(
     for users in (log_users, claimed_users):
         for uid, units in users.items():
             expected_users[uid] += units
-    redis_users = {int(k): int(v) for k, v in (await redis.hgetall(rediskeys.users(sid))).items()}
     user_drift = {
         uid: (redis_users.get(uid, 0), expected_users.get(uid, 0))
         for uid in set(redis_users) | set(expected_users)
@@ -174,16 +205,18 @@ async def check_sale(
     report = SaleReport(
         sale_id=sid,
         quantity=sale["quantity"],
-        remaining=int(h[b"remaining"]) if h else None,
+        remaining=remaining,
         in_log=in_log,
         claimed=claimed,
         live=live,
         pending_return=pending,
-        moved_out=int(h.get(b"moved_out", b"0")) if h else 0,
+        moved_out=moved_out if h else 0,
         user_drift=user_drift if h else {},
         stale_claims=stale,
         oversold=oversold,
-        armed=run_id is None or h.get(b"armed") == run_id.encode(),
+        armed=armed,
+        in_transfer=in_transfer,
+        buckets=n,
     )
     get_metrics().drift.labels(str(sid)).set(abs(report.drift))
     # reconcile is a command of its own: the dashboard of any host reads the last result here
@@ -233,7 +266,7 @@ async def _repair(
     recount = [r for r in bad if r.drift or r.user_drift or r.remaining is None or not r.armed]
     if recount:
         pipe = redis.pipeline(transaction=False)
-        for r in recount:
+        for r in recount:  # bucket 0 of a split sale: the recount fences every bucket
             pipe.hdel(rediskeys.sale(r.sale_id), "armed")
         await pipe.execute()
         print(f"    {len(recount)} sale(s) fenced; recounting after {recovery.grace_s:.0f}s")

@@ -17,15 +17,23 @@ This sweeper finds such sales and recomputes their counters from the truth:
   event moves through them, so one that moves during the snapshot is never missed);
 
 then writes them and the new run id in one script (``lua/sale_rearm.lua``), which
-refuses if Redis restarted again meanwhile. It waits ``grace_s`` after first seeing a
-fenced sale, so that an event a gateway was still publishing when Redis went down is in
-the broker (or was given up) before the snapshot is taken.
+refuses if Redis restarted again meanwhile.
+It waits ``grace_s`` after first seeing a fenced sale, so that an event a gateway was
+still publishing when Redis went down is in the broker (or was given up) before the
+snapshot is taken.
+
+A sale split into buckets (``flashsale/flash/buckets.py``) is recounted as a whole when
+any bucket is fenced: one recovery process at a time (a lease in bucket 0) fences every
+bucket with one token, takes the snapshot, and re-arms each bucket with its share (its
+shoppers' counts, reservations and returned orders; an even part of what remains) under
+that token, the sale's new epoch. A bucket another recount fenced since is left to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -39,6 +47,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
 from flashsale import rediskeys
+from flashsale.flash import buckets as bucketing
 from flashsale.flash import lifecycle
 from flashsale.flash.events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
 from flashsale.metrics import Metrics
@@ -50,6 +59,7 @@ log = logging.getLogger(__name__)
 
 LOOKBACK_DAYS: Final = 7
 READ_TIMEOUT_S: Final = 20.0
+REARM_LEASE_MS: Final = 60_000  # one recount of a split sale at a time
 NOT_HOLDING: Final = ("cancelled", "oversold")  # order statuses that hold no sale units
 
 SQL_RECENT_SALES = """
@@ -145,20 +155,31 @@ class Snapshot:
     inflight: dict[str, OrderEvent]
     users: dict[int, int]
     first: dict[int, str]
-    returned: list[str]
+    returned: dict[str, int]  # cancelled order id -> its shopper
     deficit: int = 0  # units promised beyond the allotment (each such order ends "oversold")
+    buckets: int = 1
 
-    def payload(self) -> bytes:
+    def payload(self, bucket: int = 0) -> bytes:
+        """What ``lua/sale_rearm.lua`` writes into ``bucket``: its shoppers' counts and
+        reservations, its share of the allotment and of what remains (moved_out all in
+        bucket 0); for a sale of one bucket, the whole sale."""
+        n = self.buckets
+
+        def mine(user_id: int) -> bool:
+            return bucketing.home(user_id, n) == bucket
+
         return orjson.dumps(
             {
-                "allotment": self.allotment,
-                "remaining": self.remaining,
-                "moved_out": self.moved_out,
+                "allotment": bucketing.share(self.allotment, bucket, n),
+                "remaining": bucketing.share(self.remaining, bucket, n),
+                "moved_out": self.moved_out if bucket == 0 else 0,
                 "closed": 1 if self.closed else 0,
-                "users": {str(u): n for u, n in self.users.items()},
-                "first": {str(u): o for u, o in self.first.items()},
-                "inflight": {oid: pack_entry(e) for oid, e in self.inflight.items()},
-                "returned": self.returned,
+                "users": {str(u): k for u, k in self.users.items() if mine(u)},
+                "first": {str(u): o for u, o in self.first.items() if mine(u)},
+                "inflight": {
+                    oid: pack_entry(e) for oid, e in self.inflight.items() if mine(e.user_id)
+                },
+                "returned": [oid for oid, u in self.returned.items() if mine(u)],
             }
         )
 
@@ -168,30 +189,34 @@ async def snapshot(
 ) -> Snapshot:
     """Recompute one sale from the broker's events (read first), Redis, then PostgreSQL."""
     sid = sale["id"]
+    n = int(sale["buckets"])
     inflight: dict[str, OrderEvent] = {e.order_id: e for e in broker_events if e.sale_id == sid}
     pipe = redis.pipeline(transaction=False)
-    pipe.hgetall(rediskeys.log(sid))
-    pipe.hgetall(rediskeys.claimed(sid))
-    pipe.smembers(rediskeys.voided(sid))
-    log_entries, claimed_entries, void = await pipe.execute()
-    voided = {v.decode() for v in void}
-    for oid in voided:  # released before any consumer claimed it: never to be written
-        inflight.pop(oid, None)
-    for entries in (
-        cast(dict[bytes, bytes], log_entries),
-        cast(dict[bytes, bytes], claimed_entries),
-    ):
-        for raw_id, entry in entries.items():
-            oid = raw_id.decode()
-            inflight[oid] = parse_entry(sid, oid, entry)
+    for k in range(n):
+        pipe.hgetall(rediskeys.log(sid, k))
+        pipe.hgetall(rediskeys.claimed(sid, k))
+        pipe.smembers(rediskeys.voided(sid, k))
+    found = await pipe.execute()
+    for k in range(n):
+        void = cast(set[bytes], found[3 * k + 2])
+        for raw_void in void:  # released before any consumer claimed it: never to be written
+            inflight.pop(raw_void.decode(), None)
+    for k in range(n):
+        for entries in (
+            cast(dict[bytes, bytes], found[3 * k]),
+            cast(dict[bytes, bytes], found[3 * k + 1]),
+        ):
+            for raw_id, entry in entries.items():
+                oid = raw_id.decode()
+                inflight[oid] = parse_entry(sid, oid, entry)
     users: dict[int, int] = defaultdict(int)
     first: dict[int, str] = {}
     live = 0
-    returned: list[str] = []
+    returned: dict[str, int] = {}
     for r in await db.fetch(SQL_ORDER_UNITS, sid):
         inflight.pop(r["id"], None)  # in the record: counted from there, once
         if r["status"] == "cancelled":
-            returned.append(r["id"])
+            returned[r["id"]] = r["user_id"]
         if r["status"] in NOT_HOLDING:
             continue
         live += r["units"]
@@ -222,6 +247,7 @@ async def snapshot(
         first=first,
         returned=returned,
         deficit=deficit,
+        buckets=n,
     )
 
 
@@ -242,22 +268,29 @@ class Recovery:
         self._rearm = register(self.redis, "sale_rearm")
         self._scripts = FlashScripts.register(self.redis)
 
-    async def fenced(self) -> tuple[dict[int, str], list[asyncpg.Record]]:
-        """The run id of the server holding each recent sale, and the sales not armed under it.
+    async def fenced(self) -> tuple[dict[int, list[str]], list[asyncpg.Record]]:
+        """The run id of the server holding each bucket of each recent sale, and the sales
+        with a bucket not armed under it.
 
-        On a Redis Cluster each sale is held by the primary of its slot: a failover changes
-        the run id of that shard's sales only.
+        On a Redis Cluster each bucket is held by the primary of its slot: a failover
+        changes the run id of that shard's buckets only.
         """
         sales = await self.db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
         if not sales:
             return {}, []
-        keys = [rediskeys.sale(s["id"]) for s in sales]
-        runs = dict(zip((s["id"] for s in sales), await run_ids(self.redis, keys), strict=True))
+        keys = [rediskeys.sale(s["id"], k) for s in sales for k in range(s["buckets"])]
+        found = iter(await run_ids(self.redis, keys))
+        runs = {s["id"]: [next(found) for _ in range(s["buckets"])] for s in sales}
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.hget(key, "armed")
-        armed = await pipe.execute()
-        return runs, [s for s, a in zip(sales, armed, strict=True) if a != runs[s["id"]].encode()]
+        armed = iter(await pipe.execute())
+        fenced = []
+        for s in sales:
+            mine = [next(armed) for _ in range(s["buckets"])]
+            if any(a != r.encode() for a, r in zip(mine, runs[s["id"]], strict=True)):
+                fenced.append(s)
+        return runs, fenced
 
     async def run_once(self, *, force: bool = False) -> int:
         """Re-arm every fenced sale whose grace has passed; returns how many were armed."""
@@ -276,9 +309,14 @@ class Recovery:
                     "sale %d is not armed under Redis run %s: joins answer SALE_RECOVERING "
                     "until its counters are recomputed",
                     sid,
-                    runs[sid][:8],
+                    runs[sid][0][:8],
                 )
-                if not await self.redis.exists(rediskeys.sale(sid)):
+                if not all(
+                    [
+                        await self.redis.exists(rediskeys.sale(sid, k))
+                        for k in range(sale["buckets"])
+                    ]
+                ):
                     # lost outright: put its static fields back (unarmed, nothing to sell)
                     # so that the gateway answers "recovering", not "unknown sale"
                     await lifecycle.load_sale(self.redis, self._scripts, sale, new=False)
@@ -289,38 +327,78 @@ class Recovery:
         events = await unconsumed_events(self.settings)
         armed = 0
         for sale in due:
-            snap = await snapshot(self.db, self.redis, sale, events)
-            result = Rearm(
-                int(
-                    await self._rearm(
-                        keys=rediskeys.rearm_keys(snap.sale_id),
-                        args=[runs[snap.sale_id], snap.payload()],
+            sid = sale["id"]
+            if sale["buckets"] > 1:
+                result = await self._recount_split(sale, runs[sid], events)
+            else:
+                snap = await snapshot(self.db, self.redis, sale, events)
+                result = Rearm(
+                    int(
+                        await self._rearm(
+                            keys=rediskeys.rearm_keys(sid), args=[runs[sid][0], snap.payload()]
+                        )
                     )
                 )
-            )
+                if result is Rearm.ARMED:
+                    await self._armed(snap)
             if result is Rearm.RUN_CHANGED:
-                log.warning("Redis restarted while sale %d was recomputed; again", snap.sale_id)
+                log.warning("Redis restarted while sale %d was recomputed; again", sid)
                 return armed
             if result is Rearm.ARMED:
                 armed += 1
-                await self.db.execute(SQL_MARK_ALL_RETURNED, snap.sale_id)
-                await self.redis.sadd(rediskeys.SALES_INDEX, snap.sale_id)
-                self.metrics.swept.labels("sales_rearmed").inc()
-                log.warning(
-                    "sale %d re-armed: remaining=%d live=%d in_flight=%d (%d order(s)) "
-                    "moved_out=%d%s",
-                    snap.sale_id,
-                    snap.remaining,
-                    snap.live,
-                    sum(e.quantity for e in snap.inflight.values()),
-                    len(snap.inflight),
-                    snap.moved_out,
-                    f"; {snap.deficit} unit(s) promised beyond the allotment"
-                    if snap.deficit
-                    else "",
-                )
-            self.noticed.pop(snap.sale_id, None)
+            self.noticed.pop(sid, None)
         return armed
+
+    async def _recount_split(
+        self, sale: asyncpg.Record, runs: list[str], events: list[OrderEvent]
+    ) -> Rearm | None:
+        """Recount a sale of several buckets as a whole (see the module's docstring);
+        None when another process is recounting it."""
+        sid, n = sale["id"], int(sale["buckets"])
+        token = secrets.token_hex(8)
+        lease = rediskeys.rearm_lease(sid)
+        if not await self.redis.set(lease, token, nx=True, px=REARM_LEASE_MS):
+            return None
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for k in range(n):  # no bucket sells, gives or takes from here on
+                pipe.hset(rediskeys.sale(sid, k), "fence", token)
+                pipe.hdel(rediskeys.sale(sid, k), "armed")
+            await pipe.execute()
+            snap = await snapshot(self.db, self.redis, sale, events)
+            for k in range(n):
+                result = Rearm(
+                    int(
+                        await self._rearm(
+                            keys=rediskeys.rearm_keys(sid, k),
+                            args=[runs[k], snap.payload(k), token],
+                        )
+                    )
+                )
+                if result is not Rearm.ARMED:
+                    log.warning("sale %d bucket %d: re-arm %s", sid, k, result.name)
+                    return result
+            await self._armed(snap)
+            return Rearm.ARMED
+        finally:
+            if await self.redis.get(lease) == token.encode():
+                await self.redis.delete(lease)
+
+    async def _armed(self, snap: Snapshot) -> None:
+        await self.db.execute(SQL_MARK_ALL_RETURNED, snap.sale_id)
+        await self.redis.sadd(rediskeys.SALES_INDEX, snap.sale_id)
+        self.metrics.swept.labels("sales_rearmed").inc()
+        log.warning(
+            "sale %d re-armed%s: remaining=%d live=%d in_flight=%d (%d order(s)) moved_out=%d%s",
+            snap.sale_id,
+            f" over {snap.buckets} buckets" if snap.buckets > 1 else "",
+            snap.remaining,
+            snap.live,
+            sum(e.quantity for e in snap.inflight.values()),
+            len(snap.inflight),
+            snap.moved_out,
+            f"; {snap.deficit} unit(s) promised beyond the allotment" if snap.deficit else "",
+        )
 
     async def fence_all(self) -> int:
         """Un-arm every recent sale (``flashsale rebuild-cache``): the next pass re-arms them."""

@@ -15,6 +15,11 @@
   (``FOR UPDATE SKIP LOCKED`` + a status guard), then their units go back to Redis
   through an idempotent script (a set of returned order ids), exactly once.
 - settle: ended or closed sales return their unsold and released units to the SKU.
+- transfers: units one bucket of a split sale gave another and that were not credited
+  (the giver died between the two steps) are credited, once
+  (``flashsale/flash/buckets.py``).
+
+A sale split into buckets is swept bucket by bucket: each holds its own log and claims.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from redis.exceptions import RedisError
 
 from consumers.recovery import Recovery
 from flashsale import rediskeys
-from flashsale.flash import lifecycle
+from flashsale.flash import buckets, lifecycle
 from flashsale.flash.events import parse_entry
 from flashsale.kafka import OrderProducer, PublishFailed
 from flashsale.metrics import Metrics
@@ -53,10 +58,11 @@ ORDER BY payment_deadline LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 SQL_UNRETURNED = """
-SELECT o.id, o.user_id, o.flash_sale_id, sum(i.quantity)::int AS units
+SELECT o.id, o.user_id, o.flash_sale_id, f.buckets, sum(i.quantity)::int AS units
 FROM orders o JOIN order_items i ON i.order_id = o.id
+JOIN flash_sales f ON f.id = o.flash_sale_id
 WHERE o.kind = 'flash' AND o.status = 'cancelled' AND NOT o.flash_units_returned
-GROUP BY o.id LIMIT $1
+GROUP BY o.id, f.buckets LIMIT $1
 """
 SQL_RETIRED_SALES = """
 SELECT id FROM flash_sales
@@ -71,18 +77,25 @@ async def publish_stranded(
 ) -> int:
     """Publish reservation-log entries older than ``stranded_after_s``."""
     published = 0
-    for raw in await redis.smembers(rediskeys.SALES_INDEX):
-        sale_id = int(raw)
+    for sale_id, k in await indexed_buckets(redis):
         published += await _republish(
             settings,
             redis,
             producer,
             sale_id,
-            times=rediskeys.log_times(sale_id),
-            entries=rediskeys.log(sale_id),
+            k,
+            times=rediskeys.log_times(sale_id, k),
+            entries=rediskeys.log(sale_id, k),
             after_s=settings.stranded_after_s,
         )
     return _count(metrics, "stranded_published", published)
+
+
+async def indexed_buckets(redis: Redis) -> list[tuple[int, int]]:
+    """(sale id, bucket) of every bucket of every sale in the index."""
+    ids = sorted(int(raw) for raw in await redis.smembers(rediskeys.SALES_INDEX))
+    counts = await buckets.bucket_counts(redis, ids)
+    return [(sid, k) for sid in ids for k in range(counts[sid])]
 
 
 async def republish_stale_claims(
@@ -90,15 +103,15 @@ async def republish_stale_claims(
 ) -> int:
     """Republish claims older than ``claim_stale_s`` whose order is not in PostgreSQL."""
     published = 0
-    for raw in await redis.smembers(rediskeys.SALES_INDEX):
-        sale_id = int(raw)
+    for sale_id, k in await indexed_buckets(redis):
         published += await _republish(
             settings,
             redis,
             producer,
             sale_id,
-            times=rediskeys.claim_times(sale_id),
-            entries=rediskeys.claimed(sale_id),
+            k,
+            times=rediskeys.claim_times(sale_id, k),
+            entries=rediskeys.claimed(sale_id, k),
             after_s=settings.claim_stale_s,
             db=db,
         )
@@ -116,6 +129,7 @@ async def _republish(
     redis: Redis,
     producer: OrderProducer,
     sale_id: int,
+    bucket: int,
     *,
     times: str,
     entries: str,
@@ -147,11 +161,11 @@ async def _republish(
             events = [e for e in events if e.order_id not in written]
     if gone:
         await redis.zrem(times, *gone)
-        await redis.hdel(rediskeys.republished(sale_id), *gone)
+        await redis.hdel(rediskeys.republished(sale_id, bucket), *gone)
     if not events:
         return 0
     await producer.publish_many([(e.key, e.encode()) for e in events])
-    tries_key = rediskeys.republished(sale_id)
+    tries_key = rediskeys.republished(sale_id, bucket)
     tries = cast(list[bytes | None], await redis.hmget(tries_key, [e.order_id for e in events]))
     now = int(time.time() * 1000)
     due: dict[str, int] = {}
@@ -194,7 +208,7 @@ async def return_cancelled_units(
         result = ReturnUnits(
             int(
                 await scripts.return_units(
-                    keys=rediskeys.return_units_keys(sid),
+                    keys=rediskeys.return_units_keys(sid, buckets.home(r["user_id"], r["buckets"])),
                     args=[r["id"], r["user_id"], r["units"]],
                 )
             )
@@ -226,13 +240,37 @@ async def retire_old_sales(db: asyncpg.Pool, redis: Redis) -> int:
     indexed = [int(x) for x in await redis.smembers(rediskeys.SALES_INDEX)]
     if not indexed:
         return 0
+    counts = await buckets.bucket_counts(redis, indexed)
     for r in await db.fetch(SQL_RETIRED_SALES, indexed):
         sid = r["id"]
-        if await redis.hlen(rediskeys.log(sid)) or await redis.hlen(rediskeys.claimed(sid)):
+        if await _in_flight(redis, sid, counts[sid]):
             continue
         await redis.srem(rediskeys.SALES_INDEX, sid)
         retired += 1
     return retired
+
+
+async def _in_flight(redis: Redis, sale_id: int, n: int) -> bool:
+    for k in range(n):
+        if await redis.hlen(rediskeys.log(sale_id, k)) or await redis.hlen(
+            rediskeys.claimed(sale_id, k)
+        ):
+            return True
+        if n > 1 and await redis.hlen(rediskeys.transfers_out(sale_id, k)):
+            return True
+    return False
+
+
+async def finish_transfers(redis: Redis, scripts: FlashScripts, metrics: Metrics) -> int:
+    """Credit the transfers between buckets that their giver left unfinished."""
+    ids = sorted(int(raw) for raw in await redis.smembers(rediskeys.SALES_INDEX))
+    credited = 0
+    for sid, n in (await buckets.bucket_counts(redis, ids)).items():
+        if n > 1:
+            credited += await buckets.finish_transfers(
+                redis, scripts, sid, n, older_than_ms=buckets.TRANSFER_STALE_MS
+            )
+    return _count(metrics, "transfers_finished", credited)
 
 
 async def run_sweepers(
@@ -253,6 +291,7 @@ async def run_sweepers(
         ("deadlines", lambda: cancel_expired(db, metrics)),
         ("returns", lambda: return_cancelled_units(db, redis, scripts, metrics)),
         ("settle", lambda: settle_ended(db, redis, scripts)),
+        ("transfers", lambda: finish_transfers(redis, scripts, metrics)),
     ]
     republishing = {"stranded", "claims"}
     while not stop.is_set():

@@ -52,6 +52,8 @@ def is_cluster(redis: Redis) -> bool:
 
 async def run_ids(redis: Redis, keys: Sequence[str]) -> list[str]:
     """The run id of the server that holds each of ``keys`` (one ``INFO`` per server)."""
+    if not keys:
+        return []
     if not isinstance(redis, RedisCluster):
         info = await redis.execute_command("INFO", "server")  # type: ignore[no-untyped-call]
         return [run_id_of(info)] * len(keys)

@@ -1,7 +1,10 @@
 """Every Redis key name, built in one place.
 
 All keys of one sale share the hash tag ``{sale:<id>}`` so that every key a script
-touches lives in one Redis Cluster slot.
+touches lives in one Redis Cluster slot. A sale created with N > 1 buckets keeps N such
+sets of keys: bucket 0 under ``{sale:<id>}`` (so a one-bucket sale is laid out as it
+always was), bucket k under ``{sale:<id>:b<k>}``, each on a slot of its own, so one hot
+sale spreads over the shards (``flashsale/flash/buckets.py``).
 """
 
 from __future__ import annotations
@@ -9,72 +12,90 @@ from __future__ import annotations
 SALES_INDEX = "fs:sales"  # set of sale ids the gateway workers keep in memory
 
 
-def _tag(sale_id: int) -> str:
+def _tag(sale_id: int, bucket: int = 0) -> str:
+    if bucket:
+        return f"fs:{{sale:{sale_id}:b{bucket}}}"
     return f"fs:{{sale:{sale_id}}}"
 
 
-def sale(sale_id: int) -> str:
+def sale(sale_id: int, bucket: int = 0) -> str:
     """Hash: remaining, allotment, moved_out, limit, start_ms, end_ms, price, closed, …"""
-    return _tag(sale_id)
+    return _tag(sale_id, bucket)
 
 
-def users(sale_id: int) -> str:
+def users(sale_id: int, bucket: int = 0) -> str:
     """Hash: user id → units held by that user in this sale."""
-    return _tag(sale_id) + ":users"
+    return _tag(sale_id, bucket) + ":users"
 
 
-def first_order(sale_id: int) -> str:
+def first_order(sale_id: int, bucket: int = 0) -> str:
     """Hash: user id → the user's first order id in this sale."""
-    return _tag(sale_id) + ":first"
+    return _tag(sale_id, bucket) + ":first"
 
 
-def log(sale_id: int) -> str:
+def log(sale_id: int, bucket: int = 0) -> str:
     """Hash: order id → packed reservation, for reservations not yet claimed by a consumer."""
-    return _tag(sale_id) + ":log"
+    return _tag(sale_id, bucket) + ":log"
 
 
-def log_times(sale_id: int) -> str:
+def log_times(sale_id: int, bucket: int = 0) -> str:
     """Sorted set: order id scored by the time it was reserved or last republished (ms)."""
-    return _tag(sale_id) + ":logt"
+    return _tag(sale_id, bucket) + ":logt"
 
 
-def claimed(sale_id: int) -> str:
+def claimed(sale_id: int, bucket: int = 0) -> str:
     """Hash: order id → packed reservation, claimed by a consumer and being persisted."""
-    return _tag(sale_id) + ":claimed"
+    return _tag(sale_id, bucket) + ":claimed"
 
 
-def claim_times(sale_id: int) -> str:
+def claim_times(sale_id: int, bucket: int = 0) -> str:
     """Sorted set: claimed order id scored by when it was claimed, or when the sweeper
     next looks at it after republishing it (ms)."""
-    return _tag(sale_id) + ":claimt"
+    return _tag(sale_id, bucket) + ":claimt"
 
 
-def republished(sale_id: int) -> str:
+def republished(sale_id: int, bucket: int = 0) -> str:
     """Hash: order id → how many times the sweeper republished it (its backoff step)."""
-    return _tag(sale_id) + ":tries"
+    return _tag(sale_id, bucket) + ":tries"
 
 
-def voided(sale_id: int) -> str:
+def voided(sale_id: int, bucket: int = 0) -> str:
     """Set: order ids released before any consumer claimed them (never to be persisted)."""
-    return _tag(sale_id) + ":void"
+    return _tag(sale_id, bucket) + ":void"
 
 
-def returned(sale_id: int) -> str:
+def returned(sale_id: int, bucket: int = 0) -> str:
     """Set: cancelled order ids whose units are already back (makes the return idempotent)."""
-    return _tag(sale_id) + ":returned"
+    return _tag(sale_id, bucket) + ":returned"
 
 
-def idempotency(sale_id: int) -> str:
+def idempotency(sale_id: int, bucket: int = 0) -> str:
     """Hash: "<user>:<Idempotency-Key>" → "<order id>|<body fingerprint>"."""
-    return _tag(sale_id) + ":idem"
+    return _tag(sale_id, bucket) + ":idem"
 
 
-def rate_user(sale_id: int, user_id: int | str) -> str:
-    return f"{_tag(sale_id)}:rl:u:{user_id}"
+def rate_user(sale_id: int, user_id: int | str, bucket: int = 0) -> str:
+    return f"{_tag(sale_id, bucket)}:rl:u:{user_id}"
 
 
-def rate_ip(sale_id: int, ip: str) -> str:
-    return f"{_tag(sale_id)}:rl:ip:{ip}"
+def rate_ip(sale_id: int, ip: str, bucket: int = 0) -> str:
+    return f"{_tag(sale_id, bucket)}:rl:ip:{ip}"
+
+
+def transfers_out(sale_id: int, bucket: int) -> str:
+    """Hash: transfer id → "<to bucket>|<units>|<at ms>": units this bucket gave another
+    (``lua/bucket_give.lua``) until the sweeper or the giver sees them credited there."""
+    return _tag(sale_id, bucket) + ":xout"
+
+
+def transfers_in(sale_id: int, bucket: int) -> str:
+    """Set: ids of the transfers credited to this bucket (makes the credit idempotent)."""
+    return _tag(sale_id, bucket) + ":xin"
+
+
+def rearm_lease(sale_id: int) -> str:
+    """String: the one recovery process recounting a bucketed sale holds it (its token)."""
+    return _tag(sale_id) + ":rearm"
 
 
 def dash_snapshot(sale_id: int) -> str:
@@ -107,19 +128,21 @@ def dash_drift(sale_id: int) -> str:
     return _tag(sale_id) + ":dash:drift"
 
 
-def all_sale_keys(sale_id: int) -> list[str]:
+def all_sale_keys(sale_id: int, bucket: int = 0) -> list[str]:
     return [
-        sale(sale_id),
-        users(sale_id),
-        first_order(sale_id),
-        log(sale_id),
-        log_times(sale_id),
-        claimed(sale_id),
-        claim_times(sale_id),
-        republished(sale_id),
-        voided(sale_id),
-        returned(sale_id),
-        idempotency(sale_id),
+        sale(sale_id, bucket),
+        users(sale_id, bucket),
+        first_order(sale_id, bucket),
+        log(sale_id, bucket),
+        log_times(sale_id, bucket),
+        claimed(sale_id, bucket),
+        claim_times(sale_id, bucket),
+        republished(sale_id, bucket),
+        voided(sale_id, bucket),
+        returned(sale_id, bucket),
+        idempotency(sale_id, bucket),
+        transfers_out(sale_id, bucket),
+        transfers_in(sale_id, bucket),
     ]
 
 
@@ -188,59 +211,72 @@ def queue_admit_keys(sale_id: int) -> list[str]:
     ]
 
 
-# KEYS of each script, in the order the script's header lists them.
-def reserve_keys(sale_id: int, user_id: int | str, client_ip: str) -> list[str]:
+# KEYS of each script, in the order the script's header lists them; ``bucket`` is the
+# shopper's home bucket (0 for a sale of one bucket).
+def reserve_keys(sale_id: int, user_id: int | str, client_ip: str, bucket: int = 0) -> list[str]:
     """lua/reserve.lua"""
     return [
-        sale(sale_id),
-        users(sale_id),
-        first_order(sale_id),
-        log(sale_id),
-        log_times(sale_id),
-        idempotency(sale_id),
-        rate_user(sale_id, user_id),
-        rate_ip(sale_id, client_ip),
+        sale(sale_id, bucket),
+        users(sale_id, bucket),
+        first_order(sale_id, bucket),
+        log(sale_id, bucket),
+        log_times(sale_id, bucket),
+        idempotency(sale_id, bucket),
+        rate_user(sale_id, user_id, bucket),
+        rate_ip(sale_id, client_ip, bucket),
     ]
 
 
-def release_keys(sale_id: int) -> list[str]:
+def release_keys(sale_id: int, bucket: int = 0) -> list[str]:
     """lua/release.lua"""
     return [
-        sale(sale_id),
-        users(sale_id),
-        first_order(sale_id),
-        log(sale_id),
-        log_times(sale_id),
-        voided(sale_id),
-        idempotency(sale_id),
-        claimed(sale_id),
+        sale(sale_id, bucket),
+        users(sale_id, bucket),
+        first_order(sale_id, bucket),
+        log(sale_id, bucket),
+        log_times(sale_id, bucket),
+        voided(sale_id, bucket),
+        idempotency(sale_id, bucket),
+        claimed(sale_id, bucket),
     ]
 
 
-def claim_keys(sale_id: int) -> list[str]:
+def claim_keys(sale_id: int, bucket: int = 0) -> list[str]:
     """lua/claim.lua"""
     return [
-        log(sale_id),
-        log_times(sale_id),
-        claimed(sale_id),
-        voided(sale_id),
-        claim_times(sale_id),
+        log(sale_id, bucket),
+        log_times(sale_id, bucket),
+        claimed(sale_id, bucket),
+        voided(sale_id, bucket),
+        claim_times(sale_id, bucket),
     ]
 
 
-def rearm_keys(sale_id: int) -> list[str]:
+def rearm_keys(sale_id: int, bucket: int = 0) -> list[str]:
     """lua/sale_rearm.lua"""
     return [
-        sale(sale_id),
-        users(sale_id),
-        first_order(sale_id),
-        log(sale_id),
-        log_times(sale_id),
-        claimed(sale_id),
-        returned(sale_id),
+        sale(sale_id, bucket),
+        users(sale_id, bucket),
+        first_order(sale_id, bucket),
+        log(sale_id, bucket),
+        log_times(sale_id, bucket),
+        claimed(sale_id, bucket),
+        returned(sale_id, bucket),
+        transfers_out(sale_id, bucket),
+        transfers_in(sale_id, bucket),
     ]
 
 
-def return_units_keys(sale_id: int) -> list[str]:
+def return_units_keys(sale_id: int, bucket: int = 0) -> list[str]:
     """lua/return_units.lua"""
-    return [sale(sale_id), users(sale_id), returned(sale_id)]
+    return [sale(sale_id, bucket), users(sale_id, bucket), returned(sale_id, bucket)]
+
+
+def give_keys(sale_id: int, bucket: int) -> list[str]:
+    """lua/bucket_give.lua (on the giving bucket)"""
+    return [sale(sale_id, bucket), transfers_out(sale_id, bucket)]
+
+
+def take_keys(sale_id: int, bucket: int) -> list[str]:
+    """lua/bucket_take.lua (on the receiving bucket)"""
+    return [sale(sale_id, bucket), transfers_in(sale_id, bucket)]

@@ -39,6 +39,8 @@ class FlashScripts:
     return_units: AsyncScript
     load: AsyncScript
     close: AsyncScript
+    give: AsyncScript
+    take: AsyncScript
 
     @classmethod
     def register(cls, client: Redis) -> FlashScripts:
@@ -49,6 +51,8 @@ class FlashScripts:
             return_units=register(client, "return_units"),
             load=register(client, "sale_load"),
             close=register(client, "sale_close"),
+            give=register(client, "bucket_give"),
+            take=register(client, "bucket_take"),
         )
 
     async def preload(self, client: Redis) -> None:
@@ -60,6 +64,8 @@ class FlashScripts:
             self.return_units,
             self.load,
             self.close,
+            self.give,
+            self.take,
         ):
             await client.script_load(script.script)
 
@@ -93,9 +99,27 @@ class Claim(IntEnum):
 class Rearm(IntEnum):
     """lua/sale_rearm.lua's result."""
 
+    FENCE_CHANGED = -2
     RUN_CHANGED = -1
     ALREADY_ARMED = 0
     ARMED = 1
+
+
+class Give(IntEnum):
+    """lua/bucket_give.lua's status codes."""
+
+    GIVEN = 0
+    EMPTY = 1
+    RECOVERING = 2
+
+
+class Take(IntEnum):
+    """lua/bucket_take.lua's result."""
+
+    STALE = -1
+    ALREADY = 0
+    CREDITED = 1
+    RECOVERING = 2
 
 
 class Release(IntEnum):
@@ -162,6 +186,8 @@ class Lease(IntEnum):
 
 # Which enum names each script's results (every lua/*.lua has one).
 RESULTS: dict[str, type[IntEnum]] = {
+    "bucket_give": Give,
+    "bucket_take": Take,
     "claim": Claim,
     "machine_lease": Lease,
     "queue_admit": QueueAdmit,

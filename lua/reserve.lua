@@ -3,7 +3,11 @@
 -- KEYS[6] idempotency KEYS[7] user rate bucket            KEYS[8] ip rate bucket
 -- ARGV[1] user id  ARGV[2] quantity  ARGV[3] order id  ARGV[4] idempotency field ("" = none)
 -- ARGV[5] body fingerprint  ARGV[6] user rate/s  ARGV[7] user burst  ARGV[8] ip rate/s
--- ARGV[9] ip burst  ARGV[10] run id of this server, as the caller's connection read it
+-- ARGV[9] ip burst  ARGV[#ARGV] (10th, or 11th after the optional flag) run id of this
+-- server, as the caller's connection read it
+-- ARGV[10] of 11, optional: "1" = the same attempt again, after units were moved into this
+--          (home) bucket of a sale split into buckets (flashsale/flash/buckets.py): no
+--          rate-limit token is taken twice for one attempt
 -- Returns (flashsale/scripts.py Reserve) {status, ...}, the status one of:
 --   0 RESERVED {order_id, deadline_ms, remaining}
 --   1 REPLAY {order_id, deadline_ms}
@@ -33,7 +37,7 @@ if idem ~= '' then
 end
 
 local armed = redis.call('HGET', KEYS[1], 'armed')
-if armed ~= ARGV[10] then
+if armed ~= ARGV[#ARGV] then
   if armed == false and redis.call('EXISTS', KEYS[1]) == 0 then return {10} end
   return {11}
 end
@@ -49,16 +53,18 @@ local function take(key, rate, burst)
   if tokens < 1 then return math.ceil((1 - tokens) * 1000 / rate), tokens end
   return 0, tokens - 1
 end
-local u_rate, u_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
-local i_rate, i_burst = tonumber(ARGV[8]), tonumber(ARGV[9])
-local u_wait, u_left = take(KEYS[7], u_rate, u_burst)
-if u_wait > 0 then return {3, u_wait} end
-local i_wait, i_left = take(KEYS[8], i_rate, i_burst)
-if i_wait > 0 then return {4, i_wait} end
-redis.call('HSET', KEYS[7], 't', u_left, 'ts', now)
-redis.call('PEXPIRE', KEYS[7], math.ceil(u_burst * 1000 / u_rate) + 1000)
-redis.call('HSET', KEYS[8], 't', i_left, 'ts', now)
-redis.call('PEXPIRE', KEYS[8], math.ceil(i_burst * 1000 / i_rate) + 1000)
+if not (#ARGV == 11 and ARGV[10] == '1') then
+  local u_rate, u_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
+  local i_rate, i_burst = tonumber(ARGV[8]), tonumber(ARGV[9])
+  local u_wait, u_left = take(KEYS[7], u_rate, u_burst)
+  if u_wait > 0 then return {3, u_wait} end
+  local i_wait, i_left = take(KEYS[8], i_rate, i_burst)
+  if i_wait > 0 then return {4, i_wait} end
+  redis.call('HSET', KEYS[7], 't', u_left, 'ts', now)
+  redis.call('PEXPIRE', KEYS[7], math.ceil(u_burst * 1000 / u_rate) + 1000)
+  redis.call('HSET', KEYS[8], 't', i_left, 'ts', now)
+  redis.call('PEXPIRE', KEYS[8], math.ceil(i_burst * 1000 / i_rate) + 1000)
+end
 
 local s = redis.call('HMGET', KEYS[1], 'remaining', 'limit', 'start_ms', 'end_ms', 'closed',
                      'window_ms', 'sku', 'product', 'price')

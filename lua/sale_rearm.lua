@@ -3,18 +3,25 @@
 -- (Kafka's unconsumed events, the reservation log, the claims), and stamp the sale with
 -- this server's run id so that joins pass reserve.lua's fence again.
 -- KEYS[1] sale  KEYS[2] users  KEYS[3] first order  KEYS[4] log  KEYS[5] log times
--- KEYS[6] claimed  KEYS[7] returned
+-- KEYS[6] claimed  KEYS[7] returned  KEYS[8] transfers out  KEYS[9] transfers in
 -- ARGV[1] the run id the caller read before it took its snapshot
 -- ARGV[2] JSON {allotment, remaining, moved_out, closed, users: {user: units},
 --               first: {user: order id}, inflight: {order id: packed entry},
 --               returned: [order id]}
+--         (for one bucket of a sale split into buckets: that bucket's share of each)
+-- ARGV[3] "" for a sale of one bucket; for a bucket of a split sale, the token the
+--         recount fenced every bucket with: it becomes the sale's new epoch, and the
+--         transfers of the old one are dropped (the recount counted their units)
 -- Returns (flashsale/scripts.py Rearm):
+--  -2 FENCE_CHANGED: another recount fenced this bucket since (its own snapshot wins)
 --  -1 RUN_CHANGED: the server's run id is not ARGV[1] (Redis restarted during the
 --     snapshot: take a new one)
 --   0 ALREADY_ARMED under this run id: nothing written
 --   1 ARMED
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 if run_id ~= ARGV[1] then return -1 end
+local token = ARGV[3] or ''
+if token ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= token then return -2 end
 if redis.call('HGET', KEYS[1], 'armed') == run_id then return 0 end
 local s = cjson.decode(ARGV[2])
 redis.call('DEL', KEYS[2], KEYS[3])
@@ -36,6 +43,11 @@ for order_id, entry in pairs(s.inflight) do
 end
 for _, order_id in ipairs(s.returned) do
   redis.call('SADD', KEYS[7], order_id)
+end
+if token ~= '' then
+  redis.call('DEL', KEYS[8], KEYS[9])
+  redis.call('HSET', KEYS[1], 'epoch', token)
+  redis.call('HDEL', KEYS[1], 'fence')
 end
 redis.call('HSET', KEYS[1], 'allotment', s.allotment, 'remaining', s.remaining,
            'moved_out', s.moved_out, 'closed', s.closed, 'armed', run_id)

@@ -15,6 +15,7 @@ from flashsale.errors import ServiceUnavailable
 from flashsale.redisclient import run_id, run_ids
 
 REFRESH_EVERY_S: Final = 0.5
+BUCKET_FIELDS: Final = ("remaining", "moved_out", "allotment", "armed")
 MISS_TTL_S: Final = 1.0
 
 
@@ -37,6 +38,7 @@ class SaleState:
     recovering: bool = False  # not armed under the current Redis run (see reserve.lua)
     mode: str = "open"  # "queued": joins need an admission (flashsale/waitingroom/)
     queue_cfg: bytes = b""  # the sale's own queue settings (JSON), see waitingroom.config
+    buckets: int = 1  # >1: split over that many slots (flashsale/flash/buckets.py)
 
     @property
     def sold_out(self) -> bool:
@@ -94,7 +96,41 @@ class SaleState:
             recovering=bool(run_id) and h.get(b"armed") != run_id,
             mode=h.get(b"mode", b"open").decode(),
             queue_cfg=h.get(b"qcfg", b""),
+            buckets=int(h.get(b"buckets", b"1")),
         )
+
+    def fold(self, others: list[tuple[list[Any], bytes]]) -> None:
+        """Add the other buckets' counters (``HMGET`` of :data:`BUCKET_FIELDS`, with the
+        run id of the server holding each) to bucket 0's: the sale's totals."""
+        for (remaining, moved_out, allotment, armed), run in others:
+            self.remaining += int(remaining or 0)
+            self.moved_out += int(moved_out or 0)
+            self.allotment += int(allotment or 0)
+            if run and armed != run:
+                self.recovering = True
+
+
+async def read_state(redis: Redis, sale_id: int, run: bytes = b"") -> SaleState | None:
+    """One sale's state, every bucket's counters added up; None if Redis does not know it.
+    With ``run`` (the run id of bucket 0's server) it tells whether a bucket is fenced."""
+    h = await redis.hgetall(rediskeys.sale(sale_id))
+    if not h or b"sku" not in h:
+        return None
+    state = SaleState.from_hash(sale_id, h, run)
+    await fold_buckets(redis, state, check_runs=bool(run))
+    return state
+
+
+async def fold_buckets(redis: Redis, state: SaleState, *, check_runs: bool) -> None:
+    """Add a split sale's other buckets to ``state`` (read from bucket 0)."""
+    if state.buckets <= 1:
+        return
+    keys = [rediskeys.sale(state.id, k) for k in range(1, state.buckets)]
+    runs = [r.encode() for r in await run_ids(redis, keys)] if check_runs else [b""] * len(keys)
+    pipe = redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.hmget(key, BUCKET_FIELDS)
+    state.fold(list(zip(await pipe.execute(), runs, strict=True)))
 
 
 def iso_ms(ms: int) -> str:
@@ -137,6 +173,16 @@ class SaleCache:
             self.run_ids[sale_id] = run.encode()
             if h and b"sku" in h:
                 fresh[sale_id] = SaleState.from_hash(sale_id, h, self.run_ids[sale_id])
+        split = [s for s in fresh.values() if s.buckets > 1]
+        if split:  # one more round trip, for sales spread over several slots only
+            keys = [rediskeys.sale(s.id, k) for s in split for k in range(1, s.buckets)]
+            bruns = await run_ids(self._redis, keys)
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, BUCKET_FIELDS)
+            found = iter(zip(await pipe.execute(), (r.encode() for r in bruns), strict=True))
+            for s in split:
+                s.fold([next(found) for _ in range(1, s.buckets)])
         self.sales = fresh
 
     async def get(self, sale_id: int) -> SaleState | None:
@@ -148,22 +194,21 @@ class SaleCache:
             return None
         try:
             h = await self._redis.hgetall(rediskeys.sale(sale_id))
+            if not h or b"sku" not in h:
+                if len(self._misses) > 10_000:
+                    self._misses.clear()
+                self._misses[sale_id] = time.monotonic()
+                return None
+            run = self.run_ids.get(sale_id)
+            if run is None:
+                run = self.run_ids[sale_id] = (
+                    await run_id(self._redis, rediskeys.sale(sale_id))
+                ).encode()
+            state = SaleState.from_hash(sale_id, h, run)
+            await fold_buckets(self._redis, state, check_runs=True)
         except (RedisError, OSError) as exc:
             # e.g. a cluster client still aiming at a primary that just died: a retriable 503
             raise ServiceUnavailable("the sale store is unavailable; retry later") from exc
-        if not h or b"sku" not in h:
-            if len(self._misses) > 10_000:
-                self._misses.clear()
-            self._misses[sale_id] = time.monotonic()
-            return None
-        run = self.run_ids.get(sale_id)
-        if run is None:
-            try:
-                found = await run_id(self._redis, rediskeys.sale(sale_id))
-            except (RedisError, OSError) as exc:
-                raise ServiceUnavailable("the sale store is unavailable; retry later") from exc
-            run = self.run_ids[sale_id] = found.encode()
-        state = SaleState.from_hash(sale_id, h, run)
         self.sales[sale_id] = state
         return state
 

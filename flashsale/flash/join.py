@@ -24,6 +24,7 @@ from flashsale.errors import (
     ServiceUnavailable,
     SoldOut,
 )
+from flashsale.flash import buckets as bucketing
 from flashsale.flash.cache import SaleState, now_ms
 from flashsale.flash.events import OrderEvent
 from flashsale.flash.runtime import FlashRuntime
@@ -34,6 +35,7 @@ from flashsale.scripts import Release, Reserve
 log = logging.getLogger(__name__)
 
 MAX_JOIN_QUANTITY: Final = 100
+MAX_REFILLS: Final = 3  # home bucket refilled and the attempt made again at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +70,19 @@ async def join(
     request_id: str = "",
     address_id: int | None = None,
 ) -> JoinResult:
-    """Reserve with one script call, publish the event, and only then report success."""
+    """Reserve with one script call, publish the event, and only then report success.
+
+    A sale split into buckets reserves in the shopper's home bucket; only when that one
+    has too few units left are units moved in from the others (a few more round trips,
+    at the end of a sale) and the same attempt made again.
+    """
     sid = sale.id
     idem_field = f"{user_id}:{idempotency_key}" if idempotency_key else ""
     s = rt.settings
     ids = {"order_id": order_id, "sale_id": sid, "request_id": request_id}
-    keys = rediskeys.reserve_keys(sid, user_id, client_ip)
-    args = [
+    bucket = bucketing.home(user_id, sale.buckets)
+    keys = rediskeys.reserve_keys(sid, user_id, client_ip, bucket)
+    args: list[Any] = [
         user_id,
         quantity,
         order_id,
@@ -85,18 +93,33 @@ async def join(
         s.rate_ip_per_s,
         s.rate_ip_burst,
     ]
-    try:
-        res = await rt.batcher.call(rt.scripts.reserve, keys, args, with_run_id=True)
-    except OutcomeUnknown as exc:
-        log.warning("reserve for order %s: outcome unknown (%s)", order_id, exc, extra=ids)
-        raise OutcomeUnknownError(data={"order_id": order_id}) from None
-    except (RedisError, OSError) as exc:
-        log.warning("reserve failed: %s", exc, extra=ids)
-        raise ServiceUnavailable("reservation store unavailable; retry later") from None
+    res = await _reserve(rt, keys, args, ids)
     status = Reserve(int(res[0]))
+    refills = 0
+    while status in (Reserve.SOLD_OUT, Reserve.INSUFFICIENT) and sale.buckets > 1:
+        if refills == MAX_REFILLS:  # units are there but others of this bucket took them
+            raise ServiceUnavailable("the sale's stock is being rebalanced; retry")
+        refills += 1
+        left = int(res[1]) if status is Reserve.INSUFFICIENT else 0
+        try:
+            moved = await bucketing.refill(
+                rt.redis, rt.scripts, sid, sale.buckets, bucket, quantity - left
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("refilling bucket %d failed: %s", bucket, exc, extra=ids)
+            raise ServiceUnavailable("reservation store unavailable; retry later") from None
+        if not moved.moved:
+            if moved.recovering:
+                raise SaleRecovering()
+            if status is Reserve.SOLD_OUT and moved.every_bucket_empty:
+                rt.cache.mark_sold_out(sid)
+            break
+        res = await _reserve(rt, keys, [*args[:9], "1"], ids)  # same attempt: no new token
+        status = Reserve(int(res[0]))
     if status is Reserve.RESERVED:
         deadline = int(res[2])
-        sale.remaining = int(res[3])  # the sold-out flag for this worker is set at once
+        if sale.buckets == 1:
+            sale.remaining = int(res[3])  # the sold-out flag for this worker is set at once
         event = OrderEvent(
             order_id=order_id,
             sale_id=sid,
@@ -116,7 +139,7 @@ async def join(
             log.warning(
                 "order %s not acknowledged by the broker (%s); releasing", order_id, exc, extra=ids
             )
-            released = await _compensate(rt, sid, order_id, user_id, quantity, idem_field)
+            released = await _compensate(rt, sid, bucket, order_id, user_id, quantity, idem_field)
             if released is Release.RELEASED:
                 raise ServiceUnavailable(
                     "the order queue did not acknowledge in time; nothing was reserved, retry"
@@ -127,14 +150,34 @@ async def join(
         return JoinResult(order_id, deadline, replayed=False)
     if status is Reserve.REPLAY:
         return JoinResult(res[1].decode(), int(res[2]), replayed=True)
-    raise _rejection(rt, sid, status, res)
+    raise _rejection(rt, sale, status, res)
+
+
+async def _reserve(
+    rt: FlashRuntime, keys: list[str], args: list[Any], ids: dict[str, Any]
+) -> list[Any]:
+    try:
+        res: list[Any] = await rt.batcher.call(rt.scripts.reserve, keys, args, with_run_id=True)
+    except OutcomeUnknown as exc:
+        log.warning("reserve for order %s: outcome unknown (%s)", ids["order_id"], exc, extra=ids)
+        raise OutcomeUnknownError(data={"order_id": ids["order_id"]}) from None
+    except (RedisError, OSError) as exc:
+        log.warning("reserve failed: %s", exc, extra=ids)
+        raise ServiceUnavailable("reservation store unavailable; retry later") from None
+    return res
 
 
 async def _compensate(
-    rt: FlashRuntime, sid: int, order_id: str, user_id: int, quantity: int, idem_field: str
+    rt: FlashRuntime,
+    sid: int,
+    bucket: int,
+    order_id: str,
+    user_id: int,
+    quantity: int,
+    idem_field: str,
 ) -> Release | None:
     """Release the reservation; None when Redis did not answer (outcome unknown)."""
-    keys = rediskeys.release_keys(sid)
+    keys = rediskeys.release_keys(sid, bucket)
     try:
         return Release(
             int(await rt.scripts.release(keys=keys, args=[order_id, user_id, quantity, idem_field]))
@@ -145,7 +188,8 @@ async def _compensate(
         return None
 
 
-def _rejection(rt: FlashRuntime, sid: int, status: Reserve, res: list[Any]) -> AppError:
+def _rejection(rt: FlashRuntime, sale: SaleState, status: Reserve, res: list[Any]) -> AppError:
+    sid = sale.id
     match status:
         case Reserve.IDEMPOTENCY_MISMATCH:
             return IdempotencyMismatch()
@@ -161,7 +205,8 @@ def _rejection(rt: FlashRuntime, sid: int, status: Reserve, res: list[Any]) -> A
             first = res[1].decode() if len(res) > 1 and res[1] else None
             return LimitExceeded(data={"order_id": first} if first else None)
         case Reserve.SOLD_OUT:
-            rt.cache.mark_sold_out(sid)
+            if sale.buckets == 1:  # a split sale's flag: when every bucket is empty (above)
+                rt.cache.mark_sold_out(sid)
             return SoldOut()
         case Reserve.INSUFFICIENT:
             return InsufficientStock(

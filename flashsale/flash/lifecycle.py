@@ -26,7 +26,8 @@ from flashsale.errors import (
     SkuNotFound,
     ValidationFailed,
 )
-from flashsale.flash.cache import SaleState, now_ms
+from flashsale.flash import buckets as bucketing
+from flashsale.flash.cache import now_ms, read_state
 from flashsale.scripts import FlashScripts, SaleClose, SaleLoad
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ WHERE id = $1 AND on_hand - reserved >= $2 RETURNING on_hand
 """
 SQL_INSERT_SALE = """
 INSERT INTO flash_sales (sku_id, product_id, flash_price_cents, quantity, per_user_limit,
-                         start_at, end_at, payment_window_s, created_by, mode, queue_settings)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *
+                         start_at, end_at, payment_window_s, created_by, mode, queue_settings,
+                         buckets)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING *
 """
 SQL_LEDGER = """
 INSERT INTO inventory_ledger (sku_id, order_id, delta, reason, flash_sale_id)
@@ -99,7 +101,9 @@ async def load_sale(
 
     ``new``: the sale was just created, so its counters are the allotment and it is armed
     under the current Redis run. Otherwise a sale missing from Redis is written unarmed
-    (see ``lua/sale_load.lua`` and ``consumers/recovery.py``).
+    (see ``lua/sale_load.lua`` and ``consumers/recovery.py``). A sale of several buckets
+    is written bucket by bucket, each with its share of the allotment (a top-up adds each
+    share's growth).
     """
     static: list[Any] = [
         "sku",
@@ -124,17 +128,28 @@ async def load_sale(
         row["mode"],
         "qcfg",
         orjson.dumps(row["queue_settings"]),
+        "buckets",
+        row["buckets"],
     ]
-    result = await scripts.load(
-        keys=[rediskeys.sale(row["id"])],
-        args=[row["id"], row["quantity"], 1 if new else 0, *static],
-    )
+    n = int(row["buckets"])
+    remaining = 0
+    closed = False
+    for k, units in enumerate(bucketing.spread(row["quantity"], n)):
+        result = await scripts.load(
+            keys=[rediskeys.sale(row["id"], k)],
+            args=[row["id"], units, 1 if new else 0, *static, "bucket", k],
+        )
+        if int(result[0]) == SaleLoad.CLOSED:
+            closed = True
+        else:
+            remaining += int(result[0])
     await redis.sadd(rediskeys.SALES_INDEX, row["id"])
     if row["closed_at"] is not None:
-        await scripts.close(keys=[rediskeys.sale(row["id"])])
-    if int(result[0]) == SaleLoad.CLOSED:
+        for k in range(n):
+            await scripts.close(keys=[rediskeys.sale(row["id"], k)])
+    if closed:
         raise SaleEnded("the sale is closed")
-    return int(result[0])
+    return remaining
 
 
 async def create_sale(
@@ -152,7 +167,12 @@ async def create_sale(
     created_by: int | None,
     mode: str = "open",
     queue_settings: dict[str, Any] | None = None,
+    buckets: int = 1,
 ) -> dict[str, Any]:
+    if buckets > 1 and mode != "open":
+        raise ValidationFailed(
+            fields={"buckets": "a queued sale has one bucket (its waiting room admits by it)"}
+        )
     async with db.acquire() as conn, conn.transaction():
         sku = await conn.fetchrow(SQL_SKU_FOR_SALE, sku_id)
         if sku is None:
@@ -172,6 +192,7 @@ async def create_sale(
             created_by,
             mode,
             queue_settings or {},
+            buckets,
         )
         assert sale is not None
         await conn.execute(SQL_LEDGER, sku_id, None, -quantity, "flash_allot", sale["id"])
@@ -182,10 +203,10 @@ async def create_sale(
 
 
 async def sale_view(redis: Redis, sale_id: int) -> dict[str, Any]:
-    h = await redis.hgetall(rediskeys.sale(sale_id))
-    if not h or b"sku" not in h:
+    state = await read_state(redis, sale_id)
+    if state is None:
         raise NotFound("flash sale not found")
-    return SaleState.from_hash(sale_id, h).public(now_ms())
+    return state.public(now_ms())
 
 
 async def top_up(
@@ -241,6 +262,9 @@ async def settle_sale(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sal
     moved = int(await scripts.close(keys=[rediskeys.sale(sale_id)]))
     if moved == SaleClose.UNKNOWN_SALE:
         return 0
+    n = (await bucketing.bucket_counts(redis, [sale_id]))[sale_id]
+    for k in range(1, n):  # every bucket's share; moved_out only grows in each
+        moved += max(0, int(await scripts.close(keys=[rediskeys.sale(sale_id, k)])))
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(SQL_SETTLE, sale_id, moved)
         if row is None:

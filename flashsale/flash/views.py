@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
 
 from flashsale import rediskeys
-from flashsale.flash.cache import iso_ms
+from flashsale.flash import buckets
+from flashsale.flash.cache import SaleState, iso_ms
 from flashsale.flash.events import parse_entry
 
 
 async def queued_order(
-    redis: Redis, sale_ids: Iterable[int], order_id: str, user_id: int
+    redis: Redis, sales: Mapping[int, SaleState], order_id: str, user_id: int
 ) -> dict[str, Any] | None:
     """A flash order of ``user_id`` still in flight (reserved, not yet in PostgreSQL), or None.
 
-    ``sale_ids``: the sales to look in (a worker's cached ones).
+    ``sales``: the sales to look in (a worker's cached ones), each in ``user_id``'s home
+    bucket (where its reservations are).
     """
-    sale_ids = list(sale_ids)
+    sale_ids = list(sales)
     if not sale_ids or not order_id.isdigit():
         return None
     pipe = redis.pipeline(transaction=False)
     for sid in sale_ids:
-        pipe.hget(rediskeys.log(sid), order_id)
-        pipe.hget(rediskeys.claimed(sid), order_id)
+        k = buckets.home(user_id, sales[sid].buckets)
+        pipe.hget(rediskeys.log(sid, k), order_id)
+        pipe.hget(rediskeys.claimed(sid, k), order_id)
     found = await pipe.execute()
     for i, sid in enumerate(sale_ids):
         entry = found[2 * i] or found[2 * i + 1]

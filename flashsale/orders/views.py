@@ -3,7 +3,7 @@ the list, and the operation log."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from flashsale.errors import NotFound
 from flashsale.flash import views as flash_views
+from flashsale.flash.cache import SaleState
 from flashsale.inventory import Conn
 from flashsale.orders.model import SQL_ORDER, Actor, load_own
 
@@ -147,17 +148,21 @@ async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
 
 
 async def get_order(
-    pool: asyncpg.Pool, redis: Redis, sale_ids: Iterable[int], order_id: str, user_id: int
+    pool: asyncpg.Pool,
+    redis: Redis,
+    sales: Mapping[int, SaleState],
+    order_id: str,
+    user_id: int,
 ) -> dict[str, Any]:
     """The caller's order (404 for anyone else's); a flash order still in flight too
-    (looked up in the reservation logs of ``sale_ids``)."""
+    (looked up in the reservation logs of ``sales``)."""
     async with pool.acquire() as conn:
         order = await conn.fetchrow(SQL_ORDER, order_id)
         if order is not None:
             if order["user_id"] != user_id:
                 raise NotFound("order not found")
             return await order_detail(conn, order)
-    queued = await flash_views.queued_order(redis, sale_ids, order_id, user_id)
+    queued = await flash_views.queued_order(redis, sales, order_id, user_id)
     if queued is None:
         raise NotFound("order not found")
     return queued

@@ -42,6 +42,7 @@ from flashsale.errors import (
     SaleEnded,
     SaleNotQueued,
     SoldOut,
+    ValidationFailed,
 )
 from flashsale.flash import lifecycle
 from flashsale.flash.cache import SaleCache, SaleState, iso_ms, now_ms
@@ -64,9 +65,11 @@ SQL_ACCOUNT_CREATED = "SELECT created_at FROM users WHERE id = $1"
 SQL_SET_MODE = """
 UPDATE flash_sales SET mode = COALESCE($2, mode),
        queue_settings = COALESCE(queue_settings || $3::jsonb, queue_settings), updated_at = now()
-WHERE id = $1 AND closed_at IS NULL AND end_at > now() RETURNING id
+WHERE id = $1 AND closed_at IS NULL AND end_at > now()
+  AND (COALESCE($2, mode) = 'open' OR buckets = 1)
+RETURNING id
 """
-SQL_SALE_EXISTS = "SELECT 1 FROM flash_sales WHERE id = $1"
+SQL_SALE_EXISTS = "SELECT buckets FROM flash_sales WHERE id = $1"
 
 
 @dataclass(slots=True)
@@ -454,8 +457,13 @@ async def set_mode(
     async with db.acquire() as conn:
         done = await conn.fetchval(SQL_SET_MODE, sale_id, mode, queue_settings)
         if done is None:
-            if await conn.fetchval(SQL_SALE_EXISTS, sale_id) is None:
+            buckets = await conn.fetchval(SQL_SALE_EXISTS, sale_id)
+            if buckets is None:
                 raise NotFound("flash sale not found")
+            if buckets > 1 and mode == "queued":
+                raise ValidationFailed(
+                    fields={"mode": "a sale split into buckets cannot be queued"}
+                )
             raise SaleEnded
     row = await db.fetchrow(lifecycle.SQL_SALE, sale_id)
     assert row is not None

@@ -12,6 +12,7 @@ from flashsale.auth import require_role
 from flashsale.errors import NotFound, NotStarted, SaleEnded, SoldOut, ValidationFailed
 from flashsale.flash import join as joining
 from flashsale.flash import lifecycle
+from flashsale.flash.buckets import MAX_BUCKETS
 from flashsale.flash.cache import iso_ms, now_ms
 from flashsale.waitingroom.config import MODES
 from flashsale.waitingroom.room import set_mode
@@ -53,6 +54,14 @@ CREATE = {
     "payment_window_s": F(int, min=10, max=7 * 24 * 3600, default=900),
     "mode": F(str, choices=MODES, default="open"),
     "queue": QUEUE_SETTINGS,
+    "buckets": F(
+        int,
+        min=1,
+        max=MAX_BUCKETS,
+        default=1,
+        doc="split the stock over this many Redis Cluster slots (a sale bigger than one "
+        "shard); fixed at create; open sales only",
+    ),
 }
 PATCH = Obj(
     {
@@ -107,6 +116,7 @@ async def create(request: web.Request) -> web.Response:
         created_by=admin_id,
         mode=body["mode"],
         queue_settings=_queue_settings(body),
+        buckets=body["buckets"],
     )
     await rt.cache.refresh()
     return ok(sale, status=201, message="flash sale created")
