@@ -68,14 +68,14 @@ class SaleReport:
     stale_claims: int = 0
     oversold: int = 0
     armed: bool = True
-    in_transfer: int = 0  # given by one bucket of a split sale, not yet credited to another
+    in_transit: int = 0  # given by one bucket of a split sale, not yet credited to another
     buckets: int = 1
 
     @property
     def drift(self) -> int:
         counted = (
             (self.remaining or 0)
-            + self.in_transfer
+            + self.in_transit
             + self.in_log
             + self.claimed
             + self.live
@@ -108,7 +108,7 @@ class SaleReport:
             "missing in Redis" if self.remaining is None else f"remaining={self.remaining}"
         )
         if self.buckets > 1:
-            redis_state += f" buckets={self.buckets} in_transfer={self.in_transfer}"
+            redis_state += f" buckets={self.buckets} in_transit={self.in_transit}"
         return (
             f"sale {self.sale_id}: {state} quantity={self.quantity} {redis_state} "
             f"log={self.in_log} claimed={self.claimed} live={self.live} "
@@ -173,7 +173,7 @@ async def check_sale(
         )
         for raw_user, raw_units in (await redis.hgetall(rediskeys.users(sid, k))).items():
             redis_users[int(raw_user)] += int(raw_units)
-    in_transfer = await buckets.pending_transfers(redis, sid, n) if n > 1 else 0
+    in_transit = await buckets.pending_transfers(redis, sid, n) if n > 1 else 0
     if claimed_entries:  # written to PostgreSQL but the claim not dropped yet: count once
         written = {
             r["id"] for r in await db.fetch(SQL_EXISTING, [k.decode() for k in claimed_entries])
@@ -215,7 +215,7 @@ async def check_sale(
         stale_claims=stale,
         oversold=oversold,
         armed=armed,
-        in_transfer=in_transfer,
+        in_transit=in_transit,
         buckets=n,
     )
     get_metrics().drift.labels(str(sid)).set(abs(report.drift))

@@ -111,6 +111,7 @@ class Give(IntEnum):
     GIVEN = 0
     EMPTY = 1
     RECOVERING = 2
+    GIVING = 3
 
 
 class Take(IntEnum):

@@ -7,15 +7,24 @@
 -- KEYS[1] giving bucket's sale hash  KEYS[2] its transfers out
 -- ARGV[1] this bucket's index  ARGV[2] the receiving bucket's index
 -- ARGV[3] units wanted (at least; half of what is left is given when that is more)
+-- Every give and take adds one to the bucket's `moves`: a reader that finds every bucket
+-- empty and then the same `moves` everywhere knows no unit was in transit meanwhile.
 -- Returns (flashsale/scripts.py Give) {status, ...}, the status one of:
 --   0 GIVEN {units, transfer id}
---   1 EMPTY: nothing left here (or the sale is closed)
+--   1 EMPTY {moves}: nothing left here (or the sale is closed)
 --   2 RECOVERING: not armed under this server's run; its counters wait for a recount
+--   3 GIVING {moves}: nothing left here, but units it gave are not credited yet
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local s = redis.call('HMGET', KEYS[1], 'armed', 'remaining', 'closed', 'epoch')
+local s = redis.call('HMGET', KEYS[1], 'armed', 'remaining', 'closed', 'epoch', 'moves')
 if s[1] ~= run_id then return {2} end
 local left = tonumber(s[2] or '0')
-if left <= 0 or s[3] == '1' then return {1} end
+local moves = tonumber(s[5] or '0')
+if s[3] == '1' then return {1, moves} end
+if left <= 0 then
+  if redis.call('HLEN', KEYS[2]) > 0 then return {3, moves} end
+  return {1, moves}
+end
+redis.call('HINCRBY', KEYS[1], 'moves', 1)
 local units = math.min(left, math.max(tonumber(ARGV[3]), math.ceil(left / 2)))
 redis.call('HINCRBY', KEYS[1], 'remaining', -units)
 local seq = redis.call('HINCRBY', KEYS[1], 'xseq', 1)

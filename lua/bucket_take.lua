@@ -12,6 +12,7 @@ local epoch = string.match(ARGV[1], '^([^/]*)/')
 if s[1] ~= run_id then return 2 end
 if epoch ~= (s[3] or '0') then return -1 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'moves', 1)  -- see lua/bucket_give.lua
 if s[2] == '1' then
   redis.call('HINCRBY', KEYS[1], 'moved_out', tonumber(ARGV[2]))
 else

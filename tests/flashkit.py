@@ -84,6 +84,7 @@ async def create_sale(
     duration_s: float = 3600,
     window_s: int = 900,
     price: int = 500,
+    buckets: int = 1,
 ) -> int:
     start = datetime.now(UTC) + timedelta(seconds=start_in_s)
     resp = await client.post(
@@ -97,6 +98,7 @@ async def create_sale(
             "start_at": iso(start),
             "end_at": iso(start + timedelta(seconds=duration_s)),
             "payment_window_s": window_s,
+            **({"buckets": buckets} if buckets != 1 else {}),
         },
     )
     assert resp.status == 201, await resp.text()

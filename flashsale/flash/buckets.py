@@ -74,8 +74,9 @@ async def bucket_counts(redis: Redis, sale_ids: Iterable[int]) -> dict[int, int]
 @dataclass(frozen=True, slots=True)
 class Refill:
     moved: int  # units credited to the home bucket
-    every_bucket_empty: bool  # no other bucket had a unit to give
+    every_bucket_empty: bool  # no bucket has a unit, none is in transit: sold out
     recovering: bool  # some bucket could not give: it waits for a recount
+    in_transit: bool = False  # units given and not credited yet: there may be more soon
 
 
 async def refill(
@@ -95,7 +96,8 @@ async def refill(
     others = [k for k in range(buckets) if k != bucket]
     start = random.randrange(len(others))  # load spreading, not security
     moved = empty = 0
-    recovering = False
+    recovering = in_transit = False
+    seen: dict[int, int] = {}  # an empty giver's `moves` when it answered
     for giver in others[start:] + others[:start]:
         res = await scripts.give(
             keys=rediskeys.give_keys(sale_id, giver), args=[giver, bucket, want - moved]
@@ -103,16 +105,38 @@ async def refill(
         status = Give(int(res[0]))
         if status is Give.EMPTY:
             empty += 1
+            seen[giver] = int(res[1])
             continue
         if status is Give.RECOVERING:
             recovering = True
             continue
+        if status is Give.GIVING:
+            in_transit = True
+            continue
         units, transfer = int(res[1]), res[2].decode()
         if await _credit(redis, scripts, sale_id, giver, bucket, transfer, units):
             moved += units
+        else:
+            in_transit = True  # the sweeper credits it once the home bucket is re-armed
         if moved >= want:
             break
-    return Refill(moved, every_bucket_empty=empty == len(others), recovering=recovering)
+    all_empty = empty == len(others)
+    if all_empty and not await settled(redis, sale_id, seen, bucket):
+        all_empty, in_transit = False, True  # units moved while the givers were asked
+    return Refill(moved, all_empty, recovering, in_transit)
+
+
+async def settled(redis: Redis, sale_id: int, seen: dict[int, int], bucket: int) -> bool:
+    """Whether no unit was in transit while ``seen`` (bucket → its ``moves``) was read
+    one bucket after another: none moved since, and ``bucket`` gives nothing away."""
+    pipe = redis.pipeline(transaction=False)
+    for k in seen:
+        pipe.hget(rediskeys.sale(sale_id, k), "moves")
+    pipe.hlen(rediskeys.transfers_out(sale_id, bucket))
+    *now, giving = await pipe.execute()
+    return not giving and all(
+        int(m or 0) == before for m, before in zip(now, seen.values(), strict=True)
+    )
 
 
 async def _credit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -15,7 +16,7 @@ from flashsale.errors import ServiceUnavailable
 from flashsale.redisclient import run_id, run_ids
 
 REFRESH_EVERY_S: Final = 0.5
-BUCKET_FIELDS: Final = ("remaining", "moved_out", "allotment", "armed")
+BUCKET_FIELDS: Final = ("remaining", "moved_out", "allotment", "armed", "moves")
 MISS_TTL_S: Final = 1.0
 
 
@@ -39,17 +40,19 @@ class SaleState:
     mode: str = "open"  # "queued": joins need an admission (flashsale/waitingroom/)
     queue_cfg: bytes = b""  # the sale's own queue settings (JSON), see waitingroom.config
     buckets: int = 1  # >1: split over that many slots (flashsale/flash/buckets.py)
+    in_transit: int = 0  # transfers between buckets not credited yet (units on their way)
+    moves: dict[int, int] | None = None  # each bucket's `moves` (lua/bucket_give.lua)
 
     @property
     def sold_out(self) -> bool:
-        return self.remaining <= 0
+        return self.remaining <= 0 and not self.in_transit
 
     def status(self, now_ms: int) -> str:
         if self.closed or now_ms >= self.end_ms:
             return "ended"
         if now_ms < self.start_ms:
             return "upcoming"
-        return "sold_out" if self.remaining <= 0 else "active"
+        return "sold_out" if self.sold_out else "active"
 
     def public(self, now_ms: int) -> dict[str, Any]:
         sold = max(0, self.allotment - self.remaining - self.moved_out)
@@ -97,12 +100,16 @@ class SaleState:
             mode=h.get(b"mode", b"open").decode(),
             queue_cfg=h.get(b"qcfg", b""),
             buckets=int(h.get(b"buckets", b"1")),
+            moves={0: int(h.get(b"moves", b"0"))},
         )
 
-    def fold(self, others: list[tuple[list[Any], bytes]]) -> None:
+    def fold(self, others: list[tuple[list[Any], bytes]], in_transit: int) -> None:
         """Add the other buckets' counters (``HMGET`` of :data:`BUCKET_FIELDS`, with the
         run id of the server holding each) to bucket 0's: the sale's totals."""
-        for (remaining, moved_out, allotment, armed), run in others:
+        self.in_transit = in_transit
+        for k, ((remaining, moved_out, allotment, armed, moves), run) in enumerate(others, start=1):
+            assert self.moves is not None
+            self.moves[k] = int(moves or 0)
             self.remaining += int(remaining or 0)
             self.moved_out += int(moved_out or 0)
             self.allotment += int(allotment or 0)
@@ -128,9 +135,46 @@ async def fold_buckets(redis: Redis, state: SaleState, *, check_runs: bool) -> N
     keys = [rediskeys.sale(state.id, k) for k in range(1, state.buckets)]
     runs = [r.encode() for r in await run_ids(redis, keys)] if check_runs else [b""] * len(keys)
     pipe = redis.pipeline(transaction=False)
-    for key in keys:
-        pipe.hmget(key, BUCKET_FIELDS)
-    state.fold(list(zip(await pipe.execute(), runs, strict=True)))
+    _ask_buckets(pipe, state)
+    found = iter(await pipe.execute())
+    _fold_replies(state, found, iter(runs))
+    await _confirm_sold_out(redis, [state])
+
+
+async def _confirm_sold_out(redis: Redis, states: list[SaleState]) -> None:
+    """A split sale that looks sold out is so only if no unit moved between buckets while
+    they were read one after another (each bucket's ``moves`` unchanged): otherwise a unit
+    on its way was missed, and the sale counts as having units in transit."""
+    empty = [s for s in states if s.sold_out and s.moves]
+    if not empty:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for s in empty:
+        for k in range(s.buckets):
+            pipe.hget(rediskeys.sale(s.id, k), "moves")
+    found = iter(await pipe.execute())
+    for s in empty:
+        assert s.moves is not None
+        now = [int(next(found) or 0) for _ in range(s.buckets)]
+        if now != [s.moves[k] for k in range(s.buckets)]:
+            s.in_transit = 1
+
+
+def _ask_buckets(pipe: Any, state: SaleState) -> None:
+    for k in range(state.buckets):
+        if k:
+            pipe.hmget(rediskeys.sale(state.id, k), BUCKET_FIELDS)
+        pipe.hlen(rediskeys.transfers_out(state.id, k))
+
+
+def _fold_replies(state: SaleState, found: Iterator[Any], runs: Iterator[bytes]) -> None:
+    others: list[tuple[list[Any], bytes]] = []
+    in_transit = 0
+    for k in range(state.buckets):
+        if k:
+            others.append((next(found), next(runs)))
+        in_transit += int(next(found))
+    state.fold(others, in_transit)
 
 
 def iso_ms(ms: int) -> str:
@@ -176,13 +220,14 @@ class SaleCache:
         split = [s for s in fresh.values() if s.buckets > 1]
         if split:  # one more round trip, for sales spread over several slots only
             keys = [rediskeys.sale(s.id, k) for s in split for k in range(1, s.buckets)]
-            bruns = await run_ids(self._redis, keys)
+            bruns = iter([r.encode() for r in await run_ids(self._redis, keys)])
             pipe = self._redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.hmget(key, BUCKET_FIELDS)
-            found = iter(zip(await pipe.execute(), (r.encode() for r in bruns), strict=True))
             for s in split:
-                s.fold([next(found) for _ in range(1, s.buckets)])
+                _ask_buckets(pipe, s)
+            found = iter(await pipe.execute())
+            for s in split:
+                _fold_replies(s, found, bruns)
+            await _confirm_sold_out(self._redis, split)
         self.sales = fresh
 
     async def get(self, sale_id: int) -> SaleState | None:

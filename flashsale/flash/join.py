@@ -111,6 +111,8 @@ async def join(
         if not moved.moved:
             if moved.recovering:
                 raise SaleRecovering()
+            if moved.in_transit:
+                raise ServiceUnavailable("the sale's stock is being rebalanced; retry")
             if status is Reserve.SOLD_OUT and moved.every_bucket_empty:
                 rt.cache.mark_sold_out(sid)
             break
