@@ -358,11 +358,13 @@ async def settle_and_judge(
     while True:
         rows = await db.fetch("SELECT id, status FROM orders WHERE flash_sale_id = $1", sale_id)
         ids = {r["id"] for r in rows}
-        in_flight = await redis.hlen(rediskeys.log(sale_id)) + await redis.hlen(
-            rediskeys.claimed(sale_id)
-        )
         sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
         assert sale is not None
+        in_flight = 0
+        for k in range(sale["buckets"]):  # every bucket of a split sale
+            in_flight += await redis.hlen(rediskeys.log(sale_id, k)) + await redis.hlen(
+                rediskeys.claimed(sale_id, k)
+            )
         try:
             run_id = await server_run_id(redis, sale_id)
             report = await reconcile.check_sale(db, redis, sale, run_id=run_id)
@@ -414,12 +416,13 @@ async def sale_and_shoppers(
     admin_headers: Callable[[], Awaitable[dict[str, str]]],
     make_sku: Callable[[], Awaitable[int]],
     make_users: Callable[[int], Awaitable[list[int]]],
+    buckets: int = 1,
 ) -> tuple[int, list[tuple[int, str]]]:
     from tests.flashkit import create_sale_over_http
 
     async with aiohttp.ClientSession() as http:
         sale_id = await create_sale_over_http(
-            http, client_base, await admin_headers(), await make_sku(), quantity
+            http, client_base, await admin_headers(), await make_sku(), quantity, buckets=buckets
         )
     users = await make_users(shoppers)
     return sale_id, [(u, tokens.issue(u, "user")) for u in users]

@@ -157,7 +157,13 @@ async def forget_sale(db: asyncpg.Pool, redis: Redis | None, sale_id: int) -> No
 
 
 async def create_sale_over_http(
-    http: aiohttp.ClientSession, base: str, admin: dict[str, str], sku: int, quantity: int
+    http: aiohttp.ClientSession,
+    base: str,
+    admin: dict[str, str],
+    sku: int,
+    quantity: int,
+    *,
+    buckets: int = 1,
 ) -> int:
     """A sale started a second ago for an hour (one unit a shopper), through a gateway
     running in another process at ``base``."""
@@ -173,6 +179,7 @@ async def create_sale_over_http(
             "start_at": start.isoformat(),
             "end_at": (start + timedelta(hours=1)).isoformat(),
             "payment_window_s": 900,
+            "buckets": buckets,
         },
     ) as resp:
         body = await resp.json()

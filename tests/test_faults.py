@@ -66,7 +66,12 @@ async def _stack(base: Settings, root: Path, tag: str, **changes: Any) -> FaultS
 
 
 async def _sale(
-    stack: FaultStack, db: asyncpg.Pool, tokens: TokenService, quantity: int, shoppers: int
+    stack: FaultStack,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    quantity: int,
+    shoppers: int,
+    buckets: int = 1,
 ) -> tuple[int, list[tuple[int, str]]]:
     return await sale_and_shoppers(
         stack.base_url,
@@ -77,6 +82,7 @@ async def _sale(
         admin_headers=lambda: admin_headers(db, tokens),
         make_sku=lambda: make_sku(db, on_hand=quantity),
         make_users=lambda n: make_users(db, n),
+        buckets=buckets,
     )
 
 
@@ -337,12 +343,19 @@ async def test_lost_reply_is_outcome_unknown_and_a_retry_finds_the_order(
 
 
 async def _failover(
-    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path, tag: str
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    root: Path,
+    tag: str,
+    buckets: int = 1,
 ) -> None:
     stack = await _stack(base_settings, root, tag, redis_shards=3)
     redis: Redis = open_redis(stack.settings)
     try:
-        sale_id, shoppers = await _sale(stack, db, tokens, quantity=300, shoppers=900)
+        sale_id, shoppers = await _sale(
+            stack, db, tokens, quantity=300, shoppers=900, buckets=buckets
+        )
         answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=300, accepted=80)
         killed = stack.kill_primary_of(rediskeys.sale(sale_id))
         fault_at = time.monotonic()
@@ -351,8 +364,9 @@ async def _failover(
         cluster = stack.redis_server
         await when(lambda: cluster.primary_for(rediskeys.sale(sale_id)) is not killed)
         await crowd
+        what = "the sale" if buckets == 1 else f"bucket 0 of a sale in {buckets} buckets"
         verdict = await settle_and_judge(
-            "SIGKILL of the primary holding the sale", db, redis, sale_id, answers, fault_at
+            f"SIGKILL of the primary holding {what}", db, redis, sale_id, answers, fault_at
         )
         assert_promises_kept(verdict, answers, stack)
         assert len(answers.accepted) > accepted_at_kill, answers.statuses  # joins resumed
@@ -370,6 +384,15 @@ async def test_cluster_primary_killed_mid_stampede(
     WAIT kept up with every answered batch) is promoted, the sale is fenced and re-armed,
     joins resume; every 202 is in PostgreSQL once and sold ≤ quantity."""
     await _failover(base_settings, db, tokens, root, "failover")
+
+
+async def test_cluster_primary_killed_mid_stampede_on_a_bucketed_sale(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """The same fault on a sale split into 6 buckets over the 3 shards: the buckets on the
+    killed primary are fenced, the whole sale is recounted and re-armed, joins resume in
+    every bucket; every 202 is in PostgreSQL once and the sale sells exactly its stock."""
+    await _failover(base_settings, db, tokens, root, "failover-buckets", buckets=6)
 
 
 @pytest.mark.chaos
