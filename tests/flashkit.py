@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -122,8 +123,8 @@ async def count_orders(db: asyncpg.Pool, sale_id: int) -> int:
     return n
 
 
-async def remaining_of(redis: Redis, sale_id: int) -> int:
-    raw = await redis.hget(rediskeys.sale(sale_id), "remaining")
+async def remaining_of(redis: Redis, sale_id: int, bucket: int = 0) -> int:
+    raw = await redis.hget(rediskeys.sale(sale_id, bucket), "remaining")
     assert raw is not None
     return int(raw)
 
@@ -135,6 +136,20 @@ async def join(
     return await client.post(
         f"/api/v1/flash-sales/{sale_id}/join", headers=headers, json={"quantity": quantity}
     )
+
+
+async def join_final(
+    client: TestClient[Any, Any], sale_id: int, headers: dict[str, str], quantity: int = 1
+) -> tuple[int, str | None, str | None]:
+    """Join once, retrying what the README calls retriable (503, 429) as a client does;
+    returns (status, error, order id) of the final answer."""
+    for _ in range(200):
+        resp = await join(client, sale_id, headers, quantity)
+        body = await resp.json()
+        if resp.status not in (503, 429):
+            return resp.status, body.get("error"), (body.get("data") or {}).get("order_id")
+        await asyncio.sleep(0.02 + random.random() * 0.05)
+    raise AssertionError(f"still {resp.status} after 200 tries: {body}")
 
 
 SQL_FORGET_SALE = (

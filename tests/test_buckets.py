@@ -36,13 +36,12 @@ from tests.flashkit import (
     create_sale,
     eventually,
     join,
+    join_final,
     make_sku,
     make_users,
 )
 
 pytestmark = pytest.mark.integration
-
-RETRIABLE = {503, 429}
 
 
 @pytest.fixture
@@ -84,19 +83,6 @@ async def _equals(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
 
 
-async def shop(
-    client: TestClient[Any, Any], sale_id: int, headers: dict[str, str], quantity: int
-) -> tuple[int, str | None, str | None]:
-    """Join once, retrying what the README calls retriable (503, 429) like a client does."""
-    for _ in range(200):
-        resp = await join(client, sale_id, headers, quantity)
-        body = await resp.json()
-        if resp.status not in RETRIABLE:
-            return resp.status, body.get("error"), (body.get("data") or {}).get("order_id")
-        await asyncio.sleep(0.02 + random.random() * 0.05)
-    raise AssertionError(f"still {resp.status} after 200 tries: {body}")
-
-
 @pytest.mark.both_topologies
 async def test_bucketed_sale_sells_exactly_its_stock(
     client: TestClient[Any, Any],
@@ -123,7 +109,7 @@ async def test_bucketed_sale_sells_exactly_its_stock(
     headers = {u: bearer(tokens, u) for u in users}
     wants = [(u, 1 + (i % 3 == 0)) for i, u in enumerate(users * 2)]
     random.shuffle(wants)
-    results = await asyncio.gather(*(shop(client, sale_id, headers[u], q) for u, q in wants))
+    results = await asyncio.gather(*(join_final(client, sale_id, headers[u], q) for u, q in wants))
     statuses = collections.Counter((s, e) for s, e, _ in results)
     accepted = {
         oid: q for (_, q), (s, _, oid) in zip(wants, results, strict=True) if s == 202 and oid
@@ -296,7 +282,7 @@ async def test_lost_bucket_recounts_the_whole_sale_and_drops_older_transfers(
         resp = await join(client, sale_id, bearer(tokens, u))
         assert resp.status == 409 and (await resp.json())["error"] == "LIMIT_EXCEEDED"
     results = await asyncio.gather(
-        *(shop(client, sale_id, bearer(tokens, u), 1) for u in users[12:])
+        *(join_final(client, sale_id, bearer(tokens, u), 1) for u in users[12:])
     )
     assert sum(s == 202 for s, _, _ in results) == 18
     await eventually(lambda: _equals(count_orders(db, sale_id), 30))

@@ -52,6 +52,7 @@ from tests.flashkit import (
     create_sale,
     eventually,
     join,
+    join_final,
     make_sku,
     make_users,
     remaining_of,
@@ -337,13 +338,18 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
     await eventually(lambda: _drift_free(db, redis, sale_id))
 
 
-@pytest.mark.parametrize("shards", [0, 3], ids=["single", "cluster"])
+@pytest.mark.parametrize(
+    ("shards", "buckets"),
+    [(0, 1), (3, 1), (3, 4)],
+    ids=["single", "cluster", "cluster-4-buckets"],
+)
 async def test_rebuild_cache_after_flushall(
     base_settings: Settings,
     db: asyncpg.Pool,
     tokens: TokenService,
     tmpdir_path: Path,
     shards: int,
+    buckets: int,
 ) -> None:
     own_redis: Server | ValkeyCluster
     if shards:
@@ -367,7 +373,9 @@ async def test_rebuild_cache_after_flushall(
     try:
         async with TestClient(TestServer(create_app(settings))) as client:
             admin = await admin_headers(db, tokens)
-            sale_id = await create_sale(client, admin, await make_sku(db), quantity=50, limit=1)
+            sale_id = await create_sale(
+                client, admin, await make_sku(db), quantity=50, limit=1, buckets=buckets
+            )
             users = await make_users(db, 130)
             url = f"/api/v1/flash-sales/{sale_id}/join"
             first = await asyncio.gather(
@@ -382,17 +390,15 @@ async def test_rebuild_cache_after_flushall(
             await redis.flushall()
             assert await reconcile.run(settings, "reconcile", repair=False) == 1
             assert await reconcile.run(settings, "rebuild-cache", repair=False) == 0
-            assert await remaining_of(redis, sale_id) == 20
+            left = [await remaining_of(redis, sale_id, k) for k in range(buckets)]
+            assert sum(left) == 20 and max(left) - min(left) <= 1  # spread over the buckets
             await client.app[FLASH].cache.refresh()
             again = await client.post(url, headers=bearer(tokens, users[0]), json={"quantity": 1})
             assert again.status == 409  # per-user counts were rebuilt as well
             rest = await asyncio.gather(
-                *(
-                    client.post(url, headers=bearer(tokens, u), json={"quantity": 1})
-                    for u in users[30:]
-                )
+                *(join_final(client, sale_id, bearer(tokens, u)) for u in users[30:])
             )
-            assert sum(r.status == 202 for r in rest) == 20
+            assert sum(status == 202 for status, _, _ in rest) == 20
             await eventually(lambda: _equals(count_orders(db, sale_id), 50))
             await eventually(lambda: _drift_free(db, redis, sale_id))
             assert await reconcile.run(settings, "reconcile", repair=False) == 0
