@@ -39,6 +39,7 @@ from loadtests.bench import (
 from loadtests.loadgen import RunResult
 
 SHARDS = 3
+BUCKETS = 6  # row 9c: one hot sale split over the shards (flashsale/flash/buckets.py)
 NODE_TIMEOUT_MS = 10_000
 
 
@@ -67,6 +68,16 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
                     + "; compare row 3",
                 )
             )
+        run, bucketed = _accept_through_cluster_gateway(env, plan, cluster, 1, buckets=BUCKETS)
+        rows.append(
+            Row.from_run(
+                f"9c one bucketed hot sale on {SHARDS} shards (join, 202)",
+                run,
+                note=f"one sale in {BUCKETS} buckets over the {SHARDS} primaries "
+                f"({_spread(cluster, bucketed)}), WAIT 1 per batch; compare the first row 9",
+            )
+        )
+        _drop_sale(cluster, bucketed, BUCKETS)
         try:
             rows.extend(_script_cost_on_one_shard(plan, cluster, sale_id))
         except (redis_ceiling.RedisBenchError, Skip) as exc:
@@ -76,8 +87,17 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
         cluster.stop()
 
 
+def _spread(cluster: ValkeyCluster, sale_id: int) -> str:
+    """How many of the sale's buckets each primary holds, e.g. "2+2+2"."""
+    held: dict[int, int] = {}
+    for k in range(BUCKETS):
+        port = cluster.primary_for(rediskeys.sale(sale_id, k)).port
+        held[port] = held.get(port, 0) + 1
+    return "+".join(str(n) for n in sorted(held.values(), reverse=True))
+
+
 def _accept_through_cluster_gateway(
-    env: Env, plan: Plan, cluster: ValkeyCluster, wait_replicas: int
+    env: Env, plan: Plan, cluster: ValkeyCluster, wait_replicas: int, *, buckets: int = 1
 ) -> tuple[RunResult, int]:
     """A gateway on the cluster, a fresh sale through it, the accept-path load on it."""
     port = free_port()
@@ -95,7 +115,7 @@ def _accept_through_cluster_gateway(
             },
         )
         _wait_http(on_cluster.gateway_url + "/healthz", child)
-        sale_id, start = create_sale(on_cluster, 100_000_000, 1_000_000)
+        sale_id, start = create_sale(on_cluster, 100_000_000, 1_000_000, extra={"buckets": buckets})
         _wait_until(start)
         run = _load(
             env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
@@ -132,13 +152,15 @@ def _script_cost_on_one_shard(plan: Plan, cluster: ValkeyCluster, sale_id: int) 
     ]
 
 
-def _drop_sale(cluster: ValkeyCluster, sale_id: int) -> None:
-    """Remove the benchmark-only sale (its keys share a slot; the sales index is another)."""
+def _drop_sale(cluster: ValkeyCluster, sale_id: int, buckets: int = 1) -> None:
+    """Remove the benchmark-only sale (each bucket's keys share a slot; the sales index is
+    another)."""
     node = cluster.nodes[0]
     client = RedisCluster(host="127.0.0.1", port=node.port, password=cluster.password)
     try:
-        for key in rediskeys.all_sale_keys(sale_id):
-            client.delete(key)
+        for k in range(buckets):
+            for key in rediskeys.all_sale_keys(sale_id, k):
+                client.delete(key)
         client.srem(rediskeys.SALES_INDEX, sale_id)
     finally:
         client.close()

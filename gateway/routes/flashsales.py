@@ -212,7 +212,7 @@ async def join(request: web.Request) -> web.Response:
         raise NotStarted(data={"start_time": sale.public(now)["start_time"]})
     if now >= sale.end_ms or sale.closed:
         raise SaleEnded
-    if sale.remaining <= 0 and not sale.recovering:
+    if sale.sold_out and not sale.recovering:
         raise SoldOut
     if sale.mode == "queued":  # the waiting room's gate: an admission, checked in-process
         token = request.match_info.get("admission")
