@@ -1,5 +1,6 @@
 """The join path's pipelined connection on a real valkey cluster: routed by slot with each
-primary's run id, a moved slot followed (MOVED), one WAIT per batch and not one per call."""
+primary's run id, a moved slot followed (MOVED), a slot being migrated followed once
+(ASK, with ASKING), one WAIT per batch and not one per call."""
 
 from __future__ import annotations
 
@@ -109,6 +110,44 @@ async def test_a_moved_slot_is_followed(cluster: ValkeyCluster) -> None:
         assert batcher.node_for(key).endswith(f":{new.port}")
         assert batcher.refreshes >= refreshes
         assert await client.get(key) == b"1"  # ran once, on the new owner
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
+async def test_a_slot_being_migrated_is_asked_for_once(cluster: ValkeyCluster) -> None:
+    """Mid-migration the old owner answers ASK for a key it no longer has: the call is sent
+    once to the importing node with ASKING and runs there; the slot map is not changed
+    (the slot still belongs to the old owner until the migration ends)."""
+    client = await _client(cluster)
+    script = client.register_script(ECHO)
+    await client.script_load(script.script)
+    batcher = ClusterScriptBatcher(cluster.url.split(","))
+    key = rediskeys.sale(11)
+    pw = cluster.password
+    try:
+        await batcher.connect()
+        old = cluster.primary_for(key)
+        new = next(
+            n
+            for n in cluster.nodes
+            if n.port != old.port and b"role:master" in _replication(cluster, n.port)
+        )
+        new_id = redis_command(new.port, pw, "CLUSTER", "MYID").decode()
+        old_id = redis_command(old.port, pw, "CLUSTER", "MYID").decode()
+        slot = int(redis_command(old.port, pw, "CLUSTER", "KEYSLOT", key))
+        redis_command(new.port, pw, "CLUSTER", "SETSLOT", slot, "IMPORTING", old_id)
+        redis_command(old.port, pw, "CLUSTER", "SETSLOT", slot, "MIGRATING", new_id)
+        asked = _stat(cluster, new.port, "asking")
+        reply: Any = await batcher.call(script, [key], ["y"], with_run_id=True)
+        assert reply[2].decode() == _run_id(cluster, new.port)  # ran on the importing node
+        assert _stat(cluster, new.port, "asking") == asked + 1
+        assert batcher.node_for(key).endswith(f":{old.port}")  # an ASK moves nothing
+        for node in cluster.nodes:  # end the migration, then read the key where it lives
+            if b"role:master" in _replication(cluster, node.port):
+                redis_command(node.port, pw, "CLUSTER", "SETSLOT", slot, "NODE", new_id)
+        await asyncio.sleep(0.2)
+        assert await client.get(key) == b"1"  # ran once
     finally:
         await batcher.close()
         await client.aclose()
