@@ -67,6 +67,7 @@ async def _logs(db: asyncpg.Pool, order_id: str) -> list[str]:
 
 
 @pytest.mark.usefixtures("consumer")
+@pytest.mark.both_topologies
 async def test_flash_order_ships_returns_and_refunds_end_to_end(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:

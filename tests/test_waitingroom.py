@@ -103,6 +103,7 @@ async def admitted(client: TestClient[Any, Any], sale_id: int, ticket: str) -> d
     return seen
 
 
+@pytest.mark.both_topologies
 async def test_join_on_a_queued_sale_needs_an_admission(
     client: TestClient[Any, Any],
     app: web.Application,
@@ -216,6 +217,7 @@ async def enter_all(
     return out
 
 
+@pytest.mark.both_topologies
 async def test_admissions_never_exceed_remaining_times_factor(
     client: TestClient[Any, Any],
     app: web.Application,
@@ -265,6 +267,7 @@ async def _eq(value: Any, expected: int) -> bool:
     return bool(await value == expected)
 
 
+@pytest.mark.both_topologies
 async def test_sold_out_reaches_the_queue_and_returned_units_go_to_the_next_in_line(
     client: TestClient[Any, Any],
     app: web.Application,
