@@ -5,6 +5,12 @@ machine id (3 digits), the user id mod 1000 (3 digits) and a per-millisecond
 sequence (4 digits), as in seed 002. Ids from one generator increase strictly,
 even if the wall clock steps back. The machine id comes from settings or from a
 lease in Redis that the process renews; two live processes never hold the same one.
+
+Where replicas are awaited (``FLASHSALE_REDIS_WAIT_REPLICAS``), the lease is taken and
+renewed through the join path's pipelined connection, whose batches end with ``WAIT``:
+an id is used only once a replica holds its lease, so a failover to that replica cannot
+hand the same id to a second process. A lease whose replication was not confirmed is
+not used (the next free id is tried; an unconfirmed renewal is retried).
 """
 
 from __future__ import annotations
@@ -17,12 +23,18 @@ import random
 import secrets
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flashsale import tasks
+from flashsale.redisbatch import OutcomeUnknown
 from flashsale.scripts import Lease, register
+
+if TYPE_CHECKING:
+    from flashsale.clusterbatch import ClusterScriptBatcher
+    from flashsale.redisbatch import ScriptBatcher
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +92,33 @@ class OrderIdGenerator:
 class MachineLease:
     """Holds ``fs:machine:<n>`` in Redis for as long as the process lives."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(
+        self, redis: Redis, batcher: ScriptBatcher | ClusterScriptBatcher | None = None
+    ) -> None:
         self._redis = redis
+        self._batcher = batcher  # replies only once a replica has the write (WAIT)
         self._script = register(redis, "machine_lease")
         self._token = f"{os.getpid()}:{secrets.token_hex(8)}"
         self.machine_id: int | None = None
         self._task: asyncio.Task[None] | None = None
         self.generator: OrderIdGenerator | None = None
 
+    async def _lease(self, n: int) -> Lease | None:
+        """Take or renew ``fs:machine:<n>``; None when its replication was not confirmed."""
+        keys: list[str] = [machine_key(n)]
+        args: list[str | int] = [self._token, LEASE_TTL_MS]
+        if self._batcher is None:
+            return Lease(int(await self._script(keys=keys, args=args)))
+        try:
+            return Lease(int(await self._batcher.call(self._script, keys, args)))
+        except OutcomeUnknown:
+            return None
+
     async def _claim_free_id(self) -> int:
         start = random.randrange(MACHINE_IDS)
         for i in range(MACHINE_IDS):
             n = (start + i) % MACHINE_IDS
-            held = await self._script(keys=[machine_key(n)], args=[self._token, LEASE_TTL_MS])
-            if Lease(int(held)) is Lease.HELD:
+            if await self._lease(n) is Lease.HELD:
                 return n
         raise RuntimeError("no free machine id: 1000 live processes hold one each")
 
@@ -109,10 +134,14 @@ class MachineLease:
             await asyncio.sleep(RENEW_EVERY_S)
             assert self.machine_id is not None and self.generator is not None
             try:
-                held = await self._script(
-                    keys=[machine_key(self.machine_id)], args=[self._token, LEASE_TTL_MS]
-                )
-                if Lease(int(held)) is Lease.HELD:
+                held = await self._lease(self.machine_id)
+                if held is None:
+                    log.warning(
+                        "machine-id lease %d renewed without a replica's confirmation; will retry",
+                        self.machine_id,
+                    )
+                    continue
+                if held is Lease.HELD:
                     continue
                 # expired and taken over while we could not reach Redis: take another id,
                 # and keep ids increasing across the switch
@@ -131,6 +160,8 @@ class MachineLease:
         if self._task is not None:
             await tasks.stop(self._task)
             self._task = None
+        if self._batcher is not None:
+            await self._batcher.close()
         if self.machine_id is not None:
             with contextlib.suppress(RedisError):
                 current = await self._redis.get(machine_key(self.machine_id))

@@ -76,7 +76,7 @@ def pack(args: Sequence[Any]) -> bytes:
 
 
 class _Call:
-    __slots__ = ("args", "fut", "held", "reply", "script")
+    __slots__ = ("args", "attempt", "fut", "held", "reply", "script")
 
     def __init__(
         self, script: AsyncScript | None, args: list[Any], fut: asyncio.Future[Any]
@@ -86,6 +86,7 @@ class _Call:
         self.fut = fut
         self.held = False  # its reply waits for the batch's WAIT
         self.reply: Any = None
+        self.attempt = 0  # sent again (EVAL after NOSCRIPT): only the new WAIT settles it
 
     def settle(self) -> None:
         if self.fut.done():
@@ -99,11 +100,12 @@ class _Call:
 class _Wait:
     """A batch's ``WAIT``: its calls' replies are held until it confirms replication."""
 
-    __slots__ = ("calls", "need")
+    __slots__ = ("attempts", "calls", "need")
 
     def __init__(self, calls: list[_Call], need: int) -> None:
         self.calls = calls
         self.need = need
+        self.attempts = [c.attempt for c in calls]
 
 
 class _Control:
@@ -335,8 +337,8 @@ class ScriptBatcher:
     def _confirmed(self, wait: _Wait, reply: Any) -> None:
         """The batch's WAIT answered: give its replies, or fail them if not replicated."""
         replicated = isinstance(reply, int) and reply >= wait.need
-        for call in wait.calls:
-            if not call.held:
+        for call, attempt in zip(wait.calls, wait.attempts, strict=True):
+            if not call.held or call.attempt != attempt:
                 continue  # retried after NOSCRIPT: its own WAIT follows
             call.held = False
             if replicated:
@@ -353,6 +355,7 @@ class ScriptBatcher:
             call.fut.set_exception(NoScriptError("script not loaded and connection lost"))
             return
         command = ["EVAL", call.script.script, *call.args[2:]]
+        call.attempt += 1
         self._inflight.append(call)
         data = pack(command)
         if self._wait:

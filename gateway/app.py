@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from flashsale import sessions, tasks
 from flashsale.auth import PasswordHashing, TokenService
 from flashsale.db import create_pool
+from flashsale.flash.runtime import open_batcher
 from flashsale.ids import MachineLease, OrderIdGenerator, OrderIds
 from flashsale.kafka import OrderProducer
 from flashsale.metrics import Metrics, RequestStats, get_metrics
@@ -64,7 +65,9 @@ async def ids_ctx(app: web.Application) -> AsyncIterator[None]:
         app[appkeys.ORDER_IDS] = OrderIds(None, OrderIdGenerator(s.machine_id))
         yield
         return
-    lease = MachineLease(app[appkeys.REDIS])
+    # with replicas awaited, the lease goes through a pipelined connection that ends each
+    # batch with WAIT, so a failover never hands a second process the same machine id
+    lease = MachineLease(app[appkeys.REDIS], open_batcher(s) if s.redis_wait_replicas else None)
     await lease.acquire()
     app[appkeys.ORDER_IDS] = OrderIds(lease)
     yield

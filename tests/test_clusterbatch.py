@@ -177,3 +177,21 @@ async def test_one_wait_per_batch_not_per_call(cluster: ValkeyCluster) -> None:
     finally:
         await batcher.close()
         await client.aclose()
+
+
+async def test_a_script_not_loaded_is_answered_after_its_own_wait(cluster: ValkeyCluster) -> None:
+    """NOSCRIPT (a restarted or promoted node) is retried with EVAL and its own WAIT: the
+    batch's first WAIT, which answers before the retried call has a reply, must not settle
+    it (it used to, with None: a 500 on the join that met the empty script cache)."""
+    client = await _client(cluster)
+    script = client.register_script(ECHO + " -- not loaded anywhere yet")
+    batcher = ClusterScriptBatcher(cluster.url.split(","), wait_replicas=1)
+    key = rediskeys.sale(12)
+    try:
+        await batcher.connect()
+        replies = await asyncio.gather(*(batcher.call(script, [key], [i]) for i in range(5)))
+        assert [int(r[1]) for r in replies] == list(range(5))
+        assert await client.get(key) == b"5"
+    finally:
+        await batcher.close()
+        await client.aclose()

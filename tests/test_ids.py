@@ -5,7 +5,11 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from flashsale.ids import MachineLease, OrderIdGenerator
+from flashsale.flash.runtime import open_batcher
+from flashsale.ids import MachineLease, OrderIdGenerator, machine_key
+from flashsale.redisclient import open_redis
+from flashsale.settings import Settings
+from gateway.embedded import ValkeyCluster, redis_command
 
 
 @pytest.mark.unit
@@ -36,3 +40,48 @@ async def test_two_live_processes_never_share_a_machine_id(redis: Redis) -> None
     assert len(set(ids)) == 20
     for lease in leases:
         await lease.release()
+
+
+@pytest.mark.integration
+async def test_on_a_cluster_a_lease_is_used_only_once_a_replica_has_it(
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    """With replicas awaited, the lease goes through the pipelined connection whose batch
+    ends with WAIT: by the time an id is used, the replica that a failover would promote
+    holds its lease, so no second process can take the same id from it."""
+    settings = Settings(redis_url=valkey_cluster.url, redis_cluster=True, redis_wait_replicas=1)
+    redis = open_redis(settings)
+    lease = MachineLease(redis, open_batcher(settings))
+    try:
+        waits = _waits(valkey_cluster)
+        n = await lease.acquire()
+        assert _waits(valkey_cluster) > waits  # the lease's batch ended with WAIT
+        primary = valkey_cluster.primary_for(machine_key(n))
+        replica = next(
+            node
+            for node in valkey_cluster.nodes
+            if f"master_port:{primary.port}".encode()
+            in redis_command(node.port, valkey_cluster.password, "INFO", "replication")
+        )
+        found = redis_command(
+            replica.port, valkey_cluster.password, "SCAN", 0, "MATCH", machine_key(n), "COUNT", 1000
+        )
+        # the key is on the replica already, not only on the primary
+        assert machine_key(n).encode() in found[1], found
+        other = MachineLease(redis)
+        assert await other.acquire() != n
+        await other.release()
+    finally:
+        await lease.release()
+        await redis.aclose()
+
+
+def _waits(cluster: ValkeyCluster) -> int:
+    """WAIT calls served by every node of ``cluster`` so far."""
+    total = 0
+    for node in cluster.nodes:
+        info = redis_command(node.port, cluster.password, "INFO", "commandstats").decode()
+        for line in info.splitlines():
+            if line.startswith("cmdstat_wait:"):
+                total += int(line.split("calls=")[1].split(",")[0])
+    return total
