@@ -165,6 +165,45 @@ async def test_idempotent_retry_and_mismatch(
 
 
 @pytest.mark.both_topologies
+@pytest.mark.parametrize("buckets", [1, 3])
+async def test_a_keyed_retry_on_a_sold_out_sale_gets_its_order_back(
+    client: TestClient[Any, Any],
+    app: web.Application,
+    db: asyncpg.Pool,
+    admin: dict[str, str],
+    tokens: TokenService,
+    buckets: int,
+) -> None:
+    """A shopper who got OUTCOME_UNKNOWN (or lost the connection) retries with the same
+    Idempotency-Key after the sale sold out: the worker's sold-out flag must not answer
+    SOLD_OUT ("no") while its order stands. One HGET finds it; no script runs."""
+    sale_id = await create_sale(
+        client, admin, await make_sku(db), quantity=2, limit=1, buckets=buckets
+    )
+    first, second, late = await make_users(db, 3)
+    h = {**bearer(tokens, first), "Idempotency-Key": "after-503"}
+    won = await join(client, sale_id, h)
+    assert won.status == 202
+    order_id = (await won.json())["data"]["order_id"]
+    assert (await join(client, sale_id, bearer(tokens, second))).status == 202
+    resp = await join(client, sale_id, bearer(tokens, late))
+    assert resp.status == 409 and (await resp.json())["error"] == "SOLD_OUT"
+    await app[FLASH].cache.refresh()
+    assert app[FLASH].cache.sales[sale_id].sold_out
+    batcher = app[FLASH].batcher
+    before = batcher.calls
+    again = await join(client, sale_id, h)
+    assert again.status == 202, await again.text()
+    data = (await again.json())["data"]
+    assert data["order_id"] == order_id and data["replayed"] is True
+    other = await join(client, sale_id, h, 2)  # same key, another body
+    assert other.status == 422 and (await other.json())["error"] == "IDEMPOTENCY_MISMATCH"
+    fresh = await join(client, sale_id, {**bearer(tokens, late), "Idempotency-Key": "new"})
+    assert fresh.status == 409 and (await fresh.json())["error"] == "SOLD_OUT"
+    assert batcher.calls == before  # all answered in-process or with one HGET
+
+
+@pytest.mark.both_topologies
 async def test_limit_returns_first_order(
     client: TestClient[Any, Any],
     db: asyncpg.Pool,

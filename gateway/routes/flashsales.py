@@ -212,8 +212,9 @@ async def join(request: web.Request) -> web.Response:
         raise NotStarted(data={"start_time": sale.public(now)["start_time"]})
     if now >= sale.end_ms or sale.closed:
         raise SaleEnded
-    if sale.sold_out and not sale.recovering:
-        raise SoldOut
+    sold_out = sale.sold_out and not sale.recovering
+    if sold_out and "Idempotency-Key" not in request.headers:
+        raise SoldOut  # in-process, no Redis call (a keyed retry is looked up below)
     if sale.mode == "queued":  # the waiting room's gate: an admission, checked in-process
         token = request.match_info.get("admission")
         app[WAITING_ROOM].check_admission(
@@ -235,17 +236,26 @@ async def join(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY:
         raise ValidationFailed(fields={"Idempotency-Key": "must be 1 to 64 characters"})
-    result = await joining.join(
-        rt,
-        sale=sale,
-        user_id=principal.user_id,
-        quantity=quantity,
-        client_ip=client_ip(request),
-        idempotency_key=key,
-        order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
-        request_id=request_id(request),
-        address_id=address_id,
-    )
+    result: joining.JoinResult | None
+    if sold_out:
+        assert key is not None
+        result = await joining.replay(
+            rt, sale, user_id=principal.user_id, idempotency_key=key, quantity=quantity
+        )
+        if result is None:
+            raise SoldOut
+    else:
+        result = await joining.join(
+            rt,
+            sale=sale,
+            user_id=principal.user_id,
+            quantity=quantity,
+            client_ip=client_ip(request),
+            idempotency_key=key,
+            order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
+            request_id=request_id(request),
+            address_id=address_id,
+        )
     request[appkeys.ORDER_ID] = result.order_id  # the access log line names the order
     if sale.mode == "queued" and not result.replayed:
         app[appkeys.METRICS].queue_joined.inc()
