@@ -42,6 +42,7 @@ from flashsale.flash import buckets, lifecycle
 from flashsale.flash.events import parse_entry
 from flashsale.kafka import OrderProducer, PublishFailed
 from flashsale.metrics import Metrics
+from flashsale.redisclient import lost_connection
 from flashsale.scripts import FlashScripts, ReturnUnits
 from flashsale.settings import Settings
 
@@ -311,6 +312,10 @@ async def run_sweepers(
                 TimeoutError,
             ) as exc:
                 log.warning("sweeper %s failed: %s", name, exc)
+            except (AttributeError, TypeError, RuntimeError) as exc:
+                if not lost_connection(exc):  # a bug: let the process crash and restart
+                    raise
+                log.warning("sweeper %s: Redis connection lost under it: %r", name, exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
 

@@ -13,14 +13,50 @@ cluster does differently are here: a server's run id belongs to the node that ho
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale.redisbatch import run_id_of
 from flashsale.settings import Settings
+
+# Where redis-py 8.1's asyncio connection leaks a transport error instead of its own
+# ConnectionError, when another task closed the connection under a write (it does during a
+# cluster failover): redis/redis-py#4287, #3546. The error comes from the writer's frames:
+# redis-py's own, asyncio's streams and transports, or uvloop's (RuntimeError "the handler
+# is closed").
+_TRANSPORT_FILES: Final = (
+    "/redis/asyncio/connection.py",
+    "/asyncio/streams.py",
+    "_events.py",
+    ".pyx",
+)
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` means a connection to Redis went away under a command: redis-py's
+    ConnectionError or TimeoutError, or the AttributeError/TypeError/RuntimeError its
+    asyncio connection leaks when the connection was closed mid-write (nothing was answered: the
+    caller may answer 503 and let the client retry)."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return True
+    if not isinstance(exc, AttributeError | TypeError | RuntimeError):
+        return False
+    tb = exc.__traceback__
+    innermost = None
+    in_redis = False
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        in_redis = in_redis or "/redis/asyncio/" in name
+        innermost = name
+        tb = tb.tb_next
+    if innermost is not None and innermost.endswith(".pyx") and "uvloop" not in innermost:
+        return False
+    return in_redis and innermost is not None and innermost.endswith(_TRANSPORT_FILES)
 
 
 def _node(url: str) -> ClusterNode:

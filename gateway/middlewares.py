@@ -11,8 +11,9 @@ from typing import Final
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from flashsale.errors import AppError
+from flashsale.errors import AppError, ServiceUnavailable
 from flashsale.metrics import RequestStats
+from flashsale.redisclient import lost_connection
 from gateway.appkeys import ORDER_ID
 from gateway.http import JSON_CONTENT_TYPE, error_body
 from gateway.routing import Handler
@@ -90,13 +91,31 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
             code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             response = _error_response(exc.status, code, exc.reason, rid, headers=headers)
-        except Exception:
-            log.exception(
-                "unhandled error in %s %s request_id=%s", request.method, request.path, rid
-            )
-            response = _error_response(
-                500, "INTERNAL", "internal error; quote the request_id when reporting it", rid
-            )
+        except Exception as exc:
+            if lost_connection(exc):  # nothing was answered: a retriable 503, not a 500
+                log.warning(
+                    "%s %s request_id=%s: Redis connection lost under the command: %r",
+                    request.method,
+                    request.path,
+                    rid,
+                    exc,
+                )
+                unavailable = ServiceUnavailable("a store connection was lost; retry later")
+                stats.error(unavailable.code)
+                response = _error_response(
+                    unavailable.http_status,
+                    unavailable.code,
+                    unavailable.message,
+                    rid,
+                    headers=unavailable.headers,
+                )
+            else:
+                log.exception(
+                    "unhandled error in %s %s request_id=%s", request.method, request.path, rid
+                )
+                response = _error_response(
+                    500, "INTERNAL", "internal error; quote the request_id when reporting it", rid
+                )
         response.headers[REQUEST_ID] = rid
         stats.record(
             request.method, _route_name(request), response.status, time.perf_counter() - started

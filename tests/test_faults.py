@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -52,7 +51,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 async def root() -> AsyncIterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="flashsale-fault-"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    pass  # TEMP shutil.rmtree(path, ignore_errors=True)
 
 
 async def _stack(base: Settings, root: Path, tag: str, **changes: Any) -> FaultStack:
@@ -396,15 +395,19 @@ async def test_cluster_primary_killed_mid_stampede_on_a_bucketed_sale(
 
 
 @pytest.mark.chaos
+@pytest.mark.parametrize("buckets", [1, 6])
 async def test_cluster_two_failovers_in_a_row(
-    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path, buckets: int
 ) -> None:
-    """Kill the sale's primary; bring the dead node back (it rejoins as the new primary's
-    replica, and batches WAIT for it again); then kill the promoted primary too."""
-    stack = await _stack(base_settings, root, "failover2", redis_shards=3)
+    """Kill the sale's primary (bucket 0's, for a split sale); bring the dead node back (it
+    rejoins as the new primary's replica, and batches WAIT for it again); then kill the
+    promoted primary too."""
+    stack = await _stack(base_settings, root, f"failover2-{buckets}", redis_shards=3)
     redis: Redis = open_redis(stack.settings)
     try:
-        sale_id, shoppers = await _sale(stack, db, tokens, quantity=600, shoppers=1800)
+        sale_id, shoppers = await _sale(
+            stack, db, tokens, quantity=600, shoppers=1800, buckets=buckets
+        )
         answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=200, accepted=60)
         assert isinstance(stack.redis_server, ValkeyCluster)
         cluster = stack.redis_server
@@ -421,7 +424,12 @@ async def test_cluster_two_failovers_in_a_row(
         await when(lambda: cluster.primary_for(key).port == first.port)
         await crowd
         verdict = await settle_and_judge(
-            "two failovers of the sale's shard", db, redis, sale_id, answers, fault_at
+            "two failovers of the sale's shard" + (f" ({buckets} buckets)" if buckets > 1 else ""),
+            db,
+            redis,
+            sale_id,
+            answers,
+            fault_at,
         )
         assert_promises_kept(verdict, answers, stack)
         assert verdict.accepted == 600, answers.statuses

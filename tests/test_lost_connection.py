@@ -1,0 +1,61 @@
+"""Which errors mean "the Redis connection went away under a command" (a retriable 503)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from flashsale.redisclient import lost_connection
+
+pytestmark = pytest.mark.unit
+
+
+async def test_a_write_on_a_connection_closed_under_it_is_a_lost_connection() -> None:
+    """redis-py 8.1 leaks AttributeError from its writer when another task closed the
+    connection mid-write (what a cluster failover does): seen in the two-failover chaos
+    run as a 500. The same call on a closed connection raises it here, from redis-py's
+    own frames."""
+    conn = Connection(host="127.0.0.1", port=1)  # never connected: no writer, as after close
+    with pytest.raises(AttributeError) as caught:
+        await conn._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+    assert lost_connection(caught.value)
+
+
+async def test_a_write_on_a_transport_closed_under_it_is_a_lost_connection() -> None:
+    """The same race on uvloop (the service's loop, and this suite's): the transport is
+    closed, and its write raises RuntimeError "the handler is closed" (the second 500
+    of the two-failover chaos run)."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda _r, w: accepted.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = Connection(host="127.0.0.1", port=port)
+    conn._reader, conn._writer = reader, writer  # what connect() sets up
+    writer.transport.close()  # what a concurrent disconnect() does
+    await asyncio.sleep(0)
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            await conn._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+        assert lost_connection(caught.value)
+    finally:
+        await conn.disconnect(nowait=True)
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.05)  # let the closed handles be released before the loop ends
+
+
+def test_other_errors_are_not() -> None:
+    assert lost_connection(RedisConnectionError("reset by peer"))
+    assert not lost_connection(ResponseError("WRONGTYPE"))
+    try:
+        None.writelines  # type: ignore[attr-defined]  # noqa: B018 (an AttributeError of ours)
+    except AttributeError as exc:
+        assert not lost_connection(exc)
+    assert not lost_connection(AttributeError("no traceback at all"))
+    assert not lost_connection(RuntimeError("a bug of ours"))
