@@ -61,6 +61,19 @@ def _error_response(
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
+def _app_error_response(exc: AppError, rid: str, stats: RequestStats) -> web.Response:
+    stats.error(exc.code)
+    return _error_response(
+        exc.http_status,
+        exc.code,
+        exc.message,
+        rid,
+        fields=exc.fields,
+        data=exc.data,
+        headers=exc.headers,
+    )
+
+
 def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[valid-type]
     prefix = os.urandom(4).hex() + "-"
     sequence = itertools.count(1)
@@ -75,16 +88,7 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
         try:
             response = await handler(request)
         except AppError as exc:
-            stats.error(exc.code)
-            response = _error_response(
-                exc.http_status,
-                exc.code,
-                exc.message,
-                rid,
-                fields=exc.fields,
-                data=exc.data,
-                headers=exc.headers,
-            )
+            response = _app_error_response(exc, rid, stats)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -101,14 +105,7 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
                     exc,
                 )
                 unavailable = ServiceUnavailable("a store connection was lost; retry later")
-                stats.error(unavailable.code)
-                response = _error_response(
-                    unavailable.http_status,
-                    unavailable.code,
-                    unavailable.message,
-                    rid,
-                    headers=unavailable.headers,
-                )
+                response = _app_error_response(unavailable, rid, stats)
             else:
                 log.exception(
                     "unhandled error in %s %s request_id=%s", request.method, request.path, rid
