@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 
 from flashsale import rediskeys, tasks
 from flashsale.flash.cache import iso_ms, now_ms
+from flashsale.redisclient import leaks_as_connection_errors
 from flashsale.rediskeys import DASH_TOTALS, dash_second
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,8 @@ async def publish_every_second(
             if before is not None:
                 before()
             try:
-                await pub.publish(redis)
+                with leaks_as_connection_errors():
+                    await pub.publish(redis)
             except (RedisError, OSError) as exc:
                 log.warning("dashboard figures not published: %s", exc)
     finally:
@@ -640,7 +642,8 @@ class DashboardHub:
         while True:
             await asyncio.sleep(1.0 - (time.time() % 1.0))
             try:
-                snap = await self.tick(sale_id, int(time.time()))
+                with leaks_as_connection_errors():
+                    snap = await self.tick(sale_id, int(time.time()))
             except (RedisError, OSError, asyncpg.PostgresError) as exc:
                 if tasks.cancel_requested():
                     raise asyncio.CancelledError from None

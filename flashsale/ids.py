@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from flashsale import tasks
 from flashsale.redisbatch import OutcomeUnknown
+from flashsale.redisclient import leaks_as_connection_errors
 from flashsale.scripts import Lease, register
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ class MachineLease:
             await asyncio.sleep(RENEW_EVERY_S)
             assert self.machine_id is not None and self.generator is not None
             try:
-                held = await self._lease(self.machine_id)
+                with leaks_as_connection_errors():
+                    held = await self._lease(self.machine_id)
                 if held is None:
                     log.warning(
                         "machine-id lease %d renewed without a replica's confirmation; will retry",
@@ -146,7 +148,8 @@ class MachineLease:
                 # expired and taken over while we could not reach Redis: take another id,
                 # and keep ids increasing across the switch
                 log.error("machine id %d was taken by another process", self.machine_id)
-                n = await self._claim_free_id()
+                with leaks_as_connection_errors():
+                    n = await self._claim_free_id()
             except RedisError:
                 if tasks.cancel_requested():
                     raise asyncio.CancelledError from None

@@ -12,7 +12,8 @@ cluster does differently are here: a server's run id belongs to the node that ho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
@@ -57,6 +58,19 @@ def lost_connection(exc: BaseException) -> bool:
     if innermost is not None and innermost.endswith(".pyx") and "uvloop" not in innermost:
         return False
     return in_redis and innermost is not None and innermost.endswith(_TRANSPORT_FILES)
+
+
+@contextlib.contextmanager
+def leaks_as_connection_errors() -> Iterator[None]:
+    """Inside, a transport error leaked by redis-py (see :func:`lost_connection`) is
+    raised as redis-py's ConnectionError, so a background loop's ``except RedisError``
+    keeps it alive (a dead cache, revocation or lease loop would serve stale state)."""
+    try:
+        yield
+    except (AttributeError, TypeError, RuntimeError) as exc:
+        if lost_connection(exc):
+            raise RedisConnectionError(f"connection lost under the command: {exc!r}") from exc
+        raise
 
 
 def _node(url: str) -> ClusterNode:

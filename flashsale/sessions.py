@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 
 from flashsale import tasks
 from flashsale.errors import ServiceUnavailable
-from flashsale.redisclient import pubsub_client
+from flashsale.redisclient import leaks_as_connection_errors, pubsub_client
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,13 @@ async def _subscribe(revocations: Revocations, redis: Redis, wake: asyncio.Event
     while True:
         client, owned = pubsub_client(redis)
         try:
-            async with client.pubsub() as pubsub:
-                await pubsub.subscribe(CHANNEL)
-                wake.set()  # messages may have been missed while unsubscribed: poll now
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        revocations.apply_message(message["data"])
+            with leaks_as_connection_errors():
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    wake.set()  # messages may have been missed while unsubscribed: poll now
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            revocations.apply_message(message["data"])
         except (RedisError, OSError) as exc:
             if tasks.cancel_requested():
                 raise asyncio.CancelledError from None
@@ -150,7 +151,8 @@ async def _poll(
             raise asyncio.CancelledError
         wake.clear()
         try:
-            await revocations.refresh(redis, db)
+            with leaks_as_connection_errors():
+                await revocations.refresh(redis, db)
         except (RedisError, OSError, asyncpg.PostgresError) as exc:
             if tasks.cancel_requested():
                 raise asyncio.CancelledError from None

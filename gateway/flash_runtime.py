@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from flashsale import tasks
 from flashsale.flash.cache import REFRESH_EVERY_S
 from flashsale.flash.runtime import FlashRuntime, open_runtime
+from flashsale.redisclient import leaks_as_connection_errors
 from gateway import appkeys
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ async def flash_ctx(app: web.Application) -> AsyncIterator[None]:
             calls.inc(batcher.calls - seen_calls)
             seen_pipelines, seen_calls = batcher.round_trips, batcher.calls
             try:
-                await cache.refresh()
+                with leaks_as_connection_errors():
+                    await cache.refresh()
             except (RedisError, OSError) as exc:
                 if tasks.cancel_requested():
                     raise asyncio.CancelledError from None

@@ -9,7 +9,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from flashsale.redisclient import lost_connection
+from flashsale.redisclient import leaks_as_connection_errors, lost_connection
 
 pytestmark = pytest.mark.unit
 
@@ -59,3 +59,13 @@ def test_other_errors_are_not() -> None:
         assert not lost_connection(exc)
     assert not lost_connection(AttributeError("no traceback at all"))
     assert not lost_connection(RuntimeError("a bug of ours"))
+
+
+async def test_background_loops_see_a_leak_as_a_connection_error() -> None:
+    """The sale-cache, revocation, lease, waiting-room and dashboard loops catch
+    RedisError: inside ``leaks_as_connection_errors`` a leak is one, so they live on."""
+    conn = Connection(host="127.0.0.1", port=1)
+    with pytest.raises(RedisConnectionError), leaks_as_connection_errors():
+        await conn._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+    with pytest.raises(AttributeError), leaks_as_connection_errors():
+        None.anything  # type: ignore[attr-defined]  # noqa: B018 (a bug stays a bug)

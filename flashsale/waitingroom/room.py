@@ -47,6 +47,7 @@ from flashsale.errors import (
 from flashsale.flash import lifecycle
 from flashsale.flash.cache import SaleCache, SaleState, iso_ms, now_ms
 from flashsale.metrics import Metrics
+from flashsale.redisclient import leaks_as_connection_errors
 from flashsale.scripts import FlashScripts, Lease, QueueAdmit, QueueEnter, register
 from flashsale.settings import Settings
 from flashsale.waitingroom.config import QueueConfig
@@ -475,8 +476,9 @@ async def run_forever(room: WaitingRoom, stop: asyncio.Event) -> None:
     every_s = room.settings.queue_tick_ms / 1000
     while not stop.is_set():
         try:
-            await room.refresh()
-            await room.admit_all()
+            with leaks_as_connection_errors():
+                await room.refresh()
+                await room.admit_all()
         except (RedisError, OSError) as exc:
             if tasks.cancel_requested():
                 raise asyncio.CancelledError from None
