@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -51,7 +52,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 async def root() -> AsyncIterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="flashsale-fault-"))
     yield path
-    pass  # TEMP shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 async def _stack(base: Settings, root: Path, tag: str, **changes: Any) -> FaultStack:
