@@ -32,8 +32,10 @@ What it does, in order, every part bounded in time and count, every request to 1
        drained by 1, then 4 ``flashsale consume`` processes in one group, started
        together on the whole backlog; with the CPU seconds per 1,000 orders of the
        consumers and of PostgreSQL, lock waits and WAL per order (inputs of CAPACITY.md);
-   (9) the accept path again through a gateway on a local 3-shard valkey cluster, and the
-       reserve script's ceiling on the primary holding the sale (:mod:`.bench_cluster`);
+   (9) the accept path again through a gateway on a local 3-shard valkey cluster, (9c) the
+       same for one sale split into buckets over the shards, (9d) a sell-out there in one
+       bucket and in several, and (9b) the reserve script's ceiling on the primary holding
+       the sale (:mod:`.bench_cluster`);
 3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3, 8b/8a, 6c/6b, 9/3 with the
    hardware and versions,
    writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.

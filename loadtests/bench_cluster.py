@@ -1,5 +1,5 @@
 """``flashsale bench`` on a Redis Cluster: the accept path on 1 vs 3 shards, the script cost
-on one shard, and one bucketed hot sale.
+on one shard, one bucketed hot sale's accept path, and a sell-out in one bucket vs several.
 
 A local valkey cluster (3 primaries, one replica each, the persistence the single-node rows
 use) is started next to the bench's stack, and a second gateway (``flashsale serve`` with
@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from redis.cluster import RedisCluster
 
 from flashsale import rediskeys
 from gateway.embedded import ValkeyCluster, free_port, start_redis_cluster
-from loadtests import redis_ceiling
+from loadtests import loadgen, redis_ceiling
 from loadtests.bench import (
+    CONNECTIONS,
     JOIN_BODY,
+    THREADS,
     Env,
     Plan,
     Row,
@@ -78,6 +81,7 @@ def accept_on_shards(env: Env, plan: Plan, redis_fsync: str = "always") -> list[
             )
         )
         _drop_sale(cluster, bucketed, BUCKETS)
+        rows.extend(sellout_on_shards(env, plan, cluster))
         try:
             rows.extend(_script_cost_on_one_shard(plan, cluster, sale_id))
         except (redis_ceiling.RedisBenchError, Skip) as exc:
@@ -100,6 +104,72 @@ def _accept_through_cluster_gateway(
     env: Env, plan: Plan, cluster: ValkeyCluster, wait_replicas: int, *, buckets: int = 1
 ) -> tuple[RunResult, int]:
     """A gateway on the cluster, a fresh sale through it, the accept-path load on it."""
+    return _through_cluster_gateway(
+        env,
+        cluster,
+        wait_replicas,
+        quantity=100_000_000,
+        limit=1_000_000,
+        buckets=buckets,
+        load=lambda port, sale_id: _load(
+            env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
+        ),
+    )
+
+
+def sellout_on_shards(env: Env, plan: Plan, cluster: ValkeyCluster) -> list[Row]:
+    """Rows 9d: the sell-out of one sale through a gateway on the cluster, in one bucket and
+    in :data:`BUCKETS`: how long it takes, and what the end of a split sale costs (joins of
+    emptied buckets that refill from the others, or answer 503 when they keep losing the
+    race; the load generator does not retry, so a 503 here is a shopper who would)."""
+    units, attempts = plan.sellout_units, plan.sellout_attempts
+    tokens = env.root / "cluster-sellout-tokens.txt"
+    tokens.write_text("\n".join(env.tokens_file.read_text().split()[:attempts]) + "\n")
+    rows = []
+    for n in (1, BUCKETS):
+
+        def sell(port: int, sale_id: int, n: int = n) -> RunResult:
+            return loadgen.run_python(
+                _join_path(sale_id),
+                port,
+                tokens_file=tokens,
+                method="POST",
+                body=JOIN_BODY,
+                expected=(202, 409, 503),
+                processes=THREADS,
+                connections=CONNECTIONS,
+                duration_s=plan.sellout_timeout_s,
+                max_requests=attempts,
+                record=env.root / f"cluster-sellout-{n}",
+            )
+
+        run, sale_id = _through_cluster_gateway(
+            env, cluster, 1, quantity=units, limit=1, buckets=n, load=sell
+        )
+        answers = ", ".join(f"{k} {v}" for k, v in sorted(run.statuses.items()))
+        rows.append(
+            Row.from_run(
+                f"9d sell-out on {SHARDS} shards, {n} bucket(s)",
+                run,
+                note=f"{units} units/{attempts} tries: sold out in {run.last_accept_s:.2f}s; "
+                f"answers {answers}" + (f"; buckets {_spread(cluster, sale_id)}" if n > 1 else ""),
+            )
+        )
+        _drop_sale(cluster, sale_id, n)
+    return rows
+
+
+def _through_cluster_gateway(
+    env: Env,
+    cluster: ValkeyCluster,
+    wait_replicas: int,
+    *,
+    quantity: int,
+    limit: int,
+    buckets: int,
+    load: Callable[[int, int], RunResult],
+) -> tuple[RunResult, int]:
+    """A gateway on the cluster, a fresh sale through it, ``load(port, sale id)`` on it."""
     port = free_port()
     on_cluster = dataclasses.replace(env, gateway_url=f"http://127.0.0.1:{port}")
     try:
@@ -115,12 +185,9 @@ def _accept_through_cluster_gateway(
             },
         )
         _wait_http(on_cluster.gateway_url + "/healthz", child)
-        sale_id, start = create_sale(on_cluster, 100_000_000, 1_000_000, extra={"buckets": buckets})
+        sale_id, start = create_sale(on_cluster, quantity, limit, extra={"buckets": buckets})
         _wait_until(start)
-        run = _load(
-            env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
-        )
-        return run, sale_id
+        return load(port, sale_id), sale_id
     finally:
         _stop(env, "gateway-cluster")
 
