@@ -13,6 +13,7 @@ cluster does differently are here: a server's run id belongs to the node that ho
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
@@ -29,13 +30,8 @@ from flashsale.settings import Settings
 # ConnectionError, when another task closed the connection under a write (it does during a
 # cluster failover): redis/redis-py#4287, #3546. The error comes from the writer's frames:
 # redis-py's own, asyncio's streams and transports, or uvloop's (RuntimeError "the handler
-# is closed").
-_TRANSPORT_FILES: Final = (
-    "/redis/asyncio/connection.py",
-    "/asyncio/streams.py",
-    "_events.py",
-    ".pyx",
-)
+# is closed", raised from ``uvloop/handles/*.pyx``).
+_TRANSPORT_FILES: Final = ("/redis/asyncio/connection.py", "/asyncio/streams.py", "_events.py")
 
 
 def lost_connection(exc: BaseException) -> bool:
@@ -47,17 +43,10 @@ def lost_connection(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, AttributeError | TypeError | RuntimeError):
         return False
-    tb = exc.__traceback__
-    innermost = None
-    in_redis = False
-    while tb is not None:
-        name = tb.tb_frame.f_code.co_filename
-        in_redis = in_redis or "/redis/asyncio/" in name
-        innermost = name
-        tb = tb.tb_next
-    if innermost is not None and innermost.endswith(".pyx") and "uvloop" not in innermost:
+    files = [f.f_code.co_filename for f, _ in traceback.walk_tb(exc.__traceback__)]
+    if not files or not any("/redis/asyncio/" in name for name in files):
         return False
-    return in_redis and innermost is not None and innermost.endswith(_TRANSPORT_FILES)
+    return files[-1].endswith(_TRANSPORT_FILES) or files[-1].startswith("uvloop/handles/")
 
 
 @contextlib.contextmanager
@@ -94,10 +83,6 @@ def open_redis(settings: Settings, **options: Any) -> Redis:
         **options,
     )
     return cast(Redis, cluster)
-
-
-def is_cluster(redis: Redis) -> bool:
-    return isinstance(redis, RedisCluster)
 
 
 async def run_ids(redis: Redis, keys: Sequence[str]) -> list[str]:

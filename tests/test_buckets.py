@@ -40,6 +40,7 @@ from tests.flashkit import (
     make_sku,
     make_users,
 )
+from tests.test_flash_sales import _drift_free, _equals, bearer
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +48,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def admin(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
     return await admin_headers(db, tokens)
-
-
-def bearer(tokens: TokenService, uid: int) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
 
 
 def test_home_buckets_spread_evenly_and_shares_add_up() -> None:
@@ -72,15 +69,6 @@ async def report_of(db: asyncpg.Pool, redis: Redis, sale_id: int) -> reconcile.S
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
     assert sale is not None
     return await reconcile.check_sale(db, redis, sale)
-
-
-async def _settled(db: asyncpg.Pool, redis: Redis, sale_id: int) -> bool:
-    r = await report_of(db, redis, sale_id)
-    return r.drift == 0 and not r.user_drift and not r.in_log and not r.claimed
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
 
 
 @pytest.mark.both_topologies
@@ -133,7 +121,7 @@ async def test_bucketed_sale_sells_exactly_its_stock(
     view = (await (await client.get(f"/api/v1/flash-sales/{sale_id}")).json())["data"]
     assert view["remaining_quantity"] == 0 and view["sold_quantity"] == quantity
     assert view["status"] == "sold_out"
-    await eventually(lambda: _settled(db, redis, sale_id))
+    await eventually(lambda: _drift_free(db, redis, sale_id))
     report = await report_of(db, redis, sale_id)
     assert report.ok and report.buckets == n and report.in_transit == 0, report.line()
     print(f"\nbucketed stampede ({redis_topology}): {dict(statuses)}")
@@ -178,7 +166,7 @@ async def test_empty_home_bucket_takes_from_the_others_within_the_limit(
     await app[FLASH].cache.refresh()
     assert app[FLASH].cache.sales[sale_id].sold_out
     await eventually(lambda: _equals(count_orders(db, sale_id), 4))
-    await eventually(lambda: _settled(db, redis, sale_id))
+    await eventually(lambda: _drift_free(db, redis, sale_id))
 
 
 @pytest.mark.both_topologies
@@ -213,7 +201,7 @@ async def test_bucketed_top_up_and_close_spread_over_the_buckets(
     assert sum(await bucket_fields(redis, sale_id, n, "moved_out")) == 11
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 96
     await eventually(lambda: _equals(count_orders(db, sale_id), 4))
-    await eventually(lambda: _settled(db, redis, sale_id))
+    await eventually(lambda: _drift_free(db, redis, sale_id))
 
 
 @pytest.mark.both_topologies
@@ -286,7 +274,7 @@ async def test_lost_bucket_recounts_the_whole_sale_and_drops_older_transfers(
     )
     assert sum(s == 202 for s, _, _ in results) == 18
     await eventually(lambda: _equals(count_orders(db, sale_id), 30))
-    await eventually(lambda: _settled(db, redis, sale_id))
+    await eventually(lambda: _drift_free(db, redis, sale_id))
 
 
 async def _armed(recovery: Recovery) -> bool:

@@ -162,6 +162,21 @@ async def _credit(
     return result is not Take.STALE
 
 
+async def _transfer_log(
+    redis: Redis, sale_id: int, buckets: int
+) -> list[tuple[int, str, int, int, int]]:
+    """Every transfer not yet dropped by its giver: (giver, id, receiver, units, at ms)."""
+    out = []
+    for giver in range(buckets):
+        entries = cast(
+            dict[bytes, bytes], await redis.hgetall(rediskeys.transfers_out(sale_id, giver))
+        )
+        for raw_id, raw in entries.items():
+            to, units, at = (int(x) for x in raw.split(b"|"))
+            out.append((giver, raw_id.decode(), to, units, at))
+    return out
+
+
 async def finish_transfers(
     redis: Redis, scripts: FlashScripts, sale_id: int, buckets: int, *, older_than_ms: int
 ) -> int:
@@ -169,28 +184,16 @@ async def finish_transfers(
     the receiver was being recounted); returns how many units were credited."""
     cutoff = time.time_ns() // 1_000_000 - older_than_ms
     credited = 0
-    for giver in range(buckets):
-        entries = cast(
-            dict[bytes, bytes], await redis.hgetall(rediskeys.transfers_out(sale_id, giver))
-        )
-        for raw_id, raw in entries.items():
-            to, units, at = (int(x) for x in raw.split(b"|"))
-            if at > cutoff:
-                continue
-            if await _credit(redis, scripts, sale_id, giver, to, raw_id.decode(), units):
-                credited += units
+    for giver, transfer, to, units, at in await _transfer_log(redis, sale_id, buckets):
+        if at <= cutoff and await _credit(redis, scripts, sale_id, giver, to, transfer, units):
+            credited += units
     return credited
 
 
 async def pending_transfers(redis: Redis, sale_id: int, buckets: int) -> int:
     """Units given by a bucket and not yet credited to another (for reconcile)."""
     pending = 0
-    for giver in range(buckets):
-        entries = cast(
-            dict[bytes, bytes], await redis.hgetall(rediskeys.transfers_out(sale_id, giver))
-        )
-        for raw_id, raw in entries.items():
-            to, units, _ = (int(x) for x in raw.split(b"|"))
-            if not await redis.sismember(rediskeys.transfers_in(sale_id, to), raw_id.decode()):
-                pending += units
+    for _, transfer, to, units, _ in await _transfer_log(redis, sale_id, buckets):
+        if not await redis.sismember(rediskeys.transfers_in(sale_id, to), transfer):
+            pending += units
     return pending
