@@ -3,6 +3,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY flashsale ./flashsale
 COPY gateway ./gateway
+COPY stack ./stack
 COPY consumers ./consumers
 COPY lua ./lua
 COPY loadtests ./loadtests

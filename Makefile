@@ -27,12 +27,12 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow and not chaos"
 
 format: $(STAMP)
-	$(BIN)/ruff format flashsale gateway consumers loadtests tests
-	$(BIN)/ruff check --fix flashsale gateway consumers loadtests tests
+	$(BIN)/ruff format flashsale gateway consumers stack loadtests tests
+	$(BIN)/ruff check --fix flashsale gateway consumers stack loadtests tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check flashsale gateway consumers loadtests tests
-	$(BIN)/ruff format --check flashsale gateway consumers loadtests tests
+	$(BIN)/ruff check flashsale gateway consumers stack loadtests tests
+	$(BIN)/ruff format --check flashsale gateway consumers stack loadtests tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

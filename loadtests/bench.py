@@ -47,6 +47,7 @@ subprocess is stopped at the end, even on failure.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.metadata
@@ -76,18 +77,18 @@ from flashsale.db import migrate
 from flashsale.flash.events import OrderEvent
 from flashsale.kafka import OrderProducer, PublishFailed, group_state
 from flashsale.settings import Settings
-from gateway.embedded import (
+from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
+from loadtests.loadgen import LoadgenError, RunResult
+from stack.embedded import (
     EmbeddedError,
-    _die_with_parent,
+    die_with_parent,
     free_port,
     postgres_bin_dir,
     start_stack,
     tansu_binary,
     valkey_binary,
 )
-from gateway.server import child_env, stop_children
-from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
-from loadtests.loadgen import LoadgenError, RunResult
+from stack.processes import child_env, stop_children
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -245,7 +246,7 @@ def _spawn(
         env={**child_env(env.settings), **(extra_env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent(signal.SIGTERM),
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
     log.close()
     env.procs[name] = child
@@ -471,7 +472,7 @@ def naive(env: Env, plan: Plan) -> Row:
 
 
 def start_consumer(env: Env) -> subprocess.Popen[bytes]:
-    child = _spawn(env, "consume", [sys.executable, "-m", "gateway", "consume"])
+    child = _spawn(env, "consume", [sys.executable, "-m", "stack", "consume"])
     time.sleep(1.0)
     if child.poll() is not None:
         raise Skip(
@@ -661,7 +662,7 @@ def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) ->
         "FLASHSALE_KAFKA_SESSION_TIMEOUT_MS": "60000",
     }
     children = [
-        _spawn(env, name, [sys.executable, "-m", "gateway", "consume"], extra) for name in names
+        _spawn(env, name, [sys.executable, "-m", "stack", "consume"], extra) for name in names
     ]
     try:
         asyncio.run(_group_settled(settings, consumers, 60))
@@ -1110,7 +1111,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         )
         env = asyncio.run(_prepare(settings, plan, root))
         print(f"bench: {len(env.user_ids)} users and tokens ready", flush=True)
-        gateway = _spawn(env, "gateway", [sys.executable, "-m", "gateway", "serve"])
+        gateway = _spawn(env, "gateway", [sys.executable, "-m", "stack", "serve"])
         _wait_http(env.gateway_url + "/healthz", gateway)
 
         def step(name: str, fn: Callable[[], Row | list[Row]]) -> None:
@@ -1234,3 +1235,16 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
     write_markdown(text, mode)
     print(f"\nwrote {out} and the {mode} section of {BENCHMARKS_MD.name} ({result['elapsed_s']}s)")
     return 1 if failed else 0
+
+
+def _cli() -> int:
+    parser = argparse.ArgumentParser(prog="flashsale bench")
+    parser.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
+    parser.add_argument("--out", default="bench-results.json")
+    parser.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "off"))
+    args = parser.parse_args()
+    return main(quick=args.quick, out=args.out, redis_fsync=args.redis_fsync)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 from redis.cluster import RedisCluster
 
 from flashsale import rediskeys
-from gateway.embedded import ValkeyCluster, free_port, start_redis_cluster
 from loadtests import loadgen, redis_ceiling
 from loadtests.bench import (
     CONNECTIONS,
@@ -40,6 +39,7 @@ from loadtests.bench import (
     create_sale,
 )
 from loadtests.loadgen import RunResult
+from stack.embedded import ValkeyCluster, free_port, start_redis_cluster
 
 SHARDS = 3
 BUCKETS = 6  # row 9c: one hot sale split over the shards (flashsale/flash/buckets.py)
@@ -176,7 +176,7 @@ def _through_cluster_gateway(
         child = _spawn(
             env,
             "gateway-cluster",
-            [sys.executable, "-m", "gateway", "serve"],
+            [sys.executable, "-m", "stack", "serve"],
             extra_env={
                 "FLASHSALE_REDIS_URL": cluster.url,
                 "FLASHSALE_REDIS_CLUSTER": "true",

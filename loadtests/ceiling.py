@@ -17,7 +17,7 @@ import sys
 import orjson
 from aiohttp import web
 
-from gateway.server import run_until_signalled, supervise
+from stack.processes import run_until_signalled, supervise
 
 BODY = orjson.dumps({"data": {"status": "ok"}, "message": "ok"})
 

@@ -38,8 +38,8 @@ from typing import Any
 import asyncpg
 
 from flashsale.settings import Settings
-from gateway import stackfile
 from loadtests import queue_report
+from stack import stackfile
 
 SQL_SALE = "SELECT * FROM flash_sales WHERE id = $1"
 SQL_SALE_ORDERS = """

@@ -27,7 +27,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
-from gateway import stackfile
+from stack import stackfile
 
 BENCH_PASSWORD = "bench-password-1"
 BATCH = 50_000

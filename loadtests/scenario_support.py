@@ -47,7 +47,7 @@ def running_gateway() -> str | None:
     in ``FLASHSALE_DATA_DIR``), the users' default host so that ``-H`` may be left out;
     None when no ``up`` runs."""
     from flashsale.settings import Settings
-    from gateway import stackfile
+    from stack import stackfile
 
     settings = Settings.from_env()
     data = stackfile.read(settings)

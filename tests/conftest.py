@@ -35,7 +35,7 @@ from flashsale.db import create_pool, migrate
 from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
 from gateway.app import create_app
-from gateway.embedded import EmbeddedStack, ValkeyCluster, start_redis_cluster, start_stack
+from stack.embedded import EmbeddedStack, ValkeyCluster, start_redis_cluster, start_stack
 
 pytest_plugins = ["tests.hangwatch"]
 

@@ -30,7 +30,7 @@ from consumers.recovery import server_run_id
 from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
-from gateway.embedded import (
+from stack.embedded import (
     Server,
     ValkeyCluster,
     free_port,
@@ -55,7 +55,7 @@ class Proc:
     def start(self) -> Proc:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", *self.args],
+                [sys.executable, "-m", "stack", *self.args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -31,7 +31,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.embedded import free_port
+from stack.embedded import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,7 +67,7 @@ def stack() -> Iterator[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="flashsale-browser-") as data_dir:
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "up"],
+            [sys.executable, "-m", "stack", "up"],
             env={
                 **_env(data_dir),
                 "FLASHSALE_HTTP_PORT": str(port),

@@ -19,7 +19,7 @@ from flashsale.clusterbatch import ClusterScriptBatcher
 from flashsale.redisbatch import run_id_of
 from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
-from gateway.embedded import ValkeyCluster, redis_command, start_redis_cluster
+from stack.embedded import ValkeyCluster, redis_command, start_redis_cluster
 
 pytestmark = [pytest.mark.integration]
 

@@ -18,7 +18,7 @@ from consumers import reconcile
 from flashsale import dashboard, rediskeys
 from flashsale.auth import TokenService
 from gateway import appkeys
-from gateway.embedded import free_port
+from stack.embedded import free_port
 from tests.conftest import auth, make_user
 from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users, sse_events
 

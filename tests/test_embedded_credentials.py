@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from gateway.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
-from gateway.embedded import ValkeyCluster, start_postgres
+from stack.embedded import ValkeyCluster, start_postgres
 from tests.faultkit import (
     Answers,
     FaultStack,
@@ -292,7 +292,7 @@ async def test_lost_reply_is_outcome_unknown_and_a_retry_finds_the_order(
     from aiohttp.test_utils import TestClient, TestServer
 
     from gateway.app import create_app
-    from gateway.embedded import start_kafka, start_redis
+    from stack.embedded import start_kafka, start_redis
 
     redis_server = start_redis(root / "r", persist=False)
     kafka = start_kafka(root / "k")

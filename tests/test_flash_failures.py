@@ -37,7 +37,8 @@ from flashsale.scripts import FlashScripts
 from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.app import create_app
-from gateway.embedded import (
+from gateway.flash_runtime import FLASH
+from stack.embedded import (
     Server,
     ValkeyCluster,
     free_port,
@@ -45,7 +46,6 @@ from gateway.embedded import (
     start_redis,
     start_redis_cluster,
 )
-from gateway.flash_runtime import FLASH
 from tests.flashkit import (
     admin_headers,
     count_orders,
@@ -149,7 +149,7 @@ def _consumer_process(settings: Settings) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     env.update(settings.to_env())
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "consume"],
+        [sys.executable, "-m", "stack", "consume"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

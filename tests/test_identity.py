@@ -200,7 +200,7 @@ async def test_revoked_token_cannot_join(
 
 def _cli_user(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", "user", *args],
+        [sys.executable, "-m", "stack", "user", *args],
         env={**os.environ, **settings.to_env()},
         capture_output=True,
         text=True,

@@ -9,7 +9,7 @@ from flashsale.flash.runtime import open_batcher
 from flashsale.ids import MachineLease, OrderIdGenerator, machine_key
 from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
-from gateway.embedded import ValkeyCluster, redis_command
+from stack.embedded import ValkeyCluster, redis_command
 
 
 @pytest.mark.unit

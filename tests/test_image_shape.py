@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from flashsale.settings import Settings
-from gateway.embedded import free_port, reachable_by
+from stack.embedded import free_port, reachable_by
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -40,3 +40,25 @@ def test_core_imports_neither_gateway_nor_consumers_nor_aiohttp_web() -> None:
 
 def test_consumers_do_not_import_the_gateway() -> None:
     assert [(f, m) for f, m in _imports("consumers") if _under(m, "gateway")] == []
+
+
+def test_the_http_package_imports_no_stack_code() -> None:
+    """``gateway/`` is the web app only; the CLI, supervision and embedded servers sit above."""
+    assert [(f, m) for f, m in _imports("gateway") if _under(m, "stack", "loadtests")] == []
+
+
+def test_consumers_and_core_import_no_stack_code() -> None:
+    for package in ("flashsale", "consumers"):
+        assert [(f, m) for f, m in _imports(package) if _under(m, "stack", "loadtests")] == []
+
+
+def test_load_tests_reach_the_stack_only_through_its_public_functions() -> None:
+    """Not through the gateway's modules, and not through the stack's private names."""
+    imports = _imports("loadtests")
+    assert [(f, m) for f, m in imports if _under(m, "gateway")] == []
+    private = [(f, m) for f, m in imports if _under(m, "stack") and "._" in m]
+    assert private == []
+
+
+def test_the_stack_does_not_import_the_load_tests() -> None:
+    assert [(f, m) for f, m in _imports("stack") if _under(m, "loadtests")] == []

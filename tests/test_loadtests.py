@@ -34,9 +34,6 @@ from redis import Redis as SyncRedis
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
-from gateway import stackfile
-from gateway.embedded import free_port
-from gateway.server import child_env, stop_children
 from loadtests import (
     bench,
     invariants,
@@ -48,6 +45,9 @@ from loadtests import (
     scenario_support,
 )
 from loadtests.invariants import Outcomes, PersistedOrder
+from stack import stackfile
+from stack.embedded import free_port
+from stack.processes import child_env, stop_children
 
 REPO = Path(__file__).resolve().parent.parent
 LOCUST = str(Path(sys.executable).with_name("locust"))
@@ -488,7 +488,7 @@ def gateway_port(base_settings: Settings) -> Iterator[int]:
     env = child_env(
         base_settings.with_(http_port=port, workers=1, rate_ip_per_s=1e6, rate_ip_burst=1_000_000)
     )
-    proc = _start([sys.executable, "-m", "gateway", "worker"], env, "/healthz", port)
+    proc = _start([sys.executable, "-m", "stack", "worker"], env, "/healthz", port)
     yield port
     stop_children([proc])
 

@@ -7,7 +7,7 @@ import logging
 import orjson
 import pytest
 
-from gateway.logs import JsonFormatter
+from stack.logs import JsonFormatter
 
 pytestmark = pytest.mark.unit
 

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
-from gateway.embedded import Server, free_port, start_redis
+from stack.embedded import Server, free_port, start_redis
 from tests.faultkit import Proc
 from tests.flashkit import (
     admin_headers,

@@ -14,8 +14,8 @@ from aiohttp.web import Response
 from flashsale.auth import TokenService
 from flashsale.flash.events import OrderEvent, decode
 from gateway import appkeys
-from gateway.logs import JsonFormatter
 from gateway.middlewares import REQUEST_ID, JsonAccessLogger
+from stack.logs import JsonFormatter
 from tests.flashkit import (
     admin_headers,
     count_orders,

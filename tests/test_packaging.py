@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from consumers.recovery import LOOKBACK_DAYS
-from gateway import cli
+from stack import cli
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -64,7 +64,7 @@ def test_compose_production_shape_has_no_sandbox() -> None:
 
 @pytest.mark.unit
 def test_banner_names_the_payment_provider(capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.supervisor import _banner
+    from stack.up import _banner
 
     settings = Settings.from_env({}).with_(payment_provider="sandbox")
     _banner(settings, "http://127.0.0.1:1", {}, 0.0, 0.0, None)

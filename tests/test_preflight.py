@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from flashsale.settings import Settings
-from gateway.embedded import free_port
-from gateway.preflight import PreflightFailed, check_reachable, claim_port
-from gateway.server import CrashLoop, Supervised
-from gateway.supervisor import _wait_ready
+from stack.embedded import free_port
+from stack.preflight import PreflightFailed, check_reachable, claim_port
+from stack.processes import CrashLoop, Supervised
+from stack.up import _wait_ready
 
 pytestmark = [pytest.mark.integration]
 
@@ -26,7 +26,7 @@ def _run(command: str, tmp_path: Path, **env: str) -> subprocess.CompletedProces
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     clean.update({"FLASHSALE_DATA_DIR": str(tmp_path / "data"), **env})
     return subprocess.run(
-        [sys.executable, "-m", "gateway", command],
+        [sys.executable, "-m", "stack", command],
         env=clean,
         capture_output=True,
         text=True,

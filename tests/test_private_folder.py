@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway import embedded
+from stack import embedded
 
 pytestmark = [
     pytest.mark.integration,

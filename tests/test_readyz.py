@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from flashsale.settings import Settings
 from gateway.app import create_app
-from gateway.embedded import start_stack
+from stack.embedded import start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

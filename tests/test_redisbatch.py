@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from flashsale.redisbatch import NotSent, OutcomeUnknown, ScriptBatcher
-from gateway.embedded import Server, start_redis
+from stack.embedded import Server, start_redis
 
 pytestmark = [pytest.mark.integration]
 

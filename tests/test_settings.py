@@ -95,7 +95,7 @@ def test_missing_required_is_named() -> None:
 )
 def test_cli_prints_one_line(env: dict[str, str], fragment: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve"],
+        [sys.executable, "-m", "stack", "serve"],
         env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.embedded import free_port
+from stack.embedded import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,7 +75,7 @@ def _run_up(data_dir: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
         }
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "up", *extra],
+        [sys.executable, "-m", "stack", "up", *extra],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -99,7 +99,7 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             # a side command finds the running stack with no variable set
             env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
             side = subprocess.run(
-                [sys.executable, "-m", "gateway", "reconcile"],
+                [sys.executable, "-m", "stack", "reconcile"],
                 env={**env, "FLASHSALE_DATA_DIR": data_dir},
                 capture_output=True,
                 text=True,
@@ -152,7 +152,7 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
 
 def test_second_up_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
     """Two supervisors would start two PostgreSQL servers on one data directory."""
-    from gateway.supervisor import DataDirBusy, _lock_data_dir
+    from stack.up import DataDirBusy, _lock_data_dir
 
     held = _lock_data_dir(tmp_path)
     try:
@@ -245,7 +245,7 @@ def test_up_with_redis_shards_runs_a_stampede() -> None:
             deadline = time.monotonic() + 60
             while True:  # once the consumer has persisted the 50 orders
                 side = subprocess.run(
-                    [sys.executable, "-m", "gateway", "reconcile"],
+                    [sys.executable, "-m", "stack", "reconcile"],
                     env={**env, "FLASHSALE_DATA_DIR": data_dir},
                     capture_output=True,
                     text=True,

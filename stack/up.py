@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from flashsale.settings import Settings
-from gateway import stackfile
-from gateway.embedded import EmbeddedStack, restart_server, start_stack
-from gateway.preflight import PreflightFailed, check_reachable, claim_port
-from gateway.server import (
+from stack import stackfile
+from stack.embedded import EmbeddedStack, restart_server, start_stack
+from stack.preflight import PreflightFailed, check_reachable, claim_port
+from stack.processes import (
     CrashLoop,
     StopFlag,
     Supervised,
@@ -243,7 +243,7 @@ def _up(settings: Settings, root: Path, *, demo: bool, redis_shards: int = 0) ->
             children.append(
                 Supervised(
                     f"gateway worker {i + 1}",
-                    lambda: spawn([sys.executable, "-m", "gateway", "worker"], env),
+                    lambda: spawn([sys.executable, "-m", "stack", "worker"], env),
                 )
             )
         # the gateway's /metrics already aggregates the consumer's samples (multiprocess dir)
@@ -251,7 +251,7 @@ def _up(settings: Settings, root: Path, *, demo: bool, redis_shards: int = 0) ->
         consumers.append(
             Supervised(
                 "consumer",
-                lambda: spawn([sys.executable, "-m", "gateway", "consume"], consumer_env),
+                lambda: spawn([sys.executable, "-m", "stack", "consume"], consumer_env),
             )
         )
         servers = (

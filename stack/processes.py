@@ -20,14 +20,14 @@ from aiohttp import web
 
 from flashsale.settings import Settings
 from gateway.app import create_app
-from gateway.embedded import _die_with_parent
 from gateway.middlewares import JsonAccessLogger
+from stack.embedded import die_with_parent
 
 log = logging.getLogger(__name__)
 
 
 def configure_logging(settings: Settings) -> None:
-    from gateway import logs
+    from stack import logs
 
     logs.configure(settings.log_level)
     logging.getLogger("gateway.access").setLevel(
@@ -97,7 +97,7 @@ def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         args,
         env=env,
-        preexec_fn=_die_with_parent(signal.SIGTERM),
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
 
 
@@ -139,7 +139,7 @@ class StopFlag:
 
 def serve_multi(settings: Settings) -> int:
     """``flashsale serve``: one worker in-process, or N worker processes sharing the port."""
-    from gateway.preflight import PreflightFailed, check_reachable, claim_port
+    from stack.preflight import PreflightFailed, check_reachable, claim_port
 
     try:
         port = claim_port(settings.http_host, settings.http_port)
@@ -154,7 +154,7 @@ def serve_multi(settings: Settings) -> int:
         ensure_multiproc_dir(os.path.join(settings.data_dir, "metrics"))
         env = child_env(settings)
         env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-        return supervise([sys.executable, "-m", "gateway", "worker"], env, settings.workers)
+        return supervise([sys.executable, "-m", "stack", "worker"], env, settings.workers)
     finally:
         port.close()
 

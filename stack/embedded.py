@@ -88,7 +88,7 @@ def free_ports(n: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
-def _die_with_parent(sig: int) -> Callable[[], None]:
+def die_with_parent(sig: int) -> Callable[[], None]:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
     def pre() -> None:
@@ -208,7 +208,7 @@ def start_redis(
     ]
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(signal.SIGTERM)
+            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
         )
     _wait_port(port, proc, "valkey", log_path)
     _wait_redis_loaded(port, proc, log_path, password)
@@ -437,7 +437,7 @@ def start_kafka(data_dir: Path, *, port: int | None = None) -> Server:
     ]
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(signal.SIGTERM)
+            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
         )
     _wait_port(port, proc, "tansu", log_path)
     return Server("kafka", f"127.0.0.1:{port}", port, proc, log_path=log_path)
@@ -569,7 +569,7 @@ def start_postgres(
         os.chown(home, user.pw_uid, user.pw_gid)
         preexec = _as_user_then_die_with_parent(user, signal.SIGINT)
     else:
-        preexec = _die_with_parent(signal.SIGINT)
+        preexec = die_with_parent(signal.SIGINT)
     pgdata = home / "data"
     log_path = data_dir / "postgres.log"
     password = _credential(data_dir)
