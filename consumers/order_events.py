@@ -36,14 +36,14 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import rediskeys
-from flashsale.db import Conn
 from flashsale.flash import buckets, shipping
 from flashsale.flash.events import BadEvent, OrderEvent, decode
-from flashsale.kafka import OrderProducer, PublishFailed, assignor
-from flashsale.metrics import Metrics
-from flashsale.scripts import Claim, register
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.db import Conn
+from flashsale.stores.kafka import OrderProducer, PublishFailed, assignor
+from flashsale.stores.metrics import Metrics
+from flashsale.stores.scripts import Claim, register
 
 log = logging.getLogger(__name__)
 

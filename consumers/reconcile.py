@@ -32,14 +32,14 @@ from redis.asyncio import Redis
 
 from consumers.recovery import LOOKBACK_DAYS, SQL_RECENT_SALES, Recovery, server_run_id
 from consumers.sweepers import republish_stale_claims
-from flashsale import rediskeys
-from flashsale.db import create_pool
 from flashsale.flash import buckets
 from flashsale.flash.events import parse_entry
-from flashsale.kafka import OrderProducer
-from flashsale.metrics import get_metrics
-from flashsale.redisclient import open_redis, run_ids
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.db import create_pool
+from flashsale.stores.kafka import OrderProducer
+from flashsale.stores.metrics import get_metrics
+from flashsale.stores.redisclient import open_redis, run_ids
 
 log = logging.getLogger(__name__)
 

@@ -46,14 +46,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
 from flashsale.flash import buckets as bucketing
 from flashsale.flash import lifecycle
 from flashsale.flash.events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
-from flashsale.metrics import Metrics
-from flashsale.redisclient import run_id, run_ids
-from flashsale.scripts import FlashScripts, Rearm, register
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.metrics import Metrics
+from flashsale.stores.redisclient import run_id, run_ids
+from flashsale.stores.scripts import FlashScripts, Rearm, register
 
 log = logging.getLogger(__name__)
 

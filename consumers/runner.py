@@ -17,11 +17,11 @@ from consumers.order_events import BatchOutcome, OrderBatchProcessor, consume_fo
 from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import run_sweepers
 from flashsale.dashboard import publish_every_second
-from flashsale.db import create_pool
-from flashsale.kafka import OrderProducer
-from flashsale.metrics import Metrics, get_metrics
-from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
+from flashsale.stores.db import create_pool
+from flashsale.stores.kafka import OrderProducer
+from flashsale.stores.metrics import Metrics, get_metrics
+from flashsale.stores.redisclient import open_redis
 
 log = logging.getLogger(__name__)
 

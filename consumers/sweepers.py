@@ -37,14 +37,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers.recovery import Recovery
-from flashsale import rediskeys
 from flashsale.flash import buckets, lifecycle
 from flashsale.flash.events import parse_entry
-from flashsale.kafka import OrderProducer, PublishFailed
-from flashsale.metrics import Metrics
-from flashsale.redisclient import lost_connection
-from flashsale.scripts import FlashScripts, ReturnUnits
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.kafka import OrderProducer, PublishFailed
+from flashsale.stores.metrics import Metrics
+from flashsale.stores.redisclient import lost_connection
+from flashsale.stores.scripts import FlashScripts, ReturnUnits
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any, Final, Protocol
 
 import asyncpg
 
-from flashsale.db import Conn
 from flashsale.errors import AddressBookFull, AddressNotFound, NotFound
+from flashsale.stores.db import Conn
 
 MAX_ADDRESSES: Final = 50
 PARTS: Final = ("name", "phone", "region", "city", "detail", "postcode")

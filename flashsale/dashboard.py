@@ -43,10 +43,10 @@ from prometheus_client.metrics_core import Metric
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import rediskeys, tasks
 from flashsale.flash.cache import iso_ms, now_ms
-from flashsale.redisclient import leaks_as_connection_errors
-from flashsale.rediskeys import DASH_TOTALS, dash_second
+from flashsale.stores import rediskeys, tasks
+from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.stores.rediskeys import DASH_TOTALS, dash_second
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any, Final
 
 import asyncpg
 
-from flashsale.db import Conn
 from flashsale.settings import Settings
+from flashsale.stores.db import Conn
 from flashsale.users import create_user
 
 log = logging.getLogger(__name__)

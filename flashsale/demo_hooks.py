@@ -9,9 +9,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from flashsale.flash import lifecycle
-from flashsale.redisclient import open_redis
-from flashsale.scripts import FlashScripts
 from flashsale.settings import Settings
+from flashsale.stores.redisclient import open_redis
+from flashsale.stores.scripts import FlashScripts
 
 DEMO_SALE_SKU_CODE = "noise-cancelling-headphones-1"
 SQL_SKU = "SELECT id FROM skus WHERE code = $1"

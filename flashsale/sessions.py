@@ -34,9 +34,9 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import tasks
 from flashsale.errors import ServiceUnavailable
-from flashsale.redisclient import leaks_as_connection_errors, pubsub_client
+from flashsale.stores import tasks
+from flashsale.stores.redisclient import leaks_as_connection_errors, pubsub_client
 
 log = logging.getLogger(__name__)
 

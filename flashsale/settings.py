@@ -19,7 +19,7 @@ PREFIX = "FLASHSALE_"
 # "none": no provider takes payments (notifications are still verified and applied);
 # "sandbox": the built-in stand-in that pays orders with no money (demo and tests only).
 PAYMENT_PROVIDERS = ("none", "sandbox")
-# aiokafka's partition assignors (it has no cooperative-sticky, see flashsale/kafka.py)
+# aiokafka's partition assignors (it has no cooperative-sticky, see flashsale/stores/kafka.py)
 KAFKA_ASSIGNORS = ("sticky", "roundrobin", "range")
 # HKDF "info" of the notify key derived from the secret key when no PAYMENT_SECRET is set:
 # a provider given that key learns nothing about the token signing key.
@@ -121,7 +121,7 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
 
 
 def _redis_url(raw: str | None, cluster: bool) -> str | None:
-    # The join path's lean connection (flashsale/redisbatch.py) speaks plain TCP only: a TLS
+    # The join path's lean connection (flashsale/stores/redisbatch.py) speaks plain TCP only: a TLS
     # or unix-socket URL would pass here and then fail at start, so it is refused here.
     if raw is None:
         return None

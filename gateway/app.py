@@ -9,15 +9,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 from redis.asyncio import Redis
 
-from flashsale import sessions, tasks
+from flashsale import sessions
 from flashsale.auth import PasswordHashing, TokenService
-from flashsale.db import create_pool
 from flashsale.flash.runtime import open_batcher
-from flashsale.ids import MachineLease, OrderIdGenerator, OrderIds
-from flashsale.kafka import OrderProducer
-from flashsale.metrics import Metrics, RequestStats, get_metrics
-from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
+from flashsale.stores import tasks
+from flashsale.stores.db import create_pool
+from flashsale.stores.ids import MachineLease, OrderIdGenerator, OrderIds
+from flashsale.stores.kafka import OrderProducer
+from flashsale.stores.metrics import Metrics, RequestStats, get_metrics
+from flashsale.stores.redisclient import open_redis
 from gateway import appkeys
 from gateway.middlewares import make_middleware
 from gateway.routes import health, users

@@ -12,9 +12,9 @@ from flashsale.settings import Settings
 
 if TYPE_CHECKING:
     from flashsale.auth import PasswordHashing, TokenService
-    from flashsale.ids import OrderIds
-    from flashsale.kafka import OrderProducer
-    from flashsale.metrics import Metrics, RequestStats
+    from flashsale.stores.ids import OrderIds
+    from flashsale.stores.kafka import OrderProducer
+    from flashsale.stores.metrics import Metrics, RequestStats
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)

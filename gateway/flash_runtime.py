@@ -10,10 +10,10 @@ from typing import Final
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from flashsale import tasks
 from flashsale.flash.cache import REFRESH_EVERY_S
 from flashsale.flash.runtime import FlashRuntime, open_runtime
-from flashsale.redisclient import leaks_as_connection_errors
+from flashsale.stores import tasks
+from flashsale.stores.redisclient import leaks_as_connection_errors
 from gateway import appkeys
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from flashsale.errors import AppError, ServiceUnavailable
-from flashsale.metrics import RequestStats
-from flashsale.redisclient import lost_connection
+from flashsale.stores.metrics import RequestStats
+from flashsale.stores.redisclient import lost_connection
 from gateway.appkeys import ORDER_ID
 from gateway.http import JSON_CONTENT_TYPE, error_body
 from gateway.routing import Handler

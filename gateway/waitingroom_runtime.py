@@ -8,7 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
-from flashsale import tasks
+from flashsale.stores import tasks
 from flashsale.waitingroom.room import WaitingRoom, run_forever
 from gateway import appkeys
 from gateway.flash_runtime import FLASH

@@ -73,10 +73,10 @@ import orjson
 from redis import Redis as SyncRedis
 
 from flashsale.auth import TokenService
-from flashsale.db import migrate
 from flashsale.flash.events import OrderEvent
-from flashsale.kafka import OrderProducer, PublishFailed, group_state
 from flashsale.settings import Settings
+from flashsale.stores.db import migrate
+from flashsale.stores.kafka import OrderProducer, PublishFailed, group_state
 from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
 from loadtests.loadgen import LoadgenError, RunResult
 from stack.embedded import (
@@ -917,7 +917,7 @@ async def _publish_costs(redis_url: str, requests: int) -> tuple[list[float], in
     from redis.asyncio import Redis
 
     from flashsale.dashboard import JOIN_ROUTE, Publisher
-    from flashsale.metrics import Metrics, RequestStats
+    from flashsale.stores.metrics import Metrics, RequestStats
 
     registry = CollectorRegistry()
     stats = RequestStats(Metrics(registry))

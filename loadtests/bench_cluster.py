@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from redis.cluster import RedisCluster
 
-from flashsale import rediskeys
+from flashsale.stores import rediskeys
 from loadtests import loadgen, redis_ceiling
 from loadtests.bench import (
     CONNECTIONS,

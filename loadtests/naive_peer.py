@@ -33,9 +33,9 @@ from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
 from flashsale.auth import TokenService
-from flashsale.db import create_pool
 from flashsale.errors import AppError, NotFound, SoldOut
 from flashsale.settings import Settings
+from flashsale.stores.db import create_pool
 from stack.processes import run_until_signalled, supervise
 
 SQL_CREATE_TABLES = """

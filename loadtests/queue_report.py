@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
+from flashsale.stores import rediskeys
 
 
 @dataclass(frozen=True, slots=True)

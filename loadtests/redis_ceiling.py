@@ -22,8 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 from redis import Redis
 
-from flashsale import rediskeys
-from flashsale.redisbatch import run_id_of
+from flashsale.stores import rediskeys
+from flashsale.stores.redisbatch import run_id_of
 
 RESERVE_SCRIPT = Path(__file__).resolve().parent.parent / "lua" / "reserve.lua"
 

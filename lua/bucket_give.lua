@@ -9,7 +9,7 @@
 -- ARGV[3] units wanted (at least; half of what is left is given when that is more)
 -- Every give and take adds one to the bucket's `moves`: a reader that finds every bucket
 -- empty and then the same `moves` everywhere knows no unit was in transit meanwhile.
--- Returns (flashsale/scripts.py Give) {status, ...}, the status one of:
+-- Returns (flashsale/stores/scripts.py Give) {status, ...}, the status one of:
 --   0 GIVEN {units, transfer id}
 --   1 EMPTY {moves}: nothing left here (or the sale is closed)
 --   2 RECOVERING: not armed under this server's run; its counters wait for a recount

@@ -1,7 +1,7 @@
 -- Credit a transfer from another bucket of the same sale (lua/bucket_give.lua), once.
 -- KEYS[1] receiving bucket's sale hash  KEYS[2] its set of credited transfer ids
 -- ARGV[1] transfer id ("<epoch>/<giving bucket>/<seq>")  ARGV[2] units
--- Returns (flashsale/scripts.py Take):
+-- Returns (flashsale/stores/scripts.py Take):
 --  -1 STALE: given before the sale's last recount, which counted its units already: drop it
 --   0 ALREADY credited
 --   1 CREDITED now (to `remaining`, or to `moved_out` once the sale is closed)

@@ -4,7 +4,7 @@
 -- by the sweeper, so every reservation has an owner until its order is in PostgreSQL.
 -- KEYS[1] log  KEYS[2] log times  KEYS[3] claimed  KEYS[4] void  KEYS[5] claim times
 -- ARGV = order ids
--- Returns (flashsale/scripts.py Claim) one code per id:
+-- Returns (flashsale/stores/scripts.py Claim) one code per id:
 --   0 NOT_IN_REDIS
 --   1 CLAIMED now
 --   2 ALREADY_CLAIMED

@@ -1,7 +1,7 @@
 -- Acquire or renew a machine-id lease.
 -- KEYS[1] = fs:machine:<n>
 -- ARGV[1] = owner token, ARGV[2] = ttl in ms
--- Returns (flashsale/scripts.py Lease):
+-- Returns (flashsale/stores/scripts.py Lease):
 --   0 TAKEN by another owner
 --   1 HELD by the caller now
 local current = redis.call('GET', KEYS[1])

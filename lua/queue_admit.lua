@@ -11,7 +11,7 @@
 -- exceed floor(remaining x factor).
 -- The result: {status, joined, abandoned, admitted through, outstanding, entered}, then for
 -- ADMITTED the ms each one admitted waited since entering.
--- Returns (flashsale/scripts.py QueueAdmit) {status, ...}, the status one of:
+-- Returns (flashsale/stores/scripts.py QueueAdmit) {status, ...}, the status one of:
 --   0 ADMITTED
 --   1 IDLE: nobody to admit, or no room under remaining x factor
 --   2 SOLD_OUT

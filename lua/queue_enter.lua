@@ -9,7 +9,7 @@
 -- Before the start (and before the draw) an entrant joins the lottery: its place is the rank
 -- of its random draw, fixed when the draw freezes the lottery at the start. After it, the
 -- entrant gets the next position in arrival order, after every lottery entrant.
--- Returns (flashsale/scripts.py QueueEnter) {status, ...}, the status one of:
+-- Returns (flashsale/stores/scripts.py QueueEnter) {status, ...}, the status one of:
 --   0 ENTERED {kind, position, entered_ms}
 --   1 ALREADY_IN {kind, position, entered_ms}
 --   2 ACCOUNT_LIMIT

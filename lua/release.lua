@@ -3,7 +3,7 @@
 -- KEYS[6] void  KEYS[7] idempotency
 -- ARGV[1] order id  ARGV[2] user id  ARGV[3] quantity  ARGV[4] idempotency field ("" = none)
 -- KEYS[8] claimed
--- Returns (flashsale/scripts.py Release):
+-- Returns (flashsale/stores/scripts.py Release):
 --   0 CLAIMED by a consumer already: the order stands
 --   1 RELEASED
 --   2 NOT_FOUND anywhere: Redis lost it, whether the order stands is unknown

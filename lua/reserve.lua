@@ -8,7 +8,7 @@
 -- ARGV[10] of 11, optional: "1" = the same attempt again, after units were moved into this
 --          (home) bucket of a sale split into buckets (flashsale/flash/buckets.py): no
 --          rate-limit token is taken twice for one attempt
--- Returns (flashsale/scripts.py Reserve) {status, ...}, the status one of:
+-- Returns (flashsale/stores/scripts.py Reserve) {status, ...}, the status one of:
 --   0 RESERVED {order_id, deadline_ms, remaining}
 --   1 REPLAY {order_id, deadline_ms}
 --   2 IDEMPOTENCY_MISMATCH

@@ -2,7 +2,7 @@
 -- SKU (via moved_out, settled into PostgreSQL) once it is closed.
 -- KEYS[1] sale  KEYS[2] users  KEYS[3] returned set
 -- ARGV[1] order id  ARGV[2] user id  ARGV[3] quantity
--- Returns (flashsale/scripts.py ReturnUnits):
+-- Returns (flashsale/stores/scripts.py ReturnUnits):
 --  -1 UNKNOWN_SALE
 --   0 ALREADY_RETURNED
 --   1 RETURNED now

@@ -1,6 +1,6 @@
 -- Close a sale: no more reservations; what remains is moved out, to go back to the SKU.
 -- KEYS[1] sale
--- Returns (flashsale/scripts.py SaleClose) moved_out (>= 0, monotonic), or:
+-- Returns (flashsale/stores/scripts.py SaleClose) moved_out (>= 0, monotonic), or:
 --  -1 UNKNOWN_SALE
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 redis.call('HSET', KEYS[1], 'closed', 1)

@@ -6,7 +6,7 @@
 -- A new sale is armed under this server's run id. A sale whose state is missing but that
 -- is not new (Redis lost it) is written unarmed: joins answer "recovering" until the
 -- recovery sweeper recomputes its counters from PostgreSQL and the broker and arms it.
--- Returns (flashsale/scripts.py SaleLoad) {remaining (>= 0), allotment}, or {status}:
+-- Returns (flashsale/stores/scripts.py SaleLoad) {remaining (>= 0), allotment}, or {status}:
 --  -1 CLOSED: the sale is closed and the allotment grew
 local allotment = tonumber(ARGV[2])
 local current = redis.call('HGET', KEYS[1], 'allotment')

@@ -12,7 +12,7 @@
 -- ARGV[3] "" for a sale of one bucket; for a bucket of a split sale, the token the
 --         recount fenced every bucket with: it becomes the sale's new epoch, and the
 --         transfers of the old one are dropped (the recount counted their units)
--- Returns (flashsale/scripts.py Rearm):
+-- Returns (flashsale/stores/scripts.py Rearm):
 --  -2 FENCE_CHANGED: another recount fenced this bucket since (its own snapshot wins)
 --  -1 RUN_CHANGED: the server's run id is not ARGV[1] (Redis restarted during the
 --     snapshot: take a new one)

@@ -9,8 +9,8 @@ import logging
 import subprocess
 import sys
 
-from flashsale.redisclient import open_redis
 from flashsale.settings import Settings, SettingsError
+from flashsale.stores.redisclient import open_redis
 
 log = logging.getLogger("flashsale")
 
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _migrate(settings: Settings) -> int:
-    from flashsale.db import create_pool, migrate
+    from flashsale.stores.db import create_pool, migrate
 
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     try:
@@ -86,7 +86,7 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
-    from flashsale.db import create_pool
+    from flashsale.stores.db import create_pool
     from flashsale.users import create_user
 
     password = args.password or getpass.getpass("password: ")
@@ -112,7 +112,7 @@ async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
     from redis.asyncio import Redis
 
     from flashsale import users
-    from flashsale.db import create_pool
+    from flashsale.stores.db import create_pool
 
     password = ""
     if args.user_command == "set-password":

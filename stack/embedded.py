@@ -34,7 +34,7 @@ from typing import Any
 
 import hiredis
 
-from flashsale.redisbatch import pack
+from flashsale.stores.redisbatch import pack
 
 log = logging.getLogger(__name__)
 

@@ -58,9 +58,9 @@ def _secret(root: Path, name: str = "secret_key") -> str:
 
 async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
     """Migrations, topics and (optionally) the demo data."""
-    from flashsale.db import create_pool, migrate
     from flashsale.demo import load_demo
-    from flashsale.kafka import ensure_topics
+    from flashsale.stores.db import create_pool, migrate
+    from flashsale.stores.kafka import ensure_topics
 
     pool = await create_pool(settings.database, min_size=1, max_size=2)
     try:
@@ -117,7 +117,7 @@ def _server_keeper(
             server = restart_server(stack, name)
 
             async def topics() -> None:
-                from flashsale.kafka import ensure_topics
+                from flashsale.stores.kafka import ensure_topics
 
                 await ensure_topics(settings)
 

@@ -31,9 +31,9 @@ from redis.asyncio import Redis
 
 from consumers.runner import run_consumers
 from flashsale.auth import TokenService
-from flashsale.db import create_pool, migrate
-from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
+from flashsale.stores.db import create_pool, migrate
+from flashsale.stores.redisclient import open_redis
 from gateway.app import create_app
 from stack.embedded import EmbeddedStack, ValkeyCluster, start_redis_cluster, start_stack
 

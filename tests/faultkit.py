@@ -27,9 +27,9 @@ from redis.asyncio import Redis
 
 from consumers import reconcile
 from consumers.recovery import server_run_id
-from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
 from stack.embedded import (
     Server,
     ValkeyCluster,

@@ -16,8 +16,8 @@ import orjson
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
 from flashsale.auth import TokenService
+from flashsale.stores import rediskeys
 
 
 async def make_sku(db: asyncpg.Pool, on_hand: int = 10_000, price: int = 10_000) -> int:

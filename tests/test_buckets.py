@@ -23,12 +23,12 @@ from redis.asyncio.cluster import RedisCluster
 
 from consumers import reconcile
 from consumers.recovery import Recovery
-from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.flash import buckets
-from flashsale.metrics import get_metrics
-from flashsale.scripts import FlashScripts, Give, Take
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.metrics import get_metrics
+from flashsale.stores.scripts import FlashScripts, Give, Take
 from gateway.flash_runtime import FLASH
 from tests.flashkit import (
     admin_headers,

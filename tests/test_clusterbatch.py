@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
-from flashsale.clusterbatch import ClusterScriptBatcher
-from flashsale.redisbatch import run_id_of
-from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.clusterbatch import ClusterScriptBatcher
+from flashsale.stores.redisbatch import run_id_of
+from flashsale.stores.redisclient import open_redis
 from stack.embedded import ValkeyCluster, redis_command, start_redis_cluster
 
 pytestmark = [pytest.mark.integration]

@@ -15,8 +15,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers import reconcile
-from flashsale import dashboard, rediskeys
+from flashsale import dashboard
 from flashsale.auth import TokenService
+from flashsale.stores import rediskeys
 from gateway import appkeys
 from stack.embedded import free_port
 from tests.conftest import auth, make_user

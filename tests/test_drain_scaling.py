@@ -29,9 +29,9 @@ from consumers.order_events import (
 from consumers.recovery import unconsumed_events
 from flashsale.auth import TokenService
 from flashsale.flash.events import OrderEvent
-from flashsale.kafka import OrderProducer, ensure_topics, group_state
-from flashsale.metrics import get_metrics
 from flashsale.settings import Settings
+from flashsale.stores.kafka import OrderProducer, ensure_topics, group_state
+from flashsale.stores.metrics import get_metrics
 from tests.flashkit import (
     admin_headers,
     count_orders,

@@ -26,10 +26,10 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
 from flashsale.auth import TokenService
-from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.redisclient import open_redis
 from stack.embedded import ValkeyCluster, start_postgres
 from tests.faultkit import (
     Answers,
@@ -251,7 +251,7 @@ async def test_broker_restart_mid_sale(
 async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, root: Path) -> None:
     """PostgreSQL stopped for 30 s mid-sale: joins keep being accepted into the topic, the
     sweepers do not flood it, and everything lands once PostgreSQL is back."""
-    from flashsale.db import create_pool, migrate
+    from flashsale.stores.db import create_pool, migrate
 
     pg = start_postgres(root / "pg", durable=False)
     own = base_settings.with_(database_url=pg.url)

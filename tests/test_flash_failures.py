@@ -26,15 +26,15 @@ from consumers import reconcile
 from consumers.recovery import server_run_id
 from consumers.runner import run_consumers
 from consumers.sweepers import cancel_expired, retire_old_sales, return_cancelled_units
-from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.flash import lifecycle
 from flashsale.flash.events import OrderEvent
-from flashsale.kafka import ensure_topics
-from flashsale.metrics import get_metrics
-from flashsale.redisclient import open_redis
-from flashsale.scripts import FlashScripts
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
+from flashsale.stores.kafka import ensure_topics
+from flashsale.stores.metrics import get_metrics
+from flashsale.stores.redisclient import open_redis
+from flashsale.stores.scripts import FlashScripts
 from gateway import appkeys
 from gateway.app import create_app
 from gateway.flash_runtime import FLASH

@@ -14,9 +14,9 @@ from redis.asyncio import Redis
 
 from consumers import reconcile
 from consumers.recovery import server_run_id
-from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
 from tests.flashkit import (

@@ -40,8 +40,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from flashsale.auth import TokenService
-from flashsale.db import create_pool, migrate
 from flashsale.settings import Settings
+from flashsale.stores.db import create_pool, migrate
 from gateway.app import create_app
 from gateway.routes import extra_routes, health, users
 from gateway.routing import Route, path_params

@@ -6,9 +6,9 @@ import pytest
 from redis.asyncio import Redis
 
 from flashsale.flash.runtime import open_batcher
-from flashsale.ids import MachineLease, OrderIdGenerator, machine_key
-from flashsale.redisclient import open_redis
 from flashsale.settings import Settings
+from flashsale.stores.ids import MachineLease, OrderIdGenerator, machine_key
+from flashsale.stores.redisclient import open_redis
 from stack.embedded import ValkeyCluster, redis_command
 
 
@@ -26,7 +26,7 @@ def test_ids_unique_and_increasing() -> None:
 def test_clock_step_back_stays_monotonic(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = OrderIdGenerator(1)
     now = [1_800_000_000_000_000_000]
-    monkeypatch.setattr("flashsale.ids.time.time_ns", lambda: now[0])
+    monkeypatch.setattr("flashsale.stores.ids.time.time_ns", lambda: now[0])
     a = gen.next(1)
     now[0] -= 5_000_000_000  # five seconds back
     b = gen.next(1)

@@ -62,3 +62,14 @@ def test_load_tests_reach_the_stack_only_through_its_public_functions() -> None:
 
 def test_the_stack_does_not_import_the_load_tests() -> None:
     assert [(f, m) for f, m in _imports("stack") if _under(m, "loadtests")] == []
+
+
+def test_stores_import_no_domain_module() -> None:
+    """``flashsale/stores/`` reaches Redis, Kafka and PostgreSQL; the domain sits above it."""
+    allowed = ("flashsale.stores", "flashsale.settings")
+    bad = [
+        (f, m)
+        for f, m in _imports("flashsale/stores")
+        if _under(m, "flashsale") and not _under(m, *allowed)
+    ]
+    assert bad == []

@@ -9,7 +9,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from flashsale.redisclient import leaks_as_connection_errors, lost_connection
+from flashsale.stores.redisclient import leaks_as_connection_errors, lost_connection
 
 pytestmark = pytest.mark.unit
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from flashsale.db import Migration, MigrationError, load_migrations, migrate
+from flashsale.stores.db import Migration, MigrationError, load_migrations, migrate
 
 pytestmark = pytest.mark.integration
 

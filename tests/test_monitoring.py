@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from flashsale.metrics import Metrics
+from flashsale.stores.metrics import Metrics
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from flashsale.redisbatch import NotSent, OutcomeUnknown, ScriptBatcher
+from flashsale.stores.redisbatch import NotSent, OutcomeUnknown, ScriptBatcher
 from stack.embedded import Server, start_redis
 
 pytestmark = [pytest.mark.integration]

@@ -1,4 +1,4 @@
-"""Each Lua script's header lists its result codes; the IntEnum in flashsale/scripts.py
+"""Each Lua script's header lists its result codes; the IntEnum in flashsale/stores/scripts.py
 naming them must say the same (code and member name)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flashsale import scripts
+from flashsale.stores import scripts
 
 pytestmark = pytest.mark.unit
 
@@ -34,7 +34,7 @@ def header_codes(text: str) -> tuple[str, dict[int, str]]:
                 assert int(code.group(1)) not in codes, entry
                 codes[int(code.group(1))] = code.group(2)
         return found.group(1), codes
-    raise AssertionError("no '-- Returns (flashsale/scripts.py <Enum>)' line")
+    raise AssertionError("no '-- Returns (flashsale/stores/scripts.py <Enum>)' line")
 
 
 def test_every_script_names_its_enum() -> None:
@@ -54,7 +54,7 @@ def test_header_codes_equal_the_enum(name: str) -> None:
 
 def test_the_parser_reads_continuations_and_stops_at_code() -> None:
     text = (
-        "-- Returns (flashsale/scripts.py X) {status}:\n"
+        "-- Returns (flashsale/stores/scripts.py X) {status}:\n"
         "--  -1 GONE: a long\n"
         "--     explanation 7 NOT_A_CODE\n"
         "--   2 KEPT\n"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from flashsale import tasks
+from flashsale.stores import tasks
 
 pytestmark = pytest.mark.unit
 

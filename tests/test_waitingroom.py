@@ -15,10 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
 from flashsale.auth import TokenService
 from flashsale.errors import AppError
 from flashsale.flash.cache import SaleState, now_ms
+from flashsale.stores import rediskeys
 from flashsale.waitingroom.room import Entry, WaitingRoom
 from flashsale.waitingroom.signing import solve
 from gateway import appkeys

@@ -33,8 +33,8 @@ from typing import Final, cast
 
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
-from flashsale.scripts import FlashScripts, Give, Take
+from flashsale.stores import rediskeys
+from flashsale.stores.scripts import FlashScripts, Give, Take
 
 MAX_BUCKETS: Final = 64
 TRANSFER_STALE_MS: Final = 2_000  # a transfer log entry older than this is the sweeper's

@@ -11,9 +11,9 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import rediskeys
 from flashsale.errors import ServiceUnavailable
-from flashsale.redisclient import run_id, run_ids
+from flashsale.stores import rediskeys
+from flashsale.stores.redisclient import run_id, run_ids
 
 REFRESH_EVERY_S: Final = 0.5
 BUCKET_FIELDS: Final = ("remaining", "moved_out", "allotment", "armed", "moves")

@@ -9,7 +9,6 @@ from typing import Any, Final
 
 from redis.exceptions import RedisError
 
-from flashsale import rediskeys
 from flashsale.errors import (
     AppError,
     IdempotencyMismatch,
@@ -28,9 +27,10 @@ from flashsale.flash import buckets as bucketing
 from flashsale.flash.cache import SaleState, now_ms
 from flashsale.flash.events import OrderEvent
 from flashsale.flash.runtime import FlashRuntime
-from flashsale.kafka import PublishFailed
-from flashsale.redisbatch import OutcomeUnknown
-from flashsale.scripts import Release, Reserve
+from flashsale.stores import rediskeys
+from flashsale.stores.kafka import PublishFailed
+from flashsale.stores.redisbatch import OutcomeUnknown
+from flashsale.stores.scripts import Release, Reserve
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,6 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
-from flashsale.db import Conn
 from flashsale.errors import (
     InsufficientStock,
     NotFound,
@@ -28,7 +26,9 @@ from flashsale.errors import (
 )
 from flashsale.flash import buckets as bucketing
 from flashsale.flash.cache import now_ms, read_state
-from flashsale.scripts import FlashScripts, SaleClose, SaleLoad
+from flashsale.stores import rediskeys
+from flashsale.stores.db import Conn
+from flashsale.stores.scripts import FlashScripts, SaleClose, SaleLoad
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from flashsale.clusterbatch import ClusterScriptBatcher
 from flashsale.flash.cache import SaleCache
-from flashsale.kafka import OrderProducer
-from flashsale.redisbatch import ScriptBatcher
-from flashsale.scripts import FlashScripts
 from flashsale.settings import Settings
+from flashsale.stores.clusterbatch import ClusterScriptBatcher
+from flashsale.stores.kafka import OrderProducer
+from flashsale.stores.redisbatch import ScriptBatcher
+from flashsale.stores.scripts import FlashScripts
 
 
 @dataclass

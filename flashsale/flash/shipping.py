@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flashsale import addresses
-from flashsale.db import Conn
 from flashsale.orders.create import SQL_SKUS_FOR_ORDER, snapshot_id
+from flashsale.stores.db import Conn
 
 
 class NewFlashOrder(addresses.FlashOrderRef, Protocol):

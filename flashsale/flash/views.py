@@ -7,10 +7,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from flashsale import rediskeys
 from flashsale.flash import buckets
 from flashsale.flash.cache import SaleState, iso_ms
 from flashsale.flash.events import parse_entry
+from flashsale.stores import rediskeys
 
 
 async def queued_order(

@@ -21,7 +21,6 @@ from typing import Any, Final
 
 import asyncpg
 
-from flashsale.db import Conn
 from flashsale.errors import AppError, NotFound
 from flashsale.orders.model import SQL_ORDER, Actor
 from flashsale.orders.states import ship_order
@@ -33,6 +32,7 @@ from flashsale.orders.views import (
     returns_of_order,
     shipping_info,
 )
+from flashsale.stores.db import Conn
 
 MAX_EXPORT_ROWS: Final = 10_000
 MAX_BULK_SHIP: Final = 100

@@ -29,10 +29,10 @@ from flashsale.errors import (
     SkuNotFound,
     ValidationFailed,
 )
-from flashsale.ids import OrderIds
 from flashsale.inventory import Conn
 from flashsale.orders.model import SQL_ORDER, Actor, new_payment_id, payment_url, write_log
 from flashsale.settings import Settings
+from flashsale.stores.ids import OrderIds
 
 log = logging.getLogger(__name__)
 

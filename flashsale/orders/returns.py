@@ -25,11 +25,11 @@ from typing import Any, Final
 import asyncpg
 
 from flashsale import payments
-from flashsale.db import Conn
 from flashsale.errors import NotFound, RefundExceedsPaid, ReturnInProgress, ValidationFailed
 from flashsale.orders.model import SQL_ORDER_FOR_UPDATE, Actor, invalid_transition, write_log
 from flashsale.orders.states import require_merchant
 from flashsale.orders.views import RETURN_COLUMNS, return_view
+from flashsale.stores.db import Conn
 
 RETURNABLE: Final = ("shipped", "delivered", "completed")
 KINDS: Final = ("return", "refund")

@@ -29,7 +29,6 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import rediskeys, tasks
 from flashsale.errors import (
     AccountTooNew,
     AdmissionExpired,
@@ -46,10 +45,11 @@ from flashsale.errors import (
 )
 from flashsale.flash import lifecycle
 from flashsale.flash.cache import SaleCache, SaleState, iso_ms, now_ms
-from flashsale.metrics import Metrics
-from flashsale.redisclient import leaks_as_connection_errors
-from flashsale.scripts import FlashScripts, Lease, QueueAdmit, QueueEnter, register
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys, tasks
+from flashsale.stores.metrics import Metrics
+from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.stores.scripts import FlashScripts, Lease, QueueAdmit, QueueEnter, register
 from flashsale.waitingroom.config import QueueConfig
 from flashsale.waitingroom.signing import Signer, Ticket
 

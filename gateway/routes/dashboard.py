@@ -17,10 +17,11 @@ from typing import Final
 import orjson
 from aiohttp import web
 
-from flashsale import dashboard, tasks
+from flashsale import dashboard
 from flashsale.auth import Principal, require_role
 from flashsale.errors import Forbidden, NotFound
 from flashsale.flash.cache import now_ms
+from flashsale.stores import tasks
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH

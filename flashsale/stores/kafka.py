@@ -38,8 +38,8 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from flashsale import tasks
 from flashsale.settings import Settings
+from flashsale.stores import tasks
 
 log = logging.getLogger(__name__)
 

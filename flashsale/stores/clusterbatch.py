@@ -28,7 +28,7 @@ from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from flashsale.redisbatch import (
+from flashsale.stores.redisbatch import (
     DEFAULT_TIMEOUT_S,
     MAX_BATCH,
     NotSent,

@@ -2,7 +2,7 @@
 
 On a cluster every client is redis-py's ``RedisCluster``: it routes each command by the
 slot of its key, follows MOVED/ASK and refreshes its slot map after a failover. Every key
-one command, transaction or script touches shares one hash tag (``flashsale/rediskeys.py``),
+one command, transaction or script touches shares one hash tag (``flashsale/stores/rediskeys.py``),
 so the callers need not know which they talk to; ``RedisCluster`` is typed as ``Redis``
 here because the code only uses the single-slot commands both implement. The two things a
 cluster does differently are here: a server's run id belongs to the node that holds a key
@@ -23,8 +23,8 @@ from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flashsale.redisbatch import run_id_of
 from flashsale.settings import Settings
+from flashsale.stores.redisbatch import run_id_of
 
 # Where redis-py 8.1's asyncio connection leaks a transport error instead of its own
 # ConnectionError, when another task closed the connection under a write (it does during a

@@ -4,7 +4,7 @@ Calls go through redis-py's script objects: EVALSHA, with a reload on NOSCRIPT
 (after a Redis restart or SCRIPT FLUSH). Each script's result codes are named by one
 ``IntEnum`` here, and every ``lua/*.lua`` header lists its codes in one form::
 
-    -- Returns (flashsale/scripts.py <Enum>) <shape of the result>:
+    -- Returns (flashsale/stores/scripts.py <Enum>) <shape of the result>:
     --   <code> <MEMBER> <what it means>
 
 ``tests/test_scripts.py`` holds each enum against its script's header.

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale import tasks
-from flashsale.redisbatch import OutcomeUnknown
-from flashsale.redisclient import leaks_as_connection_errors
-from flashsale.scripts import Lease, register
+from flashsale.stores import tasks
+from flashsale.stores.redisbatch import OutcomeUnknown
+from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.stores.scripts import Lease, register
 
 if TYPE_CHECKING:
-    from flashsale.clusterbatch import ClusterScriptBatcher
-    from flashsale.redisbatch import ScriptBatcher
+    from flashsale.stores.clusterbatch import ClusterScriptBatcher
+    from flashsale.stores.redisbatch import ScriptBatcher
 
 log = logging.getLogger(__name__)
 
