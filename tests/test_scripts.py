@@ -13,7 +13,7 @@ from flashsale.stores import scripts
 pytestmark = pytest.mark.unit
 
 LUA = Path(__file__).resolve().parent.parent / "lua"
-RETURNS = re.compile(r"^-- Returns \(flashsale/scripts\.py (\w+)\)")
+RETURNS = re.compile(r"^-- Returns \(flashsale/stores/scripts\.py (\w+)\)")
 CODE = re.compile(r"^--\s+(-?\d+) ([A-Z][A-Z_]*)\b")
 
 
