@@ -81,6 +81,7 @@ from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
 from loadtests.loadgen import LoadgenError, RunResult
 from stack.embedded import (
     EmbeddedError,
+    EmbeddedStack,
     die_with_parent,
     free_port,
     postgres_bin_dir,
@@ -1069,6 +1070,45 @@ def write_markdown(text: str, mode: str, path: Path = BENCHMARKS_MD) -> None:
 # ---------------------------------------------------------------- main
 
 
+def start_env(root: Path, plan: Plan, redis_fsync: str) -> tuple[EmbeddedStack, Env]:
+    """An isolated embedded stack in ``root``, users and tokens, and the gateway
+    (``flashsale serve``, 2 workers, access log off, rate limits far above the load).
+    The caller stops ``env.procs`` and the stack (see :func:`main`)."""
+    stack = start_stack(
+        root / "stack",
+        durable=False,
+        redis_appendfsync=None if redis_fsync == "off" else redis_fsync,
+    )
+    settings = Settings.from_env({}).with_(
+        redis_url=stack.url("redis"),
+        database_url=stack.url("postgres"),
+        kafka_bootstrap=stack.url("kafka"),
+        secret_key=secrets.token_hex(32),
+        http_port=free_port(),
+        workers=WORKERS,
+        access_log=False,
+        log_level="WARNING",
+        data_dir=str(root / "data"),
+        db_pool_max=20,
+        rate_user_per_s=1e6,
+        rate_user_burst=1_000_000,
+        rate_ip_per_s=1e7,
+        rate_ip_burst=10_000_000,
+    )
+    env: Env | None = None
+    try:
+        env = asyncio.run(_prepare(settings, plan, root))
+        print(f"bench: {len(env.user_ids)} users and tokens ready", flush=True)
+        gateway = _spawn(env, "gateway", [sys.executable, "-m", "stack", "serve"])
+        _wait_http(env.gateway_url + "/healthz", gateway)
+    except BaseException:
+        if env is not None:
+            stop_children(list(env.procs.values()))
+        stack.stop()
+        raise
+    return stack, env
+
+
 def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
     """Run the whole benchmark; 0 when every runnable scenario ran and the invariants hold."""
     plan = QUICK if quick else FULL
@@ -1088,31 +1128,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
     )
     try:
         print(f"bench ({mode}): starting valkey, PostgreSQL and tansu in {root}", flush=True)
-        stack = start_stack(
-            root / "stack",
-            durable=False,
-            redis_appendfsync=None if redis_fsync == "off" else redis_fsync,
-        )
-        settings = Settings.from_env({}).with_(
-            redis_url=stack.url("redis"),
-            database_url=stack.url("postgres"),
-            kafka_bootstrap=stack.url("kafka"),
-            secret_key=secrets.token_hex(32),
-            http_port=free_port(),
-            workers=WORKERS,
-            access_log=False,
-            log_level="WARNING",
-            data_dir=str(root / "data"),
-            db_pool_max=20,
-            rate_user_per_s=1e6,
-            rate_user_burst=1_000_000,
-            rate_ip_per_s=1e7,
-            rate_ip_burst=10_000_000,
-        )
-        env = asyncio.run(_prepare(settings, plan, root))
-        print(f"bench: {len(env.user_ids)} users and tokens ready", flush=True)
-        gateway = _spawn(env, "gateway", [sys.executable, "-m", "stack", "serve"])
-        _wait_http(env.gateway_url + "/healthz", gateway)
+        stack, env = start_env(root, plan, redis_fsync)
 
         def step(name: str, fn: Callable[[], Row | list[Row]]) -> None:
             nonlocal failed

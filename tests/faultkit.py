@@ -44,7 +44,7 @@ FINAL_REFUSALS = {"SOLD_OUT", "INSUFFICIENT_STOCK", "SALE_ENDED"}
 
 @dataclass
 class Proc:
-    """A project process (``python -m gateway <command>``) we can kill and start again."""
+    """A project process (``python -m stack <command>``) we can kill and start again."""
 
     name: str
     args: list[str]

@@ -130,7 +130,7 @@ def _cli_user_create(
         [
             sys.executable,
             "-m",
-            "gateway",
+            "stack",
             "user",
             "create",
             "--role",

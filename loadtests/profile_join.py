@@ -1,0 +1,229 @@
+"""Where a join's CPU goes: py-spy on the gateway workers under the bench's load, by stage.
+
+    .venv/bin/python -m loadtests.profile_join [--scenario accept] [--seconds 10]
+
+Starts the bench's isolated stack and gateway (:func:`loadtests.bench.start_env`: 2
+workers, access log off, rate limits far above the load), creates a sale for the
+scenario, warms up, then drives wrk (2 threads, 64 connections) for ``--seconds`` while
+``py-spy record --nonblocking`` samples every gateway worker. It prints the rate, the CPU
+per request of each process (user + system from ``/proc``, over exactly the measured
+window) and the workers' samples by stage, each stage as a share and as microseconds per
+request. A sample is put in the stage of its innermost frame that belongs to a known
+layer, so a stage holds its own code and the untracked calls below it (stdlib, C).
+
+Scenarios: ``accept`` (a join with stock to spare, 202), ``soldout`` (409),
+``notstarted`` (a sale not yet started, 409), ``queued`` (the waiting room's poll, 200).
+Every request goes to 127.0.0.1; every run is bounded by ``--seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtests import loadgen
+from loadtests.bench import (
+    JOIN_BODY,
+    QUICK,
+    Env,
+    _api,
+    _cpu_s,
+    _join_path,
+    _wait_until,
+    create_sale,
+    start_env,
+)
+from stack.processes import stop_children
+
+CONNECTIONS = 64
+THREADS = 2
+# py-spy is a project dependency installed beside this interpreter, not on PATH
+PY_SPY = Path(sys.executable).with_name("py-spy")
+
+# (stage, pattern on a frame's file), innermost match wins; order breaks ties in a frame
+STAGES: tuple[tuple[str, str], ...] = (
+    ("kafka produce (aiokafka)", r"aiokafka/|flashsale/stores/kafka"),
+    ("redis batcher", r"flashsale/stores/(redisbatch|clusterbatch)"),
+    ("redis-py (other Redis calls)", r"/redis/"),
+    ("event encoding", r"flashsale/flash/events"),
+    ("join domain", r"flashsale/flash/join"),
+    ("flash cache/runtime", r"flashsale/flash/|gateway/flash_runtime"),
+    ("waiting room", r"flashsale/waitingroom/"),
+    ("authentication", r"flashsale/auth|gateway/auth|flashsale/sessions|/jwt/"),
+    ("validation", r"gateway/validation"),
+    ("metrics", r"flashsale/stores/metrics|prometheus_client"),
+    ("order ids", r"flashsale/stores/ids"),
+    ("envelope / errors", r"gateway/http\.py|flashsale/errors"),
+    ("route handler", r"gateway/routes/"),
+    ("middlewares", r"gateway/middlewares|gateway/routing"),
+    ("access log / logging", r"/logging/|stack/logs"),
+    ("aiohttp response", r"aiohttp/(web_response|http_writer|helpers|abc)"),
+    ("aiohttp request / routing", r"aiohttp/(web_request|web_urldispatcher|web_app|multidict)"),
+    ("aiohttp protocol / parser", r"aiohttp/(web_protocol|http_parser|base_protocol|streams)"),
+    ("asyncio streams", r"asyncio/(streams|transports)"),
+)
+_FRAME = re.compile(r"\((?P<file>[^()]*?):\d+\)$")
+
+
+@dataclass
+class Profile:
+    samples: int
+    by_stage: dict[str, int]
+
+    def table(self, cpu_us_per_request: float) -> str:
+        lines = ["| stage | share | µs per request |", "|---|---:|---:|"]
+        for stage, count in sorted(self.by_stage.items(), key=lambda kv: -kv[1]):
+            share = count / self.samples if self.samples else 0.0
+            lines.append(f"| {stage} | {share:.1%} | {share * cpu_us_per_request:.1f} |")
+        return "\n".join(lines)
+
+
+def classify(stack: list[str]) -> str:
+    """The stage of one sampled stack (outermost frame first)."""
+    for frame in reversed(stack):
+        match = _FRAME.search(frame)
+        path = match.group("file") if match else frame
+        for stage, pattern in STAGES:
+            if re.search(pattern, path):
+                return stage
+    return "event loop (uvloop I/O, scheduling)"
+
+
+def read_raw(paths: list[Path]) -> Profile:
+    """py-spy's ``--format raw`` files (one ``frame;frame;... count`` line per stack)."""
+    by_stage: collections.Counter[str] = collections.Counter()
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")[1:]  # the first is the thread
+            by_stage[classify(frames)] += int(count)
+    return Profile(sum(by_stage.values()), dict(by_stage))
+
+
+def _workers(parent: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def _sale_for(env: Env, scenario: str) -> tuple[str, str, bytes, tuple[int, ...]]:
+    """(method, path, body, expected statuses) of the scenario, its sale created."""
+    if scenario == "accept":
+        sale_id, start = create_sale(env, 100_000_000, 1_000_000)
+        _wait_until(start)
+        return "POST", _join_path(sale_id), JOIN_BODY, (202,)
+    if scenario == "soldout":
+        sale_id, start = create_sale(env, 1, 1)
+        _wait_until(start)
+        token = env.tokens_file.read_text().split()[0]
+        asyncio.run(_api("POST", env.gateway_url + _join_path(sale_id), token, {"quantity": 1}))
+        return "POST", _join_path(sale_id), JOIN_BODY, (409,)
+    if scenario == "notstarted":
+        sale_id, _ = create_sale(env, 1_000, 1, starts_in_s=3600)
+        return "POST", _join_path(sale_id), JOIN_BODY, (409,)
+    raise ValueError(scenario)
+
+
+def run(scenario: str, seconds: float, rate_hz: int, out: Path | None) -> dict[str, object]:
+    root = Path(tempfile.mkdtemp(prefix="flashsale-profile-"))
+    stack, env = start_env(root, QUICK, "always")
+    try:
+        method, path, body, expected = _sale_for(env, scenario)
+        load: dict[str, Any] = {
+            "tokens_file": env.tokens_file,
+            "method": method,
+            "body": body,
+            "expected": expected,
+            "connections": CONNECTIONS,
+            "processes": THREADS,
+            "max_requests": 50_000_000,
+        }
+        port = env.settings.http_port
+        loadgen.run(path, port, duration_s=2.0, **load)  # warm-up: caches, scripts, JIT-free
+        pids = {"gateway": env.procs["gateway"].pid}
+        pids |= {name: stack.get(name).proc.pid for name in ("redis", "kafka", "postgres")}
+        spies = []
+        raws = [root / f"spy-{pid}.raw" for pid in _workers(pids["gateway"])]
+        for raw in raws:
+            pid = raw.stem.split("-")[1]
+            spies.append(
+                subprocess.Popen(
+                    [
+                        *(str(PY_SPY), "record", "--nonblocking", "--format", "raw"),
+                        *("-r", str(rate_hz), "-d", str(int(seconds) + 1)),
+                        *("-p", pid, "-o", str(raw)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(0.5)  # py-spy attached
+        before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        result = loadgen.run(path, port, duration_s=seconds, **load)
+        cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+        for spy in spies:
+            spy.wait(timeout=seconds + 30)
+        requests = max(1, result.requests)
+        per_request = {name: round(s * 1e6 / requests, 1) for name, s in cpu.items()}
+        profile = read_raw([r for r in raws if r.exists()])
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for raw in raws:
+                if raw.exists():
+                    shutil.copy(raw, out / f"{scenario}-{raw.name}")
+        return {
+            "scenario": scenario,
+            "rps": round(result.rps, 1),
+            "p99_ms": result.p99_ms,
+            "errors": result.errors,
+            "statuses": result.statuses,
+            "cpu_us_per_request": per_request,
+            "samples": profile.samples,
+            "by_stage": profile.by_stage,
+            "table": profile.table(per_request["gateway"]),
+        }
+    finally:
+        stop_children(list(env.procs.values()))
+        stack.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", default="accept", choices=("accept", "soldout", "notstarted"))
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--out", type=Path, help="keep the raw py-spy files in this folder")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    result = run(args.scenario, min(args.seconds, 60.0), args.rate, args.out)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+        return 0
+    cpu = result["cpu_us_per_request"]
+    print(
+        f"{result['scenario']}: {result['rps']} req/s, p99 {result['p99_ms']} ms, "
+        f"errors {result['errors']} {result['statuses']}; CPU µs per request: "
+        + ", ".join(f"{k} {v}" for k, v in cpu.items())  # type: ignore[attr-defined]
+    )
+    print(f"{result['samples']} samples of the gateway workers\n")
+    print(result["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
