@@ -9,17 +9,14 @@ import time
 from typing import Final
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from flashsale.errors import AppError, ServiceUnavailable
 from flashsale.stores.metrics import RequestStats
 from flashsale.stores.redisclient import lost_connection
-from gateway.appkeys import ORDER_ID
 from gateway.http import JSON_CONTENT_TYPE, error_body
 from gateway.routing import Handler
 
 log = logging.getLogger("flashsale.errors")
-access_log = logging.getLogger("gateway.access")
 
 REQUEST_ID: Final = "X-Request-ID"
 _REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
@@ -120,25 +117,3 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
         return response
 
     return envelope
-
-
-class JsonAccessLogger(AbstractAccessLogger):
-    """One JSON line per request: method, path, status, duration, request id, peer."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        extra = {
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
-            "ms": round(time * 1000, 3),
-            "request_id": response.headers.get(REQUEST_ID, ""),
-            "peer": request.remote,
-        }
-        order_id = request.get(ORDER_ID)
-        if order_id is not None:
-            extra["order_id"] = order_id
-        self.logger.info("%s %s %d", request.method, request.path, response.status, extra=extra)
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)

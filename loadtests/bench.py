@@ -561,28 +561,47 @@ def drain(env: Env, plan: Plan) -> Row:
 SCALE_CONSUMERS = (1, 4)
 
 
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and every descendant still alive."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    used: dict[int, int] = {}
+def _family(pid: int) -> tuple[set[int], dict[int, list[str]]]:
+    """``pid`` and every descendant still alive, with each one's ``/proc/PID/stat`` fields."""
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        parents[int(entry)] = int(fields[1])
-        used[int(entry)] = int(fields[11]) + int(fields[12])
     family, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent and child not in family:
+        for child, fields in stats.items():
+            if int(fields[1]) == parent and child not in family:
                 family.add(child)
                 frontier.append(child)
-    return sum(used.get(p, 0) for p in family) / ticks
+    return family, stats
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every descendant still alive."""
+    family, stats = _family(pid)
+    ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in family if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _syscalls(pid: int) -> tuple[int, int]:
+    """(read, write) system calls made so far by ``pid`` and its descendants
+    (``/proc/PID/io``): per request, they show how many requests share a round trip."""
+    family, _ = _family(pid)
+    reads = writes = 0
+    for p in family:
+        try:
+            lines = Path(f"/proc/{p}/io").read_text().splitlines()
+        except OSError:
+            continue
+        values = dict(line.split(": ", 1) for line in lines)
+        reads += int(values.get("syscr", 0))
+        writes += int(values.get("syscw", 0))
+    return reads, writes
 
 
 async def _group_settled(settings: Settings, members: int, timeout_s: float) -> None:
@@ -1070,30 +1089,37 @@ def write_markdown(text: str, mode: str, path: Path = BENCHMARKS_MD) -> None:
 # ---------------------------------------------------------------- main
 
 
-def start_env(root: Path, plan: Plan, redis_fsync: str) -> tuple[EmbeddedStack, Env]:
+def start_env(
+    root: Path, plan: Plan, redis_fsync: str, overrides: dict[str, Any] | None = None
+) -> tuple[EmbeddedStack, Env]:
     """An isolated embedded stack in ``root``, users and tokens, and the gateway
-    (``flashsale serve``, 2 workers, access log off, rate limits far above the load).
+    (``flashsale serve``, 2 workers, access log off, rate limits far above the load;
+    ``overrides`` replaces settings, to price one of them).
     The caller stops ``env.procs`` and the stack (see :func:`main`)."""
     stack = start_stack(
         root / "stack",
         durable=False,
         redis_appendfsync=None if redis_fsync == "off" else redis_fsync,
     )
-    settings = Settings.from_env({}).with_(
-        redis_url=stack.url("redis"),
-        database_url=stack.url("postgres"),
-        kafka_bootstrap=stack.url("kafka"),
-        secret_key=secrets.token_hex(32),
-        http_port=free_port(),
-        workers=WORKERS,
-        access_log=False,
-        log_level="WARNING",
-        data_dir=str(root / "data"),
-        db_pool_max=20,
-        rate_user_per_s=1e6,
-        rate_user_burst=1_000_000,
-        rate_ip_per_s=1e7,
-        rate_ip_burst=10_000_000,
+    settings = (
+        Settings.from_env({})
+        .with_(
+            redis_url=stack.url("redis"),
+            database_url=stack.url("postgres"),
+            kafka_bootstrap=stack.url("kafka"),
+            secret_key=secrets.token_hex(32),
+            http_port=free_port(),
+            workers=WORKERS,
+            access_log=False,
+            log_level="WARNING",
+            data_dir=str(root / "data"),
+            db_pool_max=20,
+            rate_user_per_s=1e6,
+            rate_user_burst=1_000_000,
+            rate_ip_per_s=1e7,
+            rate_ip_burst=10_000_000,
+        )
+        .with_(**(overrides or {}))
     )
     env: Env | None = None
     try:

@@ -12,7 +12,8 @@ request. A sample is put in the stage of its innermost frame that belongs to a k
 layer, so a stage holds its own code and the untracked calls below it (stdlib, C).
 
 Scenarios: ``accept`` (a join with stock to spare, 202), ``soldout`` (409),
-``notstarted`` (a sale not yet started, 409), ``queued`` (the waiting room's poll, 200).
+``notstarted`` (a sale not yet started, 409) and ``ceiling`` (the bench's row 1: bare
+aiohttp on the same worker setup answering a fixed body, the floor a join is held to).
 Every request goes to 127.0.0.1; every run is bounded by ``--seconds``.
 """
 
@@ -28,25 +29,32 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from flashsale.settings import Settings
 from loadtests import loadgen
 from loadtests.bench import (
     JOIN_BODY,
     QUICK,
+    WORKERS,
     Env,
     _api,
     _cpu_s,
     _join_path,
+    _spawn,
+    _syscalls,
+    _wait_http,
     _wait_until,
     create_sale,
     start_env,
 )
+from stack.embedded import free_port
 from stack.processes import stop_children
 
 CONNECTIONS = 64
+SCENARIOS = ("accept", "soldout", "notstarted", "ceiling")
 THREADS = 2
 # py-spy is a project dependency installed beside this interpreter, not on PATH
 PY_SPY = Path(sys.executable).with_name("py-spy")
@@ -135,12 +143,34 @@ def _sale_for(env: Env, scenario: str) -> tuple[str, str, bytes, tuple[int, ...]
     if scenario == "notstarted":
         sale_id, _ = create_sale(env, 1_000, 1, starts_in_s=3600)
         return "POST", _join_path(sale_id), JOIN_BODY, (409,)
+    if scenario == "ceiling":  # the floor: bare aiohttp answering a fixed body, same workers
+        return "POST", "/", JOIN_BODY, (200,)
     raise ValueError(scenario)
 
 
-def run(scenario: str, seconds: float, rate_hz: int, out: Path | None) -> dict[str, object]:
+def _target(env: Env, scenario: str) -> tuple[int, int]:
+    """(port, supervisor pid) of the process tree the scenario loads."""
+    if scenario != "ceiling":
+        return env.settings.http_port, env.procs["gateway"].pid
+    port = free_port()
+    child = _spawn(
+        env,
+        "ceiling",
+        [sys.executable, "-m", "loadtests.ceiling", "--port", str(port), "--workers", str(WORKERS)],
+    )
+    _wait_http(f"http://127.0.0.1:{port}/", child)
+    return port, child.pid
+
+
+def run(
+    scenario: str,
+    seconds: float,
+    rate_hz: int,
+    out: Path | None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, object]:
     root = Path(tempfile.mkdtemp(prefix="flashsale-profile-"))
-    stack, env = start_env(root, QUICK, "always")
+    stack, env = start_env(root, QUICK, "always", overrides)
     try:
         method, path, body, expected = _sale_for(env, scenario)
         load: dict[str, Any] = {
@@ -152,9 +182,9 @@ def run(scenario: str, seconds: float, rate_hz: int, out: Path | None) -> dict[s
             "processes": THREADS,
             "max_requests": 50_000_000,
         }
-        port = env.settings.http_port
+        port, parent = _target(env, scenario)
         loadgen.run(path, port, duration_s=2.0, **load)  # warm-up: caches, scripts, JIT-free
-        pids = {"gateway": env.procs["gateway"].pid}
+        pids = {"gateway": parent}
         pids |= {name: stack.get(name).proc.pid for name in ("redis", "kafka", "postgres")}
         spies = []
         raws = [root / f"spy-{pid}.raw" for pid in _workers(pids["gateway"])]
@@ -173,8 +203,10 @@ def run(scenario: str, seconds: float, rate_hz: int, out: Path | None) -> dict[s
             )
         time.sleep(0.5)  # py-spy attached
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        calls_before = _syscalls(parent)
         result = loadgen.run(path, port, duration_s=seconds, **load)
         cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+        calls = [after - was for after, was in zip(_syscalls(parent), calls_before, strict=True)]
         for spy in spies:
             spy.wait(timeout=seconds + 30)
         requests = max(1, result.requests)
@@ -192,6 +224,10 @@ def run(scenario: str, seconds: float, rate_hz: int, out: Path | None) -> dict[s
             "errors": result.errors,
             "statuses": result.statuses,
             "cpu_us_per_request": per_request,
+            "gateway_syscalls_per_request": {
+                "read": round(calls[0] / requests, 2),
+                "write": round(calls[1] / requests, 2),
+            },
             "samples": profile.samples,
             "by_stage": profile.by_stage,
             "table": profile.table(per_request["gateway"]),
@@ -202,15 +238,37 @@ def run(scenario: str, seconds: float, rate_hz: int, out: Path | None) -> dict[s
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _setting(item: str) -> tuple[str, Any]:
+    """``name=value`` typed like the setting's default."""
+    name, _, text = item.partition("=")
+    field = {f.name: f for f in fields(Settings)}.get(name)
+    if field is None:
+        raise SystemExit(f"--set: no setting named {name!r}")
+    current = getattr(Settings.from_env({}), name)
+    if isinstance(current, bool):
+        return name, text.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, int | float):
+        return name, type(current)(text)
+    return name, text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenario", default="accept", choices=("accept", "soldout", "notstarted"))
+    p.add_argument("--scenario", default="accept", choices=SCENARIOS)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--out", type=Path, help="keep the raw py-spy files in this folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a gateway setting for this run (e.g. kafka_linger_ms=2), to price it",
+    )
     args = p.parse_args(argv)
-    result = run(args.scenario, min(args.seconds, 60.0), args.rate, args.out)
+    overrides = dict(_setting(item) for item in args.set)
+    result = run(args.scenario, min(args.seconds, 60.0), args.rate, args.out, overrides)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
         return 0
@@ -220,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         f"errors {result['errors']} {result['statuses']}; CPU µs per request: "
         + ", ".join(f"{k} {v}" for k, v in cpu.items())  # type: ignore[attr-defined]
     )
+    print(f"gateway system calls per request: {result['gateway_syscalls_per_request']}")
     print(f"{result['samples']} samples of the gateway workers\n")
     print(result["table"])
     return 0

@@ -19,8 +19,9 @@ from typing import Final
 from aiohttp import web
 
 from flashsale.settings import Settings
+from gateway import accesslog
+from gateway.accesslog import JsonAccessLogger
 from gateway.app import create_app
-from gateway.middlewares import JsonAccessLogger
 from stack.embedded import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ async def run_until_signalled(
     finally:
         log.info("worker %d stopping", os.getpid())
         await runner.cleanup()
+        accesslog.STDERR.flush()
 
 
 async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -14,7 +15,8 @@ from aiohttp.web import Response
 from flashsale.auth import TokenService
 from flashsale.flash.events import OrderEvent, decode
 from gateway import appkeys
-from gateway.middlewares import REQUEST_ID, JsonAccessLogger
+from gateway.accesslog import FLUSH_AFTER_S, FLUSH_AT_BYTES, JsonAccessLogger, LineBuffer
+from gateway.middlewares import REQUEST_ID
 from stack.logs import JsonFormatter
 from tests.flashkit import (
     admin_headers,
@@ -51,15 +53,33 @@ def test_request_id_round_trips_and_never_costs_an_order() -> None:
 
 
 @pytest.mark.unit
-def test_access_line_names_the_order(caplog: pytest.LogCaptureFixture) -> None:
-    logger = logging.getLogger("gateway.access")
+def test_access_line_names_the_order() -> None:
+    written: list[bytes] = []
+    access = JsonAccessLogger(logging.getLogger("gateway.access"), "")
+    access.buffer = LineBuffer(written.append)
     request = make_mocked_request("POST", "/api/v1/flash-sales/1/join")
     request[appkeys.ORDER_ID] = "987"
     response = Response(status=202, headers={REQUEST_ID: "req-9"})
-    with caplog.at_level(logging.INFO, logger="gateway.access"):
-        JsonAccessLogger(logger, "").log(request, response, 0.001)
-    line = orjson.loads(JsonFormatter().format(caplog.records[-1]))
+    access.log(request, response, 0.001)  # no running loop: written at once
+    (line,) = [orjson.loads(raw) for raw in b"".join(written).splitlines()]
     assert line["order_id"] == "987" and line["request_id"] == "req-9"
+    assert line["msg"] == "POST /api/v1/flash-sales/1/join 202" and line["level"] == "INFO"
+    # the same shape as every other log line, so one reader takes both
+    record = logging.LogRecord("gateway.access", logging.INFO, "", 0, "x", None, None)
+    assert set(orjson.loads(JsonFormatter().format(record))) <= set(line)
+
+
+@pytest.mark.unit
+async def test_access_lines_go_out_together() -> None:
+    written: list[bytes] = []
+    buffer = LineBuffer(written.append)
+    for n in range(3):
+        buffer.add(b"%d\n" % n)
+    assert written == []  # held for one write
+    await asyncio.sleep(FLUSH_AFTER_S * 4)
+    assert written == [b"0\n1\n2\n"]
+    buffer.add(b"x" * FLUSH_AT_BYTES + b"\n")  # a full buffer goes at once
+    assert len(written) == 2
 
 
 @pytest.mark.integration

@@ -103,9 +103,10 @@ def assignor(settings: Settings) -> tuple[type[AbstractPartitionAssignor], ...]:
     return (ASSIGNORS[settings.kafka_assignor],)
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("the broker did not acknowledge in time"))
+def _expire(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError("the broker did not acknowledge in time"))
 
 
 def _fail_all(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
@@ -123,6 +124,8 @@ class OrderProducer:
         self._timeout_s = settings.kafka_produce_timeout_ms / 1000
         self._producer: AIOKafkaProducer | None = None
         self._queued: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        # the waiters queued since the last shipment: one expiry timer covers them all
+        self._waiters: list[asyncio.Future[None]] = []
         self._wakeup = asyncio.Event()
         self._shipper: asyncio.Task[None] | None = None
         self._turn = random.randrange(1 << 16)  # workers start on different partitions
@@ -179,15 +182,16 @@ class OrderProducer:
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
+        if not self._waiters:  # one timer per tick's events, not one per event
+            self._waiters = []
+            loop.call_later(self._timeout_s, _expire, self._waiters)
+        self._waiters.append(waiter)
         self._queued.append((key, value, waiter))
         self._wakeup.set()
-        timer = loop.call_later(self._timeout_s, _expire, waiter)
         try:
             await waiter
         except (TimeoutError, KafkaError, OSError) as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            timer.cancel()
 
     async def _ship_forever(self) -> None:
         while True:
@@ -195,6 +199,7 @@ class OrderProducer:
             self._wakeup.clear()
             while self._queued:
                 queued, self._queued = self._queued, []
+                self._waiters = []
                 try:
                     await self._send_queued(queued)
                 except Exception as exc:
