@@ -112,9 +112,25 @@ def _accept_through_cluster_gateway(
         limit=1_000_000,
         buckets=buckets,
         load=lambda port, sale_id: _load(
-            env, plan, port, _join_path(sale_id), method="POST", body=JOIN_BODY, expected=(202,)
+            env,
+            plan,
+            port,
+            _join_path(sale_id),
+            method="POST",
+            body=JOIN_BODY,
+            expected=(202,),
+            priced=_cluster_priced(env, cluster),
         ),
     )
+
+
+def _cluster_priced(env: Env, cluster: ValkeyCluster) -> dict[str, int | list[int]]:
+    """The cluster gateway's CPU, and every cluster node's summed as Redis's."""
+    return {
+        "gateway": env.procs["gateway-cluster"].pid,
+        "redis": [n.proc.pid for n in cluster.nodes],
+        "kafka": env.stores["kafka"],
+    }
 
 
 def sellout_on_shards(env: Env, plan: Plan, cluster: ValkeyCluster) -> list[Row]:
