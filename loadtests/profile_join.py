@@ -121,6 +121,64 @@ def read_raw(paths: list[Path]) -> Profile:
     return Profile(sum(by_stage.values()), dict(by_stage))
 
 
+# perf's shared objects, named by what they are
+LIBRARIES: tuple[tuple[str, str], ...] = (
+    ("kernel (system calls, TCP, scheduling)", r"kernel|vmlinux|\[vdso\]"),
+    ("uvloop (libuv, transports)", r"uvloop|loop\.cpython"),
+    ("aiohttp C parser and helpers", r"aiohttp|_http_parser|_http_writer|_websocket"),
+    ("multidict / yarl / propcache", r"multidict|yarl|_quoting|propcache"),
+    ("hiredis", r"hiredis"),
+    ("orjson", r"orjson"),
+    ("libc / libm", r"libc|libm|ld-linux"),
+    ("Python interpreter", r"python|libpython"),
+)
+
+
+def _perf_record(data: Path, pids: list[int], seconds: float) -> subprocess.Popen[bytes] | None:
+    """``perf record`` on the workers over the window, where perf runs (root, Linux): it
+    counts CPU cycles only, so unlike py-spy's samples it does not count a worker that is
+    runnable but waiting for a core (which py-spy charges to the system call that woke
+    another process: the response write, the produce request)."""
+    binary = shutil.which("perf")
+    if binary is None or not pids:
+        return None
+    return subprocess.Popen(
+        [
+            *(binary, "record", "-F", "997", "-o", str(data)),
+            *("-p", ",".join(map(str, pids)), "--", "sleep", str(int(seconds) + 1)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _perf_by_library(
+    perf: subprocess.Popen[bytes] | None, data: Path, seconds: float
+) -> dict[str, float]:
+    """Share of the workers' CPU cycles per library (``perf report --sort dso``)."""
+    if perf is None:
+        return {}
+    perf.wait(timeout=seconds + 30)
+    binary = shutil.which("perf")
+    if binary is None or not data.exists():
+        return {}
+    report = subprocess.run(
+        [binary, "report", "-i", str(data), "--stdio", "--sort", "dso", "--no-children"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    shares: dict[str, float] = {}
+    for line in report.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(\S.*)$", line)
+        if not match:
+            continue
+        dso = match.group(2).strip()
+        name = next((n for n, pattern in LIBRARIES if re.search(pattern, dso)), "other")
+        shares[name] = shares.get(name, 0.0) + float(match.group(1))
+    return shares
+
+
 def _workers(parent: int) -> list[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True, check=False
@@ -201,6 +259,7 @@ def run(
                     stderr=subprocess.DEVNULL,
                 )
             )
+        perf = _perf_record(root / "perf.data", [int(r.stem.split("-")[1]) for r in raws], seconds)
         time.sleep(0.5)  # py-spy attached
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
         calls_before = _syscalls(parent)
@@ -209,6 +268,7 @@ def run(
         calls = [after - was for after, was in zip(_syscalls(parent), calls_before, strict=True)]
         for spy in spies:
             spy.wait(timeout=seconds + 30)
+        libraries = _perf_by_library(perf, root / "perf.data", seconds)
         requests = max(1, result.requests)
         per_request = {name: round(s * 1e6 / requests, 1) for name, s in cpu.items()}
         profile = read_raw([r for r in raws if r.exists()])
@@ -231,6 +291,7 @@ def run(
             "samples": profile.samples,
             "by_stage": profile.by_stage,
             "table": profile.table(per_request["gateway"]),
+            "by_library": libraries,
         }
     finally:
         stop_children(list(env.procs.values()))
@@ -281,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gateway system calls per request: {result['gateway_syscalls_per_request']}")
     print(f"{result['samples']} samples of the gateway workers\n")
     print(result["table"])
+    libraries = result["by_library"]
+    if libraries:
+        gateway_us = cpu["gateway"]  # type: ignore[index]
+        print("\nThe same CPU by library (perf record, cycles only):\n")
+        print("| library | share | µs per request |\n|---|---:|---:|")
+        for name, share in sorted(libraries.items(), key=lambda kv: -kv[1]):  # type: ignore[attr-defined]
+            print(f"| {name} | {share:.1f}% | {share / 100 * gateway_us:.1f} |")
     return 0
 
 
