@@ -8,6 +8,7 @@ import getpass
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 from flashsale.settings import Settings, SettingsError
 from flashsale.stores.redisclient import open_redis
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--repair", action="store_true", help="fix Redis from PostgreSQL")
     sub.add_parser("rebuild-cache", help="rebuild Redis sale state from PostgreSQL")
+    sub.add_parser(
+        "clean",
+        help="remove the data folder and what the stack kept for it elsewhere (PostgreSQL's "
+        "data under /var/lib/flashsale for a private folder); refused while `up` runs",
+    )
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")
     bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
     bench.add_argument("--out", default="bench-results.json")
@@ -139,6 +145,21 @@ async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean(data_dir: Path) -> int:
+    from stack.clean import CleanRefused, clean
+
+    try:
+        removed = clean(data_dir)
+    except CleanRefused as exc:
+        print(f"flashsale: {exc}", file=sys.stderr)
+        return 2
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"nothing to remove: {data_dir.resolve()} does not exist")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -199,6 +220,8 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         settings = stackfile.fill(settings)
         settings.require("redis_url", "database_url")
         return reconcile_main(settings, command=cmd, repair=getattr(args, "repair", False))
+    if cmd == "clean":
+        return _clean(Path(settings.data_dir))
     if cmd == "bench":
         # the load tests sit above the stack (they start it): run them as a program, as a
         # user would, rather than import them

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from flashsale.settings import Settings
 from stack import stackfile
-from stack.embedded import EmbeddedStack, restart_server, start_stack
+from stack.embedded import EmbeddedError, EmbeddedStack, restart_server, start_stack
 from stack.preflight import PreflightFailed, check_reachable, claim_port
 from stack.processes import (
     CrashLoop,
@@ -269,7 +269,7 @@ def _up(settings: Settings, root: Path, *, demo: bool, redis_shards: int = 0) ->
         while not flag:
             keep_alive(everything)
             time.sleep(0.2)
-    except CrashLoop as exc:
+    except (CrashLoop, EmbeddedError) as exc:
         print(f"flashsale: {exc}", file=sys.stderr, flush=True)
         return 1
     else:
