@@ -106,13 +106,13 @@ def test_up_with_an_unreachable_redis_fails_before_starting_anything(tmp_path: P
 
 def _servers(stack: EmbeddedStack | None) -> dict[str, str]:
     """The real servers the suite runs on."""
-    if stack is None:
-        urls = [
-            os.environ[f"FLASHSALE_{k}"] for k in ("REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP")
-        ]
-    else:
-        urls = [stack.url("redis"), stack.url("postgres"), stack.url("kafka")]  # type: ignore[misc]
-    return dict(zip(("redis_url", "database_url", "kafka_bootstrap"), urls, strict=True))
+    names = {"redis_url": "redis", "database_url": "postgres", "kafka_bootstrap": "kafka"}
+    out = {}
+    for name, server in names.items():
+        url = os.environ[f"FLASHSALE_{name.upper()}"] if stack is None else stack.url(server)
+        assert url is not None
+        out[name] = url
+    return out
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def _wrong_password(url: str) -> str:
 
 
 def test_real_servers_answer_the_preflight(stack: EmbeddedStack | None) -> None:
-    check_reachable(Settings(**_servers(stack)))
+    check_reachable(Settings().with_(**_servers(stack)))
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_a_server_that_does_not_answer_its_command_is_one_line(
     servers = _servers(stack)
     servers[name] = spoil(servers[name], silent)
     with pytest.raises(PreflightFailed) as failed:
-        check_reachable(Settings(**servers))
+        check_reachable(Settings().with_(**servers))
     message = str(failed.value)
     assert "\n" not in message, message
     assert message.startswith(f"FLASHSALE_{name.upper()}="), message
