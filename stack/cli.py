@@ -16,6 +16,41 @@ from flashsale.stores.redisclient import open_redis
 log = logging.getLogger("flashsale")
 
 
+def _password_options(command: argparse.ArgumentParser) -> None:
+    given = command.add_mutually_exclusive_group()
+    given.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (for scripts)",
+    )
+    given.add_argument(
+        "--password", help="the password (visible to other users: prefer --password-stdin)"
+    )
+
+
+class _NoPassword(Exception):
+    """No password given and no terminal to ask on."""
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """The new password: given, piped with --password-stdin, or asked on the terminal."""
+    from flashsale.users import check_new_password
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif args.password is not None:
+        password = args.password
+    elif sys.stdin.isatty():
+        try:
+            password = getpass.getpass("password: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise _NoPassword("no password given") from None
+    else:
+        raise _NoPassword("no terminal to ask for the password on: pipe it with --password-stdin")
+    check_new_password(password)
+    return password
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashsale", description="Flash-sale and inventory gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -40,14 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--phone")
     create.add_argument("--nickname", required=True)
     create.add_argument("--role", choices=["user", "merchant", "admin"], default="user")
-    create.add_argument("--password", help="read from the terminal when omitted")
+    _password_options(create)
     # these revoke every token of the account (they need the Redis the gateway uses)
     set_role = user_sub.add_parser("set-role", help="change an account's role (revokes tokens)")
     set_role.add_argument("--id", type=int, required=True)
     set_role.add_argument("--role", choices=["user", "merchant", "admin"], required=True)
     set_pw = user_sub.add_parser("set-password", help="set a password (revokes tokens)")
     set_pw.add_argument("--id", type=int, required=True)
-    set_pw.add_argument("--password", help="read from the terminal when omitted")
+    _password_options(set_pw)
     for name, text in (
         ("disable", "disable (delete) an account and revoke its tokens"),
         ("enable", "enable a disabled account"),
@@ -95,9 +130,7 @@ async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
     from flashsale.stores.db import create_pool
     from flashsale.users import create_user
 
-    password = args.password or getpass.getpass("password: ")
-    if len(password) < 8:
-        raise SettingsError("password must be at least 8 characters")
+    password = _read_password(args)
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     try:
         user = await create_user(
@@ -122,9 +155,7 @@ async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
 
     password = ""
     if args.user_command == "set-password":
-        password = args.password or getpass.getpass("password: ")
-        if len(password) < 8:
-            raise SettingsError("password must be at least 8 characters")
+        password = _read_password(args)
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     redis: Redis = open_redis(settings)
     try:
@@ -204,6 +235,9 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         settings.require("database_url")
         return asyncio.run(_migrate(settings))
     if cmd == "user":
+        from stack import stackfile
+
+        settings = stackfile.fill(settings)
         settings.require("database_url")
         try:
             if args.user_command == "create":
@@ -213,6 +247,9 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         except AppError as exc:
             print(f"flashsale: {exc.code}: {exc.message}", file=sys.stderr)
             return 1
+        except _NoPassword as exc:
+            print(f"flashsale: {exc}", file=sys.stderr)
+            return 2
     if cmd in ("reconcile", "rebuild-cache"):
         from consumers.reconcile import main as reconcile_main
         from stack import stackfile
