@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flashsale.settings import Settings, SettingsError
+from flashsale.settings import Settings, SettingsError, unknown_variables
 from flashsale.stores.redisclient import open_redis
 
 log = logging.getLogger("flashsale")
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        for line in unknown_variables():
+            print(f"flashsale: warning: {line}", file=sys.stderr)
         from stack.processes import configure_logging
 
         configure_logging(settings)
