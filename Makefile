@@ -54,5 +54,7 @@ bench: $(STAMP) bench-tools
 bench-quick: $(STAMP) bench-tools
 	$(BIN)/flashsale bench --quick
 
-clean:
-	rm -rf .flashsale .pytest_cache .mypy_cache .ruff_cache
+clean:  ## remove what the stack kept for this clone (.flashsale, its PostgreSQL data elsewhere) and the tool caches
+	@if [ -x $(BIN)/flashsale ]; then $(BIN)/flashsale clean; \
+	  else rm -rf .flashsale && echo "removed $(CURDIR)/.flashsale"; fi
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

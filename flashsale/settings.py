@@ -7,6 +7,7 @@ message is one line naming the variable; the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import ipaddress
@@ -403,3 +404,22 @@ class Settings:
         if self.payment_secret is not None:
             return self.payment_secret.encode()
         return hkdf_sha256(self.secret.encode(), PAYMENT_NOTIFY_KEY_LABEL)
+
+
+# FLASHSALE_* variables that are not settings of the service: read by the test suite.
+NOT_SETTINGS = frozenset({f"{PREFIX}SCREENSHOTS"})
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """One line for each ``FLASHSALE_*`` variable that names no setting (a misspelling is
+    otherwise silently ignored), naming the closest known setting."""
+    e = os.environ if env is None else env
+    known = [PREFIX + f.name.upper() for f in fields(Settings)]
+    lines = []
+    for name in sorted(e):
+        if not name.startswith(PREFIX) or name in known or name in NOT_SETTINGS:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "the settings are in docs/settings.md"
+        lines.append(f"{name} is not a setting and is ignored; {hint}")
+    return lines

@@ -34,6 +34,19 @@ from flashsale.errors import (
 
 EMAIL_RE: Final = r"[^@ \t\n\r\x0b\x0c\x00]+@[^@ \t\n\r\x0b\x0c\x00]+\.[^@ \t\n\r\x0b\x0c\x00]+"
 PHONE_RE: Final = r"\+?[0-9]{6,20}"
+# The lengths a new password may have, the same through the API and the CLI.
+PASSWORD_MIN_LEN: Final = 8
+PASSWORD_MAX_LEN: Final = 128
+
+
+def check_new_password(password: str) -> None:
+    """Refuse a new password outside the allowed lengths (a validation error)."""
+    if not PASSWORD_MIN_LEN <= len(password) <= PASSWORD_MAX_LEN:
+        raise ValidationFailed(
+            f"password must be {PASSWORD_MIN_LEN} to {PASSWORD_MAX_LEN} characters",
+            fields={"password": f"{PASSWORD_MIN_LEN} to {PASSWORD_MAX_LEN} characters"},
+        )
+
 
 SQL_INSERT_USER = """
 INSERT INTO users (email, phone, password_hash, nickname, role)

@@ -8,11 +8,47 @@ import getpass
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
-from flashsale.settings import Settings, SettingsError
+from flashsale.settings import Settings, SettingsError, unknown_variables
 from flashsale.stores.redisclient import open_redis
 
 log = logging.getLogger("flashsale")
+
+
+def _password_options(command: argparse.ArgumentParser) -> None:
+    given = command.add_mutually_exclusive_group()
+    given.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (for scripts)",
+    )
+    given.add_argument(
+        "--password", help="the password (visible to other users: prefer --password-stdin)"
+    )
+
+
+class _NoPassword(Exception):
+    """No password given and no terminal to ask on."""
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """The new password: given, piped with --password-stdin, or asked on the terminal."""
+    from flashsale.users import check_new_password
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif args.password is not None:
+        password = args.password
+    elif sys.stdin.isatty():
+        try:
+            password = getpass.getpass("password: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise _NoPassword("no password given") from None
+    else:
+        raise _NoPassword("no terminal to ask for the password on: pipe it with --password-stdin")
+    check_new_password(password)
+    return password
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,14 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--phone")
     create.add_argument("--nickname", required=True)
     create.add_argument("--role", choices=["user", "merchant", "admin"], default="user")
-    create.add_argument("--password", help="read from the terminal when omitted")
+    _password_options(create)
     # these revoke every token of the account (they need the Redis the gateway uses)
     set_role = user_sub.add_parser("set-role", help="change an account's role (revokes tokens)")
     set_role.add_argument("--id", type=int, required=True)
     set_role.add_argument("--role", choices=["user", "merchant", "admin"], required=True)
     set_pw = user_sub.add_parser("set-password", help="set a password (revokes tokens)")
     set_pw.add_argument("--id", type=int, required=True)
-    set_pw.add_argument("--password", help="read from the terminal when omitted")
+    _password_options(set_pw)
     for name, text in (
         ("disable", "disable (delete) an account and revoke its tokens"),
         ("enable", "enable a disabled account"),
@@ -60,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--repair", action="store_true", help="fix Redis from PostgreSQL")
     sub.add_parser("rebuild-cache", help="rebuild Redis sale state from PostgreSQL")
+    sub.add_parser(
+        "clean",
+        help="remove the data folder and what the stack kept for it elsewhere (PostgreSQL's "
+        "data under /var/lib/flashsale for a private folder); refused while `up` runs",
+    )
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")
     bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
     bench.add_argument("--out", default="bench-results.json")
@@ -89,9 +130,7 @@ async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
     from flashsale.stores.db import create_pool
     from flashsale.users import create_user
 
-    password = args.password or getpass.getpass("password: ")
-    if len(password) < 8:
-        raise SettingsError("password must be at least 8 characters")
+    password = _read_password(args)
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     try:
         user = await create_user(
@@ -116,9 +155,7 @@ async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
 
     password = ""
     if args.user_command == "set-password":
-        password = args.password or getpass.getpass("password: ")
-        if len(password) < 8:
-            raise SettingsError("password must be at least 8 characters")
+        password = _read_password(args)
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     redis: Redis = open_redis(settings)
     try:
@@ -139,10 +176,27 @@ async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean(data_dir: Path) -> int:
+    from stack.clean import CleanRefused, clean
+
+    try:
+        removed = clean(data_dir)
+    except CleanRefused as exc:
+        print(f"flashsale: {exc}", file=sys.stderr)
+        return 2
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"nothing to remove: {data_dir.resolve()} does not exist")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        for line in unknown_variables():
+            print(f"flashsale: warning: {line}", file=sys.stderr)
         from stack.processes import configure_logging
 
         configure_logging(settings)
@@ -183,6 +237,9 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         settings.require("database_url")
         return asyncio.run(_migrate(settings))
     if cmd == "user":
+        from stack import stackfile
+
+        settings = stackfile.fill(settings)
         settings.require("database_url")
         try:
             if args.user_command == "create":
@@ -192,6 +249,9 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         except AppError as exc:
             print(f"flashsale: {exc.code}: {exc.message}", file=sys.stderr)
             return 1
+        except _NoPassword as exc:
+            print(f"flashsale: {exc}", file=sys.stderr)
+            return 2
     if cmd in ("reconcile", "rebuild-cache"):
         from consumers.reconcile import main as reconcile_main
         from stack import stackfile
@@ -199,6 +259,8 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         settings = stackfile.fill(settings)
         settings.require("redis_url", "database_url")
         return reconcile_main(settings, command=cmd, repair=getattr(args, "repair", False))
+    if cmd == "clean":
+        return _clean(Path(settings.data_dir))
     if cmd == "bench":
         # the load tests sit above the stack (they start it): run them as a program, as a
         # user would, rather than import them

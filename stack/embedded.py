@@ -35,14 +35,18 @@ from typing import Any
 import hiredis
 
 from flashsale.stores.redisbatch import pack
+from stack.clean import SHARED_PG_DATA, shared_postgres_home
 
 log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "flashsale-pg"
 SHARED_PG_CACHE = Path("/var/cache/flashsale")
-SHARED_PG_DATA = Path("/var/lib/flashsale")
 PG_DATABASE = "flashsale"
 _PR_SET_PDEATHSIG = 1
+
+
+class _PasswordMismatch(Exception):
+    """PostgreSQL's data was made with another password than the one kept beside it."""
 
 
 class EmbeddedError(Exception):
@@ -533,10 +537,9 @@ def _server_home(user: pwd.struct_passwd, data_dir: Path) -> Path:
     _open_temp_folders(user, data_dir)
     if reachable_by(user, data_dir):
         return data_dir
-    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
     SHARED_PG_DATA.mkdir(parents=True, exist_ok=True)
     SHARED_PG_DATA.chmod(0o755)
-    home = SHARED_PG_DATA / f"postgres-{tag}"
+    home = shared_postgres_home(data_dir)
     home.mkdir(exist_ok=True)
     (data_dir / "data.location").write_text(
         f"{home}\n(the PostgreSQL server user {user.pw_name} cannot reach {data_dir})\n"
@@ -641,7 +644,18 @@ def start_postgres(
         stop_signal=signal.SIGINT,
         log_path=log_path,
     )
-    _ensure_database(bindir, port, PG_DATABASE, password)
+    try:
+        _ensure_database(bindir, port, PG_DATABASE, password)
+    except _PasswordMismatch:
+        server.stop()
+        raise EmbeddedError(
+            f"PostgreSQL's data in {pgdata.resolve()} was made with another password than "
+            f"{(data_dir / 'password').resolve()} (one outlived the other): put the old password "
+            "file back, or run `make clean` (`flashsale clean`) to start afresh, deleting that data"
+        ) from None
+    except EmbeddedError:
+        server.stop()
+        raise
     return server
 
 
@@ -658,6 +672,8 @@ def _ensure_database(bindir: Path, port: int, name: str, password: str) -> None:
         )
         if found.returncode == 0:
             break
+        if b"password authentication failed" in found.stderr:
+            raise _PasswordMismatch
         if time.monotonic() > deadline:  # still starting up ("the database system is starting up")
             raise EmbeddedError("postgres did not accept connections: " + found.stderr.decode())
         time.sleep(0.05)

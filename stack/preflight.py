@@ -1,17 +1,19 @@
 """Checks made before anything starts, each failing at once with one line that names
-what is wrong and what to do: the HTTP port is taken, a given server is unreachable."""
+what is wrong and what to do: the HTTP port is taken, a given server does not answer."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import re
 import socket
-from pathlib import Path
-from urllib.parse import urlsplit
+
+from redis.exceptions import RedisError
 
 from flashsale.settings import PREFIX, Settings
 
-CONNECT_TIMEOUT_S = 2.0
+# Long enough for a loaded server on the far side of a network, short enough that a port
+# that accepts and never answers stops the start at once.
+ANSWER_TIMEOUT_S = 3.0
 
 
 class PreflightFailed(Exception):
@@ -45,47 +47,109 @@ def claim_port(host: str, port: int) -> socket.socket:
     return holder
 
 
-def _endpoints(name: str, url: str) -> list[tuple[str, int]] | Path:
-    if name == "kafka_bootstrap":
-        out = []
-        for part in url.split(","):
-            host, _, port = part.strip().rpartition(":")
-            out.append((host or "127.0.0.1", int(port or 9092)))
-        return out
-    if name == "redis_url" and "," in url:  # a cluster's seed nodes: one must answer
-        return [
-            (urlsplit(u.strip()).hostname or "127.0.0.1", urlsplit(u.strip()).port or 6379)
-            for u in url.split(",")
-        ]
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return Path(parts.path)
-    default = 5432 if name == "database_url" else 6379
-    return [(parts.hostname or "127.0.0.1", parts.port or default)]
+def _shown(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//", url)  # never print a password
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {ANSWER_TIMEOUT_S:.0f}s"
+    text = str(exc).strip().splitlines()
+    reason = text[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {reason}" if isinstance(exc, OSError) else reason
+
+
+async def _redis(url: str) -> None:
+    """PING with the URL's credentials, on every seed until one answers."""
+    from redis.asyncio import Redis
+
+    errors = []
+    for seed in url.split(","):
+        client = Redis.from_url(
+            seed.strip(),
+            socket_connect_timeout=ANSWER_TIMEOUT_S,
+            socket_timeout=ANSWER_TIMEOUT_S,
+            retry_on_timeout=False,
+        )
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                await client.ping()
+        except (OSError, TimeoutError, RedisError) as exc:
+            errors.append(_why(exc) if "," not in url else f"{_shown(seed.strip())}: {_why(exc)}")
+            continue
+        finally:
+            await client.aclose()
+        return
+    raise _Unanswered("; ".join(errors))
+
+
+async def _postgres(url: str) -> None:
+    import asyncpg
+
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            conn = await asyncpg.connect(url, timeout=ANSWER_TIMEOUT_S)
+            try:
+                await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise _Unanswered(_why(exc)) from None
+
+
+async def _kafka(bootstrap: str) -> None:
+    """A metadata request to every bootstrap server until one answers."""
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import KafkaError
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    errors = []
+    for part in bootstrap.split(","):
+        host, _, port = part.strip().rpartition(":")
+        conn = None
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                conn = await create_conn(
+                    host or "127.0.0.1",
+                    int(port or 9092),
+                    request_timeout_ms=int(ANSWER_TIMEOUT_S * 1000),
+                )
+                await conn.send(MetadataRequest([]))
+        except (OSError, TimeoutError, KafkaError) as exc:
+            errors.append(_why(exc) if "," not in bootstrap else f"{part.strip()}: {_why(exc)}")
+            continue
+        finally:
+            if conn is not None:
+                conn.close()
+        return
+    raise _Unanswered("; ".join(errors))
+
+
+class _Unanswered(Exception):
+    """Why a server did not answer its command."""
+
+
+_CHECKS = {"redis_url": _redis, "database_url": _postgres, "kafka_bootstrap": _kafka}
 
 
 def check_reachable(settings: Settings) -> None:
-    """Every server URL that is set must accept a TCP connection (a unix socket must
-    exist); raise PreflightFailed naming the first that does not."""
-    for name in ("redis_url", "database_url", "kafka_bootstrap"):
-        url = getattr(settings, name)
-        if url is None:
-            continue
-        target = _endpoints(name, url)
-        shown = re.sub(r"//[^@/]*@", "//", url)  # never print a password
-        if isinstance(target, Path):
-            if not target.exists():
-                raise PreflightFailed(f"{PREFIX}{name.upper()}={shown}: no socket at {target}")
-            continue
-        errors = []
-        for host, port in target:
-            try:
-                with contextlib.closing(socket.create_connection((host, port), CONNECT_TIMEOUT_S)):
-                    break
-            except OSError as exc:
-                errors.append(f"{host}:{port} {exc.strerror or exc}")
-        else:
+    """Every server URL that is set must answer a real command within a few seconds
+    (Redis ``PING`` with its credentials, PostgreSQL ``SELECT 1``, a Kafka metadata request);
+    raise PreflightFailed naming the first that does not, before anything starts."""
+    given = {name: getattr(settings, name) for name in _CHECKS if getattr(settings, name)}
+    if not given:
+        return
+
+    async def check_all() -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(_CHECKS[name](url) for name, url in given.items()), return_exceptions=True
+        )
+
+    for (name, url), outcome in zip(given.items(), asyncio.run(check_all()), strict=True):
+        if isinstance(outcome, _Unanswered):
             raise PreflightFailed(
-                f"{PREFIX}{name.upper()}={shown} is unreachable ({'; '.join(errors)}); "
-                "start it, fix the URL, or unset it to let `flashsale up` start its own"
+                f"{PREFIX}{name.upper()}={_shown(url)} does not answer ({outcome}); start it, "
+                "fix the URL or its password, or unset it to let `flashsale up` start its own"
             )
+        if isinstance(outcome, BaseException):
+            raise outcome

@@ -124,16 +124,35 @@ def stop_children(children: list[subprocess.Popen[bytes]], timeout_s: float = 20
             child.wait()
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; a supervisor loop polls it."""
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived while a StopFlag was interrupting."""
 
-    def __init__(self) -> None:
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; a supervisor loop polls it.
+
+    With ``interrupt=True`` the first signal also raises :class:`Stopped` wherever the main
+    thread is (a start-up that must not be waited out), until :meth:`settle`.
+    """
+
+    def __init__(self, *, interrupt: bool = False) -> None:
         self.signum: int | None = None
+        self._interrupt = interrupt
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
+    def settle(self) -> None:
+        """From now on a signal only sets the flag."""
+        self._interrupt = False
+
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum
+        if self._interrupt:
+            self._interrupt = False  # the stop that follows is not interrupted again
+            raise Stopped(signum)
 
     def __bool__(self) -> bool:
         return self.signum is not None

@@ -27,11 +27,12 @@ from typing import IO, Any
 
 from flashsale.settings import Settings
 from stack import stackfile
-from stack.embedded import EmbeddedStack, restart_server, start_stack
+from stack.embedded import EmbeddedError, EmbeddedStack, restart_server, start_stack
 from stack.preflight import PreflightFailed, check_reachable, claim_port
 from stack.processes import (
     CrashLoop,
     StopFlag,
+    Stopped,
     Supervised,
     child_env,
     ensure_multiproc_dir,
@@ -134,12 +135,36 @@ class DataDirBusy(Exception):
     """Another `flashsale up` holds the data folder."""
 
 
-def _lock_data_dir(root: Path, wait_s: float = 30.0) -> IO[str]:
-    """Hold ``root/up.lock`` for as long as this process lives.
+STOPPING = "stopping"
 
-    Two supervisors on one data folder would start two PostgreSQL servers on one data
-    directory. A previous ``up`` that is still shutting down (PostgreSQL checkpoints on
-    the way out) is waited for, up to ``wait_s``.
+
+class DataDirLock:
+    """``root/up.lock``, held (flock) for as long as this process lives; it reads
+    ``<pid>`` while the stack starts and runs, ``<pid> stopping`` once it stops."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self._handle = handle
+        self._write(str(os.getpid()))
+
+    def _write(self, text: str) -> None:
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(text)
+        self._handle.flush()
+
+    def stopping(self) -> None:
+        self._write(f"{os.getpid()} {STOPPING}")
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _lock_data_dir(root: Path, wait_s: float = 30.0) -> DataDirLock:
+    """Hold ``root/up.lock``: two supervisors on one data folder would start two PostgreSQL
+    servers on one data directory.
+
+    A running ``up`` is said at once, with its pid. Only one that is already stopping
+    (PostgreSQL checkpoints on the way out) is waited for, up to ``wait_s``.
     """
     handle = (root / "up.lock").open("a+")
     deadline = time.monotonic() + wait_s
@@ -148,30 +173,27 @@ def _lock_data_dir(root: Path, wait_s: float = 30.0) -> IO[str]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.seek(0)
+            pid, _, state = handle.read().strip().partition(" ")
+            if state != STOPPING or time.monotonic() > deadline:
+                handle.close()
+                doing = "still stopping" if state == STOPPING else "running"
+                raise DataDirBusy(
+                    f"another `flashsale up` (pid {pid or '?'}, {doing}) is using "
+                    f"{root.resolve()}; stop it first (Ctrl-C in its terminal, or kill "
+                    f"{pid or 'it'}) or set FLASHSALE_DATA_DIR to another folder"
+                ) from None
             if not said:
-                handle.seek(0)
                 print(
-                    f"flashsale: waiting up to {wait_s:.0f}s for the `flashsale up` (pid "
-                    f"{handle.read().strip() or '?'}) that holds {root.resolve()} to stop…",
+                    f"flashsale: waiting up to {wait_s:.0f}s for the `flashsale up` (pid {pid}) "
+                    f"that holds {root.resolve()} to finish stopping…",
                     file=sys.stderr,
                     flush=True,
                 )
                 said = True
-            if time.monotonic() > deadline:
-                handle.seek(0)
-                owner = handle.read().strip() or "?"
-                handle.close()
-                raise DataDirBusy(
-                    f"another `flashsale up` (pid {owner}) is using {root.resolve()}; stop it "
-                    "first or set FLASHSALE_DATA_DIR to another folder"
-                ) from None
             time.sleep(0.2)
             continue
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        return handle
+        return DataDirLock(handle)
 
 
 def up(settings: Settings, *, demo: bool = True, redis_shards: int = 0) -> int:
@@ -190,18 +212,22 @@ def up(settings: Settings, *, demo: bool = True, redis_shards: int = 0) -> int:
         print(f"flashsale: {exc}", file=sys.stderr)
         return 2
     try:
-        return _up(settings, root, demo=demo, redis_shards=redis_shards)
+        return _up(settings, root, lock, demo=demo, redis_shards=redis_shards)
     finally:
         port.close()
         lock.close()
 
 
-def _up(settings: Settings, root: Path, *, demo: bool, redis_shards: int = 0) -> int:
+def _up(
+    settings: Settings, root: Path, lock: DataDirLock, *, demo: bool, redis_shards: int = 0
+) -> int:
     started = time.monotonic()
     stack: EmbeddedStack | None = None
     children: list[Supervised] = []
     consumers: list[Supervised] = []
-    flag = StopFlag()
+    # Ctrl-C or SIGTERM while starting stops at once (the start raises Stopped, and every
+    # `finally` on the way out stops what had started); once up, the loop below polls it.
+    flag = StopFlag(interrupt=True)
     try:
         need = {
             "redis": settings.redis_url is None,
@@ -264,18 +290,23 @@ def _up(settings: Settings, root: Path, *, demo: bool, redis_shards: int = 0) ->
         if not _wait_ready(base + "/readyz", 60, everything, children + consumers):
             log.error("gateway did not become ready at %s/readyz", base)
             return 1
+        flag.settle()
         stackfile.write(settings, stack.ports() if stack else {})
         _banner(settings, base, demo_info, servers_s, time.monotonic() - started, stack)
         while not flag:
             keep_alive(everything)
             time.sleep(0.2)
-    except CrashLoop as exc:
+    except (CrashLoop, EmbeddedError) as exc:
         print(f"flashsale: {exc}", file=sys.stderr, flush=True)
         return 1
+    except Stopped as exc:
+        print(f"flashsale: {exc} while starting: stopping what had started", file=sys.stderr)
+        return 0
     else:
         print("\nstopping…", flush=True)
         return 0
     finally:
+        lock.stopping()
         stop_children(processes(children))  # gateway first: no new orders
         stop_children(processes(consumers), timeout_s=30)
         if stack is not None:

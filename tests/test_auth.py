@@ -6,15 +6,18 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from flashsale.auth import Principal, TokenService, require_role
+from flashsale.auth import Principal, TokenService, check_password, require_role
 from flashsale.errors import AppError, Forbidden
 from flashsale.settings import Settings
+from stack import stackfile
 from tests.conftest import TEST_SECRET
 
 pytestmark = pytest.mark.integration
@@ -157,6 +160,91 @@ def test_cli_user_create(base_settings: Settings) -> None:
     assert "(admin)" in result.stdout
     again = _cli_user_create(base_settings, email, "admin", "admin-password")
     assert again.returncode == 1 and "ACCOUNT_EXISTS" in again.stderr
+
+
+def _cli(
+    args: list[str], env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stack", *args],
+        env=env,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _without_servers(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    return {**env, "FLASHSALE_DATA_DIR": str(data_dir)}
+
+
+def test_cli_user_create_finds_the_running_stack_and_reads_stdin(
+    base_settings: Settings, tmp_path: Path
+) -> None:
+    # a running `up` (this process) recorded its servers; no FLASHSALE_* URL is set
+    stackfile.write(base_settings.with_(data_dir=str(tmp_path)), {})
+    email = _email()
+    args = ["user", "create", "--role", "admin", "--email", email, "--nickname", "A"]
+    created = _cli([*args, "--password-stdin"], _without_servers(tmp_path), "piped-password\n")
+    assert created.returncode == 0, created.stderr
+    assert "(admin)" in created.stdout
+    assert f"using the running stack's servers from {tmp_path / 'stack.json'}" in created.stderr
+
+    async def hash_of() -> str:
+        conn = await asyncpg.connect(base_settings.database)
+        try:
+            value: str = await conn.fetchval(
+                "SELECT password_hash FROM users WHERE email = $1", email
+            )
+            return value
+        finally:
+            await conn.close()
+
+    # the password is the line without its newline
+    assert asyncio.run(check_password(asyncio.run(hash_of()), "piped-password"))
+
+
+@pytest.mark.parametrize(
+    ("how", "stdin", "code", "line"),
+    [
+        (
+            "no-terminal",
+            None,
+            2,
+            "flashsale: no terminal to ask for the password on: pipe it with --password-stdin",
+        ),
+        (
+            "short",
+            "short\n",
+            1,
+            "flashsale: VALIDATION_FAILED: password must be 8 to 128 characters",
+        ),
+    ],
+)
+def test_cli_user_create_without_a_usable_password_is_one_line(
+    base_settings: Settings, tmp_path: Path, how: str, stdin: str | None, code: int, line: str
+) -> None:
+    email = _email()
+    args = ["user", "create", "--email", email, "--nickname", "N"]
+    args += ["--password-stdin"] if stdin is not None else []
+    env = {**os.environ, **base_settings.to_env()}
+    done = _cli(args, env, stdin)
+    assert done.returncode == code
+    assert done.stderr.splitlines() == [line]
+
+    async def count() -> int:
+        conn = await asyncpg.connect(base_settings.database)
+        try:
+            n: int = await conn.fetchval("SELECT count(*) FROM users WHERE email = $1", email)
+            return n
+        finally:
+            await conn.close()
+
+    assert asyncio.run(count()) == 0  # nothing was created
 
 
 async def test_cli_admin_can_log_in(client: TestClient[Any, Any], base_settings: Settings) -> None:

@@ -7,7 +7,7 @@ restarted mid-sale, with every answer a shopper got recorded. After each fault:
 - and the stack answers again by itself.
 
 One case of each fault class runs in ``make test``; the long ones are marked ``chaos``
-(``make chaos``). Each prints a row of the table in the README's "What survives what".
+(``make chaos``). Each holds a row of the table "What survives what" in docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def test_gitignore_covers_what_the_load_tests_write(path: str) -> None:
 @pytest.mark.unit
 def test_reconcile_help_and_readme_say_recent_sales_of_the_same_days() -> None:
     help_text = " ".join(cli._parser().format_help().split())
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
     [row] = [line for line in readme.splitlines() if line.startswith("| `flashsale reconcile")]
     window = f"ended in the last {LOOKBACK_DAYS} days"
     assert "for recent sales" in help_text and window in help_text, help_text

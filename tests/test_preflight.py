@@ -1,5 +1,6 @@
 """`up` and `serve` stop at once, in one line, when their port is taken (by another stack
-sharing it through SO_REUSEPORT, or by anything else) or a given server is unreachable."""
+sharing it through SO_REUSEPORT, or by anything else) or a given server does not answer a
+real command (Redis PING with its password, PostgreSQL SELECT 1, a Kafka metadata request)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from flashsale.settings import Settings
-from stack.embedded import free_port
+from stack.embedded import EmbeddedStack, free_port
 from stack.preflight import PreflightFailed, check_reachable, claim_port
 from stack.processes import CrashLoop, Supervised
 from stack.up import _wait_ready
@@ -95,22 +98,100 @@ def test_up_with_an_unreachable_redis_fails_before_starting_anything(tmp_path: P
     lines = _errors(result)
     assert len(lines) == 1, lines
     assert lines[0].startswith(
-        "flashsale: FLASHSALE_REDIS_URL=redis://127.0.0.1:1/0 is unreachable"
+        "flashsale: FLASHSALE_REDIS_URL=redis://127.0.0.1:1/0 does not answer"
     )
     assert "secret" not in result.stderr
     assert not (tmp_path / "data" / "postgres").exists()  # nothing was started
 
 
-def test_check_reachable_names_the_first_unreachable_server() -> None:
+def _servers(stack: EmbeddedStack | None) -> dict[str, str]:
+    """The real servers the suite runs on."""
+    names = {"redis_url": "redis", "database_url": "postgres", "kafka_bootstrap": "kafka"}
+    out = {}
+    for name, server in names.items():
+        url = os.environ[f"FLASHSALE_{name.upper()}"] if stack is None else stack.url(server)
+        assert url is not None
+        out[name] = url
+    return out
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """host:port of a socket that accepts connections (the kernel does) and never answers."""
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        ok = f"127.0.0.1:{listening.getsockname()[1]}"
-        check_reachable(Settings(redis_url=f"redis://{ok}/0", kafka_bootstrap=ok))
-        with pytest.raises(
-            PreflightFailed, match=re.escape("FLASHSALE_KAFKA_BOOTSTRAP=127.0.0.1:1 ")
-        ):
-            check_reachable(Settings(redis_url=f"redis://{ok}/0", kafka_bootstrap="127.0.0.1:1"))
+        listening.listen(16)
+        yield f"127.0.0.1:{listening.getsockname()[1]}"
+
+
+def _wrong_password(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username or ''}:wrong-password@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def test_real_servers_answer_the_preflight(stack: EmbeddedStack | None) -> None:
+    check_reachable(Settings().with_(**_servers(stack)))
+
+
+@pytest.mark.parametrize(
+    ("name", "spoil", "why"),
+    [
+        ("redis_url", lambda url, silent: _wrong_password(url), "invalid username-password pair"),
+        ("redis_url", lambda url, silent: f"redis://{silent}/0", "no answer within 3s"),
+        ("database_url", lambda url, silent: _wrong_password(url), "password authentication"),
+        ("database_url", lambda url, silent: f"postgresql://u:p@{silent}/x", "no answer within 3s"),
+        ("kafka_bootstrap", lambda url, silent: silent, "no answer within 3s"),
+        ("kafka_bootstrap", lambda url, silent: "127.0.0.1:1", "Connect call failed"),
+    ],
+    ids=[
+        "redis-wrong-password",
+        "redis-silent",
+        "postgres-wrong-password",
+        "postgres-silent",
+        "kafka-silent",
+        "kafka-refused",
+    ],
+)
+def test_a_server_that_does_not_answer_its_command_is_one_line(
+    stack: EmbeddedStack | None,
+    silent: str,
+    name: str,
+    spoil: Callable[[str, str], str],
+    why: str,
+) -> None:
+    servers = _servers(stack)
+    servers[name] = spoil(servers[name], silent)
+    with pytest.raises(PreflightFailed) as failed:
+        check_reachable(Settings().with_(**servers))
+    message = str(failed.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"FLASHSALE_{name.upper()}="), message
+    assert why in message, message
+    assert "wrong-password" not in message and "@" not in message  # no password is printed
+
+
+@pytest.mark.parametrize("case", ["wrong-password", "silent"])
+def test_up_with_a_redis_that_does_not_answer_starts_nothing(
+    tmp_path: Path, stack: EmbeddedStack | None, silent: str, case: str
+) -> None:
+    """The walk of the issue: a wrong Redis password, a Redis port that accepts and never
+    answers. Both used to start PostgreSQL and the broker and end in a traceback."""
+    url = _servers(stack)["redis_url"]
+    result = _run(
+        "up",
+        tmp_path,
+        FLASHSALE_HTTP_PORT=str(free_port()),
+        FLASHSALE_REDIS_URL=_wrong_password(url)
+        if case == "wrong-password"
+        else f"redis://{silent}/0",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = _errors(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("flashsale: FLASHSALE_REDIS_URL="), lines
+    assert not (tmp_path / "data" / "postgres").exists()  # nothing was started
+    assert not (tmp_path / "data" / "kafka").exists()
 
 
 def test_a_worker_that_dies_while_starting_is_reported_at_once() -> None:

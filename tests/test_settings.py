@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from flashsale.settings import Settings, SettingsError
+from flashsale.settings import Settings, SettingsError, unknown_variables
 
 pytestmark = pytest.mark.unit
 
@@ -107,3 +109,34 @@ def test_cli_prints_one_line(env: dict[str, str], fragment: str) -> None:
     assert len(lines) == 1, result.stderr
     assert fragment in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.unit
+def test_a_misspelt_variable_names_the_closest_setting() -> None:
+    assert unknown_variables(
+        {"FLASHSALE_REDS_URL": "redis://x", "FLASHSALE_WORKERS": "2", "FLASHSALE_ZZZ": "1"}
+    ) == [
+        "FLASHSALE_REDS_URL is not a setting and is ignored; did you mean FLASHSALE_REDIS_URL?",
+        "FLASHSALE_ZZZ is not a setting and is ignored; the settings are in docs/settings.md",
+    ]
+    every_setting = Settings.from_env({}).to_env()
+    assert unknown_variables({**every_setting, "PATH": "/bin"}) == []
+
+
+@pytest.mark.unit
+def test_the_cli_warns_in_one_line_about_a_misspelt_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    env.update(FLASHSALE_DATA_DIR=str(tmp_path / "data"), FLASHSALE_REDS_URL="redis://x")
+    done = subprocess.run(
+        [sys.executable, "-m", "stack", "clean"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "flashsale: warning: FLASHSALE_REDS_URL is not a setting and is ignored; "
+        "did you mean FLASHSALE_REDIS_URL?"
+    ]

@@ -150,17 +150,55 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
                 proc.wait()
 
 
-def test_second_up_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
-    """Two supervisors would start two PostgreSQL servers on one data directory."""
+def test_second_up_on_the_same_data_folder_is_refused_at_once_naming_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two supervisors would start two PostgreSQL servers on one data directory. A running
+    first one is said at once (no wait: it is not about to go), with its pid."""
     from stack.up import DataDirBusy, _lock_data_dir
 
     held = _lock_data_dir(tmp_path)
     try:
-        with pytest.raises(DataDirBusy, match="another `flashsale up`"):
+        with pytest.raises(DataDirBusy) as busy:
+            _lock_data_dir(tmp_path, wait_s=3600)  # a wait would hang the test
+        assert f"another `flashsale up` (pid {os.getpid()}, running) is using" in str(busy.value)
+        assert "waiting" not in capsys.readouterr().err
+        held.stopping()  # one that is stopping is waited for, and said so
+        with pytest.raises(DataDirBusy, match=f"pid {os.getpid()}, still stopping"):
             _lock_data_dir(tmp_path, wait_s=0.3)
+        assert "to finish stopping" in capsys.readouterr().err
     finally:
         held.close()
     _lock_data_dir(tmp_path, wait_s=0.3).close()  # free again once the first one is gone
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_while_starting_stops_at_once(tmp_path: Path) -> None:
+    """Not held until the start finishes: no banner, nothing left, the folder free again."""
+    data_dir = tmp_path / "data"
+    proc = _run_up(str(data_dir), free_port())
+    try:
+        deadline = time.monotonic() + 120
+        # the broker starts last of the servers: the migrations, demo data and workers follow
+        while not (data_dir / "kafka").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "up did not start"
+            time.sleep(0.05)
+        tree = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "flashsale is up" not in text
+    assert "flashsale: SIGTERM while starting: stopping what had started" in text.splitlines()
+    assert not (data_dir / "stack.json").exists()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in tree if _alive(p)], "processes left behind"
 
 
 async def _stampede_on(data_dir: str, base: str) -> tuple[int, int]:

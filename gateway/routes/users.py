@@ -19,7 +19,7 @@ REGISTER = Obj(
     {
         "email": F(str, required=False, nullable=True, max_len=254, pattern=users.EMAIL_RE),
         "phone": F(str, required=False, nullable=True, pattern=users.PHONE_RE),
-        "password": F(str, min_len=8, max_len=128),
+        "password": F(str, min_len=users.PASSWORD_MIN_LEN, max_len=users.PASSWORD_MAX_LEN),
         "nickname": F(str, min_len=1, max_len=64),
     },
     alts=(Alt(("email",)), Alt(("phone",))),
@@ -32,7 +32,7 @@ LOGIN = {
 }
 CHANGE_PASSWORD = {
     "old_password": F(str, min_len=1, max_len=128),
-    "new_password": F(str, min_len=8, max_len=128),
+    "new_password": F(str, min_len=users.PASSWORD_MIN_LEN, max_len=users.PASSWORD_MAX_LEN),
 }
 ADMIN_PATCH = Obj(
     {
