@@ -99,10 +99,24 @@ class RateLimited(AppError):
 
 
 class ServiceUnavailable(AppError):
+    """A "no for now": every 503 tells the client when to retry (``Retry-After``)."""
+
     code = "RETRY_LATER"
     http_status = 503
     retriable = True
     default_message = "service temporarily unavailable, retry later"
+    retry_after_s: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        fields: dict[str, str] | None = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        headers = {"Retry-After": str(self.retry_after_s), **(headers or {})}
+        super().__init__(message, fields=fields, data=data, headers=headers)
 
 
 # --- accounts and tokens -----------------------------------------------------------------
@@ -401,9 +415,7 @@ class SaleRecovering(ServiceUnavailable):
     default_message = (
         "the sale's stock is being recounted after a store restart; retry in a few seconds"
     )
-
-    def __init__(self) -> None:
-        super().__init__(headers={"Retry-After": "2"})
+    retry_after_s = 2
 
 
 class OutcomeUnknownError(ServiceUnavailable):

@@ -199,6 +199,26 @@ class FaultStack:
         primary.proc.wait(10)
         return primary
 
+    async def reconfigure(self, **changes: Any) -> None:
+        """Stop the gateway and the consumer, start them again with ``changes`` to the
+        settings (e.g. another ``redis_url``), and wait until every gateway worker listens."""
+        self.gateway.stop()
+        self.consumer.stop(30)
+        self.settings = self.settings.with_(**changes)
+        env = {**self.gateway.env, **self.settings.to_env()}
+        log = self.gateway.log_path
+        mark = log.stat().st_size if log.exists() else 0
+        self.gateway = Proc("gateway", ["serve"], env, log).start()
+        self.consumer = Proc("consumer", ["consume"], env, self.consumer.log_path).start()
+        await self.ready()
+
+        def listening() -> int:
+            with log.open("rb") as f:
+                f.seek(mark)
+                return f.read().count(b" listening on ")
+
+        await when(lambda: listening() >= self.settings.workers)
+
     def restart_kafka(self) -> None:
         """A memory-only broker restarted: everything not yet consumed is gone."""
         self.kafka_server.stop()
@@ -254,6 +274,7 @@ async def stampede(
                 async with limit, http.post(url, json={"quantity": 1}, headers=headers) as resp:
                     status = resp.status
                     body = await resp.json(content_type=None)
+                    told_when = "Retry-After" in resp.headers
             except (TimeoutError, aiohttp.ClientError, ValueError):
                 answers.saw("connection error")
                 answers.retries += 1
@@ -276,6 +297,8 @@ async def stampede(
                 answers.refused[uid] = code
                 return
             if status in (429, 503):
+                if not told_when:
+                    answers.saw(f"{status} {code} without Retry-After")
                 answers.retries += 1
                 await asyncio.sleep(0.2 + random.random() * 0.3)
                 continue

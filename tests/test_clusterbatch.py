@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,8 @@ from redis.asyncio import Redis
 
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
-from flashsale.stores.clusterbatch import ClusterScriptBatcher
-from flashsale.stores.redisbatch import run_id_of
+from flashsale.stores.clusterbatch import ClusterScriptBatcher, NoOwner
+from flashsale.stores.redisbatch import NotSent, OutcomeUnknown, run_id_of
 from flashsale.stores.redisclient import open_redis
 from stack.embedded import ValkeyCluster, redis_command, start_redis_cluster
 
@@ -192,6 +194,85 @@ async def test_a_script_not_loaded_is_answered_after_its_own_wait(cluster: Valke
         replies = await asyncio.gather(*(batcher.call(script, [key], [i]) for i in range(5)))
         assert [int(r[1]) for r in replies] == list(range(5))
         assert await client.get(key) == b"5"
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
+def _role(cluster: ValkeyCluster, role: bytes) -> list[int]:
+    return [n.port for n in cluster.nodes if b"role:" + role in _replication(cluster, n.port)]
+
+
+async def test_a_seed_that_is_down_answers_not_sent_then_a_refresh_once_it_is_back(
+    cluster: ValkeyCluster,
+) -> None:
+    """The only seed is down: every call fails as not sent (the join answers 503), never
+    an error of a map left empty; once the seed answers, the next call reads the map and
+    runs, and the batcher knows every node for the next refresh."""
+    client = await _client(cluster)
+    script = client.register_script(ECHO)
+    await client.script_load(script.script)
+    seed = cluster.node(_role(cluster, b"slave")[0])  # killing a replica moves no slot
+    seed.proc.send_signal(signal.SIGKILL)
+    seed.proc.wait(10)
+    batcher = ClusterScriptBatcher([seed.url])
+    key = rediskeys.sale(21)
+    try:
+        failed = await asyncio.gather(
+            *(batcher.call(script, [key], [i]) for i in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(e, NotSent) for e in failed), failed
+        assert any(isinstance(e, NoOwner) for e in failed), failed
+        assert batcher.refreshes == 0
+        with pytest.raises(NoOwner):
+            batcher.node_for(key)
+        cluster.restart(seed)
+        await asyncio.to_thread(cluster.wait_healthy)
+        reply: Any = await batcher.call(script, [key], ["back"])
+        assert reply[1] == b"back"
+        assert batcher.refreshes == 1
+        assert await client.get(key) == b"1"  # none of the failed calls ran
+        primaries = {f"127.0.0.1:{port}" for port in _role(cluster, b"master")}
+        assert primaries < set(batcher.known_nodes)  # and the seed, and replicas listed
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
+async def test_the_seed_primary_killed_the_map_comes_from_the_other_nodes(
+    cluster: ValkeyCluster,
+) -> None:
+    """Configured with one node, the primary of the key, which is then SIGKILLed: the
+    batcher reads the map from the nodes it learned of, and once the replica is promoted
+    the calls run there."""
+    client = await _client(cluster)
+    script = client.register_script(ECHO)
+    await client.script_load(script.script)
+    key = rediskeys.sale(22)
+    seed = cluster.primary_for(key)
+    batcher = ClusterScriptBatcher([seed.url])
+    try:
+        await batcher.call(script, [key], ["before"])
+        refreshes = batcher.refreshes
+        assert refreshes == 1
+        seed.proc.send_signal(signal.SIGKILL)
+        seed.proc.wait(10)
+        failures: list[BaseException] = []
+        deadline = time.monotonic() + 60  # a bound on a failure, not a figure of speed
+        while True:
+            try:
+                reply: Any = await batcher.call(script, [key], ["after"], with_run_id=True)
+                break
+            except (NotSent, OutcomeUnknown) as exc:
+                failures.append(exc)
+                assert time.monotonic() < deadline, f"no call ran after the kill: {failures[-3:]}"
+                await asyncio.sleep(0.1)
+        promoted = cluster.primary_for(key)
+        assert promoted.port != seed.port
+        assert reply[2].decode() == _run_id(cluster, promoted.port)
+        assert batcher.node_for(key) == f"127.0.0.1:{promoted.port}"
+        assert batcher.refreshes > refreshes  # the map was read again, from another node
+        assert all(not isinstance(e, NoOwner) for e in failures)  # the old map was kept whole
     finally:
         await batcher.close()
         await client.aclose()

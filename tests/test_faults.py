@@ -349,6 +349,8 @@ async def _failover(
     root: Path,
     tag: str,
     buckets: int = 1,
+    *,
+    only_seed: bool = False,
 ) -> None:
     stack = await _stack(base_settings, root, tag, redis_shards=3)
     redis: Redis = open_redis(stack.settings)
@@ -356,19 +358,25 @@ async def _failover(
         sale_id, shoppers = await _sale(
             stack, db, tokens, quantity=300, shoppers=900, buckets=buckets
         )
-        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=300, accepted=80)
-        killed = stack.kill_primary_of(rediskeys.sale(sale_id))
-        fault_at = time.monotonic()
-        accepted_at_kill = len(answers.accepted)
         assert isinstance(stack.redis_server, ValkeyCluster)
         cluster = stack.redis_server
-        await when(lambda: cluster.primary_for(rediskeys.sale(sale_id)) is not killed)
-        await crowd
+        key = rediskeys.sale(sale_id)
         what = "the sale" if buckets == 1 else f"bucket 0 of a sale in {buckets} buckets"
+        if only_seed:  # the gateway and the consumer are told of that one node only
+            await stack.reconfigure(redis_url=cluster.primary_for(key).url)
+            what += ", the only seed node"
+        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=300, accepted=80)
+        killed = stack.kill_primary_of(key)
+        fault_at = time.monotonic()
+        accepted_at_kill = len(answers.accepted)
+        await when(lambda: cluster.primary_for(key).port != killed.port)
+        await crowd
         verdict = await settle_and_judge(
             f"SIGKILL of the primary holding {what}", db, redis, sale_id, answers, fault_at
         )
         assert_promises_kept(verdict, answers, stack)
+        assert not [s for s in answers.statuses if s.startswith("500")], answers.statuses
+        assert "503 RETRY_LATER without Retry-After" not in answers.statuses, answers.statuses
         assert len(answers.accepted) > accepted_at_kill, answers.statuses  # joins resumed
         # the crowd was three times the stock: the promoted replica sold the rest
         assert verdict.accepted == 300, answers.statuses
@@ -384,6 +392,17 @@ async def test_cluster_primary_killed_mid_stampede(
     WAIT kept up with every answered batch) is promoted, the sale is fenced and re-armed,
     joins resume; every 202 is in PostgreSQL once and sold ≤ quantity."""
     await _failover(base_settings, db, tokens, root, "failover")
+
+
+async def test_cluster_seed_primary_killed_mid_stampede(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
+) -> None:
+    """``FLASHSALE_REDIS_URL`` names one node, the primary holding the sale, and that node
+    is SIGKILLed mid-stampede: the gateway outlives the node it was configured with (its
+    slot map comes from every node it has seen, never a partial one), shoppers retrying
+    with their key get 503s with Retry-After, never a 500, and the promoted replica sells
+    the rest."""
+    await _failover(base_settings, db, tokens, root, "seedfail", only_seed=True)
 
 
 async def test_cluster_primary_killed_mid_stampede_on_a_bucketed_sale(

@@ -5,7 +5,12 @@ tag, so one slot) to the batcher of the primary that serves the slot; each prima
 gets one write per event-loop tick carrying all of that tick's calls for it, and each
 call's ``with_run_id`` carries the run id of that primary.
 
-The slot map comes from ``CLUSTER SLOTS``. A ``MOVED`` reply (the slot moved, or a
+The slot map comes from ``CLUSTER SLOTS``, asked of every node the batcher has seen (each
+primary and replica a map listed, each ``MOVED`` target) and of every seed node, until one
+answers with every slot served: a gateway outlives the node it was configured with. A map
+is replaced whole, only by a full one, so it is never left partial; a call that finds no
+owner for its slot (no map read yet, no node reachable) is not sent (:class:`NoOwner`) and
+the map is read again. A ``MOVED`` reply (the slot moved, or a
 replica was promoted) updates the map and sends the call again to the named node; ``ASK``
 (a slot being migrated) sends it there once with ``ASKING``; ``TRYAGAIN`` and
 ``CLUSTERDOWN`` refresh the map and try again. Resending is safe: a redirected script did
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -40,6 +46,8 @@ from flashsale.stores.redisbatch import (
 SLOTS: Final = 16384
 ATTEMPTS: Final = 4
 REFRESH_MIN_INTERVAL_S: Final = 0.05
+# one node's CLUSTER SLOTS: a node that does not answer in this time is skipped for the next
+REFRESH_NODE_TIMEOUT_S: Final = 2.0
 PIPELINES_WITH_WAIT: Final = 4
 REDIRECTS: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -50,6 +58,14 @@ def _redirect(exc: ResponseError) -> tuple[str, str] | None:
     if not parts or parts[0] not in REDIRECTS:
         return None
     return parts[0], parts[2] if len(parts) > 2 else ""
+
+
+class NoOwner(NotSent):
+    """No node is known to serve the call's slot: it was not sent (retry later)."""
+
+
+def _addr(host: str, port: int) -> str:
+    return f"{host}:{port}"
 
 
 class ClusterScriptBatcher:
@@ -76,6 +92,10 @@ class ClusterScriptBatcher:
         }
         self._timeout_s = timeout_s
         self._slots: list[str] = []
+        # every node any map listed (primaries and replicas) or a MOVED named, oldest first
+        self._known: dict[str, None] = {}
+        self._listed: list[str] = []  # the nodes the current map lists
+        self._unreachable: set[str] = set()  # nodes the last refresh could not ask
         # WAIT blocks its connection until the replica acknowledges: with it, a primary gets
         # a few connections, and each tick's calls go to one that is not waiting
         self._per_node = PIPELINES_WITH_WAIT if wait_replicas else 1
@@ -114,14 +134,38 @@ class ClusterScriptBatcher:
         return min(pool, key=lambda b: b.in_flight)
 
     def node_for(self, key: str) -> str:
-        """The address of the primary serving ``key``'s slot, as last known."""
-        return self._slots[key_slot(key.encode())]
+        """The address of the primary serving ``key``'s slot, as last known; :class:`NoOwner`
+        when none is known."""
+        return self._owner(key_slot(key.encode()))
 
-    async def _slot_map(self, addr: str) -> list[str]:
+    def _owner(self, slot: int) -> str:
+        slots = self._slots
+        if not slots or not slots[slot]:
+            raise NoOwner(f"no known Redis Cluster node serves slot {slot}")
+        return slots[slot]
+
+    @property
+    def known_nodes(self) -> list[str]:
+        """Every node a slot map or a ``MOVED`` named, and the seeds: whom a refresh asks."""
+        return list(dict.fromkeys([*self._known, *self._seeds]))
+
+    def _candidates(self) -> list[str]:
+        """Whom a refresh asks, in order: the nodes the current map lists (shuffled, so
+        that workers do not all ask one node), the seeds, any other node seen, and last
+        those the previous refresh could not reach."""
+        listed = list(self._listed)
+        random.shuffle(listed)
+        order = dict.fromkeys([*listed, *self._seeds, *self._known])
+        return [a for a in order if a not in self._unreachable] + [
+            a for a in order if a in self._unreachable
+        ]
+
+    async def _slot_map(self, addr: str) -> tuple[list[str], list[str]]:
+        """``addr``'s answer to CLUSTER SLOTS: each slot's primary ("" where none), and
+        every node the answer lists."""
         host, _, port = addr.rpartition(":")
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port)), self._timeout_s
-        )
+        timeout_s = min(self._timeout_s, REFRESH_NODE_TIMEOUT_S)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
         try:
             commands = []
             if self._password is not None:
@@ -132,7 +176,7 @@ class ClusterScriptBatcher:
             parser = hiredis.Reader()
             replies: list[Any] = []
             while len(replies) < len(commands):
-                data = await asyncio.wait_for(reader.read(65536), self._timeout_s)
+                data = await asyncio.wait_for(reader.read(65536), timeout_s)
                 if not data:
                     raise ConnectionError(f"{addr} closed the connection")
                 parser.feed(data)
@@ -143,14 +187,19 @@ class ClusterScriptBatcher:
         finally:
             writer.close()
         slots = [""] * SLOTS
+        nodes: dict[str, None] = {}
         for entry in replies[-1]:
-            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
-            node_host = primary[0].decode() or host
-            slots[start : end + 1] = [f"{node_host}:{int(primary[1])}"] * (end - start + 1)
-        return slots
+            start, end = int(entry[0]), int(entry[1])
+            # [host, port, id, ...] for the primary, then each replica; an empty host
+            # is the answering node's own
+            served = [_addr(n[0].decode() or host, int(n[1])) for n in entry[2:]]
+            nodes.update(dict.fromkeys(served))
+            slots[start : end + 1] = [served[0]] * (end - start + 1)
+        return slots, list(nodes)
 
     async def refresh(self, *, force: bool = False) -> None:
-        """Read the slot map from the first node that answers (known nodes, then seeds)."""
+        """Read the slot map from the first node that answers with every slot served (see
+        :meth:`_candidates` for the order); :class:`NotSent` if none does, the map kept."""
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         seen_at = self._refreshed_at
@@ -161,19 +210,25 @@ class ClusterScriptBatcher:
             if wait > 0:
                 await asyncio.sleep(wait)
             errors: list[str] = []
-            for addr in dict.fromkeys([*self._nodes, *self._seeds]):
+            unreachable: set[str] = set()
+            for addr in self._candidates():
                 try:
-                    slots = await self._slot_map(addr)
+                    slots, nodes = await self._slot_map(addr)
                 except (OSError, TimeoutError, ResponseError, ConnectionError) as exc:
-                    errors.append(f"{addr}: {exc}")
+                    errors.append(f"{addr}: {exc!r}")
+                    unreachable.add(addr)
                     continue
-                if "" in slots:
-                    errors.append(f"{addr}: slots not all covered")
+                if "" in slots:  # a node that lost sight of a primary: ask another
+                    errors.append(f"{addr}: {slots.count('')} slots not served")
                     continue
-                self._slots = slots
+                self._slots = slots  # whole, never partial
+                self._listed = nodes
+                self._known.update(dict.fromkeys(nodes))
+                self._unreachable = unreachable
                 self._refreshed_at = time.monotonic()
                 self.refreshes += 1
                 return
+            self._unreachable = unreachable
             self._refreshed_at = time.monotonic()
             raise NotSent("no Redis Cluster node gave a full slot map: " + "; ".join(errors))
 
@@ -195,20 +250,22 @@ class ClusterScriptBatcher:
         with_run_id: bool = False,
     ) -> Any:
         """EVALSHA ``script`` on the primary serving ``keys[0]``; see the module docstring."""
-        if not self._slots:
-            await self.refresh()
-        addr = self.node_for(keys[0])
+        slot = key_slot(keys[0].encode())
+        addr: str | None = None
         asking = False
         for attempt in range(ATTEMPTS):
             try:
+                if addr is None:
+                    addr = self._owner(slot)
                 return await self.node(addr).call(
                     script, keys, args, with_run_id=with_run_id, asking=asking
                 )
             except NotSent:
                 if attempt == ATTEMPTS - 1:
+                    self._refresh_soon()  # for the caller's retry
                     raise
                 await self.refresh()
-                addr, asking = self.node_for(keys[0]), False
+                addr, asking = None, False
             except OutcomeUnknown:
                 self._refresh_soon()
                 raise
@@ -218,14 +275,17 @@ class ClusterScriptBatcher:
                     raise
                 kind, target = redirect
                 if kind == "MOVED":
-                    self._slots[key_slot(keys[0].encode())] = target
+                    self._known[target] = None
+                    if self._slots:
+                        self._slots[slot] = target
                     addr, asking = target, False
                     self._refresh_soon()
                 elif kind == "ASK":
+                    self._known[target] = None
                     addr, asking = target, True
                 else:
                     await self.refresh(force=True)
-                    addr, asking = self.node_for(keys[0]), False
+                    addr, asking = None, False
         raise AssertionError("unreachable")
 
     def _refresh_soon(self) -> None:
