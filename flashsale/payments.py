@@ -30,6 +30,7 @@ from flashsale.errors import (
     AmountMismatch,
     AppError,
     BadSignature,
+    FullRefundRequired,
     NotFound,
     OrderMismatch,
     OrderNotPayable,
@@ -415,13 +416,15 @@ async def sandbox_complete(
 
 
 async def refund(
-    pool: asyncpg.Pool, *, order_id: str, actor: Actor, amount: int, reason: str
+    pool: asyncpg.Pool, *, order_id: str, actor: Actor, amount: int | None, reason: str
 ) -> dict[str, Any]:
-    """A (partial) refund of a paid order; the refunds of an order never exceed what it paid.
+    """Money back for an order, all of what is left (``amount``, when sent, must be that).
 
-    The shopper may refund an order only until it ships; after that the money goes back
-    through a return the merchant or an admin approves (:mod:`flashsale.orders.returns`);
-    an admin may still refund directly."""
+    Before the order ships (``paid``) a refund cancels it: everything paid goes back and so
+    do its units and coupon — a partial refund there would leave a shippable order paid
+    below its price. After shipping the shopper asks for a return, which the merchant or
+    an admin approves (:mod:`flashsale.orders.returns`: a partial refund is a return's);
+    an admin may still refund directly what is left, and the order ends ``refunded``."""
     async with pool.acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or (actor.role != "admin" and order["user_id"] != actor.user_id):
@@ -430,40 +433,46 @@ async def refund(
             actor.role != "admin" and order["status"] not in SHOPPER_REFUNDABLE
         ):
             raise ReturnRequired(data={"status": order["status"]})
-        return await refund_locked(conn, order, actor, amount, reason)
+        left = order["pay_cents"] - order["refunded_cents"]
+        if amount is not None and amount != left and order["status"] in orders.REFUNDABLE:
+            exc = RefundExceedsPaid if amount > left else FullRefundRequired
+            raise exc(data=_refundable(order))
+        if order["status"] != "paid":
+            return await refund_locked(conn, order, actor, left, reason)
+        money = await _give_back(conn, order, actor, left, reason)
+        version = await orders.cancel_paid(
+            conn, order, actor, f"refunded before shipping: {reason}", version=money["version"]
+        )
+    return {**money, "order_status": "cancelled", "version": version}
 
 
-async def refund_locked(
+def _refundable(order: asyncpg.Record) -> dict[str, int]:
+    return {
+        "paid": order["pay_cents"],
+        "refunded": order["refunded_cents"],
+        "refundable": order["pay_cents"] - order["refunded_cents"],
+    }
+
+
+async def _give_back(
     conn: Conn, order: asyncpg.Record, actor: Actor, amount: int, reason: str
 ) -> dict[str, Any]:
-    """Refund ``amount`` of ``order`` (its row locked by the caller's transaction) through
-    the provider, and move the order to ``refunded`` once all it paid went back. The
-    sandbox provider completes a refund at once. Checks money, not who asks."""
+    """Refund ``amount`` of the verified payment of ``order`` (its row locked) through the
+    provider (the sandbox completes it at once): a ``refunds`` row and ``refunded_cents``.
+    The refunds of an order never exceed what it paid."""
     order_id = order["id"]
     if order["status"] not in orders.REFUNDABLE:
         raise orders.invalid_transition(order["status"], "refund")
     pay_id = await conn.fetchval(SQL_SUCCESS_PAY, order_id)
-    if pay_id is None:
-        raise orders.invalid_transition(order["status"], "refund")
     left = order["pay_cents"] - order["refunded_cents"]
+    if pay_id is None or left <= 0:
+        raise orders.invalid_transition(order["status"], "refund")
     if amount > left:
-        raise RefundExceedsPaid(
-            "refund exceeds what was paid",
-            data={
-                "paid": order["pay_cents"],
-                "refunded": order["refunded_cents"],
-                "refundable": left,
-            },
-        )
+        raise RefundExceedsPaid("refund exceeds what was paid", data=_refundable(order))
     rid = new_refund_id()
     await conn.execute(SQL_INSERT_REFUND, rid, order_id, pay_id, amount, reason, actor.user_id)
     row = await conn.fetchrow(SQL_ADD_REFUNDED, order_id, order["version"], amount)
     assert row is not None  # the order row is locked: its version cannot have moved
-    version, status = row["version"], order["status"]
-    if row["refunded_cents"] == order["pay_cents"]:
-        version = await conn.fetchval(SQL_TO_REFUNDED, order_id, version)
-        await orders.write_log(conn, order_id, actor, order["status"], "refunded", reason)
-        status = "refunded"
     return {
         "refund_id": rid,
         "order_id": order_id,
@@ -471,6 +480,20 @@ async def refund_locked(
         "status": "completed",
         "estimated_arrival": REFUND_ARRIVAL,
         "refunded_total": row["refunded_cents"],
-        "order_status": status,
-        "version": version,
+        "order_status": order["status"],
+        "version": row["version"],
     }
+
+
+async def refund_locked(
+    conn: Conn, order: asyncpg.Record, actor: Actor, amount: int, reason: str
+) -> dict[str, Any]:
+    """Refund ``amount`` of a shipped (or later) ``order``, its row locked by the caller's
+    transaction, and move it to ``refunded`` once all it paid went back. Checks money, not
+    who asks."""
+    money = await _give_back(conn, order, actor, amount, reason)
+    if money["refunded_total"] == order["pay_cents"]:
+        version = await conn.fetchval(SQL_TO_REFUNDED, order["id"], money["version"])
+        await orders.write_log(conn, order["id"], actor, order["status"], "refunded", reason)
+        money = {**money, "order_status": "refunded", "version": version}
+    return money

@@ -67,7 +67,8 @@ _ADMIN_FILTERS: Final = {
 }
 _MERCHANT_ROW = """
 SELECT mo.order_id, mo.created_at, mo.status, mo.user_id, mo.units, mo.amount_cents,
-       o.kind, o.version, o.shipping_address, o.shipping_company, o.tracking_number,
+       o.kind, o.version, o.refunded_cents, o.shipping_address, o.shipping_company,
+       o.tracking_number,
        o.estimated_delivery, o.shipped_at, o.delivered_at
 FROM merchant_orders mo JOIN orders o ON o.id = mo.order_id
 WHERE mo.merchant_id = $1{where}
@@ -174,6 +175,7 @@ async def merchant_orders(pool: asyncpg.Pool, merchant_id: int, q: OrderQuery) -
                 "buyer_id": r["user_id"],
                 "units": r["units"],
                 "amount": r["amount_cents"],
+                "refunded_amount": r["refunded_cents"],
                 "has_address": r["shipping_address"] is not None,
                 "shipping_info": shipping_info(r),
             }
@@ -210,6 +212,7 @@ async def merchant_export(
                 "items": " ".join(lines.get(r["order_id"], [])),
                 "units": r["units"],
                 "amount_cents": r["amount_cents"],
+                "refunded_cents": r["refunded_cents"],
                 "name": address.get("name"),
                 "phone": address.get("phone"),
                 "address": address.get("address"),

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from flashsale import payments
+from flashsale import inventory, payments
 from flashsale.errors import NotFound, RefundExceedsPaid, ReturnInProgress, ValidationFailed
 from flashsale.orders.model import SQL_ORDER_FOR_UPDATE, Actor, invalid_transition, write_log
 from flashsale.orders.states import require_merchant
@@ -67,16 +67,6 @@ SET status = 'refunded', refund_id = $2, refunded_at = now(), restocked = $3
 WHERE id = $1 AND status = 'return_approved'
 RETURNING {_COLUMNS}
 """  # noqa: S608
-# A returned unit is back on the shelf: regular stock (a flash sale's units came out of
-# on_hand when the sale was carved, and the sale may be over, so they come back there too).
-# ``sold`` counts regular sales only (see inventory.consume), so only those are taken back.
-SQL_RESTOCK = """
-UPDATE skus SET on_hand = on_hand + $2, sold = sold - least(sold, $3), updated_at = now()
-WHERE id = $1
-"""
-SQL_RESTOCK_LEDGER = """
-INSERT INTO inventory_ledger (sku_id, order_id, delta, reason) VALUES ($1, $2, $3, $4)
-"""
 SQL_MERCHANT_RETURNS = f"""
 SELECT {_COLUMNS}, count(*) OVER () AS total FROM order_returns r
 WHERE ($2::text IS NULL OR r.status = $2)
@@ -182,10 +172,13 @@ async def _lock(conn: Conn, return_id: str, actor: Actor) -> tuple[asyncpg.Recor
 async def _restock(conn: Conn, order: asyncpg.Record, ret: asyncpg.Record) -> None:
     regular = order["kind"] == "regular"
     for line in sorted(ret["items"], key=lambda i: i["sku_id"]):  # locks in key order
-        qty = line["quantity"]
-        await conn.execute(SQL_RESTOCK, line["sku_id"], qty, qty if regular else 0)
-        await conn.execute(
-            SQL_RESTOCK_LEDGER, line["sku_id"], order["id"], qty, f"return:{ret['id']}"
+        await inventory.put_back(
+            conn,
+            line["sku_id"],
+            order["id"],
+            line["quantity"],
+            regular=regular,
+            reason=f"return:{ret['id']}",
         )
 
 

@@ -112,6 +112,7 @@ CSV_COLUMNS: Final = (
     "items",
     "units",
     "amount_cents",
+    "refunded_cents",
     "name",
     "phone",
     "address",

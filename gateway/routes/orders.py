@@ -369,7 +369,7 @@ ROUTES = [
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses=_STATE,
+        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
     ),
     Route(
         "POST",
@@ -397,7 +397,7 @@ ROUTES = [
         params=ORDER_ID,
         responses={
             **_STATE,
-            409: "INVALID_TRANSITION, VERSION_CONFLICT, ADDRESS_REQUIRED",
+            409: "INVALID_TRANSITION, VERSION_CONFLICT, ADDRESS_REQUIRED, ORDER_NOT_PAID_IN_FULL",
             403: "FORBIDDEN (not a merchant)",
             404: "NOT_FOUND (or another shop's)",
         },
@@ -414,6 +414,7 @@ ROUTES = [
         params=ORDER_ID,
         responses={
             **_STATE,
+            409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL",
             403: "FORBIDDEN (not a merchant)",
             404: "NOT_FOUND (or another shop's)",
         },
@@ -428,7 +429,7 @@ ROUTES = [
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses=_STATE,
+        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
     ),
     Route(
         "POST",
