@@ -590,3 +590,56 @@ def test_order_event_carries_an_optional_address_id() -> None:
     assert b"address_id" not in older and decode(older).address_id is None
     with pytest.raises(BadEvent, match="address_id"):
         decode(event.encode().replace(b'"address_id":7', b'"address_id":"7"'))
+
+
+async def test_merchant_sees_buyer_contact_only_on_orders_it_ships(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant = await make_user(db, "merchant")
+    mh = auth(tokens, merchant, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(1_000, 50)])
+    orders: dict[str, str] = {}
+    for state in ("pending", "cancelled", "paid", "refunded", "shipped"):
+        shopper = await make_user(db)
+        sh = auth(tokens, shopper)
+        status, data = await place_order(client, tokens, shopper, sku)
+        assert status == 201, data
+        oid, pay = data["data"]["order_id"], data["data"]["payment_id"]
+        orders[state] = oid
+        if state == "cancelled":
+            await _data(await client.post(f"/api/v1/orders/{oid}/cancel", headers=sh, json={}))
+        if state in ("paid", "refunded", "shipped"):
+            await pay_via_sandbox(client, tokens, shopper, pay)
+        if state == "refunded":
+            body = {"order_id": oid, "reason": "no longer needed"}
+            await _data(await client.post("/api/v1/payment/refund", headers=sh, json=body))
+        if state == "shipped":
+            ship = {"shipping_company": "SF", "tracking_number": "SF7"}
+            await _data(await client.post(f"/api/v1/orders/{oid}/ship", headers=mh, json=ship))
+    seen = {"paid", "shipped"}
+
+    listed = await _data(await client.get("/api/v1/merchant/orders", headers=mh))
+    by_id = {o["order_id"]: o for o in listed["orders"]}
+    export = await client.get("/api/v1/merchant/orders/export", headers=mh)
+    rows = {r["order_id"]: r for r in csv.DictReader(io.StringIO(await export.text()))}
+    for state, oid in orders.items():
+        info = by_id[oid]["shipping_info"]
+        detail = await _data(await client.get(f"/api/v1/merchant/orders/{oid}", headers=mh))
+        if state in seen:
+            assert info["name"] == ADDRESS["name"] and info["phone"] == ADDRESS["phone"], state
+            assert detail["shipping_info"]["address"] == ADDRESS["address"], state
+            assert (rows[oid]["name"], rows[oid]["phone"], rows[oid]["address"]) == (
+                ADDRESS["name"],
+                ADDRESS["phone"],
+                ADDRESS["address"],
+            ), state
+        else:
+            assert all(info[k] is None for k in ("name", "phone", "address", "city")), state
+            assert detail["shipping_info"]["phone"] is None, state
+            assert rows[oid]["name"] == rows[oid]["phone"] == rows[oid]["address"] == "", state
+    # an admin still sees every address
+    admin = await admin_headers(db, tokens)
+    detail = await _data(
+        await client.get(f"/api/v1/merchant/orders/{orders['pending']}", headers=admin)
+    )
+    assert detail["shipping_info"]["phone"] == ADDRESS["phone"]
