@@ -228,7 +228,7 @@ async def test_concurrent_cancel_and_payment_never_500(
                 "payment_id": order["payment_id"],
                 "order_id": order["order_id"],
                 "status": "success",
-                "amount": 1000,
+                "amount": order["final_amount"],
                 "transaction_id": f"T-race-{i}",
             }
             resp = await client.post("/api/v1/payment/notify", json=signed(app, note))
@@ -248,16 +248,18 @@ async def test_concurrent_cancel_and_payment_never_500(
     )
     paid = 0
     for (cancel_status, pay_status), (_, order) in zip(results, placed, strict=True):
-        assert sorted((cancel_status, pay_status)) == [200, 409], (cancel_status, pay_status)
+        assert {cancel_status, pay_status} <= {200, 409}, (cancel_status, pay_status)
         status = await db.fetchval("SELECT status FROM orders WHERE id = $1", order["order_id"])
         pays = await db.fetch(
             "SELECT status FROM pay_orders WHERE order_id = $1", order["order_id"]
         )
-        if pay_status == 200:
+        if status == "paid":
             paid += 1
-            assert status == "paid" and [p["status"] for p in pays] == ["success"]
-        else:
-            assert status == "cancelled" and [p["status"] for p in pays] == ["closed"]
+            assert (cancel_status, pay_status) == (409, 200)
+            assert [p["status"] for p in pays] == ["success"]
+        else:  # cancelled first: the payment, verified late, went back (see below)
+            assert status == "cancelled" and cancel_status == 200
+            assert [p["status"] for p in pays] == ["refunded"]
     assert await sku_row(db, sku) == {"on_hand": pairs - paid, "reserved": 0, "sold": paid}
 
 
@@ -462,3 +464,98 @@ async def test_an_order_refunded_below_its_price_never_ships(
     resp = await client.post(f"/api/v1/orders/{oid}/deliver", headers=mh)
     assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAID_IN_FULL"
     assert await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "shipped"
+
+
+# --- issue 20, finding 8: a verified payment for a cancelled order goes back ------------
+
+
+def _auto_refunds(state: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "flashsale_payments_auto_refunded_total", {"order_status": state}
+    )
+    return value or 0.0
+
+
+@pytest.mark.integration
+async def test_a_payment_that_finds_its_order_cancelled_is_refunded_once(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    rounds = 12
+    merchant = await make_user(db, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(1000, rounds)])
+    before = _auto_refunds("cancelled")
+    notes: list[dict[str, Any]] = []
+    for i in range(rounds):  # the race each round: cancel and the approval together
+        user = await make_user(db)
+        status, data = await place_order(client, tokens, user, sku)
+        assert status == 201, data
+        order, h = data["data"], auth(tokens, user)
+        note = signed(
+            app,
+            {
+                "payment_id": order["payment_id"],
+                "order_id": order["order_id"],
+                "status": "success",
+                "amount": order["final_amount"],
+                "transaction_id": f"T-late-{i}",
+            },
+        )
+        notes.append(note)
+        cancel, pay = await asyncio.gather(
+            client.post(f"/api/v1/orders/{order['order_id']}/cancel", json={}, headers=h),
+            client.post("/api/v1/payment/notify", json=note),
+        )
+        assert pay.status == 200, await pay.text()
+        assert cancel.status in (200, 409), await cancel.text()
+    # an order that got cancelled first sees the approval too, after the fact
+    user = await make_user(db)
+    status, data = await place_order(client, tokens, user, sku)
+    assert status == 201, data
+    late, h = data["data"], auth(tokens, user)
+    resp = await client.post(f"/api/v1/orders/{late['order_id']}/cancel", json={}, headers=h)
+    assert resp.status == 200
+    resp = await client.post(f"/api/v1/payment/sandbox/{late['payment_id']}/approve", headers=h)
+    assert resp.status == 409, await resp.text()
+    refused = await resp.json()
+    assert refused["error"] == "ORDER_NOT_PAYABLE"
+    assert refused["data"]["refund_amount"] == late["final_amount"]
+    assert refused["data"]["order_status"] == "cancelled"
+    # the provider retries every notification: nothing more goes back
+    for note in notes:
+        resp = await client.post("/api/v1/payment/notify", json=note)
+        assert resp.status == 200 and (await resp.json())["data"]["duplicate"] is True
+
+    ids = [n["order_id"] for n in notes] + [late["order_id"]]
+    rows = await db.fetch(
+        """
+        SELECT o.id, o.status, p.id AS pay_id, p.status AS pay_status,
+               (SELECT count(*) FROM refunds f WHERE f.pay_order_id = p.id) AS refunds,
+               (SELECT coalesce(sum(f.amount_cents), 0) FROM refunds f
+                WHERE f.pay_order_id = p.id) AS refunded,
+               (SELECT count(*) FROM order_logs l
+                WHERE l.order_id = o.id AND l.to_status = 'payment_refunded') AS logged,
+               o.refunded_cents
+        FROM orders o JOIN pay_orders p ON p.order_id = o.id
+        WHERE o.id = ANY($1::text[])
+        """,
+        ids,
+    )
+    assert len(rows) == rounds + 1
+    cancelled = [r for r in rows if r["status"] == "cancelled"]
+    assert cancelled, "no round had the cancel win: the race was not run"
+    for r in rows:
+        if r["status"] == "cancelled":
+            assert (r["pay_status"], r["refunds"], r["refunded"], r["logged"]) == (
+                "refunded",
+                1,
+                notes[0]["amount"],
+                1,
+            ), dict(r)
+            assert r["refunded_cents"] == notes[0]["amount"]
+        else:
+            assert (r["status"], r["pay_status"], r["refunds"]) == ("paid", "success", 0)
+    assert _auto_refunds("cancelled") - before == len(cancelled)
+    paid = rounds + 1 - len(cancelled)
+    assert await sku_row(db, sku) == {"on_hand": rounds - paid, "reserved": 0, "sold": paid}

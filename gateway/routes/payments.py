@@ -176,7 +176,7 @@ ROUTES = [
         responses={
             400: "BAD_SIGNATURE",
             404: "UNKNOWN_PAYMENT",
-            409: "AMOUNT_MISMATCH, ORDER_MISMATCH or ORDER_NOT_PAYABLE",
+            409: "AMOUNT_MISMATCH or ORDER_MISMATCH",
             422: "VALIDATION_FAILED",
         },
     ),
