@@ -514,7 +514,7 @@ async def refund(
         left = order["pay_cents"] - order["refunded_cents"]
         if amount is not None and amount != left and order["status"] in orders.REFUNDABLE:
             exc = RefundExceedsPaid if amount > left else FullRefundRequired
-            raise exc(data=_refundable(order))
+            raise exc(data=refundable(order))
         if order["status"] != "paid":
             return await refund_locked(conn, order, actor, left, reason)
         money = await _give_back(conn, order, actor, left, reason)
@@ -524,7 +524,8 @@ async def refund(
     return {**money, "order_status": "cancelled", "version": version}
 
 
-def _refundable(order: asyncpg.Record) -> dict[str, int]:
+def refundable(order: asyncpg.Record) -> dict[str, int]:
+    """What an order paid, what went back and what is left (a refusal's data)."""
     return {
         "paid": order["pay_cents"],
         "refunded": order["refunded_cents"],
@@ -546,7 +547,7 @@ async def _give_back(
     if pay_id is None or left <= 0:
         raise orders.invalid_transition(order["status"], "refund")
     if amount > left:
-        raise RefundExceedsPaid("refund exceeds what was paid", data=_refundable(order))
+        raise RefundExceedsPaid("refund exceeds what was paid", data=refundable(order))
     rid = new_refund_id()
     await conn.execute(SQL_INSERT_REFUND, rid, order_id, pay_id, amount, reason, actor.user_id)
     row = await conn.fetchrow(SQL_ADD_REFUNDED, order_id, order["version"], amount)

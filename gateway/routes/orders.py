@@ -80,7 +80,8 @@ RETURN = {
         nullable=True,
         min=1,
         max=INT64_MAX,
-        doc="cents to refund (partial); default: all not yet refunded",
+        doc="cents to refund; default: for a return what its lines are worth (less the "
+        "discount in proportion), for a refund all not yet refunded",
     ),
     "items": F(
         list,
