@@ -359,6 +359,23 @@ class ReturnRequired(Conflict):
     )
 
 
+class FullRefundRequired(Conflict):
+    """Before an order ships, money back cancels it: the refund is everything paid."""
+
+    code = "FULL_REFUND_REQUIRED"
+    default_message = (
+        "the order has not shipped: a refund gives back everything paid and cancels it; "
+        "send the refundable amount or leave refund_amount out"
+    )
+
+
+class NotPaidInFull(Conflict):
+    """Goods ship only for an order paid in full with nothing refunded (but returns)."""
+
+    code = "ORDER_NOT_PAID_IN_FULL"
+    default_message = "the order is not paid in full"
+
+
 # --- back office: addresses, returns ---------------------------------------------------
 
 

@@ -72,6 +72,18 @@ WHERE id = $1
 RETURNING product_id
 """
 SQL_PRODUCT_SALES = "UPDATE products SET sales = sales + $2 WHERE id = $1"
+# A sold unit back on the shelf (a return, or a paid order refunded before it shipped):
+# regular stock (a flash sale's units came out of on_hand when the sale was carved, and the
+# sale may be over, so a returned one comes back there too). ``sold`` counts regular sales
+# only (see consume), so only those are taken back.
+SQL_PUT_BACK = """
+UPDATE skus SET on_hand = on_hand + $2, sold = sold - least(sold, $3), updated_at = now()
+WHERE id = $1
+"""
+SQL_SOLD_UNITS = """
+SELECT sku_id, sum(quantity)::int AS quantity FROM order_items WHERE order_id = $1
+GROUP BY sku_id ORDER BY sku_id
+"""
 SQL_GET_RESERVATION = """
 SELECT r.id, r.sku_id, r.order_id, r.quantity, r.consumed, r.status, r.reserved_until,
        s.product_id
@@ -251,6 +263,22 @@ async def consume_for_order(conn: Conn, order_id: str) -> int:
         if await consume(conn, rec["id"], rec["quantity"]):
             consumed += 1
     return consumed
+
+
+async def put_back(
+    conn: Conn, sku_id: int, order_id: str, quantity: int, *, regular: bool, reason: str
+) -> None:
+    """``quantity`` sold units of ``sku_id`` back on the shelf, with a ledger row."""
+    await conn.execute(SQL_PUT_BACK, sku_id, quantity, quantity if regular else 0)
+    await conn.execute(SQL_LEDGER, sku_id, order_id, quantity, reason)
+
+
+async def put_back_order(conn: Conn, order_id: str, *, reason: str) -> None:
+    """Every unit of a paid regular order back on the shelf (in SKU order: lock order)."""
+    for line in await conn.fetch(SQL_SOLD_UNITS, order_id):
+        await put_back(
+            conn, line["sku_id"], order_id, line["quantity"], regular=True, reason=reason
+        )
 
 
 async def release_expired(pool: asyncpg.Pool, *, batch: int = 200) -> int:

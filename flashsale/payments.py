@@ -30,6 +30,7 @@ from flashsale.errors import (
     AmountMismatch,
     AppError,
     BadSignature,
+    FullRefundRequired,
     NotFound,
     OrderMismatch,
     OrderNotPayable,
@@ -41,10 +42,12 @@ from flashsale.errors import (
 from flashsale.inventory import Conn
 from flashsale.orders import Actor
 from flashsale.settings import Settings
+from flashsale.stores.metrics import get_metrics
 
 log = logging.getLogger(__name__)
 
 SANDBOX: Final = orders.SANDBOX_PROVIDER
+PROVIDER: Final = Actor(None, "provider")
 METHODS: Final = (
     {"method": "alipay", "name": "Alipay", "icon": "/static/pay/alipay.png"},
     {"method": "wechat", "name": "WeChat Pay", "icon": "/static/pay/wechat.png"},
@@ -103,6 +106,29 @@ SQL_PAY_SUCCESS = """
 UPDATE pay_orders SET status = 'success', transaction_id = $2, paid_at = now(),
     updated_at = now()
 WHERE id = $1 AND status <> 'success'
+"""
+# A verified payment its order cannot take: the provider refunds it at once (the sandbox
+# completes the refund), the pay order ends 'refunded'.
+SQL_PAY_REFUNDED = """
+UPDATE pay_orders SET status = 'refunded', transaction_id = $2, paid_at = now(),
+    updated_at = now()
+WHERE id = $1 AND status NOT IN ('success', 'refunded')
+"""
+SQL_INSERT_AUTO_REFUND = """
+INSERT INTO refunds (id, order_id, presale_order_id, pay_order_id, amount_cents, reason,
+                     status, requested_by, completed_at)
+VALUES ($1, $2, $3, $4, $5, $6, 'completed', NULL, now())
+"""
+# What went back of the order's price: the late payment was the only money it took (a
+# cancelled or expired order), unless that would count more than the price (an order
+# paid by another payment, or paid twice late) — those refunds stay on their pay orders.
+SQL_ORDER_LATE_REFUNDED = """
+UPDATE orders SET refunded_cents = refunded_cents + $2, updated_at = now()
+WHERE id = $1 AND refunded_cents + $2 <= pay_cents
+"""
+SQL_PRESALE_LATE_REFUNDED = """
+UPDATE presale_orders SET refunded_cents = refunded_cents + $2, updated_at = now()
+WHERE id = $1 AND refunded_cents + $2 <= total_cents
 """
 SQL_PAY_FAILED = """
 UPDATE pay_orders SET status = 'failed', transaction_id = $2, updated_at = now()
@@ -318,6 +344,7 @@ async def process_notification(
 
 async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
     payment_id, status = body["payment_id"], body["status"]
+    refunded: dict[str, Any] | None = None
     async with pool.acquire() as conn, conn.transaction():
         # One lock order everywhere (cancel, timeout close, refund, payment creation): the
         # order row first, then its pay orders. The unlocked read only finds the order.
@@ -360,18 +387,23 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
             # order is not paid (again).
             if not await presale.mark_paid(conn, order["id"]):
                 state = "expired" if order["status"] == "pending" else order["status"]
-                raise _not_payable(state)
-            version = order["version"] + 1  # the row is locked: nobody else moved it
+                refunded = await _give_back_late(conn, pay, state, body)
+            else:
+                version = order["version"] + 1  # the row is locked: nobody else moved it
         elif order["status"] != "pending_payment":
-            raise _not_payable(order["status"])
+            refunded = await _give_back_late(conn, pay, order["status"], body)
         else:
             version = await orders.mark_paid(
                 conn,
                 order,
-                Actor(None, "provider"),
+                PROVIDER,
                 f"{pay['method']} {body.get('transaction_id')}",
             )
-        await conn.execute(SQL_PAY_SUCCESS, payment_id, body.get("transaction_id"))
+        if refunded is None:
+            await conn.execute(SQL_PAY_SUCCESS, payment_id, body.get("transaction_id"))
+    if refunded is not None:
+        get_metrics().payments_refunded.labels(refunded["order_status"]).inc()
+        return {"result": "success", "duplicate": False, "payment_id": payment_id, **refunded}
     return {
         "result": "success",
         "duplicate": False,
@@ -382,10 +414,50 @@ async def _apply(pool: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _not_payable(state: str) -> OrderNotPayable:
-    # Paid twice, or paid after the timeout close or a cancel: the money has to go back; a
-    # real deployment refunds it automatically, the sandbox reports it.
-    return OrderNotPayable(f"order is {state}; payment cannot be applied")
+async def _give_back_late(
+    conn: Conn, pay: asyncpg.Record, state: str, body: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The money of a verified payment whose order cannot take it — cancelled, expired or
+    paid by another payment (a cancel racing the approval ends here) — goes back through
+    the provider at once, in the transaction that records the notification, so a replay
+    refunds nothing more. The pay order ends ``refunded``; the order's log says so (a
+    presale order has no log: the service log does)."""
+    rid = new_refund_id()
+    regular = not pay["presale"]
+    reason = f"payment arrived after the order was {state}"
+    await conn.execute(SQL_PAY_REFUNDED, pay["id"], body.get("transaction_id"))
+    await conn.execute(
+        SQL_INSERT_AUTO_REFUND,
+        rid,
+        pay["order_id"] if regular else None,
+        None if regular else pay["order_id"],
+        pay["id"],
+        pay["amount_cents"],
+        reason,
+    )
+    if state != "paid":
+        await conn.execute(
+            SQL_ORDER_LATE_REFUNDED if regular else SQL_PRESALE_LATE_REFUNDED,
+            pay["order_id"],
+            pay["amount_cents"],
+        )
+    if regular:
+        await orders.write_log(
+            conn, pay["order_id"], PROVIDER, state, "payment_refunded", f"{pay['id']} {rid}"
+        )
+    log.warning(
+        "payment %s refunded at once (%s): order %s is %s",
+        pay["id"],
+        rid,
+        pay["order_id"],
+        state,
+    )
+    return {
+        "payment_status": "refunded",
+        "order_status": state,
+        "refund_id": rid,
+        "refund_amount": pay["amount_cents"],
+    }
 
 
 async def sandbox_complete(
@@ -411,17 +483,26 @@ async def sandbox_complete(
     }
     fields["sign"] = sign(settings.payment_hmac_key, fields)
     result = await process_notification(pool, settings, fields)
+    if result.get("payment_status") == "refunded" and not result["duplicate"]:
+        # The provider took the money and gave it back: the payer hears the order was not
+        # paid, and where the money went.
+        raise OrderNotPayable(
+            f"order is {result['order_status']}; the payment was refunded",
+            data={k: result[k] for k in ("order_status", "refund_id", "refund_amount")},
+        )
     return {"notification": fields, "result": result}
 
 
 async def refund(
-    pool: asyncpg.Pool, *, order_id: str, actor: Actor, amount: int, reason: str
+    pool: asyncpg.Pool, *, order_id: str, actor: Actor, amount: int | None, reason: str
 ) -> dict[str, Any]:
-    """A (partial) refund of a paid order; the refunds of an order never exceed what it paid.
+    """Money back for an order, all of what is left (``amount``, when sent, must be that).
 
-    The shopper may refund an order only until it ships; after that the money goes back
-    through a return the merchant or an admin approves (:mod:`flashsale.orders.returns`);
-    an admin may still refund directly."""
+    Before the order ships (``paid``) a refund cancels it: everything paid goes back and so
+    do its units and coupon — a partial refund there would leave a shippable order paid
+    below its price. After shipping the shopper asks for a return, which the merchant or
+    an admin approves (:mod:`flashsale.orders.returns`: a partial refund is a return's);
+    an admin may still refund directly what is left, and the order ends ``refunded``."""
     async with pool.acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or (actor.role != "admin" and order["user_id"] != actor.user_id):
@@ -430,40 +511,47 @@ async def refund(
             actor.role != "admin" and order["status"] not in SHOPPER_REFUNDABLE
         ):
             raise ReturnRequired(data={"status": order["status"]})
-        return await refund_locked(conn, order, actor, amount, reason)
+        left = order["pay_cents"] - order["refunded_cents"]
+        if amount is not None and amount != left and order["status"] in orders.REFUNDABLE:
+            exc = RefundExceedsPaid if amount > left else FullRefundRequired
+            raise exc(data=refundable(order))
+        if order["status"] != "paid":
+            return await refund_locked(conn, order, actor, left, reason)
+        money = await _give_back(conn, order, actor, left, reason)
+        version = await orders.cancel_paid(
+            conn, order, actor, f"refunded before shipping: {reason}", version=money["version"]
+        )
+    return {**money, "order_status": "cancelled", "version": version}
 
 
-async def refund_locked(
+def refundable(order: asyncpg.Record) -> dict[str, int]:
+    """What an order paid, what went back and what is left (a refusal's data)."""
+    return {
+        "paid": order["pay_cents"],
+        "refunded": order["refunded_cents"],
+        "refundable": order["pay_cents"] - order["refunded_cents"],
+    }
+
+
+async def _give_back(
     conn: Conn, order: asyncpg.Record, actor: Actor, amount: int, reason: str
 ) -> dict[str, Any]:
-    """Refund ``amount`` of ``order`` (its row locked by the caller's transaction) through
-    the provider, and move the order to ``refunded`` once all it paid went back. The
-    sandbox provider completes a refund at once. Checks money, not who asks."""
+    """Refund ``amount`` of the verified payment of ``order`` (its row locked) through the
+    provider (the sandbox completes it at once): a ``refunds`` row and ``refunded_cents``.
+    The refunds of an order never exceed what it paid."""
     order_id = order["id"]
     if order["status"] not in orders.REFUNDABLE:
         raise orders.invalid_transition(order["status"], "refund")
     pay_id = await conn.fetchval(SQL_SUCCESS_PAY, order_id)
-    if pay_id is None:
-        raise orders.invalid_transition(order["status"], "refund")
     left = order["pay_cents"] - order["refunded_cents"]
+    if pay_id is None or left <= 0:
+        raise orders.invalid_transition(order["status"], "refund")
     if amount > left:
-        raise RefundExceedsPaid(
-            "refund exceeds what was paid",
-            data={
-                "paid": order["pay_cents"],
-                "refunded": order["refunded_cents"],
-                "refundable": left,
-            },
-        )
+        raise RefundExceedsPaid("refund exceeds what was paid", data=refundable(order))
     rid = new_refund_id()
     await conn.execute(SQL_INSERT_REFUND, rid, order_id, pay_id, amount, reason, actor.user_id)
     row = await conn.fetchrow(SQL_ADD_REFUNDED, order_id, order["version"], amount)
     assert row is not None  # the order row is locked: its version cannot have moved
-    version, status = row["version"], order["status"]
-    if row["refunded_cents"] == order["pay_cents"]:
-        version = await conn.fetchval(SQL_TO_REFUNDED, order_id, version)
-        await orders.write_log(conn, order_id, actor, order["status"], "refunded", reason)
-        status = "refunded"
     return {
         "refund_id": rid,
         "order_id": order_id,
@@ -471,6 +559,20 @@ async def refund_locked(
         "status": "completed",
         "estimated_arrival": REFUND_ARRIVAL,
         "refunded_total": row["refunded_cents"],
-        "order_status": status,
-        "version": version,
+        "order_status": order["status"],
+        "version": row["version"],
     }
+
+
+async def refund_locked(
+    conn: Conn, order: asyncpg.Record, actor: Actor, amount: int, reason: str
+) -> dict[str, Any]:
+    """Refund ``amount`` of a shipped (or later) ``order``, its row locked by the caller's
+    transaction, and move it to ``refunded`` once all it paid went back. Checks money, not
+    who asks."""
+    money = await _give_back(conn, order, actor, amount, reason)
+    if money["refunded_total"] == order["pay_cents"]:
+        version = await conn.fetchval(SQL_TO_REFUNDED, order["id"], money["version"])
+        await orders.write_log(conn, order["id"], actor, order["status"], "refunded", reason)
+        money = {**money, "order_status": "refunded", "version": version}
+    return money

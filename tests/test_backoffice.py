@@ -555,14 +555,22 @@ async def test_partial_refund_reject_and_a_second_request(
         ),
         201,
     )
-    assert third["amount"] == paid - 500
+    assert third["amount"] == 1_000  # what one unit is worth
     queue = await _data(
         await client.get(
             "/api/v1/merchant/returns", headers=mh, params={"status": "return_requested"}
         )
     )
     assert [r["return_id"] for r in queue["returns"]] == [third["return_id"]]
-    await _data(await client.post(f"/api/v1/returns/{third['return_id']}/approve", headers=mh))
+    # the merchant, explicitly, gives back everything that is left
+    approved = await _data(
+        await client.post(
+            f"/api/v1/returns/{third['return_id']}/approve",
+            headers=mh,
+            json={"refund_amount": paid - 500},
+        )
+    )
+    assert approved["approved_amount"] == paid - 500
     after = await sku_row(db, sku)
     assert (after["on_hand"], after["sold"]) == (before["on_hand"] + 1, before["sold"] - 1)
     row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
@@ -580,6 +588,81 @@ async def test_partial_refund_reject_and_a_second_request(
     assert early.status == 404  # not the caller's order
 
 
+async def test_a_return_refunds_what_its_lines_are_worth(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    oid, sku, sh, mh = await _shipped_order(client, db, tokens, price=19_900, quantity=2)
+    url = f"/api/v1/orders/{oid}/returns"
+    paid = await db.fetchval("SELECT pay_cents FROM orders WHERE id = $1", oid)
+    one = {"kind": "return", "reason": "one too many", "items": [{"sku_id": sku, "quantity": 1}]}
+    asked = await _data(await client.post(url, headers=sh, json=one), 201)
+    assert asked["amount"] == 19_900 and asked["approved_amount"] is None
+    done = await _data(
+        await client.post(f"/api/v1/returns/{asked['return_id']}/approve", headers=mh)
+    )
+    assert done["refund"]["refund_amount"] == 19_900 and done["approved_amount"] is None
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "shipped", "refunded_cents": 19_900}
+
+    # asking for more than the lines are worth does not make the approval pay it ...
+    other, sku2, sh2, mh2 = await _shipped_order(client, db, tokens, price=19_900, quantity=2)
+    one2 = {**one, "items": [{"sku_id": sku2, "quantity": 1}], "amount": 39_800}
+    asked = await _data(
+        await client.post(f"/api/v1/orders/{other}/returns", headers=sh2, json=one2), 201
+    )
+    assert asked["amount"] == 39_800
+    done = await _data(
+        await client.post(f"/api/v1/returns/{asked['return_id']}/approve", headers=mh2)
+    )
+    assert done["refund"]["refund_amount"] == 19_900
+    # ... only an explicit approval does, within what was paid
+    third, sku3, sh3, mh3 = await _shipped_order(client, db, tokens, price=19_900, quantity=2)
+    paid3 = await db.fetchval("SELECT pay_cents FROM orders WHERE id = $1", third)
+    asked = await _data(
+        await client.post(
+            f"/api/v1/orders/{third}/returns",
+            headers=sh3,
+            json={**one, "items": [{"sku_id": sku3, "quantity": 1}]},
+        ),
+        201,
+    )
+    approve = f"/api/v1/returns/{asked['return_id']}/approve"
+    resp = await client.post(approve, headers=mh3, json={"refund_amount": paid3 + 1})
+    assert resp.status == 409 and (await resp.json())["error"] == "REFUND_EXCEEDS_PAID"
+    done = await _data(await client.post(approve, headers=mh3, json={"refund_amount": 30_000}))
+    assert done["refund"]["refund_amount"] == 30_000 and done["approved_amount"] == 30_000
+    assert paid == paid3
+
+
+async def test_a_returns_share_takes_the_discount_off_in_proportion(db: asyncpg.Pool) -> None:
+    merchant, shopper = await make_user(db, "merchant"), await make_user(db)
+    _, (a, b) = await make_product(db, merchant, [(3_000, 5), (1_000, 5)])
+    oid = "RSHARE" + secrets.token_hex(6)
+    await db.execute(
+        "INSERT INTO orders (id, user_id, kind, status, total_cents, discount_cents, "
+        "shipping_cents, pay_cents, payment_deadline) "
+        "VALUES ($1, $2, 'regular', 'shipped', 7000, 700, 500, 6800, now())",
+        oid,
+        shopper,
+    )
+    product = await db.fetchval("SELECT product_id FROM skus WHERE id = $1", a)
+    await db.executemany(
+        "INSERT INTO order_items (order_id, product_id, sku_id, quantity, price_cents) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        [(oid, product, a, 2, 3_000), (oid, product, b, 1, 1_000)],
+    )
+
+    async def share(items: list[dict[str, int]]) -> int:
+        value: int = await db.fetchval("SELECT return_share_cents($1, $2::jsonb)", oid, items)
+        return value
+
+    assert await share([{"sku_id": a, "quantity": 1}]) == 2_700  # 3,000 less 10 %
+    assert await share([{"sku_id": b, "quantity": 1}]) == 900
+    everything = [{"sku_id": a, "quantity": 2}, {"sku_id": b, "quantity": 1}]
+    assert await share(everything) == 6_300  # the goods paid; shipping is not in it
+    assert await share([{"sku_id": b + 999, "quantity": 1}]) == 0
+
+
 @pytest.mark.unit
 def test_order_event_carries_an_optional_address_id() -> None:
     from flashsale.flash.events import BadEvent, OrderEvent, decode
@@ -590,3 +673,56 @@ def test_order_event_carries_an_optional_address_id() -> None:
     assert b"address_id" not in older and decode(older).address_id is None
     with pytest.raises(BadEvent, match="address_id"):
         decode(event.encode().replace(b'"address_id":7', b'"address_id":"7"'))
+
+
+async def test_merchant_sees_buyer_contact_only_on_orders_it_ships(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant = await make_user(db, "merchant")
+    mh = auth(tokens, merchant, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(1_000, 50)])
+    orders: dict[str, str] = {}
+    for state in ("pending", "cancelled", "paid", "refunded", "shipped"):
+        shopper = await make_user(db)
+        sh = auth(tokens, shopper)
+        status, data = await place_order(client, tokens, shopper, sku)
+        assert status == 201, data
+        oid, pay = data["data"]["order_id"], data["data"]["payment_id"]
+        orders[state] = oid
+        if state == "cancelled":
+            await _data(await client.post(f"/api/v1/orders/{oid}/cancel", headers=sh, json={}))
+        if state in ("paid", "refunded", "shipped"):
+            await pay_via_sandbox(client, tokens, shopper, pay)
+        if state == "refunded":
+            body = {"order_id": oid, "reason": "no longer needed"}
+            await _data(await client.post("/api/v1/payment/refund", headers=sh, json=body))
+        if state == "shipped":
+            ship = {"shipping_company": "SF", "tracking_number": "SF7"}
+            await _data(await client.post(f"/api/v1/orders/{oid}/ship", headers=mh, json=ship))
+    seen = {"paid", "shipped"}
+
+    listed = await _data(await client.get("/api/v1/merchant/orders", headers=mh))
+    by_id = {o["order_id"]: o for o in listed["orders"]}
+    export = await client.get("/api/v1/merchant/orders/export", headers=mh)
+    rows = {r["order_id"]: r for r in csv.DictReader(io.StringIO(await export.text()))}
+    for state, oid in orders.items():
+        info = by_id[oid]["shipping_info"]
+        detail = await _data(await client.get(f"/api/v1/merchant/orders/{oid}", headers=mh))
+        if state in seen:
+            assert info["name"] == ADDRESS["name"] and info["phone"] == ADDRESS["phone"], state
+            assert detail["shipping_info"]["address"] == ADDRESS["address"], state
+            assert (rows[oid]["name"], rows[oid]["phone"], rows[oid]["address"]) == (
+                ADDRESS["name"],
+                ADDRESS["phone"],
+                ADDRESS["address"],
+            ), state
+        else:
+            assert all(info[k] is None for k in ("name", "phone", "address", "city")), state
+            assert detail["shipping_info"]["phone"] is None, state
+            assert rows[oid]["name"] == rows[oid]["phone"] == rows[oid]["address"] == "", state
+    # an admin still sees every address
+    admin = await admin_headers(db, tokens)
+    detail = await _data(
+        await client.get(f"/api/v1/merchant/orders/{orders['pending']}", headers=admin)
+    )
+    assert detail["shipping_info"]["phone"] == ADDRESS["phone"]

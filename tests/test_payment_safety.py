@@ -4,6 +4,8 @@ what an unsigned notification can do, and what the signature covers."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,9 +150,7 @@ async def test_shopper_cannot_refund_what_shipped(
     oid, h = order["order_id"], auth(tokens, user)
     mh = auth(tokens, merchant, "merchant")
     await pay_via_sandbox(client, tokens, user, order["payment_id"])
-    body = {"order_id": oid, "refund_amount": 10000, "reason": "changed my mind"}
-    resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
-    assert resp.status == 200, await resp.text()  # not shipped yet: the shopper may
+    body = {"order_id": oid, "refund_amount": 30000, "reason": "changed my mind"}
     resp = await client.post(
         f"/api/v1/orders/{oid}/ship",
         headers=mh,
@@ -161,22 +161,21 @@ async def test_shopper_cannot_refund_what_shipped(
         if step == "completed":
             resp = await client.post(f"/api/v1/orders/{oid}/confirm", headers=h)
             assert resp.status == 200
-        resp = await client.post(
-            "/api/v1/payment/refund", json={**body, "refund_amount": 20000}, headers=h
-        )
+        resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
         assert resp.status == 409, (step, await resp.text())
         assert (await resp.json())["error"] == "RETURN_REQUIRED"
     row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
-    assert row is not None and dict(row) == {"status": "completed", "refunded_cents": 10000}
-    # The merchant alone cannot refund either; an admin (approving a return) can.
+    assert row is not None and dict(row) == {"status": "completed", "refunded_cents": 0}
+    # The merchant alone cannot refund either; an admin can, all that is left (a part goes
+    # back through a return, priced by its lines).
     resp = await client.post("/api/v1/payment/refund", json=body, headers=mh)
     assert resp.status in (403, 404)
-    admin = await make_user(db, "admin")
+    admin = auth(tokens, await make_user(db, "admin"), "admin")
     resp = await client.post(
-        "/api/v1/payment/refund",
-        json={**body, "refund_amount": 20000},
-        headers=auth(tokens, admin, "admin"),
+        "/api/v1/payment/refund", json={**body, "refund_amount": 20000}, headers=admin
     )
+    assert resp.status == 409 and (await resp.json())["error"] == "FULL_REFUND_REQUIRED"
+    resp = await client.post("/api/v1/payment/refund", json=body, headers=admin)
     assert resp.status == 200 and (await resp.json())["data"]["order_status"] == "refunded"
 
 
@@ -187,17 +186,18 @@ async def test_concurrent_refunds_never_exceed_what_was_paid(
     user, _, order = await _order(client, db, tokens, price=30000)
     oid, h = order["order_id"], auth(tokens, user)
     await pay_via_sandbox(client, tokens, user, order["payment_id"])
-    body = {"order_id": oid, "refund_amount": 10000, "reason": "split"}
+    body = {"order_id": oid, "reason": "twice over"}
     responses = await asyncio.gather(
         *(client.post("/api/v1/payment/refund", json=body, headers=h) for _ in range(8))
     )
     statuses = sorted(r.status for r in responses)
-    assert statuses == [200] * 3 + [409] * 5
-    # the losers find the order fully refunded: either code says so
+    assert statuses == [200] + [409] * 7
+    # the losers find the order cancelled
     losers = {(await r.json())["error"] for r in responses if r.status == 409}
-    assert losers <= {"REFUND_EXCEEDS_PAID", "INVALID_TRANSITION"}
+    assert losers == {"INVALID_TRANSITION"}
     row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
-    assert row is not None and dict(row) == {"status": "refunded", "refunded_cents": 30000}
+    assert row is not None and dict(row) == {"status": "cancelled", "refunded_cents": 30000}
+    assert await db.fetchval("SELECT count(*) FROM refunds WHERE order_id = $1", oid) == 1
 
 
 # --- finding 5: one lock order for cancel and payment ---------------------------------
@@ -228,7 +228,7 @@ async def test_concurrent_cancel_and_payment_never_500(
                 "payment_id": order["payment_id"],
                 "order_id": order["order_id"],
                 "status": "success",
-                "amount": 1000,
+                "amount": order["final_amount"],
                 "transaction_id": f"T-race-{i}",
             }
             resp = await client.post("/api/v1/payment/notify", json=signed(app, note))
@@ -248,16 +248,18 @@ async def test_concurrent_cancel_and_payment_never_500(
     )
     paid = 0
     for (cancel_status, pay_status), (_, order) in zip(results, placed, strict=True):
-        assert sorted((cancel_status, pay_status)) == [200, 409], (cancel_status, pay_status)
+        assert {cancel_status, pay_status} <= {200, 409}, (cancel_status, pay_status)
         status = await db.fetchval("SELECT status FROM orders WHERE id = $1", order["order_id"])
         pays = await db.fetch(
             "SELECT status FROM pay_orders WHERE order_id = $1", order["order_id"]
         )
-        if pay_status == 200:
+        if status == "paid":
             paid += 1
-            assert status == "paid" and [p["status"] for p in pays] == ["success"]
-        else:
-            assert status == "cancelled" and [p["status"] for p in pays] == ["closed"]
+            assert (cancel_status, pay_status) == (409, 200)
+            assert [p["status"] for p in pays] == ["success"]
+        else:  # cancelled first: the payment, verified late, went back (see below)
+            assert status == "cancelled" and cancel_status == 200
+            assert [p["status"] for p in pays] == ["refunded"]
     assert await sku_row(db, sku) == {"on_hand": pairs - paid, "reserved": 0, "sold": paid}
 
 
@@ -354,3 +356,206 @@ def test_canonical_form_is_sorted_compact_json_without_sign() -> None:
     assert payments.canonical(fields) == expected
     # An "&" inside a value cannot pass for a field boundary.
     assert payments.canonical({"a": "1&b=2"}) != payments.canonical({"a": "1", "b": "2"})
+
+
+# --- issue 20, finding 1: goods for one cent -------------------------------------------
+
+
+async def _merchant_sees(
+    client: TestClient[Any, Any], mh: dict[str, str], oid: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    listed = await (
+        await client.get("/api/v1/merchant/orders", headers=mh, params={"order_id": oid})
+    ).json()
+    (row,) = listed["data"]["orders"]
+    export = await client.get("/api/v1/merchant/orders/export", headers=mh)
+    (line,) = [r for r in csv.DictReader(io.StringIO(await export.text())) if r["order_id"] == oid]
+    return row, line
+
+
+async def _ship_both_ways(
+    client: TestClient[Any, Any], mh: dict[str, str], oid: str
+) -> tuple[int, str | None, dict[str, Any]]:
+    ship = {"shipping_company": "SF", "tracking_number": "SF1"}
+    single = await client.post(f"/api/v1/orders/{oid}/ship", headers=mh, json=ship)
+    bulk = await client.post(
+        "/api/v1/merchant/orders/ship",
+        headers=mh,
+        json={"shipments": [{"order_id": oid, **ship}]},
+    )
+    assert bulk.status == 200
+    (result,) = (await bulk.json())["data"]["results"]
+    return single.status, (await single.json()).get("error"), result
+
+
+@pytest.mark.integration
+async def test_a_refund_before_shipping_cancels_the_order_in_full(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    user, merchant, order = await _order(client, db, tokens, price=19_900)
+    oid, h, mh = order["order_id"], auth(tokens, user), auth(tokens, merchant, "merchant")
+    sku = await db.fetchval("SELECT sku_id FROM order_items WHERE order_id = $1", oid)
+    await pay_via_sandbox(client, tokens, user, order["payment_id"])
+    assert await sku_row(db, sku) == {"on_hand": 9, "reserved": 0, "sold": 1}
+
+    # the attack: keep one cent paid, get the goods
+    body = {"order_id": oid, "refund_amount": 19_899, "reason": "changed my mind"}
+    resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
+    assert resp.status == 409, await resp.text()
+    refused = await resp.json()
+    assert refused["error"] == "FULL_REFUND_REQUIRED"
+    assert refused["data"]["refundable"] == 19_900
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "paid", "refunded_cents": 0}
+    assert await db.fetchval("SELECT count(*) FROM refunds WHERE order_id = $1", oid) == 0
+
+    # money back before shipping: all of it, and the order is cancelled with its stock back
+    resp = await client.post(
+        "/api/v1/payment/refund", json={"order_id": oid, "reason": "changed my mind"}, headers=h
+    )
+    assert resp.status == 200, await resp.text()
+    done = (await resp.json())["data"]
+    assert done["refund_amount"] == 19_900 and done["order_status"] == "cancelled"
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "cancelled", "refunded_cents": 19_900}
+    assert await sku_row(db, sku) == {"on_hand": 10, "reserved": 0, "sold": 0}
+    logs = await db.fetch("SELECT to_status FROM order_logs WHERE order_id = $1 ORDER BY id", oid)
+    assert [r["to_status"] for r in logs] == ["pending_payment", "paid", "cancelled"]
+
+    # nothing ships, nothing completes; the merchant sees what went back
+    status, error, result = await _ship_both_ways(client, mh, oid)
+    assert (status, error) == (409, "INVALID_TRANSITION") and result["ok"] is False
+    resp = await client.post(f"/api/v1/orders/{oid}/confirm", headers=h)
+    assert resp.status == 409
+    row_seen, line = await _merchant_sees(client, mh, oid)
+    assert row_seen["refunded_amount"] == 19_900 and line["refunded_cents"] == "19900"
+    assert await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "cancelled"
+
+
+@pytest.mark.integration
+async def test_an_order_refunded_below_its_price_never_ships(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    """An order left paid with part of its money back (as the old partial refund left it,
+    or any writer that slips) is refused by every way goods leave or an order completes."""
+    user, merchant, order = await _order(client, db, tokens, price=19_900)
+    oid, h, mh = order["order_id"], auth(tokens, user), auth(tokens, merchant, "merchant")
+    await pay_via_sandbox(client, tokens, user, order["payment_id"])
+    pay = await db.fetchval("SELECT id FROM pay_orders WHERE order_id = $1", oid)
+    await db.execute(
+        "INSERT INTO refunds (id, order_id, pay_order_id, amount_cents, reason, status, "
+        "requested_by) VALUES ('REFLEGACY' || $1, $1, $2, 19899, 'old partial', 'completed', $3)",
+        oid,
+        pay,
+        user,
+    )
+    await db.execute("UPDATE orders SET refunded_cents = 19899 WHERE id = $1", oid)
+
+    status, error, result = await _ship_both_ways(client, mh, oid)
+    assert (status, error) == (409, "ORDER_NOT_PAID_IN_FULL")
+    assert result["ok"] is False and result["error"] == "ORDER_NOT_PAID_IN_FULL"
+    row_seen, line = await _merchant_sees(client, mh, oid)
+    assert row_seen["refunded_amount"] == 19_899 and line["refunded_cents"] == "19899"
+
+    # shipped anyway (by a path that skipped the check): the buyer cannot complete it
+    await db.execute("UPDATE orders SET status = 'shipped', shipped_at = now() WHERE id = $1", oid)
+    resp = await client.post(f"/api/v1/orders/{oid}/confirm", headers=h)
+    assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAID_IN_FULL"
+    resp = await client.post(f"/api/v1/orders/{oid}/deliver", headers=mh)
+    assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAID_IN_FULL"
+    assert await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "shipped"
+
+
+# --- issue 20, finding 8: a verified payment for a cancelled order goes back ------------
+
+
+def _auto_refunds(state: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "flashsale_payments_auto_refunded_total", {"order_status": state}
+    )
+    return value or 0.0
+
+
+@pytest.mark.integration
+async def test_a_payment_that_finds_its_order_cancelled_is_refunded_once(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    rounds = 12
+    merchant = await make_user(db, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(1000, rounds)])
+    before = _auto_refunds("cancelled")
+    notes: list[dict[str, Any]] = []
+    for i in range(rounds):  # the race each round: cancel and the approval together
+        user = await make_user(db)
+        status, data = await place_order(client, tokens, user, sku)
+        assert status == 201, data
+        order, h = data["data"], auth(tokens, user)
+        note = signed(
+            app,
+            {
+                "payment_id": order["payment_id"],
+                "order_id": order["order_id"],
+                "status": "success",
+                "amount": order["final_amount"],
+                "transaction_id": f"T-late-{i}",
+            },
+        )
+        notes.append(note)
+        cancel, pay = await asyncio.gather(
+            client.post(f"/api/v1/orders/{order['order_id']}/cancel", json={}, headers=h),
+            client.post("/api/v1/payment/notify", json=note),
+        )
+        assert pay.status == 200, await pay.text()
+        assert cancel.status in (200, 409), await cancel.text()
+    # an order that got cancelled first sees the approval too, after the fact
+    user = await make_user(db)
+    status, data = await place_order(client, tokens, user, sku)
+    assert status == 201, data
+    late, h = data["data"], auth(tokens, user)
+    resp = await client.post(f"/api/v1/orders/{late['order_id']}/cancel", json={}, headers=h)
+    assert resp.status == 200
+    resp = await client.post(f"/api/v1/payment/sandbox/{late['payment_id']}/approve", headers=h)
+    assert resp.status == 409, await resp.text()
+    refused = await resp.json()
+    assert refused["error"] == "ORDER_NOT_PAYABLE"
+    assert refused["data"]["refund_amount"] == late["final_amount"]
+    assert refused["data"]["order_status"] == "cancelled"
+    # the provider retries every notification: nothing more goes back
+    for note in notes:
+        resp = await client.post("/api/v1/payment/notify", json=note)
+        assert resp.status == 200 and (await resp.json())["data"]["duplicate"] is True
+
+    ids = [n["order_id"] for n in notes] + [late["order_id"]]
+    rows = await db.fetch(
+        """
+        SELECT o.id, o.status, p.id AS pay_id, p.status AS pay_status,
+               (SELECT count(*) FROM refunds f WHERE f.pay_order_id = p.id) AS refunds,
+               (SELECT coalesce(sum(f.amount_cents), 0) FROM refunds f
+                WHERE f.pay_order_id = p.id) AS refunded,
+               (SELECT count(*) FROM order_logs l
+                WHERE l.order_id = o.id AND l.to_status = 'payment_refunded') AS logged,
+               o.refunded_cents
+        FROM orders o JOIN pay_orders p ON p.order_id = o.id
+        WHERE o.id = ANY($1::text[])
+        """,
+        ids,
+    )
+    assert len(rows) == rounds + 1
+    cancelled = [r for r in rows if r["status"] == "cancelled"]
+    assert cancelled, "no round had the cancel win: the race was not run"
+    for r in rows:
+        if r["status"] == "cancelled":
+            assert (r["pay_status"], r["refunds"], r["refunded"], r["logged"]) == (
+                "refunded",
+                1,
+                notes[0]["amount"],
+                1,
+            ), dict(r)
+            assert r["refunded_cents"] == notes[0]["amount"]
+        else:
+            assert (r["status"], r["pay_status"], r["refunds"]) == ("paid", "success", 0)
+    assert _auto_refunds("cancelled") - before == len(cancelled)
+    paid = rounds + 1 - len(cancelled)
+    assert await sku_row(db, sku) == {"on_hand": rounds - paid, "reserved": 0, "sold": paid}

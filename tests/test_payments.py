@@ -172,36 +172,41 @@ async def test_sandbox_fail_then_pay_again(
     assert resp.status == 404
 
 
-async def test_refunds_partial_full_and_limits(
+async def test_refunds_before_shipping_are_whole_and_limited(
     client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
 ) -> None:
-    user, _, order = await _order(client, db, tokens, price=10000, quantity=3)
+    user, sku, order = await _order(client, db, tokens, price=10000, quantity=3)
     h = auth(tokens, user)
     body = {"order_id": order["order_id"], "refund_amount": 10000, "reason": "damaged"}
     resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
     await pay_via_sandbox(client, tokens, user, order["payment_id"])
-    resp = await client.post("/api/v1/payment/refund", json=body, headers=h)
-    assert resp.status == 200, await resp.text()
-    first = (await resp.json())["data"]
-    assert first["refund_id"].startswith("REF") and first["status"] == "completed"
-    assert first["estimated_arrival"] and first["order_status"] == "paid"
-    resp = await client.post(
-        "/api/v1/payment/refund", json={**body, "refund_amount": 20001}, headers=h
-    )
-    assert resp.status == 409 and (await resp.json())["error"] == "REFUND_EXCEEDS_PAID"
+    for amount, code in ((10000, "FULL_REFUND_REQUIRED"), (30001, "REFUND_EXCEEDS_PAID")):
+        resp = await client.post(
+            "/api/v1/payment/refund", json={**body, "refund_amount": amount}, headers=h
+        )
+        assert resp.status == 409 and (await resp.json())["error"] == code
     resp = await client.post("/api/v1/payment/refund", json={**body, "refund_amount": 0}, headers=h)
     assert resp.status == 422
     resp = await client.post(
         "/api/v1/payment/refund", json=body, headers=auth(tokens, await make_user(db))
     )
     assert resp.status == 404
+    assert await sku_row(db, sku) == {"on_hand": 7, "reserved": 0, "sold": 3}
     resp = await client.post(
-        "/api/v1/payment/refund", json={**body, "refund_amount": 20000}, headers=h
+        "/api/v1/payment/refund", json={**body, "refund_amount": 30000}, headers=h
     )
-    assert resp.status == 200 and (await resp.json())["data"]["order_status"] == "refunded"
+    assert resp.status == 200, await resp.text()
+    first = (await resp.json())["data"]
+    assert first["refund_id"].startswith("REF") and first["status"] == "completed"
+    assert first["estimated_arrival"] and first["order_status"] == "cancelled"
+    assert await sku_row(db, sku) == {"on_hand": 10, "reserved": 0, "sold": 0}
     resp = await client.post("/api/v1/payment/refund", json={**body, "refund_amount": 1}, headers=h)
     assert resp.status == 409
+    resp = await client.post(
+        "/api/v1/payment/refund", json={"order_id": order["order_id"], "reason": "again"}, headers=h
+    )
+    assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
     total = await db.fetchval(
         "SELECT sum(amount_cents) FROM refunds WHERE order_id = $1", order["order_id"]
     )

@@ -79,7 +79,7 @@ SQL_LIVE_SALES = "SELECT id FROM flash_sales WHERE end_at > now() AND closed_at 
 SQL_CANCEL_FLASH = """
 UPDATE orders SET status = 'cancelled', cancelled_at = now(), cancel_reason = $2,
        version = version + 1, updated_at = now()
-WHERE id = $1 AND kind = 'flash' AND status = 'pending_payment'
+WHERE id = $1 AND kind = 'flash' AND status = $3
 RETURNING flash_sale_id, user_id
 """
 SQL_ORDER_UNITS = """
@@ -276,14 +276,17 @@ async def settle_sale(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts, sal
     return delta
 
 
-async def cancel_order(conn: Conn, order_id: str, *, reason: str) -> bool:
-    """PostgreSQL side of cancelling an unpaid flash order, inside the caller's transaction.
+async def cancel_order(
+    conn: Conn, order_id: str, *, reason: str, from_status: str = "pending_payment"
+) -> bool:
+    """PostgreSQL side of cancelling a flash order, inside the caller's transaction: an
+    unpaid one, or (``from_status="paid"``) a paid one refunded before it shipped.
 
     The units go back to Redis after the transaction commits, through
     :func:`return_cancelled_units` (run by the sweeper), so a rolled-back cancel never
     returns units that are still sold.
     """
-    row = await conn.fetchrow(SQL_CANCEL_FLASH, order_id, reason)
+    row = await conn.fetchrow(SQL_CANCEL_FLASH, order_id, reason, from_status)
     if row is None:
         return False
     for item in await conn.fetch(SQL_ORDER_UNITS, order_id):

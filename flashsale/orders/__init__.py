@@ -23,6 +23,7 @@ from flashsale.orders.model import (
 )
 from flashsale.orders.states import (
     cancel_order,
+    cancel_paid,
     close_expired_orders,
     confirm_order,
     deliver_order,
@@ -41,6 +42,7 @@ __all__ = [
     "Actor",
     "OrderLineRequest",
     "cancel_order",
+    "cancel_paid",
     "close_expired_orders",
     "confirm_order",
     "create_order",

@@ -35,6 +35,20 @@ from flashsale.orders.views import (
 from flashsale.stores.db import Conn
 
 MAX_EXPORT_ROWS: Final = 10_000
+# A merchant sees a buyer's name, phone and address only on an order it must ship (paid,
+# nothing refunded) or has shipped (the history of a delivery): not on an unpaid, cancelled
+# or refunded one.
+CONTACT_STATUSES: Final = ("paid", "shipped", "delivered", "completed")
+CONTACT_FIELDS: Final = (
+    "name",
+    "phone",
+    "address",
+    "region",
+    "city",
+    "detail",
+    "postcode",
+    "address_id",
+)
 MAX_BULK_SHIP: Final = 100
 # Both read an index forwards or backwards (an amount sort would need one more index on
 # merchant_orders, paid by every flash order the consumer writes).
@@ -67,7 +81,8 @@ _ADMIN_FILTERS: Final = {
 }
 _MERCHANT_ROW = """
 SELECT mo.order_id, mo.created_at, mo.status, mo.user_id, mo.units, mo.amount_cents,
-       o.kind, o.version, o.shipping_address, o.shipping_company, o.tracking_number,
+       o.kind, o.version, o.refunded_cents, o.shipping_address, o.shipping_company,
+       o.tracking_number,
        o.estimated_delivery, o.shipped_at, o.delivered_at
 FROM merchant_orders mo JOIN orders o ON o.id = mo.order_id
 WHERE mo.merchant_id = $1{where}
@@ -143,6 +158,21 @@ def _where(q: OrderQuery, fragments: Mapping[str, str], first: int) -> tuple[str
     return "".join(parts), args
 
 
+def shows_contact(order: asyncpg.Record) -> bool:
+    """Whether the merchant of ``order`` (a row with ``status`` and ``refunded_cents``)
+    may see where it goes and to whom."""
+    status = order["status"]
+    return status in CONTACT_STATUSES and not (status == "paid" and order["refunded_cents"])
+
+
+def merchant_shipping_info(order: asyncpg.Record) -> dict[str, Any]:
+    """:func:`shipping_info` without the buyer's contact unless :func:`shows_contact`."""
+    info = shipping_info(order)
+    if not shows_contact(order):
+        info.update(dict.fromkeys(CONTACT_FIELDS))
+    return info
+
+
 def merchant_list_sql(q: OrderQuery, *, limit: int, offset: int) -> tuple[str, list[Any]]:
     """The merchant list's statement and arguments after ``$1`` (the merchant id)."""
     where, args = _where(q, _MERCHANT_FILTERS, 2)
@@ -174,8 +204,9 @@ async def merchant_orders(pool: asyncpg.Pool, merchant_id: int, q: OrderQuery) -
                 "buyer_id": r["user_id"],
                 "units": r["units"],
                 "amount": r["amount_cents"],
+                "refunded_amount": r["refunded_cents"],
                 "has_address": r["shipping_address"] is not None,
-                "shipping_info": shipping_info(r),
+                "shipping_info": merchant_shipping_info(r),
             }
             for r in rows
         ],
@@ -200,7 +231,7 @@ async def merchant_export(
             lines.setdefault(it["order_id"], []).append(f"{it['sku_id']}x{it['quantity']}")
     out = []
     for r in rows:
-        address = r["shipping_address"] or {}
+        address = (r["shipping_address"] if shows_contact(r) else None) or {}
         out.append(
             {
                 "order_id": r["order_id"],
@@ -210,6 +241,7 @@ async def merchant_export(
                 "items": " ".join(lines.get(r["order_id"], [])),
                 "units": r["units"],
                 "amount_cents": r["amount_cents"],
+                "refunded_cents": r["refunded_cents"],
                 "name": address.get("name"),
                 "phone": address.get("phone"),
                 "address": address.get("address"),
@@ -255,7 +287,9 @@ async def merchant_order(pool: asyncpg.Pool, order_id: str, actor: Actor) -> dic
             "amount": sum(i["subtotal"] for i in items),
             "refunded_amount": order["refunded_cents"],
             "payment_status": await conn.fetchval(SQL_PAYMENT_STATUS, order_id),
-            "shipping_info": shipping_info(order),
+            "shipping_info": (
+                shipping_info(order) if actor.role == "admin" else merchant_shipping_info(order)
+            ),
             "returns": await returns_of_order(conn, order_id),
             "logs": [dict(r) for r in await conn.fetch(SQL_LOGS, order_id)],
         }

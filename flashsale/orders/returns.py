@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from flashsale import payments
+from flashsale import inventory, payments
 from flashsale.errors import NotFound, RefundExceedsPaid, ReturnInProgress, ValidationFailed
 from flashsale.orders.model import SQL_ORDER_FOR_UPDATE, Actor, invalid_transition, write_log
 from flashsale.orders.states import require_merchant
@@ -57,26 +57,18 @@ RETURNING {_COLUMNS}
 """  # noqa: S608
 SQL_DECIDE = f"""
 UPDATE order_returns
-SET status = $2, decided_by = $3, decision_note = $4, decided_at = now()
+SET status = $2, decided_by = $3, decision_note = $4, decided_at = now(), approved_cents = $5
 WHERE id = $1 AND status = 'return_requested'
 RETURNING {_COLUMNS}
 """  # noqa: S608
+# What the returned lines are worth (migration 0100: one definition, reconcile uses it too).
+SQL_SHARE = "SELECT return_share_cents($1, $2::jsonb)"
 SQL_REFUNDED = f"""
 UPDATE order_returns
 SET status = 'refunded', refund_id = $2, refunded_at = now(), restocked = $3
 WHERE id = $1 AND status = 'return_approved'
 RETURNING {_COLUMNS}
 """  # noqa: S608
-# A returned unit is back on the shelf: regular stock (a flash sale's units came out of
-# on_hand when the sale was carved, and the sale may be over, so they come back there too).
-# ``sold`` counts regular sales only (see inventory.consume), so only those are taken back.
-SQL_RESTOCK = """
-UPDATE skus SET on_hand = on_hand + $2, sold = sold - least(sold, $3), updated_at = now()
-WHERE id = $1
-"""
-SQL_RESTOCK_LEDGER = """
-INSERT INTO inventory_ledger (sku_id, order_id, delta, reason) VALUES ($1, $2, $3, $4)
-"""
 SQL_MERCHANT_RETURNS = f"""
 SELECT {_COLUMNS}, count(*) OVER () AS total FROM order_returns r
 WHERE ($2::text IS NULL OR r.status = $2)
@@ -129,7 +121,9 @@ async def request_return(
     items: Sequence[dict[str, int]] | None,
 ) -> dict[str, Any]:
     """The buyer asks for a return (goods back) or a refund on a shipped, delivered or
-    completed order; ``amount`` defaults to all that is not yet refunded."""
+    completed order. ``amount`` defaults, for a return, to what its lines are worth (their
+    units at their price, less the order's discount in proportion; shipping stays paid)
+    and, for a money-only refund, to all that is not yet refunded."""
     async with pool.acquire() as conn, conn.transaction():
         order = await conn.fetchrow(SQL_ORDER_FOR_UPDATE, order_id)
         if order is None or order["user_id"] != actor.user_id:
@@ -142,22 +136,19 @@ async def request_return(
         if left <= 0:
             raise invalid_transition(order["status"], "request a return for")
         if amount is not None and amount > left:
-            raise RefundExceedsPaid(
-                data={
-                    "paid": order["pay_cents"],
-                    "refunded": order["refunded_cents"],
-                    "refundable": left,
-                }
-            )
+            raise RefundExceedsPaid(data=payments.refundable(order))
         if kind == "return":
             lines = await _lines_coming_back(conn, order_id, items)
+            default = min(left, await conn.fetchval(SQL_SHARE, order_id, lines))
         elif items:
             raise ValidationFailed(fields={"items": "only a return (kind: return) sends items"})
         else:
-            lines = []
+            lines, default = [], left
+        if amount is None and default <= 0:
+            raise ValidationFailed(fields={"amount": "the lines coming back are worth nothing"})
         rid = new_return_id()
         row = await conn.fetchrow(
-            SQL_INSERT, rid, order_id, actor.user_id, kind, reason, amount or left, lines
+            SQL_INSERT, rid, order_id, actor.user_id, kind, reason, amount or default, lines
         )
         assert row is not None
         await write_log(conn, order_id, actor, order["status"], OPEN, f"{rid} {kind}: {reason}")
@@ -182,26 +173,49 @@ async def _lock(conn: Conn, return_id: str, actor: Actor) -> tuple[asyncpg.Recor
 async def _restock(conn: Conn, order: asyncpg.Record, ret: asyncpg.Record) -> None:
     regular = order["kind"] == "regular"
     for line in sorted(ret["items"], key=lambda i: i["sku_id"]):  # locks in key order
-        qty = line["quantity"]
-        await conn.execute(SQL_RESTOCK, line["sku_id"], qty, qty if regular else 0)
-        await conn.execute(
-            SQL_RESTOCK_LEDGER, line["sku_id"], order["id"], qty, f"return:{ret['id']}"
+        await inventory.put_back(
+            conn,
+            line["sku_id"],
+            order["id"],
+            line["quantity"],
+            regular=regular,
+            reason=f"return:{ret['id']}",
         )
 
 
 async def approve_return(
-    pool: asyncpg.Pool, return_id: str, actor: Actor, *, note: str | None
+    pool: asyncpg.Pool,
+    return_id: str,
+    actor: Actor,
+    *,
+    note: str | None,
+    refund_amount: int | None = None,
 ) -> dict[str, Any]:
     """Approve: the refund runs through the provider and, for a return, the units go back
-    on the shelf — once. A repeated or concurrent approval answers with the return as it
-    is (``changed: false``); approving a rejected return is a 409."""
+    on the shelf — once. The refund is what the request asked, but for a return never more
+    than its lines are worth — unless the approver sends ``refund_amount`` (any amount up
+    to what is left paid), which is kept as the return's ``approved_amount``. A repeated
+    or concurrent approval answers with the return as it is (``changed: false``);
+    approving a rejected return is a 409."""
     async with pool.acquire() as conn, conn.transaction():
         order, ret = await _lock(conn, return_id, actor)
         if ret["status"] in ("return_approved", "refunded"):
             return {**return_view(ret), "changed": False}
         if ret["status"] != OPEN:
             raise invalid_transition(ret["status"], "approve")
-        decided = await conn.fetchrow(SQL_DECIDE, return_id, "return_approved", actor.user_id, note)
+        left = order["pay_cents"] - order["refunded_cents"]
+        if refund_amount is not None:
+            if refund_amount > left:
+                raise RefundExceedsPaid(data=payments.refundable(order))
+            amount = refund_amount
+        elif ret["kind"] == "return":
+            share = await conn.fetchval(SQL_SHARE, order["id"], ret["items"])
+            amount = min(ret["amount_cents"], share, left)
+        else:
+            amount = min(ret["amount_cents"], left)
+        decided = await conn.fetchrow(
+            SQL_DECIDE, return_id, "return_approved", actor.user_id, note, refund_amount
+        )
         assert decided is not None  # the row is locked and was open
         await write_log(
             conn,
@@ -211,7 +225,6 @@ async def approve_return(
             "return_approved",
             f"{return_id} {note or ''}",
         )
-        amount = min(ret["amount_cents"], order["pay_cents"] - order["refunded_cents"])
         money = await payments.refund_locked(
             conn, order, actor, amount, f"return {return_id}: {ret['reason']}"
         )
@@ -246,7 +259,9 @@ async def reject_return(
             return {**return_view(ret), "changed": False}
         if ret["status"] != OPEN:
             raise invalid_transition(ret["status"], "reject")
-        decided = await conn.fetchrow(SQL_DECIDE, return_id, "return_rejected", actor.user_id, note)
+        decided = await conn.fetchrow(
+            SQL_DECIDE, return_id, "return_rejected", actor.user_id, note, None
+        )
         assert decided is not None
         await write_log(
             conn, order["id"], actor, order["status"], "return_rejected", f"{return_id} {note}"

@@ -15,6 +15,7 @@ from flashsale.errors import (
     AddressRequired,
     Forbidden,
     NotFound,
+    NotPaidInFull,
 )
 from flashsale.flash import lifecycle as flash_lifecycle
 from flashsale.inventory import Conn
@@ -74,6 +75,24 @@ UPDATE orders SET status = 'completed', completed_at = now(), updated_at = now()
     version = version + 1
 WHERE id = $1 AND version = $2 AND status IN ('shipped', 'delivered')
 RETURNING version
+"""
+SQL_PAID_TO_CANCELLED = """
+UPDATE orders
+SET status = 'cancelled', cancelled_at = now(), cancel_reason = $3, updated_at = now(),
+    version = version + 1
+WHERE id = $1 AND version = $2 AND status = 'paid'
+RETURNING version
+"""
+SQL_VERSION = "SELECT version FROM orders WHERE id = $1"
+# Paid in full with nothing given back but what returns (of goods that came back) refunded:
+# the one verified payment took the order's price, and every refund hangs off a return.
+SQL_PAID_IN_FULL = """
+SELECT EXISTS (SELECT 1 FROM pay_orders p
+               WHERE p.order_id = o.id AND p.status = 'success' AND p.amount_cents = o.pay_cents)
+   AND o.refunded_cents = (SELECT coalesce(sum(f.amount_cents), 0)
+                           FROM order_returns r JOIN refunds f ON f.id = r.refund_id
+                           WHERE r.order_id = o.id)
+FROM orders o WHERE o.id = $1
 """
 SQL_EXPIRED_UNPAID = """
 SELECT id, version FROM orders
@@ -144,6 +163,45 @@ async def mark_paid(conn: Conn, order: asyncpg.Record, actor: Actor, note: str |
     return new_version
 
 
+async def cancel_paid(
+    conn: Conn, order: asyncpg.Record, actor: Actor, note: str, *, version: int
+) -> int:
+    """paid → cancelled inside the caller's transaction (the order row locked at
+    ``version``, its money already given back): every unit goes back — regular stock to
+    the shelf, flash units to their sale (through the sweeper, as for an unpaid cancel) —
+    and so does the coupon."""
+    if order["status"] != "paid":
+        raise invalid_transition(order["status"], "cancel")
+    if order["kind"] == "flash":
+        if not await flash_lifecycle.cancel_order(
+            conn, order["id"], reason=note, from_status="paid"
+        ):
+            raise invalid_transition(order["status"], "cancel")
+        await write_log(conn, order["id"], actor, "paid", "cancelled", note)
+        new_version: int = await conn.fetchval(SQL_VERSION, order["id"])
+    else:
+        new_version = await _apply(
+            conn, SQL_PAID_TO_CANCELLED, order, version, "cancelled", actor, note, note
+        )
+        await inventory.put_back_order(conn, order["id"], reason="refunded before shipping")
+    await coupons.release_for_order(conn, order["id"])
+    return new_version
+
+
+async def _require_paid_in_full(conn: Conn, order: asyncpg.Record, action: str) -> None:
+    """Goods leave (and an order completes) only for an order whose payment took its whole
+    price and of which nothing went back but what returned goods were worth."""
+    if not await conn.fetchval(SQL_PAID_IN_FULL, order["id"]):
+        raise NotPaidInFull(
+            f"cannot {action} an order that is not paid in full",
+            data={
+                "status": order["status"],
+                "pay_amount": order["pay_cents"],
+                "refunded_amount": order["refunded_cents"],
+            },
+        )
+
+
 async def ship_order(
     pool: asyncpg.Pool,
     order_id: str,
@@ -161,6 +219,7 @@ async def ship_order(
             raise NotFound("order not found")
         await require_merchant(conn, order_id, actor)
         version = _check(order, ("paid",), "ship", expected_version)
+        await _require_paid_in_full(conn, order, "ship")
         if order["shipping_address"] is None:  # paid before addresses were required
             raise AddressRequired(
                 "this order has no shipping address; it cannot ship",
@@ -198,6 +257,7 @@ async def deliver_order(
             raise NotFound("order not found")
         await require_merchant(conn, order_id, actor)
         version = _check(order, ("shipped",), "deliver", expected_version)
+        await _require_paid_in_full(conn, order, "deliver")
         new_version = await _apply(conn, SQL_TO_DELIVERED, order, version, "delivered", actor, None)
     return {"order_id": order_id, "status": "delivered", "version": new_version}
 
@@ -211,6 +271,7 @@ async def confirm_order(
         if order is None or order["user_id"] != actor.user_id:
             raise NotFound("order not found")
         version = _check(order, ("shipped", "delivered"), "confirm", expected_version)
+        await _require_paid_in_full(conn, order, "confirm")
         new_version = await _apply(conn, SQL_TO_COMPLETED, order, version, "completed", actor, None)
     return {"order_id": order_id, "status": "completed", "version": new_version}
 

@@ -39,7 +39,7 @@ LIMIT $3 OFFSET $4
 SQL_COUNT = "SELECT count(*) FROM orders WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)"
 RETURN_COLUMNS = """
 id, order_id, user_id, kind, status, reason, amount_cents, items, decided_by, decision_note,
-refund_id, restocked, created_at, decided_at, refunded_at
+refund_id, restocked, created_at, decided_at, refunded_at, approved_cents
 """
 SQL_RETURNS_OF_ORDER = (
     f"SELECT {RETURN_COLUMNS} FROM order_returns WHERE order_id = $1 ORDER BY created_at, id"  # noqa: S608
@@ -60,6 +60,7 @@ def return_view(r: asyncpg.Record) -> dict[str, Any]:
         "status": r["status"],
         "reason": r["reason"],
         "amount": r["amount_cents"],
+        "approved_amount": r["approved_cents"],
         "items": r["items"],
         "decided_by": r["decided_by"],
         "decision_note": r["decision_note"],

@@ -106,6 +106,20 @@ class Metrics:
             multiprocess_mode="max",
             registry=reg,
         )
+        self.payments_refunded = Counter(
+            "flashsale_payments_auto_refunded_total",
+            "Verified payments given back at once because their order could not take them "
+            "(cancelled, expired, or paid by another payment), by the order's state",
+            ["order_status"],
+            registry=reg,
+        )
+        self.money_drift = Gauge(
+            "flashsale_reconcile_money_drift",
+            "Findings of the last reconcile's money checks, by check (0: money adds up)",
+            ["check"],
+            multiprocess_mode="max",
+            registry=reg,
+        )
 
         self.queue_length = Gauge(
             "flashsale_queue_length",

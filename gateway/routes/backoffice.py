@@ -19,6 +19,7 @@ from gateway.http import ok, read_json
 from gateway.routes.orders import SHIP, STATUS_FILTER
 from gateway.routing import Route
 from gateway.validation import (
+    INT64_MAX,
     PATH_TEXT,
     DateOrDatetime,
     F,
@@ -100,7 +101,18 @@ RETURNS_LIST: Final = {
     "status": F(str, required=False, choices=returns.STATUSES),
     **_PAGE,
 }
-APPROVE: Final = {"note": F(str, required=False, nullable=True, max_len=500)}
+APPROVE: Final = {
+    "note": F(str, required=False, nullable=True, max_len=500),
+    "refund_amount": F(
+        int,
+        required=False,
+        nullable=True,
+        min=1,
+        max=INT64_MAX,
+        doc="refund this instead (up to what is left paid); without it a return refunds "
+        "what was asked, at most what its lines are worth",
+    ),
+}
 REJECT: Final = {"note": F(str, min_len=1, max_len=500, doc="why (the shopper sees it)")}
 ORDER_ID: Final = {"id": PATH_TEXT}
 RETURN_ID: Final = {"return_id": F(str, min_len=1, max_len=64)}
@@ -112,6 +124,7 @@ CSV_COLUMNS: Final = (
     "items",
     "units",
     "amount_cents",
+    "refunded_cents",
     "name",
     "phone",
     "address",
@@ -221,7 +234,11 @@ async def approve(request: web.Request) -> web.Response:
     p = _principal(request, "merchant", "admin")
     body = await _optional(request, APPROVE)
     out = await returns.approve_return(
-        request.app[appkeys.DB], _return_id(request), _actor(p), note=body.get("note")
+        request.app[appkeys.DB],
+        _return_id(request),
+        _actor(p),
+        note=body.get("note"),
+        refund_amount=body.get("refund_amount"),
     )
     return ok(out, message="refunded" if out["changed"] else "already approved")
 

@@ -80,7 +80,8 @@ RETURN = {
         nullable=True,
         min=1,
         max=INT64_MAX,
-        doc="cents to refund (partial); default: all not yet refunded",
+        doc="cents to refund; default: for a return what its lines are worth (less the "
+        "discount in proportion), for a refund all not yet refunded",
     ),
     "items": F(
         list,
@@ -369,7 +370,7 @@ ROUTES = [
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses=_STATE,
+        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
     ),
     Route(
         "POST",
@@ -397,7 +398,7 @@ ROUTES = [
         params=ORDER_ID,
         responses={
             **_STATE,
-            409: "INVALID_TRANSITION, VERSION_CONFLICT, ADDRESS_REQUIRED",
+            409: "INVALID_TRANSITION, VERSION_CONFLICT, ADDRESS_REQUIRED, ORDER_NOT_PAID_IN_FULL",
             403: "FORBIDDEN (not a merchant)",
             404: "NOT_FOUND (or another shop's)",
         },
@@ -414,6 +415,7 @@ ROUTES = [
         params=ORDER_ID,
         responses={
             **_STATE,
+            409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL",
             403: "FORBIDDEN (not a merchant)",
             404: "NOT_FOUND (or another shop's)",
         },
@@ -428,7 +430,7 @@ ROUTES = [
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses=_STATE,
+        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
     ),
     Route(
         "POST",

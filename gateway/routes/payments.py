@@ -37,7 +37,13 @@ NOTIFY = Obj(
 PAYMENT_ID = {"payment_id": PATH_TEXT}
 REFUND = {
     "order_id": F(str, min_len=1, max_len=64),
-    "refund_amount": F(int, min=1),
+    "refund_amount": F(
+        int,
+        required=False,
+        nullable=True,
+        min=1,
+        doc="what is left paid (the default); anything else is refused",
+    ),
     "reason": F(str, min_len=1, max_len=200),
     "refund_account": F(str, required=False, nullable=True, choices=("original",)),
 }
@@ -135,7 +141,7 @@ async def refund(request: web.Request) -> web.Response:
             request.app[appkeys.DB],
             order_id=body["order_id"],
             actor=Actor(principal.user_id, principal.role),
-            amount=body["refund_amount"],
+            amount=body.get("refund_amount"),
             reason=body["reason"],
         )
     )
@@ -170,7 +176,7 @@ ROUTES = [
         responses={
             400: "BAD_SIGNATURE",
             404: "UNKNOWN_PAYMENT",
-            409: "AMOUNT_MISMATCH, ORDER_MISMATCH or ORDER_NOT_PAYABLE",
+            409: "AMOUNT_MISMATCH or ORDER_MISMATCH",
             422: "VALIDATION_FAILED",
         },
     ),
@@ -178,14 +184,15 @@ ROUTES = [
         "POST",
         "/api/v1/payment/refund",
         refund,
-        "Refund part or all of a paid order (never more than was paid); the shopper only "
-        "until it ships, an admin afterwards",
+        "Refund everything left paid: before shipping this cancels the order (stock and "
+        "coupon back; the shopper or an admin); after shipping an admin only (a shopper "
+        "requests a return)",
         auth="user",
         body=REFUND,
         tag="payments",
         responses={
             404: "NOT_FOUND",
-            409: "REFUND_EXCEEDS_PAID, INVALID_TRANSITION or RETURN_REQUIRED",
+            409: "FULL_REFUND_REQUIRED, REFUND_EXCEEDS_PAID, INVALID_TRANSITION or RETURN_REQUIRED",
             422: "VALIDATION_FAILED",
         },
     ),
