@@ -19,7 +19,7 @@ from flashsale.waitingroom.signing import MAX_SIGNED_LEN, MAX_SOLUTION_LEN, Tick
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
-from gateway.http import ok, read_json
+from gateway.http import header_text, ok, read_json
 from gateway.middlewares import REQUEST_ID, request_id
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
@@ -61,13 +61,16 @@ async def enter(request: web.Request) -> web.Response:
     principal = authenticate(request, app[appkeys.TOKENS])
     sale = await _sale(request)
     body = validate(await read_json(request), ENTER) if request.body_exists else {}
-    device = request.headers.get(DEVICE_HEADER, "").strip()[:MAX_DEVICE_ID]
+    # an empty header is no device id (DEVICE_ID_REQUIRED where the sale asks for one)
+    device = request.headers.get(DEVICE_HEADER) and header_text(
+        request, DEVICE_HEADER, max_len=MAX_DEVICE_ID
+    )
     room = app[WAITING_ROOM]
     entry = await room.enter(
         sale,
         principal.user_id,
         client_ip=client_ip(request),
-        device_id=device,
+        device_id=device or "",
         challenge=body.get("challenge"),
         solution=body.get("solution"),
         db=app[appkeys.DB],
