@@ -38,6 +38,14 @@ QUEUE_SETTINGS = F(
         "max_attempts_per_account": F(int, required=False, min=0, max=1_000_000),
         "max_entrants_per_ip": F(int, required=False, min=0, max=1_000_000),
         "max_entrants_per_device": F(int, required=False, min=0, max=1_000_000),
+        "max_devices_per_ip": F(
+            int,
+            required=False,
+            min=0,
+            max=1_000_000,
+            doc="with max_entrants_per_device: X-Device-Id values one client IP may bring "
+            "(default 32; 0: no limit)",
+        ),
         "min_account_age_min": F(int, required=False, min=0, max=5_256_000),
         "pow_difficulty": F(int, required=False, min=0, max=28),
         "hidden_join_path": F(bool, required=False),

@@ -17,7 +17,7 @@ from flashsale.errors import NotFound, SaleNotQueued, TicketInvalid
 from flashsale.flash.cache import SaleState, now_ms
 from flashsale.waitingroom.signing import MAX_SIGNED_LEN, MAX_SOLUTION_LEN, Ticket
 from gateway import appkeys
-from gateway.auth import authenticate
+from gateway.auth import authenticate, optional_principal
 from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok, read_json
 from gateway.middlewares import REQUEST_ID, request_id
@@ -76,14 +76,16 @@ async def enter(request: web.Request) -> web.Response:
         db=app[appkeys.DB],
     )
     data = {"ticket": entry.ticket, "replayed": entry.replayed}
-    data |= room.status(sale, entry.entry, now_ms())
+    data |= room.status(sale, entry.entry, now_ms(), viewer=principal.user_id)
     return ok(data, status=200 if entry.replayed else 201, message="in the queue")
 
 
 async def queue(request: web.Request) -> web.Response:
+    principal = optional_principal(request, request.app[appkeys.TOKENS])
     sale = await _sale(request)
     entry = _ticket(request, sale, request.query.get("ticket"))
-    return ok(request.app[WAITING_ROOM].status(sale, entry, now_ms()))
+    viewer = None if principal is None else principal.user_id
+    return ok(request.app[WAITING_ROOM].status(sale, entry, now_ms(), viewer=viewer))
 
 
 async def challenge(request: web.Request) -> web.Response:
@@ -125,7 +127,9 @@ async def events(request: web.Request) -> web.StreamResponse:
                 public["queue"] = room.summary(sale.id)
             frames: list[tuple[str, Any]] = [("sale", public)]
             if entry is not None:
-                frames.append(("queue", room.status(state, entry, now)))
+                # EventSource sends no bearer: with a hidden join path, the page asks the
+                # poll (with its bearer) for the admission when this says admitted
+                frames.append(("queue", room.status(state, entry, now, viewer=None)))
             for name, data in frames:
                 payload = orjson.dumps(data)
                 if last.get(name) != payload:
@@ -170,8 +174,10 @@ ROUTES = [
         "/api/v1/flash-sales/{sale_id}/queue",
         queue,
         "A ticket's place: state (lottery, waiting, admitted, expired, sold_out, ended), "
-        "position, people ahead, estimated wait; the join token and path once admitted",
+        "position, people ahead, estimated wait; the join token and path once admitted "
+        "(with hidden_join_path: only to the ticket's own account, by its bearer)",
         query=TICKET_QUERY,
+        auth="optional",
         tag="waiting-room",
         responses={403: "TICKET_INVALID", 404: "unknown sale"},
     ),
