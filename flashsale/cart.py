@@ -8,6 +8,7 @@ treated as absent and purged lazily when new guest carts are made.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -344,8 +345,8 @@ async def merge_guest_cart(pool: asyncpg.Pool, user_id: int, guest_token: str | 
     """Move a guest cart into the user's cart (same SKU + specification add up, capped at
     ``MAX_ITEM_QUANTITY``) and delete it; returns the number of guest items merged.
     The guest cart row is locked first, so a concurrent second merge finds nothing."""
-    if not guest_token:
-        return 0
+    if not guest_token or not re.fullmatch(TOKEN_PATTERN, guest_token):
+        return 0  # a header that is not one of our tokens names no cart
     async with pool.acquire() as conn, conn.transaction():
         guest_cart = await conn.fetchval(SQL_LOCK_GUEST_CART, guest_token)
         if guest_cart is None:

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flashsale.errors import InvalidJSON, PayloadTooLarge
+from flashsale.errors import InvalidJSON, PayloadTooLarge, ValidationFailed
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -47,6 +47,23 @@ def error_body(
     if request_id is not None:
         payload["request_id"] = request_id
     return dumps(payload)
+
+
+def header_text(request: web.Request, name: str, *, max_len: int) -> str | None:
+    """The value of a header the service reads (None when absent), or 422 naming it.
+
+    aiohttp hands bytes that are not UTF-8 over as lone surrogates, which no encoder takes
+    (Redis, PostgreSQL, JSON, the reply's own headers): a value is 1 to ``max_len``
+    printable ASCII characters, checked before anything is written.
+    """
+    value = request.headers.get(name)
+    if value is not None and not (0 < len(value) <= max_len and printable_ascii(value)):
+        raise ValidationFailed(fields={name: f"must be 1 to {max_len} printable ASCII characters"})
+    return value
+
+
+def printable_ascii(value: str) -> bool:
+    return value.isascii() and value.isprintable()
 
 
 async def read_json(request: web.Request) -> Any:

@@ -13,12 +13,13 @@ from aiohttp import web
 from flashsale.errors import AppError, ServiceUnavailable
 from flashsale.stores.metrics import RequestStats
 from flashsale.stores.redisclient import lost_connection
-from gateway.http import JSON_CONTENT_TYPE, error_body
+from gateway.http import JSON_CONTENT_TYPE, error_body, printable_ascii
 from gateway.routing import Handler
 
 log = logging.getLogger("flashsale.errors")
 
 REQUEST_ID: Final = "X-Request-ID"
+MAX_REQUEST_ID: Final = 128
 _REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 
 # aiohttp's own HTTP errors (routing, body size) mapped to stable codes.
@@ -78,7 +79,9 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = request.headers.get(REQUEST_ID)
-        if not rid or len(rid) > 128:
+        # a client's id is echoed in the reply's header and body and in the order event:
+        # one that could not be is replaced, never answered with an error
+        if not rid or len(rid) > MAX_REQUEST_ID or not printable_ascii(rid):
             rid = f"{prefix}{next(sequence):x}"
         request[_REQUEST_ID_KEY] = rid
         started = time.perf_counter()

@@ -120,13 +120,15 @@ class QueuedShopper(FastHttpUser):
         OUTCOMES.rejected("PROOF_REQUIRED")
         return None
 
-    def _wait_for_admission(self, ticket):
-        """The poll answer once admitted (or final), None when the run ends first."""
+    def _wait_for_admission(self, ticket, auth):
+        """The poll answer once admitted (or final), None when the run ends first; with the
+        bearer, as a sale with a hidden join path hands the path to the ticket's account only."""
         pause = 0.25
         while self.environment.runner is None or self.environment.runner.state != "stopping":
             with self.client.get(
                 f"{self.sale_path}/queue",
                 params={"ticket": ticket},
+                headers=auth,
                 name="/api/v1/flash-sales/[id]/queue",
                 catch_response=True,
             ) as resp:
@@ -173,7 +175,7 @@ class QueuedShopper(FastHttpUser):
         ticket = self._enter(auth)
         if ticket is None:
             return
-        view = self._wait_for_admission(ticket)
+        view = self._wait_for_admission(ticket, auth)
         if view is None:
             return
         if view.get("state") != "admitted":

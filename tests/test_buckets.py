@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -29,6 +29,7 @@ from flashsale.settings import Settings
 from flashsale.stores import rediskeys
 from flashsale.stores.metrics import get_metrics
 from flashsale.stores.scripts import FlashScripts, Give, Take
+from gateway.app import create_app
 from gateway.flash_runtime import FLASH
 from tests.flashkit import (
     admin_headers,
@@ -316,3 +317,30 @@ async def test_a_queued_sale_has_one_bucket(
     )
     assert resp.status == 422 and "mode" in (await resp.json())["fields"]
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 10_000 - 5
+
+
+async def test_the_per_address_limit_holds_across_buckets(
+    base_settings: Settings, db: asyncpg.Pool, redis: Redis, tokens: TokenService
+) -> None:
+    """An address's shoppers spread over every bucket; together they get the address's
+    burst once per sale, not once per bucket (each bucket grants its share)."""
+    n, burst = 8, 16
+    # no refill during the test: what passes is the burst, exactly
+    settings = base_settings.with_(rate_ip_per_s=0.001, rate_ip_burst=burst)
+    async with TestClient(TestServer(create_app(settings))) as c:
+        admin = await admin_headers(db, tokens)
+        sale_id = await create_sale(c, admin, await make_sku(db), quantity=200, buckets=n)
+        users = await make_users(db, 8 * n)  # all from this test's one loopback address
+        homes = collections.Counter(buckets.home(u, n) for u in users)
+        statuses: collections.Counter[tuple[int, str | None]] = collections.Counter()
+        for uid in users:
+            resp = await join(c, sale_id, bearer(tokens, uid))
+            body = await resp.json()
+            statuses[(resp.status, body.get("error"))] += 1
+    share = burst // n
+    assert statuses[(202, None)] == sum(min(k, share) for k in homes.values()) == burst
+    assert statuses[(429, "RATE_LIMITED")] == len(users) - burst, statuses
+    left = sum(
+        [int(await redis.hget(rediskeys.sale(sale_id, b), "remaining") or 0) for b in range(n)]
+    )
+    assert left == 200 - burst

@@ -35,3 +35,10 @@ def test_spoofed_first_line_does_not_win() -> None:
 
 def test_untrusted_peer_ignores_the_header() -> None:
     assert client_ip(_request("203.0.113.99", peer="192.0.2.1")) == "192.0.2.1"
+
+
+def test_a_hop_that_is_no_address_charges_the_proxy_that_passed_it() -> None:
+    # never a Redis key, never text of a reply (raw bytes: tests/test_header_bytes.py)
+    assert client_ip(_request("1.2.3.4\u00ff, 10.0.0.9")) == "10.0.0.9"
+    assert client_ip(_request("garbage")) == "10.0.0.5"
+    assert client_ip(_request("198.51.100.7, garbage, 10.0.0.9")) == "10.0.0.9"

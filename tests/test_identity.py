@@ -9,7 +9,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -21,11 +21,14 @@ from flashsale import sessions
 from flashsale.auth import TokenService
 from flashsale.errors import AppError, RevocationUnavailable
 from flashsale.settings import Settings, SettingsError
+from flashsale.stores import rediskeys
 from gateway.app import create_app
 from tests.conftest import TEST_SECRET, make_user
 from tests.flashkit import admin_headers, create_sale, join, make_sku
 
 pytestmark = pytest.mark.integration
+
+SQL_PRODUCTS_OF = "SELECT count(*) FROM products WHERE merchant_id = $1"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,45 @@ async def _refused(
             return
         await asyncio.sleep(0.02)
     raise AssertionError("the revoked token was still accepted")
+
+
+async def _writes_until_refused(
+    client: TestClient[Any, Any],
+    headers: dict[str, str],
+    *,
+    path: str,
+    json: Any,
+    written: Callable[[], Awaitable[int]],
+    after: int = 5,
+) -> int:
+    """POST a write with a token being revoked until it is refused with TOKEN_REVOKED,
+    then ``after`` more times; returns how many the window accepted.
+
+    Every accepted write is counted in the store (``written``: rows or units made so far),
+    so nothing slips through unseen, and nothing is written once the refusal took effect.
+    """
+    base = await written()
+    accepted = 0
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, f"still accepted after 30 s ({accepted} writes)"
+        resp = await client.post(path, headers=headers, json=json)
+        if resp.status == 401:
+            assert (await resp.json())["error"] == "TOKEN_REVOKED"
+            break
+        if resp.status == 429:  # the token passed, the per-user rate did not: no write
+            await asyncio.sleep(float(resp.headers["Retry-After"]))
+            continue
+        assert resp.status in (201, 202), await resp.text()
+        accepted += 1
+        await asyncio.sleep(0.02)
+    at_refusal = await written()
+    assert at_refusal - base == accepted, (at_refusal - base, accepted)
+    for _ in range(after):
+        resp = await client.post(path, headers=headers, json=json)
+        assert resp.status == 401 and (await resp.json())["error"] == "TOKEN_REVOKED"
+    assert await written() == at_refusal
+    return accepted
 
 
 async def _register_and_login(client: TestClient[Any, Any], password: str) -> tuple[str, str]:
@@ -120,13 +162,34 @@ async def test_role_change_revokes(
     merchant = await make_user(db, "merchant")
     token = tokens.issue(merchant, "merchant")
     product = {"name": "demoted", "price": 100, "stock": 1}
+
+    async def products() -> int:
+        n: int = await db.fetchval(SQL_PRODUCTS_OF, merchant)
+        return n
+
+    resp = await other.post("/api/v1/products", headers=_bearer(token), json=product)
+    assert resp.status == 201 and await products() == 1  # the token writes before the change
     resp = await client.patch(
         f"/api/v1/admin/users/{merchant}", headers=admin, json={"role": "user"}
     )
     assert resp.status == 200, await resp.text()
-    assert (await resp.json())["data"]["role"] == "user"
-    await _refused(other, _bearer(token), method="POST", path="/api/v1/products", json=product)
+    window = await _writes_until_refused(
+        other, _bearer(token), path="/api/v1/products", json=product, written=products
+    )
+    assert await products() == 1 + window
+    # the role itself changed: re-read where it is kept and where an admin sees it
     assert await db.fetchval("SELECT role FROM users WHERE id = $1", merchant) == "user"
+    resp = await other.get(
+        "/api/v1/admin/users", headers=admin, params={"q": str(merchant), "role": "user"}
+    )
+    found = (await resp.json())["data"]["users"]
+    assert [(u["id"], u["role"]) for u in found] == [(merchant, "user")]
+    # and a token of the role it has now cannot do what the old one did
+    gen = await db.fetchval("SELECT token_gen FROM users WHERE id = $1", merchant)
+    fresh = _bearer(tokens.issue(merchant, "user", gen=gen))
+    resp = await other.post("/api/v1/products", headers=fresh, json=product)
+    assert resp.status == 403
+    assert await products() == 1 + window
 
 
 async def test_role_change_needs_admin(
@@ -182,20 +245,30 @@ async def test_revoked_token_cannot_join(
     tokens: TokenService,
 ) -> None:
     admin = await admin_headers(db, tokens)
-    sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=5)
+    # room for every join the window may allow: no limit or stock refusal hides a write
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=5000, limit=5000)
     uid = await make_user(db)
     token = tokens.issue(uid, "user")
+
+    async def units() -> int:
+        held = await redis.hget(rediskeys.users(sale_id), str(uid))
+        return int(held or 0)
+
     resp = await join(other, sale_id, _bearer(token))
     assert resp.status == 202, await resp.text()
+    assert await units() == 1
     resp = await client.post("/api/v1/auth/logout", headers=_bearer(token))
     assert resp.status == 200
-    await _refused(
+    window = await _writes_until_refused(
         other,
         _bearer(token),
-        method="POST",
         path=f"/api/v1/flash-sales/{sale_id}/join",
         json={"quantity": 1},
+        written=units,
     )
+    assert await units() == 1 + window
+    remaining = await redis.hget(rediskeys.sale(sale_id), "remaining")
+    assert int(remaining or -1) == 5000 - 1 - window
 
 
 def _cli_user(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

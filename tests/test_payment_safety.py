@@ -281,6 +281,21 @@ def test_notify_key_is_derived_with_a_label() -> None:
 
 # --- finding 16: an unsigned notification writes nothing and forges no log line ---------
 
+SQL_ORDER_ROW = "SELECT * FROM orders WHERE id = $1"
+SQL_PAYMENT_ROWS = "SELECT * FROM pay_orders WHERE order_id = $1 ORDER BY id"
+SQL_ORDER_LOGS = "SELECT count(*) FROM order_logs WHERE order_id = $1"
+
+
+async def _money_rows(db: asyncpg.Pool, order_id: str) -> dict[str, Any]:
+    """The order's row, its payment rows and how many log lines it has, as stored."""
+    order = await db.fetchrow(SQL_ORDER_ROW, order_id)
+    assert order is not None
+    return {
+        "order": dict(order),
+        "payments": [dict(r) for r in await db.fetch(SQL_PAYMENT_ROWS, order_id)],
+        "logs": await db.fetchval(SQL_ORDER_LOGS, order_id),
+    }
+
 
 @pytest.mark.integration
 async def test_unsigned_notify_writes_nothing_and_logs_escaped(
@@ -291,6 +306,9 @@ async def test_unsigned_notify_writes_nothing_and_logs_escaped(
 ) -> None:
     _, _, order = await _order(client, db, tokens)
     before = await db.fetchval("SELECT count(*) FROM payment_notifications")
+    rows = await _money_rows(db, order["order_id"])
+    assert rows["order"]["status"] == "pending_payment"
+    assert [p["status"] for p in rows["payments"]] == ["pending"]
     forged = "PAYX\n2026-01-01 00:00:00 INFO gateway: admin logged in"
     with caplog.at_level(logging.INFO):
         for payment_id in (forged, order["payment_id"]):
@@ -304,6 +322,7 @@ async def test_unsigned_notify_writes_nothing_and_logs_escaped(
             resp = await client.post("/api/v1/payment/notify", json=note)
             assert resp.status == 400 and (await resp.json())["error"] == "BAD_SIGNATURE"
     assert await db.fetchval("SELECT count(*) FROM payment_notifications") == before
+    assert await _money_rows(db, order["order_id"]) == rows  # not a field of either changed
     rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert rejected
     assert all("\n" not in r.getMessage() for r in rejected)
@@ -330,11 +349,18 @@ async def test_signature_covers_provider_extra_fields(
             "coupon": None,
         },
     )
+    rows = await _money_rows(db, order["order_id"])
     for tampered in ({"currency": "USD"}, {"coupon": "FREE"}, {"added": 1}):
         resp = await client.post("/api/v1/payment/notify", json={**note, **tampered})
         assert resp.status == 400, tampered
+        assert await _money_rows(db, order["order_id"]) == rows, tampered
     resp = await client.post("/api/v1/payment/notify", json=note)
     assert resp.status == 200, await resp.text()
+    paid = await _money_rows(db, order["order_id"])
+    assert paid["order"]["status"] == "paid"
+    assert [
+        (p["id"], p["status"], p["amount_cents"], p["transaction_id"]) for p in paid["payments"]
+    ] == [(order["payment_id"], "success", 10000, "T-extra")]
     body = await db.fetchval(
         "SELECT body FROM payment_notifications WHERE payment_id = $1 AND accepted",
         order["payment_id"],

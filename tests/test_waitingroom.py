@@ -25,7 +25,14 @@ from gateway import appkeys
 from gateway.flash_runtime import FLASH
 from gateway.waitingroom_runtime import WAITING_ROOM
 from tests.conftest import auth
-from tests.flashkit import admin_headers, count_orders, eventually, make_sku, make_users
+from tests.flashkit import (
+    admin_headers,
+    count_orders,
+    eventually,
+    make_sku,
+    make_users,
+    sse_events,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -85,18 +92,31 @@ async def enter(
     )
 
 
-async def poll(client: TestClient[Any, Any], sale_id: int, ticket: str) -> dict[str, Any]:
-    resp = await client.get(f"/api/v1/flash-sales/{sale_id}/queue", params={"ticket": ticket})
+async def poll(
+    client: TestClient[Any, Any],
+    sale_id: int,
+    ticket: str,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    resp = await client.get(
+        f"/api/v1/flash-sales/{sale_id}/queue", params={"ticket": ticket}, headers=headers
+    )
     assert resp.status == 200, await resp.text()
     data: dict[str, Any] = (await resp.json())["data"]
     return data
 
 
-async def admitted(client: TestClient[Any, Any], sale_id: int, ticket: str) -> dict[str, Any]:
+async def admitted(
+    client: TestClient[Any, Any],
+    sale_id: int,
+    ticket: str,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     async def check() -> bool:
-        seen.update(await poll(client, sale_id, ticket))
+        seen.clear()
+        seen.update(await poll(client, sale_id, ticket, headers))
         return bool(seen["state"] == "admitted")
 
     await eventually(check, timeout_s=15)
@@ -168,7 +188,23 @@ async def test_join_on_a_queued_sale_needs_an_admission(
     assert stored == {"admit_per_s": 1000, "overbook": 1.0, "hidden_join_path": True}
     await app[FLASH].cache.refresh()
     tc = (await (await enter(client, sale_id, auth(tokens, c))).json())["data"]["ticket"]
-    view = await admitted(client, sale_id, tc)
+    # the admission goes to the ticket's own account only: not to an anonymous poll, not
+    # to another account's, not on the stream (which knows no account)
+    anonymous = await admitted(client, sale_id, tc)
+    assert "join_token" not in anonymous and "join_path" not in anonymous
+    assert anonymous["join_expires_at"]
+    assert "join_token" not in await poll(client, sale_id, tc, auth(tokens, b))
+    async with client.get(f"/api/v1/flash-sales/{sale_id}/events", params={"ticket": tc}) as stream:
+        frames: list[tuple[str, Any]] = []
+        buf = b""
+        while not any(name == "queue" for name, _ in frames):
+            buf += await asyncio.wait_for(stream.content.readany(), 10)
+            more, buf = sse_events(buf)
+            frames += more
+    queue_frame = next(data for name, data in frames if name == "queue")
+    assert queue_frame["state"] == "admitted" and "join_token" not in queue_frame
+    view = await poll(client, sale_id, tc, auth(tokens, c))
+    assert view["state"] == "admitted" and view["join_path"].endswith(view["join_token"])
     resp = await client.post(
         f"/api/v1/flash-sales/{sale_id}/join",
         headers={**auth(tokens, c), "X-Join-Token": view["join_token"]},
@@ -243,7 +279,7 @@ async def test_admissions_never_exceed_remaining_times_factor(
     # five of the admitted join: 5 units left, 10 admissions outstanding >= floor(5 x 1.5)
     for e in entries[:5]:
         await app[WAITING_ROOM].refresh()
-        view = room.status(await sale_of(app, sale_id), e.entry, now_ms())
+        view = room.status(await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id)
         resp = await client.post(
             view["join_path"], headers=auth(tokens, e.entry.user_id), json={"quantity": 1}
         )
@@ -354,7 +390,10 @@ async def test_the_lottery_is_not_arrival_order_and_later_arrivals_are(
     sale = await sale_of(app, sale_id)
     early = await enter_all(room, sale, await make_users(db, 1000), db, concurrency=50)
     assert {e.entry.kind for e in early} == {"L"}
-    assert all(room.status(sale, e.entry, now_ms())["state"] == "lottery" for e in early[:5])
+    assert all(
+        room.status(sale, e.entry, now_ms(), viewer=e.entry.user_id)["state"] == "lottery"
+        for e in early[:5]
+    )
     await asyncio.sleep(max(0.0, (sale.start_ms - now_ms()) / 1000) + 0.1)
     late = await enter_all(room, sale, await make_users(db, 50), db, concurrency=1)
     assert [e.entry.position for e in late] == list(range(1001, 1051))
@@ -429,7 +468,11 @@ async def test_each_bot_limit_refuses_what_it_should_and_nothing_else(
     assert resp.status == 201
     resp = await enter(client, sale_id, {**auth(tokens, e), "X-Device-Id": "dev-1"})
     assert resp.status == 429 and (await resp.json())["data"]["reason"] == "device"
+    # a new id does not undo the refusal: the account keeps the device it came with
     resp = await enter(client, sale_id, {**auth(tokens, e), "X-Device-Id": "dev-2"})
+    assert resp.status == 429 and (await resp.json())["data"]["reason"] == "device"
+    (f,) = await make_users(db, 1)
+    resp = await enter(client, sale_id, {**auth(tokens, f), "X-Device-Id": "dev-2"})
     assert resp.status == 201
 
     # account age: a fresh account is refused, one older than the limit enters
@@ -471,6 +514,57 @@ async def test_each_bot_limit_refuses_what_it_should_and_nothing_else(
     assert resp.status == 201
 
 
+async def test_device_limits_count_the_account_and_the_address(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, admin: dict[str, str]
+) -> None:
+    """A client invents device ids for free; its accounts and its address it cannot."""
+    room = app[WAITING_ROOM]
+
+    async def entered(sale: SaleState, user: int, ip: str, device: str) -> str:
+        try:
+            await room.enter(
+                sale, user, client_ip=ip, device_id=device, challenge=None, solution=None, db=db
+            )
+        except AppError as exc:
+            return f"{exc.code}:{(exc.data or {}).get('reason')}"
+        return "in"
+
+    sale = await sale_of(
+        app,
+        await queued_sale(
+            client, db, admin, quantity=50, max_entrants_per_device=1, max_devices_per_ip=3
+        ),
+    )
+    users = await make_users(db, 7)
+    here, there = "10.4.0.1", "10.4.0.2"
+    assert [await entered(sale, u, here, f"d{i}") for i, u in enumerate(users[:3])] == [
+        "in",
+        "in",
+        "in",
+    ]
+    # a fourth id from the same address is one too many, whichever account brings it
+    assert await entered(sale, users[3], here, "d3") == "ENTRY_LIMITED:device"
+    assert await entered(sale, users[4], here, "d4") == "ENTRY_LIMITED:device"
+    # the refused account keeps that id: neither another new one nor a known one lets it in
+    assert await entered(sale, users[3], there, "d9") == "ENTRY_LIMITED:device"
+    # ids the address brought already are still full (one account each)
+    assert await entered(sale, users[5], here, "d0") == "ENTRY_LIMITED:device"
+    # another address brings its own ids; an account already in gets its ticket back
+    assert await entered(sale, users[6], there, "d5") == "in"
+    assert await entered(sale, users[0], there, "d8") == "in"
+    counts = await app[FLASH].redis.hgetall(rediskeys.queue(sale.id))
+    assert int(counts[b"entered"]) == 4
+
+    # by default a sale with a device limit takes 32 ids from one address
+    sale = await sale_of(
+        app, await queued_sale(client, db, admin, quantity=50, max_entrants_per_device=1)
+    )
+    many = await make_users(db, 34)
+    outcomes = [await entered(sale, u, here, f"x{i}") for i, u in enumerate(many[:33])]
+    assert outcomes == ["in"] * 32 + ["ENTRY_LIMITED:device"]
+    assert await entered(sale, many[33], there, "x99") == "in"
+
+
 def _solves(challenge: str, solution: str) -> bool:
     from flashsale.waitingroom.signing import proof_ok
 
@@ -510,7 +604,9 @@ async def test_a_stampede_of_5000_on_500_units_sells_exactly_500(
         headers = auth(tokens, e.entry.user_id)
         delay = 0.2
         while not gone.is_set() and time.monotonic() < deadline:
-            view = room.status(await sale_of(app, sale_id), e.entry, now_ms())
+            view = room.status(
+                await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id
+            )
             if view["state"] in ("sold_out", "ended", "expired"):
                 return
             if view["state"] == "admitted":

@@ -58,6 +58,19 @@ def _rate_limited(retry_ms: int, scope: str) -> RateLimited:
     )
 
 
+def ip_share(rate_per_s: float, burst: int, buckets: int) -> tuple[float, float]:
+    """The per-address rate and burst each bucket of a sale grants.
+
+    An address's shoppers live in different home buckets, each on a slot of its own, so no
+    one counter can see all of an address's joins in the one script call a join makes.
+    Each bucket grants its share instead and the shares add up to the sale's limit (a
+    burst share never below one attempt, or a bucket would refuse everyone for ever).
+    """
+    if buckets <= 1:
+        return rate_per_s, burst
+    return rate_per_s / buckets, max(1.0, burst / buckets)
+
+
 async def join(
     rt: FlashRuntime,
     *,
@@ -90,8 +103,7 @@ async def join(
         _fingerprint(quantity),
         s.rate_user_per_s,
         s.rate_user_burst,
-        s.rate_ip_per_s,
-        s.rate_ip_burst,
+        *ip_share(s.rate_ip_per_s, s.rate_ip_burst, sale.buckets),
     ]
     res = await _reserve(rt, keys, args, ids)
     status = Reserve(int(res[0]))

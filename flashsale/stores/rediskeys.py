@@ -194,6 +194,8 @@ def queue_enter_keys(sale_id: int) -> list[str]:
         _tag(sale_id) + ":q:att",
         _tag(sale_id) + ":q:ip",
         _tag(sale_id) + ":q:dev",
+        _tag(sale_id) + ":q:acdev",
+        _tag(sale_id) + ":q:ipdev",
     ]
 
 

@@ -11,6 +11,9 @@ import orjson
 from flashsale.settings import Settings
 
 MODES: Final = ("open", "queued")
+# Device ids one client IP may bring to a sale whose device limit is on, unless the sale says
+# otherwise: the id is the client's choice, so the address bounds how many it can invent.
+DEVICES_PER_IP: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,7 @@ class QueueConfig:
     max_attempts_per_account: int = 0  # enter calls per account (repeats included)
     max_entrants_per_ip: int = 0  # accounts entering from one client IP
     max_entrants_per_device: int = 0  # accounts entering with one X-Device-Id
+    max_devices_per_ip: int = DEVICES_PER_IP  # X-Device-Id values one client IP brings
     min_account_age_min: int = 0  # accounts younger than this cannot enter
     pow_difficulty: int = 0  # leading zero bits of the proof of work on enter (0: none)
     hidden_join_path: bool = False  # the join token is accepted only as the URL's segment

@@ -257,6 +257,7 @@ class WaitingRoom:
                 cfg.max_entrants_per_ip,
                 cfg.max_entrants_per_device,
                 opens_ms,
+                cfg.max_devices_per_ip,
             ],
         )
         status = QueueEnter(int(res[0]))
@@ -320,8 +321,15 @@ class WaitingRoom:
             return None  # the lottery is not drawn yet
         return copy.lottery_rank.get(entry.user_id)
 
-    def status(self, sale: SaleState, entry: Ticket, now: int) -> dict[str, Any]:
-        """What a ticket holder sees: state, position, people ahead, wait, admission."""
+    def status(
+        self, sale: SaleState, entry: Ticket, now: int, *, viewer: int | None
+    ) -> dict[str, Any]:
+        """What a ticket holder sees: state, position, people ahead, wait, admission.
+
+        ``viewer`` is the account asking (None: not known, as on the event stream). With
+        ``hidden_join_path`` the admission's token and path go to the ticket's own account
+        only: a ticket seen by anyone else (shared, leaked) shows the state without them.
+        """
         copy = self.queues.get(sale.id) or QueueCopy()
         cfg = self.config(sale)
         remaining = sale.remaining if copy.remaining is None else copy.remaining
@@ -348,14 +356,12 @@ class WaitingRoom:
             if expires <= now:
                 out["state"] = "expired"
             else:
-                token = self.signer.join_token(sale.id, entry.user_id, expires)
-                out.update(
-                    state="admitted",
-                    ahead=0,
-                    join_token=token,
-                    join_path=f"/api/v1/flash-sales/{sale.id}/join/{token}",
-                    join_expires_at=iso_ms(expires),
-                )
+                out.update(state="admitted", ahead=0, join_expires_at=iso_ms(expires))
+                if not cfg.hidden_join_path or viewer == entry.user_id:
+                    token = self.signer.join_token(sale.id, entry.user_id, expires)
+                    out.update(
+                        join_token=token, join_path=f"/api/v1/flash-sales/{sale.id}/join/{token}"
+                    )
         else:
             ahead = pos - copy.admitted - 1
             rate = copy.admit_rate() or cfg.admit_per_s or ADAPTIVE_FLOOR_PER_S

@@ -75,7 +75,8 @@ class Signer:
         )
 
     def _split(self, purpose: str, signed: str, parts: int) -> list[str] | None:
-        if len(signed) > MAX_SIGNED_LEN:
+        # a client's string: anything but ASCII (which hmac cannot even compare) is not ours
+        if len(signed) > MAX_SIGNED_LEN or not signed.isascii():
             return None
         body, dot, mac = signed.rpartition(".")
         if not dot or not hmac.compare_digest(mac, self._mac(purpose, body)):
@@ -99,7 +100,7 @@ class Signer:
     def join_token_expiry(self, token: str, sale_id: int, user_id: int) -> int | None:
         """The token's expiry (ms) if it was signed for this user and sale, else None."""
         exp, dot, mac = token.partition(".")
-        if not dot or not exp.isdigit() or len(exp) > 15:
+        if not dot or not token.isascii() or not exp.isdigit() or len(exp) > 15:
             return None
         if not hmac.compare_digest(mac, self._mac("j", f"{sale_id}.{user_id}.{exp}")):
             return None
@@ -122,7 +123,7 @@ class Signer:
         """The challenge is ours, for this user and sale, fresh, at least as hard as the
         sale asks now, and ``solution`` solves it."""
         f = self._split("c", challenge, 4)
-        if f is None or len(solution) > MAX_SOLUTION_LEN:
+        if f is None or len(solution) > MAX_SOLUTION_LEN or not solution.isascii():
             return False
         if (int(f[0]), int(f[1])) != (sale_id, user_id):
             return False

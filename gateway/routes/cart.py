@@ -17,7 +17,7 @@ from flashsale import cart, coupons, orders
 from flashsale.errors import ItemUnavailable, ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate, optional_principal
-from gateway.http import ok, read_json
+from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routing import Route
 from gateway.validation import Alt, F, Obj, path_int, validate
@@ -205,12 +205,10 @@ def _order_lines(selection: cart.Selection) -> list[orders.OrderLineRequest]:
 
 async def checkout(request: web.Request) -> web.Response:
     principal = authenticate(request, request.app[appkeys.TOKENS])
+    key = header_text(request, IDEMPOTENCY_HEADER, max_len=MAX_IDEMPOTENCY_KEY_LEN)
     body = validate(await read_json(request), CHECKOUT)
     address = await order_address(request, principal.user_id, body)
     pool = request.app[appkeys.DB]
-    key = request.headers.get(IDEMPOTENCY_HEADER) or None
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LEN:
-        raise ValidationFailed(fields={IDEMPOTENCY_HEADER: "too long"})
     previous = await cart.previous_checkout(pool, principal.user_id, key)
     if previous is not None:
         return ok(previous, status=201, message="order created")

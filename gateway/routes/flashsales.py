@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from datetime import datetime
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +20,7 @@ from flashsale.waitingroom.room import set_mode
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
-from gateway.http import ok, read_json
+from gateway.http import header_text, ok, read_json
 from gateway.middlewares import request_id
 from gateway.routing import Route
 from gateway.validation import Alt, F, Obj, path_int, validate
@@ -37,6 +38,14 @@ QUEUE_SETTINGS = F(
         "max_attempts_per_account": F(int, required=False, min=0, max=1_000_000),
         "max_entrants_per_ip": F(int, required=False, min=0, max=1_000_000),
         "max_entrants_per_device": F(int, required=False, min=0, max=1_000_000),
+        "max_devices_per_ip": F(
+            int,
+            required=False,
+            min=0,
+            max=1_000_000,
+            doc="with max_entrants_per_device: X-Device-Id values one client IP may bring "
+            "(default 32; 0: no limit)",
+        ),
         "min_account_age_min": F(int, required=False, min=0, max=5_256_000),
         "pow_difficulty": F(int, required=False, min=0, max=28),
         "hidden_join_path": F(bool, required=False),
@@ -84,6 +93,7 @@ JOIN = {
     ),
 }
 _MAX_IDEMPOTENCY_KEY = 64
+IPAddress = IPv4Address | IPv6Address
 
 
 def _queue_settings(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -180,23 +190,32 @@ def client_ip(request: web.Request) -> str:
     if not proxies:
         return peer
 
-    def trusted(addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
+    def trusted(ip: IPAddress) -> bool:
         return any(ip in net for net in proxies)
 
-    if not trusted(peer):
+    peer_ip = _ip(peer)
+    if peer_ip is None or not trusted(peer_ip):
         return peer
     # several header lines are one comma-separated list (RFC 9110 5.3): a client's own
     # line comes first, so reading only that one would let it name any address
     forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
     hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    last = peer
     for hop in reversed(hops):  # the right-most address no trusted proxy vouches for
-        if not trusted(hop):
+        ip = _ip(hop)
+        if ip is None:  # no proxy of ours wrote that: the last one that did is charged
+            return last
+        if not trusted(ip):
             return hop
-    return hops[0] if hops else peer
+        last = hop
+    return last
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 async def join(request: web.Request) -> web.Response:
@@ -233,9 +252,7 @@ async def join(request: web.Request) -> web.Response:
     else:
         checked = validate(body, JOIN)
         quantity, address_id = checked["quantity"], checked.get("address_id")
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= _MAX_IDEMPOTENCY_KEY:
-        raise ValidationFailed(fields={"Idempotency-Key": "must be 1 to 64 characters"})
+    key = header_text(request, "Idempotency-Key", max_len=_MAX_IDEMPOTENCY_KEY)
     result: joining.JoinResult | None
     if sold_out:
         assert key is not None

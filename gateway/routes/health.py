@@ -67,7 +67,9 @@ def require_metrics_token(request: web.Request, token: str | None) -> None:
     if token is None:
         return
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+    # bytes that are not UTF-8 arrive as surrogates: compared as the bytes they were
+    given_raw = given.encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_raw, token.encode()):
         raise Unauthorized(
             "metrics need 'Authorization: Bearer <FLASHSALE_METRICS_TOKEN>'",
             headers={"WWW-Authenticate": 'Bearer realm="metrics"'},

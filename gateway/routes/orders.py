@@ -13,7 +13,7 @@ from flashsale.orders import Actor, OrderLineRequest, returns
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
-from gateway.http import ok, read_json
+from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routing import Route
 from gateway.validation import (
@@ -99,6 +99,7 @@ SHIP = {
     "estimated_delivery": F(str, required=False, nullable=True, max_len=64),
     "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
 }
+MAX_IDEMPOTENCY_KEY = 128
 STATUS_FILTER = (*orders.STATUSES, "pending")
 LIST_QUERY = {
     "status": F(
@@ -172,11 +173,9 @@ async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[Orde
 
 async def create(request: web.Request) -> web.Response:
     principal = _principal(request)
+    key = header_text(request, "Idempotency-Key", max_len=MAX_IDEMPOTENCY_KEY)
     body = validate(await read_json(request), CREATE)
     address = await order_address(request, principal.user_id, body)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= 128:
-        raise ValidationFailed(fields={"Idempotency-Key": "length must be 1..128"})
     result = await orders.create_order(
         request.app[appkeys.DB],
         request.app[appkeys.SETTINGS],

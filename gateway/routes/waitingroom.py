@@ -17,9 +17,9 @@ from flashsale.errors import NotFound, SaleNotQueued, TicketInvalid
 from flashsale.flash.cache import SaleState, now_ms
 from flashsale.waitingroom.signing import MAX_SIGNED_LEN, MAX_SOLUTION_LEN, Ticket
 from gateway import appkeys
-from gateway.auth import authenticate
+from gateway.auth import authenticate, optional_principal
 from gateway.flash_runtime import FLASH
-from gateway.http import ok, read_json
+from gateway.http import header_text, ok, read_json
 from gateway.middlewares import REQUEST_ID, request_id
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
@@ -61,26 +61,31 @@ async def enter(request: web.Request) -> web.Response:
     principal = authenticate(request, app[appkeys.TOKENS])
     sale = await _sale(request)
     body = validate(await read_json(request), ENTER) if request.body_exists else {}
-    device = request.headers.get(DEVICE_HEADER, "").strip()[:MAX_DEVICE_ID]
+    # an empty header is no device id (DEVICE_ID_REQUIRED where the sale asks for one)
+    device = request.headers.get(DEVICE_HEADER) and header_text(
+        request, DEVICE_HEADER, max_len=MAX_DEVICE_ID
+    )
     room = app[WAITING_ROOM]
     entry = await room.enter(
         sale,
         principal.user_id,
         client_ip=client_ip(request),
-        device_id=device,
+        device_id=device or "",
         challenge=body.get("challenge"),
         solution=body.get("solution"),
         db=app[appkeys.DB],
     )
     data = {"ticket": entry.ticket, "replayed": entry.replayed}
-    data |= room.status(sale, entry.entry, now_ms())
+    data |= room.status(sale, entry.entry, now_ms(), viewer=principal.user_id)
     return ok(data, status=200 if entry.replayed else 201, message="in the queue")
 
 
 async def queue(request: web.Request) -> web.Response:
+    principal = optional_principal(request, request.app[appkeys.TOKENS])
     sale = await _sale(request)
     entry = _ticket(request, sale, request.query.get("ticket"))
-    return ok(request.app[WAITING_ROOM].status(sale, entry, now_ms()))
+    viewer = None if principal is None else principal.user_id
+    return ok(request.app[WAITING_ROOM].status(sale, entry, now_ms(), viewer=viewer))
 
 
 async def challenge(request: web.Request) -> web.Response:
@@ -122,7 +127,9 @@ async def events(request: web.Request) -> web.StreamResponse:
                 public["queue"] = room.summary(sale.id)
             frames: list[tuple[str, Any]] = [("sale", public)]
             if entry is not None:
-                frames.append(("queue", room.status(state, entry, now)))
+                # EventSource sends no bearer: with a hidden join path, the page asks the
+                # poll (with its bearer) for the admission when this says admitted
+                frames.append(("queue", room.status(state, entry, now, viewer=None)))
             for name, data in frames:
                 payload = orjson.dumps(data)
                 if last.get(name) != payload:
@@ -167,8 +174,10 @@ ROUTES = [
         "/api/v1/flash-sales/{sale_id}/queue",
         queue,
         "A ticket's place: state (lottery, waiting, admitted, expired, sold_out, ended), "
-        "position, people ahead, estimated wait; the join token and path once admitted",
+        "position, people ahead, estimated wait; the join token and path once admitted "
+        "(with hidden_join_path: only to the ticket's own account, by its bearer)",
         query=TICKET_QUERY,
+        auth="optional",
         tag="waiting-room",
         responses={403: "TICKET_INVALID", 404: "unknown sale"},
     ),

@@ -25,6 +25,7 @@ const QUEUE_TEXT = {
 const page = {
   sale: null, token: sessionStorage.getItem(TOKEN_KEY), order: null,
   ticket: sessionStorage.getItem(TICKET_KEY), queue: null, entering: false, stop: null,
+  asking: false,
 };
 
 // Where the sale's state comes from: the server-sent events of /api/v1/flash-sales/{id}/events
@@ -57,7 +58,7 @@ function watchSale(saleId, ticket, onSale, onQueue) {
   const pollQueue = async (backoff) => {
     let next;
     try {
-      const r = await FS.api("GET", `/api/v1/flash-sales/${saleId}/queue${qs}`);
+      const r = await FS.api("GET", `/api/v1/flash-sales/${saleId}/queue${qs}`, page.token);
       if (r.status === 200) {
         onQueue(r.data);
         const q = r.data;
@@ -293,6 +294,19 @@ function onQueue(q) {
   if (q === null) return setTicket(null); // refused: the ticket is not for this sale (any more)
   page.queue = q;
   renderSale();
+  // A sale with a hidden join path hands the admission to the ticket's own account only: the
+  // stream (which sends no bearer) says "admitted", the poll with the bearer brings the path.
+  if (q.state === "admitted" && !q.join_token && page.token && !page.asking) askAdmission();
+}
+
+async function askAdmission() {
+  page.asking = true;
+  try {
+    const qs = `?ticket=${encodeURIComponent(page.ticket)}`;
+    const r = await FS.api("GET", `/api/v1/flash-sales/${SALE_ID}/queue${qs}`, page.token);
+    if (r.status === 200 && r.data.join_token) { page.queue = r.data; renderSale(); }
+  } catch (err) { /* offline for a moment: the next queue event asks again */ }
+  finally { page.asking = false; }
 }
 
 function follow() {
