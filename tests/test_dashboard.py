@@ -240,6 +240,12 @@ async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None
         resp = await client.get(path)
         assert resp.status == 200, path
         assert resp.headers["Content-Type"].startswith(kind), path
+    for page in ("/dashboard", "/sale/1"):
+        headers = (await client.get(page)).headers
+        assert headers["X-Frame-Options"] == "DENY", page
+        policy = dict(d.partition(" ")[::2] for d in headers["Content-Security-Policy"].split("; "))
+        assert policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'none'"
+        assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'", policy
     assert (await client.get("/static/nope.js")).status == 404
     assert (await client.get("/static/..%2fapp.py")).status == 404
     assert (await client.get("/sale/abc")).status == 404
