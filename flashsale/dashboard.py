@@ -560,6 +560,32 @@ async def build_snapshot(
     }
 
 
+# The figures of the whole platform, every sale and every process together: what they say
+# about other merchants' sales and about the service itself is for admins alone.
+PLATFORM_FIGURES: Final = frozenset(
+    (
+        "accepted_requests_per_s",
+        "refusals_total",
+        "refusals_per_s",
+        "join_latency_ms",
+        "consumer",
+        "processes",
+        "dead_letters",
+    )
+)
+
+
+def merchant_view(snap: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot (or a history point) as a merchant sees it: its sale's own figures only."""
+    out = {k: v for k, v in snap.items() if k not in PLATFORM_FIGURES}
+    if "totals" in snap:
+        out["totals"] = {"accepted_units": snap["totals"].get("accepted_units")}
+    room = snap.get("waiting_room")
+    if room is not None:  # admissions are counted for every sale together
+        out["waiting_room"] = {"queue_length": room["queue_length"]}
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # the per-worker hub: one tick loop per watched sale, fanned out to local watchers
 

@@ -227,7 +227,8 @@ class Settings:
     revocation_reload_ms: int = 2000
     revocation_max_stale_s: int = 15
     login_window_s: int = 300
-    login_account_attempts: int = 10
+    login_account_ip_attempts: int = 10
+    login_account_attempts: int = 1000
     login_ip_attempts: int = 100
     login_hash_concurrency: int = 2
     login_hash_queue: int = 32
@@ -331,7 +332,8 @@ class Settings:
             revocation_reload_ms=reload_ms,
             revocation_max_stale_s=max_stale_s,
             login_window_s=r.integer("login_window_s", 1, 24 * 3600),
-            login_account_attempts=r.integer("login_account_attempts", 1, 1_000_000),
+            login_account_ip_attempts=r.integer("login_account_ip_attempts", 1, 1_000_000),
+            login_account_attempts=r.integer("login_account_attempts", 1, 10_000_000),
             login_ip_attempts=r.integer("login_ip_attempts", 1, 10_000_000),
             login_hash_concurrency=r.integer("login_hash_concurrency", 1, 256),
             login_hash_queue=r.integer("login_hash_queue", 0, 100_000),

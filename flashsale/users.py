@@ -84,46 +84,73 @@ RETURNING id, email, phone, nickname, role, token_gen, disabled_at
 
 @dataclass(frozen=True, slots=True)
 class LoginLimits:
-    """Attempts allowed per account and per client IP in one fixed window."""
+    """Login attempts allowed in one fixed window.
+
+    ``per_account_ip`` (one account from one address) is what stops guessing; ``per_ip``
+    (one address, any account) stops one address trying many; ``per_account`` (one
+    account from every address together) is high, to stop a spray from many addresses
+    only: an attacker elsewhere must not be able to lock the owner out.
+    """
 
     window_s: int = 300
-    per_account: int = 10
+    per_account_ip: int = 10
     per_ip: int = 100
+    per_account: int = 1000
+
+
+def _account_tag(login: str) -> str:
+    # hashed: the key names no address; unknown accounts are counted the same way
+    return hashlib.sha256(login.encode()).hexdigest()[:32]
 
 
 def _account_key(login: str) -> str:
-    # hashed: the key names no address; unknown accounts are counted the same way
-    return "fs:login:acct:" + hashlib.sha256(login.encode()).hexdigest()[:32]
+    return "fs:login:acct:" + _account_tag(login)
 
 
 def _ip_key(client_ip: str) -> str:
-    return "fs:login:ip:" + client_ip
+    # one hash tag per address: its own count and its counts per account, one transaction
+    return "fs:{login-ip:" + client_ip + "}"
+
+
+def _account_ip_key(login: str, client_ip: str) -> str:
+    return _ip_key(client_ip) + ":acct:" + _account_tag(login)
+
+
+async def _counted(redis: Redis, keys: tuple[str, ...], window_s: int) -> list[tuple[int, int]]:
+    """INCR each key (the window starts with its first attempt): [(count, ttl seconds)]."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for key in keys:
+            pipe.incr(key)
+            pipe.expire(key, window_s, nx=True)
+            pipe.ttl(key)
+        replies = await pipe.execute()
+    return [(replies[i], replies[i + 2]) for i in range(0, len(replies), 3)]
+
+
+def _refuse_past(counts: list[tuple[int, int]], limits: tuple[int, ...]) -> None:
+    waits = [ttl for (count, ttl), limit in zip(counts, limits, strict=True) if count > limit]
+    if waits:
+        raise RateLimited(
+            "too many login attempts; retry later",
+            headers={"Retry-After": str(max(1, *waits))},
+        )
 
 
 async def _count_attempt(redis: Redis, login: str, client_ip: str, limits: LoginLimits) -> None:
-    """Count this attempt against the account and the IP; 429 past either limit.
+    """Count this attempt; 429 with Retry-After past a limit. Counted before any hashing.
 
-    Counted before any hashing, one transaction per key (INCR, then EXPIRE NX starts the window).
+    The address's own counts come first, and an attempt they refuse is not counted against
+    the account: one address, however busy, moves the account-wide count by at most
+    ``per_account_ip`` a window.
     """
-    # one transaction per key: the two keys live in different slots on a Redis Cluster
-    counted = []
-    for key in (_account_key(login), _ip_key(client_ip)):
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, limits.window_s, nx=True)
-            pipe.ttl(key)
-            counted.append(await pipe.execute())
-    (acct, _, acct_ttl), (ip, _, ip_ttl) = counted
-    waits = [
-        ttl
-        for count, limit, ttl in ((acct, limits.per_account, acct_ttl), (ip, limits.per_ip, ip_ttl))
-        if count > limit
-    ]
-    if waits:
-        retry = max(1, max(waits))
-        raise RateLimited(
-            "too many login attempts; retry later", headers={"Retry-After": str(retry)}
-        )
+    own = await _counted(
+        redis, (_account_ip_key(login, client_ip), _ip_key(client_ip)), limits.window_s
+    )
+    _refuse_past(own, (limits.per_account_ip, limits.per_ip))
+    # another slot on a Redis Cluster: a transaction of its own
+    _refuse_past(
+        await _counted(redis, (_account_key(login),), limits.window_s), (limits.per_account,)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +231,8 @@ async def login(
 ) -> User:
     """The account for these credentials, or INVALID_CREDENTIALS (the same for both cases).
 
-    Throttled per account and per client IP; an unknown account still costs one hash.
+    Throttled per (account, address), per address and, loosely, per account
+    (:class:`LoginLimits`); an unknown account still costs one hash.
     """
     email, phone = normalise_login(login_name)
     login_key = email or phone or ""
@@ -213,6 +241,9 @@ async def login(
     stored = None if row is None else row["password_hash"]
     if not await check_password(stored, password, hashing) or row is None:
         raise InvalidCredentials
+    # the owner is in: this address's count at the account starts again, and so does the
+    # spray count (one key per call: different slots on a Redis Cluster)
+    await redis.delete(_account_ip_key(login_key, client_ip))
     await redis.delete(_account_key(login_key))
     user = _user(row)
     if user.disabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,27 @@ def test_gateways_scale_behind_the_load_balancer(compose: dict[str, Any]) -> Non
     # no replica shares its data folder with another (metrics files, heartbeat)
     for name in ("gateway", "consumers"):
         assert "volumes" not in services[name], name
+
+
+def _published(port: str) -> tuple[str, str]:
+    """A short-syntax port as (host address, host port), compose's defaults filled in:
+    ``"${MONITORING_BIND:-127.0.0.1}:9090:9090"`` → ("127.0.0.1", "9090")."""
+    text = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", port)
+    parts = text.split(":")
+    return (parts[0], parts[1]) if len(parts) == 3 else ("0.0.0.0", parts[0])
+
+
+def test_only_the_load_balancer_is_published_to_the_network(compose: dict[str, Any]) -> None:
+    """Prometheus has no login: on every interface, it would hand anyone every metric the
+    metrics token guards. Monitoring listens on loopback unless MONITORING_BIND opens it."""
+    published = {
+        name: [_published(str(p)) for p in service.get("ports", ())]
+        for name, service in compose["services"].items()
+    }
+    assert published.pop("lb") == [("0.0.0.0", "8080")]
+    assert published.pop("prometheus") == [("127.0.0.1", "9090")]
+    assert published.pop("grafana") == [("127.0.0.1", "3000")]
+    assert not any(published.values()), published
 
 
 def test_redis_has_aof(compose: dict[str, Any]) -> None:

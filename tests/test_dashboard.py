@@ -130,13 +130,103 @@ async def test_merchants_see_their_own_sales(
     assert listed[mine]["status"] == "active"
     assert listed[mine]["remaining_quantity"] == 2
 
+    # another merchant's sale answers exactly as a missing one: no existence leak
     resp = await client.get(f"/api/v1/dashboard/sales/{other}/events", headers=merchant)
-    assert resp.status == 403
+    theirs = (resp.status, (await resp.json())["error"], (await resp.json())["message"])
+    resp = await client.get("/api/v1/dashboard/sales/999999999/events", headers=merchant)
+    missing = (resp.status, (await resp.json())["error"], (await resp.json())["message"])
+    assert theirs == missing == (404, "NOT_FOUND", "flash sale not found")
     shopper = auth(tokens, await make_user(db))
     resp = await client.get("/api/v1/dashboard/sales", headers=shopper)
     assert resp.status == 403
     resp = await client.get("/api/v1/dashboard/sales/999999999/events", headers=admin)
     assert resp.status == 404
+
+
+async def test_platform_figures_are_for_admins_only(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, redis: Redis
+) -> None:
+    admin = await admin_headers(db, tokens)
+    sku = await make_sku(db)
+    sale_id = await create_sale(client, admin, sku, quantity=1, limit=1)
+    shoppers = await make_users(db, 2)
+    assert [(await join(client, sale_id, auth(tokens, u))).status for u in shoppers] == [202, 409]
+    client.app[appkeys.REQUEST_STATS].flush()
+    await dashboard.publisher_for(client.app[appkeys.METRICS].registry).publish(redis)
+    merchant = auth(tokens, await _merchant_of_sku(db, sku), "merchant")
+    path = f"/api/v1/dashboard/sales/{sale_id}/events"
+
+    admins = [d for n, d in await _read_events(client, path, admin, want=3) if n == "snapshot"]
+    assert set(admins[-1]) >= dashboard.PLATFORM_FIGURES
+    assert admins[-1]["refusals_total"].get("SOLD_OUT", 0) >= 1
+
+    events = await _read_events(client, path, merchant, want=3)
+    history, snaps = events[0][1], [d for n, d in events if n == "snapshot"]
+    for seen in [*history, *snaps]:
+        assert not dashboard.PLATFORM_FIGURES & set(seen), sorted(seen)
+    last = snaps[-1]
+    assert last["accepted_units"] == 1 and last["sale"]["remaining_quantity"] == 0
+    assert last["totals"] == {"accepted_units": 1}
+    assert last["orders"]["queued"] + last["orders"]["pending_payment"] >= 1
+
+
+async def _stream_until_closed(
+    client: TestClient[Any, Any], path: str, headers: dict[str, str], act: Any
+) -> tuple[list[tuple[str, Any]], int]:
+    """Open the stream, wait for its first snapshot, run ``act``, then read until the server
+    ends the stream: (the events after ``act``, how many of them were snapshots)."""
+    after: list[tuple[str, Any]] = []
+    async with client.get(path, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        buf, acted = b"", False
+        while True:
+            chunk = await asyncio.wait_for(resp.content.readany(), 20)
+            if not chunk:
+                break  # the server ended the stream
+            events, buf = sse_events(buf + chunk)
+            if acted:
+                after.extend(events)
+            elif any(name == "snapshot" for name, _ in events):
+                await act()
+                acted = True
+    return after, sum(1 for name, _ in after if name == "snapshot")
+
+
+@pytest.mark.parametrize("how", ["logout", "demotion", "expiry"])
+async def test_a_stream_ends_with_its_token(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService, how: str
+) -> None:
+    """A dashboard stream checks its token as every request does: a logout, a role change
+    or the token's expiry ends it within a second, with a ``closed`` event naming why."""
+    admin = await admin_headers(db, tokens)
+    sku = await make_sku(db)
+    sale_id = await create_sale(client, admin, sku, quantity=2)
+    merchant_id = await _merchant_of_sku(db, sku)
+    ttl = 3 if how == "expiry" else None
+    watcher = {"Authorization": f"Bearer {tokens.issue(merchant_id, 'merchant', ttl_s=ttl)}"}
+
+    async def act() -> None:
+        if how == "logout":
+            resp = await client.post("/api/v1/auth/logout", headers=watcher)
+        elif how == "demotion":
+            resp = await client.patch(
+                f"/api/v1/admin/users/{merchant_id}", json={"role": "user"}, headers=admin
+            )
+        else:
+            return  # the token runs out by itself
+        assert resp.status == 200, await resp.text()
+
+    after, snapshots = await _stream_until_closed(
+        client, f"/api/v1/dashboard/sales/{sale_id}/events", watcher, act
+    )
+    assert after and after[-1][0] == "closed", after
+    assert after[-1][1]["error"] == ("TOKEN_EXPIRED" if how == "expiry" else "TOKEN_REVOKED")
+    if how != "expiry":
+        # checked twice a second, snapshots come once a second: one may cross the revocation
+        assert snapshots <= 1, after
+    # and a new stream with that token is refused outright
+    resp = await client.get(f"/api/v1/dashboard/sales/{sale_id}/events", headers=watcher)
+    assert resp.status == 401
 
 
 async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None:
@@ -150,6 +240,12 @@ async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None
         resp = await client.get(path)
         assert resp.status == 200, path
         assert resp.headers["Content-Type"].startswith(kind), path
+    for page in ("/dashboard", "/sale/1"):
+        headers = (await client.get(page)).headers
+        assert headers["X-Frame-Options"] == "DENY", page
+        policy = dict(d.partition(" ")[::2] for d in headers["Content-Security-Policy"].split("; "))
+        assert policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'none'"
+        assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'", policy
     assert (await client.get("/static/nope.js")).status == 404
     assert (await client.get("/static/..%2fapp.py")).status == 404
     assert (await client.get("/sale/abc")).status == 404

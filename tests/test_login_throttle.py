@@ -24,8 +24,9 @@ PASSWORD = "throttle-pass-1"
 async def strict(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
     """A worker with small limits that believes X-Forwarded-For (one client IP per test)."""
     settings = base_settings.with_(
-        login_account_attempts=3,
+        login_account_ip_attempts=3,
         login_ip_attempts=6,
+        login_account_attempts=8,
         login_window_s=60,
         trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
     )
@@ -55,14 +56,40 @@ async def _login(
     return resp.status, await resp.json(), dict(resp.headers)
 
 
-async def test_account_is_throttled_across_ips(strict: TestClient[Any, Any]) -> None:
+async def test_an_attacker_elsewhere_cannot_lock_the_owner_out(base_settings: Settings) -> None:
+    """12 wrong passwords from address A (default limits): A is throttled at that account,
+    and the owner, from address B, still logs in."""
+    settings = base_settings.with_(trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    async with TestClient(TestServer(create_app(settings))) as client:
+        email = await _account(client)
+        attacker, owner = _ip(), _ip()
+        statuses = [(await _login(client, email, "wrong-guess", attacker))[0] for _ in range(12)]
+        limit = settings.login_account_ip_attempts
+        assert statuses == [401] * limit + [429] * (12 - limit)
+        # the right password from A is refused too: A is throttled at this account...
+        status, body, headers = await _login(client, email, PASSWORD, attacker)
+        assert status == 429 and body["error"] == "RATE_LIMITED"
+        assert 1 <= int(headers["Retry-After"]) <= settings.login_window_s
+        # ...and the owner elsewhere is not
+        status, body, _ = await _login(client, email, PASSWORD, owner)
+        assert status == 200 and body["data"]["user"]["email"] == email
+        # A stays throttled at this account after the owner's success
+        assert (await _login(client, email, PASSWORD, attacker))[0] == 429
+
+
+async def test_a_spray_from_many_addresses_meets_the_account_limit(
+    strict: TestClient[Any, Any],
+) -> None:
+    """The account-wide limit (8 here) counts only attempts an address's own limits let
+    through: a refused one from a throttled address adds nothing to it."""
     email = await _account(strict)
-    for _ in range(3):
-        status, body, _ = await _login(strict, email, "wrong-guess", _ip())
-        assert status == 401 and body["error"] == "INVALID_CREDENTIALS"
-    status, body, headers = await _login(strict, email, PASSWORD, _ip())
-    assert status == 429 and body["error"] == "RATE_LIMITED"
-    assert 1 <= int(headers["Retry-After"]) <= 60
+    first = _ip()
+    statuses = [(await _login(strict, email, "wrong-guess", first))[0] for _ in range(10)]
+    assert statuses == [401] * 3 + [429] * 7  # 7 refusals, none of them counted below
+    for _ in range(5):  # 3 + 5 = 8 counted: the account-wide limit
+        assert (await _login(strict, email, "wrong-guess", _ip()))[0] == 401
+    status, _, headers = await _login(strict, email, PASSWORD, _ip())
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= 60
 
 
 async def test_success_clears_the_account_count(strict: TestClient[Any, Any]) -> None:

@@ -10,20 +10,21 @@ sale sells.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
 from flashsale import dashboard
 from flashsale.auth import Principal, require_role
-from flashsale.errors import Forbidden, NotFound
+from flashsale.errors import AppError, NotFound
 from flashsale.flash.cache import now_ms
 from flashsale.stores import tasks
 from gateway import appkeys
-from gateway.auth import authenticate
+from gateway.auth import authenticate, bearer
 from gateway.flash_runtime import FLASH
 from gateway.http import ok
 from gateway.routing import Route
@@ -40,6 +41,19 @@ _TYPES: Final = {
 }
 ASSET_NAME: Final = F(str, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_len=64)
 KEEPALIVE_S: Final = 15.0
+# how often an open stream checks its token again: a revoked or expired one ends it within
+# a second, like the next request it would have made
+REVALIDATE_S: Final = 0.5
+# The pages load only their own scripts and styles, talk only to this origin and are never
+# framed (clickjacking of the admin actions); the vendored uPlot styles through the CSSOM,
+# which 'self' allows.
+PAGE_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
 GAUGE_GRACE_MS: Final = 10 * 60 * 1000  # a sale's gauges stay ten minutes past its end
 
 
@@ -76,6 +90,8 @@ def _asset(name: str) -> web.Response:
     html = name.endswith(".html")
     resp.headers["Cache-Control"] = "no-cache" if html else "public, max-age=300"
     resp.headers["X-Content-Type-Options"] = "nosniff"
+    if html:
+        resp.headers.update(PAGE_HEADERS)
     return resp
 
 
@@ -104,10 +120,9 @@ def _watcher(request: web.Request) -> Principal:
 
 async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -> None:
     merchant = await dashboard.sale_merchant(request.app[appkeys.DB], sale_id)
-    if merchant is None:
+    # another merchant's sale answers as a missing one: a merchant learns nothing of it
+    if merchant is None or (principal.role != "admin" and merchant != principal.user_id):
         raise NotFound("flash sale not found")
-    if principal.role != "admin" and merchant != principal.user_id:
-        raise Forbidden("this sale sells another merchant's product")
 
 
 async def sales(request: web.Request) -> web.Response:
@@ -123,11 +138,24 @@ def _event(name: str, data: object) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+def _still_watching(request: web.Request, token: str) -> None:
+    """Raise the error a new request with this token would get (expired, revoked, demoted)."""
+    require_role(request.app[appkeys.TOKENS].verify(token), "admin", "merchant")
+
+
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: ``history`` (the last minutes) once, then ``snapshot`` each second."""
+    """Server-sent events: ``history`` (the last minutes) once, then ``snapshot`` each second.
+
+    The token is checked again every ``REVALIDATE_S``, as each request checks it: when it
+    expires, or a logout or a role change revokes it, a ``closed`` event names the error
+    and the stream ends (the page's reconnect then gets the 401).
+    """
     principal = _watcher(request)
+    token = bearer(request)
+    assert token is not None  # _watcher verified it
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
     await _may_watch(request, principal, sale_id)
+    view = _as_is if principal.role == "admin" else dashboard.merchant_view
     hub = request.app[HUB]
     resp = web.StreamResponse(
         headers={
@@ -137,19 +165,31 @@ async def events(request: web.Request) -> web.StreamResponse:
         }
     )
     await resp.prepare(request)
-    feed = hub.watch(sale_id, KEEPALIVE_S)
+    feed = hub.watch(sale_id, REVALIDATE_S)
     try:
-        await resp.write(_event("history", await hub.history(sale_id)))
+        await resp.write(_event("history", [view(p) for p in await hub.history(sale_id)]))
+        quiet_since = time.monotonic()
         async for snap in feed:
-            if snap is None:
+            try:
+                _still_watching(request, token)
+            except AppError as exc:
+                await resp.write(_event("closed", {"error": exc.code, "message": exc.message}))
+                break
+            if snap is not None:
+                await resp.write(_event("snapshot", view(snap)))
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                 await resp.write(b": keep-alive\n\n")
-            else:
-                await resp.write(_event("snapshot", snap))
+                quiet_since = time.monotonic()
     except (ConnectionResetError, ConnectionError):
         pass  # the watcher went away
     finally:
         await feed.aclose()
     return resp
+
+
+def _as_is(snap: dict[str, Any]) -> dict[str, Any]:
+    return snap
 
 
 async def _export_sales(app: web.Application) -> None:
@@ -239,6 +279,10 @@ ROUTES = [
         auth="merchant",
         tag="dashboard",
         envelope=False,
-        responses={200: "text/event-stream", 403: "FORBIDDEN (another merchant's sale)"},
+        responses={
+            200: "text/event-stream; a 'closed' event names the error when the token is "
+            "revoked or expires",
+            404: "NOT_FOUND (no such sale, or another merchant's)",
+        },
     ),
 ]

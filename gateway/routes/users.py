@@ -71,7 +71,12 @@ async def login(request: web.Request) -> web.Response:
         body["login"],
         body["password"],
         client_ip=client_ip(request),
-        limits=users.LoginLimits(s.login_window_s, s.login_account_attempts, s.login_ip_attempts),
+        limits=users.LoginLimits(
+            s.login_window_s,
+            s.login_account_ip_attempts,
+            s.login_ip_attempts,
+            s.login_account_attempts,
+        ),
         hashing=app[appkeys.PASSWORD_HASHER],
     )
     tokens = request.app[appkeys.TOKENS]
@@ -162,7 +167,8 @@ ROUTES = [
         responses={
             401: "INVALID_CREDENTIALS (unknown account or wrong password alike)",
             403: "ACCOUNT_DISABLED",
-            429: "RATE_LIMITED (per account and per client IP; Retry-After)",
+            429: "RATE_LIMITED (per account and client IP, per client IP, and a high "
+            "account-wide limit; Retry-After)",
             503: "RETRY_LATER (too many password hashes in progress)",
         },
         tag="auth",

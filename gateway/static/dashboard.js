@@ -105,11 +105,13 @@ function addPoint(s) {
   x.t.push(s.t / 1000);
   x.remaining.push(s.sale.remaining_quantity);
   x.acc.push(s.accepted_per_s);
-  x.ref.push(refused);
-  x.p50.push(s.join_latency_ms.p50);
-  x.p99.push(s.join_latency_ms.p99);
-  x.lag.push(s.consumer.lag);
-  x.drain.push(s.consumer.drain_per_s);
+  // a merchant's snapshot has no platform figures (refusals, latency, consumers)
+  const latency = s.join_latency_ms || {}, consumer = s.consumer || {};
+  x.ref.push(s.refusals_per_s ? refused : null);
+  x.p50.push(latency.p50 ?? null);
+  x.p99.push(latency.p99 ?? null);
+  x.lag.push(consumer.lag ?? null);
+  x.drain.push(consumer.drain_per_s ?? null);
   if (x.t.length > POINTS) for (const k of Object.keys(x)) x[k].shift();
 }
 
@@ -131,10 +133,11 @@ function render(s) {
   FS.text("v-total", `of ${FS.num(sale.total_quantity)}`);
   FS.text("v-accepted", FS.num(s.accepted_units));
   FS.text("v-accepted-rate", FS.num(s.accepted_per_s, 1));
-  FS.text("v-p50", FS.num(s.join_latency_ms.p50, 2));
-  FS.text("v-p99", FS.num(s.join_latency_ms.p99, 2));
-  FS.text("v-lag", FS.num(s.consumer.lag));
-  FS.text("v-drain", FS.num(s.consumer.drain_per_s, 1));
+  const latency = s.join_latency_ms || {}, consumer = s.consumer || {};
+  FS.text("v-p50", FS.num(latency.p50, 2));
+  FS.text("v-p99", FS.num(latency.p99, 2));
+  FS.text("v-lag", FS.num(consumer.lag));
+  FS.text("v-drain", FS.num(consumer.drain_per_s, 1));
   FS.text("v-dead", FS.num(s.dead_letters));
   FS.text("v-expiry", FS.num(s.expiry_returns));
   FS.text("v-drift", s.reconcile_drift === null ? "not run" : FS.num(s.reconcile_drift));
@@ -145,7 +148,7 @@ function render(s) {
   show("waiting-room", !!wr);
   if (wr) {
     FS.text("v-queue", FS.num(wr.queue_length));
-    FS.text("v-admit", FS.num(wr.admitted_per_s, 1));
+    FS.text("v-admit", FS.num(wr.admitted_per_s, 1)); // admins only: "–" for a merchant
   }
   const list = document.getElementById("refusals");
   const codes = Object.keys(s.refusals_total || {});
@@ -179,6 +182,9 @@ async function watch(saleId) {
   }
   show("live", true);
   show("admin-actions", state.user.role === "admin");
+  for (const el of document.querySelectorAll(".platform")) {
+    el.classList.toggle("hidden", state.user.role !== "admin");
+  }
   if (!state.charts) state.charts = makeCharts();
   resetSeries();
   drawCharts();
