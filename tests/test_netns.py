@@ -1,0 +1,156 @@
+"""The stampede across hosts that lose each other: every server and process on a host of its
+own (a network namespace, ``tests/netns/``), the network cut or split mid-sale for a set
+time, then healed; the history checker holds the stores to every answer a shopper got.
+
+Each case prints its row of the README's "what survives what" table. One runs in
+``make test``; all run in ``make chaos`` (``make netns`` runs only these).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from flashsale.auth import TokenService
+from flashsale.stores.db import create_pool
+from flashsale.stores.redisclient import open_redis
+from tests.flashkit import admin_headers, create_sale_over_http, make_sku, make_users
+from tests.netns.history import Shopper, Verdict, judge, shop, until
+from tests.netns.hosts import NamespacesUnavailable, Network
+from tests.netns.stack import GATEWAYS, HOSTS, NetStack, Postgres, start_pg
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LATE = 10  # shoppers who come once the crowd is done (and buy what came back)
+
+
+@pytest.fixture(scope="module")
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="flashsale-netns-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Network]:
+    try:
+        network = Network.build(HOSTS)
+    except NamespacesUnavailable as exc:
+        pytest.skip(f"no network namespaces here: {exc}")
+    yield network
+    network.stop()
+
+
+@pytest.fixture(scope="module")
+def pg(net: Network, root: Path) -> Iterator[Postgres]:
+    started = start_pg(net, root)
+    yield started
+    started.server.stop()
+
+
+@pytest.fixture
+async def stack(net: Network, pg: Postgres, root: Path) -> AsyncIterator[NetStack]:
+    folder = Path(tempfile.mkdtemp(dir=root, prefix="case-"))
+    started = await NetStack.start(net, pg, folder)
+    yield started
+    net.heal()
+    started.stop()
+
+
+class Sale:
+    """A sale on ``stack`` with its shoppers, each told to use one gateway first."""
+
+    def __init__(
+        self, stack: NetStack, sale_id: int, shoppers: list[Shopper], late: list[Shopper]
+    ) -> None:
+        self.stack = stack
+        self.id = sale_id
+        self.shoppers = shoppers
+        self.late = late  # they join once the crowd is done and the sale has converged
+
+    @classmethod
+    async def open(cls, stack: NetStack, *, quantity: int, shoppers: int, buckets: int = 1) -> Sale:
+        tokens = TokenService(stack.settings.secret, 3600)
+        db = await create_pool(stack.settings.database, min_size=1, max_size=2)
+        try:
+            users = await make_users(db, shoppers + LATE)
+            async with aiohttp.ClientSession() as http:
+                sale_id = await create_sale_over_http(
+                    http,
+                    stack.base_url(GATEWAYS[0]),
+                    await admin_headers(db, tokens),
+                    await make_sku(db, on_hand=quantity),
+                    quantity,
+                    buckets=buckets,
+                )
+        finally:
+            await db.close()
+        urls = [stack.base_url(g) for g in GATEWAYS]
+        crowd = [
+            Shopper(u, tokens.issue(u, "user"), urls[i % 2 :] + urls[: i % 2])
+            for i, u in enumerate(users)
+        ]
+        return cls(stack, sale_id, crowd[:shoppers], crowd[shoppers:])
+
+    def accepted(self) -> int:
+        return sum(1 for s in self.shoppers if s.order_id is not None)
+
+
+async def partitioned(
+    case: str,
+    stack: NetStack,
+    sale: Sale,
+    *,
+    fault: object,
+    hold_s: float,
+    after_accepted: int,
+    per_second: float = 200.0,
+) -> Verdict:
+    """The stampede on ``sale``; once ``after_accepted`` shoppers hold a 202, ``fault()``
+    for ``hold_s`` seconds, then heal; judge once the crowd is done."""
+    assert callable(fault)
+    crowd = asyncio.create_task(shop(sale.shoppers, sale.id, per_second=per_second))
+    try:
+        await until(lambda: sale.accepted() >= after_accepted, "the first joins accepted")
+        fault()
+        await asyncio.sleep(hold_s)
+    finally:
+        stack.net.heal()
+    healed_at = time.monotonic()
+    await crowd
+    redis: Redis = open_redis(stack.settings)
+    db = await create_pool(stack.settings.database, min_size=1, max_size=4)
+    try:
+        return await judge(case, db, redis, sale.id, sale.shoppers, healed_at, late=sale.late)
+    except AssertionError:
+        print(stack.log_tail(), flush=True)
+        raise
+    finally:
+        await redis.aclose()
+        await db.close()
+
+
+async def test_gateway_cut_from_the_broker_not_from_redis(stack: NetStack) -> None:
+    """Gateway host A loses the broker for 10 s but keeps Redis: its reservations are made,
+    their events cannot be produced. Nothing it accepted is lost, nothing stays held: the
+    units of every join it could not publish are given back (and bought by late shoppers) or
+    published by the sweeper."""
+    sale = await Sale.open(stack, quantity=200, shoppers=600)
+    verdict = await partitioned(
+        "gateway host cut from the broker (not from Redis) for 10 s",
+        stack,
+        sale,
+        fault=lambda: stack.net.sever(["gw-a"], ["broker"]),
+        hold_s=10,
+        after_accepted=40,
+    )
+    # three shoppers a unit: everything sold, during the stampede or once given back
+    assert verdict.accepted + verdict.back_on_sale == 200, verdict.answers
