@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -106,27 +107,37 @@ class Sale:
         return sum(1 for s in self.shoppers if s.order_id is not None)
 
 
+@dataclass
+class Fault:
+    """One partition: made by ``make()``, held ``hold_s`` seconds, ``before_heal()`` (to
+    look at a side while it is apart), then healed."""
+
+    make: Callable[[], None]
+    hold_s: float = 10.0
+    before_heal: Callable[[], None] = lambda: None
+    accepted_during: int = 0  # 202s the shoppers got while it held
+
+
 async def partitioned(
     case: str,
     stack: NetStack,
     sale: Sale,
-    *,
-    fault: object,
-    hold_s: float,
-    after_accepted: int,
+    *faults: Fault,
+    after_accepted: int = 40,
     per_second: float = 200.0,
-    before_heal: Callable[[], object] = lambda: None,
 ) -> Verdict:
-    """The stampede on ``sale``; once ``after_accepted`` shoppers hold a 202, ``fault()``
-    for ``hold_s`` seconds (then ``before_heal()``), then heal; judge once the crowd is
-    done."""
-    assert callable(fault)
+    """The stampede on ``sale``; once ``after_accepted`` shoppers hold a 202, each fault in
+    turn; the checker judges once the crowd is done."""
     crowd = asyncio.create_task(shop(sale.shoppers, sale.id, per_second=per_second))
     try:
         await until(lambda: sale.accepted() >= after_accepted, "the first joins accepted")
-        fault()
-        await asyncio.sleep(hold_s)
-        before_heal()
+        for fault in faults:
+            before = sale.accepted()
+            fault.make()
+            await asyncio.sleep(fault.hold_s)
+            fault.before_heal()
+            stack.net.heal()
+            fault.accepted_during = sale.accepted() - before
     finally:
         stack.net.heal()
     healed_at = time.monotonic()
@@ -153,9 +164,7 @@ async def test_gateway_cut_from_the_broker_not_from_redis(stack: NetStack) -> No
         "gateway host cut from the broker (not from Redis) for 10 s",
         stack,
         sale,
-        fault=lambda: stack.net.sever(["gw-a"], ["broker"]),
-        hold_s=10,
-        after_accepted=40,
+        Fault(lambda: stack.net.sever(["gw-a"], ["broker"])),
     )
     # three shoppers a unit: everything sold, during the stampede or once given back
     assert verdict.accepted + verdict.back_on_sale == 200, verdict.answers
@@ -179,10 +188,7 @@ async def _primary_cut_off(stack: NetStack, buckets: int) -> None:
         f"the primary holding {what} split away with one gateway host for 10 s",
         stack,
         sale,
-        fault=lambda: stack.net.split([primary, "gw-a"]),
-        hold_s=10,
-        after_accepted=40,
-        before_heal=before_heal,
+        Fault(lambda: stack.net.split([primary, "gw-a"]), before_heal=before_heal),
     )
     db = await create_pool(stack.settings.database, min_size=1, max_size=1)
     try:
@@ -198,6 +204,7 @@ async def _primary_cut_off(stack: NetStack, buckets: int) -> None:
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(300)
 async def test_primary_split_away_with_one_gateway(stack: NetStack) -> None:
     """The primary holding a hot sale and gateway host A on one side, everything else on
     the other, for 10 s: the majority promotes the replica, the sale is fenced and
@@ -209,6 +216,50 @@ async def test_primary_split_away_with_one_gateway(stack: NetStack) -> None:
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(300)
 async def test_primary_split_away_with_one_gateway_bucketed_sale(stack: NetStack) -> None:
     """The same with the sale in 6 buckets over the 3 primaries."""
     await _primary_cut_off(stack, buckets=6)
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(300)
+async def test_consumer_cut_from_postgres_then_from_the_broker(stack: NetStack) -> None:
+    """The consumer host loses PostgreSQL for 10 s while batches are being written, then the
+    broker for 10 s while it commits offsets, then everything (its link down) for 10 s.
+    Joins go on (the gateways need neither); every order is written once afterwards."""
+    sale = await Sale.open(stack, quantity=300, shoppers=450)
+    faults = [
+        Fault(lambda: stack.net.sever(["consumer"], ["pg"])),
+        Fault(lambda: stack.net.sever(["consumer"], ["broker"])),
+        Fault(lambda: stack.net.cut("consumer")),
+    ]
+    verdict = await partitioned(
+        "the consumer host cut from PostgreSQL, then from the broker, then off (10 s each)",
+        stack,
+        sale,
+        *faults,
+        after_accepted=20,
+        per_second=12,  # a slow sale: orders keep coming through all three faults
+    )
+    print("accepted during each fault:", [f.accepted_during for f in faults])
+    assert all(f.accepted_during for f in faults)
+    assert verdict.accepted + verdict.back_on_sale == 300, verdict.answers
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(300)
+async def test_gateways_on_both_sides_of_a_split(stack: NetStack) -> None:
+    """A split with a gateway host on each side, both taking joins for the same sale: A with
+    the sale's primary, the broker, the consumer and PostgreSQL; B with the other five valkey
+    nodes, which promote the primary's replica. A's joins cannot be confirmed by WAIT, B's
+    cannot be published: each side answers 503 and holds nothing once healed."""
+    sale = await Sale.open(stack, quantity=200, shoppers=600)
+    primary = stack.primary_for(rediskeys.sale(sale.id))
+    verdict = await partitioned(
+        "two gateway hosts on opposite sides of a split for 10 s",
+        stack,
+        sale,
+        Fault(lambda: stack.net.split(["gw-a", primary, "broker", "consumer", "pg"])),
+    )
+    assert verdict.accepted + verdict.back_on_sale == 200, verdict.answers
