@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test chaos test-fast format lint typecheck check bench bench-quick bench-tools browser clean
+.PHONY: install run test chaos netns netns-tools test-fast format lint typecheck check bench bench-quick bench-tools browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,19 @@ install: $(STAMP)
 run: $(STAMP)  ## the whole stack: embedded servers, gateway workers, consumers
 	$(BIN)/flashsale up
 
-test: $(STAMP) browser  ## the full suite against real servers it starts itself (long fault runs: make chaos)
+test: $(STAMP) browser netns-tools  ## the full suite against real servers it starts itself (long fault runs: make chaos)
 	$(BIN)/pytest -m "not chaos"
 
-chaos: $(STAMP)  ## the long fault-injection runs: stores and processes killed mid-sale
+chaos: $(STAMP) netns-tools  ## the long fault-injection runs: stores and processes killed, hosts partitioned mid-sale
 	$(BIN)/pytest -m chaos -s
+
+netns: $(STAMP) netns-tools  ## only the stampede across hosts in network namespaces, partitioned and healed (root)
+	$(BIN)/pytest tests/test_netns.py -s
+
+netns-tools:  ## Debian's iproute2 (ip netns, ip link) for the namespace hosts (installs it when root)
+	@command -v ip >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2; } || \
+	  echo "namespace tests will skip: iproute2 not installed (needs root)"
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow and not chaos"

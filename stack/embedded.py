@@ -132,17 +132,22 @@ def _credential(data_dir: Path, name: str = "password") -> str:
 
 
 def _wait_port(
-    port: int, proc: subprocess.Popen[bytes], name: str, log_path: Path, timeout_s: float = 30.0
+    port: int,
+    proc: subprocess.Popen[bytes],
+    name: str,
+    log_path: Path,
+    timeout_s: float = 30.0,
+    host: str = "127.0.0.1",
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             raise EmbeddedError(f"{name} exited with {proc.returncode}:\n{tail}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
             return
         time.sleep(0.02)
-    raise EmbeddedError(f"{name} did not listen on 127.0.0.1:{port} within {timeout_s}s")
+    raise EmbeddedError(f"{name} did not listen on {host}:{port} within {timeout_s}s")
 
 
 @dataclass
@@ -178,7 +183,9 @@ def start_redis(
     appendfsync: str = "always",
     password: str | None = None,
     extra_args: Sequence[str] = (),
+    host: str = "127.0.0.1",
 ) -> Server:
+    """``host``: the address it listens on (a test host's own, in a network namespace)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = data_dir / "valkey.log"
@@ -190,7 +197,7 @@ def start_redis(
         "--port",
         str(port),
         "--bind",
-        "127.0.0.1",
+        host,
         "--dir",
         str(data_dir.resolve()),
         "--save",
@@ -214,9 +221,9 @@ def start_redis(
         proc = subprocess.Popen(
             args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
         )
-    _wait_port(port, proc, "valkey", log_path)
-    _wait_redis_loaded(port, proc, log_path, password)
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    _wait_port(port, proc, "valkey", log_path, host=host)
+    _wait_redis_loaded(port, proc, log_path, password, host=host)
+    url = f"redis://:{password}@{host}:{port}/0"
     return Server("redis", url, port, proc, log_path=log_path)
 
 
@@ -404,13 +411,14 @@ def _wait_redis_loaded(
     log_path: Path,
     password: str,
     timeout_s: float = 120.0,
+    host: str = "127.0.0.1",
 ) -> None:
     """Until PING answers PONG: with AOF, Redis answers LOADING while it replays the file."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise EmbeddedError(f"valkey exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as c:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 1) as c:
             c.sendall(f"AUTH {password}\r\nPING\r\n".encode())
             replies = b""
             while replies.count(b"\r\n") < 2:
@@ -424,11 +432,11 @@ def _wait_redis_loaded(
     raise EmbeddedError(f"valkey still loading its data after {timeout_s}s (see {log_path})")
 
 
-def start_kafka(data_dir: Path, *, port: int | None = None) -> Server:
+def start_kafka(data_dir: Path, *, port: int | None = None, host: str = "127.0.0.1") -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = data_dir / "tansu.log"
-    url = f"tcp://127.0.0.1:{port}"
+    url = f"tcp://{host}:{port}"
     args = [
         str(tansu_binary()),
         "broker",
@@ -443,8 +451,8 @@ def start_kafka(data_dir: Path, *, port: int | None = None) -> Server:
         proc = subprocess.Popen(
             args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
         )
-    _wait_port(port, proc, "tansu", log_path)
-    return Server("kafka", f"127.0.0.1:{port}", port, proc, log_path=log_path)
+    _wait_port(port, proc, "tansu", log_path, host=host)
+    return Server("kafka", f"{host}:{port}", port, proc, log_path=log_path)
 
 
 def _pg_user() -> pwd.struct_passwd | None:
@@ -554,8 +562,10 @@ def start_postgres(
     port: int | None = None,
     durable: bool = True,
     bindir: Path | None = None,
+    host: str = "127.0.0.1",
 ) -> Server:
-    """initdb on first use, then run postgres on 127.0.0.1 only (no unix socket).
+    """initdb on first use, then run postgres on ``host`` only (127.0.0.1 by default; no
+    unix socket). On another address it also takes password logins from its own subnet.
 
     As root, the server runs as an unprivileged user; when that user cannot reach the
     binaries or ``data_dir`` (a clone in a private folder), they are put where it can.
@@ -608,6 +618,9 @@ def start_postgres(
             pwfile.unlink()
         if result.returncode != 0:
             raise EmbeddedError("initdb failed: " + result.stderr.decode(errors="replace")[-2000:])
+        if host != "127.0.0.1":
+            with (pgdata / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet scram-sha-256\n")
     port = port or free_port()
     args = [
         str(bindir / "postgres"),
@@ -616,7 +629,7 @@ def start_postgres(
         "-p",
         str(port),
         "-c",
-        "listen_addresses=127.0.0.1",
+        f"listen_addresses={host}",
         "-c",
         "unix_socket_directories=",
         "-c",
@@ -635,17 +648,17 @@ def start_postgres(
             stderr=subprocess.STDOUT,
             preexec_fn=preexec,
         )
-    _wait_port(port, proc, "postgres", log_path)
+    _wait_port(port, proc, "postgres", log_path, host=host)
     server = Server(
         "postgres",
-        f"postgresql://postgres:{password}@127.0.0.1:{port}/{PG_DATABASE}",
+        f"postgresql://postgres:{password}@{host}:{port}/{PG_DATABASE}",
         port,
         proc,
         stop_signal=signal.SIGINT,
         log_path=log_path,
     )
     try:
-        _ensure_database(bindir, port, PG_DATABASE, password)
+        _ensure_database(bindir, port, PG_DATABASE, password, host)
     except _PasswordMismatch:
         server.stop()
         raise EmbeddedError(
@@ -659,8 +672,10 @@ def start_postgres(
     return server
 
 
-def _ensure_database(bindir: Path, port: int, name: str, password: str) -> None:
-    psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-tA"]
+def _ensure_database(
+    bindir: Path, port: int, name: str, password: str, host: str = "127.0.0.1"
+) -> None:
+    psql = [str(bindir / "psql"), "-h", host, "-p", str(port), "-U", "postgres", "-tA"]
     env = {**os.environ, "PGPASSWORD": password}
     deadline = time.monotonic() + 30
     while True:
