@@ -26,11 +26,13 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale import plans
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool, lost_database, migrate
 from gateway.app import create_app
-from stack.embedded import Server, start_postgres
+from gateway.plans_runtime import SWITCHES
+from stack.embedded import Server, start_postgres, start_redis
 from tests.faultkit import child_pids, when
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -79,6 +81,23 @@ async def shop_rows(pool: asyncpg.Pool) -> tuple[int, int]:
     return int(product), int(sku)
 
 
+async def own_shop(root: Path) -> tuple[Server, int, int, int]:
+    """A PostgreSQL of the test's own, migrated, with a product, its SKU and a shopper."""
+    pg = start_postgres(root / "pg", durable=True)
+    pool = await create_pool(pg.url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        product, sku = await shop_rows(pool)
+        uid = await pool.fetchval(
+            "INSERT INTO users (email, password_hash, nickname) VALUES ($1, 'x', 'u') RETURNING id",
+            f"u-{secrets.token_hex(5)}@test.local",
+        )
+    finally:
+        await pool.close()
+    return pg, product, sku, int(uid)
+
+
 class Browsing:
     """Shoppers going round the storefront (catalog and cart), every answer counted."""
 
@@ -116,7 +135,8 @@ class Browsing:
                 self.statuses["disconnected"] += 1
                 self.unexplained.append(f"connection error {exc!r}")
                 continue
-            self.statuses[str(resp.status)] += 1
+            stale = resp.status == 200 and body.get("stale") is True
+            self.statuses[str(resp.status) + (" stale" if stale else "")] += 1
             if resp.status == 503:
                 if body.get("error") != "RETRY_LATER" or "Retry-After" not in resp.headers:
                     self.unexplained.append(f"503 {body} {dict(resp.headers)}")
@@ -128,16 +148,7 @@ class Browsing:
 async def test_postgres_killed_mid_browse_answers_503_with_retry_after(
     base_settings: Settings, tokens: TokenService, root: Path
 ) -> None:
-    pg = start_postgres(root / "pg", durable=True)
-    pool = await create_pool(pg.url, min_size=1, max_size=2)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    product, sku = await shop_rows(pool)
-    uid = await pool.fetchval(
-        "INSERT INTO users (email, password_hash, nickname) VALUES ($1, 'x', 'u') RETURNING id",
-        f"u-{secrets.token_hex(5)}@test.local",
-    )
-    await pool.close()
+    pg, product, sku, uid = await own_shop(root)
     settings = base_settings.with_(database_url=pg.url, db_pool_min=1, db_pool_max=4)
     app = create_app(settings)
     try:
@@ -162,6 +173,68 @@ async def test_postgres_killed_mid_browse_answers_503_with_retry_after(
             assert not browsing.unexplained, browsing.unexplained[:5]
     finally:
         pg.stop()
+
+
+async def test_catalog_from_cache_arms_itself_while_postgres_is_gone(
+    base_settings: Settings, tokens: TokenService, root: Path
+) -> None:
+    """Armed, the plan switches itself on when PostgreSQL dies: catalog pages are answered
+    from their copies (marked stale), carts 503 with Retry-After, no 500; it switches
+    itself back when PostgreSQL is back, and the operation log has both moves."""
+    pg, product, sku, uid = await own_shop(root)
+    redis_server = start_redis(root / "redis")
+    settings = base_settings.with_(
+        database_url=pg.url,
+        redis_url=redis_server.url,
+        db_pool_min=1,
+        db_pool_max=4,
+        plan_arm_after_s=1.0,
+        plan_disarm_after_s=1.0,
+    )
+    app = create_app(settings)
+    admin = {"Authorization": f"Bearer {tokens.issue(1, 'admin')}"}
+    try:
+        async with TestClient(TestServer(app)) as client:
+            armed = await client.put(
+                "/api/v1/admin/plans/catalog-from-cache",
+                json={"mode": "armed", "confirm": "catalog-from-cache"},
+                headers=admin,
+            )
+            assert armed.status == 200, await armed.text()
+            browsing = Browsing(
+                client, product, sku, {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
+            )
+            switches = app[SWITCHES]
+            shoppers = [asyncio.create_task(browsing.shopper()) for _ in range(4)]
+            try:
+                await when(lambda: browsing.statuses["200"] >= 60)  # the copies are kept
+                kill_postgres(pg)
+                await when(lambda: switches.catalog_from_cache)
+                await when(lambda: browsing.statuses["200 stale"] >= 30)
+                await when(lambda: browsing.statuses["503"] >= 10)
+                pg = start_postgres(root / "pg", port=pg.port, durable=True)
+                await when(lambda: not switches.catalog_from_cache)
+                mark = browsing.statuses["200"]
+                await when(lambda: browsing.ok_since(mark) >= 30)
+            finally:
+                browsing.stop.set()
+                await asyncio.gather(*shoppers)
+            print("answers:", dict(browsing.statuses))
+            assert browsing.statuses["500"] == 0, browsing.unexplained[:5]
+            assert not browsing.unexplained, browsing.unexplained[:5]
+            state = switches.states[plans.CATALOG_FROM_CACHE]
+            assert state.mode == plans.ARMED and not state.auto
+            listed = await client.get("/api/v1/admin/plans", headers=admin)
+            log = (await listed.json())["data"]["log"]
+            moves = [(e["from"], e["to"], e["by"], e["auto"]) for e in reversed(log)]
+            assert moves == [
+                ("off", "armed", "admin:1", False),
+                ("armed", "on", "auto", True),
+                ("on", "armed", "auto", True),
+            ]
+    finally:
+        pg.stop()
+        redis_server.stop()
 
 
 @pytest.mark.unit
