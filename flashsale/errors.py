@@ -119,6 +119,16 @@ class ServiceUnavailable(AppError):
         super().__init__(message, fields=fields, data=data, headers=headers)
 
 
+class ShopReadOnly(ServiceUnavailable):
+    """The ``read-only`` plan is on (flashsale/plans.py): reads only, joins included."""
+
+    code = "READ_ONLY"
+    default_message = "the shop is read-only for now (an operator's plan); retry later"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "5"})
+
+
 # --- accounts and tokens -----------------------------------------------------------------
 
 

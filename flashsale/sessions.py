@@ -23,7 +23,6 @@ Redis answers again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -35,8 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flashsale.errors import ServiceUnavailable
-from flashsale.stores import tasks
-from flashsale.stores.redisclient import leaks_as_connection_errors, pubsub_client
+from flashsale.stores.follow import followed
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,6 @@ SEEDED: Final = "fs:{auth}:gen:seeded"
 CHANNEL: Final = "fs:auth:revoked"
 
 SQL_REVOKED_USERS = "SELECT id, token_gen FROM users WHERE token_gen > 0"
-_RECONNECT_S: Final = 0.5
 
 
 class Revocations:
@@ -119,46 +116,6 @@ async def publish(redis: Redis, user_id: int, gen: int) -> None:
         raise ServiceUnavailable("cannot record the revocation; nothing was changed") from exc
 
 
-async def _subscribe(revocations: Revocations, redis: Redis, wake: asyncio.Event) -> None:
-    while True:
-        client, owned = pubsub_client(redis)
-        try:
-            with leaks_as_connection_errors():
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    wake.set()  # messages may have been missed while unsubscribed: poll now
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            revocations.apply_message(message["data"])
-        except (RedisError, OSError) as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("revocation subscriber lost Redis (%s); reconnecting", exc)
-        finally:
-            if owned:
-                await client.aclose()
-        await asyncio.sleep(_RECONNECT_S)
-
-
-async def _poll(
-    revocations: Revocations, redis: Redis, db: asyncpg.Pool, every_s: float, wake: asyncio.Event
-) -> None:
-    while True:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(every_s):
-                await wake.wait()
-        if tasks.cancel_requested():  # 3.11's timeout can turn a cancel into TimeoutError
-            raise asyncio.CancelledError
-        wake.clear()
-        try:
-            with leaks_as_connection_errors():
-                await revocations.refresh(redis, db)
-        except (RedisError, OSError, asyncpg.PostgresError) as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("revocation list not refreshed (%s)", exc)
-
-
 @contextlib.asynccontextmanager
 async def kept_fresh(
     revocations: Revocations, redis: Redis, db: asyncpg.Pool, *, every_s: float
@@ -173,12 +130,13 @@ async def kept_fresh(
         await revocations.refresh(redis, db)
     except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning("revocation list not loaded at start (%s); tokens wait for it", exc)
-    wake = asyncio.Event()
-    loops = [
-        asyncio.create_task(_subscribe(revocations, redis, wake), name="revocation-subscriber"),
-        asyncio.create_task(_poll(revocations, redis, db, every_s, wake), name="revocation-poller"),
-    ]
-    try:
+    async with followed(
+        redis,
+        CHANNEL,
+        lambda: revocations.refresh(redis, db),
+        every_s=every_s,
+        what="revocation list",
+        on_message=revocations.apply_message,
+        errors=(RedisError, OSError, asyncpg.PostgresError),
+    ):
         yield
-    finally:
-        await tasks.stop(*loops)

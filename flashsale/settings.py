@@ -232,6 +232,11 @@ class Settings:
     login_ip_attempts: int = 100
     login_hash_concurrency: int = 2
     login_hash_queue: int = 32
+    # Contingency plans (flashsale/plans.py)
+    plan_poll_ms: int = 500
+    plan_arm_after_s: float = 3.0
+    plan_disarm_after_s: float = 10.0
+    shed_cpu_percent: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -337,6 +342,10 @@ class Settings:
             login_ip_attempts=r.integer("login_ip_attempts", 1, 10_000_000),
             login_hash_concurrency=r.integer("login_hash_concurrency", 1, 256),
             login_hash_queue=r.integer("login_hash_queue", 0, 100_000),
+            plan_poll_ms=r.integer("plan_poll_ms", 50, 10_000),
+            plan_arm_after_s=r.number("plan_arm_after_s", 0.0, 3600.0),
+            plan_disarm_after_s=r.number("plan_disarm_after_s", 0.0, 3600.0),
+            shed_cpu_percent=r.number("shed_cpu_percent", 0.0, 100.0),
         )
 
     def require(self, *names: str) -> Settings:

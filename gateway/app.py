@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from flashsale import sessions
 from flashsale.auth import PasswordHashing, TokenService
 from flashsale.flash.runtime import open_batcher
+from flashsale.plans import Switches
 from flashsale.settings import Settings
 from flashsale.stores import tasks
 from flashsale.stores.db import create_pool
@@ -146,6 +147,11 @@ def create_app(
     app[appkeys.TOKENS] = TokenService(
         settings.secret, settings.token_ttl_s, revocations=revocations
     )
+    from gateway.plans_runtime import CPU, SWITCHES, make_plan_gate
+
+    app[SWITCHES] = Switches()
+    app[CPU] = [0.0]
+    app.middlewares.append(make_plan_gate(app[SWITCHES], app))
     app[appkeys.PASSWORD_HASHER] = PasswordHashing(
         settings.login_hash_concurrency, settings.login_hash_queue
     )

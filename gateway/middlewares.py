@@ -11,6 +11,7 @@ from typing import Final
 from aiohttp import web
 
 from flashsale.errors import AppError, ServiceUnavailable
+from flashsale.stores.db import lost_database
 from flashsale.stores.metrics import RequestStats
 from flashsale.stores.redisclient import lost_connection
 from gateway.http import JSON_CONTENT_TYPE, error_body, printable_ascii
@@ -20,6 +21,8 @@ log = logging.getLogger("flashsale.errors")
 
 REQUEST_ID: Final = "X-Request-ID"
 MAX_REQUEST_ID: Final = 128
+# A store that went away is back, or failed over, within seconds: retry soon.
+STORE_RETRY_AFTER_S: Final = 1
 _REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 
 # aiohttp's own HTTP errors (routing, body size) mapped to stable codes.
@@ -96,15 +99,18 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             response = _error_response(exc.status, code, exc.reason, rid, headers=headers)
         except Exception as exc:
-            if lost_connection(exc):  # nothing was answered: a retriable 503, not a 500
+            if lost_connection(exc) or lost_database(exc):  # a retriable 503, not a 500
                 log.warning(
-                    "%s %s request_id=%s: Redis connection lost under the command: %r",
+                    "%s %s request_id=%s: a store is out of reach: %r",
                     request.method,
                     request.path,
                     rid,
                     exc,
                 )
-                unavailable = ServiceUnavailable("a store connection was lost; retry later")
+                unavailable = ServiceUnavailable(
+                    "a store connection was lost; retry later",
+                    headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+                )
                 response = _app_error_response(unavailable, rid, stats)
             else:
                 log.exception(

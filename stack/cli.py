@@ -101,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
         help="remove the data folder and what the stack kept for it elsewhere (PostgreSQL's "
         "data under /var/lib/flashsale for a private folder); refused while `up` runs",
     )
+    plan = sub.add_parser(
+        "plan", help="switch a contingency plan (docs/plans.md) on every worker of every host"
+    )
+    plan.add_argument("action", choices=("on", "off", "arm", "status"))
+    plan.add_argument("name", nargs="?", help="the plan (omit with status: every plan)")
+    plan.add_argument("--reason", default="", help="why: written to the operation log")
+    plan.add_argument("--reads", action="store_true", help="shed-storefront: shed reads too")
+    plan.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")
     bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
     bench.add_argument("--out", default="bench-results.json")
@@ -191,6 +199,56 @@ def _clean(data_dir: Path) -> int:
     return 0
 
 
+_PLAN_MODES = {"on": "on", "off": "off", "arm": "armed"}
+
+
+def _confirm_plan(args: argparse.Namespace) -> bool:
+    """A flip is a decision: say what the plan does and have its name typed back."""
+    from flashsale import plans
+
+    if args.yes or args.action == "status" or args.name is None:
+        return True
+    plan = plans.plan_named(args.name)
+    print(f"{plan.name}: {plan.does}\nclosing: {plan.closing}")
+    typed = input(f"switch {plan.name} {_PLAN_MODES[args.action]} everywhere? type its name: ")
+    return typed.strip() == plan.name
+
+
+async def _plan(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from flashsale import plans
+
+    redis = open_redis(settings)
+    try:
+        if args.action == "status":
+            switches = plans.Switches()
+            await switches.refresh(redis)
+            shown = [p for p in switches.public() if args.name in (None, p["name"])]
+            log_rows = await plans.operation_log(redis, count=20)
+            print(
+                orjson.dumps({"plans": shown, "log": log_rows}, option=orjson.OPT_INDENT_2).decode()
+            )
+            return 0
+        if args.name is None:
+            print("flashsale: plan on|off|arm needs the plan's name", file=sys.stderr)
+            return 2
+        plan = plans.plan_named(args.name)
+        mode = _PLAN_MODES[args.action]
+        moved = await plans.switch(
+            redis,
+            plan.name,
+            mode,
+            by=f"cli:{getpass.getuser()}",
+            reason=args.reason,
+            options={"reads": True} if args.reads else None,
+        )
+        print(f"{plan.name}: {mode}" + ("" if moved else " (unchanged)"))
+        return 0
+    finally:
+        await redis.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -252,6 +310,19 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         except _NoPassword as exc:
             print(f"flashsale: {exc}", file=sys.stderr)
             return 2
+    if cmd == "plan":
+        from stack import stackfile
+
+        settings = stackfile.fill(settings)
+        settings.require("redis_url")
+        try:
+            if not _confirm_plan(args):
+                print("not switched")
+                return 1
+            return asyncio.run(_plan(settings, args))
+        except AppError as exc:
+            print(f"flashsale: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
     if cmd in ("reconcile", "rebuild-cache"):
         from consumers.reconcile import main as reconcile_main
         from stack import stackfile

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import traceback
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import orjson
@@ -107,6 +108,40 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
+
+
+# What PostgreSQL answers when it is going away, starting up or full: connection errors
+# (class 08), operator intervention (57: admin or crash shutdown, "cannot connect now",
+# a statement cancelled) and too many connections. None says the request was wrong.
+_SERVER_GONE: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+# What asyncpg raises itself when the server is out of reach: the socket refused or reset
+# (OSError), a connect, command or acquire deadline (TimeoutError), and the state a
+# connection is left in when it was lost under a statement (InterfaceError "connection is
+# closed", InternalClientError "cannot switch to state"). Only from asyncpg's own frames:
+# the same classes raised by our code are bugs.
+_CLIENT_GONE: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+def lost_database(exc: BaseException) -> bool:
+    """Whether ``exc`` means PostgreSQL could not be reached or went away under a statement
+    (the caller may answer 503 and let the client retry), rather than a wrong request."""
+    if isinstance(exc, _SERVER_GONE):
+        return True
+    if not isinstance(exc, _CLIENT_GONE) or isinstance(exc, asyncpg.DataError):
+        return False  # DataError: a value asyncpg could not encode, a bug of ours
+    return any(
+        "/asyncpg/" in name or name.startswith("asyncpg/")
+        for name in (f.f_code.co_filename for f, _ in traceback.walk_tb(exc.__traceback__))
+    )
 
 
 def record_to_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:

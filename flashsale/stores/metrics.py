@@ -121,6 +121,13 @@ class Metrics:
             registry=reg,
         )
 
+        self.plan_on = Gauge(
+            "flashsale_plan_on",
+            "1 while a contingency plan is switched on (flashsale/plans.py), per plan",
+            ["plan"],
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
         self.queue_length = Gauge(
             "flashsale_queue_length",
             "Shoppers waiting in a queued sale's waiting room (entered, not yet admitted)",

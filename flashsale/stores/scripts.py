@@ -185,12 +185,20 @@ class Lease(IntEnum):
     HELD = 1
 
 
+class PlanSwitch(IntEnum):
+    """lua/plan_switch.lua's result."""
+
+    UNCHANGED = 0
+    SWITCHED = 1
+
+
 # Which enum names each script's results (every lua/*.lua has one).
 RESULTS: dict[str, type[IntEnum]] = {
     "bucket_give": Give,
     "bucket_take": Take,
     "claim": Claim,
     "machine_lease": Lease,
+    "plan_switch": PlanSwitch,
     "queue_admit": QueueAdmit,
     "queue_enter": QueueEnter,
     "release": Release,

@@ -26,6 +26,7 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         marketing,
         orders,
         payments,
+        plans,
         presale,
         waitingroom,
     )
@@ -44,12 +45,14 @@ def extra_routes(settings: Settings | None = None) -> list[Route]:
         *dashboard.ROUTES,
         *addresses.ROUTES,
         *backoffice.ROUTES,
+        *plans.ROUTES,
     ]
 
 
 def extra_contexts() -> list[Callable[[web.Application], AsyncIterator[None]]]:
     from gateway.flash_runtime import flash_ctx
+    from gateway.plans_runtime import plans_ctx
     from gateway.routes.dashboard import hub_ctx
     from gateway.waitingroom_runtime import waiting_room_ctx
 
-    return [flash_ctx, waiting_room_ctx, hub_ctx]
+    return [flash_ctx, waiting_room_ctx, hub_ctx, plans_ctx]

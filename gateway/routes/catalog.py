@@ -13,6 +13,7 @@ from flashsale.errors import ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.http import ok, read_json
+from gateway.plans_runtime import catalog_page
 from gateway.routing import Route
 from gateway.validation import INT32_MAX, Alt, F, Obj, path_int, validate, validate_query
 
@@ -120,19 +121,23 @@ async def list_products(request: web.Request) -> web.Response:
         page=q["page"],
         limit=q["limit"],
     )
-    return ok(await catalog.list_products(request.app[appkeys.DB], query))
+    return await catalog_page(
+        request, lambda: catalog.list_products(request.app[appkeys.DB], query)
+    )
 
 
 async def get_product(request: web.Request) -> web.Response:
     product_id = path_int(request.match_info["id"], "product")
-    detail = await catalog.product_detail(
-        request.app[appkeys.DB], request.app[appkeys.REDIS], product_id
+    return await catalog_page(
+        request,
+        lambda: catalog.product_detail(
+            request.app[appkeys.DB], request.app[appkeys.REDIS], product_id
+        ),
     )
-    return ok(detail)
 
 
 async def categories(request: web.Request) -> web.Response:
-    return ok(await catalog.category_tree(request.app[appkeys.DB]))
+    return await catalog_page(request, lambda: catalog.category_tree(request.app[appkeys.DB]))
 
 
 async def create_product(request: web.Request) -> web.Response:

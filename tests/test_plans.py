@@ -1,0 +1,185 @@
+"""Contingency plans (flashsale/plans.py): switched by an admin on one host, in force on
+another within a second (pub/sub, the poller set to a minute so it cannot be what carried
+it), applied per request by the gate, written to the operation log, flipped by the CLI.
+
+Each test runs its own valkey: a plan left on in the suite's Redis would gate other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from flashsale import plans
+from flashsale.auth import TokenService
+from flashsale.settings import Settings
+from gateway.app import create_app
+from gateway.plans_runtime import SWITCHES
+from stack.embedded import Server, start_redis
+from tests.faultkit import when
+
+pytestmark = pytest.mark.integration
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[Server]:
+    root = Path(tempfile.mkdtemp(prefix="flashsale-plans-"))
+    server = start_redis(root / "redis")
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def admin(tokens: TokenService) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens.issue(1, 'admin')}"}
+
+
+async def flip(
+    client: Client, tokens: TokenService, name: str, mode: str, **extra: Any
+) -> dict[str, Any]:
+    resp = await client.put(
+        f"/api/v1/admin/plans/{name}",
+        json={"mode": mode, "confirm": name, "reason": "test", **extra},
+        headers=admin(tokens),
+    )
+    body = await resp.json()
+    assert resp.status == 200, body
+    data: dict[str, Any] = body["data"]
+    return data
+
+
+async def test_a_switch_flipped_on_host_a_is_in_force_on_host_b(
+    base_settings: Settings, tokens: TokenService, own_redis: Server
+) -> None:
+    settings = base_settings.with_(redis_url=own_redis.url, plan_poll_ms=60_000)
+    host_a, host_b = create_app(settings), create_app(settings)
+    user = {"Authorization": f"Bearer {tokens.issue(7, 'user')}"}
+    async with TestClient(TestServer(host_a)) as a, TestClient(TestServer(host_b)) as b:
+        resp = await a.put(
+            "/api/v1/admin/plans/read-only",
+            json={"mode": "on", "confirm": "read-on"},
+            headers=admin(tokens),
+        )
+        assert resp.status == 422  # the name must be typed back
+        assert not host_b[SWITCHES].read_only
+
+        flipped = time.monotonic()
+        state = await flip(a, tokens, plans.READ_ONLY, "on")
+        assert state["on"] and state["moved"] and state["by"] == "admin:1"
+        await when(lambda: host_b[SWITCHES].read_only, timeout_s=5)
+        print(f"read-only in force on host B after {time.monotonic() - flipped:.3f}s")
+
+        # host B: a join is refused with its own code, a cart write too; reads go on
+        join = await b.post("/api/v1/flash-sales/1/join", json={"quantity": 1}, headers=user)
+        assert join.status == 503 and (await join.json())["error"] == "READ_ONLY"
+        assert "Retry-After" in join.headers
+        cart = await b.post("/api/v1/cart/items", json={"sku_id": 1, "quantity": 1})
+        assert cart.status == 503 and (await cart.json())["error"] == "READ_ONLY"
+        assert (await b.get("/api/v1/flash-sales/active")).status == 200
+        # an admin can still close the plan from the host that is read-only
+        assert (await flip(b, tokens, plans.READ_ONLY, "off"))["on"] is False
+        await when(lambda: not host_a[SWITCHES].read_only, timeout_s=5)
+        again = await a.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})
+        assert again.status == 404  # the write reaches the shop again (no such SKU)
+
+        listed = await a.get("/api/v1/admin/plans", headers=admin(tokens))
+        data = (await listed.json())["data"]
+        assert {p["name"] for p in data["plans"]} == set(plans.PLANS)
+        moves = [(e["plan"], e["from"], e["to"], e["by"]) for e in data["log"]]
+        assert moves[:2] == [
+            ("read-only", "on", "off", "admin:1"),
+            ("read-only", "off", "on", "admin:1"),
+        ]
+        # a second "on" of a plan already on changes and logs nothing
+        await flip(a, tokens, plans.PAUSE_BACKGROUND, "on")
+        assert (await flip(a, tokens, plans.PAUSE_BACKGROUND, "on"))["moved"] is False
+        redis = Redis.from_url(own_redis.url)
+        try:
+            assert await redis.xlen(plans.LOG) == 3
+        finally:
+            await redis.aclose()
+        forbidden = await a.get("/api/v1/admin/plans", headers=user)
+        assert forbidden.status == 403
+
+
+async def test_shed_storefront_sheds_storefront_writes_not_the_flash_path(
+    base_settings: Settings, tokens: TokenService, own_redis: Server
+) -> None:
+    settings = base_settings.with_(redis_url=own_redis.url)
+    app = create_app(settings)
+    user = {"Authorization": f"Bearer {tokens.issue(7, 'user')}"}
+    async with TestClient(TestServer(app)) as client:
+        await flip(client, tokens, plans.SHED_STOREFRONT, "on")
+        await when(lambda: app[SWITCHES].shed_storefront, timeout_s=5)
+        shed = await client.post("/api/v1/cart/items", json={"sku_id": 1, "quantity": 1})
+        assert shed.status == 503 and (await shed.json())["error"] == "RETRY_LATER"
+        assert shed.headers["Retry-After"] == "2"
+        assert (await client.get("/api/v1/categories")).status == 200  # reads kept
+        # the join is never shed: it reaches the flash path (no such sale)
+        join = await client.post(
+            "/api/v1/flash-sales/99999999/join", json={"quantity": 1}, headers=user
+        )
+        assert join.status == 404, await join.text()
+        await flip(client, tokens, plans.SHED_STOREFRONT, "on", options={"reads": True})
+        await when(lambda: app[SWITCHES].shed_reads, timeout_s=5)
+        assert (await client.get("/api/v1/categories")).status == 503
+        await flip(client, tokens, plans.SHED_STOREFRONT, "off")
+        await when(lambda: not app[SWITCHES].shed_storefront, timeout_s=5)
+        assert (await client.get("/api/v1/categories")).status == 200
+
+
+async def test_cli_flips_a_plan_and_status_shows_it(
+    base_settings: Settings, own_redis: Server
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    env.update(base_settings.with_(redis_url=own_redis.url).to_env())
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stack", "plan", *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    refused = await asyncio.to_thread(cli, "on", "pause-background", stdin="yes\n")
+    assert refused.returncode == 1 and "not switched" in refused.stdout
+    done = await asyncio.to_thread(
+        cli, "on", "pause-background", "--reason", "peak", stdin="pause-background\n"
+    )
+    assert done.returncode == 0, done.stderr
+    armed = await asyncio.to_thread(cli, "arm", "catalog-from-cache", "--yes")
+    assert armed.returncode == 0, armed.stderr
+    bad = await asyncio.to_thread(cli, "arm", "read-only", "--yes")
+    assert bad.returncode == 1 and "VALIDATION_FAILED" in bad.stderr
+    switches = plans.Switches()
+    redis = Redis.from_url(own_redis.url)
+    try:
+        await switches.refresh(redis)
+        log = await plans.operation_log(redis)
+    finally:
+        await redis.aclose()
+    assert switches.pause_background
+    assert switches.states[plans.CATALOG_FROM_CACHE].mode == plans.ARMED
+    assert [(e["plan"], e["to"], e["reason"]) for e in log] == [
+        ("catalog-from-cache", "armed", ""),
+        ("pause-background", "on", "peak"),
+    ]
+    assert log[1]["by"].startswith("cli:")
