@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import Redis
 
+from flashsale.flash.cache import iso_ms
 from flashsale.flash.runtime import open_batcher
 from flashsale.settings import Settings
 from flashsale.stores.ids import MachineLease, OrderIdGenerator, machine_key
@@ -85,3 +88,16 @@ def _waits(cluster: ValkeyCluster) -> int:
             if line.startswith("cmdstat_wait:"):
                 total += int(line.split("calls=")[1].split(",")[0])
     return total
+
+
+@pytest.mark.unit
+def test_iso_ms_spells_what_datetime_spells() -> None:
+    """The deadline every accepted join answers is formatted from a per-second cache; it
+    must read exactly as ``datetime.isoformat`` writes it, across second boundaries."""
+    rng = random.Random(7)
+    samples = [0, 999, 1000, 1_765_000_000_000, 1_765_000_000_001, 1_765_000_000_999]
+    samples += [rng.randrange(0, 4_000_000_000_000) for _ in range(5_000)]
+    samples += list(range(1_765_000_000_990, 1_765_000_001_010))  # one boundary, in order
+    for ms in samples:
+        expected = datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+        assert iso_ms(ms) == expected, ms

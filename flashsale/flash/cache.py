@@ -177,9 +177,23 @@ def _fold_replies(state: SaleState, found: Iterator[Any], runs: Iterator[bytes])
     state.fold(others, in_transit)
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
 def iso_ms(ms: int) -> str:
-    """Epoch milliseconds as an ISO 8601 UTC timestamp ending in ``Z``."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    """Epoch milliseconds as an ISO 8601 UTC timestamp ending in ``Z``, spelt as
+    ``datetime.isoformat`` spells it (``.mmm000`` for milliseconds, none when zero).
+
+    Every accepted join answers its payment deadline, and a stampede's deadlines fall in
+    the same few seconds: the date and time are formatted once per second (0.5 µs a call
+    where building a datetime each time took 3.8 µs, timeit)."""
+    global _last_second
+    second, millis = divmod(ms, 1000)
+    cached, prefix = _last_second
+    if cached != second:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (second, prefix)
+    return f"{prefix}.{millis:03d}000Z" if millis else f"{prefix}Z"
 
 
 def now_ms() -> int:
