@@ -340,7 +340,10 @@ async def test_merchant_list_filters_pages_sorts_and_exports(
                 "shipping_address": formula,
             },
         )
-        ids.append((await _data(resp, 201))["order_id"])
+        created = await _data(resp, 201)
+        ids.append(created["order_id"])
+    # the newest is paid: a merchant sees the buyer's contact only on what it must ship
+    await pay_via_sandbox(client, tokens, user, created["payment_id"])
     page = await _data(
         await client.get("/api/v1/merchant/orders", headers=mh, params={"limit": 2, "page": 1})
     )
@@ -378,6 +381,7 @@ async def test_merchant_list_filters_pages_sorts_and_exports(
     rows = list(csv.DictReader(io.StringIO(await resp.text())))
     assert [r["order_id"] for r in rows] == ids[::-1]
     assert rows[0]["items"] == f"{sku1}x2" and rows[0]["name"].startswith("'=")
+    assert rows[1]["name"] == ""  # unpaid: no contact
     bad = await client.get("/api/v1/merchant/orders", headers=mh, params={"sort": "id"})
     assert bad.status == 422
     # a merchant that owns only part of an order cannot ship it alone; results say why
