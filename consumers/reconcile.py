@@ -1,5 +1,8 @@
 """``flashsale reconcile [--repair]`` and ``flashsale rebuild-cache``.
 
+Units first (below), then money (:mod:`consumers.reconcile_money`: payments, refunds,
+shipping and returns must add up); either kind of drift makes the command exit 1.
+
 For every recent sale, the units must add up across the two stores:
 
     quantity (PG) = remaining + reservations in the log + claimed-not-yet-written
@@ -30,6 +33,7 @@ from typing import Final, cast
 import asyncpg
 from redis.asyncio import Redis
 
+from consumers.reconcile_money import check_money
 from consumers.recovery import LOOKBACK_DAYS, SQL_RECENT_SALES, Recovery, server_run_id
 from consumers.sweepers import republish_stale_claims
 from flashsale.flash import buckets
@@ -250,7 +254,12 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
         print(f"{len(sales)} sale(s) checked, {len(bad)} with drift")
         if bad and repair:
             await _repair(settings, db, redis, recovery, bad)
-        return 1 if bad and not repair else 0
+        money = await check_money(db, redis, [s["id"] for s in sales])
+        for line in money.lines():
+            print(line)
+        if not money.ok:  # money needs a person: --repair does not touch it
+            print("money: DRIFT (see the checks above)")
+        return 1 if (bad and not repair) or not money.ok else 0
     finally:
         await redis.aclose()
         await db.close()

@@ -4,7 +4,8 @@ A snapshot of one sale joins three sources:
 
 - Redis: the sale's live counters (remaining, allotment) and the reservations in flight;
 - PostgreSQL: its orders by status and the units returned by payment expiry;
-- the last reconcile's drift in the sale, which that command stores beside the sale;
+- the last reconcile's drift in the sale (units, and money findings on its orders), which
+  that command stores beside the sale;
 - what every gateway worker and every consumer, on whichever host, published to Redis:
   join outcomes and latency, refusals by code, consumer lag and drain, dead letters, the
   waiting room's length and admissions. Each process reads its OWN Prometheus samples once
@@ -490,7 +491,8 @@ async def build_snapshot(
     pipe.hlen(rediskeys.log(sale_id))
     pipe.hlen(rediskeys.claimed(sale_id))
     pipe.get(rediskeys.dash_drift(sale_id))
-    h, in_log, in_claim, drift = await pipe.execute()
+    pipe.get(rediskeys.dash_money_drift(sale_id))
+    h, in_log, in_claim, drift, money_drift = await pipe.execute()
     if not h or b"sku" not in h:
         return None
     by_status, expired = await _orders(pool, sale_id)
@@ -553,6 +555,7 @@ async def build_snapshot(
         "orders": orders,
         "expiry_returns": expired,
         "reconcile_drift": None if drift is None else int(drift),
+        "reconcile_money_drift": None if money_drift is None else int(money_drift),
         # A queued sale's waiting room: None (the page hides the tile) until the waiting
         # room's metrics carry this sale. Admissions are counted for all sales together.
         "waiting_room": waiting_room_figures(agg, sale_id),

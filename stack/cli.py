@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     rec = sub.add_parser(
         "reconcile",
         help="compare Redis with PostgreSQL for recent sales (running, or ended in the last "
-        "7 days)",
+        "7 days), then check that payments, refunds, shipping and returns add up; exit 1 on "
+        "any drift",
     )
     rec.add_argument("--repair", action="store_true", help="fix Redis from PostgreSQL")
     sub.add_parser("rebuild-cache", help="rebuild Redis sale state from PostgreSQL")

@@ -12,9 +12,12 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
+from consumers import reconcile
 from flashsale.auth import TokenService
 from flashsale.orders.backoffice import OrderQuery, merchant_count_sql, merchant_list_sql
+from flashsale.stores import rediskeys
 from tests.conftest import auth, make_user
 from tests.flashkit import admin_headers, create_sale, eventually
 from tests.store_helpers import ADDRESS, make_product, pay_via_sandbox, place_order, sku_row
@@ -340,7 +343,10 @@ async def test_merchant_list_filters_pages_sorts_and_exports(
                 "shipping_address": formula,
             },
         )
-        ids.append((await _data(resp, 201))["order_id"])
+        created = await _data(resp, 201)
+        ids.append(created["order_id"])
+    # the newest is paid: a merchant sees the buyer's contact only on what it must ship
+    await pay_via_sandbox(client, tokens, user, created["payment_id"])
     page = await _data(
         await client.get("/api/v1/merchant/orders", headers=mh, params={"limit": 2, "page": 1})
     )
@@ -378,6 +384,7 @@ async def test_merchant_list_filters_pages_sorts_and_exports(
     rows = list(csv.DictReader(io.StringIO(await resp.text())))
     assert [r["order_id"] for r in rows] == ids[::-1]
     assert rows[0]["items"] == f"{sku1}x2" and rows[0]["name"].startswith("'=")
+    assert rows[1]["name"] == ""  # unpaid: no contact
     bad = await client.get("/api/v1/merchant/orders", headers=mh, params={"sort": "id"})
     assert bad.status == 422
     # a merchant that owns only part of an order cannot ship it alone; results say why
@@ -661,6 +668,50 @@ async def test_a_returns_share_takes_the_discount_off_in_proportion(db: asyncpg.
     everything = [{"sku_id": a, "quantity": 2}, {"sku_id": b, "quantity": 1}]
     assert await share(everything) == 6_300  # the goods paid; shipping is not in it
     assert await share([{"sku_id": b + 999, "quantity": 1}]) == 0
+
+
+@pytest.mark.usefixtures("consumer")
+async def test_a_paid_flash_order_refunded_before_shipping_gives_its_unit_back(
+    client: Client, db: asyncpg.Pool, tokens: TokenService, redis: Redis
+) -> None:
+    merchant, shopper = await make_user(db, "merchant"), await make_user(db)
+    sh, mh = auth(tokens, shopper), auth(tokens, merchant, "merchant")
+    _, (sku,) = await make_product(db, merchant, [(10_000, 50)])
+    await _add_address(client, sh)
+    sale_id = await create_sale(client, await admin_headers(db, tokens), sku, quantity=3)
+    oid = await _flash_order(client, db, sh, sale_id)
+    pay = await _data(
+        await client.post(
+            f"/api/v1/orders/{oid}/pay", headers=sh, json={"payment_method": "alipay"}
+        )
+    )
+    await pay_via_sandbox(client, tokens, shopper, pay["payment_id"])
+    assert await redis.hget(rediskeys.sale(sale_id), "remaining") == b"2"
+
+    body = {"order_id": oid, "refund_amount": 1, "reason": "keep a cent"}
+    resp = await client.post("/api/v1/payment/refund", headers=sh, json=body)
+    assert resp.status == 409 and (await resp.json())["error"] == "FULL_REFUND_REQUIRED"
+    done = await _data(
+        await client.post(
+            "/api/v1/payment/refund", headers=sh, json={"order_id": oid, "reason": "changed"}
+        )
+    )
+    assert done["order_status"] == "cancelled" and done["refund_amount"] == pay["amount"]
+
+    async def back_on_sale() -> bool:
+        return await redis.hget(rediskeys.sale(sale_id), "remaining") == b"3"
+
+    await eventually(back_on_sale)  # the sweeper returns a cancelled order's units once
+    sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
+    assert sale is not None and sale["sold_quantity"] == 0
+    report = await reconcile.check_sale(db, redis, sale)
+    assert report.drift == 0 and not report.user_drift, report.line()
+    ship = {"shipping_company": "SF", "tracking_number": "SF2"}
+    resp = await client.post(f"/api/v1/orders/{oid}/ship", headers=mh, json=ship)
+    assert resp.status == 409
+    # the shopper may join again: the unit and the per-user allowance came back
+    again = await _flash_order(client, db, sh, sale_id)
+    assert again != oid
 
 
 @pytest.mark.unit

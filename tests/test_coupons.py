@@ -22,7 +22,7 @@ from flashsale.errors import (
 )
 from tests.conftest import auth, make_user
 from tests.store_helpers import make_product as store_product
-from tests.store_helpers import place_order
+from tests.store_helpers import pay_via_sandbox, place_order
 from tests.test_cart import make_category, make_product
 
 pytestmark = pytest.mark.integration
@@ -408,3 +408,29 @@ async def test_cancel_and_timeout_give_the_coupon_back_once(
     status, _ = await place_order(client, tokens, user, sku, coupon_code=code)
     assert status == 201
     assert await _coupon_state(db, code) == (1, 1, ["released", "released", "used"])
+
+
+async def test_a_refund_before_shipping_gives_the_coupon_back_once(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    merchant, user = await make_user(db, "merchant"), await make_user(db)
+    _, (sku,) = await store_product(db, merchant, [(2000, 10)])
+    code = await make_coupon(db, total_quantity=1, max_uses_per_user=1)
+    h = auth(tokens, user)
+    status, data = await place_order(client, tokens, user, sku, coupon_code=code)
+    assert status == 201 and data["data"]["discount_amount"] == 500
+    oid, paid = data["data"]["order_id"], data["data"]["final_amount"]
+    await pay_via_sandbox(client, tokens, user, data["data"]["payment_id"])
+    assert await _coupon_state(db, code) == (1, 1, ["used"])
+    refunds = await asyncio.gather(
+        *(
+            client.post("/api/v1/payment/refund", headers=h, json={"order_id": oid, "reason": "r"})
+            for _ in range(3)
+        )
+    )
+    assert sorted(r.status for r in refunds) == [200, 409, 409]
+    refunded = await db.fetchval("SELECT refunded_cents FROM orders WHERE id = $1", oid)
+    assert refunded == paid  # what the buyer paid, after the discount
+    assert await _coupon_state(db, code) == (0, 0, ["released"])
+    status, _ = await place_order(client, tokens, user, sku, coupon_code=code)
+    assert status == 201

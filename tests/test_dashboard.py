@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers import reconcile
+from consumers import reconcile, reconcile_money
 from flashsale import dashboard
 from flashsale.auth import TokenService
 from flashsale.stores import rediskeys
@@ -76,6 +76,7 @@ async def test_stream_shows_what_the_sale_did(
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
     assert sale is not None
     drift = abs((await reconcile.check_sale(db, redis, sale)).drift)  # a command of its own
+    await reconcile_money.check_money(db, redis, [sale_id])  # the same command, money side
 
     events = await _read_events(client, f"/api/v1/dashboard/sales/{sale_id}/events", admin, want=3)
     assert events[0][0] == "history"
@@ -90,6 +91,7 @@ async def test_stream_shows_what_the_sale_did(
     assert sum(last["orders"].values()) >= 3  # queued in Redis or already in PostgreSQL
     assert last["waiting_room"] is None
     assert last["reconcile_drift"] == drift
+    assert last["reconcile_money_drift"] == 0  # its orders are unpaid: nothing to add up yet
     assert last["processes"] >= 1
     assert "totals" in last
     # a second watcher gets the minutes already recorded

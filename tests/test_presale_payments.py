@@ -194,6 +194,7 @@ async def test_expired_or_cancelled_presale_order_cannot_be_paid(
     resp = await client.post(f"/api/v1/payment/sandbox/{pay['payment_id']}/approve", headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAYABLE"
     assert (await (await client.get(url, headers=h)).json())["data"]["status"] == "cancelled"
+    await _refunded_at_once(db, pay, await resp.json())
 
     # Expired (not swept yet): neither a new payment nor an approval of an open one.
     _, order, _ = await _preorder(client, db, tokens)
@@ -209,6 +210,21 @@ async def test_expired_or_cancelled_presale_order_cannot_be_paid(
     assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAYABLE"
     status = await db.fetchval("SELECT status FROM presale_orders WHERE id = $1", order["order_id"])
     assert status in ("pending", "cancelled")  # the app's sweeper may have taken it
+    await _refunded_at_once(db, pay, await resp.json())
+
+
+async def _refunded_at_once(db: asyncpg.Pool, pay: dict[str, Any], refusal: Any) -> None:
+    """The approval came too late: the provider took the money and gave it all back."""
+    assert refusal["data"]["refund_amount"] == pay["amount"]
+    assert refusal["data"]["order_status"] in ("cancelled", "expired")
+    status = await db.fetchval("SELECT status FROM pay_orders WHERE id = $1", pay["payment_id"])
+    refunds = await db.fetch(
+        "SELECT id, amount_cents FROM refunds WHERE pay_order_id = $1", pay["payment_id"]
+    )
+    assert status == "refunded"
+    assert [(r["id"], r["amount_cents"]) for r in refunds] == [
+        (refusal["data"]["refund_id"], pay["amount"])
+    ]
 
 
 async def test_pay_orders_name_exactly_one_order(db: asyncpg.Pool) -> None:

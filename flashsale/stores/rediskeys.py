@@ -130,6 +130,11 @@ def dash_drift(sale_id: int) -> str:
     return _tag(sale_id) + ":dash:drift"
 
 
+def dash_money_drift(sale_id: int) -> str:
+    """String: how many money findings the last reconcile made on the sale's orders."""
+    return _tag(sale_id) + ":dash:money_drift"
+
+
 def all_sale_keys(sale_id: int, bucket: int = 0) -> list[str]:
     return [
         sale(sale_id, bucket),

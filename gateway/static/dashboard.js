@@ -141,6 +141,8 @@ function render(s) {
   FS.text("v-dead", FS.num(s.dead_letters));
   FS.text("v-expiry", FS.num(s.expiry_returns));
   FS.text("v-drift", s.reconcile_drift === null ? "not run" : FS.num(s.reconcile_drift));
+  FS.text("v-money-drift",
+    s.reconcile_money_drift === null ? "not run" : FS.num(s.reconcile_money_drift));
   for (const k of ["queued", "pending_payment", "paid", "cancelled"]) {
     FS.text("o-" + k, FS.num(s.orders[k] || 0));
   }
