@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
@@ -181,37 +182,61 @@ def require_role(principal: Principal, *roles: str) -> Principal:
 _HASHER = PasswordHasher()
 
 
+LOGIN: Final = "login"
+SIGNUP: Final = "signup"
+
+
 class PasswordHashing:
     """argon2id off the event loop, at most ``concurrency`` at a time per worker.
 
     Each hash takes about 64 MiB and a few hundred milliseconds of a core: without a
-    bound, a burst of logins is a cheap way to exhaust memory and CPU. Up to ``queue``
-    callers wait for a slot; the next one gets 503 RETRY_LATER at once.
+    bound, a burst of logins is a cheap way to exhaust memory and CPU. Two lanes share the
+    slots: registrations (``SIGNUP``) hold at most ``signup_concurrency`` of them (one less
+    than all), so logins always keep a share that no burst of registrations can take.
+    Each lane has its own queue: up to ``queue`` (``signup_queue``) callers wait for a
+    slot; the next one gets 503 RETRY_LATER at once.
     """
 
-    def __init__(self, concurrency: int = 2, queue: int = 32) -> None:
+    def __init__(
+        self,
+        concurrency: int = 2,
+        queue: int = 32,
+        *,
+        signup_concurrency: int = 1,
+        signup_queue: int = 8,
+    ) -> None:
         self._slots = asyncio.Semaphore(concurrency)
-        self._capacity = concurrency + queue
-        self._inside = 0
+        # with one slot in all, registrations cannot be kept off it: they would never run
+        self._signup_slots = asyncio.Semaphore(max(1, min(signup_concurrency, concurrency - 1)))
+        self._capacity = {LOGIN: concurrency + queue, SIGNUP: signup_concurrency + signup_queue}
+        self._inside = {LOGIN: 0, SIGNUP: 0}
         self._dummy: str | None = None
         self.completed = 0  # hashes computed (tests check unknown accounts cost one too)
 
-    async def _run(self, fn: Callable[[], _T], *, count: bool = True) -> _T:
-        if self._inside >= self._capacity:
+    def in_progress(self, lane: str = LOGIN) -> int:
+        """Callers of ``lane`` hashing or waiting for a slot."""
+        return self._inside[lane]
+
+    async def _run(self, fn: Callable[[], _T], *, count: bool = True, lane: str = LOGIN) -> _T:
+        if self._inside[lane] >= self._capacity[lane]:
+            what = "registrations" if lane == SIGNUP else "logins"
             raise ServiceUnavailable(
-                "too many logins in progress, retry shortly", headers={"Retry-After": "1"}
+                f"too many {what} in progress, retry shortly", headers={"Retry-After": "1"}
             )
-        self._inside += 1
+        self._inside[lane] += 1
         try:
-            async with self._slots:
+            async with contextlib.AsyncExitStack() as held:
+                if lane == SIGNUP:
+                    await held.enter_async_context(self._signup_slots)
+                await held.enter_async_context(self._slots)
                 result = await asyncio.to_thread(fn)
                 self.completed += count
                 return result
         finally:
-            self._inside -= 1
+            self._inside[lane] -= 1
 
-    async def hash(self, password: str) -> str:
-        return await self._run(lambda: _HASHER.hash(password))
+    async def hash(self, password: str, *, lane: str = LOGIN) -> str:
+        return await self._run(lambda: _HASHER.hash(password), lane=lane)
 
     async def verify(self, stored_hash: str | None, password: str) -> bool:
         """Check ``password``; with no stored hash (unknown account), check a dummy one.
@@ -239,9 +264,11 @@ def _verify(stored_hash: str, password: str) -> bool:
 DEFAULT_HASHING: Final = PasswordHashing()
 
 
-async def hash_password(password: str, hashing: PasswordHashing | None = None) -> str:
+async def hash_password(
+    password: str, hashing: PasswordHashing | None = None, *, lane: str = LOGIN
+) -> str:
     """argon2id hash, computed off the event loop."""
-    return await (hashing or DEFAULT_HASHING).hash(password)
+    return await (hashing or DEFAULT_HASHING).hash(password, lane=lane)
 
 
 async def check_password(

@@ -237,6 +237,10 @@ class Settings:
     plan_arm_after_s: float = 3.0
     plan_disarm_after_s: float = 10.0
     shed_cpu_percent: float = 0.0
+    register_window_s: int = 3600
+    register_ip_attempts: int = 20
+    register_hash_concurrency: int = 1
+    register_hash_queue: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -346,6 +350,10 @@ class Settings:
             plan_arm_after_s=r.number("plan_arm_after_s", 0.0, 3600.0),
             plan_disarm_after_s=r.number("plan_disarm_after_s", 0.0, 3600.0),
             shed_cpu_percent=r.number("shed_cpu_percent", 0.0, 100.0),
+            register_window_s=r.integer("register_window_s", 1, 7 * 24 * 3600),
+            register_ip_attempts=r.integer("register_ip_attempts", 1, 10_000_000),
+            register_hash_concurrency=r.integer("register_hash_concurrency", 1, 256),
+            register_hash_queue=r.integer("register_hash_queue", 0, 100_000),
         )
 
     def require(self, *names: str) -> Settings:

@@ -9,6 +9,7 @@ reach Redis in order, and if Redis cannot be told, the change is rolled back.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 from flashsale import sessions
 from flashsale.auth import (
     ROLES,
+    SIGNUP,
     PasswordHashing,
     check_password,
     hash_password,
@@ -31,6 +33,9 @@ from flashsale.errors import (
     RateLimited,
     ValidationFailed,
 )
+
+# what the owner of an account would be sent (a mail or a text in a real shop)
+notices = logging.getLogger("flashsale.notices")
 
 EMAIL_RE: Final = r"[^@ \t\n\r\x0b\x0c\x00]+@[^@ \t\n\r\x0b\x0c\x00]+\.[^@ \t\n\r\x0b\x0c\x00]+"
 PHONE_RE: Final = r"\+?[0-9]{6,20}"
@@ -60,6 +65,7 @@ FROM users WHERE email = $1 OR phone = $1
 SQL_USER_BY_ID = (
     "SELECT id, email, phone, nickname, role, token_gen, disabled_at FROM users WHERE id = $1"
 )
+SQL_USER_BY_EMAIL_OR_PHONE = "SELECT id, email, phone FROM users WHERE email = $1 OR phone = $2"
 SQL_HASH_BY_ID = "SELECT password_hash FROM users WHERE id = $1"
 SQL_SET_ROLE = """
 UPDATE users SET role = $2, token_gen = token_gen + 1 WHERE id = $1
@@ -127,13 +133,14 @@ async def _counted(redis: Redis, keys: tuple[str, ...], window_s: int) -> list[t
     return [(replies[i], replies[i + 2]) for i in range(0, len(replies), 3)]
 
 
-def _refuse_past(counts: list[tuple[int, int]], limits: tuple[int, ...]) -> None:
+def _refuse_past(
+    counts: list[tuple[int, int]],
+    limits: tuple[int, ...],
+    message: str = "too many login attempts; retry later",
+) -> None:
     waits = [ttl for (count, ttl), limit in zip(counts, limits, strict=True) if count > limit]
     if waits:
-        raise RateLimited(
-            "too many login attempts; retry later",
-            headers={"Retry-After": str(max(1, *waits))},
-        )
+        raise RateLimited(message, headers={"Retry-After": str(max(1, *waits))})
 
 
 async def _count_attempt(redis: Redis, login: str, client_ip: str, limits: LoginLimits) -> None:
@@ -206,9 +213,22 @@ async def create_user(
     role: str = "user",
     hashing: PasswordHashing | None = None,
 ) -> User:
+    """A new account, or ACCOUNT_EXISTS (an operator's tool: the shop's own registration,
+    :func:`register`, never says so)."""
     if email is None and phone is None:
         raise ValidationFailed(fields={"email": "email or phone is required"})
     password_hash = await hash_password(password, hashing)
+    return await _insert_user(db, email, phone, password_hash, nickname, role)
+
+
+async def _insert_user(
+    db: asyncpg.Pool | asyncpg.Connection,
+    email: str | None,
+    phone: str | None,
+    password_hash: str,
+    nickname: str,
+    role: str,
+) -> User:
     try:
         row = await db.fetchrow(
             SQL_INSERT_USER, email.lower() if email else None, phone, password_hash, nickname, role
@@ -217,6 +237,62 @@ async def create_user(
         raise AccountExists from None
     assert row is not None
     return _user(row)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterLimits:
+    """Registrations allowed per client IP in one fixed window."""
+
+    window_s: int = 3600
+    per_ip: int = 20
+
+
+def _register_key(client_ip: str) -> str:
+    return "fs:register:ip:" + client_ip
+
+
+async def register(
+    db: asyncpg.Pool,
+    redis: Redis,
+    *,
+    email: str | None,
+    phone: str | None,
+    password: str,
+    nickname: str,
+    client_ip: str,
+    limits: RegisterLimits,
+    hashing: PasswordHashing | None = None,
+) -> dict[str, Any]:
+    """A shopper's registration: the same answer whether the email or phone is new or
+    already has an account, so registering enumerates nothing.
+
+    Throttled per client IP before any hashing; the password is hashed in the
+    registrations' lane either way (the answer takes as long). When the email or phone
+    is taken, nothing is written and the account's owner is told (a logged notification,
+    where a shop would send a mail or a text).
+    """
+    if email is None and phone is None:
+        raise ValidationFailed(fields={"email": "email or phone is required"})
+    _refuse_past(
+        await _counted(redis, (_register_key(client_ip),), limits.window_s),
+        (limits.per_ip,),
+        "too many registrations from this address; retry later",
+    )
+    email = email.lower() if email else None
+    password_hash = await hash_password(password, hashing, lane=SIGNUP)
+    try:
+        await _insert_user(db, email, phone, password_hash, nickname, "user")
+    except AccountExists:
+        owner = await db.fetchrow(SQL_USER_BY_EMAIL_OR_PHONE, email, phone)
+        if owner is not None:
+            channel = "email" if email is not None and owner["email"] == email else "phone"
+            notices.info(
+                "notify user %s by %s: somebody tried to register a new account with it "
+                "(if it was you, log in or reset your password)",
+                owner["id"],
+                channel,
+            )
+    return {"email": email, "phone": phone, "nickname": nickname}
 
 
 async def login(

@@ -153,7 +153,10 @@ def create_app(
     app[CPU] = [0.0]
     app.middlewares.append(make_plan_gate(app[SWITCHES], app))
     app[appkeys.PASSWORD_HASHER] = PasswordHashing(
-        settings.login_hash_concurrency, settings.login_hash_queue
+        settings.login_hash_concurrency,
+        settings.login_hash_queue,
+        signup_concurrency=settings.register_hash_concurrency,
+        signup_queue=settings.register_hash_queue,
     )
     app.cleanup_ctx.extend([stats_ctx, db_ctx, redis_ctx, dashboard_feed_ctx, revocations_ctx])
     app.cleanup_ctx.extend([ids_ctx, kafka_ctx, *extra_contexts])

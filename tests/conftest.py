@@ -146,6 +146,8 @@ async def base_settings(
         sweep_interval_ms=200,
         metrics_port=0,
         payment_provider="sandbox",
+        # every test registers from 127.0.0.1; tests/test_register.py checks the limit
+        register_ip_attempts=1_000_000,
     )
     pool = await create_pool(settings.database, min_size=1, max_size=1)
     async with pool.acquire() as conn:

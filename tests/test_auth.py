@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import subprocess
@@ -59,11 +60,34 @@ async def test_register_by_phone(client: TestClient[Any, Any]) -> None:
     assert login.status == 200
 
 
-async def test_duplicate_registration(client: TestClient[Any, Any]) -> None:
+async def test_duplicate_registration_answers_as_a_new_one(
+    client: TestClient[Any, Any], db: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registering a taken email says what registering a new one says (no ACCOUNT_EXISTS
+    to enumerate accounts with); nothing is written and the owner is told."""
     payload = await _register(client)
-    resp = await client.post("/api/v1/auth/register", json=payload)
-    assert resp.status == 409
-    assert (await resp.json())["error"] == "ACCOUNT_EXISTS"
+    owner = await db.fetchrow("SELECT * FROM users WHERE email = $1", payload["email"])
+    assert owner is not None
+    fresh = {**payload, "email": _email()}
+    answers = []
+    with caplog.at_level(logging.INFO, logger="flashsale.notices"):
+        for body in ({**payload, "password": "another-horse", "nickname": "Mallory"}, fresh):
+            resp = await client.post("/api/v1/auth/register", json=body)
+            envelope = await resp.json()
+            envelope.pop("request_id", None)
+            answers.append((resp.status, set(envelope), set(envelope["data"])))
+            assert envelope["data"]["email"] == body["email"]
+            assert envelope["message"] == "registered: log in with your password"
+    assert answers[0] == answers[1] and answers[0][0] == 201
+    notices = [r.getMessage() for r in caplog.records if r.name == "flashsale.notices"]
+    assert notices == [
+        f"notify user {owner['id']} by email: somebody tried to register a new account with "
+        "it (if it was you, log in or reset your password)"
+    ]
+    again = await db.fetchrow("SELECT * FROM users WHERE email = $1", payload["email"])
+    assert again == owner  # the same row: password, nickname, generation untouched
+    wrong = {"login": payload["email"], "password": "another-horse"}
+    assert (await client.post("/api/v1/auth/login", json=wrong)).status == 401
 
 
 async def test_register_validation(client: TestClient[Any, Any]) -> None:

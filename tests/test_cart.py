@@ -220,7 +220,8 @@ async def test_guest_cart_and_merge_on_login(
     reg = await client.post(
         "/api/v1/auth/register", json={"email": email, "password": "correct-horse", "nickname": "G"}
     )
-    uid = (await reg.json())["data"]["id"]
+    assert reg.status == 201
+    uid = await db.fetchval("SELECT id FROM users WHERE email = $1", email)
     await add(client, auth(tokens, uid), sku_id=a, quantity=1)
     resp = await client.post(
         "/api/v1/auth/login", headers=guest, json={"login": email, "password": "correct-horse"}

@@ -45,20 +45,26 @@ _REVOKED_401 = "AUTH_REQUIRED, TOKEN_EXPIRED, TOKEN_MALFORMED, TOKEN_INVALID, TO
 
 
 async def register(request: web.Request) -> web.Response:
+    app = request.app
     body = validate(await read_json(request), REGISTER)
     if not body.get("email") and not body.get("phone"):
         raise ValidationFailed(
             fields={"email": "email or phone is required", "phone": "email or phone is required"}
         )
-    user = await users.create_user(
-        request.app[appkeys.DB],
+    s = app[appkeys.SETTINGS]
+    registered = await users.register(
+        app[appkeys.DB],
+        app[appkeys.REDIS],
         email=body.get("email"),
         phone=body.get("phone"),
         password=body["password"],
         nickname=body["nickname"],
-        hashing=request.app[appkeys.PASSWORD_HASHER],
+        client_ip=client_ip(request),
+        limits=users.RegisterLimits(s.register_window_s, s.register_ip_attempts),
+        hashing=app[appkeys.PASSWORD_HASHER],
     )
-    return ok(user.public(), status=201, message="registered")
+    # the same answer for a new and a taken email or phone (the owner of a taken one is told)
+    return ok(registered, status=201, message="registered: log in with your password")
 
 
 async def login(request: web.Request) -> web.Response:
@@ -155,7 +161,13 @@ ROUTES = [
         register,
         "Register with email or phone",
         body=REGISTER,
-        responses={201: "registered", 409: "ACCOUNT_EXISTS", 422: "VALIDATION_FAILED"},
+        responses={
+            201: "registered (the same answer when the email or phone is taken: its owner "
+            "is notified, nothing is written)",
+            422: "VALIDATION_FAILED",
+            429: "RATE_LIMITED (per client IP; Retry-After)",
+            503: "RETRY_LATER (too many registrations hashing; Retry-After)",
+        },
         tag="auth",
     ),
     Route(
