@@ -114,9 +114,9 @@ class Fault:
     """One partition: made by ``make()``, held ``hold_s`` seconds, ``before_heal()`` (to
     look at a side while it is apart), then healed."""
 
-    make: Callable[[], None]
+    make: Callable[[], object]
     hold_s: float = 10.0
-    before_heal: Callable[[], None] = lambda: None
+    before_heal: Callable[[], object] = lambda: None
     accepted_during: int = 0  # 202s the shoppers got while it held
 
 
