@@ -13,8 +13,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -32,7 +33,6 @@ from tests.netns.stack import GATEWAYS, HOSTS, NetStack, Postgres, start_pg
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SQL_ORDER_IDS = "SELECT id FROM orders WHERE flash_sale_id = $1"
-LATE = 10  # shoppers who come once the crowd is done (and buy what came back)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,9 @@ class Sale:
         tokens = TokenService(stack.settings.secret, 3600)
         db = await create_pool(stack.settings.database, min_size=1, max_size=2)
         try:
-            users = await make_users(db, shoppers + LATE)
+            # as many late shoppers as units: they come once the crowd is done and the sale
+            # has converged, and buy whatever came back on sale
+            users = await make_users(db, shoppers + quantity)
             async with aiohttp.ClientSession() as http:
                 sale_id = await create_sale_over_http(
                     http,
@@ -112,9 +114,9 @@ class Fault:
     """One partition: made by ``make()``, held ``hold_s`` seconds, ``before_heal()`` (to
     look at a side while it is apart), then healed."""
 
-    make: Callable[[], None]
+    make: Callable[[], object]
     hold_s: float = 10.0
-    before_heal: Callable[[], None] = lambda: None
+    before_heal: Callable[[], object] = lambda: None
     accepted_during: int = 0  # 202s the shoppers got while it held
 
 
@@ -142,13 +144,25 @@ async def partitioned(
         stack.net.heal()
     healed_at = time.monotonic()
     await crowd
-    redis: Redis = open_redis(stack.settings)
-    db = await create_pool(stack.settings.database, min_size=1, max_size=4)
     try:
-        return await judge(case, db, redis, sale.id, sale.shoppers, healed_at, late=sale.late)
+        return await judged(case, stack, sale, sale.shoppers, healed_at, late=sale.late)
     except AssertionError:
         print(stack.log_tail(), flush=True)
         raise
+
+
+async def judged(
+    case: str,
+    stack: NetStack,
+    sale: Sale,
+    shoppers: list[Shopper],
+    healed_at: float,
+    **options: Any,
+) -> Verdict:
+    redis: Redis = open_redis(stack.settings)
+    db = await create_pool(stack.settings.database, min_size=1, max_size=4)
+    try:
+        return await judge(case, db, redis, sale.id, shoppers, healed_at, **options)
     finally:
         await redis.aclose()
         await db.close()
@@ -168,6 +182,31 @@ async def test_gateway_cut_from_the_broker_not_from_redis(stack: NetStack) -> No
     )
     # three shoppers a unit: everything sold, during the stampede or once given back
     assert verdict.accepted + verdict.back_on_sale == 200, verdict.answers
+    # the checker itself says no to a history the stores do not hold
+    yes = next(s for s in sale.shoppers if s.order_id is not None)
+    everyone = [*sale.shoppers, *sale.late]
+    ghost = replace(yes, order_id="0" * 20, attempts=[])  # told yes, never written
+    now = time.monotonic()
+    with pytest.raises(AssertionError, match="not in PostgreSQL"):
+        await judged(
+            "self-check: a 202 never written (must fail)",
+            stack,
+            sale,
+            [*everyone, ghost],
+            now,
+            converge_s=1,
+        )
+    denied = replace(yes, order_id=None, refused="SOLD_OUT")  # told no, holds an order
+    others = [s for s in everyone if s is not yes]
+    with pytest.raises(AssertionError, match="told no but holding an order"):
+        await judged(
+            "self-check: told no, holds an order (must fail)",
+            stack,
+            sale,
+            [*others, denied],
+            now,
+            converge_s=1,
+        )
 
 
 async def _primary_cut_off(stack: NetStack, buckets: int) -> None:

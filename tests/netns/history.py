@@ -153,7 +153,7 @@ class Verdict:
 
     HEADER = (
         "| case | accepted | persisted | lost | oversold | duplicates "
-        "| unknown outcomes (yes / no / open) | converged |"
+        "| unknown outcomes (yes / no / open) | converged | back on sale after the crowd |"
     )
 
     def row(self) -> str:
@@ -161,7 +161,7 @@ class Verdict:
             f"| {self.case} | {self.accepted} | {self.persisted} | {self.lost} | "
             f"{self.oversold} | {self.duplicates} | {self.unknown} "
             f"({self.unknown_yes} / {self.unknown_no} / {self.unknown_open}) | "
-            f"{self.converge_s:.1f}s |"
+            f"{self.converge_s:.1f}s | {self.back_on_sale} |"
         )
 
 
@@ -263,24 +263,22 @@ async def judge(
         converge_s=converged,
         answers=answers,
     )
-    print(f"\n{Verdict.HEADER}\n{verdict.row()}\nanswers: {answers}", flush=True)
     state = f"{case}: {why}; answers {answers}"
+    if late and not lost:  # every unit not sold is on sale again: late shoppers buy it
+        await shop(late, sale_id, deadline_s=30)
+        verdict.back_on_sale = sum(s.quantity for s in late if s.order_id is not None)
+    print(f"\n{Verdict.HEADER}\n{verdict.row()}\nanswers: {answers}", flush=True)
     assert not lost, f"accepted orders not in PostgreSQL: {lost[:10]} ({state})"
     assert not wrong, f"persisted with another user or quantity: {wrong[:10]} ({state})"
     assert verdict.oversold == 0, state
     assert verdict.duplicates == 0, f"told twice {told_twice}, over the limit {over_limit}"
     assert verdict.accepted <= verdict.quantity, state
-    assert not unpromised, f"orders nobody was told about: {unpromised[:10]} ({state})"
     assert not refused_with_order, f"told no but holding an order: {refused_with_order[:10]}"
+    assert not unpromised, f"orders nobody was told about: {unpromised[:10]} ({state})"
     open_ = [s.user_id for s in shoppers if not s.final]
     assert not open_, f"{len(open_)} shopper(s) never got a final answer ({state})"
     assert int(sale["sold_quantity"]) == live_units, (sale["sold_quantity"], live_units, state)
-    # every unit not sold is on sale again: counted, and bought by shoppers who come late
     assert remaining == verdict.quantity - live_units, (remaining, live_units, state)
     if late:
-        await shop(late, sale_id, deadline_s=30)
-        took = sum(s.quantity for s in late if s.order_id is not None)
-        assert took == min(remaining, len(late)), (took, remaining, [s.attempts for s in late])
-        verdict.back_on_sale = took
-        print(f"units back on sale after the crowd was done, bought by late shoppers: {took}")
+        assert verdict.back_on_sale == min(remaining, len(late)), (verdict.back_on_sale, remaining)
     return verdict
