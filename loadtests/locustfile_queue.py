@@ -17,9 +17,11 @@ position vs order time near +1).
 Environment:
 - LOCUST_TOKENS_FILE  tokens, one per line (``python -m loadtests.mint``); default
                       ``tokens.txt`` when it exists
-- LOCUST_SALE_ID      the queued sale; default: the one sale the gateway lists as running
-                      or upcoming
+- LOCUST_SALE_ID      the queued sale; default: the running one the gateway lists (the newest
+                      of several), else the newest upcoming one, said in one line; none
+                      stops the run at once in one line
 - LOCUST_OUTCOMES     prefix of the per-process outcome files for loadtests.invariants
+                      (default ``out/outcomes``: what the report reads by default)
 - LOCUST_ABANDON_SHARE  share of admitted shoppers who never join (default 0.05)
 - LOCUST_POLL_MAX_S   longest pause between two polls (default 5; the backoff doubles from
                       the server's hint, starting at 0.25 s)
@@ -48,13 +50,14 @@ from locust import FastHttpUser, between, events, task
 
 from flashsale.waitingroom.signing import solve
 from loadtests.scenario_support import (
+    DEFAULT_OUTCOMES,
     OutcomeLog,
     announce_host,
-    default_sale_id,
     env_float,
     env_int,
     env_str,
     running_gateway,
+    sale_for_the_run,
     token_pool,
 )
 
@@ -62,7 +65,8 @@ SALE_ID = env_int("LOCUST_SALE_ID", 0)
 ABANDON_SHARE = env_float("LOCUST_ABANDON_SHARE", 0.05)
 POLL_MAX_S = env_float("LOCUST_POLL_MAX_S", 5.0)
 NEXT_SHOPPER_S = env_float("LOCUST_NEXT_SHOPPER_S", 1.0)
-OUTCOMES = OutcomeLog(env_str("LOCUST_OUTCOMES"))
+OUTCOMES = OutcomeLog(env_str("LOCUST_OUTCOMES", DEFAULT_OUTCOMES))
+_RUN = {"sale_id": 0}  # the sale of this run, chosen once at init
 FINAL_STATES = {"sold_out", "ended", "expired"}
 
 
@@ -74,6 +78,7 @@ def _close(environment, **_kwargs):
 @events.init.add_listener
 def _default_host(environment, **_kwargs):
     announce_host(environment)
+    _RUN["sale_id"] = OUTCOMES.sale_id = sale_for_the_run(environment, "queued")
 
 
 class QueuedShopper(FastHttpUser):
@@ -83,7 +88,8 @@ class QueuedShopper(FastHttpUser):
     wait_time = between(0.0, 2 * NEXT_SHOPPER_S)
 
     def on_start(self):
-        sale_id = SALE_ID or default_sale_id(self.host)
+        sale_id = SALE_ID or _RUN["sale_id"]
+        OUTCOMES.sale_id = sale_id
         self.tokens = token_pool(self.environment)
         self.sale_path = f"/api/v1/flash-sales/{sale_id}"
 

@@ -18,10 +18,12 @@ the tokens.
 Environment:
 - LOCUST_TOKENS_FILE  tokens, one per line (``python -m loadtests.mint``); default
                       ``tokens.txt`` when it exists
-- LOCUST_SALE_ID      the sale to join; default: the one sale the gateway lists as
-                      running or upcoming (the demo sale after ``make run``)
+- LOCUST_SALE_ID      the sale to join; default: the running one the gateway lists (the newest
+                      of several), else the newest upcoming one, said in one line; none
+                      stops the run at once in one line
 - LOCUST_SALE_START   epoch seconds the sale opens; default: ``start_time`` from GET the sale
 - LOCUST_OUTCOMES     prefix of the per-process outcome files for loadtests.invariants
+                      (default ``out/outcomes``: what the report reads by default)
 - LOCUST_PAY_SHARE    share of winners who pay (default 0.3; 0 against a gateway without
                       a payment provider)
 - LOCUST_JOIN_TRIES   joins per shopper while answered 429/503/NOT_STARTED (default 5)
@@ -53,13 +55,14 @@ from datetime import datetime
 from locust import FastHttpUser, between, events, task
 
 from loadtests.scenario_support import (
+    DEFAULT_OUTCOMES,
     OutcomeLog,
     announce_host,
-    default_sale_id,
     env_float,
     env_int,
     env_str,
     running_gateway,
+    sale_for_the_run,
     token_pool,
 )
 
@@ -68,7 +71,8 @@ PAY_SHARE = env_float("LOCUST_PAY_SHARE", 0.3)
 JOIN_TRIES = env_int("LOCUST_JOIN_TRIES", 5)
 POLLS = env_int("LOCUST_POLLS", 10)
 NEXT_SHOPPER_S = env_float("LOCUST_NEXT_SHOPPER_S", 1.0)
-OUTCOMES = OutcomeLog(env_str("LOCUST_OUTCOMES"))
+OUTCOMES = OutcomeLog(env_str("LOCUST_OUTCOMES", DEFAULT_OUTCOMES))
+_RUN = {"sale_id": 0}  # the sale of this run, chosen once at init
 
 
 @events.quitting.add_listener
@@ -79,6 +83,7 @@ def _close(environment, **_kwargs):
 @events.init.add_listener
 def _default_host(environment, **_kwargs):
     announce_host(environment)
+    _RUN["sale_id"] = OUTCOMES.sale_id = sale_for_the_run(environment, "open")
 
 
 class Shopper(FastHttpUser):
@@ -89,7 +94,8 @@ class Shopper(FastHttpUser):
     wait_time = between(0.0, 2 * NEXT_SHOPPER_S)
 
     def on_start(self):
-        sale_id = SALE_ID or default_sale_id(self.host)
+        sale_id = SALE_ID or _RUN["sale_id"]
+        OUTCOMES.sale_id = sale_id
         self.tokens = token_pool(self.environment)
         self.sale_path = f"/api/v1/flash-sales/{sale_id}"
         self.start = env_float("LOCUST_SALE_START", 0.0)

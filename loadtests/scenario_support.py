@@ -109,20 +109,67 @@ def process_share(environment: Any) -> tuple[int, int]:
 _shared: dict[str, TokenPool] = {}
 
 
-@functools.cache
-def default_sale_id(host: str) -> int:
-    """With LOCUST_SALE_ID unset: the one sale the gateway lists as running or upcoming
-    (the demo sale after ``make run``); more or none is an error that lists them."""
+class NoSale(Exception):
+    """No sale that a scenario could run against (one line: what to do)."""
+
+
+def choose_sale(host: str, mode: str = "open") -> tuple[int, str]:
+    """The sale a scenario joins when LOCUST_SALE_ID is unset, and one line saying which.
+
+    Of the sales the gateway lists in ``mode``: the running one (the newest, when several
+    run), else the newest upcoming one (the scenario waits for its start), else a sold-out
+    one (every join answers SOLD_OUT: the sold-out path). None is :class:`NoSale`.
+    """
     url = host.rstrip("/") + "/api/v1/flash-sales/active"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        sales = orjson.loads(resp.read())["data"]
-    ids = [int(s["flash_sale_id"]) for s in sales]
-    if len(ids) != 1:
-        raise RuntimeError(
-            f"set LOCUST_SALE_ID: {host} lists {len(ids)} running or upcoming sales {ids}"
-        )
-    _say_once(f"locust: LOCUST_SALE_ID unset; using sale {ids[0]}, the one {host} lists")
-    return ids[0]
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            listed = orjson.loads(resp.read())["data"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise NoSale(
+            f"cannot list the sales of {host} ({exc}): is the gateway up? Or set LOCUST_SALE_ID"
+        ) from None
+    sales = [s for s in listed if s.get("mode", "open") == mode]
+    by_status: dict[str, list[dict[str, Any]]] = {}
+    for sale in sales:
+        by_status.setdefault(str(sale["status"]), []).append(sale)
+    for status, key, said in (
+        ("active", "start_time", "running"),
+        ("upcoming", "flash_sale_id", "upcoming, starts {start_time}"),
+        ("sold_out", "start_time", "sold out: every join will be answered SOLD_OUT"),
+    ):
+        found = by_status.get(status)
+        if found:
+            pick = max(found, key=lambda s: (s[key], s["flash_sale_id"]))
+            others = f"; the newest of {len(found)}" if len(found) > 1 else ""
+            return int(pick["flash_sale_id"]), (
+                f"LOCUST_SALE_ID unset; using sale {pick['flash_sale_id']} "
+                f"({said.format(**pick)}{others}) of {host}"
+            )
+    others = f" ({len(listed)} in another mode)" if listed else ""
+    raise NoSale(
+        f"{host} lists no running or upcoming {mode} sale{others}: create one "
+        "(docs/api.md) or set LOCUST_SALE_ID"
+    )
+
+
+def sale_for_the_run(environment: Any, mode: str = "open") -> int:
+    """At Locust's ``init``: LOCUST_SALE_ID, or the sale :func:`choose_sale` picks, said in
+    one line (by the master or the only process); no sale stops the run at once, in one
+    line, rather than every user failing for the whole run."""
+    given = env_int("LOCUST_SALE_ID", 0)
+    host = environment.host or running_gateway()
+    if given or host is None:  # without a host Locust itself says what is missing
+        return given
+    speaks = type(getattr(environment, "runner", None)).__name__ != "WorkerRunner"
+    try:
+        sale_id, line = choose_sale(host, mode)
+    except NoSale as exc:
+        if speaks:
+            print(f"locust: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    if speaks:
+        _say_once(f"locust: {line}")
+    return sale_id
 
 
 def token_pool(environment: Any) -> TokenPool:
@@ -139,9 +186,16 @@ def token_pool(environment: Any) -> TokenPool:
     return pool
 
 
+# Where the scenarios write their outcome files unless LOCUST_OUTCOMES says otherwise, and
+# where ``python -m loadtests.invariants`` looks for them by default.
+DEFAULT_OUTCOMES = "out/outcomes"
+
+
 class OutcomeLog:
     """One line per attempt, ``accepted <order_id>`` or ``rejected <REASON>``, in
-    ``<prefix>.<pid>`` (one file per process), for ``python -m loadtests.invariants``.
+    ``<prefix>.<pid>`` (one file per process), for ``python -m loadtests.invariants``;
+    the file starts with ``sale <id>`` once :attr:`sale_id` is set, so that the report
+    finds the sale without being told.
 
     The file is named by the process that writes, when it first writes: Locust imports
     the locustfile once and then forks its ``--processes`` workers, so a name taken at
@@ -153,6 +207,7 @@ class OutcomeLog:
         self._file: TextIO | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        self.sale_id = 0
 
     @property
     def path(self) -> Path | None:
@@ -169,6 +224,8 @@ class OutcomeLog:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = path.open("a", encoding="utf-8", buffering=1)
                 self._pid = os.getpid()
+                if self.sale_id:
+                    self._file.write(f"sale\t{self.sale_id}\n")
             self._file.write(line + "\n")
 
     def accepted(self, order_id: str) -> None:

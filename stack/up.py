@@ -313,6 +313,19 @@ def _up(
             stack.stop()
 
 
+# The stampede the README walks through, printed as is by the banner (a test holds them equal).
+LOAD_WALK = (
+    ".venv/bin/python -m loadtests.mint --count 2000 --out tokens.txt",
+    ".venv/bin/locust -f loadtests/locustfile_stampede.py --headless -u 200 -r 200 -t 30s",
+    ".venv/bin/python -m loadtests.invariants",
+)
+
+
+def _default_data_dir(settings: Settings) -> bool:
+    """Whether the load tools find this stack with no variable set (run from the checkout)."""
+    return Path(settings.data_dir).resolve() == (Path.cwd() / ".flashsale").resolve()
+
+
 def _metrics_token_hint(settings: Settings) -> str:
     path = Path(settings.data_dir).resolve() / "metrics_token"
     generated = path.exists() and path.read_text().strip() == settings.metrics_token
@@ -370,13 +383,16 @@ def _banner(
         + base
         + "/api/v1/auth/login -H 'Content-Type: application/json'"
         ' -d \'{"login":"shopper1@demo.local","password":"shopper-pass-1"}\'',
-        "  load:     .venv/bin/python -m loadtests.mint --count 2000 --out tokens.txt"
-        "   (finds this stack in " + os.path.join(settings.data_dir, "stack.json") + ")",
-        "            LOCUST_TOKENS_FILE=tokens.txt LOCUST_SALE_ID=<sale id>"
-        " .venv/bin/locust -f loadtests/locustfile_stampede.py --headless -u 500 -r 100 -t 60s"
-        f" -H {base} --csv out/stampede",
-        "            (more in the header of loadtests/locustfile_stampede.py)",
+        "  a stampede, from a second terminal once the sale is active (as in README.md):"
+        + (
+            ""
+            if _default_data_dir(settings)
+            else f"   (with FLASHSALE_DATA_DIR={settings.data_dir})"
+        ),
+        *(f"    {line}" for line in LOAD_WALK),
         "",
         "Ctrl-C stops everything.",
     ]
-    print("\n".join(lines), flush=True)
+    # one write, so that no log line of a child lands inside the banner
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()

@@ -97,3 +97,30 @@ def test_where_things_live_matches_the_tree() -> None:
         if not entry.startswith(".") and not PROJECT_DOCS.match(entry)
     } - listed
     assert not unlisted, f"'Where things live' does not say what these are: {sorted(unlisted)}"
+
+
+@pytest.mark.unit
+def test_the_banner_prints_the_readmes_stampede_to_stdout_apart_from_the_logs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from flashsale.settings import Settings
+    from stack.up import _banner
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    walk = readme.split("a stampede from a second process", 1)[1].split("```sh\n", 1)[1]
+    commands = walk.split("```", 1)[0].strip().splitlines()
+    assert any("locust" in c for c in commands), commands
+    _banner(Settings.from_env({}), f"http://127.0.0.1:{_closed_port()}", {}, 1.0, 2.0, None)
+    out, err = capsys.readouterr()
+    assert err == ""  # the logs' stream carries no banner line
+    shown = [line.strip() for line in out.splitlines()]
+    at = shown.index(commands[0])
+    assert shown[at : at + len(commands)] == commands, out
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

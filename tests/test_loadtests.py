@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import csv
 import http.server
 import os
@@ -701,17 +702,13 @@ def test_gevent_is_never_imported_into_pytest() -> None:
     assert "locust" not in sys.modules
 
 
-def test_default_sale_is_the_one_the_gateway_lists() -> None:
-    """Without LOCUST_SALE_ID the stampede joins the one running or upcoming sale; with
-    several listed it stops and names them."""
-    listed: list[list[dict[str, int]]] = [
-        [{"flash_sale_id": 7}],
-        [{"flash_sale_id": 7}, {"flash_sale_id": 8}],
-    ]
+@contextlib.contextmanager
+def _listing(sales: list[dict[str, Any]]) -> Iterator[str]:
+    """A gateway's ``GET /api/v1/flash-sales/active`` answering ``sales``; its base URL."""
 
     class Listing(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = orjson.dumps({"code": 0, "data": listed.pop(0)})
+            body = orjson.dumps({"code": 0, "data": sales})
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -723,13 +720,152 @@ def test_default_sale_is_the_one_the_gateway_lists() -> None:
     server = http.server.HTTPServer(("127.0.0.1", 0), Listing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        host = f"http://127.0.0.1:{server.server_port}"
-        assert scenario_support.default_sale_id(host) == 7
-        with pytest.raises(RuntimeError, match=r"lists 2 running or upcoming sales \[7, 8\]"):
-            scenario_support.default_sale_id(host + "/")
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _sale(sale_id: int, status: str, start: str, mode: str = "open") -> dict[str, Any]:
+    return {"flash_sale_id": sale_id, "status": status, "start_time": start, "mode": mode}
+
+
+@pytest.mark.parametrize(
+    ("sales", "chosen", "said"),
+    [
+        (
+            [_sale(7, "upcoming", "2026-01-02T10:00:00Z")],
+            7,
+            "(upcoming, starts 2026-01-02T10:00:00Z)",
+        ),
+        (
+            [
+                _sale(7, "active", "2026-01-01T10:00:00Z"),
+                _sale(9, "active", "2026-01-01T11:00:00Z"),
+                _sale(10, "upcoming", "2026-01-02T10:00:00Z"),
+            ],
+            9,
+            "(running; the newest of 2)",
+        ),
+        (
+            [
+                _sale(3, "upcoming", "2026-01-03T10:00:00Z"),
+                _sale(5, "upcoming", "2026-01-04T10:00:00Z"),
+            ],
+            5,
+            "(upcoming, starts 2026-01-04T10:00:00Z; the newest of 2)",
+        ),
+        ([_sale(4, "sold_out", "2026-01-01T10:00:00Z")], 4, "every join will be answered SOLD_OUT"),
+        (
+            [
+                _sale(6, "active", "2026-01-01T10:00:00Z", "queued"),
+                _sale(8, "upcoming", "2026-01-09T10:00:00Z"),
+            ],
+            8,
+            "(upcoming",
+        ),
+    ],
+    ids=["one-upcoming", "running-wins", "newest-upcoming", "sold-out", "open-only"],
+)
+def test_the_stampede_picks_the_running_or_newest_upcoming_sale(
+    sales: list[dict[str, Any]], chosen: int, said: str
+) -> None:
+    with _listing(sales) as host:
+        sale_id, line = scenario_support.choose_sale(host)
+    assert sale_id == chosen
+    assert line.startswith(f"LOCUST_SALE_ID unset; using sale {chosen} ") and said in line, line
+
+
+def test_no_sale_that_makes_sense_is_one_line() -> None:
+    with _listing([_sale(6, "active", "2026-01-01T10:00:00Z", "queued")]) as host:
+        with pytest.raises(scenario_support.NoSale) as none:
+            scenario_support.choose_sale(host)
+        assert str(none.value) == (
+            f"{host} lists no running or upcoming open sale (1 in another mode): create one "
+            "(docs/api.md) or set LOCUST_SALE_ID"
+        )
+        assert scenario_support.choose_sale(host, "queued")[0] == 6
+
+
+@pytest.mark.timeout(120)
+def test_locust_with_no_sale_stops_at_once_in_one_line(tmp_path: Path) -> None:
+    """Not 400 repeats of "set LOCUST_SALE_ID" over the whole run, then exit 1 with 0
+    requests: one line, at once."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("t1\nt2\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "FLASHSALE_"))}
+    env.update(LOCUST_TOKENS_FILE=str(tokens), FLASHSALE_DATA_DIR=str(tmp_path / "data"))
+    with _listing([]) as host:
+        done = subprocess.run(
+            [
+                LOCUST,
+                "-f",
+                str(REPO / "loadtests" / "locustfile_stampede.py"),
+                "--headless",
+                "-u",
+                "5",
+                "-r",
+                "5",
+                "-t",
+                "60s",
+                "-H",
+                host,
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=100,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if "LOCUST_SALE_ID" in line]
+    assert said == [
+        f"locust: {host} lists no running or upcoming open sale: create one (docs/api.md) "
+        "or set LOCUST_SALE_ID"
+    ], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # no user ran
+
+
+def _outcome_file(path: Path, sale_id: int | None, *lines: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = [f"sale\t{sale_id}"] if sale_id else []
+    path.write_text("".join(f"{line}\n" for line in [*head, *lines]))
+    return path
+
+
+def test_invariants_finds_the_outcome_files_and_their_sale_by_default(tmp_path: Path) -> None:
+    _outcome_file(tmp_path / "out" / "outcomes.11", 3, "accepted\t1", "rejected\tSOLD_OUT")
+    _outcome_file(tmp_path / "out" / "outcomes.12", 3, "accepted\t2")
+    old = _outcome_file(tmp_path / "out" / "outcomes.9", 1, "accepted\t9")
+    pattern = str(tmp_path / "out" / "outcomes.*")
+    with pytest.raises(invariants.Unusable, match=r"name sales \[1, 3\]: pass --sale-id"):
+        invariants.choose_files([pattern], None)
+    sale_id, files = invariants.choose_files([pattern], 3)
+    assert sale_id == 3 and old not in files
+    outcomes = invariants.read_outcomes(files)
+    assert (outcomes.offered, outcomes.accepted) == (3, ["1", "2"])  # the sale line is no join
+    old.unlink()
+    assert invariants.choose_files([pattern], None)[0] == 3
+
+
+def test_invariants_without_outcome_files_says_what_to_pass(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.invariants"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO), "FLASHSALE_DATA_DIR": str(tmp_path / "data")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "invariants: no outcome file matches out/outcomes.*: run a scenario first (it writes "
+        "out/outcomes.<pid> unless LOCUST_OUTCOMES says otherwise), or pass --accepted-file"
+    ]
 
 
 QUEUE_REQUESTS = {

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from consumers.recovery import LOOKBACK_DAYS
 from stack import cli
@@ -76,3 +78,59 @@ def test_reconcile_help_and_readme_say_recent_sales_of_the_same_days() -> None:
     assert "for recent sales" in help_text and window in help_text, help_text
     assert "active" not in help_text.split("reconcile", 1)[1].split("rebuild-cache", 1)[0]
     assert "recent sale" in row and window in row, row
+
+
+def _make(*args: str) -> str:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(
+        [make, "--no-print-directory", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+@pytest.mark.unit
+def test_make_help_describes_every_target() -> None:
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    phony = makefile.split(".PHONY:", 1)[1].splitlines()[0].split()
+    listed = dict(
+        line.strip().removeprefix("make ").split(None, 1)
+        for line in _make("help").splitlines()
+        if line.strip()
+    )
+    assert set(phony) == set(listed), set(phony) ^ set(listed)
+    assert _make() == _make("help")  # plain `make` shows the list
+
+
+@pytest.mark.unit
+def test_make_test_installs_what_the_tests_need_from_debian() -> None:
+    """As `make browser` does for chromium: the wrk test does not skip on a machine like CI's."""
+    planned = _make("-n", "test")  # -n: printed, not run
+    assert re.search(r"apt-get install -y -qq wrk\b", planned), planned
+    assert re.search(r"apt-get install -y -qq chromium chromium-driver", planned), planned
+
+
+@pytest.mark.unit
+def test_pre_commit_runs_what_ci_runs() -> None:
+    config = yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
+    entries = [hook["entry"] for repo in config["repos"] for hook in repo["hooks"]]
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert entries == ["make lint", "make typecheck"]
+    assert all(entry in ci for entry in entries), ci
+
+
+@pytest.mark.unit
+def test_the_project_documents_carry_what_they_should() -> None:
+    licence = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert licence.startswith("MIT License") and "Copyright (c)" in licence
+    contributing = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    for target in ("make run", "make test", "make bench", "tests/test_layers.py"):
+        assert target in contributing, target
+    assert "## Unreleased" in (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert "Reporting a vulnerability" in (REPO / "SECURITY.md").read_text(encoding="utf-8")
