@@ -224,6 +224,11 @@ class Settings:
     queue_tick_ms: int = 250
     metrics_token: str | None = None
 
+    # Event streams (gateway/streams.py): per worker, from one address and in all; lifetime
+    stream_per_address: int = 20
+    stream_per_worker: int = 1000
+    stream_max_s: int = 1800
+
     revocation_reload_ms: int = 2000
     revocation_max_stale_s: int = 15
     login_window_s: int = 300
@@ -338,6 +343,9 @@ class Settings:
             queue_opens_before_s=r.integer("queue_opens_before_s", 0, 7 * 24 * 3600),
             queue_tick_ms=r.integer("queue_tick_ms", 20, 5000),
             metrics_token=r.raw("metrics_token"),
+            stream_per_address=r.integer("stream_per_address", 1, 1_000_000),
+            stream_per_worker=r.integer("stream_per_worker", 1, 10_000_000),
+            stream_max_s=r.integer("stream_max_s", 1, 7 * 24 * 3600),
             revocation_reload_ms=reload_ms,
             revocation_max_stale_s=max_stale_s,
             login_window_s=r.integer("login_window_s", 1, 24 * 3600),

@@ -24,6 +24,7 @@ from gateway import appkeys
 from gateway.middlewares import make_middleware
 from gateway.routes import health, users
 from gateway.routing import Route, add_routes
+from gateway.streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def create_app(
     app[SWITCHES] = Switches()
     app[CPU] = [0.0]
     app.middlewares.append(make_plan_gate(app[SWITCHES], app))
+    app[appkeys.STREAMS] = StreamSlots.from_settings(settings)
     app[appkeys.PASSWORD_HASHER] = PasswordHashing(
         settings.login_hash_concurrency,
         settings.login_hash_queue,

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from flashsale.stores.ids import OrderIds
     from flashsale.stores.kafka import OrderProducer
     from flashsale.stores.metrics import Metrics, RequestStats
+    from gateway.streams import StreamSlots
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
@@ -25,6 +26,7 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ORDER_IDS: web.AppKey[OrderIds] = web.AppKey("order_ids")
 REQUEST_STATS: web.AppKey[RequestStats] = web.AppKey("request_stats")
 PASSWORD_HASHER: web.AppKey[PasswordHashing] = web.AppKey("password_hasher")
+STREAMS: web.AppKey[StreamSlots] = web.AppKey("streams")
 
 # Per-request state the access log reads: the order a join accepted (or replayed).
 ORDER_ID = web.RequestKey("order_id", str)

@@ -27,6 +27,7 @@ from gateway import appkeys
 from gateway.auth import authenticate, bearer
 from gateway.flash_runtime import FLASH
 from gateway.http import ok
+from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
 from gateway.validation import F, path_int, path_text
 
@@ -157,34 +158,39 @@ async def events(request: web.Request) -> web.StreamResponse:
     await _may_watch(request, principal, sale_id)
     view = _as_is if principal.role == "admin" else dashboard.merchant_view
     hub = request.app[HUB]
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await resp.prepare(request)
-    feed = hub.watch(sale_id, REVALIDATE_S)
-    try:
-        await resp.write(_event("history", [view(p) for p in await hub.history(sale_id)]))
-        quiet_since = time.monotonic()
-        async for snap in feed:
-            try:
-                _still_watching(request, token)
-            except AppError as exc:
-                await resp.write(_event("closed", {"error": exc.code, "message": exc.message}))
-                break
-            if snap is not None:
-                await resp.write(_event("snapshot", view(snap)))
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
-                await resp.write(b": keep-alive\n\n")
-                quiet_since = time.monotonic()
-    except (ConnectionResetError, ConnectionError):
-        pass  # the watcher went away
-    finally:
-        await feed.aclose()
+    slots = request.app[appkeys.STREAMS]
+    with slots.hold(client_ip(request)):
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        ends = time.monotonic() + slots.max_s
+        feed = hub.watch(sale_id, REVALIDATE_S)
+        try:
+            await resp.write(_event("history", [view(p) for p in await hub.history(sale_id)]))
+            quiet_since = time.monotonic()
+            async for snap in feed:
+                try:
+                    _still_watching(request, token)
+                except AppError as exc:
+                    await resp.write(_event("closed", {"error": exc.code, "message": exc.message}))
+                    break
+                if snap is not None:
+                    await resp.write(_event("snapshot", view(snap)))
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                    await resp.write(b": keep-alive\n\n")
+                    quiet_since = time.monotonic()
+                if time.monotonic() >= ends:
+                    break  # the page reconnects (and its token is checked as on any request)
+        except (ConnectionResetError, ConnectionError):
+            pass  # the watcher went away
+        finally:
+            await feed.aclose()
     return resp
 
 
@@ -283,6 +289,8 @@ ROUTES = [
             200: "text/event-stream; a 'closed' event names the error when the token is "
             "revoked or expires",
             404: "NOT_FOUND (no such sale, or another merchant's)",
+            429: "RATE_LIMITED (too many streams from this address; Retry-After)",
+            503: "RETRY_LATER (too many streams on this server; Retry-After)",
         },
     ),
 ]

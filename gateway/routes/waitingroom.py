@@ -29,7 +29,6 @@ from gateway.waitingroom_runtime import WAITING_ROOM
 DEVICE_HEADER: Final = "X-Device-Id"
 MAX_DEVICE_ID: Final = 128
 STREAM_KEEPALIVE_S: Final = 15.0
-STREAM_MAX_S: Final = 1800.0  # a page reconnects after this (EventSource does it by itself)
 
 ENTER = {
     "challenge": F(str, required=False, min_len=1, max_len=MAX_SIGNED_LEN),
@@ -106,45 +105,49 @@ async def events(request: web.Request) -> web.StreamResponse:
     signed = request.query.get("ticket")
     entry = _ticket(request, sale, signed) if signed is not None else None
     room = app[WAITING_ROOM]
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            REQUEST_ID: request_id(request),
-        }
-    )
-    await resp.prepare(request)
-    started = time.monotonic()
-    last: dict[str, bytes] = {}
-    with contextlib.suppress(ConnectionResetError):
-        while time.monotonic() - started < STREAM_MAX_S:
-            changed = room.changed
-            state = app[FLASH].cache.sales.get(sale.id, sale)
-            now = now_ms()
-            public = state.public(now)
-            if state.mode == "queued":
-                public["queue"] = room.summary(sale.id)
-            frames: list[tuple[str, Any]] = [("sale", public)]
-            if entry is not None:
-                # EventSource sends no bearer: with a hidden join path, the page asks the
-                # poll (with its bearer) for the admission when this says admitted
-                frames.append(("queue", room.status(state, entry, now, viewer=None)))
-            for name, data in frames:
-                payload = orjson.dumps(data)
-                if last.get(name) != payload:
-                    last[name] = payload
-                    await resp.write(b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n")
-            if state.closed or now >= state.end_ms:
-                break
-            if request.transport is None or request.transport.is_closing():
-                break  # the page went away
-            boundary = state.start_ms if now < state.start_ms else state.end_ms
-            wait_s = min(STREAM_KEEPALIVE_S, max(0.05, (boundary - now) / 1000))
-            try:
-                await asyncio.wait_for(changed.wait(), wait_s)
-            except TimeoutError:  # nothing moved: a comment keeps proxies from timing out
-                await resp.write(b": keepalive\n\n")
+    slots = app[appkeys.STREAMS]
+    with slots.hold(client_ip(request)):
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                REQUEST_ID: request_id(request),
+            }
+        )
+        await resp.prepare(request)
+        ends = time.monotonic() + slots.max_s
+        last: dict[str, bytes] = {}
+        with contextlib.suppress(ConnectionResetError):
+            while (left_s := ends - time.monotonic()) > 0:
+                changed = room.changed
+                state = app[FLASH].cache.sales.get(sale.id, sale)
+                now = now_ms()
+                public = state.public(now)
+                if state.mode == "queued":
+                    public["queue"] = room.summary(sale.id)
+                frames: list[tuple[str, Any]] = [("sale", public)]
+                if entry is not None:
+                    # EventSource sends no bearer: with a hidden join path, the page asks the
+                    # poll (with its bearer) for the admission when this says admitted
+                    frames.append(("queue", room.status(state, entry, now, viewer=None)))
+                for name, data in frames:
+                    payload = orjson.dumps(data)
+                    if last.get(name) != payload:
+                        last[name] = payload
+                        await resp.write(
+                            b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+                        )
+                if state.closed or now >= state.end_ms:
+                    break
+                if request.transport is None or request.transport.is_closing():
+                    break  # the page went away
+                boundary = state.start_ms if now < state.start_ms else state.end_ms
+                wait_s = min(STREAM_KEEPALIVE_S, left_s, max(0.05, (boundary - now) / 1000))
+                try:
+                    await asyncio.wait_for(changed.wait(), wait_s)
+                except TimeoutError:  # nothing moved: a comment keeps proxies from timing out
+                    await resp.write(b": keepalive\n\n")
     return resp
 
 
@@ -190,7 +193,12 @@ ROUTES = [
         query=STREAM_QUERY,
         tag="waiting-room",
         envelope=False,
-        responses={403: "TICKET_INVALID", 404: "unknown sale"},
+        responses={
+            403: "TICKET_INVALID",
+            404: "unknown sale",
+            429: "RATE_LIMITED (too many streams from this address; Retry-After)",
+            503: "RETRY_LATER (too many streams on this server; Retry-After)",
+        },
     ),
     Route(
         "GET",

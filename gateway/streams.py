@@ -1,0 +1,76 @@
+"""The event streams a worker holds open, bounded (the sale page's and the dashboard's).
+
+An open stream costs a file descriptor, some memory and a write on every change of its
+sale, so one address could otherwise open thousands and make every change cost the
+worker that much more. Each worker admits at most ``per_address`` streams from one client
+address (429 past it) and ``per_worker`` in all (503), both with ``Retry-After`` in the
+header and in the envelope; a page refused a stream polls instead. Every stream also ends
+after ``max_s`` (a page reconnects by itself), so nothing holds a slot for ever.
+
+Counted per worker, in memory: a stream lives and dies with its worker, so the count is
+exact with no store to keep in step; an address may hold ``per_address`` on each worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Final
+
+from flashsale.errors import RateLimited, ServiceUnavailable
+from flashsale.settings import Settings
+
+# a stream of another address ends within seconds when the page goes; a full worker's
+# streams end at the latest after max_s
+ADDRESS_RETRY_S: Final = 30
+WORKER_RETRY_S: Final = 10
+
+
+class StreamSlots:
+    """This worker's open event streams, per client address and in all."""
+
+    def __init__(self, *, per_address: int, per_worker: int, max_s: float) -> None:
+        self.per_address = per_address
+        self.per_worker = per_worker
+        self.max_s = max_s
+        self.open = 0
+        self._by_address: dict[str, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StreamSlots:
+        return cls(
+            per_address=settings.stream_per_address,
+            per_worker=settings.stream_per_worker,
+            max_s=settings.stream_max_s,
+        )
+
+    def of(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    @contextlib.contextmanager
+    def hold(self, address: str) -> Iterator[None]:
+        """A slot for one stream from ``address`` while the block runs; 503 or 429 if none."""
+        if self.open >= self.per_worker:
+            raise ServiceUnavailable(
+                "too many event streams open on this server; poll instead, or retry later",
+                data={"retry_after_s": WORKER_RETRY_S},
+                headers={"Retry-After": str(WORKER_RETRY_S)},
+            )
+        held = self._by_address.get(address, 0)
+        if held >= self.per_address:
+            raise RateLimited(
+                f"at most {self.per_address} event streams from one address; close one or poll",
+                data={"retry_after_s": ADDRESS_RETRY_S},
+                headers={"Retry-After": str(ADDRESS_RETRY_S)},
+            )
+        self._by_address[address] = held + 1
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+            left = self._by_address[address] - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                del self._by_address[address]
