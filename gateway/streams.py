@@ -17,6 +17,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Final
 
+from aiohttp import web
+
 from flashsale.errors import RateLimited, ServiceUnavailable
 from flashsale.settings import Settings
 
@@ -74,3 +76,17 @@ class StreamSlots:
                 self._by_address[address] = left
             else:
                 del self._by_address[address]
+
+
+async def start_stream(request: web.Request, **headers: str) -> web.StreamResponse:
+    """Send the headers of a server-sent event stream (no caching, no proxy buffering)."""
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **headers,
+        }
+    )
+    await resp.prepare(request)
+    return resp

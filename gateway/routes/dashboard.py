@@ -29,6 +29,7 @@ from gateway.flash_runtime import FLASH
 from gateway.http import ok
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
+from gateway.streams import start_stream
 from gateway.validation import F, path_int, path_text
 
 HUB: Final = web.AppKey("dashboard_hub", dashboard.DashboardHub)
@@ -160,14 +161,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     slots = request.app[appkeys.STREAMS]
     with slots.hold(client_ip(request)):
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await resp.prepare(request)
+        resp = await start_stream(request)
         ends = time.monotonic() + slots.max_s
         feed = hub.watch(sale_id, REVALIDATE_S)
         try:

@@ -23,6 +23,7 @@ from gateway.http import header_text, ok, read_json
 from gateway.middlewares import REQUEST_ID, request_id
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
+from gateway.streams import start_stream
 from gateway.validation import F, path_int, validate
 from gateway.waitingroom_runtime import WAITING_ROOM
 
@@ -107,15 +108,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     room = app[WAITING_ROOM]
     slots = app[appkeys.STREAMS]
     with slots.hold(client_ip(request)):
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-                REQUEST_ID: request_id(request),
-            }
-        )
-        await resp.prepare(request)
+        resp = await start_stream(request, **{REQUEST_ID: request_id(request)})
         ends = time.monotonic() + slots.max_s
         last: dict[str, bytes] = {}
         with contextlib.suppress(ConnectionResetError):
