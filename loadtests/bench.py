@@ -27,7 +27,8 @@ What it does, in order, every part bounded in time and count, every request to 1
    (4) the sold-out path (join on a sold-out sale);
    (4q) a queued sale's waiting-room poll (``GET .../queue?ticket=``), next to (4);
    (8) the accept path again with no dashboard open, then with three dashboards streaming
-       the sale (:mod:`loadtests.watch`, a second process);
+       the sale (:mod:`loadtests.watch`, a second process); (8d) with 500 sale pages'
+       event streams open (the same tool, anonymous streams from loopback addresses);
    (6b, 6c) last: one hot sale's backlog (2N events, spread over every partition)
        drained by 1, then 4 ``flashsale consume`` processes in one group, started
        together on the whole backlog; with the CPU seconds per 1,000 orders of the
@@ -1098,6 +1099,48 @@ def dashboards(env: Env, plan: Plan) -> list[Row]:
     ]
 
 
+SALE_PAGES = 500
+
+
+def sale_pages(env: Env, plan: Plan) -> Row:
+    """The join path with SALE_PAGES sale pages' event streams open (anonymous, from a
+    second process, spread over loopback addresses within the per-address cap): what open
+    streams cost a join, beside row 8a with none."""
+    sale_id, start = create_sale(env, 100_000_000, 1_000_000)
+    _wait_until(start)
+    seconds = plan.warmup_s + plan.duration_s + 3
+    pages = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "loadtests.watch", "--base", env.gateway_url),
+            *("--sale", str(sale_id), "--pages", str(SALE_PAGES)),
+            *("--per-address", str(env.settings.stream_per_address)),
+            *("--seconds", str(seconds)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        time.sleep(2)  # the streams are open
+        run = _load(
+            env,
+            plan,
+            env.settings.http_port,
+            _join_path(sale_id),
+            method="POST",
+            body=JOIN_BODY,
+            expected=(202,),
+        )
+        out, _ = pages.communicate(timeout=seconds + 30)
+    finally:
+        if pages.poll() is None:
+            pages.kill()
+            pages.communicate()
+    got = orjson.loads(out.strip().splitlines()[-1])
+    if got["opened"] < SALE_PAGES:
+        raise ValueError(f"not every sale-page stream opened: {got}")
+    return Row.from_run(f"8d join, {SALE_PAGES} sale-page streams open", run, note=f"streams {got}")
+
+
 PUBLISH_SAMPLES = 30
 PUBLISH_LOADS = (100, 100_000)  # join requests one worker handled in the published second
 
@@ -1445,6 +1488,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         step("4q queue poll", lambda: queue_poll(e, plan))
         step("8 dashboards", lambda: dashboards(e, plan))
         step("8c dashboard publish", lambda: dashboard_publish(e, plan))
+        step("8d sale-page streams", lambda: sale_pages(e, plan))
         from loadtests import bench_cluster  # it builds on this module's helpers
 
         step(
