@@ -123,7 +123,18 @@ def _browser() -> Any:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         opts.add_argument(arg)
     opts.add_argument("--window-size=1280,1800")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for _refused
     return webdriver.Chrome(service=Service(CHROMEDRIVER or ""), options=opts)
+
+
+def _refused_by_policy(driver: Any) -> list[str]:
+    """What the page's Content-Security-Policy blocked (the console says so): nothing, for
+    pages that load only their own scripts and styles."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if "Content Security Policy" in entry["message"]
+    ]
 
 
 def _wait(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
@@ -306,6 +317,7 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
         board.find_element(By.ID, "confirm-ok").click()
         _wait("closed in the list", lambda: "closed" in _text(board, "sales"), 15)
         _wait("ended on the sale page", lambda: _text(shop, "banner") == "This sale has ended")
+        assert _refused_by_policy(board) == [] and _refused_by_policy(shop) == []
     finally:
         board.quit()
         shop.quit()
