@@ -287,6 +287,7 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
             timeout_s=60,
         )
         _wait("sold out in the list", lambda: "sold out" in _text(board, "sales"), 10)
+        _merchant_sees_its_own_figures(base, sale_id)
         time.sleep(2)  # a couple more points on the charts
         SHOTS.mkdir(parents=True, exist_ok=True)
         board.save_screenshot(str(SHOTS / "dashboard.png"))
@@ -321,6 +322,36 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
     finally:
         board.quit()
         shop.quit()
+
+
+def _merchant_sees_its_own_figures(base: str, sale_id: int) -> None:
+    """The demo merchant (whose product the sale sells) watches it: its sale's figures,
+    none of the platform's (those tiles hidden), and the page runs without an error."""
+    from selenium.webdriver.common.by import By
+
+    merchant = _browser()
+    try:
+        merchant.get(base + "/dashboard")
+        merchant.find_element(By.ID, "login-email").send_keys("merchant@demo.local")
+        merchant.find_element(By.ID, "login-password").send_keys("merchant-pass-1")
+        merchant.find_element(By.ID, "login-submit").click()
+        row = _wait(
+            "the sale in the merchant's list",
+            lambda: merchant.find_elements(By.CSS_SELECTOR, f'tr[data-sale-id="{sale_id}"]'),
+        )
+        row[0].click()
+        _wait("the merchant's live figures", lambda: _text(merchant, "v-remaining") == "0")
+        _wait("accepted = stock", lambda: _text(merchant, "v-accepted") == str(STOCK))
+        for platform in ("v-p50", "v-lag", "v-dead", "refusals", "c-latency", "c-consumer"):
+            assert not merchant.find_element(By.ID, platform).is_displayed(), platform
+        errors = [
+            e["message"]
+            for e in merchant.get_log("browser")
+            if e["level"] == "SEVERE" and "/favicon.ico" not in e["message"]  # none is served
+        ]
+        assert errors == [], errors
+    finally:
+        merchant.quit()
 
 
 QUEUED_AHEAD = 5  # shoppers who enter (through the API) before the two on the page
