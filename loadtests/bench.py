@@ -1,7 +1,7 @@
 """``flashsale bench``: the side-by-side benchmark, in one run on this machine.
 
-    make bench-quick            # flashsale bench --quick   (< 2 minutes)
-    make bench                  # flashsale bench           (bounded, ~10 minutes)
+    make bench-quick            # flashsale bench --quick   (about 10 minutes)
+    make bench                  # flashsale bench           (bounded, about 30 minutes)
     flashsale bench [--quick] [--out bench-results.json]
 
 What it does, in order, every part bounded in time and count, every request to 127.0.0.1:
@@ -25,6 +25,8 @@ What it does, in order, every part bounded in time and count, every request to 1
        then again open-loop at half its peak rate (uvloop client, latency from the
        intended send time) for the p99-at-half-peak figure;
    (4) the sold-out path (join on a sold-out sale);
+   (4n) the refusal of a sale not yet started, and the HTTP ceiling, through 1,000 and
+       10,000 connections (requests past 2 s, the kernel's accept-queue overflows);
    (4q) a queued sale's waiting-room poll (``GET .../queue?ticket=``), next to (4);
    (8) the accept path again with no dashboard open, then with three dashboards streaming
        the sale (:mod:`loadtests.watch`, a second process); (8d) with 500 sale pages'
@@ -37,9 +39,18 @@ What it does, in order, every part bounded in time and count, every request to 1
        same for one sale split into buckets over the shards, (9d) a sell-out there in one
        bucket and in several, and (9b) the reserve script's ceiling on the primary holding
        the sale (:mod:`.bench_cluster`);
-3. prints one table and the ratios 3/1, 4/1, 4q/4, 3/5, 6/3, 8b/8a, 6c/6b, 9/3 with the
-   hardware and versions,
-   writes them to ``out`` (JSON) and to BENCHMARKS.md between the markers of the mode.
+3. prints one table and the figures the goals are set on (CPU per accepted and refused
+   join, Redis and broker CPU per join, PostgreSQL CPU and WAL per order, the ratios 3/1,
+   4/1, 4q/4, 3/5, 6/3, 8b/8a, 6c/6b, 9/3, p99 at half peak), each with its target and a
+   ✔/✘ mark, with the hardware and versions; writes them to ``out`` (JSON) and to
+   BENCHMARKS.md between the markers of the mode.
+
+Two shared cores move a wall-clock rate by ±30 % between runs, so every load row is the
+median of three measured runs (the spread is printed) and carries the CPU each process
+spent per request (user + system from ``/proc``, summed over the process and its children,
+over exactly the measured windows: warm-ups and other rows are not counted). CPU per
+request is the figure to compare between runs and machines; where the join's CPU goes,
+stage by stage, is :mod:`loadtests.profile_join`.
 
 A scenario that cannot run (for example the flash-sale routes or ``lua/reserve.lua``
 are not in this build) is reported as skipped with the reason; every server and
