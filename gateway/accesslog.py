@@ -53,18 +53,21 @@ class LineBuffer:
         self._lines: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, line: bytes) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a script, a test): written at once
+            loop = None
+        if self._timer is not None and self._loop is not loop:
+            self.flush()  # lines held for a loop that no longer runs go out first
         self._lines.append(line)
         self._size += len(line)
-        if self._size >= FLUSH_AT_BYTES:
+        if loop is None or self._size >= FLUSH_AT_BYTES:
             self.flush()
         elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (a script, a test): write at once
-                self.flush()
-                return
+            self._loop = loop
             self._timer = loop.call_later(FLUSH_AFTER_S, self.flush)
 
     def flush(self) -> None:

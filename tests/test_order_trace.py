@@ -118,3 +118,17 @@ async def test_consumer_line_carries_the_join_request_id(
         await eventually(logged, timeout_s=5)
     line = next(r for r in caplog.records if order_id in getattr(r, "orders", {}))
     assert order_id in JsonFormatter().format(line)  # `grep <order id>` finds this line
+
+
+@pytest.mark.unit
+def test_access_lines_held_for_a_stopped_loop_go_out_with_the_next() -> None:
+    written: list[bytes] = []
+    buffer = LineBuffer(written.append)
+
+    async def one(line: bytes) -> None:
+        buffer.add(line)
+
+    asyncio.run(one(b"a\n"))  # held: its loop ends before the timer fires
+    asyncio.run(one(b"b\n"))  # another loop: what the first held goes out first
+    buffer.flush()
+    assert b"".join(written) == b"a\nb\n"
