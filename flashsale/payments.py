@@ -156,6 +156,9 @@ RETURNING version
 """
 
 
+# States in which an order took no payment: a late one refunded is then what went back of
+# its price (SQL_ORDER_LATE_REFUNDED); on an order another payment paid it is not.
+UNPAID_ENDS: Final = ("cancelled", "expired", "oversold")
 # A shopper alone may refund only what has not left the warehouse.
 SHOPPER_REFUNDABLE: Final = ("paid",)
 
@@ -435,7 +438,7 @@ async def _give_back_late(
         pay["amount_cents"],
         reason,
     )
-    if state != "paid":
+    if state in UNPAID_ENDS:
         await conn.execute(
             SQL_ORDER_LATE_REFUNDED if regular else SQL_PRESALE_LATE_REFUNDED,
             pay["order_id"],

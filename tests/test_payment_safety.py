@@ -585,3 +585,40 @@ async def test_a_payment_that_finds_its_order_cancelled_is_refunded_once(
     assert _auto_refunds("cancelled") - before == len(cancelled)
     paid = rounds + 1 - len(cancelled)
     assert await sku_row(db, sku) == {"on_hand": rounds - paid, "reserved": 0, "sold": paid}
+
+
+@pytest.mark.integration
+async def test_a_second_payment_of_a_shipped_order_is_refunded_and_the_order_completes(
+    client: TestClient[Any, Any], app: web.Application, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    user, merchant, order = await _order(client, db, tokens, price=19_900)
+    oid, mh = order["order_id"], auth(tokens, merchant, "merchant")
+    await pay_via_sandbox(client, tokens, user, order["payment_id"])
+    ship = {"shipping_company": "SF", "tracking_number": "SF3"}
+    resp = await client.post(f"/api/v1/orders/{oid}/ship", headers=mh, json=ship)
+    assert resp.status == 200, await resp.text()
+    amount = await db.fetchval("SELECT pay_cents FROM orders WHERE id = $1", oid)
+    twice = "PAY2ND" + order["payment_id"][6:]
+    await db.execute(  # an attempt that was closed, then approved at the provider anyway
+        "INSERT INTO pay_orders (id, order_id, user_id, amount_cents, method, status, "
+        "expires_at) VALUES ($1, $2, $3, $4, 'wechat', 'closed', now())",
+        twice,
+        oid,
+        user,
+        amount,
+    )
+    before = _auto_refunds("shipped")
+    note = {"payment_id": twice, "order_id": oid, "status": "success", "amount": amount}
+    resp = await client.post("/api/v1/payment/notify", json=signed(app, note))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["data"]["payment_status"] == "refunded"
+    assert _auto_refunds("shipped") - before == 1
+    # the order's own payment stands: nothing of its price went back
+    row = await db.fetchrow("SELECT status, refunded_cents FROM orders WHERE id = $1", oid)
+    assert row is not None and dict(row) == {"status": "shipped", "refunded_cents": 0}
+    refunds = await db.fetch(
+        "SELECT pay_order_id, amount_cents FROM refunds WHERE order_id = $1", oid
+    )
+    assert [tuple(r) for r in refunds] == [(twice, amount)]
+    resp = await client.post(f"/api/v1/orders/{oid}/confirm", headers=auth(tokens, user))
+    assert resp.status == 200, await resp.text()
