@@ -58,6 +58,7 @@ SELECT o.id, o.flash_sale_id FROM orders o WHERE o.refunded_cents > o.pay_cents
 SQL_SHIPPED_BELOW_PRICE = """
 SELECT o.id, o.flash_sale_id FROM orders o
 WHERE o.status IN ('shipped', 'delivered', 'completed')
+  AND o.refunded_cents > 0  -- most orders: no return to add up
   AND o.refunded_cents > (SELECT coalesce(sum(f.amount_cents), 0)
                           FROM order_returns r JOIN refunds f ON f.id = r.refund_id
                           WHERE r.order_id = o.id)
