@@ -114,10 +114,24 @@ UPDATE pay_orders SET status = 'refunded', transaction_id = $2, paid_at = now(),
     updated_at = now()
 WHERE id = $1 AND status NOT IN ('success', 'refunded')
 """
-SQL_INSERT_AUTO_REFUND = """
+SQL_INSERT_PAY_REFUND = """
 INSERT INTO refunds (id, order_id, presale_order_id, pay_order_id, amount_cents, reason,
                      status, requested_by, completed_at)
-VALUES ($1, $2, $3, $4, $5, $6, 'completed', NULL, now())
+VALUES ($1, $2, $3, $4, $5, $6, 'completed', $7, now())
+"""
+# A cancelled order's verified payments and what of each was not given back (kept before
+# late payments were refunded at once, or by any writer that slipped): an admin's refund
+# gives it back.
+SQL_KEPT_PAYMENTS = """
+SELECT p.id, (p.amount_cents - coalesce(
+           (SELECT sum(f.amount_cents) FROM refunds f WHERE f.pay_order_id = p.id), 0))::bigint
+       AS kept
+FROM pay_orders p
+WHERE p.order_id = $1 AND p.status IN ('success', 'refunded')
+ORDER BY p.id
+"""
+SQL_PAY_MARK_REFUNDED = """
+UPDATE pay_orders SET status = 'refunded', updated_at = now() WHERE id = $1 AND status = 'success'
 """
 # What went back of the order's price: the late payment was the only money it took (a
 # cancelled or expired order), unless that would count more than the price (an order
@@ -430,13 +444,14 @@ async def _give_back_late(
     reason = f"payment arrived after the order was {state}"
     await conn.execute(SQL_PAY_REFUNDED, pay["id"], body.get("transaction_id"))
     await conn.execute(
-        SQL_INSERT_AUTO_REFUND,
+        SQL_INSERT_PAY_REFUND,
         rid,
         pay["order_id"] if regular else None,
         None if regular else pay["order_id"],
         pay["id"],
         pay["amount_cents"],
         reason,
+        None,  # no user asked: the provider gives it back
     )
     if state in UNPAID_ENDS:
         await conn.execute(
@@ -518,6 +533,8 @@ async def refund(
         if amount is not None and amount != left and order["status"] in orders.REFUNDABLE:
             exc = RefundExceedsPaid if amount > left else FullRefundRequired
             raise exc(data=refundable(order))
+        if order["status"] == "cancelled" and actor.role == "admin":
+            return await _refund_kept(conn, order, actor, amount, reason)
         if order["status"] != "paid":
             return await refund_locked(conn, order, actor, left, reason)
         money = await _give_back(conn, order, actor, left, reason)
@@ -525,6 +542,44 @@ async def refund(
             conn, order, actor, f"refunded before shipping: {reason}", version=money["version"]
         )
     return {**money, "order_status": "cancelled", "version": version}
+
+
+async def _refund_kept(
+    conn: Conn, order: asyncpg.Record, actor: Actor, amount: int | None, reason: str
+) -> dict[str, Any]:
+    """An admin gives back what verified payments of a cancelled order kept (what
+    ``flashsale reconcile`` reports as ``cancelled_payment_kept``): every such payment in
+    full; ``amount``, when sent, must be their total."""
+    kept = [(r["id"], r["kept"]) for r in await conn.fetch(SQL_KEPT_PAYMENTS, order["id"])]
+    kept = [(pid, cents) for pid, cents in kept if cents > 0]
+    total = sum(cents for _, cents in kept)
+    if not kept:
+        raise orders.invalid_transition(order["status"], "refund")
+    if amount is not None and amount != total:
+        exc = RefundExceedsPaid if amount > total else FullRefundRequired
+        raise exc(data={"paid": total, "refunded": 0, "refundable": total})
+    refund_ids = []
+    for pid, cents in kept:
+        rid = new_refund_id()
+        await conn.execute(
+            SQL_INSERT_PAY_REFUND, rid, order["id"], None, pid, cents, reason, actor.user_id
+        )
+        await conn.execute(SQL_PAY_MARK_REFUNDED, pid)
+        await conn.execute(SQL_ORDER_LATE_REFUNDED, order["id"], cents)
+        await orders.write_log(
+            conn, order["id"], actor, "cancelled", "payment_refunded", f"{pid} {rid}: {reason}"
+        )
+        refund_ids.append(rid)
+    return {
+        "refund_id": refund_ids[0],
+        "refund_ids": refund_ids,
+        "order_id": order["id"],
+        "refund_amount": total,
+        "status": "completed",
+        "estimated_arrival": REFUND_ARRIVAL,
+        "order_status": "cancelled",
+        "version": order["version"],
+    }
 
 
 def refundable(order: asyncpg.Record) -> dict[str, int]:

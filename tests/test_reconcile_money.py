@@ -293,3 +293,49 @@ async def test_the_services_own_money_flows_leave_nothing_to_report(
     report = await check_money(db)
     found = {oid for ids in report.findings.values() for oid in ids}
     assert found.isdisjoint(made), {c: set(f) & set(made) for c, f in report.findings.items()}
+
+
+async def test_an_admin_gives_back_what_reconcile_finds_kept(
+    client: TestClient[Any, Any], db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    """A verified payment a cancelled order kept (written before late payments were refunded
+    at once) is reported; an admin's refund gives it back, once, and the report clears."""
+    merchant, shopper = await make_user(db, "merchant"), await make_user(db)
+    sh = auth(tokens, shopper)
+    admin = auth(tokens, await make_user(db, "admin"), "admin")
+    _, (sku,) = await make_product(db, merchant, [(19_900, 5)])
+    status, body = await place_order(client, tokens, shopper, sku)
+    assert status == 201, body
+    oid, amount = body["data"]["order_id"], body["data"]["final_amount"]
+    resp = await client.post(f"/api/v1/orders/{oid}/cancel", json={}, headers=sh)
+    assert resp.status == 200
+    await db.execute(
+        "UPDATE pay_orders SET status = 'success', paid_at = now() WHERE order_id = $1", oid
+    )
+    assert oid in (await check_money(db)).findings["cancelled_payment_kept"]
+
+    refund = {"order_id": oid, "reason": "kept by a cancelled order"}
+    resp = await client.post("/api/v1/payment/refund", json=refund, headers=sh)
+    assert resp.status == 409  # the shopper cannot: an admin looks at it
+    resp = await client.post(
+        "/api/v1/payment/refund", json={**refund, "refund_amount": 1}, headers=admin
+    )
+    assert resp.status == 409 and (await resp.json())["error"] == "FULL_REFUND_REQUIRED"
+    resp = await client.post("/api/v1/payment/refund", json=refund, headers=admin)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["data"]["refund_amount"] == amount
+    resp = await client.post("/api/v1/payment/refund", json=refund, headers=admin)
+    assert resp.status == 409 and (await resp.json())["error"] == "INVALID_TRANSITION"
+
+    row = await db.fetchrow(
+        "SELECT o.status, o.refunded_cents, p.status AS pay_status FROM orders o "
+        "JOIN pay_orders p ON p.order_id = o.id WHERE o.id = $1",
+        oid,
+    )
+    assert row is not None
+    assert dict(row) == {"status": "cancelled", "refunded_cents": amount, "pay_status": "refunded"}
+    assert await db.fetchval("SELECT sum(amount_cents) FROM refunds WHERE order_id = $1", oid) == (
+        amount
+    )
+    report = await check_money(db)
+    assert all(oid not in found for found in report.findings.values())
