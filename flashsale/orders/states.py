@@ -34,11 +34,13 @@ SELECT coalesce(bool_and(p.merchant_id = $2), false)
 FROM order_items oi JOIN products p ON p.id = oi.product_id
 WHERE oi.order_id = $1
 """
+# $4: the status it leaves — pending_payment (a cancel, the timeout close) or paid (a refund
+# before shipping).
 SQL_TO_CANCELLED = """
 UPDATE orders
 SET status = 'cancelled', cancelled_at = now(), cancel_reason = $3, updated_at = now(),
     version = version + 1
-WHERE id = $1 AND version = $2 AND status = 'pending_payment'
+WHERE id = $1 AND version = $2 AND status = $4
 RETURNING version
 """
 SQL_FLASH_CANCELLED = """
@@ -74,13 +76,6 @@ SQL_TO_COMPLETED = """
 UPDATE orders SET status = 'completed', completed_at = now(), updated_at = now(),
     version = version + 1
 WHERE id = $1 AND version = $2 AND status IN ('shipped', 'delivered')
-RETURNING version
-"""
-SQL_PAID_TO_CANCELLED = """
-UPDATE orders
-SET status = 'cancelled', cancelled_at = now(), cancel_reason = $3, updated_at = now(),
-    version = version + 1
-WHERE id = $1 AND version = $2 AND status = 'paid'
 RETURNING version
 """
 SQL_VERSION = "SELECT version FROM orders WHERE id = $1"
@@ -146,7 +141,15 @@ async def cancel_order(
             await write_log(conn, order_id, actor, order["status"], "cancelled", reason)
         else:
             new_version = await _apply(
-                conn, SQL_TO_CANCELLED, order, version, "cancelled", actor, reason, reason
+                conn,
+                SQL_TO_CANCELLED,
+                order,
+                version,
+                "cancelled",
+                actor,
+                reason,
+                reason,
+                "pending_payment",
             )
             await inventory.release_for_order(conn, order_id, reason="cancelled")
             await coupons.release_for_order(conn, order_id)
@@ -181,7 +184,7 @@ async def cancel_paid(
         new_version: int = await conn.fetchval(SQL_VERSION, order["id"])
     else:
         new_version = await _apply(
-            conn, SQL_PAID_TO_CANCELLED, order, version, "cancelled", actor, note, note
+            conn, SQL_TO_CANCELLED, order, version, "cancelled", actor, note, note, "paid"
         )
         await inventory.put_back_order(conn, order["id"], reason="refunded before shipping")
     await coupons.release_for_order(conn, order["id"])
@@ -295,7 +298,7 @@ async def close_expired_orders(pool: asyncpg.Pool, *, batch: int = 100) -> int:
     async with pool.acquire() as conn, conn.transaction():
         for rec in await conn.fetch(SQL_EXPIRED_UNPAID, batch):
             version = await conn.fetchval(
-                SQL_TO_CANCELLED, rec["id"], rec["version"], "payment timeout"
+                SQL_TO_CANCELLED, rec["id"], rec["version"], "payment timeout", "pending_payment"
             )
             if version is None:
                 continue
