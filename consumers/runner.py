@@ -130,4 +130,3 @@ async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
 def declare_metrics(metrics: Metrics) -> None:
     """The consumers' series the dashboards plot exist at zero from the start."""
     metrics.declare(sweeper_actions=SWEEPER_ACTIONS, dead_letter_reasons=DEAD_LETTER_LABELS)
-
