@@ -381,6 +381,11 @@ class OrderBatchProcessor:
         await self.dlq.publish_many(items, topic=self.settings.kafka_dlq_topic)
 
 
+# The reason label of flashsale_consumer_dead_letters_total is the reason's first word; these
+# are the ones the processor writes itself (declared at zero when the consumers start).
+DEAD_LETTER_LABELS = ("unknown", "sku/product", "rejected")
+
+
 def make_consumer(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         settings.kafka_orders_topic,

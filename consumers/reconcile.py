@@ -99,15 +99,21 @@ class SaleReport:
             and self.armed
         )
 
+    @property
+    def recovering(self) -> bool:
+        """Fenced and waiting for the recovery to recount it (after a Redis restart or
+        failover): its counters are not the live ones yet, so their sum says nothing."""
+        return not self.armed and self.remaining is not None and not self.oversold
+
     def line(self) -> str:
-        state = "OK" if self.ok else "DRIFT"
+        state = "OK" if self.ok else "RECOVERING" if self.recovering else "DRIFT"
         users = f", users off: {len(self.user_drift)}" if self.user_drift else ""
         if self.stale_claims:
             users += f", stale claims: {self.stale_claims}"
         if self.oversold:
             users += f", OVERSOLD orders: {self.oversold}"
-        if not self.armed and self.remaining is not None:
-            users += ", recovering (not armed under this Redis run)"
+        if self.recovering:
+            users += " (not armed under this Redis run: the recovery recounts it within seconds)"
         redis_state = (
             "missing in Redis" if self.remaining is None else f"remaining={self.remaining}"
         )
@@ -131,6 +137,10 @@ def _entry_units(entries: dict[bytes, bytes]) -> tuple[int, dict[int, int]]:
     return total, per_user
 
 
+# Exit codes: 0 every sale checked out; DRIFT_EXIT some sale drifts (or is oversold);
+# RECOVERING_EXIT none drifts but some are still being recounted (try again shortly).
+DRIFT_EXIT: Final = 1
+RECOVERING_EXIT: Final = 3
 DRIFT_KEPT_S: Final = 7 * 86_400  # the dashboard shows the last reconcile's drift this long
 
 
@@ -228,6 +238,18 @@ async def check_sale(
     return report
 
 
+def verdict(reports: list[SaleReport]) -> tuple[int, str]:
+    """The exit code and the summary line: a sale still being recounted is no drift."""
+    recovering = sum(r.recovering for r in reports)
+    drifting = sum(not r.ok and not r.recovering for r in reports)
+    summary = f"{len(reports)} sale(s) checked, {drifting} with drift"
+    if recovering:
+        summary += f", {recovering} recovering (run it again in a few seconds)"
+    if drifting:
+        return DRIFT_EXIT, summary
+    return (RECOVERING_EXIT if recovering else 0), summary
+
+
 async def run(settings: Settings, command: str, repair: bool) -> int:
     db = await create_pool(settings.database, min_size=1, max_size=4)
     redis: Redis = open_redis(settings)
@@ -240,7 +262,7 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
             print(f"{await recovery.run_once(force=True)} sale(s) re-armed")
             return 0
         sales = await db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
-        bad: list[SaleReport] = []
+        reports: list[SaleReport] = []
         for sale in sales:
             run_id = await server_run_id(redis, sale["id"])
             report = await check_sale(
@@ -249,9 +271,10 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
             print(report.line())
             for uid, (have, want) in sorted(report.user_drift.items())[:20]:
                 print(f"    user {uid}: redis={have} expected={want}")
-            if not report.ok:
-                bad.append(report)
-        print(f"{len(sales)} sale(s) checked, {len(bad)} with drift")
+            reports.append(report)
+        code, summary = verdict(reports)
+        print(summary)
+        bad = [r for r in reports if not r.ok and not r.recovering]
         if bad and repair:
             await _repair(settings, db, redis, recovery, bad)
         money = await check_money(db, redis, [s["id"] for s in sales])
@@ -259,7 +282,10 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
             print(line)
         if not money.ok:  # money needs a person: --repair does not touch it
             print("money: DRIFT (see the checks above)")
-        return 1 if (bad and not repair) or not money.ok else 0
+            return DRIFT_EXIT
+        if bad and repair:
+            return 0
+        return code
     finally:
         await redis.aclose()
         await db.close()

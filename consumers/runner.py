@@ -13,9 +13,14 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from consumers.order_events import BatchOutcome, OrderBatchProcessor, consume_forever
+from consumers.order_events import (
+    DEAD_LETTER_LABELS,
+    BatchOutcome,
+    OrderBatchProcessor,
+    consume_forever,
+)
 from consumers.store_sweeper import run_store_sweeper
-from consumers.sweepers import run_sweepers
+from consumers.sweepers import SWEEPER_ACTIONS, run_sweepers
 from flashsale.dashboard import publish_every_second
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool
@@ -35,6 +40,7 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
     except (RuntimeError, ValueError):  # not the main thread (tests)
         pass
     metrics = get_metrics()
+    declare_metrics(metrics)
     heartbeat = Path(settings.data_dir) / "consumer.heartbeat"
     heartbeat.parent.mkdir(parents=True, exist_ok=True)
 
@@ -119,3 +125,8 @@ async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
     await web.TCPSite(runner, settings.http_host, settings.metrics_port).start()
     log.info("consumer metrics on %s:%d/metrics", settings.http_host, settings.metrics_port)
     return runner
+
+
+def declare_metrics(metrics: Metrics) -> None:
+    """The consumers' series the dashboards plot exist at zero from the start."""
+    metrics.declare(sweeper_actions=SWEEPER_ACTIONS, dead_letter_reasons=DEAD_LETTER_LABELS)

@@ -119,6 +119,18 @@ async def republish_stale_claims(
     return _count(metrics, "claims_republished", published)
 
 
+# Every action the flash sweepers and the recovery count in flashsale_sweeper_actions_total
+# (declared at zero when the consumers start, so that the dashboards plot them from the start).
+SWEEPER_ACTIONS = (
+    "stranded_published",
+    "claims_republished",
+    "deadline_cancelled",
+    "units_returned",
+    "transfers_finished",
+    "sales_rearmed",
+)
+
+
 def _count(metrics: Metrics, action: str, n: int) -> int:
     if n:
         metrics.swept.labels(action).inc(n)

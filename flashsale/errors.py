@@ -509,3 +509,14 @@ class ProofRequired(Forbidden):
 
     code = "PROOF_REQUIRED"
     default_message = "solve the challenge and enter again with its solution"
+
+
+def error_codes() -> list[str]:
+    """Every client-visible code of the catalogue."""
+    found: set[str] = set()
+    todo: list[type[AppError]] = [AppError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    return sorted(found)

@@ -14,6 +14,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 PREFIX = "FLASHSALE_"
@@ -107,6 +108,34 @@ class _Env:
     def flag(self, field: str) -> bool:
         raw = self.raw(field)
         return bool(self.defaults[field]) if raw is None else _to_bool(field.upper(), raw)
+
+
+FILE_SUFFIX = "_FILE"
+
+
+def _with_files(env: Mapping[str, str], names: set[str]) -> Mapping[str, str]:
+    """``FLASHSALE_<NAME>_FILE=path`` sets a setting to a file's content (its last line
+    break dropped): how a secret mounted by compose (``/run/secrets/...``) reaches a setting
+    without standing in the environment or on a command line."""
+    given = {
+        key: path
+        for key, path in env.items()
+        if key.startswith(PREFIX)
+        and key.endswith(FILE_SUFFIX)
+        and key[len(PREFIX) : -len(FILE_SUFFIX)].lower() in names
+    }
+    if not given:
+        return env
+    out = dict(env)
+    for key, path in given.items():
+        name = key.removesuffix(FILE_SUFFIX)
+        if env.get(name):
+            raise SettingsError(f"{name} and {key} are both set; keep one")
+        try:
+            out[name] = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise SettingsError(f"{key}={path}: cannot read it ({exc.strerror})") from None
+    return out
 
 
 def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
@@ -250,7 +279,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every ``FLASHSALE_*`` variable; SettingsError on the first bad one."""
-        e = os.environ if env is None else env
+        e = _with_files(os.environ if env is None else env, {f.name for f in fields(cls)})
         r = _Env(e, {f.name: f.default for f in fields(cls)})
         level = r.text("log_level").upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -444,9 +473,15 @@ def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
     known = [PREFIX + f.name.upper() for f in fields(Settings)]
     lines = []
     for name in sorted(e):
-        if not name.startswith(PREFIX) or name in known or name in NOT_SETTINGS:
+        if not name.startswith(PREFIX) or name in NOT_SETTINGS:
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        hint = f"did you mean {close[0]}?" if close else "the settings are in docs/settings.md"
+        if name in known or name.removesuffix(FILE_SUFFIX) in known:
+            continue
+        base = name.removesuffix(FILE_SUFFIX)
+        suffix = name[len(base) :]
+        close = difflib.get_close_matches(base, known, n=1, cutoff=0.75)
+        hint = (
+            f"did you mean {close[0]}{suffix}?" if close else "the settings are in docs/settings.md"
+        )
         lines.append(f"{name} is not a setting and is ignored; {hint}")
     return lines

@@ -169,4 +169,18 @@ def create_app(
 
     app.on_shutdown.append(end_streams)  # before aiohttp waits for the open requests
     add_routes(app, all_routes(settings))
+    _declare_metrics(app, m)
     return app
+
+
+def _declare_metrics(app: web.Application, metrics: Metrics) -> None:
+    """The series the dashboards plot exist at zero from the start: every error code, and
+    the joins' requests (accepted, 202) and latency."""
+    from flashsale.errors import error_codes
+
+    joins = [
+        (route.method, route.resource.canonical, "202")
+        for route in app.router.routes()
+        if route.resource is not None and "/flash-sales/{sale_id}/join" in route.resource.canonical
+    ]
+    metrics.declare(error_codes=error_codes(), routes=joins)

@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+import asyncpg
+
 from flashsale.settings import Settings
 from stack import stackfile
 from stack.embedded import EmbeddedError, EmbeddedStack, restart_server, start_stack
@@ -57,8 +59,9 @@ def _secret(root: Path, name: str = "secret_key") -> str:
     return value
 
 
-async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
-    """Migrations, topics and (optionally) the demo data."""
+async def prepare(settings: Settings, *, demo: bool, rearm: bool = False) -> dict[str, object]:
+    """Migrations, topics, (optionally) the demo data, and with ``rearm`` the sales fenced
+    by a Redis this ``up`` has just started re-armed before any gateway takes a join."""
     from flashsale.demo import load_demo
     from flashsale.stores.db import create_pool, migrate
     from flashsale.stores.kafka import ensure_topics
@@ -70,9 +73,35 @@ async def prepare(settings: Settings, *, demo: bool) -> dict[str, object]:
         if applied:
             log.info("migrations applied: %s", ", ".join(applied))
         await ensure_topics(settings)
-        return await load_demo(settings, pool) if demo else {}
+        demo_info = await load_demo(settings, pool) if demo else {}
+        if rearm:
+            await _rearm(settings, pool)
+        return demo_info
     finally:
         await pool.close()
+
+
+async def _rearm(settings: Settings, pool: asyncpg.Pool) -> None:
+    """Recount every sale a Redis restart fenced, now rather than by the recovery sweeper a
+    few seconds after the gateway says it is ready (joins would answer SALE_RECOVERING
+    meanwhile). No grace is needed: the Redis is this ``up``'s own, so no gateway of
+    another stack can be publishing to it, and those of the last run are gone."""
+    from consumers.recovery import Recovery
+    from flashsale.stores.metrics import get_metrics
+    from flashsale.stores.redisclient import open_redis
+
+    redis = open_redis(settings)
+    try:
+        started = time.monotonic()
+        armed = await Recovery(settings, pool, redis, get_metrics()).run_once(force=True)
+    finally:
+        await redis.aclose()
+    if armed:
+        log.info(
+            "re-armed %d sale(s) under the new Redis run in %.1fs, before the gateway starts",
+            armed,
+            time.monotonic() - started,
+        )
 
 
 def _wait_ready(
@@ -260,7 +289,7 @@ def _up(
         demo_info: dict[str, object] = {}
 
         async def _prepare() -> None:
-            demo_info.update(await prepare(settings, demo=demo))
+            demo_info.update(await prepare(settings, demo=demo, rearm=need["redis"]))
 
         run_loop(_prepare)
         ensure_multiproc_dir(str(root / "metrics"))

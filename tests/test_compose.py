@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,11 @@ BROKERS = ("kafka-1", "kafka-2", "kafka-3")
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     return data
+
+
+def _parsable(env: dict[str, Any]) -> dict[str, Any]:
+    """The settings without the secrets' files (mounted by compose, absent here)."""
+    return {k: v for k, v in env.items() if not str(v).startswith("/run/secrets/")}
 
 
 def test_services_and_images(compose: dict[str, Any]) -> None:
@@ -58,7 +65,7 @@ def test_kafka_is_three_kraft_brokers(compose: dict[str, Any]) -> None:
 
 def test_topics_are_replicated_and_the_producer_idempotent(compose: dict[str, Any]) -> None:
     env = compose["services"]["gateway"]["environment"]
-    settings = Settings.from_env({k: v for k, v in env.items() if "${" not in str(v)})
+    settings = Settings.from_env(_parsable({k: v for k, v in env.items() if "${" not in str(v)}))
     assert settings.kafka_bootstrap == ",".join(f"{b}:9092" for b in BROKERS)
     assert settings.kafka_replication_factor == 3
     assert settings.kafka_min_insync_replicas == 2
@@ -118,12 +125,21 @@ def test_only_the_load_balancer_is_published_to_the_network(compose: dict[str, A
 
 
 def test_redis_has_aof(compose: dict[str, Any]) -> None:
-    command = compose["services"]["redis"]["command"]
-    assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+    command = " ".join(compose["services"]["redis"]["command"])
+    assert "--appendonly yes --appendfsync always" in command
 
 
 def test_health_checks(compose: dict[str, Any]) -> None:
-    for name in (*BROKERS, "redis", "postgres", "gateway", "consumers", "lb"):
+    for name in (
+        *BROKERS,
+        "redis",
+        "postgres",
+        "gateway",
+        "consumers",
+        "lb",
+        "prometheus",
+        "grafana",
+    ):
         assert "test" in compose["services"][name]["healthcheck"], name
     assert "/readyz" in str(compose["services"]["gateway"]["healthcheck"]["test"])
 
@@ -136,7 +152,7 @@ def test_same_settings_everywhere(compose: dict[str, Any]) -> None:
         "FLASHSALE_REDIS_URL",
         "FLASHSALE_DATABASE_URL",
         "FLASHSALE_KAFKA_BOOTSTRAP",
-        "FLASHSALE_SECRET_KEY",
+        "FLASHSALE_SECRET_KEY_FILE",
         "FLASHSALE_WORKERS",
         "FLASHSALE_HTTP_PORT",
     ):
@@ -144,7 +160,7 @@ def test_same_settings_everywhere(compose: dict[str, Any]) -> None:
     assert int(env["FLASHSALE_WORKERS"]) > 1
     assert env["FLASHSALE_KAFKA_ENABLE_IDEMPOTENCE"] == "true"
     concrete = {k: v for k, v in env.items() if "${" not in str(v)}
-    Settings.from_env(concrete)  # every value parses
+    Settings.from_env(_parsable(concrete))  # every value parses
 
 
 def test_commands(compose: dict[str, Any]) -> None:
@@ -160,16 +176,52 @@ def test_commands(compose: dict[str, Any]) -> None:
 
 def test_no_hard_coded_credentials(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    pg_env = services["postgres"]["environment"]
-    assert pg_env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     env = services["gateway"]["environment"]
     assert "${POSTGRES_PASSWORD:?" in env["FLASHSALE_DATABASE_URL"]
     assert "${REDIS_PASSWORD:?" in env["FLASHSALE_REDIS_URL"]
-    command = services["redis"]["command"]
-    assert "--requirepass" in command
-    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
-    assert "REDIS_PASSWORD" in str(services["redis"]["healthcheck"]["test"])
+    required = " ".join(compose["x-required-credentials"])
+    for name in SECRET_SOURCES.values():  # compose refuses to start without each
+        assert "${" + name + ":?" in required, name
     assert "flashsale:flashsale@" not in str(compose)
+
+
+# compose secret -> the variable of compose's environment (or .env) it is made from
+SECRET_SOURCES = {
+    "flashsale_secret_key": "FLASHSALE_SECRET_KEY",
+    "metrics_token": "FLASHSALE_METRICS_TOKEN",
+    "redis_password": "REDIS_PASSWORD",
+    "postgres_password": "POSTGRES_PASSWORD",
+    "grafana_admin_password": "GRAFANA_ADMIN_PASSWORD",
+}
+
+
+def _secrets_by_file(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        command = " ".join(service.get("command") or [])
+        health = " ".join((service.get("healthcheck") or {}).get("test") or [])
+        for variable in SECRET_SOURCES.values():
+            assert variable not in command and variable not in health, (name, variable)
+        mounted = set(service.get("secrets") or [])
+        read = set(re.findall(r"/run/secrets/(\w+)", str(service)))
+        assert read <= mounted, (name, read - mounted)  # every file read is mounted
+        for key, value in (service.get("environment") or {}).items():
+            if key.endswith("_FILE") or key.endswith("__FILE"):
+                assert str(value).startswith("/run/secrets/"), (name, key)
+
+
+def test_secrets_come_by_file_never_on_a_command_line(compose: dict[str, Any]) -> None:
+    assert {k: v["environment"] for k, v in compose["secrets"].items()} == SECRET_SOURCES
+    _secrets_by_file(compose)
+    services = compose["services"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == (
+        "/run/secrets/postgres_password"
+    )
+    assert "POSTGRES_PASSWORD" not in services["postgres"]["environment"]
+    grafana = services["grafana"]["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    env = services["gateway"]["environment"]
+    assert "FLASHSALE_SECRET_KEY" not in env and "FLASHSALE_METRICS_TOKEN" not in env
 
 
 def _overlay(base: Any, over: Any) -> Any:
@@ -190,18 +242,91 @@ def test_redis_cluster_overlay(compose: dict[str, Any]) -> None:
     services = _overlay(compose, over)["services"]
     nodes = ["redis", *(f"redis-{n}" for n in range(2, 7))]
     for name in nodes:
-        command = services[name]["command"]
-        assert command[command.index("--cluster-enabled") + 1] == "yes", name
-        assert command[command.index("--appendfsync") + 1] == "always", name
-        assert "--masterauth" in command and "test" in services[name]["healthcheck"], name
+        command = " ".join(services[name]["command"])
+        assert "--cluster-enabled yes" in command, name
+        assert "--appendfsync always" in command, name
+        assert "masterauth" in command and "test" in services[name]["healthcheck"], name
+        assert "redis_password" in services[name]["secrets"], name
+    _secrets_by_file({**compose, "services": services})
     create = " ".join(services["redis-cluster-init"]["command"])
     assert "--cluster-replicas 1" in create
     assert all(f"{n}:6379" in create for n in nodes)
     assert set(services["redis-cluster-init"]["depends_on"]) == set(nodes)
     for name in ("migrate", "gateway", "consumers"):
-        env = Settings.from_env(services[name]["environment"])
+        env = Settings.from_env(_parsable(services[name]["environment"]))
         assert env.redis_cluster and env.redis_wait_replicas == 1, name
         seeds = {s.split("@")[-1].split("//")[-1].split("/")[0] for s in env.redis_seeds}
         assert seeds <= {f"{n}:6379" for n in nodes} and len(seeds) >= 3, seeds
         needs = services[name]["depends_on"]["redis-cluster-init"]
         assert needs["condition"] == "service_completed_successfully", name
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """``.dockerignore``'s rule: the last pattern matching the path or a parent decides."""
+    verdict = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        glob = pattern.removeprefix("!").rstrip("/")
+        if any(
+            fnmatch.fnmatchcase(p, glob) or fnmatch.fnmatchcase(p, glob.removeprefix("**/"))
+            for p in prefixes
+        ) or (glob.startswith("**/") and glob[3:] in parts):
+            verdict = not negated
+    return verdict
+
+
+def docker_context(root: Path = ROOT) -> list[str]:
+    """The files ``docker build .`` sends, by the rules of ``.dockerignore``."""
+    patterns = [
+        line.strip()
+        for line in (root / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    sent = []
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        here = "" if rel == "." else rel + "/"
+        # a folder that is ignored and that no `!` pattern reaches into is not walked (.venv)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not _ignored(here + d, patterns)
+            or any(p.startswith("!" + here + d) for p in patterns)
+        ]
+        sent += [here + f for f in files if not _ignored(here + f, patterns)]
+    return sent
+
+
+def test_the_build_context_is_what_the_image_needs() -> None:
+    """Not the 419 MB virtualenv, the data folder, the tests or the load tests."""
+    sent = docker_context()
+    tops = {path.split("/", 1)[0] for path in sent}
+    assert tops == {
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "flashsale",
+        "gateway",
+        "stack",
+        "consumers",
+        "lua",
+    }, tops
+    assert not [p for p in sent if "__pycache__" in p]
+    assert sum((ROOT / p).stat().st_size for p in sent) < 5_000_000
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.M):
+        for name in source.split():
+            assert name.rstrip("/") in tops, name  # every COPY finds its files
+
+
+def test_the_image_is_built_in_two_stages_with_a_health_check() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
+    assert len(stages) == 2 and stages[0].split()[2] == "build"
+    final = stages[1]
+    assert re.findall(r"^COPY (.+)$", final, re.M) == ["--from=build /opt/flashsale /opt/flashsale"]
+    assert "HEALTHCHECK" in final and "/healthz" in final
+    assert re.search(r"^USER flashsale$", final, re.M)
+    assert "loadtests" not in dockerfile.replace("no load tests", "")

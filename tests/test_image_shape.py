@@ -26,6 +26,7 @@ import yaml
 
 from flashsale.settings import Settings
 from stack.embedded import free_port, reachable_by
+from tests.test_compose import docker_context
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,6 +55,10 @@ def image() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="flashsale-image-"))
     root.chmod(0o755)
     venv = root / "venv"
+    context = root / "context"  # what `docker build` sends: no load tests, no tests
+    for name in docker_context():
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, context / name)
     try:
         subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], check=True)
         subprocess.run(
@@ -63,8 +68,8 @@ def image() -> Iterator[Path]:
                 "--quiet",
                 "--disable-pip-version-check",
                 "-c",
-                str(ROOT / "constraints.txt"),
-                str(ROOT),
+                str(context / "constraints.txt"),
+                str(context),
             ],
             check=True,
             timeout=600,
@@ -79,8 +84,9 @@ def _compose() -> dict[str, Any]:
     return data
 
 
-def _env(base: Settings, data_dir: Path, dbname: str) -> dict[str, str]:
-    """Compose's x-flashsale-env, with the suite's servers instead of the containers."""
+def _env(base: Settings, data_dir: Path, dbname: str, secrets_dir: Path) -> dict[str, str]:
+    """Compose's x-flashsale-env, with the suite's servers instead of the containers and
+    compose's secrets as files in ``secrets_dir``."""
     compose = _compose()
     env = {k: str(v) for k, v in compose["services"]["gateway"]["environment"].items()}
     assert env == {k: str(v) for k, v in compose["services"]["consumers"]["environment"].items()}
@@ -90,8 +96,6 @@ def _env(base: Settings, data_dir: Path, dbname: str) -> dict[str, str]:
         "FLASHSALE_REDIS_URL": base.redis_url,
         "FLASHSALE_DATABASE_URL": db_url,
         "FLASHSALE_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
-        "FLASHSALE_SECRET_KEY": secrets.token_hex(24),
-        "FLASHSALE_METRICS_TOKEN": secrets.token_hex(16),
         "FLASHSALE_HTTP_HOST": "127.0.0.1",
         "FLASHSALE_HTTP_PORT": str(free_port()),
         "FLASHSALE_METRICS_PORT": str(free_port()),
@@ -102,6 +106,12 @@ def _env(base: Settings, data_dir: Path, dbname: str) -> dict[str, str]:
         "FLASHSALE_KAFKA_ENABLE_IDEMPOTENCE": "false",  # tansu has no InitProducerId
     }
     env.update(swapped)
+    for key, value in list(env.items()):
+        if value.startswith("/run/secrets/"):  # a compose secret: a file the user can read
+            path = secrets_dir / Path(value).name
+            path.write_text(secrets.token_hex(24) + "\n")
+            path.chmod(0o644)
+            env[key] = str(path)
     env["PATH"] = "/usr/bin:/bin"
     return env
 
@@ -139,7 +149,7 @@ def test_compose_services_run_as_an_unprivileged_user(image: Path, base_settings
     dbname = "flashsale_image_" + secrets.token_hex(4)
     assert base_settings.database_url
     asyncio.run(_sql(base_settings.database_url, f'CREATE DATABASE "{dbname}"'))
-    env = _env(base_settings, data_dir, dbname)
+    env = _env(base_settings, data_dir, dbname, home)
     services = _compose()["services"]
     running: list[subprocess.Popen[bytes]] = []
 
@@ -181,14 +191,22 @@ def test_compose_services_run_as_an_unprivileged_user(image: Path, base_settings
         assert migrate.wait(120) == 0, (home / "migrate.log").read_text()[-3000:]
         gateway = start("gateway")
         wait("gateway", gateway)
+        token = Path(env["FLASHSALE_METRICS_TOKEN_FILE"]).read_text().strip()
         request = urllib.request.Request(
             f"http://127.0.0.1:{env['FLASHSALE_HTTP_PORT']}/metrics",
-            headers={"Authorization": f"Bearer {env['FLASHSALE_METRICS_TOKEN']}"},
+            headers={"Authorization": f"Bearer {token}"},
         )
         with urllib.request.urlopen(request, timeout=5) as resp:
             assert resp.status == 200
         consumers = start("consumers")
         wait("consumers", consumers)
+        with pytest.raises(subprocess.CalledProcessError):  # the image has no load tests
+            subprocess.run(
+                [str(image / "bin" / "python"), "-c", "import loadtests"],
+                cwd=str(home),  # not the checkout, whose folder `python -c` would import
+                check=True,
+                capture_output=True,
+            )
         owners = {p.stat().st_uid for p in data_dir.rglob("*")}
         assert owners <= {user.pw_uid}, "something in the data folder is not the user's"
     finally:

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from flashsale.settings import Settings
 from flashsale.stores.metrics import Metrics
 
 pytestmark = pytest.mark.unit
@@ -78,3 +80,70 @@ def test_grafana_panels_use_metrics_that_exist() -> None:
         assert figure in titles, figure
     provider = _yaml("deploy/grafana/provisioning/dashboards/flashsale.yml")
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# Series per sale (or per partition) exist once there is a sale (or a partition) to plot.
+PER_SALE = {
+    "flashsale_sale_remaining_units",
+    "flashsale_sale_allotment_units",
+    "flashsale_reconcile_drift_units",
+    "flashsale_queue_length",
+    "flashsale_consumer_lag",
+}
+# Set only by `flashsale reconcile` when it runs: no data until then is the truth, where a 0
+# exported by the gateway or the consumers would claim checks nobody made.
+MEASURED_BY_RECONCILE = {"flashsale_reconcile_money_drift"}
+
+
+def _wanted(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """(metric, {label: regex}) for each selector of a panel's expression."""
+    out = []
+    for name, matchers in re.findall(r"(flashsale_[a-z_]+)(?:\{([^}]*)\})?", expr):
+        labels = dict(re.findall(r'(\w+)=~?"([^"]*)"', matchers or ""))
+        out.append((name, {k: v for k, v in labels.items() if not v.startswith("$")}))
+    return out
+
+
+def test_what_the_dashboard_plots_exists_at_zero_before_any_event() -> None:
+    """Not "no data" until the first refusal, join or sweep: every series a panel selects
+    is exported at 0 by a gateway and consumers that have served nothing."""
+    from consumers.runner import declare_metrics
+    from gateway.app import create_app
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    create_app(
+        Settings().with_(
+            redis_url="redis://127.0.0.1:1/0",
+            database_url="postgresql://x@127.0.0.1:1/x",
+            kafka_bootstrap="127.0.0.1:1",
+            secret_key="k" * 40,
+        ),
+        metrics=metrics,
+    )  # builds, connects to nothing
+    declare_metrics(metrics)
+    samples = [
+        sample
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    ]
+    board = json.loads((ROOT / "deploy/grafana/dashboards/flashsale.json").read_text())
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            for name, labels in _wanted(target["expr"]):
+                if name in PER_SALE or name in MEASURED_BY_RECONCILE:
+                    continue
+                alternatives = (
+                    [{**labels, "code": code} for code in labels.get("code", "").split("|")]
+                    if "code" in labels
+                    else [labels]
+                )
+                for want in alternatives:
+                    found = [
+                        s
+                        for s in samples
+                        if s.name == name
+                        and all(re.fullmatch(v, s.labels.get(k, "")) for k, v in want.items())
+                    ]
+                    assert found, f"{panel['title']}: no series {name} {want}"
+                    assert all(s.value == 0 for s in found if not s.name.endswith("_created"))

@@ -140,3 +140,23 @@ def test_the_cli_warns_in_one_line_about_a_misspelt_variable(tmp_path: Path) -> 
         "flashsale: warning: FLASHSALE_REDS_URL is not a setting and is ignored; "
         "did you mean FLASHSALE_REDIS_URL?"
     ]
+
+
+@pytest.mark.unit
+def test_a_setting_may_come_from_a_file(tmp_path: Path) -> None:
+    """How compose hands a secret over (``/run/secrets/...``): not in the environment, not
+    on a command line."""
+    secret = tmp_path / "secret_key"
+    secret.write_text("s" * 40 + "\n")
+    settings = Settings.from_env({"FLASHSALE_SECRET_KEY_FILE": str(secret)})
+    assert settings.secret_key == "s" * 40  # the line break a file ends with is not part of it
+    assert "FLASHSALE_SECRET_KEY_FILE" not in settings.to_env()  # children get the value
+    assert unknown_variables({"FLASHSALE_SECRET_KEY_FILE": str(secret)}) == []
+    assert unknown_variables({"FLASHSALE_SECRT_KEY_FILE": "x"}) == [
+        "FLASHSALE_SECRT_KEY_FILE is not a setting and is ignored; "
+        "did you mean FLASHSALE_SECRET_KEY_FILE?"
+    ]
+    with pytest.raises(SettingsError, match="FLASHSALE_SECRET_KEY and FLASHSALE_SECRET_KEY_FILE"):
+        Settings.from_env({"FLASHSALE_SECRET_KEY_FILE": str(secret), "FLASHSALE_SECRET_KEY": "x"})
+    with pytest.raises(SettingsError, match=r"FLASHSALE_SECRET_KEY_FILE=/nowhere: cannot read"):
+        Settings.from_env({"FLASHSALE_SECRET_KEY_FILE": "/nowhere"})

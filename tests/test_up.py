@@ -15,7 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from redis import Redis as SyncRedis
 
+from flashsale.stores import rediskeys
 from stack.embedded import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -141,6 +143,14 @@ def test_up_ready_then_sigterm_leaves_nothing() -> None:
             _ready(port, proc, 90)
             again = json.loads((Path(data_dir) / "stack.json").read_text())
             assert again["ports"] == first["ports"]  # URLs from the last banner stay good
+            # its Redis is a new run: the demo sale was re-armed under it before the gateway
+            # said it was ready (not SALE_RECOVERING for the recovery sweeper's grace)
+            redis = SyncRedis.from_url(again["redis_url"])
+            try:
+                run_id = redis.info("server")["run_id"]
+                assert redis.hget(rediskeys.sale(1), "armed") == run_id.encode()
+            finally:
+                redis.close()
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]

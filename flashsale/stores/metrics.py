@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -179,6 +180,26 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=reg,
         )
+
+    def declare(
+        self,
+        *,
+        error_codes: Iterable[str] = (),
+        routes: Iterable[tuple[str, str, str]] = (),
+        sweeper_actions: Iterable[str] = (),
+        dead_letter_reasons: Iterable[str] = (),
+    ) -> None:
+        """Create these label values at zero, so that a dashboard plots 0 from the start
+        instead of "no data" until the first event of each kind."""
+        for code in error_codes:
+            self.errors.labels(code)
+        for method, route, status in routes:
+            self.requests.labels(method, route, status)
+            self.latency.labels(method, route)
+        for action in sweeper_actions:
+            self.swept.labels(action)
+        for reason in dead_letter_reasons:
+            self.dead_letters.labels(reason)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every process (multiprocess) or of this one."""
