@@ -30,7 +30,7 @@ from tests.netns.history import Shopper, Verdict, judge, shop, until
 from tests.netns.hosts import NamespacesUnavailable, Network
 from tests.netns.stack import GATEWAYS, HOSTS, NetStack, Postgres, start_pg
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.netns]
 
 SQL_ORDER_IDS = "SELECT id FROM orders WHERE flash_sale_id = $1"
 
