@@ -270,7 +270,9 @@ async def test_consumer_cut_from_postgres_then_from_the_broker(stack: NetStack) 
     """The consumer host loses PostgreSQL for 10 s while batches are being written, then the
     broker for 10 s while it commits offsets, then everything (its link down) for 10 s.
     Joins go on (the gateways need neither); every order is written once afterwards."""
-    sale = await Sale.open(stack, quantity=300, shoppers=450)
+    # a slow sale (12 shoppers a second, the stock lasting about 40 s): orders keep coming
+    # through all three faults
+    sale = await Sale.open(stack, quantity=450, shoppers=600)
     faults = [
         Fault(lambda: stack.net.sever(["consumer"], ["pg"])),
         Fault(lambda: stack.net.sever(["consumer"], ["broker"])),
@@ -282,11 +284,11 @@ async def test_consumer_cut_from_postgres_then_from_the_broker(stack: NetStack) 
         sale,
         *faults,
         after_accepted=20,
-        per_second=12,  # a slow sale: orders keep coming through all three faults
+        per_second=12,
     )
     print("accepted during each fault:", [f.accepted_during for f in faults])
     assert all(f.accepted_during for f in faults)
-    assert verdict.accepted + verdict.back_on_sale == 300, verdict.answers
+    assert verdict.accepted + verdict.back_on_sale == 450, verdict.answers
 
 
 @pytest.mark.chaos
