@@ -2,8 +2,8 @@
 own (a network namespace, ``tests/netns/``), the network cut or split mid-sale for a set
 time, then healed; the history checker holds the stores to every answer a shopper got.
 
-Each case prints its row of the README's "what survives what" table. One runs in
-``make test``; all run in ``make chaos`` (``make netns`` runs only these).
+Each case prints its row of the table in docs/architecture.md ("What survives what"). One
+runs in ``make test``; all run in ``make chaos`` (``make netns`` runs only these).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -124,9 +124,8 @@ async def shop(
         await asyncio.gather(*tasks)
 
 
-async def until(check: object, what: str, timeout_s: float = 60.0) -> None:
-    """Wait for ``check()`` (a sync callable returning bool); a timeout fails saying what."""
-    assert callable(check)
+async def until(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Wait for ``check()``; a timeout fails saying what was awaited."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
