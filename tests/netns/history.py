@@ -203,7 +203,7 @@ async def judge(
     while True:
         ok, why = await _state(db, redis, sale_id)
         rows = await db.fetch(SQL_ORDERS, sale_id)
-        if ok and set(promised) <= {r["id"] for r in rows}:
+        if ok:  # nothing in flight: an accepted order not in PostgreSQL now never will be
             break
         if time.monotonic() > deadline:
             missing = sorted(set(promised) - {r["id"] for r in rows})
@@ -267,7 +267,8 @@ async def judge(
         await shop(late, sale_id, deadline_s=30)
         verdict.back_on_sale = sum(s.quantity for s in late if s.order_id is not None)
     print(f"\n{Verdict.HEADER}\n{verdict.row()}\nanswers: {answers}", flush=True)
-    assert not lost, f"accepted orders not in PostgreSQL: {lost[:10]} ({state})"
+    histories = [[a.answer for a in promised[oid].attempts] for oid in lost[:3]]
+    assert not lost, f"accepted orders not in PostgreSQL: {lost[:10]}, told {histories} ({state})"
     assert not wrong, f"persisted with another user or quantity: {wrong[:10]} ({state})"
     assert verdict.oversold == 0, state
     assert verdict.duplicates == 0, f"told twice {told_twice}, over the limit {over_limit}"

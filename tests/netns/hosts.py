@@ -163,6 +163,11 @@ class Network:
         ip("link", "set", self.hosts[name].port, "down")
         self.cut_hosts.add(name)
 
+    def reconnect(self, name: str) -> None:
+        """Undo ``cut(name)`` only (other faults stay)."""
+        ip("link", "set", self.hosts[name].port, "up")
+        self.cut_hosts.discard(name)
+
     def sever(self, side_a: Iterable[str], side_b: Iterable[str]) -> None:
         b = list(side_b)
         for x in side_a:
