@@ -145,7 +145,9 @@ class Network:
 
     @contextlib.contextmanager
     def inside(self, name: str) -> Iterator[Host]:
-        """The calling thread in ``name``'s namespace: children started now run there."""
+        """The calling thread in ``name``'s namespace: children started now run there (what
+        ``ip netns exec`` does, without a wrapper process). Never held across an ``await``:
+        every coroutine of the loop would open its sockets there meanwhile."""
         host = self.hosts[name]
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{host.netns}", os.O_RDONLY)
