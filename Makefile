@@ -26,10 +26,10 @@ test: $(STAMP) browser netns-tools test-tools  ## the full suite against real se
 	$(BIN)/pytest -m "not chaos"
 
 chaos: $(STAMP) netns-tools  ## the long fault-injection runs: stores and processes killed, hosts partitioned mid-sale
-	$(BIN)/pytest -m chaos -s
+	$(BIN)/pytest -m "chaos or netns" -s
 
 netns: $(STAMP) netns-tools  ## only the stampede across hosts in network namespaces, partitioned and healed (root)
-	$(BIN)/pytest tests/test_netns.py -s
+	$(BIN)/pytest -m netns -s
 
 netns-tools:  ## Debian's iproute2 (ip netns, ip link) for the namespace hosts (installs it when root)
 	@command -v ip >/dev/null || \

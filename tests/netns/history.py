@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -124,9 +124,8 @@ async def shop(
         await asyncio.gather(*tasks)
 
 
-async def until(check: object, what: str, timeout_s: float = 60.0) -> None:
-    """Wait for ``check()`` (a sync callable returning bool); a timeout fails saying what."""
-    assert callable(check)
+async def until(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Wait for ``check()``; a timeout fails saying what was awaited."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
@@ -204,7 +203,7 @@ async def judge(
     while True:
         ok, why = await _state(db, redis, sale_id)
         rows = await db.fetch(SQL_ORDERS, sale_id)
-        if ok and set(promised) <= {r["id"] for r in rows}:
+        if ok:  # nothing in flight: an accepted order not in PostgreSQL now never will be
             break
         if time.monotonic() > deadline:
             missing = sorted(set(promised) - {r["id"] for r in rows})
@@ -268,7 +267,8 @@ async def judge(
         await shop(late, sale_id, deadline_s=30)
         verdict.back_on_sale = sum(s.quantity for s in late if s.order_id is not None)
     print(f"\n{Verdict.HEADER}\n{verdict.row()}\nanswers: {answers}", flush=True)
-    assert not lost, f"accepted orders not in PostgreSQL: {lost[:10]} ({state})"
+    histories = [[a.answer for a in promised[oid].attempts] for oid in lost[:3]]
+    assert not lost, f"accepted orders not in PostgreSQL: {lost[:10]}, told {histories} ({state})"
     assert not wrong, f"persisted with another user or quantity: {wrong[:10]} ({state})"
     assert verdict.oversold == 0, state
     assert verdict.duplicates == 0, f"told twice {told_twice}, over the limit {over_limit}"

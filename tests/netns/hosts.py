@@ -31,15 +31,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import json
 import os
 import secrets
+import signal
 import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 UNOWNED_MAC = "02:00:00:00:fa:11"  # locally administered, owned by no interface here
 IFACE = "eth0"
+OWNER = "flashsale-netns pid="  # the bridge's alias: which test process made this network
 
 
 class NamespacesUnavailable(Exception):
@@ -101,12 +105,14 @@ class Network:
         reason = unavailable_reason()
         if reason:
             raise NamespacesUnavailable(reason)
+        sweep_leftovers()
         tag = "fs" + secrets.token_hex(2)
         subnet = _free_subnet()
         addresses = list(subnet.hosts())
         net = cls(tag, tag + "br", str(addresses[0]))
         try:
             ip("link", "add", net.bridge, "type", "bridge")
+            ip("link", "set", net.bridge, "alias", f"{OWNER}{os.getpid()}")
             ip("addr", "add", f"{net.gateway_ip}/{subnet.prefixlen}", "dev", net.bridge)
             ip("link", "set", net.bridge, "up")
             for i, name in enumerate(names):
@@ -139,7 +145,9 @@ class Network:
 
     @contextlib.contextmanager
     def inside(self, name: str) -> Iterator[Host]:
-        """The calling thread in ``name``'s namespace: children started now run there."""
+        """The calling thread in ``name``'s namespace: children started now run there (what
+        ``ip netns exec`` does, without a wrapper process). Never held across an ``await``:
+        every coroutine of the loop would open its sockets there meanwhile."""
         host = self.hosts[name]
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{host.netns}", os.O_RDONLY)
@@ -156,6 +164,11 @@ class Network:
     def cut(self, name: str) -> None:
         ip("link", "set", self.hosts[name].port, "down")
         self.cut_hosts.add(name)
+
+    def reconnect(self, name: str) -> None:
+        """Undo ``cut(name)`` only (other faults stay)."""
+        ip("link", "set", self.hosts[name].port, "up")
+        self.cut_hosts.discard(name)
 
     def sever(self, side_a: Iterable[str], side_b: Iterable[str]) -> None:
         b = list(side_b)
@@ -210,6 +223,25 @@ class Network:
             ip("netns", "del", host.netns, check=False)  # takes its veth (and the peer) along
         ip("link", "del", self.bridge, check=False)
         self.hosts.clear()
+
+
+def sweep_leftovers() -> None:
+    """Remove what a run that died without cleaning up left behind (its bridge names the
+    test process that made it): the processes still in its namespaces, the namespaces, the
+    bridge. Another run's network, still alive, is left alone."""
+    bridges = json.loads(ip("-j", "link", "show", "type", "bridge").stdout or "[]")
+    names = ip("netns", "list").stdout.split()
+    for bridge in bridges:
+        alias = bridge.get("ifalias", "")
+        if not alias.startswith(OWNER) or Path(f"/proc/{alias[len(OWNER) :]}").exists():
+            continue
+        tag = bridge["ifname"].removesuffix("br")
+        for netns in [n for n in names if n.startswith(tag + "-")]:
+            for pid in ip("netns", "pids", netns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            ip("netns", "del", netns, check=False)
+        ip("link", "del", bridge["ifname"], check=False)
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
