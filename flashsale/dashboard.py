@@ -46,7 +46,6 @@ from redis.exceptions import RedisError
 
 from flashsale.flash.cache import iso_ms, now_ms
 from flashsale.stores import rediskeys, tasks
-from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.rediskeys import DASH_TOTALS, dash_second
 
 log = logging.getLogger(__name__)
@@ -373,18 +372,16 @@ async def publish_every_second(
     first (the gateway's request-stats flush). Ends when ``stop`` is set or on cancel,
     after one last publish."""
     pub = publisher_for(registry)
-    stop = stop or asyncio.Event()
+
+    async def step() -> None:
+        if before is not None:
+            before()
+        await pub.publish(redis)
+
     try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-            if before is not None:
-                before()
-            try:
-                with leaks_as_connection_errors():
-                    await pub.publish(redis)
-            except (RedisError, OSError) as exc:
-                log.warning("dashboard figures not published: %s", exc)
+        await tasks.guarded_loop(
+            step, name="dashboard publish", every_s=1.0, wait_first=True, stop=stop
+        )
     finally:
         if before is not None:
             before()
@@ -593,6 +590,10 @@ def merchant_view(snap: dict[str, Any]) -> dict[str, Any]:
 # the per-worker hub: one tick loop per watched sale, fanned out to local watchers
 
 
+def _to_next_second() -> float:
+    return 1.0 - (time.time() % 1.0)
+
+
 def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
@@ -668,23 +669,23 @@ class DashboardHub:
         await tasks.stop(*loops)
 
     async def _run(self, sale_id: int) -> None:
-        while True:
-            await asyncio.sleep(1.0 - (time.time() % 1.0))
-            try:
-                with leaks_as_connection_errors():
-                    snap = await self.tick(sale_id, int(time.time()))
-            except (RedisError, OSError, asyncpg.PostgresError) as exc:
-                if tasks.cancel_requested():
-                    raise asyncio.CancelledError from None
-                log.warning("dashboard snapshot of sale %s failed: %s", sale_id, exc)
-                continue
+        async def step() -> None:
+            snap = await self.tick(sale_id, int(time.time()))
             if snap is None:
-                continue
+                return
             self._latest[sale_id] = snap
             cond = self._changed.get(sale_id)
             if cond is not None:
                 async with cond:
                     cond.notify_all()
+
+        await tasks.guarded_loop(
+            step,
+            name=f"dashboard snapshot of sale {sale_id}",
+            every_s=_to_next_second,
+            errors=(*tasks.STORE_ERRORS, asyncpg.PostgresError),
+            wait_first=True,
+        )
 
     async def tick(self, sale_id: int, second: int) -> dict[str, Any] | None:
         """This second's snapshot: computed here if this worker wins the tick, else read."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import secrets
 import time
@@ -27,7 +26,6 @@ from typing import Any, Final
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.errors import (
     AccountTooNew,
@@ -48,7 +46,6 @@ from flashsale.flash.cache import SaleCache, SaleState, iso_ms, now_ms
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys, tasks
 from flashsale.stores.metrics import Metrics
-from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.scripts import FlashScripts, Lease, QueueAdmit, QueueEnter, register
 from flashsale.waitingroom.config import QueueConfig
 from flashsale.waitingroom.signing import Signer, Ticket
@@ -479,15 +476,10 @@ async def set_mode(
 
 async def run_forever(room: WaitingRoom, stop: asyncio.Event) -> None:
     """Refresh this worker's copy and run the admitter steps, every ``queue_tick_ms``."""
+
+    async def step() -> None:
+        await room.refresh()
+        await room.admit_all()
+
     every_s = room.settings.queue_tick_ms / 1000
-    while not stop.is_set():
-        try:
-            with leaks_as_connection_errors():
-                await room.refresh()
-                await room.admit_all()
-        except (RedisError, OSError) as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("waiting room step failed: %s", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+    await tasks.guarded_loop(step, name="waiting room step", every_s=every_s, stop=stop)
