@@ -75,7 +75,6 @@ SELECT id FROM flash_sales
 WHERE (end_at <= now() OR closed_at IS NOT NULL) AND end_at > now() - make_interval(days => $1)
 ORDER BY id
 """
-SQL_LIVE_SALES = "SELECT id FROM flash_sales WHERE end_at > now() AND closed_at IS NULL ORDER BY id"
 SQL_CANCEL_FLASH = """
 UPDATE orders SET status = 'cancelled', cancelled_at = now(), cancel_reason = $2,
        version = version + 1, updated_at = now()
