@@ -44,6 +44,7 @@ from prometheus_client.metrics_core import Metric
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flashsale import errors
 from flashsale.flash.cache import iso_ms, now_ms
 from flashsale.stores import rediskeys, tasks
 from flashsale.stores.rediskeys import DASH_TOTALS, dash_second
@@ -55,17 +56,20 @@ JOIN_ROUTE: Final = "/api/v1/flash-sales/{sale_id}/join"
 JOIN_ROUTES: Final = frozenset((JOIN_ROUTE, JOIN_ROUTE + "/{admission}"))
 # The join refusals the dashboard names, by error code (flashsale.errors); NOT_ADMITTED and
 # ADMISSION_EXPIRED are a queued sale's (no admission, or one whose window passed).
-REFUSAL_CODES: Final = (
-    "SOLD_OUT",
-    "LIMIT_EXCEEDED",
-    "INSUFFICIENT_STOCK",
-    "RATE_LIMITED",
-    "NOT_ADMITTED",
-    "ADMISSION_EXPIRED",
-    "NOT_STARTED",
-    "SALE_ENDED",
-    "RETRY_LATER",
-    "SALE_RECOVERING",
+REFUSAL_CODES: Final = tuple(
+    refusal.code
+    for refusal in (
+        errors.SoldOut,
+        errors.LimitExceeded,
+        errors.InsufficientStock,
+        errors.RateLimited,
+        errors.NotAdmitted,
+        errors.AdmissionExpired,
+        errors.NotStarted,
+        errors.SaleEnded,
+        errors.ServiceUnavailable,
+        errors.SaleRecovering,
+    )
 )
 LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten seconds
 RATE_WINDOW_S: Final = 3  # rates: the mean of the last three complete seconds

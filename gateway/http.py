@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flashsale.errors import InvalidJSON, PayloadTooLarge, ValidationFailed
+from flashsale.errors import InvalidJSON, PayloadTooLarge, ValidationFailed, envelope
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -41,12 +41,7 @@ def error_body(
     fields: dict[str, str] | None = None,
     data: Any = None,
 ) -> bytes:
-    payload: dict[str, Any] = {"code": status, "message": message, "error": code, "data": data}
-    if fields:
-        payload["fields"] = fields
-    if request_id is not None:
-        payload["request_id"] = request_id
-    return dumps(payload)
+    return dumps(envelope(status, code, message, request_id=request_id, fields=fields, data=data))
 
 
 def header_text(request: web.Request, name: str, *, max_len: int) -> str | None:
