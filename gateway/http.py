@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flashsale.errors import InvalidJSON, PayloadTooLarge, ValidationFailed, envelope
+from flashsale.errors import InvalidJSON, PayloadTooLarge, ValidationFailed
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -30,18 +30,6 @@ def ok(
     """The success envelope ``{"code", "message", "data"}``."""
     body = dumps({"code": status, "message": message, "data": data})
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
-
-
-def error_body(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    request_id: str | None = None,
-    fields: dict[str, str] | None = None,
-    data: Any = None,
-) -> bytes:
-    return dumps(envelope(status, code, message, request_id=request_id, fields=fields, data=data))
 
 
 def header_text(request: web.Request, name: str, *, max_len: int) -> str | None:

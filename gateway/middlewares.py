@@ -10,11 +10,11 @@ from typing import Final
 
 from aiohttp import web
 
-from flashsale.errors import AppError, ServiceUnavailable, for_http_status
+from flashsale.errors import AppError, ServiceUnavailable, envelope, for_http_status
 from flashsale.stores.db import lost_database
 from flashsale.stores.metrics import RequestStats
 from flashsale.stores.redisclient import lost_connection
-from gateway.http import JSON_CONTENT_TYPE, error_body, printable_ascii
+from gateway.http import JSON_CONTENT_TYPE, dumps, printable_ascii
 from gateway.routing import Handler
 
 log = logging.getLogger("flashsale.errors")
@@ -49,7 +49,7 @@ def _error_response(
     data: object = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    body = error_body(status, code, message, request_id=rid, fields=fields, data=data)
+    body = dumps(envelope(status, code, message, request_id=rid, fields=fields, data=data))
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 

@@ -96,7 +96,7 @@ def _codes_written_out(tree: ast.AST, codes: set[str]) -> list[tuple[int, str]]:
             items = node.elts
         elif isinstance(node, ast.Call):
             name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-            if name in ("error_body", "_error_response", "envelope") and len(node.args) > 1:
+            if name in ("_error_response", "envelope") and len(node.args) > 1:
                 code = node.args[1]
                 if isinstance(code, ast.Constant):
                     found.append((node.lineno, f"{name}(..., {code.value!r})"))
