@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -13,8 +12,6 @@ from flashsale.flash.cache import REFRESH_EVERY_S
 from flashsale.flash.runtime import FlashRuntime, open_runtime
 from flashsale.stores import tasks
 from gateway import appkeys
-
-log = logging.getLogger(__name__)
 
 FLASH: Final = web.AppKey("flash", FlashRuntime)
 
