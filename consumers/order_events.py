@@ -9,9 +9,9 @@ batch, and the replay changes nothing that was already written.
 
 An accepted order is never dropped. Under the sale rows' locks, each new order takes
 units from what the sale has left in the record; one that finds none (Redis promised a
-unit twice, e.g. after losing writes before the fence existed) is written with status
-``oversold``: visible to its shopper, never payable, counted in a metric and by
-reconcile.
+unit twice: what the sale's fence is there to prevent, so this is the net beneath it) is
+written with status ``oversold``: visible to its shopper, never payable, counted in a
+metric and by reconcile.
 
 Many consumers drain one hot sale side by side: its events are keyed by order id, so
 they spread over every partition, and each transaction takes the sale row's lock only

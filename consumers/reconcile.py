@@ -55,7 +55,6 @@ WHERE o.flash_sale_id = $1
 GROUP BY o.user_id, o.status, o.flash_units_returned
 """
 SQL_EXISTING = "SELECT id FROM orders WHERE id = ANY($1::text[])"
-HOLDING_NOTHING: Final = ("cancelled", "oversold")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from consumers.order_events import (
 from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import SWEEPER_ACTIONS, run_sweepers
 from flashsale.dashboard import publish_every_second
+from flashsale.errors import Unauthorized, envelope
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool
 from flashsale.stores.kafka import OrderProducer
@@ -100,14 +101,14 @@ async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.encode(), token.encode()
             ):
-                return web.json_response(
-                    {
-                        "code": 401,
-                        "message": "metrics need a bearer token",
-                        "error": "AUTH_REQUIRED",
-                    },
-                    status=401,
+                refused = Unauthorized(
+                    "metrics need a bearer token",
                     headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
+                return web.json_response(
+                    envelope(refused.http_status, refused.code, refused.message),
+                    status=refused.http_status,
+                    headers=refused.headers,
                 )
         body, content_type = metrics.render()
         resp = web.Response(body=body)

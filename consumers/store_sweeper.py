@@ -8,12 +8,13 @@ status-guarded updates), so there is no leader to elect.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 
 import asyncpg
 
 from flashsale import inventory, orders, presale
+from flashsale.stores import tasks
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,16 @@ async def sweep_once(db: asyncpg.Pool) -> tuple[int, int, int]:
     return closed, released, presales
 
 
-async def _loop(db: asyncpg.Pool, interval_s: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await sweep_once(db)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            log.exception("store sweep failed; retrying next interval")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
-
-
 async def run_store_sweeper(db: asyncpg.Pool, interval_s: float, stop: asyncio.Event) -> None:
     """Sweep every ``interval_s`` until ``stop`` is set."""
-    task = asyncio.create_task(_loop(db, interval_s, stop), name="store-sweep-loop")
+    loop = tasks.guarded_loop(
+        functools.partial(sweep_once, db),
+        name="store sweep",
+        every_s=interval_s,
+        errors=(asyncpg.PostgresError, asyncpg.InterfaceError, OSError),
+        stop=stop,
+    )
+    task = asyncio.create_task(loop, name="store-sweep-loop")
     await stop.wait()
     # A sweep waiting on a row lock, or on a server that went away, must not hold up the
     # shutdown: what it did not finish rolls back, and the next sweep (here or in a sibling)

@@ -25,7 +25,6 @@ A sale split into buckets is swept bucket by bucket: each holds its own log and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,10 +39,9 @@ from consumers.recovery import Recovery
 from flashsale.flash import buckets, lifecycle
 from flashsale.flash.events import parse_entry
 from flashsale.settings import Settings
-from flashsale.stores import rediskeys
+from flashsale.stores import rediskeys, tasks
 from flashsale.stores.kafka import OrderProducer, PublishFailed
 from flashsale.stores.metrics import Metrics
-from flashsale.stores.redisclient import lost_connection
 from flashsale.stores.scripts import FlashScripts, ReturnUnits
 
 log = logging.getLogger(__name__)
@@ -51,6 +49,16 @@ log = logging.getLogger(__name__)
 STRANDED_BATCH: Final = 500
 DEADLINE_BATCH: Final = 500
 SETTLE_LOOKBACK_DAYS: Final = 7
+# A step that meets one of these is tried again next round; any other error is a bug.
+SWEEP_ERRORS: Final = (
+    RedisError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    PublishFailed,
+    KafkaError,
+    TimeoutError,
+)
 
 SQL_EXPIRED = """
 SELECT id FROM orders
@@ -307,29 +315,16 @@ async def run_sweepers(
         ("transfers", lambda: finish_transfers(redis, scripts, metrics)),
     ]
     republishing = {"stranded", "claims"}
-    while not stop.is_set():
+
+    async def sweep() -> None:
         db_up = await _reachable(db)
         for name, step in steps:
             if name in republishing and not db_up:
                 continue  # the events wait in the topic; republishing would only add copies
-            try:
+            with tasks.guarded(f"sweeper {name}", SWEEP_ERRORS):
                 await step()
-            except (
-                RedisError,
-                OSError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                PublishFailed,
-                KafkaError,
-                TimeoutError,
-            ) as exc:
-                log.warning("sweeper %s failed: %s", name, exc)
-            except (AttributeError, TypeError, RuntimeError) as exc:
-                if not lost_connection(exc):  # a bug: let the process crash and restart
-                    raise
-                log.warning("sweeper %s: Redis connection lost under it: %r", name, exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+
+    await tasks.guarded_loop(sweep, name="sweeper", every_s=interval, stop=stop)
 
 
 async def _reachable(db: asyncpg.Pool) -> bool:

@@ -10,10 +10,10 @@ A snapshot of one sale joins three sources:
   join outcomes and latency, refusals by code, consumer lag and drain, dead letters, the
   waiting room's length and admissions. Each process reads its OWN Prometheus samples once
   a second (``Publisher``, off the request path) and adds what changed since its last
-  publish to that second's bucket (``fs:{dash}:s:<epoch second>``, one pipelined write)
+  publish to that second's hash (``fs:{dash}:s:<epoch second>``, one pipelined write)
   and to the running totals (``fs:{dash}:totals``); gauges (lag, queue length) go in the
-  bucket under ``name|process``. The hub sums the last seconds' buckets: rates over
-  ``RATE_WINDOW_S``, join p50/p99 over ``LATENCY_WINDOW_S`` from summed histogram buckets,
+  hash under ``name|process``. The hub sums the last seconds' hashes: rates over
+  ``RATE_WINDOW_S``, join p50/p99 over ``LATENCY_WINDOW_S`` from summed histogram bins,
   a gauge as each process's latest value. Prometheus ``/metrics`` stays per replica.
 
 Only one process computes a given second's snapshot — the one that wins ``SET … NX`` on
@@ -44,9 +44,9 @@ from prometheus_client.metrics_core import Metric
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flashsale import errors
 from flashsale.flash.cache import iso_ms, now_ms
 from flashsale.stores import rediskeys, tasks
-from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.rediskeys import DASH_TOTALS, dash_second
 
 log = logging.getLogger(__name__)
@@ -56,24 +56,27 @@ JOIN_ROUTE: Final = "/api/v1/flash-sales/{sale_id}/join"
 JOIN_ROUTES: Final = frozenset((JOIN_ROUTE, JOIN_ROUTE + "/{admission}"))
 # The join refusals the dashboard names, by error code (flashsale.errors); NOT_ADMITTED and
 # ADMISSION_EXPIRED are a queued sale's (no admission, or one whose window passed).
-REFUSAL_CODES: Final = (
-    "SOLD_OUT",
-    "LIMIT_EXCEEDED",
-    "INSUFFICIENT_STOCK",
-    "RATE_LIMITED",
-    "NOT_ADMITTED",
-    "ADMISSION_EXPIRED",
-    "NOT_STARTED",
-    "SALE_ENDED",
-    "RETRY_LATER",
-    "SALE_RECOVERING",
+REFUSAL_CODES: Final = tuple(
+    refusal.code
+    for refusal in (
+        errors.SoldOut,
+        errors.LimitExceeded,
+        errors.InsufficientStock,
+        errors.RateLimited,
+        errors.NotAdmitted,
+        errors.AdmissionExpired,
+        errors.NotStarted,
+        errors.SaleEnded,
+        errors.ServiceUnavailable,
+        errors.SaleRecovering,
+    )
 )
 LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten seconds
 RATE_WINDOW_S: Final = 3  # rates: the mean of the last three complete seconds
 GAUGE_FRESH_S: Final = 5  # a process silent this long no longer counts in a gauge
 LAST_PUBLISH_S: Final = 2.0  # the publish on the way out waits this long at most
-BUCKET_TTL_S: Final = LATENCY_WINDOW_S + 50  # a second's bucket outlives every reader
-# The waiting room's series (its branch exports them): a queued sale's length, admissions.
+SECOND_TTL_S: Final = LATENCY_WINDOW_S + 50  # a second's hash outlives every reader
+# The waiting room's series (flashsale/stores/metrics.py): a queued sale's length, admissions.
 QUEUE_LENGTH: Final = "flashsale_queue_length"
 QUEUE_ADMITTED: Final = "flashsale_queue_admitted_total"
 HISTORY_POINTS: Final = 300  # five minutes of one-second snapshots
@@ -241,7 +244,7 @@ def own_families(registry: CollectorRegistry | None) -> list[Metric]:
     return list((registry or REGISTRY).collect())
 
 
-# Counter fields of a bucket and of the totals: a fixed, small set whatever the traffic.
+# Counter fields of a second and of the totals: a fixed, small set whatever the traffic.
 _REQ, _REF, _LAT = "req:", "ref:", "lat:"
 _PERSISTED, _DEAD, _ADMITTED = "persisted", "dead_letters", "queue_admitted"
 # Gauge fields, ``<name>|<process>`` (a sale's: ``<name>:<sale id>|<process>``).
@@ -307,7 +310,7 @@ class Publisher:
     """One process's figures into Redis, once a second: what changed since the last publish.
 
     Costs one pipelined round trip per call with a bounded number of fields (statuses,
-    refusal codes, latency buckets, gauges), however many requests the second carried;
+    refusal codes, latency bins, gauges), however many requests the second carried;
     nothing on the request path. A failed write keeps its deltas for the next call.
     """
 
@@ -337,7 +340,7 @@ class Publisher:
             pipe.hincrby(key, name, n)
             pipe.hincrby(DASH_TOTALS, name, n)
         pipe.hset(key, mapping=gauge_fields(t, self._process))  # type: ignore[arg-type]
-        pipe.expire(key, BUCKET_TTL_S)
+        pipe.expire(key, SECOND_TTL_S)
         try:
             self.last_commands = len(pipe)
             await pipe.execute()
@@ -373,18 +376,16 @@ async def publish_every_second(
     first (the gateway's request-stats flush). Ends when ``stop`` is set or on cancel,
     after one last publish."""
     pub = publisher_for(registry)
-    stop = stop or asyncio.Event()
+
+    async def step() -> None:
+        if before is not None:
+            before()
+        await pub.publish(redis)
+
     try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-            if before is not None:
-                before()
-            try:
-                with leaks_as_connection_errors():
-                    await pub.publish(redis)
-            except (RedisError, OSError) as exc:
-                log.warning("dashboard figures not published: %s", exc)
+        await tasks.guarded_loop(
+            step, name="dashboard publish", every_s=1.0, wait_first=True, stop=stop
+        )
     finally:
         if before is not None:
             before()
@@ -399,23 +400,23 @@ class Aggregate:
 
     totals: Totals  # counters since the totals began; gauges as last published
     recent: Totals  # counters summed over the last RATE_WINDOW_S complete seconds
-    latency: dict[float, float]  # join latency buckets summed over LATENCY_WINDOW_S
+    latency: dict[float, float]  # join latency bins summed over LATENCY_WINDOW_S
     processes: int  # processes that published in the last GAUGE_FRESH_S seconds
 
 
 async def read_aggregate(redis: Redis, second: int) -> Aggregate:
-    """Every process's figures as of ``second`` (its buckets before it are complete)."""
+    """Every process's figures as of ``second`` (the seconds before it are complete)."""
     seconds = list(range(second - LATENCY_WINDOW_S, second + 1))
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(DASH_TOTALS)
     for s in seconds:
         pipe.hgetall(dash_second(s))
-    totals_raw, *buckets_raw = await pipe.execute()
+    totals_raw, *seconds_raw = await pipe.execute()
     totals = Totals()
     _add_counters(totals, _fields(totals_raw))
     recent, window = Totals(), Totals()
     latest: dict[str, float] = {}
-    for s, raw in zip(seconds, buckets_raw, strict=True):
+    for s, raw in zip(seconds, seconds_raw, strict=True):
         fields = _fields(raw)
         if s < second:  # the current second is still being written
             _add_counters(window, {k: v for k, v in fields.items() if k.startswith(_LAT)})
@@ -429,8 +430,8 @@ async def read_aggregate(redis: Redis, second: int) -> Aggregate:
 
 
 def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
-    """The q-quantile (seconds) of the observations between two cumulative bucket readings,
-    interpolated within its bucket as Prometheus's histogram_quantile does."""
+    """The q-quantile (seconds) of the observations between two cumulative histogram readings,
+    interpolated within its bin as Prometheus's histogram_quantile does."""
     bounds = sorted(after)
     counts = [after[b] - before.get(b, 0.0) for b in bounds]
     if not counts or counts[-1] <= 0:
@@ -593,6 +594,10 @@ def merchant_view(snap: dict[str, Any]) -> dict[str, Any]:
 # the per-worker hub: one tick loop per watched sale, fanned out to local watchers
 
 
+def _to_next_second() -> float:
+    return 1.0 - (time.time() % 1.0)
+
+
 def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
@@ -668,23 +673,23 @@ class DashboardHub:
         await tasks.stop(*loops)
 
     async def _run(self, sale_id: int) -> None:
-        while True:
-            await asyncio.sleep(1.0 - (time.time() % 1.0))
-            try:
-                with leaks_as_connection_errors():
-                    snap = await self.tick(sale_id, int(time.time()))
-            except (RedisError, OSError, asyncpg.PostgresError) as exc:
-                if tasks.cancel_requested():
-                    raise asyncio.CancelledError from None
-                log.warning("dashboard snapshot of sale %s failed: %s", sale_id, exc)
-                continue
+        async def step() -> None:
+            snap = await self.tick(sale_id, int(time.time()))
             if snap is None:
-                continue
+                return
             self._latest[sale_id] = snap
             cond = self._changed.get(sale_id)
             if cond is not None:
                 async with cond:
                     cond.notify_all()
+
+        await tasks.guarded_loop(
+            step,
+            name=f"dashboard snapshot of sale {sale_id}",
+            every_s=_to_next_second,
+            errors=(*tasks.STORE_ERRORS, asyncpg.PostgresError),
+            wait_first=True,
+        )
 
     async def tick(self, sale_id: int, second: int) -> dict[str, Any] | None:
         """This second's snapshot: computed here if this worker wins the tick, else read."""

@@ -79,6 +79,20 @@ class MethodNotAllowed(AppError):
     default_message = "method not allowed"
 
 
+class UnsupportedMediaType(AppError):
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    http_status = 415
+    default_message = "unsupported media type"
+
+
+class HttpError(AppError):
+    """An HTTP error the web framework raised itself with no class of its own here."""
+
+    code = "HTTP_ERROR"
+    http_status = 400
+    default_message = "HTTP error"
+
+
 class Conflict(AppError):
     code = "CONFLICT"
     http_status = 409
@@ -117,6 +131,15 @@ class ServiceUnavailable(AppError):
     ) -> None:
         headers = {"Retry-After": str(self.retry_after_s), **(headers or {})}
         super().__init__(message, fields=fields, data=data, headers=headers)
+
+
+class NotReady(AppError):
+    """A readiness probe's no: a store is out of reach (``data`` names which)."""
+
+    code = "NOT_READY"
+    http_status = 503
+    retriable = True
+    default_message = "not ready"
 
 
 class ShopReadOnly(ServiceUnavailable):
@@ -520,3 +543,36 @@ def error_codes() -> list[str]:
         found.add(cls.code)
         todo.extend(cls.__subclasses__())
     return sorted(found)
+
+
+# --- the framework's own errors and the envelope ------------------------------------------
+
+_BY_HTTP_STATUS: dict[int, type[AppError]] = {
+    cls.http_status: cls
+    for cls in (BadRequest, NotFound, MethodNotAllowed, PayloadTooLarge, UnsupportedMediaType)
+}
+
+
+def for_http_status(status: int) -> type[AppError]:
+    """The class whose code names an HTTP error the web framework raised itself (routing,
+    body size); :class:`HttpError` for a status with no class of its own."""
+    return _BY_HTTP_STATUS.get(status, HttpError)
+
+
+def envelope(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    request_id: str | None = None,
+    fields: dict[str, str] | None = None,
+    data: Any = None,
+) -> dict[str, Any]:
+    """The body every error goes out in: ``code`` is the HTTP status, ``error`` the
+    catalogue's code; ``fields`` (bad input, by name) and ``request_id`` when there are."""
+    payload: dict[str, Any] = {"code": status, "message": message, "error": code, "data": data}
+    if fields:
+        payload["fields"] = fields
+    if request_id is not None:
+        payload["request_id"] = request_id
+    return payload

@@ -32,23 +32,6 @@ def ok(
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
-def error_body(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    request_id: str | None = None,
-    fields: dict[str, str] | None = None,
-    data: Any = None,
-) -> bytes:
-    payload: dict[str, Any] = {"code": status, "message": message, "error": code, "data": data}
-    if fields:
-        payload["fields"] = fields
-    if request_id is not None:
-        payload["request_id"] = request_id
-    return dumps(payload)
-
-
 def header_text(request: web.Request, name: str, *, max_len: int) -> str | None:
     """The value of a header the service reads (None when absent), or 422 naming it.
 

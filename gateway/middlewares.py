@@ -10,11 +10,11 @@ from typing import Final
 
 from aiohttp import web
 
-from flashsale.errors import AppError, ServiceUnavailable
+from flashsale.errors import AppError, ServiceUnavailable, envelope, for_http_status
 from flashsale.stores.db import lost_database
 from flashsale.stores.metrics import RequestStats
 from flashsale.stores.redisclient import lost_connection
-from gateway.http import JSON_CONTENT_TYPE, error_body, printable_ascii
+from gateway.http import JSON_CONTENT_TYPE, dumps, printable_ascii
 from gateway.routing import Handler
 
 log = logging.getLogger("flashsale.errors")
@@ -24,15 +24,6 @@ MAX_REQUEST_ID: Final = 128
 # A store that went away is back, or failed over, within seconds: retry soon.
 STORE_RETRY_AFTER_S: Final = 1
 _REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
-
-# aiohttp's own HTTP errors (routing, body size) mapped to stable codes.
-_HTTP_CODES: Final = {
-    400: "BAD_REQUEST",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    413: "PAYLOAD_TOO_LARGE",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-}
 
 
 def request_id(request: web.Request) -> str:
@@ -58,7 +49,7 @@ def _error_response(
     data: object = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    body = error_body(status, code, message, request_id=rid, fields=fields, data=data)
+    body = dumps(envelope(status, code, message, request_id=rid, fields=fields, data=data))
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
@@ -95,7 +86,7 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
+            code = for_http_status(exc.status).code
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             response = _error_response(exc.status, code, exc.reason, rid, headers=headers)
         except Exception as exc:
@@ -117,7 +108,10 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
                     "unhandled error in %s %s request_id=%s", request.method, request.path, rid
                 )
                 response = _error_response(
-                    500, "INTERNAL", "internal error; quote the request_id when reporting it", rid
+                    AppError.http_status,
+                    AppError.code,
+                    "internal error; quote the request_id when reporting it",
+                    rid,
                 )
         response.headers[REQUEST_ID] = rid
         stats.record(

@@ -16,13 +16,11 @@ from typing import Any, Final
 
 import asyncpg
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from flashsale import plans
 from flashsale.errors import ServiceUnavailable, ShopReadOnly
 from flashsale.stores import tasks
 from flashsale.stores.db import lost_database
-from flashsale.stores.redisclient import leaks_as_connection_errors
 from gateway import appkeys
 from gateway.http import JSON_CONTENT_TYPE, dumps, ok
 from gateway.routing import ROUTE_TABLE, Handler
@@ -161,13 +159,14 @@ async def watch_database(app: web.Application, stop: asyncio.Event) -> None:
     switches, redis, db = app[SWITCHES], app[appkeys.REDIS], app[appkeys.DB]
     down_since: float | None = None
     up_since: float | None = None
-    while not stop.is_set():
-        await asyncio.sleep(PROBE_EVERY_S)
+
+    async def probe_and_switch() -> None:
+        nonlocal down_since, up_since
         state = switches.states[plans.CATALOG_FROM_CACHE]
         watching = state.mode == plans.ARMED or (state.on and state.auto)
         if not watching:
             down_since = up_since = None
-            continue
+            return
         now = time.monotonic()
         if await _probe(db):
             down_since = None
@@ -181,23 +180,20 @@ async def watch_database(app: web.Application, stop: asyncio.Event) -> None:
         elif state.on and up_since and now - up_since >= s.plan_disarm_after_s:
             move = (plans.ARMED, f"PostgreSQL answering again for {now - up_since:.0f}s")
         if move is None:
-            continue
-        try:
-            with leaks_as_connection_errors():
-                if await plans.switch(
-                    redis,
-                    plans.CATALOG_FROM_CACHE,
-                    move[0],
-                    by=plans.AUTO,
-                    reason=move[1],
-                    auto=True,
-                ):
-                    log.warning("plan %s switched %s: %s", plans.CATALOG_FROM_CACHE, *move)
-                await switches.refresh(redis)
-        except (RedisError, OSError) as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("plan trigger could not switch %s: %s", plans.CATALOG_FROM_CACHE, exc)
+            return
+        if await plans.switch(
+            redis, plans.CATALOG_FROM_CACHE, move[0], by=plans.AUTO, reason=move[1], auto=True
+        ):
+            log.warning("plan %s switched %s: %s", plans.CATALOG_FROM_CACHE, *move)
+        await switches.refresh(redis)
+
+    await tasks.guarded_loop(
+        probe_and_switch,
+        name=f"plan trigger of {plans.CATALOG_FROM_CACHE}",
+        every_s=PROBE_EVERY_S,
+        wait_first=True,
+        stop=stop,
+    )
 
 
 async def plans_ctx(app: web.Application) -> AsyncIterator[None]:

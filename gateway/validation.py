@@ -387,14 +387,6 @@ def date_bound(value: datetime | date | None, *, end: bool) -> datetime | None:
     return datetime.combine(value + timedelta(days=1 if end else 0), time(), tzinfo=UTC)
 
 
-def query_int(
-    query: Mapping[str, str], name: str, default: int | None, *, lo: int, hi: int
-) -> int | None:
-    """An integer query parameter within [lo, hi], or ``default`` when absent."""
-    value = validate_query(query, {name: F(int, required=False, min=lo, max=hi)}).get(name)
-    return default if value is None else value
-
-
 def path_int(value: str, name: str = "id") -> int:
     """A path id (:data:`PATH_ID`): anything but ASCII digits within BIGINT is a 404."""
     if not (value.isascii() and value.isdigit()) or len(value) > 19:

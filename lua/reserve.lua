@@ -1,6 +1,6 @@
 -- The whole flash-sale reservation in one atomic step.
 -- KEYS[1] sale hash   KEYS[2] users   KEYS[3] first order   KEYS[4] log   KEYS[5] log times
--- KEYS[6] idempotency KEYS[7] user rate bucket            KEYS[8] ip rate bucket
+-- KEYS[6] idempotency KEYS[7] user rate limit (tokens)    KEYS[8] ip rate limit (tokens)
 -- ARGV[1] user id  ARGV[2] quantity  ARGV[3] order id  ARGV[4] idempotency field ("" = none)
 -- ARGV[5] body fingerprint  ARGV[6] user rate/s  ARGV[7] user burst  ARGV[8] ip rate/s
 -- ARGV[9] ip burst  ARGV[#ARGV] (10th, or 11th after the optional flag) run id of this

@@ -62,3 +62,75 @@ def test_each_code_comes_from_exactly_one_class() -> None:
         by_code.setdefault(cls.code, []).append(cls.__qualname__)
     assert {code: names for code, names in by_code.items() if len(names) > 1} == {}
     assert all(code.isupper() and code.replace("_", "").isalpha() for code in by_code)
+
+
+def _codes_written_out(tree: ast.AST, codes: set[str]) -> list[tuple[int, str]]:
+    """Catalogue codes written as strings where an error is shaped: an envelope's
+    ``"error"``, the code argument of the envelope builders, a table of codes."""
+    found: list[tuple[int, str]] = []
+    documented = set()  # a route's responses document codes (gateway/routing.py)
+    tables = set()  # names of response tables shared by routes
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            for kw in node.keywords:
+                if kw.arg == "responses":
+                    documented |= {id(n) for n in ast.walk(kw.value)}
+                    tables |= {n.id for n in ast.walk(kw.value) if isinstance(n, ast.Name)}
+        if isinstance(node, ast.FunctionDef) and node.name == "_responses":
+            documented |= {id(n) for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id in tables for t in node.targets
+        ):
+            documented |= {id(n) for n in ast.walk(node.value)}
+    for node in ast.walk(tree):
+        if id(node) in documented:
+            continue
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values, strict=True):
+                is_error_key = isinstance(key, ast.Constant) and key.value == "error"
+                if is_error_key and isinstance(value, ast.Constant):
+                    found.append((node.lineno, f'"error": {value.value!r}'))
+            items = node.values
+        elif isinstance(node, ast.Tuple | ast.List | ast.Set):
+            items = node.elts
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name in ("_error_response", "envelope") and len(node.args) > 1:
+                code = node.args[1]
+                if isinstance(code, ast.Constant):
+                    found.append((node.lineno, f"{name}(..., {code.value!r})"))
+            continue
+        else:
+            continue
+        table = [v.value for v in items if isinstance(v, ast.Constant) and v.value in codes]
+        if len(table) > 1:
+            found.append((node.lineno, f"a table of codes {table}"))
+    return found
+
+
+def test_no_code_is_written_out_beside_the_catalogue() -> None:
+    """The codes of aiohttp's own errors, the readiness probe's and the consumer's are
+    the catalogue's too: nothing outside flashsale/errors.py spells one out."""
+    codes = {c.code for c in _all_error_classes()} | {"HTTP_ERROR", "NOT_READY"}
+    bad = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "flashsale" / "errors.py":
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            bad += [
+                f"{path.relative_to(ROOT)}:{n} {what}"
+                for n, what in _codes_written_out(tree, codes)
+            ]
+    assert bad == []
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 413, 415])
+def test_the_frameworks_errors_map_to_classes_of_their_status(status: int) -> None:
+    cls = errors.for_http_status(status)
+    assert cls.http_status == status and cls.__module__ == "flashsale.errors"
+
+
+def test_a_framework_error_with_no_class_is_an_http_error() -> None:
+    assert errors.for_http_status(431) is errors.HttpError

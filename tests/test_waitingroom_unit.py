@@ -3,9 +3,15 @@ signed for, and the admission rate that follows the accept rate."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
+from flashsale.errors import ValidationFailed
+from flashsale.waitingroom.config import QueueConfig, settable
 from flashsale.waitingroom.signing import Signer, Ticket, leading_zero_bits, proof_ok, solve
+from gateway.routes.flashsales import QUEUE_SETTINGS
+from gateway.validation import validate
 
 pytestmark = pytest.mark.unit
 
@@ -61,3 +67,19 @@ def test_the_admission_rate_follows_the_accept_rate() -> None:
     for t in range(3, 10):
         rate = follow_accept_rate(samples, float(t), 105)  # joins stopped
     assert rate == ADAPTIVE_FLOOR_PER_S  # the window moved past the burst
+
+
+def test_the_queue_settings_are_declared_once_and_the_api_checks_each() -> None:
+    """flashsale/waitingroom/config.py declares each setting a sale may give, with its
+    bounds; the API's ``queue`` object is built from it, so neither can gain a setting
+    the other lacks."""
+    names = [f.name for f in fields(QueueConfig)]
+    assert list(settable()) == names
+    assert QUEUE_SETTINGS.fields is not None and list(QUEUE_SETTINGS.fields) == names
+    for name, (kind, bounds) in settable().items():
+        if bounds.max is None:
+            continue
+        too_big = kind(bounds.max) + 1
+        with pytest.raises(ValidationFailed) as caught:
+            validate({"queue": {name: too_big}}, {"queue": QUEUE_SETTINGS})
+        assert caught.value.fields is not None and f"queue.{name}" in caught.value.fields

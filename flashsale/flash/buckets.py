@@ -34,7 +34,7 @@ from typing import Final, cast
 from redis.asyncio import Redis
 
 from flashsale.stores import rediskeys
-from flashsale.stores.scripts import FlashScripts, Give, Take
+from flashsale.stores.scripts import FlashScripts, Give, Take, parse_give
 
 MAX_BUCKETS: Final = 64
 TRANSFER_STALE_MS: Final = 2_000  # a transfer log entry older than this is the sweeper's
@@ -99,13 +99,15 @@ async def refill(
     recovering = in_transit = False
     seen: dict[int, int] = {}  # an empty giver's `moves` when it answered
     for giver in others[start:] + others[:start]:
-        res = await scripts.give(
-            keys=rediskeys.give_keys(sale_id, giver), args=[giver, bucket, want - moved]
+        res = parse_give(
+            await scripts.give(
+                keys=rediskeys.give_keys(sale_id, giver), args=[giver, bucket, want - moved]
+            )
         )
-        status = Give(int(res[0]))
+        status = res.status
         if status is Give.EMPTY:
             empty += 1
-            seen[giver] = int(res[1])
+            seen[giver] = res.moves
             continue
         if status is Give.RECOVERING:
             recovering = True
@@ -113,7 +115,7 @@ async def refill(
         if status is Give.GIVING:
             in_transit = True
             continue
-        units, transfer = int(res[1]), res[2].decode()
+        units, transfer = res.units, res.transfer
         if await _credit(redis, scripts, sale_id, giver, bucket, transfer, units):
             moved += units
         else:

@@ -30,7 +30,14 @@ from flashsale.flash.runtime import FlashRuntime
 from flashsale.stores import rediskeys
 from flashsale.stores.kafka import PublishFailed
 from flashsale.stores.redisbatch import OutcomeUnknown
-from flashsale.stores.scripts import Release, Reserve
+from flashsale.stores.scripts import (
+    AGAIN,
+    Release,
+    Reserve,
+    ReserveResult,
+    parse_reserve,
+    reserve_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +102,7 @@ async def join(
     ids = {"order_id": order_id, "sale_id": sid, "request_id": request_id}
     bucket = bucketing.home(user_id, sale.buckets)
     keys = rediskeys.reserve_keys(sid, user_id, client_ip, bucket)
-    args: list[Any] = [
+    args = reserve_args(
         user_id,
         quantity,
         order_id,
@@ -104,15 +111,15 @@ async def join(
         s.rate_user_per_s,
         s.rate_user_burst,
         *ip_share(s.rate_ip_per_s, s.rate_ip_burst, sale.buckets),
-    ]
+    )
     res = await _reserve(rt, keys, args, ids)
-    status = Reserve(int(res[0]))
+    status = res.status
     refills = 0
     while status in (Reserve.SOLD_OUT, Reserve.INSUFFICIENT) and sale.buckets > 1:
         if refills == MAX_REFILLS:  # units are there but others of this bucket took them
             raise ServiceUnavailable("the sale's stock is being rebalanced; retry")
         refills += 1
-        left = int(res[1]) if status is Reserve.INSUFFICIENT else 0
+        left = res.remaining
         try:
             moved = await bucketing.refill(
                 rt.redis, rt.scripts, sid, sale.buckets, bucket, quantity - left
@@ -128,12 +135,12 @@ async def join(
             if status is Reserve.SOLD_OUT and moved.every_bucket_empty:
                 rt.cache.mark_sold_out(sid)
             break
-        res = await _reserve(rt, keys, [*args[:9], "1"], ids)  # same attempt: no new token
-        status = Reserve(int(res[0]))
+        res = await _reserve(rt, keys, [*args, AGAIN], ids)  # no second rate-limit token
+        status = res.status
     if status is Reserve.RESERVED:
-        deadline = int(res[2])
+        deadline = res.deadline_ms
         if sale.buckets == 1:
-            sale.remaining = int(res[3])  # the sold-out flag for this worker is set at once
+            sale.remaining = res.remaining  # the sold-out flag for this worker is set at once
         event = OrderEvent(
             order_id=order_id,
             sale_id=sid,
@@ -163,7 +170,7 @@ async def join(
             # a consumer already claimed it: the event did reach the broker, the order stands
         return JoinResult(order_id, deadline, replayed=False)
     if status is Reserve.REPLAY:
-        return JoinResult(res[1].decode(), int(res[2]), replayed=True)
+        return JoinResult(res.order_id, res.deadline_ms, replayed=True)
     raise _rejection(rt, sale, status, res)
 
 
@@ -195,16 +202,16 @@ async def replay(
 
 async def _reserve(
     rt: FlashRuntime, keys: list[str], args: list[Any], ids: dict[str, Any]
-) -> list[Any]:
+) -> ReserveResult:
     try:
-        res: list[Any] = await rt.batcher.call(rt.scripts.reserve, keys, args, with_run_id=True)
+        res = await rt.batcher.call(rt.scripts.reserve, keys, args, with_run_id=True)
     except OutcomeUnknown as exc:
         log.warning("reserve for order %s: outcome unknown (%s)", ids["order_id"], exc, extra=ids)
         raise OutcomeUnknownError(data={"order_id": ids["order_id"]}) from None
     except (RedisError, OSError) as exc:
         log.warning("reserve failed: %s", exc, extra=ids)
         raise ServiceUnavailable("reservation store unavailable; retry later") from None
-    return res
+    return parse_reserve(res)
 
 
 async def _compensate(
@@ -228,30 +235,29 @@ async def _compensate(
         return None
 
 
-def _rejection(rt: FlashRuntime, sale: SaleState, status: Reserve, res: list[Any]) -> AppError:
+def _rejection(rt: FlashRuntime, sale: SaleState, status: Reserve, res: ReserveResult) -> AppError:
     sid = sale.id
     match status:
         case Reserve.IDEMPOTENCY_MISMATCH:
             return IdempotencyMismatch()
         case Reserve.USER_RATE_LIMITED:
-            return _rate_limited(int(res[1]), "user")
+            return _rate_limited(res.retry_ms, "user")
         case Reserve.IP_RATE_LIMITED:
-            return _rate_limited(int(res[1]), "client address")
+            return _rate_limited(res.retry_ms, "client address")
         case Reserve.NOT_STARTED:
             return NotStarted()
         case Reserve.ENDED:
             return SaleEnded()
         case Reserve.LIMIT_EXCEEDED:
-            first = res[1].decode() if len(res) > 1 and res[1] else None
-            return LimitExceeded(data={"order_id": first} if first else None)
+            return LimitExceeded(data={"order_id": res.order_id} if res.order_id else None)
         case Reserve.SOLD_OUT:
             if sale.buckets == 1:  # a split sale's flag: when every bucket is empty (above)
                 rt.cache.mark_sold_out(sid)
             return SoldOut()
         case Reserve.INSUFFICIENT:
             return InsufficientStock(
-                f"only {int(res[1])} left",
-                data={"remaining_quantity": int(res[1])},
+                f"only {res.remaining} left",
+                data={"remaining_quantity": res.remaining},
             )
         case Reserve.UNKNOWN_SALE:
             if sid in rt.cache.sales:  # known a moment ago: Redis lost it

@@ -28,7 +28,7 @@ from flashsale.flash import buckets as bucketing
 from flashsale.flash.cache import now_ms, read_state
 from flashsale.stores import rediskeys
 from flashsale.stores.db import Conn
-from flashsale.stores.scripts import FlashScripts, SaleClose, SaleLoad
+from flashsale.stores.scripts import FlashScripts, SaleClose, parse_sale_load
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ SELECT id FROM flash_sales
 WHERE (end_at <= now() OR closed_at IS NOT NULL) AND end_at > now() - make_interval(days => $1)
 ORDER BY id
 """
-SQL_LIVE_SALES = "SELECT id FROM flash_sales WHERE end_at > now() AND closed_at IS NULL ORDER BY id"
 SQL_CANCEL_FLASH = """
 UPDATE orders SET status = 'cancelled', cancelled_at = now(), cancel_reason = $2,
        version = version + 1, updated_at = now()
@@ -135,14 +134,14 @@ async def load_sale(
     remaining = 0
     closed = False
     for k, units in enumerate(bucketing.spread(row["quantity"], n)):
-        result = await scripts.load(
-            keys=[rediskeys.sale(row["id"], k)],
-            args=[row["id"], units, 1 if new else 0, *static, "bucket", k],
+        result = parse_sale_load(
+            await scripts.load(
+                keys=[rediskeys.sale(row["id"], k)],
+                args=[row["id"], units, 1 if new else 0, *static, "bucket", k],
+            )
         )
-        if int(result[0]) == SaleLoad.CLOSED:
-            closed = True
-        else:
-            remaining += int(result[0])
+        closed = closed or result.closed
+        remaining += result.remaining
     await redis.sadd(rediskeys.SALES_INDEX, row["id"])
     if row["closed_at"] is not None:
         for k in range(n):

@@ -13,7 +13,7 @@ import logging
 import traceback
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 import orjson
@@ -142,7 +142,3 @@ def lost_database(exc: BaseException) -> bool:
         "/asyncpg/" in name or name.startswith("asyncpg/")
         for name in (f.f_code.co_filename for f, _ in traceback.walk_tb(exc.__traceback__))
     )
-
-
-def record_to_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
-    return None if record is None else dict(record)

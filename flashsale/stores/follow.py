@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.stores import tasks
-from flashsale.stores.redisclient import leaks_as_connection_errors, pubsub_client
+from flashsale.stores.redisclient import pubsub_client
 
 log = logging.getLogger(__name__)
 
@@ -28,49 +28,19 @@ async def _subscribe(
     channel: str,
     on_message: Callable[[bytes], None],
     wake: asyncio.Event,
-    what: str,
 ) -> None:
-    while True:
-        client, owned = pubsub_client(redis)
-        try:
-            with leaks_as_connection_errors():
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(channel)
-                    wake.set()  # messages may have been missed while unsubscribed: poll now
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            on_message(message["data"])
-        except (RedisError, OSError) as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("%s subscriber lost Redis (%s); reconnecting", what, exc)
-        finally:
-            if owned:
-                await client.aclose()
-        await asyncio.sleep(_RECONNECT_S)
-
-
-async def _poll(
-    refresh: Callable[[], Awaitable[None]],
-    every_s: float,
-    wake: asyncio.Event,
-    errors: tuple[type[BaseException], ...],
-    what: str,
-) -> None:
-    while True:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(every_s):
-                await wake.wait()
-        if tasks.cancel_requested():  # 3.11's timeout can turn a cancel into TimeoutError
-            raise asyncio.CancelledError
-        wake.clear()
-        try:
-            with leaks_as_connection_errors():
-                await refresh()
-        except errors as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("%s not refreshed (%s)", what, exc)
+    """One subscription, until its connection is lost."""
+    client, owned = pubsub_client(redis)
+    try:
+        async with client.pubsub() as pubsub:
+            await pubsub.subscribe(channel)
+            wake.set()  # messages may have been missed while unsubscribed: poll now
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    on_message(message["data"])
+    finally:
+        if owned:
+            await client.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -82,7 +52,7 @@ async def followed(
     every_s: float,
     what: str,
     on_message: Callable[[bytes], None] | None = None,
-    errors: tuple[type[BaseException], ...] = (RedisError, OSError),
+    errors: tuple[type[BaseException], ...] = tasks.STORE_ERRORS,
 ) -> AsyncIterator[None]:
     """Run the subscriber and the poller while inside. Without ``on_message`` a message
     only wakes the poller (the refresh reads the state anew)."""
@@ -91,11 +61,17 @@ async def followed(
     def woken(_: bytes) -> None:
         wake.set()
 
+    subscriber = tasks.guarded_loop(
+        functools.partial(_subscribe, redis, channel, on_message or woken, wake),
+        name=f"{what} subscriber",
+        every_s=_RECONNECT_S,
+    )
+    poller = tasks.guarded_loop(
+        refresh, name=f"{what} refresh", every_s=every_s, errors=errors, wait_first=True, wake=wake
+    )
     loops = [
-        asyncio.create_task(
-            _subscribe(redis, channel, on_message or woken, wake, what), name=f"{what}-sub"
-        ),
-        asyncio.create_task(_poll(refresh, every_s, wake, errors, what), name=f"{what}-poll"),
+        asyncio.create_task(subscriber, name=f"{what}-sub"),
+        asyncio.create_task(poller, name=f"{what}-poll"),
     ]
     try:
         yield

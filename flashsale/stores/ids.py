@@ -30,7 +30,6 @@ from redis.exceptions import RedisError
 
 from flashsale.stores import tasks
 from flashsale.stores.redisbatch import OutcomeUnknown
-from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.scripts import Lease, register
 
 if TYPE_CHECKING:
@@ -131,33 +130,28 @@ class MachineLease:
         return n
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(RENEW_EVERY_S)
-            assert self.machine_id is not None and self.generator is not None
-            try:
-                with leaks_as_connection_errors():
-                    held = await self._lease(self.machine_id)
-                if held is None:
-                    log.warning(
-                        "machine-id lease %d renewed without a replica's confirmation; will retry",
-                        self.machine_id,
-                    )
-                    continue
-                if held is Lease.HELD:
-                    continue
-                # expired and taken over while we could not reach Redis: take another id,
-                # and keep ids increasing across the switch
-                log.error("machine id %d was taken by another process", self.machine_id)
-                with leaks_as_connection_errors():
-                    n = await self._claim_free_id()
-            except RedisError:
-                if tasks.cancel_requested():
-                    raise asyncio.CancelledError from None
-                log.warning("could not renew machine-id lease %d; will retry", self.machine_id)
-                continue
-            last_ms = self.generator.last_ms
-            self.machine_id = n
-            self.generator = OrderIdGenerator(n, last_ms=last_ms)
+        await tasks.guarded_loop(
+            self._renew, name="machine-id lease renewal", every_s=RENEW_EVERY_S, wait_first=True
+        )
+
+    async def _renew(self) -> None:
+        assert self.machine_id is not None and self.generator is not None
+        held = await self._lease(self.machine_id)
+        if held is None:
+            log.warning(
+                "machine-id lease %d renewed without a replica's confirmation; will retry",
+                self.machine_id,
+            )
+            return
+        if held is Lease.HELD:
+            return
+        # expired and taken over while we could not reach Redis: take another id,
+        # and keep ids increasing across the switch
+        log.error("machine id %d was taken by another process", self.machine_id)
+        n = await self._claim_free_id()
+        last_ms = self.generator.last_ms
+        self.machine_id = n
+        self.generator = OrderIdGenerator(n, last_ms=last_ms)
 
     async def release(self) -> None:
         if self._task is not None:

@@ -23,7 +23,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-LATENCY_BUCKETS_S = (
+LATENCY_BOUNDS_S = (
     0.0005,
     0.001,
     0.0025,
@@ -56,7 +56,7 @@ class Metrics:
             "flashsale_http_request_duration_seconds",
             "HTTP request latency",
             ["method", "route"],
-            buckets=LATENCY_BUCKETS_S,
+            buckets=LATENCY_BOUNDS_S,
             registry=reg,
         )
         self.errors = Counter(
@@ -234,7 +234,7 @@ class RequestStats:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._bounds = [*LATENCY_BUCKETS_S, float("inf")]
+        self._bounds = [*LATENCY_BOUNDS_S, float("inf")]
         self._counts: dict[tuple[str, str, int], int] = {}
         self._latency: dict[tuple[str, str], list[float]] = {}
         self._errors: dict[str, int] = {}
@@ -261,8 +261,8 @@ class RequestStats:
             self._metrics.requests.labels(method, route, str(status)).inc(n)
         for (method, route), lat in latency.items():
             child: Any = self._metrics.latency.labels(method, route)
-            # prometheus_client keeps one value per bucket (made cumulative on collect)
-            for i, bucket_count in enumerate(lat[:-1]):
-                if bucket_count:
-                    child._buckets[i].inc(int(bucket_count))
+            # prometheus_client keeps one value per bin, its "bucket" (made cumulative on collect)
+            for i, bin_count in enumerate(lat[:-1]):
+                if bin_count:
+                    child._buckets[i].inc(int(bin_count))
             child._sum.inc(lat[-1])

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 import orjson
@@ -17,18 +17,44 @@ DEVICES_PER_IP: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
+class Bounds:
+    """What a sale may set a setting to (the API validates against it)."""
+
+    min: float | None = None
+    max: float | None = None
+    doc: str | None = None
+
+
+def _bounded(lo: float, hi: float, doc: str | None = None, **default: Any) -> Any:
+    return field(metadata={"bounds": Bounds(lo, hi, doc)}, **default)
+
+
+@dataclass(frozen=True, slots=True)
 class QueueConfig:
-    admit_per_s: float  # 0: follow the measured accept rate
-    overbook: float  # admit up to remaining x this, for admitted shoppers who never join
-    join_window_s: int  # how long an admission lasts
-    opens_before_s: int  # the waiting room opens this long before the start
-    max_attempts_per_account: int = 0  # enter calls per account (repeats included)
-    max_entrants_per_ip: int = 0  # accounts entering from one client IP
-    max_entrants_per_device: int = 0  # accounts entering with one X-Device-Id
-    max_devices_per_ip: int = DEVICES_PER_IP  # X-Device-Id values one client IP brings
-    min_account_age_min: int = 0  # accounts younger than this cannot enter
-    pow_difficulty: int = 0  # leading zero bits of the proof of work on enter (0: none)
-    hidden_join_path: bool = False  # the join token is accepted only as the URL's segment
+    admit_per_s: float = _bounded(0, 1e6)  # 0: follow the measured accept rate
+    # admit up to remaining x this, for admitted shoppers who never join
+    overbook: float = _bounded(1, 10)
+    join_window_s: int = _bounded(5, 3600)  # how long an admission lasts
+    # the waiting room opens this long before the start
+    opens_before_s: int = _bounded(0, 7 * 24 * 3600)
+    # enter calls per account (repeats included)
+    max_attempts_per_account: int = _bounded(0, 1_000_000, default=0)
+    max_entrants_per_ip: int = _bounded(0, 1_000_000, default=0)  # accounts from one client IP
+    # accounts entering with one X-Device-Id
+    max_entrants_per_device: int = _bounded(0, 1_000_000, default=0)
+    max_devices_per_ip: int = _bounded(
+        0,
+        1_000_000,
+        "with max_entrants_per_device: X-Device-Id values one client IP may bring "
+        "(default 32; 0: no limit)",
+        default=DEVICES_PER_IP,
+    )
+    # accounts younger than this cannot enter
+    min_account_age_min: int = _bounded(0, 5_256_000, default=0)
+    # leading zero bits of the proof of work on enter (0: none)
+    pow_difficulty: int = _bounded(0, 28, default=0)
+    # the join token is accepted only as the URL's segment
+    hidden_join_path: bool = field(default=False, metadata={"bounds": Bounds()})
 
     @classmethod
     def of(cls, own: dict[str, Any], settings: Settings) -> QueueConfig:
@@ -50,3 +76,10 @@ class QueueConfig:
 
     def public(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def settable() -> dict[str, tuple[type, Bounds]]:
+    """Each setting a sale may give (``queue`` on create and update), with its type and
+    bounds, in declaration order: declared once, here."""
+    kinds: dict[str, type] = {"int": int, "float": float, "bool": bool}
+    return {f.name: (kinds[str(f.type)], f.metadata["bounds"]) for f in fields(QueueConfig)}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import secrets
 import time
@@ -27,7 +26,6 @@ from typing import Any, Final
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.errors import (
     AccountTooNew,
@@ -48,8 +46,16 @@ from flashsale.flash.cache import SaleCache, SaleState, iso_ms, now_ms
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys, tasks
 from flashsale.stores.metrics import Metrics
-from flashsale.stores.redisclient import leaks_as_connection_errors
-from flashsale.stores.scripts import FlashScripts, Lease, QueueAdmit, QueueEnter, register
+from flashsale.stores.scripts import (
+    FlashScripts,
+    Lease,
+    QueueAdmit,
+    QueueEnter,
+    QueueEnterResult,
+    parse_queue_admit,
+    parse_queue_enter,
+    register,
+)
 from flashsale.waitingroom.config import QueueConfig
 from flashsale.waitingroom.signing import Signer, Ticket
 
@@ -246,7 +252,7 @@ class WaitingRoom:
             if age_ms < cfg.min_account_age_min * 60_000:
                 raise self._refused("account_age", AccountTooNew())
         opens_ms = sale.start_ms - cfg.opens_before_s * 1000
-        res = await self._enter(
+        raw = await self._enter(
             keys=rediskeys.queue_enter_keys(sale.id),
             args=[
                 user_id,
@@ -260,10 +266,10 @@ class WaitingRoom:
                 cfg.max_devices_per_ip,
             ],
         )
-        status = QueueEnter(int(res[0]))
+        res = parse_queue_enter(raw)
+        status = res.status
         if status in (QueueEnter.ENTERED, QueueEnter.ALREADY_IN):
-            kind = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
-            entry = Ticket(sale.id, user_id, kind, int(res[2]), int(res[3]))
+            entry = Ticket(sale.id, user_id, res.kind, res.position, res.entered_ms)
             replayed = status is QueueEnter.ALREADY_IN
             if not replayed:
                 self.metrics.queue_entered.inc()
@@ -283,7 +289,7 @@ class WaitingRoom:
         self.metrics.queue_rejected.labels(reason).inc()
         return error
 
-    def _enter_refusal(self, status: QueueEnter, res: list[Any]) -> Exception:
+    def _enter_refusal(self, status: QueueEnter, res: QueueEnterResult) -> Exception:
         match status:
             case QueueEnter.ACCOUNT_LIMIT:
                 return self._refused("account", EntryLimited(data={"reason": "account"}))
@@ -293,7 +299,7 @@ class WaitingRoom:
                 return self._refused("device", EntryLimited(data={"reason": "device"}))
             case QueueEnter.NOT_OPEN:
                 return self._refused(
-                    "not_open", QueueNotOpen(data={"opens_at": iso_ms(int(res[1]))})
+                    "not_open", QueueNotOpen(data={"opens_at": iso_ms(res.opens_ms)})
                 )
             case QueueEnter.ENDED:
                 return self._refused("ended", SaleEnded())
@@ -415,7 +421,7 @@ class WaitingRoom:
         rate = self._rate(sale, cfg, state, mono)
         state.tokens = min(rate, state.tokens + rate * (mono - state.last))  # a second at most
         state.last = mono
-        res = await self._admit(
+        raw = await self._admit(
             keys=rediskeys.queue_admit_keys(sale.id),
             args=[
                 int(state.tokens),
@@ -425,18 +431,16 @@ class WaitingRoom:
                 self.cache.run_ids.get(sale.id, b""),  # the primary holding this sale
             ],
         )
-        status = QueueAdmit(int(res[0]))
-        if len(res) < 6:
+        res = parse_queue_admit(raw)
+        if not res.ran:
             return
-        abandoned = int(res[2])
-        if abandoned:
-            self.metrics.queue_abandoned.inc(abandoned)
-        if status is QueueAdmit.ADMITTED:
-            waits = res[6:]
-            state.tokens -= len(waits)
-            self.metrics.queue_admitted.inc(len(waits))
-            for w in waits:
-                self.metrics.queue_wait.observe(int(w) / 1000)
+        if res.abandoned:
+            self.metrics.queue_abandoned.inc(res.abandoned)
+        if res.status is QueueAdmit.ADMITTED:
+            state.tokens -= len(res.waits_ms)
+            self.metrics.queue_admitted.inc(len(res.waits_ms))
+            for waited_ms in res.waits_ms:
+                self.metrics.queue_wait.observe(waited_ms / 1000)
 
 
 def follow_accept_rate(sold: deque[tuple[float, int]], mono: float, sold_now: int) -> float:
@@ -479,15 +483,10 @@ async def set_mode(
 
 async def run_forever(room: WaitingRoom, stop: asyncio.Event) -> None:
     """Refresh this worker's copy and run the admitter steps, every ``queue_tick_ms``."""
+
+    async def step() -> None:
+        await room.refresh()
+        await room.admit_all()
+
     every_s = room.settings.queue_tick_ms / 1000
-    while not stop.is_set():
-        try:
-            with leaks_as_connection_errors():
-                await room.refresh()
-                await room.admit_all()
-        except (RedisError, OSError) as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("waiting room step failed: %s", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+    await tasks.guarded_loop(step, name="waiting room step", every_s=every_s, stop=stop)

@@ -15,7 +15,7 @@ from flashsale.flash import join as joining
 from flashsale.flash import lifecycle
 from flashsale.flash.buckets import MAX_BUCKETS
 from flashsale.flash.cache import iso_ms, now_ms
-from flashsale.waitingroom.config import MODES
+from flashsale.waitingroom.config import MODES, settable
 from flashsale.waitingroom.room import set_mode
 from gateway import appkeys
 from gateway.auth import authenticate
@@ -31,24 +31,8 @@ QUEUE_SETTINGS = F(
     dict,
     required=False,
     fields={
-        "admit_per_s": F(float, required=False, min=0, max=1e6),
-        "overbook": F(float, required=False, min=1, max=10),
-        "join_window_s": F(int, required=False, min=5, max=3600),
-        "opens_before_s": F(int, required=False, min=0, max=7 * 24 * 3600),
-        "max_attempts_per_account": F(int, required=False, min=0, max=1_000_000),
-        "max_entrants_per_ip": F(int, required=False, min=0, max=1_000_000),
-        "max_entrants_per_device": F(int, required=False, min=0, max=1_000_000),
-        "max_devices_per_ip": F(
-            int,
-            required=False,
-            min=0,
-            max=1_000_000,
-            doc="with max_entrants_per_device: X-Device-Id values one client IP may bring "
-            "(default 32; 0: no limit)",
-        ),
-        "min_account_age_min": F(int, required=False, min=0, max=5_256_000),
-        "pow_difficulty": F(int, required=False, min=0, max=28),
-        "hidden_join_path": F(bool, required=False),
+        name: F(kind, required=False, min=bounds.min, max=bounds.max, doc=bounds.doc)
+        for name, (kind, bounds) in settable().items()
     },
 )
 JOIN_TOKEN_HEADER = "X-Join-Token"  # noqa: S105 (a header name)

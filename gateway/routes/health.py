@@ -9,7 +9,7 @@ import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from flashsale.errors import Unauthorized
+from flashsale.errors import NotReady, Unauthorized
 from gateway import __version__, appkeys
 from gateway.http import dumps, ok
 from gateway.routing import ROUTE_TABLE, Route, openapi_spec
@@ -48,13 +48,10 @@ async def readyz(request: web.Request) -> web.Response:
     down = [name for name, state in checks.items() if state == "down"]
     provider = app[appkeys.SETTINGS].payment_provider  # "sandbox" pays with no money
     if down:
-        body = {
-            "code": 503,
-            "message": "not ready: " + ", ".join(down) + " down",
-            "error": "NOT_READY",
-            "data": {"checks": checks, "down": down, "payment_provider": provider},
-        }
-        return web.Response(body=dumps(body), status=503, content_type="application/json")
+        raise NotReady(
+            "not ready: " + ", ".join(down) + " down",
+            data={"checks": checks, "down": down, "payment_provider": provider},
+        )
     return ok({"checks": checks, "down": [], "payment_provider": provider}, message="ready")
 
 
