@@ -14,14 +14,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
-import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from flashsale import plans
 from flashsale.errors import ServiceUnavailable, ShopReadOnly
 from flashsale.stores import tasks
-from flashsale.stores.db import lost_database
 from flashsale.stores.redisclient import leaks_as_connection_errors
 from gateway import appkeys
 from gateway.http import JSON_CONTENT_TYPE, dumps, ok
@@ -32,6 +30,7 @@ log = logging.getLogger(__name__)
 SWITCHES: Final = web.AppKey("plan_switches", plans.Switches)
 COPIES: Final = web.AppKey("catalog_copies", plans.CatalogCopies)
 CPU: Final = web.AppKey("worker_cpu", list)  # [percent of one core over the last second]
+STORES_UP: Final = web.AppKey("stores_up", dict)  # store -> its last probe answered
 
 SHED_RETRY_AFTER_S: Final = 2
 PROBE_EVERY_S: Final = 1.0
@@ -140,25 +139,29 @@ async def _sample_cpu(cpu: list[float]) -> None:
         wall, used = now_wall, now_used
 
 
-async def _probe(db: asyncpg.Pool) -> bool:
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_S):
-            await db.fetchval("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure to answer is "down"; logged below
-        if not (lost_database(exc) or isinstance(exc, TimeoutError)):
-            log.warning("database probe failed unexpectedly: %r", exc)
-        return False
-    return True
+async def probe_stores(app: web.Application, up: dict[str, bool]) -> None:
+    """Every ``PROBE_EVERY_S``: can this worker reach each store? For the metric
+    ``flashsale_store_up`` (the alert FlashsaleStoreDown) and the plan triggers."""
+    from gateway.routes.health import check_db, check_redis
+
+    gauge = app[appkeys.METRICS].store_up
+    while True:
+        checks = await asyncio.gather(
+            check_db(app), check_redis(app), app[appkeys.PRODUCER].ping(PROBE_TIMEOUT_S)
+        )
+        for store, answered in zip(("postgres", "redis", "kafka"), checks, strict=True):
+            up[store] = answered
+            gauge.labels(store).set(1 if answered else 0)
+        await asyncio.sleep(PROBE_EVERY_S)
 
 
 async def watch_database(app: web.Application, stop: asyncio.Event) -> None:
     """The trigger of ``catalog-from-cache``, with hysteresis: armed and PostgreSQL out of
     reach for ``plan_arm_after_s`` → on; on by itself and PostgreSQL answering for
-    ``plan_disarm_after_s`` → armed again. Probes only while the plan is armed or on by
-    itself, so it costs nothing otherwise. Every worker watches; the switch script lets
-    the first move through and ignores the rest."""
+    ``plan_disarm_after_s`` → armed again (reads :func:`probe_stores`' last answer). Every
+    worker watches; the switch script lets the first move through and ignores the rest."""
     s = app[appkeys.SETTINGS]
-    switches, redis, db = app[SWITCHES], app[appkeys.REDIS], app[appkeys.DB]
+    switches, redis, up = app[SWITCHES], app[appkeys.REDIS], app[STORES_UP]
     down_since: float | None = None
     up_since: float | None = None
     while not stop.is_set():
@@ -169,7 +172,7 @@ async def watch_database(app: web.Application, stop: asyncio.Event) -> None:
             down_since = up_since = None
             continue
         now = time.monotonic()
-        if await _probe(db):
+        if up.get("postgres", True):
             down_since = None
             up_since = up_since or now
         else:
@@ -210,11 +213,13 @@ async def plans_ctx(app: web.Application) -> AsyncIterator[None]:
     export(switches)
     switches.on_change.append(export)
     app[COPIES] = plans.CatalogCopies(app[appkeys.REDIS])
+    app[STORES_UP] = {}
     every_s = app[appkeys.SETTINGS].plan_poll_ms / 1000
     stop = asyncio.Event()
     async with plans.kept_in_force(switches, app[appkeys.REDIS], every_s=every_s):
         loops = [
             asyncio.create_task(_sample_cpu(app[CPU]), name="worker-cpu"),
+            asyncio.create_task(probe_stores(app, app[STORES_UP]), name="store-probes"),
             asyncio.create_task(watch_database(app, stop), name="plan-trigger-db"),
         ]
         try:

@@ -21,7 +21,7 @@ async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "alive"})
 
 
-async def _check_redis(app: web.Application) -> bool:
+async def check_redis(app: web.Application) -> bool:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             pong: object = await app[appkeys.REDIS].ping()
@@ -30,7 +30,7 @@ async def _check_redis(app: web.Application) -> bool:
         return False
 
 
-async def _check_db(app: web.Application) -> bool:
+async def check_db(app: web.Application) -> bool:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             one: object = await app[appkeys.DB].fetchval("SELECT 1")
@@ -42,7 +42,7 @@ async def _check_db(app: web.Application) -> bool:
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     redis_ok, db_ok, kafka_ok = await asyncio.gather(
-        _check_redis(app), _check_db(app), app[appkeys.PRODUCER].ping(READY_TIMEOUT_S)
+        check_redis(app), check_db(app), app[appkeys.PRODUCER].ping(READY_TIMEOUT_S)
     )
     checks = {"redis": _word(redis_ok), "postgres": _word(db_ok), "kafka": _word(kafka_ok)}
     down = [name for name, state in checks.items() if state == "down"]
