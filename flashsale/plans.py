@@ -116,9 +116,9 @@ PLANS: Final[dict[str, Plan]] = {
         ),
         Plan(
             PAUSE_BACKGROUND,
-            does="the dashboard's per-second snapshots and history stop being computed "
-            "(the dashboard shows the last one); payment expiry and the order sweepers "
-            "never pause",
+            does="the gateways stop computing the dashboard's per-second snapshots and its "
+            "history (open dashboards show the last one); payment expiry, the order "
+            "sweepers and reconcile on demand never pause",
             trigger="CPU or Redis saturated during a sale (alerts FlashsaleJoinLatencyHigh, "
             "FlashsaleConsumerLagHigh)",
             who="admin",

@@ -18,17 +18,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from flashsale import plans
+from flashsale import dashboard, plans
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
 from gateway.app import create_app
 from gateway.plans_runtime import SWITCHES
 from stack.embedded import Server, start_redis
 from tests.faultkit import when
+from tests.flashkit import admin_headers, create_sale, make_sku
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +186,24 @@ async def test_cli_flips_a_plan_and_status_shows_it(
         ("pause-background", "on", "peak"),
     ]
     assert log[1]["by"].startswith("cli:")
+
+
+async def test_pause_background_stops_the_dashboard_snapshots_until_closed(
+    db: asyncpg.Pool, redis: Redis, client: Client, tokens: TokenService
+) -> None:
+    """The hub of a worker whose plan is on computes no snapshot (nor history) for the
+    ticks it sits through; closing the plan resumes it."""
+    sale_id = await create_sale(client, await admin_headers(db, tokens), await make_sku(db))
+    paused = [True]
+    hub = dashboard.DashboardHub(db, redis, paused=lambda: paused[0])
+    watching = asyncio.create_task(anext(hub.watch(sale_id, idle_s=60)))
+    try:
+        await asyncio.sleep(2.5)  # two ticks at least go by with the plan on
+        assert hub.computed == 0
+        assert await redis.llen(rediskeys.dash_history(sale_id)) == 0
+        paused[0] = False
+        await when(lambda: hub.computed > 0, timeout_s=10)
+        await when(lambda: watching.done(), timeout_s=10)
+    finally:
+        watching.cancel()
+        await hub.close()
