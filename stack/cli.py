@@ -110,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--reason", default="", help="why: written to the operation log")
     plan.add_argument("--reads", action="store_true", help="shed-storefront: shed reads too")
     plan.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    cap = sub.add_parser(
+        "capacity",
+        help="the hardware a sale needs, per tier, from the costs flashsale bench measured",
+    )
+    cap.add_argument("--peak-joins", type=float, required=True, metavar="N")
+    cap.add_argument("--storefront-rps", type=float, default=0.0, metavar="M")
+    cap.add_argument("--from", dest="source", default="bench-results.json", metavar="BENCH.json")
+    cap.add_argument("--target", type=float, default=0.7, help="utilisation of each unit")
+    cap.add_argument("--storefront-gateway-us", type=float, help="when the bench has no row")
+    cap.add_argument("--storefront-postgres-us", type=float, help="when the bench has no row")
+    cap.add_argument("--write", metavar="FILE", help="also write it into FILE (CAPACITY.md)")
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")
     bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
     bench.add_argument("--out", default="bench-results.json")
@@ -324,6 +335,30 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         except AppError as exc:
             print(f"flashsale: {exc.code}: {exc.message}", file=sys.stderr)
             return 1
+    if cmd == "capacity":
+        from stack.capacity import CapacityError
+        from stack.capacity import main as capacity
+
+        if not 0 < args.target <= 1 or args.peak_joins < 0 or args.storefront_rps < 0:
+            print("flashsale: --target is in (0, 1]; loads are >= 0", file=sys.stderr)
+            return 2
+        try:
+            print(
+                capacity(
+                    source=args.source,
+                    peak_joins=args.peak_joins,
+                    storefront_rps=args.storefront_rps,
+                    target=args.target,
+                    storefront_gateway_us=args.storefront_gateway_us,
+                    storefront_postgres_us=args.storefront_postgres_us,
+                    write=args.write,
+                ),
+                end="",
+            )
+        except CapacityError as exc:
+            print(f"flashsale: capacity: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if cmd in ("reconcile", "rebuild-cache"):
         from consumers.reconcile import main as reconcile_main
         from stack import stackfile
