@@ -318,6 +318,21 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
         board.find_element(By.ID, "confirm-ok").click()
         _wait("closed in the list", lambda: "closed" in _text(board, "sales"), 15)
         _wait("ended on the sale page", lambda: _text(shop, "banner") == "This sale has ended")
+
+        # a contingency plan from the dashboard, behind the same confirmation
+        on = '#plans tr[data-plan="pause-background"] button[data-mode="on"]'
+        _wait("the plans", lambda: board.find_elements(By.CSS_SELECTOR, on))[0].click()
+        _wait("the confirmation", lambda: board.find_element(By.ID, "confirm").is_displayed())
+        assert "pause-background on" in _text(board, "confirm-text")
+        board.find_element(By.ID, "confirm-ok").click()
+        mode = '#plans tr[data-plan="pause-background"] .plan-mode'
+        _wait("the plan on", lambda: board.find_element(By.CSS_SELECTOR, mode).text == "on")
+        _wait("logged", lambda: "pause-background: off → on" in _text(board, "plan-log"))
+        off = '#plans tr[data-plan="pause-background"] button[data-mode="off"]'
+        board.find_element(By.CSS_SELECTOR, off).click()
+        _wait("the confirmation", lambda: board.find_element(By.ID, "confirm").is_displayed())
+        board.find_element(By.ID, "confirm-ok").click()
+        _wait("the plan off", lambda: board.find_element(By.CSS_SELECTOR, mode).text == "off")
         assert _refused_by_policy(board) == [] and _refused_by_policy(shop) == []
     finally:
         board.quit()
