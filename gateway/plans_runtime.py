@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flashsale import plans
 from flashsale.errors import ServiceUnavailable, ShopReadOnly
 from flashsale.stores import tasks
-from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.stores.redisclient import leaks_as_connection_errors, open_redis
 from gateway import appkeys
 from gateway.http import JSON_CONTENT_TYPE, dumps, ok
 from gateway.routing import ROUTE_TABLE, Handler
@@ -139,7 +140,7 @@ async def _sample_cpu(cpu: list[float]) -> None:
         wall, used = now_wall, now_used
 
 
-async def probe_stores(app: web.Application, up: dict[str, bool]) -> None:
+async def probe_stores(app: web.Application, own: Redis, up: dict[str, bool]) -> None:
     """Every ``PROBE_EVERY_S``: can this worker reach each store? For the metric
     ``flashsale_store_up`` (the alert FlashsaleStoreDown) and the plan triggers."""
     from gateway.routes.health import check_db, check_redis
@@ -147,7 +148,9 @@ async def probe_stores(app: web.Application, up: dict[str, bool]) -> None:
     gauge = app[appkeys.METRICS].store_up
     while True:
         checks = await asyncio.gather(
-            check_db(app), check_redis(app), app[appkeys.PRODUCER].ping(PROBE_TIMEOUT_S)
+            check_db(app),
+            check_redis(own, PROBE_TIMEOUT_S),
+            app[appkeys.PRODUCER].ping(PROBE_TIMEOUT_S),
         )
         for store, answered in zip(("postgres", "redis", "kafka"), checks, strict=True):
             up[store] = answered
@@ -155,13 +158,13 @@ async def probe_stores(app: web.Application, up: dict[str, bool]) -> None:
         await asyncio.sleep(PROBE_EVERY_S)
 
 
-async def watch_database(app: web.Application, stop: asyncio.Event) -> None:
+async def watch_database(app: web.Application, redis: Redis, stop: asyncio.Event) -> None:
     """The trigger of ``catalog-from-cache``, with hysteresis: armed and PostgreSQL out of
     reach for ``plan_arm_after_s`` → on; on by itself and PostgreSQL answering for
     ``plan_disarm_after_s`` → armed again (reads :func:`probe_stores`' last answer). Every
     worker watches; the switch script lets the first move through and ignores the rest."""
     s = app[appkeys.SETTINGS]
-    switches, redis, up = app[SWITCHES], app[appkeys.REDIS], app[STORES_UP]
+    switches, up = app[SWITCHES], app[STORES_UP]
     down_since: float | None = None
     up_since: float | None = None
     while not stop.is_set():
@@ -214,16 +217,24 @@ async def plans_ctx(app: web.Application) -> AsyncIterator[None]:
     switches.on_change.append(export)
     app[COPIES] = plans.CatalogCopies(app[appkeys.REDIS])
     app[STORES_UP] = {}
-    every_s = app[appkeys.SETTINGS].plan_poll_ms / 1000
+    settings = app[appkeys.SETTINGS]
+    # a client of its own (a subscriber holds a connection for good): the plans' machinery
+    # never takes a connection the requests' pool may need
+    own: Redis = open_redis(
+        settings, decode_responses=False, max_connections=4, socket_connect_timeout=5
+    )
     stop = asyncio.Event()
-    async with plans.kept_in_force(switches, app[appkeys.REDIS], every_s=every_s):
-        loops = [
-            asyncio.create_task(_sample_cpu(app[CPU]), name="worker-cpu"),
-            asyncio.create_task(probe_stores(app, app[STORES_UP]), name="store-probes"),
-            asyncio.create_task(watch_database(app, stop), name="plan-trigger-db"),
-        ]
-        try:
-            yield
-        finally:
-            stop.set()
-            await tasks.stop(*loops)
+    try:
+        async with plans.kept_in_force(switches, own, every_s=settings.plan_poll_ms / 1000):
+            loops = [
+                asyncio.create_task(_sample_cpu(app[CPU]), name="worker-cpu"),
+                asyncio.create_task(probe_stores(app, own, app[STORES_UP]), name="store-probes"),
+                asyncio.create_task(watch_database(app, own, stop), name="plan-trigger-db"),
+            ]
+            try:
+                yield
+            finally:
+                stop.set()
+                await tasks.stop(*loops)
+    finally:
+        await own.aclose()

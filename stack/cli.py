@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from flashsale.settings import Settings, SettingsError, unknown_variables
 from flashsale.stores.redisclient import open_redis
 
@@ -110,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--reason", default="", help="why: written to the operation log")
     plan.add_argument("--reads", action="store_true", help="shed-storefront: shed reads too")
     plan.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    plan.add_argument("--sale", type=int, metavar="ID", help="queue-sale: the sale to move")
     cap = sub.add_parser(
         "capacity",
         help="the hardware a sale needs, per tier, from the costs flashsale bench measured",
@@ -168,7 +171,6 @@ async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
 
     from flashsale import users
     from flashsale.stores.db import create_pool
@@ -247,11 +249,14 @@ async def _plan(settings: Settings, args: argparse.Namespace) -> int:
             return 2
         plan = plans.plan_named(args.name)
         mode = _PLAN_MODES[args.action]
+        by = f"cli:{getpass.getuser()}"
+        if plan.name == plans.QUEUE_SALE:
+            return await _queue_sale(settings, redis, args, by)
         moved = await plans.switch(
             redis,
             plan.name,
             mode,
-            by=f"cli:{getpass.getuser()}",
+            by=by,
             reason=args.reason,
             options={"reads": True} if args.reads else None,
         )
@@ -259,6 +264,36 @@ async def _plan(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await redis.aclose()
+
+
+async def _queue_sale(settings: Settings, redis: Redis, args: argparse.Namespace, by: str) -> int:
+    from flashsale import plans
+    from flashsale.stores.db import create_pool
+    from flashsale.stores.scripts import FlashScripts
+
+    if args.sale is None or args.action == "arm":
+        print("flashsale: plan on|off queue-sale --sale ID", file=sys.stderr)
+        return 2
+    settings.require("database_url")
+    pool = await create_pool(settings.database, min_size=1, max_size=1)
+    try:
+        moved = await plans.queue_sale(
+            pool,
+            redis,
+            FlashScripts.register(redis),
+            args.sale,
+            queued=args.action == "on",
+            by=by,
+            reason=args.reason,
+        )
+    finally:
+        await pool.close()
+    print(
+        f"queue-sale: sale {args.sale} "
+        + ("queued" if args.action == "on" else "open")
+        + ("" if moved else " (unchanged)")
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

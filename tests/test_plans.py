@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
@@ -30,8 +31,17 @@ from flashsale.stores import rediskeys
 from gateway.app import create_app
 from gateway.plans_runtime import SWITCHES
 from stack.embedded import Server, start_redis
+from tests.conftest import auth
 from tests.faultkit import when
-from tests.flashkit import admin_headers, create_sale, make_sku
+from tests.flashkit import (
+    admin_headers,
+    count_orders,
+    create_sale,
+    eventually,
+    make_sku,
+    make_users,
+    remaining_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -207,3 +217,95 @@ async def test_pause_background_stops_the_dashboard_snapshots_until_closed(
     finally:
         watching.cancel()
         await hub.close()
+
+
+async def test_queue_sale_moves_a_running_sale_into_the_waiting_room_keeping_its_reservations(
+    app: web.Application,
+    client: Client,
+    db: asyncpg.Pool,
+    redis: Redis,
+    tokens: TokenService,
+    consumer: None,
+) -> None:
+    """An open sale of 30 units: 20 shoppers join directly, then queue-sale moves it into
+    the waiting room mid-sale; 40 more enter the queue and join when admitted. Exactly the
+    30 units are sold, to 30 different shoppers, the first 20 among them; a direct join after
+    the switch needs an admission."""
+    admin = await admin_headers(db, tokens)
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=30)
+    first, later = (await make_users(db, 20)), (await make_users(db, 40))
+    join = {"quantity": 1}
+
+    async def direct(uid: int) -> int:
+        resp = await client.post(
+            f"/api/v1/flash-sales/{sale_id}/join", headers=auth(tokens, uid), json=join
+        )
+        return resp.status
+
+    assert await asyncio.gather(*(direct(u) for u in first)) == [202] * 20
+    switched = await client.put(
+        "/api/v1/admin/plans/queue-sale",
+        json={"mode": "on", "confirm": "queue-sale", "options": {"sale_id": sale_id}},
+        headers=admin,
+    )
+    assert switched.status == 200, await switched.text()
+    try:
+        assert await direct(later[0]) == 403  # NOT_ADMITTED: the sale is queued now
+        assert await remaining_of(redis, sale_id) == 10  # no reservation lost in the move
+
+        accepted: list[int] = []
+        admitted_once: dict[int, int] = {}
+
+        async def queued_shopper(uid: int) -> None:
+            headers = auth(tokens, uid)
+            entered = await client.post(f"/api/v1/flash-sales/{sale_id}/enter", headers=headers)
+            assert entered.status == 201, await entered.text()
+            ticket = (await entered.json())["data"]["ticket"]
+            for _ in range(300):
+                view = (
+                    await (
+                        await client.get(
+                            f"/api/v1/flash-sales/{sale_id}/queue",
+                            params={"ticket": ticket},
+                            headers=headers,
+                        )
+                    ).json()
+                )["data"]
+                if view["state"] in ("sold_out", "ended", "expired"):
+                    return
+                if view["state"] == "admitted":
+                    admitted_once[uid] = admitted_once.get(uid, 0) + 1
+                    resp = await client.post(view["join_path"], headers=headers, json=join)
+                    if resp.status == 202:
+                        accepted.append(uid)
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"shopper {uid} never got a final word: {view}")
+
+        await asyncio.gather(*(queued_shopper(u) for u in later))
+        assert len(accepted) == 10 and len(set(accepted)) == 10
+        assert all(n == 1 for n in admitted_once.values())
+        await eventually(lambda: _count_is(db, sale_id, 30), timeout_s=30)
+        buyers = {
+            r["user_id"]
+            for r in await db.fetch("SELECT user_id FROM orders WHERE flash_sale_id = $1", sale_id)
+        }
+        assert buyers == set(first) | set(accepted)
+        listed = await client.get("/api/v1/admin/plans", headers=admin)
+        log = (await listed.json())["data"]["log"]
+        assert (log[0]["plan"], log[0]["to"], log[0]["reason"]) == (
+            "queue-sale",
+            "on",
+            f"sale {sale_id}",
+        )
+    finally:
+        back = await client.put(
+            "/api/v1/admin/plans/queue-sale",
+            json={"mode": "off", "confirm": "queue-sale", "options": {"sale_id": sale_id}},
+            headers=admin,
+        )
+        assert back.status == 200, await back.text()
+
+
+async def _count_is(db: asyncpg.Pool, sale_id: int, n: int) -> bool:
+    return await count_orders(db, sale_id) == n

@@ -248,7 +248,8 @@ async function loadPlans() {
     tr.children[0].title = p.does;
     tr.children[1].className = "plan-mode " + p.mode;
     const actions = document.createElement("td");
-    const modes = p.arms_itself ? ["on", "armed", "off"] : ["on", "off"];
+    // queue-sale moves one sale: from the sale's actions (mode) or the CLI (--sale)
+    const modes = p.name === "queue-sale" ? [] : p.arms_itself ? ["on", "armed", "off"] : ["on", "off"];
     for (const mode of modes.filter((m) => m !== p.mode || p.auto)) {
       const b = document.createElement("button");
       b.type = "button";
