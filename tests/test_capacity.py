@@ -149,3 +149,21 @@ def test_what_is_missing_is_said(tmp_path: Path) -> None:
             storefront_postgres_us=None,
             write=None,
         )
+
+
+def test_capacity_md_is_the_commands_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo)  # the page names its input as the command was given it
+    text = capacity.main(
+        source="docs/capacity-bench.json",
+        peak_joins=100_000,
+        storefront_rps=20_000,
+        target=0.7,
+        storefront_gateway_us=None,
+        storefront_postgres_us=None,
+        write=None,
+    )
+    assert text in (repo / "CAPACITY.md").read_text(encoding="utf-8"), (
+        "regenerate: flashsale capacity --peak-joins 100000 --storefront-rps 20000 "
+        "--from docs/capacity-bench.json --write CAPACITY.md"
+    )
