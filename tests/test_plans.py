@@ -29,7 +29,7 @@ from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
 from gateway.app import create_app
-from gateway.plans_runtime import SWITCHES
+from gateway.plans_runtime import CPU, SWITCHES
 from stack.embedded import Server, start_redis
 from tests.conftest import auth
 from tests.faultkit import when
@@ -153,6 +153,28 @@ async def test_shed_storefront_sheds_storefront_writes_not_the_flash_path(
         await flip(client, tokens, plans.SHED_STOREFRONT, "off")
         await when(lambda: not app[SWITCHES].shed_storefront, timeout_s=5)
         assert (await client.get("/api/v1/categories")).status == 200
+
+
+async def test_shed_storefront_waits_for_its_cpu_threshold(
+    base_settings: Settings, tokens: TokenService, own_redis: Server
+) -> None:
+    """With FLASHSALE_SHED_CPU_PERCENT=100 a worker sheds only when its one thread is busy all
+    the time: a test process never is, so with the plan on the storefront is still served."""
+    app = create_app(base_settings.with_(redis_url=own_redis.url, shed_cpu_percent=100.0))
+    async with TestClient(TestServer(app)) as client:
+        await flip(client, tokens, plans.SHED_STOREFRONT, "on")
+        await when(lambda: app[SWITCHES].shed_storefront, timeout_s=5)
+        served = await client.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})
+        assert served.status == 404  # reached the shop: no such SKU
+        statuses = []
+        for _ in range(3):  # the sampler may write its own figure between the two lines
+            app[CPU][0] = 100.0  # as the sampler records a saturated second
+            shed = await client.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})
+            statuses.append(shed.status)
+            if shed.status == 503:
+                assert shed.headers["Retry-After"] == "2"
+                break
+        assert statuses[-1] == 503, statuses
 
 
 async def test_cli_flips_a_plan_and_status_shows_it(
