@@ -60,9 +60,10 @@ def _route_classes(app: web.Application) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
     for r in app[ROUTE_TABLE]:
         key = (r.method, r.path)
-        if key in _NEVER_GATED or r.tag == "ops" or r.path.startswith("/api/v1/admin/"):
+        if key in _NEVER_GATED or r.tag == "ops":
             out[key] = PASS
-        elif r.tag in _FLASH_TAGS:
+        elif r.tag in _FLASH_TAGS or r.path.startswith("/api/v1/admin/"):
+            # the flash path and the operators: never shed; read-only refuses their writes
             out[key] = PASS if r.method in _READS else WRITE
         else:
             out[key] = STOREFRONT

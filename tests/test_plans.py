@@ -103,6 +103,8 @@ async def test_a_switch_flipped_on_host_a_is_in_force_on_host_b(
         cart = await b.post("/api/v1/cart/items", json={"sku_id": 1, "quantity": 1})
         assert cart.status == 503 and (await cart.json())["error"] == "READ_ONLY"
         assert (await b.get("/api/v1/flash-sales/active")).status == 200
+        closing = await b.post("/api/v1/admin/flash-sales/1/close", headers=admin(tokens))
+        assert closing.status == 503 and (await closing.json())["error"] == "READ_ONLY"
         # an admin can still close the plan from the host that is read-only
         assert (await flip(b, tokens, plans.READ_ONLY, "off"))["on"] is False
         await when(lambda: not host_a[SWITCHES].read_only, timeout_s=5)
