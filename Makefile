@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-tools chaos netns netns-tools test-fast format lint typecheck check bench bench-quick bench-tools browser clean
+.PHONY: help install run test test-tools chaos netns netns-tools test-fast format lint typecheck check bench bench-quick bench-tools browser promtool clean
 .DEFAULT_GOAL := help
 
 $(STAMP): pyproject.toml constraints.txt
@@ -22,7 +22,7 @@ install: $(STAMP)  ## the virtualenv in .venv with the package, its tools and th
 run: $(STAMP)  ## the whole stack: embedded servers, gateway workers, consumers
 	$(BIN)/flashsale up
 
-test: $(STAMP) browser netns-tools test-tools  ## the full suite against real servers it starts itself (long fault runs: make chaos)
+test: $(STAMP) browser netns-tools test-tools promtool  ## the full suite against real servers it starts itself (long fault runs: make chaos)
 	$(BIN)/pytest -m "not chaos"
 
 chaos: $(STAMP) netns-tools  ## the long fault-injection runs: stores and processes killed, hosts partitioned mid-sale
@@ -60,6 +60,11 @@ check: lint typecheck test  ## what CI runs
 bench-tools:  ## wrk and redis-benchmark, from Debian's packages (needs root)
 	@command -v wrk >/dev/null && command -v redis-benchmark >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq wrk redis-tools)
+
+promtool:  ## Debian's prometheus package, for promtool (tests/test_alerts.py checks deploy/prometheus/alerts.yml with it)
+	@command -v promtool >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } || \
+	  echo "promtool not installed (needs root): the alert rules get the parse test only"
 
 browser:  ## Debian's chromium + chromedriver for the browser tests (installs them when root)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

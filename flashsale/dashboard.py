@@ -608,9 +608,12 @@ def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
 class DashboardHub:
     """Per worker: one loop per sale somebody watches, shared by all its watchers."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: Redis) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, redis: Redis, paused: Callable[[], bool] = lambda: False
+    ) -> None:
         self._pool = pool
         self._redis = redis
+        self._paused = paused  # the pause-background plan: no snapshot, no history
         self._latest: dict[int, dict[str, Any]] = {}
         self._watchers: dict[int, int] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -674,6 +677,8 @@ class DashboardHub:
 
     async def _run(self, sale_id: int) -> None:
         async def step() -> None:
+            if self._paused():
+                return
             snap = await self.tick(sale_id, int(time.time()))
             if snap is None:
                 return
@@ -725,8 +730,10 @@ class DashboardHub:
 
 
 @contextlib.asynccontextmanager
-async def open_hub(pool: asyncpg.Pool, redis: Redis) -> AsyncIterator[DashboardHub]:
-    hub = DashboardHub(pool, redis)
+async def open_hub(
+    pool: asyncpg.Pool, redis: Redis, paused: Callable[[], bool] = lambda: False
+) -> AsyncIterator[DashboardHub]:
+    hub = DashboardHub(pool, redis, paused)
     try:
         yield hub
     finally:

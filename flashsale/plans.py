@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import asyncpg
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -36,7 +37,8 @@ from redis.exceptions import RedisError
 from flashsale.errors import NotFound, ValidationFailed
 from flashsale.stores.follow import followed
 from flashsale.stores.redisclient import leaks_as_connection_errors
-from flashsale.stores.scripts import PlanSwitch, register
+from flashsale.stores.scripts import FlashScripts, PlanSwitch, register
+from flashsale.waitingroom.room import set_mode
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ CATALOG_FROM_CACHE: Final = "catalog-from-cache"
 SHED_STOREFRONT: Final = "shed-storefront"
 PAUSE_BACKGROUND: Final = "pause-background"
 READ_ONLY: Final = "read-only"
+QUEUE_SALE: Final = "queue-sale"
 
 AUTO: Final = "auto"  # the ``by`` of a move made by a plan's own trigger
 
@@ -116,13 +119,24 @@ PLANS: Final[dict[str, Plan]] = {
         ),
         Plan(
             PAUSE_BACKGROUND,
-            does="the dashboard's per-second snapshots and history stop being computed "
-            "(the dashboard shows the last one); payment expiry and the order sweepers "
-            "never pause",
+            does="the gateways stop computing the dashboard's per-second snapshots and its "
+            "history (open dashboards show the last one); payment expiry, the order "
+            "sweepers and reconcile on demand never pause",
             trigger="CPU or Redis saturated during a sale (alerts FlashsaleJoinLatencyHigh, "
             "FlashsaleConsumerLagHigh)",
             who="admin",
             closing="switched off by an admin after the peak; history resumes from then",
+        ),
+        Plan(
+            QUEUE_SALE,
+            does="moves one running open sale (option sale_id) into the waiting room: from "
+            "then on a join needs an admission; every reservation already made stays, and "
+            "the room admits against what is left; off moves it back to open",
+            trigger="join p99 high (FlashsaleJoinLatencyHigh) on a hot sale whose crowd is "
+            "many times its stock, before it opens or while it runs",
+            who="admin",
+            closing="switched off (back to open) by an admin, or left on until the sale ends",
+            options=("sale_id",),
         ),
         Plan(
             READ_ONLY,
@@ -227,6 +241,29 @@ class Switches:
 
     def public(self) -> list[dict[str, Any]]:
         return [self.states[name].public() | PLANS[name].public() for name in PLANS]
+
+
+async def queue_sale(
+    db: asyncpg.Pool,
+    redis: Redis,
+    scripts: FlashScripts,
+    sale_id: int,
+    *,
+    queued: bool,
+    by: str,
+    reason: str = "",
+) -> bool:
+    """The ``queue-sale`` plan: the sale's mode moved (PostgreSQL, then the sale hash, as any
+    mode change: its reservations and counters are not touched), then the move logged."""
+    await set_mode(db, redis, scripts, sale_id, "queued" if queued else "open", None)
+    return await switch(
+        redis,
+        QUEUE_SALE,
+        ON if queued else OFF,
+        by=by,
+        reason=f"sale {sale_id}" + (f": {reason}" if reason else ""),
+        options={"sale_id": sale_id},
+    )
 
 
 def plan_named(name: str) -> Plan:

@@ -69,6 +69,7 @@ _NO_POSTGRES: Final = {
     ("PUT", "/api/v1/admin/plans/{name}"),
     ("GET", "/api/v1/admin/dependencies"),
 }
+_QUEUE_ENTRY: Final = ("POST", "/api/v1/flash-sales/{sale_id}/enter")
 _CATALOG_READS: Final = {
     ("GET", "/api/v1/products"),
     ("GET", "/api/v1/products/{id}"),
@@ -101,6 +102,8 @@ def _postgres(r: Route) -> Need:
         return Need(WEAK, "503 not ready, naming the store (a balancer drains the worker)")
     if key in _NO_POSTGRES:
         return _NOTHING
+    if key == _QUEUE_ENTRY:
+        return Need(WEAK, RETRY + " where the sale's bot defence reads the account's age")
     if key in _CATALOG_READS:
         return Need(
             WEAK,

@@ -14,13 +14,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
-import asyncpg
 from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from flashsale import plans
 from flashsale.errors import ServiceUnavailable, ShopReadOnly
 from flashsale.stores import tasks
-from flashsale.stores.db import lost_database
+from flashsale.stores.redisclient import leaks_as_connection_errors, open_redis
 from gateway import appkeys
 from gateway.http import JSON_CONTENT_TYPE, dumps, ok
 from gateway.routing import ROUTE_TABLE, Handler
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 SWITCHES: Final = web.AppKey("plan_switches", plans.Switches)
 COPIES: Final = web.AppKey("catalog_copies", plans.CatalogCopies)
 CPU: Final = web.AppKey("worker_cpu", list)  # [percent of one core over the last second]
+STORES_UP: Final = web.AppKey("stores_up", dict)  # store -> its last probe answered
 
 SHED_RETRY_AFTER_S: Final = 2
 PROBE_EVERY_S: Final = 1.0
@@ -58,9 +60,10 @@ def _route_classes(app: web.Application) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
     for r in app[ROUTE_TABLE]:
         key = (r.method, r.path)
-        if key in _NEVER_GATED or r.tag == "ops" or r.path.startswith("/api/v1/admin/"):
+        if key in _NEVER_GATED or r.tag == "ops":
             out[key] = PASS
-        elif r.tag in _FLASH_TAGS:
+        elif r.tag in _FLASH_TAGS or r.path.startswith("/api/v1/admin/"):
+            # the flash path and the operators: never shed; read-only refuses their writes
             out[key] = PASS if r.method in _READS else WRITE
         else:
             out[key] = STOREFRONT
@@ -138,37 +141,42 @@ async def _sample_cpu(cpu: list[float]) -> None:
         wall, used = now_wall, now_used
 
 
-async def _probe(db: asyncpg.Pool) -> bool:
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_S):
-            await db.fetchval("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure to answer is "down"; logged below
-        if not (lost_database(exc) or isinstance(exc, TimeoutError)):
-            log.warning("database probe failed unexpectedly: %r", exc)
-        return False
-    return True
+async def probe_stores(app: web.Application, own: Redis, up: dict[str, bool]) -> None:
+    """Every ``PROBE_EVERY_S``: can this worker reach each store? For the metric
+    ``flashsale_store_up`` (the alert FlashsaleStoreDown) and the plan triggers."""
+    from gateway.routes.health import check_db, check_redis
+
+    gauge = app[appkeys.METRICS].store_up
+    while True:
+        checks = await asyncio.gather(
+            check_db(app),
+            check_redis(own, PROBE_TIMEOUT_S),
+            app[appkeys.PRODUCER].ping(PROBE_TIMEOUT_S),
+        )
+        for store, answered in zip(("postgres", "redis", "kafka"), checks, strict=True):
+            up[store] = answered
+            gauge.labels(store).set(1 if answered else 0)
+        await asyncio.sleep(PROBE_EVERY_S)
 
 
-async def watch_database(app: web.Application, stop: asyncio.Event) -> None:
+async def watch_database(app: web.Application, redis: Redis, stop: asyncio.Event) -> None:
     """The trigger of ``catalog-from-cache``, with hysteresis: armed and PostgreSQL out of
     reach for ``plan_arm_after_s`` → on; on by itself and PostgreSQL answering for
-    ``plan_disarm_after_s`` → armed again. Probes only while the plan is armed or on by
-    itself, so it costs nothing otherwise. Every worker watches; the switch script lets
-    the first move through and ignores the rest."""
+    ``plan_disarm_after_s`` → armed again (reads :func:`probe_stores`' last answer). Every
+    worker watches; the switch script lets the first move through and ignores the rest."""
     s = app[appkeys.SETTINGS]
-    switches, redis, db = app[SWITCHES], app[appkeys.REDIS], app[appkeys.DB]
+    switches, up = app[SWITCHES], app[STORES_UP]
     down_since: float | None = None
     up_since: float | None = None
-
-    async def probe_and_switch() -> None:
-        nonlocal down_since, up_since
+    while not stop.is_set():
+        await asyncio.sleep(PROBE_EVERY_S)
         state = switches.states[plans.CATALOG_FROM_CACHE]
         watching = state.mode == plans.ARMED or (state.on and state.auto)
         if not watching:
             down_since = up_since = None
-            return
+            continue
         now = time.monotonic()
-        if await _probe(db):
+        if up.get("postgres", True):
             down_since = None
             up_since = up_since or now
         else:
@@ -180,20 +188,23 @@ async def watch_database(app: web.Application, stop: asyncio.Event) -> None:
         elif state.on and up_since and now - up_since >= s.plan_disarm_after_s:
             move = (plans.ARMED, f"PostgreSQL answering again for {now - up_since:.0f}s")
         if move is None:
-            return
-        if await plans.switch(
-            redis, plans.CATALOG_FROM_CACHE, move[0], by=plans.AUTO, reason=move[1], auto=True
-        ):
-            log.warning("plan %s switched %s: %s", plans.CATALOG_FROM_CACHE, *move)
-        await switches.refresh(redis)
-
-    await tasks.guarded_loop(
-        probe_and_switch,
-        name=f"plan trigger of {plans.CATALOG_FROM_CACHE}",
-        every_s=PROBE_EVERY_S,
-        wait_first=True,
-        stop=stop,
-    )
+            continue
+        try:
+            with leaks_as_connection_errors():
+                if await plans.switch(
+                    redis,
+                    plans.CATALOG_FROM_CACHE,
+                    move[0],
+                    by=plans.AUTO,
+                    reason=move[1],
+                    auto=True,
+                ):
+                    log.warning("plan %s switched %s: %s", plans.CATALOG_FROM_CACHE, *move)
+                await switches.refresh(redis)
+        except (RedisError, OSError) as exc:
+            if tasks.cancel_requested():
+                raise asyncio.CancelledError from None
+            log.warning("plan trigger could not switch %s: %s", plans.CATALOG_FROM_CACHE, exc)
 
 
 async def plans_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -206,15 +217,25 @@ async def plans_ctx(app: web.Application) -> AsyncIterator[None]:
     export(switches)
     switches.on_change.append(export)
     app[COPIES] = plans.CatalogCopies(app[appkeys.REDIS])
-    every_s = app[appkeys.SETTINGS].plan_poll_ms / 1000
+    app[STORES_UP] = {}
+    settings = app[appkeys.SETTINGS]
+    # a client of its own (a subscriber holds a connection for good): the plans' machinery
+    # never takes a connection the requests' pool may need
+    own: Redis = open_redis(
+        settings, decode_responses=False, max_connections=4, socket_connect_timeout=5
+    )
     stop = asyncio.Event()
-    async with plans.kept_in_force(switches, app[appkeys.REDIS], every_s=every_s):
-        loops = [
-            asyncio.create_task(_sample_cpu(app[CPU]), name="worker-cpu"),
-            asyncio.create_task(watch_database(app, stop), name="plan-trigger-db"),
-        ]
-        try:
-            yield
-        finally:
-            stop.set()
-            await tasks.stop(*loops)
+    try:
+        async with plans.kept_in_force(switches, own, every_s=settings.plan_poll_ms / 1000):
+            loops = [
+                asyncio.create_task(_sample_cpu(app[CPU]), name="worker-cpu"),
+                asyncio.create_task(probe_stores(app, own, app[STORES_UP]), name="store-probes"),
+                asyncio.create_task(watch_database(app, own, stop), name="plan-trigger-db"),
+            ]
+            try:
+                yield
+            finally:
+                stop.set()
+                await tasks.stop(*loops)
+    finally:
+        await own.aclose()

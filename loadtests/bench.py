@@ -72,6 +72,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -1110,6 +1111,86 @@ def dashboards(env: Env, plan: Plan) -> list[Row]:
     ]
 
 
+STOREFRONT_WRITE = "/api/v1/cart/items"
+STOREFRONT_RPS = 1_000  # guest cart adds a second beside the stampede, on a fixed schedule
+SHED_PLAN = "/api/v1/admin/plans/shed-storefront"
+
+
+def storefront_shed(env: Env, plan: Plan) -> list[Row]:
+    """Row 10: the join alone (10a); with STOREFRONT_RPS guest cart adds a second beside it
+    from a second load process, the plan off (10b: they reach PostgreSQL) and with
+    shed-storefront on (10c: answered 503 with Retry-After at the gate, docs/plans.md). With
+    the storefront shed, the join should keep within 10 % of its rate alone (10c/10a)."""
+    sale_id, start = create_sale(env, 100_000_000, 1_000_000)
+    _wait_until(start)
+    port, path = env.settings.http_port, _join_path(sale_id)
+
+    def switch(mode: str) -> None:
+        status, data = asyncio.run(
+            _api(
+                "PUT",
+                env.gateway_url + SHED_PLAN,
+                env.admin_token,
+                {"mode": mode, "confirm": "shed-storefront", "reason": "bench row 10"},
+            )
+        )
+        if status == 404:
+            raise Skip("the plans are not in this build (PUT /api/v1/admin/plans answered 404)")
+        if status != 200:
+            raise ValueError(f"switching shed-storefront {mode} answered {status}: {data}")
+        time.sleep(1.0)  # in force on every worker within a second
+
+    def beside_the_storefront() -> tuple[Measured, loadgen.RunResult]:
+        seconds = (plan.warmup_s + plan.duration_s) * RUNS + plan.warmup_s + 2
+        storefront: list[loadgen.RunResult] = []
+
+        def shop() -> None:
+            storefront.append(
+                loadgen.run(
+                    STOREFRONT_WRITE,
+                    port,
+                    tokens_file=None,
+                    method="POST",
+                    body=orjson.dumps({"sku_id": env.sku_id, "quantity": 1}),
+                    expected=(200, 503),
+                    rate=STOREFRONT_RPS,
+                    connections=16,
+                    processes=1,
+                    duration_s=seconds,
+                    max_requests=int(STOREFRONT_RPS * seconds),
+                )
+            )
+
+        shoppers = threading.Thread(target=shop, name="storefront-load", daemon=True)
+        shoppers.start()
+        try:
+            time.sleep(1.0)
+            joins = _load(env, plan, port, path, method="POST", body=JOIN_BODY, expected=(202,))
+        finally:
+            shoppers.join(seconds + 30)
+        if not storefront:
+            raise ValueError("the storefront load did not run")
+        return joins, storefront[0]
+
+    def note(shop: loadgen.RunResult) -> str:
+        return f"storefront {shop.rps:,.0f} req/s beside it, answered {shop.statuses}"
+
+    alone = _load(env, plan, port, path, method="POST", body=JOIN_BODY, expected=(202,))
+    served, served_shop = beside_the_storefront()
+    switch("on")
+    try:
+        shed, shed_shop = beside_the_storefront()
+    finally:
+        switch("off")
+    return [
+        Row.from_run("10a join, no storefront load", alone),
+        Row.from_run("10b join beside the storefront", served, note=note(served_shop)),
+        Row.from_run(
+            "10c join beside the storefront, shed-storefront on", shed, note=note(shed_shop)
+        ),
+    ]
+
+
 SALE_PAGES = 500
 
 
@@ -1317,6 +1398,18 @@ def figures(rows: dict[str, Row]) -> dict[str, tuple[float | None, str]]:
             _ratio(rows, f"8b join, {DASHBOARDS} dashboards open", "8a join, no dashboard open"),
             ">= 0.95",
         ),
+        "10b/10a join beside the storefront / alone": (
+            _ratio(rows, "10b join beside the storefront", "10a join, no storefront load"),
+            "(reported)",
+        ),
+        "10c/10a join beside the storefront shed / alone": (
+            _ratio(
+                rows,
+                "10c join beside the storefront, shed-storefront on",
+                "10a join, no storefront load",
+            ),
+            ">= 0.9",
+        ),
         "p99 of join at half peak (ms)": (half.p99_ms if half else None, "<= 15"),
         "PostgreSQL CPU µs per persisted order (6b)": (
             _per_order(rows, "postgres_cpu_s", 1e6),
@@ -1499,6 +1592,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         step("4q queue poll", lambda: queue_poll(e, plan))
         step("8 dashboards", lambda: dashboards(e, plan))
         step("8c dashboard publish", lambda: dashboard_publish(e, plan))
+        step("10 storefront shed", lambda: storefront_shed(e, plan))
         step("8d sale-page streams", lambda: sale_pages(e, plan))
         from loadtests import bench_cluster  # it builds on this module's helpers
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from flashsale.settings import Settings, SettingsError, unknown_variables
 from flashsale.stores.redisclient import open_redis
 
@@ -110,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--reason", default="", help="why: written to the operation log")
     plan.add_argument("--reads", action="store_true", help="shed-storefront: shed reads too")
     plan.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    plan.add_argument("--sale", type=int, metavar="ID", help="queue-sale: the sale to move")
+    cap = sub.add_parser(
+        "capacity",
+        help="the hardware a sale needs, per tier, from the costs flashsale bench measured",
+    )
+    cap.add_argument("--peak-joins", type=float, required=True, metavar="N")
+    cap.add_argument("--storefront-rps", type=float, default=0.0, metavar="M")
+    cap.add_argument("--from", dest="source", default="bench-results.json", metavar="BENCH.json")
+    cap.add_argument("--target", type=float, default=0.7, help="utilisation of each unit")
+    cap.add_argument("--storefront-gateway-us", type=float, help="when the bench has no row")
+    cap.add_argument("--storefront-postgres-us", type=float, help="when the bench has no row")
+    cap.add_argument("--write", metavar="FILE", help="also write it into FILE (CAPACITY.md)")
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")
     bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
     bench.add_argument("--out", default="bench-results.json")
@@ -157,7 +171,6 @@ async def _user_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _user_change(settings: Settings, args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
 
     from flashsale import users
     from flashsale.stores.db import create_pool
@@ -236,11 +249,14 @@ async def _plan(settings: Settings, args: argparse.Namespace) -> int:
             return 2
         plan = plans.plan_named(args.name)
         mode = _PLAN_MODES[args.action]
+        by = f"cli:{getpass.getuser()}"
+        if plan.name == plans.QUEUE_SALE:
+            return await _queue_sale(settings, redis, args, by)
         moved = await plans.switch(
             redis,
             plan.name,
             mode,
-            by=f"cli:{getpass.getuser()}",
+            by=by,
             reason=args.reason,
             options={"reads": True} if args.reads else None,
         )
@@ -248,6 +264,36 @@ async def _plan(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await redis.aclose()
+
+
+async def _queue_sale(settings: Settings, redis: Redis, args: argparse.Namespace, by: str) -> int:
+    from flashsale import plans
+    from flashsale.stores.db import create_pool
+    from flashsale.stores.scripts import FlashScripts
+
+    if args.sale is None or args.action == "arm":
+        print("flashsale: plan on|off queue-sale --sale ID", file=sys.stderr)
+        return 2
+    settings.require("database_url")
+    pool = await create_pool(settings.database, min_size=1, max_size=1)
+    try:
+        moved = await plans.queue_sale(
+            pool,
+            redis,
+            FlashScripts.register(redis),
+            args.sale,
+            queued=args.action == "on",
+            by=by,
+            reason=args.reason,
+        )
+    finally:
+        await pool.close()
+    print(
+        f"queue-sale: sale {args.sale} "
+        + ("queued" if args.action == "on" else "open")
+        + ("" if moved else " (unchanged)")
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +370,30 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         except AppError as exc:
             print(f"flashsale: {exc.code}: {exc.message}", file=sys.stderr)
             return 1
+    if cmd == "capacity":
+        from stack.capacity import CapacityError
+        from stack.capacity import main as capacity
+
+        if not 0 < args.target <= 1 or args.peak_joins < 0 or args.storefront_rps < 0:
+            print("flashsale: --target is in (0, 1]; loads are >= 0", file=sys.stderr)
+            return 2
+        try:
+            print(
+                capacity(
+                    source=args.source,
+                    peak_joins=args.peak_joins,
+                    storefront_rps=args.storefront_rps,
+                    target=args.target,
+                    storefront_gateway_us=args.storefront_gateway_us,
+                    storefront_postgres_us=args.storefront_postgres_us,
+                    write=args.write,
+                ),
+                end="",
+            )
+        except CapacityError as exc:
+            print(f"flashsale: capacity: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if cmd in ("reconcile", "rebuild-cache"):
         from consumers.reconcile import main as reconcile_main
         from stack import stackfile

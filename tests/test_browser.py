@@ -318,6 +318,20 @@ def test_people_see_the_sale(stack: tuple[str, str]) -> None:
         board.find_element(By.ID, "confirm-ok").click()
         _wait("closed in the list", lambda: "closed" in _text(board, "sales"), 15)
         _wait("ended on the sale page", lambda: _text(shop, "banner") == "This sale has ended")
+
+        # a contingency plan from the dashboard, behind the same confirmation (the plans'
+        # table is drawn anew every 5 s: find, read and click in one step)
+        row = '#plans tr[data-plan="pause-background"]'
+        _wait("the plans", lambda: _click(board, f'{row} button[data-mode="on"]'))
+        _wait("the confirmation", lambda: board.find_element(By.ID, "confirm").is_displayed())
+        assert "pause-background on" in _text(board, "confirm-text")
+        board.find_element(By.ID, "confirm-ok").click()
+        _wait("the plan on", lambda: _css_text(board, f"{row} .plan-mode") == "on")
+        _wait("logged", lambda: "pause-background: off → on" in _text(board, "plan-log"))
+        _wait("the off switch", lambda: _click(board, f'{row} button[data-mode="off"]'))
+        _wait("the confirmation", lambda: board.find_element(By.ID, "confirm").is_displayed())
+        board.find_element(By.ID, "confirm-ok").click()
+        _wait("the plan off", lambda: _css_text(board, f"{row} .plan-mode") == "off")
         assert _refused_by_policy(board) == [] and _refused_by_policy(shop) == []
     finally:
         board.quit()
@@ -357,6 +371,32 @@ def _merchant_sees_its_own_figures(base: str, sale_id: int) -> None:
 QUEUED_AHEAD = 5  # shoppers who enter (through the API) before the two on the page
 QUEUED_STOCK = QUEUED_AHEAD + 1  # the first page shopper gets the last unit; the second waits
 SHOTS_DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _click(driver: Any, css: str) -> bool:
+    """Click what ``css`` finds; False (try again) if it is not there or was redrawn."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        if not found:
+            return False
+        found[0].click()
+    except StaleElementReferenceException:
+        return False
+    return True
+
+
+def _css_text(driver: Any, css: str) -> str | None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return str(found[0].text) if found else None
+    except StaleElementReferenceException:
+        return None
 
 
 def _call(

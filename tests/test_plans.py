@@ -18,17 +18,30 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from flashsale import plans
+from flashsale import dashboard, plans
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
 from gateway.app import create_app
-from gateway.plans_runtime import SWITCHES
+from gateway.plans_runtime import CPU, SWITCHES
 from stack.embedded import Server, start_redis
+from tests.conftest import auth
 from tests.faultkit import when
+from tests.flashkit import (
+    admin_headers,
+    count_orders,
+    create_sale,
+    eventually,
+    make_sku,
+    make_users,
+    remaining_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +103,8 @@ async def test_a_switch_flipped_on_host_a_is_in_force_on_host_b(
         cart = await b.post("/api/v1/cart/items", json={"sku_id": 1, "quantity": 1})
         assert cart.status == 503 and (await cart.json())["error"] == "READ_ONLY"
         assert (await b.get("/api/v1/flash-sales/active")).status == 200
+        closing = await b.post("/api/v1/admin/flash-sales/1/close", headers=admin(tokens))
+        assert closing.status == 503 and (await closing.json())["error"] == "READ_ONLY"
         # an admin can still close the plan from the host that is read-only
         assert (await flip(b, tokens, plans.READ_ONLY, "off"))["on"] is False
         await when(lambda: not host_a[SWITCHES].read_only, timeout_s=5)
@@ -142,6 +157,28 @@ async def test_shed_storefront_sheds_storefront_writes_not_the_flash_path(
         assert (await client.get("/api/v1/categories")).status == 200
 
 
+async def test_shed_storefront_waits_for_its_cpu_threshold(
+    base_settings: Settings, tokens: TokenService, own_redis: Server
+) -> None:
+    """With FLASHSALE_SHED_CPU_PERCENT=100 a worker sheds only when its one thread is busy all
+    the time: a test process never is, so with the plan on the storefront is still served."""
+    app = create_app(base_settings.with_(redis_url=own_redis.url, shed_cpu_percent=100.0))
+    async with TestClient(TestServer(app)) as client:
+        await flip(client, tokens, plans.SHED_STOREFRONT, "on")
+        await when(lambda: app[SWITCHES].shed_storefront, timeout_s=5)
+        served = await client.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})
+        assert served.status == 404  # reached the shop: no such SKU
+        statuses = []
+        for _ in range(3):  # the sampler may write its own figure between the two lines
+            app[CPU][0] = 100.0  # as the sampler records a saturated second
+            shed = await client.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})
+            statuses.append(shed.status)
+            if shed.status == 503:
+                assert shed.headers["Retry-After"] == "2"
+                break
+        assert statuses[-1] == 503, statuses
+
+
 async def test_cli_flips_a_plan_and_status_shows_it(
     base_settings: Settings, own_redis: Server
 ) -> None:
@@ -183,3 +220,116 @@ async def test_cli_flips_a_plan_and_status_shows_it(
         ("pause-background", "on", "peak"),
     ]
     assert log[1]["by"].startswith("cli:")
+
+
+async def test_pause_background_stops_the_dashboard_snapshots_until_closed(
+    db: asyncpg.Pool, redis: Redis, client: Client, tokens: TokenService
+) -> None:
+    """The hub of a worker whose plan is on computes no snapshot (nor history) for the
+    ticks it sits through; closing the plan resumes it."""
+    sale_id = await create_sale(client, await admin_headers(db, tokens), await make_sku(db))
+    paused = [True]
+    hub = dashboard.DashboardHub(db, redis, paused=lambda: paused[0])
+    watching = asyncio.create_task(anext(hub.watch(sale_id, idle_s=60)))
+    try:
+        await asyncio.sleep(2.5)  # two ticks at least go by with the plan on
+        assert hub.computed == 0
+        assert await redis.llen(rediskeys.dash_history(sale_id)) == 0
+        paused[0] = False
+        await when(lambda: hub.computed > 0, timeout_s=10)
+        await when(lambda: watching.done(), timeout_s=10)
+    finally:
+        watching.cancel()
+        await hub.close()
+
+
+async def test_queue_sale_moves_a_running_sale_into_the_waiting_room_keeping_its_reservations(
+    app: web.Application,
+    client: Client,
+    db: asyncpg.Pool,
+    redis: Redis,
+    tokens: TokenService,
+    consumer: None,
+) -> None:
+    """An open sale of 30 units: 20 shoppers join directly, then queue-sale moves it into
+    the waiting room mid-sale; 40 more enter the queue and join when admitted. Exactly the
+    30 units are sold, to 30 different shoppers, the first 20 among them; a direct join after
+    the switch needs an admission."""
+    admin = await admin_headers(db, tokens)
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=30)
+    first, later = (await make_users(db, 20)), (await make_users(db, 40))
+    join = {"quantity": 1}
+
+    async def direct(uid: int) -> int:
+        resp = await client.post(
+            f"/api/v1/flash-sales/{sale_id}/join", headers=auth(tokens, uid), json=join
+        )
+        return resp.status
+
+    assert await asyncio.gather(*(direct(u) for u in first)) == [202] * 20
+    switched = await client.put(
+        "/api/v1/admin/plans/queue-sale",
+        json={"mode": "on", "confirm": "queue-sale", "options": {"sale_id": sale_id}},
+        headers=admin,
+    )
+    assert switched.status == 200, await switched.text()
+    try:
+        assert await direct(later[0]) == 403  # NOT_ADMITTED: the sale is queued now
+        assert await remaining_of(redis, sale_id) == 10  # no reservation lost in the move
+
+        accepted: list[int] = []
+        admitted_once: dict[int, int] = {}
+
+        async def queued_shopper(uid: int) -> None:
+            headers = auth(tokens, uid)
+            entered = await client.post(f"/api/v1/flash-sales/{sale_id}/enter", headers=headers)
+            assert entered.status == 201, await entered.text()
+            ticket = (await entered.json())["data"]["ticket"]
+            for _ in range(300):
+                view = (
+                    await (
+                        await client.get(
+                            f"/api/v1/flash-sales/{sale_id}/queue",
+                            params={"ticket": ticket},
+                            headers=headers,
+                        )
+                    ).json()
+                )["data"]
+                if view["state"] in ("sold_out", "ended", "expired"):
+                    return
+                if view["state"] == "admitted":
+                    admitted_once[uid] = admitted_once.get(uid, 0) + 1
+                    resp = await client.post(view["join_path"], headers=headers, json=join)
+                    if resp.status == 202:
+                        accepted.append(uid)
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"shopper {uid} never got a final word: {view}")
+
+        await asyncio.gather(*(queued_shopper(u) for u in later))
+        assert len(accepted) == 10 and len(set(accepted)) == 10
+        assert all(n == 1 for n in admitted_once.values())
+        await eventually(lambda: _count_is(db, sale_id, 30), timeout_s=30)
+        buyers = {
+            r["user_id"]
+            for r in await db.fetch("SELECT user_id FROM orders WHERE flash_sale_id = $1", sale_id)
+        }
+        assert buyers == set(first) | set(accepted)
+        listed = await client.get("/api/v1/admin/plans", headers=admin)
+        log = (await listed.json())["data"]["log"]
+        assert (log[0]["plan"], log[0]["to"], log[0]["reason"]) == (
+            "queue-sale",
+            "on",
+            f"sale {sale_id}",
+        )
+    finally:
+        back = await client.put(
+            "/api/v1/admin/plans/queue-sale",
+            json={"mode": "off", "confirm": "queue-sale", "options": {"sale_id": sale_id}},
+            headers=admin,
+        )
+        assert back.status == 200, await back.text()
+
+
+async def _count_is(db: asyncpg.Pool, sale_id: int, n: int) -> bool:
+    return await count_orders(db, sale_id) == n

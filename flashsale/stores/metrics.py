@@ -129,6 +129,13 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=reg,
         )
+        self.store_up = Gauge(
+            "flashsale_store_up",
+            "1 while this worker's last probe of a store (postgres, redis, kafka) answered",
+            ["store"],
+            multiprocess_mode="livemin",
+            registry=reg,
+        )
         self.queue_length = Gauge(
             "flashsale_queue_length",
             "Shoppers waiting in a queued sale's waiting room (entered, not yet admitted)",

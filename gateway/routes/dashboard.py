@@ -27,6 +27,7 @@ from gateway import appkeys
 from gateway.auth import authenticate, bearer
 from gateway.flash_runtime import FLASH
 from gateway.http import ok
+from gateway.plans_runtime import SWITCHES
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
 from gateway.streams import start_stream
@@ -210,7 +211,9 @@ async def _export_sales(app: web.Application) -> None:
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     exporter = asyncio.create_task(_export_sales(app), name="sale-gauges")
-    async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS]) as hub:
+    switches = app[SWITCHES]
+    paused = lambda: switches.pause_background  # noqa: E731 - read per tick, no I/O
+    async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS], paused) as hub:
         app[HUB] = hub
         yield
     await tasks.stop(exporter)

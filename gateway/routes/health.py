@@ -7,6 +7,7 @@ import hmac
 
 import asyncpg
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flashsale.errors import NotReady, Unauthorized
@@ -21,16 +22,16 @@ async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "alive"})
 
 
-async def _check_redis(app: web.Application) -> bool:
+async def check_redis(redis: Redis, timeout_s: float = READY_TIMEOUT_S) -> bool:
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            pong: object = await app[appkeys.REDIS].ping()
+        async with asyncio.timeout(timeout_s):
+            pong: object = await redis.ping()
             return bool(pong)
     except (TimeoutError, RedisError, OSError):
         return False
 
 
-async def _check_db(app: web.Application) -> bool:
+async def check_db(app: web.Application) -> bool:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             one: object = await app[appkeys.DB].fetchval("SELECT 1")
@@ -42,7 +43,7 @@ async def _check_db(app: web.Application) -> bool:
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     redis_ok, db_ok, kafka_ok = await asyncio.gather(
-        _check_redis(app), _check_db(app), app[appkeys.PRODUCER].ping(READY_TIMEOUT_S)
+        check_redis(app[appkeys.REDIS]), check_db(app), app[appkeys.PRODUCER].ping(READY_TIMEOUT_S)
     )
     checks = {"redis": _word(redis_ok), "postgres": _word(db_ok), "kafka": _word(kafka_ok)}
     down = [name for name, state in checks.items() if state == "down"]

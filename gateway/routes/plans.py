@@ -12,6 +12,7 @@ from flashsale.errors import ValidationFailed
 from gateway import appkeys
 from gateway.auth import authenticate
 from gateway.dependencies import dependency_map
+from gateway.flash_runtime import FLASH
 from gateway.http import ok, read_json
 from gateway.plans_runtime import SWITCHES
 from gateway.routing import ROUTE_TABLE, Route
@@ -23,7 +24,7 @@ SWITCH: Final = {
     # the plan's name again: a flip is a decision, not a stray click or a replayed request
     "confirm": F(str, max_len=64),
     "reason": F(str, required=False, max_len=500),
-    "options": F(dict, required=False, nullable=True, max_len=8, values=(F(bool),)),
+    "options": F(dict, required=False, nullable=True, max_len=8, values=(F(bool), F(int, min=1))),
 }
 
 
@@ -43,14 +44,28 @@ async def switch_plan(request: web.Request) -> web.Response:
     if body["confirm"] != name:
         raise ValidationFailed(fields={"confirm": f"must repeat the plan's name ({name})"})
     redis = request.app[appkeys.REDIS]
-    moved = await plans.switch(
-        redis,
-        name,
-        body["mode"],
-        by=f"admin:{principal.user_id}",
-        reason=body.get("reason") or "",
-        options=body.get("options") or None,
+    by, reason, options = (
+        f"admin:{principal.user_id}",
+        body.get("reason") or "",
+        body.get("options"),
     )
+    if name == plans.QUEUE_SALE:
+        sale_id = (options or {}).get("sale_id")
+        if not isinstance(sale_id, int) or isinstance(sale_id, bool) or body["mode"] == plans.ARMED:
+            raise ValidationFailed(fields={"options": "queue-sale: on|off with {sale_id: N}"})
+        rt = request.app[FLASH]
+        moved = await plans.queue_sale(
+            request.app[appkeys.DB],
+            rt.redis,
+            rt.scripts,
+            sale_id,
+            queued=body["mode"] == plans.ON,
+            by=by,
+            reason=reason,
+        )
+        await rt.cache.refresh()
+    else:
+        moved = await plans.switch(redis, name, body["mode"], by=by, reason=reason, options=options)
     switches = request.app[SWITCHES]
     await switches.refresh(redis)
     state = switches.states[name].public()

@@ -25,8 +25,10 @@ function loggedIn(token, user) {
   FS.text("who", `${user.nickname || user.email} (${user.role})`);
   show("login-card", false);
   show("sales-card", true);
+  show("plans-card", user.role === "admin");
   show("logout", true);
   loadSales();
+  loadPlans();
   const wanted = Number(new URLSearchParams(location.search).get("sale"));
   if (wanted) watch(wanted);
 }
@@ -226,6 +228,61 @@ async function watch(saleId) {
   }
 }
 
+// The contingency plans (admins): state, a switch per mode behind a confirmation, the log.
+async function loadPlans() {
+  if (!state.user || state.user.role !== "admin") return;
+  const r = await FS.api("GET", "/api/v1/admin/plans", state.token);
+  if (r.status !== 200) return FS.text("plan-result", (r.env && r.env.message) || r.status);
+  const body = document.getElementById("plans");
+  body.textContent = "";
+  for (const p of r.data.plans) {
+    const tr = document.createElement("tr");
+    tr.dataset.plan = p.name;
+    const when = p.at ? new Date(p.at * 1000).toLocaleString() : "–";
+    const mode = p.mode + (p.auto ? " (by its trigger)" : "");
+    for (const cell of [p.name, mode, p.by ? `${when} by ${p.by}` : "–", p.reason || ""]) {
+      const td = document.createElement("td");
+      td.textContent = cell;
+      tr.appendChild(td);
+    }
+    tr.children[0].title = p.does;
+    tr.children[1].className = "plan-mode " + p.mode;
+    const actions = document.createElement("td");
+    // queue-sale moves one sale: from the sale's actions (mode) or the CLI (--sale)
+    const modes = p.name === "queue-sale" ? [] : p.arms_itself ? ["on", "armed", "off"] : ["on", "off"];
+    for (const mode of modes.filter((m) => m !== p.mode || p.auto)) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "plan-btn" + (mode === "on" ? " danger" : " secondary");
+      b.dataset.mode = mode;
+      b.textContent = mode === "armed" ? "arm" : mode;
+      b.addEventListener("click", () => confirmPlan(p, mode));
+      actions.appendChild(b);
+    }
+    tr.appendChild(actions);
+    body.appendChild(tr);
+  }
+  const log = document.getElementById("plan-log");
+  log.textContent = "";
+  for (const e of r.data.log.slice(0, 10)) {
+    const li = document.createElement("li");
+    li.textContent = `${new Date(e.at * 1000).toLocaleString()} ${e.plan}: ${e.from} → ${e.to}`
+      + ` by ${e.by}` + (e.reason ? ` (${e.reason})` : "");
+    log.appendChild(li);
+  }
+}
+
+function confirmPlan(plan, mode) {
+  confirmThen(`Switch ${plan.name} ${mode} on every worker? ${plan.does}`, async () => {
+    const r = await FS.api("PUT", `/api/v1/admin/plans/${plan.name}`, state.token,
+      { mode, confirm: plan.name, reason: "from the dashboard" });
+    FS.text("plan-result", r.status < 300 ? `${plan.name}: ${r.data.mode}`
+      : `refused: ${(r.env && r.env.message) || r.status}`);
+    loadPlans();
+    return r;
+  });
+}
+
 function confirmThen(text, action) {
   const dialog = document.getElementById("confirm");
   FS.text("confirm-text", text);
@@ -280,7 +337,7 @@ document.getElementById("login-form").addEventListener("submit", async (ev) => {
 });
 document.getElementById("logout").addEventListener("click", logout);
 setUpActions();
-setInterval(() => { if (state.token) loadSales(); }, 5000);
+setInterval(() => { if (state.token) { loadSales(); loadPlans(); } }, 5000);
 {
   const token = sessionStorage.getItem(TOKEN_KEY);
   const user = sessionStorage.getItem(USER_KEY);
