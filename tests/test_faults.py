@@ -48,6 +48,10 @@ from tests.flashkit import admin_headers, make_sku, make_users
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+# a session waiting for a lock the given backend holds (the consumer, blocked on the sale row)
+SQL_WAITING_FOR_ROW = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+
+
 @pytest.fixture
 async def root() -> AsyncIterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="flashsale-fault-"))
@@ -109,7 +113,13 @@ async def test_redis_loses_its_last_second(
         assert int(await redis.hget(rediskeys.sale(sale_id), "remaining") or 0) > 0
         await crowd
         verdict = await settle_and_judge(
-            f"Redis lost {size - mark} bytes of AOF", db, redis, sale_id, answers, fault_at
+            f"Redis lost {size - mark} bytes of AOF",
+            db,
+            redis,
+            sale_id,
+            answers,
+            fault_at,
+            stack=stack,
         )
         assert_promises_kept(verdict, answers, stack)
         # every unit sold, none twice: the crowd was three times the stock
@@ -132,30 +142,43 @@ async def test_consumer_killed_between_claim_and_commit_and_broker_wiped(
         sale_id, shoppers = await _sale(stack, db, tokens, quantity=60, shoppers=60)
         # hold the sale row so that the consumer blocks inside its transaction, after the claim
         blocker = await db.acquire()
-        tx = blocker.transaction()
-        await tx.start()
-        await blocker.execute("SELECT 1 FROM flash_sales WHERE id = $1 FOR UPDATE", sale_id)
-        answers = Answers()
-        await stampede(stack.base_url, sale_id, shoppers, answers, per_second=200)
-        assert len(answers.accepted) == 60
-        deadline = time.monotonic() + 30
-        while await redis.hlen(rediskeys.claimed(sale_id)) < 60:
-            assert time.monotonic() < deadline, "the consumer never claimed the batch"
-            await asyncio.sleep(0.05)
-        stack.consumer.kill()
-        fault_at = time.monotonic()
-        await tx.rollback()
-        await db.release(blocker)
+        try:
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("SELECT 1 FROM flash_sales WHERE id = $1 FOR UPDATE", sale_id)
+            answers = Answers()
+            await stampede(stack.base_url, sale_id, shoppers, answers, per_second=200)
+            assert len(answers.accepted) == 60
+            # the consumer's first batch (all 60 or part of them: however its poll got them)
+            # is claimed and its transaction waits for the row
+            deadline = time.monotonic() + 60
+            while not await db.fetchval(SQL_WAITING_FOR_ROW, blocker.get_server_pid()):
+                assert time.monotonic() < deadline, "the consumer never waited for the row"
+                await asyncio.sleep(0.05)
+            claimed = await redis.hlen(rediskeys.claimed(sale_id))
+            assert claimed > 0
+            stack.consumer.kill()
+            fault_at = time.monotonic()
+            await tx.rollback()
+        finally:
+            await db.release(blocker)
         stack.restart_kafka()
         assert (
             await db.fetchval("SELECT count(*) FROM orders WHERE flash_sale_id = $1", sale_id) == 0
         )
         stack.consumer.start()
         verdict = await settle_and_judge(
-            "consumer SIGKILL after claim + broker wiped", db, redis, sale_id, answers, fault_at
+            "consumer SIGKILL after claim + broker wiped",
+            db,
+            redis,
+            sale_id,
+            answers,
+            fault_at,
+            stack=stack,
         )
         assert_promises_kept(verdict, answers, stack)
         assert verdict.persisted == 60
+        print(f"claimed when the consumer was killed: {claimed} of 60")
     finally:
         await redis.aclose()
         stack.stop()
@@ -188,7 +211,7 @@ async def test_gateway_worker_killed_mid_sale_is_restarted(
             await asyncio.sleep(0.1)
         await crowd
         verdict = await settle_and_judge(
-            "gateway worker SIGKILL", db, redis, sale_id, answers, fault_at
+            "gateway worker SIGKILL", db, redis, sale_id, answers, fault_at, stack=stack
         )
         assert_promises_kept(verdict, answers, stack)
         assert verdict.accepted == 200
@@ -214,7 +237,7 @@ async def test_redis_restart_with_intact_aof(
         redis = Redis.from_url(stack.settings.redis)
         await crowd
         verdict = await settle_and_judge(
-            "Redis SIGKILL, AOF intact", db, redis, sale_id, answers, fault_at
+            "Redis SIGKILL, AOF intact", db, redis, sale_id, answers, fault_at, stack=stack
         )
         assert_promises_kept(verdict, answers, stack)
         assert verdict.accepted == 300
@@ -238,7 +261,7 @@ async def test_broker_restart_mid_sale(
         fault_at = time.monotonic()
         await crowd
         verdict = await settle_and_judge(
-            "broker restart (events wiped)", db, redis, sale_id, answers, fault_at
+            "broker restart (events wiped)", db, redis, sale_id, answers, fault_at, stack=stack
         )
         assert_promises_kept(verdict, answers, stack)
         assert verdict.accepted == 300
@@ -271,7 +294,14 @@ async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, 
         pool = await create_pool(own.database, min_size=1, max_size=4)
         await crowd
         verdict = await settle_and_judge(
-            "PostgreSQL down 30 s", pool, redis, sale_id, answers, fault_at, timeout_s=120
+            "PostgreSQL down 30 s",
+            pool,
+            redis,
+            sale_id,
+            answers,
+            fault_at,
+            timeout_s=120,
+            stack=stack,
         )
         assert_promises_kept(verdict, answers, stack)
         assert verdict.accepted == 300
@@ -372,7 +402,13 @@ async def _failover(
         await when(lambda: cluster.primary_for(key).port != killed.port)
         await crowd
         verdict = await settle_and_judge(
-            f"SIGKILL of the primary holding {what}", db, redis, sale_id, answers, fault_at
+            f"SIGKILL of the primary holding {what}",
+            db,
+            redis,
+            sale_id,
+            answers,
+            fault_at,
+            stack=stack,
         )
         assert_promises_kept(verdict, answers, stack)
         assert not [s for s in answers.statuses if s.startswith("500")], answers.statuses
@@ -450,6 +486,7 @@ async def test_cluster_two_failovers_in_a_row(
             sale_id,
             answers,
             fault_at,
+            stack=stack,
         )
         assert_promises_kept(verdict, answers, stack)
         assert verdict.accepted == 600, answers.statuses
