@@ -2,8 +2,9 @@
 restarted mid-sale, with every answer a shopper got recorded. After each fault:
 
 - every order a shopper was told was accepted is in PostgreSQL exactly once,
-- sold ≤ quantity and no order is written "oversold",
-- nothing is left in flight (no order stuck "queued"), reconcile is clean,
+- sold ≤ quantity, sold = the units of the live orders, no order is written "oversold",
+- nothing is left in flight (no order stuck "queued"), reconcile is clean — within the
+  bound ``settle_and_judge`` states, or the test fails with the state it was left in,
 - and the stack answers again by itself.
 
 One case of each fault class runs in ``make test``; the long ones are marked ``chaos``
@@ -270,10 +271,14 @@ async def test_broker_restart_mid_sale(
         stack.stop()
 
 
-@pytest.mark.chaos
-async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, root: Path) -> None:
-    """PostgreSQL stopped for 30 s mid-sale: joins keep being accepted into the topic, the
-    sweepers do not flood it, and everything lands once PostgreSQL is back."""
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("outage_s", [5, pytest.param(30, marks=pytest.mark.chaos)])
+async def test_postgres_down(
+    base_settings: Settings, tokens: TokenService, root: Path, outage_s: int
+) -> None:
+    """PostgreSQL stopped mid-sale (5 s in ``make test``, 30 s in ``make chaos``): joins
+    keep being accepted into the topic, the sweepers do not flood it, and everything lands
+    once PostgreSQL is back."""
     from flashsale.stores.db import create_pool, migrate
 
     pg = start_postgres(root / "pg", durable=False)
@@ -289,18 +294,18 @@ async def test_postgres_down_30s(base_settings: Settings, tokens: TokenService, 
         await pool.close()
         pg.stop()
         fault_at = time.monotonic()
-        await asyncio.sleep(30)
+        await asyncio.sleep(outage_s)
         pg = start_postgres(root / "pg", port=pg.port, durable=False)
         pool = await create_pool(own.database, min_size=1, max_size=4)
         await crowd
         verdict = await settle_and_judge(
-            "PostgreSQL down 30 s",
+            f"PostgreSQL down {outage_s} s",
             pool,
             redis,
             sale_id,
             answers,
             fault_at,
-            timeout_s=120,
+            timeout_s=90 + outage_s,
             stack=stack,
         )
         assert_promises_kept(verdict, answers, stack)
@@ -450,8 +455,7 @@ async def test_cluster_primary_killed_mid_stampede_on_a_bucketed_sale(
     await _failover(base_settings, db, tokens, root, "failover-buckets", buckets=6)
 
 
-@pytest.mark.chaos
-@pytest.mark.parametrize("buckets", [1, 6])
+@pytest.mark.parametrize("buckets", [1, pytest.param(6, marks=pytest.mark.chaos)])
 async def test_cluster_two_failovers_in_a_row(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path, buckets: int
 ) -> None:
