@@ -24,12 +24,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from consumers import reconcile
 from consumers.recovery import server_run_id
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
+from flashsale.stores.redisclient import leaks_as_connection_errors
 from stack.embedded import (
     Server,
     ValkeyCluster,
@@ -341,6 +343,16 @@ async def when(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.02)
 
 
+# the units of a sale's live orders in PostgreSQL: what ``flash_sales.sold_quantity`` counts
+SQL_LIVE_UNITS = """
+SELECT coalesce(sum(i.quantity), 0)::int
+FROM orders o JOIN order_items i ON i.order_id = o.id
+WHERE o.flash_sale_id = $1 AND o.status NOT IN ('cancelled', 'oversold')
+"""
+# the bound a fault case gives the stores to converge after the fault, unless it says more
+SETTLE_TIMEOUT_S = 90.0
+
+
 @dataclass
 class Verdict:
     """The promises, measured after a fault."""
@@ -355,12 +367,69 @@ class Verdict:
     quantity: int
     extra: int
     converge_s: float
+    live_units: int = 0  # units of the live orders in PostgreSQL (= sold once converged)
 
     def row(self) -> str:
         return (
             f"| {self.fault} | {self.accepted} | {self.persisted} | {len(self.lost)} | "
             f"{self.oversold} | {self.duplicates} | {self.converge_s:.1f}s |"
         )
+
+
+@dataclass
+class Settled:
+    """One look at a sale after a fault: what convergence waits for."""
+
+    missing: list[str]  # accepted orders not (yet) in PostgreSQL
+    in_flight: int | None  # reservation log + claims in Redis; None: Redis did not answer
+    reconcile: str  # the reconcile line, or why it could not run
+    clean: bool
+    sold: int
+    live_units: int
+
+    @property
+    def converged(self) -> bool:
+        return (
+            not self.missing and self.in_flight == 0 and self.clean and self.sold == self.live_units
+        )
+
+    def describe(self) -> str:
+        return (
+            f"accepted not in PostgreSQL: {len(self.missing)} {self.missing[:5]}; "
+            f"in flight: {'Redis unreachable' if self.in_flight is None else self.in_flight}; "
+            f"sold_quantity={self.sold} vs live order units={self.live_units}; "
+            f"reconcile: {self.reconcile}"
+        )
+
+
+async def look(db: asyncpg.Pool, redis: Redis, sale_id: int, promised: set[str]) -> Settled:
+    """The sale's state in both stores, for :func:`settle_and_judge`."""
+    ids = {
+        r["id"] for r in await db.fetch("SELECT id FROM orders WHERE flash_sale_id = $1", sale_id)
+    }
+    sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
+    assert sale is not None
+    live_units = int(await db.fetchval(SQL_LIVE_UNITS, sale_id))
+    in_flight: int | None = 0
+    try:
+        with leaks_as_connection_errors():
+            for k in range(sale["buckets"]):  # every bucket of a split sale
+                for key in (rediskeys.log(sale_id, k), rediskeys.claimed(sale_id, k)):
+                    in_flight = (in_flight or 0) + await redis.hlen(key)
+            report = await reconcile.check_sale(
+                db, redis, sale, run_id=await server_run_id(redis, sale_id)
+            )
+        line, clean = report.line(), report.ok
+    except (RedisError, OSError) as exc:  # mid-failover: not converged yet
+        in_flight, line, clean = None, f"Redis did not answer: {exc!r}", False
+    return Settled(
+        missing=sorted(promised - ids),
+        in_flight=in_flight,
+        reconcile=line,
+        clean=clean,
+        sold=int(sale["sold_quantity"]),
+        live_units=live_units,
+    )
 
 
 async def settle_and_judge(
@@ -371,49 +440,41 @@ async def settle_and_judge(
     answers: Answers,
     started: float,
     *,
-    timeout_s: float = 90.0,
+    timeout_s: float = SETTLE_TIMEOUT_S,
+    stack: FaultStack | None = None,
 ) -> Verdict:
-    """Wait until every accepted order is in PostgreSQL, nothing is in flight and reconcile
-    is clean (or the timeout), then measure."""
+    """Wait until the stores converged (every accepted order in PostgreSQL, nothing in
+    flight, reconcile clean, ``sold_quantity`` equal to the units of the live orders), then
+    measure. Convergence is itself a promise: if it is not reached within ``timeout_s``, this
+    fails with the state it was left in (and the logs of ``stack``), never a verdict taken
+    anyway."""
     promised = set(answers.accepted.values())
     deadline = time.monotonic() + timeout_s
-    run_id = ""
-    while True:
-        rows = await db.fetch("SELECT id, status FROM orders WHERE flash_sale_id = $1", sale_id)
-        ids = {r["id"] for r in rows}
-        sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
-        assert sale is not None
-        in_flight = 0
-        for k in range(sale["buckets"]):  # every bucket of a split sale
-            in_flight += await redis.hlen(rediskeys.log(sale_id, k)) + await redis.hlen(
-                rediskeys.claimed(sale_id, k)
-            )
-        try:
-            run_id = await server_run_id(redis, sale_id)
-            report = await reconcile.check_sale(db, redis, sale, run_id=run_id)
-            clean = report.ok
-        except (OSError, ConnectionError):
-            clean = False
-        if promised <= ids and not in_flight and clean:
-            break
+    while not (state := await look(db, redis, sale_id, promised)).converged:
         if time.monotonic() > deadline:
-            break
+            tail = stack.log_tail() if stack is not None else ""
+            raise AssertionError(
+                f"{fault}: the stores did not converge within {timeout_s:.0f}s of settling "
+                f"({answers.statuses}): {state.describe()}\n{tail}"
+            )
         await asyncio.sleep(0.25)
     converge = time.monotonic() - started
-    lost = sorted(promised - ids)
-    oversold = sum(1 for r in rows if r["status"] == "oversold")
-    dup = len(answers.accepted) - len(promised)  # two shoppers told the same order id
+    rows = await db.fetch("SELECT id, status FROM orders WHERE flash_sale_id = $1", sale_id)
+    ids = {r["id"] for r in rows}
+    sale = await db.fetchrow("SELECT quantity FROM flash_sales WHERE id = $1", sale_id)
+    assert sale is not None
     return Verdict(
         fault=fault,
         accepted=len(promised),
         persisted=len(promised & ids),
-        lost=lost,
-        oversold=oversold,
-        duplicates=dup,
-        sold=int(sale["sold_quantity"]),
+        lost=sorted(promised - ids),
+        oversold=sum(1 for r in rows if r["status"] == "oversold"),
+        duplicates=len(answers.accepted) - len(promised),  # two shoppers told one order id
+        sold=state.sold,
         quantity=int(sale["quantity"]),
         extra=len(ids - promised),
         converge_s=converge,
+        live_units=state.live_units,
     )
 
 
@@ -425,6 +486,7 @@ def assert_promises_kept(v: Verdict, answers: Answers, stack: FaultStack | None 
     assert v.duplicates == 0
     assert v.accepted <= v.quantity
     assert v.sold <= v.quantity
+    assert v.sold == v.live_units, f"sold {v.sold} != {v.live_units} units of live orders"
     # an order nobody was told about may exist only for a shopper left without an answer
     assert v.extra <= len(answers.unknown), (v.extra, answers.unknown)
 

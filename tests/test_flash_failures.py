@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
 from consumers import reconcile
-from consumers.recovery import server_run_id
+from consumers.recovery import server_run_id, unconsumed_events
 from consumers.runner import run_consumers
 from consumers.sweepers import cancel_expired, retire_old_sales, return_cancelled_units
 from flashsale.auth import TokenService
@@ -233,7 +233,7 @@ async def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(
         proc = _consumer_process(settings)
         await eventually(lambda: _equals(count_orders(db, sale["id"]), n), timeout_s=90)
         await _produce(settings, events[:1000])  # the same messages delivered twice
-        await asyncio.sleep(3)
+        await eventually(lambda: _all_consumed(settings), timeout_s=60, every_s=0.5)
         assert await count_orders(db, sale["id"]) == n
         assert (
             await db.fetchval("SELECT sold_quantity FROM flash_sales WHERE id = $1", sale["id"])
@@ -261,6 +261,12 @@ async def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def _all_consumed(settings: Settings) -> bool:
+    """The consumer group's committed offsets reached the end (highwater) of every
+    partition: each event produced so far went through the consumer's transaction."""
+    return not await unconsumed_events(settings)
 
 
 async def _more_than(value: Any, n: int) -> bool:
