@@ -9,6 +9,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -263,6 +264,28 @@ async def test_an_order_another_consumer_writes_meanwhile_is_kept_once(
     assert await db.fetchval(SQL_ITEM_ROWS, sale_id) == 20
     merchant = [tuple(r) for r in await db.fetch(SQL_MERCHANT_ROWS, sale_id)]
     assert merchant == sorted((e.order_id, e.quantity, e.quantity * 500) for e in events)
+
+
+async def test_a_row_the_database_refuses_fails_the_whole_batch_write(
+    db: asyncpg.Pool, hot_sale: HotSale
+) -> None:
+    """What the processor's one-by-one retry relies on: a batch with one order the
+    database refuses (here its shopper is gone) raises an integrity error and leaves no
+    row of the batch behind; the others, written again without it, are kept."""
+    sale_id, sku, product = await hot_sale(100)
+    users = await make_users(db, 3)
+    events = events_for(sale_id, sku, product, users, 6, base=int(time.time()) * 10_000 + 9500)
+    gone = max(users) + 1_000_000
+    bad = replace(events[3], user_id=gone)
+    async with db.acquire() as conn:
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError):
+            await persist(conn, [*events[:3], bad, *events[4:]])
+        assert await count_orders(db, sale_id) == 0
+        ledger = await db.fetchrow(SQL_LEDGER, sale_id)
+        assert ledger is not None and ledger["rows"] == 0
+        kept = await persist(conn, [*events[:3], *events[4:]])
+    assert sorted(kept.new) == sorted(e.order_id for i, e in enumerate(events) if i != 3)
+    assert await db.fetchval(SQL_ITEM_ROWS, sale_id) == 5
 
 
 async def test_items_added_by_a_second_statement_grow_the_merchant_row(
