@@ -1,6 +1,6 @@
 """Only the drain rows of the bench (6 and 6b, optionally 6c), each run several times.
 
-    python -m loadtests.bench_drain [--full] [--runs 3] [--consumers 1 4] [--no-row6]
+    python -m loadtests.bench_drain [--full] [--runs 3] [--consumers 1 4] [--no-row6] [--wal]
 
 The same isolated stack and the same scenario functions as ``flashsale bench``
 (:func:`loadtests.bench.start_env`, :func:`~loadtests.bench.drain`,
@@ -13,14 +13,20 @@ few minutes instead of a whole bench.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+import asyncpg
+
 from loadtests import bench
+from loadtests.price_drain import SQL_WAL_BY_RELATION
 from stack.processes import stop_children
+
+WAL_TOP = 25
 
 
 def _summary(name: str, values: list[float], unit: str) -> str:
@@ -28,7 +34,29 @@ def _summary(name: str, values: list[float], unit: str) -> str:
     return f"{name} {mid:.1f}{unit} (runs {', '.join(f'{v:.1f}' for v in values)})"
 
 
-def main(full: bool, runs: int, consumers: list[int], row6: bool) -> int:
+async def _lsn(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        return int(await conn.fetchval("SELECT pg_current_wal_lsn()"))
+    finally:
+        await conn.close()
+
+
+async def _wal_by_relation(dsn: str, start: int, orders: int) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        end = await conn.fetchval("SELECT pg_current_wal_lsn()")
+        rows = await conn.fetch(SQL_WAL_BY_RELATION, start, end)
+    finally:
+        await conn.close()
+    return ", ".join(
+        f"{r['relation']} {r['record_type']} {float(r['bytes']) / orders:.0f}"
+        for r in rows[:WAL_TOP]
+    )
+
+
+def main(full: bool, runs: int, consumers: list[int], row6: bool, wal_detail: bool) -> int:
     plan = bench.FULL if full else bench.QUICK
     root = Path(tempfile.mkdtemp(prefix="flashsale-bench-drain-"))
     stack = env = None
@@ -47,9 +75,13 @@ def main(full: bool, runs: int, consumers: list[int], row6: bool) -> int:
         for k in consumers:
             rate, consumer_us, pg_us, wal = [], [], [], []
             for _ in range(runs):
+                start = asyncio.run(_lsn(env.settings.database)) if wal_detail else 0
                 row = bench.drain_consumers(env, plan, k, pg)
                 print(f"  {row.scenario}: {row.rps}/s {row.note}", flush=True)
                 n = row.detail["events"]
+                if wal_detail:
+                    by = asyncio.run(_wal_by_relation(env.settings.database, start, n))
+                    print(f"    WAL B/order (incl. the prefill's) by relation: {by}", flush=True)
                 rate.append(float(row.rps or 0.0))
                 consumer_us.append(row.detail["consumer_cpu_s"] * 1e6 / n)
                 pg_us.append(row.detail["postgres_cpu_s"] * 1e6 / n)
@@ -81,8 +113,11 @@ def _cli() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--consumers", type=int, nargs="*", default=[1])
     parser.add_argument("--no-row6", dest="row6", action="store_false")
+    parser.add_argument(
+        "--wal", action="store_true", help="the WAL of each 6b/6c run by relation and kind"
+    )
     args = parser.parse_args()
-    return main(args.full, args.runs, args.consumers, args.row6)
+    return main(args.full, args.runs, args.consumers, args.row6, args.wal)
 
 
 if __name__ == "__main__":
