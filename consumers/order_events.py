@@ -3,8 +3,9 @@
 For each batch: parse (bad messages go to the dead-letter topic with the reason),
 claim the reservations in Redis (a claimed reservation can no longer be released by
 a late compensation; a voided one is never persisted), write orders, items, ledger
-rows and the sale counters in one transaction with ``ON CONFLICT DO NOTHING`` on the
-order id, then drop the claims and commit the offsets. A crash anywhere replays the
+rows and the sale counters in one transaction (the orders not yet in the database, by
+COPY; by ``ON CONFLICT DO NOTHING`` on the order id when another transaction wrote one
+meanwhile), then drop the claims and commit the offsets. A crash anywhere replays the
 batch, and the replay changes nothing that was already written.
 
 An accepted order is never dropped. Under the sale rows' locks, each new order takes
