@@ -9,6 +9,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -213,6 +214,99 @@ async def test_concurrent_batches_of_one_sale_count_each_order_once(
     replayed = await asyncio.gather(*(one(b) for b in reversed(batches)))
     assert all(not r.new and not r.oversold for r in replayed)
     assert await record_of(db, sale_id) == got
+
+
+SQL_MERCHANT_ROWS = """
+SELECT mo.order_id, mo.units, mo.amount_cents FROM merchant_orders mo
+JOIN orders o ON o.id = mo.order_id WHERE o.flash_sale_id = $1 ORDER BY mo.order_id
+"""
+SQL_ITEM_ROWS = """
+SELECT count(*) FROM order_items i JOIN orders o ON o.id = i.order_id WHERE o.flash_sale_id = $1
+"""
+
+
+async def test_an_order_another_consumer_writes_meanwhile_is_kept_once(
+    db: asyncpg.Pool, hot_sale: HotSale
+) -> None:
+    """The batch write's fast path assumes the orders it checked are still new; one that
+    another transaction writes between the check and the write (a rebalance replay) sends
+    the batch to the ON CONFLICT path: every order once, with one item, one ledger row and
+    one merchant row, and the sale counts each unit once."""
+    sale_id, sku, product = await hot_sale(100)
+    users = await make_users(db, 5)
+    events = events_for(sale_id, sku, product, users, 20, base=int(time.time()) * 10_000 + 8000)
+    async with db.acquire() as other, db.acquire() as conn:
+        tx = other.transaction()
+        await tx.start()
+        first = await persist(other, events[7:8])  # written, not yet committed
+        task = asyncio.create_task(persist(conn, events))
+
+        async def waits_on_it() -> bool:
+            return bool(
+                await other.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                    conn.get_server_pid(),
+                )
+            )
+
+        try:
+            await eventually(waits_on_it, timeout_s=20)  # past its check, at the write
+        finally:
+            await tx.commit()
+        written = await task
+    assert first.new == [events[7].order_id]
+    assert sorted(written.new) == sorted(e.order_id for i, e in enumerate(events) if i != 7)
+    assert not written.oversold
+    got = await record_of(db, sale_id)
+    units = sum(e.quantity for e in events)
+    assert got["statuses"] == {"pending_payment": (20, units)}
+    assert got["sold"] == units == got["ledger_units"] and got["ledger_rows"] == 20
+    assert await db.fetchval(SQL_ITEM_ROWS, sale_id) == 20
+    merchant = [tuple(r) for r in await db.fetch(SQL_MERCHANT_ROWS, sale_id)]
+    assert merchant == sorted((e.order_id, e.quantity, e.quantity * 500) for e in events)
+
+
+async def test_a_row_the_database_refuses_fails_the_whole_batch_write(
+    db: asyncpg.Pool, hot_sale: HotSale
+) -> None:
+    """What the processor's one-by-one retry relies on: a batch with one order the
+    database refuses (here its shopper is gone) raises an integrity error and leaves no
+    row of the batch behind; the others, written again without it, are kept."""
+    sale_id, sku, product = await hot_sale(100)
+    users = await make_users(db, 3)
+    events = events_for(sale_id, sku, product, users, 6, base=int(time.time()) * 10_000 + 9500)
+    gone = max(users) + 1_000_000
+    bad = replace(events[3], user_id=gone)
+    async with db.acquire() as conn:
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError):
+            await persist(conn, [*events[:3], bad, *events[4:]])
+        assert await count_orders(db, sale_id) == 0
+        ledger = await db.fetchrow(SQL_LEDGER, sale_id)
+        assert ledger is not None and ledger["rows"] == 0
+        kept = await persist(conn, [*events[:3], *events[4:]])
+    assert sorted(kept.new) == sorted(e.order_id for i, e in enumerate(events) if i != 3)
+    assert await db.fetchval(SQL_ITEM_ROWS, sale_id) == 5
+
+
+async def test_items_added_by_a_second_statement_grow_the_merchant_row(
+    db: asyncpg.Pool, hot_sale: HotSale
+) -> None:
+    """The merchant rows kept by the statement trigger: a new order gets one row per
+    merchant, and items a later statement adds to it add to that row."""
+    sale_id, sku, product = await hot_sale(100)
+    users = await make_users(db, 1)
+    events = events_for(sale_id, sku, product, users, 1, base=int(time.time()) * 10_000 + 9000)
+    async with db.acquire() as conn:
+        assert (await persist(conn, events)).new == [events[0].order_id]
+        await conn.execute(
+            "INSERT INTO order_items (order_id, product_id, sku_id, quantity, price_cents) "
+            "SELECT $1, $2, $3, q, 700 FROM unnest('{2,3}'::int[]) AS q",
+            events[0].order_id,
+            product,
+            sku,
+        )
+    merchant = [tuple(r) for r in await db.fetch(SQL_MERCHANT_ROWS, sale_id)]
+    assert merchant == [(events[0].order_id, 1 + 5, 500 + 5 * 700)]
 
 
 async def test_a_consumer_waits_for_the_sale_row_only_after_its_writes(
