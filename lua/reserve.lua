@@ -32,6 +32,11 @@ if idem ~= '' then
     if string.sub(seen, sep1 + 1, sep2 - 1) ~= ARGV[5] then
       return {2}
     end
+    -- rewritten as it is: WAIT waits for this connection's own last write, and the
+    -- reservation this answer names may have been written through another connection;
+    -- after this write the batch's WAIT covers it (a retry is told 202 only for an order
+    -- the replicas hold)
+    redis.call('HSET', KEYS[6], idem, seen)
     return {1, string.sub(seen, 1, sep1 - 1), string.sub(seen, sep2 + 1)}
   end
 end

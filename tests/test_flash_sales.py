@@ -176,7 +176,9 @@ async def test_a_keyed_retry_on_a_sold_out_sale_gets_its_order_back(
 ) -> None:
     """A shopper who got OUTCOME_UNKNOWN (or lost the connection) retries with the same
     Idempotency-Key after the sale sold out: the worker's sold-out flag must not answer
-    SOLD_OUT ("no") while its order stands. One HGET finds it; no script runs."""
+    SOLD_OUT ("no") while its order stands. Each keyed attempt is one reservation-script
+    call in the batcher, so a "yes" comes only after the batch's WAIT (with replicas
+    awaited) covers the order it names; an unkeyed one is refused in-process."""
     sale_id = await create_sale(
         client, admin, await make_sku(db), quantity=2, limit=1, buckets=buckets
     )
@@ -200,7 +202,9 @@ async def test_a_keyed_retry_on_a_sold_out_sale_gets_its_order_back(
     assert other.status == 422 and (await other.json())["error"] == "IDEMPOTENCY_MISMATCH"
     fresh = await join(client, sale_id, {**bearer(tokens, late), "Idempotency-Key": "new"})
     assert fresh.status == 409 and (await fresh.json())["error"] == "SOLD_OUT"
-    assert batcher.calls == before  # all answered in-process or with one HGET
+    assert batcher.calls == before + 3  # one script call per keyed attempt, no more
+    unkeyed = await join(client, sale_id, bearer(tokens, late))
+    assert unkeyed.status == 409 and batcher.calls == before + 3  # the flag, no Redis
 
 
 @pytest.mark.both_topologies

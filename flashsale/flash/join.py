@@ -174,32 +174,6 @@ async def join(
     raise _rejection(rt, sale, status, res)
 
 
-async def replay(
-    rt: FlashRuntime, sale: SaleState, *, user_id: int, idempotency_key: str, quantity: int
-) -> JoinResult | None:
-    """The order a retried join's Idempotency-Key already names, or None.
-
-    For a sale this worker holds sold out: its flag answers SOLD_OUT without Redis, but a
-    shopper retrying after OUTCOME_UNKNOWN (or a lost connection) may hold an order. One
-    HGET in the shopper's home bucket finds it, so the retry is answered with the same
-    order as the reservation script would, never with a wrong "no"."""
-    bucket = bucketing.home(user_id, sale.buckets)
-    try:
-        seen = await rt.redis.hget(
-            rediskeys.idempotency(sale.id, bucket), f"{user_id}:{idempotency_key}"
-        )
-    except (RedisError, OSError) as exc:
-        log.warning("idempotency lookup failed: %s", exc)
-        raise ServiceUnavailable("reservation store unavailable; retry later") from None
-    if seen is None:
-        return None
-    text = seen.decode() if isinstance(seen, bytes) else seen
-    order_id, fingerprint, deadline = text.split("|")
-    if fingerprint != _fingerprint(quantity):
-        raise IdempotencyMismatch()
-    return JoinResult(order_id, int(deadline), replayed=True)
-
-
 async def _reserve(
     rt: FlashRuntime, keys: list[str], args: list[Any], ids: dict[str, Any]
 ) -> ReserveResult:

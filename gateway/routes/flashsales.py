@@ -217,7 +217,9 @@ async def join(request: web.Request) -> web.Response:
         raise SaleEnded
     sold_out = sale.sold_out and not sale.recovering
     if sold_out and "Idempotency-Key" not in request.headers:
-        raise SoldOut  # in-process, no Redis call (a keyed retry is looked up below)
+        # in-process, no Redis call; a keyed retry goes on to the script: it may hold an
+        # order, and the batch's WAIT must confirm the replicas have it before it is told
+        raise SoldOut
     if sale.mode == "queued":  # the waiting room's gate: an admission, checked in-process
         token = request.match_info.get("admission")
         app[WAITING_ROOM].check_admission(
@@ -237,26 +239,17 @@ async def join(request: web.Request) -> web.Response:
         checked = validate(body, JOIN)
         quantity, address_id = checked["quantity"], checked.get("address_id")
     key = header_text(request, "Idempotency-Key", max_len=_MAX_IDEMPOTENCY_KEY)
-    result: joining.JoinResult | None
-    if sold_out:
-        assert key is not None
-        result = await joining.replay(
-            rt, sale, user_id=principal.user_id, idempotency_key=key, quantity=quantity
-        )
-        if result is None:
-            raise SoldOut
-    else:
-        result = await joining.join(
-            rt,
-            sale=sale,
-            user_id=principal.user_id,
-            quantity=quantity,
-            client_ip=client_ip(request),
-            idempotency_key=key,
-            order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
-            request_id=request_id(request),
-            address_id=address_id,
-        )
+    result = await joining.join(
+        rt,
+        sale=sale,
+        user_id=principal.user_id,
+        quantity=quantity,
+        client_ip=client_ip(request),
+        idempotency_key=key,
+        order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
+        request_id=request_id(request),
+        address_id=address_id,
+    )
     request[appkeys.ORDER_ID] = result.order_id  # the access log line names the order
     if sale.mode == "queued" and not result.replayed:
         app[appkeys.METRICS].queue_joined.inc()
