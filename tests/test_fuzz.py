@@ -71,6 +71,7 @@ RULE_FIELDS: dict[tuple[str, str], set[str]] = {
     ("POST", "/api/v1/admin/promotions"): {"valid_until", "rules", "rules[].discount_amount"},
     # lines the order does not hold, more than is left to return, items on a money-only refund
     ("POST", "/api/v1/orders/{id}/returns"): {"items", "items[].sku_id", "items[].quantity"},
+    ("PUT", "/api/v1/admin/plans/{name}"): {"confirm"},  # must repeat the plan's name
 }
 # The headers the service reads (and one it does not), sent with bytes that are not UTF-8
 # (or not ASCII): aiohttp hands such bytes over as lone surrogates, which no encoder takes.
@@ -349,6 +350,8 @@ def live(own_settings: Settings) -> Iterator[Live]:
             "/api/v1/returns/{return_id}/approve": {"return_id": returned["return_id"]},
             "/api/v1/returns/{return_id}/reject": {"return_id": returned["return_id"]},
             "/sale/{sale_id}": {"sale_id": sale["flash_sale_id"]},
+            # the one plan whose switch leaves every other operation's answers alone
+            "/api/v1/admin/plans/{name}": {"name": "pause-background"},
             "/static/{name}": {"name": "app.css"},
             "/static/vendor/{name}": {"name": "uPlot.min.css"},
         }
