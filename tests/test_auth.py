@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -177,12 +178,15 @@ def _cli_user_create(
     )
 
 
-def test_cli_user_create(base_settings: Settings) -> None:
+async def test_cli_user_create(base_settings: Settings) -> None:
+    # async like the tests around it: a sync test between async ones made pytest-asyncio
+    # finish the session's async fixtures (the database) under it
     email = _email()
-    result = _cli_user_create(base_settings, email, "admin", "admin-password")
+    create = functools.partial(_cli_user_create, base_settings, email, "admin", "admin-password")
+    result = await asyncio.to_thread(create)
     assert result.returncode == 0, result.stderr
     assert "(admin)" in result.stdout
-    again = _cli_user_create(base_settings, email, "admin", "admin-password")
+    again = await asyncio.to_thread(create)
     assert again.returncode == 1 and "ACCOUNT_EXISTS" in again.stderr
 
 
@@ -206,14 +210,16 @@ def _without_servers(data_dir: Path) -> dict[str, str]:
     return {**env, "FLASHSALE_DATA_DIR": str(data_dir)}
 
 
-def test_cli_user_create_finds_the_running_stack_and_reads_stdin(
+async def test_cli_user_create_finds_the_running_stack_and_reads_stdin(
     base_settings: Settings, tmp_path: Path
 ) -> None:
     # a running `up` (this process) recorded its servers; no FLASHSALE_* URL is set
     stackfile.write(base_settings.with_(data_dir=str(tmp_path)), {})
     email = _email()
     args = ["user", "create", "--role", "admin", "--email", email, "--nickname", "A"]
-    created = _cli([*args, "--password-stdin"], _without_servers(tmp_path), "piped-password\n")
+    created = await asyncio.to_thread(
+        _cli, [*args, "--password-stdin"], _without_servers(tmp_path), "piped-password\n"
+    )
     assert created.returncode == 0, created.stderr
     assert "(admin)" in created.stdout
     assert f"using the running stack's servers from {tmp_path / 'stack.json'}" in created.stderr
@@ -229,7 +235,7 @@ def test_cli_user_create_finds_the_running_stack_and_reads_stdin(
             await conn.close()
 
     # the password is the line without its newline
-    assert asyncio.run(check_password(asyncio.run(hash_of()), "piped-password"))
+    assert await check_password(await hash_of(), "piped-password")
 
 
 @pytest.mark.parametrize(
@@ -249,14 +255,14 @@ def test_cli_user_create_finds_the_running_stack_and_reads_stdin(
         ),
     ],
 )
-def test_cli_user_create_without_a_usable_password_is_one_line(
+async def test_cli_user_create_without_a_usable_password_is_one_line(
     base_settings: Settings, tmp_path: Path, how: str, stdin: str | None, code: int, line: str
 ) -> None:
     email = _email()
     args = ["user", "create", "--email", email, "--nickname", "N"]
     args += ["--password-stdin"] if stdin is not None else []
     env = {**os.environ, **base_settings.to_env()}
-    done = _cli(args, env, stdin)
+    done = await asyncio.to_thread(_cli, args, env, stdin)
     assert done.returncode == code
     assert done.stderr.splitlines() == [line]
 
@@ -268,7 +274,7 @@ def test_cli_user_create_without_a_usable_password_is_one_line(
         finally:
             await conn.close()
 
-    assert asyncio.run(count()) == 0  # nothing was created
+    assert await count() == 0  # nothing was created
 
 
 async def test_cli_admin_can_log_in(client: TestClient[Any, Any], base_settings: Settings) -> None:
