@@ -668,6 +668,9 @@ async def test_a_returns_share_takes_the_discount_off_in_proportion(db: asyncpg.
     everything = [{"sku_id": a, "quantity": 2}, {"sku_id": b, "quantity": 1}]
     assert await share(everything) == 6_300  # the goods paid; shipping is not in it
     assert await share([{"sku_id": b + 999, "quantity": 1}]) == 0
+    # written by hand as shipped with no payment: once priced, it must not stand in this
+    # shared database as money drift for reconcile, which other tests run
+    await db.execute("UPDATE orders SET status = 'cancelled' WHERE id = $1", oid)
 
 
 @pytest.mark.usefixtures("consumer")

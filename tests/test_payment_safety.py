@@ -491,6 +491,10 @@ async def test_an_order_refunded_below_its_price_never_ships(
     resp = await client.post(f"/api/v1/orders/{oid}/deliver", headers=mh)
     assert resp.status == 409 and (await resp.json())["error"] == "ORDER_NOT_PAID_IN_FULL"
     assert await db.fetchval("SELECT status FROM orders WHERE id = $1", oid) == "shipped"
+    # the broken state was written by hand; put it right, or reconcile's money checks, run by
+    # other tests over this shared database, would rightly report it
+    await db.execute("DELETE FROM refunds WHERE id = 'REFLEGACY' || $1", oid)
+    await db.execute("UPDATE orders SET refunded_cents = 0 WHERE id = $1", oid)
 
 
 # --- issue 20, finding 8: a verified payment for a cancelled order goes back ------------
