@@ -727,19 +727,6 @@ async def _wal_lsn(dsn: str) -> int:
         await conn.close()
 
 
-async def _settle(dsn: str) -> None:
-    """Vacuum and checkpoint before a drain row: the rows before it leave dead tuples and
-    dirty pages, and autovacuum cleaning them up inside the window was counted as the
-    drain's CPU and WAL (6b read 5.8 KB and 243 µs per order after the other rows, 2.2 KB
-    and 89 µs on a fresh database, with the same code)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("VACUUM (ANALYZE)")
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-
-
 async def _watch_drain(
     dsn: str, sale_id: int, target: int, timeout_s: float, alive: Callable[[], bool]
 ) -> tuple[float | None, float | None, int, float]:
@@ -799,7 +786,6 @@ def drain_consumers(env: Env, plan: Plan, consumers: int, pg_pid: int | None) ->
         for child in children:
             child.send_signal(signal.SIGSTOP)
         asyncio.run(_prefill(replace(env, settings=settings), sale_id, n))
-        asyncio.run(_settle(env.settings.database))
         wal_before = asyncio.run(_wal_lsn(env.settings.database))
         cpu_before = sum(_cpu_s(c.pid) for c in children)
         pg_before = _cpu_s(pg_pid) if pg_pid else 0.0

@@ -15,7 +15,7 @@ output with the value read, and a figure it cannot find is said, never invented:
   ``p99_ms``;
 * ``6b one hot sale, 1 consumer(s) (orders/s)``: ``detail.consumer_cpu_s``,
   ``detail.postgres_cpu_s`` over ``detail.events`` orders, CPU µs per persisted order;
-* a row whose scenario names the storefront, if the bench has one:
+* a row whose subject is the storefront (``"<id> storefront …"``), if the bench has one:
   ``detail.cpu_us.{gateway,postgres}`` per storefront request; else
   ``--storefront-gateway-us`` / ``--storefront-postgres-us``.
 
@@ -126,7 +126,9 @@ def read_costs(
         per_order[name] = seconds * 1e6 / events
         sources[f"{name} µs per order"] = f"{drain['scenario']!r} detail.{key} / detail.events"
     store_gw, store_pg = storefront_gateway_us, storefront_postgres_us
-    shop = next((r for r in rows if STOREFRONT_WORD in str(r.get("scenario", ""))), None)
+    # a storefront row names the storefront as its subject ("11 storefront reads"), not a
+    # join row that mentions it ("10a join, no storefront load")
+    shop = next((r for r in rows if _is_storefront_row(str(r.get("scenario", "")))), None)
     if shop is not None:
         if store_gw is None:
             store_gw, where = _cpu_us(shop, "gateway")
@@ -188,6 +190,11 @@ class Plan:
     in_flight_joins: float | None
     bottleneck: str
     notes: list[str]
+
+
+def _is_storefront_row(scenario: str) -> bool:
+    words = scenario.split()
+    return len(words) > 1 and words[1] == STOREFRONT_WORD
 
 
 def plan(costs: Costs, *, peak_joins: float, storefront_rps: float, target: float) -> Plan:

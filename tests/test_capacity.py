@@ -167,3 +167,16 @@ def test_capacity_md_is_the_commands_output(monkeypatch: pytest.MonkeyPatch) -> 
         "regenerate: flashsale capacity --peak-joins 100000 --storefront-rps 20000 "
         "--from docs/capacity-bench.json --write CAPACITY.md"
     )
+
+
+@pytest.mark.unit
+def test_a_join_row_that_mentions_the_storefront_does_not_price_it() -> None:
+    data = bench()
+    data["rows"].append(
+        {
+            "scenario": "10a join, no storefront load",
+            "detail": {"cpu_us": {"gateway": 229.7, "redis": 68.2}},
+        }
+    )
+    costs = capacity.read_costs(data)
+    assert costs.storefront_gateway is None and costs.storefront_postgres is None
