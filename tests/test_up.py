@@ -189,8 +189,10 @@ def test_sigterm_while_starting_stops_at_once(tmp_path: Path) -> None:
     proc = _run_up(str(data_dir), free_port())
     try:
         deadline = time.monotonic() + 120
-        # the broker starts last of the servers: the migrations, demo data and workers follow
-        while not (data_dir / "kafka").exists():
+        # PostgreSQL's folder appears as its initdb begins: the broker, the migrations, the
+        # demo data and the workers are all still to come (waiting for the broker's folder
+        # left too little of the start on a quick machine: it finished before the signal)
+        while not (data_dir / "postgres").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "up did not start"
             time.sleep(0.05)
         tree = _descendants(proc.pid)
