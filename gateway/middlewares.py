@@ -21,8 +21,6 @@ log = logging.getLogger("flashsale.errors")
 
 REQUEST_ID: Final = "X-Request-ID"
 MAX_REQUEST_ID: Final = 128
-# A store that went away is back, or failed over, within seconds: retry soon.
-STORE_RETRY_AFTER_S: Final = 1
 _REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 
 
@@ -98,10 +96,9 @@ def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[vali
                     rid,
                     exc,
                 )
-                unavailable = ServiceUnavailable(
-                    "a store connection was lost; retry later",
-                    headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
-                )
+                # ServiceUnavailable carries its Retry-After (1 s: a store that went away
+                # is back, or failed over, within seconds)
+                unavailable = ServiceUnavailable("a store connection was lost; retry later")
                 response = _app_error_response(unavailable, rid, stats)
             else:
                 log.exception(
