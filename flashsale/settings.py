@@ -208,6 +208,8 @@ class Settings:
     workers: int = 2
     max_body_bytes: int = 1 << 20
     access_log: bool = True
+    # the join route served on the connection below aiohttp (gateway/fastjoin.py)
+    join_fast_path: bool = True
     log_level: str = "INFO"
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     data_dir: str = ".flashsale"
@@ -332,6 +334,7 @@ class Settings:
             workers=r.integer("workers", 1, 256),
             max_body_bytes=r.integer("max_body_bytes", 1024, 1 << 30),
             access_log=r.flag("access_log"),
+            join_fast_path=r.flag("join_fast_path"),
             log_level=level,
             trusted_proxies=_networks(e, "TRUSTED_PROXIES"),
             data_dir=r.text("data_dir"),

@@ -111,7 +111,26 @@ class JsonAccessLogger(AbstractAccessLogger):
         self._pid = os.getpid()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        method, path, status = request.method, request.path, response.status
+        self.line(
+            request.method,
+            request.path,
+            response.status,
+            time,
+            response.headers.get(REQUEST_ID, ""),
+            request.remote,
+            request.get(ORDER_ID),
+        )
+
+    def line(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        seconds: float,
+        rid: str,
+        peer: str | None,
+        order_id: str | None = None,
+    ) -> None:
         line = {
             "ts": self._clock.now(),
             "level": "INFO",
@@ -121,11 +140,10 @@ class JsonAccessLogger(AbstractAccessLogger):
             "method": method,
             "path": path,
             "status": status,
-            "ms": round(time * 1000, 3),
-            "request_id": response.headers.get(REQUEST_ID, ""),
-            "peer": request.remote,
+            "ms": round(seconds * 1000, 3),
+            "request_id": rid,
+            "peer": peer,
         }
-        order_id = request.get(ORDER_ID)
         if order_id is not None:
             line["order_id"] = order_id
         self.buffer.add(orjson.dumps(line, default=str) + b"\n")

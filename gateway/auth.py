@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from flashsale.auth import Principal, TokenService
@@ -9,7 +11,11 @@ from flashsale.errors import TokenMalformed, Unauthorized
 
 
 def bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization")
+    return bearer_of(request.headers)
+
+
+def bearer_of(headers: Mapping[str, str]) -> str | None:
+    header = headers.get("Authorization")
     if not header:
         return None
     scheme, _, token = header.partition(" ")
@@ -20,7 +26,12 @@ def bearer(request: web.Request) -> str | None:
 
 def authenticate(request: web.Request, tokens: TokenService) -> Principal:
     """The caller's principal, or 401."""
-    token = bearer(request)
+    return principal_of(request.headers, tokens)
+
+
+def principal_of(headers: Mapping[str, str], tokens: TokenService) -> Principal:
+    """The principal the request's headers carry, or 401."""
+    token = bearer_of(headers)
     if token is None:
         raise Unauthorized
     return tokens.verify(token)

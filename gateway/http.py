@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -39,7 +40,12 @@ def header_text(request: web.Request, name: str, *, max_len: int) -> str | None:
     (Redis, PostgreSQL, JSON, the reply's own headers): a value is 1 to ``max_len``
     printable ASCII characters, checked before anything is written.
     """
-    value = request.headers.get(name)
+    return header_value(request.headers, name, max_len=max_len)
+
+
+def header_value(headers: Mapping[str, str], name: str, *, max_len: int) -> str | None:
+    """:func:`header_text` of a header mapping."""
+    value = headers.get(name)
     if value is not None and not (0 < len(value) <= max_len and printable_ascii(value)):
         raise ValidationFailed(fields={name: f"must be 1 to {max_len} printable ASCII characters"})
     return value
@@ -55,6 +61,11 @@ async def read_json(request: web.Request) -> Any:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge from None
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, or 400 INVALID_JSON."""
     if not raw:
         raise InvalidJSON("request body is empty; a JSON object is required")
     try:

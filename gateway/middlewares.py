@@ -6,7 +6,7 @@ import itertools
 import logging
 import os
 import time
-from typing import Final
+from typing import Final, NamedTuple
 
 from aiohttp import web
 
@@ -37,7 +37,7 @@ def _route_name(request: web.Request) -> str:
     return route.resource.canonical
 
 
-def _error_response(
+def error_body(
     status: int,
     code: str,
     message: str,
@@ -45,71 +45,85 @@ def _error_response(
     *,
     fields: dict[str, str] | None = None,
     data: object = None,
+) -> bytes:
+    return dumps(envelope(status, code, message, request_id=rid, fields=fields, data=data))
+
+
+def _error_response(
+    status: int,
+    code: str,
+    message: str,
+    rid: str,
+    *,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    body = dumps(envelope(status, code, message, request_id=rid, fields=fields, data=data))
+    body = error_body(status, code, message, rid)
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
-def _app_error_response(exc: AppError, rid: str, stats: RequestStats) -> web.Response:
+class ErrorAnswer(NamedTuple):
+    status: int
+    body: bytes
+    headers: dict[str, str] | None
+
+
+def answer_error(
+    exc: Exception, rid: str, stats: RequestStats, method: str, path: str
+) -> ErrorAnswer:
+    """The envelope for an error a handler raised (a catalogue error, a lost store as a
+    503, anything else as a logged 500); ``web.HTTPException`` is the caller's."""
+    if not isinstance(exc, AppError):
+        if lost_connection(exc) or lost_database(exc):  # a retriable 503, not a 500
+            log.warning("%s %s request_id=%s: a store is out of reach: %r", method, path, rid, exc)
+            # ServiceUnavailable carries its Retry-After (1 s: a store that went away
+            # is back, or failed over, within seconds)
+            exc = ServiceUnavailable("a store connection was lost; retry later")
+        else:
+            log.error("unhandled error in %s %s request_id=%s", method, path, rid, exc_info=exc)
+            body = error_body(
+                AppError.http_status,
+                AppError.code,
+                "internal error; quote the request_id when reporting it",
+                rid,
+            )
+            return ErrorAnswer(AppError.http_status, body, None)
     stats.error(exc.code)
-    return _error_response(
-        exc.http_status,
-        exc.code,
-        exc.message,
-        rid,
-        fields=exc.fields,
-        data=exc.data,
-        headers=exc.headers,
-    )
+    body = error_body(exc.http_status, exc.code, exc.message, rid, fields=exc.fields, data=exc.data)
+    return ErrorAnswer(exc.http_status, body, exc.headers)
+
+
+_ids = itertools.count(1)
+_ID_PREFIX: Final = os.urandom(4).hex() + "-"
+
+
+def new_request_id(given: str | None) -> str:
+    """The client's id when it can be echoed in the reply's header and body and in the
+    order event; one that could not be is replaced, never answered with an error."""
+    if not given or len(given) > MAX_REQUEST_ID or not printable_ascii(given):
+        return f"{_ID_PREFIX}{next(_ids):x}"
+    return given
 
 
 def make_middleware(stats: RequestStats) -> web.middleware:  # type: ignore[valid-type]
-    prefix = os.urandom(4).hex() + "-"
-    sequence = itertools.count(1)
-
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get(REQUEST_ID)
-        # a client's id is echoed in the reply's header and body and in the order event:
-        # one that could not be is replaced, never answered with an error
-        if not rid or len(rid) > MAX_REQUEST_ID or not printable_ascii(rid):
-            rid = f"{prefix}{next(sequence):x}"
+        rid = new_request_id(request.headers.get(REQUEST_ID))
         request[_REQUEST_ID_KEY] = rid
         started = time.perf_counter()
+        response: web.StreamResponse
         try:
             response = await handler(request)
-        except AppError as exc:
-            response = _app_error_response(exc, rid, stats)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             code = for_http_status(exc.status).code
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             response = _error_response(exc.status, code, exc.reason, rid, headers=headers)
-        except Exception as exc:
-            if lost_connection(exc) or lost_database(exc):  # a retriable 503, not a 500
-                log.warning(
-                    "%s %s request_id=%s: a store is out of reach: %r",
-                    request.method,
-                    request.path,
-                    rid,
-                    exc,
-                )
-                # ServiceUnavailable carries its Retry-After (1 s: a store that went away
-                # is back, or failed over, within seconds)
-                unavailable = ServiceUnavailable("a store connection was lost; retry later")
-                response = _app_error_response(unavailable, rid, stats)
-            else:
-                log.exception(
-                    "unhandled error in %s %s request_id=%s", request.method, request.path, rid
-                )
-                response = _error_response(
-                    AppError.http_status,
-                    AppError.code,
-                    "internal error; quote the request_id when reporting it",
-                    rid,
-                )
+        except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
+            status, body, headers = answer_error(exc, rid, stats, request.method, request.path)
+            response = web.Response(
+                body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers
+            )
         response.headers[REQUEST_ID] = rid
         stats.record(
             request.method, _route_name(request), response.status, time.perf_counter() - started

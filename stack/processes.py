@@ -22,6 +22,7 @@ from flashsale.settings import Settings
 from gateway import accesslog
 from gateway.accesslog import JsonAccessLogger
 from gateway.app import create_app
+from gateway.fastjoin import GatewayRunner
 from stack.embedded import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,12 @@ async def run_until_signalled(
     access_log: logging.Logger | None = None,
     stop: asyncio.Event | None = None,
     freeze_gc: bool = False,
+    runner_class: type[web.AppRunner] = web.AppRunner,
 ) -> None:
     """Serve ``app`` on ``host:port`` with SO_REUSEPORT (siblings share the port) until
     SIGTERM/SIGINT or ``stop``; the gateway, the HTTP ceiling and the naive peer all run
     through here, so the benchmark compares like with like."""
-    runner = web.AppRunner(
+    runner = runner_class(
         app, handle_signals=False, access_log_class=JsonAccessLogger, access_log=access_log
     )
     await runner.setup()
@@ -91,6 +93,7 @@ async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None)
         access_log=logging.getLogger("gateway.access") if settings.access_log else None,
         stop=stop,
         freeze_gc=True,
+        runner_class=GatewayRunner if settings.join_fast_path else web.AppRunner,
     )
 
 

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 import uvloop
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from consumers.runner import run_consumers
@@ -36,6 +36,7 @@ from flashsale.stores.db import create_pool, migrate
 from flashsale.stores.redisclient import open_redis
 from gateway.app import create_app
 from stack.embedded import EmbeddedStack, ValkeyCluster, start_redis_cluster, start_stack
+from tests.flashkit import GatewayServer
 
 pytest_plugins = ["tests.hangwatch"]
 
@@ -186,7 +187,7 @@ async def app(base_settings: Settings) -> AsyncIterator[web.Application]:
 
 @pytest.fixture(scope="session")
 async def client(app: web.Application) -> AsyncIterator[TestClient[Any, Any]]:
-    async with TestClient(TestServer(app)) as c:
+    async with TestClient(GatewayServer(app)) as c:
         yield c
 
 

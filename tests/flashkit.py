@@ -13,11 +13,13 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from redis.asyncio import Redis
 
 from flashsale.auth import TokenService
 from flashsale.stores import rediskeys
+from gateway.fastjoin import GatewayRunner
 
 
 async def make_sku(db: asyncpg.Pool, on_hand: int = 10_000, price: int = 10_000) -> int:
@@ -212,3 +214,11 @@ def sse_events(buf: bytes) -> tuple[list[tuple[str, Any]], bytes]:
         if b"event" in lines:
             out.append((lines[b"event"].decode(), orjson.loads(lines[b"data"])))
     return out, buf
+
+
+class GatewayServer(TestServer):
+    """aiohttp's test server with the gateway's runner, so tests reach the join route
+    the way production serves it (on the connection, :mod:`gateway.fastjoin`)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)

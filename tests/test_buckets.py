@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -32,6 +32,7 @@ from flashsale.stores.scripts import FlashScripts, Give, Take
 from gateway.app import create_app
 from gateway.flash_runtime import FLASH
 from tests.flashkit import (
+    GatewayServer,
     admin_headers,
     count_orders,
     create_sale,
@@ -327,7 +328,7 @@ async def test_the_per_address_limit_holds_across_buckets(
     n, burst = 8, 16
     # no refill during the test: what passes is the burst, exactly
     settings = base_settings.with_(rate_ip_per_s=0.001, rate_ip_burst=burst)
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(GatewayServer(create_app(settings))) as c:
         admin = await admin_headers(db, tokens)
         sale_id = await create_sale(c, admin, await make_sku(db), quantity=200, buckets=n)
         users = await make_users(db, 8 * n)  # all from this test's one loopback address

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
@@ -32,7 +32,7 @@ from gateway import dependencies
 from gateway.app import all_routes, create_app
 from gateway.routing import ROUTE_TABLE, Route
 from stack.embedded import Server, start_kafka, start_redis
-from tests.flashkit import create_sale
+from tests.flashkit import GatewayServer, create_sale
 from tests.test_store_loss import kill_postgres, own_shop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -152,7 +152,7 @@ async def test_every_route_answers_as_the_map_says_when_a_store_is_killed(
     }
     app = create_app(settings)
     try:
-        async with TestClient(TestServer(app)) as client:
+        async with TestClient(GatewayServer(app)) as client:
             sale_id = await create_sale(client, headers["admin"], sku, limit=10)
             routes: list[Route] = app[ROUTE_TABLE]
             up = await call_every_route(client, routes, sale_id, headers)

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale.settings import Settings
 from gateway.app import create_app
 from gateway.http import ok, read_json
 from gateway.validation import F, validate
+from tests.flashkit import GatewayServer
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ async def eclient(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]
     app = create_app(base_settings.with_(max_body_bytes=2048))
     app.router.add_get("/test/boom", boom)
     app.router.add_post("/test/echo", echo)
-    async with TestClient(TestServer(app)) as c:
+    async with TestClient(GatewayServer(app)) as c:
         yield c
 
 

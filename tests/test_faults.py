@@ -44,7 +44,7 @@ from tests.faultkit import (
     stampede,
     when,
 )
-from tests.flashkit import admin_headers, make_sku, make_users
+from tests.flashkit import GatewayServer, admin_headers, make_sku, make_users
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -324,7 +324,7 @@ async def test_lost_reply_is_outcome_unknown_and_a_retry_finds_the_order(
 ) -> None:
     """Redis stops answering after it ran the script: the shopper is told the outcome is
     unknown (never "no"), and a retry with the same Idempotency-Key answers with the order."""
-    from aiohttp.test_utils import TestClient, TestServer
+    from aiohttp.test_utils import TestClient
 
     from gateway.app import create_app
     from stack.embedded import start_kafka, start_redis
@@ -338,7 +338,7 @@ async def test_lost_reply_is_outcome_unknown_and_a_retry_finds_the_order(
         data_dir=str(root),
     )
     try:
-        async with TestClient(TestServer(create_app(settings))) as client:
+        async with TestClient(GatewayServer(create_app(settings))) as client:
             admin = await admin_headers(db, tokens)
             sku = await make_sku(db, on_hand=5)
             from tests.flashkit import create_sale

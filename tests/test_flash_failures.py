@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
@@ -47,6 +47,7 @@ from stack.embedded import (
     start_redis_cluster,
 )
 from tests.flashkit import (
+    GatewayServer,
     admin_headers,
     count_orders,
     create_sale,
@@ -82,7 +83,7 @@ async def test_rate_limit_triggers_and_recovers(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     settings = base_settings.with_(rate_user_per_s=2.0, rate_user_burst=2)
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(GatewayServer(create_app(settings))) as client:
         admin = await admin_headers(db, tokens)
         sale_id = await create_sale(client, admin, await make_sku(db), quantity=50, limit=50)
         user = bearer(tokens, (await make_users(db, 1))[0])
@@ -109,7 +110,7 @@ async def test_broker_down_gives_503_and_stock_back(
         base_settings, "down", kafka_bootstrap=broker.url, kafka_produce_timeout_ms=1500
     )
     try:
-        async with TestClient(TestServer(create_app(settings))) as client:
+        async with TestClient(GatewayServer(create_app(settings))) as client:
             admin = await admin_headers(db, tokens)
             sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=1)
             users = await make_users(db, 10)
@@ -377,7 +378,7 @@ async def test_rebuild_cache_after_flushall(
     consumer_task = asyncio.create_task(run_consumers(settings, stop))
     redis: Redis = open_redis(settings)
     try:
-        async with TestClient(TestServer(create_app(settings))) as client:
+        async with TestClient(GatewayServer(create_app(settings))) as client:
             admin = await admin_headers(db, tokens)
             sale_id = await create_sale(
                 client, admin, await make_sku(db), quantity=50, limit=1, buckets=buckets

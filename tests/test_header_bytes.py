@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from flashsale.auth import TokenService
@@ -26,7 +26,14 @@ from flashsale.settings import Settings
 from flashsale.stores import rediskeys
 from gateway.app import create_app
 from tests.conftest import auth, make_user
-from tests.flashkit import admin_headers, count_orders, create_sale, make_sku, make_users
+from tests.flashkit import (
+    GatewayServer,
+    admin_headers,
+    count_orders,
+    create_sale,
+    make_sku,
+    make_users,
+)
 from tests.test_waitingroom import admitted, enter, queued_sale
 
 pytestmark = pytest.mark.integration
@@ -97,7 +104,7 @@ async def admin(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
 @pytest.fixture(scope="module")
 async def guarded(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
     app = create_app(base_settings.with_(metrics_token=METRICS_TOKEN))
-    async with TestClient(TestServer(app)) as c:
+    async with TestClient(GatewayServer(app)) as c:
         yield c
 
 
@@ -308,7 +315,7 @@ async def test_a_forwarded_address_with_bad_bytes(
 
     settings = base_settings.with_(trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
     app: web.Application = create_app(settings)
-    async with TestClient(TestServer(app)) as c:
+    async with TestClient(GatewayServer(app)) as c:
         admin = await admin_headers(db, tokens)
         sale_id = await create_sale(c, admin, await make_sku(db), quantity=10)
         (uid,) = await make_users(db, 1)

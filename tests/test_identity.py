@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from flashsale import sessions
@@ -24,7 +24,7 @@ from flashsale.settings import Settings, SettingsError
 from flashsale.stores import rediskeys
 from gateway.app import create_app
 from tests.conftest import TEST_SECRET, make_user
-from tests.flashkit import admin_headers, create_sale, join, make_sku
+from tests.flashkit import GatewayServer, admin_headers, create_sale, join, make_sku
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ async def other(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
     Its periodic reload is slower than the tests' deadline, so only pub/sub can tell it.
     """
     settings = base_settings.with_(revocation_reload_ms=60_000, revocation_max_stale_s=600)
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(GatewayServer(create_app(settings))) as c:
         yield c
 
 

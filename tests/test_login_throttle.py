@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.app import create_app
+from tests.flashkit import GatewayServer
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ async def strict(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]
         login_window_s=60,
         trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
     )
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(GatewayServer(create_app(settings))) as c:
         yield c
 
 
@@ -60,7 +61,7 @@ async def test_an_attacker_elsewhere_cannot_lock_the_owner_out(base_settings: Se
     """12 wrong passwords from address A (default limits): A is throttled at that account,
     and the owner, from address B, still logs in."""
     settings = base_settings.with_(trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(GatewayServer(create_app(settings))) as client:
         email = await _account(client)
         attacker, owner = _ip(), _ip()
         statuses = [(await _login(client, email, "wrong-guess", attacker))[0] for _ in range(12)]
@@ -124,7 +125,7 @@ async def test_unknown_account_costs_a_hash(strict: TestClient[Any, Any]) -> Non
 
 async def test_concurrent_hashes_are_bounded(base_settings: Settings) -> None:
     settings = base_settings.with_(login_hash_concurrency=1, login_hash_queue=1)
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(GatewayServer(create_app(settings))) as c:
         logins = [
             c.post(
                 "/api/v1/auth/login",

@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale.settings import Settings
 from gateway.app import create_app
+from tests.flashkit import GatewayServer
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +19,7 @@ TOKEN = "metrics-token-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 async def guarded(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
-    async with TestClient(TestServer(create_app(base_settings.with_(metrics_token=TOKEN)))) as c:
+    async with TestClient(GatewayServer(create_app(base_settings.with_(metrics_token=TOKEN)))) as c:
         yield c
 
 

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale import payments
 from flashsale.auth import TokenService
@@ -23,6 +23,7 @@ from flashsale.settings import Settings, SettingsError
 from gateway import appkeys
 from gateway.app import create_app
 from tests.conftest import TEST_SECRET, auth, make_user
+from tests.flashkit import GatewayServer
 from tests.store_helpers import make_product, pay_via_sandbox, place_order, sku_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ def test_banner_names_the_payment_provider(capsys: pytest.CaptureFixture[str]) -
 @pytest.fixture
 async def none_client(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
     app = create_app(base_settings.with_(payment_provider="none"))
-    async with TestClient(TestServer(app)) as c:
+    async with TestClient(GatewayServer(app)) as c:
         yield c
 
 

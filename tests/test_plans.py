@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from flashsale import dashboard, plans
@@ -34,6 +34,7 @@ from stack.embedded import Server, start_redis
 from tests.conftest import auth
 from tests.faultkit import when
 from tests.flashkit import (
+    GatewayServer,
     admin_headers,
     count_orders,
     create_sale,
@@ -81,7 +82,7 @@ async def test_a_switch_flipped_on_host_a_is_in_force_on_host_b(
     settings = base_settings.with_(redis_url=own_redis.url, plan_poll_ms=60_000)
     host_a, host_b = create_app(settings), create_app(settings)
     user = {"Authorization": f"Bearer {tokens.issue(7, 'user')}"}
-    async with TestClient(TestServer(host_a)) as a, TestClient(TestServer(host_b)) as b:
+    async with TestClient(GatewayServer(host_a)) as a, TestClient(GatewayServer(host_b)) as b:
         resp = await a.put(
             "/api/v1/admin/plans/read-only",
             json={"mode": "on", "confirm": "read-on"},
@@ -137,7 +138,7 @@ async def test_shed_storefront_sheds_storefront_writes_not_the_flash_path(
     settings = base_settings.with_(redis_url=own_redis.url)
     app = create_app(settings)
     user = {"Authorization": f"Bearer {tokens.issue(7, 'user')}"}
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(GatewayServer(app)) as client:
         await flip(client, tokens, plans.SHED_STOREFRONT, "on")
         await when(lambda: app[SWITCHES].shed_storefront, timeout_s=5)
         shed = await client.post("/api/v1/cart/items", json={"sku_id": 1, "quantity": 1})
@@ -163,7 +164,7 @@ async def test_shed_storefront_waits_for_its_cpu_threshold(
     """With FLASHSALE_SHED_CPU_PERCENT=100 a worker sheds only when its one thread is busy all
     the time: a test process never is, so with the plan on the storefront is still served."""
     app = create_app(base_settings.with_(redis_url=own_redis.url, shed_cpu_percent=100.0))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(GatewayServer(app)) as client:
         await flip(client, tokens, plans.SHED_STOREFRONT, "on")
         await when(lambda: app[SWITCHES].shed_storefront, timeout_s=5)
         served = await client.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale import payments
 from flashsale.auth import TokenService
@@ -21,6 +21,7 @@ from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.app import create_app
 from tests.conftest import auth, make_user
+from tests.flashkit import GatewayServer
 from tests.store_helpers import make_product, pay_via_sandbox, place_order
 
 pytestmark = pytest.mark.integration
@@ -318,7 +319,7 @@ async def test_payment_racing_a_cancel_never_keeps_money_without_units(
 @pytest.fixture
 async def none_client(base_settings: Settings) -> AsyncIterator[Client]:
     app = create_app(base_settings.with_(payment_provider="none"))
-    async with TestClient(TestServer(app)) as c:
+    async with TestClient(GatewayServer(app)) as c:
         yield c
 
 

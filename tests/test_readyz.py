@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale.settings import Settings
 from gateway.app import create_app
 from stack.embedded import start_stack
+from tests.flashkit import GatewayServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +41,7 @@ async def test_readyz_reports_stopped_dependency(base_settings: Settings, victim
         )
         app = create_app(settings)
         client: TestClient[Any, Any]
-        async with TestClient(TestServer(app)) as client:
+        async with TestClient(GatewayServer(app)) as client:
             resp = await client.get("/readyz")
             assert resp.status == 200
             body = await resp.json()

@@ -7,12 +7,13 @@ import ipaddress
 import secrets
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale.auth import SIGNUP
 from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.app import create_app
+from tests.flashkit import GatewayServer
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ def _new() -> dict[str, str]:
 
 async def test_registrations_are_throttled_per_address(base_settings: Settings) -> None:
     settings = base_settings.with_(register_ip_attempts=3, trusted_proxies=PROXIES)
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(GatewayServer(create_app(settings))) as client:
         here = _ip()
         statuses = []
         for _ in range(5):
@@ -60,7 +61,7 @@ async def test_registrations_cannot_starve_logins(base_settings: Settings) -> No
         register_ip_attempts=1000,
         trusted_proxies=PROXIES,
     )
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(GatewayServer(create_app(settings))) as client:
         account = _new()
         resp = await client.post("/api/v1/auth/register", json=account)
         assert resp.status == 201

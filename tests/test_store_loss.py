@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale import plans
 from flashsale.auth import TokenService
@@ -34,6 +34,7 @@ from gateway.app import create_app
 from gateway.plans_runtime import SWITCHES
 from stack.embedded import Server, start_postgres, start_redis
 from tests.faultkit import child_pids, when
+from tests.flashkit import GatewayServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -152,7 +153,7 @@ async def test_postgres_killed_mid_browse_answers_503_with_retry_after(
     settings = base_settings.with_(database_url=pg.url, db_pool_min=1, db_pool_max=4)
     app = create_app(settings)
     try:
-        async with TestClient(TestServer(app)) as client:
+        async with TestClient(GatewayServer(app)) as client:
             browsing = Browsing(
                 client, product, sku, {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
             )
@@ -194,7 +195,7 @@ async def test_catalog_from_cache_arms_itself_while_postgres_is_gone(
     app = create_app(settings)
     admin = {"Authorization": f"Bearer {tokens.issue(1, 'admin')}"}
     try:
-        async with TestClient(TestServer(app)) as client:
+        async with TestClient(GatewayServer(app)) as client:
             armed = await client.put(
                 "/api/v1/admin/plans/catalog-from-cache",
                 json={"mode": "armed", "confirm": "catalog-from-cache"},

@@ -12,13 +12,13 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.app import create_app
-from tests.flashkit import admin_headers, create_sale, make_sku, sse_events
+from tests.flashkit import GatewayServer, admin_headers, create_sale, make_sku, sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ async def capped(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]
     settings = base_settings.with_(
         stream_per_address=2, stream_per_worker=3, trusted_proxies=PROXIES
     )
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(GatewayServer(create_app(settings))) as c:
         yield c
 
 
@@ -93,7 +93,7 @@ async def test_a_stream_ends_after_its_lifetime(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, kind: str
 ) -> None:
     settings = base_settings.with_(stream_max_s=2, stream_per_address=1)
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(GatewayServer(create_app(settings))) as client:
         admin = await admin_headers(db, tokens)
         sale_id = await create_sale(client, admin, await make_sku(db))
         path = (

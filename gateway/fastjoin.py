@@ -1,0 +1,478 @@
+"""The join route served on the connection itself, below aiohttp's request machinery.
+
+A stampede is one route: ``POST /api/v1/flash-sales/{id}/join``. Through aiohttp a join
+pays for its request objects, its router, its middleware chain and its response
+objects: a bare aiohttp hello costs a worker 45–60 µs of CPU where uvloop with
+httptools (llhttp, the parser aiohttp's own C parser is built on) answers the same
+fixed body for ~12 µs (``BENCHMARKS.md``, "The join below the framework"). So each
+connection starts on :class:`JoinProtocol`. A request is framed here (the head up to
+its blank line, then ``Content-Length`` bytes), its head parsed and checked by
+httptools, and a join in the plain shape a shopper's client sends is answered by
+:func:`gateway.routes.flashsales.take_join` — the very function the aiohttp route
+calls, so the checks, their order and the answers are the same — with the envelope,
+request id, figures, access log and plan gate of the app's middleware.
+
+Anything else — another route, a query string, percent-encoding, chunked bodies,
+``Expect``, ``Upgrade``, ``Connection: close``, HTTP/1.0, a body above the app's limit,
+a head httptools refuses or one larger than :data:`MAX_HEAD` — hands the connection to
+aiohttp for good: its bytes from the start of that request go to a fresh
+``RequestHandler`` of the app's own server, which answers them exactly as if it had
+had the connection from the start (responses stay in order: a join still in flight
+answers first). One connection never mixes the two for the same request.
+
+Requests on one connection are answered one at a time, in order, as aiohttp does; a
+shopper whose connection drops mid-join still gets the join done (it is never
+cancelled halfway: the order may already be in Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from flashsale.errors import ShopReadOnly
+from gateway import appkeys
+from gateway.accesslog import JsonAccessLogger
+from gateway.http import JSON_CONTENT_TYPE, dumps, parse_json
+from gateway.middlewares import REQUEST_ID, answer_error, new_request_id
+from gateway.plans_runtime import SWITCHES
+from gateway.routes.flashsales import JOIN_ACCEPTED, take_join
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("gateway.fastjoin")
+
+# aiohttp's own limit on a request line and each header is 8190 bytes; a join's head is
+# a few hundred. A longer one goes to aiohttp, which answers it by its own rules.
+MAX_HEAD: Final = 8192
+# Bytes held while a join is in flight (pipelined requests); past this, reading pauses.
+MAX_BUFFERED: Final = 64 * 1024
+_PREFIX: Final = b"POST /api/v1/flash-sales/"
+_SUFFIX: Final = b" HTTP/1.1"
+# The join path and the admission path, in the characters that need no decoding; the
+# route's canonical names as the figures and the access log know them.
+_TARGET: Final = re.compile(
+    rb"/api/v1/flash-sales/([0-9]{1,19})/join(?:/([A-Za-z0-9._~-]{1,512}))?"
+)
+JOIN_ROUTE: Final = "/api/v1/flash-sales/{sale_id}/join"
+ADMISSION_ROUTE: Final = "/api/v1/flash-sales/{sale_id}/join/{admission}"
+# Headers whose presence means the request is not the plain shape served here.
+_HAND_OVER: Final = frozenset(
+    (b"transfer-encoding", b"expect", b"upgrade", b"content-encoding", b"te")
+)
+_CONTENT_TYPE: Final = f"Content-Type: {JSON_CONTENT_TYPE}\r\n".encode()
+_SERVER: Final = f"Server: {SERVER_SOFTWARE}\r\n".encode()
+_STATUS_LINES: Final = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+class _Date:
+    """The ``Date`` header, formatted once a second (as aiohttp does)."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._line = f"Date: {formatdate(second, usegmt=True)}\r\n".encode()
+        return self._line
+
+
+_DATE: Final = _Date()
+
+
+class JoinServer(web.Server):
+    """The app's aiohttp server whose connections start on :class:`JoinProtocol`.
+
+    Built from the server aiohttp made for the app, so a connection handed over gets a
+    ``RequestHandler`` with exactly the app's handler, request factory and settings;
+    shutting down also closes the connections still held here (a join in flight first
+    finishes, within the same timeout aiohttp gives its handlers).
+    """
+
+    def __init__(self, inner: web.Server, app: web.Application) -> None:
+        super().__init__(
+            inner.request_handler,
+            request_factory=inner.request_factory,
+            handler_cancellation=inner.handler_cancellation,
+            # the loop and handler settings aiohttp built the app's server with
+            loop=inner._loop,
+            **inner._kwargs,
+        )
+        self.app = app
+        self.joins: set[JoinProtocol] = set()
+        # requests answered here and connections handed to aiohttp (tests read them)
+        self.served = 0
+        self.handed_over = 0
+        self.keepalive_s: float = self._kwargs.get("keepalive_timeout", 3630)
+        logger = self._kwargs.get("access_log")
+        access_class = self._kwargs.get("access_log_class")
+        self.access: JsonAccessLogger | None = None
+        if logger is not None and access_class is JsonAccessLogger:
+            self.access = JsonAccessLogger(logger, "")
+        self.max_body = app[appkeys.SETTINGS].max_body_bytes  # the app's client_max_size
+
+    def __call__(self) -> JoinProtocol:  # type: ignore[override]
+        return JoinProtocol(self)
+
+    def handler(self) -> web.RequestHandler:
+        """A plain aiohttp connection handler of this app."""
+        return super().__call__()
+
+    def pre_shutdown(self) -> None:
+        for conn in list(self.joins):
+            conn.close_when_idle()
+        super().pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        busy = [c.in_flight for c in self.joins if c.in_flight is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
+        for conn in list(self.joins):
+            conn.abort()
+        await super().shutdown(timeout)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` whose server serves the join route on the connection."""
+
+    async def _make_server(self) -> web.Server:
+        return JoinServer(await super()._make_server(), self.app)
+
+
+class JoinProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_buffer",
+        "_closing",
+        "_head",
+        "_headers",
+        "_idle",
+        "_last",
+        "_match",
+        "_need",
+        "_parser",
+        "_paused",
+        "_peer",
+        "_server",
+        "_stalled",
+        "_transport",
+        "_url",
+        "in_flight",
+    )
+
+    def __init__(self, server: JoinServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head = 0  # length of a parsed head whose body is still awaited
+        self._need = 0  # the whole request's length once its head is parsed
+        self._peer: str | None = None
+        self.in_flight: asyncio.Task[None] | None = None
+        self._closing = False  # no further request is read (shutdown, close, EOF)
+        self._paused = False  # reading paused by us (buffer full)
+        self._stalled = False  # the peer does not read its answers
+        self._idle: asyncio.TimerHandle | None = None
+        self._last = 0.0  # loop time of the last answer (the keep-alive clock)
+        self._match: re.Match[bytes] | None = None
+
+    # ------------------------------------------------------------ httptools callbacks
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
+        self._server.joins.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.joins.discard(self)
+        self._transport = None
+        self._closing = True
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self.in_flight is None:
+            self._next()
+        elif len(self._buffer) > MAX_BUFFERED and not self._paused and self._transport:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._closing = True
+        if self.in_flight is None:
+            self._close()
+        return True  # a join in flight still answers; the transport closes after it
+
+    def pause_writing(self) -> None:
+        self._stalled = True
+        if self._transport is not None and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._stalled = False
+        if self.in_flight is None:
+            self._resume()
+            self._next()
+
+    # ------------------------------------------------------------ shutdown
+
+    def close_when_idle(self) -> None:
+        self._closing = True
+        if self.in_flight is None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _arm_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        self._idle = loop.call_at(self._last + self._server.keepalive_s, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Close a connection idle past the keep-alive timeout, as aiohttp closes its
+        own; one timer per connection, moved on lazily rather than per request."""
+        self._idle = None
+        if self._transport is None or self.in_flight is not None:
+            return  # the join in flight re-arms it when it answers
+        loop = asyncio.get_running_loop()
+        due = self._last + self._server.keepalive_s
+        if loop.time() < due:
+            self._idle = loop.call_at(due, self._idle_check)
+        else:
+            self._close()
+
+    def _resume(self) -> None:
+        if self._paused and not self._stalled and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    # ------------------------------------------------------------ framing
+
+    def _next(self) -> None:
+        """Take the next whole request from the buffer, if there is one."""
+        if self._closing or self._stalled or self._transport is None:
+            return
+        buffer = self._buffer
+        if not buffer:
+            return
+        if not self._head:
+            end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
+            if end < 0:
+                if len(buffer) >= MAX_HEAD or not _PREFIX.startswith(bytes(buffer[: len(_PREFIX)])):
+                    self._hand_over()
+                return
+            if not self._parse_head(end + 4):
+                self._hand_over()
+                return
+        if len(buffer) < self._need:
+            return  # the body is still on its way
+        body = bytes(buffer[self._head : self._need])
+        if body:
+            try:
+                self._parser.feed_data(body)
+            except httptools.HttpParserError:
+                self._hand_over()
+                return
+        del buffer[: self._need]
+        self._head = self._need = 0
+        match, headers = self._match, self._headers
+        self._url, self._headers, self._match = b"", [], None
+        assert match is not None  # set with _head by _parse_head
+        self._server.served += 1
+        self.in_flight = asyncio.get_running_loop().create_task(
+            self._serve(match, headers, body), name="join"
+        )
+
+    def _parse_head(self, length: int) -> bool:
+        """Parse the head of ``length`` bytes; False where aiohttp must answer it."""
+        buffer = self._buffer
+        line_end = buffer.find(b"\r\n")
+        line = bytes(buffer[:line_end])
+        if not (line.startswith(_PREFIX) and line.endswith(_SUFFIX)):
+            return False
+        match = _TARGET.fullmatch(line, len(b"POST "), len(line) - len(_SUFFIX))
+        if match is None:
+            return False
+        try:
+            self._parser.feed_data(bytes(buffer[:length]))
+        except httptools.HttpParserError:
+            return False
+        size = 0
+        lengths = 0
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower in _HAND_OVER:
+                return False
+            if lower == b"content-length":
+                lengths += 1
+                if not value.isdigit() or len(value) > 12:
+                    return False
+                size = int(value)
+            elif lower == b"connection" and value.lower() != b"keep-alive":
+                return False
+        if lengths > 1 or size > self._server.max_body or not self._parser.should_keep_alive():
+            return False
+        self._head = length
+        self._need = length + size
+        self._match = match
+        return True
+
+    def _hand_over(self) -> None:
+        """From here on aiohttp serves this connection, from the start of this request."""
+        if self.in_flight is not None:
+            return  # _answered hands over once the join in flight is answered
+        transport = self._transport
+        if transport is None:
+            return
+        self._server.joins.discard(self)
+        self._server.handed_over += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        handler = self._server.handler()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        data, self._buffer = bytes(self._buffer), bytearray()
+        self._transport = None
+        if data:
+            handler.data_received(data)
+        if self._closing and not transport.is_closing():
+            handler.eof_received()
+
+    # ------------------------------------------------------------ the join
+
+    async def _serve(
+        self, match: re.Match[bytes], raw: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        try:
+            await self._join(match, raw, body)
+        except Exception:
+            # a fault of this module, not of the join (those are answered): the
+            # connection is closed rather than left waiting
+            log.exception("join connection failed")
+            self._closing = True
+        finally:
+            self.in_flight = None
+            self._answered()
+
+    async def _join(
+        self, match: re.Match[bytes], raw: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        started = time.perf_counter()
+        app = self._server.app
+        stats = app[appkeys.REQUEST_STATS]
+        headers = CIMultiDictProxy(
+            CIMultiDict(
+                [
+                    (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                    for n, v in raw
+                ]
+            )
+        )
+        rid = new_request_id(headers.get(REQUEST_ID))
+        sale_id, admission = match.group(1), match.group(2)
+        path = match.group(0).decode()
+        extra: dict[str, str] | None = None
+        order_id = None
+        try:
+            _plan_gate(app)
+            answer = await take_join(
+                app,
+                headers,
+                sale_id.decode(),
+                None if admission is None else admission.decode(),
+                _parsed(body),
+                self._peer,
+                rid,
+            )
+            status = 202
+            payload = dumps({"code": 202, "message": JOIN_ACCEPTED, "data": answer.data})
+            order_id = answer.order_id
+        except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
+            status, payload, extra = answer_error(exc, rid, stats, "POST", path)
+        self._answer(status, payload, rid, extra)
+        seconds = time.perf_counter() - started
+        stats.record("POST", ADMISSION_ROUTE if admission else JOIN_ROUTE, status, seconds)
+        access = self._server.access
+        if access is not None and access.enabled:
+            access.line("POST", path, status, seconds, rid, self._peer, order_id)
+
+    def _answer(self, status: int, payload: bytes, rid: str, extra: dict[str, str] | None) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the shopper left; the join itself is done either way
+        head = [
+            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            _CONTENT_TYPE,
+            f"{REQUEST_ID}: {rid}\r\n".encode(),
+        ]
+        if extra:
+            head += [f"{k}: {v}\r\n".encode() for k, v in extra.items()]
+        head += [b"Content-Length: %d\r\n" % len(payload), _DATE.line(), _SERVER, b"\r\n", payload]
+        transport.write(b"".join(head))
+
+    def _answered(self) -> None:
+        if self._transport is None:
+            return
+        if self._closing:
+            self._close()
+            return
+        self._last = asyncio.get_running_loop().time()
+        if self._idle is None:
+            self._arm_idle()
+        self._resume()
+        if self._buffer:
+            self._next()
+
+
+def _plan_gate(app: web.Application) -> None:
+    """The plan gate of :mod:`gateway.plans_runtime` for a join: a write of the flash
+    path, never shed, refused only while the shop is read-only."""
+    if app[SWITCHES].read_only:
+        raise ShopReadOnly
+
+
+def _parsed(body: bytes) -> Callable[[], Awaitable[Any]]:
+    async def read() -> Any:
+        return parse_json(body)
+
+    return read

@@ -1,0 +1,272 @@
+"""The join route served on the connection (``gateway/fastjoin.py``) answers exactly what
+the aiohttp route answers, and hands every other request to aiohttp intact.
+
+Two servers of the same app code run side by side: the gateway's own (the join on the
+connection) and aiohttp's plain test server (the join through the router and the
+middleware). Each case is sent byte for byte to both, and the answers are compared —
+status, every header but the date, and the body — after taking out only what differs by
+nature (a generated request id, an order id and its deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from flashsale.auth import TokenService
+from flashsale.settings import Settings
+from gateway.app import create_app
+from gateway.fastjoin import JoinServer
+from gateway.plans_runtime import SWITCHES
+from tests.flashkit import GatewayServer, admin_headers, create_sale, make_sku, make_users
+
+pytestmark = pytest.mark.integration
+
+BAD = b"\xff\xfe"
+
+
+class Answer:
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> Answer:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+    headers = [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines)]
+    length = next((int(v) for n, v in headers if n.lower() == "content-length"), 0)
+    body = await asyncio.wait_for(reader.readexactly(length), 30)
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+async def exchange(client: TestClient[Any, Any], *requests: bytes, split: int = 0) -> list[Answer]:
+    """Write ``requests`` on one connection (all at once, or ``split`` bytes at a time)
+    and read one answer for each."""
+    assert client.host and client.port
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        data = b"".join(requests)
+        if split:
+            for i in range(0, len(data), split):
+                writer.write(data[i : i + split])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+        else:
+            writer.write(data)
+        await writer.drain()
+        return [await _read_answer(reader) for _ in requests]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def request(
+    target: str | bytes,
+    headers: dict[str, str | bytes] | None = None,
+    body: bytes | None = b'{"quantity": 1}',
+    method: str = "POST",
+) -> bytes:
+    lines = [
+        method.encode()
+        + b" "
+        + (target if isinstance(target, bytes) else target.encode())
+        + b" HTTP/1.1",
+        b"Host: localhost",
+    ]
+    for name, value in (headers or {}).items():
+        lines.append(
+            name.encode() + b": " + (value if isinstance(value, bytes) else value.encode())
+        )
+    if body is not None:
+        lines += [b"Content-Type: application/json", b"Content-Length: %d" % len(body)]
+    return b"\r\n".join([*lines, b"", b""]) + (body or b"")
+
+
+def comparable(answer: Answer, *, given_rid: bool) -> tuple[Any, ...]:
+    """What must be equal between the two servers."""
+    skip = {"date"} | (set() if given_rid else {"x-request-id"})
+    headers = sorted((k.lower(), v) for k, v in answer.headers if k.lower() not in skip)
+    body = answer.json()
+    if not given_rid:
+        body.pop("request_id", None)
+    if isinstance(body.get("data"), dict):
+        for generated in ("order_id", "payment_deadline"):
+            if generated in body["data"]:
+                body["data"][generated] = "…"
+    if not given_rid:  # the length of a generated id differs; the body is compared instead
+        headers = [(k, v) for k, v in headers if k != "content-length"]
+    return answer.status, headers, body
+
+
+@pytest.fixture(scope="module")
+async def plain(base_settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    """The same app served by aiohttp alone."""
+    async with TestClient(TestServer(create_app(base_settings))) as c:
+        yield c
+
+
+def join_server(client: TestClient[Any, Any]) -> JoinServer:
+    runner = client.server.runner
+    assert runner is not None
+    server = runner.server
+    assert isinstance(server, JoinServer)
+    return server
+
+
+async def test_every_join_answer_is_the_routes_answer(
+    client: TestClient[Any, Any],
+    plain: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    tokens: TokenService,
+) -> None:
+    admin = await admin_headers(db, tokens)
+    sku = await make_sku(db, on_hand=20_000)
+    open_sale = await create_sale(client, admin, sku, quantity=10_000, limit=100)
+    upcoming = await create_sale(client, admin, sku, quantity=10, start_in_s=3600)
+    sold_out = await create_sale(client, admin, sku, quantity=1)
+    users = await make_users(db, 3)
+    bearer = {"Authorization": f"Bearer {tokens.issue(users[0], 'user')}"}
+    buyer = {"Authorization": f"Bearer {tokens.issue(users[1], 'user')}"}
+    (first,) = await exchange(client, request(f"/api/v1/flash-sales/{sold_out}/join", buyer))
+    assert first.status == 202, first.body
+    expired = tokens.issue(users[2], "user", ttl_s=-10)
+    join = f"/api/v1/flash-sales/{open_sale}/join"
+    cases: list[tuple[str, bytes, bool]] = [
+        ("no token", request(join), False),
+        ("not a bearer", request(join, {"Authorization": "Basic abc"}), False),
+        ("forged token", request(join, {"Authorization": f"Bearer {expired[:-3]}abc"}), False),
+        ("expired token", request(join, {"Authorization": f"Bearer {expired}"}), False),
+        ("unknown sale", request("/api/v1/flash-sales/987654321/join", bearer), False),
+        (
+            "sale id too large",
+            request("/api/v1/flash-sales/99999999999999999999/join", bearer),
+            False,
+        ),
+        ("not a number", request("/api/v1/flash-sales/abc/join", bearer), False),
+        ("not started", request(f"/api/v1/flash-sales/{upcoming}/join", bearer), False),
+        ("sold out", request(f"/api/v1/flash-sales/{sold_out}/join", bearer), False),
+        ("empty body", request(join, bearer, body=b""), False),
+        ("no body", request(join, bearer, body=None), False),
+        ("not json", request(join, bearer, body=b"{quantity"), False),
+        ("quantity zero", request(join, bearer, body=b'{"quantity": 0}'), False),
+        (
+            "every bad field",
+            request(join, bearer, body=b'{"quantity": "x", "address_id": -1}'),
+            False,
+        ),
+        ("a list", request(join, bearer, body=b"[1]"), False),
+        ("bad idempotency key", request(join, {**bearer, "Idempotency-Key": b"k" + BAD}), False),
+        ("bad request id", request(join, {**bearer, "X-Request-ID": b"r" + BAD}), False),
+        (
+            "given request id",
+            request(join, {**bearer, "X-Request-ID": "given-1"}, body=b"{}"),
+            True,
+        ),
+        ("a query string", request(join + "?x=1", bearer, body=b"{}"), False),
+        ("too large", request(join, bearer, body=b" " * (2 * 1024 * 1024)), False),
+    ]
+    for name, raw, given in cases:
+        (fast,) = await exchange(client, raw)
+        (slow,) = await exchange(plain, raw)
+        assert comparable(fast, given_rid=given) == comparable(slow, given_rid=given), name
+        assert fast.status != 500, name
+    # an accepted join and its keyed replay
+    for server in (client, plain):
+        key = {**bearer, "Idempotency-Key": f"k-{id(server)}"}
+        one, two = await exchange(server, request(join, key), request(join, key))
+        assert one.status == two.status == 202, (one.body, two.body)
+        assert one.json()["data"]["order_id"] == two.json()["data"]["order_id"]
+        assert (one.json()["data"]["replayed"], two.json()["data"]["replayed"]) == (False, True)
+        assert one.header("Server") == two.header("Server") is not None
+    # the shop read-only: the plan gate refuses a join on both
+    for server in (client, plain):
+        switches = server.app[SWITCHES]
+        switches.read_only = True
+        try:
+            (refused,) = await exchange(server, request(join, bearer))
+        finally:
+            switches.read_only = False
+        assert refused.status == 503, refused.body
+        assert refused.json()["error"] == "READ_ONLY", refused.body
+
+
+async def test_other_requests_on_the_same_connection_reach_aiohttp(
+    client: TestClient[Any, Any],
+    plain: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    tokens: TokenService,
+) -> None:
+    admin = await admin_headers(db, tokens)
+    sale = await create_sale(client, admin, await make_sku(db), quantity=1_000, limit=100)
+    (uid,) = await make_users(db, 1)
+    bearer = {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
+    join = request(f"/api/v1/flash-sales/{sale}/join", bearer)
+    read = request(f"/api/v1/flash-sales/{sale}", body=None, method="GET")
+    server = join_server(client)
+    served, handed = server.served, server.handed_over
+    # pipelined joins, answered in order on the connection
+    answers = await exchange(client, join, join, join)
+    assert [a.status for a in answers] == [202, 202, 202]
+    assert len({a.json()["data"]["order_id"] for a in answers}) == 3
+    assert server.served == served + 3 and server.handed_over == handed
+    # a join, then a read, then a join, in one write: the read and what follows go to aiohttp
+    answers = await exchange(client, join, read, join)
+    assert [a.status for a in answers] == [202, 200, 202]
+    assert answers[1].json()["data"]["flash_sale_id"] == sale
+    assert server.handed_over == handed + 1
+    # a read first: the whole connection is aiohttp's
+    answers = await exchange(client, read, join)
+    assert [a.status for a in answers] == [200, 202]
+    # a join written a few bytes at a time, head and body apart
+    served = server.served
+    answers = await exchange(client, join, join, split=7)
+    assert [a.status for a in answers] == [202, 202]
+    assert server.served == served + 2
+    # chunked, and Connection: close: aiohttp's, with the same answer
+    chunked = (
+        f"POST /api/v1/flash-sales/{sale}/join HTTP/1.1\r\nHost: x\r\n".encode()
+        + bearer_line(bearer)
+        + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b'f\r\n{"quantity": 1}\r\n0\r\n\r\n'
+    )
+    (answer,) = await exchange(client, chunked)
+    assert answer.status == 202, answer.body
+    closing = join.replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n")
+    (answer,) = await exchange(client, closing)
+    assert answer.status == 202 and answer.header("Connection") == "close"
+    # a request httptools refuses is aiohttp's to answer, as aiohttp answers it
+    bad = b"POST /api/v1/flash-sales/1/join HTTP/1.1\r\nBad Header\r\n\r\n"
+    (fast,) = await exchange(client, bad)
+    (slow,) = await exchange(plain, bad)
+    assert fast.status == slow.status == 400 and fast.body == slow.body
+
+
+def bearer_line(headers: dict[str, str]) -> bytes:
+    return f"Authorization: {headers['Authorization']}\r\n".encode()
+
+
+async def test_an_idle_connection_closes_and_a_silent_one_does_not_block_others(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    app = create_app(base_settings)
+    async with TestClient(GatewayServer(app)) as c:
+        join_server(c).keepalive_s = 0.3
+        reader, writer = await asyncio.open_connection(c.host, c.port)
+        writer.write(b"POST /api/v1/flash-sales/1/jo")  # half a request line, then nothing
+        await writer.drain()
+        other = await c.get("/healthz")
+        assert other.status == 200
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed once idle
+        writer.close()
