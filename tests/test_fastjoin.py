@@ -11,7 +11,7 @@ nature (a generated request id, an order id and its deadline).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import asyncpg
@@ -74,7 +74,7 @@ async def exchange(client: TestClient[Any, Any], *requests: bytes, split: int = 
 
 def request(
     target: str | bytes,
-    headers: dict[str, str | bytes] | None = None,
+    headers: Mapping[str, str | bytes] | None = None,
     body: bytes | None = b'{"quantity": 1}',
     method: str = "POST",
 ) -> bytes:
