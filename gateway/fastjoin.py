@@ -159,6 +159,7 @@ class JoinProtocol(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_closing",
+        "_events",
         "_head",
         "_headers",
         "_idle",
@@ -182,6 +183,9 @@ class JoinProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        # llhttp's message events so far (begin, headers complete, complete): the framing
+        # here and llhttp's must agree on where each request starts and ends
+        self._events = 0
         self._head = 0  # length of a parsed head whose body is still awaited
         self._need = 0  # the whole request's length once its head is parsed
         self._peer: str | None = None
@@ -200,6 +204,15 @@ class JoinProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+
+    def on_message_begin(self) -> None:
+        self._events += 1
+
+    def on_headers_complete(self) -> None:
+        self._events += 1
+
+    def on_message_complete(self) -> None:
+        self._events += 1
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -294,7 +307,11 @@ class JoinProtocol(asyncio.Protocol):
         if not self._head:
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
             if end < 0:
-                if len(buffer) >= MAX_HEAD or not _PREFIX.startswith(bytes(buffer[: len(_PREFIX)])):
+                if (
+                    len(buffer) >= MAX_HEAD
+                    or not _PREFIX.startswith(bytes(buffer[: len(_PREFIX)]))
+                    or buffer.count(b"\n") != buffer.count(b"\r\n")  # bare LF: not ours
+                ):
                     self._hand_over()
                 return
             if not self._parse_head(end + 4):
@@ -307,6 +324,9 @@ class JoinProtocol(asyncio.Protocol):
             try:
                 self._parser.feed_data(body)
             except httptools.HttpParserError:
+                self._hand_over()
+                return
+            if self._events != 3:  # llhttp did not end the request where its length does
                 self._hand_over()
                 return
         del buffer[: self._need]
@@ -329,8 +349,12 @@ class JoinProtocol(asyncio.Protocol):
         match = _TARGET.fullmatch(line, len(b"POST "), len(line) - len(_SUFFIX))
         if match is None:
             return False
+        head = bytes(buffer[:length])
+        if head.count(b"\n") != head.count(b"\r\n"):
+            return False  # a bare LF: llhttp could see the head end before the blank line
+        self._events = 0
         try:
-            self._parser.feed_data(bytes(buffer[:length]))
+            self._parser.feed_data(head)
         except httptools.HttpParserError:
             return False
         size = 0
@@ -348,6 +372,8 @@ class JoinProtocol(asyncio.Protocol):
                 return False
         if lengths > 1 or size > self._server.max_body or not self._parser.should_keep_alive():
             return False
+        if self._events != (3 if size == 0 else 2):  # begun, headers done, (complete)
+            return False
         self._head = length
         self._need = length + size
         self._match = match
@@ -356,7 +382,7 @@ class JoinProtocol(asyncio.Protocol):
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, from the start of this request."""
         if self.in_flight is not None:
-            return  # _answered hands over once the join in flight is answered
+            return  # never while a join is in flight: _next runs only once it answered
         transport = self._transport
         if transport is None:
             return

@@ -98,6 +98,8 @@ def comparable(answer: Answer, *, given_rid: bool) -> tuple[Any, ...]:
     """What must be equal between the two servers."""
     skip = {"date"} | (set() if given_rid else {"x-request-id"})
     headers = sorted((k.lower(), v) for k, v in answer.headers if k.lower() not in skip)
+    if answer.header("Content-Type") != "application/json":  # aiohttp's own 400 on a bad head
+        return answer.status, headers, answer.body
     body = answer.json()
     if not given_rid:
         body.pop("request_id", None)
@@ -176,6 +178,13 @@ async def test_every_join_answer_is_the_routes_answer(
         ),
         ("a query string", request(join + "?x=1", bearer, body=b"{}"), False),
         ("too large", request(join, bearer, body=b" " * (2 * 1024 * 1024)), False),
+        ("bare LF", request(join, bearer).replace(b"\r\n", b"\n"), False),
+        (
+            "length and chunked",
+            request(join, {**bearer, "Transfer-Encoding": "chunked"}, body=b"0\r\n\r\n"),
+            False,
+        ),
+        ("two lengths", request(join, {**bearer, "Content-Length": "15"}), False),
     ]
     for name, raw, given in cases:
         (fast,) = await exchange(client, raw)
