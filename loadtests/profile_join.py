@@ -74,6 +74,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("order ids", r"flashsale/stores/ids"),
     ("envelope / errors", r"gateway/http\.py|flashsale/errors"),
     ("route handler", r"gateway/routes/"),
+    ("join on the connection (framing, answer)", r"gateway/fastjoin|/httptools/"),
     ("middlewares", r"gateway/middlewares|gateway/routing"),
     ("access log / logging", r"/logging/|stack/logs"),
     ("aiohttp response", r"aiohttp/(web_response|http_writer|helpers|abc)"),
