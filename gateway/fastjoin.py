@@ -43,6 +43,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from flashsale.errors import ShopReadOnly
 from gateway import appkeys
 from gateway.accesslog import JsonAccessLogger
+from gateway.auth import principal_of
 from gateway.http import JSON_CONTENT_TYPE, dumps, parse_json
 from gateway.middlewares import REQUEST_ID, answer_error, new_request_id
 from gateway.plans_runtime import SWITCHES
@@ -415,8 +416,11 @@ class JoinProtocol(asyncio.Protocol):
         order_id = None
         try:
             _plan_gate(app)
+            # the route's role, as the router checks it for the aiohttp route (auth="user")
+            principal = principal_of(headers, app[appkeys.TOKENS])
             answer = await take_join(
                 app,
+                principal,
                 headers,
                 sale_id.decode(),
                 None if admission is None else admission.decode(),

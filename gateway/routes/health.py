@@ -96,7 +96,7 @@ ROUTES = [
         "/readyz",
         readyz,
         "Redis, PostgreSQL and the broker are reachable",
-        responses={503: "NOT_READY naming what is down"},
+        responses=(NotReady,),
         tag="ops",
     ),
     Route(
@@ -104,7 +104,7 @@ ROUTES = [
         "/metrics",
         metrics,
         "Prometheus metrics (Bearer FLASHSALE_METRICS_TOKEN when it is set)",
-        responses={401: "AUTH_REQUIRED"},
+        responses=(Unauthorized,),
         tag="ops",
         envelope=False,
     ),

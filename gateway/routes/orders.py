@@ -7,11 +7,25 @@ from typing import Any
 from aiohttp import web
 
 from flashsale import orders, payments
-from flashsale.auth import Principal, require_role
-from flashsale.errors import ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import (
+    AddressNotFound,
+    AddressRequired,
+    Forbidden,
+    InsufficientStock,
+    InvalidTransition,
+    NotFound,
+    NotOnSale,
+    NotPaidInFull,
+    PriceChanged,
+    RefundExceedsPaid,
+    ReturnInProgress,
+    SkuNotFound,
+    ValidationFailed,
+    VersionConflict,
+)
 from flashsale.orders import Actor, OrderLineRequest, returns
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
@@ -118,10 +132,6 @@ WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
 """
 
 
-def _principal(request: web.Request) -> Principal:
-    return authenticate(request, request.app[appkeys.TOKENS])
-
-
 def _actor(p: Principal) -> Actor:
     return Actor(p.user_id, p.role)
 
@@ -171,8 +181,7 @@ async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[Orde
     return lines
 
 
-async def create(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def create(request: web.Request, principal: Principal) -> web.Response:
     key = header_text(request, "Idempotency-Key", max_len=MAX_IDEMPOTENCY_KEY)
     body = validate(await read_json(request), CREATE)
     address = await order_address(request, principal.user_id, body)
@@ -192,8 +201,7 @@ async def create(request: web.Request) -> web.Response:
     )
 
 
-async def list_(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def list_(request: web.Request, principal: Principal) -> web.Response:
     q = validate_query(request.query, LIST_QUERY)
     status = q.get("status")
     if status == "pending":
@@ -206,8 +214,7 @@ async def list_(request: web.Request) -> web.Response:
     )
 
 
-async def detail(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def detail(request: web.Request, principal: Principal) -> web.Response:
     app = request.app
     rt = app[FLASH]
     return ok(
@@ -217,15 +224,13 @@ async def detail(request: web.Request) -> web.Response:
     )
 
 
-async def logs(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def logs(request: web.Request, principal: Principal) -> web.Response:
     return ok(
         await orders.order_logs(request.app[appkeys.DB], _order_id(request), _actor(principal))
     )
 
 
-async def cancel(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def cancel(request: web.Request, principal: Principal) -> web.Response:
     body = await _optional_body(request, CANCEL)
     return ok(
         await orders.cancel_order(
@@ -238,8 +243,7 @@ async def cancel(request: web.Request) -> web.Response:
     )
 
 
-async def pay(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def pay(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), PAY)
     return ok(
         await payments.create_payment(
@@ -255,8 +259,7 @@ async def pay(request: web.Request) -> web.Response:
     )
 
 
-async def ship(request: web.Request) -> web.Response:
-    principal = require_role(_principal(request), "merchant", "admin")
+async def ship(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), SHIP)
     return ok(
         await orders.ship_order(
@@ -271,8 +274,7 @@ async def ship(request: web.Request) -> web.Response:
     )
 
 
-async def deliver(request: web.Request) -> web.Response:
-    principal = require_role(_principal(request), "merchant", "admin")
+async def deliver(request: web.Request, principal: Principal) -> web.Response:
     body = await _optional_body(request, VERSION_ONLY)
     return ok(
         await orders.deliver_order(
@@ -284,8 +286,7 @@ async def deliver(request: web.Request) -> web.Response:
     )
 
 
-async def confirm(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def confirm(request: web.Request, principal: Principal) -> web.Response:
     body = await _optional_body(request, VERSION_ONLY)
     return ok(
         await orders.confirm_order(
@@ -297,8 +298,7 @@ async def confirm(request: web.Request) -> web.Response:
     )
 
 
-async def request_return(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def request_return(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), RETURN)
     out = await returns.request_return(
         request.app[appkeys.DB],
@@ -312,7 +312,7 @@ async def request_return(request: web.Request) -> web.Response:
     return ok(out, status=201, message="return requested")
 
 
-_STATE = {404: "NOT_FOUND", 409: "INVALID_TRANSITION or VERSION_CONFLICT", 422: "VALIDATION_FAILED"}
+_STATE = (NotFound, InvalidTransition, VersionConflict, ValidationFailed)
 ROUTES = [
     Route(
         "POST",
@@ -322,12 +322,8 @@ ROUTES = [
         auth="user",
         body=CREATE,
         tag="orders",
-        responses={
-            201: "order created",
-            409: "INSUFFICIENT_STOCK, PRICE_CHANGED, NOT_ON_SALE",
-            404: "SKU_NOT_FOUND",
-            422: "VALIDATION_FAILED",
-        },
+        success={201: "order created"},
+        responses=(InsufficientStock, PriceChanged, NotOnSale, SkuNotFound, ValidationFailed),
     ),
     Route(
         "GET",
@@ -337,7 +333,7 @@ ROUTES = [
         auth="user",
         tag="orders",
         query=LIST_QUERY,
-        responses={422: "VALIDATION_FAILED"},
+        responses=(ValidationFailed,),
     ),
     Route(
         "GET",
@@ -347,7 +343,7 @@ ROUTES = [
         auth="user",
         tag="orders",
         params=ORDER_ID,
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
     ),
     Route(
         "GET",
@@ -357,7 +353,7 @@ ROUTES = [
         auth="user",
         tag="orders",
         params=ORDER_ID,
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
     ),
     Route(
         "POST",
@@ -369,7 +365,7 @@ ROUTES = [
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
+        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
     ),
     Route(
         "POST",
@@ -380,11 +376,7 @@ ROUTES = [
         body=PAY,
         tag="orders",
         params=ORDER_ID,
-        responses={
-            **_STATE,
-            404: "NOT_FOUND, ADDRESS_NOT_FOUND",
-            409: "INVALID_TRANSITION, ADDRESS_REQUIRED (no address and no default one)",
-        },
+        responses=(*_STATE, NotFound, AddressNotFound, InvalidTransition, AddressRequired),
     ),
     Route(
         "POST",
@@ -395,12 +387,15 @@ ROUTES = [
         body=SHIP,
         tag="orders",
         params=ORDER_ID,
-        responses={
-            **_STATE,
-            409: "INVALID_TRANSITION, VERSION_CONFLICT, ADDRESS_REQUIRED, ORDER_NOT_PAID_IN_FULL",
-            403: "FORBIDDEN (not a merchant)",
-            404: "NOT_FOUND (or another shop's)",
-        },
+        responses=(
+            *_STATE,
+            InvalidTransition,
+            VersionConflict,
+            AddressRequired,
+            NotPaidInFull,
+            Forbidden,
+            NotFound,
+        ),
     ),
     Route(
         "POST",
@@ -412,12 +407,7 @@ ROUTES = [
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses={
-            **_STATE,
-            409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL",
-            403: "FORBIDDEN (not a merchant)",
-            404: "NOT_FOUND (or another shop's)",
-        },
+        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull, Forbidden, NotFound),
     ),
     Route(
         "POST",
@@ -429,7 +419,7 @@ ROUTES = [
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
+        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
     ),
     Route(
         "POST",
@@ -444,11 +434,7 @@ ROUTES = [
         tag="returns",
         params=ORDER_ID,
         rules="items only with kind return; each line of the order, at most what is left to return",
-        responses={
-            201: "return requested",
-            404: "NOT_FOUND",
-            409: "INVALID_TRANSITION (not shipped yet: use POST /payment/refund), "
-            "RETURN_IN_PROGRESS, REFUND_EXCEEDS_PAID",
-        },
+        success={201: "return requested"},
+        responses=(NotFound, InvalidTransition, ReturnInProgress, RefundExceedsPaid),
     ),
 ]
