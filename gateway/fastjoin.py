@@ -33,7 +33,7 @@ import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 from aiohttp import web
@@ -44,7 +44,7 @@ from flashsale.errors import ShopReadOnly
 from gateway import appkeys
 from gateway.accesslog import JsonAccessLogger
 from gateway.auth import principal_of
-from gateway.http import JSON_CONTENT_TYPE, dumps, parse_json
+from gateway.http import JSON_CONTENT_TYPE, dumps
 from gateway.middlewares import REQUEST_ID, answer_error, new_request_id
 from gateway.plans_runtime import SWITCHES
 from gateway.routes.flashsales import JOIN_ACCEPTED, take_join
@@ -424,7 +424,7 @@ class JoinProtocol(asyncio.Protocol):
                 headers,
                 sale_id.decode(),
                 None if admission is None else admission.decode(),
-                _parsed(body),
+                _body(body),
                 self._peer,
                 rid,
             )
@@ -475,8 +475,8 @@ def _plan_gate(app: web.Application) -> None:
         raise ShopReadOnly
 
 
-def _parsed(body: bytes) -> Callable[[], Awaitable[Any]]:
-    async def read() -> Any:
-        return parse_json(body)
+def _body(body: bytes) -> Callable[[], Awaitable[bytes]]:
+    async def read() -> bytes:
+        return body
 
     return read

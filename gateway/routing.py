@@ -42,6 +42,7 @@ from flashsale.errors import (
 )
 from gateway.appkeys import TOKENS
 from gateway.auth import authenticate, optional_principal
+from gateway.shapes import Body, response_components, spec_of
 from gateway.validation import PATH_ID, F, json_schema, object_schema
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,12 +68,17 @@ class Route:
     handler: Handler | SignedInHandler | GuestHandler
     summary: str
     auth: Auth | None = None
-    body: Mapping[str, F] | None = None
+    # A Body subclass (the handler reads it with gateway.shapes.read_body), or a spec its
+    # handler validates with gateway.validation.validate.
+    body: type[Body] | Mapping[str, F] | None = None
     query: Mapping[str, F] = field(default_factory=dict)
     # The errors this route answers with beyond those of its kind (see _responses).
     responses: Sequence[type[AppError]] = ()
     # The success statuses beyond 200, each with what it means.
     success: Mapping[int, str] = field(default_factory=dict)
+    # The type of the success envelope's ``data`` (an Answer Struct, a list of one...);
+    # None: the generic envelope.
+    answer: Any = None
     tag: str = "misc"
     # Path parameters that are not a numeric id (PATH_ID), e.g. order ids.
     params: Mapping[str, F] = field(default_factory=dict)
@@ -90,6 +96,13 @@ class Route:
                 f"{self.method} {self.path}: the handler of a route with auth={self.auth!r} "
                 f"takes {wanted} argument(s)"
             )
+
+
+def body_spec(r: Route) -> Mapping[str, F] | None:
+    """The validation spec of ``r``'s body (derived from its Body type, if it has one)."""
+    if isinstance(r.body, type):
+        return spec_of(r.body)
+    return r.body
 
 
 ROUTE_TABLE: web.AppKey[list[Route]] = web.AppKey("route_table", list)
@@ -198,12 +211,26 @@ def _responses(r: Route) -> dict[int, str]:
     return {200: "success envelope"} | dict(r.success) | {s: ", ".join(c) for s, c in codes.items()}
 
 
-def _operation(r: Route) -> dict[str, Any]:
+def _envelope(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["code", "message", "data"],
+        "properties": {
+            "code": {"type": "integer"},
+            "message": {"type": "string"},
+            "data": data,
+        },
+    }
+
+
+def _operation(r: Route, answer: dict[str, Any] | None) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for code, text in sorted(_responses(r).items()):
         entry: dict[str, Any] = {"description": text}
         if r.envelope:
             schema = {"$ref": "#/components/schemas/" + ("Error" if code >= 400 else "Envelope")}
+            if code < 400 and answer is not None:
+                schema = _envelope(answer)
             entry["content"] = {"application/json": {"schema": schema}}
         responses[str(code)] = entry
     op: dict[str, Any] = {
@@ -248,25 +275,30 @@ def _operation(r: Route) -> dict[str, Any]:
         notes.append("also checked (422): " + r.rules)
     if notes:
         op["description"] = "; ".join(notes)
-    if r.body is not None:
+    body = body_spec(r)
+    if body is not None:
         op["requestBody"] = {
             "required": r.body_required,
-            "content": {"application/json": {"schema": object_schema(r.body)}},
+            "content": {"application/json": {"schema": object_schema(body)}},
         }
     return op
 
 
 def openapi_spec(routes: Sequence[Route], *, version: str) -> dict[str, Any]:
     """An OpenAPI 3.1 document for ``routes``."""
+    answers = [r.answer for r in routes if r.answer is not None]
+    refs, components = response_components(answers)
+    schema_of = {id(a): ref for a, ref in zip(answers, refs, strict=True)}
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
-        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r)
+        answer = schema_of.get(id(r.answer)) if r.answer is not None else None
+        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r, answer)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Flash-sale gateway", "version": version},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Envelope": _ENVELOPE, "Error": _ERROR},
+            "schemas": {"Envelope": _ENVELOPE, "Error": _ERROR, **components},
         },
         "paths": paths,
     }

@@ -22,6 +22,7 @@ from gateway import appkeys
 from gateway.http import ok, read_json
 from gateway.plans_runtime import catalog_page
 from gateway.routing import Route
+from gateway.shapes import Answer
 from gateway.validation import INT32_MAX, Alt, F, Obj, path_int, validate, validate_query
 
 MAX_CENTS = 10**12
@@ -202,6 +203,71 @@ async def delete_product(request: web.Request, principal: Principal) -> web.Resp
     return ok({"id": product_id, "status": "off_sale"}, message="taken off sale")
 
 
+class ProductItem(Answer):
+    id: int
+    name: str
+    price: int | None  # the cheapest SKU on sale; None when none is
+    image: str | None
+    stock: int
+    category: str | None
+    sales: int
+
+
+class ProductPage(Answer):
+    products: list[ProductItem]
+    total: int
+    page: int
+    limit: int
+
+
+class SkuView(Answer):
+    id: int
+    code: str | None
+    attributes: dict[str, Any]
+    price: int
+    stock: int
+
+
+class CategoryRef(Answer):
+    id: int
+    name: str
+    parent: str | None
+    parent_id: int | None
+
+
+class CategoryStep(Answer):
+    id: int
+    name: str
+
+
+class ProductDetail(Answer):
+    id: int
+    name: str
+    description: str
+    price: int | None
+    images: list[str]
+    image: str | None
+    stock: int
+    category: CategoryRef | None
+    category_path: list[CategoryStep]
+    attributes: dict[str, Any]
+    skus: list[SkuView]
+    merchant_id: int
+    status: str
+    sales: int
+    max_per_user: int | None
+    version: int
+    created_at: str
+    updated_at: str
+
+
+class Category(Answer):
+    id: int
+    name: str
+    parent_id: int | None
+    children: list[Category]
+
+
 ROUTES = [
     Route(
         "GET",
@@ -212,6 +278,7 @@ ROUTES = [
         responses=(ValidationFailed,),
         rules="price_max >= price_min",
         tag="catalog",
+        answer=ProductPage,
     ),
     Route(
         "GET",
@@ -220,8 +287,16 @@ ROUTES = [
         "Product detail with SKUs and category path (cached)",
         responses=(NotFound,),
         tag="catalog",
+        answer=ProductDetail,
     ),
-    Route("GET", "/api/v1/categories", categories, "The category tree", tag="catalog"),
+    Route(
+        "GET",
+        "/api/v1/categories",
+        categories,
+        "The category tree",
+        tag="catalog",
+        answer=list[Category],
+    ),
     Route(
         "POST",
         "/api/v1/products",

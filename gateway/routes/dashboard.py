@@ -84,7 +84,9 @@ def _content_type(name: str) -> str:
     return "application/octet-stream"
 
 
-def _asset(name: str) -> web.Response:
+def asset(name: str) -> web.Response:
+    """A file of gateway/static (``vendor/x`` for a vendored one); an HTML page with the
+    pages' headers."""
     body = ASSETS.get(name)
     if body is None:
         raise NotFound("no such file")
@@ -99,21 +101,21 @@ def _asset(name: str) -> web.Response:
 
 
 async def dashboard_page(request: web.Request) -> web.Response:
-    return _asset("dashboard.html")
+    return asset("dashboard.html")
 
 
 async def sale_page(request: web.Request) -> web.Response:
     path_int(request.match_info["sale_id"], "flash sale")
-    return _asset("sale.html")
+    return asset("sale.html")
 
 
 async def static_file(request: web.Request) -> web.Response:
-    return _asset(path_text(request.match_info["name"], "file", spec=ASSET_NAME))
+    return asset(path_text(request.match_info["name"], "file", spec=ASSET_NAME))
 
 
 async def vendor_file(request: web.Request) -> web.Response:
     name = path_text(request.match_info["name"], "file", spec=ASSET_NAME)
-    return _asset("vendor/" + name)
+    return asset("vendor/" + name)
 
 
 async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -> None:

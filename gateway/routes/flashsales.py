@@ -7,9 +7,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Final, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 from aiohttp import web
+from msgspec import Meta
 from multidict import CIMultiDictProxy
 
 from flashsale.auth import Principal
@@ -36,10 +37,11 @@ from flashsale.waitingroom.config import MODES, settable
 from flashsale.waitingroom.room import set_mode
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
-from gateway.http import header_value, ok, read_json
+from gateway.http import header_value, ok, read_json, read_raw
 from gateway.middlewares import request_id
 from gateway.routing import Route
-from gateway.validation import Alt, F, Obj, path_int, validate
+from gateway.shapes import Answer, Body, decode_body
+from gateway.validation import INT64_MAX, Alt, F, Obj, path_int, validate
 from gateway.waitingroom_runtime import WAITING_ROOM
 
 # A queued sale's own settings (flashsale/waitingroom/config.py); 0 switches a limit off.
@@ -81,17 +83,55 @@ PATCH = Obj(
     },
     alts=(Alt(("add_quantity",)), Alt(("end_at",)), Alt(("mode",)), Alt(("queue",))),
 )
-JOIN = {
-    "quantity": F(int, min=1, max=joining.MAX_JOIN_QUANTITY),
-    "address_id": F(
-        int,
-        required=False,
-        nullable=True,
-        min=1,
-        doc="an entry of the caller's address book; default: their default address "
-        "(resolved after the join, checked at payment)",
-    ),
-}
+
+
+class JoinBody(Body):
+    quantity: Annotated[int, Meta(ge=1, le=joining.MAX_JOIN_QUANTITY)]
+    address_id: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=INT64_MAX,
+                description="an entry of the caller's address book; default: their default "
+                "address (resolved after the join, checked at payment)",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class SaleProduct(Answer):
+    id: int
+    name: str
+    sku_id: int
+    original_price: int
+    flash_price: int
+
+
+class FlashSale(Answer):
+    """A sale as shoppers see it (``SaleState.public``)."""
+
+    flash_sale_id: int
+    product: SaleProduct
+    total_quantity: int
+    sold_quantity: int
+    remaining_quantity: int
+    per_user_limit: int
+    start_time: str
+    end_time: str
+    payment_window_s: int
+    status: Literal["upcoming", "active", "sold_out", "ended"]
+    mode: Literal["open", "queued"]
+
+
+class JoinAccepted(Answer):
+    order_id: str
+    status: Literal["queued"]
+    payment_deadline: str
+    replayed: bool
+
+
 _MAX_IDEMPOTENCY_KEY = 64
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -234,7 +274,7 @@ async def join(request: web.Request, principal: Principal) -> web.Response:
         request.headers,
         info["sale_id"],
         info.get("admission"),
-        partial(read_json, request),
+        partial(read_raw, request),
         request.remote,
         request_id(request),
     )
@@ -248,7 +288,7 @@ async def take_join(
     headers: CIMultiDictProxy[str],
     sale_id_text: str,
     admission: str | None,
-    read_body: Callable[[], Awaitable[Any]],
+    read_body: Callable[[], Awaitable[bytes]],
     remote: str | None,
     rid: str,
 ) -> JoinAnswer:
@@ -281,26 +321,18 @@ async def take_join(
             in_path=admission is not None,
             now=now,
         )
-    body: Any = await read_body()
-    address_id = None
-    if type(body) is dict and len(body) == 1 and type(body.get("quantity")) is int:
-        quantity = body["quantity"]  # the common shape, checked without the generic validator
-        if not 1 <= quantity <= joining.MAX_JOIN_QUANTITY:
-            validate(body, JOIN)
-    else:
-        checked = validate(body, JOIN)
-        quantity, address_id = checked["quantity"], checked.get("address_id")
+    body = decode_body(await read_body(), JoinBody)  # the hot path: one await, as before
     key = header_value(headers, "Idempotency-Key", max_len=_MAX_IDEMPOTENCY_KEY)
     result = await joining.join(
         rt,
         sale=sale,
         user_id=principal.user_id,
-        quantity=quantity,
+        quantity=body.quantity,
         client_ip=client_ip_of(remote, headers, app[appkeys.SETTINGS].trusted_proxies),
         idempotency_key=key,
         order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
         request_id=rid,
-        address_id=address_id,
+        address_id=body.address_id,
     )
     if sale.mode == "queued" and not result.replayed:
         app[appkeys.METRICS].queue_joined.inc()
@@ -338,6 +370,7 @@ ROUTES = [
         body=CREATE,
         rules="end_at after start_at",
         tag="flash-sales",
+        answer=FlashSale,
         success={201: "created"},
         responses=(SkuNotFound, InsufficientStock, ValidationFailed),
     ),
@@ -349,6 +382,7 @@ ROUTES = [
         auth="admin",
         body=PATCH,
         tag="flash-sales",
+        answer=FlashSale,
         responses=(SaleEnded, InsufficientStock),
     ),
     Route(
@@ -358,12 +392,23 @@ ROUTES = [
         "Close a sale early; unsold units return to the SKU",
         auth="admin",
         tag="flash-sales",
+        answer=FlashSale,
     ),
     Route(
-        "GET", "/api/v1/flash-sales/active", active, "Running and upcoming sales", tag="flash-sales"
+        "GET",
+        "/api/v1/flash-sales/active",
+        active,
+        "Running and upcoming sales",
+        tag="flash-sales",
+        answer=list[FlashSale],
     ),
     Route(
-        "GET", "/api/v1/flash-sales/{sale_id}", detail, "One sale's live state", tag="flash-sales"
+        "GET",
+        "/api/v1/flash-sales/{sale_id}",
+        detail,
+        "One sale's live state",
+        tag="flash-sales",
+        answer=FlashSale,
     ),
     Route(
         "POST",
@@ -371,7 +416,8 @@ ROUTES = [
         join,
         "Join a sale: reserve and queue an order (optional Idempotency-Key header)",
         auth="user",
-        body=JOIN,
+        body=JoinBody,
+        answer=JoinAccepted,
         tag="flash-sales",
         success={202: "queued"},
         responses=_JOIN_ERRORS,
@@ -382,7 +428,8 @@ ROUTES = [
         join,
         "Join a queued sale through the join path its admission handed out",
         auth="user",
-        body=JOIN,
+        body=JoinBody,
+        answer=JoinAccepted,
         tag="flash-sales",
         params={"admission": F(str, min_len=1, max_len=64)},
         success={202: "queued"},
