@@ -33,7 +33,7 @@ import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 from aiohttp import web
@@ -43,7 +43,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from flashsale.errors import ShopReadOnly
 from gateway import appkeys
 from gateway.accesslog import JsonAccessLogger
-from gateway.http import JSON_CONTENT_TYPE, dumps, parse_json
+from gateway.auth import principal_of
+from gateway.http import JSON_CONTENT_TYPE, dumps
 from gateway.middlewares import REQUEST_ID, answer_error, new_request_id
 from gateway.plans_runtime import SWITCHES
 from gateway.routes.flashsales import JOIN_ACCEPTED, take_join
@@ -441,12 +442,15 @@ class JoinProtocol(asyncio.Protocol):
         order_id = None
         try:
             _plan_gate(app)
+            # the route's role, as the router checks it for the aiohttp route (auth="user")
+            principal = principal_of(headers, app[appkeys.TOKENS])
             answer = await take_join(
                 app,
+                principal,
                 headers,
                 sale_id.decode(),
                 None if admission is None else admission.decode(),
-                _parsed(body),
+                _body(body),
                 self._peer,
                 rid,
             )
@@ -497,8 +501,8 @@ def _plan_gate(app: web.Application) -> None:
         raise ShopReadOnly
 
 
-def _parsed(body: bytes) -> Callable[[], Awaitable[Any]]:
-    async def read() -> Any:
-        return parse_json(body)
+def _body(body: bytes) -> Callable[[], Awaitable[bytes]]:
+    async def read() -> bytes:
+        return body
 
     return read

@@ -55,13 +55,17 @@ def printable_ascii(value: str) -> bool:
     return value.isascii() and value.isprintable()
 
 
-async def read_json(request: web.Request) -> Any:
-    """The parsed JSON body: 400 INVALID_JSON if it does not parse, 413 if too large."""
+async def read_raw(request: web.Request) -> bytes:
+    """The body's bytes, or 413 if too large."""
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge from None
-    return parse_json(raw)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The parsed JSON body: 400 INVALID_JSON if it does not parse, 413 if too large."""
+    return parse_json(await read_raw(request))
 
 
 def parse_json(raw: bytes) -> Any:

@@ -14,9 +14,10 @@ from typing import Any
 import asyncpg
 import jwt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from flashsale.auth import Principal, TokenService, check_password, require_role
+from flashsale.auth import ROLES, Principal, TokenService, check_password, require_role
 from flashsale.errors import AppError, Forbidden
 from flashsale.settings import Settings
 from stack import stackfile
@@ -324,3 +325,35 @@ def test_token_cache_is_bounded_by_canonical_tokens(tokens: TokenService) -> Non
             service.verify(token + junk)
     service.verify(token)
     assert service.cached() == 1
+
+
+async def test_router_enforces_every_declared_role(
+    client: TestClient[Any, Any], app: web.Application, tokens: TokenService
+) -> None:
+    """Each route with ``auth`` answers 401 without a token (a bad one on an optional
+    route) and 403 to every role it does not let in, before its handler runs."""
+    from gateway.routing import ROLES_OF, ROUTE_TABLE
+
+    stranger = 2**62  # no such account: nothing a handler did could succeed for it
+    checked = 0
+    for r in app[ROUTE_TABLE]:
+        if r.auth is None:
+            continue
+        path = "/".join("1" if s.startswith("{") else s for s in r.path.split("/"))
+        if r.auth == "optional":
+            resp = await client.request(r.method, path, headers={"Authorization": "Bearer x"})
+            assert (resp.status, (await resp.json())["error"]) == (401, "TOKEN_MALFORMED"), r
+            continue
+        resp = await client.request(r.method, path)
+        assert (resp.status, (await resp.json())["error"]) == (401, "AUTH_REQUIRED"), r
+        roles = ROLES_OF[r.auth]
+        for role in ROLES:
+            if roles is None or role in roles:
+                continue
+            headers = {"Authorization": f"Bearer {tokens.issue(stranger, role)}"}
+            resp = await client.request(r.method, path, headers=headers, json={"x": 1})
+            body = await resp.json()
+            assert (resp.status, body["error"]) == (403, "FORBIDDEN"), (r, role, body)
+            assert body["message"] == "requires role: " + " or ".join(roles)
+            checked += 1
+    assert checked >= 40  # the admin, merchant and merchant-only routes, each wrong role

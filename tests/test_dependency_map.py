@@ -147,6 +147,7 @@ async def test_every_route_answers_as_the_map_says_when_a_store_is_killed(
     headers = {
         "user": {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"},
         "merchant": {"Authorization": f"Bearer {tokens.issue(admin, 'admin')}"},
+        "merchant-only": {"Authorization": f"Bearer {tokens.issue(admin, 'admin')}"},
         "admin": {"Authorization": f"Bearer {tokens.issue(admin, 'admin')}"},
         "leaving": {"Authorization": f"Bearer {tokens.issue(leaving, 'user')}"},
     }

@@ -134,3 +134,20 @@ def test_the_frameworks_errors_map_to_classes_of_their_status(status: int) -> No
 
 def test_a_framework_error_with_no_class_is_an_http_error() -> None:
     assert errors.for_http_status(431) is errors.HttpError
+
+
+def test_routes_name_their_errors_from_the_catalogue() -> None:
+    """``Route.responses`` lists classes of flashsale/errors.py, and the document takes each
+    one's status and code from it."""
+    from gateway.routes import extra_routes, health, users
+    from gateway.routes.payments import SANDBOX_ROUTES
+    from gateway.routing import errors_of, openapi_spec
+
+    routes = [*health.ROUTES, *users.ROUTES, *extra_routes(), *SANDBOX_ROUTES]
+    catalogue = {v for v in vars(errors).values() if isinstance(v, type)}
+    spec = openapi_spec(routes, version="test")
+    for r in routes:
+        for error in errors_of(r):
+            assert error in catalogue and issubclass(error, AppError), (r.method, r.path, error)
+            answer = spec["paths"][r.path][r.method.lower()]["responses"][str(error.http_status)]
+            assert error.code in answer["description"].split(", "), (r.method, r.path, error)

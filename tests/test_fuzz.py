@@ -364,7 +364,9 @@ def live(own_settings: Settings) -> Iterator[Live]:
 
 
 def _role(route: Route) -> str:
-    return {"merchant": "merchant", "admin": "admin"}.get(route.auth or "", "user")
+    return {"merchant": "merchant", "merchant-only": "merchant", "admin": "admin"}.get(
+        route.auth or "", "user"
+    )
 
 
 # /metrics needs its own token; an event stream never ends while its sale runs, so the

@@ -7,8 +7,9 @@ from typing import Any, Final
 from aiohttp import web
 
 from flashsale import addresses
+from flashsale.auth import Principal
+from flashsale.errors import AddressBookFull, AddressNotFound
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.validation import Alt, F, Obj, path_int, validate
@@ -67,46 +68,44 @@ async def order_address(request: web.Request, user_id: int, body: dict[str, Any]
     return found
 
 
-def _user(request: web.Request) -> int:
-    return authenticate(request, request.app[appkeys.TOKENS]).user_id
-
-
 def _address_id(request: web.Request) -> int:
     return path_int(request.match_info["address_id"], "address")
 
 
-async def list_(request: web.Request) -> web.Response:
-    return ok(await addresses.list_addresses(request.app[appkeys.DB], _user(request)))
+async def list_(request: web.Request, principal: Principal) -> web.Response:
+    return ok(await addresses.list_addresses(request.app[appkeys.DB], principal.user_id))
 
 
-async def get(request: web.Request) -> web.Response:
+async def get(request: web.Request, principal: Principal) -> web.Response:
     return ok(
-        await addresses.get_address(request.app[appkeys.DB], _user(request), _address_id(request))
+        await addresses.get_address(
+            request.app[appkeys.DB], principal.user_id, _address_id(request)
+        )
     )
 
 
-async def create(request: web.Request) -> web.Response:
-    user_id = _user(request)
+async def create(request: web.Request, principal: Principal) -> web.Response:
+    user_id = principal.user_id
     body = validate(await read_json(request), ENTRY)
     entry = await addresses.create_address(request.app[appkeys.DB], user_id, body)
     return ok(entry, status=201, message="address added")
 
 
-async def update(request: web.Request) -> web.Response:
-    user_id = _user(request)
+async def update(request: web.Request, principal: Principal) -> web.Response:
+    user_id = principal.user_id
     address_id = _address_id(request)
     body = validate(await read_json(request), ENTRY)
     entry = await addresses.update_address(request.app[appkeys.DB], user_id, address_id, body)
     return ok(entry, message="address updated")
 
 
-async def delete(request: web.Request) -> web.Response:
-    user_id = _user(request)
+async def delete(request: web.Request, principal: Principal) -> web.Response:
+    user_id = principal.user_id
     await addresses.delete_address(request.app[appkeys.DB], user_id, _address_id(request))
     return ok(None, message="address deleted")
 
 
-_NOT_FOUND = {404: "ADDRESS_NOT_FOUND (not the caller's)"}
+_NOT_FOUND = (AddressNotFound,)
 ROUTES = [
     Route(
         "GET",
@@ -124,10 +123,8 @@ ROUTES = [
         auth="user",
         body=ENTRY,
         tag="addresses",
-        responses={
-            201: "added",
-            409: f"ADDRESS_BOOK_FULL (at most {addresses.MAX_ADDRESSES})",
-        },
+        success={201: "added"},
+        responses=(AddressBookFull,),
     ),
     Route(
         "GET",

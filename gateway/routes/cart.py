@@ -14,9 +14,20 @@ import asyncpg
 from aiohttp import web
 
 from flashsale import cart, coupons, orders
-from flashsale.errors import ItemUnavailable, ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import (
+    CartFull,
+    CouponNotApplicable,
+    IdempotencyInProgress,
+    InsufficientStock,
+    ItemUnavailable,
+    NotFound,
+    NotOnSale,
+    PriceChanged,
+    PurchaseLimitExceeded,
+    ValidationFailed,
+)
 from gateway import appkeys
-from gateway.auth import authenticate, optional_principal
 from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routing import Route
@@ -70,8 +81,7 @@ MAX_IDEMPOTENCY_KEY_LEN = 128
 _TOKEN_RE = re.compile(cart.TOKEN_PATTERN)
 
 
-def _owner(request: web.Request) -> cart.CartOwner:
-    principal = optional_principal(request, request.app[appkeys.TOKENS])
+def _owner(request: web.Request, principal: Principal | None) -> cart.CartOwner:
     if principal is not None:
         return cart.CartOwner(user_id=principal.user_id)
     token = request.headers.get(cart.CART_TOKEN_HEADER, "")
@@ -82,8 +92,8 @@ def _headers(owner: cart.CartOwner) -> dict[str, str] | None:
     return None if owner.guest_token is None else {cart.CART_TOKEN_HEADER: owner.guest_token}
 
 
-async def add_item(request: web.Request) -> web.Response:
-    owner = _owner(request)
+async def add_item(request: web.Request, principal: Principal | None) -> web.Response:
+    owner = _owner(request, principal)
     body = validate(await read_json(request), ADD_ITEM)
     if body.get("product_id") is None and body.get("sku_id") is None:
         raise ValidationFailed(
@@ -111,14 +121,14 @@ async def add_item(request: web.Request) -> web.Response:
     return ok(data, message="added to cart", headers=_headers(owner))
 
 
-async def get_cart(request: web.Request) -> web.Response:
-    owner = _owner(request)
+async def get_cart(request: web.Request, principal: Principal | None) -> web.Response:
+    owner = _owner(request, principal)
     data = await cart.get_cart(request.app[appkeys.DB], owner)
     return ok(data, headers=_headers(owner))
 
 
-async def update_item(request: web.Request) -> web.Response:
-    owner = _owner(request)
+async def update_item(request: web.Request, principal: Principal | None) -> web.Response:
+    owner = _owner(request, principal)
     item_id = path_int(request.match_info["item_id"], "cart item")
     body = validate(await read_json(request), UPDATE_ITEM)
     if "quantity" not in body and "selected" not in body:
@@ -142,29 +152,27 @@ async def update_item(request: web.Request) -> web.Response:
     )
 
 
-async def delete_item(request: web.Request) -> web.Response:
-    owner = _owner(request)
+async def delete_item(request: web.Request, principal: Principal | None) -> web.Response:
+    owner = _owner(request, principal)
     item_id = path_int(request.match_info["item_id"], "cart item")
     await cart.remove_item(request.app[appkeys.DB], owner, item_id)
     return ok(None, message="cart item removed", headers=_headers(owner))
 
 
-async def clear_cart(request: web.Request) -> web.Response:
-    owner = _owner(request)
+async def clear_cart(request: web.Request, principal: Principal | None) -> web.Response:
+    owner = _owner(request, principal)
     await cart.clear(request.app[appkeys.DB], owner)
     return ok(None, message="cart cleared", headers=_headers(owner))
 
 
-async def merge(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def merge(request: web.Request, principal: Principal) -> web.Response:
     merged = await cart.merge_guest_cart(
         request.app[appkeys.DB], principal.user_id, request.headers.get(cart.CART_TOKEN_HEADER)
     )
     return ok({"merged_items": merged})
 
 
-async def preview(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def preview(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), PREVIEW)
     async with request.app[appkeys.DB].acquire() as conn:
         selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
@@ -203,8 +211,7 @@ def _order_lines(selection: cart.Selection) -> list[orders.OrderLineRequest]:
     ]
 
 
-async def checkout(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def checkout(request: web.Request, principal: Principal) -> web.Response:
     key = header_text(request, IDEMPOTENCY_HEADER, max_len=MAX_IDEMPOTENCY_KEY_LEN)
     body = validate(await read_json(request), CHECKOUT)
     address = await order_address(request, principal.user_id, body)
@@ -238,11 +245,7 @@ async def checkout(request: web.Request) -> web.Response:
     return ok(result, status=201, message="order created")
 
 
-_CART_RESPONSES = {
-    401: "token sent but invalid",
-    404: "NOT_FOUND (not in this cart)",
-    422: "VALIDATION_FAILED",
-}
+_CART_RESPONSES = (NotFound, ValidationFailed)
 
 ROUTES = [
     Route(
@@ -252,7 +255,7 @@ ROUTES = [
         "Add a SKU to the cart (same SKU and specification add up)",
         auth="optional",
         body=ADD_ITEM,
-        responses={**_CART_RESPONSES, 409: "NOT_ON_SALE, INSUFFICIENT_STOCK, CART_FULL"},
+        responses=(*_CART_RESPONSES, NotOnSale, InsufficientStock, CartFull),
         tag="cart",
     ),
     Route(
@@ -307,7 +310,7 @@ ROUTES = [
         "Price the selected items: subtotal, shipping, discount, total, coupons",
         auth="user",
         body=PREVIEW,
-        responses={**_CART_RESPONSES, 422: "VALIDATION_FAILED, COUPON_NOT_APPLICABLE"},
+        responses=(*_CART_RESPONSES, ValidationFailed, CouponNotApplicable),
         tag="cart",
     ),
     Route(
@@ -317,14 +320,19 @@ ROUTES = [
         "Create an order from the selected items and remove them from the cart",
         auth="user",
         body=CHECKOUT,
-        responses={
+        success={
             200: "order exists (a concurrent checkout of this cart made it)",
             201: "order created; payment information",
-            **_CART_RESPONSES,
-            409: "ITEM_UNAVAILABLE, PRICE_CHANGED, IDEMPOTENCY_IN_PROGRESS, out of stock, "
-            "coupon limits, PURCHASE_LIMIT_EXCEEDED",
-            422: "VALIDATION_FAILED, COUPON_NOT_APPLICABLE",
         },
+        responses=(
+            *_CART_RESPONSES,
+            ItemUnavailable,
+            PriceChanged,
+            IdempotencyInProgress,
+            PurchaseLimitExceeded,
+            ValidationFailed,
+            CouponNotApplicable,
+        ),
         tag="cart",
     ),
 ]

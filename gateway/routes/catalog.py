@@ -8,13 +8,21 @@ from typing import Any
 from aiohttp import web
 
 from flashsale import catalog
+from flashsale.auth import Principal
 from flashsale.catalog import ProductQuery, SkuInput
-from flashsale.errors import ValidationFailed
+from flashsale.errors import (
+    Forbidden,
+    NotFound,
+    ProductInUse,
+    StockBelowReserved,
+    ValidationFailed,
+    VersionConflict,
+)
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.plans_runtime import catalog_page
 from gateway.routing import Route
+from gateway.shapes import Answer
 from gateway.validation import INT32_MAX, Alt, F, Obj, path_int, validate, validate_query
 
 MAX_CENTS = 10**12
@@ -140,8 +148,7 @@ async def categories(request: web.Request) -> web.Response:
     return await catalog_page(request, lambda: catalog.category_tree(request.app[appkeys.DB]))
 
 
-async def create_product(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def create_product(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), PRODUCT_CREATE)
     if "skus" in body:
         if "price" in body or "stock" in body:
@@ -167,8 +174,7 @@ async def create_product(request: web.Request) -> web.Response:
     return ok(detail, status=201, message="created")
 
 
-async def update_product(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def update_product(request: web.Request, principal: Principal) -> web.Response:
     product_id = path_int(request.match_info["id"], "product")
     body = validate(await read_json(request), PRODUCT_UPDATE)
     skus = _skus(body.get("skus", []), SKU_UPDATE)
@@ -189,13 +195,77 @@ async def update_product(request: web.Request) -> web.Response:
     )
 
 
-async def delete_product(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def delete_product(request: web.Request, principal: Principal) -> web.Response:
     product_id = path_int(request.match_info["id"], "product")
     await catalog.delete_product(
         request.app[appkeys.DB], request.app[appkeys.REDIS], principal, product_id
     )
     return ok({"id": product_id, "status": "off_sale"}, message="taken off sale")
+
+
+class ProductItem(Answer):
+    id: int
+    name: str
+    price: int | None  # the cheapest SKU on sale; None when none is
+    image: str | None
+    stock: int
+    category: str | None
+    sales: int
+
+
+class ProductPage(Answer):
+    products: list[ProductItem]
+    total: int
+    page: int
+    limit: int
+
+
+class SkuView(Answer):
+    id: int
+    code: str | None
+    attributes: dict[str, Any]
+    price: int
+    stock: int
+
+
+class CategoryRef(Answer):
+    id: int
+    name: str
+    parent: str | None
+    parent_id: int | None
+
+
+class CategoryStep(Answer):
+    id: int
+    name: str
+
+
+class ProductDetail(Answer):
+    id: int
+    name: str
+    description: str
+    price: int | None
+    images: list[str]
+    image: str | None
+    stock: int
+    category: CategoryRef | None
+    category_path: list[CategoryStep]
+    attributes: dict[str, Any]
+    skus: list[SkuView]
+    merchant_id: int
+    status: str
+    sales: int
+    max_per_user: int | None
+    version: int
+    created_at: str
+    updated_at: str
+
+
+class Category(Answer):
+    id: int
+    name: str
+    parent_id: int | None
+    children: list[Category]
 
 
 ROUTES = [
@@ -205,19 +275,28 @@ ROUTES = [
         list_products,
         "List and search on-sale products",
         query=LIST_QUERY,
-        responses={422: "VALIDATION_FAILED"},
+        responses=(ValidationFailed,),
         rules="price_max >= price_min",
         tag="catalog",
+        answer=ProductPage,
     ),
     Route(
         "GET",
         "/api/v1/products/{id}",
         get_product,
         "Product detail with SKUs and category path (cached)",
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
         tag="catalog",
+        answer=ProductDetail,
     ),
-    Route("GET", "/api/v1/categories", categories, "The category tree", tag="catalog"),
+    Route(
+        "GET",
+        "/api/v1/categories",
+        categories,
+        "The category tree",
+        tag="catalog",
+        answer=list[Category],
+    ),
     Route(
         "POST",
         "/api/v1/products",
@@ -225,7 +304,8 @@ ROUTES = [
         "Create a product with its SKUs (or flat price/stock = one SKU)",
         auth="merchant",
         body=PRODUCT_CREATE,
-        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        success={201: "created"},
+        responses=(Forbidden, ValidationFailed),
         tag="catalog",
     ),
     Route(
@@ -235,12 +315,14 @@ ROUTES = [
         "Update a product and its SKUs (own products; admin any)",
         auth="merchant",
         body=PRODUCT_UPDATE,
-        responses={
-            403: "FORBIDDEN",
-            404: "NOT_FOUND",
-            409: "VERSION_CONFLICT, STOCK_BELOW_RESERVED, PRODUCT_IN_USE",
-            422: "VALIDATION_FAILED",
-        },
+        responses=(
+            Forbidden,
+            NotFound,
+            VersionConflict,
+            StockBelowReserved,
+            ProductInUse,
+            ValidationFailed,
+        ),
         tag="catalog",
     ),
     Route(
@@ -249,7 +331,7 @@ ROUTES = [
         delete_product,
         "Take a product off sale (own products; admin any)",
         auth="merchant",
-        responses={403: "FORBIDDEN", 404: "NOT_FOUND", 409: "PRODUCT_IN_USE"},
+        responses=(Forbidden, NotFound, ProductInUse),
         tag="catalog",
     ),
 ]

@@ -20,11 +20,11 @@ from aiohttp import web
 
 from flashsale import dashboard
 from flashsale.auth import Principal, require_role
-from flashsale.errors import AppError, NotFound
+from flashsale.errors import AppError, NotFound, RateLimited, ServiceUnavailable
 from flashsale.flash.cache import now_ms
 from flashsale.stores import tasks
 from gateway import appkeys
-from gateway.auth import authenticate, bearer
+from gateway.auth import bearer
 from gateway.flash_runtime import FLASH
 from gateway.http import ok
 from gateway.plans_runtime import SWITCHES
@@ -84,7 +84,9 @@ def _content_type(name: str) -> str:
     return "application/octet-stream"
 
 
-def _asset(name: str) -> web.Response:
+def asset(name: str) -> web.Response:
+    """A file of gateway/static (``vendor/x`` for a vendored one); an HTML page with the
+    pages' headers."""
     body = ASSETS.get(name)
     if body is None:
         raise NotFound("no such file")
@@ -99,26 +101,21 @@ def _asset(name: str) -> web.Response:
 
 
 async def dashboard_page(request: web.Request) -> web.Response:
-    return _asset("dashboard.html")
+    return asset("dashboard.html")
 
 
 async def sale_page(request: web.Request) -> web.Response:
     path_int(request.match_info["sale_id"], "flash sale")
-    return _asset("sale.html")
+    return asset("sale.html")
 
 
 async def static_file(request: web.Request) -> web.Response:
-    return _asset(path_text(request.match_info["name"], "file", spec=ASSET_NAME))
+    return asset(path_text(request.match_info["name"], "file", spec=ASSET_NAME))
 
 
 async def vendor_file(request: web.Request) -> web.Response:
     name = path_text(request.match_info["name"], "file", spec=ASSET_NAME)
-    return _asset("vendor/" + name)
-
-
-def _watcher(request: web.Request) -> Principal:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
-    return require_role(principal, "admin", "merchant")
+    return asset("vendor/" + name)
 
 
 async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -> None:
@@ -128,8 +125,7 @@ async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -
         raise NotFound("flash sale not found")
 
 
-async def sales(request: web.Request) -> web.Response:
-    principal = _watcher(request)
+async def sales(request: web.Request, principal: Principal) -> web.Response:
     merchant = None if principal.role == "admin" else principal.user_id
     rows = await dashboard.list_sales(
         request.app[appkeys.DB], request.app[appkeys.REDIS], merchant_id=merchant
@@ -143,19 +139,18 @@ def _event(name: str, data: object) -> bytes:
 
 def _still_watching(request: web.Request, token: str) -> None:
     """Raise the error a new request with this token would get (expired, revoked, demoted)."""
-    require_role(request.app[appkeys.TOKENS].verify(token), "admin", "merchant")
+    require_role(request.app[appkeys.TOKENS].verify(token), "merchant", "admin")  # auth="merchant"
 
 
-async def events(request: web.Request) -> web.StreamResponse:
+async def events(request: web.Request, principal: Principal) -> web.StreamResponse:
     """Server-sent events: ``history`` (the last minutes) once, then ``snapshot`` each second.
 
     The token is checked again every ``REVALIDATE_S``, as each request checks it: when it
     expires, or a logout or a role change revokes it, a ``closed`` event names the error
     and the stream ends (the page's reconnect then gets the 401).
     """
-    principal = _watcher(request)
     token = bearer(request)
-    assert token is not None  # _watcher verified it
+    assert token is not None  # the router verified it
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
     await _may_watch(request, principal, sale_id)
     view = _as_is if principal.role == "admin" else dashboard.merchant_view
@@ -226,7 +221,7 @@ async def end_streams(app: web.Application) -> None:
         await hub.close()
 
 
-_PAGE = {200: "an HTML page", 404: "NOT_FOUND"}
+_PAGE = {200: "an HTML page"}
 ROUTES = [
     Route(
         "GET",
@@ -235,7 +230,7 @@ ROUTES = [
         "The sale dashboard (HTML; logs in as an admin or a merchant)",
         tag="pages",
         envelope=False,
-        responses={200: "an HTML page"},
+        success={200: "an HTML page"},
     ),
     Route(
         "GET",
@@ -244,7 +239,8 @@ ROUTES = [
         "A flash sale's shopper page (HTML)",
         tag="pages",
         envelope=False,
-        responses=_PAGE,
+        success=_PAGE,
+        responses=(NotFound,),
     ),
     Route(
         "GET",
@@ -254,7 +250,8 @@ ROUTES = [
         tag="pages",
         envelope=False,
         params={"name": ASSET_NAME},
-        responses=_PAGE,
+        success=_PAGE,
+        responses=(NotFound,),
     ),
     Route(
         "GET",
@@ -264,7 +261,8 @@ ROUTES = [
         tag="pages",
         envelope=False,
         params={"name": ASSET_NAME},
-        responses=_PAGE,
+        success=_PAGE,
+        responses=(NotFound,),
     ),
     Route(
         "GET",
@@ -282,12 +280,10 @@ ROUTES = [
         auth="merchant",
         tag="dashboard",
         envelope=False,
-        responses={
+        success={
             200: "text/event-stream; a 'closed' event names the error when the token is "
-            "revoked or expires",
-            404: "NOT_FOUND (no such sale, or another merchant's)",
-            429: "RATE_LIMITED (too many streams from this address; Retry-After)",
-            503: "RETRY_LATER (too many streams on this server; Retry-After)",
+            "revoked or expires"
         },
+        responses=(NotFound, RateLimited, ServiceUnavailable),
     ),
 ]

@@ -7,13 +7,28 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Final, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 from aiohttp import web
+from msgspec import Meta
 from multidict import CIMultiDictProxy
 
-from flashsale.auth import require_role
-from flashsale.errors import NotFound, NotStarted, SaleEnded, SoldOut, ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import (
+    AdmissionExpired,
+    IdempotencyMismatch,
+    InsufficientStock,
+    LimitExceeded,
+    NotAdmitted,
+    NotFound,
+    NotStarted,
+    RateLimited,
+    SaleEnded,
+    ServiceUnavailable,
+    SkuNotFound,
+    SoldOut,
+    ValidationFailed,
+)
 from flashsale.flash import join as joining
 from flashsale.flash import lifecycle
 from flashsale.flash.buckets import MAX_BUCKETS
@@ -21,12 +36,12 @@ from flashsale.flash.cache import iso_ms, now_ms
 from flashsale.waitingroom.config import MODES, settable
 from flashsale.waitingroom.room import set_mode
 from gateway import appkeys
-from gateway.auth import authenticate, principal_of
 from gateway.flash_runtime import FLASH
-from gateway.http import header_value, ok, read_json
+from gateway.http import header_value, ok, read_json, read_raw
 from gateway.middlewares import request_id
 from gateway.routing import Route
-from gateway.validation import Alt, F, Obj, path_int, validate
+from gateway.shapes import Answer, Body, decode_body
+from gateway.validation import INT64_MAX, Alt, F, Obj, path_int, validate
 from gateway.waitingroom_runtime import WAITING_ROOM
 
 # A queued sale's own settings (flashsale/waitingroom/config.py); 0 switches a limit off.
@@ -68,17 +83,55 @@ PATCH = Obj(
     },
     alts=(Alt(("add_quantity",)), Alt(("end_at",)), Alt(("mode",)), Alt(("queue",))),
 )
-JOIN = {
-    "quantity": F(int, min=1, max=joining.MAX_JOIN_QUANTITY),
-    "address_id": F(
-        int,
-        required=False,
-        nullable=True,
-        min=1,
-        doc="an entry of the caller's address book; default: their default address "
-        "(resolved after the join, checked at payment)",
-    ),
-}
+
+
+class JoinBody(Body):
+    quantity: Annotated[int, Meta(ge=1, le=joining.MAX_JOIN_QUANTITY)]
+    address_id: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=INT64_MAX,
+                description="an entry of the caller's address book; default: their default "
+                "address (resolved after the join, checked at payment)",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class SaleProduct(Answer):
+    id: int
+    name: str
+    sku_id: int
+    original_price: int
+    flash_price: int
+
+
+class FlashSale(Answer):
+    """A sale as shoppers see it (``SaleState.public``)."""
+
+    flash_sale_id: int
+    product: SaleProduct
+    total_quantity: int
+    sold_quantity: int
+    remaining_quantity: int
+    per_user_limit: int
+    start_time: str
+    end_time: str
+    payment_window_s: int
+    status: Literal["upcoming", "active", "sold_out", "ended"]
+    mode: Literal["open", "queued"]
+
+
+class JoinAccepted(Answer):
+    order_id: str
+    status: Literal["queued"]
+    payment_deadline: str
+    replayed: bool
+
+
 _MAX_IDEMPOTENCY_KEY = 64
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -89,13 +142,7 @@ def _queue_settings(body: dict[str, Any]) -> dict[str, Any] | None:
     return None if queue is None else {k: v for k, v in queue.items() if v is not None}
 
 
-def _admin(request: web.Request) -> int:
-    principal = require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
-    return principal.user_id
-
-
-async def create(request: web.Request) -> web.Response:
-    admin_id = _admin(request)
+async def create(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), CREATE)
     if body["end_at"] <= body["start_at"]:
         raise ValidationFailed(fields={"end_at": "must be after start_at"})
@@ -111,7 +158,7 @@ async def create(request: web.Request) -> web.Response:
         start_at=body["start_at"],
         end_at=body["end_at"],
         payment_window_s=body["payment_window_s"],
-        created_by=admin_id,
+        created_by=principal.user_id,
         mode=body["mode"],
         queue_settings=_queue_settings(body),
         buckets=body["buckets"],
@@ -120,8 +167,7 @@ async def create(request: web.Request) -> web.Response:
     return ok(sale, status=201, message="flash sale created")
 
 
-async def patch(request: web.Request) -> web.Response:
-    _admin(request)
+async def patch(request: web.Request, principal: Principal) -> web.Response:
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
     body = validate(await read_json(request), PATCH)
     queue = _queue_settings(body)
@@ -143,8 +189,7 @@ async def patch(request: web.Request) -> web.Response:
     return ok(sale, message="flash sale updated")
 
 
-async def close(request: web.Request) -> web.Response:
-    _admin(request)
+async def close(request: web.Request, principal: Principal) -> web.Response:
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
     rt = request.app[FLASH]
     sale = await lifecycle.close_sale(request.app[appkeys.DB], rt.redis, rt.scripts, sale_id)
@@ -221,14 +266,15 @@ class JoinAnswer(NamedTuple):
     data: dict[str, Any]
 
 
-async def join(request: web.Request) -> web.Response:
+async def join(request: web.Request, principal: Principal) -> web.Response:
     info = request.match_info
     answer = await take_join(
         request.app,
+        principal,
         request.headers,
         info["sale_id"],
         info.get("admission"),
-        partial(read_json, request),
+        partial(read_raw, request),
         request.remote,
         request_id(request),
     )
@@ -238,17 +284,18 @@ async def join(request: web.Request) -> web.Response:
 
 async def take_join(
     app: web.Application,
+    principal: Principal,
     headers: CIMultiDictProxy[str],
     sale_id_text: str,
     admission: str | None,
-    read_body: Callable[[], Awaitable[Any]],
+    read_body: Callable[[], Awaitable[bytes]],
     remote: str | None,
     rid: str,
 ) -> JoinAnswer:
     """A join from what the HTTP request carries, whichever server parsed it: the aiohttp
     route above, or the connection protocol of :mod:`gateway.fastjoin` that serves the
-    join route itself; both answer the same, checks in the same order."""
-    principal = principal_of(headers, app[appkeys.TOKENS])
+    join route itself; both answer the same, checks in the same order (``principal``: the
+    caller, verified first by the router or by that protocol)."""
     sale_id = path_int(sale_id_text, "flash sale")
     rt = app[FLASH]
     sale = await rt.cache.get(sale_id)
@@ -274,26 +321,18 @@ async def take_join(
             in_path=admission is not None,
             now=now,
         )
-    body: Any = await read_body()
-    address_id = None
-    if type(body) is dict and len(body) == 1 and type(body.get("quantity")) is int:
-        quantity = body["quantity"]  # the common shape, checked without the generic validator
-        if not 1 <= quantity <= joining.MAX_JOIN_QUANTITY:
-            validate(body, JOIN)
-    else:
-        checked = validate(body, JOIN)
-        quantity, address_id = checked["quantity"], checked.get("address_id")
+    body = decode_body(await read_body(), JoinBody)  # the hot path: one await, as before
     key = header_value(headers, "Idempotency-Key", max_len=_MAX_IDEMPOTENCY_KEY)
     result = await joining.join(
         rt,
         sale=sale,
         user_id=principal.user_id,
-        quantity=quantity,
+        quantity=body.quantity,
         client_ip=client_ip_of(remote, headers, app[appkeys.SETTINGS].trusted_proxies),
         idempotency_key=key,
         order_id=app[appkeys.ORDER_IDS].next(principal.user_id),
         request_id=rid,
-        address_id=address_id,
+        address_id=body.address_id,
     )
     if sale.mode == "queued" and not result.replayed:
         app[appkeys.METRICS].queue_joined.inc()
@@ -308,6 +347,19 @@ async def take_join(
     )
 
 
+# The one handler behind both join paths: a queued sale's admission may come in either.
+_JOIN_ERRORS: Final = (
+    NotStarted,
+    SaleEnded,
+    SoldOut,
+    LimitExceeded,
+    InsufficientStock,
+    NotAdmitted,
+    AdmissionExpired,
+    IdempotencyMismatch,
+    RateLimited,
+    ServiceUnavailable,
+)
 ROUTES = [
     Route(
         "POST",
@@ -318,12 +370,9 @@ ROUTES = [
         body=CREATE,
         rules="end_at after start_at",
         tag="flash-sales",
-        responses={
-            201: "created",
-            404: "SKU_NOT_FOUND",
-            409: "INSUFFICIENT_STOCK",
-            422: "VALIDATION_FAILED",
-        },
+        answer=FlashSale,
+        success={201: "created"},
+        responses=(SkuNotFound, InsufficientStock, ValidationFailed),
     ),
     Route(
         "PATCH",
@@ -333,7 +382,8 @@ ROUTES = [
         auth="admin",
         body=PATCH,
         tag="flash-sales",
-        responses={409: "SALE_ENDED or INSUFFICIENT_STOCK"},
+        answer=FlashSale,
+        responses=(SaleEnded, InsufficientStock),
     ),
     Route(
         "POST",
@@ -342,12 +392,23 @@ ROUTES = [
         "Close a sale early; unsold units return to the SKU",
         auth="admin",
         tag="flash-sales",
+        answer=FlashSale,
     ),
     Route(
-        "GET", "/api/v1/flash-sales/active", active, "Running and upcoming sales", tag="flash-sales"
+        "GET",
+        "/api/v1/flash-sales/active",
+        active,
+        "Running and upcoming sales",
+        tag="flash-sales",
+        answer=list[FlashSale],
     ),
     Route(
-        "GET", "/api/v1/flash-sales/{sale_id}", detail, "One sale's live state", tag="flash-sales"
+        "GET",
+        "/api/v1/flash-sales/{sale_id}",
+        detail,
+        "One sale's live state",
+        tag="flash-sales",
+        answer=FlashSale,
     ),
     Route(
         "POST",
@@ -355,17 +416,11 @@ ROUTES = [
         join,
         "Join a sale: reserve and queue an order (optional Idempotency-Key header)",
         auth="user",
-        body=JOIN,
+        body=JoinBody,
+        answer=JoinAccepted,
         tag="flash-sales",
-        responses={
-            202: "queued",
-            404: "unknown sale",
-            409: "NOT_STARTED, SALE_ENDED, SOLD_OUT, LIMIT_EXCEEDED, INSUFFICIENT_STOCK",
-            422: "VALIDATION_FAILED or IDEMPOTENCY_MISMATCH",
-            429: "RATE_LIMITED (Retry-After)",
-            503: "RETRY_LATER",
-            403: "NOT_ADMITTED (a queued sale: no valid X-Join-Token)",
-        },
+        success={202: "queued"},
+        responses=_JOIN_ERRORS,
     ),
     Route(
         "POST",
@@ -373,17 +428,11 @@ ROUTES = [
         join,
         "Join a queued sale through the join path its admission handed out",
         auth="user",
-        body=JOIN,
+        body=JoinBody,
+        answer=JoinAccepted,
         tag="flash-sales",
         params={"admission": F(str, min_len=1, max_len=64)},
-        responses={
-            202: "queued",
-            403: "NOT_ADMITTED",
-            404: "unknown sale",
-            409: "ADMISSION_EXPIRED, SALE_ENDED, SOLD_OUT, LIMIT_EXCEEDED, INSUFFICIENT_STOCK",
-            422: "VALIDATION_FAILED or IDEMPOTENCY_MISMATCH",
-            429: "RATE_LIMITED (Retry-After)",
-            503: "RETRY_LATER",
-        },
+        success={202: "queued"},
+        responses=_JOIN_ERRORS,
     ),
 ]

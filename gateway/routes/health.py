@@ -1,9 +1,10 @@
-"""Liveness, readiness, metrics and the OpenAPI document."""
+"""Liveness, readiness, metrics, the OpenAPI document and its docs page."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+from typing import Final
 
 import asyncpg
 from aiohttp import web
@@ -13,6 +14,7 @@ from redis.exceptions import RedisError
 from flashsale.errors import NotReady, Unauthorized
 from gateway import __version__, appkeys
 from gateway.http import dumps, ok
+from gateway.routes.dashboard import PAGE_HEADERS, asset
 from gateway.routing import ROUTE_TABLE, Route, openapi_spec
 
 READY_TIMEOUT_S = 2.0
@@ -89,6 +91,22 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=dumps(spec), content_type="application/json")
 
 
+# The pages' policy, but Swagger UI draws its icons from data: URIs in its stylesheet.
+DOCS_HEADERS: Final = {
+    **PAGE_HEADERS,
+    "Content-Security-Policy": PAGE_HEADERS["Content-Security-Policy"].replace(
+        "img-src 'self'", "img-src 'self' data:"
+    ),
+}
+
+
+async def docs(request: web.Request) -> web.Response:
+    """Swagger UI (vendored under gateway/static/vendor) over this gateway's document."""
+    resp = asset("docs.html")
+    resp.headers.update(DOCS_HEADERS)
+    return resp
+
+
 ROUTES = [
     Route("GET", "/healthz", healthz, "Process is alive", tag="ops"),
     Route(
@@ -96,7 +114,7 @@ ROUTES = [
         "/readyz",
         readyz,
         "Redis, PostgreSQL and the broker are reachable",
-        responses={503: "NOT_READY naming what is down"},
+        responses=(NotReady,),
         tag="ops",
     ),
     Route(
@@ -104,9 +122,18 @@ ROUTES = [
         "/metrics",
         metrics,
         "Prometheus metrics (Bearer FLASHSALE_METRICS_TOKEN when it is set)",
-        responses={401: "AUTH_REQUIRED"},
+        responses=(Unauthorized,),
         tag="ops",
         envelope=False,
     ),
     Route("GET", "/api/v1/openapi.json", openapi, "This document", tag="ops", envelope=False),
+    Route(
+        "GET",
+        "/api/v1/docs",
+        docs,
+        "This document as a page (Swagger UI)",
+        tag="ops",
+        envelope=False,
+        success={200: "an HTML page"},
+    ),
 ]

@@ -5,10 +5,19 @@ from __future__ import annotations
 from aiohttp import web
 
 from flashsale import inventory
-from flashsale.auth import Principal, require_role
-from flashsale.errors import Forbidden, NotFound, ReservationNotActive, ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import (
+    Forbidden,
+    HeldByOrder,
+    HoldExceedsOrder,
+    InsufficientStock,
+    NotFound,
+    OrderNotPaid,
+    OrderNotPending,
+    ReservationNotActive,
+    ValidationFailed,
+)
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.validation import F, path_int, validate
@@ -29,11 +38,8 @@ SQL_PRODUCT = "SELECT merchant_id FROM products WHERE id = $1"
 SQL_PRODUCT_SKUS = "SELECT id FROM skus WHERE product_id = $1 ORDER BY id"
 
 
-async def _manage(request: web.Request) -> tuple[int, Principal]:
+async def _manage(request: web.Request, principal: Principal) -> tuple[int, Principal]:
     """The product id, checked to be managed by the caller (its merchant, or an admin)."""
-    principal = require_role(
-        authenticate(request, request.app[appkeys.TOKENS]), "merchant", "admin"
-    )
     product_id = path_int(request.match_info["id"])
     merchant_id = await request.app[appkeys.DB].fetchval(SQL_PRODUCT, product_id)
     if merchant_id is None:
@@ -49,8 +55,8 @@ async def stock(request: web.Request) -> web.Response:
         return ok(await inventory.product_stock(conn, product_id))
 
 
-async def reserve(request: web.Request) -> web.Response:
-    product_id, _ = await _manage(request)
+async def reserve(request: web.Request, principal: Principal) -> web.Response:
+    product_id, _ = await _manage(request, principal)
     body = validate(await read_json(request), RESERVE)
     pool = request.app[appkeys.DB]
     skus = [r["id"] for r in await pool.fetch(SQL_PRODUCT_SKUS, product_id)]
@@ -92,8 +98,8 @@ async def _own_reservation(
     return held
 
 
-async def consume(request: web.Request) -> web.Response:
-    product_id, _ = await _manage(request)
+async def consume(request: web.Request, principal: Principal) -> web.Response:
+    product_id, _ = await _manage(request, principal)
     body = validate(await read_json(request), CONSUME)
     held = await _own_reservation(request, product_id, body["reservation_id"])
     quantity = held["quantity"]
@@ -116,8 +122,8 @@ async def consume(request: web.Request) -> web.Response:
     )
 
 
-async def release(request: web.Request) -> web.Response:
-    product_id, _ = await _manage(request)
+async def release(request: web.Request, principal: Principal) -> web.Response:
+    product_id, _ = await _manage(request, principal)
     body = validate(await read_json(request), RELEASE)
     held = await _own_reservation(request, product_id, body["reservation_id"])
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
@@ -133,7 +139,7 @@ async def release(request: web.Request) -> web.Response:
     )
 
 
-_MANAGE = {403: "FORBIDDEN", 404: "NOT_FOUND", 422: "VALIDATION_FAILED"}
+_MANAGE = (Forbidden, NotFound, ValidationFailed)
 ROUTES = [
     Route(
         "GET",
@@ -141,7 +147,7 @@ ROUTES = [
         stock,
         "Stock of a product: available, reserved and total per SKU",
         tag="inventory",
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
     ),
     Route(
         "POST",
@@ -152,11 +158,8 @@ ROUTES = [
         auth="merchant",
         body=RESERVE,
         tag="inventory",
-        responses={
-            201: "reserved",
-            409: "INSUFFICIENT_STOCK, ORDER_NOT_PENDING, HOLD_EXCEEDS_ORDER",
-            **_MANAGE,
-        },
+        success={201: "reserved"},
+        responses=(InsufficientStock, OrderNotPending, HoldExceedsOrder, *_MANAGE),
     ),
     Route(
         "POST",
@@ -166,7 +169,7 @@ ROUTES = [
         auth="merchant",
         body=CONSUME,
         tag="inventory",
-        responses={409: "RESERVATION_NOT_ACTIVE, ORDER_NOT_PAID", **_MANAGE},
+        responses=(ReservationNotActive, OrderNotPaid, *_MANAGE),
     ),
     Route(
         "POST",
@@ -176,6 +179,6 @@ ROUTES = [
         auth="merchant",
         body=RELEASE,
         tag="inventory",
-        responses={409: "RESERVATION_NOT_ACTIVE, HELD_BY_ORDER", **_MANAGE},
+        responses=(ReservationNotActive, HeldByOrder, *_MANAGE),
     ),
 ]

@@ -8,10 +8,9 @@ from typing import Any
 from aiohttp import web
 
 from flashsale import coupons, promotions
-from flashsale.auth import require_role
-from flashsale.errors import ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import CouponExists, CouponNotFound, Forbidden, ValidationFailed
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.validation import F, validate, validate_query
@@ -77,16 +76,14 @@ def _check_window(body: dict[str, Any]) -> None:
         raise ValidationFailed(fields={"valid_until": "must be after valid_from"})
 
 
-async def available_coupons(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def available_coupons(request: web.Request, principal: Principal) -> web.Response:
     amount = validate_query(request.query, AVAILABLE_QUERY).get("amount")
     async with request.app[appkeys.DB].acquire() as conn:
         data = await coupons.available(conn, user_id=principal.user_id, amount_cents=amount)
     return ok(data)
 
 
-async def use_coupon(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def use_coupon(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), COUPON_USE)
     categories = body.get("product_categories") or []
     if any(isinstance(c, bool) or not isinstance(c, int | str) for c in categories):
@@ -103,8 +100,7 @@ async def use_coupon(request: web.Request) -> web.Response:
     return ok(data)
 
 
-async def create_coupon(request: web.Request) -> web.Response:
-    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+async def create_coupon(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), NEW_COUPON)
     _check_window(body)
     errors: dict[str, str] = {}
@@ -142,8 +138,7 @@ def _rules(raw: list[dict[str, Any]]) -> list[dict[str, int]]:
     return sorted(rules, key=lambda r: r["min_amount"])
 
 
-async def create_promotion(request: web.Request) -> web.Response:
-    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+async def create_promotion(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), NEW_PROMOTION)
     _check_window(body)
     rules = _rules(body["rules"])
@@ -219,7 +214,7 @@ ROUTES = [
         "Evaluate a coupon for an amount (a use is consumed only by an order)",
         auth="user",
         body=COUPON_USE,
-        responses={404: "COUPON_NOT_FOUND", 422: "VALIDATION_FAILED"},
+        responses=(CouponNotFound, ValidationFailed),
         tag="marketing",
     ),
     Route(
@@ -231,12 +226,8 @@ ROUTES = [
         body=NEW_COUPON,
         rules="valid_until after valid_from; amount_off or percent_off as the type needs; "
         "category_ids or product_ids as the scope needs",
-        responses={
-            201: "created",
-            403: "FORBIDDEN",
-            409: "COUPON_EXISTS",
-            422: "VALIDATION_FAILED",
-        },
+        success={201: "created"},
+        responses=(Forbidden, CouponExists, ValidationFailed),
         tag="marketing",
     ),
     Route(
@@ -252,7 +243,7 @@ ROUTES = [
         calculate,
         "Best combination of amount-off promotions for some items",
         body=CALCULATE,
-        responses={422: "VALIDATION_FAILED"},
+        responses=(ValidationFailed,),
         tag="marketing",
     ),
     Route(
@@ -264,7 +255,8 @@ ROUTES = [
         body=NEW_PROMOTION,
         rules="valid_until after valid_from; each discount_amount <= its min_amount; "
         "distinct min_amount",
-        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        success={201: "created"},
+        responses=(Forbidden, ValidationFailed),
         tag="marketing",
     ),
 ]

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from flashsale import orders, payments
-from flashsale.auth import Principal, require_role
-from flashsale.errors import ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import (
+    AddressNotFound,
+    AddressRequired,
+    Forbidden,
+    InsufficientStock,
+    InvalidTransition,
+    NotFound,
+    NotOnSale,
+    NotPaidInFull,
+    PriceChanged,
+    RefundExceedsPaid,
+    ReturnInProgress,
+    SkuNotFound,
+    ValidationFailed,
+    VersionConflict,
+)
 from flashsale.orders import Actor, OrderLineRequest, returns
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routing import Route
+from gateway.shapes import B, Body, decode_body, one_of, read_body, spec_of
 from gateway.validation import (
     INT32_MAX,
     INT64_MAX,
@@ -46,59 +63,81 @@ CREATE = Obj(
     },
     alts=ADDRESS_ALTS,
 )
-CANCEL = {
-    "reason": F(str, required=False, default="cancelled by user", max_len=200),
-    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
-}
-VERSION_ONLY = {"version": F(int, required=False, nullable=True, min=1, max=INT32_MAX)}
-PAY = {
-    "payment_method": F(str, choices=payments.METHOD_NAMES),
-    "return_url": F(str, required=False, nullable=True, max_len=2000),
-    "address_id": F(
-        int,
-        required=False,
-        nullable=True,
-        min=1,
-        doc="ship to this entry of the caller's address book (an order without an address "
-        "takes the default one; with no default the payment is refused: 409 ADDRESS_REQUIRED)",
-    ),
-}
-RETURN_ITEM = {
-    "sku_id": F(int, min=1),
-    "quantity": F(int, min=1, max=orders.MAX_LINE_QUANTITY),
-}
-RETURN = {
-    "kind": F(
+# The row version a client read: the change is refused (409 VERSION_CONFLICT) if it moved.
+Version = Annotated[int, Meta(ge=1, le=INT32_MAX)] | None
+
+
+class VersionBody(Body):
+    version: Version = None
+
+
+class CancelBody(Body):
+    reason: Annotated[str, Meta(max_length=200)] = "cancelled by user"
+    version: Version = None
+
+
+class PayBody(Body):
+    payment_method: Annotated[str, one_of(payments.METHOD_NAMES)]
+    return_url: Annotated[str, Meta(max_length=2000)] | None = None
+    address_id: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                description="ship to this entry of the caller's address book (an order "
+                "without an address takes the default one; with no default the payment is "
+                "refused: 409 ADDRESS_REQUIRED)",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class ReturnLine(Body):
+    sku_id: Annotated[int, Meta(ge=1)]
+    quantity: Annotated[int, Meta(ge=1, le=orders.MAX_LINE_QUANTITY)]
+
+
+class ReturnBody(Body):
+    kind: Annotated[
         str,
-        choices=returns.KINDS,
-        doc="return: the goods come back (restocked on approval); refund: money only",
-    ),
-    "reason": F(str, min_len=1, max_len=500),
-    "amount": F(
-        int,
-        required=False,
-        nullable=True,
-        min=1,
-        max=INT64_MAX,
-        doc="cents to refund; default: for a return what its lines are worth (less the "
-        "discount in proportion), for a refund all not yet refunded",
-    ),
-    "items": F(
-        list,
-        required=False,
-        nullable=True,
-        min_len=1,
-        max_len=100,
-        items=F(dict, fields=RETURN_ITEM),
-        doc="kind return only: the lines coming back (default: all)",
-    ),
-}
-SHIP = {
-    "shipping_company": F(str, min_len=1, max_len=64),
-    "tracking_number": F(str, min_len=1, max_len=64),
-    "estimated_delivery": F(str, required=False, nullable=True, max_len=64),
-    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
-}
+        one_of(returns.KINDS),
+        Meta(description="return: the goods come back (restocked on approval); refund: money only"),
+    ]
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
+    amount: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=INT64_MAX,
+                description="cents to refund; default: for a return what its lines are worth "
+                "(less the discount in proportion), for a refund all not yet refunded",
+            ),
+        ]
+        | None
+    ) = None
+    items: (
+        Annotated[
+            list[ReturnLine],
+            Meta(
+                min_length=1,
+                max_length=100,
+                description="kind return only: the lines coming back (default: all)",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class ShipBody(Body):
+    shipping_company: Annotated[str, Meta(min_length=1, max_length=64)]
+    tracking_number: Annotated[str, Meta(min_length=1, max_length=64)]
+    estimated_delivery: Annotated[str, Meta(max_length=64)] | None = None
+    version: Version = None
+
+
+SHIP = spec_of(ShipBody)  # one shipment of the merchant's bulk ship, too
 MAX_IDEMPOTENCY_KEY = 128
 STATUS_FILTER = (*orders.STATUSES, "pending")
 LIST_QUERY = {
@@ -118,10 +157,6 @@ WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
 """
 
 
-def _principal(request: web.Request) -> Principal:
-    return authenticate(request, request.app[appkeys.TOKENS])
-
-
 def _actor(p: Principal) -> Actor:
     return Actor(p.user_id, p.role)
 
@@ -130,10 +165,10 @@ def _order_id(request: web.Request) -> str:
     return path_text(request.match_info["id"], "order")
 
 
-async def _optional_body(request: web.Request, schema: dict[str, F]) -> dict[str, Any]:
+async def _optional_body(request: web.Request, shape: type[B]) -> B:
     if not request.body_exists:
-        return validate({}, schema)
-    return validate(await read_json(request), schema)
+        return decode_body(b"{}", shape)
+    return await read_body(request, shape)
 
 
 async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[OrderLineRequest]:
@@ -171,8 +206,7 @@ async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[Orde
     return lines
 
 
-async def create(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def create(request: web.Request, principal: Principal) -> web.Response:
     key = header_text(request, "Idempotency-Key", max_len=MAX_IDEMPOTENCY_KEY)
     body = validate(await read_json(request), CREATE)
     address = await order_address(request, principal.user_id, body)
@@ -192,8 +226,7 @@ async def create(request: web.Request) -> web.Response:
     )
 
 
-async def list_(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def list_(request: web.Request, principal: Principal) -> web.Response:
     q = validate_query(request.query, LIST_QUERY)
     status = q.get("status")
     if status == "pending":
@@ -206,8 +239,7 @@ async def list_(request: web.Request) -> web.Response:
     )
 
 
-async def detail(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def detail(request: web.Request, principal: Principal) -> web.Response:
     app = request.app
     rt = app[FLASH]
     return ok(
@@ -217,102 +249,95 @@ async def detail(request: web.Request) -> web.Response:
     )
 
 
-async def logs(request: web.Request) -> web.Response:
-    principal = _principal(request)
+async def logs(request: web.Request, principal: Principal) -> web.Response:
     return ok(
         await orders.order_logs(request.app[appkeys.DB], _order_id(request), _actor(principal))
     )
 
 
-async def cancel(request: web.Request) -> web.Response:
-    principal = _principal(request)
-    body = await _optional_body(request, CANCEL)
+async def cancel(request: web.Request, principal: Principal) -> web.Response:
+    body = await _optional_body(request, CancelBody)
     return ok(
         await orders.cancel_order(
             request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
-            expected_version=body.get("version"),
-            reason=body["reason"],
+            expected_version=body.version,
+            reason=body.reason,
         )
     )
 
 
-async def pay(request: web.Request) -> web.Response:
-    principal = _principal(request)
-    body = validate(await read_json(request), PAY)
+async def pay(request: web.Request, principal: Principal) -> web.Response:
+    body = await read_body(request, PayBody)
     return ok(
         await payments.create_payment(
             request.app[appkeys.DB],
             request.app[appkeys.SETTINGS],
             order_id=_order_id(request),
             user_id=principal.user_id,
-            method=body["payment_method"],
-            return_url=body.get("return_url"),
+            method=body.payment_method,
+            return_url=body.return_url,
             amount=None,
-            address_id=body.get("address_id"),
+            address_id=body.address_id,
         )
     )
 
 
-async def ship(request: web.Request) -> web.Response:
-    principal = require_role(_principal(request), "merchant", "admin")
-    body = validate(await read_json(request), SHIP)
+async def ship(request: web.Request, principal: Principal) -> web.Response:
+    body = await read_body(request, ShipBody)
     return ok(
         await orders.ship_order(
             request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
-            expected_version=body.get("version"),
-            shipping_company=body["shipping_company"],
-            tracking_number=body["tracking_number"],
-            estimated_delivery=body.get("estimated_delivery"),
+            expected_version=body.version,
+            shipping_company=body.shipping_company,
+            tracking_number=body.tracking_number,
+            estimated_delivery=body.estimated_delivery,
         )
     )
 
 
-async def deliver(request: web.Request) -> web.Response:
-    principal = require_role(_principal(request), "merchant", "admin")
-    body = await _optional_body(request, VERSION_ONLY)
+async def deliver(request: web.Request, principal: Principal) -> web.Response:
+    body = await _optional_body(request, VersionBody)
     return ok(
         await orders.deliver_order(
             request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
-            expected_version=body.get("version"),
+            expected_version=body.version,
         )
     )
 
 
-async def confirm(request: web.Request) -> web.Response:
-    principal = _principal(request)
-    body = await _optional_body(request, VERSION_ONLY)
+async def confirm(request: web.Request, principal: Principal) -> web.Response:
+    body = await _optional_body(request, VersionBody)
     return ok(
         await orders.confirm_order(
             request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
-            expected_version=body.get("version"),
+            expected_version=body.version,
         )
     )
 
 
-async def request_return(request: web.Request) -> web.Response:
-    principal = _principal(request)
-    body = validate(await read_json(request), RETURN)
+async def request_return(request: web.Request, principal: Principal) -> web.Response:
+    body = await read_body(request, ReturnBody)
     out = await returns.request_return(
         request.app[appkeys.DB],
         _order_id(request),
         _actor(principal),
-        kind=body["kind"],
-        reason=body["reason"],
-        amount=body.get("amount"),
-        items=body.get("items"),
+        kind=body.kind,
+        reason=body.reason,
+        amount=body.amount,
+        items=None if body.items is None else msgspec.to_builtins(body.items),
     )
     return ok(out, status=201, message="return requested")
 
 
-_STATE = {404: "NOT_FOUND", 409: "INVALID_TRANSITION or VERSION_CONFLICT", 422: "VALIDATION_FAILED"}
+_STATE = (NotFound, InvalidTransition, VersionConflict, ValidationFailed)
 ROUTES = [
     Route(
         "POST",
@@ -322,12 +347,8 @@ ROUTES = [
         auth="user",
         body=CREATE,
         tag="orders",
-        responses={
-            201: "order created",
-            409: "INSUFFICIENT_STOCK, PRICE_CHANGED, NOT_ON_SALE",
-            404: "SKU_NOT_FOUND",
-            422: "VALIDATION_FAILED",
-        },
+        success={201: "order created"},
+        responses=(InsufficientStock, PriceChanged, NotOnSale, SkuNotFound, ValidationFailed),
     ),
     Route(
         "GET",
@@ -337,7 +358,7 @@ ROUTES = [
         auth="user",
         tag="orders",
         query=LIST_QUERY,
-        responses={422: "VALIDATION_FAILED"},
+        responses=(ValidationFailed,),
     ),
     Route(
         "GET",
@@ -347,7 +368,7 @@ ROUTES = [
         auth="user",
         tag="orders",
         params=ORDER_ID,
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
     ),
     Route(
         "GET",
@@ -357,7 +378,7 @@ ROUTES = [
         auth="user",
         tag="orders",
         params=ORDER_ID,
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
     ),
     Route(
         "POST",
@@ -365,11 +386,11 @@ ROUTES = [
         cancel,
         "Cancel an unpaid order (body optional: reason, version)",
         auth="user",
-        body=CANCEL,
+        body=CancelBody,
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
+        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
     ),
     Route(
         "POST",
@@ -377,14 +398,10 @@ ROUTES = [
         pay,
         "Pay an order: returns payment_id, payment_url and expires_in",
         auth="user",
-        body=PAY,
+        body=PayBody,
         tag="orders",
         params=ORDER_ID,
-        responses={
-            **_STATE,
-            404: "NOT_FOUND, ADDRESS_NOT_FOUND",
-            409: "INVALID_TRANSITION, ADDRESS_REQUIRED (no address and no default one)",
-        },
+        responses=(*_STATE, NotFound, AddressNotFound, InvalidTransition, AddressRequired),
     ),
     Route(
         "POST",
@@ -392,15 +409,18 @@ ROUTES = [
         ship,
         "Ship a paid order (merchant of its products, or admin)",
         auth="merchant",
-        body=SHIP,
+        body=ShipBody,
         tag="orders",
         params=ORDER_ID,
-        responses={
-            **_STATE,
-            409: "INVALID_TRANSITION, VERSION_CONFLICT, ADDRESS_REQUIRED, ORDER_NOT_PAID_IN_FULL",
-            403: "FORBIDDEN (not a merchant)",
-            404: "NOT_FOUND (or another shop's)",
-        },
+        responses=(
+            *_STATE,
+            InvalidTransition,
+            VersionConflict,
+            AddressRequired,
+            NotPaidInFull,
+            Forbidden,
+            NotFound,
+        ),
     ),
     Route(
         "POST",
@@ -408,16 +428,11 @@ ROUTES = [
         deliver,
         "Mark a shipped order delivered (merchant of its products, or admin)",
         auth="merchant",
-        body=VERSION_ONLY,
+        body=VersionBody,
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses={
-            **_STATE,
-            409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL",
-            403: "FORBIDDEN (not a merchant)",
-            404: "NOT_FOUND (or another shop's)",
-        },
+        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull, Forbidden, NotFound),
     ),
     Route(
         "POST",
@@ -425,11 +440,11 @@ ROUTES = [
         confirm,
         "Confirm receipt: shipped or delivered → completed (buyer)",
         auth="user",
-        body=VERSION_ONLY,
+        body=VersionBody,
         tag="orders",
         body_required=False,
         params=ORDER_ID,
-        responses={**_STATE, 409: "INVALID_TRANSITION, VERSION_CONFLICT or ORDER_NOT_PAID_IN_FULL"},
+        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
     ),
     Route(
         "POST",
@@ -440,15 +455,11 @@ ROUTES = [
         "(merchant or admin approves; the refund runs at once) or return_requested → "
         "return_rejected; it is listed in the order's `returns`",
         auth="user",
-        body=RETURN,
+        body=ReturnBody,
         tag="returns",
         params=ORDER_ID,
         rules="items only with kind return; each line of the order, at most what is left to return",
-        responses={
-            201: "return requested",
-            404: "NOT_FOUND",
-            409: "INVALID_TRANSITION (not shipped yet: use POST /payment/refund), "
-            "RETURN_IN_PROGRESS, REFUND_EXCEEDS_PAID",
-        },
+        success={201: "return requested"},
+        responses=(NotFound, InvalidTransition, ReturnInProgress, RefundExceedsPaid),
     ),
 ]

@@ -5,10 +5,25 @@ from __future__ import annotations
 from aiohttp import web
 
 from flashsale import payments
+from flashsale.auth import Principal
+from flashsale.errors import (
+    AmountMismatch,
+    BadSignature,
+    FullRefundRequired,
+    InvalidTransition,
+    NotFound,
+    OrderMismatch,
+    OrderNotPayable,
+    PaymentProviderUnavailable,
+    PresaleOrderExpired,
+    RefundExceedsPaid,
+    ReturnRequired,
+    UnknownPayment,
+    ValidationFailed,
+)
 from flashsale.orders import Actor
 from flashsale.settings import Settings
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.validation import PATH_TEXT, F, Obj, path_text, validate
@@ -64,8 +79,7 @@ async def methods(request: web.Request) -> web.Response:
     )
 
 
-async def create(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def create(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), CREATE)
     return ok(
         await payments.create_payment(
@@ -92,8 +106,7 @@ async def notify(request: web.Request) -> web.Response:
     )
 
 
-async def sandbox_show(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def sandbox_show(request: web.Request, principal: Principal) -> web.Response:
     return ok(
         await payments.get_payment(
             request.app[appkeys.DB],
@@ -105,8 +118,7 @@ async def sandbox_show(request: web.Request) -> web.Response:
     )
 
 
-async def sandbox_approve(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def sandbox_approve(request: web.Request, principal: Principal) -> web.Response:
     return ok(
         await payments.sandbox_complete(
             request.app[appkeys.DB],
@@ -119,8 +131,7 @@ async def sandbox_approve(request: web.Request) -> web.Response:
     )
 
 
-async def sandbox_fail(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def sandbox_fail(request: web.Request, principal: Principal) -> web.Response:
     return ok(
         await payments.sandbox_complete(
             request.app[appkeys.DB],
@@ -133,8 +144,7 @@ async def sandbox_fail(request: web.Request) -> web.Response:
     )
 
 
-async def refund(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def refund(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), REFUND)
     return ok(
         await payments.refund(
@@ -158,12 +168,14 @@ ROUTES = [
         auth="user",
         body=CREATE,
         tag="payments",
-        responses={
-            404: "NOT_FOUND",
-            409: "INVALID_TRANSITION, AMOUNT_MISMATCH or PRESALE_ORDER_EXPIRED",
-            422: "VALIDATION_FAILED",
-            503: "PAYMENT_PROVIDER_UNAVAILABLE",
-        },
+        responses=(
+            NotFound,
+            InvalidTransition,
+            AmountMismatch,
+            PresaleOrderExpired,
+            ValidationFailed,
+            PaymentProviderUnavailable,
+        ),
     ),
     Route(
         "POST",
@@ -173,12 +185,7 @@ ROUTES = [
         "sorted-key JSON",
         body=NOTIFY,
         tag="payments",
-        responses={
-            400: "BAD_SIGNATURE",
-            404: "UNKNOWN_PAYMENT",
-            409: "AMOUNT_MISMATCH or ORDER_MISMATCH",
-            422: "VALIDATION_FAILED",
-        },
+        responses=(BadSignature, UnknownPayment, AmountMismatch, OrderMismatch, ValidationFailed),
     ),
     Route(
         "POST",
@@ -190,11 +197,14 @@ ROUTES = [
         auth="user",
         body=REFUND,
         tag="payments",
-        responses={
-            404: "NOT_FOUND",
-            409: "FULL_REFUND_REQUIRED, REFUND_EXCEEDS_PAID, INVALID_TRANSITION or RETURN_REQUIRED",
-            422: "VALIDATION_FAILED",
-        },
+        responses=(
+            NotFound,
+            FullRefundRequired,
+            RefundExceedsPaid,
+            InvalidTransition,
+            ReturnRequired,
+            ValidationFailed,
+        ),
     ),
 ]
 
@@ -209,7 +219,7 @@ SANDBOX_ROUTES = [
         auth="user",
         tag="payments",
         params=PAYMENT_ID,
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
     ),
     Route(
         "POST",
@@ -219,7 +229,7 @@ SANDBOX_ROUTES = [
         auth="user",
         tag="payments",
         params=PAYMENT_ID,
-        responses={404: "NOT_FOUND", 409: "ORDER_NOT_PAYABLE"},
+        responses=(NotFound, OrderNotPayable),
     ),
     Route(
         "POST",
@@ -229,7 +239,7 @@ SANDBOX_ROUTES = [
         auth="user",
         tag="payments",
         params=PAYMENT_ID,
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
     ),
 ]
 

@@ -7,10 +7,9 @@ from typing import Final
 from aiohttp import web
 
 from flashsale import plans
-from flashsale.auth import require_role
-from flashsale.errors import ValidationFailed
+from flashsale.auth import Principal
+from flashsale.errors import NotFound, ValidationFailed
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.dependencies import dependency_map
 from gateway.flash_runtime import FLASH
 from gateway.http import ok, read_json
@@ -28,16 +27,14 @@ SWITCH: Final = {
 }
 
 
-async def list_plans(request: web.Request) -> web.Response:
-    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+async def list_plans(request: web.Request, principal: Principal) -> web.Response:
     redis = request.app[appkeys.REDIS]
     switches = request.app[SWITCHES]
     await switches.refresh(redis)
     return ok({"plans": switches.public(), "log": await plans.operation_log(redis)})
 
 
-async def switch_plan(request: web.Request) -> web.Response:
-    principal = require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+async def switch_plan(request: web.Request, principal: Principal) -> web.Response:
     name = path_text(request.match_info["name"], "plan", spec=PLAN_NAME)
     plans.plan_named(name)
     body = validate(await read_json(request), SWITCH)
@@ -72,8 +69,7 @@ async def switch_plan(request: web.Request) -> web.Response:
     return ok(state | {"moved": moved}, message="switched" if moved else "unchanged")
 
 
-async def dependencies(request: web.Request) -> web.Response:
-    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+async def dependencies(request: web.Request, principal: Principal) -> web.Response:
     routes: list[Route] = request.app[ROUTE_TABLE]
     return ok(dependency_map(routes))
 
@@ -97,7 +93,7 @@ ROUTES = [
         auth="admin",
         body=SWITCH,
         params={"name": PLAN_NAME},
-        responses={404: "NOT_FOUND", 422: "VALIDATION_FAILED"},
+        responses=(NotFound, ValidationFailed),
         tag="plans",
     ),
     Route(

@@ -7,9 +7,20 @@ from datetime import datetime
 from aiohttp import web
 
 from flashsale import presale
-from flashsale.errors import Forbidden
+from flashsale.auth import Principal
+from flashsale.errors import (
+    Forbidden,
+    InsufficientStock,
+    InvalidTransition,
+    NotFound,
+    PaymentRequired,
+    PresaleNotActive,
+    PresaleNotFound,
+    PurchaseLimitExceeded,
+    ValidationFailed,
+    VersionConflict,
+)
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routing import Route
 from gateway.validation import (
@@ -68,8 +79,7 @@ def _order_id(request: web.Request) -> str:
     return path_text(request.match_info["order_id"], "presale order", spec=ORDER_ID["order_id"])
 
 
-async def create_campaign(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def create_campaign(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), CAMPAIGN_CREATE)
     out = await presale.create_campaign(
         request.app[appkeys.DB],
@@ -88,8 +98,7 @@ async def get_campaign(request: web.Request) -> web.Response:
     return ok(await presale.get_campaign(request.app[appkeys.DB], campaign_id))
 
 
-async def create_preorder(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def create_preorder(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), PREORDER_CREATE)
     if body.get("user_id") not in (None, principal.user_id):
         raise Forbidden("a presale order is placed for the caller only")
@@ -106,8 +115,7 @@ async def create_preorder(request: web.Request) -> web.Response:
     return ok(out, status=201, message="presale order created")
 
 
-async def update_preorder(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def update_preorder(request: web.Request, principal: Principal) -> web.Response:
     order_id = _order_id(request)
     body = validate(await read_json(request), PREORDER_UPDATE)
     out = await presale.change_status(
@@ -116,13 +124,11 @@ async def update_preorder(request: web.Request) -> web.Response:
     return ok(out, message="status updated")
 
 
-async def get_preorder(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def get_preorder(request: web.Request, principal: Principal) -> web.Response:
     return ok(await presale.get_order(request.app[appkeys.DB], principal, _order_id(request)))
 
 
-async def list_preorders(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def list_preorders(request: web.Request, principal: Principal) -> web.Response:
     q = validate_query(request.query, LIST_QUERY)
     user_id = q.get("user_id")
     if principal.role != "admin":
@@ -139,8 +145,7 @@ async def list_preorders(request: web.Request) -> web.Response:
     return ok(await presale.list_orders(request.app[appkeys.DB], f))
 
 
-async def cancel_preorder(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def cancel_preorder(request: web.Request, principal: Principal) -> web.Response:
     out, changed = await presale.cancel_order(
         request.app[appkeys.DB], principal, _order_id(request)
     )
@@ -157,7 +162,8 @@ ROUTES = [
         "Open a presale of a SKU (the product's merchant or an admin)",
         auth="merchant",
         body=CAMPAIGN_CREATE,
-        responses={201: "created", 403: "FORBIDDEN", 422: "VALIDATION_FAILED"},
+        success={201: "created"},
+        responses=(Forbidden, ValidationFailed),
         tag="presale",
     ),
     Route(
@@ -165,7 +171,7 @@ ROUTES = [
         "/api/v1/presales/{id}",
         get_campaign,
         "A presale with its available stock",
-        responses={404: "PRESALE_NOT_FOUND"},
+        responses=(PresaleNotFound,),
         tag="presale",
     ),
     Route(
@@ -175,12 +181,14 @@ ROUTES = [
         "Place a presale order (pre-occupies presale stock until expires_at unless paid)",
         auth="user",
         body=PREORDER_CREATE,
-        responses={
-            201: "created",
-            403: "FORBIDDEN (user_id of another user)",
-            404: "PRESALE_NOT_FOUND",
-            409: "INSUFFICIENT_STOCK, PRESALE_NOT_ACTIVE, PURCHASE_LIMIT_EXCEEDED",
-        },
+        success={201: "created"},
+        responses=(
+            Forbidden,
+            PresaleNotFound,
+            InsufficientStock,
+            PresaleNotActive,
+            PurchaseLimitExceeded,
+        ),
         tag="presale",
     ),
     Route(
@@ -190,7 +198,7 @@ ROUTES = [
         "List presale orders",
         auth="user",
         query=LIST_QUERY,
-        responses={403: "FORBIDDEN"},
+        responses=(Forbidden,),
         tag="presale",
     ),
     Route(
@@ -199,7 +207,7 @@ ROUTES = [
         get_preorder,
         "One presale order",
         auth="user",
-        responses={404: "NOT_FOUND"},
+        responses=(NotFound,),
         tag="presale",
         params=ORDER_ID,
     ),
@@ -211,11 +219,7 @@ ROUTES = [
         "order is refunded in full; paid comes from a verified payment only)",
         auth="user",
         body=PREORDER_UPDATE,
-        responses={
-            403: "FORBIDDEN, PAYMENT_REQUIRED (paid is set by a verified payment only)",
-            404: "NOT_FOUND",
-            409: "INVALID_TRANSITION, VERSION_CONFLICT",
-        },
+        responses=(Forbidden, PaymentRequired, NotFound, InvalidTransition, VersionConflict),
         tag="presale",
         params=ORDER_ID,
     ),
@@ -226,7 +230,7 @@ ROUTES = [
         "Cancel a presale order and return its stock; a paid order is refunded in full in "
         "the same transaction",
         auth="user",
-        responses={404: "NOT_FOUND", 409: "INVALID_TRANSITION"},
+        responses=(NotFound, InvalidTransition),
         tag="presale",
         params=ORDER_ID,
     ),

@@ -5,11 +5,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from flashsale import users
-from flashsale.auth import ROLES, require_role
+from flashsale.auth import ROLES, Principal
 from flashsale.cart import CART_TOKEN_HEADER, merge_guest_cart
-from flashsale.errors import NotFound, ValidationFailed
+from flashsale.errors import (
+    AccountDisabled,
+    InvalidCredentials,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from gateway import appkeys
-from gateway.auth import authenticate
 from gateway.http import ok, read_json
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
@@ -41,7 +47,6 @@ ADMIN_PATCH = Obj(
     },
     alts=(Alt(("role",)), Alt(("disabled",))),  # at least one of them
 )
-_REVOKED_401 = "AUTH_REQUIRED, TOKEN_EXPIRED, TOKEN_MALFORMED, TOKEN_INVALID, TOKEN_REVOKED"
 
 
 async def register(request: web.Request) -> web.Response:
@@ -94,23 +99,20 @@ async def login(request: web.Request) -> web.Response:
     )
 
 
-async def me(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def me(request: web.Request, principal: Principal) -> web.Response:
     user = await users.get_user(request.app[appkeys.DB], principal.user_id)
     if user is None:
         raise NotFound("user not found")
     return ok(user.public())
 
 
-async def logout(request: web.Request) -> web.Response:
+async def logout(request: web.Request, principal: Principal) -> web.Response:
     """Revoke every token of the caller (all devices)."""
-    principal = authenticate(request, request.app[appkeys.TOKENS])
     await users.logout(request.app[appkeys.DB], request.app[appkeys.REDIS], principal.user_id)
     return ok({"revoked": True}, message="logged out")
 
 
-async def change_password(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def change_password(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), CHANGE_PASSWORD)
     user = await users.change_password(
         request.app[appkeys.DB],
@@ -128,8 +130,7 @@ async def change_password(request: web.Request) -> web.Response:
     )
 
 
-async def admin_patch(request: web.Request) -> web.Response:
-    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
+async def admin_patch(request: web.Request, principal: Principal) -> web.Response:
     user_id = path_int(request.match_info["user_id"], "user")
     body = validate(await read_json(request), ADMIN_PATCH)
     if body.get("role") is None and body.get("disabled") is None:
@@ -144,9 +145,8 @@ async def admin_patch(request: web.Request) -> web.Response:
     return ok(user.public(), message="account updated; its tokens are revoked")
 
 
-async def admin_delete(request: web.Request) -> web.Response:
+async def admin_delete(request: web.Request, principal: Principal) -> web.Response:
     """Delete an account: disabled for good (its orders keep their owner), tokens revoked."""
-    require_role(authenticate(request, request.app[appkeys.TOKENS]), "admin")
     user_id = path_int(request.match_info["user_id"], "user")
     user = await users.set_disabled(
         request.app[appkeys.DB], request.app[appkeys.REDIS], user_id, True
@@ -161,13 +161,11 @@ ROUTES = [
         register,
         "Register with email or phone",
         body=REGISTER,
-        responses={
+        success={
             201: "registered (the same answer when the email or phone is taken: its owner "
-            "is notified, nothing is written)",
-            422: "VALIDATION_FAILED",
-            429: "RATE_LIMITED (per client IP; Retry-After)",
-            503: "RETRY_LATER (too many registrations hashing; Retry-After)",
+            "is notified, nothing is written)"
         },
+        responses=(ValidationFailed, RateLimited, ServiceUnavailable),
         tag="auth",
     ),
     Route(
@@ -176,13 +174,7 @@ ROUTES = [
         login,
         "Log in; returns a bearer token",
         body=LOGIN,
-        responses={
-            401: "INVALID_CREDENTIALS (unknown account or wrong password alike)",
-            403: "ACCOUNT_DISABLED",
-            429: "RATE_LIMITED (per account and client IP, per client IP, and a high "
-            "account-wide limit; Retry-After)",
-            503: "RETRY_LATER (too many password hashes in progress)",
-        },
+        responses=(InvalidCredentials, AccountDisabled, RateLimited, ServiceUnavailable),
         tag="auth",
     ),
     Route(
@@ -191,7 +183,6 @@ ROUTES = [
         me,
         "The current user",
         auth="user",
-        responses={401: _REVOKED_401},
         tag="auth",
     ),
     Route(
@@ -200,7 +191,7 @@ ROUTES = [
         logout,
         "Log out everywhere: every token of the account is revoked",
         auth="user",
-        responses={401: _REVOKED_401, 503: "RETRY_LATER"},
+        responses=(ServiceUnavailable,),
         tag="auth",
     ),
     Route(
@@ -210,7 +201,7 @@ ROUTES = [
         "Change the password; other tokens are revoked, a new one is returned",
         auth="user",
         body=CHANGE_PASSWORD,
-        responses={401: _REVOKED_401 + ", INVALID_CREDENTIALS", 422: "VALIDATION_FAILED"},
+        responses=(InvalidCredentials, ValidationFailed),
         tag="auth",
     ),
     Route(
@@ -220,7 +211,7 @@ ROUTES = [
         "Change an account's role or disable it; its tokens are revoked",
         auth="admin",
         body=ADMIN_PATCH,
-        responses={404: "NOT_FOUND", 422: "VALIDATION_FAILED", 503: "RETRY_LATER"},
+        responses=(NotFound, ValidationFailed, ServiceUnavailable),
         tag="auth",
     ),
     Route(
@@ -229,7 +220,7 @@ ROUTES = [
         admin_delete,
         "Delete (disable) an account; its tokens are revoked",
         auth="admin",
-        responses={404: "NOT_FOUND", 503: "RETRY_LATER"},
+        responses=(NotFound, ServiceUnavailable),
         tag="auth",
     ),
 ]

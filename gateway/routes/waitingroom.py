@@ -13,11 +13,24 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from flashsale.errors import NotFound, SaleNotQueued, TicketInvalid
+from flashsale.auth import Principal
+from flashsale.errors import (
+    AccountTooNew,
+    DeviceIdRequired,
+    EntryLimited,
+    NotFound,
+    ProofRequired,
+    QueueNotOpen,
+    RateLimited,
+    SaleEnded,
+    SaleNotQueued,
+    ServiceUnavailable,
+    SoldOut,
+    TicketInvalid,
+)
 from flashsale.flash.cache import SaleState, now_ms
 from flashsale.waitingroom.signing import MAX_SIGNED_LEN, MAX_SOLUTION_LEN, Ticket
 from gateway import appkeys
-from gateway.auth import authenticate, optional_principal
 from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok, read_json
 from gateway.middlewares import REQUEST_ID, request_id
@@ -56,9 +69,8 @@ def _ticket(request: web.Request, sale: SaleState, signed: str | None) -> Ticket
     return entry
 
 
-async def enter(request: web.Request) -> web.Response:
+async def enter(request: web.Request, principal: Principal) -> web.Response:
     app = request.app
-    principal = authenticate(request, app[appkeys.TOKENS])
     sale = await _sale(request)
     body = validate(await read_json(request), ENTER) if request.body_exists else {}
     # an empty header is no device id (DEVICE_ID_REQUIRED where the sale asks for one)
@@ -80,16 +92,14 @@ async def enter(request: web.Request) -> web.Response:
     return ok(data, status=200 if entry.replayed else 201, message="in the queue")
 
 
-async def queue(request: web.Request) -> web.Response:
-    principal = optional_principal(request, request.app[appkeys.TOKENS])
+async def queue(request: web.Request, principal: Principal | None) -> web.Response:
     sale = await _sale(request)
     entry = _ticket(request, sale, request.query.get("ticket"))
     viewer = None if principal is None else principal.user_id
     return ok(request.app[WAITING_ROOM].status(sale, entry, now_ms(), viewer=viewer))
 
 
-async def challenge(request: web.Request) -> web.Response:
-    principal = authenticate(request, request.app[appkeys.TOKENS])
+async def challenge(request: web.Request, principal: Principal) -> web.Response:
     sale = await _sale(request)
     if sale.mode != "queued":
         raise SaleNotQueued
@@ -156,14 +166,17 @@ ROUTES = [
         body=ENTER,
         body_required=False,
         tag="waiting-room",
-        responses={
-            201: "entered",
-            400: "DEVICE_ID_REQUIRED",
-            403: "PROOF_REQUIRED (data: a fresh challenge) or ACCOUNT_TOO_NEW",
-            404: "unknown sale",
-            409: "SALE_NOT_QUEUED, QUEUE_NOT_OPEN, SALE_ENDED, SOLD_OUT",
-            429: "ENTRY_LIMITED (data.reason: account, ip or device)",
-        },
+        success={201: "entered"},
+        responses=(
+            DeviceIdRequired,
+            ProofRequired,
+            AccountTooNew,
+            SaleNotQueued,
+            QueueNotOpen,
+            SaleEnded,
+            SoldOut,
+            EntryLimited,
+        ),
     ),
     Route(
         "GET",
@@ -175,7 +188,7 @@ ROUTES = [
         query=TICKET_QUERY,
         auth="optional",
         tag="waiting-room",
-        responses={403: "TICKET_INVALID", 404: "unknown sale"},
+        responses=(TicketInvalid,),
     ),
     Route(
         "GET",
@@ -186,12 +199,7 @@ ROUTES = [
         query=STREAM_QUERY,
         tag="waiting-room",
         envelope=False,
-        responses={
-            403: "TICKET_INVALID",
-            404: "unknown sale",
-            429: "RATE_LIMITED (too many streams from this address; Retry-After)",
-            503: "RETRY_LATER (too many streams on this server; Retry-After)",
-        },
+        responses=(TicketInvalid, RateLimited, ServiceUnavailable),
     ),
     Route(
         "GET",
@@ -200,6 +208,6 @@ ROUTES = [
         "A proof-of-work challenge for entering this sale",
         auth="user",
         tag="waiting-room",
-        responses={404: "unknown sale", 409: "SALE_NOT_QUEUED"},
+        responses=(SaleNotQueued,),
     ),
 ]

@@ -1,0 +1,202 @@
+"""Request and response shapes as typed definitions (msgspec Structs).
+
+A request body is a :class:`Body` subclass: its fields, with ``Annotated[..., Meta(...)]``
+bounds, are the one definition that both the handler receives (:func:`read_body` returns
+an instance) and the OpenAPI document publishes. From it :func:`spec_of` derives the
+:mod:`gateway.validation` spec, which keeps the answer to a bad body exactly as it was: one
+422 naming every bad field, with the same messages, and the same JSON Schema text.
+
+Decoding takes one of two paths. A body whose fields msgspec checks exactly as the
+validator does (integers, booleans, choices: :func:`exact`) is decoded and checked by
+msgspec in one pass from the raw bytes; only a body it refuses goes through the validator,
+which then names every bad field (or accepts what msgspec is stricter about, such as
+``3.0`` for an integer). Any other body goes through the validator first (it strips
+strings and refuses NUL and blanks) and its cleaned values become the Struct.
+
+A response's ``data`` is described by a Struct (or ``list[...]`` of one) given as
+``Route.answer``; :func:`response_components` turns them into the document's schemas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from functools import cache
+from typing import Any, ClassVar, Final, TypeVar
+
+import msgspec
+from aiohttp import web
+from msgspec import inspect as mi
+
+from gateway.http import parse_json, read_raw
+from gateway.validation import INT64_MAX, INT64_MIN, Alt, F, Obj, validate
+
+
+class Body(msgspec.Struct, forbid_unknown_fields=True):
+    """Base of a request body: an unknown field is an error (a typo is not ignored).
+
+    ``alternatives``: when given, the body must match one of them (see
+    :class:`gateway.validation.Alt`); the document states them as ``anyOf``.
+    """
+
+    alternatives: ClassVar[tuple[Alt, ...]] = ()
+
+
+class Answer(msgspec.Struct):
+    """Base of a response's ``data``: fields beyond those listed may be added later."""
+
+
+B = TypeVar("B", bound=Body)
+
+
+def one_of(choices: Iterable[str]) -> msgspec.Meta:
+    """``Annotated[str, one_of(NAMES)]``: the value is one of ``NAMES`` (an enum in the
+    document), for choices a module declares as a tuple rather than a Literal."""
+    return msgspec.Meta(extra={"choices": tuple(choices)})
+
+
+REF: Final = "#/components/schemas/{name}"
+
+
+def _number_bounds(t: mi.IntType | mi.FloatType) -> tuple[float | None, float | None]:
+    lo = t.ge if t.gt is None else t.gt + (1 if isinstance(t, mi.IntType) else 0)
+    hi = t.le if t.lt is None else t.lt - (1 if isinstance(t, mi.IntType) else 0)
+    return lo, hi
+
+
+def _spec(t: mi.Type, **kw: Any) -> F:
+    """The validator's spec for one msgspec type (``kw``: required, default, doc...)."""
+    if isinstance(t, mi.Metadata):
+        doc = (t.extra_json_schema or {}).get("description")
+        choices = (t.extra or {}).get("choices")
+        if doc:
+            kw["doc"] = doc
+        if choices:
+            kw["choices"] = choices
+        return _spec(t.type, **kw)
+    if isinstance(t, mi.UnionType):
+        others = [u for u in t.types if not isinstance(u, mi.NoneType)]
+        if len(others) != 1:
+            raise TypeError(f"only 'X | None' unions are supported, not {t}")
+        return _spec(others[0], nullable=True, **kw)
+    if isinstance(t, mi.IntType):
+        lo, hi = _number_bounds(t)
+        # the validator keeps every integer within BIGINT anyway, and words its own message
+        lo = None if lo == INT64_MIN else lo
+        hi = None if hi == INT64_MAX else hi
+        return F(int, min=lo, max=hi, **kw)
+    if isinstance(t, mi.FloatType):
+        lo, hi = _number_bounds(t)
+        return F(float, min=lo, max=hi, **kw)
+    if isinstance(t, mi.BoolType):
+        return F(bool, **kw)
+    if isinstance(t, mi.StrType):
+        return F(str, min_len=t.min_length, max_len=t.max_length, pattern=t.pattern, **kw)
+    if isinstance(t, mi.DateTimeType):
+        return F(datetime, **kw)
+    if isinstance(t, mi.LiteralType):
+        return F(type(t.values[0]), choices=tuple(t.values), **kw)
+    if isinstance(t, mi.ListType):
+        return F(list, items=_spec(t.item_type), min_len=t.min_length, max_len=t.max_length, **kw)
+    if isinstance(t, mi.StructType):
+        return F(dict, fields=spec_of(t.cls) if issubclass(t.cls, Body) else _fields(t), **kw)
+    raise TypeError(f"no validation spec for {t}")
+
+
+def _fields(t: mi.StructType) -> dict[str, F]:
+    out = {}
+    for f in t.fields:
+        kw: dict[str, Any] = {"required": f.required}
+        if f.default is not msgspec.NODEFAULT and f.default is not None:
+            kw["default"] = f.default
+        out[f.encode_name] = _spec(f.type, **kw)
+    return out
+
+
+@cache
+def spec_of(shape: type[Body]) -> Obj:
+    """The :mod:`gateway.validation` spec of ``shape`` (its 422s and its JSON Schema)."""
+    return Obj(_fields(_info(shape)), alts=shape.alternatives)
+
+
+def _exact_type(t: mi.Type) -> bool:
+    if isinstance(t, mi.Metadata):
+        return _exact_type(t.type)
+    if isinstance(t, mi.UnionType):
+        return all(_exact_type(u) for u in t.types)
+    if isinstance(t, mi.IntType):  # msgspec takes any 64-bit integer, signed or not
+        lo, hi = _number_bounds(t)
+        return lo is not None and hi is not None and lo >= INT64_MIN and hi <= INT64_MAX
+    return isinstance(t, mi.BoolType | mi.NoneType | mi.LiteralType)
+
+
+@cache
+def exact(shape: type[Body]) -> bool:
+    """True when msgspec accepts no body of ``shape`` that the validator refuses, and hands
+    over the very values it would: integers with both bounds, booleans, choices, null."""
+    return all(_exact_type(f.type) for f in _info(shape).fields)
+
+
+# shape -> its decoder when msgspec checks it exactly (see exact), else None
+_FAST: Final[dict[type[Body], msgspec.json.Decoder[Any] | None]] = {}
+
+
+def _build(t: mi.Type, value: Any) -> Any:
+    """The validator's cleaned ``value`` as type ``t``, built without checking it again (a
+    stripped string may be shorter than its minimum: the validator measured it before)."""
+    if value is None:
+        return None
+    if isinstance(t, mi.Metadata):
+        return _build(t.type, value)
+    if isinstance(t, mi.UnionType):
+        (inner,) = [u for u in t.types if not isinstance(u, mi.NoneType)]
+        return _build(inner, value)
+    if isinstance(t, mi.StructType):
+        return t.cls(
+            **{
+                f.name: _build(f.type, value[f.encode_name])
+                for f in t.fields
+                if f.encode_name in value
+            }
+        )
+    if isinstance(t, mi.ListType):
+        return [_build(t.item_type, v) for v in value]
+    return value
+
+
+@cache
+def _info(shape: type[Body]) -> mi.StructType:
+    info = mi.type_info(shape)
+    assert isinstance(info, mi.StructType)
+    return info
+
+
+def _slow(raw: bytes, shape: type[B]) -> B:
+    out: B = _build(_info(shape), validate(parse_json(raw), spec_of(shape)))
+    return out
+
+
+def decode_body(raw: bytes, shape: type[B]) -> B:
+    """``raw`` as a ``shape``: 400 INVALID_JSON, or one 422 naming every bad field."""
+    if shape not in _FAST:
+        _FAST[shape] = msgspec.json.Decoder(shape) if exact(shape) else None
+    decoder = _FAST[shape]
+    if decoder is not None:
+        try:
+            out: B = decoder.decode(raw)
+        except msgspec.DecodeError:  # ValidationError too: the validator names every field
+            return _slow(raw, shape)
+        return out
+    return _slow(raw, shape)
+
+
+async def read_body(request: web.Request, shape: type[B]) -> B:
+    """The request's JSON body as a ``shape`` (see :func:`decode_body`); 413 if too large."""
+    return decode_body(await read_raw(request), shape)
+
+
+def response_components(answers: Iterable[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The JSON Schema of each answer type (refs into ``components/schemas``) and those
+    components."""
+    refs, components = msgspec.json.schema_components(list(answers), ref_template=REF)
+    return list(refs), components
