@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class JoinResult:
     replayed: bool
 
 
+@functools.cache  # a join's quantity is 1 to MAX_JOIN_QUANTITY: a handful of strings
 def _fingerprint(quantity: int) -> str:
     return hashlib.blake2s(f"q={quantity}".encode(), digest_size=8).hexdigest()
 
