@@ -13,7 +13,9 @@ What it does, in order, every part bounded in time and count, every request to 1
    far above the load so that they never answer 429 on loopback);
 2. runs the scenarios with ONE load generator (wrk + ``wrk_tokens.lua``, 2 threads,
    64 connections; the uvloop client of :mod:`loadtests.loadgen` when wrk is missing):
-   (1) HTTP ceiling (:mod:`loadtests.ceiling`, 2 workers);
+   (1) HTTP ceiling (:mod:`loadtests.ceiling`, 2 workers: aiohttp answering a fixed body);
+   (1b) the same body from a bare uvloop protocol with httptools, the floor of the join
+       route that ``gateway/fastjoin.py`` answers on the connection;
    (2) Redis ceiling: ``redis-benchmark`` EVALSHA of ``lua/reserve.lua``, -P 1 and -P 16;
    (5) the naive peer (:mod:`loadtests.naive_peer`, 2 workers) on one hot SKU;
    (6) consumer drain: N order events pre-filled into the orders topic, then
@@ -463,17 +465,26 @@ def _load(
 # ---------------------------------------------------------------- scenarios
 
 
-def http_ceiling(env: Env, plan: Plan) -> Row:
+BARE_CEILING = "1b bare uvloop + httptools ceiling"
+
+
+def http_ceiling(env: Env, plan: Plan, *, bare: bool = False) -> Row:
+    """A fixed body through aiohttp (row 1, the framework every route but the join goes
+    through) or through a bare uvloop protocol with httptools (row 1b, what
+    ``gateway/fastjoin.py`` answers the join on)."""
     port = free_port()
     child = _spawn(
         env,
         "ceiling",
-        [sys.executable, "-m", "loadtests.ceiling", "--port", str(port), "--workers", str(WORKERS)],
+        [
+            *(sys.executable, "-m", "loadtests.ceiling", "--port", str(port)),
+            *("--workers", str(WORKERS), *(["--bare"] if bare else [])),
+        ],
     )
     try:
         _wait_http(f"http://127.0.0.1:{port}/", child)
         run = _load(env, plan, port, "/", tokens=False, priced={"ceiling": child.pid})
-        return Row.from_run("1 HTTP ceiling", run)
+        return Row.from_run(BARE_CEILING if bare else "1 HTTP ceiling", run)
     finally:
         _stop(env, "ceiling")
 
@@ -1377,9 +1388,13 @@ def figures(rows: dict[str, Row]) -> dict[str, tuple[float | None, str]]:
     return {
         "gateway CPU µs per accepted join (row 3)": (_cpu(rows, ACCEPT, "gateway"), "<= 100"),
         "gateway CPU µs per sold-out refusal (row 4)": (_cpu(rows, SOLD_OUT, "gateway"), "<= 60"),
-        "HTTP ceiling CPU µs per request (row 1)": (
+        "HTTP ceiling CPU µs per request (row 1, aiohttp)": (
             _cpu(rows, "1 HTTP ceiling", "ceiling"),
-            "(the floor)",
+            "(the framework's floor)",
+        ),
+        "bare ceiling CPU µs per request (row 1b, uvloop + httptools)": (
+            _cpu(rows, BARE_CEILING, "ceiling"),
+            "(the join route's floor)",
         ),
         "Redis CPU µs per accepted join": (_cpu(rows, ACCEPT, "redis"), "<= 40"),
         "broker CPU µs per accepted join": (_cpu(rows, ACCEPT, "kafka"), "(reported)"),
@@ -1581,6 +1596,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
         assert env is not None
         e = env
         step("1 HTTP ceiling", lambda: http_ceiling(e, plan))
+        step(BARE_CEILING, lambda: http_ceiling(e, plan, bare=True))
         step("2 Redis ceiling", lambda: redis_rows(e, plan))
         step("5 naive peer", lambda: naive(e, plan))
         step("6 consumer drain", lambda: drain(e, plan))
