@@ -18,13 +18,21 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from gateway.app import create_app
 from gateway.fastjoin import JoinServer
 from gateway.plans_runtime import SWITCHES
-from tests.flashkit import GatewayServer, admin_headers, create_sale, make_sku, make_users
+from tests.flashkit import (
+    GatewayServer,
+    admin_headers,
+    create_sale,
+    make_sku,
+    make_users,
+    remaining_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -279,3 +287,35 @@ async def test_an_idle_connection_closes_and_a_silent_one_does_not_block_others(
         assert other.status == 200
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed once idle
         writer.close()
+
+
+async def _answer_or_nothing(reader: asyncio.StreamReader) -> int | None:
+    try:
+        return (await _read_answer(reader)).status
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None  # closed before an answer: the join was not taken (checked below)
+
+
+async def test_a_stopping_worker_finishes_the_joins_it_took(
+    base_settings: Settings, db: asyncpg.Pool, redis: Redis, tokens: TokenService
+) -> None:
+    """Joins in flight when the worker stops are answered before their connections close;
+    a join the worker never started is not taken. Every unit gone from the sale is a 202."""
+    admin = await admin_headers(db, tokens)
+    app = create_app(base_settings)
+    c = TestClient(GatewayServer(app))
+    await c.start_server()
+    sale = await create_sale(c, admin, await make_sku(db), quantity=1_000, limit=1)
+    users = await make_users(db, 200)
+    connections = [await asyncio.open_connection(c.host, c.port) for _ in users]
+    for (_, writer), uid in zip(connections, users, strict=True):
+        headers = {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
+        writer.write(request(f"/api/v1/flash-sales/{sale}/join", headers))
+    stopping = asyncio.create_task(c.close())  # the worker stops with joins in flight
+    answers = await asyncio.gather(*(_answer_or_nothing(r) for r, _ in connections))
+    await stopping
+    for _, writer in connections:
+        writer.close()
+    assert set(answers) <= {202, None}, answers
+    taken = 1_000 - await remaining_of(redis, sale)
+    assert taken == answers.count(202), (taken, answers.count(202), answers.count(None))
