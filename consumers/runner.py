@@ -21,7 +21,7 @@ from consumers.order_events import (
 )
 from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import SWEEPER_ACTIONS, run_sweepers
-from flashsale.dashboard import publish_every_second
+from flashsale.dashboard.publish import publish_every_second
 from flashsale.errors import Unauthorized, envelope
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool

@@ -73,3 +73,13 @@ def test_stores_import_no_domain_module() -> None:
         if _under(m, "flashsale") and not _under(m, *allowed)
     ]
     assert bad == []
+
+
+def test_the_core_builds_no_http_path() -> None:
+    """URLs are the HTTP layer's: the core hands out ids and tokens, ``gateway/`` the paths."""
+    found = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "flashsale").rglob("*"))
+        if path.is_file() and path.suffix != ".pyc" and b"/api/" in path.read_bytes()
+    ]
+    assert found == []

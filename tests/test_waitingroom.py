@@ -23,6 +23,7 @@ from flashsale.waitingroom.room import Entry, WaitingRoom
 from flashsale.waitingroom.signing import solve
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
+from gateway.routes.waitingroom import with_join_path
 from gateway.waitingroom_runtime import WAITING_ROOM
 from tests.conftest import auth
 from tests.flashkit import (
@@ -279,7 +280,8 @@ async def test_admissions_never_exceed_remaining_times_factor(
     # five of the admitted join: 5 units left, 10 admissions outstanding >= floor(5 x 1.5)
     for e in entries[:5]:
         await app[WAITING_ROOM].refresh()
-        view = room.status(await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id)
+        sale = await sale_of(app, sale_id)
+        view = with_join_path(room.status(sale, e.entry, now_ms(), viewer=e.entry.user_id))
         resp = await client.post(
             view["join_path"], headers=auth(tokens, e.entry.user_id), json={"quantity": 1}
         )
@@ -604,8 +606,8 @@ async def test_a_stampede_of_5000_on_500_units_sells_exactly_500(
         headers = auth(tokens, e.entry.user_id)
         delay = 0.2
         while not gone.is_set() and time.monotonic() < deadline:
-            view = room.status(
-                await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id
+            view = with_join_path(
+                room.status(await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id)
             )
             if view["state"] in ("sold_out", "ended", "expired"):
                 return
