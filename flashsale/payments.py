@@ -39,9 +39,9 @@ from flashsale.errors import (
     ReturnRequired,
     UnknownPayment,
 )
-from flashsale.inventory import Conn
 from flashsale.orders import Actor
 from flashsale.settings import Settings
+from flashsale.stores.db import Conn
 from flashsale.stores.metrics import get_metrics
 
 log = logging.getLogger(__name__)

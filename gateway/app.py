@@ -79,7 +79,7 @@ async def ids_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
     revocations = app[appkeys.TOKENS].revocations
-    assert revocations is not None
+    assert isinstance(revocations, sessions.Revocations)  # the one create_app gave the tokens
     every_s = app[appkeys.SETTINGS].revocation_reload_ms / 1000
     async with sessions.kept_fresh(
         revocations, app[appkeys.REDIS], app[appkeys.DB], every_s=every_s

@@ -83,3 +83,11 @@ def test_the_core_builds_no_http_path() -> None:
         if path.is_file() and path.suffix != ".pyc" and b"/api/" in path.read_bytes()
     ]
     assert found == []
+
+
+def test_auth_imports_no_domain_module() -> None:
+    """Tokens and roles sit beside the stores: the revocation list they read is a Protocol
+    that ``flashsale.sessions`` satisfies, not an import of it."""
+    allowed = ("flashsale.errors", "flashsale.settings", "flashsale.stores")
+    found = [m for f, m in _imports("flashsale") if f == "flashsale/auth.py"]
+    assert [m for m in found if _under(m, "flashsale") and not _under(m, *allowed)] == []

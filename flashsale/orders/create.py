@@ -29,9 +29,9 @@ from flashsale.errors import (
     SkuNotFound,
     ValidationFailed,
 )
-from flashsale.inventory import Conn
 from flashsale.orders.model import SQL_ORDER, Actor, new_payment_id, write_log
 from flashsale.settings import Settings
+from flashsale.stores.db import Conn
 from flashsale.stores.ids import OrderIds
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from flashsale.errors import (
     NotFound,
     VersionConflict,
 )
-from flashsale.inventory import Conn
+from flashsale.stores.db import Conn
 
 SANDBOX_PROVIDER: Final = "sandbox"
 STATUSES: Final = (
