@@ -91,3 +91,10 @@ def test_auth_imports_no_domain_module() -> None:
     allowed = ("flashsale.errors", "flashsale.settings", "flashsale.stores")
     found = [m for f, m in _imports("flashsale") if f == "flashsale/auth.py"]
     assert [m for m in found if _under(m, "flashsale") and not _under(m, *allowed)] == []
+
+
+def test_tests_import_helpers_from_helper_modules() -> None:
+    """A helper two test files share lives in a helper module (``flashkit``,
+    ``store_helpers``, ``faultkit``, ``dockerkit``, ``conftest``), never in a test file."""
+    found = [(f, m) for f, m in _imports("tests") if m.startswith("tests.test_")]
+    assert found == []
