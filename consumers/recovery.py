@@ -35,20 +35,18 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, cast
 
 import asyncpg
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from flashsale.flash import buckets as bucketing
 from flashsale.flash import lifecycle
-from flashsale.flash.events import BadEvent, OrderEvent, decode, pack_entry, parse_entry
+from flashsale.flash.events import BadEvent, OrderEvent, decode, parse_entry
+from flashsale.flash.recount import Snapshot, recount
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
 from flashsale.stores.metrics import Metrics
@@ -60,7 +58,6 @@ log = logging.getLogger(__name__)
 LOOKBACK_DAYS: Final = 7
 READ_TIMEOUT_S: Final = 20.0
 REARM_LEASE_MS: Final = 60_000  # one recount of a split sale at a time
-NOT_HOLDING: Final = ("cancelled", "oversold")  # order statuses that hold no sale units
 
 SQL_RECENT_SALES = """
 SELECT f.*, p.name AS product_name, s.price_cents AS original_price_cents
@@ -142,112 +139,32 @@ async def unconsumed_events(
     return events
 
 
-@dataclass
-class Snapshot:
-    """One sale's recomputed state, ready for ``lua/sale_rearm.lua``."""
-
-    sale_id: int
-    allotment: int
-    remaining: int
-    moved_out: int
-    closed: bool
-    live: int
-    inflight: dict[str, OrderEvent]
-    users: dict[int, int]
-    first: dict[int, str]
-    returned: dict[str, int]  # cancelled order id -> its shopper
-    deficit: int = 0  # units promised beyond the allotment (each such order ends "oversold")
-    buckets: int = 1
-
-    def payload(self, bucket: int = 0) -> bytes:
-        """What ``lua/sale_rearm.lua`` writes into ``bucket``: its shoppers' counts and
-        reservations, its share of the allotment and of what remains (moved_out all in
-        bucket 0); for a sale of one bucket, the whole sale."""
-        n = self.buckets
-
-        def mine(user_id: int) -> bool:
-            return bucketing.home(user_id, n) == bucket
-
-        return orjson.dumps(
-            {
-                "allotment": bucketing.share(self.allotment, bucket, n),
-                "remaining": bucketing.share(self.remaining, bucket, n),
-                "moved_out": self.moved_out if bucket == 0 else 0,
-                "closed": 1 if self.closed else 0,
-                "users": {str(u): k for u, k in self.users.items() if mine(u)},
-                "first": {str(u): o for u, o in self.first.items() if mine(u)},
-                "inflight": {
-                    oid: pack_entry(e) for oid, e in self.inflight.items() if mine(e.user_id)
-                },
-                "returned": [oid for oid, u in self.returned.items() if mine(u)],
-            }
-        )
-
-
 async def snapshot(
     db: asyncpg.Pool, redis: Redis, sale: asyncpg.Record, broker_events: Iterable[OrderEvent]
 ) -> Snapshot:
     """Recompute one sale from the broker's events (read first), Redis, then PostgreSQL."""
     sid = sale["id"]
     n = int(sale["buckets"])
-    inflight: dict[str, OrderEvent] = {e.order_id: e for e in broker_events if e.sale_id == sid}
     pipe = redis.pipeline(transaction=False)
     for k in range(n):
         pipe.hgetall(rediskeys.log(sid, k))
         pipe.hgetall(rediskeys.claimed(sid, k))
         pipe.smembers(rediskeys.voided(sid, k))
     found = await pipe.execute()
-    for k in range(n):
-        void = cast(set[bytes], found[3 * k + 2])
-        for raw_void in void:  # released before any consumer claimed it: never to be written
-            inflight.pop(raw_void.decode(), None)
-    for k in range(n):
-        for entries in (
-            cast(dict[bytes, bytes], found[3 * k]),
-            cast(dict[bytes, bytes], found[3 * k + 1]),
-        ):
-            for raw_id, entry in entries.items():
-                oid = raw_id.decode()
-                inflight[oid] = parse_entry(sid, oid, entry)
-    users: dict[int, int] = defaultdict(int)
-    first: dict[int, str] = {}
-    live = 0
-    returned: dict[str, int] = {}
-    for r in await db.fetch(SQL_ORDER_UNITS, sid):
-        inflight.pop(r["id"], None)  # in the record: counted from there, once
-        if r["status"] == "cancelled":
-            returned[r["id"]] = r["user_id"]
-        if r["status"] in NOT_HOLDING:
-            continue
-        live += r["units"]
-        users[r["user_id"]] += r["units"]
-        first[r["user_id"]] = min(first.get(r["user_id"], r["id"]), r["id"])
-    flying = 0
-    for oid, e in inflight.items():
-        flying += e.quantity
-        users[e.user_id] += e.quantity
-        first[e.user_id] = min(first.get(e.user_id, oid), oid)
-    quantity = int(sale["quantity"])
-    closed = sale["closed_at"] is not None or sale["end_at"].timestamp() <= time.time()
-    unsold = quantity - live - flying
-    deficit = max(0, -unsold)
-    if closed:
-        remaining, moved_out = 0, max(unsold, int(sale["returned_quantity"]))
-    else:
-        remaining, moved_out = max(0, unsold - sale["returned_quantity"]), sale["returned_quantity"]
-    return Snapshot(
-        sale_id=sid,
-        allotment=quantity,
-        remaining=remaining,
-        moved_out=moved_out,
-        closed=closed,
-        live=live,
-        inflight=inflight,
-        users=dict(users),
-        first=first,
-        returned=returned,
-        deficit=deficit,
-        buckets=n,
+    voided = [raw.decode() for k in range(n) for raw in cast(set[bytes], found[3 * k + 2])]
+    reserved = [
+        parse_entry(sid, raw_id.decode(), entry)
+        for k in range(n)
+        for entries in (found[3 * k], found[3 * k + 1])
+        for raw_id, entry in cast(dict[bytes, bytes], entries).items()
+    ]
+    return recount(
+        sale,
+        broker_events=broker_events,
+        voided=voided,
+        reserved=reserved,
+        orders=await db.fetch(SQL_ORDER_UNITS, sid),
+        now_s=time.time(),
     )
 
 

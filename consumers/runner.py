@@ -21,13 +21,14 @@ from consumers.order_events import (
 )
 from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import SWEEPER_ACTIONS, run_sweepers
-from flashsale.dashboard import publish_every_second
+from flashsale.dashboard.publish import publish_every_second
 from flashsale.errors import Unauthorized, envelope
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool
 from flashsale.stores.kafka import OrderProducer
 from flashsale.stores.metrics import Metrics, get_metrics
 from flashsale.stores.redisclient import open_redis
+from flashsale.stores.tasks import guarded_loop
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,12 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
         processor = OrderBatchProcessor(settings, db, redis, producer, metrics)
         log.info("consumer %d started (group %s)", os.getpid(), settings.kafka_consumer_group)
 
-        async def heartbeat_loop() -> None:
-            while not stop.is_set():
-                beat()
-                await asyncio.sleep(5)
+        async def beat_now() -> None:
+            beat()
+
+        # errors=(): a heartbeat file that cannot be written is no store out of reach to
+        # wait out; it ends the consumer
+        heartbeat_loop = guarded_loop(beat_now, name="heartbeat", every_s=5.0, errors=(), stop=stop)
 
         tasks = [
             asyncio.create_task(consume_forever(settings, processor, stop), name="consumer"),
@@ -70,7 +73,7 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
             asyncio.create_task(
                 run_store_sweeper(db, settings.sweep_interval_ms / 1000, stop), name="store-sweeper"
             ),
-            asyncio.create_task(heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(heartbeat_loop, name="heartbeat"),
             asyncio.create_task(
                 publish_every_second(redis, metrics.registry, stop=stop), name="dashboard-feed"
             ),

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 import jwt
 import orjson
@@ -33,9 +33,6 @@ from flashsale.errors import (
     TokenMalformed,
     TokenRevoked,
 )
-
-if TYPE_CHECKING:
-    from flashsale.sessions import Revocations
 
 _T = TypeVar("_T")
 
@@ -60,6 +57,17 @@ class Principal(NamedTuple):
     role: str
     expires_at: float
     gen: int = 0
+
+
+class Revocations(Protocol):
+    """The revocation list a token service reads (``flashsale.sessions.Revocations`` is
+    this worker's copy): each user's current generation and how fresh the copy is."""
+
+    generations: dict[int, int]
+    max_stale_s: float
+    synced_at: float  # time.time() when the list was last confirmed
+
+    def current(self, user_id: int) -> int: ...
 
 
 class TokenService:

@@ -25,7 +25,7 @@ from flashsale.errors import (
     NotOnSale,
     ValidationFailed,
 )
-from flashsale.promotions import Conn
+from flashsale.stores.db import Conn
 
 CART_TOKEN_HEADER: Final = "X-Cart-Token"  # noqa: S105 - a header name
 GUEST_CART_TTL_S: Final = 7 * 24 * 3600

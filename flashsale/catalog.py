@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -31,10 +30,10 @@ from flashsale.errors import (
     ValidationFailed,
     VersionConflict,
 )
+from flashsale.stores.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 DETAIL_TTL_S: Final = 30
 MAX_LIMIT: Final = 100

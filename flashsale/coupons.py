@@ -31,7 +31,7 @@ from flashsale.errors import (
     CouponNotFound,
     CouponSoldOut,
 )
-from flashsale.promotions import Conn
+from flashsale.stores.db import Conn
 
 # Shipping: one place for the rule. Free when the subtotal reaches the threshold
 # (before discounts) or with a free_shipping coupon; otherwise a flat fee.

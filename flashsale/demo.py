@@ -7,15 +7,27 @@ account and leaves everything as it was.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
+from redis.asyncio import Redis
 
+from flashsale.flash import lifecycle
 from flashsale.settings import Settings
 from flashsale.stores.db import Conn
+from flashsale.stores.redisclient import open_redis
+from flashsale.stores.scripts import FlashScripts
 from flashsale.users import create_user
 
 log = logging.getLogger(__name__)
+
+DEMO_SALE_SKU_CODE: Final = "noise-cancelling-headphones-1"
+SQL_SKU: Final = "SELECT id FROM skus WHERE code = $1"
+SQL_ADMIN: Final = "SELECT id FROM users WHERE email = 'admin@demo.local'"
+SQL_OPEN_SALE: Final = (
+    "SELECT id FROM flash_sales WHERE sku_id = $1 AND end_at > now() AND closed_at IS NULL"
+)
 
 ACCOUNTS: Final = [
     ("admin", "admin@demo.local", "admin-pass-1", "Demo admin"),
@@ -142,7 +154,7 @@ async def load_demo(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
     info: dict[str, Any] = {"accounts": _credentials()}
     if await pool.fetchval(SQL_ADMIN_EXISTS, ACCOUNTS[0][1]) is not None:
         await pool.execute(SQL_DEMO_ADDRESSES)
-        info.update(await _after_catalog(settings, pool, created=False))
+        info.update(await _flash_sale(settings, pool))
         return info
     users: dict[str, int] = {}
     for role, email, password, nickname in ACCOUNTS:
@@ -169,15 +181,44 @@ async def load_demo(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
                 await conn.fetchval(
                     SQL_INSERT_SKU, pid, f"{slug}-{i + 1}", sku_attrs, price, on_hand
                 )
-    info.update(await _after_catalog(settings, pool, created=True))
+    info.update(await _flash_sale(settings, pool))
     log.info("demo data loaded")
     return info
 
 
-async def _after_catalog(
-    settings: Settings, pool: asyncpg.Pool, *, created: bool
-) -> dict[str, Any]:
-    """Hook for areas that add demo data on top of the catalog (the flash sale)."""
-    from flashsale import demo_hooks
-
-    return await demo_hooks.after_catalog(settings, pool, created=created)
+async def _flash_sale(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
+    """The upcoming flash sale of the demo headphones: created, or loaded into Redis again
+    (which may be new, e.g. flushed); what the banner prints about it."""
+    sku_id = await pool.fetchval(SQL_SKU, DEMO_SALE_SKU_CODE)
+    if sku_id is None:
+        return {}
+    redis: Redis = open_redis(settings)
+    try:
+        scripts = FlashScripts.register(redis)
+        existing = await pool.fetchval(SQL_OPEN_SALE, sku_id)
+        if existing is not None:
+            row = await pool.fetchrow(lifecycle.SQL_SALE, existing)
+            assert row is not None
+            await lifecycle.load_sale(redis, scripts, row)
+            sale = await lifecycle.sale_view(redis, existing)
+        else:
+            start = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=2)
+            sale = await lifecycle.create_sale(
+                pool,
+                redis,
+                scripts,
+                sku_id=sku_id,
+                flash_price=99900,
+                quantity=100,
+                per_user_limit=1,
+                start_at=start,
+                end_at=start + timedelta(hours=2),
+                payment_window_s=900,
+                created_by=await pool.fetchval(SQL_ADMIN),
+            )
+    finally:
+        await redis.aclose()
+    return {
+        "flash_sale": f"id {sale['flash_sale_id']}, {sale['total_quantity']} units at "
+        f"{sale['product']['flash_price']} cents, starts {sale['start_time']}"
+    }

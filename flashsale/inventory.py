@@ -12,10 +12,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from flashsale.errors import (
     HeldByOrder,
@@ -25,9 +24,9 @@ from flashsale.errors import (
     OrderNotPaid,
     OrderNotPending,
 )
+from flashsale.stores.db import Conn
 
 # A connection, or the pool's proxy of one: what ``pool.acquire()`` gives.
-Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 LOW_STOCK_THRESHOLD: Final = 10
 

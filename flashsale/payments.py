@@ -39,9 +39,9 @@ from flashsale.errors import (
     ReturnRequired,
     UnknownPayment,
 )
-from flashsale.inventory import Conn
 from flashsale.orders import Actor
 from flashsale.settings import Settings
+from flashsale.stores.db import Conn
 from flashsale.stores.metrics import get_metrics
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ async def create_payment(
         "order_id": order_id,
         "amount": due.amount_cents,
         "payment_method": method,
-        "payment_url": orders.payment_url(pid, settings),
+        "payment_url": None,  # an HTTP path: the HTTP layer fills it in
         "qr_code": None,
         "expires_in": _expires_in(expires_at),
         "expires_at": expires_at,
@@ -301,7 +301,6 @@ async def get_payment(
     if row is None or (role != "admin" and row["user_id"] != user_id):
         raise NotFound("payment not found")
     provider = settings.payment_provider
-    sandbox = provider == SANDBOX
     return {
         "payment_id": row["id"],
         "order_id": row["order_id"],
@@ -313,8 +312,6 @@ async def get_payment(
         "paid_at": row["paid_at"],
         "expires_at": row["expires_at"],
         "created_at": row["created_at"],
-        "approve_url": f"/api/v1/payment/sandbox/{row['id']}/approve" if sandbox else None,
-        "fail_url": f"/api/v1/payment/sandbox/{row['id']}/fail" if sandbox else None,
     }
 
 

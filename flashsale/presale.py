@@ -36,7 +36,7 @@ from flashsale.errors import (
     ValidationFailed,
     VersionConflict,
 )
-from flashsale.inventory import Conn
+from flashsale.stores.db import Conn
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import combinations
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+
+from flashsale.stores.db import Conn
 
 MAX_EXACT_PROMOTIONS: Final = 12
 
 # A connection, or the pool's proxy of one (the stubs do not relate the two).
-Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 SQL_CATEGORY_CLOSURE = """
 WITH RECURSIVE tree AS (

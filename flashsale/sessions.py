@@ -1,8 +1,8 @@
 """Token revocation: one generation number per user, refused on every worker within a second.
 
 A token carries the user's generation (claim ``gen``) at the time it was issued. A role
-or password change, disabling the account or ``POST /api/v1/auth/logout`` bumps the
-generation in PostgreSQL (``users.token_gen``) and, in the same step, in Redis:
+or password change, disabling the account or logging out bumps the generation in
+PostgreSQL (``users.token_gen``) and, in the same step, in Redis:
 
 * ``fs:{auth}:gen``, a hash user id → generation (only users ever revoked have an entry);
 * ``fs:{auth}:gen:version``, a counter bumped with every write to that hash;

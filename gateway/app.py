@@ -79,7 +79,7 @@ async def ids_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
     revocations = app[appkeys.TOKENS].revocations
-    assert revocations is not None
+    assert isinstance(revocations, sessions.Revocations)  # the one create_app gave the tokens
     every_s = app[appkeys.SETTINGS].revocation_reload_ms / 1000
     async with sessions.kept_fresh(
         revocations, app[appkeys.REDIS], app[appkeys.DB], every_s=every_s
@@ -104,7 +104,8 @@ async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
 async def dashboard_feed_ctx(app: web.Application) -> AsyncIterator[None]:
     """Once a second: this worker's request figures to Prometheus (the flush) and what
     changed to Redis, where the dashboard sums every worker of every host."""
-    from flashsale.dashboard import publish_every_second
+    from flashsale.dashboard.publish import publish_every_second
+    from gateway.routes.flashsales import JOIN_PATHS
 
     stop = asyncio.Event()
     task = asyncio.create_task(
@@ -113,6 +114,7 @@ async def dashboard_feed_ctx(app: web.Application) -> AsyncIterator[None]:
             app[appkeys.METRICS].registry,
             before=app[appkeys.REQUEST_STATS].flush,
             stop=stop,
+            join_routes=JOIN_PATHS,
         ),
         name="dashboard-feed",
     )

@@ -47,7 +47,7 @@ from gateway.auth import principal_of
 from gateway.http import JSON_CONTENT_TYPE, dumps
 from gateway.middlewares import REQUEST_ID, answer_error, new_request_id
 from gateway.plans_runtime import SWITCHES
-from gateway.routes.flashsales import JOIN_ACCEPTED, take_join
+from gateway.routes.flashsales import ADMITTED_JOIN_PATH, JOIN_ACCEPTED, JOIN_PATH, take_join
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -66,8 +66,6 @@ _SUFFIX: Final = b" HTTP/1.1"
 _TARGET: Final = re.compile(
     rb"/api/v1/flash-sales/([0-9]{1,19})/join(?:/([A-Za-z0-9._~-]{1,512}))?"
 )
-JOIN_ROUTE: Final = "/api/v1/flash-sales/{sale_id}/join"
-ADMISSION_ROUTE: Final = "/api/v1/flash-sales/{sale_id}/join/{admission}"
 # Headers whose presence means the request is not the plain shape served here.
 _HAND_OVER: Final = frozenset(
     (b"transfer-encoding", b"expect", b"upgrade", b"content-encoding", b"te")
@@ -461,7 +459,7 @@ class JoinProtocol(asyncio.Protocol):
             status, payload, extra = answer_error(exc, rid, stats, "POST", path)
         self._answer(status, payload, rid, extra)
         seconds = time.perf_counter() - started
-        stats.record("POST", ADMISSION_ROUTE if admission else JOIN_ROUTE, status, seconds)
+        stats.record("POST", ADMITTED_JOIN_PATH if admission else JOIN_PATH, status, seconds)
         access = self._server.access
         if access is not None and access.enabled:
             access.line("POST", path, status, seconds, rid, self._peer, order_id)

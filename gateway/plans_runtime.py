@@ -16,12 +16,11 @@ from typing import Any, Final
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale import plans
 from flashsale.errors import ServiceUnavailable, ShopReadOnly
 from flashsale.stores import tasks
-from flashsale.stores.redisclient import leaks_as_connection_errors, open_redis
+from flashsale.stores.redisclient import open_redis
 from gateway import appkeys
 from gateway.http import JSON_CONTENT_TYPE, dumps, ok
 from gateway.routing import ROUTE_TABLE, Handler
@@ -132,7 +131,8 @@ async def catalog_page(request: web.Request, read: Callable[[], Awaitable[Any]])
 
 
 async def _sample_cpu(cpu: list[float]) -> None:
-    """This worker's CPU over the last second, as a percent of one core."""
+    """This worker's CPU over the last second, as a percent of one core (no I/O: nothing
+    to guard, so a plain timer rather than :func:`tasks.guarded_loop`)."""
     wall, used = time.monotonic(), time.process_time()
     while True:
         await asyncio.sleep(1.0)
@@ -147,7 +147,8 @@ async def probe_stores(app: web.Application, own: Redis, up: dict[str, bool]) ->
     from gateway.routes.health import check_db, check_redis
 
     gauge = app[appkeys.METRICS].store_up
-    while True:
+
+    async def probe() -> None:
         checks = await asyncio.gather(
             check_db(app),
             check_redis(own, PROBE_TIMEOUT_S),
@@ -156,7 +157,8 @@ async def probe_stores(app: web.Application, own: Redis, up: dict[str, bool]) ->
         for store, answered in zip(("postgres", "redis", "kafka"), checks, strict=True):
             up[store] = answered
             gauge.labels(store).set(1 if answered else 0)
-        await asyncio.sleep(PROBE_EVERY_S)
+
+    await tasks.guarded_loop(probe, name="store probes", every_s=PROBE_EVERY_S)
 
 
 async def watch_database(app: web.Application, redis: Redis, stop: asyncio.Event) -> None:
@@ -168,13 +170,14 @@ async def watch_database(app: web.Application, redis: Redis, stop: asyncio.Event
     switches, up = app[SWITCHES], app[STORES_UP]
     down_since: float | None = None
     up_since: float | None = None
-    while not stop.is_set():
-        await asyncio.sleep(PROBE_EVERY_S)
+
+    async def look() -> None:
+        nonlocal down_since, up_since
         state = switches.states[plans.CATALOG_FROM_CACHE]
         watching = state.mode == plans.ARMED or (state.on and state.auto)
         if not watching:
             down_since = up_since = None
-            continue
+            return
         now = time.monotonic()
         if up.get("postgres", True):
             down_since = None
@@ -188,23 +191,20 @@ async def watch_database(app: web.Application, redis: Redis, stop: asyncio.Event
         elif state.on and up_since and now - up_since >= s.plan_disarm_after_s:
             move = (plans.ARMED, f"PostgreSQL answering again for {now - up_since:.0f}s")
         if move is None:
-            continue
-        try:
-            with leaks_as_connection_errors():
-                if await plans.switch(
-                    redis,
-                    plans.CATALOG_FROM_CACHE,
-                    move[0],
-                    by=plans.AUTO,
-                    reason=move[1],
-                    auto=True,
-                ):
-                    log.warning("plan %s switched %s: %s", plans.CATALOG_FROM_CACHE, *move)
-                await switches.refresh(redis)
-        except (RedisError, OSError) as exc:
-            if tasks.cancel_requested():
-                raise asyncio.CancelledError from None
-            log.warning("plan trigger could not switch %s: %s", plans.CATALOG_FROM_CACHE, exc)
+            return
+        if await plans.switch(
+            redis, plans.CATALOG_FROM_CACHE, move[0], by=plans.AUTO, reason=move[1], auto=True
+        ):
+            log.warning("plan %s switched %s: %s", plans.CATALOG_FROM_CACHE, *move)
+        await switches.refresh(redis)
+
+    await tasks.guarded_loop(
+        look,
+        name=f"plan trigger of {plans.CATALOG_FROM_CACHE}",
+        every_s=PROBE_EVERY_S,
+        wait_first=True,
+        stop=stop,
+    )
 
 
 async def plans_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -109,6 +109,8 @@ from stack.processes import child_env, stop_children
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 JOIN_BODY = b'{"quantity": 1}'
+# The join route as the request metrics label it (a route template, not a URL).
+JOIN_ROUTE = "/api/v1/flash-sales/{sale_id}/join"
 THREADS = 2  # load generator threads/processes, the same for every scenario
 CONNECTIONS = 64
 WORKERS = 2  # gateway, ceiling and naive peer worker processes
@@ -1254,12 +1256,12 @@ async def _publish_costs(redis_url: str, requests: int) -> tuple[list[float], in
     from prometheus_client import CollectorRegistry
     from redis.asyncio import Redis
 
-    from flashsale.dashboard import JOIN_ROUTE, Publisher
+    from flashsale.dashboard.publish import Publisher
     from flashsale.stores.metrics import Metrics, RequestStats
 
     registry = CollectorRegistry()
     stats = RequestStats(Metrics(registry))
-    pub = Publisher(registry.collect, f"bench:{os.getpid()}")
+    pub = Publisher(registry.collect, f"bench:{os.getpid()}", (JOIN_ROUTE,))
     redis = Redis.from_url(redis_url)
     second = 4_200_000_000 + secrets.randbelow(1_000_000)  # buckets no dashboard reads
     times: list[float] = []

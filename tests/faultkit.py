@@ -10,8 +10,10 @@ last is what the checks hold the stores to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,12 +33,14 @@ from consumers.recovery import server_run_id
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
+from flashsale.stores.db import create_pool, migrate
 from flashsale.stores.redisclient import leaks_as_connection_errors
 from stack.embedded import (
     Server,
     ValkeyCluster,
     free_port,
     start_kafka,
+    start_postgres,
     start_redis,
     start_redis_cluster,
 )
@@ -511,3 +515,54 @@ async def sale_and_shoppers(
         )
     users = await make_users(shoppers)
     return sale_id, [(u, tokens.issue(u, "user")) for u in users]
+
+
+def kill_postgres(server: Server) -> None:
+    """SIGKILL the postmaster, then every backend it left (they would notice late)."""
+    backends = child_pids(server.proc.pid)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    for pid in backends:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def shop_rows(pool: asyncpg.Pool) -> tuple[int, int]:
+    """A category and a product on sale with one SKU: (product id, sku id)."""
+    merchant = await pool.fetchval(
+        "INSERT INTO users (email, password_hash, nickname, role) "
+        "VALUES ($1, 'x', 'm', 'merchant') RETURNING id",
+        f"m-{secrets.token_hex(5)}@test.local",
+    )
+    category = await pool.fetchval(
+        "INSERT INTO categories (name) VALUES ($1) RETURNING id", "cat-" + secrets.token_hex(4)
+    )
+    product = await pool.fetchval(
+        "INSERT INTO products (merchant_id, category_id, name, status) "
+        "VALUES ($1, $2, 'Lamp', 'on_sale') RETURNING id",
+        merchant,
+        category,
+    )
+    sku = await pool.fetchval(
+        "INSERT INTO skus (product_id, price_cents, on_hand) VALUES ($1, 1999, 100000) "
+        "RETURNING id",
+        product,
+    )
+    return int(product), int(sku)
+
+
+async def own_shop(root: Path) -> tuple[Server, int, int, int]:
+    """A PostgreSQL of the test's own, migrated, with a product, its SKU and a shopper."""
+    pg = start_postgres(root / "pg", durable=True)
+    pool = await create_pool(pg.url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        product, sku = await shop_rows(pool)
+        uid = await pool.fetchval(
+            "INSERT INTO users (email, password_hash, nickname) VALUES ($1, 'x', 'u') RETURNING id",
+            f"u-{secrets.token_hex(5)}@test.local",
+        )
+    finally:
+        await pool.close()
+    return pg, product, sku, int(uid)

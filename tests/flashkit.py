@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 from redis.asyncio import Redis
 
+from consumers import reconcile
 from flashsale.auth import TokenService
 from flashsale.stores import rediskeys
 from gateway.fastjoin import GatewayRunner
@@ -88,7 +89,9 @@ async def create_sale(
     window_s: int = 900,
     price: int = 500,
     buckets: int = 1,
+    **extra: Any,
 ) -> int:
+    """A sale created over HTTP; ``extra`` adds fields to the request (``mode``, ``queue``)."""
     start = datetime.now(UTC) + timedelta(seconds=start_in_s)
     resp = await client.post(
         "/api/v1/admin/flash-sales",
@@ -102,6 +105,7 @@ async def create_sale(
             "end_at": iso(start + timedelta(seconds=duration_s)),
             "payment_window_s": window_s,
             **({"buckets": buckets} if buckets != 1 else {}),
+            **extra,
         },
     )
     assert resp.status == 201, await resp.text()
@@ -222,3 +226,78 @@ class GatewayServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return GatewayRunner(self.app, **kwargs)
+
+
+async def equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def drift_free(db: asyncpg.Pool, redis: Redis, sale_id: int) -> bool:
+    sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
+    assert sale is not None
+    report = await reconcile.check_sale(db, redis, sale)
+    return (
+        report.drift == 0 and not report.user_drift and report.in_log == 0 and report.claimed == 0
+    )
+
+
+async def queued_sale(
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    admin: dict[str, str],
+    *,
+    quantity: int,
+    start_in_s: float = -1,
+    **queue: Any,
+) -> int:
+    """A queued sale of ``quantity`` units; ``queue`` sets its waiting room."""
+    sku = await make_sku(db, on_hand=quantity + 100)
+    return await create_sale(
+        client,
+        admin,
+        sku,
+        quantity=quantity,
+        start_in_s=start_in_s,
+        price=100,
+        mode="queued",
+        queue={"admit_per_s": 1000, "overbook": 1.0, **queue},
+    )
+
+
+async def enter(
+    client: TestClient[Any, Any], sale_id: int, headers: dict[str, str], **body: Any
+) -> Any:
+    return await client.post(
+        f"/api/v1/flash-sales/{sale_id}/enter", headers=headers, json=body or None
+    )
+
+
+async def poll(
+    client: TestClient[Any, Any],
+    sale_id: int,
+    ticket: str,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    resp = await client.get(
+        f"/api/v1/flash-sales/{sale_id}/queue", params={"ticket": ticket}, headers=headers
+    )
+    assert resp.status == 200, await resp.text()
+    data: dict[str, Any] = (await resp.json())["data"]
+    return data
+
+
+async def admitted(
+    client: TestClient[Any, Any],
+    sale_id: int,
+    ticket: str,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    async def check() -> bool:
+        seen.clear()
+        seen.update(await poll(client, sale_id, ticket, headers))
+        return bool(seen["state"] == "admitted")
+
+    await eventually(check, timeout_s=15)
+    return seen

@@ -31,18 +31,20 @@ from flashsale.stores.metrics import get_metrics
 from flashsale.stores.scripts import FlashScripts, Give, Take
 from gateway.app import create_app
 from gateway.flash_runtime import FLASH
+from tests.conftest import auth
 from tests.flashkit import (
     GatewayServer,
     admin_headers,
     count_orders,
     create_sale,
+    drift_free,
+    equals,
     eventually,
     join,
     join_final,
     make_sku,
     make_users,
 )
-from tests.test_flash_sales import _drift_free, _equals, bearer
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +98,7 @@ async def test_bucketed_sale_sells_exactly_its_stock(
         nodes = {redis.get_node_from_key(rediskeys.sale(sale_id, k)).name for k in range(n)}
         assert len(nodes) >= 2, nodes
     users = await make_users(db, 500)
-    headers = {u: bearer(tokens, u) for u in users}
+    headers = {u: auth(tokens, u) for u in users}
     wants = [(u, 1 + (i % 3 == 0)) for i, u in enumerate(users * 2)]
     random.shuffle(wants)
     results = await asyncio.gather(*(join_final(client, sale_id, headers[u], q) for u, q in wants))
@@ -107,7 +109,7 @@ async def test_bucketed_sale_sells_exactly_its_stock(
     assert sum(accepted.values()) == quantity, statuses
     assert all(s in (202, 409) for s, _, _ in results), statuses
     assert await bucket_fields(redis, sale_id, n, "remaining") == [0] * n
-    await eventually(lambda: _equals(count_orders(db, sale_id), len(accepted)), timeout_s=60)
+    await eventually(lambda: equals(count_orders(db, sale_id), len(accepted)), timeout_s=60)
     rows = await db.fetch(
         "SELECT o.id, o.user_id, sum(i.quantity)::int AS units FROM orders o "
         "JOIN order_items i ON i.order_id = o.id WHERE o.flash_sale_id = $1 GROUP BY o.id",
@@ -123,7 +125,7 @@ async def test_bucketed_sale_sells_exactly_its_stock(
     view = (await (await client.get(f"/api/v1/flash-sales/{sale_id}")).json())["data"]
     assert view["remaining_quantity"] == 0 and view["sold_quantity"] == quantity
     assert view["status"] == "sold_out"
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: drift_free(db, redis, sale_id))
     report = await report_of(db, redis, sale_id)
     assert report.ok and report.buckets == n and report.in_transit == 0, report.line()
     print(f"\nbucketed stampede ({redis_topology}): {dict(statuses)}")
@@ -155,20 +157,20 @@ async def test_empty_home_bucket_takes_from_the_others_within_the_limit(
     users = await make_users(db, 40)
     far = [u for u in users if buckets.home(u, n) != 0][:5]
     first = far[0]
-    a = await join(client, sale_id, bearer(tokens, first), 2)
+    a = await join(client, sale_id, auth(tokens, first), 2)
     assert a.status == 202, await a.text()
-    b = await join(client, sale_id, bearer(tokens, first), 1)
+    b = await join(client, sale_id, auth(tokens, first), 1)
     assert b.status == 409 and (await b.json())["error"] == "LIMIT_EXCEEDED"
     for u in far[1:4]:
-        resp = await join(client, sale_id, bearer(tokens, u), 2)
+        resp = await join(client, sale_id, auth(tokens, u), 2)
         assert resp.status == 202, await resp.text()
     assert sum(await bucket_fields(redis, sale_id, n, "remaining")) == 0
-    last = await join(client, sale_id, bearer(tokens, far[4]), 1)
+    last = await join(client, sale_id, auth(tokens, far[4]), 1)
     assert last.status == 409 and (await last.json())["error"] == "SOLD_OUT"
     await app[FLASH].cache.refresh()
     assert app[FLASH].cache.sales[sale_id].sold_out
-    await eventually(lambda: _equals(count_orders(db, sale_id), 4))
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: equals(count_orders(db, sale_id), 4))
+    await eventually(lambda: drift_free(db, redis, sale_id))
 
 
 @pytest.mark.both_topologies
@@ -186,7 +188,7 @@ async def test_bucketed_top_up_and_close_spread_over_the_buckets(
     assert await bucket_fields(redis, sale_id, n, "allotment") == [4, 3, 3]
     users = await make_users(db, 4)
     for u in users:
-        resp = await join(client, sale_id, bearer(tokens, u))
+        resp = await join(client, sale_id, auth(tokens, u))
         assert resp.status == 202
     resp = await client.patch(
         f"/api/v1/admin/flash-sales/{sale_id}", headers=admin, json={"add_quantity": 5}
@@ -202,8 +204,8 @@ async def test_bucketed_top_up_and_close_spread_over_the_buckets(
     assert await bucket_fields(redis, sale_id, n, "remaining") == [0, 0, 0]
     assert sum(await bucket_fields(redis, sale_id, n, "moved_out")) == 11
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 96
-    await eventually(lambda: _equals(count_orders(db, sale_id), 4))
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: equals(count_orders(db, sale_id), 4))
+    await eventually(lambda: drift_free(db, redis, sale_id))
 
 
 @pytest.mark.both_topologies
@@ -224,7 +226,7 @@ async def test_unfinished_transfer_is_credited_once_by_the_sweeper(
     report = await report_of(db, redis, sale_id)
     assert report.in_transit == 3 and report.drift == 0, report.line()
     await eventually(
-        lambda: _equals(redis.hlen(rediskeys.transfers_out(sale_id, 1)), 0), timeout_s=15
+        lambda: equals(redis.hlen(rediskeys.transfers_out(sale_id, 1)), 0), timeout_s=15
     )
     assert await bucket_fields(redis, sale_id, n, "remaining") == [8, 2]
     again = await scripts.take(keys=rediskeys.take_keys(sale_id, 0), args=[res[2], res[1]])
@@ -253,8 +255,8 @@ async def test_lost_bucket_recounts_the_whole_sale_and_drops_older_transfers(
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=30, limit=1, buckets=n)
     users = await make_users(db, 60)
     for u in users[:12]:
-        assert (await join(client, sale_id, bearer(tokens, u))).status == 202
-    await eventually(lambda: _equals(count_orders(db, sale_id), 12))
+        assert (await join(client, sale_id, auth(tokens, u))).status == 202
+    await eventually(lambda: equals(count_orders(db, sale_id), 12))
     scripts = FlashScripts.register(redis)
     stale = await scripts.give(keys=rediskeys.give_keys(sale_id, 2), args=[2, 0, 1])
     assert Give(int(stale[0])) is Give.GIVEN
@@ -269,14 +271,14 @@ async def test_lost_bucket_recounts_the_whole_sale_and_drops_older_transfers(
     assert await bucket_fields(redis, sale_id, n, "remaining") == buckets.spread(18, n)
     await app[FLASH].cache.refresh()
     for u in victims:  # their counts were rebuilt in their home bucket
-        resp = await join(client, sale_id, bearer(tokens, u))
+        resp = await join(client, sale_id, auth(tokens, u))
         assert resp.status == 409 and (await resp.json())["error"] == "LIMIT_EXCEEDED"
     results = await asyncio.gather(
-        *(join_final(client, sale_id, bearer(tokens, u), 1) for u in users[12:])
+        *(join_final(client, sale_id, auth(tokens, u), 1) for u in users[12:])
     )
     assert sum(s == 202 for s, _, _ in results) == 18
-    await eventually(lambda: _equals(count_orders(db, sale_id), 30))
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: equals(count_orders(db, sale_id), 30))
+    await eventually(lambda: drift_free(db, redis, sale_id))
 
 
 async def _armed(recovery: Recovery) -> bool:
@@ -335,7 +337,7 @@ async def test_the_per_address_limit_holds_across_buckets(
         homes = collections.Counter(buckets.home(u, n) for u in users)
         statuses: collections.Counter[tuple[int, str | None]] = collections.Counter()
         for uid in users:
-            resp = await join(c, sale_id, bearer(tokens, uid))
+            resp = await join(c, sale_id, auth(tokens, uid))
             body = await resp.json()
             statuses[(resp.status, body.get("error"))] += 1
     share = burst // n

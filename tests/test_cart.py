@@ -11,58 +11,12 @@ from aiohttp.test_utils import TestClient
 from flashsale import coupons
 from flashsale.auth import TokenService
 from tests.conftest import auth, make_user
-from tests.store_helpers import ADDRESS
+from tests.store_helpers import ADDRESS, make_listed_product
 
 pytestmark = pytest.mark.integration
 
 Client = TestClient[Any, Any]
 CART = "/api/v1/cart"
-
-
-async def make_category(db: asyncpg.Pool, parent_id: int | None = None) -> int:
-    cid: int = await db.fetchval(
-        "INSERT INTO categories (name, parent_id) VALUES ($1, $2) RETURNING id",
-        f"cat-{secrets.token_hex(5)}",
-        parent_id,
-    )
-    return cid
-
-
-async def make_product(
-    db: asyncpg.Pool,
-    *,
-    price: int = 1_000,
-    on_hand: int = 10,
-    category_id: int | None = None,
-    skus: int = 1,
-    status: str = "on_sale",
-    name: str = "Widget",
-) -> tuple[int, list[int]]:
-    """A product (of a fresh merchant) with ``skus`` SKUs of ``price`` cents each."""
-    merchant = await make_user(db, "merchant")
-    if category_id is None:
-        category_id = await make_category(db)
-    pid: int = await db.fetchval(
-        "INSERT INTO products (merchant_id, category_id, name, images, status) "
-        "VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        merchant,
-        category_id,
-        name,
-        ["https://img.test/w.jpg"],
-        status,
-    )
-    sku_ids = [
-        await db.fetchval(
-            "INSERT INTO skus (product_id, attributes, price_cents, on_hand) "
-            "VALUES ($1, $2, $3, $4) RETURNING id",
-            pid,
-            {"size": f"s{i}"},
-            price,
-            on_hand,
-        )
-        for i in range(skus)
-    ]
-    return pid, sku_ids
 
 
 async def add(client: Client, headers: dict[str, str], **body: Any) -> Any:
@@ -83,8 +37,8 @@ async def test_add_merges_and_get_shows_summary(
 ) -> None:
     uid = await make_user(db)
     h = auth(tokens, uid)
-    pid, (sku,) = await make_product(db, price=5_999, on_hand=20, name="Phone")
-    pid2, (sku2,) = await make_product(db, price=1_000)
+    pid, (sku,) = await make_listed_product(db, price=5_999, on_hand=20, name="Phone")
+    pid2, (sku2,) = await make_listed_product(db, price=1_000)
     first = await add(client, h, product_id=pid, quantity=2, specification={"color": "black"})
     again = await add(client, h, sku_id=sku, quantity=1, specification={"color": "black"})
     assert again["cart_item_id"] == first["cart_item_id"] and again["quantity"] == 3
@@ -118,10 +72,10 @@ async def test_add_errors(client: Client, db: asyncpg.Pool, tokens: TokenService
     h = auth(tokens, await make_user(db))
     resp = await client.post(f"{CART}/items", json={"sku_id": 10**12, "quantity": 1}, headers=h)
     assert resp.status == 404
-    _, (off,) = await make_product(db, status="off_sale")
+    _, (off,) = await make_listed_product(db, status="off_sale")
     resp = await client.post(f"{CART}/items", json={"sku_id": off, "quantity": 1}, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "NOT_ON_SALE"
-    _, (few,) = await make_product(db, on_hand=2)
+    _, (few,) = await make_listed_product(db, on_hand=2)
     await add(client, h, sku_id=few, quantity=2)
     resp = await client.post(f"{CART}/items", json={"sku_id": few, "quantity": 1}, headers=h)
     assert resp.status == 409 and (await resp.json())["error"] == "INSUFFICIENT_STOCK"
@@ -134,7 +88,7 @@ async def test_add_errors(client: Client, db: asyncpg.Pool, tokens: TokenService
         f"{CART}/items", json={"sku_id": few, "quantity": 1, "specification": {"a": [1]}}, headers=h
     )
     assert resp.status == 422 and "specification" in (await resp.json())["fields"]
-    multi, _ = await make_product(db, skus=2)
+    multi, _ = await make_listed_product(db, skus=2)
     resp = await client.post(f"{CART}/items", json={"product_id": multi, "quantity": 1}, headers=h)
     assert resp.status == 422 and "sku_id" in (await resp.json())["fields"]
     picked = await add(client, h, product_id=multi, quantity=1, specification={"size": "s1"})
@@ -145,8 +99,8 @@ async def test_update_select_remove_clear(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     h = auth(tokens, await make_user(db))
-    _, (a,) = await make_product(db, price=1_000)
-    _, (b,) = await make_product(db, price=2_500)
+    _, (a,) = await make_listed_product(db, price=1_000)
+    _, (b,) = await make_listed_product(db, price=2_500)
     ia = (await add(client, h, sku_id=a, quantity=1))["cart_item_id"]
     ib = (await add(client, h, sku_id=b, quantity=1))["cart_item_id"]
     resp = await client.put(f"{CART}/items/{ia}", json={"quantity": 3}, headers=h)
@@ -176,7 +130,7 @@ async def test_other_users_item_is_404(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     owner, intruder = auth(tokens, await make_user(db)), auth(tokens, await make_user(db))
-    _, (sku,) = await make_product(db)
+    _, (sku,) = await make_listed_product(db)
     item = (await add(client, owner, sku_id=sku, quantity=1))["cart_item_id"]
     resp = await client.put(f"{CART}/items/{item}", json={"quantity": 5}, headers=intruder)
     assert resp.status == 404
@@ -195,7 +149,7 @@ async def test_available_flag_follows_stock(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     h = auth(tokens, await make_user(db))
-    _, (sku,) = await make_product(db, on_hand=5)
+    _, (sku,) = await make_listed_product(db, on_hand=5)
     await add(client, h, sku_id=sku, quantity=3)
     await db.execute("UPDATE skus SET reserved = 3 WHERE id = $1", sku)
     data = await get_cart(client, h)
@@ -205,8 +159,8 @@ async def test_available_flag_follows_stock(
 async def test_guest_cart_and_merge_on_login(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
-    _, (a,) = await make_product(db, price=1_000)
-    _, (b,) = await make_product(db, price=300)
+    _, (a,) = await make_listed_product(db, price=1_000)
+    _, (b,) = await make_listed_product(db, price=300)
     resp = await client.post(f"{CART}/items", json={"sku_id": a, "quantity": 2})
     assert resp.status == 200
     token = resp.headers["X-Cart-Token"]
@@ -236,7 +190,7 @@ async def test_guest_cart_and_merge_on_login(
 
 
 async def test_guest_cart_expires(client: Client, db: asyncpg.Pool) -> None:
-    _, (sku,) = await make_product(db)
+    _, (sku,) = await make_listed_product(db)
     resp = await client.post(f"{CART}/items", json={"sku_id": sku, "quantity": 1})
     token = resp.headers["X-Cart-Token"]
     await db.execute(
@@ -254,8 +208,8 @@ async def test_preview_totals_and_coupons(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     h = auth(tokens, await make_user(db))
-    _, (a,) = await make_product(db, price=3_000)
-    _, (b,) = await make_product(db, price=1_500)
+    _, (a,) = await make_listed_product(db, price=3_000)
+    _, (b,) = await make_listed_product(db, price=1_500)
     ia = (await add(client, h, sku_id=a, quantity=2))["cart_item_id"]
     ib = (await add(client, h, sku_id=b, quantity=1))["cart_item_id"]
     code = "PV" + secrets.token_hex(4).upper()
@@ -307,7 +261,7 @@ async def test_checkout_refuses_unavailable_items(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     h = auth(tokens, await make_user(db))
-    pid, (sku,) = await make_product(db)
+    pid, (sku,) = await make_listed_product(db)
     item = (await add(client, h, sku_id=sku, quantity=1))["cart_item_id"]
     await db.execute("UPDATE products SET status = 'off_sale' WHERE id = $1", pid)
     resp = await client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
@@ -321,7 +275,7 @@ async def test_failed_checkout_keeps_the_cart(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     h = auth(tokens, await make_user(db))
-    _, (sku,) = await make_product(db)
+    _, (sku,) = await make_listed_product(db)
     await add(client, h, sku_id=sku, quantity=2)
     resp = await client.post(
         f"{CART}/checkout",
@@ -362,8 +316,8 @@ async def test_checkout_creates_order_and_empties_selection(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     h = auth(tokens, await make_user(db))
-    _, (a,) = await make_product(db, price=2_000, on_hand=5)
-    _, (b,) = await make_product(db, price=1_000, on_hand=5)
+    _, (a,) = await make_listed_product(db, price=2_000, on_hand=5)
+    _, (b,) = await make_listed_product(db, price=1_000, on_hand=5)
     ia = (await add(client, h, sku_id=a, quantity=2))["cart_item_id"]
     ib = (await add(client, h, sku_id=b, quantity=1))["cart_item_id"]
     resp = await client.post(
@@ -383,7 +337,7 @@ async def test_checkout_idempotency_key(
     client: Client, db: asyncpg.Pool, tokens: TokenService
 ) -> None:
     h = auth(tokens, await make_user(db))
-    _, (sku,) = await make_product(db, price=2_000, on_hand=5)
+    _, (sku,) = await make_listed_product(db, price=2_000, on_hand=5)
     await add(client, h, sku_id=sku, quantity=1)
     key = {"Idempotency-Key": secrets.token_hex(8), **h}
     body = {"shipping_address": ADDRESS}
@@ -399,7 +353,7 @@ async def test_checkout_validates_the_address_like_post_orders(
 ) -> None:
     uid = await make_user(db)
     h = auth(tokens, uid)
-    _, (sku,) = await make_product(db, price=2_000, on_hand=5)
+    _, (sku,) = await make_listed_product(db, price=2_000, on_hand=5)
     await add(client, h, sku_id=sku, quantity=1)
     nested: dict[str, Any] = {"x": 1}
     for _ in range(50):
@@ -440,7 +394,7 @@ async def test_concurrent_checkouts_of_one_cart_make_one_order(
 ) -> None:
     uid = await make_user(db)
     h = auth(tokens, uid)
-    _, (sku,) = await make_product(db, price=2_000, on_hand=50)
+    _, (sku,) = await make_listed_product(db, price=2_000, on_hand=50)
     await add(client, h, sku_id=sku, quantity=2)
     responses = await asyncio.gather(
         *(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ import pytest
 import yaml
 
 from flashsale.settings import Settings
+from tests.dockerkit import docker_context
 
 pytestmark = pytest.mark.unit
 
@@ -259,44 +258,6 @@ def test_redis_cluster_overlay(compose: dict[str, Any]) -> None:
         assert seeds <= {f"{n}:6379" for n in nodes} and len(seeds) >= 3, seeds
         needs = services[name]["depends_on"]["redis-cluster-init"]
         assert needs["condition"] == "service_completed_successfully", name
-
-
-def _ignored(path: str, patterns: list[str]) -> bool:
-    """``.dockerignore``'s rule: the last pattern matching the path or a parent decides."""
-    verdict = False
-    parts = path.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        glob = pattern.removeprefix("!").rstrip("/")
-        if any(
-            fnmatch.fnmatchcase(p, glob) or fnmatch.fnmatchcase(p, glob.removeprefix("**/"))
-            for p in prefixes
-        ) or (glob.startswith("**/") and glob[3:] in parts):
-            verdict = not negated
-    return verdict
-
-
-def docker_context(root: Path = ROOT) -> list[str]:
-    """The files ``docker build .`` sends, by the rules of ``.dockerignore``."""
-    patterns = [
-        line.strip()
-        for line in (root / ".dockerignore").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    sent = []
-    for folder, dirs, files in os.walk(root):
-        rel = os.path.relpath(folder, root)
-        here = "" if rel == "." else rel + "/"
-        # a folder that is ignored and that no `!` pattern reaches into is not walked (.venv)
-        dirs[:] = [
-            d
-            for d in dirs
-            if not _ignored(here + d, patterns)
-            or any(p.startswith("!" + here + d) for p in patterns)
-        ]
-        sent += [here + f for f in files if not _ignored(here + f, patterns)]
-    return sent
 
 
 def test_the_build_context_is_what_the_image_needs() -> None:

@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,21 +19,19 @@ from flashsale.errors import (
     CouponSoldOut,
 )
 from tests.conftest import auth, make_user
+from tests.store_helpers import (
+    connection,
+    make_category,
+    make_listed_product,
+    pay_via_sandbox,
+    place_order,
+)
 from tests.store_helpers import make_product as store_product
-from tests.store_helpers import pay_via_sandbox, place_order
-from tests.test_cart import make_category, make_product
 
 pytestmark = pytest.mark.integration
 
 Client = TestClient[Any, Any]
 HOUR = timedelta(hours=1)
-
-
-@asynccontextmanager
-async def connection(db: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection typed as the Connection that the coupon interface takes."""
-    async with db.acquire() as conn:
-        yield cast(asyncpg.Connection, conn)
 
 
 def _code() -> str:
@@ -209,7 +205,7 @@ async def test_scope_by_category_and_product(
         client, h, coupon_code=cat_code, order_amount=2_000, product_categories=[other]
     )
     assert verdict["applicable"] is False
-    pid, _ = await make_product(db)
+    pid, _ = await make_listed_product(db)
     prod_code = await make_coupon(db, scope="products", product_ids=[pid])
     assert (await use(client, h, coupon_code=prod_code, order_amount=2_000, product_ids=[pid]))[
         "applicable"

@@ -15,10 +15,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers import reconcile, reconcile_money
-from flashsale import dashboard
 from flashsale.auth import TokenService
+from flashsale.dashboard import aggregate, hub, publish, snapshot, totals
 from flashsale.stores import rediskeys
 from gateway import appkeys
+from gateway.routes.flashsales import ADMITTED_JOIN_PATH, JOIN_PATH, JOIN_PATHS
 from stack.embedded import free_port
 from tests.conftest import auth, make_user
 from tests.flashkit import admin_headers, create_sale, join, make_sku, make_users, sse_events
@@ -54,9 +55,9 @@ async def _read_events(
 def test_quantile_interpolates_within_the_bucket() -> None:
     before = {0.001: 0.0, 0.01: 0.0, 0.1: 0.0, float("inf"): 0.0}
     after = {0.001: 0.0, 0.01: 50.0, 0.1: 100.0, float("inf"): 100.0}
-    assert dashboard.quantile(0.5, before, after) == pytest.approx(0.01)
-    assert dashboard.quantile(0.99, before, after) == pytest.approx(0.01 + 0.09 * 49 / 50)
-    assert dashboard.quantile(0.5, after, after) is None  # nothing observed in between
+    assert aggregate.quantile(0.5, before, after) == pytest.approx(0.01)
+    assert aggregate.quantile(0.99, before, after) == pytest.approx(0.01 + 0.09 * 49 / 50)
+    assert aggregate.quantile(0.5, after, after) is None  # nothing observed in between
 
 
 @pytest.mark.both_topologies
@@ -72,7 +73,7 @@ async def test_stream_shows_what_the_sale_did(
     again = await join(client, sale_id, auth(tokens, shoppers[0]))
     assert again.status == 409
     client.app[appkeys.REQUEST_STATS].flush()
-    await dashboard.publisher_for(client.app[appkeys.METRICS].registry).publish(redis)
+    await publish.publisher_for(client.app[appkeys.METRICS].registry).publish(redis)
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
     assert sale is not None
     drift = abs((await reconcile.check_sale(db, redis, sale)).drift)  # a command of its own
@@ -104,7 +105,7 @@ async def test_one_process_computes_each_second(
 ) -> None:
     admin = await admin_headers(db, tokens)
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5)
-    workers = [dashboard.DashboardHub(db, redis) for _ in range(3)]
+    workers = [hub.DashboardHub(db, redis) for _ in range(3)]
     second = 4_000_000_000 + sale_id  # a second no loop of the app will tick
     snaps = await asyncio.gather(*(w.tick(sale_id, second) for w in workers))
     assert sum(w.computed for w in workers) == 1
@@ -154,18 +155,18 @@ async def test_platform_figures_are_for_admins_only(
     shoppers = await make_users(db, 2)
     assert [(await join(client, sale_id, auth(tokens, u))).status for u in shoppers] == [202, 409]
     client.app[appkeys.REQUEST_STATS].flush()
-    await dashboard.publisher_for(client.app[appkeys.METRICS].registry).publish(redis)
+    await publish.publisher_for(client.app[appkeys.METRICS].registry).publish(redis)
     merchant = auth(tokens, await _merchant_of_sku(db, sku), "merchant")
     path = f"/api/v1/dashboard/sales/{sale_id}/events"
 
     admins = [d for n, d in await _read_events(client, path, admin, want=3) if n == "snapshot"]
-    assert set(admins[-1]) >= dashboard.PLATFORM_FIGURES
+    assert set(admins[-1]) >= snapshot.PLATFORM_FIGURES
     assert admins[-1]["refusals_total"].get("SOLD_OUT", 0) >= 1
 
     events = await _read_events(client, path, merchant, want=3)
     history, snaps = events[0][1], [d for n, d in events if n == "snapshot"]
     for seen in [*history, *snaps]:
-        assert not dashboard.PLATFORM_FIGURES & set(seen), sorted(seen)
+        assert not snapshot.PLATFORM_FIGURES & set(seen), sorted(seen)
     last = snaps[-1]
     assert last["accepted_units"] == 1 and last["sale"]["remaining_quantity"] == 0
     assert last["totals"] == {"accepted_units": 1}
@@ -270,11 +271,11 @@ async def test_figures_of_every_process_add_up(redis: Redis) -> None:
         ["method", "route"],
         buckets=(0.001, 0.01, 0.1),
         registry=regs[0],
-    ).labels("POST", dashboard.JOIN_ROUTE)
-    pubs = [dashboard.Publisher(r.collect, f"proc-{i}") for i, r in enumerate(regs)]
+    ).labels("POST", JOIN_PATH)
+    pubs = [publish.Publisher(r.collect, f"proc-{i}", JOIN_PATHS) for i, r in enumerate(regs)]
 
-    empty = await dashboard.read_aggregate(redis, second + 1)
-    assert dashboard.waiting_room_figures(empty, 7) is None  # no waiting room yet
+    empty = await aggregate.read_aggregate(redis, second + 1)
+    assert snapshot.waiting_room_figures(empty, 7) is None  # no waiting room yet
     assert empty.latency == {} and empty.processes == 0
 
     refused[0].labels("SOLD_OUT").inc(4)
@@ -295,18 +296,18 @@ async def test_figures_of_every_process_add_up(redis: Redis) -> None:
     for pub in pubs:
         await pub.publish(redis, second + 1)
 
-    agg = await dashboard.read_aggregate(redis, second + 2)
+    agg = await aggregate.read_aggregate(redis, second + 2)
     assert agg.recent.refusals == {"SOLD_OUT": 7.0, "LIMIT_EXCEEDED": 1.0}
     assert agg.recent.queue_admitted == 9.0
     assert agg.totals.lag == 12.0
     assert agg.processes == 2
     assert sum(n for le, n in agg.latency.items() if le == float("inf")) == 10
-    assert dashboard.quantile(0.5, {}, agg.latency) == pytest.approx(0.001 + 0.009 * 5 / 9)
-    figures = dashboard.waiting_room_figures(agg, 7)
-    assert figures == {"queue_length": 40, "admitted_per_s": 9.0 / dashboard.RATE_WINDOW_S}
-    assert dashboard.waiting_room_figures(agg, 8) is None  # another sale's queue
+    assert aggregate.quantile(0.5, {}, agg.latency) == pytest.approx(0.001 + 0.009 * 5 / 9)
+    figures = snapshot.waiting_room_figures(agg, 7)
+    assert figures == {"queue_length": 40, "admitted_per_s": 9.0 / aggregate.RATE_WINDOW_S}
+    assert snapshot.waiting_room_figures(agg, 8) is None  # another sale's queue
     # only the complete seconds count: the second being read is still being written
-    assert (await dashboard.read_aggregate(redis, second + 1)).recent.refusals == {
+    assert (await aggregate.read_aggregate(redis, second + 1)).recent.refusals == {
         "SOLD_OUT": 6.0,
         "LIMIT_EXCEEDED": 1.0,
     }
@@ -317,7 +318,7 @@ async def test_a_failed_publish_keeps_its_figures_for_the_next(redis: Redis) -> 
     second = 4_150_000_000 + secrets.randbelow(1_000_000)
     registry = CollectorRegistry()
     refused = Counter("flashsale_errors", "e", ["code"], registry=registry)
-    pub = dashboard.Publisher(registry.collect, "proc-down")
+    pub = publish.Publisher(registry.collect, "proc-down")
     down = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
     refused.labels("SOLD_OUT").inc(3)
     try:
@@ -328,7 +329,7 @@ async def test_a_failed_publish_keeps_its_figures_for_the_next(redis: Redis) -> 
     refused.labels("SOLD_OUT").inc(2)
     await pub.publish(redis, second + 1)
     await pub.publish(redis, second + 2)  # nothing new: adds nothing
-    agg = await dashboard.read_aggregate(redis, second + 3)
+    agg = await aggregate.read_aggregate(redis, second + 3)
     assert agg.recent.refusals == {"SOLD_OUT": 5.0}
     assert pub.published == 2
 
@@ -341,13 +342,13 @@ def test_joins_through_an_admission_and_its_refusals_count() -> None:
         "flashsale_http_requests", "requests", ["method", "route", "status"], registry=registry
     )
     errors = Counter("flashsale_errors", "errors", ["code"], registry=registry)
-    requests.labels("POST", dashboard.JOIN_ROUTE, "202").inc(2)
-    requests.labels("POST", dashboard.JOIN_ROUTE + "/{admission}", "202").inc(3)
-    requests.labels("POST", dashboard.JOIN_ROUTE + "/{admission}", "409").inc(1)
+    requests.labels("POST", JOIN_PATH, "202").inc(2)
+    requests.labels("POST", ADMITTED_JOIN_PATH, "202").inc(3)
+    requests.labels("POST", ADMITTED_JOIN_PATH, "409").inc(1)
     requests.labels("POST", "/api/v1/flash-sales/{sale_id}/enter", "201").inc(7)
     errors.labels("ADMISSION_EXPIRED").inc(1)
     errors.labels("NOT_ADMITTED").inc(4)
     errors.labels("TICKET_INVALID").inc(5)  # a poll's, not a join's
-    t = dashboard.read_metrics(registry.collect())
+    t = totals.read_metrics(registry.collect(), JOIN_PATHS)
     assert t.join_by_status == {"202": 5.0, "409": 1.0}
     assert t.refusals == {"ADMISSION_EXPIRED": 1.0, "NOT_ADMITTED": 4.0}

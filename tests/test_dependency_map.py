@@ -32,8 +32,8 @@ from gateway import dependencies
 from gateway.app import all_routes, create_app
 from gateway.routing import ROUTE_TABLE, Route
 from stack.embedded import Server, start_kafka, start_redis
+from tests.faultkit import kill_postgres, own_shop
 from tests.flashkit import GatewayServer, create_sale
-from tests.test_store_loss import kill_postgres, own_shop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -46,11 +46,14 @@ from stack.embedded import (
     start_redis,
     start_redis_cluster,
 )
+from tests.conftest import auth
 from tests.flashkit import (
     GatewayServer,
     admin_headers,
     count_orders,
     create_sale,
+    drift_free,
+    equals,
     eventually,
     join,
     join_final,
@@ -58,7 +61,6 @@ from tests.flashkit import (
     make_users,
     remaining_of,
 )
-from tests.test_flash_sales import _drift_free, _equals, bearer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -86,7 +88,7 @@ async def test_rate_limit_triggers_and_recovers(
     async with TestClient(GatewayServer(create_app(settings))) as client:
         admin = await admin_headers(db, tokens)
         sale_id = await create_sale(client, admin, await make_sku(db), quantity=50, limit=50)
-        user = bearer(tokens, (await make_users(db, 1))[0])
+        user = auth(tokens, (await make_users(db, 1))[0])
         url = f"/api/v1/flash-sales/{sale_id}/join"
         statuses = [
             (await client.post(url, headers=user, json={"quantity": 1})).status for _ in range(2)
@@ -98,7 +100,7 @@ async def test_rate_limit_triggers_and_recovers(
         assert int(limited.headers["Retry-After"]) >= 1
         await asyncio.sleep(0.6)
         assert (await client.post(url, headers=user, json={"quantity": 1})).status == 202
-        other = bearer(tokens, (await make_users(db, 1))[0])  # buckets are per user
+        other = auth(tokens, (await make_users(db, 1))[0])  # buckets are per user
         assert (await client.post(url, headers=other, json={"quantity": 1})).status == 202
 
 
@@ -116,10 +118,10 @@ async def test_broker_down_gives_503_and_stock_back(
             users = await make_users(db, 10)
             url = f"/api/v1/flash-sales/{sale_id}/join"
             rt = client.app[FLASH]
-            ok = await client.post(url, headers=bearer(tokens, users[0]), json={"quantity": 1})
+            ok = await client.post(url, headers=auth(tokens, users[0]), json={"quantity": 1})
             assert ok.status == 202
             broker.stop()
-            resp = await client.post(url, headers=bearer(tokens, users[1]), json={"quantity": 1})
+            resp = await client.post(url, headers=auth(tokens, users[1]), json={"quantity": 1})
             assert resp.status == 503
             assert (await resp.json())["error"] == "RETRY_LATER"
             assert await remaining_of(rt.redis, sale_id) == 9
@@ -132,9 +134,7 @@ async def test_broker_down_gives_503_and_stock_back(
                 statuses: list[int] = []
 
                 async def accepted() -> bool:
-                    r = await client.post(
-                        url, headers=bearer(tokens, users[1]), json={"quantity": 1}
-                    )
+                    r = await client.post(url, headers=auth(tokens, users[1]), json={"quantity": 1})
                     statuses.append(r.status)
                     return r.status == 202
 
@@ -232,7 +232,7 @@ async def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(
         partial = await count_orders(db, sale["id"])
         assert partial < n, "the consumer finished before it could be killed"
         proc = _consumer_process(settings)
-        await eventually(lambda: _equals(count_orders(db, sale["id"]), n), timeout_s=90)
+        await eventually(lambda: equals(count_orders(db, sale["id"]), n), timeout_s=90)
         await _produce(settings, events[:1000])  # the same messages delivered twice
         await eventually(lambda: _all_consumed(settings), timeout_s=60, every_s=0.5)
         assert await count_orders(db, sale["id"]) == n
@@ -293,10 +293,10 @@ async def test_stranded_reservation_is_published(
         args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis, sale_id)],
     )
     assert int(res[0]) == 0
-    await eventually(lambda: _equals(count_orders(db, sale_id), 1), timeout_s=30)
+    await eventually(lambda: equals(count_orders(db, sale_id), 1), timeout_s=30)
     assert await db.fetchval("SELECT id FROM orders WHERE flash_sale_id = $1", sale_id) == order_id
     assert await redis.hlen(rediskeys.log(sale_id)) == 0
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: drift_free(db, redis, sale_id))
 
 
 async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
@@ -310,9 +310,9 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=2)
     users = await make_users(db, 3)
     for u in users:
-        resp = await join(client, sale_id, bearer(tokens, u))
+        resp = await join(client, sale_id, auth(tokens, u))
         assert resp.status == 202
-    await eventually(lambda: _equals(count_orders(db, sale_id), 3))
+    await eventually(lambda: equals(count_orders(db, sale_id), 3))
     await db.execute(
         "UPDATE orders SET payment_deadline = now() - interval '1 second' WHERE flash_sale_id = $1",
         sale_id,
@@ -340,9 +340,9 @@ async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(
         )
         == 3
     )
-    resp = await join(client, sale_id, bearer(tokens, users[0]), 2)
+    resp = await join(client, sale_id, auth(tokens, users[0]), 2)
     assert resp.status == 202  # the user's count was released too
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: drift_free(db, redis, sale_id))
 
 
 @pytest.mark.parametrize(
@@ -387,13 +387,13 @@ async def test_rebuild_cache_after_flushall(
             url = f"/api/v1/flash-sales/{sale_id}/join"
             first = await asyncio.gather(
                 *(
-                    client.post(url, headers=bearer(tokens, u), json={"quantity": 1})
+                    client.post(url, headers=auth(tokens, u), json={"quantity": 1})
                     for u in users[:30]
                 )
             )
             assert [r.status for r in first] == [202] * 30
-            await eventually(lambda: _equals(count_orders(db, sale_id), 30))
-            await eventually(lambda: _drift_free(db, redis, sale_id))
+            await eventually(lambda: equals(count_orders(db, sale_id), 30))
+            await eventually(lambda: drift_free(db, redis, sale_id))
             await redis.flushall()
             # missing (drift), or put back unarmed by the recovery sweeper (recovering)
             assert await reconcile.run(settings, "reconcile", repair=False) in (
@@ -404,14 +404,14 @@ async def test_rebuild_cache_after_flushall(
             left = [await remaining_of(redis, sale_id, k) for k in range(buckets)]
             assert sum(left) == 20 and max(left) - min(left) <= 1  # spread over the buckets
             await client.app[FLASH].cache.refresh()
-            again = await client.post(url, headers=bearer(tokens, users[0]), json={"quantity": 1})
+            again = await client.post(url, headers=auth(tokens, users[0]), json={"quantity": 1})
             assert again.status == 409  # per-user counts were rebuilt as well
             rest = await asyncio.gather(
-                *(join_final(client, sale_id, bearer(tokens, u)) for u in users[30:])
+                *(join_final(client, sale_id, auth(tokens, u)) for u in users[30:])
             )
             assert sum(status == 202 for status, _, _ in rest) == 20
-            await eventually(lambda: _equals(count_orders(db, sale_id), 50))
-            await eventually(lambda: _drift_free(db, redis, sale_id))
+            await eventually(lambda: equals(count_orders(db, sale_id), 50))
+            await eventually(lambda: drift_free(db, redis, sale_id))
             assert await reconcile.run(settings, "reconcile", repair=False) == 0
             async with aiohttp.ClientSession() as http:  # the consumer's own metrics endpoint
                 url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
@@ -437,9 +437,9 @@ async def test_poison_message_goes_to_dead_letter(
     admin = await admin_headers(db, tokens)
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=1)
     user = (await make_users(db, 1))[0]
-    resp = await join(client, sale_id, bearer(tokens, user))
+    resp = await join(client, sale_id, auth(tokens, user))
     assert resp.status == 202
-    await eventually(lambda: _equals(count_orders(db, sale_id), 1))  # partition not blocked
+    await eventually(lambda: equals(count_orders(db, sale_id), 1))  # partition not blocked
     reasons = await _dead_letter_reasons(base_settings)
     assert any(r.startswith("not JSON") for r in reasons)
     assert any("order_id" in r for r in reasons)

@@ -12,17 +12,19 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from consumers import reconcile
 from consumers.recovery import server_run_id
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
+from tests.conftest import auth
 from tests.flashkit import (
     admin_headers,
     count_orders,
     create_sale,
+    drift_free,
+    equals,
     eventually,
     join,
     make_sku,
@@ -36,10 +38,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def admin(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
     return await admin_headers(db, tokens)
-
-
-def bearer(tokens: TokenService, uid: int) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
 
 
 async def test_create_sale_carves_stock(
@@ -81,7 +79,7 @@ async def test_create_sale_rules(
     user = (await make_users(db, 1))[0]
     resp = await client.post(
         "/api/v1/admin/flash-sales",
-        headers=bearer(tokens, user),
+        headers=auth(tokens, user),
         json={**base, "end_at": "2030-01-01T11:00:00Z"},
     )
     assert resp.status == 403
@@ -100,7 +98,7 @@ async def test_stampede_exactly_stock_accepted(
     sku = await make_sku(db)
     sale_id = await create_sale(client, admin, sku, quantity=100, limit=1)
     users = await make_users(db, 1000)
-    headers = [bearer(tokens, u) for u in users]
+    headers = [auth(tokens, u) for u in users]
 
     async def attempt(i: int) -> tuple[int, str | None, str | None]:
         resp = await join(client, sale_id, headers[i % 1000])
@@ -113,7 +111,7 @@ async def test_stampede_exactly_stock_accepted(
     assert len(accepted) == 100, statuses
     assert len(set(accepted)) == 100
     assert all(s in (202, 409, 429) for s, _, _ in results), statuses
-    await eventually(lambda: _equals(count_orders(db, sale_id), 100))
+    await eventually(lambda: equals(count_orders(db, sale_id), 100))
     per_user = await db.fetch(
         "SELECT user_id, count(*) AS n FROM orders WHERE flash_sale_id = $1 GROUP BY user_id "
         "HAVING count(*) > 1",
@@ -126,20 +124,7 @@ async def test_stampede_exactly_stock_accepted(
     assert in_pg == set(accepted)
     sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
     assert sale is not None and sale["sold_quantity"] == 100
-    await eventually(lambda: _drift_free(db, redis, sale_id))
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
-
-
-async def _drift_free(db: asyncpg.Pool, redis: Redis, sale_id: int) -> bool:
-    sale = await db.fetchrow("SELECT * FROM flash_sales WHERE id = $1", sale_id)
-    assert sale is not None
-    report = await reconcile.check_sale(db, redis, sale)
-    return (
-        report.drift == 0 and not report.user_drift and report.in_log == 0 and report.claimed == 0
-    )
+    await eventually(lambda: drift_free(db, redis, sale_id))
 
 
 @pytest.mark.both_topologies
@@ -151,7 +136,7 @@ async def test_idempotent_retry_and_mismatch(
     tokens: TokenService,
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=5)
-    user = bearer(tokens, (await make_users(db, 1))[0])
+    user = auth(tokens, (await make_users(db, 1))[0])
     h = {**user, "Idempotency-Key": "k-1"}
     first = await join(client, sale_id, h, 2)
     again = await join(client, sale_id, h, 2)
@@ -183,12 +168,12 @@ async def test_a_keyed_retry_on_a_sold_out_sale_gets_its_order_back(
         client, admin, await make_sku(db), quantity=2, limit=1, buckets=buckets
     )
     first, second, late = await make_users(db, 3)
-    h = {**bearer(tokens, first), "Idempotency-Key": "after-503"}
+    h = {**auth(tokens, first), "Idempotency-Key": "after-503"}
     won = await join(client, sale_id, h)
     assert won.status == 202
     order_id = (await won.json())["data"]["order_id"]
-    assert (await join(client, sale_id, bearer(tokens, second))).status == 202
-    resp = await join(client, sale_id, bearer(tokens, late))
+    assert (await join(client, sale_id, auth(tokens, second))).status == 202
+    resp = await join(client, sale_id, auth(tokens, late))
     assert resp.status == 409 and (await resp.json())["error"] == "SOLD_OUT"
     await app[FLASH].cache.refresh()
     assert app[FLASH].cache.sales[sale_id].sold_out
@@ -200,10 +185,10 @@ async def test_a_keyed_retry_on_a_sold_out_sale_gets_its_order_back(
     assert data["order_id"] == order_id and data["replayed"] is True
     other = await join(client, sale_id, h, 2)  # same key, another body
     assert other.status == 422 and (await other.json())["error"] == "IDEMPOTENCY_MISMATCH"
-    fresh = await join(client, sale_id, {**bearer(tokens, late), "Idempotency-Key": "new"})
+    fresh = await join(client, sale_id, {**auth(tokens, late), "Idempotency-Key": "new"})
     assert fresh.status == 409 and (await fresh.json())["error"] == "SOLD_OUT"
     assert batcher.calls == before + 3  # one script call per keyed attempt, no more
-    unkeyed = await join(client, sale_id, bearer(tokens, late))
+    unkeyed = await join(client, sale_id, auth(tokens, late))
     assert unkeyed.status == 409 and batcher.calls == before + 3  # the flag, no Redis
 
 
@@ -215,7 +200,7 @@ async def test_limit_returns_first_order(
     tokens: TokenService,
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=1)
-    user = bearer(tokens, (await make_users(db, 1))[0])
+    user = auth(tokens, (await make_users(db, 1))[0])
     first = await join(client, sale_id, user)
     again = await join(client, sale_id, user)
     assert again.status == 409
@@ -230,7 +215,7 @@ async def test_window_and_unknown_sale(
     admin: dict[str, str],
     tokens: TokenService,
 ) -> None:
-    user = bearer(tokens, (await make_users(db, 1))[0])
+    user = auth(tokens, (await make_users(db, 1))[0])
     upcoming = await create_sale(client, admin, await make_sku(db), start_in_s=3600)
     resp = await client.post(
         f"/api/v1/flash-sales/{upcoming}/join", headers=user, json={"quantity": 1}
@@ -254,7 +239,7 @@ async def test_join_validation(
     tokens: TokenService,
 ) -> None:
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=5)
-    user = bearer(tokens, (await make_users(db, 1))[0])
+    user = auth(tokens, (await make_users(db, 1))[0])
     for body in (
         {"quantity": 0},
         {"quantity": "1"},
@@ -279,12 +264,12 @@ async def test_sold_out_flag_makes_no_redis_call(
     sale_id = await create_sale(client, admin, await make_sku(db), quantity=2, limit=1)
     users = await make_users(db, 4)
     for u in users[:2]:
-        resp = await join(client, sale_id, bearer(tokens, u))
+        resp = await join(client, sale_id, auth(tokens, u))
         assert resp.status == 202
     batcher = app[FLASH].batcher
     before = batcher.calls
     for u in users[2:]:
-        resp = await join(client, sale_id, bearer(tokens, u))
+        resp = await join(client, sale_id, auth(tokens, u))
         assert resp.status == 409 and (await resp.json())["error"] == "SOLD_OUT"
     assert batcher.calls == before
 
@@ -302,28 +287,28 @@ async def test_top_up_and_close(
     sale_id = await create_sale(client, admin, sku, quantity=2, limit=1)
     users = await make_users(db, 5)
     for u in users[:2]:
-        await join(client, sale_id, bearer(tokens, u))
-    resp = await join(client, sale_id, bearer(tokens, users[2]))
+        await join(client, sale_id, auth(tokens, u))
+    resp = await join(client, sale_id, auth(tokens, users[2]))
     assert (await resp.json())["error"] == "SOLD_OUT"
     resp = await client.patch(
         f"/api/v1/admin/flash-sales/{sale_id}", headers=admin, json={"add_quantity": 3}
     )
     assert resp.status == 200 and (await resp.json())["data"]["remaining_quantity"] == 3
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 95
-    resp = await join(client, sale_id, bearer(tokens, users[2]))
+    resp = await join(client, sale_id, auth(tokens, users[2]))
     assert resp.status == 202  # the sold-out flag was cleared by the top-up
     for _ in range(2):  # closing twice returns the unsold units once
         resp = await client.post(f"/api/v1/admin/flash-sales/{sale_id}/close", headers=admin)
         assert resp.status == 200
     assert await db.fetchval("SELECT on_hand FROM skus WHERE id = $1", sku) == 97
-    resp = await join(client, sale_id, bearer(tokens, users[3]))
+    resp = await join(client, sale_id, auth(tokens, users[3]))
     assert (await resp.json())["error"] == "SALE_ENDED"
     resp = await client.patch(
         f"/api/v1/admin/flash-sales/{sale_id}", headers=admin, json={"add_quantity": 1}
     )
     assert resp.status == 409
-    await eventually(lambda: _equals(count_orders(db, sale_id), 3))
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: equals(count_orders(db, sale_id), 3))
+    await eventually(lambda: drift_free(db, redis, sale_id))
 
 
 async def test_flash_order_through_the_order_routes(
@@ -347,19 +332,19 @@ async def test_flash_order_through_the_order_routes(
         keys=keys,
         args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis, sale_id)],
     )
-    resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))
+    resp = await client.get(f"/api/v1/orders/{order_id}", headers=auth(tokens, user))
     assert resp.status == 200
     assert (await resp.json())["data"]["status"] == "queued"
-    resp = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, other))
+    resp = await client.get(f"/api/v1/orders/{order_id}", headers=auth(tokens, other))
     assert resp.status == 404
 
     async def persisted() -> bool:
-        r = await client.get(f"/api/v1/orders/{order_id}", headers=bearer(tokens, user))
+        r = await client.get(f"/api/v1/orders/{order_id}", headers=auth(tokens, user))
         return bool(r.status == 200 and (await r.json())["data"]["status"] == "pending_payment")
 
     await eventually(persisted, timeout_s=30)  # the sweeper published the stranded reservation
     assert await remaining_of(redis, sale_id) == 4
-    resp = await client.post(f"/api/v1/orders/{order_id}/cancel", headers=bearer(tokens, user))
+    resp = await client.post(f"/api/v1/orders/{order_id}/cancel", headers=auth(tokens, user))
     assert resp.status == 200, await resp.text()
 
     async def returned() -> bool:
@@ -367,26 +352,26 @@ async def test_flash_order_through_the_order_routes(
 
     await eventually(returned, timeout_s=10)
     await rt.cache.refresh()
-    resp = await join(client, sale_id, bearer(tokens, user))
+    resp = await join(client, sale_id, auth(tokens, user))
     assert resp.status == 202  # the user's count came back with the units
     second = (await resp.json())["data"]["order_id"]
 
     async def pending() -> bool:
-        r = await client.get(f"/api/v1/orders/{second}", headers=bearer(tokens, user))
+        r = await client.get(f"/api/v1/orders/{second}", headers=auth(tokens, user))
         return bool(r.status == 200 and (await r.json())["data"]["status"] == "pending_payment")
 
     await eventually(pending, timeout_s=30)
     resp = await client.post(
         f"/api/v1/orders/{second}/pay",
-        headers=bearer(tokens, user),
+        headers=auth(tokens, user),
         json={"payment_method": "alipay"},
     )
     assert resp.status == 200, await resp.text()
     payment_id = (await resp.json())["data"]["payment_id"]
     resp = await client.post(
-        f"/api/v1/payment/sandbox/{payment_id}/approve", headers=bearer(tokens, user)
+        f"/api/v1/payment/sandbox/{payment_id}/approve", headers=auth(tokens, user)
     )
     assert resp.status == 200, await resp.text()
-    resp = await client.get(f"/api/v1/orders/{second}", headers=bearer(tokens, user))
+    resp = await client.get(f"/api/v1/orders/{second}", headers=auth(tokens, user))
     assert (await resp.json())["data"]["status"] == "paid"
-    await eventually(lambda: _drift_free(db, redis, sale_id))
+    await eventually(lambda: drift_free(db, redis, sale_id))

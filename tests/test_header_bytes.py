@@ -29,12 +29,14 @@ from tests.conftest import auth, make_user
 from tests.flashkit import (
     GatewayServer,
     admin_headers,
+    admitted,
     count_orders,
     create_sale,
+    enter,
     make_sku,
     make_users,
+    queued_sale,
 )
-from tests.test_waitingroom import admitted, enter, queued_sale
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ import yaml
 
 from flashsale.settings import Settings
 from stack.embedded import free_port, reachable_by
-from tests.test_compose import docker_context
+from tests.dockerkit import docker_context
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

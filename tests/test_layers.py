@@ -73,3 +73,28 @@ def test_stores_import_no_domain_module() -> None:
         if _under(m, "flashsale") and not _under(m, *allowed)
     ]
     assert bad == []
+
+
+def test_the_core_builds_no_http_path() -> None:
+    """URLs are the HTTP layer's: the core hands out ids and tokens, ``gateway/`` the paths."""
+    found = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "flashsale").rglob("*"))
+        if path.is_file() and path.suffix != ".pyc" and b"/api/" in path.read_bytes()
+    ]
+    assert found == []
+
+
+def test_auth_imports_no_domain_module() -> None:
+    """Tokens and roles sit beside the stores: the revocation list they read is a Protocol
+    that ``flashsale.sessions`` satisfies, not an import of it."""
+    allowed = ("flashsale.errors", "flashsale.settings", "flashsale.stores")
+    found = [m for f, m in _imports("flashsale") if f == "flashsale/auth.py"]
+    assert [m for m in found if _under(m, "flashsale") and not _under(m, *allowed)] == []
+
+
+def test_tests_import_helpers_from_helper_modules() -> None:
+    """A helper two test files share lives in a helper module (``flashkit``,
+    ``store_helpers``, ``faultkit``, ``dockerkit``, ``conftest``), never in a test file."""
+    found = [(f, m) for f, m in _imports("tests") if m.startswith("tests.test_")]
+    assert found == []

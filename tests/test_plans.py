@@ -24,8 +24,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from flashsale import dashboard, plans
+from flashsale import plans
 from flashsale.auth import TokenService
+from flashsale.dashboard.hub import DashboardHub
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
 from gateway.app import create_app
@@ -230,7 +231,7 @@ async def test_pause_background_stops_the_dashboard_snapshots_until_closed(
     ticks it sits through; closing the plan resumes it."""
     sale_id = await create_sale(client, await admin_headers(db, tokens), await make_sku(db))
     paused = [True]
-    hub = dashboard.DashboardHub(db, redis, paused=lambda: paused[0])
+    hub = DashboardHub(db, redis, paused=lambda: paused[0])
     watching = asyncio.create_task(anext(hub.watch(sale_id, idle_s=60)))
     try:
         await asyncio.sleep(2.5)  # two ticks at least go by with the plan on

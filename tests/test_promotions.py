@@ -20,8 +20,7 @@ from flashsale.promotions import (
     best_tier,
 )
 from tests.conftest import auth, make_user
-from tests.test_cart import make_category, make_product
-from tests.test_coupons import connection
+from tests.store_helpers import connection, make_category, make_listed_product
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +131,7 @@ async def test_calculate_uses_catalog_category_and_descendants(
 ) -> None:
     parent = await make_category(db)
     child = await make_category(db, parent)
-    pid, _ = await make_product(db, category_id=child)
+    pid, _ = await make_listed_product(db, category_id=child)
     promo = await make_promotion(db, [parent])
     data = await calculate(
         client, [{"product_id": pid, "category": "whatever", "price": 25_000, "quantity": 1}]
@@ -146,8 +145,8 @@ async def test_overlapping_promotions_pick_best_set(client: Client, db: asyncpg.
     both = await make_promotion(db, [a, b], [{"min_amount": 60_000, "discount_amount": 7_000}])
     only_a = await make_promotion(db, [a], [{"min_amount": 30_000, "discount_amount": 4_000}])
     only_b = await make_promotion(db, [b], [{"min_amount": 30_000, "discount_amount": 4_000}])
-    pa, _ = await make_product(db, category_id=a)
-    pb, _ = await make_product(db, category_id=b)
+    pa, _ = await make_listed_product(db, category_id=a)
+    pb, _ = await make_listed_product(db, category_id=b)
     items = [
         {"product_id": pa, "price": 30_000, "quantity": 1},
         {"product_id": pb, "price": 30_000, "quantity": 1},
@@ -235,7 +234,7 @@ async def test_preview_shows_promotion(
     cat = await make_category(db)
     await make_promotion(db, [cat], [{"min_amount": 5_000, "discount_amount": 600}])
     h = auth(tokens, await make_user(db))
-    _, (sku,) = await make_product(db, category_id=cat, price=2_500)
+    _, (sku,) = await make_listed_product(db, category_id=cat, price=2_500)
     resp = await client.post("/api/v1/cart/items", json={"sku_id": sku, "quantity": 2}, headers=h)
     assert resp.status == 200
     resp = await client.post("/api/v1/cart/checkout/preview", json={}, headers=h)

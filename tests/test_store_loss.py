@@ -10,11 +10,7 @@ back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import secrets
 import shutil
-import signal
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,11 +25,11 @@ from aiohttp.test_utils import TestClient
 from flashsale import plans
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
-from flashsale.stores.db import create_pool, lost_database, migrate
+from flashsale.stores.db import lost_database
 from gateway.app import create_app
 from gateway.plans_runtime import SWITCHES
-from stack.embedded import Server, start_postgres, start_redis
-from tests.faultkit import child_pids, when
+from stack.embedded import start_postgres, start_redis
+from tests.faultkit import kill_postgres, own_shop, when
 from tests.flashkit import GatewayServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,57 +42,6 @@ async def root() -> AsyncIterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="flashsale-storeloss-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def kill_postgres(server: Server) -> None:
-    """SIGKILL the postmaster, then every backend it left (they would notice late)."""
-    backends = child_pids(server.proc.pid)
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait(10)
-    for pid in backends:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-async def shop_rows(pool: asyncpg.Pool) -> tuple[int, int]:
-    """A category and a product on sale with one SKU: (product id, sku id)."""
-    merchant = await pool.fetchval(
-        "INSERT INTO users (email, password_hash, nickname, role) "
-        "VALUES ($1, 'x', 'm', 'merchant') RETURNING id",
-        f"m-{secrets.token_hex(5)}@test.local",
-    )
-    category = await pool.fetchval(
-        "INSERT INTO categories (name) VALUES ($1) RETURNING id", "cat-" + secrets.token_hex(4)
-    )
-    product = await pool.fetchval(
-        "INSERT INTO products (merchant_id, category_id, name, status) "
-        "VALUES ($1, $2, 'Lamp', 'on_sale') RETURNING id",
-        merchant,
-        category,
-    )
-    sku = await pool.fetchval(
-        "INSERT INTO skus (product_id, price_cents, on_hand) VALUES ($1, 1999, 100000) "
-        "RETURNING id",
-        product,
-    )
-    return int(product), int(sku)
-
-
-async def own_shop(root: Path) -> tuple[Server, int, int, int]:
-    """A PostgreSQL of the test's own, migrated, with a product, its SKU and a shopper."""
-    pg = start_postgres(root / "pg", durable=True)
-    pool = await create_pool(pg.url, min_size=1, max_size=2)
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-        product, sku = await shop_rows(pool)
-        uid = await pool.fetchval(
-            "INSERT INTO users (email, password_hash, nickname) VALUES ($1, 'x', 'u') RETURNING id",
-            f"u-{secrets.token_hex(5)}@test.local",
-        )
-    finally:
-        await pool.close()
-    return pg, product, sku, int(uid)
 
 
 class Browsing:

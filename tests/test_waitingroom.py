@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -23,14 +22,19 @@ from flashsale.waitingroom.room import Entry, WaitingRoom
 from flashsale.waitingroom.signing import solve
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
+from gateway.routes.waitingroom import with_join_path
 from gateway.waitingroom_runtime import WAITING_ROOM
 from tests.conftest import auth
 from tests.flashkit import (
     admin_headers,
+    admitted,
     count_orders,
+    enter,
     eventually,
     make_sku,
     make_users,
+    poll,
+    queued_sale,
     sse_events,
 )
 
@@ -46,81 +50,10 @@ async def admin(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
     return await admin_headers(db, tokens)
 
 
-async def queued_sale(
-    client: TestClient[Any, Any],
-    db: asyncpg.Pool,
-    admin: dict[str, str],
-    *,
-    quantity: int,
-    start_in_s: float = -1,
-    **queue: Any,
-) -> int:
-    sku = await make_sku(db, on_hand=quantity + 100)
-    start = datetime.now(UTC) + timedelta(seconds=start_in_s)
-    resp = await client.post(
-        "/api/v1/admin/flash-sales",
-        headers=admin,
-        json={
-            "sku_id": sku,
-            "flash_price": 100,
-            "quantity": quantity,
-            "per_user_limit": 1,
-            "start_at": start.isoformat(),
-            "end_at": (start + timedelta(hours=1)).isoformat(),
-            "mode": "queued",
-            "queue": {"admit_per_s": 1000, "overbook": 1.0, **queue},
-        },
-    )
-    assert resp.status == 201, await resp.text()
-    body = await resp.json()
-    assert body["data"]["mode"] == "queued"
-    sale_id: int = body["data"]["flash_sale_id"]
-    return sale_id
-
-
 async def sale_of(app: web.Application, sale_id: int) -> SaleState:
     sale = await app[FLASH].cache.get(sale_id)
     assert sale is not None
     return sale
-
-
-async def enter(
-    client: TestClient[Any, Any], sale_id: int, headers: dict[str, str], **body: Any
-) -> Any:
-    return await client.post(
-        f"/api/v1/flash-sales/{sale_id}/enter", headers=headers, json=body or None
-    )
-
-
-async def poll(
-    client: TestClient[Any, Any],
-    sale_id: int,
-    ticket: str,
-    headers: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    resp = await client.get(
-        f"/api/v1/flash-sales/{sale_id}/queue", params={"ticket": ticket}, headers=headers
-    )
-    assert resp.status == 200, await resp.text()
-    data: dict[str, Any] = (await resp.json())["data"]
-    return data
-
-
-async def admitted(
-    client: TestClient[Any, Any],
-    sale_id: int,
-    ticket: str,
-    headers: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    async def check() -> bool:
-        seen.clear()
-        seen.update(await poll(client, sale_id, ticket, headers))
-        return bool(seen["state"] == "admitted")
-
-    await eventually(check, timeout_s=15)
-    return seen
 
 
 @pytest.mark.both_topologies
@@ -279,7 +212,8 @@ async def test_admissions_never_exceed_remaining_times_factor(
     # five of the admitted join: 5 units left, 10 admissions outstanding >= floor(5 x 1.5)
     for e in entries[:5]:
         await app[WAITING_ROOM].refresh()
-        view = room.status(await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id)
+        sale = await sale_of(app, sale_id)
+        view = with_join_path(room.status(sale, e.entry, now_ms(), viewer=e.entry.user_id))
         resp = await client.post(
             view["join_path"], headers=auth(tokens, e.entry.user_id), json={"quantity": 1}
         )
@@ -604,8 +538,8 @@ async def test_a_stampede_of_5000_on_500_units_sells_exactly_500(
         headers = auth(tokens, e.entry.user_id)
         delay = 0.2
         while not gone.is_set() and time.monotonic() < deadline:
-            view = room.status(
-                await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id
+            view = with_join_path(
+                room.status(await sale_of(app, sale_id), e.entry, now_ms(), viewer=e.entry.user_id)
             )
             if view["state"] in ("sold_out", "ended", "expired"):
                 return

@@ -3,7 +3,9 @@ compensation, refusals), ``lifecycle`` (create, top up, close, settle, load into
 ``buckets`` (a sale split over Redis Cluster slots), ``cache`` (each worker's copy of the
 live sales), ``events`` (the order event and the reservation log's entries), ``views``
 (flash orders still in flight, as the order routes show them), ``shipping`` (what a new
-order needs to be shipped), ``runtime`` (the stores a worker joins with).
+order needs to be shipped), ``runtime`` (the stores a worker joins with), ``recount`` (a
+fenced sale's counters recomputed from its sources; the sweeper in
+``consumers/recovery.py`` reads them).
 
 The words, as the code and ``lua/*.lua`` use them:
 

@@ -17,7 +17,6 @@ from flashsale.orders.model import (
     Actor,
     invalid_transition,
     new_payment_id,
-    payment_url,
     version_conflict,
     write_log,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "new_payment_id",
     "order_detail",
     "order_logs",
-    "payment_url",
     "ship_order",
     "version_conflict",
     "write_log",

@@ -29,9 +29,9 @@ from flashsale.errors import (
     SkuNotFound,
     ValidationFailed,
 )
-from flashsale.inventory import Conn
-from flashsale.orders.model import SQL_ORDER, Actor, new_payment_id, payment_url, write_log
+from flashsale.orders.model import SQL_ORDER, Actor, new_payment_id, write_log
 from flashsale.settings import Settings
+from flashsale.stores.db import Conn
 from flashsale.stores.ids import OrderIds
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,8 @@ async def create_order(
 ) -> dict[str, Any]:
     """Create a regular order; returns the ``POST /orders`` response data:
     ``{"order_id", "status", "total_amount", "discount_amount", "shipping_fee",
-    "final_amount", "payment_id", "payment_url", "expires_at", "version"}``."""
+    "final_amount", "payment_id", "payment_url", "expires_at", "version"}``; ``payment_url``
+    is None here: the payer's page is an HTTP path, which the HTTP layer fills in."""
     merged = _merge(lines)
     order_id = order_ids.next(user_id)
     undos: list[Callable[[], Awaitable[Any]]] = []
@@ -248,7 +249,7 @@ async def create_order(
             claimed = await conn.fetchval(SQL_CLAIM_KEY, user_id, idempotency_key, order_id)
             if claimed is None:
                 existing = await conn.fetchval(SQL_KEY_ORDER, user_id, idempotency_key)
-                return await _replay(conn, existing, user_id, settings)
+                return await _replay(conn, existing, user_id)
             undos.append(lambda: conn.execute(SQL_DROP_KEY, user_id, idempotency_key))
         try:
             rows = await _validate_lines(conn, user_id, merged)
@@ -335,16 +336,14 @@ async def create_order(
         "shipping_fee": quote.shipping_cents,
         "final_amount": quote.total_cents,
         "payment_id": pid,
-        "payment_url": payment_url(pid, settings),
+        "payment_url": None,
         "expires_at": deadline,
         "version": 1,
         "idempotent_replay": False,
     }
 
 
-async def _replay(
-    conn: Conn, order_id: str | None, user_id: int, settings: Settings
-) -> dict[str, Any]:
+async def _replay(conn: Conn, order_id: str | None, user_id: int) -> dict[str, Any]:
     order = None if order_id is None else await conn.fetchrow(SQL_ORDER, order_id)
     if order is None or order["user_id"] != user_id:
         raise IdempotencyInProgress(
@@ -359,7 +358,7 @@ async def _replay(
         "shipping_fee": order["shipping_cents"],
         "final_amount": order["pay_cents"],
         "payment_id": None if pay is None else pay["id"],
-        "payment_url": None if pay is None else payment_url(pay["id"], settings),
+        "payment_url": None,
         "expires_at": order["payment_deadline"],
         "version": order["version"],
         "idempotent_replay": True,

@@ -14,8 +14,7 @@ from flashsale.errors import (
     NotFound,
     VersionConflict,
 )
-from flashsale.inventory import Conn
-from flashsale.settings import Settings
+from flashsale.stores.db import Conn
 
 SANDBOX_PROVIDER: Final = "sandbox"
 STATUSES: Final = (
@@ -67,15 +66,6 @@ def version_conflict(order_id: str) -> VersionConflict:
 
 def new_payment_id() -> str:
     return "PAY" + secrets.token_hex(10).upper()
-
-
-def payment_url(payment_id: str, settings: Settings) -> str | None:
-    """Where the payer pays: the sandbox's page when it is the provider; else ``None`` —
-    with no provider there is no page (its routes are not mounted), and the payment is
-    started with ``POST /payment/create``."""
-    if settings.payment_provider != SANDBOX_PROVIDER:
-        return None
-    return f"/api/v1/payment/sandbox/{payment_id}"
 
 
 async def write_log(

@@ -18,7 +18,6 @@ from flashsale.errors import (
     NotPaidInFull,
 )
 from flashsale.flash import lifecycle as flash_lifecycle
-from flashsale.inventory import Conn
 from flashsale.orders.model import (
     SQL_ORDER,
     SYSTEM,
@@ -28,6 +27,7 @@ from flashsale.orders.model import (
     version_conflict,
     write_log,
 )
+from flashsale.stores.db import Conn
 
 SQL_MERCHANT_OWNS_ALL = """
 SELECT coalesce(bool_and(p.merchant_id = $2), false)

@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from flashsale.errors import NotFound
 from flashsale.flash import views as flash_views
 from flashsale.flash.cache import SaleState
-from flashsale.inventory import Conn
 from flashsale.orders.model import SQL_ORDER, Actor, load_own
+from flashsale.stores.db import Conn
 
 SQL_ITEMS = """
 SELECT oi.product_id, oi.sku_id, oi.quantity, oi.price_cents, oi.snapshot_id,

@@ -8,7 +8,9 @@
 - ``clusterbatch``: the same on a Redis Cluster, one batcher per primary, routed by slot.
 - ``kafka``: the order producer and ``ensure_topics``.
 - ``ids``: order ids and the machine-id lease they rest on.
-- ``tasks``: background tasks that are kept, named and cancelled on the way out.
+- ``tasks``: background tasks that are kept, named and cancelled on the way out, and the
+  one guarded loop that outlives a lost connection.
+- ``follow``: a worker's copy of shared state kept in step with Redis (publish + poll).
 - ``metrics``: the Prometheus metrics.
 
 Nothing here imports a domain module (``tests/test_layers.py``).

@@ -2,8 +2,9 @@
 
 :func:`guarded_loop` is the shape of every loop that keeps a worker's state in step with
 the stores (the sale cache, the waiting room, the revocation and plan followers, the
-machine-id lease, the dashboard, the sweepers): run a step every so often, live on when a
-store is out of reach, wait its interval before trying again, and end when cancelled.
+machine-id lease, the dashboard, the sweepers, the store probes and the plan trigger):
+run a step every so often, live on when a store is out of reach, wait its interval before
+trying again, and end when cancelled.
 
 A cancellation can be lost inside a library: a client that turns the ``CancelledError``
 into its own connection error while it tears a socket down, or Python 3.11's

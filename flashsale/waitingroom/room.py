@@ -333,8 +333,8 @@ class WaitingRoom:
         """What a ticket holder sees: state, position, people ahead, wait, admission.
 
         ``viewer`` is the account asking (None: not known, as on the event stream). With
-        ``hidden_join_path`` the admission's token and path go to the ticket's own account
-        only: a ticket seen by anyone else (shared, leaked) shows the state without them.
+        ``hidden_join_path`` the admission's token goes to the ticket's own account
+        only: a ticket seen by anyone else (shared, leaked) shows the state without it.
         """
         copy = self.queues.get(sale.id) or QueueCopy()
         cfg = self.config(sale)
@@ -364,10 +364,8 @@ class WaitingRoom:
             else:
                 out.update(state="admitted", ahead=0, join_expires_at=iso_ms(expires))
                 if not cfg.hidden_join_path or viewer == entry.user_id:
-                    token = self.signer.join_token(sale.id, entry.user_id, expires)
-                    out.update(
-                        join_token=token, join_path=f"/api/v1/flash-sales/{sale.id}/join/{token}"
-                    )
+                    # the HTTP layer adds the join path the token opens
+                    out["join_token"] = self.signer.join_token(sale.id, entry.user_id, expires)
         else:
             ahead = pos - copy.admitted - 1
             rate = copy.admit_rate() or cfg.admit_per_s or ADAPTIVE_FLOOR_PER_S

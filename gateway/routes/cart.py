@@ -8,7 +8,7 @@ cart named by the ``X-Cart-Token`` header. Guest responses always carry the
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import cast
 
 import asyncpg
 from aiohttp import web
@@ -30,6 +30,7 @@ from flashsale.errors import (
 from gateway import appkeys
 from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
+from gateway.routes.payments import with_payment_page
 from gateway.routing import Route
 from gateway.validation import Alt, F, Obj, path_int, validate
 
@@ -226,7 +227,7 @@ async def checkout(request: web.Request, principal: Principal) -> web.Response:
         raise ItemUnavailable(data={"cart_item_ids": unavailable})
     # The cart generation is the order's idempotency key (the client's key only names the
     # stored result): concurrent checkouts of one cart make one order.
-    result: dict[str, Any] = await orders.create_order(
+    result = await orders.create_order(
         request.app[appkeys.DB],
         request.app[appkeys.SETTINGS],
         request.app[appkeys.ORDER_IDS],
@@ -236,6 +237,7 @@ async def checkout(request: web.Request, principal: Principal) -> web.Response:
         coupon_code=body.get("coupon_code"),
         idempotency_key=selection.order_key,
     )
+    with_payment_page(request.app, result)
     if result.pop("idempotent_replay", False):
         return ok(result, message="order exists")
     # only after the order exists: a failed checkout leaves the cart as it was

@@ -18,8 +18,10 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from flashsale import dashboard
 from flashsale.auth import Principal, require_role
+from flashsale.dashboard.hub import DashboardHub, open_hub
+from flashsale.dashboard.sales import list_sales, sale_merchant
+from flashsale.dashboard.snapshot import merchant_view
 from flashsale.errors import AppError, NotFound, RateLimited, ServiceUnavailable
 from flashsale.flash.cache import now_ms
 from flashsale.stores import tasks
@@ -33,7 +35,7 @@ from gateway.routing import Route
 from gateway.streams import start_stream
 from gateway.validation import F, path_int, path_text
 
-HUB: Final = web.AppKey("dashboard_hub", dashboard.DashboardHub)
+HUB: Final = web.AppKey("dashboard_hub", DashboardHub)
 
 _TYPES: Final = {
     ".html": "text/html",
@@ -119,7 +121,7 @@ async def vendor_file(request: web.Request) -> web.Response:
 
 
 async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -> None:
-    merchant = await dashboard.sale_merchant(request.app[appkeys.DB], sale_id)
+    merchant = await sale_merchant(request.app[appkeys.DB], sale_id)
     # another merchant's sale answers as a missing one: a merchant learns nothing of it
     if merchant is None or (principal.role != "admin" and merchant != principal.user_id):
         raise NotFound("flash sale not found")
@@ -127,7 +129,7 @@ async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -
 
 async def sales(request: web.Request, principal: Principal) -> web.Response:
     merchant = None if principal.role == "admin" else principal.user_id
-    rows = await dashboard.list_sales(
+    rows = await list_sales(
         request.app[appkeys.DB], request.app[appkeys.REDIS], merchant_id=merchant
     )
     return ok(rows)
@@ -153,7 +155,7 @@ async def events(request: web.Request, principal: Principal) -> web.StreamRespon
     assert token is not None  # the router verified it
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
     await _may_watch(request, principal, sale_id)
-    view = _as_is if principal.role == "admin" else dashboard.merchant_view
+    view = _as_is if principal.role == "admin" else merchant_view
     hub = request.app[HUB]
     slots = request.app[appkeys.STREAMS]
     with slots.hold(client_ip(request)):
@@ -208,7 +210,7 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     exporter = asyncio.create_task(_export_sales(app), name="sale-gauges")
     switches = app[SWITCHES]
     paused = lambda: switches.pause_background  # noqa: E731 - read per tick, no I/O
-    async with dashboard.open_hub(app[appkeys.DB], app[appkeys.REDIS], paused) as hub:
+    async with open_hub(app[appkeys.DB], app[appkeys.REDIS], paused) as hub:
         app[HUB] = hub
         yield
     await tasks.stop(exporter)

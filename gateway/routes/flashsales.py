@@ -44,6 +44,12 @@ from gateway.shapes import Answer, Body, decode_body
 from gateway.validation import INT64_MAX, Alt, F, Obj, path_int, validate
 from gateway.waitingroom_runtime import WAITING_ROOM
 
+JOIN_PATH: Final = "/api/v1/flash-sales/{sale_id}/join"
+# A queued sale's admission hands out its own join path (the sale page joins through it).
+ADMITTED_JOIN_PATH: Final = JOIN_PATH + "/{admission}"
+# What the dashboard counts as joins: the request metrics label a request by its template.
+JOIN_PATHS: Final = (JOIN_PATH, ADMITTED_JOIN_PATH)
+
 # A queued sale's own settings (flashsale/waitingroom/config.py); 0 switches a limit off.
 QUEUE_SETTINGS = F(
     dict,
@@ -412,7 +418,7 @@ ROUTES = [
     ),
     Route(
         "POST",
-        "/api/v1/flash-sales/{sale_id}/join",
+        JOIN_PATH,
         join,
         "Join a sale: reserve and queue an order (optional Idempotency-Key header)",
         auth="user",
@@ -424,7 +430,7 @@ ROUTES = [
     ),
     Route(
         "POST",
-        "/api/v1/flash-sales/{sale_id}/join/{admission}",
+        ADMITTED_JOIN_PATH,
         join,
         "Join a queued sale through the join path its admission handed out",
         auth="user",

@@ -31,6 +31,7 @@ from gateway import appkeys
 from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
+from gateway.routes.payments import with_payment_page
 from gateway.routing import Route
 from gateway.shapes import B, Body, decode_body, one_of, read_body, spec_of
 from gateway.validation import (
@@ -222,7 +223,9 @@ async def create(request: web.Request, principal: Principal) -> web.Response:
     )
     replay = result.pop("idempotent_replay", False)
     return ok(
-        result, status=200 if replay else 201, message="order exists" if replay else "order created"
+        with_payment_page(request.app, result),
+        status=200 if replay else 201,
+        message="order exists" if replay else "order created",
     )
 
 
@@ -270,18 +273,17 @@ async def cancel(request: web.Request, principal: Principal) -> web.Response:
 
 async def pay(request: web.Request, principal: Principal) -> web.Response:
     body = await read_body(request, PayBody)
-    return ok(
-        await payments.create_payment(
-            request.app[appkeys.DB],
-            request.app[appkeys.SETTINGS],
-            order_id=_order_id(request),
-            user_id=principal.user_id,
-            method=body.payment_method,
-            return_url=body.return_url,
-            amount=None,
-            address_id=body.address_id,
-        )
+    pay = await payments.create_payment(
+        request.app[appkeys.DB],
+        request.app[appkeys.SETTINGS],
+        order_id=_order_id(request),
+        user_id=principal.user_id,
+        method=body.payment_method,
+        return_url=body.return_url,
+        amount=None,
+        address_id=body.address_id,
     )
+    return ok(with_payment_page(request.app, pay))
 
 
 async def ship(request: web.Request, principal: Principal) -> web.Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Final
+
 from aiohttp import web
 
 from flashsale import payments
@@ -64,6 +66,21 @@ REFUND = {
 }
 
 
+SANDBOX_PAGE: Final = "/api/v1/payment/sandbox/{payment_id}"
+
+
+def with_payment_page(app: web.Application, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a pay order's) with ``payment_url``, where the payer pays: the sandbox's
+    page when it is the provider; else None — with no provider there is no page (its routes
+    are not mounted), and the payment is started with ``POST /payment/create``."""
+    payment_id = data["payment_id"]
+    sandbox = app[appkeys.SETTINGS].payment_provider == payments.SANDBOX
+    data["payment_url"] = (
+        SANDBOX_PAGE.format(payment_id=payment_id) if sandbox and payment_id else None
+    )
+    return data
+
+
 def _payment_id(request: web.Request) -> str:
     return path_text(request.match_info["payment_id"], "payment")
 
@@ -81,17 +98,16 @@ async def methods(request: web.Request) -> web.Response:
 
 async def create(request: web.Request, principal: Principal) -> web.Response:
     body = validate(await read_json(request), CREATE)
-    return ok(
-        await payments.create_payment(
-            request.app[appkeys.DB],
-            request.app[appkeys.SETTINGS],
-            order_id=body["order_id"],
-            user_id=principal.user_id,
-            method=body["payment_method"],
-            return_url=body.get("return_url"),
-            amount=body.get("amount"),
-        )
+    pay = await payments.create_payment(
+        request.app[appkeys.DB],
+        request.app[appkeys.SETTINGS],
+        order_id=body["order_id"],
+        user_id=principal.user_id,
+        method=body["payment_method"],
+        return_url=body.get("return_url"),
+        amount=body.get("amount"),
     )
+    return ok(with_payment_page(request.app, pay))
 
 
 async def notify(request: web.Request) -> web.Response:
@@ -107,15 +123,15 @@ async def notify(request: web.Request) -> web.Response:
 
 
 async def sandbox_show(request: web.Request, principal: Principal) -> web.Response:
-    return ok(
-        await payments.get_payment(
-            request.app[appkeys.DB],
-            request.app[appkeys.SETTINGS],
-            _payment_id(request),
-            principal.user_id,
-            principal.role,
-        )
+    pay = await payments.get_payment(
+        request.app[appkeys.DB],
+        request.app[appkeys.SETTINGS],
+        _payment_id(request),
+        principal.user_id,
+        principal.role,
     )
+    page = SANDBOX_PAGE.format(payment_id=pay["payment_id"])
+    return ok(pay | {"approve_url": page + "/approve", "fail_url": page + "/fail"})
 
 
 async def sandbox_approve(request: web.Request, principal: Principal) -> web.Response:
@@ -213,7 +229,7 @@ ROUTES = [
 SANDBOX_ROUTES = [
     Route(
         "GET",
-        "/api/v1/payment/sandbox/{payment_id}",
+        SANDBOX_PAGE,
         sandbox_show,
         "Sandbox provider: the payment page",
         auth="user",
@@ -223,7 +239,7 @@ SANDBOX_ROUTES = [
     ),
     Route(
         "POST",
-        "/api/v1/payment/sandbox/{payment_id}/approve",
+        SANDBOX_PAGE + "/approve",
         sandbox_approve,
         "Sandbox provider: approve the payment (sends the signed notification)",
         auth="user",
@@ -233,7 +249,7 @@ SANDBOX_ROUTES = [
     ),
     Route(
         "POST",
-        "/api/v1/payment/sandbox/{payment_id}/fail",
+        SANDBOX_PAGE + "/fail",
         sandbox_fail,
         "Sandbox provider: fail the payment (sends the signed notification)",
         auth="user",

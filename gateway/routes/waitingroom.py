@@ -34,7 +34,7 @@ from gateway import appkeys
 from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok, read_json
 from gateway.middlewares import REQUEST_ID, request_id
-from gateway.routes.flashsales import client_ip
+from gateway.routes.flashsales import ADMITTED_JOIN_PATH, client_ip
 from gateway.routing import Route
 from gateway.streams import start_stream
 from gateway.validation import F, path_int, validate
@@ -50,6 +50,17 @@ ENTER = {
 }
 TICKET_QUERY = {"ticket": F(str, min_len=1, max_len=MAX_SIGNED_LEN)}
 STREAM_QUERY = {"ticket": F(str, required=False, min_len=1, max_len=MAX_SIGNED_LEN)}
+
+
+def with_join_path(view: dict[str, Any]) -> dict[str, Any]:
+    """A ticket's status with its admission's own join path beside the token: the waiting
+    room hands out the token, the path is this layer's."""
+    token = view.get("join_token")
+    if token is not None:
+        view["join_path"] = ADMITTED_JOIN_PATH.format(
+            sale_id=view["flash_sale_id"], admission=token
+        )
+    return view
 
 
 async def _sale(request: web.Request) -> SaleState:
@@ -88,7 +99,7 @@ async def enter(request: web.Request, principal: Principal) -> web.Response:
         db=app[appkeys.DB],
     )
     data = {"ticket": entry.ticket, "replayed": entry.replayed}
-    data |= room.status(sale, entry.entry, now_ms(), viewer=principal.user_id)
+    data |= with_join_path(room.status(sale, entry.entry, now_ms(), viewer=principal.user_id))
     return ok(data, status=200 if entry.replayed else 201, message="in the queue")
 
 
@@ -96,7 +107,9 @@ async def queue(request: web.Request, principal: Principal | None) -> web.Respon
     sale = await _sale(request)
     entry = _ticket(request, sale, request.query.get("ticket"))
     viewer = None if principal is None else principal.user_id
-    return ok(request.app[WAITING_ROOM].status(sale, entry, now_ms(), viewer=viewer))
+    return ok(
+        with_join_path(request.app[WAITING_ROOM].status(sale, entry, now_ms(), viewer=viewer))
+    )
 
 
 async def challenge(request: web.Request, principal: Principal) -> web.Response:
@@ -133,7 +146,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                 if entry is not None:
                     # EventSource sends no bearer: with a hidden join path, the page asks the
                     # poll (with its bearer) for the admission when this says admitted
-                    frames.append(("queue", room.status(state, entry, now, viewer=None)))
+                    view = room.status(state, entry, now, viewer=None)
+                    frames.append(("queue", with_join_path(view)))
                 for name, data in frames:
                     payload = orjson.dumps(data)
                     if last.get(name) != payload:
