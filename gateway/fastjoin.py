@@ -33,7 +33,7 @@ import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 import httptools
 from aiohttp import web
@@ -44,13 +44,23 @@ from flashsale.errors import ShopReadOnly
 from gateway import appkeys
 from gateway.accesslog import JsonAccessLogger
 from gateway.auth import principal_of
+from gateway.flash_runtime import FLASH
 from gateway.http import JSON_CONTENT_TYPE, dumps
 from gateway.middlewares import REQUEST_ID, answer_error, new_request_id
 from gateway.plans_runtime import SWITCHES
-from gateway.routes.flashsales import ADMITTED_JOIN_PATH, JOIN_ACCEPTED, JOIN_PATH, take_join
+from gateway.routes.flashsales import (
+    ADMITTED_JOIN_PATH,
+    JOIN_ACCEPTED,
+    JOIN_PATH,
+    JoinAnswer,
+    refuse_in_process,
+    reserve,
+    take_join,
+)
+from gateway.validation import path_int
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
 log = logging.getLogger("gateway.fastjoin")
 
@@ -154,10 +164,18 @@ class GatewayRunner(web.AppRunner):
         return JoinServer(await super()._make_server(), self.app)
 
 
+class _Request(NamedTuple):
+    started: float
+    rid: str
+    path: str
+    match: re.Match[bytes]
+
+
 class JoinProtocol(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_closing",
+        "_eof",
         "_events",
         "_head",
         "_headers",
@@ -189,7 +207,8 @@ class JoinProtocol(asyncio.Protocol):
         self._need = 0  # the whole request's length once its head is parsed
         self._peer: str | None = None
         self.in_flight: asyncio.Task[None] | None = None
-        self._closing = False  # no further request is read (shutdown, close, EOF)
+        self._closing = False  # no further request is taken (shutdown, a fault)
+        self._eof = False  # the peer sent all it will: answer what is buffered, then close
         self._paused = False  # reading paused by us (buffer full)
         self._stalled = False  # the peer does not read its answers
         self._idle: asyncio.TimerHandle | None = None
@@ -239,10 +258,10 @@ class JoinProtocol(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
-        self._closing = True
-        if self.in_flight is None:
-            self._close()
-        return True  # a join in flight still answers; the transport closes after it
+        # what was sent before the end is still answered, then the connection closes
+        self._eof = True
+        self._next()
+        return True
 
     def pause_writing(self) -> None:
         self._stalled = True
@@ -297,12 +316,21 @@ class JoinProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ framing
 
     def _next(self) -> None:
-        """Take the next whole request from the buffer, if there is one."""
+        """Answer the whole requests in the buffer, in order, until one needs a task (a
+        reservation) or the buffer holds no whole request."""
+        while self.in_flight is None and self._take():
+            pass
+        if self._eof and self.in_flight is None:
+            self._close()  # the peer sent its last request and has every answer
+
+    def _take(self) -> bool:
+        """Take the next whole request from the buffer and start it; False when there is
+        none to take (or the connection went to aiohttp)."""
         if self._closing or self._stalled or self._transport is None:
-            return
+            return False
         buffer = self._buffer
         if not buffer:
-            return
+            return False
         if not self._head:
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
             if end < 0:
@@ -312,31 +340,30 @@ class JoinProtocol(asyncio.Protocol):
                     or buffer.count(b"\n") != buffer.count(b"\r\n")  # bare LF: not ours
                 ):
                     self._hand_over()
-                return
+                return False
             if not self._parse_head(end + 4):
                 self._hand_over()
-                return
+                return False
         if len(buffer) < self._need:
-            return  # the body is still on its way
+            return False  # the body is still on its way
         body = bytes(buffer[self._head : self._need])
         if body:
             try:
                 self._parser.feed_data(body)
             except httptools.HttpParserError:
                 self._hand_over()
-                return
+                return False
             if self._events != 3:  # llhttp did not end the request where its length does
                 self._hand_over()
-                return
+                return False
         del buffer[: self._need]
         self._head = self._need = 0
         match, headers = self._match, self._headers
         self._url, self._headers, self._match = b"", [], None
         assert match is not None  # set with _head by _parse_head
         self._server.served += 1
-        self.in_flight = asyncio.get_running_loop().create_task(
-            self._serve(match, headers, body), name="join"
-        )
+        self._start(match, headers, body)
+        return True
 
     def _parse_head(self, length: int) -> bool:
         """Parse the head of ``length`` bytes; False where aiohttp must answer it."""
@@ -400,16 +427,68 @@ class JoinProtocol(asyncio.Protocol):
         self._transport = None
         if data:
             handler.data_received(data)
-        if self._closing and not transport.is_closing():
+        if self._eof and not transport.is_closing():
             handler.eof_received()
 
     # ------------------------------------------------------------ the join
 
-    async def _serve(
-        self, match: re.Match[bytes], raw: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
+    def _start(self, match: re.Match[bytes], raw: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A join up to what needs I/O, here and now: the plan gate, the token and the
+        in-process refusals (a stampede's bulk) are answered without a task; a join that
+        goes on to Redis runs in one."""
+        started = time.perf_counter()
+        app = self._server.app
+        headers = CIMultiDictProxy(
+            CIMultiDict(
+                [
+                    (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                    for n, v in raw
+                ]
+            )
+        )
+        request = _Request(
+            started, new_request_id(headers.get(REQUEST_ID)), match.group(0).decode(), match
+        )
+        admission = match.group(2)
         try:
-            await self._join(match, raw, body)
+            _plan_gate(app)
+            # the route's role, as the router checks it for the aiohttp route (auth="user")
+            principal = principal_of(headers, app[appkeys.TOKENS])
+            sale_id = match.group(1).decode()
+            rest: Coroutine[Any, Any, JoinAnswer]
+            sale = app[FLASH].cache.sales.get(path_int(sale_id, "flash sale"))
+            if sale is None:  # not known to this worker yet: take_join asks Redis
+                rest = take_join(
+                    app,
+                    principal,
+                    headers,
+                    sale_id,
+                    None if admission is None else admission.decode(),
+                    _body(body),
+                    self._peer,
+                    request.rid,
+                )
+            else:  # take_join's own steps, the synchronous ones here
+                refuse_in_process(
+                    app, principal, headers, sale, None if admission is None else admission.decode()
+                )
+                rest = reserve(app, principal, headers, sale, _body(body), self._peer, request.rid)
+        except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
+            self._refused(request, exc)
+            return
+        self.in_flight = asyncio.get_running_loop().create_task(
+            self._finish(request, rest), name="join"
+        )
+
+    async def _finish(self, request: _Request, rest: Coroutine[Any, Any, JoinAnswer]) -> None:
+        try:
+            try:
+                answer = await rest
+            except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
+                self._refused(request, exc)
+            else:
+                payload = dumps({"code": 202, "message": JOIN_ACCEPTED, "data": answer.data})
+                self._done(request, 202, payload, None, answer.order_id)
         except Exception:
             # a fault of this module, not of the join (those are answered): the
             # connection is closed rather than left waiting
@@ -419,50 +498,27 @@ class JoinProtocol(asyncio.Protocol):
             self.in_flight = None
             self._answered()
 
-    async def _join(
-        self, match: re.Match[bytes], raw: list[tuple[bytes, bytes]], body: bytes
+    def _refused(self, request: _Request, exc: Exception) -> None:
+        stats = self._server.app[appkeys.REQUEST_STATS]
+        status, payload, extra = answer_error(exc, request.rid, stats, "POST", request.path)
+        self._done(request, status, payload, extra, None)
+
+    def _done(
+        self,
+        request: _Request,
+        status: int,
+        payload: bytes,
+        extra: dict[str, str] | None,
+        order_id: str | None,
     ) -> None:
-        started = time.perf_counter()
-        app = self._server.app
-        stats = app[appkeys.REQUEST_STATS]
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                [
-                    (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                    for n, v in raw
-                ]
-            )
-        )
-        rid = new_request_id(headers.get(REQUEST_ID))
-        sale_id, admission = match.group(1), match.group(2)
-        path = match.group(0).decode()
-        extra: dict[str, str] | None = None
-        order_id = None
-        try:
-            _plan_gate(app)
-            # the route's role, as the router checks it for the aiohttp route (auth="user")
-            principal = principal_of(headers, app[appkeys.TOKENS])
-            answer = await take_join(
-                app,
-                principal,
-                headers,
-                sale_id.decode(),
-                None if admission is None else admission.decode(),
-                _body(body),
-                self._peer,
-                rid,
-            )
-            status = 202
-            payload = dumps({"code": 202, "message": JOIN_ACCEPTED, "data": answer.data})
-            order_id = answer.order_id
-        except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
-            status, payload, extra = answer_error(exc, rid, stats, "POST", path)
-        self._answer(status, payload, rid, extra)
-        seconds = time.perf_counter() - started
-        stats.record("POST", ADMITTED_JOIN_PATH if admission else JOIN_PATH, status, seconds)
+        self._answer(status, payload, request.rid, extra)
+        self._last = asyncio.get_running_loop().time()  # the keep-alive clock
+        seconds = time.perf_counter() - request.started
+        route = ADMITTED_JOIN_PATH if request.match.group(2) else JOIN_PATH
+        self._server.app[appkeys.REQUEST_STATS].record("POST", route, status, seconds)
         access = self._server.access
         if access is not None and access.enabled:
-            access.line("POST", path, status, seconds, rid, self._peer, order_id)
+            access.line("POST", request.path, status, seconds, request.rid, self._peer, order_id)
 
     def _answer(self, status: int, payload: bytes, rid: str, extra: dict[str, str] | None) -> None:
         transport = self._transport
@@ -484,12 +540,10 @@ class JoinProtocol(asyncio.Protocol):
         if self._closing:
             self._close()
             return
-        self._last = asyncio.get_running_loop().time()
         if self._idle is None:
             self._arm_idle()
         self._resume()
-        if self._buffer:
-            self._next()
+        self._next()
 
 
 def _plan_gate(app: web.Application) -> None:

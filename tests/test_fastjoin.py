@@ -251,6 +251,18 @@ async def test_other_requests_on_the_same_connection_reach_aiohttp(
     answers = await exchange(client, join, join, split=7)
     assert [a.status for a in answers] == [202, 202]
     assert server.served == served + 2
+    # refusals answered in place and a reservation between them keep their order; the
+    # peer's half-close after its last request still gets every answer, then the end
+    upcoming = await create_sale(client, admin, await make_sku(db), quantity=10, start_in_s=600)
+    early = request(f"/api/v1/flash-sales/{upcoming}/join", bearer)
+    assert client.host and client.port
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(early + join + early + early)
+    writer.write_eof()
+    answers = [await _read_answer(reader) for _ in range(4)]
+    assert [a.status for a in answers] == [409, 202, 409, 409]
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
     # chunked, and Connection: close: aiohttp's, with the same answer
     chunked = (
         f"POST /api/v1/flash-sales/{sale}/join HTTP/1.1\r\nHost: x\r\n".encode()

@@ -32,7 +32,7 @@ from flashsale.errors import (
 from flashsale.flash import join as joining
 from flashsale.flash import lifecycle
 from flashsale.flash.buckets import MAX_BUCKETS
-from flashsale.flash.cache import iso_ms, now_ms
+from flashsale.flash.cache import SaleState, iso_ms, now_ms
 from flashsale.waitingroom.config import MODES, settable
 from flashsale.waitingroom.room import set_mode
 from gateway import appkeys
@@ -302,11 +302,23 @@ async def take_join(
     route above, or the connection protocol of :mod:`gateway.fastjoin` that serves the
     join route itself; both answer the same, checks in the same order (``principal``: the
     caller, verified first by the router or by that protocol)."""
-    sale_id = path_int(sale_id_text, "flash sale")
-    rt = app[FLASH]
-    sale = await rt.cache.get(sale_id)
+    sale = await app[FLASH].cache.get(path_int(sale_id_text, "flash sale"))
     if sale is None:
         raise NotFound("flash sale not found")
+    refuse_in_process(app, principal, headers, sale, admission)
+    return await reserve(app, principal, headers, sale, read_body, remote, rid)
+
+
+def refuse_in_process(
+    app: web.Application,
+    principal: Principal,
+    headers: CIMultiDictProxy[str],
+    sale: SaleState,
+    admission: str | None,
+) -> None:
+    """The checks of a join its worker answers alone, once the sale is known: the
+    window, the sold-out flag, the waiting room's admission. Synchronous, so that the
+    connection protocol refuses a stampede without a task per join."""
     now = now_ms()
     if now < sale.start_ms:
         # only the start time: the whole public view formats two timestamps and builds a
@@ -327,6 +339,20 @@ async def take_join(
             in_path=admission is not None,
             now=now,
         )
+
+
+async def reserve(
+    app: web.Application,
+    principal: Principal,
+    headers: CIMultiDictProxy[str],
+    sale: SaleState,
+    read_body: Callable[[], Awaitable[bytes]],
+    remote: str | None,
+    rid: str,
+) -> JoinAnswer:
+    """The rest of a join that passed :func:`refuse_in_process`: its body, its key, the
+    reservation and the event."""
+    rt = app[FLASH]
     body = decode_body(await read_body(), JoinBody)  # the hot path: one await, as before
     key = header_value(headers, "Idempotency-Key", max_len=_MAX_IDEMPOTENCY_KEY)
     result = await joining.join(
