@@ -45,6 +45,12 @@ def run_loop(main: Callable[[], object]) -> None:
     uvloop.run(main())  # type: ignore[arg-type]
 
 
+# The kernel caps a listen queue at net.core.somaxconn: asking for the most it allows
+# means the host's setting alone decides how many handshakes a stampede may queue
+# (docs/operations.md, "A host for a stampede").
+LISTEN_BACKLOG: Final = 65_535
+
+
 async def run_until_signalled(
     app: web.Application,
     host: str,
@@ -62,7 +68,7 @@ async def run_until_signalled(
         app, handle_signals=False, access_log_class=JsonAccessLogger, access_log=access_log
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
+    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=LISTEN_BACKLOG)
     await site.start()
     log.info("worker %d listening on %s:%d", os.getpid(), host, port)
     if freeze_gc:
