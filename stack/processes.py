@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -90,8 +91,23 @@ async def run_until_signalled(
         accesslog.STDERR.flush()
 
 
+def raise_open_files() -> int:
+    """Raise this process's soft limit on open files to its hard limit and return it: a
+    worker holds one descriptor per shopper's connection, and a default soft limit of
+    1,024 would refuse the 1,025th shopper of a stampede (EMFILE) on a host whose hard
+    limit allows far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):  # e.g. above the kernel's nr_open
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
 async def serve_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """One gateway worker."""
+    log.info("worker %d may hold %d open files", os.getpid(), raise_open_files())
     await run_until_signalled(
         create_app(settings),
         settings.http_host,
