@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.log import access_logger
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from flashsale.errors import ShopReadOnly
@@ -129,7 +130,8 @@ class JoinServer(web.Server):
         self.served = 0
         self.handed_over = 0
         self.keepalive_s: float = self._kwargs.get("keepalive_timeout", 3630)
-        logger = self._kwargs.get("access_log")
+        # as aiohttp's RequestHandler: its own access logger unless one is given
+        logger = self._kwargs.get("access_log", access_logger)
         access_class = self._kwargs.get("access_log_class")
         self.access: JsonAccessLogger | None = None
         if logger is not None and access_class is JsonAccessLogger:

@@ -11,6 +11,7 @@ nature (a generated request id, an order id and its deadline).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from redis.asyncio import Redis
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from gateway.accesslog import JsonAccessLogger, LineBuffer
 from gateway.app import create_app
 from gateway.fastjoin import JoinServer
 from gateway.plans_runtime import SWITCHES
@@ -37,6 +39,11 @@ from tests.flashkit import (
 pytestmark = pytest.mark.integration
 
 BAD = b"\xff\xfe"
+
+
+def unlimited(settings: Settings) -> Settings:
+    """Rate limits far above what a test sends from its one address."""
+    return settings.with_(rate_ip_per_s=1e6, rate_ip_burst=1_000_000)
 
 
 class Answer:
@@ -314,7 +321,7 @@ async def test_a_stopping_worker_finishes_the_joins_it_took(
     """Joins in flight when the worker stops are answered before their connections close;
     a join the worker never started is not taken. Every unit gone from the sale is a 202."""
     admin = await admin_headers(db, tokens)
-    app = create_app(base_settings)
+    app = create_app(unlimited(base_settings))
     c = TestClient(GatewayServer(app))
     await c.start_server()
     sale = await create_sale(c, admin, await make_sku(db), quantity=1_000, limit=1)
@@ -331,3 +338,41 @@ async def test_a_stopping_worker_finishes_the_joins_it_took(
     assert set(answers) <= {202, None}, answers
     taken = 1_000 - await remaining_of(redis, sale)
     assert taken == answers.count(202), (taken, answers.count(202), answers.count(None))
+
+
+async def test_a_join_on_the_connection_writes_the_routes_access_line(
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    written: list[bytes] = []
+    monkeypatch.setattr(JsonAccessLogger, "buffer", LineBuffer(written.append))
+    logger = logging.getLogger("gateway.access")
+    caplog.set_level(logging.INFO, logger=logger.name)
+    lines = {}
+    for name, server in (("fast", GatewayServer), ("plain", TestServer)):
+        test_server = server(create_app(unlimited(base_settings)))
+        # as stack/processes.py serves the gateway: the JSON access log on
+        await test_server.start_server(access_log_class=JsonAccessLogger, access_log=logger)
+        async with TestClient(test_server) as c:
+            admin = await admin_headers(db, tokens)
+            sale = await create_sale(c, admin, await make_sku(db), quantity=10)
+            (uid,) = await make_users(db, 1)
+            headers = {"Authorization": f"Bearer {tokens.issue(uid, 'user')}", "X-Request-ID": name}
+            (answer,) = await exchange(c, request(f"/api/v1/flash-sales/{sale}/join", headers))
+            assert answer.status == 202
+            JsonAccessLogger.buffer.flush()
+            (line,) = [
+                orjson.loads(raw)
+                for raw in b"".join(written).splitlines()
+                if orjson.loads(raw).get("request_id") == name
+            ]
+            assert line["order_id"] == answer.json()["data"]["order_id"]
+            assert line["path"] == f"/api/v1/flash-sales/{sale}/join"
+            lines[name] = line
+    fast, plain = lines["fast"], lines["plain"]
+    assert set(fast) == set(plain)
+    for key in ("level", "logger", "method", "status", "peer"):
+        assert fast[key] == plain[key], key
