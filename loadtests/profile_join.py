@@ -25,6 +25,7 @@ import collections
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -366,6 +367,48 @@ def _setting(item: str) -> tuple[str, Any]:
     return name, text
 
 
+def compare(
+    scenario: str,
+    spec: str,
+    runs: int,
+    seconds: float,
+    rate_hz: int,
+    overrides: dict[str, Any],
+) -> str:
+    """Runs with one setting at each of its values, alternating so that every value meets
+    the same neighbours on a shared machine; a Markdown table of the medians (and the
+    spread) and, for each value, the stages of its median run."""
+    name, _, values = spec.partition("=")
+    settings = [_setting(f"{name}={value}") for value in values.split(",")]
+    results: dict[str, list[dict[str, Any]]] = {value: [] for _, value in settings}
+    for _ in range(runs):
+        for key, value in settings:
+            results[value].append(run(scenario, seconds, rate_hz, None, overrides | {key: value}))
+    lines = [
+        f"| {name} | req/s (median, min–max) | gateway CPU µs/req (min–max) | Redis | broker "
+        "| writes/req |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    tables = []
+    for value, done in results.items():
+        ordered = sorted(done, key=lambda r: r["cpu_us_per_request"]["gateway"])
+        middle = ordered[len(ordered) // 2]
+        rps = sorted(r["rps"] for r in done)
+        cpu = [r["cpu_us_per_request"]["gateway"] for r in ordered]
+        lines.append(
+            f"| {value} | {statistics.median(rps):,.0f} ({rps[0]:,.0f}–{rps[-1]:,.0f}) "
+            f"| {statistics.median(cpu):.1f} ({cpu[0]:.1f}–{cpu[-1]:.1f}) "
+            f"| {middle['cpu_us_per_request']['redis']} | {middle['cpu_us_per_request']['kafka']} "
+            f"| {middle['gateway_syscalls_per_request']['write']} |"
+        )
+        tables.append(
+            f"\n{scenario}, {name}={value}: the median run "
+            f"({middle['rps']:,.0f} req/s, gateway {middle['cpu_us_per_request']['gateway']} "
+            f"µs/request), stages priced by perf\n\n{middle['python_table']}"
+        )
+    return "\n".join(lines) + "\n" + "\n".join(tables)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", default="accept", choices=SCENARIOS)
@@ -380,8 +423,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="a gateway setting for this run (e.g. kafka_linger_ms=2), to price it",
     )
+    p.add_argument(
+        "--compare",
+        metavar="NAME=A,B",
+        help="alternate runs with the setting at each value (with --runs): the medians "
+        "side by side and the median run's stages of each, as BENCHMARKS.md shows them",
+    )
+    p.add_argument("--runs", type=int, default=1, help="runs of each value (--compare)")
     args = p.parse_args(argv)
     overrides = dict(_setting(item) for item in args.set)
+    if args.compare:
+        print(compare(args.scenario, args.compare, args.runs, args.seconds, args.rate, overrides))
+        return 0
     result = run(args.scenario, min(args.seconds, 60.0), args.rate, args.out, overrides)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
