@@ -42,6 +42,7 @@ from aiohttp.log import access_logger
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from flashsale.errors import ShopReadOnly
+from flashsale.plans import Switches
 from gateway import appkeys
 from gateway.accesslog import JsonAccessLogger
 from gateway.auth import principal_of
@@ -137,6 +138,12 @@ class JoinServer(web.Server):
         if logger is not None and access_class is JsonAccessLogger:
             self.access = JsonAccessLogger(logger, "")
         self.max_body = app[appkeys.SETTINGS].max_body_bytes  # the app's client_max_size
+        # the app's stores, set up by its startup before aiohttp builds its server: looked
+        # up once here rather than through Application.__getitem__ on every join
+        self.tokens = app[appkeys.TOKENS]
+        self.switches = app[SWITCHES]
+        self.stats = app[appkeys.REQUEST_STATS]
+        self.cache = app[FLASH].cache
 
     def __call__(self) -> JoinProtocol:  # type: ignore[override]
         return JoinProtocol(self)
@@ -170,7 +177,7 @@ class _Request(NamedTuple):
     started: float
     rid: str
     path: str
-    match: re.Match[bytes]
+    admission: bytes | None
 
 
 class JoinProtocol(asyncio.Protocol):
@@ -377,7 +384,7 @@ class JoinProtocol(asyncio.Protocol):
         match = _TARGET.fullmatch(line, len(b"POST "), len(line) - len(_SUFFIX))
         if match is None:
             return False
-        head = bytes(buffer[:length])
+        head = buffer[:length]  # a copy: the buffer moves on while llhttp reads it
         if head.count(b"\n") != head.count(b"\r\n"):
             return False  # a bare LF: llhttp could see the head end before the blank line
         self._events = 0
@@ -439,7 +446,8 @@ class JoinProtocol(asyncio.Protocol):
         in-process refusals (a stampede's bulk) are answered without a task; a join that
         goes on to Redis runs in one."""
         started = time.perf_counter()
-        app = self._server.app
+        server = self._server
+        app = server.app
         headers = CIMultiDictProxy(
             CIMultiDict(
                 [
@@ -448,32 +456,31 @@ class JoinProtocol(asyncio.Protocol):
                 ]
             )
         )
+        target, sale_id_raw, admission_raw = match.group(0, 1, 2)
         request = _Request(
-            started, new_request_id(headers.get(REQUEST_ID)), match.group(0).decode(), match
+            started, new_request_id(headers.get(REQUEST_ID)), target.decode(), admission_raw
         )
-        admission = match.group(2)
+        admission = None if admission_raw is None else admission_raw.decode()
         try:
-            _plan_gate(app)
+            _plan_gate(server.switches)
             # the route's role, as the router checks it for the aiohttp route (auth="user")
-            principal = principal_of(headers, app[appkeys.TOKENS])
-            sale_id = match.group(1).decode()
+            principal = principal_of(headers, server.tokens)
+            sale_id = sale_id_raw.decode()
             rest: Coroutine[Any, Any, JoinAnswer]
-            sale = app[FLASH].cache.sales.get(path_int(sale_id, "flash sale"))
+            sale = server.cache.sales.get(path_int(sale_id, "flash sale"))
             if sale is None:  # not known to this worker yet: take_join asks Redis
                 rest = take_join(
                     app,
                     principal,
                     headers,
                     sale_id,
-                    None if admission is None else admission.decode(),
+                    admission,
                     _body(body),
                     self._peer,
                     request.rid,
                 )
             else:  # take_join's own steps, the synchronous ones here
-                refuse_in_process(
-                    app, principal, headers, sale, None if admission is None else admission.decode()
-                )
+                refuse_in_process(app, principal, headers, sale, admission)
                 rest = reserve(app, principal, headers, sale, _body(body), self._peer, request.rid)
         except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
             self._refused(request, exc)
@@ -501,7 +508,7 @@ class JoinProtocol(asyncio.Protocol):
             self._answered()
 
     def _refused(self, request: _Request, exc: Exception) -> None:
-        stats = self._server.app[appkeys.REQUEST_STATS]
+        stats = self._server.stats
         status, payload, extra = answer_error(exc, request.rid, stats, "POST", request.path)
         self._done(request, status, payload, extra, None)
 
@@ -516,8 +523,8 @@ class JoinProtocol(asyncio.Protocol):
         self._answer(status, payload, request.rid, extra)
         self._last = asyncio.get_running_loop().time()  # the keep-alive clock
         seconds = time.perf_counter() - request.started
-        route = ADMITTED_JOIN_PATH if request.match.group(2) else JOIN_PATH
-        self._server.app[appkeys.REQUEST_STATS].record("POST", route, status, seconds)
+        route = JOIN_PATH if request.admission is None else ADMITTED_JOIN_PATH
+        self._server.stats.record("POST", route, status, seconds)
         access = self._server.access
         if access is not None and access.enabled:
             access.line("POST", request.path, status, seconds, request.rid, self._peer, order_id)
@@ -548,10 +555,10 @@ class JoinProtocol(asyncio.Protocol):
         self._next()
 
 
-def _plan_gate(app: web.Application) -> None:
+def _plan_gate(switches: Switches) -> None:
     """The plan gate of :mod:`gateway.plans_runtime` for a join: a write of the flash
     path, never shed, refused only while the shop is read-only."""
-    if app[SWITCHES].read_only:
+    if switches.read_only:
         raise ShopReadOnly
 
 

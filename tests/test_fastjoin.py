@@ -234,9 +234,12 @@ async def test_other_requests_on_the_same_connection_reach_aiohttp(
 ) -> None:
     admin = await admin_headers(db, tokens)
     sale = await create_sale(client, admin, await make_sku(db), quantity=1_000, limit=100)
-    (uid,) = await make_users(db, 1)
-    bearer = {"Authorization": f"Bearer {tokens.issue(uid, 'user')}"}
-    join = request(f"/api/v1/flash-sales/{sale}/join", bearer)
+    # a shopper of its own for each part: none meets its own rate limit (10 at once)
+    bearers = [
+        {"Authorization": f"Bearer {tokens.issue(u, 'user')}"} for u in await make_users(db, 8)
+    ]
+    joins = [request(f"/api/v1/flash-sales/{sale}/join", b) for b in bearers]
+    join = joins[0]
     read = request(f"/api/v1/flash-sales/{sale}", body=None, method="GET")
     server = join_server(client)
     served, handed = server.served, server.handed_over
@@ -246,21 +249,25 @@ async def test_other_requests_on_the_same_connection_reach_aiohttp(
     assert len({a.json()["data"]["order_id"] for a in answers}) == 3
     assert server.served == served + 3 and server.handed_over == handed
     # a join, then a read, then a join, in one write: the read and what follows go to aiohttp
+    join = joins[1]
     answers = await exchange(client, join, read, join)
     assert [a.status for a in answers] == [202, 200, 202]
     assert answers[1].json()["data"]["flash_sale_id"] == sale
     assert server.handed_over == handed + 1
     # a read first: the whole connection is aiohttp's
+    join = joins[2]
     answers = await exchange(client, read, join)
     assert [a.status for a in answers] == [200, 202]
     # a join written a few bytes at a time, head and body apart
     served = server.served
+    join = joins[3]
     answers = await exchange(client, join, join, split=7)
     assert [a.status for a in answers] == [202, 202]
     assert server.served == served + 2
     # refusals answered in place and a reservation between them keep their order; the
     # peer's half-close after its last request still gets every answer, then the end
     upcoming = await create_sale(client, admin, await make_sku(db), quantity=10, start_in_s=600)
+    bearer, join = bearers[4], joins[4]
     early = request(f"/api/v1/flash-sales/{upcoming}/join", bearer)
     assert client.host and client.port
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -271,6 +278,7 @@ async def test_other_requests_on_the_same_connection_reach_aiohttp(
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
     # chunked, and Connection: close: aiohttp's, with the same answer
+    bearer, join = bearers[5], joins[5]
     chunked = (
         f"POST /api/v1/flash-sales/{sale}/join HTTP/1.1\r\nHost: x\r\n".encode()
         + bearer_line(bearer)
@@ -279,6 +287,7 @@ async def test_other_requests_on_the_same_connection_reach_aiohttp(
     )
     (answer,) = await exchange(client, chunked)
     assert answer.status == 202, answer.body
+    join = joins[6]
     closing = join.replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n")
     (answer,) = await exchange(client, closing)
     assert answer.status == 202 and answer.header("Connection") == "close"
