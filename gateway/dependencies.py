@@ -53,6 +53,7 @@ _NO_POSTGRES: Final = {
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/api/v1/openapi.json"),
+    ("GET", "/api/v1/docs"),
     ("GET", "/api/v1/flash-sales/active"),
     ("GET", "/api/v1/flash-sales/{sale_id}"),
     ("POST", "/api/v1/flash-sales/{sale_id}/join"),

@@ -9,7 +9,7 @@ import pytest
 
 from flashsale.errors import InvalidJSON, ValidationFailed
 from gateway.routes.flashsales import JoinBody
-from gateway.shapes import Body, decode_body, exact, spec_of
+from gateway.shapes import Body, decode_body, exact, one_of, spec_of
 from gateway.validation import Alt, object_schema
 
 pytestmark = pytest.mark.unit
@@ -84,4 +84,22 @@ def test_a_body_with_strings_goes_through_the_validator() -> None:
     assert caught.value.fields == {
         "text": "has an invalid format or is blank",
         "pinned": "must be boolean",
+    }
+
+
+class _Pick(Body, kw_only=True):
+    limit: Annotated[int, msgspec.Meta(ge=0, le=9)] | msgspec.UnsetType = msgspec.UNSET
+    colour: Annotated[str, one_of(("red", "blue"))]
+
+
+def test_optional_but_not_null_and_choices_from_a_tuple() -> None:
+    spec = spec_of(_Pick)
+    assert not spec["limit"].required and not spec["limit"].nullable
+    assert spec["colour"].choices == ("red", "blue")
+    assert decode_body(b'{"colour": "red"}', _Pick).limit is msgspec.UNSET
+    with pytest.raises(ValidationFailed) as caught:
+        decode_body(b'{"limit": null, "colour": "green"}', _Pick)
+    assert caught.value.fields == {
+        "limit": "must not be null",
+        "colour": "must be one of: red, blue",
     }

@@ -8,7 +8,7 @@ cart named by the ``X-Cart-Token`` header. Guest responses always carry the
 from __future__ import annotations
 
 import re
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 from aiohttp import web
@@ -32,6 +32,7 @@ from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routes.payments import with_payment_page
 from gateway.routing import Route
+from gateway.shapes import Answer
 from gateway.validation import Alt, F, Obj, path_int, validate
 
 MAX_SPEC_TEXT = 64
@@ -249,6 +250,46 @@ async def checkout(request: web.Request, principal: Principal) -> web.Response:
 
 _CART_RESPONSES = (NotFound, ValidationFailed)
 
+
+class CartProduct(Answer):
+    id: int
+    name: str
+    price: int
+    image: str | None
+
+
+class CartLine(Answer):
+    cart_item_id: int
+    product: CartProduct
+    sku_id: int
+    sku_attributes: Any
+    quantity: int
+    specification: Any
+    subtotal: int
+    available: bool
+    selected: bool
+
+
+class CartSummary(Answer):
+    total_items: int
+    total_quantity: int
+    total_amount: int
+    selected_amount: int
+
+
+class CartView(Answer):
+    items: list[CartLine]
+    summary: CartSummary
+
+
+class CartItemAdded(Answer):
+    cart_item_id: int
+    sku_id: int
+    quantity: int
+    total_items: int
+    total_quantity: int
+
+
 ROUTES = [
     Route(
         "POST",
@@ -259,6 +300,7 @@ ROUTES = [
         body=ADD_ITEM,
         responses=(*_CART_RESPONSES, NotOnSale, InsufficientStock, CartFull),
         tag="cart",
+        answer=CartItemAdded,
     ),
     Route(
         "GET",
@@ -268,6 +310,7 @@ ROUTES = [
         auth="optional",
         responses=_CART_RESPONSES,
         tag="cart",
+        answer=CartView,
     ),
     Route(
         "PUT",

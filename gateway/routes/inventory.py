@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import inventory
 from flashsale.auth import Principal
@@ -18,21 +21,29 @@ from flashsale.errors import (
     ValidationFailed,
 )
 from gateway import appkeys
-from gateway.http import ok, read_json
+from gateway.http import ok
 from gateway.routing import Route
-from gateway.validation import F, path_int, validate
+from gateway.shapes import Body, read_body
+from gateway.validation import path_int
 
-RESERVE = {
-    "sku_id": F(int, required=False, min=1),
-    "quantity": F(int, min=1, max=10_000),
-    "order_id": F(str, required=False, nullable=True, min_len=1, max_len=64),
-    "expires_in": F(int, required=False, default=900, min=1, max=7 * 24 * 3600),
-}
-CONSUME = {
-    "reservation_id": F(str, min_len=1, max_len=64),
-    "actual_quantity": F(int, required=False, min=0, max=10_000),
-}
-RELEASE = {"reservation_id": F(str, min_len=1, max_len=64)}
+ReservationId = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class ReserveBody(Body, kw_only=True):
+    sku_id: Annotated[int, Meta(ge=1)] | UnsetType = UNSET  # the product's one SKU
+    quantity: Annotated[int, Meta(ge=1, le=10_000)]
+    order_id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    expires_in: Annotated[int, Meta(ge=1, le=7 * 24 * 3600)] = 900
+
+
+class ConsumeBody(Body):
+    reservation_id: ReservationId
+    actual_quantity: Annotated[int, Meta(ge=0, le=10_000)] | UnsetType = UNSET  # default: all
+
+
+class ReleaseBody(Body):
+    reservation_id: ReservationId
+
 
 SQL_PRODUCT = "SELECT merchant_id FROM products WHERE id = $1"
 SQL_PRODUCT_SKUS = "SELECT id FROM skus WHERE product_id = $1 ORDER BY id"
@@ -57,33 +68,33 @@ async def stock(request: web.Request) -> web.Response:
 
 async def reserve(request: web.Request, principal: Principal) -> web.Response:
     product_id, _ = await _manage(request, principal)
-    body = validate(await read_json(request), RESERVE)
+    body = await read_body(request, ReserveBody)
     pool = request.app[appkeys.DB]
     skus = [r["id"] for r in await pool.fetch(SQL_PRODUCT_SKUS, product_id)]
-    sku_id = body.get("sku_id")
-    if sku_id is None:
+    sku_id = body.sku_id
+    if sku_id is UNSET:
         if len(skus) != 1:
             raise ValidationFailed(fields={"sku_id": "required: the product has several SKUs"})
         sku_id = skus[0]
     elif sku_id not in skus:
         raise NotFound("sku not found for this product")
-    order_id = body.get("order_id")
+    order_id = body.order_id
     async with pool.acquire() as conn, conn.transaction():
         if order_id is None:
             held = await inventory.reserve(
                 conn,
                 sku_id=sku_id,
-                quantity=body["quantity"],
+                quantity=body.quantity,
                 order_id=None,
-                ttl_s=body["expires_in"],
+                ttl_s=body.expires_in,
             )
         else:
             held = await inventory.reserve_for_order_line(
                 conn,
                 sku_id=sku_id,
-                quantity=body["quantity"],
+                quantity=body.quantity,
                 order_id=order_id,
-                ttl_s=body["expires_in"],
+                ttl_s=body.expires_in,
             )
     return ok(held.public(), status=201, message="reserved")
 
@@ -100,12 +111,11 @@ async def _own_reservation(
 
 async def consume(request: web.Request, principal: Principal) -> web.Response:
     product_id, _ = await _manage(request, principal)
-    body = validate(await read_json(request), CONSUME)
-    held = await _own_reservation(request, product_id, body["reservation_id"])
+    body = await read_body(request, ConsumeBody)
+    held = await _own_reservation(request, product_id, body.reservation_id)
     quantity = held["quantity"]
     assert isinstance(quantity, int)
-    actual = body.get("actual_quantity")
-    actual = quantity if actual is None else actual
+    actual = quantity if body.actual_quantity is UNSET else body.actual_quantity
     if actual > quantity:
         raise ValidationFailed(fields={"actual_quantity": f"must be <= {quantity}"})
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
@@ -114,7 +124,7 @@ async def consume(request: web.Request, principal: Principal) -> web.Response:
         raise ReservationNotActive(f"reservation is {held['status']}")
     return ok(
         {
-            "reservation_id": body["reservation_id"],
+            "reservation_id": body.reservation_id,
             "consumed_quantity": actual,
             "released_quantity": quantity - actual,
             "status": "consumed",
@@ -124,15 +134,15 @@ async def consume(request: web.Request, principal: Principal) -> web.Response:
 
 async def release(request: web.Request, principal: Principal) -> web.Response:
     product_id, _ = await _manage(request, principal)
-    body = validate(await read_json(request), RELEASE)
-    held = await _own_reservation(request, product_id, body["reservation_id"])
+    body = await read_body(request, ReleaseBody)
+    held = await _own_reservation(request, product_id, body.reservation_id)
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
         done = await inventory.release_unowned(conn, held, reason="api")
     if not done:
         raise ReservationNotActive(f"reservation is {held['status']}")
     return ok(
         {
-            "reservation_id": body["reservation_id"],
+            "reservation_id": body.reservation_id,
             "released_quantity": held["quantity"],
             "status": "released",
         }
@@ -156,7 +166,7 @@ ROUTES = [
         "Reserve stock of a SKU until expires_in seconds from now (with order_id: only an "
         "unpaid order holding this SKU, up to what its line still needs)",
         auth="merchant",
-        body=RESERVE,
+        body=ReserveBody,
         tag="inventory",
         success={201: "reserved"},
         responses=(InsufficientStock, OrderNotPending, HoldExceedsOrder, *_MANAGE),
@@ -167,7 +177,7 @@ ROUTES = [
         consume,
         "Consume a reservation of a paid order (units become sold; the rest is released)",
         auth="merchant",
-        body=CONSUME,
+        body=ConsumeBody,
         tag="inventory",
         responses=(ReservationNotActive, OrderNotPaid, *_MANAGE),
     ),
@@ -177,7 +187,7 @@ ROUTES = [
         release,
         "Release a reservation before it expires (not one of an unpaid order)",
         auth="merchant",
-        body=RELEASE,
+        body=ReleaseBody,
         tag="inventory",
         responses=(ReservationNotActive, HeldByOrder, *_MANAGE),
     ),

@@ -33,7 +33,7 @@ from gateway.http import header_text, ok, read_json
 from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
 from gateway.routes.payments import with_payment_page
 from gateway.routing import Route
-from gateway.shapes import B, Body, decode_body, one_of, read_body, spec_of
+from gateway.shapes import Answer, B, Body, decode_body, one_of, read_body, spec_of
 from gateway.validation import (
     INT32_MAX,
     INT64_MAX,
@@ -139,6 +139,28 @@ class ShipBody(Body):
 
 
 SHIP = spec_of(ShipBody)  # one shipment of the merchant's bulk ship, too
+
+
+class OrderSummary(Answer):
+    order_id: str
+    kind: str
+    status: str
+    total_amount: int
+    discount_amount: int
+    shipping_fee: int
+    final_amount: int
+    version: int
+    created_at: str
+    payment_deadline: str | None
+
+
+class OrderPage(Answer):
+    orders: list[OrderSummary]
+    total: int
+    page: int
+    limit: int
+
+
 MAX_IDEMPOTENCY_KEY = 128
 STATUS_FILTER = (*orders.STATUSES, "pending")
 LIST_QUERY = {
@@ -361,6 +383,7 @@ ROUTES = [
         tag="orders",
         query=LIST_QUERY,
         responses=(ValidationFailed,),
+        answer=OrderPage,
     ),
     Route(
         "GET",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from aiohttp import web
+from msgspec import Meta
 
 from flashsale import payments
 from flashsale.auth import Principal
@@ -28,15 +29,21 @@ from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.http import ok, read_json
 from gateway.routing import Route
+from gateway.shapes import Body, one_of, read_body
 from gateway.validation import PATH_TEXT, F, Obj, path_text, validate
 
-CREATE = {
-    "order_id": F(str, min_len=1, max_len=64),
-    "amount": F(int, required=False, nullable=True, min=0),
-    "payment_method": F(str, choices=payments.METHOD_NAMES),
-    "return_url": F(str, required=False, nullable=True, max_len=2000),
-    "notify_url": F(str, required=False, nullable=True, max_len=2000),
-}
+Url = Annotated[str, Meta(max_length=2000)] | None
+OrderId = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class CreateBody(Body, kw_only=True):
+    order_id: OrderId
+    amount: Annotated[int, Meta(ge=0)] | None = None
+    payment_method: Annotated[str, one_of(payments.METHOD_NAMES)]
+    return_url: Url = None
+    notify_url: Url = None
+
+
 NOTIFY = Obj(
     {
         "payment_id": F(str, min_len=1, max_len=64),
@@ -52,18 +59,19 @@ NOTIFY = Obj(
     allow_extra=True,  # providers add fields; the signature covers them
 )
 PAYMENT_ID = {"payment_id": PATH_TEXT}
-REFUND = {
-    "order_id": F(str, min_len=1, max_len=64),
-    "refund_amount": F(
-        int,
-        required=False,
-        nullable=True,
-        min=1,
-        doc="what is left paid (the default); anything else is refused",
-    ),
-    "reason": F(str, min_len=1, max_len=200),
-    "refund_account": F(str, required=False, nullable=True, choices=("original",)),
-}
+
+
+class RefundBody(Body, kw_only=True):
+    order_id: OrderId
+    refund_amount: (
+        Annotated[
+            int,
+            Meta(ge=1, description="what is left paid (the default); anything else is refused"),
+        ]
+        | None
+    ) = None
+    reason: Annotated[str, Meta(min_length=1, max_length=200)]
+    refund_account: Literal["original"] | None = None
 
 
 SANDBOX_PAGE: Final = "/api/v1/payment/sandbox/{payment_id}"
@@ -97,15 +105,15 @@ async def methods(request: web.Request) -> web.Response:
 
 
 async def create(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), CREATE)
+    body = await read_body(request, CreateBody)
     pay = await payments.create_payment(
         request.app[appkeys.DB],
         request.app[appkeys.SETTINGS],
-        order_id=body["order_id"],
+        order_id=body.order_id,
         user_id=principal.user_id,
-        method=body["payment_method"],
-        return_url=body.get("return_url"),
-        amount=body.get("amount"),
+        method=body.payment_method,
+        return_url=body.return_url,
+        amount=body.amount,
     )
     return ok(with_payment_page(request.app, pay))
 
@@ -161,14 +169,14 @@ async def sandbox_fail(request: web.Request, principal: Principal) -> web.Respon
 
 
 async def refund(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), REFUND)
+    body = await read_body(request, RefundBody)
     return ok(
         await payments.refund(
             request.app[appkeys.DB],
-            order_id=body["order_id"],
+            order_id=body.order_id,
             actor=Actor(principal.user_id, principal.role),
-            amount=body.get("refund_amount"),
-            reason=body["reason"],
+            amount=body.refund_amount,
+            reason=body.reason,
         )
     )
 
@@ -182,7 +190,7 @@ ROUTES = [
         "Create (or switch the method of) the payment of an unpaid order: a regular, flash "
         "or presale order (a presale order is paid only this way)",
         auth="user",
-        body=CREATE,
+        body=CreateBody,
         tag="payments",
         responses=(
             NotFound,
@@ -211,7 +219,7 @@ ROUTES = [
         "coupon back; the shopper or an admin); after shipping an admin only (a shopper "
         "requests a return)",
         auth="user",
-        body=REFUND,
+        body=RefundBody,
         tag="payments",
         responses=(
             NotFound,
