@@ -8,7 +8,7 @@ service, plan switches, request figures and a sale state in a cache of its own. 
 ``sum(range(1000))`` in the same round and the refusal scaled to 9 µs for it: a shared
 machine's neighbours slow both alike, so the scaled figure compares builds.
 
-    python -m tests.bench_refusal [--rounds 5] [--requests 20000]
+    python -m tests.bench_refusal [--rounds 5] [--requests 20000] [--refusal not-started]
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class _Transport:
         return ("127.0.0.1", 40000) if name == "peername" else None
 
 
-async def measure(rounds: int, requests: int) -> list[tuple[float, float]]:
+async def measure(
+    rounds: int, requests: int, refusal: str = "sold-out"
+) -> list[tuple[float, float]]:
     settings = Settings.from_env({}).with_(secret_key="m" * 40)
     tokens = TokenService(settings.secret, 3600)
     now = int(time.time() * 1000)
@@ -58,8 +60,8 @@ async def measure(rounds: int, requests: int) -> list[tuple[float, float]]:
         original_price_cents=200,
         name="a sold-out sale",
         per_user_limit=1,
-        start_ms=now - 1000,
-        end_ms=now + 3_600_000,
+        start_ms=now - 1000 if refusal == "sold-out" else now + 3_600_000,
+        end_ms=now + 7_200_000,
         window_ms=900_000,
         allotment=10,
         remaining=0,
@@ -111,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=20_000)
+    p.add_argument("--refusal", choices=("sold-out", "not-started"), default="sold-out")
     args = p.parse_args(argv)
-    for per, calibration in uvloop.run(measure(args.rounds, args.requests)):
+    for per, calibration in uvloop.run(measure(args.rounds, args.requests, args.refusal)):
         scaled = per / calibration * CALIBRATION_US
         print(f"{per:.1f} µs CPU per refusal; {scaled:.1f} µs scaled ({calibration:.1f} µs cal.)")
     return 0
