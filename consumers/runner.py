@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -21,8 +20,9 @@ from consumers.order_events import (
 )
 from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import SWEEPER_ACTIONS, run_sweepers
+from flashsale.auth import require_metrics_token
 from flashsale.dashboard.publish import publish_every_second
-from flashsale.errors import Unauthorized, envelope
+from flashsale.errors import Unauthorized, envelope, ok_envelope
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool
 from flashsale.stores.kafka import OrderProducer
@@ -98,28 +98,21 @@ async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
     """``/metrics`` (lag, dead letters, sweeper actions) and ``/healthz`` of this consumer."""
 
     async def render(request: web.Request) -> web.Response:
-        token = settings.metrics_token
-        if token is not None:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.encode(), token.encode()
-            ):
-                refused = Unauthorized(
-                    "metrics need a bearer token",
-                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-                )
-                return web.json_response(
-                    envelope(refused.http_status, refused.code, refused.message),
-                    status=refused.http_status,
-                    headers=refused.headers,
-                )
+        try:
+            require_metrics_token(request.headers.get("Authorization", ""), settings.metrics_token)
+        except Unauthorized as refused:
+            return web.json_response(
+                envelope(refused.http_status, refused.code, refused.message),
+                status=refused.http_status,
+                headers=refused.headers,
+            )
         body, content_type = metrics.render()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
         return resp
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"code": 200, "message": "ok", "data": {"status": "alive"}})
+        return web.json_response(ok_envelope({"status": "alive"}))
 
     app = web.Application()
     app.router.add_get("/metrics", render)

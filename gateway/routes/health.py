@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Final
 
 import asyncpg
@@ -11,6 +10,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flashsale.auth import require_metrics_token
 from flashsale.errors import NotReady, Unauthorized
 from gateway import __version__, appkeys
 from gateway.http import dumps, ok
@@ -62,22 +62,10 @@ def _word(up: bool) -> str:
     return "up" if up else "down"
 
 
-def require_metrics_token(request: web.Request, token: str | None) -> None:
-    """With FLASHSALE_METRICS_TOKEN set, /metrics needs ``Authorization: Bearer <token>``."""
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # bytes that are not UTF-8 arrive as surrogates: compared as the bytes they were
-    given_raw = given.encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given_raw, token.encode()):
-        raise Unauthorized(
-            "metrics need 'Authorization: Bearer <FLASHSALE_METRICS_TOKEN>'",
-            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-        )
-
-
 async def metrics(request: web.Request) -> web.Response:
-    require_metrics_token(request, request.app[appkeys.SETTINGS].metrics_token)
+    require_metrics_token(
+        request.headers.get("Authorization", ""), request.app[appkeys.SETTINGS].metrics_token
+    )
     request.app[appkeys.REQUEST_STATS].flush()
     body, content_type = request.app[appkeys.METRICS].render()
     resp = web.Response(body=body)
