@@ -29,6 +29,7 @@ from flashsale.stores.kafka import OrderProducer
 from flashsale.stores.metrics import Metrics, get_metrics
 from flashsale.stores.redisclient import open_redis
 from flashsale.stores.tasks import guarded_loop
+from flashsale.timing import CONSUMER_HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
 
         # errors=(): a heartbeat file that cannot be written is no store out of reach to
         # wait out; it ends the consumer
-        heartbeat_loop = guarded_loop(beat_now, name="heartbeat", every_s=5.0, errors=(), stop=stop)
+        heartbeat_loop = guarded_loop(
+            beat_now, name="heartbeat", every_s=CONSUMER_HEARTBEAT_S, errors=(), stop=stop
+        )
 
         tasks = [
             asyncio.create_task(consume_forever(settings, processor, stop), name="consumer"),

@@ -43,6 +43,7 @@ from flashsale.stores import rediskeys, tasks
 from flashsale.stores.kafka import OrderProducer, PublishFailed
 from flashsale.stores.metrics import Metrics
 from flashsale.stores.scripts import FlashScripts, ReturnUnits
+from flashsale.timing import PROBE_TIMEOUT_S, TRANSFER_STALE_MS
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ async def finish_transfers(redis: Redis, scripts: FlashScripts, metrics: Metrics
     for sid, n in (await buckets.bucket_counts(redis, ids)).items():
         if n > 1:
             credited += await buckets.finish_transfers(
-                redis, scripts, sid, n, older_than_ms=buckets.TRANSFER_STALE_MS
+                redis, scripts, sid, n, older_than_ms=TRANSFER_STALE_MS
             )
     return _count(metrics, "transfers_finished", credited)
 
@@ -329,7 +330,7 @@ async def run_sweepers(
 
 async def _reachable(db: asyncpg.Pool) -> bool:
     try:
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
             await db.fetchval("SELECT 1")
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return False

@@ -33,13 +33,10 @@ from flashsale.orders.model import SQL_ORDER, Actor, new_payment_id, write_log
 from flashsale.settings import Settings
 from flashsale.stores.db import Conn
 from flashsale.stores.ids import OrderIds
+from flashsale.timing import RESERVATION_GRACE_S
 
 log = logging.getLogger(__name__)
 
-# Reservations outlive the payment deadline a little, so that the order sweeper (which
-# cancels the order and releases them) runs first and the reservation sweeper is only
-# the backstop for orders that never got written.
-RESERVATION_GRACE_S: Final = 300
 
 MAX_LINE_QUANTITY: Final = 999
 SANDBOX_PAYMENT_METHOD: Final = "alipay"

@@ -12,19 +12,18 @@ from redis.exceptions import RedisError
 
 from flashsale.auth import require_metrics_token
 from flashsale.errors import NotReady, Unauthorized
+from flashsale.timing import PROBE_TIMEOUT_S
 from gateway import __version__, appkeys
 from gateway.http import dumps, ok
 from gateway.routes.dashboard import PAGE_HEADERS, asset
 from gateway.routing import ROUTE_TABLE, Route, openapi_spec
-
-READY_TIMEOUT_S = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "alive"})
 
 
-async def check_redis(redis: Redis, timeout_s: float = READY_TIMEOUT_S) -> bool:
+async def check_redis(redis: Redis, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     try:
         async with asyncio.timeout(timeout_s):
             pong: object = await redis.ping()
@@ -35,7 +34,7 @@ async def check_redis(redis: Redis, timeout_s: float = READY_TIMEOUT_S) -> bool:
 
 async def check_db(app: web.Application) -> bool:
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
             one: object = await app[appkeys.DB].fetchval("SELECT 1")
             return one == 1
     except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
@@ -45,7 +44,7 @@ async def check_db(app: web.Application) -> bool:
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     redis_ok, db_ok, kafka_ok = await asyncio.gather(
-        check_redis(app[appkeys.REDIS]), check_db(app), app[appkeys.PRODUCER].ping(READY_TIMEOUT_S)
+        check_redis(app[appkeys.REDIS]), check_db(app), app[appkeys.PRODUCER].ping(PROBE_TIMEOUT_S)
     )
     checks = {"redis": _word(redis_ok), "postgres": _word(db_ok), "kafka": _word(kafka_ok)}
     down = [name for name, state in checks.items() if state == "down"]
