@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 import asyncpg
@@ -76,15 +76,7 @@ class Plan:
     options: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "does": self.does,
-            "trigger": self.trigger,
-            "who": self.who,
-            "closing": self.closing,
-            "arms_itself": self.arms_itself,
-            "options": list(self.options),
-        }
+        return {**asdict(self), "options": list(self.options)}
 
 
 PLANS: Final[dict[str, Plan]] = {
@@ -168,16 +160,7 @@ class PlanState:
         return self.mode == ON
 
     def public(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "mode": self.mode,
-            "on": self.on,
-            "auto": self.auto,
-            "by": self.by,
-            "at": self.at,
-            "reason": self.reason,
-            "options": self.options,
-        }
+        return {**asdict(self), "on": self.on}
 
     @classmethod
     def decode(cls, name: str, raw: bytes | str) -> PlanState:

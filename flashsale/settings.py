@@ -66,21 +66,15 @@ def _setting(default: _T, parse: Parse, doc: str, shown: str | None = None) -> _
     return field(default=default, metadata={"spec": Spec(parse, doc, shown)})
 
 
-def _to_int(name: str, raw: str, lo: int, hi: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
-    return value
+_N = TypeVar("_N", int, float)
 
 
-def _to_float(name: str, raw: str, lo: float, hi: float) -> float:
+def _in_range(name: str, raw: str, kind: type[_N], lo: _N, hi: _N) -> _N:
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
+        what = "an integer" if kind is int else "a number"
+        raise SettingsError(f"{name}={raw!r} is not {what}") from None
     if not lo <= value <= hi:
         raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
     return value
@@ -104,11 +98,11 @@ def _text(name: str, raw: str) -> str:
 
 
 def _integer(default: int, lo: int, hi: int, doc: str, shown: str | None = None) -> int:
-    return _setting(default, lambda name, raw: _to_int(name, raw, lo, hi), doc, shown)
+    return _setting(default, lambda name, raw: _in_range(name, raw, int, lo, hi), doc, shown)
 
 
 def _number(default: float, lo: float, hi: float, doc: str) -> float:
-    return _setting(default, lambda name, raw: _to_float(name, raw, lo, hi), doc)
+    return _setting(default, lambda name, raw: _in_range(name, raw, float, lo, hi), doc)
 
 
 def _flag(default: bool, doc: str) -> bool:
@@ -265,7 +259,7 @@ class Settings:
     )
     machine_id: int | None = _setting(
         None,
-        lambda name, raw: _to_int(name, raw, 0, 999),
+        lambda name, raw: _in_range(name, raw, int, 0, 999),
         "0–999, part of every order id; by default each process leases a free one",
         "leased from Redis",
     )
@@ -585,6 +579,12 @@ class Settings:
                 raise SettingsError(f"{PREFIX}{name.upper()} is required but not set")
         return self
 
+    def _required(self, name: str) -> str:
+        """The value of a required text setting; SettingsError naming it when unset."""
+        value = getattr(self.require(name), name)
+        assert isinstance(value, str)
+        return value
+
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (used by the supervisor and tests)."""
         return replace(self, **changes)
@@ -608,34 +608,24 @@ class Settings:
     @property
     def redis(self) -> str:
         """The Redis URL; on a cluster, the first seed node's (see :attr:`redis_seeds`)."""
-        self.require("redis_url")
-        assert self.redis_url is not None
-        return self.redis_url.split(",")[0].strip()
+        return self.redis_seeds[0]
 
     @property
     def redis_seeds(self) -> list[str]:
         """Every URL of ``FLASHSALE_REDIS_URL`` (a cluster's seed nodes)."""
-        self.require("redis_url")
-        assert self.redis_url is not None
-        return [u.strip() for u in self.redis_url.split(",")]
+        return [u.strip() for u in self._required("redis_url").split(",")]
 
     @property
     def database(self) -> str:
-        self.require("database_url")
-        assert self.database_url is not None
-        return self.database_url
+        return self._required("database_url")
 
     @property
     def kafka(self) -> str:
-        self.require("kafka_bootstrap")
-        assert self.kafka_bootstrap is not None
-        return self.kafka_bootstrap
+        return self._required("kafka_bootstrap")
 
     @property
     def secret(self) -> str:
-        self.require("secret_key")
-        assert self.secret_key is not None
-        return self.secret_key
+        return self._required("secret_key")
 
     @property
     def payment_hmac_key(self) -> bytes:
