@@ -177,6 +177,19 @@ def _wait_port(
     )
 
 
+def _start_listening(
+    args: list[str], name: str, log_path: Path, port: int, host: str
+) -> subprocess.Popen[bytes]:
+    """Start a server (dying with this process, its output appended to ``log_path``) and
+    wait until it listens on ``host:port``."""
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
+        )
+    _wait_port(port, proc, name, log_path, host=host)
+    return proc
+
+
 @dataclass
 class Server:
     name: str
@@ -244,11 +257,7 @@ def start_redis(
         "10000",
         *extra_args,
     ]
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
-        )
-    _wait_port(port, proc, "valkey", log_path, host=host)
+    proc = _start_listening(args, "valkey", log_path, port, host)
     loading_s = 120.0
     _wait_until(
         functools.partial(_pong, host, port, password),
@@ -470,11 +479,7 @@ def start_kafka(data_dir: Path, *, port: int | None = None, host: str = "127.0.0
         "--storage-engine",
         "memory://tansu/",
     ]
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
-        )
-    _wait_port(port, proc, "tansu", log_path, host=host)
+    proc = _start_listening(args, "tansu", log_path, port, host)
     return Server("kafka", f"{host}:{port}", port, proc, log_path=log_path)
 
 
