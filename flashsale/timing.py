@@ -43,7 +43,7 @@ SALE_CACHE_REFRESH_S: Final = 0.5
 # A sale id Redis does not know is not asked again for this long (a stampede at a wrong id).
 SALE_CACHE_MISS_S: Final = 1.0
 # A transfer between two buckets older than this is the sweeper's to finish: far above a
-# transfer's two round trips, below the sweeper's period (FLASHSALE_SWEEP_INTERVAL_MS).
+# transfer's two round trips, so the sweeper never races the giver still finishing it.
 TRANSFER_STALE_MS: Final = 2_000
 # Reservations outlive the payment deadline a little, so that the order sweeper (which
 # cancels the order and releases them) runs first and the reservation sweeper is only
