@@ -50,10 +50,10 @@ from flashsale.stores.db import Conn
 from flashsale.stores.kafka import OrderProducer, PublishFailed, assignor
 from flashsale.stores.metrics import Metrics
 from flashsale.stores.scripts import Claim, register
+from flashsale.timing import BATCH_RETRY_BACKOFF_S, POLL_RETRY_S
 
 log = logging.getLogger(__name__)
 
-RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 SQL_SALES = """
 SELECT id, sku_id, product_id, buckets FROM flash_sales WHERE id = ANY($1::bigint[])
@@ -502,7 +502,7 @@ async def consume_forever(
                 )
             except KafkaError as exc:  # a broker restart or a rebalance: poll again
                 log.warning("poll failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(POLL_RETRY_S)
                 continue
             records = [rec for recs in batches.values() for rec in recs]
             if records:
@@ -521,7 +521,7 @@ async def consume_forever(
                         RedisError,
                         PublishFailed,
                     ) as exc:
-                        delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                        delay = BATCH_RETRY_BACKOFF_S[min(attempt, len(BATCH_RETRY_BACKOFF_S) - 1)]
                         log.warning(
                             "batch of %d failed (%s); retrying in %.1fs", len(records), exc, delay
                         )

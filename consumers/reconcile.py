@@ -44,6 +44,7 @@ from flashsale.stores.db import create_pool
 from flashsale.stores.kafka import OrderProducer
 from flashsale.stores.metrics import get_metrics
 from flashsale.stores.redisclient import open_redis, run_ids
+from flashsale.timing import DRIFT_KEPT_S
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,6 @@ def _entry_units(entries: dict[bytes, bytes]) -> tuple[int, dict[int, int]]:
 # RECOVERING_EXIT none drifts but some are still being recounted (try again shortly).
 DRIFT_EXIT: Final = 1
 RECOVERING_EXIT: Final = 3
-DRIFT_KEPT_S: Final = 7 * 86_400  # the dashboard shows the last reconcile's drift this long
 
 
 async def check_sale(

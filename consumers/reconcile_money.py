@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from flashsale.stores import rediskeys
 from flashsale.stores.metrics import get_metrics
+from flashsale.timing import DRIFT_KEPT_S
 
 PAID_STATUSES: Final = ("paid", "shipped", "delivered", "completed", "refunded")
 PRESALE_PAID_STATUSES: Final = ("paid", "shipped", "completed")
@@ -103,7 +104,6 @@ CHECKS: Final = {
     "return_refund_mismatch": (SQL_RETURN_REFUND_MISMATCH, ()),
 }
 SHOWN: Final = 20  # order ids printed per check
-DRIFT_KEPT_S: Final = 7 * 86_400  # as the units drift: the dashboard shows it a week
 
 
 @dataclass

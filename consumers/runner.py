@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -21,14 +20,16 @@ from consumers.order_events import (
 )
 from consumers.store_sweeper import run_store_sweeper
 from consumers.sweepers import SWEEPER_ACTIONS, run_sweepers
+from flashsale.auth import require_metrics_token
 from flashsale.dashboard.publish import publish_every_second
-from flashsale.errors import Unauthorized, envelope
+from flashsale.errors import Unauthorized, envelope, ok_envelope
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool
 from flashsale.stores.kafka import OrderProducer
 from flashsale.stores.metrics import Metrics, get_metrics
 from flashsale.stores.redisclient import open_redis
 from flashsale.stores.tasks import guarded_loop
+from flashsale.timing import CONSUMER_HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
 
         # errors=(): a heartbeat file that cannot be written is no store out of reach to
         # wait out; it ends the consumer
-        heartbeat_loop = guarded_loop(beat_now, name="heartbeat", every_s=5.0, errors=(), stop=stop)
+        heartbeat_loop = guarded_loop(
+            beat_now, name="heartbeat", every_s=CONSUMER_HEARTBEAT_S, errors=(), stop=stop
+        )
 
         tasks = [
             asyncio.create_task(consume_forever(settings, processor, stop), name="consumer"),
@@ -98,28 +101,21 @@ async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner:
     """``/metrics`` (lag, dead letters, sweeper actions) and ``/healthz`` of this consumer."""
 
     async def render(request: web.Request) -> web.Response:
-        token = settings.metrics_token
-        if token is not None:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.encode(), token.encode()
-            ):
-                refused = Unauthorized(
-                    "metrics need a bearer token",
-                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-                )
-                return web.json_response(
-                    envelope(refused.http_status, refused.code, refused.message),
-                    status=refused.http_status,
-                    headers=refused.headers,
-                )
+        try:
+            require_metrics_token(request.headers.get("Authorization", ""), settings.metrics_token)
+        except Unauthorized as refused:
+            return web.json_response(
+                envelope(refused.http_status, refused.code, refused.message),
+                status=refused.http_status,
+                headers=refused.headers,
+            )
         body, content_type = metrics.render()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
         return resp
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"code": 200, "message": "ok", "data": {"status": "alive"}})
+        return web.json_response(ok_envelope({"status": "alive"}))
 
     app = web.Application()
     app.router.add_get("/metrics", render)

@@ -43,6 +43,7 @@ from flashsale.stores import rediskeys, tasks
 from flashsale.stores.kafka import OrderProducer, PublishFailed
 from flashsale.stores.metrics import Metrics
 from flashsale.stores.scripts import FlashScripts, ReturnUnits
+from flashsale.timing import PROBE_TIMEOUT_S, TRANSFER_STALE_MS
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,9 @@ async def publish_stranded(
     settings: Settings, redis: Redis, producer: OrderProducer, metrics: Metrics
 ) -> int:
     """Publish reservation-log entries older than ``stranded_after_s``."""
-    published = 0
-    for sale_id, k in await indexed_buckets(redis):
-        published += await _republish(
-            settings,
-            redis,
-            producer,
-            sale_id,
-            k,
-            times=rediskeys.log_times(sale_id, k),
-            entries=rediskeys.log(sale_id, k),
-            after_s=settings.stranded_after_s,
-        )
+    published = await _republish_every_bucket(
+        settings, redis, producer, rediskeys.log_times, rediskeys.log, settings.stranded_after_s
+    )
     return _count(metrics, "stranded_published", published)
 
 
@@ -111,6 +103,29 @@ async def republish_stale_claims(
     settings: Settings, db: asyncpg.Pool, redis: Redis, producer: OrderProducer, metrics: Metrics
 ) -> int:
     """Republish claims older than ``claim_stale_s`` whose order is not in PostgreSQL."""
+    published = await _republish_every_bucket(
+        settings,
+        redis,
+        producer,
+        rediskeys.claim_times,
+        rediskeys.claimed,
+        settings.claim_stale_s,
+        db=db,
+    )
+    return _count(metrics, "claims_republished", published)
+
+
+async def _republish_every_bucket(
+    settings: Settings,
+    redis: Redis,
+    producer: OrderProducer,
+    times: Callable[[int, int], str],
+    entries: Callable[[int, int], str],
+    after_s: int,
+    db: asyncpg.Pool | None = None,
+) -> int:
+    """:func:`_republish` over every bucket of every sale; ``times`` and ``entries`` name a
+    bucket's keys (the reservation log's, or the claims')."""
     published = 0
     for sale_id, k in await indexed_buckets(redis):
         published += await _republish(
@@ -119,12 +134,12 @@ async def republish_stale_claims(
             producer,
             sale_id,
             k,
-            times=rediskeys.claim_times(sale_id, k),
-            entries=rediskeys.claimed(sale_id, k),
-            after_s=settings.claim_stale_s,
+            times=times(sale_id, k),
+            entries=entries(sale_id, k),
+            after_s=after_s,
             db=db,
         )
-    return _count(metrics, "claims_republished", published)
+    return published
 
 
 # Every action the flash sweepers and the recovery count in flashsale_sweeper_actions_total
@@ -289,7 +304,7 @@ async def finish_transfers(redis: Redis, scripts: FlashScripts, metrics: Metrics
     for sid, n in (await buckets.bucket_counts(redis, ids)).items():
         if n > 1:
             credited += await buckets.finish_transfers(
-                redis, scripts, sid, n, older_than_ms=buckets.TRANSFER_STALE_MS
+                redis, scripts, sid, n, older_than_ms=TRANSFER_STALE_MS
             )
     return _count(metrics, "transfers_finished", credited)
 
@@ -329,7 +344,7 @@ async def run_sweepers(
 
 async def _reachable(db: asyncpg.Pool) -> bool:
     try:
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
             await db.fetchval("SELECT 1")
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return False

@@ -32,6 +32,7 @@ from flashsale.errors import (
     TokenInvalid,
     TokenMalformed,
     TokenRevoked,
+    Unauthorized,
 )
 
 _T = TypeVar("_T")
@@ -293,3 +294,18 @@ __all__ = [
     "hash_password",
     "require_role",
 ]
+
+
+def require_metrics_token(authorization: str, token: str | None) -> None:
+    """With FLASHSALE_METRICS_TOKEN set, ``/metrics`` (the gateway's and a consumer's) needs
+    ``Authorization: Bearer <token>``: Unauthorized otherwise."""
+    if token is None:
+        return
+    scheme, _, given = authorization.partition(" ")
+    # bytes that are not UTF-8 arrive as surrogates: compared as the bytes they were
+    given_raw = given.encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_raw, token.encode()):
+        raise Unauthorized(
+            "metrics need 'Authorization: Bearer <FLASHSALE_METRICS_TOKEN>'",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )

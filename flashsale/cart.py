@@ -26,9 +26,9 @@ from flashsale.errors import (
     ValidationFailed,
 )
 from flashsale.stores.db import Conn
+from flashsale.timing import GUEST_CART_TTL_S
 
 CART_TOKEN_HEADER: Final = "X-Cart-Token"  # noqa: S105 - a header name
-GUEST_CART_TTL_S: Final = 7 * 24 * 3600
 MAX_ITEM_QUANTITY: Final = 999
 MAX_CART_ITEMS: Final = 200
 GUEST_PURGE_BATCH: Final = 100

@@ -31,11 +31,11 @@ from flashsale.errors import (
     VersionConflict,
 )
 from flashsale.stores.db import Conn
+from flashsale.timing import PRODUCT_DETAIL_TTL_S
 
 log = logging.getLogger(__name__)
 
 
-DETAIL_TTL_S: Final = 30
 MAX_LIMIT: Final = 100
 SORTS: Final = {
     "created,desc": "created_at DESC, id DESC",
@@ -254,7 +254,7 @@ async def _cache_get(redis: Redis, product_id: int) -> dict[str, Any] | None:
 
 async def _cache_set(redis: Redis, product_id: int, detail: dict[str, Any]) -> None:
     try:
-        await redis.set(detail_key(product_id), orjson.dumps(detail), ex=DETAIL_TTL_S)
+        await redis.set(detail_key(product_id), orjson.dumps(detail), ex=PRODUCT_DETAIL_TTL_S)
     except (RedisError, OSError) as exc:
         log.warning("product cache write failed: %s", exc)
 

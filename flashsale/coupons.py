@@ -42,26 +42,24 @@ AVAILABLE_LIMIT: Final = 200
 COUPON_TYPES: Final = ("amount_off", "percent_off", "free_shipping")
 COUPON_SCOPES: Final = ("all", "categories", "products")
 
-SQL_COUPON_BY_CODE = """
+# A coupon with how often user $2 has used it.
+_SQL_COUPON_OF_USER = """
 SELECT c.id, c.code, c.name, c.type, c.amount_off_cents, c.percent_off,
     c.max_discount_cents, c.min_amount_cents, c.scope, c.category_ids, c.product_ids,
     c.starts_at, c.ends_at, c.max_uses_per_user, c.total_quantity, c.used_count,
     COALESCE(u.used, 0) AS user_used
 FROM coupons c LEFT JOIN coupon_user_counts u ON u.coupon_id = c.id AND u.user_id = $2
-WHERE c.code = $1
 """
-SQL_AVAILABLE = """
-SELECT c.id, c.code, c.name, c.type, c.amount_off_cents, c.percent_off,
-    c.max_discount_cents, c.min_amount_cents, c.scope, c.category_ids, c.product_ids,
-    c.starts_at, c.ends_at, c.max_uses_per_user, c.total_quantity, c.used_count,
-    COALESCE(u.used, 0) AS user_used
-FROM coupons c LEFT JOIN coupon_user_counts u ON u.coupon_id = c.id AND u.user_id = $2
-WHERE c.starts_at <= $1 AND c.ends_at > $1
+SQL_COUPON_BY_CODE = _SQL_COUPON_OF_USER + "WHERE c.code = $1"
+SQL_AVAILABLE = (
+    _SQL_COUPON_OF_USER
+    + """WHERE c.starts_at <= $1 AND c.ends_at > $1
   AND (c.total_quantity IS NULL OR c.used_count < c.total_quantity)
   AND COALESCE(u.used, 0) < c.max_uses_per_user
 ORDER BY c.id
 LIMIT $3
 """
+)
 SQL_INSERT_COUPON = """
 INSERT INTO coupons AS c (code, name, type, amount_off_cents, percent_off, max_discount_cents,
     min_amount_cents, scope, category_ids, product_ids, starts_at, ends_at, max_uses_per_user,

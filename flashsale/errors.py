@@ -559,6 +559,11 @@ def for_http_status(status: int) -> type[AppError]:
     return _BY_HTTP_STATUS.get(status, HttpError)
 
 
+def ok_envelope(data: Any = None, *, status: int = 200, message: str = "ok") -> dict[str, Any]:
+    """The body every success goes out in; :func:`envelope` is an error's."""
+    return {"code": status, "message": message, "data": data}
+
+
 def envelope(
     status: int,
     code: str,

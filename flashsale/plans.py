@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 import asyncpg
@@ -38,6 +38,7 @@ from flashsale.errors import NotFound, ValidationFailed
 from flashsale.stores.follow import followed
 from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.scripts import FlashScripts, PlanSwitch, register
+from flashsale.timing import CATALOG_COPY_REFRESH_S, CATALOG_COPY_TTL_S
 from flashsale.waitingroom.room import set_mode
 
 log = logging.getLogger(__name__)
@@ -75,15 +76,7 @@ class Plan:
     options: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "does": self.does,
-            "trigger": self.trigger,
-            "who": self.who,
-            "closing": self.closing,
-            "arms_itself": self.arms_itself,
-            "options": list(self.options),
-        }
+        return {**asdict(self), "options": list(self.options)}
 
 
 PLANS: Final[dict[str, Plan]] = {
@@ -167,16 +160,7 @@ class PlanState:
         return self.mode == ON
 
     def public(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "mode": self.mode,
-            "on": self.on,
-            "auto": self.auto,
-            "by": self.by,
-            "at": self.at,
-            "reason": self.reason,
-            "options": self.options,
-        }
+        return {**asdict(self), "on": self.on}
 
     @classmethod
     def decode(cls, name: str, raw: bytes | str) -> PlanState:
@@ -357,8 +341,6 @@ async def kept_in_force(switches: Switches, redis: Redis, *, every_s: float) -> 
 # --- catalog-from-cache: the last good answer of each catalog page -----------------------
 
 COPY_PREFIX: Final = "fs:catalog:copy:"
-COPY_TTL_S: Final = 7 * 24 * 3600  # an outage is hours at worst; a week-old copy is junk
-COPY_REFRESH_S: Final = 5.0  # a worker rewrites one page's copy at most this often
 
 
 def copy_key(page: str) -> str:
@@ -368,7 +350,7 @@ def copy_key(page: str) -> str:
 
 class CatalogCopies:
     """Keeps the last good answer of each catalog page in Redis, at most once every
-    ``COPY_REFRESH_S`` per page and worker, so that the copy costs the catalog almost
+    ``CATALOG_COPY_REFRESH_S`` per page and worker, so that the copy costs the catalog almost
     nothing while PostgreSQL is up; serves it, marked stale, while the plan is on."""
 
     def __init__(self, redis: Redis) -> None:
@@ -377,7 +359,7 @@ class CatalogCopies:
 
     async def remember(self, page: str, data: Any) -> None:
         now = time.monotonic()
-        if now - self._written.get(page, -COPY_REFRESH_S) < COPY_REFRESH_S:
+        if now - self._written.get(page, -CATALOG_COPY_REFRESH_S) < CATALOG_COPY_REFRESH_S:
             return
         self._written[page] = now
         if len(self._written) > 100_000:  # searches are unbounded: forget, rewrite later
@@ -385,7 +367,7 @@ class CatalogCopies:
         copy = orjson.dumps({"as_of": time.time(), "data": data})
         try:
             with leaks_as_connection_errors():
-                await self._redis.set(copy_key(page), copy, ex=COPY_TTL_S)
+                await self._redis.set(copy_key(page), copy, ex=CATALOG_COPY_TTL_S)
         except (RedisError, OSError) as exc:
             log.warning("catalog copy of %s not kept: %s", page, exc)
 

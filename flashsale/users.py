@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import asyncpg
@@ -171,14 +171,10 @@ class User:
     disabled: bool = False
 
     def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "email": self.email,
-            "phone": self.phone,
-            "nickname": self.nickname,
-            "role": self.role,
-            "disabled": self.disabled,
-        }
+        """Every field but the token generation, which stays on the server."""
+        out = asdict(self)
+        del out["token_gen"]
+        return out
 
 
 def _user(row: asyncpg.Record) -> User:

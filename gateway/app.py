@@ -20,6 +20,7 @@ from flashsale.stores.ids import MachineLease, OrderIdGenerator, OrderIds
 from flashsale.stores.kafka import OrderProducer
 from flashsale.stores.metrics import Metrics, RequestStats, get_metrics
 from flashsale.stores.redisclient import open_redis
+from flashsale.timing import CONNECT_TIMEOUT_S, EXPORT_EVERY_S
 from gateway import appkeys
 from gateway.middlewares import make_middleware
 from gateway.routes import health, users
@@ -46,7 +47,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         decode_responses=False,
         max_connections=256,
         health_check_interval=30,
-        socket_connect_timeout=5,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
     )
     await client.ping()
     app[appkeys.REDIS] = client
@@ -92,7 +93,7 @@ async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def flush_every_second() -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(EXPORT_EVERY_S)
             stats.flush()
 
     task = asyncio.create_task(flush_every_second(), name="request-stats")

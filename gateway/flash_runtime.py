@@ -8,9 +8,9 @@ from typing import Final
 
 from aiohttp import web
 
-from flashsale.flash.cache import REFRESH_EVERY_S
 from flashsale.flash.runtime import FlashRuntime, open_runtime
 from flashsale.stores import tasks
+from flashsale.timing import SALE_CACHE_REFRESH_S
 from gateway import appkeys
 
 FLASH: Final = web.AppKey("flash", FlashRuntime)
@@ -32,7 +32,7 @@ async def flash_ctx(app: web.Application) -> AsyncIterator[None]:
         await cache.refresh()
 
     refresher = tasks.guarded_loop(
-        refresh, name="sale cache refresh", every_s=REFRESH_EVERY_S, wait_first=True
+        refresh, name="sale cache refresh", every_s=SALE_CACHE_REFRESH_S, wait_first=True
     )
     task = asyncio.create_task(refresher, name="sale-cache-refresh")
     yield

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flashsale.errors import InvalidJSON, PayloadTooLarge, ValidationFailed
+from flashsale.errors import InvalidJSON, PayloadTooLarge, ValidationFailed, ok_envelope
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -29,7 +29,7 @@ def ok(
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     """The success envelope ``{"code", "message", "data"}``."""
-    body = dumps({"code": status, "message": message, "data": data})
+    body = dumps(ok_envelope(data, status=status, message=message))
     return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 

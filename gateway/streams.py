@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Final
 
 from aiohttp import web
 
 from flashsale.errors import RateLimited, ServiceUnavailable
 from flashsale.settings import Settings
-
-# a stream of another address ends within seconds when the page goes; a full worker's
-# streams end at the latest after max_s
-ADDRESS_RETRY_S: Final = 30
-WORKER_RETRY_S: Final = 10
+from flashsale.timing import STREAM_ADDRESS_RETRY_S, STREAM_WORKER_RETRY_S
 
 
 class StreamSlots:
@@ -55,15 +50,15 @@ class StreamSlots:
         if self.open >= self.per_worker:
             raise ServiceUnavailable(
                 "too many event streams open on this server; poll instead, or retry later",
-                data={"retry_after_s": WORKER_RETRY_S},
-                headers={"Retry-After": str(WORKER_RETRY_S)},
+                data={"retry_after_s": STREAM_WORKER_RETRY_S},
+                headers={"Retry-After": str(STREAM_WORKER_RETRY_S)},
             )
         held = self._by_address.get(address, 0)
         if held >= self.per_address:
             raise RateLimited(
                 f"at most {self.per_address} event streams from one address; close one or poll",
-                data={"retry_after_s": ADDRESS_RETRY_S},
-                headers={"Retry-After": str(ADDRESS_RETRY_S)},
+                data={"retry_after_s": STREAM_ADDRESS_RETRY_S},
+                headers={"Retry-After": str(STREAM_ADDRESS_RETRY_S)},
             )
         self._by_address[address] = held + 1
         self.open += 1

@@ -131,6 +131,28 @@ def _credential(data_dir: Path, name: str = "password") -> str:
     return value
 
 
+def _wait_until(
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    name: str,
+    log_path: Path,
+    timeout_s: float,
+    every_s: float,
+    too_long: str,
+) -> None:
+    """Poll ``ready`` every ``every_s`` until it says yes; EmbeddedError with the log's tail
+    if the server exits first, or ``too_long`` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            raise EmbeddedError(f"{name} exited with {proc.returncode}:\n{tail}")
+        if ready():
+            return
+        time.sleep(every_s)
+    raise EmbeddedError(too_long)
+
+
 def _wait_port(
     port: int,
     proc: subprocess.Popen[bytes],
@@ -139,15 +161,33 @@ def _wait_port(
     timeout_s: float = 30.0,
     host: str = "127.0.0.1",
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-            raise EmbeddedError(f"{name} exited with {proc.returncode}:\n{tail}")
+    def listening() -> bool:
         with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
-            return
-        time.sleep(0.02)
-    raise EmbeddedError(f"{name} did not listen on {host}:{port} within {timeout_s}s")
+            return True
+        return False
+
+    _wait_until(
+        listening,
+        proc,
+        name,
+        log_path,
+        timeout_s,
+        0.02,
+        f"{name} did not listen on {host}:{port} within {timeout_s}s",
+    )
+
+
+def _start_listening(
+    args: list[str], name: str, log_path: Path, port: int, host: str
+) -> subprocess.Popen[bytes]:
+    """Start a server (dying with this process, its output appended to ``log_path``) and
+    wait until it listens on ``host:port``."""
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
+        )
+    _wait_port(port, proc, name, log_path, host=host)
+    return proc
 
 
 @dataclass
@@ -217,12 +257,17 @@ def start_redis(
         "10000",
         *extra_args,
     ]
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
-        )
-    _wait_port(port, proc, "valkey", log_path, host=host)
-    _wait_redis_loaded(port, proc, log_path, password, host=host)
+    proc = _start_listening(args, "valkey", log_path, port, host)
+    loading_s = 120.0
+    _wait_until(
+        functools.partial(_pong, host, port, password),
+        proc,
+        "valkey",
+        log_path,
+        loading_s,
+        0.05,
+        f"valkey still loading its data after {loading_s}s (see {log_path})",
+    )
     url = f"redis://:{password}@{host}:{port}/0"
     return Server("redis", url, port, proc, log_path=log_path)
 
@@ -405,31 +450,18 @@ def start_redis_cluster(
     return cluster
 
 
-def _wait_redis_loaded(
-    port: int,
-    proc: subprocess.Popen[bytes],
-    log_path: Path,
-    password: str,
-    timeout_s: float = 120.0,
-    host: str = "127.0.0.1",
-) -> None:
-    """Until PING answers PONG: with AOF, Redis answers LOADING while it replays the file."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EmbeddedError(f"valkey exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 1) as c:
-            c.sendall(f"AUTH {password}\r\nPING\r\n".encode())
-            replies = b""
-            while replies.count(b"\r\n") < 2:
-                chunk = c.recv(256)
-                if not chunk:
-                    break
-                replies += chunk
-            if replies.endswith(b"+PONG\r\n"):
-                return
-        time.sleep(0.05)
-    raise EmbeddedError(f"valkey still loading its data after {timeout_s}s (see {log_path})")
+def _pong(host: str, port: int, password: str) -> bool:
+    """PING answers PONG: with AOF, Redis answers LOADING while it replays the file."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), 1) as c:
+        c.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+        replies = b""
+        while replies.count(b"\r\n") < 2:
+            chunk = c.recv(256)
+            if not chunk:
+                break
+            replies += chunk
+        return replies.endswith(b"+PONG\r\n")
+    return False
 
 
 def start_kafka(data_dir: Path, *, port: int | None = None, host: str = "127.0.0.1") -> Server:
@@ -447,11 +479,7 @@ def start_kafka(data_dir: Path, *, port: int | None = None, host: str = "127.0.0
         "--storage-engine",
         "memory://tansu/",
     ]
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM)
-        )
-    _wait_port(port, proc, "tansu", log_path, host=host)
+    proc = _start_listening(args, "tansu", log_path, port, host)
     return Server("kafka", f"{host}:{port}", port, proc, log_path=log_path)
 
 

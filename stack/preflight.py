@@ -10,10 +10,7 @@ import socket
 from redis.exceptions import RedisError
 
 from flashsale.settings import PREFIX, Settings
-
-# Long enough for a loaded server on the far side of a network, short enough that a port
-# that accepts and never answers stops the start at once.
-ANSWER_TIMEOUT_S = 3.0
+from flashsale.timing import PREFLIGHT_ANSWER_TIMEOUT_S
 
 
 class PreflightFailed(Exception):
@@ -53,7 +50,7 @@ def _shown(url: str) -> str:
 
 def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return f"no answer within {ANSWER_TIMEOUT_S:.0f}s"
+        return f"no answer within {PREFLIGHT_ANSWER_TIMEOUT_S:.0f}s"
     text = str(exc).strip().splitlines()
     reason = text[0] if text else type(exc).__name__
     return f"{type(exc).__name__}: {reason}" if isinstance(exc, OSError) else reason
@@ -67,12 +64,12 @@ async def _redis(url: str) -> None:
     for seed in url.split(","):
         client = Redis.from_url(
             seed.strip(),
-            socket_connect_timeout=ANSWER_TIMEOUT_S,
-            socket_timeout=ANSWER_TIMEOUT_S,
+            socket_connect_timeout=PREFLIGHT_ANSWER_TIMEOUT_S,
+            socket_timeout=PREFLIGHT_ANSWER_TIMEOUT_S,
             retry_on_timeout=False,
         )
         try:
-            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            async with asyncio.timeout(PREFLIGHT_ANSWER_TIMEOUT_S):
                 await client.ping()
         except (OSError, TimeoutError, RedisError) as exc:
             errors.append(_why(exc) if "," not in url else f"{_shown(seed.strip())}: {_why(exc)}")
@@ -87,8 +84,8 @@ async def _postgres(url: str) -> None:
     import asyncpg
 
     try:
-        async with asyncio.timeout(ANSWER_TIMEOUT_S):
-            conn = await asyncpg.connect(url, timeout=ANSWER_TIMEOUT_S)
+        async with asyncio.timeout(PREFLIGHT_ANSWER_TIMEOUT_S):
+            conn = await asyncpg.connect(url, timeout=PREFLIGHT_ANSWER_TIMEOUT_S)
             try:
                 await conn.fetchval("SELECT 1")
             finally:
@@ -108,11 +105,11 @@ async def _kafka(bootstrap: str) -> None:
         host, _, port = part.strip().rpartition(":")
         conn = None
         try:
-            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            async with asyncio.timeout(PREFLIGHT_ANSWER_TIMEOUT_S):
                 conn = await create_conn(
                     host or "127.0.0.1",
                     int(port or 9092),
-                    request_timeout_ms=int(ANSWER_TIMEOUT_S * 1000),
+                    request_timeout_ms=int(PREFLIGHT_ANSWER_TIMEOUT_S * 1000),
                 )
                 await conn.send(MetadataRequest([]))
         except (OSError, TimeoutError, KafkaError) as exc:

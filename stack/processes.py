@@ -20,6 +20,7 @@ from typing import Final
 from aiohttp import web
 
 from flashsale.settings import Settings
+from flashsale.timing import CRASH_LOOP_WINDOW_S, RESTART_BACKOFF_S
 from gateway import accesslog
 from gateway.accesslog import JsonAccessLogger
 from gateway.app import create_app
@@ -205,9 +206,7 @@ def serve_multi(settings: Settings) -> int:
         port.close()
 
 
-CRASH_LOOP_DEATHS: Final = 5  # this many deaths of one child …
-CRASH_LOOP_WINDOW_S: Final = 60.0  # … within this long is a crash loop: stop, say why
-RESTART_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+CRASH_LOOP_DEATHS: Final = 5  # this many deaths of one child within CRASH_LOOP_WINDOW_S
 
 
 class CrashLoop(Exception):

@@ -65,8 +65,9 @@ def test_the_stack_does_not_import_the_load_tests() -> None:
 
 
 def test_stores_import_no_domain_module() -> None:
-    """``flashsale/stores/`` reaches Redis, Kafka and PostgreSQL; the domain sits above it."""
-    allowed = ("flashsale.stores", "flashsale.settings")
+    """``flashsale/stores/`` reaches Redis, Kafka and PostgreSQL; the domain sits above it.
+    Settings and the timing constants are below both: they import nothing of the project."""
+    allowed = ("flashsale.stores", "flashsale.settings", "flashsale.timing")
     bad = [
         (f, m)
         for f, m in _imports("flashsale/stores")
@@ -98,3 +99,14 @@ def test_tests_import_helpers_from_helper_modules() -> None:
     ``store_helpers``, ``faultkit``, ``dockerkit``, ``conftest``), never in a test file."""
     found = [(f, m) for f, m in _imports("tests") if m.startswith("tests.test_")]
     assert found == []
+
+
+def test_settings_and_timing_import_nothing_of_the_project() -> None:
+    """Every layer may read them, so they stand on nothing."""
+    bad = [
+        (f, m)
+        for f, m in _imports("flashsale")
+        if f.endswith(("flashsale/settings.py", "flashsale/timing.py"))
+        and _under(m, "flashsale", "gateway", "consumers", "stack", "loadtests")
+    ]
+    assert bad == []

@@ -42,3 +42,35 @@ async def test_metrics_served_with_the_token(guarded: TestClient[Any, Any]) -> N
 def test_setting_read_from_env() -> None:
     assert Settings.from_env({"FLASHSALE_METRICS_TOKEN": TOKEN}).metrics_token == TOKEN
     assert Settings.from_env({}).metrics_token is None
+
+
+async def test_a_consumers_metrics_ask_the_same_token_and_answer_in_the_envelope() -> None:
+    """``flashsale consume`` serves its own /metrics and /healthz: the same check as the
+    gateway's, the same envelopes."""
+    import socket
+
+    import aiohttp
+
+    from consumers.runner import _serve_metrics
+    from flashsale.stores.metrics import get_metrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    settings = Settings(metrics_token=TOKEN, metrics_port=port)
+    runner = await _serve_metrics(settings, get_metrics())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/metrics", headers={"Authorization": "Bearer no"}) as r:
+                assert r.status == 401
+                assert r.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+                assert (await r.json())["error"] == "AUTH_REQUIRED"
+            async with http.get(
+                f"{base}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as r:
+                assert r.status == 200
+            async with http.get(f"{base}/healthz") as r:
+                assert await r.json() == {"code": 200, "message": "ok", "data": {"status": "alive"}}
+    finally:
+        await runner.cleanup()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flashsale.settings import Settings, SettingsError, unknown_variables
+from flashsale.settings import Settings, SettingsError, settings_table, unknown_variables
 
 pytestmark = pytest.mark.unit
 
@@ -160,3 +160,13 @@ def test_a_setting_may_come_from_a_file(tmp_path: Path) -> None:
         Settings.from_env({"FLASHSALE_SECRET_KEY_FILE": str(secret), "FLASHSALE_SECRET_KEY": "x"})
     with pytest.raises(SettingsError, match=r"FLASHSALE_SECRET_KEY_FILE=/nowhere: cannot read"):
         Settings.from_env({"FLASHSALE_SECRET_KEY_FILE": "/nowhere"})
+
+
+def test_docs_settings_md_lists_every_setting_as_declared() -> None:
+    """The table of docs/settings.md is the declarations' own (default, meaning), so a setting
+    added, renamed or given another default cannot leave the docs behind."""
+    docs = (Path(__file__).parents[1] / "docs" / "settings.md").read_text(encoding="utf-8")
+    assert settings_table() in docs, (
+        "docs/settings.md is behind flashsale/settings.py: replace its table with the output of "
+        "`python -m flashsale.settings`"
+    )

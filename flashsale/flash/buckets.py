@@ -37,7 +37,6 @@ from flashsale.stores import rediskeys
 from flashsale.stores.scripts import FlashScripts, Give, Take, parse_give
 
 MAX_BUCKETS: Final = 64
-TRANSFER_STALE_MS: Final = 2_000  # a transfer log entry older than this is the sweeper's
 _GOLDEN: Final = 0x9E3779B1  # Fibonacci hashing: consecutive user ids spread evenly
 
 

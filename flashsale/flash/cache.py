@@ -14,10 +14,9 @@ from redis.exceptions import RedisError
 from flashsale.errors import ServiceUnavailable
 from flashsale.stores import rediskeys
 from flashsale.stores.redisclient import run_id, run_ids
+from flashsale.timing import SALE_CACHE_MISS_S
 
-REFRESH_EVERY_S: Final = 0.5
 BUCKET_FIELDS: Final = ("remaining", "moved_out", "allotment", "armed", "moves")
-MISS_TTL_S: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -249,7 +248,7 @@ class SaleCache:
         if state is not None:
             return state
         missed = self._misses.get(sale_id)
-        if missed is not None and time.monotonic() - missed < MISS_TTL_S:
+        if missed is not None and time.monotonic() - missed < SALE_CACHE_MISS_S:
             return None
         try:
             h = await self._redis.hgetall(rediskeys.sale(sale_id))

@@ -28,7 +28,9 @@ from flashsale.orders.views import (
     SQL_ITEMS,
     SQL_LOGS,
     item_view,
+    order_amounts,
     order_detail,
+    order_head,
     returns_of_order,
     shipping_info,
 )
@@ -276,11 +278,7 @@ async def merchant_order(pool: asyncpg.Pool, order_id: str, actor: Actor) -> dic
         )
         items = [item_view(r) for r in rows]
         return {
-            "order_id": order["id"],
-            "kind": order["kind"],
-            "status": order["status"],
-            "version": order["version"],
-            "created_at": order["created_at"],
+            **order_head(order),
             "paid_at": order["paid_at"],
             "buyer_id": order["user_id"],
             "items": items,
@@ -343,10 +341,7 @@ async def admin_orders(pool: asyncpg.Pool, q: OrderQuery, *, login: str | None) 
                 "user_id": r["user_id"],
                 "kind": r["kind"],
                 "status": r["status"],
-                "total_amount": r["total_cents"],
-                "discount_amount": r["discount_cents"],
-                "shipping_fee": r["shipping_cents"],
-                "final_amount": r["pay_cents"],
+                **order_amounts(r),
                 "refunded_amount": r["refunded_cents"],
                 "version": r["version"],
                 "created_at": r["created_at"],

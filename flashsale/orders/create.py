@@ -30,16 +30,14 @@ from flashsale.errors import (
     ValidationFailed,
 )
 from flashsale.orders.model import SQL_ORDER, Actor, new_payment_id, write_log
+from flashsale.orders.views import order_amounts
 from flashsale.settings import Settings
 from flashsale.stores.db import Conn
 from flashsale.stores.ids import OrderIds
+from flashsale.timing import RESERVATION_GRACE_S
 
 log = logging.getLogger(__name__)
 
-# Reservations outlive the payment deadline a little, so that the order sweeper (which
-# cancels the order and releases them) runs first and the reservation sweeper is only
-# the backstop for orders that never got written.
-RESERVATION_GRACE_S: Final = 300
 
 MAX_LINE_QUANTITY: Final = 999
 SANDBOX_PAYMENT_METHOD: Final = "alipay"
@@ -353,10 +351,7 @@ async def _replay(conn: Conn, order_id: str | None, user_id: int) -> dict[str, A
     return {
         "order_id": order["id"],
         "status": order["status"],
-        "total_amount": order["total_cents"],
-        "discount_amount": order["discount_cents"],
-        "shipping_fee": order["shipping_cents"],
-        "final_amount": order["pay_cents"],
+        **order_amounts(order),
         "payment_id": None if pay is None else pay["id"],
         "payment_url": None,
         "expires_at": order["payment_deadline"],

@@ -217,12 +217,9 @@ async def ship_order(
 ) -> dict[str, Any]:
     """paid → shipped, by the merchant owning every product of the order, or an admin."""
     async with pool.acquire() as conn, conn.transaction():
-        order = await conn.fetchrow(SQL_ORDER, order_id)
-        if order is None:
-            raise NotFound("order not found")
-        await require_merchant(conn, order_id, actor)
-        version = _check(order, ("paid",), "ship", expected_version)
-        await _require_paid_in_full(conn, order, "ship")
+        order, version = await _merchants_move(
+            conn, order_id, actor, "paid", "ship", expected_version
+        )
         if order["shipping_address"] is None:  # paid before addresses were required
             raise AddressRequired(
                 "this order has no shipping address; it cannot ship",
@@ -250,17 +247,28 @@ async def ship_order(
     }
 
 
+async def _merchants_move(
+    conn: Conn, order_id: str, actor: Actor, status: str, action: str, expected: int | None
+) -> tuple[asyncpg.Record, int]:
+    """The order and its version, for a move out of ``status`` that the merchant
+    owning every product of it (or an admin) makes on a paid-in-full order."""
+    order = await conn.fetchrow(SQL_ORDER, order_id)
+    if order is None:
+        raise NotFound("order not found")
+    await require_merchant(conn, order_id, actor)
+    version = _check(order, (status,), action, expected)
+    await _require_paid_in_full(conn, order, action)
+    return order, version
+
+
 async def deliver_order(
     pool: asyncpg.Pool, order_id: str, actor: Actor, *, expected_version: int | None
 ) -> dict[str, Any]:
     """shipped → delivered (the carrier's event), by the merchant or an admin."""
     async with pool.acquire() as conn, conn.transaction():
-        order = await conn.fetchrow(SQL_ORDER, order_id)
-        if order is None:
-            raise NotFound("order not found")
-        await require_merchant(conn, order_id, actor)
-        version = _check(order, ("shipped",), "deliver", expected_version)
-        await _require_paid_in_full(conn, order, "deliver")
+        order, version = await _merchants_move(
+            conn, order_id, actor, "shipped", "deliver", expected_version
+        )
         new_version = await _apply(conn, SQL_TO_DELIVERED, order, version, "delivered", actor, None)
     return {"order_id": order_id, "status": "delivered", "version": new_version}
 

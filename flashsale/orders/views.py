@@ -4,7 +4,7 @@ the list, and the operation log."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 from redis.asyncio import Redis
@@ -111,20 +111,38 @@ def item_view(r: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
-    items = [item_view(r) for r in await conn.fetch(SQL_ITEMS, order["id"])]
-    pay = await conn.fetchrow(SQL_LATEST_PAYMENT, order["id"])
+def order_head(order: asyncpg.Record) -> dict[str, Any]:
+    """What every view of an order starts with."""
     return {
         "order_id": order["id"],
         "kind": order["kind"],
         "status": order["status"],
         "version": order["version"],
         "created_at": order["created_at"],
+    }
+
+
+# The API's name of each money column of an order (cents).
+AMOUNTS: Final = {
+    "total_amount": "total_cents",
+    "discount_amount": "discount_cents",
+    "shipping_fee": "shipping_cents",
+    "final_amount": "pay_cents",
+}
+
+
+def order_amounts(order: asyncpg.Record) -> dict[str, Any]:
+    """An order's money as the API names it."""
+    return {name: order[column] for name, column in AMOUNTS.items()}
+
+
+async def order_detail(conn: Conn, order: asyncpg.Record) -> dict[str, Any]:
+    items = [item_view(r) for r in await conn.fetch(SQL_ITEMS, order["id"])]
+    pay = await conn.fetchrow(SQL_LATEST_PAYMENT, order["id"])
+    return {
+        **order_head(order),
         "updated_at": order["updated_at"],
-        "total_amount": order["total_cents"],
-        "discount_amount": order["discount_cents"],
-        "shipping_fee": order["shipping_cents"],
-        "final_amount": order["pay_cents"],
+        **order_amounts(order),
         "refunded_amount": order["refunded_cents"],
         "coupon_code": order["coupon_code"],
         "payment_deadline": order["payment_deadline"],
@@ -180,10 +198,7 @@ async def list_orders(
                 "order_id": r["id"],
                 "kind": r["kind"],
                 "status": r["status"],
-                "total_amount": r["total_cents"],
-                "discount_amount": r["discount_cents"],
-                "shipping_fee": r["shipping_cents"],
-                "final_amount": r["pay_cents"],
+                **order_amounts(r),
                 "version": r["version"],
                 "created_at": r["created_at"],
                 "payment_deadline": r["payment_deadline"],

@@ -35,13 +35,13 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from flashsale.stores.redisbatch import (
-    DEFAULT_TIMEOUT_S,
     MAX_BATCH,
     NotSent,
     OutcomeUnknown,
     ScriptBatcher,
     pack,
 )
+from flashsale.timing import REDIS_BATCH_TIMEOUT_S
 
 SLOTS: Final = 16384
 ATTEMPTS: Final = 4
@@ -76,7 +76,7 @@ class ClusterScriptBatcher:
         seeds: Sequence[str],
         *,
         max_batch: int = MAX_BATCH,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float = REDIS_BATCH_TIMEOUT_S,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 500,
     ) -> None:

@@ -19,6 +19,8 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from flashsale.timing import SQL_COMMAND_TIMEOUT_S
+
 # A connection from a pool or a plain one: what the data functions accept.
 Conn = asyncpg.Connection | PoolConnectionProxy
 
@@ -104,7 +106,11 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose connections encode and decode json/jsonb with orjson."""
     pool: asyncpg.Pool | None = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=SQL_COMMAND_TIMEOUT_S,
     )
     assert pool is not None
     return pool

@@ -11,16 +11,14 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
 
 from redis.asyncio import Redis
 
 from flashsale.stores import tasks
 from flashsale.stores.redisclient import pubsub_client
+from flashsale.timing import FOLLOW_RECONNECT_S
 
 log = logging.getLogger(__name__)
-
-_RECONNECT_S: Final = 0.5
 
 
 async def _subscribe(
@@ -64,7 +62,7 @@ async def followed(
     subscriber = tasks.guarded_loop(
         functools.partial(_subscribe, redis, channel, on_message or woken, wake),
         name=f"{what} subscriber",
-        every_s=_RECONNECT_S,
+        every_s=FOLLOW_RECONNECT_S,
     )
     poller = tasks.guarded_loop(
         refresh, name=f"{what} refresh", every_s=every_s, errors=errors, wait_first=True, wake=wake

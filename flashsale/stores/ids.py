@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from flashsale.stores import tasks
 from flashsale.stores.redisbatch import OutcomeUnknown
 from flashsale.stores.scripts import Lease, register
+from flashsale.timing import MACHINE_LEASE_RENEW_S, MACHINE_LEASE_TTL_MS
 
 if TYPE_CHECKING:
     from flashsale.stores.clusterbatch import ClusterScriptBatcher
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MACHINE_IDS = 1000
-LEASE_TTL_MS = 30_000
-RENEW_EVERY_S = 10.0
 _SEQ_MAX = 9999
 
 
@@ -106,7 +105,7 @@ class MachineLease:
     async def _lease(self, n: int) -> Lease | None:
         """Take or renew ``fs:machine:<n>``; None when its replication was not confirmed."""
         keys: list[str] = [machine_key(n)]
-        args: list[str | int] = [self._token, LEASE_TTL_MS]
+        args: list[str | int] = [self._token, MACHINE_LEASE_TTL_MS]
         if self._batcher is None:
             return Lease(int(await self._script(keys=keys, args=args)))
         try:
@@ -131,7 +130,10 @@ class MachineLease:
 
     async def _renew_forever(self) -> None:
         await tasks.guarded_loop(
-            self._renew, name="machine-id lease renewal", every_s=RENEW_EVERY_S, wait_first=True
+            self._renew,
+            name="machine-id lease renewal",
+            every_s=MACHINE_LEASE_RENEW_S,
+            wait_first=True,
         )
 
     async def _renew(self) -> None:

@@ -36,9 +36,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from flashsale.timing import REDIS_BATCH_TIMEOUT_S, REPLICAS_EVERY_S
+
 MAX_BATCH: Final = 512
-REPLICAS_EVERY_S: Final = 1.0
-DEFAULT_TIMEOUT_S: Final = 5.0
 SUPPORTED_SCHEMES: Final = ("redis",)
 
 
@@ -140,7 +140,7 @@ class ScriptBatcher:
         url: str,
         *,
         max_batch: int = MAX_BATCH,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float = REDIS_BATCH_TIMEOUT_S,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 500,
     ) -> None:

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale.settings import Settings
 from flashsale.stores.redisbatch import run_id_of
+from flashsale.timing import CONNECT_TIMEOUT_S
 
 # Where redis-py 8.1's asyncio connection leaks a transport error instead of its own
 # ConnectionError, when another task closed the connection under a write (it does during a
@@ -126,6 +127,6 @@ def pubsub_client(redis: Redis) -> tuple[Redis, bool]:
         port=node.port,
         username=kwargs.get("username"),
         password=kwargs.get("password"),
-        socket_connect_timeout=5,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
     )
     return client, True

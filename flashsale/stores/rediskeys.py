@@ -10,6 +10,7 @@ sale spreads over the shards (``flashsale/flash/buckets.py``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 SALES_INDEX = "fs:sales"  # set of sale ids the gateway workers keep in memory
 
@@ -220,6 +221,11 @@ def queue_admit_keys(sale_id: int) -> list[str]:
     ]
 
 
+def _of(sale_id: int, bucket: int, *builders: Callable[[int, int], str]) -> list[str]:
+    """The keys ``builders`` name for one bucket, in order (a script's KEYS)."""
+    return [build(sale_id, bucket) for build in builders]
+
+
 # KEYS of each script, in the order the script's header lists them; ``bucket`` is the
 # shopper's home bucket (0 for a sale of one bucket).
 def reserve_keys(sale_id: int, user_id: int | str, client_ip: str, bucket: int = 0) -> list[str]:
@@ -247,42 +253,31 @@ def _bucket_keys(sale_id: int, bucket: int) -> tuple[str, ...]:
 
 def release_keys(sale_id: int, bucket: int = 0) -> list[str]:
     """lua/release.lua"""
-    return [
-        sale(sale_id, bucket),
-        users(sale_id, bucket),
-        first_order(sale_id, bucket),
-        log(sale_id, bucket),
-        log_times(sale_id, bucket),
-        voided(sale_id, bucket),
-        idempotency(sale_id, bucket),
-        claimed(sale_id, bucket),
-    ]
+    return _of(
+        sale_id, bucket, sale, users, first_order, log, log_times, voided, idempotency, claimed
+    )
 
 
 def claim_keys(sale_id: int, bucket: int = 0) -> list[str]:
     """lua/claim.lua"""
-    return [
-        log(sale_id, bucket),
-        log_times(sale_id, bucket),
-        claimed(sale_id, bucket),
-        voided(sale_id, bucket),
-        claim_times(sale_id, bucket),
-    ]
+    return _of(sale_id, bucket, log, log_times, claimed, voided, claim_times)
 
 
 def rearm_keys(sale_id: int, bucket: int = 0) -> list[str]:
     """lua/sale_rearm.lua"""
-    return [
-        sale(sale_id, bucket),
-        users(sale_id, bucket),
-        first_order(sale_id, bucket),
-        log(sale_id, bucket),
-        log_times(sale_id, bucket),
-        claimed(sale_id, bucket),
-        returned(sale_id, bucket),
-        transfers_out(sale_id, bucket),
-        transfers_in(sale_id, bucket),
-    ]
+    return _of(
+        sale_id,
+        bucket,
+        sale,
+        users,
+        first_order,
+        log,
+        log_times,
+        claimed,
+        returned,
+        transfers_out,
+        transfers_in,
+    )
 
 
 def return_units_keys(sale_id: int, bucket: int = 0) -> list[str]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from flashsale.settings import hkdf_sha256
+from flashsale.timing import CHALLENGE_MAX_AGE_MS
 
 KEY_LABEL: Final = b"flashsale/waiting-room/v1"
 MAC_BYTES: Final = 16
-CHALLENGE_MAX_AGE_MS: Final = 300_000
 MAX_SIGNED_LEN: Final = 200
 MAX_SOLUTION_LEN: Final = 64
 

@@ -50,27 +50,22 @@ _PAGE: Final = {
     "page": F(int, default=1, min=1, max=10_000, doc="page number, from 1"),
     "limit": F(int, default=20, min=1, max=100, doc="page size, 1-100"),
 }
+_SORT: Final = F(
+    str,
+    required=False,
+    default="created_at,desc",
+    choices=backoffice.SORTS,
+    doc="newest or oldest first",
+)
 MERCHANT_FILTERS: Final = {
     **_FILTERS,
     "product_id": F(int, required=False, min=1, doc="orders holding this product"),
-    "sort": F(
-        str,
-        required=False,
-        default="created_at,desc",
-        choices=backoffice.SORTS,
-        doc="newest or oldest first",
-    ),
+    "sort": _SORT,
 }
 MERCHANT_LIST: Final = {**MERCHANT_FILTERS, **_PAGE}
 ADMIN_LIST: Final = {
     **_FILTERS,
-    "sort": F(
-        str,
-        required=False,
-        default="created_at,desc",
-        choices=backoffice.SORTS,
-        doc="newest or oldest first",
-    ),
+    "sort": _SORT,
     "user_id": F(int, required=False, min=1, doc="the buyer's id"),
     "user": F(str, required=False, min_len=1, max_len=254, doc="the buyer's email or phone"),
     **_PAGE,

@@ -25,6 +25,7 @@ from flashsale.dashboard.snapshot import merchant_view
 from flashsale.errors import AppError, NotFound, RateLimited, ServiceUnavailable
 from flashsale.flash.cache import now_ms
 from flashsale.stores import tasks
+from flashsale.timing import EXPORT_EVERY_S, GAUGE_GRACE_MS, STREAM_KEEPALIVE_S, STREAM_REVALIDATE_S
 from gateway import appkeys
 from gateway.auth import bearer
 from gateway.flash_runtime import FLASH
@@ -45,10 +46,6 @@ _TYPES: Final = {
     ".LICENSE": "text/plain",
 }
 ASSET_NAME: Final = F(str, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_len=64)
-KEEPALIVE_S: Final = 15.0
-# how often an open stream checks its token again: a revoked or expired one ends it within
-# a second, like the next request it would have made
-REVALIDATE_S: Final = 0.5
 # The pages load only their own scripts and styles, talk only to this origin and are never
 # framed (clickjacking of the admin actions); the vendored uPlot styles through the CSSOM,
 # which 'self' allows.
@@ -59,7 +56,6 @@ PAGE_HEADERS: Final = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
 }
-GAUGE_GRACE_MS: Final = 10 * 60 * 1000  # a sale's gauges stay ten minutes past its end
 
 
 def _assets() -> dict[str, bytes]:
@@ -147,7 +143,7 @@ def _still_watching(request: web.Request, token: str) -> None:
 async def events(request: web.Request, principal: Principal) -> web.StreamResponse:
     """Server-sent events: ``history`` (the last minutes) once, then ``snapshot`` each second.
 
-    The token is checked again every ``REVALIDATE_S``, as each request checks it: when it
+    The token is checked again every ``STREAM_REVALIDATE_S``, as each request checks it: when it
     expires, or a logout or a role change revokes it, a ``closed`` event names the error
     and the stream ends (the page's reconnect then gets the 401).
     """
@@ -161,7 +157,7 @@ async def events(request: web.Request, principal: Principal) -> web.StreamRespon
     with slots.hold(client_ip(request)):
         resp = await start_stream(request)
         ends = time.monotonic() + slots.max_s
-        feed = hub.watch(sale_id, REVALIDATE_S)
+        feed = hub.watch(sale_id, STREAM_REVALIDATE_S)
         try:
             await resp.write(_event("history", [view(p) for p in await hub.history(sale_id)]))
             quiet_since = time.monotonic()
@@ -174,7 +170,7 @@ async def events(request: web.Request, principal: Principal) -> web.StreamRespon
                 if snap is not None:
                     await resp.write(_event("snapshot", view(snap)))
                     quiet_since = time.monotonic()
-                elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                elif time.monotonic() - quiet_since >= STREAM_KEEPALIVE_S:
                     await resp.write(b": keep-alive\n\n")
                     quiet_since = time.monotonic()
                 if time.monotonic() >= ends:
@@ -196,7 +192,7 @@ async def _export_sales(app: web.Application) -> None:
     metrics = app[appkeys.METRICS]
     cache = app[FLASH].cache
     while True:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(EXPORT_EVERY_S)
         now = now_ms()
         for sale in list(cache.sales.values()):
             if sale.closed or now >= sale.end_ms + GAUGE_GRACE_MS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Final
 
 import asyncpg
@@ -11,20 +10,20 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flashsale.auth import require_metrics_token
 from flashsale.errors import NotReady, Unauthorized
+from flashsale.timing import PROBE_TIMEOUT_S
 from gateway import __version__, appkeys
 from gateway.http import dumps, ok
 from gateway.routes.dashboard import PAGE_HEADERS, asset
 from gateway.routing import ROUTE_TABLE, Route, openapi_spec
-
-READY_TIMEOUT_S = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "alive"})
 
 
-async def check_redis(redis: Redis, timeout_s: float = READY_TIMEOUT_S) -> bool:
+async def check_redis(redis: Redis, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     try:
         async with asyncio.timeout(timeout_s):
             pong: object = await redis.ping()
@@ -35,7 +34,7 @@ async def check_redis(redis: Redis, timeout_s: float = READY_TIMEOUT_S) -> bool:
 
 async def check_db(app: web.Application) -> bool:
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
             one: object = await app[appkeys.DB].fetchval("SELECT 1")
             return one == 1
     except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
@@ -45,7 +44,7 @@ async def check_db(app: web.Application) -> bool:
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     redis_ok, db_ok, kafka_ok = await asyncio.gather(
-        check_redis(app[appkeys.REDIS]), check_db(app), app[appkeys.PRODUCER].ping(READY_TIMEOUT_S)
+        check_redis(app[appkeys.REDIS]), check_db(app), app[appkeys.PRODUCER].ping(PROBE_TIMEOUT_S)
     )
     checks = {"redis": _word(redis_ok), "postgres": _word(db_ok), "kafka": _word(kafka_ok)}
     down = [name for name, state in checks.items() if state == "down"]
@@ -62,22 +61,10 @@ def _word(up: bool) -> str:
     return "up" if up else "down"
 
 
-def require_metrics_token(request: web.Request, token: str | None) -> None:
-    """With FLASHSALE_METRICS_TOKEN set, /metrics needs ``Authorization: Bearer <token>``."""
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # bytes that are not UTF-8 arrive as surrogates: compared as the bytes they were
-    given_raw = given.encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given_raw, token.encode()):
-        raise Unauthorized(
-            "metrics need 'Authorization: Bearer <FLASHSALE_METRICS_TOKEN>'",
-            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-        )
-
-
 async def metrics(request: web.Request) -> web.Response:
-    require_metrics_token(request, request.app[appkeys.SETTINGS].metrics_token)
+    require_metrics_token(
+        request.headers.get("Authorization", ""), request.app[appkeys.SETTINGS].metrics_token
+    )
     request.app[appkeys.REQUEST_STATS].flush()
     body, content_type = request.app[appkeys.METRICS].render()
     resp = web.Response(body=body)

@@ -29,6 +29,7 @@ from flashsale.errors import (
     TicketInvalid,
 )
 from flashsale.flash.cache import SaleState, now_ms
+from flashsale.timing import STREAM_KEEPALIVE_S
 from flashsale.waitingroom.signing import MAX_SIGNED_LEN, MAX_SOLUTION_LEN, Ticket
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
@@ -42,7 +43,6 @@ from gateway.waitingroom_runtime import WAITING_ROOM
 
 DEVICE_HEADER: Final = "X-Device-Id"
 MAX_DEVICE_ID: Final = 128
-STREAM_KEEPALIVE_S: Final = 15.0
 
 ENTER = {
     "challenge": F(str, required=False, min_len=1, max_len=MAX_SIGNED_LEN),

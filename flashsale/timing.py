@@ -1,0 +1,106 @@
+"""Timing constants: periods, timeouts, backoffs and lifetimes, in one place.
+
+What an operator sets per deployment is a setting (flashsale/settings.py,
+docs/settings.md); what is here is fixed by the design, gathered so that the ones that
+must agree with each other stand side by side and each says why it is what it is. A
+constant that only shapes one loop's inner working stays beside that loop. Units are in
+the names (``_S``, ``_MS``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+WEEK_S: Final = 7 * 24 * 3600
+
+# --- stores -------------------------------------------------------------------------------
+
+# Opening a connection to Redis: a store that does not accept within this long is down.
+CONNECT_TIMEOUT_S: Final = 5
+# A PostgreSQL statement that runs longer is cancelled; the longest (reconcile, exports)
+# take a few seconds on a large shop.
+SQL_COMMAND_TIMEOUT_S: Final = 30
+# A store answers a liveness probe (/readyz, the sweepers' "is PostgreSQL there") within
+# this long, or counts as down: short, so a probe never queues behind a slow store.
+PROBE_TIMEOUT_S: Final = 2.0
+# The join path's pipelined Redis connection: a batch not answered within this long fails
+# its joins with "outcome unknown" (Redis answers a batch in well under a millisecond).
+REDIS_BATCH_TIMEOUT_S: Final = 5.0
+# How often the join path re-reads how many replicas are connected (with
+# FLASHSALE_REDIS_WAIT_REPLICAS): once a second is enough to notice a replica lost.
+REPLICAS_EVERY_S: Final = 1.0
+# A pub/sub follower (revocations, plans) that lost Redis subscribes again after this.
+FOLLOW_RECONNECT_S: Final = 0.5
+# A machine id is leased for LEASE_TTL_MS and renewed every RENEW_S: three renewals may
+# fail before the lease lapses, and a dead process frees its id within half a minute.
+MACHINE_LEASE_TTL_MS: Final = 30_000
+MACHINE_LEASE_RENEW_S: Final = 10.0
+
+# --- flash sales ----------------------------------------------------------------------------
+
+# Each worker re-reads its copy of every running sale this often (the join reads the copy).
+SALE_CACHE_REFRESH_S: Final = 0.5
+# A sale id Redis does not know is not asked again for this long (a stampede at a wrong id).
+SALE_CACHE_MISS_S: Final = 1.0
+# A transfer between two buckets older than this is the sweeper's to finish: far above a
+# transfer's two round trips, so the sweeper never races the giver still finishing it.
+TRANSFER_STALE_MS: Final = 2_000
+# Reservations outlive the payment deadline a little, so that the order sweeper (which
+# cancels the order and releases them) runs first and the reservation sweeper is only
+# the backstop for orders that never got written.
+RESERVATION_GRACE_S: Final = 300
+# A waiting room's proof-of-work challenge is accepted this long after it was issued.
+CHALLENGE_MAX_AGE_MS: Final = 300_000
+
+# --- shop ---------------------------------------------------------------------------------
+
+# A guest cart expires this long after its last write.
+GUEST_CART_TTL_S: Final = WEEK_S
+# A product page's cached detail is at most this old (stock shown on it included).
+PRODUCT_DETAIL_TTL_S: Final = 30
+# catalog-from-cache: the last good copy of a catalog page. An outage is hours at worst, so
+# a week-old copy is junk; a worker rewrites one page's copy at most every REFRESH_S.
+CATALOG_COPY_TTL_S: Final = WEEK_S
+CATALOG_COPY_REFRESH_S: Final = 5.0
+
+# --- gateway ------------------------------------------------------------------------------
+
+# An event stream (sale page, waiting room, dashboard) sends a comment this often when it
+# has nothing to say, below the usual 30-60 s idle timeout of proxies on the way.
+STREAM_KEEPALIVE_S: Final = 15.0
+# Retry-After of a refused event stream: another stream of the same address ends within
+# seconds when its page goes; a full worker's streams end at the latest after
+# FLASHSALE_STREAM_MAX_S.
+STREAM_ADDRESS_RETRY_S: Final = 30
+STREAM_WORKER_RETRY_S: Final = 10
+# How often an open dashboard stream checks its token again: a revoked or expired one ends
+# it within a second, like the next request it would have made.
+STREAM_REVALIDATE_S: Final = 0.5
+# Request counters and sale gauges go to the metrics files once a second, Prometheus's
+# finest scrape.
+EXPORT_EVERY_S: Final = 1.0
+# A sale's gauges stay this long past its end, so a dashboard sees how it finished.
+GAUGE_GRACE_MS: Final = 10 * 60 * 1000
+
+# --- consumers ----------------------------------------------------------------------------
+
+# The dashboard shows the last reconcile's drift (units and money) this long.
+DRIFT_KEPT_S: Final = WEEK_S
+# A batch that failed for a transient reason (a store lost) is retried after these waits,
+# the last one repeating; a broker poll that failed is retried after POLL_RETRY_S.
+BATCH_RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+POLL_RETRY_S: Final = 1.0
+# The consumer touches its heartbeat file this often: well inside the 30 s after which
+# docker-compose.yml's health check calls a consumer dead.
+CONSUMER_HEARTBEAT_S: Final = 5.0
+
+# --- stack --------------------------------------------------------------------------------
+
+# A child of `flashsale up` that dies is restarted after these waits (by how many deaths
+# in the crash-loop window), the last one repeating; CRASH_LOOP_DEATHS deaths within
+# CRASH_LOOP_WINDOW_S stop the stack with the reason.
+RESTART_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+CRASH_LOOP_WINDOW_S: Final = 60.0
+# Preflight: long enough for a loaded server on the far side of a network, short enough
+# that a port that accepts and never answers stops the start at once.
+PREFLIGHT_ANSWER_TIMEOUT_S: Final = 3.0
