@@ -236,6 +236,16 @@ class FaultStack:
         self.kafka_server.stop()
         self.redis_server.stop()
 
+    def unhandled(self, n: int = 6000) -> str:
+        """The gateway's "unhandled error" log lines with what follows each (the 500s'
+        tracebacks), so a failed run names its cause after its folder is gone."""
+        path = self.gateway.log_path
+        if not path.exists():
+            return ""
+        text = path.read_text(errors="replace")
+        found = [text[i : i + 2000] for i in _starts(text, "unhandled error")]
+        return "\n...\n".join(found)[:n]
+
     def log_tail(self, n: int = 3000) -> str:
         out = []
         for p in (self.gateway.log_path, self.consumer.log_path):
@@ -482,9 +492,20 @@ async def settle_and_judge(
     )
 
 
+def _starts(text: str, needle: str) -> list[int]:
+    out: list[int] = []
+    at = text.find(needle)
+    while at >= 0 and len(out) < 5:
+        out.append(max(0, text.rfind("\n", 0, at) + 1))
+        at = text.find(needle, at + len(needle))
+    return out
+
+
 def assert_promises_kept(v: Verdict, answers: Answers, stack: FaultStack | None = None) -> None:
     tail = stack.log_tail() if stack is not None else ""
     print(v.row(), answers.statuses, flush=True)
+    errors = [s for s in answers.statuses if s.startswith("500")]
+    assert not errors, f"{answers.statuses}\n{stack.unhandled() if stack is not None else ''}"
     assert not v.lost, f"accepted orders not in PostgreSQL: {v.lost[:10]}\n{tail}"
     assert v.oversold == 0, f"{v.oversold} order(s) oversold\n{tail}"
     assert v.duplicates == 0
