@@ -70,17 +70,21 @@ async def run_consumers(settings: Settings, stop: asyncio.Event | None = None) -
 
         tasks = [
             asyncio.create_task(consume_forever(settings, processor, stop), name="consumer"),
-            asyncio.create_task(
-                run_sweepers(settings, db, redis, producer, metrics, stop), name="sweepers"
-            ),
-            asyncio.create_task(
-                run_store_sweeper(db, settings.sweep_interval_ms / 1000, stop), name="store-sweeper"
-            ),
             asyncio.create_task(heartbeat_loop, name="heartbeat"),
             asyncio.create_task(
                 publish_every_second(redis, metrics.registry, stop=stop), name="dashboard-feed"
             ),
         ]
+        if settings.consumer_sweepers:
+            tasks += [
+                asyncio.create_task(
+                    run_sweepers(settings, db, redis, producer, metrics, stop), name="sweepers"
+                ),
+                asyncio.create_task(
+                    run_store_sweeper(db, settings.sweep_interval_ms / 1000, stop),
+                    name="store-sweeper",
+                ),
+            ]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         stop.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)

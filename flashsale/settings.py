@@ -510,6 +510,12 @@ class Settings:
         "longest wait between two republishes of one reservation (doubling from the first)",
     )
     sweep_interval_ms: int = _integer(1000, 10, 600_000, "sweeper period")
+    consumer_sweepers: bool = _flag(
+        True,
+        "a consumer process also runs the sweepers (stranded reservations, unpaid orders,"
+        " ended sales, stale stores); `false` for extra consumers that only persist (the"
+        " bench's drain rows: another sale's stranded reservations are not their backlog)",
+    )
 
     payment_provider: str = _choice(
         "none",
