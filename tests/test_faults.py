@@ -47,6 +47,10 @@ from tests.faultkit import (
 from tests.flashkit import GatewayServer, admin_headers, make_sku, make_users
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# A failover test's own bounds (the stack, a 60 s crowd of 15 s requests, a 90 s settle)
+# add up past the suite's 120 s: a slow failover is judged by the test's own assertions
+# rather than killed with the whole run.
+FAILOVER_TIMEOUT = pytest.mark.timeout(240)
 
 
 # a session waiting for a lock the given backend holds (the consumer, blocked on the sale row)
@@ -426,6 +430,7 @@ async def _failover(
         stack.stop()
 
 
+@FAILOVER_TIMEOUT
 async def test_cluster_primary_killed_mid_stampede(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
 ) -> None:
@@ -435,6 +440,7 @@ async def test_cluster_primary_killed_mid_stampede(
     await _failover(base_settings, db, tokens, root, "failover")
 
 
+@FAILOVER_TIMEOUT
 async def test_cluster_seed_primary_killed_mid_stampede(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
 ) -> None:
@@ -446,6 +452,7 @@ async def test_cluster_seed_primary_killed_mid_stampede(
     await _failover(base_settings, db, tokens, root, "seedfail", only_seed=True)
 
 
+@FAILOVER_TIMEOUT
 async def test_cluster_primary_killed_mid_stampede_on_a_bucketed_sale(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path
 ) -> None:
@@ -455,6 +462,7 @@ async def test_cluster_primary_killed_mid_stampede_on_a_bucketed_sale(
     await _failover(base_settings, db, tokens, root, "failover-buckets", buckets=6)
 
 
+@FAILOVER_TIMEOUT
 @pytest.mark.parametrize("buckets", [1, pytest.param(6, marks=pytest.mark.chaos)])
 async def test_cluster_two_failovers_in_a_row(
     base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, root: Path, buckets: int
