@@ -368,7 +368,7 @@ def _merchant_sees_its_own_figures(base: str, sale_id: int) -> None:
         merchant.quit()
 
 
-QUEUED_AHEAD = 5  # shoppers who enter (through the API) before the two on the page
+QUEUED_AHEAD = 8  # shoppers who enter (through the API) before the two on the page
 QUEUED_STOCK = QUEUED_AHEAD + 1  # the first page shopper gets the last unit; the second waits
 SHOTS_DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -472,6 +472,12 @@ def _body_is(driver: Any, name: str, value: str) -> bool:
     return _body(driver, name) == value
 
 
+def _place(driver: Any) -> str:
+    """The page's place in the queue once shown (hidden elements read as empty)."""
+    text = _text(driver, "queue-position").replace(",", "")
+    return text if text.isdigit() else ""
+
+
 def _enabled(driver: Any, element_id: str) -> bool:
     from selenium.webdriver.common.by import By
 
@@ -573,17 +579,21 @@ def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
                 if job.done():
                     job.result()  # its failure
             # … then the two page shoppers, each solving the proof of work in the page
+            # "waiting" shows as soon as the ticket is in; the place itself comes with the
+            # page's next read of the queue. The first page's place is read before the second
+            # page solves its proof (seconds on a busy machine, while admissions go on).
             for page in pages:
                 page.find_element(By.ID, "enter").click()
                 _wait("a place in the queue", partial(_body_is, page, "queue", "waiting"))
                 print(f"the page solved the proof of work in {_body(page, 'pow-ms')} ms")
-            position = int(_text(first, "queue-position"))
-            assert position > 1
-            assert 0 <= int(_text(first, "queue-ahead")) < position
-            assert first.find_element(By.ID, "queue-place").is_displayed()
-            assert not first.find_element(By.ID, "join").is_displayed()
-            SHOTS.mkdir(parents=True, exist_ok=True)
-            first.save_screenshot(str(SHOTS / "sale-page-queued.png"))
+                if page is first:
+                    position = int(_wait("the place shown", partial(_place, first)))
+                    assert position > 1
+                    assert 0 <= int(_text(first, "queue-ahead")) < position
+                    assert first.find_element(By.ID, "queue-place").is_displayed()
+                    assert not first.find_element(By.ID, "join").is_displayed()
+                    SHOTS.mkdir(parents=True, exist_ok=True)
+                    first.save_screenshot(str(SHOTS / "sale-page-queued.png"))
 
             # the dashboard shows the waiting room: its length and the admission rate
             rates: list[float] = []
