@@ -78,6 +78,14 @@ def one_of(choices: Iterable[str]) -> msgspec.Meta:
 # gateway.validation.date_bound). msgspec unions hold one string-like type at most, so the
 # field is typed by this marker and holds whichever the validator made.
 DateOrDate = Annotated[Any, msgspec.Meta(extra={"date_or_datetime": True})]
+# The bounds of a list by creation time (``from_`` spelled ``from`` on the wire).
+CreatedFrom = Annotated[
+    DateOrDate,
+    msgspec.Meta(description="created at or after (RFC 3339 datetime with offset, or a UTC date)"),
+]
+CreatedTo = Annotated[
+    DateOrDate, msgspec.Meta(description="created before (datetime), or on or before (date)")
+]
 
 REF: Final = "#/components/schemas/{name}"
 

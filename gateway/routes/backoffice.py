@@ -17,11 +17,21 @@ from flashsale.errors import InvalidTransition, RefundExceedsPaid
 from flashsale.orders import Actor, backoffice, returns
 from flashsale.orders.backoffice import OrderQuery
 from gateway import appkeys
-from gateway.http import ok, read_json
-from gateway.routes.orders import SHIP, STATUS_FILTER
+from gateway.http import ok
+from gateway.routes.orders import ShipBody, StatusFilter
 from gateway.routing import Route
-from gateway.shapes import DateOrDate, Query, one_of, read_query
-from gateway.validation import INT64_MAX, PATH_TEXT, F, date_bound, path_text, validate
+from gateway.shapes import (
+    Body,
+    CreatedFrom,
+    CreatedTo,
+    Query,
+    as_dict,
+    one_of,
+    read_body,
+    read_optional_body,
+    read_query,
+)
+from gateway.validation import INT64_MAX, PATH_TEXT, F, date_bound, path_text
 
 Page = Annotated[int, Meta(ge=1, le=10_000, description="page number, from 1")]
 Limit = Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")]
@@ -29,31 +39,9 @@ Sort = Annotated[str, one_of(backoffice.SORTS), Meta(description="newest or olde
 
 
 class OrderFilters(Query):
-    status: (
-        Annotated[
-            str,
-            one_of(STATUS_FILTER),
-            Meta(
-                description="pending (pending_payment), paid, shipped, delivered, completed, "
-                "cancelled, refunded"
-            ),
-        ]
-        | None
-    ) = None
-    from_: (
-        Annotated[
-            DateOrDate,
-            Meta(description="created at or after (RFC 3339 datetime with offset, or a UTC date)"),
-        ]
-        | None
-    ) = msgspec.field(default=None, name="from")
-    to: (
-        Annotated[
-            DateOrDate,
-            Meta(description="created before (datetime), or on or before (date)"),
-        ]
-        | None
-    ) = None
+    status: StatusFilter | None = None
+    from_: CreatedFrom | None = msgspec.field(default=None, name="from")
+    to: CreatedTo | None = None
     order_id: (
         Annotated[str, Meta(min_length=1, max_length=64, description="exactly this order")] | None
     ) = None
@@ -106,29 +94,43 @@ class ReturnsList(Query):
     limit: Limit = 20
 
 
-SHIPMENT: Final = {"order_id": PATH_TEXT, **SHIP}
-BULK_SHIP: Final = {
-    "shipments": F(
-        list,
-        min_len=1,
-        max_len=backoffice.MAX_BULK_SHIP,
-        items=F(dict, fields=SHIPMENT),
-        doc="each shipped on its own; one result per shipment, in order",
-    )
-}
-APPROVE: Final = {
-    "note": F(str, required=False, nullable=True, max_len=500),
-    "refund_amount": F(
-        int,
-        required=False,
-        nullable=True,
-        min=1,
-        max=INT64_MAX,
-        doc="refund this instead (up to what is left paid); without it a return refunds "
-        "what was asked, at most what its lines are worth",
-    ),
-}
-REJECT: Final = {"note": F(str, min_len=1, max_len=500, doc="why (the shopper sees it)")}
+class Shipment(ShipBody, kw_only=True):
+    order_id: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class BulkShip(Body):
+    shipments: Annotated[
+        list[Shipment],
+        Meta(
+            min_length=1,
+            max_length=backoffice.MAX_BULK_SHIP,
+            description="each shipped on its own; one result per shipment, in order",
+        ),
+    ]
+
+
+class Approval(Body):
+    note: Annotated[str, Meta(max_length=500)] | None = None
+    refund_amount: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=INT64_MAX,
+                description="refund this instead (up to what is left paid); without it a return "
+                "refunds what was asked, at most what its lines are worth",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class Rejection(Body):
+    note: Annotated[
+        str, Meta(min_length=1, max_length=500, description="why (the shopper sees it)")
+    ]
+
+
 ORDER_ID: Final = {"id": PATH_TEXT}
 RETURN_ID: Final = {"return_id": F(str, min_len=1, max_len=64)}
 CSV_COLUMNS: Final = (
@@ -212,8 +214,9 @@ async def merchant_detail(request: web.Request, p: Principal) -> web.Response:
 
 
 async def ship_bulk(request: web.Request, p: Principal) -> web.Response:
-    body = validate(await read_json(request), BULK_SHIP)
-    return ok(await backoffice.ship_many(request.app[appkeys.DB], _actor(p), body["shipments"]))
+    body = await read_body(request, BulkShip)
+    shipments = [as_dict(s) for s in body.shipments]
+    return ok(await backoffice.ship_many(request.app[appkeys.DB], _actor(p), shipments))
 
 
 async def returns_list(request: web.Request, p: Principal) -> web.Response:
@@ -229,26 +232,22 @@ def _return_id(request: web.Request) -> str:
     return path_text(request.match_info["return_id"], "return", spec=RETURN_ID["return_id"])
 
 
-async def _optional(request: web.Request, schema: dict[str, F]) -> dict[str, Any]:
-    return validate(await read_json(request) if request.body_exists else {}, schema)
-
-
 async def approve(request: web.Request, p: Principal) -> web.Response:
-    body = await _optional(request, APPROVE)
+    body = await read_optional_body(request, Approval)
     out = await returns.approve_return(
         request.app[appkeys.DB],
         _return_id(request),
         _actor(p),
-        note=body.get("note"),
-        refund_amount=body.get("refund_amount"),
+        note=body.note,
+        refund_amount=body.refund_amount,
     )
     return ok(out, message="refunded" if out["changed"] else "already approved")
 
 
 async def reject(request: web.Request, p: Principal) -> web.Response:
-    body = validate(await read_json(request), REJECT)
+    body = await read_body(request, Rejection)
     out = await returns.reject_return(
-        request.app[appkeys.DB], _return_id(request), _actor(p), note=body["note"]
+        request.app[appkeys.DB], _return_id(request), _actor(p), note=body.note
     )
     return ok(out, message="rejected" if out["changed"] else "already rejected")
 
@@ -308,7 +307,7 @@ ROUTES = [
         ship_bulk,
         "Ship several paid orders, each with its carrier and tracking number",
         auth="merchant",
-        body=BULK_SHIP,
+        body=BulkShip,
         tag="back-office",
     ),
     Route(
@@ -337,7 +336,7 @@ ROUTES = [
         "refund runs at once; the goods of kind return are restocked). Repeating it "
         "changes nothing (changed: false)",
         auth="merchant",
-        body=APPROVE,
+        body=Approval,
         body_required=False,
         params=RETURN_ID,
         tag="returns",
@@ -349,7 +348,7 @@ ROUTES = [
         reject,
         "Reject a return with a note: return_requested → return_rejected",
         auth="merchant",
-        body=REJECT,
+        body=Rejection,
         params=RETURN_ID,
         tag="returns",
         responses=(InvalidTransition,),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -42,7 +43,6 @@ from gateway.shapes import (
     read_body,
     read_optional_body,
     read_query,
-    spec_of,
 )
 from gateway.validation import (
     INT32_MAX,
@@ -148,9 +148,6 @@ class ShipBody(Body):
     version: Version = None
 
 
-SHIP = spec_of(ShipBody)  # one shipment of the merchant's bulk ship, too
-
-
 class OrderSummary(Answer):
     order_id: str
     kind: str
@@ -175,18 +172,18 @@ MAX_IDEMPOTENCY_KEY = 128
 STATUS_FILTER = (*orders.STATUSES, "pending")
 
 
+StatusFilter = Annotated[
+    str,
+    one_of(STATUS_FILTER),
+    Meta(
+        description="pending (pending_payment), paid, shipped, delivered, completed, "
+        "cancelled, refunded"
+    ),
+]
+
+
 class OrderList(Query):
-    status: (
-        Annotated[
-            str,
-            one_of(STATUS_FILTER),
-            Meta(
-                description="pending (pending_payment), paid, shipped, delivered, completed, "
-                "cancelled, refunded"
-            ),
-        ]
-        | None
-    ) = None
+    status: StatusFilter | None = None
     page: Annotated[int, Meta(ge=1, le=10_000, description="page number, from 1")] = 1
     limit: Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")] = 10
 
@@ -320,28 +317,27 @@ async def ship(request: web.Request, principal: Principal) -> web.Response:
     )
 
 
-async def deliver(request: web.Request, principal: Principal) -> web.Response:
+async def _versioned(
+    request: web.Request, principal: Principal, step: Callable[..., Awaitable[dict[str, Any]]]
+) -> web.Response:
+    """``step`` of the state machine on the order in the path (optional body: version)."""
     body = await read_optional_body(request, VersionBody)
     return ok(
-        await orders.deliver_order(
+        await step(
             request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
             expected_version=body.version,
         )
     )
+
+
+async def deliver(request: web.Request, principal: Principal) -> web.Response:
+    return await _versioned(request, principal, orders.deliver_order)
 
 
 async def confirm(request: web.Request, principal: Principal) -> web.Response:
-    body = await read_optional_body(request, VersionBody)
-    return ok(
-        await orders.confirm_order(
-            request.app[appkeys.DB],
-            _order_id(request),
-            _actor(principal),
-            expected_version=body.version,
-        )
-    )
+    return await _versioned(request, principal, orders.confirm_order)
 
 
 async def request_return(request: web.Request, principal: Principal) -> web.Response:

@@ -26,7 +26,7 @@ from flashsale.errors import (
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routing import Route
-from gateway.shapes import Body, DateOrDate, Query, one_of, read_body, read_query
+from gateway.shapes import Body, CreatedFrom, CreatedTo, Query, one_of, read_body, read_query
 from gateway.validation import INT32_MAX, F, date_bound, path_int, path_text
 
 
@@ -62,17 +62,8 @@ class PreorderList(Query):
         ]
         | None
     ) = None
-    from_: (
-        Annotated[
-            DateOrDate,
-            Meta(description="created at or after (RFC 3339 datetime with offset, or a UTC date)"),
-        ]
-        | None
-    ) = msgspec.field(default=None, name="from")
-    to: (
-        Annotated[DateOrDate, Meta(description="created before (datetime), or on or before (date)")]
-        | None
-    ) = None
+    from_: CreatedFrom | None = msgspec.field(default=None, name="from")
+    to: CreatedTo | None = None
     page: Annotated[int, Meta(ge=1, le=100_000, description="page number from 1")] = 1
     limit: Annotated[int, Meta(ge=1, le=100, description="page size, at most 100")] = 20
 
