@@ -9,16 +9,9 @@ from aiohttp import web
 from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import catalog
+from flashsale import errors as E
 from flashsale.auth import Principal
 from flashsale.catalog import ProductQuery, SkuInput
-from flashsale.errors import (
-    Forbidden,
-    NotFound,
-    ProductInUse,
-    StockBelowReserved,
-    ValidationFailed,
-    VersionConflict,
-)
 from gateway import appkeys
 from gateway.http import ok
 from gateway.plans_runtime import catalog_page
@@ -122,7 +115,7 @@ def _sku(sku: NewSku | SkuChange) -> SkuInput:
 async def list_products(request: web.Request) -> web.Response:
     q = read_query(request, ProductList)
     if q.price_min is not None and q.price_max is not None and q.price_min > q.price_max:
-        raise ValidationFailed(fields={"price_max": "must be >= price_min"})
+        raise E.ValidationFailed(fields={"price_max": "must be >= price_min"})
     query = ProductQuery(
         category=q.category or None,
         price_min=q.price_min,
@@ -277,7 +270,7 @@ ROUTES = [
         list_products,
         "List and search on-sale products",
         query=ProductList,
-        responses=(ValidationFailed,),
+        responses=(E.ValidationFailed,),
         rules="price_max >= price_min",
         tag="catalog",
         answer=ProductPage,
@@ -287,7 +280,7 @@ ROUTES = [
         "/api/v1/products/{id}",
         get_product,
         "Product detail with SKUs and category path (cached)",
-        responses=(NotFound,),
+        responses=(E.NotFound,),
         tag="catalog",
         answer=ProductDetail,
     ),
@@ -307,7 +300,7 @@ ROUTES = [
         auth="merchant",
         body=NewProduct,
         success={201: "created"},
-        responses=(Forbidden, ValidationFailed),
+        responses=(E.Forbidden, E.ValidationFailed),
         tag="catalog",
     ),
     Route(
@@ -318,12 +311,12 @@ ROUTES = [
         auth="merchant",
         body=ProductChange,
         responses=(
-            Forbidden,
-            NotFound,
-            VersionConflict,
-            StockBelowReserved,
-            ProductInUse,
-            ValidationFailed,
+            E.Forbidden,
+            E.NotFound,
+            E.VersionConflict,
+            E.StockBelowReserved,
+            E.ProductInUse,
+            E.ValidationFailed,
         ),
         tag="catalog",
     ),
@@ -333,7 +326,7 @@ ROUTES = [
         delete_product,
         "Take a product off sale (own products; admin any)",
         auth="merchant",
-        responses=(Forbidden, NotFound, ProductInUse),
+        responses=(E.Forbidden, E.NotFound, E.ProductInUse),
         tag="catalog",
     ),
 ]

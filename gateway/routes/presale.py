@@ -9,20 +9,9 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
+from flashsale import errors as E
 from flashsale import presale
 from flashsale.auth import Principal
-from flashsale.errors import (
-    Forbidden,
-    InsufficientStock,
-    InvalidTransition,
-    NotFound,
-    PaymentRequired,
-    PresaleNotActive,
-    PresaleNotFound,
-    PurchaseLimitExceeded,
-    ValidationFailed,
-    VersionConflict,
-)
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routing import Route
@@ -97,7 +86,7 @@ async def get_campaign(request: web.Request) -> web.Response:
 async def create_preorder(request: web.Request, principal: Principal) -> web.Response:
     body = await read_body(request, NewPreorder)
     if body.user_id not in (None, principal.user_id):
-        raise Forbidden("a presale order is placed for the caller only")
+        raise E.Forbidden("a presale order is placed for the caller only")
     out = await presale.create_order(
         request.app[appkeys.DB],
         order_id=request.app[appkeys.ORDER_IDS].next(principal.user_id),
@@ -129,7 +118,7 @@ async def list_preorders(request: web.Request, principal: Principal) -> web.Resp
     user_id = q.user_id
     if principal.role != "admin":
         if user_id not in (None, principal.user_id):
-            raise Forbidden("you may only list your own presale orders")
+            raise E.Forbidden("you may only list your own presale orders")
         user_id = principal.user_id
     f = presale.OrderFilter(
         user_id=user_id,
@@ -159,7 +148,7 @@ ROUTES = [
         auth="merchant",
         body=NewCampaign,
         success={201: "created"},
-        responses=(Forbidden, ValidationFailed),
+        responses=(E.Forbidden, E.ValidationFailed),
         tag="presale",
     ),
     Route(
@@ -167,7 +156,7 @@ ROUTES = [
         "/api/v1/presales/{id}",
         get_campaign,
         "A presale with its available stock",
-        responses=(PresaleNotFound,),
+        responses=(E.PresaleNotFound,),
         tag="presale",
     ),
     Route(
@@ -179,11 +168,11 @@ ROUTES = [
         body=NewPreorder,
         success={201: "created"},
         responses=(
-            Forbidden,
-            PresaleNotFound,
-            InsufficientStock,
-            PresaleNotActive,
-            PurchaseLimitExceeded,
+            E.Forbidden,
+            E.PresaleNotFound,
+            E.InsufficientStock,
+            E.PresaleNotActive,
+            E.PurchaseLimitExceeded,
         ),
         tag="presale",
     ),
@@ -194,7 +183,7 @@ ROUTES = [
         "List presale orders",
         auth="user",
         query=PreorderList,
-        responses=(Forbidden,),
+        responses=(E.Forbidden,),
         tag="presale",
     ),
     Route(
@@ -203,7 +192,7 @@ ROUTES = [
         get_preorder,
         "One presale order",
         auth="user",
-        responses=(NotFound,),
+        responses=(E.NotFound,),
         tag="presale",
         params=ORDER_ID,
     ),
@@ -215,7 +204,13 @@ ROUTES = [
         "order is refunded in full; paid comes from a verified payment only)",
         auth="user",
         body=PreorderChange,
-        responses=(Forbidden, PaymentRequired, NotFound, InvalidTransition, VersionConflict),
+        responses=(
+            E.Forbidden,
+            E.PaymentRequired,
+            E.NotFound,
+            E.InvalidTransition,
+            E.VersionConflict,
+        ),
         tag="presale",
         params=ORDER_ID,
     ),
@@ -226,7 +221,7 @@ ROUTES = [
         "Cancel a presale order and return its stock; a paid order is refunded in full in "
         "the same transaction",
         auth="user",
-        responses=(NotFound, InvalidTransition),
+        responses=(E.NotFound, E.InvalidTransition),
         tag="presale",
         params=ORDER_ID,
     ),
