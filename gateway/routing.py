@@ -42,7 +42,7 @@ from flashsale.errors import (
 )
 from gateway.appkeys import TOKENS
 from gateway.auth import authenticate, optional_principal
-from gateway.shapes import Body, response_components, spec_of
+from gateway.shapes import Body, Query, query_spec_of, response_components, spec_of
 from gateway.validation import PATH_ID, F, json_schema, object_schema
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,7 +71,8 @@ class Route:
     # A Body subclass (the handler reads it with gateway.shapes.read_body), or a spec its
     # handler validates with gateway.validation.validate.
     body: type[Body] | Mapping[str, F] | None = None
-    query: Mapping[str, F] = field(default_factory=dict)
+    # The Query subclass its handler reads with gateway.shapes.read_query.
+    query: type[Query] | None = None
     # The errors this route answers with beyond those of its kind (see _responses).
     responses: Sequence[type[AppError]] = ()
     # The success statuses beyond 200, each with what it means.
@@ -103,6 +104,11 @@ def body_spec(r: Route) -> Mapping[str, F] | None:
     if isinstance(r.body, type):
         return spec_of(r.body)
     return r.body
+
+
+def query_spec(r: Route) -> Mapping[str, F]:
+    """The validation spec of ``r``'s query string (derived from its Query type)."""
+    return {} if r.query is None else query_spec_of(r.query)
 
 
 ROUTE_TABLE: web.AppKey[list[Route]] = web.AppKey("route_table", list)
@@ -190,7 +196,7 @@ def errors_of(r: Route) -> list[type[AppError]]:
     out: list[type[AppError]] = []
     if r.body is not None:
         out += _BODY_ERRORS
-    if r.query:
+    if r.query is not None:
         out.append(ValidationFailed)
     if r.auth is not None:
         out += _TOKEN_ERRORS
@@ -201,14 +207,24 @@ def errors_of(r: Route) -> list[type[AppError]]:
     return [*dict.fromkeys([*out, *r.responses])]
 
 
-def _responses(r: Route) -> dict[int, str]:
-    """Each status ``r`` answers with, and what it means (for an error: its codes)."""
+def _error_codes(r: Route) -> dict[int, list[str]]:
+    """Each error status ``r`` answers with, and the codes it carries then."""
     codes: dict[int, list[str]] = {}
     for error in errors_of(r):
         names = codes.setdefault(error.http_status, [])
         if error.code not in names:
             names.append(error.code)
-    return {200: "success envelope"} | dict(r.success) | {s: ", ".join(c) for s, c in codes.items()}
+    return codes
+
+
+def _error_schema(codes: list[str]) -> dict[str, Any]:
+    """The error envelope whose ``error`` is one of ``codes``."""
+    return {
+        "allOf": [
+            {"$ref": "#/components/schemas/Error"},
+            {"type": "object", "properties": {"error": {"type": "string", "enum": codes}}},
+        ]
+    }
 
 
 def _envelope(data: dict[str, Any]) -> dict[str, Any]:
@@ -224,13 +240,19 @@ def _envelope(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation(r: Route, answer: dict[str, Any] | None) -> dict[str, Any]:
+    errors = _error_codes(r)
+    success = {200: "success envelope"} | dict(r.success)
+    texts = success | {s: ", ".join(c) for s, c in errors.items()}
     responses: dict[str, Any] = {}
-    for code, text in sorted(_responses(r).items()):
+    for code, text in sorted(texts.items()):
         entry: dict[str, Any] = {"description": text}
         if r.envelope:
-            schema = {"$ref": "#/components/schemas/" + ("Error" if code >= 400 else "Envelope")}
-            if code < 400 and answer is not None:
+            if code in errors:
+                schema = _error_schema(errors[code])
+            elif answer is not None:
                 schema = _envelope(answer)
+            else:
+                schema = {"$ref": "#/components/schemas/Envelope"}
             entry["content"] = {"application/json": {"schema": schema}}
         responses[str(code)] = entry
     op: dict[str, Any] = {
@@ -256,7 +278,7 @@ def _operation(r: Route, answer: dict[str, Any] | None) -> dict[str, Any]:
             **({"description": spec.doc} if spec.doc else {}),
             "schema": json_schema(spec, nullable=False),
         }
-        for name, spec in r.query.items()
+        for name, spec in query_spec(r).items()
     ]
     if params:
         op["parameters"] = params

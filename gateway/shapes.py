@@ -19,17 +19,28 @@ A response's ``data`` is described by a Struct (or ``list[...]`` of one) given a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from datetime import date, datetime
 from functools import cache
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Annotated, Any, ClassVar, Final, TypeVar
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET, UnsetType
 from msgspec import inspect as mi
 
 from gateway.http import parse_json, read_raw
-from gateway.validation import INT64_MAX, INT64_MIN, Alt, F, Obj, validate
+from gateway.validation import (
+    INT64_MAX,
+    INT64_MIN,
+    Alt,
+    DateOrDatetime,
+    F,
+    Obj,
+    validate,
+    validate_query,
+)
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True):
@@ -42,11 +53,19 @@ class Body(msgspec.Struct, forbid_unknown_fields=True):
     alternatives: ClassVar[tuple[Alt, ...]] = ()
 
 
+class Query(msgspec.Struct, kw_only=True):
+    """Base of a query string: its fields are the parameters (others are ignored), each
+    optional or with a default. A name Python reserves is spelled ``from_: ... =
+    msgspec.field(name="from")``. :func:`read_query` returns an instance."""
+
+
 class Answer(msgspec.Struct):
     """Base of a response's ``data``: fields beyond those listed may be added later."""
 
 
 B = TypeVar("B", bound=Body)
+Q = TypeVar("Q", bound=Query)
+T = TypeVar("T")
 
 
 def one_of(choices: Iterable[str]) -> msgspec.Meta:
@@ -54,6 +73,19 @@ def one_of(choices: Iterable[str]) -> msgspec.Meta:
     document), for choices a module declares as a tuple rather than a Literal."""
     return msgspec.Meta(extra={"choices": tuple(choices)})
 
+
+# A datetime (with offset) or a bare date, as the validator parses it (query bounds; see
+# gateway.validation.date_bound). msgspec unions hold one string-like type at most, so the
+# field is typed by this marker and holds whichever the validator made.
+DateOrDate = Annotated[Any, msgspec.Meta(extra={"date_or_datetime": True})]
+# The bounds of a list by creation time (``from_`` spelled ``from`` on the wire).
+CreatedFrom = Annotated[
+    DateOrDate,
+    msgspec.Meta(description="created at or after (RFC 3339 datetime with offset, or a UTC date)"),
+]
+CreatedTo = Annotated[
+    DateOrDate, msgspec.Meta(description="created before (datetime), or on or before (date)")
+]
 
 REF: Final = "#/components/schemas/{name}"
 
@@ -69,6 +101,8 @@ def _spec(t: mi.Type, **kw: Any) -> F:
     if isinstance(t, mi.Metadata):
         doc = (t.extra_json_schema or {}).get("description")
         choices = (t.extra or {}).get("choices")
+        if (t.extra or {}).get("date_or_datetime"):
+            return F(DateOrDatetime, doc=doc, **kw) if doc else F(DateOrDatetime, **kw)
         if doc:
             kw["doc"] = doc
         if choices:
@@ -76,9 +110,11 @@ def _spec(t: mi.Type, **kw: Any) -> F:
         return _spec(t.type, **kw)
     if isinstance(t, mi.UnionType):
         others = [u for u in t.types if not isinstance(u, mi.NoneType)]
+        if len(others) < len(t.types):
+            kw["nullable"] = True
         if len(others) != 1:
-            raise TypeError(f"only 'X | None' unions are supported, not {t}")
-        return _spec(others[0], nullable=True, **kw)
+            raise TypeError(f"only 'X | None' unions are supported here, not {t}")
+        return _spec(others[0], **kw)
     if isinstance(t, mi.IntType):
         lo, hi = _number_bounds(t)
         # the validator keeps every integer within BIGINT anyway, and words its own message
@@ -97,17 +133,37 @@ def _spec(t: mi.Type, **kw: Any) -> F:
     if isinstance(t, mi.LiteralType):
         return F(type(t.values[0]), choices=tuple(t.values), **kw)
     if isinstance(t, mi.ListType):
-        return F(list, items=_spec(t.item_type), min_len=t.min_length, max_len=t.max_length, **kw)
+        return F(list, items=_items(t.item_type), min_len=t.min_length, max_len=t.max_length, **kw)
+    if isinstance(t, mi.DictType):
+        values = None if isinstance(t.value_type, mi.AnyType) else _one_of(t.value_type)
+        return F(dict, values=values, min_len=t.min_length, max_len=t.max_length, **kw)
     if isinstance(t, mi.StructType):
         return F(dict, fields=spec_of(t.cls) if issubclass(t.cls, Body) else _fields(t), **kw)
     raise TypeError(f"no validation spec for {t}")
+
+
+def _one_of(t: mi.Type) -> tuple[F, ...]:
+    """The specs of a union's members (``int | str``): a value must match one of them."""
+    return tuple(_spec(u) for u in t.types) if isinstance(t, mi.UnionType) else (_spec(t),)
+
+
+def _items(t: mi.Type) -> type | F | tuple[F, ...]:
+    """A list's items: a union is alternatives; a bare ``int`` is checked by its kind alone
+    (one message for the list, as a list of ids always had)."""
+    if isinstance(t, mi.UnionType) and not any(isinstance(u, mi.NoneType) for u in t.types):
+        return _one_of(t)
+    if type(t) is mi.IntType and t == mi.IntType():
+        return int
+    return _spec(t)
 
 
 def _fields(t: mi.StructType) -> dict[str, F]:
     out = {}
     for f in t.fields:
         kw: dict[str, Any] = {"required": f.required}
-        if f.default is not msgspec.NODEFAULT and f.default is not None:
+        if f.default_factory is not msgspec.NODEFAULT:
+            kw["default"] = f.default_factory()
+        elif f.default is not msgspec.NODEFAULT and f.default is not None:
             kw["default"] = f.default
         out[f.encode_name] = _spec(f.type, **kw)
     return out
@@ -116,7 +172,15 @@ def _fields(t: mi.StructType) -> dict[str, F]:
 @cache
 def spec_of(shape: type[Body]) -> Obj:
     """The :mod:`gateway.validation` spec of ``shape`` (its 422s and its JSON Schema)."""
-    return Obj(_fields(_info(shape)), alts=shape.alternatives)
+    info = _info(shape)
+    return Obj(_fields(info), alts=shape.alternatives, allow_extra=not info.forbid_unknown_fields)
+
+
+@cache
+def query_spec_of(shape: type[Query]) -> Mapping[str, F]:
+    """The :func:`gateway.validation.validate_query` spec of ``shape`` (and its parameters
+    in the document). A query string carries no null: ``X | None = None`` is optional."""
+    return {name: replace(f, nullable=False) for name, f in _fields(_info(shape)).items()}
 
 
 def _exact_type(t: mi.Type) -> bool:
@@ -133,7 +197,10 @@ def _exact_type(t: mi.Type) -> bool:
 @cache
 def exact(shape: type[Body]) -> bool:
     """True when msgspec accepts no body of ``shape`` that the validator refuses, and hands
-    over the very values it would: integers with both bounds, booleans, choices, null."""
+    over the very values it would: integers with both bounds, booleans, choices, null. Not
+    a shape with alternatives, nor one that takes unknown fields: msgspec checks neither."""
+    if shape.alternatives or not _info(shape).forbid_unknown_fields:
+        return False
     return all(_exact_type(f.type) for f in _info(shape).fields)
 
 
@@ -149,8 +216,8 @@ def _build(t: mi.Type, value: Any) -> Any:
     if isinstance(t, mi.Metadata):
         return _build(t.type, value)
     if isinstance(t, mi.UnionType):
-        (inner,) = [u for u in t.types if not isinstance(u, mi.NoneType)]
-        return _build(inner, value)
+        inner = [u for u in t.types if not isinstance(u, mi.NoneType)]
+        return _build(inner[0], value) if len(inner) == 1 else value
     if isinstance(t, mi.StructType):
         return t.cls(
             **{
@@ -165,7 +232,7 @@ def _build(t: mi.Type, value: Any) -> Any:
 
 
 @cache
-def _info(shape: type[Body]) -> mi.StructType:
+def _info(shape: type[msgspec.Struct]) -> mi.StructType:
     info = mi.type_info(shape)
     assert isinstance(info, mi.StructType)
     return info
@@ -193,6 +260,31 @@ def decode_body(raw: bytes, shape: type[B]) -> B:
 async def read_body(request: web.Request, shape: type[B]) -> B:
     """The request's JSON body as a ``shape`` (see :func:`decode_body`); 413 if too large."""
     return decode_body(await read_raw(request), shape)
+
+
+async def read_optional_body(request: web.Request, shape: type[B]) -> B:
+    """As :func:`read_body`, but no body at all is ``{}`` (a shape whose fields are optional)."""
+    if not request.body_exists:
+        return decode_body(b"{}", shape)
+    return await read_body(request, shape)
+
+
+def or_none(value: T | UnsetType) -> T | None:
+    """A field the client left out (``UNSET``: it may not send null) as None."""
+    return None if value is UNSET else value
+
+
+def read_query(request: web.Request, shape: type[Q]) -> Q:
+    """The request's query string as a ``shape``: one 422 naming every bad parameter."""
+    out: Q = _build(_info(shape), validate_query(request.query, query_spec_of(shape)))
+    return out
+
+
+def as_dict(body: msgspec.Struct) -> dict[str, Any]:
+    """The fields of ``body`` that were given or have a default, by their wire names (nested
+    bodies too), for the domain functions that take a mapping."""
+    out: dict[str, Any] = msgspec.to_builtins(body, builtin_types=(datetime, date))
+    return out
 
 
 def response_components(answers: Iterable[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

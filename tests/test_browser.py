@@ -668,3 +668,42 @@ def test_a_queued_sale_on_the_page(stack: tuple[str, str]) -> None:
         board.quit()
         for page in pages:
             page.quit()
+
+
+@needs_browser
+@pytest.mark.timeout(300)
+def test_the_api_docs_render_under_their_policy(stack: tuple[str, str]) -> None:
+    """/api/v1/docs: Swagger UI (vendored) draws every operation of the gateway's own
+    document, and its strict Content-Security-Policy refuses nothing it needs."""
+    from selenium.webdriver.common.by import By
+
+    base, _ = stack
+    with urllib.request.urlopen(base + "/api/v1/openapi.json", timeout=30) as resp:
+        spec = json.loads(resp.read())
+    operations = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    driver = _browser()
+    try:
+        driver.get(base + "/api/v1/docs")
+        _wait(
+            "every operation drawn",
+            lambda: len(driver.find_elements(By.CSS_SELECTOR, ".opblock")) >= len(operations),
+            60,
+        )
+        drawn = {
+            (
+                block.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text,
+                block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute(
+                    "data-path"
+                ),
+            )
+            for block in driver.find_elements(By.CSS_SELECTOR, ".opblock")
+        }
+        assert drawn == operations
+        log = driver.get_log("browser")
+        refused = [e["message"] for e in log if "Content Security Policy" in e["message"]]
+        assert refused == []
+        # the browser asks for /favicon.ico on its own; the service has none
+        errors = [e["message"] for e in log if e["level"] == "SEVERE"]
+        assert [m for m in errors if "/favicon.ico " not in m] == []
+    finally:
+        driver.quit()

@@ -76,7 +76,7 @@ def _codes_written_out(tree: ast.AST, codes: set[str]) -> list[tuple[int, str]]:
                 if kw.arg == "responses":
                     documented |= {id(n) for n in ast.walk(kw.value)}
                     tables |= {n.id for n in ast.walk(kw.value) if isinstance(n, ast.Name)}
-        if isinstance(node, ast.FunctionDef) and node.name == "_responses":
+        if isinstance(node, ast.FunctionDef) and node.name == "_error_codes":
             documented |= {id(n) for n in ast.walk(node)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and any(

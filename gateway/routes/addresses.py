@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import addresses
 from flashsale.auth import Principal
 from flashsale.errors import AddressBookFull, AddressNotFound
 from gateway import appkeys
-from gateway.http import ok, read_json
+from gateway.http import ok
 from gateway.routing import Route
-from gateway.validation import Alt, F, Obj, path_int, validate
+from gateway.shapes import Body, as_dict, read_body
+from gateway.validation import Alt, path_int
 
 # Printable text that is not blank: no control characters (C0 and DEL) anywhere.
 TEXT_PATTERN: Final = r"[^\x00-\x1f\x7f]*[^\x00-\x20\x7f][^\x00-\x1f\x7f]*"
@@ -20,35 +22,61 @@ PHONE_PATTERN: Final = r"\+?[0-9][0-9 ()-]{2,31}"
 POSTCODE_PATTERN: Final = r"[0-9A-Za-z][0-9A-Za-z -]{1,11}"
 
 
-def _text(max_len: int, *, required: bool = True, doc: str | None = None) -> F:
-    return F(str, required=required, min_len=1, max_len=max_len, pattern=TEXT_PATTERN, doc=doc)
-
-
-_PARTS: Final = {
-    "name": _text(64, doc="the recipient"),
-    "phone": F(str, max_len=32, pattern=PHONE_PATTERN, doc="digits, spaces, ( ) -, leading +"),
-    "region": _text(64, required=False, doc="province / state"),
-    "city": _text(64, required=False),
-    "detail": _text(200, required=False, doc="street, building, door"),
-    "postcode": F(str, required=False, nullable=True, pattern=POSTCODE_PATTERN),
-}
+Name = Annotated[
+    str, Meta(min_length=1, max_length=64, pattern=TEXT_PATTERN, description="the recipient")
+]
+Phone = Annotated[
+    str,
+    Meta(max_length=32, pattern=PHONE_PATTERN, description="digits, spaces, ( ) -, leading +"),
+]
+Region = Annotated[
+    str, Meta(min_length=1, max_length=64, pattern=TEXT_PATTERN, description="province / state")
+]
+City = Annotated[str, Meta(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
+Detail = Annotated[
+    str,
+    Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN, description="street, building, door"),
+]
+OneLine = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=500,
+        pattern=TEXT_PATTERN,
+        description="the whole address on one line",
+    ),
+]
 _STRUCTURED: Final = Alt(("region", "city", "detail"), absent=("address",))
-# An address book entry: always the structured form.
-ENTRY = Obj(
-    {
-        **_PARTS,
-        "is_default": F(
-            bool, required=False, nullable=True, doc="make this the default (the first one is)"
-        ),
-    },
-    alts=(_STRUCTURED,),
-)
-# An address given with an order: the same fields, or seed 000's one-line ``address``.
-ADDRESS = Obj(
-    {**_PARTS, "address": _text(500, required=False, doc="the whole address on one line")},
-    alts=(_STRUCTURED, Alt(("address",), absent=("region", "city", "detail"))),
-)
-ADDRESS_ID: Final = F(int, required=False, min=1, doc="an entry of the caller's address book")
+
+
+class _Parts(Body):
+    name: Name
+    phone: Phone
+    region: Region | UnsetType = UNSET
+    city: City | UnsetType = UNSET
+    detail: Detail | UnsetType = UNSET
+    postcode: Annotated[str, Meta(pattern=POSTCODE_PATTERN)] | UnsetType | None = UNSET
+
+
+class Entry(_Parts):
+    """An address book entry: always the structured form."""
+
+    is_default: (
+        Annotated[bool, Meta(description="make this the default (the first one is)")]
+        | UnsetType
+        | None
+    ) = UNSET
+    alternatives = (_STRUCTURED,)
+
+
+class Address(_Parts):
+    """An address given with an order: the same fields, or seed 000's one-line ``address``."""
+
+    address: OneLine | UnsetType = UNSET
+    alternatives = (_STRUCTURED, Alt(("address",), absent=("region", "city", "detail")))
+
+
+AddressId = Annotated[int, Meta(ge=1, description="an entry of the caller's address book")]
 # The two ways an order names where it goes (POST /orders, checkout): exactly one of them.
 ADDRESS_ALTS: Final = (
     Alt(("shipping_address",), absent=("address_id",)),
@@ -56,12 +84,14 @@ ADDRESS_ALTS: Final = (
 )
 
 
-async def order_address(request: web.Request, user_id: int, body: dict[str, Any]) -> dict[str, Any]:
+async def order_address(
+    request: web.Request, user_id: int, address_id: int | UnsetType, inline: Address | None
+) -> dict[str, Any]:
     """The snapshot an order keeps: of the caller's book entry ``address_id`` (404
-    ADDRESS_NOT_FOUND if it is not theirs), or of the inline ``shipping_address``."""
-    address_id = body.get("address_id")
-    if address_id is None:
-        return addresses.snapshot(body["shipping_address"])
+    ADDRESS_NOT_FOUND if it is not theirs), or of the ``inline`` shipping address."""
+    if address_id is UNSET:
+        assert inline is not None  # the body's alternatives: one or the other
+        return addresses.snapshot(as_dict(inline))
     async with request.app[appkeys.DB].acquire() as conn:
         found = await addresses.resolve(conn, user_id, address_id)
     assert found is not None  # resolve() raises for an id that is not the caller's
@@ -86,15 +116,15 @@ async def get(request: web.Request, principal: Principal) -> web.Response:
 
 async def create(request: web.Request, principal: Principal) -> web.Response:
     user_id = principal.user_id
-    body = validate(await read_json(request), ENTRY)
-    entry = await addresses.create_address(request.app[appkeys.DB], user_id, body)
+    body = await read_body(request, Entry)
+    entry = await addresses.create_address(request.app[appkeys.DB], user_id, as_dict(body))
     return ok(entry, status=201, message="address added")
 
 
 async def update(request: web.Request, principal: Principal) -> web.Response:
     user_id = principal.user_id
     address_id = _address_id(request)
-    body = validate(await read_json(request), ENTRY)
+    body = as_dict(await read_body(request, Entry))
     entry = await addresses.update_address(request.app[appkeys.DB], user_id, address_id, body)
     return ok(entry, message="address updated")
 
@@ -121,7 +151,7 @@ ROUTES = [
         create,
         "Add an address; the first one, or one sent with is_default, is the default",
         auth="user",
-        body=ENTRY,
+        body=Entry,
         tag="addresses",
         success={201: "added"},
         responses=(AddressBookFull,),
@@ -141,7 +171,7 @@ ROUTES = [
         update,
         "Replace an address (orders keep their own copy); is_default moves the default",
         auth="user",
-        body=ENTRY,
+        body=Entry,
         tag="addresses",
         responses=_NOT_FOUND,
     ),

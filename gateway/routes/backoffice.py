@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
+import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from flashsale import orders, users
 from flashsale.auth import ROLES, Principal
@@ -15,100 +17,120 @@ from flashsale.errors import InvalidTransition, RefundExceedsPaid
 from flashsale.orders import Actor, backoffice, returns
 from flashsale.orders.backoffice import OrderQuery
 from gateway import appkeys
-from gateway.http import ok, read_json
-from gateway.routes.orders import SHIP, STATUS_FILTER
+from gateway.http import ok
+from gateway.routes.orders import ShipBody, StatusFilter
 from gateway.routing import Route
-from gateway.validation import (
-    INT64_MAX,
-    PATH_TEXT,
-    DateOrDatetime,
-    F,
-    date_bound,
-    path_text,
-    validate,
-    validate_query,
+from gateway.shapes import (
+    Body,
+    CreatedFrom,
+    CreatedTo,
+    Query,
+    as_dict,
+    one_of,
+    read_body,
+    read_optional_body,
+    read_query,
 )
+from gateway.validation import INT64_MAX, PATH_TEXT, F, date_bound, path_text
 
-_FILTERS: Final = {
-    "status": F(
-        str,
-        required=False,
-        choices=STATUS_FILTER,
-        doc="pending (pending_payment), paid, shipped, delivered, completed, cancelled, refunded",
-    ),
-    "from": F(
-        DateOrDatetime,
-        required=False,
-        doc="created at or after (RFC 3339 datetime with offset, or a UTC date)",
-    ),
-    "to": F(
-        DateOrDatetime, required=False, doc="created before (datetime), or on or before (date)"
-    ),
-    "order_id": F(str, required=False, min_len=1, max_len=64, doc="exactly this order"),
-}
-_PAGE: Final = {
-    "page": F(int, default=1, min=1, max=10_000, doc="page number, from 1"),
-    "limit": F(int, default=20, min=1, max=100, doc="page size, 1-100"),
-}
-_SORT: Final = F(
-    str,
-    required=False,
-    default="created_at,desc",
-    choices=backoffice.SORTS,
-    doc="newest or oldest first",
-)
-MERCHANT_FILTERS: Final = {
-    **_FILTERS,
-    "product_id": F(int, required=False, min=1, doc="orders holding this product"),
-    "sort": _SORT,
-}
-MERCHANT_LIST: Final = {**MERCHANT_FILTERS, **_PAGE}
-ADMIN_LIST: Final = {
-    **_FILTERS,
-    "sort": _SORT,
-    "user_id": F(int, required=False, min=1, doc="the buyer's id"),
-    "user": F(str, required=False, min_len=1, max_len=254, doc="the buyer's email or phone"),
-    **_PAGE,
-}
-USER_LIST: Final = {
-    "q": F(
-        str,
-        required=False,
-        min_len=1,
-        max_len=254,
-        doc="prefix of the email, phone or nickname (any case), or the exact id",
-    ),
-    "role": F(str, required=False, choices=ROLES),
-    "disabled": F(bool, required=False, doc="true: only disabled accounts; false: only active"),
-    **_PAGE,
-}
-SHIPMENT: Final = {"order_id": PATH_TEXT, **SHIP}
-BULK_SHIP: Final = {
-    "shipments": F(
-        list,
-        min_len=1,
-        max_len=backoffice.MAX_BULK_SHIP,
-        items=F(dict, fields=SHIPMENT),
-        doc="each shipped on its own; one result per shipment, in order",
-    )
-}
-RETURNS_LIST: Final = {
-    "status": F(str, required=False, choices=returns.STATUSES),
-    **_PAGE,
-}
-APPROVE: Final = {
-    "note": F(str, required=False, nullable=True, max_len=500),
-    "refund_amount": F(
-        int,
-        required=False,
-        nullable=True,
-        min=1,
-        max=INT64_MAX,
-        doc="refund this instead (up to what is left paid); without it a return refunds "
-        "what was asked, at most what its lines are worth",
-    ),
-}
-REJECT: Final = {"note": F(str, min_len=1, max_len=500, doc="why (the shopper sees it)")}
+Page = Annotated[int, Meta(ge=1, le=10_000, description="page number, from 1")]
+Limit = Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")]
+Sort = Annotated[str, one_of(backoffice.SORTS), Meta(description="newest or oldest first")]
+
+
+class OrderFilters(Query):
+    status: StatusFilter | None = None
+    from_: CreatedFrom | None = msgspec.field(default=None, name="from")
+    to: CreatedTo | None = None
+    order_id: (
+        Annotated[str, Meta(min_length=1, max_length=64, description="exactly this order")] | None
+    ) = None
+
+
+class MerchantFilters(OrderFilters):
+    product_id: Annotated[int, Meta(ge=1, description="orders holding this product")] | None = None
+    sort: Sort = "created_at,desc"
+
+
+class MerchantList(MerchantFilters):
+    page: Page = 1
+    limit: Limit = 20
+
+
+class AdminList(OrderFilters):
+    sort: Sort = "created_at,desc"
+    user_id: Annotated[int, Meta(ge=1, description="the buyer's id")] | None = None
+    user: (
+        Annotated[str, Meta(min_length=1, max_length=254, description="the buyer's email or phone")]
+        | None
+    ) = None
+    page: Page = 1
+    limit: Limit = 20
+
+
+class UserList(Query):
+    q: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=254,
+                description="prefix of the email, phone or nickname (any case), or the exact id",
+            ),
+        ]
+        | None
+    ) = None
+    role: Annotated[str, one_of(ROLES)] | None = None
+    disabled: (
+        Annotated[bool, Meta(description="true: only disabled accounts; false: only active")] | None
+    ) = None
+    page: Page = 1
+    limit: Limit = 20
+
+
+class ReturnsList(Query):
+    status: Annotated[str, one_of(returns.STATUSES)] | None = None
+    page: Page = 1
+    limit: Limit = 20
+
+
+class Shipment(ShipBody, kw_only=True):
+    order_id: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class BulkShip(Body):
+    shipments: Annotated[
+        list[Shipment],
+        Meta(
+            min_length=1,
+            max_length=backoffice.MAX_BULK_SHIP,
+            description="each shipped on its own; one result per shipment, in order",
+        ),
+    ]
+
+
+class Approval(Body):
+    note: Annotated[str, Meta(max_length=500)] | None = None
+    refund_amount: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=INT64_MAX,
+                description="refund this instead (up to what is left paid); without it a return "
+                "refunds what was asked, at most what its lines are worth",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class Rejection(Body):
+    note: Annotated[
+        str, Meta(min_length=1, max_length=500, description="why (the shopper sees it)")
+    ]
+
+
 ORDER_ID: Final = {"id": PATH_TEXT}
 RETURN_ID: Final = {"return_id": F(str, min_len=1, max_len=64)}
 CSV_COLUMNS: Final = (
@@ -136,23 +158,24 @@ def _actor(p: Principal) -> Actor:
     return Actor(p.user_id, p.role)
 
 
-def _query(q: dict[str, Any]) -> OrderQuery:
-    status = q.get("status")
+def _query(q: MerchantFilters | AdminList) -> OrderQuery:
+    status = q.status
+    paged = q if isinstance(q, MerchantList | AdminList) else None  # the export is not
     return OrderQuery(
         status="pending_payment" if status == "pending" else status,
-        date_from=date_bound(q.get("from"), end=False),
-        date_to=date_bound(q.get("to"), end=True),
-        order_id=q.get("order_id"),
-        product_id=q.get("product_id"),
-        user_id=q.get("user_id"),
-        sort=q.get("sort") or "created_at,desc",
-        page=q.get("page", 1),
-        limit=q.get("limit", 20),
+        date_from=date_bound(q.from_, end=False),
+        date_to=date_bound(q.to, end=True),
+        order_id=q.order_id,
+        product_id=q.product_id if isinstance(q, MerchantFilters) else None,
+        user_id=q.user_id if isinstance(q, AdminList) else None,
+        sort=q.sort or "created_at,desc",
+        page=1 if paged is None else paged.page,
+        limit=20 if paged is None else paged.limit,
     )
 
 
 async def merchant_list(request: web.Request, p: Principal) -> web.Response:
-    q = _query(validate_query(request.query, MERCHANT_LIST))
+    q = _query(read_query(request, MerchantList))
     return ok(await backoffice.merchant_orders(request.app[appkeys.DB], p.user_id, q))
 
 
@@ -162,7 +185,7 @@ def csv_cell(value: Any) -> str:
 
 
 async def merchant_export(request: web.Request, p: Principal) -> web.Response:
-    q = _query(validate_query(request.query, MERCHANT_FILTERS))
+    q = _query(read_query(request, MerchantFilters))
     rows, truncated = await backoffice.merchant_export(request.app[appkeys.DB], p.user_id, q)
     out = io.StringIO()
     writer = csv.writer(out)
@@ -191,19 +214,16 @@ async def merchant_detail(request: web.Request, p: Principal) -> web.Response:
 
 
 async def ship_bulk(request: web.Request, p: Principal) -> web.Response:
-    body = validate(await read_json(request), BULK_SHIP)
-    return ok(await backoffice.ship_many(request.app[appkeys.DB], _actor(p), body["shipments"]))
+    body = await read_body(request, BulkShip)
+    shipments = [as_dict(s) for s in body.shipments]
+    return ok(await backoffice.ship_many(request.app[appkeys.DB], _actor(p), shipments))
 
 
 async def returns_list(request: web.Request, p: Principal) -> web.Response:
-    q = validate_query(request.query, RETURNS_LIST)
+    q = read_query(request, ReturnsList)
     return ok(
         await returns.list_returns(
-            request.app[appkeys.DB],
-            _actor(p),
-            status=q.get("status"),
-            page=q["page"],
-            limit=q["limit"],
+            request.app[appkeys.DB], _actor(p), status=q.status, page=q.page, limit=q.limit
         )
     )
 
@@ -212,35 +232,29 @@ def _return_id(request: web.Request) -> str:
     return path_text(request.match_info["return_id"], "return", spec=RETURN_ID["return_id"])
 
 
-async def _optional(request: web.Request, schema: dict[str, F]) -> dict[str, Any]:
-    return validate(await read_json(request) if request.body_exists else {}, schema)
-
-
 async def approve(request: web.Request, p: Principal) -> web.Response:
-    body = await _optional(request, APPROVE)
+    body = await read_optional_body(request, Approval)
     out = await returns.approve_return(
         request.app[appkeys.DB],
         _return_id(request),
         _actor(p),
-        note=body.get("note"),
-        refund_amount=body.get("refund_amount"),
+        note=body.note,
+        refund_amount=body.refund_amount,
     )
     return ok(out, message="refunded" if out["changed"] else "already approved")
 
 
 async def reject(request: web.Request, p: Principal) -> web.Response:
-    body = validate(await read_json(request), REJECT)
+    body = await read_body(request, Rejection)
     out = await returns.reject_return(
-        request.app[appkeys.DB], _return_id(request), _actor(p), note=body["note"]
+        request.app[appkeys.DB], _return_id(request), _actor(p), note=body.note
     )
     return ok(out, message="rejected" if out["changed"] else "already rejected")
 
 
 async def admin_list(request: web.Request, principal: Principal) -> web.Response:
-    q = validate_query(request.query, ADMIN_LIST)
-    return ok(
-        await backoffice.admin_orders(request.app[appkeys.DB], _query(q), login=q.get("user"))
-    )
+    q = read_query(request, AdminList)
+    return ok(await backoffice.admin_orders(request.app[appkeys.DB], _query(q), login=q.user))
 
 
 async def admin_detail(request: web.Request, principal: Principal) -> web.Response:
@@ -252,15 +266,15 @@ async def admin_logs(request: web.Request, p: Principal) -> web.Response:
 
 
 async def admin_users(request: web.Request, principal: Principal) -> web.Response:
-    q = validate_query(request.query, USER_LIST)
+    q = read_query(request, UserList)
     return ok(
         await users.search_users(
             request.app[appkeys.DB],
-            q=q.get("q"),
-            role=q.get("role"),
-            disabled=q.get("disabled"),
-            page=q["page"],
-            limit=q["limit"],
+            q=q.q,
+            role=q.role,
+            disabled=q.disabled,
+            page=q.page,
+            limit=q.limit,
         )
     )
 
@@ -273,7 +287,7 @@ ROUTES = [
         merchant_list,
         "The orders holding the caller's products (its lines only), filtered, sorted, paged",
         auth="merchant-only",
-        query=MERCHANT_LIST,
+        query=MerchantList,
         tag="back-office",
     ),
     Route(
@@ -283,7 +297,7 @@ ROUTES = [
         f"The same list as CSV (at most {backoffice.MAX_EXPORT_ROWS} rows; "
         "X-Export-Truncated says whether more matched)",
         auth="merchant-only",
-        query=MERCHANT_FILTERS,
+        query=MerchantFilters,
         tag="back-office",
         envelope=False,
     ),
@@ -293,7 +307,7 @@ ROUTES = [
         ship_bulk,
         "Ship several paid orders, each with its carrier and tracking number",
         auth="merchant",
-        body=BULK_SHIP,
+        body=BulkShip,
         tag="back-office",
     ),
     Route(
@@ -311,7 +325,7 @@ ROUTES = [
         returns_list,
         "Returns of the caller's orders (every return for an admin), newest first",
         auth="merchant",
-        query=RETURNS_LIST,
+        query=ReturnsList,
         tag="returns",
     ),
     Route(
@@ -322,7 +336,7 @@ ROUTES = [
         "refund runs at once; the goods of kind return are restocked). Repeating it "
         "changes nothing (changed: false)",
         auth="merchant",
-        body=APPROVE,
+        body=Approval,
         body_required=False,
         params=RETURN_ID,
         tag="returns",
@@ -334,7 +348,7 @@ ROUTES = [
         reject,
         "Reject a return with a note: return_requested → return_rejected",
         auth="merchant",
-        body=REJECT,
+        body=Rejection,
         params=RETURN_ID,
         tag="returns",
         responses=(InvalidTransition,),
@@ -345,7 +359,7 @@ ROUTES = [
         admin_list,
         "Every order: search by order id, buyer (user_id, or email/phone in user), status, date",
         auth="admin",
-        query=ADMIN_LIST,
+        query=AdminList,
         tag="back-office",
     ),
     Route(
@@ -373,7 +387,7 @@ ROUTES = [
         "Accounts, searched by email/phone/nickname prefix or id, role, disabled; "
         "change one with PATCH /api/v1/admin/users/{user_id} (its tokens end)",
         auth="admin",
-        query=USER_LIST,
+        query=UserList,
         tag="back-office",
     ),
 ]

@@ -8,10 +8,11 @@ cart named by the ``X-Cart-Token`` header. Guest responses always carry the
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import asyncpg
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import cart, coupons, orders
 from flashsale.auth import Principal
@@ -28,56 +29,56 @@ from flashsale.errors import (
     ValidationFailed,
 )
 from gateway import appkeys
-from gateway.http import header_text, ok, read_json
-from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
+from gateway.http import header_text, ok
+from gateway.routes.addresses import ADDRESS_ALTS, Address, AddressId, order_address
 from gateway.routes.payments import with_payment_page
 from gateway.routing import Route
-from gateway.shapes import Answer
-from gateway.validation import Alt, F, Obj, path_int, validate
+from gateway.shapes import Answer, Body, or_none, read_body
+from gateway.validation import Alt, path_int
 
 MAX_SPEC_TEXT = 64
-ADD_ITEM = Obj(
-    {
-        "product_id": F(int, required=False, min=1),
-        "sku_id": F(int, required=False, min=1),
-        "quantity": F(int, min=1, max=cart.MAX_ITEM_QUANTITY),
-        "specification": F(
-            dict,
-            required=False,
-            nullable=True,
-            max_len=20,
-            values=(F(str, max_len=MAX_SPEC_TEXT), F(int), F(bool)),
-        ),
-    },
-    alts=(Alt(("product_id",)), Alt(("sku_id",))),
-)
-UPDATE_ITEM = Obj(
-    {
-        "quantity": F(int, required=False, min=0, max=cart.MAX_ITEM_QUANTITY),
-        "selected": F(bool, required=False),
-    },
-    alts=(Alt(("quantity",)), Alt(("selected",))),
-)
-PREVIEW = {
-    "selected_items": F(
-        list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
-    ),
-    "shipping_address": F(dict, required=False, nullable=True, fields=ADDRESS),
-    "shipping_address_id": F(int, required=False, nullable=True, min=1),
-    "coupon_code": F(str, required=False, nullable=True, max_len=64),
-}
-CHECKOUT = Obj(
-    {
-        "selected_items": F(
-            list, required=False, nullable=True, items=int, max_len=cart.MAX_CART_ITEMS
-        ),
-        # the one address schema, as POST /orders: inline, or an address book entry
-        "shipping_address": F(dict, required=False, fields=ADDRESS),
-        "address_id": ADDRESS_ID,
-        "coupon_code": F(str, required=False, nullable=True, max_len=64),
-    },
-    alts=ADDRESS_ALTS,
-)
+Id = Annotated[int, Meta(ge=1)]
+CartItemIds = Annotated[list[int], Meta(max_length=cart.MAX_CART_ITEMS)]
+CouponCode = Annotated[str, Meta(max_length=64)]
+
+
+class AddItem(Body, kw_only=True):
+    product_id: Id | UnsetType = UNSET
+    sku_id: Id | UnsetType = UNSET
+    quantity: Annotated[int, Meta(ge=1, le=cart.MAX_ITEM_QUANTITY)]
+    specification: (
+        Annotated[
+            dict[str, Annotated[str, Meta(max_length=MAX_SPEC_TEXT)] | int | bool],
+            Meta(max_length=20),
+        ]
+        | UnsetType
+        | None
+    ) = UNSET
+    alternatives = (Alt(("product_id",)), Alt(("sku_id",)))
+
+
+class UpdateItem(Body):
+    quantity: Annotated[int, Meta(ge=0, le=cart.MAX_ITEM_QUANTITY)] | UnsetType = UNSET
+    selected: bool | UnsetType = UNSET
+    alternatives = (Alt(("quantity",)), Alt(("selected",)))
+
+
+class Preview(Body):
+    selected_items: CartItemIds | UnsetType | None = UNSET
+    shipping_address: Address | UnsetType | None = UNSET
+    shipping_address_id: Id | UnsetType | None = UNSET
+    coupon_code: CouponCode | UnsetType | None = UNSET
+
+
+class Checkout(Body):
+    selected_items: CartItemIds | UnsetType | None = UNSET
+    # the one address schema, as POST /orders: inline, or an address book entry
+    shipping_address: Address | UnsetType = UNSET
+    address_id: AddressId | UnsetType = UNSET
+    coupon_code: CouponCode | UnsetType | None = UNSET
+    alternatives = ADDRESS_ALTS
+
+
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LEN = 128
 _TOKEN_RE = re.compile(cart.TOKEN_PATTERN)
@@ -96,15 +97,8 @@ def _headers(owner: cart.CartOwner) -> dict[str, str] | None:
 
 async def add_item(request: web.Request, principal: Principal | None) -> web.Response:
     owner = _owner(request, principal)
-    body = validate(await read_json(request), ADD_ITEM)
-    if body.get("product_id") is None and body.get("sku_id") is None:
-        raise ValidationFailed(
-            fields={
-                "product_id": "product_id or sku_id is required",
-                "sku_id": "product_id or sku_id is required",
-            }
-        )
-    spec = body.get("specification") or {}
+    body = await read_body(request, AddItem)  # its alternatives: product_id or sku_id
+    spec = or_none(body.specification) or {}
     if any(
         len(k) > MAX_SPEC_TEXT or not isinstance(v, str | int) or len(str(v)) > MAX_SPEC_TEXT
         for k, v in spec.items()
@@ -115,9 +109,9 @@ async def add_item(request: web.Request, principal: Principal | None) -> web.Res
     data, owner = await cart.add_item(
         request.app[appkeys.DB],
         owner,
-        product_id=body.get("product_id"),
-        sku_id=body.get("sku_id"),
-        quantity=body["quantity"],
+        product_id=or_none(body.product_id),
+        sku_id=or_none(body.sku_id),
+        quantity=body.quantity,
         specification=spec,
     )
     return ok(data, message="added to cart", headers=_headers(owner))
@@ -132,20 +126,13 @@ async def get_cart(request: web.Request, principal: Principal | None) -> web.Res
 async def update_item(request: web.Request, principal: Principal | None) -> web.Response:
     owner = _owner(request, principal)
     item_id = path_int(request.match_info["item_id"], "cart item")
-    body = validate(await read_json(request), UPDATE_ITEM)
-    if "quantity" not in body and "selected" not in body:
-        raise ValidationFailed(
-            fields={
-                "quantity": "quantity or selected is required",
-                "selected": "quantity or selected is required",
-            }
-        )
+    body = await read_body(request, UpdateItem)  # its alternatives: quantity or selected
     data = await cart.update_item(
         request.app[appkeys.DB],
         owner,
         item_id,
-        quantity=body.get("quantity"),
-        selected=body.get("selected"),
+        quantity=or_none(body.quantity),
+        selected=or_none(body.selected),
     )
     return ok(
         data,
@@ -175,14 +162,14 @@ async def merge(request: web.Request, principal: Principal) -> web.Response:
 
 
 async def preview(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), PREVIEW)
+    body = await read_body(request, Preview)
     async with request.app[appkeys.DB].acquire() as conn:
-        selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
+        selection = await cart.select_items(conn, principal.user_id, or_none(body.selected_items))
         priced = await coupons.quote(
             cast(asyncpg.Connection, conn),
             user_id=principal.user_id,
             lines=selection.lines,
-            coupon_code=body.get("coupon_code"),
+            coupon_code=or_none(body.coupon_code),
         )
         offers = await coupons.available_for_lines(
             conn, user_id=principal.user_id, lines=selection.lines
@@ -215,14 +202,16 @@ def _order_lines(selection: cart.Selection) -> list[orders.OrderLineRequest]:
 
 async def checkout(request: web.Request, principal: Principal) -> web.Response:
     key = header_text(request, IDEMPOTENCY_HEADER, max_len=MAX_IDEMPOTENCY_KEY_LEN)
-    body = validate(await read_json(request), CHECKOUT)
-    address = await order_address(request, principal.user_id, body)
+    body = await read_body(request, Checkout)
+    address = await order_address(
+        request, principal.user_id, body.address_id, or_none(body.shipping_address)
+    )
     pool = request.app[appkeys.DB]
     previous = await cart.previous_checkout(pool, principal.user_id, key)
     if previous is not None:
         return ok(previous, status=201, message="order created")
     async with pool.acquire() as conn:
-        selection = await cart.select_items(conn, principal.user_id, body.get("selected_items"))
+        selection = await cart.select_items(conn, principal.user_id, or_none(body.selected_items))
     unavailable = [i["cart_item_id"] for i in selection.items if not i["available"]]
     if unavailable:
         raise ItemUnavailable(data={"cart_item_ids": unavailable})
@@ -235,7 +224,7 @@ async def checkout(request: web.Request, principal: Principal) -> web.Response:
         user_id=principal.user_id,
         lines=_order_lines(selection),
         shipping_address=address,
-        coupon_code=body.get("coupon_code"),
+        coupon_code=or_none(body.coupon_code),
         idempotency_key=selection.order_key,
     )
     with_payment_page(request.app, result)
@@ -297,7 +286,7 @@ ROUTES = [
         add_item,
         "Add a SKU to the cart (same SKU and specification add up)",
         auth="optional",
-        body=ADD_ITEM,
+        body=AddItem,
         responses=(*_CART_RESPONSES, NotOnSale, InsufficientStock, CartFull),
         tag="cart",
         answer=CartItemAdded,
@@ -318,7 +307,7 @@ ROUTES = [
         update_item,
         "Change quantity (0 removes) or selection",
         auth="optional",
-        body=UPDATE_ITEM,
+        body=UpdateItem,
         responses=_CART_RESPONSES,
         tag="cart",
     ),
@@ -354,7 +343,7 @@ ROUTES = [
         preview,
         "Price the selected items: subtotal, shipping, discount, total, coupons",
         auth="user",
-        body=PREVIEW,
+        body=Preview,
         responses=(*_CART_RESPONSES, ValidationFailed, CouponNotApplicable),
         tag="cart",
     ),
@@ -364,7 +353,7 @@ ROUTES = [
         checkout,
         "Create an order from the selected items and remove them from the cart",
         auth="user",
-        body=CHECKOUT,
+        body=Checkout,
         success={
             200: "order exists (a concurrent checkout of this cart made it)",
             201: "order created; payment information",

@@ -2,132 +2,128 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import catalog
+from flashsale import errors as E
 from flashsale.auth import Principal
 from flashsale.catalog import ProductQuery, SkuInput
-from flashsale.errors import (
-    Forbidden,
-    NotFound,
-    ProductInUse,
-    StockBelowReserved,
-    ValidationFailed,
-    VersionConflict,
-)
 from gateway import appkeys
-from gateway.http import ok, read_json
+from gateway.http import ok
 from gateway.plans_runtime import catalog_page
 from gateway.routing import Route
-from gateway.shapes import Answer
-from gateway.validation import INT32_MAX, Alt, F, Obj, path_int, validate, validate_query
+from gateway.shapes import Answer, Body, Query, as_dict, one_of, or_none, read_body, read_query
+from gateway.validation import INT32_MAX, Alt, path_int
 
 MAX_CENTS = 10**12
 MAX_STOCK = 2_000_000_000
 
-SKU_CREATE = {
-    "attributes": F(dict, required=False, default={}),
-    "price": F(int, min=0, max=MAX_CENTS),
-    "stock": F(int, required=False, default=0, min=0, max=MAX_STOCK),
-    "code": F(str, required=False, nullable=True, max_len=64),
-}
-SKU_UPDATE = Obj(
-    {
-        "id": F(int, required=False, nullable=True, min=1),
-        "attributes": F(dict, required=False, nullable=True),
-        "price": F(int, required=False, nullable=True, min=0, max=MAX_CENTS),
-        "stock": F(int, required=False, nullable=True, min=0, max=MAX_STOCK),
-        "code": F(str, required=False, nullable=True, max_len=64),
-    },
-    alts=(Alt(("id",)), Alt(("price",))),  # a new SKU (no id) needs its price
-)
-PRODUCT_CREATE = Obj(
-    {
-        "name": F(str, min_len=1, max_len=200),
-        "description": F(str, required=False, default="", max_len=20_000),
-        "category_id": F(int, required=False, nullable=True, min=1),
-        "images": F(list, required=False, default=[], max_len=20, items=F(str, max_len=2000)),
-        "attributes": F(dict, required=False, default={}),
-        "skus": F(list, required=False, min_len=1, max_len=100, items=F(dict, fields=SKU_CREATE)),
-        "price": F(int, required=False, min=0, max=MAX_CENTS),
-        "stock": F(int, required=False, min=0, max=MAX_STOCK),
-        "max_per_user": F(int, required=False, nullable=True, min=1, max=1_000_000),
-    },
-    alts=(Alt(present=("skus",), absent=("price", "stock")), Alt(("price",), absent=("skus",))),
-)
-PRODUCT_UPDATE = {
-    "name": F(str, required=False, min_len=1, max_len=200),
-    "description": F(str, required=False, max_len=20_000),
-    "category_id": F(int, required=False, nullable=True, min=1),
-    "images": F(list, required=False, max_len=20, items=F(str, max_len=2000)),
-    "attributes": F(dict, required=False),
-    "status": F(str, required=False, choices=("on_sale", "off_sale")),
-    "skus": F(list, required=False, max_len=100, items=F(dict, fields=SKU_UPDATE)),
-    "price": F(int, required=False, min=0, max=MAX_CENTS),
-    "stock": F(int, required=False, min=0, max=MAX_STOCK),
-    "max_per_user": F(int, required=False, nullable=True, min=1, max=1_000_000),
-    "version": F(int, required=False, min=1, max=INT32_MAX),
-}
-LIST_QUERY = {
-    "category": F(
-        str,
-        required=False,
-        max_len=100,
-        doc="category id or name (includes its sub-categories)",
-    ),
-    "price_min": F(int, required=False, min=0, max=MAX_CENTS, doc="lowest price in cents"),
-    "price_max": F(int, required=False, min=0, max=MAX_CENTS, doc="highest price in cents"),
-    "q": F(
-        str,
-        required=False,
-        max_len=200,
-        doc="search words (all must appear in name or description)",
-    ),
-    "sort": F(str, default="created,desc", choices=tuple(catalog.SORTS)),
-    "page": F(int, default=1, min=1, max=100_000, doc="page number from 1"),
-    "limit": F(int, default=20, min=1, max=catalog.MAX_LIMIT, doc="page size"),
-}
+Cents = Annotated[int, Meta(ge=0, le=MAX_CENTS)]
+Stock = Annotated[int, Meta(ge=0, le=MAX_STOCK)]
+SkuCode = Annotated[str, Meta(max_length=64)]
+# A free-form map of short names to JSON scalars (see gateway.validation.F).
+Attributes = dict[str, Any]
+Images = Annotated[list[Annotated[str, Meta(max_length=2000)]], Meta(max_length=20)]
+MaxPerUser = Annotated[int, Meta(ge=1, le=1_000_000)]
+CategoryId = Annotated[int, Meta(ge=1)]
 
 
-def _skus(items: list[dict[str, Any]], schema: Mapping[str, F]) -> list[SkuInput]:
-    out: list[SkuInput] = []
-    errors: dict[str, str] = {}
-    for i, item in enumerate(items):
-        try:
-            v = validate(item, schema)
-        except ValidationFailed as exc:
-            errors.update({f"skus[{i}].{k}": m for k, m in (exc.fields or {}).items()})
-            continue
-        out.append(
-            SkuInput(
-                price=v.get("price"),
-                stock=v.get("stock"),
-                attributes=v.get("attributes"),
-                code=v.get("code"),
-                id=v.get("id"),
-            )
-        )
-    if errors:
-        raise ValidationFailed(fields=errors)
-    return out
+class NewSku(Body, kw_only=True):
+    attributes: Attributes = msgspec.field(default_factory=dict)
+    price: Cents
+    stock: Stock = 0
+    code: SkuCode | UnsetType | None = UNSET
+
+
+class SkuChange(Body):
+    id: Annotated[int, Meta(ge=1)] | UnsetType | None = UNSET
+    attributes: Attributes | UnsetType | None = UNSET
+    price: Cents | UnsetType | None = UNSET
+    stock: Stock | UnsetType | None = UNSET
+    code: SkuCode | UnsetType | None = UNSET
+    alternatives = (Alt(("id",)), Alt(("price",)))  # a new SKU (no id) needs its price
+
+
+class NewProduct(Body, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    description: Annotated[str, Meta(max_length=20_000)] = ""
+    category_id: CategoryId | UnsetType | None = UNSET
+    images: Images = msgspec.field(default_factory=list)
+    attributes: Attributes = msgspec.field(default_factory=dict)
+    skus: Annotated[list[NewSku], Meta(min_length=1, max_length=100)] | UnsetType = UNSET
+    price: Cents | UnsetType = UNSET
+    stock: Stock | UnsetType = UNSET
+    max_per_user: MaxPerUser | UnsetType | None = UNSET
+    alternatives = (
+        Alt(present=("skus",), absent=("price", "stock")),
+        Alt(("price",), absent=("skus",)),
+    )
+
+
+class ProductChange(Body):
+    name: Annotated[str, Meta(min_length=1, max_length=200)] | UnsetType = UNSET
+    description: Annotated[str, Meta(max_length=20_000)] | UnsetType = UNSET
+    category_id: CategoryId | UnsetType | None = UNSET
+    images: Images | UnsetType = UNSET
+    attributes: Attributes | UnsetType = UNSET
+    status: Annotated[str, one_of(("on_sale", "off_sale"))] | UnsetType = UNSET
+    skus: Annotated[list[SkuChange], Meta(max_length=100)] | UnsetType = UNSET
+    price: Cents | UnsetType = UNSET
+    stock: Stock | UnsetType = UNSET
+    max_per_user: MaxPerUser | UnsetType | None = UNSET
+    version: Annotated[int, Meta(ge=1, le=INT32_MAX)] | UnsetType = UNSET
+
+
+class ProductList(Query):
+    category: (
+        Annotated[
+            str,
+            Meta(max_length=100, description="category id or name (includes its sub-categories)"),
+        ]
+        | None
+    ) = None
+    price_min: Annotated[Cents, Meta(description="lowest price in cents")] | None = None
+    price_max: Annotated[Cents, Meta(description="highest price in cents")] | None = None
+    q: (
+        Annotated[
+            str,
+            Meta(
+                max_length=200, description="search words (all must appear in name or description)"
+            ),
+        ]
+        | None
+    ) = None
+    sort: Annotated[str, one_of(catalog.SORTS)] = "created,desc"
+    page: Annotated[int, Meta(ge=1, le=100_000, description="page number from 1")] = 1
+    limit: Annotated[int, Meta(ge=1, le=catalog.MAX_LIMIT, description="page size")] = 20
+
+
+def _sku(sku: NewSku | SkuChange) -> SkuInput:
+    return SkuInput(
+        price=or_none(sku.price),
+        stock=or_none(sku.stock),
+        attributes=or_none(sku.attributes),
+        code=or_none(sku.code),
+        id=sku.id if isinstance(sku, SkuChange) and sku.id is not UNSET else None,
+    )
 
 
 async def list_products(request: web.Request) -> web.Response:
-    q = validate_query(request.query, LIST_QUERY)
-    price_min, price_max = q.get("price_min"), q.get("price_max")
-    if price_min is not None and price_max is not None and price_min > price_max:
-        raise ValidationFailed(fields={"price_max": "must be >= price_min"})
+    q = read_query(request, ProductList)
+    if q.price_min is not None and q.price_max is not None and q.price_min > q.price_max:
+        raise E.ValidationFailed(fields={"price_max": "must be >= price_min"})
     query = ProductQuery(
-        category=q.get("category") or None,
-        price_min=price_min,
-        price_max=price_max,
-        q=q.get("q") or None,
-        sort=q["sort"],
-        page=q["page"],
-        limit=q["limit"],
+        category=q.category or None,
+        price_min=q.price_min,
+        price_max=q.price_max,
+        q=q.q or None,
+        sort=q.sort,
+        page=q.page,
+        limit=q.limit,
     )
     return await catalog_page(
         request, lambda: catalog.list_products(request.app[appkeys.DB], query)
@@ -149,26 +145,24 @@ async def categories(request: web.Request) -> web.Response:
 
 
 async def create_product(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), PRODUCT_CREATE)
-    if "skus" in body:
-        if "price" in body or "stock" in body:
-            raise ValidationFailed(fields={"skus": "send either skus or price/stock, not both"})
-        skus = _skus(body["skus"], SKU_CREATE)
-    elif "price" in body:
-        skus = [SkuInput(price=body["price"], stock=body.get("stock", 0))]
+    body = await read_body(request, NewProduct)
+    # its alternatives: skus without price or stock, or price (and stock) without skus
+    if body.skus is not UNSET:
+        skus = [_sku(sku) for sku in body.skus]
     else:
-        raise ValidationFailed(fields={"skus": "skus (or price and stock) are required"})
+        assert body.price is not UNSET
+        skus = [SkuInput(price=body.price, stock=0 if body.stock is UNSET else body.stock)]
     pool = request.app[appkeys.DB]
     pid = await catalog.create_product(
         pool,
         principal,
-        name=body["name"],
-        description=body["description"],
-        category_id=body.get("category_id"),
-        images=body["images"],
-        attributes=body["attributes"],
+        name=body.name,
+        description=body.description,
+        category_id=or_none(body.category_id),
+        images=body.images,
+        attributes=body.attributes,
         skus=skus,
-        max_per_user=body.get("max_per_user"),
+        max_per_user=or_none(body.max_per_user),
     )
     detail = await catalog.load_detail(pool, pid)
     return ok(detail, status=201, message="created")
@@ -176,18 +170,19 @@ async def create_product(request: web.Request, principal: Principal) -> web.Resp
 
 async def update_product(request: web.Request, principal: Principal) -> web.Response:
     product_id = path_int(request.match_info["id"], "product")
-    body = validate(await read_json(request), PRODUCT_UPDATE)
-    skus = _skus(body.get("skus", []), SKU_UPDATE)
+    body = await read_body(request, ProductChange)
+    skus = [] if body.skus is UNSET else [_sku(sku) for sku in body.skus]
     flat = (
-        SkuInput(price=body.get("price"), stock=body.get("stock"))
-        if "price" in body or "stock" in body
+        SkuInput(price=or_none(body.price), stock=or_none(body.stock))
+        if body.price is not UNSET or body.stock is not UNSET
         else None
     )
     names = ("name", "description", "category_id", "images", "attributes", "status", "max_per_user")
-    fields: dict[str, Any] = {k: body[k] for k in names if k in body}
+    given = as_dict(body)
+    fields: dict[str, Any] = {k: given[k] for k in names if k in given}
     pool, redis = request.app[appkeys.DB], request.app[appkeys.REDIS]
     version = await catalog.update_product(
-        pool, redis, principal, product_id, fields, skus, version=body.get("version"), flat=flat
+        pool, redis, principal, product_id, fields, skus, version=or_none(body.version), flat=flat
     )
     detail = await catalog.load_detail(pool, product_id)
     return ok(
@@ -274,8 +269,8 @@ ROUTES = [
         "/api/v1/products",
         list_products,
         "List and search on-sale products",
-        query=LIST_QUERY,
-        responses=(ValidationFailed,),
+        query=ProductList,
+        responses=(E.ValidationFailed,),
         rules="price_max >= price_min",
         tag="catalog",
         answer=ProductPage,
@@ -285,7 +280,7 @@ ROUTES = [
         "/api/v1/products/{id}",
         get_product,
         "Product detail with SKUs and category path (cached)",
-        responses=(NotFound,),
+        responses=(E.NotFound,),
         tag="catalog",
         answer=ProductDetail,
     ),
@@ -303,9 +298,9 @@ ROUTES = [
         create_product,
         "Create a product with its SKUs (or flat price/stock = one SKU)",
         auth="merchant",
-        body=PRODUCT_CREATE,
+        body=NewProduct,
         success={201: "created"},
-        responses=(Forbidden, ValidationFailed),
+        responses=(E.Forbidden, E.ValidationFailed),
         tag="catalog",
     ),
     Route(
@@ -314,14 +309,14 @@ ROUTES = [
         update_product,
         "Update a product and its SKUs (own products; admin any)",
         auth="merchant",
-        body=PRODUCT_UPDATE,
+        body=ProductChange,
         responses=(
-            Forbidden,
-            NotFound,
-            VersionConflict,
-            StockBelowReserved,
-            ProductInUse,
-            ValidationFailed,
+            E.Forbidden,
+            E.NotFound,
+            E.VersionConflict,
+            E.StockBelowReserved,
+            E.ProductInUse,
+            E.ValidationFailed,
         ),
         tag="catalog",
     ),
@@ -331,7 +326,7 @@ ROUTES = [
         delete_product,
         "Take a product off sale (own products; admin any)",
         auth="merchant",
-        responses=(Forbidden, NotFound, ProductInUse),
+        responses=(E.Forbidden, E.NotFound, E.ProductInUse),
         tag="catalog",
     ),
 ]

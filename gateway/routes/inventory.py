@@ -7,19 +7,9 @@ from typing import Annotated
 from aiohttp import web
 from msgspec import UNSET, Meta, UnsetType
 
+from flashsale import errors as E
 from flashsale import inventory
 from flashsale.auth import Principal
-from flashsale.errors import (
-    Forbidden,
-    HeldByOrder,
-    HoldExceedsOrder,
-    InsufficientStock,
-    NotFound,
-    OrderNotPaid,
-    OrderNotPending,
-    ReservationNotActive,
-    ValidationFailed,
-)
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routing import Route
@@ -54,9 +44,9 @@ async def _manage(request: web.Request, principal: Principal) -> tuple[int, Prin
     product_id = path_int(request.match_info["id"])
     merchant_id = await request.app[appkeys.DB].fetchval(SQL_PRODUCT, product_id)
     if merchant_id is None:
-        raise NotFound("product not found")
+        raise E.NotFound("product not found")
     if principal.role != "admin" and merchant_id != principal.user_id:
-        raise Forbidden("not your product")
+        raise E.Forbidden("not your product")
     return product_id, principal
 
 
@@ -74,10 +64,10 @@ async def reserve(request: web.Request, principal: Principal) -> web.Response:
     sku_id = body.sku_id
     if sku_id is UNSET:
         if len(skus) != 1:
-            raise ValidationFailed(fields={"sku_id": "required: the product has several SKUs"})
+            raise E.ValidationFailed(fields={"sku_id": "required: the product has several SKUs"})
         sku_id = skus[0]
     elif sku_id not in skus:
-        raise NotFound("sku not found for this product")
+        raise E.NotFound("sku not found for this product")
     order_id = body.order_id
     async with pool.acquire() as conn, conn.transaction():
         if order_id is None:
@@ -105,7 +95,7 @@ async def _own_reservation(
     async with request.app[appkeys.DB].acquire() as conn:
         held = await inventory.get_reservation(conn, reservation_id)
     if held is None or held["product_id"] != product_id:
-        raise NotFound("reservation not found")
+        raise E.NotFound("reservation not found")
     return held
 
 
@@ -117,11 +107,11 @@ async def consume(request: web.Request, principal: Principal) -> web.Response:
     assert isinstance(quantity, int)
     actual = quantity if body.actual_quantity is UNSET else body.actual_quantity
     if actual > quantity:
-        raise ValidationFailed(fields={"actual_quantity": f"must be <= {quantity}"})
+        raise E.ValidationFailed(fields={"actual_quantity": f"must be <= {quantity}"})
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
         done = await inventory.consume_paid(conn, held, actual)
     if not done:
-        raise ReservationNotActive(f"reservation is {held['status']}")
+        raise E.ReservationNotActive(f"reservation is {held['status']}")
     return ok(
         {
             "reservation_id": body.reservation_id,
@@ -139,7 +129,7 @@ async def release(request: web.Request, principal: Principal) -> web.Response:
     async with request.app[appkeys.DB].acquire() as conn, conn.transaction():
         done = await inventory.release_unowned(conn, held, reason="api")
     if not done:
-        raise ReservationNotActive(f"reservation is {held['status']}")
+        raise E.ReservationNotActive(f"reservation is {held['status']}")
     return ok(
         {
             "reservation_id": body.reservation_id,
@@ -149,7 +139,7 @@ async def release(request: web.Request, principal: Principal) -> web.Response:
     )
 
 
-_MANAGE = (Forbidden, NotFound, ValidationFailed)
+_MANAGE = (E.Forbidden, E.NotFound, E.ValidationFailed)
 ROUTES = [
     Route(
         "GET",
@@ -157,7 +147,7 @@ ROUTES = [
         stock,
         "Stock of a product: available, reserved and total per SKU",
         tag="inventory",
-        responses=(NotFound,),
+        responses=(E.NotFound,),
     ),
     Route(
         "POST",
@@ -169,7 +159,7 @@ ROUTES = [
         body=ReserveBody,
         tag="inventory",
         success={201: "reserved"},
-        responses=(InsufficientStock, OrderNotPending, HoldExceedsOrder, *_MANAGE),
+        responses=(E.InsufficientStock, E.OrderNotPending, E.HoldExceedsOrder, *_MANAGE),
     ),
     Route(
         "POST",
@@ -179,7 +169,7 @@ ROUTES = [
         auth="merchant",
         body=ConsumeBody,
         tag="inventory",
-        responses=(ReservationNotActive, OrderNotPaid, *_MANAGE),
+        responses=(E.ReservationNotActive, E.OrderNotPaid, *_MANAGE),
     ),
     Route(
         "POST",
@@ -189,6 +179,6 @@ ROUTES = [
         auth="merchant",
         body=ReleaseBody,
         tag="inventory",
-        responses=(ReservationNotActive, HeldByOrder, *_MANAGE),
+        responses=(E.ReservationNotActive, E.HeldByOrder, *_MANAGE),
     ),
 ]

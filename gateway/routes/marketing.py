@@ -3,153 +3,156 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated
 
+import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from flashsale import coupons, promotions
 from flashsale.auth import Principal
 from flashsale.errors import CouponExists, CouponNotFound, Forbidden, ValidationFailed
 from gateway import appkeys
-from gateway.http import ok, read_json
+from gateway.http import ok
 from gateway.routing import Route
-from gateway.validation import F, validate, validate_query
+from gateway.shapes import Body, Query, as_dict, one_of, read_body, read_query
 
 MAX_CENTS = 10**12
 
-COUPON_USE = {
-    "coupon_code": F(str, min_len=1, max_len=64),
-    "order_amount": F(int, min=0, max=MAX_CENTS),
-    "product_categories": F(
-        list, required=False, nullable=True, max_len=100, items=(F(int), F(str, max_len=100))
-    ),
-    "product_ids": F(list, required=False, nullable=True, items=int, max_len=100),
-}
-NEW_COUPON = {
-    "code": F(str, pattern=r"[A-Za-z0-9_-]{3,32}"),
-    "name": F(str, min_len=1, max_len=100),
-    "type": F(str, choices=coupons.COUPON_TYPES),
-    "amount_off": F(int, required=False, nullable=True, min=1, max=MAX_CENTS),
-    "percent_off": F(int, required=False, nullable=True, min=1, max=100),
-    "max_discount": F(int, required=False, nullable=True, min=1, max=MAX_CENTS),
-    "min_amount": F(int, default=0, min=0, max=MAX_CENTS),
-    "scope": F(str, default="all", choices=coupons.COUPON_SCOPES),
-    "category_ids": F(list, default=[], items=int, max_len=100),
-    "product_ids": F(list, default=[], items=int, max_len=100),
-    "valid_from": F(datetime),
-    "valid_until": F(datetime),
-    "max_uses_per_user": F(int, default=1, min=1, max=1000),
-    "total_quantity": F(int, required=False, nullable=True, min=0, max=10**9),
-}
-RULE = {
-    "min_amount": F(int, min=1, max=MAX_CENTS),
-    "discount_amount": F(int, min=1, max=MAX_CENTS),
-}
-NEW_PROMOTION = {
-    "name": F(str, min_len=1, max_len=100),
-    "rules": F(list, min_len=1, max_len=20, items=F(dict, fields=RULE)),
-    "category_ids": F(list, default=[], items=int, max_len=100),
-    "valid_from": F(datetime),
-    "valid_until": F(datetime),
-}
-CALC_ITEM = {
-    "product_id": F(int, min=1),
-    "category": F(str, required=False, nullable=True, max_len=100),
-    "category_id": F(int, required=False, nullable=True, min=1),
-    "price": F(int, min=0, max=MAX_CENTS),
-    "quantity": F(int, min=1, max=10_000),
-}
-CALCULATE = {"items": F(list, min_len=1, max_len=200, items=F(dict, fields=CALC_ITEM))}
-AVAILABLE_QUERY = {
-    "amount": F(
-        int,
-        required=False,
-        min=0,
-        max=MAX_CENTS,
-        doc="order amount in cents: adds applicable and discount_amount",
-    )
-}
+Cents = Annotated[int, Meta(ge=0, le=MAX_CENTS)]
+PositiveCents = Annotated[int, Meta(ge=1, le=MAX_CENTS)]
+Ids = Annotated[list[int], Meta(max_length=100)]
+Name = Annotated[str, Meta(min_length=1, max_length=100)]
+CategoryName = Annotated[str, Meta(max_length=100)]
 
 
-def _check_window(body: dict[str, Any]) -> None:
-    if body["valid_until"] <= body["valid_from"]:
+class CouponUse(Body):
+    coupon_code: Annotated[str, Meta(min_length=1, max_length=64)]
+    order_amount: Cents
+    product_categories: Annotated[list[int | CategoryName], Meta(max_length=100)] | None = None
+    product_ids: Ids | None = None
+
+
+class NewCoupon(Body, kw_only=True):
+    code: Annotated[str, Meta(pattern=r"[A-Za-z0-9_-]{3,32}")]
+    name: Name
+    type: Annotated[str, one_of(coupons.COUPON_TYPES)]
+    amount_off: PositiveCents | None = None
+    percent_off: Annotated[int, Meta(ge=1, le=100)] | None = None
+    max_discount: PositiveCents | None = None
+    min_amount: Cents = 0
+    scope: Annotated[str, one_of(coupons.COUPON_SCOPES)] = "all"
+    category_ids: Ids = msgspec.field(default_factory=list)
+    product_ids: Ids = msgspec.field(default_factory=list)
+    valid_from: datetime
+    valid_until: datetime
+    max_uses_per_user: Annotated[int, Meta(ge=1, le=1000)] = 1
+    total_quantity: Annotated[int, Meta(ge=0, le=10**9)] | None = None
+
+
+class Rule(Body):
+    min_amount: PositiveCents
+    discount_amount: PositiveCents
+
+
+class NewPromotion(Body, kw_only=True):
+    name: Name
+    rules: Annotated[list[Rule], Meta(min_length=1, max_length=20)]
+    category_ids: Ids = msgspec.field(default_factory=list)
+    valid_from: datetime
+    valid_until: datetime
+
+
+class CalcItem(Body, kw_only=True):
+    product_id: Annotated[int, Meta(ge=1)]
+    category: CategoryName | None = None
+    category_id: Annotated[int, Meta(ge=1)] | None = None
+    price: Cents
+    quantity: Annotated[int, Meta(ge=1, le=10_000)]
+
+
+class Calculate(Body):
+    items: Annotated[list[CalcItem], Meta(min_length=1, max_length=200)]
+
+
+class AvailableQuery(Query):
+    amount: (
+        Annotated[
+            Cents, Meta(description="order amount in cents: adds applicable and discount_amount")
+        ]
+        | None
+    ) = None
+
+
+def _check_window(body: NewCoupon | NewPromotion) -> None:
+    if body.valid_until <= body.valid_from:
         raise ValidationFailed(fields={"valid_until": "must be after valid_from"})
 
 
 async def available_coupons(request: web.Request, principal: Principal) -> web.Response:
-    amount = validate_query(request.query, AVAILABLE_QUERY).get("amount")
+    amount = read_query(request, AvailableQuery).amount
     async with request.app[appkeys.DB].acquire() as conn:
         data = await coupons.available(conn, user_id=principal.user_id, amount_cents=amount)
     return ok(data)
 
 
 async def use_coupon(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), COUPON_USE)
-    categories = body.get("product_categories") or []
-    if any(isinstance(c, bool) or not isinstance(c, int | str) for c in categories):
-        raise ValidationFailed(fields={"product_categories": "items must be names or ids"})
+    body = await read_body(request, CouponUse)
+    categories = body.product_categories or []
     async with request.app[appkeys.DB].acquire() as conn:
         data = await coupons.check_use(
             conn,
             user_id=principal.user_id,
-            code=body["coupon_code"],
-            order_amount_cents=body["order_amount"],
+            code=body.coupon_code,
+            order_amount_cents=body.order_amount,
             categories=categories,
-            product_ids=body.get("product_ids") or [],
+            product_ids=body.product_ids or [],
         )
     return ok(data)
 
 
 async def create_coupon(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), NEW_COUPON)
+    body = await read_body(request, NewCoupon)
     _check_window(body)
     errors: dict[str, str] = {}
-    if body["type"] == "amount_off" and body.get("amount_off") is None:
+    if body.type == "amount_off" and body.amount_off is None:
         errors["amount_off"] = "is required for an amount_off coupon"
-    if body["type"] == "percent_off" and body.get("percent_off") is None:
+    if body.type == "percent_off" and body.percent_off is None:
         errors["percent_off"] = "is required for a percent_off coupon"
-    if body["scope"] == "categories" and not body["category_ids"]:
+    if body.scope == "categories" and not body.category_ids:
         errors["category_ids"] = "is required for scope categories"
-    if body["scope"] == "products" and not body["product_ids"]:
+    if body.scope == "products" and not body.product_ids:
         errors["product_ids"] = "is required for scope products"
     if errors:
         raise ValidationFailed(fields=errors)
     async with request.app[appkeys.DB].acquire() as conn:
-        data = await coupons.create(conn, body)
+        data = await coupons.create(conn, as_dict(body))
     return ok(data, status=201, message="coupon created")
 
 
-def _rules(raw: list[dict[str, Any]]) -> list[dict[str, int]]:
-    rules: list[dict[str, int]] = []
-    for i, rule in enumerate(raw):
-        try:
-            checked = validate(rule, RULE)
-        except ValidationFailed as exc:
-            raise ValidationFailed(
-                fields={f"rules[{i}].{k}": v for k, v in (exc.fields or {}).items()}
-            ) from None
-        if checked["discount_amount"] > checked["min_amount"]:
+def _rules(given: list[Rule]) -> list[dict[str, int]]:
+    for i, rule in enumerate(given):
+        if rule.discount_amount > rule.min_amount:
             raise ValidationFailed(
                 fields={f"rules[{i}].discount_amount": "must not exceed min_amount"}
             )
-        rules.append(checked)
-    if len({r["min_amount"] for r in rules}) != len(rules):
+    if len({r.min_amount for r in given}) != len(given):
         raise ValidationFailed(fields={"rules": "two tiers have the same min_amount"})
-    return sorted(rules, key=lambda r: r["min_amount"])
+    return sorted((as_dict(r) for r in given), key=lambda r: r["min_amount"])
 
 
 async def create_promotion(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), NEW_PROMOTION)
+    body = await read_body(request, NewPromotion)
     _check_window(body)
-    rules = _rules(body["rules"])
+    rules = _rules(body.rules)
     async with request.app[appkeys.DB].acquire() as conn:
         data = await promotions.create(
             conn,
-            name=body["name"],
+            name=body.name,
             rules=rules,
-            category_ids=body["category_ids"],
-            starts_at=body["valid_from"],
-            ends_at=body["valid_until"],
+            category_ids=body.category_ids,
+            starts_at=body.valid_from,
+            ends_at=body.valid_until,
         )
     return ok(data, status=201, message="promotion created")
 
@@ -161,29 +164,19 @@ async def list_promotions(request: web.Request) -> web.Response:
 
 
 async def calculate(request: web.Request) -> web.Response:
-    body = validate(await read_json(request), CALCULATE)
-    items: list[dict[str, Any]] = []
-    for i, raw in enumerate(body["items"]):
-        try:
-            items.append(validate(raw, CALC_ITEM))
-        except ValidationFailed as exc:
-            raise ValidationFailed(
-                fields={f"items[{i}].{k}": v for k, v in (exc.fields or {}).items()}
-            ) from None
+    items = (await read_body(request, Calculate)).items
     async with request.app[appkeys.DB].acquire() as conn:
         by_name = await promotions.category_ids_by_name(
-            conn, [it["category"] for it in items if it.get("category")]
+            conn, [it.category for it in items if it.category]
         )
-        of_product = await promotions.product_categories(conn, [it["product_id"] for it in items])
+        of_product = await promotions.product_categories(conn, [it.product_id for it in items])
         calc = []
         for i, it in enumerate(items):
             # the catalog's category wins; the client's hint only prices unknown products
             category = (
-                of_product.get(it["product_id"])
-                or it.get("category_id")
-                or by_name.get(it.get("category") or "")
+                of_product.get(it.product_id) or it.category_id or by_name.get(it.category or "")
             )
-            calc.append(promotions.CalcItem(i, category, it["price"] * it["quantity"]))
+            calc.append(promotions.CalcItem(i, category, it.price * it.quantity))
         applied = await promotions.discount_for(conn, calc, datetime.now(UTC))
     original = sum(c.amount_cents for c in calc)
     discount = min(sum(a.discount_cents for a in applied), original)
@@ -204,7 +197,7 @@ ROUTES = [
         available_coupons,
         "Coupons the current user can use now",
         auth="user",
-        query=AVAILABLE_QUERY,
+        query=AvailableQuery,
         tag="marketing",
     ),
     Route(
@@ -213,7 +206,7 @@ ROUTES = [
         use_coupon,
         "Evaluate a coupon for an amount (a use is consumed only by an order)",
         auth="user",
-        body=COUPON_USE,
+        body=CouponUse,
         responses=(CouponNotFound, ValidationFailed),
         tag="marketing",
     ),
@@ -223,7 +216,7 @@ ROUTES = [
         create_coupon,
         "Create a coupon",
         auth="admin",
-        body=NEW_COUPON,
+        body=NewCoupon,
         rules="valid_until after valid_from; amount_off or percent_off as the type needs; "
         "category_ids or product_ids as the scope needs",
         success={201: "created"},
@@ -242,7 +235,7 @@ ROUTES = [
         "/api/v1/promotions/calculate",
         calculate,
         "Best combination of amount-off promotions for some items",
-        body=CALCULATE,
+        body=Calculate,
         responses=(ValidationFailed,),
         tag="marketing",
     ),
@@ -252,7 +245,7 @@ ROUTES = [
         create_promotion,
         "Create a tiered promotion",
         auth="admin",
-        body=NEW_PROMOTION,
+        body=NewPromotion,
         rules="valid_until after valid_from; each discount_amount <= its min_amount; "
         "distinct min_amount",
         success={201: "created"},

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import orders, payments
 from flashsale.auth import Principal
@@ -29,41 +30,50 @@ from flashsale.errors import (
 from flashsale.orders import Actor, OrderLineRequest, returns
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
-from gateway.http import header_text, ok, read_json
-from gateway.routes.addresses import ADDRESS, ADDRESS_ALTS, ADDRESS_ID, order_address
+from gateway.http import header_text, ok
+from gateway.routes.addresses import ADDRESS_ALTS, Address, AddressId, order_address
 from gateway.routes.payments import with_payment_page
 from gateway.routing import Route
-from gateway.shapes import Answer, B, Body, decode_body, one_of, read_body, spec_of
+from gateway.shapes import (
+    Answer,
+    Body,
+    Query,
+    one_of,
+    or_none,
+    read_body,
+    read_optional_body,
+    read_query,
+)
 from gateway.validation import (
     INT32_MAX,
     INT64_MAX,
     PATH_TEXT,
     Alt,
-    F,
-    Obj,
     path_text,
-    validate,
-    validate_query,
 )
 
-ITEM = Obj(
-    {
-        "sku_id": F(int, required=False, min=1),
-        "product_id": F(int, required=False, min=1),
-        "quantity": F(int, min=1, max=orders.MAX_LINE_QUANTITY),
-        "price": F(int, required=False, nullable=True, min=0),
-    },
-    alts=(Alt(("sku_id",), absent=("product_id",)), Alt(("product_id",), absent=("sku_id",))),
-)
-CREATE = Obj(
-    {
-        "items": F(list, min_len=1, max_len=100, items=F(dict, fields=ITEM)),
-        "shipping_address": F(dict, required=False, fields=ADDRESS),
-        "address_id": ADDRESS_ID,
-        "coupon_code": F(str, required=False, nullable=True, max_len=64),
-    },
-    alts=ADDRESS_ALTS,
-)
+SkuOrProduct = Annotated[int, Meta(ge=1)] | UnsetType
+
+
+class OrderItem(Body, kw_only=True):
+    sku_id: SkuOrProduct = UNSET
+    product_id: SkuOrProduct = UNSET  # stands for its only SKU
+    quantity: Annotated[int, Meta(ge=1, le=orders.MAX_LINE_QUANTITY)]
+    price: Annotated[int, Meta(ge=0)] | UnsetType | None = UNSET
+    alternatives = (
+        Alt(("sku_id",), absent=("product_id",)),
+        Alt(("product_id",), absent=("sku_id",)),
+    )
+
+
+class NewOrder(Body, kw_only=True):
+    items: Annotated[list[OrderItem], Meta(min_length=1, max_length=100)]
+    shipping_address: Address | UnsetType = UNSET
+    address_id: AddressId | UnsetType = UNSET
+    coupon_code: Annotated[str, Meta(max_length=64)] | UnsetType | None = UNSET
+    alternatives = ADDRESS_ALTS
+
+
 # The row version a client read: the change is refused (409 VERSION_CONFLICT) if it moved.
 Version = Annotated[int, Meta(ge=1, le=INT32_MAX)] | None
 
@@ -138,9 +148,6 @@ class ShipBody(Body):
     version: Version = None
 
 
-SHIP = spec_of(ShipBody)  # one shipment of the merchant's bulk ship, too
-
-
 class OrderSummary(Answer):
     order_id: str
     kind: str
@@ -163,16 +170,24 @@ class OrderPage(Answer):
 
 MAX_IDEMPOTENCY_KEY = 128
 STATUS_FILTER = (*orders.STATUSES, "pending")
-LIST_QUERY = {
-    "status": F(
-        str,
-        required=False,
-        choices=STATUS_FILTER,
-        doc="pending (pending_payment), paid, shipped, delivered, completed, cancelled, refunded",
+
+
+StatusFilter = Annotated[
+    str,
+    one_of(STATUS_FILTER),
+    Meta(
+        description="pending (pending_payment), paid, shipped, delivered, completed, "
+        "cancelled, refunded"
     ),
-    "page": F(int, default=1, min=1, max=10_000, doc="page number, from 1"),
-    "limit": F(int, default=10, min=1, max=100, doc="page size, 1-100"),
-}
+]
+
+
+class OrderList(Query):
+    status: StatusFilter | None = None
+    page: Annotated[int, Meta(ge=1, le=10_000, description="page number, from 1")] = 1
+    limit: Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")] = 10
+
+
 ORDER_ID = {"id": PATH_TEXT}
 SQL_SINGLE_SKU = """
 SELECT product_id, min(id) AS sku_id, count(*) AS skus FROM skus
@@ -188,42 +203,22 @@ def _order_id(request: web.Request) -> str:
     return path_text(request.match_info["id"], "order")
 
 
-async def _optional_body(request: web.Request, shape: type[B]) -> B:
-    if not request.body_exists:
-        return decode_body(b"{}", shape)
-    return await read_body(request, shape)
-
-
-async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[OrderLineRequest]:
+async def _lines(request: web.Request, items: list[OrderItem]) -> list[OrderLineRequest]:
     """Order lines from the body; a ``product_id`` stands for its only SKU."""
-    errors: dict[str, str] = {}
-    cleaned: list[dict[str, Any]] = []
-    for i, raw in enumerate(items):
-        try:
-            item = validate(raw, ITEM)
-        except ValidationFailed as exc:
-            errors.update({f"items[{i}].{k}": v for k, v in (exc.fields or {}).items()})
-            continue
-        if (item.get("sku_id") is None) == (item.get("product_id") is None):
-            errors[f"items[{i}]"] = "give exactly one of sku_id or product_id"
-        cleaned.append(item)
-    if errors:
-        raise ValidationFailed(fields=errors)
-    by_product = [it["product_id"] for it in cleaned if it.get("sku_id") is None]
+    by_product = [it.product_id for it in items if it.sku_id is UNSET]
     single: dict[int, int] = {}
     if by_product:
         for r in await request.app[appkeys.DB].fetch(SQL_SINGLE_SKU, by_product):
             if r["skus"] == 1:
                 single[r["product_id"]] = r["sku_id"]
     lines = []
-    for i, it in enumerate(cleaned):
-        sku_id = it.get("sku_id")
+    errors: dict[str, str] = {}
+    for i, it in enumerate(items):
+        sku_id = single.get(it.product_id) if it.sku_id is UNSET else it.sku_id  # type: ignore[arg-type]
         if sku_id is None:
-            sku_id = single.get(it["product_id"])
-            if sku_id is None:
-                errors[f"items[{i}].sku_id"] = "required: the product has several SKUs or none"
-                continue
-        lines.append(OrderLineRequest(sku_id, it["quantity"], it.get("price")))
+            errors[f"items[{i}].sku_id"] = "required: the product has several SKUs or none"
+            continue
+        lines.append(OrderLineRequest(sku_id, it.quantity, or_none(it.price)))
     if errors:
         raise ValidationFailed(fields=errors)
     return lines
@@ -231,16 +226,18 @@ async def _lines(request: web.Request, items: list[dict[str, Any]]) -> list[Orde
 
 async def create(request: web.Request, principal: Principal) -> web.Response:
     key = header_text(request, "Idempotency-Key", max_len=MAX_IDEMPOTENCY_KEY)
-    body = validate(await read_json(request), CREATE)
-    address = await order_address(request, principal.user_id, body)
+    body = await read_body(request, NewOrder)
+    address = await order_address(
+        request, principal.user_id, body.address_id, or_none(body.shipping_address)
+    )
     result = await orders.create_order(
         request.app[appkeys.DB],
         request.app[appkeys.SETTINGS],
         request.app[appkeys.ORDER_IDS],
         user_id=principal.user_id,
-        lines=await _lines(request, body["items"]),
+        lines=await _lines(request, body.items),
         shipping_address=address,
-        coupon_code=body.get("coupon_code") or None,
+        coupon_code=body.coupon_code or None,
         idempotency_key=key,
     )
     replay = result.pop("idempotent_replay", False)
@@ -252,14 +249,11 @@ async def create(request: web.Request, principal: Principal) -> web.Response:
 
 
 async def list_(request: web.Request, principal: Principal) -> web.Response:
-    q = validate_query(request.query, LIST_QUERY)
-    status = q.get("status")
-    if status == "pending":
-        status = "pending_payment"
-    page, limit = q["page"], q["limit"]
+    q = read_query(request, OrderList)
+    status = "pending_payment" if q.status == "pending" else q.status
     return ok(
         await orders.list_orders(
-            request.app[appkeys.DB], principal.user_id, status=status, page=page, limit=limit
+            request.app[appkeys.DB], principal.user_id, status=status, page=q.page, limit=q.limit
         )
     )
 
@@ -281,7 +275,7 @@ async def logs(request: web.Request, principal: Principal) -> web.Response:
 
 
 async def cancel(request: web.Request, principal: Principal) -> web.Response:
-    body = await _optional_body(request, CancelBody)
+    body = await read_optional_body(request, CancelBody)
     return ok(
         await orders.cancel_order(
             request.app[appkeys.DB],
@@ -323,28 +317,27 @@ async def ship(request: web.Request, principal: Principal) -> web.Response:
     )
 
 
-async def deliver(request: web.Request, principal: Principal) -> web.Response:
-    body = await _optional_body(request, VersionBody)
+async def _versioned(
+    request: web.Request, principal: Principal, step: Callable[..., Awaitable[dict[str, Any]]]
+) -> web.Response:
+    """``step`` of the state machine on the order in the path (optional body: version)."""
+    body = await read_optional_body(request, VersionBody)
     return ok(
-        await orders.deliver_order(
+        await step(
             request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
             expected_version=body.version,
         )
     )
+
+
+async def deliver(request: web.Request, principal: Principal) -> web.Response:
+    return await _versioned(request, principal, orders.deliver_order)
 
 
 async def confirm(request: web.Request, principal: Principal) -> web.Response:
-    body = await _optional_body(request, VersionBody)
-    return ok(
-        await orders.confirm_order(
-            request.app[appkeys.DB],
-            _order_id(request),
-            _actor(principal),
-            expected_version=body.version,
-        )
-    )
+    return await _versioned(request, principal, orders.confirm_order)
 
 
 async def request_return(request: web.Request, principal: Principal) -> web.Response:
@@ -369,7 +362,7 @@ ROUTES = [
         create,
         "Create an order (reserves stock; send Idempotency-Key to make retries safe)",
         auth="user",
-        body=CREATE,
+        body=NewOrder,
         tag="orders",
         success={201: "order created"},
         responses=(InsufficientStock, PriceChanged, NotOnSale, SkuNotFound, ValidationFailed),
@@ -381,7 +374,7 @@ ROUTES = [
         "The caller's orders",
         auth="user",
         tag="orders",
-        query=LIST_QUERY,
+        query=OrderList,
         responses=(ValidationFailed,),
         answer=OrderPage,
     ),

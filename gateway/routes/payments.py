@@ -29,8 +29,8 @@ from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.shapes import Body, one_of, read_body
-from gateway.validation import PATH_TEXT, F, Obj, path_text, validate
+from gateway.shapes import Body, one_of, read_body, spec_of
+from gateway.validation import PATH_TEXT, path_text, validate
 
 Url = Annotated[str, Meta(max_length=2000)] | None
 OrderId = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -44,20 +44,20 @@ class CreateBody(Body, kw_only=True):
     notify_url: Url = None
 
 
-NOTIFY = Obj(
-    {
-        "payment_id": F(str, min_len=1, max_len=64),
-        "order_id": F(str, min_len=1, max_len=64),
-        "status": F(str, choices=("success", "failed")),
-        "amount": F(int, min=0),
-        "transaction_id": F(str, required=False, nullable=True, max_len=128),
-        "paid_at": F(str, required=False, nullable=True, max_len=64),
-        "sign": F(
-            str, pattern="[\\x21-\\x7e]{1,256}"
-        ),  # printable ASCII: compared in constant time
-    },
-    allow_extra=True,  # providers add fields; the signature covers them
-)
+class Notification(Body, kw_only=True, forbid_unknown_fields=False):
+    """A provider's notification: extra fields are allowed (providers add them); the
+    signature covers them."""
+
+    payment_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    order_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    status: Annotated[str, one_of(("success", "failed"))]
+    amount: Annotated[int, Meta(ge=0)]
+    transaction_id: Annotated[str, Meta(max_length=128)] | None = None
+    paid_at: Annotated[str, Meta(max_length=64)] | None = None
+    # printable ASCII: compared in constant time
+    sign: Annotated[str, Meta(pattern="[\\x21-\\x7e]{1,256}")]
+
+
 PAYMENT_ID = {"payment_id": PATH_TEXT}
 
 
@@ -122,7 +122,7 @@ async def notify(request: web.Request) -> web.Response:
     # Extra fields are allowed (providers add them) and covered by the signature, which is
     # checked over the body exactly as sent: validation only checks its shape.
     body = await read_json(request)
-    validate(body, NOTIFY, allow_extra=True)
+    validate(body, spec_of(Notification))
     return ok(
         await payments.process_notification(
             request.app[appkeys.DB], request.app[appkeys.SETTINGS], body
@@ -142,7 +142,9 @@ async def sandbox_show(request: web.Request, principal: Principal) -> web.Respon
     return ok(pay | {"approve_url": page + "/approve", "fail_url": page + "/fail"})
 
 
-async def sandbox_approve(request: web.Request, principal: Principal) -> web.Response:
+async def _sandbox_complete(
+    request: web.Request, principal: Principal, *, approve: bool
+) -> web.Response:
     return ok(
         await payments.sandbox_complete(
             request.app[appkeys.DB],
@@ -150,22 +152,17 @@ async def sandbox_approve(request: web.Request, principal: Principal) -> web.Res
             _payment_id(request),
             principal.user_id,
             principal.role,
-            approve=True,
+            approve=approve,
         )
     )
+
+
+async def sandbox_approve(request: web.Request, principal: Principal) -> web.Response:
+    return await _sandbox_complete(request, principal, approve=True)
 
 
 async def sandbox_fail(request: web.Request, principal: Principal) -> web.Response:
-    return ok(
-        await payments.sandbox_complete(
-            request.app[appkeys.DB],
-            request.app[appkeys.SETTINGS],
-            _payment_id(request),
-            principal.user_id,
-            principal.role,
-            approve=False,
-        )
-    )
+    return await _sandbox_complete(request, principal, approve=False)
 
 
 async def refund(request: web.Request, principal: Principal) -> web.Response:
@@ -207,7 +204,7 @@ ROUTES = [
         notify,
         "Provider notification: sign = hex HMAC-SHA256 of every other field sent as compact "
         "sorted-key JSON",
-        body=NOTIFY,
+        body=Notification,
         tag="payments",
         responses=(BadSignature, UnknownPayment, AmountMismatch, OrderMismatch, ValidationFailed),
     ),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Annotated, Final
 
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import plans
 from flashsale.auth import Principal
@@ -12,19 +13,23 @@ from flashsale.errors import NotFound, ValidationFailed
 from gateway import appkeys
 from gateway.dependencies import dependency_map
 from gateway.flash_runtime import FLASH
-from gateway.http import ok, read_json
+from gateway.http import ok
 from gateway.plans_runtime import SWITCHES
 from gateway.routing import ROUTE_TABLE, Route
-from gateway.validation import F, path_text, validate
+from gateway.shapes import Body, one_of, or_none, read_body
+from gateway.validation import F, path_text
 
 PLAN_NAME: Final = F(str, min_len=1, max_len=64)
-SWITCH: Final = {
-    "mode": F(str, choices=plans.MODES),
+
+
+class Switch(Body):
+    mode: Annotated[str, one_of(plans.MODES)]
     # the plan's name again: a flip is a decision, not a stray click or a replayed request
-    "confirm": F(str, max_len=64),
-    "reason": F(str, required=False, max_len=500),
-    "options": F(dict, required=False, nullable=True, max_len=8, values=(F(bool), F(int, min=1))),
-}
+    confirm: Annotated[str, Meta(max_length=64)]
+    reason: Annotated[str, Meta(max_length=500)] | UnsetType = UNSET
+    options: Annotated[dict[str, bool | Annotated[int, Meta(ge=1)]], Meta(max_length=8)] | None = (
+        None
+    )
 
 
 async def list_plans(request: web.Request, principal: Principal) -> web.Response:
@@ -37,18 +42,18 @@ async def list_plans(request: web.Request, principal: Principal) -> web.Response
 async def switch_plan(request: web.Request, principal: Principal) -> web.Response:
     name = path_text(request.match_info["name"], "plan", spec=PLAN_NAME)
     plans.plan_named(name)
-    body = validate(await read_json(request), SWITCH)
-    if body["confirm"] != name:
+    body = await read_body(request, Switch)
+    if body.confirm != name:
         raise ValidationFailed(fields={"confirm": f"must repeat the plan's name ({name})"})
     redis = request.app[appkeys.REDIS]
     by, reason, options = (
         f"admin:{principal.user_id}",
-        body.get("reason") or "",
-        body.get("options"),
+        or_none(body.reason) or "",
+        body.options,
     )
     if name == plans.QUEUE_SALE:
         sale_id = (options or {}).get("sale_id")
-        if not isinstance(sale_id, int) or isinstance(sale_id, bool) or body["mode"] == plans.ARMED:
+        if not isinstance(sale_id, int) or isinstance(sale_id, bool) or body.mode == plans.ARMED:
             raise ValidationFailed(fields={"options": "queue-sale: on|off with {sale_id: N}"})
         rt = request.app[FLASH]
         moved = await plans.queue_sale(
@@ -56,13 +61,13 @@ async def switch_plan(request: web.Request, principal: Principal) -> web.Respons
             rt.redis,
             rt.scripts,
             sale_id,
-            queued=body["mode"] == plans.ON,
+            queued=body.mode == plans.ON,
             by=by,
             reason=reason,
         )
         await rt.cache.refresh()
     else:
-        moved = await plans.switch(redis, name, body["mode"], by=by, reason=reason, options=options)
+        moved = await plans.switch(redis, name, body.mode, by=by, reason=reason, options=options)
     switches = request.app[SWITCHES]
     await switches.refresh(redis)
     state = switches.states[name].public()
@@ -91,7 +96,7 @@ ROUTES = [
         "Switch a plan off, on, or armed (its trigger may switch it on); in force on every "
         "worker within a second",
         auth="admin",
-        body=SWITCH,
+        body=Switch,
         params={"name": PLAN_NAME},
         responses=(NotFound, ValidationFailed),
         tag="plans",

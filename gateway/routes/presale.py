@@ -3,75 +3,60 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
+import msgspec
 from aiohttp import web
+from msgspec import Meta
 
+from flashsale import errors as E
 from flashsale import presale
 from flashsale.auth import Principal
-from flashsale.errors import (
-    Forbidden,
-    InsufficientStock,
-    InvalidTransition,
-    NotFound,
-    PaymentRequired,
-    PresaleNotActive,
-    PresaleNotFound,
-    PurchaseLimitExceeded,
-    ValidationFailed,
-    VersionConflict,
-)
 from gateway import appkeys
-from gateway.http import ok, read_json
+from gateway.http import ok
 from gateway.routing import Route
-from gateway.validation import (
-    INT32_MAX,
-    DateOrDatetime,
-    F,
-    date_bound,
-    path_int,
-    path_text,
-    validate,
-    validate_query,
-)
+from gateway.shapes import Body, CreatedFrom, CreatedTo, Query, one_of, read_body, read_query
+from gateway.validation import INT32_MAX, F, date_bound, path_int, path_text
 
-CAMPAIGN_CREATE = {
-    "sku_id": F(int, min=1),
-    "total": F(int, min=1, max=10_000_000),
-    "price": F(int, required=False, nullable=True, min=0, max=10**12),
-    "starts_at": F(datetime, required=False, nullable=True),
-    "ends_at": F(datetime),
-}
-PREORDER_CREATE = {
-    "product_id": F(int, min=1),
-    "sku_id": F(int, required=False, nullable=True, min=1),
-    "quantity": F(int, min=1, max=100),
-    "user_id": F(int, required=False, nullable=True, min=1),
-}
-PREORDER_UPDATE = {
-    "status": F(str, choices=tuple(s for s in presale.STATUSES if s != "pending")),
-    "version": F(int, required=False, nullable=True, min=1, max=INT32_MAX),
-}
-LIST_QUERY = {
-    "user_id": F(
-        int,
-        required=False,
-        min=1,
-        max=2**62,
-        doc="whose orders (admins only for other users; default: the caller)",
-    ),
-    "from": F(
-        DateOrDatetime,
-        required=False,
-        doc="created at or after (RFC 3339 datetime with offset, or a UTC date)",
-    ),
-    "to": F(
-        DateOrDatetime,
-        required=False,
-        doc="created before (datetime), or on or before (date)",
-    ),
-    "page": F(int, default=1, min=1, max=100_000, doc="page number from 1"),
-    "limit": F(int, default=20, min=1, max=100, doc="page size, at most 100"),
-}
+
+class NewCampaign(Body, kw_only=True):
+    sku_id: Annotated[int, Meta(ge=1)]
+    total: Annotated[int, Meta(ge=1, le=10_000_000)]
+    price: Annotated[int, Meta(ge=0, le=10**12)] | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime
+
+
+class NewPreorder(Body, kw_only=True):
+    product_id: Annotated[int, Meta(ge=1)]
+    sku_id: Annotated[int, Meta(ge=1)] | None = None
+    quantity: Annotated[int, Meta(ge=1, le=100)]
+    user_id: Annotated[int, Meta(ge=1)] | None = None
+
+
+class PreorderChange(Body):
+    status: Annotated[str, one_of(s for s in presale.STATUSES if s != "pending")]
+    version: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
+
+
+class PreorderList(Query):
+    user_id: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=2**62,
+                description="whose orders (admins only for other users; default: the caller)",
+            ),
+        ]
+        | None
+    ) = None
+    from_: CreatedFrom | None = msgspec.field(default=None, name="from")
+    to: CreatedTo | None = None
+    page: Annotated[int, Meta(ge=1, le=100_000, description="page number from 1")] = 1
+    limit: Annotated[int, Meta(ge=1, le=100, description="page size, at most 100")] = 20
+
+
 ORDER_ID = {"order_id": F(str, pattern="[0-9]{1,40}")}
 
 
@@ -80,15 +65,15 @@ def _order_id(request: web.Request) -> str:
 
 
 async def create_campaign(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), CAMPAIGN_CREATE)
+    body = await read_body(request, NewCampaign)
     out = await presale.create_campaign(
         request.app[appkeys.DB],
         principal,
-        sku_id=body["sku_id"],
-        total=body["total"],
-        price_cents=body.get("price"),
-        starts_at=body.get("starts_at"),
-        ends_at=body["ends_at"],
+        sku_id=body.sku_id,
+        total=body.total,
+        price_cents=body.price,
+        starts_at=body.starts_at,
+        ends_at=body.ends_at,
     )
     return ok(out, status=201, message="presale created")
 
@@ -99,16 +84,16 @@ async def get_campaign(request: web.Request) -> web.Response:
 
 
 async def create_preorder(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), PREORDER_CREATE)
-    if body.get("user_id") not in (None, principal.user_id):
-        raise Forbidden("a presale order is placed for the caller only")
+    body = await read_body(request, NewPreorder)
+    if body.user_id not in (None, principal.user_id):
+        raise E.Forbidden("a presale order is placed for the caller only")
     out = await presale.create_order(
         request.app[appkeys.DB],
         order_id=request.app[appkeys.ORDER_IDS].next(principal.user_id),
         user_id=principal.user_id,
-        product_id=body["product_id"],
-        sku_id=body.get("sku_id"),
-        quantity=body["quantity"],
+        product_id=body.product_id,
+        sku_id=body.sku_id,
+        quantity=body.quantity,
         hold_s=request.app[appkeys.SETTINGS].presale_hold_s,
         max_per_user_default=request.app[appkeys.SETTINGS].max_per_user_default,
     )
@@ -117,9 +102,9 @@ async def create_preorder(request: web.Request, principal: Principal) -> web.Res
 
 async def update_preorder(request: web.Request, principal: Principal) -> web.Response:
     order_id = _order_id(request)
-    body = validate(await read_json(request), PREORDER_UPDATE)
+    body = await read_body(request, PreorderChange)
     out = await presale.change_status(
-        request.app[appkeys.DB], principal, order_id, body["status"], version=body.get("version")
+        request.app[appkeys.DB], principal, order_id, body.status, version=body.version
     )
     return ok(out, message="status updated")
 
@@ -129,18 +114,18 @@ async def get_preorder(request: web.Request, principal: Principal) -> web.Respon
 
 
 async def list_preorders(request: web.Request, principal: Principal) -> web.Response:
-    q = validate_query(request.query, LIST_QUERY)
-    user_id = q.get("user_id")
+    q = read_query(request, PreorderList)
+    user_id = q.user_id
     if principal.role != "admin":
         if user_id not in (None, principal.user_id):
-            raise Forbidden("you may only list your own presale orders")
+            raise E.Forbidden("you may only list your own presale orders")
         user_id = principal.user_id
     f = presale.OrderFilter(
         user_id=user_id,
-        since=date_bound(q.get("from"), end=False),
-        until=date_bound(q.get("to"), end=True),
-        page=q["page"],
-        limit=q["limit"],
+        since=date_bound(q.from_, end=False),
+        until=date_bound(q.to, end=True),
+        page=q.page,
+        limit=q.limit,
     )
     return ok(await presale.list_orders(request.app[appkeys.DB], f))
 
@@ -161,9 +146,9 @@ ROUTES = [
         create_campaign,
         "Open a presale of a SKU (the product's merchant or an admin)",
         auth="merchant",
-        body=CAMPAIGN_CREATE,
+        body=NewCampaign,
         success={201: "created"},
-        responses=(Forbidden, ValidationFailed),
+        responses=(E.Forbidden, E.ValidationFailed),
         tag="presale",
     ),
     Route(
@@ -171,7 +156,7 @@ ROUTES = [
         "/api/v1/presales/{id}",
         get_campaign,
         "A presale with its available stock",
-        responses=(PresaleNotFound,),
+        responses=(E.PresaleNotFound,),
         tag="presale",
     ),
     Route(
@@ -180,14 +165,14 @@ ROUTES = [
         create_preorder,
         "Place a presale order (pre-occupies presale stock until expires_at unless paid)",
         auth="user",
-        body=PREORDER_CREATE,
+        body=NewPreorder,
         success={201: "created"},
         responses=(
-            Forbidden,
-            PresaleNotFound,
-            InsufficientStock,
-            PresaleNotActive,
-            PurchaseLimitExceeded,
+            E.Forbidden,
+            E.PresaleNotFound,
+            E.InsufficientStock,
+            E.PresaleNotActive,
+            E.PurchaseLimitExceeded,
         ),
         tag="presale",
     ),
@@ -197,8 +182,8 @@ ROUTES = [
         list_preorders,
         "List presale orders",
         auth="user",
-        query=LIST_QUERY,
-        responses=(Forbidden,),
+        query=PreorderList,
+        responses=(E.Forbidden,),
         tag="presale",
     ),
     Route(
@@ -207,7 +192,7 @@ ROUTES = [
         get_preorder,
         "One presale order",
         auth="user",
-        responses=(NotFound,),
+        responses=(E.NotFound,),
         tag="presale",
         params=ORDER_ID,
     ),
@@ -218,8 +203,14 @@ ROUTES = [
         "Change a presale order's status (paid→shipped→completed, or cancelled — a paid "
         "order is refunded in full; paid comes from a verified payment only)",
         auth="user",
-        body=PREORDER_UPDATE,
-        responses=(Forbidden, PaymentRequired, NotFound, InvalidTransition, VersionConflict),
+        body=PreorderChange,
+        responses=(
+            E.Forbidden,
+            E.PaymentRequired,
+            E.NotFound,
+            E.InvalidTransition,
+            E.VersionConflict,
+        ),
         tag="presale",
         params=ORDER_ID,
     ),
@@ -230,7 +221,7 @@ ROUTES = [
         "Cancel a presale order and return its stock; a paid order is refunded in full in "
         "the same transaction",
         auth="user",
-        responses=(NotFound, InvalidTransition),
+        responses=(E.NotFound, E.InvalidTransition),
         tag="presale",
         params=ORDER_ID,
     ),

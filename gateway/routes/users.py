@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import users
 from flashsale.auth import ROLES, Principal
@@ -16,54 +19,66 @@ from flashsale.errors import (
     ValidationFailed,
 )
 from gateway import appkeys
-from gateway.http import ok, read_json
+from gateway.http import ok
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
-from gateway.validation import Alt, F, Obj, path_int, validate
+from gateway.shapes import Body, one_of, read_body
+from gateway.validation import Alt, path_int
 
-REGISTER = Obj(
-    {
-        "email": F(str, required=False, nullable=True, max_len=254, pattern=users.EMAIL_RE),
-        "phone": F(str, required=False, nullable=True, pattern=users.PHONE_RE),
-        "password": F(str, min_len=users.PASSWORD_MIN_LEN, max_len=users.PASSWORD_MAX_LEN),
-        "nickname": F(str, min_len=1, max_len=64),
-    },
-    alts=(Alt(("email",)), Alt(("phone",))),
-)
-LOGIN = {
-    "login": F(
-        str, max_len=254, pattern=f"(?:{users.EMAIL_RE})|(?:{users.PHONE_RE})"
-    ),  # an email address or a phone number
-    "password": F(str, min_len=1, max_len=128),
-}
-CHANGE_PASSWORD = {
-    "old_password": F(str, min_len=1, max_len=128),
-    "new_password": F(str, min_len=users.PASSWORD_MIN_LEN, max_len=users.PASSWORD_MAX_LEN),
-}
-ADMIN_PATCH = Obj(
-    {
-        "role": F(str, required=False, choices=ROLES),
-        "disabled": F(bool, required=False),
-    },
-    alts=(Alt(("role",)), Alt(("disabled",))),  # at least one of them
-)
+NewPassword = Annotated[
+    str, Meta(min_length=users.PASSWORD_MIN_LEN, max_length=users.PASSWORD_MAX_LEN)
+]
+Password = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class Registration(Body, kw_only=True):
+    email: Annotated[str, Meta(max_length=254, pattern=users.EMAIL_RE)] | None = None
+    phone: Annotated[str, Meta(pattern=users.PHONE_RE)] | None = None
+    password: NewPassword
+    nickname: Annotated[str, Meta(min_length=1, max_length=64)]
+    alternatives = (Alt(("email",)), Alt(("phone",)))
+
+
+class Login(Body):
+    # an email address or a phone number
+    login: Annotated[
+        str, Meta(max_length=254, pattern=f"(?:{users.EMAIL_RE})|(?:{users.PHONE_RE})")
+    ]
+    password: Password
+
+
+class PasswordChange(Body):
+    old_password: Password
+    new_password: NewPassword
+
+
+class AccountChange(Body):
+    role: Annotated[str, one_of(ROLES)] | UnsetType = UNSET
+    disabled: bool | UnsetType = UNSET
+    alternatives = (Alt(("role",)), Alt(("disabled",)))  # at least one of them
+
+
+def _signed_in(request: web.Request, user: users.User, message: str) -> web.Response:
+    """A fresh token for ``user``, with the account."""
+    tokens = request.app[appkeys.TOKENS]
+    token = tokens.issue(user.id, user.role, gen=user.token_gen)
+    return ok(
+        {"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer", "user": user.public()},
+        message=message,
+    )
 
 
 async def register(request: web.Request) -> web.Response:
     app = request.app
-    body = validate(await read_json(request), REGISTER)
-    if not body.get("email") and not body.get("phone"):
-        raise ValidationFailed(
-            fields={"email": "email or phone is required", "phone": "email or phone is required"}
-        )
+    body = await read_body(request, Registration)  # its alternatives: email or phone
     s = app[appkeys.SETTINGS]
     registered = await users.register(
         app[appkeys.DB],
         app[appkeys.REDIS],
-        email=body.get("email"),
-        phone=body.get("phone"),
-        password=body["password"],
-        nickname=body["nickname"],
+        email=body.email,
+        phone=body.phone,
+        password=body.password,
+        nickname=body.nickname,
         client_ip=client_ip(request),
         limits=users.RegisterLimits(s.register_window_s, s.register_ip_attempts),
         hashing=app[appkeys.PASSWORD_HASHER],
@@ -74,13 +89,13 @@ async def register(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     app = request.app
-    body = validate(await read_json(request), LOGIN)
+    body = await read_body(request, Login)
     s = app[appkeys.SETTINGS]
     user = await users.login(
         app[appkeys.DB],
         app[appkeys.REDIS],
-        body["login"],
-        body["password"],
+        body.login,
+        body.password,
         client_ip=client_ip(request),
         limits=users.LoginLimits(
             s.login_window_s,
@@ -90,13 +105,8 @@ async def login(request: web.Request) -> web.Response:
         ),
         hashing=app[appkeys.PASSWORD_HASHER],
     )
-    tokens = request.app[appkeys.TOKENS]
-    token = tokens.issue(user.id, user.role, gen=user.token_gen)
     await merge_guest_cart(request.app[appkeys.DB], user.id, request.headers.get(CART_TOKEN_HEADER))
-    return ok(
-        {"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer", "user": user.public()},
-        message="logged in",
-    )
+    return _signed_in(request, user, "logged in")
 
 
 async def me(request: web.Request, principal: Principal) -> web.Response:
@@ -113,34 +123,27 @@ async def logout(request: web.Request, principal: Principal) -> web.Response:
 
 
 async def change_password(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), CHANGE_PASSWORD)
+    body = await read_body(request, PasswordChange)
     user = await users.change_password(
         request.app[appkeys.DB],
         request.app[appkeys.REDIS],
         principal.user_id,
-        body["old_password"],
-        body["new_password"],
+        body.old_password,
+        body.new_password,
         request.app[appkeys.PASSWORD_HASHER],
     )
-    tokens = request.app[appkeys.TOKENS]
-    token = tokens.issue(user.id, user.role, gen=user.token_gen)
-    return ok(
-        {"token": token, "expires_in": tokens.ttl_s, "token_type": "Bearer", "user": user.public()},
-        message="password changed; other sessions are logged out",
-    )
+    return _signed_in(request, user, "password changed; other sessions are logged out")
 
 
 async def admin_patch(request: web.Request, principal: Principal) -> web.Response:
     user_id = path_int(request.match_info["user_id"], "user")
-    body = validate(await read_json(request), ADMIN_PATCH)
-    if body.get("role") is None and body.get("disabled") is None:
-        raise ValidationFailed(fields={"role": "give role and/or disabled"})
+    body = await read_body(request, AccountChange)  # its alternatives: role and/or disabled
     db, redis = request.app[appkeys.DB], request.app[appkeys.REDIS]
     user = None
-    if body.get("role") is not None:
-        user = await users.set_role(db, redis, user_id, body["role"])
-    if body.get("disabled") is not None:
-        user = await users.set_disabled(db, redis, user_id, body["disabled"])
+    if body.role is not UNSET:
+        user = await users.set_role(db, redis, user_id, body.role)
+    if body.disabled is not UNSET:
+        user = await users.set_disabled(db, redis, user_id, body.disabled)
     assert user is not None
     return ok(user.public(), message="account updated; its tokens are revoked")
 
@@ -160,7 +163,7 @@ ROUTES = [
         "/api/v1/auth/register",
         register,
         "Register with email or phone",
-        body=REGISTER,
+        body=Registration,
         success={
             201: "registered (the same answer when the email or phone is taken: its owner "
             "is notified, nothing is written)"
@@ -173,7 +176,7 @@ ROUTES = [
         "/api/v1/auth/login",
         login,
         "Log in; returns a bearer token",
-        body=LOGIN,
+        body=Login,
         responses=(InvalidCredentials, AccountDisabled, RateLimited, ServiceUnavailable),
         tag="auth",
     ),
@@ -200,7 +203,7 @@ ROUTES = [
         change_password,
         "Change the password; other tokens are revoked, a new one is returned",
         auth="user",
-        body=CHANGE_PASSWORD,
+        body=PasswordChange,
         responses=(InvalidCredentials, ValidationFailed),
         tag="auth",
     ),
@@ -210,7 +213,7 @@ ROUTES = [
         admin_patch,
         "Change an account's role or disable it; its tokens are revoked",
         auth="admin",
-        body=ADMIN_PATCH,
+        body=AccountChange,
         responses=(NotFound, ValidationFailed, ServiceUnavailable),
         tag="auth",
     ),

@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import orjson
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale.auth import Principal
 from flashsale.errors import (
@@ -33,23 +34,33 @@ from flashsale.timing import STREAM_KEEPALIVE_S
 from flashsale.waitingroom.signing import MAX_SIGNED_LEN, MAX_SOLUTION_LEN, Ticket
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
-from gateway.http import header_text, ok, read_json
+from gateway.http import header_text, ok
 from gateway.middlewares import REQUEST_ID, request_id
 from gateway.routes.flashsales import ADMITTED_JOIN_PATH, client_ip
 from gateway.routing import Route
+from gateway.shapes import Body, Query, or_none, read_optional_body
 from gateway.streams import start_stream
-from gateway.validation import F, path_int, validate
+from gateway.validation import path_int
 from gateway.waitingroom_runtime import WAITING_ROOM
 
 DEVICE_HEADER: Final = "X-Device-Id"
 MAX_DEVICE_ID: Final = 128
 
-ENTER = {
-    "challenge": F(str, required=False, min_len=1, max_len=MAX_SIGNED_LEN),
-    "solution": F(str, required=False, min_len=1, max_len=MAX_SOLUTION_LEN),
-}
-TICKET_QUERY = {"ticket": F(str, min_len=1, max_len=MAX_SIGNED_LEN)}
-STREAM_QUERY = {"ticket": F(str, required=False, min_len=1, max_len=MAX_SIGNED_LEN)}
+Signed = Annotated[str, Meta(min_length=1, max_length=MAX_SIGNED_LEN)]
+
+
+class EnterBody(Body):
+    challenge: Signed | UnsetType = UNSET
+    solution: Annotated[str, Meta(min_length=1, max_length=MAX_SOLUTION_LEN)] | UnsetType = UNSET
+
+
+# The signer reads the ticket itself (TICKET_INVALID): these state it for the document.
+class TicketQuery(Query):
+    ticket: Signed
+
+
+class StreamQuery(Query):
+    ticket: Signed | None = None
 
 
 def with_join_path(view: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +94,7 @@ def _ticket(request: web.Request, sale: SaleState, signed: str | None) -> Ticket
 async def enter(request: web.Request, principal: Principal) -> web.Response:
     app = request.app
     sale = await _sale(request)
-    body = validate(await read_json(request), ENTER) if request.body_exists else {}
+    body = await read_optional_body(request, EnterBody)
     # an empty header is no device id (DEVICE_ID_REQUIRED where the sale asks for one)
     device = request.headers.get(DEVICE_HEADER) and header_text(
         request, DEVICE_HEADER, max_len=MAX_DEVICE_ID
@@ -94,8 +105,8 @@ async def enter(request: web.Request, principal: Principal) -> web.Response:
         principal.user_id,
         client_ip=client_ip(request),
         device_id=device or "",
-        challenge=body.get("challenge"),
-        solution=body.get("solution"),
+        challenge=or_none(body.challenge),
+        solution=or_none(body.solution),
         db=app[appkeys.DB],
     )
     data = {"ticket": entry.ticket, "replayed": entry.replayed}
@@ -177,7 +188,7 @@ ROUTES = [
         "Optional X-Device-Id header; challenge and solution when the sale asks for a proof "
         "of work",
         auth="user",
-        body=ENTER,
+        body=EnterBody,
         body_required=False,
         tag="waiting-room",
         success={201: "entered"},
@@ -199,7 +210,7 @@ ROUTES = [
         "A ticket's place: state (lottery, waiting, admitted, expired, sold_out, ended), "
         "position, people ahead, estimated wait; the join token and path once admitted "
         "(with hidden_join_path: only to the ticket's own account, by its bearer)",
-        query=TICKET_QUERY,
+        query=TicketQuery,
         auth="optional",
         tag="waiting-room",
         responses=(TicketInvalid,),
@@ -210,7 +221,7 @@ ROUTES = [
         events,
         "Server-sent events of a sale: 'sale' (its public state) and, with a ticket, 'queue' "
         "(what a poll answers), each when it changes",
-        query=STREAM_QUERY,
+        query=StreamQuery,
         tag="waiting-room",
         envelope=False,
         responses=(TicketInvalid, RateLimited, ServiceUnavailable),
