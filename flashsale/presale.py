@@ -36,6 +36,7 @@ from flashsale.errors import (
     ValidationFailed,
     VersionConflict,
 )
+from flashsale.paging import offset, page_of
 from flashsale.stores.db import Conn
 
 log = logging.getLogger(__name__)
@@ -474,11 +475,6 @@ class OrderFilter:
 async def list_orders(pool: asyncpg.Pool, f: OrderFilter) -> dict[str, Any]:
     args = (f.user_id, f.since, f.until)
     async with pool.acquire() as conn:
-        rows = await conn.fetch(SQL_LIST, *args, f.limit, (f.page - 1) * f.limit)
+        rows = await conn.fetch(SQL_LIST, *args, f.limit, offset(f.page, f.limit))
         total = await conn.fetchval(SQL_COUNT, *args)
-    return {
-        "orders": [order_out(r) for r in rows],
-        "total": total,
-        "page": f.page,
-        "limit": f.limit,
-    }
+    return page_of("orders", [order_out(r) for r in rows], total=total, page=f.page, limit=f.limit)

@@ -150,30 +150,32 @@ queue_admissions = _sale_key(":q:adm")
 queue_lease = _sale_key(":q:lease")
 
 
-def queue_enter_keys(sale_id: int) -> list[str]:
-    """lua/queue_enter.lua"""
+# The counts of the entry limits (lua/queue_enter.lua's KEYS[6] to [10], in its order):
+# attempts per account, entrants per client IP, entrants per device id, each account's
+# device id, the device ids each client IP brought.
+_QUEUE_LIMITS = (":q:att", ":q:ip", ":q:dev", ":q:acdev", ":q:ipdev")
+
+
+def _queue_keys(sale_id: int) -> list[str]:
+    """The keys both waiting-room scripts start with."""
     return [
         sale(sale_id),
         queue(sale_id),
         queue_lottery(sale_id),
         queue_arrivals(sale_id),
         queue_entrants(sale_id),
-        _tag(sale_id) + ":q:att",
-        _tag(sale_id) + ":q:ip",
-        _tag(sale_id) + ":q:dev",
-        _tag(sale_id) + ":q:acdev",
-        _tag(sale_id) + ":q:ipdev",
     ]
+
+
+def queue_enter_keys(sale_id: int) -> list[str]:
+    """lua/queue_enter.lua"""
+    return [*_queue_keys(sale_id), *(_tag(sale_id) + limit for limit in _QUEUE_LIMITS)]
 
 
 def queue_admit_keys(sale_id: int) -> list[str]:
     """lua/queue_admit.lua"""
     return [
-        sale(sale_id),
-        queue(sale_id),
-        queue_lottery(sale_id),
-        queue_arrivals(sale_id),
-        queue_entrants(sale_id),
+        *_queue_keys(sale_id),
         queue_outstanding(sale_id),
         queue_admissions(sale_id),
         users(sale_id),
