@@ -390,8 +390,8 @@ async def _refund_in_full(conn: Conn, order_id: str, principal: Principal) -> No
     """Give back what the verified payment of a paid order took (inside the cancel)."""
     pay = await conn.fetchrow(SQL_SUCCESS_PAY, order_id)
     if pay is None:
-        # Marked paid without a verified payment (only before payments were required): no
-        # money was taken, so there is nothing to give back.
+        # Marked paid with no verified payment behind it (the payment flow never does so,
+        # but a row may say it): no money was taken, so there is nothing to give back.
         log.warning("presale order %s was paid without a payment; cancelled, no refund", order_id)
         return
     await conn.execute(

@@ -18,6 +18,7 @@ from consumers import reconcile, reconcile_money
 from flashsale.auth import TokenService
 from flashsale.dashboard import aggregate, hub, publish, snapshot, totals
 from flashsale.stores import rediskeys
+from flashsale.timing import DASH_RATE_WINDOW_S
 from gateway import appkeys
 from gateway.routes.flashsales import ADMITTED_JOIN_PATH, JOIN_PATH, JOIN_PATHS
 from stack.embedded import free_port
@@ -304,7 +305,7 @@ async def test_figures_of_every_process_add_up(redis: Redis) -> None:
     assert sum(n for le, n in agg.latency.items() if le == float("inf")) == 10
     assert aggregate.quantile(0.5, {}, agg.latency) == pytest.approx(0.001 + 0.009 * 5 / 9)
     figures = snapshot.waiting_room_figures(agg, 7)
-    assert figures == {"queue_length": 40, "admitted_per_s": 9.0 / aggregate.RATE_WINDOW_S}
+    assert figures == {"queue_length": 40, "admitted_per_s": 9.0 / DASH_RATE_WINDOW_S}
     assert snapshot.waiting_room_figures(agg, 8) is None  # another sale's queue
     # only the complete seconds count: the second being read is still being written
     assert (await aggregate.read_aggregate(redis, second + 1)).recent.refusals == {
