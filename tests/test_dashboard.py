@@ -258,8 +258,8 @@ async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None
 @pytest.mark.both_topologies
 async def test_figures_of_every_process_add_up(redis: Redis) -> None:
     """Two processes publish what changed each second; the reader sums their counters,
-    their latency buckets and their gauges (lag summed, a queue's length the largest)."""
-    second = 4_100_000_000 + secrets.randbelow(1_000_000)  # buckets of this test alone
+    their latency bins and their gauges (lag summed, a queue's length the largest)."""
+    second = 4_100_000_000 + secrets.randbelow(1_000_000)  # seconds of this test alone
     await redis.delete(*(rediskeys.dash_second(second + i) for i in range(-1, 3)))
     regs = [CollectorRegistry(), CollectorRegistry()]
     refused = [Counter("flashsale_errors", "e", ["code"], registry=r) for r in regs]

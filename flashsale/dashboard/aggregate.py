@@ -50,7 +50,7 @@ async def read_aggregate(redis: Redis, second: int) -> Aggregate:
             latest.update({k: v for k, v in fields.items() if "|" in k})  # newer wins
     add_gauges(totals, latest)
     processes = len({k.partition("|")[2] for k in latest})
-    return Aggregate(totals, recent, window.join_buckets, processes)
+    return Aggregate(totals, recent, window.join_bins, processes)
 
 
 def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
