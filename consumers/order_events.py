@@ -86,9 +86,7 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigi
 """
 SQL_INSERT_LEDGER = """
 INSERT INTO inventory_ledger (sku_id, order_id, delta, reason, flash_sale_id)
-SELECT l.sku_id, l.order_id, -l.quantity, 'flash_sold', l.sale_id
-FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[])
-     AS l(sku_id, order_id, quantity, sale_id)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bigint[])
 ON CONFLICT DO NOTHING
 """
 # The fast path writes the batch without INSERT ... ON CONFLICT (its speculative insertion
@@ -204,6 +202,26 @@ def _order_columns(fresh: list[OrderEvent], ship: shipping.Shipping) -> list[lis
     ]
 
 
+def _item_rows(fresh: list[OrderEvent], snapshots: list[int | None]) -> list[tuple[Any, ...]]:
+    """The ``order_items`` rows of the batch, in ``ITEM_COLUMNS`` order."""
+    return [
+        (e.order_id, e.product_id, e.sku_id, e.quantity, e.price_cents, snapshot)
+        for e, snapshot in zip(fresh, snapshots, strict=True)
+    ]
+
+
+def _ledger_rows(fresh: list[OrderEvent]) -> list[tuple[Any, ...]]:
+    """The ``inventory_ledger`` rows of the batch (units out of stock, sold by the sale), in
+    ``LEDGER_COLUMNS`` order."""
+    return [(e.sku_id, e.order_id, -e.quantity, FLASH_SOLD, e.sale_id) for e in fresh]
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows (at least one) as one array per column: the parameters of an ``INSERT ...
+    SELECT FROM unnest``."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 async def _copy(conn: Conn, fresh: list[OrderEvent], ship: shipping.Shipping) -> bool:
     """Orders (as payable), items and ledger rows, all or nothing (a savepoint): False
     when an order id was written meanwhile by another transaction."""
@@ -217,17 +235,10 @@ async def _copy(conn: Conn, fresh: list[OrderEvent], ship: shipping.Shipping) ->
                 format="csv",
             )
             await conn.copy_records_to_table(
-                "order_items",
-                columns=ITEM_COLUMNS,
-                records=[
-                    (e.order_id, e.product_id, e.sku_id, e.quantity, e.price_cents, snapshot)
-                    for e, snapshot in zip(fresh, snapshots, strict=True)
-                ],
+                "order_items", columns=ITEM_COLUMNS, records=_item_rows(fresh, snapshots)
             )
             await conn.copy_records_to_table(
-                "inventory_ledger",
-                columns=LEDGER_COLUMNS,
-                records=[(e.sku_id, e.order_id, -e.quantity, FLASH_SOLD, e.sale_id) for e in fresh],
+                "inventory_ledger", columns=LEDGER_COLUMNS, records=_ledger_rows(fresh)
             )
     except asyncpg.UniqueViolationError:
         return False
@@ -242,22 +253,9 @@ async def _insert(
     new_ids = {r["id"] for r in new}
     fresh = [e for e in fresh if e.order_id in new_ids]
     if fresh:
-        await conn.execute(
-            SQL_INSERT_ITEMS,
-            [e.order_id for e in fresh],
-            [e.product_id for e in fresh],
-            [e.sku_id for e in fresh],
-            [e.quantity for e in fresh],
-            [e.price_cents for e in fresh],
-            ship.snapshots_of(fresh),
-        )
-        await conn.execute(
-            SQL_INSERT_LEDGER,
-            [e.sku_id for e in fresh],
-            [e.order_id for e in fresh],
-            [e.quantity for e in fresh],
-            [e.sale_id for e in fresh],
-        )
+        items = _item_rows(fresh, ship.snapshots_of(fresh))
+        await conn.execute(SQL_INSERT_ITEMS, *_columns(items))
+        await conn.execute(SQL_INSERT_LEDGER, *_columns(_ledger_rows(fresh)))
     return new
 
 

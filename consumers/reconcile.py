@@ -34,7 +34,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from consumers.reconcile_money import check_money
-from consumers.recovery import LOOKBACK_DAYS, SQL_RECENT_SALES, Recovery, server_run_id
+from consumers.recovery import SQL_RECENT_SALES, Recovery, server_run_id
 from consumers.sweepers import republish_stale_claims
 from flashsale.flash import buckets
 from flashsale.flash.events import parse_entry
@@ -44,7 +44,7 @@ from flashsale.stores.db import create_pool
 from flashsale.stores.kafka import OrderProducer
 from flashsale.stores.metrics import get_metrics
 from flashsale.stores.redisclient import open_redis, run_ids
-from flashsale.timing import DRIFT_KEPT_S
+from flashsale.timing import DRIFT_KEPT_S, RECENT_SALES_DAYS
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
             await asyncio.sleep(recovery.grace_s)
             print(f"{await recovery.run_once(force=True)} sale(s) re-armed")
             return 0
-        sales = await db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
+        sales = await db.fetch(SQL_RECENT_SALES, RECENT_SALES_DAYS)
         reports: list[SaleReport] = []
         for sale in sales:
             run_id = await server_run_id(redis, sale["id"])

@@ -37,7 +37,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import cast
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -52,12 +52,15 @@ from flashsale.stores import rediskeys
 from flashsale.stores.metrics import Metrics
 from flashsale.stores.redisclient import run_id, run_ids
 from flashsale.stores.scripts import FlashScripts, Rearm, register
+from flashsale.timing import (
+    BROKER_REQUEST_TIMEOUT_MS,
+    REARM_LEASE_MS,
+    RECENT_SALES_DAYS,
+    RECOVERY_READ_TIMEOUT_S,
+)
 
 log = logging.getLogger(__name__)
 
-LOOKBACK_DAYS: Final = 7
-READ_TIMEOUT_S: Final = 20.0
-REARM_LEASE_MS: Final = 60_000  # one recount of a split sale at a time
 
 SQL_RECENT_SALES = """
 SELECT f.*, p.name AS product_name, s.price_cents AS original_price_cents
@@ -81,7 +84,7 @@ async def server_run_id(redis: Redis, sale_id: int) -> str:
 
 
 async def unconsumed_events(
-    settings: Settings, *, timeout_s: float = READ_TIMEOUT_S
+    settings: Settings, *, timeout_s: float = RECOVERY_READ_TIMEOUT_S
 ) -> list[OrderEvent]:
     """Every order event in the topic past the consumer group's committed offsets.
 
@@ -89,7 +92,9 @@ async def unconsumed_events(
     joins the group nor commits. Raises TimeoutError if the end is not reached in time.
     """
     topic = settings.kafka_orders_topic
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka, request_timeout_ms=5000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka, request_timeout_ms=BROKER_REQUEST_TIMEOUT_MS
+    )
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         if topic not in set(await admin.list_topics()):
@@ -192,7 +197,7 @@ class Recovery:
         On a Redis Cluster each bucket is held by the primary of its slot: a failover
         changes the run id of that shard's buckets only.
         """
-        sales = await self.db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
+        sales = await self.db.fetch(SQL_RECENT_SALES, RECENT_SALES_DAYS)
         if not sales:
             return {}, []
         keys = [rediskeys.sale(s["id"], k) for s in sales for k in range(s["buckets"])]
@@ -319,7 +324,7 @@ class Recovery:
 
     async def fence_all(self) -> int:
         """Un-arm every recent sale (``flashsale rebuild-cache``): the next pass re-arms them."""
-        sales = await self.db.fetch(SQL_RECENT_SALES, LOOKBACK_DAYS)
+        sales = await self.db.fetch(SQL_RECENT_SALES, RECENT_SALES_DAYS)
         pipe = self.redis.pipeline(transaction=False)
         for s in sales:
             pipe.hdel(rediskeys.sale(s["id"]), "armed")

@@ -15,10 +15,9 @@ import asyncpg
 
 from flashsale import inventory, orders, presale
 from flashsale.stores import tasks
+from flashsale.timing import STORE_SWEEP_STOP_GRACE_S
 
 log = logging.getLogger(__name__)
-
-STOP_GRACE_S = 5.0
 
 
 async def sweep_once(db: asyncpg.Pool) -> tuple[int, int, int]:
@@ -52,10 +51,10 @@ async def run_store_sweeper(db: asyncpg.Pool, interval_s: float, stop: asyncio.E
     # A sweep waiting on a row lock, or on a server that went away, must not hold up the
     # shutdown: what it did not finish rolls back, and the next sweep (here or in a sibling)
     # does it. Whatever the cancelled sweep raises while unwinding is logged, not raised.
-    done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+    done, _ = await asyncio.wait({task}, timeout=STORE_SWEEP_STOP_GRACE_S)
     if not done:
-        log.warning("store sweep still running after %.0fs; cancelled", STOP_GRACE_S)
+        log.warning("store sweep still running after %.0fs; cancelled", STORE_SWEEP_STOP_GRACE_S)
         task.cancel()
-        await asyncio.wait({task}, timeout=STOP_GRACE_S)
+        await asyncio.wait({task}, timeout=STORE_SWEEP_STOP_GRACE_S)
     if task.done() and not task.cancelled() and task.exception() is not None:
         log.warning("store sweep ended with %r", task.exception())

@@ -43,13 +43,12 @@ from flashsale.stores import rediskeys, tasks
 from flashsale.stores.kafka import OrderProducer, PublishFailed
 from flashsale.stores.metrics import Metrics
 from flashsale.stores.scripts import FlashScripts, ReturnUnits
-from flashsale.timing import PROBE_TIMEOUT_S, TRANSFER_STALE_MS
+from flashsale.timing import PROBE_TIMEOUT_S, RECENT_SALES_DAYS, TRANSFER_STALE_MS
 
 log = logging.getLogger(__name__)
 
 STRANDED_BATCH: Final = 500
 DEADLINE_BATCH: Final = 500
-SETTLE_LOOKBACK_DAYS: Final = 7
 # A step that meets one of these is tried again next round; any other error is a bug.
 SWEEP_ERRORS: Final = (
     RedisError,
@@ -263,7 +262,7 @@ async def return_cancelled_units(
 
 async def settle_ended(db: asyncpg.Pool, redis: Redis, scripts: FlashScripts) -> int:
     total = 0
-    for r in await db.fetch(lifecycle.SQL_ENDED_SALES, SETTLE_LOOKBACK_DAYS):
+    for r in await db.fetch(lifecycle.SQL_ENDED_SALES, RECENT_SALES_DAYS):
         total += await lifecycle.settle_sale(db, redis, scripts, r["id"])
     await retire_old_sales(db, redis)
     return total

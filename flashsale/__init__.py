@@ -10,5 +10,5 @@ import from here, never the other way round. The map:
 - ``auth`` (tokens, roles), ``sessions`` (token revocation), ``users``, ``addresses``;
 - the storefront: ``catalog``, ``inventory``, ``cart``, ``promotions``, ``coupons``,
   ``payments``, ``presale``; ``plans`` (sale-day contingency switches); ``demo`` (the
-  demo data ``flashsale up`` loads).
+  demo data ``flashsale up`` loads); ``paging`` (one page of a list, as every list answers).
 """

@@ -30,6 +30,7 @@ from flashsale.errors import (
     ValidationFailed,
     VersionConflict,
 )
+from flashsale.paging import offset, page_of
 from flashsale.stores.db import Conn
 from flashsale.timing import PRODUCT_DETAIL_TTL_S
 
@@ -136,16 +137,12 @@ async def list_products(pool: asyncpg.Pool, query: ProductQuery) -> dict[str, An
         longest,
         patterns,
     )
-    offset = (query.page - 1) * query.limit
+    skip = offset(query.page, query.limit)
     async with pool.acquire() as conn:
-        rows = await conn.fetch(SQL_LIST_PRODUCTS[query.sort], *args, query.limit, offset)
+        rows = await conn.fetch(SQL_LIST_PRODUCTS[query.sort], *args, query.limit, skip)
         total = await conn.fetchval(SQL_COUNT_PRODUCTS, *args)
-    return {
-        "products": [_list_item(r) for r in rows],
-        "total": total,
-        "page": query.page,
-        "limit": query.limit,
-    }
+    items = [_list_item(r) for r in rows]
+    return page_of("products", items, total=total, page=query.page, limit=query.limit)
 
 
 # --- categories --------------------------------------------------------------------------

@@ -119,9 +119,8 @@ INSERT INTO refunds (id, order_id, presale_order_id, pay_order_id, amount_cents,
                      status, requested_by, completed_at)
 VALUES ($1, $2, $3, $4, $5, $6, 'completed', $7, now())
 """
-# A cancelled order's verified payments and what of each was not given back (kept before
-# late payments were refunded at once, or by any writer that slipped): an admin's refund
-# gives it back.
+# A cancelled order's verified payments and what of each was not given back (a late payment
+# is refunded at once; this finds what was kept anyway): an admin's refund gives it back.
 SQL_KEPT_PAYMENTS = """
 SELECT p.id, (p.amount_cents - coalesce(
            (SELECT sum(f.amount_cents) FROM refunds f WHERE f.pay_order_id = p.id), 0))::bigint

@@ -36,6 +36,7 @@ from flashsale.errors import (
     ValidationFailed,
     VersionConflict,
 )
+from flashsale.paging import offset, page_of
 from flashsale.stores.db import Conn
 
 log = logging.getLogger(__name__)
@@ -389,8 +390,8 @@ async def _refund_in_full(conn: Conn, order_id: str, principal: Principal) -> No
     """Give back what the verified payment of a paid order took (inside the cancel)."""
     pay = await conn.fetchrow(SQL_SUCCESS_PAY, order_id)
     if pay is None:
-        # Marked paid without a verified payment (only before payments were required): no
-        # money was taken, so there is nothing to give back.
+        # Marked paid with no verified payment behind it (the payment flow never does so,
+        # but a row may say it): no money was taken, so there is nothing to give back.
         log.warning("presale order %s was paid without a payment; cancelled, no refund", order_id)
         return
     await conn.execute(
@@ -474,11 +475,6 @@ class OrderFilter:
 async def list_orders(pool: asyncpg.Pool, f: OrderFilter) -> dict[str, Any]:
     args = (f.user_id, f.since, f.until)
     async with pool.acquire() as conn:
-        rows = await conn.fetch(SQL_LIST, *args, f.limit, (f.page - 1) * f.limit)
+        rows = await conn.fetch(SQL_LIST, *args, f.limit, offset(f.page, f.limit))
         total = await conn.fetchval(SQL_COUNT, *args)
-    return {
-        "orders": [order_out(r) for r in rows],
-        "total": total,
-        "page": f.page,
-        "limit": f.limit,
-    }
+    return page_of("orders", [order_out(r) for r in rows], total=total, page=f.page, limit=f.limit)

@@ -60,10 +60,19 @@ class Spec:
     parse: Parse
     doc: str
     shown: str | None  # the default as docs/settings.md shows it, when not the value itself
+    lo: float | None = None  # a number's range (what a sale's own value may be too)
+    hi: float | None = None
 
 
-def _setting(default: _T, parse: Parse, doc: str, shown: str | None = None) -> _T:
-    return field(default=default, metadata={"spec": Spec(parse, doc, shown)})
+def _setting(
+    default: _T,
+    parse: Parse,
+    doc: str,
+    shown: str | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+) -> _T:
+    return field(default=default, metadata={"spec": Spec(parse, doc, shown, lo, hi)})
 
 
 _N = TypeVar("_N", int, float)
@@ -98,11 +107,13 @@ def _text(name: str, raw: str) -> str:
 
 
 def _integer(default: int, lo: int, hi: int, doc: str, shown: str | None = None) -> int:
-    return _setting(default, lambda name, raw: _in_range(name, raw, int, lo, hi), doc, shown)
+    parse: Parse = lambda name, raw: _in_range(name, raw, int, lo, hi)  # noqa: E731
+    return _setting(default, parse, doc, shown, lo, hi)
 
 
 def _number(default: float, lo: float, hi: float, doc: str) -> float:
-    return _setting(default, lambda name, raw: _in_range(name, raw, float, lo, hi), doc)
+    parse: Parse = lambda name, raw: _in_range(name, raw, float, lo, hi)  # noqa: E731
+    return _setting(default, parse, doc, None, lo, hi)
 
 
 def _flag(default: bool, doc: str) -> bool:

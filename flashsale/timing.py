@@ -52,6 +52,10 @@ RESERVATION_GRACE_S: Final = 300
 # A waiting room's proof-of-work challenge is accepted this long after it was issued.
 CHALLENGE_MAX_AGE_MS: Final = 300_000
 
+# A queued sale that follows the measured accept rate (``queue.admit_per_s`` 0) measures it
+# over this long: a few seconds of joins, so one burst does not set the pace for long.
+QUEUE_ACCEPT_RATE_WINDOW_S: Final = 3.0
+
 # --- shop ---------------------------------------------------------------------------------
 
 # A guest cart expires this long after its last write.
@@ -82,6 +86,40 @@ EXPORT_EVERY_S: Final = 1.0
 # A sale's gauges stay this long past its end, so a dashboard sees how it finished.
 GAUGE_GRACE_MS: Final = 10 * 60 * 1000
 
+# A request a sale-day plan sheds (flashsale/plans.py) is told to retry after this long.
+SHED_RETRY_AFTER_S: Final = 2
+# Each worker probes every store this often (the flashsale_store_up gauge and the plans that
+# follow the stores); the Redis and broker probes get at most the period, so they never pile
+# up (PostgreSQL's has PROBE_TIMEOUT_S, as in /readyz).
+STORE_PROBE_EVERY_S: Final = 1.0
+STORE_PROBE_TIMEOUT_S: Final = 1.0
+# A worker's CPU, which the storefront shedding plan compares, is measured over this long.
+CPU_SAMPLE_S: Final = 1.0
+
+# --- dashboard (flashsale/dashboard/) ---------------------------------------------------------
+
+# Rates are the mean of the last DASH_RATE_WINDOW_S complete seconds (one second is noisy);
+# join p50/p99 come from the last DASH_LATENCY_WINDOW_S (a single second is often empty), the
+# seconds a snapshot reads; a process counts in a gauge while it published within
+# DASH_GAUGE_FRESH_S. Both shorter windows lie inside the seconds read.
+DASH_RATE_WINDOW_S: Final = 3
+DASH_LATENCY_WINDOW_S: Final = 10
+DASH_GAUGE_FRESH_S: Final = 5
+# A second's hash outlives every reader of it (a snapshot reads the latency window back).
+DASH_SECOND_TTL_S: Final = DASH_LATENCY_WINDOW_S + 50
+# A process on its way out publishes once more, waiting this long at most.
+DASH_LAST_PUBLISH_S: Final = 2.0
+# The one process that wins a second's tick key computes its snapshot; the key outlives the
+# second by far, and the snapshot outlives the readers that come for it.
+DASH_TICK_TTL_S: Final = 10
+DASH_SNAPSHOT_TTL_S: Final = 30
+# A worker that lost the tick waits this long, at most this many times, for the winner's
+# snapshot: within the second, before the next tick.
+DASH_READ_RETRY_S: Final = 0.2
+DASH_READ_RETRIES: Final = 4
+# The history a dashboard opens with: the last five minutes of one-a-second snapshots.
+DASH_HISTORY_S: Final = 300
+
 # --- consumers ----------------------------------------------------------------------------
 
 # The dashboard shows the last reconcile's drift (units and money) this long.
@@ -93,6 +131,19 @@ POLL_RETRY_S: Final = 1.0
 # The consumer touches its heartbeat file this often: well inside the 30 s after which
 # docker-compose.yml's health check calls a consumer dead.
 CONSUMER_HEARTBEAT_S: Final = 5.0
+
+# A sale is recent this long after its end: the recovery sweeper, reconcile and the settle
+# sweep look at it (`flashsale reconcile --help` and docs/operations.md say so).
+RECENT_SALES_DAYS: Final = 7
+# Recovery reads the order topic to its end within this long (the broker's answers within
+# BROKER_REQUEST_TIMEOUT_MS), or gives up and tries again on its next pass.
+RECOVERY_READ_TIMEOUT_S: Final = 20.0
+BROKER_REQUEST_TIMEOUT_MS: Final = 5_000
+# One recovery process recounts a split sale at a time: it holds the sale's lease this long,
+# far above a recount's few round trips, so a recovery that died frees it within a minute.
+REARM_LEASE_MS: Final = 60_000
+# The store sweeper, told to stop, lets its pass finish this long before cancelling it.
+STORE_SWEEP_STOP_GRACE_S: Final = 5.0
 
 # --- stack --------------------------------------------------------------------------------
 

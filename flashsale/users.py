@@ -33,6 +33,7 @@ from flashsale.errors import (
     RateLimited,
     ValidationFailed,
 )
+from flashsale.paging import offset, page_of
 
 # what the owner of an account would be sent (a mail or a text in a real shop)
 notices = logging.getLogger("flashsale.notices")
@@ -413,23 +414,20 @@ async def search_users(
     pattern = None if q is None else _like_prefix(q)
     exact_id = int(q) if q is not None and q.isdigit() and len(q) <= 18 else None
     rows = await db.fetch(
-        SQL_SEARCH_USERS, pattern, exact_id, role, disabled, limit, (page - 1) * limit
+        SQL_SEARCH_USERS, pattern, exact_id, role, disabled, limit, offset(page, limit)
     )
-    return {
-        "users": [
-            {
-                "id": r["id"],
-                "email": r["email"],
-                "phone": r["phone"],
-                "nickname": r["nickname"],
-                "role": r["role"],
-                "disabled": r["disabled_at"] is not None,
-                "disabled_at": r["disabled_at"],
-                "created_at": r["created_at"],
-            }
-            for r in rows
-        ],
-        "total": rows[0]["total"] if rows else 0,
-        "page": page,
-        "limit": limit,
-    }
+    users = [
+        {
+            "id": r["id"],
+            "email": r["email"],
+            "phone": r["phone"],
+            "nickname": r["nickname"],
+            "role": r["role"],
+            "disabled": r["disabled_at"] is not None,
+            "disabled_at": r["disabled_at"],
+            "created_at": r["created_at"],
+        }
+        for r in rows
+    ]
+    total = rows[0]["total"] if rows else 0
+    return page_of("users", users, total=total, page=page, limit=limit)

@@ -21,6 +21,13 @@ from flashsale import plans
 from flashsale.errors import ServiceUnavailable, ShopReadOnly
 from flashsale.stores import tasks
 from flashsale.stores.redisclient import open_redis
+from flashsale.timing import (
+    CONNECT_TIMEOUT_S,
+    CPU_SAMPLE_S,
+    SHED_RETRY_AFTER_S,
+    STORE_PROBE_EVERY_S,
+    STORE_PROBE_TIMEOUT_S,
+)
 from gateway import appkeys
 from gateway.http import JSON_CONTENT_TYPE, dumps, ok
 from gateway.routing import ROUTE_TABLE, Handler
@@ -31,10 +38,6 @@ SWITCHES: Final = web.AppKey("plan_switches", plans.Switches)
 COPIES: Final = web.AppKey("catalog_copies", plans.CatalogCopies)
 CPU: Final = web.AppKey("worker_cpu", list)  # [percent of one core over the last second]
 STORES_UP: Final = web.AppKey("stores_up", dict)  # store -> its last probe answered
-
-SHED_RETRY_AFTER_S: Final = 2
-PROBE_EVERY_S: Final = 1.0
-PROBE_TIMEOUT_S: Final = 1.0
 
 # Never gated: the plan switches themselves (an admin must be able to close a plan),
 # logging in (to reach them), payment notifications (money that arrives is recorded),
@@ -135,14 +138,14 @@ async def _sample_cpu(cpu: list[float]) -> None:
     to guard, so a plain timer rather than :func:`tasks.guarded_loop`)."""
     wall, used = time.monotonic(), time.process_time()
     while True:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(CPU_SAMPLE_S)
         now_wall, now_used = time.monotonic(), time.process_time()
         cpu[0] = 100.0 * (now_used - used) / max(now_wall - wall, 1e-6)
         wall, used = now_wall, now_used
 
 
 async def probe_stores(app: web.Application, own: Redis, up: dict[str, bool]) -> None:
-    """Every ``PROBE_EVERY_S``: can this worker reach each store? For the metric
+    """Every ``STORE_PROBE_EVERY_S``: can this worker reach each store? For the metric
     ``flashsale_store_up`` (the alert FlashsaleStoreDown) and the plan triggers."""
     from gateway.routes.health import check_db, check_redis
 
@@ -151,14 +154,14 @@ async def probe_stores(app: web.Application, own: Redis, up: dict[str, bool]) ->
     async def probe() -> None:
         checks = await asyncio.gather(
             check_db(app),
-            check_redis(own, PROBE_TIMEOUT_S),
-            app[appkeys.PRODUCER].ping(PROBE_TIMEOUT_S),
+            check_redis(own, STORE_PROBE_TIMEOUT_S),
+            app[appkeys.PRODUCER].ping(STORE_PROBE_TIMEOUT_S),
         )
         for store, answered in zip(("postgres", "redis", "kafka"), checks, strict=True):
             up[store] = answered
             gauge.labels(store).set(1 if answered else 0)
 
-    await tasks.guarded_loop(probe, name="store probes", every_s=PROBE_EVERY_S)
+    await tasks.guarded_loop(probe, name="store probes", every_s=STORE_PROBE_EVERY_S)
 
 
 async def watch_database(app: web.Application, redis: Redis, stop: asyncio.Event) -> None:
@@ -201,7 +204,7 @@ async def watch_database(app: web.Application, redis: Redis, stop: asyncio.Event
     await tasks.guarded_loop(
         look,
         name=f"plan trigger of {plans.CATALOG_FROM_CACHE}",
-        every_s=PROBE_EVERY_S,
+        every_s=STORE_PROBE_EVERY_S,
         wait_first=True,
         stop=stop,
     )
@@ -222,7 +225,10 @@ async def plans_ctx(app: web.Application) -> AsyncIterator[None]:
     # a client of its own (a subscriber holds a connection for good): the plans' machinery
     # never takes a connection the requests' pool may need
     own: Redis = open_redis(
-        settings, decode_responses=False, max_connections=4, socket_connect_timeout=5
+        settings,
+        decode_responses=False,
+        max_connections=4,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
     )
     stop = asyncio.Event()
     try:

@@ -18,6 +18,7 @@ from consumers import reconcile, reconcile_money
 from flashsale.auth import TokenService
 from flashsale.dashboard import aggregate, hub, publish, snapshot, totals
 from flashsale.stores import rediskeys
+from flashsale.timing import DASH_RATE_WINDOW_S
 from gateway import appkeys
 from gateway.routes.flashsales import ADMITTED_JOIN_PATH, JOIN_PATH, JOIN_PATHS
 from stack.embedded import free_port
@@ -257,8 +258,8 @@ async def test_pages_and_assets_are_served(client: TestClient[Any, Any]) -> None
 @pytest.mark.both_topologies
 async def test_figures_of_every_process_add_up(redis: Redis) -> None:
     """Two processes publish what changed each second; the reader sums their counters,
-    their latency buckets and their gauges (lag summed, a queue's length the largest)."""
-    second = 4_100_000_000 + secrets.randbelow(1_000_000)  # buckets of this test alone
+    their latency bins and their gauges (lag summed, a queue's length the largest)."""
+    second = 4_100_000_000 + secrets.randbelow(1_000_000)  # seconds of this test alone
     await redis.delete(*(rediskeys.dash_second(second + i) for i in range(-1, 3)))
     regs = [CollectorRegistry(), CollectorRegistry()]
     refused = [Counter("flashsale_errors", "e", ["code"], registry=r) for r in regs]
@@ -304,7 +305,7 @@ async def test_figures_of_every_process_add_up(redis: Redis) -> None:
     assert sum(n for le, n in agg.latency.items() if le == float("inf")) == 10
     assert aggregate.quantile(0.5, {}, agg.latency) == pytest.approx(0.001 + 0.009 * 5 / 9)
     figures = snapshot.waiting_room_figures(agg, 7)
-    assert figures == {"queue_length": 40, "admitted_per_s": 9.0 / aggregate.RATE_WINDOW_S}
+    assert figures == {"queue_length": 40, "admitted_per_s": 9.0 / DASH_RATE_WINDOW_S}
     assert snapshot.waiting_room_figures(agg, 8) is None  # another sale's queue
     # only the complete seconds count: the second being read is still being written
     assert (await aggregate.read_aggregate(redis, second + 1)).recent.refusals == {

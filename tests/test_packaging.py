@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consumers.recovery import LOOKBACK_DAYS
+from flashsale.timing import RECENT_SALES_DAYS
 from stack import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_reconcile_help_and_readme_say_recent_sales_of_the_same_days() -> None:
     help_text = " ".join(cli._parser().format_help().split())
     readme = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
     [row] = [line for line in readme.splitlines() if line.startswith("| `flashsale reconcile")]
-    window = f"ended in the last {LOOKBACK_DAYS} days"
+    window = f"ended in the last {RECENT_SALES_DAYS} days"
     assert "for recent sales" in help_text and window in help_text, help_text
     assert "active" not in help_text.split("reconcile", 1)[1].split("rebuild-cache", 1)[0]
     assert "recent sale" in row and window in row, row

@@ -28,3 +28,30 @@ def test_the_consumer_heartbeat_is_well_inside_composes_health_check() -> None:
 def test_backoffs_grow() -> None:
     for backoff in (timing.BATCH_RETRY_BACKOFF_S, timing.RESTART_BACKOFF_S):
         assert list(backoff) == sorted(backoff)
+
+
+def test_the_dashboards_windows_lie_inside_the_seconds_a_snapshot_reads() -> None:
+    """A snapshot reads the hashes of the last DASH_LATENCY_WINDOW_S seconds: the rate and
+    gauge windows are taken from those, and each hash outlives every reader of it."""
+    assert timing.DASH_RATE_WINDOW_S <= timing.DASH_LATENCY_WINDOW_S
+    assert timing.DASH_GAUGE_FRESH_S <= timing.DASH_LATENCY_WINDOW_S
+    assert timing.DASH_SECOND_TTL_S > timing.DASH_LATENCY_WINDOW_S + 1
+
+
+def test_a_worker_that_lost_the_tick_gives_up_within_the_second() -> None:
+    assert timing.DASH_READ_RETRY_S * timing.DASH_READ_RETRIES < 1.0
+    assert timing.DASH_TICK_TTL_S > 1  # the key outlives the second it elects a writer for
+
+
+def test_store_probes_never_pile_up() -> None:
+    assert timing.STORE_PROBE_TIMEOUT_S <= timing.STORE_PROBE_EVERY_S
+
+
+def test_the_adaptive_admission_rate_is_documented_as_it_is_measured() -> None:
+    """docs/settings.md (FLASHSALE_QUEUE_ADMIT_PER_S) names the window and the floor."""
+    from flashsale.settings import Settings, spec
+    from flashsale.waitingroom.room import ADAPTIVE_FLOOR_PER_S
+
+    doc = spec(Settings.__dataclass_fields__["queue_admit_per_s"]).doc
+    assert f"last {timing.QUEUE_ACCEPT_RATE_WINDOW_S:g} s" in doc, doc
+    assert f"at least {ADAPTIVE_FLOOR_PER_S:g}/s" in doc, doc

@@ -8,6 +8,7 @@ from dataclasses import fields
 import pytest
 
 from flashsale.errors import ValidationFailed
+from flashsale.settings import Settings
 from flashsale.waitingroom.config import QueueConfig, settable
 from flashsale.waitingroom.signing import Signer, Ticket, leading_zero_bits, proof_ok, solve
 from gateway.routes.flashsales import QUEUE_SETTINGS
@@ -83,3 +84,17 @@ def test_the_queue_settings_are_declared_once_and_the_api_checks_each() -> None:
         with pytest.raises(ValidationFailed) as caught:
             validate({"queue": {name: too_big}}, {"queue": QUEUE_SETTINGS})
         assert caught.value.fields is not None and f"queue.{name}" in caught.value.fields
+
+
+def test_a_sale_overrides_a_deployment_queue_setting_within_its_range() -> None:
+    """The settings a sale may give over a ``FLASHSALE_QUEUE_*`` default take that
+    variable's range and meaning, and its value when the sale gives none."""
+    settings = Settings(queue_admit_per_s=7.0, queue_overbook=2.5, queue_join_window_s=42)
+    cfg = QueueConfig.of({"join_window_s": 9}, settings)
+    assert (cfg.admit_per_s, cfg.overbook, cfg.join_window_s) == (7.0, 2.5, 9)
+    assert cfg.opens_before_s == settings.queue_opens_before_s
+    kind, bounds = settable()["overbook"]
+    assert (kind, bounds.min, bounds.max) == (float, 1.0, 10.0)
+    assert bounds.doc is not None and "FLASHSALE_QUEUE_OVERBOOK" in bounds.doc
+    with pytest.raises(ValidationFailed):
+        validate({"queue": {"overbook": 0.5}}, {"queue": QUEUE_SETTINGS})

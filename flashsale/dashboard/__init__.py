@@ -10,8 +10,8 @@ to Redis. One job per module:
   the fields of a second's hash (``fs:{dash}:s:<epoch second>``) and the running totals;
 - ``publish``: each process's ``Publisher``, once a second off the request path, adds what
   changed since its last publish (one pipelined write); gauges go under ``name|process``;
-- ``aggregate``: the sum of the last seconds' hashes — rates over ``RATE_WINDOW_S``, join
-  p50/p99 over ``LATENCY_WINDOW_S`` from summed histogram bins, a gauge as each process's
+- ``aggregate``: the sum of the last seconds' hashes — rates over ``DASH_RATE_WINDOW_S``, join
+  p50/p99 over ``DASH_LATENCY_WINDOW_S`` from summed histogram bins, a gauge as each process's
   latest value;
 - ``snapshot``: one sale's figures now, and the merchant's view of them;
 - ``history``: the last five minutes of snapshots, a point a second;

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
 
 from redis.asyncio import Redis
 
@@ -16,10 +15,7 @@ from flashsale.dashboard.totals import (
     decode_fields,
 )
 from flashsale.stores.rediskeys import DASH_TOTALS, dash_second
-
-LATENCY_WINDOW_S: Final = 10  # join latency percentiles cover the last ten seconds
-RATE_WINDOW_S: Final = 3  # rates: the mean of the last three complete seconds
-GAUGE_FRESH_S: Final = 5  # a process silent this long no longer counts in a gauge
+from flashsale.timing import DASH_GAUGE_FRESH_S, DASH_LATENCY_WINDOW_S, DASH_RATE_WINDOW_S
 
 
 @dataclass(slots=True)
@@ -27,14 +23,14 @@ class Aggregate:
     """What every process published: running totals, the last seconds' sums."""
 
     totals: Totals  # counters since the totals began; gauges as last published
-    recent: Totals  # counters summed over the last RATE_WINDOW_S complete seconds
-    latency: dict[float, float]  # join latency bins summed over LATENCY_WINDOW_S
-    processes: int  # processes that published in the last GAUGE_FRESH_S seconds
+    recent: Totals  # counters summed over the last DASH_RATE_WINDOW_S complete seconds
+    latency: dict[float, float]  # join latency bins summed over DASH_LATENCY_WINDOW_S
+    processes: int  # processes that published in the last DASH_GAUGE_FRESH_S seconds
 
 
 async def read_aggregate(redis: Redis, second: int) -> Aggregate:
     """Every process's figures as of ``second`` (the seconds before it are complete)."""
-    seconds = list(range(second - LATENCY_WINDOW_S, second + 1))
+    seconds = list(range(second - DASH_LATENCY_WINDOW_S, second + 1))
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(DASH_TOTALS)
     for s in seconds:
@@ -48,13 +44,13 @@ async def read_aggregate(redis: Redis, second: int) -> Aggregate:
         fields = decode_fields(raw)
         if s < second:  # the current second is still being written
             add_counters(window, {k: v for k, v in fields.items() if k.startswith(LATENCY_FIELD)})
-            if s >= second - RATE_WINDOW_S:
+            if s >= second - DASH_RATE_WINDOW_S:
                 add_counters(recent, fields)
-        if s >= second - GAUGE_FRESH_S:
+        if s >= second - DASH_GAUGE_FRESH_S:
             latest.update({k: v for k, v in fields.items() if "|" in k})  # newer wins
     add_gauges(totals, latest)
     processes = len({k.partition("|")[2] for k in latest})
-    return Aggregate(totals, recent, window.join_buckets, processes)
+    return Aggregate(totals, recent, window.join_bins, processes)
 
 
 def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:

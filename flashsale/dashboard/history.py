@@ -9,8 +9,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from flashsale.stores import rediskeys
+from flashsale.timing import DASH_HISTORY_S
 
-HISTORY_POINTS: Final = 300  # five minutes of one-second snapshots
+HISTORY_POINTS: Final = DASH_HISTORY_S  # one snapshot a second
 
 
 def decode(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -32,4 +33,4 @@ def append(pipe: Pipeline, sale_id: int, snap: dict[str, Any]) -> None:
     key = rediskeys.dash_history(sale_id)
     pipe.rpush(key, orjson.dumps({k: v for k, v in snap.items() if k != "totals"}))
     pipe.ltrim(key, -HISTORY_POINTS, -1)
-    pipe.expire(key, HISTORY_POINTS)
+    pipe.expire(key, DASH_HISTORY_S)

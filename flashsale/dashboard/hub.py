@@ -8,7 +8,7 @@ import functools
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any
 
 import asyncpg
 import orjson
@@ -18,13 +18,12 @@ from flashsale.dashboard import history
 from flashsale.dashboard.aggregate import read_aggregate
 from flashsale.dashboard.snapshot import build_snapshot
 from flashsale.stores import rediskeys, tasks
-
-SNAPSHOT_TTL_S: Final = 30
-TICK_KEY_TTL_S: Final = 10
-# A worker that lost the tick waits this long (at most this many times) for the winner's
-# snapshot of the second.
-READ_RETRY_S: Final = 0.2
-READ_RETRIES: Final = 4
+from flashsale.timing import (
+    DASH_READ_RETRIES,
+    DASH_READ_RETRY_S,
+    DASH_SNAPSHOT_TTL_S,
+    DASH_TICK_TTL_S,
+)
 
 
 def _to_next_second() -> float:
@@ -128,11 +127,11 @@ class DashboardHub:
         if current is not None and current.get("second", 0) >= second:
             return current
         won = await self._redis.set(
-            rediskeys.dash_tick(sale_id, second), os.getpid(), nx=True, ex=TICK_KEY_TTL_S
+            rediskeys.dash_tick(sale_id, second), os.getpid(), nx=True, ex=DASH_TICK_TTL_S
         )
         if not won:
-            for _ in range(READ_RETRIES):
-                await asyncio.sleep(READ_RETRY_S)
+            for _ in range(DASH_READ_RETRIES):
+                await asyncio.sleep(DASH_READ_RETRY_S)
                 current = history.decode(await self._redis.get(key))
                 if current is not None and current.get("second", 0) >= second:
                     return current
@@ -144,7 +143,7 @@ class DashboardHub:
         snap["second"] = second
         self.computed += 1
         pipe = self._redis.pipeline(transaction=False)
-        pipe.set(key, orjson.dumps(snap), ex=SNAPSHOT_TTL_S)
+        pipe.set(key, orjson.dumps(snap), ex=DASH_SNAPSHOT_TTL_S)
         history.append(pipe, sale_id, snap)
         await pipe.execute()
         return snap

@@ -10,20 +10,16 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterable
-from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale.dashboard.aggregate import LATENCY_WINDOW_S
 from flashsale.dashboard.totals import LATENCY_FIELD, counter_fields, gauge_fields, read_metrics
 from flashsale.stores import tasks
 from flashsale.stores.rediskeys import DASH_TOTALS, dash_second
-
-LAST_PUBLISH_S: Final = 2.0  # the publish on the way out waits this long at most
-SECOND_TTL_S: Final = LATENCY_WINDOW_S + 50  # a second's hash outlives every reader
+from flashsale.timing import DASH_LAST_PUBLISH_S, DASH_SECOND_TTL_S
 
 
 def own_families(registry: CollectorRegistry | None) -> list[Metric]:
@@ -79,7 +75,7 @@ class Publisher:
             pipe.hincrby(key, name, n)
             pipe.hincrby(DASH_TOTALS, name, n)
         pipe.hset(key, mapping=gauge_fields(t, self._process))  # type: ignore[arg-type]
-        pipe.expire(key, SECOND_TTL_S)
+        pipe.expire(key, DASH_SECOND_TTL_S)
         try:
             self.last_commands = len(pipe)
             await pipe.execute()
@@ -135,4 +131,4 @@ async def publish_every_second(
             before()
         # the last second's figures, unless Redis is already gone (shutdown must not hang)
         with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
-            await asyncio.wait_for(pub.publish(redis), LAST_PUBLISH_S)
+            await asyncio.wait_for(pub.publish(redis), DASH_LAST_PUBLISH_S)

@@ -7,10 +7,11 @@ from typing import Any, Final
 import asyncpg
 from redis.asyncio import Redis
 
-from flashsale.dashboard.aggregate import RATE_WINDOW_S, Aggregate, quantile
+from flashsale.dashboard.aggregate import Aggregate, quantile
 from flashsale.dashboard.sales import sale_status
 from flashsale.flash.cache import iso_ms, now_ms
 from flashsale.stores import rediskeys
+from flashsale.timing import DASH_RATE_WINDOW_S
 
 ORDER_STATUSES: Final = ("queued", "pending_payment", "paid", "cancelled")
 
@@ -34,7 +35,7 @@ def waiting_room_figures(agg: Aggregate, sale_id: int) -> dict[str, Any] | None:
         return None
     return {
         "queue_length": int(length),
-        "admitted_per_s": (agg.recent.queue_admitted or 0.0) / RATE_WINDOW_S,
+        "admitted_per_s": (agg.recent.queue_admitted or 0.0) / DASH_RATE_WINDOW_S,
     }
 
 
@@ -78,7 +79,7 @@ async def build_snapshot(
     prev_totals = (previous or {}).get("totals") or {}
     seconds = (now - previous["t"]) / 1000 if previous else 0.0
     prev_units = prev_totals.get("accepted_units")
-    # latency over the last LATENCY_WINDOW_S seconds: a single second is often empty
+    # latency over the last DASH_LATENCY_WINDOW_S seconds: a single second is often empty
     p50 = quantile(0.5, {}, agg.latency)
     p99 = quantile(0.99, {}, agg.latency)
     start, end = i("start_ms"), i("end_ms")
@@ -105,10 +106,10 @@ async def build_snapshot(
         },
         "accepted_units": accepted_units,
         "accepted_per_s": _rate(accepted_units, prev_units, seconds),
-        "accepted_requests_per_s": agg.recent.join_by_status.get("202", 0.0) / RATE_WINDOW_S,
+        "accepted_requests_per_s": agg.recent.join_by_status.get("202", 0.0) / DASH_RATE_WINDOW_S,
         "refusals_total": {code: int(n) for code, n in sorted(t.refusals.items()) if n},
         "refusals_per_s": {
-            code: agg.recent.refusals.get(code, 0.0) / RATE_WINDOW_S
+            code: agg.recent.refusals.get(code, 0.0) / DASH_RATE_WINDOW_S
             for code, n in sorted(t.refusals.items())
             if n
         },
@@ -118,7 +119,7 @@ async def build_snapshot(
         },
         "consumer": {
             "lag": int(t.lag),
-            "drain_per_s": agg.recent.persisted / RATE_WINDOW_S,
+            "drain_per_s": agg.recent.persisted / DASH_RATE_WINDOW_S,
             "persisted_total": int(t.persisted),
         },
         "processes": agg.processes,  # gateway workers and consumers heard from

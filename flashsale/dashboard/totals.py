@@ -45,7 +45,7 @@ class Totals:
 
     join_by_status: dict[str, float] = field(default_factory=dict)
     refusals: dict[str, float] = field(default_factory=dict)
-    join_buckets: dict[float, float] = field(default_factory=dict)  # le → cumulative count
+    join_bins: dict[float, float] = field(default_factory=dict)  # le → cumulative count
     persisted: float = 0.0
     dead_letters: float = 0.0
     lag: float = 0.0
@@ -58,7 +58,7 @@ class Totals:
             "join_by_status": self.join_by_status,
             "refusals": self.refusals,
             # le as text: JSON has no infinity ("+Inf" reads back with float())
-            "join_buckets": [[repr(le), n] for le, n in sorted(self.join_buckets.items())],
+            "join_bins": [[repr(le), n] for le, n in sorted(self.join_bins.items())],
             "persisted": self.persisted,
             "dead_letters": self.dead_letters,
             "queue_admitted": self.queue_admitted,
@@ -76,10 +76,11 @@ def read_metrics(families: Iterable[Metric], join_routes: Collection[str]) -> To
                 if labels.get("route") in join_routes and labels.get("method") == "POST":
                     st = labels.get("status", "")
                     t.join_by_status[st] = t.join_by_status.get(st, 0.0) + s.value
+            # (Prometheus calls a histogram's cumulative bins its ``_bucket`` samples)
             elif s.name == "flashsale_http_request_duration_seconds_bucket":
                 if labels.get("route") in join_routes and labels.get("method") == "POST":
                     le = float(labels["le"])
-                    t.join_buckets[le] = t.join_buckets.get(le, 0.0) + s.value
+                    t.join_bins[le] = t.join_bins.get(le, 0.0) + s.value
             elif s.name == "flashsale_errors_total":
                 code = labels.get("code", "")
                 if code in REFUSAL_CODES:
@@ -109,7 +110,7 @@ def counter_fields(t: Totals) -> dict[str, float]:
     out: dict[str, float] = {_PERSISTED: t.persisted, _DEAD: t.dead_letters}
     out.update({_REQ + st: n for st, n in t.join_by_status.items()})
     out.update({_REF + code: n for code, n in t.refusals.items()})
-    out.update({LATENCY_FIELD + repr(le): n for le, n in t.join_buckets.items()})
+    out.update({LATENCY_FIELD + repr(le): n for le, n in t.join_bins.items()})
     if t.queue_admitted is not None:
         out[_ADMITTED] = t.queue_admitted
     return out
@@ -131,7 +132,7 @@ def add_counters(t: Totals, fields: dict[str, float]) -> None:
             t.refusals[code] = t.refusals.get(code, 0.0) + n
         elif name.startswith(LATENCY_FIELD):
             le = float(name[len(LATENCY_FIELD) :])
-            t.join_buckets[le] = t.join_buckets.get(le, 0.0) + n
+            t.join_bins[le] = t.join_bins.get(le, 0.0) + n
         elif name == _PERSISTED:
             t.persisted += n
         elif name == _DEAD:

@@ -27,7 +27,9 @@ The words, as the code and ``lua/*.lua`` use them:
   not yet returned, or moved out (``consumers/reconcile.py`` checks the sum).
 - **bucket**: one of the N parts of a sale split over Redis Cluster slots (``buckets``):
   each holds its share of the allotment, its shoppers' counts, log and claims. A sale of
-  one bucket is the common case. The word means this and nothing else in this package.
+  one bucket is the common case. The word means this and nothing else in this package;
+  beside it, only a rate limit's token bucket keeps the name (the dashboard's latency
+  histogram has bins, and publishes into one hash per second).
 - **in transit**: units one bucket gave another and that are not yet credited (the
   giver's transfer log); ``moves`` counts a bucket's gives and takes, so a reader can
   tell that none was in transit while it looked.

@@ -34,6 +34,7 @@ from flashsale.orders.views import (
     returns_of_order,
     shipping_info,
 )
+from flashsale.paging import offset, page_of
 from flashsale.stores.db import Conn
 
 MAX_EXPORT_ROWS: Final = 10_000
@@ -190,33 +191,28 @@ def merchant_count_sql(q: OrderQuery) -> tuple[str, list[Any]]:
 
 
 async def merchant_orders(pool: asyncpg.Pool, merchant_id: int, q: OrderQuery) -> dict[str, Any]:
-    sql, args = merchant_list_sql(q, limit=q.limit, offset=(q.page - 1) * q.limit)
+    sql, args = merchant_list_sql(q, limit=q.limit, offset=offset(q.page, q.limit))
     count_sql, count_args = merchant_count_sql(q)
     async with pool.acquire() as conn:
         rows = await conn.fetch(sql, merchant_id, *args)
         total = await conn.fetchval(count_sql, merchant_id, *count_args)
-    return {
-        "orders": [
-            {
-                "order_id": r["order_id"],
-                "kind": r["kind"],
-                "status": r["status"],
-                "version": r["version"],
-                "created_at": r["created_at"],
-                "buyer_id": r["user_id"],
-                "units": r["units"],
-                "amount": r["amount_cents"],
-                "refunded_amount": r["refunded_cents"],
-                "has_address": r["shipping_address"] is not None,
-                "shipping_info": merchant_shipping_info(r),
-            }
-            for r in rows
-        ],
-        "total": total,
-        "page": q.page,
-        "limit": q.limit,
-        "sort": q.sort,
-    }
+    orders = [
+        {
+            "order_id": r["order_id"],
+            "kind": r["kind"],
+            "status": r["status"],
+            "version": r["version"],
+            "created_at": r["created_at"],
+            "buyer_id": r["user_id"],
+            "units": r["units"],
+            "amount": r["amount_cents"],
+            "refunded_amount": r["refunded_cents"],
+            "has_address": r["shipping_address"] is not None,
+            "shipping_info": merchant_shipping_info(r),
+        }
+        for r in rows
+    ]
+    return page_of("orders", orders, total=total, page=q.page, limit=q.limit, sort=q.sort)
 
 
 async def merchant_export(
@@ -325,38 +321,33 @@ async def admin_orders(pool: asyncpg.Pool, q: OrderQuery, *, login: str | None) 
         if login is not None:
             uid = await conn.fetchval(SQL_USER_BY_LOGIN, login)
             if uid is None or (q.user_id is not None and q.user_id != uid):
-                return {"orders": [], "total": 0, "page": q.page, "limit": q.limit, "sort": q.sort}
+                return page_of("orders", [], total=0, page=q.page, limit=q.limit, sort=q.sort)
             q = replace(q, user_id=uid)
         where, args = _where(q, _ADMIN_FILTERS, 1)
         n = len(args) + 1
         sql = _ADMIN_ROW.format(
             where=where, order_by=_ADMIN_ORDER_BY[q.sort], limit=n, offset=n + 1
         )
-        rows = await conn.fetch(sql, *args, q.limit, (q.page - 1) * q.limit)
+        rows = await conn.fetch(sql, *args, q.limit, offset(q.page, q.limit))
         total = await conn.fetchval(_ADMIN_COUNT.format(where=where), *args)
-    return {
-        "orders": [
-            {
-                "order_id": r["id"],
-                "user_id": r["user_id"],
-                "kind": r["kind"],
-                "status": r["status"],
-                **order_amounts(r),
-                "refunded_amount": r["refunded_cents"],
-                "version": r["version"],
-                "created_at": r["created_at"],
-                "paid_at": r["paid_at"],
-                "shipped_at": r["shipped_at"],
-                "tracking_number": r["tracking_number"],
-                "flash_sale_id": r["flash_sale_id"],
-            }
-            for r in rows
-        ],
-        "total": total,
-        "page": q.page,
-        "limit": q.limit,
-        "sort": q.sort,
-    }
+    orders = [
+        {
+            "order_id": r["id"],
+            "user_id": r["user_id"],
+            "kind": r["kind"],
+            "status": r["status"],
+            **order_amounts(r),
+            "refunded_amount": r["refunded_cents"],
+            "version": r["version"],
+            "created_at": r["created_at"],
+            "paid_at": r["paid_at"],
+            "shipped_at": r["shipped_at"],
+            "tracking_number": r["tracking_number"],
+            "flash_sale_id": r["flash_sale_id"],
+        }
+        for r in rows
+    ]
+    return page_of("orders", orders, total=total, page=q.page, limit=q.limit, sort=q.sort)
 
 
 async def admin_order(pool: asyncpg.Pool, order_id: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from flashsale.errors import NotFound, RefundExceedsPaid, ReturnInProgress, Vali
 from flashsale.orders.model import SQL_ORDER_FOR_UPDATE, Actor, invalid_transition, write_log
 from flashsale.orders.states import require_merchant
 from flashsale.orders.views import RETURN_COLUMNS, return_view
+from flashsale.paging import offset, page_of
 from flashsale.stores.db import Conn
 
 RETURNABLE: Final = ("shipped", "delivered", "completed")
@@ -274,10 +275,6 @@ async def list_returns(
 ) -> dict[str, Any]:
     """The returns of the merchant's orders (every return for an admin), newest first."""
     merchant = None if actor.role == "admin" else actor.user_id
-    rows = await pool.fetch(SQL_MERCHANT_RETURNS, merchant, status, limit, (page - 1) * limit)
-    return {
-        "returns": [return_view(r) for r in rows],
-        "total": rows[0]["total"] if rows else 0,
-        "page": page,
-        "limit": limit,
-    }
+    rows = await pool.fetch(SQL_MERCHANT_RETURNS, merchant, status, limit, offset(page, limit))
+    total = rows[0]["total"] if rows else 0
+    return page_of("returns", [return_view(r) for r in rows], total=total, page=page, limit=limit)

@@ -220,7 +220,7 @@ async def ship_order(
         order, version = await _merchants_move(
             conn, order_id, actor, "paid", "ship", expected_version
         )
-        if order["shipping_address"] is None:  # paid before addresses were required
+        if order["shipping_address"] is None:  # paying asks for one; an order may hold none anyway
             raise AddressRequired(
                 "this order has no shipping address; it cannot ship",
                 data={"order_id": order_id},

@@ -13,6 +13,7 @@ from flashsale.errors import NotFound
 from flashsale.flash import views as flash_views
 from flashsale.flash.cache import SaleState
 from flashsale.orders.model import SQL_ORDER, Actor, load_own
+from flashsale.paging import offset, page_of
 from flashsale.stores.db import Conn
 
 SQL_ITEMS = """
@@ -190,25 +191,21 @@ async def get_order(
 async def list_orders(
     pool: asyncpg.Pool, user_id: int, *, status: str | None, page: int, limit: int
 ) -> dict[str, Any]:
-    rows = await pool.fetch(SQL_LIST, user_id, status, limit, (page - 1) * limit)
+    rows = await pool.fetch(SQL_LIST, user_id, status, limit, offset(page, limit))
     total = rows[0]["total"] if rows else await pool.fetchval(SQL_COUNT, user_id, status)
-    return {
-        "orders": [
-            {
-                "order_id": r["id"],
-                "kind": r["kind"],
-                "status": r["status"],
-                **order_amounts(r),
-                "version": r["version"],
-                "created_at": r["created_at"],
-                "payment_deadline": r["payment_deadline"],
-            }
-            for r in rows
-        ],
-        "total": total,
-        "page": page,
-        "limit": limit,
-    }
+    orders = [
+        {
+            "order_id": r["id"],
+            "kind": r["kind"],
+            "status": r["status"],
+            **order_amounts(r),
+            "version": r["version"],
+            "created_at": r["created_at"],
+            "payment_deadline": r["payment_deadline"],
+        }
+        for r in rows
+    ]
+    return page_of("orders", orders, total=total, page=page, limit=limit)
 
 
 async def order_logs(pool: asyncpg.Pool, order_id: str, actor: Actor) -> list[dict[str, Any]]:

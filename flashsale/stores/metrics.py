@@ -8,6 +8,7 @@ its samples there and ``/metrics`` aggregates them all.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -46,146 +47,113 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry
         reg = REGISTRY if registry is None else registry
-        self.requests = Counter(
-            "flashsale_http_requests_total",
-            "HTTP requests",
-            ["method", "route", "status"],
-            registry=reg,
+        counter = functools.partial(Counter, registry=reg)
+        gauge = functools.partial(Gauge, registry=reg)
+        histogram = functools.partial(Histogram, registry=reg)
+        self.requests = counter(
+            "flashsale_http_requests_total", "HTTP requests", ["method", "route", "status"]
         )
-        self.latency = Histogram(
+        self.latency = histogram(
             "flashsale_http_request_duration_seconds",
             "HTTP request latency",
             ["method", "route"],
             buckets=LATENCY_BOUNDS_S,
-            registry=reg,
         )
-        self.errors = Counter(
-            "flashsale_errors_total", "Client-visible errors by code", ["code"], registry=reg
+        self.errors = counter("flashsale_errors_total", "Client-visible errors by code", ["code"])
+        self.redis_calls = counter(
+            "flashsale_redis_round_trips_total", "Redis round trips by purpose", ["purpose"]
         )
-        self.redis_calls = Counter(
-            "flashsale_redis_round_trips_total",
-            "Redis round trips by purpose",
-            ["purpose"],
-            registry=reg,
+        self.produce_failures = counter(
+            "flashsale_kafka_produce_failures_total", "Order events the broker did not ack"
         )
-        self.produce_failures = Counter(
-            "flashsale_kafka_produce_failures_total",
-            "Order events the broker did not ack",
-            registry=reg,
+        self.consumed = counter(
+            "flashsale_consumer_orders_persisted_total", "Orders persisted by consumers"
         )
-        self.consumed = Counter(
-            "flashsale_consumer_orders_persisted_total",
-            "Orders persisted by consumers",
-            registry=reg,
-        )
-        self.oversold = Counter(
+        self.oversold = counter(
             "flashsale_consumer_orders_oversold_total",
             "Accepted flash orders beyond the sale's allotment, kept as status 'oversold' "
             "(never payable); each one is a broken promise to look at",
-            registry=reg,
         )
-        self.dead_letters = Counter(
+        self.dead_letters = counter(
             "flashsale_consumer_dead_letters_total",
             "Messages sent to the dead-letter topic",
             ["reason"],
-            registry=reg,
         )
-        self.consumer_lag = Gauge(
+        self.consumer_lag = gauge(
             "flashsale_consumer_lag",
             "Messages behind the high-water mark",
             ["partition"],
             multiprocess_mode="max",
-            registry=reg,
         )
-        self.swept = Counter(
-            "flashsale_sweeper_actions_total", "Sweeper actions", ["action"], registry=reg
-        )
-        self.drift = Gauge(
+        self.swept = counter("flashsale_sweeper_actions_total", "Sweeper actions", ["action"])
+        self.drift = gauge(
             "flashsale_reconcile_drift_units",
             "Units of drift found by the last reconcile",
             ["sale_id"],
             multiprocess_mode="max",
-            registry=reg,
         )
-        self.payments_refunded = Counter(
+        self.payments_refunded = counter(
             "flashsale_payments_auto_refunded_total",
             "Verified payments given back at once because their order could not take them "
             "(cancelled, expired, or paid by another payment), by the order's state",
             ["order_status"],
-            registry=reg,
         )
-        self.money_drift = Gauge(
+        self.money_drift = gauge(
             "flashsale_reconcile_money_drift",
             "Findings of the last reconcile's money checks, by check (0: money adds up)",
             ["check"],
             multiprocess_mode="max",
-            registry=reg,
         )
 
-        self.plan_on = Gauge(
+        self.plan_on = gauge(
             "flashsale_plan_on",
             "1 while a contingency plan is switched on (flashsale/plans.py), per plan",
             ["plan"],
             multiprocess_mode="livemax",
-            registry=reg,
         )
-        self.store_up = Gauge(
+        self.store_up = gauge(
             "flashsale_store_up",
             "1 while this worker's last probe of a store (postgres, redis, kafka) answered",
             ["store"],
             multiprocess_mode="livemin",
-            registry=reg,
         )
-        self.queue_length = Gauge(
+        self.queue_length = gauge(
             "flashsale_queue_length",
             "Shoppers waiting in a queued sale's waiting room (entered, not yet admitted)",
             ["sale_id"],
             multiprocess_mode="livemax",
-            registry=reg,
         )
-        self.queue_entered = Counter(
-            "flashsale_queue_entered_total", "Shoppers who entered a waiting room", registry=reg
+        self.queue_entered = counter(
+            "flashsale_queue_entered_total", "Shoppers who entered a waiting room"
         )
-        self.queue_admitted = Counter(
-            "flashsale_queue_admitted_total", "Shoppers admitted to join", registry=reg
+        self.queue_admitted = counter("flashsale_queue_admitted_total", "Shoppers admitted to join")
+        self.queue_joined = counter(
+            "flashsale_queue_joined_total", "Admitted shoppers whose join was accepted"
         )
-        self.queue_joined = Counter(
-            "flashsale_queue_joined_total",
-            "Admitted shoppers whose join was accepted",
-            registry=reg,
+        self.queue_abandoned = counter(
+            "flashsale_queue_abandoned_total", "Admissions whose join window passed without a join"
         )
-        self.queue_abandoned = Counter(
-            "flashsale_queue_abandoned_total",
-            "Admissions whose join window passed without a join",
-            registry=reg,
+        self.queue_rejected = counter(
+            "flashsale_queue_rejected_total", "Entries refused, by reason", ["reason"]
         )
-        self.queue_rejected = Counter(
-            "flashsale_queue_rejected_total",
-            "Entries refused, by reason",
-            ["reason"],
-            registry=reg,
-        )
-        self.queue_wait = Histogram(
+        self.queue_wait = histogram(
             "flashsale_queue_wait_seconds",
             "Time from entering the waiting room to admission",
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
-            registry=reg,
         )
         # Set once a second per worker from its in-memory sale cache (gateway/routes/
         # dashboard.py), never on the join path; Prometheus and Grafana chart them.
-        self.sale_remaining = Gauge(
+        self.sale_remaining = gauge(
             "flashsale_sale_remaining_units",
             "Units left in a flash sale (the gateway's copy of the Redis counter)",
             ["sale_id"],
             multiprocess_mode="livemostrecent",
-            registry=reg,
         )
-        self.sale_allotment = Gauge(
+        self.sale_allotment = gauge(
             "flashsale_sale_allotment_units",
             "Units ever moved into a flash sale",
             ["sale_id"],
             multiprocess_mode="livemostrecent",
-            registry=reg,
         )
 
     def declare(

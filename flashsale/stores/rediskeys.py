@@ -2,15 +2,16 @@
 
 All keys of one sale share the hash tag ``{sale:<id>}`` so that every key a script
 touches lives in one Redis Cluster slot. A sale created with N > 1 buckets keeps N such
-sets of keys: bucket 0 under ``{sale:<id>}`` (so a one-bucket sale is laid out as it
-always was), bucket k under ``{sale:<id>:b<k>}``, each on a slot of its own, so one hot
-sale spreads over the shards (``flashsale/flash/buckets.py``).
+sets of keys: bucket 0 under ``{sale:<id>}``, beside the keys of the whole sale (a sale of
+one bucket is then in one slot), bucket k under ``{sale:<id>:b<k>}``, each on a slot of its
+own, so one hot sale spreads over the shards (``flashsale/flash/buckets.py``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 SALES_INDEX = "fs:sales"  # set of sale ids the gateway workers keep in memory
 
@@ -21,60 +22,58 @@ def _tag(sale_id: int, bucket: int = 0) -> str:
     return f"fs:{{sale:{sale_id}}}"
 
 
-def sale(sale_id: int, bucket: int = 0) -> str:
-    """Hash: remaining, allotment, moved_out, limit, start_ms, end_ms, price, closed, …"""
-    return _tag(sale_id, bucket)
+class BucketKey(Protocol):
+    """A key of one bucket of a sale (bucket 0: the sale of one bucket)."""
+
+    def __call__(self, sale_id: int, bucket: int = 0) -> str: ...
 
 
-def users(sale_id: int, bucket: int = 0) -> str:
-    """Hash: user id → units held by that user in this sale."""
-    return _tag(sale_id, bucket) + ":users"
+def _bucket_key(suffix: str) -> BucketKey:
+    def key(sale_id: int, bucket: int = 0) -> str:
+        return _tag(sale_id, bucket) + suffix
+
+    return key
 
 
-def first_order(sale_id: int, bucket: int = 0) -> str:
-    """Hash: user id → the user's first order id in this sale."""
-    return _tag(sale_id, bucket) + ":first"
+def _sale_key(suffix: str) -> Callable[[int], str]:
+    """A key of the whole sale: it lives beside bucket 0."""
+
+    def key(sale_id: int) -> str:
+        return _tag(sale_id) + suffix
+
+    return key
 
 
-def log(sale_id: int, bucket: int = 0) -> str:
-    """Hash: order id → packed reservation, for reservations not yet claimed by a consumer."""
-    return _tag(sale_id, bucket) + ":log"
+# --- each bucket's keys (all of them in every bucket of a split sale) ---
 
-
-def log_times(sale_id: int, bucket: int = 0) -> str:
-    """Sorted set: order id scored by the time it was reserved or last republished (ms)."""
-    return _tag(sale_id, bucket) + ":logt"
-
-
-def claimed(sale_id: int, bucket: int = 0) -> str:
-    """Hash: order id → packed reservation, claimed by a consumer and being persisted."""
-    return _tag(sale_id, bucket) + ":claimed"
-
-
-def claim_times(sale_id: int, bucket: int = 0) -> str:
-    """Sorted set: claimed order id scored by when it was claimed, or when the sweeper
-    next looks at it after republishing it (ms)."""
-    return _tag(sale_id, bucket) + ":claimt"
-
-
-def republished(sale_id: int, bucket: int = 0) -> str:
-    """Hash: order id → how many times the sweeper republished it (its backoff step)."""
-    return _tag(sale_id, bucket) + ":tries"
-
-
-def voided(sale_id: int, bucket: int = 0) -> str:
-    """Set: order ids released before any consumer claimed them (never to be persisted)."""
-    return _tag(sale_id, bucket) + ":void"
-
-
-def returned(sale_id: int, bucket: int = 0) -> str:
-    """Set: cancelled order ids whose units are already back (makes the return idempotent)."""
-    return _tag(sale_id, bucket) + ":returned"
-
-
-def idempotency(sale_id: int, bucket: int = 0) -> str:
-    """Hash: "<user>:<Idempotency-Key>" → "<order id>|<body fingerprint>"."""
-    return _tag(sale_id, bucket) + ":idem"
+# Hash: remaining, allotment, moved_out, limit, start_ms, end_ms, price, closed, …
+sale = _bucket_key("")
+# Hash: user id → units held by that user in this sale.
+users = _bucket_key(":users")
+# Hash: user id → the user's first order id in this sale.
+first_order = _bucket_key(":first")
+# Hash: order id → packed reservation, for reservations not yet claimed by a consumer.
+log = _bucket_key(":log")
+# Sorted set: order id scored by the time it was reserved or last republished (ms).
+log_times = _bucket_key(":logt")
+# Hash: order id → packed reservation, claimed by a consumer and being persisted.
+claimed = _bucket_key(":claimed")
+# Sorted set: claimed order id scored by when it was claimed, or when the sweeper next looks
+# at it after republishing it (ms).
+claim_times = _bucket_key(":claimt")
+# Hash: order id → how many times the sweeper republished it (its backoff step).
+republished = _bucket_key(":tries")
+# Set: order ids released before any consumer claimed them (never to be persisted).
+voided = _bucket_key(":void")
+# Set: cancelled order ids whose units are already back (makes the return idempotent).
+returned = _bucket_key(":returned")
+# Hash: "<user>:<Idempotency-Key>" → "<order id>|<body fingerprint>".
+idempotency = _bucket_key(":idem")
+# Hash: transfer id → "<to bucket>|<units>|<at ms>": units this bucket gave another
+# (``lua/bucket_give.lua``) until the sweeper or the giver sees them credited there.
+transfers_out = _bucket_key(":xout")
+# Set: ids of the transfers credited to this bucket (makes the credit idempotent).
+transfers_in = _bucket_key(":xin")
 
 
 def rate_user(sale_id: int, user_id: int | str, bucket: int = 0) -> str:
@@ -85,30 +84,18 @@ def rate_ip(sale_id: int, ip: str, bucket: int = 0) -> str:
     return f"{_tag(sale_id, bucket)}:rl:ip:{ip}"
 
 
-def transfers_out(sale_id: int, bucket: int) -> str:
-    """Hash: transfer id → "<to bucket>|<units>|<at ms>": units this bucket gave another
-    (``lua/bucket_give.lua``) until the sweeper or the giver sees them credited there."""
-    return _tag(sale_id, bucket) + ":xout"
+# --- the whole sale's keys ---
 
-
-def transfers_in(sale_id: int, bucket: int) -> str:
-    """Set: ids of the transfers credited to this bucket (makes the credit idempotent)."""
-    return _tag(sale_id, bucket) + ":xin"
-
-
-def rearm_lease(sale_id: int) -> str:
-    """String: the one recovery process recounting a bucketed sale holds it (its token)."""
-    return _tag(sale_id) + ":rearm"
-
-
-def dash_snapshot(sale_id: int) -> str:
-    """String: the dashboard's latest one-second snapshot of the sale (JSON)."""
-    return _tag(sale_id) + ":dash"
-
-
-def dash_history(sale_id: int) -> str:
-    """List: the dashboard's last minutes of snapshots (JSON), oldest first."""
-    return _tag(sale_id) + ":dash:hist"
+# String: the one recovery process recounting a bucketed sale holds it (its token).
+rearm_lease = _sale_key(":rearm")
+# String: the dashboard's latest one-second snapshot of the sale (JSON).
+dash_snapshot = _sale_key(":dash")
+# List: the dashboard's last minutes of snapshots (JSON), oldest first.
+dash_history = _sale_key(":dash:hist")
+# String: units of drift the last reconcile found in the sale (for the dashboard).
+dash_drift = _sale_key(":dash:drift")
+# String: how many money findings the last reconcile made on the sale's orders.
+dash_money_drift = _sale_key(":dash:money_drift")
 
 
 def dash_tick(sale_id: int, second: int) -> str:
@@ -124,16 +111,6 @@ def dash_second(second: int) -> str:
     """Hash: what every process published during one epoch second (counter deltas by
     HINCRBY; gauges by HSET under ``name|process``); expires after a minute or so."""
     return f"fs:{{dash}}:s:{second}"
-
-
-def dash_drift(sale_id: int) -> str:
-    """String: units of drift the last reconcile found in the sale (for the dashboard)."""
-    return _tag(sale_id) + ":dash:drift"
-
-
-def dash_money_drift(sale_id: int) -> str:
-    """String: how many money findings the last reconcile made on the sale's orders."""
-    return _tag(sale_id) + ":dash:money_drift"
 
 
 def all_sale_keys(sale_id: int, bucket: int = 0) -> list[str]:
@@ -154,67 +131,51 @@ def all_sale_keys(sale_id: int, bucket: int = 0) -> list[str]:
     ]
 
 
-def queue(sale_id: int) -> str:
-    """Hash of a queued sale's waiting room: drawn, lottery (its size once drawn), arrived
-    (entrants after the draw), entered, admitted (the last position admitted), joined,
-    abandoned."""
-    return _tag(sale_id) + ":q"
+# --- a queued sale's waiting room ---
+
+# Hash: drawn, lottery (its size once drawn), arrived (entrants after the draw), entered,
+# admitted (the last position admitted), joined, abandoned.
+queue = _sale_key(":q")
+# Sorted set: user id scored by its random draw (entrants before the start).
+queue_lottery = _sale_key(":q:lot")
+# List: user ids that entered after the draw, in arrival order.
+queue_arrivals = _sale_key(":q:arr")
+# Hash: user id → "<L|F>|<position, 0 for the lottery>|<entered at ms>".
+queue_entrants = _sale_key(":q:who")
+# Sorted set: admitted user ids that have not joined yet, scored by window end (ms).
+queue_outstanding = _sale_key(":q:out")
+# List of "<last position admitted>|<at ms>", one per admission step.
+queue_admissions = _sale_key(":q:adm")
+# The admitter lease of a queued sale (lua/machine_lease.lua).
+queue_lease = _sale_key(":q:lease")
 
 
-def queue_lottery(sale_id: int) -> str:
-    """Sorted set: user id scored by its random draw (entrants before the start)."""
-    return _tag(sale_id) + ":q:lot"
+# The counts of the entry limits (lua/queue_enter.lua's KEYS[6] to [10], in its order):
+# attempts per account, entrants per client IP, entrants per device id, each account's
+# device id, the device ids each client IP brought.
+_QUEUE_LIMITS = (":q:att", ":q:ip", ":q:dev", ":q:acdev", ":q:ipdev")
 
 
-def queue_arrivals(sale_id: int) -> str:
-    """List: user ids that entered after the draw, in arrival order."""
-    return _tag(sale_id) + ":q:arr"
-
-
-def queue_entrants(sale_id: int) -> str:
-    """Hash: user id → "<L|F>|<position, 0 for the lottery>|<entered at ms>"."""
-    return _tag(sale_id) + ":q:who"
-
-
-def queue_outstanding(sale_id: int) -> str:
-    """Sorted set: admitted user ids that have not joined yet, scored by window end (ms)."""
-    return _tag(sale_id) + ":q:out"
-
-
-def queue_admissions(sale_id: int) -> str:
-    """List of "<last position admitted>|<at ms>", one per admission step."""
-    return _tag(sale_id) + ":q:adm"
-
-
-def queue_lease(sale_id: int) -> str:
-    """The admitter lease of a queued sale (lua/machine_lease.lua)."""
-    return _tag(sale_id) + ":q:lease"
-
-
-def queue_enter_keys(sale_id: int) -> list[str]:
-    """lua/queue_enter.lua"""
+def _queue_keys(sale_id: int) -> list[str]:
+    """The keys both waiting-room scripts start with."""
     return [
         sale(sale_id),
         queue(sale_id),
         queue_lottery(sale_id),
         queue_arrivals(sale_id),
         queue_entrants(sale_id),
-        _tag(sale_id) + ":q:att",
-        _tag(sale_id) + ":q:ip",
-        _tag(sale_id) + ":q:dev",
-        _tag(sale_id) + ":q:acdev",
-        _tag(sale_id) + ":q:ipdev",
     ]
+
+
+def queue_enter_keys(sale_id: int) -> list[str]:
+    """lua/queue_enter.lua"""
+    return [*_queue_keys(sale_id), *(_tag(sale_id) + limit for limit in _QUEUE_LIMITS)]
 
 
 def queue_admit_keys(sale_id: int) -> list[str]:
     """lua/queue_admit.lua"""
     return [
-        sale(sale_id),
-        queue(sale_id),
-        queue_lottery(sale_id),
-        queue_arrivals(sale_id),
-        queue_entrants(sale_id),
+        *_queue_keys(sale_id),
         queue_outstanding(sale_id),
         queue_admissions(sale_id),
         users(sale_id),

@@ -1,5 +1,6 @@
 """A queued sale's settings: its own values (``flash_sales.queue_settings``) over the
-``FLASHSALE_QUEUE_*`` defaults. Zero switches a bot-defence limit off."""
+``FLASHSALE_QUEUE_*`` defaults, whose ranges and meanings are declared once, in
+flashsale/settings.py. Zero switches a bot-defence limit off."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Final
 
 import orjson
 
-from flashsale.settings import Settings
+from flashsale.settings import PREFIX, Settings, spec
 
 MODES: Final = ("open", "queued")
 # Device ids one client IP may bring to a sale whose device limit is on, unless the sale says
@@ -25,46 +26,59 @@ class Bounds:
     doc: str | None = None
 
 
-def _bounded(lo: float, hi: float, doc: str | None = None, **default: Any) -> Any:
+def _bounded(lo: float, hi: float, doc: str, **default: Any) -> Any:
+    """A setting of the sale's own, with its range and meaning."""
     return field(metadata={"bounds": Bounds(lo, hi, doc)}, **default)
+
+
+def _overrides(setting: str) -> Any:
+    """A sale's own value of the deployment's ``FLASHSALE_<SETTING>``: the same range and
+    meaning, declared there (flashsale/settings.py), and its value when the sale has none."""
+    s = spec(Settings.__dataclass_fields__[setting])
+    doc = f"{s.doc} (default `{PREFIX}{setting.upper()}`)"
+    return field(metadata={"bounds": Bounds(s.lo, s.hi, doc), "setting": setting})
 
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    admit_per_s: float = _bounded(0, 1e6)  # 0: follow the measured accept rate
-    # admit up to remaining x this, for admitted shoppers who never join
-    overbook: float = _bounded(1, 10)
-    join_window_s: int = _bounded(5, 3600)  # how long an admission lasts
-    # the waiting room opens this long before the start
-    opens_before_s: int = _bounded(0, 7 * 24 * 3600)
-    # enter calls per account (repeats included)
-    max_attempts_per_account: int = _bounded(0, 1_000_000, default=0)
-    max_entrants_per_ip: int = _bounded(0, 1_000_000, default=0)  # accounts from one client IP
-    # accounts entering with one X-Device-Id
-    max_entrants_per_device: int = _bounded(0, 1_000_000, default=0)
+    admit_per_s: float = _overrides("queue_admit_per_s")
+    overbook: float = _overrides("queue_overbook")
+    join_window_s: int = _overrides("queue_join_window_s")
+    opens_before_s: int = _overrides("queue_opens_before_s")
+    max_attempts_per_account: int = _bounded(
+        0, 1_000_000, "enter calls per account, repeats included (0: no limit)", default=0
+    )
+    max_entrants_per_ip: int = _bounded(
+        0, 1_000_000, "accounts entering from one client IP (0: no limit)", default=0
+    )
+    max_entrants_per_device: int = _bounded(
+        0, 1_000_000, "accounts entering with one X-Device-Id (0: no limit)", default=0
+    )
     max_devices_per_ip: int = _bounded(
         0,
         1_000_000,
         "with max_entrants_per_device: X-Device-Id values one client IP may bring "
-        "(default 32; 0: no limit)",
+        f"(default {DEVICES_PER_IP}; 0: no limit)",
         default=DEVICES_PER_IP,
     )
-    # accounts younger than this cannot enter
-    min_account_age_min: int = _bounded(0, 5_256_000, default=0)
-    # leading zero bits of the proof of work on enter (0: none)
-    pow_difficulty: int = _bounded(0, 28, default=0)
-    # the join token is accepted only as the URL's segment
-    hidden_join_path: bool = field(default=False, metadata={"bounds": Bounds()})
+    min_account_age_min: int = _bounded(
+        0, 5_256_000, "accounts younger than this many minutes cannot enter", default=0
+    )
+    pow_difficulty: int = _bounded(
+        0, 28, "leading zero bits of the proof of work on enter (0: none)", default=0
+    )
+    hidden_join_path: bool = field(
+        default=False,
+        metadata={"bounds": Bounds(doc="the join token is accepted only as the URL's segment")},
+    )
 
     @classmethod
     def of(cls, own: dict[str, Any], settings: Settings) -> QueueConfig:
-        base: dict[str, Any] = {
-            "admit_per_s": settings.queue_admit_per_s,
-            "overbook": settings.queue_overbook,
-            "join_window_s": settings.queue_join_window_s,
-            "opens_before_s": settings.queue_opens_before_s,
+        fs = fields(cls)
+        base = {
+            f.name: getattr(settings, f.metadata["setting"]) for f in fs if "setting" in f.metadata
         }
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fs}
         base.update({k: v for k, v in own.items() if k in names and v is not None})
         return cls(**base)
 

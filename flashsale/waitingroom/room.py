@@ -56,6 +56,7 @@ from flashsale.stores.scripts import (
     parse_queue_enter,
     register,
 )
+from flashsale.timing import QUEUE_ACCEPT_RATE_WINDOW_S
 from flashsale.waitingroom.config import QueueConfig
 from flashsale.waitingroom.signing import Signer, Ticket
 
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 LOTTERY_DRAW_BITS: Final = 52  # a draw Lua's doubles hold exactly
 ADAPTIVE_FLOOR_PER_S: Final = 20.0  # the admission rate before any join was measured
 ADAPTIVE_GAIN: Final = 2.0  # admit this many times the measured accept rate
-ACCEPT_RATE_WINDOW_S: Final = 3.0
 OUTSTANDING_LOOKED_AT: Final = 5000  # admissions the admitter checks per step
 RATE_SAMPLES: Final = 40
 
@@ -443,10 +443,10 @@ class WaitingRoom:
 
 def follow_accept_rate(sold: deque[tuple[float, int]], mono: float, sold_now: int) -> float:
     """The admission rate of a sale that follows its accept rate: ``ADAPTIVE_GAIN`` times the
-    units sold per second over the last ``ACCEPT_RATE_WINDOW_S`` (``sold`` keeps the samples),
+    units sold per second over the last ``QUEUE_ACCEPT_RATE_WINDOW_S`` (``sold`` keeps the samples),
     never below ``ADAPTIVE_FLOOR_PER_S``, so the queue speeds up while joins keep up."""
     sold.append((mono, sold_now))
-    while len(sold) > 2 and mono - sold[0][0] > ACCEPT_RATE_WINDOW_S:
+    while len(sold) > 2 and mono - sold[0][0] > QUEUE_ACCEPT_RATE_WINDOW_S:
         sold.popleft()
     (t0, s0), (t1, s1) = sold[0], sold[-1]
     accepted = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
