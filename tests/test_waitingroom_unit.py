@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import orjson
 import pytest
 
 from flashsale.errors import ValidationFailed
 from flashsale.settings import Settings
 from flashsale.waitingroom.config import QueueConfig, settable
 from flashsale.waitingroom.signing import Signer, Ticket, leading_zero_bits, proof_ok, solve
-from gateway.routes.flashsales import QUEUE_SETTINGS
-from gateway.validation import validate
+from gateway.routes.flashsales import QueueSettings, SalePatch
+from gateway.shapes import decode_body
 
 pytestmark = pytest.mark.unit
 
@@ -76,13 +77,13 @@ def test_the_queue_settings_are_declared_once_and_the_api_checks_each() -> None:
     the other lacks."""
     names = [f.name for f in fields(QueueConfig)]
     assert list(settable()) == names
-    assert QUEUE_SETTINGS.fields is not None and list(QUEUE_SETTINGS.fields) == names
+    assert list(QueueSettings.__struct_fields__) == names
     for name, (kind, bounds) in settable().items():
         if bounds.max is None:
             continue
         too_big = kind(bounds.max) + 1
         with pytest.raises(ValidationFailed) as caught:
-            validate({"queue": {name: too_big}}, {"queue": QUEUE_SETTINGS})
+            decode_body(orjson.dumps({"queue": {name: too_big}}), SalePatch)
         assert caught.value.fields is not None and f"queue.{name}" in caught.value.fields
 
 
@@ -97,4 +98,4 @@ def test_a_sale_overrides_a_deployment_queue_setting_within_its_range() -> None:
     assert (kind, bounds.min, bounds.max) == (float, 1.0, 10.0)
     assert bounds.doc is not None and "FLASHSALE_QUEUE_OVERBOOK" in bounds.doc
     with pytest.raises(ValidationFailed):
-        validate({"queue": {"overbook": 0.5}}, {"queue": QUEUE_SETTINGS})
+        decode_body(b'{"queue": {"overbook": 0.5}}', SalePatch)

@@ -9,8 +9,9 @@ from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Annotated, Any, Final, Literal, NamedTuple
 
+import msgspec
 from aiohttp import web
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 from multidict import CIMultiDictProxy
 
 from flashsale.auth import Principal
@@ -33,15 +34,15 @@ from flashsale.flash import join as joining
 from flashsale.flash import lifecycle
 from flashsale.flash.buckets import MAX_BUCKETS
 from flashsale.flash.cache import SaleState, iso_ms, now_ms
-from flashsale.waitingroom.config import MODES, settable
+from flashsale.waitingroom.config import MODES, Bounds, settable
 from flashsale.waitingroom.room import set_mode
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
-from gateway.http import header_value, ok, read_json, read_raw
+from gateway.http import header_value, ok, read_raw
 from gateway.middlewares import request_id
 from gateway.routing import Route
-from gateway.shapes import Answer, Body, decode_body
-from gateway.validation import INT64_MAX, Alt, F, Obj, path_int, validate
+from gateway.shapes import Answer, Body, as_dict, decode_body, one_of, or_none, read_body
+from gateway.validation import INT64_MAX, Alt, F, path_int
 from gateway.waitingroom_runtime import WAITING_ROOM
 
 JOIN_PATH: Final = "/api/v1/flash-sales/{sale_id}/join"
@@ -50,45 +51,57 @@ ADMITTED_JOIN_PATH: Final = JOIN_PATH + "/{admission}"
 # What the dashboard counts as joins: the request metrics label a request by its template.
 JOIN_PATHS: Final = (JOIN_PATH, ADMITTED_JOIN_PATH)
 
-# A queued sale's own settings (flashsale/waitingroom/config.py); 0 switches a limit off.
-QUEUE_SETTINGS = F(
-    dict,
-    required=False,
-    fields={
-        name: F(kind, required=False, min=bounds.min, max=bounds.max, doc=bounds.doc)
-        for name, (kind, bounds) in settable().items()
-    },
-)
 JOIN_TOKEN_HEADER = "X-Join-Token"  # noqa: S105 (a header name)
 
-CREATE = {
-    "sku_id": F(int, min=1),
-    "flash_price": F(int, min=0, max=10**12),
-    "quantity": F(int, min=1, max=1_000_000_000),
-    "per_user_limit": F(int, min=1, max=1_000_000),
-    "start_at": F(datetime),
-    "end_at": F(datetime),
-    "payment_window_s": F(int, min=10, max=7 * 24 * 3600, default=900),
-    "mode": F(str, choices=MODES, default="open"),
-    "queue": QUEUE_SETTINGS,
-    "buckets": F(
-        int,
-        min=1,
-        max=MAX_BUCKETS,
-        default=1,
-        doc="split the stock over this many Redis Cluster slots (a sale bigger than one "
-        "shard); fixed at create; open sales only",
-    ),
-}
-PATCH = Obj(
-    {
-        "add_quantity": F(int, required=False, min=1, max=1_000_000_000),
-        "end_at": F(datetime, required=False),
-        "mode": F(str, required=False, choices=MODES),
-        "queue": QUEUE_SETTINGS,
-    },
-    alts=(Alt(("add_quantity",)), Alt(("end_at",)), Alt(("mode",)), Alt(("queue",))),
+
+def _queue_meta(kind: type, bounds: Bounds) -> Meta:
+    limits = {} if kind is bool else {"ge": bounds.min, "le": bounds.max}
+    given = {k: kind(v) for k, v in limits.items() if v is not None}
+    return Meta(**given, description=bounds.doc)
+
+
+# A queued sale's own settings, as flashsale/waitingroom/config.py declares them (range and
+# meaning once, there); each one left out keeps the sale's current value or the default.
+QueueSettings = msgspec.defstruct(
+    "QueueSettings",
+    [
+        (name, Annotated[kind, _queue_meta(kind, bounds)] | UnsetType, UNSET)
+        for name, (kind, bounds) in settable().items()
+    ],
+    bases=(Body,),
 )
+SaleMode = Annotated[str, one_of(MODES)]
+Quantity = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+
+
+class SaleCreate(Body, kw_only=True):
+    sku_id: Annotated[int, Meta(ge=1)]
+    flash_price: Annotated[int, Meta(ge=0, le=10**12)]
+    quantity: Quantity
+    per_user_limit: Annotated[int, Meta(ge=1, le=1_000_000)]
+    start_at: datetime
+    end_at: datetime
+    payment_window_s: Annotated[int, Meta(ge=10, le=7 * 24 * 3600)] = 900
+    mode: SaleMode = "open"
+    queue: QueueSettings | UnsetType = UNSET  # type: ignore[valid-type]
+    buckets: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=MAX_BUCKETS,
+            description="split the stock over this many Redis Cluster slots (a sale bigger "
+            "than one shard); fixed at create; open sales only",
+        ),
+    ] = 1
+
+
+class SalePatch(Body, kw_only=True):
+    alternatives = (Alt(("add_quantity",)), Alt(("end_at",)), Alt(("mode",)), Alt(("queue",)))
+
+    add_quantity: Quantity | UnsetType = UNSET
+    end_at: datetime | UnsetType = UNSET
+    mode: SaleMode | UnsetType = UNSET
+    queue: QueueSettings | UnsetType = UNSET  # type: ignore[valid-type]
 
 
 class JoinBody(Body):
@@ -143,31 +156,30 @@ IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
 
-def _queue_settings(body: dict[str, Any]) -> dict[str, Any] | None:
-    queue = body.get("queue")
-    return None if queue is None else {k: v for k, v in queue.items() if v is not None}
+def _queue_settings(queue: msgspec.Struct | UnsetType) -> dict[str, Any] | None:
+    return None if queue is UNSET else as_dict(queue)
 
 
 async def create(request: web.Request, principal: Principal) -> web.Response:
-    body = validate(await read_json(request), CREATE)
-    if body["end_at"] <= body["start_at"]:
+    body = await read_body(request, SaleCreate)
+    if body.end_at <= body.start_at:
         raise ValidationFailed(fields={"end_at": "must be after start_at"})
     rt = request.app[FLASH]
     sale = await lifecycle.create_sale(
         request.app[appkeys.DB],
         rt.redis,
         rt.scripts,
-        sku_id=body["sku_id"],
-        flash_price=body["flash_price"],
-        quantity=body["quantity"],
-        per_user_limit=body["per_user_limit"],
-        start_at=body["start_at"],
-        end_at=body["end_at"],
-        payment_window_s=body["payment_window_s"],
+        sku_id=body.sku_id,
+        flash_price=body.flash_price,
+        quantity=body.quantity,
+        per_user_limit=body.per_user_limit,
+        start_at=body.start_at,
+        end_at=body.end_at,
+        payment_window_s=body.payment_window_s,
         created_by=principal.user_id,
-        mode=body["mode"],
-        queue_settings=_queue_settings(body),
-        buckets=body["buckets"],
+        mode=body.mode,
+        queue_settings=_queue_settings(body.queue),
+        buckets=body.buckets,
     )
     await rt.cache.refresh()
     return ok(sale, status=201, message="flash sale created")
@@ -175,21 +187,18 @@ async def create(request: web.Request, principal: Principal) -> web.Response:
 
 async def patch(request: web.Request, principal: Principal) -> web.Response:
     sale_id = path_int(request.match_info["sale_id"], "flash sale")
-    body = validate(await read_json(request), PATCH)
-    queue = _queue_settings(body)
-    mode = body.get("mode")
-    if not body.get("add_quantity") and body.get("end_at") is None and not mode and queue is None:
+    body = await read_body(request, SalePatch)
+    queue = _queue_settings(body.queue)
+    mode = or_none(body.mode)
+    add = or_none(body.add_quantity)
+    end_at = or_none(body.end_at)
+    if not add and end_at is None and not mode and queue is None:
         raise ValidationFailed(fields={"add_quantity": "give add_quantity, end_at, mode or queue"})
     rt = request.app[FLASH]
     if mode or queue is not None:
         await set_mode(request.app[appkeys.DB], rt.redis, rt.scripts, sale_id, mode, queue)
     sale = await lifecycle.top_up(
-        request.app[appkeys.DB],
-        rt.redis,
-        rt.scripts,
-        sale_id,
-        body.get("add_quantity") or 0,
-        body.get("end_at"),
+        request.app[appkeys.DB], rt.redis, rt.scripts, sale_id, add or 0, end_at
     )
     await rt.cache.refresh()
     return ok(sale, message="flash sale updated")
@@ -399,7 +408,7 @@ ROUTES = [
         create,
         "Create a flash sale (carves stock)",
         auth="admin",
-        body=CREATE,
+        body=SaleCreate,
         rules="end_at after start_at",
         tag="flash-sales",
         answer=FlashSale,
@@ -412,7 +421,7 @@ ROUTES = [
         patch,
         "Top up a running sale and/or move its end",
         auth="admin",
-        body=PATCH,
+        body=SalePatch,
         tag="flash-sales",
         answer=FlashSale,
         responses=(SaleEnded, InsufficientStock),
