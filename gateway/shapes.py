@@ -13,8 +13,10 @@ which then names every bad field (or accepts what msgspec is stricter about, suc
 ``3.0`` for an integer). Any other body goes through the validator first (it strips
 strings and refuses NUL and blanks) and its cleaned values become the Struct.
 
-A response's ``data`` is described by a Struct (or ``list[...]`` of one) given as
-``Route.answer``; :func:`response_components` turns them into the document's schemas.
+A response's ``data`` is described by an :class:`Answer` Struct (or ``list[...]`` of one, a
+union of tagged ones, or :data:`NO_DATA` for null) given as ``Route.answer``;
+:func:`response_components` turns them into the document's schemas, and
+``tests/test_openapi.py`` holds that every route answering JSON has one.
 """
 
 from __future__ import annotations
