@@ -36,7 +36,7 @@ class Switch(Body):
 Mode = Annotated[str, one_of(plans.MODES)]
 
 
-class PlanMode(Answer):
+class PlanState(Answer):
     """A plan's state: who moved it last, when (Unix seconds; 0: never) and why; ``auto``
     when its own trigger did."""
 
@@ -49,7 +49,7 @@ class PlanMode(Answer):
     on: bool
 
 
-class Plan(PlanMode):
+class Plan(PlanState):
     """A plan as the runbook states it, with its state (``options``: the names of the
     options it takes)."""
 
@@ -78,7 +78,7 @@ class PlanBoard(Answer):
     log: list[PlanMove]  # newest first
 
 
-class PlanSwitched(PlanMode):
+class PlanSwitched(PlanState):
     options: dict[str, Any]  # the options it was switched with
     moved: bool  # false: the plan was already so
 
