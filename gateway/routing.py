@@ -77,8 +77,9 @@ class Route:
     responses: Sequence[type[AppError]] = ()
     # The success statuses beyond 200, each with what it means.
     success: Mapping[int, str] = field(default_factory=dict)
-    # The type of the success envelope's ``data`` (an Answer Struct, a list of one...);
-    # None: the generic envelope.
+    # The type of the success envelope's ``data`` (an Answer Struct, a list of one, NO_DATA
+    # for null...); None: the generic envelope, for no route answering JSON
+    # (tests/test_openapi.py).
     answer: Any = None
     tag: str = "misc"
     # Path parameters that are not a numeric id (PATH_ID), e.g. order ids.

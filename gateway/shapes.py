@@ -13,8 +13,10 @@ which then names every bad field (or accepts what msgspec is stricter about, suc
 ``3.0`` for an integer). Any other body goes through the validator first (it strips
 strings and refuses NUL and blanks) and its cleaned values become the Struct.
 
-A response's ``data`` is described by a Struct (or ``list[...]`` of one) given as
-``Route.answer``; :func:`response_components` turns them into the document's schemas.
+A response's ``data`` is described by an :class:`Answer` Struct (or ``list[...]`` of one, a
+union of tagged ones, or :data:`NO_DATA` for null) given as ``Route.answer``;
+:func:`response_components` turns them into the document's schemas, and
+``tests/test_openapi.py`` holds that every route answering JSON has one.
 """
 
 from __future__ import annotations
@@ -60,7 +62,14 @@ class Query(msgspec.Struct, kw_only=True):
 
 
 class Answer(msgspec.Struct):
-    """Base of a response's ``data``: fields beyond those listed may be added later."""
+    """Base of a response's ``data``: fields beyond those listed may be added later.
+
+    A field typed ``X | None`` is always there, maybe null; a field that is there only
+    sometimes is ``X | UnsetType = UNSET`` (not required)."""
+
+
+# The answer of a route whose envelope carries no data (``"data": null``).
+NO_DATA: Final = type(None)
 
 
 B = TypeVar("B", bound=Body)
@@ -70,8 +79,10 @@ T = TypeVar("T")
 
 def one_of(choices: Iterable[str]) -> msgspec.Meta:
     """``Annotated[str, one_of(NAMES)]``: the value is one of ``NAMES`` (an enum in the
-    document), for choices a module declares as a tuple rather than a Literal."""
-    return msgspec.Meta(extra={"choices": tuple(choices)})
+    document, of a body or an answer), for choices a module declares as a tuple rather
+    than a Literal."""
+    names = tuple(choices)
+    return msgspec.Meta(extra={"choices": names}, extra_json_schema={"enum": list(names)})
 
 
 # A datetime (with offset) or a bare date, as the validator parses it (query bounds; see

@@ -44,18 +44,22 @@ from flashsale.settings import Settings
 from flashsale.stores.db import create_pool, migrate
 from gateway.app import create_app
 from gateway.routes import extra_routes, health, users
+from gateway.routes.payments import SANDBOX_ROUTES
 from gateway.routing import Route, path_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MAX_EXAMPLES = 24
-ALL_ROUTES: list[Route] = [*health.ROUTES, *users.ROUTES, *extra_routes()]
+# the live app pays with the sandbox provider (tests/conftest.py), so its routes are served
+ALL_ROUTES: list[Route] = [*health.ROUTES, *users.ROUTES, *extra_routes(), *SANDBOX_ROUTES]
 # Rules across fields the document cannot state: a schema-valid request may fail only these.
 RULE_FIELDS: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/products"): {"price_max"},
     ("POST", "/api/v1/products"): {"category_id"},  # a category that does not exist
-    ("PUT", "/api/v1/products/{id}"): {"category_id"},
-    ("POST", "/api/v1/admin/flash-sales"): {"end_at"},
+    ("PUT", "/api/v1/products/{id}"): {"category_id", "skus[].id"},  # a SKU of another product
+    # the product has several SKUs (a fuzzed PUT /products/{id} may have added some)
+    ("POST", "/api/v1/products/{id}/reserve"): {"sku_id"},
+    ("POST", "/api/v1/admin/flash-sales"): {"end_at", "buckets"},  # a queued sale has one
     ("PATCH", "/api/v1/admin/flash-sales/{sale_id}"): {"end_at"},
     ("POST", "/api/v1/presales"): {"ends_at", "sku_id"},  # a SKU that does not exist
     ("POST", "/api/v1/orders"): {"items[].sku_id"},  # a product with several SKUs

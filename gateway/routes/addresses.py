@@ -13,7 +13,7 @@ from flashsale.errors import AddressBookFull, AddressNotFound
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routing import Route
-from gateway.shapes import Body, as_dict, read_body
+from gateway.shapes import NO_DATA, Answer, Body, as_dict, read_body
 from gateway.validation import Alt, path_int
 
 # Printable text that is not blank: no control characters (C0 and DEL) anywhere.
@@ -135,6 +135,22 @@ async def delete(request: web.Request, principal: Principal) -> web.Response:
     return ok(None, message="address deleted")
 
 
+class BookEntry(Answer):
+    """An entry of the address book (``address``: its parts on one line)."""
+
+    address_id: int
+    name: str
+    phone: str
+    region: str
+    city: str
+    detail: str
+    postcode: str | None
+    address: str
+    is_default: bool
+    created_at: str
+    updated_at: str
+
+
 _NOT_FOUND = (AddressNotFound,)
 ROUTES = [
     Route(
@@ -144,6 +160,7 @@ ROUTES = [
         "The caller's address book (the default first)",
         auth="user",
         tag="addresses",
+        answer=list[BookEntry],
     ),
     Route(
         "POST",
@@ -155,6 +172,7 @@ ROUTES = [
         tag="addresses",
         success={201: "added"},
         responses=(AddressBookFull,),
+        answer=BookEntry,
     ),
     Route(
         "GET",
@@ -164,6 +182,7 @@ ROUTES = [
         auth="user",
         tag="addresses",
         responses=_NOT_FOUND,
+        answer=BookEntry,
     ),
     Route(
         "PUT",
@@ -174,6 +193,7 @@ ROUTES = [
         body=Entry,
         tag="addresses",
         responses=_NOT_FOUND,
+        answer=BookEntry,
     ),
     Route(
         "DELETE",
@@ -183,5 +203,6 @@ ROUTES = [
         auth="user",
         tag="addresses",
         responses=_NOT_FOUND,
+        answer=NO_DATA,
     ),
 ]

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 from aiohttp import web
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import orders, users
 from flashsale.auth import ROLES, Principal
@@ -18,9 +18,22 @@ from flashsale.orders import Actor, backoffice, returns
 from flashsale.orders.backoffice import OrderQuery
 from gateway import appkeys
 from gateway.http import ok
-from gateway.routes.orders import ShipBody, StatusFilter
+from gateway.routes.orders import (
+    Kind,
+    LogEntry,
+    OrderDetail,
+    OrderLine,
+    ReturnView,
+    ShipBody,
+    ShippingInfo,
+    Status,
+    StatusFilter,
+)
+from gateway.routes.payments import PayStatus, RefundDone
+from gateway.routes.users import Account
 from gateway.routing import Route
 from gateway.shapes import (
+    Answer,
     Body,
     CreatedFrom,
     CreatedTo,
@@ -279,6 +292,127 @@ async def admin_users(request: web.Request, principal: Principal) -> web.Respons
     )
 
 
+class MerchantOrder(Answer):
+    """An order as its merchant lists it: its own units and amount (cents); the buyer's
+    contact is null unless the order is to be shipped or was (paid, nothing refunded, or
+    later)."""
+
+    order_id: str
+    kind: Kind
+    status: Status
+    version: int
+    created_at: str
+    buyer_id: int
+    units: int
+    amount: int
+    refunded_amount: int
+    has_address: bool
+    shipping_info: ShippingInfo
+
+
+class Paged(Answer):
+    total: int
+    page: int
+    limit: int
+
+
+class Sorted(Paged):
+    sort: Annotated[str, one_of(backoffice.SORTS)]
+
+
+class MerchantOrderPage(Sorted):
+    orders: list[MerchantOrder]
+
+
+class MerchantOrderDetail(Answer):
+    """One order as its merchant sees it: its own lines (every line for an admin), their
+    amount (cents), and the contact as in the list."""
+
+    order_id: str
+    kind: Kind
+    status: Status
+    version: int
+    created_at: str
+    paid_at: str | None
+    buyer_id: int
+    items: list[OrderLine]
+    amount: int
+    refunded_amount: int
+    payment_status: PayStatus | None
+    shipping_info: ShippingInfo
+    returns: list[ReturnView]
+    logs: list[LogEntry]
+
+
+class ShipOutcome(Answer):
+    """One shipment's result: ``ok`` with the shipped order's state, or the code and message
+    of its refusal."""
+
+    order_id: str
+    ok: bool
+    error: str | UnsetType = UNSET
+    message: str | UnsetType = UNSET
+    status: Status | UnsetType = UNSET
+    version: int | UnsetType = UNSET
+    shipping_company: str | UnsetType = UNSET
+    tracking_number: str | UnsetType = UNSET
+    estimated_delivery: str | UnsetType | None = UNSET
+
+
+class BulkShipped(Answer):
+    shipped: int
+    failed: int
+    results: list[ShipOutcome]
+
+
+class ReturnPage(Paged):
+    returns: list[ReturnView]
+
+
+class ReturnDecided(ReturnView):
+    """The return after the decision; ``changed`` false when it was already decided so
+    (nothing done), and an approval that refunded says how (``refund``)."""
+
+    changed: bool
+    refund: RefundDone | UnsetType = UNSET
+
+
+class AdminOrderRow(Answer):
+    order_id: str
+    user_id: int
+    kind: Kind
+    status: Status
+    total_amount: int
+    discount_amount: int
+    shipping_fee: int
+    final_amount: int
+    refunded_amount: int
+    version: int
+    created_at: str
+    paid_at: str | None
+    shipped_at: str | None
+    tracking_number: str | None
+    flash_sale_id: int | None
+
+
+class AdminOrderPage(Sorted):
+    orders: list[AdminOrderRow]
+
+
+class AdminOrder(OrderDetail):
+    user_id: int
+    logs: list[LogEntry]
+
+
+class AccountRow(Account):
+    disabled_at: str | None
+    created_at: str
+
+
+class AccountPage(Paged):
+    users: list[AccountRow]
+
+
 _OTHER_SHOP = "NOT_FOUND (also another shop's order)"
 ROUTES = [
     Route(
@@ -289,6 +423,7 @@ ROUTES = [
         auth="merchant-only",
         query=MerchantList,
         tag="back-office",
+        answer=MerchantOrderPage,
     ),
     Route(
         "GET",
@@ -309,6 +444,7 @@ ROUTES = [
         auth="merchant",
         body=BulkShip,
         tag="back-office",
+        answer=BulkShipped,
     ),
     Route(
         "GET",
@@ -318,6 +454,7 @@ ROUTES = [
         auth="merchant",
         params=ORDER_ID,
         tag="back-office",
+        answer=MerchantOrderDetail,
     ),
     Route(
         "GET",
@@ -327,6 +464,7 @@ ROUTES = [
         auth="merchant",
         query=ReturnsList,
         tag="returns",
+        answer=ReturnPage,
     ),
     Route(
         "POST",
@@ -341,6 +479,7 @@ ROUTES = [
         params=RETURN_ID,
         tag="returns",
         responses=(InvalidTransition, RefundExceedsPaid),
+        answer=ReturnDecided,
     ),
     Route(
         "POST",
@@ -352,6 +491,7 @@ ROUTES = [
         params=RETURN_ID,
         tag="returns",
         responses=(InvalidTransition,),
+        answer=ReturnDecided,
     ),
     Route(
         "GET",
@@ -361,6 +501,7 @@ ROUTES = [
         auth="admin",
         query=AdminList,
         tag="back-office",
+        answer=AdminOrderPage,
     ),
     Route(
         "GET",
@@ -370,6 +511,7 @@ ROUTES = [
         auth="admin",
         params=ORDER_ID,
         tag="back-office",
+        answer=AdminOrder,
     ),
     Route(
         "GET",
@@ -379,6 +521,7 @@ ROUTES = [
         auth="admin",
         params=ORDER_ID,
         tag="back-office",
+        answer=list[LogEntry],
     ),
     Route(
         "GET",
@@ -389,5 +532,6 @@ ROUTES = [
         auth="admin",
         query=UserList,
         tag="back-office",
+        answer=AccountPage,
     ),
 ]

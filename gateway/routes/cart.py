@@ -31,9 +31,11 @@ from flashsale.errors import (
 from gateway import appkeys
 from gateway.http import header_text, ok
 from gateway.routes.addresses import ADDRESS_ALTS, Address, AddressId, order_address
+from gateway.routes.marketing import AppliedPromotion
+from gateway.routes.orders import OrderCreated
 from gateway.routes.payments import with_payment_page
 from gateway.routing import Route
-from gateway.shapes import Answer, Body, or_none, read_body
+from gateway.shapes import NO_DATA, Answer, Body, or_none, read_body
 from gateway.validation import Alt, path_int
 
 MAX_SPEC_TEXT = 64
@@ -279,6 +281,43 @@ class CartItemAdded(Answer):
     total_quantity: int
 
 
+class CartItemChanged(Answer):
+    """The item after the change; only ``cart_item_id`` and ``removed`` when it was removed
+    (quantity 0)."""
+
+    cart_item_id: int
+    removed: bool
+    quantity: int | UnsetType = UNSET
+    selected: bool | UnsetType = UNSET
+
+
+class CartMerged(Answer):
+    merged_items: int
+
+
+class CouponOffer(Answer):
+    """A coupon the caller holds, judged against the selected items (``reason``: why not)."""
+
+    code: str
+    name: str
+    applicable: bool
+    discount_amount: int
+    reason: str | None
+
+
+class CheckoutPreview(Answer):
+    """The selected items priced (cents): promotions and the coupon sent, if any."""
+
+    items: list[CartLine]
+    subtotal: int
+    shipping_fee: int
+    discount: int
+    total: int
+    coupon_code: str | None
+    promotions_applied: list[AppliedPromotion]
+    available_coupons: list[CouponOffer]
+
+
 ROUTES = [
     Route(
         "POST",
@@ -310,6 +349,7 @@ ROUTES = [
         body=UpdateItem,
         responses=_CART_RESPONSES,
         tag="cart",
+        answer=CartItemChanged,
     ),
     Route(
         "DELETE",
@@ -319,6 +359,7 @@ ROUTES = [
         auth="optional",
         responses=_CART_RESPONSES,
         tag="cart",
+        answer=NO_DATA,
     ),
     Route(
         "DELETE",
@@ -328,6 +369,7 @@ ROUTES = [
         auth="optional",
         responses=_CART_RESPONSES,
         tag="cart",
+        answer=NO_DATA,
     ),
     Route(
         "POST",
@@ -336,6 +378,7 @@ ROUTES = [
         "Merge the guest cart of X-Cart-Token into the user's cart (login does this too)",
         auth="user",
         tag="cart",
+        answer=CartMerged,
     ),
     Route(
         "POST",
@@ -346,6 +389,7 @@ ROUTES = [
         body=Preview,
         responses=(*_CART_RESPONSES, ValidationFailed, CouponNotApplicable),
         tag="cart",
+        answer=CheckoutPreview,
     ),
     Route(
         "POST",
@@ -368,5 +412,6 @@ ROUTES = [
             CouponNotApplicable,
         ),
         tag="cart",
+        answer=OrderCreated,
     ),
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -235,7 +235,9 @@ class CategoryStep(Answer):
     name: str
 
 
-class ProductDetail(Answer):
+class ProductDetail(Answer, tag_field="status", tag="on_sale"):
+    """An on-sale product (only those have a detail)."""
+
     id: int
     name: str
     description: str
@@ -248,12 +250,23 @@ class ProductDetail(Answer):
     attributes: dict[str, Any]
     skus: list[SkuView]
     merchant_id: int
-    status: str
     sales: int
     max_per_user: int | None
     version: int
     created_at: str
     updated_at: str
+
+
+class ProductOffSale(Answer, tag_field="status", tag="off_sale"):
+    """A product an update took off sale: its id and new version."""
+
+    id: int
+    version: int
+
+
+class ProductRemoved(Answer):
+    id: int
+    status: Literal["off_sale"]
 
 
 class Category(Answer):
@@ -302,6 +315,7 @@ ROUTES = [
         success={201: "created"},
         responses=(E.Forbidden, E.ValidationFailed),
         tag="catalog",
+        answer=ProductDetail,
     ),
     Route(
         "PUT",
@@ -319,6 +333,7 @@ ROUTES = [
             E.ValidationFailed,
         ),
         tag="catalog",
+        answer=ProductDetail | ProductOffSale,
     ),
     Route(
         "DELETE",
@@ -328,5 +343,6 @@ ROUTES = [
         auth="merchant",
         responses=(E.Forbidden, E.NotFound, E.ProductInUse),
         tag="catalog",
+        answer=ProductRemoved,
     ),
 ]

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
@@ -33,6 +33,7 @@ from gateway.http import ok
 from gateway.plans_runtime import SWITCHES
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
+from gateway.shapes import Answer
 from gateway.streams import start_stream
 from gateway.validation import F, path_int, path_text
 
@@ -121,6 +122,22 @@ async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -
     # another merchant's sale answers as a missing one: a merchant learns nothing of it
     if merchant is None or (principal.role != "admin" and merchant != principal.user_id):
         raise NotFound("flash sale not found")
+
+
+class DashboardSale(Answer):
+    """A sale as a dashboard lists it (``remaining_quantity``: Redis's live count, null
+    where the sale is not loaded there)."""
+
+    flash_sale_id: int
+    product_name: str
+    sku_id: int
+    flash_price: int
+    merchant_id: int
+    total_quantity: int
+    remaining_quantity: int | None
+    start_time: str
+    end_time: str
+    status: Literal["upcoming", "active", "sold_out", "ended", "closed"]
 
 
 async def sales(request: web.Request, principal: Principal) -> web.Response:
@@ -269,6 +286,7 @@ ROUTES = [
         "The sales a dashboard lists (a merchant sees its own)",
         auth="merchant",
         tag="dashboard",
+        answer=list[DashboardSale],
     ),
     Route(
         "GET",

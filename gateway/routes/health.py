@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Final, Literal
 
 import asyncpg
 from aiohttp import web
@@ -17,6 +17,7 @@ from gateway import __version__, appkeys
 from gateway.http import dumps, ok
 from gateway.routes.dashboard import PAGE_HEADERS, asset
 from gateway.routing import ROUTE_TABLE, Route, openapi_spec
+from gateway.shapes import Answer
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -94,8 +95,27 @@ async def docs(request: web.Request) -> web.Response:
     return resp
 
 
+class Alive(Answer):
+    status: Literal["alive"]
+
+
+StoreState = Literal["up", "down"]
+
+
+class Checks(Answer):
+    redis: StoreState
+    postgres: StoreState
+    kafka: StoreState
+
+
+class Ready(Answer):
+    checks: Checks
+    down: list[str]  # empty when ready (the 503 names what is down)
+    payment_provider: str
+
+
 ROUTES = [
-    Route("GET", "/healthz", healthz, "Process is alive", tag="ops"),
+    Route("GET", "/healthz", healthz, "Process is alive", tag="ops", answer=Alive),
     Route(
         "GET",
         "/readyz",
@@ -103,6 +123,7 @@ ROUTES = [
         "Redis, PostgreSQL and the broker are reachable",
         responses=(NotReady,),
         tag="ops",
+        answer=Ready,
     ),
     Route(
         "GET",

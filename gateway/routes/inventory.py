@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from msgspec import UNSET, Meta, UnsetType
@@ -13,7 +13,7 @@ from flashsale.auth import Principal
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routing import Route
-from gateway.shapes import Body, read_body
+from gateway.shapes import Answer, Body, read_body
 from gateway.validation import path_int
 
 ReservationId = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -139,6 +139,52 @@ async def release(request: web.Request, principal: Principal) -> web.Response:
     )
 
 
+StockStatus = Literal["out_of_stock", "low", "sufficient"]
+
+
+class SkuStock(Answer):
+    sku_id: int
+    code: str | None
+    attributes: dict[str, Any]
+    available_stock: int
+    reserved_stock: int
+    total_stock: int
+    sold: int
+    status: StockStatus
+
+
+class ProductStock(Answer):
+    """A product's stock: the sums over its SKUs, and each SKU."""
+
+    product_id: int
+    available_stock: int
+    reserved_stock: int
+    total_stock: int
+    status: StockStatus
+    skus: list[SkuStock]
+
+
+class Reserved(Answer):
+    reservation_id: str
+    sku_id: int
+    order_id: str | None
+    reserved_quantity: int
+    expires_at: str
+
+
+class Consumed(Answer):
+    reservation_id: str
+    consumed_quantity: int
+    released_quantity: int
+    status: Literal["consumed"]
+
+
+class Released(Answer):
+    reservation_id: str
+    released_quantity: int
+    status: Literal["released"]
+
+
 _MANAGE = (E.Forbidden, E.NotFound, E.ValidationFailed)
 ROUTES = [
     Route(
@@ -148,6 +194,7 @@ ROUTES = [
         "Stock of a product: available, reserved and total per SKU",
         tag="inventory",
         responses=(E.NotFound,),
+        answer=ProductStock,
     ),
     Route(
         "POST",
@@ -160,6 +207,7 @@ ROUTES = [
         tag="inventory",
         success={201: "reserved"},
         responses=(E.InsufficientStock, E.OrderNotPending, E.HoldExceedsOrder, *_MANAGE),
+        answer=Reserved,
     ),
     Route(
         "POST",
@@ -170,6 +218,7 @@ ROUTES = [
         body=ConsumeBody,
         tag="inventory",
         responses=(E.ReservationNotActive, E.OrderNotPaid, *_MANAGE),
+        answer=Consumed,
     ),
     Route(
         "POST",
@@ -180,5 +229,6 @@ ROUTES = [
         body=ReleaseBody,
         tag="inventory",
         responses=(E.ReservationNotActive, E.HeldByOrder, *_MANAGE),
+        answer=Released,
     ),
 ]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 from aiohttp import web
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import coupons, promotions
 from flashsale.auth import Principal
@@ -15,7 +15,7 @@ from flashsale.errors import CouponExists, CouponNotFound, Forbidden, Validation
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routing import Route
-from gateway.shapes import Body, Query, as_dict, one_of, read_body, read_query
+from gateway.shapes import Answer, Body, Query, as_dict, one_of, read_body, read_query
 
 MAX_CENTS = 10**12
 
@@ -82,6 +82,84 @@ class AvailableQuery(Query):
         ]
         | None
     ) = None
+
+
+class MinAmount(Answer):
+    min_amount: int
+
+
+class CouponDiscount(Answer):
+    """By the coupon's type: ``amount`` (amount_off), ``percent`` and ``max_amount``
+    (percent_off; null: no cap), or ``free_shipping`` (free_shipping)."""
+
+    amount: int | UnsetType = UNSET
+    percent: int | UnsetType = UNSET
+    max_amount: int | UnsetType | None = UNSET
+    free_shipping: bool | UnsetType = UNSET
+
+
+class Coupon(Answer):
+    """A coupon (money in cents); ``remaining_uses``: the caller's."""
+
+    coupon_id: int
+    code: str
+    name: str
+    type: Annotated[str, one_of(coupons.COUPON_TYPES)]
+    condition: MinAmount
+    discount: CouponDiscount
+    scope: Annotated[str, one_of(coupons.COUPON_SCOPES)]
+    valid_from: str
+    valid_until: str
+    applicable_categories: list[str]
+    category_ids: list[int]
+    product_ids: list[int]
+    remaining_uses: int
+
+
+class AvailableCoupon(Coupon):
+    """With ``amount`` asked: whether the coupon applies to it, and why not."""
+
+    applicable: bool | UnsetType = UNSET
+    discount_amount: int | UnsetType = UNSET
+    reason: str | UnsetType | None = UNSET
+
+
+class CouponCheck(Answer):
+    applicable: bool
+    discount_amount: int
+    free_shipping: bool
+    final_amount: int
+    coupon_used_id: None  # a use is recorded only by an order
+    reason: str | None
+
+
+class Tier(Answer):
+    min_amount: int
+    discount_amount: int
+
+
+class Promotion(Answer):
+    promotion_id: int
+    name: str
+    rules: list[Tier]
+    valid_from: str
+    valid_until: str
+    category_ids: list[int]
+    applicable_categories: list[str]
+
+
+class AppliedPromotion(Answer):
+    promotion_id: int
+    discount_amount: int
+    rule_matched: str
+    rule: Tier
+
+
+class PromotionsPriced(Answer):
+    original_amount: int
+    promotions_applied: list[AppliedPromotion]
+    discount_amount: int
+    final_amount: int
 
 
 def _check_window(body: NewCoupon | NewPromotion) -> None:
@@ -199,6 +277,7 @@ ROUTES = [
         auth="user",
         query=AvailableQuery,
         tag="marketing",
+        answer=list[AvailableCoupon],
     ),
     Route(
         "POST",
@@ -209,6 +288,7 @@ ROUTES = [
         body=CouponUse,
         responses=(CouponNotFound, ValidationFailed),
         tag="marketing",
+        answer=CouponCheck,
     ),
     Route(
         "POST",
@@ -222,6 +302,7 @@ ROUTES = [
         success={201: "created"},
         responses=(Forbidden, CouponExists, ValidationFailed),
         tag="marketing",
+        answer=Coupon,
     ),
     Route(
         "GET",
@@ -229,6 +310,7 @@ ROUTES = [
         list_promotions,
         "Running tiered amount-off promotions",
         tag="marketing",
+        answer=list[Promotion],
     ),
     Route(
         "POST",
@@ -238,6 +320,7 @@ ROUTES = [
         body=Calculate,
         responses=(ValidationFailed,),
         tag="marketing",
+        answer=PromotionsPriced,
     ),
     Route(
         "POST",
@@ -251,5 +334,6 @@ ROUTES = [
         success={201: "created"},
         responses=(Forbidden, ValidationFailed),
         tag="marketing",
+        answer=Promotion,
     ),
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -32,7 +32,7 @@ from gateway import appkeys
 from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok
 from gateway.routes.addresses import ADDRESS_ALTS, Address, AddressId, order_address
-from gateway.routes.payments import with_payment_page
+from gateway.routes.payments import PaymentCreated, PayStatus, with_payment_page
 from gateway.routing import Route
 from gateway.shapes import (
     Answer,
@@ -148,10 +148,14 @@ class ShipBody(Body):
     version: Version = None
 
 
+Kind = Literal["regular", "flash"]
+Status = Annotated[str, one_of(orders.STATUSES)]
+
+
 class OrderSummary(Answer):
     order_id: str
-    kind: str
-    status: str
+    kind: Kind
+    status: Status
     total_amount: int
     discount_amount: int
     shipping_fee: int
@@ -166,6 +170,187 @@ class OrderPage(Answer):
     total: int
     page: int
     limit: int
+
+
+class OrderCreated(Answer):
+    """A new order (or, replayed, the one its Idempotency-Key made, as it is now) and its
+    pending payment (``payment_id`` null when it has none any more)."""
+
+    order_id: str
+    status: Status
+    total_amount: int
+    discount_amount: int
+    shipping_fee: int
+    final_amount: int
+    payment_id: str | None
+    payment_url: str | None
+    expires_at: str | None
+    version: int
+
+
+class OrderMoved(Answer):
+    """An order after a step of its state machine."""
+
+    order_id: str
+    status: Status
+    version: int
+
+
+class OrderShipped(OrderMoved):
+    shipping_company: str
+    tracking_number: str
+    estimated_delivery: str | None
+
+
+class LineAmounts(Answer):
+    """What every line of an order has (``price`` and ``subtotal`` in cents)."""
+
+    product_id: int
+    sku_id: int
+    quantity: int
+    price: int
+    subtotal: int
+
+
+class OrderLine(LineAmounts):
+    """A line of an order in PostgreSQL: the item snapshot's fields are null for a line
+    without one."""
+
+    product_name: str | None
+    sku_attributes: dict[str, Any] | None
+    image: str | None
+    snapshot_id: int | None
+
+
+class ShippingInfo(Answer):
+    """Where an order goes (its address snapshot, null parts where none) and how it
+    travels."""
+
+    name: str | None
+    phone: str | None
+    address: str | None
+    region: str | None
+    city: str | None
+    detail: str | None
+    postcode: str | None
+    address_id: int | None
+    shipping_company: str | None
+    tracking_number: str | None
+    estimated_delivery: str | None
+    shipped_at: str | None
+    delivered_at: str | None
+
+
+class ReturnItem(Answer):
+    sku_id: int
+    quantity: int
+
+
+class ReturnView(Answer):
+    """A return request (amounts in cents)."""
+
+    return_id: str
+    order_id: str
+    user_id: int
+    kind: Annotated[str, one_of(returns.KINDS)]
+    status: Annotated[str, one_of(returns.STATUSES)]
+    reason: str
+    amount: int
+    approved_amount: int | None
+    items: list[ReturnItem]
+    decided_by: int | None
+    decision_note: str | None
+    refund_id: str | None
+    restocked: bool
+    created_at: str
+    decided_at: str | None
+    refunded_at: str | None
+
+
+class PaymentInfo(Answer):
+    """An order's payment: the successful one, else the newest."""
+
+    payment_id: str
+    method: str
+    status: PayStatus
+    amount: int
+    transaction_id: str | None
+    paid_at: str | None
+    expires_at: str
+
+
+class LogEntry(Answer):
+    """A move of an order (``actor_id`` null for the system and the provider)."""
+
+    actor_id: int | None
+    actor_role: str
+    from_status: str | None
+    to_status: str
+    note: str | None
+    created_at: str
+
+
+class OrderDetail(Answer):
+    """An order in PostgreSQL, in full (amounts in cents)."""
+
+    order_id: str
+    kind: Kind
+    status: Status
+    version: int
+    created_at: str
+    updated_at: str
+    total_amount: int
+    discount_amount: int
+    shipping_fee: int
+    final_amount: int
+    refunded_amount: int
+    coupon_code: str | None
+    payment_deadline: str | None
+    cancelled_at: str | None
+    cancel_reason: str | None
+    completed_at: str | None
+    items: list[OrderLine]
+    shipping_info: ShippingInfo
+    returns: list[ReturnView]
+    payment_info: PaymentInfo | None
+
+
+class ShopperLine(LineAmounts):
+    """A line of the caller's order: the snapshot's fields are absent while a flash order
+    is in flight."""
+
+    product_name: str | UnsetType | None = UNSET
+    sku_attributes: dict[str, Any] | UnsetType | None = UNSET
+    image: str | UnsetType | None = UNSET
+    snapshot_id: int | UnsetType | None = UNSET
+
+
+class ShopperOrder(Answer):
+    """One of the caller's orders: as :class:`OrderDetail` once it is in PostgreSQL; a
+    flash order still in flight (``status`` queued) has the fields up to ``items``, and
+    ``flash_sale_id``."""
+
+    order_id: str
+    kind: Kind
+    status: Annotated[str, one_of((*orders.STATUSES, "queued"))]
+    created_at: str
+    total_amount: int
+    payment_deadline: str | None
+    items: list[ShopperLine]
+    flash_sale_id: int | UnsetType = UNSET
+    version: int | UnsetType = UNSET
+    updated_at: str | UnsetType = UNSET
+    discount_amount: int | UnsetType = UNSET
+    shipping_fee: int | UnsetType = UNSET
+    final_amount: int | UnsetType = UNSET
+    refunded_amount: int | UnsetType = UNSET
+    coupon_code: str | UnsetType | None = UNSET
+    cancelled_at: str | UnsetType | None = UNSET
+    cancel_reason: str | UnsetType | None = UNSET
+    completed_at: str | UnsetType | None = UNSET
+    shipping_info: ShippingInfo | UnsetType = UNSET
+    returns: list[ReturnView] | UnsetType = UNSET
+    payment_info: PaymentInfo | UnsetType | None = UNSET
 
 
 MAX_IDEMPOTENCY_KEY = 128
@@ -366,6 +551,7 @@ ROUTES = [
         tag="orders",
         success={201: "order created"},
         responses=(InsufficientStock, PriceChanged, NotOnSale, SkuNotFound, ValidationFailed),
+        answer=OrderCreated,
     ),
     Route(
         "GET",
@@ -387,6 +573,7 @@ ROUTES = [
         tag="orders",
         params=ORDER_ID,
         responses=(NotFound,),
+        answer=ShopperOrder,
     ),
     Route(
         "GET",
@@ -397,6 +584,7 @@ ROUTES = [
         tag="orders",
         params=ORDER_ID,
         responses=(NotFound,),
+        answer=list[LogEntry],
     ),
     Route(
         "POST",
@@ -409,6 +597,7 @@ ROUTES = [
         body_required=False,
         params=ORDER_ID,
         responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
+        answer=OrderMoved,
     ),
     Route(
         "POST",
@@ -420,6 +609,7 @@ ROUTES = [
         tag="orders",
         params=ORDER_ID,
         responses=(*_STATE, NotFound, AddressNotFound, InvalidTransition, AddressRequired),
+        answer=PaymentCreated,
     ),
     Route(
         "POST",
@@ -439,6 +629,7 @@ ROUTES = [
             Forbidden,
             NotFound,
         ),
+        answer=OrderShipped,
     ),
     Route(
         "POST",
@@ -451,6 +642,7 @@ ROUTES = [
         body_required=False,
         params=ORDER_ID,
         responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull, Forbidden, NotFound),
+        answer=OrderMoved,
     ),
     Route(
         "POST",
@@ -463,6 +655,7 @@ ROUTES = [
         body_required=False,
         params=ORDER_ID,
         responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
+        answer=OrderMoved,
     ),
     Route(
         "POST",
@@ -479,5 +672,6 @@ ROUTES = [
         rules="items only with kind return; each line of the order, at most what is left to return",
         success={201: "return requested"},
         responses=(NotFound, InvalidTransition, ReturnInProgress, RefundExceedsPaid),
+        answer=ReturnView,
     ),
 ]

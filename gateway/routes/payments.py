@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Final, Literal
 
 from aiohttp import web
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import payments
 from flashsale.auth import Principal
@@ -29,7 +29,7 @@ from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.shapes import Body, one_of, read_body, spec_of
+from gateway.shapes import Answer, Body, one_of, read_body, spec_of
 from gateway.validation import PATH_TEXT, path_text, validate
 
 Url = Annotated[str, Meta(max_length=2000)] | None
@@ -75,6 +75,96 @@ class RefundBody(Body, kw_only=True):
 
 
 SANDBOX_PAGE: Final = "/api/v1/payment/sandbox/{payment_id}"
+
+PayStatus = Literal["pending", "success", "failed", "closed", "refunded"]
+
+
+class PaymentMethod(Answer):
+    method: str
+    name: str
+    icon: str
+    available: bool  # whether the configured provider can take payments
+    provider: str
+
+
+class PaymentCreated(Answer):
+    """The pending payment of an unpaid order (``payment_url``: null without a provider
+    page; ``expires_in`` in seconds)."""
+
+    payment_id: str
+    order_id: str
+    amount: int
+    payment_method: str
+    payment_url: str | None
+    qr_code: None
+    expires_in: int
+    expires_at: str
+
+
+class NotificationApplied(Answer):
+    """A notification applied (or, ``duplicate``, already applied before: nothing more is
+    said). A payment whose order can no longer take it is refunded at once
+    (``payment_status`` refunded, with ``refund_id`` and ``refund_amount``)."""
+
+    result: Literal["success"]
+    duplicate: bool
+    payment_id: str
+    payment_status: Literal["success", "failed", "refunded"] | UnsetType = UNSET
+    order_status: str | UnsetType = UNSET
+    version: int | UnsetType = UNSET
+    refund_id: str | UnsetType = UNSET
+    refund_amount: int | UnsetType = UNSET
+
+
+class RefundDone(Answer):
+    """Money given back (cents) and the order after it; ``refunded_total`` is what the order
+    has had back in all, ``refund_ids`` every refund when an admin gives back what the
+    payments of a cancelled order kept."""
+
+    refund_id: str
+    order_id: str
+    refund_amount: int
+    status: Literal["completed"]
+    estimated_arrival: str
+    order_status: str
+    version: int
+    refunded_total: int | UnsetType = UNSET
+    refund_ids: list[str] | UnsetType = UNSET
+
+
+class PaymentView(Answer):
+    payment_id: str
+    order_id: str
+    amount: int
+    payment_method: str
+    status: PayStatus
+    provider: str
+    transaction_id: str | None
+    paid_at: str | None
+    expires_at: str
+    created_at: str
+
+
+class SandboxPage(PaymentView):
+    approve_url: str
+    fail_url: str
+
+
+class SignedNotification(Answer):
+    """What the sandbox provider sent (``sign`` covers the other fields)."""
+
+    payment_id: str
+    order_id: str
+    status: Literal["success", "failed"]
+    amount: int
+    transaction_id: str
+    paid_at: str
+    sign: str
+
+
+class SandboxCompleted(Answer):
+    notification: SignedNotification
+    result: NotificationApplied
 
 
 def with_payment_page(app: web.Application, data: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +269,14 @@ async def refund(request: web.Request, principal: Principal) -> web.Response:
 
 
 ROUTES = [
-    Route("GET", "/api/v1/payment/methods", methods, "Payment methods", tag="payments"),
+    Route(
+        "GET",
+        "/api/v1/payment/methods",
+        methods,
+        "Payment methods",
+        tag="payments",
+        answer=list[PaymentMethod],
+    ),
     Route(
         "POST",
         "/api/v1/payment/create",
@@ -197,6 +294,7 @@ ROUTES = [
             ValidationFailed,
             PaymentProviderUnavailable,
         ),
+        answer=PaymentCreated,
     ),
     Route(
         "POST",
@@ -207,6 +305,7 @@ ROUTES = [
         body=Notification,
         tag="payments",
         responses=(BadSignature, UnknownPayment, AmountMismatch, OrderMismatch, ValidationFailed),
+        answer=NotificationApplied,
     ),
     Route(
         "POST",
@@ -226,6 +325,7 @@ ROUTES = [
             ReturnRequired,
             ValidationFailed,
         ),
+        answer=RefundDone,
     ),
 ]
 
@@ -241,6 +341,7 @@ SANDBOX_ROUTES = [
         tag="payments",
         params=PAYMENT_ID,
         responses=(NotFound,),
+        answer=SandboxPage,
     ),
     Route(
         "POST",
@@ -251,6 +352,7 @@ SANDBOX_ROUTES = [
         tag="payments",
         params=PAYMENT_ID,
         responses=(NotFound, OrderNotPayable),
+        answer=SandboxCompleted,
     ),
     Route(
         "POST",
@@ -261,6 +363,7 @@ SANDBOX_ROUTES = [
         tag="payments",
         params=PAYMENT_ID,
         responses=(NotFound,),
+        answer=SandboxCompleted,
     ),
 ]
 

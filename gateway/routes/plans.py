@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
+import msgspec
 from aiohttp import web
 from msgspec import UNSET, Meta, UnsetType
 
@@ -11,12 +12,12 @@ from flashsale import plans
 from flashsale.auth import Principal
 from flashsale.errors import NotFound, ValidationFailed
 from gateway import appkeys
-from gateway.dependencies import dependency_map
+from gateway.dependencies import NONE, STRONG, WEAK, dependency_map
 from gateway.flash_runtime import FLASH
 from gateway.http import ok
 from gateway.plans_runtime import SWITCHES
 from gateway.routing import ROUTE_TABLE, Route
-from gateway.shapes import Body, one_of, or_none, read_body
+from gateway.shapes import Answer, Body, one_of, or_none, read_body
 from gateway.validation import F, path_text
 
 PLAN_NAME: Final = F(str, min_len=1, max_len=64)
@@ -30,6 +31,78 @@ class Switch(Body):
     options: Annotated[dict[str, bool | Annotated[int, Meta(ge=1)]], Meta(max_length=8)] | None = (
         None
     )
+
+
+Mode = Annotated[str, one_of(plans.MODES)]
+
+
+class PlanState(Answer):
+    """A plan's state: who moved it last, when (Unix seconds; 0: never) and why; ``auto``
+    when its own trigger did."""
+
+    name: str
+    mode: Mode
+    auto: bool
+    by: str
+    at: float
+    reason: str
+    on: bool
+
+
+class Plan(PlanState):
+    """A plan as the runbook states it, with its state (``options``: the names of the
+    options it takes)."""
+
+    does: str
+    trigger: str
+    who: str
+    closing: str
+    arms_itself: bool
+    options: list[str]
+
+
+class PlanMove(Answer):
+    """A line of the operation log (``at``: Unix seconds)."""
+
+    plan: str
+    from_: Mode = msgspec.field(name="from")
+    to: Mode
+    by: str
+    reason: str
+    auto: bool
+    at: float
+
+
+class PlanBoard(Answer):
+    plans: list[Plan]
+    log: list[PlanMove]  # newest first
+
+
+class PlanSwitched(PlanState):
+    options: dict[str, Any]  # the options it was switched with
+    moved: bool  # false: the plan was already so
+
+
+class StoreNeed(Answer):
+    """What a route needs of a store (strong, weak or none), what it answers when the store
+    is gone, and the plan that helps then."""
+
+    need: Annotated[str, one_of((STRONG, WEAK, NONE))]
+    when_gone: str
+    plan: str | UnsetType = UNSET
+
+
+class RouteNeeds(Answer):
+    method: str
+    path: str
+    tag: str
+    auth: str | None
+    needs: dict[str, StoreNeed]  # by store: postgres, redis, kafka
+
+
+class DependencyMap(Answer):
+    stores: dict[str, str]  # each store and what it holds
+    routes: list[RouteNeeds]
 
 
 async def list_plans(request: web.Request, principal: Principal) -> web.Response:
@@ -88,6 +161,7 @@ ROUTES = [
         "operation log of their switches",
         auth="admin",
         tag="plans",
+        answer=PlanBoard,
     ),
     Route(
         "PUT",
@@ -100,6 +174,7 @@ ROUTES = [
         params={"name": PLAN_NAME},
         responses=(NotFound, ValidationFailed),
         tag="plans",
+        answer=PlanSwitched,
     ),
     Route(
         "GET",
@@ -109,5 +184,6 @@ ROUTES = [
         "what it answers when one is gone",
         auth="admin",
         tag="plans",
+        answer=DependencyMap,
     ),
 ]

@@ -15,7 +15,16 @@ from flashsale.auth import Principal
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routing import Route
-from gateway.shapes import Body, CreatedFrom, CreatedTo, Query, one_of, read_body, read_query
+from gateway.shapes import (
+    Answer,
+    Body,
+    CreatedFrom,
+    CreatedTo,
+    Query,
+    one_of,
+    read_body,
+    read_query,
+)
 from gateway.validation import INT32_MAX, F, date_bound, path_int, path_text
 
 
@@ -55,6 +64,49 @@ class PreorderList(Query):
     to: CreatedTo | None = None
     page: Annotated[int, Meta(ge=1, le=100_000, description="page number from 1")] = 1
     limit: Annotated[int, Meta(ge=1, le=100, description="page size, at most 100")] = 20
+
+
+class Campaign(Answer):
+    """A presale (``price`` in cents; ``available``: units not yet pre-occupied)."""
+
+    id: int
+    product_id: int
+    sku_id: int
+    price: int
+    total: int
+    preoccupied: int
+    available: int
+    starts_at: str
+    ends_at: str
+
+
+class Preorder(Answer):
+    """A presale order (money in cents); ``expires_at``: when an unpaid one is cancelled
+    (null once it is not pending)."""
+
+    order_id: str
+    presale_id: int
+    user_id: int
+    product_id: int
+    sku_id: int
+    quantity: int
+    price: int
+    total_amount: int
+    status: Annotated[str, one_of(presale.STATUSES)]
+    refunded_amount: int
+    version: int
+    created_at: str
+    updated_at: str
+    paid_at: str | None
+    cancelled_at: str | None
+    expires_at: str | None
+
+
+class PreorderPage(Answer):
+    orders: list[Preorder]
+    total: int
+    page: int
+    limit: int
 
 
 ORDER_ID = {"order_id": F(str, pattern="[0-9]{1,40}")}
@@ -150,6 +202,7 @@ ROUTES = [
         success={201: "created"},
         responses=(E.Forbidden, E.ValidationFailed),
         tag="presale",
+        answer=Campaign,
     ),
     Route(
         "GET",
@@ -158,6 +211,7 @@ ROUTES = [
         "A presale with its available stock",
         responses=(E.PresaleNotFound,),
         tag="presale",
+        answer=Campaign,
     ),
     Route(
         "POST",
@@ -175,6 +229,7 @@ ROUTES = [
             E.PurchaseLimitExceeded,
         ),
         tag="presale",
+        answer=Preorder,
     ),
     Route(
         "GET",
@@ -185,6 +240,7 @@ ROUTES = [
         query=PreorderList,
         responses=(E.Forbidden,),
         tag="presale",
+        answer=PreorderPage,
     ),
     Route(
         "GET",
@@ -195,6 +251,7 @@ ROUTES = [
         responses=(E.NotFound,),
         tag="presale",
         params=ORDER_ID,
+        answer=Preorder,
     ),
     Route(
         "PUT",
@@ -213,6 +270,7 @@ ROUTES = [
         ),
         tag="presale",
         params=ORDER_ID,
+        answer=Preorder,
     ),
     Route(
         "DELETE",
@@ -224,5 +282,6 @@ ROUTES = [
         responses=(E.NotFound, E.InvalidTransition),
         tag="presale",
         params=ORDER_ID,
+        answer=Preorder,
     ),
 ]

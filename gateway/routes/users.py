@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from aiohttp import web
 from msgspec import UNSET, Meta, UnsetType
@@ -22,7 +22,7 @@ from gateway import appkeys
 from gateway.http import ok
 from gateway.routes.flashsales import client_ip
 from gateway.routing import Route
-from gateway.shapes import Body, one_of, read_body
+from gateway.shapes import Answer, Body, one_of, read_body
 from gateway.validation import Alt, path_int
 
 NewPassword = Annotated[
@@ -56,6 +56,36 @@ class AccountChange(Body):
     role: Annotated[str, one_of(ROLES)] | UnsetType = UNSET
     disabled: bool | UnsetType = UNSET
     alternatives = (Alt(("role",)), Alt(("disabled",)))  # at least one of them
+
+
+class Account(Answer):
+    """An account (its token generation stays on the server)."""
+
+    id: int
+    email: str | None
+    phone: str | None
+    nickname: str
+    role: Annotated[str, one_of(ROLES)]
+    disabled: bool
+
+
+class SignedIn(Answer):
+    token: str
+    expires_in: int
+    token_type: Literal["Bearer"]
+    user: Account
+
+
+class Registered(Answer):
+    """The same for a new and a taken email or phone (registering enumerates nothing)."""
+
+    email: str | None
+    phone: str | None
+    nickname: str
+
+
+class LoggedOut(Answer):
+    revoked: bool
 
 
 def _signed_in(request: web.Request, user: users.User, message: str) -> web.Response:
@@ -170,6 +200,7 @@ ROUTES = [
         },
         responses=(ValidationFailed, RateLimited, ServiceUnavailable),
         tag="auth",
+        answer=Registered,
     ),
     Route(
         "POST",
@@ -179,6 +210,7 @@ ROUTES = [
         body=Login,
         responses=(InvalidCredentials, AccountDisabled, RateLimited, ServiceUnavailable),
         tag="auth",
+        answer=SignedIn,
     ),
     Route(
         "GET",
@@ -187,6 +219,7 @@ ROUTES = [
         "The current user",
         auth="user",
         tag="auth",
+        answer=Account,
     ),
     Route(
         "POST",
@@ -196,6 +229,7 @@ ROUTES = [
         auth="user",
         responses=(ServiceUnavailable,),
         tag="auth",
+        answer=LoggedOut,
     ),
     Route(
         "PUT",
@@ -206,6 +240,7 @@ ROUTES = [
         body=PasswordChange,
         responses=(InvalidCredentials, ValidationFailed),
         tag="auth",
+        answer=SignedIn,
     ),
     Route(
         "PATCH",
@@ -216,6 +251,7 @@ ROUTES = [
         body=AccountChange,
         responses=(NotFound, ValidationFailed, ServiceUnavailable),
         tag="auth",
+        answer=Account,
     ),
     Route(
         "DELETE",
@@ -225,5 +261,6 @@ ROUTES = [
         auth="admin",
         responses=(NotFound, ServiceUnavailable),
         tag="auth",
+        answer=Account,
     ),
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import orjson
 from aiohttp import web
@@ -38,7 +38,7 @@ from gateway.http import header_text, ok
 from gateway.middlewares import REQUEST_ID, request_id
 from gateway.routes.flashsales import ADMITTED_JOIN_PATH, client_ip
 from gateway.routing import Route
-from gateway.shapes import Body, Query, or_none, read_optional_body
+from gateway.shapes import Answer, Body, Query, or_none, read_optional_body
 from gateway.streams import start_stream
 from gateway.validation import path_int
 from gateway.waitingroom_runtime import WAITING_ROOM
@@ -179,6 +179,39 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+class TicketStatus(Answer):
+    """A ticket's place. ``position`` is null until the lottery is drawn; ``ahead`` and
+    ``estimated_wait_s`` are set while waiting (``ahead`` 0 once admitted). Once admitted,
+    ``join_expires_at``, and the join token and path (with hidden_join_path: only for the
+    ticket's own account)."""
+
+    flash_sale_id: int
+    entered_at: str
+    position: int | None
+    ahead: int | None
+    entrants: int
+    admitted_through: int
+    estimated_wait_s: float | None
+    start_time: str
+    state: Literal["ended", "sold_out", "lottery", "expired", "admitted", "waiting"]
+    join_expires_at: str | UnsetType = UNSET
+    join_token: str | UnsetType = UNSET
+    join_path: str | UnsetType = UNSET
+
+
+class Entered(TicketStatus, kw_only=True):
+    """The signed ticket (``replayed``: the one of an earlier entry) and its place."""
+
+    ticket: str
+    replayed: bool
+
+
+class Challenge(Answer):
+    challenge: str
+    difficulty: int
+    algorithm: str
+
+
 ROUTES = [
     Route(
         "POST",
@@ -202,6 +235,7 @@ ROUTES = [
             SoldOut,
             EntryLimited,
         ),
+        answer=Entered,
     ),
     Route(
         "GET",
@@ -214,6 +248,7 @@ ROUTES = [
         auth="optional",
         tag="waiting-room",
         responses=(TicketInvalid,),
+        answer=TicketStatus,
     ),
     Route(
         "GET",
@@ -234,5 +269,6 @@ ROUTES = [
         auth="user",
         tag="waiting-room",
         responses=(SaleNotQueued,),
+        answer=Challenge,
     ),
 ]
