@@ -74,7 +74,7 @@ browser:  ## Debian's chromium + chromedriver for the browser tests (installs th
 bench: $(STAMP) bench-tools  ## the side-by-side benchmark (writes BENCHMARKS.md)
 	$(BIN)/flashsale bench
 
-bench-quick: $(STAMP) bench-tools  ## a short benchmark run (< 2 minutes)
+bench-quick: $(STAMP) bench-tools  ## a short benchmark run (5 s a measurement; ~10 minutes on 2 cores)
 	$(BIN)/flashsale bench --quick
 
 clean:  ## remove what the stack kept for this clone (.flashsale, its PostgreSQL data elsewhere) and the tool caches

@@ -1665,7 +1665,7 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
 
 def _cli() -> int:
     parser = argparse.ArgumentParser(prog="flashsale bench")
-    parser.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a short run (~10 minutes on 2 cores)")
     parser.add_argument("--out", default="bench-results.json")
     parser.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "off"))
     args = parser.parse_args()

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--storefront-postgres-us", type=float, help="when the bench has no row")
     cap.add_argument("--write", metavar="FILE", help="also write it into FILE (CAPACITY.md)")
     bench = sub.add_parser("bench", help="run the side-by-side benchmark")
-    bench.add_argument("--quick", action="store_true", help="a short run (< 2 minutes)")
+    bench.add_argument("--quick", action="store_true", help="a short run (~10 minutes on 2 cores)")
     bench.add_argument("--out", default="bench-results.json")
     bench.add_argument(
         "--redis-fsync",
