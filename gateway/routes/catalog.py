@@ -278,6 +278,7 @@ class Category(Answer):
 
 
 route = partial(Route, tag="catalog")
+merchant_route = partial(Route, auth="merchant", tag="catalog")
 ROUTES = [
     route(
         "GET",
@@ -302,32 +303,29 @@ ROUTES = [
         "The category tree",
         answer=list[Category],
     ),
-    route(
+    merchant_route(
         "POST",
         "/api/v1/products",
         create_product,
         "Create a product with its SKUs (or flat price/stock = one SKU)",
-        auth="merchant",
         body=NewProduct,
         success={201: "created"},
         answer=ProductDetail,
     ),
-    route(
+    merchant_route(
         "PUT",
         "/api/v1/products/{id}",
         update_product,
         "Update a product and its SKUs (own products; admin any)",
-        auth="merchant",
         body=ProductChange,
         responses=(E.VersionConflict, E.StockBelowReserved, E.ProductInUse),
         answer=ProductDetail | ProductOffSale,
     ),
-    route(
+    merchant_route(
         "DELETE",
         "/api/v1/products/{id}",
         delete_product,
         "Take a product off sale (own products; admin any)",
-        auth="merchant",
         responses=(E.ProductInUse,),
         answer=ProductRemoved,
     ),

@@ -187,6 +187,7 @@ class Released(Answer):
 
 
 route = partial(Route, tag="inventory")
+merchant_route = partial(Route, auth="merchant", tag="inventory")
 ROUTES = [
     route(
         "GET",
@@ -195,34 +196,31 @@ ROUTES = [
         "Stock of a product: available, reserved and total per SKU",
         answer=ProductStock,
     ),
-    route(
+    merchant_route(
         "POST",
         "/api/v1/products/{id}/reserve",
         reserve,
         "Reserve stock of a SKU until expires_in seconds from now (with order_id: only an "
         "unpaid order holding this SKU, up to what its line still needs)",
-        auth="merchant",
         body=ReserveBody,
         success={201: "reserved"},
         responses=(E.InsufficientStock, E.OrderNotPending, E.HoldExceedsOrder),
         answer=Reserved,
     ),
-    route(
+    merchant_route(
         "POST",
         "/api/v1/products/{id}/consume",
         consume,
         "Consume a reservation of a paid order (units become sold; the rest is released)",
-        auth="merchant",
         body=ConsumeBody,
         responses=(E.ReservationNotActive, E.OrderNotPaid),
         answer=Consumed,
     ),
-    route(
+    merchant_route(
         "POST",
         "/api/v1/products/{id}/release",
         release,
         "Release a reservation before it expires (not one of an unpaid order)",
-        auth="merchant",
         body=ReleaseBody,
         responses=(E.ReservationNotActive, E.HeldByOrder),
         answer=Released,
