@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Final
 
 from aiohttp import web
@@ -151,57 +152,48 @@ class BookEntry(Answer):
     updated_at: str
 
 
+route = partial(Route, auth="user", tag="addresses")
 _NOT_FOUND = (AddressNotFound,)
 ROUTES = [
-    Route(
+    route(
         "GET",
         "/api/v1/addresses",
         list_,
         "The caller's address book (the default first)",
-        auth="user",
-        tag="addresses",
         answer=list[BookEntry],
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/addresses",
         create,
         "Add an address; the first one, or one sent with is_default, is the default",
-        auth="user",
         body=Entry,
-        tag="addresses",
         success={201: "added"},
         responses=(AddressBookFull,),
         answer=BookEntry,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/addresses/{address_id}",
         get,
         "One address of the caller's book",
-        auth="user",
-        tag="addresses",
         responses=_NOT_FOUND,
         answer=BookEntry,
     ),
-    Route(
+    route(
         "PUT",
         "/api/v1/addresses/{address_id}",
         update,
         "Replace an address (orders keep their own copy); is_default moves the default",
-        auth="user",
         body=Entry,
-        tag="addresses",
         responses=_NOT_FOUND,
         answer=BookEntry,
     ),
-    Route(
+    route(
         "DELETE",
         "/api/v1/addresses/{address_id}",
         delete,
         "Delete an address; if it was the default, the newest other one becomes it",
-        auth="user",
-        tag="addresses",
         responses=_NOT_FOUND,
         answer=NO_DATA,
     ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from functools import partial
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -413,19 +414,19 @@ class AccountPage(Paged):
     users: list[AccountRow]
 
 
-_OTHER_SHOP = "NOT_FOUND (also another shop's order)"
+return_route = partial(Route, auth="merchant", tag="returns")
+route = partial(Route, tag="back-office")
 ROUTES = [
-    Route(
+    route(
         "GET",
         "/api/v1/merchant/orders",
         merchant_list,
         "The orders holding the caller's products (its lines only), filtered, sorted, paged",
         auth="merchant-only",
         query=MerchantList,
-        tag="back-office",
         answer=MerchantOrderPage,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/merchant/orders/export",
         merchant_export,
@@ -433,97 +434,85 @@ ROUTES = [
         "X-Export-Truncated says whether more matched)",
         auth="merchant-only",
         query=MerchantFilters,
-        tag="back-office",
         envelope=False,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/merchant/orders/ship",
         ship_bulk,
         "Ship several paid orders, each with its carrier and tracking number",
         auth="merchant",
         body=BulkShip,
-        tag="back-office",
         answer=BulkShipped,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/merchant/orders/{id}",
         merchant_detail,
         "One order as its merchant sees it: its lines, address, tracking, returns, log",
         auth="merchant",
         params=ORDER_ID,
-        tag="back-office",
         answer=MerchantOrderDetail,
     ),
-    Route(
+    return_route(
         "GET",
         "/api/v1/merchant/returns",
         returns_list,
         "Returns of the caller's orders (every return for an admin), newest first",
-        auth="merchant",
         query=ReturnsList,
-        tag="returns",
         answer=ReturnPage,
     ),
-    Route(
+    return_route(
         "POST",
         "/api/v1/returns/{return_id}/approve",
         approve,
         "Approve a return: return_requested → return_approved → refunded (the provider "
         "refund runs at once; the goods of kind return are restocked). Repeating it "
         "changes nothing (changed: false)",
-        auth="merchant",
         body=Approval,
         body_required=False,
         params=RETURN_ID,
-        tag="returns",
         responses=(InvalidTransition, RefundExceedsPaid),
         answer=ReturnDecided,
     ),
-    Route(
+    return_route(
         "POST",
         "/api/v1/returns/{return_id}/reject",
         reject,
         "Reject a return with a note: return_requested → return_rejected",
-        auth="merchant",
         body=Rejection,
         params=RETURN_ID,
-        tag="returns",
         responses=(InvalidTransition,),
         answer=ReturnDecided,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/admin/orders",
         admin_list,
         "Every order: search by order id, buyer (user_id, or email/phone in user), status, date",
         auth="admin",
         query=AdminList,
-        tag="back-office",
         answer=AdminOrderPage,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/admin/orders/{id}",
         admin_detail,
         "Any order in full, with its returns and operation log",
         auth="admin",
         params=ORDER_ID,
-        tag="back-office",
         answer=AdminOrder,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/admin/orders/{id}/logs",
         admin_logs,
         "The operation log of any order",
         auth="admin",
         params=ORDER_ID,
-        tag="back-office",
         answer=list[LogEntry],
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/admin/users",
         admin_users,
@@ -531,7 +520,6 @@ ROUTES = [
         "change one with PATCH /api/v1/admin/users/{user_id} (its tokens end)",
         auth="admin",
         query=UserList,
-        tag="back-office",
         answer=AccountPage,
     ),
 ]

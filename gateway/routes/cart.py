@@ -8,6 +8,7 @@ cart named by the ``X-Cart-Token`` header. Guest responses always carry the
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Annotated, Any, cast
 
 import asyncpg
@@ -318,8 +319,9 @@ class CheckoutPreview(Answer):
     available_coupons: list[CouponOffer]
 
 
+route = partial(Route, tag="cart")
 ROUTES = [
-    Route(
+    route(
         "POST",
         "/api/v1/cart/items",
         add_item,
@@ -327,20 +329,18 @@ ROUTES = [
         auth="optional",
         body=AddItem,
         responses=(*_CART_RESPONSES, NotOnSale, InsufficientStock, CartFull),
-        tag="cart",
         answer=CartItemAdded,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/cart",
         get_cart,
         "The cart with its summary",
         auth="optional",
         responses=_CART_RESPONSES,
-        tag="cart",
         answer=CartView,
     ),
-    Route(
+    route(
         "PUT",
         "/api/v1/cart/items/{item_id}",
         update_item,
@@ -348,50 +348,45 @@ ROUTES = [
         auth="optional",
         body=UpdateItem,
         responses=_CART_RESPONSES,
-        tag="cart",
         answer=CartItemChanged,
     ),
-    Route(
+    route(
         "DELETE",
         "/api/v1/cart/items/{item_id}",
         delete_item,
         "Remove a cart item",
         auth="optional",
         responses=_CART_RESPONSES,
-        tag="cart",
         answer=NO_DATA,
     ),
-    Route(
+    route(
         "DELETE",
         "/api/v1/cart",
         clear_cart,
         "Empty the cart",
         auth="optional",
         responses=_CART_RESPONSES,
-        tag="cart",
         answer=NO_DATA,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/cart/merge",
         merge,
         "Merge the guest cart of X-Cart-Token into the user's cart (login does this too)",
         auth="user",
-        tag="cart",
         answer=CartMerged,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/cart/checkout/preview",
         preview,
         "Price the selected items: subtotal, shipping, discount, total, coupons",
         auth="user",
         body=Preview,
-        responses=(*_CART_RESPONSES, ValidationFailed, CouponNotApplicable),
-        tag="cart",
+        responses=(*_CART_RESPONSES, CouponNotApplicable),
         answer=CheckoutPreview,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/cart/checkout",
         checkout,
@@ -408,10 +403,8 @@ ROUTES = [
             PriceChanged,
             IdempotencyInProgress,
             PurchaseLimitExceeded,
-            ValidationFailed,
             CouponNotApplicable,
         ),
-        tag="cart",
         answer=OrderCreated,
     ),
 ]

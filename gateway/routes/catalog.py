@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -276,73 +277,56 @@ class Category(Answer):
     children: list[Category]
 
 
+route = partial(Route, tag="catalog")
+merchant_route = partial(Route, auth="merchant", tag="catalog")
 ROUTES = [
-    Route(
+    route(
         "GET",
         "/api/v1/products",
         list_products,
         "List and search on-sale products",
         query=ProductList,
-        responses=(E.ValidationFailed,),
         rules="price_max >= price_min",
-        tag="catalog",
         answer=ProductPage,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/products/{id}",
         get_product,
         "Product detail with SKUs and category path (cached)",
-        responses=(E.NotFound,),
-        tag="catalog",
         answer=ProductDetail,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/categories",
         categories,
         "The category tree",
-        tag="catalog",
         answer=list[Category],
     ),
-    Route(
+    merchant_route(
         "POST",
         "/api/v1/products",
         create_product,
         "Create a product with its SKUs (or flat price/stock = one SKU)",
-        auth="merchant",
         body=NewProduct,
         success={201: "created"},
-        responses=(E.Forbidden, E.ValidationFailed),
-        tag="catalog",
         answer=ProductDetail,
     ),
-    Route(
+    merchant_route(
         "PUT",
         "/api/v1/products/{id}",
         update_product,
         "Update a product and its SKUs (own products; admin any)",
-        auth="merchant",
         body=ProductChange,
-        responses=(
-            E.Forbidden,
-            E.NotFound,
-            E.VersionConflict,
-            E.StockBelowReserved,
-            E.ProductInUse,
-            E.ValidationFailed,
-        ),
-        tag="catalog",
+        responses=(E.VersionConflict, E.StockBelowReserved, E.ProductInUse),
         answer=ProductDetail | ProductOffSale,
     ),
-    Route(
+    merchant_route(
         "DELETE",
         "/api/v1/products/{id}",
         delete_product,
         "Take a product off sale (own products; admin any)",
-        auth="merchant",
-        responses=(E.Forbidden, E.NotFound, E.ProductInUse),
-        tag="catalog",
+        responses=(E.ProductInUse,),
         answer=ProductRemoved,
     ),
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from importlib import resources
 from typing import Any, Final, Literal
 
@@ -237,47 +238,35 @@ async def end_streams(app: web.Application) -> None:
 
 
 _PAGE = {200: "an HTML page"}
+# The HTML pages and the files they load, outside the JSON envelope.
+page = partial(Route, tag="pages", envelope=False, success=_PAGE)
+_ASSET = {"name": ASSET_NAME}
 ROUTES = [
-    Route(
+    page(
         "GET",
         "/dashboard",
         dashboard_page,
         "The sale dashboard (HTML; logs in as an admin or a merchant)",
-        tag="pages",
-        envelope=False,
-        success={200: "an HTML page"},
     ),
-    Route(
+    page(
         "GET",
         "/sale/{sale_id}",
         sale_page,
         "A flash sale's shopper page (HTML)",
-        tag="pages",
-        envelope=False,
-        success=_PAGE,
-        responses=(NotFound,),
     ),
-    Route(
+    page(
         "GET",
         "/static/{name}",
         static_file,
         "The pages' scripts and styles",
-        tag="pages",
-        envelope=False,
-        params={"name": ASSET_NAME},
-        success=_PAGE,
-        responses=(NotFound,),
+        params=_ASSET,
     ),
-    Route(
+    page(
         "GET",
         "/static/vendor/{name}",
         vendor_file,
         "Vendored libraries (uPlot, MIT) with their licences",
-        tag="pages",
-        envelope=False,
-        params={"name": ASSET_NAME},
-        success=_PAGE,
-        responses=(NotFound,),
+        params=_ASSET,
     ),
     Route(
         "GET",
@@ -300,6 +289,6 @@ ROUTES = [
             200: "text/event-stream; a 'closed' event names the error when the token is "
             "revoked or expires"
         },
-        responses=(NotFound, RateLimited, ServiceUnavailable),
+        responses=(RateLimited, ServiceUnavailable),
     ),
 ]

@@ -401,8 +401,9 @@ _JOIN_ERRORS: Final = (
     RateLimited,
     ServiceUnavailable,
 )
+route = partial(Route, tag="flash-sales")
 ROUTES = [
-    Route(
+    route(
         "POST",
         "/api/v1/admin/flash-sales",
         create,
@@ -410,48 +411,43 @@ ROUTES = [
         auth="admin",
         body=SaleCreate,
         rules="end_at after start_at",
-        tag="flash-sales",
         answer=FlashSale,
         success={201: "created"},
-        responses=(SkuNotFound, InsufficientStock, ValidationFailed),
+        responses=(SkuNotFound, InsufficientStock),
     ),
-    Route(
+    route(
         "PATCH",
         "/api/v1/admin/flash-sales/{sale_id}",
         patch,
         "Top up a running sale and/or move its end",
         auth="admin",
         body=SalePatch,
-        tag="flash-sales",
         answer=FlashSale,
         responses=(SaleEnded, InsufficientStock),
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/admin/flash-sales/{sale_id}/close",
         close,
         "Close a sale early; unsold units return to the SKU",
         auth="admin",
-        tag="flash-sales",
         answer=FlashSale,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/flash-sales/active",
         active,
         "Running and upcoming sales",
-        tag="flash-sales",
         answer=list[FlashSale],
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/flash-sales/{sale_id}",
         detail,
         "One sale's live state",
-        tag="flash-sales",
         answer=FlashSale,
     ),
-    Route(
+    route(
         "POST",
         JOIN_PATH,
         join,
@@ -459,11 +455,10 @@ ROUTES = [
         auth="user",
         body=JoinBody,
         answer=JoinAccepted,
-        tag="flash-sales",
         success={202: "queued"},
         responses=_JOIN_ERRORS,
     ),
-    Route(
+    route(
         "POST",
         ADMITTED_JOIN_PATH,
         join,
@@ -471,7 +466,6 @@ ROUTES = [
         auth="user",
         body=JoinBody,
         answer=JoinAccepted,
-        tag="flash-sales",
         params={"admission": F(str, min_len=1, max_len=64)},
         success={202: "queued"},
         responses=_JOIN_ERRORS,

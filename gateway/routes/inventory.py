@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -185,50 +186,43 @@ class Released(Answer):
     status: Literal["released"]
 
 
-_MANAGE = (E.Forbidden, E.NotFound, E.ValidationFailed)
+route = partial(Route, tag="inventory")
+merchant_route = partial(Route, auth="merchant", tag="inventory")
 ROUTES = [
-    Route(
+    route(
         "GET",
         "/api/v1/products/{id}/stock",
         stock,
         "Stock of a product: available, reserved and total per SKU",
-        tag="inventory",
-        responses=(E.NotFound,),
         answer=ProductStock,
     ),
-    Route(
+    merchant_route(
         "POST",
         "/api/v1/products/{id}/reserve",
         reserve,
         "Reserve stock of a SKU until expires_in seconds from now (with order_id: only an "
         "unpaid order holding this SKU, up to what its line still needs)",
-        auth="merchant",
         body=ReserveBody,
-        tag="inventory",
         success={201: "reserved"},
-        responses=(E.InsufficientStock, E.OrderNotPending, E.HoldExceedsOrder, *_MANAGE),
+        responses=(E.InsufficientStock, E.OrderNotPending, E.HoldExceedsOrder),
         answer=Reserved,
     ),
-    Route(
+    merchant_route(
         "POST",
         "/api/v1/products/{id}/consume",
         consume,
         "Consume a reservation of a paid order (units become sold; the rest is released)",
-        auth="merchant",
         body=ConsumeBody,
-        tag="inventory",
-        responses=(E.ReservationNotActive, E.OrderNotPaid, *_MANAGE),
+        responses=(E.ReservationNotActive, E.OrderNotPaid),
         answer=Consumed,
     ),
-    Route(
+    merchant_route(
         "POST",
         "/api/v1/products/{id}/release",
         release,
         "Release a reservation before it expires (not one of an unpaid order)",
-        auth="merchant",
         body=ReleaseBody,
-        tag="inventory",
-        responses=(E.ReservationNotActive, E.HeldByOrder, *_MANAGE),
+        responses=(E.ReservationNotActive, E.HeldByOrder),
         answer=Released,
     ),
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -14,10 +15,9 @@ from flashsale.auth import Principal
 from flashsale.errors import (
     AddressNotFound,
     AddressRequired,
-    Forbidden,
+    AppError,
     InsufficientStock,
     InvalidTransition,
-    NotFound,
     NotOnSale,
     NotPaidInFull,
     PriceChanged,
@@ -33,7 +33,7 @@ from gateway.flash_runtime import FLASH
 from gateway.http import header_text, ok
 from gateway.routes.addresses import ADDRESS_ALTS, Address, AddressId, order_address
 from gateway.routes.payments import PaymentCreated, PayStatus, with_payment_page
-from gateway.routing import Route
+from gateway.routing import Auth, Route, SignedInHandler
 from gateway.shapes import (
     Answer,
     Body,
@@ -459,17 +459,29 @@ async def logs(request: web.Request, principal: Principal) -> web.Response:
     )
 
 
-async def cancel(request: web.Request, principal: Principal) -> web.Response:
-    body = await read_optional_body(request, CancelBody)
+async def _move(
+    request: web.Request,
+    principal: Principal,
+    step: Callable[..., Awaitable[dict[str, Any]]],
+    version: int | None,
+    **details: Any,
+) -> web.Response:
+    """``step`` of the state machine on the order in the path, refused if the order is no
+    longer at ``version`` (None: whatever its version)."""
     return ok(
-        await orders.cancel_order(
+        await step(
             request.app[appkeys.DB],
             _order_id(request),
             _actor(principal),
-            expected_version=body.version,
-            reason=body.reason,
+            expected_version=version,
+            **details,
         )
     )
+
+
+async def cancel(request: web.Request, principal: Principal) -> web.Response:
+    body = await read_optional_body(request, CancelBody)
+    return await _move(request, principal, orders.cancel_order, body.version, reason=body.reason)
 
 
 async def pay(request: web.Request, principal: Principal) -> web.Response:
@@ -489,40 +501,25 @@ async def pay(request: web.Request, principal: Principal) -> web.Response:
 
 async def ship(request: web.Request, principal: Principal) -> web.Response:
     body = await read_body(request, ShipBody)
-    return ok(
-        await orders.ship_order(
-            request.app[appkeys.DB],
-            _order_id(request),
-            _actor(principal),
-            expected_version=body.version,
-            shipping_company=body.shipping_company,
-            tracking_number=body.tracking_number,
-            estimated_delivery=body.estimated_delivery,
-        )
-    )
-
-
-async def _versioned(
-    request: web.Request, principal: Principal, step: Callable[..., Awaitable[dict[str, Any]]]
-) -> web.Response:
-    """``step`` of the state machine on the order in the path (optional body: version)."""
-    body = await read_optional_body(request, VersionBody)
-    return ok(
-        await step(
-            request.app[appkeys.DB],
-            _order_id(request),
-            _actor(principal),
-            expected_version=body.version,
-        )
+    return await _move(
+        request,
+        principal,
+        orders.ship_order,
+        body.version,
+        shipping_company=body.shipping_company,
+        tracking_number=body.tracking_number,
+        estimated_delivery=body.estimated_delivery,
     )
 
 
 async def deliver(request: web.Request, principal: Principal) -> web.Response:
-    return await _versioned(request, principal, orders.deliver_order)
+    body = await read_optional_body(request, VersionBody)
+    return await _move(request, principal, orders.deliver_order, body.version)
 
 
 async def confirm(request: web.Request, principal: Principal) -> web.Response:
-    return await _versioned(request, principal, orders.confirm_order)
+    body = await read_optional_body(request, VersionBody)
+    return await _move(request, principal, orders.confirm_order, body.version)
 
 
 async def request_return(request: web.Request, principal: Principal) -> web.Response:
@@ -539,125 +536,120 @@ async def request_return(request: web.Request, principal: Principal) -> web.Resp
     return ok(out, status=201, message="return requested")
 
 
-_STATE = (NotFound, InvalidTransition, VersionConflict, ValidationFailed)
+route = partial(Route, auth="user", tag="orders")
+# What every step of the state machine on an order answers with beyond the errors of its
+# kind (404 for the order in the path, 422 for the body).
+_STATE = (InvalidTransition, VersionConflict)
+
+
+def _step(
+    action: str,
+    handler: SignedInHandler,
+    summary: str,
+    *,
+    body: type[Body],
+    responses: Sequence[type[AppError]],
+    answer: Any,
+    auth: Auth = "user",
+    body_required: bool = True,
+) -> Route:
+    """``POST /api/v1/orders/{id}/<action>``: a step of the order's state machine."""
+    return Route(
+        "POST",
+        f"/api/v1/orders/{{id}}/{action}",
+        handler,
+        summary,
+        auth=auth,
+        body=body,
+        tag="orders",
+        params=ORDER_ID,
+        body_required=body_required,
+        responses=(*_STATE, *responses),
+        answer=answer,
+    )
+
+
 ROUTES = [
-    Route(
+    route(
         "POST",
         "/api/v1/orders",
         create,
         "Create an order (reserves stock; send Idempotency-Key to make retries safe)",
-        auth="user",
         body=NewOrder,
-        tag="orders",
         success={201: "order created"},
-        responses=(InsufficientStock, PriceChanged, NotOnSale, SkuNotFound, ValidationFailed),
+        responses=(InsufficientStock, PriceChanged, NotOnSale, SkuNotFound),
         answer=OrderCreated,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/orders",
         list_,
         "The caller's orders",
-        auth="user",
-        tag="orders",
         query=OrderList,
-        responses=(ValidationFailed,),
         answer=OrderPage,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/orders/{id}",
         detail,
         "One of the caller's orders: items, shipping_info, payment_info",
-        auth="user",
-        tag="orders",
         params=ORDER_ID,
-        responses=(NotFound,),
         answer=ShopperOrder,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/orders/{id}/logs",
         logs,
         "The operation log of an order",
-        auth="user",
-        tag="orders",
         params=ORDER_ID,
-        responses=(NotFound,),
         answer=list[LogEntry],
     ),
-    Route(
-        "POST",
-        "/api/v1/orders/{id}/cancel",
+    _step(
+        "cancel",
         cancel,
         "Cancel an unpaid order (body optional: reason, version)",
-        auth="user",
         body=CancelBody,
-        tag="orders",
         body_required=False,
-        params=ORDER_ID,
-        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
+        responses=(NotPaidInFull,),
         answer=OrderMoved,
     ),
-    Route(
-        "POST",
-        "/api/v1/orders/{id}/pay",
+    _step(
+        "pay",
         pay,
         "Pay an order: returns payment_id, payment_url and expires_in",
-        auth="user",
         body=PayBody,
-        tag="orders",
-        params=ORDER_ID,
-        responses=(*_STATE, NotFound, AddressNotFound, InvalidTransition, AddressRequired),
+        responses=(AddressNotFound, AddressRequired),
         answer=PaymentCreated,
     ),
-    Route(
-        "POST",
-        "/api/v1/orders/{id}/ship",
+    _step(
+        "ship",
         ship,
         "Ship a paid order (merchant of its products, or admin)",
         auth="merchant",
         body=ShipBody,
-        tag="orders",
-        params=ORDER_ID,
-        responses=(
-            *_STATE,
-            InvalidTransition,
-            VersionConflict,
-            AddressRequired,
-            NotPaidInFull,
-            Forbidden,
-            NotFound,
-        ),
+        responses=(AddressRequired, NotPaidInFull),
         answer=OrderShipped,
     ),
-    Route(
-        "POST",
-        "/api/v1/orders/{id}/deliver",
+    _step(
+        "deliver",
         deliver,
         "Mark a shipped order delivered (merchant of its products, or admin)",
         auth="merchant",
         body=VersionBody,
-        tag="orders",
         body_required=False,
-        params=ORDER_ID,
-        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull, Forbidden, NotFound),
+        responses=(NotPaidInFull,),
         answer=OrderMoved,
     ),
-    Route(
-        "POST",
-        "/api/v1/orders/{id}/confirm",
+    _step(
+        "confirm",
         confirm,
         "Confirm receipt: shipped or delivered → completed (buyer)",
-        auth="user",
         body=VersionBody,
-        tag="orders",
         body_required=False,
-        params=ORDER_ID,
-        responses=(*_STATE, InvalidTransition, VersionConflict, NotPaidInFull),
+        responses=(NotPaidInFull,),
         answer=OrderMoved,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/orders/{id}/returns",
         request_return,
@@ -665,13 +657,12 @@ ROUTES = [
         "order. The return then moves return_requested → return_approved → refunded "
         "(merchant or admin approves; the refund runs at once) or return_requested → "
         "return_rejected; it is listed in the order's `returns`",
-        auth="user",
         body=ReturnBody,
         tag="returns",
         params=ORDER_ID,
         rules="items only with kind return; each line of the order, at most what is left to return",
         success={201: "return requested"},
-        responses=(NotFound, InvalidTransition, ReturnInProgress, RefundExceedsPaid),
+        responses=(InvalidTransition, ReturnInProgress, RefundExceedsPaid),
         answer=ReturnView,
     ),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Final, Literal
 
 from aiohttp import web
@@ -22,7 +23,6 @@ from flashsale.errors import (
     RefundExceedsPaid,
     ReturnRequired,
     UnknownPayment,
-    ValidationFailed,
 )
 from flashsale.orders import Actor
 from flashsale.settings import Settings
@@ -268,16 +268,16 @@ async def refund(request: web.Request, principal: Principal) -> web.Response:
     )
 
 
+route = partial(Route, tag="payments")
 ROUTES = [
-    Route(
+    route(
         "GET",
         "/api/v1/payment/methods",
         methods,
         "Payment methods",
-        tag="payments",
         answer=list[PaymentMethod],
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/payment/create",
         create,
@@ -285,29 +285,26 @@ ROUTES = [
         "or presale order (a presale order is paid only this way)",
         auth="user",
         body=CreateBody,
-        tag="payments",
         responses=(
             NotFound,
             InvalidTransition,
             AmountMismatch,
             PresaleOrderExpired,
-            ValidationFailed,
             PaymentProviderUnavailable,
         ),
         answer=PaymentCreated,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/payment/notify",
         notify,
         "Provider notification: sign = hex HMAC-SHA256 of every other field sent as compact "
         "sorted-key JSON",
         body=Notification,
-        tag="payments",
-        responses=(BadSignature, UnknownPayment, AmountMismatch, OrderMismatch, ValidationFailed),
+        responses=(BadSignature, UnknownPayment, AmountMismatch, OrderMismatch),
         answer=NotificationApplied,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/payment/refund",
         refund,
@@ -316,14 +313,12 @@ ROUTES = [
         "requests a return)",
         auth="user",
         body=RefundBody,
-        tag="payments",
         responses=(
             NotFound,
             FullRefundRequired,
             RefundExceedsPaid,
             InvalidTransition,
             ReturnRequired,
-            ValidationFailed,
         ),
         answer=RefundDone,
     ),
@@ -331,38 +326,28 @@ ROUTES = [
 
 # The sandbox pays orders with no money: its routes are mounted only when it is the
 # configured provider (FLASHSALE_PAYMENT_PROVIDER=sandbox), and are a 404 otherwise.
+sandbox = partial(Route, auth="user", tag="payments", params=PAYMENT_ID)
 SANDBOX_ROUTES = [
-    Route(
+    sandbox(
         "GET",
         SANDBOX_PAGE,
         sandbox_show,
         "Sandbox provider: the payment page",
-        auth="user",
-        tag="payments",
-        params=PAYMENT_ID,
-        responses=(NotFound,),
         answer=SandboxPage,
     ),
-    Route(
+    sandbox(
         "POST",
         SANDBOX_PAGE + "/approve",
         sandbox_approve,
         "Sandbox provider: approve the payment (sends the signed notification)",
-        auth="user",
-        tag="payments",
-        params=PAYMENT_ID,
-        responses=(NotFound, OrderNotPayable),
+        responses=(OrderNotPayable,),
         answer=SandboxCompleted,
     ),
-    Route(
+    sandbox(
         "POST",
         SANDBOX_PAGE + "/fail",
         sandbox_fail,
         "Sandbox provider: fail the payment (sends the signed notification)",
-        auth="user",
-        tag="payments",
-        params=PAYMENT_ID,
-        responses=(NotFound,),
         answer=SandboxCompleted,
     ),
 ]

@@ -10,7 +10,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from flashsale import plans
 from flashsale.auth import Principal
-from flashsale.errors import NotFound, ValidationFailed
+from flashsale.errors import ValidationFailed
 from gateway import appkeys
 from gateway.dependencies import NONE, STRONG, WEAK, dependency_map
 from gateway.flash_runtime import FLASH
@@ -172,7 +172,6 @@ ROUTES = [
         auth="admin",
         body=Switch,
         params={"name": PLAN_NAME},
-        responses=(NotFound, ValidationFailed),
         tag="plans",
         answer=PlanSwitched,
     ),

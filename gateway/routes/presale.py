@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Annotated
 
 import msgspec
@@ -191,8 +192,9 @@ async def cancel_preorder(request: web.Request, principal: Principal) -> web.Res
     return ok(out, message="cancelled and refunded" if out["refunded_amount"] else "cancelled")
 
 
+route = partial(Route, tag="presale")
 ROUTES = [
-    Route(
+    route(
         "POST",
         "/api/v1/presales",
         create_campaign,
@@ -200,20 +202,17 @@ ROUTES = [
         auth="merchant",
         body=NewCampaign,
         success={201: "created"},
-        responses=(E.Forbidden, E.ValidationFailed),
-        tag="presale",
         answer=Campaign,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/presales/{id}",
         get_campaign,
         "A presale with its available stock",
         responses=(E.PresaleNotFound,),
-        tag="presale",
         answer=Campaign,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/preorder",
         create_preorder,
@@ -228,10 +227,9 @@ ROUTES = [
             E.PresaleNotActive,
             E.PurchaseLimitExceeded,
         ),
-        tag="presale",
         answer=Preorder,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/preorder",
         list_preorders,
@@ -239,21 +237,18 @@ ROUTES = [
         auth="user",
         query=PreorderList,
         responses=(E.Forbidden,),
-        tag="presale",
         answer=PreorderPage,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/preorder/{order_id}",
         get_preorder,
         "One presale order",
         auth="user",
-        responses=(E.NotFound,),
-        tag="presale",
         params=ORDER_ID,
         answer=Preorder,
     ),
-    Route(
+    route(
         "PUT",
         "/api/v1/preorder/{order_id}",
         update_preorder,
@@ -261,26 +256,18 @@ ROUTES = [
         "order is refunded in full; paid comes from a verified payment only)",
         auth="user",
         body=PreorderChange,
-        responses=(
-            E.Forbidden,
-            E.PaymentRequired,
-            E.NotFound,
-            E.InvalidTransition,
-            E.VersionConflict,
-        ),
-        tag="presale",
+        responses=(E.Forbidden, E.PaymentRequired, E.InvalidTransition, E.VersionConflict),
         params=ORDER_ID,
         answer=Preorder,
     ),
-    Route(
+    route(
         "DELETE",
         "/api/v1/preorder/{order_id}",
         cancel_preorder,
         "Cancel a presale order and return its stock; a paid order is refunded in full in "
         "the same transaction",
         auth="user",
-        responses=(E.NotFound, E.InvalidTransition),
-        tag="presale",
+        responses=(E.InvalidTransition,),
         params=ORDER_ID,
         answer=Preorder,
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Literal
 
 from aiohttp import web
@@ -16,7 +17,6 @@ from flashsale.errors import (
     NotFound,
     RateLimited,
     ServiceUnavailable,
-    ValidationFailed,
 )
 from gateway import appkeys
 from gateway.http import ok
@@ -187,8 +187,9 @@ async def admin_delete(request: web.Request, principal: Principal) -> web.Respon
     return ok(user.public(), message="account disabled; its tokens are revoked")
 
 
+route = partial(Route, tag="auth")
 ROUTES = [
-    Route(
+    route(
         "POST",
         "/api/v1/auth/register",
         register,
@@ -198,69 +199,62 @@ ROUTES = [
             201: "registered (the same answer when the email or phone is taken: its owner "
             "is notified, nothing is written)"
         },
-        responses=(ValidationFailed, RateLimited, ServiceUnavailable),
-        tag="auth",
+        responses=(RateLimited, ServiceUnavailable),
         answer=Registered,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/auth/login",
         login,
         "Log in; returns a bearer token",
         body=Login,
         responses=(InvalidCredentials, AccountDisabled, RateLimited, ServiceUnavailable),
-        tag="auth",
         answer=SignedIn,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/users/me",
         me,
         "The current user",
         auth="user",
-        tag="auth",
         answer=Account,
     ),
-    Route(
+    route(
         "POST",
         "/api/v1/auth/logout",
         logout,
         "Log out everywhere: every token of the account is revoked",
         auth="user",
         responses=(ServiceUnavailable,),
-        tag="auth",
         answer=LoggedOut,
     ),
-    Route(
+    route(
         "PUT",
         "/api/v1/users/me/password",
         change_password,
         "Change the password; other tokens are revoked, a new one is returned",
         auth="user",
         body=PasswordChange,
-        responses=(InvalidCredentials, ValidationFailed),
-        tag="auth",
+        responses=(InvalidCredentials,),
         answer=SignedIn,
     ),
-    Route(
+    route(
         "PATCH",
         "/api/v1/admin/users/{user_id}",
         admin_patch,
         "Change an account's role or disable it; its tokens are revoked",
         auth="admin",
         body=AccountChange,
-        responses=(NotFound, ValidationFailed, ServiceUnavailable),
-        tag="auth",
+        responses=(ServiceUnavailable,),
         answer=Account,
     ),
-    Route(
+    route(
         "DELETE",
         "/api/v1/admin/users/{user_id}",
         admin_delete,
         "Delete (disable) an account; its tokens are revoked",
         auth="admin",
-        responses=(NotFound, ServiceUnavailable),
-        tag="auth",
+        responses=(ServiceUnavailable,),
         answer=Account,
     ),
 ]

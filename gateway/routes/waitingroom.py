@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import partial
 from typing import Annotated, Any, Final, Literal
 
 import orjson
@@ -212,8 +213,9 @@ class Challenge(Answer):
     algorithm: str
 
 
+route = partial(Route, tag="waiting-room")
 ROUTES = [
-    Route(
+    route(
         "POST",
         "/api/v1/flash-sales/{sale_id}/enter",
         enter,
@@ -223,7 +225,6 @@ ROUTES = [
         auth="user",
         body=EnterBody,
         body_required=False,
-        tag="waiting-room",
         success={201: "entered"},
         responses=(
             DeviceIdRequired,
@@ -237,7 +238,7 @@ ROUTES = [
         ),
         answer=Entered,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/flash-sales/{sale_id}/queue",
         queue,
@@ -246,28 +247,25 @@ ROUTES = [
         "(with hidden_join_path: only to the ticket's own account, by its bearer)",
         query=TicketQuery,
         auth="optional",
-        tag="waiting-room",
         responses=(TicketInvalid,),
         answer=TicketStatus,
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/flash-sales/{sale_id}/events",
         events,
         "Server-sent events of a sale: 'sale' (its public state) and, with a ticket, 'queue' "
         "(what a poll answers), each when it changes",
         query=StreamQuery,
-        tag="waiting-room",
         envelope=False,
         responses=(TicketInvalid, RateLimited, ServiceUnavailable),
     ),
-    Route(
+    route(
         "GET",
         "/api/v1/flash-sales/{sale_id}/challenge",
         challenge,
         "A proof-of-work challenge for entering this sale",
         auth="user",
-        tag="waiting-room",
         responses=(SaleNotQueued,),
         answer=Challenge,
     ),
