@@ -150,8 +150,12 @@ def stop_children(children: list[subprocess.Popen[bytes]], timeout_s: float = 20
             child.wait()
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGINT arrived while a StopFlag was interrupting."""
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived while a StopFlag was interrupting.
+
+    A BaseException, as KeyboardInterrupt is: raised wherever the main thread happens to be,
+    it must not be taken for an error by the start's own ``except Exception`` (a probe that
+    retries a server until it answers would swallow it and carry on starting)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -171,8 +175,11 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def settle(self) -> None:
-        """From now on a signal only sets the flag."""
+        """From now on a signal only sets the flag; :class:`Stopped` if one came already (its
+        raise can still be lost: Python only prints an exception raised inside a finalizer)."""
         self._interrupt = False
+        if self.signum is not None:
+            raise Stopped(self.signum)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum

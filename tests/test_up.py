@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from redis import Redis as SyncRedis
 
 from flashsale.stores import rediskeys
 from stack.embedded import free_port
+from stack.processes import StopFlag, Stopped
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -315,3 +317,36 @@ def test_up_with_redis_shards_runs_a_stampede() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def restore_signals() -> Iterator[None]:
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("restore_signals")
+# the finalizer's Stopped is printed and dropped by Python: that is the case under test
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_signal_is_not_lost_on_the_way_through_the_start() -> None:
+    """The start's own ``except Exception`` does not swallow it, and one raised where Python
+    can only print it (a finalizer) still stops the start at ``settle``."""
+    flag = StopFlag(interrupt=True)
+    with pytest.raises(Stopped):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        except Exception:
+            pass
+    flag = StopFlag(interrupt=True)
+
+    class Finalized:
+        def __del__(self) -> None:
+            flag._handle(signal.SIGTERM, None)  # raises Stopped: Python prints and goes on
+
+    Finalized()
+    assert flag
+    with pytest.raises(Stopped):
+        flag.settle()
