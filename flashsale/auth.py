@@ -286,16 +286,6 @@ async def check_password(
     return await (hashing or DEFAULT_HASHING).verify(stored_hash, password)
 
 
-__all__ = [
-    "PasswordHashing",
-    "Principal",
-    "TokenService",
-    "check_password",
-    "hash_password",
-    "require_role",
-]
-
-
 def require_metrics_token(authorization: str, token: str | None) -> None:
     """With FLASHSALE_METRICS_TOKEN set, ``/metrics`` (the gateway's and a consumer's) needs
     ``Authorization: Bearer <token>``: Unauthorized otherwise."""
@@ -309,3 +299,14 @@ def require_metrics_token(authorization: str, token: str | None) -> None:
             "metrics need 'Authorization: Bearer <FLASHSALE_METRICS_TOKEN>'",
             headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
         )
+
+
+__all__ = [
+    "PasswordHashing",
+    "Principal",
+    "TokenService",
+    "check_password",
+    "hash_password",
+    "require_metrics_token",
+    "require_role",
+]

@@ -14,7 +14,6 @@ calls. Each call is a different user, as in a stampede; rounds alternate the dep
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile
@@ -23,13 +22,9 @@ from pathlib import Path
 
 from redis import Redis
 
+from loadtests.bench import _cpu_s
 from loadtests.redis_ceiling import RESERVE_SCRIPT, reserve_script_call
 from stack.embedded import start_redis
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_run(depth: int, calls: int) -> tuple[float, float]:
