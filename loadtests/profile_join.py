@@ -278,6 +278,7 @@ def run(
     rate_hz: int,
     out: Path | None,
     overrides: dict[str, Any] | None = None,
+    load_rate: float = 0.0,
 ) -> dict[str, object]:
     root = Path(tempfile.mkdtemp(prefix="flashsale-profile-"))
     stack, env = start_env(root, QUICK, "always", overrides)
@@ -315,7 +316,7 @@ def run(
         time.sleep(0.5)  # py-spy attached
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
         calls_before = _syscalls(parent)
-        result = loadgen.run(path, port, duration_s=seconds, **load)
+        result = loadgen.run(path, port, duration_s=seconds, rate=load_rate, **load)
         cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
         calls = [after - was for after, was in zip(_syscalls(parent), calls_before, strict=True)]
         for spy in spies:
@@ -333,6 +334,7 @@ def run(
         return {
             "scenario": scenario,
             "rps": round(result.rps, 1),
+            "p50_ms": result.p50_ms,
             "p99_ms": result.p99_ms,
             "errors": result.errors,
             "statuses": result.statuses,
@@ -374,6 +376,7 @@ def compare(
     seconds: float,
     rate_hz: int,
     overrides: dict[str, Any],
+    load_rate: float = 0.0,
 ) -> str:
     """Runs with one setting at each of its values, alternating so that every value meets
     the same neighbours on a shared machine; a Markdown table of the medians (and the
@@ -383,7 +386,9 @@ def compare(
     results: dict[str, list[dict[str, Any]]] = {value: [] for _, value in settings}
     for _ in range(runs):
         for key, value in settings:
-            results[value].append(run(scenario, seconds, rate_hz, None, overrides | {key: value}))
+            results[value].append(
+                run(scenario, seconds, rate_hz, None, overrides | {key: value}, load_rate)
+            )
     lines = [
         f"| {name} | req/s (median, min–max) | gateway CPU µs/req (min–max) | Redis | broker "
         "| writes/req |",
@@ -430,12 +435,31 @@ def main(argv: list[str] | None = None) -> int:
         "side by side and the median run's stages of each, as BENCHMARKS.md shows them",
     )
     p.add_argument("--runs", type=int, default=1, help="runs of each value (--compare)")
+    p.add_argument(
+        "--load-rate",
+        type=float,
+        default=0.0,
+        help="open-loop requests per second (the Python client, latency from the intended"
+        " send time, as the bench's row 3b) instead of wrk's closed loop",
+    )
     args = p.parse_args(argv)
     overrides = dict(_setting(item) for item in args.set)
     if args.compare:
-        print(compare(args.scenario, args.compare, args.runs, args.seconds, args.rate, overrides))
+        print(
+            compare(
+                args.scenario,
+                args.compare,
+                args.runs,
+                args.seconds,
+                args.rate,
+                overrides,
+                args.load_rate,
+            )
+        )
         return 0
-    result = run(args.scenario, min(args.seconds, 60.0), args.rate, args.out, overrides)
+    result = run(
+        args.scenario, min(args.seconds, 60.0), args.rate, args.out, overrides, args.load_rate
+    )
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
         return 0
