@@ -24,6 +24,7 @@ from gateway.routes.orders import (
     Kind,
     LogEntry,
     OrderDetail,
+    OrderHead,
     OrderLine,
     ReturnView,
     ShipBody,
@@ -285,16 +286,11 @@ async def admin_users(request: web.Request, principal: Principal) -> web.Respons
     )
 
 
-class MerchantOrder(Answer):
+class MerchantOrder(OrderHead):
     """An order as its merchant lists it: its own units and amount (cents); the buyer's
     contact is null unless the order is to be shipped or was (paid, nothing refunded, or
     later)."""
 
-    order_id: str
-    kind: Kind
-    status: Status
-    version: int
-    created_at: str
     buyer_id: int
     units: int
     amount: int
@@ -317,15 +313,10 @@ class MerchantOrderPage(Sorted):
     orders: list[MerchantOrder]
 
 
-class MerchantOrderDetail(Answer):
+class MerchantOrderDetail(OrderHead):
     """One order as its merchant sees it: its own lines (every line for an admin), their
     amount (cents), and the contact as in the list."""
 
-    order_id: str
-    kind: Kind
-    status: Status
-    version: int
-    created_at: str
     paid_at: str | None
     buyer_id: int
     items: list[OrderLine]

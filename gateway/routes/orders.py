@@ -290,14 +290,20 @@ class LogEntry(Answer):
     created_at: str
 
 
-class OrderDetail(Answer):
-    """An order in PostgreSQL, in full (amounts in cents)."""
+class OrderHead(Answer):
+    """What every view of an order in PostgreSQL starts with
+    (:func:`flashsale.orders.views.order_head`)."""
 
     order_id: str
     kind: Kind
     status: Status
     version: int
     created_at: str
+
+
+class OrderDetail(OrderHead):
+    """An order in PostgreSQL, in full (amounts in cents)."""
+
     updated_at: str
     total_amount: int
     discount_amount: int
