@@ -176,21 +176,22 @@ async def reserve(
     return Reservation(rid, sku_id, order_id, quantity, until)
 
 
-async def reserve_for_order_line(
-    conn: Conn, *, sku_id: int, quantity: int, order_id: str, ttl_s: int
+async def merchant_reserve(
+    conn: Conn, *, sku_id: int, quantity: int, order_id: str | None, ttl_s: int
 ) -> Reservation:
-    """A merchant's hold attached to an order (the inventory API). The order must be a
-    regular one containing ``sku_id`` (else 404, as for a missing order), still awaiting
-    payment, and the hold may not exceed what the line still needs: everything a
+    """A merchant's hold (the inventory API), on its own or attached to an order. The order
+    must be a regular one containing ``sku_id`` (else 404, as for a missing order), still
+    awaiting payment, and the hold may not exceed what the line still needs: everything a
     payment consumes then stays within what the buyer ordered. Call in a transaction."""
-    line = await conn.fetchrow(SQL_ORDER_LINE_FOR_UPDATE, order_id, sku_id)
-    if line is None:
-        raise NotFound("order not found")
-    if line["status"] != "pending_payment":
-        raise OrderNotPending(data={"status": line["status"]})
-    remaining = line["quantity"] - await conn.fetchval(SQL_HELD_FOR_LINE, order_id, sku_id)
-    if quantity > remaining:
-        raise HoldExceedsOrder(data={"sku_id": sku_id, "remaining": max(remaining, 0)})
+    if order_id is not None:
+        line = await conn.fetchrow(SQL_ORDER_LINE_FOR_UPDATE, order_id, sku_id)
+        if line is None:
+            raise NotFound("order not found")
+        if line["status"] != "pending_payment":
+            raise OrderNotPending(data={"status": line["status"]})
+        remaining = line["quantity"] - await conn.fetchval(SQL_HELD_FOR_LINE, order_id, sku_id)
+        if quantity > remaining:
+            raise HoldExceedsOrder(data={"sku_id": sku_id, "remaining": max(remaining, 0)})
     return await reserve(conn, sku_id=sku_id, quantity=quantity, order_id=order_id, ttl_s=ttl_s)
 
 

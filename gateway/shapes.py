@@ -40,6 +40,7 @@ from gateway.validation import (
     DateOrDatetime,
     F,
     Obj,
+    path_text,
     validate,
     validate_query,
 )
@@ -289,6 +290,13 @@ def read_query(request: web.Request, shape: type[Q]) -> Q:
     """The request's query string as a ``shape``: one 422 naming every bad parameter."""
     out: Q = _build(_info(shape), validate_query(request.query, query_spec_of(shape)))
     return out
+
+
+def read_path(request: web.Request, params: Mapping[str, F], what: str) -> str:
+    """The one textual path parameter ``params`` declares (the route's ``params``, so the
+    document states what is checked), or a 404 "``what`` not found"."""
+    ((name, spec),) = params.items()
+    return path_text(request.match_info[name], what, spec=spec)
 
 
 def as_dict(body: msgspec.Struct) -> dict[str, Any]:

@@ -64,11 +64,11 @@ _ADMIN_ORDER_BY: Final = {
     "created_at,desc": "created_at DESC, id DESC",
     "created_at,asc": "created_at, id",
 }
-# filter name → SQL fragment with ``{}`` for its parameter number
+# OrderQuery field → SQL fragment with ``{}`` for its parameter number
 _MERCHANT_FILTERS: Final = {
     "status": "mo.status = ${}",
-    "from": "mo.created_at >= ${}",
-    "to": "mo.created_at < ${}",
+    "date_from": "mo.created_at >= ${}",
+    "date_to": "mo.created_at < ${}",
     "order_id": "mo.order_id = ${}",
     "product_id": (
         "EXISTS (SELECT 1 FROM order_items oi WHERE oi.order_id = mo.order_id "
@@ -77,8 +77,8 @@ _MERCHANT_FILTERS: Final = {
 }
 _ADMIN_FILTERS: Final = {
     "status": "status = ${}",
-    "from": "created_at >= ${}",
-    "to": "created_at < ${}",
+    "date_from": "created_at >= ${}",
+    "date_to": "created_at < ${}",
     "order_id": "id = ${}",
     "user_id": "user_id = ${}",
 }
@@ -139,25 +139,16 @@ class OrderQuery:
     page: int = 1
     limit: int = 20
 
-    def values(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "from": self.date_from,
-            "to": self.date_to,
-            "order_id": self.order_id,
-            "product_id": self.product_id,
-            "user_id": self.user_id,
-        }
-
 
 def _where(q: OrderQuery, fragments: Mapping[str, str], first: int) -> tuple[str, list[Any]]:
     parts: list[str] = []
     args: list[Any] = []
-    for name, value in q.values().items():
-        if value is None or name not in fragments:
+    for name, fragment in fragments.items():
+        value = getattr(q, name)
+        if value is None:
             continue
         args.append(value)
-        parts.append(" AND " + fragments[name].format(first + len(args) - 1))
+        parts.append(" AND " + fragment.format(first + len(args) - 1))
     return "".join(parts), args
 
 

@@ -9,6 +9,7 @@ from typing import Final
 
 import asyncpg
 
+from flashsale.auth import Principal
 from flashsale.errors import (
     InvalidTransition,
     NotFound,
@@ -35,6 +36,11 @@ class Actor:
 
     user_id: int | None
     role: str
+
+    @classmethod
+    def of(cls, principal: Principal) -> Actor:
+        """The signed-in caller making the change."""
+        return cls(principal.user_id, principal.role)
 
 
 SYSTEM: Final = Actor(None, "system")

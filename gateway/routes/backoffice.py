@@ -12,7 +12,7 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET, Meta, UnsetType
 
-from flashsale import orders, users
+from flashsale import users
 from flashsale.auth import ROLES, Principal
 from flashsale.errors import InvalidTransition, RefundExceedsPaid
 from flashsale.orders import Actor, backoffice, returns
@@ -20,16 +20,20 @@ from flashsale.orders.backoffice import OrderQuery
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routes.orders import (
+    ORDER_ID,
     Kind,
     LogEntry,
     OrderDetail,
+    OrderHead,
     OrderLine,
     ReturnView,
     ShipBody,
     ShippingInfo,
     Status,
     StatusFilter,
+    path_order_id,
 )
+from gateway.routes.orders import logs as order_logs
 from gateway.routes.payments import PayStatus, RefundDone
 from gateway.routes.users import Account
 from gateway.routing import Route
@@ -43,9 +47,10 @@ from gateway.shapes import (
     one_of,
     read_body,
     read_optional_body,
+    read_path,
     read_query,
 )
-from gateway.validation import INT64_MAX, PATH_TEXT, F, date_bound, path_text
+from gateway.validation import INT64_MAX, PATH_TEXT, date_bound
 
 Page = Annotated[int, Meta(ge=1, le=10_000, description="page number, from 1")]
 Limit = Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")]
@@ -145,8 +150,7 @@ class Rejection(Body):
     ]
 
 
-ORDER_ID: Final = {"id": PATH_TEXT}
-RETURN_ID: Final = {"return_id": F(str, min_len=1, max_len=64)}
+RETURN_ID: Final = {"return_id": PATH_TEXT}
 CSV_COLUMNS: Final = (
     "order_id",
     "created_at",
@@ -166,10 +170,6 @@ CSV_COLUMNS: Final = (
 )
 # A spreadsheet runs a cell that starts with one of these as a formula.
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _actor(p: Principal) -> Actor:
-    return Actor(p.user_id, p.role)
 
 
 def _query(q: MerchantFilters | AdminList) -> OrderQuery:
@@ -217,41 +217,35 @@ async def merchant_export(request: web.Request, p: Principal) -> web.Response:
     )
 
 
-def _order_id(request: web.Request) -> str:
-    return path_text(request.match_info["id"], "order")
-
-
 async def merchant_detail(request: web.Request, p: Principal) -> web.Response:
     return ok(
-        await backoffice.merchant_order(request.app[appkeys.DB], _order_id(request), _actor(p))
+        await backoffice.merchant_order(
+            request.app[appkeys.DB], path_order_id(request), Actor.of(p)
+        )
     )
 
 
 async def ship_bulk(request: web.Request, p: Principal) -> web.Response:
     body = await read_body(request, BulkShip)
     shipments = [as_dict(s) for s in body.shipments]
-    return ok(await backoffice.ship_many(request.app[appkeys.DB], _actor(p), shipments))
+    return ok(await backoffice.ship_many(request.app[appkeys.DB], Actor.of(p), shipments))
 
 
 async def returns_list(request: web.Request, p: Principal) -> web.Response:
     q = read_query(request, ReturnsList)
     return ok(
         await returns.list_returns(
-            request.app[appkeys.DB], _actor(p), status=q.status, page=q.page, limit=q.limit
+            request.app[appkeys.DB], Actor.of(p), status=q.status, page=q.page, limit=q.limit
         )
     )
-
-
-def _return_id(request: web.Request) -> str:
-    return path_text(request.match_info["return_id"], "return", spec=RETURN_ID["return_id"])
 
 
 async def approve(request: web.Request, p: Principal) -> web.Response:
     body = await read_optional_body(request, Approval)
     out = await returns.approve_return(
         request.app[appkeys.DB],
-        _return_id(request),
-        _actor(p),
+        read_path(request, RETURN_ID, "return"),
+        Actor.of(p),
         note=body.note,
         refund_amount=body.refund_amount,
     )
@@ -261,7 +255,10 @@ async def approve(request: web.Request, p: Principal) -> web.Response:
 async def reject(request: web.Request, p: Principal) -> web.Response:
     body = await read_body(request, Rejection)
     out = await returns.reject_return(
-        request.app[appkeys.DB], _return_id(request), _actor(p), note=body.note
+        request.app[appkeys.DB],
+        read_path(request, RETURN_ID, "return"),
+        Actor.of(p),
+        note=body.note,
     )
     return ok(out, message="rejected" if out["changed"] else "already rejected")
 
@@ -272,11 +269,7 @@ async def admin_list(request: web.Request, principal: Principal) -> web.Response
 
 
 async def admin_detail(request: web.Request, principal: Principal) -> web.Response:
-    return ok(await backoffice.admin_order(request.app[appkeys.DB], _order_id(request)))
-
-
-async def admin_logs(request: web.Request, p: Principal) -> web.Response:
-    return ok(await orders.order_logs(request.app[appkeys.DB], _order_id(request), _actor(p)))
+    return ok(await backoffice.admin_order(request.app[appkeys.DB], path_order_id(request)))
 
 
 async def admin_users(request: web.Request, principal: Principal) -> web.Response:
@@ -293,16 +286,11 @@ async def admin_users(request: web.Request, principal: Principal) -> web.Respons
     )
 
 
-class MerchantOrder(Answer):
+class MerchantOrder(OrderHead):
     """An order as its merchant lists it: its own units and amount (cents); the buyer's
     contact is null unless the order is to be shipped or was (paid, nothing refunded, or
     later)."""
 
-    order_id: str
-    kind: Kind
-    status: Status
-    version: int
-    created_at: str
     buyer_id: int
     units: int
     amount: int
@@ -325,15 +313,10 @@ class MerchantOrderPage(Sorted):
     orders: list[MerchantOrder]
 
 
-class MerchantOrderDetail(Answer):
+class MerchantOrderDetail(OrderHead):
     """One order as its merchant sees it: its own lines (every line for an admin), their
     amount (cents), and the contact as in the list."""
 
-    order_id: str
-    kind: Kind
-    status: Status
-    version: int
-    created_at: str
     paid_at: str | None
     buyer_id: int
     items: list[OrderLine]
@@ -506,7 +489,7 @@ ROUTES = [
     route(
         "GET",
         "/api/v1/admin/orders/{id}/logs",
-        admin_logs,
+        order_logs,
         "The operation log of any order",
         auth="admin",
         params=ORDER_ID,

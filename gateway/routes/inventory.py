@@ -69,24 +69,14 @@ async def reserve(request: web.Request, principal: Principal) -> web.Response:
         sku_id = skus[0]
     elif sku_id not in skus:
         raise E.NotFound("sku not found for this product")
-    order_id = body.order_id
     async with pool.acquire() as conn, conn.transaction():
-        if order_id is None:
-            held = await inventory.reserve(
-                conn,
-                sku_id=sku_id,
-                quantity=body.quantity,
-                order_id=None,
-                ttl_s=body.expires_in,
-            )
-        else:
-            held = await inventory.reserve_for_order_line(
-                conn,
-                sku_id=sku_id,
-                quantity=body.quantity,
-                order_id=order_id,
-                ttl_s=body.expires_in,
-            )
+        held = await inventory.merchant_reserve(
+            conn,
+            sku_id=sku_id,
+            quantity=body.quantity,
+            order_id=body.order_id,
+            ttl_s=body.expires_in,
+        )
     return ok(held.public(), status=201, message="reserved")
 
 

@@ -42,6 +42,7 @@ from gateway.shapes import (
     or_none,
     read_body,
     read_optional_body,
+    read_path,
     read_query,
 )
 from gateway.validation import (
@@ -49,7 +50,6 @@ from gateway.validation import (
     INT64_MAX,
     PATH_TEXT,
     Alt,
-    path_text,
 )
 
 SkuOrProduct = Annotated[int, Meta(ge=1)] | UnsetType
@@ -290,14 +290,20 @@ class LogEntry(Answer):
     created_at: str
 
 
-class OrderDetail(Answer):
-    """An order in PostgreSQL, in full (amounts in cents)."""
+class OrderHead(Answer):
+    """What every view of an order in PostgreSQL starts with
+    (:func:`flashsale.orders.views.order_head`)."""
 
     order_id: str
     kind: Kind
     status: Status
     version: int
     created_at: str
+
+
+class OrderDetail(OrderHead):
+    """An order in PostgreSQL, in full (amounts in cents)."""
+
     updated_at: str
     total_amount: int
     discount_amount: int
@@ -380,12 +386,9 @@ WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
 """
 
 
-def _actor(p: Principal) -> Actor:
-    return Actor(p.user_id, p.role)
-
-
-def _order_id(request: web.Request) -> str:
-    return path_text(request.match_info["id"], "order")
+def path_order_id(request: web.Request) -> str:
+    """The order id in the path of a route with ``params=ORDER_ID``."""
+    return read_path(request, ORDER_ID, "order")
 
 
 async def _lines(request: web.Request, items: list[OrderItem]) -> list[OrderLineRequest]:
@@ -448,14 +451,16 @@ async def detail(request: web.Request, principal: Principal) -> web.Response:
     rt = app[FLASH]
     return ok(
         await orders.get_order(
-            app[appkeys.DB], rt.redis, rt.cache.sales, _order_id(request), principal.user_id
+            app[appkeys.DB], rt.redis, rt.cache.sales, path_order_id(request), principal.user_id
         )
     )
 
 
 async def logs(request: web.Request, principal: Principal) -> web.Response:
     return ok(
-        await orders.order_logs(request.app[appkeys.DB], _order_id(request), _actor(principal))
+        await orders.order_logs(
+            request.app[appkeys.DB], path_order_id(request), Actor.of(principal)
+        )
     )
 
 
@@ -471,8 +476,8 @@ async def _move(
     return ok(
         await step(
             request.app[appkeys.DB],
-            _order_id(request),
-            _actor(principal),
+            path_order_id(request),
+            Actor.of(principal),
             expected_version=version,
             **details,
         )
@@ -489,7 +494,7 @@ async def pay(request: web.Request, principal: Principal) -> web.Response:
     pay = await payments.create_payment(
         request.app[appkeys.DB],
         request.app[appkeys.SETTINGS],
-        order_id=_order_id(request),
+        order_id=path_order_id(request),
         user_id=principal.user_id,
         method=body.payment_method,
         return_url=body.return_url,
@@ -526,8 +531,8 @@ async def request_return(request: web.Request, principal: Principal) -> web.Resp
     body = await read_body(request, ReturnBody)
     out = await returns.request_return(
         request.app[appkeys.DB],
-        _order_id(request),
-        _actor(principal),
+        path_order_id(request),
+        Actor.of(principal),
         kind=body.kind,
         reason=body.reason,
         amount=body.amount,

@@ -29,8 +29,8 @@ from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.shapes import Answer, Body, one_of, read_body, spec_of
-from gateway.validation import PATH_TEXT, path_text, validate
+from gateway.shapes import Answer, Body, one_of, read_body, read_path, spec_of
+from gateway.validation import PATH_TEXT, validate
 
 Url = Annotated[str, Meta(max_length=2000)] | None
 OrderId = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -179,10 +179,6 @@ def with_payment_page(app: web.Application, data: dict[str, Any]) -> dict[str, A
     return data
 
 
-def _payment_id(request: web.Request) -> str:
-    return path_text(request.match_info["payment_id"], "payment")
-
-
 async def methods(request: web.Request) -> web.Response:
     settings = request.app[appkeys.SETTINGS]
     available = payments.provider_available(settings)
@@ -224,7 +220,7 @@ async def sandbox_show(request: web.Request, principal: Principal) -> web.Respon
     pay = await payments.get_payment(
         request.app[appkeys.DB],
         request.app[appkeys.SETTINGS],
-        _payment_id(request),
+        read_path(request, PAYMENT_ID, "payment"),
         principal.user_id,
         principal.role,
     )
@@ -239,7 +235,7 @@ async def _sandbox_complete(
         await payments.sandbox_complete(
             request.app[appkeys.DB],
             request.app[appkeys.SETTINGS],
-            _payment_id(request),
+            read_path(request, PAYMENT_ID, "payment"),
             principal.user_id,
             principal.role,
             approve=approve,
@@ -261,7 +257,7 @@ async def refund(request: web.Request, principal: Principal) -> web.Response:
         await payments.refund(
             request.app[appkeys.DB],
             order_id=body.order_id,
-            actor=Actor(principal.user_id, principal.role),
+            actor=Actor.of(principal),
             amount=body.refund_amount,
             reason=body.reason,
         )

@@ -24,9 +24,10 @@ from gateway.shapes import (
     Query,
     one_of,
     read_body,
+    read_path,
     read_query,
 )
-from gateway.validation import INT32_MAX, F, date_bound, path_int, path_text
+from gateway.validation import INT32_MAX, F, date_bound, path_int
 
 
 class NewCampaign(Body, kw_only=True):
@@ -113,10 +114,6 @@ class PreorderPage(Answer):
 ORDER_ID = {"order_id": F(str, pattern="[0-9]{1,40}")}
 
 
-def _order_id(request: web.Request) -> str:
-    return path_text(request.match_info["order_id"], "presale order", spec=ORDER_ID["order_id"])
-
-
 async def create_campaign(request: web.Request, principal: Principal) -> web.Response:
     body = await read_body(request, NewCampaign)
     out = await presale.create_campaign(
@@ -154,7 +151,7 @@ async def create_preorder(request: web.Request, principal: Principal) -> web.Res
 
 
 async def update_preorder(request: web.Request, principal: Principal) -> web.Response:
-    order_id = _order_id(request)
+    order_id = read_path(request, ORDER_ID, "presale order")
     body = await read_body(request, PreorderChange)
     out = await presale.change_status(
         request.app[appkeys.DB], principal, order_id, body.status, version=body.version
@@ -163,7 +160,11 @@ async def update_preorder(request: web.Request, principal: Principal) -> web.Res
 
 
 async def get_preorder(request: web.Request, principal: Principal) -> web.Response:
-    return ok(await presale.get_order(request.app[appkeys.DB], principal, _order_id(request)))
+    return ok(
+        await presale.get_order(
+            request.app[appkeys.DB], principal, read_path(request, ORDER_ID, "presale order")
+        )
+    )
 
 
 async def list_preorders(request: web.Request, principal: Principal) -> web.Response:
@@ -185,7 +186,7 @@ async def list_preorders(request: web.Request, principal: Principal) -> web.Resp
 
 async def cancel_preorder(request: web.Request, principal: Principal) -> web.Response:
     out, changed = await presale.cancel_order(
-        request.app[appkeys.DB], principal, _order_id(request)
+        request.app[appkeys.DB], principal, read_path(request, ORDER_ID, "presale order")
     )
     if not changed:
         return ok(out, message="already cancelled")
