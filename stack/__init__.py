@@ -9,6 +9,7 @@ file, the CLI and the public functions here.
   demo data, workers, consumers) and its stop order.
 - ``processes``: running and supervising processes: one gateway worker in this process,
   N workers on one port, restart with backoff, crash-loop detection, stopping children.
+- ``listen``: a worker's listening socket, taking every queued connection at each wake-up.
 - ``embedded``: the embedded servers (valkey single and cluster, PostgreSQL, the tansu broker).
 - ``stackfile``: ``.flashsale/stack.json``, how the other commands find a running stack.
 - ``preflight``: the checks before starting (ports free, stores answering).

@@ -26,6 +26,7 @@ from gateway.accesslog import JsonAccessLogger
 from gateway.app import create_app
 from gateway.fastjoin import GatewayRunner
 from stack.embedded import die_with_parent
+from stack.listen import AcceptAllSite
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ async def run_until_signalled(
         app, handle_signals=False, access_log_class=JsonAccessLogger, access_log=access_log
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=LISTEN_BACKLOG)
+    site = AcceptAllSite(runner, host, port, backlog=LISTEN_BACKLOG)
     await site.start()
     log.info("worker %d listening on %s:%d", os.getpid(), host, port)
     if freeze_gc:

@@ -14,8 +14,10 @@ from redis.asyncio import Redis
 
 from consumers.recovery import server_run_id
 from flashsale.auth import TokenService
+from flashsale.flash.cache import SaleCache, SaleState
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
+from flashsale.stores.redisclient import open_redis
 from gateway import appkeys
 from gateway.flash_runtime import FLASH
 from tests.conftest import auth
@@ -375,3 +377,27 @@ async def test_flash_order_through_the_order_routes(
     resp = await client.get(f"/api/v1/orders/{second}", headers=auth(tokens, user))
     assert (await resp.json())["data"]["status"] == "paid"
     await eventually(lambda: drift_free(db, redis, sale_id))
+
+
+async def test_a_stampede_on_a_sale_the_worker_does_not_know_reads_it_once(
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    admin: dict[str, str],
+    base_settings: Settings,
+) -> None:
+    """A worker meets a sale it has not loaded yet (just started, or the sale was just
+    created) with a stampede: the joins share one read of the sale, so a small client pool
+    is not emptied and nobody is told the store is unavailable."""
+    sku = await make_sku(db, on_hand=10)
+    sale_id = await create_sale(client, admin, sku, quantity=5, start_in_s=3600)
+    redis = open_redis(base_settings, max_connections=2)
+    try:
+        cache = SaleCache(redis)
+        got = await asyncio.gather(
+            *(cache.get(sale_id) for _ in range(300)), return_exceptions=True
+        )
+        assert [type(g).__name__ for g in got if not isinstance(g, SaleState)] == []
+        assert {id(g) for g in got} == {id(cache.sales[sale_id])}
+        assert await cache.get(sale_id + 10_000) is None  # an unknown sale is still unknown
+    finally:
+        await redis.aclose()

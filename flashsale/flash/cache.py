@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -211,6 +213,7 @@ class SaleCache:
         self._redis = redis
         self.sales: dict[int, SaleState] = {}
         self._misses: dict[int, float] = {}
+        self._loading: dict[int, asyncio.Future[SaleState | None]] = {}
         # the run id of the server holding each sale (one server, or a cluster's primaries)
         self.run_ids: dict[int, bytes] = {}
 
@@ -250,6 +253,23 @@ class SaleCache:
         missed = self._misses.get(sale_id)
         if missed is not None and time.monotonic() - missed < SALE_CACHE_MISS_S:
             return None
+        # One read per sale however many joins wait for it: a worker that does not know a
+        # sale yet (just started, the sale just created) meets its stampede with one
+        # lookup, not one per join — a thousand at once emptied the client's pool, and a
+        # quarter of them were told the store was unavailable.
+        loading = self._loading.get(sale_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(sale_id))
+            self._loading[sale_id] = loading
+            loading.add_done_callback(partial(self._loaded, sale_id))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, sale_id: int, loading: asyncio.Future[SaleState | None]) -> None:
+        self._loading.pop(sale_id, None)
+        if not loading.cancelled():
+            loading.exception()  # retrieved: every waiter may have gone (their 503 is theirs)
+
+    async def _load(self, sale_id: int) -> SaleState | None:
         try:
             h = await self._redis.hgetall(rediskeys.sale(sale_id))
             if not h or b"sku" not in h:
