@@ -159,6 +159,7 @@ async def join_final(
 
 
 SQL_FORGET_SALE = (
+    "DELETE FROM order_logs WHERE order_id IN (SELECT id FROM orders WHERE flash_sale_id = $1)",
     "DELETE FROM order_items WHERE order_id IN (SELECT id FROM orders WHERE flash_sale_id = $1)",
     "DELETE FROM inventory_ledger WHERE flash_sale_id = $1",
     "DELETE FROM orders WHERE flash_sale_id = $1",

@@ -29,6 +29,7 @@ from consumers.order_events import (
 )
 from consumers.recovery import unconsumed_events
 from flashsale.auth import TokenService
+from flashsale.dashboard.snapshot import SQL_ORDERS_BY_STATUS
 from flashsale.flash.events import OrderEvent
 from flashsale.settings import Settings
 from flashsale.stores.kafka import OrderProducer, ensure_topics, group_state
@@ -210,6 +211,12 @@ async def test_concurrent_batches_of_one_sale_count_each_order_once(
     assert got["sold"] == pending_units == got["ledger_units"]
     assert quantity - 1 <= pending_units <= quantity
     assert got["ledger_rows"] == pending_orders and got["ledger_of_oversold"] == 0
+    # the dashboard's counters (kept by triggers, the overlapping COPYs rolled back)
+    counters = await db.fetch(SQL_ORDERS_BY_STATUS, sale_id)
+    assert {r["status"]: r["n"] for r in counters} == {
+        "pending_payment": pending_orders,
+        "oversold": oversold_orders,
+    }
 
     replayed = await asyncio.gather(*(one(b) for b in reversed(batches)))
     assert all(not r.new and not r.oversold for r in replayed)

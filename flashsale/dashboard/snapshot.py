@@ -15,11 +15,14 @@ from flashsale.timing import DASH_RATE_WINDOW_S
 
 ORDER_STATUSES: Final = ("queued", "pending_payment", "paid", "cancelled")
 
+# The sale's orders by status from the counters its orders' triggers keep (migration 0120),
+# summed over their slots: a few rows, where counting the orders took 82 ms at 360k orders.
+# A status none of the sale's orders is in is left out, as a count of the orders would.
 SQL_ORDERS_BY_STATUS: Final = """
-SELECT status, count(*) AS n,
-       count(*) FILTER (WHERE cancel_reason = 'payment_timeout') AS expired
-FROM orders WHERE flash_sale_id = $1
-GROUP BY status
+SELECT status, sum(orders)::bigint AS n, sum(expired)::bigint AS expired
+FROM flash_sale_order_counts WHERE flash_sale_id = $1
+GROUP BY status HAVING sum(orders) <> 0
+ORDER BY status
 """
 
 
