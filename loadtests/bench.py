@@ -732,10 +732,14 @@ WHERE datname = current_database() AND backend_type = 'client backend'
 
 
 async def _wal_lsn(dsn: str) -> int:
-    """PostgreSQL's WAL position in bytes (the difference of two is the WAL written)."""
+    """PostgreSQL's WAL position in bytes (the difference of two is the WAL written): where
+    WAL is inserted, not where it was written, which lags the last commits with
+    ``synchronous_commit`` off (as ``loadtests.price_drain`` reads it)."""
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+        return int(
+            await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')")
+        )
     finally:
         await conn.close()
 
