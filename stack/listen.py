@@ -40,13 +40,13 @@ class AcceptAllSite(web.BaseSite):
     """``web.TCPSite(runner, host, port, reuse_port=True, backlog=backlog)``, accepting
     every queued connection (up to :data:`ACCEPT_BATCH`) each time the socket is ready."""
 
-    __slots__ = ("_accepting", "_connecting", "_host", "_port", "_retry", "_sock")
+    __slots__ = ("_accepting", "_connecting", "_host", "_port", "_retry", "_socks")
 
     def __init__(self, runner: BaseRunner, host: str, port: int, *, backlog: int) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []
         self._accepting = False
         self._retry: asyncio.TimerHandle | None = None
         self._connecting: set[asyncio.Task[object]] = set()
@@ -58,42 +58,49 @@ class AcceptAllSite(web.BaseSite):
     @property
     def port(self) -> int:
         """The bound port (the asked one until started; the kernel's pick for 0)."""
-        return self._sock.getsockname()[1] if self._sock is not None else self._port
+        return int(self._socks[0].getsockname()[1]) if self._socks else self._port
 
     async def start(self) -> None:
         await super().start()
         infos = await asyncio.get_running_loop().getaddrinfo(
             self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.listen(self._backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
+        # every address the host name gives (``localhost``: both stacks), as TCPSite binds
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:  # the IPv4 address gets its own socket
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(self._backlog)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                await self.stop()
+                raise
+            self._socks.append(sock)
         self._listen()
 
     def _listen(self) -> None:
         self._retry = None
-        if self._sock is not None and not self._accepting:
-            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+        if not self._accepting:
+            loop = asyncio.get_running_loop()
+            for sock in self._socks:
+                loop.add_reader(sock.fileno(), self._accept, sock)
             self._accepting = True
 
     def _pause(self) -> None:
-        if self._sock is not None and self._accepting:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        if self._accepting:
+            loop = asyncio.get_running_loop()
+            for sock in self._socks:
+                loop.remove_reader(sock.fileno())
             self._accepting = False
 
-    def _accept(self) -> None:
-        sock = self._sock
+    def _accept(self, sock: socket.socket) -> None:
         server = self._runner.server
-        if sock is None or server is None:
+        if server is None:
             return
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
@@ -128,7 +135,9 @@ class AcceptAllSite(web.BaseSite):
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
+        for task in self._connecting:  # not yet handed over: closed, as the server stops
+            task.cancel()
         await super().stop()
