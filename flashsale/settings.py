@@ -257,9 +257,9 @@ class Settings:
     access_log: bool = _flag(True, "one JSON line per request (turn off for benchmarks)")
     join_fast_path: bool = _flag(
         True,
-        "the join route answered on the connection below aiohttp's request machinery"
-        " (`gateway/fastjoin.py`; same answers, a fraction of the CPU); `false` serves it"
-        " through aiohttp like every other route",
+        "the join route and the waiting room's poll answered on the connection below"
+        " aiohttp's request machinery (`gateway/fastjoin.py`; same answers, a fraction of the"
+        " CPU); `false` serves them through aiohttp like every other route",
     )
     log_level: str = _choice("INFO", LOG_LEVELS, ", ".join(LOG_LEVELS))
     trusted_proxies: tuple[Network, ...] = _setting(

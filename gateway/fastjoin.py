@@ -10,9 +10,12 @@ its blank line, then ``Content-Length`` bytes), its head parsed and checked by
 httptools, and a join in the plain shape a shopper's client sends is answered by
 :func:`gateway.routes.flashsales.take_join` — the very function the aiohttp route
 calls, so the checks, their order and the answers are the same — with the envelope,
-request id, figures, access log and plan gate of the app's middleware.
+request id, figures, access log and plan gate of the app's middleware. A queued sale's
+crowd polls its place the same way: ``GET /api/v1/flash-sales/{id}/queue?ticket=…`` is
+answered by :func:`gateway.routes.waitingroom.ticket_status`, the route's own function,
+from the worker's copy of the queue.
 
-Anything else — another route, a query string, percent-encoding, chunked bodies,
+Anything else — another route, another query string, percent-encoding, chunked bodies,
 ``Expect``, ``Upgrade``, ``Connection: close``, HTTP/1.0, a body above the app's limit,
 a head httptools refuses or one larger than :data:`MAX_HEAD` — hands the connection to
 aiohttp for good: its bytes from the start of that request go to a fresh
@@ -41,11 +44,12 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.log import access_logger
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from flashsale.errors import ShopReadOnly
+from flashsale.errors import ShopReadOnly, ok_envelope
 from flashsale.plans import Switches
+from flashsale.waitingroom.signing import MAX_SIGNED_LEN
 from gateway import appkeys
 from gateway.accesslog import JsonAccessLogger
-from gateway.auth import principal_of
+from gateway.auth import bearer_of, principal_of
 from gateway.flash_runtime import FLASH
 from gateway.http import JSON_CONTENT_TYPE, dumps
 from gateway.middlewares import REQUEST_ID, answer_error, new_request_id
@@ -59,6 +63,7 @@ from gateway.routes.flashsales import (
     reserve,
     take_join,
 )
+from gateway.routes.waitingroom import POLL_PATH, poll, ticket_status
 from gateway.validation import path_int
 
 if TYPE_CHECKING:
@@ -71,12 +76,18 @@ log = logging.getLogger("gateway.fastjoin")
 MAX_HEAD: Final = 8192
 # Bytes held while a join is in flight (pipelined requests); past this, reading pauses.
 MAX_BUFFERED: Final = 64 * 1024
-_PREFIX: Final = b"POST /api/v1/flash-sales/"
+_JOIN_PREFIX: Final = b"POST /api/v1/flash-sales/"
+_POLL_PREFIX: Final = b"GET /api/v1/flash-sales/"
 _SUFFIX: Final = b" HTTP/1.1"
 # The join path and the admission path, in the characters that need no decoding; the
 # route's canonical names as the figures and the access log know them.
 _TARGET: Final = re.compile(
     rb"/api/v1/flash-sales/([0-9]{1,19})/join(?:/([A-Za-z0-9._~-]{1,512}))?"
+)
+# A waiting room's poll with its one ticket, in the characters that need no decoding (a
+# signed ticket is made of them); any other query goes to aiohttp.
+_POLL: Final = re.compile(
+    rb"(/api/v1/flash-sales/([0-9]{1,19})/queue)\?ticket=([A-Za-z0-9._~-]{1,%d})" % MAX_SIGNED_LEN
 )
 # Headers whose presence means the request is not the plain shape served here.
 _HAND_OVER: Final = frozenset(
@@ -176,8 +187,21 @@ class GatewayRunner(web.AppRunner):
 class _Request(NamedTuple):
     started: float
     rid: str
-    path: str
-    admission: bytes | None
+    method: str
+    path: str  # without the query string, as aiohttp's request.path
+    route: str  # the route's canonical name
+
+
+# What a request served here answers once its I/O is done: status, body, the order id.
+Answered = tuple[int, bytes, str | None]
+
+
+def _accepted(answer: JoinAnswer) -> Answered:
+    return 202, dumps({"code": 202, "message": JOIN_ACCEPTED, "data": answer.data}), answer.order_id
+
+
+def _polled(view: dict[str, Any]) -> Answered:
+    return 200, dumps(ok_envelope(view)), None
 
 
 class JoinProtocol(asyncio.Protocol):
@@ -345,7 +369,7 @@ class JoinProtocol(asyncio.Protocol):
             if end < 0:
                 if (
                     len(buffer) >= MAX_HEAD
-                    or not _PREFIX.startswith(bytes(buffer[: len(_PREFIX)]))
+                    or not _ours(bytes(buffer[: len(_JOIN_PREFIX)]))
                     or buffer.count(b"\n") != buffer.count(b"\r\n")  # bare LF: not ours
                 ):
                     self._hand_over()
@@ -379,9 +403,14 @@ class JoinProtocol(asyncio.Protocol):
         buffer = self._buffer
         line_end = buffer.find(b"\r\n")
         line = bytes(buffer[:line_end])
-        if not (line.startswith(_PREFIX) and line.endswith(_SUFFIX)):
+        if not line.endswith(_SUFFIX):
             return False
-        match = _TARGET.fullmatch(line, len(b"POST "), len(line) - len(_SUFFIX))
+        if line.startswith(_JOIN_PREFIX):
+            match = _TARGET.fullmatch(line, len(b"POST "), len(line) - len(_SUFFIX))
+        elif line.startswith(_POLL_PREFIX):
+            match = _POLL.fullmatch(line, len(b"GET "), len(line) - len(_SUFFIX))
+        else:
+            return False
         if match is None:
             return False
         head = buffer[:length]  # a copy: the buffer moves on while llhttp reads it
@@ -407,6 +436,8 @@ class JoinProtocol(asyncio.Protocol):
                 return False
         if lengths > 1 or size > self._server.max_body or not self._parser.should_keep_alive():
             return False
+        if size and match.re is _POLL:
+            return False  # a poll with a body: not the plain shape
         if self._events != (3 if size == 0 else 2):  # begun, headers done, (complete)
             return False
         self._head = length
@@ -456,9 +487,16 @@ class JoinProtocol(asyncio.Protocol):
                 ]
             )
         )
+        if match.re is _POLL:
+            self._poll(started, match, headers)
+            return
         target, sale_id_raw, admission_raw = match.group(0, 1, 2)
         request = _Request(
-            started, new_request_id(headers.get(REQUEST_ID)), target.decode(), admission_raw
+            started,
+            new_request_id(headers.get(REQUEST_ID)),
+            "POST",
+            target.decode(),
+            JOIN_PATH if admission_raw is None else ADMITTED_JOIN_PATH,
         )
         admission = None if admission_raw is None else admission_raw.decode()
         try:
@@ -486,18 +524,50 @@ class JoinProtocol(asyncio.Protocol):
             self._refused(request, exc)
             return
         self.in_flight = asyncio.get_running_loop().create_task(
-            self._finish(request, rest), name="join"
+            self._finish(request, rest, _accepted), name="join"
         )
 
-    async def _finish(self, request: _Request, rest: Coroutine[Any, Any, JoinAnswer]) -> None:
+    def _poll(self, started: float, match: re.Match[bytes], headers: CIMultiDictProxy[str]) -> None:
+        """A waiting room's poll, as the aiohttp route answers it (optional token, then
+        the sale, then the ticket): from the worker's copy of the queue, without a task
+        unless the sale is not known to this worker yet."""
+        server = self._server
+        path, sale_id_raw, ticket_raw = match.group(1, 2, 3)
+        request = _Request(
+            started, new_request_id(headers.get(REQUEST_ID)), "GET", path.decode(), POLL_PATH
+        )
+        signed = ticket_raw.decode()
+        try:
+            token = bearer_of(headers)  # the route's "optional": a token sent must be valid
+            principal = None if token is None else server.tokens.verify(token)
+            sale = server.cache.sales.get(path_int(sale_id_raw.decode(), "flash sale"))
+            if sale is None:  # not known to this worker yet: the route's own steps
+                rest = poll(server.app, principal, sale_id_raw.decode(), signed)
+                self.in_flight = asyncio.get_running_loop().create_task(
+                    self._finish(request, rest, _polled), name="poll"
+                )
+                return
+            view = ticket_status(server.app, sale, signed, principal)
+        except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
+            self._refused(request, exc)
+            return
+        status, payload, _ = _polled(view)
+        self._done(request, status, payload, None, None)
+
+    async def _finish(
+        self,
+        request: _Request,
+        rest: Coroutine[Any, Any, Any],
+        answered: Callable[[Any], Answered],
+    ) -> None:
         try:
             try:
-                answer = await rest
+                result = await rest
             except Exception as exc:  # noqa: BLE001 (answer_error logs what is not ours)
                 self._refused(request, exc)
             else:
-                payload = dumps({"code": 202, "message": JOIN_ACCEPTED, "data": answer.data})
-                self._done(request, 202, payload, None, answer.order_id)
+                status, payload, order_id = answered(result)
+                self._done(request, status, payload, None, order_id)
         except Exception:
             # a fault of this module, not of the join (those are answered): the
             # connection is closed rather than left waiting
@@ -509,7 +579,7 @@ class JoinProtocol(asyncio.Protocol):
 
     def _refused(self, request: _Request, exc: Exception) -> None:
         stats = self._server.stats
-        status, payload, extra = answer_error(exc, request.rid, stats, "POST", request.path)
+        status, payload, extra = answer_error(exc, request.rid, stats, request.method, request.path)
         self._done(request, status, payload, extra, None)
 
     def _done(
@@ -523,11 +593,12 @@ class JoinProtocol(asyncio.Protocol):
         self._answer(status, payload, request.rid, extra)
         self._last = asyncio.get_running_loop().time()  # the keep-alive clock
         seconds = time.perf_counter() - request.started
-        route = JOIN_PATH if request.admission is None else ADMITTED_JOIN_PATH
-        self._server.stats.record("POST", route, status, seconds)
+        self._server.stats.record(request.method, request.route, status, seconds)
         access = self._server.access
         if access is not None and access.enabled:
-            access.line("POST", request.path, status, seconds, request.rid, self._peer, order_id)
+            access.line(
+                request.method, request.path, status, seconds, request.rid, self._peer, order_id
+            )
 
     def _answer(self, status: int, payload: bytes, rid: str, extra: dict[str, str] | None) -> None:
         transport = self._transport
@@ -553,6 +624,16 @@ class JoinProtocol(asyncio.Protocol):
             self._arm_idle()
         self._resume()
         self._next()
+
+
+def _ours(start: bytes) -> bool:
+    """Whether a request beginning with ``start`` may be one served here (a join or a
+    poll): more bytes are awaited before deciding; anything else is aiohttp's at once."""
+    return (
+        _JOIN_PREFIX.startswith(start)
+        or start.startswith(_POLL_PREFIX)
+        or _POLL_PREFIX.startswith(start)
+    )
 
 
 def _plan_gate(switches: Switches) -> None:

@@ -27,12 +27,16 @@ from gateway.accesslog import JsonAccessLogger, LineBuffer
 from gateway.app import create_app
 from gateway.fastjoin import JoinServer
 from gateway.plans_runtime import SWITCHES
+from gateway.waitingroom_runtime import WAITING_ROOM
 from tests.flashkit import (
     GatewayServer,
     admin_headers,
+    admitted,
     create_sale,
+    enter,
     make_sku,
     make_users,
+    queued_sale,
     remaining_of,
 )
 
@@ -385,3 +389,75 @@ async def test_a_join_on_the_connection_writes_the_routes_access_line(
     assert set(fast) == set(plain)
     for key in ("level", "logger", "method", "status", "peer"):
         assert fast[key] == plain[key], key
+
+
+async def test_every_poll_answer_is_the_routes_answer(
+    client: TestClient[Any, Any],
+    plain: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    tokens: TokenService,
+) -> None:
+    """A waiting room's poll on the connection answers what the route answers: the
+    lottery before the start, an admission (with and without the owner's token, hidden
+    join path or not), and every refusal; other shapes of the request go to aiohttp."""
+    admin = await admin_headers(db, tokens)
+    upcoming = await queued_sale(client, db, admin, quantity=10, start_in_s=600)
+    started = await queued_sale(client, db, admin, quantity=10)
+    hidden = await queued_sale(client, db, admin, quantity=10, hidden_join_path=True)
+    owner, other = await make_users(db, 2)
+    mine = {"Authorization": f"Bearer {tokens.issue(owner, 'user')}"}
+    theirs = {"Authorization": f"Bearer {tokens.issue(other, 'user')}"}
+    tickets = {}
+    for sale in (upcoming, started, hidden):
+        resp = await enter(client, sale, mine)
+        assert resp.status == 201, await resp.text()
+        tickets[sale] = (await resp.json())["data"]["ticket"]
+    for sale in (started, hidden):
+        await admitted(plain, sale, tickets[sale], mine)
+    expired = tokens.issue(other, "user", ttl_s=-10)
+    lottery = f"/api/v1/flash-sales/{upcoming}/queue?ticket={tickets[upcoming]}"
+    forged = tickets[started][:-2] + ("AA" if not tickets[started].endswith("AA") else "BB")
+
+    def get(target: str, headers: Mapping[str, str | bytes] | None = None) -> bytes:
+        return request(target, headers, body=None, method="GET")
+
+    def at(sale: int, ticket: str) -> str:
+        return f"/api/v1/flash-sales/{sale}/queue?ticket={ticket}"
+
+    cases: list[tuple[str, bytes, bool]] = [
+        ("lottery, no token", get(lottery), False),
+        ("lottery, its owner", get(lottery, mine), False),
+        ("admitted, no token", get(at(started, tickets[started])), False),
+        ("admitted, its owner", get(at(started, tickets[started]), mine), False),
+        ("admitted, another account", get(at(started, tickets[started]), theirs), False),
+        ("hidden path, its owner", get(at(hidden, tickets[hidden]), mine), False),
+        ("hidden path, another account", get(at(hidden, tickets[hidden]), theirs), False),
+        ("forged ticket", get(at(started, forged)), False),
+        ("another sale's ticket", get(at(hidden, tickets[started])), False),
+        ("unknown sale", get(at(987654321, tickets[started])), False),
+        ("sale id too large", get(at(10**20, tickets[started])), False),
+        ("not a number", get(f"/api/v1/flash-sales/abc/queue?ticket={tickets[started]}"), False),
+        ("expired token", get(lottery, {"Authorization": f"Bearer {expired}"}), False),
+        ("not a bearer", get(lottery, {"Authorization": "Basic abc"}), False),
+        ("no ticket", get(f"/api/v1/flash-sales/{upcoming}/queue"), False),
+        ("empty ticket", get(f"/api/v1/flash-sales/{upcoming}/queue?ticket="), False),
+        ("another parameter", get(lottery + "&x=1"), False),
+        ("percent-encoded", get(lottery.replace(".", "%2E", 1)), False),
+        ("a body", request(lottery, method="GET"), False),
+        ("given request id", get(lottery, {"X-Request-ID": "given-poll"}), True),
+        ("bad request id", get(lottery, {"X-Request-ID": b"r" + BAD}), False),
+    ]
+    for name, raw, given in cases:
+        for each in (client, plain):  # the same copy of each queue in both workers
+            await each.app[WAITING_ROOM].refresh()
+        (fast,) = await exchange(client, raw)
+        (slow,) = await exchange(plain, raw)
+        assert comparable(fast, given_rid=given) == comparable(slow, given_rid=given), name
+        assert fast.status != 500, name
+    # the plain shape is answered on the connection; the others went to aiohttp
+    fast_server = join_server(client)
+    served, handed = fast_server.served, fast_server.handed_over
+    answers = await exchange(client, get(lottery), get(lottery, mine), get(lottery + "&x=1"))
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert answers[1].json()["data"]["state"] == "lottery"
+    assert (fast_server.served, fast_server.handed_over) == (served + 2, handed + 1)

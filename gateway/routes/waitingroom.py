@@ -45,6 +45,8 @@ from gateway.validation import path_int
 from gateway.waitingroom_runtime import WAITING_ROOM
 
 DEVICE_HEADER: Final = "X-Device-Id"
+# A ticket's poll: the route's canonical name (the figures and the access log know it so)
+POLL_PATH: Final = "/api/v1/flash-sales/{sale_id}/queue"
 MAX_DEVICE_ID: Final = 128
 
 Signed = Annotated[str, Meta(min_length=1, max_length=MAX_SIGNED_LEN)]
@@ -75,21 +77,42 @@ def with_join_path(view: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-async def _sale(request: web.Request) -> SaleState:
-    sale_id = path_int(request.match_info["sale_id"], "flash sale")
-    sale = await request.app[FLASH].cache.get(sale_id)
+async def _sale_of(app: web.Application, sale_id_text: str) -> SaleState:
+    sale = await app[FLASH].cache.get(path_int(sale_id_text, "flash sale"))
     if sale is None:
         raise NotFound("flash sale not found")
     return sale
 
 
-def _ticket(request: web.Request, sale: SaleState, signed: str | None) -> Ticket:
+async def _sale(request: web.Request) -> SaleState:
+    return await _sale_of(request.app, request.match_info["sale_id"])
+
+
+def _ticket(app: web.Application, sale: SaleState, signed: str | None) -> Ticket:
     if signed is None:
         raise TicketInvalid
-    entry = request.app[WAITING_ROOM].signer.read_ticket(signed)
+    entry = app[WAITING_ROOM].signer.read_ticket(signed)
     if entry is None or entry.sale_id != sale.id:
         raise TicketInvalid
     return entry
+
+
+def ticket_status(
+    app: web.Application, sale: SaleState, signed: str | None, principal: Principal | None
+) -> dict[str, Any]:
+    """What a poll answers, once the sale is known: synchronous, so that the connection
+    protocol of :mod:`gateway.fastjoin` answers a waiting crowd's polls without a task."""
+    entry = _ticket(app, sale, signed)
+    viewer = None if principal is None else principal.user_id
+    return with_join_path(app[WAITING_ROOM].status(sale, entry, now_ms(), viewer=viewer))
+
+
+async def poll(
+    app: web.Application, principal: Principal | None, sale_id_text: str, signed: str | None
+) -> dict[str, Any]:
+    """A poll from what the HTTP request carries, whichever server parsed it (the route
+    below, or :mod:`gateway.fastjoin` for a sale its worker has not loaded yet)."""
+    return ticket_status(app, await _sale_of(app, sale_id_text), signed, principal)
 
 
 async def enter(request: web.Request, principal: Principal) -> web.Response:
@@ -116,11 +139,10 @@ async def enter(request: web.Request, principal: Principal) -> web.Response:
 
 
 async def queue(request: web.Request, principal: Principal | None) -> web.Response:
-    sale = await _sale(request)
-    entry = _ticket(request, sale, request.query.get("ticket"))
-    viewer = None if principal is None else principal.user_id
     return ok(
-        with_join_path(request.app[WAITING_ROOM].status(sale, entry, now_ms(), viewer=viewer))
+        await poll(
+            request.app, principal, request.match_info["sale_id"], request.query.get("ticket")
+        )
     )
 
 
@@ -139,7 +161,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     app = request.app
     sale = await _sale(request)
     signed = request.query.get("ticket")
-    entry = _ticket(request, sale, signed) if signed is not None else None
+    entry = _ticket(app, sale, signed) if signed is not None else None
     room = app[WAITING_ROOM]
     slots = app[appkeys.STREAMS]
     with slots.hold(client_ip(request)):
@@ -240,7 +262,7 @@ ROUTES = [
     ),
     route(
         "GET",
-        "/api/v1/flash-sales/{sale_id}/queue",
+        POLL_PATH,
         queue,
         "A ticket's place: state (lottery, waiting, admitted, expired, sold_out, ended), "
         "position, people ahead, estimated wait; the join token and path once admitted "
