@@ -1051,8 +1051,9 @@ def _somaxconn() -> str:
         return "?"
 
 
-def queue_poll(env: Env, plan: Plan) -> Row:
-    """A shopper's poll of a queued sale's waiting room (answered in-process, no I/O)."""
+def queued_ticket(env: Env) -> str:
+    """A queued sale (not started, its waiting room open) and a shopper's ticket in it:
+    the path that shopper polls."""
     sale_id, _ = create_sale(
         env,
         1000,
@@ -1068,14 +1069,13 @@ def queue_poll(env: Env, plan: Plan) -> Row:
         raise Skip("the waiting room is not in this build (enter answered 404)")
     if status not in (200, 201):
         raise ValueError(f"entering the queued sale answered {status}: {data}")
-    ticket = data["data"]["ticket"]
+    return f"/api/v1/flash-sales/{sale_id}/queue?ticket={data['data']['ticket']}"
+
+
+def queue_poll(env: Env, plan: Plan) -> Row:
+    """A shopper's poll of a queued sale's waiting room (answered in-process, no I/O)."""
     run = _load(
-        env,
-        plan,
-        env.settings.http_port,
-        f"/api/v1/flash-sales/{sale_id}/queue?ticket={ticket}",
-        expected=(200,),
-        tokens=False,
+        env, plan, env.settings.http_port, queued_ticket(env), expected=(200,), tokens=False
     )
     return Row.from_run("4q queue poll (GET, 200)", run)
 

@@ -12,7 +12,8 @@ request. A sample is put in the stage of its innermost frame that belongs to a k
 layer, so a stage holds its own code and the untracked calls below it (stdlib, C).
 
 Scenarios: ``accept`` (a join with stock to spare, 202), ``soldout`` (409),
-``notstarted`` (a sale not yet started, 409) and ``ceiling`` (the bench's row 1: bare
+``notstarted`` (a sale not yet started, 409), ``poll`` (a queued sale's waiting room polled
+with a ticket, 200, as the bench's row 4q) and ``ceiling`` (the bench's row 1: bare
 aiohttp on the same worker setup answering a fixed body, the floor a join is held to).
 Every request goes to 127.0.0.1; every run is bounded by ``--seconds``.
 """
@@ -49,13 +50,14 @@ from loadtests.bench import (
     _wait_http,
     _wait_until,
     create_sale,
+    queued_ticket,
     start_env,
 )
 from stack.embedded import free_port
 from stack.processes import stop_children
 
 CONNECTIONS = 64
-SCENARIOS = ("accept", "soldout", "notstarted", "ceiling")
+SCENARIOS = ("accept", "soldout", "notstarted", "poll", "ceiling")
 THREADS = 2
 # py-spy is a project dependency installed beside this interpreter, not on PATH
 PY_SPY = Path(sys.executable).with_name("py-spy")
@@ -253,6 +255,8 @@ def _sale_for(env: Env, scenario: str) -> tuple[str, str, bytes, tuple[int, ...]
     if scenario == "notstarted":
         sale_id, _ = create_sale(env, 1_000, 1, starts_in_s=3600)
         return "POST", _join_path(sale_id), JOIN_BODY, (409,)
+    if scenario == "poll":  # a queued sale's waiting shopper, as the bench's row 4q (no token)
+        return "GET", queued_ticket(env), b"", (200,)
     if scenario == "ceiling":  # the floor: bare aiohttp answering a fixed body, same workers
         return "POST", "/", JOIN_BODY, (200,)
     raise ValueError(scenario)
@@ -285,7 +289,7 @@ def run(
     try:
         method, path, body, expected = _sale_for(env, scenario)
         load: dict[str, Any] = {
-            "tokens_file": env.tokens_file,
+            "tokens_file": None if scenario == "poll" else env.tokens_file,
             "method": method,
             "body": body,
             "expected": expected,
