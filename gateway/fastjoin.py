@@ -76,6 +76,13 @@ log = logging.getLogger("gateway.fastjoin")
 MAX_HEAD: Final = 8192
 # Bytes held while a join is in flight (pipelined requests); past this, reading pauses.
 MAX_BUFFERED: Final = 64 * 1024
+# Requests a worker answers inside one I/O phase of its loop before the rest wait for the
+# next turn. libuv polls again at once while 1,024 sockets are ready (up to 48 times) and
+# runs the loop's ready callbacks — every task step, every timer — only after: a worker
+# with thousands of busy connections answered ~50k refusals between two steps of its
+# tasks, so its revocation list went 15 s without a refresh (503 AUTH_UNAVAILABLE to a
+# quarter of the crowd) and every reservation waited as long.
+MAX_BURST: Final = 1024
 _JOIN_PREFIX: Final = b"POST /api/v1/flash-sales/"
 _POLL_PREFIX: Final = b"GET /api/v1/flash-sales/"
 _SUFFIX: Final = b" HTTP/1.1"
@@ -141,6 +148,9 @@ class JoinServer(web.Server):
         # requests answered here and connections handed to aiohttp (tests read them)
         self.served = 0
         self.handed_over = 0
+        # requests answered since the loop last ran its ready callbacks (MAX_BURST)
+        self.burst = 0
+        self._turn_queued = False
         self.keepalive_s: float = self._kwargs.get("keepalive_timeout", 3630)
         # as aiohttp's RequestHandler: its own access logger unless one is given
         logger = self._kwargs.get("access_log", access_logger)
@@ -158,6 +168,18 @@ class JoinServer(web.Server):
 
     def __call__(self) -> JoinProtocol:  # type: ignore[override]
         return JoinProtocol(self)
+
+    def count(self) -> None:
+        """One more request answered in this turn of the loop."""
+        self.served += 1
+        self.burst += 1
+        if not self._turn_queued:  # runs with the loop's ready callbacks: a turn has passed
+            self._turn_queued = True
+            self._loop.call_soon(self._turned)
+
+    def _turned(self) -> None:
+        self.burst = 0
+        self._turn_queued = False
 
     def handler(self) -> web.RequestHandler:
         """A plain aiohttp connection handler of this app."""
@@ -208,6 +230,7 @@ class JoinProtocol(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_closing",
+        "_deferred",
         "_eof",
         "_events",
         "_head",
@@ -242,7 +265,8 @@ class JoinProtocol(asyncio.Protocol):
         self.in_flight: asyncio.Task[None] | None = None
         self._closing = False  # no further request is taken (shutdown, a fault)
         self._eof = False  # the peer sent all it will: answer what is buffered, then close
-        self._paused = False  # reading paused by us (buffer full)
+        self._paused = False  # reading paused by us (buffer full, or deferred)
+        self._deferred = False  # waiting for the loop's next turn (MAX_BURST)
         self._stalled = False  # the peer does not read its answers
         self._idle: asyncio.TimerHandle | None = None
         self._last = 0.0  # loop time of the last answer (the keep-alive clock)
@@ -341,6 +365,22 @@ class JoinProtocol(asyncio.Protocol):
         else:
             self._close()
 
+    def _defer(self) -> None:
+        """This turn of the loop has answered its share (MAX_BURST): the buffered requests
+        wait for the next one, reading paused meanwhile, so that tasks and timers run."""
+        self._deferred = True
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self._deferred = False
+        if self._transport is None:
+            return
+        self._resume()
+        self._next()
+
     def _resume(self) -> None:
         if self._paused and not self._stalled and self._transport is not None:
             self._paused = False
@@ -353,7 +393,7 @@ class JoinProtocol(asyncio.Protocol):
         reservation) or the buffer holds no whole request."""
         while self.in_flight is None and self._take():
             pass
-        if self._eof and self.in_flight is None:
+        if self._eof and self.in_flight is None and not self._deferred:
             self._close()  # the peer sent its last request and has every answer
 
     def _take(self) -> bool:
@@ -362,7 +402,10 @@ class JoinProtocol(asyncio.Protocol):
         if self._closing or self._stalled or self._transport is None:
             return False
         buffer = self._buffer
-        if not buffer:
+        if not buffer or self._deferred:
+            return False
+        if self._server.burst >= MAX_BURST:
+            self._defer()
             return False
         if not self._head:
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
@@ -394,7 +437,7 @@ class JoinProtocol(asyncio.Protocol):
         match, headers = self._match, self._headers
         self._url, self._headers, self._match = b"", [], None
         assert match is not None  # set with _head by _parse_head
-        self._server.served += 1
+        self._server.count()
         self._start(match, headers, body)
         return True
 

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from flashsale.auth import TokenService
 from flashsale.settings import Settings
+from gateway import fastjoin
 from gateway.accesslog import JsonAccessLogger, LineBuffer
 from gateway.app import create_app
 from gateway.fastjoin import JoinServer
@@ -34,6 +35,7 @@ from tests.flashkit import (
     admitted,
     create_sale,
     enter,
+    eventually,
     make_sku,
     make_users,
     queued_sale,
@@ -461,3 +463,46 @@ async def test_every_poll_answer_is_the_routes_answer(
     assert [a.status for a in answers] == [200, 200, 200]
     assert answers[1].json()["data"]["state"] == "lottery"
     assert (fast_server.served, fast_server.handed_over) == (served + 2, handed + 1)
+
+
+async def test_a_crowd_leaves_the_loop_a_turn_for_its_tasks(
+    client: TestClient[Any, Any],
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker answers at most MAX_BURST requests in one I/O phase of its loop; the rest
+    wait for the next turn, so tasks and timers (the revocation list's refresh, every
+    reservation) run in between however many connections are busy. Counted in turns of the
+    loop, not in time: a callback queued with the crowd's requests runs once the first
+    I/O phase is over and sees what it answered."""
+    monkeypatch.setattr(fastjoin, "MAX_BURST", 16)
+    admin = await admin_headers(db, tokens)
+    upcoming = await create_sale(client, admin, await make_sku(db), quantity=10, start_in_s=600)
+    (user,) = await make_users(db, 1)
+    early = request(
+        f"/api/v1/flash-sales/{upcoming}/join",
+        {"Authorization": f"Bearer {tokens.issue(user, 'user')}"},
+    )
+    server = join_server(client)
+    joins = len(server.joins)
+    assert client.host and client.port
+    crowd = [await asyncio.open_connection(client.host, client.port) for _ in range(100)]
+    try:
+
+        async def accepted() -> bool:
+            return len(server.joins) >= joins + len(crowd)
+
+        await eventually(accepted, timeout_s=30)
+        served = server.served
+        seen: list[int] = []
+        for _, writer in crowd:
+            writer.write(early)  # into the kernel at once: every socket ready together
+        asyncio.get_running_loop().call_soon(lambda: seen.append(server.served - served))
+        answers = [await _read_answer(reader) for reader, _ in crowd]
+    finally:
+        for _, writer in crowd:
+            writer.close()
+    assert {a.status for a in answers} == {409}
+    assert seen and seen[0] <= 16, seen  # one turn answered its share, not the whole crowd
+    assert server.served - served == len(crowd)
