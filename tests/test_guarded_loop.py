@@ -8,12 +8,16 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from flashsale.settings import Settings
 from flashsale.stores import tasks
+from flashsale.stores.redisclient import lost_connection
+from stack.embedded import free_port
 
 LONG_S = 3600.0  # an interval no test waits out: a second step proves a wait ended early
 HANG_GUARD_S = 10.0  # only against a hang; every wait below ends in microseconds
@@ -159,3 +163,37 @@ async def test_a_bug_ends_the_loop_and_stop_ends_it_quietly() -> None:
     stop.set()
     await _ended(task)
     assert task.result() is None and calls == 0
+
+
+async def test_a_cluster_client_that_reaches_no_node_is_a_lost_store() -> None:
+    """redis-py's cluster client that can reach none of its nodes (every host on the far
+    side of a partition) raises RedisClusterException, which is not a RedisError: a loop
+    lives through it, and a request is told 503 (``lost_connection``), not 500."""
+    seed = ClusterNode("127.0.0.1", free_port())  # nothing listens there
+    client = RedisCluster(startup_nodes=[seed], socket_connect_timeout=1)
+    seen: list[BaseException] = []
+    failed = asyncio.Event()
+
+    async def step() -> None:
+        try:
+            await client.smembers("fs:sales")
+        except Exception as exc:
+            seen.append(exc)
+            failed.set()
+            raise
+
+    wake = asyncio.Event()
+    task = asyncio.create_task(tasks.guarded_loop(step, name="test", every_s=LONG_S, wake=wake))
+    try:
+        for _ in range(2):  # a round fails, the loop waits out its interval, a round again
+            await asyncio.wait_for(failed.wait(), 30)
+            failed.clear()
+            await _turns()
+            assert not task.done(), task
+            wake.set()
+        assert [type(e).__name__ for e in seen] == ["RedisClusterException"] * 2
+        assert lost_connection(seen[0])
+    finally:
+        task.cancel()
+        await _ended(task)
+        await client.aclose()

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale.settings import Settings
@@ -37,10 +38,11 @@ _TRANSPORT_FILES: Final = ("/redis/asyncio/connection.py", "/asyncio/streams.py"
 
 def lost_connection(exc: BaseException) -> bool:
     """Whether ``exc`` means a connection to Redis went away under a command: redis-py's
-    ConnectionError or TimeoutError, or the AttributeError/TypeError/RuntimeError its
+    ConnectionError or TimeoutError, a cluster client that reached none of its nodes (its
+    RedisClusterException is not a RedisError), or the AttributeError/TypeError/RuntimeError its
     asyncio connection leaks when the connection was closed mid-write (nothing was answered: the
     caller may answer 503 and let the client retry)."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | RedisClusterException):
         return True
     if not isinstance(exc, AttributeError | TypeError | RuntimeError):
         return False

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from flashsale.stores.redisclient import leaks_as_connection_errors
 
@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 RECANCEL_EVERY_S: Final = 1.0
 
 #: What a loop over Redis lives through: the store out of reach, or its connection lost.
-STORE_ERRORS: Final[tuple[type[BaseException], ...]] = (RedisError, OSError)
+# RedisClusterException (a cluster client that reached none of its nodes: every host of a
+# partitioned worker's side) is not a RedisError, and a loop it ended served stale state.
+STORE_ERRORS: Final[tuple[type[BaseException], ...]] = (RedisError, RedisClusterException, OSError)
 
 
 def cancel_requested() -> bool:
