@@ -463,6 +463,20 @@ async def test_every_poll_answer_is_the_routes_answer(
     assert [a.status for a in answers] == [200, 200, 200]
     assert answers[1].json()["data"]["state"] == "lottery"
     assert (fast_server.served, fast_server.handed_over) == (served + 2, handed + 1)
+    # a revoked token polls no more, on the connection as through the route
+    resp = await client.post("/api/v1/auth/logout", headers=theirs)
+    assert resp.status == 200, await resp.text()
+    revoked = get(at(started, tickets[started]), theirs)
+
+    async def refused_by_both() -> bool:
+        fast_, slow_ = [(await exchange(s, revoked))[0] for s in (client, plain)]
+        return fast_.status == slow_.status == 401
+
+    await eventually(refused_by_both, timeout_s=10)
+    (fast,) = await exchange(client, revoked)
+    (slow,) = await exchange(plain, revoked)
+    assert comparable(fast, given_rid=False) == comparable(slow, given_rid=False)
+    assert fast.json()["error"] == "TOKEN_REVOKED", fast.body
 
 
 async def test_a_crowd_leaves_the_loop_a_turn_for_its_tasks(
