@@ -44,7 +44,7 @@ from flashsale.stores.db import create_pool
 from flashsale.stores.kafka import OrderProducer
 from flashsale.stores.metrics import get_metrics
 from flashsale.stores.redisclient import open_redis, run_ids
-from flashsale.timing import DRIFT_KEPT_S, RECENT_SALES_DAYS
+from flashsale.timing import DRIFT_KEPT_S, REARM_LEASE_MS, REBUILD_POLL_S, RECENT_SALES_DAYS
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +255,7 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
     try:
         recovery = Recovery(settings, db, redis, get_metrics())
         if command == "rebuild-cache":
-            fenced = await recovery.fence_all()
-            print(f"{fenced} sale(s) fenced; recounting after {recovery.grace_s:.0f}s")
-            await asyncio.sleep(recovery.grace_s)
-            print(f"{await recovery.run_once(force=True)} sale(s) re-armed")
-            return 0
+            return await _rebuild_cache(recovery)
         sales = await db.fetch(SQL_RECENT_SALES, RECENT_SALES_DAYS)
         reports: list[SaleReport] = []
         for sale in sales:
@@ -288,6 +284,29 @@ async def run(settings: Settings, command: str, repair: bool) -> int:
     finally:
         await redis.aclose()
         await db.close()
+
+
+async def _rebuild_cache(recovery: Recovery) -> int:
+    """Fence and recount every recent sale; returns 0 once each is armed again.
+
+    A consumer's recovery sweeper may be recounting a sale of several buckets at the same
+    moment (it holds that sale's lease, and this pass skips it): the command waits for
+    the sweeper's recount rather than report a cache that is not rebuilt yet.
+    """
+    fenced = await recovery.fence_all()
+    print(f"{fenced} sale(s) fenced; recounting after {recovery.grace_s:.0f}s")
+    await asyncio.sleep(recovery.grace_s)
+    armed = await recovery.run_once(force=True)
+    deadline = time.monotonic() + REARM_LEASE_MS / 1000 + recovery.grace_s
+    while waiting := (await recovery.fenced())[1]:
+        if time.monotonic() > deadline:
+            ids = ", ".join(str(s["id"]) for s in waiting)
+            print(f"{armed} sale(s) re-armed; still not armed: {ids} (run it again)")
+            return RECOVERING_EXIT
+        await asyncio.sleep(REBUILD_POLL_S)
+        armed += await recovery.run_once(force=True)
+    print(f"{armed} sale(s) re-armed here; every recent sale is armed")
+    return 0
 
 
 async def _repair(

@@ -142,6 +142,8 @@ BROKER_REQUEST_TIMEOUT_MS: Final = 5_000
 # One recovery process recounts a split sale at a time: it holds the sale's lease this long,
 # far above a recount's few round trips, so a recovery that died frees it within a minute.
 REARM_LEASE_MS: Final = 60_000
+# `flashsale rebuild-cache` looks this often whether another recovery re-armed what it skipped.
+REBUILD_POLL_S: Final = 0.2
 # The store sweeper, told to stop, lets its pass finish this long before cancelling it.
 STORE_SWEEP_STOP_GRACE_S: Final = 5.0
 
