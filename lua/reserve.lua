@@ -32,12 +32,18 @@ if idem ~= '' then
     if string.sub(seen, sep1 + 1, sep2 - 1) ~= ARGV[5] then
       return {2}
     end
-    -- rewritten as it is: WAIT waits for this connection's own last write, and the
-    -- reservation this answer names may have been written through another connection;
-    -- after this write the batch's WAIT covers it (a retry is told 202 only for an order
-    -- the replicas hold)
-    redis.call('HSET', KEYS[6], idem, seen)
-    return {1, string.sub(seen, 1, sep1 - 1), string.sub(seen, sep2 + 1)}
+    -- rewritten marked as promised ("|p"): this answer tells the shopper yes, so the
+    -- gateway that made the reservation may no longer release it if its publish fails
+    -- (lua/release.lua leaves it to the stranded sweeper). The write also lets WAIT cover
+    -- it: WAIT waits for this connection's own last write, and the reservation may have
+    -- been written through another connection (a retry is told 202 only for an order the
+    -- replicas hold)
+    local sep3 = string.find(seen, '|', sep2 + 1, true)
+    local deadline = string.sub(seen, sep2 + 1, (sep3 or 0) - 1)
+    if not sep3 then redis.call('HSET', KEYS[6], idem, seen .. '|p') else
+      redis.call('HSET', KEYS[6], idem, seen)
+    end
+    return {1, string.sub(seen, 1, sep1 - 1), deadline}
   end
 end
 

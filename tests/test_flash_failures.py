@@ -146,6 +146,61 @@ async def test_broker_down_gives_503_and_stock_back(
         broker.stop()
 
 
+async def test_a_retry_told_yes_keeps_what_its_first_attempt_could_not_publish(
+    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, tmpdir_path: Path
+) -> None:
+    """A keyed retry is answered 202 (a replay) while the first attempt still waits for a
+    broker that is down: the first attempt's compensation may no longer release what the
+    shopper was told yes for. It answers OUTCOME_UNKNOWN, the reservation stays in the log
+    (not voided, its unit not back on sale), and the stranded sweeper publishes it."""
+    broker = start_kafka(tmpdir_path / "k")
+    settings = _own(
+        base_settings,
+        "promised",
+        kafka_bootstrap=broker.url,
+        kafka_produce_timeout_ms=2500,
+        stranded_after_s=1,
+        metrics_port=free_port(),
+    )
+    stop = asyncio.Event()
+    consumer_task: asyncio.Task[None] | None = None
+    try:
+        async with TestClient(GatewayServer(create_app(settings))) as client:
+            admin = await admin_headers(db, tokens)
+            sale_id = await create_sale(client, admin, await make_sku(db), quantity=10, limit=1)
+            user = (await make_users(db, 1))[0]
+            url = f"/api/v1/flash-sales/{sale_id}/join"
+            keyed = {**auth(tokens, user), "Idempotency-Key": "one-attempt"}
+            redis = client.app[FLASH].redis
+            broker.stop()
+            first = asyncio.create_task(client.post(url, headers=keyed, json={"quantity": 1}))
+            await eventually(lambda: equals(redis.hlen(rediskeys.log(sale_id)), 1))
+            retry = await client.post(url, headers=keyed, json={"quantity": 1})
+            assert retry.status == 202
+            order_id = (await retry.json())["data"]["order_id"]
+            answer = await first
+            assert (answer.status, (await answer.json())["error"]) == (503, "OUTCOME_UNKNOWN")
+            assert await redis.hexists(rediskeys.log(sale_id), order_id)
+            assert await redis.scard(rediskeys.voided(sale_id)) == 0
+            assert await remaining_of(redis, sale_id) == 9
+            restarted = start_kafka(tmpdir_path / "k2", port=broker.port)
+            try:
+                await ensure_topics(settings)
+                consumer_task = asyncio.create_task(run_consumers(settings, stop))
+                await eventually(lambda: equals(count_orders(db, sale_id), 1), timeout_s=30)
+                assert (
+                    await db.fetchval("SELECT id FROM orders WHERE flash_sale_id = $1", sale_id)
+                    == order_id
+                )
+            finally:
+                stop.set()
+                if consumer_task is not None:
+                    await asyncio.wait_for(consumer_task, 30)
+                restarted.stop()
+    finally:
+        broker.stop()
+
+
 def _consumer_process(settings: Settings) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     env.update(settings.to_env())

@@ -214,6 +214,7 @@ class Release(IntEnum):
     CLAIMED = 0
     RELEASED = 1
     NOT_FOUND = 2
+    PROMISED = 3
 
 
 class ReturnUnits(IntEnum):
