@@ -10,6 +10,7 @@ import pytest
 
 from flashsale.errors import ValidationFailed
 from flashsale.settings import Settings
+from flashsale.waitingroom import signing
 from flashsale.waitingroom.config import QueueConfig, settable
 from flashsale.waitingroom.signing import Signer, Ticket, leading_zero_bits, proof_ok, solve
 from gateway.routes.flashsales import QueueSettings, SalePatch
@@ -30,6 +31,17 @@ def test_a_ticket_reads_back_and_the_same_entry_signs_the_same() -> None:
     assert s.read_ticket(signed[:-1] + ("A" if signed[-1] != "A" else "B")) is None
     assert Signer(SECRET + "x").read_ticket(signed) is None
     assert s.read_ticket("garbage") is None and s.read_ticket("") is None
+    assert s.read_ticket(signed) == t  # the checked ticket, remembered
+
+
+def test_the_tickets_a_worker_remembers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(signing, "TICKETS_KEPT", 10)
+    s = Signer(SECRET)
+    tickets = [Ticket(7, uid, "F", uid, 1_700_000_000_000) for uid in range(25)]
+    for t in tickets:
+        assert s.read_ticket(s.ticket(t)) == t
+    assert len(s._tickets) <= 10
+    assert [s.read_ticket(s.ticket(t)) for t in tickets] == tickets
 
 
 def test_a_join_token_is_bound_to_user_and_sale() -> None:

@@ -178,7 +178,10 @@ def _fold_replies(state: SaleState, found: Iterator[Any], runs: Iterator[bytes])
     state.fold(others, in_transit)
 
 
-_last_second: tuple[int, str] = (-1, "")
+_SECONDS: dict[int, str] = {}
+# seconds formatted and kept: a poll answers two (when its ticket entered, when the sale
+# starts), a stampede's answers a few; a crowd's entry times spread over minutes
+_SECONDS_KEPT: Final = 4096
 
 
 def iso_ms(ms: int) -> str:
@@ -186,14 +189,18 @@ def iso_ms(ms: int) -> str:
     ``datetime.isoformat`` spells it (``.mmm000`` for milliseconds, none when zero).
 
     Every accepted join answers its payment deadline, and a stampede's deadlines fall in
-    the same few seconds: the date and time are formatted once per second (0.5 µs a call
-    where building a datetime each time took 3.8 µs, timeit)."""
-    global _last_second
+    the same few seconds: each second's date and time are formatted once (a dict lookup
+    where building a datetime each time took 3.8 µs, timeit). One remembered second was
+    not enough: a queue poll's two timestamps fell in different seconds and missed twice
+    (7 µs of a 58 µs poll, py-spy under `profile_join --scenario poll`)."""
     second, millis = divmod(ms, 1000)
-    cached, prefix = _last_second
-    if cached != second:
-        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _last_second = (second, prefix)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        prefix = _SECONDS[second] = datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
     return f"{prefix}.{millis:03d}000Z" if millis else f"{prefix}Z"
 
 
