@@ -13,7 +13,8 @@ layer, so a stage holds its own code and the untracked calls below it (stdlib, C
 
 Scenarios: ``accept`` (a join with stock to spare, 202), ``soldout`` (409),
 ``notstarted`` (a sale not yet started, 409), ``poll`` (a queued sale's waiting room polled
-with a ticket, 200, as the bench's row 4q) and ``ceiling`` (the bench's row 1: bare
+with a ticket, 200, as the bench's row 4q), ``shed`` (a guest's cart write refused 503 with
+shed-storefront on, what row 10c's storefront costs) and ``ceiling`` (the bench's row 1: bare
 aiohttp on the same worker setup answering a fixed body, the floor a join is held to).
 Every request goes to 127.0.0.1; every run is bounded by ``--seconds``.
 """
@@ -35,11 +36,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from flashsale.settings import Settings
 from loadtests import loadgen
 from loadtests.bench import (
     JOIN_BODY,
     QUICK,
+    SHED_PLAN,
+    STOREFRONT_WRITE,
     WORKERS,
     Env,
     _api,
@@ -57,7 +62,7 @@ from stack.embedded import free_port
 from stack.processes import stop_children
 
 CONNECTIONS = 64
-SCENARIOS = ("accept", "soldout", "notstarted", "poll", "ceiling")
+SCENARIOS = ("accept", "soldout", "notstarted", "poll", "shed", "ceiling")
 THREADS = 2
 # py-spy is a project dependency installed beside this interpreter, not on PATH
 PY_SPY = Path(sys.executable).with_name("py-spy")
@@ -257,6 +262,19 @@ def _sale_for(env: Env, scenario: str) -> tuple[str, str, bytes, tuple[int, ...]
         return "POST", _join_path(sale_id), JOIN_BODY, (409,)
     if scenario == "poll":  # a queued sale's waiting shopper, as the bench's row 4q (no token)
         return "GET", queued_ticket(env), b"", (200,)
+    if scenario == "shed":  # a guest's cart write with shed-storefront on, as row 10c's
+        status, data = asyncio.run(
+            _api(
+                "PUT",
+                env.gateway_url + SHED_PLAN,
+                env.admin_token,
+                {"mode": "on", "confirm": "shed-storefront", "reason": "profile_join"},
+            )
+        )
+        if status != 200:
+            raise ValueError(f"switching shed-storefront on answered {status}: {data}")
+        time.sleep(1.0)  # in force on every worker within a second
+        return "POST", STOREFRONT_WRITE, orjson.dumps({"sku_id": env.sku_id, "quantity": 1}), (503,)
     if scenario == "ceiling":  # the floor: bare aiohttp answering a fixed body, same workers
         return "POST", "/", JOIN_BODY, (200,)
     raise ValueError(scenario)
@@ -289,7 +307,7 @@ def run(
     try:
         method, path, body, expected = _sale_for(env, scenario)
         load: dict[str, Any] = {
-            "tokens_file": None if scenario == "poll" else env.tokens_file,
+            "tokens_file": None if scenario in ("poll", "shed") else env.tokens_file,
             "method": method,
             "body": body,
             "expected": expected,
