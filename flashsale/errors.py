@@ -258,6 +258,13 @@ class ReservationNotActive(Conflict):
 # --- cart, orders and presale ------------------------------------------------------------
 
 
+class ReferenceGone(Conflict):
+    code = "REFERENCE_GONE"
+    default_message = (
+        "a record this request refers to no longer exists (the account, a product, an address)"
+    )
+
+
 class CartFull(Conflict):
     code = "CART_FULL"
     default_message = "the cart holds the maximum number of items"

@@ -10,8 +10,14 @@ from typing import Final, NamedTuple
 
 from aiohttp import web
 
-from flashsale.errors import AppError, ServiceUnavailable, envelope, for_http_status
-from flashsale.stores.db import lost_database
+from flashsale.errors import (
+    AppError,
+    ReferenceGone,
+    ServiceUnavailable,
+    envelope,
+    for_http_status,
+)
+from flashsale.stores.db import lost_database, reference_gone
 from flashsale.stores.metrics import RequestStats
 from flashsale.stores.redisclient import lost_connection
 from gateway.http import JSON_CONTENT_TYPE, dumps, printable_ascii
@@ -78,6 +84,8 @@ def answer_error(
             # ServiceUnavailable carries its Retry-After (1 s: a store that went away
             # is back, or failed over, within seconds)
             exc = ServiceUnavailable("a store connection was lost; retry later")
+        elif reference_gone(exc):  # rolled back: the request named what no longer exists
+            exc = ReferenceGone()
         else:
             log.error("unhandled error in %s %s request_id=%s", method, path, rid, exc_info=exc)
             body = error_body(

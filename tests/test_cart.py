@@ -419,3 +419,19 @@ async def test_concurrent_checkouts_of_one_cart_make_one_order(
     await add(client, h, sku_id=sku, quantity=1)
     resp = await client.post(f"{CART}/checkout", headers=h, json={"shipping_address": ADDRESS})
     assert resp.status == 201 and (await resp.json())["data"]["order_id"] not in order_ids
+
+
+async def test_a_token_whose_account_is_gone_gets_a_clear_answer(
+    client: Client, db: asyncpg.Pool, tokens: TokenService
+) -> None:
+    """A token outlives the account it names (a row removed by hand, or by a data-erasure
+    job): a write that would refer to it is refused with a 4xx in the envelope, never a
+    500, and nothing is written."""
+    uid = await make_user(db)
+    h = auth(tokens, uid)
+    _, (sku,) = await make_listed_product(db, on_hand=5)
+    await db.execute("DELETE FROM users WHERE id = $1", uid)
+    resp = await client.post(f"{CART}/items", json={"sku_id": sku, "quantity": 1}, headers=h)
+    body = await resp.json()
+    assert (resp.status, body["error"]) == (409, "REFERENCE_GONE"), body
+    assert await db.fetchval("SELECT count(*) FROM carts WHERE user_id = $1", uid) == 0

@@ -137,6 +137,13 @@ _CLIENT_GONE: Final = (
 )
 
 
+def reference_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused because a row it refers to is gone (a foreign
+    key): the account a token names removed, a product or address deleted meanwhile. The
+    statement was rolled back; the request named something that no longer exists."""
+    return isinstance(exc, asyncpg.ForeignKeyViolationError)
+
+
 def lost_database(exc: BaseException) -> bool:
     """Whether ``exc`` means PostgreSQL could not be reached or went away under a statement
     (the caller may answer 503 and let the client retry), rather than a wrong request."""
