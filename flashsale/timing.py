@@ -15,7 +15,8 @@ WEEK_S: Final = 7 * 24 * 3600
 
 # --- stores -------------------------------------------------------------------------------
 
-# Opening a connection to Redis: a store that does not accept within this long is down.
+# Opening a connection to Redis or PostgreSQL (a pool reconnecting after a loss included): a
+# store that does not accept within this long is down (asyncpg's own default waits 60 s).
 CONNECT_TIMEOUT_S: Final = 5
 # A PostgreSQL statement that runs longer is cancelled; the longest (reconcile, exports)
 # take a few seconds on a large shop.

@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from flashsale.timing import SQL_COMMAND_TIMEOUT_S
+from flashsale.timing import CONNECT_TIMEOUT_S, SQL_COMMAND_TIMEOUT_S
 
 # A connection from a pool or a plain one: what the data functions accept.
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -111,6 +111,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
         max_size=max_size,
         init=_init_connection,
         command_timeout=SQL_COMMAND_TIMEOUT_S,
+        timeout=CONNECT_TIMEOUT_S,
     )
     assert pool is not None
     return pool
