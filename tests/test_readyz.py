@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import RedisCluster
 
 from flashsale.settings import Settings
 from gateway.app import create_app
-from stack.embedded import start_stack
+from gateway.routes.health import check_redis
+from stack.embedded import free_port, start_stack
 from tests.flashkit import GatewayServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,3 +60,13 @@ async def test_readyz_reports_stopped_dependency(base_settings: Settings, victim
     finally:
         own.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_cluster_that_reaches_no_node_is_down_not_an_error() -> None:
+    """A cluster client with no node to reach raises RedisClusterException, which is not a
+    RedisError: the probe counts it as "down" (readyz names it) instead of raising."""
+    cluster = RedisCluster(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    try:
+        assert await check_redis(cluster, timeout_s=3.0) is False
+    finally:
+        await cluster.aclose()

@@ -8,10 +8,11 @@ from typing import Final, Literal
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.auth import require_metrics_token
 from flashsale.errors import NotReady, Unauthorized
+from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.stores.tasks import STORE_ERRORS
 from flashsale.timing import PROBE_TIMEOUT_S
 from gateway import __version__, appkeys
 from gateway.http import dumps, ok
@@ -24,12 +25,18 @@ async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "alive"})
 
 
+_REDIS_DOWN: Final[tuple[type[BaseException], ...]] = (TimeoutError, *STORE_ERRORS)
+
+
 async def check_redis(redis: Redis, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether Redis answers a ping in time; a lost store of any kind (a cluster client that
+    reaches no node, the transport errors redis-py leaks, redis-py#4287) is "down"."""
     try:
         async with asyncio.timeout(timeout_s):
-            pong: object = await redis.ping()
+            with leaks_as_connection_errors():
+                pong: object = await redis.ping()
             return bool(pong)
-    except (TimeoutError, RedisError, OSError):
+    except _REDIS_DOWN:
         return False
 
 
