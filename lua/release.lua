@@ -7,13 +7,12 @@
 --   0 CLAIMED by a consumer already: the order stands
 --   1 RELEASED
 --   2 NOT_FOUND anywhere: Redis lost it, whether the order stands is unknown
---   3 PROMISED: a keyed retry was already told yes for it (lua/reserve.lua's replay): it
---     stays in the log, and the stranded sweeper publishes it
+--   3 PROMISED: another answer already named it to the shopper (a keyed retry's replay,
+--     or LIMIT_EXCEEDED naming the order they have; lua/reserve.lua marks it "p:<order
+--     id>" in the idempotency hash): it stays in the log, and the stranded sweeper
+--     publishes it
 local order_id, user, qty = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if ARGV[4] ~= '' then
-  local seen = redis.call('HGET', KEYS[7], ARGV[4])
-  if seen and string.sub(seen, -2) == '|p' then return 3 end
-end
+if redis.call('HEXISTS', KEYS[7], 'p:' .. order_id) == 1 then return 3 end
 if redis.call('HDEL', KEYS[4], order_id) == 0 then
   if redis.call('HEXISTS', KEYS[8], order_id) == 1 then return 0 end
   return 2

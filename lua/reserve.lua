@@ -32,18 +32,14 @@ if idem ~= '' then
     if string.sub(seen, sep1 + 1, sep2 - 1) ~= ARGV[5] then
       return {2}
     end
-    -- rewritten marked as promised ("|p"): this answer tells the shopper yes, so the
-    -- gateway that made the reservation may no longer release it if its publish fails
-    -- (lua/release.lua leaves it to the stranded sweeper). The write also lets WAIT cover
-    -- it: WAIT waits for this connection's own last write, and the reservation may have
-    -- been written through another connection (a retry is told 202 only for an order the
-    -- replicas hold)
-    local sep3 = string.find(seen, '|', sep2 + 1, true)
-    local deadline = string.sub(seen, sep2 + 1, (sep3 or 0) - 1)
-    if not sep3 then redis.call('HSET', KEYS[6], idem, seen .. '|p') else
-      redis.call('HSET', KEYS[6], idem, seen)
-    end
-    return {1, string.sub(seen, 1, sep1 - 1), deadline}
+    -- marked promised: this answer tells the shopper yes, so the gateway that made the
+    -- reservation may no longer release it if its publish fails (lua/release.lua leaves
+    -- it to the stranded sweeper). The write also lets WAIT cover the answer: WAIT waits
+    -- for this connection's own last write, and the reservation may have been written
+    -- through another connection (a retry is told 202 only for an order the replicas hold)
+    local order = string.sub(seen, 1, sep1 - 1)
+    redis.call('HSET', KEYS[6], 'p:' .. order, '1')
+    return {1, order, string.sub(seen, sep2 + 1)}
   end
 end
 
@@ -85,7 +81,13 @@ if now >= tonumber(s[4]) or s[5] == '1' then return {6} end
 
 local held = tonumber(redis.call('HGET', KEYS[2], user) or '0')
 if held + qty > tonumber(s[2]) then
-  return {7, redis.call('HGET', KEYS[3], user) or ''}
+  -- this answer names the order the shopper already has: promised as a replay's is, while
+  -- its publish may still fail (once a consumer claimed it, no release can take it back)
+  local first = redis.call('HGET', KEYS[3], user)
+  if first and redis.call('HEXISTS', KEYS[4], first) == 1 then
+    redis.call('HSET', KEYS[6], 'p:' .. first, '1')
+  end
+  return {7, first or ''}
 end
 local remaining = tonumber(s[1])
 if remaining <= 0 then return {8} end

@@ -146,13 +146,19 @@ async def test_broker_down_gives_503_and_stock_back(
         broker.stop()
 
 
+@pytest.mark.parametrize("retry_key", ["one-attempt", "another-attempt"], ids=["replay", "limit"])
 async def test_a_retry_told_yes_keeps_what_its_first_attempt_could_not_publish(
-    base_settings: Settings, db: asyncpg.Pool, tokens: TokenService, tmpdir_path: Path
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    tokens: TokenService,
+    tmpdir_path: Path,
+    retry_key: str,
 ) -> None:
-    """A keyed retry is answered 202 (a replay) while the first attempt still waits for a
-    broker that is down: the first attempt's compensation may no longer release what the
-    shopper was told yes for. It answers OUTCOME_UNKNOWN, the reservation stays in the log
-    (not voided, its unit not back on sale), and the stranded sweeper publishes it."""
+    """A retry is told the order stands while the first attempt still waits for a broker
+    that is down: with the same key a replay (202), with another key LIMIT_EXCEEDED naming
+    the order the shopper has. The first attempt's compensation may no longer release it:
+    it answers OUTCOME_UNKNOWN, the reservation stays in the log (not voided, its unit not
+    back on sale), and the stranded sweeper publishes it."""
     broker = start_kafka(tmpdir_path / "k")
     settings = _own(
         base_settings,
@@ -175,9 +181,15 @@ async def test_a_retry_told_yes_keeps_what_its_first_attempt_could_not_publish(
             broker.stop()
             first = asyncio.create_task(client.post(url, headers=keyed, json={"quantity": 1}))
             await eventually(lambda: equals(redis.hlen(rediskeys.log(sale_id)), 1))
-            retry = await client.post(url, headers=keyed, json={"quantity": 1})
-            assert retry.status == 202
-            order_id = (await retry.json())["data"]["order_id"]
+            again = {**keyed, "Idempotency-Key": retry_key}
+            retry = await client.post(url, headers=again, json={"quantity": 1})
+            told = await retry.json()
+            if retry_key == "one-attempt":
+                assert retry.status == 202, told
+            else:
+                assert (retry.status, told["error"]) == (409, "LIMIT_EXCEEDED"), told
+            order_id = told["data"]["order_id"]
+            assert await redis.hexists(rediskeys.log(sale_id), order_id)
             answer = await first
             assert (answer.status, (await answer.json())["error"]) == (503, "OUTCOME_UNKNOWN")
             assert await redis.hexists(rediskeys.log(sale_id), order_id)
