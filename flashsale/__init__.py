@@ -7,6 +7,7 @@ import from here, never the other way round. The map:
 - ``flash/``: flash sales (join, lifecycle, buckets, recount); ``waitingroom/``: queued
   sales; ``orders/``: regular orders; ``dashboard/``: the sale dashboard's figures;
 - ``settings``, ``errors``: every ``FLASHSALE_*`` setting, every client-visible error;
+  ``timing``: the fixed periods, timeouts, backoffs and lifetimes, each with its reason;
 - ``auth`` (tokens, roles), ``sessions`` (token revocation), ``users``, ``addresses``;
 - the storefront: ``catalog``, ``inventory``, ``cart``, ``promotions``, ``coupons``,
   ``payments``, ``presale``; ``plans`` (sale-day contingency switches); ``demo`` (the

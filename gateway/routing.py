@@ -73,7 +73,7 @@ class Route:
     body: type[Body] | Mapping[str, F] | None = None
     # The Query subclass its handler reads with gateway.shapes.read_query.
     query: type[Query] | None = None
-    # The errors this route answers with beyond those of its kind (see _responses).
+    # The errors this route answers with beyond those of its kind (see errors_of).
     responses: Sequence[type[AppError]] = ()
     # The success statuses beyond 200, each with what it means.
     success: Mapping[int, str] = field(default_factory=dict)

@@ -1626,7 +1626,8 @@ def main(quick: bool, out: str, redis_fsync: str = "always") -> int:
             "9 accept path on 1 vs 3 shards",
             lambda: bench_cluster.accept_on_shards(e, plan, redis_fsync),
         )
-        # last, so that the single-node rows above run exactly as before it existed
+        # last: its backlogs grow PostgreSQL and the broker by far the most, and every row
+        # above is measured on stores that have not taken them
         pg = stack.get("postgres").proc.pid
         step("6b/6c drain of one hot sale", lambda: drain_scaling(e, plan, pg))
         sell = rows.get("7 sell-out")

@@ -14,4 +14,6 @@ file, the CLI and the public functions here.
 - ``stackfile``: ``.flashsale/stack.json``, how the other commands find a running stack.
 - ``preflight``: the checks before starting (ports free, stores answering).
 - ``logs``: JSON log lines for every process.
+- ``capacity``: ``flashsale capacity``, the hardware a sale needs from the bench's costs.
+- ``clean``: ``flashsale clean``, everything the stack kept for one data folder removed.
 """

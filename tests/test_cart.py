@@ -309,7 +309,8 @@ async def test_checkout_replay_returns_stored_result(
     assert resp.status == 422  # another user's key is not shared: their cart is empty
 
 
-# The two tests below need the orders area's create_order (a stub in this branch).
+# A checkout is one order of the selected lines: the two tests below go through the orders
+# area's create_order as POST /orders does.
 
 
 async def test_checkout_creates_order_and_empties_selection(

@@ -189,7 +189,7 @@ async def test_one_wait_per_batch_not_per_call(cluster: ValkeyCluster) -> None:
 async def test_a_script_not_loaded_is_answered_after_its_own_wait(cluster: ValkeyCluster) -> None:
     """NOSCRIPT (a restarted or promoted node) is retried with EVAL and its own WAIT: the
     batch's first WAIT, which answers before the retried call has a reply, must not settle
-    it (it used to, with None: a 500 on the join that met the empty script cache)."""
+    it: settled with None, the join that met the empty script cache would answer 500."""
     client = await _client(cluster)
     script = client.register_script(ECHO + " -- not loaded anywhere yet")
     batcher = ClusterScriptBatcher(cluster.url.split(","), wait_replicas=1)

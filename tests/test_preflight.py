@@ -175,8 +175,8 @@ def test_a_server_that_does_not_answer_its_command_is_one_line(
 def test_up_with_a_redis_that_does_not_answer_starts_nothing(
     tmp_path: Path, stack: EmbeddedStack | None, silent: str, case: str
 ) -> None:
-    """The walk of the issue: a wrong Redis password, a Redis port that accepts and never
-    answers. Both used to start PostgreSQL and the broker and end in a traceback."""
+    """A wrong Redis password, a Redis port that accepts and never answers: one line and exit
+    2 before PostgreSQL or the broker is started, not a stack half up and a traceback."""
     url = _servers(stack)["redis_url"]
     result = _run(
         "up",

@@ -135,7 +135,8 @@ def test_clean_refuses_while_up_holds_the_folder(clone: Path) -> None:
 
 
 def test_data_that_outlived_its_password_is_one_line_saying_what_to_do(clone: Path) -> None:
-    # what `rm -rf .flashsale` used to do: the password goes, the data under /var/lib stays
+    # what `rm -rf .flashsale` leaves behind (`make clean` does not): the password goes, the
+    # data under /var/lib stays
     data_dir = clone / ".flashsale" / "postgres"
     embedded.start_postgres(data_dir, durable=False).stop()
     (data_dir / "password").unlink()

@@ -362,7 +362,7 @@ async def reserve(
     """The rest of a join that passed :func:`refuse_in_process`: its body, its key, the
     reservation and the event."""
     rt = app[FLASH]
-    body = decode_body(await read_body(), JoinBody)  # the hot path: one await, as before
+    body = decode_body(await read_body(), JoinBody)  # the hot path: the body in one await
     key = header_value(headers, "Idempotency-Key", max_len=_MAX_IDEMPOTENCY_KEY)
     result = await joining.join(
         rt,
