@@ -49,10 +49,10 @@ log = logging.getLogger(__name__)
 SANDBOX: Final = orders.SANDBOX_PROVIDER
 PROVIDER: Final = Actor(None, "provider")
 METHODS: Final = (
-    {"method": "alipay", "name": "Alipay", "icon": "/static/pay/alipay.png"},
-    {"method": "wechat", "name": "WeChat Pay", "icon": "/static/pay/wechat.png"},
-    {"method": "unionpay", "name": "UnionPay", "icon": "/static/pay/unionpay.png"},
-    {"method": "applepay", "name": "Apple Pay", "icon": "/static/pay/applepay.png"},
+    {"method": "alipay", "name": "Alipay"},
+    {"method": "wechat", "name": "WeChat Pay"},
+    {"method": "unionpay", "name": "UnionPay"},
+    {"method": "applepay", "name": "Apple Pay"},
 )
 METHOD_NAMES: Final = tuple(m["method"] for m in METHODS)
 REFUND_ARRIVAL: Final = "1-3 business days"

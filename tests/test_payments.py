@@ -43,6 +43,8 @@ async def test_methods_and_create_payment(
     methods = (await resp.json())["data"]
     assert {"alipay", "wechat"} <= {m["method"] for m in methods}
     assert all(m["available"] for m in methods)
+    # no image link: the gateway serves no payment brand art
+    assert {k for m in methods for k in m} == {"method", "name", "available", "provider"}
 
     user, _, order = await _order(client, db, tokens)
     h = auth(tokens, user)

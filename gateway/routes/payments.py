@@ -80,9 +80,10 @@ PayStatus = Literal["pending", "success", "failed", "closed", "refunded"]
 
 
 class PaymentMethod(Answer):
+    """A way to pay; ``name`` is what a checkout shows (the project serves no brand art)."""
+
     method: str
     name: str
-    icon: str
     available: bool  # whether the configured provider can take payments
     provider: str
 
