@@ -36,6 +36,14 @@ FOLLOW_RECONNECT_S: Final = 0.5
 # fail before the lease lapses, and a dead process frees its id within half a minute.
 MACHINE_LEASE_TTL_MS: Final = 30_000
 MACHINE_LEASE_RENEW_S: Final = 10.0
+# The join path's cluster batcher re-reads the slot map at most this often: a failover's
+# burst of MOVED replies costs one round of CLUSTER SLOTS, not one per call redirected.
+CLUSTER_SLOTS_REFRESH_MIN_S: Final = 0.05
+# A node that does not answer CLUSTER SLOTS within this long is skipped for the next one.
+CLUSTER_SLOTS_NODE_TIMEOUT_S: Final = 2.0
+# A task that lost its cancellation inside a library is cancelled again this often, so a
+# shutdown that waits for it cannot hang on it.
+TASK_RECANCEL_EVERY_S: Final = 1.0
 
 # --- flash sales ----------------------------------------------------------------------------
 
@@ -96,6 +104,9 @@ STORE_PROBE_EVERY_S: Final = 1.0
 STORE_PROBE_TIMEOUT_S: Final = 1.0
 # A worker's CPU, which the storefront shedding plan compares, is measured over this long.
 CPU_SAMPLE_S: Final = 1.0
+# Access-log lines go out at the latest this long after the first one buffered: a worker
+# killed outright loses at most this much of its log (nginx's ``access_log ... flush=``).
+ACCESS_LOG_FLUSH_AFTER_S: Final = 0.05
 
 # --- dashboard (flashsale/dashboard/) ---------------------------------------------------------
 
@@ -158,3 +169,6 @@ CRASH_LOOP_WINDOW_S: Final = 60.0
 # Preflight: long enough for a loaded server on the far side of a network, short enough
 # that a port that accepts and never answers stops the start at once.
 PREFLIGHT_ANSWER_TIMEOUT_S: Final = 3.0
+# Out of file descriptors: a worker's listening socket accepting again at once would spin on
+# the same error; asyncio waits a second too (``asyncio.constants.ACCEPT_RETRY_DELAY``).
+ACCEPT_RETRY_DELAY_S: Final = 1.0

@@ -26,10 +26,10 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from flashsale.timing import ACCESS_LOG_FLUSH_AFTER_S
 from gateway.appkeys import ORDER_ID
 from gateway.middlewares import REQUEST_ID
 
-FLUSH_AFTER_S: Final = 0.05
 FLUSH_AT_BYTES: Final = 64 * 1024
 
 
@@ -68,7 +68,7 @@ class LineBuffer:
             self.flush()
         elif self._timer is None:
             self._loop = loop
-            self._timer = loop.call_later(FLUSH_AFTER_S, self.flush)
+            self._timer = loop.call_later(ACCESS_LOG_FLUSH_AFTER_S, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:

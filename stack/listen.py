@@ -25,14 +25,13 @@ from typing import Final
 from aiohttp import web
 from aiohttp.web_runner import BaseRunner
 
+from flashsale.timing import ACCEPT_RETRY_DELAY_S
+
 log = logging.getLogger(__name__)
 
 # Connections taken per wake-up of the listening socket: asyncio's default backlog
 # (100) is its figure; a turn of the loop answers every ready connection besides.
 ACCEPT_BATCH: Final = 128
-# Out of file descriptors: accepting again at once would spin on the same error; asyncio
-# waits a second too (``asyncio.constants.ACCEPT_RETRY_DELAY``).
-ACCEPT_RETRY_DELAY_S: Final = 1.0
 _OUT_OF_FILES: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 

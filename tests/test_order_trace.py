@@ -14,8 +14,9 @@ from aiohttp.web import Response
 
 from flashsale.auth import TokenService
 from flashsale.flash.events import OrderEvent, decode
+from flashsale.timing import ACCESS_LOG_FLUSH_AFTER_S
 from gateway import appkeys
-from gateway.accesslog import FLUSH_AFTER_S, FLUSH_AT_BYTES, JsonAccessLogger, LineBuffer
+from gateway.accesslog import FLUSH_AT_BYTES, JsonAccessLogger, LineBuffer
 from gateway.middlewares import REQUEST_ID
 from stack.logs import JsonFormatter
 from tests.flashkit import (
@@ -76,7 +77,7 @@ async def test_access_lines_go_out_together() -> None:
     for n in range(3):
         buffer.add(b"%d\n" % n)
     assert written == []  # held for one write
-    await asyncio.sleep(FLUSH_AFTER_S * 4)
+    await asyncio.sleep(ACCESS_LOG_FLUSH_AFTER_S * 4)
     assert written == [b"0\n1\n2\n"]
     buffer.add(b"x" * FLUSH_AT_BYTES + b"\n")  # a full buffer goes at once
     assert len(written) == 2

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -55,3 +57,37 @@ def test_the_adaptive_admission_rate_is_documented_as_it_is_measured() -> None:
     doc = spec(Settings.__dataclass_fields__["queue_admit_per_s"]).doc
     assert f"last {timing.QUEUE_ACCEPT_RATE_WINDOW_S:g} s" in doc, doc
     assert f"at least {ADAPTIVE_FLOOR_PER_S:g}/s" in doc, doc
+
+
+# Not periods of the code's own: a unit the settings' defaults are written in (settings imports
+# nothing of the project, timing included), and the latency histogram's bucket bounds.
+_NOT_TIMING: Final = {
+    ("flashsale/settings.py", "DAY_S"),
+    ("flashsale/stores/metrics.py", "LATENCY_BOUNDS_S"),
+}
+
+
+def test_timing_constants_are_declared_in_timing_py() -> None:
+    """A module-level ``*_S`` / ``*_MS`` constant outside flashsale/timing.py is a period,
+    timeout or lifetime declared a second way (a rate, ``*_PER_S``, is not one)."""
+    found = []
+    for package in ("flashsale", "gateway", "consumers", "stack"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = str(path.relative_to(ROOT))
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, ast.AnnAssign)
+                    else []
+                )
+                found += [
+                    (where, t.id)
+                    for t in targets
+                    if isinstance(t, ast.Name)
+                    and re.search(r"(?<!_PER)_M?S$", t.id)
+                    and where != "flashsale/timing.py"
+                    and (where, t.id) not in _NOT_TIMING
+                ]
+    assert found == []

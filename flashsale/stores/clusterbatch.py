@@ -41,13 +41,14 @@ from flashsale.stores.redisbatch import (
     ScriptBatcher,
     pack,
 )
-from flashsale.timing import REDIS_BATCH_TIMEOUT_S
+from flashsale.timing import (
+    CLUSTER_SLOTS_NODE_TIMEOUT_S,
+    CLUSTER_SLOTS_REFRESH_MIN_S,
+    REDIS_BATCH_TIMEOUT_S,
+)
 
 SLOTS: Final = 16384
 ATTEMPTS: Final = 4
-REFRESH_MIN_INTERVAL_S: Final = 0.05
-# one node's CLUSTER SLOTS: a node that does not answer in this time is skipped for the next
-REFRESH_NODE_TIMEOUT_S: Final = 2.0
 PIPELINES_WITH_WAIT: Final = 4
 REDIRECTS: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -164,7 +165,7 @@ class ClusterScriptBatcher:
         """``addr``'s answer to CLUSTER SLOTS: each slot's primary ("" where none), and
         every node the answer lists."""
         host, _, port = addr.rpartition(":")
-        timeout_s = min(self._timeout_s, REFRESH_NODE_TIMEOUT_S)
+        timeout_s = min(self._timeout_s, CLUSTER_SLOTS_NODE_TIMEOUT_S)
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
         try:
             commands = []
@@ -206,7 +207,7 @@ class ClusterScriptBatcher:
         async with self._refreshing:
             if self._refreshed_at != seen_at and not force:
                 return  # another caller refreshed while this one waited
-            wait = REFRESH_MIN_INTERVAL_S - (time.monotonic() - self._refreshed_at)
+            wait = CLUSTER_SLOTS_REFRESH_MIN_S - (time.monotonic() - self._refreshed_at)
             if wait > 0:
                 await asyncio.sleep(wait)
             errors: list[str] = []

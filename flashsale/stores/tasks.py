@@ -25,10 +25,9 @@ from typing import Any, Final
 from redis.exceptions import RedisClusterException, RedisError
 
 from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.timing import TASK_RECANCEL_EVERY_S
 
 log = logging.getLogger(__name__)
-
-RECANCEL_EVERY_S: Final = 1.0
 
 #: What a loop over Redis lives through: the store out of reach, or its connection lost.
 # RedisClusterException (a cluster client that reached none of its nodes: every host of a
@@ -109,7 +108,7 @@ async def stop(*tasks: asyncio.Task[Any]) -> None:
     for task in pending:
         task.cancel()
     while pending:
-        _, pending = await asyncio.wait(pending, timeout=RECANCEL_EVERY_S)
+        _, pending = await asyncio.wait(pending, timeout=TASK_RECANCEL_EVERY_S)
         for task in pending:
             log.warning("task %s did not stop when cancelled; cancelling again", task.get_name())
             task.cancel()
