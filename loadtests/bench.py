@@ -94,17 +94,18 @@ from flashsale.stores.db import migrate
 from flashsale.stores.kafka import OrderProducer, PublishFailed, group_state
 from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
 from loadtests.loadgen import LoadgenError, RunResult
-from stack.embedded import (
+from stack import (
     EmbeddedError,
     EmbeddedStack,
+    child_env,
     die_with_parent,
     free_port,
     postgres_bin_dir,
     start_stack,
+    stop_children,
     tansu_binary,
     valkey_binary,
 )
-from stack.processes import child_env, stop_children
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"

@@ -39,7 +39,7 @@ from loadtests.bench import (
     create_sale,
 )
 from loadtests.loadgen import RunResult
-from stack.embedded import ValkeyCluster, free_port, start_redis_cluster
+from stack import ValkeyCluster, free_port, start_redis_cluster
 
 SHARDS = 3
 BUCKETS = 6  # row 9c: one hot sale split over the shards (flashsale/flash/buckets.py)

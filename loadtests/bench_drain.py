@@ -24,7 +24,7 @@ import asyncpg
 
 from loadtests import bench
 from loadtests.price_drain import SQL_WAL_BY_RELATION
-from stack.processes import stop_children
+from stack import stop_children
 
 WAL_TOP = 25
 

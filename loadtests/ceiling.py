@@ -25,7 +25,7 @@ import httptools
 import orjson
 from aiohttp import web
 
-from stack.processes import run_until_signalled, supervise
+from stack import run_until_signalled, supervise
 
 BODY = orjson.dumps({"data": {"status": "ok"}, "message": "ok"})
 

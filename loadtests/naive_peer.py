@@ -36,7 +36,7 @@ from flashsale.auth import TokenService
 from flashsale.errors import AppError, NotFound, SoldOut
 from flashsale.settings import Settings
 from flashsale.stores.db import create_pool
-from stack.processes import run_until_signalled, supervise
+from stack import run_until_signalled, supervise
 
 SQL_CREATE_TABLES = """
 CREATE TABLE IF NOT EXISTS naive_sales (

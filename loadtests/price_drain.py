@@ -26,9 +26,9 @@ import asyncpg
 
 from consumers.order_events import persist
 from flashsale.flash.events import OrderEvent
-from flashsale.stores.db import _init_connection, migrate
+from flashsale.stores.db import init_connection, migrate
 from loadtests import mint
-from stack.embedded import restart_server, start_stack
+from stack import restart_server, start_stack
 
 TABLES = ("orders", "order_items", "inventory_ledger", "merchant_orders")
 SQL_SALE = """
@@ -110,7 +110,7 @@ async def _measure(fx: Fixture, batches: int, batch: int) -> tuple[float, float]
 
 async def run(dsn: str, batches: int, batch: int) -> None:
     conn = await asyncpg.connect(dsn)
-    await _init_connection(conn)  # the pool's JSON codecs, as the consumer has them
+    await init_connection(conn)  # the pool's JSON codecs, as the consumer has them
     try:
         await migrate(conn)
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")

@@ -58,8 +58,7 @@ from loadtests.bench import (
     queued_ticket,
     start_env,
 )
-from stack.embedded import free_port
-from stack.processes import stop_children
+from stack import free_port, stop_children
 
 CONNECTIONS = 64
 SCENARIOS = ("accept", "soldout", "notstarted", "poll", "shed", "ceiling")

@@ -24,7 +24,7 @@ from redis import Redis
 
 from loadtests.bench import _cpu_s
 from loadtests.redis_ceiling import RESERVE_SCRIPT, reserve_script_call
-from stack.embedded import start_redis
+from stack import start_redis
 
 
 def one_run(depth: int, calls: int) -> tuple[float, float]:

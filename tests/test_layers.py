@@ -52,16 +52,49 @@ def test_consumers_and_core_import_no_stack_code() -> None:
         assert [(f, m) for f, m in _imports(package) if _under(m, "stack", "loadtests")] == []
 
 
-def test_load_tests_reach_the_stack_only_through_its_public_functions() -> None:
-    """Not through the gateway's modules, and not through the stack's private names."""
+def test_load_tests_reach_the_stack_only_through_its_interface() -> None:
+    """Not through the gateway's modules, and of the stack only the names ``stack.__all__``
+    lists and the stack file, never a module's own name (``stack.embedded.free_port``)."""
+    import stack
+
+    allowed = {f"stack.{name}" for name in (*stack.__all__, "stackfile")}
     imports = _imports("loadtests")
     assert [(f, m) for f, m in imports if _under(m, "gateway")] == []
-    private = [(f, m) for f, m in imports if _under(m, "stack") and "._" in m]
-    assert private == []
+    assert [(f, m) for f, m in imports if _under(m, "stack") and m not in allowed] == []
+
+
+def test_the_stacks_interface_is_what_its_type_checked_imports_say() -> None:
+    """Each name ``stack.__all__`` lists is imported for mypy (``if TYPE_CHECKING``) from
+    the module that defines it, and at run time resolves to that very object."""
+    import importlib
+
+    import stack
+
+    tree = ast.parse((ROOT / "stack" / "__init__.py").read_text(encoding="utf-8"))
+    typed = {
+        alias.asname or alias.name: (node.module, alias.name)
+        for block in tree.body
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
+    assert sorted(typed) == stack.__all__
+    for name, (module, original) in typed.items():
+        assert getattr(stack, name) is getattr(importlib.import_module(module), original)
 
 
 def test_the_stack_does_not_import_the_load_tests() -> None:
     assert [(f, m) for f, m in _imports("stack") if _under(m, "loadtests")] == []
+
+
+def test_load_tests_use_no_private_name_of_the_project() -> None:
+    bad = [
+        (f, m)
+        for f, m in _imports("loadtests")
+        if "._" in m and _under(m, "flashsale", "consumers")
+    ]
+    assert bad == []
 
 
 def test_stores_import_no_domain_module() -> None:

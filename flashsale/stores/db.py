@@ -93,7 +93,9 @@ async def migrate(conn: Conn, migrations: list[Migration] | None = None) -> list
     return applied_now
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """What each connection of :func:`create_pool` gets: json and jsonb as orjson values. A
+    lone connection that must read and write them as the pool does gets it too."""
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(
             typename,
@@ -109,7 +111,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
         dsn,
         min_size=min_size,
         max_size=max_size,
-        init=_init_connection,
+        init=init_connection,
         command_timeout=SQL_COMMAND_TIMEOUT_S,
         timeout=CONNECT_TIMEOUT_S,
     )
