@@ -37,16 +37,19 @@ from redis.exceptions import RedisError
 from flashsale.errors import NotFound, ValidationFailed
 from flashsale.stores.follow import followed
 from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.stores.rediskeys import (
+    PLANS_CHANGED,
+    PLANS_LOG,
+    PLANS_STATE,
+    PLANS_VERSION,
+    catalog_copy,
+)
 from flashsale.stores.scripts import FlashScripts, PlanSwitch, register
 from flashsale.timing import CATALOG_COPY_REFRESH_S, CATALOG_COPY_TTL_S
 from flashsale.waitingroom.room import set_mode
 
 log = logging.getLogger(__name__)
 
-STATE: Final = "fs:{plans}:state"
-VERSION: Final = "fs:{plans}:version"
-LOG: Final = "fs:{plans}:log"
-CHANNEL: Final = "fs:plans:changed"
 LOG_KEPT: Final = 1000  # operation-log entries kept (approximately: MAXLEN ~)
 
 OFF: Final = "off"
@@ -208,11 +211,11 @@ class Switches:
 
     async def refresh(self, redis: Redis) -> None:
         """Re-read the states when the version moved."""
-        version = await redis.get(VERSION)
+        version = await redis.get(PLANS_VERSION)
         if version is None or version != self._version:
             async with redis.pipeline(transaction=True) as pipe:
-                pipe.get(VERSION)
-                pipe.hgetall(STATE)
+                pipe.get(PLANS_VERSION)
+                pipe.hgetall(PLANS_STATE)
                 version, entries = await pipe.execute()
             states = {}
             for raw_name, raw in entries.items():
@@ -288,14 +291,14 @@ async def switch(
         "options": options or {},
     }
     result = await register(redis, "plan_switch")(
-        keys=[STATE, VERSION, LOG],
+        keys=[PLANS_STATE, PLANS_VERSION, PLANS_LOG],
         args=[
             name,
             mode,
             orjson.dumps(state),
             "1" if auto else "0",
             LOG_KEPT,
-            CHANNEL,
+            PLANS_CHANGED,
             by,
             reason,
         ],
@@ -305,7 +308,7 @@ async def switch(
 
 async def operation_log(redis: Redis, count: int = 100) -> list[dict[str, Any]]:
     """The newest ``count`` moves of any plan, newest first."""
-    entries = await redis.xrevrange(LOG, count=count) or []
+    entries = await redis.xrevrange(PLANS_LOG, count=count) or []
     out = []
     for entry_id, fields in entries:
         if entry_id is None or fields is None:
@@ -333,19 +336,12 @@ async def kept_in_force(switches: Switches, redis: Redis, *, every_s: float) -> 
     except (RedisError, OSError) as exc:
         log.warning("plan states not loaded at start (%s)", exc)
     async with followed(
-        redis, CHANNEL, lambda: switches.refresh(redis), every_s=every_s, what="plan states"
+        redis, PLANS_CHANGED, lambda: switches.refresh(redis), every_s=every_s, what="plan states"
     ):
         yield
 
 
 # --- catalog-from-cache: the last good answer of each catalog page -----------------------
-
-COPY_PREFIX: Final = "fs:catalog:copy:"
-
-
-def copy_key(page: str) -> str:
-    """The Redis key of one catalog page's last good answer (``page``: path and query)."""
-    return COPY_PREFIX + page
 
 
 class CatalogCopies:
@@ -367,13 +363,13 @@ class CatalogCopies:
         copy = orjson.dumps({"as_of": time.time(), "data": data})
         try:
             with leaks_as_connection_errors():
-                await self._redis.set(copy_key(page), copy, ex=CATALOG_COPY_TTL_S)
+                await self._redis.set(catalog_copy(page), copy, ex=CATALOG_COPY_TTL_S)
         except (RedisError, OSError) as exc:
             log.warning("catalog copy of %s not kept: %s", page, exc)
 
     async def recall(self, page: str) -> tuple[float, Any] | None:
         """(as_of, data) of the page's copy, or None when no copy was kept."""
-        raw = await self._redis.get(copy_key(page))
+        raw = await self._redis.get(catalog_copy(page))
         if raw is None:
             return None
         copy = orjson.loads(raw)

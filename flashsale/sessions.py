@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Final
 
 import asyncpg
 from redis.asyncio import Redis
@@ -35,14 +34,14 @@ from redis.exceptions import RedisError
 
 from flashsale.errors import ServiceUnavailable
 from flashsale.stores.follow import followed
+from flashsale.stores.rediskeys import (
+    AUTH_GENERATIONS,
+    AUTH_GENERATIONS_SEEDED,
+    AUTH_GENERATIONS_VERSION,
+    AUTH_REVOKED,
+)
 
 log = logging.getLogger(__name__)
-
-# one hash tag: the transactions below touch the three keys together (one cluster slot)
-GENERATIONS: Final = "fs:{auth}:gen"
-VERSION: Final = "fs:{auth}:gen:version"
-SEEDED: Final = "fs:{auth}:gen:seeded"
-CHANNEL: Final = "fs:auth:revoked"
 
 SQL_REVOKED_USERS = "SELECT id, token_gen FROM users WHERE token_gen > 0"
 
@@ -72,16 +71,16 @@ class Revocations:
     async def refresh(self, redis: Redis, db: asyncpg.Pool) -> None:
         """Confirm the map with Redis; reload the hash if it changed, seed it if it was lost."""
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.get(VERSION)
-            pipe.exists(SEEDED)
+            pipe.get(AUTH_GENERATIONS_VERSION)
+            pipe.exists(AUTH_GENERATIONS_SEEDED)
             version, seeded = await pipe.execute()
         if not seeded:
             await seed(redis, db)
             version = None
         if version is None or version != self._version:
             async with redis.pipeline(transaction=True) as pipe:
-                pipe.get(VERSION)
-                pipe.hgetall(GENERATIONS)
+                pipe.get(AUTH_GENERATIONS_VERSION)
+                pipe.hgetall(AUTH_GENERATIONS)
                 version, entries = await pipe.execute()
             for user, gen in entries.items():
                 self.apply(int(user), int(gen))
@@ -97,9 +96,9 @@ async def seed(redis: Redis, db: asyncpg.Pool) -> None:
     rows = await db.fetch(SQL_REVOKED_USERS)
     async with redis.pipeline(transaction=True) as pipe:
         for row in rows:
-            pipe.hsetnx(GENERATIONS, str(row["id"]), row["token_gen"])
-        pipe.incr(VERSION)
-        pipe.set(SEEDED, b"1")
+            pipe.hsetnx(AUTH_GENERATIONS, str(row["id"]), row["token_gen"])
+        pipe.incr(AUTH_GENERATIONS_VERSION)
+        pipe.set(AUTH_GENERATIONS_SEEDED, b"1")
         await pipe.execute()
     log.info("seeded %d token generation(s) from PostgreSQL", len(rows))
 
@@ -108,9 +107,9 @@ async def publish(redis: Redis, user_id: int, gen: int) -> None:
     """Record a bumped generation and tell every worker. Called while the row is locked."""
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.hset(GENERATIONS, str(user_id), gen)
-            pipe.incr(VERSION)
-            pipe.publish(CHANNEL, f"{user_id}:{gen}")
+            pipe.hset(AUTH_GENERATIONS, str(user_id), gen)
+            pipe.incr(AUTH_GENERATIONS_VERSION)
+            pipe.publish(AUTH_REVOKED, f"{user_id}:{gen}")
             await pipe.execute()
     except (RedisError, OSError) as exc:
         raise ServiceUnavailable("cannot record the revocation; nothing was changed") from exc
@@ -132,7 +131,7 @@ async def kept_fresh(
         log.warning("revocation list not loaded at start (%s); tokens wait for it", exc)
     async with followed(
         redis,
-        CHANNEL,
+        AUTH_REVOKED,
         lambda: revocations.refresh(redis, db),
         every_s=every_s,
         what="revocation list",

@@ -8,7 +8,6 @@ reach Redis in order, and if Redis cannot be told, the change is rolled back.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from flashsale.errors import (
     ValidationFailed,
 )
 from flashsale.paging import offset, page_of
+from flashsale.stores import rediskeys
 
 # what the owner of an account would be sent (a mail or a text in a real shop)
 notices = logging.getLogger("flashsale.notices")
@@ -105,24 +105,6 @@ class LoginLimits:
     per_account: int = 1000
 
 
-def _account_tag(login: str) -> str:
-    # hashed: the key names no address; unknown accounts are counted the same way
-    return hashlib.sha256(login.encode()).hexdigest()[:32]
-
-
-def _account_key(login: str) -> str:
-    return "fs:login:acct:" + _account_tag(login)
-
-
-def _ip_key(client_ip: str) -> str:
-    # one hash tag per address: its own count and its counts per account, one transaction
-    return "fs:{login-ip:" + client_ip + "}"
-
-
-def _account_ip_key(login: str, client_ip: str) -> str:
-    return _ip_key(client_ip) + ":acct:" + _account_tag(login)
-
-
 async def _counted(redis: Redis, keys: tuple[str, ...], window_s: int) -> list[tuple[int, int]]:
     """INCR each key (the window starts with its first attempt): [(count, ttl seconds)]."""
     async with redis.pipeline(transaction=True) as pipe:
@@ -152,12 +134,15 @@ async def _count_attempt(redis: Redis, login: str, client_ip: str, limits: Login
     ``per_account_ip`` a window.
     """
     own = await _counted(
-        redis, (_account_ip_key(login, client_ip), _ip_key(client_ip)), limits.window_s
+        redis,
+        (rediskeys.login_account_ip(login, client_ip), rediskeys.login_ip(client_ip)),
+        limits.window_s,
     )
     _refuse_past(own, (limits.per_account_ip, limits.per_ip))
     # another slot on a Redis Cluster: a transaction of its own
     _refuse_past(
-        await _counted(redis, (_account_key(login),), limits.window_s), (limits.per_account,)
+        await _counted(redis, (rediskeys.login_account(login),), limits.window_s),
+        (limits.per_account,),
     )
 
 
@@ -244,10 +229,6 @@ class RegisterLimits:
     per_ip: int = 20
 
 
-def _register_key(client_ip: str) -> str:
-    return "fs:register:ip:" + client_ip
-
-
 async def register(
     db: asyncpg.Pool,
     redis: Redis,
@@ -271,7 +252,7 @@ async def register(
     if email is None and phone is None:
         raise ValidationFailed(fields={"email": "email or phone is required"})
     _refuse_past(
-        await _counted(redis, (_register_key(client_ip),), limits.window_s),
+        await _counted(redis, (rediskeys.register_ip(client_ip),), limits.window_s),
         (limits.per_ip,),
         "too many registrations from this address; retry later",
     )
@@ -316,8 +297,8 @@ async def login(
         raise InvalidCredentials
     # the owner is in: this address's count at the account starts again, and so does the
     # spray count (one key per call: different slots on a Redis Cluster)
-    await redis.delete(_account_ip_key(login_key, client_ip))
-    await redis.delete(_account_key(login_key))
+    await redis.delete(rediskeys.login_account_ip(login_key, client_ip))
+    await redis.delete(rediskeys.login_account(login_key))
     user = _user(row)
     if user.disabled:
         raise AccountDisabled

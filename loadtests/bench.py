@@ -90,6 +90,7 @@ from redis import Redis as SyncRedis
 from flashsale.auth import TokenService
 from flashsale.flash.events import OrderEvent
 from flashsale.settings import Settings
+from flashsale.stores import rediskeys
 from flashsale.stores.db import migrate
 from flashsale.stores.kafka import OrderProducer, PublishFailed, group_state
 from loadtests import invariants, loadgen, mint, naive_peer, redis_ceiling
@@ -1287,7 +1288,7 @@ async def _publish_costs(redis_url: str, requests: int) -> tuple[list[float], in
             times.append((time.perf_counter() - started) * 1000)
         return times, pub.last_commands
     finally:
-        await redis.delete(*(f"fs:{{dash}}:s:{second + i}" for i in range(PUBLISH_SAMPLES)))
+        await redis.delete(*(rediskeys.dash_second(second + i) for i in range(PUBLISH_SAMPLES)))
         await redis.aclose()
 
 

@@ -298,7 +298,7 @@ async def test_cli_user_commands_revoke(
     await _refused(client, _bearer(token))
     result = await asyncio.to_thread(_cli_user, base_settings, "disable", "--id", str(uid))
     assert result.returncode == 0, result.stderr
-    assert await redis.hget(sessions.GENERATIONS, str(uid)) == b"2"
+    assert await redis.hget(rediskeys.AUTH_GENERATIONS, str(uid)) == b"2"
     assert await db.fetchval("SELECT disabled_at IS NOT NULL FROM users WHERE id = $1", uid)
 
 
@@ -307,11 +307,13 @@ async def test_map_is_reseeded_from_postgres(
 ) -> None:
     uid = await make_user(db)
     await db.execute("UPDATE users SET token_gen = 3 WHERE id = $1", uid)
-    await redis.delete(sessions.SEEDED, sessions.GENERATIONS)  # as after a Redis restart
+    await redis.delete(
+        rediskeys.AUTH_GENERATIONS_SEEDED, rediskeys.AUTH_GENERATIONS
+    )  # as after a Redis restart
     fresh = sessions.Revocations(max_stale_s=60)
     await fresh.refresh(redis, db)
     assert fresh.current(uid) == 3
-    assert await redis.hget(sessions.GENERATIONS, str(uid)) == b"3"
+    assert await redis.hget(rediskeys.AUTH_GENERATIONS, str(uid)) == b"3"
 
 
 def test_stale_map_fails_closed() -> None:

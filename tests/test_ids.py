@@ -10,8 +10,9 @@ from redis.asyncio import Redis
 from flashsale.flash.cache import iso_ms
 from flashsale.flash.runtime import open_batcher
 from flashsale.settings import Settings
-from flashsale.stores.ids import MachineLease, OrderIdGenerator, machine_key
+from flashsale.stores.ids import MachineLease, OrderIdGenerator
 from flashsale.stores.redisclient import open_redis
+from flashsale.stores.rediskeys import machine
 from stack.embedded import ValkeyCluster, redis_command
 
 
@@ -59,7 +60,7 @@ async def test_on_a_cluster_a_lease_is_used_only_once_a_replica_has_it(
         waits = _waits(valkey_cluster)
         n = await lease.acquire()
         assert _waits(valkey_cluster) > waits  # the lease's batch ended with WAIT
-        primary = valkey_cluster.primary_for(machine_key(n))
+        primary = valkey_cluster.primary_for(machine(n))
         replica = next(
             node
             for node in valkey_cluster.nodes
@@ -67,10 +68,10 @@ async def test_on_a_cluster_a_lease_is_used_only_once_a_replica_has_it(
             in redis_command(node.port, valkey_cluster.password, "INFO", "replication")
         )
         found = redis_command(
-            replica.port, valkey_cluster.password, "SCAN", 0, "MATCH", machine_key(n), "COUNT", 1000
+            replica.port, valkey_cluster.password, "SCAN", 0, "MATCH", machine(n), "COUNT", 1000
         )
         # the key is on the replica already, not only on the primary
-        assert machine_key(n).encode() in found[1], found
+        assert machine(n).encode() in found[1], found
         other = MachineLease(redis)
         assert await other.acquire() != n
         await other.release()

@@ -119,6 +119,23 @@ def test_the_core_builds_no_http_path() -> None:
     assert found == []
 
 
+def test_redis_key_names_are_built_in_rediskeys() -> None:
+    """A string the code starts with ``fs:`` is a Redis key name built a second way:
+    flashsale/stores/rediskeys.py builds every one (a comment or docstring may name one)."""
+    found = []
+    for package in ("flashsale", "gateway", "consumers", "stack", "loadtests"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "flashsale" / "stores" / "rediskeys.py":
+                continue
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}"
+                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                # an f-string's text parts are constants too
+                if isinstance(node, ast.Constant) and str(node.value).startswith("fs:")
+            ]
+    assert found == []
+
+
 def test_auth_imports_no_domain_module() -> None:
     """Tokens and roles sit beside the stores: the revocation list they read is a Protocol
     that ``flashsale.sessions`` satisfies, not an import of it."""

@@ -126,7 +126,7 @@ async def test_a_switch_flipped_on_host_a_is_in_force_on_host_b(
         assert (await flip(a, tokens, plans.PAUSE_BACKGROUND, "on"))["moved"] is False
         redis = Redis.from_url(own_redis.url)
         try:
-            assert await redis.xlen(plans.LOG) == 3
+            assert await redis.xlen(rediskeys.PLANS_LOG) == 3
         finally:
             await redis.aclose()
         forbidden = await a.get("/api/v1/admin/plans", headers=user)

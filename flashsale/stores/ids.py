@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale.stores import tasks
+from flashsale.stores import rediskeys, tasks
 from flashsale.stores.redisbatch import OutcomeUnknown
 from flashsale.stores.scripts import Lease, register
 from flashsale.timing import MACHINE_LEASE_RENEW_S, MACHINE_LEASE_TTL_MS
@@ -45,10 +45,6 @@ _SEQ_MAX = 9999
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def machine_key(n: int) -> str:
-    return f"fs:machine:{n}"
 
 
 class OrderIdGenerator:
@@ -104,7 +100,7 @@ class MachineLease:
 
     async def _lease(self, n: int) -> Lease | None:
         """Take or renew ``fs:machine:<n>``; None when its replication was not confirmed."""
-        keys: list[str] = [machine_key(n)]
+        keys: list[str] = [rediskeys.machine(n)]
         args: list[str | int] = [self._token, MACHINE_LEASE_TTL_MS]
         if self._batcher is None:
             return Lease(int(await self._script(keys=keys, args=args)))
@@ -163,9 +159,9 @@ class MachineLease:
             await self._batcher.close()
         if self.machine_id is not None:
             with contextlib.suppress(RedisError):
-                current = await self._redis.get(machine_key(self.machine_id))
+                current = await self._redis.get(rediskeys.machine(self.machine_id))
                 if current is not None and _text(current) == self._token:
-                    await self._redis.delete(machine_key(self.machine_id))
+                    await self._redis.delete(rediskeys.machine(self.machine_id))
 
 
 class OrderIds:

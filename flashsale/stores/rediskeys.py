@@ -10,6 +10,7 @@ own, so one hot sale spreads over the shards (``flashsale/flash/buckets.py``).
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -111,6 +112,61 @@ def dash_second(second: int) -> str:
     """Hash: what every process published during one epoch second (counter deltas by
     HINCRBY; gauges by HSET under ``name|process``); expires after a minute or so."""
     return f"fs:{{dash}}:s:{second}"
+
+
+# --- keys of no sale ---
+
+# Token generations (flashsale/sessions.py), under one hash tag: its transactions touch the
+# three together. Hash: user id → generation; the counter bumped with every write to it;
+# the mark that the hash was seeded from PostgreSQL (gone: Redis lost it).
+AUTH_GENERATIONS = "fs:{auth}:gen"
+AUTH_GENERATIONS_VERSION = "fs:{auth}:gen:version"
+AUTH_GENERATIONS_SEEDED = "fs:{auth}:gen:seeded"
+AUTH_REVOKED = "fs:auth:revoked"  # pub/sub channel: "<user id>:<generation>"
+
+# The contingency plans (flashsale/plans.py), under one hash tag: lua/plan_switch.lua
+# writes the three at once. Hash: plan → JSON state; the counter bumped with every change;
+# the stream of the plans' operation log.
+PLANS_STATE = "fs:{plans}:state"
+PLANS_VERSION = "fs:{plans}:version"
+PLANS_LOG = "fs:{plans}:log"
+PLANS_CHANGED = "fs:plans:changed"  # pub/sub channel: the new version
+
+
+def catalog_copy(page: str) -> str:
+    """String: one catalog page's last good answer (``page``: its path and query)."""
+    return "fs:catalog:copy:" + page
+
+
+def machine(n: int) -> str:
+    """String: the lease on machine id ``n`` (lua/machine_lease.lua)."""
+    return f"fs:machine:{n}"
+
+
+def _account(login: str) -> str:
+    # hashed: the key names no address; unknown accounts are counted the same way
+    return hashlib.sha256(login.encode()).hexdigest()[:32]
+
+
+def login_account(login: str) -> str:
+    """Counter: failed logins at one account, from every address."""
+    return "fs:login:acct:" + _account(login)
+
+
+def login_ip(client_ip: str) -> str:
+    """Counter: logins from one address. One hash tag per address: its own count and its
+    counts per account change in one transaction."""
+    return "fs:{login-ip:" + client_ip + "}"
+
+
+def login_account_ip(login: str, client_ip: str) -> str:
+    """Counter: logins at one account from one address."""
+    return login_ip(client_ip) + ":acct:" + _account(login)
+
+
+def register_ip(client_ip: str) -> str:
+    """Counter: registrations from one address."""
+    return "fs:register:ip:" + client_ip
 
 
 def all_sale_keys(sale_id: int, bucket: int = 0) -> list[str]:
