@@ -338,22 +338,36 @@ async def crowd_until(
     *,
     per_second: float,
     accepted: int,
+    deadline_s: float = 60.0,
 ) -> tuple[Answers, asyncio.Task[None]]:
     """Start the crowd on ``stack``'s gateway; return once ``accepted`` shoppers have a 202
-    (the moment to inject a fault), with the crowd still running."""
+    (the moment to inject a fault), with the crowd still running (each shopper retrying
+    until ``deadline_s`` after the crowd's start)."""
     answers = Answers()
     crowd = asyncio.create_task(
-        stampede(stack.base_url, sale_id, shoppers, answers, per_second=per_second)
+        stampede(
+            stack.base_url,
+            sale_id,
+            shoppers,
+            answers,
+            per_second=per_second,
+            deadline_s=deadline_s,
+        )
     )
     await when(lambda: len(answers.accepted) >= accepted)
     return answers, crowd
 
 
-async def when(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+async def when(
+    check: Callable[[], bool],
+    timeout_s: float = 60.0,
+    explain: Callable[[], str] = lambda: "",
+) -> None:
+    """Wait for ``check()``; a timeout fails with what ``explain()`` says of the moment."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"condition not met in time {explain()}".rstrip())
         await asyncio.sleep(0.02)
 
 

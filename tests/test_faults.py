@@ -476,20 +476,32 @@ async def test_cluster_two_failovers_in_a_row(
         sale_id, shoppers = await _sale(
             stack, db, tokens, quantity=600, shoppers=1800, buckets=buckets
         )
-        answers, crowd = await crowd_until(stack, sale_id, shoppers, per_second=200, accepted=60)
+        # the shoppers keep retrying through both failovers and the rejoin between them,
+        # however long a loaded machine takes for each (the test's own waits add up to more
+        # than a minute at worst)
+        answers, crowd = await crowd_until(
+            stack, sale_id, shoppers, per_second=200, accepted=60, deadline_s=200
+        )
         assert isinstance(stack.redis_server, ValkeyCluster)
         cluster = stack.redis_server
         key = rediskeys.sale(sale_id)
         first = stack.kill_primary_of(key)
         fault_at = time.monotonic()
-        await when(lambda: cluster.primary_for(key).port != first.port)
+
+        def moment() -> str:
+            return (
+                f"({time.monotonic() - fault_at:.1f}s after the first kill; "
+                f"{len(answers.accepted)} accepted; answers {answers.statuses})"
+            )
+
+        await when(lambda: cluster.primary_for(key).port != first.port, explain=moment)
         cluster.restart(first)
         await asyncio.to_thread(cluster.wait_healthy)  # the old primary is a replica now
         before = len(answers.accepted)
-        await when(lambda: len(answers.accepted) >= before + 60)
+        await when(lambda: len(answers.accepted) >= before + 60, explain=moment)
         second = stack.kill_primary_of(key)
         assert second.port != first.port
-        await when(lambda: cluster.primary_for(key).port == first.port)
+        await when(lambda: cluster.primary_for(key).port == first.port, explain=moment)
         await crowd
         verdict = await settle_and_judge(
             "two failovers of the sale's shard" + (f" ({buckets} buckets)" if buckets > 1 else ""),
