@@ -168,8 +168,9 @@ async def join(
                     "the order queue did not acknowledge in time; nothing was reserved, retry"
                 ) from None
             if released is not Release.CLAIMED:
-                # not found, or PROMISED to a keyed retry (which the stranded sweeper's
-                # publish then keeps true): this shopper's keyed retry learns which
+                # not found, or PROMISED by an answer that named it to the shopper (a
+                # replay, LIMIT_EXCEEDED), which the stranded sweeper's publish keeps true:
+                # this attempt's keyed retry learns which
                 raise OutcomeUnknownError(data={"order_id": order_id}) from None
             # a consumer already claimed it: the event did reach the broker, the order stands
         return JoinResult(order_id, deadline, replayed=False)
