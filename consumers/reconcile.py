@@ -291,7 +291,10 @@ async def _rebuild_cache(recovery: Recovery) -> int:
 
     A consumer's recovery sweeper may be recounting a sale of several buckets at the same
     moment (it holds that sale's lease, and this pass skips it): the command waits for
-    the sweeper's recount rather than report a cache that is not rebuilt yet.
+    the sweeper's recount rather than report a cache that is not rebuilt yet. Only the
+    first pass is forced (its sales were fenced and waited for above); a sale it still
+    finds fenced later waits its own grace first, as the sweeper's does, so that a sale
+    fenced meanwhile (a failover) is not recounted before its in-flight publishes land.
     """
     fenced = await recovery.fence_all()
     print(f"{fenced} sale(s) fenced; recounting after {recovery.grace_s:.0f}s")
@@ -304,7 +307,7 @@ async def _rebuild_cache(recovery: Recovery) -> int:
             print(f"{armed} sale(s) re-armed; still not armed: {ids} (run it again)")
             return RECOVERING_EXIT
         await asyncio.sleep(REBUILD_POLL_S)
-        armed += await recovery.run_once(force=True)
+        armed += await recovery.run_once()
     print(f"{armed} sale(s) re-armed here; every recent sale is armed")
     return 0
 

@@ -85,6 +85,8 @@ def answer_error(
             # is back, or failed over, within seconds)
             exc = ServiceUnavailable("a store connection was lost; retry later")
         elif reference_gone(exc):  # rolled back: the request named what no longer exists
+            # logged: the same refusal from a row our own code got wrong would be a bug
+            log.warning("%s %s request_id=%s: a referenced row is gone: %r", method, path, rid, exc)
             exc = ReferenceGone()
         else:
             log.error("unhandled error in %s %s request_id=%s", method, path, rid, exc_info=exc)
