@@ -64,13 +64,19 @@ async def make_users(db: asyncpg.Pool, n: int) -> list[int]:
     return ids
 
 
-async def admin_headers(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
-    uid = await db.fetchval(
+async def make_admin(db: asyncpg.Pool) -> int:
+    """A new admin account of its own: a fixed id may be one whose tokens another test
+    revoked (a password or role change)."""
+    uid: int = await db.fetchval(
         "INSERT INTO users (email, password_hash, nickname, role) VALUES ($1, 'x', 'a', 'admin') "
         "RETURNING id",
         f"a-{secrets.token_hex(6)}@test.local",
     )
-    return {"Authorization": f"Bearer {tokens.issue(uid, 'admin')}"}
+    return uid
+
+
+async def admin_headers(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens.issue(await make_admin(db), 'admin')}"}
 
 
 def iso(dt: datetime) -> str:

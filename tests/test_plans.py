@@ -40,6 +40,7 @@ from tests.flashkit import (
     count_orders,
     create_sale,
     eventually,
+    make_admin,
     make_sku,
     make_users,
     remaining_of,
@@ -59,17 +60,28 @@ async def own_redis() -> AsyncIterator[Server]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def admin(tokens: TokenService) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tokens.issue(1, 'admin')}"}
+@pytest.fixture
+async def admin_id(db: asyncpg.Pool) -> int:
+    return await make_admin(db)
+
+
+@pytest.fixture
+async def admin(admin_id: int, tokens: TokenService) -> dict[str, str]:
+    return auth(tokens, admin_id, role="admin")
+
+
+@pytest.fixture
+async def shopper(db: asyncpg.Pool, tokens: TokenService) -> dict[str, str]:
+    return auth(tokens, (await make_users(db, 1))[0])
 
 
 async def flip(
-    client: Client, tokens: TokenService, name: str, mode: str, **extra: Any
+    client: Client, admin: dict[str, str], name: str, mode: str, **extra: Any
 ) -> dict[str, Any]:
     resp = await client.put(
         f"/api/v1/admin/plans/{name}",
         json={"mode": mode, "confirm": name, "reason": "test", **extra},
-        headers=admin(tokens),
+        headers=admin,
     )
     body = await resp.json()
     assert resp.status == 200, body
@@ -78,69 +90,71 @@ async def flip(
 
 
 async def test_a_switch_flipped_on_host_a_is_in_force_on_host_b(
-    base_settings: Settings, tokens: TokenService, own_redis: Server
+    base_settings: Settings,
+    own_redis: Server,
+    admin: dict[str, str],
+    admin_id: int,
+    shopper: dict[str, str],
 ) -> None:
     settings = base_settings.with_(redis_url=own_redis.url, plan_poll_ms=60_000)
     host_a, host_b = create_app(settings), create_app(settings)
-    user = {"Authorization": f"Bearer {tokens.issue(7, 'user')}"}
     async with TestClient(GatewayServer(host_a)) as a, TestClient(GatewayServer(host_b)) as b:
         resp = await a.put(
             "/api/v1/admin/plans/read-only",
             json={"mode": "on", "confirm": "read-on"},
-            headers=admin(tokens),
+            headers=admin,
         )
         assert resp.status == 422  # the name must be typed back
         assert not host_b[SWITCHES].read_only
 
         flipped = time.monotonic()
-        state = await flip(a, tokens, plans.READ_ONLY, "on")
-        assert state["on"] and state["moved"] and state["by"] == "admin:1"
+        state = await flip(a, admin, plans.READ_ONLY, "on")
+        assert state["on"] and state["moved"] and state["by"] == f"admin:{admin_id}"
         await when(lambda: host_b[SWITCHES].read_only, timeout_s=5)
         print(f"read-only in force on host B after {time.monotonic() - flipped:.3f}s")
 
         # host B: a join is refused with its own code, a cart write too; reads go on
-        join = await b.post("/api/v1/flash-sales/1/join", json={"quantity": 1}, headers=user)
+        join = await b.post("/api/v1/flash-sales/1/join", json={"quantity": 1}, headers=shopper)
         assert join.status == 503 and (await join.json())["error"] == "READ_ONLY"
         assert "Retry-After" in join.headers
         cart = await b.post("/api/v1/cart/items", json={"sku_id": 1, "quantity": 1})
         assert cart.status == 503 and (await cart.json())["error"] == "READ_ONLY"
         assert (await b.get("/api/v1/flash-sales/active")).status == 200
-        closing = await b.post("/api/v1/admin/flash-sales/1/close", headers=admin(tokens))
+        closing = await b.post("/api/v1/admin/flash-sales/1/close", headers=admin)
         assert closing.status == 503 and (await closing.json())["error"] == "READ_ONLY"
         # an admin can still close the plan from the host that is read-only
-        assert (await flip(b, tokens, plans.READ_ONLY, "off"))["on"] is False
+        assert (await flip(b, admin, plans.READ_ONLY, "off"))["on"] is False
         await when(lambda: not host_a[SWITCHES].read_only, timeout_s=5)
         again = await a.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})
         assert again.status == 404  # the write reaches the shop again (no such SKU)
 
-        listed = await a.get("/api/v1/admin/plans", headers=admin(tokens))
+        listed = await a.get("/api/v1/admin/plans", headers=admin)
         data = (await listed.json())["data"]
         assert {p["name"] for p in data["plans"]} == set(plans.PLANS)
         moves = [(e["plan"], e["from"], e["to"], e["by"]) for e in data["log"]]
         assert moves[:2] == [
-            ("read-only", "on", "off", "admin:1"),
-            ("read-only", "off", "on", "admin:1"),
+            ("read-only", "on", "off", f"admin:{admin_id}"),
+            ("read-only", "off", "on", f"admin:{admin_id}"),
         ]
         # a second "on" of a plan already on changes and logs nothing
-        await flip(a, tokens, plans.PAUSE_BACKGROUND, "on")
-        assert (await flip(a, tokens, plans.PAUSE_BACKGROUND, "on"))["moved"] is False
+        await flip(a, admin, plans.PAUSE_BACKGROUND, "on")
+        assert (await flip(a, admin, plans.PAUSE_BACKGROUND, "on"))["moved"] is False
         redis = Redis.from_url(own_redis.url)
         try:
             assert await redis.xlen(rediskeys.PLANS_LOG) == 3
         finally:
             await redis.aclose()
-        forbidden = await a.get("/api/v1/admin/plans", headers=user)
+        forbidden = await a.get("/api/v1/admin/plans", headers=shopper)
         assert forbidden.status == 403
 
 
 async def test_shed_storefront_sheds_storefront_writes_not_the_flash_path(
-    base_settings: Settings, tokens: TokenService, own_redis: Server
+    base_settings: Settings, own_redis: Server, admin: dict[str, str], shopper: dict[str, str]
 ) -> None:
     settings = base_settings.with_(redis_url=own_redis.url)
     app = create_app(settings)
-    user = {"Authorization": f"Bearer {tokens.issue(7, 'user')}"}
     async with TestClient(GatewayServer(app)) as client:
-        await flip(client, tokens, plans.SHED_STOREFRONT, "on")
+        await flip(client, admin, plans.SHED_STOREFRONT, "on")
         await when(lambda: app[SWITCHES].shed_storefront, timeout_s=5)
         shed = await client.post("/api/v1/cart/items", json={"sku_id": 1, "quantity": 1})
         assert shed.status == 503 and (await shed.json())["error"] == "RETRY_LATER"
@@ -148,25 +162,25 @@ async def test_shed_storefront_sheds_storefront_writes_not_the_flash_path(
         assert (await client.get("/api/v1/categories")).status == 200  # reads kept
         # the join is never shed: it reaches the flash path (no such sale)
         join = await client.post(
-            "/api/v1/flash-sales/99999999/join", json={"quantity": 1}, headers=user
+            "/api/v1/flash-sales/99999999/join", json={"quantity": 1}, headers=shopper
         )
         assert join.status == 404, await join.text()
-        await flip(client, tokens, plans.SHED_STOREFRONT, "on", options={"reads": True})
+        await flip(client, admin, plans.SHED_STOREFRONT, "on", options={"reads": True})
         await when(lambda: app[SWITCHES].shed_reads, timeout_s=5)
         assert (await client.get("/api/v1/categories")).status == 503
-        await flip(client, tokens, plans.SHED_STOREFRONT, "off")
+        await flip(client, admin, plans.SHED_STOREFRONT, "off")
         await when(lambda: not app[SWITCHES].shed_storefront, timeout_s=5)
         assert (await client.get("/api/v1/categories")).status == 200
 
 
 async def test_shed_storefront_waits_for_its_cpu_threshold(
-    base_settings: Settings, tokens: TokenService, own_redis: Server
+    base_settings: Settings, own_redis: Server, admin: dict[str, str]
 ) -> None:
     """With FLASHSALE_SHED_CPU_PERCENT=100 a worker sheds only when its one thread is busy all
     the time: a test process never is, so with the plan on the storefront is still served."""
     app = create_app(base_settings.with_(redis_url=own_redis.url, shed_cpu_percent=100.0))
     async with TestClient(GatewayServer(app)) as client:
-        await flip(client, tokens, plans.SHED_STOREFRONT, "on")
+        await flip(client, admin, plans.SHED_STOREFRONT, "on")
         await when(lambda: app[SWITCHES].shed_storefront, timeout_s=5)
         served = await client.post("/api/v1/cart/items", json={"sku_id": 10**12, "quantity": 1})
         assert served.status == 404  # reached the shop: no such SKU
