@@ -17,8 +17,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from flashsale import auth as auth_module
 from flashsale.auth import ROLES, Principal, TokenService, check_password, require_role
-from flashsale.errors import AppError, Forbidden
+from flashsale.errors import AppError, Forbidden, TokenMalformed
 from flashsale.settings import Settings
 from stack import stackfile
 from tests.conftest import TEST_SECRET
@@ -325,6 +326,53 @@ def test_token_cache_is_bounded_by_canonical_tokens(tokens: TokenService) -> Non
             service.verify(token + junk)
     service.verify(token)
     assert service.cached() == 1
+
+
+def test_a_full_token_cache_forgets_its_oldest_not_everyone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past its size the cache drops a slice of its oldest entries: the shoppers of the
+    moment keep their checked tokens (a full clear made each of them pay the check again)."""
+    monkeypatch.setattr(auth_module, "_CACHE_MAX", 100)
+    monkeypatch.setattr(auth_module, "_CACHE_EVICT", 10)
+    service = TokenService(TEST_SECRET, 60)
+    tokens = [service.issue(uid, "user") for uid in range(1, 102)]
+    for token in tokens:
+        service.verify(token)
+    assert service.cached() == 91  # 100 held, 10 oldest forgotten, the 101st added
+    checks: list[str] = []
+    check = service._fast_verify
+
+    def counted(token: str) -> Principal | None:
+        checks.append(token)
+        return check(token)
+
+    monkeypatch.setattr(service, "_fast_verify", counted)
+    for token in tokens[10:]:
+        assert service.verify(token).user_id == tokens.index(token) + 1
+    assert checks == []  # each of the 91 newest answered from the cache
+    service.verify(tokens[0])
+    assert checks == [tokens[0]]
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "\u00b2", "role": "user"},  # a digit to str.isdigit, not to int()
+        {"sub": "7", "role": "root"},
+        {"sub": 7, "role": "user"},
+        {"sub": "7", "role": "user", "gen": True},
+        {"sub": "7", "role": "user", "gen": -1},
+        {"sub": "7", "role": "user", "exp": True},
+    ],
+)
+def test_a_signed_token_with_claims_of_the_wrong_type_is_malformed(
+    claims: dict[str, Any],
+) -> None:
+    service = TokenService(TEST_SECRET, 60)
+    token = jwt.encode({"exp": int(time.time()) + 60, **claims}, TEST_SECRET, algorithm="HS256")
+    with pytest.raises(TokenMalformed):
+        service.verify(token)
 
 
 async def test_router_enforces_every_declared_role(
