@@ -2,9 +2,9 @@
 
 Handlers register through :func:`add_routes`, which both adds them to the router
 and records them for ``/api/v1/openapi.json``; a test checks that the router and
-the spec list exactly the same routes. A route's ``body``, ``query`` and ``path``
-are the very specs its handler validates with, so the document states exactly
-what is enforced (see :mod:`gateway.validation`).
+the spec list exactly the same routes. A route's ``body``, ``query`` and ``params``
+are the very types its handler reads (:mod:`gateway.shapes`), so the document states
+exactly what is enforced (see :mod:`gateway.validation`).
 
 The router, not the handler, checks the role a route declares in ``auth``: the
 handler of a route with ``auth`` takes ``(request, principal)`` and is called only
@@ -42,8 +42,17 @@ from flashsale.errors import (
 )
 from gateway.appkeys import TOKENS
 from gateway.auth import authenticate, optional_principal
-from gateway.shapes import Body, Query, query_spec_of, response_components, spec_of
-from gateway.validation import PATH_ID, F, json_schema, object_schema
+from gateway.shapes import (
+    PATH_ID_SPEC,
+    Body,
+    PathParams,
+    Query,
+    path_spec_of,
+    query_spec_of,
+    response_components,
+    spec_of,
+)
+from gateway.validation import F, json_schema, object_schema
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The handler of a route with ``auth``: the router hands it the verified principal.
@@ -82,8 +91,9 @@ class Route:
     # (tests/test_openapi.py).
     answer: Any = None
     tag: str = "misc"
-    # Path parameters that are not a numeric id (PATH_ID), e.g. order ids.
-    params: Mapping[str, F] = field(default_factory=dict)
+    # The PathParams subclass its handler reads with gateway.shapes.read_path: the
+    # placeholders that are not a numeric id (PathId), e.g. order ids.
+    params: type[PathParams] | None = None
     # False where the handler takes a missing body as {} (the fields are all optional).
     body_required: bool = True
     # Rules across fields the schema language cannot state (answered with 422).
@@ -105,6 +115,13 @@ def body_spec(r: Route) -> Mapping[str, F] | None:
     if isinstance(r.body, type):
         return spec_of(r.body)
     return r.body
+
+
+def path_spec(r: Route) -> dict[str, F]:
+    """The validation spec of each of ``r``'s path parameters: a field of its PathParams
+    type, else a numeric id."""
+    declared = {} if r.params is None else path_spec_of(r.params)
+    return {name: declared.get(name, PATH_ID_SPEC) for name in path_params(r)}
 
 
 def query_spec(r: Route) -> Mapping[str, F]:
@@ -267,9 +284,9 @@ def _operation(r: Route, answer: dict[str, Any] | None) -> dict[str, Any]:
             "name": name,
             "in": "path",
             "required": True,
-            "schema": json_schema(r.params.get(name, PATH_ID), nullable=False),
+            "schema": json_schema(spec, nullable=False),
         }
-        for name in path_params(r)
+        for name, spec in path_spec(r).items()
     ]
     params += [
         {

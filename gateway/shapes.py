@@ -13,6 +13,12 @@ which then names every bad field (or accepts what msgspec is stricter about, suc
 ``3.0`` for an integer). Any other body goes through the validator first (it strips
 strings and refuses NUL and blanks) and its cleaned values become the Struct.
 
+A route's path parameters are a :class:`PathParams` Struct (``Route.params``), one field
+per textual placeholder: :func:`path_spec_of` gives the document its parameter schemas and
+:func:`read_path` checks each value against the same spec, a bad one answering 404. A
+numeric id needs no declaration: it is a :data:`PathId`, read with
+:func:`gateway.validation.path_int`.
+
 A response's ``data`` is described by an :class:`Answer` Struct (or ``list[...]`` of one, a
 union of tagged ones, or :data:`NO_DATA` for null) given as ``Route.answer``;
 :func:`response_components` turns them into the document's schemas, and
@@ -69,11 +75,26 @@ class Answer(msgspec.Struct):
     sometimes is ``X | UnsetType = UNSET`` (not required)."""
 
 
+class PathParams(msgspec.Struct):
+    """Base of a route's textual path parameters: a field per placeholder of the path (each
+    a constrained ``str``; the others are numeric ids, :data:`PathId`). A value a field
+    refuses names nothing: :func:`read_path` answers 404 "``what`` not found"."""
+
+    what: ClassVar[str]
+
+
+# A numeric path id, the type of every placeholder a route's PathParams does not declare:
+# a row of a BIGINT primary key (gateway.validation.path_int reads it).
+PathId = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+# A textual path parameter (an order id, a plan's name): 1-64 characters, not blank, no NUL.
+PathText = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
 # The answer of a route whose envelope carries no data (``"data": null``).
 NO_DATA: Final = type(None)
 
 
 B = TypeVar("B", bound=Body)
+P = TypeVar("P", bound=PathParams)
 Q = TypeVar("Q", bound=Query)
 T = TypeVar("T")
 
@@ -195,6 +216,20 @@ def query_spec_of(shape: type[Query]) -> Mapping[str, F]:
     return {name: replace(f, nullable=False) for name, f in _fields(_info(shape)).items()}
 
 
+@cache
+def path_spec_of(shape: type[PathParams]) -> Mapping[str, F]:
+    """The spec of each path parameter ``shape`` declares (its check and its schema)."""
+    specs = _fields(_info(shape))
+    for name, spec in specs.items():
+        if spec.kind is not str:  # a numeric id is undeclared: path_int reads it
+            raise TypeError(f"{shape.__name__}.{name}: a declared path parameter is a str")
+    return specs
+
+
+# The spec of a path parameter no PathParams declares.
+PATH_ID_SPEC: Final = _spec(mi.type_info(PathId))
+
+
 def _exact_type(t: mi.Type) -> bool:
     if isinstance(t, mi.Metadata):
         return _exact_type(t.type)
@@ -292,11 +327,16 @@ def read_query(request: web.Request, shape: type[Q]) -> Q:
     return out
 
 
-def read_path(request: web.Request, params: Mapping[str, F], what: str) -> str:
-    """The one textual path parameter ``params`` declares (the route's ``params``, so the
-    document states what is checked), or a 404 "``what`` not found"."""
-    ((name, spec),) = params.items()
-    return path_text(request.match_info[name], what, spec=spec)
+def read_path(request: web.Request, shape: type[P]) -> P:
+    """The request's path parameters as a ``shape`` (its route's ``params``, so the document
+    states what is checked), each value as sent; one ``shape`` refuses is a 404."""
+    info = request.match_info
+    values = {
+        name: path_text(info[name], shape.what, spec=spec)
+        for name, spec in path_spec_of(shape).items()
+    }
+    out: P = _build(_info(shape), values)
+    return out
 
 
 def as_dict(body: msgspec.Struct) -> dict[str, Any]:

@@ -115,11 +115,6 @@ class Obj(Mapping[str, F]):
         return len(self.fields)
 
 
-# A path id: ASCII digits naming a row of a BIGINT primary key; anything else is a 404.
-PATH_ID: Final = F(int, min=1, max=INT64_MAX)
-# A textual path id (order, payment): 1-64 characters, no NUL.
-PATH_TEXT: Final = F(str, min_len=1, max_len=64)
-
 _SCALAR_VALUES: Final = (
     F(str, nullable=True, max_len=MAX_FREE_TEXT),
     F(float, nullable=True),
@@ -388,7 +383,8 @@ def date_bound(value: datetime | date | None, *, end: bool) -> datetime | None:
 
 
 def path_int(value: str, name: str = "id") -> int:
-    """A path id (:data:`PATH_ID`): anything but ASCII digits within BIGINT is a 404."""
+    """A numeric path id (``gateway.shapes.PathId``): a row of a BIGINT primary key, so
+    anything but ASCII digits from 1 to :data:`INT64_MAX` is a 404."""
     if not (value.isascii() and value.isdigit()) or len(value) > 19:
         raise NotFound(f"{name} not found")
     number = int(value)
@@ -397,8 +393,8 @@ def path_int(value: str, name: str = "id") -> int:
     return number
 
 
-def path_text(value: str, name: str, *, spec: F = PATH_TEXT) -> str:
-    """A textual path id matching ``spec`` (default :data:`PATH_TEXT`), else a 404."""
+def path_text(value: str, name: str, *, spec: F) -> str:
+    """A textual path parameter matching ``spec``, else a 404 "``name`` not found"."""
     errors: dict[str, str] = {}
     _check(name, value, spec, errors)
     if errors:

@@ -1,4 +1,5 @@
-"""Typed request bodies (gateway/shapes.py): the same answers as the validator they replace."""
+"""Typed request bodies and path parameters (gateway/shapes.py): the same answers as the
+validator specs they replace."""
 
 from __future__ import annotations
 
@@ -6,11 +7,29 @@ from typing import Annotated
 
 import msgspec
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
-from flashsale.errors import InvalidJSON, ValidationFailed
+from flashsale.errors import InvalidJSON, NotFound, ValidationFailed
+from gateway.routes import extra_routes, health, users
+from gateway.routes.dashboard import AssetPath
 from gateway.routes.flashsales import JoinBody
-from gateway.shapes import Body, decode_body, exact, one_of, spec_of
-from gateway.validation import Alt, object_schema
+from gateway.routes.orders import OrderPath
+from gateway.routes.payments import SANDBOX_ROUTES
+from gateway.routes.presale import PreorderPath
+from gateway.routing import openapi_spec, path_params, path_spec
+from gateway.shapes import (
+    PATH_ID_SPEC,
+    Body,
+    PathId,
+    PathParams,
+    decode_body,
+    exact,
+    one_of,
+    path_spec_of,
+    read_path,
+    spec_of,
+)
+from gateway.validation import INT64_MAX, Alt, json_schema, object_schema
 
 pytestmark = pytest.mark.unit
 
@@ -103,3 +122,78 @@ def test_optional_but_not_null_and_choices_from_a_tuple() -> None:
         "limit": "must not be null",
         "colour": "must be one of: red, blue",
     }
+
+
+def test_every_path_parameter_comes_from_a_typed_declaration() -> None:
+    """A route's textual placeholders are the fields of its PathParams type, the others are
+    numeric ids (PathId); the document states the very specs read_path checks, with the
+    bounds msgspec reads off the same Struct."""
+    routes = [*health.ROUTES, *users.ROUTES, *extra_routes(), *SANDBOX_ROUTES]
+    doc = openapi_spec(routes, version="test")
+    declared = 0
+    for r in routes:
+        where = (r.method, r.path)
+        names = path_params(r)
+        published = {
+            p["name"]: p["schema"]
+            for p in doc["paths"][r.path][r.method.lower()].get("parameters", [])
+            if p["in"] == "path"
+        }
+        assert list(published) == names, where
+        assert published == {n: json_schema(s) for n, s in path_spec(r).items()}, where
+        if r.params is None:
+            assert all(s is PATH_ID_SPEC for s in path_spec(r).values()), where
+            continue
+        declared += 1
+        assert issubclass(r.params, PathParams) and r.params.what, where
+        assert set(r.params.__struct_fields__) <= set(names), (where, "not in the path")
+        _, own = msgspec.json.schema_components([r.params])
+        for name, field in own[r.params.__name__]["properties"].items():
+            for bound in ("minLength", "maxLength"):
+                assert published[name].get(bound) == field.get(bound), (where, name, bound)
+    assert declared, "no route declares its path parameters"
+
+
+def test_a_numeric_id_publishes_its_bigint_bounds() -> None:
+    assert json_schema(PATH_ID_SPEC) == {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
+    assert msgspec.json.schema(PathId) == {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
+
+
+def _read(shape: type[PathParams], **values: str) -> PathParams:
+    return read_path(make_mocked_request("GET", "/", match_info=values), shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "values", "message"),
+    [
+        (OrderPath, {"id": "x" * 65}, "order not found"),
+        (OrderPath, {"id": " \t"}, "order not found"),
+        (OrderPath, {"id": "1\x00"}, "order not found"),
+        (PreorderPath, {"order_id": "12a"}, "presale order not found"),
+        (PreorderPath, {"order_id": "1" * 41}, "presale order not found"),
+        (AssetPath, {"name": ".env"}, "file not found"),
+    ],
+)
+def test_a_path_value_its_type_refuses_is_404(
+    shape: type[PathParams], values: dict[str, str], message: str
+) -> None:
+    with pytest.raises(NotFound) as caught:
+        _read(shape, **values)
+    assert caught.value.message == message and caught.value.fields is None
+
+
+def test_a_path_value_comes_back_as_sent() -> None:
+    assert _read(OrderPath, id=" 42 ") == OrderPath(id=" 42 ")
+    assert _read(PreorderPath, order_id="9" * 40) == PreorderPath(order_id="9" * 40)
+    assert _read(AssetPath, name="app.js") == AssetPath(name="app.js")
+
+
+class _CountPath(PathParams):
+    what = "count"
+    n: PathId
+
+
+def test_a_declared_path_parameter_is_text() -> None:
+    """A numeric id is left undeclared (path_int reads it): declaring one would 404 always."""
+    with pytest.raises(TypeError, match=r"_CountPath\.n"):
+        path_spec_of(_CountPath)

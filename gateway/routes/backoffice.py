@@ -20,12 +20,12 @@ from flashsale.orders.backoffice import OrderQuery
 from gateway import appkeys
 from gateway.http import ok
 from gateway.routes.orders import (
-    ORDER_ID,
     Kind,
     LogEntry,
     OrderDetail,
     OrderHead,
     OrderLine,
+    OrderPath,
     ReturnView,
     ShipBody,
     ShippingInfo,
@@ -42,6 +42,8 @@ from gateway.shapes import (
     Body,
     CreatedFrom,
     CreatedTo,
+    PathParams,
+    PathText,
     Query,
     as_dict,
     one_of,
@@ -50,7 +52,7 @@ from gateway.shapes import (
     read_path,
     read_query,
 )
-from gateway.validation import INT64_MAX, PATH_TEXT, date_bound
+from gateway.validation import INT64_MAX, date_bound
 
 Page = Annotated[int, Meta(ge=1, le=10_000, description="page number, from 1")]
 Limit = Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")]
@@ -150,7 +152,11 @@ class Rejection(Body):
     ]
 
 
-RETURN_ID: Final = {"return_id": PATH_TEXT}
+class ReturnPath(PathParams):
+    what = "return"
+    return_id: PathText
+
+
 CSV_COLUMNS: Final = (
     "order_id",
     "created_at",
@@ -244,7 +250,7 @@ async def approve(request: web.Request, p: Principal) -> web.Response:
     body = await read_optional_body(request, Approval)
     out = await returns.approve_return(
         request.app[appkeys.DB],
-        read_path(request, RETURN_ID, "return"),
+        read_path(request, ReturnPath).return_id,
         Actor.of(p),
         note=body.note,
         refund_amount=body.refund_amount,
@@ -256,7 +262,7 @@ async def reject(request: web.Request, p: Principal) -> web.Response:
     body = await read_body(request, Rejection)
     out = await returns.reject_return(
         request.app[appkeys.DB],
-        read_path(request, RETURN_ID, "return"),
+        read_path(request, ReturnPath).return_id,
         Actor.of(p),
         note=body.note,
     )
@@ -434,7 +440,7 @@ ROUTES = [
         merchant_detail,
         "One order as its merchant sees it: its lines, address, tracking, returns, log",
         auth="merchant",
-        params=ORDER_ID,
+        params=OrderPath,
         answer=MerchantOrderDetail,
     ),
     return_route(
@@ -454,7 +460,7 @@ ROUTES = [
         "changes nothing (changed: false)",
         body=Approval,
         body_required=False,
-        params=RETURN_ID,
+        params=ReturnPath,
         responses=(InvalidTransition, RefundExceedsPaid),
         answer=ReturnDecided,
     ),
@@ -464,7 +470,7 @@ ROUTES = [
         reject,
         "Reject a return with a note: return_requested → return_rejected",
         body=Rejection,
-        params=RETURN_ID,
+        params=ReturnPath,
         responses=(InvalidTransition,),
         answer=ReturnDecided,
     ),
@@ -483,7 +489,7 @@ ROUTES = [
         admin_detail,
         "Any order in full, with its returns and operation log",
         auth="admin",
-        params=ORDER_ID,
+        params=OrderPath,
         answer=AdminOrder,
     ),
     route(
@@ -492,7 +498,7 @@ ROUTES = [
         order_logs,
         "The operation log of any order",
         auth="admin",
-        params=ORDER_ID,
+        params=OrderPath,
         answer=list[LogEntry],
     ),
     route(

@@ -14,10 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from functools import partial
 from importlib import resources
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import orjson
 from aiohttp import web
+from msgspec import Meta
 
 from flashsale.auth import Principal, require_role
 from flashsale.dashboard.hub import DashboardHub, open_hub
@@ -34,9 +35,9 @@ from gateway.http import ok
 from gateway.plans_runtime import SWITCHES
 from gateway.routes.flashsales import client_ip
 from gateway.routing import ROLES_OF, Auth, Route
-from gateway.shapes import Answer
+from gateway.shapes import Answer, PathParams, read_path
 from gateway.streams import start_stream
-from gateway.validation import F, path_int, path_text
+from gateway.validation import path_int
 
 HUB: Final = web.AppKey("dashboard_hub", DashboardHub)
 
@@ -47,7 +48,13 @@ _TYPES: Final = {
     ".md": "text/plain",
     ".LICENSE": "text/plain",
 }
-ASSET_NAME: Final = F(str, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_len=64)
+
+
+class AssetPath(PathParams):
+    what = "file"
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", max_length=64)]
+
+
 # The pages load only their own scripts and styles, talk only to this origin and are never
 # framed (clickjacking of the admin actions); the vendored uPlot styles through the CSSOM,
 # which 'self' allows.
@@ -110,12 +117,11 @@ async def sale_page(request: web.Request) -> web.Response:
 
 
 async def static_file(request: web.Request) -> web.Response:
-    return asset(path_text(request.match_info["name"], "file", spec=ASSET_NAME))
+    return asset(read_path(request, AssetPath).name)
 
 
 async def vendor_file(request: web.Request) -> web.Response:
-    name = path_text(request.match_info["name"], "file", spec=ASSET_NAME)
-    return asset("vendor/" + name)
+    return asset("vendor/" + read_path(request, AssetPath).name)
 
 
 async def _may_watch(request: web.Request, principal: Principal, sale_id: int) -> None:
@@ -248,7 +254,6 @@ async def end_streams(app: web.Application) -> None:
 _PAGE = {200: "an HTML page"}
 # The HTML pages and the files they load, outside the JSON envelope.
 page = partial(Route, tag="pages", envelope=False, success=_PAGE)
-_ASSET = {"name": ASSET_NAME}
 ROUTES = [
     page(
         "GET",
@@ -267,14 +272,14 @@ ROUTES = [
         "/static/{name}",
         static_file,
         "The pages' scripts and styles",
-        params=_ASSET,
+        params=AssetPath,
     ),
     page(
         "GET",
         "/static/vendor/{name}",
         vendor_file,
         "Vendored libraries (uPlot, MIT) with their licences",
-        params=_ASSET,
+        params=AssetPath,
     ),
     Route(
         "GET",

@@ -37,6 +37,8 @@ from gateway.routing import Auth, Route, SignedInHandler
 from gateway.shapes import (
     Answer,
     Body,
+    PathParams,
+    PathText,
     Query,
     one_of,
     or_none,
@@ -45,12 +47,7 @@ from gateway.shapes import (
     read_path,
     read_query,
 )
-from gateway.validation import (
-    INT32_MAX,
-    INT64_MAX,
-    PATH_TEXT,
-    Alt,
-)
+from gateway.validation import INT32_MAX, INT64_MAX, Alt
 
 SkuOrProduct = Annotated[int, Meta(ge=1)] | UnsetType
 
@@ -379,7 +376,11 @@ class OrderList(Query):
     limit: Annotated[int, Meta(ge=1, le=100, description="page size, 1-100")] = 10
 
 
-ORDER_ID = {"id": PATH_TEXT}
+class OrderPath(PathParams):
+    what = "order"
+    id: PathText
+
+
 SQL_SINGLE_SKU = """
 SELECT product_id, min(id) AS sku_id, count(*) AS skus FROM skus
 WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
@@ -387,8 +388,8 @@ WHERE product_id = ANY($1::bigint[]) GROUP BY product_id
 
 
 def path_order_id(request: web.Request) -> str:
-    """The order id in the path of a route with ``params=ORDER_ID``."""
-    return read_path(request, ORDER_ID, "order")
+    """The order id in the path of a route with ``params=OrderPath``."""
+    return read_path(request, OrderPath).id
 
 
 async def _lines(request: web.Request, items: list[OrderItem]) -> list[OrderLineRequest]:
@@ -567,7 +568,7 @@ def _step(
         auth=auth,
         body=body,
         tag="orders",
-        params=ORDER_ID,
+        params=OrderPath,
         body_required=body_required,
         responses=(*_STATE, *responses),
         answer=answer,
@@ -598,7 +599,7 @@ ROUTES = [
         "/api/v1/orders/{id}",
         detail,
         "One of the caller's orders: items, shipping_info, payment_info",
-        params=ORDER_ID,
+        params=OrderPath,
         answer=ShopperOrder,
     ),
     route(
@@ -606,7 +607,7 @@ ROUTES = [
         "/api/v1/orders/{id}/logs",
         logs,
         "The operation log of an order",
-        params=ORDER_ID,
+        params=OrderPath,
         answer=list[LogEntry],
     ),
     _step(
@@ -664,7 +665,7 @@ ROUTES = [
         "return_rejected; it is listed in the order's `returns`",
         body=ReturnBody,
         tag="returns",
-        params=ORDER_ID,
+        params=OrderPath,
         rules="items only with kind return; each line of the order, at most what is left to return",
         success={201: "return requested"},
         responses=(InvalidTransition, ReturnInProgress, RefundExceedsPaid),

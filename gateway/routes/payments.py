@@ -29,8 +29,17 @@ from flashsale.settings import Settings
 from gateway import appkeys
 from gateway.http import ok, read_json
 from gateway.routing import Route
-from gateway.shapes import Answer, Body, one_of, read_body, read_path, spec_of
-from gateway.validation import PATH_TEXT, validate
+from gateway.shapes import (
+    Answer,
+    Body,
+    PathParams,
+    PathText,
+    one_of,
+    read_body,
+    read_path,
+    spec_of,
+)
+from gateway.validation import validate
 
 Url = Annotated[str, Meta(max_length=2000)] | None
 OrderId = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -58,7 +67,9 @@ class Notification(Body, kw_only=True, forbid_unknown_fields=False):
     sign: Annotated[str, Meta(pattern="[\\x21-\\x7e]{1,256}")]
 
 
-PAYMENT_ID = {"payment_id": PATH_TEXT}
+class PaymentPath(PathParams):
+    what = "payment"
+    payment_id: PathText
 
 
 class RefundBody(Body, kw_only=True):
@@ -221,7 +232,7 @@ async def sandbox_show(request: web.Request, principal: Principal) -> web.Respon
     pay = await payments.get_payment(
         request.app[appkeys.DB],
         request.app[appkeys.SETTINGS],
-        read_path(request, PAYMENT_ID, "payment"),
+        read_path(request, PaymentPath).payment_id,
         principal.user_id,
         principal.role,
     )
@@ -236,7 +247,7 @@ async def _sandbox_complete(
         await payments.sandbox_complete(
             request.app[appkeys.DB],
             request.app[appkeys.SETTINGS],
-            read_path(request, PAYMENT_ID, "payment"),
+            read_path(request, PaymentPath).payment_id,
             principal.user_id,
             principal.role,
             approve=approve,
@@ -323,7 +334,7 @@ ROUTES = [
 
 # The sandbox pays orders with no money: its routes are mounted only when it is the
 # configured provider (FLASHSALE_PAYMENT_PROVIDER=sandbox), and are a 404 otherwise.
-sandbox = partial(Route, auth="user", tag="payments", params=PAYMENT_ID)
+sandbox = partial(Route, auth="user", tag="payments", params=PaymentPath)
 SANDBOX_ROUTES = [
     sandbox(
         "GET",

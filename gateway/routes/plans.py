@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -17,10 +17,12 @@ from gateway.flash_runtime import FLASH
 from gateway.http import ok
 from gateway.plans_runtime import SWITCHES
 from gateway.routing import ROUTE_TABLE, Route
-from gateway.shapes import Answer, Body, one_of, or_none, read_body
-from gateway.validation import F, path_text
+from gateway.shapes import Answer, Body, PathParams, PathText, one_of, or_none, read_body, read_path
 
-PLAN_NAME: Final = F(str, min_len=1, max_len=64)
+
+class PlanPath(PathParams):
+    what = "plan"
+    name: PathText
 
 
 class Switch(Body):
@@ -113,7 +115,7 @@ async def list_plans(request: web.Request, principal: Principal) -> web.Response
 
 
 async def switch_plan(request: web.Request, principal: Principal) -> web.Response:
-    name = path_text(request.match_info["name"], "plan", spec=PLAN_NAME)
+    name = read_path(request, PlanPath).name
     plans.plan_named(name)
     body = await read_body(request, Switch)
     if body.confirm != name:
@@ -171,7 +173,7 @@ ROUTES = [
         "worker within a second",
         auth="admin",
         body=Switch,
-        params={"name": PLAN_NAME},
+        params=PlanPath,
         tag="plans",
         answer=PlanSwitched,
     ),

@@ -21,13 +21,14 @@ from gateway.shapes import (
     Body,
     CreatedFrom,
     CreatedTo,
+    PathParams,
     Query,
     one_of,
     read_body,
     read_path,
     read_query,
 )
-from gateway.validation import INT32_MAX, F, date_bound, path_int
+from gateway.validation import INT32_MAX, date_bound, path_int
 
 
 class NewCampaign(Body, kw_only=True):
@@ -111,7 +112,9 @@ class PreorderPage(Answer):
     limit: int
 
 
-ORDER_ID = {"order_id": F(str, pattern="[0-9]{1,40}")}
+class PreorderPath(PathParams):
+    what = "presale order"
+    order_id: Annotated[str, Meta(pattern="[0-9]{1,40}")]
 
 
 async def create_campaign(request: web.Request, principal: Principal) -> web.Response:
@@ -151,7 +154,7 @@ async def create_preorder(request: web.Request, principal: Principal) -> web.Res
 
 
 async def update_preorder(request: web.Request, principal: Principal) -> web.Response:
-    order_id = read_path(request, ORDER_ID, "presale order")
+    order_id = read_path(request, PreorderPath).order_id
     body = await read_body(request, PreorderChange)
     out = await presale.change_status(
         request.app[appkeys.DB], principal, order_id, body.status, version=body.version
@@ -162,7 +165,7 @@ async def update_preorder(request: web.Request, principal: Principal) -> web.Res
 async def get_preorder(request: web.Request, principal: Principal) -> web.Response:
     return ok(
         await presale.get_order(
-            request.app[appkeys.DB], principal, read_path(request, ORDER_ID, "presale order")
+            request.app[appkeys.DB], principal, read_path(request, PreorderPath).order_id
         )
     )
 
@@ -186,7 +189,7 @@ async def list_preorders(request: web.Request, principal: Principal) -> web.Resp
 
 async def cancel_preorder(request: web.Request, principal: Principal) -> web.Response:
     out, changed = await presale.cancel_order(
-        request.app[appkeys.DB], principal, read_path(request, ORDER_ID, "presale order")
+        request.app[appkeys.DB], principal, read_path(request, PreorderPath).order_id
     )
     if not changed:
         return ok(out, message="already cancelled")
@@ -246,7 +249,7 @@ ROUTES = [
         get_preorder,
         "One presale order",
         auth="user",
-        params=ORDER_ID,
+        params=PreorderPath,
         answer=Preorder,
     ),
     route(
@@ -258,7 +261,7 @@ ROUTES = [
         auth="user",
         body=PreorderChange,
         responses=(E.Forbidden, E.PaymentRequired, E.InvalidTransition, E.VersionConflict),
-        params=ORDER_ID,
+        params=PreorderPath,
         answer=Preorder,
     ),
     route(
@@ -269,7 +272,7 @@ ROUTES = [
         "the same transaction",
         auth="user",
         responses=(E.InvalidTransition,),
-        params=ORDER_ID,
+        params=PreorderPath,
         answer=Preorder,
     ),
 ]
