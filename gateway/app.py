@@ -91,12 +91,14 @@ async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
 async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
     stats = app[appkeys.REQUEST_STATS]
 
-    async def flush_every_second() -> None:
-        while True:
-            await asyncio.sleep(EXPORT_EVERY_S)
-            stats.flush()
+    async def flush() -> None:
+        stats.flush()
 
-    task = asyncio.create_task(flush_every_second(), name="request-stats")
+    # errors=(): no I/O, so no store error to live through; a failure is a bug
+    flusher = tasks.guarded_loop(
+        flush, name="request stats", every_s=EXPORT_EVERY_S, errors=(), wait_first=True
+    )
+    task = asyncio.create_task(flusher, name="request-stats")
     yield
     await tasks.stop(task)
     stats.flush()

@@ -134,14 +134,19 @@ async def catalog_page(request: web.Request, read: Callable[[], Awaitable[Any]])
 
 
 async def _sample_cpu(cpu: list[float]) -> None:
-    """This worker's CPU over the last second, as a percent of one core (no I/O: nothing
-    to guard, so a plain timer rather than :func:`tasks.guarded_loop`)."""
+    """This worker's CPU over the last second, as a percent of one core."""
     wall, used = time.monotonic(), time.process_time()
-    while True:
-        await asyncio.sleep(CPU_SAMPLE_S)
+
+    async def sample() -> None:
+        nonlocal wall, used
         now_wall, now_used = time.monotonic(), time.process_time()
         cpu[0] = 100.0 * (now_used - used) / max(now_wall - wall, 1e-6)
         wall, used = now_wall, now_used
+
+    # errors=(): no I/O, so no store error to live through; a failure is a bug
+    await tasks.guarded_loop(
+        sample, name="cpu sample", every_s=CPU_SAMPLE_S, errors=(), wait_first=True
+    )
 
 
 async def probe_stores(app: web.Application, own: Redis, up: dict[str, bool]) -> None:

@@ -1,6 +1,7 @@
 """The one background loop (``flashsale/stores/tasks.py``): it lives through a lost Redis
-connection, waits its interval after a failure, and ends on the first cancel; and the
-redis-py bug it works around (redis/redis-py#4287) still reproduces against a real valkey."""
+connection, waits its interval after a failure, and ends on the first cancel; the redis-py
+bug it works around (redis/redis-py#4287) still reproduces against a real valkey; and a
+no-I/O timer on it (the CPU sample) keeps its first wait."""
 
 from __future__ import annotations
 
@@ -163,6 +164,30 @@ async def test_a_bug_ends_the_loop_and_stop_ends_it_quietly() -> None:
     stop.set()
     await _ended(task)
     assert task.result() is None and calls == 0
+
+
+@pytest.mark.unit
+async def test_the_cpu_sample_waits_its_interval_then_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway import plans_runtime
+
+    cpu = [-1.0]
+    monkeypatch.setattr(plans_runtime, "CPU_SAMPLE_S", LONG_S)
+    task = asyncio.create_task(plans_runtime._sample_cpu(cpu))
+    await _turns()
+    assert cpu == [-1.0]  # no sample before a whole interval
+    task.cancel()
+    await _ended(task)
+    assert task.cancelled()
+
+    monkeypatch.setattr(plans_runtime, "CPU_SAMPLE_S", 0.0)
+    task = asyncio.create_task(plans_runtime._sample_cpu(cpu))
+    await _turns()
+    assert cpu[0] >= 0.0
+    task.cancel()
+    await _ended(task)
+    assert task.cancelled()
 
 
 async def test_a_cluster_client_that_reaches_no_node_is_a_lost_store() -> None:

@@ -4,7 +4,9 @@
 the stores (the sale cache, the waiting room, the revocation and plan followers, the
 machine-id lease, the dashboard, the sweepers, the store probes and the plan trigger):
 run a step every so often, live on when a store is out of reach, wait its interval before
-trying again, and end when cancelled.
+trying again, and end when cancelled. The timers that do no I/O (the request-stats flush,
+the sale gauges, the CPU sample, the consumer's heartbeat) run on it too, with
+``errors=()``: there is no store error for them to live through.
 
 A cancellation can be lost inside a library: a client that turns the ``CancelledError``
 into its own connection error while it tears a socket down, or Python 3.11's

@@ -223,8 +223,8 @@ async def _export_sales(app: web.Application) -> None:
     sale cache (no I/O), for Prometheus and Grafana."""
     metrics = app[appkeys.METRICS]
     cache = app[FLASH].cache
-    while True:
-        await asyncio.sleep(EXPORT_EVERY_S)
+
+    async def export() -> None:
         now = now_ms()
         for sale in list(cache.sales.values()):
             if sale.closed or now >= sale.end_ms + GAUGE_GRACE_MS:
@@ -232,6 +232,11 @@ async def _export_sales(app: web.Application) -> None:
             label = str(sale.id)
             metrics.sale_remaining.labels(label).set(sale.remaining)
             metrics.sale_allotment.labels(label).set(sale.allotment)
+
+    # errors=(): no I/O, so no store error to live through; a failure is a bug
+    await tasks.guarded_loop(
+        export, name="sale gauges", every_s=EXPORT_EVERY_S, errors=(), wait_first=True
+    )
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
