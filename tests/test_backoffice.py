@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import secrets
 from typing import Any
 
@@ -16,7 +17,14 @@ from redis.asyncio import Redis
 
 from consumers import reconcile
 from flashsale.auth import TokenService
-from flashsale.orders.backoffice import OrderQuery, merchant_count_sql, merchant_list_sql
+from flashsale.orders.backoffice import (
+    SORTS,
+    OrderQuery,
+    admin_list_sql,
+    merchant_count_sql,
+    merchant_list_sql,
+)
+from flashsale.orders.model import ALL_STATUSES
 from flashsale.stores import rediskeys
 from tests.conftest import auth, make_user
 from tests.flashkit import admin_headers, create_sale, eventually
@@ -436,6 +444,23 @@ async def test_admin_searches_users_and_disabling_ends_tokens(
     assert resp.status in (401, 403)
 
 
+def _sorted_rows(plan: str) -> int:
+    """The rows the plan's top Sort node took in (EXPLAIN ANALYZE): its child's actual rows."""
+    lines = plan.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("->  Sort"))
+    child = next(line for line in lines[at + 1 :] if line.lstrip().startswith("->"))
+    return int(re.search(r"actual time=\S+ rows=(\d+)", child)[1])  # type: ignore[index]
+
+
+async def test_every_order_status_is_one_the_lists_read(db: asyncpg.Pool) -> None:
+    """A list of every status reads one status at a time: a status the constraint allows
+    and ALL_STATUSES lacks would be missing from it."""
+    check = await db.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'orders_status_check'"
+    )
+    assert set(re.findall(r"'([a-z_]+)'", check)) == set(ALL_STATUSES)
+
+
 async def test_merchant_list_answers_from_an_index_at_100k_orders(db: asyncpg.Pool) -> None:
     """The rows are made and the plan read in one transaction that is rolled back."""
     merchant = await make_user(db, "merchant")
@@ -477,13 +502,37 @@ async def test_merchant_list_answers_from_an_index_at_100k_orders(db: asyncpg.Po
             rows = await conn.fetch("EXPLAIN (ANALYZE, COSTS OFF) " + sql, merchant, *args)
             plans["count"] = "\n".join(r[0] for r in rows)
             print(f"--- merchant list total (paid) ---\n{plans['count']}")
+            sql, args = admin_list_sql(OrderQuery())
+            rows = await conn.fetch("EXPLAIN (ANALYZE, COSTS OFF) " + sql, *args)
+            plans["admin"] = "\n".join(r[0] for r in rows)
+            print(f"--- admin list (newest) ---\n{plans['admin']}")
             # the total reads merchant_orders alone (here every row is this merchant's, so a
             # scan of the table is the planner's right answer); never the orders themselves
             assert " on orders" not in plans["count"]
-            assert "merchant_orders_created_idx" in plans["newest"]
-            assert "merchant_orders_status_idx" in plans["paid"]
-            for name in ("newest", "paid"):  # a page: 20 index entries, no sort
-                assert "Seq Scan" not in plans[name] and "Sort" not in plans[name]
+            for name in ("newest", "paid"):
+                assert "merchant_orders_status_idx" in plans[name], plans[name]
+            assert "orders_status_created_idx" in plans["admin"], plans["admin"]
+            for plan in plans["newest"], plans["paid"], plans["admin"]:
+                assert "Seq Scan" not in plan
+            assert "Sort" not in plans["paid"]  # one status: 20 index entries in order
+            # every status: 20 entries of each status's index, merged (the sort's input)
+            for name in ("newest", "admin"):
+                assert _sorted_rows(plans[name]) <= 20 * len(ALL_STATUSES), plans[name]
+            # and the same pages as one sort of every row would give
+            for sort in SORTS:
+                for page in (1, 3):
+                    q = OrderQuery(sort=sort, page=page, limit=20)
+                    sql, args = merchant_list_sql(q, limit=20, offset=40 * (page > 1))
+                    merged = [r["order_id"] for r in await conn.fetch(sql, merchant, *args)]
+                    direction = "DESC" if sort.endswith("desc") else "ASC"
+                    expected = await conn.fetch(
+                        "SELECT order_id FROM merchant_orders WHERE merchant_id = $1"
+                        f" ORDER BY created_at {direction}, order_id {direction}"
+                        " LIMIT 20 OFFSET $2",
+                        merchant,
+                        40 * (page > 1),
+                    )
+                    assert merged == [r["order_id"] for r in expected], (sort, page)
         finally:
             await tr.rollback()
 

@@ -8,8 +8,13 @@ is a 404, never a 403, so order ids of other shops do not leak.
 
 Lists page through an index: the WHERE clause is assembled from fixed fragments (never
 from client text; every value is a bind parameter) so that each combination of filters
-gets a plan that uses ``(merchant_id, status, created_at)`` or ``(merchant_id,
-created_at)``, and the total is counted from the same index alone.
+gets a plan that uses ``(merchant_id, status, created_at)`` (``(status, created_at)`` for
+the admin's), and the total is counted from the same index alone. A list of every status
+reads that index once per status, the page's rows plus the ones before them from each,
+and keeps the newest (or oldest): no index by date alone, because each one is paid by
+every flash order the consumer writes (~90 B of WAL, and its CPU, per index per order;
+``python -m loadtests.price_drain``), while a list page of eight statuses costs eight
+short index reads.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any, Final
 import asyncpg
 
 from flashsale.errors import AppError, NotFound
-from flashsale.orders.model import SQL_ORDER, Actor
+from flashsale.orders.model import ALL_STATUSES, SQL_ORDER, Actor
 from flashsale.orders.states import ship_order
 from flashsale.orders.views import (
     SQL_ITEMS,
@@ -82,22 +87,50 @@ _ADMIN_FILTERS: Final = {
     "order_id": "id = ${}",
     "user_id": "user_id = ${}",
 }
+_MERCHANT_COLUMNS: Final = """mo.order_id, mo.created_at, mo.status, mo.user_id, mo.units,
+       mo.amount_cents, o.kind, o.version, o.refunded_cents, o.shipping_address,
+       o.shipping_company, o.tracking_number, o.estimated_delivery, o.shipped_at,
+       o.delivered_at"""
 _MERCHANT_ROW = """
-SELECT mo.order_id, mo.created_at, mo.status, mo.user_id, mo.units, mo.amount_cents,
-       o.kind, o.version, o.refunded_cents, o.shipping_address, o.shipping_company,
-       o.tracking_number,
-       o.estimated_delivery, o.shipped_at, o.delivered_at
+SELECT {columns}
 FROM merchant_orders mo JOIN orders o ON o.id = mo.order_id
 WHERE mo.merchant_id = $1{where}
 ORDER BY {order_by}
 LIMIT ${limit} OFFSET ${offset}
 """
+# Every status: each status's first (offset + limit) rows from the status index, merged.
+_MERCHANT_ROW_BY_STATUS = """
+SELECT {columns}
+FROM unnest(${statuses}::text[]) AS s(status)
+CROSS JOIN LATERAL (
+    SELECT mo.* FROM merchant_orders mo
+    WHERE mo.merchant_id = $1 AND mo.status = s.status{where}
+    ORDER BY {order_by}
+    LIMIT ${limit}::bigint + ${offset}::bigint
+) mo
+JOIN orders o ON o.id = mo.order_id
+ORDER BY {order_by}
+LIMIT ${limit} OFFSET ${offset}
+"""
 _MERCHANT_COUNT = "SELECT count(*) FROM merchant_orders mo WHERE mo.merchant_id = $1{where}"
+_ADMIN_COLUMNS: Final = """id, user_id, kind, status, total_cents, discount_cents,
+       shipping_cents, pay_cents, refunded_cents, version, created_at, paid_at, shipped_at,
+       flash_sale_id, tracking_number"""
 _ADMIN_ROW = """
-SELECT id, user_id, kind, status, total_cents, discount_cents, shipping_cents, pay_cents,
-       refunded_cents, version, created_at, paid_at, shipped_at, flash_sale_id,
-       tracking_number
+SELECT {columns}
 FROM orders WHERE true{where}
+ORDER BY {order_by}
+LIMIT ${limit} OFFSET ${offset}
+"""
+_ADMIN_ROW_BY_STATUS = """
+SELECT o.*
+FROM unnest(${statuses}::text[]) AS s(status)
+CROSS JOIN LATERAL (
+    SELECT {columns}
+    FROM orders WHERE status = s.status{where}
+    ORDER BY {order_by}
+    LIMIT ${limit}::bigint + ${offset}::bigint
+) o
 ORDER BY {order_by}
 LIMIT ${limit} OFFSET ${offset}
 """
@@ -167,12 +200,32 @@ def merchant_shipping_info(order: asyncpg.Record) -> dict[str, Any]:
     return info
 
 
+def _list_sql(
+    template: str, by_status: str | None, where: str, args: list[Any], first: int, **fmt: str
+) -> tuple[str, list[Any]]:
+    """A list's statement and its arguments from ``$first``: ``by_status`` (the template
+    that reads the status index once per status) unless a status is asked for."""
+    n = first + len(args) - 2  # limit, offset: the last two of args
+    if by_status is None:
+        return template.format(where=where, limit=n, offset=n + 1, **fmt), args
+    sql = by_status.format(where=where, limit=n, offset=n + 1, statuses=n + 2, **fmt)
+    return sql, [*args, list(ALL_STATUSES)]
+
+
 def merchant_list_sql(q: OrderQuery, *, limit: int, offset: int) -> tuple[str, list[Any]]:
     """The merchant list's statement and arguments after ``$1`` (the merchant id)."""
     where, args = _where(q, _MERCHANT_FILTERS, 2)
-    n = len(args) + 2
-    sql = _MERCHANT_ROW.format(where=where, order_by=_ORDER_BY[q.sort], limit=n, offset=n + 1)
-    return sql, [*args, limit, offset]
+    # one status, or one order (the primary key): a plain read
+    plain = q.status is not None or q.order_id is not None
+    return _list_sql(
+        _MERCHANT_ROW,
+        None if plain else _MERCHANT_ROW_BY_STATUS,
+        where,
+        [*args, limit, offset],
+        2,
+        columns=_MERCHANT_COLUMNS,
+        order_by=_ORDER_BY[q.sort],
+    )
 
 
 def merchant_count_sql(q: OrderQuery) -> tuple[str, list[Any]]:
@@ -306,6 +359,22 @@ async def ship_many(
     return {"shipped": shipped, "failed": len(results) - shipped, "results": results}
 
 
+def admin_list_sql(q: OrderQuery) -> tuple[str, list[Any]]:
+    """The admin list's statement and its arguments."""
+    where, args = _where(q, _ADMIN_FILTERS, 1)
+    # one status, one order or one buyer's (orders_user_idx, by date): a plain read
+    plain = q.status is not None or q.order_id is not None or q.user_id is not None
+    return _list_sql(
+        _ADMIN_ROW,
+        None if plain else _ADMIN_ROW_BY_STATUS,
+        where,
+        [*args, q.limit, offset(q.page, q.limit)],
+        1,
+        columns=_ADMIN_COLUMNS,
+        order_by=_ADMIN_ORDER_BY[q.sort],
+    )
+
+
 async def admin_orders(pool: asyncpg.Pool, q: OrderQuery, *, login: str | None) -> dict[str, Any]:
     """Every order, searched by id, buyer (id, or email/phone in ``login``), status and date."""
     async with pool.acquire() as conn:
@@ -314,13 +383,10 @@ async def admin_orders(pool: asyncpg.Pool, q: OrderQuery, *, login: str | None) 
             if uid is None or (q.user_id is not None and q.user_id != uid):
                 return page_of("orders", [], total=0, page=q.page, limit=q.limit, sort=q.sort)
             q = replace(q, user_id=uid)
-        where, args = _where(q, _ADMIN_FILTERS, 1)
-        n = len(args) + 1
-        sql = _ADMIN_ROW.format(
-            where=where, order_by=_ADMIN_ORDER_BY[q.sort], limit=n, offset=n + 1
-        )
-        rows = await conn.fetch(sql, *args, q.limit, offset(q.page, q.limit))
-        total = await conn.fetchval(_ADMIN_COUNT.format(where=where), *args)
+        sql, args = admin_list_sql(q)
+        rows = await conn.fetch(sql, *args)
+        where, count_args = _where(q, _ADMIN_FILTERS, 1)
+        total = await conn.fetchval(_ADMIN_COUNT.format(where=where), *count_args)
     orders = [
         {
             "order_id": r["id"],

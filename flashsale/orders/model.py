@@ -28,6 +28,10 @@ STATUSES: Final = (
     "refunded",
 )
 REFUNDABLE: Final = ("paid", "shipped", "delivered", "completed")
+# Every status a row of orders can hold (its CHECK constraint; tests/test_backoffice.py
+# compares): STATUSES and "oversold", which the flash consumer writes for a unit promised
+# twice (consumers/order_events.py) and no client sets or filters by.
+ALL_STATUSES: Final = (*STATUSES, "oversold")
 
 
 @dataclass(frozen=True, slots=True)
