@@ -201,15 +201,24 @@ def merchant_shipping_info(order: asyncpg.Record) -> dict[str, Any]:
 
 
 def _list_sql(
-    template: str, by_status: str | None, where: str, args: list[Any], first: int, **fmt: str
+    template: str,
+    by_status: str | None,
+    where: str,
+    args: list[Any],
+    page: tuple[int, int],
+    *,
+    first: int,
+    **fmt: str,
 ) -> tuple[str, list[Any]]:
-    """A list's statement and its arguments from ``$first``: ``by_status`` (the template
-    that reads the status index once per status) unless a status is asked for."""
-    n = first + len(args) - 2  # limit, offset: the last two of args
+    """A list's statement and arguments: ``args`` (the filters' values, numbered from
+    ``$first``), then the page's limit and offset, then, when ``by_status`` (the template
+    that reads the status index once per status) is given, every status."""
+    n = first + len(args)  # $n limit, $n+1 offset, $n+2 the statuses
+    values = [*args, *page]
     if by_status is None:
-        return template.format(where=where, limit=n, offset=n + 1, **fmt), args
+        return template.format(where=where, limit=n, offset=n + 1, **fmt), values
     sql = by_status.format(where=where, limit=n, offset=n + 1, statuses=n + 2, **fmt)
-    return sql, [*args, list(ALL_STATUSES)]
+    return sql, [*values, list(ALL_STATUSES)]
 
 
 def merchant_list_sql(q: OrderQuery, *, limit: int, offset: int) -> tuple[str, list[Any]]:
@@ -221,8 +230,9 @@ def merchant_list_sql(q: OrderQuery, *, limit: int, offset: int) -> tuple[str, l
         _MERCHANT_ROW,
         None if plain else _MERCHANT_ROW_BY_STATUS,
         where,
-        [*args, limit, offset],
-        2,
+        args,
+        (limit, offset),
+        first=2,
         columns=_MERCHANT_COLUMNS,
         order_by=_ORDER_BY[q.sort],
     )
@@ -368,8 +378,9 @@ def admin_list_sql(q: OrderQuery) -> tuple[str, list[Any]]:
         _ADMIN_ROW,
         None if plain else _ADMIN_ROW_BY_STATUS,
         where,
-        [*args, q.limit, offset(q.page, q.limit)],
-        1,
+        args,
+        (q.limit, offset(q.page, q.limit)),
+        first=1,
         columns=_ADMIN_COLUMNS,
         order_by=_ADMIN_ORDER_BY[q.sort],
     )
