@@ -36,16 +36,17 @@ from flashsale.errors import (
     TokenRevoked,
     Unauthorized,
 )
+from flashsale.settings import TOKEN_CACHE_SIZE
 
 _T = TypeVar("_T")
 
 Role = Literal["user", "merchant", "admin"]
 ROLES: Final[tuple[str, ...]] = get_args(Role)
 ALGORITHM: Final = "HS256"
-_CACHE_MAX = 100_000
-# a full cache forgets its oldest entries a slice at a time: clearing it all at once would
-# make every shopper of the moment pay the full check again in the same second
-_CACHE_EVICT = _CACHE_MAX // 64
+# a full cache forgets this share of its oldest entries at once: clearing it all would make
+# every shopper of the moment pay the full check again in the same second, one at a time
+# would walk the dict's start on every miss
+_CACHE_EVICT_SHARE = 64
 # base64url of {"alg":"HS256","typ":"JWT"}, the header PyJWT writes for our tokens
 _HEADER_B64: Final = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
 # three unpadded base64url segments: anything else (padding, "@@@@", spaces) is refused
@@ -98,7 +99,14 @@ class TokenService:
     current one is refused: an in-process dict lookup, no I/O.
     """
 
-    def __init__(self, secret: str, ttl_s: int, *, revocations: Revocations | None = None) -> None:
+    def __init__(
+        self,
+        secret: str,
+        ttl_s: int,
+        *,
+        revocations: Revocations | None = None,
+        cache_size: int = TOKEN_CACHE_SIZE,
+    ) -> None:
         self._secret = secret
         self._key = secret.encode()
         # keyed once: each check copies it rather than hashing the key's pads again
@@ -106,6 +114,8 @@ class TokenService:
         self.ttl_s = ttl_s
         self.revocations = revocations
         self._cache: dict[str, Principal] = {}
+        self._cache_size = cache_size
+        self._evict = max(1, cache_size // _CACHE_EVICT_SHARE)
 
     def issue(self, user_id: int, role: str, *, gen: int = 0, ttl_s: int | None = None) -> str:
         if self.revocations is not None:
@@ -129,8 +139,8 @@ class TokenService:
             if not _TOKEN_SHAPE.fullmatch(token):
                 raise TokenMalformed
             cached = self._fast_verify(token) or self._slow_verify(token)
-            if len(self._cache) >= _CACHE_MAX:
-                for oldest in list(itertools.islice(self._cache, _CACHE_EVICT)):
+            if len(self._cache) >= self._cache_size:
+                for oldest in list(itertools.islice(self._cache, self._evict)):
                     del self._cache[oldest]
             self._cache[token] = cached
         now = time.time()
@@ -187,6 +197,11 @@ class TokenService:
     def cached(self) -> int:
         """How many verified tokens the cache holds."""
         return len(self._cache)
+
+    @property
+    def cache_size(self) -> int:
+        """How many verified tokens the cache holds at most."""
+        return self._cache_size
 
 
 def _b64url(raw: bytes) -> bytes:

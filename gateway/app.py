@@ -151,7 +151,10 @@ def create_app(
     app[appkeys.METRICS] = m
     revocations = sessions.Revocations(max_stale_s=settings.revocation_max_stale_s)
     app[appkeys.TOKENS] = TokenService(
-        settings.secret, settings.token_ttl_s, revocations=revocations
+        settings.secret,
+        settings.token_ttl_s,
+        revocations=revocations,
+        cache_size=settings.token_cache_size,
     )
     from gateway.plans_runtime import CPU, SWITCHES, make_plan_gate
 

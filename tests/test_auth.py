@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -17,10 +18,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from flashsale import auth as auth_module
 from flashsale.auth import ROLES, Principal, TokenService, check_password, require_role
 from flashsale.errors import AppError, Forbidden, TokenMalformed
 from flashsale.settings import Settings
+from gateway import appkeys
+from gateway.app import create_app
 from stack import stackfile
 from tests.conftest import TEST_SECRET
 
@@ -333,13 +335,11 @@ def test_a_full_token_cache_forgets_its_oldest_not_everyone(
 ) -> None:
     """Past its size the cache drops a slice of its oldest entries: the shoppers of the
     moment keep their checked tokens (a full clear made each of them pay the check again)."""
-    monkeypatch.setattr(auth_module, "_CACHE_MAX", 100)
-    monkeypatch.setattr(auth_module, "_CACHE_EVICT", 10)
-    service = TokenService(TEST_SECRET, 60)
-    tokens = [service.issue(uid, "user") for uid in range(1, 102)]
+    service = TokenService(TEST_SECRET, 60, cache_size=640)  # forgets 640 // 64 = 10 at once
+    tokens = [service.issue(uid, "user") for uid in range(1, 642)]
     for token in tokens:
         service.verify(token)
-    assert service.cached() == 91  # 100 held, 10 oldest forgotten, the 101st added
+    assert service.cached() == 631  # 640 held, 10 oldest forgotten, the 641st added
     checks: list[str] = []
     check = service._fast_verify
 
@@ -350,9 +350,15 @@ def test_a_full_token_cache_forgets_its_oldest_not_everyone(
     monkeypatch.setattr(service, "_fast_verify", counted)
     for token in tokens[10:]:
         assert service.verify(token).user_id == tokens.index(token) + 1
-    assert checks == []  # each of the 91 newest answered from the cache
+    assert checks == []  # each of the 631 newest answered from the cache
     service.verify(tokens[0])
     assert checks == [tokens[0]]
+
+
+def test_the_token_cache_is_sized_by_its_setting(base_settings: Settings) -> None:
+    app = create_app(dataclasses.replace(base_settings, token_cache_size=1_000))
+    assert app[appkeys.TOKENS].cache_size == 1_000
+    assert create_app(base_settings)[appkeys.TOKENS].cache_size == 250_000  # the default
 
 
 @pytest.mark.parametrize(
