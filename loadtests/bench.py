@@ -229,6 +229,10 @@ class Measured(RunResult):
             )
             for name in (cpu[0] if cpu else {})
         }
+        if per_request and any(r.generator_cpu_s for r in runs):
+            per_request["load generator"] = round(
+                statistics.median(r.generator_cpu_s * 1e6 / max(1, r.requests) for r in runs), 1
+            )
         return cls(
             **{f.name: getattr(middle, f.name) for f in fields(RunResult)},
             cpu_us=per_request,
@@ -243,6 +247,11 @@ class Measured(RunResult):
                 f"; median of {len(self.rps_runs)} runs, "
                 f"{_fmt(min(self.rps_runs))}–{_fmt(max(self.rps_runs))} req/s"
             )
+        if "load generator" in self.cpu_us:
+            # what the priced processes and the generator kept busy: on a machine of few
+            # cores, how close to full it ran (latency grows as it nears the count)
+            cores = self.rps * sum(self.cpu_us.values()) / 1e6
+            cpu += f"; {cores:.2f} cores busy"
         return f"CPU µs/request: {cpu}{spread}" if cpu else spread.lstrip("; ")
 
 

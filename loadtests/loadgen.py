@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,9 @@ class RunResult:
     statuses: dict[str, int] = field(default_factory=dict)
     generator: str = ""
     last_accept_s: float = 0.0  # Python client with record: when the last 2xx arrived
+    # CPU seconds the generator itself spent on the load (its start-up excluded): on cores
+    # it shares with what it measures, the reader sees how much of them it took
+    generator_cpu_s: float = 0.0
 
     @property
     def rps(self) -> float:
@@ -156,9 +160,11 @@ def run_wrk(
         str(per_thread),
         str(threads),
     ]
+    before = _children_cpu_s()
     proc = subprocess.run(
         args, capture_output=True, text=True, timeout=duration_s + 60, check=False
     )
+    generator_cpu_s = _children_cpu_s() - before
     match = _WRK_LINE.search(proc.stdout)
     if proc.returncode != 0 or match is None:
         raise LoadgenError(
@@ -180,7 +186,14 @@ def run_wrk(
         errors=_count_errors(statuses, expected),
         statuses=statuses,
         generator=f"wrk -t{threads} -c{connections}",
+        generator_cpu_s=generator_cpu_s,
     )
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU of this process's children that have been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------- python client
@@ -340,6 +353,7 @@ class _ProcessRun:
 
 
 async def _run_process(spec: Spec) -> dict[str, Any]:
+    cpu_at_start = time.process_time()
     run = _ProcessRun(spec)
     loop = asyncio.get_running_loop()
     clients: list[_Client] = []
@@ -360,6 +374,7 @@ async def _run_process(spec: Spec) -> dict[str, Any]:
         "hist": {str(k): v for k, v in run.hist.items()},
         "elapsed": run.last_done - run.started,
         "last_accept_s": run.last_accept,
+        "cpu_s": time.process_time() - cpu_at_start,
     }
 
 
@@ -406,7 +421,7 @@ def run_python(
         )
     hist: Counter[int] = Counter()
     statuses: Counter[str] = Counter()
-    elapsed = last_accept = 0.0
+    elapsed = last_accept = generator_cpu_s = 0.0
     try:
         for p in procs:
             out, err = p.communicate(timeout=duration_s + 60)
@@ -417,6 +432,7 @@ def run_python(
             hist.update({int(k): v for k, v in data["hist"].items()})
             elapsed = max(elapsed, float(data["elapsed"]))
             last_accept = max(last_accept, float(data["last_accept_s"]))
+            generator_cpu_s += float(data["cpu_s"])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -432,6 +448,7 @@ def run_python(
         statuses=dict(statuses),
         generator=f"python uvloop x{processes} procs, {per_conn * processes} conns, {mode}",
         last_accept_s=last_accept,
+        generator_cpu_s=generator_cpu_s,
     )
 
 
