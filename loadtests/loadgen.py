@@ -29,6 +29,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -215,6 +216,7 @@ class Spec:
     max_requests: int = 1_000_000
     rate: float = 0.0  # requests per second for this process; 0 = as fast as possible
     record: str = ""  # write one outcome line per response here (see loadtests.invariants)
+    result: str = ""  # write the run's figures here as JSON (else to standard output)
 
 
 class _Client(asyncio.Protocol):
@@ -395,22 +397,39 @@ def run_python(
 ) -> RunResult:
     """Run ``processes`` client processes (``connections`` in total); merge what they saw."""
     per_conn = max(1, connections // processes)
-    procs = []
-    for i in range(processes):
-        spec = Spec(
-            port=port,
-            path=path,
-            method=method,
-            body=body.decode(),
-            tokens_file=str(tokens_file or ""),
-            token_offset=i,
-            token_stride=processes,
-            connections=per_conn,
-            duration_s=duration_s,
-            max_requests=max(1, max_requests // processes),
-            rate=rate / processes if rate else 0.0,
-            record=f"{record}.{i}" if record else "",
+    with tempfile.TemporaryDirectory(prefix="loadgen-") as results:
+        return _run_children(
+            [
+                Spec(
+                    port=port,
+                    path=path,
+                    method=method,
+                    body=body.decode(),
+                    tokens_file=str(tokens_file or ""),
+                    token_offset=i,
+                    token_stride=processes,
+                    connections=per_conn,
+                    duration_s=duration_s,
+                    max_requests=max(1, max_requests // processes),
+                    rate=rate / processes if rate else 0.0,
+                    record=f"{record}.{i}" if record else "",
+                    # a file, not a pipe: a long run's histogram is hundreds of KB, and
+                    # one such answer through a pipe once came back cut at 64 KiB
+                    result=str(Path(results) / f"result.{i}.json"),
+                )
+                for i in range(processes)
+            ],
+            expected,
+            rate,
         )
+
+
+def _run_children(specs: list[Spec], expected: tuple[int, ...], rate: float) -> RunResult:
+    processes = len(specs)
+    per_conn = specs[0].connections
+    duration_s = specs[0].duration_s
+    procs = []
+    for spec in specs:
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "loadtests.loadgen", "--spec", json.dumps(asdict(spec))],
@@ -423,11 +442,11 @@ def run_python(
     statuses: Counter[str] = Counter()
     elapsed = last_accept = generator_cpu_s = 0.0
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=duration_s + 60)
+        for p, spec in zip(procs, specs, strict=True):
+            _, err = p.communicate(timeout=duration_s + 60)
             if p.returncode != 0:
                 raise LoadgenError(f"loadgen process failed: {err.strip()[-500:]}")
-            data = json.loads(out)
+            data = json.loads(Path(spec.result).read_text())
             statuses.update(data["statuses"])
             hist.update({int(k): v for k, v in data["hist"].items()})
             elapsed = max(elapsed, float(data["elapsed"]))
@@ -484,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = result.pop("outcomes")
         if spec.record:
             Path(spec.record).write_text("".join(line + "\n" for line in outcomes))
-        print(json.dumps(result))
+        if spec.result:
+            Path(spec.result).write_text(json.dumps(result))
+        else:
+            print(json.dumps(result))
         return 0
     if args.port is None:
         p.error("--port is required")

@@ -136,6 +136,7 @@ def test_python_loadgen_counts_requests_against_the_ceiling(
     assert run.errors == 0
     assert set(run.statuses) == {"200"}
     assert 0 < run.p50_ms <= run.p99_ms
+    assert 0 < run.generator_cpu_s < 3.0  # two processes for 1 s: its own CPU, not its start
 
 
 @pytest.mark.slow
@@ -176,6 +177,7 @@ def test_wrk_counts_requests_against_the_ceiling(ceiling_port: int, tokens_file:
     assert run.requests > 0
     assert run.errors == 0
     assert set(run.statuses) == {"200"}
+    assert run.generator_cpu_s > 0  # wrk's own CPU, read when it was waited for
 
 
 def test_percentile_of_a_histogram() -> None:
