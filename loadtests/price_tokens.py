@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 import tracemalloc
 
@@ -69,7 +70,7 @@ def cache_bytes(tokens: list[str], size: int) -> int:
         service.verify(token)
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    own_bytes = sum(len(t) + 49 for t in own)  # an ASCII str: 49 B of header + its bytes
+    own_bytes = sum(sys.getsizeof(t) for t in own)
     return (held + own_bytes) * size // len(own)
 
 
