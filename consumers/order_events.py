@@ -29,6 +29,7 @@ import asyncio
 import csv
 import io
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -494,6 +495,7 @@ async def consume_forever(
     await consumer.start()
     try:
         while not stop.is_set():
+            polled_ms = int(time.time() * 1000)
             try:
                 batches = await consumer.getmany(
                     timeout_ms=200, max_records=settings.consumer_batch_max
@@ -533,16 +535,39 @@ async def consume_forever(
                     log.warning("offset commit failed (%s); the batch will be replayed", exc)
                 if on_batch is not None:
                     on_batch(outcome)
-            await _record_lag(consumer, processor.metrics)
+            await _record_progress(consumer, processor, polled_ms, batches)
     finally:
         await consumer.stop()
 
 
-async def _record_lag(consumer: AIOKafkaConsumer, metrics: Metrics) -> None:
+async def _record_progress(
+    consumer: AIOKafkaConsumer,
+    processor: OrderBatchProcessor,
+    polled_ms: int,
+    batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+) -> None:
+    """The lag of each assigned partition, and how far the group has read it: up to the
+    poll's start once nothing is left behind its fetched end, else up to the last record
+    written. The stranded sweeper republishes only what every partition has been read past
+    (``consumers/sweepers.py``): an event still waiting in the topic is not stranded."""
+    marks: dict[int, int] = {}
     for tp in consumer.assignment():
         assert isinstance(tp, TopicPartition)
         high = consumer.highwater(tp)  # end_offsets() is wrong on tansu after batched produce
         if high is None:
             continue
-        position = await consumer.position(tp)
-        metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - position))
+        lag = max(0, high - await consumer.position(tp))
+        processor.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
+        if lag == 0:
+            marks[tp.partition] = polled_ms
+        elif records := batches.get(tp):
+            marks[tp.partition] = max(rec.timestamp for rec in records)
+    if not marks:
+        return
+    try:
+        await processor.redis.hset(
+            rediskeys.drained(processor.settings.kafka_orders_topic),
+            mapping=marks,  # type: ignore[arg-type]
+        )
+    except RedisError as exc:  # the next poll writes again; until then the sweeper waits
+        log.debug("could not record the read position (%s)", exc)

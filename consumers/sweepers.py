@@ -1,8 +1,14 @@
 """Background sweepers, run beside the consumers; each is safe to run in many processes.
 
 - stranded: reservations whose event never reached Kafka (the gateway died between the
-  script and the ack) are published from the reservation log; the consumer's claim and
-  ``ON CONFLICT DO NOTHING`` make a double publish harmless.
+  script and the ack, or the broker lost it) are published from the reservation log; the
+  consumer's claim and ``ON CONFLICT DO NOTHING`` make a double publish harmless. A
+  reservation is unclaimed too while its event waits in the topic behind a backlog, so an
+  entry counts as stranded only once the consumers have read every partition past its
+  time (plus the producer's bound on an ack, ``FLASHSALE_KAFKA_PRODUCE_TIMEOUT_MS``): a
+  burst that outruns the consumers is not published twice. The consumers' clocks and
+  Redis's are compared: a skew between them moves when an entry is published (early: a
+  harmless duplicate; late: by the skew), never whether it is.
 - stale claims: a reservation a consumer claimed but never wrote (it died, and the broker
   lost the event: a memory-only broker restarted) is republished from the claims, or the
   claim is dropped if its order is in PostgreSQL after all. So every reservation has an
@@ -84,11 +90,33 @@ SQL_WRITTEN = "SELECT id FROM orders WHERE id = ANY($1::text[])"
 async def publish_stranded(
     settings: Settings, redis: Redis, producer: OrderProducer, metrics: Metrics
 ) -> int:
-    """Publish reservation-log entries older than ``stranded_after_s``."""
+    """Publish reservation-log entries older than ``stranded_after_s`` whose events the
+    consumers would have read by now (:func:`read_through`)."""
+    through = await read_through(redis, producer)
+    if through is None:
+        return 0
     published = await _republish_every_bucket(
-        settings, redis, producer, rediskeys.log_times, rediskeys.log, settings.stranded_after_s
+        settings,
+        redis,
+        producer,
+        rediskeys.log_times,
+        rediskeys.log,
+        settings.stranded_after_s,
+        before_ms=through - settings.kafka_produce_timeout_ms,
     )
     return _count(metrics, "stranded_published", published)
+
+
+async def read_through(redis: Redis, producer: OrderProducer) -> int | None:
+    """The time (ms) up to which the consumer group has read every partition of the
+    orders topic, as the consumers record it (``consumers/order_events.py``); None while a
+    partition has no record yet (no consumer has read it since Redis started)."""
+    partitions = await producer.producer.partitions_for(producer.topic)
+    marks = cast(dict[bytes, bytes], await redis.hgetall(rediskeys.drained(producer.topic)))
+    read = [marks.get(str(p).encode()) for p in partitions]
+    if not read or None in read:
+        return None
+    return min(int(cast(bytes, m)) for m in read)
 
 
 async def indexed_buckets(redis: Redis) -> list[tuple[int, int]]:
@@ -122,6 +150,7 @@ async def _republish_every_bucket(
     entries: Callable[[int, int], str],
     after_s: int,
     db: asyncpg.Pool | None = None,
+    before_ms: int | None = None,
 ) -> int:
     """:func:`_republish` over every bucket of every sale; ``times`` and ``entries`` name a
     bucket's keys (the reservation log's, or the claims')."""
@@ -137,6 +166,7 @@ async def _republish_every_bucket(
             entries=entries(sale_id, k),
             after_s=after_s,
             db=db,
+            before_ms=before_ms,
         )
     return published
 
@@ -170,14 +200,17 @@ async def _republish(
     entries: str,
     after_s: int,
     db: asyncpg.Pool | None = None,
+    before_ms: int | None = None,
 ) -> int:
-    """Publish the entries of ``entries`` due in ``times``, then push each one's next look
-    back by a doubling wait. With ``db``, entries whose order is already written are
-    dropped instead (their consumer died between its commit and dropping the claim)."""
+    """Publish the entries of ``entries`` due in ``times`` (older than ``after_s``, and
+    than ``before_ms`` if given), then push each one's next look back by a doubling wait.
+    With ``db``, entries whose order is already written are dropped instead (their
+    consumer died between its commit and dropping the claim)."""
     now = int(time.time() * 1000)
+    due_by = now - after_s * 1000 if before_ms is None else min(now - after_s * 1000, before_ms)
     ids = cast(
         list[bytes],
-        await redis.zrangebyscore(times, "-inf", now - after_s * 1000, start=0, num=STRANDED_BATCH),
+        await redis.zrangebyscore(times, "-inf", due_by, start=0, num=STRANDED_BATCH),
     )
     if not ids:
         return 0

@@ -518,7 +518,12 @@ class Settings:
 
     # Sweepers (consumers/sweepers.py)
     stranded_after_s: int = _integer(
-        5, 1, 3600, "age after which an unacknowledged reservation is republished"
+        5,
+        1,
+        3600,
+        "age after which a reservation no consumer has claimed is republished, once the "
+        "consumers have read every partition past it (plus "
+        "`FLASHSALE_KAFKA_PRODUCE_TIMEOUT_MS`): an event waiting in the topic is not sent twice",
     )
     claim_stale_s: int = _integer(
         30,

@@ -10,10 +10,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
@@ -25,13 +26,19 @@ from redis.asyncio import Redis
 from consumers import reconcile
 from consumers.recovery import server_run_id, unconsumed_events
 from consumers.runner import run_consumers
-from consumers.sweepers import cancel_expired, retire_old_sales, return_cancelled_units
+from consumers.sweepers import (
+    cancel_expired,
+    publish_stranded,
+    read_through,
+    retire_old_sales,
+    return_cancelled_units,
+)
 from flashsale.auth import TokenService
 from flashsale.flash import lifecycle
 from flashsale.flash.events import OrderEvent
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
-from flashsale.stores.kafka import ensure_topics
+from flashsale.stores.kafka import OrderProducer, ensure_topics
 from flashsale.stores.metrics import get_metrics
 from flashsale.stores.redisclient import open_redis
 from flashsale.stores.scripts import FlashScripts
@@ -370,6 +377,77 @@ async def test_stranded_reservation_is_published(
     assert await db.fetchval("SELECT id FROM orders WHERE flash_sale_id = $1", sale_id) == order_id
     assert await redis.hlen(rediskeys.log(sale_id)) == 0
     await eventually(lambda: drift_free(db, redis, sale_id))
+
+
+async def test_a_reservation_waiting_in_the_topic_is_not_published_again(
+    client: TestClient[Any, Any],
+    base_settings: Settings,
+    db: asyncpg.Pool,
+    redis: Redis,
+    tokens: TokenService,
+) -> None:
+    """An unclaimed reservation older than ``stranded_after_s`` is stranded only once the
+    consumers have read every partition past it: during a backlog its event is still in
+    the topic, and publishing it again would only add to the backlog."""
+    settings = _own(
+        base_settings, "read-through", stranded_after_s=1, kafka_produce_timeout_ms=1000
+    )
+    admin = await admin_headers(db, tokens)
+    sale_id = await create_sale(client, admin, await make_sku(db), quantity=5, limit=1)
+    user = (await make_users(db, 1))[0]
+    order_id = client.app[appkeys.ORDER_IDS].next(user)
+    res = await client.app[FLASH].scripts.reserve(
+        keys=rediskeys.reserve_keys(sale_id, user, "127.0.0.1"),
+        args=[user, 1, order_id, "", "fp", 5, 10, 100, 100, await server_run_id(redis, sale_id)],
+    )
+    assert int(res[0]) == 0
+    reserved_ms = int(cast(float, await redis.zscore(rediskeys.log_times(sale_id), order_id)))
+    marks = rediskeys.drained(settings.kafka_orders_topic)
+    metrics = get_metrics()
+
+    async def tries() -> int:
+        return int(await redis.hget(rediskeys.republished(sale_id), order_id) or 0)
+
+    async with OrderProducer(settings) as producer:
+        partitions = await producer.producer.partitions_for(settings.kafka_orders_topic)
+        await asyncio.sleep(
+            max(settings.stranded_after_s, settings.kafka_produce_timeout_ms / 1000) + 0.5
+        )
+        # no consumer has read the topic yet
+        assert await read_through(redis, producer) is None
+        await publish_stranded(settings, redis, producer, metrics)
+        assert await tries() == 0
+        # the consumers are a minute behind: its event may be waiting in the topic
+        await redis.hset(marks, mapping={p: reserved_ms - 60_000 for p in partitions})
+        await publish_stranded(settings, redis, producer, metrics)
+        assert await tries() == 0
+        # every partition read past it, but one only up to within the producer's bound
+        await redis.hset(marks, mapping={p: int(time.time() * 1000) for p in partitions})
+        await redis.hset(
+            marks, str(min(partitions)), reserved_ms + settings.kafka_produce_timeout_ms // 2
+        )
+        await publish_stranded(settings, redis, producer, metrics)
+        assert await tries() == 0
+        # read past it on every partition: it never reached the topic, so it is published
+        await redis.hset(marks, mapping={p: int(time.time() * 1000) for p in partitions})
+        await publish_stranded(settings, redis, producer, metrics)
+        assert await tries() == 1
+    await redis.delete(marks)
+
+
+async def test_the_consumers_record_how_far_they_read(
+    base_settings: Settings, redis: Redis, consumer: None
+) -> None:
+    """Every partition of the orders topic gets a read position from the running consumer,
+    the time its last poll started once it was at the end."""
+    started_ms = int(time.time() * 1000)
+    async with OrderProducer(base_settings) as producer:
+
+        async def read_since_start() -> bool:
+            through = await read_through(redis, producer)
+            return through is not None and through >= started_ms
+
+        await eventually(read_since_start, timeout_s=30)
 
 
 async def test_deadline_returns_units_exactly_once_with_concurrent_sweepers(

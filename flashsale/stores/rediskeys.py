@@ -143,6 +143,12 @@ def machine(n: int) -> str:
     return f"fs:machine:{n}"
 
 
+def drained(topic: str) -> str:
+    """Hash: partition → the time (ms) up to which the consumer group has read that partition
+    of ``topic`` (written by the consumers, read by the stranded sweeper)."""
+    return "fs:drained:" + topic
+
+
 def _account(login: str) -> str:
     # hashed: the key names no address; unknown accounts are counted the same way
     return hashlib.sha256(login.encode()).hexdigest()[:32]
