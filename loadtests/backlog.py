@@ -19,20 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import asyncpg
 import redis as redis_sync
 
 from flashsale.stores import rediskeys
 from loadtests import bench, loadgen
-from stack import stop_children
 
 SAMPLE_EVERY_S = 0.5
 SAMPLES = 40
@@ -75,10 +71,7 @@ def _watch(env: bench.Env, sale_id: int, consumer: int, pause_s: float) -> None:
 
 def main(seconds: float, pause_s: float) -> int:
     plan = bench.QUICK
-    root = Path(tempfile.mkdtemp(prefix="flashsale-backlog-"))
-    stack = env = None
-    try:
-        stack, env = bench.start_env(root, plan, "always")
+    with bench.running_env("flashsale-backlog-", plan) as (_, env):
         sale_id, start = bench.create_sale(env, 100_000_000, 1_000_000)
         bench._wait_until(start)
         consumer = bench.start_consumer(env)
@@ -110,12 +103,6 @@ def main(seconds: float, pause_s: float) -> int:
         # wrk stops counting with joins still in flight: those may be written too
         print(f"orders in PostgreSQL: {written:,}; joins answered 202: {accepted:,}", flush=True)
         return 0 if written >= accepted else 1
-    finally:
-        if env is not None:
-            stop_children(list(env.procs.values()))
-        if stack is not None:
-            stack.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _cli() -> int:

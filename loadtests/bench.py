@@ -76,7 +76,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1572,6 +1572,24 @@ def start_env(
         stack.stop()
         raise
     return stack, env
+
+
+@contextlib.contextmanager
+def running_env(
+    prefix: str, plan: Plan, redis_fsync: str = "always", overrides: dict[str, Any] | None = None
+) -> Iterator[tuple[EmbeddedStack, Env]]:
+    """:func:`start_env` in a folder of its own, stopped and removed on the way out (the
+    tools that run one scenario of the bench use it)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        stack, env = start_env(root, plan, redis_fsync, overrides)
+        try:
+            yield stack, env
+        finally:
+            stop_children(list(env.procs.values()))
+            stack.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(quick: bool, out: str, redis_fsync: str = "always") -> int:

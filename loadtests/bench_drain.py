@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import asyncpg
 
 from loadtests import bench
 from loadtests.price_drain import SQL_WAL_BY_RELATION
-from stack import stop_children
 
 WAL_TOP = 25
 
@@ -58,10 +54,7 @@ async def _wal_by_relation(dsn: str, start: int, orders: int) -> str:
 
 def main(full: bool, runs: int, consumers: list[int], row6: bool, wal_detail: bool) -> int:
     plan = bench.FULL if full else bench.QUICK
-    root = Path(tempfile.mkdtemp(prefix="flashsale-bench-drain-"))
-    stack = env = None
-    try:
-        stack, env = bench.start_env(root, plan, "always")
+    with bench.running_env("flashsale-bench-drain-", plan) as (stack, env):
         pg = stack.get("postgres").proc.pid
         if row6:
             rates = []
@@ -98,12 +91,6 @@ def main(full: bool, runs: int, consumers: list[int], row6: bool, wal_detail: bo
                 ),
                 flush=True,
             )
-    finally:
-        if env is not None:
-            stop_children(list(env.procs.values()))
-        if stack is not None:
-            stack.stop()
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
