@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 
-import asyncpg
 import redis as redis_sync
 
 from flashsale.stores import rediskeys
@@ -33,14 +32,7 @@ from loadtests import bench, loadgen
 SAMPLE_EVERY_S = 0.5
 SAMPLES = 40
 PAUSE_AFTER_S = 2.0
-
-
-async def _orders(dsn: str, sale_id: int) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval(bench.SQL_COUNT_SALE_ORDERS, sale_id))
-    finally:
-        await conn.close()
+DRAIN_TIMEOUT_S = 300.0
 
 
 def _watch(env: bench.Env, sale_id: int, consumer: int, pause_s: float) -> None:
@@ -94,12 +86,15 @@ def main(seconds: float, pause_s: float) -> int:
         accepted = run.statuses.get("202", 0)
         print(f"joins: {run.rps:,.0f}/s, {accepted:,} accepted, {run.errors} errors", flush=True)
         watcher.join()
-        written, deadline = -1, time.monotonic() + 300
-        while time.monotonic() < deadline:
-            written = asyncio.run(_orders(env.settings.database, sale_id))
-            if written >= accepted:
-                break
-            time.sleep(1)
+        _, _, written = asyncio.run(
+            bench._count_orders(
+                env.settings.database,
+                sale_id,
+                accepted,
+                DRAIN_TIMEOUT_S,
+                lambda: consumer.poll() is None,
+            )
+        )
         # wrk stops counting with joins still in flight: those may be written too
         print(f"orders in PostgreSQL: {written:,}; joins answered 202: {accepted:,}", flush=True)
         return 0 if written >= accepted else 1
