@@ -41,7 +41,6 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.flash import buckets, shipping
 from flashsale.flash.events import BadEvent, OrderEvent, decode
@@ -50,10 +49,24 @@ from flashsale.stores import rediskeys
 from flashsale.stores.db import Conn
 from flashsale.stores.kafka import OrderProducer, PublishFailed, assignor
 from flashsale.stores.metrics import Metrics
+from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.scripts import Claim, register
+from flashsale.stores.tasks import STORE_ERRORS
 from flashsale.timing import BATCH_RETRY_BACKOFF_S, POLL_RETRY_S
 
 log = logging.getLogger(__name__)
+
+# A batch that fails with one of these is tried again (a store out of reach, a conflict
+# with another consumer); anything else is a bug and ends the consumer.
+BATCH_RETRY_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    *STORE_ERRORS,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    PublishFailed,
+)
 
 
 SQL_SALES = """
@@ -509,18 +522,13 @@ async def consume_forever(
                 attempt = 0
                 while True:
                     try:
-                        outcome = await processor.process(records)
+                        # a Redis connection closed under a command during a failover is a
+                        # store out of reach like any other (redis-py#4287), not the end of
+                        # the consumer
+                        with leaks_as_connection_errors():
+                            outcome = await processor.process(records)
                         break
-                    except (
-                        asyncpg.PostgresConnectionError,
-                        asyncpg.InterfaceError,
-                        OSError,
-                        asyncpg.exceptions.CannotConnectNowError,
-                        asyncpg.SerializationError,
-                        asyncpg.DeadlockDetectedError,
-                        RedisError,
-                        PublishFailed,
-                    ) as exc:
+                    except BATCH_RETRY_ERRORS as exc:
                         delay = BATCH_RETRY_BACKOFF_S[min(attempt, len(BATCH_RETRY_BACKOFF_S) - 1)]
                         log.warning(
                             "batch of %d failed (%s); retrying in %.1fs", len(records), exc, delay
@@ -565,9 +573,10 @@ async def _record_progress(
     if not marks:
         return
     try:
-        await processor.redis.hset(
-            rediskeys.drained(processor.settings.kafka_orders_topic),
-            mapping=marks,  # type: ignore[arg-type]
-        )
-    except RedisError as exc:  # the next poll writes again; until then the sweeper waits
+        with leaks_as_connection_errors():
+            await processor.redis.hset(
+                rediskeys.drained(processor.settings.kafka_orders_topic),
+                mapping=marks,  # type: ignore[arg-type]
+            )
+    except STORE_ERRORS as exc:  # the next poll writes again; until then the sweeper waits
         log.debug("could not record the read position (%s)", exc)

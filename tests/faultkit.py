@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from consumers import reconcile
@@ -601,3 +602,30 @@ async def own_shop(root: Path) -> tuple[Server, int, int, int]:
     finally:
         await pool.close()
     return pg, product, sku, int(uid)
+
+
+async def leaked_transport_error() -> RuntimeError:
+    """What redis-py 8.1 raises on uvloop when another task closed the connection's
+    transport under a write (redis/redis-py#4287: a cluster client reinitialising after a
+    failover does it): a RuntimeError "the handler is closed", not its ConnectionError.
+    Made here by that very race, on a real connection."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda _r, w: accepted.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = Connection(host="127.0.0.1", port=port)
+    conn._reader, conn._writer = reader, writer  # what connect() sets up
+    writer.transport.close()  # what a concurrent disconnect() does
+    await asyncio.sleep(0)
+    try:
+        await conn._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+    except RuntimeError as exc:
+        return exc
+    finally:
+        await conn.disconnect(nowait=True)
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.05)  # let the closed handles be released before the loop ends
+    raise AssertionError("a write on a closed transport raised nothing")

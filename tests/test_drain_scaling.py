@@ -34,6 +34,7 @@ from flashsale.flash.events import OrderEvent
 from flashsale.settings import Settings
 from flashsale.stores.kafka import OrderProducer, ensure_topics, group_state
 from flashsale.stores.metrics import get_metrics
+from tests.faultkit import leaked_transport_error
 from tests.flashkit import (
     admin_headers,
     count_orders,
@@ -385,6 +386,43 @@ async def test_two_consumers_in_one_group_drain_one_sale_together(
     assert quantity - 1 <= pending_units <= quantity
     assert sum(o.persisted for b in batches.values() for o in b) == len(events)
     assert all(batches.values()), "both consumers took a share of the one sale"
+
+
+class LosesItsConnectionOnce(OrderBatchProcessor):
+    """A processor whose first batch meets a Redis connection closed under its write, as
+    the claim did in a cluster failover (the consumer died of it: the sale stayed
+    "recovering", since its recovery runs in the consumer)."""
+
+    failed = 0
+
+    async def process(self, records: Any) -> BatchOutcome:
+        if not self.failed:
+            self.failed += 1
+            raise await leaked_transport_error()
+        return await super().process(records)
+
+
+async def test_a_batch_whose_redis_connection_was_closed_under_it_is_retried(
+    base_settings: Settings, db: asyncpg.Pool, redis: Redis, hot_sale: HotSale
+) -> None:
+    settings = isolated(base_settings)
+    sale_id, sku, product = await hot_sale(50)
+    users = await make_users(db, 10)
+    events = events_for(sale_id, sku, product, users, 10, base=int(time.time()) * 10_000 + 8000)
+    stop = asyncio.Event()
+    async with OrderProducer(settings) as producer:
+        await ensure_topics(settings)
+        processor = LosesItsConnectionOnce(settings, db, redis, producer, get_metrics())
+        task = asyncio.create_task(consume_forever(settings, processor, stop))
+        try:
+            await publish_in_waves(producer, events)
+            await eventually(lambda: _equals(count_orders(db, sale_id), len(events)), timeout_s=60)
+            assert processor.failed == 1 and not task.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    got = await record_of(db, sale_id)
+    assert got["sold"] == sum(e.quantity for e in events) == got["ledger_units"]
 
 
 async def _stable_with(settings: Settings, members: int) -> bool:

@@ -491,7 +491,8 @@ async def test_cluster_two_failovers_in_a_row(
         def moment() -> str:
             return (
                 f"({time.monotonic() - fault_at:.1f}s after the first kill; "
-                f"{len(answers.accepted)} accepted; answers {answers.statuses})"
+                f"{len(answers.accepted)} accepted; answers {answers.statuses})\n"
+                + stack.log_tail()
             )
 
         await when(lambda: cluster.primary_for(key).port != first.port, explain=moment)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from flashsale.stores.redisclient import leaks_as_connection_errors, lost_connection
+from tests.faultkit import leaked_transport_error
 
 pytestmark = pytest.mark.unit
 
@@ -29,25 +28,7 @@ async def test_a_write_on_a_transport_closed_under_it_is_a_lost_connection() -> 
     """The same race on uvloop (the service's loop, and this suite's): the transport is
     closed, and its write raises RuntimeError "the handler is closed" (the second 500
     of the two-failover chaos run)."""
-    accepted: list[asyncio.StreamWriter] = []
-    server = await asyncio.start_server(lambda _r, w: accepted.append(w), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    conn = Connection(host="127.0.0.1", port=port)
-    conn._reader, conn._writer = reader, writer  # what connect() sets up
-    writer.transport.close()  # what a concurrent disconnect() does
-    await asyncio.sleep(0)
-    try:
-        with pytest.raises(RuntimeError) as caught:
-            await conn._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
-        assert lost_connection(caught.value)
-    finally:
-        await conn.disconnect(nowait=True)
-        for w in accepted:
-            w.close()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.05)  # let the closed handles be released before the loop ends
+    assert lost_connection(await leaked_transport_error())
 
 
 def test_other_errors_are_not() -> None:
