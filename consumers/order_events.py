@@ -46,7 +46,7 @@ from flashsale.flash import buckets, shipping
 from flashsale.flash.events import BadEvent, OrderEvent, decode
 from flashsale.settings import Settings
 from flashsale.stores import rediskeys
-from flashsale.stores.db import Conn
+from flashsale.stores.db import Conn, lost_database
 from flashsale.stores.kafka import OrderProducer, PublishFailed, assignor
 from flashsale.stores.metrics import Metrics
 from flashsale.stores.redisclient import leaks_as_connection_errors
@@ -56,17 +56,22 @@ from flashsale.timing import BATCH_RETRY_BACKOFF_S, POLL_RETRY_S
 
 log = logging.getLogger(__name__)
 
-# A batch that fails with one of these is tried again (a store out of reach, a conflict
-# with another consumer); anything else is a bug and ends the consumer.
+# A batch that fails with one of these, or with PostgreSQL out of reach as the gateway
+# judges it (``lost_database``: also an operator's cancel or shutdown, a statement timeout,
+# too many connections), is tried again: a store out of reach, a conflict with another
+# consumer. Anything else is a bug and ends the consumer.
 BATCH_RETRY_ERRORS: Final[tuple[type[BaseException], ...]] = (
     *STORE_ERRORS,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     PublishFailed,
 )
+
+
+def _retriable(exc: BaseException) -> bool:
+    return isinstance(exc, BATCH_RETRY_ERRORS) or lost_database(exc)
 
 
 SQL_SALES = """
@@ -528,10 +533,16 @@ async def consume_forever(
                         with leaks_as_connection_errors():
                             outcome = await processor.process(records)
                         break
-                    except BATCH_RETRY_ERRORS as exc:
+                    except Exception as exc:
+                        if not _retriable(exc):
+                            raise
                         delay = BATCH_RETRY_BACKOFF_S[min(attempt, len(BATCH_RETRY_BACKOFF_S) - 1)]
                         log.warning(
-                            "batch of %d failed (%s); retrying in %.1fs", len(records), exc, delay
+                            "batch of %d failed (%s: %s); retrying in %.1fs",
+                            len(records),
+                            type(exc).__name__,
+                            exc,
+                            delay,
                         )
                         attempt += 1
                         await asyncio.sleep(delay)

@@ -425,6 +425,54 @@ async def test_a_batch_whose_redis_connection_was_closed_under_it_is_retried(
     assert got["sold"] == sum(e.quantity for e in events) == got["ledger_units"]
 
 
+SQL_WAITING_FOR_USERS = """
+SELECT pid FROM pg_stat_activity
+WHERE wait_event_type = 'Lock' AND query LIKE '%FROM users WHERE id = ANY%'
+"""
+
+
+@pytest.mark.parametrize("intervention", ["pg_cancel_backend", "pg_terminate_backend"])
+async def test_a_batch_whose_statement_an_operator_ends_is_retried(
+    base_settings: Settings, db: asyncpg.Pool, redis: Redis, hot_sale: HotSale, intervention: str
+) -> None:
+    """An operator cancels the batch's statement (``pg_cancel_backend``; a server-side
+    statement or lock timeout answers the same 57014, QueryCanceledError, which is no
+    connection error by its class: it ended the consumer) or ends its session (a restart
+    of PostgreSQL, ``pg_terminate_backend``). The consumer tries the batch again, as the
+    gateway answers 503 for the same errors."""
+    settings = isolated(base_settings)
+    sale_id, sku, product = await hot_sale(50)
+    users = await make_users(db, 10)
+    events = events_for(sale_id, sku, product, users, 10, base=int(time.time()) * 10_000 + 8500)
+    stop = asyncio.Event()
+    async with OrderProducer(settings) as producer, db.acquire() as holder:
+        await ensure_topics(settings)
+        processor = OrderBatchProcessor(settings, db, redis, producer, get_metrics())
+        task = asyncio.create_task(consume_forever(settings, processor, stop))
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            # the batch's first read (who the shoppers are) waits here, outside any transaction
+            await holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            await publish_in_waves(producer, events)
+
+            async def waiting() -> bool:  # asked on another session: pg_stat_activity is
+                return bool(await db.fetch(SQL_WAITING_FOR_USERS))  # frozen in a transaction
+
+            await eventually(waiting, timeout_s=30)
+            (pid,) = [r["pid"] for r in await db.fetch(SQL_WAITING_FOR_USERS)]
+            assert await db.fetchval(f"SELECT {intervention}($1)", pid)
+            await asyncio.sleep(0.5)
+            await tx.commit()
+            await eventually(lambda: _equals(count_orders(db, sale_id), len(events)), timeout_s=60)
+            assert not task.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    got = await record_of(db, sale_id)
+    assert got["sold"] == sum(e.quantity for e in events) == got["ledger_units"]
+
+
 async def _stable_with(settings: Settings, members: int) -> bool:
     return await group_state(settings) == ("Stable", members)
 
