@@ -39,7 +39,6 @@ from typing import Final, cast
 import asyncpg
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from consumers.recovery import Recovery
 from flashsale.flash import buckets, lifecycle
@@ -57,8 +56,7 @@ STRANDED_BATCH: Final = 500
 DEADLINE_BATCH: Final = 500
 # A step that meets one of these is tried again next round; any other error is a bug.
 SWEEP_ERRORS: Final = (
-    RedisError,
-    OSError,
+    *tasks.STORE_ERRORS,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     PublishFailed,

@@ -19,7 +19,6 @@ from typing import Any, Final
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.auth import Principal
 from flashsale.errors import (
@@ -32,6 +31,8 @@ from flashsale.errors import (
 )
 from flashsale.paging import offset, page_of
 from flashsale.stores.db import Conn
+from flashsale.stores.redisclient import leaks_as_connection_errors
+from flashsale.stores.tasks import STORE_ERRORS
 from flashsale.timing import PRODUCT_DETAIL_TTL_S
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,9 @@ async def load_detail(conn: Conn | asyncpg.Pool, product_id: int) -> dict[str, A
 
 async def _cache_get(redis: Redis, product_id: int) -> dict[str, Any] | None:
     try:
-        raw = await redis.get(detail_key(product_id))
-    except (RedisError, OSError) as exc:
+        with leaks_as_connection_errors():
+            raw = await redis.get(detail_key(product_id))
+    except STORE_ERRORS as exc:
         log.warning("product cache read failed, using the database: %s", exc)
         return None
     if raw is None:
@@ -251,16 +253,18 @@ async def _cache_get(redis: Redis, product_id: int) -> dict[str, Any] | None:
 
 async def _cache_set(redis: Redis, product_id: int, detail: dict[str, Any]) -> None:
     try:
-        await redis.set(detail_key(product_id), orjson.dumps(detail), ex=PRODUCT_DETAIL_TTL_S)
-    except (RedisError, OSError) as exc:
+        with leaks_as_connection_errors():
+            await redis.set(detail_key(product_id), orjson.dumps(detail), ex=PRODUCT_DETAIL_TTL_S)
+    except STORE_ERRORS as exc:
         log.warning("product cache write failed: %s", exc)
 
 
 async def invalidate(redis: Redis, product_id: int) -> None:
     """Drop a product's cached detail; a Redis failure only logs (the TTL expires it)."""
     try:
-        await redis.delete(detail_key(product_id))
-    except (RedisError, OSError) as exc:
+        with leaks_as_connection_errors():
+            await redis.delete(detail_key(product_id))
+    except STORE_ERRORS as exc:
         log.warning("product cache invalidation failed for %s: %s", product_id, exc)
 
 

@@ -32,7 +32,6 @@ from typing import Any, Final
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.errors import NotFound, ValidationFailed
 from flashsale.stores.follow import followed
@@ -45,6 +44,7 @@ from flashsale.stores.rediskeys import (
     catalog_copy,
 )
 from flashsale.stores.scripts import FlashScripts, PlanSwitch, register
+from flashsale.stores.tasks import STORE_ERRORS
 from flashsale.timing import CATALOG_COPY_REFRESH_S, CATALOG_COPY_TTL_S
 from flashsale.waitingroom.room import set_mode
 
@@ -333,7 +333,7 @@ async def kept_in_force(switches: Switches, redis: Redis, *, every_s: float) -> 
     try:
         with leaks_as_connection_errors():
             await switches.refresh(redis)
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         log.warning("plan states not loaded at start (%s)", exc)
     async with followed(
         redis, PLANS_CHANGED, lambda: switches.refresh(redis), every_s=every_s, what="plan states"
@@ -364,7 +364,7 @@ class CatalogCopies:
         try:
             with leaks_as_connection_errors():
                 await self._redis.set(catalog_copy(page), copy, ex=CATALOG_COPY_TTL_S)
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             log.warning("catalog copy of %s not kept: %s", page, exc)
 
     async def recall(self, page: str) -> tuple[float, Any] | None:

@@ -27,23 +27,33 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Final
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.errors import ServiceUnavailable
 from flashsale.stores.follow import followed
+from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.rediskeys import (
     AUTH_GENERATIONS,
     AUTH_GENERATIONS_SEEDED,
     AUTH_GENERATIONS_VERSION,
     AUTH_REVOKED,
 )
+from flashsale.stores.tasks import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
 SQL_REVOKED_USERS = "SELECT id, token_gen FROM users WHERE token_gen > 0"
+# What a refresh meets when a store is out of reach (a cluster client that reaches no node
+# included, and PostgreSQL lost under the seed): the map stays unconfirmed and the poller
+# tries again; any other error is a bug.
+REFRESH_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    *STORE_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 class Revocations:
@@ -111,7 +121,7 @@ async def publish(redis: Redis, user_id: int, gen: int) -> None:
             pipe.incr(AUTH_GENERATIONS_VERSION)
             pipe.publish(AUTH_REVOKED, f"{user_id}:{gen}")
             await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         raise ServiceUnavailable("cannot record the revocation; nothing was changed") from exc
 
 
@@ -126,8 +136,9 @@ async def kept_fresh(
     (fail closed) until the poller gets through.
     """
     try:
-        await revocations.refresh(redis, db)
-    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        with leaks_as_connection_errors():
+            await revocations.refresh(redis, db)
+    except REFRESH_ERRORS as exc:
         log.warning("revocation list not loaded at start (%s); tokens wait for it", exc)
     async with followed(
         redis,
@@ -136,6 +147,6 @@ async def kept_fresh(
         every_s=every_s,
         what="revocation list",
         on_message=revocations.apply_message,
-        errors=(RedisError, OSError, asyncpg.PostgresError),
+        errors=REFRESH_ERRORS,
     ):
         yield

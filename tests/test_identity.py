@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 
 from flashsale import sessions
 from flashsale.auth import TokenService
@@ -23,8 +24,9 @@ from flashsale.errors import AppError, RevocationUnavailable
 from flashsale.settings import Settings, SettingsError
 from flashsale.stores import rediskeys
 from gateway.app import create_app
+from stack.embedded import free_port
 from tests.conftest import TEST_SECRET, make_user
-from tests.flashkit import GatewayServer, admin_headers, create_sale, join, make_sku
+from tests.flashkit import GatewayServer, admin_headers, create_sale, eventually, join, make_sku
 
 pytestmark = pytest.mark.integration
 
@@ -314,6 +316,33 @@ async def test_map_is_reseeded_from_postgres(
     await fresh.refresh(redis, db)
     assert fresh.current(uid) == 3
     assert await redis.hget(rediskeys.AUTH_GENERATIONS, str(uid)) == b"3"
+
+
+async def test_the_revocation_poller_outlives_a_cluster_that_reaches_no_node(
+    db: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cluster client that reaches none of its nodes (a partition, every node restarting)
+    raises RedisClusterException, no RedisError: the poller must live through it, or the
+    worker's map would never be confirmed again and every authenticated request would get
+    503 ``AUTH_UNAVAILABLE`` long after the cluster came back."""
+    nowhere = RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", free_port())], socket_connect_timeout=1
+    )
+    revocations = sessions.Revocations(max_stale_s=60)
+    caplog.set_level("WARNING", logger="flashsale.stores.tasks")
+    try:
+        async with sessions.kept_fresh(revocations, cast(Redis, nowhere), db, every_s=0.05):
+
+            async def failed_thrice() -> bool:  # the poller tried, waited, tried again
+                failed = [
+                    r for r in caplog.records if "revocation list refresh failed" in r.message
+                ]
+                return len(failed) >= 3
+
+            await eventually(failed_thrice, timeout_s=30, every_s=0.05)
+    finally:
+        await nowhere.aclose()
+    assert revocations.synced_at == 0.0  # never confirmed: tokens are refused, not trusted
 
 
 def test_stale_map_fails_closed() -> None:

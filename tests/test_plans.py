@@ -16,13 +16,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 
 from flashsale import plans
 from flashsale.auth import TokenService
@@ -31,7 +32,7 @@ from flashsale.settings import Settings
 from flashsale.stores import rediskeys
 from gateway.app import create_app
 from gateway.plans_runtime import CPU, SWITCHES
-from stack.embedded import Server, start_redis
+from stack.embedded import Server, free_port, start_redis
 from tests.conftest import auth
 from tests.faultkit import when
 from tests.flashkit import (
@@ -236,6 +237,31 @@ async def test_cli_flips_a_plan_and_status_shows_it(
         ("pause-background", "on", "peak"),
     ]
     assert log[1]["by"].startswith("cli:")
+
+
+async def test_a_worker_starts_and_follows_plans_with_a_cluster_that_reaches_no_node(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cluster client that reaches none of its nodes raises RedisClusterException, no
+    RedisError: a worker starting then must start (every plan reads off, as with Redis
+    down) and its poller keep trying, not end the start-up."""
+    nowhere = RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", free_port())], socket_connect_timeout=1
+    )
+    switches = plans.Switches()
+    caplog.set_level("WARNING")
+    try:
+        async with plans.kept_in_force(switches, cast(Redis, nowhere), every_s=0.05):
+
+            async def failed_twice() -> bool:
+                failed = [r for r in caplog.records if "plan states refresh failed" in r.message]
+                return len(failed) >= 2
+
+            await eventually(failed_twice, timeout_s=30, every_s=0.05)
+    finally:
+        await nowhere.aclose()
+    assert any("not loaded at start" in r.message for r in caplog.records)
+    assert not switches.read_only and switches.synced_at == 0.0
 
 
 async def test_pause_background_stops_the_dashboard_snapshots_until_closed(

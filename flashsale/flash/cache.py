@@ -11,11 +11,11 @@ from functools import partial
 from typing import Any, Final
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from flashsale.errors import ServiceUnavailable
 from flashsale.stores import rediskeys
 from flashsale.stores.redisclient import run_id, run_ids
+from flashsale.stores.tasks import STORE_ERRORS
 from flashsale.timing import SALE_CACHE_MISS_S
 
 BUCKET_FIELDS: Final = ("remaining", "moved_out", "allotment", "armed", "moves")
@@ -291,7 +291,7 @@ class SaleCache:
                 ).encode()
             state = SaleState.from_hash(sale_id, h, run)
             await fold_buckets(self._redis, state, check_runs=True)
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             # e.g. a cluster client still aiming at a primary that just died: a retriable 503
             raise ServiceUnavailable("the sale store is unavailable; retry later") from exc
         self.sales[sale_id] = state

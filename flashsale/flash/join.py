@@ -8,8 +8,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.exceptions import RedisError
-
 from flashsale.errors import (
     AppError,
     IdempotencyMismatch,
@@ -31,6 +29,7 @@ from flashsale.flash.runtime import FlashRuntime
 from flashsale.stores import rediskeys
 from flashsale.stores.kafka import PublishFailed
 from flashsale.stores.redisbatch import OutcomeUnknown
+from flashsale.stores.redisclient import leaks_as_connection_errors
 from flashsale.stores.scripts import (
     AGAIN,
     Release,
@@ -39,6 +38,7 @@ from flashsale.stores.scripts import (
     parse_reserve,
     reserve_args,
 )
+from flashsale.stores.tasks import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ async def join(
             moved = await bucketing.refill(
                 rt.redis, rt.scripts, sid, sale.buckets, bucket, quantity - left
             )
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             log.warning("refilling bucket %d failed: %s", bucket, exc, extra=ids)
             raise ServiceUnavailable("reservation store unavailable; retry later") from None
         if not moved.moved:
@@ -187,7 +187,7 @@ async def _reserve(
     except OutcomeUnknown as exc:
         log.warning("reserve for order %s: outcome unknown (%s)", ids["order_id"], exc, extra=ids)
         raise OutcomeUnknownError(data={"order_id": ids["order_id"]}) from None
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         log.warning("reserve failed: %s", exc, extra=ids)
         raise ServiceUnavailable("reservation store unavailable; retry later") from None
     return parse_reserve(res)
@@ -205,10 +205,15 @@ async def _compensate(
     """Release the reservation; None when Redis did not answer (outcome unknown)."""
     keys = rediskeys.release_keys(sid, bucket)
     try:
-        return Release(
-            int(await rt.scripts.release(keys=keys, args=[order_id, user_id, quantity, idem_field]))
-        )
-    except (RedisError, OSError):
+        with leaks_as_connection_errors():
+            return Release(
+                int(
+                    await rt.scripts.release(
+                        keys=keys, args=[order_id, user_id, quantity, idem_field]
+                    )
+                )
+            )
+    except STORE_ERRORS:
         # If the reservation is still in the log, the stranded sweeper publishes it.
         log.exception("could not release %s", order_id)
         return None
