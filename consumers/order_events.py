@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 # consumer. Anything else is a bug and ends the consumer.
 BATCH_RETRY_ERRORS: Final[tuple[type[BaseException], ...]] = (
     *STORE_ERRORS,
-    asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,

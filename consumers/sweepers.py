@@ -56,9 +56,7 @@ STRANDED_BATCH: Final = 500
 DEADLINE_BATCH: Final = 500
 # A step that meets one of these is tried again next round; any other error is a bug.
 SWEEP_ERRORS: Final = (
-    *tasks.STORE_ERRORS,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
+    *tasks.STORE_OR_DATABASE_ERRORS,
     PublishFailed,
     KafkaError,
     TimeoutError,

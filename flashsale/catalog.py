@@ -30,9 +30,8 @@ from flashsale.errors import (
     VersionConflict,
 )
 from flashsale.paging import offset, page_of
+from flashsale.stores import tasks
 from flashsale.stores.db import Conn
-from flashsale.stores.redisclient import leaks_as_connection_errors
-from flashsale.stores.tasks import STORE_ERRORS
 from flashsale.timing import PRODUCT_DETAIL_TTL_S
 
 log = logging.getLogger(__name__)
@@ -239,12 +238,9 @@ async def load_detail(conn: Conn | asyncpg.Pool, product_id: int) -> dict[str, A
 
 
 async def _cache_get(redis: Redis, product_id: int) -> dict[str, Any] | None:
-    try:
-        with leaks_as_connection_errors():
-            raw = await redis.get(detail_key(product_id))
-    except STORE_ERRORS as exc:
-        log.warning("product cache read failed, using the database: %s", exc)
-        return None
+    raw = None  # the database answers when the cache cannot
+    with tasks.guarded("product cache read"):
+        raw = await redis.get(detail_key(product_id))
     if raw is None:
         return None
     value: dict[str, Any] = orjson.loads(raw)
@@ -252,20 +248,14 @@ async def _cache_get(redis: Redis, product_id: int) -> dict[str, Any] | None:
 
 
 async def _cache_set(redis: Redis, product_id: int, detail: dict[str, Any]) -> None:
-    try:
-        with leaks_as_connection_errors():
-            await redis.set(detail_key(product_id), orjson.dumps(detail), ex=PRODUCT_DETAIL_TTL_S)
-    except STORE_ERRORS as exc:
-        log.warning("product cache write failed: %s", exc)
+    with tasks.guarded("product cache write"):
+        await redis.set(detail_key(product_id), orjson.dumps(detail), ex=PRODUCT_DETAIL_TTL_S)
 
 
 async def invalidate(redis: Redis, product_id: int) -> None:
     """Drop a product's cached detail; a Redis failure only logs (the TTL expires it)."""
-    try:
-        with leaks_as_connection_errors():
-            await redis.delete(detail_key(product_id))
-    except STORE_ERRORS as exc:
-        log.warning("product cache invalidation failed for %s: %s", product_id, exc)
+    with tasks.guarded(f"product cache invalidation of {product_id}"):
+        await redis.delete(detail_key(product_id))
 
 
 async def product_detail(pool: asyncpg.Pool, redis: Redis, product_id: int) -> dict[str, Any]:

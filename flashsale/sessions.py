@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Final
 
 import asyncpg
 from redis.asyncio import Redis
@@ -41,19 +40,11 @@ from flashsale.stores.rediskeys import (
     AUTH_GENERATIONS_VERSION,
     AUTH_REVOKED,
 )
-from flashsale.stores.tasks import STORE_ERRORS
+from flashsale.stores.tasks import STORE_ERRORS, STORE_OR_DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
 
 SQL_REVOKED_USERS = "SELECT id, token_gen FROM users WHERE token_gen > 0"
-# What a refresh meets when a store is out of reach (a cluster client that reaches no node
-# included, and PostgreSQL lost under the seed): the map stays unconfirmed and the poller
-# tries again; any other error is a bug.
-REFRESH_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    *STORE_ERRORS,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
 
 
 class Revocations:
@@ -138,7 +129,7 @@ async def kept_fresh(
     try:
         with leaks_as_connection_errors():
             await revocations.refresh(redis, db)
-    except REFRESH_ERRORS as exc:
+    except STORE_OR_DATABASE_ERRORS as exc:
         log.warning("revocation list not loaded at start (%s); tokens wait for it", exc)
     async with followed(
         redis,
@@ -147,6 +138,6 @@ async def kept_fresh(
         every_s=every_s,
         what="revocation list",
         on_message=revocations.apply_message,
-        errors=REFRESH_ERRORS,
+        errors=STORE_OR_DATABASE_ERRORS,
     ):
         yield

@@ -116,7 +116,7 @@ class DashboardHub:
             step,
             name=f"dashboard snapshot of sale {sale_id}",
             every_s=_to_next_second,
-            errors=(*tasks.STORE_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError),
+            errors=tasks.STORE_OR_DATABASE_ERRORS,
             wait_first=True,
         )
 

@@ -206,13 +206,10 @@ async def _compensate(
     keys = rediskeys.release_keys(sid, bucket)
     try:
         with leaks_as_connection_errors():
-            return Release(
-                int(
-                    await rt.scripts.release(
-                        keys=keys, args=[order_id, user_id, quantity, idem_field]
-                    )
-                )
+            code = await rt.scripts.release(
+                keys=keys, args=[order_id, user_id, quantity, idem_field]
             )
+        return Release(int(code))
     except STORE_ERRORS:
         # If the reservation is still in the log, the stranded sweeper publishes it.
         log.exception("could not release %s", order_id)

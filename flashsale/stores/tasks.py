@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
+import asyncpg
 from redis.exceptions import RedisClusterException, RedisError
 
 from flashsale.stores.redisclient import leaks_as_connection_errors
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 # RedisClusterException (a cluster client that reached none of its nodes: every host of a
 # partitioned worker's side) is not a RedisError, and a loop it ended served stale state.
 STORE_ERRORS: Final[tuple[type[BaseException], ...]] = (RedisError, RedisClusterException, OSError)
+#: The same for a loop that also reads PostgreSQL: its errors, or its connection lost under a
+# statement (asyncpg's InterfaceError).
+STORE_OR_DATABASE_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    *STORE_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 def cancel_requested() -> bool:
